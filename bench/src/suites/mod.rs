@@ -1,0 +1,26 @@
+//! The suites, each a function from options to a report.
+
+use crate::report::Report;
+
+mod guest_boot;
+
+/// Options every suite may use.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Repetitions of a whole operation, when the suite has one.
+    pub runs: Option<usize>,
+}
+
+/// A named suite.
+#[derive(Debug)]
+pub struct Suite {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(&Options) -> anyhow::Result<Report>,
+}
+
+pub const ALL: &[Suite] = &[Suite {
+    name: "guest-boot",
+    about: "libvirt define to the test guest answering, against plain QEMU booting the same guest",
+    run: guest_boot::run,
+}];

@@ -38,7 +38,11 @@ pub struct Goal {
 
 impl Goal {
     pub fn new(metric: impl Into<String>, target: f64, measured: f64, better: Better) -> Self {
-        let ratio = if target == 0.0 { f64::NAN } else { measured / target };
+        let ratio = if target == 0.0 {
+            f64::NAN
+        } else {
+            measured / target
+        };
         let met = match better {
             Better::Higher => measured >= target,
             Better::Lower => measured <= target,
@@ -196,7 +200,8 @@ mod tests {
         r.goal(Goal::new("p50 ms", 10.0, 12.0, Better::Lower));
         let dir = std::env::temp_dir().join(format!("basalt-bench-test-{}", std::process::id()));
         let path = r.write_json(&dir).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         for key in ["suite", "git_rev", "host", "rows", "goals"] {
             assert!(v.get(key).is_some(), "missing {key}");
         }

@@ -1,11 +1,118 @@
-//! `basalt`, the admin CLI: a thin gRPC client of the control plane.
+//! `basalt`, the admin CLI: a thin gRPC client of the control plane's admin
+//! API. It holds no state of its own; every command is one or a few calls
+//! through `basalt_api::AdminClient`.
+//!
+//! Invariant: a bad flag, an unreadable or invalid file, an unreachable
+//! server or an error from the server ends the command with a message that
+//! names the problem and a non-zero exit status, never a panic.
 
-use clap::Parser;
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::output::Format;
+
+/// Where the control plane answers unless told otherwise.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
 
 #[derive(Debug, Parser)]
-#[command(name = "basalt", version, about = "The Basalt admin CLI")]
-struct Cli {}
+#[command(
+    name = "basalt",
+    version,
+    about = "The Basalt admin CLI",
+    propagate_version = true
+)]
+struct Cli {
+    /// The control plane's admin API address (`host:port`).
+    #[arg(long, global = true, env = "BASALT_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+    /// How to print objects.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print one object: `basalt get vm web-1`.
+    Get {
+        /// Object kind: node, vm, placement or token.
+        kind: basalt_api::Kind,
+        /// Object name.
+        name: String,
+    },
+    /// List the objects of a kind: `basalt list vms`.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Object kind: node(s), vm(s), placement(s) or token(s).
+        kind: basalt_api::Kind,
+    },
+    /// Create the objects described in a YAML or JSON file (`-` for stdin).
+    Create {
+        /// The file: one object, or a YAML stream of several (`---`).
+        #[arg(short, long)]
+        file: String,
+    },
+    /// Replace objects with the file's version (compare-and-swap on
+    /// `meta.resource_version` when the file carries one).
+    Replace {
+        /// The file: one object, or a YAML stream of several (`---`).
+        #[arg(short, long)]
+        file: String,
+    },
+    /// Delete one object.
+    Delete {
+        /// Object kind.
+        kind: basalt_api::Kind,
+        /// Object name.
+        name: String,
+        /// Delete only if the object is still at this resource version.
+        #[arg(long)]
+        resource_version: Option<u64>,
+    },
+    /// Stream changes as they happen (every kind unless one is named).
+    Watch {
+        /// Object kind to follow.
+        kind: Option<basalt_api::Kind>,
+        /// Start after this resource version (0 = from now on).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Print a shell completion script: `basalt completion bash`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "basalt", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("basalt: error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(&cli.server, cli.output, cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("basalt: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

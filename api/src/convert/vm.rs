@@ -1,0 +1,184 @@
+//! [`Vm`] ⇄ protobuf.
+
+use super::{enum_value, parse_ip, required};
+use crate::pb;
+use crate::{ApiError, Disk, Nic, NicAddress, PlacementRules, Vm, VmPhase, VmSpec, VmStatus};
+
+impl From<Vm> for pb::Vm {
+    fn from(vm: Vm) -> Self {
+        Self {
+            meta: Some(vm.meta.into()),
+            spec: Some(vm.spec.into()),
+            status: Some(vm.status.into()),
+        }
+    }
+}
+
+/// Requires `meta` and `spec`; an unset `status` is an empty one.
+impl TryFrom<pb::Vm> for Vm {
+    type Error = ApiError;
+
+    fn try_from(vm: pb::Vm) -> Result<Self, ApiError> {
+        let vm = Vm {
+            meta: required(vm.meta, "vm.meta")?.into(),
+            spec: required(vm.spec, "vm.spec")?.try_into()?,
+            status: vm.status.unwrap_or_default().try_into()?,
+        };
+        vm.validate()?;
+        Ok(vm)
+    }
+}
+
+impl From<VmSpec> for pb::VmSpec {
+    fn from(spec: VmSpec) -> Self {
+        Self {
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            running: spec.running,
+            disks: spec.disks.into_iter().map(Into::into).collect(),
+            nics: spec
+                .nics
+                .into_iter()
+                .map(|nic| pb::Nic {
+                    network: nic.network,
+                    mac: nic.mac,
+                    ip: nic.ip.map(|ip| ip.to_string()),
+                })
+                .collect(),
+            placement: Some(pb::PlacementRules {
+                node_selector: spec.placement.node_selector,
+                anti_affinity_group: spec.placement.anti_affinity_group,
+            }),
+        }
+    }
+}
+
+impl TryFrom<pb::VmSpec> for VmSpec {
+    type Error = ApiError;
+
+    fn try_from(spec: pb::VmSpec) -> Result<Self, ApiError> {
+        let placement = spec.placement.unwrap_or_default();
+        Ok(VmSpec {
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            running: spec.running,
+            disks: spec.disks.into_iter().map(Into::into).collect(),
+            nics: spec
+                .nics
+                .into_iter()
+                .enumerate()
+                .map(|(i, nic)| {
+                    Ok(Nic {
+                        network: nic.network,
+                        mac: nic.mac,
+                        ip: parse_ip(nic.ip, &format!("spec.nics[{i}].ip"))?,
+                    })
+                })
+                .collect::<Result<_, ApiError>>()?,
+            placement: PlacementRules {
+                node_selector: placement.node_selector,
+                anti_affinity_group: placement.anti_affinity_group,
+            },
+        })
+    }
+}
+
+impl From<Disk> for pb::Disk {
+    fn from(disk: Disk) -> Self {
+        Self {
+            name: disk.name,
+            size_bytes: disk.size_bytes,
+            image: disk.image,
+            replicas: disk.replicas,
+        }
+    }
+}
+
+impl From<pb::Disk> for Disk {
+    fn from(disk: pb::Disk) -> Self {
+        Self {
+            name: disk.name,
+            size_bytes: disk.size_bytes,
+            image: disk.image,
+            replicas: disk.replicas,
+        }
+    }
+}
+
+impl From<VmStatus> for pb::VmStatus {
+    fn from(status: VmStatus) -> Self {
+        Self {
+            phase: pb::VmPhase::from(status.phase).into(),
+            node: status.node,
+            observed_generation: status.observed_generation,
+            conditions: status.conditions.into_iter().map(Into::into).collect(),
+            nic_addresses: status
+                .nic_addresses
+                .into_iter()
+                .map(|address| pb::NicAddress {
+                    index: address.index,
+                    mac: address.mac,
+                    ip: address.ip.map(|ip| ip.to_string()),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Shape only: the owner (a [`Vm`] or a status report) validates.
+impl TryFrom<pb::VmStatus> for VmStatus {
+    type Error = ApiError;
+
+    fn try_from(status: pb::VmStatus) -> Result<Self, ApiError> {
+        let phase: pb::VmPhase = enum_value(status.phase, "status.phase")?;
+        Ok(VmStatus {
+            phase: phase.into(),
+            node: status.node,
+            observed_generation: status.observed_generation,
+            conditions: status.conditions.into_iter().map(Into::into).collect(),
+            nic_addresses: status
+                .nic_addresses
+                .into_iter()
+                .enumerate()
+                .map(|(i, address)| {
+                    Ok(NicAddress {
+                        index: address.index,
+                        mac: address.mac,
+                        ip: parse_ip(address.ip, &format!("status.nic_addresses[{i}].ip"))?,
+                    })
+                })
+                .collect::<Result<_, ApiError>>()?,
+        })
+    }
+}
+
+impl From<VmPhase> for pb::VmPhase {
+    fn from(phase: VmPhase) -> Self {
+        match phase {
+            VmPhase::Pending => pb::VmPhase::Pending,
+            VmPhase::Scheduled => pb::VmPhase::Scheduled,
+            VmPhase::Starting => pb::VmPhase::Starting,
+            VmPhase::Running => pb::VmPhase::Running,
+            VmPhase::Stopping => pb::VmPhase::Stopping,
+            VmPhase::Stopped => pb::VmPhase::Stopped,
+            VmPhase::Migrating => pb::VmPhase::Migrating,
+            VmPhase::Failed => pb::VmPhase::Failed,
+        }
+    }
+}
+
+/// `UNSPECIFIED` (what an unset field decodes to) is `Pending`.
+impl From<pb::VmPhase> for VmPhase {
+    fn from(phase: pb::VmPhase) -> Self {
+        match phase {
+            pb::VmPhase::Unspecified | pb::VmPhase::Pending => VmPhase::Pending,
+            pb::VmPhase::Scheduled => VmPhase::Scheduled,
+            pb::VmPhase::Starting => VmPhase::Starting,
+            pb::VmPhase::Running => VmPhase::Running,
+            pb::VmPhase::Stopping => VmPhase::Stopping,
+            pb::VmPhase::Stopped => VmPhase::Stopped,
+            pb::VmPhase::Migrating => VmPhase::Migrating,
+            pb::VmPhase::Failed => VmPhase::Failed,
+        }
+    }
+}

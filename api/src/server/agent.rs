@@ -1,0 +1,156 @@
+//! [`AgentApi`]: the agent service in domain types, and its gRPC adapter.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+
+use super::{MAX_MESSAGE_BYTES, WatchStream, refuse, reply};
+use crate::pb;
+use crate::pb::agent_server::{Agent, AgentServer};
+use crate::types::validate;
+use crate::{ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, StatusReport};
+
+/// The agent service: what a node agent asks of the control plane.
+pub trait AgentApi: Send + Sync + 'static {
+    /// Admits a node that holds a valid join token
+    /// ([`ApiError::Unauthenticated`] otherwise).
+    fn register(
+        &self,
+        registration: Registration,
+    ) -> impl Future<Output = Result<Registered, ApiError>> + Send;
+
+    /// Renews the node's lease.
+    fn heartbeat(
+        &self,
+        heartbeat: Heartbeat,
+    ) -> impl Future<Output = Result<HeartbeatAck, ApiError>> + Send;
+
+    /// Streams the changes to the placements on `node`, as
+    /// [`AdminApi::watch`](crate::AdminApi::watch) does.
+    fn watch_placements(
+        &self,
+        node: String,
+        from_resource_version: u64,
+    ) -> impl Future<Output = Result<WatchStream<Placement>, ApiError>> + Send;
+
+    /// Records what the node observed about one VM.
+    fn report_status(
+        &self,
+        report: StatusReport,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send;
+}
+
+impl<T: AgentApi> AgentApi for Arc<T> {
+    fn register(
+        &self,
+        registration: Registration,
+    ) -> impl Future<Output = Result<Registered, ApiError>> + Send {
+        T::register(self, registration)
+    }
+
+    fn heartbeat(
+        &self,
+        heartbeat: Heartbeat,
+    ) -> impl Future<Output = Result<HeartbeatAck, ApiError>> + Send {
+        T::heartbeat(self, heartbeat)
+    }
+
+    fn watch_placements(
+        &self,
+        node: String,
+        from_resource_version: u64,
+    ) -> impl Future<Output = Result<WatchStream<Placement>, ApiError>> + Send {
+        T::watch_placements(self, node, from_resource_version)
+    }
+
+    fn report_status(
+        &self,
+        report: StatusReport,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        T::report_status(self, report)
+    }
+}
+
+/// Serves `api` as the agent service.
+pub fn agent_routes<T: AgentApi>(api: T) -> Routes {
+    add_agent_routes(Routes::default(), api)
+}
+
+/// Adds the agent service, served by `api`, to `routes`.
+pub fn add_agent_routes<T: AgentApi>(routes: Routes, api: T) -> Routes {
+    routes.add_service(
+        AgentServer::new(AgentAdapter(Arc::new(api)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+/// Implements the generated service on top of an [`AgentApi`].
+#[derive(Debug)]
+struct AgentAdapter<T>(Arc<T>);
+
+type PbPlacementStream = Pin<Box<dyn Stream<Item = Result<pb::PlacementEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<T: AgentApi> Agent for AgentAdapter<T> {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let result = async {
+            let registration = request.into_inner().try_into()?;
+            self.0.register(registration).await
+        };
+        reply("Register", result.await)
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let result = async {
+            let heartbeat = request.into_inner().try_into()?;
+            self.0.heartbeat(heartbeat).await
+        };
+        reply("Heartbeat", result.await)
+    }
+
+    type WatchPlacementsStream = PbPlacementStream;
+
+    async fn watch_placements(
+        &self,
+        request: Request<pb::WatchPlacementsRequest>,
+    ) -> Result<Response<PbPlacementStream>, Status> {
+        let result = async {
+            let request = request.into_inner();
+            validate::name("node", &request.node)?;
+            let events = self
+                .0
+                .watch_placements(request.node, request.from_resource_version)
+                .await?;
+            Ok(events.map(|event| event.map(pb::PlacementEvent::from).map_err(Status::from)))
+        };
+        match result.await {
+            Ok(events) => Ok(Response::new(Box::pin(events) as PbPlacementStream)),
+            Err(err) => Err(refuse("WatchPlacements", err)),
+        }
+    }
+
+    async fn report_status(
+        &self,
+        request: Request<pb::ReportStatusRequest>,
+    ) -> Result<Response<pb::ReportStatusResponse>, Status> {
+        let result = async {
+            let report = request.into_inner().try_into()?;
+            self.0.report_status(report).await
+        };
+        reply(
+            "ReportStatus",
+            result.await.map(|()| pb::ReportStatusResponse {}),
+        )
+    }
+}

@@ -1,0 +1,24 @@
+//! The domain types of the contract: what the rest of Basalt works with.
+//! Each has a `validate` whose errors name the offending field.
+
+mod agent;
+mod meta;
+mod node;
+mod object;
+mod placement;
+mod token;
+pub(crate) mod validate;
+mod vm;
+mod watch;
+
+pub use agent::{Heartbeat, HeartbeatAck, Registered, Registration, StatusReport};
+pub use meta::{Condition, ObjectMeta};
+pub use node::{Node, NodeSpec, NodeStatus, Resources};
+pub use object::{Kind, Object, ObjectList};
+pub use placement::Placement;
+pub use token::{JoinToken, JoinTokenSpec, JoinTokenStatus, TokenSecret};
+pub use vm::{
+    DISK_SECTOR_BYTES, Disk, MAX_DISK_REPLICAS, MIN_VM_MEMORY_MIB, Nic, NicAddress, PlacementRules,
+    Vm, VmPhase, VmSpec, VmStatus,
+};
+pub use watch::WatchEvent;

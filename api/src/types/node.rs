@@ -1,0 +1,87 @@
+//! [`Node`]: a cluster member that runs storage, network and compute.
+
+use serde::{Deserialize, Serialize};
+
+use super::meta::{find_condition, validate_conditions};
+use super::{Condition, ObjectMeta, validate};
+use crate::ApiError;
+
+/// A cluster member. Created by the agent's registration; `status` is
+/// kept by the control plane from heartbeats.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Node {
+    /// Name, labels (matched by VM node selectors) and versions.
+    pub meta: ObjectMeta,
+    /// What the operator declares.
+    pub spec: NodeSpec,
+    /// What the control plane observed.
+    pub status: NodeStatus,
+}
+
+/// What the operator declares about a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Where the node's agent is reachable ("host:port").
+    pub address: String,
+    /// A cordoned node keeps its VMs but gets no new placements.
+    pub cordoned: bool,
+}
+
+/// An amount of CPU, memory and storage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Resources {
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Storage-pool bytes.
+    pub storage_bytes: u64,
+}
+
+impl Resources {
+    /// Whether every amount in `other` fits in `self`.
+    pub fn fits(&self, other: &Resources) -> bool {
+        other.cpus <= self.cpus
+            && other.memory_mib <= self.memory_mib
+            && other.storage_bytes <= self.storage_bytes
+    }
+}
+
+/// What the control plane observed about a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeStatus {
+    /// What the hardware has.
+    pub capacity: Resources,
+    /// What is left for VMs after the node's own reservations.
+    pub allocatable: Resources,
+    /// Observed conditions, including [`Condition::READY`].
+    pub conditions: Vec<Condition>,
+    /// When the last heartbeat was acknowledged (Unix milliseconds).
+    pub last_heartbeat_unix_ms: u64,
+}
+
+impl NodeStatus {
+    /// Whether the node reports a true `Ready` condition.
+    pub fn is_ready(&self) -> bool {
+        find_condition(&self.conditions, Condition::READY).is_some_and(|c| c.status)
+    }
+}
+
+impl Node {
+    /// Checks every field; errors name the field's path, e.g. `spec.address`.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        self.meta.validate()?;
+        validate::address("spec.address", &self.spec.address)?;
+        if !self.status.capacity.fits(&self.status.allocatable) {
+            return Err(ApiError::invalid(
+                "status.allocatable",
+                "must not exceed status.capacity",
+            ));
+        }
+        validate_conditions("status.conditions", &self.status.conditions)
+    }
+}

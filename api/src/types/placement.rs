@@ -1,0 +1,31 @@
+//! [`Placement`]: the scheduler's decision of which node runs a VM.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ObjectMeta, validate};
+use crate::ApiError;
+
+/// Which node runs a VM. Written by the scheduler with compare-and-swap;
+/// the agent on `node` runs `vm`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Placement {
+    /// Name and versions.
+    pub meta: ObjectMeta,
+    /// Name of the placed VM.
+    pub vm: String,
+    /// Name of the node that runs it.
+    pub node: String,
+    /// Fencing epoch: grows every time the VM moves; data paths reject
+    /// writes that carry an older one.
+    pub epoch: u64,
+}
+
+impl Placement {
+    /// Checks every field; errors name the field's path, e.g. `node`.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        self.meta.validate()?;
+        validate::name("vm", &self.vm)?;
+        validate::name("node", &self.node)
+    }
+}

@@ -1,0 +1,365 @@
+//! [`Vm`]: a virtual machine, as the user declared it and as agents observed it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::meta::{find_condition, validate_conditions};
+use super::{Condition, ObjectMeta, validate};
+use crate::ApiError;
+
+/// The smallest memory a VM may have, in MiB.
+pub const MIN_VM_MEMORY_MIB: u64 = 16;
+/// The most replicas a disk may have.
+pub const MAX_DISK_REPLICAS: u32 = 5;
+/// Disk sizes are whole sectors of this many bytes.
+pub const DISK_SECTOR_BYTES: u64 = 512;
+
+/// A virtual machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Vm {
+    /// Name, labels and versions.
+    pub meta: ObjectMeta,
+    /// What the user declares.
+    pub spec: VmSpec,
+    /// What the agents and controllers observed.
+    pub status: VmStatus,
+}
+
+/// What the user declares about a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmSpec {
+    /// Virtual CPUs (at least 1).
+    pub cpus: u32,
+    /// Memory in MiB (at least [`MIN_VM_MEMORY_MIB`]).
+    pub memory_mib: u64,
+    /// Desired power state.
+    pub running: bool,
+    /// Disks, in boot order.
+    pub disks: Vec<Disk>,
+    /// Network interfaces, in PCI order.
+    pub nics: Vec<Nic>,
+    /// Where the VM may run.
+    pub placement: PlacementRules,
+}
+
+/// A VM disk: a replicated volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Disk {
+    /// Unique within the VM; a DNS label.
+    pub name: String,
+    /// Size in bytes, a multiple of [`DISK_SECTOR_BYTES`].
+    pub size_bytes: u64,
+    /// Image to clone the disk from; an empty disk when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Number of replicas (1 to [`MAX_DISK_REPLICAS`]).
+    pub replicas: u32,
+}
+
+/// A VM network interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Nic {
+    /// Name of the network it is attached to.
+    pub network: String,
+    /// A unicast MAC, "aa:bb:cc:dd:ee:ff"; generated when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// A static address request; leased from the network when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
+}
+
+/// Where a VM may run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementRules {
+    /// Only nodes whose labels contain all these pairs qualify.
+    pub node_selector: BTreeMap<String, String>,
+    /// VMs of one group run on distinct nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anti_affinity_group: Option<String>,
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VmPhase {
+    /// Stored, not yet placed.
+    #[default]
+    Pending,
+    /// Placed on a node that has not started it yet.
+    Scheduled,
+    /// Its node is preparing volumes, NICs and the domain.
+    Starting,
+    /// The guest runs.
+    Running,
+    /// Shutting down.
+    Stopping,
+    /// Defined but not running.
+    Stopped,
+    /// Moving to another node.
+    Migrating,
+    /// Could not be run; see the conditions.
+    Failed,
+}
+
+impl fmt::Display for VmPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What the agents and controllers observed about a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmStatus {
+    /// Where the VM is in its life.
+    pub phase: VmPhase,
+    /// The node it is placed on, when placed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The spec generation this status describes.
+    pub observed_generation: u64,
+    /// Observed conditions, including [`Condition::READY`].
+    pub conditions: Vec<Condition>,
+    /// The addresses the NICs were given.
+    pub nic_addresses: Vec<NicAddress>,
+}
+
+impl VmStatus {
+    /// Whether the VM reports a true `Ready` condition.
+    pub fn is_ready(&self) -> bool {
+        find_condition(&self.conditions, Condition::READY).is_some_and(|c| c.status)
+    }
+}
+
+/// The address a NIC was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NicAddress {
+    /// Index of the NIC in `spec.nics`.
+    pub index: u32,
+    /// Its MAC.
+    pub mac: String,
+    /// Its leased address, once leased.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
+}
+
+impl Vm {
+    /// Checks every field; errors name the field's path, e.g. `spec.memory_mib`.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        self.meta.validate()?;
+        self.spec.validate()?;
+        self.status.validate(Some(self.spec.nics.len()))
+    }
+}
+
+impl VmSpec {
+    fn validate(&self) -> Result<(), ApiError> {
+        if self.cpus < 1 {
+            return Err(ApiError::invalid("spec.cpus", "must be at least 1"));
+        }
+        if self.memory_mib < MIN_VM_MEMORY_MIB {
+            return Err(ApiError::invalid(
+                "spec.memory_mib",
+                format!("must be at least {MIN_VM_MEMORY_MIB}"),
+            ));
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            let at = format!("spec.disks[{i}]");
+            disk.validate(&at)?;
+            if self.disks[..i].iter().any(|d| d.name == disk.name) {
+                return Err(ApiError::invalid(
+                    format!("{at}.name"),
+                    format!("disk {:?} appears twice", disk.name),
+                ));
+            }
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            nic.validate(&format!("spec.nics[{i}]"))?;
+        }
+        validate::labels(
+            "spec.placement.node_selector",
+            &self.placement.node_selector,
+        )?;
+        if let Some(group) = &self.placement.anti_affinity_group {
+            validate::name("spec.placement.anti_affinity_group", group)?;
+        }
+        Ok(())
+    }
+}
+
+impl Disk {
+    fn validate(&self, field: &str) -> Result<(), ApiError> {
+        validate::name(&format!("{field}.name"), &self.name)?;
+        if self.size_bytes == 0 || !self.size_bytes.is_multiple_of(DISK_SECTOR_BYTES) {
+            return Err(ApiError::invalid(
+                format!("{field}.size_bytes"),
+                format!("must be a positive multiple of {DISK_SECTOR_BYTES}"),
+            ));
+        }
+        if let Some(image) = &self.image {
+            validate::name(&format!("{field}.image"), image)?;
+        }
+        if !(1..=MAX_DISK_REPLICAS).contains(&self.replicas) {
+            return Err(ApiError::invalid(
+                format!("{field}.replicas"),
+                format!("must be 1 to {MAX_DISK_REPLICAS}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Nic {
+    fn validate(&self, field: &str) -> Result<(), ApiError> {
+        validate::name(&format!("{field}.network"), &self.network)?;
+        if let Some(mac) = &self.mac {
+            validate_mac(&format!("{field}.mac"), mac)?;
+        }
+        Ok(())
+    }
+}
+
+impl VmStatus {
+    /// Checks every field; NIC indexes against `nics` NICs when given.
+    pub(crate) fn validate(&self, nics: Option<usize>) -> Result<(), ApiError> {
+        if let Some(node) = &self.node {
+            validate::name("status.node", node)?;
+        }
+        validate_conditions("status.conditions", &self.conditions)?;
+        for (i, address) in self.nic_addresses.iter().enumerate() {
+            let at = format!("status.nic_addresses[{i}]");
+            if let Some(nics) = nics
+                && address.index as usize >= nics
+            {
+                return Err(ApiError::invalid(
+                    format!("{at}.index"),
+                    format!("the VM has {nics} NICs"),
+                ));
+            }
+            validate_mac(&format!("{at}.mac"), &address.mac)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a unicast MAC written as six lowercase hex pairs joined by ':'.
+fn validate_mac(field: &str, mac: &str) -> Result<(), ApiError> {
+    let octets: Vec<&str> = mac.split(':').collect();
+    let well_formed = octets.len() == 6
+        && octets.iter().all(|o| {
+            o.len() == 2
+                && o.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+    if !well_formed {
+        return Err(ApiError::invalid(
+            field,
+            format!("{mac:?} is not a MAC like \"52:54:00:12:34:56\""),
+        ));
+    }
+    let first = u8::from_str_radix(octets[0], 16).unwrap_or(1);
+    if first & 1 == 1 {
+        return Err(ApiError::invalid(
+            field,
+            format!("{mac:?} is a multicast MAC"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> Vm {
+        Vm {
+            meta: ObjectMeta::named("web-1"),
+            spec: VmSpec {
+                cpus: 2,
+                memory_mib: 512,
+                running: true,
+                disks: vec![Disk {
+                    name: "root".into(),
+                    size_bytes: 1 << 30,
+                    image: Some("debian-12".into()),
+                    replicas: 2,
+                }],
+                nics: vec![Nic {
+                    network: "default".into(),
+                    mac: Some("52:54:00:12:34:56".into()),
+                    ip: Some("10.1.0.5".parse().unwrap()),
+                }],
+                placement: PlacementRules::default(),
+            },
+            status: VmStatus::default(),
+        }
+    }
+
+    fn field_of(vm: &Vm) -> String {
+        match vm.validate() {
+            Err(ApiError::InvalidArgument { field, .. }) => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_vm_validates() {
+        assert_eq!(vm().validate(), Ok(()));
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let mut v = vm();
+        v.meta.name = "Web".into();
+        assert_eq!(field_of(&v), "meta.name");
+
+        let mut v = vm();
+        v.spec.cpus = 0;
+        assert_eq!(field_of(&v), "spec.cpus");
+
+        let mut v = vm();
+        v.spec.memory_mib = 15;
+        assert_eq!(field_of(&v), "spec.memory_mib");
+
+        let mut v = vm();
+        v.spec.disks[0].size_bytes = 1000;
+        assert_eq!(field_of(&v), "spec.disks[0].size_bytes");
+
+        let mut v = vm();
+        v.spec.disks[0].replicas = 0;
+        assert_eq!(field_of(&v), "spec.disks[0].replicas");
+
+        let mut v = vm();
+        v.spec.disks.push(v.spec.disks[0].clone());
+        assert_eq!(field_of(&v), "spec.disks[1].name");
+
+        let mut v = vm();
+        v.spec.nics[0].mac = Some("53:54:00:12:34:56".into());
+        assert_eq!(field_of(&v), "spec.nics[0].mac");
+
+        let mut v = vm();
+        v.spec.nics[0].mac = Some("52:54:00:12:34".into());
+        assert_eq!(field_of(&v), "spec.nics[0].mac");
+
+        let mut v = vm();
+        v.spec.placement.anti_affinity_group = Some(String::new());
+        assert_eq!(field_of(&v), "spec.placement.anti_affinity_group");
+
+        let mut v = vm();
+        v.status.nic_addresses.push(NicAddress {
+            index: 1,
+            mac: "52:54:00:12:34:56".into(),
+            ip: None,
+        });
+        assert_eq!(field_of(&v), "status.nic_addresses[0].index");
+    }
+}

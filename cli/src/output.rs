@@ -1,0 +1,138 @@
+//! Printing objects as a table (for people) or JSON/YAML (for scripts).
+
+use basalt_api::{Kind, Object};
+use comfy_table::{Table, presets::NOTHING};
+use serde::Serialize;
+
+/// How to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns, one object per row.
+    Table,
+    /// JSON: one object, or an array for lists.
+    Json,
+    /// YAML: one document per object.
+    Yaml,
+}
+
+/// Prints `objects` (all of `kind`).
+pub fn print_objects(format: Format, kind: Kind, objects: &[Object]) -> anyhow::Result<()> {
+    match format {
+        Format::Table => {
+            print!("{}", table(kind, objects));
+            Ok(())
+        }
+        Format::Json if objects.len() == 1 => print_json(&objects[0]),
+        Format::Json => print_json(&objects),
+        Format::Yaml => objects.iter().try_for_each(print_yaml_document),
+    }
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// One JSON value on one line (for streams).
+pub fn print_json_line(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+/// One YAML document, with its `---` separator.
+pub fn print_yaml_document(value: &impl Serialize) -> anyhow::Result<()> {
+    print!("---\n{}", serde_norway::to_string(value)?);
+    Ok(())
+}
+
+/// The columns for `kind`: name first, then what an operator scans for.
+fn headers(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Node => &["NAME", "ADDRESS", "READY", "CORDONED", "CPUS", "MEMORY MiB"],
+        Kind::Vm => &["NAME", "PHASE", "NODE", "CPUS", "MEMORY MiB", "RUNNING"],
+        Kind::Placement => &["NAME", "VM", "NODE", "EPOCH"],
+        Kind::Token => &["NAME", "USES", "MAX USES", "REVOKED"],
+    }
+}
+
+fn row(object: &Object) -> Vec<String> {
+    match object {
+        Object::Node(n) => vec![
+            n.meta.name.clone(),
+            n.spec.address.clone(),
+            yes_no(n.status.is_ready()),
+            yes_no(n.spec.cordoned),
+            n.status.capacity.cpus.to_string(),
+            n.status.capacity.memory_mib.to_string(),
+        ],
+        Object::Vm(v) => vec![
+            v.meta.name.clone(),
+            format!("{:?}", v.status.phase),
+            v.status.node.clone().unwrap_or_else(|| "-".into()),
+            v.spec.cpus.to_string(),
+            v.spec.memory_mib.to_string(),
+            yes_no(v.spec.running),
+        ],
+        Object::Placement(p) => vec![
+            p.meta.name.clone(),
+            p.vm.clone(),
+            p.node.clone(),
+            p.epoch.to_string(),
+        ],
+        Object::Token(t) => vec![
+            t.meta.name.clone(),
+            t.status.uses.to_string(),
+            t.spec.max_uses.to_string(),
+            yes_no(t.spec.revoked),
+        ],
+    }
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.to_owned()
+}
+
+/// Renders the table; an empty list says so instead of printing headers.
+pub fn table(kind: Kind, objects: &[Object]) -> String {
+    if objects.is_empty() {
+        return format!("no {kind} objects\n");
+    }
+    let mut table = Table::new();
+    table
+        .load_preset(NOTHING)
+        .set_header(headers(kind).iter().copied());
+    for object in objects {
+        table.add_row(row(object));
+    }
+    format!("{table}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_api::{ObjectMeta, Placement};
+
+    #[test]
+    fn a_table_has_one_row_per_object_under_the_kind_headers() {
+        let placements: Vec<Object> = ["a", "b"]
+            .into_iter()
+            .map(|name| {
+                Object::Placement(Placement {
+                    meta: ObjectMeta::named(name),
+                    vm: format!("vm-{name}"),
+                    node: "n1".into(),
+                    epoch: 7,
+                })
+            })
+            .collect();
+        let text = table(Kind::Placement, &placements);
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].contains("EPOCH"), "{text}");
+        assert!(
+            lines[2].contains("vm-b") && lines[2].contains('7'),
+            "{text}"
+        );
+        assert_eq!(table(Kind::Vm, &[]), "no vm objects\n");
+    }
+}

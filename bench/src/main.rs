@@ -6,8 +6,6 @@
 //! never in CI: timings on a shared two-core machine are figures to read,
 //! not assertions to gate on.
 
-#![allow(dead_code)] // Until the first suite lands with the test guest.
-
 mod report;
 mod stats;
 mod suites;

@@ -1,11 +1,50 @@
-//! `basaltd`, the one Basalt daemon binary.
+//! `basaltd`, the one Basalt daemon binary: thin wiring of the library
+//! crates into subcommands. Each subcommand appears as its component lands:
+//! `lab` now; `control`, `agent` and `storage` with their issues.
+//!
+//! Invariant: bad flags or configuration end the process with a message
+//! naming the problem and a non-zero exit status, never a panic.
 
-use clap::Parser;
+mod lab;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "basaltd", version, about = "The Basalt daemon")]
-struct Cli {}
+#[command(
+    name = "basaltd",
+    version,
+    about = "The Basalt daemon",
+    propagate_version = true
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::Format::Text)]
+    log_format: logging::Format,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// A multi-node lab on this machine: every node a network namespace
+    /// with its own libvirtd, and a test VM running.
+    Lab(lab::LabArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Lab(args) => lab::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("basaltd: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

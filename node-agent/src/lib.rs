@@ -10,5 +10,7 @@
 //!   stops its VMs; an agent restart adopts running domains instead of
 //!   restarting them.
 //!
-//! The reconcilers land with the node-agent issue; this crate holds their
-//! place in the workspace until then.
+//! The reconcilers land with the node-agent issue. What exists already is
+//! [`compute::domain`]: the typed libvirt domain XML they will write.
+
+pub mod compute;

@@ -1,2 +1,31 @@
-//! Test harness: namespaces, processes, private libvirtd, test guest.
-//! Being written under the foundation issue.
+//! Basalt's test harness: everything a test (or `basaltd lab`) needs to
+//! stand up several "nodes" on one machine.
+//!
+//! - [`prefix`]: the per-test name prefix every host object is named after,
+//!   and its state directory (pid files, logs);
+//! - [`netns`]: a bridge and one network namespace per node ([`Fabric`],
+//!   [`Node`]);
+//! - [`process`]: supervised daemons with logs and pid files ([`Process`]);
+//! - [`libvirtd`]: a private libvirtd per node ([`Libvirtd`]);
+//! - [`guest`]: the test guest (a small VM that boots in seconds);
+//! - [`sweep`]: removing what killed tests left behind, and `lab down`;
+//! - [`cmd`]: the errors of the host tools the fixtures run.
+//!
+//! Invariants: every object a fixture makes carries its prefix; dropping a
+//! fixture removes what it made unless it was detached (the lab); a sweep
+//! removes only objects of prefixes whose owner is dead, and kills only
+//! processes whose pid files it finds under the prefix and that it can show
+//! are the prefix's. Everything here needs root.
+
+pub mod cmd;
+pub mod guest;
+pub mod libvirtd;
+pub mod netns;
+pub mod prefix;
+pub mod process;
+pub mod sweep;
+
+pub use libvirtd::Libvirtd;
+pub use netns::{Fabric, Node};
+pub use prefix::Prefix;
+pub use process::{Process, ProcessSpec};

@@ -2,6 +2,8 @@
 
 use crate::report::Report;
 
+mod guest_boot;
+
 /// Options every suite may use.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -17,4 +19,8 @@ pub struct Suite {
     pub run: fn(&Options) -> anyhow::Result<Report>,
 }
 
-pub const ALL: &[Suite] = &[];
+pub const ALL: &[Suite] = &[Suite {
+    name: "guest-boot",
+    about: "libvirt define to the test guest answering, against plain QEMU booting the same guest",
+    run: guest_boot::run,
+}];

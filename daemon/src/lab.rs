@@ -1,0 +1,419 @@
+//! `basaltd lab`: a multi-node Basalt lab on one machine.
+//!
+//! Every node is a network namespace on one bridge with its own libvirtd
+//! (`basalt-testkit`'s harness, the same the end-to-end tests use). The
+//! first node runs the test guest: its disk served over NBD inside the
+//! node, its NIC a tap with the gateway address, and the root namespace
+//! gets a route to the VM network so the printed address works from the
+//! host.
+//!
+//! Invariants: everything `up` makes is named with the lab prefix
+//! ([`LAB_PREFIX`]) and recorded in its state directory, so `down` removes
+//! exactly that; `up` on a healthy lab changes nothing; the lab never
+//! touches a test's objects, nor a test the lab's.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use basalt_agent::compute::domain::{Accel, Boot, DomainSpec, EthernetNic, MacAddr, NbdDisk};
+use basalt_testkit::guest::{self, GuestClient, GuestImage, NbdServer};
+use basalt_testkit::libvirtd::Libvirtd;
+use basalt_testkit::netns::Fabric;
+use basalt_testkit::prefix::{LAB_PREFIX, Prefix};
+use basalt_testkit::sweep;
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+/// The lab's VM network, routed from the root namespace through node 1.
+const VM_NETWORK: &str = "10.80.0.0/24";
+/// The lab VM's address.
+const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 80, 0, 10);
+/// The lab VM's name (libvirt domain and NBD export).
+const VM_NAME: &str = "lab-vm";
+/// The lab VM's MAC (locally administered, QEMU's OUI).
+const VM_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x80, 0x00, 0x0a]);
+const VM_MEMORY_MIB: u64 = 256;
+const VM_DISK_BYTES: u64 = 256 << 20;
+/// How long a TCG guest may take to answer (boots slow on a busy machine).
+const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+/// The state file `up` writes and `status`/`down` read.
+const STATE_FILE: &str = "lab.json";
+
+/// `basaltd lab ...`
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Create the lab (or report it, if it is up and healthy) and start
+    /// its VM.
+    Up {
+        /// Number of nodes (network namespaces with a libvirtd each).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=9))]
+        nodes: u8,
+    },
+    /// Remove everything `up` created.
+    Down,
+    /// Show the lab's nodes and VM and whether they answer.
+    Status,
+}
+
+/// What `up` built, as `status` and `down` read it back.
+#[derive(Debug, Serialize, Deserialize)]
+struct LabState {
+    nodes: Vec<NodeState>,
+    vm: VmState,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeState {
+    name: String,
+    address: Ipv4Addr,
+    libvirt_uri: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct VmState {
+    name: String,
+    node: String,
+    ip: Ipv4Addr,
+    tap: String,
+    disk: PathBuf,
+    serial_log: PathBuf,
+}
+
+/// Runs one lab subcommand.
+pub fn run(args: LabArgs) -> anyhow::Result<()> {
+    ensure_root()?;
+    match args.command {
+        LabCommand::Up { nodes } => up(nodes),
+        LabCommand::Down => down(),
+        LabCommand::Status => {
+            let Some(state) = read_state()? else {
+                bail!("no lab is up (start one with `basaltd lab up`)");
+            };
+            let health = check(&state);
+            print!("{}", describe(&state, &health));
+            if !health.healthy() {
+                bail!(
+                    "the lab is not healthy; `basaltd lab down` then `basaltd lab up` rebuilds it"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn ensure_root() -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the lab creates network namespaces and daemons: run it as root");
+    }
+    Ok(())
+}
+
+fn state_path() -> PathBuf {
+    PathBuf::from(basalt_testkit::prefix::STATE_ROOT)
+        .join(LAB_PREFIX)
+        .join(STATE_FILE)
+}
+
+fn read_state() -> anyhow::Result<Option<LabState>> {
+    let path = state_path();
+    match fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(
+            serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?,
+        )),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn up(nodes: u8) -> anyhow::Result<()> {
+    let report = sweep::sweep_stale();
+    tracing::debug!(?report, "swept stale test objects");
+    if let Some(state) = read_state()? {
+        let health = check(&state);
+        if health.healthy() {
+            if state.nodes.len() != usize::from(nodes) {
+                bail!(
+                    "a lab with {} nodes is up; `basaltd lab down` first to change it to {nodes}",
+                    state.nodes.len()
+                );
+            }
+            println!("the lab is already up\n");
+            print!("{}", describe(&state, &health));
+            return Ok(());
+        }
+        println!("the lab is partly up; rebuilding it");
+    }
+    // Whatever a crashed or half-finished `up` left goes first.
+    sweep::tear_down(LAB_PREFIX).context("removing an earlier lab")?;
+    let state = build(nodes)?;
+    let health = check(&state);
+    print!("{}", describe(&state, &health));
+    Ok(())
+}
+
+/// Builds the lab. On error, the handles' drops remove what was made.
+fn build(nodes: u8) -> anyhow::Result<LabState> {
+    let prefix = Prefix::lab()?;
+    let mut fabric = Fabric::new(&prefix).context("creating the lab's bridge")?;
+    for i in 1..=nodes {
+        fabric
+            .add_node(&format!("n{i}"))
+            .with_context(|| format!("creating node n{i}"))?;
+    }
+    let hosts = fabric.hosts();
+    // The daemons start side by side: each takes seconds to answer.
+    for node in fabric.nodes() {
+        println!("node {}: {} (starting libvirtd)", node.name(), node.addr());
+    }
+    let daemons = std::thread::scope(|scope| {
+        let starts: Vec<_> = fabric
+            .nodes()
+            .iter()
+            .map(|node| {
+                let (prefix, hosts) = (&prefix, &hosts);
+                scope.spawn(move || {
+                    Libvirtd::start(prefix, node, hosts)
+                        .with_context(|| format!("starting libvirtd on {}", node.name()))
+                })
+            })
+            .collect();
+        starts
+            .into_iter()
+            .map(|start| {
+                start
+                    .join()
+                    .unwrap_or_else(|_| bail!("a libvirtd start panicked"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let node = fabric.nodes()[0].clone();
+    let libvirtd = &daemons[0];
+
+    println!("building the test guest image");
+    let image = GuestImage::build().context("building the test guest")?;
+    let disk = prefix.dir().join(format!("{VM_NAME}.raw"));
+    guest::nbd::create_raw_disk(&disk, VM_DISK_BYTES)?;
+    let nbd = NbdServer::start(&prefix, &node, &disk, VM_NAME)
+        .context("serving the VM's disk over NBD")?;
+
+    let tap = prefix.ifname("vm0")?;
+    let serial_log = prefix.log_dir().join(format!("{VM_NAME}.serial.log"));
+    let spec = DomainSpec {
+        name: VM_NAME.into(),
+        uuid: uuid::Uuid::new_v4(),
+        accel: Accel::Tcg,
+        memory_mib: VM_MEMORY_MIB,
+        vcpus: 1,
+        cpu_model: None,
+        boot: Boot::Kernel {
+            kernel: image.kernel().to_owned(),
+            initrd: image.initrd().to_owned(),
+            cmdline: guest::static_ip_cmdline(VM_IP),
+        },
+        disks: vec![NbdDisk {
+            target_dev: "vda".into(),
+            host: nbd.host().to_string(),
+            port: nbd.port(),
+            export_name: nbd.export().into(),
+        }],
+        nics: vec![EthernetNic {
+            tap: tap.clone(),
+            mac: VM_MAC,
+        }],
+        serial_log: serial_log.clone(),
+    };
+    let xml_path = prefix.dir().join(format!("{VM_NAME}.xml"));
+    fs::write(&xml_path, spec.to_xml()?)
+        .with_context(|| format!("writing {}", xml_path.display()))?;
+    println!(
+        "starting VM {VM_NAME} on {} (TCG: this takes a while)",
+        node.name()
+    );
+    libvirtd.virsh(&["define", &xml_path.to_string_lossy()])?;
+    libvirtd.virsh(&["start", VM_NAME])?;
+    guest::wire_tap(&node, &tap, VM_IP, Duration::from_secs(60))?;
+    route_vm_network(node.addr())?;
+    GuestClient::new(VM_IP)
+        .wait_ready(BOOT_DEADLINE)
+        .with_context(|| {
+            format!(
+                "the VM did not answer; its console:\n{}",
+                guest::log_tail(&serial_log, 20)
+            )
+        })?;
+
+    let state = LabState {
+        nodes: fabric
+            .nodes()
+            .iter()
+            .zip(&daemons)
+            .map(|(n, d)| NodeState {
+                name: n.name().into(),
+                address: n.addr(),
+                libvirt_uri: d.uri(),
+            })
+            .collect(),
+        vm: VmState {
+            name: VM_NAME.into(),
+            node: node.name().into(),
+            ip: VM_IP,
+            tap,
+            disk,
+            serial_log,
+        },
+    };
+    let path = state_path();
+    fs::write(&path, serde_json::to_string_pretty(&state)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // Everything stays up after this process exits; `down` removes it.
+    nbd.detach();
+    daemons.into_iter().for_each(Libvirtd::detach);
+    fabric.detach();
+    Ok(state)
+}
+
+/// Routes the VM network from the root namespace through `via` (node 1).
+/// The route goes away with the bridge when the lab is torn down.
+fn route_vm_network(via: Ipv4Addr) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(["route", "replace", VM_NETWORK, "via", &via.to_string()])
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip route replace {VM_NETWORK} via {via}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn down() -> anyhow::Result<()> {
+    let before = sweep::objects(LAB_PREFIX);
+    let had_state = state_path().exists();
+    sweep::tear_down(LAB_PREFIX).context("removing the lab")?;
+    let after = sweep::objects(LAB_PREFIX);
+    if !after.is_empty() {
+        bail!("could not remove all of the lab: left {after:?}");
+    }
+    if before.is_empty() && !had_state {
+        println!("no lab was up");
+    } else {
+        println!(
+            "lab removed: {} namespaces, {} links, {} processes",
+            before.namespaces.len(),
+            before.links.len(),
+            before.processes.len()
+        );
+    }
+    Ok(())
+}
+
+/// What answered when `check` looked.
+#[derive(Debug)]
+struct Health {
+    libvirtd: Vec<bool>,
+    vm_state: Option<String>,
+    vm_answers: bool,
+}
+
+impl Health {
+    fn healthy(&self) -> bool {
+        self.libvirtd.iter().all(|up| *up) && self.vm_answers
+    }
+}
+
+fn check(state: &LabState) -> Health {
+    let virsh = |uri: &str, args: &[&str]| {
+        std::process::Command::new("virsh")
+            .arg("-c")
+            .arg(uri)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let libvirtd = state
+        .nodes
+        .iter()
+        .map(|n| virsh(&n.libvirt_uri, &["version"]).is_some())
+        .collect();
+    let vm_node = state.nodes.iter().find(|n| n.name == state.vm.node);
+    let vm_state = vm_node.and_then(|n| virsh(&n.libvirt_uri, &["domstate", &state.vm.name]));
+    // A real round trip, not a bare connect: outside the lab's route the
+    // host's uplink may accept any connection on the guest's behalf.
+    let vm_answers = GuestClient::new(state.vm.ip)
+        .echo("basalt-lab")
+        .is_ok_and(|reply| reply == "basalt-lab");
+    Health {
+        libvirtd,
+        vm_state,
+        vm_answers,
+    }
+}
+
+fn describe(state: &LabState, health: &Health) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "NODE  ADDRESS        LIBVIRTD  URI");
+    for (node, up) in state.nodes.iter().zip(&health.libvirtd) {
+        let _ = writeln!(
+            out,
+            "{:<5} {:<14} {:<9} {}",
+            node.name,
+            node.address,
+            if *up { "up" } else { "DOWN" },
+            node.libvirt_uri
+        );
+    }
+    let vm = &state.vm;
+    let _ = writeln!(
+        out,
+        "\nVM {} on {}: {} (libvirt: {}; answers: {})",
+        vm.name,
+        vm.node,
+        vm.ip,
+        health.vm_state.as_deref().unwrap_or("unknown"),
+        if health.vm_answers { "yes" } else { "NO" }
+    );
+    let uri = state
+        .nodes
+        .iter()
+        .find(|n| n.name == vm.node)
+        .map_or("", |n| n.libvirt_uri.as_str());
+    let _ = writeln!(
+        out,
+        "  echo:       echo hello | busybox nc -w2 {} {}",
+        vm.ip,
+        guest::ECHO_PORT
+    );
+    let _ = writeln!(
+        out,
+        "  its disk:   busybox nc -w2 {} {}   (boot counter and data record)",
+        vm.ip,
+        guest::READ_PORT
+    );
+    let _ = writeln!(
+        out,
+        "  write disk: echo DATA | busybox nc -w2 {} {}",
+        vm.ip,
+        guest::WRITE_PORT
+    );
+    let _ = writeln!(out, "  console:    tail -f {}", vm.serial_log.display());
+    let _ = writeln!(out, "  libvirt:    virsh -c {uri} dominfo {}", vm.name);
+    let _ = writeln!(
+        out,
+        "\n`basaltd lab status` checks it; `basaltd lab down` removes it all."
+    );
+    out
+}

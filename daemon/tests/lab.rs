@@ -1,0 +1,132 @@
+//! `basaltd lab` end to end, as an operator runs it: up, status, up again
+//! (idempotent), the VM answers and keeps its disk, down removes exactly
+//! what up made. Needs root; skipped (with a message) when a lab is
+//! already up on this machine, so a developer's lab is never touched.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Output};
+
+use basalt_testkit::guest::GuestClient;
+use basalt_testkit::prefix::LAB_PREFIX;
+use basalt_testkit::sweep;
+
+const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 80, 0, 10);
+
+fn basaltd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_basaltd"))
+        .args(args)
+        .output()
+        .expect("basaltd runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Tears the lab down even when an assertion fails half-way.
+struct Down;
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let out = basaltd(&["lab", "down"]);
+        if !out.status.success() {
+            eprintln!("lab down failed: {}", text(&out));
+        }
+    }
+}
+
+#[test]
+fn lab_up_status_down() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    if !sweep::objects(LAB_PREFIX).is_empty() {
+        eprintln!("skipped: a lab is up on this machine; not touching it");
+        return;
+    }
+    let _down = Down;
+
+    let out = basaltd(&["lab", "up", "--nodes", "2"]);
+    assert!(out.status.success(), "lab up: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("10.80.0.10"),
+        "lab up names the VM's address: {stdout}"
+    );
+
+    // The VM answers from the host, and its disk works.
+    let vm = GuestClient::new(VM_IP);
+    assert_eq!(vm.echo("ping").unwrap(), "ping");
+    vm.write_disk("kept").unwrap();
+    let record = vm.read_disk().unwrap();
+    assert_eq!((record.boots, record.data.as_str()), (1, "kept"));
+
+    let out = basaltd(&["lab", "status"]);
+    assert!(out.status.success(), "lab status: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("answers: yes"),
+        "{}",
+        text(&out)
+    );
+
+    // A second `up` finds the lab healthy and changes nothing: the VM
+    // was not rebooted.
+    let out = basaltd(&["lab", "up", "--nodes", "2"]);
+    assert!(out.status.success(), "second lab up: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already up"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(vm.read_disk().unwrap().boots, 1);
+
+    // Asking for another size is refused, naming both.
+    let out = basaltd(&["lab", "up", "--nodes", "3"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("2 nodes"),
+        "{}",
+        text(&out)
+    );
+
+    let out = basaltd(&["lab", "down"]);
+    assert!(out.status.success(), "lab down: {}", text(&out));
+    let left = sweep::objects(LAB_PREFIX);
+    assert!(left.is_empty(), "lab down left {left:?}");
+    // An echo round trip, not a connect: the host's uplink may accept any
+    // connection once the lab's route is gone.
+    assert!(
+        vm.echo("gone").is_err(),
+        "the VM still answers after lab down"
+    );
+    let out = basaltd(&["lab", "status"]);
+    assert!(
+        !out.status.success(),
+        "status after down must fail: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn bad_flags_are_named_and_never_panic() {
+    let out = basaltd(&["lab", "up", "--nodes", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--nodes"),
+        "{}",
+        text(&out)
+    );
+    let out = basaltd(&["--frobnicate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--frobnicate"),
+        "{}",
+        text(&out)
+    );
+}

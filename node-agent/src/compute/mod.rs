@@ -1,4 +1,4 @@
-//! Compute: what the agent asks libvirt to run.
+//! Compute: what the agent asks the hypervisor to run.
 //!
 //! [`domain`] turns a typed, validated [`domain::DomainSpec`] into libvirt
 //! domain XML. The spec is the whole contract with libvirt: volumes reach
@@ -6,5 +6,154 @@
 //! NBD client), NICs are pre-named taps (`<interface type='ethernet'>`)
 //! that `basalt-sdn` wires up, and the console goes to a file the agent can
 //! read back.
+//!
+//! [`Compute`] is the narrow interface the reconciler drives, with two
+//! implementations: [`libvirt::LibvirtCompute`] (real: the `virt` crate on
+//! a libvirtd) and [`sim::SimCompute`] (in memory, for fast tests and
+//! scale runs, with state changes that a test can step by hand). Both pass
+//! the one suite in [`conformance`].
+//!
+//! Invariants: every operation is idempotent where the reconciler needs it
+//! to be (defining an identical spec again, destroying a stopped domain,
+//! undefining a missing one); a domain is known by name, and its UUID
+//! stays the same across redefinitions.
 
+pub mod conformance;
 pub mod domain;
+pub mod libvirt;
+pub mod sim;
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::compute::domain::DomainSpec;
+
+/// What a hypervisor says a domain is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerState {
+    /// Running (or blocked on I/O, which is running for our purposes).
+    Running,
+    /// Paused: by an operator, during migration, or while storage is
+    /// suspended.
+    Paused,
+    /// Shutting down after a graceful request.
+    ShuttingDown,
+    /// Defined but not running.
+    ShutOff,
+    /// Stopped by a crash.
+    Crashed,
+    /// Anything else the hypervisor reports (no state, PM-suspended).
+    Other,
+}
+
+impl PowerState {
+    /// Whether QEMU is running for this domain (it holds its disks).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            PowerState::Running | PowerState::Paused | PowerState::ShuttingDown
+        )
+    }
+}
+
+/// A domain as the hypervisor lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainStatus {
+    /// Its name.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: Uuid,
+    /// What it is doing.
+    pub state: PowerState,
+}
+
+/// A compute operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    /// The spec could not be turned into a domain definition.
+    #[error("domain {name}: invalid spec")]
+    Spec {
+        /// The domain.
+        name: String,
+        /// Why.
+        #[source]
+        source: domain::DomainError,
+    },
+    /// No domain of that name is defined.
+    #[error("domain {name} is not defined")]
+    NotDefined {
+        /// The domain.
+        name: String,
+    },
+    /// A domain of that name exists with another UUID: it is not ours to
+    /// replace.
+    #[error("domain {name} exists with UUID {existing}, not {wanted}")]
+    UuidMismatch {
+        /// The domain.
+        name: String,
+        /// The UUID it has.
+        existing: Uuid,
+        /// The UUID the spec asks for.
+        wanted: Uuid,
+    },
+    /// The hypervisor refused or failed an operation.
+    #[error("{operation} of domain {name}: {message}")]
+    Hypervisor {
+        /// What was asked (`define`, `start`, ...).
+        operation: &'static str,
+        /// The domain (empty for connection-wide calls).
+        name: String,
+        /// The hypervisor's message.
+        message: String,
+    },
+}
+
+/// The hypervisor operations the agent's reconciler needs. Blocking calls
+/// (libvirt's API is synchronous): async callers run them on a blocking
+/// thread.
+pub trait Compute: Send + Sync {
+    /// Defines the domain, or redefines it if its definition differs.
+    /// A running domain keeps running; the new definition applies at its
+    /// next start.
+    fn define(&self, spec: &DomainSpec) -> Result<(), ComputeError>;
+    /// Starts a defined domain; starting a running one is not an error.
+    fn start(&self, name: &str) -> Result<(), ComputeError>;
+    /// Asks the guest to shut down (ACPI); returns at once.
+    fn shutdown(&self, name: &str) -> Result<(), ComputeError>;
+    /// Stops the domain at once (QEMU killed); stopping a stopped one is
+    /// not an error.
+    fn destroy(&self, name: &str) -> Result<(), ComputeError>;
+    /// Removes the definition (the domain must be stopped first); removing
+    /// a missing one is not an error.
+    fn undefine(&self, name: &str) -> Result<(), ComputeError>;
+    /// The domain's status, `None` when no domain of that name exists.
+    fn status(&self, name: &str) -> Result<Option<DomainStatus>, ComputeError>;
+    /// Every domain the hypervisor knows, running or not.
+    fn list(&self) -> Result<Vec<DomainStatus>, ComputeError>;
+
+    /// Graceful then forced stop: asks the guest to shut down, waits up to
+    /// `grace` for it to stop, then destroys it. Returns whether the guest
+    /// stopped by itself.
+    fn stop(&self, name: &str, grace: Duration) -> Result<bool, ComputeError> {
+        match self.status(name)? {
+            None => {
+                return Err(ComputeError::NotDefined {
+                    name: name.to_owned(),
+                });
+            }
+            Some(status) if !status.state.is_active() => return Ok(true),
+            Some(_) => {}
+        }
+        self.shutdown(name)?;
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if self.status(name)?.is_none_or(|s| !s.state.is_active()) {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.destroy(name)?;
+        Ok(false)
+    }
+}

@@ -1,0 +1,230 @@
+//! [`LibvirtCompute`]: the real hypervisor, through the `virt` crate.
+//!
+//! One connection per instance, opened lazily and reopened after a failure
+//! (libvirtd may restart under a running agent; its domains keep running
+//! because QEMU outlives libvirtd). Domains are defined persistently so an
+//! agent restart finds and adopts them.
+
+use std::sync::{Mutex, MutexGuard};
+
+use uuid::Uuid;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use crate::compute::domain::DomainSpec;
+use crate::compute::{Compute, ComputeError, DomainStatus, PowerState};
+
+/// A libvirtd reached at one URI (`qemu:///system`,
+/// `qemu+tcp://10.0.0.1/system`, ...).
+#[derive(Debug)]
+pub struct LibvirtCompute {
+    uri: String,
+    conn: Mutex<Option<Connect>>,
+}
+
+impl LibvirtCompute {
+    /// A backend for the libvirtd at `uri`; connects on first use.
+    pub fn new(uri: impl Into<String>) -> Self {
+        // libvirt prints every error to stderr by default; ours are
+        // returned as values and logged (or not) by the caller.
+        virt::error::clear_error_callback();
+        Self {
+            uri: uri.into(),
+            conn: Mutex::new(None),
+        }
+    }
+
+    /// The URI.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Connect>> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the connection, opening it if needed; after a failure
+    /// that may be a lost connection, drops it so the next call reconnects.
+    fn with_conn<T>(
+        &self,
+        operation: &'static str,
+        name: &str,
+        f: impl FnOnce(&Connect) -> Result<T, virt::error::Error>,
+    ) -> Result<T, ComputeError> {
+        let mut guard = self.lock();
+        if guard.is_none() {
+            let conn =
+                Connect::open(Some(&self.uri)).map_err(|err| hypervisor(operation, name, &err))?;
+            *guard = Some(conn);
+        }
+        let Some(conn) = guard.as_ref() else {
+            return Err(ComputeError::Hypervisor {
+                operation,
+                name: name.to_owned(),
+                message: "no connection".to_owned(),
+            });
+        };
+        let result = f(conn);
+        if let Err(err) = &result
+            && is_connection_error(err)
+            && let Some(mut conn) = guard.take()
+        {
+            let _ = conn.close();
+        }
+        result.map_err(|err| hypervisor(operation, name, &err))
+    }
+
+    /// Looks `name` up; `Ok(None)` when libvirt has no such domain.
+    fn lookup(conn: &Connect, name: &str) -> Result<Option<Domain>, virt::error::Error> {
+        match Domain::lookup_by_name(conn, name) {
+            Ok(domain) => Ok(Some(domain)),
+            Err(err) if err.code() == ErrorNumber::NoDomain => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn domain_op(
+        &self,
+        operation: &'static str,
+        name: &str,
+        f: impl FnOnce(&Domain) -> Result<(), virt::error::Error>,
+    ) -> Result<(), ComputeError> {
+        let found = self.with_conn(operation, name, |conn| {
+            let Some(domain) = Self::lookup(conn, name)? else {
+                return Ok(false);
+            };
+            f(&domain)?;
+            Ok(true)
+        })?;
+        if found {
+            Ok(())
+        } else {
+            Err(ComputeError::NotDefined {
+                name: name.to_owned(),
+            })
+        }
+    }
+}
+
+fn hypervisor(operation: &'static str, name: &str, err: &virt::error::Error) -> ComputeError {
+    ComputeError::Hypervisor {
+        operation,
+        name: name.to_owned(),
+        message: err.message().to_owned(),
+    }
+}
+
+fn is_connection_error(err: &virt::error::Error) -> bool {
+    matches!(
+        err.code(),
+        ErrorNumber::SystemError
+            | ErrorNumber::Rpc
+            | ErrorNumber::NoConnect
+            | ErrorNumber::InvalidConn
+    )
+}
+
+fn power_state(state: sys::virDomainState) -> PowerState {
+    match state {
+        sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => PowerState::Running,
+        sys::VIR_DOMAIN_PAUSED => PowerState::Paused,
+        sys::VIR_DOMAIN_SHUTDOWN => PowerState::ShuttingDown,
+        sys::VIR_DOMAIN_SHUTOFF => PowerState::ShutOff,
+        sys::VIR_DOMAIN_CRASHED => PowerState::Crashed,
+        _ => PowerState::Other,
+    }
+}
+
+fn status_of(domain: &Domain) -> Result<DomainStatus, virt::error::Error> {
+    let (state, _reason) = domain.get_state()?;
+    Ok(DomainStatus {
+        name: domain.get_name()?,
+        uuid: domain.get_uuid()?,
+        state: power_state(state),
+    })
+}
+
+impl Compute for LibvirtCompute {
+    fn define(&self, spec: &DomainSpec) -> Result<(), ComputeError> {
+        let xml = spec.to_xml().map_err(|source| ComputeError::Spec {
+            name: spec.name.clone(),
+            source,
+        })?;
+        let existing: Option<Uuid> = self.with_conn("define", &spec.name, |conn| {
+            Self::lookup(conn, &spec.name)?
+                .map(|d| d.get_uuid())
+                .transpose()
+        })?;
+        if let Some(existing) = existing
+            && existing != spec.uuid
+        {
+            return Err(ComputeError::UuidMismatch {
+                name: spec.name.clone(),
+                existing,
+                wanted: spec.uuid,
+            });
+        }
+        // Defining an existing domain with the same UUID updates it; a
+        // running domain keeps its live configuration until restarted.
+        self.with_conn("define", &spec.name, |conn| {
+            Domain::define_xml(conn, &xml).map(drop)
+        })
+    }
+
+    fn start(&self, name: &str) -> Result<(), ComputeError> {
+        self.domain_op("start", name, |domain| {
+            if domain.is_active()? {
+                return Ok(());
+            }
+            domain.create().map(drop)
+        })
+    }
+
+    fn shutdown(&self, name: &str) -> Result<(), ComputeError> {
+        self.domain_op("shutdown", name, |domain| {
+            if !domain.is_active()? {
+                return Ok(());
+            }
+            domain.shutdown().map(drop)
+        })
+    }
+
+    fn destroy(&self, name: &str) -> Result<(), ComputeError> {
+        self.domain_op("destroy", name, |domain| {
+            if !domain.is_active()? {
+                return Ok(());
+            }
+            match domain.destroy() {
+                // It stopped by itself between the check and the call.
+                Err(err) if err.code() == ErrorNumber::OperationInvalid => Ok(()),
+                other => other,
+            }
+        })
+    }
+
+    fn undefine(&self, name: &str) -> Result<(), ComputeError> {
+        match self.domain_op("undefine", name, Domain::undefine) {
+            Err(ComputeError::NotDefined { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn status(&self, name: &str) -> Result<Option<DomainStatus>, ComputeError> {
+        self.with_conn("status", name, |conn| {
+            Self::lookup(conn, name)?
+                .as_ref()
+                .map(status_of)
+                .transpose()
+        })
+    }
+
+    fn list(&self) -> Result<Vec<DomainStatus>, ComputeError> {
+        self.with_conn("list", "", |conn| {
+            conn.list_all_domains(0)?.iter().map(status_of).collect()
+        })
+    }
+}

@@ -3,11 +3,28 @@
 //! endpoint, policy and connection-tracking maps in step with the control
 //! plane, and answers DHCP on each VM tap.
 //!
+//! - [`abi`]: the map and event layouts shared with the C programs;
+//! - [`model`]: endpoints, networks and policies as the control plane gives
+//!   them;
+//! - [`sync`]: compiling the model into map contents and writing only the
+//!   difference ([`Datapath`]);
+//! - [`loader`]: the aya loader, pinned maps and TCX links ([`Loader`]);
+//! - [`netlink`]: links, addresses, routes and the VXLAN device;
+//!
 //! Invariants:
 //! - a VM NIC sends only from its own MAC and IP;
 //! - traffic is allowed until a policy selects an endpoint, then only what a
-//!   policy allows passes;
-//! - maps are pinned per node, so an agent restart keeps traffic flowing.
-//!
-//! The datapath lands with the network issue; this crate holds its place in
-//! the workspace until then.
+//!   policy allows passes, and a deny beats any allow;
+//! - maps and links are pinned per node, so an agent restart keeps traffic
+//!   flowing.
+
+pub mod abi;
+pub mod loader;
+pub mod model;
+pub mod netlink;
+pub mod sync;
+
+pub use loader::{Hook, Loader};
+pub use model::{Action, Cidr, Endpoint, Network, Peer, Policy, Protocol, Rule};
+pub use netlink::Netlink;
+pub use sync::{Datapath, NodeConfig};

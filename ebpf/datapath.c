@@ -1,0 +1,534 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
+/*
+ * Basalt's VM datapath: two TC programs.
+ *
+ * from_vm      on the TCX ingress of every VM tap (host side): anti-spoofing,
+ *              the gateway's ARP answer, connection tracking, egress and
+ *              ingress policy, then a redirect to the local destination tap,
+ *              to the node's VXLAN device with a tunnel key, or up the host
+ *              stack (the gateway itself, DHCP, the outside through SNAT).
+ * from_overlay on the TCX ingress of the node's collect-metadata VXLAN
+ *              device: checks the sender node owns the source, ingress
+ *              policy, then a redirect to the local destination tap.
+ *
+ * Every entry point calls a try_* style function that returns a verdict;
+ * anything unexpected ends in a counted drop, never in TC_ACT_OK by default.
+ * The ABI shared with user space is in basalt.h.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "basalt.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define LIBBPF_PIN_BY_NAME 1
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct iface);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__type(key, struct network_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} networks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct subject);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} subjects SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__type(key, struct policy_cidr_key);
+	__type(value, struct rules);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_cidr SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct policy_id_key);
+	__type(value, struct rules);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_id SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DROP_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
+
+/* From linux/if_arp.h, which drags in libc headers. */
+#define ARPHRD_ETHER 1
+#define ARPOP_REQUEST 1
+#define ARPOP_REPLY 2
+
+struct arphdr {
+	__be16 ar_hrd;
+	__be16 ar_pro;
+	__u8 ar_hln;
+	__u8 ar_pln;
+	__be16 ar_op;
+};
+
+struct arp_eth {
+	struct arphdr hdr;
+	__u8 sha[ETH_ALEN];
+	__u8 sip[4];
+	__u8 tha[ETH_ALEN];
+	__u8 tip[4];
+} __attribute__((packed));
+
+/* What the parser learnt about an IPv4 packet. */
+struct flow {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+};
+
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] &&
+	       a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
+}
+
+static __always_inline void mac_copy(__u8 *dst, const __u8 *src)
+{
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+	dst[4] = src[4];
+	dst[5] = src[5];
+}
+
+static __always_inline void emit(__u32 kind, __u32 reason, __u32 ifindex,
+				 const struct flow *f, const __u8 *smac, __u16 proto)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e)
+		return;
+	e->kind = kind;
+	e->reason = reason;
+	e->ifindex = ifindex;
+	e->saddr = f ? f->saddr : 0;
+	e->daddr = f ? f->daddr : 0;
+	if (smac)
+		mac_copy(e->smac, smac);
+	else
+		__builtin_memset(e->smac, 0, sizeof(e->smac));
+	e->eth_proto = proto;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int drop(__u32 ifindex, __u32 reason,
+				const struct flow *f, const __u8 *smac, __u16 proto)
+{
+	__u32 key = reason;
+	__u64 *count = bpf_map_lookup_elem(&drops, &key);
+
+	if (count)
+		*count += 1;
+	emit(EVENT_DROP, reason, ifindex, f, smac, proto);
+	return TC_ACT_SHOT;
+}
+
+/* Whether the rules allow (1), deny (-1) or say nothing (0) about a flow. */
+static __always_inline int eval_rules(const struct rules *r, __u8 proto, __u16 port)
+{
+	int verdict = 0;
+
+#pragma unroll
+	for (int i = 0; i < MAX_RULES; i++) {
+		if ((__u32)i >= r->count)
+			break;
+		const struct rule *rule = &r->rule[i];
+		if (rule->proto && rule->proto != proto)
+			continue;
+		if (port < rule->port_lo || port > rule->port_hi)
+			continue;
+		if (rule->action == ACT_DENY)
+			return -1;
+		if (rule->action == ACT_ALLOW)
+			verdict = 1;
+	}
+	return verdict;
+}
+
+/*
+ * Whether `subject` may talk to `peer` in `dir`: allowed until a policy
+ * selects the subject for that direction; then only what a rule allows,
+ * and a matching deny beats any allow.
+ */
+static __always_inline int policy_allows(__u32 subject, __u8 dir, __u32 peer_ip,
+					 __u32 peer_id, __u8 proto, __u16 dport)
+{
+	struct subject *s = bpf_map_lookup_elem(&subjects, &subject);
+	__u32 bit = dir == DIR_INGRESS ? SUBJ_INGRESS : SUBJ_EGRESS;
+	int allowed = 0, v;
+
+	if (!s || !(s->flags & bit))
+		return 1;
+
+	struct policy_cidr_key ck = {
+		.prefixlen = 64 + 32,
+		.subject = subject,
+		.direction = dir,
+		.peer = peer_ip,
+	};
+	struct rules *r = bpf_map_lookup_elem(&policy_cidr, &ck);
+	if (r) {
+		v = eval_rules(r, proto, dport);
+		if (v < 0)
+			return 0;
+		allowed |= v;
+	}
+	if (peer_id) {
+		struct policy_id_key ik = {
+			.subject = subject,
+			.peer = peer_id,
+			.direction = dir,
+		};
+		r = bpf_map_lookup_elem(&policy_id, &ik);
+		if (r) {
+			v = eval_rules(r, proto, dport);
+			if (v < 0)
+				return 0;
+			allowed |= v;
+		}
+	}
+	return allowed;
+}
+
+/*
+ * Connection tracking: 1 if the packet belongs to a known flow (either
+ * direction), 0 if it starts a new one.
+ */
+static __always_inline int ct_known(const struct flow *f)
+{
+	struct ct_key k = {
+		.saddr = f->saddr, .daddr = f->daddr,
+		.sport = f->sport, .dport = f->dport, .proto = f->proto,
+	};
+	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &k);
+
+	if (v) {
+		__sync_fetch_and_add(&v->packets, 1);
+		return 1;
+	}
+	struct ct_key r = {
+		.saddr = f->daddr, .daddr = f->saddr,
+		.sport = f->dport, .dport = f->sport, .proto = f->proto,
+	};
+	v = bpf_map_lookup_elem(&conntrack, &r);
+	if (v) {
+		__sync_fetch_and_add(&v->packets, 1);
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline void ct_create(const struct flow *f)
+{
+	struct ct_key k = {
+		.saddr = f->saddr, .daddr = f->daddr,
+		.sport = f->sport, .dport = f->dport, .proto = f->proto,
+	};
+	struct ct_value v = { .created_ns = bpf_ktime_get_ns(), .packets = 1 };
+
+	bpf_map_update_elem(&conntrack, &k, &v, BPF_NOEXIST);
+}
+
+/* Parses the IPv4 header and ports. 0 on success, -1 if malformed. */
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	if (ip->version != 4 || ip->ihl < 5)
+		return -1;
+	f->saddr = ip->saddr;
+	f->daddr = ip->daddr;
+	f->proto = ip->protocol;
+	f->sport = 0;
+	f->dport = 0;
+	/* Non-first fragments carry no ports. */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 0;
+	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
+		return 0;
+	__u16 *ports = (void *)ip + ip->ihl * 4;
+	if ((void *)(ports + 2) > data_end)
+		return -1;
+	f->sport = bpf_ntohs(ports[0]);
+	f->dport = bpf_ntohs(ports[1]);
+	return 0;
+}
+
+/* Rewrites the Ethernet header for a routed hop: from the gateway, to dst. */
+static __always_inline int set_l2(struct __sk_buff *skb, const struct config *cfg,
+				  const __u8 *dst_mac)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	mac_copy(eth->h_source, cfg->gateway_mac);
+	mac_copy(eth->h_dest, dst_mac);
+	return 0;
+}
+
+static __always_inline int answer_arp(struct __sk_buff *skb, __u32 ifindex,
+				      const struct config *cfg,
+				      const struct endpoint *ep, __u32 ep_ip)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct arp_eth *arp = data + sizeof(*eth);
+	__u32 sip, tip;
+
+	if ((void *)(arp + 1) > data_end)
+		return drop(ifindex, DROP_MALFORMED, 0, 0, ETH_P_ARP);
+	if (arp->hdr.ar_hrd != bpf_htons(ARPHRD_ETHER) ||
+	    arp->hdr.ar_pro != bpf_htons(ETH_P_IP) ||
+	    arp->hdr.ar_hln != ETH_ALEN || arp->hdr.ar_pln != 4)
+		return drop(ifindex, DROP_MALFORMED, 0, eth->h_source, ETH_P_ARP);
+
+	__builtin_memcpy(&sip, arp->sip, 4);
+	__builtin_memcpy(&tip, arp->tip, 4);
+	struct flow f = { .saddr = sip, .daddr = tip };
+
+	if (!mac_eq(arp->sha, ep->mac))
+		return drop(ifindex, DROP_SPOOF_MAC, &f, eth->h_source, ETH_P_ARP);
+	/* 0.0.0.0 is an ARP probe (address conflict detection). */
+	if (sip != ep_ip && sip != 0)
+		return drop(ifindex, DROP_SPOOF_IP, &f, eth->h_source, ETH_P_ARP);
+
+	if (arp->hdr.ar_op == bpf_htons(ARPOP_REPLY))
+		/* The node resolving the guest for return traffic. */
+		return TC_ACT_OK;
+	if (arp->hdr.ar_op != bpf_htons(ARPOP_REQUEST))
+		return drop(ifindex, DROP_MALFORMED, &f, eth->h_source, ETH_P_ARP);
+	if (tip != bpf_htonl(BASALT_GATEWAY_IP_HOST))
+		return drop(ifindex, DROP_ARP_NOT_GATEWAY, &f, eth->h_source, ETH_P_ARP);
+
+	/* Turn the request into the gateway's reply, in place. */
+	arp->hdr.ar_op = bpf_htons(ARPOP_REPLY);
+	mac_copy(arp->tha, arp->sha);
+	__builtin_memcpy(arp->tip, &sip, 4);
+	mac_copy(arp->sha, cfg->gateway_mac);
+	__builtin_memcpy(arp->sip, &tip, 4);
+	mac_copy(eth->h_dest, eth->h_source);
+	mac_copy(eth->h_source, cfg->gateway_mac);
+	return bpf_redirect(ifindex, 0);
+}
+
+static __always_inline int to_overlay(struct __sk_buff *skb, const struct config *cfg,
+				      const struct endpoint *dst)
+{
+	struct bpf_tunnel_key key = {};
+
+	if (!cfg->vxlan_ifindex)
+		return -1;
+	key.tunnel_id = dst->vni;
+	key.remote_ipv4 = bpf_ntohl(dst->node_ip);
+	key.tunnel_ttl = 64;
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+		return -1;
+	return 0;
+}
+
+static __always_inline int handle_ipv4(struct __sk_buff *skb, __u32 ifindex,
+				       const struct config *cfg,
+				       const struct endpoint *src, __u32 src_ip)
+{
+	struct flow f = {};
+
+	if (parse_ipv4(skb, &f) < 0)
+		return drop(ifindex, DROP_MALFORMED, 0, 0, ETH_P_IP);
+
+	if (f.saddr != src_ip) {
+		/* A DHCP client has no address yet. */
+		if (f.saddr == 0 && f.proto == IPPROTO_UDP && f.sport == 68 && f.dport == 67)
+			return TC_ACT_OK;
+		return drop(ifindex, DROP_SPOOF_IP, &f, src->mac, ETH_P_IP);
+	}
+	/* The gateway itself (DHCP renewals, ping) and broadcast DHCP. */
+	if (f.daddr == bpf_htonl(BASALT_GATEWAY_IP_HOST))
+		return TC_ACT_OK;
+	if (f.daddr == 0xffffffff && f.proto == IPPROTO_UDP && f.dport == 67)
+		return TC_ACT_OK;
+
+	struct endpoint *dst = bpf_map_lookup_elem(&endpoints, &f.daddr);
+	if (!dst) {
+		struct network_key nk = { .prefixlen = 32, .addr = f.daddr };
+		if (bpf_map_lookup_elem(&networks, &nk))
+			return drop(ifindex, DROP_NO_ENDPOINT, &f, src->mac, ETH_P_IP);
+		/* Outside the VM networks: up the node's stack (SNAT). */
+		if (!policy_allows(src->identity, DIR_EGRESS, f.daddr, 0, f.proto, f.dport))
+			return drop(ifindex, DROP_POLICY, &f, src->mac, ETH_P_IP);
+		return TC_ACT_OK;
+	}
+
+	if (!ct_known(&f)) {
+		if (!policy_allows(src->identity, DIR_EGRESS, f.daddr, dst->identity,
+				   f.proto, f.dport))
+			return drop(ifindex, DROP_POLICY, &f, src->mac, ETH_P_IP);
+		if ((dst->flags & EP_LOCAL) &&
+		    !policy_allows(dst->identity, DIR_INGRESS, f.saddr, src->identity,
+				   f.proto, f.dport))
+			return drop(ifindex, DROP_POLICY, &f, src->mac, ETH_P_IP);
+		ct_create(&f);
+	}
+
+	if (set_l2(skb, cfg, dst->mac) < 0)
+		return drop(ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
+	if (dst->flags & EP_LOCAL)
+		return bpf_redirect(dst->ifindex, 0);
+	if (to_overlay(skb, cfg, dst) < 0)
+		return drop(ifindex, DROP_TUNNEL, &f, 0, ETH_P_IP);
+	return bpf_redirect(cfg->vxlan_ifindex, 0);
+}
+
+SEC("classifier")
+int from_vm(struct __sk_buff *skb)
+{
+	__u32 zero = 0, ifindex = skb->ifindex;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u32 ep_ip;
+
+	if ((void *)(eth + 1) > data_end)
+		return drop(ifindex, DROP_MALFORMED, 0, 0, 0);
+	if (!cfg || !ifc)
+		return drop(ifindex, DROP_UNKNOWN_IFACE, 0, eth->h_source, bpf_ntohs(eth->h_proto));
+	ep_ip = ifc->ip;
+	struct endpoint *ep = bpf_map_lookup_elem(&endpoints, &ep_ip);
+	if (!ep)
+		return drop(ifindex, DROP_UNKNOWN_IFACE, 0, eth->h_source, bpf_ntohs(eth->h_proto));
+	if (!mac_eq(eth->h_source, ep->mac))
+		return drop(ifindex, DROP_SPOOF_MAC, 0, eth->h_source, bpf_ntohs(eth->h_proto));
+
+	if (ifc->flags & IFACE_STANDBY) {
+		/* The guest's first frame here (QEMU's announce after a move):
+		 * report it once; the agent moves the endpoint. */
+		if (__sync_fetch_and_or(&ifc->activated, 1) == 0)
+			emit(EVENT_ACTIVATION, 0, ifindex, 0, eth->h_source,
+			     bpf_ntohs(eth->h_proto));
+		__u32 key = DROP_STANDBY;
+		__u64 *count = bpf_map_lookup_elem(&drops, &key);
+		if (count)
+			*count += 1;
+		return TC_ACT_SHOT;
+	}
+
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return answer_arp(skb, ifindex, cfg, ep, ep_ip);
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return handle_ipv4(skb, ifindex, cfg, ep, ep_ip);
+	return drop(ifindex, DROP_UNSUPPORTED_L3, 0, eth->h_source, bpf_ntohs(eth->h_proto));
+}
+
+SEC("classifier")
+int from_overlay(struct __sk_buff *skb)
+{
+	__u32 zero = 0, ifindex = skb->ifindex;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct bpf_tunnel_key key = {};
+	struct flow f = {};
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return drop(ifindex, DROP_MALFORMED, 0, 0, 0);
+	if (!cfg)
+		return drop(ifindex, DROP_UNKNOWN_IFACE, 0, 0, 0);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return drop(ifindex, DROP_UNSUPPORTED_L3, 0, eth->h_source, bpf_ntohs(eth->h_proto));
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0)
+		return drop(ifindex, DROP_TUNNEL, 0, 0, ETH_P_IP);
+	if (parse_ipv4(skb, &f) < 0)
+		return drop(ifindex, DROP_MALFORMED, 0, 0, ETH_P_IP);
+
+	struct endpoint *dst = bpf_map_lookup_elem(&endpoints, &f.daddr);
+	if (!dst || !(dst->flags & EP_LOCAL) ||
+	    dst->vni != key.tunnel_id)
+		return drop(ifindex, DROP_NO_ENDPOINT, &f, 0, ETH_P_IP);
+	struct endpoint *src = bpf_map_lookup_elem(&endpoints, &f.saddr);
+	if (!src || src->node_ip != bpf_htonl(key.remote_ipv4))
+		return drop(ifindex, DROP_NOT_OWNER, &f, 0, ETH_P_IP);
+
+	if (!ct_known(&f)) {
+		if (!policy_allows(dst->identity, DIR_INGRESS, f.saddr, src->identity,
+				   f.proto, f.dport))
+			return drop(ifindex, DROP_POLICY, &f, 0, ETH_P_IP);
+		ct_create(&f);
+	}
+	if (set_l2(skb, cfg, dst->mac) < 0)
+		return drop(ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
+	return bpf_redirect(dst->ifindex, 0);
+}

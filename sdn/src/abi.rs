@@ -1,0 +1,338 @@
+//! The datapath's ABI: map keys, values and events, mirrored field for
+//! field from `ebpf/basalt.h`.
+//!
+//! Invariants: every struct here is `#[repr(C)]` with explicit padding and
+//! the size of its C twin (checked below at compile time); IPv4 addresses
+//! are stored as the wire's bytes (`u32::from_ne_bytes(addr.octets())`),
+//! ports, identities, VNIs and ifindexes in host order.
+
+use std::net::Ipv4Addr;
+
+/// The on-link gateway every guest routes through.
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// The gateway's MAC on every node and every tap (locally administered), so
+/// a guest's ARP entry stays valid when it moves.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0xba, 0x5a, 0x17, 0x00, 0x01];
+
+/// `endpoint.flags`: the endpoint lives on this node (`ifindex` is valid).
+pub const EP_LOCAL: u16 = 1 << 0;
+/// `iface.flags`: the tap waits for the guest (a migration target).
+pub const IFACE_STANDBY: u32 = 1 << 0;
+/// `subject.flags`: a policy selects the identity for ingress.
+pub const SUBJ_INGRESS: u32 = 1 << 0;
+/// `subject.flags`: a policy selects the identity for egress.
+pub const SUBJ_EGRESS: u32 = 1 << 1;
+/// Policy direction: traffic to the subject.
+pub const DIR_INGRESS: u8 = 0;
+/// Policy direction: traffic from the subject.
+pub const DIR_EGRESS: u8 = 1;
+/// Rule action: allow.
+pub const ACT_ALLOW: u8 = 1;
+/// Rule action: deny.
+pub const ACT_DENY: u8 = 2;
+/// Rules per map value (per subject, direction and peer).
+pub const MAX_RULES: usize = 16;
+/// Event kind: a drop.
+pub const EVENT_DROP: u32 = 1;
+/// Event kind: an activation (first frame on a standby tap).
+pub const EVENT_ACTIVATION: u32 = 2;
+
+/// The wire representation of an IPv4 address in a map.
+pub fn ip_key(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// The address a map's wire representation stands for.
+pub fn ip_from_key(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+/// Why the datapath dropped a packet: the index into the `drops` array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum DropReason {
+    /// The program ran on an interface no endpoint owns.
+    UnknownIface = 1,
+    /// The source MAC is not the endpoint's.
+    SpoofMac = 2,
+    /// The source IP (or ARP sender) is not the endpoint's.
+    SpoofIp = 3,
+    /// An ARP request for anything but the gateway.
+    ArpNotGateway = 4,
+    /// Denied by policy.
+    Policy = 5,
+    /// The destination is in a VM network but no endpoint has it.
+    NoEndpoint = 6,
+    /// Truncated or unparsable headers.
+    Malformed = 7,
+    /// Neither IPv4 nor ARP.
+    UnsupportedL3 = 8,
+    /// Setting or reading the tunnel key failed.
+    Tunnel = 9,
+    /// An overlay packet from a node that does not own its source.
+    NotOwner = 10,
+    /// A frame on a standby tap.
+    Standby = 11,
+}
+
+impl DropReason {
+    /// Every reason, in index order.
+    pub const ALL: [DropReason; 11] = [
+        DropReason::UnknownIface,
+        DropReason::SpoofMac,
+        DropReason::SpoofIp,
+        DropReason::ArpNotGateway,
+        DropReason::Policy,
+        DropReason::NoEndpoint,
+        DropReason::Malformed,
+        DropReason::UnsupportedL3,
+        DropReason::Tunnel,
+        DropReason::NotOwner,
+        DropReason::Standby,
+    ];
+
+    /// Length of the `drops` array (`DROP_MAX`).
+    pub const COUNT: u32 = 12;
+
+    /// The reason with index `n`, if any.
+    pub fn from_index(n: u32) -> Option<DropReason> {
+        DropReason::ALL.into_iter().find(|r| *r as u32 == n)
+    }
+
+    /// A short, stable name (`spoof-mac`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::UnknownIface => "unknown-iface",
+            DropReason::SpoofMac => "spoof-mac",
+            DropReason::SpoofIp => "spoof-ip",
+            DropReason::ArpNotGateway => "arp-not-gateway",
+            DropReason::Policy => "policy",
+            DropReason::NoEndpoint => "no-endpoint",
+            DropReason::Malformed => "malformed",
+            DropReason::UnsupportedL3 => "unsupported-l3",
+            DropReason::Tunnel => "tunnel",
+            DropReason::NotOwner => "not-owner",
+            DropReason::Standby => "standby",
+        }
+    }
+}
+
+/// `struct config`: the node's datapath configuration (array key 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct Config {
+    /// The gateway's MAC.
+    pub gateway_mac: [u8; 6],
+    /// Padding.
+    pub pad: u16,
+    /// This node's underlay address (wire order).
+    pub node_ip: u32,
+    /// The node's VXLAN device, 0 if none.
+    pub vxlan_ifindex: u32,
+}
+
+/// `struct endpoint`: value of the `endpoints` map (key: IPv4, wire order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct EndpointValue {
+    /// The local tap, when [`EP_LOCAL`].
+    pub ifindex: u32,
+    /// The owner node's underlay address (wire order).
+    pub node_ip: u32,
+    /// Label identity, 0 = none.
+    pub identity: u32,
+    /// The network's VXLAN VNI.
+    pub vni: u32,
+    /// The guest's MAC.
+    pub mac: [u8; 6],
+    /// `EP_*` flags.
+    pub flags: u16,
+}
+
+/// `struct iface`: value of the `ifaces` map (key: ifindex).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct IfaceValue {
+    /// The endpoint's IPv4 (wire order).
+    pub ip: u32,
+    /// `IFACE_*` flags.
+    pub flags: u32,
+    /// Set by the program once a standby tap saw its first frame.
+    pub activated: u32,
+    /// Padding.
+    pub pad: u32,
+}
+
+/// `struct subject`: value of the `subjects` map (key: identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct SubjectValue {
+    /// `SUBJ_*` flags.
+    pub flags: u32,
+    /// Padding.
+    pub pad: u32,
+}
+
+/// `struct rule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct RuleValue {
+    /// IP protocol number, 0 = any.
+    pub proto: u8,
+    /// [`ACT_ALLOW`] or [`ACT_DENY`].
+    pub action: u8,
+    /// Lowest destination port matched (host order).
+    pub port_lo: u16,
+    /// Highest destination port matched.
+    pub port_hi: u16,
+    /// Padding.
+    pub pad: u16,
+}
+
+/// `struct rules`: value of the policy maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct RulesValue {
+    /// How many of `rule` are used.
+    pub count: u32,
+    /// Padding.
+    pub pad: u32,
+    /// The rules.
+    pub rule: [RuleValue; MAX_RULES],
+}
+
+/// The data part (after `prefixlen`) of `struct policy_cidr_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct PolicyCidrData {
+    /// Identity of the selected endpoint.
+    pub subject: u32,
+    /// `DIR_*`.
+    pub direction: u8,
+    /// Padding.
+    pub pad: [u8; 3],
+    /// Peer prefix (wire order).
+    pub peer: u32,
+}
+
+/// `struct policy_id_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct PolicyIdKey {
+    /// Identity of the selected endpoint.
+    pub subject: u32,
+    /// Identity of the peer.
+    pub peer: u32,
+    /// `DIR_*`.
+    pub direction: u8,
+    /// Padding.
+    pub pad: [u8; 3],
+}
+
+/// `struct ct_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[repr(C)]
+pub struct CtKey {
+    /// Source (wire order).
+    pub saddr: u32,
+    /// Destination (wire order).
+    pub daddr: u32,
+    /// Source port (host order).
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Padding.
+    pub pad: [u8; 3],
+}
+
+/// `struct ct_value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct CtValue {
+    /// When the flow was first seen (`CLOCK_MONOTONIC`, ns).
+    pub created_ns: u64,
+    /// Packets seen.
+    pub packets: u64,
+}
+
+/// `struct event`: one entry of the `events` ring buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct EventRecord {
+    /// [`EVENT_DROP`] or [`EVENT_ACTIVATION`].
+    pub kind: u32,
+    /// A [`DropReason`] index for drops.
+    pub reason: u32,
+    /// The interface the frame arrived on.
+    pub ifindex: u32,
+    /// Source IPv4 (wire order), 0 if none.
+    pub saddr: u32,
+    /// Destination IPv4 (wire order), 0 if none.
+    pub daddr: u32,
+    /// Source MAC.
+    pub smac: [u8; 6],
+    /// Ethertype (host order).
+    pub eth_proto: u16,
+}
+
+/// Marks `#[repr(C)]` map types as plain old data for aya.
+macro_rules! pod {
+    ($($ty:ty),* $(,)?) => {$(
+        // SAFETY: the type is `#[repr(C)]`, `Copy`, and made only of
+        // integers and integer arrays with explicit padding fields (sizes
+        // checked below), so it has no implicit padding and every bit
+        // pattern is a valid value.
+        unsafe impl aya::Pod for $ty {}
+    )*};
+}
+
+pod!(
+    Config,
+    EndpointValue,
+    IfaceValue,
+    SubjectValue,
+    RulesValue,
+    PolicyCidrData,
+    PolicyIdKey,
+    CtKey,
+    CtValue,
+);
+
+const _: () = {
+    assert!(size_of::<Config>() == 16);
+    assert!(size_of::<EndpointValue>() == 24);
+    assert!(size_of::<IfaceValue>() == 16);
+    assert!(size_of::<SubjectValue>() == 8);
+    assert!(size_of::<RuleValue>() == 8);
+    assert!(size_of::<RulesValue>() == 8 + 8 * MAX_RULES);
+    assert!(size_of::<PolicyCidrData>() == 12);
+    assert!(size_of::<PolicyIdKey>() == 12);
+    assert!(size_of::<CtKey>() == 16);
+    assert!(size_of::<CtValue>() == 16);
+    assert!(size_of::<EventRecord>() == 28);
+};
+
+impl EventRecord {
+    /// Decodes a ring buffer entry; `None` if it is too short.
+    pub fn parse(bytes: &[u8]) -> Option<EventRecord> {
+        if bytes.len() < size_of::<EventRecord>() {
+            return None;
+        }
+        let u32_at =
+            |o: usize| u32::from_ne_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let mut smac = [0u8; 6];
+        smac.copy_from_slice(&bytes[20..26]);
+        Some(EventRecord {
+            kind: u32_at(0),
+            reason: u32_at(4),
+            ifindex: u32_at(8),
+            saddr: u32_at(12),
+            daddr: u32_at(16),
+            smac,
+            eth_proto: u16::from_ne_bytes([bytes[26], bytes[27]]),
+        })
+    }
+}

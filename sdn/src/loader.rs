@@ -1,0 +1,443 @@
+//! The aya loader: loads `ebpf/datapath.c` (built by `build.rs`), pins its
+//! maps and TCX links under one directory per node, attaches the programs,
+//! and is the real [`MapStore`].
+//!
+//! Layout: `/sys/fs/bpf/basalt/<node>/maps/<map>` and
+//! `/sys/fs/bpf/basalt/<node>/links/<ifname>`.
+//!
+//! Invariants:
+//! - maps are pinned by name, so a new loader (an agent restart) reuses the
+//!   very maps the running programs use: state survives, nothing is lost;
+//! - links are pinned, so they outlive the loader; a new loader replaces the
+//!   program of an existing link atomically (`bpf_link_update`), and traffic
+//!   never meets an interface without a program;
+//! - bpffs is mounted at `/sys/fs/bpf` if it is not yet.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+
+use crate::abi::{
+    Config, CtKey, CtValue, DropReason, EndpointValue, EventRecord, IfaceValue, PolicyCidrData,
+    PolicyIdKey, RulesValue, SubjectValue,
+};
+use crate::sync::{Change, MapState, MapStore};
+
+/// The compiled programs.
+static DATAPATH_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.o"));
+
+/// Where bpffs is mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Which program an interface gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A VM tap (or the veth that plays one): `from_vm` on ingress.
+    Tap,
+    /// The node's VXLAN device: `from_overlay` on ingress.
+    Overlay,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Tap => "from_vm",
+            Hook::Overlay => "from_overlay",
+        }
+    }
+}
+
+/// The datapath could not be loaded, attached, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// bpffs is not mounted and could not be.
+    #[error("could not mount bpffs at {BPFFS}")]
+    Bpffs(#[source] io::Error),
+    /// A pin directory could not be made or cleaned.
+    #[error("could not prepare pin directory {path}")]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The object could not be loaded (or its pinned maps reused).
+    #[error("could not load the datapath object")]
+    Load(#[source] Box<EbpfError>),
+    /// A program is missing or failed verification.
+    #[error("could not load program {name}")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// A map is missing or has the wrong shape.
+    #[error("map {name}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: Box<MapError>,
+    },
+    /// Attaching to an interface failed.
+    #[error("could not attach {program} to {ifname}")]
+    Attach {
+        /// The interface.
+        ifname: String,
+        /// The program.
+        program: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Removing a link's pin failed.
+    #[error("could not detach {ifname}")]
+    Detach {
+        /// The interface.
+        ifname: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> LoaderError {
+    move |source| LoaderError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// The loaded datapath of one node.
+pub struct Loader {
+    ebpf: Ebpf,
+    dir: PathBuf,
+    config: Array<MapData, Config>,
+    endpoints: HashMap<MapData, u32, EndpointValue>,
+    ifaces: HashMap<MapData, u32, IfaceValue>,
+    networks: LpmTrie<MapData, u32, u32>,
+    subjects: HashMap<MapData, u32, SubjectValue>,
+    policy_cidr: LpmTrie<MapData, PolicyCidrData, RulesValue>,
+    policy_id: HashMap<MapData, PolicyIdKey, RulesValue>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    drops: PerCpuArray<MapData, u64>,
+    events: RingBuf<MapData>,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The pin directory of `node`.
+pub fn pin_dir(node: &str) -> PathBuf {
+    Path::new(BPFFS).join("basalt").join(node)
+}
+
+/// Mounts bpffs at [`BPFFS`] unless it is there.
+pub fn ensure_bpffs() -> Result<(), LoaderError> {
+    if nix::sys::statfs::statfs(BPFFS)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| LoaderError::Bpffs(io::Error::from(e)))
+}
+
+/// Removes a node's pins: its links detach, its maps go once no program
+/// uses them. What a node's teardown (or a test's cleanup) calls.
+pub fn remove_pins(node: &str) -> Result<(), LoaderError> {
+    let path = pin_dir(node);
+    match std::fs::remove_dir_all(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LoaderError::PinDir { path, source }),
+    }
+}
+
+impl Loader {
+    /// Loads the programs for `node`, reusing its pinned maps if any.
+    pub fn load(node: &str) -> Result<Loader, LoaderError> {
+        ensure_bpffs()?;
+        let dir = pin_dir(node);
+        for sub in ["maps", "links"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path)
+                .map_err(|source| LoaderError::PinDir { path, source })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir.join("maps"))
+            .load(DATAPATH_OBJ)
+            .map_err(|e| LoaderError::Load(Box::new(e)))?;
+        for hook in [Hook::Tap, Hook::Overlay] {
+            let name = hook.program();
+            let prog_err = |source| LoaderError::Program {
+                name,
+                source: Box::new(source),
+            };
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(ProgramError::UnexpectedProgramType)
+                .and_then(TryInto::try_into)
+                .map_err(prog_err)?;
+            prog.load().map_err(prog_err)?;
+        }
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(LoaderError::Map {
+                name,
+                source: Box::new(MapError::InvalidName {
+                    name: name.to_owned(),
+                }),
+            })
+        };
+        let config = Array::try_from(take("config")?).map_err(map_err("config"))?;
+        let endpoints = HashMap::try_from(take("endpoints")?).map_err(map_err("endpoints"))?;
+        let ifaces = HashMap::try_from(take("ifaces")?).map_err(map_err("ifaces"))?;
+        let networks = LpmTrie::try_from(take("networks")?).map_err(map_err("networks"))?;
+        let subjects = HashMap::try_from(take("subjects")?).map_err(map_err("subjects"))?;
+        let policy_cidr =
+            LpmTrie::try_from(take("policy_cidr")?).map_err(map_err("policy_cidr"))?;
+        let policy_id = HashMap::try_from(take("policy_id")?).map_err(map_err("policy_id"))?;
+        let conntrack = HashMap::try_from(take("conntrack")?).map_err(map_err("conntrack"))?;
+        let drops = PerCpuArray::try_from(take("drops")?).map_err(map_err("drops"))?;
+        let events = RingBuf::try_from(take("events")?).map_err(map_err("events"))?;
+        tracing::debug!(node, dir = %dir.display(), "datapath loaded");
+        Ok(Loader {
+            ebpf,
+            dir,
+            config,
+            endpoints,
+            ifaces,
+            networks,
+            subjects,
+            policy_cidr,
+            policy_id,
+            conntrack,
+            drops,
+            events,
+        })
+    }
+
+    /// The node's pin directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn link_pin(&self, ifname: &str) -> PathBuf {
+        self.dir.join("links").join(ifname)
+    }
+
+    /// Attaches `hook`'s program to `ifname`'s TCX ingress (in the calling
+    /// thread's network namespace) and pins the link. If a link is pinned
+    /// for that name already, its program is replaced atomically instead;
+    /// a stale pin (its interface gone) is replaced by a fresh link.
+    pub fn attach(&mut self, ifname: &str, hook: Hook) -> Result<(), LoaderError> {
+        let program = hook.program();
+        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| LoaderError::Attach {
+            ifname: ifname.to_owned(),
+            program,
+            source,
+        };
+        let pin = self.link_pin(ifname);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(TryInto::try_into)
+            .map_err(|e| attach_err(Box::new(e)))?;
+        match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let replaced = SchedClassifierLink::try_from(FdLink::from(old))
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    .and_then(|link| prog.attach_to_link(link).map_err(|e| Box::new(e) as _));
+                match replaced {
+                    Ok(id) => {
+                        // The pin keeps the link; dropping our handle is fine.
+                        let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+                        drop(link);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::debug!(ifname, error = %e, "stale link pin, attaching afresh");
+                        std::fs::remove_file(&pin).map_err(|e| attach_err(Box::new(e)))?;
+                    }
+                }
+            }
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(attach_err(Box::new(e))),
+        }
+        let id = prog
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| attach_err(Box::new(e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
+        fd_link.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
+        tracing::debug!(ifname, program, "attached");
+        Ok(())
+    }
+
+    /// Detaches whatever this node pinned on `ifname` (a no-op if nothing).
+    pub fn detach(&mut self, ifname: &str) -> Result<(), LoaderError> {
+        match std::fs::remove_file(self.link_pin(ifname)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(LoaderError::Detach {
+                ifname: ifname.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Drop counters, summed over CPUs, by reason (zero counts included).
+    pub fn drop_counts(&self) -> Result<BTreeMap<DropReason, u64>, LoaderError> {
+        let mut out = BTreeMap::new();
+        for reason in DropReason::ALL {
+            let per_cpu = self
+                .drops
+                .get(&(reason as u32), 0)
+                .map_err(map_err("drops"))?;
+            out.insert(reason, per_cpu.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// The events queued since the last call (drops, activations).
+    pub fn drain_events(&mut self) -> Vec<EventRecord> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(event) = EventRecord::parse(&item) {
+                out.push(event);
+            }
+        }
+        out
+    }
+
+    /// How many flows connection tracking holds.
+    pub fn conntrack_len(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// Packets counted over every tracked flow: proof that traffic goes
+    /// through the programs.
+    pub fn conntrack_packets(&self) -> u64 {
+        self.conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| v.packets)
+            .sum()
+    }
+}
+
+impl MapStore for Loader {
+    type Error = LoaderError;
+
+    fn read(&self) -> Result<MapState, LoaderError> {
+        let mut state = MapState {
+            config: self.config.get(&0, 0).map_err(map_err("config"))?,
+            ..MapState::default()
+        };
+        for item in self.endpoints.iter() {
+            let (k, v) = item.map_err(map_err("endpoints"))?;
+            state.endpoints.insert(k, v);
+        }
+        for item in self.ifaces.iter() {
+            let (k, v) = item.map_err(map_err("ifaces"))?;
+            state.ifaces.insert(k, v);
+        }
+        for item in self.networks.iter() {
+            let (k, v) = item.map_err(map_err("networks"))?;
+            state.networks.insert((k.prefix_len(), k.data()), v);
+        }
+        for item in self.subjects.iter() {
+            let (k, v) = item.map_err(map_err("subjects"))?;
+            state.subjects.insert(k, v);
+        }
+        for item in self.policy_cidr.iter() {
+            let (k, v) = item.map_err(map_err("policy_cidr"))?;
+            state.policy_cidr.insert((k.prefix_len(), k.data()), v);
+        }
+        for item in self.policy_id.iter() {
+            let (k, v) = item.map_err(map_err("policy_id"))?;
+            state.policy_id.insert(k, v);
+        }
+        Ok(state)
+    }
+
+    fn write(&mut self, change: &Change) -> Result<(), LoaderError> {
+        match change {
+            Change::Config(c) => self.config.set(0, c, 0).map_err(map_err("config")),
+            Change::PutEndpoint(k, v) => {
+                self.endpoints.insert(k, v, 0).map_err(map_err("endpoints"))
+            }
+            Change::DelEndpoint(k) => {
+                ignore_missing(self.endpoints.remove(k)).map_err(map_err("endpoints"))
+            }
+            Change::PutIface(k, v) => self.ifaces.insert(k, v, 0).map_err(map_err("ifaces")),
+            Change::DelIface(k) => ignore_missing(self.ifaces.remove(k)).map_err(map_err("ifaces")),
+            Change::PutNetwork((len, addr), v) => self
+                .networks
+                .insert(&Key::new(*len, *addr), v, 0)
+                .map_err(map_err("networks")),
+            Change::DelNetwork((len, addr)) => {
+                ignore_missing(self.networks.remove(&Key::new(*len, *addr)))
+                    .map_err(map_err("networks"))
+            }
+            Change::PutSubject(k, v) => self.subjects.insert(k, v, 0).map_err(map_err("subjects")),
+            Change::DelSubject(k) => {
+                ignore_missing(self.subjects.remove(k)).map_err(map_err("subjects"))
+            }
+            Change::PutPolicyCidr((len, data), v) => self
+                .policy_cidr
+                .insert(&Key::new(*len, *data), v, 0)
+                .map_err(map_err("policy_cidr")),
+            Change::DelPolicyCidr((len, data)) => {
+                ignore_missing(self.policy_cidr.remove(&Key::new(*len, *data)))
+                    .map_err(map_err("policy_cidr"))
+            }
+            Change::PutPolicyId(k, v) => {
+                self.policy_id.insert(k, v, 0).map_err(map_err("policy_id"))
+            }
+            Change::DelPolicyId(k) => {
+                ignore_missing(self.policy_id.remove(k)).map_err(map_err("policy_id"))
+            }
+        }
+    }
+}
+
+/// Removing an absent key is what a removal wants anyway.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,214 @@
+//! Links, addresses, routes and the VXLAN device, through rtnetlink.
+//!
+//! [`Netlink`] is a blocking facade: it owns a single-threaded tokio
+//! runtime and one rtnetlink connection. The connection's socket belongs to
+//! the network namespace of the thread that called [`Netlink::new`], for
+//! its whole life, whichever thread uses it later.
+//!
+//! Every operation is idempotent (`replace` semantics), so a reconciler can
+//! repeat it.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt as _;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+
+use crate::model::Cidr;
+
+/// The IANA VXLAN port.
+pub const VXLAN_PORT: u16 = 4789;
+
+/// A netlink operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The socket or runtime could not be set up.
+    #[error("could not open a netlink connection")]
+    Connect(#[source] io::Error),
+    /// No link of that name in this namespace.
+    #[error("no link named {name}")]
+    NoLink {
+        /// The name.
+        name: String,
+    },
+    /// The kernel refused a request.
+    #[error("{what} failed")]
+    Request {
+        /// What was asked, e.g. `set link tap1 up`.
+        what: String,
+        /// The kernel's answer.
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// A blocking rtnetlink connection, bound to the namespace it was made in.
+#[derive(Debug)]
+pub struct Netlink {
+    runtime: tokio::runtime::Runtime,
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a connection in the calling thread's network namespace.
+    pub fn new() -> Result<Netlink, NetlinkError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NetlinkError::Connect)?;
+        let (connection, handle, _) = {
+            let _guard = runtime.enter();
+            rtnetlink::new_connection().map_err(NetlinkError::Connect)?
+        };
+        runtime.spawn(connection);
+        Ok(Netlink { runtime, handle })
+    }
+
+    fn request<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        fut: impl Future<Output = Result<T, rtnetlink::Error>>,
+    ) -> Result<T, NetlinkError> {
+        self.runtime
+            .block_on(fut)
+            .map_err(|source| NetlinkError::Request {
+                what: what(),
+                source,
+            })
+    }
+
+    /// The link named `name`, if it exists.
+    pub fn link(&self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
+        let mut stream = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match self.runtime.block_on(stream.try_next()) {
+            Ok(link) => Ok(link),
+            // ENODEV: no such link.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(source) => Err(NetlinkError::Request {
+                what: format!("get link {name}"),
+                source,
+            }),
+        }
+    }
+
+    /// The ifindex of `name`.
+    pub fn index(&self, name: &str) -> Result<u32, NetlinkError> {
+        self.link(name)?
+            .map(|l| l.header.index)
+            .ok_or_else(|| NetlinkError::NoLink {
+                name: name.to_owned(),
+            })
+    }
+
+    /// The MAC of `name`.
+    pub fn mac(&self, name: &str) -> Result<Option<[u8; 6]>, NetlinkError> {
+        let link = self.link(name)?.ok_or_else(|| NetlinkError::NoLink {
+            name: name.to_owned(),
+        })?;
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) if mac.len() == 6 => {
+                let mut out = [0u8; 6];
+                out.copy_from_slice(mac);
+                Some(out)
+            }
+            _ => None,
+        }))
+    }
+
+    /// Sets `name`'s MAC and MTU (when given) and brings it up.
+    pub fn configure(
+        &self,
+        name: &str,
+        mac: Option<[u8; 6]>,
+        mtu: Option<u32>,
+    ) -> Result<(), NetlinkError> {
+        let index = self.index(name)?;
+        let mut msg = LinkUnspec::new_with_index(index).up();
+        if let Some(mac) = mac {
+            msg = msg.address(mac.to_vec());
+        }
+        if let Some(mtu) = mtu {
+            msg = msg.mtu(mtu);
+        }
+        self.request(
+            || format!("configure link {name}"),
+            self.handle.link().change(msg.build()).execute(),
+        )
+    }
+
+    /// Adds (or keeps) `addr/len` on `name`.
+    pub fn add_address(&self, name: &str, addr: Ipv4Addr, len: u8) -> Result<(), NetlinkError> {
+        let index = self.index(name)?;
+        self.request(
+            || format!("add address {addr}/{len} to {name}"),
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(addr), len)
+                .replace()
+                .execute(),
+        )
+    }
+
+    /// Routes `dst` straight out of `name` (scope link), replacing any
+    /// route to the same prefix.
+    pub fn route_via_link(&self, dst: Cidr, name: &str) -> Result<(), NetlinkError> {
+        let index = self.index(name)?;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.addr, dst.len)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        self.request(
+            || format!("route {dst} dev {name}"),
+            self.handle.route().add(msg).replace().execute(),
+        )
+    }
+
+    /// Prepares a VM tap's host side: the gateway's MAC (so frames the
+    /// program passes up are addressed to the host), `169.254.1.1/32` (the
+    /// source of the node's own packets to the guest, e.g. DHCP), up, and a
+    /// route to the guest's /32 (return traffic from outside the VM
+    /// networks).
+    pub fn wire_tap(&self, tap: &str, guest: Ipv4Addr) -> Result<(), NetlinkError> {
+        self.configure(tap, Some(crate::abi::GATEWAY_MAC), None)?;
+        self.add_address(tap, crate::abi::GATEWAY_IP, 32)?;
+        self.route_via_link(Cidr::host(guest), tap)
+    }
+
+    /// Makes sure the node's collect-metadata VXLAN device `name` exists
+    /// (external mode: the programs choose VNI and remote per packet) and
+    /// is up with `mtu`; returns its ifindex.
+    pub fn ensure_vxlan(&self, name: &str, mtu: u32) -> Result<u32, NetlinkError> {
+        if self.link(name)?.is_none() {
+            let msg = LinkMessageBuilder::<LinkVxlan>::new(name)
+                .collect_metadata(true)
+                .port(VXLAN_PORT)
+                .learning(false)
+                .build();
+            self.request(
+                || format!("add vxlan device {name}"),
+                self.handle.link().add(msg).execute(),
+            )?;
+        }
+        self.configure(name, None, Some(mtu))?;
+        self.index(name)
+    }
+
+    /// Deletes `name` if it exists.
+    pub fn delete(&self, name: &str) -> Result<(), NetlinkError> {
+        let Some(link) = self.link(name)? else {
+            return Ok(());
+        };
+        self.request(
+            || format!("delete link {name}"),
+            self.handle.link().del(link.header.index).execute(),
+        )
+    }
+}

@@ -1,0 +1,752 @@
+//! Map synchronisation: compiles the desired [`crate::model`] into
+//! the exact contents of the datapath's maps ([`MapState`], pure), diffs it
+//! against what the maps hold, and writes only the difference through a
+//! [`MapStore`] (the kernel's maps, or a fake in tests).
+//!
+//! Invariants:
+//! - the first [`Datapath::apply`] (and the first after a failed write)
+//!   reads the maps back and resyncs them in full; later ones write only
+//!   what changed;
+//! - writes are ordered so traffic never sees a state that denies more than
+//!   both the old and the new one: additions and rule updates first,
+//!   subjects (which switch enforcement on) after their rules, removals last
+//!   and in the reverse order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+use crate::abi::{
+    self, ACT_ALLOW, ACT_DENY, Config, DIR_EGRESS, DIR_INGRESS, EP_LOCAL, EndpointValue,
+    IFACE_STANDBY, IfaceValue, MAX_RULES, PolicyCidrData, PolicyIdKey, RuleValue, RulesValue,
+    SUBJ_EGRESS, SUBJ_INGRESS, SubjectValue, ip_key,
+};
+use crate::model::{self, Action, Cidr, Endpoint, ModelError, Network, Peer, Policy, Rule};
+
+/// Everything the maps hold (except connection tracking, counters and
+/// events, which the programs own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapState {
+    /// `config[0]`.
+    pub config: Config,
+    /// `endpoints`: IPv4 (wire order) → endpoint.
+    pub endpoints: BTreeMap<u32, EndpointValue>,
+    /// `ifaces`: ifindex → iface.
+    pub ifaces: BTreeMap<u32, IfaceValue>,
+    /// `networks`: (prefix length, network address in wire order) → VNI.
+    pub networks: BTreeMap<(u32, u32), u32>,
+    /// `subjects`: identity → flags.
+    pub subjects: BTreeMap<u32, SubjectValue>,
+    /// `policy_cidr`: (prefix length, key data) → rules.
+    pub policy_cidr: BTreeMap<(u32, PolicyCidrData), RulesValue>,
+    /// `policy_id` → rules.
+    pub policy_id: BTreeMap<PolicyIdKey, RulesValue>,
+}
+
+/// One write to the maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Set `config[0]`.
+    Config(Config),
+    /// Insert or replace an endpoint.
+    PutEndpoint(u32, EndpointValue),
+    /// Remove an endpoint.
+    DelEndpoint(u32),
+    /// Insert or replace a tap's entry.
+    PutIface(u32, IfaceValue),
+    /// Remove a tap's entry.
+    DelIface(u32),
+    /// Insert or replace a network prefix.
+    PutNetwork((u32, u32), u32),
+    /// Remove a network prefix.
+    DelNetwork((u32, u32)),
+    /// Insert or replace a subject's enforcement flags.
+    PutSubject(u32, SubjectValue),
+    /// Stop enforcing policy on a subject.
+    DelSubject(u32),
+    /// Insert or replace CIDR rules.
+    PutPolicyCidr((u32, PolicyCidrData), RulesValue),
+    /// Remove CIDR rules.
+    DelPolicyCidr((u32, PolicyCidrData)),
+    /// Insert or replace identity rules.
+    PutPolicyId(PolicyIdKey, RulesValue),
+    /// Remove identity rules.
+    DelPolicyId(PolicyIdKey),
+}
+
+/// The maps, as [`Datapath`] sees them: read everything, write one change.
+pub trait MapStore {
+    /// The store's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// What the maps hold now.
+    fn read(&self) -> Result<MapState, Self::Error>;
+
+    /// Applies one change.
+    fn write(&mut self, change: &Change) -> Result<(), Self::Error>;
+}
+
+/// The desired state could not be compiled or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The desired state is inconsistent.
+    #[error("invalid desired state")]
+    Model(#[from] ModelError),
+    /// A local endpoint's tap does not exist on this node.
+    #[error("endpoint {ip}: tap {tap:?} does not exist on this node")]
+    NoTap {
+        /// The endpoint.
+        ip: Ipv4Addr,
+        /// The missing tap.
+        tap: String,
+    },
+    /// More than [`MAX_RULES`] distinct rules apply to one subject, direction
+    /// and peer.
+    #[error("identity {subject}: more than {MAX_RULES} rules for peer {peer}")]
+    TooManyRules {
+        /// The selected identity.
+        subject: u32,
+        /// The peer, as text.
+        peer: String,
+    },
+    /// Reading or writing the maps failed.
+    #[error("map store")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// This node, as the datapath needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Underlay address (VXLAN source, `endpoint.node_addr` of local ones).
+    pub addr: Ipv4Addr,
+    /// The node's VXLAN device, 0 if none.
+    pub vxlan_ifindex: u32,
+}
+
+/// Compiles the desired state into map contents. `ifindex` resolves a local
+/// tap's name; `standby` lists taps (name, endpoint IP) waiting for a guest.
+pub fn compile(
+    node: &NodeConfig,
+    endpoints: &[Endpoint],
+    networks: &[Network],
+    policies: &[Policy],
+    standby: &[(String, Ipv4Addr)],
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+) -> Result<MapState, SyncError> {
+    model::validate(endpoints, networks, policies)?;
+    let mut state = MapState {
+        config: Config {
+            gateway_mac: abi::GATEWAY_MAC,
+            pad: 0,
+            node_ip: ip_key(node.addr),
+            vxlan_ifindex: node.vxlan_ifindex,
+        },
+        ..MapState::default()
+    };
+    let vni: HashMap<&str, u32> = networks.iter().map(|n| (n.name.as_str(), n.vni)).collect();
+    for net in networks {
+        state
+            .networks
+            .insert((u32::from(net.cidr.len), ip_key(net.cidr.addr)), net.vni);
+    }
+    for ep in endpoints {
+        let local = ep.node_addr == node.addr;
+        let mut value = EndpointValue {
+            ifindex: 0,
+            node_ip: ip_key(ep.node_addr),
+            identity: ep.identity,
+            vni: vni[ep.network.as_str()],
+            mac: ep.mac,
+            flags: 0,
+        };
+        if local {
+            let index = ifindex(&ep.tap).ok_or_else(|| SyncError::NoTap {
+                ip: ep.ip,
+                tap: ep.tap.clone(),
+            })?;
+            value.ifindex = index;
+            value.flags |= EP_LOCAL;
+            state.ifaces.insert(
+                index,
+                IfaceValue {
+                    ip: ip_key(ep.ip),
+                    ..IfaceValue::default()
+                },
+            );
+        }
+        state.endpoints.insert(ip_key(ep.ip), value);
+    }
+    for (tap, ip) in standby {
+        // A standby tap's endpoint is owned elsewhere until activation;
+        // its frames are only reported, never forwarded.
+        if let Some(index) = ifindex(tap) {
+            state.ifaces.insert(
+                index,
+                IfaceValue {
+                    ip: ip_key(*ip),
+                    flags: IFACE_STANDBY,
+                    ..IfaceValue::default()
+                },
+            );
+        }
+    }
+    compile_policies(policies, &mut state)?;
+    Ok(state)
+}
+
+fn compile_policies(policies: &[Policy], state: &mut MapState) -> Result<(), SyncError> {
+    // (subject, direction) → peer → rules, before inheritance.
+    let mut cidr_rules: BTreeMap<(u32, u8), BTreeMap<Cidr, Vec<RuleValue>>> = BTreeMap::new();
+    let mut id_rules: BTreeMap<PolicyIdKey, Vec<RuleValue>> = BTreeMap::new();
+    for policy in policies {
+        for (dir, rules, flag) in [
+            (DIR_INGRESS, &policy.ingress, SUBJ_INGRESS),
+            (DIR_EGRESS, &policy.egress, SUBJ_EGRESS),
+        ] {
+            let Some(rules) = rules else { continue };
+            for &subject in &policy.selector {
+                state.subjects.entry(subject).or_default().flags |= flag;
+                for rule in rules {
+                    let value = rule_value(rule);
+                    match rule.peer {
+                        Peer::Cidr(cidr) => cidr_rules
+                            .entry((subject, dir))
+                            .or_default()
+                            .entry(cidr)
+                            .or_default()
+                            .push(value),
+                        Peer::Identity(peer) => id_rules
+                            .entry(PolicyIdKey {
+                                subject,
+                                peer,
+                                direction: dir,
+                                pad: [0; 3],
+                            })
+                            .or_default()
+                            .push(value),
+                    }
+                }
+            }
+        }
+    }
+    for ((subject, dir), by_cidr) in cidr_rules {
+        // Longest-prefix match finds one entry: give each prefix the rules
+        // of every prefix that covers it, so the match sees them all.
+        let index: HashMap<(u8, u32), &Vec<RuleValue>> = by_cidr
+            .iter()
+            .map(|(c, r)| ((c.len, u32::from(c.addr)), r))
+            .collect();
+        for (cidr, own) in &by_cidr {
+            let mut all = own.clone();
+            for len in 0..cidr.len {
+                let masked = u32::from(cidr.addr) & model::mask(len);
+                if let Some(rules) = index.get(&(len, masked)) {
+                    all.extend(rules.iter().copied());
+                }
+            }
+            let value = rules_value(all).ok_or_else(|| SyncError::TooManyRules {
+                subject,
+                peer: cidr.to_string(),
+            })?;
+            let key = PolicyCidrData {
+                subject,
+                direction: dir,
+                pad: [0; 3],
+                peer: ip_key(cidr.addr),
+            };
+            state
+                .policy_cidr
+                .insert((64 + u32::from(cidr.len), key), value);
+        }
+    }
+    for (key, rules) in id_rules {
+        let value = rules_value(rules).ok_or_else(|| SyncError::TooManyRules {
+            subject: key.subject,
+            peer: format!("identity {}", key.peer),
+        })?;
+        state.policy_id.insert(key, value);
+    }
+    Ok(())
+}
+
+fn rule_value(rule: &Rule) -> RuleValue {
+    RuleValue {
+        proto: rule.protocol.number(),
+        action: match rule.action {
+            Action::Allow => ACT_ALLOW,
+            Action::Deny => ACT_DENY,
+        },
+        port_lo: rule.ports.0,
+        port_hi: rule.ports.1,
+        pad: 0,
+    }
+}
+
+/// Deduplicated, sorted rules; `None` if more than [`MAX_RULES`].
+fn rules_value(mut rules: Vec<RuleValue>) -> Option<RulesValue> {
+    rules.sort();
+    rules.dedup();
+    if rules.len() > MAX_RULES {
+        return None;
+    }
+    let mut value = RulesValue {
+        count: rules.len() as u32,
+        ..RulesValue::default()
+    };
+    value.rule[..rules.len()].copy_from_slice(&rules);
+    Some(value)
+}
+
+/// The changes that turn `old` into `new`, in a safe order (module doc).
+pub fn diff(old: &MapState, new: &MapState) -> Vec<Change> {
+    let mut out = Vec::new();
+    if old.config != new.config {
+        out.push(Change::Config(new.config));
+    }
+    puts(&old.networks, &new.networks, &mut out, Change::PutNetwork);
+    puts(
+        &old.endpoints,
+        &new.endpoints,
+        &mut out,
+        Change::PutEndpoint,
+    );
+    // `activated` belongs to the program: it does not make an entry differ.
+    for (k, v) in &new.ifaces {
+        if old
+            .ifaces
+            .get(k)
+            .is_none_or(|o| o.ip != v.ip || o.flags != v.flags)
+        {
+            out.push(Change::PutIface(*k, *v));
+        }
+    }
+    puts(
+        &old.policy_cidr,
+        &new.policy_cidr,
+        &mut out,
+        Change::PutPolicyCidr,
+    );
+    puts(
+        &old.policy_id,
+        &new.policy_id,
+        &mut out,
+        Change::PutPolicyId,
+    );
+    puts(&old.subjects, &new.subjects, &mut out, Change::PutSubject);
+    dels(&old.subjects, &new.subjects, &mut out, Change::DelSubject);
+    dels(
+        &old.policy_id,
+        &new.policy_id,
+        &mut out,
+        Change::DelPolicyId,
+    );
+    dels(
+        &old.policy_cidr,
+        &new.policy_cidr,
+        &mut out,
+        Change::DelPolicyCidr,
+    );
+    dels(&old.ifaces, &new.ifaces, &mut out, Change::DelIface);
+    dels(
+        &old.endpoints,
+        &new.endpoints,
+        &mut out,
+        Change::DelEndpoint,
+    );
+    dels(&old.networks, &new.networks, &mut out, Change::DelNetwork);
+    out
+}
+
+fn puts<K: Ord + Copy, V: PartialEq + Copy>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    out: &mut Vec<Change>,
+    make: fn(K, V) -> Change,
+) {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            out.push(make(*k, *v));
+        }
+    }
+}
+
+fn dels<K: Ord + Copy, V>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    out: &mut Vec<Change>,
+    make: fn(K) -> Change,
+) {
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.push(make(*k));
+        }
+    }
+}
+
+/// Keeps one node's maps equal to the desired state.
+#[derive(Debug)]
+pub struct Datapath<S: MapStore> {
+    store: S,
+    node: NodeConfig,
+    /// What the maps hold, as far as this value knows; `None`: read them.
+    known: Option<MapState>,
+}
+
+/// What one [`Datapath::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Whether the maps were read back first (full resync).
+    pub resynced: bool,
+    /// How many map writes it took.
+    pub writes: usize,
+}
+
+impl<S: MapStore> Datapath<S> {
+    /// A datapath writing to `store` for `node`. Nothing is read or written
+    /// until the first [`Datapath::apply`].
+    pub fn new(store: S, node: NodeConfig) -> Datapath<S> {
+        Datapath {
+            store,
+            node,
+            known: None,
+        }
+    }
+
+    /// The map store (e.g. to read counters from the real one).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The map store, mutably.
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Changes this node's configuration (e.g. once its VXLAN device exists);
+    /// takes effect at the next [`Datapath::apply`].
+    pub fn set_node(&mut self, node: NodeConfig) {
+        self.node = node;
+    }
+
+    /// Makes the maps hold exactly the desired state (see the module doc).
+    pub fn apply(
+        &mut self,
+        endpoints: &[Endpoint],
+        networks: &[Network],
+        policies: &[Policy],
+        standby: &[(String, Ipv4Addr)],
+        ifindex: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<ApplyReport, SyncError> {
+        let desired = compile(&self.node, endpoints, networks, policies, standby, ifindex)?;
+        let resynced = self.known.is_none();
+        let known = match self.known.take() {
+            Some(known) => known,
+            None => self
+                .store
+                .read()
+                .map_err(|e| SyncError::Store(Box::new(e)))?,
+        };
+        let changes = diff(&known, &desired);
+        for change in &changes {
+            // On failure `known` stays `None`: the next apply resyncs.
+            self.store
+                .write(change)
+                .map_err(|e| SyncError::Store(Box::new(e)))?;
+        }
+        self.known = Some(desired);
+        Ok(ApplyReport {
+            resynced,
+            writes: changes.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    /// An in-memory map store that can be told to fail.
+    #[derive(Debug, Default)]
+    struct FakeMaps {
+        state: MapState,
+        writes: Vec<Change>,
+        fail_after: Option<usize>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("fake write failure")]
+    struct FakeError;
+
+    impl MapStore for FakeMaps {
+        type Error = FakeError;
+
+        fn read(&self) -> Result<MapState, FakeError> {
+            Ok(self.state.clone())
+        }
+
+        fn write(&mut self, change: &Change) -> Result<(), FakeError> {
+            if self.fail_after == Some(self.writes.len()) {
+                return Err(FakeError);
+            }
+            self.writes.push(change.clone());
+            let s = &mut self.state;
+            match change.clone() {
+                Change::Config(c) => s.config = c,
+                Change::PutEndpoint(k, v) => drop(s.endpoints.insert(k, v)),
+                Change::DelEndpoint(k) => drop(s.endpoints.remove(&k)),
+                Change::PutIface(k, v) => drop(s.ifaces.insert(k, v)),
+                Change::DelIface(k) => drop(s.ifaces.remove(&k)),
+                Change::PutNetwork(k, v) => drop(s.networks.insert(k, v)),
+                Change::DelNetwork(k) => drop(s.networks.remove(&k)),
+                Change::PutSubject(k, v) => drop(s.subjects.insert(k, v)),
+                Change::DelSubject(k) => drop(s.subjects.remove(&k)),
+                Change::PutPolicyCidr(k, v) => drop(s.policy_cidr.insert(k, v)),
+                Change::DelPolicyCidr(k) => drop(s.policy_cidr.remove(&k)),
+                Change::PutPolicyId(k, v) => drop(s.policy_id.insert(k, v)),
+                Change::DelPolicyId(k) => drop(s.policy_id.remove(&k)),
+            }
+            Ok(())
+        }
+    }
+
+    const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    const OTHER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            addr: NODE,
+            vxlan_ifindex: 9,
+        }
+    }
+
+    fn nets() -> Vec<Network> {
+        vec![Network {
+            name: "blue".into(),
+            vni: 100,
+            cidr: "10.50.0.0/16".parse().unwrap(),
+        }]
+    }
+
+    fn ep(last: u8, node_addr: Ipv4Addr, identity: u32) -> Endpoint {
+        Endpoint {
+            ip: Ipv4Addr::new(10, 50, 0, last),
+            mac: [2, 0, 0, 0, 0, last],
+            network: "blue".into(),
+            node_addr,
+            identity,
+            tap: format!("tap{last}"),
+        }
+    }
+
+    fn taps(name: &str) -> Option<u32> {
+        name.strip_prefix("tap")?
+            .parse::<u32>()
+            .ok()
+            .map(|n| n + 100)
+    }
+
+    fn allow(peer: Peer, protocol: Protocol, ports: (u16, u16)) -> Rule {
+        Rule {
+            action: Action::Allow,
+            peer,
+            protocol,
+            ports,
+        }
+    }
+
+    #[test]
+    fn local_and_remote_endpoints_compile() {
+        let state = compile(
+            &node(),
+            &[ep(1, NODE, 7), ep(2, OTHER, 8)],
+            &nets(),
+            &[],
+            &[],
+            &taps,
+        )
+        .unwrap();
+        let local = state.endpoints[&ip_key(Ipv4Addr::new(10, 50, 0, 1))];
+        assert_eq!(
+            (local.ifindex, local.flags, local.vni, local.identity),
+            (101, EP_LOCAL, 100, 7)
+        );
+        let remote = state.endpoints[&ip_key(Ipv4Addr::new(10, 50, 0, 2))];
+        assert_eq!(
+            (remote.ifindex, remote.flags, remote.node_ip),
+            (0, 0, ip_key(OTHER))
+        );
+        assert_eq!(state.ifaces.len(), 1);
+        assert_eq!(state.ifaces[&101].ip, ip_key(Ipv4Addr::new(10, 50, 0, 1)));
+        assert_eq!(state.config.vxlan_ifindex, 9);
+        assert_eq!(
+            state.networks[&(16, ip_key(Ipv4Addr::new(10, 50, 0, 0)))],
+            100
+        );
+    }
+
+    #[test]
+    fn a_missing_local_tap_is_an_error() {
+        let mut e = ep(1, NODE, 0);
+        e.tap = "nosuch".into();
+        let err = compile(&node(), &[e], &nets(), &[], &[], &taps).unwrap_err();
+        assert!(matches!(err, SyncError::NoTap { .. }), "{err}");
+    }
+
+    #[test]
+    fn covering_prefixes_pass_their_rules_down() {
+        let policy = Policy {
+            name: "p".into(),
+            selector: [7].into(),
+            ingress: Some(vec![
+                allow(
+                    Peer::Cidr("10.0.0.0/8".parse().unwrap()),
+                    Protocol::Tcp,
+                    (80, 80),
+                ),
+                Rule {
+                    action: Action::Deny,
+                    peer: Peer::Cidr("10.1.0.0/16".parse().unwrap()),
+                    protocol: Protocol::Any,
+                    ports: (0, 65535),
+                },
+                allow(Peer::Identity(8), Protocol::Udp, (1000, 2000)),
+            ]),
+            egress: None,
+        };
+        let state = compile(&node(), &[], &nets(), &[policy], &[], &taps).unwrap();
+        assert_eq!(state.subjects[&7].flags, SUBJ_INGRESS);
+        let key = |cidr: &str| {
+            let c: Cidr = cidr.parse().unwrap();
+            (
+                64 + u32::from(c.len),
+                PolicyCidrData {
+                    subject: 7,
+                    direction: DIR_INGRESS,
+                    pad: [0; 3],
+                    peer: ip_key(c.addr),
+                },
+            )
+        };
+        assert_eq!(state.policy_cidr[&key("10.0.0.0/8")].count, 1);
+        let inner = state.policy_cidr[&key("10.1.0.0/16")];
+        assert_eq!(
+            inner.count, 2,
+            "the /16 carries the /8's allow and its own deny"
+        );
+        let id = state.policy_id.values().next().unwrap();
+        assert_eq!(
+            (id.count, id.rule[0].proto, id.rule[0].port_lo),
+            (1, 17, 1000)
+        );
+    }
+
+    #[test]
+    fn too_many_rules_for_one_peer_are_refused() {
+        let rules = (0..=MAX_RULES as u16)
+            .map(|p| allow(Peer::Identity(1), Protocol::Tcp, (p, p)))
+            .collect();
+        let policy = Policy {
+            name: "p".into(),
+            selector: [7].into(),
+            ingress: Some(rules),
+            egress: None,
+        };
+        let err = compile(&node(), &[], &nets(), &[policy], &[], &taps).unwrap_err();
+        assert!(
+            matches!(err, SyncError::TooManyRules { subject: 7, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn apply_resyncs_first_then_writes_only_changes() {
+        let mut stale = MapState::default();
+        stale.endpoints.insert(
+            ip_key(Ipv4Addr::new(10, 50, 9, 9)),
+            EndpointValue::default(),
+        );
+        let store = FakeMaps {
+            state: stale,
+            ..FakeMaps::default()
+        };
+        let mut dp = Datapath::new(store, node());
+        let eps = vec![ep(1, NODE, 7), ep(2, OTHER, 8)];
+        let first = dp.apply(&eps, &nets(), &[], &[], &taps).unwrap();
+        assert!(first.resynced);
+        assert!(
+            dp.store()
+                .writes
+                .contains(&Change::DelEndpoint(ip_key(Ipv4Addr::new(10, 50, 9, 9))))
+        );
+        let expected = compile(&node(), &eps, &nets(), &[], &[], &taps).unwrap();
+        assert_eq!(dp.store().state, expected);
+
+        let again = dp.apply(&eps, &nets(), &[], &[], &taps).unwrap();
+        assert_eq!(
+            again,
+            ApplyReport {
+                resynced: false,
+                writes: 0
+            }
+        );
+
+        // The endpoint moves here: one endpoint write and its iface.
+        let moved = vec![ep(1, NODE, 7), ep(2, NODE, 8)];
+        let third = dp.apply(&moved, &nets(), &[], &[], &taps).unwrap();
+        assert_eq!(third.writes, 2);
+    }
+
+    #[test]
+    fn rules_are_written_before_enforcement_and_removed_after() {
+        let mut dp = Datapath::new(FakeMaps::default(), node());
+        let policy = Policy {
+            name: "p".into(),
+            selector: [7].into(),
+            ingress: Some(vec![allow(Peer::Identity(8), Protocol::Tcp, (80, 80))]),
+            egress: None,
+        };
+        dp.apply(&[], &nets(), std::slice::from_ref(&policy), &[], &taps)
+            .unwrap();
+        let writes = &dp.store().writes;
+        let rule = writes
+            .iter()
+            .position(|c| matches!(c, Change::PutPolicyId(..)))
+            .unwrap();
+        let subj = writes
+            .iter()
+            .position(|c| matches!(c, Change::PutSubject(..)))
+            .unwrap();
+        assert!(rule < subj);
+
+        dp.store_mut().writes.clear();
+        dp.apply(&[], &nets(), &[], &[], &taps).unwrap();
+        let writes = &dp.store().writes;
+        let subj = writes
+            .iter()
+            .position(|c| matches!(c, Change::DelSubject(..)))
+            .unwrap();
+        let rule = writes
+            .iter()
+            .position(|c| matches!(c, Change::DelPolicyId(..)))
+            .unwrap();
+        assert!(subj < rule);
+    }
+
+    #[test]
+    fn a_failed_write_forces_a_resync() {
+        let store = FakeMaps {
+            fail_after: Some(1),
+            ..FakeMaps::default()
+        };
+        let mut dp = Datapath::new(store, node());
+        let eps = vec![ep(1, NODE, 7), ep(2, OTHER, 8)];
+        assert!(dp.apply(&eps, &nets(), &[], &[], &taps).is_err());
+        dp.store_mut().fail_after = None;
+        let report = dp.apply(&eps, &nets(), &[], &[], &taps).unwrap();
+        assert!(report.resynced);
+        assert_eq!(
+            dp.store().state,
+            compile(&node(), &eps, &nets(), &[], &[], &taps).unwrap()
+        );
+    }
+}

@@ -189,7 +189,15 @@ pub(crate) fn tear_down_dir(name: &str, dir: &Path, keep_dir: bool) {
     let owner = Ownership::new(name, dir);
     let mut pid_files = Vec::new();
     collect_pid_files(dir, &mut pid_files);
-    let killed: Vec<i32> = pid_files.iter().filter_map(|f| owner.kill(f)).collect();
+    // Several pid files may name one process (libvirtd writes one per
+    // driver): kill each pid once, so a dying process is not re-examined.
+    let mut killed: Vec<i32> = Vec::new();
+    for file in &pid_files {
+        if read_pid_file(file).is_some_and(|pid| killed.contains(&pid)) {
+            continue;
+        }
+        killed.extend(owner.kill(file));
+    }
     wait_gone(&killed, KILL_WAIT);
 
     // Ports first (deleting a root-side veth also removes its peer inside

@@ -1,15 +1,21 @@
 //! Basalt's software-defined storage, run as its own process per node
-//! (`basaltd storage`): a thin-provisioned pool, DRBD-style synchronous
-//! replication with epoch fencing, and an NBD server that QEMU reads its
-//! disks from.
+//! (`basaltd storage`): a thin-provisioned pool and an NBD server that
+//! QEMU reads its disks from.
+//!
+//! - [`backend`]: where the bytes live (a file or block device, or a
+//!   memory store that simulates power loss for tests);
+//! - [`pool`]: thin volumes, snapshots and clones on one backing store,
+//!   crash-safe through a journal and two checkpoint slots
+//!   (`sds/DESIGN.md` has the on-disk format and the crash argument);
+//! - [`nbd`]: the NBD server (fixed newstyle, structured replies,
+//!   `base:allocation`) over TCP and Unix sockets.
 //!
 //! Invariants:
-//! - a write acknowledged to a client is on every up-to-date replica
-//!   (protocol C); after `kill -9` every acknowledged write is readable;
-//! - a replica rejects writes that carry an epoch older than the newest it
-//!   has seen;
-//! - no input from a client or a peer can panic the process or damage a
-//!   volume.
-//!
-//! The pool, replication and NBD server land with the storage issue; this
-//! crate holds their place in the workspace until then.
+//! - after `kill -9` every acknowledged write is readable; after a power
+//!   loss every write covered by an acknowledged FLUSH or FUA is;
+//! - no chunk is ever leaked or doubly owned ([`pool::Pool::verify`]);
+//! - no input from a client can panic the process or damage a volume.
+
+pub mod backend;
+pub mod nbd;
+pub mod pool;

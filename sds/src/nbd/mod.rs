@@ -1,0 +1,571 @@
+//! Basalt's NBD server, on tokio: every volume of a pool is an export
+//! (by name or uid), served over TCP or Unix sockets to any number of
+//! clients at once.
+//!
+//! Per connection: the handshake runs inline; in transmission a reader
+//! parses requests and hands each to a blocking worker (pool I/O is
+//! synchronous), at most [`MAX_IN_FLIGHT`] at a time (backpressure: the
+//! reader stops reading while that many are outstanding); a writer task
+//! sends replies in completion order.
+//!
+//! Invariants:
+//! - nothing a client sends panics the server: malformed options get an
+//!   option error, malformed requests an NBD error, and input that leaves
+//!   the stream unparseable (bad magic, a write payload over
+//!   [`proto::MAX_PAYLOAD`]) a hard disconnect;
+//! - a reply is sent only after the operation completed (and, with FUA or
+//!   for FLUSH, after it is durable); on `NBD_CMD_DISC` every in-flight
+//!   request is answered before the socket closes;
+//! - `CAN_MULTI_CONN` is advertised because it holds: all connections
+//!   share one pool, and a FLUSH syncs the whole backing store.
+
+pub mod proto;
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::pool::{Pool, PoolError, Volume, ZeroFlags};
+use proto::{Request, cflag, cmd, errno, info, opt, rep, reply, tflag};
+
+/// Requests one connection may have outstanding.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Options one connection may send before it must choose an export.
+const MAX_OPTIONS: usize = 1000;
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The socket failed or closed.
+    #[error("connection lost")]
+    Io(#[from] io::Error),
+    /// The client broke the protocol in a way that cannot be answered.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// Serves the volumes of one pool.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pool: Pool,
+}
+
+impl Server {
+    /// A server for every volume of `pool`.
+    pub fn new(pool: Pool) -> Server {
+        Server { pool }
+    }
+
+    /// Accepts TCP clients forever.
+    pub async fn serve_tcp(self, listener: TcpListener) -> io::Result<()> {
+        loop {
+            let (stream, peer) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.handle(stream).await {
+                    tracing::debug!(%peer, error = %e, "NBD session ended");
+                }
+            });
+        }
+    }
+
+    /// Accepts Unix-socket clients forever.
+    pub async fn serve_unix(self, listener: UnixListener) -> io::Result<()> {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.handle(stream).await {
+                    tracing::debug!(error = %e, "NBD session ended");
+                }
+            });
+        }
+    }
+
+    /// Binds a Unix socket at `path`, replacing a stale socket file.
+    pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        UnixListener::bind(path)
+    }
+
+    /// Runs one session on a connected stream to its end.
+    pub async fn handle<S>(&self, stream: S) -> Result<(), SessionError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        let mut rd = BufReader::with_capacity(64 << 10, rd);
+        let mut wr = BufWriter::with_capacity(64 << 10, wr);
+        let Some(session) = self.negotiate(&mut rd, &mut wr).await? else {
+            return Ok(());
+        };
+        transmission(session, rd, wr).await
+    }
+
+    /// Runs one session whose client sends exactly `input` and then
+    /// closes its side; returns everything the server sent. For fuzzing
+    /// and property tests of the whole protocol path.
+    pub async fn replay(&self, input: &[u8]) -> Vec<u8> {
+        let (client, server) = tokio::io::duplex(256 << 10);
+        let this = self.clone();
+        let session = tokio::spawn(async move { this.handle(server).await });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let input = input.to_vec();
+        let feed = tokio::spawn(async move {
+            let _ = wr.write_all(&input).await;
+            let _ = wr.shutdown().await;
+        });
+        let mut out = Vec::new();
+        let _ = rd.read_to_end(&mut out).await;
+        let _ = feed.await;
+        if let Err(e) = session.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        out
+    }
+
+    fn find(&self, name: &str) -> Option<Volume> {
+        if name.is_empty() {
+            let all = self.pool.list();
+            return match all.as_slice() {
+                [only] => self.pool.open_volume(&only.name).ok(),
+                _ => None,
+            };
+        }
+        self.pool.open_volume(name).ok()
+    }
+
+    /// The handshake; `None` when the client ended it (ABORT).
+    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Session>, SessionError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        wr.write_all(&proto::NBD_MAGIC.to_be_bytes()).await?;
+        wr.write_all(&proto::IHAVEOPT.to_be_bytes()).await?;
+        wr.write_all(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes())
+            .await?;
+        wr.flush().await?;
+        let client_flags = rd.read_u32().await?;
+        if client_flags & !proto::CLIENT_FLAGS_KNOWN != 0 {
+            return Err(SessionError::Protocol(format!(
+                "unknown client flags {client_flags:#x}"
+            )));
+        }
+        let no_zeroes = client_flags & proto::CLIENT_NO_ZEROES != 0;
+        let mut structured = false;
+        let mut meta_export: Option<String> = None;
+        for _ in 0..MAX_OPTIONS {
+            let magic = rd.read_u64().await?;
+            if magic != proto::IHAVEOPT {
+                return Err(SessionError::Protocol(format!(
+                    "bad option magic {magic:#x}"
+                )));
+            }
+            let option = rd.read_u32().await?;
+            let len = rd.read_u32().await?;
+            if len > proto::MAX_OPTION {
+                return Err(SessionError::Protocol(format!(
+                    "option {option} of {len} bytes is too large"
+                )));
+            }
+            let mut data = vec![0u8; len as usize];
+            rd.read_exact(&mut data).await?;
+            let send = |kind: u32, payload: &[u8]| proto::option_reply(option, kind, payload);
+            match option {
+                opt::EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    let Some(volume) = self.find(&name) else {
+                        // This option has no error reply: close.
+                        return Err(SessionError::Protocol(format!("unknown export {name:?}")));
+                    };
+                    let (size, ro) = volume.geometry().map_err(pool_gone)?;
+                    wr.write_all(&size.to_be_bytes()).await?;
+                    wr.write_all(&transmission_flags(ro, structured).to_be_bytes())
+                        .await?;
+                    if !no_zeroes {
+                        wr.write_all(&[0u8; 124]).await?;
+                    }
+                    wr.flush().await?;
+                    let meta = meta_export.as_deref() == Some(name.as_str());
+                    return Ok(Some(Session::new(volume, structured, meta)));
+                }
+                opt::ABORT => {
+                    wr.write_all(&send(rep::ACK, &[])).await?;
+                    wr.flush().await?;
+                    return Ok(None);
+                }
+                opt::LIST => {
+                    if !data.is_empty() {
+                        wr.write_all(&send(rep::ERR_INVALID, b"LIST takes no data"))
+                            .await?;
+                    } else {
+                        for v in self.pool.list() {
+                            let mut p = (v.name.len() as u32).to_be_bytes().to_vec();
+                            p.extend_from_slice(v.name.as_bytes());
+                            wr.write_all(&send(rep::SERVER, &p)).await?;
+                        }
+                        wr.write_all(&send(rep::ACK, &[])).await?;
+                    }
+                }
+                opt::STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        wr.write_all(&send(rep::ERR_INVALID, b"takes no data"))
+                            .await?;
+                    } else {
+                        structured = true;
+                        wr.write_all(&send(rep::ACK, &[])).await?;
+                    }
+                }
+                opt::INFO | opt::GO => {
+                    let Ok((name, wanted)) = proto::parse_info_request(&data) else {
+                        wr.write_all(&send(rep::ERR_INVALID, b"malformed request"))
+                            .await?;
+                        wr.flush().await?;
+                        continue;
+                    };
+                    let Some(volume) = self.find(&name) else {
+                        let msg = format!("no export named {name:?}");
+                        wr.write_all(&send(rep::ERR_UNKNOWN, msg.as_bytes()))
+                            .await?;
+                        wr.flush().await?;
+                        continue;
+                    };
+                    let (size, ro) = volume.geometry().map_err(pool_gone)?;
+                    let mut export = info::EXPORT.to_be_bytes().to_vec();
+                    export.extend_from_slice(&size.to_be_bytes());
+                    export.extend_from_slice(&transmission_flags(ro, structured).to_be_bytes());
+                    wr.write_all(&send(rep::INFO, &export)).await?;
+                    if wanted.contains(&info::NAME) {
+                        let mut p = info::NAME.to_be_bytes().to_vec();
+                        p.extend_from_slice(volume.name().as_bytes());
+                        wr.write_all(&send(rep::INFO, &p)).await?;
+                    }
+                    if wanted.contains(&info::DESCRIPTION) {
+                        let mut p = info::DESCRIPTION.to_be_bytes().to_vec();
+                        p.extend_from_slice(format!("basalt volume {}", volume.uid()).as_bytes());
+                        wr.write_all(&send(rep::INFO, &p)).await?;
+                    }
+                    let mut bs = info::BLOCK_SIZE.to_be_bytes().to_vec();
+                    bs.extend_from_slice(&1u32.to_be_bytes());
+                    bs.extend_from_slice(&proto::PREFERRED_BLOCK.to_be_bytes());
+                    bs.extend_from_slice(&proto::MAX_PAYLOAD.to_be_bytes());
+                    wr.write_all(&send(rep::INFO, &bs)).await?;
+                    wr.write_all(&send(rep::ACK, &[])).await?;
+                    wr.flush().await?;
+                    if option == opt::GO {
+                        let meta = meta_export.as_deref() == Some(name.as_str());
+                        return Ok(Some(Session::new(volume, structured, meta)));
+                    }
+                }
+                opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                    let set = option == opt::SET_META_CONTEXT;
+                    if set && !structured {
+                        wr.write_all(&send(
+                            rep::ERR_INVALID,
+                            b"negotiate structured replies first",
+                        ))
+                        .await?;
+                    } else {
+                        match proto::parse_meta_request(&data) {
+                            Err(_) => {
+                                wr.write_all(&send(rep::ERR_INVALID, b"malformed request"))
+                                    .await?
+                            }
+                            Ok((name, _)) if self.find(&name).is_none() => {
+                                let msg = format!("no export named {name:?}");
+                                wr.write_all(&send(rep::ERR_UNKNOWN, msg.as_bytes()))
+                                    .await?;
+                            }
+                            Ok((name, queries)) => {
+                                let selected = if queries.is_empty() {
+                                    !set
+                                } else {
+                                    queries.iter().any(|q| proto::query_matches(q, !set))
+                                };
+                                if set {
+                                    meta_export = selected.then_some(name);
+                                }
+                                if selected {
+                                    let mut p = proto::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                                    p.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+                                    wr.write_all(&send(rep::META_CONTEXT, &p)).await?;
+                                }
+                                wr.write_all(&send(rep::ACK, &[])).await?;
+                            }
+                        }
+                    }
+                }
+                opt::STARTTLS => {
+                    wr.write_all(&send(rep::ERR_UNSUP, b"TLS is not offered"))
+                        .await?;
+                }
+                other => {
+                    let msg = format!("option {other} is not supported");
+                    wr.write_all(&send(rep::ERR_UNSUP, msg.as_bytes())).await?;
+                }
+            }
+            wr.flush().await?;
+        }
+        Err(SessionError::Protocol("too many options".into()))
+    }
+}
+
+fn pool_gone(e: PoolError) -> SessionError {
+    SessionError::Protocol(format!("export vanished: {e}"))
+}
+
+fn transmission_flags(read_only: bool, structured: bool) -> u16 {
+    let mut f = tflag::HAS_FLAGS
+        | tflag::SEND_FLUSH
+        | tflag::SEND_FUA
+        | tflag::SEND_TRIM
+        | tflag::SEND_WRITE_ZEROES
+        | tflag::CAN_MULTI_CONN
+        | tflag::SEND_CACHE
+        | tflag::SEND_FAST_ZERO;
+    if read_only {
+        f |= tflag::READ_ONLY;
+    }
+    if structured {
+        f |= tflag::SEND_DF;
+    }
+    f
+}
+
+/// What the handshake settled.
+#[derive(Debug, Clone)]
+struct Session {
+    volume: Volume,
+    structured: bool,
+    meta_context: bool,
+}
+
+impl Session {
+    fn new(volume: Volume, structured: bool, meta_context: bool) -> Session {
+        Session {
+            volume,
+            structured,
+            meta_context: structured && meta_context,
+        }
+    }
+
+    /// The NBD error for a pool error.
+    fn errno(e: &PoolError, writing: bool) -> u32 {
+        match e {
+            PoolError::ReadOnly { .. } => errno::EPERM,
+            PoolError::OutOfRange { .. } if writing => errno::ENOSPC,
+            PoolError::OutOfRange { .. } => errno::EINVAL,
+            PoolError::NotFast => errno::ENOTSUP,
+            PoolError::VolumeGone { .. } => errno::ESHUTDOWN,
+            _ => errno::EIO,
+        }
+    }
+
+    fn error_reply(&self, cookie: u64, error: u32, message: &str) -> Vec<u8> {
+        if self.structured {
+            proto::structured_error(cookie, error, message)
+        } else {
+            proto::simple_reply(error, cookie)
+        }
+    }
+
+    fn ok_reply(&self, cookie: u64) -> Vec<u8> {
+        proto::simple_reply(0, cookie)
+    }
+
+    /// Runs one request (blocking pool I/O) and returns the reply bytes.
+    fn execute(&self, req: Request, payload: Vec<u8>) -> Vec<u8> {
+        let cookie = req.cookie;
+        let Some(allowed) = proto::allowed_flags(req.kind, self.structured) else {
+            return self.error_reply(
+                cookie,
+                errno::EINVAL,
+                &format!("unknown command {}", req.kind),
+            );
+        };
+        if req.flags & !allowed != 0 {
+            return self.error_reply(
+                cookie,
+                errno::EINVAL,
+                &format!("flags {:#x} not valid for command {}", req.flags, req.kind),
+            );
+        }
+        let fua = req.flags & cflag::FUA != 0;
+        let vol = &self.volume;
+        let (off, len) = (req.offset, u64::from(req.length));
+        let result = match req.kind {
+            cmd::READ => return self.read(req),
+            cmd::WRITE => vol.write(off, &payload, fua),
+            cmd::FLUSH => vol.flush(),
+            cmd::TRIM => vol.trim(off, len, fua),
+            cmd::WRITE_ZEROES => vol.write_zeroes(
+                off,
+                len,
+                ZeroFlags {
+                    no_hole: req.flags & cflag::NO_HOLE != 0,
+                    fast: req.flags & cflag::FAST_ZERO != 0,
+                    fua,
+                },
+            ),
+            cmd::CACHE => vol.allocation(off, len).map(|_| ()),
+            cmd::BLOCK_STATUS => return self.block_status(req),
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => self.ok_reply(cookie),
+            Err(e) => {
+                let writing = matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+                self.error_reply(cookie, Self::errno(&e, writing), &e.to_string())
+            }
+        }
+    }
+
+    fn read(&self, req: Request) -> Vec<u8> {
+        let cookie = req.cookie;
+        let len = req.length as usize;
+        if req.length > proto::MAX_PAYLOAD {
+            return self.error_reply(cookie, errno::EINVAL, "read larger than 32 MiB");
+        }
+        if self.structured {
+            if len == 0 {
+                return proto::structured_header(reply::FLAG_DONE, reply::NONE, cookie, 0).to_vec();
+            }
+            let head = proto::STRUCTURED_HEADER_LEN + 8;
+            let mut out = vec![0u8; head + len];
+            out[..proto::STRUCTURED_HEADER_LEN].copy_from_slice(&proto::structured_header(
+                reply::FLAG_DONE,
+                reply::OFFSET_DATA,
+                cookie,
+                (8 + len) as u32,
+            ));
+            out[proto::STRUCTURED_HEADER_LEN..head].copy_from_slice(&req.offset.to_be_bytes());
+            match self.volume.read(req.offset, &mut out[head..]) {
+                Ok(()) => out,
+                Err(e) => self.error_reply(cookie, Self::errno(&e, false), &e.to_string()),
+            }
+        } else {
+            let mut out = proto::simple_reply(0, cookie);
+            out.resize(16 + len, 0);
+            match self.volume.read(req.offset, &mut out[16..]) {
+                Ok(()) => out,
+                Err(e) => self.error_reply(cookie, Self::errno(&e, false), &e.to_string()),
+            }
+        }
+    }
+
+    fn block_status(&self, req: Request) -> Vec<u8> {
+        let cookie = req.cookie;
+        if !self.meta_context {
+            return self.error_reply(cookie, errno::EINVAL, "no metadata context negotiated");
+        }
+        let extents = match self.volume.allocation(req.offset, u64::from(req.length)) {
+            Ok(e) => e,
+            Err(e) => return self.error_reply(cookie, Self::errno(&e, false), &e.to_string()),
+        };
+        let one = req.flags & cflag::REQ_ONE != 0;
+        let mut payload = proto::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+        for e in &extents {
+            let state = if e.allocated {
+                0
+            } else {
+                proto::STATE_HOLE | proto::STATE_ZERO
+            };
+            payload.extend_from_slice(&(e.len as u32).to_be_bytes());
+            payload.extend_from_slice(&state.to_be_bytes());
+            if one {
+                break;
+            }
+        }
+        if extents.is_empty() {
+            // A zero-length query still gets one descriptor.
+            payload.extend_from_slice(&0u32.to_be_bytes());
+            payload.extend_from_slice(&0u32.to_be_bytes());
+        }
+        let mut out = proto::structured_header(
+            reply::FLAG_DONE,
+            reply::BLOCK_STATUS,
+            cookie,
+            payload.len() as u32,
+        )
+        .to_vec();
+        out.extend_from_slice(&payload);
+        out
+    }
+}
+
+async fn transmission<R, W>(session: Session, mut rd: R, wr: W) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let session = Arc::new(session);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT * 2);
+    let writer = tokio::spawn(async move {
+        let mut wr = wr;
+        while let Some(buf) = rx.recv().await {
+            wr.write_all(&buf).await?;
+            // Coalesce replies that are already waiting, then send.
+            while let Ok(buf) = rx.try_recv() {
+                wr.write_all(&buf).await?;
+            }
+            wr.flush().await?;
+        }
+        wr.shutdown().await
+    });
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let result = async {
+        loop {
+            let mut head = [0u8; proto::REQUEST_LEN];
+            rd.read_exact(&mut head).await?;
+            let req = Request::parse(&head)
+                .map_err(|e| SessionError::Protocol(format!("request: {e}")))?;
+            if req.kind == cmd::DISC {
+                return Ok(());
+            }
+            let mut payload = Vec::new();
+            if req.kind == cmd::WRITE {
+                if req.length > proto::MAX_PAYLOAD {
+                    return Err(SessionError::Protocol(format!(
+                        "write payload of {} bytes is too large",
+                        req.length
+                    )));
+                }
+                payload = vec![0u8; req.length as usize];
+                rd.read_exact(&mut payload).await?;
+            }
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| SessionError::Protocol("server shutting down".into()))?;
+            let session = session.clone();
+            let tx = tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let reply = session.execute(req, payload);
+                let _ = tx.blocking_send(reply);
+                drop(permit);
+            });
+        }
+    }
+    .await;
+    // Every in-flight request answers before the socket closes.
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| SessionError::Protocol(format!("reply writer failed: {e}")))?;
+    result?;
+    written?;
+    Ok(())
+}

@@ -10,6 +10,9 @@
 //!   difference ([`Datapath`]);
 //! - [`loader`]: the aya loader, pinned maps and TCX links ([`Loader`]);
 //! - [`netlink`]: links, addresses, routes and the VXLAN device;
+//! - [`dhcp`]: a DHCP server per tap handing out the leased /32;
+//! - [`snat`]: source NAT on the node's uplink for egress;
+//! - [`tap`]: VM taps through `/dev/net/tun`.
 //!
 //! Invariants:
 //! - a VM NIC sends only from its own MAC and IP;
@@ -19,10 +22,13 @@
 //!   flowing.
 
 pub mod abi;
+pub mod dhcp;
 pub mod loader;
 pub mod model;
 pub mod netlink;
+pub mod snat;
 pub mod sync;
+pub mod tap;
 
 pub use loader::{Hook, Loader};
 pub use model::{Action, Cidr, Endpoint, Network, Peer, Policy, Protocol, Rule};

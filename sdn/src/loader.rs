@@ -317,6 +317,29 @@ impl Loader {
         }
     }
 
+    /// Kernel run statistics of the loaded programs: `(program, total run
+    /// time in ns, runs)`. The kernel counts only while
+    /// `kernel.bpf_stats_enabled` is 1.
+    pub fn program_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, LoaderError> {
+        let mut out = Vec::new();
+        for hook in [Hook::Tap, Hook::Overlay] {
+            let name = hook.program();
+            let prog_err = |source| LoaderError::Program {
+                name,
+                source: Box::new(source),
+            };
+            let prog: &SchedClassifier = self
+                .ebpf
+                .program(name)
+                .ok_or(ProgramError::UnexpectedProgramType)
+                .and_then(TryInto::try_into)
+                .map_err(prog_err)?;
+            let info = prog.info().map_err(prog_err)?;
+            out.push((name, info.run_time().as_nanos() as u64, info.run_count()));
+        }
+        Ok(out)
+    }
+
     /// Drop counters, summed over CPUs, by reason (zero counts included).
     pub fn drop_counts(&self) -> Result<BTreeMap<DropReason, u64>, LoaderError> {
         let mut out = BTreeMap::new();

@@ -87,8 +87,28 @@ pub fn mac_str(mac: [u8; 6]) -> String {
 }
 
 impl Vm {
-    /// Creates VM number `n` with address `ip`, its tap in `node`.
+    /// Creates VM number `n` with address `addr` (a /32 and a default
+    /// route via the gateway), its tap in `node`.
     pub fn create(prefix: &Prefix, node: &Node, n: u8, addr: Ipv4Addr) -> Vm {
+        let vm = Vm::create_bare(prefix, node, n, addr);
+        vm.ip(&["link", "set", "eth0", "mtu", "1450"]);
+        vm.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+        vm.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "onlink",
+        ]);
+        vm
+    }
+
+    /// Creates VM number `n` whose `eth0` is up with no address (for DHCP);
+    /// `addr` is the address it should lease.
+    pub fn create_bare(prefix: &Prefix, node: &Node, n: u8, addr: Ipv4Addr) -> Vm {
         let vm = Vm {
             netns: format!("{}-vm{n}", prefix.name()),
             ip: addr,
@@ -104,27 +124,7 @@ impl Vm {
         ])
         .expect("veth");
         vm.ip(&["link", "set", "lo", "up"]);
-        vm.ip(&[
-            "link",
-            "set",
-            "eth0",
-            "address",
-            &mac_str(vm.mac),
-            "mtu",
-            "1450",
-            "up",
-        ]);
-        vm.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
-        vm.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "onlink",
-        ]);
+        vm.ip(&["link", "set", "eth0", "address", &mac_str(vm.mac), "up"]);
         vm
     }
 
@@ -347,14 +347,36 @@ impl NodeDatapath {
     }
 
     pub fn apply(&mut self, endpoints: &[Endpoint], policies: &[Policy]) -> ApplyReport {
+        self.apply_standby(endpoints, policies, &[])
+    }
+
+    pub fn apply_standby(
+        &mut self,
+        endpoints: &[Endpoint],
+        policies: &[Policy],
+        standby: &[(String, Ipv4Addr)],
+    ) -> ApplyReport {
         let netlink = &self.netlink;
         self.dp
             .as_mut()
             .unwrap()
-            .apply(endpoints, &[network()], policies, &[], &|name| {
+            .apply(endpoints, &[network()], policies, standby, &|name| {
                 netlink.index(name).ok()
             })
             .expect("apply")
+    }
+
+    /// Wires and attaches a tap that appeared in the node later (a VM
+    /// arriving by migration).
+    pub fn attach_tap(&mut self, vm: &Vm) {
+        let node = self.node.clone();
+        node.run_in(|| {
+            self.netlink.wire_tap(&vm.tap, vm.ip).expect("wire tap");
+            self.loader()
+                .attach(&vm.tap, Hook::Tap)
+                .expect("attach tap");
+        })
+        .expect("enter node");
     }
 
     pub fn loader(&mut self) -> &mut Loader {

@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "proto/basalt/v1/vm.proto",
     "proto/basalt/v1/placement.proto",
     "proto/basalt/v1/token.proto",
+    "proto/basalt/v1/member.proto",
     "proto/basalt/v1/admin.proto",
     "proto/basalt/v1/agent.proto",
     "proto/basalt/v1/raft.proto",

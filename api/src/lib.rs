@@ -4,7 +4,8 @@
 //! Three services make up the contract (`proto/basalt/v1/`):
 //!
 //! - **Admin** — create, get, list, update, delete and watch stored
-//!   objects ([`Object`]: nodes, VMs, placements, join tokens); the CLI
+//!   objects ([`Object`]: nodes, VMs, placements, join tokens,
+//!   control-plane members); the CLI
 //!   talks to it through [`AdminClient`], the control plane implements
 //!   [`AdminApi`] and serves it with [`admin_routes`].
 //! - **Agent** — what a node agent asks of the control plane: register,

@@ -52,6 +52,7 @@ fn headers(kind: Kind) -> &'static [&'static str] {
         Kind::Vm => &["NAME", "PHASE", "NODE", "CPUS", "MEMORY MiB", "RUNNING"],
         Kind::Placement => &["NAME", "VM", "NODE", "EPOCH"],
         Kind::Token => &["NAME", "USES", "MAX USES", "REVOKED"],
+        Kind::Member => &["NAME", "ID", "ADDRESS", "VOTER"],
     }
 }
 
@@ -84,6 +85,12 @@ fn row(object: &Object) -> Vec<String> {
             t.status.uses.to_string(),
             t.spec.max_uses.to_string(),
             yes_no(t.spec.revoked),
+        ],
+        Object::Member(m) => vec![
+            m.meta.name.clone(),
+            m.id.to_string(),
+            m.address.clone(),
+            yes_no(m.voter),
         ],
     }
 }

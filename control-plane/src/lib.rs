@@ -1,16 +1,35 @@
 //! The Basalt control plane: the cluster's desired state, replicated with
 //! Raft (openraft + RocksDB), served over gRPC to the admin CLI and the node
-//! agents, and the controllers that act on it (scheduler, placement, IPAM,
-//! volumes, HA and migration).
+//! agents, and the controllers that act on it.
+//!
+//! Layout:
+//! - [`state`]: the objects and the pure rules for applying a command;
+//! - [`store`]: RocksDB log, vote and state machine, with group commit;
+//! - [`network`]: Raft messages over basalt-api's Raft service;
+//! - [`admin`]: the admin service (forwarding, linearizable reads, watch);
+//! - [`members`]: the membership reconciler;
+//! - [`scheduler`]: the placement planner and its executor;
+//! - [`config`], [`server`]: one member's configuration and its run loop.
 //!
 //! Invariants (see `../shared/DESIGN.md` and `docs/decisions.md`):
-//! - every state change is a Raft log entry; Get and List are linearizable
-//!   by default, Watch is not;
-//! - updates are compare-and-swap on `resource_version`;
-//! - a VM is placed on at most one node, and a lost node's VMs are placed
-//!   elsewhere only after the fence (new epochs) is committed;
-//! - heartbeats are not Raft writes: the leader keeps lease expiries in
-//!   memory and restarts every timer when it is elected.
-//!
-//! The Raft store and services land with the control-plane issue; this
-//! crate holds their place in the workspace until then.
+//! - every state change is a Raft log entry, acknowledged only once it is
+//!   fsynced on a quorum and applied; Get and List are linearizable (read
+//!   index on the leader), Watch is not;
+//! - an object's `resource_version` is the log index of its last change,
+//!   and updates are compare-and-swap on it;
+//! - nothing a client or peer sends can panic a member: every payload is
+//!   decoded and checked first, and errors name the field.
+
+pub mod admin;
+pub mod config;
+pub mod history;
+pub mod members;
+pub mod network;
+pub mod raft_types;
+pub mod scheduler;
+pub mod server;
+pub mod state;
+pub mod store;
+
+pub use config::{ConfigError, ControlConfig, RaftTuning};
+pub use server::{RunError, run};

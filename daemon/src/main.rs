@@ -5,6 +5,7 @@
 //! Invariant: bad flags or configuration end the process with a message
 //! naming the problem and a non-zero exit status, never a panic.
 
+mod control;
 mod lab;
 mod logging;
 
@@ -29,6 +30,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// A control-plane member: Raft-replicated cluster state and the admin API.
+    Control(Box<control::ControlArgs>),
     /// A multi-node lab on this machine: every node a network namespace
     /// with its own libvirtd, and a test VM running.
     Lab(lab::LabArgs),
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let result = match cli.command {
         Command::Lab(args) => lab::run(args),
+        Command::Control(args) => control::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@
 //! - [`libvirtd`]: a private libvirtd per node ([`Libvirtd`]);
 //! - [`guest`]: the test guest (a small VM that boots in seconds);
 //! - [`sweep`]: removing what killed tests left behind, and `lab down`;
+//! - [`linearizability`]: a checker for histories of a register;
 //! - [`cmd`]: the errors of the host tools the fixtures run.
 //!
 //! Invariants: every object a fixture makes carries its prefix; dropping a
@@ -20,6 +21,7 @@
 pub mod cmd;
 pub mod guest;
 pub mod libvirtd;
+pub mod linearizability;
 pub mod netns;
 pub mod prefix;
 pub mod process;

@@ -5,6 +5,7 @@
 
 mod agent;
 mod error;
+mod member;
 mod meta;
 mod node;
 mod object;

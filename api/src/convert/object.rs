@@ -12,6 +12,7 @@ impl From<Object> for pb::Object {
             Object::Vm(o) => PbObject::Vm(o.into()),
             Object::Placement(o) => PbObject::Placement(o.into()),
             Object::Token(o) => PbObject::Token(o.into()),
+            Object::Member(o) => PbObject::Member(o.into()),
         };
         Self { kind: Some(kind) }
     }
@@ -26,6 +27,7 @@ impl TryFrom<pb::Object> for Object {
             PbObject::Vm(o) => Object::Vm(o.try_into()?),
             PbObject::Placement(o) => Object::Placement(o.try_into()?),
             PbObject::Token(o) => Object::Token(o.try_into()?),
+            PbObject::Member(o) => Object::Member(o.try_into()?),
         })
     }
 }
@@ -37,6 +39,7 @@ impl From<Kind> for pb::Kind {
             Kind::Vm => pb::Kind::Vm,
             Kind::Placement => pb::Kind::Placement,
             Kind::Token => pb::Kind::Token,
+            Kind::Member => pb::Kind::Member,
         }
     }
 }
@@ -54,6 +57,7 @@ pub(crate) fn kind_from_pb(kind: i32, field: &str) -> Result<Option<Kind>, ApiEr
         pb::Kind::Vm => Some(Kind::Vm),
         pb::Kind::Placement => Some(Kind::Placement),
         pb::Kind::Token => Some(Kind::Token),
+        pb::Kind::Member => Some(Kind::Member),
     })
 }
 

@@ -2,6 +2,7 @@
 //! Each has a `validate` whose errors name the offending field.
 
 mod agent;
+mod member;
 mod meta;
 mod node;
 mod object;
@@ -12,6 +13,7 @@ mod vm;
 mod watch;
 
 pub use agent::{Heartbeat, HeartbeatAck, Registered, Registration, StatusReport};
+pub use member::Member;
 pub use meta::{Condition, ObjectMeta};
 pub use node::{Node, NodeSpec, NodeStatus, Resources};
 pub use object::{Kind, Object, ObjectList};

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{JoinToken, Node, ObjectMeta, Placement, Vm};
+use super::{JoinToken, Member, Node, ObjectMeta, Placement, Vm};
 use crate::ApiError;
 
 /// The sorts of stored objects.
@@ -20,19 +20,29 @@ pub enum Kind {
     Placement,
     /// [`JoinToken`].
     Token,
+    /// [`Member`].
+    Member,
 }
 
 impl Kind {
     /// Every kind, in a stable order.
-    pub const ALL: [Kind; 4] = [Kind::Node, Kind::Vm, Kind::Placement, Kind::Token];
+    pub const ALL: [Kind; 5] = [
+        Kind::Node,
+        Kind::Vm,
+        Kind::Placement,
+        Kind::Token,
+        Kind::Member,
+    ];
 
-    /// The lowercase singular name: "node", "vm", "placement", "token".
+    /// The lowercase singular name: "node", "vm", "placement", "token",
+    /// "member".
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Node => "node",
             Kind::Vm => "vm",
             Kind::Placement => "placement",
             Kind::Token => "token",
+            Kind::Member => "member",
         }
     }
 }
@@ -56,7 +66,7 @@ impl FromStr for Kind {
             .ok_or_else(|| {
                 ApiError::invalid(
                     "kind",
-                    format!("unknown kind {s:?}; expected node, vm, placement or token"),
+                    format!("unknown kind {s:?}; expected node, vm, placement, token or member"),
                 )
             })
     }
@@ -75,6 +85,8 @@ pub enum Object {
     Placement(Placement),
     /// A join token.
     Token(JoinToken),
+    /// A control-plane member.
+    Member(Member),
 }
 
 impl Object {
@@ -85,6 +97,7 @@ impl Object {
             Object::Vm(_) => Kind::Vm,
             Object::Placement(_) => Kind::Placement,
             Object::Token(_) => Kind::Token,
+            Object::Member(_) => Kind::Member,
         }
     }
 
@@ -95,6 +108,7 @@ impl Object {
             Object::Vm(o) => &o.meta,
             Object::Placement(o) => &o.meta,
             Object::Token(o) => &o.meta,
+            Object::Member(o) => &o.meta,
         }
     }
 
@@ -105,6 +119,7 @@ impl Object {
             Object::Vm(o) => &mut o.meta,
             Object::Placement(o) => &mut o.meta,
             Object::Token(o) => &mut o.meta,
+            Object::Member(o) => &mut o.meta,
         }
     }
 
@@ -121,6 +136,7 @@ impl Object {
             Object::Vm(o) => o.validate(),
             Object::Placement(o) => o.validate(),
             Object::Token(o) => o.validate(),
+            Object::Member(o) => o.validate(),
         }
     }
 }
@@ -161,6 +177,7 @@ object_variant!(Node, Node);
 object_variant!(Vm, Vm);
 object_variant!(Placement, Placement);
 object_variant!(Token, JoinToken);
+object_variant!(Member, Member);
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,385 @@
+//! The admin service on a member: writes go through Raft on the leader
+//! (a follower forwards them), Get and List are linearizable reads (read
+//! index on the leader; a follower forwards them), Watch streams the
+//! member's own recent changes.
+//!
+//! Invariants:
+//! - only the leader assigns a new object's `uid` and creation time, just
+//!   before proposing it; a forwarded create carries none of them;
+//! - a follower forwards each request at most to the member it believes
+//!   leads, with a deadline; it never answers a write itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use basalt_api::{
+    AdminApi, AdminClient, ApiError, Kind, Object, ObjectList, WatchEvent, WatchStream,
+};
+use openraft::BasicNode;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+
+use crate::raft_types::{NodeId, Raft};
+use crate::state::{Command, Outcome};
+use crate::store::Shared;
+
+/// How long a forwarded request may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request waits for a leader to be elected before answering
+/// `UNAVAILABLE`.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// How many changes a watch reads from the history at a time.
+const WATCH_BATCH: usize = 256;
+
+/// The admin service of one member.
+#[derive(Clone)]
+pub struct AdminService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    raft: Raft,
+    shared: Arc<Shared>,
+    peers: Mutex<HashMap<String, AdminClient>>,
+}
+
+impl std::fmt::Debug for AdminService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminService")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request a follower may forward to the leader.
+// Built once per request and moved: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Request {
+    Write(Command),
+    Get(Kind, String),
+    List(Kind),
+}
+
+#[allow(clippy::large_enum_variant)]
+enum Reply {
+    Object(Object),
+    List(ObjectList),
+}
+
+impl AdminService {
+    /// The admin service of member `id`, on `raft` and its state machine.
+    pub fn new(id: NodeId, raft: Raft, shared: Arc<Shared>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                id,
+                raft,
+                shared,
+                peers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Proposes `command` if this member leads, else forwards it.
+    async fn write(&self, command: Command) -> Result<Object, ApiError> {
+        let inner = &self.inner;
+        match self.leader().await? {
+            Leader::Me => {}
+            Leader::At(address) => {
+                return object_of(self.forward(&address, Request::Write(command)).await?);
+            }
+        }
+        match inner.raft.client_write(stamp(command.clone())).await {
+            Ok(response) => match response.data {
+                Outcome::Done(object) => Ok(object),
+                Outcome::Refused(refusal) => Err(refusal.into()),
+                Outcome::Nothing => Err(ApiError::Internal {
+                    reason: "the state machine answered a write with nothing".into(),
+                }),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
+                let address = leader_address(&to)?;
+                object_of(self.forward(&address, Request::Write(command)).await?)
+            }
+            Err(err) => Err(ApiError::Unavailable {
+                reason: format!("raft: {err}"),
+            }),
+        }
+    }
+
+    /// Runs `read` on the local state after a read-index check on the
+    /// leader, or forwards the request.
+    async fn read(&self, request: Request) -> Result<Reply, ApiError> {
+        match self.leader().await? {
+            Leader::Me => {}
+            Leader::At(address) => return self.forward(&address, request).await,
+        }
+        match self.inner.raft.ensure_linearizable().await {
+            Ok(_) => {}
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(to))) => {
+                let address = leader_address(&to)?;
+                return self.forward(&address, request).await;
+            }
+            Err(err) => {
+                return Err(ApiError::Unavailable {
+                    reason: format!("cannot confirm leadership: {err}"),
+                });
+            }
+        }
+        let machine = self.inner.shared.read();
+        match request {
+            Request::Get(kind, name) => match machine.state.get(kind, &name) {
+                Some(object) => Ok(Reply::Object(object.clone())),
+                None => Err(ApiError::NotFound { kind, name }),
+            },
+            Request::List(kind) => Ok(Reply::List(ObjectList {
+                objects: machine.state.list(kind).cloned().collect(),
+                resource_version: machine.applied_index(),
+            })),
+            Request::Write(_) => Err(ApiError::Internal {
+                reason: "a write took the read path".into(),
+            }),
+        }
+    }
+
+    /// Who leads, waiting a little for an election to end.
+    async fn leader(&self) -> Result<Leader, ApiError> {
+        let inner = &self.inner;
+        let metrics = inner
+            .raft
+            .wait(Some(LEADER_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .map_err(|_| ApiError::Unavailable {
+                reason: "no control-plane leader is elected; retry".into(),
+            })?;
+        let Some(leader) = metrics.current_leader else {
+            return Err(ApiError::Unavailable {
+                reason: "no control-plane leader is elected; retry".into(),
+            });
+        };
+        if leader == inner.id {
+            return Ok(Leader::Me);
+        }
+        match metrics.membership_config.membership().get_node(&leader) {
+            Some(node) => Ok(Leader::At(node.addr.clone())),
+            None => Err(ApiError::NotLeader { leader: None }),
+        }
+    }
+
+    async fn forward(&self, address: &str, request: Request) -> Result<Reply, ApiError> {
+        let client = {
+            let mut peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+            match peers.get(address) {
+                Some(client) => client.clone(),
+                None => {
+                    let client = AdminClient::connect_lazy(address)?;
+                    peers.insert(address.to_owned(), client.clone());
+                    client
+                }
+            }
+        };
+        let call = async {
+            match request {
+                Request::Write(Command::Create(object)) => {
+                    client.create(object).await.map(Reply::Object)
+                }
+                Request::Write(Command::Update(object)) => {
+                    client.update(object).await.map(Reply::Object)
+                }
+                Request::Write(Command::Delete {
+                    kind,
+                    name,
+                    expected_resource_version,
+                }) => client
+                    .delete(kind, &name, expected_resource_version)
+                    .await
+                    .map(Reply::Object),
+                Request::Get(kind, name) => client.get(kind, &name).await.map(Reply::Object),
+                Request::List(kind) => client.list(kind).await.map(Reply::List),
+            }
+        };
+        match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::Unavailable {
+                reason: format!(
+                    "the leader at {address} did not answer within {FORWARD_TIMEOUT:?}"
+                ),
+            }),
+        }
+    }
+}
+
+enum Leader {
+    Me,
+    At(String),
+}
+
+fn leader_address(to: &ForwardToLeader<NodeId, BasicNode>) -> Result<String, ApiError> {
+    match &to.leader_node {
+        Some(node) => Ok(node.addr.clone()),
+        None => Err(ApiError::Unavailable {
+            reason: "leadership is changing; retry".into(),
+        }),
+    }
+}
+
+fn object_of(reply: Reply) -> Result<Object, ApiError> {
+    match reply {
+        Reply::Object(object) => Ok(object),
+        Reply::List(_) => Err(ApiError::Internal {
+            reason: "a forwarded write answered with a list".into(),
+        }),
+    }
+}
+
+/// Fills in what only the leader decides for a new object: its uid and
+/// creation time.
+pub(crate) fn stamp(command: Command) -> Command {
+    match command {
+        Command::Create(mut object) => {
+            let meta = object.meta_mut();
+            meta.uid = uuid::Uuid::new_v4().to_string();
+            meta.created_at_unix_ms = now_unix_ms();
+            meta.resource_version = 0;
+            meta.generation = 0;
+            Command::Create(object)
+        }
+        other => other,
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl AdminApi for AdminService {
+    async fn create(&self, object: Object) -> Result<Object, ApiError> {
+        self.write(Command::Create(object)).await
+    }
+
+    async fn get(&self, kind: Kind, name: String) -> Result<Object, ApiError> {
+        match self.read(Request::Get(kind, name)).await? {
+            Reply::Object(object) => Ok(object),
+            Reply::List(_) => Err(ApiError::Internal {
+                reason: "a get answered with a list".into(),
+            }),
+        }
+    }
+
+    async fn list(&self, kind: Kind) -> Result<ObjectList, ApiError> {
+        match self.read(Request::List(kind)).await? {
+            Reply::List(list) => Ok(list),
+            Reply::Object(_) => Err(ApiError::Internal {
+                reason: "a list answered with one object".into(),
+            }),
+        }
+    }
+
+    async fn update(&self, object: Object) -> Result<Object, ApiError> {
+        self.write(Command::Update(object)).await
+    }
+
+    async fn delete(
+        &self,
+        kind: Kind,
+        name: String,
+        expected_resource_version: Option<u64>,
+    ) -> Result<Object, ApiError> {
+        self.write(Command::Delete {
+            kind,
+            name,
+            expected_resource_version,
+        })
+        .await
+    }
+
+    async fn watch(
+        &self,
+        kind: Option<Kind>,
+        from_resource_version: u64,
+    ) -> Result<WatchStream, ApiError> {
+        let shared = Arc::clone(&self.inner.shared);
+        let applied = shared.subscribe();
+        let cursor = {
+            let machine = shared.read();
+            let cursor = if from_resource_version == 0 {
+                machine.applied_index()
+            } else {
+                from_resource_version
+            };
+            if cursor < machine.history.oldest() {
+                return Err(ApiError::OutOfRange {
+                    requested: cursor,
+                    oldest: machine.history.oldest(),
+                });
+            }
+            cursor
+        };
+        let state = WatchState {
+            shared,
+            applied,
+            kind,
+            cursor,
+            pending: Default::default(),
+            failed: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, next_event)))
+    }
+}
+
+/// Where a watch stream is.
+struct WatchState {
+    shared: Arc<Shared>,
+    applied: tokio::sync::watch::Receiver<u64>,
+    kind: Option<Kind>,
+    /// Every change up to here has been sent (or filtered out).
+    cursor: u64,
+    pending: std::collections::VecDeque<WatchEvent>,
+    failed: bool,
+}
+
+async fn next_event(mut state: WatchState) -> Option<(Result<WatchEvent, ApiError>, WatchState)> {
+    if state.failed {
+        return None;
+    }
+    loop {
+        if let Some(event) = state.pending.pop_front() {
+            return Some((Ok(event), state));
+        }
+        // Mark the current applied index seen before reading the history,
+        // so a change applied after the read wakes the wait below.
+        state.applied.borrow_and_update();
+        let read = {
+            let machine = state.shared.read();
+            match machine.history.since(state.cursor, state.kind, WATCH_BATCH) {
+                Ok(changes) if changes.is_empty() => {
+                    // Nothing of this kind: everything applied so far is seen.
+                    state.cursor = state.cursor.max(machine.applied_index());
+                    Ok(Vec::new())
+                }
+                other => other,
+            }
+        };
+        match read {
+            Err(oldest) => {
+                state.failed = true;
+                let requested = state.cursor;
+                return Some((Err(ApiError::OutOfRange { requested, oldest }), state));
+            }
+            Ok(changes) if changes.is_empty() => {
+                if state.applied.changed().await.is_err() {
+                    return None;
+                }
+            }
+            Ok(changes) => {
+                if let Some(last) = changes.last() {
+                    state.cursor = last.index;
+                }
+                state.pending.extend(changes.iter().map(|c| c.to_event()));
+            }
+        }
+    }
+}

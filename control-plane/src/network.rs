@@ -1,0 +1,201 @@
+//! Raft traffic between members over gRPC (basalt-api's Raft service):
+//! [`Network`] sends openraft's requests, [`RaftService`] receives them.
+//! Payloads are openraft's own request and response types in JSON.
+//!
+//! Invariant: a payload a peer sends is decoded before openraft sees it;
+//! one that does not decode is refused with `INVALID_ARGUMENT`, never a
+//! panic.
+
+use std::error::Error;
+use std::time::Duration;
+
+use basalt_api::{ApiError, RaftApi, RaftClient};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::raft_types::{NodeId, Raft, TypeConfig};
+
+/// Opens a [`PeerConnection`] per peer for openraft.
+#[derive(Debug, Clone, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection {
+            target,
+            address: node.addr.clone(),
+            client: RaftClient::connect_lazy(&node.addr),
+        }
+    }
+}
+
+/// openraft's connection to one peer.
+#[derive(Debug)]
+pub struct PeerConnection {
+    target: NodeId,
+    address: String,
+    /// `Err` when the peer's address cannot be a URI.
+    client: Result<RaftClient, ApiError>,
+}
+
+/// A transport failure, for openraft's `Unreachable`/`NetworkError`.
+#[derive(Debug, thiserror::Error)]
+#[error("raft call to member {target} at {address}: {reason}")]
+struct TransportError {
+    target: NodeId,
+    address: String,
+    reason: String,
+}
+
+impl PeerConnection {
+    /// Sends one call and decodes `Result<Resp, E>` from the reply.
+    async fn call<Req, Resp, E, F, Fut>(
+        &self,
+        request: &Req,
+        option: &RPCOption,
+        send: F,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: Error + DeserializeOwned,
+        F: FnOnce(RaftClient, Vec<u8>) -> Fut,
+        Fut: Future<Output = Result<Vec<u8>, ApiError>>,
+    {
+        let transport = |reason: String| TransportError {
+            target: self.target,
+            address: self.address.clone(),
+            reason,
+        };
+        let client = match &self.client {
+            Ok(client) => client.clone(),
+            Err(err) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&transport(
+                    err.to_string(),
+                ))));
+            }
+        };
+        let payload = serde_json::to_vec(request)
+            .map_err(|e| RPCError::Network(NetworkError::new(&transport(e.to_string()))))?;
+        let ttl = option.hard_ttl().max(Duration::from_millis(50));
+        let reply = match tokio::time::timeout(ttl, send(client, payload)).await {
+            Err(_) => {
+                return Err(RPCError::Network(NetworkError::new(&transport(format!(
+                    "timed out after {ttl:?}"
+                )))));
+            }
+            Ok(Err(ApiError::Unavailable { reason })) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&transport(reason))));
+            }
+            Ok(Err(err)) => {
+                return Err(RPCError::Network(NetworkError::new(&transport(
+                    err.to_string(),
+                ))));
+            }
+            Ok(Ok(reply)) => reply,
+        };
+        let decoded: Result<Resp, E> = serde_json::from_slice(&reply).map_err(|e| {
+            RPCError::Network(NetworkError::new(&transport(format!(
+                "undecodable reply: {e}"
+            ))))
+        })?;
+        decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, |client, payload| async move {
+            client.append_entries(payload).await
+        })
+        .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(&rpc, &option, |client, payload| async move {
+            client.install_snapshot(payload).await
+        })
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, |client, payload| async move {
+            client.vote(payload).await
+        })
+        .await
+    }
+}
+
+/// Serves peers' Raft calls to the local [`Raft`].
+#[derive(Clone)]
+pub struct RaftService {
+    raft: Raft,
+}
+
+impl std::fmt::Debug for RaftService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftService").finish_non_exhaustive()
+    }
+}
+
+impl RaftService {
+    /// Serves `raft`.
+    pub fn new(raft: Raft) -> Self {
+        Self { raft }
+    }
+}
+
+fn decode<T: DeserializeOwned>(payload: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(payload)
+        .map_err(|e| ApiError::invalid("payload", format!("not a {what}: {e}")))
+}
+
+fn encode<T: Serialize>(reply: &T) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(reply).map_err(|e| ApiError::Internal {
+        reason: format!("encoding a raft reply: {e}"),
+    })
+}
+
+impl RaftApi for RaftService {
+    async fn append_entries(&self, payload: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+        let request: AppendEntriesRequest<TypeConfig> = decode(&payload, "append-entries request")?;
+        encode(&self.raft.append_entries(request).await)
+    }
+
+    async fn vote(&self, payload: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+        let request: VoteRequest<NodeId> = decode(&payload, "vote request")?;
+        encode(&self.raft.vote(request).await)
+    }
+
+    async fn install_snapshot(&self, payload: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+        let request: InstallSnapshotRequest<TypeConfig> =
+            decode(&payload, "install-snapshot request")?;
+        encode(&self.raft.install_snapshot(request).await)
+    }
+}

@@ -1,0 +1,436 @@
+//! The replicated state — every stored object — and the pure rules that
+//! apply one command to it. No I/O: the Raft state machine in
+//! [`store`](crate::store) persists what this module decides.
+//!
+//! Invariants:
+//! - applying the same commands at the same log indexes to the same state
+//!   gives the same result on every member (no clock, no randomness: the
+//!   proposer fills in `uid` and `created_at_unix_ms` before proposing);
+//! - an object's `resource_version` is the log index of its last change;
+//!   `generation` starts at 1 and grows only when the spec changes;
+//! - a refused command changes nothing.
+
+use std::collections::BTreeMap;
+
+use basalt_api::{ApiError, Kind, Object};
+use serde::{Deserialize, Serialize};
+
+/// A change to the stored objects: the payload of a Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Store a new object. Its `uid` and `created_at_unix_ms` are set by
+    /// the proposing leader; versions are set on apply.
+    Create(Object),
+    /// Replace an object if its `meta.resource_version` is still current.
+    Update(Object),
+    /// Delete an object, if still at `expected_resource_version` when given.
+    Delete {
+        /// Kind of the object.
+        kind: Kind,
+        /// Its name.
+        name: String,
+        /// Compare-and-swap token, when the caller gave one.
+        expected_resource_version: Option<u64>,
+    },
+}
+
+/// The result of applying one log entry: what the state machine answers
+/// the client that proposed it.
+// One per applied entry, moved to the waiting client: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Not a client command (a blank or membership entry).
+    Nothing,
+    /// The object as stored (create, update) or as it was (delete).
+    Done(Object),
+    /// The command was refused; nothing changed.
+    Refused(Refusal),
+}
+
+/// Why a command was refused, decided deterministically on apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// No such object.
+    #[error("{kind} {name:?} not found")]
+    NotFound {
+        /// Kind looked for.
+        kind: Kind,
+        /// Name looked for.
+        name: String,
+    },
+    /// The name is taken.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists {
+        /// Kind of the object.
+        kind: Kind,
+        /// Its name.
+        name: String,
+    },
+    /// Compare-and-swap failed.
+    #[error("resource version mismatch: expected {expected}, found {actual}")]
+    Aborted {
+        /// The version the caller sent.
+        expected: u64,
+        /// The object's current version.
+        actual: u64,
+    },
+    /// The state forbids the change, e.g. a reference to a missing object.
+    #[error("failed precondition: {reason}")]
+    FailedPrecondition {
+        /// What forbids it.
+        reason: String,
+    },
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::NotFound { kind, name } => ApiError::NotFound { kind, name },
+            Refusal::AlreadyExists { kind, name } => ApiError::AlreadyExists { kind, name },
+            Refusal::Aborted { expected, actual } => ApiError::Aborted { expected, actual },
+            Refusal::FailedPrecondition { reason } => ApiError::FailedPrecondition { reason },
+        }
+    }
+}
+
+/// How an applied command changed an object (for watch streams).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeType {
+    /// Created.
+    Added,
+    /// Updated.
+    Modified,
+    /// Deleted.
+    Deleted,
+}
+
+/// Every stored object, by kind and name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    objects: BTreeMap<Kind, BTreeMap<String, Object>>,
+}
+
+impl State {
+    /// A state holding `objects` (e.g. from a snapshot or the disk).
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut state = State::default();
+        for object in objects {
+            state.insert(object);
+        }
+        state
+    }
+
+    /// Every object, ordered by kind then name.
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.objects.values().flat_map(BTreeMap::values)
+    }
+
+    /// The object of `kind` named `name`.
+    pub fn get(&self, kind: Kind, name: &str) -> Option<&Object> {
+        self.objects.get(&kind)?.get(name)
+    }
+
+    /// Every object of `kind`, ordered by name.
+    pub fn list(&self, kind: Kind) -> impl Iterator<Item = &Object> {
+        self.objects
+            .get(&kind)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+    }
+
+    /// How many objects are stored.
+    pub fn len(&self) -> usize {
+        self.objects.values().map(BTreeMap::len).sum()
+    }
+
+    /// Whether no object is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&mut self, object: Object) {
+        self.objects
+            .entry(object.kind())
+            .or_default()
+            .insert(object.name().to_owned(), object);
+    }
+
+    fn remove(&mut self, kind: Kind, name: &str) -> Option<Object> {
+        self.objects.get_mut(&kind)?.remove(name)
+    }
+
+    /// Applies `command`, committed at log `index`. Returns how the object
+    /// changed and the object as stored (for a delete: as it was), or why
+    /// the command was refused (then nothing changed).
+    pub fn apply(&mut self, index: u64, command: Command) -> Result<(ChangeType, Object), Refusal> {
+        match command {
+            Command::Create(mut object) => {
+                if self.get(object.kind(), object.name()).is_some() {
+                    return Err(Refusal::AlreadyExists {
+                        kind: object.kind(),
+                        name: object.name().to_owned(),
+                    });
+                }
+                self.check_references(&object, None)?;
+                let meta = object.meta_mut();
+                meta.resource_version = index;
+                meta.generation = 1;
+                self.insert(object.clone());
+                Ok((ChangeType::Added, object))
+            }
+            Command::Update(mut object) => {
+                let kind = object.kind();
+                let current = self
+                    .get(kind, object.name())
+                    .ok_or_else(|| Refusal::NotFound {
+                        kind,
+                        name: object.name().to_owned(),
+                    })?;
+                let current_meta = current.meta();
+                if object.meta().resource_version != current_meta.resource_version {
+                    return Err(Refusal::Aborted {
+                        expected: object.meta().resource_version,
+                        actual: current_meta.resource_version,
+                    });
+                }
+                self.check_references(&object, Some(current))?;
+                let generation = if same_spec(current, &object) {
+                    current_meta.generation
+                } else {
+                    current_meta.generation + 1
+                };
+                let (uid, created) = (current_meta.uid.clone(), current_meta.created_at_unix_ms);
+                let meta = object.meta_mut();
+                meta.uid = uid;
+                meta.created_at_unix_ms = created;
+                meta.generation = generation;
+                meta.resource_version = index;
+                self.insert(object.clone());
+                Ok((ChangeType::Modified, object))
+            }
+            Command::Delete {
+                kind,
+                name,
+                expected_resource_version,
+            } => {
+                let current = self.get(kind, &name).ok_or_else(|| Refusal::NotFound {
+                    kind,
+                    name: name.clone(),
+                })?;
+                if let Some(expected) = expected_resource_version {
+                    let actual = current.meta().resource_version;
+                    if expected != actual {
+                        return Err(Refusal::Aborted { expected, actual });
+                    }
+                }
+                let object = self
+                    .remove(kind, &name)
+                    .ok_or(Refusal::NotFound { kind, name })?;
+                Ok((ChangeType::Deleted, object))
+            }
+        }
+    }
+
+    /// Checks what `object` refers to: a placement's VM and node must
+    /// exist; a member's id must be its own and unique.
+    fn check_references(&self, object: &Object, current: Option<&Object>) -> Result<(), Refusal> {
+        match object {
+            Object::Placement(placement) => {
+                if self.get(Kind::Vm, &placement.vm).is_none() {
+                    return Err(Refusal::FailedPrecondition {
+                        reason: format!("vm: vm {:?} does not exist", placement.vm),
+                    });
+                }
+                if self.get(Kind::Node, &placement.node).is_none() {
+                    return Err(Refusal::FailedPrecondition {
+                        reason: format!("node: node {:?} does not exist", placement.node),
+                    });
+                }
+                Ok(())
+            }
+            Object::Member(member) => {
+                if let Some(Object::Member(current)) = current
+                    && current.id != member.id
+                {
+                    return Err(Refusal::FailedPrecondition {
+                        reason: format!(
+                            "id: member {:?} has id {}; a member's id cannot change",
+                            member.meta.name, current.id
+                        ),
+                    });
+                }
+                let taken = self.list(Kind::Member).find_map(|other| match other {
+                    Object::Member(other)
+                        if other.id == member.id && other.meta.name != member.meta.name =>
+                    {
+                        Some(other.meta.name.clone())
+                    }
+                    _ => None,
+                });
+                match taken {
+                    Some(other) => Err(Refusal::FailedPrecondition {
+                        reason: format!("id: member {other:?} already has id {}", member.id),
+                    }),
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether two objects of the same kind have the same spec (what
+/// `generation` counts). Objects without a separate status are all spec.
+fn same_spec(a: &Object, b: &Object) -> bool {
+    match (a, b) {
+        (Object::Node(a), Object::Node(b)) => a.spec == b.spec,
+        (Object::Vm(a), Object::Vm(b)) => a.spec == b.spec,
+        (Object::Token(a), Object::Token(b)) => a.spec == b.spec,
+        (Object::Placement(a), Object::Placement(b)) => {
+            (&a.vm, &a.node, a.epoch) == (&b.vm, &b.node, b.epoch)
+        }
+        (Object::Member(a), Object::Member(b)) => (a.id, &a.address) == (b.id, &b.address),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{Member, Node, ObjectMeta, Placement, Vm};
+
+    use super::*;
+
+    fn node(name: &str) -> Object {
+        let mut node = Node {
+            meta: ObjectMeta::named(name),
+            ..Node::default()
+        };
+        node.spec.address = "10.0.0.1".into();
+        Object::Node(node)
+    }
+
+    fn vm(name: &str) -> Object {
+        let mut vm = Vm {
+            meta: ObjectMeta::named(name),
+            ..Vm::default()
+        };
+        vm.spec.cpus = 1;
+        vm.spec.memory_mib = 256;
+        Object::Vm(vm)
+    }
+
+    fn member(name: &str, id: u64) -> Object {
+        Object::Member(Member {
+            meta: ObjectMeta::named(name),
+            id,
+            address: "127.0.0.1:7400".into(),
+            voter: false,
+        })
+    }
+
+    #[test]
+    fn versions_follow_the_log_index_and_generation_the_spec() {
+        let mut state = State::default();
+        let (change, created) = state.apply(5, Command::Create(node("n1"))).unwrap();
+        assert_eq!(change, ChangeType::Added);
+        assert_eq!(created.meta().resource_version, 5);
+        assert_eq!(created.meta().generation, 1);
+
+        // A status-only change keeps the generation.
+        let Object::Node(mut n) = created.clone() else {
+            unreachable!()
+        };
+        n.status.last_heartbeat_unix_ms = 42;
+        let (_, updated) = state
+            .apply(7, Command::Update(Object::Node(n.clone())))
+            .unwrap();
+        assert_eq!(updated.meta().resource_version, 7);
+        assert_eq!(updated.meta().generation, 1);
+
+        // A stale version is refused and changes nothing.
+        n.spec.cordoned = true;
+        assert_eq!(
+            state.apply(8, Command::Update(Object::Node(n.clone()))),
+            Err(Refusal::Aborted {
+                expected: 5,
+                actual: 7
+            })
+        );
+        assert_eq!(state.get(Kind::Node, "n1"), Some(&updated));
+
+        // A spec change bumps it.
+        n.meta.resource_version = 7;
+        n.meta.uid = "forged".into();
+        let (_, updated) = state.apply(9, Command::Update(Object::Node(n))).unwrap();
+        assert_eq!(updated.meta().generation, 2);
+        assert_eq!(updated.meta().uid, created.meta().uid, "uid is kept");
+    }
+
+    #[test]
+    fn create_and_delete_check_existence_and_versions() {
+        let mut state = State::default();
+        state.apply(1, Command::Create(vm("a"))).unwrap();
+        assert!(matches!(
+            state.apply(2, Command::Create(vm("a"))),
+            Err(Refusal::AlreadyExists { .. })
+        ));
+        let delete = |expected| Command::Delete {
+            kind: Kind::Vm,
+            name: "a".into(),
+            expected_resource_version: expected,
+        };
+        assert_eq!(
+            state.apply(3, delete(Some(2))),
+            Err(Refusal::Aborted {
+                expected: 2,
+                actual: 1
+            })
+        );
+        let (change, gone) = state.apply(4, delete(Some(1))).unwrap();
+        assert_eq!((change, gone.name()), (ChangeType::Deleted, "a"));
+        assert!(matches!(
+            state.apply(5, delete(None)),
+            Err(Refusal::NotFound { .. })
+        ));
+        assert!(state.is_empty());
+    }
+
+    #[test]
+    fn placements_need_their_vm_and_node() {
+        let mut state = State::default();
+        let placement = Object::Placement(Placement {
+            meta: ObjectMeta::named("a"),
+            vm: "a".into(),
+            node: "n1".into(),
+            epoch: 1,
+        });
+        assert!(matches!(
+            state.apply(1, Command::Create(placement.clone())),
+            Err(Refusal::FailedPrecondition { reason }) if reason.starts_with("vm:")
+        ));
+        state.apply(2, Command::Create(vm("a"))).unwrap();
+        assert!(matches!(
+            state.apply(3, Command::Create(placement.clone())),
+            Err(Refusal::FailedPrecondition { reason }) if reason.starts_with("node:")
+        ));
+        state.apply(4, Command::Create(node("n1"))).unwrap();
+        state.apply(5, Command::Create(placement)).unwrap();
+    }
+
+    #[test]
+    fn member_ids_are_unique_and_fixed() {
+        let mut state = State::default();
+        state.apply(1, Command::Create(member("m1", 1))).unwrap();
+        assert!(matches!(
+            state.apply(2, Command::Create(member("m2", 1))),
+            Err(Refusal::FailedPrecondition { .. })
+        ));
+        let mut changed = member("m1", 3);
+        changed.meta_mut().resource_version = 1;
+        assert!(matches!(
+            state.apply(3, Command::Update(changed)),
+            Err(Refusal::FailedPrecondition { .. })
+        ));
+    }
+}

@@ -1,0 +1,614 @@
+//! RocksDB storage for a member: the Raft log, the vote, and the state
+//! machine (objects, applied state, current snapshot), in one database.
+//!
+//! Invariants:
+//! - a log append is acknowledged to openraft (its `LogFlushed` callback)
+//!   only after the write-ahead log is fsynced; appends that arrive while
+//!   an fsync runs wait for the next one and share it (group commit);
+//! - the vote and log truncations are written with a synchronous write;
+//! - everything lives in one database with one write-ahead log, which
+//!   RocksDB recovers as a consistent prefix, so the state machine on disk
+//!   is never ahead of the log it was applied from;
+//! - the in-memory [`Machine`] always equals the state machine on disk
+//!   plus nothing: it is updated in the same step as the disk write.
+
+use std::fmt::Debug;
+use std::io::{self, Cursor};
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
+use std::thread;
+
+use basalt_api::Object;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot,
+    StorageIOError, Vote,
+};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::history::{Change, History};
+use crate::raft_types::{
+    Entry, LogId, NodeId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+use crate::state::{Outcome, State};
+
+const CF_LOG: &str = "log";
+const CF_META: &str = "meta";
+const CF_SM: &str = "sm";
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"purged";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+const KEY_APPLIED: &[u8] = b"applied";
+const OBJECT_PREFIX: &str = "obj/";
+/// The first key after every `obj/…` key.
+const OBJECT_END: &str = "obj0";
+
+/// The storage could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// RocksDB refused to open the directory.
+    #[error("opening the database in {path}")]
+    Open {
+        /// The data directory.
+        path: String,
+        /// RocksDB's error.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// What is on disk cannot be read back.
+    #[error("reading the state machine from {path}: {reason}")]
+    Corrupt {
+        /// The data directory.
+        path: String,
+        /// What could not be decoded.
+        reason: String,
+    },
+    /// The group-commit thread could not be started.
+    #[error("starting the log flusher thread")]
+    Flusher(#[source] io::Error),
+}
+
+/// The state machine's data in memory, shared by the Raft state machine,
+/// the admin service (reads, watches) and the controllers.
+#[derive(Debug)]
+pub struct Machine {
+    /// Every stored object.
+    pub state: State,
+    /// The last applied log id.
+    pub last_applied: Option<LogId>,
+    /// The last applied membership.
+    pub membership: StoredMembership,
+    /// Recent changes, for watches.
+    pub history: History,
+}
+
+impl Machine {
+    /// The index of the last applied entry (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        self.last_applied.map_or(0, |id| id.index)
+    }
+}
+
+/// The [`Machine`] behind a lock, plus a channel that announces each new
+/// applied index (watches wait on it).
+#[derive(Debug)]
+pub struct Shared {
+    machine: RwLock<Machine>,
+    applied: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Reads the machine. A poisoned lock (a panic while writing, which
+    /// the code avoids) still gives the data: every write is a single
+    /// in-place step.
+    pub fn read(&self) -> RwLockReadGuard<'_, Machine> {
+        self.machine.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Machine> {
+        self.machine.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A receiver that sees every new applied index.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+}
+
+/// Opens (or creates) the database in `dir`; returns the log store, the
+/// state machine and the shared machine they fill. `history` is how many
+/// changes to keep for watches.
+pub fn open(
+    dir: &Path,
+    history: usize,
+) -> Result<(LogStore, StateMachineStore, Arc<Shared>), OpenError> {
+    let path = dir.display().to_string();
+    let mut options = rocksdb::Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    let families = [CF_LOG, CF_META, CF_SM]
+        .into_iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, rocksdb::Options::default()));
+    let db =
+        DB::open_cf_descriptors(&options, dir, families).map_err(|source| OpenError::Open {
+            path: path.clone(),
+            source,
+        })?;
+    let db = Arc::new(db);
+
+    let corrupt = |reason: String| OpenError::Corrupt {
+        path: path.clone(),
+        reason,
+    };
+    let (last_applied, membership) = match get_json::<AppliedState>(&db, CF_SM, KEY_APPLIED) {
+        Ok(Some(applied)) => (applied.last_applied, applied.membership),
+        Ok(None) => (None, StoredMembership::default()),
+        Err(err) => return Err(corrupt(err.to_string())),
+    };
+    let mut objects = Vec::new();
+    for item in db.iterator_cf(
+        cf(&db, CF_SM),
+        IteratorMode::From(OBJECT_PREFIX.as_bytes(), Direction::Forward),
+    ) {
+        let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
+        if !key.starts_with(OBJECT_PREFIX.as_bytes()) {
+            break;
+        }
+        let object: Object = serde_json::from_slice(&value)
+            .map_err(|e| corrupt(format!("object {}: {e}", String::from_utf8_lossy(&key))))?;
+        objects.push(object);
+    }
+    let start = last_applied.map_or(0, |id| id.index);
+    let (applied, _) = tokio::sync::watch::channel(start);
+    let shared = Arc::new(Shared {
+        machine: RwLock::new(Machine {
+            state: State::from_objects(objects),
+            last_applied,
+            membership,
+            history: History::new(history, start),
+        }),
+        applied,
+    });
+
+    let (flush_tx, flush_rx) = mpsc::channel();
+    let flusher_db = Arc::clone(&db);
+    thread::Builder::new()
+        .name("raft-log-flush".into())
+        .spawn(move || run_flusher(&flusher_db, &flush_rx))
+        .map_err(OpenError::Flusher)?;
+
+    let log = LogStore {
+        db: Arc::clone(&db),
+        flusher: flush_tx,
+    };
+    let sm = StateMachineStore {
+        db,
+        shared: Arc::clone(&shared),
+    };
+    Ok((log, sm, shared))
+}
+
+/// The group commit: waits for appends, then fsyncs the write-ahead log
+/// once for every append that arrived meanwhile, and acknowledges them.
+fn run_flusher(db: &DB, pending: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = pending.recv() {
+        let mut batch = vec![first];
+        batch.extend(pending.try_iter());
+        let result = db.flush_wal(true);
+        for callback in batch {
+            callback.log_io_completed(
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| io::Error::other(e.to_string())),
+            );
+        }
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
+    // The families are created on open (`create_missing_column_families`),
+    // so a missing one is a broken invariant of this module, not input.
+    db.cf_handle(name)
+        .unwrap_or_else(|| unreachable!("column family {name} is created on open"))
+}
+
+/// Errors reading or decoding one stored value.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("rocksdb")]
+    Db(#[from] rocksdb::Error),
+    #[error("decoding a stored value")]
+    Decode(#[from] serde_json::Error),
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(
+    db: &DB,
+    family: &str,
+    key: &[u8],
+) -> Result<Option<T>, ReadError> {
+    match db.get_cf(cf(db, family), key)? {
+        Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our stored types are plain data with string keys: encoding cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn sync_writes() -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.set_sync(true);
+    options
+}
+
+fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn object_key(object: &Object) -> String {
+    format!("{OBJECT_PREFIX}{}/{}", object.kind(), object.name())
+}
+
+/// What the state machine has applied, stored with every applied batch.
+#[derive(Debug, Serialize, Deserialize)]
+struct AppliedState {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+/// A snapshot as stored: its metadata and the serialized state.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// The serialized state in a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotState {
+    objects: Vec<Object>,
+}
+
+/// The Raft log and vote in RocksDB, with group commit.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    // openraft's own error type, returned as openraft wants it.
+    #[allow(clippy::result_large_err)]
+    fn read_entries(&self, start: u64, end: Bound<u64>) -> Result<Vec<Entry>, StorageError> {
+        let mut entries = Vec::new();
+        let from = log_key(start);
+        for item in self.db.iterator_cf(
+            cf(&self.db, CF_LOG),
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            let index = index_of(&key).map_err(|e| StorageIOError::read_logs(&e))?;
+            let past_end = match end {
+                Bound::Included(last) => index > last,
+                Bound::Excluded(end) => index >= end,
+                Bound::Unbounded => false,
+            };
+            if past_end {
+                break;
+            }
+            let entry: Entry = serde_json::from_slice(&value)
+                .map_err(|e| StorageIOError::read_log_at_index(index, &e))?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+fn index_of(key: &[u8]) -> Result<u64, io::Error> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| io::Error::other(format!("log key of {} bytes, expected 8", key.len())))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        self.read_entries(start, range.end_bound().cloned())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> =
+            get_json(&self.db, CF_META, KEY_PURGED).map_err(|e| StorageIOError::read_logs(&e))?;
+        let last = self
+            .db
+            .iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End)
+            .next()
+            .transpose()
+            .map_err(|e| StorageIOError::read_logs(&e))?;
+        let last_log_id = match last {
+            Some((_, value)) => {
+                let entry: Entry =
+                    serde_json::from_slice(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+                Some(entry.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.db
+            .put_cf_opt(
+                cf(&self.db, CF_META),
+                KEY_VOTE,
+                to_json(vote),
+                &sync_writes(),
+            )
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        get_json(&self.db, CF_META, KEY_VOTE).map_err(|e| StorageIOError::read_vote(&e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.db
+            .put_cf(cf(&self.db, CF_META), KEY_COMMITTED, to_json(&committed))
+            .map_err(|e| StorageIOError::write(&e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        let committed: Option<Option<LogId>> =
+            get_json(&self.db, CF_META, KEY_COMMITTED).map_err(|e| StorageIOError::read(&e))?;
+        Ok(committed.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let family = cf(&self.db, CF_LOG);
+        for entry in entries {
+            batch.put_cf(family, log_key(entry.log_id.index), to_json(&entry));
+        }
+        // Not synced here: the flusher fsyncs the write-ahead log once for
+        // every append waiting, then acknowledges them.
+        self.db
+            .write(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
+            callback.log_io_completed(Err(io::Error::other("the log flusher thread is gone")));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            cf(&self.db, CF_LOG),
+            log_key(log_id.index),
+            log_key(u64::MAX),
+        );
+        batch.delete_cf(cf(&self.db, CF_LOG), log_key(u64::MAX));
+        self.db
+            .write_opt(batch, &sync_writes())
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf(&self.db, CF_META), KEY_PURGED, to_json(&log_id));
+        batch.delete_range_cf(
+            cf(&self.db, CF_LOG),
+            log_key(0),
+            log_key(log_id.index.saturating_add(1)),
+        );
+        self.db
+            .write(batch)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+/// The state machine: applies entries to the [`Machine`] and to RocksDB,
+/// builds and installs snapshots.
+#[derive(Debug, Clone)]
+pub struct StateMachineStore {
+    db: Arc<DB>,
+    shared: Arc<Shared>,
+}
+
+impl StateMachineStore {
+    #[allow(clippy::result_large_err)]
+    fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
+        self.db
+            .put_cf(cf(&self.db, CF_META), KEY_SNAPSHOT, to_json(snapshot))
+            .map_err(|e| StorageIOError::write_snapshot(Some(snapshot.meta.signature()), &e).into())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (data, last_applied, membership) = {
+            let machine = self.shared.read();
+            let state = SnapshotState {
+                objects: machine.state.objects().cloned().collect(),
+            };
+            (
+                to_json(&state),
+                machine.last_applied,
+                machine.membership.clone(),
+            )
+        };
+        let snapshot_id = match last_applied {
+            Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, data.len()),
+            None => format!("empty-{}", data.len()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot { meta, data };
+        self.save_snapshot(&stored)?;
+        tracing::info!(last_log_id = ?stored.meta.last_log_id, bytes = stored.data.len(), "built a snapshot");
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let machine = self.shared.read();
+        Ok((machine.last_applied, machine.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut outcomes = Vec::new();
+        let mut batch = WriteBatch::default();
+        let family = cf(&self.db, CF_SM);
+        let applied_index;
+        {
+            let mut machine = self.shared.write();
+            for entry in entries {
+                machine.last_applied = Some(entry.log_id);
+                let index = entry.log_id.index;
+                let outcome = match entry.payload {
+                    EntryPayload::Blank => Outcome::Nothing,
+                    EntryPayload::Membership(membership) => {
+                        machine.membership = StoredMembership::new(Some(entry.log_id), membership);
+                        Outcome::Nothing
+                    }
+                    EntryPayload::Normal(command) => match machine.state.apply(index, command) {
+                        Ok((change, object)) => {
+                            match change {
+                                crate::state::ChangeType::Deleted => {
+                                    batch.delete_cf(family, object_key(&object))
+                                }
+                                _ => batch.put_cf(family, object_key(&object), to_json(&object)),
+                            }
+                            machine.history.push(Change {
+                                index,
+                                change,
+                                object: object.clone(),
+                            });
+                            Outcome::Done(object)
+                        }
+                        Err(refusal) => Outcome::Refused(refusal),
+                    },
+                };
+                outcomes.push(outcome);
+            }
+            let applied = AppliedState {
+                last_applied: machine.last_applied,
+                membership: machine.membership.clone(),
+            };
+            batch.put_cf(family, KEY_APPLIED, to_json(&applied));
+            applied_index = machine.applied_index();
+            // Written under the lock, so the disk and memory change together.
+            self.db
+                .write(batch)
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        }
+        self.shared.applied.send_replace(applied_index);
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let decoded: SnapshotState = serde_json::from_slice(&data).map_err(|e| {
+            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
+        let family = cf(&self.db, CF_SM);
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(family, OBJECT_PREFIX, OBJECT_END);
+        for object in &decoded.objects {
+            batch.put_cf(family, object_key(object), to_json(object));
+        }
+        let applied = AppliedState {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        batch.put_cf(family, KEY_APPLIED, to_json(&applied));
+        let index = meta.last_log_id.map_or(0, |id| id.index);
+        {
+            let mut machine = self.shared.write();
+            self.db
+                .write(batch)
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            machine.state = State::from_objects(decoded.objects);
+            machine.last_applied = meta.last_log_id;
+            machine.membership = meta.last_membership.clone();
+            machine.history.reset(index);
+        }
+        self.save_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })?;
+        self.shared.applied.send_replace(index);
+        tracing::info!(last_log_id = ?meta.last_log_id, "installed a snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let stored: Option<StoredSnapshot> = get_json(&self.db, CF_META, KEY_SNAPSHOT)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(stored.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}

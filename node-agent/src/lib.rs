@@ -14,3 +14,4 @@
 //! [`compute::domain`]: the typed libvirt domain XML they will write.
 
 pub mod compute;
+pub mod reconcile;

@@ -157,3 +157,31 @@ pub trait Compute: Send + Sync {
         Ok(false)
     }
 }
+
+/// A shared backend is a backend (the agent's loops and tests share one).
+impl<T: Compute + ?Sized> Compute for std::sync::Arc<T> {
+    fn define(&self, spec: &DomainSpec) -> Result<(), ComputeError> {
+        (**self).define(spec)
+    }
+    fn start(&self, name: &str) -> Result<(), ComputeError> {
+        (**self).start(name)
+    }
+    fn shutdown(&self, name: &str) -> Result<(), ComputeError> {
+        (**self).shutdown(name)
+    }
+    fn destroy(&self, name: &str) -> Result<(), ComputeError> {
+        (**self).destroy(name)
+    }
+    fn undefine(&self, name: &str) -> Result<(), ComputeError> {
+        (**self).undefine(name)
+    }
+    fn status(&self, name: &str) -> Result<Option<DomainStatus>, ComputeError> {
+        (**self).status(name)
+    }
+    fn list(&self) -> Result<Vec<DomainStatus>, ComputeError> {
+        (**self).list()
+    }
+    fn stop(&self, name: &str, grace: Duration) -> Result<bool, ComputeError> {
+        (**self).stop(name, grace)
+    }
+}

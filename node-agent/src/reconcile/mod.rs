@@ -1,0 +1,134 @@
+//! The compute reconciler: makes the hypervisor run what the control plane
+//! placed on this node, and nothing else of Basalt's.
+//!
+//! Split as the rest of Basalt's control loops are: [`plan()`] is pure (what
+//! is wanted, what is seen, what was last applied → a list of actions),
+//! and [`Reconciler`] executes the plan through a [`Compute`] backend and
+//! reports what it sees afterwards. It takes no input beyond the desired
+//! state, so it can run periodically and on every trigger; running it
+//! twice in a row does nothing the second time.
+//!
+//! Invariants:
+//! - only domains whose name carries the agent's prefix are touched;
+//!   anything else on the hypervisor is left alone;
+//! - a fenced agent (no heartbeat acknowledged within the fencing window)
+//!   destroys every running Basalt domain and starts none;
+//! - a restarted agent adopts running domains: it never restarts a guest
+//!   that already runs as wanted.
+
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::compute::domain::DomainSpec;
+use crate::compute::{Compute, ComputeError, PowerState};
+pub use plan::{Action, Desired, DesiredVm, Plan, plan};
+
+/// What the reconciler saw of one wanted VM after a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmObservation {
+    /// The domain name.
+    pub name: String,
+    /// Its state, `None` when it is not defined.
+    pub state: Option<PowerState>,
+    /// The first error of the pass for this VM, if any.
+    pub error: Option<String>,
+}
+
+/// The outcome of one pass.
+#[derive(Debug, Clone, Default)]
+pub struct Pass {
+    /// The actions executed, in order, with their errors.
+    pub executed: Vec<(Action, Option<String>)>,
+    /// One entry per wanted VM.
+    pub vms: Vec<VmObservation>,
+}
+
+/// Drives one hypervisor towards the desired state. See the module doc.
+#[derive(Debug)]
+pub struct Reconciler<C> {
+    compute: C,
+    /// Domain names start with this: how the reconciler tells its own
+    /// domains from others on the same hypervisor.
+    prefix: String,
+    /// How long a graceful stop may take before the domain is destroyed.
+    grace: Duration,
+    /// The spec last defined per domain, in this process's lifetime.
+    applied: BTreeMap<String, DomainSpec>,
+}
+
+impl<C: Compute> Reconciler<C> {
+    /// A reconciler of the domains named `prefix*` on `compute`.
+    pub fn new(compute: C, prefix: impl Into<String>, grace: Duration) -> Self {
+        Self {
+            compute,
+            prefix: prefix.into(),
+            grace,
+            applied: BTreeMap::new(),
+        }
+    }
+
+    /// The backend.
+    pub fn compute(&self) -> &C {
+        &self.compute
+    }
+
+    /// The domain name for a VM called `vm`.
+    pub fn domain_name(&self, vm: &str) -> String {
+        format!("{}{vm}", self.prefix)
+    }
+
+    /// One pass: observe, plan, execute, observe again.
+    pub fn reconcile(&mut self, desired: &Desired) -> Result<Pass, ComputeError> {
+        let observed = self.compute.list()?;
+        let prefix = self.prefix.clone();
+        let plan = plan(desired, &observed, &self.applied, |name| {
+            name.starts_with(&prefix)
+        });
+        let mut pass = Pass::default();
+        let mut errors: BTreeMap<String, String> = plan.conflicts.into_iter().collect();
+        for action in plan.actions {
+            let result = self.execute(&action);
+            if let Err(err) = &result {
+                tracing::warn!(domain = action.domain(), action = action.verb(), error = %err, "reconcile action failed");
+                errors
+                    .entry(action.domain().to_owned())
+                    .or_insert_with(|| err.to_string());
+            }
+            pass.executed
+                .push((action, result.err().map(|e| e.to_string())));
+        }
+        for vm in &desired.vms {
+            let name = &vm.spec.name;
+            let state = self.compute.status(name)?.map(|s| s.state);
+            pass.vms.push(VmObservation {
+                name: name.clone(),
+                state,
+                error: errors.get(name).cloned(),
+            });
+        }
+        Ok(pass)
+    }
+
+    fn execute(&mut self, action: &Action) -> Result<(), ComputeError> {
+        match action {
+            Action::Define(spec) => {
+                self.compute.define(spec)?;
+                self.applied.insert(spec.name.clone(), (**spec).clone());
+                Ok(())
+            }
+            Action::Start(name) => self.compute.start(name),
+            Action::Stop(name) => self.compute.stop(name, self.grace).map(drop),
+            Action::Destroy(name) => self.compute.destroy(name),
+            Action::Undefine(name) => {
+                self.compute.undefine(name)?;
+                self.applied.remove(name);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,274 @@
+//! The reconciler on the simulated hypervisor: every rule, idempotence,
+//! adoption after a restart, the fence, and a seeded random walk.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::compute::conformance;
+use crate::compute::sim::SimCompute;
+
+const PREFIX: &str = "basalt-";
+const GRACE: Duration = Duration::from_millis(50);
+
+fn vm(name: &str, running: bool) -> DesiredVm {
+    DesiredVm {
+        spec: conformance::spec(&format!("{PREFIX}{name}")),
+        running,
+    }
+}
+
+fn desired(vms: &[&DesiredVm]) -> Desired {
+    Desired {
+        vms: vms.iter().map(|vm| (*vm).clone()).collect(),
+        fenced: false,
+    }
+}
+
+fn reconciler() -> Reconciler<SimCompute> {
+    Reconciler::new(SimCompute::new(), PREFIX, GRACE)
+}
+
+fn state(r: &Reconciler<SimCompute>, name: &str) -> Option<PowerState> {
+    r.compute().status(name).unwrap().map(|s| s.state)
+}
+
+fn verbs(pass: &Pass) -> Vec<String> {
+    pass.executed
+        .iter()
+        .map(|(a, _)| format!("{} {}", a.verb(), a.domain()))
+        .collect()
+}
+
+#[test]
+fn a_placed_vm_is_defined_and_started_once() {
+    let mut r = reconciler();
+    let a = vm("a", true);
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert_eq!(verbs(&pass), ["define basalt-a", "start basalt-a"]);
+    assert_eq!(pass.vms[0].state, Some(PowerState::Running));
+    // Idempotent: nothing to do the second time.
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert!(pass.executed.is_empty(), "{:?}", verbs(&pass));
+    assert_eq!(r.compute().starts("basalt-a"), 1);
+}
+
+#[test]
+fn a_changed_spec_is_redefined_without_a_restart() {
+    let mut r = reconciler();
+    let mut a = vm("a", true);
+    r.reconcile(&desired(&[&a])).unwrap();
+    a.spec.memory_mib = 128;
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert_eq!(verbs(&pass), ["define basalt-a"]);
+    assert_eq!(r.compute().spec("basalt-a").unwrap().memory_mib, 128);
+    assert_eq!(r.compute().starts("basalt-a"), 1);
+}
+
+#[test]
+fn stop_is_graceful_first_and_forced_when_the_guest_ignores_it() {
+    let mut r = reconciler();
+    let a = vm("a", true);
+    r.reconcile(&desired(&[&a])).unwrap();
+    let stopped = vm("a", false);
+    let stopped = DesiredVm {
+        spec: a.spec.clone(),
+        ..stopped
+    };
+    // The simulated guest never answers the ACPI request: forced after GRACE.
+    let pass = r.reconcile(&desired(&[&stopped])).unwrap();
+    assert_eq!(verbs(&pass), ["stop basalt-a"]);
+    assert_eq!(state(&r, "basalt-a"), Some(PowerState::ShutOff));
+}
+
+#[test]
+fn a_crashed_guest_is_started_again() {
+    let mut r = reconciler();
+    let a = vm("a", true);
+    r.reconcile(&desired(&[&a])).unwrap();
+    r.compute().crash("basalt-a");
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert_eq!(verbs(&pass), ["start basalt-a"]);
+    assert_eq!(r.compute().starts("basalt-a"), 2);
+}
+
+#[test]
+fn a_vm_no_longer_placed_here_is_destroyed_and_undefined_and_others_are_left_alone() {
+    let mut r = reconciler();
+    let (a, b) = (vm("a", true), vm("b", true));
+    r.reconcile(&desired(&[&a, &b])).unwrap();
+    // A domain that is not Basalt's, running on the same hypervisor.
+    let foreign = conformance::spec("someone-elses");
+    r.compute().define(&foreign).unwrap();
+    r.compute().start("someone-elses").unwrap();
+
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert_eq!(verbs(&pass), ["destroy basalt-b", "undefine basalt-b"]);
+    assert_eq!(state(&r, "basalt-b"), None);
+    assert_eq!(state(&r, "someone-elses"), Some(PowerState::Running));
+}
+
+#[test]
+fn a_restarted_agent_adopts_running_domains() {
+    let sim = std::sync::Arc::new(SimCompute::new());
+    let a = vm("a", true);
+    {
+        let mut first = Reconciler::new(sim.clone(), PREFIX, GRACE);
+        first.reconcile(&desired(&[&a])).unwrap();
+    }
+    let mut second = Reconciler::new(sim.clone(), PREFIX, GRACE);
+    let pass = second.reconcile(&desired(&[&a])).unwrap();
+    // It redefines once (it cannot know what was defined before) but
+    // never restarts the running guest.
+    assert_eq!(verbs(&pass), ["define basalt-a"]);
+    assert_eq!(sim.starts("basalt-a"), 1);
+    assert!(
+        second
+            .reconcile(&desired(&[&a]))
+            .unwrap()
+            .executed
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_fenced_agent_destroys_every_basalt_domain_and_starts_none() {
+    let mut r = reconciler();
+    let (a, b) = (vm("a", true), vm("b", true));
+    r.reconcile(&desired(&[&a, &b])).unwrap();
+    let foreign = conformance::spec("someone-elses");
+    r.compute().define(&foreign).unwrap();
+    r.compute().start("someone-elses").unwrap();
+    let c = vm("c", true);
+
+    let fenced = Desired {
+        fenced: true,
+        ..desired(&[&a, &b, &c])
+    };
+    let pass = r.reconcile(&fenced).unwrap();
+    assert_eq!(verbs(&pass), ["destroy basalt-a", "destroy basalt-b"]);
+    assert!(!state(&r, "basalt-a").unwrap().is_active());
+    assert_eq!(
+        state(&r, "basalt-c"),
+        None,
+        "nothing new starts while fenced"
+    );
+    assert_eq!(state(&r, "someone-elses"), Some(PowerState::Running));
+}
+
+#[test]
+fn a_name_taken_by_another_uuid_is_a_conflict_not_a_replacement() {
+    let mut r = reconciler();
+    let a = vm("a", true);
+    let mut other = a.spec.clone();
+    other.uuid = uuid::Uuid::new_v4();
+    r.compute().define(&other).unwrap();
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert!(pass.executed.is_empty());
+    assert!(
+        pass.vms[0].error.as_deref().unwrap_or("").contains("UUID"),
+        "{:?}",
+        pass.vms
+    );
+    assert_eq!(
+        r.compute().status("basalt-a").unwrap().unwrap().uuid,
+        other.uuid
+    );
+}
+
+#[test]
+fn a_failed_action_is_reported_and_retried_next_pass() {
+    let mut r = reconciler();
+    let a = vm("a", true);
+    r.compute().fail_next("start");
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert!(
+        pass.vms[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("injected"),
+        "{:?}",
+        pass.vms
+    );
+    assert_eq!(pass.vms[0].state, Some(PowerState::ShutOff));
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert_eq!(verbs(&pass), ["start basalt-a"]);
+    assert_eq!(
+        pass.vms[0],
+        VmObservation {
+            name: "basalt-a".into(),
+            state: Some(PowerState::Running),
+            error: None
+        }
+    );
+}
+
+/// What can happen between two passes.
+#[derive(Debug, Clone)]
+enum Event {
+    Want { vm: u8, running: bool },
+    Unplace { vm: u8 },
+    Crash { vm: u8 },
+    GuestShutsDown { vm: u8 },
+    Fence(bool),
+    AgentRestart,
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        (0..4u8, any::<bool>()).prop_map(|(vm, running)| Event::Want { vm, running }),
+        (0..4u8).prop_map(|vm| Event::Unplace { vm }),
+        (0..4u8).prop_map(|vm| Event::Crash { vm }),
+        (0..4u8).prop_map(|vm| Event::GuestShutsDown { vm }),
+        any::<bool>().prop_map(Event::Fence),
+        Just(Event::AgentRestart),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// After any sequence of events, one pass makes the hypervisor match
+    /// what is wanted: wanted-running VMs run (unless fenced), wanted-stopped
+    /// ones do not, unplaced ones are gone, a fenced node runs nothing; and
+    /// a second pass has nothing left to do.
+    #[test]
+    fn one_pass_converges(events in proptest::collection::vec(event(), 1..30)) {
+        let sim = std::sync::Arc::new(SimCompute::new());
+        let specs: Vec<_> = (0..4).map(|i| conformance::spec(&format!("{PREFIX}vm{i}"))).collect();
+        let mut wanted: BTreeMap<u8, bool> = BTreeMap::new();
+        let mut fenced = false;
+        let mut r = Reconciler::new(sim.clone(), PREFIX, Duration::ZERO);
+        for event in events {
+            match event {
+                Event::Want { vm, running } => { wanted.insert(vm, running); }
+                Event::Unplace { vm } => { wanted.remove(&vm); }
+                Event::Crash { vm } => sim.crash(&specs[vm as usize].name),
+                Event::GuestShutsDown { vm } => sim.complete_shutdown(&specs[vm as usize].name),
+                Event::Fence(f) => fenced = f,
+                Event::AgentRestart => r = Reconciler::new(sim.clone(), PREFIX, Duration::ZERO),
+            }
+            let d = Desired {
+                vms: wanted.iter().map(|(vm, running)| DesiredVm { spec: specs[*vm as usize].clone(), running: *running }).collect(),
+                fenced,
+            };
+            r.reconcile(&d).unwrap();
+            for (i, spec) in specs.iter().enumerate() {
+                let state = sim.status(&spec.name).unwrap().map(|s| s.state);
+                let active = state.is_some_and(PowerState::is_active);
+                match wanted.get(&(i as u8)) {
+                    _ if fenced => prop_assert!(!active, "{} runs on a fenced node", spec.name),
+                    Some(true) => prop_assert_eq!(state, Some(PowerState::Running)),
+                    Some(false) => prop_assert!(!active, "{} should be stopped", spec.name),
+                    None => prop_assert_eq!(state, None),
+                }
+            }
+            if !fenced {
+                let again = r.reconcile(&d).unwrap();
+                prop_assert!(again.executed.is_empty(), "second pass did {:?}", verbs(&again));
+            }
+        }
+    }
+}

@@ -36,6 +36,9 @@ static DATAPATH_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// Where bpffs is mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
 
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -369,6 +372,31 @@ impl Loader {
         self.conntrack.keys().filter(Result::is_ok).count()
     }
 
+    /// The tracked flows to or from `ip`: what moves with an endpoint, so
+    /// that stateful policy keeps its open flows on the new node.
+    pub fn conntrack_of(&self, ip: std::net::Ipv4Addr) -> Vec<(CtKey, CtValue)> {
+        let key = crate::abi::ip_key(ip);
+        self.conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.saddr == key || k.daddr == key)
+            .collect()
+    }
+
+    /// Adds flows exported by another node's [`Loader::conntrack_of`]
+    /// (entries already known here are kept as they are).
+    pub fn import_conntrack(&mut self, flows: &[(CtKey, CtValue)]) -> Result<(), LoaderError> {
+        for (k, v) in flows {
+            match self.conntrack.insert(k, v, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(map_err("conntrack")(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Packets counted over every tracked flow: proof that traffic goes
     /// through the programs.
     pub fn conntrack_packets(&self) -> u64 {
@@ -378,6 +406,72 @@ impl Loader {
             .map(|(_, v)| v.packets)
             .sum()
     }
+}
+
+/// What a node's pinned datapath holds, read without loading anything:
+/// what `basaltd net status` prints.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// Interfaces with a pinned link.
+    pub links: Vec<String>,
+    /// Endpoints: address → entry.
+    pub endpoints: BTreeMap<std::net::Ipv4Addr, EndpointValue>,
+    /// Local taps: ifindex → entry.
+    pub ifaces: BTreeMap<u32, IfaceValue>,
+    /// Identities a policy selects, with their `SUBJ_*` flags.
+    pub subjects: BTreeMap<u32, u32>,
+    /// Tracked flows.
+    pub conntrack: usize,
+    /// Drops by reason.
+    pub drops: BTreeMap<DropReason, u64>,
+}
+
+/// Reads `node`'s pinned maps (see [`Status`]).
+pub fn status(node: &str) -> Result<Status, LoaderError> {
+    let dir = pin_dir(node);
+    let open = |name: &'static str| {
+        MapData::from_pin(dir.join("maps").join(name))
+            .and_then(aya::maps::Map::from_map_data)
+            .map_err(map_err(name))
+    };
+    let mut out = Status::default();
+    let links = std::fs::read_dir(dir.join("links")).map_err(|source| LoaderError::PinDir {
+        path: dir.join("links"),
+        source,
+    })?;
+    out.links = links
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    out.links.sort();
+    let endpoints: HashMap<_, u32, EndpointValue> =
+        HashMap::try_from(open("endpoints")?).map_err(map_err("endpoints"))?;
+    for item in endpoints.iter() {
+        let (k, v) = item.map_err(map_err("endpoints"))?;
+        out.endpoints.insert(crate::abi::ip_from_key(k), v);
+    }
+    let ifaces: HashMap<_, u32, IfaceValue> =
+        HashMap::try_from(open("ifaces")?).map_err(map_err("ifaces"))?;
+    for item in ifaces.iter() {
+        let (k, v) = item.map_err(map_err("ifaces"))?;
+        out.ifaces.insert(k, v);
+    }
+    let subjects: HashMap<_, u32, SubjectValue> =
+        HashMap::try_from(open("subjects")?).map_err(map_err("subjects"))?;
+    for item in subjects.iter() {
+        let (k, v) = item.map_err(map_err("subjects"))?;
+        out.subjects.insert(k, v.flags);
+    }
+    let conntrack: HashMap<_, CtKey, CtValue> =
+        HashMap::try_from(open("conntrack")?).map_err(map_err("conntrack"))?;
+    out.conntrack = conntrack.keys().filter(Result::is_ok).count();
+    let drops: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(open("drops")?).map_err(map_err("drops"))?;
+    for reason in DropReason::ALL {
+        let per_cpu = drops.get(&(reason as u32), 0).map_err(map_err("drops"))?;
+        out.drops.insert(reason, per_cpu.iter().sum());
+    }
+    Ok(out)
 }
 
 impl MapStore for Loader {

@@ -91,14 +91,6 @@ pub enum SyncError {
     /// The desired state is inconsistent.
     #[error("invalid desired state")]
     Model(#[from] ModelError),
-    /// A local endpoint's tap does not exist on this node.
-    #[error("endpoint {ip}: tap {tap:?} does not exist on this node")]
-    NoTap {
-        /// The endpoint.
-        ip: Ipv4Addr,
-        /// The missing tap.
-        tap: String,
-    },
     /// More than [`MAX_RULES`] distinct rules apply to one subject, direction
     /// and peer.
     #[error("identity {subject}: more than {MAX_RULES} rules for peer {peer}")]
@@ -122,6 +114,17 @@ pub struct NodeConfig {
     pub vxlan_ifindex: u32,
 }
 
+/// The map contents for a desired state, and what could not be placed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiled {
+    /// What the maps should hold.
+    pub state: MapState,
+    /// Local endpoints whose tap does not exist (yet): left out of the
+    /// maps, so traffic to them is dropped as `no-endpoint` until the tap
+    /// appears and the next apply adds them.
+    pub unready: Vec<Ipv4Addr>,
+}
+
 /// Compiles the desired state into map contents. `ifindex` resolves a local
 /// tap's name; `standby` lists taps (name, endpoint IP) waiting for a guest.
 pub fn compile(
@@ -131,8 +134,9 @@ pub fn compile(
     policies: &[Policy],
     standby: &[(String, Ipv4Addr)],
     ifindex: &dyn Fn(&str) -> Option<u32>,
-) -> Result<MapState, SyncError> {
+) -> Result<Compiled, SyncError> {
     model::validate(endpoints, networks, policies)?;
+    let mut unready = Vec::new();
     let mut state = MapState {
         config: Config {
             gateway_mac: abi::GATEWAY_MAC,
@@ -159,10 +163,10 @@ pub fn compile(
             flags: 0,
         };
         if local {
-            let index = ifindex(&ep.tap).ok_or_else(|| SyncError::NoTap {
-                ip: ep.ip,
-                tap: ep.tap.clone(),
-            })?;
+            let Some(index) = ifindex(&ep.tap) else {
+                unready.push(ep.ip);
+                continue;
+            };
             value.ifindex = index;
             value.flags |= EP_LOCAL;
             state.ifaces.insert(
@@ -190,7 +194,7 @@ pub fn compile(
         }
     }
     compile_policies(policies, &mut state)?;
-    Ok(state)
+    Ok(Compiled { state, unready })
 }
 
 fn compile_policies(policies: &[Policy], state: &mut MapState) -> Result<(), SyncError> {
@@ -392,12 +396,15 @@ pub struct Datapath<S: MapStore> {
 }
 
 /// What one [`Datapath::apply`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
     /// Whether the maps were read back first (full resync).
     pub resynced: bool,
     /// How many map writes it took.
     pub writes: usize,
+    /// Local endpoints left out because their tap does not exist (see
+    /// [`Compiled::unready`]); a later apply adds them.
+    pub unready: Vec<Ipv4Addr>,
 }
 
 impl<S: MapStore> Datapath<S> {
@@ -436,7 +443,10 @@ impl<S: MapStore> Datapath<S> {
         standby: &[(String, Ipv4Addr)],
         ifindex: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<ApplyReport, SyncError> {
-        let desired = compile(&self.node, endpoints, networks, policies, standby, ifindex)?;
+        let Compiled {
+            state: desired,
+            unready,
+        } = compile(&self.node, endpoints, networks, policies, standby, ifindex)?;
         let resynced = self.known.is_none();
         let known = match self.known.take() {
             Some(known) => known,
@@ -456,6 +466,7 @@ impl<S: MapStore> Datapath<S> {
         Ok(ApplyReport {
             resynced,
             writes: changes.len(),
+            unready,
         })
     }
 }
@@ -564,7 +575,8 @@ mod tests {
             &[],
             &taps,
         )
-        .unwrap();
+        .unwrap()
+        .state;
         let local = state.endpoints[&ip_key(Ipv4Addr::new(10, 50, 0, 1))];
         assert_eq!(
             (local.ifindex, local.flags, local.vni, local.identity),
@@ -585,11 +597,13 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_local_tap_is_an_error() {
+    fn a_missing_local_tap_leaves_only_that_endpoint_out() {
         let mut e = ep(1, NODE, 0);
         e.tap = "nosuch".into();
-        let err = compile(&node(), &[e], &nets(), &[], &[], &taps).unwrap_err();
-        assert!(matches!(err, SyncError::NoTap { .. }), "{err}");
+        let out = compile(&node(), &[e, ep(2, NODE, 0)], &nets(), &[], &[], &taps).unwrap();
+        assert_eq!(out.unready, [Ipv4Addr::new(10, 50, 0, 1)]);
+        assert_eq!(out.state.endpoints.len(), 1);
+        assert_eq!(out.state.ifaces.len(), 1);
     }
 
     #[test]
@@ -613,7 +627,9 @@ mod tests {
             ]),
             egress: None,
         };
-        let state = compile(&node(), &[], &nets(), &[policy], &[], &taps).unwrap();
+        let state = compile(&node(), &[], &nets(), &[policy], &[], &taps)
+            .unwrap()
+            .state;
         assert_eq!(state.subjects[&7].flags, SUBJ_INGRESS);
         let key = |cidr: &str| {
             let c: Cidr = cidr.parse().unwrap();
@@ -678,7 +694,9 @@ mod tests {
                 .writes
                 .contains(&Change::DelEndpoint(ip_key(Ipv4Addr::new(10, 50, 9, 9))))
         );
-        let expected = compile(&node(), &eps, &nets(), &[], &[], &taps).unwrap();
+        let expected = compile(&node(), &eps, &nets(), &[], &[], &taps)
+            .unwrap()
+            .state;
         assert_eq!(dp.store().state, expected);
 
         let again = dp.apply(&eps, &nets(), &[], &[], &taps).unwrap();
@@ -686,7 +704,8 @@ mod tests {
             again,
             ApplyReport {
                 resynced: false,
-                writes: 0
+                writes: 0,
+                unready: vec![]
             }
         );
 
@@ -746,7 +765,9 @@ mod tests {
         assert!(report.resynced);
         assert_eq!(
             dp.store().state,
-            compile(&node(), &eps, &nets(), &[], &[], &taps).unwrap()
+            compile(&node(), &eps, &nets(), &[], &[], &taps)
+                .unwrap()
+                .state
         );
     }
 }

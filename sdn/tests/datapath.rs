@@ -8,6 +8,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use basalt_sdn::abi::{self, DropReason, EVENT_DROP};
+use basalt_sdn::loader;
 use basalt_testkit::{Fabric, Prefix};
 use common::{NodeDatapath, Vm, echo_on, init_logs, mac_str};
 
@@ -86,6 +87,14 @@ fn same_node_traffic_gateway_arp_and_antispoofing() {
     assert!(dp.drops(DropReason::SpoofMac) > before);
     vm1.ip(&["link", "set", "eth0", "address", &mac_str(vm1.mac)]);
     assert!(vm1.udp_echo(VM1, echo, b"back to normal").is_some());
+
+    // What `basaltd net status` shows, read from the pins alone.
+    let status = loader::status(node.netns()).unwrap();
+    assert_eq!(status.links, ["vmtap1", "vmtap2"]);
+    assert_eq!(status.endpoints.len(), 2);
+    assert_eq!(status.ifaces.len(), 2);
+    assert!(status.conntrack >= 2);
+    assert!(status.drops[&DropReason::SpoofMac] > 0 && status.drops[&DropReason::SpoofIp] > 0);
 }
 
 #[test]

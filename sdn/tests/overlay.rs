@@ -86,8 +86,16 @@ fn endpoint_moves_on_activation_and_flows_continue() {
     let mut dp_a = NodeDatapath::start(&a, &[], true);
     let mut dp_b = NodeDatapath::start(&b, &[&peer, &mover], true);
     let before = [peer.endpoint(b.addr(), 3), mover.endpoint(b.addr(), 2)];
-    dp_a.apply(&before, &[]);
-    dp_b.apply(&before, &[]);
+    // Stateful policy: the mover may start nothing; its replies pass only
+    // because connection tracking knows the flows.
+    let closed = [Policy {
+        name: "mover-egress-closed".into(),
+        selector: BTreeSet::from([2]),
+        ingress: None,
+        egress: Some(vec![]),
+    }];
+    dp_a.apply(&before, &closed);
+    dp_b.apply(&before, &closed);
     mover.start_echo(7000);
 
     // The peer holds one connection to the mover, same node at first.
@@ -103,7 +111,7 @@ fn endpoint_moves_on_activation_and_flows_continue() {
     b.ip(&["link", "set", &mover.tap, "netns", &a_ns]).unwrap();
     dp_a.attach_tap(&mover);
     let standby = [(mover.tap.clone(), mover_ip)];
-    dp_a.apply_standby(&before, &[], &standby);
+    dp_a.apply_standby(&before, &closed, &standby);
     dp_a.loader().drain_events();
 
     // The guest's first frames on the standby tap: one activation event,
@@ -134,15 +142,22 @@ fn endpoint_moves_on_activation_and_flows_continue() {
     assert!(dp_a.drops(DropReason::Standby) >= 2);
     assert!(standby_drops < dp_a.drops(DropReason::Standby));
 
-    // The agent moves the endpoint; every node applies it.
+    // The agent moves the endpoint, with its tracked flows; every node
+    // applies it.
+    let flows = dp_b.loader().conntrack_of(mover_ip);
+    assert!(!flows.is_empty());
+    dp_a.loader().import_conntrack(&flows).unwrap();
     let after = [peer.endpoint(b.addr(), 3), mover.endpoint(a.addr(), 2)];
-    dp_a.apply(&after, &[]);
-    dp_b.apply(&after, &[]);
+    let policy_drops = dp_a.drops(DropReason::Policy);
+    dp_a.apply(&after, &closed);
+    dp_b.apply(&after, &closed);
 
-    // The same connection continues, now across the overlay.
+    // The same connection continues, now across the overlay; with the
+    // mover's egress closed, only tracked flows pass on the new node.
     echo_on(&mut conn, 10_000).expect("the connection survives the move");
     assert!(
-        dp_a.loader().conntrack_len() > 0,
+        dp_a.loader().conntrack_packets() > 0,
         "node a's programs carry the flow"
     );
+    assert_eq!(dp_a.drops(DropReason::Policy), policy_drops);
 }

@@ -8,6 +8,7 @@
 mod control;
 mod lab;
 mod logging;
+mod storage;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,8 @@ enum Command {
     /// A multi-node lab on this machine: every node a network namespace
     /// with its own libvirtd, and a test VM running.
     Lab(lab::LabArgs),
+    /// The node's storage process: thin pool, volumes, NBD server.
+    Storage(storage::StorageArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let result = match cli.command {
         Command::Lab(args) => lab::run(args),
+        Command::Storage(args) => storage::run(args),
         Command::Control(args) => control::run(*args),
     };
     match result {

@@ -3,6 +3,7 @@
 use crate::report::Report;
 
 mod guest_boot;
+mod nbd;
 
 /// Options every suite may use.
 #[derive(Debug, Clone, Default)]
@@ -19,8 +20,15 @@ pub struct Suite {
     pub run: fn(&Options) -> anyhow::Result<Report>,
 }
 
-pub const ALL: &[Suite] = &[Suite {
-    name: "guest-boot",
-    about: "libvirt define to the test guest answering, against plain QEMU booting the same guest",
-    run: guest_boot::run,
-}];
+pub const ALL: &[Suite] = &[
+    Suite {
+        name: "guest-boot",
+        about: "libvirt define to the test guest answering, against plain QEMU booting the same guest",
+        run: guest_boot::run,
+    },
+    Suite {
+        name: "nbd",
+        about: "fio through NBD: Basalt against qemu-nbd, nbdkit file, nbdkit null and local O_DIRECT",
+        run: nbd::run,
+    },
+];

@@ -7,7 +7,9 @@ use basalt_sds::nbd::proto;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(head) = <[u8; proto::REQUEST_LEN]>::try_from(data.get(..proto::REQUEST_LEN).unwrap_or(&[])) {
+    if let Ok(head) =
+        <[u8; proto::REQUEST_LEN]>::try_from(data.get(..proto::REQUEST_LEN).unwrap_or(&[]))
+    {
         if let Ok(req) = proto::Request::parse(&head) {
             assert_eq!(req.encode(), head);
         }

@@ -505,25 +505,36 @@ impl Session {
     }
 }
 
-async fn transmission<R, W>(session: Session, mut rd: R, wr: W) -> Result<(), SessionError>
+async fn transmission<R, W>(
+    session: Session,
+    mut rd: BufReader<R>,
+    wr: W,
+) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let session = Arc::new(session);
+    let wr = Arc::new(tokio::sync::Mutex::new(wr));
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT * 2);
-    let writer = tokio::spawn(async move {
-        let mut wr = wr;
-        while let Some(buf) = rx.recv().await {
-            wr.write_all(&buf).await?;
-            // Coalesce replies that are already waiting, then send.
-            while let Ok(buf) = rx.try_recv() {
+    let writer = {
+        let wr = wr.clone();
+        tokio::spawn(async move {
+            while let Some(buf) = rx.recv().await {
+                let mut wr = wr.lock().await;
                 wr.write_all(&buf).await?;
+                // Coalesce replies that are already waiting, then send.
+                while let Ok(buf) = rx.try_recv() {
+                    wr.write_all(&buf).await?;
+                }
+                wr.flush().await?;
             }
-            wr.flush().await?;
-        }
-        wr.shutdown().await
-    });
+            wr.lock().await.shutdown().await
+        })
+    };
+    // Inline execution needs a runtime that can lend out the worker thread.
+    let can_inline = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread;
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = async {
         loop {
@@ -544,6 +555,19 @@ where
                 }
                 payload = vec![0u8; req.length as usize];
                 rd.read_exact(&mut payload).await?;
+            }
+            // A lone request (nothing in flight, nothing more buffered) runs
+            // on this task and answers directly: no hand-off to a blocking
+            // thread and back, which is most of a queue-depth-1 round trip.
+            let lone = can_inline
+                && rd.buffer().is_empty()
+                && permits.available_permits() == MAX_IN_FLIGHT;
+            if lone {
+                let reply = tokio::task::block_in_place(|| session.execute(req, payload));
+                let mut w = wr.lock().await;
+                w.write_all(&reply).await?;
+                w.flush().await?;
+                continue;
             }
             let permit = permits
                 .clone()

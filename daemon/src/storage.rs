@@ -1,0 +1,364 @@
+//! `basaltd storage`: the per-node storage process and its operator
+//! commands — create a pool, manage its volumes, serve them over NBD.
+//!
+//! The pool file is locked by whichever process has it open, so volume
+//! commands fail with a clear message while `serve` runs on the same pool.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use basalt_sds::backend::FileBackend;
+use basalt_sds::nbd::Server;
+use basalt_sds::pool::{Pool, PoolOptions, VolumeInfo};
+use clap::{Args, Subcommand};
+
+/// `basaltd storage ...`
+#[derive(Debug, Args)]
+pub struct StorageArgs {
+    #[command(subcommand)]
+    command: StorageCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum StorageCommand {
+    /// Create or inspect a pool.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Create, list, snapshot, clone, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Serve every volume of a pool over NBD (export name = volume name or
+    /// uid) until SIGTERM or SIGINT.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// Format a file (created sparse) or block device as an empty pool.
+    Create {
+        /// The backing file or block device.
+        #[arg(long)]
+        path: PathBuf,
+        /// Size of a new backing file, e.g. 10G (ignored for a block device).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Data chunk size, a power of two from 4K to 4M.
+        #[arg(long, value_parser = parse_size, default_value = "64K")]
+        chunk_size: u64,
+        /// Volumes may add up to this percentage of the data area.
+        #[arg(long, default_value_t = basalt_sds::pool::DEFAULT_OVERPROVISION_PERCENT)]
+        overprovision_percent: u32,
+        /// Overwrite an existing pool.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the pool's state and check its invariants.
+    Status {
+        /// The pool.
+        #[arg(long, env = "BASALT_POOL")]
+        pool: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create an empty thin volume.
+    Create {
+        /// The pool.
+        #[arg(long, env = "BASALT_POOL")]
+        pool: PathBuf,
+        /// The volume's name.
+        name: String,
+        /// Its size, e.g. 10G (a multiple of 512 bytes).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// List volumes.
+    List {
+        /// The pool.
+        #[arg(long, env = "BASALT_POOL")]
+        pool: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A read-only snapshot sharing the source's chunks.
+    Snapshot {
+        /// The pool.
+        #[arg(long, env = "BASALT_POOL")]
+        pool: PathBuf,
+        /// The volume to snapshot.
+        source: String,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// A writable clone sharing the source's chunks.
+    Clone {
+        /// The pool.
+        #[arg(long, env = "BASALT_POOL")]
+        pool: PathBuf,
+        /// The volume or snapshot to clone.
+        source: String,
+        /// The clone's name.
+        name: String,
+    },
+    /// Grow a volume.
+    Resize {
+        /// The pool.
+        #[arg(long, env = "BASALT_POOL")]
+        pool: PathBuf,
+        /// The volume.
+        name: String,
+        /// The new size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume (chunks shared with snapshots or clones stay).
+    Delete {
+        /// The pool.
+        #[arg(long, env = "BASALT_POOL")]
+        pool: PathBuf,
+        /// The volume.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The pool.
+    #[arg(long, env = "BASALT_POOL")]
+    pool: PathBuf,
+    /// TCP address to serve NBD on.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: SocketAddr,
+    /// Also serve on this Unix socket.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+}
+
+/// Parses `4096`, `64K`, `10M`, `1G`, `2T` (also `KiB`, `MiB`, ...; powers
+/// of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64K, 10G)"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        "P" | "PB" | "PIB" => 50,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn open(path: &Path) -> anyhow::Result<Pool> {
+    if !path.exists() {
+        bail!(
+            "pool {} does not exist (create it with `basaltd storage pool create`)",
+            path.display()
+        );
+    }
+    let backend = FileBackend::open(path)?;
+    Pool::open(Arc::new(backend)).with_context(|| format!("opening pool {}", path.display()))
+}
+
+fn print_volume(v: &VolumeInfo) {
+    println!(
+        "{:<24} {:>14} {:>14} {:<3} {}",
+        v.name,
+        v.size,
+        v.mapped_bytes,
+        if v.read_only { "ro" } else { "rw" },
+        v.uid
+    );
+}
+
+fn volume_json(v: &VolumeInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": v.name,
+        "uid": v.uid.to_string(),
+        "size": v.size,
+        "mapped_bytes": v.mapped_bytes,
+        "read_only": v.read_only,
+        "created": v.created,
+    })
+}
+
+/// Runs a storage subcommand.
+pub fn run(args: StorageArgs) -> anyhow::Result<()> {
+    match args.command {
+        StorageCommand::Pool(PoolCommand::Create {
+            path,
+            size,
+            chunk_size,
+            overprovision_percent,
+            force,
+        }) => {
+            if !force && path.exists() && FileBackend::open(&path).is_ok_and(|b| Pool::probe(&b)) {
+                bail!(
+                    "{} already holds a pool (pass --force to overwrite it)",
+                    path.display()
+                );
+            }
+            let chunk_size = u32::try_from(chunk_size)
+                .map_err(|_| anyhow::anyhow!("chunk size {chunk_size} is too large"))?;
+            let backend = FileBackend::create(&path, size)?;
+            let opts = PoolOptions {
+                chunk_size,
+                overprovision_percent,
+                ..PoolOptions::default()
+            };
+            let pool = Pool::create(Arc::new(backend), &opts)
+                .with_context(|| format!("creating pool {}", path.display()))?;
+            let st = pool.status();
+            println!(
+                "created pool {} at {}: {} chunks of {} bytes",
+                st.uid,
+                path.display(),
+                st.data_chunks,
+                st.chunk_size
+            );
+        }
+        StorageCommand::Pool(PoolCommand::Status { pool, json }) => {
+            let p = open(&pool)?;
+            let st = p.status();
+            let verified = p.verify();
+            if json {
+                let v = serde_json::json!({
+                    "uid": st.uid.to_string(),
+                    "chunk_size": st.chunk_size,
+                    "data_chunks": st.data_chunks,
+                    "free_chunks": st.free_chunks,
+                    "virtual_bytes": st.virtual_bytes,
+                    "virtual_limit": st.virtual_limit,
+                    "volumes": st.volumes,
+                    "generation": st.generation,
+                    "verify": verified.as_ref().map_or_else(|e| e.to_string(), |()| "ok".into()),
+                });
+                println!("{v}");
+            } else {
+                println!("pool        {}", st.uid);
+                println!("chunk size  {}", st.chunk_size);
+                println!("chunks      {} ({} free)", st.data_chunks, st.free_chunks);
+                println!(
+                    "virtual     {} of {} allowed",
+                    st.virtual_bytes, st.virtual_limit
+                );
+                println!("volumes     {}", st.volumes);
+                println!("generation  {}", st.generation);
+            }
+            verified.context("pool verification")?;
+        }
+        StorageCommand::Volume(cmd) => volume(cmd)?,
+        StorageCommand::Serve(args) => serve(args)?,
+    }
+    Ok(())
+}
+
+fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
+    match cmd {
+        VolumeCommand::Create { pool, name, size } => {
+            print_volume(&open(&pool)?.create_volume(&name, size)?);
+        }
+        VolumeCommand::List { pool, json } => {
+            let vols = open(&pool)?.list();
+            if json {
+                let all: Vec<_> = vols.iter().map(volume_json).collect();
+                println!("{}", serde_json::Value::Array(all));
+            } else {
+                println!(
+                    "{:<24} {:>14} {:>14} {:<3} UID",
+                    "NAME", "SIZE", "MAPPED", "RW"
+                );
+                vols.iter().for_each(print_volume);
+            }
+        }
+        VolumeCommand::Snapshot { pool, source, name } => {
+            print_volume(&open(&pool)?.snapshot(&source, &name)?);
+        }
+        VolumeCommand::Clone { pool, source, name } => {
+            print_volume(&open(&pool)?.clone_volume(&source, &name)?);
+        }
+        VolumeCommand::Resize { pool, name, size } => {
+            print_volume(&open(&pool)?.resize(&name, size)?);
+        }
+        VolumeCommand::Delete { pool, name } => {
+            open(&pool)?.delete(&name)?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let pool = open(&args.pool)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(async {
+        let server = Server::new(pool.clone());
+        let tcp = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(server.clone().serve_tcp(tcp));
+        if let Some(path) = &args.unix {
+            let unix = Server::bind_unix(path)
+                .with_context(|| format!("listening on {}", path.display()))?;
+            tasks.spawn(server.serve_unix(unix));
+        }
+        tracing::info!(
+            listen = %args.listen,
+            unix = ?args.unix,
+            pool = %args.pool.display(),
+            volumes = pool.list().len(),
+            "serving NBD"
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            Some(r) = tasks.join_next() => {
+                r.context("listener task")?.context("accepting connections")?;
+            }
+        }
+        anyhow::Ok(())
+    });
+    pool.flush().context("flushing the pool on shutdown")?;
+    if let Some(path) = &args.unix {
+        let _ = std::fs::remove_file(path);
+    }
+    // Blocking workers may still be parked on idle connections.
+    rt.shutdown_background();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999P").is_err());
+    }
+}

@@ -172,9 +172,10 @@ fn vm() -> impl Strategy<Value = Vm> {
         nics(),
         labels(),
         prop::option::of(name()),
+        prop::option::of(("/[a-z]{1,8}", "(/[a-z]{1,8})?", "[ -~]{0,40}")),
     )
         .prop_map(
-            |(cpus, memory_mib, running, disks, nics, node_selector, group)| VmSpec {
+            |(cpus, memory_mib, running, disks, nics, node_selector, group, kernel)| VmSpec {
                 cpus,
                 memory_mib,
                 running,
@@ -184,6 +185,11 @@ fn vm() -> impl Strategy<Value = Vm> {
                     node_selector,
                     anti_affinity_group: group,
                 },
+                kernel: kernel.map(|(kernel, initrd, cmdline)| KernelBoot {
+                    kernel,
+                    initrd,
+                    cmdline,
+                }),
             },
         );
     (meta(), spec).prop_flat_map(|(meta, spec)| {

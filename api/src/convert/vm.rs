@@ -2,7 +2,9 @@
 
 use super::{enum_value, parse_ip, required};
 use crate::pb;
-use crate::{ApiError, Disk, Nic, NicAddress, PlacementRules, Vm, VmPhase, VmSpec, VmStatus};
+use crate::{
+    ApiError, Disk, KernelBoot, Nic, NicAddress, PlacementRules, Vm, VmPhase, VmSpec, VmStatus,
+};
 
 impl From<Vm> for pb::Vm {
     fn from(vm: Vm) -> Self {
@@ -49,6 +51,11 @@ impl From<VmSpec> for pb::VmSpec {
                 node_selector: spec.placement.node_selector,
                 anti_affinity_group: spec.placement.anti_affinity_group,
             }),
+            kernel: spec.kernel.map(|k| pb::KernelBoot {
+                kernel: k.kernel,
+                initrd: k.initrd,
+                cmdline: k.cmdline,
+            }),
         }
     }
 }
@@ -79,6 +86,11 @@ impl TryFrom<pb::VmSpec> for VmSpec {
                 node_selector: placement.node_selector,
                 anti_affinity_group: placement.anti_affinity_group,
             },
+            kernel: spec.kernel.map(|k| KernelBoot {
+                kernel: k.kernel,
+                initrd: k.initrd,
+                cmdline: k.cmdline,
+            }),
         })
     }
 }

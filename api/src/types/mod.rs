@@ -20,7 +20,7 @@ pub use object::{Kind, Object, ObjectList};
 pub use placement::Placement;
 pub use token::{JoinToken, JoinTokenSpec, JoinTokenStatus, TokenSecret};
 pub use vm::{
-    DISK_SECTOR_BYTES, Disk, MAX_DISK_REPLICAS, MIN_VM_MEMORY_MIB, Nic, NicAddress, PlacementRules,
-    Vm, VmPhase, VmSpec, VmStatus,
+    DISK_SECTOR_BYTES, Disk, KernelBoot, MAX_DISK_REPLICAS, MIN_VM_MEMORY_MIB, Nic, NicAddress,
+    PlacementRules, Vm, VmPhase, VmSpec, VmStatus,
 };
 pub use watch::WatchEvent;

@@ -45,6 +45,46 @@ pub struct VmSpec {
     pub nics: Vec<Nic>,
     /// Where the VM may run.
     pub placement: PlacementRules,
+    /// Direct kernel boot; the first disk boots when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelBoot>,
+}
+
+/// A kernel (and initrd) that every node has at the same path, booted
+/// directly: how the test guest and appliance-style VMs start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KernelBoot {
+    /// Absolute path of the kernel image.
+    pub kernel: String,
+    /// Absolute path of the initrd; none when empty.
+    pub initrd: String,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+impl KernelBoot {
+    fn validate(&self) -> Result<(), ApiError> {
+        if !self.kernel.starts_with('/') {
+            return Err(ApiError::invalid(
+                "spec.kernel.kernel",
+                "must be an absolute path",
+            ));
+        }
+        if !self.initrd.is_empty() && !self.initrd.starts_with('/') {
+            return Err(ApiError::invalid(
+                "spec.kernel.initrd",
+                "must be an absolute path or empty",
+            ));
+        }
+        if self.cmdline.len() > 4096 || self.cmdline.contains(['\0', '\n']) {
+            return Err(ApiError::invalid(
+                "spec.kernel.cmdline",
+                "must be one line of at most 4096 bytes",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A VM disk: a replicated volume.
@@ -192,6 +232,9 @@ impl VmSpec {
         if let Some(group) = &self.placement.anti_affinity_group {
             validate::name("spec.placement.anti_affinity_group", group)?;
         }
+        if let Some(kernel) = &self.kernel {
+            kernel.validate()?;
+        }
         Ok(())
     }
 }
@@ -299,6 +342,11 @@ mod tests {
                     ip: Some("10.1.0.5".parse().unwrap()),
                 }],
                 placement: PlacementRules::default(),
+                kernel: Some(KernelBoot {
+                    kernel: "/boot/vmlinuz".into(),
+                    initrd: "/boot/initrd.img".into(),
+                    cmdline: "console=ttyS0".into(),
+                }),
             },
             status: VmStatus::default(),
         }
@@ -353,6 +401,18 @@ mod tests {
         let mut v = vm();
         v.spec.placement.anti_affinity_group = Some(String::new());
         assert_eq!(field_of(&v), "spec.placement.anti_affinity_group");
+
+        let mut v = vm();
+        v.spec.kernel.as_mut().unwrap().kernel = "vmlinuz".into();
+        assert_eq!(field_of(&v), "spec.kernel.kernel");
+
+        let mut v = vm();
+        v.spec.kernel.as_mut().unwrap().initrd = "initrd.img".into();
+        assert_eq!(field_of(&v), "spec.kernel.initrd");
+
+        let mut v = vm();
+        v.spec.kernel.as_mut().unwrap().cmdline = "a\nb".into();
+        assert_eq!(field_of(&v), "spec.kernel.cmdline");
 
         let mut v = vm();
         v.status.nic_addresses.push(NicAddress {

@@ -11,7 +11,8 @@
 //! - [`loader`]: the aya loader, pinned maps and TCX links ([`Loader`]);
 //! - [`netlink`]: links, addresses, routes and the VXLAN device;
 //! - [`dhcp`]: a DHCP server per tap handing out the leased /32;
-//! - [`snat`]: source NAT on the node's uplink for egress;
+//! - [`nftables`]: source NAT on the node's uplink for egress, and guards
+//!   that keep guest traffic the programs pass up from going elsewhere;
 //! - [`tap`]: VM taps through `/dev/net/tun`.
 //!
 //! Invariants:
@@ -26,7 +27,7 @@ pub mod dhcp;
 pub mod loader;
 pub mod model;
 pub mod netlink;
-pub mod snat;
+pub mod nftables;
 pub mod sync;
 pub mod tap;
 

@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use basalt_sdn::abi::{self, DropReason, EVENT_DROP};
 use basalt_sdn::loader;
+use basalt_sdn::nftables::{self, NodeRules};
 use basalt_testkit::{Fabric, Prefix};
 use common::{NodeDatapath, Vm, echo_on, init_logs, mac_str};
 
@@ -125,4 +126,15 @@ fn loader_restart_keeps_established_flows() {
     echo_on(&mut conn, 10_000).expect("the established flow survives the restart");
     // ...through the reloaded programs, which kept counting the flow.
     assert!(dp.loader().conntrack_packets() > packets);
+
+    // With the node's guards, a tap without its program does not turn into
+    // a path around it: the node's own routing refuses guest-to-guest.
+    let rules = NodeRules {
+        uplink: "eth0".into(),
+        tap_prefix: "vmtap".into(),
+        networks: vec![common::network().cidr],
+    };
+    node.run_in(|| nftables::apply(&rules)).unwrap().unwrap();
+    dp.loader().detach(&vm1.tap).unwrap();
+    assert!(!vm1.reaches(SocketAddr::from((VM2, 7000))));
 }

@@ -2,7 +2,8 @@
 //! `udhcpc` and gets its leased /32, the gateway, DNS and MTU from the
 //! tap's DHCP server; then it reaches an address outside the VM networks
 //! (a namespace playing "the outside") through source NAT on the node's
-//! uplink, and the outside sees the node's address, not the guest's.
+//! uplink, and the outside sees the node's address, not the guest's; the
+//! node's own services are out of the guest's reach.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use basalt_sdn::dhcp::{DhcpServer, GUEST_MTU, Lease};
-use basalt_sdn::snat;
+use basalt_sdn::nftables::{self, NodeRules};
 use basalt_testkit::{Fabric, Prefix};
 use common::{NodeDatapath, Vm, init_logs, network, spawn_in};
 
@@ -129,13 +130,28 @@ fn dhcp_then_egress_through_snat() {
         "reached the outside without SNAT"
     );
 
-    node.run_in(|| snat::apply("eth0", &[network().cidr]))
+    // Before the node's rules, a guest could reach the node's own services.
+    start_whoami(&node.netns_path(), 9100);
+    let node_service = SocketAddr::from((node.addr(), 9100));
+    assert_eq!(whoami(&vm, node_service), Some(leased.to_string()));
+
+    let rules = NodeRules {
+        uplink: "eth0".into(),
+        tap_prefix: "vmtap".into(),
+        networks: vec![network().cidr],
+    };
+    node.run_in(|| nftables::apply(&rules))
         .unwrap()
-        .expect("snat");
+        .expect("nftables");
     let seen = whoami(&vm, target).expect("egress through SNAT");
     assert_eq!(
         seen,
         node.addr().to_string(),
         "the outside sees the node's address"
+    );
+    assert_eq!(
+        whoami(&vm, node_service),
+        None,
+        "the node's services are guarded"
     );
 }

@@ -5,6 +5,7 @@
 //! Invariant: bad flags or configuration end the process with a message
 //! naming the problem and a non-zero exit status, never a panic.
 
+mod agent;
 mod control;
 mod lab;
 mod logging;
@@ -31,6 +32,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The node agent: joins the cluster and runs the VMs placed here.
+    Agent(Box<agent::AgentArgs>),
     /// A control-plane member: Raft-replicated cluster state and the admin API.
     Control(Box<control::ControlArgs>),
     /// A multi-node lab on this machine: every node a network namespace
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let result = match cli.command {
+        Command::Agent(args) => agent::run(*args),
         Command::Lab(args) => lab::run(args),
         Command::Storage(args) => storage::run(args),
         Command::Control(args) => control::run(*args),

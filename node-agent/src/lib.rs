@@ -15,3 +15,5 @@
 
 pub mod compute;
 pub mod reconcile;
+pub mod runtime;
+pub mod vm_domain;

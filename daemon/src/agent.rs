@@ -1,0 +1,153 @@
+//! `basaltd agent`: the node agent (see `basalt_agent::runtime`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use basalt_agent::compute::domain::Accel;
+use basalt_agent::compute::libvirt::LibvirtCompute;
+use basalt_agent::compute::sim::SimCompute;
+use basalt_agent::runtime::{self, AgentConfig};
+use basalt_agent::vm_domain::DomainPolicy;
+use basalt_api::Resources;
+use clap::{Args, ValueEnum};
+
+/// `basaltd agent` flags.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This node's name (a DNS label).
+    #[arg(long)]
+    node: String,
+    /// Where the cluster reaches this node (`host:port`).
+    #[arg(long)]
+    address: String,
+    /// A control-plane member (any member).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    server: String,
+    /// The join token's secret (`basalt token create`).
+    #[arg(long, env = "BASALT_JOIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The hypervisor: libvirt, or a simulated one for tests and scale runs.
+    #[arg(long, value_enum, default_value_t = Backend::Libvirt)]
+    compute: Backend,
+    /// libvirt connection URI.
+    #[arg(long, default_value = "qemu:///system")]
+    libvirt_uri: String,
+    /// Hardware acceleration for guests (TCG where KVM is unusable).
+    #[arg(long, value_enum, default_value_t = AccelArg::Tcg)]
+    accel: AccelArg,
+    /// The cluster-wide CPU model (same on every node so VMs can migrate).
+    #[arg(long, default_value = "qemu64")]
+    cpu_model: String,
+    /// Prefix of the libvirt domains this agent owns.
+    #[arg(long, default_value = "basalt-")]
+    domain_prefix: String,
+    /// Where VM consoles are written.
+    #[arg(long, default_value = "/var/log/basalt/console")]
+    console_dir: PathBuf,
+    /// vCPUs offered to VMs (default: the host's).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory offered to VMs in MiB (default: the host's).
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Stop every VM after this many milliseconds without an acknowledged
+    /// heartbeat.
+    #[arg(long, default_value_t = 8_000)]
+    fence_after_ms: u64,
+    /// Reconcile at least this often (milliseconds).
+    #[arg(long, default_value_t = 5_000)]
+    resync_ms: u64,
+    /// How long a graceful VM stop may take (milliseconds).
+    #[arg(long, default_value_t = 30_000)]
+    stop_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Backend {
+    Libvirt,
+    Sim,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AccelArg {
+    Tcg,
+    Kvm,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.console_dir).with_context(|| {
+        format!(
+            "creating the console directory {}",
+            args.console_dir.display()
+        )
+    })?;
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let config = AgentConfig {
+        node: args.node,
+        address: args.address,
+        server: args.server,
+        token: args.token,
+        capacity: Resources {
+            cpus: args.cpus.unwrap_or(host_cpus),
+            memory_mib: args.memory_mib.unwrap_or_else(host_memory_mib),
+            storage_bytes: 0,
+        },
+        policy: DomainPolicy {
+            prefix: args.domain_prefix,
+            accel: match args.accel {
+                AccelArg::Tcg => Accel::Tcg,
+                AccelArg::Kvm => Accel::Kvm,
+            },
+            cpu_model: Some(args.cpu_model),
+        },
+        console_dir: args.console_dir,
+        fence_after: Duration::from_millis(args.fence_after_ms),
+        resync: Duration::from_millis(args.resync_ms),
+        stop_grace: Duration::from_millis(args.stop_grace_ms),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let result = match args.compute {
+            Backend::Libvirt => {
+                runtime::run(
+                    config,
+                    Arc::new(LibvirtCompute::new(args.libvirt_uri)),
+                    shutdown(),
+                )
+                .await
+            }
+            Backend::Sim => runtime::run(config, Arc::new(SimCompute::new()), shutdown()).await,
+        };
+        result.context("the agent stopped")
+    })
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGTERM; only SIGINT stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping the agent; VMs keep running");
+}
+
+/// Total memory from /proc/meminfo, in MiB (0 when unreadable).
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib / 1024)
+}

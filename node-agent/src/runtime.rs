@@ -1,0 +1,418 @@
+//! The agent's runtime: joins the cluster, keeps its lease, follows its
+//! placements and runs the compute [`Reconciler`] on every change and
+//! periodically, reporting what it sees.
+//!
+//! Four tasks share one small state: the heartbeat task records when the
+//! control plane last acknowledged the lease; the placement task keeps the
+//! set of VMs placed on this node (a list, then a watch from its resource
+//! version, re-listing whenever the watch breaks); the reconcile task
+//! builds the desired state (fenced when no heartbeat was acknowledged
+//! within the fencing window), executes a pass on a blocking thread and
+//! reports each VM's status. Any task's failure is retried; only a refused
+//! registration ends the agent.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use basalt_api::{
+    AdminClient, AgentClient, ApiError, Condition, Heartbeat, Kind, Object, Placement, Registered,
+    Registration, Resources, StatusReport, TokenSecret, VmPhase, VmStatus, WatchEvent,
+};
+use futures::StreamExt as _;
+use tokio::sync::Notify;
+
+use crate::compute::{Compute, PowerState};
+use crate::reconcile::{Desired, DesiredVm, Reconciler, VmObservation};
+use crate::vm_domain::{DomainPolicy, domain_spec};
+
+/// What an agent needs to know.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's name.
+    pub node: String,
+    /// Where this node is reachable (`host:port`), as the cluster sees it.
+    pub address: String,
+    /// A control-plane member's address (any member: followers forward).
+    pub server: String,
+    /// The join token's secret.
+    pub token: String,
+    /// What this node offers to VMs.
+    pub capacity: Resources,
+    /// How VMs become domains here.
+    pub policy: DomainPolicy,
+    /// Where VM consoles are written.
+    pub console_dir: PathBuf,
+    /// Stop every VM when no heartbeat was acknowledged for this long.
+    pub fence_after: Duration,
+    /// Reconcile at least this often.
+    pub resync: Duration,
+    /// How long a graceful stop may take.
+    pub stop_grace: Duration,
+}
+
+/// The agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The control plane refused to let this node join.
+    #[error("registration of node {node} refused")]
+    Refused {
+        /// The node.
+        node: String,
+        /// The control plane's answer.
+        #[source]
+        source: ApiError,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// When the control plane last acknowledged a heartbeat.
+    last_ack: Option<Instant>,
+    /// The node uid of the current registration.
+    node_uid: String,
+    /// Placements on this node, by VM name.
+    placements: BTreeMap<String, Placement>,
+}
+
+type State = Arc<Mutex<Shared>>;
+
+fn lock(state: &State) -> std::sync::MutexGuard<'_, Shared> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs the agent until `shutdown` completes. Fails only when the
+/// registration is refused (a bad token, a name taken by another node).
+pub async fn run<C: Compute + 'static>(
+    config: AgentConfig,
+    compute: Arc<C>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let agent =
+        AgentClient::connect_lazy(&config.server).map_err(|source| AgentError::Refused {
+            node: config.node.clone(),
+            source,
+        })?;
+    let admin =
+        AdminClient::connect_lazy(&config.server).map_err(|source| AgentError::Refused {
+            node: config.node.clone(),
+            source,
+        })?;
+    let registered = register(&agent, &config).await?;
+    tracing::info!(node = %config.node, uid = %registered.node_uid, "registered");
+    let state: State = Arc::new(Mutex::new(Shared {
+        node_uid: registered.node_uid.clone(),
+        ..Shared::default()
+    }));
+    let trigger = Arc::new(Notify::new());
+    let started = Instant::now();
+
+    let heartbeat = tokio::spawn(heartbeats(
+        agent.clone(),
+        config.clone(),
+        registered,
+        state.clone(),
+    ));
+    let placements = tokio::spawn(follow_placements(
+        admin.clone(),
+        agent.clone(),
+        config.node.clone(),
+        state.clone(),
+        trigger.clone(),
+    ));
+    let reconcile = tokio::spawn(reconcile_loop(
+        admin, agent, config, compute, state, trigger, started,
+    ));
+    shutdown.await;
+    heartbeat.abort();
+    placements.abort();
+    reconcile.abort();
+    Ok(())
+}
+
+async fn register(agent: &AgentClient, config: &AgentConfig) -> Result<Registered, AgentError> {
+    let registration = Registration {
+        token: TokenSecret::new(config.token.clone()),
+        node_name: config.node.clone(),
+        address: config.address.clone(),
+        capacity: config.capacity,
+    };
+    loop {
+        match agent.register(registration.clone()).await {
+            Ok(registered) => return Ok(registered),
+            Err(
+                err @ (ApiError::Unavailable { .. }
+                | ApiError::NotLeader { .. }
+                | ApiError::Internal { .. }),
+            ) => {
+                tracing::warn!(error = %err, "control plane not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(source) => {
+                return Err(AgentError::Refused {
+                    node: config.node.clone(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+async fn heartbeats(agent: AgentClient, config: AgentConfig, registered: Registered, state: State) {
+    let interval = registered
+        .heartbeat_interval
+        .max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let node_uid = lock(&state).node_uid.clone();
+        let beat = Heartbeat {
+            node: config.node.clone(),
+            node_uid,
+            allocatable: None,
+        };
+        match agent.heartbeat(beat).await {
+            Ok(ack) if ack.acknowledged => lock(&state).last_ack = Some(Instant::now()),
+            Ok(_) => tracing::debug!("heartbeat not acknowledged"),
+            Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
+        }
+    }
+}
+
+async fn follow_placements(
+    admin: AdminClient,
+    agent: AgentClient,
+    node: String,
+    state: State,
+    trigger: Arc<Notify>,
+) {
+    loop {
+        if let Err(err) = follow_once(&admin, &agent, &node, &state, &trigger).await {
+            tracing::warn!(error = %err, "placement watch broke; listing again");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Lists this node's placements, then follows the watch from the list's
+/// version until it breaks.
+async fn follow_once(
+    admin: &AdminClient,
+    agent: &AgentClient,
+    node: &str,
+    state: &State,
+    trigger: &Notify,
+) -> Result<(), ApiError> {
+    let list = admin.list(Kind::Placement).await?;
+    let placements = list
+        .objects
+        .into_iter()
+        .filter_map(|object| match object {
+            Object::Placement(p) if p.node == node => Some((p.vm.clone(), p)),
+            _ => None,
+        })
+        .collect();
+    lock(state).placements = placements;
+    trigger.notify_one();
+    let mut events = agent.watch_placements(node, list.resource_version).await?;
+    while let Some(event) = events.next().await {
+        match event? {
+            WatchEvent::Added { object, .. } | WatchEvent::Modified { object, .. } => {
+                let mut shared = lock(state);
+                if object.node == node {
+                    shared.placements.insert(object.vm.clone(), object);
+                } else {
+                    // Moved elsewhere (a new epoch on another node).
+                    shared.placements.remove(&object.vm);
+                }
+            }
+            WatchEvent::Deleted { object, .. } => {
+                lock(state).placements.remove(&object.vm);
+            }
+            WatchEvent::Bookmark { .. } => continue,
+        }
+        trigger.notify_one();
+    }
+    Ok(())
+}
+
+async fn reconcile_loop<C: Compute + 'static>(
+    admin: AdminClient,
+    agent: AgentClient,
+    config: AgentConfig,
+    compute: Arc<C>,
+    state: State,
+    trigger: Arc<Notify>,
+    started: Instant,
+) {
+    let reconciler = Arc::new(Mutex::new(Reconciler::new(
+        compute,
+        config.policy.prefix.clone(),
+        config.stop_grace,
+    )));
+    let mut reported: BTreeMap<String, VmStatus> = BTreeMap::new();
+    loop {
+        let (placed, last_ack) = {
+            let shared = lock(&state);
+            (
+                shared.placements.keys().cloned().collect::<Vec<_>>(),
+                shared.last_ack,
+            )
+        };
+        let fenced = last_ack.unwrap_or(started).elapsed() > config.fence_after;
+        if fenced {
+            tracing::warn!(window = ?config.fence_after, "no heartbeat acknowledged within the fencing window: stopping every VM");
+        }
+        let mut desired = Desired {
+            vms: Vec::new(),
+            fenced,
+        };
+        let mut generations = BTreeMap::new();
+        let mut problems = BTreeMap::new();
+        for name in placed {
+            match admin.get(Kind::Vm, &name).await {
+                Ok(Object::Vm(vm)) => match domain_spec(&vm, &config.policy, &config.console_dir) {
+                    Ok(spec) => {
+                        generations.insert(spec.name.clone(), (name.clone(), vm.meta.generation));
+                        desired.vms.push(DesiredVm {
+                            spec,
+                            running: vm.spec.running,
+                        });
+                    }
+                    Err(err) => {
+                        problems.insert(name.clone(), (vm.meta.generation, err.to_string()));
+                    }
+                },
+                Ok(_) => {}
+                Err(ApiError::NotFound { .. }) => {}
+                Err(err) => {
+                    tracing::warn!(vm = %name, error = %err, "could not read the VM; keeping what runs");
+                    // Without the spec, leave the VM as it is rather than
+                    // treating it as unplaced: skip this pass.
+                    desired.vms.clear();
+                    problems.clear();
+                    break;
+                }
+            }
+        }
+        let pass = {
+            let reconciler = reconciler.clone();
+            let desired = desired.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut reconciler = reconciler
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                reconciler.reconcile(&desired)
+            })
+            .await
+        };
+        match pass {
+            Ok(Ok(pass)) => {
+                for observation in &pass.vms {
+                    if let Some((vm, generation)) = generations.get(&observation.name) {
+                        let status = vm_status(&config.node, *generation, observation);
+                        report(&agent, &config.node, vm, status, &mut reported).await;
+                    }
+                }
+            }
+            Ok(Err(err)) => tracing::warn!(error = %err, "reconcile pass failed"),
+            Err(err) => tracing::error!(error = %err, "reconcile pass panicked"),
+        }
+        for (vm, (generation, message)) in problems {
+            let status = VmStatus {
+                phase: VmPhase::Failed,
+                node: Some(config.node.clone()),
+                observed_generation: generation,
+                conditions: vec![ready(false, "CannotRun", &message)],
+                ..VmStatus::default()
+            };
+            report(&agent, &config.node, &vm, status, &mut reported).await;
+        }
+        tokio::select! {
+            () = trigger.notified() => {}
+            () = tokio::time::sleep(config.resync) => {}
+        }
+    }
+}
+
+/// Sends `status` unless it is what was last reported for `vm`.
+async fn report(
+    agent: &AgentClient,
+    node: &str,
+    vm: &str,
+    status: VmStatus,
+    reported: &mut BTreeMap<String, VmStatus>,
+) {
+    if reported
+        .get(vm)
+        .is_some_and(|last| same_status(last, &status))
+    {
+        return;
+    }
+    let report = StatusReport {
+        node: node.to_owned(),
+        vm: vm.to_owned(),
+        status: status.clone(),
+    };
+    match agent.report_status(report).await {
+        Ok(()) => {
+            reported.insert(vm.to_owned(), status);
+        }
+        Err(err) => tracing::warn!(vm, error = %err, "status report failed"),
+    }
+}
+
+/// Equal but for condition timestamps.
+fn same_status(a: &VmStatus, b: &VmStatus) -> bool {
+    let strip = |s: &VmStatus| {
+        let mut s = s.clone();
+        s.conditions
+            .iter_mut()
+            .for_each(|c| c.last_transition_unix_ms = 0);
+        s
+    };
+    strip(a) == strip(b)
+}
+
+fn ready(status: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        kind: Condition::READY.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        last_transition_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+/// The status a VM's observation maps to.
+pub fn vm_status(node: &str, generation: u64, observation: &VmObservation) -> VmStatus {
+    let phase = match (observation.state, &observation.error) {
+        (_, Some(_)) | (Some(PowerState::Crashed), _) => VmPhase::Failed,
+        (Some(PowerState::Running | PowerState::Paused), _) => VmPhase::Running,
+        (Some(PowerState::ShuttingDown), _) => VmPhase::Stopping,
+        (Some(PowerState::ShutOff), _) => VmPhase::Stopped,
+        (Some(PowerState::Other) | None, _) => VmPhase::Starting,
+    };
+    let condition = match &observation.error {
+        Some(error) => ready(false, "ReconcileFailed", error),
+        None if phase == VmPhase::Running => ready(true, "Running", "the guest runs"),
+        None => ready(
+            false,
+            "NotRunning",
+            &format!("the domain is {:?}", observation.state),
+        ),
+    };
+    VmStatus {
+        phase,
+        node: Some(node.to_owned()),
+        observed_generation: generation,
+        conditions: vec![condition],
+        ..VmStatus::default()
+    }
+}

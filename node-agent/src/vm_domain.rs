@@ -1,0 +1,246 @@
+//! From a cluster VM object to the domain this node defines for it.
+//!
+//! Everything node-specific is fixed here, the same on every node, so a
+//! VM defined on one node migrates to any other without rewriting its
+//! XML: disks are NBD exports of the node's storage process at
+//! [`NBD_HOST`]:[`NBD_PORT`], named `<vm>-<disk>`; NICs are taps whose
+//! names and MACs derive from the VM's uid and the NIC's index.
+
+use std::path::Path;
+
+use basalt_api::{KernelBoot, Vm};
+use uuid::Uuid;
+
+use crate::compute::domain::{Accel, Boot, DomainSpec, EthernetNic, MacAddr, NbdDisk};
+
+/// Where QEMU finds the node's storage process (inside the node).
+pub const NBD_HOST: &str = "127.0.0.1";
+/// The storage process's NBD port.
+pub const NBD_PORT: u16 = 10809;
+
+/// How this node turns VMs into domains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainPolicy {
+    /// Prefix of every Basalt domain name on this hypervisor.
+    pub prefix: String,
+    /// TCG or KVM.
+    pub accel: Accel,
+    /// The cluster-wide CPU model, so any VM can migrate anywhere.
+    pub cpu_model: Option<String>,
+}
+
+/// A VM cannot be run as it is declared.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("vm {vm}: {field}: {reason}")]
+pub struct MappingError {
+    /// The VM.
+    pub vm: String,
+    /// The field of its spec.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The domain for `vm`, its serial console written under `console_dir`.
+pub fn domain_spec(
+    vm: &Vm,
+    policy: &DomainPolicy,
+    console_dir: &Path,
+) -> Result<DomainSpec, MappingError> {
+    let name = &vm.meta.name;
+    let err = |field: &str, reason: &str| MappingError {
+        vm: name.clone(),
+        field: field.into(),
+        reason: reason.into(),
+    };
+    let Some(KernelBoot {
+        kernel,
+        initrd,
+        cmdline,
+    }) = &vm.spec.kernel
+    else {
+        return Err(err(
+            "spec.kernel",
+            "booting from a disk needs Basalt's storage on this node; give a kernel",
+        ));
+    };
+    let uuid = vm_uuid(&vm.meta.uid);
+    let disks = vm
+        .spec
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, disk)| {
+            let letter = u8::try_from(i)
+                .ok()
+                .filter(|i| *i < 26)
+                .ok_or_else(|| err("spec.disks", "at most 26 disks"))?;
+            Ok(NbdDisk {
+                target_dev: format!("vd{}", char::from(b'a' + letter)),
+                host: NBD_HOST.to_owned(),
+                port: NBD_PORT,
+                export_name: format!("{name}-{}", disk.name),
+            })
+        })
+        .collect::<Result<_, MappingError>>()?;
+    let nics = vm
+        .spec
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, nic)| {
+            let mac = match &nic.mac {
+                Some(mac) => mac
+                    .parse()
+                    .map_err(|_| err(&format!("spec.nics[{i}].mac"), "not a MAC address"))?,
+                None => derived_mac(uuid, i),
+            };
+            Ok(EthernetNic {
+                tap: tap_name(uuid, i),
+                mac,
+            })
+        })
+        .collect::<Result<_, MappingError>>()?;
+    Ok(DomainSpec {
+        name: format!("{}{name}", policy.prefix),
+        uuid,
+        accel: policy.accel,
+        memory_mib: vm.spec.memory_mib,
+        vcpus: vm.spec.cpus,
+        cpu_model: policy.cpu_model.clone(),
+        boot: Boot::Kernel {
+            kernel: kernel.into(),
+            initrd: initrd.into(),
+            cmdline: cmdline.clone(),
+        },
+        disks,
+        nics,
+        serial_log: console_dir.join(format!("{name}.log")),
+    })
+}
+
+/// The domain UUID of a VM: its uid when that is a UUID (the control
+/// plane's are), else one derived from it, stable everywhere.
+pub fn vm_uuid(uid: &str) -> Uuid {
+    Uuid::parse_str(uid).unwrap_or_else(|_| Uuid::new_v5(&Uuid::NAMESPACE_OID, uid.as_bytes()))
+}
+
+/// The tap of NIC `index`: `vm` + 8 hex digits of the VM's UUID + `-` +
+/// index, at most 15 bytes; the same on every node.
+pub fn tap_name(uuid: Uuid, index: usize) -> String {
+    format!("vm{}-{index}", &uuid.simple().to_string()[..8])
+}
+
+/// A locally administered MAC for NIC `index`, derived from the VM's UUID.
+pub fn derived_mac(uuid: Uuid, index: usize) -> MacAddr {
+    let b = uuid.as_bytes();
+    // 0x52 0x54 0x00 is QEMU's prefix; the index goes in the last octet's
+    // high bits so two NICs of one VM never collide.
+    let last = b[15] ^ ((index as u8) << 5);
+    MacAddr([0x52, 0x54, 0x00, b[13], b[14], last])
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{Disk, Nic, ObjectMeta, VmSpec};
+
+    use super::*;
+
+    fn policy() -> DomainPolicy {
+        DomainPolicy {
+            prefix: "basalt-".into(),
+            accel: Accel::Tcg,
+            cpu_model: Some("qemu64".into()),
+        }
+    }
+
+    fn vm() -> Vm {
+        let mut meta = ObjectMeta::named("web-1");
+        meta.uid = "5f0c6a3e-8d4b-4b8e-9a77-0d2c1f3e4a5b".into();
+        Vm {
+            meta,
+            spec: VmSpec {
+                cpus: 2,
+                memory_mib: 256,
+                running: true,
+                disks: vec![Disk {
+                    name: "root".into(),
+                    size_bytes: 1 << 30,
+                    image: None,
+                    replicas: 2,
+                }],
+                nics: vec![
+                    Nic {
+                        network: "default".into(),
+                        mac: None,
+                        ip: None,
+                    },
+                    Nic {
+                        network: "default".into(),
+                        mac: Some("52:54:00:aa:bb:cc".into()),
+                        ip: None,
+                    },
+                ],
+                kernel: Some(KernelBoot {
+                    kernel: "/boot/vmlinuz".into(),
+                    initrd: "/boot/initrd.img".into(),
+                    cmdline: "console=ttyS0".into(),
+                }),
+                ..VmSpec::default()
+            },
+            ..Vm::default()
+        }
+    }
+
+    #[test]
+    fn the_domain_is_the_same_on_every_node_and_valid() {
+        let spec = domain_spec(&vm(), &policy(), Path::new("/var/log/basalt")).unwrap();
+        assert_eq!(spec.name, "basalt-web-1");
+        assert_eq!(
+            spec.uuid.to_string(),
+            "5f0c6a3e-8d4b-4b8e-9a77-0d2c1f3e4a5b"
+        );
+        assert_eq!((spec.vcpus, spec.memory_mib), (2, 256));
+        assert_eq!(spec.disks[0].export_name, "web-1-root");
+        assert_eq!(
+            (spec.disks[0].host.as_str(), spec.disks[0].port),
+            (NBD_HOST, NBD_PORT)
+        );
+        assert_eq!(spec.nics[0].tap, "vm5f0c6a3e-0");
+        assert_eq!(spec.nics[1].tap, "vm5f0c6a3e-1");
+        assert_eq!(spec.nics[1].mac.to_string(), "52:54:00:aa:bb:cc");
+        assert_ne!(spec.nics[0].mac, derived_mac(spec.uuid, 1));
+        assert!(!spec.nics[0].mac.is_multicast());
+        spec.validate().unwrap();
+        assert_eq!(
+            spec,
+            domain_spec(&vm(), &policy(), Path::new("/var/log/basalt")).unwrap()
+        );
+    }
+
+    #[test]
+    fn what_cannot_run_is_named() {
+        let mut v = vm();
+        v.spec.kernel = None;
+        assert_eq!(
+            domain_spec(&v, &policy(), Path::new("/l"))
+                .unwrap_err()
+                .field,
+            "spec.kernel"
+        );
+        let mut v = vm();
+        v.spec.nics[1].mac = Some("zz".into());
+        assert_eq!(
+            domain_spec(&v, &policy(), Path::new("/l"))
+                .unwrap_err()
+                .field,
+            "spec.nics[1].mac"
+        );
+    }
+
+    #[test]
+    fn a_uid_that_is_not_a_uuid_still_maps_stably() {
+        assert_eq!(vm_uuid("uid-7"), vm_uuid("uid-7"));
+        assert_ne!(vm_uuid("uid-7"), vm_uuid("uid-8"));
+    }
+}

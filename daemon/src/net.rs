@@ -1,0 +1,91 @@
+//! `basaltd net`: operator views of a node's eBPF datapath, read from its
+//! pinned maps (nothing is loaded, attached or changed).
+
+use anyhow::Context as _;
+use basalt_sdn::abi::{EP_LOCAL, IFACE_STANDBY, SUBJ_EGRESS, SUBJ_INGRESS, ip_from_key};
+use basalt_sdn::loader;
+use clap::{Args, Subcommand};
+
+/// `basaltd net ...`
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    #[command(subcommand)]
+    command: NetCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum NetCommand {
+    /// Links, endpoints, taps, policy subjects, flows and drop counters.
+    Status {
+        /// The node whose pins to read (`/sys/fs/bpf/basalt/<node>/`).
+        #[arg(long)]
+        node: String,
+    },
+}
+
+pub fn run(args: NetArgs) -> anyhow::Result<()> {
+    match args.command {
+        NetCommand::Status { node } => status(&node),
+    }
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn status(node: &str) -> anyhow::Result<()> {
+    let s = loader::status(node).with_context(|| {
+        format!(
+            "reading the datapath of node {node} under {}",
+            loader::pin_dir(node).display()
+        )
+    })?;
+    println!("links: {}", s.links.join(", "));
+    println!("endpoints ({}):", s.endpoints.len());
+    for (ip, ep) in &s.endpoints {
+        let place = if ep.flags & EP_LOCAL != 0 {
+            format!("local ifindex {}", ep.ifindex)
+        } else {
+            format!("on {}", ip_from_key(ep.node_ip))
+        };
+        println!(
+            "  {ip:<15} {} identity {:<6} vni {:<8} {place}",
+            mac(ep.mac),
+            ep.identity,
+            ep.vni
+        );
+    }
+    println!("taps ({}):", s.ifaces.len());
+    for (index, iface) in &s.ifaces {
+        let standby = if iface.flags & IFACE_STANDBY != 0 {
+            if iface.activated != 0 {
+                " standby (activated)"
+            } else {
+                " standby"
+            }
+        } else {
+            ""
+        };
+        println!("  ifindex {index:<6} {}{standby}", ip_from_key(iface.ip));
+    }
+    println!("policy subjects ({}):", s.subjects.len());
+    for (identity, flags) in &s.subjects {
+        let mut dirs = Vec::new();
+        if flags & SUBJ_INGRESS != 0 {
+            dirs.push("ingress");
+        }
+        if flags & SUBJ_EGRESS != 0 {
+            dirs.push("egress");
+        }
+        println!("  identity {identity:<6} {}", dirs.join("+"));
+    }
+    println!("tracked flows: {}", s.conntrack);
+    println!("drops:");
+    for (reason, count) in &s.drops {
+        println!("  {:<16} {count}", reason.name());
+    }
+    Ok(())
+}

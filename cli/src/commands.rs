@@ -84,6 +84,7 @@ pub async fn run(server: &str, format: Format, command: Command) -> anyhow::Resu
             Ok(())
         }
         Command::Completion { .. } => bail!("`completion` is answered without a server"),
+        Command::Token(_) => bail!("`token` commands are run by the token module"),
     }
 }
 

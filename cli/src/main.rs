@@ -8,6 +8,7 @@
 
 mod commands;
 mod output;
+mod token;
 
 use std::process::ExitCode;
 
@@ -85,6 +86,9 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Join tokens for new nodes: create (prints the secret once), list, revoke.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Print a shell completion script: `basalt completion bash`.
     Completion {
         /// The shell.
@@ -108,7 +112,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::run(&cli.server, cli.output, cli.command)) {
+    let result = match cli.command {
+        Command::Token(command) => runtime.block_on(token::run(&cli.server, cli.output, command)),
+        command => runtime.block_on(commands::run(&cli.server, cli.output, command)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("basalt: error: {err:#}");

@@ -51,7 +51,7 @@ fn headers(kind: Kind) -> &'static [&'static str] {
         Kind::Node => &["NAME", "ADDRESS", "READY", "CORDONED", "CPUS", "MEMORY MiB"],
         Kind::Vm => &["NAME", "PHASE", "NODE", "CPUS", "MEMORY MiB", "RUNNING"],
         Kind::Placement => &["NAME", "VM", "NODE", "EPOCH"],
-        Kind::Token => &["NAME", "USES", "MAX USES", "REVOKED"],
+        Kind::Token => &["NAME", "USES", "MAX USES", "EXPIRES IN", "REVOKED"],
         Kind::Member => &["NAME", "ID", "ADDRESS", "VOTER"],
     }
 }
@@ -84,6 +84,7 @@ fn row(object: &Object) -> Vec<String> {
             t.meta.name.clone(),
             t.status.uses.to_string(),
             t.spec.max_uses.to_string(),
+            expires_in(t.status.expires_at_unix_ms),
             yes_no(t.spec.revoked),
         ],
         Object::Member(m) => vec![
@@ -92,6 +93,23 @@ fn row(object: &Object) -> Vec<String> {
             m.address.clone(),
             yes_no(m.voter),
         ],
+    }
+}
+
+/// How long until `at` (Unix ms), or "expired".
+fn expires_in(at: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    if at <= now {
+        return "expired".into();
+    }
+    let seconds = (at - now) / 1000;
+    match seconds {
+        0..120 => format!("{seconds}s"),
+        120..7_200 => format!("{}m", seconds / 60),
+        7_200..172_800 => format!("{}h", seconds / 3_600),
+        _ => format!("{}d", seconds / 86_400),
     }
 }
 

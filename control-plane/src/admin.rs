@@ -13,15 +13,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use basalt_api::{
-    AdminApi, AdminClient, ApiError, Kind, Object, ObjectList, WatchEvent, WatchStream,
-};
+use basalt_api::{AdminApi, AdminClient, ApiError, Kind, Object, ObjectList, WatchStream};
 use openraft::BasicNode;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 
+use crate::history::Change;
 use crate::raft_types::{NodeId, Raft};
 use crate::state::{Command, Outcome};
 use crate::store::Shared;
+use crate::tokens;
 
 /// How long a forwarded request may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,7 +81,7 @@ impl AdminService {
     }
 
     /// Proposes `command` if this member leads, else forwards it.
-    async fn write(&self, command: Command) -> Result<Object, ApiError> {
+    pub(crate) async fn write(&self, command: Command) -> Result<Object, ApiError> {
         let inner = &self.inner;
         match self.leader().await? {
             Leader::Me => {}
@@ -89,8 +89,13 @@ impl AdminService {
                 return object_of(self.forward(&address, Request::Write(command)).await?);
             }
         }
-        match inner.raft.client_write(stamp(command.clone())).await {
+        let (proposal, secret) = tokens::seal(stamp(command.clone()))?;
+        match inner.raft.client_write(proposal).await {
             Ok(response) => match response.data {
+                Outcome::Done(Object::Token(mut token)) if secret.is_some() => {
+                    token.secret = secret;
+                    Ok(Object::Token(token))
+                }
                 Outcome::Done(object) => Ok(object),
                 Outcome::Refused(refusal) => Err(refusal.into()),
                 Outcome::Nothing => Err(ApiError::Internal {
@@ -142,8 +147,19 @@ impl AdminService {
         }
     }
 
+    /// The local state machine (for reads that need no read index, and
+    /// for the leader's controllers).
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// This member's Raft handle.
+    pub(crate) fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
     /// Who leads, waiting a little for an election to end.
-    async fn leader(&self) -> Result<Leader, ApiError> {
+    pub(crate) async fn leader(&self) -> Result<Leader, ApiError> {
         let inner = &self.inner;
         let metrics = inner
             .raft
@@ -195,6 +211,9 @@ impl AdminService {
                     .delete(kind, &name, expected_resource_version)
                     .await
                     .map(Reply::Object),
+                Request::Write(Command::Register(_)) => Err(ApiError::Unavailable {
+                    reason: "leadership changed during a registration; retry".into(),
+                }),
                 Request::Get(kind, name) => client.get(kind, &name).await.map(Reply::Object),
                 Request::List(kind) => client.list(kind).await.map(Reply::List),
             }
@@ -210,8 +229,11 @@ impl AdminService {
     }
 }
 
-enum Leader {
+/// Who leads the cluster, as a member sees it.
+pub(crate) enum Leader {
+    /// This member.
     Me,
+    /// The member at this address.
     At(String),
 }
 
@@ -301,33 +323,44 @@ impl AdminApi for AdminService {
         kind: Option<Kind>,
         from_resource_version: u64,
     ) -> Result<WatchStream, ApiError> {
-        let shared = Arc::clone(&self.inner.shared);
-        let applied = shared.subscribe();
-        let cursor = {
-            let machine = shared.read();
-            let cursor = if from_resource_version == 0 {
-                machine.applied_index()
-            } else {
-                from_resource_version
-            };
-            if cursor < machine.history.oldest() {
-                return Err(ApiError::OutOfRange {
-                    requested: cursor,
-                    oldest: machine.history.oldest(),
-                });
-            }
-            cursor
-        };
-        let state = WatchState {
-            shared,
-            applied,
-            kind,
-            cursor,
-            pending: Default::default(),
-            failed: false,
-        };
-        Ok(Box::pin(futures::stream::unfold(state, next_event)))
+        let from = (from_resource_version != 0).then_some(from_resource_version);
+        let changes = changes(Arc::clone(&self.inner.shared), kind, from)?;
+        Ok(Box::pin(futures::StreamExt::map(changes, |change| {
+            change.map(|c| c.to_event())
+        })))
     }
+}
+
+/// The changes to objects of `kind` (any when `None`) after version
+/// `from` (from now on when `None`), from this member's history: a stream that
+/// waits for new changes and ends with `OUT_OF_RANGE` when it falls
+/// behind what the history keeps.
+pub(crate) fn changes(
+    shared: Arc<Shared>,
+    kind: Option<Kind>,
+    from: Option<u64>,
+) -> Result<impl futures::Stream<Item = Result<Change, ApiError>> + Send + 'static, ApiError> {
+    let applied = shared.subscribe();
+    let cursor = {
+        let machine = shared.read();
+        let cursor = from.unwrap_or_else(|| machine.applied_index());
+        if cursor < machine.history.oldest() {
+            return Err(ApiError::OutOfRange {
+                requested: cursor,
+                oldest: machine.history.oldest(),
+            });
+        }
+        cursor
+    };
+    let state = WatchState {
+        shared,
+        applied,
+        kind,
+        cursor,
+        pending: Default::default(),
+        failed: false,
+    };
+    Ok(futures::stream::unfold(state, next_change))
 }
 
 /// Where a watch stream is.
@@ -337,17 +370,17 @@ struct WatchState {
     kind: Option<Kind>,
     /// Every change up to here has been sent (or filtered out).
     cursor: u64,
-    pending: std::collections::VecDeque<WatchEvent>,
+    pending: std::collections::VecDeque<Change>,
     failed: bool,
 }
 
-async fn next_event(mut state: WatchState) -> Option<(Result<WatchEvent, ApiError>, WatchState)> {
+async fn next_change(mut state: WatchState) -> Option<(Result<Change, ApiError>, WatchState)> {
     if state.failed {
         return None;
     }
     loop {
-        if let Some(event) = state.pending.pop_front() {
-            return Some((Ok(event), state));
+        if let Some(change) = state.pending.pop_front() {
+            return Some((Ok(change), state));
         }
         // Mark the current applied index seen before reading the history,
         // so a change applied after the read wakes the wait below.
@@ -378,7 +411,7 @@ async fn next_event(mut state: WatchState) -> Option<(Result<WatchEvent, ApiErro
                 if let Some(last) = changes.last() {
                     state.cursor = last.index;
                 }
-                state.pending.extend(changes.iter().map(|c| c.to_event()));
+                state.pending.extend(changes);
             }
         }
     }

@@ -75,6 +75,55 @@ pub struct ControlConfig {
     pub join: Option<String>,
     /// Raft timing and log retention.
     pub raft: RaftTuning,
+    /// Node leases and the HA controller.
+    pub nodes: NodeTuning,
+    /// The IPAM controller.
+    pub ipam: IpamTuning,
+}
+
+/// Node leases (kept in memory by the leader) and when the HA controller
+/// moves a lost node's VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeTuning {
+    /// How long a lease lasts after an acknowledged heartbeat; a node
+    /// whose lease runs out is marked not ready.
+    pub lease_seconds: u32,
+    /// How often agents are told to heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// How long after a node's last acknowledged heartbeat the HA
+    /// controller moves its VMs elsewhere (at least the lease).
+    pub ha_after_ms: u64,
+    /// How often the leader's controllers run when nothing changes.
+    pub controller_period_ms: u64,
+}
+
+impl Default for NodeTuning {
+    fn default() -> Self {
+        Self {
+            lease_seconds: 10,
+            heartbeat_interval_ms: 2_000,
+            ha_after_ms: 15_000,
+            controller_period_ms: 200,
+        }
+    }
+}
+
+/// The IPAM controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IpamTuning {
+    /// How long a deleted VM's addresses stay held before another VM may
+    /// get them.
+    pub release_grace_ms: u64,
+}
+
+impl Default for IpamTuning {
+    fn default() -> Self {
+        Self {
+            release_grace_ms: 60_000,
+        }
+    }
 }
 
 /// Raft timing, snapshots and watch history.
@@ -108,6 +157,8 @@ impl Default for ControlConfig {
             bootstrap: false,
             join: None,
             raft: RaftTuning::default(),
+            nodes: NodeTuning::default(),
+            ipam: IpamTuning::default(),
         }
     }
 }
@@ -231,6 +282,29 @@ impl ControlConfig {
         if raft.watch_history == 0 {
             return Err(invalid("raft.watch_history", "must be at least 1".into()));
         }
+        let nodes = &self.nodes;
+        if nodes.lease_seconds == 0 {
+            return Err(invalid("nodes.lease_seconds", "must be at least 1".into()));
+        }
+        let lease_ms = u64::from(nodes.lease_seconds) * 1000;
+        if nodes.heartbeat_interval_ms == 0 || nodes.heartbeat_interval_ms * 2 > lease_ms {
+            return Err(invalid(
+                "nodes.heartbeat_interval_ms",
+                format!("must be at least 1 and at most half the lease ({lease_ms} ms)"),
+            ));
+        }
+        if nodes.ha_after_ms < lease_ms {
+            return Err(invalid(
+                "nodes.ha_after_ms",
+                format!("must be at least the lease ({lease_ms} ms)"),
+            ));
+        }
+        if nodes.controller_period_ms == 0 {
+            return Err(invalid(
+                "nodes.controller_period_ms",
+                "must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -321,6 +395,12 @@ mod tests {
         let mut bad = ok.clone();
         bad.raft.election_timeout_max_ms = 100;
         check(bad, "raft.election_timeout_max_ms");
+        let mut bad = ok.clone();
+        bad.nodes.ha_after_ms = 5_000;
+        check(bad, "nodes.ha_after_ms");
+        let mut bad = ok.clone();
+        bad.nodes.heartbeat_interval_ms = 6_000;
+        check(bad, "nodes.heartbeat_interval_ms");
         let message = ControlConfig::default()
             .validate(Some(path))
             .unwrap_err()

@@ -21,6 +21,10 @@ pub struct Change {
     pub change: ChangeType,
     /// The object after the change (as it was, for a delete).
     pub object: Object,
+    /// The object before the change, for an update (so a filtered watch
+    /// can tell that an object left its filter, e.g. a placement that
+    /// moved off a node).
+    pub previous: Option<Object>,
 }
 
 impl Change {
@@ -86,20 +90,27 @@ impl History {
     }
 
     /// Up to `limit` changes to objects of `kind` (any when `None`) with a
-    /// version above `after`; `Err(oldest)` when `after` is older than the
-    /// history reaches.
+    /// version above `after` — more when the last one shares its version
+    /// with others (one command can change several objects), so a batch
+    /// never ends inside a version; `Err(oldest)` when `after` is older
+    /// than the history reaches.
     pub fn since(&self, after: u64, kind: Option<Kind>, limit: usize) -> Result<Vec<Change>, u64> {
         if after < self.oldest {
             return Err(self.oldest);
         }
         let start = self.changes.partition_point(|c| c.index <= after);
-        Ok(self
+        let mut batch: Vec<Change> = Vec::new();
+        for change in self
             .changes
             .range(start..)
             .filter(|c| kind.is_none_or(|k| c.object.kind() == k))
-            .take(limit)
-            .cloned()
-            .collect())
+        {
+            if batch.len() >= limit && batch.last().is_none_or(|last| last.index != change.index) {
+                break;
+            }
+            batch.push(change.clone());
+        }
+        Ok(batch)
     }
 }
 
@@ -119,6 +130,7 @@ mod tests {
                 address: "a:1".into(),
                 voter: false,
             }),
+            previous: None,
         }
     }
 
@@ -141,6 +153,14 @@ mod tests {
                 .is_empty()
         );
         assert!(history.since(11, Some(Kind::Vm), 10).unwrap().is_empty());
+
+        // A batch never ends between two changes of one version.
+        let mut shared = History::new(10, 0);
+        for index in [1, 2, 2, 2, 3] {
+            shared.push(change(index));
+        }
+        assert_eq!(indexes(shared.since(0, None, 2).unwrap()), [1, 2, 2, 2]);
+        assert_eq!(indexes(shared.since(2, None, 1).unwrap()), [3]);
         history.reset(30);
         assert_eq!(history.since(20, None, 10), Err(30));
     }

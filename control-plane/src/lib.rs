@@ -7,8 +7,12 @@
 //! - [`store`]: RocksDB log, vote and state machine, with group commit;
 //! - [`network`]: Raft messages over basalt-api's Raft service;
 //! - [`admin`]: the admin service (forwarding, linearizable reads, watch);
+//! - [`agent`]: the agent service (registration with join tokens,
+//!   heartbeats, placement watches, status reports); [`tokens`]: join-token
+//!   secrets; [`leases`]: the leader's in-memory node leases;
 //! - [`members`]: the membership reconciler;
 //! - [`scheduler`]: the placement planner and its executor;
+//! - [`controllers`]: the leader's lease, HA and placement controllers;
 //! - [`config`], [`server`]: one member's configuration and its run loop.
 //!
 //! Invariants (see `../shared/DESIGN.md` and `docs/decisions.md`):
@@ -21,8 +25,11 @@
 //!   decoded and checked first, and errors name the field.
 
 pub mod admin;
+pub mod agent;
 pub mod config;
+pub mod controllers;
 pub mod history;
+pub mod leases;
 pub mod members;
 pub mod network;
 pub mod raft_types;
@@ -30,6 +37,7 @@ pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tokens;
 
-pub use config::{ConfigError, ControlConfig, RaftTuning};
+pub use config::{ConfigError, ControlConfig, IpamTuning, NodeTuning, RaftTuning};
 pub use server::{RunError, run};

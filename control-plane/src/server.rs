@@ -1,6 +1,7 @@
-//! Runs one member: opens the storage, starts Raft, serves the admin API
-//! and Raft on one gRPC port, bootstraps or joins a cluster, and runs the
-//! membership reconciler, until asked to stop.
+//! Runs one member: opens the storage, starts Raft, serves the admin,
+//! agent and Raft services on one gRPC port, bootstraps or joins a
+//! cluster, and runs the membership reconciler and the controllers, until
+//! asked to stop.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -8,13 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_api::{
-    AdminClient, ApiError, Member, Object, ObjectMeta, add_raft_routes, admin_routes,
+    AdminClient, ApiError, Member, Object, ObjectMeta, add_agent_routes, add_raft_routes,
+    admin_routes,
 };
 use openraft::BasicNode;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::AdminService;
+use crate::agent::{AgentService, Leases};
 use crate::config::{ConfigError, ControlConfig};
+use crate::controllers::Controllers;
 use crate::members::{self, Me};
 use crate::network::{Network, RaftService};
 use crate::raft_types::Raft;
@@ -86,7 +90,13 @@ pub async fn run(
             source,
         })?;
     let admin = AdminService::new(config.node_id, raft.clone(), Arc::clone(&shared));
-    let routes = add_raft_routes(admin_routes(admin), RaftService::new(raft.clone()));
+    let leases = Arc::new(Leases::default());
+    let agent = AgentService::new(admin.clone(), Arc::clone(&leases), config.nodes.clone());
+    let controllers = Controllers::new(admin.clone(), leases, config.nodes.clone());
+    let routes = add_agent_routes(
+        add_raft_routes(admin_routes(admin), RaftService::new(raft.clone())),
+        agent,
+    );
     let server = tonic::transport::Server::builder()
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
@@ -117,10 +127,12 @@ pub async fn run(
         }
     }
     let reconciler = tokio::spawn(members::run(raft.clone(), Arc::clone(&shared), me));
+    let controllers = tokio::spawn(controllers.run());
     let leader_log = tokio::spawn(log_leader_changes(raft.clone()));
 
     let served = server.await;
     reconciler.abort();
+    controllers.abort();
     leader_log.abort();
     if let Err(err) = raft.shutdown().await {
         tracing::warn!(error = %err, "raft did not shut down cleanly");

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use basalt_api::{ApiError, Kind, Object};
+use basalt_api::{ApiError, Condition, Kind, Node, Object, ObjectMeta, Resources};
 use serde::{Deserialize, Serialize};
 
 /// A change to the stored objects: the payload of a Raft log entry.
@@ -32,6 +32,52 @@ pub enum Command {
         /// Compare-and-swap token, when the caller gave one.
         expected_resource_version: Option<u64>,
     },
+    /// A node agent registers with a join token: in one step, the token's
+    /// use is counted and the node is created or refreshed (address,
+    /// capacity, `Ready`). Everything time- or randomness-dependent is
+    /// filled in by the proposing leader.
+    Register(Registration),
+}
+
+/// What [`Command::Register`] carries. Never the secret itself: only its
+/// hash goes into the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The join token's name.
+    pub token: String,
+    /// Hex SHA-256 of the secret the agent presented.
+    pub secret_sha256: String,
+    /// The node's name.
+    pub node: String,
+    /// Where its agent is reachable.
+    pub address: String,
+    /// What its hardware has.
+    pub capacity: Resources,
+    /// The leader's clock when it proposed the registration.
+    pub now_unix_ms: u64,
+    /// The uid the node gets if it is new.
+    pub new_uid: String,
+}
+
+/// One object a command changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectChange {
+    /// Added, modified or deleted.
+    pub change: ChangeType,
+    /// The object after the change (as it was, for a delete).
+    pub object: Object,
+    /// The object before the change (`None` for a create).
+    pub previous: Option<Object>,
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// What the proposer is answered: the object created, updated or
+    /// deleted (for a registration, the node).
+    pub reply: Object,
+    /// Every object the command changed, in order (all at one version).
+    pub changes: Vec<ObjectChange>,
 }
 
 /// The result of applying one log entry: what the state machine answers
@@ -81,6 +127,12 @@ pub enum Refusal {
         /// What forbids it.
         reason: String,
     },
+    /// The credentials do not match anything stored (a join token).
+    #[error("unauthenticated: {reason}")]
+    Unauthenticated {
+        /// What did not match.
+        reason: String,
+    },
 }
 
 impl From<Refusal> for ApiError {
@@ -90,6 +142,7 @@ impl From<Refusal> for ApiError {
             Refusal::AlreadyExists { kind, name } => ApiError::AlreadyExists { kind, name },
             Refusal::Aborted { expected, actual } => ApiError::Aborted { expected, actual },
             Refusal::FailedPrecondition { reason } => ApiError::FailedPrecondition { reason },
+            Refusal::Unauthenticated { reason } => ApiError::Unauthenticated { reason },
         }
     }
 }
@@ -160,10 +213,9 @@ impl State {
         self.objects.get_mut(&kind)?.remove(name)
     }
 
-    /// Applies `command`, committed at log `index`. Returns how the object
-    /// changed and the object as stored (for a delete: as it was), or why
-    /// the command was refused (then nothing changed).
-    pub fn apply(&mut self, index: u64, command: Command) -> Result<(ChangeType, Object), Refusal> {
+    /// Applies `command`, committed at log `index`. Returns what changed,
+    /// or why the command was refused (then nothing changed).
+    pub fn apply(&mut self, index: u64, command: Command) -> Result<Applied, Refusal> {
         match command {
             Command::Create(mut object) => {
                 if self.get(object.kind(), object.name()).is_some() {
@@ -173,11 +225,14 @@ impl State {
                     });
                 }
                 self.check_references(&object, None)?;
+                if let Object::Token(token) = &mut object {
+                    token.secret = None;
+                }
                 let meta = object.meta_mut();
                 meta.resource_version = index;
                 meta.generation = 1;
                 self.insert(object.clone());
-                Ok((ChangeType::Added, object))
+                Ok(Applied::one(ChangeType::Added, object, None))
             }
             Command::Update(mut object) => {
                 let kind = object.kind();
@@ -195,19 +250,10 @@ impl State {
                     });
                 }
                 self.check_references(&object, Some(current))?;
-                let generation = if same_spec(current, &object) {
-                    current_meta.generation
-                } else {
-                    current_meta.generation + 1
-                };
-                let (uid, created) = (current_meta.uid.clone(), current_meta.created_at_unix_ms);
-                let meta = object.meta_mut();
-                meta.uid = uid;
-                meta.created_at_unix_ms = created;
-                meta.generation = generation;
-                meta.resource_version = index;
-                self.insert(object.clone());
-                Ok((ChangeType::Modified, object))
+                keep_protected(current, &mut object);
+                let previous = current.clone();
+                self.replace(index, &previous, &mut object);
+                Ok(Applied::one(ChangeType::Modified, object, Some(previous)))
             }
             Command::Delete {
                 kind,
@@ -227,9 +273,131 @@ impl State {
                 let object = self
                     .remove(kind, &name)
                     .ok_or(Refusal::NotFound { kind, name })?;
-                Ok((ChangeType::Deleted, object))
+                Ok(Applied::one(ChangeType::Deleted, object, None))
             }
+            Command::Register(registration) => self.register(index, registration),
         }
+    }
+
+    /// Stores `object` as the new version of `previous`: keeps the uid and
+    /// creation time, bumps the generation when the spec changed.
+    fn replace(&mut self, index: u64, previous: &Object, object: &mut Object) {
+        let current_meta = previous.meta();
+        let generation = if same_spec(previous, object) {
+            current_meta.generation
+        } else {
+            current_meta.generation + 1
+        };
+        let (uid, created) = (current_meta.uid.clone(), current_meta.created_at_unix_ms);
+        let meta = object.meta_mut();
+        meta.uid = uid;
+        meta.created_at_unix_ms = created;
+        meta.generation = generation;
+        meta.resource_version = index;
+        self.insert(object.clone());
+    }
+
+    /// Checks the join token and counts its use, then creates or refreshes
+    /// the node, all at `index`.
+    fn register(&mut self, index: u64, registration: Registration) -> Result<Applied, Refusal> {
+        let Registration {
+            token: token_name,
+            secret_sha256,
+            node: node_name,
+            address,
+            capacity,
+            now_unix_ms,
+            new_uid,
+        } = registration;
+        let unknown = || Refusal::Unauthenticated {
+            reason: format!("token: no join token {token_name:?} with this secret"),
+        };
+        let Some(Object::Token(token)) = self.get(Kind::Token, &token_name) else {
+            return Err(unknown());
+        };
+        if token.status.secret_sha256.is_empty() || token.status.secret_sha256 != secret_sha256 {
+            return Err(unknown());
+        }
+        if token.spec.revoked {
+            return Err(Refusal::FailedPrecondition {
+                reason: format!("token: join token {token_name:?} is revoked"),
+            });
+        }
+        if now_unix_ms >= token.status.expires_at_unix_ms {
+            return Err(Refusal::FailedPrecondition {
+                reason: format!(
+                    "token: join token {token_name:?} expired {} s ago",
+                    (now_unix_ms - token.status.expires_at_unix_ms) / 1000
+                ),
+            });
+        }
+        if token.spec.max_uses != 0 && token.status.uses >= token.spec.max_uses {
+            return Err(Refusal::FailedPrecondition {
+                reason: format!(
+                    "token: join token {token_name:?} is used up ({} of {} uses)",
+                    token.status.uses, token.spec.max_uses
+                ),
+            });
+        }
+        let previous_token = Object::Token(token.clone());
+        let mut used = token.clone();
+        used.status.uses += 1;
+        let mut used = Object::Token(used);
+        self.replace(index, &previous_token, &mut used);
+
+        let ready = Condition {
+            kind: Condition::READY.into(),
+            status: true,
+            reason: "Registered".into(),
+            message: "the agent registered".into(),
+            last_transition_unix_ms: now_unix_ms,
+        };
+        let previous_node = self.get(Kind::Node, &node_name).cloned();
+        let mut node = match &previous_node {
+            Some(Object::Node(node)) => node.clone(),
+            _ => Node {
+                meta: ObjectMeta {
+                    uid: new_uid,
+                    created_at_unix_ms: now_unix_ms,
+                    ..ObjectMeta::named(node_name)
+                },
+                ..Node::default()
+            },
+        };
+        node.spec.address = address;
+        node.status.capacity = capacity;
+        node.status.allocatable = capacity;
+        node.status.last_heartbeat_unix_ms = now_unix_ms;
+        set_condition(&mut node.status.conditions, ready);
+        let mut node = Object::Node(node);
+        let node_change = match &previous_node {
+            Some(previous) => {
+                self.replace(index, previous, &mut node);
+                ChangeType::Modified
+            }
+            None => {
+                let meta = node.meta_mut();
+                meta.resource_version = index;
+                meta.generation = 1;
+                self.insert(node.clone());
+                ChangeType::Added
+            }
+        };
+        Ok(Applied {
+            reply: node.clone(),
+            changes: vec![
+                ObjectChange {
+                    change: ChangeType::Modified,
+                    object: used,
+                    previous: Some(previous_token),
+                },
+                ObjectChange {
+                    change: node_change,
+                    object: node,
+                    previous: previous_node,
+                },
+            ],
+        })
     }
 
     /// Checks what `object` refers to: a placement's VM and node must
@@ -277,6 +445,43 @@ impl State {
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl Applied {
+    fn one(change: ChangeType, object: Object, previous: Option<Object>) -> Self {
+        Self {
+            reply: object.clone(),
+            changes: vec![ObjectChange {
+                change,
+                object,
+                previous,
+            }],
+        }
+    }
+}
+
+/// Replaces the condition of the same type, or adds it; the transition
+/// time is kept when the status did not change.
+pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) {
+    match conditions.iter_mut().find(|c| c.kind == condition.kind) {
+        Some(existing) => {
+            if existing.status == condition.status {
+                condition.last_transition_unix_ms = existing.last_transition_unix_ms;
+            }
+            *existing = condition;
+        }
+        None => conditions.push(condition),
+    }
+}
+
+/// What an update may not change: a join token's status (its uses, expiry
+/// and secret hash are the control plane's), and no stored token carries
+/// its secret.
+fn keep_protected(current: &Object, update: &mut Object) {
+    if let (Object::Token(current), Object::Token(update)) = (current, update) {
+        update.status = current.status.clone();
+        update.secret = None;
     }
 }
 
@@ -332,8 +537,9 @@ mod tests {
     #[test]
     fn versions_follow_the_log_index_and_generation_the_spec() {
         let mut state = State::default();
-        let (change, created) = state.apply(5, Command::Create(node("n1"))).unwrap();
-        assert_eq!(change, ChangeType::Added);
+        let applied = state.apply(5, Command::Create(node("n1"))).unwrap();
+        assert_eq!(applied.changes[0].change, ChangeType::Added);
+        let created = applied.reply;
         assert_eq!(created.meta().resource_version, 5);
         assert_eq!(created.meta().generation, 1);
 
@@ -342,9 +548,10 @@ mod tests {
             unreachable!()
         };
         n.status.last_heartbeat_unix_ms = 42;
-        let (_, updated) = state
+        let updated = state
             .apply(7, Command::Update(Object::Node(n.clone())))
-            .unwrap();
+            .unwrap()
+            .reply;
         assert_eq!(updated.meta().resource_version, 7);
         assert_eq!(updated.meta().generation, 1);
 
@@ -362,7 +569,10 @@ mod tests {
         // A spec change bumps it.
         n.meta.resource_version = 7;
         n.meta.uid = "forged".into();
-        let (_, updated) = state.apply(9, Command::Update(Object::Node(n))).unwrap();
+        let updated = state
+            .apply(9, Command::Update(Object::Node(n)))
+            .unwrap()
+            .reply;
         assert_eq!(updated.meta().generation, 2);
         assert_eq!(updated.meta().uid, created.meta().uid, "uid is kept");
     }
@@ -387,8 +597,11 @@ mod tests {
                 actual: 1
             })
         );
-        let (change, gone) = state.apply(4, delete(Some(1))).unwrap();
-        assert_eq!((change, gone.name()), (ChangeType::Deleted, "a"));
+        let applied = state.apply(4, delete(Some(1))).unwrap();
+        assert_eq!(
+            (applied.changes[0].change, applied.reply.name()),
+            (ChangeType::Deleted, "a")
+        );
         assert!(matches!(
             state.apply(5, delete(None)),
             Err(Refusal::NotFound { .. })
@@ -432,5 +645,112 @@ mod tests {
             state.apply(3, Command::Update(changed)),
             Err(Refusal::FailedPrecondition { .. })
         ));
+    }
+
+    fn token(name: &str, max_uses: u32, expires: u64) -> Object {
+        let mut token = basalt_api::JoinToken {
+            meta: ObjectMeta::named(name),
+            ..basalt_api::JoinToken::default()
+        };
+        token.spec.ttl_seconds = 60;
+        token.spec.max_uses = max_uses;
+        token.status.expires_at_unix_ms = expires;
+        token.status.secret_sha256 = "aa".repeat(32);
+        Object::Token(token)
+    }
+
+    fn registration(token: &str, node: &str, now: u64) -> Command {
+        Command::Register(Registration {
+            token: token.into(),
+            secret_sha256: "aa".repeat(32),
+            node: node.into(),
+            address: "10.0.0.9:7500".into(),
+            capacity: Resources {
+                cpus: 4,
+                memory_mib: 8192,
+                storage_bytes: 0,
+            },
+            now_unix_ms: now,
+            new_uid: format!("uid-{node}-{now}"),
+        })
+    }
+
+    #[test]
+    fn registration_checks_and_counts_the_token_then_refreshes_the_node() {
+        let mut state = State::default();
+        state
+            .apply(1, Command::Create(token("t", 2, 1_000)))
+            .unwrap();
+        let applied = state.apply(2, registration("t", "n1", 10)).unwrap();
+        let Object::Node(node) = &applied.reply else {
+            panic!("{applied:?}")
+        };
+        assert_eq!(node.meta.uid, "uid-n1-10");
+        assert!(node.status.is_ready());
+        assert_eq!(node.status.capacity.cpus, 4);
+        assert_eq!(applied.changes.len(), 2);
+        assert!(
+            applied
+                .changes
+                .iter()
+                .all(|c| c.object.meta().resource_version == 2)
+        );
+
+        // Again (an agent restart): same uid, one more use.
+        let again = state.apply(3, registration("t", "n1", 20)).unwrap();
+        assert_eq!(again.reply.meta().uid, "uid-n1-10");
+        let Some(Object::Token(used)) = state.get(Kind::Token, "t") else {
+            panic!()
+        };
+        assert_eq!(used.status.uses, 2);
+        assert!(matches!(
+            state.apply(4, registration("t", "n2", 30)),
+            Err(Refusal::FailedPrecondition { reason }) if reason.contains("used up")
+        ));
+
+        state
+            .apply(5, Command::Create(token("old", 0, 100)))
+            .unwrap();
+        assert!(matches!(
+            state.apply(6, registration("old", "n2", 100)),
+            Err(Refusal::FailedPrecondition { reason }) if reason.contains("expired")
+        ));
+        let Some(Object::Token(mut revoked)) = state.get(Kind::Token, "old").cloned() else {
+            panic!()
+        };
+        revoked.spec.revoked = true;
+        revoked.status.uses = 0;
+        revoked.status.secret_sha256 = "forged".into();
+        state
+            .apply(7, Command::Update(Object::Token(revoked)))
+            .unwrap();
+        let Some(Object::Token(stored)) = state.get(Kind::Token, "old") else {
+            panic!()
+        };
+        assert_eq!(
+            stored.status.secret_sha256,
+            "aa".repeat(32),
+            "an update cannot change the hash"
+        );
+        assert!(matches!(
+            state.apply(8, registration("old", "n2", 50)),
+            Err(Refusal::FailedPrecondition { reason }) if reason.contains("revoked")
+        ));
+        let mut wrong = registration("t", "n2", 30);
+        if let Command::Register(r) = &mut wrong {
+            r.secret_sha256 = "bb".repeat(32);
+        }
+        assert!(matches!(
+            state.apply(9, wrong),
+            Err(Refusal::Unauthenticated { .. })
+        ));
+        assert!(matches!(
+            state.apply(10, registration("nope", "n2", 30)),
+            Err(Refusal::Unauthenticated { .. })
+        ));
+        assert!(
+            state.get(Kind::Node, "n2").is_none(),
+            "refusals change nothing"
+        );
     }
 }

@@ -521,19 +521,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         Outcome::Nothing
                     }
                     EntryPayload::Normal(command) => match machine.state.apply(index, command) {
-                        Ok((change, object)) => {
-                            match change {
-                                crate::state::ChangeType::Deleted => {
-                                    batch.delete_cf(family, object_key(&object))
+                        Ok(applied) => {
+                            for changed in applied.changes {
+                                match changed.change {
+                                    crate::state::ChangeType::Deleted => {
+                                        batch.delete_cf(family, object_key(&changed.object))
+                                    }
+                                    _ => batch.put_cf(
+                                        family,
+                                        object_key(&changed.object),
+                                        to_json(&changed.object),
+                                    ),
                                 }
-                                _ => batch.put_cf(family, object_key(&object), to_json(&object)),
+                                machine.history.push(Change {
+                                    index,
+                                    change: changed.change,
+                                    object: changed.object,
+                                    previous: changed.previous,
+                                });
                             }
-                            machine.history.push(Change {
-                                index,
-                                change,
-                                object: object.clone(),
-                            });
-                            Outcome::Done(object)
+                            Outcome::Done(applied.reply)
                         }
                         Err(refusal) => Outcome::Refused(refusal),
                     },

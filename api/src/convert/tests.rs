@@ -289,6 +289,7 @@ fn every_other_type_survives_the_wire() {
         status: JoinTokenStatus {
             uses: 1,
             expires_at_unix_ms: 1_700_000_000_000,
+            secret_sha256: "ab".repeat(32),
         },
         secret: Some(TokenSecret::new("s3cret")),
     };

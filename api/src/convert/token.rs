@@ -16,6 +16,7 @@ impl From<JoinToken> for pb::JoinToken {
             status: Some(pb::JoinTokenStatus {
                 uses: token.status.uses,
                 expires_at_unix_ms: token.status.expires_at_unix_ms,
+                secret_sha256: token.status.secret_sha256,
             }),
             secret: token.secret.map(|secret| secret.expose().to_owned()),
         }
@@ -39,6 +40,7 @@ impl TryFrom<pb::JoinToken> for JoinToken {
             status: JoinTokenStatus {
                 uses: status.uses,
                 expires_at_unix_ms: status.expires_at_unix_ms,
+                secret_sha256: status.secret_sha256,
             },
             secret: token.secret.map(TokenSecret::new),
         };

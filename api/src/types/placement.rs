@@ -6,7 +6,7 @@ use super::{ObjectMeta, validate};
 use crate::ApiError;
 
 /// Which node runs a VM. Written by the scheduler with compare-and-swap;
-/// the agent on `node` runs `vm`.
+/// the agent on `node` runs `vm`. Named after the VM: one per VM.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Placement {
@@ -26,6 +26,15 @@ impl Placement {
     pub fn validate(&self) -> Result<(), ApiError> {
         self.meta.validate()?;
         validate::name("vm", &self.vm)?;
-        validate::name("node", &self.node)
+        validate::name("node", &self.node)?;
+        // One placement per VM, named after it: a second one for the same
+        // VM cannot exist, so a VM is never placed on two nodes.
+        if self.meta.name != self.vm {
+            return Err(ApiError::invalid(
+                "meta.name",
+                format!("a placement is named after its VM ({:?})", self.vm),
+            ));
+        }
+        Ok(())
     }
 }

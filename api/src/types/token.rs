@@ -43,6 +43,10 @@ pub struct JoinTokenStatus {
     pub uses: u32,
     /// When it stops being valid (Unix milliseconds).
     pub expires_at_unix_ms: u64,
+    /// Hex SHA-256 of the secret, set by the control plane when it creates
+    /// the token: registration compares against it, so the secret itself
+    /// is never stored.
+    pub secret_sha256: String,
 }
 
 /// A join token's bearer secret. `Debug` does not print it; `Display`,

@@ -1,0 +1,275 @@
+//! The leader's controllers: node leases (mark a node not ready when its
+//! lease runs out), HA (move a lost node's VMs elsewhere with a new
+//! epoch), and placement (give every running VM without a placement one).
+//! Each round is a reconciler: it reads the state, decides with the pure
+//! scheduler, and writes by compare-and-swap; it runs on the leader only,
+//! periodically and after changes.
+//!
+//! Invariants:
+//! - a VM has at most one placement (named after it), so it is never
+//!   placed on two nodes; moving it is one compare-and-swap that sets the
+//!   new node and `epoch + 1` together, so nothing can observe the new
+//!   node with the old epoch;
+//! - a lost node's VMs move only after its `Ready` condition is false in
+//!   the committed state (the fence) and `nodes.ha_after_ms` passed since
+//!   its last acknowledged heartbeat (or since this leader's election);
+//! - a late heartbeat from a lost node renews nothing (see [`crate::leases`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_api::{ApiError, Condition, Kind, Node, Object, ObjectMeta, Placement, Vm};
+use openraft::ServerState;
+
+use crate::admin::AdminService;
+use crate::agent::{Leases, node_views, now_unix_ms};
+use crate::config::NodeTuning;
+use crate::scheduler::{self, Overcommit};
+use crate::state::{Command, set_condition};
+
+/// The smallest pause between two rounds (so a burst of writes does not
+/// make the controllers rescan the state after every one).
+const MIN_GAP: Duration = Duration::from_millis(50);
+
+/// The controllers of one member; they act only while it leads.
+#[derive(Debug)]
+pub struct Controllers {
+    admin: AdminService,
+    leases: Arc<Leases>,
+    tuning: NodeTuning,
+    /// VM → why it could not be placed, as last logged.
+    unschedulable: HashMap<String, String>,
+}
+
+impl Controllers {
+    /// The controllers on `admin`'s member.
+    pub fn new(admin: AdminService, leases: Arc<Leases>, tuning: NodeTuning) -> Self {
+        Self {
+            admin,
+            leases,
+            tuning,
+            unschedulable: HashMap::new(),
+        }
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_secs(u64::from(self.tuning.lease_seconds))
+    }
+
+    /// Runs rounds until the state machine's channel closes.
+    pub async fn run(mut self) {
+        let mut applied = self.admin.shared().subscribe();
+        let period = Duration::from_millis(self.tuning.controller_period_ms);
+        loop {
+            let metrics = self.admin.raft().metrics().borrow().clone();
+            if metrics.state == ServerState::Leader {
+                self.round(metrics.current_term).await;
+            }
+            tokio::time::sleep(MIN_GAP).await;
+            tokio::select! {
+                changed = applied.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(period) => {}
+            }
+        }
+    }
+
+    /// One round of every controller, as the leader of `term`.
+    pub async fn round(&mut self, term: u64) {
+        self.expire_leases(term).await;
+        self.place(term).await;
+    }
+
+    /// Marks each node whose lease ran out not ready; then its lease is
+    /// gone and it counts as lost.
+    async fn expire_leases(&mut self, term: u64) {
+        let now = Instant::now();
+        let lease = self.lease();
+        let expired = {
+            let machine = self.admin.shared().read();
+            let state = &machine.state;
+            self.leases.with_term(term, state, lease, |table| {
+                table.sync(&node_views(state), now, lease);
+                table.expire(now)
+            })
+        };
+        for (name, uid) in expired {
+            let node = {
+                let machine = self.admin.shared().read();
+                match machine.state.get(Kind::Node, &name) {
+                    Some(Object::Node(node)) if node.meta.uid == uid && node.status.is_ready() => {
+                        Some(node.clone())
+                    }
+                    _ => None,
+                }
+            };
+            let fenced = match node {
+                None => true,
+                Some(mut node) => {
+                    set_condition(
+                        &mut node.status.conditions,
+                        Condition {
+                            kind: Condition::READY.into(),
+                            status: false,
+                            reason: "LeaseExpired".into(),
+                            message: format!("no heartbeat acknowledged for {} s", lease.as_secs()),
+                            last_transition_unix_ms: now_unix_ms(),
+                        },
+                    );
+                    match self.admin.write(Command::Update(Object::Node(node))).await {
+                        Ok(_) => {
+                            tracing::warn!(node = %name, "lease expired: node marked not ready");
+                            true
+                        }
+                        Err(err) => {
+                            tracing::info!(node = %name, error = %err, "marking a node not ready failed; will retry");
+                            false
+                        }
+                    }
+                }
+            };
+            if fenced {
+                let machine = self.admin.shared().read();
+                self.leases.with_term(term, &machine.state, lease, |table| {
+                    table.fenced(&name, &uid)
+                });
+            }
+        }
+    }
+
+    /// HA and placement in one plan: the VMs of nodes lost for longer than
+    /// `ha_after_ms`, and running VMs without a placement, are planned onto
+    /// ready nodes; moved placements get `epoch + 1`, new ones epoch 1.
+    /// Placements of deleted VMs are removed.
+    async fn place(&mut self, term: u64) {
+        let now = Instant::now();
+        let ha_after = Duration::from_millis(self.tuning.ha_after_ms);
+        let lease = self.lease();
+        let (nodes, vms, kept, moving, orphans) = {
+            let machine = self.admin.shared().read();
+            let state = &machine.state;
+            let nodes: Vec<Node> = state
+                .list(Kind::Node)
+                .filter_map(|o| Node::try_from(o.clone()).ok())
+                .collect();
+            let evacuate: BTreeSet<String> = self.leases.with_term(term, state, lease, |table| {
+                nodes
+                    .iter()
+                    .filter(|n| !n.status.is_ready())
+                    .filter(|n| {
+                        table
+                            .lost_since(&n.meta.name)
+                            .is_some_and(|since| now.duration_since(since) >= ha_after)
+                    })
+                    .map(|n| n.meta.name.clone())
+                    .collect()
+            });
+            let all_vms: BTreeMap<&str, &Vm> = state
+                .list(Kind::Vm)
+                .filter_map(|o| match o {
+                    Object::Vm(vm) => Some((vm.meta.name.as_str(), vm)),
+                    _ => None,
+                })
+                .collect();
+            let mut kept = Vec::new();
+            let mut moving = BTreeMap::new();
+            let mut orphans = Vec::new();
+            for object in state.list(Kind::Placement) {
+                let Object::Placement(p) = object else {
+                    continue;
+                };
+                if !all_vms.contains_key(p.vm.as_str()) {
+                    orphans.push(p.clone());
+                } else if evacuate.contains(&p.node) {
+                    moving.insert(p.vm.clone(), p.clone());
+                } else {
+                    kept.push(p.clone());
+                }
+            }
+            let placed: BTreeSet<&str> = kept.iter().map(|p| p.vm.as_str()).collect();
+            let vms: Vec<Vm> = all_vms
+                .values()
+                .filter(|vm| {
+                    placed.contains(vm.meta.name.as_str())
+                        || moving.contains_key(&vm.meta.name)
+                        || vm.spec.running
+                })
+                .map(|vm| (*vm).clone())
+                .collect();
+            (nodes, vms, kept, moving, orphans)
+        };
+
+        for orphan in orphans {
+            let name = orphan.meta.name.clone();
+            match self
+                .admin
+                .write(Command::Delete {
+                    kind: Kind::Placement,
+                    name: name.clone(),
+                    expected_resource_version: Some(orphan.meta.resource_version),
+                })
+                .await
+            {
+                Ok(_) => tracing::info!(vm = %name, "removed the placement of a deleted VM"),
+                Err(err) => {
+                    tracing::debug!(vm = %name, error = %err, "removing an orphaned placement failed; will retry")
+                }
+            }
+        }
+
+        let pending = vms.len().saturating_sub(kept.len());
+        if pending == 0 {
+            return;
+        }
+        let plan = scheduler::plan(&nodes, &vms, &kept, Overcommit::default(), term);
+        for (vm, node) in &plan.placements {
+            let result = match moving.get(vm) {
+                Some(current) => {
+                    let moved = Placement {
+                        node: node.clone(),
+                        epoch: current.epoch + 1,
+                        ..current.clone()
+                    };
+                    let done = self
+                        .admin
+                        .write(Command::Update(Object::Placement(moved)))
+                        .await;
+                    if done.is_ok() {
+                        tracing::warn!(%vm, from = %current.node, to = %node, epoch = current.epoch + 1, "moved a VM off a lost node");
+                    }
+                    done
+                }
+                None => {
+                    let placement = Placement {
+                        meta: ObjectMeta::named(vm.clone()),
+                        vm: vm.clone(),
+                        node: node.clone(),
+                        epoch: 1,
+                    };
+                    let done = self
+                        .admin
+                        .write(Command::Create(Object::Placement(placement)))
+                        .await;
+                    if done.is_ok() {
+                        tracing::info!(%vm, %node, "placed a VM");
+                    }
+                    done
+                }
+            };
+            match result {
+                Ok(_) | Err(ApiError::AlreadyExists { .. }) => {
+                    self.unschedulable.remove(vm);
+                }
+                Err(err) => {
+                    tracing::info!(%vm, %node, error = %err, "writing a placement failed; will retry");
+                }
+            }
+        }
+        for (vm, reason) in plan.unschedulable {
+            if self.unschedulable.get(&vm) != Some(&reason) {
+                tracing::warn!(%vm, %reason, "no node fits the VM");
+                self.unschedulable.insert(vm, reason);
+            }
+        }
+    }
+}

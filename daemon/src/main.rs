@@ -9,6 +9,7 @@ mod agent;
 mod control;
 mod lab;
 mod logging;
+mod net;
 mod storage;
 
 use std::process::ExitCode;
@@ -39,6 +40,8 @@ enum Command {
     /// A multi-node lab on this machine: every node a network namespace
     /// with its own libvirtd, and a test VM running.
     Lab(lab::LabArgs),
+    /// Views of the node's eBPF datapath (pinned maps).
+    Net(net::NetArgs),
     /// The node's storage process: thin pool, volumes, NBD server.
     Storage(storage::StorageArgs),
 }
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => agent::run(*args),
         Command::Lab(args) => lab::run(args),
+        Command::Net(args) => net::run(args),
         Command::Storage(args) => storage::run(args),
         Command::Control(args) => control::run(*args),
     };

@@ -1,0 +1,564 @@
+//! `datapath`: traffic between two "VMs" on two nodes, through Basalt's
+//! eBPF datapath (TC programs, VXLAN overlay, policy maps) against plain
+//! kernel routing between the same nodes with the same number of nftables
+//! rules, at 0, 100, 1 000 and 10 000 rules.
+//!
+//! Per case and system (`--runs N`: the median of N alternating runs, so a
+//! busy spell of the machine does not land on one side only): TCP
+//! throughput (iperf3, 5 s), small-packet rate
+//! (iperf3 UDP, 64-byte datagrams, receiver's packets/s), request/response
+//! latency (1-byte ping-pong over one TCP connection, p50/p99), and for
+//! Basalt the programs' cost per packet from the kernel's BPF statistics
+//! (`run_time_ns / run_cnt`, `kernel.bpf_stats_enabled` on for the run).
+//!
+//! Rules never match the measured traffic (as in a real ruleset, they are
+//! about others): for Basalt, /32 deny rules in the receiving VM's ingress
+//! policy plus one identity allow; for the peer, as many rules in the
+//! receiving node's forward chain ahead of the accept.
+//!
+//! Goals (issue 5): Basalt ≥ 1.0× the plain path's throughput at 0 rules;
+//! Basalt at 10 000 rules within 10 % of its own 0-rule throughput.
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use basalt_sdn::loader::{self, Loader};
+use basalt_sdn::{
+    Action, Cidr, Datapath, Endpoint, Hook, Netlink, Network, NodeConfig, Peer, Policy, Protocol,
+    Rule,
+};
+use basalt_testkit::{Fabric, Node, Prefix};
+
+use super::Options;
+use crate::report::{Better, Goal, Report};
+use crate::stats::Samples;
+
+const RULE_COUNTS: [usize; 4] = [0, 100, 1_000, 10_000];
+const IPERF_SECS: &str = "5";
+const RR_ROUNDS: usize = 5_000;
+const BASALT: &str = "basalt (eBPF + VXLAN)";
+const PEER: &str = "kernel routing + nftables";
+const VM_IDENTITY: [u32; 2] = [101, 102];
+
+/// One "VM": a namespace whose `eth0` is the peer of `tap` in a node.
+pub(super) struct Vm {
+    pub(super) netns: String,
+    pub(super) ip: Ipv4Addr,
+    pub(super) mac: [u8; 6],
+    pub(super) tap: String,
+}
+
+impl Vm {
+    pub(super) fn create(
+        prefix: &Prefix,
+        node: &Node,
+        name: &str,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> anyhow::Result<Vm> {
+        let vm = Vm {
+            netns: format!("{}-{name}", prefix.name()),
+            ip,
+            mac,
+            tap: format!("t{name}"),
+        };
+        let ns = vm.netns.as_str();
+        sh(Command::new("ip").args(["netns", "add", ns]))?;
+        vm.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        vm.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        node.ip(&[
+            "link", "add", &vm.tap, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
+        let mac = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        vm.exec(&["ip", "link", "set", "lo", "up"])?;
+        vm.exec(&[
+            "ip", "link", "set", "eth0", "address", &mac, "mtu", "1450", "up",
+        ])?;
+        vm.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        vm.exec(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "onlink",
+        ])?;
+        Ok(vm)
+    }
+
+    pub(super) fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, program]);
+        cmd
+    }
+
+    pub(super) fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
+        sh(self.command(args[0]).args(&args[1..]))
+    }
+
+    pub(super) fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+
+    pub(super) fn endpoint(&self, node: &Node, identity: u32) -> Endpoint {
+        Endpoint {
+            ip: self.ip,
+            mac: self.mac,
+            network: "bench".into(),
+            node_addr: node.addr(),
+            identity,
+            tap: self.tap.clone(),
+        }
+    }
+}
+
+pub(super) fn sh(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on a thread inside the namespace at `path`.
+pub(super) fn in_netns<T: Send>(path: &PathBuf, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("setns")?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// One node's Basalt datapath, loaded inside its namespace.
+pub(super) struct NodeDp {
+    pub(super) node: Node,
+    pub(super) netlink: Netlink,
+    pub(super) dp: Datapath<Loader>,
+}
+
+impl NodeDp {
+    pub(super) fn start(node: &Node, vms: &[&Vm]) -> anyhow::Result<NodeDp> {
+        let node2 = node.clone();
+        node.run_in(move || -> anyhow::Result<NodeDp> {
+            let netlink = Netlink::new()?;
+            let vx = netlink.ensure_vxlan("basalt-vx", 1500)?;
+            let mut loader = Loader::load(node2.netns())?;
+            for vm in vms {
+                netlink.wire_tap(&vm.tap, vm.ip)?;
+                loader.attach(&vm.tap, Hook::Tap)?;
+            }
+            loader.attach("basalt-vx", Hook::Overlay)?;
+            let dp = Datapath::new(
+                loader,
+                NodeConfig {
+                    addr: node2.addr(),
+                    vxlan_ifindex: vx,
+                },
+            );
+            Ok(NodeDp {
+                node: node2,
+                netlink,
+                dp,
+            })
+        })?
+    }
+
+    pub(super) fn apply(&mut self, eps: &[Endpoint], policies: &[Policy]) -> anyhow::Result<()> {
+        self.apply_standby(eps, policies, &[])
+    }
+
+    pub(super) fn apply_standby(
+        &mut self,
+        eps: &[Endpoint],
+        policies: &[Policy],
+        standby: &[(String, Ipv4Addr)],
+    ) -> anyhow::Result<()> {
+        let net = Network {
+            name: "bench".into(),
+            vni: 77,
+            cidr: "10.77.0.0/16".parse().expect("constant cidr"),
+        };
+        let netlink = &self.netlink;
+        self.dp
+            .apply(eps, &[net], policies, standby, &|n| netlink.index(n).ok())?;
+        Ok(())
+    }
+
+    /// Wires and attaches a tap that appeared in the node (a VM arriving).
+    pub(super) fn attach_tap(&mut self, vm: &Vm) -> anyhow::Result<()> {
+        let node = self.node.clone();
+        node.run_in(|| -> anyhow::Result<()> {
+            self.netlink.wire_tap(&vm.tap, vm.ip)?;
+            self.dp.store_mut().attach(&vm.tap, Hook::Tap)?;
+            Ok(())
+        })?
+    }
+}
+
+impl Drop for NodeDp {
+    fn drop(&mut self) {
+        let _ = loader::remove_pins(self.node.netns());
+    }
+}
+
+/// `n` ingress deny rules that never match, plus an allow for the client.
+fn basalt_policy(n: usize) -> Vec<Policy> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut rules: Vec<Rule> = (0..n)
+        .map(|i| Rule {
+            action: Action::Deny,
+            peer: Peer::Cidr(Cidr::host(Ipv4Addr::new(
+                192,
+                168,
+                (i / 250) as u8,
+                (i % 250) as u8 + 1,
+            ))),
+            protocol: Protocol::Tcp,
+            ports: (9, 9),
+        })
+        .collect();
+    rules.push(Rule {
+        action: Action::Allow,
+        peer: Peer::Identity(VM_IDENTITY[0]),
+        protocol: Protocol::Any,
+        ports: (0, 65535),
+    });
+    vec![Policy {
+        name: "bench".into(),
+        selector: BTreeSet::from([VM_IDENTITY[1]]),
+        ingress: Some(rules),
+        egress: None,
+    }]
+}
+
+/// The peer's forward chain with `n` rules that never match.
+fn nft_ruleset(n: usize) -> String {
+    let mut s = String::from(
+        "add table inet benchpeer\ndelete table inet benchpeer\ntable inet benchpeer {\n chain forward {\n  type filter hook forward priority 0; policy accept;\n",
+    );
+    for i in 0..n {
+        s.push_str(&format!(
+            "  ip saddr 192.168.{}.{} tcp dport 9 drop\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    s.push_str("  accept\n }\n}\n");
+    s
+}
+
+fn nft_apply(node: &Node, rules: &str) -> anyhow::Result<()> {
+    let mut child = node
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn iperf_server(vm: &Vm) -> anyhow::Result<Server> {
+    let child = vm
+        .command("iperf3")
+        .args(["-s", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(Server(child))
+}
+
+fn iperf_json(client: &Vm, server: Ipv4Addr, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = client
+        .command("iperf3")
+        .args([
+            "-c",
+            &server.to_string(),
+            "-p",
+            "5201",
+            "-J",
+            "-t",
+            IPERF_SECS,
+        ])
+        .args(extra)
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    if let Some(err) = json.get("error") {
+        bail!("iperf3: {err}");
+    }
+    Ok(json)
+}
+
+fn tcp_gbps(client: &Vm, server: Ipv4Addr) -> anyhow::Result<f64> {
+    let json = iperf_json(client, server, &[])?;
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 TCP result")?;
+    Ok(bps / 1e9)
+}
+
+fn udp_kpps(client: &Vm, server: Ipv4Addr) -> anyhow::Result<f64> {
+    let json = iperf_json(client, server, &["-u", "-l", "64", "-b", "0"])?;
+    let sum = &json["end"]["sum"];
+    let packets = sum["packets"].as_f64().context("iperf3 UDP packets")?;
+    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let secs = sum["seconds"].as_f64().context("iperf3 UDP seconds")?;
+    Ok((packets - lost) / secs / 1e3)
+}
+
+/// 1-byte ping-pong over one TCP connection: round-trip samples.
+fn request_response(client: &Vm, server: &Vm) -> anyhow::Result<Samples> {
+    let addr = SocketAddr::from((server.ip, 7007));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = server.path();
+    let srv = std::thread::spawn(move || -> anyhow::Result<()> {
+        in_netns(&path, || -> anyhow::Result<()> {
+            let listener = TcpListener::bind(addr)?;
+            tx.send(()).ok();
+            let (mut conn, _) = listener.accept()?;
+            conn.set_nodelay(true)?;
+            let mut b = [0u8; 1];
+            while conn.read_exact(&mut b).is_ok() {
+                conn.write_all(&b)?;
+            }
+            Ok(())
+        })?
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("rr server start")?;
+    let samples = in_netns(&client.path(), || -> anyhow::Result<Samples> {
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        conn.set_nodelay(true)?;
+        let mut samples = Samples::new();
+        let mut b = [1u8; 1];
+        for _ in 0..RR_ROUNDS {
+            let t = Instant::now();
+            conn.write_all(&b)?;
+            conn.read_exact(&mut b)?;
+            samples.record(t.elapsed());
+        }
+        Ok(samples)
+    })??;
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("rr server panicked"))??;
+    Ok(samples)
+}
+
+/// Per-packet program cost (ns) over everything since `before`.
+fn bpf_ns_per_packet(
+    nodes: &[&NodeDp],
+    before: u64,
+    before_cnt: u64,
+) -> anyhow::Result<(u64, u64, f64)> {
+    let (mut ns, mut cnt) = (0, 0);
+    for n in nodes {
+        for (_, t, c) in n.dp.store().program_stats()? {
+            ns += t;
+            cnt += c;
+        }
+    }
+    let per = if cnt > before_cnt {
+        (ns - before) as f64 / (cnt - before_cnt) as f64
+    } else {
+        f64::NAN
+    };
+    Ok((ns, cnt, per))
+}
+
+/// The median of `runs` alternating measurements of Basalt and the peer.
+fn alternate(
+    runs: usize,
+    mut basalt: impl FnMut() -> anyhow::Result<f64>,
+    mut peer: impl FnMut() -> anyhow::Result<f64>,
+) -> anyhow::Result<(f64, f64)> {
+    let (mut b, mut p) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        if i % 2 == 0 {
+            b.push(basalt()?);
+            p.push(peer()?);
+        } else {
+            p.push(peer()?);
+            b.push(basalt()?);
+        }
+    }
+    Ok((median(&mut b), median(&mut p)))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    let runs = opts.runs.unwrap_or(1);
+    ensure!(runs > 0, "--runs must be at least 1");
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "datapath needs root (namespaces, bpf)"
+    );
+    let prefix = Prefix::for_test()?;
+    let mut fabric = Fabric::new(&prefix)?;
+    let a = fabric.add_node("a")?;
+    let b = fabric.add_node("b")?;
+
+    // Basalt's VMs, one per node, over the overlay.
+    let v1 = Vm::create(
+        &prefix,
+        &a,
+        "v1",
+        Ipv4Addr::new(10, 77, 1, 1),
+        [2, 0, 0, 0x77, 1, 1],
+    )?;
+    let v2 = Vm::create(
+        &prefix,
+        &b,
+        "v2",
+        Ipv4Addr::new(10, 77, 2, 1),
+        [2, 0, 0, 0x77, 2, 1],
+    )?;
+    let mut dp_a = NodeDp::start(&a, &[&v1])?;
+    let mut dp_b = NodeDp::start(&b, &[&v2])?;
+    let eps = [
+        v1.endpoint(&a, VM_IDENTITY[0]),
+        v2.endpoint(&b, VM_IDENTITY[1]),
+    ];
+
+    // The peer's VMs, routed by the kernel between the same nodes.
+    let p1 = Vm::create(
+        &prefix,
+        &a,
+        "p1",
+        Ipv4Addr::new(10, 78, 1, 1),
+        [2, 0, 0, 0x78, 1, 1],
+    )?;
+    let p2 = Vm::create(
+        &prefix,
+        &b,
+        "p2",
+        Ipv4Addr::new(10, 78, 2, 1),
+        [2, 0, 0, 0x78, 2, 1],
+    )?;
+    for (node, vm, other, other_node) in [(&a, &p1, &p2, &b), (&b, &p2, &p1, &a)] {
+        node.ip(&["link", "set", &vm.tap, "up"])?;
+        node.ip(&["addr", "add", "169.254.1.1/32", "dev", &vm.tap])?;
+        node.ip(&["route", "add", &format!("{}/32", vm.ip), "dev", &vm.tap])?;
+        node.ip(&[
+            "route",
+            "add",
+            &format!("{}/32", other.ip),
+            "via",
+            &other_node.addr().to_string(),
+        ])?;
+    }
+
+    let stats_was =
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enable bpf stats")?;
+    let result = measure(runs, &mut dp_a, &mut dp_b, &eps, &b, [&v1, &v2], [&p1, &p2]);
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
+    result
+}
+
+fn measure(
+    runs: usize,
+    dp_a: &mut NodeDp,
+    dp_b: &mut NodeDp,
+    eps: &[Endpoint],
+    b: &Node,
+    basalt: [&Vm; 2],
+    peer: [&Vm; 2],
+) -> anyhow::Result<Report> {
+    let mut report = Report::new("datapath");
+    let _s1 = iperf_server(basalt[1])?;
+    let _s2 = iperf_server(peer[1])?;
+    let mut tcp = std::collections::BTreeMap::new();
+    for rules in RULE_COUNTS {
+        let case = format!("{rules} rules");
+        dp_a.apply(eps, &basalt_policy(rules))?;
+        dp_b.apply(eps, &basalt_policy(rules))?;
+        nft_apply(b, &nft_ruleset(rules))?;
+
+        let (t0, c0, _) = bpf_ns_per_packet(&[dp_a, dp_b], 0, 0)?;
+        let (basalt_gbps, peer_gbps) = alternate(
+            runs,
+            || tcp_gbps(basalt[0], basalt[1].ip),
+            || tcp_gbps(peer[0], peer[1].ip),
+        )?;
+        let (basalt_kpps, peer_kpps) = alternate(
+            runs,
+            || udp_kpps(basalt[0], basalt[1].ip),
+            || udp_kpps(peer[0], peer[1].ip),
+        )?;
+        let basalt_rr = request_response(basalt[0], basalt[1])?;
+        let peer_rr = request_response(peer[0], peer[1])?;
+        let (_, _, per_packet) = bpf_ns_per_packet(&[dp_a, dp_b], t0, c0)?;
+
+        report.row(&case, BASALT, "tcp throughput", "Gbit/s", basalt_gbps);
+        report.row(&case, PEER, "tcp throughput", "Gbit/s", peer_gbps);
+        report.row(&case, BASALT, "udp 64B rate", "kpps", basalt_kpps);
+        report.row(&case, PEER, "udp 64B rate", "kpps", peer_kpps);
+        for (system, rr) in [(BASALT, &basalt_rr), (PEER, &peer_rr)] {
+            report.row(&case, system, "rr latency p50", "ms", rr.quantile_ms(0.5));
+            report.row(&case, system, "rr latency p99", "ms", rr.quantile_ms(0.99));
+        }
+        report.row(&case, BASALT, "program cost per packet", "ns", per_packet);
+        tcp.insert(rules, (basalt_gbps, peer_gbps));
+    }
+    let (b0, p0) = tcp[&0];
+    report.goal(Goal::new(
+        "tcp throughput at 0 rules vs plain (Gbit/s)",
+        p0,
+        b0,
+        Better::Higher,
+    ));
+    let (b10k, _) = tcp[&10_000];
+    report.goal(Goal::new(
+        "tcp throughput at 10000 rules vs own 0-rule (Gbit/s)",
+        b0 * 0.9,
+        b10k,
+        Better::Higher,
+    ));
+    Ok(report)
+}

@@ -273,6 +273,9 @@ async fn reconcile_loop<C: Compute + 'static>(
         };
         let mut generations = BTreeMap::new();
         let mut problems = BTreeMap::new();
+        let mut unreadable = false;
+        // A fenced node runs nothing: no spec is needed.
+        let placed = if fenced { Vec::new() } else { placed };
         for name in placed {
             match admin.get(Kind::Vm, &name).await {
                 Ok(Object::Vm(vm)) => match domain_spec(&vm, &config.policy, &config.console_dir) {
@@ -291,13 +294,17 @@ async fn reconcile_loop<C: Compute + 'static>(
                 Err(ApiError::NotFound { .. }) => {}
                 Err(err) => {
                     tracing::warn!(vm = %name, error = %err, "could not read the VM; keeping what runs");
-                    // Without the spec, leave the VM as it is rather than
-                    // treating it as unplaced: skip this pass.
-                    desired.vms.clear();
-                    problems.clear();
+                    unreadable = true;
                     break;
                 }
             }
+        }
+        if unreadable {
+            // Without every spec, leave the domains as they are rather
+            // than treating a VM as unplaced; the fence still applies
+            // once its window has passed.
+            wait(&trigger, config.resync).await;
+            continue;
         }
         let pass = {
             let reconciler = reconciler.clone();
@@ -332,10 +339,15 @@ async fn reconcile_loop<C: Compute + 'static>(
             };
             report(&agent, &config.node, &vm, status, &mut reported).await;
         }
-        tokio::select! {
-            () = trigger.notified() => {}
-            () = tokio::time::sleep(config.resync) => {}
-        }
+        wait(&trigger, config.resync).await;
+    }
+}
+
+/// Until the next trigger, or `resync` at the latest.
+async fn wait(trigger: &Notify, resync: Duration) {
+    tokio::select! {
+        () = trigger.notified() => {}
+        () = tokio::time::sleep(resync) => {}
     }
 }
 

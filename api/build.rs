@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "proto/basalt/v1/placement.proto",
     "proto/basalt/v1/token.proto",
     "proto/basalt/v1/member.proto",
+    "proto/basalt/v1/network.proto",
     "proto/basalt/v1/admin.proto",
     "proto/basalt/v1/agent.proto",
     "proto/basalt/v1/raft.proto",

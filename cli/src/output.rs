@@ -53,6 +53,10 @@ fn headers(kind: Kind) -> &'static [&'static str] {
         Kind::Placement => &["NAME", "VM", "NODE", "EPOCH"],
         Kind::Token => &["NAME", "USES", "MAX USES", "EXPIRES IN", "REVOKED"],
         Kind::Member => &["NAME", "ID", "ADDRESS", "VOTER"],
+        Kind::Network => &["NAME", "CIDR", "VNI"],
+        Kind::Endpoint => &[
+            "NAME", "IP", "MAC", "VM", "NIC", "NODE", "EPOCH", "IDENTITY", "STATE",
+        ],
     }
 }
 
@@ -92,6 +96,30 @@ fn row(object: &Object) -> Vec<String> {
             m.id.to_string(),
             m.address.clone(),
             yes_no(m.voter),
+        ],
+        Object::Network(n) => vec![
+            n.meta.name.clone(),
+            n.spec.cidr.clone(),
+            n.spec.vni.to_string(),
+        ],
+        Object::Endpoint(e) => vec![
+            e.meta.name.clone(),
+            e.ip.map_or_else(|| "-".into(), |ip| ip.to_string()),
+            e.mac.clone(),
+            e.vm.clone(),
+            e.nic.to_string(),
+            if e.node.is_empty() {
+                "-".into()
+            } else {
+                e.node.clone()
+            },
+            e.epoch.to_string(),
+            e.identity.to_string(),
+            if e.release_at_unix_ms == 0 {
+                "leased".into()
+            } else {
+                format!("released, free in {}", expires_in(e.release_at_unix_ms))
+            },
         ],
     }
 }

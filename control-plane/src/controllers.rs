@@ -1,6 +1,7 @@
 //! The leader's controllers: node leases (mark a node not ready when its
 //! lease runs out), HA (move a lost node's VMs elsewhere with a new
-//! epoch), and placement (give every running VM without a placement one).
+//! epoch), placement (give every running VM without a placement one) and
+//! IPAM (see [`crate::ipam`]).
 //! Each round is a reconciler: it reads the state, decides with the pure
 //! scheduler, and writes by compare-and-swap; it runs on the leader only,
 //! periodically and after changes.
@@ -25,6 +26,7 @@ use openraft::ServerState;
 use crate::admin::AdminService;
 use crate::agent::{Leases, node_views, now_unix_ms};
 use crate::config::NodeTuning;
+use crate::ipam::IpamController;
 use crate::scheduler::{self, Overcommit};
 use crate::state::{Command, set_condition};
 
@@ -38,17 +40,24 @@ pub struct Controllers {
     admin: AdminService,
     leases: Arc<Leases>,
     tuning: NodeTuning,
+    ipam: IpamController,
     /// VM → why it could not be placed, as last logged.
     unschedulable: HashMap<String, String>,
 }
 
 impl Controllers {
     /// The controllers on `admin`'s member.
-    pub fn new(admin: AdminService, leases: Arc<Leases>, tuning: NodeTuning) -> Self {
+    pub fn new(
+        admin: AdminService,
+        leases: Arc<Leases>,
+        tuning: NodeTuning,
+        ipam: IpamController,
+    ) -> Self {
         Self {
             admin,
             leases,
             tuning,
+            ipam,
             unschedulable: HashMap::new(),
         }
     }
@@ -78,6 +87,7 @@ impl Controllers {
     pub async fn round(&mut self, term: u64) {
         self.expire_leases(term).await;
         self.place(term).await;
+        self.ipam.round(&self.admin).await;
     }
 
     /// Marks each node whose lease ran out not ready; then its lease is

@@ -13,6 +13,7 @@
 //! - [`members`]: the membership reconciler;
 //! - [`scheduler`]: the placement planner and its executor;
 //! - [`controllers`]: the leader's lease, HA and placement controllers;
+//!   [`ipam`]: the IPAM controller (a lease per VM NIC, as endpoints);
 //! - [`config`], [`server`]: one member's configuration and its run loop.
 //!
 //! Invariants (see `../shared/DESIGN.md` and `docs/decisions.md`):
@@ -29,6 +30,7 @@ pub mod agent;
 pub mod config;
 pub mod controllers;
 pub mod history;
+pub mod ipam;
 pub mod leases;
 pub mod members;
 pub mod network;

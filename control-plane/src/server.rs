@@ -19,6 +19,7 @@ use crate::admin::AdminService;
 use crate::agent::{AgentService, Leases};
 use crate::config::{ConfigError, ControlConfig};
 use crate::controllers::Controllers;
+use crate::ipam::IpamController;
 use crate::members::{self, Me};
 use crate::network::{Network, RaftService};
 use crate::raft_types::Raft;
@@ -92,7 +93,12 @@ pub async fn run(
     let admin = AdminService::new(config.node_id, raft.clone(), Arc::clone(&shared));
     let leases = Arc::new(Leases::default());
     let agent = AgentService::new(admin.clone(), Arc::clone(&leases), config.nodes.clone());
-    let controllers = Controllers::new(admin.clone(), leases, config.nodes.clone());
+    let controllers = Controllers::new(
+        admin.clone(),
+        leases,
+        config.nodes.clone(),
+        IpamController::new(&config.ipam),
+    );
     let routes = add_agent_routes(
         add_raft_routes(admin_routes(admin), RaftService::new(raft.clone())),
         agent,

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use basalt_api::{ApiError, Condition, Kind, Node, Object, ObjectMeta, Resources};
+use basalt_api::{ApiError, Condition, Kind, Network, Node, Object, ObjectMeta, Resources};
 use serde::{Deserialize, Serialize};
 
 /// A change to the stored objects: the payload of a Raft log entry.
@@ -127,6 +127,15 @@ pub enum Refusal {
         /// What forbids it.
         reason: String,
     },
+    /// The object contradicts the stored state in a field (e.g. a
+    /// network whose CIDR overlaps another's).
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field's path.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The credentials do not match anything stored (a join token).
     #[error("unauthenticated: {reason}")]
     Unauthenticated {
@@ -143,6 +152,7 @@ impl From<Refusal> for ApiError {
             Refusal::Aborted { expected, actual } => ApiError::Aborted { expected, actual },
             Refusal::FailedPrecondition { reason } => ApiError::FailedPrecondition { reason },
             Refusal::Unauthenticated { reason } => ApiError::Unauthenticated { reason },
+            Refusal::Invalid { field, reason } => ApiError::InvalidArgument { field, reason },
         }
     }
 }
@@ -270,6 +280,7 @@ impl State {
                         return Err(Refusal::Aborted { expected, actual });
                     }
                 }
+                self.check_delete(kind, &name)?;
                 let object = self
                     .remove(kind, &name)
                     .ok_or(Refusal::NotFound { kind, name })?;
@@ -443,8 +454,97 @@ impl State {
                     None => Ok(()),
                 }
             }
+            Object::Network(network) => self.check_network(network, current),
+            Object::Endpoint(endpoint) => {
+                if self.get(Kind::Network, &endpoint.network).is_none() {
+                    return Err(Refusal::FailedPrecondition {
+                        reason: format!("network: network {:?} does not exist", endpoint.network),
+                    });
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
+    }
+
+    /// A network's CIDR overlaps no other network's and never changes;
+    /// its VNI is unique.
+    fn check_network(&self, network: &Network, current: Option<&Object>) -> Result<(), Refusal> {
+        let invalid = |field: &str, reason: String| Refusal::Invalid {
+            field: field.into(),
+            reason,
+        };
+        if let Some(Object::Network(current)) = current
+            && current.spec.cidr != network.spec.cidr
+        {
+            return Err(invalid(
+                "spec.cidr",
+                format!(
+                    "a network's CIDR cannot change (it is {}); create another network",
+                    current.spec.cidr
+                ),
+            ));
+        }
+        let range = |n: &Network| {
+            n.spec.parse_cidr().ok().map(|(ip, prefix)| {
+                let start = u64::from(u32::from(ip));
+                (start, start + (1u64 << (32 - u32::from(prefix))) - 1)
+            })
+        };
+        let Some((start, end)) = range(network) else {
+            return Err(invalid(
+                "spec.cidr",
+                format!("{:?} is not a CIDR", network.spec.cidr),
+            ));
+        };
+        for other in self.list(Kind::Network) {
+            let Object::Network(other) = other else {
+                continue;
+            };
+            if other.meta.name == network.meta.name {
+                continue;
+            }
+            if let Some((other_start, other_end)) = range(other)
+                && start <= other_end
+                && other_start <= end
+            {
+                return Err(invalid(
+                    "spec.cidr",
+                    format!(
+                        "{} overlaps network {:?} ({})",
+                        network.spec.cidr, other.meta.name, other.spec.cidr
+                    ),
+                ));
+            }
+            if other.spec.vni == network.spec.vni {
+                return Err(invalid(
+                    "spec.vni",
+                    format!(
+                        "VNI {} is network {:?}'s",
+                        network.spec.vni, other.meta.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A network may be deleted only when no endpoint holds an address in it.
+    fn check_delete(&self, kind: Kind, name: &str) -> Result<(), Refusal> {
+        if kind == Kind::Network {
+            let leased = self
+                .list(Kind::Endpoint)
+                .filter(|o| matches!(o, Object::Endpoint(e) if e.network == name))
+                .count();
+            if leased > 0 {
+                return Err(Refusal::FailedPrecondition {
+                    reason: format!(
+                        "network {name:?} still has {leased} endpoint(s); delete its VMs' NICs first"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -496,6 +596,12 @@ fn same_spec(a: &Object, b: &Object) -> bool {
             (&a.vm, &a.node, a.epoch) == (&b.vm, &b.node, b.epoch)
         }
         (Object::Member(a), Object::Member(b)) => (a.id, &a.address) == (b.id, &b.address),
+        (Object::Network(a), Object::Network(b)) => a.spec == b.spec,
+        (Object::Endpoint(a), Object::Endpoint(b)) => {
+            let mut a = a.clone();
+            a.meta = b.meta.clone();
+            a == *b
+        }
         _ => false,
     }
 }
@@ -752,5 +858,45 @@ mod tests {
             state.get(Kind::Node, "n2").is_none(),
             "refusals change nothing"
         );
+    }
+
+    fn network(name: &str, cidr: &str, vni: u32) -> Object {
+        Object::Network(Network {
+            meta: ObjectMeta::named(name),
+            spec: basalt_api::NetworkSpec {
+                cidr: cidr.into(),
+                vni,
+            },
+        })
+    }
+
+    #[test]
+    fn networks_never_overlap_and_keep_their_cidr() {
+        let mut state = State::default();
+        state
+            .apply(1, Command::Create(network("a", "10.1.0.0/16", 1)))
+            .unwrap();
+        let field = |r: Result<Applied, Refusal>| match r {
+            Err(Refusal::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        };
+        assert_eq!(
+            field(state.apply(2, Command::Create(network("b", "10.1.128.0/24", 2)))),
+            "spec.cidr"
+        );
+        assert_eq!(
+            field(state.apply(3, Command::Create(network("b", "10.0.0.0/8", 2)))),
+            "spec.cidr"
+        );
+        assert_eq!(
+            field(state.apply(4, Command::Create(network("b", "10.2.0.0/16", 1)))),
+            "spec.vni"
+        );
+        state
+            .apply(5, Command::Create(network("b", "10.2.0.0/16", 2)))
+            .unwrap();
+        let mut moved = network("b", "10.3.0.0/16", 2);
+        moved.meta_mut().resource_version = 5;
+        assert_eq!(field(state.apply(6, Command::Update(moved))), "spec.cidr");
     }
 }

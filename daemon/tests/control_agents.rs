@@ -4,7 +4,10 @@
 //! ready, placement of running VMs, the per-node placement watch, status
 //! reports, and node loss — the node turns not ready after its lease, its
 //! VMs move with a higher epoch only after that fence is committed, a VM
-//! is never on two nodes, and a late heartbeat changes nothing.
+//! is never on two nodes, and a late heartbeat changes nothing; IPAM —
+//! networks never overlap, each NIC gets an endpoint (a static address
+//! honoured) that keeps its address when the VM moves and follows the
+//! placement's node and epoch, released after the VM is deleted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
@@ -13,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_api::{
-    AdminClient, AgentClient, ApiError, Condition, Heartbeat, JoinToken, Kind, Object, ObjectMeta,
-    Placement, Registration, Resources, StatusReport, TokenSecret, Vm, VmPhase, VmStatus,
-    WatchEvent,
+    AdminClient, AgentClient, ApiError, Condition, Endpoint, Heartbeat, JoinToken, Kind, Network,
+    NetworkSpec, Nic, Object, ObjectMeta, Placement, Registration, Resources, StatusReport,
+    TokenSecret, Vm, VmPhase, VmStatus, WatchEvent,
 };
 use basalt_testkit::{Prefix, Process, ProcessSpec};
 use futures::StreamExt as _;
@@ -25,7 +28,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// The test's timing: short leases so node loss takes seconds.
 const LEASE: Duration = Duration::from_secs(2);
 const HA_AFTER: Duration = Duration::from_secs(3);
-const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 100\n";
+const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 100\n[ipam]\nrelease_grace_ms = 1000\n";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -111,6 +114,30 @@ async fn placements(admin: &AdminClient) -> BTreeMap<String, Placement> {
             _ => None,
         })
         .collect()
+}
+
+async fn endpoints(admin: &AdminClient) -> BTreeMap<String, Endpoint> {
+    admin
+        .list(Kind::Endpoint)
+        .await
+        .expect("list endpoints")
+        .objects
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Endpoint(e) => Some((e.vm.clone(), e)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn network(name: &str, cidr: &str, vni: u32) -> Object {
+    Object::Network(Network {
+        meta: ObjectMeta::named(name),
+        spec: NetworkSpec {
+            cidr: cidr.into(),
+            vni,
+        },
+    })
 }
 
 /// A fake agent's heartbeat loop; returns when `stop` is set.
@@ -255,7 +282,19 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
         );
     }
 
-    // Running VMs get placements from the placement controller.
+    // A network; another that overlaps it is refused, naming spec.cidr.
+    admin
+        .create(network("blue", "10.77.0.0/24", 77))
+        .await
+        .expect("create network");
+    match admin.create(network("red", "10.77.0.128/25", 78)).await {
+        Err(ApiError::InvalidArgument { field, .. }) => assert_eq!(field, "spec.cidr"),
+        other => panic!("an overlapping network must be refused, got {other:?}"),
+    }
+    let fixed: std::net::Ipv4Addr = "10.77.0.50".parse().unwrap();
+
+    // Running VMs get placements from the placement controller, and each
+    // NIC an endpoint from IPAM.
     for i in 0..6 {
         let mut vm = Vm {
             meta: ObjectMeta::named(format!("vm-{i}")),
@@ -264,8 +303,33 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
         vm.spec.cpus = 1;
         vm.spec.memory_mib = 256;
         vm.spec.running = true;
+        vm.spec.nics = vec![Nic {
+            network: "blue".into(),
+            mac: None,
+            ip: (i == 1).then_some(std::net::IpAddr::V4(fixed)),
+        }];
         admin.create(Object::Vm(vm)).await.expect("create vm");
     }
+    wait_until("every NIC has an endpoint on its VM's node", || async {
+        let (placed, endpoints) = (placements(&admin).await, endpoints(&admin).await);
+        endpoints.len() == 6
+            && endpoints.values().all(|e| {
+                placed
+                    .get(&e.vm)
+                    .is_some_and(|p| p.node == e.node && p.epoch == e.epoch)
+            })
+    })
+    .await;
+    let leased = endpoints(&admin).await;
+    assert_eq!(
+        leased["vm-1"].ip,
+        Some(fixed),
+        "the static address is honoured"
+    );
+    let mut addresses: Vec<_> = leased.values().map(|e| e.ip).collect();
+    addresses.sort();
+    addresses.dedup();
+    assert_eq!(addresses.len(), 6, "one address per NIC");
     wait_until("every VM is placed", || async {
         placements(&admin).await.len() == 6
     })
@@ -403,6 +467,18 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
             assert_eq!(p, &before[vm], "{vm} did not move");
         }
     }
+    // Their endpoints keep the address and follow the node and epoch.
+    wait_until("the endpoints follow the moved VMs", || async {
+        let endpoints = endpoints(&admin).await;
+        victim_vms
+            .iter()
+            .all(|vm| endpoints[vm].node == after[vm].node && endpoints[vm].epoch == 2)
+    })
+    .await;
+    let followed = endpoints(&admin).await;
+    for (vm, endpoint) in &followed {
+        assert_eq!(endpoint.ip, leased[vm].ip, "{vm} kept its address");
+    }
     let fenced_at = node_fenced_at
         .lock()
         .unwrap()
@@ -479,13 +555,27 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
         .expect("heartbeat after registering again");
     assert_eq!(node_ready(&admin, &victim).await, Some(true));
 
-    // A deleted VM loses its placement.
+    // A deleted VM loses its placement, and its address after the grace.
+    let released_ip = followed["vm-0"].ip.expect("vm-0's address");
     admin
         .delete(Kind::Vm, "vm-0", None)
         .await
         .expect("delete vm");
     wait_until("the deleted VM's placement is removed", || async {
         !placements(&admin).await.contains_key("vm-0")
+    })
+    .await;
+    let name = Endpoint::name_for(released_ip);
+    match admin.get(Kind::Endpoint, &name).await {
+        Ok(Object::Endpoint(e)) => assert!(e.release_at_unix_ms > 0 && e.node.is_empty(), "{e:?}"),
+        Err(ApiError::NotFound { .. }) => {}
+        other => panic!("expected the released endpoint, got {other:?}"),
+    }
+    wait_until("the released address is freed after the grace", || async {
+        matches!(
+            admin.get(Kind::Endpoint, &name).await,
+            Err(ApiError::NotFound { .. })
+        )
     })
     .await;
     for flag in stop.values() {

@@ -7,6 +7,7 @@ mod agent;
 mod error;
 mod member;
 mod meta;
+mod network;
 mod node;
 mod object;
 mod placement;

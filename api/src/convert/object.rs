@@ -13,6 +13,8 @@ impl From<Object> for pb::Object {
             Object::Placement(o) => PbObject::Placement(o.into()),
             Object::Token(o) => PbObject::Token(o.into()),
             Object::Member(o) => PbObject::Member(o.into()),
+            Object::Network(o) => PbObject::Network(o.into()),
+            Object::Endpoint(o) => PbObject::Endpoint(o.into()),
         };
         Self { kind: Some(kind) }
     }
@@ -28,6 +30,8 @@ impl TryFrom<pb::Object> for Object {
             PbObject::Placement(o) => Object::Placement(o.try_into()?),
             PbObject::Token(o) => Object::Token(o.try_into()?),
             PbObject::Member(o) => Object::Member(o.try_into()?),
+            PbObject::Network(o) => Object::Network(o.try_into()?),
+            PbObject::Endpoint(o) => Object::Endpoint(o.try_into()?),
         })
     }
 }
@@ -40,6 +44,8 @@ impl From<Kind> for pb::Kind {
             Kind::Placement => pb::Kind::Placement,
             Kind::Token => pb::Kind::Token,
             Kind::Member => pb::Kind::Member,
+            Kind::Network => pb::Kind::Network,
+            Kind::Endpoint => pb::Kind::Endpoint,
         }
     }
 }
@@ -58,6 +64,8 @@ pub(crate) fn kind_from_pb(kind: i32, field: &str) -> Result<Option<Kind>, ApiEr
         pb::Kind::Placement => Some(Kind::Placement),
         pb::Kind::Token => Some(Kind::Token),
         pb::Kind::Member => Some(Kind::Member),
+        pb::Kind::Network => Some(Kind::Network),
+        pb::Kind::Endpoint => Some(Kind::Endpoint),
     })
 }
 

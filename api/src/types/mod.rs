@@ -4,6 +4,7 @@
 mod agent;
 mod member;
 mod meta;
+mod network;
 mod node;
 mod object;
 mod placement;
@@ -15,6 +16,7 @@ mod watch;
 pub use agent::{Heartbeat, HeartbeatAck, Registered, Registration, StatusReport};
 pub use member::Member;
 pub use meta::{Condition, ObjectMeta};
+pub use network::{Endpoint, MAX_VNI, Network, NetworkSpec};
 pub use node::{Node, NodeSpec, NodeStatus, Resources};
 pub use object::{Kind, Object, ObjectList};
 pub use placement::Placement;

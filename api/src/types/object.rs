@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{JoinToken, Member, Node, ObjectMeta, Placement, Vm};
+use super::{Endpoint, JoinToken, Member, Network, Node, ObjectMeta, Placement, Vm};
 use crate::ApiError;
 
 /// The sorts of stored objects.
@@ -22,20 +22,26 @@ pub enum Kind {
     Token,
     /// [`Member`].
     Member,
+    /// [`Network`].
+    Network,
+    /// [`Endpoint`].
+    Endpoint,
 }
 
 impl Kind {
     /// Every kind, in a stable order.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Node,
         Kind::Vm,
         Kind::Placement,
         Kind::Token,
         Kind::Member,
+        Kind::Network,
+        Kind::Endpoint,
     ];
 
     /// The lowercase singular name: "node", "vm", "placement", "token",
-    /// "member".
+    /// "member", "network", "endpoint".
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Node => "node",
@@ -43,6 +49,8 @@ impl Kind {
             Kind::Placement => "placement",
             Kind::Token => "token",
             Kind::Member => "member",
+            Kind::Network => "network",
+            Kind::Endpoint => "endpoint",
         }
     }
 }
@@ -66,7 +74,7 @@ impl FromStr for Kind {
             .ok_or_else(|| {
                 ApiError::invalid(
                     "kind",
-                    format!("unknown kind {s:?}; expected node, vm, placement, token or member"),
+                    format!("unknown kind {s:?}; expected node, vm, placement, token, member, network or endpoint"),
                 )
             })
     }
@@ -87,6 +95,10 @@ pub enum Object {
     Token(JoinToken),
     /// A control-plane member.
     Member(Member),
+    /// A VM network.
+    Network(Network),
+    /// A VM NIC's leased address.
+    Endpoint(Endpoint),
 }
 
 impl Object {
@@ -98,6 +110,8 @@ impl Object {
             Object::Placement(_) => Kind::Placement,
             Object::Token(_) => Kind::Token,
             Object::Member(_) => Kind::Member,
+            Object::Network(_) => Kind::Network,
+            Object::Endpoint(_) => Kind::Endpoint,
         }
     }
 
@@ -109,6 +123,8 @@ impl Object {
             Object::Placement(o) => &o.meta,
             Object::Token(o) => &o.meta,
             Object::Member(o) => &o.meta,
+            Object::Network(o) => &o.meta,
+            Object::Endpoint(o) => &o.meta,
         }
     }
 
@@ -120,6 +136,8 @@ impl Object {
             Object::Placement(o) => &mut o.meta,
             Object::Token(o) => &mut o.meta,
             Object::Member(o) => &mut o.meta,
+            Object::Network(o) => &mut o.meta,
+            Object::Endpoint(o) => &mut o.meta,
         }
     }
 
@@ -137,6 +155,8 @@ impl Object {
             Object::Placement(o) => o.validate(),
             Object::Token(o) => o.validate(),
             Object::Member(o) => o.validate(),
+            Object::Network(o) => o.validate(),
+            Object::Endpoint(o) => o.validate(),
         }
     }
 }
@@ -178,6 +198,8 @@ object_variant!(Vm, Vm);
 object_variant!(Placement, Placement);
 object_variant!(Token, JoinToken);
 object_variant!(Member, Member);
+object_variant!(Network, Network);
+object_variant!(Endpoint, Endpoint);
 
 #[cfg(test)]
 mod tests {

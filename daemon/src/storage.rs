@@ -12,6 +12,8 @@ use anyhow::{Context as _, bail};
 use basalt_sds::backend::FileBackend;
 use basalt_sds::nbd::Server;
 use basalt_sds::pool::{Pool, PoolOptions, VolumeInfo};
+use basalt_sds::replication::replica::ReplicaServer;
+use basalt_sds::replication::{Fencer, Replicator, ReplicatorConfig, StaticFencer};
 use clap::{Args, Subcommand};
 
 /// `basaltd storage ...`
@@ -139,6 +141,47 @@ struct ServeArgs {
     /// Also serve on this Unix socket.
     #[arg(long)]
     unix: Option<PathBuf>,
+    /// Also run as a replica peer: accept primaries' replication
+    /// connections on this address and apply their writes to this pool's
+    /// volumes of the same name.
+    #[arg(long)]
+    replica_listen: Option<SocketAddr>,
+    /// As a replica, refuse primaries and frames with an epoch below this
+    /// (the newest epoch seen per volume is also kept in `POOL.epochs`).
+    #[arg(long, default_value_t = 0)]
+    min_epoch: u64,
+    /// As a primary, replicate VOLUME synchronously (protocol C) to the
+    /// replica peer at ADDR (repeatable).
+    #[arg(long, value_name = "VOLUME=ADDR", value_parser = parse_peer)]
+    peer: Vec<(String, SocketAddr)>,
+    /// This primary's epoch, raised at every promotion; replicas refuse
+    /// writes from any older one.
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
+    /// Who confirms a lost peer is outdated: `allow` goes on without it
+    /// (its chunks are tracked and resynced), `deny` suspends writes until
+    /// it is back.
+    #[arg(long, value_enum, default_value_t = FencerArg::Deny)]
+    fencer: FencerArg,
+}
+
+/// The standalone fencer's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FencerArg {
+    /// Confirm every lost peer outdated.
+    Allow,
+    /// Confirm none: writes wait for the peer.
+    Deny,
+}
+
+fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
+    let (vol, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not VOLUME=ADDR"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
+    Ok((vol.to_owned(), addr))
 }
 
 /// Parses `4096`, `64K`, `10M`, `1G`, `2T` (also `KiB`, `MiB`, ...; powers
@@ -308,8 +351,38 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    // The newest epoch per volume, kept beside the pool.
+    let mut epoch_file = args.pool.clone().into_os_string();
+    epoch_file.push(".epochs");
+    let epoch_file = PathBuf::from(epoch_file);
+    let _replica = match args.replica_listen {
+        Some(addr) => Some(
+            ReplicaServer::start_persistent(pool.clone(), addr, args.min_epoch, &epoch_file)
+                .with_context(|| format!("listening for primaries on {addr}"))?,
+        ),
+        None => None,
+    };
+    let fencer: Arc<dyn Fencer> = Arc::new(StaticFencer {
+        allow: args.fencer == FencerArg::Allow,
+    });
+    let mut replicators = Vec::new();
+    for (name, peer) in &args.peer {
+        let volume = pool
+            .open_volume(name)
+            .with_context(|| format!("--peer {name}={peer}"))?;
+        let cfg = ReplicatorConfig {
+            peer: *peer,
+            epoch: args.epoch,
+            generation: uuid::Uuid::new_v4().as_u64_pair().0,
+            chunk_size: u64::from(pool.chunk_size()),
+            retry: std::time::Duration::from_millis(200),
+        };
+        tracing::info!(volume = %name, %peer, epoch = args.epoch, fencer = ?args.fencer, "replicating");
+        replicators
+            .push(Replicator::start(volume, cfg, fencer.clone()).context("starting replication")?);
+    }
     let result = rt.block_on(async {
-        let server = Server::new(pool.clone());
+        let server = Server::with_replication(pool.clone(), replicators);
         let tcp = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;

@@ -8,7 +8,9 @@
 //!   crash-safe through a journal and two checkpoint slots
 //!   (`sds/DESIGN.md` has the on-disk format and the crash argument);
 //! - [`nbd`]: the NBD server (fixed newstyle, structured replies,
-//!   `base:allocation`) over TCP and Unix sockets.
+//!   `base:allocation`) over TCP and Unix sockets;
+//! - [`replication`]: DRBD-style synchronous replication to a peer
+//!   (protocol C, epoch fencing, dirty-chunk resync).
 //!
 //! Invariants:
 //! - after `kill -9` every acknowledged write is readable; after a power
@@ -19,3 +21,4 @@
 pub mod backend;
 pub mod nbd;
 pub mod pool;
+pub mod replication;

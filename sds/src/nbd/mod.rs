@@ -17,10 +17,13 @@
 //!   for FLUSH, after it is durable); on `NBD_CMD_DISC` every in-flight
 //!   request is answered before the socket closes;
 //! - `CAN_MULTI_CONN` is advertised because it holds: all connections
-//!   share one pool, and a FLUSH syncs the whole backing store.
+//!   share one pool, and a FLUSH syncs the whole backing store;
+//! - on a replicated volume, WRITE, TRIM, WRITE_ZEROES and FLUSH are
+//!   answered only after the [`Replicator`] confirmed them (protocol C).
 
 pub mod proto;
 
+use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +33,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::pool::{Pool, PoolError, Volume, ZeroFlags};
+use crate::replication::{Op, Replicator};
 use proto::{Request, cflag, cmd, errno, info, opt, rep, reply, tflag};
 
 /// Requests one connection may have outstanding.
@@ -52,12 +56,31 @@ pub enum SessionError {
 #[derive(Debug, Clone)]
 pub struct Server {
     pool: Pool,
+    replicators: Arc<HashMap<String, Replicator>>,
 }
 
 impl Server {
     /// A server for every volume of `pool`.
     pub fn new(pool: Pool) -> Server {
-        Server { pool }
+        Server::with_replication(pool, Vec::new())
+    }
+
+    /// A server for every volume of `pool`, where the volumes of
+    /// `replicators` ship their writes to a peer.
+    pub fn with_replication(pool: Pool, replicators: Vec<Replicator>) -> Server {
+        let replicators = replicators
+            .into_iter()
+            .map(|r| (r.volume().name().to_owned(), r))
+            .collect();
+        Server {
+            pool,
+            replicators: Arc::new(replicators),
+        }
+    }
+
+    fn session(&self, volume: Volume, structured: bool, meta: bool) -> Session {
+        let replicator = self.replicators.get(volume.name()).cloned();
+        Session::new(volume, structured, meta, replicator)
     }
 
     /// Accepts TCP clients forever.
@@ -199,7 +222,7 @@ impl Server {
                     }
                     wr.flush().await?;
                     let meta = meta_export.as_deref() == Some(name.as_str());
-                    return Ok(Some(Session::new(volume, structured, meta)));
+                    return Ok(Some(self.session(volume, structured, meta)));
                 }
                 opt::ABORT => {
                     wr.write_all(&send(rep::ACK, &[])).await?;
@@ -266,7 +289,7 @@ impl Server {
                     wr.flush().await?;
                     if option == opt::GO {
                         let meta = meta_export.as_deref() == Some(name.as_str());
-                        return Ok(Some(Session::new(volume, structured, meta)));
+                        return Ok(Some(self.session(volume, structured, meta)));
                     }
                 }
                 opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
@@ -350,15 +373,41 @@ struct Session {
     volume: Volume,
     structured: bool,
     meta_context: bool,
+    replicator: Option<Replicator>,
 }
 
 impl Session {
-    fn new(volume: Volume, structured: bool, meta_context: bool) -> Session {
+    fn new(
+        volume: Volume,
+        structured: bool,
+        meta_context: bool,
+        replicator: Option<Replicator>,
+    ) -> Session {
         Session {
             volume,
             structured,
             meta_context: structured && meta_context,
+            replicator,
         }
+    }
+
+    /// Runs a change locally and, on a replicated volume, on the peer.
+    /// A replication failure is an I/O error to the client.
+    fn replicated(
+        &self,
+        op: Op<'_>,
+        local: impl FnOnce() -> Result<(), PoolError>,
+    ) -> Result<(), PoolError> {
+        let Some(r) = &self.replicator else {
+            return local();
+        };
+        r.submit(op, local).map_err(|e| match e {
+            crate::replication::ReplicationError::Local(e) => e,
+            other => PoolError::Io {
+                op: "replicating",
+                source: io::Error::other(other.to_string()),
+            },
+        })
     }
 
     /// The NBD error for a pool error.
@@ -407,18 +456,39 @@ impl Session {
         let (off, len) = (req.offset, u64::from(req.length));
         let result = match req.kind {
             cmd::READ => return self.read(req),
-            cmd::WRITE => vol.write(off, &payload, fua),
-            cmd::FLUSH => vol.flush(),
-            cmd::TRIM => vol.trim(off, len, fua),
-            cmd::WRITE_ZEROES => vol.write_zeroes(
-                off,
-                len,
-                ZeroFlags {
+            cmd::WRITE => self.replicated(
+                Op::Write {
+                    offset: off,
+                    data: &payload,
+                    fua,
+                },
+                || vol.write(off, &payload, fua),
+            ),
+            cmd::FLUSH => self.replicated(Op::Flush, || vol.flush()),
+            cmd::TRIM => self.replicated(
+                Op::Trim {
+                    offset: off,
+                    len: req.length,
+                    fua,
+                },
+                || vol.trim(off, len, fua),
+            ),
+            cmd::WRITE_ZEROES => {
+                let flags = ZeroFlags {
                     no_hole: req.flags & cflag::NO_HOLE != 0,
                     fast: req.flags & cflag::FAST_ZERO != 0,
                     fua,
-                },
-            ),
+                };
+                self.replicated(
+                    Op::WriteZeroes {
+                        offset: off,
+                        len: req.length,
+                        no_hole: flags.no_hole,
+                        fua,
+                    },
+                    || vol.write_zeroes(off, len, flags),
+                )
+            }
             cmd::CACHE => vol.allocation(off, len).map(|_| ()),
             cmd::BLOCK_STATUS => return self.block_status(req),
             _ => Ok(()),

@@ -1,0 +1,423 @@
+//! `basaltd storage serve` with synchronous replication, two processes on
+//! loopback: a replica (`--replica-listen`) and a primary (`--peer`)
+//! serving NBD. `kill -9` of the primary in the middle of a write stream
+//! leaves every acknowledged write on the replica, read back through the
+//! replica's own NBD export; then the replica is killed and restarted
+//! under a primary with `--fencer allow`, and only the chunks written
+//! while it was away are resynced (bytes read from the primary's log);
+//! a primary restarted with an older epoch is deposed and acknowledges
+//! nothing; with `--fencer deny` a write waits for the lost replica.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use basalt_testkit::Prefix;
+use basalt_testkit::process::{Process, ProcessSpec};
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+const BLOCK: usize = 4096;
+const SLOTS: u64 = 16384; // 64 MiB of 4 KiB blocks
+const CHUNK: u64 = 64 << 10;
+/// A chunk the away-writes below never touch.
+const SPARE: u64 = 1023 * CHUNK;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out: Output = Command::new(BASALTD)
+        .args(args)
+        .output()
+        .expect("run basaltd");
+    assert!(
+        out.status.success(),
+        "basaltd {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn free_addr() -> SocketAddr {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A minimal NBD client (fixed newstyle, `NBD_OPT_EXPORT_NAME`, simple
+/// replies) so the test sees exactly which writes were acknowledged.
+struct Client {
+    s: TcpStream,
+    cookie: u64,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr, export: &str) -> std::io::Result<Client> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello)?;
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes())?;
+        let mut opt = b"IHAVEOPT".to_vec();
+        opt.extend_from_slice(&1u32.to_be_bytes());
+        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        opt.extend_from_slice(export.as_bytes());
+        s.write_all(&opt)?;
+        let mut info = [0u8; 10];
+        s.read_exact(&mut info)?;
+        Ok(Client { s, cookie: 0 })
+    }
+
+    fn request(&mut self, kind: u16, offset: u64, len: u32, data: &[u8]) -> std::io::Result<u32> {
+        self.cookie += 1;
+        let mut h = Vec::with_capacity(28 + data.len());
+        h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&kind.to_be_bytes());
+        h.extend_from_slice(&self.cookie.to_be_bytes());
+        h.extend_from_slice(&offset.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(data);
+        self.s.write_all(&h)?;
+        let mut r = [0u8; 16];
+        self.s.read_exact(&mut r)?;
+        assert_eq!(
+            u32::from_be_bytes(r[..4].try_into().expect("4")),
+            0x6744_6698
+        );
+        Ok(u32::from_be_bytes(r[4..8].try_into().expect("4")))
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        match self.request(1, offset, data.len() as u32, data)? {
+            0 => Ok(()),
+            e => Err(std::io::Error::other(format!("NBD error {e}"))),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.request(3, 0, 0, &[])? {
+            0 => Ok(()),
+            e => Err(std::io::Error::other(format!("NBD error {e}"))),
+        }
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        match self.request(0, offset, buf.len() as u32, &[])? {
+            0 => self.s.read_exact(buf),
+            e => Err(std::io::Error::other(format!("NBD error {e}"))),
+        }
+    }
+}
+
+fn block(i: u64) -> Vec<u8> {
+    let mut b = vec![(i % 251) as u8; BLOCK];
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    b
+}
+
+fn slot(i: u64) -> u64 {
+    (i * 7919 % SLOTS) * BLOCK as u64
+}
+
+fn serve(prefix: &Prefix, name: &str, pool: &str, nbd: SocketAddr, extra: &[String]) -> Process {
+    let mut args = vec![
+        "storage".to_owned(),
+        "serve".into(),
+        "--pool".into(),
+        pool.into(),
+        "--listen".into(),
+        nbd.to_string(),
+    ];
+    args.extend_from_slice(extra);
+    let spec = ProcessSpec::new(name, BASALTD)
+        .args(args)
+        .env("RUST_LOG", "info");
+    let mut p = Process::start(prefix, spec).expect("start basaltd storage serve");
+    p.wait_for_tcp(nbd, None, Duration::from_secs(30))
+        .expect("NBD listening");
+    p
+}
+
+/// The log without terminal colour escapes.
+fn plain_logs(p: &Process) -> String {
+    let mut out = String::new();
+    let mut chars = p.logs().chars().collect::<Vec<_>>().into_iter();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn wait_log(p: &Process, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let logs = plain_logs(p);
+        if let Some(line) = logs.lines().rev().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {needle:?}:\n{}",
+            p.name(),
+            p.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn field(line: &str, name: &str) -> u64 {
+    let key = format!("{name}=");
+    let at = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} in {line}"))
+        + key.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {line}"))
+}
+
+#[test]
+fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_dirty_only() {
+    if !is_root() {
+        eprintln!("skipping: needs root (test prefix and process harness)");
+        return;
+    }
+    let prefix = Prefix::for_test().expect("prefix");
+    let (pa, pb) = (prefix.dir().join("a.img"), prefix.dir().join("b.img"));
+    let (pa, pb) = (pa.to_str().expect("path"), pb.to_str().expect("path"));
+    for p in [pa, pb] {
+        ok(&["storage", "pool", "create", "--path", p, "--size", "256M"]);
+        ok(&[
+            "storage", "volume", "create", "--pool", p, "vol", "--size", "64M",
+        ]);
+    }
+    let (nbd_a, nbd_b, repl_b) = (free_addr(), free_addr(), free_addr());
+    let mut replica = serve(
+        &prefix,
+        "replica",
+        pb,
+        nbd_b,
+        &["--replica-listen".into(), repl_b.to_string()],
+    );
+    let peer = vec![
+        "--peer".to_owned(),
+        format!("vol={repl_b}"),
+        "--epoch".into(),
+        "1".into(),
+        "--fencer".into(),
+        "deny".into(),
+    ];
+    let mut primary = serve(&prefix, "primary", pa, nbd_a, &peer);
+    wait_log(&primary, "peer in sync", Duration::from_secs(20));
+
+    // A write stream through the primary; kill -9 it in the middle.
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(nbd_a, "vol").expect("connect");
+            for i in 0..SLOTS {
+                if stop.load(Ordering::SeqCst) || c.write(slot(i), &block(i)).is_err() {
+                    return;
+                }
+                acked.lock().expect("lock").push(i);
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while acked.lock().expect("lock").len() < 1500 {
+        assert!(Instant::now() < deadline, "replicated writes too slow");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    primary.kill9().expect("kill -9 the primary");
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    let acked = acked.lock().expect("lock").clone();
+    eprintln!("{} writes acknowledged before kill -9", acked.len());
+
+    // Every acknowledged write is on the replica, through its own export.
+    let mut c = Client::connect(nbd_b, "vol").expect("connect to the replica");
+    let mut buf = vec![0u8; BLOCK];
+    for &i in &acked {
+        c.read(slot(i), &mut buf).expect("read");
+        assert!(
+            buf == block(i),
+            "acknowledged write {i} missing on the replica"
+        );
+    }
+    drop(c);
+
+    // The primary comes back with --fencer allow; the replica dies; writes
+    // go on; the replica returns and gets only the dirty chunks.
+    let allow = vec![
+        "--peer".to_owned(),
+        format!("vol={repl_b}"),
+        "--epoch".into(),
+        "2".into(),
+        "--fencer".into(),
+        "allow".into(),
+    ];
+    let primary = serve(&prefix, "primary-2", pa, nbd_a, &allow);
+    wait_log(&primary, "peer in sync", Duration::from_secs(20));
+    let mut c = Client::connect(nbd_a, "vol").expect("connect");
+    c.write(SPARE, &block(1_000_000))
+        .expect("write while in sync");
+    replica.kill9().expect("kill -9 the replica");
+    let mut dirty = BTreeSet::new();
+    for i in 0..40u64 {
+        let off = (i * 37 % 1024) * CHUNK + 512;
+        c.write(off, &block(2_000_000 + i))
+            .expect("write with the peer away and the fencer allowing");
+        dirty.insert(off / CHUNK);
+    }
+    c.flush().expect("flush");
+    wait_log(&primary, "peer lost", Duration::from_secs(10));
+    wait_log(
+        &primary,
+        "peer outdated by the fencer",
+        Duration::from_secs(10),
+    );
+    replica.restart().expect("restart the replica");
+    replica
+        .wait_for_tcp(nbd_b, None, Duration::from_secs(30))
+        .expect("replica listening again");
+    let line = wait_log(&primary, "resync_bytes=", Duration::from_secs(20));
+    let line = {
+        // The first sync after the restart is the one with the dirty chunks.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut l = line;
+        while field(&l, "resync_chunks") == 0 {
+            assert!(Instant::now() < deadline, "no resync: {l}");
+            std::thread::sleep(Duration::from_millis(50));
+            l = wait_log(&primary, "resync_bytes=", Duration::from_secs(1));
+        }
+        l
+    };
+    let (chunks, bytes) = (field(&line, "resync_chunks"), field(&line, "resync_bytes"));
+    eprintln!(
+        "resync: {chunks} chunks, {bytes} bytes for {} dirty chunks",
+        dirty.len()
+    );
+    assert_eq!(chunks, dirty.len() as u64, "{line}");
+    assert!(bytes > 0 && bytes <= dirty.len() as u64 * CHUNK, "{line}");
+    drop(c);
+
+    // The replica holds the writes made while it was away.
+    let mut c = Client::connect(nbd_b, "vol").expect("connect to the replica");
+    for i in 0..40u64 {
+        let off = (i * 37 % 1024) * CHUNK + 512;
+        c.read(off, &mut buf).expect("read");
+        assert!(buf == block(2_000_000 + i), "resynced write {i} missing");
+    }
+
+    drop(c);
+
+    // Demoted back to epoch 1, the primary is refused by the replica (it
+    // has seen epoch 2, and remembers it across its own kill -9) and
+    // acknowledges no write.
+    let mut primary = primary;
+    primary
+        .stop(Duration::from_secs(10))
+        .expect("stop primary-2");
+    replica.kill9().expect("kill -9 the replica");
+    replica.restart().expect("restart the replica");
+    replica
+        .wait_for_tcp(nbd_b, None, Duration::from_secs(30))
+        .expect("replica listening again");
+    let mut old = allow.clone();
+    old[3] = "1".into();
+    let primary = serve(&prefix, "primary-old", pa, nbd_a, &old);
+    wait_log(&primary, "deposed", Duration::from_secs(20));
+    let mut c = Client::connect(nbd_a, "vol").expect("connect");
+    assert!(
+        c.write(SPARE, &block(3_000_000)).is_err(),
+        "a deposed primary acknowledged a write"
+    );
+    let mut r = Client::connect(nbd_b, "vol").expect("connect to the replica");
+    r.read(SPARE, &mut buf).expect("read");
+    assert!(
+        buf == block(1_000_000),
+        "the deposed primary's write reached the replica"
+    );
+}
+
+#[test]
+fn fencer_deny_blocks_writes_until_the_replica_returns() {
+    if !is_root() {
+        eprintln!("skipping: needs root (test prefix and process harness)");
+        return;
+    }
+    let prefix = Prefix::for_test().expect("prefix");
+    let (pa, pb) = (prefix.dir().join("a.img"), prefix.dir().join("b.img"));
+    let (pa, pb) = (pa.to_str().expect("path"), pb.to_str().expect("path"));
+    for p in [pa, pb] {
+        ok(&["storage", "pool", "create", "--path", p, "--size", "64M"]);
+        ok(&[
+            "storage", "volume", "create", "--pool", p, "vol", "--size", "16M",
+        ]);
+    }
+    let (nbd_a, nbd_b, repl_b) = (free_addr(), free_addr(), free_addr());
+    let mut replica = serve(
+        &prefix,
+        "replica",
+        pb,
+        nbd_b,
+        &["--replica-listen".into(), repl_b.to_string()],
+    );
+    let deny = vec![
+        "--peer".to_owned(),
+        format!("vol={repl_b}"),
+        "--fencer".into(),
+        "deny".into(),
+    ];
+    let primary = serve(&prefix, "primary", pa, nbd_a, &deny);
+    wait_log(&primary, "peer in sync", Duration::from_secs(20));
+    let mut c = Client::connect(nbd_a, "vol").expect("connect");
+    c.write(0, &block(1)).expect("write in sync");
+    replica.kill9().expect("kill -9 the replica");
+    wait_log(&primary, "peer lost", Duration::from_secs(10));
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let result = c.write(CHUNK, &block(2)).is_ok();
+        tx.send(result).expect("send");
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+        "a write was acknowledged with the replica gone and the fencer denying"
+    );
+    replica.restart().expect("restart the replica");
+    let acked = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the write still blocks after the replica returned");
+    assert!(acked, "the suspended write failed instead of completing");
+    writer.join().expect("writer");
+    replica
+        .wait_for_tcp(nbd_b, None, Duration::from_secs(30))
+        .expect("replica listening");
+    let mut r = Client::connect(nbd_b, "vol").expect("connect to the replica");
+    let mut buf = vec![0u8; BLOCK];
+    r.read(CHUNK, &mut buf).expect("read");
+    assert!(buf == block(2), "the suspended write is not on the replica");
+}

@@ -1,0 +1,416 @@
+//! The replication wire protocol: Basalt's own framed TCP protocol
+//! between a primary and a replica (`sds/DESIGN.md`, "Replication").
+//!
+//! All integers are little-endian. A connection starts with a [`Hello`]
+//! from the primary and a [`HelloReply`] from the replica; then the
+//! primary sends [`Frame`]s and the replica answers each with one
+//! [`Ack`], in order. Decoding never panics: every malformed field is an
+//! error that names it.
+
+use std::io::{self, Read, Write};
+
+use uuid::Uuid;
+
+/// Opens a hello (`BSLTREPL`).
+pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"BSLTREPL");
+/// Opens every frame.
+pub const FRAME_MAGIC: u32 = 0x5246_4c42;
+/// Opens every acknowledgement.
+pub const ACK_MAGIC: u32 = 0x4b41_4c42;
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// The largest payload a frame may carry.
+pub const MAX_FRAME_PAYLOAD: u32 = 64 << 20;
+/// The longest volume name a hello may carry.
+const MAX_NAME: usize = 256;
+
+/// Why a frame or hello could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The socket failed or closed.
+    #[error("connection lost")]
+    Io(#[from] io::Error),
+    /// A field holds a value the protocol does not allow.
+    #[error("bad {field}: {value:#x}")]
+    Bad {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
+}
+
+fn bad(field: &'static str, value: u64) -> WireError {
+    WireError::Bad { field, value }
+}
+
+fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    r.read_exact(&mut b)?;
+    Ok(u16::from_le_bytes(b))
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// The primary's greeting: who it is and which volume it replicates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version.
+    pub version: u16,
+    /// The primary's epoch (issued at promotion).
+    pub epoch: u64,
+    /// The primary's current generation identifier for this volume.
+    pub generation: u64,
+    /// The primary's volume uid.
+    pub volume_uid: Uuid,
+    /// The volume's size in bytes.
+    pub size: u64,
+    /// The volume's name (the replica's volume of that name receives).
+    pub volume: String,
+}
+
+impl Hello {
+    /// The hello's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64 + self.volume.len());
+        b.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&self.generation.to_le_bytes());
+        b.extend_from_slice(self.volume_uid.as_bytes());
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&(self.volume.len() as u16).to_le_bytes());
+        b.extend_from_slice(self.volume.as_bytes());
+        b
+    }
+
+    /// Reads a hello.
+    pub fn read(r: &mut impl Read) -> Result<Hello, WireError> {
+        let magic = read_u64(r)?;
+        if magic != HELLO_MAGIC {
+            return Err(bad("hello magic", magic));
+        }
+        let version = read_u16(r)?;
+        if version != VERSION {
+            return Err(bad("protocol version", version.into()));
+        }
+        let epoch = read_u64(r)?;
+        let generation = read_u64(r)?;
+        let mut uid = [0u8; 16];
+        r.read_exact(&mut uid)?;
+        let size = read_u64(r)?;
+        let len = read_u16(r)? as usize;
+        if len == 0 || len > MAX_NAME {
+            return Err(bad("volume name length", len as u64));
+        }
+        let mut name = vec![0u8; len];
+        r.read_exact(&mut name)?;
+        let volume = String::from_utf8(name).map_err(|_| bad("volume name (not UTF-8)", 0))?;
+        Ok(Hello {
+            version,
+            epoch,
+            generation,
+            volume_uid: Uuid::from_bytes(uid),
+            size,
+            volume,
+        })
+    }
+}
+
+/// How a replica answers a hello or a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Accepted (and, for a frame, applied).
+    Ok,
+    /// The sender's epoch is older than the newest this replica has seen.
+    StaleEpoch,
+    /// The replica has no volume of that name, or its size differs.
+    UnknownVolume,
+    /// Applying the frame failed on the replica (its backing store).
+    IoError,
+    /// The frame was malformed (out of range, unknown kind).
+    Invalid,
+}
+
+impl Status {
+    fn code(self) -> u32 {
+        match self {
+            Status::Ok => 0,
+            Status::StaleEpoch => 1,
+            Status::UnknownVolume => 2,
+            Status::IoError => 3,
+            Status::Invalid => 4,
+        }
+    }
+
+    fn from_code(c: u32) -> Result<Status, WireError> {
+        Ok(match c {
+            0 => Status::Ok,
+            1 => Status::StaleEpoch,
+            2 => Status::UnknownVolume,
+            3 => Status::IoError,
+            4 => Status::Invalid,
+            other => return Err(bad("status", other.into())),
+        })
+    }
+}
+
+/// The replica's answer to a hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    /// Accepted or why not.
+    pub status: Status,
+    /// The newest epoch the replica has seen (after this hello).
+    pub newest_epoch: u64,
+}
+
+impl HelloReply {
+    /// The reply's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24);
+        b.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&self.status.code().to_le_bytes());
+        b.extend_from_slice(&self.newest_epoch.to_le_bytes());
+        b
+    }
+
+    /// Reads a reply.
+    pub fn read(r: &mut impl Read) -> Result<HelloReply, WireError> {
+        let magic = read_u64(r)?;
+        if magic != HELLO_MAGIC {
+            return Err(bad("hello reply magic", magic));
+        }
+        let version = read_u16(r)?;
+        if version != VERSION {
+            return Err(bad("protocol version", version.into()));
+        }
+        let status = Status::from_code(read_u32(r)?)?;
+        let newest_epoch = read_u64(r)?;
+        Ok(HelloReply {
+            status,
+            newest_epoch,
+        })
+    }
+}
+
+/// What a frame asks the replica to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// Write the payload at the offset.
+    Write,
+    /// Discard the range.
+    Trim,
+    /// Zero the range.
+    WriteZeroes,
+    /// Make every earlier frame durable.
+    Flush,
+}
+
+impl FrameKind {
+    fn code(self) -> u8 {
+        match self {
+            FrameKind::Write => 1,
+            FrameKind::Trim => 2,
+            FrameKind::WriteZeroes => 3,
+            FrameKind::Flush => 4,
+        }
+    }
+
+    fn from_code(c: u8) -> Result<FrameKind, WireError> {
+        Ok(match c {
+            1 => FrameKind::Write,
+            2 => FrameKind::Trim,
+            3 => FrameKind::WriteZeroes,
+            4 => FrameKind::Flush,
+            other => return Err(bad("frame kind", other.into())),
+        })
+    }
+}
+
+/// Frame flag: durable before the ack (NBD's FUA).
+pub const FLAG_FUA: u8 = 1;
+/// Frame flag: zero by writing, never by unmapping (NBD's NO_HOLE).
+pub const FLAG_NO_HOLE: u8 = 2;
+/// Frame flag: part of a resync, not a live write.
+pub const FLAG_RESYNC: u8 = 4;
+const FLAGS_KNOWN: u8 = FLAG_FUA | FLAG_NO_HOLE | FLAG_RESYNC;
+
+/// One replicated operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What to do.
+    pub kind: FrameKind,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    /// The sender's epoch.
+    pub epoch: u64,
+    /// The sender's sequence number (1, 2, ... per connection).
+    pub seq: u64,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Length in bytes (the payload's length for a write).
+    pub length: u32,
+    /// The data of a write; empty otherwise.
+    pub data: Vec<u8>,
+}
+
+/// Bytes of a frame header.
+pub const FRAME_HEADER_LEN: usize = 36;
+
+impl Frame {
+    /// Writes the frame (header, then payload) to `w`.
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        h[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+        h[4] = self.kind.code();
+        h[5] = self.flags;
+        h[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        h[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        h[24..32].copy_from_slice(&self.offset.to_le_bytes());
+        h[32..36].copy_from_slice(&self.length.to_le_bytes());
+        w.write_all(&h)?;
+        if self.kind == FrameKind::Write {
+            w.write_all(&self.data)?;
+        }
+        w.flush()
+    }
+
+    /// Reads one frame.
+    pub fn read(r: &mut impl Read) -> Result<Frame, WireError> {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        r.read_exact(&mut h)?;
+        let le32 = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let le64 = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        if le32(0) != FRAME_MAGIC {
+            return Err(bad("frame magic", le32(0).into()));
+        }
+        let kind = FrameKind::from_code(h[4])?;
+        let flags = h[5];
+        if flags & !FLAGS_KNOWN != 0 {
+            return Err(bad("frame flags", flags.into()));
+        }
+        let length = le32(32);
+        let mut data = Vec::new();
+        if kind == FrameKind::Write {
+            if length > MAX_FRAME_PAYLOAD {
+                return Err(bad("write payload length", length.into()));
+            }
+            data = vec![0u8; length as usize];
+            r.read_exact(&mut data)?;
+        }
+        Ok(Frame {
+            kind,
+            flags,
+            epoch: le64(8),
+            seq: le64(16),
+            offset: le64(24),
+            length,
+            data,
+        })
+    }
+}
+
+/// The replica's answer to one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The frame's sequence number.
+    pub seq: u64,
+    /// Applied, or why not.
+    pub status: Status,
+    /// The newest epoch the replica has seen.
+    pub newest_epoch: u64,
+}
+
+/// Bytes of an ack.
+pub const ACK_LEN: usize = 24;
+
+impl Ack {
+    /// The ack's bytes.
+    pub fn encode(&self) -> [u8; ACK_LEN] {
+        let mut b = [0u8; ACK_LEN];
+        b[0..4].copy_from_slice(&ACK_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&self.status.code().to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.newest_epoch.to_le_bytes());
+        b
+    }
+
+    /// Reads one ack.
+    pub fn read(r: &mut impl Read) -> Result<Ack, WireError> {
+        let magic = read_u32(r)?;
+        if magic != ACK_MAGIC {
+            return Err(bad("ack magic", magic.into()));
+        }
+        let status = Status::from_code(read_u32(r)?)?;
+        let seq = read_u64(r)?;
+        let newest_epoch = read_u64(r)?;
+        Ok(Ack {
+            seq,
+            status,
+            newest_epoch,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_an_error() {
+        let f = Frame {
+            kind: FrameKind::Write,
+            flags: FLAG_FUA,
+            epoch: 7,
+            seq: 3,
+            offset: 4096,
+            length: 5,
+            data: b"hello".to_vec(),
+        };
+        let mut buf = Vec::new();
+        f.write_to(&mut buf).expect("encode");
+        assert_eq!(Frame::read(&mut buf.as_slice()).expect("decode"), f);
+        let h = Hello {
+            version: VERSION,
+            epoch: 2,
+            generation: 9,
+            volume_uid: Uuid::from_u128(5),
+            size: 1 << 20,
+            volume: "vol".into(),
+        };
+        assert_eq!(Hello::read(&mut h.encode().as_slice()).expect("hello"), h);
+        let a = Ack {
+            seq: 1,
+            status: Status::StaleEpoch,
+            newest_epoch: 4,
+        };
+        assert_eq!(Ack::read(&mut a.encode().as_slice()).expect("ack"), a);
+        for n in 0..buf.len() {
+            let mut junk = buf.clone();
+            junk[n] ^= 0xff;
+            let _ = Frame::read(&mut junk.as_slice());
+            let _ = Frame::read(&mut &buf[..n]);
+        }
+        let mut huge = buf.clone();
+        huge[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Frame::read(&mut huge.as_slice()),
+            Err(WireError::Bad { .. })
+        ));
+    }
+}

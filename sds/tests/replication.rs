@@ -1,0 +1,329 @@
+//! Replication between a primary [`Replicator`] and a [`ReplicaServer`]
+//! on loopback, in one process: protocol C (a write returns only once the
+//! replica has it), epoch fencing (old hellos and frames refused, a
+//! deposed primary acknowledges nothing), peer loss with a fencer that
+//! allows (writes go on; on return only the dirty chunks are resynced,
+//! bytes counted) and one that denies (writes wait for the peer).
+
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use basalt_sds::backend::MemBackend;
+use basalt_sds::pool::{Pool, PoolOptions, Volume};
+use basalt_sds::replication::replica::ReplicaServer;
+use basalt_sds::replication::wire::{
+    self, Ack, Frame, FrameKind, Hello, HelloReply, Status, VERSION,
+};
+use basalt_sds::replication::{
+    Op, PeerState, ReplicationError, Replicator, ReplicatorConfig, StaticFencer,
+};
+
+const VOL: u64 = 16 << 20;
+const CHUNK: u64 = 64 << 10;
+
+fn pool_with_volume() -> (Pool, Volume) {
+    let pool =
+        Pool::create(Arc::new(MemBackend::new(64 << 20)), &PoolOptions::default()).expect("pool");
+    pool.create_volume("vol", VOL).expect("volume");
+    let vol = pool.open_volume("vol").expect("open");
+    (pool, vol)
+}
+
+fn replicator(vol: &Volume, peer: SocketAddr, epoch: u64, allow: bool) -> Replicator {
+    let cfg = ReplicatorConfig {
+        peer,
+        epoch,
+        generation: 42,
+        chunk_size: CHUNK,
+        retry: Duration::from_millis(50),
+    };
+    Replicator::start(vol.clone(), cfg, Arc::new(StaticFencer { allow })).expect("replicator")
+}
+
+fn wait_state(r: &Replicator, want: impl Fn(PeerState) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !want(r.status().state) {
+        assert!(Instant::now() < deadline, "state stuck at {:?}", r.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn write(r: &Replicator, vol: &Volume, offset: u64, data: &[u8]) -> Result<(), ReplicationError> {
+    r.submit(
+        Op::Write {
+            offset,
+            data,
+            fua: false,
+        },
+        || vol.write(offset, data, false),
+    )
+}
+
+fn read(vol: &Volume, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    vol.read(offset, &mut buf).expect("read");
+    buf
+}
+
+fn pattern(i: u64) -> Vec<u8> {
+    let mut b = vec![(i % 251) as u8 + 1; 4096];
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    b
+}
+
+#[test]
+fn every_returned_write_is_already_on_the_replica() {
+    let (rpool, rvol) = pool_with_volume();
+    let replica =
+        ReplicaServer::start(rpool, "127.0.0.1:0".parse().expect("addr"), 0).expect("replica");
+    let (_ppool, pvol) = pool_with_volume();
+    let r = replicator(&pvol, replica.addr(), 1, false);
+    wait_state(&r, |s| s == PeerState::Connected);
+    for i in 0..200u64 {
+        let off = (i * 7919 % (VOL / 4096)) * 4096;
+        write(&r, &pvol, off, &pattern(i)).expect("write");
+        // Protocol C: no wait, the replica has it when submit returns.
+        assert_eq!(read(&rvol, off, 4096), pattern(i), "write {i}");
+    }
+    r.submit(Op::Flush, || pvol.flush()).expect("flush");
+    let trim_at = 5 * CHUNK;
+    r.submit(
+        Op::Trim {
+            offset: trim_at,
+            len: CHUNK as u32,
+            fua: false,
+        },
+        || pvol.trim(trim_at, CHUNK, false),
+    )
+    .expect("trim");
+    assert_eq!(
+        read(&rvol, trim_at, CHUNK as usize),
+        read(&pvol, trim_at, CHUNK as usize)
+    );
+    assert_eq!(r.status().acked_frames, 202);
+    assert_eq!(
+        replica
+            .stats()
+            .applied_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        202
+    );
+}
+
+fn raw_hello(addr: SocketAddr, epoch: u64) -> (BufReader<TcpStream>, TcpStream, HelloReply) {
+    let s = TcpStream::connect(addr).expect("connect");
+    let mut w = s.try_clone().expect("clone");
+    let mut rd = BufReader::new(s);
+    let hello = Hello {
+        version: VERSION,
+        epoch,
+        generation: 1,
+        volume_uid: uuid::Uuid::nil(),
+        size: VOL,
+        volume: "vol".into(),
+    };
+    w.write_all(&hello.encode()).expect("hello");
+    let reply = HelloReply::read(&mut rd).expect("hello reply");
+    (rd, w, reply)
+}
+
+fn raw_write(
+    rd: &mut BufReader<TcpStream>,
+    w: &mut TcpStream,
+    epoch: u64,
+    seq: u64,
+    byte: u8,
+) -> Ack {
+    let f = Frame {
+        kind: FrameKind::Write,
+        flags: 0,
+        epoch,
+        seq,
+        offset: 0,
+        length: 4096,
+        data: vec![byte; 4096],
+    };
+    f.write_to(w).expect("frame");
+    Ack::read(rd).expect("ack")
+}
+
+#[test]
+fn old_epochs_are_refused_and_a_deposed_primary_acknowledges_nothing() {
+    let (rpool, rvol) = pool_with_volume();
+    let replica =
+        ReplicaServer::start(rpool, "127.0.0.1:0".parse().expect("addr"), 0).expect("replica");
+    let addr = replica.addr();
+
+    let (mut rd5, mut w5, reply) = raw_hello(addr, 5);
+    assert_eq!(reply.status, Status::Ok);
+    assert_eq!(raw_write(&mut rd5, &mut w5, 5, 1, 0xaa).status, Status::Ok);
+    assert_eq!(read(&rvol, 0, 4096), vec![0xaa; 4096]);
+
+    // An older primary cannot even connect.
+    let (_, _, reply) = raw_hello(addr, 4);
+    assert_eq!(reply.status, Status::StaleEpoch);
+    assert_eq!(reply.newest_epoch, 5);
+
+    // A newer primary takes over; the old one's next frame is refused and
+    // not applied.
+    let (mut rd6, mut w6, reply) = raw_hello(addr, 6);
+    assert_eq!(reply.status, Status::Ok);
+    let ack = raw_write(&mut rd5, &mut w5, 5, 2, 0xbb);
+    assert_eq!(ack.status, Status::StaleEpoch);
+    assert_eq!(ack.newest_epoch, 6);
+    assert_eq!(
+        read(&rvol, 0, 4096),
+        vec![0xaa; 4096],
+        "stale frame applied"
+    );
+    assert_eq!(raw_write(&mut rd6, &mut w6, 6, 1, 0xcc).status, Status::Ok);
+    assert_eq!(read(&rvol, 0, 4096), vec![0xcc; 4096]);
+    assert_eq!(replica.newest_epoch("vol"), 6);
+    assert_eq!(
+        replica
+            .stats()
+            .rejected_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    // A whole primary with an old epoch is deposed and acknowledges
+    // nothing, even with a fencer that would allow.
+    let (_ppool, pvol) = pool_with_volume();
+    let r = replicator(&pvol, addr, 3, true);
+    wait_state(&r, |s| matches!(s, PeerState::Deposed { newest: 6 }));
+    let err = write(&r, &pvol, 0, &pattern(1)).expect_err("deposed primary wrote");
+    assert!(
+        matches!(
+            err,
+            ReplicationError::StaleEpoch {
+                epoch: 3,
+                newest: 6
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(read(&rvol, 0, 4096), vec![0xcc; 4096]);
+
+    // Garbage on the replication port closes that connection, nothing else.
+    let mut junk = TcpStream::connect(addr).expect("connect");
+    junk.write_all(&[0xff; 64]).expect("junk");
+    drop(junk);
+    assert_eq!(raw_write(&mut rd6, &mut w6, 6, 2, 0xdd).status, Status::Ok);
+    let _ = wire::MAX_FRAME_PAYLOAD;
+}
+
+#[test]
+fn fencer_allow_goes_on_without_the_peer_and_resyncs_only_dirty_chunks() {
+    let (rpool, rvol) = pool_with_volume();
+    let replica = ReplicaServer::start(rpool.clone(), "127.0.0.1:0".parse().expect("addr"), 0)
+        .expect("replica");
+    let addr = replica.addr();
+    let (_ppool, pvol) = pool_with_volume();
+    let r = replicator(&pvol, addr, 1, true);
+    wait_state(&r, |s| s == PeerState::Connected);
+    for i in 0..64u64 {
+        write(&r, &pvol, i * CHUNK, &pattern(i)).expect("write");
+    }
+    replica.stop();
+    drop(replica);
+    // Writes go on: 3 chunks, one write spanning a chunk boundary.
+    let away: [(u64, u64); 4] = [
+        (3 * CHUNK, 100),
+        (3 * CHUNK + 8192, 101),
+        (10 * CHUNK, 102),
+        (20 * CHUNK + CHUNK - 2048, 103),
+    ];
+    for &(off, i) in &away {
+        write(&r, &pvol, off, &pattern(i)).expect("write while the peer is away");
+    }
+    let st = r.status();
+    assert_eq!(st.state, PeerState::Away);
+    assert_eq!(st.dirty_chunks, 4, "{st:?}");
+    assert_ne!(read(&rvol, 10 * CHUNK, 4096), pattern(102));
+
+    let replica = ReplicaServer::start(rpool, addr, 0).expect("replica back");
+    wait_state(&r, |s| s == PeerState::Connected);
+    let st = r.status();
+    assert_eq!(st.dirty_chunks, 0);
+    assert_eq!(st.resync_chunks, 4);
+    assert!(
+        st.resync_bytes > 0 && st.resync_bytes <= 4 * CHUNK,
+        "{st:?}"
+    );
+    assert_eq!(
+        replica
+            .stats()
+            .resync_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        st.resync_bytes
+    );
+    // The replica now equals the primary, byte for byte.
+    assert!(read(&rvol, 0, VOL as usize) == read(&pvol, 0, VOL as usize));
+    // And live replication resumed.
+    write(&r, &pvol, 40 * CHUNK, &pattern(7)).expect("write");
+    assert_eq!(read(&rvol, 40 * CHUNK, 4096), pattern(7));
+}
+
+#[test]
+fn fencer_deny_suspends_writes_until_the_peer_returns() {
+    let (rpool, rvol) = pool_with_volume();
+    let replica = ReplicaServer::start(rpool.clone(), "127.0.0.1:0".parse().expect("addr"), 0)
+        .expect("replica");
+    let addr = replica.addr();
+    let (_ppool, pvol) = pool_with_volume();
+    let r = replicator(&pvol, addr, 1, false);
+    wait_state(&r, |s| s == PeerState::Connected);
+    write(&r, &pvol, 0, &pattern(1)).expect("write");
+    replica.stop();
+    drop(replica);
+    wait_state(&r, |s| s == PeerState::Away);
+
+    let (tx, rx) = mpsc::channel();
+    let (r2, v2) = (r.clone(), pvol.clone());
+    let writer = std::thread::spawn(move || {
+        let result = write(&r2, &v2, 2 * CHUNK, &pattern(2));
+        tx.send(result.is_ok()).expect("send");
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(700)).is_err(),
+        "a write was acknowledged without the peer and without the fencer"
+    );
+    let _replica = ReplicaServer::start(rpool, addr, 0).expect("replica back");
+    let ok = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("write still blocked after the peer returned");
+    assert!(ok);
+    writer.join().expect("writer");
+    assert_eq!(read(&rvol, 2 * CHUNK, 4096), pattern(2));
+    assert_eq!(r.status().resync_chunks, 1);
+}
+
+#[test]
+fn a_restarted_replica_remembers_the_newest_epoch() {
+    let (rpool, _rvol) = pool_with_volume();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("pool.epochs");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let replica = ReplicaServer::start_persistent(rpool.clone(), any, 0, &file).expect("replica");
+    let (_, _, reply) = raw_hello(replica.addr(), 7);
+    assert_eq!(reply.status, Status::Ok);
+    replica.stop();
+    drop(replica);
+    let replica = ReplicaServer::start_persistent(rpool.clone(), any, 0, &file).expect("replica");
+    let (_, _, reply) = raw_hello(replica.addr(), 6);
+    assert_eq!(
+        reply.status,
+        Status::StaleEpoch,
+        "epoch 7 forgotten across a restart"
+    );
+    assert_eq!(reply.newest_epoch, 7);
+    let (_, _, reply) = raw_hello(replica.addr(), 7);
+    assert_eq!(reply.status, Status::Ok);
+    // A damaged epoch file stops the replica from starting.
+    std::fs::write(&file, "vol seven\n").expect("write");
+    assert!(ReplicaServer::start_persistent(rpool, any, 0, &file).is_err());
+}

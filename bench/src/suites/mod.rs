@@ -4,6 +4,7 @@ use crate::report::Report;
 
 mod guest_boot;
 mod nbd;
+mod replication;
 
 /// Options every suite may use.
 #[derive(Debug, Clone, Default)]
@@ -30,5 +31,10 @@ pub const ALL: &[Suite] = &[
         name: "nbd",
         about: "fio through NBD: Basalt against qemu-nbd, nbdkit file, nbdkit null and local O_DIRECT",
         run: nbd::run,
+    },
+    Suite {
+        name: "replication",
+        about: "4 KiB random writes through NBD with 2 replicas (protocol C, loopback) against 1, and the bytes and speed of a dirty-chunk resync",
+        run: replication::run,
     },
 ];

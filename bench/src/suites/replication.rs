@@ -1,0 +1,254 @@
+//! `replication`: Basalt's NBD server on a volume replicated
+//! synchronously (protocol C) to a peer over loopback, against the same
+//! server with one replica, through fio's nbd engine with the same
+//! options; then a resync after the peer was away.
+//!
+//! Cases: 4 KiB random write at queue depth 1 and 32 (overwrites of a
+//! fully written volume). The loopback round trip is measured with a
+//! 4 KiB TCP ping-pong. Resync: the peer is cut, 64 MiB of scattered
+//! chunks are written, the peer returns; bytes sent and throughput are
+//! reported.
+//!
+//! Goals (issue 4): queue-depth-1 write latency with 2 replicas ≤ 1.5×
+//! single-replica + loopback round trip; resync bytes ≤ dirty bytes
+//! rounded to the chunk.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use basalt_sds::backend::FileBackend;
+use basalt_sds::nbd::Server;
+use basalt_sds::pool::{Pool, PoolOptions, Volume};
+use basalt_sds::replication::replica::ReplicaServer;
+use basalt_sds::replication::{Op, PeerState, Replicator, ReplicatorConfig, StaticFencer};
+
+use super::Options;
+use crate::report::{Better, Goal, Report};
+
+const SIZE: u64 = 256 << 20;
+const DIR: &str = "/var/tmp/basalt-bench-replication";
+const RUNTIME_S: u64 = 10;
+const RAMP_S: u64 = 2;
+const CHUNK: u64 = 64 << 10;
+
+fn pool(dir: &std::path::Path, name: &str) -> anyhow::Result<(Pool, Volume)> {
+    let backend = FileBackend::create(&dir.join(name), SIZE + SIZE / 4)?;
+    let pool = Pool::create(Arc::new(backend), &PoolOptions::default())?;
+    pool.create_volume("vol", SIZE)?;
+    let vol = pool.open_volume("vol")?;
+    let block: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8 + 1).collect();
+    for i in 0..SIZE / block.len() as u64 {
+        vol.write(i * block.len() as u64, &block, false)?;
+    }
+    pool.flush()?;
+    Ok((pool, vol))
+}
+
+/// Mean (µs) and p99 (µs) write latency and IOPS of fio against `port`.
+fn fio(port: u16, depth: u32) -> anyhow::Result<(f64, f64, f64)> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=bench",
+            "--output-format=json",
+            "--time_based",
+            &format!("--runtime={RUNTIME_S}"),
+            &format!("--ramp_time={RAMP_S}"),
+            &format!("--size={SIZE}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            &format!("--iodepth={depth}"),
+            "--randrepeat=0",
+            "--norandommap",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://127.0.0.1:{port}/vol"),
+        ])
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])
+        .with_context(|| format!("fio output: {text}"))?;
+    let w = &json["jobs"][0]["write"];
+    Ok((
+        w["lat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0,
+        w["clat_ns"]["percentile"]["99.000000"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1000.0,
+        w["iops"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+/// Mean loopback round trip (µs) of a 4 KiB message and a 24-byte answer,
+/// the shape of one replicated write and its ack.
+fn loopback_rtt() -> anyhow::Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; 4096];
+        while s.read_exact(&mut buf).is_ok() {
+            s.write_all(&[0u8; 24])?;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let msg = vec![1u8; 4096];
+    let mut ack = [0u8; 24];
+    let n = 20_000;
+    for _ in 0..1000 {
+        c.write_all(&msg)?;
+        c.read_exact(&mut ack)?;
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        c.write_all(&msg)?;
+        c.read_exact(&mut ack)?;
+    }
+    let rtt = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    drop(c);
+    let _ = echo.join();
+    Ok(rtt)
+}
+
+fn serve(rt: &tokio::runtime::Runtime, server: Server) -> anyhow::Result<u16> {
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let port = listener.local_addr()?.port();
+    rt.spawn(server.serve_tcp(listener));
+    Ok(port)
+}
+
+fn wait_connected(r: &Replicator) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while r.status().state != PeerState::Connected {
+        ensure!(
+            Instant::now() < deadline,
+            "peer never in sync: {:?}",
+            r.status()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+pub fn run(_opts: &Options) -> anyhow::Result<Report> {
+    ensure!(
+        std::process::Command::new("fio")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "fio is not installed (scripts/install-deps)"
+    );
+    let dir = PathBuf::from(DIR);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    eprintln!("replication: preparing two {SIZE}-byte volumes in {DIR}");
+    let (single_pool, _) = pool(&dir, "single.img")?;
+    let (primary_pool, primary_vol) = pool(&dir, "primary.img")?;
+    let (replica_pool, _) = pool(&dir, "replica.img")?;
+    let replica = ReplicaServer::start(replica_pool.clone(), "127.0.0.1:0".parse()?, 0)?;
+    let peer: SocketAddr = replica.addr();
+    let cfg = ReplicatorConfig {
+        peer,
+        epoch: 1,
+        generation: 1,
+        chunk_size: CHUNK,
+        retry: Duration::from_millis(20),
+    };
+    let repl = Replicator::start(
+        primary_vol.clone(),
+        cfg,
+        Arc::new(StaticFencer { allow: true }),
+    )?;
+    wait_connected(&repl)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let single_port = serve(&rt, Server::new(single_pool))?;
+    let repl_port = serve(
+        &rt,
+        Server::with_replication(primary_pool, vec![repl.clone()]),
+    )?;
+
+    let mut report = Report::new("replication");
+    let rtt = loopback_rtt()?;
+    eprintln!("replication: loopback 4 KiB round trip {rtt:.1} us");
+    report.row("loopback", "tcp 4k ping-pong", "mean round trip", "us", rtt);
+    let mut qd1 = (0.0, 0.0);
+    for depth in [1u32, 32] {
+        let case = format!("4k randwrite qd{depth}");
+        for (system, port) in [("1 replica", single_port), ("2 replicas", repl_port)] {
+            let (mean, p99, iops) = fio(port, depth)?;
+            eprintln!(
+                "replication: {case:<18} {system:<11} {iops:>10.0} IOPS {mean:>8.1} us mean {p99:>8.1} us p99"
+            );
+            report.row(&case, system, "iops", "IO/s", iops);
+            report.row(&case, system, "mean latency", "us", mean);
+            report.row(&case, system, "p99 latency", "us", p99);
+            if depth == 1 {
+                if system == "1 replica" {
+                    qd1.0 = mean;
+                } else {
+                    qd1.1 = mean;
+                }
+            }
+        }
+    }
+    report.goal(Goal::new(
+        "qd1 write latency, 2 replicas vs 1.5× single + loopback RTT (us)",
+        1.5 * qd1.0 + rtt,
+        qd1.1,
+        Better::Lower,
+    ));
+
+    // Resync: cut the peer, dirty 1024 scattered chunks, bring it back.
+    replica.stop();
+    drop(replica);
+    let data = vec![7u8; 4096];
+    let mut dirty = std::collections::BTreeSet::new();
+    for i in 0..1024u64 {
+        let chunk = i * 2 % (SIZE / CHUNK);
+        let off = chunk * CHUNK + 4096;
+        repl.submit(
+            Op::Write {
+                offset: off,
+                data: &data,
+                fua: false,
+            },
+            || primary_vol.write(off, &data, false),
+        )?;
+        dirty.insert(chunk);
+    }
+    let before = repl.status().resync_bytes;
+    let t = Instant::now();
+    let _replica = ReplicaServer::start(replica_pool, peer, 0)?;
+    wait_connected(&repl)?;
+    let secs = t.elapsed().as_secs_f64();
+    let bytes = repl.status().resync_bytes - before;
+    let dirty_bytes = dirty.len() as u64 * CHUNK;
+    let mib_s = bytes as f64 / (1 << 20) as f64 / secs;
+    eprintln!(
+        "replication: resync {bytes} bytes for {} dirty chunks in {secs:.3} s ({mib_s:.0} MiB/s, including reconnect)",
+        dirty.len()
+    );
+    report.row("resync", "2 replicas", "bytes", "B", bytes as f64);
+    report.row("resync", "2 replicas", "throughput", "MiB/s", mib_s);
+    report.goal(Goal::new(
+        "resync bytes vs dirty chunks × chunk size",
+        dirty_bytes as f64,
+        bytes as f64,
+        Better::Lower,
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}

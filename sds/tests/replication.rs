@@ -299,7 +299,14 @@ fn fencer_deny_suspends_writes_until_the_peer_returns() {
     assert!(ok);
     writer.join().expect("writer");
     assert_eq!(read(&rvol, 2 * CHUNK, 4096), pattern(2));
-    assert_eq!(r.status().resync_chunks, 1);
+    // The blocked write reaches the peer either by resync (its chunk was
+    // marked dirty) or shipped once the link is back, depending on timing;
+    // either way no more than that one chunk is resynced.
+    let resynced = r.status().resync_chunks;
+    assert!(
+        resynced <= 1,
+        "resynced {resynced} chunks for one dirty chunk"
+    );
 }
 
 #[test]

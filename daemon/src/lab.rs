@@ -1,11 +1,14 @@
-//! `basaltd lab`: a multi-node Basalt lab on one machine.
+//! `basaltd lab`: a multi-node Basalt cluster on one machine.
 //!
-//! Every node is a network namespace on one bridge with its own libvirtd
-//! (`basalt-testkit`'s harness, the same the end-to-end tests use). The
-//! first node runs the test guest: its disk served over NBD inside the
-//! node, its NIC a tap with the gateway address, and the root namespace
-//! gets a route to the VM network so the printed address works from the
-//! host.
+//! Every node is a network namespace on one bridge (`basalt-testkit`'s
+//! harness, the same the end-to-end tests use) running what a real node
+//! runs: a private libvirtd, `basaltd storage` serving the node's pool over
+//! NBD, and `basaltd agent`; the first node also runs `basaltd control`.
+//! The test guest is declared as a VM through the admin API; the control
+//! plane places it, that node's agent defines and starts it, and its disk
+//! is a Basalt volume. The lab then wires the VM's tap (the network
+//! datapath is not yet driven by the agent) and routes the VM network
+//! from the root namespace, so the printed address works from the host.
 //!
 //! Invariants: everything `up` makes is named with the lab prefix
 //! ([`LAB_PREFIX`]) and recorded in its state directory, so `down` removes
@@ -19,11 +22,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use basalt_agent::compute::domain::{Accel, Boot, DomainSpec, EthernetNic, MacAddr, NbdDisk};
-use basalt_testkit::guest::{self, GuestClient, GuestImage, NbdServer};
+use basalt_agent::compute::domain::MacAddr;
+use basalt_agent::vm_domain::{self, NBD_PORT};
+use basalt_api::{
+    AdminClient, Disk, JoinToken, JoinTokenSpec, KernelBoot, Kind, Nic, Object, ObjectMeta, Vm,
+    VmSpec,
+};
+use basalt_testkit::guest::{self, GuestClient, GuestImage};
 use basalt_testkit::libvirtd::Libvirtd;
 use basalt_testkit::netns::Fabric;
 use basalt_testkit::prefix::{LAB_PREFIX, Prefix};
+use basalt_testkit::process::{Process, ProcessSpec};
 use basalt_testkit::sweep;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
@@ -38,6 +47,10 @@ const VM_NAME: &str = "lab-vm";
 const VM_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x80, 0x00, 0x0a]);
 const VM_MEMORY_MIB: u64 = 256;
 const VM_DISK_BYTES: u64 = 256 << 20;
+/// The same size, as `basaltd storage` takes it.
+const VM_DISK: &str = "256M";
+/// Where the lab's control plane listens, on the first node's address.
+const CONTROL_PORT: u16 = 7400;
 /// How long a TCG guest may take to answer (boots slow on a busy machine).
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
 /// The state file `up` writes and `status`/`down` read.
@@ -82,6 +95,10 @@ struct NodeState {
 #[derive(Debug, Serialize, Deserialize)]
 struct VmState {
     name: String,
+    /// The libvirt domain the agent made for it.
+    domain: String,
+    /// The control plane's admin API.
+    server: String,
     node: String,
     ip: Ipv4Addr,
     tap: String,
@@ -196,52 +213,194 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
             })
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
-    let node = fabric.nodes()[0].clone();
-    let libvirtd = &daemons[0];
-
     println!("building the test guest image");
     let image = GuestImage::build().context("building the test guest")?;
-    let disk = prefix.dir().join(format!("{VM_NAME}.raw"));
-    guest::nbd::create_raw_disk(&disk, VM_DISK_BYTES)?;
-    let nbd = NbdServer::start(&prefix, &node, &disk, VM_NAME)
-        .context("serving the VM's disk over NBD")?;
+    let basaltd = own_binary()?;
+    let mut processes = Vec::new();
 
-    let tap = prefix.ifname("vm0")?;
-    let serial_log = prefix.log_dir().join(format!("{VM_NAME}.serial.log"));
-    let spec = DomainSpec {
-        name: VM_NAME.into(),
-        uuid: uuid::Uuid::new_v4(),
-        accel: Accel::Tcg,
-        memory_mib: VM_MEMORY_MIB,
-        vcpus: 1,
-        cpu_model: None,
-        boot: Boot::Kernel {
-            kernel: image.kernel().to_owned(),
-            initrd: image.initrd().to_owned(),
-            cmdline: guest::static_ip_cmdline(VM_IP),
+    // Storage: a pool per node with the VM's root volume, served over NBD
+    // inside the node, where every agent's QEMU looks for it.
+    for node in fabric.nodes() {
+        let pool = prefix.dir().join(format!("pool-{}.img", node.name()));
+        let pool = pool.to_string_lossy().into_owned();
+        run_basaltd(
+            &basaltd,
+            &["storage", "pool", "create", "--path", &pool, "--size", "1G"],
+        )?;
+        run_basaltd(
+            &basaltd,
+            &[
+                "storage",
+                "volume",
+                "create",
+                "--pool",
+                &pool,
+                &format!("{VM_NAME}-root"),
+                "--size",
+                VM_DISK,
+            ],
+        )?;
+        let spec = ProcessSpec::new(format!("storage-{}", node.name()), &basaltd)
+            .args([
+                "storage",
+                "serve",
+                "--pool",
+                &pool,
+                "--listen",
+                &format!("127.0.0.1:{NBD_PORT}"),
+            ])
+            .netns(node);
+        let mut storage = Process::start(&prefix, spec).context("starting basaltd storage")?;
+        storage.wait_for_tcp(
+            ([127, 0, 0, 1], NBD_PORT).into(),
+            Some(node),
+            Duration::from_secs(30),
+        )?;
+        processes.push(storage);
+    }
+
+    // The control plane, on the first node.
+    let first = fabric.nodes()[0].clone();
+    let server = format!("{}:{CONTROL_PORT}", first.addr());
+    println!("control plane on {} at {server}", first.name());
+    let spec = ProcessSpec::new("control", &basaltd)
+        .args([
+            "control",
+            "--node-id",
+            "1",
+            "--bootstrap",
+            "--listen",
+            &server,
+            "--data-dir",
+        ])
+        .arg(prefix.dir().join("control"))
+        .netns(&first);
+    processes.push(Process::start(&prefix, spec).context("starting basaltd control")?);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // The client's channel spawns its connection task on this runtime.
+    let _entered = runtime.enter();
+    let admin = AdminClient::connect_lazy(&server)?;
+    runtime.block_on(wait_for("the control plane to answer", || async {
+        admin.list(Kind::Node).await.is_ok()
+    }))?;
+
+    // An agent per node, each with its own join token.
+    for (node, libvirtd) in fabric.nodes().iter().zip(&daemons) {
+        let token = JoinToken {
+            meta: ObjectMeta::named(format!("join-{}", node.name())),
+            spec: JoinTokenSpec {
+                ttl_seconds: 600,
+                max_uses: 1,
+                revoked: false,
+            },
+            ..JoinToken::default()
+        };
+        let Object::Token(token) = runtime.block_on(admin.create(Object::Token(token)))? else {
+            bail!("creating a join token returned another kind");
+        };
+        let secret = token
+            .secret
+            .context("the control plane returned no token secret")?;
+        let spec = ProcessSpec::new(format!("agent-{}", node.name()), &basaltd)
+            .args([
+                "agent",
+                "--node",
+                node.name(),
+                "--address",
+                &format!("{}:7500", node.addr()),
+            ])
+            .args([
+                "--server",
+                &server,
+                "--libvirt-uri",
+                &libvirtd.uri(),
+                "--cpus",
+                "2",
+                "--memory-mib",
+                "2048",
+            ])
+            .args([
+                "--resync-ms",
+                "1000",
+                "--stop-grace-ms",
+                "5000",
+                "--console-dir",
+            ])
+            .arg(prefix.log_dir())
+            .env("BASALT_JOIN_TOKEN", secret.expose())
+            .netns(node);
+        processes.push(Process::start(&prefix, spec).context("starting basaltd agent")?);
+    }
+    let count = fabric.nodes().len();
+    runtime.block_on(wait_for("every node to join", || async {
+        admin
+            .list(Kind::Node)
+            .await
+            .is_ok_and(|list| list.objects.len() == count)
+    }))?;
+
+    // The VM, declared through the API; the control plane places it.
+    let vm = Vm {
+        meta: ObjectMeta::named(VM_NAME),
+        spec: VmSpec {
+            cpus: 1,
+            memory_mib: VM_MEMORY_MIB,
+            running: true,
+            disks: vec![Disk {
+                name: "root".into(),
+                size_bytes: VM_DISK_BYTES,
+                image: None,
+                replicas: 1,
+            }],
+            nics: vec![Nic {
+                network: "default".into(),
+                mac: Some(VM_MAC.to_string()),
+                ip: Some(VM_IP.into()),
+            }],
+            kernel: Some(KernelBoot {
+                kernel: image.kernel().to_string_lossy().into_owned(),
+                initrd: image.initrd().to_string_lossy().into_owned(),
+                cmdline: guest::static_ip_cmdline(VM_IP),
+            }),
+            ..VmSpec::default()
         },
-        disks: vec![NbdDisk {
-            target_dev: "vda".into(),
-            host: nbd.host().to_string(),
-            port: nbd.port(),
-            export_name: nbd.export().into(),
-        }],
-        nics: vec![EthernetNic {
-            tap: tap.clone(),
-            mac: VM_MAC,
-        }],
-        serial_log: serial_log.clone(),
+        ..Vm::default()
     };
-    let xml_path = prefix.dir().join(format!("{VM_NAME}.xml"));
-    fs::write(&xml_path, spec.to_xml()?)
-        .with_context(|| format!("writing {}", xml_path.display()))?;
-    println!(
-        "starting VM {VM_NAME} on {} (TCG: this takes a while)",
-        node.name()
-    );
-    libvirtd.virsh(&["define", &xml_path.to_string_lossy()])?;
-    libvirtd.virsh(&["start", VM_NAME])?;
-    guest::wire_tap(&node, &tap, VM_IP, Duration::from_secs(60))?;
+    let Object::Vm(vm) = runtime.block_on(admin.create(Object::Vm(vm)))? else {
+        bail!("creating the VM returned another kind");
+    };
+    let placed = runtime.block_on(async {
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(Object::Placement(p)) = admin.get(Kind::Placement, VM_NAME).await {
+                return Ok(p.node);
+            }
+            if start.elapsed() > BOOT_DEADLINE {
+                bail!("timed out waiting for the VM to be placed");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })?;
+    let node = fabric
+        .node(&placed)
+        .with_context(|| format!("the VM was placed on unknown node {placed:?}"))?
+        .clone();
+    let libvirtd = daemons
+        .iter()
+        .find(|d| d.node().name() == placed)
+        .context("no libvirtd on the VM's node")?;
+    println!("VM {VM_NAME} placed on {placed}; its agent starts it (TCG: this takes a while)");
+
+    let tap = vm_domain::tap_name(vm_domain::vm_uuid(&vm.meta.uid), 0);
+    let serial_log = prefix.log_dir().join(format!("{VM_NAME}.log"));
+    guest::wire_tap(&node, &tap, VM_IP, BOOT_DEADLINE).with_context(|| {
+        format!(
+            "the VM's tap never appeared; agent log:\n{}",
+            log_tail(&prefix, &placed)
+        )
+    })?;
     route_vm_network(node.addr())?;
     GuestClient::new(VM_IP)
         .wait_ready(BOOT_DEADLINE)
@@ -251,6 +410,9 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
                 guest::log_tail(&serial_log, 20)
             )
         })?;
+    let _ = libvirtd;
+    let disk = prefix.dir().join(format!("pool-{placed}.img"));
+    let node = node.clone();
 
     let state = LabState {
         nodes: fabric
@@ -265,6 +427,8 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
             .collect(),
         vm: VmState {
             name: VM_NAME.into(),
+            domain: format!("basalt-{VM_NAME}"),
+            server: server.clone(),
             node: node.name().into(),
             ip: VM_IP,
             tap,
@@ -276,7 +440,9 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
     fs::write(&path, serde_json::to_string_pretty(&state)?)
         .with_context(|| format!("writing {}", path.display()))?;
     // Everything stays up after this process exits; `down` removes it.
-    nbd.detach();
+    for process in processes {
+        process.detach();
+    }
     daemons.into_iter().for_each(Libvirtd::detach);
     fabric.detach();
     Ok(state)
@@ -296,6 +462,65 @@ fn route_vm_network(via: Ipv4Addr) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// This binary's path, for starting the lab's daemons. If a rebuild
+/// replaced the file while `up` runs, the kernel names the old one
+/// "PATH (deleted)": the new file at PATH is what to start.
+fn own_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the basaltd binary")?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let text = exe.to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(path) if std::path::Path::new(path).exists() => Ok(PathBuf::from(path)),
+        _ => bail!("the basaltd binary {} is gone", exe.display()),
+    }
+}
+
+/// Runs `basaltd ARGS` to completion; its stderr names any failure.
+fn run_basaltd(basaltd: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(basaltd)
+        .args(args)
+        .output()
+        .context("running basaltd")?;
+    if !out.status.success() {
+        bail!(
+            "basaltd {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Polls `check` every 250 ms for up to [`BOOT_DEADLINE`].
+async fn wait_for<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !check().await {
+        if start.elapsed() > BOOT_DEADLINE {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+/// The end of node `node`'s agent log, for error messages.
+fn log_tail(prefix: &Prefix, node: &str) -> String {
+    Process::from_pid_file(prefix, &format!("agent-{node}")).map_or_else(
+        |_| String::new(),
+        |p| {
+            let tail = p.log_tail(20);
+            p.detach();
+            tail
+        },
+    )
 }
 
 fn down() -> anyhow::Result<()> {
@@ -350,7 +575,7 @@ fn check(state: &LabState) -> Health {
         .map(|n| virsh(&n.libvirt_uri, &["version"]).is_some())
         .collect();
     let vm_node = state.nodes.iter().find(|n| n.name == state.vm.node);
-    let vm_state = vm_node.and_then(|n| virsh(&n.libvirt_uri, &["domstate", &state.vm.name]));
+    let vm_state = vm_node.and_then(|n| virsh(&n.libvirt_uri, &["domstate", &state.vm.domain]));
     // A real round trip, not a bare connect: outside the lab's route the
     // host's uplink may accept any connection on the guest's behalf.
     let vm_answers = GuestClient::new(state.vm.ip)
@@ -410,7 +635,12 @@ fn describe(state: &LabState, health: &Health) -> String {
         guest::WRITE_PORT
     );
     let _ = writeln!(out, "  console:    tail -f {}", vm.serial_log.display());
-    let _ = writeln!(out, "  libvirt:    virsh -c {uri} dominfo {}", vm.name);
+    let _ = writeln!(out, "  libvirt:    virsh -c {uri} dominfo {}", vm.domain);
+    let _ = writeln!(
+        out,
+        "  cluster:    basalt --server {} list vms   (also: nodes, placements)",
+        vm.server
+    );
     let _ = writeln!(
         out,
         "\n`basaltd lab status` checks it; `basaltd lab down` removes it all."

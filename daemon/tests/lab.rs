@@ -1,5 +1,6 @@
 //! `basaltd lab` end to end, as an operator runs it: up, status, up again
-//! (idempotent), the VM answers and keeps its disk, down removes exactly
+//! (idempotent), the VM answers and keeps its disk, the control plane
+//! shows it running on the node its agent reports, down removes exactly
 //! what up made. Needs root; skipped (with a message) when a lab is
 //! already up on this machine, so a developer's lab is never touched.
 
@@ -66,6 +67,29 @@ fn lab_up_status_down() {
     vm.write_disk("kept").unwrap();
     let record = vm.read_disk().unwrap();
     assert_eq!((record.boots, record.data.as_str()), (1, "kept"));
+
+    // The cluster behind it: both nodes joined, the VM runs where it was
+    // placed, as its agent reports.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("/run/basalt-testkit/bl0000/lab.json").unwrap(),
+    )
+    .unwrap();
+    let server = state["vm"]["server"].as_str().unwrap().to_owned();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let admin = basalt_api::AdminClient::connect(&server).await.unwrap();
+        let nodes = admin.list(basalt_api::Kind::Node).await.unwrap();
+        assert_eq!(nodes.objects.len(), 2, "{nodes:?}");
+        let basalt_api::Object::Vm(vm) = admin.get(basalt_api::Kind::Vm, "lab-vm").await.unwrap()
+        else {
+            panic!("lab-vm is a vm")
+        };
+        assert_eq!(vm.status.phase, basalt_api::VmPhase::Running, "{vm:?}");
+        assert_eq!(vm.status.node.as_deref(), state["vm"]["node"].as_str());
+    });
 
     let out = basaltd(&["lab", "status"]);
     assert!(out.status.success(), "lab status: {}", text(&out));

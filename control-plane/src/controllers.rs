@@ -158,22 +158,46 @@ impl Controllers {
         let (nodes, vms, kept, moving, orphans) = {
             let machine = self.admin.shared().read();
             let state = &machine.state;
+            let evacuate: BTreeSet<String> = self.leases.with_term(term, state, lease, |table| {
+                state
+                    .list(Kind::Node)
+                    .filter_map(|o| match o {
+                        Object::Node(n) if !n.status.is_ready() => Some(&n.meta.name),
+                        _ => None,
+                    })
+                    .filter(|name| {
+                        table
+                            .lost_since(name)
+                            .is_some_and(|since| now.duration_since(since) >= ha_after)
+                    })
+                    .cloned()
+                    .collect()
+            });
+            // Most rounds have nothing to do: find out before copying
+            // every node.
+            let placed_vms: BTreeSet<&str> = state
+                .list(Kind::Placement)
+                .filter_map(|o| match o {
+                    Object::Placement(p) => Some(p.vm.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let unplaced = state.list(Kind::Vm).any(|o| {
+                matches!(o, Object::Vm(vm) if vm.spec.running && !placed_vms.contains(vm.meta.name.as_str()))
+            });
+            let orphaned = placed_vms
+                .iter()
+                .any(|vm| state.get(Kind::Vm, vm).is_none());
+            let stranded = state
+                .list(Kind::Placement)
+                .any(|o| matches!(o, Object::Placement(p) if evacuate.contains(&p.node)));
+            if !unplaced && !orphaned && !stranded {
+                return;
+            }
             let nodes: Vec<Node> = state
                 .list(Kind::Node)
                 .filter_map(|o| Node::try_from(o.clone()).ok())
                 .collect();
-            let evacuate: BTreeSet<String> = self.leases.with_term(term, state, lease, |table| {
-                nodes
-                    .iter()
-                    .filter(|n| !n.status.is_ready())
-                    .filter(|n| {
-                        table
-                            .lost_since(&n.meta.name)
-                            .is_some_and(|since| now.duration_since(since) >= ha_after)
-                    })
-                    .map(|n| n.meta.name.clone())
-                    .collect()
-            });
             let all_vms: BTreeMap<&str, &Vm> = state
                 .list(Kind::Vm)
                 .filter_map(|o| match o {

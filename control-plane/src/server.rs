@@ -13,7 +13,6 @@ use basalt_api::{
     admin_routes,
 };
 use openraft::BasicNode;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::AdminService;
 use crate::agent::{AgentService, Leases};
@@ -103,9 +102,12 @@ pub async fn run(
         add_raft_routes(admin_routes(admin), RaftService::new(raft.clone())),
         agent,
     );
+    // Without TCP_NODELAY, a small Raft message or reply can wait for the
+    // peer's delayed ACK (40 ms) behind the previous one.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     let server = tokio::spawn(server);
     tracing::info!(node_id = config.node_id, listen = %config.listen, advertise = %config.advertise_address(), "control-plane member serving");
 

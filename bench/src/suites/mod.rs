@@ -2,8 +2,11 @@
 
 use crate::report::Report;
 
+mod datapath;
+mod endpoint_move;
 mod guest_boot;
 mod nbd;
+mod raft;
 mod replication;
 
 /// Options every suite may use.
@@ -28,6 +31,16 @@ pub const ALL: &[Suite] = &[
         run: guest_boot::run,
     },
     Suite {
+        name: "datapath",
+        about: "TCP throughput, 64-byte UDP rate, request/response latency and per-packet program cost across two nodes: eBPF + VXLAN against kernel routing + nftables, at 0 to 10 000 rules",
+        run: datapath::run,
+    },
+    Suite {
+        name: "endpoint-move",
+        about: "an endpoint moves between nodes under a peer's TCP ping-pong: activation to every node forwarding, and the peer's longest gap",
+        run: endpoint_move::run,
+    },
+    Suite {
         name: "nbd",
         about: "fio through NBD: Basalt against qemu-nbd, nbdkit file, nbdkit null and local O_DIRECT",
         run: nbd::run,
@@ -36,5 +49,10 @@ pub const ALL: &[Suite] = &[
         name: "replication",
         about: "4 KiB random writes through NBD with 2 replicas (protocol C, loopback) against 1, and the bytes and speed of a dirty-chunk resync",
         run: replication::run,
+    },
+    Suite {
+        name: "raft",
+        about: "replicated writes, 3 members on loopback with fsync, 1/16/64 clients, 256-byte values: Basalt's control plane against etcd",
+        run: raft::run,
     },
 ];

@@ -4,8 +4,7 @@
 //! a libvirt guest (TCG) whose disk is a Basalt volume served over NBD
 //! inside its node's namespace, across a storage restart and a reboot.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use basalt_agent::compute::domain::{Accel, Boot, DomainSpec, EthernetNic, NbdDisk};
 use basalt_testkit::guest::{GuestClient, GuestImage, LibvirtDomain, static_ip_cmdline, wire_tap};
+use basalt_testkit::nbd_client::NbdClient;
 use basalt_testkit::process::{Process, ProcessSpec};
 use basalt_testkit::{Fabric, Libvirtd, Prefix};
 
@@ -46,70 +46,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
-}
-
-/// A minimal NBD client (fixed newstyle, `NBD_OPT_EXPORT_NAME`, simple
-/// replies) so the test sees exactly which writes were acknowledged.
-struct Client {
-    s: TcpStream,
-    cookie: u64,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr, export: &str) -> std::io::Result<Client> {
-        let mut s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello)?;
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        s.write_all(&3u32.to_be_bytes())?; // fixed newstyle, no zeroes
-        let mut opt = b"IHAVEOPT".to_vec();
-        opt.extend_from_slice(&1u32.to_be_bytes());
-        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        opt.extend_from_slice(export.as_bytes());
-        s.write_all(&opt)?;
-        let mut info = [0u8; 10];
-        s.read_exact(&mut info)?;
-        Ok(Client { s, cookie: 0 })
-    }
-
-    fn request(&mut self, kind: u16, offset: u64, len: u32, data: &[u8]) -> std::io::Result<u32> {
-        self.cookie += 1;
-        let mut h = Vec::with_capacity(28 + data.len());
-        h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        h.extend_from_slice(&0u16.to_be_bytes());
-        h.extend_from_slice(&kind.to_be_bytes());
-        h.extend_from_slice(&self.cookie.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
-        h.extend_from_slice(data);
-        self.s.write_all(&h)?;
-        let mut r = [0u8; 16];
-        self.s.read_exact(&mut r)?;
-        assert_eq!(
-            u32::from_be_bytes(r[..4].try_into().expect("4")),
-            0x6744_6698
-        );
-        assert_eq!(
-            u64::from_be_bytes(r[8..].try_into().expect("8")),
-            self.cookie
-        );
-        Ok(u32::from_be_bytes(r[4..8].try_into().expect("4")))
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        match self.request(1, offset, data.len() as u32, data)? {
-            0 => Ok(()),
-            e => Err(std::io::Error::other(format!("NBD error {e}"))),
-        }
-    }
-
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        match self.request(0, offset, buf.len() as u32, &[])? {
-            0 => self.s.read_exact(buf),
-            e => Err(std::io::Error::other(format!("NBD error {e}"))),
-        }
-    }
 }
 
 const BLOCK: usize = 4096;
@@ -247,7 +183,7 @@ fn kill_9_mid_stream_keeps_every_acknowledged_write() {
     let writer = {
         let (acked, stop) = (acked.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut c = Client::connect(addr, "vol").expect("connect");
+            let mut c = NbdClient::connect(addr, "vol").expect("connect");
             for i in 0..SLOTS {
                 if stop.load(Ordering::SeqCst) || c.write(slot(i), &block(i)).is_err() {
                     return;
@@ -271,7 +207,7 @@ fn kill_9_mid_stream_keeps_every_acknowledged_write() {
     server
         .wait_for_tcp(addr, None, Duration::from_secs(30))
         .expect("server listening again");
-    let mut c = Client::connect(addr, "vol").expect("reconnect");
+    let mut c = NbdClient::connect(addr, "vol").expect("reconnect");
     let mut buf = vec![0u8; BLOCK];
     for &i in &acked {
         c.read(slot(i), &mut buf).expect("read");

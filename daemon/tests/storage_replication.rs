@@ -9,14 +9,14 @@
 //! nothing; with `--fencer deny` a write waits for the lost replica.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_testkit::Prefix;
+use basalt_testkit::nbd_client::NbdClient;
 use basalt_testkit::process::{Process, ProcessSpec};
 
 const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
@@ -50,73 +50,6 @@ fn free_addr() -> SocketAddr {
         .map(|a| a.port())
         .expect("free port");
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-/// A minimal NBD client (fixed newstyle, `NBD_OPT_EXPORT_NAME`, simple
-/// replies) so the test sees exactly which writes were acknowledged.
-struct Client {
-    s: TcpStream,
-    cookie: u64,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr, export: &str) -> std::io::Result<Client> {
-        let mut s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello)?;
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        s.write_all(&3u32.to_be_bytes())?;
-        let mut opt = b"IHAVEOPT".to_vec();
-        opt.extend_from_slice(&1u32.to_be_bytes());
-        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        opt.extend_from_slice(export.as_bytes());
-        s.write_all(&opt)?;
-        let mut info = [0u8; 10];
-        s.read_exact(&mut info)?;
-        Ok(Client { s, cookie: 0 })
-    }
-
-    fn request(&mut self, kind: u16, offset: u64, len: u32, data: &[u8]) -> std::io::Result<u32> {
-        self.cookie += 1;
-        let mut h = Vec::with_capacity(28 + data.len());
-        h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        h.extend_from_slice(&0u16.to_be_bytes());
-        h.extend_from_slice(&kind.to_be_bytes());
-        h.extend_from_slice(&self.cookie.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
-        h.extend_from_slice(data);
-        self.s.write_all(&h)?;
-        let mut r = [0u8; 16];
-        self.s.read_exact(&mut r)?;
-        assert_eq!(
-            u32::from_be_bytes(r[..4].try_into().expect("4")),
-            0x6744_6698
-        );
-        Ok(u32::from_be_bytes(r[4..8].try_into().expect("4")))
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        match self.request(1, offset, data.len() as u32, data)? {
-            0 => Ok(()),
-            e => Err(std::io::Error::other(format!("NBD error {e}"))),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self.request(3, 0, 0, &[])? {
-            0 => Ok(()),
-            e => Err(std::io::Error::other(format!("NBD error {e}"))),
-        }
-    }
-
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        match self.request(0, offset, buf.len() as u32, &[])? {
-            0 => self.s.read_exact(buf),
-            e => Err(std::io::Error::other(format!("NBD error {e}"))),
-        }
-    }
 }
 
 fn block(i: u64) -> Vec<u8> {
@@ -236,7 +169,7 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
     let writer = {
         let (acked, stop) = (acked.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut c = Client::connect(nbd_a, "vol").expect("connect");
+            let mut c = NbdClient::connect(nbd_a, "vol").expect("connect");
             for i in 0..SLOTS {
                 if stop.load(Ordering::SeqCst) || c.write(slot(i), &block(i)).is_err() {
                     return;
@@ -257,7 +190,7 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
     eprintln!("{} writes acknowledged before kill -9", acked.len());
 
     // Every acknowledged write is on the replica, through its own export.
-    let mut c = Client::connect(nbd_b, "vol").expect("connect to the replica");
+    let mut c = NbdClient::connect(nbd_b, "vol").expect("connect to the replica");
     let mut buf = vec![0u8; BLOCK];
     for &i in &acked {
         c.read(slot(i), &mut buf).expect("read");
@@ -280,7 +213,7 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
     ];
     let primary = serve(&prefix, "primary-2", pa, nbd_a, &allow);
     wait_log(&primary, "peer in sync", Duration::from_secs(20));
-    let mut c = Client::connect(nbd_a, "vol").expect("connect");
+    let mut c = NbdClient::connect(nbd_a, "vol").expect("connect");
     c.write(SPARE, &block(1_000_000))
         .expect("write while in sync");
     replica.kill9().expect("kill -9 the replica");
@@ -324,7 +257,7 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
     drop(c);
 
     // The replica holds the writes made while it was away.
-    let mut c = Client::connect(nbd_b, "vol").expect("connect to the replica");
+    let mut c = NbdClient::connect(nbd_b, "vol").expect("connect to the replica");
     for i in 0..40u64 {
         let off = (i * 37 % 1024) * CHUNK + 512;
         c.read(off, &mut buf).expect("read");
@@ -349,12 +282,12 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
     old[3] = "1".into();
     let primary = serve(&prefix, "primary-old", pa, nbd_a, &old);
     wait_log(&primary, "deposed", Duration::from_secs(20));
-    let mut c = Client::connect(nbd_a, "vol").expect("connect");
+    let mut c = NbdClient::connect(nbd_a, "vol").expect("connect");
     assert!(
         c.write(SPARE, &block(3_000_000)).is_err(),
         "a deposed primary acknowledged a write"
     );
-    let mut r = Client::connect(nbd_b, "vol").expect("connect to the replica");
+    let mut r = NbdClient::connect(nbd_b, "vol").expect("connect to the replica");
     r.read(SPARE, &mut buf).expect("read");
     assert!(
         buf == block(1_000_000),
@@ -393,7 +326,7 @@ fn fencer_deny_blocks_writes_until_the_replica_returns() {
     ];
     let primary = serve(&prefix, "primary", pa, nbd_a, &deny);
     wait_log(&primary, "peer in sync", Duration::from_secs(20));
-    let mut c = Client::connect(nbd_a, "vol").expect("connect");
+    let mut c = NbdClient::connect(nbd_a, "vol").expect("connect");
     c.write(0, &block(1)).expect("write in sync");
     replica.kill9().expect("kill -9 the replica");
     wait_log(&primary, "peer lost", Duration::from_secs(10));
@@ -416,7 +349,7 @@ fn fencer_deny_blocks_writes_until_the_replica_returns() {
     replica
         .wait_for_tcp(nbd_b, None, Duration::from_secs(30))
         .expect("replica listening");
-    let mut r = Client::connect(nbd_b, "vol").expect("connect to the replica");
+    let mut r = NbdClient::connect(nbd_b, "vol").expect("connect to the replica");
     let mut buf = vec![0u8; BLOCK];
     r.read(CHUNK, &mut buf).expect("read");
     assert!(buf == block(2), "the suspended write is not on the replica");

@@ -22,6 +22,7 @@ pub mod cmd;
 pub mod guest;
 pub mod libvirtd;
 pub mod linearizability;
+pub mod nbd_client;
 pub mod netns;
 pub mod prefix;
 pub mod process;

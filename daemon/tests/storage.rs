@@ -7,13 +7,11 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_agent::compute::domain::{Accel, Boot, DomainSpec, EthernetNic, NbdDisk};
 use basalt_testkit::guest::{GuestClient, GuestImage, LibvirtDomain, static_ip_cmdline, wire_tap};
-use basalt_testkit::nbd_client::NbdClient;
+use basalt_testkit::nbd_client::{BLOCK, NbdClient, WriteStream, block, slot};
 use basalt_testkit::process::{Process, ProcessSpec};
 use basalt_testkit::{Fabric, Libvirtd, Prefix};
 
@@ -46,20 +44,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
-}
-
-const BLOCK: usize = 4096;
-const SLOTS: u64 = 16384; // 64 MiB of 4 KiB blocks
-
-fn block(i: u64) -> Vec<u8> {
-    let mut b = vec![(i % 251) as u8; BLOCK];
-    b[..8].copy_from_slice(&i.to_le_bytes());
-    b
-}
-
-/// Write `i` goes to its own block, spread over the volume.
-fn slot(i: u64) -> u64 {
-    (i * 7919 % SLOTS) * BLOCK as u64
 }
 
 #[test]
@@ -178,29 +162,14 @@ fn kill_9_mid_stream_keeps_every_acknowledged_write() {
         .wait_for_tcp(addr, None, Duration::from_secs(30))
         .expect("server listening");
 
-    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (acked, stop) = (acked.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut c = NbdClient::connect(addr, "vol").expect("connect");
-            for i in 0..SLOTS {
-                if stop.load(Ordering::SeqCst) || c.write(slot(i), &block(i)).is_err() {
-                    return;
-                }
-                acked.lock().expect("lock").push(i);
-            }
-        })
-    };
+    let stream = WriteStream::start(addr, "vol");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while acked.lock().expect("lock").len() < 2000 {
+    while stream.acked() < 2000 {
         assert!(Instant::now() < deadline, "writes too slow");
         std::thread::sleep(Duration::from_millis(5));
     }
     server.kill9().expect("kill -9");
-    stop.store(true, Ordering::SeqCst);
-    writer.join().expect("writer");
-    let acked = acked.lock().expect("lock").clone();
+    let acked = stream.finish();
     eprintln!("{} writes acknowledged before kill -9", acked.len());
 
     server.restart().expect("restart");

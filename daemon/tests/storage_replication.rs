@@ -11,17 +11,13 @@
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_testkit::Prefix;
-use basalt_testkit::nbd_client::NbdClient;
+use basalt_testkit::nbd_client::{BLOCK, NbdClient, WriteStream, block, slot};
 use basalt_testkit::process::{Process, ProcessSpec};
 
 const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
-const BLOCK: usize = 4096;
-const SLOTS: u64 = 16384; // 64 MiB of 4 KiB blocks
 const CHUNK: u64 = 64 << 10;
 /// A chunk the away-writes below never touch.
 const SPARE: u64 = 1023 * CHUNK;
@@ -50,16 +46,6 @@ fn free_addr() -> SocketAddr {
         .map(|a| a.port())
         .expect("free port");
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-fn block(i: u64) -> Vec<u8> {
-    let mut b = vec![(i % 251) as u8; BLOCK];
-    b[..8].copy_from_slice(&i.to_le_bytes());
-    b
-}
-
-fn slot(i: u64) -> u64 {
-    (i * 7919 % SLOTS) * BLOCK as u64
 }
 
 fn serve(prefix: &Prefix, name: &str, pool: &str, nbd: SocketAddr, extra: &[String]) -> Process {
@@ -164,29 +150,14 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
     wait_log(&primary, "peer in sync", Duration::from_secs(20));
 
     // A write stream through the primary; kill -9 it in the middle.
-    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (acked, stop) = (acked.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut c = NbdClient::connect(nbd_a, "vol").expect("connect");
-            for i in 0..SLOTS {
-                if stop.load(Ordering::SeqCst) || c.write(slot(i), &block(i)).is_err() {
-                    return;
-                }
-                acked.lock().expect("lock").push(i);
-            }
-        })
-    };
+    let stream = WriteStream::start(nbd_a, "vol");
     let deadline = Instant::now() + Duration::from_secs(40);
-    while acked.lock().expect("lock").len() < 1500 {
+    while stream.acked() < 1500 {
         assert!(Instant::now() < deadline, "replicated writes too slow");
         std::thread::sleep(Duration::from_millis(5));
     }
     primary.kill9().expect("kill -9 the primary");
-    stop.store(true, Ordering::SeqCst);
-    writer.join().expect("writer");
-    let acked = acked.lock().expect("lock").clone();
+    let acked = stream.finish();
     eprintln!("{} writes acknowledged before kill -9", acked.len());
 
     // Every acknowledged write is on the replica, through its own export.

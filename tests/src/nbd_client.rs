@@ -104,3 +104,67 @@ impl NbdClient {
         self.stream.read_exact(buf)
     }
 }
+
+/// Size of one numbered block of [`block`].
+pub const BLOCK: usize = 4096;
+/// How many distinct blocks [`slot`] spreads writes over (64 MiB).
+pub const SLOTS: u64 = 16384;
+
+/// Block number `i`: its number in the first 8 bytes, then a fill byte, so
+/// a read-back tells exactly which write landed.
+pub fn block(i: u64) -> Vec<u8> {
+    let mut b = vec![(i % 251) as u8; BLOCK];
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    b
+}
+
+/// The offset write `i` goes to: its own block, spread over the volume.
+pub fn slot(i: u64) -> u64 {
+    (i * 7919 % SLOTS) * BLOCK as u64
+}
+
+/// A thread writing [`block`]`(i)` to [`slot`]`(i)` for i = 0, 1, …,
+/// recording each write the server acknowledged, until it is stopped or a
+/// write fails (e.g. the server was killed).
+#[derive(Debug)]
+pub struct WriteStream {
+    acked: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl WriteStream {
+    /// Connects to `export` at `addr` and starts writing.
+    pub fn start(addr: SocketAddr, export: &str) -> WriteStream {
+        use std::sync::atomic::Ordering;
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, s, export) = (acked.clone(), stop.clone(), export.to_owned());
+        let writer = std::thread::spawn(move || {
+            let mut c = NbdClient::connect(addr, &export).expect("connect");
+            for i in 0..SLOTS {
+                if s.load(Ordering::SeqCst) || c.write(slot(i), &block(i)).is_err() {
+                    return;
+                }
+                a.lock().expect("lock").push(i);
+            }
+        });
+        WriteStream {
+            acked,
+            stop,
+            writer,
+        }
+    }
+
+    /// How many writes were acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.lock().expect("lock").len()
+    }
+
+    /// Stops the writer and returns the acknowledged writes' numbers.
+    pub fn finish(self) -> Vec<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.writer.join().expect("writer");
+        std::mem::take(&mut *self.acked.lock().expect("lock"))
+    }
+}

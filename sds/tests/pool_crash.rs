@@ -364,12 +364,13 @@ impl Harness {
     }
 }
 
-/// A power loss after a clone of a volume with unflushed writes, then
-/// copy-on-write on both sides, leaves the clone reading data it never
-/// had (found with 3 000 random cases; see the closing note of the
-/// storage issue). Kept as a reproduction until the pool is fixed.
+/// A clone copies a chunk on write (its new mapping not yet durable), the
+/// origin then overwrites the chunk it now owns alone, and the power
+/// fails: the clone's mapping may be lost, so the origin must not have
+/// overwritten the chunk in place before that mapping was committed, or
+/// the clone would read the origin's newer data (found with 3 000 random
+/// cases).
 #[test]
-#[ignore = "known bug: stale data in a clone after a power loss"]
 fn clone_then_cow_then_power_loss() {
     let mut h = Harness::new();
     let ops = [

@@ -149,6 +149,21 @@ pub struct Mapping {
     volumes: BTreeMap<u32, VolumeMap>,
     refcounts: Vec<u32>,
     next_volume_id: u32,
+    /// Chunks the record being applied left shared by fewer references
+    /// (but still referenced): each may have just become exclusive.
+    unshared: Vec<u64>,
+}
+
+/// What one [`Mapping::apply_tracked`] changed beyond the mapping itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Data chunks no longer referenced.
+    pub freed: Vec<u64>,
+    /// Data chunks still referenced, by fewer pages or volumes than
+    /// before: an in-place write to one of them is safe only once the
+    /// record is durable, since a crash that loses the record shares the
+    /// chunk again.
+    pub unshared: Vec<u64>,
 }
 
 /// What [`Mapping::lookup`] found for a virtual chunk.
@@ -184,6 +199,7 @@ impl Mapping {
             volumes: BTreeMap::new(),
             refcounts: vec![0; data_chunks as usize],
             next_volume_id: 1,
+            unshared: Vec::new(),
         }
     }
 
@@ -276,6 +292,9 @@ impl Mapping {
         };
         page.refs -= 1;
         if page.refs > 0 {
+            // The page's remaining holders may now own its chunks alone.
+            let entries = page.entries.iter().filter(|&&e| e != 0).map(|e| e - 1);
+            self.unshared.extend(entries);
             return;
         }
         let page = self.pages[pid as usize].take().expect("page checked above");
@@ -285,6 +304,8 @@ impl Mapping {
             *rc -= 1;
             if *rc == 0 {
                 freed.push(e - 1);
+            } else {
+                self.unshared.push(e - 1);
             }
         }
     }
@@ -354,6 +375,8 @@ impl Mapping {
             *rc -= 1;
             if *rc == 0 {
                 freed.push(old - 1);
+            } else {
+                self.unshared.push(old - 1);
             }
         }
         if empty {
@@ -408,6 +431,21 @@ impl Mapping {
 
     /// Applies one change; returns the data chunks it left unreferenced.
     pub fn apply(&mut self, record: &Record) -> Result<Vec<u64>, ApplyError> {
+        Ok(self.apply_tracked(record)?.freed)
+    }
+
+    /// Applies one change; returns the chunks it freed and those it left
+    /// less shared.
+    pub fn apply_tracked(&mut self, record: &Record) -> Result<Applied, ApplyError> {
+        self.unshared.clear();
+        let freed = self.apply_inner(record)?;
+        let mut unshared = std::mem::take(&mut self.unshared);
+        unshared.sort_unstable();
+        unshared.dedup();
+        Ok(Applied { freed, unshared })
+    }
+
+    fn apply_inner(&mut self, record: &Record) -> Result<Vec<u64>, ApplyError> {
         self.check(record)?;
         let mut freed = Vec::new();
         match record {

@@ -348,6 +348,10 @@ struct Meta {
     pending: Vec<(u64, u64)>,
     /// Chunks handed to writes that have not journaled their mapping yet.
     reserved: HashSet<u64>,
+    /// Chunks left less shared by record `.1` (chunk → newest such
+    /// record), not yet covered by a durable commit: until it is, a crash
+    /// may share them again, so they are not overwritten in place.
+    unshared: HashMap<u64, u64>,
     io: HashMap<u32, Arc<VolumeIo>>,
     boot_id: [u8; 16],
 }
@@ -597,6 +601,7 @@ impl Pool {
             free,
             pending: Vec::new(),
             reserved: HashSet::new(),
+            unshared: HashMap::new(),
             io,
             boot_id,
         };
@@ -874,11 +879,14 @@ impl Inner {
         m.tail += bytes.len() as u64;
         let seq = m.seq;
         m.seq += 1;
-        let freed = m
+        let applied = m
             .map
-            .apply(rec)
+            .apply_tracked(rec)
             .map_err(|source| PoolError::Corrupt { seq, source })?;
-        m.pending.extend(freed.into_iter().map(|c| (c, seq)));
+        m.pending
+            .extend(applied.freed.into_iter().map(|c| (c, seq)));
+        m.unshared
+            .extend(applied.unshared.into_iter().map(|c| (c, seq)));
         Ok(())
     }
 
@@ -913,6 +921,7 @@ impl Inner {
         m.seq = 0;
         m.tail = 0;
         m.committed = 0;
+        m.unshared.clear();
         let freed: Vec<u64> = m.pending.drain(..).map(|(c, _)| c).collect();
         m.free.extend(freed);
         self.space.notify_all();
@@ -946,6 +955,7 @@ impl Inner {
             let (done, still): (Vec<_>, Vec<_>) = m.pending.iter().partition(|&&(_, s)| s < upto);
             m.pending = still;
             m.free.extend(done.into_iter().map(|(c, _)| c));
+            m.unshared.retain(|_, s| *s >= upto);
             self.space.notify_all();
         }
         Ok(())
@@ -1166,10 +1176,7 @@ impl Volume {
                     chunk,
                     exclusive: true,
                 } => {
-                    return inner
-                        .backend
-                        .write_at(data, self.chunk_offset(chunk) + seg.at as u64)
-                        .map_err(PoolError::io("writing data"));
+                    return self.write_in_place(chunk, seg, data);
                 }
                 Lookup::Hole if skip_zero(data) => return Ok(()),
                 _ => {}
@@ -1181,10 +1188,7 @@ impl Volume {
                 chunk,
                 exclusive: true,
             } => {
-                return inner
-                    .backend
-                    .write_at(data, self.chunk_offset(chunk) + seg.at as u64)
-                    .map_err(PoolError::io("writing data"));
+                return self.write_in_place(chunk, seg, data);
             }
             Lookup::Hole if skip_zero(data) => return Ok(()),
             Lookup::Hole => None,
@@ -1231,6 +1235,23 @@ impl Volume {
             inner.release(new);
         }
         result
+    }
+
+    /// Overwrites part of a chunk this volume owns alone. When that
+    /// ownership rests on a record no commit covers yet (another volume
+    /// just stopped sharing the chunk), commits first: a power loss that
+    /// dropped the record would otherwise hand the other volume a chunk
+    /// holding this volume's newer data.
+    fn write_in_place(&self, chunk: u64, seg: Segment, data: &[u8]) -> Result<(), PoolError> {
+        let inner = &self.pool.inner;
+        let uncommitted = lock(&inner.meta).unshared.contains_key(&chunk);
+        if uncommitted {
+            inner.flush()?;
+        }
+        inner
+            .backend
+            .write_at(data, self.chunk_offset(chunk) + seg.at as u64)
+            .map_err(PoolError::io("writing data"))
     }
 
     fn unmap_segment(&self, seg: Segment) -> Result<(), PoolError> {

@@ -14,10 +14,12 @@ const PROTOS: &[&str] = &[
     "proto/basalt/v1/token.proto",
     "proto/basalt/v1/member.proto",
     "proto/basalt/v1/network.proto",
+    "proto/basalt/v1/image.proto",
     "proto/basalt/v1/admin.proto",
     "proto/basalt/v1/agent.proto",
     "proto/basalt/v1/raft.proto",
     "proto/basalt/v1/error.proto",
+    "proto/basalt/v1/storage.proto",
 ];
 
 fn main() {

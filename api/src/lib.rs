@@ -1,7 +1,7 @@
 //! Basalt's API contract: the gRPC services every component speaks, the
 //! domain types they carry, and the conversions between the two.
 //!
-//! Three services make up the contract (`proto/basalt/v1/`):
+//! Four services make up the contract (`proto/basalt/v1/`):
 //!
 //! - **Admin** — create, get, list, update, delete and watch stored
 //!   objects ([`Object`]: nodes, VMs, placements, join tokens,
@@ -13,6 +13,9 @@
 //!   [`AgentClient`], [`agent_routes`]).
 //! - **Raft** — opaque consensus messages between control-plane members
 //!   ([`RaftApi`], [`RaftClient`], [`raft_routes`]).
+//! - **StorageLocal** — what a node agent asks of its node's storage
+//!   process over a Unix socket: volumes, exports, pool status
+//!   ([`StorageApi`], [`StorageClient`], [`storage_routes`]).
 //!
 //! Serving several services on one port, and calling one:
 //!
@@ -65,11 +68,11 @@ mod pb {
     tonic::include_proto!("basalt.v1");
 }
 
-pub use client::{AdminClient, AgentClient, RaftClient};
+pub use client::{AdminClient, AgentClient, RaftClient, StorageClient};
 pub use error::ApiError;
 pub use server::{
-    AdminApi, AgentApi, RaftApi, WatchStream, add_admin_routes, add_agent_routes, add_raft_routes,
-    admin_routes, agent_routes, raft_routes,
+    AdminApi, AgentApi, RaftApi, StorageApi, WatchStream, add_admin_routes, add_agent_routes,
+    add_raft_routes, admin_routes, agent_routes, raft_routes, storage_routes,
 };
 pub use tonic::service::Routes;
 pub use types::*;

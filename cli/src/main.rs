@@ -7,6 +7,7 @@
 //! names the problem and a non-zero exit status, never a panic.
 
 mod commands;
+mod image;
 mod output;
 mod token;
 
@@ -89,6 +90,9 @@ enum Command {
     /// Join tokens for new nodes: create (prints the secret once), list, revoke.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Disk images for VM disks: import, list, delete.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Print a shell completion script: `basalt completion bash`.
     Completion {
         /// The shell.
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Token(command) => runtime.block_on(token::run(&cli.server, cli.output, command)),
+        Command::Image(command) => runtime.block_on(image::run(&cli.server, cli.output, command)),
         command => runtime.block_on(commands::run(&cli.server, cli.output, command)),
     };
     match result {

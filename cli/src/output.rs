@@ -57,6 +57,7 @@ fn headers(kind: Kind) -> &'static [&'static str] {
         Kind::Endpoint => &[
             "NAME", "IP", "MAC", "VM", "NIC", "NODE", "EPOCH", "IDENTITY", "STATE",
         ],
+        Kind::Image => &["NAME", "FORMAT", "SIZE", "NODES", "SOURCE"],
     }
 }
 
@@ -121,6 +122,13 @@ fn row(object: &Object) -> Vec<String> {
                 format!("released, free in {}", expires_in(e.release_at_unix_ms))
             },
         ],
+        Object::Image(i) => vec![
+            i.meta.name.clone(),
+            i.spec.format.as_str().to_owned(),
+            format!("{} MiB", i.status.size_bytes >> 20),
+            image_nodes(&i.status),
+            i.spec.source.clone(),
+        ],
     }
 }
 
@@ -158,6 +166,27 @@ pub fn table(kind: Kind, objects: &[Object]) -> String {
         table.add_row(row(object));
     }
     format!("{table}\n")
+}
+
+/// Per node: `n1 ready`, `n2 importing 40%`, `n3 failed`.
+fn image_nodes(status: &basalt_api::ImageStatus) -> String {
+    if status.nodes.is_empty() {
+        return "-".into();
+    }
+    let nodes: Vec<String> = status
+        .nodes
+        .iter()
+        .map(|n| match n.phase {
+            basalt_api::ImagePhase::Ready => format!("{} ready", n.node),
+            basalt_api::ImagePhase::Failed => format!("{} failed", n.node),
+            basalt_api::ImagePhase::Importing => format!(
+                "{} importing {}%",
+                n.node,
+                (n.bytes_done * 100).checked_div(n.bytes_total).unwrap_or(0)
+            ),
+        })
+        .collect();
+    nodes.join(", ")
 }
 
 #[cfg(test)]

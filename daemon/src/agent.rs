@@ -62,6 +62,11 @@ pub struct AgentArgs {
     /// How long a graceful VM stop may take (milliseconds).
     #[arg(long, default_value_t = 30_000)]
     stop_grace_ms: u64,
+    /// The node's storage process (`basaltd storage serve --local-socket`):
+    /// the agent makes and removes VM volumes through it. Without it, VM
+    /// disks must exist already.
+    #[arg(long)]
+    storage_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -107,6 +112,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         fence_after: Duration::from_millis(args.fence_after_ms),
         resync: Duration::from_millis(args.resync_ms),
         stop_grace: Duration::from_millis(args.stop_grace_ms),
+        storage: args
+            .storage_socket
+            .map(|socket| basalt_agent::storage::StorageConfig { socket }),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {

@@ -6,7 +6,8 @@
 //! NBD, and `basaltd agent`; the first node also runs `basaltd control`.
 //! The test guest is declared as a VM through the admin API; the control
 //! plane places it, that node's agent defines and starts it, and its disk
-//! is a Basalt volume. The lab then wires the VM's tap (the network
+//! is a Basalt volume that the agent creates through the node's storage
+//! process (`--local-socket`). The lab then wires the VM's tap (the network
 //! datapath is not yet driven by the agent) and routes the VM network
 //! from the root namespace, so the printed address works from the host.
 //!
@@ -47,8 +48,6 @@ const VM_NAME: &str = "lab-vm";
 const VM_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x80, 0x00, 0x0a]);
 const VM_MEMORY_MIB: u64 = 256;
 const VM_DISK_BYTES: u64 = 256 << 20;
-/// The same size, as `basaltd storage` takes it.
-const VM_DISK: &str = "256M";
 /// Where the lab's control plane listens, on the first node's address.
 const CONTROL_PORT: u16 = 7400;
 /// How long a TCG guest may take to answer (boots slow on a busy machine).
@@ -218,27 +217,15 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
     let basaltd = own_binary()?;
     let mut processes = Vec::new();
 
-    // Storage: a pool per node with the VM's root volume, served over NBD
-    // inside the node, where every agent's QEMU looks for it.
+    // Storage: a pool per node, served over NBD inside the node, where
+    // every agent's QEMU looks for it; the agent makes the VM's volumes
+    // through the storage-local socket.
     for node in fabric.nodes() {
         let pool = prefix.dir().join(format!("pool-{}.img", node.name()));
         let pool = pool.to_string_lossy().into_owned();
         run_basaltd(
             &basaltd,
             &["storage", "pool", "create", "--path", &pool, "--size", "1G"],
-        )?;
-        run_basaltd(
-            &basaltd,
-            &[
-                "storage",
-                "volume",
-                "create",
-                "--pool",
-                &pool,
-                &format!("{VM_NAME}-root"),
-                "--size",
-                VM_DISK,
-            ],
         )?;
         let spec = ProcessSpec::new(format!("storage-{}", node.name()), &basaltd)
             .args([
@@ -248,7 +235,9 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
                 &pool,
                 "--listen",
                 &format!("127.0.0.1:{NBD_PORT}"),
+                "--local-socket",
             ])
+            .arg(storage_socket(&prefix, node.name()))
             .netns(node);
         let mut storage = Process::start(&prefix, spec).context("starting basaltd storage")?;
         storage.wait_for_tcp(
@@ -326,8 +315,10 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
                 "1000",
                 "--stop-grace-ms",
                 "5000",
-                "--console-dir",
+                "--storage-socket",
             ])
+            .arg(storage_socket(&prefix, node.name()))
+            .arg("--console-dir")
             .arg(prefix.log_dir())
             .env("BASALT_JOIN_TOKEN", secret.expose())
             .netns(node);
@@ -446,6 +437,11 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
     daemons.into_iter().for_each(Libvirtd::detach);
     fabric.detach();
     Ok(state)
+}
+
+/// The storage-local API socket of node `node`'s storage process.
+fn storage_socket(prefix: &Prefix, node: &str) -> PathBuf {
+    prefix.dir().join(format!("storage-{node}.sock"))
 }
 
 /// Routes the VM network from the root namespace through `via` (node 1).

@@ -1,6 +1,10 @@
 //! `basaltd storage`: the per-node storage process and its operator
 //! commands — create a pool, manage its volumes, serve them over NBD.
 //!
+//! `serve --local-socket PATH` also serves the storage-local gRPC API
+//! (`basalt_sds::local`) that the node agent uses to manage volumes while
+//! the NBD server runs.
+//!
 //! The pool file is locked by whichever process has it open, so volume
 //! commands fail with a clear message while `serve` runs on the same pool.
 
@@ -10,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use basalt_sds::backend::FileBackend;
+use basalt_sds::local::{ExportConfig, LocalService};
 use basalt_sds::nbd::Server;
 use basalt_sds::pool::{Pool, PoolOptions, VolumeInfo};
 use basalt_sds::replication::replica::ReplicaServer;
@@ -141,6 +146,10 @@ struct ServeArgs {
     /// Also serve on this Unix socket.
     #[arg(long)]
     unix: Option<PathBuf>,
+    /// Serve the storage-local gRPC API (what the node agent calls:
+    /// volumes, exports, status) on this Unix socket.
+    #[arg(long)]
+    local_socket: Option<PathBuf>,
     /// Also run as a replica peer: accept primaries' replication
     /// connections on this address and apply their writes to this pool's
     /// volumes of the same name.
@@ -381,6 +390,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         replicators
             .push(Replicator::start(volume, cfg, fencer.clone()).context("starting replication")?);
     }
+    let local = args.local_socket.as_ref().map(|_| {
+        LocalService::new(
+            pool.clone(),
+            ExportConfig {
+                tcp: args.listen,
+                unix: args.unix.clone(),
+            },
+            replicators.clone(),
+        )
+    });
     let result = rt.block_on(async {
         let server = Server::with_replication(pool.clone(), replicators);
         let tcp = tokio::net::TcpListener::bind(args.listen)
@@ -393,9 +412,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("listening on {}", path.display()))?;
             tasks.spawn(server.serve_unix(unix));
         }
+        if let (Some(local), Some(path)) = (local, args.local_socket.clone()) {
+            tasks.spawn(async move {
+                local
+                    .serve_unix(&path, std::future::pending())
+                    .await
+                    .map_err(std::io::Error::other)
+            });
+        }
         tracing::info!(
             listen = %args.listen,
             unix = ?args.unix,
+            local_socket = ?args.local_socket,
             pool = %args.pool.display(),
             volumes = pool.list().len(),
             "serving NBD"
@@ -412,7 +440,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     });
     pool.flush().context("flushing the pool on shutdown")?;
-    if let Some(path) = &args.unix {
+    for path in args.unix.iter().chain(&args.local_socket) {
         let _ = std::fs::remove_file(path);
     }
     // Blocking workers may still be parked on idle connections.

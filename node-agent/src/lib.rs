@@ -16,4 +16,5 @@
 pub mod compute;
 pub mod reconcile;
 pub mod runtime;
+pub mod storage;
 pub mod vm_domain;

@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// How long a graceful stop may take.
     pub stop_grace: Duration,
+    /// The node's storage process ([`crate::storage`]); `None`: VM disks
+    /// must exist already.
+    pub storage: Option<crate::storage::StorageConfig>,
 }
 
 /// The agent could not run.
@@ -254,6 +257,13 @@ async fn reconcile_loop<C: Compute + 'static>(
         config.policy.prefix.clone(),
         config.stop_grace,
     )));
+    let volumes = config.storage.as_ref().and_then(|storage| {
+        crate::storage::Volumes::new(&config.node, storage, admin.clone())
+            .inspect_err(
+                |err| tracing::error!(error = %err, "no storage client: VM disks are not managed"),
+            )
+            .ok()
+    });
     let mut reported: BTreeMap<String, VmStatus> = BTreeMap::new();
     loop {
         let (placed, last_ack) = {
@@ -274,10 +284,29 @@ async fn reconcile_loop<C: Compute + 'static>(
         let mut generations = BTreeMap::new();
         let mut problems = BTreeMap::new();
         let mut unreadable = false;
+        let mut waiting = BTreeMap::new();
         // A fenced node runs nothing: no spec is needed.
         let placed = if fenced { Vec::new() } else { placed };
         for name in placed {
-            match admin.get(Kind::Vm, &name).await {
+            let got = admin.get(Kind::Vm, &name).await;
+            // Volumes first: a domain is defined only on exported disks.
+            if let (Ok(Object::Vm(vm)), Some(volumes)) = (&got, &volumes)
+                && let Err(err) = volumes.ensure_vm(vm).await
+            {
+                if err.is_transient() {
+                    tracing::warn!(vm = %name, error = %err, "storage unreachable; keeping what runs");
+                    unreadable = true;
+                    break;
+                }
+                let at = if err.is_pending() {
+                    &mut waiting
+                } else {
+                    &mut problems
+                };
+                at.insert(name.clone(), (vm.meta.generation, err.to_string()));
+                continue;
+            }
+            match got {
                 Ok(Object::Vm(vm)) => match domain_spec(&vm, &config.policy, &config.console_dir) {
                     Ok(spec) => {
                         generations.insert(spec.name.clone(), (name.clone(), vm.meta.generation));
@@ -325,6 +354,12 @@ async fn reconcile_loop<C: Compute + 'static>(
                         report(&agent, &config.node, vm, status, &mut reported).await;
                     }
                 }
+                // Only after the domains of deleted VMs are gone.
+                if let Some(volumes) = &volumes
+                    && !fenced
+                {
+                    volumes.collect_garbage().await;
+                }
             }
             Ok(Err(err)) => tracing::warn!(error = %err, "reconcile pass failed"),
             Err(err) => tracing::error!(error = %err, "reconcile pass panicked"),
@@ -335,6 +370,16 @@ async fn reconcile_loop<C: Compute + 'static>(
                 node: Some(config.node.clone()),
                 observed_generation: generation,
                 conditions: vec![ready(false, "CannotRun", &message)],
+                ..VmStatus::default()
+            };
+            report(&agent, &config.node, &vm, status, &mut reported).await;
+        }
+        for (vm, (generation, message)) in waiting {
+            let status = VmStatus {
+                phase: VmPhase::Starting,
+                node: Some(config.node.clone()),
+                observed_generation: generation,
+                conditions: vec![ready(false, "VolumesNotReady", &message)],
                 ..VmStatus::default()
             };
             report(&agent, &config.node, &vm, status, &mut reported).await;

@@ -3,7 +3,8 @@
 //! Everything node-specific is fixed here, the same on every node, so a
 //! VM defined on one node migrates to any other without rewriting its
 //! XML: disks are NBD exports of the node's storage process at
-//! [`NBD_HOST`]:[`NBD_PORT`], named `<vm>-<disk>`; NICs are taps whose
+//! [`NBD_HOST`]:[`NBD_PORT`], named after the VM's uid and the disk
+//! ([`crate::storage::disk_volume`]) and made by the volume reconciler; NICs are taps whose
 //! names and MACs derive from the VM's uid and the NIC's index.
 
 use std::path::Path;
@@ -79,7 +80,7 @@ pub fn domain_spec(
                 target_dev: format!("vd{}", char::from(b'a' + letter)),
                 host: NBD_HOST.to_owned(),
                 port: NBD_PORT,
-                export_name: format!("{name}-{}", disk.name),
+                export_name: crate::storage::disk_volume(&vm.meta.uid, &disk.name),
             })
         })
         .collect::<Result<_, MappingError>>()?;
@@ -201,7 +202,10 @@ mod tests {
             "5f0c6a3e-8d4b-4b8e-9a77-0d2c1f3e4a5b"
         );
         assert_eq!((spec.vcpus, spec.memory_mib), (2, 256));
-        assert_eq!(spec.disks[0].export_name, "web-1-root");
+        assert_eq!(
+            spec.disks[0].export_name,
+            crate::storage::disk_volume("5f0c6a3e-8d4b-4b8e-9a77-0d2c1f3e4a5b", "root")
+        );
         assert_eq!(
             (spec.disks[0].host.as_str(), spec.disks[0].port),
             (NBD_HOST, NBD_PORT)

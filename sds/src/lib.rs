@@ -10,7 +10,9 @@
 //! - [`nbd`]: the NBD server (fixed newstyle, structured replies,
 //!   `base:allocation`) over TCP and Unix sockets;
 //! - [`replication`]: DRBD-style synchronous replication to a peer
-//!   (protocol C, epoch fencing, dirty-chunk resync).
+//!   (protocol C, epoch fencing, dirty-chunk resync);
+//! - [`local`]: the storage-local gRPC API the node agent calls on a Unix
+//!   socket (volumes, exports, status).
 //!
 //! Invariants:
 //! - after `kill -9` every acknowledged write is readable; after a power
@@ -19,6 +21,7 @@
 //! - no input from a client can panic the process or damage a volume.
 
 pub mod backend;
+pub mod local;
 pub mod nbd;
 pub mod pool;
 pub mod replication;

@@ -5,6 +5,7 @@
 mod admin;
 mod agent;
 mod raft;
+mod storage;
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use crate::ApiError;
 pub use admin::AdminClient;
 pub use agent::AgentClient;
 pub use raft::RaftClient;
+pub use storage::StorageClient;
 
 /// How long a client waits for a TCP connection to a server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

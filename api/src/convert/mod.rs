@@ -5,12 +5,14 @@
 
 mod agent;
 mod error;
+mod image;
 mod member;
 mod meta;
 mod network;
 mod node;
 mod object;
 mod placement;
+mod storage;
 mod token;
 mod vm;
 mod watch;

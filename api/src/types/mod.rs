@@ -2,24 +2,32 @@
 //! Each has a `validate` whose errors name the offending field.
 
 mod agent;
+mod image;
 mod member;
 mod meta;
 mod network;
 mod node;
 mod object;
 mod placement;
+mod storage;
 mod token;
 pub(crate) mod validate;
 mod vm;
 mod watch;
 
 pub use agent::{Heartbeat, HeartbeatAck, Registered, Registration, StatusReport};
+pub use image::{Image, ImageFormat, ImageNodeStatus, ImagePhase, ImageSpec, ImageStatus};
 pub use member::Member;
 pub use meta::{Condition, ObjectMeta};
 pub use network::{Endpoint, MAX_VNI, Network, NetworkSpec};
 pub use node::{Node, NodeSpec, NodeStatus, Resources};
 pub use object::{Kind, Object, ObjectList};
 pub use placement::Placement;
+pub use storage::{
+    EnsureVolume, MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN, ReplicaPeer, ReplicaPeerState,
+    StorageStatus, StorageVolume, VolumeExport,
+};
+pub(crate) use storage::{validate_volume_name, validate_volume_size};
 pub use token::{JoinToken, JoinTokenSpec, JoinTokenStatus, TokenSecret};
 pub use vm::{
     DISK_SECTOR_BYTES, Disk, KernelBoot, MAX_DISK_REPLICAS, MIN_VM_MEMORY_MIB, Nic, NicAddress,

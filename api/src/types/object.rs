@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::Image;
 use super::{Endpoint, JoinToken, Member, Network, Node, ObjectMeta, Placement, Vm};
 use crate::ApiError;
 
@@ -26,11 +27,13 @@ pub enum Kind {
     Network,
     /// [`Endpoint`].
     Endpoint,
+    /// [`Image`].
+    Image,
 }
 
 impl Kind {
     /// Every kind, in a stable order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Node,
         Kind::Vm,
         Kind::Placement,
@@ -38,6 +41,7 @@ impl Kind {
         Kind::Member,
         Kind::Network,
         Kind::Endpoint,
+        Kind::Image,
     ];
 
     /// The lowercase singular name: "node", "vm", "placement", "token",
@@ -51,6 +55,7 @@ impl Kind {
             Kind::Member => "member",
             Kind::Network => "network",
             Kind::Endpoint => "endpoint",
+            Kind::Image => "image",
         }
     }
 }
@@ -99,6 +104,8 @@ pub enum Object {
     Network(Network),
     /// A VM NIC's leased address.
     Endpoint(Endpoint),
+    /// A disk image.
+    Image(Image),
 }
 
 impl Object {
@@ -112,6 +119,7 @@ impl Object {
             Object::Member(_) => Kind::Member,
             Object::Network(_) => Kind::Network,
             Object::Endpoint(_) => Kind::Endpoint,
+            Object::Image(_) => Kind::Image,
         }
     }
 
@@ -125,6 +133,7 @@ impl Object {
             Object::Member(o) => &o.meta,
             Object::Network(o) => &o.meta,
             Object::Endpoint(o) => &o.meta,
+            Object::Image(o) => &o.meta,
         }
     }
 
@@ -138,6 +147,7 @@ impl Object {
             Object::Member(o) => &mut o.meta,
             Object::Network(o) => &mut o.meta,
             Object::Endpoint(o) => &mut o.meta,
+            Object::Image(o) => &mut o.meta,
         }
     }
 
@@ -157,6 +167,7 @@ impl Object {
             Object::Member(o) => o.validate(),
             Object::Network(o) => o.validate(),
             Object::Endpoint(o) => o.validate(),
+            Object::Image(o) => o.validate(),
         }
     }
 }
@@ -200,6 +211,7 @@ object_variant!(Token, JoinToken);
 object_variant!(Member, Member);
 object_variant!(Network, Network);
 object_variant!(Endpoint, Endpoint);
+object_variant!(Image, Image);
 
 #[cfg(test)]
 mod tests {

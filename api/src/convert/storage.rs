@@ -1,0 +1,221 @@
+//! Storage-local types ⇄ protobuf.
+
+use super::enum_value;
+use crate::pb;
+use crate::{
+    ApiError, EnsureVolume, ReplicaPeer, ReplicaPeerState, StorageStatus, StorageVolume,
+    VolumeExport,
+};
+
+impl From<StorageVolume> for pb::StorageVolume {
+    fn from(v: StorageVolume) -> Self {
+        Self {
+            name: v.name,
+            uid: v.uid,
+            size_bytes: v.size_bytes,
+            allocated_bytes: v.allocated_bytes,
+            read_only: v.read_only,
+            created_unix: v.created_unix,
+        }
+    }
+}
+
+impl TryFrom<pb::StorageVolume> for StorageVolume {
+    type Error = ApiError;
+
+    fn try_from(v: pb::StorageVolume) -> Result<Self, ApiError> {
+        crate::types::validate_volume_name("volume.name", &v.name)?;
+        Ok(Self {
+            name: v.name,
+            uid: v.uid,
+            size_bytes: v.size_bytes,
+            allocated_bytes: v.allocated_bytes,
+            read_only: v.read_only,
+            created_unix: v.created_unix,
+        })
+    }
+}
+
+impl From<EnsureVolume> for pb::EnsureVolumeRequest {
+    fn from(e: EnsureVolume) -> Self {
+        Self {
+            name: e.name,
+            size_bytes: e.size_bytes,
+            source: e.source,
+        }
+    }
+}
+
+impl TryFrom<pb::EnsureVolumeRequest> for EnsureVolume {
+    type Error = ApiError;
+
+    fn try_from(e: pb::EnsureVolumeRequest) -> Result<Self, ApiError> {
+        let e = Self {
+            name: e.name,
+            size_bytes: e.size_bytes,
+            source: e.source,
+        };
+        e.validate()?;
+        Ok(e)
+    }
+}
+
+impl From<VolumeExport> for pb::VolumeExport {
+    fn from(e: VolumeExport) -> Self {
+        Self {
+            host: e.host,
+            port: u32::from(e.port),
+            export_name: e.export_name,
+            unix_socket: e.unix_socket,
+        }
+    }
+}
+
+impl TryFrom<pb::VolumeExport> for VolumeExport {
+    type Error = ApiError;
+
+    fn try_from(e: pb::VolumeExport) -> Result<Self, ApiError> {
+        let port = u16::try_from(e.port)
+            .map_err(|_| ApiError::invalid("export.port", format!("{} is not a port", e.port)))?;
+        if e.host.is_empty() {
+            return Err(ApiError::missing("export.host"));
+        }
+        crate::types::validate_volume_name("export.export_name", &e.export_name)?;
+        Ok(Self {
+            host: e.host,
+            port,
+            export_name: e.export_name,
+            unix_socket: e.unix_socket,
+        })
+    }
+}
+
+impl From<ReplicaPeerState> for pb::ReplicaPeerState {
+    fn from(s: ReplicaPeerState) -> Self {
+        match s {
+            ReplicaPeerState::Connected => Self::Connected,
+            ReplicaPeerState::Resyncing => Self::Resyncing,
+            ReplicaPeerState::Away => Self::Away,
+            ReplicaPeerState::Deposed => Self::Deposed,
+        }
+    }
+}
+
+impl From<ReplicaPeer> for pb::ReplicaPeer {
+    fn from(p: ReplicaPeer) -> Self {
+        Self {
+            volume: p.volume,
+            peer: p.peer,
+            state: pb::ReplicaPeerState::from(p.state).into(),
+            dirty_chunks: p.dirty_chunks,
+            resync_bytes: p.resync_bytes,
+            acked_frames: p.acked_frames,
+        }
+    }
+}
+
+impl TryFrom<pb::ReplicaPeer> for ReplicaPeer {
+    type Error = ApiError;
+
+    fn try_from(p: pb::ReplicaPeer) -> Result<Self, ApiError> {
+        let state = match enum_value::<pb::ReplicaPeerState>(p.state, "replica.state")? {
+            pb::ReplicaPeerState::Connected => ReplicaPeerState::Connected,
+            pb::ReplicaPeerState::Resyncing => ReplicaPeerState::Resyncing,
+            pb::ReplicaPeerState::Unspecified | pb::ReplicaPeerState::Away => {
+                ReplicaPeerState::Away
+            }
+            pb::ReplicaPeerState::Deposed => ReplicaPeerState::Deposed,
+        };
+        Ok(Self {
+            volume: p.volume,
+            peer: p.peer,
+            state,
+            dirty_chunks: p.dirty_chunks,
+            resync_bytes: p.resync_bytes,
+            acked_frames: p.acked_frames,
+        })
+    }
+}
+
+impl From<StorageStatus> for pb::StorageStatus {
+    fn from(s: StorageStatus) -> Self {
+        Self {
+            pool_uid: s.pool_uid,
+            chunk_size: s.chunk_size,
+            data_chunks: s.data_chunks,
+            free_chunks: s.free_chunks,
+            virtual_bytes: s.virtual_bytes,
+            virtual_limit: s.virtual_limit,
+            volumes: s.volumes,
+            suspended_writers: s.suspended_writers,
+            replicas: s.replicas.into_iter().map(Into::into).collect(),
+            nbd_address: s.nbd_address,
+        }
+    }
+}
+
+impl TryFrom<pb::StorageStatus> for StorageStatus {
+    type Error = ApiError;
+
+    fn try_from(s: pb::StorageStatus) -> Result<Self, ApiError> {
+        Ok(Self {
+            pool_uid: s.pool_uid,
+            chunk_size: s.chunk_size,
+            data_chunks: s.data_chunks,
+            free_chunks: s.free_chunks,
+            virtual_bytes: s.virtual_bytes,
+            virtual_limit: s.virtual_limit,
+            volumes: s.volumes,
+            suspended_writers: s.suspended_writers,
+            replicas: s
+                .replicas
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+            nbd_address: s.nbd_address,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_types_round_trip() {
+        let status = StorageStatus {
+            pool_uid: "u".into(),
+            chunk_size: 65536,
+            volumes: 2,
+            replicas: vec![ReplicaPeer {
+                volume: "v".into(),
+                peer: "10.0.0.2:7800".into(),
+                state: ReplicaPeerState::Resyncing,
+                dirty_chunks: 3,
+                ..ReplicaPeer::default()
+            }],
+            ..StorageStatus::default()
+        };
+        let back = StorageStatus::try_from(pb::StorageStatus::from(status.clone())).unwrap();
+        assert_eq!(back, status);
+        let export = VolumeExport {
+            host: "127.0.0.1".into(),
+            port: 10809,
+            export_name: "vol".into(),
+            unix_socket: None,
+        };
+        assert_eq!(
+            VolumeExport::try_from(pb::VolumeExport::from(export.clone())).unwrap(),
+            export
+        );
+        assert_eq!(export.uri(), "nbd://127.0.0.1:10809/vol");
+        let bad = pb::VolumeExport {
+            port: 70000,
+            ..pb::VolumeExport::from(export)
+        };
+        assert!(matches!(
+            VolumeExport::try_from(bad),
+            Err(ApiError::InvalidArgument { field, .. }) if field == "export.port"
+        ));
+    }
+}

@@ -1,0 +1,158 @@
+//! [`StorageApi`]: the storage-local service in domain types, and its gRPC
+//! adapter. A node's storage process implements it; its agent calls it
+//! over a Unix socket ([`StorageClient`](crate::StorageClient)).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+
+use super::{MAX_MESSAGE_BYTES, reply};
+use crate::pb;
+use crate::pb::storage_local_server::{StorageLocal, StorageLocalServer};
+use crate::types::{validate_volume_name, validate_volume_size};
+use crate::{ApiError, EnsureVolume, StorageStatus, StorageVolume, VolumeExport};
+
+/// The storage-local service: volumes of one node's pool.
+pub trait StorageApi: Send + Sync + 'static {
+    /// Creates the volume (empty, or a clone of `source`) unless it exists;
+    /// returns it.
+    fn ensure_volume(
+        &self,
+        request: EnsureVolume,
+    ) -> impl Future<Output = Result<StorageVolume, ApiError>> + Send;
+
+    /// Deletes a volume; `false` when there was none.
+    fn delete_volume(&self, name: String) -> impl Future<Output = Result<bool, ApiError>> + Send;
+
+    /// Every volume, by name.
+    fn list_volumes(&self) -> impl Future<Output = Result<Vec<StorageVolume>, ApiError>> + Send;
+
+    /// Grows a volume.
+    fn resize_volume(
+        &self,
+        name: String,
+        size_bytes: u64,
+    ) -> impl Future<Output = Result<StorageVolume, ApiError>> + Send;
+
+    /// A read-only snapshot `name` of `source` (an existing one is
+    /// returned as is).
+    fn snapshot_volume(
+        &self,
+        source: String,
+        name: String,
+    ) -> impl Future<Output = Result<StorageVolume, ApiError>> + Send;
+
+    /// Where an NBD client opens the volume.
+    fn export_address(
+        &self,
+        name: String,
+    ) -> impl Future<Output = Result<VolumeExport, ApiError>> + Send;
+
+    /// The pool and its replication.
+    fn status(&self) -> impl Future<Output = Result<StorageStatus, ApiError>> + Send;
+}
+
+/// Serves `api` as the storage-local service.
+pub fn storage_routes<T: StorageApi>(api: T) -> Routes {
+    Routes::default().add_service(
+        StorageLocalServer::new(StorageAdapter(Arc::new(api)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+/// Implements the generated service on top of a [`StorageApi`].
+#[derive(Debug)]
+struct StorageAdapter<T>(Arc<T>);
+
+#[tonic::async_trait]
+impl<T: StorageApi> StorageLocal for StorageAdapter<T> {
+    async fn ensure_volume(
+        &self,
+        request: Request<pb::EnsureVolumeRequest>,
+    ) -> Result<Response<pb::StorageVolume>, Status> {
+        let result = async {
+            let request = request.into_inner().try_into()?;
+            self.0.ensure_volume(request).await
+        };
+        reply("EnsureVolume", result.await)
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let result = async {
+            let name = request.into_inner().name;
+            validate_volume_name("name", &name)?;
+            self.0.delete_volume(name).await
+        };
+        reply(
+            "DeleteVolume",
+            result
+                .await
+                .map(|deleted| pb::DeleteVolumeResponse { deleted }),
+        )
+    }
+
+    async fn list_volumes(
+        &self,
+        _request: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let result = self
+            .0
+            .list_volumes()
+            .await
+            .map(|volumes| pb::ListVolumesResponse {
+                volumes: volumes.into_iter().map(Into::into).collect(),
+            });
+        reply("ListVolumes", result)
+    }
+
+    async fn resize_volume(
+        &self,
+        request: Request<pb::ResizeVolumeRequest>,
+    ) -> Result<Response<pb::StorageVolume>, Status> {
+        let result = async {
+            let request = request.into_inner();
+            validate_volume_name("name", &request.name)?;
+            validate_volume_size("size_bytes", request.size_bytes, false)?;
+            self.0.resize_volume(request.name, request.size_bytes).await
+        };
+        reply("ResizeVolume", result.await)
+    }
+
+    async fn snapshot_volume(
+        &self,
+        request: Request<pb::SnapshotVolumeRequest>,
+    ) -> Result<Response<pb::StorageVolume>, Status> {
+        let result = async {
+            let request = request.into_inner();
+            validate_volume_name("source", &request.source)?;
+            validate_volume_name("name", &request.name)?;
+            self.0.snapshot_volume(request.source, request.name).await
+        };
+        reply("SnapshotVolume", result.await)
+    }
+
+    async fn export_address(
+        &self,
+        request: Request<pb::ExportAddressRequest>,
+    ) -> Result<Response<pb::VolumeExport>, Status> {
+        let result = async {
+            let name = request.into_inner().name;
+            validate_volume_name("name", &name)?;
+            self.0.export_address(name).await
+        };
+        reply("ExportAddress", result.await)
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StorageStatusRequest>,
+    ) -> Result<Response<pb::StorageStatus>, Status> {
+        reply("Status", self.0.status().await)
+    }
+}

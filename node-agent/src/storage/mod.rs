@@ -1,0 +1,412 @@
+//! The volume reconciler: for every disk of every VM placed on this node,
+//! a volume exists in the node's pool and is exported over NBD before the
+//! domain is defined; volumes of VMs that no longer exist are removed.
+//!
+//! The agent talks to its node's storage process (`basaltd storage serve
+//! --local-socket`) through [`StorageClient`]; the storage process owns
+//! the pool and the NBD server and outlives agent restarts, so nothing
+//! here can cut a running VM's disk.
+//!
+//! Volume names (= NBD export names, see [`disk_volume`]) derive from the
+//! VM's uid and the disk's name, so they are the same on every node — a
+//! VM's domain XML needs no rewrite when it moves — and a VM created again
+//! under an old name never gets the old VM's data.
+//!
+//! A disk with `image: NAME` is a copy-on-write clone of the image's
+//! snapshot in this pool, which [`image::Importer`] makes once per node.
+//!
+//! Invariants:
+//! - [`Volumes::ensure_vm`] is idempotent: an existing volume is kept as
+//!   it is (a disk never shrinks, a clone is never made again);
+//! - garbage collection ([`garbage`]) removes only volumes whose names
+//!   Basalt derives (a UUID: a VM disk; `img-<uuid>`: an image) and whose
+//!   VM or image is not in a complete, successful list of the cluster's
+//!   VMs and images (nor being imported). A VM that merely moved to
+//!   another node keeps its volume here until the VM is deleted (a
+//!   later replica controller decides where copies live); operators'
+//!   volumes with other names are never touched.
+
+pub mod image;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_api::{
+    AdminClient, ApiError, EnsureVolume, Image, Kind, Object, StorageClient, StorageVolume, Vm,
+};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::vm_domain::{NBD_PORT, vm_uuid};
+use image::{Importer, image_volume, is_image_volume};
+
+/// How often volumes of deleted VMs are looked for.
+pub const GC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Where this node's storage process listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// The storage-local API's Unix socket.
+    pub socket: PathBuf,
+}
+
+/// A VM's volumes could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The storage process did not answer: keep what runs, retry later.
+    #[error("the node's storage process is unreachable")]
+    Unavailable(#[source] ApiError),
+    /// A disk's volume is on its way (e.g. its image is being imported).
+    #[error("disk {disk}: {reason}")]
+    NotReady {
+        /// The disk's name.
+        disk: String,
+        /// What it waits for.
+        reason: String,
+    },
+    /// A disk's volume cannot be made as declared.
+    #[error("disk {disk}")]
+    Failed {
+        /// The disk's name.
+        disk: String,
+        /// The storage process's or the cluster's answer.
+        #[source]
+        source: ApiError,
+    },
+    /// The storage process exports the volume somewhere QEMU does not look.
+    #[error("disk {disk}: exported as {found}, the domain expects {expected}")]
+    ExportMismatch {
+        /// The disk's name.
+        disk: String,
+        /// Where the storage process exports it.
+        found: String,
+        /// Where the domain will look.
+        expected: String,
+    },
+}
+
+impl VolumeError {
+    /// Retrying may help without any change to the VM.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, VolumeError::Unavailable(_))
+    }
+
+    /// The volume is on its way (an image import): the VM waits, it has
+    /// not failed.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, VolumeError::NotReady { .. })
+    }
+}
+
+fn classify(disk: &str, err: ApiError) -> VolumeError {
+    match err {
+        ApiError::Unavailable { .. } => VolumeError::Unavailable(err),
+        source => VolumeError::Failed {
+            disk: disk.to_owned(),
+            source,
+        },
+    }
+}
+
+/// The volume (and NBD export) name of disk `disk` of the VM whose uid is
+/// `vm_uid`: a UUID derived from both, the same on every node.
+pub fn disk_volume(vm_uid: &str, disk: &str) -> String {
+    Uuid::new_v5(&vm_uuid(vm_uid), disk.as_bytes()).to_string()
+}
+
+/// Whether `name` is a name [`disk_volume`] makes.
+pub fn is_disk_volume(name: &str) -> bool {
+    name.len() == 36 && Uuid::parse_str(name).is_ok()
+}
+
+/// Pool volumes that Basalt made and that belong to no VM of `vms` nor to
+/// an image of `images` (complete lists of the cluster's) nor to an import
+/// running for an image uid in `importing`: the ones to delete.
+pub fn garbage(
+    pool: &[StorageVolume],
+    vms: &[Vm],
+    images: &[Image],
+    importing: &[String],
+) -> Vec<String> {
+    let mut wanted: BTreeSet<String> = vms
+        .iter()
+        .flat_map(|vm| {
+            vm.spec
+                .disks
+                .iter()
+                .map(|d| disk_volume(&vm.meta.uid, &d.name))
+        })
+        .collect();
+    wanted.extend(images.iter().map(|i| image_volume(&i.meta.uid)));
+    for uid in importing {
+        wanted.insert(image_volume(uid));
+        wanted.insert(image::staging_volume(uid));
+    }
+    pool.iter()
+        .filter(|v| {
+            (is_disk_volume(&v.name) || is_image_volume(&v.name)) && !wanted.contains(&v.name)
+        })
+        .map(|v| v.name.clone())
+        .collect()
+}
+
+/// The agent's side of the node's storage. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Volumes {
+    storage: StorageClient,
+    admin: AdminClient,
+    importer: Importer,
+    last_gc: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Volumes {
+    /// Volumes of node `node` through the storage process at
+    /// `config.socket`; `admin` reads images, reports their import and
+    /// lists the cluster's VMs for garbage collection.
+    pub fn new(
+        node: &str,
+        config: &StorageConfig,
+        admin: AdminClient,
+    ) -> Result<Volumes, ApiError> {
+        let storage = StorageClient::connect_unix(&config.socket)?;
+        Ok(Volumes {
+            importer: Importer::new(node.to_owned(), storage.clone(), admin.clone()),
+            storage,
+            admin,
+            last_gc: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// The storage client.
+    pub fn storage(&self) -> &StorageClient {
+        &self.storage
+    }
+
+    /// Makes every disk of `vm` a volume exported where its domain looks.
+    pub async fn ensure_vm(&self, vm: &Vm) -> Result<(), VolumeError> {
+        for disk in &vm.spec.disks {
+            let name = disk_volume(&vm.meta.uid, &disk.name);
+            // An existing volume is kept as it is: its image is not even
+            // looked up (a VM keeps running when its image is deleted).
+            let exists = match self.storage.export_address(&name).await {
+                Ok(_) => true,
+                Err(ApiError::FailedPrecondition { .. }) => false,
+                Err(e) => return Err(classify(&disk.name, e)),
+            };
+            let source = match &disk.image {
+                Some(image) if !exists => Some(self.image_source(&disk.name, image).await?),
+                _ => None,
+            };
+            let request = EnsureVolume {
+                name: name.clone(),
+                size_bytes: disk.size_bytes,
+                source,
+            };
+            let volume = self
+                .storage
+                .ensure_volume(request)
+                .await
+                .map_err(|e| classify(&disk.name, e))?;
+            if volume.size_bytes < disk.size_bytes {
+                // The spec grew the disk: grow the volume (online).
+                self.storage
+                    .resize_volume(&name, disk.size_bytes)
+                    .await
+                    .map_err(|e| classify(&disk.name, e))?;
+            }
+            let export = self
+                .storage
+                .export_address(&name)
+                .await
+                .map_err(|e| classify(&disk.name, e))?;
+            if export.port != NBD_PORT || export.export_name != name {
+                return Err(VolumeError::ExportMismatch {
+                    disk: disk.name.clone(),
+                    found: export.uri(),
+                    expected: format!("port {NBD_PORT}, export {name}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The snapshot a disk from `image` clones, once the image is in the
+    /// pool. An existing disk volume never asks: a VM keeps running when
+    /// its image is deleted.
+    async fn image_source(&self, disk: &str, image: &str) -> Result<String, VolumeError> {
+        let image = match self.admin.get(Kind::Image, image).await {
+            Ok(Object::Image(image)) => image,
+            Ok(_) => {
+                return Err(VolumeError::Failed {
+                    disk: disk.to_owned(),
+                    source: ApiError::Internal {
+                        reason: "the control plane returned another kind".into(),
+                    },
+                });
+            }
+            Err(err @ ApiError::Unavailable { .. }) => return Err(VolumeError::Unavailable(err)),
+            Err(source) => {
+                return Err(VolumeError::Failed {
+                    disk: disk.to_owned(),
+                    source,
+                });
+            }
+        };
+        match self.importer.ensure(&image).await {
+            Ok(()) => Ok(image_volume(&image.meta.uid)),
+            Err(reason) => Err(VolumeError::NotReady {
+                disk: disk.to_owned(),
+                reason,
+            }),
+        }
+    }
+
+    /// At most every [`GC_INTERVAL`]: deletes the volumes of VMs that no
+    /// longer exist. Returns the names deleted. Does nothing when the
+    /// cluster's VMs cannot be listed.
+    pub async fn collect_garbage(&self) -> Vec<String> {
+        {
+            let mut last = self.last_gc.lock().await;
+            if last.is_some_and(|t| t.elapsed() < GC_INTERVAL) {
+                return Vec::new();
+            }
+            *last = Some(Instant::now());
+        }
+        let (vms, images) = match (
+            self.admin.list(Kind::Vm).await,
+            self.admin.list(Kind::Image).await,
+        ) {
+            (Ok(vms), Ok(images)) => (
+                vms.objects
+                    .into_iter()
+                    .filter_map(|o| Vm::try_from(o).ok())
+                    .collect::<Vec<_>>(),
+                images
+                    .objects
+                    .into_iter()
+                    .filter_map(|o| Image::try_from(o).ok())
+                    .collect::<Vec<_>>(),
+            ),
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::debug!(error = %err, "cannot list VMs and images; no volume collection this time");
+                return Vec::new();
+            }
+        };
+        let importing = self.importer.running();
+        let pool = match self.storage.list_volumes().await {
+            Ok(pool) => pool,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list the pool's volumes");
+                return Vec::new();
+            }
+        };
+        let mut deleted = Vec::new();
+        for name in garbage(&pool, &vms, &images, &importing) {
+            match self.storage.delete_volume(&name).await {
+                Ok(_) => {
+                    tracing::info!(volume = %name, "deleted the volume of a deleted VM or image");
+                    deleted.push(name);
+                }
+                Err(err) => {
+                    tracing::warn!(volume = %name, error = %err, "deleting a volume failed")
+                }
+            }
+        }
+        deleted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{Disk, ObjectMeta, VmSpec};
+
+    use super::*;
+
+    fn vm(name: &str, uid: &str, disks: &[&str]) -> Vm {
+        let mut meta = ObjectMeta::named(name);
+        meta.uid = uid.into();
+        Vm {
+            meta,
+            spec: VmSpec {
+                disks: disks
+                    .iter()
+                    .map(|d| Disk {
+                        name: (*d).into(),
+                        size_bytes: 1 << 20,
+                        image: None,
+                        replicas: 1,
+                    })
+                    .collect(),
+                ..VmSpec::default()
+            },
+            ..Vm::default()
+        }
+    }
+
+    fn volume(name: &str) -> StorageVolume {
+        StorageVolume {
+            name: name.into(),
+            ..StorageVolume::default()
+        }
+    }
+
+    #[test]
+    fn disk_volumes_are_stable_distinct_and_valid_names() {
+        let uid = "5f0c6a3e-8d4b-4b8e-9a77-0d2c1f3e4a5b";
+        let root = disk_volume(uid, "root");
+        assert_eq!(root, disk_volume(uid, "root"), "the same on every node");
+        assert_ne!(root, disk_volume(uid, "data"));
+        assert_ne!(
+            root,
+            disk_volume("6f0c6a3e-8d4b-4b8e-9a77-0d2c1f3e4a5b", "root"),
+            "a new VM of the same name gets new volumes"
+        );
+        assert!(is_disk_volume(&root));
+        assert!(root.len() <= basalt_api::MAX_VOLUME_NAME_LEN);
+        assert!(!is_disk_volume("lab-vm-root"));
+    }
+
+    #[test]
+    fn garbage_is_what_no_vm_owns_and_basalt_made() {
+        let a = vm("a", "uid-a", &["root", "data"]);
+        let b = vm("b", "uid-b", &["root"]);
+        let pool = [
+            volume(&disk_volume("uid-a", "root")),
+            volume(&disk_volume("uid-a", "data")),
+            volume(&disk_volume("uid-b", "root")),
+            volume("operator-volume"),
+        ];
+        assert!(garbage(&pool, &[a.clone(), b.clone()], &[], &[]).is_empty());
+        // b deleted: only its disk goes.
+        assert_eq!(
+            garbage(&pool, std::slice::from_ref(&a), &[], &[]),
+            [disk_volume("uid-b", "root")]
+        );
+        // a's data disk removed from its spec: that volume goes too.
+        let a_root_only = vm("a", "uid-a", &["root"]);
+        let mut gone = garbage(&pool, &[a_root_only, b], &[], &[]);
+        gone.sort();
+        assert_eq!(gone, [disk_volume("uid-a", "data")]);
+        // Nothing placed anywhere: every Basalt disk goes, never the
+        // operator's volume.
+        assert_eq!(garbage(&pool, &[], &[], &[]).len(), 3);
+    }
+
+    #[test]
+    fn image_volumes_go_with_their_image_unless_an_import_runs() {
+        let mut tiny = Image::default();
+        tiny.meta.uid = "5f0c6a3e-8d4b-4b8e-9a77-0d2c1f3e4a5b".into();
+        let other = "6f0c6a3e-8d4b-4b8e-9a77-0d2c1f3e4a5b".to_owned();
+        let pool = [
+            volume(&image_volume(&tiny.meta.uid)),
+            volume(&image_volume(&other)),
+            volume(&image::staging_volume(&other)),
+        ];
+        let mut gone = garbage(&pool, &[], std::slice::from_ref(&tiny), &[]);
+        gone.sort();
+        assert_eq!(gone, [image_volume(&other), image::staging_volume(&other)]);
+        assert!(garbage(&pool, &[], &[tiny], std::slice::from_ref(&other)).is_empty());
+    }
+}

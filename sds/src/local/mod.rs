@@ -1,0 +1,375 @@
+//! The storage-local API: what a node agent asks of this storage process
+//! (ensure, delete, list, resize and snapshot volumes; the NBD address of
+//! an export; the pool's and replication's status), served as gRPC on a
+//! Unix socket (`basaltd storage serve --local-socket PATH`).
+//!
+//! The service is a thin layer over the [`Pool`]: every call runs the
+//! pool's synchronous operation on a blocking thread and maps its error to
+//! an [`ApiError`] naming what was wrong. It lives in the same process as
+//! the NBD server, so an agent restart (which drops this socket's clients)
+//! never cuts a VM's disk.
+//!
+//! Invariants:
+//! - `ensure_volume` and `delete_volume` are idempotent: an existing
+//!   volume is returned as is, a missing one deletes nothing;
+//! - the export name of a volume is its pool name (see
+//!   `docs/decisions.md`), served at the address given at start;
+//! - nothing a client sends panics the process: requests are validated
+//!   by the adapter in `basalt-api`, and the pool checks the rest.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use basalt_api::{
+    ApiError, EnsureVolume, ReplicaPeer, ReplicaPeerState, StorageApi, StorageStatus,
+    StorageVolume, VolumeExport, storage_routes,
+};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::pool::{Pool, PoolError, VolumeInfo};
+use crate::replication::{PeerState, Replicator};
+
+/// Where this process serves NBD, as the agent's NBD clients (QEMU,
+/// `qemu-img`) reach it inside the node.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    /// The NBD server's TCP address.
+    pub tcp: SocketAddr,
+    /// Its Unix socket, when it has one.
+    pub unix: Option<PathBuf>,
+}
+
+/// The storage-local service over one pool.
+#[derive(Debug, Clone)]
+pub struct LocalService {
+    pool: Pool,
+    exports: ExportConfig,
+    replicators: Vec<Replicator>,
+}
+
+/// The local API server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalServeError {
+    /// The socket could not be bound.
+    #[error("binding the storage-local socket {path}")]
+    Bind {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("serving the storage-local API")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+impl LocalService {
+    /// A service for `pool`, whose NBD server listens at `exports` and
+    /// whose replicated volumes are `replicators`.
+    pub fn new(pool: Pool, exports: ExportConfig, replicators: Vec<Replicator>) -> LocalService {
+        LocalService {
+            pool,
+            exports,
+            replicators,
+        }
+    }
+
+    /// Binds `path` (replacing a stale socket file) and serves the API on
+    /// it until `shutdown` completes.
+    pub async fn serve_unix(
+        self,
+        path: &Path,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), LocalServeError> {
+        let bind_err = |source| LocalServeError::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        tracing::info!(socket = %path.display(), "serving the storage-local API");
+        tonic::transport::Server::builder()
+            .add_routes(storage_routes(self))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            .await
+            .map_err(LocalServeError::Serve)
+    }
+
+    /// Runs a pool operation on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Pool) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || op(&pool))
+            .await
+            .map_err(|e| ApiError::Internal {
+                reason: format!("pool operation panicked: {e}"),
+            })?
+    }
+}
+
+fn volume(v: VolumeInfo) -> StorageVolume {
+    StorageVolume {
+        name: v.name,
+        uid: v.uid.to_string(),
+        size_bytes: v.size,
+        allocated_bytes: v.mapped_bytes,
+        read_only: v.read_only,
+        created_unix: v.created,
+    }
+}
+
+/// The pool's error as the API's, naming the field or state at fault.
+fn api_error(err: PoolError) -> ApiError {
+    match err {
+        PoolError::InvalidName { .. } => ApiError::invalid("name", err.to_string()),
+        PoolError::InvalidSize { .. } | PoolError::Shrink { .. } => {
+            ApiError::invalid("size_bytes", err.to_string())
+        }
+        PoolError::NoVolume { .. }
+        | PoolError::VolumeGone { .. }
+        | PoolError::VolumeExists { .. }
+        | PoolError::ReadOnly { .. }
+        | PoolError::OverProvisioned { .. } => ApiError::FailedPrecondition {
+            reason: err.to_string(),
+        },
+        other => ApiError::Internal {
+            reason: error_chain(&other),
+        },
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn ensure(pool: &Pool, request: &EnsureVolume) -> Result<VolumeInfo, PoolError> {
+    if let Ok(existing) = pool.volume_info(&request.name) {
+        return Ok(existing);
+    }
+    let created = match &request.source {
+        None => pool.create_volume(&request.name, request.size_bytes),
+        Some(source) => {
+            let src = pool.volume_info(source)?;
+            if request.size_bytes != 0 && request.size_bytes < src.size {
+                return Err(PoolError::Shrink {
+                    name: request.name.clone(),
+                    size: src.size,
+                    requested: request.size_bytes,
+                });
+            }
+            pool.clone_volume(source, &request.name).and_then(|clone| {
+                if request.size_bytes > clone.size {
+                    pool.resize(&request.name, request.size_bytes)
+                } else {
+                    Ok(clone)
+                }
+            })
+        }
+    };
+    match created {
+        // Another caller created it meanwhile: same outcome.
+        Err(PoolError::VolumeExists { .. }) => pool.volume_info(&request.name),
+        other => other,
+    }
+}
+
+impl StorageApi for LocalService {
+    async fn ensure_volume(&self, request: EnsureVolume) -> Result<StorageVolume, ApiError> {
+        self.blocking(move |pool| ensure(pool, &request).map(volume).map_err(api_error))
+            .await
+    }
+
+    async fn delete_volume(&self, name: String) -> Result<bool, ApiError> {
+        self.blocking(move |pool| match pool.delete(&name) {
+            Ok(()) => Ok(true),
+            Err(PoolError::NoVolume { .. }) => Ok(false),
+            Err(e) => Err(api_error(e)),
+        })
+        .await
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<StorageVolume>, ApiError> {
+        self.blocking(|pool| Ok(pool.list().into_iter().map(volume).collect()))
+            .await
+    }
+
+    async fn resize_volume(
+        &self,
+        name: String,
+        size_bytes: u64,
+    ) -> Result<StorageVolume, ApiError> {
+        self.blocking(move |pool| {
+            pool.resize(&name, size_bytes)
+                .map(volume)
+                .map_err(api_error)
+        })
+        .await
+    }
+
+    async fn snapshot_volume(
+        &self,
+        source: String,
+        name: String,
+    ) -> Result<StorageVolume, ApiError> {
+        self.blocking(move |pool| {
+            if let Ok(existing) = pool.volume_info(&name) {
+                if !existing.read_only {
+                    return Err(ApiError::FailedPrecondition {
+                        reason: format!("volume {name} exists and is not a snapshot"),
+                    });
+                }
+                return Ok(volume(existing));
+            }
+            pool.snapshot(&source, &name).map(volume).map_err(api_error)
+        })
+        .await
+    }
+
+    async fn export_address(&self, name: String) -> Result<VolumeExport, ApiError> {
+        let exports = self.exports.clone();
+        self.blocking(move |pool| {
+            let v = pool.volume_info(&name).map_err(api_error)?;
+            Ok(VolumeExport {
+                host: exports.tcp.ip().to_string(),
+                port: exports.tcp.port(),
+                export_name: v.name,
+                unix_socket: exports.unix.map(|p| p.to_string_lossy().into_owned()),
+            })
+        })
+        .await
+    }
+
+    async fn status(&self) -> Result<StorageStatus, ApiError> {
+        let replicas = self
+            .replicators
+            .iter()
+            .map(|r| {
+                let st = r.status();
+                ReplicaPeer {
+                    volume: r.volume().name().to_owned(),
+                    peer: st.peer.to_string(),
+                    state: match st.state {
+                        PeerState::Connected => ReplicaPeerState::Connected,
+                        PeerState::Resyncing => ReplicaPeerState::Resyncing,
+                        PeerState::Away => ReplicaPeerState::Away,
+                        PeerState::Deposed { .. } => ReplicaPeerState::Deposed,
+                    },
+                    dirty_chunks: st.dirty_chunks,
+                    resync_bytes: st.resync_bytes,
+                    acked_frames: st.acked_frames,
+                }
+            })
+            .collect();
+        let nbd_address = self.exports.tcp.to_string();
+        self.blocking(move |pool| {
+            let st = pool.status();
+            Ok(StorageStatus {
+                pool_uid: st.uid.to_string(),
+                chunk_size: st.chunk_size,
+                data_chunks: st.data_chunks,
+                free_chunks: st.free_chunks,
+                virtual_bytes: st.virtual_bytes,
+                virtual_limit: st.virtual_limit,
+                volumes: u32::try_from(st.volumes).unwrap_or(u32::MAX),
+                suspended_writers: u32::try_from(st.suspended_writers).unwrap_or(u32::MAX),
+                replicas,
+                nbd_address,
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::MemBackend;
+    use crate::pool::PoolOptions;
+
+    fn service() -> LocalService {
+        let pool = Pool::create(Arc::new(MemBackend::new(64 << 20)), &PoolOptions::default())
+            .expect("pool");
+        LocalService::new(
+            pool,
+            ExportConfig {
+                tcp: "127.0.0.1:10809".parse().expect("addr"),
+                unix: None,
+            },
+            Vec::new(),
+        )
+    }
+
+    fn ensure_req(name: &str, size: u64, source: Option<&str>) -> EnsureVolume {
+        EnsureVolume {
+            name: name.into(),
+            size_bytes: size,
+            source: source.map(Into::into),
+        }
+    }
+
+    #[tokio::test]
+    async fn ensure_is_idempotent_and_clones_grow() {
+        let svc = service();
+        let a = svc
+            .ensure_volume(ensure_req("a", 1 << 20, None))
+            .await
+            .unwrap();
+        let again = svc
+            .ensure_volume(ensure_req("a", 2 << 20, None))
+            .await
+            .unwrap();
+        assert_eq!(a, again, "an existing volume is returned as is");
+        let snap = svc
+            .snapshot_volume("a".into(), "a-snap".into())
+            .await
+            .unwrap();
+        assert!(snap.read_only);
+        let clone = svc
+            .ensure_volume(ensure_req("c", 4 << 20, Some("a-snap")))
+            .await
+            .unwrap();
+        assert_eq!((clone.size_bytes, clone.read_only), (4 << 20, false));
+        assert!(matches!(
+            svc.ensure_volume(ensure_req("d", 512, Some("a"))).await,
+            Err(ApiError::InvalidArgument { field, .. }) if field == "size_bytes"
+        ));
+        assert!(matches!(
+            svc.ensure_volume(ensure_req("e", 0, Some("missing"))).await,
+            Err(ApiError::FailedPrecondition { .. })
+        ));
+        assert!(svc.delete_volume("c".into()).await.unwrap());
+        assert!(!svc.delete_volume("c".into()).await.unwrap());
+        let names: Vec<_> = svc
+            .list_volumes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, ["a", "a-snap"]);
+        let export = svc.export_address("a".into()).await.unwrap();
+        assert_eq!(export.uri(), "nbd://127.0.0.1:10809/a");
+        assert_eq!(svc.status().await.unwrap().volumes, 2);
+        self::assert_send(&svc);
+    }
+
+    fn assert_send<T: Send + Sync>(_: &T) {}
+}

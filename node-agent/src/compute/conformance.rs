@@ -1,7 +1,9 @@
 //! The one suite every [`Compute`] implementation passes: the simulated
 //! one in unit tests, libvirt against a private libvirtd in integration
 //! tests. It drives a domain through its whole life and checks what the
-//! reconciler relies on, idempotence first.
+//! reconciler relies on, idempotence first. [`run_migration`] moves a
+//! guest between two hypervisors of one backend: refused, aborted,
+//! pre-copy there and post-copy back, one running copy at every step.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +11,9 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::compute::domain::{Accel, Boot, DomainSpec};
-use crate::compute::{Compute, ComputeError, PowerState};
+use crate::compute::{
+    Compute, ComputeError, MigrateRequest, MigrationControl, MigrationProgress, PowerState,
+};
 
 /// A small valid spec named `name` with no disks or NICs and placeholder
 /// boot files: enough for a simulated hypervisor, not for a real one.
@@ -119,4 +123,123 @@ pub fn run(compute: &dyn Compute, spec: DomainSpec, grace: Duration) {
     compute.undefine(&name).expect("undefining again");
     assert_eq!(state(compute, &name), None);
     assert!(!compute.list().expect("list").iter().any(|d| d.name == name));
+}
+
+/// A hypervisor in a migration suite: the backend and the URI the other
+/// one reaches it at.
+#[derive(Clone, Copy)]
+pub struct Peer<'a> {
+    /// The backend.
+    pub compute: &'a dyn Compute,
+    /// Its URI as the other hypervisor sees it.
+    pub uri: &'a str,
+}
+
+impl std::fmt::Debug for Peer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the migration suite: `spec` (startable on both) is started on
+/// `a`; a migration to an unreachable hypervisor and an aborted one leave
+/// it running on `a` only; a pre-copy migration moves it to `b`, and a
+/// post-copy one (started while the copy is slowed down) back to `a`,
+/// each leaving exactly one running copy with the same UUID. Panics with
+/// what failed; removes the domain at the end.
+pub fn run_migration(a: Peer<'_>, b: Peer<'_>, spec: DomainSpec) {
+    let name = spec.name.clone();
+    let only_on = |here: &dyn Compute, there: &dyn Compute, what: &str| {
+        let status = here
+            .status(&name)
+            .expect("status")
+            .unwrap_or_else(|| panic!("{what}: the domain is gone"));
+        assert_eq!(
+            (status.uuid, status.state),
+            (spec.uuid, PowerState::Running),
+            "{what}"
+        );
+        assert_eq!(
+            there.status(&name).expect("status"),
+            None,
+            "{what}: the other hypervisor holds nothing"
+        );
+    };
+    a.compute.define(&spec).expect("define");
+    a.compute.start(&name).expect("start");
+
+    let request = |uri: &str| MigrateRequest {
+        target_uri: uri.to_owned(),
+        allow_post_copy: false,
+        bandwidth_mib_s: None,
+    };
+    let mut go_on = |_: &MigrationProgress| MigrationControl::Continue;
+    assert!(matches!(
+        a.compute
+            .migrate("no-such-domain", &request(b.uri), &mut go_on),
+        Err(ComputeError::NotDefined { .. })
+    ));
+    let nowhere = request("qemu+tcp://127.0.0.1:1/system");
+    assert!(
+        a.compute.migrate(&name, &nowhere, &mut go_on).is_err(),
+        "a migration to an unreachable hypervisor fails"
+    );
+    only_on(a.compute, b.compute, "after a refused migration");
+
+    // Slowed down, then aborted once the copy is under way.
+    let slow = MigrateRequest {
+        bandwidth_mib_s: Some(1),
+        ..request(b.uri)
+    };
+    let mut asked = 0;
+    let aborted = a.compute.migrate(&name, &slow, &mut |p| {
+        if p.data_total > 0 && p.data_remaining > 0 {
+            asked += 1;
+            MigrationControl::Abort
+        } else {
+            MigrationControl::Continue
+        }
+    });
+    assert!(
+        matches!(aborted, Err(ComputeError::MigrationAborted { .. })),
+        "an aborted migration says so: {aborted:?}"
+    );
+    assert!(asked > 0, "progress was reported before the abort");
+    only_on(a.compute, b.compute, "after an aborted migration");
+
+    // Pre-copy to b.
+    let mut reports = 0;
+    a.compute
+        .migrate(&name, &request(b.uri), &mut |_| {
+            reports += 1;
+            MigrationControl::Continue
+        })
+        .expect("a live migration to b");
+    only_on(b.compute, a.compute, "after migrating to b");
+
+    // Post-copy back to a: slowed so that pre-copy cannot finish first.
+    let post_copy = MigrateRequest {
+        allow_post_copy: true,
+        bandwidth_mib_s: Some(1),
+        ..request(a.uri)
+    };
+    let mut switched = false;
+    b.compute
+        .migrate(&name, &post_copy, &mut |p| {
+            switched |= p.post_copy;
+            if p.data_total > 0 {
+                MigrationControl::PostCopy
+            } else {
+                MigrationControl::Continue
+            }
+        })
+        .expect("a post-copy migration back to a");
+    assert!(switched, "the migration switched to post-copy");
+    only_on(a.compute, b.compute, "after migrating back in post-copy");
+
+    a.compute.destroy(&name).expect("destroy");
+    a.compute.undefine(&name).expect("undefine");
+    assert_eq!(a.compute.status(&name).expect("status"), None);
 }

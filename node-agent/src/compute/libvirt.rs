@@ -4,6 +4,15 @@
 //! (libvirtd may restart under a running agent; its domains keep running
 //! because QEMU outlives libvirtd). Domains are defined persistently so an
 //! agent restart finds and adopts them.
+//!
+//! A migration runs on two connections of its own (one blocked in
+//! `virDomainMigrateToURI3`, one polling the job and aborting it or
+//! switching it to post-copy), so the shared connection stays free for
+//! the reconciler while a guest moves. The only FFI calls libvirt's
+//! safe wrapper lacks (abort a job, start post-copy) are in
+//! `abort_job` and `start_post_copy`.
+
+use std::time::Duration;
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -14,7 +23,13 @@ use virt::error::ErrorNumber;
 use virt::sys;
 
 use crate::compute::domain::DomainSpec;
-use crate::compute::{Compute, ComputeError, DomainStatus, PowerState};
+use crate::compute::{
+    Compute, ComputeError, DomainStatus, MigrateRequest, MigrationControl, MigrationProgress,
+    PowerState,
+};
+
+/// How often a running migration's progress is read.
+const MIGRATION_POLL: Duration = Duration::from_millis(200);
 
 /// A libvirtd reached at one URI (`qemu:///system`,
 /// `qemu+tcp://10.0.0.1/system`, ...).
@@ -108,6 +123,42 @@ impl LibvirtCompute {
             })
         }
     }
+}
+
+/// Aborts the domain's current job (a migration).
+fn abort_job(domain: &Domain) -> Result<(), virt::error::Error> {
+    // SAFETY: `domain.as_ptr()` is a valid domain pointer for as long as
+    // `domain` lives, which outlasts this call; libvirt does not keep it.
+    let ret = unsafe { sys::virDomainAbortJob(domain.as_ptr()) };
+    if ret == -1 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}
+
+/// Switches the domain's running migration to post-copy.
+fn start_post_copy(domain: &Domain) -> Result<(), virt::error::Error> {
+    // SAFETY: as in `abort_job`: a valid pointer for the call's duration,
+    // and flags 0 is the only defined value.
+    let ret = unsafe { sys::virDomainMigrateStartPostCopy(domain.as_ptr(), 0) };
+    if ret == -1 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}
+
+/// The migration job's progress, `None` when no job runs (yet).
+fn job_progress(domain: &Domain) -> Option<MigrationProgress> {
+    let info = domain.get_job_info().ok()?;
+    if info.r#type == sys::VIR_DOMAIN_JOB_NONE as i32 {
+        return None;
+    }
+    Some(MigrationProgress {
+        data_total: info.data_total.unwrap_or(0),
+        data_processed: info.data_processed.unwrap_or(0),
+        data_remaining: info.data_remaining.unwrap_or(0),
+        post_copy: false,
+    })
 }
 
 fn hypervisor(operation: &'static str, name: &str, err: &virt::error::Error) -> ComputeError {
@@ -226,5 +277,114 @@ impl Compute for LibvirtCompute {
         self.with_conn("list", "", |conn| {
             conn.list_all_domains(0)?.iter().map(status_of).collect()
         })
+    }
+
+    fn migrate(
+        &self,
+        name: &str,
+        request: &MigrateRequest,
+        watch: &mut dyn FnMut(&MigrationProgress) -> MigrationControl,
+    ) -> Result<(), ComputeError> {
+        let err = |err: &virt::error::Error| hypervisor("migrate", name, err);
+        // The monitor's connection: also checks that the domain runs here
+        // before anything starts.
+        let mut monitor = Connect::open(Some(&self.uri)).map_err(|e| err(&e))?;
+        let result = (|| {
+            let Some(domain) = Self::lookup(&monitor, name).map_err(|e| err(&e))? else {
+                return Err(ComputeError::NotDefined {
+                    name: name.to_owned(),
+                });
+            };
+            if !domain.is_active().map_err(|e| err(&e))? {
+                return Err(ComputeError::Hypervisor {
+                    operation: "migrate",
+                    name: name.to_owned(),
+                    message: "the domain is not running".to_owned(),
+                });
+            }
+            let mut flags = sys::VIR_MIGRATE_LIVE
+                | sys::VIR_MIGRATE_PEER2PEER
+                | sys::VIR_MIGRATE_PERSIST_DEST
+                | sys::VIR_MIGRATE_UNDEFINE_SOURCE
+                | sys::VIR_MIGRATE_AUTO_CONVERGE
+                | sys::VIR_MIGRATE_ABORT_ON_ERROR;
+            if request.allow_post_copy {
+                flags |= sys::VIR_MIGRATE_POSTCOPY;
+            }
+            let params = virt::domain::MigrateParameters {
+                bandwidth: request.bandwidth_mib_s,
+                ..Default::default()
+            };
+            let (uri, target, domain_name) = (
+                self.uri.clone(),
+                request.target_uri.clone(),
+                name.to_owned(),
+            );
+            // The blocking call, on its own connection and thread.
+            let copier = std::thread::Builder::new()
+                .name(format!("migrate-{name}"))
+                .spawn(move || -> Result<(), virt::error::Error> {
+                    let mut conn = Connect::open(Some(&uri))?;
+                    let result = Domain::lookup_by_name(&conn, &domain_name)
+                        .and_then(|d| d.migrate_to_uri3(Some(&target), params, flags));
+                    let _ = conn.close();
+                    result
+                })
+                .map_err(|e| ComputeError::Hypervisor {
+                    operation: "migrate",
+                    name: name.to_owned(),
+                    message: format!("could not start the migration thread: {e}"),
+                })?;
+            let mut progress = MigrationProgress::default();
+            let mut abort_requested = false;
+            while !copier.is_finished() {
+                std::thread::sleep(MIGRATION_POLL);
+                if let Some(now) = job_progress(&domain) {
+                    progress = MigrationProgress {
+                        post_copy: progress.post_copy,
+                        ..now
+                    };
+                }
+                match watch(&progress) {
+                    MigrationControl::Continue => {}
+                    MigrationControl::Abort => {
+                        // Refused in some phases (before QEMU copies):
+                        // asked again on the next tick until it takes.
+                        if abort_job(&domain).is_ok() {
+                            abort_requested = true;
+                        }
+                    }
+                    MigrationControl::PostCopy => {
+                        if request.allow_post_copy
+                            && !progress.post_copy
+                            && start_post_copy(&domain).is_ok()
+                        {
+                            progress.post_copy = true;
+                        }
+                    }
+                }
+            }
+            match copier.join() {
+                Ok(Ok(())) => {
+                    // The last report; the answer no longer matters.
+                    let _ = watch(&MigrationProgress {
+                        data_remaining: 0,
+                        ..progress
+                    });
+                    Ok(())
+                }
+                Ok(Err(_)) if abort_requested => Err(ComputeError::MigrationAborted {
+                    name: name.to_owned(),
+                }),
+                Ok(Err(e)) => Err(err(&e)),
+                Err(_) => Err(ComputeError::Hypervisor {
+                    operation: "migrate",
+                    name: name.to_owned(),
+                    message: "the migration thread panicked".to_owned(),
+                }),
+            }
+        })();
+        let _ = monitor.close();
+        result
     }
 }

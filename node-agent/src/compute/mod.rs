@@ -17,6 +17,12 @@
 //! to be (defining an identical spec again, destroying a stopped domain,
 //! undefining a missing one); a domain is known by name, and its UUID
 //! stays the same across redefinitions.
+//!
+//! Live migration ([`Compute::migrate`]) is peer to peer: the source's
+//! hypervisor talks to the target's by itself. When it returns `Ok` the
+//! guest runs on the target and its definition has moved there (the
+//! source keeps none); when it returns an error the guest still runs on
+//! the source and the target keeps nothing — one running copy either way.
 
 pub mod conformance;
 pub mod domain;
@@ -68,6 +74,43 @@ pub struct DomainStatus {
     pub state: PowerState,
 }
 
+/// Where and how to move a running domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateRequest {
+    /// The target hypervisor, as the source's hypervisor reaches it
+    /// (`qemu+tcp://10.0.0.2/system`).
+    pub target_uri: String,
+    /// Enable post-copy, so that the watcher may switch to it
+    /// ([`MigrationControl::PostCopy`]).
+    pub allow_post_copy: bool,
+    /// Cap the copy's bandwidth (MiB/s); `None` for no cap.
+    pub bandwidth_mib_s: Option<u64>,
+}
+
+/// How far a migration is, as the hypervisor reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrationProgress {
+    /// Bytes to copy in total (grows as the guest dirties memory).
+    pub data_total: u64,
+    /// Bytes copied.
+    pub data_processed: u64,
+    /// Bytes still to copy.
+    pub data_remaining: u64,
+    /// Post-copy has started: the guest runs on the target.
+    pub post_copy: bool,
+}
+
+/// What the watcher of a migration wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationControl {
+    /// Keep copying.
+    Continue,
+    /// Abort: the guest stays on the source.
+    Abort,
+    /// Switch to post-copy (only when the request allowed it).
+    PostCopy,
+}
+
 /// A compute operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ComputeError {
@@ -96,6 +139,12 @@ pub enum ComputeError {
         existing: Uuid,
         /// The UUID the spec asks for.
         wanted: Uuid,
+    },
+    /// A migration was aborted on request; the guest stays on the source.
+    #[error("migration of domain {name} aborted")]
+    MigrationAborted {
+        /// The domain.
+        name: String,
     },
     /// The hypervisor refused or failed an operation.
     #[error("{operation} of domain {name}: {message}")]
@@ -131,6 +180,21 @@ pub trait Compute: Send + Sync {
     fn status(&self, name: &str) -> Result<Option<DomainStatus>, ComputeError>;
     /// Every domain the hypervisor knows, running or not.
     fn list(&self) -> Result<Vec<DomainStatus>, ComputeError>;
+    /// Moves the running domain `name` live to `request.target_uri`,
+    /// peer to peer, with auto-converge (and post-copy enabled when
+    /// asked). Blocks until it is over; calls `watch` with the progress
+    /// every few hundred milliseconds and obeys its answer (and once more
+    /// at the end of a successful copy, ignoring the answer). `Ok`: the
+    /// guest runs on the target, which holds its persistent definition,
+    /// and the source holds nothing. An error: the guest still runs on
+    /// the source and the target holds nothing
+    /// ([`ComputeError::MigrationAborted`] when `watch` asked for it).
+    fn migrate(
+        &self,
+        name: &str,
+        request: &MigrateRequest,
+        watch: &mut dyn FnMut(&MigrationProgress) -> MigrationControl,
+    ) -> Result<(), ComputeError>;
 
     /// Graceful then forced stop: asks the guest to shut down, waits up to
     /// `grace` for it to stop, then destroys it. Returns whether the guest
@@ -180,6 +244,14 @@ impl<T: Compute + ?Sized> Compute for std::sync::Arc<T> {
     }
     fn list(&self) -> Result<Vec<DomainStatus>, ComputeError> {
         (**self).list()
+    }
+    fn migrate(
+        &self,
+        name: &str,
+        request: &MigrateRequest,
+        watch: &mut dyn FnMut(&MigrationProgress) -> MigrationControl,
+    ) -> Result<(), ComputeError> {
+        (**self).migrate(name, request, watch)
     }
     fn stop(&self, name: &str, grace: Duration) -> Result<bool, ComputeError> {
         (**self).stop(name, grace)

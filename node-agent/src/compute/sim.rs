@@ -6,12 +6,22 @@
 //! complies ([`SimCompute::complete_shutdown`]) or hangs; a test can also
 //! crash a domain or make the next call of an operation fail. So a
 //! reconciler test steps through every state deterministically.
+//!
+//! Migration: hypervisors are linked by URI ([`SimCompute::link`]); a
+//! migration copies the guest's memory in steps (all of it per step, or
+//! the request's bandwidth per step), reporting progress after each, and
+//! moves the domain to the peer when nothing is left. A guest marked
+//! [`SimCompute::never_converge`] dirties memory as fast as it is copied,
+//! so only an abort or post-copy ends its migration.
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::compute::domain::DomainSpec;
-use crate::compute::{Compute, ComputeError, DomainStatus, PowerState};
+use crate::compute::{
+    Compute, ComputeError, DomainStatus, MigrateRequest, MigrationControl, MigrationProgress,
+    PowerState,
+};
 
 /// One simulated domain.
 #[derive(Debug, Clone)]
@@ -27,6 +37,10 @@ struct State {
     domains: BTreeMap<String, SimDomain>,
     /// Operations that fail once, by name.
     fail_next: Vec<&'static str>,
+    /// Hypervisors a migration can reach, by URI.
+    peers: BTreeMap<String, Weak<SimCompute>>,
+    /// Guests whose migration never converges by itself.
+    never_converge: BTreeSet<String>,
 }
 
 /// An in-memory hypervisor. See the module doc.
@@ -62,6 +76,16 @@ impl SimCompute {
         {
             domain.state = PowerState::ShutOff;
         }
+    }
+
+    /// Lets migrations from this hypervisor reach `peer` at `uri`.
+    pub fn link(&self, uri: impl Into<String>, peer: &Arc<SimCompute>) {
+        self.lock().peers.insert(uri.into(), Arc::downgrade(peer));
+    }
+
+    /// The guest `name` dirties memory as fast as a migration copies it.
+    pub fn never_converge(&self, name: &str) {
+        self.lock().never_converge.insert(name.to_owned());
     }
 
     /// The guest crashes.
@@ -206,6 +230,87 @@ impl Compute for SimCompute {
             })
             .collect())
     }
+
+    fn migrate(
+        &self,
+        name: &str,
+        request: &MigrateRequest,
+        watch: &mut dyn FnMut(&MigrationProgress) -> MigrationControl,
+    ) -> Result<(), ComputeError> {
+        let failed = |message: &str| ComputeError::Hypervisor {
+            operation: "migrate",
+            name: name.to_owned(),
+            message: message.to_owned(),
+        };
+        let (peer, memory, converges) = {
+            let mut state = self.lock();
+            Self::check_fault(&mut state, "migrate", name)?;
+            let domain = state
+                .domains
+                .get(name)
+                .ok_or_else(|| ComputeError::NotDefined {
+                    name: name.to_owned(),
+                })?;
+            if !domain.state.is_active() {
+                return Err(failed("the domain is not running"));
+            }
+            let memory = domain.spec.memory_mib << 20;
+            let peer = state
+                .peers
+                .get(&request.target_uri)
+                .and_then(Weak::upgrade)
+                .ok_or_else(|| failed(&format!("cannot connect to {}", request.target_uri)))?;
+            (peer, memory, !state.never_converge.contains(name))
+        };
+        let step = request.bandwidth_mib_s.map_or(memory, |b| (b << 20).max(1));
+        let mut progress = MigrationProgress {
+            data_total: memory,
+            data_processed: 0,
+            data_remaining: memory,
+            post_copy: false,
+        };
+        while progress.data_remaining > 0 && !progress.post_copy {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            let copied = step.min(progress.data_remaining);
+            progress.data_processed += copied;
+            if converges {
+                progress.data_remaining -= copied;
+            } else {
+                progress.data_total += copied;
+            }
+            match watch(&progress) {
+                MigrationControl::Continue => {}
+                MigrationControl::Abort => {
+                    return Err(ComputeError::MigrationAborted {
+                        name: name.to_owned(),
+                    });
+                }
+                MigrationControl::PostCopy if request.allow_post_copy => progress.post_copy = true,
+                MigrationControl::PostCopy => {}
+            }
+        }
+        // The last report (what a real hypervisor shows at the end).
+        let _ = watch(&progress);
+        // The switchover: the target takes the domain, the source lets go.
+        let Some(domain) = self.lock().domains.get(name).cloned() else {
+            return Err(failed("the domain vanished during the migration"));
+        };
+        {
+            let mut target = peer.lock();
+            if target.domains.contains_key(name) {
+                return Err(failed("a domain of that name exists on the target"));
+            }
+            target.domains.insert(
+                name.to_owned(),
+                SimDomain {
+                    state: PowerState::Running,
+                    ..domain
+                },
+            );
+        }
+        self.lock().domains.remove(name);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -213,7 +318,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::compute::conformance;
+    use crate::compute::{MigrateRequest, MigrationControl, conformance};
 
     #[test]
     fn passes_the_conformance_suite() {
@@ -221,6 +326,81 @@ mod tests {
         // The simulated guest never answers ACPI by itself: the suite's
         // graceful stop must fall back to a forced one.
         conformance::run(&sim, conformance::spec("sim-a"), Duration::from_millis(300));
+    }
+
+    #[test]
+    fn passes_the_migration_suite() {
+        let a = Arc::new(SimCompute::new());
+        let b = Arc::new(SimCompute::new());
+        a.link("sim://b", &b);
+        b.link("sim://a", &a);
+        conformance::run_migration(
+            conformance::Peer {
+                compute: &*a,
+                uri: "sim://a",
+            },
+            conformance::Peer {
+                compute: &*b,
+                uri: "sim://b",
+            },
+            conformance::spec("sim-m"),
+        );
+    }
+
+    #[test]
+    fn a_migration_that_never_converges_ends_only_by_abort_or_post_copy() {
+        let a = Arc::new(SimCompute::new());
+        let b = Arc::new(SimCompute::new());
+        a.link("sim://b", &b);
+        let spec = conformance::spec("sim-n");
+        a.define(&spec).unwrap();
+        a.start("sim-n").unwrap();
+        a.never_converge("sim-n");
+        let request = MigrateRequest {
+            target_uri: "sim://b".into(),
+            allow_post_copy: false,
+            bandwidth_mib_s: Some(8),
+        };
+        let mut ticks = 0;
+        let result = a.migrate("sim-n", &request, &mut |p| {
+            ticks += 1;
+            assert!(p.data_remaining > 0, "it never converges");
+            if ticks == 50 {
+                MigrationControl::Abort
+            } else {
+                MigrationControl::Continue
+            }
+        });
+        assert!(matches!(result, Err(ComputeError::MigrationAborted { .. })));
+        assert_eq!(
+            a.status("sim-n").unwrap().unwrap().state,
+            PowerState::Running
+        );
+        // Post-copy refused unless allowed: still copying, then aborted.
+        let mut ticks = 0;
+        let result = a.migrate("sim-n", &request, &mut |_| {
+            ticks += 1;
+            if ticks < 5 {
+                MigrationControl::PostCopy
+            } else {
+                MigrationControl::Abort
+            }
+        });
+        assert!(matches!(result, Err(ComputeError::MigrationAborted { .. })));
+        a.migrate(
+            "sim-n",
+            &MigrateRequest {
+                allow_post_copy: true,
+                ..request
+            },
+            &mut |_| MigrationControl::PostCopy,
+        )
+        .unwrap();
+        assert_eq!(
+            b.status("sim-n").unwrap().unwrap().state,
+            PowerState::Running
+        );
+        assert!(a.status("sim-n").unwrap().is_none());
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub async fn run(server: &str, format: Format, command: Command) -> anyhow::Resu
         Command::Completion { .. } => bail!("`completion` is answered without a server"),
         Command::Token(_) => bail!("`token` commands are run by the token module"),
         Command::Image(_) => bail!("`image` commands are run by the image module"),
+        Command::Node(_) | Command::Vm(_) => {
+            bail!("`node` and `vm` commands are run by their own modules")
+        }
     }
 }
 

@@ -8,8 +8,11 @@
 
 mod commands;
 mod image;
+mod node;
 mod output;
 mod token;
+mod vm;
+mod wait;
 
 use std::process::ExitCode;
 
@@ -93,6 +96,12 @@ enum Command {
     /// Disk images for VM disks: import, list, delete.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Nodes: list, cordon, uncordon, drain, remove.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// Virtual machines: create, list, get, start, stop, restart, delete, console.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
     /// Print a shell completion script: `basalt completion bash`.
     Completion {
         /// The shell.
@@ -119,6 +128,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Token(command) => runtime.block_on(token::run(&cli.server, cli.output, command)),
         Command::Image(command) => runtime.block_on(image::run(&cli.server, cli.output, command)),
+        Command::Node(command) => runtime.block_on(node::run(&cli.server, cli.output, command)),
+        Command::Vm(command) => runtime.block_on(vm::run(&cli.server, cli.output, command)),
         command => runtime.block_on(commands::run(&cli.server, cli.output, command)),
     };
     match result {

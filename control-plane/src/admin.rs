@@ -59,6 +59,8 @@ enum Request {
     Write(Command),
     Get(Kind, String),
     List(Kind),
+    /// Every object of every kind, at one applied index.
+    ListAll,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -141,6 +143,10 @@ impl AdminService {
                 objects: machine.state.list(kind).cloned().collect(),
                 resource_version: machine.applied_index(),
             })),
+            Request::ListAll => Ok(Reply::List(ObjectList {
+                objects: machine.state.objects().cloned().collect(),
+                resource_version: machine.applied_index(),
+            })),
             Request::Write(_) => Err(ApiError::Internal {
                 reason: "a write took the read path".into(),
             }),
@@ -214,8 +220,13 @@ impl AdminService {
                 Request::Write(Command::Register(_)) => Err(ApiError::Unavailable {
                     reason: "leadership changed during a registration; retry".into(),
                 }),
+                // Batches come from the leader's own controllers only.
+                Request::Write(Command::Batch(_)) => Err(ApiError::Unavailable {
+                    reason: "leadership changed during a batched write; retry".into(),
+                }),
                 Request::Get(kind, name) => client.get(kind, &name).await.map(Reply::Object),
                 Request::List(kind) => client.list(kind).await.map(Reply::List),
+                Request::ListAll => client.list_all().await.map(Reply::List),
             }
         };
         match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
@@ -293,6 +304,15 @@ impl AdminApi for AdminService {
 
     async fn list(&self, kind: Kind) -> Result<ObjectList, ApiError> {
         match self.read(Request::List(kind)).await? {
+            Reply::List(list) => Ok(list),
+            Reply::Object(_) => Err(ApiError::Internal {
+                reason: "a list answered with one object".into(),
+            }),
+        }
+    }
+
+    async fn list_all(&self) -> Result<ObjectList, ApiError> {
+        match self.read(Request::ListAll).await? {
             Reply::List(list) => Ok(list),
             Reply::Object(_) => Err(ApiError::Internal {
                 reason: "a list answered with one object".into(),

@@ -278,21 +278,48 @@ impl AgentApi for AgentService {
             Route::Forward(leader) => return forwarded(leader.register(registration)).await,
             Route::Here(term) => term,
         };
-        let secret = registration.token.expose();
-        let Some(token) = tokens::token_name(secret) else {
-            return Err(ApiError::Unauthenticated {
-                reason: "token: not a join token (NAME.SECRET)".into(),
-            });
+        let mut issued = None;
+        let command = match &registration.node_credential {
+            Some(credential) if !credential.expose().is_empty() => {
+                Command::Register(crate::state::Registration {
+                    token: String::new(),
+                    secret_sha256: String::new(),
+                    node: registration.node_name.clone(),
+                    address: registration.address.clone(),
+                    capacity: registration.capacity,
+                    now_unix_ms: now_unix_ms(),
+                    new_uid: uuid::Uuid::new_v4().to_string(),
+                    node_credential_sha256: tokens::hash(credential.expose()),
+                    new_credential_sha256: String::new(),
+                })
+            }
+            _ => {
+                let secret = registration.token.expose();
+                let Some(token) = tokens::token_name(secret) else {
+                    return Err(ApiError::Unauthenticated {
+                        reason: "token: not a join token (NAME.SECRET)".into(),
+                    });
+                };
+                let credential = tokens::generate_node_credential();
+                let new_credential_sha256 = tokens::hash(credential.expose());
+                issued = Some(credential);
+                Command::Register(crate::state::Registration {
+                    token: token.to_owned(),
+                    secret_sha256: tokens::hash(secret),
+                    node: registration.node_name.clone(),
+                    address: registration.address.clone(),
+                    capacity: registration.capacity,
+                    now_unix_ms: now_unix_ms(),
+                    new_uid: uuid::Uuid::new_v4().to_string(),
+                    node_credential_sha256: String::new(),
+                    new_credential_sha256,
+                })
+            }
         };
-        let command = Command::Register(crate::state::Registration {
-            token: token.to_owned(),
-            secret_sha256: tokens::hash(secret),
-            node: registration.node_name.clone(),
-            address: registration.address.clone(),
-            capacity: registration.capacity,
-            now_unix_ms: now_unix_ms(),
-            new_uid: uuid::Uuid::new_v4().to_string(),
-        });
+        let token = match &issued {
+            Some(_) => "join token",
+            None => "node credential",
+        };
         let node = match self.inner.admin.write(command).await? {
             Object::Node(node) => node,
             other => {
@@ -305,11 +332,12 @@ impl AgentApi for AgentService {
         self.with_leases(term, |table| {
             table.grant(&node.meta.name, &node.meta.uid, Instant::now(), lease);
         });
-        tracing::info!(uid = %node.meta.uid, token, "node registered");
+        tracing::info!(uid = %node.meta.uid, with = token, "node registered");
         Ok(Registered {
             node_uid: node.meta.uid,
             lease,
             heartbeat_interval: Duration::from_millis(self.inner.tuning.heartbeat_interval_ms),
+            node_credential: issued,
         })
     }
 

@@ -14,13 +14,24 @@
 //! - a lost node's VMs move only after its `Ready` condition is false in
 //!   the committed state (the fence) and `nodes.ha_after_ms` passed since
 //!   its last acknowledged heartbeat (or since this leader's election);
+//!   the VMs of a removed node (its object deleted with `--force`) move
+//!   once `nodes.ha_after_ms` passed since this leader first saw them
+//!   there — by then the node's agent, refused a lease, has stopped them;
+//! - a moved placement's endpoints get the new node and epoch in the same
+//!   Raft entry ([`Command::Batch`]): the network fence moves with the
+//!   compute one, never after it;
+//! - an evicted VM (its placement labelled [`Placement::EVICT_LABEL`]: drain,
+//!   decommission) moves only after its node reported it `Stopped` (a
+//!   cold move); the source node is never the target;
 //! - a late heartbeat from a lost node renews nothing (see [`crate::leases`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use basalt_api::{ApiError, Condition, Kind, Node, Object, ObjectMeta, Placement, Vm};
+use basalt_api::{
+    ApiError, Condition, Endpoint, Kind, Node, Object, ObjectMeta, Placement, Vm, VmPhase,
+};
 use openraft::ServerState;
 
 use crate::admin::AdminService;
@@ -43,6 +54,10 @@ pub struct Controllers {
     ipam: IpamController,
     /// VM → why it could not be placed, as last logged.
     unschedulable: HashMap<String, String>,
+    /// Removed node → when this leader first saw placements still on it.
+    gone: HashMap<String, Instant>,
+    /// The term `gone` belongs to (a new leader counts afresh).
+    gone_term: u64,
 }
 
 impl Controllers {
@@ -59,6 +74,8 @@ impl Controllers {
             tuning,
             ipam,
             unschedulable: HashMap::new(),
+            gone: HashMap::new(),
+            gone_term: 0,
         }
     }
 
@@ -155,7 +172,7 @@ impl Controllers {
         let now = Instant::now();
         let ha_after = Duration::from_millis(self.tuning.ha_after_ms);
         let lease = self.lease();
-        let (nodes, vms, kept, moving, orphans) = {
+        let (nodes, vms, kept, moving, orphans, endpoints) = {
             let machine = self.admin.shared().read();
             let state = &machine.state;
             let evacuate: BTreeSet<String> = self.leases.with_term(term, state, lease, |table| {
@@ -173,6 +190,39 @@ impl Controllers {
                     .cloned()
                     .collect()
             });
+            // Placements on removed nodes move `ha_after` after this
+            // leader first saw them.
+            if self.gone_term != term {
+                self.gone.clear();
+                self.gone_term = term;
+            }
+            let missing: BTreeSet<String> = state
+                .list(Kind::Placement)
+                .filter_map(|o| match o {
+                    Object::Placement(p) if state.get(Kind::Node, &p.node).is_none() => {
+                        Some(p.node.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            self.gone.retain(|node, _| missing.contains(node));
+            let mut evacuate = evacuate;
+            for node in missing {
+                let since = *self.gone.entry(node.clone()).or_insert(now);
+                if now.duration_since(since) >= ha_after {
+                    evacuate.insert(node);
+                }
+            }
+            // Evicted VMs that their node reported stopped move now.
+            let evicted: BTreeSet<String> = state
+                .list(Kind::Placement)
+                .filter_map(|o| match o {
+                    Object::Placement(p) if p.is_evicting() && stopped_on(state, p) => {
+                        Some(p.vm.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
             // Most rounds have nothing to do: find out before copying
             // every node.
             let placed_vms: BTreeSet<&str> = state
@@ -191,12 +241,26 @@ impl Controllers {
             let stranded = state
                 .list(Kind::Placement)
                 .any(|o| matches!(o, Object::Placement(p) if evacuate.contains(&p.node)));
-            if !unplaced && !orphaned && !stranded {
+            if !unplaced && !orphaned && !stranded && evicted.is_empty() {
                 return;
             }
+            // A node VMs are evicted from is no target for them.
+            let sources: BTreeSet<&str> = state
+                .list(Kind::Placement)
+                .filter_map(|o| match o {
+                    Object::Placement(p) if evicted.contains(&p.vm) => Some(p.node.as_str()),
+                    _ => None,
+                })
+                .collect();
             let nodes: Vec<Node> = state
                 .list(Kind::Node)
                 .filter_map(|o| Node::try_from(o.clone()).ok())
+                .map(|mut n| {
+                    if sources.contains(n.meta.name.as_str()) {
+                        n.spec.cordoned = true;
+                    }
+                    n
+                })
                 .collect();
             let all_vms: BTreeMap<&str, &Vm> = state
                 .list(Kind::Vm)
@@ -214,7 +278,7 @@ impl Controllers {
                 };
                 if !all_vms.contains_key(p.vm.as_str()) {
                     orphans.push(p.clone());
-                } else if evacuate.contains(&p.node) {
+                } else if evacuate.contains(&p.node) || evicted.contains(&p.vm) {
                     moving.insert(p.vm.clone(), p.clone());
                 } else {
                     kept.push(p.clone());
@@ -230,7 +294,20 @@ impl Controllers {
                 })
                 .map(|vm| (*vm).clone())
                 .collect();
-            (nodes, vms, kept, moving, orphans)
+            // The active endpoints of the VMs that move, to fence with them.
+            let mut endpoints: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
+            for object in state.list(Kind::Endpoint) {
+                if let Object::Endpoint(e) = object
+                    && e.release_at_unix_ms == 0
+                    && moving.contains_key(&e.vm)
+                    && all_vms
+                        .get(e.vm.as_str())
+                        .is_some_and(|vm| vm.meta.uid == e.vm_uid)
+                {
+                    endpoints.entry(e.vm.clone()).or_default().push(e.clone());
+                }
+            }
+            (nodes, vms, kept, moving, orphans, endpoints)
         };
 
         for orphan in orphans {
@@ -259,17 +336,22 @@ impl Controllers {
         for (vm, node) in &plan.placements {
             let result = match moving.get(vm) {
                 Some(current) => {
-                    let moved = Placement {
+                    let mut moved = Placement {
                         node: node.clone(),
                         epoch: current.epoch + 1,
                         ..current.clone()
                     };
-                    let done = self
-                        .admin
-                        .write(Command::Update(Object::Placement(moved)))
-                        .await;
+                    moved.meta.labels.remove(Placement::EVICT_LABEL);
+                    let mut batch = vec![Command::Update(Object::Placement(moved))];
+                    for endpoint in endpoints.get(vm).into_iter().flatten() {
+                        let mut fenced = endpoint.clone();
+                        fenced.node = node.clone();
+                        fenced.epoch = current.epoch + 1;
+                        batch.push(Command::Update(Object::Endpoint(fenced)));
+                    }
+                    let done = self.admin.write(Command::Batch(batch)).await;
                     if done.is_ok() {
-                        tracing::warn!(%vm, from = %current.node, to = %node, epoch = current.epoch + 1, "moved a VM off a lost node");
+                        tracing::warn!(%vm, from = %current.node, to = %node, epoch = current.epoch + 1, evicted = current.is_evicting(), "moved a VM off its node");
                     }
                     done
                 }
@@ -305,5 +387,23 @@ impl Controllers {
                 self.unschedulable.insert(vm, reason);
             }
         }
+    }
+}
+
+/// Whether the VM of placement `p` was reported stopped (or failed) by
+/// the node it is placed on, or does not want to run at all and never
+/// reported running there: then moving it cannot run it twice.
+fn stopped_on(state: &crate::state::State, p: &Placement) -> bool {
+    let Some(Object::Vm(vm)) = state.get(Kind::Vm, &p.vm) else {
+        return false;
+    };
+    // A status from before the latest spec change (e.g. a start) proves
+    // nothing about what runs now.
+    let current = vm.status.observed_generation >= vm.meta.generation;
+    let reported_here = current && vm.status.node.as_deref() == Some(p.node.as_str());
+    match vm.status.phase {
+        VmPhase::Stopped | VmPhase::Failed => reported_here,
+        VmPhase::Pending | VmPhase::Scheduled => vm.status.node.is_none() && !vm.spec.running,
+        _ => false,
     }
 }

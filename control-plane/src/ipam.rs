@@ -312,6 +312,7 @@ fn describe(command: &Command) -> String {
         Command::Create(o) | Command::Update(o) => format!("{}/{}", o.kind(), o.name()),
         Command::Delete { kind, name, .. } => format!("delete {kind}/{name}"),
         Command::Register(r) => format!("register {}", r.node),
+        Command::Batch(commands) => format!("batch of {}", commands.len()),
     }
 }
 

@@ -14,7 +14,9 @@
 //! - [`scheduler`]: the placement planner and its executor;
 //! - [`controllers`]: the leader's lease, HA and placement controllers;
 //!   [`ipam`]: the IPAM controller (a lease per VM NIC, as endpoints);
-//! - [`config`], [`server`]: one member's configuration and its run loop.
+//! - [`config`], [`server`]: one member's configuration and its run loop;
+//! - [`recovery`]: backups, restoring one into a new cluster, and forcing
+//!   a new cluster from a survivor's data directory.
 //!
 //! Invariants (see `../shared/DESIGN.md` and `docs/decisions.md`):
 //! - every state change is a Raft log entry, acknowledged only once it is
@@ -35,6 +37,7 @@ pub mod leases;
 pub mod members;
 pub mod network;
 pub mod raft_types;
+pub mod recovery;
 pub mod scheduler;
 pub mod server;
 pub mod state;

@@ -37,6 +37,11 @@ pub enum Command {
     /// capacity, `Ready`). Everything time- or randomness-dependent is
     /// filled in by the proposing leader.
     Register(Registration),
+    /// Several creates, updates and deletes applied as one: all of them at
+    /// one index, or none (the first refusal undoes the others and is the
+    /// answer). How a placement moves together with its endpoints' node
+    /// and epoch, so no reader ever sees one fenced without the other.
+    Batch(Vec<Command>),
 }
 
 /// What [`Command::Register`] carries. Never the secret itself: only its
@@ -57,6 +62,15 @@ pub struct Registration {
     pub now_unix_ms: u64,
     /// The uid the node gets if it is new.
     pub new_uid: String,
+    /// Hex SHA-256 of the node credential the agent presented instead of a
+    /// join token (registering again after its lease was dropped); empty
+    /// for a registration with a join token.
+    #[serde(default)]
+    pub node_credential_sha256: String,
+    /// Hex SHA-256 of the node credential issued by this registration
+    /// (with a join token); empty when none is issued.
+    #[serde(default)]
+    pub new_credential_sha256: String,
 }
 
 /// One object a command changed.
@@ -287,6 +301,54 @@ impl State {
                 Ok(Applied::one(ChangeType::Deleted, object, None))
             }
             Command::Register(registration) => self.register(index, registration),
+            Command::Batch(commands) => self.apply_batch(index, commands),
+        }
+    }
+
+    /// Applies every command of a batch at `index`, or none.
+    fn apply_batch(&mut self, index: u64, commands: Vec<Command>) -> Result<Applied, Refusal> {
+        let mut changes: Vec<ObjectChange> = Vec::new();
+        let mut reply = None;
+        for command in commands {
+            let result = match command {
+                Command::Register(_) | Command::Batch(_) => Err(Refusal::Invalid {
+                    field: "batch".into(),
+                    reason: "a batch holds only creates, updates and deletes".into(),
+                }),
+                command => self.apply(index, command),
+            };
+            match result {
+                Ok(applied) => {
+                    reply.get_or_insert(applied.reply);
+                    changes.extend(applied.changes);
+                }
+                Err(refusal) => {
+                    self.undo(&changes);
+                    return Err(refusal);
+                }
+            }
+        }
+        let Some(reply) = reply else {
+            return Err(Refusal::Invalid {
+                field: "batch".into(),
+                reason: "an empty batch".into(),
+            });
+        };
+        Ok(Applied { reply, changes })
+    }
+
+    /// Puts back what `changes` changed, newest first.
+    fn undo(&mut self, changes: &[ObjectChange]) {
+        for change in changes.iter().rev() {
+            match (change.change, &change.previous) {
+                (ChangeType::Added, _) => {
+                    self.remove(change.object.kind(), change.object.name());
+                }
+                (ChangeType::Modified, Some(previous)) => self.insert(previous.clone()),
+                (ChangeType::Deleted, _) | (ChangeType::Modified, None) => {
+                    self.insert(change.object.clone())
+                }
+            }
         }
     }
 
@@ -309,8 +371,13 @@ impl State {
     }
 
     /// Checks the join token and counts its use, then creates or refreshes
-    /// the node, all at `index`.
+    /// the node, all at `index`. A registration with a node credential
+    /// instead checks it against the node's stored hash and refreshes the
+    /// node (no token use is counted; the credential stays valid).
     fn register(&mut self, index: u64, registration: Registration) -> Result<Applied, Refusal> {
+        if !registration.node_credential_sha256.is_empty() {
+            return self.register_again(index, registration);
+        }
         let Registration {
             token: token_name,
             secret_sha256,
@@ -319,6 +386,8 @@ impl State {
             capacity,
             now_unix_ms,
             new_uid,
+            node_credential_sha256: _,
+            new_credential_sha256,
         } = registration;
         let unknown = || Refusal::Unauthenticated {
             reason: format!("token: no join token {token_name:?} with this secret"),
@@ -356,6 +425,86 @@ impl State {
         let mut used = Object::Token(used);
         self.replace(index, &previous_token, &mut used);
 
+        let (node, node_change, previous_node) = self.refresh_node(
+            index,
+            node_name,
+            address,
+            capacity,
+            now_unix_ms,
+            new_uid,
+            Some(new_credential_sha256),
+        );
+        Ok(Applied {
+            reply: node.clone(),
+            changes: vec![
+                ObjectChange {
+                    change: ChangeType::Modified,
+                    object: used,
+                    previous: Some(previous_token),
+                },
+                ObjectChange {
+                    change: node_change,
+                    object: node,
+                    previous: previous_node,
+                },
+            ],
+        })
+    }
+
+    /// A node registering again with the credential its last token
+    /// registration issued: the node must exist and the hash match.
+    fn register_again(
+        &mut self,
+        index: u64,
+        registration: Registration,
+    ) -> Result<Applied, Refusal> {
+        let matches = match self.get(Kind::Node, &registration.node) {
+            Some(Object::Node(node)) => {
+                !node.status.credential_sha256.is_empty()
+                    && node.status.credential_sha256 == registration.node_credential_sha256
+            }
+            _ => false,
+        };
+        if !matches {
+            return Err(Refusal::Unauthenticated {
+                reason: format!(
+                    "node_credential: no node {:?} with this credential (removed nodes must join again with a token)",
+                    registration.node
+                ),
+            });
+        }
+        let (node, change, previous) = self.refresh_node(
+            index,
+            registration.node,
+            registration.address,
+            registration.capacity,
+            registration.now_unix_ms,
+            registration.new_uid,
+            None,
+        );
+        Ok(Applied {
+            reply: node.clone(),
+            changes: vec![ObjectChange {
+                change,
+                object: node,
+                previous,
+            }],
+        })
+    }
+
+    /// Creates or refreshes a registering node (address, capacity,
+    /// `Ready`); a new credential hash replaces the stored one when given.
+    #[allow(clippy::too_many_arguments)]
+    fn refresh_node(
+        &mut self,
+        index: u64,
+        node_name: String,
+        address: String,
+        capacity: Resources,
+        now_unix_ms: u64,
+        new_uid: String,
+        credential_sha256: Option<String>,
+    ) -> (Object, ChangeType, Option<Object>) {
         let ready = Condition {
             kind: Condition::READY.into(),
             status: true,
@@ -379,6 +528,9 @@ impl State {
         node.status.capacity = capacity;
         node.status.allocatable = capacity;
         node.status.last_heartbeat_unix_ms = now_unix_ms;
+        if let Some(hash) = credential_sha256 {
+            node.status.credential_sha256 = hash;
+        }
         set_condition(&mut node.status.conditions, ready);
         let mut node = Object::Node(node);
         let node_change = match &previous_node {
@@ -394,21 +546,7 @@ impl State {
                 ChangeType::Added
             }
         };
-        Ok(Applied {
-            reply: node.clone(),
-            changes: vec![
-                ObjectChange {
-                    change: ChangeType::Modified,
-                    object: used,
-                    previous: Some(previous_token),
-                },
-                ObjectChange {
-                    change: node_change,
-                    object: node,
-                    previous: previous_node,
-                },
-            ],
-        })
+        (node, node_change, previous_node)
     }
 
     /// Checks what `object` refers to: a placement's VM and node must
@@ -576,12 +714,21 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) 
 }
 
 /// What an update may not change: a join token's status (its uses, expiry
-/// and secret hash are the control plane's), and no stored token carries
-/// its secret.
+/// and secret hash are the control plane's), a node's credential hash, and
+/// no stored token carries its secret.
 fn keep_protected(current: &Object, update: &mut Object) {
-    if let (Object::Token(current), Object::Token(update)) = (current, update) {
-        update.status = current.status.clone();
-        update.secret = None;
+    match (current, update) {
+        (Object::Token(current), Object::Token(update)) => {
+            update.status = current.status.clone();
+            update.secret = None;
+        }
+        (Object::Node(current), Object::Node(update)) => {
+            update
+                .status
+                .credential_sha256
+                .clone_from(&current.status.credential_sha256);
+        }
+        _ => {}
     }
 }
 
@@ -739,6 +886,83 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_applies_whole_or_not_at_all() {
+        let mut state = State::default();
+        state.apply(1, Command::Create(node("n1"))).unwrap();
+        state.apply(2, Command::Create(node("n2"))).unwrap();
+        state.apply(3, Command::Create(vm("a"))).unwrap();
+        let placement = |node: &str, epoch, version| {
+            let mut p = Placement {
+                meta: ObjectMeta::named("a"),
+                vm: "a".into(),
+                node: node.into(),
+                epoch,
+            };
+            p.meta.resource_version = version;
+            Object::Placement(p)
+        };
+        state
+            .apply(4, Command::Create(placement("n1", 1, 0)))
+            .unwrap();
+        let Some(Object::Node(mut n2)) = state.get(Kind::Node, "n2").cloned() else {
+            panic!()
+        };
+        n2.spec.cordoned = true;
+        n2.meta.resource_version = 1;
+        // The second command's version is stale: nothing changes.
+        let stale = Command::Batch(vec![
+            Command::Update(placement("n2", 2, 4)),
+            Command::Update(Object::Node(n2.clone())),
+            Command::Create(vm("b")),
+        ]);
+        assert!(matches!(
+            state.apply(5, stale),
+            Err(Refusal::Aborted {
+                expected: 1,
+                actual: 2
+            })
+        ));
+        let Some(Object::Placement(p)) = state.get(Kind::Placement, "a") else {
+            panic!()
+        };
+        assert_eq!(
+            (p.node.as_str(), p.epoch, p.meta.resource_version),
+            ("n1", 1, 4)
+        );
+        assert!(state.get(Kind::Vm, "b").is_none());
+
+        n2.meta.resource_version = 2;
+        let applied = state
+            .apply(
+                6,
+                Command::Batch(vec![
+                    Command::Update(placement("n2", 2, 4)),
+                    Command::Update(Object::Node(n2)),
+                    Command::Create(vm("b")),
+                    Command::Delete {
+                        kind: Kind::Node,
+                        name: "n1".into(),
+                        expected_resource_version: Some(1),
+                    },
+                ]),
+            )
+            .unwrap();
+        assert_eq!(applied.reply.kind(), Kind::Placement, "the first reply");
+        assert_eq!(applied.changes.len(), 4);
+        assert!(
+            applied
+                .changes
+                .iter()
+                .all(|c| c.object.meta().resource_version == 6 || c.change == ChangeType::Deleted)
+        );
+        assert!(state.get(Kind::Node, "n1").is_none());
+        assert!(matches!(
+            state.apply(7, Command::Batch(Vec::new())),
+            Err(Refusal::Invalid { .. })
+        ));
+    }
+
+    #[test]
     fn member_ids_are_unique_and_fixed() {
         let mut state = State::default();
         state.apply(1, Command::Create(member("m1", 1))).unwrap();
@@ -779,7 +1003,59 @@ mod tests {
             },
             now_unix_ms: now,
             new_uid: format!("uid-{node}-{now}"),
+            node_credential_sha256: String::new(),
+            new_credential_sha256: format!("{:064x}", now),
         })
+    }
+
+    #[test]
+    fn a_node_registers_again_with_its_credential_not_a_spent_token() {
+        let mut state = State::default();
+        state
+            .apply(1, Command::Create(token("t", 1, 1_000)))
+            .unwrap();
+        state.apply(2, registration("t", "n1", 10)).unwrap();
+        let credential = format!("{:064x}", 10);
+        let again = |hash: &str, node: &str, at: u64| {
+            let Command::Register(mut r) = registration("", node, at) else {
+                unreachable!()
+            };
+            r.secret_sha256 = String::new();
+            r.node_credential_sha256 = hash.to_owned();
+            r.new_credential_sha256 = String::new();
+            Command::Register(r)
+        };
+        // The token is used up; the credential still registers the node.
+        assert!(matches!(
+            state.apply(3, registration("t", "n1", 20)),
+            Err(Refusal::FailedPrecondition { .. })
+        ));
+        let Some(Object::Node(mut lost)) = state.get(Kind::Node, "n1").cloned() else {
+            panic!()
+        };
+        lost.status.conditions.clear();
+        lost.status.credential_sha256 = "forged".into();
+        lost.meta.resource_version = 2;
+        state.apply(4, Command::Update(Object::Node(lost))).unwrap();
+        let applied = state.apply(5, again(&credential, "n1", 30)).unwrap();
+        let Object::Node(node) = &applied.reply else {
+            panic!()
+        };
+        assert!(node.status.is_ready());
+        assert_eq!(node.meta.uid, "uid-n1-10");
+        assert_eq!(
+            node.status.credential_sha256, credential,
+            "an update cannot change the credential hash"
+        );
+        assert_eq!(applied.changes.len(), 1, "no token use is counted");
+        assert!(matches!(
+            state.apply(6, again(&"bb".repeat(32), "n1", 40)),
+            Err(Refusal::Unauthenticated { reason }) if reason.starts_with("node_credential")
+        ));
+        assert!(matches!(
+            state.apply(7, again(&credential, "n2", 40)),
+            Err(Refusal::Unauthenticated { .. })
+        ));
     }
 
     #[test]

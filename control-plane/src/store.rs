@@ -619,3 +619,221 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }))
     }
 }
+
+/// What a new one-member cluster starts from: a state at a log index
+/// (from a backup, or recovered from a survivor's data directory).
+#[derive(Debug, Clone)]
+pub struct Seed {
+    /// Every object.
+    pub objects: Vec<Object>,
+    /// The log index the state is at; the new cluster's log continues
+    /// after it, so stored resource versions stay below new ones.
+    pub index: u64,
+    /// The Raft term the seed's last entry was written in (at least 1).
+    pub term: u64,
+}
+
+/// Seeding a data directory failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// The directory already holds a member's data.
+    #[error("{path} already holds a control-plane member's data; seed an empty directory")]
+    NotEmpty {
+        /// The data directory.
+        path: String,
+    },
+    /// The directory cannot be read or created.
+    #[error("preparing {path}")]
+    Io {
+        /// The data directory.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The database cannot be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// Writing or reading the database failed.
+    #[error("{what} in {path}")]
+    Db {
+        /// What was being done.
+        what: &'static str,
+        /// The data directory.
+        path: String,
+        /// RocksDB's error.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// What is on disk cannot be decoded.
+    #[error("reading {path}: {reason}")]
+    Corrupt {
+        /// The data directory.
+        path: String,
+        /// What could not be decoded.
+        reason: String,
+    },
+}
+
+fn open_db(dir: &Path) -> Result<DB, OpenError> {
+    let mut options = rocksdb::Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    let families = [CF_LOG, CF_META, CF_SM]
+        .into_iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, rocksdb::Options::default()));
+    DB::open_cf_descriptors(&options, dir, families).map_err(|source| OpenError::Open {
+        path: dir.display().to_string(),
+        source,
+    })
+}
+
+/// Writes a new one-member cluster into the empty directory `dir`: the
+/// seed's objects as the applied state at `seed.index`, a membership of
+/// member `id` at `address` only, the log purged up to that index, a
+/// snapshot of it, and a vote for `id` in the seed's term (so the member
+/// elects itself when started). `Member` objects are dropped: the new
+/// leader records its own.
+pub fn seed_new_cluster(
+    dir: &Path,
+    id: NodeId,
+    address: &str,
+    seed: Seed,
+) -> Result<(), SeedError> {
+    let path = dir.display().to_string();
+    let io = |source| SeedError::Io {
+        path: path.clone(),
+        source,
+    };
+    if dir.exists() && std::fs::read_dir(dir).map_err(io)?.next().is_some() {
+        return Err(SeedError::NotEmpty { path });
+    }
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let db = open_db(dir)?;
+    let term = seed.term.max(1);
+    let log_id = LogId::new(openraft::CommittedLeaderId::new(term, id), seed.index);
+    let membership = openraft::Membership::new(
+        vec![std::collections::BTreeSet::from([id])],
+        std::collections::BTreeMap::from([(id, openraft::BasicNode::new(address))]),
+    );
+    let membership = StoredMembership::new(Some(log_id), membership);
+    let objects: Vec<Object> = seed
+        .objects
+        .into_iter()
+        .filter(|o| !matches!(o, Object::Member(_)))
+        .collect();
+
+    let mut batch = WriteBatch::default();
+    let sm = cf(&db, CF_SM);
+    for object in &objects {
+        batch.put_cf(sm, object_key(object), to_json(object));
+    }
+    batch.put_cf(
+        sm,
+        KEY_APPLIED,
+        to_json(&AppliedState {
+            last_applied: Some(log_id),
+            membership: membership.clone(),
+        }),
+    );
+    let meta = cf(&db, CF_META);
+    batch.put_cf(meta, KEY_PURGED, to_json(&log_id));
+    batch.put_cf(meta, KEY_COMMITTED, to_json(&Some(log_id)));
+    batch.put_cf(meta, KEY_VOTE, to_json(&Vote::new(term, id)));
+    let data = to_json(&SnapshotState { objects });
+    let snapshot = StoredSnapshot {
+        meta: SnapshotMeta {
+            last_log_id: Some(log_id),
+            last_membership: membership,
+            snapshot_id: format!("seed-{term}-{}-{}", seed.index, data.len()),
+        },
+        data,
+    };
+    batch.put_cf(meta, KEY_SNAPSHOT, to_json(&snapshot));
+    db.write_opt(batch, &sync_writes())
+        .map_err(|source| SeedError::Db {
+            what: "writing the seed",
+            path: path.clone(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Reads what a stopped member's data directory holds, for forcing a new
+/// cluster from it: the applied state plus every later entry of its log,
+/// applied in order — what Raft itself would commit if this member won an
+/// election (a new leader commits its whole log). Entries it holds past
+/// the commit index it knew may have been acknowledged to clients; none
+/// it lacks can be recovered from it. Returns the seed and the membership
+/// the member last knew (ids → addresses).
+pub fn read_for_recovery(
+    dir: &Path,
+) -> Result<(Seed, std::collections::BTreeMap<NodeId, String>), SeedError> {
+    let path = dir.display().to_string();
+    if !dir.join("CURRENT").is_file() {
+        return Err(SeedError::Corrupt {
+            path,
+            reason: "no control-plane database here".into(),
+        });
+    }
+    let db = open_db(dir)?;
+    let corrupt = |reason: String| SeedError::Corrupt {
+        path: path.clone(),
+        reason,
+    };
+    let applied: AppliedState = get_json(&db, CF_SM, KEY_APPLIED)
+        .map_err(|e| corrupt(e.to_string()))?
+        .unwrap_or(AppliedState {
+            last_applied: None,
+            membership: StoredMembership::default(),
+        });
+    let mut objects = Vec::new();
+    for item in db.iterator_cf(
+        cf(&db, CF_SM),
+        IteratorMode::From(OBJECT_PREFIX.as_bytes(), Direction::Forward),
+    ) {
+        let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
+        if !key.starts_with(OBJECT_PREFIX.as_bytes()) {
+            break;
+        }
+        objects.push(
+            serde_json::from_slice::<Object>(&value)
+                .map_err(|e| corrupt(format!("object {}: {e}", String::from_utf8_lossy(&key))))?,
+        );
+    }
+    let mut state = State::from_objects(objects);
+    let mut last = applied.last_applied;
+    let mut membership = applied.membership.membership().clone();
+    let applied_index = applied.last_applied.map_or(0, |id| id.index);
+    {
+        let from = log_key(applied_index + 1);
+        for item in db.iterator_cf(
+            cf(&db, CF_LOG),
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
+            let index = index_of(&key).map_err(|e| corrupt(e.to_string()))?;
+            let entry: Entry =
+                serde_json::from_slice(&value).map_err(|e| corrupt(format!("log {index}: {e}")))?;
+            match entry.payload {
+                EntryPayload::Normal(command) => {
+                    // A refused command changed nothing on any member.
+                    let _ = state.apply(index, command);
+                }
+                EntryPayload::Membership(m) => membership = m,
+                EntryPayload::Blank => {}
+            }
+            last = Some(entry.log_id);
+        }
+    }
+    let members = membership
+        .nodes()
+        .map(|(id, node)| (*id, node.addr.clone()))
+        .collect();
+    let seed = Seed {
+        objects: state.objects().cloned().collect(),
+        index: last.map_or(0, |id| id.index),
+        term: last.map_or(1, |id| id.leader_id.term),
+    };
+    Ok((seed, members))
+}

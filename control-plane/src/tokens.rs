@@ -38,6 +38,13 @@ pub fn generate(name: &str) -> TokenSecret {
     TokenSecret::new(format!("{name}.{}", hex(&bytes)))
 }
 
+/// A new random node credential (hex), issued when a node registers with
+/// a join token; only its hash is stored, on the node.
+pub fn generate_node_credential() -> TokenSecret {
+    let bytes: [u8; SECRET_BYTES] = rand::rng().random();
+    TokenSecret::new(hex(&bytes))
+}
+
 fn hex(bytes: &[u8]) -> String {
     let mut text = String::with_capacity(bytes.len() * 2);
     for byte in bytes {

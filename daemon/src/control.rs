@@ -1,16 +1,76 @@
 //! `basaltd control`: one control-plane member. Flags override the TOML
-//! config file; the member runs until SIGINT or SIGTERM.
+//! config file; the member runs until SIGINT or SIGTERM. Its subcommands
+//! are the disaster-recovery tools (`backup`, `restore`,
+//! `force-new-cluster`; see `docs/control-plane-recovery.md`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use basalt_control::ControlConfig;
+use basalt_control::{ControlConfig, recovery};
 
-/// Flags of `basaltd control`. Each overrides the config file's field of
+/// `basaltd control`: run a member (flags), or a recovery tool.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ControlArgs {
+    #[command(subcommand)]
+    action: Option<Action>,
+    #[command(flatten)]
+    member: MemberArgs,
+}
+
+/// The disaster-recovery tools.
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// Write the whole cluster state, read at one version, to a file.
+    Backup {
+        /// Any member's address.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        server: String,
+        /// The backup file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Seed an empty data directory with a backup, as a new cluster of one
+    /// member; then start it with `basaltd control --data-dir DIR
+    /// --node-id N --listen ADDR` and add members with `--join`.
+    Restore {
+        /// The backup file.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// The new member's (empty) data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The new member's Raft id.
+        #[arg(long)]
+        node_id: u64,
+        /// Where the new member will listen.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Where others reach it (default: the listen address).
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// Lost quorum for good: turn a stopped survivor's data directory into
+    /// a new one-member cluster (every other member dropped; the original
+    /// directory is kept beside it). Then start it as usual.
+    ForceNewCluster {
+        /// The survivor's data directory (its member must be stopped).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The survivor's Raft id.
+        #[arg(long)]
+        node_id: u64,
+        /// Its address, if not the one the membership recorded.
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+}
+
+/// Flags of a running member. Each overrides the config file's field of
 /// the same name.
 #[derive(Debug, clap::Args)]
-pub struct ControlArgs {
+pub struct MemberArgs {
     /// A TOML config file (unknown fields are refused).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
@@ -44,7 +104,7 @@ pub struct ControlArgs {
     logs_to_keep: Option<u64>,
 }
 
-impl ControlArgs {
+impl MemberArgs {
     /// The config file (or the defaults) with the flags applied on top.
     fn config(self) -> anyhow::Result<(ControlConfig, Option<PathBuf>)> {
         let mut config = match &self.config {
@@ -82,8 +142,66 @@ impl ControlArgs {
     }
 }
 
-/// Runs the member until SIGINT or SIGTERM.
+/// Runs the member until SIGINT or SIGTERM, or one recovery tool.
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
+    match args.action {
+        None => run_member(args.member),
+        Some(action) => run_action(action),
+    }
+}
+
+fn run_action(action: Action) -> anyhow::Result<()> {
+    match action {
+        Action::Backup { server, out } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let backup = runtime.block_on(recovery::backup(&server, &out))?;
+            println!(
+                "backed up {} objects at resource version {} to {}",
+                backup.objects.len(),
+                backup.resource_version,
+                out.display()
+            );
+        }
+        Action::Restore {
+            input,
+            data_dir,
+            node_id,
+            listen,
+            advertise,
+        } => {
+            anyhow::ensure!(node_id >= 1, "--node-id must be at least 1");
+            let backup = recovery::read_backup(&input)?;
+            let address = advertise.unwrap_or_else(|| listen.to_string());
+            let (objects, version) = (backup.objects.len(), backup.resource_version);
+            recovery::restore(backup, &data_dir, node_id, &address)?;
+            println!(
+                "restored {objects} objects (resource version {version}) into {}: start it with `basaltd control --data-dir {} --node-id {node_id} --listen {listen}`",
+                data_dir.display(),
+                data_dir.display()
+            );
+        }
+        Action::ForceNewCluster {
+            data_dir,
+            node_id,
+            advertise,
+        } => {
+            let forced = recovery::force_new_cluster(&data_dir, node_id, advertise.as_deref())?;
+            println!(
+                "{} is now a one-member cluster (member {node_id} at {}, state at index {}); the original data is kept in {}",
+                data_dir.display(),
+                forced.address,
+                forced.index,
+                forced.kept_at.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run_member(args: MemberArgs) -> anyhow::Result<()> {
     let (config, path) = args.config()?;
     config.validate(path.as_deref())?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

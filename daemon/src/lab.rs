@@ -3,7 +3,9 @@
 //! Every node is a network namespace on one bridge (`basalt-testkit`'s
 //! harness, the same the end-to-end tests use) running what a real node
 //! runs: a private libvirtd, `basaltd storage` serving the node's pool over
-//! NBD, and `basaltd agent`; the first node also runs `basaltd control`.
+//! NBD, and `basaltd agent`; the first three nodes also run control-plane
+//! members (the first bootstraps, the others join and are promoted
+//! through their `member` objects).
 //! The test guest is declared as a VM through the admin API; the control
 //! plane places it, that node's agent defines and starts it, and its disk
 //! is a Basalt volume that the agent creates through the node's storage
@@ -48,8 +50,10 @@ const VM_NAME: &str = "lab-vm";
 const VM_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x80, 0x00, 0x0a]);
 const VM_MEMORY_MIB: u64 = 256;
 const VM_DISK_BYTES: u64 = 256 << 20;
-/// Where the lab's control plane listens, on the first node's address.
+/// Where each control-plane member listens, on its node's address.
 const CONTROL_PORT: u16 = 7400;
+/// How many nodes run a control-plane member (the first ones).
+const CONTROL_MEMBERS: usize = 3;
 /// How long a TCG guest may take to answer (boots slow on a busy machine).
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
 /// The state file `up` writes and `status`/`down` read.
@@ -248,32 +252,51 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
         processes.push(storage);
     }
 
-    // The control plane, on the first node.
+    // The control plane: a member on each of the first three nodes; the
+    // first bootstraps, the others join through it and are promoted.
     let first = fabric.nodes()[0].clone();
     let server = format!("{}:{CONTROL_PORT}", first.addr());
-    println!("control plane on {} at {server}", first.name());
-    let spec = ProcessSpec::new("control", &basaltd)
-        .args([
-            "control",
-            "--node-id",
-            "1",
-            "--bootstrap",
-            "--listen",
-            &server,
-            "--data-dir",
-        ])
-        .arg(prefix.dir().join("control"))
-        .netns(&first);
-    processes.push(Process::start(&prefix, spec).context("starting basaltd control")?);
+    let members: Vec<_> = fabric
+        .nodes()
+        .iter()
+        .take(CONTROL_MEMBERS)
+        .cloned()
+        .collect();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     // The client's channel spawns its connection task on this runtime.
     let _entered = runtime.enter();
     let admin = AdminClient::connect_lazy(&server)?;
-    runtime.block_on(wait_for("the control plane to answer", || async {
-        admin.list(Kind::Node).await.is_ok()
-    }))?;
+    for (i, node) in members.iter().enumerate() {
+        let id = i + 1;
+        let address = format!("{}:{CONTROL_PORT}", node.addr());
+        println!("control-plane member {id} on {} at {address}", node.name());
+        let mut spec = ProcessSpec::new(format!("control-{id}"), &basaltd)
+            .args([
+                "control",
+                "--node-id",
+                &id.to_string(),
+                "--listen",
+                &address,
+            ])
+            .arg("--data-dir")
+            .arg(prefix.dir().join(format!("control-{id}")))
+            .netns(node);
+        spec = if id == 1 {
+            spec.arg("--bootstrap")
+        } else {
+            spec.args(["--join", &server])
+        };
+        processes.push(
+            Process::start(&prefix, spec)
+                .with_context(|| format!("starting control-plane member {id}"))?,
+        );
+        runtime.block_on(wait_for(
+            &format!("control-plane member {id} to be a voter"),
+            || async { voters(&admin).await.contains(&(id as u64)) },
+        ))?;
+    }
 
     // An agent per node, each with its own join token.
     for (node, libvirtd) in fabric.nodes().iter().zip(&daemons) {
@@ -492,6 +515,22 @@ fn run_basaltd(basaltd: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Polls `check` every 250 ms for up to [`BOOT_DEADLINE`].
+/// The ids of the control plane's voting members (none while it does not
+/// answer).
+async fn voters(admin: &AdminClient) -> Vec<u64> {
+    match admin.list(Kind::Member).await {
+        Ok(list) => list
+            .objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Member(m) if m.voter => Some(m.id),
+                _ => None,
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 async fn wait_for<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,

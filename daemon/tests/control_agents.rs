@@ -92,6 +92,7 @@ fn registration(token: &TokenSecret, node: &str) -> Registration {
             memory_mib: 4096,
             storage_bytes: 0,
         },
+        node_credential: None,
     }
 }
 
@@ -466,6 +467,20 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
         if !victim_vms.contains(vm) {
             assert_eq!(p, &before[vm], "{vm} did not move");
         }
+    }
+    // Their endpoints were fenced in the same Raft entry as the move: the
+    // endpoint and the placement were changed at one resource version.
+    let fenced = endpoints(&admin).await;
+    for vm in &victim_vms {
+        assert_eq!(
+            (
+                fenced[vm].node.as_str(),
+                fenced[vm].epoch,
+                fenced[vm].meta.resource_version
+            ),
+            (after[vm].node.as_str(), 2, after[vm].meta.resource_version),
+            "{vm}'s endpoint moved with its placement, in one entry"
+        );
     }
     // Their endpoints keep the address and follow the node and epoch.
     wait_until("the endpoints follow the moved VMs", || async {

@@ -9,7 +9,11 @@
 //! builds the desired state (fenced when no heartbeat was acknowledged
 //! within the fencing window), executes a pass on a blocking thread and
 //! reports each VM's status. Any task's failure is retried; only a refused
-//! registration ends the agent.
+//! first registration ends the agent. When the control plane drops the
+//! node's lease (a heartbeat answered `FAILED_PRECONDITION` or `NOT_FOUND`:
+//! the lease expired, or the node object was replaced or removed), the
+//! heartbeat task registers again — with the node credential the first
+//! registration returned, then with the join token — and keeps retrying.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -75,6 +79,9 @@ struct Shared {
     last_ack: Option<Instant>,
     /// The node uid of the current registration.
     node_uid: String,
+    /// The credential the control plane issued at the last registration
+    /// with the join token (registers the node again without the token).
+    credential: Option<TokenSecret>,
     /// Placements on this node, by VM name.
     placements: BTreeMap<String, Placement>,
 }
@@ -104,10 +111,11 @@ pub async fn run<C: Compute + 'static>(
             node: config.node.clone(),
             source,
         })?;
-    let registered = register(&agent, &config).await?;
+    let registered = register(&agent, &config, None).await?;
     tracing::info!(node = %config.node, uid = %registered.node_uid, "registered");
     let state: State = Arc::new(Mutex::new(Shared {
         node_uid: registered.node_uid.clone(),
+        credential: registered.node_credential.clone(),
         ..Shared::default()
     }));
     let trigger = Arc::new(Notify::new());
@@ -136,12 +144,19 @@ pub async fn run<C: Compute + 'static>(
     Ok(())
 }
 
-async fn register(agent: &AgentClient, config: &AgentConfig) -> Result<Registered, AgentError> {
+/// Registers with the join token, or with `credential` when given
+/// (registering again after the lease was dropped).
+async fn register(
+    agent: &AgentClient,
+    config: &AgentConfig,
+    credential: Option<TokenSecret>,
+) -> Result<Registered, AgentError> {
     let registration = Registration {
         token: TokenSecret::new(config.token.clone()),
         node_name: config.node.clone(),
         address: config.address.clone(),
         capacity: config.capacity,
+        node_credential: credential,
     };
     loop {
         match agent.register(registration.clone()).await {
@@ -181,7 +196,45 @@ async fn heartbeats(agent: AgentClient, config: AgentConfig, registered: Registe
         match agent.heartbeat(beat).await {
             Ok(ack) if ack.acknowledged => lock(&state).last_ack = Some(Instant::now()),
             Ok(_) => tracing::debug!("heartbeat not acknowledged"),
+            Err(err @ (ApiError::FailedPrecondition { .. } | ApiError::NotFound { .. })) => {
+                tracing::warn!(error = %err, "the control plane dropped this node's lease; registering again");
+                register_again(&agent, &config, &state).await;
+            }
             Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
+        }
+    }
+}
+
+/// Registers again after the lease was dropped: with the node credential
+/// first, then with the join token; on success the new registration's uid
+/// (and credential, if one was issued) replace the old ones and the lease
+/// counts as acknowledged. A refusal is logged and left to the next
+/// heartbeat to retry: the agent never gives up on its cluster.
+async fn register_again(agent: &AgentClient, config: &AgentConfig, state: &State) {
+    let credential = lock(state).credential.clone();
+    let mut attempt = match credential {
+        Some(credential) => register(agent, config, Some(credential)).await,
+        None => register(agent, config, None).await,
+    };
+    if let Err(err) = &attempt
+        && lock(state).credential.is_some()
+    {
+        tracing::warn!(error = %err, "the node credential was refused; trying the join token");
+        attempt = register(agent, config, None).await;
+    }
+    match attempt {
+        Ok(registered) => {
+            tracing::info!(uid = %registered.node_uid, "registered again");
+            let mut shared = lock(state);
+            shared.node_uid = registered.node_uid;
+            if let Some(credential) = registered.node_credential {
+                shared.credential = Some(credential);
+            }
+            shared.last_ack = Some(Instant::now());
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "registering again was refused; retrying at the next heartbeat");
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
 }
@@ -269,7 +322,11 @@ async fn reconcile_loop<C: Compute + 'static>(
         let (placed, last_ack) = {
             let shared = lock(&state);
             (
-                shared.placements.keys().cloned().collect::<Vec<_>>(),
+                shared
+                    .placements
+                    .iter()
+                    .map(|(vm, p)| (vm.clone(), p.is_evicting()))
+                    .collect::<Vec<_>>(),
                 shared.last_ack,
             )
         };
@@ -287,7 +344,7 @@ async fn reconcile_loop<C: Compute + 'static>(
         let mut waiting = BTreeMap::new();
         // A fenced node runs nothing: no spec is needed.
         let placed = if fenced { Vec::new() } else { placed };
-        for name in placed {
+        for (name, evicting) in placed {
             let got = admin.get(Kind::Vm, &name).await;
             // Volumes first: a domain is defined only on exported disks.
             if let (Ok(Object::Vm(vm)), Some(volumes)) = (&got, &volumes)
@@ -312,7 +369,9 @@ async fn reconcile_loop<C: Compute + 'static>(
                         generations.insert(spec.name.clone(), (name.clone(), vm.meta.generation));
                         desired.vms.push(DesiredVm {
                             spec,
-                            running: vm.spec.running,
+                            // An evicted VM stays stopped here until the
+                            // control plane moves it (a cold move).
+                            running: vm.spec.running && !evicting,
                         });
                     }
                     Err(err) => {

@@ -65,6 +65,16 @@ impl AdminClient {
         decode_reply(reply.into_inner())
     }
 
+    /// Reads every object of every kind at one version (a consistent
+    /// snapshot of the whole state, e.g. for a backup).
+    pub async fn list_all(&self) -> Result<ObjectList, ApiError> {
+        let request = pb::ListRequest {
+            kind: kind_to_pb(None),
+        };
+        let reply = self.inner.clone().list(request).await?;
+        decode_reply(reply.into_inner())
+    }
+
     /// Replaces an object if `meta.resource_version` is still current
     /// ([`ApiError::Aborted`] otherwise); returns it as stored.
     pub async fn update(&self, object: Object) -> Result<Object, ApiError> {

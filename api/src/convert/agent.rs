@@ -15,6 +15,10 @@ impl From<Registration> for pb::RegisterRequest {
             node_name: registration.node_name,
             address: registration.address,
             capacity: Some(registration.capacity.into()),
+            node_credential: registration
+                .node_credential
+                .map(|c| c.expose().to_owned())
+                .unwrap_or_default(),
         }
     }
 }
@@ -28,6 +32,8 @@ impl TryFrom<pb::RegisterRequest> for Registration {
             node_name: request.node_name,
             address: request.address,
             capacity: required(request.capacity, "capacity")?.into(),
+            node_credential: (!request.node_credential.is_empty())
+                .then(|| TokenSecret::new(request.node_credential)),
         };
         registration.validate()?;
         Ok(registration)
@@ -42,6 +48,10 @@ impl From<Registered> for pb::RegisterResponse {
             node_uid: registered.node_uid,
             lease_seconds: saturate(registered.lease.as_secs()),
             heartbeat_interval_ms: saturate(registered.heartbeat_interval.as_millis()),
+            node_credential: registered
+                .node_credential
+                .map(|c| c.expose().to_owned())
+                .unwrap_or_default(),
         }
     }
 }
@@ -66,6 +76,8 @@ impl TryFrom<pb::RegisterResponse> for Registered {
             node_uid: response.node_uid,
             lease: Duration::from_secs(response.lease_seconds.into()),
             heartbeat_interval: Duration::from_millis(response.heartbeat_interval_ms.into()),
+            node_credential: (!response.node_credential.is_empty())
+                .then(|| TokenSecret::new(response.node_credential)),
         })
     }
 }

@@ -17,6 +17,7 @@ impl From<Node> for pb::Node {
                 allocatable: Some(node.status.allocatable.into()),
                 conditions: node.status.conditions.into_iter().map(Into::into).collect(),
                 last_heartbeat_unix_ms: node.status.last_heartbeat_unix_ms,
+                credential_sha256: node.status.credential_sha256,
             }),
         }
     }
@@ -40,6 +41,7 @@ impl TryFrom<pb::Node> for Node {
                 allocatable: status.allocatable.map(Into::into).unwrap_or_default(),
                 conditions: status.conditions.into_iter().map(Into::into).collect(),
                 last_heartbeat_unix_ms: status.last_heartbeat_unix_ms,
+                credential_sha256: status.credential_sha256,
             },
         };
         node.validate()?;

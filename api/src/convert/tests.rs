@@ -105,6 +105,7 @@ fn node() -> impl Strategy<Value = Node> {
                         allocatable,
                         conditions,
                         last_heartbeat_unix_ms: heartbeat,
+                        credential_sha256: String::new(),
                     },
                 }
             },
@@ -336,15 +337,26 @@ fn every_other_type_survives_the_wire() {
             memory_mib: 16384,
             storage_bytes: 1 << 40,
         },
+        node_credential: None,
     };
     assert_eq!(
         through_the_wire::<Registration, pb::RegisterRequest>(registration.clone()),
-        Ok(registration)
+        Ok(registration.clone())
+    );
+    let again = Registration {
+        token: TokenSecret::default(),
+        node_credential: Some(TokenSecret::new("node-secret")),
+        ..registration
+    };
+    assert_eq!(
+        through_the_wire::<Registration, pb::RegisterRequest>(again.clone()),
+        Ok(again)
     );
     let registered = Registered {
         node_uid: "u-1".into(),
         lease: std::time::Duration::from_secs(10),
         heartbeat_interval: std::time::Duration::from_millis(2500),
+        node_credential: Some(TokenSecret::new("node-secret")),
     };
     assert_eq!(
         through_the_wire::<Registered, pb::RegisterResponse>(registered.clone()),
@@ -487,6 +499,7 @@ fn malformed_messages_name_their_field() {
         node_name: "node-1".into(),
         address: "10.0.0.1:7001".into(),
         capacity: None,
+        node_credential: String::new(),
     };
     assert_eq!(field(Registration::try_from(request)), "capacity");
 }

@@ -31,6 +31,27 @@ pub trait AdminApi: Send + Sync + 'static {
     /// Reads every object of a kind, with the version the list was read at.
     fn list(&self, kind: Kind) -> impl Future<Output = Result<ObjectList, ApiError>> + Send;
 
+    /// Reads every object of every kind at one version: a consistent
+    /// snapshot of the whole state (a backup). The default lists each kind
+    /// and answers [`ApiError::Unavailable`] unless all were read at the
+    /// same version; a store that can read everything at once overrides it.
+    fn list_all(&self) -> impl Future<Output = Result<ObjectList, ApiError>> + Send {
+        async {
+            let mut all = ObjectList::default();
+            for (i, kind) in Kind::ALL.into_iter().enumerate() {
+                let list = self.list(kind).await?;
+                if i > 0 && list.resource_version != all.resource_version {
+                    return Err(ApiError::Unavailable {
+                        reason: "the state changed while it was being listed; retry".into(),
+                    });
+                }
+                all.resource_version = list.resource_version;
+                all.objects.extend(list.objects);
+            }
+            Ok(all)
+        }
+    }
+
     /// Replaces an object if `meta.resource_version` is still its current
     /// version ([`ApiError::Aborted`] otherwise). Returns it as stored.
     fn update(&self, object: Object) -> impl Future<Output = Result<Object, ApiError>> + Send;
@@ -70,6 +91,10 @@ impl<T: AdminApi> AdminApi for Arc<T> {
 
     fn list(&self, kind: Kind) -> impl Future<Output = Result<ObjectList, ApiError>> + Send {
         T::list(self, kind)
+    }
+
+    fn list_all(&self) -> impl Future<Output = Result<ObjectList, ApiError>> + Send {
+        T::list_all(self)
     }
 
     fn update(&self, object: Object) -> impl Future<Output = Result<Object, ApiError>> + Send {
@@ -143,8 +168,11 @@ impl<T: AdminApi> Admin for AdminAdapter<T> {
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         let result = async {
-            let kind = required_kind(request.into_inner().kind, "kind")?;
-            self.0.list(kind).await
+            // KIND_UNSPECIFIED lists every kind at one version.
+            match kind_from_pb(request.into_inner().kind, "kind")? {
+                Some(kind) => self.0.list(kind).await,
+                None => self.0.list_all().await,
+            }
         };
         reply("List", result.await)
     }

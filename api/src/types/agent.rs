@@ -10,7 +10,7 @@ use crate::ApiError;
 /// A node agent asking to join the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
-    /// A join token's secret.
+    /// A join token's secret; may be empty when `node_credential` is set.
     pub token: TokenSecret,
     /// The node's name; a DNS label.
     pub node_name: String,
@@ -18,13 +18,23 @@ pub struct Registration {
     pub address: String,
     /// What the node's hardware has.
     pub capacity: Resources,
+    /// The credential an earlier registration of this node returned: it
+    /// registers the node again without a join token.
+    pub node_credential: Option<TokenSecret>,
 }
 
 impl Registration {
     /// Checks every field; errors name it, e.g. `node_name`.
     pub fn validate(&self) -> Result<(), ApiError> {
-        if self.token.expose().is_empty() {
-            return Err(ApiError::invalid("token", "must not be empty"));
+        let no_credential = self
+            .node_credential
+            .as_ref()
+            .is_none_or(|c| c.expose().is_empty());
+        if self.token.expose().is_empty() && no_credential {
+            return Err(ApiError::invalid(
+                "token",
+                "must not be empty without a node_credential",
+            ));
         }
         validate::name("node_name", &self.node_name)?;
         validate::address("address", &self.address)
@@ -40,6 +50,9 @@ pub struct Registered {
     pub lease: Duration,
     /// How often to heartbeat (whole milliseconds).
     pub heartbeat_interval: Duration,
+    /// A new node credential, issued when the node registered with a join
+    /// token; `None` when it registered with its credential (still valid).
+    pub node_credential: Option<TokenSecret>,
 }
 
 /// A node agent's periodic proof of life.

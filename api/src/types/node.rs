@@ -62,6 +62,10 @@ pub struct NodeStatus {
     pub conditions: Vec<Condition>,
     /// When the last heartbeat was acknowledged (Unix milliseconds).
     pub last_heartbeat_unix_ms: u64,
+    /// Hex SHA-256 of the node credential issued at the node's last
+    /// registration with a join token; set by the control plane only.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub credential_sha256: String,
 }
 
 impl NodeStatus {

@@ -22,6 +22,23 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// A label on a placement asking its node to stop the VM so the
+    /// control plane can move it elsewhere (a cold move: drain,
+    /// decommission). The node's agent keeps the domain stopped while the
+    /// label is set; once the VM reports `Stopped` there, the control plane
+    /// rewrites the placement to another node with `epoch + 1` and without
+    /// the label.
+    pub const EVICT_LABEL: &str = "basalt.io/evict";
+
+    /// Whether the placement asks its node to stop the VM for a move
+    /// ([`Placement::EVICT_LABEL`]).
+    pub fn is_evicting(&self) -> bool {
+        self.meta
+            .labels
+            .get(Self::EVICT_LABEL)
+            .is_some_and(|v| v == "true")
+    }
+
     /// Checks every field; errors name the field's path, e.g. `node`.
     pub fn validate(&self) -> Result<(), ApiError> {
         self.meta.validate()?;

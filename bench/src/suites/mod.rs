@@ -4,6 +4,7 @@ use crate::report::Report;
 
 mod datapath;
 mod endpoint_move;
+mod failover;
 mod guest_boot;
 mod nbd;
 mod raft;
@@ -49,6 +50,11 @@ pub const ALL: &[Suite] = &[
         name: "replication",
         about: "4 KiB random writes through NBD with 2 replicas (protocol C, loopback) against 1, and the bytes and speed of a dirty-chunk resync",
         run: replication::run,
+    },
+    Suite {
+        name: "failover",
+        about: "node loss (kill -9 of its agent) to the VM running on another node, simulated compute, default timing: against Proxmox VE's and Harvester's documented recovery times",
+        run: failover::run,
     },
     Suite {
         name: "raft",

@@ -1,0 +1,203 @@
+//! A real `basaltd agent` (simulated compute) against a real `basaltd
+//! control`: when the control plane drops the node's lease (the agent was
+//! frozen past its lease, so the node was marked not ready), the agent
+//! registers again with the node credential its first registration
+//! returned — its single-use join token is spent — and keeps its uid and
+//! its VM; and after the control-plane leader is killed and restarted
+//! from its data directory, the agent keeps working (the VM runs again).
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use basalt_api::{AdminClient, JoinToken, KernelBoot, Kind, Object, ObjectMeta, Vm, VmPhase};
+use basalt_testkit::{Prefix, Process, ProcessSpec};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+const DEADLINE: Duration = Duration::from_secs(60);
+const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 100\n";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn node(admin: &AdminClient, name: &str) -> Option<basalt_api::Node> {
+    match admin.get(Kind::Node, name).await {
+        Ok(Object::Node(node)) => Some(node),
+        _ => None,
+    }
+}
+
+async fn vm_running_on(admin: &AdminClient, name: &str, node: &str) -> bool {
+    match admin.get(Kind::Vm, name).await {
+        Ok(Object::Vm(vm)) => {
+            vm.status.phase == VmPhase::Running && vm.status.node.as_deref() == Some(node)
+        }
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_restart() {
+    let prefix = Prefix::for_test().expect("prefix");
+    let config = prefix.dir().join("control.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let address = format!("127.0.0.1:{}", free_port());
+    let member_spec = ProcessSpec::new("control-1", BASALTD)
+        .args(["control", "--bootstrap", "--node-id", "1", "--config"])
+        .arg(&config)
+        .args(["--listen", &address, "--data-dir"])
+        .arg(prefix.dir().join("control-1"))
+        .env("RUST_LOG", "info");
+    let mut member = Process::start(&prefix, member_spec).expect("start basaltd control");
+    let admin = AdminClient::connect_lazy(&address).expect("admin client");
+    wait_until("the member leads", || async {
+        admin
+            .list(Kind::Member)
+            .await
+            .is_ok_and(|l| !l.objects.is_empty())
+    })
+    .await;
+
+    // A token good for exactly one registration.
+    let mut token = JoinToken {
+        meta: ObjectMeta::named("once"),
+        ..JoinToken::default()
+    };
+    token.spec.ttl_seconds = 3600;
+    token.spec.max_uses = 1;
+    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
+        panic!("create token")
+    };
+    let secret = token.secret.expect("secret").expose().to_owned();
+
+    let agent_spec = ProcessSpec::new("agent-n1", BASALTD)
+        .args([
+            "agent",
+            "--node",
+            "n1",
+            "--address",
+            "127.0.0.1:7501",
+            "--server",
+            &address,
+            "--compute",
+            "sim",
+            "--cpus",
+            "4",
+            "--memory-mib",
+            "4096",
+            "--fence-after-ms",
+            "1500",
+            "--resync-ms",
+            "300",
+            "--stop-grace-ms",
+            "200",
+            "--console-dir",
+        ])
+        .arg(prefix.dir().join("console"))
+        .env("BASALT_JOIN_TOKEN", &secret)
+        .env("RUST_LOG", "info");
+    let agent = Process::start(&prefix, agent_spec).expect("start basaltd agent");
+    wait_until("n1 is ready", || async {
+        node(&admin, "n1")
+            .await
+            .is_some_and(|n| n.status.is_ready())
+    })
+    .await;
+    let first = node(&admin, "n1").await.expect("n1");
+    assert_eq!(
+        first.status.credential_sha256.len(),
+        64,
+        "the node stores its credential's hash"
+    );
+
+    let mut vm = Vm {
+        meta: ObjectMeta::named("web"),
+        ..Vm::default()
+    };
+    vm.spec.cpus = 1;
+    vm.spec.memory_mib = 128;
+    vm.spec.running = true;
+    // Simulated compute boots nothing; the path only has to be absolute.
+    vm.spec.kernel = Some(KernelBoot {
+        kernel: "/boot/vmlinuz".into(),
+        initrd: "/boot/initrd.img".into(),
+        cmdline: "console=ttyS0".into(),
+    });
+    admin.create(Object::Vm(vm)).await.expect("create vm");
+    wait_until("web runs on n1", || vm_running_on(&admin, "web", "n1")).await;
+
+    // Freeze the agent past its lease: the node is marked not ready and
+    // its lease dropped; the next heartbeat is refused.
+    let pid = Pid::from_raw(i32::try_from(agent.pid()).expect("pid"));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    wait_until("n1 is marked not ready", || async {
+        node(&admin, "n1")
+            .await
+            .is_some_and(|n| !n.status.is_ready())
+    })
+    .await;
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    wait_until("n1 registered again and is ready", || async {
+        node(&admin, "n1")
+            .await
+            .is_some_and(|n| n.status.is_ready())
+    })
+    .await;
+    let again = node(&admin, "n1").await.expect("n1");
+    assert_eq!(again.meta.uid, first.meta.uid, "same node, same uid");
+    let Ok(Object::Token(spent)) = admin.get(Kind::Token, "once").await else {
+        panic!("get token")
+    };
+    assert_eq!(
+        spent.status.uses, 1,
+        "the agent came back with its credential, not the spent token"
+    );
+    assert!(
+        agent.logs().contains("registered again"),
+        "{}",
+        agent.log_tail(30)
+    );
+    wait_until("web runs on n1 again", || {
+        vm_running_on(&admin, "web", "n1")
+    })
+    .await;
+
+    // Kill the leader (the only member) and bring it back from its data
+    // directory, after the agent's fencing window: the agent keeps
+    // working and runs its VM again.
+    member.kill9().expect("kill -9 the leader");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    member.restart().expect("restart the leader");
+    wait_until("n1 is ready under the new leader", || async {
+        node(&admin, "n1")
+            .await
+            .is_some_and(|n| n.status.is_ready())
+    })
+    .await;
+    wait_until("web runs on n1 after the restart", || {
+        vm_running_on(&admin, "web", "n1")
+    })
+    .await;
+    // And it stays ready over several leases.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let later = node(&admin, "n1").await.expect("n1");
+    assert!(later.status.is_ready(), "{later:?}\n{}", agent.log_tail(30));
+    assert_eq!(later.meta.uid, first.meta.uid);
+}

@@ -4,7 +4,8 @@
 //! QEMU looks) and `basaltd agent --compute sim --storage-socket`. A VM's disks become volumes of the
 //! node's pool (empty, or clones of an imported image whose bytes the
 //! clone shows, read back over NBD), the image's import is reported in its
-//! status, deleting the image leaves the running VM and its data alone,
+//! status, a VM that moved here without its volume is refused rather
+//! than given a fresh disk, deleting the image leaves the running VM and its data alone,
 //! and deleting the VM removes its volumes while an operator's own volume
 //! stays.
 
@@ -17,7 +18,7 @@ use basalt_agent::storage::disk_volume;
 use basalt_agent::storage::image::image_volume;
 use basalt_api::{
     AdminClient, Disk, EnsureVolume, Image, ImageFormat, ImagePhase, ImageSpec, JoinToken,
-    KernelBoot, Kind, Object, ObjectMeta, StorageClient, Vm, VmPhase, VmSpec,
+    KernelBoot, Kind, Object, ObjectMeta, Placement, StorageClient, Vm, VmPhase, VmSpec,
 };
 use basalt_testkit::nbd_client::NbdClient;
 use basalt_testkit::{Fabric, Prefix, Process, ProcessSpec};
@@ -265,6 +266,45 @@ fn the_agent_makes_clones_and_removes_volumes() {
             })
             .expect("run in the node");
         assert_eq!(read, [0, 1, 700, 0]);
+
+        // A VM that ran elsewhere before (placed here with epoch 2, as HA
+        // does) whose volume is not in this pool is refused, not started
+        // on a fresh disk.
+        let mut moved = vm("moved", vec![disk("root", 4 << 20, None)]);
+        if let Object::Vm(v) = &mut moved {
+            v.spec.running = false;
+        }
+        let Object::Vm(moved) = admin.create(moved).await.expect("create vm") else {
+            panic!("a vm")
+        };
+        admin
+            .create(Object::Placement(Placement {
+                meta: ObjectMeta::named("moved"),
+                vm: "moved".into(),
+                node: "a".into(),
+                epoch: 2,
+            }))
+            .await
+            .expect("place it with epoch 2");
+        wait_until("the moved VM is refused", || async {
+            match admin.get(Kind::Vm, "moved").await {
+                Ok(Object::Vm(v)) => {
+                    v.status.phase == VmPhase::Failed
+                        && v.status
+                            .conditions
+                            .iter()
+                            .any(|c| c.message.contains("ran elsewhere"))
+                }
+                _ => false,
+            }
+        })
+        .await;
+        let moved_root = disk_volume(&moved.meta.uid, "root");
+        assert!(!volume_names(&storage).await.contains(&moved_root));
+        admin
+            .delete(Kind::Vm, "moved", None)
+            .await
+            .expect("delete the moved vm");
 
         // Delete the image while the VM runs: its snapshot goes, the VM
         // keeps running on its clone, which keeps the image's bytes.

@@ -346,9 +346,10 @@ async fn reconcile_loop<C: Compute + 'static>(
         let placed = if fenced { Vec::new() } else { placed };
         for (name, evicting) in placed {
             let got = admin.get(Kind::Vm, &name).await;
+            let epoch = lock(&state).placements.get(&name).map_or(1, |p| p.epoch);
             // Volumes first: a domain is defined only on exported disks.
             if let (Ok(Object::Vm(vm)), Some(volumes)) = (&got, &volumes)
-                && let Err(err) = volumes.ensure_vm(vm).await
+                && let Err(err) = volumes.ensure_vm_at(vm, epoch).await
             {
                 if err.is_transient() {
                     tracing::warn!(vm = %name, error = %err, "storage unreachable; keeping what runs");

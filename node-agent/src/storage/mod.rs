@@ -16,7 +16,10 @@
 //! snapshot in this pool, which [`image::Importer`] makes once per node.
 //!
 //! Invariants:
-//! - [`Volumes::ensure_vm`] is idempotent: an existing volume is kept as
+//! - a disk volume is created only for a VM's first placement (epoch 1):
+//!   a VM that moved here (epoch above 1) without its volume here is
+//!   refused rather than started on a fresh, empty disk;
+//! - [`Volumes::ensure_vm_at`] is idempotent: an existing volume is kept as
 //!   it is (a disk never shrinks, a clone is never made again);
 //! - garbage collection ([`garbage`]) removes only volumes whose names
 //!   Basalt derives (a UUID: a VM disk; `img-<uuid>`: an image) and whose
@@ -74,6 +77,18 @@ pub enum VolumeError {
         /// The storage process's or the cluster's answer.
         #[source]
         source: ApiError,
+    },
+    /// The VM ran on another node before (its placement's epoch is not
+    /// the first) and this node has no volume for the disk: a fresh one
+    /// would silently replace its data.
+    #[error(
+        "disk {disk}: the VM ran elsewhere before (placement epoch {epoch}) and its volume is not on this node; refusing to start it on a fresh disk"
+    )]
+    Elsewhere {
+        /// The disk's name.
+        disk: String,
+        /// The placement's epoch.
+        epoch: u64,
     },
     /// The storage process exports the volume somewhere QEMU does not look.
     #[error("disk {disk}: exported as {found}, the domain expects {expected}")]
@@ -184,8 +199,16 @@ impl Volumes {
         &self.storage
     }
 
-    /// Makes every disk of `vm` a volume exported where its domain looks.
+    /// [`Volumes::ensure_vm_at`] for a VM's first placement (epoch 1).
     pub async fn ensure_vm(&self, vm: &Vm) -> Result<(), VolumeError> {
+        self.ensure_vm_at(vm, 1).await
+    }
+
+    /// Makes every disk of `vm` a volume exported where its domain looks.
+    /// `epoch` is the VM's placement epoch here: above 1 the VM ran on
+    /// another node before, and a missing volume is not created (its data
+    /// is elsewhere) but refused with [`VolumeError::Elsewhere`].
+    pub async fn ensure_vm_at(&self, vm: &Vm, epoch: u64) -> Result<(), VolumeError> {
         for disk in &vm.spec.disks {
             let name = disk_volume(&vm.meta.uid, &disk.name);
             // An existing volume is kept as it is: its image is not even
@@ -195,6 +218,12 @@ impl Volumes {
                 Err(ApiError::FailedPrecondition { .. }) => false,
                 Err(e) => return Err(classify(&disk.name, e)),
             };
+            if !exists && epoch > 1 {
+                return Err(VolumeError::Elsewhere {
+                    disk: disk.name.clone(),
+                    epoch,
+                });
+            }
             let source = match &disk.image {
                 Some(image) if !exists => Some(self.image_source(&disk.name, image).await?),
                 _ => None,

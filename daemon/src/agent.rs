@@ -17,34 +17,42 @@ use clap::{Args, ValueEnum};
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// This node's name (a DNS label).
-    #[arg(long)]
+    #[arg(long, env = "BASALT_NODE")]
     node: String,
     /// Where the cluster reaches this node (`host:port`).
-    #[arg(long)]
+    #[arg(long, env = "BASALT_ADDRESS")]
     address: String,
     /// A control-plane member (any member).
-    #[arg(long, default_value = "127.0.0.1:7400")]
+    #[arg(long, env = "BASALT_SERVER", default_value = "127.0.0.1:7400")]
     server: String,
     /// The join token's secret (`basalt token create`).
     #[arg(long, env = "BASALT_JOIN_TOKEN", hide_env_values = true)]
     token: String,
+    /// Check the flags and environment (BASALT_NODE, BASALT_ADDRESS,
+    /// BASALT_SERVER, ...), print them and exit without joining.
+    #[arg(long)]
+    check_config: bool,
     /// The hypervisor: libvirt, or a simulated one for tests and scale runs.
     #[arg(long, value_enum, default_value_t = Backend::Libvirt)]
     compute: Backend,
     /// libvirt connection URI.
-    #[arg(long, default_value = "qemu:///system")]
+    #[arg(long, env = "BASALT_LIBVIRT_URI", default_value = "qemu:///system")]
     libvirt_uri: String,
     /// Hardware acceleration for guests (TCG where KVM is unusable).
-    #[arg(long, value_enum, default_value_t = AccelArg::Tcg)]
+    #[arg(long, env = "BASALT_ACCEL", value_enum, default_value_t = AccelArg::Tcg)]
     accel: AccelArg,
     /// The cluster-wide CPU model (same on every node so VMs can migrate).
-    #[arg(long, default_value = "qemu64")]
+    #[arg(long, env = "BASALT_CPU_MODEL", default_value = "qemu64")]
     cpu_model: String,
     /// Prefix of the libvirt domains this agent owns.
     #[arg(long, default_value = "basalt-")]
     domain_prefix: String,
     /// Where VM consoles are written.
-    #[arg(long, default_value = "/var/log/basalt/console")]
+    #[arg(
+        long,
+        env = "BASALT_CONSOLE_DIR",
+        default_value = "/var/log/basalt/console"
+    )]
     console_dir: PathBuf,
     /// vCPUs offered to VMs (default: the host's).
     #[arg(long)]
@@ -83,6 +91,9 @@ enum AccelArg {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        return check_config(&args);
+    }
     std::fs::create_dir_all(&args.console_dir).with_context(|| {
         format!(
             "creating the console directory {}",
@@ -131,6 +142,35 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         };
         result.context("the agent stopped")
     })
+}
+
+/// `--check-config`: the registration this agent would send must be
+/// valid, and the server an address with a port.
+fn check_config(args: &AgentArgs) -> anyhow::Result<()> {
+    let registration = basalt_api::Registration {
+        token: basalt_api::TokenSecret::new(args.token.clone()),
+        node_name: args.node.clone(),
+        address: args.address.clone(),
+        capacity: Resources::default(),
+        ..basalt_api::Registration::default()
+    };
+    registration
+        .validate()
+        .map_err(|err| anyhow::anyhow!("invalid agent configuration: {err}"))?;
+    let port_ok = args
+        .server
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    anyhow::ensure!(
+        port_ok,
+        "invalid agent configuration: server (BASALT_SERVER): {:?} is not host:port",
+        args.server
+    );
+    println!(
+        "agent config ok: node {} at {}, control plane {}, libvirt {}",
+        args.node, args.address, args.server, args.libvirt_uri
+    );
+    Ok(())
 }
 
 async fn shutdown() {

@@ -74,6 +74,9 @@ pub struct MemberArgs {
     /// A TOML config file (unknown fields are refused).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
+    /// Check the config file and flags, print the result and exit.
+    #[arg(long)]
+    check_config: bool,
     /// This member's Raft node id (at least 1, unique in the cluster).
     #[arg(long)]
     node_id: Option<u64>,
@@ -202,8 +205,19 @@ fn run_action(action: Action) -> anyhow::Result<()> {
 }
 
 fn run_member(args: MemberArgs) -> anyhow::Result<()> {
+    let check = args.check_config;
     let (config, path) = args.config()?;
     config.validate(path.as_deref())?;
+    if check {
+        println!(
+            "control config ok: member {} (id {}) at {}, data in {}",
+            config.member_name(),
+            config.node_id,
+            config.advertise_address(),
+            config.data_dir.display()
+        );
+        return Ok(());
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let shutdown = async {

@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "proto/basalt/v1/token.proto",
     "proto/basalt/v1/member.proto",
     "proto/basalt/v1/network.proto",
+    "proto/basalt/v1/migration.proto",
     "proto/basalt/v1/image.proto",
     "proto/basalt/v1/admin.proto",
     "proto/basalt/v1/agent.proto",

@@ -8,6 +8,7 @@
 
 mod commands;
 mod image;
+mod migrate;
 mod node;
 mod output;
 mod token;

@@ -57,6 +57,7 @@ fn headers(kind: Kind) -> &'static [&'static str] {
         Kind::Endpoint => &[
             "NAME", "IP", "MAC", "VM", "NIC", "NODE", "EPOCH", "IDENTITY", "STATE",
         ],
+        Kind::Migration => &["NAME", "PHASE", "SOURCE", "TARGET", "REMAINING", "MESSAGE"],
         Kind::Image => &["NAME", "FORMAT", "SIZE", "NODES", "SOURCE"],
     }
 }
@@ -122,6 +123,18 @@ fn row(object: &Object) -> Vec<String> {
                 format!("released, free in {}", expires_in(e.release_at_unix_ms))
             },
         ],
+        Object::Migration(m) => vec![
+            m.meta.name.clone(),
+            m.status.phase.to_string(),
+            dash(&m.status.source),
+            dash(if m.status.target.is_empty() {
+                m.spec.target.as_deref().unwrap_or_default()
+            } else {
+                &m.status.target
+            }),
+            format!("{} MiB", m.status.data_remaining >> 20),
+            dash(&m.status.message),
+        ],
         Object::Image(i) => vec![
             i.meta.name.clone(),
             i.spec.format.as_str().to_owned(),
@@ -129,6 +142,15 @@ fn row(object: &Object) -> Vec<String> {
             image_nodes(&i.status),
             i.spec.source.clone(),
         ],
+    }
+}
+
+/// `text`, or "-" when empty.
+fn dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.to_owned()
     }
 }
 

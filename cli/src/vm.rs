@@ -56,7 +56,9 @@ pub enum VmCommand {
         #[arg(long, default_value = DEFAULT_CONSOLE_DIR)]
         console_dir: PathBuf,
     },
-    // Hook: `basalt vm migrate` (cli/src/migrate.rs) adds its variant here.
+    /// Move a running VM live to another node (`--to`, or the scheduler's
+    /// choice); `--wait` follows it to the end.
+    Migrate(crate::migrate::MigrateArgs),
 }
 
 /// `basalt vm create` flags.
@@ -189,6 +191,7 @@ pub async fn run(server: &str, format: Format, command: VmCommand) -> anyhow::Re
             follow,
             console_dir,
         } => console(&client, &name, follow, &console_dir).await,
+        VmCommand::Migrate(args) => crate::migrate::run(server, format, args).await,
     }
 }
 

@@ -38,6 +38,7 @@ use crate::admin::AdminService;
 use crate::agent::{Leases, node_views, now_unix_ms};
 use crate::config::NodeTuning;
 use crate::ipam::IpamController;
+use crate::migration::MigrationController;
 use crate::scheduler::{self, Overcommit};
 use crate::state::{Command, set_condition};
 
@@ -52,6 +53,7 @@ pub struct Controllers {
     leases: Arc<Leases>,
     tuning: NodeTuning,
     ipam: IpamController,
+    migrations: MigrationController,
     /// VM → why it could not be placed, as last logged.
     unschedulable: HashMap<String, String>,
     /// Removed node → when this leader first saw placements still on it.
@@ -73,6 +75,7 @@ impl Controllers {
             leases,
             tuning,
             ipam,
+            migrations: MigrationController::new(),
             unschedulable: HashMap::new(),
             gone: HashMap::new(),
             gone_term: 0,
@@ -105,6 +108,7 @@ impl Controllers {
         self.expire_leases(term).await;
         self.place(term).await;
         self.ipam.round(&self.admin).await;
+        self.migrations.round(&self.admin, term).await;
     }
 
     /// Marks each node whose lease ran out not ready; then its lease is

@@ -13,6 +13,7 @@
 //! - [`members`]: the membership reconciler;
 //! - [`scheduler`]: the placement planner and its executor;
 //! - [`controllers`]: the leader's lease, HA and placement controllers;
+//!   [`migration`]: the live-migration controller;
 //!   [`ipam`]: the IPAM controller (a lease per VM NIC, as endpoints);
 //! - [`config`], [`server`]: one member's configuration and its run loop;
 //! - [`recovery`]: backups, restoring one into a new cluster, and forcing
@@ -35,6 +36,7 @@ pub mod history;
 pub mod ipam;
 pub mod leases;
 pub mod members;
+pub mod migration;
 pub mod network;
 pub mod raft_types;
 pub mod recovery;

@@ -14,6 +14,7 @@
 //! [`compute::domain`]: the typed libvirt domain XML they will write.
 
 pub mod compute;
+pub mod migration;
 pub mod reconcile;
 pub mod runtime;
 pub mod storage;

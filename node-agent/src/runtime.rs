@@ -28,6 +28,7 @@ use futures::StreamExt as _;
 use tokio::sync::Notify;
 
 use crate::compute::{Compute, PowerState};
+use crate::migration::MigrationAgent;
 use crate::reconcile::{Desired, DesiredVm, Reconciler, VmObservation};
 use crate::vm_domain::{DomainPolicy, domain_spec};
 
@@ -134,13 +135,21 @@ pub async fn run<C: Compute + 'static>(
         state.clone(),
         trigger.clone(),
     ));
+    let migrations = MigrationAgent::new(&config.node, &config.policy.prefix);
+    let migrating = tokio::spawn(crate::migration::run(
+        migrations.clone(),
+        admin.clone(),
+        compute.clone(),
+        trigger.clone(),
+    ));
     let reconcile = tokio::spawn(reconcile_loop(
-        admin, agent, config, compute, state, trigger, started,
+        admin, agent, config, compute, state, trigger, started, migrations,
     ));
     shutdown.await;
     heartbeat.abort();
     placements.abort();
     reconcile.abort();
+    migrating.abort();
     Ok(())
 }
 
@@ -296,6 +305,7 @@ async fn follow_once(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn reconcile_loop<C: Compute + 'static>(
     admin: AdminClient,
     agent: AgentClient,
@@ -304,6 +314,7 @@ async fn reconcile_loop<C: Compute + 'static>(
     state: State,
     trigger: Arc<Notify>,
     started: Instant,
+    migrations: MigrationAgent,
 ) {
     let reconciler = Arc::new(Mutex::new(Reconciler::new(
         compute,
@@ -319,7 +330,9 @@ async fn reconcile_loop<C: Compute + 'static>(
     });
     let mut reported: BTreeMap<String, VmStatus> = BTreeMap::new();
     loop {
-        let (placed, last_ack) = {
+        // One snapshot for the whole pass: which VMs are wanted here and
+        // which moving VMs are left alone both follow from it.
+        let (placed, last_ack, placements) = {
             let shared = lock(&state);
             (
                 shared
@@ -328,8 +341,12 @@ async fn reconcile_loop<C: Compute + 'static>(
                     .map(|(vm, p)| (vm.clone(), p.is_evicting()))
                     .collect::<Vec<_>>(),
                 shared.last_ack,
+                shared.placements.clone(),
             )
         };
+        // A VM that left this node may come back (a migration there and
+        // back): forget what was reported for it, so it is reported afresh.
+        reported.retain(|vm, _| placements.contains_key(vm));
         let fenced = last_ack.unwrap_or(started).elapsed() > config.fence_after;
         if fenced {
             tracing::warn!(window = ?config.fence_after, "no heartbeat acknowledged within the fencing window: stopping every VM");
@@ -398,11 +415,15 @@ async fn reconcile_loop<C: Compute + 'static>(
         let pass = {
             let reconciler = reconciler.clone();
             let desired = desired.clone();
+            let migrations = migrations.clone();
             tokio::task::spawn_blocking(move || {
                 let mut reconciler = reconciler
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                reconciler.reconcile(&desired)
+                migrations.during_pass(&placements, desired.fenced, |hands_off| {
+                    reconciler.set_hands_off(hands_off);
+                    reconciler.reconcile(&desired)
+                })
             })
             .await
         };

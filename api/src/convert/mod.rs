@@ -8,6 +8,7 @@ mod error;
 mod image;
 mod member;
 mod meta;
+mod migration;
 mod network;
 mod node;
 mod object;

@@ -15,6 +15,7 @@ impl From<Object> for pb::Object {
             Object::Member(o) => PbObject::Member(o.into()),
             Object::Network(o) => PbObject::Network(o.into()),
             Object::Endpoint(o) => PbObject::Endpoint(o.into()),
+            Object::Migration(o) => PbObject::Migration(o.into()),
             Object::Image(o) => PbObject::Image(o.into()),
         };
         Self { kind: Some(kind) }
@@ -33,6 +34,7 @@ impl TryFrom<pb::Object> for Object {
             PbObject::Member(o) => Object::Member(o.try_into()?),
             PbObject::Network(o) => Object::Network(o.try_into()?),
             PbObject::Endpoint(o) => Object::Endpoint(o.try_into()?),
+            PbObject::Migration(o) => Object::Migration(o.try_into()?),
             PbObject::Image(o) => Object::Image(o.try_into()?),
         })
     }
@@ -48,6 +50,7 @@ impl From<Kind> for pb::Kind {
             Kind::Member => pb::Kind::Member,
             Kind::Network => pb::Kind::Network,
             Kind::Endpoint => pb::Kind::Endpoint,
+            Kind::Migration => pb::Kind::Migration,
             Kind::Image => pb::Kind::Image,
         }
     }
@@ -69,6 +72,7 @@ pub(crate) fn kind_from_pb(kind: i32, field: &str) -> Result<Option<Kind>, ApiEr
         pb::Kind::Member => Some(Kind::Member),
         pb::Kind::Network => Some(Kind::Network),
         pb::Kind::Endpoint => Some(Kind::Endpoint),
+        pb::Kind::Migration => Some(Kind::Migration),
         pb::Kind::Image => Some(Kind::Image),
     })
 }

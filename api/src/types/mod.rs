@@ -5,6 +5,7 @@ mod agent;
 mod image;
 mod member;
 mod meta;
+mod migration;
 mod network;
 mod node;
 mod object;
@@ -19,6 +20,10 @@ pub use agent::{Heartbeat, HeartbeatAck, Registered, Registration, StatusReport}
 pub use image::{Image, ImageFormat, ImageNodeStatus, ImagePhase, ImageSpec, ImageStatus};
 pub use member::Member;
 pub use meta::{Condition, ObjectMeta};
+pub use migration::{
+    DEFAULT_MIGRATION_TIMEOUT_SECONDS, MAX_MIGRATION_TIMEOUT_SECONDS, Migration, MigrationPhase,
+    MigrationSpec, MigrationStatus,
+};
 pub use network::{Endpoint, MAX_VNI, Network, NetworkSpec};
 pub use node::{Node, NodeSpec, NodeStatus, Resources};
 pub use object::{Kind, Object, ObjectList};

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::Image;
-use super::{Endpoint, JoinToken, Member, Network, Node, ObjectMeta, Placement, Vm};
+use super::{Endpoint, JoinToken, Member, Migration, Network, Node, ObjectMeta, Placement, Vm};
 use crate::ApiError;
 
 /// The sorts of stored objects.
@@ -29,11 +29,13 @@ pub enum Kind {
     Endpoint,
     /// [`Image`].
     Image,
+    /// [`Migration`].
+    Migration,
 }
 
 impl Kind {
     /// Every kind, in a stable order.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Node,
         Kind::Vm,
         Kind::Placement,
@@ -42,10 +44,11 @@ impl Kind {
         Kind::Network,
         Kind::Endpoint,
         Kind::Image,
+        Kind::Migration,
     ];
 
     /// The lowercase singular name: "node", "vm", "placement", "token",
-    /// "member", "network", "endpoint".
+    /// "member", "network", "endpoint", "image", "migration".
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Node => "node",
@@ -55,6 +58,7 @@ impl Kind {
             Kind::Member => "member",
             Kind::Network => "network",
             Kind::Endpoint => "endpoint",
+            Kind::Migration => "migration",
             Kind::Image => "image",
         }
     }
@@ -79,7 +83,7 @@ impl FromStr for Kind {
             .ok_or_else(|| {
                 ApiError::invalid(
                     "kind",
-                    format!("unknown kind {s:?}; expected node, vm, placement, token, member, network or endpoint"),
+                    format!("unknown kind {s:?}; expected node, vm, placement, token, member, network, endpoint, image or migration"),
                 )
             })
     }
@@ -104,6 +108,8 @@ pub enum Object {
     Network(Network),
     /// A VM NIC's leased address.
     Endpoint(Endpoint),
+    /// A live migration of a VM.
+    Migration(Migration),
     /// A disk image.
     Image(Image),
 }
@@ -119,6 +125,7 @@ impl Object {
             Object::Member(_) => Kind::Member,
             Object::Network(_) => Kind::Network,
             Object::Endpoint(_) => Kind::Endpoint,
+            Object::Migration(_) => Kind::Migration,
             Object::Image(_) => Kind::Image,
         }
     }
@@ -133,6 +140,7 @@ impl Object {
             Object::Member(o) => &o.meta,
             Object::Network(o) => &o.meta,
             Object::Endpoint(o) => &o.meta,
+            Object::Migration(o) => &o.meta,
             Object::Image(o) => &o.meta,
         }
     }
@@ -147,6 +155,7 @@ impl Object {
             Object::Member(o) => &mut o.meta,
             Object::Network(o) => &mut o.meta,
             Object::Endpoint(o) => &mut o.meta,
+            Object::Migration(o) => &mut o.meta,
             Object::Image(o) => &mut o.meta,
         }
     }
@@ -167,6 +176,7 @@ impl Object {
             Object::Member(o) => o.validate(),
             Object::Network(o) => o.validate(),
             Object::Endpoint(o) => o.validate(),
+            Object::Migration(o) => o.validate(),
             Object::Image(o) => o.validate(),
         }
     }
@@ -211,6 +221,7 @@ object_variant!(Token, JoinToken);
 object_variant!(Member, Member);
 object_variant!(Network, Network);
 object_variant!(Endpoint, Endpoint);
+object_variant!(Migration, Migration);
 object_variant!(Image, Image);
 
 #[cfg(test)]

@@ -14,11 +14,14 @@
 //! - a fenced agent (no heartbeat acknowledged within the fencing window)
 //!   destroys every running Basalt domain and starts none;
 //! - a restarted agent adopts running domains: it never restarts a guest
-//!   that already runs as wanted.
+//!   that already runs as wanted;
+//! - domains in the hands-off set (VMs in the middle of a live migration,
+//!   see [`crate::migration`]) are neither started, stopped, defined nor
+//!   removed, unless the agent is fenced.
 
 pub mod plan;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::compute::domain::DomainSpec;
@@ -56,6 +59,8 @@ pub struct Reconciler<C> {
     grace: Duration,
     /// The spec last defined per domain, in this process's lifetime.
     applied: BTreeMap<String, DomainSpec>,
+    /// Domains to leave alone (moving VMs), unless fenced.
+    hands_off: BTreeSet<String>,
 }
 
 impl<C: Compute> Reconciler<C> {
@@ -66,7 +71,14 @@ impl<C: Compute> Reconciler<C> {
             prefix: prefix.into(),
             grace,
             applied: BTreeMap::new(),
+            hands_off: BTreeSet::new(),
         }
+    }
+
+    /// The domains the next passes leave alone (VMs moving live), until
+    /// set again; ignored while fenced.
+    pub fn set_hands_off(&mut self, domains: BTreeSet<String>) {
+        self.hands_off = domains;
     }
 
     /// The backend.
@@ -83,8 +95,16 @@ impl<C: Compute> Reconciler<C> {
     pub fn reconcile(&mut self, desired: &Desired) -> Result<Pass, ComputeError> {
         let observed = self.compute.list()?;
         let prefix = self.prefix.clone();
+        let hands_off = if desired.fenced {
+            BTreeSet::new()
+        } else {
+            self.hands_off.clone()
+        };
+        let mut desired = desired.clone();
+        desired.vms.retain(|vm| !hands_off.contains(&vm.spec.name));
+        let desired = &desired;
         let plan = plan(desired, &observed, &self.applied, |name| {
-            name.starts_with(&prefix)
+            name.starts_with(&prefix) && !hands_off.contains(name)
         });
         let mut pass = Pass::default();
         let mut errors: BTreeMap<String, String> = plan.conflicts.into_iter().collect();

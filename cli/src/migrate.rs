@@ -1,0 +1,181 @@
+//! `basalt vm migrate VM [--to NODE] [--wait] [--post-copy]`: asks the
+//! control plane to move a running VM live to another node, and with
+//! `--wait` follows the migration to its end, printing each phase and the
+//! data left to copy.
+//!
+//! A request is a `migration` object named after the VM. A finished one
+//! (succeeded or failed) is replaced; one still under way is reported and
+//! left alone. With `--wait`, the command fails when the migration does.
+
+use anyhow::{Context as _, bail};
+use basalt_api::{
+    AdminClient, ApiError, Kind, Migration, MigrationPhase, MigrationSpec, Object, ObjectMeta,
+    WatchEvent,
+};
+use futures::StreamExt as _;
+
+use crate::output::{self, Format};
+
+/// `basalt vm migrate` flags.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The VM to move.
+    pub vm: String,
+    /// The node to move it to (default: the scheduler chooses).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Follow the migration until it ends; fail if it fails.
+    #[arg(long)]
+    pub wait: bool,
+    /// If pre-copy has not converged within the timeout, switch to
+    /// post-copy instead of aborting.
+    #[arg(long)]
+    pub post_copy: bool,
+    /// How long pre-copy may run, in seconds (0: the control plane's
+    /// default).
+    #[arg(long, default_value_t = 0)]
+    pub timeout_seconds: u32,
+}
+
+/// Runs `basalt vm migrate` against the server at `server`.
+pub async fn run(server: &str, format: Format, args: MigrateArgs) -> anyhow::Result<()> {
+    let client = AdminClient::connect(server).await?;
+    let request = Migration {
+        meta: ObjectMeta::named(args.vm.clone()),
+        spec: MigrationSpec {
+            vm: args.vm.clone(),
+            target: args.to.clone(),
+            post_copy: args.post_copy,
+            timeout_seconds: args.timeout_seconds,
+        },
+        ..Migration::default()
+    };
+    let created = match client.create(Object::Migration(request.clone())).await {
+        Ok(created) => created,
+        Err(ApiError::AlreadyExists { .. }) => replace_finished(&client, request).await?,
+        Err(err) => return Err(err).context(format!("requesting the migration of {}", args.vm)),
+    };
+    let version = created.meta().resource_version;
+    if !args.wait {
+        return match format {
+            Format::Table => {
+                println!(
+                    "migration of {} requested; follow it with `basalt get migration {}`",
+                    args.vm, args.vm
+                );
+                Ok(())
+            }
+            _ => output::print_objects(format, Kind::Migration, &[created]),
+        };
+    }
+    follow(&client, format, created, version).await
+}
+
+/// Replaces a finished migration of the same VM; refuses if one is still
+/// under way.
+async fn replace_finished(client: &AdminClient, request: Migration) -> anyhow::Result<Object> {
+    let name = request.meta.name.clone();
+    let existing = match client.get(Kind::Migration, &name).await? {
+        Object::Migration(m) => m,
+        other => bail!("{name} is a {}, not a migration", other.kind()),
+    };
+    if !existing.status.phase.is_terminal() {
+        bail!(
+            "VM {name} is already migrating ({}: {} → {})",
+            existing.status.phase,
+            or_dash(&existing.status.source),
+            or_dash(&existing.status.target)
+        );
+    }
+    client
+        .delete(Kind::Migration, &name, Some(existing.meta.resource_version))
+        .await
+        .context("removing the previous, finished migration")?;
+    client
+        .create(Object::Migration(request))
+        .await
+        .with_context(|| format!("requesting the migration of {name}"))
+}
+
+/// Prints the migration's changes until it ends.
+async fn follow(
+    client: &AdminClient,
+    format: Format,
+    created: Object,
+    version: u64,
+) -> anyhow::Result<()> {
+    let uid = created.meta().uid.clone();
+    let name = created.name().to_owned();
+    let mut events = client.watch(Some(Kind::Migration), version).await?;
+    let mut last: Option<(MigrationPhase, u64)> = None;
+    // What happened between the create and the watch is in the current
+    // object; later changes come from the watch.
+    let mut next = Some(client.get(Kind::Migration, &name).await?);
+    loop {
+        let object = match next.take() {
+            Some(object) => object,
+            None => match events.next().await {
+                Some(Ok(
+                    WatchEvent::Added { object, .. } | WatchEvent::Modified { object, .. },
+                )) => object,
+                Some(Ok(WatchEvent::Deleted { object, .. })) if object.name() == name => {
+                    bail!("the migration of {name} was removed before it ended");
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => return Err(err).context("following the migration"),
+                None => bail!("the control plane closed the watch"),
+            },
+        };
+        let Object::Migration(m) = object else {
+            continue;
+        };
+        if m.meta.name != name || m.meta.uid != uid {
+            continue;
+        }
+        let now = (m.status.phase, m.status.data_remaining >> 20);
+        if last != Some(now) {
+            last = Some(now);
+            print_progress(format, &m)?;
+        }
+        match m.status.phase {
+            MigrationPhase::Succeeded => return Ok(()),
+            MigrationPhase::Failed => bail!("the migration of {name} failed: {}", m.status.message),
+            _ => {}
+        }
+    }
+}
+
+fn print_progress(format: Format, m: &Migration) -> anyhow::Result<()> {
+    match format {
+        Format::Table => {
+            let status = &m.status;
+            let what = match status.phase {
+                MigrationPhase::Pending => "waiting for the control plane".to_owned(),
+                MigrationPhase::Preparing | MigrationPhase::TargetReady => {
+                    format!("{} → {}: {}", status.source, status.target, status.message)
+                }
+                MigrationPhase::Migrating if status.data_total > 0 => format!(
+                    "{} → {}: {} MiB of {} MiB left{}",
+                    status.source,
+                    status.target,
+                    status.data_remaining >> 20,
+                    status.data_total >> 20,
+                    if status.post_copy_active {
+                        " (post-copy)"
+                    } else {
+                        ""
+                    }
+                ),
+                _ => status.message.clone(),
+            };
+            println!("{:<12} {what}", status.phase.to_string());
+            Ok(())
+        }
+        Format::Json => output::print_json_line(m),
+        Format::Yaml => output::print_yaml_document(m),
+    }
+}
+
+fn or_dash(text: &str) -> &str {
+    if text.is_empty() { "-" } else { text }
+}

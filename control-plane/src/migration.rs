@@ -1,0 +1,685 @@
+//! The migration controller: drives each [`Migration`] object through its
+//! phases on the leader, choosing the target and moving the placement at
+//! the end. The agents do the rest (see `basalt_agent::migration`).
+//!
+//! # The state machine, and who writes each step
+//!
+//! ```text
+//!  Pending ──controller──▶ Preparing ──target agent──▶ TargetReady
+//!     │                        │                            │
+//!     │                        ▼                      source agent
+//!     └──────────────▶ Failed ◀─────── Migrating ◀──────────┘
+//!                        ▲                 │
+//!                        │           source agent (libvirt said done)
+//!                        │                 ▼
+//!                        └──────────── Switching ──controller──▶ Succeeded
+//! ```
+//!
+//! - **Pending → Preparing** (controller): the VM exists, runs and is
+//!   placed; the target is `spec.target` or the scheduler's choice among
+//!   the other nodes (same filters as a placement: ready, not cordoned,
+//!   selector, anti-affinity, capacity). The status records the source,
+//!   the target and the placement's epoch *now*: every later step checks
+//!   that the placement is still exactly `(source, epoch)`.
+//! - **Preparing → TargetReady** (target agent): it has made sure its
+//!   reconciler leaves the incoming domain alone, then says so.
+//! - **TargetReady → Migrating** (source agent): it has stopped
+//!   reconciling the VM, then starts the peer-to-peer copy.
+//! - **Migrating → Switching** (source agent): libvirt reported success:
+//!   the guest runs on the target and the source holds no copy.
+//! - **Switching → Succeeded** (controller): one Raft entry (a batch,
+//!   all or nothing) moves the placement to the target with `epoch + 1`,
+//!   moves the VM's endpoints with it (the network fence, as HA does) and
+//!   marks the migration succeeded.
+//! - **→ Failed**: the source agent when the copy fails or is aborted
+//!   (the guest still runs on the source); the target agent when it cannot
+//!   prepare; the controller when the request is impossible, the target
+//!   has not prepared within [`PREPARE_TIMEOUT`], the placement changed
+//!   under the migration (HA moved the VM) or the source or target node
+//!   lost its `Ready` condition.
+//!
+//! # Why there are never two running copies
+//!
+//! - libvirt's peer-to-peer migration itself ends with one copy: on
+//!   success the source QEMU is gone and its definition undefined, on
+//!   failure the target's is.
+//! - Agents stop reconciling a VM while it moves: the source from before
+//!   it starts the copy until the placement has left it (so it never
+//!   "restarts" a VM whose domain vanished because it moved), the target
+//!   from before it says ready until the placement reaches it or the
+//!   migration fails (so it never destroys the incoming domain, and
+//!   destroys it as an unwanted domain once the migration has failed).
+//! - Every write is a compare-and-swap: the source agent's `Switching`
+//!   and the controller's `Failed` cannot both win; the placement moves
+//!   only from `(source, epoch)`, so a VM that HA moved meanwhile is not
+//!   moved again.
+//! - The controller never fails a migration in `Migrating` on a timer
+//!   (the source agent owns the pre-copy timeout and aborts by itself):
+//!   a copy that libvirt completes is always followed by the move. It
+//!   does fail it when the source or target node is lost; then the node
+//!   fences (the agent destroys its guests, storage and network follow the
+//!   epoch) and HA places the VM as for any lost node.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use basalt_api::{
+    ApiError, Endpoint, Kind, Migration, MigrationPhase, Node, Object, Placement, Vm,
+};
+
+use crate::admin::AdminService;
+use crate::agent::now_unix_ms;
+use crate::scheduler::{self, Overcommit};
+use crate::state::Command;
+
+/// How long a target may take to prepare before the migration fails.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the controller decided for one migration, from the state alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to do now.
+    Wait,
+    /// Write this migration (a new phase or status).
+    Update(Migration),
+    /// Move the placement and the VM's endpoints and mark the migration
+    /// succeeded, in one batch.
+    Switch {
+        /// The placement moved to the target with `epoch + 1`.
+        placement: Placement,
+        /// The VM's active endpoints, on the target with `epoch + 1`.
+        endpoints: Vec<Endpoint>,
+        /// The migration, succeeded.
+        migration: Migration,
+    },
+    /// Remove a finished migration whose VM is gone.
+    Delete(Migration),
+}
+
+/// The leader's migration controller. Holds nothing between rounds: the
+/// state is the only truth, so a new leader carries on where the last
+/// one stopped.
+#[derive(Debug, Default)]
+pub struct MigrationController {
+    /// Migration → the last failure to write it, as last logged.
+    logged: BTreeMap<String, String>,
+}
+
+impl MigrationController {
+    /// A controller.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One round over every migration.
+    pub async fn round(&mut self, admin: &AdminService, seed: u64) {
+        let steps: Vec<Step> = {
+            let machine = admin.shared().read();
+            let state = &machine.state;
+            if state.list(Kind::Migration).next().is_none() {
+                return;
+            }
+            let nodes: Vec<Node> = state
+                .list(Kind::Node)
+                .filter_map(|o| Node::try_from(o.clone()).ok())
+                .collect();
+            let vms: Vec<Vm> = state
+                .list(Kind::Vm)
+                .filter_map(|o| Vm::try_from(o.clone()).ok())
+                .collect();
+            let placements: Vec<Placement> = state
+                .list(Kind::Placement)
+                .filter_map(|o| Placement::try_from(o.clone()).ok())
+                .collect();
+            let endpoints: Vec<Endpoint> = state
+                .list(Kind::Endpoint)
+                .filter_map(|o| Endpoint::try_from(o.clone()).ok())
+                .collect();
+            let view = View {
+                nodes: &nodes,
+                vms: &vms,
+                placements: &placements,
+                endpoints: &endpoints,
+                now_unix_ms: now_unix_ms(),
+                seed,
+            };
+            state
+                .list(Kind::Migration)
+                .filter_map(|o| match o {
+                    Object::Migration(m) => Some(decide(m, &view)),
+                    _ => None,
+                })
+                .filter(|step| *step != Step::Wait)
+                .collect()
+        };
+        for step in steps {
+            self.execute(admin, step).await;
+        }
+    }
+
+    async fn execute(&mut self, admin: &AdminService, step: Step) {
+        match step {
+            Step::Wait => {}
+            Step::Update(migration) => {
+                let name = migration.meta.name.clone();
+                let phase = migration.status.phase;
+                let message = migration.status.message.clone();
+                match admin
+                    .write(Command::Update(Object::Migration(migration)))
+                    .await
+                {
+                    Ok(_) => {
+                        self.logged.remove(&name);
+                        if phase == MigrationPhase::Failed {
+                            tracing::warn!(vm = %name, %message, "migration failed");
+                        } else {
+                            tracing::info!(vm = %name, %phase, "migration advanced");
+                        }
+                    }
+                    Err(err) => self.log_failure(&name, &err),
+                }
+            }
+            Step::Switch {
+                placement,
+                endpoints,
+                migration,
+            } => {
+                let name = migration.meta.name.clone();
+                let (to, epoch) = (placement.node.clone(), placement.epoch);
+                // One entry: the placement (compare-and-swap on its
+                // version), the network fence and the verdict, or nothing
+                // (the next round sees why).
+                let mut batch = vec![Command::Update(Object::Placement(placement))];
+                batch.extend(
+                    endpoints
+                        .into_iter()
+                        .map(|e| Command::Update(Object::Endpoint(e))),
+                );
+                batch.push(Command::Update(Object::Migration(migration)));
+                match admin.write(Command::Batch(batch)).await {
+                    Ok(_) => {
+                        self.logged.remove(&name);
+                        tracing::info!(vm = %name, node = %to, epoch, "migration succeeded: placement and endpoints moved");
+                    }
+                    Err(err) => self.log_failure(&name, &err),
+                }
+            }
+            Step::Delete(migration) => {
+                let name = migration.meta.name.clone();
+                if let Err(err) = admin
+                    .write(Command::Delete {
+                        kind: Kind::Migration,
+                        name: name.clone(),
+                        expected_resource_version: Some(migration.meta.resource_version),
+                    })
+                    .await
+                {
+                    self.log_failure(&name, &err);
+                }
+            }
+        }
+    }
+
+    fn log_failure(&mut self, name: &str, err: &ApiError) {
+        let text = err.to_string();
+        if self.logged.get(name) != Some(&text) {
+            tracing::info!(vm = %name, error = %text, "writing a migration step failed; will retry");
+            self.logged.insert(name.to_owned(), text);
+        }
+    }
+}
+
+/// What [`decide`] reads of the state.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    /// Every node.
+    pub nodes: &'a [Node],
+    /// Every VM.
+    pub vms: &'a [Vm],
+    /// Every placement.
+    pub placements: &'a [Placement],
+    /// Every endpoint.
+    pub endpoints: &'a [Endpoint],
+    /// The leader's clock.
+    pub now_unix_ms: u64,
+    /// The scheduler's tie-break seed.
+    pub seed: u64,
+}
+
+impl View<'_> {
+    fn vm(&self, name: &str) -> Option<&Vm> {
+        self.vms.iter().find(|vm| vm.meta.name == name)
+    }
+
+    fn placement(&self, vm: &str) -> Option<&Placement> {
+        self.placements.iter().find(|p| p.vm == vm)
+    }
+
+    fn ready(&self, node: &str) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.meta.name == node && n.status.is_ready())
+    }
+}
+
+/// The next step for `migration`, from the state alone (pure: every rule
+/// is a unit test).
+pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
+    let vm_name = migration.spec.vm.as_str();
+    let status = &migration.status;
+    let fail = |message: String| {
+        let mut failed = migration.clone();
+        failed.status.phase = MigrationPhase::Failed;
+        failed.status.message = message;
+        failed.status.finished_at_unix_ms = view.now_unix_ms;
+        Step::Update(failed)
+    };
+    match status.phase {
+        MigrationPhase::Succeeded | MigrationPhase::Failed => {
+            if view.vm(vm_name).is_none() {
+                Step::Delete(migration.clone())
+            } else {
+                Step::Wait
+            }
+        }
+        MigrationPhase::Pending => {
+            let Some(vm) = view.vm(vm_name) else {
+                return fail(format!("no VM {vm_name:?}"));
+            };
+            if !vm.spec.running {
+                return fail(format!("VM {vm_name:?} is not running"));
+            }
+            let Some(placement) = view.placement(vm_name) else {
+                return fail(format!("VM {vm_name:?} is not placed on any node yet"));
+            };
+            let source = placement.node.clone();
+            if !view.ready(&source) {
+                return fail(format!("the VM's node {source:?} is not ready"));
+            }
+            let candidates: Vec<Node> = match &migration.spec.target {
+                Some(target) if *target == source => {
+                    return fail(format!("VM {vm_name:?} already runs on {target:?}"));
+                }
+                Some(target) => match view.nodes.iter().find(|n| n.meta.name == *target) {
+                    Some(node) => vec![node.clone()],
+                    None => return fail(format!("no node {target:?}")),
+                },
+                None => view
+                    .nodes
+                    .iter()
+                    .filter(|n| n.meta.name != source)
+                    .cloned()
+                    .collect(),
+            };
+            // The VM counts as unplaced; every other placement loads its
+            // node as usual.
+            let others: Vec<Placement> = view
+                .placements
+                .iter()
+                .filter(|p| p.vm != vm_name)
+                .cloned()
+                .collect();
+            // Only this VM is pending: the others count by their load.
+            let loaded: Vec<Vm> = view
+                .vms
+                .iter()
+                .filter(|v| v.meta.name == vm_name || others.iter().any(|p| p.vm == v.meta.name))
+                .cloned()
+                .collect();
+            let plan = scheduler::plan(
+                &candidates,
+                &loaded,
+                &others,
+                Overcommit::default(),
+                view.seed,
+            );
+            let Some((_, target)) = plan.placements.into_iter().next() else {
+                let reason = plan
+                    .unschedulable
+                    .into_iter()
+                    .next()
+                    .map_or_else(|| "no other node".to_owned(), |(_, reason)| reason);
+                return fail(format!("no target for VM {vm_name:?}: {reason}"));
+            };
+            let mut next = migration.clone();
+            next.status = basalt_api::MigrationStatus {
+                phase: MigrationPhase::Preparing,
+                source,
+                target,
+                epoch: placement.epoch,
+                message: "the target prepares".into(),
+                started_at_unix_ms: view.now_unix_ms,
+                ..basalt_api::MigrationStatus::default()
+            };
+            Step::Update(next)
+        }
+        MigrationPhase::Preparing
+        | MigrationPhase::TargetReady
+        | MigrationPhase::Migrating
+        | MigrationPhase::Switching => {
+            let placement = view.placement(vm_name);
+            let unchanged =
+                placement.is_some_and(|p| p.node == status.source && p.epoch == status.epoch);
+            if !unchanged {
+                return fail(format!(
+                    "the VM's placement changed during the migration (now {})",
+                    placement.map_or_else(
+                        || "none".to_owned(),
+                        |p| format!("{} epoch {}", p.node, p.epoch)
+                    )
+                ));
+            }
+            if status.phase == MigrationPhase::Switching {
+                let Some(placement) = placement else {
+                    return Step::Wait;
+                };
+                let moved = Placement {
+                    node: status.target.clone(),
+                    epoch: status.epoch + 1,
+                    ..placement.clone()
+                };
+                let vm_uid = view.vm(vm_name).map(|vm| vm.meta.uid.as_str());
+                let endpoints = view
+                    .endpoints
+                    .iter()
+                    .filter(|e| {
+                        e.vm == vm_name
+                            && e.release_at_unix_ms == 0
+                            && Some(e.vm_uid.as_str()) == vm_uid
+                    })
+                    .map(|e| Endpoint {
+                        node: status.target.clone(),
+                        epoch: status.epoch + 1,
+                        ..e.clone()
+                    })
+                    .collect();
+                let mut done = migration.clone();
+                done.status.phase = MigrationPhase::Succeeded;
+                done.status.message = format!("runs on {}", status.target);
+                done.status.finished_at_unix_ms = view.now_unix_ms;
+                return Step::Switch {
+                    placement: moved,
+                    endpoints,
+                    migration: done,
+                };
+            }
+            for node in [&status.source, &status.target] {
+                if !view.ready(node) {
+                    return fail(format!("node {node:?} is not ready"));
+                }
+            }
+            let prepare_deadline = status
+                .started_at_unix_ms
+                .saturating_add(PREPARE_TIMEOUT.as_millis() as u64);
+            if status.phase == MigrationPhase::Preparing && view.now_unix_ms > prepare_deadline {
+                return fail(format!(
+                    "the target {:?} did not prepare within {} s",
+                    status.target,
+                    PREPARE_TIMEOUT.as_secs()
+                ));
+            }
+            Step::Wait
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{
+        Condition, MigrationSpec, MigrationStatus, NodeStatus, ObjectMeta, Resources, VmSpec,
+    };
+
+    use super::*;
+
+    fn node(name: &str, ready: bool) -> Node {
+        Node {
+            meta: ObjectMeta::named(name),
+            status: NodeStatus {
+                allocatable: Resources {
+                    cpus: 4,
+                    memory_mib: 4096,
+                    storage_bytes: 0,
+                },
+                conditions: vec![Condition {
+                    kind: Condition::READY.into(),
+                    status: ready,
+                    ..Condition::default()
+                }],
+                ..NodeStatus::default()
+            },
+            ..Node::default()
+        }
+    }
+
+    fn endpoint(name: &str, vm: &str, vm_uid: &str, release_at_unix_ms: u64) -> Endpoint {
+        Endpoint {
+            meta: ObjectMeta::named(name),
+            vm: vm.into(),
+            vm_uid: vm_uid.into(),
+            node: "n1".into(),
+            epoch: 4,
+            release_at_unix_ms,
+            ..Endpoint::default()
+        }
+    }
+
+    fn vm(name: &str, memory_mib: u64) -> Vm {
+        let mut meta = ObjectMeta::named(name);
+        meta.uid = format!("uid-{name}");
+        Vm {
+            meta,
+            spec: VmSpec {
+                cpus: 1,
+                memory_mib,
+                running: true,
+                ..VmSpec::default()
+            },
+            ..Vm::default()
+        }
+    }
+
+    fn placement(vm: &str, node: &str, epoch: u64) -> Placement {
+        Placement {
+            meta: ObjectMeta::named(vm),
+            vm: vm.into(),
+            node: node.into(),
+            epoch,
+        }
+    }
+
+    fn request(target: Option<&str>) -> Migration {
+        Migration {
+            meta: ObjectMeta::named("web"),
+            spec: MigrationSpec {
+                vm: "web".into(),
+                target: target.map(Into::into),
+                ..MigrationSpec::default()
+            },
+            status: MigrationStatus::default(),
+        }
+    }
+
+    struct World {
+        nodes: Vec<Node>,
+        vms: Vec<Vm>,
+        placements: Vec<Placement>,
+        endpoints: Vec<Endpoint>,
+        now: u64,
+    }
+
+    impl World {
+        fn new() -> Self {
+            World {
+                nodes: vec![node("n1", true), node("n2", true), node("n3", true)],
+                vms: vec![vm("web", 512), vm("big", 3900)],
+                placements: vec![placement("web", "n1", 4), placement("big", "n3", 1)],
+                endpoints: vec![
+                    endpoint("10-1-0-5", "web", "uid-web", 0),
+                    endpoint("10-1-0-6", "web", "uid-old-web", 0),
+                    endpoint("10-1-0-7", "web", "uid-web", 99),
+                    endpoint("10-1-0-8", "big", "uid-big", 0),
+                ],
+                now: 1_000_000,
+            }
+        }
+
+        fn decide(&self, migration: &Migration) -> Step {
+            decide(
+                migration,
+                &View {
+                    nodes: &self.nodes,
+                    vms: &self.vms,
+                    placements: &self.placements,
+                    endpoints: &self.endpoints,
+                    now_unix_ms: self.now,
+                    seed: 7,
+                },
+            )
+        }
+    }
+
+    fn updated(step: Step) -> Migration {
+        match step {
+            Step::Update(m) => m,
+            other => panic!("expected an update, got {other:?}"),
+        }
+    }
+
+    fn failed_with(step: Step, words: &str) {
+        let m = updated(step);
+        assert_eq!(m.status.phase, MigrationPhase::Failed, "{m:?}");
+        assert!(m.status.message.contains(words), "{:?}", m.status.message);
+    }
+
+    #[test]
+    fn a_request_gets_a_fitting_target_other_than_the_source_and_the_epoch() {
+        let world = World::new();
+        // n3 is nearly full: the only fitting other node is n2.
+        let m = updated(world.decide(&request(None)));
+        assert_eq!(m.status.phase, MigrationPhase::Preparing);
+        assert_eq!(
+            (
+                m.status.source.as_str(),
+                m.status.target.as_str(),
+                m.status.epoch
+            ),
+            ("n1", "n2", 4)
+        );
+        assert_eq!(m.status.started_at_unix_ms, world.now);
+        let m = updated(world.decide(&request(Some("n3"))));
+        assert_eq!(m.status.phase, MigrationPhase::Failed);
+        assert!(m.status.message.contains("short of memory"), "{m:?}");
+    }
+
+    #[test]
+    fn impossible_requests_fail_with_the_reason() {
+        let mut world = World::new();
+        failed_with(world.decide(&request(Some("n1"))), "already runs on");
+        failed_with(world.decide(&request(Some("n9"))), "no node");
+        world.nodes[1] = node("n2", false);
+        failed_with(world.decide(&request(Some("n2"))), "not ready");
+        world.vms[0].spec.running = false;
+        failed_with(world.decide(&request(None)), "not running");
+        world.vms.remove(0);
+        failed_with(world.decide(&request(None)), "no VM");
+    }
+
+    fn in_phase(phase: MigrationPhase) -> Migration {
+        let mut m = request(None);
+        m.status = MigrationStatus {
+            phase,
+            source: "n1".into(),
+            target: "n2".into(),
+            epoch: 4,
+            started_at_unix_ms: 1_000_000,
+            ..MigrationStatus::default()
+        };
+        m
+    }
+
+    #[test]
+    fn active_phases_wait_unless_the_placement_or_a_node_changed() {
+        let mut world = World::new();
+        for phase in [
+            MigrationPhase::Preparing,
+            MigrationPhase::TargetReady,
+            MigrationPhase::Migrating,
+        ] {
+            assert_eq!(world.decide(&in_phase(phase)), Step::Wait, "{phase}");
+        }
+        // HA moved the VM meanwhile.
+        world.placements[0] = placement("web", "n3", 5);
+        failed_with(
+            world.decide(&in_phase(MigrationPhase::Migrating)),
+            "placement changed",
+        );
+        failed_with(
+            world.decide(&in_phase(MigrationPhase::Switching)),
+            "placement changed",
+        );
+        // The target node is lost.
+        let mut world = World::new();
+        world.nodes[1] = node("n2", false);
+        failed_with(
+            world.decide(&in_phase(MigrationPhase::Migrating)),
+            "\"n2\" is not ready",
+        );
+    }
+
+    #[test]
+    fn a_target_that_never_prepares_fails_the_migration_but_a_long_copy_does_not() {
+        let mut world = World::new();
+        world.now += PREPARE_TIMEOUT.as_millis() as u64 + 1;
+        failed_with(
+            world.decide(&in_phase(MigrationPhase::Preparing)),
+            "did not prepare",
+        );
+        assert_eq!(
+            world.decide(&in_phase(MigrationPhase::TargetReady)),
+            Step::Wait
+        );
+        world.now += 3_600_000;
+        assert_eq!(
+            world.decide(&in_phase(MigrationPhase::Migrating)),
+            Step::Wait
+        );
+    }
+
+    #[test]
+    fn the_switch_moves_the_placement_with_the_next_epoch() {
+        let world = World::new();
+        match world.decide(&in_phase(MigrationPhase::Switching)) {
+            Step::Switch {
+                placement,
+                endpoints,
+                migration,
+            } => {
+                assert_eq!((placement.node.as_str(), placement.epoch), ("n2", 5));
+                assert_eq!(placement.meta.name, "web");
+                assert_eq!(migration.status.phase, MigrationPhase::Succeeded);
+                // Only the VM's active endpoints (its uid, not released)
+                // follow, fenced with the new epoch.
+                let moved: Vec<_> = endpoints
+                    .iter()
+                    .map(|e| (e.meta.name.as_str(), e.node.as_str(), e.epoch))
+                    .collect();
+                assert_eq!(moved, [("10-1-0-5", "n2", 5)]);
+            }
+            other => panic!("expected the switch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn finished_migrations_stay_until_their_vm_goes() {
+        let mut world = World::new();
+        assert_eq!(
+            world.decide(&in_phase(MigrationPhase::Succeeded)),
+            Step::Wait
+        );
+        world.vms.remove(0);
+        assert!(matches!(
+            world.decide(&in_phase(MigrationPhase::Failed)),
+            Step::Delete(_)
+        ));
+    }
+}

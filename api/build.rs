@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "proto/basalt/v1/network.proto",
     "proto/basalt/v1/migration.proto",
     "proto/basalt/v1/image.proto",
+    "proto/basalt/v1/policy.proto",
     "proto/basalt/v1/admin.proto",
     "proto/basalt/v1/agent.proto",
     "proto/basalt/v1/raft.proto",

@@ -11,6 +11,7 @@ mod image;
 mod migrate;
 mod node;
 mod output;
+mod policy;
 mod token;
 mod vm;
 mod wait;
@@ -103,6 +104,9 @@ enum Command {
     /// Virtual machines: create, list, get, start, stop, restart, delete, console.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Network policies: apply -f FILE (YAML), list, delete.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Print a shell completion script: `basalt completion bash`.
     Completion {
         /// The shell.
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Token(command) => runtime.block_on(token::run(&cli.server, cli.output, command)),
+        Command::Policy(command) => runtime.block_on(policy::run(&cli.server, cli.output, command)),
         Command::Image(command) => runtime.block_on(image::run(&cli.server, cli.output, command)),
         Command::Node(command) => runtime.block_on(node::run(&cli.server, cli.output, command)),
         Command::Vm(command) => runtime.block_on(vm::run(&cli.server, cli.output, command)),

@@ -54,6 +54,7 @@ fn headers(kind: Kind) -> &'static [&'static str] {
         Kind::Token => &["NAME", "USES", "MAX USES", "EXPIRES IN", "REVOKED"],
         Kind::Member => &["NAME", "ID", "ADDRESS", "VOTER"],
         Kind::Network => &["NAME", "CIDR", "VNI"],
+        Kind::Policy => &["NAME", "SELECTOR", "INGRESS", "EGRESS"],
         Kind::Endpoint => &[
             "NAME", "IP", "MAC", "VM", "NIC", "NODE", "EPOCH", "IDENTITY", "STATE",
         ],
@@ -103,6 +104,12 @@ fn row(object: &Object) -> Vec<String> {
             n.meta.name.clone(),
             n.spec.cidr.clone(),
             n.spec.vni.to_string(),
+        ],
+        Object::Policy(p) => vec![
+            p.meta.name.clone(),
+            crate::policy::selector_text(&p.spec.selector),
+            crate::policy::rules_text(p.spec.ingress.as_deref()),
+            crate::policy::rules_text(p.spec.egress.as_deref()),
         ],
         Object::Endpoint(e) => vec![
             e.meta.name.clone(),

@@ -744,6 +744,7 @@ fn same_spec(a: &Object, b: &Object) -> bool {
         }
         (Object::Member(a), Object::Member(b)) => (a.id, &a.address) == (b.id, &b.address),
         (Object::Network(a), Object::Network(b)) => a.spec == b.spec,
+        (Object::Policy(a), Object::Policy(b)) => a.spec == b.spec,
         (Object::Migration(a), Object::Migration(b)) => a.spec == b.spec,
         (Object::Image(a), Object::Image(b)) => a.spec == b.spec,
         (Object::Endpoint(a), Object::Endpoint(b)) => {

@@ -70,6 +70,17 @@ pub struct AgentArgs {
     /// How long a graceful VM stop may take (milliseconds).
     #[arg(long, default_value_t = 30_000)]
     stop_grace_ms: u64,
+    /// Drive this node's VM networking (eBPF datapath, taps, DHCP, VXLAN,
+    /// SNAT); VMs with NICs need it.
+    #[arg(long)]
+    network: bool,
+    /// The interface to the other nodes and the outside (VXLAN underlay,
+    /// source NAT).
+    #[arg(long, default_value = "eth0")]
+    net_uplink: String,
+    /// DNS servers handed to guests by DHCP (repeatable).
+    #[arg(long)]
+    net_dns: Vec<std::net::Ipv4Addr>,
     /// The node's storage process (`basaltd storage serve --local-socket`):
     /// the agent makes and removes VM volumes through it. Without it, VM
     /// disks must exist already.
@@ -101,6 +112,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         )
     })?;
     let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let network = args.network.then(|| {
+        let mut net = basalt_agent::network::NetworkConfig::new(args.node.clone());
+        net.uplink = args.net_uplink.clone();
+        net.dns = args.net_dns.clone();
+        net
+    });
     let config = AgentConfig {
         node: args.node,
         address: args.address,
@@ -118,11 +135,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 AccelArg::Kvm => Accel::Kvm,
             },
             cpu_model: Some(args.cpu_model),
+            agent_taps: args.network,
         },
         console_dir: args.console_dir,
         fence_after: Duration::from_millis(args.fence_after_ms),
         resync: Duration::from_millis(args.resync_ms),
         stop_grace: Duration::from_millis(args.stop_grace_ms),
+        network,
         storage: args
             .storage_socket
             .map(|socket| basalt_agent::storage::StorageConfig { socket }),

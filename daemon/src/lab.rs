@@ -9,9 +9,11 @@
 //! The test guest is declared as a VM through the admin API; the control
 //! plane places it, that node's agent defines and starts it, and its disk
 //! is a Basalt volume that the agent creates through the node's storage
-//! process (`--local-socket`). The lab then wires the VM's tap (the network
-//! datapath is not yet driven by the agent) and routes the VM network
-//! from the root namespace, so the printed address works from the host.
+//! process (`--local-socket`). The agents drive the VM network (`--network`): the
+//! VM's NIC is leased an address from the lab's network object, and the
+//! guest takes it by DHCP from its node's datapath; the root namespace
+//! routes the VM network through the VM's node, so the printed address
+//! works from the host.
 //!
 //! Invariants: everything `up` makes is named with the lab prefix
 //! ([`LAB_PREFIX`]) and recorded in its state directory, so `down` removes
@@ -25,12 +27,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use basalt_agent::compute::domain::MacAddr;
 use basalt_agent::vm_domain::{self, NBD_PORT};
 use basalt_api::{
     AdminClient, Disk, JoinToken, JoinTokenSpec, KernelBoot, Kind, Nic, Object, ObjectMeta, Vm,
     VmSpec,
 };
+use basalt_api::{Endpoint, Network, NetworkSpec};
 use basalt_testkit::guest::{self, GuestClient, GuestImage};
 use basalt_testkit::libvirtd::Libvirtd;
 use basalt_testkit::netns::Fabric;
@@ -42,12 +44,10 @@ use serde::{Deserialize, Serialize};
 
 /// The lab's VM network, routed from the root namespace through node 1.
 const VM_NETWORK: &str = "10.80.0.0/24";
-/// The lab VM's address.
-const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 80, 0, 10);
+/// The VXLAN identifier of the lab's VM network.
+const VM_VNI: u32 = 80;
 /// The lab VM's name (libvirt domain and NBD export).
 const VM_NAME: &str = "lab-vm";
-/// The lab VM's MAC (locally administered, QEMU's OUI).
-const VM_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x80, 0x00, 0x0a]);
 const VM_MEMORY_MIB: u64 = 256;
 const VM_DISK_BYTES: u64 = 256 << 20;
 /// Where each control-plane member listens, on its node's address.
@@ -175,6 +175,7 @@ fn up(nodes: u8) -> anyhow::Result<()> {
     }
     // Whatever a crashed or half-finished `up` left goes first.
     sweep::tear_down(LAB_PREFIX).context("removing an earlier lab")?;
+    remove_datapath_pins();
     let state = build(nodes)?;
     let health = check(&state);
     print!("{}", describe(&state, &health));
@@ -338,6 +339,7 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
                 "1000",
                 "--stop-grace-ms",
                 "5000",
+                "--network",
                 "--storage-socket",
             ])
             .arg(storage_socket(&prefix, node.name()))
@@ -355,6 +357,19 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
             .is_ok_and(|list| list.objects.len() == count)
     }))?;
 
+    // The VM network: IPAM leases the VM's address from it, the agents'
+    // datapaths carry it.
+    let network = Network {
+        meta: ObjectMeta::named("default"),
+        spec: NetworkSpec {
+            cidr: VM_NETWORK.into(),
+            vni: VM_VNI,
+        },
+    };
+    runtime
+        .block_on(admin.create(Object::Network(network)))
+        .context("creating the lab's VM network")?;
+
     // The VM, declared through the API; the control plane places it.
     let vm = Vm {
         meta: ObjectMeta::named(VM_NAME),
@@ -370,13 +385,13 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
             }],
             nics: vec![Nic {
                 network: "default".into(),
-                mac: Some(VM_MAC.to_string()),
-                ip: Some(VM_IP.into()),
+                mac: None,
+                ip: None,
             }],
             kernel: Some(KernelBoot {
                 kernel: image.kernel().to_string_lossy().into_owned(),
                 initrd: image.initrd().to_string_lossy().into_owned(),
-                cmdline: guest::static_ip_cmdline(VM_IP),
+                cmdline: "console=ttyS0 basalt.dhcp=1".into(),
             }),
             ..VmSpec::default()
         },
@@ -409,14 +424,19 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
 
     let tap = vm_domain::tap_name(vm_domain::vm_uuid(&vm.meta.uid), 0);
     let serial_log = prefix.log_dir().join(format!("{VM_NAME}.log"));
-    guest::wire_tap(&node, &tap, VM_IP, BOOT_DEADLINE).with_context(|| {
-        format!(
-            "the VM's tap never appeared; agent log:\n{}",
-            log_tail(&prefix, &placed)
-        )
-    })?;
+    let vm_ip = runtime
+        .block_on(leased_address(&admin, &vm.meta.uid))
+        .with_context(|| {
+            format!(
+                "the VM's NIC got no address; agent log:\n{}",
+                log_tail(&prefix, &placed)
+            )
+        })?;
+    println!(
+        "IPAM leased {vm_ip} to {VM_NAME}; the guest takes it by DHCP from {placed}'s datapath"
+    );
     route_vm_network(node.addr())?;
-    GuestClient::new(VM_IP)
+    GuestClient::new(vm_ip)
         .wait_ready(BOOT_DEADLINE)
         .with_context(|| {
             format!(
@@ -444,7 +464,7 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
             domain: format!("basalt-{VM_NAME}"),
             server: server.clone(),
             node: node.name().into(),
-            ip: VM_IP,
+            ip: vm_ip,
             tap,
             disk,
             serial_log,
@@ -465,6 +485,43 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
 /// The storage-local API socket of node `node`'s storage process.
 fn storage_socket(prefix: &Prefix, node: &str) -> PathBuf {
     prefix.dir().join(format!("storage-{node}.sock"))
+}
+
+/// Waits for the address IPAM leases to the first NIC of the VM with uid
+/// `uid`, once the endpoint follows the VM's placement.
+async fn leased_address(admin: &AdminClient, uid: &str) -> anyhow::Result<Ipv4Addr> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(list) = admin.list(Kind::Endpoint).await {
+            let leased = list.objects.into_iter().find_map(|o| match o {
+                Object::Endpoint(Endpoint {
+                    vm_uid,
+                    nic: 0,
+                    ip: Some(ip),
+                    node,
+                    release_at_unix_ms: 0,
+                    ..
+                }) if vm_uid == uid && !node.is_empty() => Some(ip),
+                _ => None,
+            });
+            if let Some(ip) = leased {
+                return Ok(ip);
+            }
+        }
+        if start.elapsed() > BOOT_DEADLINE {
+            bail!("timed out waiting for the VM's address lease");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Removes the lab nodes' pinned datapaths (bpffs outlives namespaces).
+fn remove_datapath_pins() {
+    for i in 1..=9 {
+        if let Err(err) = basalt_sdn::loader::remove_pins(&format!("n{i}")) {
+            tracing::warn!(node = i, error = %err, "could not remove a node's datapath pins");
+        }
+    }
 }
 
 /// Routes the VM network from the root namespace through `via` (node 1).
@@ -562,6 +619,8 @@ fn down() -> anyhow::Result<()> {
     let before = sweep::objects(LAB_PREFIX);
     let had_state = state_path().exists();
     sweep::tear_down(LAB_PREFIX).context("removing the lab")?;
+    // bpffs outlives the namespaces: the agents' pins go too.
+    remove_datapath_pins();
     let after = sweep::objects(LAB_PREFIX);
     if !after.is_empty() {
         bail!("could not remove all of the lab: left {after:?}");

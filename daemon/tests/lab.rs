@@ -4,14 +4,11 @@
 //! what up made. Needs root; skipped (with a message) when a lab is
 //! already up on this machine, so a developer's lab is never touched.
 
-use std::net::Ipv4Addr;
 use std::process::{Command, Output};
 
 use basalt_testkit::guest::GuestClient;
 use basalt_testkit::prefix::LAB_PREFIX;
 use basalt_testkit::sweep;
-
-const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 80, 0, 10);
 
 fn basaltd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_basaltd"))
@@ -56,13 +53,19 @@ fn lab_up_status_down() {
     let out = basaltd(&["lab", "up", "--nodes", "2"]);
     assert!(out.status.success(), "lab up: {}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("/run/basalt-testkit/bl0000/lab.json").unwrap(),
+    )
+    .unwrap();
+    let vm_ip: std::net::Ipv4Addr = state["vm"]["ip"].as_str().unwrap().parse().unwrap();
     assert!(
-        stdout.contains("10.80.0.10"),
+        stdout.contains(&vm_ip.to_string()),
         "lab up names the VM's address: {stdout}"
     );
 
-    // The VM answers from the host, and its disk works.
-    let vm = GuestClient::new(VM_IP);
+    // The VM answers from the host at the address it took by DHCP, and
+    // its disk works.
+    let vm = GuestClient::new(vm_ip);
     assert_eq!(vm.echo("ping").unwrap(), "ping");
     vm.write_disk("kept").unwrap();
     let record = vm.read_disk().unwrap();
@@ -70,10 +73,6 @@ fn lab_up_status_down() {
 
     // The cluster behind it: both nodes joined, the VM runs where it was
     // placed, as its agent reports.
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string("/run/basalt-testkit/bl0000/lab.json").unwrap(),
-    )
-    .unwrap();
     let server = state["vm"]["server"].as_str().unwrap().to_owned();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -89,6 +88,18 @@ fn lab_up_status_down() {
         };
         assert_eq!(vm.status.phase, basalt_api::VmPhase::Running, "{vm:?}");
         assert_eq!(vm.status.node.as_deref(), state["vm"]["node"].as_str());
+        // The address the guest answers at is the one IPAM leased to its
+        // NIC: the guest has no address but what DHCP gave it.
+        let endpoints = admin.list(basalt_api::Kind::Endpoint).await.unwrap();
+        let leased: Vec<_> = endpoints
+            .objects
+            .iter()
+            .filter_map(|o| match o {
+                basalt_api::Object::Endpoint(e) if e.vm == "lab-vm" => Some(e.ip),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(leased, [Some(vm_ip)], "{endpoints:?}");
     });
 
     let out = basaltd(&["lab", "status"]);
@@ -123,6 +134,10 @@ fn lab_up_status_down() {
     assert!(out.status.success(), "lab down: {}", text(&out));
     let left = sweep::objects(LAB_PREFIX);
     assert!(left.is_empty(), "lab down left {left:?}");
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/basalt/n1").exists(),
+        "lab down removes the agents' pinned datapaths"
+    );
     // An echo round trip, not a connect: the host's uplink may accept any
     // connection once the lab's route is gone.
     assert!(

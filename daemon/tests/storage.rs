@@ -257,6 +257,7 @@ fn libvirt_guest_disk_on_a_basalt_volume_survives_storage_kill_and_reboot() {
         nics: vec![EthernetNic {
             tap: tap.clone(),
             mac: GUEST_MAC.parse().expect("MAC"),
+            precreated: false,
         }],
         serial_log: serial.clone(),
     };

@@ -15,6 +15,7 @@
 
 pub mod compute;
 pub mod migration;
+pub mod network;
 pub mod reconcile;
 pub mod runtime;
 pub mod storage;

@@ -55,6 +55,9 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// How long a graceful stop may take.
     pub stop_grace: Duration,
+    /// This node's VM networking ([`crate::network`]); `None`: none (VMs
+    /// with NICs cannot start).
+    pub network: Option<crate::network::NetworkConfig>,
     /// The node's storage process ([`crate::storage`]); `None`: VM disks
     /// must exist already.
     pub storage: Option<crate::storage::StorageConfig>,
@@ -328,6 +331,8 @@ async fn reconcile_loop<C: Compute + 'static>(
             )
             .ok()
     });
+    let network =
+        (config.network.clone()).map(|net| crate::network::NetworkAgent::start(net, admin.clone()));
     let mut reported: BTreeMap<String, VmStatus> = BTreeMap::new();
     loop {
         // One snapshot for the whole pass: which VMs are wanted here and
@@ -415,8 +420,13 @@ async fn reconcile_loop<C: Compute + 'static>(
         let pass = {
             let reconciler = reconciler.clone();
             let desired = desired.clone();
+            let network = network.clone();
             let migrations = migrations.clone();
             tokio::task::spawn_blocking(move || {
+                // Taps first: a domain starts on the tap it is given.
+                if let Some(network) = &network {
+                    network.prepare_taps(&desired);
+                }
                 let mut reconciler = reconciler
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -5,7 +5,9 @@
 //! XML: disks are NBD exports of the node's storage process at
 //! [`NBD_HOST`]:[`NBD_PORT`], named after the VM's uid and the disk
 //! ([`crate::storage::disk_volume`]) and made by the volume reconciler; NICs are taps whose
-//! names and MACs derive from the VM's uid and the NIC's index.
+//! names and MACs derive from the VM's uid and the NIC's index, made
+//! before the domain starts by the agent's network reconciler
+//! ([`crate::network`]) when it runs ([`DomainPolicy::agent_taps`]).
 
 use std::path::Path;
 
@@ -28,6 +30,10 @@ pub struct DomainPolicy {
     pub accel: Accel,
     /// The cluster-wide CPU model, so any VM can migrate anywhere.
     pub cpu_model: Option<String>,
+    /// The agent's network reconciler makes the NICs' taps
+    /// ([`crate::network`], `basaltd agent --network`): domains use them
+    /// as they are (`managed='no'`). `false`: libvirt makes the taps.
+    pub agent_taps: bool,
 }
 
 /// A VM cannot be run as it is declared.
@@ -99,6 +105,7 @@ pub fn domain_spec(
             Ok(EthernetNic {
                 tap: tap_name(uuid, i),
                 mac,
+                precreated: policy.agent_taps,
             })
         })
         .collect::<Result<_, MappingError>>()?;
@@ -152,6 +159,7 @@ mod tests {
             prefix: "basalt-".into(),
             accel: Accel::Tcg,
             cpu_model: Some("qemu64".into()),
+            agent_taps: true,
         }
     }
 

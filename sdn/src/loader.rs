@@ -309,6 +309,8 @@ impl Loader {
     }
 
     /// Detaches whatever this node pinned on `ifname` (a no-op if nothing).
+    /// The kernel frees the link from a work queue once its last
+    /// reference goes: the program may still see packets for a moment.
     pub fn detach(&mut self, ifname: &str) -> Result<(), LoaderError> {
         match std::fs::remove_file(self.link_pin(ifname)) {
             Ok(()) => Ok(()),

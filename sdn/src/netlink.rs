@@ -98,6 +98,22 @@ impl Netlink {
         }
     }
 
+    /// The names of every link in this namespace.
+    pub fn link_names(&self) -> Result<Vec<String>, NetlinkError> {
+        let stream = self.handle.link().get().execute();
+        let links: Vec<LinkMessage> =
+            self.request(|| "list links".to_owned(), stream.try_collect())?;
+        Ok(links
+            .iter()
+            .filter_map(|l| {
+                l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name.clone()),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
     /// The ifindex of `name`.
     pub fn index(&self, name: &str) -> Result<u32, NetlinkError> {
         self.link(name)?

@@ -36,6 +36,13 @@ pub enum TapError {
     },
 }
 
+/// Whether an interface named `name` exists in the calling thread's
+/// network namespace (asked by ifindex: `/sys/class/net` shows the
+/// namespace sysfs was mounted in, which need not be ours).
+pub fn exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
+}
+
 /// `struct ifreq` as `TUNSETIFF` reads it: the name, then the flags.
 #[repr(C)]
 struct IfReq {
@@ -114,6 +121,20 @@ impl Tap {
             });
         }
         Ok(())
+    }
+
+    /// A second handle on the same queue (a duplicated descriptor): one
+    /// thread may read while another writes, as a guest's two directions.
+    pub fn try_clone(&self) -> Result<Tap, TapError> {
+        let file = self.file.try_clone().map_err(|source| TapError::Io {
+            what: "duplicate the queue of",
+            name: self.name.clone(),
+            source,
+        })?;
+        Ok(Tap {
+            file,
+            name: self.name.clone(),
+        })
     }
 
     /// Sends one Ethernet frame into the host side (as a guest would).

@@ -106,6 +106,7 @@ fn guest_boots_under_libvirt_with_an_nbd_disk_and_a_tap() {
         nics: vec![EthernetNic {
             tap: tap.clone(),
             mac: GUEST_MAC.parse().expect("MAC"),
+            precreated: false,
         }],
         serial_log: serial.clone(),
     };

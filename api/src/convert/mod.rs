@@ -13,6 +13,7 @@ mod network;
 mod node;
 mod object;
 mod placement;
+mod policy;
 mod storage;
 mod token;
 mod vm;

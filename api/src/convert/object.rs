@@ -15,6 +15,7 @@ impl From<Object> for pb::Object {
             Object::Member(o) => PbObject::Member(o.into()),
             Object::Network(o) => PbObject::Network(o.into()),
             Object::Endpoint(o) => PbObject::Endpoint(o.into()),
+            Object::Policy(o) => PbObject::Policy(o.into()),
             Object::Migration(o) => PbObject::Migration(o.into()),
             Object::Image(o) => PbObject::Image(o.into()),
         };
@@ -34,6 +35,7 @@ impl TryFrom<pb::Object> for Object {
             PbObject::Member(o) => Object::Member(o.try_into()?),
             PbObject::Network(o) => Object::Network(o.try_into()?),
             PbObject::Endpoint(o) => Object::Endpoint(o.try_into()?),
+            PbObject::Policy(o) => Object::Policy(o.try_into()?),
             PbObject::Migration(o) => Object::Migration(o.try_into()?),
             PbObject::Image(o) => Object::Image(o.try_into()?),
         })
@@ -50,6 +52,7 @@ impl From<Kind> for pb::Kind {
             Kind::Member => pb::Kind::Member,
             Kind::Network => pb::Kind::Network,
             Kind::Endpoint => pb::Kind::Endpoint,
+            Kind::Policy => pb::Kind::Policy,
             Kind::Migration => pb::Kind::Migration,
             Kind::Image => pb::Kind::Image,
         }
@@ -72,6 +75,7 @@ pub(crate) fn kind_from_pb(kind: i32, field: &str) -> Result<Option<Kind>, ApiEr
         pb::Kind::Member => Some(Kind::Member),
         pb::Kind::Network => Some(Kind::Network),
         pb::Kind::Endpoint => Some(Kind::Endpoint),
+        pb::Kind::Policy => Some(Kind::Policy),
         pb::Kind::Migration => Some(Kind::Migration),
         pb::Kind::Image => Some(Kind::Image),
     })

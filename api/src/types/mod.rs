@@ -10,6 +10,7 @@ mod network;
 mod node;
 mod object;
 mod placement;
+mod policy;
 mod storage;
 mod token;
 pub(crate) mod validate;
@@ -28,6 +29,9 @@ pub use network::{Endpoint, MAX_VNI, Network, NetworkSpec};
 pub use node::{Node, NodeSpec, NodeStatus, Resources};
 pub use object::{Kind, Object, ObjectList};
 pub use placement::Placement;
+pub use policy::{
+    MAX_POLICY_RULES, Policy, PolicyAction, PolicyProtocol, PolicyRule, PolicySpec, labels_match,
+};
 pub use storage::{
     EnsureVolume, MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN, ReplicaPeer, ReplicaPeerState,
     StorageStatus, StorageVolume, VolumeExport,

@@ -27,6 +27,8 @@ pub enum Kind {
     Network,
     /// [`Endpoint`].
     Endpoint,
+    /// [`Policy`](super::Policy).
+    Policy,
     /// [`Image`].
     Image,
     /// [`Migration`].
@@ -35,7 +37,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in a stable order.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Node,
         Kind::Vm,
         Kind::Placement,
@@ -43,6 +45,7 @@ impl Kind {
         Kind::Member,
         Kind::Network,
         Kind::Endpoint,
+        Kind::Policy,
         Kind::Image,
         Kind::Migration,
     ];
@@ -58,6 +61,7 @@ impl Kind {
             Kind::Member => "member",
             Kind::Network => "network",
             Kind::Endpoint => "endpoint",
+            Kind::Policy => "policy",
             Kind::Migration => "migration",
             Kind::Image => "image",
         }
@@ -108,6 +112,8 @@ pub enum Object {
     Network(Network),
     /// A VM NIC's leased address.
     Endpoint(Endpoint),
+    /// A network policy.
+    Policy(super::Policy),
     /// A live migration of a VM.
     Migration(Migration),
     /// A disk image.
@@ -125,6 +131,7 @@ impl Object {
             Object::Member(_) => Kind::Member,
             Object::Network(_) => Kind::Network,
             Object::Endpoint(_) => Kind::Endpoint,
+            Object::Policy(_) => Kind::Policy,
             Object::Migration(_) => Kind::Migration,
             Object::Image(_) => Kind::Image,
         }
@@ -140,6 +147,7 @@ impl Object {
             Object::Member(o) => &o.meta,
             Object::Network(o) => &o.meta,
             Object::Endpoint(o) => &o.meta,
+            Object::Policy(o) => &o.meta,
             Object::Migration(o) => &o.meta,
             Object::Image(o) => &o.meta,
         }
@@ -155,6 +163,7 @@ impl Object {
             Object::Member(o) => &mut o.meta,
             Object::Network(o) => &mut o.meta,
             Object::Endpoint(o) => &mut o.meta,
+            Object::Policy(o) => &mut o.meta,
             Object::Migration(o) => &mut o.meta,
             Object::Image(o) => &mut o.meta,
         }
@@ -176,6 +185,7 @@ impl Object {
             Object::Member(o) => o.validate(),
             Object::Network(o) => o.validate(),
             Object::Endpoint(o) => o.validate(),
+            Object::Policy(o) => o.validate(),
             Object::Migration(o) => o.validate(),
             Object::Image(o) => o.validate(),
         }
@@ -221,6 +231,7 @@ object_variant!(Token, JoinToken);
 object_variant!(Member, Member);
 object_variant!(Network, Network);
 object_variant!(Endpoint, Endpoint);
+object_variant!(Policy, super::Policy);
 object_variant!(Migration, Migration);
 object_variant!(Image, Image);
 

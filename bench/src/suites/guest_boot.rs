@@ -138,6 +138,7 @@ fn boot_libvirt(setup: &Setup<'_>, libvirtd: &Libvirtd, run: usize) -> anyhow::R
         nics: vec![EthernetNic {
             tap: setup.tap.clone(),
             mac: GUEST_MAC.parse()?,
+            precreated: false,
         }],
         serial_log: serial.clone(),
     };

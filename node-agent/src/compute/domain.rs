@@ -10,10 +10,11 @@
 //! - disks are `type='network'` NBD sources opened by QEMU itself, raw,
 //!   `cache='none'`, on virtio: the NBD server may be shared by a
 //!   migration's source and target, so no host page cache sits in between;
-//! - NICs are `type='ethernet'` with a fixed tap name: libvirt creates the
-//!   tap (and removes it when the domain stops); the SDN attaches to it by
-//!   name, and the name is the same on every node so a migrated guest keeps
-//!   its ARP entries;
+//! - NICs are `type='ethernet'` with a fixed tap name, the same on every
+//!   node so a migrated guest keeps its ARP entries: either the agent's
+//!   network reconciler made the tap before the domain starts
+//!   (`managed='no'`: libvirt uses it as it is and leaves it), or libvirt
+//!   creates it (and removes it when the domain stops);
 //! - the serial console goes to a file, which is also the `<console>`;
 //! - power-off and crash destroy the domain, reboot restarts it: a guest's
 //!   lifecycle is the agent's decision, not libvirt's.
@@ -95,13 +96,18 @@ pub struct NbdDisk {
     pub export_name: String,
 }
 
-/// A NIC backed by a host tap device that libvirt creates with this name.
+/// A NIC backed by a host tap device with this name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EthernetNic {
     /// The tap's name on the host (at most [`MAX_TAP_NAME`] bytes).
     pub tap: String,
     /// The guest-side MAC address.
     pub mac: MacAddr,
+    /// The tap exists before the domain starts (the agent's network
+    /// reconciler made and wired it): libvirt uses it as it is
+    /// (`managed='no'`) and leaves it when the domain stops. `false`:
+    /// libvirt creates the tap and removes it with the domain.
+    pub precreated: bool,
 }
 
 /// An Ethernet MAC address.
@@ -519,7 +525,7 @@ mod xml {
         #[serde(rename = "@type")]
         pub kind: String,
         pub mac: Mac,
-        pub target: Dev,
+        pub target: TapTarget,
         pub model: Model,
     }
 
@@ -532,9 +538,11 @@ mod xml {
 
     #[derive(Debug, Serialize)]
     #[cfg_attr(test, derive(Deserialize))]
-    pub(super) struct Dev {
+    pub(super) struct TapTarget {
         #[serde(rename = "@dev")]
         pub dev: String,
+        #[serde(rename = "@managed", skip_serializing_if = "Option::is_none")]
+        pub managed: Option<String>,
     }
 
     #[derive(Debug, Serialize)]
@@ -671,7 +679,10 @@ mod xml {
                             mac: Mac {
                                 address: n.mac.to_string(),
                             },
-                            target: Dev { dev: n.tap.clone() },
+                            target: TapTarget {
+                                dev: n.tap.clone(),
+                                managed: n.precreated.then(|| s("no")),
+                            },
                             model: Model {
                                 model: None,
                                 kind: Some(s("virtio")),
@@ -729,6 +740,7 @@ mod tests {
             nics: vec![EthernetNic {
                 tap: "bt1234t0".to_owned(),
                 mac: "52:54:00:ab:cd:ef".parse().unwrap(),
+                precreated: false,
             }],
             serial_log: PathBuf::from("/run/basalt/vm-1.log"),
         }
@@ -788,6 +800,7 @@ mod tests {
         assert_eq!(nic.kind, "ethernet");
         assert_eq!(nic.mac.address, "52:54:00:ab:cd:ef");
         assert_eq!(nic.target.dev, "bt1234t0");
+        assert_eq!(nic.target.managed, None);
         assert_eq!(nic.model.kind.as_deref(), Some("virtio"));
 
         assert_eq!(d.devices.serial.kind, "file");
@@ -826,6 +839,7 @@ mod tests {
         s.nics.push(EthernetNic {
             tap: "bt1234t1".to_owned(),
             mac: "52:54:00:ab:cd:f0".parse().unwrap(),
+            precreated: true,
         });
         let d = parse(&s.to_xml().unwrap());
         assert!(d.devices.disk.is_empty());
@@ -836,6 +850,13 @@ mod tests {
             .map(|i| i.target.dev.as_str())
             .collect();
         assert_eq!(taps, ["bt1234t0", "bt1234t1"]);
+        let managed: Vec<_> = d
+            .devices
+            .interface
+            .iter()
+            .map(|i| i.target.managed.as_deref())
+            .collect();
+        assert_eq!(managed, [None, Some("no")]);
     }
 
     #[test]

@@ -1,0 +1,523 @@
+//! The agents drive VM networking end to end (root, CI): a control plane
+//! and two agents (`basaltd agent --network`, simulated compute) on two
+//! namespace nodes. The control plane places two VMs on different nodes
+//! and leases their NICs' addresses; each agent creates, wires and
+//! attaches its VM's tap, serves DHCP and keeps the maps in step. A
+//! "guest" here is a namespace whose `eth0` is a tap relayed frame by
+//! frame to the node's tap (what QEMU does): it takes its address by DHCP
+//! and talks to the other guest through the VXLAN overlay. Then an agent
+//! is killed (established flows keep flowing on the pinned datapath) and
+//! restarted (it adopts the pins), policies (selectors by VM labels)
+//! block and allow new flows as they are applied, changed and deleted —
+//! map writes only, nothing re-attached — and a VM's deletion removes its
+//! tap.
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use basalt_agent::vm_domain::{derived_mac, tap_name, vm_uuid};
+use basalt_api::{
+    AdminClient, Endpoint, JoinToken, JoinTokenSpec, KernelBoot, Kind, Network, NetworkSpec, Nic,
+    Object, ObjectMeta, PlacementRules, Policy, PolicyAction, PolicyProtocol, PolicyRule,
+    PolicySpec, Vm, VmSpec,
+};
+use basalt_sdn::tap::Tap;
+use basalt_testkit::{Fabric, Node, Prefix, Process, ProcessSpec};
+use nix::sched::CloneFlags;
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+const DEADLINE: Duration = Duration::from_secs(60);
+const CONTROL_PORT: u16 = 7400;
+
+/// udhcpc's event script: the lease as a /32 behind the on-link router.
+const DHCP_SCRIPT: &str = "#!/bin/sh
+case \"$1\" in
+bound|renew)
+    ip addr replace \"$ip/32\" dev \"$interface\"
+    ip route replace \"$router\" dev \"$interface\"
+    ip route replace default via \"$router\" dev \"$interface\"
+    ;;
+esac
+";
+
+async fn wait_until<F, Fut>(what: &str, logs: &[&Process], mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        if start.elapsed() > DEADLINE {
+            let tails: Vec<String> = logs
+                .iter()
+                .map(|p| format!("--- {} ---\n{}", p.name(), p.log_tail(40)))
+                .collect();
+            panic!("timed out waiting until {what}\n{}", tails.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `f` on a thread inside the namespace at `path`.
+fn in_netns<T: Send>(path: &PathBuf, f: impl FnOnce() -> T + Send) -> T {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// A guest: a namespace whose `eth0` is a tap, relayed to the VM's tap on
+/// its node. Removes its namespace when dropped.
+struct Guest {
+    netns: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl Guest {
+    fn start(prefix: &Prefix, n: u8, node: &Node, tap: &str, mac: [u8; 6]) -> Guest {
+        let netns = format!("{}-g{n}", prefix.name());
+        run(Command::new("ip").args(["netns", "add", &netns]));
+        let guest = Guest {
+            netns,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let tap_name = tap.to_owned();
+        let mut node_rx = node
+            .run_in(move || Tap::open(&tap_name).expect("open the node's tap"))
+            .expect("enter node");
+        let mut node_tx = node_rx.try_clone().unwrap();
+        let mut guest_rx = in_netns(&guest.path(), || Tap::open("eth0").expect("guest tap"));
+        let mut guest_tx = guest_rx.try_clone().unwrap();
+        let mac = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        guest.ip(&["link", "set", "lo", "up"]);
+        guest.ip(&["link", "set", "eth0", "address", &mac, "mtu", "1450", "up"]);
+        for (rx, tx) in [(&mut node_rx, &mut guest_tx), (&mut guest_rx, &mut node_tx)] {
+            let (mut rx, mut tx) = (rx.try_clone().unwrap(), tx.try_clone().unwrap());
+            let stop = guest.stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(Some(frame)) = rx.recv(Duration::from_millis(100)) {
+                        let _ = tx.send(&frame);
+                    }
+                }
+            });
+        }
+        guest
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        run(Command::new("ip").arg("-n").arg(&self.netns).args(args))
+    }
+
+    /// Runs udhcpc in the guest; returns the address it bound.
+    fn dhcp(&self, script: &std::path::Path) -> Ipv4Addr {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.netns, "busybox", "udhcpc"])
+            .args(["-i", "eth0", "-f", "-q", "-n", "-t", "20", "-T", "1", "-s"])
+            .arg(script));
+        let out = self.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
+        let addr = out
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_else(|| panic!("no address on the guest's eth0: {out}"));
+        addr.parse().unwrap()
+    }
+
+    /// Serves TCP echo on `port`.
+    fn echo_server(&self, port: u16) {
+        let file = File::open(self.path()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+            tx.send(()).unwrap();
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        rx.recv().unwrap();
+    }
+
+    /// Opens a TCP connection from inside the guest.
+    fn connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        in_netns(&self.path(), || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(3))
+        })
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// Writes and reads back `len` bytes.
+fn echo(conn: &mut TcpStream, len: usize) -> Result<(), String> {
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    conn.write_all(&data).map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; len];
+    conn.read_exact(&mut back)
+        .map_err(|e| format!("read: {e}"))?;
+    if back != data {
+        return Err("echoed bytes differ".into());
+    }
+    Ok(())
+}
+
+/// Polls until a new TCP flow from `guest` to `to` succeeds (`want`) or
+/// fails (`!want`), for at most 10 s.
+async fn reaches_until(guest: &Guest, to: SocketAddr, want: bool, what: &str) {
+    let start = Instant::now();
+    loop {
+        let reached = in_netns(&guest.path(), || {
+            let Ok(mut c) = TcpStream::connect_timeout(&to, Duration::from_millis(700)) else {
+                return false;
+            };
+            echo(&mut c, 100).is_ok()
+        });
+        if reached == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what}: still {reached}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Removes the nodes' pinned datapaths when the test ends.
+struct Pins(Vec<String>);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for node in &self.0 {
+            let _ = basalt_sdn::loader::remove_pins(node);
+        }
+    }
+}
+
+async fn token(admin: &AdminClient, name: &str) -> String {
+    let token = JoinToken {
+        meta: ObjectMeta::named(name),
+        spec: JoinTokenSpec {
+            ttl_seconds: 600,
+            max_uses: 1,
+            revoked: false,
+        },
+        ..JoinToken::default()
+    };
+    let Object::Token(created) = admin.create(Object::Token(token)).await.expect("token") else {
+        panic!("a token comes back as a token")
+    };
+    created.secret.expect("secret").expose().to_owned()
+}
+
+fn vm(name: &str, app: &str) -> Vm {
+    let mut meta = ObjectMeta::named(name);
+    meta.labels.insert("app".into(), app.into());
+    Vm {
+        meta,
+        spec: VmSpec {
+            cpus: 1,
+            memory_mib: 128,
+            running: true,
+            nics: vec![Nic {
+                network: "blue".into(),
+                mac: None,
+                ip: None,
+            }],
+            placement: PlacementRules {
+                anti_affinity_group: Some("net".into()),
+                ..PlacementRules::default()
+            },
+            kernel: Some(KernelBoot {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: "/boot/initrd.img".into(),
+                cmdline: String::new(),
+            }),
+            ..VmSpec::default()
+        },
+        ..Vm::default()
+    }
+}
+
+/// The leased, placed endpoint of `vm`'s first NIC.
+async fn endpoint_of(admin: &AdminClient, vm: &str) -> Option<Endpoint> {
+    let list = admin.list(Kind::Endpoint).await.ok()?;
+    list.objects.into_iter().find_map(|o| match o {
+        Object::Endpoint(e) if e.vm == vm && !e.node.is_empty() && e.release_at_unix_ms == 0 => {
+            Some(e)
+        }
+        _ => None,
+    })
+}
+
+fn has_link(node: &Node, name: &str) -> bool {
+    node.ip(&["link", "show", "dev", name]).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let prefix = Prefix::for_test().expect("prefix");
+    let mut fabric = Fabric::new(&prefix).expect("fabric");
+    let a = fabric.add_node("a").expect("node a");
+    let b = fabric.add_node("b").expect("node b");
+    // Node names are the namespaces' (unique per test): they name the pins.
+    let nodes = [a.clone(), b.clone()];
+    let _pins = Pins(nodes.iter().map(|n| n.netns().to_owned()).collect());
+
+    let server = format!("{}:{CONTROL_PORT}", a.addr());
+    let control = Process::start(
+        &prefix,
+        ProcessSpec::new("control", BASALTD)
+            .args([
+                "control",
+                "--node-id",
+                "1",
+                "--bootstrap",
+                "--listen",
+                &server,
+                "--data-dir",
+            ])
+            .arg(prefix.dir().join("control"))
+            .netns(&a),
+    )
+    .expect("control plane");
+    let admin = AdminClient::connect_lazy(&server).expect("client");
+    wait_until("the control plane answers", &[&control], || async {
+        admin.list(Kind::Node).await.is_ok()
+    })
+    .await;
+
+    let mut agents = Vec::new();
+    for node in &nodes {
+        let secret = token(&admin, &format!("join-{}", node.name())).await;
+        let agent = Process::start(
+            &prefix,
+            ProcessSpec::new(format!("agent-{}", node.name()), BASALTD)
+                .args(["agent", "--node", node.netns(), "--address"])
+                .arg(format!("{}:7500", node.addr()))
+                .args(["--server", &server, "--compute", "sim", "--network"])
+                .args(["--resync-ms", "500", "--console-dir"])
+                .arg(prefix.log_dir())
+                .env("BASALT_JOIN_TOKEN", &secret)
+                .env("RUST_LOG", "info,basalt_agent=debug")
+                .netns(node),
+        )
+        .expect("agent");
+        agents.push(agent);
+    }
+    let logs: Vec<&Process> = std::iter::once(&control).chain(&agents).collect();
+    wait_until("both nodes joined", &logs, || async {
+        admin
+            .list(Kind::Node)
+            .await
+            .is_ok_and(|l| l.objects.len() == 2)
+    })
+    .await;
+
+    let network = Network {
+        meta: ObjectMeta::named("blue"),
+        spec: NetworkSpec {
+            cidr: "10.77.0.0/16".into(),
+            vni: 4242,
+        },
+    };
+    admin
+        .create(Object::Network(network))
+        .await
+        .expect("network");
+    let mut created = Vec::new();
+    for (name, app) in [("vm1", "web"), ("vm2", "db")] {
+        let Object::Vm(v) = admin.create(Object::Vm(vm(name, app))).await.expect("vm") else {
+            panic!("a vm")
+        };
+        created.push(v);
+    }
+    wait_until("both NICs are leased and placed", &logs, || async {
+        endpoint_of(&admin, "vm1").await.is_some() && endpoint_of(&admin, "vm2").await.is_some()
+    })
+    .await;
+    let ep1 = endpoint_of(&admin, "vm1").await.unwrap();
+    let ep2 = endpoint_of(&admin, "vm2").await.unwrap();
+    assert_ne!(ep1.node, ep2.node, "anti-affinity spreads the VMs");
+    let node_of = |ep: &Endpoint| {
+        nodes
+            .iter()
+            .find(|n| n.netns() == ep.node)
+            .unwrap_or_else(|| panic!("endpoint on unknown node {}", ep.node))
+            .clone()
+    };
+    let (node1, node2) = (node_of(&ep1), node_of(&ep2));
+    let taps: Vec<String> = created
+        .iter()
+        .map(|v| tap_name(vm_uuid(&v.meta.uid), 0))
+        .collect();
+    wait_until("each agent made its VM's tap", &logs, || async {
+        has_link(&node1, &taps[0]) && has_link(&node2, &taps[1])
+    })
+    .await;
+    assert!(
+        !has_link(&node1, &taps[1]) && !has_link(&node2, &taps[0]),
+        "a tap exists only where its VM is placed"
+    );
+    assert!(has_link(&node1, "basalt-vx") && has_link(&node2, "basalt-vx"));
+
+    let script = prefix.dir().join("udhcpc.sh");
+    std::fs::write(&script, DHCP_SCRIPT).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mac = |v: &Vm| derived_mac(vm_uuid(&v.meta.uid), 0).0;
+    let g1 = Guest::start(&prefix, 1, &node1, &taps[0], mac(&created[0]));
+    let g2 = Guest::start(&prefix, 2, &node2, &taps[1], mac(&created[1]));
+    let (ip1, ip2) = (g1.dhcp(&script), g2.dhcp(&script));
+    assert_eq!(Some(ip1), ep1.ip, "DHCP hands out the address IPAM leased");
+    assert_eq!(Some(ip2), ep2.ip, "DHCP hands out the address IPAM leased");
+
+    // Across the overlay, both ways.
+    g2.echo_server(7000);
+    g1.echo_server(7000);
+    let to2 = SocketAddr::from((ip2, 7000));
+    let mut conn = None;
+    for _ in 0..20 {
+        if let Ok(c) = g1.connect(to2) {
+            conn = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut conn = conn.expect("guest 1 connects to guest 2 across nodes");
+    echo(&mut conn, 200_000).expect("tcp echo across the overlay");
+    let mut back = g2.connect(SocketAddr::from((ip1, 7000))).expect("and back");
+    echo(&mut back, 1000).expect("echo back");
+
+    // The agent of guest 1's node dies: the pinned datapath keeps the flow.
+    let i1 = nodes
+        .iter()
+        .position(|n| n.netns() == node1.netns())
+        .unwrap();
+    agents[i1].kill9().expect("kill the agent");
+    echo(&mut conn, 50_000).expect("the flow survives the agent");
+    agents[i1].restart().expect("restart the agent");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    echo(&mut conn, 50_000).expect("and its restart");
+    let mut fresh = g1.connect(to2).expect("new flows after the restart");
+    echo(&mut fresh, 1000).unwrap();
+
+    // Policies: the db VM's ingress, selected by labels.
+    let labels = |app: &str| std::collections::BTreeMap::from([("app".to_owned(), app.to_owned())]);
+    let mut policy = Policy {
+        meta: ObjectMeta::named("db-ingress"),
+        spec: PolicySpec {
+            selector: labels("db"),
+            ingress: Some(Vec::new()),
+            egress: None,
+        },
+    };
+    let Object::Policy(stored) = admin
+        .create(Object::Policy(policy.clone()))
+        .await
+        .expect("create the policy")
+    else {
+        panic!("a policy")
+    };
+    reaches_until(&g1, to2, false, "a policy with no rule denies new flows").await;
+    echo(&mut conn, 1000).expect("an established flow is not re-checked");
+    // Allow the web VMs on the echo port.
+    policy.meta.resource_version = stored.meta.resource_version;
+    policy.spec.ingress = Some(vec![PolicyRule {
+        selector: Some(labels("web")),
+        protocol: PolicyProtocol::Tcp,
+        ports: Some("7000".into()),
+        ..PolicyRule::default()
+    }]);
+    let Object::Policy(stored) = admin
+        .update(Object::Policy(policy.clone()))
+        .await
+        .expect("allow web")
+    else {
+        panic!("a policy")
+    };
+    reaches_until(&g1, to2, true, "web is allowed by its labels").await;
+    // A deny by address beats the allow.
+    policy.meta.resource_version = stored.meta.resource_version;
+    policy.spec.ingress.as_mut().unwrap().push(PolicyRule {
+        action: PolicyAction::Deny,
+        cidr: Some(format!("{ip1}/32")),
+        ..PolicyRule::default()
+    });
+    admin
+        .update(Object::Policy(policy))
+        .await
+        .expect("deny guest 1");
+    reaches_until(&g1, to2, false, "deny beats allow").await;
+    admin
+        .delete(Kind::Policy, "db-ingress", None)
+        .await
+        .expect("delete the policy");
+    reaches_until(&g1, to2, true, "no policy, no enforcement").await;
+
+    // Deleting a VM releases its lease and removes its tap.
+    drop(g2);
+    admin
+        .delete(Kind::Vm, "vm2", None)
+        .await
+        .expect("delete vm2");
+    let logs: Vec<&Process> = std::iter::once(&control).chain(&agents).collect();
+    wait_until("the deleted VM's tap is gone", &logs, || async {
+        !has_link(&node2, &taps[1])
+    })
+    .await;
+    assert!(has_link(&node1, &taps[0]), "the other VM keeps its tap");
+}

@@ -5,8 +5,9 @@
 //! when the placement goes, and — once the control plane is gone for the
 //! fencing window — destroys it. Needs root.
 
+use basalt_testkit::wait;
 use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use basalt_api::{
     AdminClient, JoinToken, JoinTokenSpec, KernelBoot, Kind, Object, ObjectMeta, Placement, Vm,
@@ -23,24 +24,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-async fn wait_until<F, Fut>(what: &str, logs: &[&Process], mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        if start.elapsed() > DEADLINE {
-            let tails: Vec<String> = logs
-                .iter()
-                .map(|p| format!("--- {} ---\n{}", p.name(), p.log_tail(30)))
-                .collect();
-            panic!("timed out waiting until {what}\n{}", tails.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 fn domain_state(libvirtd: &Libvirtd, domain: &str) -> String {
@@ -109,9 +92,12 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
     )
     .expect("control plane");
     let admin = AdminClient::connect_lazy(&server).expect("client");
-    wait_until("the control plane answers", &[&control], || async {
-        admin.list(Kind::Node).await.is_ok()
-    })
+    wait::until(
+        "the control plane answers",
+        DEADLINE,
+        &[&control],
+        || async { admin.list(Kind::Node).await.is_ok() },
+    )
     .await;
 
     let token = JoinToken {
@@ -164,7 +150,7 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
     )
     .expect("agent");
     let logs = [&control, &agent];
-    wait_until("node n1 has joined", &logs, || async {
+    wait::until("node n1 has joined", DEADLINE, &logs, || async {
         admin.get(Kind::Node, "n1").await.is_ok()
     })
     .await;
@@ -189,11 +175,11 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
     place(&admin).await;
     let domain = format!("{}-web", prefix.name());
 
-    wait_until("the domain runs", &logs, || async {
+    wait::until("the domain runs", DEADLINE, &logs, || async {
         domain_state(&libvirtd, &domain) == "running"
     })
     .await;
-    wait_until("the VM reports Running for its generation", &logs, || async {
+    wait::until("the VM reports Running for its generation", DEADLINE, &logs, || async {
         matches!(vm_phase(&admin, "web").await, Some((VmPhase::Running, seen, generation)) if seen == generation)
     })
     .await;
@@ -204,11 +190,11 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
     };
     current.spec.running = false;
     admin.update(Object::Vm(current)).await.expect("update");
-    wait_until("the domain is shut off", &logs, || async {
+    wait::until("the domain is shut off", DEADLINE, &logs, || async {
         domain_state(&libvirtd, &domain) == "shut off"
     })
     .await;
-    wait_until("the VM reports Stopped", &logs, || async {
+    wait::until("the VM reports Stopped", DEADLINE, &logs, || async {
         matches!(vm_phase(&admin, "web").await, Some((VmPhase::Stopped, seen, generation)) if seen == generation)
     })
     .await;
@@ -219,7 +205,7 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
     };
     current.spec.running = true;
     admin.update(Object::Vm(current)).await.expect("update");
-    wait_until("the domain runs again", &logs, || async {
+    wait::until("the domain runs again", DEADLINE, &logs, || async {
         domain_state(&libvirtd, &domain) == "running"
     })
     .await;
@@ -228,7 +214,7 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
         .delete(Kind::Vm, "web", None)
         .await
         .expect("delete the vm");
-    wait_until("the domain is removed", &logs, || async {
+    wait::until("the domain is removed", DEADLINE, &logs, || async {
         domain_state(&libvirtd, &domain) == "undefined"
     })
     .await;
@@ -236,13 +222,14 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
     // Declared again, then the control plane dies: the agent fences itself.
     admin.create(Object::Vm(vm)).await.expect("vm again");
     place(&admin).await;
-    wait_until("the domain runs once more", &logs, || async {
+    wait::until("the domain runs once more", DEADLINE, &logs, || async {
         domain_state(&libvirtd, &domain) == "running"
     })
     .await;
     control.kill9().expect("kill the control plane");
-    wait_until(
+    wait::until(
         "the fenced agent has destroyed the domain",
+        DEADLINE,
         &[&agent],
         || async { domain_state(&libvirtd, &domain) == "shut off" },
     )

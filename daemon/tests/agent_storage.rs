@@ -9,6 +9,7 @@
 //! and deleting the VM removes its volumes while an operator's own volume
 //! stays.
 
+use basalt_testkit::wait;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
@@ -27,18 +28,6 @@ const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 /// Volume garbage collection runs every 10 s; imports take a moment.
 const DEADLINE: Duration = Duration::from_secs(60);
 const IMAGE_BYTES: usize = 3 << 20;
-
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// A raw image: 3 MiB whose every 4 KiB block starts with its number.
 fn write_image(path: &Path) {
@@ -135,7 +124,7 @@ fn the_agent_makes_clones_and_removes_volumes() {
     let admin = AdminClient::connect_lazy(&server).expect("admin client");
     let storage = StorageClient::connect_unix(&socket).expect("storage client");
     rt.block_on(async {
-        wait_until("the control plane answers", || async {
+        wait::until("the control plane answers", DEADLINE, &[], || async {
             admin.list(Kind::Node).await.is_ok()
         })
         .await;
@@ -286,7 +275,7 @@ fn the_agent_makes_clones_and_removes_volumes() {
             }))
             .await
             .expect("place it with epoch 2");
-        wait_until("the moved VM is refused", || async {
+        wait::until("the moved VM is refused", DEADLINE, &[], || async {
             match admin.get(Kind::Vm, "moved").await {
                 Ok(Object::Vm(v)) => {
                     v.status.phase == VmPhase::Failed
@@ -313,7 +302,7 @@ fn the_agent_makes_clones_and_removes_volumes() {
             .await
             .expect("delete image");
         let snapshot = image_volume(&image.meta.uid);
-        wait_until("the image's snapshot is deleted", || async {
+        wait::until("the image's snapshot is deleted", DEADLINE, &[], || async {
             let names = volume_names(&storage).await;
             !names.is_empty() && !names.contains(&snapshot)
         })
@@ -340,7 +329,7 @@ fn the_agent_makes_clones_and_removes_volumes() {
             .delete(Kind::Vm, "web", None)
             .await
             .expect("delete vm");
-        wait_until("the VM's volumes are deleted", || async {
+        wait::until("the VM's volumes are deleted", DEADLINE, &[], || async {
             volume_names(&storage).await == ["operator-scratch"]
         })
         .await;

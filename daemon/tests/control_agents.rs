@@ -9,6 +9,7 @@
 //! honoured) that keeps its address when the VM moves and follows the
 //! placement's node and epoch, released after the VM is deleted.
 
+use basalt_testkit::wait;
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,18 +36,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn start_member(prefix: &Prefix) -> (Process, String) {
@@ -175,7 +164,7 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
     let (_member, address) = start_member(&prefix);
     let admin = AdminClient::connect_lazy(&address).expect("admin client");
     let agent = AgentClient::connect_lazy(&address).expect("agent client");
-    wait_until("the member leads", || async {
+    wait::until("the member leads", DEADLINE, &[], || async {
         admin
             .list(Kind::Member)
             .await
@@ -237,7 +226,7 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
     assert_eq!(node_ready(&admin, "n-revoked").await, None);
     assert_eq!(node_ready(&admin, "n-expired").await, None);
     // The one-use node never heartbeats: it turns not ready after its lease.
-    wait_until("the silent node turns not ready", || async {
+    wait::until("the silent node turns not ready", DEADLINE, &[], || async {
         node_ready(&admin, "n-once").await == Some(false)
     })
     .await;
@@ -311,15 +300,20 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
         }];
         admin.create(Object::Vm(vm)).await.expect("create vm");
     }
-    wait_until("every NIC has an endpoint on its VM's node", || async {
-        let (placed, endpoints) = (placements(&admin).await, endpoints(&admin).await);
-        endpoints.len() == 6
-            && endpoints.values().all(|e| {
-                placed
-                    .get(&e.vm)
-                    .is_some_and(|p| p.node == e.node && p.epoch == e.epoch)
-            })
-    })
+    wait::until(
+        "every NIC has an endpoint on its VM's node",
+        DEADLINE,
+        &[],
+        || async {
+            let (placed, endpoints) = (placements(&admin).await, endpoints(&admin).await);
+            endpoints.len() == 6
+                && endpoints.values().all(|e| {
+                    placed
+                        .get(&e.vm)
+                        .is_some_and(|p| p.node == e.node && p.epoch == e.epoch)
+                })
+        },
+    )
     .await;
     let leased = endpoints(&admin).await;
     assert_eq!(
@@ -331,7 +325,7 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
     addresses.sort();
     addresses.dedup();
     assert_eq!(addresses.len(), 6, "one address per NIC");
-    wait_until("every VM is placed", || async {
+    wait::until("every VM is placed", DEADLINE, &[], || async {
         placements(&admin).await.len() == 6
     })
     .await;
@@ -436,7 +430,7 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
     stop[victim.as_str()].store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let silent_since = last_ack.lock().unwrap()[victim.as_str()];
-    wait_until("the silent node turns not ready", || async {
+    wait::until("the silent node turns not ready", DEADLINE, &[], || async {
         node_ready(&admin, &victim).await == Some(false)
     })
     .await;
@@ -449,7 +443,7 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
         placements(&admin).await.values().any(|p| p.node == victim),
         "the VMs stay until ha_after_ms"
     );
-    wait_until("the victim's VMs move", || async {
+    wait::until("the victim's VMs move", DEADLINE, &[], || async {
         placements(&admin).await.values().all(|p| p.node != victim)
     })
     .await;
@@ -483,12 +477,17 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
         );
     }
     // Their endpoints keep the address and follow the node and epoch.
-    wait_until("the endpoints follow the moved VMs", || async {
-        let endpoints = endpoints(&admin).await;
-        victim_vms
-            .iter()
-            .all(|vm| endpoints[vm].node == after[vm].node && endpoints[vm].epoch == 2)
-    })
+    wait::until(
+        "the endpoints follow the moved VMs",
+        DEADLINE,
+        &[],
+        || async {
+            let endpoints = endpoints(&admin).await;
+            victim_vms
+                .iter()
+                .all(|vm| endpoints[vm].node == after[vm].node && endpoints[vm].epoch == 2)
+        },
+    )
     .await;
     let followed = endpoints(&admin).await;
     for (vm, endpoint) in &followed {
@@ -576,9 +575,12 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
         .delete(Kind::Vm, "vm-0", None)
         .await
         .expect("delete vm");
-    wait_until("the deleted VM's placement is removed", || async {
-        !placements(&admin).await.contains_key("vm-0")
-    })
+    wait::until(
+        "the deleted VM's placement is removed",
+        DEADLINE,
+        &[],
+        || async { !placements(&admin).await.contains_key("vm-0") },
+    )
     .await;
     let name = Endpoint::name_for(released_ip);
     match admin.get(Kind::Endpoint, &name).await {
@@ -586,12 +588,17 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
         Err(ApiError::NotFound { .. }) => {}
         other => panic!("expected the released endpoint, got {other:?}"),
     }
-    wait_until("the released address is freed after the grace", || async {
-        matches!(
-            admin.get(Kind::Endpoint, &name).await,
-            Err(ApiError::NotFound { .. })
-        )
-    })
+    wait::until(
+        "the released address is freed after the grace",
+        DEADLINE,
+        &[],
+        || async {
+            matches!(
+                admin.get(Kind::Endpoint, &name).await,
+                Err(ApiError::NotFound { .. })
+            )
+        },
+    )
     .await;
     for flag in stop.values() {
         flag.store(true, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 //! write lost), a restarted member that lagged past the log catching up
 //! by snapshot, watches and their compaction, and bad peer payloads.
 
+use basalt_testkit::wait;
 use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::Path;
@@ -70,18 +71,6 @@ fn node(name: &str) -> Object {
     Object::Node(node)
 }
 
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The leader with the highest term any member has logged.
 fn current_leader(members: &[Member]) -> Option<(u64, u64)> {
     let mut best: Option<(u64, u64)> = None;
@@ -139,7 +128,10 @@ async fn three_members_keep_every_acknowledged_write_through_leader_loss() {
         .iter()
         .map(|m| AdminClient::connect_lazy(&m.address).expect("client"))
         .collect();
-    wait_until("three voters", || async { voters(&clients[0]).await == 3 }).await;
+    wait::until("three voters", DEADLINE, &[], || async {
+        voters(&clients[0]).await == 3
+    })
+    .await;
 
     // Writes and reads through a follower, CAS and validation.
     let (_, leader) = current_leader(&members).expect("a leader is logged");
@@ -292,7 +284,7 @@ async fn three_members_keep_every_acknowledged_write_through_leader_loss() {
             }
         }));
     }
-    wait_until("writes flow", || async {
+    wait::until("writes flow", DEADLINE, &[], || async {
         acked.lock().unwrap().len() >= 40
     })
     .await;
@@ -303,9 +295,12 @@ async fn three_members_keep_every_acknowledged_write_through_leader_loss() {
         .expect("leader process");
     members[victim].process.kill9().expect("kill -9 the leader");
     let acked_at_kill = acked.lock().unwrap().len();
-    wait_until("writes resume under a new leader", || async {
-        acked.lock().unwrap().len() >= acked_at_kill + 40
-    })
+    wait::until(
+        "writes resume under a new leader",
+        DEADLINE,
+        &[],
+        || async { acked.lock().unwrap().len() >= acked_at_kill + 40 },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     for writer in writers {
@@ -363,12 +358,17 @@ async fn three_members_keep_every_acknowledged_write_through_leader_loss() {
         .restart()
         .expect("restart the old leader");
     let restarted = AdminClient::connect_lazy(&members[victim].address).expect("client");
-    wait_until("the restarted member installs a snapshot", || async {
-        members[victim]
-            .process
-            .logs()
-            .contains("installed a snapshot")
-    })
+    wait::until(
+        "the restarted member installs a snapshot",
+        DEADLINE,
+        &[],
+        || async {
+            members[victim]
+                .process
+                .logs()
+                .contains("installed a snapshot")
+        },
+    )
     .await;
     // Its own watch (served from its local state) must see a write made
     // through another member. A watch opened while it still installs

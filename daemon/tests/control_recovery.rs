@@ -7,11 +7,12 @@
 //! (exactly the backed-up objects, versions continuing above the
 //! backup's).
 
+use basalt_testkit::wait;
 use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use basalt_api::{AdminClient, ApiError, Kind, Node, Object, ObjectMeta};
 use basalt_testkit::{Prefix, Process, ProcessSpec};
@@ -68,18 +69,6 @@ fn node(name: &str) -> Object {
     Object::Node(node)
 }
 
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn voter_ids(client: &AdminClient) -> BTreeSet<u64> {
     match client.list(Kind::Member).await {
         Ok(list) => list
@@ -134,7 +123,7 @@ async fn backup_replace_force_new_cluster_and_restore() {
     let first = start_member(&prefix, 1, &addr(), &dir("m1"), Mode::Bootstrap);
     let seed = first.address.clone();
     let client = AdminClient::connect_lazy(&seed).expect("client");
-    wait_until("member 1 leads", || async {
+    wait::until("member 1 leads", DEADLINE, &[], || async {
         voter_ids(&client).await == BTreeSet::from([1])
     })
     .await;
@@ -148,9 +137,12 @@ async fn backup_replace_force_new_cluster_and_restore() {
             Mode::Join(&seed),
         );
         members.push(member);
-        wait_until(&format!("member {id} is a voter"), || async {
-            voter_ids(&client).await.contains(&id)
-        })
+        wait::until(
+            &format!("member {id} is a voter"),
+            DEADLINE,
+            &[],
+            || async { voter_ids(&client).await.contains(&id) },
+        )
         .await;
     }
     for i in 0..20 {
@@ -184,12 +176,15 @@ async fn backup_replace_force_new_cluster_and_restore() {
         .delete(Kind::Member, "member-3", None)
         .await
         .expect("delete member-3");
-    wait_until("member 3 is out of the membership", || async {
-        !voter_ids(&client).await.contains(&3)
-    })
+    wait::until(
+        "member 3 is out of the membership",
+        DEADLINE,
+        &[],
+        || async { !voter_ids(&client).await.contains(&3) },
+    )
     .await;
     let fourth = start_member(&prefix, 4, &addr(), &dir("m4"), Mode::Join(&seed));
-    wait_until("member 4 is a voter", || async {
+    wait::until("member 4 is a voter", DEADLINE, &[], || async {
         voter_ids(&client).await == BTreeSet::from([1, 2, 4])
     })
     .await;
@@ -242,7 +237,7 @@ async fn backup_replace_force_new_cluster_and_restore() {
         .process
         .restart()
         .expect("start the survivor again");
-    wait_until("the forced member takes writes", || async {
+    wait::until("the forced member takes writes", DEADLINE, &[], || async {
         survivor.create(node("forced")).await.is_ok()
     })
     .await;
@@ -258,9 +253,12 @@ async fn backup_replace_force_new_cluster_and_restore() {
         !names.contains("no-quorum"),
         "an unacknowledged write appeared"
     );
-    wait_until("the forced cluster has one voter: member 4", || async {
-        voter_ids(&survivor).await == BTreeSet::from([4])
-    })
+    wait::until(
+        "the forced cluster has one voter: member 4",
+        DEADLINE,
+        &[],
+        || async { voter_ids(&survivor).await == BTreeSet::from([4]) },
+    )
     .await;
 
     // Restore the backup into a new one-member cluster.
@@ -295,7 +293,7 @@ async fn backup_replace_force_new_cluster_and_restore() {
 
     let _restored = start_member(&prefix, 9, &restored_addr, &dir("m9"), Mode::Existing);
     let restored = AdminClient::connect_lazy(&restored_addr).expect("client");
-    wait_until("the restored member leads", || async {
+    wait::until("the restored member leads", DEADLINE, &[], || async {
         voter_ids(&restored).await == BTreeSet::from([9])
     })
     .await;

@@ -6,8 +6,9 @@
 //! its VM; and after the control-plane leader is killed and restarted
 //! from its data directory, the agent keeps working (the VM runs again).
 
+use basalt_testkit::wait;
 use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use basalt_api::{AdminClient, JoinToken, KernelBoot, Kind, Object, ObjectMeta, Vm, VmPhase};
 use basalt_testkit::{Prefix, Process, ProcessSpec};
@@ -23,18 +24,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn node(admin: &AdminClient, name: &str) -> Option<basalt_api::Node> {
@@ -67,7 +56,7 @@ async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_rest
         .env("RUST_LOG", "info");
     let mut member = Process::start(&prefix, member_spec).expect("start basaltd control");
     let admin = AdminClient::connect_lazy(&address).expect("admin client");
-    wait_until("the member leads", || async {
+    wait::until("the member leads", DEADLINE, &[], || async {
         admin
             .list(Kind::Member)
             .await
@@ -114,7 +103,7 @@ async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_rest
         .env("BASALT_JOIN_TOKEN", &secret)
         .env("RUST_LOG", "info");
     let agent = Process::start(&prefix, agent_spec).expect("start basaltd agent");
-    wait_until("n1 is ready", || async {
+    wait::until("n1 is ready", DEADLINE, &[], || async {
         node(&admin, "n1")
             .await
             .is_some_and(|n| n.status.is_ready())
@@ -141,24 +130,32 @@ async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_rest
         cmdline: "console=ttyS0".into(),
     });
     admin.create(Object::Vm(vm)).await.expect("create vm");
-    wait_until("web runs on n1", || vm_running_on(&admin, "web", "n1")).await;
+    wait::until("web runs on n1", DEADLINE, &[], || {
+        vm_running_on(&admin, "web", "n1")
+    })
+    .await;
 
     // Freeze the agent past its lease: the node is marked not ready and
     // its lease dropped; the next heartbeat is refused.
     let pid = Pid::from_raw(i32::try_from(agent.pid()).expect("pid"));
     kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
-    wait_until("n1 is marked not ready", || async {
+    wait::until("n1 is marked not ready", DEADLINE, &[], || async {
         node(&admin, "n1")
             .await
             .is_some_and(|n| !n.status.is_ready())
     })
     .await;
     kill(pid, Signal::SIGCONT).expect("SIGCONT");
-    wait_until("n1 registered again and is ready", || async {
-        node(&admin, "n1")
-            .await
-            .is_some_and(|n| n.status.is_ready())
-    })
+    wait::until(
+        "n1 registered again and is ready",
+        DEADLINE,
+        &[],
+        || async {
+            node(&admin, "n1")
+                .await
+                .is_some_and(|n| n.status.is_ready())
+        },
+    )
     .await;
     let again = node(&admin, "n1").await.expect("n1");
     assert_eq!(again.meta.uid, first.meta.uid, "same node, same uid");
@@ -174,7 +171,7 @@ async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_rest
         "{}",
         agent.log_tail(30)
     );
-    wait_until("web runs on n1 again", || {
+    wait::until("web runs on n1 again", DEADLINE, &[], || {
         vm_running_on(&admin, "web", "n1")
     })
     .await;
@@ -185,13 +182,18 @@ async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_rest
     member.kill9().expect("kill -9 the leader");
     tokio::time::sleep(Duration::from_secs(3)).await;
     member.restart().expect("restart the leader");
-    wait_until("n1 is ready under the new leader", || async {
-        node(&admin, "n1")
-            .await
-            .is_some_and(|n| n.status.is_ready())
-    })
+    wait::until(
+        "n1 is ready under the new leader",
+        DEADLINE,
+        &[],
+        || async {
+            node(&admin, "n1")
+                .await
+                .is_some_and(|n| n.status.is_ready())
+        },
+    )
     .await;
-    wait_until("web runs on n1 after the restart", || {
+    wait::until("web runs on n1 after the restart", DEADLINE, &[], || {
         vm_running_on(&admin, "web", "n1")
     })
     .await;

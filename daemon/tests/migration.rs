@@ -16,6 +16,7 @@
 //! The CLI is the workspace's `basalt` binary, next to `basaltd` (the
 //! `basalt` package's own tests make `cargo test` build it).
 
+use basalt_testkit::wait;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,24 +45,6 @@ fn basalt_cli() -> PathBuf {
         path.display()
     );
     path
-}
-
-async fn wait_until<F, Fut>(what: &str, logs: &[&Process], mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        if start.elapsed() > DEADLINE {
-            let tails: Vec<String> = logs
-                .iter()
-                .map(|p| format!("--- {} ---\n{}", p.name(), p.log_tail(40)))
-                .collect();
-            panic!("timed out waiting until {what}\n{}", tails.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// How many frames the guest has sent on `tap` in `node` (0 while the
@@ -201,9 +184,12 @@ async fn a_vm_moves_live_keeping_its_tcp_connection_and_runs_only_on_the_target(
     )
     .expect("control plane");
     let admin = AdminClient::connect_lazy(&server).expect("client");
-    wait_until("the control plane answers", &[&control], || async {
-        admin.list(Kind::Node).await.is_ok()
-    })
+    wait::until(
+        "the control plane answers",
+        DEADLINE,
+        &[&control],
+        || async { admin.list(Kind::Node).await.is_ok() },
+    )
     .await;
     let token = JoinToken {
         meta: ObjectMeta::named("join"),
@@ -239,7 +225,7 @@ async fn a_vm_moves_live_keeping_its_tcp_connection_and_runs_only_on_the_target(
     let a1 = agent(&n1, &l1);
     let a2 = agent(&n2, &l2);
     let logs = [&control, &a1, &a2];
-    wait_until("both nodes have joined", &logs, || async {
+    wait::until("both nodes have joined", DEADLINE, &logs, || async {
         let nodes = admin.list(Kind::Node).await.map(|l| l.objects.len());
         nodes.is_ok_and(|n| n == 2)
     })
@@ -294,7 +280,7 @@ async fn a_vm_moves_live_keeping_its_tcp_connection_and_runs_only_on_the_target(
     let domain = format!("{domain_prefix}web");
     let tap = tap_name(vm_uuid(&stored.meta.uid), 0);
 
-    wait_until("the domain runs on n1", &logs, || async {
+    wait::until("the domain runs on n1", DEADLINE, &logs, || async {
         domain_state(&l1, &domain) == "running"
     })
     .await;
@@ -329,7 +315,10 @@ async fn a_vm_moves_live_keeping_its_tcp_connection_and_runs_only_on_the_target(
     }
 
     let reader = StreamReader::start(&n3);
-    wait_until("the stream flows", &logs, || async { reader.count() >= 5 }).await;
+    wait::until("the stream flows", DEADLINE, &logs, || async {
+        reader.count() >= 5
+    })
+    .await;
 
     // The target's tap appears when libvirt starts the incoming QEMU:
     // wire it at once, as the source's was.
@@ -417,12 +406,12 @@ async fn a_vm_moves_live_keeping_its_tcp_connection_and_runs_only_on_the_target(
 
     // The connection carries on from n2, in order, never reset.
     let moved_at = reader.count();
-    wait_until("the stream flows from n2", &logs, || async {
+    wait::until("the stream flows from n2", DEADLINE, &logs, || async {
         reader.count() >= moved_at + 20
     })
     .await;
     // The target agent owns the VM now: it reports it running there.
-    wait_until("n2 reports the VM running", &logs, || async {
+    wait::until("n2 reports the VM running", DEADLINE, &logs, || async {
         matches!(admin.get(Kind::Vm, "web").await,
             Ok(Object::Vm(vm)) if vm.status.phase == VmPhase::Running
                 && vm.status.node.as_deref() == Some("n2"))

@@ -12,6 +12,7 @@
 //! map writes only, nothing re-attached — and a VM's deletion removes its
 //! tap.
 
+use basalt_testkit::wait;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -45,24 +46,6 @@ bound|renew)
     ;;
 esac
 ";
-
-async fn wait_until<F, Fut>(what: &str, logs: &[&Process], mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        if start.elapsed() > DEADLINE {
-            let tails: Vec<String> = logs
-                .iter()
-                .map(|p| format!("--- {} ---\n{}", p.name(), p.log_tail(40)))
-                .collect();
-            panic!("timed out waiting until {what}\n{}", tails.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -336,9 +319,12 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
     )
     .expect("control plane");
     let admin = AdminClient::connect_lazy(&server).expect("client");
-    wait_until("the control plane answers", &[&control], || async {
-        admin.list(Kind::Node).await.is_ok()
-    })
+    wait::until(
+        "the control plane answers",
+        DEADLINE,
+        &[&control],
+        || async { admin.list(Kind::Node).await.is_ok() },
+    )
     .await;
 
     let mut agents = Vec::new();
@@ -360,7 +346,7 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
         agents.push(agent);
     }
     let logs: Vec<&Process> = std::iter::once(&control).chain(&agents).collect();
-    wait_until("both nodes joined", &logs, || async {
+    wait::until("both nodes joined", DEADLINE, &logs, || async {
         admin
             .list(Kind::Node)
             .await
@@ -386,9 +372,14 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
         };
         created.push(v);
     }
-    wait_until("both NICs are leased and placed", &logs, || async {
-        endpoint_of(&admin, "vm1").await.is_some() && endpoint_of(&admin, "vm2").await.is_some()
-    })
+    wait::until(
+        "both NICs are leased and placed",
+        DEADLINE,
+        &logs,
+        || async {
+            endpoint_of(&admin, "vm1").await.is_some() && endpoint_of(&admin, "vm2").await.is_some()
+        },
+    )
     .await;
     let ep1 = endpoint_of(&admin, "vm1").await.unwrap();
     let ep2 = endpoint_of(&admin, "vm2").await.unwrap();
@@ -405,7 +396,7 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
         .iter()
         .map(|v| tap_name(vm_uuid(&v.meta.uid), 0))
         .collect();
-    wait_until("each agent made its VM's tap", &logs, || async {
+    wait::until("each agent made its VM's tap", DEADLINE, &logs, || async {
         has_link(&node1, &taps[0]) && has_link(&node2, &taps[1])
     })
     .await;
@@ -515,7 +506,7 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
         .await
         .expect("delete vm2");
     let logs: Vec<&Process> = std::iter::once(&control).chain(&agents).collect();
-    wait_until("the deleted VM's tap is gone", &logs, || async {
+    wait::until("the deleted VM's tap is gone", DEADLINE, &logs, || async {
         !has_link(&node2, &taps[1])
     })
     .await;

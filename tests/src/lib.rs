@@ -10,7 +10,8 @@
 //! - [`guest`]: the test guest (a small VM that boots in seconds);
 //! - [`sweep`]: removing what killed tests left behind, and `lab down`;
 //! - [`linearizability`]: a checker for histories of a register;
-//! - [`cmd`]: the errors of the host tools the fixtures run.
+//! - [`cmd`]: the errors of the host tools the fixtures run;
+//! - [`wait`]: polling until a condition holds, for async tests.
 //!
 //! Invariants: every object a fixture makes carries its prefix; dropping a
 //! fixture removes what it made unless it was detached (the lab); a sweep
@@ -27,6 +28,7 @@ pub mod netns;
 pub mod prefix;
 pub mod process;
 pub mod sweep;
+pub mod wait;
 
 pub use libvirtd::Libvirtd;
 pub use netns::{Fabric, Node};

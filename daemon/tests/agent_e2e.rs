@@ -5,18 +5,19 @@
 //! when the placement goes, and — once the control plane is gone for the
 //! fencing window — destroys it. Needs root.
 
+mod common;
+
 use basalt_testkit::wait;
 use std::net::TcpListener;
 use std::time::Duration;
 
 use basalt_api::{
-    AdminClient, JoinToken, JoinTokenSpec, KernelBoot, Kind, Object, ObjectMeta, Placement, Vm,
-    VmPhase, VmSpec,
+    AdminClient, KernelBoot, Kind, Object, ObjectMeta, Placement, Vm, VmPhase, VmSpec,
 };
 use basalt_testkit::guest::GuestImage;
 use basalt_testkit::{Fabric, Libvirtd, Prefix, Process, ProcessSpec};
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+use common::BASALTD;
 const DEADLINE: Duration = Duration::from_secs(120);
 
 fn free_port() -> u16 {
@@ -76,47 +77,8 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
     let image = GuestImage::build().expect("guest image");
 
     let server = format!("127.0.0.1:{}", free_port());
-    let mut control = Process::start(
-        &prefix,
-        ProcessSpec::new("control", BASALTD)
-            .args([
-                "control",
-                "--node-id",
-                "1",
-                "--bootstrap",
-                "--listen",
-                &server,
-                "--data-dir",
-            ])
-            .arg(prefix.dir().join("control")),
-    )
-    .expect("control plane");
-    let admin = AdminClient::connect_lazy(&server).expect("client");
-    wait::until(
-        "the control plane answers",
-        DEADLINE,
-        &[&control],
-        || async { admin.list(Kind::Node).await.is_ok() },
-    )
-    .await;
-
-    let token = JoinToken {
-        meta: ObjectMeta::named("join-n1"),
-        spec: JoinTokenSpec {
-            ttl_seconds: 600,
-            max_uses: 1,
-            revoked: false,
-        },
-        ..JoinToken::default()
-    };
-    let Object::Token(created) = admin.create(Object::Token(token)).await.expect("token") else {
-        panic!("a token comes back as a token")
-    };
-    let secret = created
-        .secret
-        .expect("the secret is returned on create")
-        .expose()
-        .to_owned();
+    let (mut control, admin) = common::start_control(&prefix, &server, None, DEADLINE).await;
+    let secret = common::join_token(&admin, "join-n1", 1).await;
 
     let agent = Process::start(
         &prefix,

@@ -16,6 +16,8 @@
 //! The CLI is the workspace's `basalt` binary, next to `basaltd` (the
 //! `basalt` package's own tests make `cargo test` build it).
 
+mod common;
+
 use basalt_testkit::wait;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -25,13 +27,13 @@ use std::time::{Duration, Instant};
 
 use basalt_agent::vm_domain::{tap_name, vm_uuid};
 use basalt_api::{
-    AdminClient, JoinToken, JoinTokenSpec, KernelBoot, Kind, MigrationPhase, Nic, Object,
-    ObjectMeta, Placement, Vm, VmPhase, VmSpec,
+    AdminClient, KernelBoot, Kind, MigrationPhase, Nic, Object, ObjectMeta, Placement, Vm, VmPhase,
+    VmSpec,
 };
 use basalt_testkit::guest::{self, GuestClient, GuestImage, check_consecutive};
 use basalt_testkit::{Fabric, Libvirtd, Node, Prefix, Process, ProcessSpec};
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+use common::BASALTD;
 /// A TCG guest under a loaded machine boots slowly: generous, not tight.
 const DEADLINE: Duration = Duration::from_secs(180);
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
@@ -167,43 +169,8 @@ async fn a_vm_moves_live_keeping_its_tcp_connection_and_runs_only_on_the_target(
     let image = GuestImage::build().expect("guest image");
 
     let server = format!("{}:{CONTROL_PORT}", n3.addr());
-    let control = Process::start(
-        &prefix,
-        ProcessSpec::new("control", BASALTD)
-            .args([
-                "control",
-                "--node-id",
-                "1",
-                "--bootstrap",
-                "--listen",
-                &server,
-            ])
-            .arg("--data-dir")
-            .arg(prefix.dir().join("control"))
-            .netns(&n3),
-    )
-    .expect("control plane");
-    let admin = AdminClient::connect_lazy(&server).expect("client");
-    wait::until(
-        "the control plane answers",
-        DEADLINE,
-        &[&control],
-        || async { admin.list(Kind::Node).await.is_ok() },
-    )
-    .await;
-    let token = JoinToken {
-        meta: ObjectMeta::named("join"),
-        spec: JoinTokenSpec {
-            ttl_seconds: 600,
-            max_uses: 2,
-            revoked: false,
-        },
-        ..JoinToken::default()
-    };
-    let Object::Token(created) = admin.create(Object::Token(token)).await.expect("token") else {
-        panic!("a token comes back as a token")
-    };
-    let secret = created.secret.expect("secret").expose().to_owned();
+    let (control, admin) = common::start_control(&prefix, &server, Some(&n3), DEADLINE).await;
+    let secret = common::join_token(&admin, "join", 2).await;
 
     let domain_prefix = format!("{}-", prefix.name());
     let agent = |node: &Node, libvirtd: &Libvirtd| {

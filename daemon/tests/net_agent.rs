@@ -12,6 +12,8 @@
 //! map writes only, nothing re-attached — and a VM's deletion removes its
 //! tap.
 
+mod common;
+
 use basalt_testkit::wait;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
@@ -24,15 +26,14 @@ use std::time::{Duration, Instant};
 
 use basalt_agent::vm_domain::{derived_mac, tap_name, vm_uuid};
 use basalt_api::{
-    AdminClient, Endpoint, JoinToken, JoinTokenSpec, KernelBoot, Kind, Network, NetworkSpec, Nic,
-    Object, ObjectMeta, PlacementRules, Policy, PolicyAction, PolicyProtocol, PolicyRule,
-    PolicySpec, Vm, VmSpec,
+    AdminClient, Endpoint, KernelBoot, Kind, Network, NetworkSpec, Nic, Object, ObjectMeta,
+    PlacementRules, Policy, PolicyAction, PolicyProtocol, PolicyRule, PolicySpec, Vm, VmSpec,
 };
 use basalt_sdn::tap::Tap;
 use basalt_testkit::{Fabric, Node, Prefix, Process, ProcessSpec};
 use nix::sched::CloneFlags;
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+use common::BASALTD;
 const DEADLINE: Duration = Duration::from_secs(60);
 const CONTROL_PORT: u16 = 7400;
 
@@ -227,22 +228,6 @@ impl Drop for Pins {
     }
 }
 
-async fn token(admin: &AdminClient, name: &str) -> String {
-    let token = JoinToken {
-        meta: ObjectMeta::named(name),
-        spec: JoinTokenSpec {
-            ttl_seconds: 600,
-            max_uses: 1,
-            revoked: false,
-        },
-        ..JoinToken::default()
-    };
-    let Object::Token(created) = admin.create(Object::Token(token)).await.expect("token") else {
-        panic!("a token comes back as a token")
-    };
-    created.secret.expect("secret").expose().to_owned()
-}
-
 fn vm(name: &str, app: &str) -> Vm {
     let mut meta = ObjectMeta::named(name);
     meta.labels.insert("app".into(), app.into());
@@ -302,34 +287,11 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
     let _pins = Pins(nodes.iter().map(|n| n.netns().to_owned()).collect());
 
     let server = format!("{}:{CONTROL_PORT}", a.addr());
-    let control = Process::start(
-        &prefix,
-        ProcessSpec::new("control", BASALTD)
-            .args([
-                "control",
-                "--node-id",
-                "1",
-                "--bootstrap",
-                "--listen",
-                &server,
-                "--data-dir",
-            ])
-            .arg(prefix.dir().join("control"))
-            .netns(&a),
-    )
-    .expect("control plane");
-    let admin = AdminClient::connect_lazy(&server).expect("client");
-    wait::until(
-        "the control plane answers",
-        DEADLINE,
-        &[&control],
-        || async { admin.list(Kind::Node).await.is_ok() },
-    )
-    .await;
+    let (control, admin) = common::start_control(&prefix, &server, Some(&a), DEADLINE).await;
 
     let mut agents = Vec::new();
     for node in &nodes {
-        let secret = token(&admin, &format!("join-{}", node.name())).await;
+        let secret = common::join_token(&admin, &format!("join-{}", node.name()), 1).await;
         let agent = Process::start(
             &prefix,
             ProcessSpec::new(format!("agent-{}", node.name()), BASALTD)

@@ -1,0 +1,66 @@
+//! What the daemon's end-to-end tests share: a one-member control plane
+//! started and answering, and join tokens for their agents.
+
+use std::time::Duration;
+
+use basalt_api::{AdminClient, JoinToken, JoinTokenSpec, Kind, Object, ObjectMeta};
+use basalt_testkit::{Node, Prefix, Process, ProcessSpec, wait};
+
+/// The `basaltd` binary under test.
+pub const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+
+/// Starts `basaltd control` bootstrapping a one-member cluster on
+/// `server` (inside `netns` when given) and waits until it answers.
+pub async fn start_control(
+    prefix: &Prefix,
+    server: &str,
+    netns: Option<&Node>,
+    deadline: Duration,
+) -> (Process, AdminClient) {
+    let mut spec = ProcessSpec::new("control", BASALTD)
+        .args([
+            "control",
+            "--node-id",
+            "1",
+            "--bootstrap",
+            "--listen",
+            server,
+        ])
+        .arg("--data-dir")
+        .arg(prefix.dir().join("control"));
+    if let Some(node) = netns {
+        spec = spec.netns(node);
+    }
+    let control = Process::start(prefix, spec).expect("control plane");
+    let admin = AdminClient::connect_lazy(server).expect("client");
+    wait::until(
+        "the control plane answers",
+        deadline,
+        &[&control],
+        || async { admin.list(Kind::Node).await.is_ok() },
+    )
+    .await;
+    (control, admin)
+}
+
+/// Creates join token `name` good for `uses` registrations; returns its
+/// secret.
+pub async fn join_token(admin: &AdminClient, name: &str, uses: u32) -> String {
+    let token = JoinToken {
+        meta: ObjectMeta::named(name),
+        spec: JoinTokenSpec {
+            ttl_seconds: 600,
+            max_uses: uses,
+            revoked: false,
+        },
+        ..JoinToken::default()
+    };
+    let Object::Token(created) = admin.create(Object::Token(token)).await.expect("token") else {
+        panic!("a token comes back as a token")
+    };
+    created
+        .secret
+        .expect("the secret is returned on create")
+        .expose()
+        .to_owned()
+}

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use basalt_agent::compute::domain::Accel;
 use basalt_agent::compute::libvirt::LibvirtCompute;
 use basalt_agent::compute::sim::SimCompute;
+use basalt_agent::credential::CredentialFile;
 use basalt_agent::runtime::{self, AgentConfig};
 use basalt_agent::vm_domain::DomainPolicy;
 use basalt_api::Resources;
@@ -25,9 +26,20 @@ pub struct AgentArgs {
     /// A control-plane member (any member).
     #[arg(long, env = "BASALT_SERVER", default_value = "127.0.0.1:7400")]
     server: String,
-    /// The join token's secret (`basalt token create`).
-    #[arg(long, env = "BASALT_JOIN_TOKEN", hide_env_values = true)]
+    /// The join token's secret (`basalt token create`); needed until the
+    /// node holds a credential in `--credential-file`.
+    #[arg(
+        long,
+        env = "BASALT_JOIN_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
     token: String,
+    /// Keep the node credential the control plane issues at the first join
+    /// in this file (mode 0600), and register with it after a restart
+    /// instead of the join token.
+    #[arg(long, env = "BASALT_CREDENTIAL_FILE")]
+    credential_file: Option<PathBuf>,
     /// Check the flags and environment (BASALT_NODE, BASALT_ADDRESS,
     /// BASALT_SERVER, ...), print them and exit without joining.
     #[arg(long)]
@@ -118,11 +130,14 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         net.dns = args.net_dns.clone();
         net
     });
+    let credential_file = args.credential_file.clone().map(CredentialFile::new);
+    stored_credential(&args)?;
     let config = AgentConfig {
         node: args.node,
         address: args.address,
         server: args.server,
         token: args.token,
+        credential_file,
         capacity: Resources {
             cpus: args.cpus.unwrap_or(host_cpus),
             memory_mib: args.memory_mib.unwrap_or_else(host_memory_mib),
@@ -171,7 +186,7 @@ fn check_config(args: &AgentArgs) -> anyhow::Result<()> {
         node_name: args.node.clone(),
         address: args.address.clone(),
         capacity: Resources::default(),
-        ..basalt_api::Registration::default()
+        node_credential: stored_credential(args)?,
     };
     registration
         .validate()
@@ -190,6 +205,33 @@ fn check_config(args: &AgentArgs) -> anyhow::Result<()> {
         args.node, args.address, args.server, args.libvirt_uri
     );
     Ok(())
+}
+
+/// The credential in `--credential-file`, if any. Without a join token
+/// the agent can only register with it, so a missing or unreadable file is
+/// then an error naming both settings.
+fn stored_credential(args: &AgentArgs) -> anyhow::Result<Option<basalt_api::TokenSecret>> {
+    let loaded = match &args.credential_file {
+        Some(path) => CredentialFile::new(path).load(),
+        None => Ok(None),
+    };
+    match loaded {
+        Ok(Some(credential)) => Ok(Some(credential)),
+        Ok(None) if args.token.is_empty() => anyhow::bail!(
+            "invalid agent configuration: token (BASALT_JOIN_TOKEN): required until the node holds a credential in credential_file (BASALT_CREDENTIAL_FILE){}",
+            args.credential_file
+                .as_ref()
+                .map(|p| format!("; {} has none", p.display()))
+                .unwrap_or_default()
+        ),
+        Ok(None) => Ok(None),
+        Err(err) if args.token.is_empty() => Err(anyhow::Error::new(err)
+            .context("invalid agent configuration: no join token and no usable credential")),
+        Err(err) => {
+            tracing::warn!(error = %err, "the stored node credential is unusable; the join token will be used");
+            Ok(None)
+        }
+    }
 }
 
 async fn shutdown() {

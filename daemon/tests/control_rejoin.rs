@@ -4,10 +4,13 @@
 //! registers again with the node credential its first registration
 //! returned — its single-use join token is spent — and keeps its uid and
 //! its VM; and after the control-plane leader is killed and restarted
-//! from its data directory, the agent keeps working (the VM runs again).
+//! from its data directory, the agent keeps working (the VM runs again);
+//! and the agent keeps its credential in a file, so after a kill -9 and a
+//! new start it registers with it instead of the spent token.
 
 use basalt_testkit::wait;
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use basalt_api::{AdminClient, JoinToken, KernelBoot, Kind, Object, ObjectMeta, Vm, VmPhase};
@@ -76,6 +79,7 @@ async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_rest
     };
     let secret = token.secret.expect("secret").expose().to_owned();
 
+    let credential_file = prefix.dir().join("agent-state/node-credential");
     let agent_spec = ProcessSpec::new("agent-n1", BASALTD)
         .args([
             "agent",
@@ -100,9 +104,11 @@ async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_rest
             "--console-dir",
         ])
         .arg(prefix.dir().join("console"))
+        .arg("--credential-file")
+        .arg(&credential_file)
         .env("BASALT_JOIN_TOKEN", &secret)
         .env("RUST_LOG", "info");
-    let agent = Process::start(&prefix, agent_spec).expect("start basaltd agent");
+    let mut agent = Process::start(&prefix, agent_spec).expect("start basaltd agent");
     wait::until("n1 is ready", DEADLINE, &[], || async {
         node(&admin, "n1")
             .await
@@ -202,4 +208,62 @@ async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_rest
     let later = node(&admin, "n1").await.expect("n1");
     assert!(later.status.is_ready(), "{later:?}\n{}", agent.log_tail(30));
     assert_eq!(later.meta.uid, first.meta.uid);
+
+    // The credential outlives the agent process: it was kept in the file
+    // (owner-only), and an agent killed and started again — its token
+    // spent — registers with it.
+    let mode = std::fs::metadata(&credential_file)
+        .expect("the agent kept its credential in the file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the credential file is owner-only");
+    agent.kill9().expect("kill -9 the agent");
+    agent.restart().expect("start the agent again");
+    wait::until(
+        "the restarted agent registered with its stored credential",
+        DEADLINE,
+        &[&agent],
+        || async {
+            agent
+                .logs()
+                .contains("registered with the stored node credential")
+        },
+    )
+    .await;
+    wait::until(
+        "web runs on n1 after the agent restart",
+        DEADLINE,
+        &[&agent],
+        || vm_running_on(&admin, "web", "n1"),
+    )
+    .await;
+    let restarted = node(&admin, "n1").await.expect("n1");
+    assert_eq!(restarted.meta.uid, first.meta.uid, "same node, same uid");
+    let Ok(Object::Token(spent)) = admin.get(Kind::Token, "once").await else {
+        panic!("get token")
+    };
+    assert_eq!(spent.status.uses, 1, "the spent token was not used again");
+
+    // With neither a token nor a stored credential there is nothing to
+    // register with: the agent says so, naming the settings.
+    let out = std::process::Command::new(BASALTD)
+        .args([
+            "agent",
+            "--check-config",
+            "--node",
+            "n9",
+            "--address",
+            "127.0.0.1:7509",
+        ])
+        .arg("--credential-file")
+        .arg(prefix.dir().join("agent-state/none"))
+        .env_remove("BASALT_JOIN_TOKEN")
+        .output()
+        .expect("run basaltd agent --check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("BASALT_JOIN_TOKEN") && stderr.contains("BASALT_CREDENTIAL_FILE"),
+        "{stderr}"
+    );
 }

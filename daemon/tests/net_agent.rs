@@ -358,9 +358,19 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
         .iter()
         .map(|v| tap_name(vm_uuid(&v.meta.uid), 0))
         .collect();
-    wait::until("each agent made its VM's tap", DEADLINE, &logs, || async {
-        has_link(&node1, &taps[0]) && has_link(&node2, &taps[1])
-    })
+    // Taps are made by the compute pass, the VXLAN device by the datapath
+    // thread: wait for both.
+    wait::until(
+        "each agent made its VM's tap and its VXLAN device",
+        DEADLINE,
+        &logs,
+        || async {
+            has_link(&node1, &taps[0])
+                && has_link(&node2, &taps[1])
+                && has_link(&node1, "basalt-vx")
+                && has_link(&node2, "basalt-vx")
+        },
+    )
     .await;
     assert!(
         !has_link(&node1, &taps[1]) && !has_link(&node2, &taps[0]),

@@ -482,6 +482,10 @@ pub fn node_files(
     let _ = writeln!(agent, "BASALT_LIBVIRT_URI=qemu:///system");
     let _ = writeln!(agent, "BASALT_ACCEL={}", if kvm { "kvm" } else { "tcg" });
     let _ = writeln!(agent, "BASALT_CONSOLE_DIR=/var/log/basalt/console");
+    let _ = writeln!(
+        agent,
+        "BASALT_CREDENTIAL_FILE=/var/lib/basalt/agent/node-credential"
+    );
     files.push(file("/etc/basalt/agent.env", 0o644, agent));
     if let Some(token) = &answers.control_plane.join_token {
         files.push(file(

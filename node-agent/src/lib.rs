@@ -10,10 +10,15 @@
 //!   stops its VMs; an agent restart adopts running domains instead of
 //!   restarting them.
 //!
-//! The reconcilers land with the node-agent issue. What exists already is
-//! [`compute::domain`]: the typed libvirt domain XML they will write.
+//! Map: [`runtime`] joins, keeps the lease and runs the passes;
+//! [`reconcile`] plans domains from placements for a [`compute`] backend
+//! (libvirt, or simulated) using [`vm_domain`]'s typed XML; [`storage`]
+//! makes the disks volumes of the node's pool; [`network`] drives the eBPF
+//! datapath; [`migration`] is the agent's side of live migration;
+//! [`credential`] keeps the node credential across restarts.
 
 pub mod compute;
+pub mod credential;
 pub mod migration;
 pub mod network;
 pub mod reconcile;

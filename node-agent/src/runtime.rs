@@ -41,8 +41,12 @@ pub struct AgentConfig {
     pub address: String,
     /// A control-plane member's address (any member: followers forward).
     pub server: String,
-    /// The join token's secret.
+    /// The join token's secret; may be empty when `credential_file` holds
+    /// a credential.
     pub token: String,
+    /// Where the node credential is kept across restarts
+    /// ([`crate::credential`]); `None`: in memory only.
+    pub credential_file: Option<crate::credential::CredentialFile>,
     /// What this node offers to VMs.
     pub capacity: Resources,
     /// How VMs become domains here.
@@ -115,11 +119,13 @@ pub async fn run<C: Compute + 'static>(
             node: config.node.clone(),
             source,
         })?;
-    let registered = register(&agent, &config, None).await?;
+    let stored = load_credential(&config);
+    let registered = first_registration(&agent, &config, stored.clone()).await?;
     tracing::info!(node = %config.node, uid = %registered.node_uid, "registered");
+    keep_credential(&config, registered.node_credential.as_ref());
     let state: State = Arc::new(Mutex::new(Shared {
         node_uid: registered.node_uid.clone(),
-        credential: registered.node_credential.clone(),
+        credential: registered.node_credential.clone().or(stored),
         ..Shared::default()
     }));
     let trigger = Arc::new(Notify::new());
@@ -154,6 +160,54 @@ pub async fn run<C: Compute + 'static>(
     reconcile.abort();
     migrating.abort();
     Ok(())
+}
+
+/// The credential stored by an earlier run, if any; a file that cannot
+/// be read is logged (naming it) and the join token is used instead.
+fn load_credential(config: &AgentConfig) -> Option<TokenSecret> {
+    let file = config.credential_file.as_ref()?;
+    match file.load() {
+        Ok(credential) => credential,
+        Err(err) => {
+            tracing::warn!(error = %err, "ignoring the stored node credential");
+            None
+        }
+    }
+}
+
+/// Stores a newly issued credential, when the agent keeps one on disk. A
+/// failure is logged: the credential still works from memory until the
+/// next restart, which then falls back to the join token.
+fn keep_credential(config: &AgentConfig, issued: Option<&TokenSecret>) {
+    if let (Some(file), Some(credential)) = (&config.credential_file, issued)
+        && let Err(err) = file.store(credential)
+    {
+        tracing::error!(error = %err, "could not keep the node credential");
+    }
+}
+
+/// The agent's first registration: with the stored credential when there
+/// is one, then (refused, e.g. the node was removed meanwhile) with the
+/// join token when one was given.
+async fn first_registration(
+    agent: &AgentClient,
+    config: &AgentConfig,
+    stored: Option<TokenSecret>,
+) -> Result<Registered, AgentError> {
+    let Some(credential) = stored else {
+        return register(agent, config, None).await;
+    };
+    match register(agent, config, Some(credential)).await {
+        Ok(registered) => {
+            tracing::info!("registered with the stored node credential");
+            Ok(registered)
+        }
+        Err(err) if !config.token.is_empty() => {
+            tracing::warn!(error = %err, "the stored node credential was refused; joining with the token");
+            register(agent, config, None).await
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// Registers with the join token, or with `credential` when given
@@ -237,6 +291,7 @@ async fn register_again(agent: &AgentClient, config: &AgentConfig, state: &State
     match attempt {
         Ok(registered) => {
             tracing::info!(uid = %registered.node_uid, "registered again");
+            keep_credential(config, registered.node_credential.as_ref());
             let mut shared = lock(state);
             shared.node_uid = registered.node_uid;
             if let Some(credential) = registered.node_credential {

@@ -50,7 +50,7 @@ fn headers(kind: Kind) -> &'static [&'static str] {
     match kind {
         Kind::Node => &["NAME", "ADDRESS", "READY", "CORDONED", "CPUS", "MEMORY MiB"],
         Kind::Vm => &["NAME", "PHASE", "NODE", "CPUS", "MEMORY MiB", "RUNNING"],
-        Kind::Placement => &["NAME", "VM", "NODE", "EPOCH"],
+        Kind::Placement => &["NAME", "VM", "NODE", "EPOCH", "REPLICA NODES"],
         Kind::Token => &["NAME", "USES", "MAX USES", "EXPIRES IN", "REVOKED"],
         Kind::Member => &["NAME", "ID", "ADDRESS", "VOTER"],
         Kind::Network => &["NAME", "CIDR", "VNI"],
@@ -86,6 +86,11 @@ fn row(object: &Object) -> Vec<String> {
             p.vm.clone(),
             p.node.clone(),
             p.epoch.to_string(),
+            if p.replica_nodes.is_empty() {
+                "-".to_owned()
+            } else {
+                p.replica_nodes.join(",")
+            },
         ],
         Object::Token(t) => vec![
             t.meta.name.clone(),
@@ -233,6 +238,7 @@ mod tests {
                     vm: format!("vm-{name}"),
                     node: "n1".into(),
                     epoch: 7,
+                    replica_nodes: Vec::new(),
                 })
             })
             .collect();

@@ -155,7 +155,18 @@ pub async fn run(server: &str, format: Format, command: VmCommand) -> anyhow::Re
         }
         VmCommand::Get { name } => {
             let vm = client.get(Kind::Vm, &name).await?;
-            output::print_objects(format, Kind::Vm, &[vm])
+            output::print_objects(format, Kind::Vm, &[vm])?;
+            if format == output::Format::Table
+                && let Ok(Object::Placement(p)) = client.get(Kind::Placement, &name).await
+            {
+                print!("placed on {} at epoch {}", p.node, p.epoch);
+                if p.replica_nodes.is_empty() {
+                    println!();
+                } else {
+                    println!("; disk replicas on {}", p.replica_nodes.join(", "));
+                }
+            }
+            Ok(())
         }
         VmCommand::Start(args) => power(&client, &args, true).await,
         VmCommand::Stop(args) => power(&client, &args, false).await,

@@ -506,6 +506,7 @@ mod tests {
             vm: "vm-1".into(),
             node: node.into(),
             epoch: 1,
+            replica_nodes: Vec::new(),
         })
     }
 

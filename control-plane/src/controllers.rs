@@ -23,6 +23,9 @@
 //! - an evicted VM (its placement labelled [`Placement::EVICT_LABEL`]: drain,
 //!   decommission) moves only after its node reported it `Stopped` (a
 //!   cold move); the source node is never the target;
+//! - a VM with replicated disks moves (HA, drain) only onto another of its
+//!   placement's `replica_nodes`, which stay as they are; with none ready
+//!   it stays where it is, reported unschedulable with the reason;
 //! - a late heartbeat from a lost node renews nothing (see [`crate::leases`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -336,7 +339,9 @@ impl Controllers {
         if pending == 0 {
             return;
         }
-        let plan = scheduler::plan(&nodes, &vms, &kept, Overcommit::default(), term);
+        let moves: Vec<Placement> = moving.values().cloned().collect();
+        let plan =
+            scheduler::plan_with_moves(&nodes, &vms, &kept, &moves, Overcommit::default(), term);
         for (vm, node) in &plan.placements {
             let result = match moving.get(vm) {
                 Some(current) => {
@@ -365,6 +370,7 @@ impl Controllers {
                         vm: vm.clone(),
                         node: node.clone(),
                         epoch: 1,
+                        replica_nodes: plan.replica_nodes.get(vm).cloned().unwrap_or_default(),
                     };
                     let done = self
                         .admin

@@ -416,6 +416,7 @@ mod tests {
                 vm: "a".into(),
                 node: "n1".into(),
                 epoch: 1,
+                ..Placement::default()
             }),
         );
         let problems = round(&mut state, &mut index, 1_000);

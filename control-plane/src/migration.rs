@@ -326,10 +326,12 @@ pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
                 .filter(|v| v.meta.name == vm_name || others.iter().any(|p| p.vm == v.meta.name))
                 .cloned()
                 .collect();
-            let plan = scheduler::plan(
+            // A VM with replicated disks goes only where they are.
+            let plan = scheduler::plan_with_moves(
                 &candidates,
                 &loaded,
                 &others,
+                std::slice::from_ref(placement),
                 Overcommit::default(),
                 view.seed,
             );
@@ -484,6 +486,7 @@ mod tests {
             vm: vm.into(),
             node: node.into(),
             epoch,
+            ..Placement::default()
         }
     }
 

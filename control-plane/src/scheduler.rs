@@ -9,6 +9,13 @@
 //!   not cordoned, matches the VM's node selector, keeps the requested CPU
 //!   and memory within allocatable × overcommit ratio, and holds no other
 //!   VM of the VM's anti-affinity group;
+//! - storage locality: a VM with replicated disks (a disk with `replicas`
+//!   of 2 or more) gets, at its first placement, as many distinct replica
+//!   nodes as its disks ask at most (each ready, not cordoned, matching the
+//!   node selector, with room in its pool when the node reports a pool
+//!   size), its primary among them — or none at all and a reason; a VM
+//!   that moves ([`plan_with_moves`]) and has replica nodes goes only to
+//!   one of them, and keeps them;
 //! - the executor only creates placements: one that already exists (a
 //!   concurrent scheduler won) is left alone, so a VM is never placed twice.
 
@@ -39,6 +46,10 @@ impl Default for Overcommit {
 pub struct Plan {
     /// VM name → node name, in the order decided.
     pub placements: Vec<(String, String)>,
+    /// VM name → the nodes chosen to hold its replicated disks (its node
+    /// first), for VMs placed for the first time that have replicated
+    /// disks. A VM that moves keeps the replica nodes it has.
+    pub replica_nodes: BTreeMap<String, Vec<String>>,
     /// VM name → why no node fits.
     pub unschedulable: Vec<(String, String)>,
 }
@@ -48,7 +59,31 @@ pub struct Plan {
 struct Load {
     cpus: u64,
     memory_mib: u64,
+    /// Bytes of VM disks on the node (replicated disks count on every
+    /// replica node, the others on the VM's node).
+    storage_bytes: u64,
     groups: BTreeSet<String>,
+}
+
+/// How many copies of its replicated disks `vm` asks for: the largest
+/// `replicas` over its disks, or 0 when no disk asks for 2 or more (its
+/// disks are then local volumes of the node it runs on).
+pub fn replicas_wanted(vm: &Vm) -> usize {
+    let most = vm.spec.disks.iter().map(|d| d.replicas).max().unwrap_or(0);
+    if most >= 2 { most as usize } else { 0 }
+}
+
+/// Bytes of `vm`'s replicated disks (on every replica node) and of its
+/// other disks (on its node only).
+fn disk_bytes(vm: &Vm) -> (u64, u64) {
+    let replicated = replicas_wanted(vm) > 0;
+    vm.spec.disks.iter().fold((0, 0), |(shared, local), disk| {
+        if replicated && disk.replicas >= 2 {
+            (shared + disk.size_bytes, local)
+        } else {
+            (shared, local + disk.size_bytes)
+        }
+    })
 }
 
 /// Plans the VMs in `vms` that have no placement yet, onto `nodes`,
@@ -61,6 +96,22 @@ pub fn plan(
     overcommit: Overcommit,
     seed: u64,
 ) -> Plan {
+    plan_with_moves(nodes, vms, placements, &[], overcommit, seed)
+}
+
+/// [`plan`], where the VMs of `moving` (current placements of VMs that
+/// must leave their node: HA, drain, migration; not in `placements`) are
+/// pending too. Such a VM with replica nodes may only go to one of them
+/// (its disks are there) and gets no new ones; one without replica nodes
+/// goes anywhere that fits, like a VM placed for the first time.
+pub fn plan_with_moves(
+    nodes: &[Node],
+    vms: &[Vm],
+    placements: &[Placement],
+    moving: &[Placement],
+    overcommit: Overcommit,
+    seed: u64,
+) -> Plan {
     let by_name: HashMap<&str, &Vm> = vms.iter().map(|vm| (vm.meta.name.as_str(), vm)).collect();
     let index: HashMap<&str, usize> = nodes
         .iter()
@@ -70,13 +121,36 @@ pub fn plan(
     let mut load = vec![Load::default(); nodes.len()];
     let placed: BTreeSet<&str> = placements.iter().map(|p| p.vm.as_str()).collect();
     for placement in placements {
-        if let (Some(vm), Some(&i)) = (
-            by_name.get(placement.vm.as_str()),
-            index.get(placement.node.as_str()),
-        ) {
-            add(&mut load[i], vm);
+        if let Some(vm) = by_name.get(placement.vm.as_str()) {
+            if let Some(&i) = index.get(placement.node.as_str()) {
+                add(&mut load[i], vm);
+            }
+            add_storage(
+                &mut load,
+                &index,
+                vm,
+                &placement.node,
+                &placement.replica_nodes,
+            );
         }
     }
+    // The disks of moving VMs stay where they are.
+    for placement in moving {
+        if let Some(vm) = by_name.get(placement.vm.as_str()) {
+            let (shared, _) = disk_bytes(vm);
+            for replica in &placement.replica_nodes {
+                if let Some(&i) = index.get(replica.as_str()) {
+                    load[i].storage_bytes += shared;
+                }
+            }
+        }
+    }
+    let holders: HashMap<&str, &[String]> = moving
+        .iter()
+        .filter(|p| !p.replica_nodes.is_empty())
+        .map(|p| (p.vm.as_str(), p.replica_nodes.as_slice()))
+        .collect();
+    let moves: BTreeSet<&str> = moving.iter().map(|p| p.vm.as_str()).collect();
     let node_keys: Vec<u64> = nodes
         .iter()
         .map(|n| seeded_hash(seed, &n.meta.name))
@@ -95,10 +169,58 @@ pub fn plan(
     let mut plan = Plan::default();
     for vm in pending {
         let vm_key = seeded_hash(seed, &vm.meta.name);
+        let holders = holders.get(vm.meta.name.as_str()).copied();
+        // A first placement of a VM with replicated disks: the nodes that
+        // could hold a replica; the VM waits unless there are enough. A
+        // VM that moves never gets new replica nodes.
+        let wanted = if moves.contains(vm.meta.name.as_str()) {
+            0
+        } else {
+            replicas_wanted(vm)
+        };
+        let mut replica_refusals: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let eligible: Vec<usize> = if wanted > 0 {
+            let (shared, _) = disk_bytes(vm);
+            (0..nodes.len())
+                .filter(
+                    |&i| match can_hold_replica(&nodes[i], &load[i], vm, shared) {
+                        Ok(()) => true,
+                        Err(reason) => {
+                            *replica_refusals.entry(reason).or_default() += 1;
+                            false
+                        }
+                    },
+                )
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if wanted > eligible.len() {
+            let mut reason = format!(
+                "{wanted} replicas asked, {} node(s) can hold one",
+                eligible.len()
+            );
+            if !replica_refusals.is_empty() {
+                reason.push_str(&format!(" (other nodes: {})", summary(&replica_refusals)));
+            }
+            plan.unschedulable.push((vm.meta.name.clone(), reason));
+            continue;
+        }
         let mut best: Option<(f64, u64, usize)> = None;
         let mut refusals: BTreeMap<&'static str, usize> = BTreeMap::new();
         for (i, node) in nodes.iter().enumerate() {
-            if let Err(reason) = fits(node, &load[i], vm, overcommit) {
+            let local = match holders {
+                Some(holders) if !holders.contains(&node.meta.name) => {
+                    Err("not holding a replica of its disks")
+                }
+                Some(_) => Ok(()),
+                None if wanted > 0 && !eligible.contains(&i) => Err("unable to hold a replica"),
+                // A first placement of a VM without replicated disks:
+                // its local disks need room here.
+                None if wanted == 0 => fits_storage(node, &load[i], disk_bytes(vm).1),
+                None => fits_storage(node, &load[i], disk_bytes(vm).1 + disk_bytes(vm).0),
+            };
+            if let Err(reason) = local.and_then(|()| fits(node, &load[i], vm, overcommit)) {
                 *refusals.entry(reason).or_default() += 1;
                 continue;
             }
@@ -115,18 +237,40 @@ pub fn plan(
         match best {
             Some((_, _, i)) => {
                 add(&mut load[i], vm);
-                plan.placements
-                    .push((vm.meta.name.clone(), nodes[i].meta.name.clone()));
+                let node = nodes[i].meta.name.clone();
+                if wanted > 0 {
+                    // The primary, then the other eligible nodes with the
+                    // most room in their pools (seeded ties).
+                    let mut others: Vec<usize> =
+                        eligible.iter().copied().filter(|&j| j != i).collect();
+                    others.sort_by(|&a, &b| {
+                        let free = |j: usize| {
+                            nodes[j]
+                                .status
+                                .allocatable
+                                .storage_bytes
+                                .saturating_sub(load[j].storage_bytes)
+                        };
+                        free(b).cmp(&free(a)).then_with(|| {
+                            mix(vm_key ^ node_keys[b]).cmp(&mix(vm_key ^ node_keys[a]))
+                        })
+                    });
+                    let replicas: Vec<String> = std::iter::once(i)
+                        .chain(others.into_iter().take(wanted - 1))
+                        .map(|j| nodes[j].meta.name.clone())
+                        .collect();
+                    add_storage(&mut load, &index, vm, &node, &replicas);
+                    plan.replica_nodes.insert(vm.meta.name.clone(), replicas);
+                } else if holders.is_none() {
+                    add_storage(&mut load, &index, vm, &node, &[]);
+                }
+                plan.placements.push((vm.meta.name.clone(), node));
             }
             None => {
                 let reasons = if refusals.is_empty() {
                     "no nodes".to_owned()
                 } else {
-                    refusals
-                        .iter()
-                        .map(|(reason, count)| format!("{count} {reason}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    summary(&refusals)
                 };
                 plan.unschedulable.push((vm.meta.name.clone(), reasons));
             }
@@ -135,12 +279,79 @@ pub fn plan(
     plan
 }
 
+/// "2 cordoned, 1 not ready".
+fn summary(refusals: &BTreeMap<&'static str, usize>) -> String {
+    refusals
+        .iter()
+        .map(|(reason, count)| format!("{count} {reason}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn add(load: &mut Load, vm: &Vm) {
     load.cpus += u64::from(vm.spec.cpus);
     load.memory_mib += vm.spec.memory_mib;
     if let Some(group) = &vm.spec.placement.anti_affinity_group {
         load.groups.insert(group.clone());
     }
+}
+
+/// Counts `vm`'s disks on the nodes that hold them: its replicated disks
+/// on each of `replicas` (when it has any), the others on `node`.
+fn add_storage(
+    load: &mut [Load],
+    index: &HashMap<&str, usize>,
+    vm: &Vm,
+    node: &str,
+    replicas: &[String],
+) {
+    let (shared, local) = disk_bytes(vm);
+    let (shared, local) = if replicas.is_empty() {
+        (0, shared + local)
+    } else {
+        (shared, local)
+    };
+    if let Some(&i) = index.get(node) {
+        load[i].storage_bytes += local;
+    }
+    for replica in replicas {
+        if let Some(&i) = index.get(replica.as_str()) {
+            load[i].storage_bytes += shared;
+        }
+    }
+}
+
+/// Whether `bytes` more of disks fit in `node`'s pool. A node that reports
+/// no pool size (0) is not checked.
+fn fits_storage(node: &Node, load: &Load, bytes: u64) -> Result<(), &'static str> {
+    let pool = node.status.allocatable.storage_bytes;
+    if bytes > 0 && pool > 0 && load.storage_bytes + bytes > pool {
+        return Err("short of storage");
+    }
+    Ok(())
+}
+
+/// Whether `node` may hold a replica of `vm`'s replicated disks (`bytes`
+/// of them): ready, not cordoned, matching the VM's node selector (the VM
+/// may have to run there), with room in its pool.
+fn can_hold_replica(node: &Node, load: &Load, vm: &Vm, bytes: u64) -> Result<(), &'static str> {
+    if node.spec.cordoned {
+        return Err("cordoned");
+    }
+    if !node.status.is_ready() {
+        return Err("not ready");
+    }
+    let labels = &node.meta.labels;
+    if !vm
+        .spec
+        .placement
+        .node_selector
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+    {
+        return Err("not matching the node selector");
+    }
+    fits_storage(node, load, bytes)
 }
 
 fn capacity(amount: u64, ratio: f64) -> u64 {
@@ -230,8 +441,9 @@ pub struct Executed {
     pub failed: Vec<(String, ApiError)>,
 }
 
-/// Writes each planned placement (`epoch` 1, named after the VM) through
-/// the admin API; an existing placement is left alone.
+/// Writes each planned placement (`epoch` 1, named after the VM, with its
+/// replica nodes) through the admin API; an existing placement is left
+/// alone.
 pub async fn execute(api: &impl AdminApi, plan: &Plan) -> Executed {
     let mut executed = Executed::default();
     for (vm, node) in &plan.placements {
@@ -240,6 +452,7 @@ pub async fn execute(api: &impl AdminApi, plan: &Plan) -> Executed {
             vm: vm.clone(),
             node: node.clone(),
             epoch: 1,
+            replica_nodes: plan.replica_nodes.get(vm).cloned().unwrap_or_default(),
         };
         match api.create(Object::Placement(placement)).await {
             Ok(_) => executed.written += 1,
@@ -387,6 +600,7 @@ mod tests {
                 vm: format!("vm-{i}"),
                 node: format!("node-{}", i * 7 + 1),
                 epoch: 1,
+                replica_nodes: Vec::new(),
             })
             .collect();
         let overcommit = Overcommit {
@@ -467,5 +681,288 @@ mod tests {
             "only {} placed",
             first.placements.len()
         );
+    }
+
+    fn replicated(name: &str, replicas: u32, size_bytes: u64) -> Vm {
+        let mut v = vm(name, 1, 256, None);
+        v.spec.disks.push(basalt_api::Disk {
+            name: "root".into(),
+            size_bytes,
+            image: None,
+            replicas,
+        });
+        v
+    }
+
+    fn with_pool(mut n: Node, bytes: u64) -> Node {
+        n.status.allocatable.storage_bytes = bytes;
+        n.status.capacity.storage_bytes = bytes;
+        n
+    }
+
+    #[test]
+    fn a_replicated_vm_gets_distinct_eligible_replica_nodes_its_node_first() {
+        let mut cordoned = node("a", 8, 8192);
+        cordoned.spec.cordoned = true;
+        let mut unready = node("b", 8, 8192);
+        unready.status.conditions.clear();
+        let full = with_pool(node("c", 8, 8192), 1 << 30);
+        let nodes = [
+            cordoned,
+            unready,
+            full,
+            with_pool(node("d", 8, 8192), 100 << 30),
+            with_pool(node("e", 8, 8192), 100 << 30),
+            node("f", 8, 8192),
+        ];
+        let vms = [replicated("db", 3, 10 << 30), vm("plain", 1, 256, None)];
+        let plan = plan(&nodes, &vms, &[], Overcommit::default(), 3);
+        assert!(plan.unschedulable.is_empty(), "{plan:?}");
+        let placed: BTreeMap<_, _> = plan.placements.iter().cloned().collect();
+        let replicas = &plan.replica_nodes["db"];
+        assert_eq!(replicas.len(), 3);
+        assert_eq!(replicas[0], placed["db"], "its node comes first");
+        let set: BTreeSet<&str> = replicas.iter().map(String::as_str).collect();
+        assert_eq!(set, BTreeSet::from(["d", "e", "f"]), "{replicas:?}");
+        assert!(
+            !plan.replica_nodes.contains_key("plain"),
+            "no replicated disk, no replica nodes"
+        );
+
+        // Same seed, same choice.
+        assert_eq!(
+            plan,
+            super::plan(&nodes, &vms, &[], Overcommit::default(), 3)
+        );
+    }
+
+    #[test]
+    fn too_few_nodes_for_the_replicas_leaves_the_vm_pending_with_the_reason() {
+        let mut unready = node("b", 8, 8192);
+        unready.status.conditions.clear();
+        let nodes = [node("a", 8, 8192), unready];
+        let plan = plan(
+            &nodes,
+            &[replicated("db", 2, 1 << 30)],
+            &[],
+            Overcommit::default(),
+            1,
+        );
+        assert!(plan.placements.is_empty(), "{plan:?}");
+        assert!(plan.replica_nodes.is_empty());
+        let (vm, reason) = &plan.unschedulable[0];
+        assert_eq!(vm, "db");
+        assert!(
+            reason.contains("2 replicas asked, 1 node(s) can hold one")
+                && reason.contains("1 not ready"),
+            "{reason}"
+        );
+    }
+
+    fn moving(vm: &str, node: &str, replicas: &[&str]) -> Placement {
+        Placement {
+            meta: ObjectMeta::named(vm),
+            vm: vm.into(),
+            node: node.into(),
+            epoch: 4,
+            replica_nodes: replicas.iter().map(|n| (*n).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_moving_vm_goes_only_to_another_replica_node_or_nowhere() {
+        let mut lost = node("a", 8, 8192);
+        lost.status.conditions.clear();
+        // c has far more room, but the disks are on b.
+        let nodes = [lost.clone(), node("b", 2, 1024), node("c", 64, 65536)];
+        let vms = [replicated("db", 2, 1 << 30)];
+        let current = moving("db", "a", &["a", "b"]);
+        let plan = plan_with_moves(
+            &nodes,
+            &vms,
+            &[],
+            std::slice::from_ref(&current),
+            Overcommit::default(),
+            9,
+        );
+        assert_eq!(plan.placements, [("db".to_owned(), "b".to_owned())]);
+        assert!(
+            plan.replica_nodes.is_empty(),
+            "a move keeps its replica nodes"
+        );
+
+        // b is lost too: the VM stays unplaced, with the reason, and
+        // never goes to c.
+        let mut b_lost = node("b", 2, 1024);
+        b_lost.status.conditions.clear();
+        let nodes = [lost, b_lost, node("c", 64, 65536)];
+        let plan = plan_with_moves(
+            &nodes,
+            &vms,
+            &[],
+            std::slice::from_ref(&current),
+            Overcommit::default(),
+            9,
+        );
+        assert!(plan.placements.is_empty(), "{plan:?}");
+        let reason = &plan.unschedulable[0].1;
+        assert!(
+            reason.contains("1 not holding a replica of its disks")
+                && reason.contains("2 not ready"),
+            "{reason}"
+        );
+
+        // A moving VM without replica nodes goes anywhere that fits.
+        let plan = plan_with_moves(
+            &nodes,
+            &[vm("web", 1, 256, None)],
+            &[],
+            &[moving("web", "a", &[])],
+            Overcommit::default(),
+            9,
+        );
+        assert_eq!(plan.placements, [("web".to_owned(), "c".to_owned())]);
+    }
+
+    #[test]
+    fn replicas_count_against_every_holders_pool() {
+        // Each pool takes 3 GiB; db-1 holds 2 GiB on a and b already.
+        let nodes = [
+            with_pool(node("a", 8, 8192), 3 << 30),
+            with_pool(node("b", 8, 8192), 3 << 30),
+            with_pool(node("c", 8, 8192), 3 << 30),
+        ];
+        let vms = [
+            replicated("db-1", 2, 2 << 30),
+            replicated("db-2", 2, 2 << 30),
+            replicated("db-3", 2, 2 << 30),
+        ];
+        let existing = [moving("db-1", "a", &["a", "b"])];
+        let plan = plan(&nodes, &vms, &existing, Overcommit::default(), 5);
+        // Only c has room: one more 2-replica disk cannot be placed.
+        assert!(plan.placements.is_empty(), "{plan:?}");
+        assert_eq!(plan.unschedulable.len(), 2);
+        assert!(
+            plan.unschedulable[0].1.contains("2 short of storage"),
+            "{plan:?}"
+        );
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Nodes: (ready, cordoned, pool GiB or 0 for unreported).
+        fn nodes() -> impl Strategy<Value = Vec<(bool, bool, u64)>> {
+            prop::collection::vec(
+                (
+                    prop::bool::weighted(0.8),
+                    prop::bool::weighted(0.15),
+                    0u64..40,
+                ),
+                1..8,
+            )
+        }
+
+        /// A VM: (replicas, disk GiB, already placed on node i with a
+        /// replica set that must move).
+        type VmCase = (u32, u64, Option<(usize, usize)>);
+
+        /// VMs.
+        fn vms() -> impl Strategy<Value = Vec<VmCase>> {
+            prop::collection::vec(
+                (
+                    0u32..4,
+                    1u64..8,
+                    prop::option::weighted(0.3, (0usize..8, 1usize..8)),
+                ),
+                0..12,
+            )
+        }
+
+        proptest! {
+            /// Whatever the nodes and VMs: a planned replicated VM has
+            /// exactly the replicas asked, on distinct ready uncordoned
+            /// nodes, its node among them; a moving VM with replica nodes
+            /// lands only on one of them and gets no new ones; every VM is
+            /// either placed once or unschedulable with a reason.
+            #[test]
+            fn replica_choice_and_moves_keep_the_rules(
+                spec_nodes in nodes(),
+                spec_vms in vms(),
+                seed in any::<u64>(),
+            ) {
+                let nodes: Vec<Node> = spec_nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(ready, cordoned, gib))| {
+                        let mut n = with_pool(node(&format!("n{i}"), 16, 16_384), gib << 30);
+                        n.spec.cordoned = cordoned;
+                        if !ready {
+                            n.status.conditions.clear();
+                        }
+                        n
+                    })
+                    .collect();
+                let mut vms = Vec::new();
+                let mut moves = Vec::new();
+                for (i, &(replicas, gib, placed)) in spec_vms.iter().enumerate() {
+                    let name = format!("vm-{i}");
+                    vms.push(replicated(&name, replicas, gib << 30));
+                    if let Some((from, second)) = placed {
+                        let from = from % nodes.len();
+                        let second = (from + second) % nodes.len();
+                        let mut holders = vec![format!("n{from}")];
+                        if second != from && replicas >= 2 {
+                            holders.push(format!("n{second}"));
+                        }
+                        if replicas < 2 {
+                            holders.clear();
+                        }
+                        moves.push(moving(&name, &format!("n{from}"), &holders.iter().map(String::as_str).collect::<Vec<_>>()));
+                    }
+                }
+                let plan = plan_with_moves(&nodes, &vms, &[], &moves, Overcommit::default(), seed);
+                let by_name: HashMap<&str, &Node> =
+                    nodes.iter().map(|n| (n.meta.name.as_str(), n)).collect();
+                let mut seen = BTreeSet::new();
+                for (vm, target) in &plan.placements {
+                    prop_assert!(seen.insert(vm.clone()), "{vm} placed twice");
+                    let node = by_name[target.as_str()];
+                    prop_assert!(node.status.is_ready() && !node.spec.cordoned);
+                    let spec = vms.iter().find(|v| &v.meta.name == vm).unwrap();
+                    match moves.iter().find(|p| &p.vm == vm) {
+                        Some(current) => {
+                            if !current.replica_nodes.is_empty() {
+                                prop_assert!(current.holds_replica(target), "{vm} left its replicas for {target}");
+                            }
+                            prop_assert!(!plan.replica_nodes.contains_key(vm));
+                        }
+                        None => {
+                            let wanted = replicas_wanted(spec);
+                            match plan.replica_nodes.get(vm) {
+                                None => prop_assert_eq!(wanted, 0),
+                                Some(replicas) => {
+                                    prop_assert_eq!(replicas.len(), wanted);
+                                    prop_assert_eq!(&replicas[0], target);
+                                    let distinct: BTreeSet<&String> = replicas.iter().collect();
+                                    prop_assert_eq!(distinct.len(), replicas.len());
+                                    for r in replicas {
+                                        let n = by_name[r.as_str()];
+                                        prop_assert!(n.status.is_ready() && !n.spec.cordoned);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for (vm, reason) in &plan.unschedulable {
+                    prop_assert!(seen.insert(vm.clone()), "{vm} both placed and unschedulable");
+                    prop_assert!(!reason.is_empty());
+                }
+                prop_assert_eq!(seen.len(), vms.len());
+            }
+        }
     }
 }

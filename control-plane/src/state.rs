@@ -740,7 +740,8 @@ fn same_spec(a: &Object, b: &Object) -> bool {
         (Object::Vm(a), Object::Vm(b)) => a.spec == b.spec,
         (Object::Token(a), Object::Token(b)) => a.spec == b.spec,
         (Object::Placement(a), Object::Placement(b)) => {
-            (&a.vm, &a.node, a.epoch) == (&b.vm, &b.node, b.epoch)
+            (&a.vm, &a.node, a.epoch, &a.replica_nodes)
+                == (&b.vm, &b.node, b.epoch, &b.replica_nodes)
         }
         (Object::Member(a), Object::Member(b)) => (a.id, &a.address) == (b.id, &b.address),
         (Object::Network(a), Object::Network(b)) => a.spec == b.spec,
@@ -873,6 +874,7 @@ mod tests {
             vm: "a".into(),
             node: "n1".into(),
             epoch: 1,
+            replica_nodes: Vec::new(),
         });
         assert!(matches!(
             state.apply(1, Command::Create(placement.clone())),
@@ -899,6 +901,7 @@ mod tests {
                 vm: "a".into(),
                 node: node.into(),
                 epoch,
+                replica_nodes: Vec::new(),
             };
             p.meta.resource_version = version;
             Object::Placement(p)

@@ -53,6 +53,7 @@ async fn place(admin: &AdminClient) {
         vm: "web".into(),
         node: "n1".into(),
         epoch: 1,
+        replica_nodes: Vec::new(),
     };
     match admin.create(Object::Placement(placement)).await {
         Ok(_) | Err(basalt_api::ApiError::AlreadyExists { .. }) => {}

@@ -272,6 +272,7 @@ fn the_agent_makes_clones_and_removes_volumes() {
                 vm: "moved".into(),
                 node: "a".into(),
                 epoch: 2,
+                ..Placement::default()
             }))
             .await
             .expect("place it with epoch 2");

@@ -189,6 +189,7 @@ async fn three_members_keep_every_acknowledged_write_through_leader_loss() {
         vm: "ghost".into(),
         node: "cas".into(),
         epoch: 1,
+        ..Placement::default()
     });
     assert!(
         matches!(

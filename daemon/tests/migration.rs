@@ -229,6 +229,7 @@ async fn a_vm_moves_live_keeping_its_tcp_connection_and_runs_only_on_the_target(
             vm: "web".into(),
             node: "n1".into(),
             epoch: 1,
+            ..Placement::default()
         }))
         .await
         .expect("placement on n1");

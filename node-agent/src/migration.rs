@@ -798,6 +798,7 @@ mod tests {
             vm: "web".into(),
             node: node.into(),
             epoch,
+            ..Placement::default()
         }
     }
 

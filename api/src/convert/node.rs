@@ -18,6 +18,7 @@ impl From<Node> for pb::Node {
                 conditions: node.status.conditions.into_iter().map(Into::into).collect(),
                 last_heartbeat_unix_ms: node.status.last_heartbeat_unix_ms,
                 credential_sha256: node.status.credential_sha256,
+                replication_address: node.status.replication_address,
             }),
         }
     }
@@ -42,6 +43,7 @@ impl TryFrom<pb::Node> for Node {
                 conditions: status.conditions.into_iter().map(Into::into).collect(),
                 last_heartbeat_unix_ms: status.last_heartbeat_unix_ms,
                 credential_sha256: status.credential_sha256,
+                replication_address: status.replication_address,
             },
         };
         node.validate()?;

@@ -11,6 +11,7 @@ impl From<Placement> for pb::Placement {
             vm: placement.vm,
             node: placement.node,
             epoch: placement.epoch,
+            replica_nodes: placement.replica_nodes,
         }
     }
 }
@@ -24,6 +25,7 @@ impl TryFrom<pb::Placement> for Placement {
             vm: placement.vm,
             node: placement.node,
             epoch: placement.epoch,
+            replica_nodes: placement.replica_nodes,
         };
         placement.validate()?;
         Ok(placement)

@@ -106,6 +106,7 @@ fn node() -> impl Strategy<Value = Node> {
                         conditions,
                         last_heartbeat_unix_ms: heartbeat,
                         credential_sha256: String::new(),
+                        replication_address: String::new(),
                     },
                 }
             },
@@ -279,6 +280,7 @@ fn every_other_type_survives_the_wire() {
         vm: "web-1".into(),
         node: "node-3".into(),
         epoch: 7,
+        replica_nodes: vec!["node-3".into(), "node-5".into()],
     };
     let token = JoinToken {
         meta: ObjectMeta::named("join-1"),
@@ -466,8 +468,30 @@ fn malformed_messages_name_their_field() {
         vm: "web-1".into(),
         node: String::new(),
         epoch: 1,
+        replica_nodes: Vec::new(),
     };
     assert_eq!(field(Placement::try_from(placement)), "node");
+    // Replica nodes: valid names, each once, the placement's node among them.
+    let replicated = |replica_nodes: &[&str]| pb::Placement {
+        meta: Some(ObjectMeta::named("web-1").into()),
+        vm: "web-1".into(),
+        node: "n1".into(),
+        epoch: 1,
+        replica_nodes: replica_nodes.iter().map(|n| (*n).to_owned()).collect(),
+    };
+    assert!(Placement::try_from(replicated(&["n2", "n1"])).is_ok());
+    assert_eq!(
+        field(Placement::try_from(replicated(&["n2", "n3"]))),
+        "replica_nodes"
+    );
+    assert_eq!(
+        field(Placement::try_from(replicated(&["n1", "n2", "n1"]))),
+        "replica_nodes[2]"
+    );
+    assert_eq!(
+        field(Placement::try_from(replicated(&["n1", "N_2"]))),
+        "replica_nodes[1]"
+    );
 
     let token = pb::JoinToken {
         meta: Some(ObjectMeta::named("t").into()),

@@ -66,6 +66,11 @@ pub struct NodeStatus {
     /// registration with a join token; set by the control plane only.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub credential_sha256: String,
+    /// Where this node's storage process accepts replication links from
+    /// primaries (`host:port`); written by the node's agent, empty when
+    /// the node takes no replicas.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub replication_address: String,
 }
 
 impl NodeStatus {
@@ -80,6 +85,12 @@ impl Node {
     pub fn validate(&self) -> Result<(), ApiError> {
         self.meta.validate()?;
         validate::address("spec.address", &self.spec.address)?;
+        if !self.status.replication_address.is_empty() {
+            validate::address(
+                "status.replication_address",
+                &self.status.replication_address,
+            )?;
+        }
         if !self.status.capacity.fits(&self.status.allocatable) {
             return Err(ApiError::invalid(
                 "status.allocatable",

@@ -259,6 +259,7 @@ mod tests {
             vm: "web-1".into(),
             node: "node-2".into(),
             epoch: 3,
+            replica_nodes: Vec::new(),
         });
         let json = serde_json::to_value(&object).unwrap();
         assert_eq!(json["kind"], "placement");

@@ -17,8 +17,15 @@ pub struct Placement {
     /// Name of the node that runs it.
     pub node: String,
     /// Fencing epoch: grows every time the VM moves; data paths reject
-    /// writes that carry an older one.
+    /// writes that carry an older one. It is also the epoch of the VM's
+    /// replicated volumes: it grows exactly when the primary moves.
     pub epoch: u64,
+    /// The nodes holding a replica of the VM's replicated disks (disks
+    /// with `replicas` of 2 or more), `node` among them; chosen at the
+    /// first placement and kept when the VM moves, which it may only do
+    /// onto one of these nodes. Empty when the VM has no replicated disk.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replica_nodes: Vec<String>,
 }
 
 impl Placement {
@@ -39,11 +46,33 @@ impl Placement {
             .is_some_and(|v| v == "true")
     }
 
+    /// Whether the VM's disks have replicas on `node` (as primary or
+    /// secondary).
+    pub fn holds_replica(&self, node: &str) -> bool {
+        self.replica_nodes.iter().any(|n| n == node)
+    }
+
     /// Checks every field; errors name the field's path, e.g. `node`.
     pub fn validate(&self) -> Result<(), ApiError> {
         self.meta.validate()?;
         validate::name("vm", &self.vm)?;
         validate::name("node", &self.node)?;
+        for (i, replica) in self.replica_nodes.iter().enumerate() {
+            let field = format!("replica_nodes[{i}]");
+            validate::name(&field, replica)?;
+            if self.replica_nodes[..i].contains(replica) {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("{replica:?} is listed twice"),
+                ));
+            }
+        }
+        if !self.replica_nodes.is_empty() && !self.holds_replica(&self.node) {
+            return Err(ApiError::invalid(
+                "replica_nodes",
+                format!("must include the placement's node {:?}", self.node),
+            ));
+        }
         // One placement per VM, named after it: a second one for the same
         // VM cannot exist, so a VM is never placed on two nodes.
         if self.meta.name != self.vm {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use basalt_api::{
-    AdminClient, ApiError, Disk, KernelBoot, Kind, Nic, Object, ObjectMeta, Vm, VmPhase,
+    AdminClient, ApiError, CloudInit, Disk, KernelBoot, Kind, Nic, Object, ObjectMeta, Vm, VmPhase,
 };
 
 use crate::output::{self, Format};
@@ -67,7 +67,7 @@ pub struct CreateArgs {
     /// The VM's name (a DNS label); not needed with `-f`.
     name: Option<String>,
     /// A YAML or JSON file with the VM object(s) instead of flags.
-    #[arg(short, long, conflicts_with_all = ["cpus", "memory", "disk", "nic", "kernel"])]
+    #[arg(short, long, conflicts_with_all = ["cpus", "memory", "disk", "nic", "kernel", "user_data", "network_config", "ssh_key"])]
     file: Option<String>,
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1)]
@@ -90,6 +90,17 @@ pub struct CreateArgs {
     /// The kernel command line for `--kernel`.
     #[arg(long, requires = "kernel")]
     cmdline: Option<String>,
+    /// cloud-init: a file whose content is the VM's user-data (e.g. a
+    /// `#cloud-config`); the VM gets a NoCloud seed.
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<PathBuf>,
+    /// cloud-init: a file whose content is the VM's network-config.
+    #[arg(long, value_name = "FILE")]
+    network_config: Option<PathBuf>,
+    /// cloud-init: an SSH public key line, or `@FILE` for every key line
+    /// of a file such as `~/.ssh/id_ed25519.pub` (repeat).
+    #[arg(long, value_name = "KEY|@FILE")]
+    ssh_key: Vec<String>,
     /// A label `KEY=VALUE` (repeat).
     #[arg(long, value_parser = parse_pair)]
     label: Vec<(String, String)>,
@@ -240,10 +251,46 @@ fn vms_to_create(args: &CreateArgs) -> anyhow::Result<Vec<Vm>> {
         initrd: args.initrd.clone().unwrap_or_default(),
         cmdline: args.cmdline.clone().unwrap_or_default(),
     });
+    vm.spec.cloud_init = cloud_init(args)?;
     Object::Vm(vm.clone())
         .validate()
         .with_context(|| format!("vm/{name}"))?;
     Ok(vec![vm])
+}
+
+/// The cloud-init section the flags ask for; `None` without any of them.
+fn cloud_init(args: &CreateArgs) -> anyhow::Result<Option<CloudInit>> {
+    if args.user_data.is_none() && args.network_config.is_none() && args.ssh_key.is_empty() {
+        return Ok(None);
+    }
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let mut keys = Vec::new();
+    for key in &args.ssh_key {
+        match key.strip_prefix('@') {
+            Some(file) => {
+                let text = read(&PathBuf::from(file))?;
+                keys.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_owned),
+                );
+            }
+            None => keys.push(key.trim().to_owned()),
+        }
+    }
+    Ok(Some(CloudInit {
+        user_data: args
+            .user_data
+            .as_ref()
+            .map(read)
+            .transpose()?
+            .unwrap_or_default(),
+        network_config: args.network_config.as_ref().map(read).transpose()?,
+        ssh_authorized_keys: keys,
+    }))
 }
 
 /// `start` or `stop`, then waits when asked.

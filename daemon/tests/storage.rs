@@ -254,6 +254,7 @@ fn libvirt_guest_disk_on_a_basalt_volume_survives_storage_kill_and_reboot() {
             port: addr.port(),
             export_name: "vol0".to_owned(),
         }],
+        seed: None,
         nics: vec![EthernetNic {
             tap: tap.clone(),
             mac: GUEST_MAC.parse().expect("MAC"),

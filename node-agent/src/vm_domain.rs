@@ -7,14 +7,17 @@
 //! ([`crate::storage::disk_volume`]) and made by the volume reconciler; NICs are taps whose
 //! names and MACs derive from the VM's uid and the NIC's index, made
 //! before the domain starts by the agent's network reconciler
-//! ([`crate::network`]) when it runs ([`DomainPolicy::agent_taps`]).
+//! ([`crate::network`]) when it runs ([`DomainPolicy::agent_taps`]); the
+//! cloud-init seed, when the spec has one, is a read-only CD-ROM on the
+//! seed volume ([`crate::storage::seed::seed_volume`]). A VM with a
+//! kernel boots it directly; one without boots from its first disk.
 
 use std::path::Path;
 
 use basalt_api::{KernelBoot, Vm};
 use uuid::Uuid;
 
-use crate::compute::domain::{Accel, Boot, DomainSpec, EthernetNic, MacAddr, NbdDisk};
+use crate::compute::domain::{Accel, Boot, DomainSpec, EthernetNic, MacAddr, NbdCdrom, NbdDisk};
 
 /// Where QEMU finds the node's storage process (inside the node).
 pub const NBD_HOST: &str = "127.0.0.1";
@@ -60,16 +63,23 @@ pub fn domain_spec(
         field: field.into(),
         reason: reason.into(),
     };
-    let Some(KernelBoot {
-        kernel,
-        initrd,
-        cmdline,
-    }) = &vm.spec.kernel
-    else {
-        return Err(err(
-            "spec.kernel",
-            "booting from a disk needs Basalt's storage on this node; give a kernel",
-        ));
+    let boot = match &vm.spec.kernel {
+        Some(KernelBoot {
+            kernel,
+            initrd,
+            cmdline,
+        }) => Boot::Kernel {
+            kernel: kernel.into(),
+            initrd: initrd.into(),
+            cmdline: cmdline.clone(),
+        },
+        None if vm.spec.disks.is_empty() => {
+            return Err(err(
+                "spec.kernel",
+                "the VM has neither a kernel nor a disk to boot from",
+            ));
+        }
+        None => Boot::Disk,
     };
     let uuid = vm_uuid(&vm.meta.uid);
     let disks = vm
@@ -116,12 +126,13 @@ pub fn domain_spec(
         memory_mib: vm.spec.memory_mib,
         vcpus: vm.spec.cpus,
         cpu_model: policy.cpu_model.clone(),
-        boot: Boot::Kernel {
-            kernel: kernel.into(),
-            initrd: initrd.into(),
-            cmdline: cmdline.clone(),
-        },
+        boot,
         disks,
+        seed: crate::storage::seed::seed_volume(vm).map(|export_name| NbdCdrom {
+            host: NBD_HOST.to_owned(),
+            port: NBD_PORT,
+            export_name,
+        }),
         nics,
         serial_log: console_dir.join(format!("{name}.log")),
     })
@@ -231,9 +242,44 @@ mod tests {
     }
 
     #[test]
+    fn without_a_kernel_the_first_disk_boots() {
+        let mut v = vm();
+        v.spec.kernel = None;
+        let spec = domain_spec(&v, &policy(), Path::new("/l")).unwrap();
+        assert_eq!(spec.boot, Boot::Disk);
+        let xml = spec.to_xml().unwrap();
+        assert!(xml.contains("<boot dev=\"hd\"/>"), "{xml}");
+        assert!(!xml.contains("<kernel>"), "{xml}");
+    }
+
+    #[test]
+    fn a_cloud_init_section_attaches_its_seed() {
+        let mut v = vm();
+        assert_eq!(
+            domain_spec(&v, &policy(), Path::new("/l")).unwrap().seed,
+            None
+        );
+        v.spec.cloud_init = Some(basalt_api::CloudInit {
+            user_data: "#cloud-config\n".into(),
+            ..Default::default()
+        });
+        let spec = domain_spec(&v, &policy(), Path::new("/l")).unwrap();
+        let seed = spec.seed.clone().expect("a seed");
+        assert_eq!(
+            Some(seed.export_name.clone()),
+            crate::storage::seed::seed_volume(&v)
+        );
+        assert_eq!((seed.host.as_str(), seed.port), (NBD_HOST, NBD_PORT));
+        let xml = spec.to_xml().unwrap();
+        assert!(xml.contains("device=\"cdrom\""), "{xml}");
+        assert!(xml.contains(&seed.export_name), "{xml}");
+    }
+
+    #[test]
     fn what_cannot_run_is_named() {
         let mut v = vm();
         v.spec.kernel = None;
+        v.spec.disks.clear();
         assert_eq!(
             domain_spec(&v, &policy(), Path::new("/l"))
                 .unwrap_err()

@@ -103,6 +103,7 @@ fn guest_boots_under_libvirt_with_an_nbd_disk_and_a_tap() {
             port: nbd.port(),
             export_name: nbd.export().to_owned(),
         }],
+        seed: None,
         nics: vec![EthernetNic {
             tap: tap.clone(),
             mac: GUEST_MAC.parse().expect("MAC"),

@@ -192,6 +192,13 @@ fn vm() -> impl Strategy<Value = Vm> {
                     initrd,
                     cmdline,
                 }),
+                cloud_init: (cpus % 2 == 0).then(|| CloudInit {
+                    user_data: format!("#cloud-config\nhostname: vm{cpus}\n"),
+                    network_config: (cpus % 4 == 0).then(|| "version: 2\n".to_owned()),
+                    ssh_authorized_keys: vec![
+                        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEdlJ2DMaM8vSRNI8QO9fsnhdbxgZaBeCtgvmzRo7xYh a@b".to_owned(),
+                    ],
+                }),
             },
         );
     (meta(), spec).prop_flat_map(|(meta, spec)| {

@@ -3,7 +3,8 @@
 use super::{enum_value, parse_ip, required};
 use crate::pb;
 use crate::{
-    ApiError, Disk, KernelBoot, Nic, NicAddress, PlacementRules, Vm, VmPhase, VmSpec, VmStatus,
+    ApiError, CloudInit, Disk, KernelBoot, Nic, NicAddress, PlacementRules, Vm, VmPhase, VmSpec,
+    VmStatus,
 };
 
 impl From<Vm> for pb::Vm {
@@ -56,6 +57,11 @@ impl From<VmSpec> for pb::VmSpec {
                 initrd: k.initrd,
                 cmdline: k.cmdline,
             }),
+            cloud_init: spec.cloud_init.map(|c| pb::CloudInit {
+                user_data: c.user_data,
+                network_config: c.network_config,
+                ssh_authorized_keys: c.ssh_authorized_keys,
+            }),
         }
     }
 }
@@ -90,6 +96,11 @@ impl TryFrom<pb::VmSpec> for VmSpec {
                 kernel: k.kernel,
                 initrd: k.initrd,
                 cmdline: k.cmdline,
+            }),
+            cloud_init: spec.cloud_init.map(|c| CloudInit {
+                user_data: c.user_data,
+                network_config: c.network_config,
+                ssh_authorized_keys: c.ssh_authorized_keys,
             }),
         })
     }

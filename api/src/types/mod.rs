@@ -39,7 +39,7 @@ pub use storage::{
 pub(crate) use storage::{validate_volume_name, validate_volume_size};
 pub use token::{JoinToken, JoinTokenSpec, JoinTokenStatus, TokenSecret};
 pub use vm::{
-    DISK_SECTOR_BYTES, Disk, KernelBoot, MAX_DISK_REPLICAS, MIN_VM_MEMORY_MIB, Nic, NicAddress,
-    PlacementRules, Vm, VmPhase, VmSpec, VmStatus,
+    CloudInit, DISK_SECTOR_BYTES, Disk, KernelBoot, MAX_DISK_REPLICAS, MIN_VM_MEMORY_MIB, Nic,
+    NicAddress, PlacementRules, Vm, VmPhase, VmSpec, VmStatus,
 };
 pub use watch::WatchEvent;

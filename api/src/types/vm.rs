@@ -48,6 +48,167 @@ pub struct VmSpec {
     /// Direct kernel boot; the first disk boots when `None`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelBoot>,
+    /// A cloud-init NoCloud seed for the guest; none when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+}
+
+/// The most bytes `user_data` (and `network_config`) may hold.
+pub const MAX_CLOUD_INIT_DOCUMENT_BYTES: usize = 64 << 10;
+/// The most SSH keys a cloud-init section may carry.
+pub const MAX_SSH_KEYS: usize = 64;
+/// The longest SSH public key line accepted (an 16 kbit RSA key fits).
+pub const MAX_SSH_KEY_BYTES: usize = 16 << 10;
+
+/// What a guest's cloud-init reads from its NoCloud seed (a small ISO 9660
+/// volume labelled `cidata`, attached read-only). The seed's `meta-data`
+/// always says `instance-id` = the VM's uid and `local-hostname` = its
+/// name; the rest comes from here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudInit {
+    /// The seed's `user-data`, as is (`#cloud-config`, a `#!` script,
+    /// ...); when empty, a `#cloud-config` that installs
+    /// `ssh_authorized_keys` is written instead.
+    pub user_data: String,
+    /// The seed's `network-config` (cloud-init's network config, v1 or
+    /// v2); the file is left out when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
+    /// OpenSSH public key lines (`ssh-ed25519 AAAA... comment`) for the
+    /// default user, given in `meta-data` as `public-keys`.
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+/// The SSH key types cloud-init's guests accept in `authorized_keys`.
+const SSH_KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ssh-dss",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+impl CloudInit {
+    fn validate(&self) -> Result<(), ApiError> {
+        document("spec.cloud_init.user_data", &self.user_data)?;
+        if let Some(config) = &self.network_config {
+            document("spec.cloud_init.network_config", config)?;
+            if config.trim().is_empty() {
+                return Err(ApiError::invalid(
+                    "spec.cloud_init.network_config",
+                    "must not be empty when set",
+                ));
+            }
+        }
+        if self.ssh_authorized_keys.len() > MAX_SSH_KEYS {
+            return Err(ApiError::invalid(
+                "spec.cloud_init.ssh_authorized_keys",
+                format!("at most {MAX_SSH_KEYS} keys"),
+            ));
+        }
+        for (i, key) in self.ssh_authorized_keys.iter().enumerate() {
+            if let Err(reason) = check_ssh_key(key) {
+                return Err(ApiError::invalid(
+                    format!("spec.cloud_init.ssh_authorized_keys[{i}]"),
+                    reason,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A seed file's text: at most [`MAX_CLOUD_INIT_DOCUMENT_BYTES`], no NUL.
+fn document(field: &str, text: &str) -> Result<(), ApiError> {
+    if text.len() > MAX_CLOUD_INIT_DOCUMENT_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "is {} bytes, more than {MAX_CLOUD_INIT_DOCUMENT_BYTES}",
+                text.len()
+            ),
+        ));
+    }
+    if text.contains('\0') {
+        return Err(ApiError::invalid(field, "must not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+/// Checks an OpenSSH public key line: `TYPE BASE64 [COMMENT]`, one line,
+/// a known type, and a key blob that decodes and names the same type.
+fn check_ssh_key(line: &str) -> Result<(), String> {
+    if line.len() > MAX_SSH_KEY_BYTES {
+        return Err(format!("longer than {MAX_SSH_KEY_BYTES} bytes"));
+    }
+    if line.contains(['\n', '\r', '\0']) {
+        return Err("must be one line".into());
+    }
+    let not_a_key = || {
+        let shown: String = line.chars().take(40).collect();
+        format!("{shown:?} is not an SSH public key line like \"ssh-ed25519 AAAA... comment\"")
+    };
+    let mut parts = line.split_ascii_whitespace();
+    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
+        return Err(not_a_key());
+    };
+    if !SSH_KEY_TYPES.contains(&kind) {
+        return Err(format!(
+            "{}; key type {kind:?} is not one of {}",
+            not_a_key(),
+            SSH_KEY_TYPES.join(", ")
+        ));
+    }
+    let Some(bytes) = decode_base64(blob) else {
+        return Err(format!("{}: its key is not base64", not_a_key()));
+    };
+    // The blob starts with the type as an SSH string (u32 length + bytes).
+    let named = bytes
+        .get(..4)
+        .map(|len| u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
+        .and_then(|len| bytes.get(4..4 + len));
+    if named != Some(kind.as_bytes()) {
+        return Err(format!("{}: its key blob is not a {kind} key", not_a_key()));
+    }
+    Ok(())
+}
+
+/// Standard base64 with padding, as OpenSSH writes keys.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    let value = |b: u8| -> Option<u32> {
+        Some(match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    let last = bytes.len() / 4 - 1;
+    for (i, quad) in bytes.chunks(4).enumerate() {
+        let pad = quad.iter().rev().take_while(|b| **b == b'=').count();
+        if pad > 2 || (pad > 0 && i != last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &b in &quad[..4 - pad] {
+            n = (n << 6) | value(b)?;
+        }
+        n <<= 6 * pad as u32;
+        let [_, a, b, c] = n.to_be_bytes();
+        out.extend_from_slice(&[a, b, c][..3 - pad]);
+    }
+    Some(out)
 }
 
 /// A kernel (and initrd) that every node has at the same path, booted
@@ -235,6 +396,9 @@ impl VmSpec {
         if let Some(kernel) = &self.kernel {
             kernel.validate()?;
         }
+        if let Some(cloud_init) = &self.cloud_init {
+            cloud_init.validate()?;
+        }
         Ok(())
     }
 }
@@ -347,10 +511,18 @@ mod tests {
                     initrd: "/boot/initrd.img".into(),
                     cmdline: "console=ttyS0".into(),
                 }),
+                cloud_init: Some(CloudInit {
+                    user_data: "#cloud-config\npackages: [nginx]\n".into(),
+                    network_config: None,
+                    ssh_authorized_keys: vec![ED25519.into()],
+                }),
             },
             status: VmStatus::default(),
         }
     }
+
+    /// A real key made by `ssh-keygen -t ed25519`.
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEdlJ2DMaM8vSRNI8QO9fsnhdbxgZaBeCtgvmzRo7xYh ops@example";
 
     fn field_of(vm: &Vm) -> String {
         match vm.validate() {
@@ -362,6 +534,26 @@ mod tests {
     #[test]
     fn a_good_vm_validates() {
         assert_eq!(vm().validate(), Ok(()));
+        let mut v = vm();
+        v.spec.cloud_init = Some(CloudInit {
+            user_data: String::new(),
+            network_config: Some("version: 2\n".into()),
+            ssh_authorized_keys: vec![
+                ED25519.into(),
+                "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQCiv/quOC4W2UZLNmpWGNYo7JVU7yjlBwNfBl68m+lpsVZiWiY7JCaGFom+fVP6ky5MrRPp/M/WFdfdGGyeNyhhd7ElAu8C59oaTXrwWLpI8yumcWQTHO5YPqZyPpseYWZqclied4yw765G0J8FOA10pBRX/oRGpleSQcLokD7lGQ==".into(),
+            ],
+        });
+        assert_eq!(v.validate(), Ok(()));
+    }
+
+    #[test]
+    fn base64_decodes_as_openssh_writes_it() {
+        assert_eq!(decode_base64("AAAAC3Nz").unwrap(), b"\0\0\0\x0bss");
+        assert_eq!(decode_base64("YQ==").unwrap(), b"a");
+        assert_eq!(decode_base64("YWI=").unwrap(), b"ab");
+        assert_eq!(decode_base64("YQ==YQ=="), None);
+        assert_eq!(decode_base64("YQ="), None);
+        assert_eq!(decode_base64("Y!=="), None);
     }
 
     #[test]
@@ -413,6 +605,32 @@ mod tests {
         let mut v = vm();
         v.spec.kernel.as_mut().unwrap().cmdline = "a\nb".into();
         assert_eq!(field_of(&v), "spec.kernel.cmdline");
+
+        let mut v = vm();
+        v.spec.cloud_init.as_mut().unwrap().user_data = "#".repeat(64 * 1024 + 1);
+        assert_eq!(field_of(&v), "spec.cloud_init.user_data");
+
+        let mut v = vm();
+        v.spec.cloud_init.as_mut().unwrap().network_config = Some(" ".into());
+        assert_eq!(field_of(&v), "spec.cloud_init.network_config");
+
+        for bad in [
+            "ssh-ed25519",
+            "not-a-type AAAAC3NzaC1lZDI1NTE5AAAAIEdlJ2DMaM8vSRNI8QO9fsnhdbxgZaBeCtgvmzRo7xYh",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEdlJ2DMaM8vSRNI8QO9fsnhdbxgZaBeCtgvmzRo7xY",
+            "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIEdlJ2DMaM8vSRNI8QO9fsnhdbxgZaBeCtgvmzRo7xYh",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEdlJ2DMaM8vSRNI8QO9fsnhdbxgZaBeCtgvmzRo7xYh\nx",
+            "-----BEGIN OPENSSH PRIVATE KEY-----",
+        ] {
+            let mut v = vm();
+            let keys = &mut v.spec.cloud_init.as_mut().unwrap().ssh_authorized_keys;
+            keys.push(bad.into());
+            assert_eq!(
+                field_of(&v),
+                "spec.cloud_init.ssh_authorized_keys[1]",
+                "{bad:?}"
+            );
+        }
 
         let mut v = vm();
         v.status.nic_addresses.push(NicAddress {

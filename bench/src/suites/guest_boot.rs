@@ -135,6 +135,7 @@ fn boot_libvirt(setup: &Setup<'_>, libvirtd: &Libvirtd, run: usize) -> anyhow::R
             port: setup.nbd.port(),
             export_name: setup.nbd.export().to_owned(),
         }],
+        seed: None,
         nics: vec![EthernetNic {
             tap: setup.tap.clone(),
             mac: GUEST_MAC.parse()?,

@@ -31,6 +31,7 @@ pub fn spec(name: &str) -> DomainSpec {
             cmdline: "console=ttyS0".to_owned(),
         },
         disks: Vec::new(),
+        seed: None,
         nics: Vec::new(),
         serial_log: PathBuf::from("/dev/null"),
     }

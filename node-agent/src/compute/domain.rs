@@ -10,6 +10,11 @@
 //! - disks are `type='network'` NBD sources opened by QEMU itself, raw,
 //!   `cache='none'`, on virtio: the NBD server may be shared by a
 //!   migration's source and target, so no host page cache sits in between;
+//! - a cloud-init seed, when there is one, is a read-only IDE CD-ROM
+//!   (`hdc`) on an NBD source the same way: every guest kernel has a
+//!   driver for it, and cloud-init finds it by its `cidata` label;
+//! - a guest without direct kernel boot boots from its first disk
+//!   (`<boot dev='hd'/>`);
 //! - NICs are `type='ethernet'` with a fixed tap name, the same on every
 //!   node so a migrated guest keeps its ARP entries: either the agent's
 //!   network reconciler made the tap before the domain starts
@@ -81,6 +86,8 @@ pub enum Boot {
         /// The kernel command line.
         cmdline: String,
     },
+    /// The firmware boots the first disk (its boot loader).
+    Disk,
 }
 
 /// A disk served over NBD, opened by QEMU.
@@ -95,6 +102,21 @@ pub struct NbdDisk {
     /// The export name on that server.
     pub export_name: String,
 }
+
+/// A read-only CD-ROM served over NBD, opened by QEMU: the cloud-init
+/// NoCloud seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdCdrom {
+    /// The NBD server's host name or address.
+    pub host: String,
+    /// The NBD server's TCP port.
+    pub port: u16,
+    /// The export name on that server.
+    pub export_name: String,
+}
+
+/// The guest device name of the seed CD-ROM: the secondary IDE master.
+pub const SEED_TARGET_DEV: &str = "hdc";
 
 /// A NIC backed by a host tap device with this name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +202,8 @@ pub struct DomainSpec {
     pub boot: Boot,
     /// Disks, in the order given.
     pub disks: Vec<NbdDisk>,
+    /// The cloud-init seed, a read-only CD-ROM ([`SEED_TARGET_DEV`]).
+    pub seed: Option<NbdCdrom>,
     /// NICs, in the order given (the first is the guest's `eth0`).
     pub nics: Vec<EthernetNic>,
     /// Host file the serial console (`ttyS0`) is written to.
@@ -229,6 +253,21 @@ impl DomainSpec {
                 check_path("boot.initrd", initrd)?;
                 check_text("boot.cmdline", cmdline)?;
             }
+            Boot::Disk => {
+                if self.disks.is_empty() {
+                    return Err(invalid("boot", "booting from a disk needs a disk"));
+                }
+            }
+        }
+        if let Some(seed) = &self.seed {
+            check_nbd(
+                "seed.host",
+                "seed.port",
+                "seed.export_name",
+                &seed.host,
+                seed.port,
+                &seed.export_name,
+            )?;
         }
         for (i, disk) in self.disks.iter().enumerate() {
             let field = |f: &str| format!("disks[{i}].{f}");
@@ -250,17 +289,14 @@ impl DomainSpec {
                     format!("{:?} is used by an earlier disk", disk.target_dev),
                 ));
             }
-            check_text(&field("host"), &disk.host)?;
-            if disk.host.is_empty() {
-                return Err(invalid(&field("host"), "must not be empty"));
-            }
-            if disk.port == 0 {
-                return Err(invalid(&field("port"), "must not be 0"));
-            }
-            check_text(&field("export_name"), &disk.export_name)?;
-            if disk.export_name.is_empty() {
-                return Err(invalid(&field("export_name"), "must not be empty"));
-            }
+            check_nbd(
+                &field("host"),
+                &field("port"),
+                &field("export_name"),
+                &disk.host,
+                disk.port,
+                &disk.export_name,
+            )?;
         }
         for (i, nic) in self.nics.iter().enumerate() {
             let field = |f: &str| format!("nics[{i}].{f}");
@@ -316,6 +352,29 @@ fn check_text(field: &str, value: &str) -> Result<(), DomainError> {
         )),
         None => Ok(()),
     }
+}
+
+/// An NBD source: a host, a port and an export name, all set.
+fn check_nbd(
+    host_field: &str,
+    port_field: &str,
+    export_field: &str,
+    host: &str,
+    port: u16,
+    export_name: &str,
+) -> Result<(), DomainError> {
+    check_text(host_field, host)?;
+    if host.is_empty() {
+        return Err(invalid(host_field, "must not be empty"));
+    }
+    if port == 0 {
+        return Err(invalid(port_field, "must not be 0"));
+    }
+    check_text(export_field, export_name)?;
+    if export_name.is_empty() {
+        return Err(invalid(export_field, "must not be empty"));
+    }
+    Ok(())
 }
 
 fn check_path(field: &str, path: &Path) -> Result<(), DomainError> {
@@ -403,9 +462,21 @@ mod xml {
     pub(super) struct Os {
         #[serde(rename = "type")]
         pub kind: OsType,
-        pub kernel: String,
-        pub initrd: String,
-        pub cmdline: String,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        pub kernel: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        pub initrd: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        pub cmdline: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        pub boot: Option<BootDev>,
+    }
+
+    #[derive(Debug, Serialize)]
+    #[cfg_attr(test, derive(Deserialize))]
+    pub(super) struct BootDev {
+        #[serde(rename = "@dev")]
+        pub dev: String,
     }
 
     #[derive(Debug, Serialize)]
@@ -478,6 +549,8 @@ mod xml {
         pub driver: DiskDriver,
         pub source: NbdSource,
         pub target: DiskTarget,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        pub readonly: Option<Empty>,
     }
 
     #[derive(Debug, Serialize)]
@@ -607,11 +680,81 @@ mod xml {
     impl Domain {
         /// Maps a spec that passed [`DomainSpec::validate`].
         pub(super) fn from_spec(spec: &DomainSpec) -> Domain {
-            let Boot::Kernel {
-                kernel,
-                initrd,
-                cmdline,
-            } = &spec.boot;
+            let os_type = OsType {
+                arch: s("x86_64"),
+                machine: s("pc"),
+                value: s("hvm"),
+            };
+            let os = match &spec.boot {
+                Boot::Kernel {
+                    kernel,
+                    initrd,
+                    cmdline,
+                } => Os {
+                    kind: os_type,
+                    kernel: Some(path(kernel)),
+                    initrd: Some(path(initrd)),
+                    cmdline: Some(cmdline.clone()),
+                    boot: None,
+                },
+                Boot::Disk => Os {
+                    kind: os_type,
+                    kernel: None,
+                    initrd: None,
+                    cmdline: None,
+                    boot: Some(BootDev { dev: s("hd") }),
+                },
+            };
+            let nbd_disk =
+                |device: &str, name: &str, host: &str, port: u16, dev: &str, bus: &str| {
+                    let read_only = device == "cdrom";
+                    Disk {
+                        kind: s("network"),
+                        device: s(device),
+                        driver: DiskDriver {
+                            name: s("qemu"),
+                            format: s("raw"),
+                            cache: s("none"),
+                        },
+                        source: NbdSource {
+                            protocol: s("nbd"),
+                            name: s(name),
+                            host: NbdHost {
+                                name: s(host),
+                                port,
+                            },
+                        },
+                        target: DiskTarget {
+                            dev: s(dev),
+                            bus: s(bus),
+                        },
+                        readonly: read_only.then_some(Empty {}),
+                    }
+                };
+            let mut disks: Vec<Disk> = spec
+                .disks
+                .iter()
+                .map(|d| {
+                    nbd_disk(
+                        "disk",
+                        &d.export_name,
+                        &d.host,
+                        d.port,
+                        &d.target_dev,
+                        "virtio",
+                    )
+                })
+                .collect();
+            if let Some(seed) = &spec.seed {
+                disks.push(nbd_disk(
+                    "cdrom",
+                    &seed.export_name,
+                    &seed.host,
+                    seed.port,
+                    super::SEED_TARGET_DEV,
+                    "ide",
+                ));
+            }
             let log = path(&spec.serial_log);
             Domain {
                 kind: s(spec.accel.domain_type()),
@@ -622,16 +765,7 @@ mod xml {
                     value: spec.memory_mib,
                 },
                 vcpu: spec.vcpus,
-                os: Os {
-                    kind: OsType {
-                        arch: s("x86_64"),
-                        machine: s("pc"),
-                        value: s("hvm"),
-                    },
-                    kernel: path(kernel),
-                    initrd: path(initrd),
-                    cmdline: cmdline.clone(),
-                },
+                os,
                 features: Features { acpi: Empty {} },
                 cpu: spec.cpu_model.as_ref().map(|name| Cpu {
                     mode: s("custom"),
@@ -646,31 +780,7 @@ mod xml {
                 on_reboot: s("restart"),
                 on_crash: s("destroy"),
                 devices: Devices {
-                    disk: spec
-                        .disks
-                        .iter()
-                        .map(|d| Disk {
-                            kind: s("network"),
-                            device: s("disk"),
-                            driver: DiskDriver {
-                                name: s("qemu"),
-                                format: s("raw"),
-                                cache: s("none"),
-                            },
-                            source: NbdSource {
-                                protocol: s("nbd"),
-                                name: d.export_name.clone(),
-                                host: NbdHost {
-                                    name: d.host.clone(),
-                                    port: d.port,
-                                },
-                            },
-                            target: DiskTarget {
-                                dev: d.target_dev.clone(),
-                                bus: s("virtio"),
-                            },
-                        })
-                        .collect(),
+                    disk: disks,
                     interface: spec
                         .nics
                         .iter()
@@ -737,6 +847,7 @@ mod tests {
                 port: 10809,
                 export_name: "vol-1".to_owned(),
             }],
+            seed: None,
             nics: vec![EthernetNic {
                 tap: "bt1234t0".to_owned(),
                 mac: "52:54:00:ab:cd:ef".parse().unwrap(),
@@ -762,9 +873,13 @@ mod tests {
         assert_eq!(d.os.kind.arch, "x86_64");
         assert_eq!(d.os.kind.machine, "pc");
         assert_eq!(d.os.kind.value, "hvm");
-        assert_eq!(d.os.kernel, "/boot/vmlinuz");
-        assert_eq!(d.os.initrd, "/var/tmp/initramfs.cpio");
-        assert_eq!(d.os.cmdline, "console=ttyS0 basalt.ip=10.80.0.10");
+        assert_eq!(d.os.kernel.as_deref(), Some("/boot/vmlinuz"));
+        assert_eq!(d.os.initrd.as_deref(), Some("/var/tmp/initramfs.cpio"));
+        assert_eq!(
+            d.os.cmdline.as_deref(),
+            Some("console=ttyS0 basalt.ip=10.80.0.10")
+        );
+        assert!(d.os.boot.is_none(), "direct kernel boot names no device");
         assert!(d.cpu.is_none());
         assert_eq!(d.on_poweroff, "destroy");
         assert_eq!(d.on_reboot, "restart");
@@ -815,6 +930,61 @@ mod tests {
             text.contains("<target dev=\"vda\" bus=\"virtio\"/>"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_seed_is_a_read_only_cdrom_after_the_disks() {
+        let mut s = spec();
+        s.seed = Some(NbdCdrom {
+            host: "127.0.0.1".to_owned(),
+            port: 10809,
+            export_name: "seed-1".to_owned(),
+        });
+        let text = s.to_xml().unwrap();
+        let d = parse(&text);
+        let [disk, seed] = &d.devices.disk[..] else {
+            panic!("a disk and the seed expected: {text}");
+        };
+        assert_eq!(disk.device, "disk");
+        assert!(disk.readonly.is_none(), "{text}");
+        assert_eq!(
+            (seed.kind.as_str(), seed.device.as_str()),
+            ("network", "cdrom")
+        );
+        assert_eq!(seed.source.protocol, "nbd");
+        assert_eq!(seed.source.name, "seed-1");
+        assert_eq!(
+            (seed.source.host.name.as_str(), seed.source.host.port),
+            ("127.0.0.1", 10809)
+        );
+        assert_eq!(
+            (seed.target.dev.as_str(), seed.target.bus.as_str()),
+            ("hdc", "ide")
+        );
+        assert!(seed.readonly.is_some(), "{text}");
+        assert!(text.contains("<readonly/>"), "{text}");
+
+        s.seed.as_mut().unwrap().export_name = String::new();
+        assert_eq!(invalid_field(&s), "seed.export_name");
+        s.seed.as_mut().unwrap().export_name = "seed-1".to_owned();
+        s.seed.as_mut().unwrap().port = 0;
+        assert_eq!(invalid_field(&s), "seed.port");
+    }
+
+    #[test]
+    fn without_a_kernel_the_first_disk_boots() {
+        let mut s = spec();
+        s.boot = Boot::Disk;
+        let text = s.to_xml().unwrap();
+        let d = parse(&text);
+        assert_eq!(d.os.boot.as_ref().map(|b| b.dev.as_str()), Some("hd"));
+        assert!(d.os.kernel.is_none() && d.os.initrd.is_none() && d.os.cmdline.is_none());
+        assert!(!text.contains("<kernel"), "{text}");
+        assert!(text.contains("<boot dev=\"hd\"/>"), "{text}");
+        assert_eq!(d.devices.disk[0].target.dev, "vda");
+
+        s.disks.clear();
+        assert_eq!(invalid_field(&s), "boot");
     }
 
     #[test]
@@ -876,9 +1046,9 @@ mod tests {
         assert!(!text.contains("<b>"), "{text}");
         let d = parse(&text);
         assert_eq!(d.name, "a<b>&'\"c");
-        assert_eq!(d.os.cmdline, cmdline);
-        assert_eq!(d.os.kernel, "/boot/k & <k>");
-        assert_eq!(d.os.initrd, "/tmp/i\"'");
+        assert_eq!(d.os.cmdline.as_deref(), Some(cmdline));
+        assert_eq!(d.os.kernel.as_deref(), Some("/boot/k & <k>"));
+        assert_eq!(d.os.initrd.as_deref(), Some("/tmp/i\"'"));
         assert_eq!(d.devices.disk[0].source.name, "vol\"/><x a='");
         assert_eq!(d.devices.console.source.path, "/tmp/log's & \"more\"");
     }

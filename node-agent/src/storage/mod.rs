@@ -14,6 +14,8 @@
 //!
 //! A disk with `image: NAME` is a copy-on-write clone of the image's
 //! snapshot in this pool, which [`image::Importer`] makes once per node.
+//! A VM with a cloud-init section gets its NoCloud seed volume
+//! ([`seed`]) made here too.
 //!
 //! Invariants:
 //! - a disk volume is created only for a VM's first placement (epoch 1):
@@ -30,6 +32,7 @@
 //!   volumes with other names are never touched.
 
 pub mod image;
+pub mod seed;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -154,6 +157,7 @@ pub fn garbage(
                 .map(|d| disk_volume(&vm.meta.uid, &d.name))
         })
         .collect();
+    wanted.extend(vms.iter().filter_map(seed::seed_volume));
     wanted.extend(images.iter().map(|i| image_volume(&i.meta.uid)));
     for uid in importing {
         wanted.insert(image_volume(uid));
@@ -161,7 +165,8 @@ pub fn garbage(
     }
     pool.iter()
         .filter(|v| {
-            (is_disk_volume(&v.name) || is_image_volume(&v.name)) && !wanted.contains(&v.name)
+            (is_disk_volume(&v.name) || is_image_volume(&v.name) || seed::is_seed_volume(&v.name))
+                && !wanted.contains(&v.name)
         })
         .map(|v| v.name.clone())
         .collect()
@@ -258,6 +263,19 @@ impl Volumes {
                 });
             }
         }
+        // The seed derives from the spec alone: made on whichever node the
+        // VM runs, whatever its epoch.
+        seed::ensure(&self.storage, vm)
+            .await
+            .map_err(|err| match err {
+                seed::SeedError::Unavailable(err) => VolumeError::Unavailable(err),
+                err => VolumeError::Failed {
+                    disk: "cloud-init seed".into(),
+                    source: ApiError::Internal {
+                        reason: err.describe(),
+                    },
+                },
+            })?;
         Ok(())
     }
 

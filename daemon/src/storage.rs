@@ -17,8 +17,9 @@ use basalt_sds::backend::FileBackend;
 use basalt_sds::local::{ExportConfig, LocalService};
 use basalt_sds::nbd::Server;
 use basalt_sds::pool::{Pool, PoolOptions, VolumeInfo};
+use basalt_sds::replication::attach::{AttachOptions, AttachSpec, Attachments, Role};
+use basalt_sds::replication::book::ReplicaBook;
 use basalt_sds::replication::replica::ReplicaServer;
-use basalt_sds::replication::{Fencer, Replicator, ReplicatorConfig, StaticFencer};
 use clap::{Args, Subcommand};
 
 /// `basaltd storage ...`
@@ -152,15 +153,21 @@ struct ServeArgs {
     local_socket: Option<PathBuf>,
     /// Also run as a replica peer: accept primaries' replication
     /// connections on this address and apply their writes to this pool's
-    /// volumes of the same name.
+    /// volumes of the same name (never-attached volumes, and volumes
+    /// attached secondary or primary through the storage-local API).
     #[arg(long)]
     replica_listen: Option<SocketAddr>,
+    /// Most bytes per second one resync or full sync of a peer sends
+    /// (e.g. 100M; 0: no limit).
+    #[arg(long, value_parser = parse_size, default_value = "100M")]
+    sync_rate: u64,
     /// As a replica, refuse primaries and frames with an epoch below this
     /// (the newest epoch seen per volume is also kept in `POOL.epochs`).
     #[arg(long, default_value_t = 0)]
     min_epoch: u64,
     /// As a primary, replicate VOLUME synchronously (protocol C) to the
-    /// replica peer at ADDR (repeatable).
+    /// replica peer at ADDR (repeatable; two peers of one volume make 3
+    /// replicas).
     #[arg(long, value_name = "VOLUME=ADDR", value_parser = parse_peer)]
     peer: Vec<(String, SocketAddr)>,
     /// This primary's epoch, raised at every promotion; replicas refuse
@@ -360,48 +367,62 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    // The newest epoch per volume, kept beside the pool.
-    let mut epoch_file = args.pool.clone().into_os_string();
-    epoch_file.push(".epochs");
-    let epoch_file = PathBuf::from(epoch_file);
-    let _replica = match args.replica_listen {
+    // The newest epoch and the synced generation per volume, kept beside
+    // the pool.
+    let mut book_file = args.pool.clone().into_os_string();
+    book_file.push(".epochs");
+    let book_file = PathBuf::from(book_file);
+    let book = ReplicaBook::open(&book_file, args.min_epoch)
+        .with_context(|| format!("reading {}", book_file.display()))?;
+    let attachments = Arc::new(Attachments::new(
+        pool.clone(),
+        Arc::new(book),
+        AttachOptions {
+            sync_rate: args.sync_rate,
+            ..AttachOptions::default()
+        },
+    ));
+    let replica = match args.replica_listen {
         Some(addr) => Some(
-            ReplicaServer::start_persistent(pool.clone(), addr, args.min_epoch, &epoch_file)
+            ReplicaServer::serve(attachments.clone(), addr)
                 .with_context(|| format!("listening for primaries on {addr}"))?,
         ),
         None => None,
     };
-    let fencer: Arc<dyn Fencer> = Arc::new(StaticFencer {
-        allow: args.fencer == FencerArg::Allow,
-    });
-    let mut replicators = Vec::new();
+    // The operator's static peers: each volume named becomes a primary
+    // with its peers, as if attached through the API (an old epoch is
+    // left for the peers to depose).
+    let mut static_peers: Vec<(String, Vec<String>)> = Vec::new();
     for (name, peer) in &args.peer {
-        let volume = pool
-            .open_volume(name)
-            .with_context(|| format!("--peer {name}={peer}"))?;
-        let cfg = ReplicatorConfig {
-            peer: *peer,
+        match static_peers.iter_mut().find(|(n, _)| n == name) {
+            Some((_, peers)) => peers.push(peer.to_string()),
+            None => static_peers.push((name.clone(), vec![peer.to_string()])),
+        }
+    }
+    for (name, peers) in static_peers {
+        let spec = AttachSpec {
+            role: Role::Primary,
             epoch: args.epoch,
-            generation: uuid::Uuid::new_v4().as_u64_pair().0,
-            chunk_size: u64::from(pool.chunk_size()),
-            retry: std::time::Duration::from_millis(200),
+            peers: peers.clone(),
+            allow_outdate: args.fencer == FencerArg::Allow,
         };
-        tracing::info!(volume = %name, %peer, epoch = args.epoch, fencer = ?args.fencer, "replicating");
-        replicators
-            .push(Replicator::start(volume, cfg, fencer.clone()).context("starting replication")?);
+        tracing::info!(volume = %name, ?peers, epoch = args.epoch, fencer = ?args.fencer, "replicating");
+        attachments
+            .attach_unchecked(&name, spec)
+            .with_context(|| format!("--peer {name}={}", peers.join(",")))?;
     }
     let local = args.local_socket.as_ref().map(|_| {
         LocalService::new(
-            pool.clone(),
+            attachments.clone(),
             ExportConfig {
                 tcp: args.listen,
                 unix: args.unix.clone(),
+                replication: replica.as_ref().map(ReplicaServer::addr),
             },
-            replicators.clone(),
         )
     });
     let result = rt.block_on(async {
-        let server = Server::with_replication(pool.clone(), replicators);
+        let server = Server::with_attachments(attachments.clone());
         let tcp = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;

@@ -9,10 +9,11 @@
 //!   (`sds/DESIGN.md` has the on-disk format and the crash argument);
 //! - [`nbd`]: the NBD server (fixed newstyle, structured replies,
 //!   `base:allocation`) over TCP and Unix sockets;
-//! - [`replication`]: DRBD-style synchronous replication to a peer
-//!   (protocol C, epoch fencing, dirty-chunk resync);
+//! - [`replication`]: DRBD-style synchronous replication to one or two
+//!   peers (protocol C, epoch fencing, dirty-chunk resync, full sync of a
+//!   new replica), each volume's role set at run time;
 //! - [`local`]: the storage-local gRPC API the node agent calls on a Unix
-//!   socket (volumes, exports, status).
+//!   socket (volumes, exports, replication roles, status).
 //!
 //! Invariants:
 //! - after `kill -9` every acknowledged write is readable; after a power

@@ -121,6 +121,7 @@ fn raw_hello(addr: SocketAddr, epoch: u64) -> (BufReader<TcpStream>, TcpStream, 
         version: VERSION,
         epoch,
         generation: 1,
+        synced_from: 0,
         volume_uid: uuid::Uuid::nil(),
         size: VOL,
         volume: "vol".into(),
@@ -219,8 +220,10 @@ fn old_epochs_are_refused_and_a_deposed_primary_acknowledges_nothing() {
 #[test]
 fn fencer_allow_goes_on_without_the_peer_and_resyncs_only_dirty_chunks() {
     let (rpool, rvol) = pool_with_volume();
-    let replica = ReplicaServer::start(rpool.clone(), "127.0.0.1:0".parse().expect("addr"), 0)
-        .expect("replica");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let book = dir.path().join("pool.epochs");
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let replica = ReplicaServer::start_persistent(rpool.clone(), any, 0, &book).expect("replica");
     let addr = replica.addr();
     let (_ppool, pvol) = pool_with_volume();
     let r = replicator(&pvol, addr, 1, true);
@@ -245,9 +248,15 @@ fn fencer_allow_goes_on_without_the_peer_and_resyncs_only_dirty_chunks() {
     assert_eq!(st.dirty_chunks, 4, "{st:?}");
     assert_ne!(read(&rvol, 10 * CHUNK, 4096), pattern(102));
 
-    let replica = ReplicaServer::start(rpool, addr, 0).expect("replica back");
+    // The restarted replica remembers it is in sync with this stream: no
+    // full sync, only the dirty chunks.
+    let replica = ReplicaServer::start_persistent(rpool, addr, 0, &book).expect("replica back");
     wait_state(&r, |s| s == PeerState::Connected);
     let st = r.status();
+    assert_eq!(
+        st.full_syncs, 1,
+        "only the first connection fully syncs: {st:?}"
+    );
     assert_eq!(st.dirty_chunks, 0);
     assert_eq!(st.resync_chunks, 4);
     assert!(
@@ -271,8 +280,10 @@ fn fencer_allow_goes_on_without_the_peer_and_resyncs_only_dirty_chunks() {
 #[test]
 fn fencer_deny_suspends_writes_until_the_peer_returns() {
     let (rpool, rvol) = pool_with_volume();
-    let replica = ReplicaServer::start(rpool.clone(), "127.0.0.1:0".parse().expect("addr"), 0)
-        .expect("replica");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let book = dir.path().join("pool.epochs");
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let replica = ReplicaServer::start_persistent(rpool.clone(), any, 0, &book).expect("replica");
     let addr = replica.addr();
     let (_ppool, pvol) = pool_with_volume();
     let r = replicator(&pvol, addr, 1, false);
@@ -292,7 +303,7 @@ fn fencer_deny_suspends_writes_until_the_peer_returns() {
         rx.recv_timeout(Duration::from_millis(700)).is_err(),
         "a write was acknowledged without the peer and without the fencer"
     );
-    let _replica = ReplicaServer::start(rpool, addr, 0).expect("replica back");
+    let _replica = ReplicaServer::start_persistent(rpool, addr, 0, &book).expect("replica back");
     let ok = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("write still blocked after the peer returned");

@@ -10,7 +10,10 @@ use super::decode_reply;
 use crate::pb;
 use crate::pb::storage_local_client::StorageLocalClient as PbStorageClient;
 use crate::server::MAX_MESSAGE_BYTES;
-use crate::{ApiError, EnsureVolume, StorageStatus, StorageVolume, VolumeExport};
+use crate::{
+    ApiError, AttachVolume, EnsureVolume, StorageStatus, StorageVolume, VolumeAttachment,
+    VolumeExport,
+};
 
 /// A client of a node's storage process. Cheap to clone; calls may run
 /// concurrently; it connects on first use and reconnects after a failure
@@ -158,6 +161,18 @@ impl StorageClient {
             .inner
             .clone()
             .status(pb::StorageStatusRequest {})
+            .await
+            .map_err(|s| self.unavailable(s.into()))?;
+        decode_reply(reply.into_inner())
+    }
+
+    /// Sets a volume's replication role (standalone, secondary or primary
+    /// with peers). Idempotent: the agent may call it on every pass.
+    pub async fn attach_volume(&self, request: AttachVolume) -> Result<VolumeAttachment, ApiError> {
+        let reply = self
+            .inner
+            .clone()
+            .attach_volume(pb::AttachVolumeRequest::from(request))
             .await
             .map_err(|s| self.unavailable(s.into()))?;
         decode_reply(reply.into_inner())

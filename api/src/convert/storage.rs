@@ -3,8 +3,8 @@
 use super::enum_value;
 use crate::pb;
 use crate::{
-    ApiError, EnsureVolume, ReplicaPeer, ReplicaPeerState, StorageStatus, StorageVolume,
-    VolumeExport,
+    ApiError, AttachVolume, EnsureVolume, ReplicaPeer, ReplicaPeerState, StorageStatus,
+    StorageVolume, VolumeAttachment, VolumeExport, VolumeRole,
 };
 
 impl From<StorageVolume> for pb::StorageVolume {
@@ -150,6 +150,7 @@ impl From<StorageStatus> for pb::StorageStatus {
             suspended_writers: s.suspended_writers,
             replicas: s.replicas.into_iter().map(Into::into).collect(),
             nbd_address: s.nbd_address,
+            replication_address: s.replication_address,
         }
     }
 }
@@ -173,6 +174,84 @@ impl TryFrom<pb::StorageStatus> for StorageStatus {
                 .map(TryInto::try_into)
                 .collect::<Result<_, _>>()?,
             nbd_address: s.nbd_address,
+            replication_address: s.replication_address,
+        })
+    }
+}
+
+impl From<VolumeRole> for pb::VolumeRole {
+    fn from(r: VolumeRole) -> Self {
+        match r {
+            VolumeRole::Standalone => Self::Standalone,
+            VolumeRole::Secondary => Self::Secondary,
+            VolumeRole::Primary => Self::Primary,
+        }
+    }
+}
+
+/// A role field; unspecified is an error naming `field`.
+fn volume_role(value: i32, field: &str) -> Result<VolumeRole, ApiError> {
+    match enum_value::<pb::VolumeRole>(value, field)? {
+        pb::VolumeRole::Unspecified => Err(ApiError::missing(field)),
+        pb::VolumeRole::Standalone => Ok(VolumeRole::Standalone),
+        pb::VolumeRole::Secondary => Ok(VolumeRole::Secondary),
+        pb::VolumeRole::Primary => Ok(VolumeRole::Primary),
+    }
+}
+
+impl From<AttachVolume> for pb::AttachVolumeRequest {
+    fn from(a: AttachVolume) -> Self {
+        Self {
+            name: a.name,
+            role: pb::VolumeRole::from(a.role).into(),
+            epoch: a.epoch,
+            peers: a.peers,
+            allow_outdate: a.allow_outdate,
+        }
+    }
+}
+
+impl TryFrom<pb::AttachVolumeRequest> for AttachVolume {
+    type Error = ApiError;
+
+    fn try_from(a: pb::AttachVolumeRequest) -> Result<Self, ApiError> {
+        let a = Self {
+            name: a.name,
+            role: volume_role(a.role, "role")?,
+            epoch: a.epoch,
+            peers: a.peers,
+            allow_outdate: a.allow_outdate,
+        };
+        a.validate()?;
+        Ok(a)
+    }
+}
+
+impl From<VolumeAttachment> for pb::VolumeAttachment {
+    fn from(a: VolumeAttachment) -> Self {
+        Self {
+            name: a.name,
+            role: pb::VolumeRole::from(a.role).into(),
+            epoch: a.epoch,
+            peers: a.peers.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::VolumeAttachment> for VolumeAttachment {
+    type Error = ApiError;
+
+    fn try_from(a: pb::VolumeAttachment) -> Result<Self, ApiError> {
+        crate::types::validate_volume_name("attachment.name", &a.name)?;
+        Ok(Self {
+            name: a.name,
+            role: volume_role(a.role, "attachment.role")?,
+            epoch: a.epoch,
+            peers: a
+                .peers
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -186,6 +265,7 @@ mod tests {
         let status = StorageStatus {
             pool_uid: "u".into(),
             chunk_size: 65536,
+            replication_address: "10.0.0.1:7800".into(),
             volumes: 2,
             replicas: vec![ReplicaPeer {
                 volume: "v".into(),
@@ -198,6 +278,43 @@ mod tests {
         };
         let back = StorageStatus::try_from(pb::StorageStatus::from(status.clone())).unwrap();
         assert_eq!(back, status);
+        let attach = AttachVolume {
+            name: "vol".into(),
+            role: VolumeRole::Primary,
+            epoch: 4,
+            peers: vec!["10.0.0.2:7800".into()],
+            allow_outdate: true,
+        };
+        assert_eq!(
+            AttachVolume::try_from(pb::AttachVolumeRequest::from(attach.clone())).unwrap(),
+            attach
+        );
+        let unspecified = pb::AttachVolumeRequest {
+            role: pb::VolumeRole::Unspecified.into(),
+            ..pb::AttachVolumeRequest::from(attach.clone())
+        };
+        assert!(matches!(
+            AttachVolume::try_from(unspecified),
+            Err(ApiError::InvalidArgument { field, .. }) if field == "role"
+        ));
+        let bad_peer = pb::AttachVolumeRequest {
+            peers: vec!["nowhere".into()],
+            ..pb::AttachVolumeRequest::from(attach)
+        };
+        assert!(matches!(
+            AttachVolume::try_from(bad_peer),
+            Err(ApiError::InvalidArgument { field, .. }) if field == "peers[0]"
+        ));
+        let attached = VolumeAttachment {
+            name: "vol".into(),
+            role: VolumeRole::Secondary,
+            epoch: 4,
+            peers: status.replicas.clone(),
+        };
+        assert_eq!(
+            VolumeAttachment::try_from(pb::VolumeAttachment::from(attached.clone())).unwrap(),
+            attached
+        );
         let export = VolumeExport {
             host: "127.0.0.1".into(),
             port: 10809,

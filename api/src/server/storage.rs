@@ -12,7 +12,10 @@ use super::{MAX_MESSAGE_BYTES, reply};
 use crate::pb;
 use crate::pb::storage_local_server::{StorageLocal, StorageLocalServer};
 use crate::types::{validate_volume_name, validate_volume_size};
-use crate::{ApiError, EnsureVolume, StorageStatus, StorageVolume, VolumeExport};
+use crate::{
+    ApiError, AttachVolume, EnsureVolume, StorageStatus, StorageVolume, VolumeAttachment,
+    VolumeExport,
+};
 
 /// The storage-local service: volumes of one node's pool.
 pub trait StorageApi: Send + Sync + 'static {
@@ -52,6 +55,13 @@ pub trait StorageApi: Send + Sync + 'static {
 
     /// The pool and its replication.
     fn status(&self) -> impl Future<Output = Result<StorageStatus, ApiError>> + Send;
+
+    /// Sets a volume's replication role (the request is validated);
+    /// idempotent.
+    fn attach_volume(
+        &self,
+        request: AttachVolume,
+    ) -> impl Future<Output = Result<VolumeAttachment, ApiError>> + Send;
 }
 
 /// Serves `api` as the storage-local service.
@@ -154,5 +164,16 @@ impl<T: StorageApi> StorageLocal for StorageAdapter<T> {
         _request: Request<pb::StorageStatusRequest>,
     ) -> Result<Response<pb::StorageStatus>, Status> {
         reply("Status", self.0.status().await)
+    }
+
+    async fn attach_volume(
+        &self,
+        request: Request<pb::AttachVolumeRequest>,
+    ) -> Result<Response<pb::VolumeAttachment>, Status> {
+        let result = async {
+            let request = request.into_inner().try_into()?;
+            self.0.attach_volume(request).await
+        };
+        reply("AttachVolume", result.await)
     }
 }

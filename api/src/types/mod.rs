@@ -33,8 +33,9 @@ pub use policy::{
     MAX_POLICY_RULES, Policy, PolicyAction, PolicyProtocol, PolicyRule, PolicySpec, labels_match,
 };
 pub use storage::{
-    EnsureVolume, MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN, ReplicaPeer, ReplicaPeerState,
-    StorageStatus, StorageVolume, VolumeExport,
+    AttachVolume, EnsureVolume, MAX_REPLICA_PEERS, MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN,
+    ReplicaPeer, ReplicaPeerState, StorageStatus, StorageVolume, VolumeAttachment, VolumeExport,
+    VolumeRole,
 };
 pub(crate) use storage::{validate_volume_name, validate_volume_size};
 pub use token::{JoinToken, JoinTokenSpec, JoinTokenStatus, TokenSecret};

@@ -115,6 +115,134 @@ pub struct StorageStatus {
     pub replicas: Vec<ReplicaPeer>,
     /// Where the NBD server listens, inside the node.
     pub nbd_address: String,
+    /// Where this process accepts primaries' replication connections
+    /// (`host:port`); empty when it does not.
+    pub replication_address: String,
+}
+
+/// Most peers one primary replicates to (3 replicas in all).
+pub const MAX_REPLICA_PEERS: usize = 2;
+
+/// What a volume is to replication on one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeRole {
+    /// Writable by NBD clients, not replicated (every volume never
+    /// attached behaves so towards NBD clients).
+    #[default]
+    Standalone,
+    /// Receives a primary's writes; NBD clients may read it, their writes
+    /// are refused (EPERM).
+    Secondary,
+    /// Writable; every change is shipped to each peer (protocol C).
+    Primary,
+}
+
+/// Sets a volume's replication role on this node (idempotent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachVolume {
+    /// An existing volume of the pool.
+    pub name: String,
+    /// Its role.
+    pub role: VolumeRole,
+    /// Primary: its epoch (required); secondary: the oldest epoch it
+    /// accepts from a primary.
+    pub epoch: u64,
+    /// Primary only: the other replicas' replication addresses
+    /// (`host:port`), at most [`MAX_REPLICA_PEERS`].
+    pub peers: Vec<String>,
+    /// Primary only (ignored otherwise): on losing a peer, go on and track
+    /// the chunks it misses instead of suspending writes until it is back.
+    pub allow_outdate: bool,
+}
+
+/// A volume's replication role as attached, with a primary's peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeAttachment {
+    /// The volume.
+    pub name: String,
+    /// Its role.
+    pub role: VolumeRole,
+    /// The attachment's epoch.
+    pub epoch: u64,
+    /// A primary's peers and how each stands.
+    pub peers: Vec<ReplicaPeer>,
+}
+
+/// Checks a replication address: `host:port`, a non-empty host (an IPv6
+/// address in brackets) and a port from 1 to 65535.
+pub(crate) fn validate_host_port(field: &str, addr: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| ApiError::invalid(field, format!("{addr:?} is not host:port ({why})"));
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(bad("no port"));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad("the port must be 1 to 65535")),
+    }
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+    };
+    if !host_ok {
+        return Err(bad("the host is not an address or DNS name"));
+    }
+    Ok(())
+}
+
+impl AttachVolume {
+    /// Checks every field: a primary needs an epoch; peers only on a
+    /// primary, each `host:port`, no duplicates, at most
+    /// [`MAX_REPLICA_PEERS`].
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_volume_name("name", &self.name)?;
+        match self.role {
+            VolumeRole::Primary => {
+                if self.epoch == 0 {
+                    return Err(ApiError::invalid(
+                        "epoch",
+                        "a primary needs an epoch (1 or more)",
+                    ));
+                }
+                if self.peers.len() > MAX_REPLICA_PEERS {
+                    return Err(ApiError::invalid(
+                        "peers",
+                        format!(
+                            "{} peers: a primary replicates to at most {MAX_REPLICA_PEERS}",
+                            self.peers.len()
+                        ),
+                    ));
+                }
+                for (i, peer) in self.peers.iter().enumerate() {
+                    validate_host_port(&format!("peers[{i}]"), peer)?;
+                    if self.peers[..i].contains(peer) {
+                        return Err(ApiError::invalid(
+                            format!("peers[{i}]"),
+                            format!("{peer:?} is listed twice"),
+                        ));
+                    }
+                }
+            }
+            VolumeRole::Secondary | VolumeRole::Standalone => {
+                if !self.peers.is_empty() {
+                    return Err(ApiError::invalid(
+                        "peers",
+                        "only a primary has peers (a secondary is written by its primaries)",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Checks a pool volume name: 1 to 64 of `[A-Za-z0-9._-]`, starting with a
@@ -215,5 +343,112 @@ mod tests {
         }
         .validate()
         .unwrap();
+    }
+
+    fn attach_field(a: &AttachVolume) -> String {
+        match a.validate() {
+            Err(ApiError::InvalidArgument { field, .. }) => field,
+            other => panic!("{a:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn attach_requests_name_their_bad_field() {
+        let primary = AttachVolume {
+            name: "vm-1.root".into(),
+            role: VolumeRole::Primary,
+            epoch: 3,
+            peers: vec!["10.0.0.2:7800".into(), "[fd00::2]:7800".into()],
+            allow_outdate: false,
+        };
+        primary.validate().unwrap();
+        AttachVolume {
+            peers: vec!["node-b.lab:7800".into()],
+            ..primary.clone()
+        }
+        .validate()
+        .unwrap();
+        // A primary with no peers is a writable, fenced, unreplicated volume.
+        AttachVolume {
+            peers: vec![],
+            ..primary.clone()
+        }
+        .validate()
+        .unwrap();
+        let secondary = AttachVolume {
+            role: VolumeRole::Secondary,
+            peers: vec![],
+            epoch: 0,
+            ..primary.clone()
+        };
+        secondary.validate().unwrap();
+        let cases = [
+            (
+                AttachVolume {
+                    epoch: 0,
+                    ..primary.clone()
+                },
+                "epoch",
+            ),
+            (
+                AttachVolume {
+                    name: "a/b".into(),
+                    ..primary.clone()
+                },
+                "name",
+            ),
+            (
+                AttachVolume {
+                    peers: vec!["10.0.0.2".into()],
+                    ..primary.clone()
+                },
+                "peers[0]",
+            ),
+            (
+                AttachVolume {
+                    peers: vec!["10.0.0.2:7800".into(), "10.0.0.3:0".into()],
+                    ..primary.clone()
+                },
+                "peers[1]",
+            ),
+            (
+                AttachVolume {
+                    peers: vec![":7800".into()],
+                    ..primary.clone()
+                },
+                "peers[0]",
+            ),
+            (
+                AttachVolume {
+                    peers: vec!["fd00::2:7800".into()],
+                    ..primary.clone()
+                },
+                "peers[0]",
+            ),
+            (
+                AttachVolume {
+                    peers: vec!["a:1".into(), "a:1".into()],
+                    ..primary.clone()
+                },
+                "peers[1]",
+            ),
+            (
+                AttachVolume {
+                    peers: vec!["a:1".into(), "b:1".into(), "c:1".into()],
+                    ..primary.clone()
+                },
+                "peers",
+            ),
+            (
+                AttachVolume {
+                    peers: vec!["a:1".into()],
+                    ..secondary.clone()
+                },
+                "peers",
+            ),
+        ];
+        for (request, field) in cases {
+            assert_eq!(attach_field(&request), field, "{request:?}");
+        }
     }
 }

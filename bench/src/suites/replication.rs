@@ -154,7 +154,11 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
     let (single_pool, _) = pool(&dir, "single.img")?;
     let (primary_pool, primary_vol) = pool(&dir, "primary.img")?;
     let (replica_pool, _) = pool(&dir, "replica.img")?;
-    let replica = ReplicaServer::start(replica_pool.clone(), "127.0.0.1:0".parse()?, 0)?;
+    // The replica's book on disk: back after the cut, it is still in sync
+    // with the primary's stream and gets only the dirty chunks.
+    let book = dir.join("replica.epochs");
+    let replica =
+        ReplicaServer::start_persistent(replica_pool.clone(), "127.0.0.1:0".parse()?, 0, &book)?;
     let peer: SocketAddr = replica.addr();
     let cfg = ReplicatorConfig {
         peer,
@@ -231,7 +235,7 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
     }
     let before = repl.status().resync_bytes;
     let t = Instant::now();
-    let _replica = ReplicaServer::start(replica_pool, peer, 0)?;
+    let _replica = ReplicaServer::start_persistent(replica_pool, peer, 0, &book)?;
     wait_connected(&repl)?;
     let secs = t.elapsed().as_secs_f64();
     let bytes = repl.status().resync_bytes - before;

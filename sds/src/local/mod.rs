@@ -1,7 +1,8 @@
 //! The storage-local API: what a node agent asks of this storage process
 //! (ensure, delete, list, resize and snapshot volumes; the NBD address of
-//! an export; the pool's and replication's status), served as gRPC on a
-//! Unix socket (`basaltd storage serve --local-socket PATH`).
+//! an export; a volume's replication role — standalone, secondary, or
+//! primary with peers; the pool's and replication's status), served as
+//! gRPC on a Unix socket (`basaltd storage serve --local-socket PATH`).
 //!
 //! The service is a thin layer over the [`Pool`]: every call runs the
 //! pool's synchronous operation on a blocking thread and maps its error to
@@ -10,8 +11,10 @@
 //! never cuts a VM's disk.
 //!
 //! Invariants:
-//! - `ensure_volume` and `delete_volume` are idempotent: an existing
-//!   volume is returned as is, a missing one deletes nothing;
+//! - `ensure_volume`, `delete_volume` and `attach_volume` are idempotent:
+//!   an existing volume is returned as is, a missing one deletes nothing,
+//!   the same attachment changes nothing;
+//! - deleting a volume stops its replication first;
 //! - the export name of a volume is its pool name (see
 //!   `docs/decisions.md`), served at the address given at start;
 //! - nothing a client sends panics the process: requests are validated
@@ -20,16 +23,18 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use basalt_api::{
-    ApiError, EnsureVolume, ReplicaPeer, ReplicaPeerState, StorageApi, StorageStatus,
-    StorageVolume, VolumeExport, storage_routes,
+    ApiError, AttachVolume, EnsureVolume, ReplicaPeer, ReplicaPeerState, StorageApi, StorageStatus,
+    StorageVolume, VolumeAttachment, VolumeExport, VolumeRole, storage_routes,
 };
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::pool::{Pool, PoolError, VolumeInfo};
-use crate::replication::{PeerState, Replicator};
+use crate::replication::attach::{AttachError, AttachSpec, AttachmentView, Attachments, Role};
+use crate::replication::{PeerState, ReplicationStatus};
 
 /// Where this process serves NBD, as the agent's NBD clients (QEMU,
 /// `qemu-img`) reach it inside the node.
@@ -39,6 +44,8 @@ pub struct ExportConfig {
     pub tcp: SocketAddr,
     /// Its Unix socket, when it has one.
     pub unix: Option<PathBuf>,
+    /// Where the replica server accepts primaries, when it runs.
+    pub replication: Option<SocketAddr>,
 }
 
 /// The storage-local service over one pool.
@@ -46,7 +53,7 @@ pub struct ExportConfig {
 pub struct LocalService {
     pool: Pool,
     exports: ExportConfig,
-    replicators: Vec<Replicator>,
+    attachments: Arc<Attachments>,
 }
 
 /// The local API server could not start.
@@ -67,13 +74,14 @@ pub enum LocalServeError {
 }
 
 impl LocalService {
-    /// A service for `pool`, whose NBD server listens at `exports` and
-    /// whose replicated volumes are `replicators`.
-    pub fn new(pool: Pool, exports: ExportConfig, replicators: Vec<Replicator>) -> LocalService {
+    /// A service for the pool of `attachments` (the same the NBD server
+    /// and the replica server use), whose NBD server listens at
+    /// `exports`.
+    pub fn new(attachments: Arc<Attachments>, exports: ExportConfig) -> LocalService {
         LocalService {
-            pool,
+            pool: attachments.pool().clone(),
             exports,
-            replicators,
+            attachments,
         }
     }
 
@@ -147,6 +155,69 @@ fn api_error(err: PoolError) -> ApiError {
     }
 }
 
+fn attach_error(err: AttachError) -> ApiError {
+    match err {
+        AttachError::Volume { ref source, .. } => match source {
+            PoolError::NoVolume { .. } | PoolError::InvalidName { .. } => {
+                ApiError::FailedPrecondition {
+                    reason: error_chain(&err),
+                }
+            }
+            _ => ApiError::Internal {
+                reason: error_chain(&err),
+            },
+        },
+        AttachError::StaleEpoch { .. } => ApiError::FailedPrecondition {
+            reason: err.to_string(),
+        },
+        AttachError::Peer { .. } => ApiError::invalid("peers", error_chain(&err)),
+        AttachError::Record { .. } | AttachError::Start { .. } => ApiError::Internal {
+            reason: error_chain(&err),
+        },
+    }
+}
+
+fn role_of(role: Role) -> VolumeRole {
+    match role {
+        Role::Standalone => VolumeRole::Standalone,
+        Role::Secondary => VolumeRole::Secondary,
+        Role::Primary => VolumeRole::Primary,
+    }
+}
+
+fn replica_peer(volume: &str, peer: &str, st: &ReplicationStatus) -> ReplicaPeer {
+    ReplicaPeer {
+        volume: volume.to_owned(),
+        peer: peer.to_owned(),
+        state: match st.state {
+            PeerState::Connected => ReplicaPeerState::Connected,
+            PeerState::Resyncing => ReplicaPeerState::Resyncing,
+            PeerState::Away | PeerState::SplitBrain => ReplicaPeerState::Away,
+            PeerState::Deposed { .. } => ReplicaPeerState::Deposed,
+        },
+        dirty_chunks: st.dirty_chunks,
+        resync_bytes: st.resync_bytes + st.full_sync_bytes,
+        acked_frames: st.acked_frames,
+    }
+}
+
+fn attachment(view: AttachmentView) -> VolumeAttachment {
+    let (role, epoch) = view
+        .spec
+        .as_ref()
+        .map_or((VolumeRole::Standalone, 0), |s| (role_of(s.role), s.epoch));
+    VolumeAttachment {
+        peers: view
+            .peers
+            .iter()
+            .map(|(p, st)| replica_peer(&view.volume, p, st))
+            .collect(),
+        name: view.volume,
+        role,
+        epoch,
+    }
+}
+
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
@@ -196,10 +267,16 @@ impl StorageApi for LocalService {
     }
 
     async fn delete_volume(&self, name: String) -> Result<bool, ApiError> {
-        self.blocking(move |pool| match pool.delete(&name) {
-            Ok(()) => Ok(true),
-            Err(PoolError::NoVolume { .. }) => Ok(false),
-            Err(e) => Err(api_error(e)),
+        let attachments = self.attachments.clone();
+        self.blocking(move |pool| {
+            if pool.volume_info(&name).is_ok() {
+                attachments.detach(&name);
+            }
+            match pool.delete(&name) {
+                Ok(()) => Ok(true),
+                Err(PoolError::NoVolume { .. }) => Ok(false),
+                Err(e) => Err(api_error(e)),
+            }
         })
         .await
     }
@@ -255,28 +332,41 @@ impl StorageApi for LocalService {
         .await
     }
 
+    async fn attach_volume(&self, request: AttachVolume) -> Result<VolumeAttachment, ApiError> {
+        let attachments = self.attachments.clone();
+        let spec = AttachSpec {
+            role: match request.role {
+                VolumeRole::Standalone => Role::Standalone,
+                VolumeRole::Secondary => Role::Secondary,
+                VolumeRole::Primary => Role::Primary,
+            },
+            epoch: request.epoch,
+            peers: request.peers,
+            allow_outdate: request.allow_outdate && request.role == VolumeRole::Primary,
+        };
+        let name = request.name;
+        self.blocking(move |_| {
+            attachments
+                .attach(&name, spec)
+                .map(attachment)
+                .map_err(attach_error)
+        })
+        .await
+    }
+
     async fn status(&self) -> Result<StorageStatus, ApiError> {
         let replicas = self
-            .replicators
+            .attachments
+            .views()
             .iter()
-            .map(|r| {
-                let st = r.status();
-                ReplicaPeer {
-                    volume: r.volume().name().to_owned(),
-                    peer: st.peer.to_string(),
-                    state: match st.state {
-                        PeerState::Connected => ReplicaPeerState::Connected,
-                        PeerState::Resyncing => ReplicaPeerState::Resyncing,
-                        PeerState::Away => ReplicaPeerState::Away,
-                        PeerState::Deposed { .. } => ReplicaPeerState::Deposed,
-                    },
-                    dirty_chunks: st.dirty_chunks,
-                    resync_bytes: st.resync_bytes,
-                    acked_frames: st.acked_frames,
-                }
-            })
+            .flat_map(|v| v.peers.iter().map(|(p, st)| replica_peer(&v.volume, p, st)))
             .collect();
         let nbd_address = self.exports.tcp.to_string();
+        let replication_address = self
+            .exports
+            .replication
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         self.blocking(move |pool| {
             let st = pool.status();
             Ok(StorageStatus {
@@ -290,6 +380,7 @@ impl StorageApi for LocalService {
                 suspended_writers: u32::try_from(st.suspended_writers).unwrap_or(u32::MAX),
                 replicas,
                 nbd_address,
+                replication_address,
             })
         })
         .await
@@ -298,22 +389,23 @@ impl StorageApi for LocalService {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::backend::MemBackend;
     use crate::pool::PoolOptions;
+    use crate::replication::attach::AttachOptions;
+    use crate::replication::book::ReplicaBook;
 
     fn service() -> LocalService {
         let pool = Pool::create(Arc::new(MemBackend::new(64 << 20)), &PoolOptions::default())
             .expect("pool");
+        let book = Arc::new(ReplicaBook::in_memory(0));
         LocalService::new(
-            pool,
+            Arc::new(Attachments::new(pool, book, AttachOptions::default())),
             ExportConfig {
                 tcp: "127.0.0.1:10809".parse().expect("addr"),
                 unix: None,
+                replication: None,
             },
-            Vec::new(),
         )
     }
 

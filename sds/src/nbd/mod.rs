@@ -18,12 +18,15 @@
 //!   request is answered before the socket closes;
 //! - `CAN_MULTI_CONN` is advertised because it holds: all connections
 //!   share one pool, and a FLUSH syncs the whole backing store;
-//! - on a replicated volume, WRITE, TRIM, WRITE_ZEROES and FLUSH are
-//!   answered only after the [`Replicator`] confirmed them (protocol C).
+//! - every WRITE, TRIM, WRITE_ZEROES and FLUSH passes through the
+//!   volume's attachment ([`Attachments`]): on a primary it is answered
+//!   only after every peer's [`Replicator`] confirmed it (protocol C); on
+//!   a secondary a change is refused with `EPERM` (reads and FLUSH are
+//!   served: a live-migration target opens its disk before it is
+//!   promoted).
 
 pub mod proto;
 
-use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,7 +36,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::pool::{Pool, PoolError, Volume, ZeroFlags};
-use crate::replication::{Op, Replicator};
+use crate::replication::attach::{AttachOptions, Attachments, Slot};
+use crate::replication::book::ReplicaBook;
+use crate::replication::{Op, ReplicationError, Replicator};
 use proto::{Request, cflag, cmd, errno, info, opt, rep, reply, tflag};
 
 /// Requests one connection may have outstanding.
@@ -56,31 +61,46 @@ pub enum SessionError {
 #[derive(Debug, Clone)]
 pub struct Server {
     pool: Pool,
-    replicators: Arc<HashMap<String, Replicator>>,
+    attachments: Arc<Attachments>,
 }
 
 impl Server {
-    /// A server for every volume of `pool`.
+    /// A server for every volume of `pool`, none of them replicated.
     pub fn new(pool: Pool) -> Server {
         Server::with_replication(pool, Vec::new())
     }
 
     /// A server for every volume of `pool`, where the volumes of
-    /// `replicators` ship their writes to a peer.
+    /// `replicators` ship their writes to a peer (grouped by volume).
     pub fn with_replication(pool: Pool, replicators: Vec<Replicator>) -> Server {
-        let replicators = replicators
-            .into_iter()
-            .map(|r| (r.volume().name().to_owned(), r))
-            .collect();
+        let book = Arc::new(ReplicaBook::in_memory(0));
+        let attachments = Attachments::new(pool.clone(), book, AttachOptions::default());
+        let mut by_volume: Vec<(String, u64, Vec<Replicator>)> = Vec::new();
+        for r in replicators {
+            let name = r.volume().name().to_owned();
+            match by_volume.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, _, rs)) => rs.push(r),
+                None => by_volume.push((name, r.epoch(), vec![r])),
+            }
+        }
+        for (name, epoch, rs) in by_volume {
+            attachments.adopt(&name, epoch, rs);
+        }
+        Server::with_attachments(Arc::new(attachments))
+    }
+
+    /// A server for every volume of `attachments`' pool, each written as
+    /// its attachment says.
+    pub fn with_attachments(attachments: Arc<Attachments>) -> Server {
         Server {
-            pool,
-            replicators: Arc::new(replicators),
+            pool: attachments.pool().clone(),
+            attachments,
         }
     }
 
     fn session(&self, volume: Volume, structured: bool, meta: bool) -> Session {
-        let replicator = self.replicators.get(volume.name()).cloned();
-        Session::new(volume, structured, meta, replicator)
+        let slot = self.attachments.slot(volume.name());
+        Session::new(volume, structured, meta, slot)
     }
 
     /// Accepts TCP clients forever.
@@ -373,36 +393,30 @@ struct Session {
     volume: Volume,
     structured: bool,
     meta_context: bool,
-    replicator: Option<Replicator>,
+    slot: Arc<Slot>,
 }
 
 impl Session {
-    fn new(
-        volume: Volume,
-        structured: bool,
-        meta_context: bool,
-        replicator: Option<Replicator>,
-    ) -> Session {
+    fn new(volume: Volume, structured: bool, meta_context: bool, slot: Arc<Slot>) -> Session {
         Session {
             volume,
             structured,
             meta_context: structured && meta_context,
-            replicator,
+            slot,
         }
     }
 
-    /// Runs a change locally and, on a replicated volume, on the peer.
-    /// A replication failure is an I/O error to the client.
+    /// Runs a change as the volume's attachment says: locally, locally and
+    /// on every peer, or not at all (a secondary: `EPERM`). Any other
+    /// replication failure is an I/O error to the client.
     fn replicated(
         &self,
         op: Op<'_>,
         local: impl FnOnce() -> Result<(), PoolError>,
     ) -> Result<(), PoolError> {
-        let Some(r) = &self.replicator else {
-            return local();
-        };
-        r.submit(op, local).map_err(|e| match e {
-            crate::replication::ReplicationError::Local(e) => e,
+        self.slot.submit(op, local).map_err(|e| match e {
+            ReplicationError::Local(e) => e,
+            ReplicationError::NotPrimary { volume } => PoolError::ReadOnly { name: volume },
             other => PoolError::Io {
                 op: "replicating",
                 source: io::Error::other(other.to_string()),

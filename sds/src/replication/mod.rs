@@ -1,30 +1,42 @@
-//! DRBD-style synchronous replication, first milestone: one primary
-//! ships every write of a volume to one peer over Basalt's own framed
-//! TCP protocol ([`wire`]) and acknowledges its client only when the
-//! local write and the peer's ack are both done (protocol C).
+//! DRBD-style synchronous replication: a primary ships every write of a
+//! volume to each of its peers (one or two) over Basalt's own framed TCP
+//! protocol ([`wire`]) and acknowledges its client only when the local
+//! write and every peer's ack are done (protocol C).
 //!
 //! - [`Replicator`]: the primary's side for one volume and one peer —
 //!   ships frames, tracks the peer's state, keeps a dirty-chunk set while
 //!   the peer is away, asks a [`Fencer`] before acknowledging without
-//!   it, and resyncs only the dirty chunks when it returns;
+//!   it, resyncs only the dirty chunks when it returns, and sends the
+//!   whole volume (a full sync, rate-limited) to a peer that is not in
+//!   sync with its stream;
 //! - [`replica::ReplicaServer`]: the peer's side — applies frames in
-//!   order and refuses any carrying an epoch older than the newest seen.
+//!   order and refuses any carrying an epoch older than the newest seen;
+//! - [`attach::Attachments`]: each volume's role (standalone, secondary,
+//!   primary with peers), set at run time, and the gate NBD writes pass;
+//! - [`book::ReplicaBook`]: per volume, the newest epoch and the
+//!   generation it is in sync with, kept beside the pool.
 //!
 //! Invariants:
-//! - a write is acknowledged only if the peer acknowledged it, or the
-//!   peer is away and the fencer confirmed it outdated (then the write's
-//!   chunks are in the dirty set until a resync sends them);
-//! - frames go out in the order the writes are applied locally (one
-//!   per-volume lock covers the send and then the local write), and the
+//! - a write is acknowledged only if every peer acknowledged it, or the
+//!   peer is away and the fencer confirmed it outdated, or the peer is
+//!   being fully synced (it was never up to date); then the write's
+//!   chunks are in that peer's dirty set until a resync sends them;
+//! - frames go out in the order the writes are applied locally (the
+//!   per-peer locks cover the sends and then the local write), and the
 //!   replica applies them in that order, so a FLUSH acknowledged by the
 //!   peer covers every write before it on both sides;
 //! - a primary whose epoch a replica refused stops acknowledging writes
-//!   for good (it has been deposed).
+//!   until it is attached with an epoch at least that new;
+//! - a replica is in sync with a stream (no full sync) only if it
+//!   recorded that stream's generation at the end of a full sync, or the
+//!   sender's volume followed a stream the replica itself ships as
+//!   primary (dual primary); the design is in `sds/DESIGN.md`.
 //!
-//! The dirty set is kept in memory only (this milestone): a primary
-//! restart forgets it, so a peer that was away across a primary restart
-//! needs a full sync, which is not implemented yet.
+//! The dirty set is kept in memory only: a primary restart forgets it, so
+//! its peers get a full sync.
 
+pub mod attach;
+pub mod book;
 pub mod replica;
 pub mod wire;
 
@@ -33,13 +45,15 @@ use std::fmt;
 use std::io::{self, BufReader, BufWriter};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::pool::{PoolError, Volume};
-use wire::{FLAG_FUA, FLAG_NO_HOLE, FLAG_RESYNC, Frame, FrameKind, Hello, HelloReply, Status};
+use wire::{
+    FLAG_FUA, FLAG_NO_HOLE, FLAG_RESYNC, FLAG_SYNCED, Frame, FrameKind, Hello, HelloReply, Status,
+};
 
 /// Why a fencer would not confirm a peer outdated.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +111,21 @@ pub enum ReplicationError {
         epoch: u64,
         /// The replica's newest.
         newest: u64,
+    },
+    /// Replication to the peer was stopped (its attachment changed) while
+    /// the write waited for it; the write is not acknowledged.
+    #[error("replication of {volume} to {peer} stopped while the write waited for the peer")]
+    Stopped {
+        /// The volume.
+        volume: String,
+        /// The peer.
+        peer: SocketAddr,
+    },
+    /// The volume is not writable here: it is a secondary.
+    #[error("volume {volume} is a secondary here: only its primary writes it")]
+    NotPrimary {
+        /// The volume.
+        volume: String,
     },
 }
 
@@ -198,7 +227,8 @@ impl Op<'_> {
 pub enum PeerState {
     /// Not connected yet, or away (writes go to the dirty set).
     Away,
-    /// Connected, sending the dirty chunks.
+    /// Connected, sending the chunks the peer misses (all of them in a
+    /// full sync).
     Resyncing,
     /// Connected and in sync: every write is shipped.
     Connected,
@@ -207,9 +237,12 @@ pub enum PeerState {
         /// The newest epoch the peer has seen.
         newest: u64,
     },
+    /// The peer is a primary of the volume that is not in sync with this
+    /// one: two diverged copies (reported, retried, never resolved here).
+    SplitBrain,
 }
 
-/// Where a primary's replication of one volume stands.
+/// Where a primary's replication of one volume to one peer stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicationStatus {
     /// The peer.
@@ -218,12 +251,21 @@ pub struct ReplicationStatus {
     pub state: PeerState,
     /// Chunks changed while the peer was away, not yet resynced.
     pub dirty_chunks: u64,
-    /// Bytes sent by resyncs so far.
+    /// Bytes sent by resyncs of dirty chunks so far.
     pub resync_bytes: u64,
-    /// Chunks sent by resyncs so far.
+    /// Chunks sent by resyncs of dirty chunks so far.
     pub resync_chunks: u64,
     /// Frames the peer acknowledged.
     pub acked_frames: u64,
+    /// The current connection started with a full sync still running.
+    pub full_sync: bool,
+    /// Data bytes sent by full syncs so far (unmapped ranges are sent as
+    /// trims and not counted).
+    pub full_sync_bytes: u64,
+    /// Full syncs completed.
+    pub full_syncs: u64,
+    /// This stream's generation identifier.
+    pub generation: u64,
 }
 
 /// The primary's replication settings for one volume.
@@ -233,12 +275,25 @@ pub struct ReplicatorConfig {
     pub peer: SocketAddr,
     /// This primary's epoch (raised at every promotion).
     pub epoch: u64,
-    /// The volume's generation identifier on this primary.
+    /// The generation identifier of this stream (unique per replicator:
+    /// a replica that recorded it is in sync, except for the chunks this
+    /// replicator tracks as dirty).
     pub generation: u64,
     /// Granularity of the dirty set and of resync (the pool's chunk size).
     pub chunk_size: u64,
     /// How often to retry an away peer.
     pub retry: Duration,
+}
+
+/// How a replicator syncs a peer that is behind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncOptions {
+    /// The generation the local volume was in sync with when this stream
+    /// started (0: none), sent in the hello.
+    pub synced_from: u64,
+    /// Most data bytes per second a resync or full sync sends (0: no
+    /// limit).
+    pub rate: u64,
 }
 
 /// The primary's side of replication for one volume and one peer.
@@ -251,12 +306,16 @@ pub struct Replicator {
 struct Shared {
     volume: Volume,
     cfg: ReplicatorConfig,
-    fencer: Arc<dyn Fencer>,
+    sync: SyncOptions,
+    epoch: AtomicU64,
+    fencer: Mutex<Arc<dyn Fencer>>,
     link: Mutex<Link>,
     changed: Condvar,
     pending: Mutex<HashMap<(u64, u64), SyncSender<Status>>>,
     resync_bytes: AtomicU64,
     resync_chunks: AtomicU64,
+    full_sync_bytes: AtomicU64,
+    full_syncs: AtomicU64,
     acked: AtomicU64,
     stop: AtomicBool,
 }
@@ -268,7 +327,21 @@ struct Link {
     conn: u64,
     next_seq: u64,
     dirty: BTreeSet<u64>,
+    /// The fencer confirmed the peer outdated, or the peer is being
+    /// fully synced (it was never up to date): writes go on without it.
     outdated: bool,
+    full_sync: bool,
+    /// Bumped when the fencer is replaced, so suspended writers ask again.
+    fencer_version: u64,
+    /// A connect loop runs (it ends when deposed or stopped).
+    connecting: bool,
+}
+
+/// A frame sent, waiting for its ack.
+#[derive(Debug)]
+struct Shipped {
+    conn: u64,
+    ack: Receiver<Status>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -283,10 +356,22 @@ impl Replicator {
         cfg: ReplicatorConfig,
         fencer: Arc<dyn Fencer>,
     ) -> io::Result<Replicator> {
+        Replicator::start_with(volume, cfg, fencer, SyncOptions::default())
+    }
+
+    /// Like [`Replicator::start`], with sync options.
+    pub fn start_with(
+        volume: Volume,
+        cfg: ReplicatorConfig,
+        fencer: Arc<dyn Fencer>,
+        sync: SyncOptions,
+    ) -> io::Result<Replicator> {
         let shared = Arc::new(Shared {
             volume,
+            epoch: AtomicU64::new(cfg.epoch),
             cfg,
-            fencer,
+            sync,
+            fencer: Mutex::new(fencer),
             link: Mutex::new(Link {
                 state: PeerState::Away,
                 writer: None,
@@ -294,11 +379,16 @@ impl Replicator {
                 next_seq: 1,
                 dirty: BTreeSet::new(),
                 outdated: false,
+                full_sync: false,
+                fencer_version: 0,
+                connecting: true,
             }),
             changed: Condvar::new(),
             pending: Mutex::new(HashMap::new()),
             resync_bytes: AtomicU64::new(0),
             resync_chunks: AtomicU64::new(0),
+            full_sync_bytes: AtomicU64::new(0),
+            full_syncs: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
@@ -314,6 +404,52 @@ impl Replicator {
         &self.shared.volume
     }
 
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.shared.cfg.peer
+    }
+
+    /// The epoch frames carry now.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Raises (or sets) the epoch later frames carry, keeping the
+    /// connection and the dirty set. Call it with no write in flight. A
+    /// replicator deposed by an epoch not newer than this one comes back:
+    /// every write it failed is in its dirty set, so it resyncs them.
+    pub fn set_epoch(&self, epoch: u64) -> io::Result<()> {
+        let s = &self.shared;
+        s.epoch.store(epoch, Ordering::SeqCst);
+        let mut link = lock(&s.link);
+        if let PeerState::Deposed { newest } = link.state
+            && epoch >= newest
+        {
+            tracing::info!(volume = %s.volume.name(), peer = %s.cfg.peer, epoch, "epoch raised: reconnecting a deposed replicator");
+            link.state = PeerState::Away;
+            if let Some(w) = link.writer.take() {
+                let _ = w.get_ref().shutdown(Shutdown::Both);
+            }
+            if !link.connecting {
+                let again = s.clone();
+                thread::Builder::new()
+                    .name("replication-connect".into())
+                    .spawn(move || again.connect_loop())?;
+                link.connecting = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the fencer; writes suspended by the old one ask the new
+    /// one.
+    pub fn set_fencer(&self, fencer: Arc<dyn Fencer>) {
+        *lock(&self.shared.fencer) = fencer;
+        let mut link = lock(&self.shared.link);
+        link.fencer_version += 1;
+        self.shared.changed.notify_all();
+    }
+
     /// Where replication stands.
     pub fn status(&self) -> ReplicationStatus {
         let s = &self.shared;
@@ -325,6 +461,10 @@ impl Replicator {
             resync_bytes: s.resync_bytes.load(Ordering::Relaxed),
             resync_chunks: s.resync_chunks.load(Ordering::Relaxed),
             acked_frames: s.acked.load(Ordering::Relaxed),
+            full_sync: link.full_sync,
+            full_sync_bytes: s.full_sync_bytes.load(Ordering::Relaxed),
+            full_syncs: s.full_syncs.load(Ordering::Relaxed),
+            generation: s.cfg.generation,
         }
     }
 
@@ -337,106 +477,178 @@ impl Replicator {
         op: Op<'_>,
         local: impl FnOnce() -> Result<(), PoolError>,
     ) -> Result<(), ReplicationError> {
-        let s = &self.shared;
-        let mut link = lock(&s.link);
-        if let PeerState::Deposed { newest } = link.state {
-            return Err(s.deposed(newest));
-        }
-        // The frame goes out first, so the peer applies it while the local
-        // write runs; both happen under the lock, so the order is the same.
-        let mut waiting = None;
-        if link.state == PeerState::Connected {
-            let seq = link.next_seq;
-            link.next_seq += 1;
-            let conn = link.conn;
-            let (tx, rx) = sync_channel(1);
-            lock(&s.pending).insert((conn, seq), tx);
-            let frame = op.frame(s.cfg.epoch, seq);
-            let sent = link.writer.as_mut().map(|w| frame.write_to(w));
-            if matches!(sent, Some(Ok(()))) {
-                waiting = Some((rx, conn));
-            } else {
-                lock(&s.pending).remove(&(conn, seq));
-                s.lose(&mut link, conn);
+        Replicator::submit_all(std::slice::from_ref(self), op, local)
+    }
+
+    /// [`Replicator::submit`] to several peers of one volume at once: the
+    /// frame goes to every connected peer, then `local` runs, then each
+    /// peer's ack (or its fencer's word) is awaited. Fails if any peer
+    /// fails the write; a deposed replicator fails it before anything is
+    /// sent or written.
+    pub fn submit_all(
+        replicators: &[Replicator],
+        op: Op<'_>,
+        local: impl FnOnce() -> Result<(), PoolError>,
+    ) -> Result<(), ReplicationError> {
+        // Every link is locked (always in the same order) across the sends
+        // and the local write, so frames leave in the order writes apply
+        // locally on every link, and no resync can finish in between.
+        let mut links: Vec<_> = replicators.iter().map(|r| lock(&r.shared.link)).collect();
+        for (r, link) in replicators.iter().zip(&links) {
+            if let PeerState::Deposed { newest } = link.state {
+                return Err(r.shared.deposed(newest));
             }
         }
+        let shipped: Vec<_> = replicators
+            .iter()
+            .zip(links.iter_mut())
+            .map(|(r, link)| r.shared.ship(link, &op))
+            .collect();
         // A local failure fails the request; the range's content is then
         // undefined for the client, as after any failed write.
         local()?;
-        if let Some((rx, conn)) = waiting {
-            drop(link);
-            let answer = rx.recv();
-            link = lock(&s.link);
-            match answer {
-                Ok(Status::Ok) => {
-                    s.acked.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Ok(Status::StaleEpoch) => {
-                    let newest = match link.state {
-                        PeerState::Deposed { newest } => newest,
-                        _ => s.cfg.epoch + 1,
-                    };
-                    return Err(s.deposed(newest));
-                }
-                Ok(other) => {
-                    tracing::warn!(volume = %s.volume.name(), status = ?other, "peer could not apply a frame: detaching it");
-                    s.lose(&mut link, conn);
-                }
-                // The connection dropped before the ack.
-                Err(_) => {}
+        drop(links);
+        let mut result = Ok(());
+        for (r, shipped) in replicators.iter().zip(shipped) {
+            let settled = r.shared.settle(shipped, &op);
+            if result.is_ok() {
+                result = settled;
             }
         }
-        // The peer does not have this write: remember it, then acknowledge
-        // only with the fencer's word.
-        if let Some((offset, len)) = op.range() {
-            s.mark_dirty(&mut link, offset, len);
-        }
-        if let PeerState::Deposed { newest } = link.state {
-            return Err(s.deposed(newest));
-        }
-        if link.outdated {
-            return Ok(());
-        }
-        match s.fencer.outdate_peer(s.volume.name(), s.cfg.peer) {
-            Ok(()) => {
-                tracing::warn!(volume = %s.volume.name(), peer = %s.cfg.peer, "peer outdated by the fencer: writing without it");
-                link.outdated = true;
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(volume = %s.volume.name(), error = %e, "suspending writes until the peer is back");
-                loop {
-                    match link.state {
-                        PeerState::Connected => return Ok(()),
-                        PeerState::Deposed { newest } => return Err(s.deposed(newest)),
-                        _ => {}
-                    }
-                    link = s
-                        .changed
-                        .wait_timeout(link, Duration::from_secs(1))
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                }
-            }
-        }
+        result
     }
 
-    /// Stops reconnecting and cuts the connection.
+    /// Stops reconnecting and cuts the connection; writes suspended on
+    /// this peer fail with [`ReplicationError::Stopped`].
     pub fn shutdown(&self) {
         let s = &self.shared;
         s.stop.store(true, Ordering::SeqCst);
         let mut link = lock(&s.link);
         let conn = link.conn;
         s.lose(&mut link, conn);
+        s.changed.notify_all();
     }
 }
 
 impl Shared {
     fn deposed(&self, newest: u64) -> ReplicationError {
         ReplicationError::StaleEpoch {
-            epoch: self.cfg.epoch,
+            epoch: self.epoch.load(Ordering::SeqCst),
             newest,
+        }
+    }
+
+    /// Under the link lock, before the local write: sends the frame when
+    /// the peer is connected, or marks the write's chunks dirty (they are
+    /// read for the resync only after the lock is released, so after the
+    /// local write).
+    fn ship(&self, link: &mut Link, op: &Op<'_>) -> Option<Shipped> {
+        if link.state == PeerState::Connected {
+            let seq = link.next_seq;
+            link.next_seq += 1;
+            let conn = link.conn;
+            let (tx, rx) = sync_channel(1);
+            lock(&self.pending).insert((conn, seq), tx);
+            let frame = op.frame(self.epoch.load(Ordering::SeqCst), seq);
+            let sent = link.writer.as_mut().map(|w| frame.write_to(w));
+            if matches!(sent, Some(Ok(()))) {
+                return Some(Shipped { conn, ack: rx });
+            }
+            lock(&self.pending).remove(&(conn, seq));
+            self.lose(link, conn);
+        }
+        if let Some((offset, len)) = op.range() {
+            self.mark_dirty(link, offset, len);
+        }
+        None
+    }
+
+    /// After the local write, without the lock held across it: waits for
+    /// the peer's ack, or (the peer does not have the write) acknowledges
+    /// only with the fencer's word.
+    fn settle(&self, shipped: Option<Shipped>, op: &Op<'_>) -> Result<(), ReplicationError> {
+        let Some(shipped) = shipped else {
+            return self.fence(lock(&self.link));
+        };
+        let answer = shipped.ack.recv();
+        let mut link = lock(&self.link);
+        match answer {
+            Ok(Status::Ok) => {
+                self.acked.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Ok(Status::StaleEpoch) => {
+                // Applied here, refused there: if a newer epoch revives
+                // this replicator, the resync sends it.
+                if let Some((offset, len)) = op.range() {
+                    self.mark_dirty(&mut link, offset, len);
+                }
+                let newest = match link.state {
+                    PeerState::Deposed { newest } => newest,
+                    _ => self.epoch.load(Ordering::SeqCst) + 1,
+                };
+                return Err(self.deposed(newest));
+            }
+            Ok(other) => {
+                tracing::warn!(volume = %self.volume.name(), status = ?other, "peer could not apply a frame: detaching it");
+                self.lose(&mut link, shipped.conn);
+            }
+            // The connection dropped before the ack.
+            Err(_) => {}
+        }
+        // The write is applied locally: its chunks, read by a later
+        // resync, hold it.
+        if let Some((offset, len)) = op.range() {
+            self.mark_dirty(&mut link, offset, len);
+        }
+        self.fence(link)
+    }
+
+    /// The peer does not have a write: acknowledge it only if the peer is
+    /// outdated (by the fencer, or because it is being fully synced), or
+    /// once the peer is back in sync.
+    fn fence(&self, mut link: MutexGuard<'_, Link>) -> Result<(), ReplicationError> {
+        if let PeerState::Deposed { newest } = link.state {
+            return Err(self.deposed(newest));
+        }
+        if link.outdated {
+            return Ok(());
+        }
+        let mut asked = None;
+        loop {
+            match link.state {
+                PeerState::Connected => return Ok(()),
+                PeerState::Deposed { newest } => return Err(self.deposed(newest)),
+                _ => {}
+            }
+            if link.outdated {
+                return Ok(());
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(ReplicationError::Stopped {
+                    volume: self.volume.name().to_owned(),
+                    peer: self.cfg.peer,
+                });
+            }
+            if asked != Some(link.fencer_version) {
+                asked = Some(link.fencer_version);
+                let fencer = lock(&self.fencer).clone();
+                match fencer.outdate_peer(self.volume.name(), self.cfg.peer) {
+                    Ok(()) => {
+                        tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, "peer outdated by the fencer: writing without it");
+                        link.outdated = true;
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %self.volume.name(), error = %e, "suspending writes until the peer is back");
+                    }
+                }
+            }
+            link = self
+                .changed
+                .wait_timeout(link, Duration::from_secs(1))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -464,18 +676,21 @@ impl Shared {
     }
 
     fn connect_loop(self: Arc<Self>) {
-        while !self.stop.load(Ordering::SeqCst) {
+        loop {
             {
                 let mut link = lock(&self.link);
+                if self.stop.load(Ordering::SeqCst)
+                    || matches!(link.state, PeerState::Deposed { .. })
+                {
+                    link.connecting = false;
+                    return;
+                }
                 match link.state {
-                    PeerState::Deposed { .. } => return,
                     PeerState::Connected | PeerState::Resyncing => {
                         let _ = self.changed.wait_timeout(link, self.cfg.retry);
                         continue;
                     }
-                    PeerState::Away => {
-                        link.conn += 1;
-                    }
+                    _ => link.conn += 1,
                 }
             }
             if let Err(e) = self.connect_once() {
@@ -483,6 +698,7 @@ impl Shared {
                 let mut link = lock(&self.link);
                 if link.state == PeerState::Resyncing {
                     link.state = PeerState::Away;
+                    link.full_sync = false;
                 }
                 drop(link);
                 thread::sleep(self.cfg.retry);
@@ -490,17 +706,27 @@ impl Shared {
         }
     }
 
-    /// Connects, greets, resyncs the dirty chunks, and goes live.
+    fn stopped(&self) -> io::Result<()> {
+        if self.stop.load(Ordering::SeqCst) {
+            return Err(io::Error::other("replication stopped"));
+        }
+        Ok(())
+    }
+
+    /// Connects, greets, syncs what the peer misses (everything, when it
+    /// is not in sync with this stream), and goes live.
     fn connect_once(self: &Arc<Self>) -> io::Result<()> {
         let stream = TcpStream::connect_timeout(&self.cfg.peer, Duration::from_secs(1))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut rd = BufReader::with_capacity(64 << 10, stream.try_clone()?);
         let mut wr = BufWriter::with_capacity(256 << 10, stream);
+        let epoch = self.epoch.load(Ordering::SeqCst);
         let hello = Hello {
             version: wire::VERSION,
-            epoch: self.cfg.epoch,
+            epoch,
             generation: self.cfg.generation,
+            synced_from: self.sync.synced_from,
             volume_uid: self.volume.uid(),
             size: self.volume.size().map_err(io::Error::other)?,
             volume: self.volume.name().to_owned(),
@@ -511,7 +737,7 @@ impl Shared {
         match reply.status {
             Status::Ok => {}
             Status::StaleEpoch => {
-                tracing::error!(volume = %self.volume.name(), epoch = self.cfg.epoch, newest = reply.newest_epoch, "the peer has seen a newer epoch: this primary is deposed");
+                tracing::error!(volume = %self.volume.name(), epoch, newest = reply.newest_epoch, "the peer has seen a newer epoch: this primary is deposed");
                 let mut link = lock(&self.link);
                 link.state = PeerState::Deposed {
                     newest: reply.newest_epoch,
@@ -519,17 +745,47 @@ impl Shared {
                 self.changed.notify_all();
                 return Ok(());
             }
+            Status::SplitBrain => {
+                let mut link = lock(&self.link);
+                if link.state != PeerState::SplitBrain {
+                    tracing::error!(volume = %self.volume.name(), peer = %self.cfg.peer, "split brain: the peer is a primary of this volume and not in sync with it");
+                }
+                link.state = PeerState::SplitBrain;
+                self.changed.notify_all();
+                return Err(io::Error::other("split brain"));
+            }
             other => return Err(io::Error::other(format!("peer refused: {other:?}"))),
         }
+        let full = reply.full_sync;
         let conn = {
             let mut link = lock(&self.link);
             link.state = PeerState::Resyncing;
+            if full {
+                // The peer was never up to date with this stream: writes
+                // go on while it is filled, and the full pass covers every
+                // chunk marked so far.
+                link.outdated = true;
+                link.full_sync = true;
+                link.dirty.clear();
+            }
             link.conn
         };
+        let mut sync = SyncRun {
+            seq: 1,
+            pacer: Pacer::new(self.sync.rate),
+            bytes: 0,
+            chunks: 0,
+            trimmed: 0,
+        };
+        if full {
+            tracing::info!(volume = %self.volume.name(), peer = %self.cfg.peer, generation = self.cfg.generation, "full sync starting: the peer is not in sync with this stream");
+            self.full_pass(&mut rd, &mut wr, &mut sync)?;
+        }
         let cs = self.cfg.chunk_size.max(1);
         let size = self.volume.size().map_err(io::Error::other)?;
-        let (mut seq, mut bytes, mut chunks) = (1u64, 0u64, 0u64);
         let mut chunk_buf = vec![0u8; cs as usize];
+        let (full_bytes, full_trimmed) = (sync.bytes, sync.trimmed);
+        let (mut bytes, mut chunks) = (0u64, 0u64);
         loop {
             let batch: Vec<u64> = {
                 let mut link = lock(&self.link);
@@ -539,8 +795,9 @@ impl Shared {
                     let _ = rd.get_ref().set_read_timeout(None);
                     link.state = PeerState::Connected;
                     link.writer = Some(wr);
-                    link.next_seq = seq;
+                    link.next_seq = sync.seq;
                     link.outdated = false;
+                    link.full_sync = false;
                     self.changed.notify_all();
                     break;
                 }
@@ -550,58 +807,150 @@ impl Shared {
                 let offset = c * cs;
                 let len = cs.min(size.saturating_sub(offset)) as usize;
                 let sent = (|| {
+                    self.stopped()?;
                     if len == 0 {
                         return Ok(());
                     }
                     let buf = &mut chunk_buf[..len];
                     self.volume.read(offset, buf).map_err(io::Error::other)?;
-                    let frame = Frame {
-                        kind: FrameKind::Write,
-                        flags: FLAG_RESYNC,
-                        epoch: self.cfg.epoch,
-                        seq,
-                        offset,
-                        length: len as u32,
-                        data: buf.to_vec(),
-                    };
-                    self.exchange(&mut rd, &mut wr, &frame)
+                    self.send_resync(&mut rd, &mut wr, &mut sync, offset, buf)
                 })();
                 if let Err(e) = sent {
                     // Whatever was not confirmed stays dirty.
                     lock(&self.link).dirty.extend(&batch[i..]);
                     return Err(e);
                 }
-                seq += 1;
                 bytes += len as u64;
                 chunks += 1;
             }
             // Resynced chunks are durable on the peer before it counts as
             // in sync.
-            let flush = Frame {
-                kind: FrameKind::Flush,
-                flags: FLAG_RESYNC,
-                epoch: self.cfg.epoch,
-                seq,
-                offset: 0,
-                length: 0,
-                data: Vec::new(),
-            };
-            self.exchange(&mut rd, &mut wr, &flush)?;
-            seq += 1;
+            self.send_flush(&mut rd, &mut wr, &mut sync, 0)?;
         }
-        self.resync_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.resync_chunks.fetch_add(chunks, Ordering::Relaxed);
-        tracing::info!(
-            volume = %self.volume.name(),
-            peer = %self.cfg.peer,
-            resync_chunks = chunks,
-            resync_bytes = bytes,
-            "peer in sync: resync finished"
-        );
+        if full {
+            self.full_sync_bytes
+                .fetch_add(full_bytes + bytes, Ordering::Relaxed);
+            self.full_syncs.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                volume = %self.volume.name(),
+                peer = %self.cfg.peer,
+                full_sync_bytes = full_bytes + bytes,
+                full_sync_trimmed = full_trimmed,
+                "peer in sync: full sync finished"
+            );
+        } else {
+            self.resync_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.resync_chunks.fetch_add(chunks, Ordering::Relaxed);
+            tracing::info!(
+                volume = %self.volume.name(),
+                peer = %self.cfg.peer,
+                resync_chunks = chunks,
+                resync_bytes = bytes,
+                "peer in sync: resync finished"
+            );
+        }
         let s = self.clone();
         thread::Builder::new()
             .name("replication-acks".into())
             .spawn(move || s.ack_loop(rd, conn))?;
+        Ok(())
+    }
+
+    /// Sends the whole volume: mapped chunks as data, unmapped ranges as
+    /// trims, then a FLUSH that tells the peer it is in sync with this
+    /// stream.
+    fn full_pass(
+        &self,
+        rd: &mut BufReader<TcpStream>,
+        wr: &mut BufWriter<TcpStream>,
+        sync: &mut SyncRun,
+    ) -> io::Result<()> {
+        const WINDOW: u64 = 64 << 20;
+        const MAX_TRIM: u64 = 1 << 30;
+        let cs = self.cfg.chunk_size.max(1);
+        let size = self.volume.size().map_err(io::Error::other)?;
+        let mut buf = vec![0u8; cs as usize];
+        let mut off = 0;
+        while off < size {
+            let len = WINDOW.min(size - off);
+            let extents = self.volume.allocation(off, len).map_err(io::Error::other)?;
+            let mut at = off;
+            for e in extents {
+                let end = at + e.len;
+                while at < end {
+                    self.stopped()?;
+                    if e.allocated {
+                        let piece = ((at / cs + 1) * cs).min(end) - at;
+                        let data = &mut buf[..piece as usize];
+                        self.volume.read(at, data).map_err(io::Error::other)?;
+                        self.send_resync(rd, wr, sync, at, data)?;
+                        sync.bytes += piece;
+                        sync.chunks += 1;
+                        at += piece;
+                    } else {
+                        let piece = MAX_TRIM.min(end - at);
+                        let frame = Frame {
+                            kind: FrameKind::Trim,
+                            flags: FLAG_RESYNC,
+                            epoch: self.epoch.load(Ordering::SeqCst),
+                            seq: sync.seq,
+                            offset: at,
+                            length: piece as u32,
+                            data: Vec::new(),
+                        };
+                        self.exchange(rd, wr, &frame)?;
+                        sync.seq += 1;
+                        sync.trimmed += piece;
+                        at += piece;
+                    }
+                }
+            }
+            off += len;
+        }
+        self.send_flush(rd, wr, sync, FLAG_SYNCED)
+    }
+
+    fn send_resync(
+        &self,
+        rd: &mut BufReader<TcpStream>,
+        wr: &mut BufWriter<TcpStream>,
+        sync: &mut SyncRun,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        sync.pacer.pace(data.len() as u64);
+        let frame = Frame {
+            kind: FrameKind::Write,
+            flags: FLAG_RESYNC,
+            epoch: self.epoch.load(Ordering::SeqCst),
+            seq: sync.seq,
+            offset,
+            length: data.len() as u32,
+            data: data.to_vec(),
+        };
+        self.exchange(rd, wr, &frame)?;
+        sync.seq += 1;
+        Ok(())
+    }
+
+    fn send_flush(
+        &self,
+        rd: &mut BufReader<TcpStream>,
+        wr: &mut BufWriter<TcpStream>,
+        sync: &mut SyncRun,
+        extra: u8,
+    ) -> io::Result<()> {
+        let flush = Frame {
+            kind: FrameKind::Flush,
+            flags: FLAG_RESYNC | extra,
+            epoch: self.epoch.load(Ordering::SeqCst),
+            seq: sync.seq,
+            offset: 0,
+            length: 0,
+            data: Vec::new(),
+        };
+        self.exchange(rd, wr, &flush)?;
+        sync.seq += 1;
         Ok(())
     }
 
@@ -658,5 +1007,46 @@ impl Shared {
         }
         // Writers still waiting on this connection see it gone.
         lock(&self.pending).retain(|(c, _), _| *c != conn);
+    }
+}
+
+/// One connection's sync: the next sequence number and what was sent.
+#[derive(Debug)]
+struct SyncRun {
+    seq: u64,
+    pacer: Pacer,
+    bytes: u64,
+    chunks: u64,
+    trimmed: u64,
+}
+
+/// Keeps a sync under its byte rate by sleeping before a send that would
+/// exceed it.
+#[derive(Debug)]
+struct Pacer {
+    rate: u64,
+    start: Instant,
+    sent: u64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Pacer {
+        Pacer {
+            rate,
+            start: Instant::now(),
+            sent: 0,
+        }
+    }
+
+    fn pace(&mut self, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            thread::sleep(due - elapsed);
+        }
+        self.sent += bytes;
     }
 }

@@ -2,36 +2,44 @@
 //! frames, in order, to the volumes of the local pool.
 //!
 //! Invariants:
-//! - per volume, the newest epoch seen only grows (and, with an epoch
-//!   file, survives restarts: it is on disk before the hello that raised
-//!   it is answered); a hello or frame
-//!   carrying an older one is answered [`Status::StaleEpoch`], never
-//!   applied, and counted in [`ReplicaStats::rejected_frames`];
+//! - per volume, the newest epoch seen only grows (and, with a book file,
+//!   survives restarts: it is on disk before the hello that raised it is
+//!   answered); a hello or frame carrying an older one is answered
+//!   [`Status::StaleEpoch`], never applied, and counted in
+//!   [`ReplicaStats::rejected_frames`];
+//! - a volume attached standalone refuses primaries ([`Status::Refused`]);
+//!   a primary here accepts another primary only if that one is in sync
+//!   with it (dual primary), never a full sync ([`Status::SplitBrain`]);
+//! - a hello that needs a full sync clears the volume's synced generation
+//!   (on disk) before it is answered, and the generation is recorded
+//!   again only by the FLUSH that ends the full sync;
 //! - a frame is acknowledged only after it was applied (and, for FLUSH or
 //!   FUA, made durable) on the local pool;
 //! - nothing a peer sends panics the process: malformed input closes that
 //!   connection.
 
-use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
+use super::attach::{AttachOptions, Attachments, Role};
+use super::book::ReplicaBook;
 use super::wire::{
-    self, Ack, FLAG_FUA, FLAG_NO_HOLE, FLAG_RESYNC, Frame, FrameKind, Hello, HelloReply, Status,
+    self, Ack, FLAG_FUA, FLAG_NO_HOLE, FLAG_RESYNC, FLAG_SYNCED, Frame, FrameKind, Hello,
+    HelloReply, Status,
 };
 use crate::pool::{Pool, PoolError, Volume, ZeroFlags};
 
 /// Counters a replica keeps (for status and tests).
 #[derive(Debug, Default)]
 pub struct ReplicaStats {
-    /// Frames applied.
+    /// Live frames applied (resync and full-sync frames not counted).
     pub applied_frames: AtomicU64,
-    /// Bytes written by resync frames.
+    /// Data bytes written by resync and full-sync frames.
     pub resync_bytes: AtomicU64,
     /// Hellos and frames refused for carrying an old epoch.
     pub rejected_frames: AtomicU64,
@@ -44,39 +52,38 @@ pub struct ReplicaServer {
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stats: Arc<ReplicaStats>,
-    epochs: Arc<Mutex<HashMap<String, u64>>>,
+    attachments: Arc<Attachments>,
     acceptor: Mutex<Option<thread::JoinHandle<()>>>,
 }
 
 impl ReplicaServer {
     /// Listens on `addr` for primaries writing to the volumes of `pool`;
-    /// epochs below `min_epoch` are refused from the start.
+    /// epochs below `min_epoch` are refused from the start. Epochs and
+    /// sync generations are kept in memory only.
     pub fn start(pool: Pool, addr: SocketAddr, min_epoch: u64) -> io::Result<ReplicaServer> {
-        ReplicaServer::start_inner(pool, addr, min_epoch, None)
+        let book = Arc::new(ReplicaBook::in_memory(min_epoch));
+        let attachments = Attachments::new(pool, book, AttachOptions::default());
+        ReplicaServer::serve(Arc::new(attachments), addr)
     }
 
-    /// Like [`ReplicaServer::start`], remembering the newest epoch of each
-    /// volume in `epoch_file` (lines `VOLUME EPOCH`), so a restarted
-    /// replica still refuses a primary it had seen deposed.
+    /// Like [`ReplicaServer::start`], keeping the newest epoch and the
+    /// synced generation of each volume in `epoch_file`, so a restarted
+    /// replica still refuses a primary it had seen deposed and needs no
+    /// full sync from a primary it was in sync with.
     pub fn start_persistent(
         pool: Pool,
         addr: SocketAddr,
         min_epoch: u64,
         epoch_file: &Path,
     ) -> io::Result<ReplicaServer> {
-        ReplicaServer::start_inner(pool, addr, min_epoch, Some(epoch_file.to_owned()))
+        let book = Arc::new(ReplicaBook::open(epoch_file, min_epoch)?);
+        let attachments = Attachments::new(pool, book, AttachOptions::default());
+        ReplicaServer::serve(Arc::new(attachments), addr)
     }
 
-    fn start_inner(
-        pool: Pool,
-        addr: SocketAddr,
-        min_epoch: u64,
-        epoch_file: Option<PathBuf>,
-    ) -> io::Result<ReplicaServer> {
-        let mut epochs = HashMap::new();
-        if let Some(path) = &epoch_file {
-            epochs = load_epochs(path)?;
-        }
+    /// Listens on `addr` for primaries writing to the volumes of
+    /// `attachments`' pool, as their roles allow.
+    pub fn serve(attachments: Arc<Attachments>, addr: SocketAddr) -> io::Result<ReplicaServer> {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let server = ReplicaServer {
@@ -84,22 +91,19 @@ impl ReplicaServer {
             stop: Arc::new(AtomicBool::new(false)),
             conns: Arc::new(Mutex::new(Vec::new())),
             stats: Arc::new(ReplicaStats::default()),
-            epochs: Arc::new(Mutex::new(epochs)),
+            attachments: attachments.clone(),
             acceptor: Mutex::new(None),
         };
         let ctx = Ctx {
-            pool,
-            min_epoch,
-            epoch_file,
+            attachments,
             stats: server.stats.clone(),
-            epochs: server.epochs.clone(),
         };
         let (stop, conns) = (server.stop.clone(), server.conns.clone());
         let acceptor = thread::Builder::new()
             .name("replica-accept".into())
             .spawn(move || accept_loop(&listener, &stop, &conns, &ctx))?;
         *lock(&server.acceptor) = Some(acceptor);
-        tracing::info!(listen = %server.addr, min_epoch, "replica listening");
+        tracing::info!(listen = %server.addr, "replica listening");
         Ok(server)
     }
 
@@ -113,9 +117,14 @@ impl ReplicaServer {
         &self.stats
     }
 
-    /// The newest epoch seen for `volume` (0 if none).
+    /// The newest epoch recorded for `volume` (0 if none).
     pub fn newest_epoch(&self, volume: &str) -> u64 {
-        lock(&self.epochs).get(volume).copied().unwrap_or(0)
+        self.attachments.book().recorded_epoch(volume)
+    }
+
+    /// The generation `volume` is in sync with (0: none).
+    pub fn synced_generation(&self, volume: &str) -> u64 {
+        self.attachments.book().synced(volume)
     }
 
     /// Stops accepting (the address is free when this returns) and cuts
@@ -143,81 +152,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Debug, Clone)]
 struct Ctx {
-    pool: Pool,
-    min_epoch: u64,
-    epoch_file: Option<PathBuf>,
+    attachments: Arc<Attachments>,
     stats: Arc<ReplicaStats>,
-    epochs: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl Ctx {
     /// Admits `epoch` for `volume`: raises the newest seen, or refuses an
-    /// older one. Returns the newest after the check.
-    /// An epoch that cannot be recorded is refused (reported as the
-    /// newest seen), so a replica never forgets an epoch it accepted.
+    /// older one (or one that cannot be recorded). Returns whether it was
+    /// admitted and the newest after the check.
     fn admit(&self, volume: &str, epoch: u64) -> (bool, u64) {
-        let mut epochs = lock(&self.epochs);
-        let newest = epochs.get(volume).copied().unwrap_or(0).max(self.min_epoch);
-        if epoch < newest {
-            self.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
-            return (false, newest);
-        }
-        if epoch > newest || !epochs.contains_key(volume) {
-            let before = epochs.insert(volume.to_owned(), epoch);
-            if let Some(path) = &self.epoch_file
-                && let Err(e) = save_epochs(path, &epochs)
-            {
-                tracing::error!(path = %path.display(), error = %e, "cannot record a new epoch: refusing it");
-                match before {
-                    Some(b) => epochs.insert(volume.to_owned(), b),
-                    None => epochs.remove(volume),
-                };
-                return (false, newest);
+        match self.attachments.book().admit(volume, epoch) {
+            Ok(newest) => (true, newest),
+            Err(stale) => {
+                self.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                (false, stale.newest)
             }
         }
-        (true, epoch)
     }
-}
-
-fn load_epochs(path: &Path) -> io::Result<HashMap<String, u64>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
-        Err(e) => return Err(e),
-    };
-    let mut out = HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let parsed = line
-            .split_once(' ')
-            .and_then(|(v, e)| Some((v.to_owned(), e.trim().parse::<u64>().ok()?)));
-        let Some((volume, epoch)) = parsed else {
-            return Err(io::Error::other(format!(
-                "{} line {}: not `VOLUME EPOCH`",
-                path.display(),
-                n + 1
-            )));
-        };
-        out.insert(volume, epoch);
-    }
-    Ok(out)
-}
-
-/// Writes the epochs to a temporary file, syncs it and renames it over
-/// `path`, so the file is always whole.
-fn save_epochs(path: &Path, epochs: &HashMap<String, u64>) -> io::Result<()> {
-    let mut text = String::new();
-    for (v, e) in epochs {
-        text.push_str(&format!("{v} {e}\n"));
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn accept_loop(
@@ -259,56 +210,109 @@ fn accept_loop(
     }
 }
 
+fn reply(
+    wr: &mut impl Write,
+    status: Status,
+    newest_epoch: u64,
+    full_sync: bool,
+) -> io::Result<()> {
+    wr.write_all(
+        &HelloReply {
+            status,
+            newest_epoch,
+            full_sync,
+        }
+        .encode(),
+    )?;
+    wr.flush()
+}
+
 fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
     let mut rd = BufReader::with_capacity(256 << 10, stream.try_clone()?);
     let mut wr = BufWriter::with_capacity(64 << 10, stream);
     let hello = Hello::read(&mut rd)?;
+    let name = hello.volume.as_str();
     let volume = ctx
-        .pool
-        .open_volume(&hello.volume)
+        .attachments
+        .pool()
+        .open_volume(name)
         .ok()
         .filter(|v| v.size().is_ok_and(|s| s == hello.size));
     let Some(volume) = volume else {
-        tracing::warn!(volume = %hello.volume, size = hello.size, "hello for an unknown volume or one of another size");
-        wr.write_all(
-            &HelloReply {
-                status: Status::UnknownVolume,
-                newest_epoch: 0,
-            }
-            .encode(),
-        )?;
-        wr.flush()?;
+        tracing::warn!(volume = %name, size = hello.size, "hello for an unknown volume or one of another size");
+        reply(&mut wr, Status::UnknownVolume, 0, false)?;
         return Ok(());
     };
-    let (ok, newest) = ctx.admit(&hello.volume, hello.epoch);
-    let status = if ok { Status::Ok } else { Status::StaleEpoch };
-    wr.write_all(
-        &HelloReply {
-            status,
-            newest_epoch: newest,
-        }
-        .encode(),
-    )?;
-    wr.flush()?;
-    if !ok {
-        tracing::warn!(volume = %hello.volume, epoch = hello.epoch, newest, "refused a primary with an old epoch");
+    let role = ctx.attachments.role(name);
+    if role == Some(Role::Standalone) {
+        tracing::warn!(volume = %name, "refused a primary: the volume is attached standalone");
+        reply(&mut wr, Status::Refused, 0, false)?;
         return Ok(());
     }
+    let (ok, newest) = ctx.admit(name, hello.epoch);
+    if !ok {
+        tracing::warn!(volume = %name, epoch = hello.epoch, newest, "refused a primary with an old epoch");
+        reply(&mut wr, Status::StaleEpoch, newest, false)?;
+        return Ok(());
+    }
+    // In sync: this volume recorded the stream's generation, or the
+    // sender's volume followed a stream this process ships as primary.
+    let book = ctx.attachments.book();
+    let synced = book.synced(name);
+    let in_sync = (hello.generation != 0 && synced == hello.generation)
+        || (hello.synced_from != 0
+            && ctx
+                .attachments
+                .primary_generations(name)
+                .contains(&hello.synced_from));
+    let recorded = if in_sync {
+        book.set_synced(name, hello.generation)
+    } else if role == Some(Role::Primary) {
+        tracing::error!(volume = %name, generation = hello.generation, synced_from = hello.synced_from, "split brain: another primary of this volume is not in sync with it");
+        reply(&mut wr, Status::SplitBrain, newest, false)?;
+        return Ok(());
+    } else {
+        // Whatever this volume followed, it is about to be rewritten.
+        book.set_synced(name, 0)
+    };
+    if let Err(e) = recorded {
+        tracing::error!(volume = %name, error = %e, "cannot record the volume's sync state: refusing the primary");
+        reply(&mut wr, Status::IoError, newest, false)?;
+        return Ok(());
+    }
+    reply(&mut wr, Status::Ok, newest, !in_sync)?;
     tracing::info!(
-        volume = %hello.volume,
+        volume = %name,
         primary_uid = %hello.volume_uid,
         epoch = hello.epoch,
         generation = hello.generation,
+        full_sync = !in_sync,
         "primary connected"
     );
     loop {
         let frame = Frame::read(&mut rd)?;
-        let (ok, newest) = ctx.admit(&hello.volume, frame.epoch);
-        let status = if ok {
-            apply(ctx, &volume, &frame)
+        let (ok, newest) = ctx.admit(name, frame.epoch);
+        let status = if ctx.attachments.role(name) == Some(Role::Standalone) {
+            Status::Refused
+        } else if ok {
+            let status = apply(ctx, &volume, &frame);
+            if status == Status::Ok && frame.flags & FLAG_SYNCED != 0 {
+                match book.set_synced(name, hello.generation) {
+                    Ok(()) => {
+                        tracing::info!(volume = %name, generation = hello.generation, "in sync with the primary: full sync received");
+                        status
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = %name, error = %e, "cannot record the finished full sync");
+                        Status::IoError
+                    }
+                }
+            } else {
+                status
+            }
         } else {
             tracing::warn!(
-                volume = %hello.volume,
+                volume = %name,
                 epoch = frame.epoch,
                 newest,
                 seq = frame.seq,
@@ -347,8 +351,9 @@ fn apply(ctx: &Ctx, volume: &Volume, f: &Frame) -> Status {
     };
     match result {
         Ok(()) => {
-            ctx.stats.applied_frames.fetch_add(1, Ordering::Relaxed);
-            if f.flags & FLAG_RESYNC != 0 {
+            if f.flags & FLAG_RESYNC == 0 {
+                ctx.stats.applied_frames.fetch_add(1, Ordering::Relaxed);
+            } else if f.kind == FrameKind::Write {
                 ctx.stats
                     .resync_bytes
                     .fetch_add(f.length.into(), Ordering::Relaxed);

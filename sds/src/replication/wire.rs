@@ -18,7 +18,7 @@ pub const FRAME_MAGIC: u32 = 0x5246_4c42;
 /// Opens every acknowledgement.
 pub const ACK_MAGIC: u32 = 0x4b41_4c42;
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The largest payload a frame may carry.
 pub const MAX_FRAME_PAYLOAD: u32 = 64 << 20;
 /// The longest volume name a hello may carry.
@@ -69,8 +69,12 @@ pub struct Hello {
     pub version: u16,
     /// The primary's epoch (issued at promotion).
     pub epoch: u64,
-    /// The primary's current generation identifier for this volume.
+    /// The generation identifier of this primary's stream to this peer.
     pub generation: u64,
+    /// The generation the primary's own volume was in sync with when the
+    /// stream started (0: none); a replica that is itself the primary of
+    /// that generation knows the sender holds its data.
+    pub synced_from: u64,
     /// The primary's volume uid.
     pub volume_uid: Uuid,
     /// The volume's size in bytes.
@@ -87,6 +91,7 @@ impl Hello {
         b.extend_from_slice(&self.version.to_le_bytes());
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&self.generation.to_le_bytes());
+        b.extend_from_slice(&self.synced_from.to_le_bytes());
         b.extend_from_slice(self.volume_uid.as_bytes());
         b.extend_from_slice(&self.size.to_le_bytes());
         b.extend_from_slice(&(self.volume.len() as u16).to_le_bytes());
@@ -106,6 +111,7 @@ impl Hello {
         }
         let epoch = read_u64(r)?;
         let generation = read_u64(r)?;
+        let synced_from = read_u64(r)?;
         let mut uid = [0u8; 16];
         r.read_exact(&mut uid)?;
         let size = read_u64(r)?;
@@ -120,6 +126,7 @@ impl Hello {
             version,
             epoch,
             generation,
+            synced_from,
             volume_uid: Uuid::from_bytes(uid),
             size,
             volume,
@@ -140,6 +147,11 @@ pub enum Status {
     IoError,
     /// The frame was malformed (out of range, unknown kind).
     Invalid,
+    /// The volume is not open to primaries here (attached standalone).
+    Refused,
+    /// The volume is a primary here and not in sync with the sender: two
+    /// diverged primaries (reported, never resolved automatically).
+    SplitBrain,
 }
 
 impl Status {
@@ -150,6 +162,8 @@ impl Status {
             Status::UnknownVolume => 2,
             Status::IoError => 3,
             Status::Invalid => 4,
+            Status::Refused => 5,
+            Status::SplitBrain => 6,
         }
     }
 
@@ -160,6 +174,8 @@ impl Status {
             2 => Status::UnknownVolume,
             3 => Status::IoError,
             4 => Status::Invalid,
+            5 => Status::Refused,
+            6 => Status::SplitBrain,
             other => return Err(bad("status", other.into())),
         })
     }
@@ -172,6 +188,9 @@ pub struct HelloReply {
     pub status: Status,
     /// The newest epoch the replica has seen (after this hello).
     pub newest_epoch: u64,
+    /// The replica is not in sync with this stream: the primary sends
+    /// it the whole volume before anything else.
+    pub full_sync: bool,
 }
 
 impl HelloReply {
@@ -182,6 +201,7 @@ impl HelloReply {
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&self.status.code().to_le_bytes());
         b.extend_from_slice(&self.newest_epoch.to_le_bytes());
+        b.push(u8::from(self.full_sync));
         b
     }
 
@@ -197,9 +217,17 @@ impl HelloReply {
         }
         let status = Status::from_code(read_u32(r)?)?;
         let newest_epoch = read_u64(r)?;
+        let mut full = [0u8; 1];
+        r.read_exact(&mut full)?;
+        let full_sync = match full[0] {
+            0 => false,
+            1 => true,
+            other => return Err(bad("full sync flag", other.into())),
+        };
         Ok(HelloReply {
             status,
             newest_epoch,
+            full_sync,
         })
     }
 }
@@ -244,7 +272,10 @@ pub const FLAG_FUA: u8 = 1;
 pub const FLAG_NO_HOLE: u8 = 2;
 /// Frame flag: part of a resync, not a live write.
 pub const FLAG_RESYNC: u8 = 4;
-const FLAGS_KNOWN: u8 = FLAG_FUA | FLAG_NO_HOLE | FLAG_RESYNC;
+/// Frame flag, on a FLUSH: the full sync is complete; once durable, the
+/// replica is in sync with the hello's generation.
+pub const FLAG_SYNCED: u8 = 8;
+const FLAGS_KNOWN: u8 = FLAG_FUA | FLAG_NO_HOLE | FLAG_RESYNC | FLAG_SYNCED;
 
 /// One replicated operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,11 +420,21 @@ mod tests {
             version: VERSION,
             epoch: 2,
             generation: 9,
+            synced_from: 8,
             volume_uid: Uuid::from_u128(5),
             size: 1 << 20,
             volume: "vol".into(),
         };
         assert_eq!(Hello::read(&mut h.encode().as_slice()).expect("hello"), h);
+        let reply = HelloReply {
+            status: Status::SplitBrain,
+            newest_epoch: 3,
+            full_sync: true,
+        };
+        assert_eq!(
+            HelloReply::read(&mut reply.encode().as_slice()).expect("reply"),
+            reply
+        );
         let a = Ack {
             seq: 1,
             status: Status::StaleEpoch,

@@ -1,0 +1,634 @@
+//! Attachments: the replication role of every volume of this storage
+//! process, set at run time (the storage-local API's `AttachVolume`, or
+//! `basaltd storage serve --peer` at start), and the gate every NBD write
+//! passes through.
+//!
+//! - **never attached** (every volume at first): written by NBD clients,
+//!   not replicated; the replica server accepts primaries for it (the
+//!   operator's mode: `--peer` on one process, `--replica-listen` on the
+//!   other);
+//! - **standalone**: written by NBD clients, not replicated, primaries
+//!   refused;
+//! - **secondary**: written only by primaries, through the replica
+//!   server; NBD clients read it, their writes get EPERM;
+//! - **primary**: NBD writes go through one [`Replicator`] per peer
+//!   (protocol C); the replica server also accepts other primaries of the
+//!   same epoch (two primaries during a live migration).
+//!
+//! Invariants:
+//! - attaching again with the same spec changes nothing (no reconnection);
+//! - a change waits for the writes in flight (up to a bound: writes
+//!   suspended by a denying fencer on a peer that stays cannot finish),
+//!   replicators of peers that stay keep their connection and dirty set,
+//!   and new ones start only once no write is in flight, so every write is
+//!   either shipped or tracked by each peer's replicator;
+//! - a primary's writes are refused, before anything is written, once the
+//!   pool has seen a newer epoch for the volume than the attachment's;
+//! - attaching a primary with an epoch older than the newest seen fails.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::ToSocketAddrs;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::book::ReplicaBook;
+use super::{
+    Op, ReplicationError, ReplicationStatus, Replicator, ReplicatorConfig, StaticFencer,
+    SyncOptions,
+};
+use crate::pool::{Pool, PoolError};
+
+/// What a volume is to replication here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Written by NBD clients, not replicated, primaries refused.
+    Standalone,
+    /// Written by primaries only; NBD clients may read it.
+    Secondary,
+    /// Written by NBD clients and shipped to every peer.
+    Primary,
+}
+
+/// A volume's wanted replication state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachSpec {
+    /// The role.
+    pub role: Role,
+    /// A primary's epoch; a secondary's oldest accepted epoch.
+    pub epoch: u64,
+    /// A primary's peers, as `host:port` replication addresses.
+    pub peers: Vec<String>,
+    /// A primary goes on without a lost peer (tracking its dirty chunks)
+    /// instead of suspending writes until it is back.
+    pub allow_outdate: bool,
+}
+
+/// Settings shared by every attachment of a process.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachOptions {
+    /// How often a replicator retries an away peer.
+    pub retry: Duration,
+    /// Most data bytes per second one resync or full sync sends (0: no
+    /// limit).
+    pub sync_rate: u64,
+    /// How long a change waits for writes in flight before going on
+    /// without them.
+    pub drain_timeout: Duration,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions {
+            retry: Duration::from_millis(200),
+            sync_rate: 100 << 20,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why an attachment was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The volume does not exist (or cannot be opened).
+    #[error("volume {volume} cannot be attached")]
+    Volume {
+        /// The volume.
+        volume: String,
+        /// Why.
+        #[source]
+        source: PoolError,
+    },
+    /// A primary's epoch is older than the newest seen for the volume.
+    #[error(
+        "volume {volume}: epoch {epoch} is older than {newest}, the newest this pool has seen for it"
+    )]
+    StaleEpoch {
+        /// The volume.
+        volume: String,
+        /// The refused epoch.
+        epoch: u64,
+        /// The newest seen.
+        newest: u64,
+    },
+    /// A peer address does not resolve.
+    #[error("peer {peer:?} does not resolve to an address")]
+    Peer {
+        /// The peer as given.
+        peer: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The epoch or role could not be recorded beside the pool.
+    #[error("recording the replication state of volume {volume}")]
+    Record {
+        /// The volume.
+        volume: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A replicator thread could not start.
+    #[error("starting replication of volume {volume}")]
+    Start {
+        /// The volume.
+        volume: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A volume's attachment as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentView {
+    /// The volume.
+    pub volume: String,
+    /// Its spec (`None`: never attached).
+    pub spec: Option<AttachSpec>,
+    /// A primary's peers, as given, and their replication status.
+    pub peers: Vec<(String, ReplicationStatus)>,
+}
+
+/// The attachments of one pool's volumes.
+pub struct Attachments {
+    pool: Pool,
+    book: Arc<ReplicaBook>,
+    opts: AttachOptions,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+impl fmt::Debug for Attachments {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attachments")
+            .field("volumes", &lock(&self.slots).len())
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One volume's attachment and its write gate.
+#[derive(Debug)]
+pub struct Slot {
+    name: String,
+    book: Arc<ReplicaBook>,
+    /// One change at a time.
+    change: Mutex<()>,
+    gate: Mutex<Gate>,
+    drained: Condvar,
+}
+
+#[derive(Debug)]
+struct Gate {
+    writers: usize,
+    changing: bool,
+    state: Arc<Attached>,
+}
+
+#[derive(Debug, Default)]
+struct Attached {
+    spec: Option<AttachSpec>,
+    replicators: Vec<(String, Replicator)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Decrements the gate's writer count when a write is done.
+struct Entered<'a> {
+    slot: &'a Slot,
+    state: Arc<Attached>,
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        let mut gate = lock(&self.slot.gate);
+        gate.writers -= 1;
+        if gate.writers == 0 {
+            self.slot.drained.notify_all();
+        }
+    }
+}
+
+impl Slot {
+    fn enter(&self) -> Entered<'_> {
+        let mut gate = lock(&self.gate);
+        while gate.changing {
+            gate = self
+                .drained
+                .wait(gate)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        gate.writers += 1;
+        Entered {
+            slot: self,
+            state: gate.state.clone(),
+        }
+    }
+
+    /// Runs a change of the volume through its attachment: locally only
+    /// (never attached, standalone), refused (a secondary's writes; a
+    /// primary the pool has seen a newer epoch than), or locally and on
+    /// every peer (a primary). A FLUSH is always allowed.
+    pub fn submit(
+        &self,
+        op: Op<'_>,
+        local: impl FnOnce() -> Result<(), PoolError>,
+    ) -> Result<(), ReplicationError> {
+        let entered = self.enter();
+        let Some(spec) = &entered.state.spec else {
+            return local().map_err(Into::into);
+        };
+        match spec.role {
+            Role::Standalone => local().map_err(Into::into),
+            Role::Secondary => match op {
+                Op::Flush => local().map_err(Into::into),
+                _ => Err(ReplicationError::NotPrimary {
+                    volume: self.name.clone(),
+                }),
+            },
+            Role::Primary => {
+                let newest = self.book.newest(&self.name);
+                if newest > spec.epoch {
+                    return Err(ReplicationError::StaleEpoch {
+                        epoch: spec.epoch,
+                        newest,
+                    });
+                }
+                let replicators: Vec<_> = entered
+                    .state
+                    .replicators
+                    .iter()
+                    .map(|(_, r)| r.clone())
+                    .collect();
+                Replicator::submit_all(&replicators, op, local)
+            }
+        }
+    }
+
+    /// Whether a write would be refused outright here (a secondary).
+    pub fn role(&self) -> Option<Role> {
+        lock(&self.gate).state.spec.as_ref().map(|s| s.role)
+    }
+}
+
+impl Attachments {
+    /// Attachments of `pool`'s volumes, with epochs and sync generations
+    /// in `book`.
+    pub fn new(pool: Pool, book: Arc<ReplicaBook>, opts: AttachOptions) -> Attachments {
+        Attachments {
+            pool,
+            book,
+            opts,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The book of epochs and sync generations.
+    pub fn book(&self) -> &Arc<ReplicaBook> {
+        &self.book
+    }
+
+    /// The gate of volume `name` (created, never attached, on first use).
+    pub fn slot(&self, name: &str) -> Arc<Slot> {
+        lock(&self.slots)
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    name: name.to_owned(),
+                    book: self.book.clone(),
+                    change: Mutex::new(()),
+                    gate: Mutex::new(Gate {
+                        writers: 0,
+                        changing: false,
+                        state: Arc::new(Attached::default()),
+                    }),
+                    drained: Condvar::new(),
+                })
+            })
+            .clone()
+    }
+
+    fn existing(&self, name: &str) -> Option<Arc<Slot>> {
+        lock(&self.slots).get(name).cloned()
+    }
+
+    /// The role of volume `name` (`None`: never attached).
+    pub fn role(&self, name: &str) -> Option<Role> {
+        self.existing(name).and_then(|s| s.role())
+    }
+
+    /// The generations of the streams this process ships volume `name`
+    /// on, as its primary.
+    pub fn primary_generations(&self, name: &str) -> Vec<u64> {
+        let Some(slot) = self.existing(name) else {
+            return Vec::new();
+        };
+        let state = lock(&slot.gate).state.clone();
+        match &state.spec {
+            Some(spec) if spec.role == Role::Primary => state
+                .replicators
+                .iter()
+                .map(|(_, r)| r.status().generation)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Volume `name`'s attachment as it stands.
+    pub fn view(&self, name: &str) -> AttachmentView {
+        let state = self
+            .existing(name)
+            .map(|s| lock(&s.gate).state.clone())
+            .unwrap_or_default();
+        AttachmentView {
+            volume: name.to_owned(),
+            spec: state.spec.clone(),
+            peers: state
+                .replicators
+                .iter()
+                .map(|(p, r)| (p.clone(), r.status()))
+                .collect(),
+        }
+    }
+
+    /// Every attached volume, by name.
+    pub fn views(&self) -> Vec<AttachmentView> {
+        let mut names: Vec<String> = lock(&self.slots).keys().cloned().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| self.view(&n))
+            .filter(|v| v.spec.is_some())
+            .collect()
+    }
+
+    /// Sets volume `name`'s attachment (see the module's invariants); a
+    /// primary's epoch must not be older than the newest seen.
+    pub fn attach(&self, name: &str, spec: AttachSpec) -> Result<AttachmentView, AttachError> {
+        self.apply(name, spec, true)
+    }
+
+    /// Like [`Attachments::attach`] without refusing an old primary epoch
+    /// (operator flags at start: the peers depose such a primary, and
+    /// its writes are refused).
+    pub fn attach_unchecked(
+        &self,
+        name: &str,
+        spec: AttachSpec,
+    ) -> Result<AttachmentView, AttachError> {
+        self.apply(name, spec, false)
+    }
+
+    fn apply(
+        &self,
+        name: &str,
+        spec: AttachSpec,
+        check_epoch: bool,
+    ) -> Result<AttachmentView, AttachError> {
+        let slot = self.slot(name);
+        let _one = lock(&slot.change);
+        let old = lock(&slot.gate).state.clone();
+        if old.spec.as_ref() == Some(&spec) {
+            return Ok(self.view(name));
+        }
+        let volume = self
+            .pool
+            .open_volume(name)
+            .map_err(|source| AttachError::Volume {
+                volume: name.to_owned(),
+                source,
+            })?;
+        let mut addrs = Vec::new();
+        if spec.role == Role::Primary {
+            for peer in &spec.peers {
+                let addr = peer
+                    .to_socket_addrs()
+                    .and_then(|mut a| {
+                        a.next()
+                            .ok_or_else(|| io::Error::other("no address for this name"))
+                    })
+                    .map_err(|source| AttachError::Peer {
+                        peer: peer.clone(),
+                        source,
+                    })?;
+                addrs.push(addr);
+            }
+        }
+        let record = |source| AttachError::Record {
+            volume: name.to_owned(),
+            source,
+        };
+        match spec.role {
+            Role::Primary => {
+                let newest = self.book.newest(name);
+                if spec.epoch < newest {
+                    if check_epoch {
+                        return Err(AttachError::StaleEpoch {
+                            volume: name.to_owned(),
+                            epoch: spec.epoch,
+                            newest,
+                        });
+                    }
+                    tracing::error!(
+                        volume = name,
+                        epoch = spec.epoch,
+                        newest,
+                        "this primary is deposed: the pool has seen a newer epoch"
+                    );
+                } else {
+                    self.admit(name, spec.epoch).map_err(record)?;
+                }
+            }
+            Role::Secondary if spec.epoch > self.book.newest(name) => {
+                self.admit(name, spec.epoch).map_err(record)?;
+            }
+            Role::Secondary | Role::Standalone => {}
+        }
+
+        // Which replicators stay (a primary staying primary keeps the
+        // links of the peers it keeps), go, and come.
+        let staying_primary = spec.role == Role::Primary
+            && old.spec.as_ref().is_some_and(|s| s.role == Role::Primary);
+        let fencer = Arc::new(StaticFencer {
+            allow: spec.allow_outdate,
+        });
+        let mut kept = Vec::new();
+        let mut removed = Vec::new();
+        for (peer, r) in &old.replicators {
+            if staying_primary && spec.peers.contains(peer) {
+                kept.push((peer.clone(), r.clone()));
+            } else {
+                removed.push(r.clone());
+            }
+        }
+        // Released first: writes suspended on a peer that goes fail, and
+        // ones suspended on a peer that stays ask the new fencer.
+        for r in &removed {
+            r.shutdown();
+        }
+        if old.spec.as_ref().map(|s| s.allow_outdate) != Some(spec.allow_outdate) {
+            for (_, r) in &kept {
+                r.set_fencer(fencer.clone());
+            }
+        }
+        self.drain(&slot);
+
+        // No write in flight: switch.
+        let mut replicators = Vec::new();
+        let result = (|| {
+            for (_, r) in &kept {
+                r.set_epoch(spec.epoch)
+                    .map_err(|source| AttachError::Start {
+                        volume: name.to_owned(),
+                        source,
+                    })?;
+            }
+            for (peer, addr) in spec.peers.iter().zip(&addrs) {
+                if let Some((_, r)) = kept.iter().find(|(p, _)| p == peer) {
+                    replicators.push((peer.clone(), r.clone()));
+                    continue;
+                }
+                let cfg = ReplicatorConfig {
+                    peer: *addr,
+                    epoch: spec.epoch,
+                    generation: new_generation(),
+                    chunk_size: u64::from(self.pool.chunk_size()),
+                    retry: self.opts.retry,
+                };
+                let sync = SyncOptions {
+                    synced_from: self.book.synced(name),
+                    rate: self.opts.sync_rate,
+                };
+                let r = Replicator::start_with(volume.clone(), cfg, fencer.clone(), sync).map_err(
+                    |source| AttachError::Start {
+                        volume: name.to_owned(),
+                        source,
+                    },
+                )?;
+                replicators.push((peer.clone(), r));
+            }
+            self.book
+                .set_primary(name, spec.role == Role::Primary)
+                .map_err(record)
+        })();
+        let mut gate = lock(&slot.gate);
+        match result {
+            Ok(()) => {
+                tracing::info!(volume = name, role = ?spec.role, epoch = spec.epoch, peers = ?spec.peers, "volume attached");
+                gate.state = Arc::new(Attached {
+                    spec: Some(spec),
+                    replicators,
+                });
+            }
+            Err(_) => {
+                // Keep what still works: the old spec with its kept
+                // replicators, as before the change.
+                for (peer, r) in &replicators {
+                    if !kept.iter().any(|(p, _)| p == peer) {
+                        r.shutdown();
+                    }
+                }
+                gate.state = Arc::new(Attached {
+                    spec: old.spec.clone(),
+                    replicators: kept,
+                });
+            }
+        }
+        gate.changing = false;
+        slot.drained.notify_all();
+        drop(gate);
+        result.map(|_| self.view(name))
+    }
+
+    /// Raises the newest epoch of `name` to `epoch`.
+    fn admit(&self, name: &str, epoch: u64) -> io::Result<()> {
+        self.book
+            .admit(name, epoch)
+            .map(|_| ())
+            .map_err(io::Error::other)
+    }
+
+    /// Closes the gate to new writes and waits (bounded) for the ones in
+    /// flight.
+    fn drain(&self, slot: &Slot) {
+        let deadline = Instant::now() + self.opts.drain_timeout;
+        // Changes are serialised by the slot's change lock: this is the
+        // only closer.
+        let mut gate = lock(&slot.gate);
+        gate.changing = true;
+        while gate.writers > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(volume = %slot.name, writers = gate.writers, "writes still suspended: changing the attachment without waiting for them");
+                break;
+            }
+            gate = slot
+                .drained
+                .wait_timeout(gate, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Stops replicating volume `name` and forgets its attachment (the
+    /// volume is being deleted).
+    pub fn detach(&self, name: &str) {
+        let Some(slot) = self.existing(name) else {
+            return;
+        };
+        let _one = lock(&slot.change);
+        let old = lock(&slot.gate).state.clone();
+        for (_, r) in &old.replicators {
+            r.shutdown();
+        }
+        self.drain(&slot);
+        let mut gate = lock(&slot.gate);
+        gate.state = Arc::new(Attached::default());
+        gate.changing = false;
+        slot.drained.notify_all();
+        drop(gate);
+        if let Err(e) = self.book.forget_content(name) {
+            tracing::warn!(volume = name, error = %e, "cannot record that a deleted volume holds nothing");
+        }
+    }
+
+    /// Makes `replicators` (started by the caller) volume `name`'s primary
+    /// replication at `epoch`, without checks: for benchmarks and tests
+    /// that build replicators themselves.
+    pub fn adopt(&self, name: &str, epoch: u64, replicators: Vec<Replicator>) {
+        let slot = self.slot(name);
+        let spec = AttachSpec {
+            role: Role::Primary,
+            epoch,
+            peers: replicators.iter().map(|r| r.peer().to_string()).collect(),
+            allow_outdate: false,
+        };
+        let replicators = replicators
+            .into_iter()
+            .map(|r| (r.peer().to_string(), r))
+            .collect();
+        lock(&slot.gate).state = Arc::new(Attached {
+            spec: Some(spec),
+            replicators,
+        });
+    }
+}
+
+/// A fresh, non-zero generation identifier.
+fn new_generation() -> u64 {
+    loop {
+        let g = uuid::Uuid::new_v4().as_u64_pair().0;
+        if g != 0 {
+            return g;
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The replication book: per volume of this pool, the newest epoch seen
+//! (the fence) and the generation identifier this volume is in sync with
+//! (whether a primary must send it the whole volume), kept beside the
+//! pool in `POOL.epochs`.
+//!
+//! File format: one line per volume, `VOLUME EPOCH [SYNCED [p]]`: the
+//! newest epoch, the generation of the last primary stream this volume
+//! fully received (0: none), and `p` when the volume was a primary. The
+//! file is replaced whole (write, fsync, rename, fsync of the directory).
+//!
+//! Invariants:
+//! - a volume's newest epoch only grows, and a raised epoch is on disk
+//!   before it is acted on (one that cannot be recorded is refused);
+//! - a volume that was a primary when the process stopped comes back
+//!   with no synced generation: its writes since the last sync are not
+//!   known to be anywhere else, so nothing may skip a full sync because
+//!   of what it followed before (`sds/DESIGN.md`, "Initial full sync").
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// What the book knows of one volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Entry {
+    newest: u64,
+    synced: u64,
+    primary: bool,
+}
+
+/// Epochs and sync generations of a pool's volumes.
+#[derive(Debug)]
+pub struct ReplicaBook {
+    min_epoch: u64,
+    file: Option<PathBuf>,
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+/// An epoch older than the newest seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("epoch {epoch} is older than {newest}, the newest seen for this volume")]
+pub struct StaleEpoch {
+    /// The refused epoch.
+    pub epoch: u64,
+    /// The newest seen (or the one that could not be recorded).
+    pub newest: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ReplicaBook {
+    /// A book kept in memory only; epochs below `min_epoch` are refused.
+    pub fn in_memory(min_epoch: u64) -> ReplicaBook {
+        ReplicaBook {
+            min_epoch,
+            file: None,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The book kept in `file` (created on the first change); a volume
+    /// recorded as primary loses its synced generation.
+    pub fn open(file: &Path, min_epoch: u64) -> io::Result<ReplicaBook> {
+        let mut entries = load(file)?;
+        for e in entries.values_mut() {
+            if e.primary {
+                e.synced = 0;
+                e.primary = false;
+            }
+        }
+        Ok(ReplicaBook {
+            min_epoch,
+            file: Some(file.to_owned()),
+            entries: Mutex::new(entries),
+        })
+    }
+
+    /// The newest epoch seen for `volume` (at least the floor).
+    pub fn newest(&self, volume: &str) -> u64 {
+        lock(&self.entries)
+            .get(volume)
+            .map_or(0, |e| e.newest)
+            .max(self.min_epoch)
+    }
+
+    /// The newest epoch recorded for `volume`, 0 when none (the floor
+    /// not applied).
+    pub fn recorded_epoch(&self, volume: &str) -> u64 {
+        lock(&self.entries).get(volume).map_or(0, |e| e.newest)
+    }
+
+    /// Admits `epoch` for `volume`: raises the newest seen, or refuses an
+    /// older one. Returns the newest after the check.
+    pub fn admit(&self, volume: &str, epoch: u64) -> Result<u64, StaleEpoch> {
+        let mut entries = lock(&self.entries);
+        let newest = entries
+            .get(volume)
+            .map_or(0, |e| e.newest)
+            .max(self.min_epoch);
+        if epoch < newest {
+            return Err(StaleEpoch { epoch, newest });
+        }
+        let before = entries.get(volume).copied();
+        if before.is_none_or(|b| b.newest < epoch) {
+            let mut e = before.unwrap_or_default();
+            e.newest = epoch;
+            entries.insert(volume.to_owned(), e);
+            if let Err(err) = self.save(&entries) {
+                tracing::error!(volume, epoch, error = %err, "cannot record a new epoch: refusing it");
+                restore(&mut entries, volume, before);
+                return Err(StaleEpoch { epoch, newest });
+            }
+        }
+        Ok(epoch)
+    }
+
+    /// The generation `volume` is in sync with (0: none).
+    pub fn synced(&self, volume: &str) -> u64 {
+        lock(&self.entries).get(volume).map_or(0, |e| e.synced)
+    }
+
+    /// Records that `volume` is in sync with generation `synced` (0:
+    /// with none, before a full sync rewrites it).
+    pub fn set_synced(&self, volume: &str, synced: u64) -> io::Result<()> {
+        self.update(volume, |e| e.synced = synced)
+    }
+
+    /// Records whether `volume` is a primary here.
+    pub fn set_primary(&self, volume: &str, primary: bool) -> io::Result<()> {
+        self.update(volume, |e| e.primary = primary)
+    }
+
+    /// Forgets what `volume` held (it was deleted); its epoch stays, so a
+    /// volume of the same name still refuses older primaries.
+    pub fn forget_content(&self, volume: &str) -> io::Result<()> {
+        self.update(volume, |e| {
+            e.synced = 0;
+            e.primary = false;
+        })
+    }
+
+    fn update(&self, volume: &str, change: impl FnOnce(&mut Entry)) -> io::Result<()> {
+        let mut entries = lock(&self.entries);
+        let before = entries.get(volume).copied();
+        let mut e = before.unwrap_or_default();
+        change(&mut e);
+        if before == Some(e) || (before.is_none() && e == Entry::default()) {
+            return Ok(());
+        }
+        entries.insert(volume.to_owned(), e);
+        self.save(&entries)
+            .inspect_err(|_| restore(&mut entries, volume, before))
+    }
+
+    /// Writes the book to a temporary file, syncs it and renames it over
+    /// the file, so the file is always whole.
+    fn save(&self, entries: &HashMap<String, Entry>) -> io::Result<()> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let mut names: Vec<_> = entries.keys().collect();
+        names.sort();
+        let mut text = String::new();
+        for name in names {
+            let e = entries[name];
+            text.push_str(&format!("{name} {} {}", e.newest, e.synced));
+            if e.primary {
+                text.push_str(" p");
+            }
+            text.push('\n');
+        }
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+fn restore(entries: &mut HashMap<String, Entry>, volume: &str, before: Option<Entry>) {
+    match before {
+        Some(b) => entries.insert(volume.to_owned(), b),
+        None => entries.remove(volume),
+    };
+}
+
+fn load(path: &Path) -> io::Result<HashMap<String, Entry>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let bad = || {
+            io::Error::other(format!(
+                "{} line {}: not `VOLUME EPOCH [SYNCED [p]]`",
+                path.display(),
+                n + 1
+            ))
+        };
+        let mut words = line.split_whitespace();
+        let volume = words.next().ok_or_else(bad)?;
+        let newest = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
+        let synced = match words.next() {
+            Some(w) => w.parse().map_err(|_| bad())?,
+            None => 0,
+        };
+        let primary = match words.next() {
+            Some("p") => true,
+            Some(_) => return Err(bad()),
+            None => false,
+        };
+        if words.next().is_some() {
+            return Err(bad());
+        }
+        out.insert(
+            volume.to_owned(),
+            Entry {
+                newest,
+                synced,
+                primary,
+            },
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_book_survives_a_restart_and_a_primary_forgets_its_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pool.epochs");
+        let book = ReplicaBook::open(&file, 0).expect("open");
+        assert_eq!(book.admit("a", 3), Ok(3));
+        assert_eq!(
+            book.admit("a", 2),
+            Err(StaleEpoch {
+                epoch: 2,
+                newest: 3
+            })
+        );
+        book.set_synced("a", 77).expect("synced");
+        book.admit("b", 1).expect("b");
+        book.set_synced("b", 88).expect("synced");
+        book.set_primary("b", true).expect("primary");
+        drop(book);
+        // The old two-column format still loads.
+        let book = ReplicaBook::open(&file, 0).expect("reopen");
+        assert_eq!((book.newest("a"), book.synced("a")), (3, 77));
+        assert_eq!((book.newest("b"), book.synced("b")), (1, 0));
+        std::fs::write(&file, "a 5\n").expect("write");
+        let book = ReplicaBook::open(&file, 7).expect("old format");
+        assert_eq!((book.newest("a"), book.recorded_epoch("a")), (7, 5));
+        std::fs::write(&file, "a five\n").expect("write");
+        assert!(ReplicaBook::open(&file, 0).is_err());
+        std::fs::write(&file, "a 5 6 q\n").expect("write");
+        assert!(ReplicaBook::open(&file, 0).is_err());
+    }
+}

@@ -11,6 +11,12 @@
 //! - a lease belongs to the VM (uid + NIC index), not to a node: when the
 //!   VM moves, only the endpoint's `node` and `epoch` change (they follow
 //!   the placement), never its address;
+//! - during a live migration the target's agent moves the endpoint ahead
+//!   of the placement, on activation (to the target, at the migration's
+//!   epoch + 1): an endpoint exactly there is left alone while the
+//!   migration is under way and the placement is still the source's at the
+//!   migration's epoch; once the migration fails it follows the placement
+//!   back to the source;
 //! - a static address request is honoured or reported, never replaced by
 //!   another address;
 //! - a released address (VM deleted, NIC removed or moved to another
@@ -69,6 +75,33 @@ fn endpoints(state: &State) -> impl Iterator<Item = &Endpoint> {
         Object::Endpoint(e) => Some(e),
         _ => None,
     })
+}
+
+/// VM name → (target, epoch + 1) of each live migration under way whose
+/// placement is still the source's at the migration's epoch: where the
+/// target's agent may have moved the VM's endpoints on activation.
+fn taken_over<'a>(
+    state: &'a State,
+    placements: &HashMap<&str, (&str, u64)>,
+) -> HashMap<&'a str, (&'a str, u64)> {
+    use basalt_api::MigrationPhase::{Migrating, Switching, TargetReady};
+    state
+        .list(Kind::Migration)
+        .filter_map(|o| match o {
+            Object::Migration(m) => Some(m),
+            _ => None,
+        })
+        .filter(|m| matches!(m.status.phase, TargetReady | Migrating | Switching))
+        .filter(|m| {
+            placements.get(m.spec.vm.as_str()) == Some(&(m.status.source.as_str(), m.status.epoch))
+        })
+        .map(|m| {
+            (
+                m.spec.vm.as_str(),
+                (m.status.target.as_str(), m.status.epoch + 1),
+            )
+        })
+        .collect()
 }
 
 /// Plans one round at `now_unix_ms`; released addresses are held for
@@ -135,6 +168,8 @@ pub fn plan(state: &State, now_unix_ms: u64, grace_ms: u64) -> IpamPlan {
         Command::Update(Object::Endpoint(released))
     };
 
+    let taken_over = taken_over(state, &placements);
+
     let mut wanted: HashMap<(String, u32), ()> = HashMap::new();
     for object in state.list(Kind::Vm) {
         let Object::Vm(vm) = object else { continue };
@@ -142,6 +177,7 @@ pub fn plan(state: &State, now_unix_ms: u64, grace_ms: u64) -> IpamPlan {
             .get(vm.meta.name.as_str())
             .copied()
             .unwrap_or(("", 0));
+        let ahead = taken_over.get(vm.meta.name.as_str()).copied();
         for (index, nic) in vm.spec.nics.iter().enumerate() {
             let Ok(index) = u32::try_from(index) else {
                 break;
@@ -168,6 +204,13 @@ pub fn plan(state: &State, now_unix_ms: u64, grace_ms: u64) -> IpamPlan {
                 let fits = current.network == nic.network
                     && requested.is_none_or(|r| current.ip == Some(r));
                 if fits {
+                    // Taken over by the migration's target: it stays there.
+                    let (node, epoch) = match ahead {
+                        Some((to, next)) if current.node == to && current.epoch == next => {
+                            (to, next)
+                        }
+                        _ => (node, epoch),
+                    };
                     let follows = current.node == node
                         && current.epoch == epoch
                         && current.mac == mac
@@ -504,6 +547,105 @@ mod tests {
         round(&mut state, &mut index, 4_000 + GRACE);
         round(&mut state, &mut index, 4_001 + GRACE);
         assert_eq!(endpoint_of(&state, "uc", 0).and_then(|e| e.ip), Some(fixed));
+    }
+
+    #[test]
+    fn an_endpoint_taken_over_by_a_migrations_target_stays_until_the_migration_ends() {
+        use basalt_api::{Migration, MigrationPhase, MigrationSpec, MigrationStatus};
+        let (mut state, mut index) = (State::default(), 0);
+        create(
+            &mut state,
+            &mut index,
+            Object::Network(Network {
+                meta: ObjectMeta::named("blue"),
+                spec: NetworkSpec {
+                    cidr: "10.9.0.0/29".into(),
+                    vni: 9,
+                },
+            }),
+        );
+        for name in ["n1", "n2", "n3"] {
+            let mut node = Node {
+                meta: ObjectMeta::named(name),
+                ..Node::default()
+            };
+            node.spec.address = "10.0.0.1:1".into();
+            create(&mut state, &mut index, Object::Node(node));
+        }
+        create(
+            &mut state,
+            &mut index,
+            vm("a", "ua", vec![nic("blue", None)]),
+        );
+        create(
+            &mut state,
+            &mut index,
+            Object::Placement(Placement {
+                meta: ObjectMeta::named("a"),
+                vm: "a".into(),
+                node: "n1".into(),
+                epoch: 3,
+                ..Placement::default()
+            }),
+        );
+        round(&mut state, &mut index, 1_000);
+        let mut migration = Migration {
+            meta: ObjectMeta::named("a"),
+            spec: MigrationSpec {
+                vm: "a".into(),
+                ..MigrationSpec::default()
+            },
+            status: MigrationStatus {
+                phase: MigrationPhase::Migrating,
+                source: "n1".into(),
+                target: "n2".into(),
+                epoch: 3,
+                ..MigrationStatus::default()
+            },
+        };
+        create(&mut state, &mut index, Object::Migration(migration.clone()));
+        // The target's agent saw the activation and took the endpoint.
+        let mut taken = endpoint_of(&state, "ua", 0).unwrap();
+        taken.node = "n2".into();
+        taken.epoch = 4;
+        index += 1;
+        state
+            .apply(index, Command::Update(Object::Endpoint(taken)))
+            .unwrap();
+        round(&mut state, &mut index, 2_000);
+        let ep = endpoint_of(&state, "ua", 0).unwrap();
+        assert_eq!((ep.node.as_str(), ep.epoch), ("n2", 4), "not moved back");
+        // Anywhere else (another node, another epoch) still follows the
+        // placement.
+        let mut stray = ep.clone();
+        stray.node = "n3".into();
+        index += 1;
+        state
+            .apply(index, Command::Update(Object::Endpoint(stray)))
+            .unwrap();
+        round(&mut state, &mut index, 2_500);
+        let ep = endpoint_of(&state, "ua", 0).unwrap();
+        assert_eq!((ep.node.as_str(), ep.epoch), ("n1", 3));
+        // Taken again, then the migration fails: back to the source.
+        let mut taken = ep;
+        taken.node = "n2".into();
+        taken.epoch = 4;
+        index += 1;
+        state
+            .apply(index, Command::Update(Object::Endpoint(taken)))
+            .unwrap();
+        let Some(Object::Migration(current)) = state.get(Kind::Migration, "a").cloned() else {
+            panic!()
+        };
+        migration.meta = current.meta;
+        migration.status.phase = MigrationPhase::Failed;
+        index += 1;
+        state
+            .apply(index, Command::Update(Object::Migration(migration)))
+            .unwrap();
+        round(&mut state, &mut index, 3_000);
+        let ep = endpoint_of(&state, "ua", 0).unwrap();
+        assert_eq!((ep.node.as_str(), ep.epoch), ("n1", 3));
     }
 
     #[test]

@@ -30,7 +30,11 @@
 //! - **Switching → Succeeded** (controller): one Raft entry (a batch,
 //!   all or nothing) moves the placement to the target with `epoch + 1`,
 //!   moves the VM's endpoints with it (the network fence, as HA does) and
-//!   marks the migration succeeded.
+//!   marks the migration succeeded. With the agents' datapath the
+//!   target's agent has usually moved the endpoints already, on the
+//!   guest's activation (to the target at `epoch + 1`, while the copy
+//!   ends): those are left out of the batch, and none at a later epoch is
+//!   ever moved back.
 //! - **→ Failed**: the source agent when the copy fails or is aborted
 //!   (the guest still runs on the source); the target agent when it cannot
 //!   prepare; the controller when the request is impossible, the target
@@ -381,6 +385,10 @@ pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
                     ..placement.clone()
                 };
                 let vm_uid = view.vm(vm_name).map(|vm| vm.meta.uid.as_str());
+                let next = status.epoch + 1;
+                // Endpoints the target's agent took over on activation are
+                // already there: not written again (no conflict with the
+                // take-over), and nothing at a later epoch is moved back.
                 let endpoints = view
                     .endpoints
                     .iter()
@@ -388,6 +396,7 @@ pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
                         e.vm == vm_name
                             && e.release_at_unix_ms == 0
                             && Some(e.vm_uid.as_str()) == vm_uid
+                            && (e.epoch < next || (e.epoch == next && e.node != status.target))
                     })
                     .map(|e| Endpoint {
                         node: status.target.clone(),
@@ -668,6 +677,32 @@ mod tests {
                     .collect();
                 assert_eq!(moved, [("10-1-0-5", "n2", 5)]);
             }
+            other => panic!("expected the switch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_switch_leaves_endpoints_taken_over_on_activation_as_they_are() {
+        let mut world = World::new();
+        // The target's agent moved the endpoint on activation.
+        world.endpoints[0].node = "n2".into();
+        world.endpoints[0].epoch = 5;
+        match world.decide(&in_phase(MigrationPhase::Switching)) {
+            Step::Switch {
+                placement,
+                endpoints,
+                ..
+            } => {
+                assert_eq!((placement.node.as_str(), placement.epoch), ("n2", 5));
+                assert!(endpoints.is_empty(), "{endpoints:?}");
+            }
+            other => panic!("expected the switch, got {other:?}"),
+        }
+        // Never moved back from a later epoch either.
+        world.endpoints[0].node = "n3".into();
+        world.endpoints[0].epoch = 6;
+        match world.decide(&in_phase(MigrationPhase::Switching)) {
+            Step::Switch { endpoints, .. } => assert!(endpoints.is_empty(), "{endpoints:?}"),
             other => panic!("expected the switch, got {other:?}"),
         }
     }

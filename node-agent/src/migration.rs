@@ -6,16 +6,41 @@
 //! What this agent does, per [`Migration`] object it sees:
 //!
 //! - **target, `Preparing`**: pins the VM (below), prepares what the
-//!   incoming guest needs, then writes `TargetReady`. libvirt creates the
-//!   incoming domain and its tap (with the same name and MAC as on the
-//!   source) when the copy starts; the VM's disks are NBD exports at the
-//!   same address on every node.
+//!   incoming guest needs, then writes `TargetReady`. The VM's disks are
+//!   NBD exports at the same address on every node. With the agent's
+//!   network (`--network`) the domain's NICs are precreated taps
+//!   (`managed='no'`) whose names are the same on every node, so the
+//!   incoming domain opens this node's taps as they are: they are made in
+//!   *standby* first ([`NetworkAgent::prepare_incoming`]: wired and
+//!   attached, the endpoint still the source's) and the agent waits until
+//!   the datapath has them. Without it libvirt creates the tap.
+//! - **target, from `TargetReady` until the migration ends**: the
+//!   *activation* — the guest's first frame on a standby tap, QEMU's
+//!   announce when the guest resumes here — moves the VM's endpoints: this
+//!   node's datapath treats them as local at once
+//!   ([`NetworkAgent::claim`]), and each endpoint object moves to this node
+//!   at the placement's epoch + 1 by compare-and-swap
+//!   ([`take_over_endpoint`]), so every node's maps follow from their
+//!   watch, long before the controller's switchover (which then finds
+//!   them moved). An aborted copy never resumes the guest here, so the
+//!   endpoints stay on the source. The migration's end (any outcome) ends
+//!   the standby ([`NetworkAgent::finish_incoming`]); an agent restarted
+//!   mid-copy takes the standby up again from the migration object.
 //! - **source, `TargetReady`**: pins the VM, writes `Migrating`, then
 //!   runs [`Compute::migrate`] peer to peer to the target's libvirtd
 //!   (`qemu+tcp://<target host>/system`), reporting progress about once a
 //!   second. When the copy has not converged within the spec's timeout it
 //!   is aborted, or switched to post-copy when the spec allows. Success
 //!   writes `Switching`, failure `Failed` (the guest still runs here).
+//!   With the agent's network, `Migrating`, every progress report and
+//!   `Switching` also carry the VM's open flows (this node's
+//!   connection-tracking entries to or from its addresses,
+//!   [`NetworkAgent::export_flows`]); the target tracks them as they come
+//!   ([`NetworkAgent::import_flows`]), before and after the activation, so
+//!   a policy that selects the VM keeps its established flows open there.
+//!   A flow opened within the last report interval before the guest's
+//!   pause is tracked on the target only from `Switching` on; until then
+//!   its packets are judged as a new flow's.
 //! - **source, `Migrating` with no copy running** (this agent restarted
 //!   mid-copy): libvirtd carries on without it, so the agent waits. The
 //!   domain disappearing means the copy succeeded (a migrated domain is
@@ -53,12 +78,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use basalt_api::{
     AdminClient, ApiError, Kind, Migration, MigrationPhase, MigrationStatus, Object, Placement,
-    WatchEvent,
+    TrackedFlow, WatchEvent,
 };
 use futures::StreamExt as _;
 use tokio::sync::Notify;
 
 use crate::compute::{Compute, ComputeError, MigrateRequest, MigrationControl, MigrationProgress};
+use crate::network::{NetworkAgent, TakeOver, take_over_endpoint};
 
 /// How long a pass waits for the first list of migrations.
 const FIRST_LIST_WAIT: Duration = Duration::from_secs(10);
@@ -68,6 +94,11 @@ const RESCAN: Duration = Duration::from_secs(1);
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How many compare-and-swap conflicts a status write retries.
 const CAS_RETRIES: usize = 10;
+/// How long the target waits for its datapath to hold the standby taps
+/// before it says ready anyway (the switchover still moves the endpoints).
+const STANDBY_WAIT: Duration = Duration::from_secs(20);
+/// How often an incoming VM's watcher looks at its migration's phase.
+const INCOMING_POLL: Duration = Duration::from_millis(200);
 
 /// The libvirt URI a source's libvirtd uses to reach the target node,
 /// from the node's registered address (`host:port`, `[v6]:port` or a
@@ -175,6 +206,9 @@ struct State {
     workers: BTreeMap<String, Arc<AtomicBool>>,
     /// Uids of migrations this node has said `TargetReady` for.
     prepared: BTreeSet<String>,
+    /// Uids of migrations to this node whose standby taps are up and
+    /// watched for the activation.
+    incoming: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -185,6 +219,8 @@ struct Inner {
     listed: Condvar,
     /// Held by a reconcile pass, and by a worker adding a pin.
     gate: Mutex<()>,
+    /// This node's datapath, when the agent drives it.
+    network: Option<NetworkAgent>,
 }
 
 /// This agent's migration state, shared by the migration task and the
@@ -208,8 +244,9 @@ fn unpoison<T>(result: std::sync::LockResult<T>) -> T {
 
 impl MigrationAgent {
     /// The migration state of node `node`, whose domains are named
-    /// `prefix` + VM name.
-    pub fn new(node: &str, prefix: &str) -> Self {
+    /// `prefix` + VM name; `network` is the node's datapath when the agent
+    /// drives it (standby taps and the endpoint move on activation).
+    pub fn new(node: &str, prefix: &str, network: Option<NetworkAgent>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 node: node.to_owned(),
@@ -217,6 +254,7 @@ impl MigrationAgent {
                 state: Mutex::new(State::default()),
                 listed: Condvar::new(),
                 gate: Mutex::new(()),
+                network,
             }),
         }
     }
@@ -419,6 +457,32 @@ async fn drive<C: Compute + 'static>(
             .cloned()
             .collect()
     };
+    // A target whose agent restarted mid-copy takes the standby up again.
+    let resume: Vec<Migration> = if agent.inner.network.is_some() {
+        let state = agent.state();
+        state
+            .migrations
+            .values()
+            .filter(|m| {
+                m.status.target == node
+                    && matches!(
+                        m.status.phase,
+                        MigrationPhase::TargetReady
+                            | MigrationPhase::Migrating
+                            | MigrationPhase::Switching
+                    )
+                    && !state.incoming.contains(&m.meta.uid)
+            })
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for migration in resume {
+        if let Err(err) = start_incoming(agent, admin, &migration).await {
+            tracing::warn!(vm = %migration.spec.vm, error = %err, "could not take the standby up again; the switchover will move the endpoints");
+        }
+    }
     for migration in todo {
         let result = match migration.status.phase {
             MigrationPhase::Preparing => prepare(agent, admin, &migration).await,
@@ -447,9 +511,15 @@ async fn prepare(
         epoch: migration.status.epoch,
     };
     pin_blocking(agent, &vm, pin).await;
-    // The incoming domain's tap is created by libvirt with the source's
-    // name and MAC; the VM's disks are NBD exports at the same address on
-    // every node. Nothing else to attach before the copy.
+    // The VM's disks are NBD exports at the same address on every node.
+    // Its NICs: the standby taps the incoming domain will open (without
+    // the agent's network, libvirt makes them).
+    if let Err(err) = start_incoming(agent, admin, migration).await {
+        let message = format!("the target could not prepare the VM's network: {err}");
+        tracing::warn!(%vm, %message, "preparing failed");
+        fail(admin, migration, &message).await?;
+        return Ok(());
+    }
     let moved = transition(admin, migration, &[MigrationPhase::Preparing], |status| {
         status.phase = MigrationPhase::TargetReady;
         status.message = "the target is ready".into();
@@ -460,6 +530,240 @@ async fn prepare(
     }
     agent.state().prepared.insert(migration.meta.uid.clone());
     Ok(())
+}
+
+/// Why the target could not prepare an incoming VM's network.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    /// The VM object could not be read.
+    #[error("could not read VM {vm:?}")]
+    Vm {
+        /// The VM's name.
+        vm: String,
+        /// Why.
+        #[source]
+        source: ApiError,
+    },
+    /// A standby tap could not be made.
+    #[error(transparent)]
+    Tap(#[from] crate::network::StandbyTapError),
+    /// The blocking task making the taps panicked.
+    #[error("making the standby taps of VM {vm:?} panicked")]
+    Panicked {
+        /// The VM's name.
+        vm: String,
+    },
+}
+
+/// The target's network side of an incoming VM (a no-op without the
+/// agent's network, or when already done): makes its taps in standby,
+/// waits (bounded) until the datapath holds them, and watches for the
+/// activation until the migration ends. See the module doc.
+async fn start_incoming(
+    agent: &MigrationAgent,
+    admin: &AdminClient,
+    migration: &Migration,
+) -> Result<(), IncomingError> {
+    let Some(network) = agent.inner.network.clone() else {
+        return Ok(());
+    };
+    if agent.state().incoming.contains(&migration.meta.uid) {
+        return Ok(());
+    }
+    let name = migration.spec.vm.clone();
+    let vm = match admin.get(Kind::Vm, &name).await {
+        Ok(Object::Vm(vm)) => vm,
+        Ok(_) => {
+            return Err(IncomingError::Vm {
+                vm: name,
+                source: ApiError::invalid("kind", "not a VM"),
+            });
+        }
+        Err(source) => return Err(IncomingError::Vm { vm: name, source }),
+    };
+    // Subscribed before the taps exist: no activation can be missed.
+    let activations = network.activations();
+    let made = {
+        let (network, vm) = (network.clone(), vm.clone());
+        tokio::task::spawn_blocking(move || network.prepare_incoming(&vm)).await
+    };
+    let taps = match made {
+        Ok(Ok(taps)) => taps,
+        Ok(Err(err)) => {
+            network.finish_incoming(&vm.meta.uid, true);
+            return Err(err.into());
+        }
+        Err(_) => {
+            network.finish_incoming(&vm.meta.uid, true);
+            return Err(IncomingError::Panicked { vm: name });
+        }
+    };
+    let started = Instant::now();
+    while !network.taps_ready(&taps) {
+        if started.elapsed() > STANDBY_WAIT {
+            tracing::warn!(vm = %name, ?taps, "the standby taps are not in the datapath yet; an activation may go unseen");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(vm = %name, ?taps, "standby taps ready for the incoming guest");
+    agent.state().incoming.insert(migration.meta.uid.clone());
+    let (agent, admin, migration) = (agent.clone(), admin.clone(), migration.clone());
+    tokio::spawn(async move {
+        watch_incoming(
+            &agent,
+            &admin,
+            &network,
+            &migration,
+            &vm,
+            &taps,
+            activations,
+        )
+        .await;
+    });
+    Ok(())
+}
+
+/// How a migration to this node stands, for its incoming watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Incoming {
+    /// Still under way.
+    Running,
+    /// Succeeded: the placement follows.
+    Succeeded,
+    /// Failed, removed or replaced by another migration.
+    Over,
+}
+
+/// How the migration stands now, and the flows its source has carried.
+fn incoming_now(agent: &MigrationAgent, migration: &Migration) -> (Incoming, Vec<TrackedFlow>) {
+    let state = agent.state();
+    match state.migrations.get(&migration.spec.vm) {
+        Some(m) if m.meta.uid == migration.meta.uid => {
+            let phase = match m.status.phase {
+                MigrationPhase::Succeeded => Incoming::Succeeded,
+                MigrationPhase::Failed => Incoming::Over,
+                _ => Incoming::Running,
+            };
+            (phase, m.status.flows.clone())
+        }
+        _ => (Incoming::Over, Vec::new()),
+    }
+}
+
+/// The open flows of VM `vm` on this node, to carry to a migration's
+/// target; `None` without the agent's network (the status keeps what it
+/// has).
+async fn flows_of(network: Option<&NetworkAgent>, vm: &str) -> Option<Vec<TrackedFlow>> {
+    let (network, vm) = (network?.clone(), vm.to_owned());
+    tokio::task::spawn_blocking(move || network.export_flows(&vm))
+        .await
+        .ok()
+}
+
+/// Waits for the incoming guest's activation (then moves its endpoints
+/// here) and for the migration's end (then ends the standby).
+async fn watch_incoming(
+    agent: &MigrationAgent,
+    admin: &AdminClient,
+    network: &NetworkAgent,
+    migration: &Migration,
+    vm: &basalt_api::Vm,
+    taps: &[String],
+    mut activations: tokio::sync::broadcast::Receiver<crate::network::Activation>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let name = migration.spec.vm.as_str();
+    let mut activated = false;
+    let mut carried: BTreeSet<TrackedFlow> = BTreeSet::new();
+    let outcome = loop {
+        let (phase, flows) = incoming_now(agent, migration);
+        // The VM's open flows, as the source reports them while it
+        // copies: tracked here before the guest resumes, so a policy that
+        // selects it keeps them open.
+        let new: Vec<TrackedFlow> = flows
+            .into_iter()
+            .filter(|flow| carried.insert(*flow))
+            .collect();
+        if !new.is_empty() {
+            tracing::debug!(vm = %name, flows = new.len(), "tracking the incoming VM's open flows");
+            network.import_flows(&new);
+        }
+        // Succeeded without an activation seen (the fallback) is fine too:
+        // the controller's switchover has moved the endpoints.
+        if phase != Incoming::Running {
+            break phase;
+        }
+        tokio::select! {
+            event = activations.recv(), if !activated => match event {
+                Ok(activation) if taps.contains(&activation.tap) => {
+                    activated = true;
+                    tracing::info!(vm = %name, tap = %activation.tap, "activation: the guest runs here; moving its endpoints");
+                    take_over(agent, admin, network, migration, vm, &activation.endpoint).await;
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(vm = %name, missed, "activations were missed; the switchover moves the endpoints if this one was");
+                }
+                Err(RecvError::Closed) => activated = true,
+            },
+            () = tokio::time::sleep(INCOMING_POLL) => {}
+        }
+    };
+    let failed = outcome == Incoming::Over;
+    network.finish_incoming(&vm.meta.uid, failed);
+    agent.state().incoming.remove(&migration.meta.uid);
+    tracing::info!(vm = %name, failed, activated, "the incoming migration ended; standby over");
+}
+
+/// Moves the VM's endpoints to this node at the migration's epoch + 1:
+/// `first` (the activated NIC's) at once in this node's datapath, then
+/// every one of the VM's endpoints in the datapath and in the control
+/// plane.
+async fn take_over(
+    agent: &MigrationAgent,
+    admin: &AdminClient,
+    network: &NetworkAgent,
+    migration: &Migration,
+    vm: &basalt_api::Vm,
+    first: &str,
+) {
+    let node = agent.inner.node.as_str();
+    let epoch = migration.status.epoch + 1;
+    let uid = vm.meta.uid.as_str();
+    network.claim(first, uid, epoch);
+    let names: Vec<String> = match admin.list(Kind::Endpoint).await {
+        Ok(list) => list
+            .objects
+            .into_iter()
+            .filter_map(|o| match o {
+                Object::Endpoint(e) if e.vm_uid == uid && e.release_at_unix_ms == 0 => {
+                    Some(e.meta.name)
+                }
+                _ => None,
+            })
+            .collect(),
+        Err(err) => {
+            tracing::warn!(vm = %vm.meta.name, error = %err, "could not list the VM's endpoints; moving the activated one only");
+            vec![first.to_owned()]
+        }
+    };
+    for name in &names {
+        network.claim(name, uid, epoch);
+    }
+    for name in names {
+        match take_over_endpoint(admin, &name, node, epoch).await {
+            Ok(TakeOver::Owned(_)) => {
+                tracing::info!(vm = %vm.meta.name, endpoint = %name, epoch, "endpoint moved here on activation");
+            }
+            Ok(TakeOver::Superseded(e)) => {
+                tracing::warn!(vm = %vm.meta.name, endpoint = %name, node = %e.node, epoch = e.epoch, "the endpoint moved on since; left alone");
+            }
+            Err(err) => {
+                tracing::warn!(vm = %vm.meta.name, endpoint = %name, error = %err, "could not move the endpoint; the switchover will");
+            }
+        }
+    }
 }
 
 async fn pin_blocking(agent: &MigrationAgent, vm: &str, pin: Pin) {
@@ -490,9 +794,13 @@ async fn start_copy<C: Compute + 'static>(
         epoch: migration.status.epoch,
     };
     pin_blocking(agent, &vm, pin).await;
+    let flows = flows_of(agent.inner.network.as_ref(), &vm).await;
     let started = transition(admin, migration, &[MigrationPhase::TargetReady], |status| {
         status.phase = MigrationPhase::Migrating;
         status.message = format!("copying to {}", status.target);
+        if let Some(flows) = &flows {
+            status.flows.clone_from(flows);
+        }
     })
     .await;
     match started {
@@ -517,16 +825,22 @@ async fn start_copy<C: Compute + 'static>(
         migration.clone(),
     );
     tokio::spawn(async move {
-        copy(&admin, compute, &migration, &domain, request, abort).await;
+        let network = agent.inner.network.clone();
+        copy(
+            &admin, compute, network, &migration, &domain, request, abort,
+        )
+        .await;
         agent.state().workers.remove(&migration.spec.vm);
     });
     Ok(())
 }
 
-/// Runs the copy and reports it; ends with `Switching` or `Failed`.
+/// Runs the copy and reports it (with the VM's open flows, carried to the
+/// target); ends with `Switching` or `Failed`.
 async fn copy<C: Compute + 'static>(
     admin: &AdminClient,
     compute: Arc<C>,
+    network: Option<NetworkAgent>,
     migration: &Migration,
     domain: &str,
     request: MigrateRequest,
@@ -569,7 +883,11 @@ async fn copy<C: Compute + 'static>(
                     continue;
                 }
                 let p = *progress_rx.borrow_and_update();
+                let flows = flows_of(network.as_ref(), &vm).await;
                 let report = transition(admin, migration, &[MigrationPhase::Migrating], |status| {
+                    if let Some(flows) = &flows {
+                        status.flows.clone_from(flows);
+                    }
                     status.data_total = p.data_total;
                     status.data_processed = p.data_processed;
                     status.data_remaining = p.data_remaining;
@@ -589,7 +907,13 @@ async fn copy<C: Compute + 'static>(
     let outcome = match result {
         Ok(Ok(())) => {
             tracing::info!(%vm, target = %migration.status.target, "live migration copied; the VM runs on the target");
+            // The last word on the flows: those opened since the last
+            // progress report, up to the guest's pause.
+            let flows = flows_of(network.as_ref(), &vm).await;
             transition(admin, migration, &[MigrationPhase::Migrating], |status| {
+                if let Some(flows) = &flows {
+                    status.flows.clone_from(flows);
+                }
                 status.phase = MigrationPhase::Switching;
                 status.message = format!("runs on {}; the placement moves next", status.target);
                 status.data_total = last.data_total;
@@ -905,7 +1229,7 @@ mod tests {
 
     #[test]
     fn a_pass_leaves_pinned_domains_alone_and_a_fenced_one_nothing() {
-        let agent = MigrationAgent::new("n1", "basalt-");
+        let agent = MigrationAgent::new("n1", "basalt-", None);
         agent.apply(
             [("web".to_owned(), Some(migration(MigrationPhase::Migrating)))],
             true,
@@ -933,7 +1257,7 @@ mod tests {
 
     #[test]
     fn a_failed_or_removed_migration_flags_its_copy_for_abort() {
-        let agent = MigrationAgent::new("n1", "basalt-");
+        let agent = MigrationAgent::new("n1", "basalt-", None);
         agent.apply(
             [("web".to_owned(), Some(migration(MigrationPhase::Migrating)))],
             true,

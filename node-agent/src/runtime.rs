@@ -144,7 +144,11 @@ pub async fn run<C: Compute + 'static>(
         state.clone(),
         trigger.clone(),
     ));
-    let migrations = MigrationAgent::new(&config.node, &config.policy.prefix);
+    // The datapath: the reconcile passes make the taps, live migrations
+    // their standby taps and the endpoint move on activation.
+    let network =
+        (config.network.clone()).map(|net| crate::network::NetworkAgent::start(net, admin.clone()));
+    let migrations = MigrationAgent::new(&config.node, &config.policy.prefix, network.clone());
     let migrating = tokio::spawn(crate::migration::run(
         migrations.clone(),
         admin.clone(),
@@ -152,7 +156,7 @@ pub async fn run<C: Compute + 'static>(
         trigger.clone(),
     ));
     let reconcile = tokio::spawn(reconcile_loop(
-        admin, agent, config, compute, state, trigger, started, migrations,
+        admin, agent, config, compute, state, trigger, started, migrations, network,
     ));
     shutdown.await;
     heartbeat.abort();
@@ -373,6 +377,7 @@ async fn reconcile_loop<C: Compute + 'static>(
     trigger: Arc<Notify>,
     started: Instant,
     migrations: MigrationAgent,
+    network: Option<crate::network::NetworkAgent>,
 ) {
     let reconciler = Arc::new(Mutex::new(Reconciler::new(
         compute,
@@ -386,8 +391,6 @@ async fn reconcile_loop<C: Compute + 'static>(
             )
             .ok()
     });
-    let network =
-        (config.network.clone()).map(|net| crate::network::NetworkAgent::start(net, admin.clone()));
     let mut reported: BTreeMap<String, VmStatus> = BTreeMap::new();
     loop {
         // One snapshot for the whole pass: which VMs are wanted here and

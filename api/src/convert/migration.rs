@@ -1,8 +1,10 @@
 //! [`Migration`] ⇄ protobuf.
 
+use std::net::SocketAddrV4;
+
 use super::{enum_value, required};
 use crate::pb;
-use crate::{ApiError, Migration, MigrationPhase, MigrationSpec, MigrationStatus};
+use crate::{ApiError, Migration, MigrationPhase, MigrationSpec, MigrationStatus, TrackedFlow};
 
 impl From<Migration> for pb::Migration {
     fn from(migration: Migration) -> Self {
@@ -27,9 +29,46 @@ impl From<Migration> for pb::Migration {
                 post_copy_active: status.post_copy_active,
                 started_at_unix_ms: status.started_at_unix_ms,
                 finished_at_unix_ms: status.finished_at_unix_ms,
+                flows: status.flows.into_iter().map(Into::into).collect(),
             }),
         }
     }
+}
+
+impl From<TrackedFlow> for pb::TrackedFlow {
+    fn from(flow: TrackedFlow) -> Self {
+        Self {
+            source_ip: flow.source.ip().to_string(),
+            source_port: flow.source.port().into(),
+            destination_ip: flow.destination.ip().to_string(),
+            destination_port: flow.destination.port().into(),
+            protocol: flow.protocol.into(),
+        }
+    }
+}
+
+/// `flow`, the `index`th of `status.flows`, checked field by field.
+fn tracked_flow(flow: pb::TrackedFlow, index: usize) -> Result<TrackedFlow, ApiError> {
+    let field = |name: &str| format!("status.flows[{index}].{name}");
+    let ip = |text: &str, name: &str| {
+        text.parse::<std::net::Ipv4Addr>()
+            .map_err(|_| ApiError::invalid(field(name), format!("{text:?} is not an IPv4 address")))
+    };
+    let port = |value: u32, name: &str| {
+        u16::try_from(value).map_err(|_| ApiError::invalid(field(name), "at most 65535"))
+    };
+    Ok(TrackedFlow {
+        source: SocketAddrV4::new(
+            ip(&flow.source_ip, "source_ip")?,
+            port(flow.source_port, "source_port")?,
+        ),
+        destination: SocketAddrV4::new(
+            ip(&flow.destination_ip, "destination_ip")?,
+            port(flow.destination_port, "destination_port")?,
+        ),
+        protocol: u8::try_from(flow.protocol)
+            .map_err(|_| ApiError::invalid(field("protocol"), "at most 255"))?,
+    })
 }
 
 impl TryFrom<pb::Migration> for Migration {
@@ -59,6 +98,12 @@ impl TryFrom<pb::Migration> for Migration {
                 post_copy_active: status.post_copy_active,
                 started_at_unix_ms: status.started_at_unix_ms,
                 finished_at_unix_ms: status.finished_at_unix_ms,
+                flows: status
+                    .flows
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, flow)| tracked_flow(flow, i))
+                    .collect::<Result<_, _>>()?,
             },
         };
         migration.validate()?;
@@ -117,11 +162,25 @@ mod tests {
                 target: "n2".into(),
                 epoch: 3,
                 data_remaining: 1 << 20,
+                flows: vec![TrackedFlow {
+                    source: "10.77.0.3:40312".parse().unwrap(),
+                    destination: "10.77.0.10:9".parse().unwrap(),
+                    protocol: 6,
+                }],
                 ..MigrationStatus::default()
             },
         };
         let wire = pb::Migration::from(migration.clone());
         assert_eq!(Migration::try_from(wire).unwrap(), migration);
+
+        let mut bad = pb::Migration::from(migration.clone());
+        if let Some(status) = &mut bad.status {
+            status.flows[0].destination_port = 70_000;
+        }
+        assert!(matches!(
+            Migration::try_from(bad),
+            Err(ApiError::InvalidArgument { field, .. }) if field == "status.flows[0].destination_port"
+        ));
 
         let mut bad = pb::Migration::from(migration);
         if let Some(status) = &mut bad.status {

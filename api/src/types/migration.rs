@@ -7,6 +7,7 @@
 //! `basalt_control::migration` for the state machine).
 
 use std::fmt;
+use std::net::SocketAddrV4;
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,8 @@ use crate::ApiError;
 pub const DEFAULT_MIGRATION_TIMEOUT_SECONDS: u32 = 120;
 /// The longest pre-copy timeout accepted (a day).
 pub const MAX_MIGRATION_TIMEOUT_SECONDS: u32 = 86_400;
+/// The most tracked flows a migration's status carries.
+pub const MAX_MIGRATION_FLOWS: usize = 4096;
 
 /// A live migration of one VM. See the module doc.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +121,25 @@ pub struct MigrationStatus {
     pub started_at_unix_ms: u64,
     /// When it ended (Unix ms; 0 while running).
     pub finished_at_unix_ms: u64,
+    /// The VM's open flows as the source's connection tracking holds them
+    /// (written by the source while it copies, at most
+    /// [`MAX_MIGRATION_FLOWS`]): the target seeds its own with them, so
+    /// stateful policy keeps them open after the move.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flows: Vec<TrackedFlow>,
+}
+
+/// One connection-tracking entry: a flow as first seen (`source` started
+/// it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackedFlow {
+    /// Who sent the flow's first packet.
+    pub source: SocketAddrV4,
+    /// To whom.
+    pub destination: SocketAddrV4,
+    /// The IP protocol number (6 TCP, 17 UDP, 1 ICMP).
+    pub protocol: u8,
 }
 
 impl Migration {
@@ -147,6 +169,12 @@ impl Migration {
             if !node.is_empty() {
                 validate::name(field, node)?;
             }
+        }
+        if self.status.flows.len() > MAX_MIGRATION_FLOWS {
+            return Err(ApiError::invalid(
+                "status.flows",
+                format!("at most {MAX_MIGRATION_FLOWS} flows"),
+            ));
         }
         Ok(())
     }

@@ -22,8 +22,8 @@ pub use image::{Image, ImageFormat, ImageNodeStatus, ImagePhase, ImageSpec, Imag
 pub use member::Member;
 pub use meta::{Condition, ObjectMeta};
 pub use migration::{
-    DEFAULT_MIGRATION_TIMEOUT_SECONDS, MAX_MIGRATION_TIMEOUT_SECONDS, Migration, MigrationPhase,
-    MigrationSpec, MigrationStatus,
+    DEFAULT_MIGRATION_TIMEOUT_SECONDS, MAX_MIGRATION_FLOWS, MAX_MIGRATION_TIMEOUT_SECONDS,
+    Migration, MigrationPhase, MigrationSpec, MigrationStatus, TrackedFlow,
 };
 pub use network::{Endpoint, MAX_VNI, Network, NetworkSpec};
 pub use node::{Node, NodeSpec, NodeStatus, Resources};

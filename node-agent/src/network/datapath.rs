@@ -19,14 +19,17 @@
 //! 6. remove Basalt taps that no VM placed or arriving here uses.
 //!
 //! Between passes it drains the programs' event ring every 100 ms and
-//! turns activations into [`Activation`]s.
+//! turns activations into [`Activation`]s, and carries live migrations'
+//! flows: it reads the connection-tracking entries of a leaving VM's
+//! addresses and writes those of an arriving one.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use basalt_sdn::abi::{EVENT_ACTIVATION, ip_from_key};
+use basalt_api::TrackedFlow;
+use basalt_sdn::abi::{CtKey, CtValue, EVENT_ACTIVATION, ip_from_key, ip_key};
 use basalt_sdn::dhcp::{DhcpServer, GUEST_MTU, Lease};
 use basalt_sdn::loader::Loader;
 use basalt_sdn::netlink::Netlink;
@@ -119,10 +122,17 @@ impl Host {
     fn run(&mut self, shared: &Shared) {
         let mut last_pass: Option<Instant> = None;
         loop {
-            let (snapshot, incoming) = {
+            let (snapshot, incoming, claims) = {
                 let mut state = shared.wait(EVENT_POLL);
                 if state.stop {
                     return;
+                }
+                let exports = std::mem::take(&mut state.exports);
+                let imports = std::mem::take(&mut state.imports);
+                if !(exports.is_empty() && imports.is_empty()) {
+                    drop(state);
+                    self.carry_flows(exports, &imports);
+                    state = shared.lock();
                 }
                 let due = last_pass.is_none_or(|t| t.elapsed() >= self.config.resync);
                 if !(state.dirty || due) || state.snapshot.is_none() {
@@ -131,12 +141,23 @@ impl Host {
                     continue;
                 }
                 state.dirty = false;
-                (
-                    state.snapshot.clone().unwrap_or_default(),
-                    state.incoming.clone(),
-                )
+                let snapshot = state.snapshot.clone().unwrap_or_default();
+                // A claim the watch has caught up with (or gone past) has
+                // done its job.
+                state.claims.retain(|name, (_, epoch)| {
+                    snapshot
+                        .endpoints
+                        .get(name)
+                        .is_some_and(|e| e.epoch < *epoch)
+                });
+                let claims: BTreeMap<String, u64> = state
+                    .claims
+                    .iter()
+                    .map(|(name, (_, epoch))| (name.clone(), *epoch))
+                    .collect();
+                (snapshot, state.incoming.clone(), claims)
             };
-            let plan = plan::plan(&snapshot, &self.config.node, &incoming);
+            let plan = plan::plan(&snapshot, &self.config.node, &incoming, &claims);
             for (what, why) in &plan.problems {
                 tracing::debug!(what, why, "not in the datapath");
             }
@@ -270,6 +291,17 @@ impl Host {
             .chain(&plan.standby)
             .filter_map(|n| netlink.index(&n.tap).ok().map(|i| (i, n.clone())))
             .collect();
+        let ready: BTreeSet<String> = plan
+            .local
+            .iter()
+            .chain(&plan.standby)
+            .filter(|n| {
+                let index = self.wired.get(&n.tap).map(|(_, index)| *index);
+                index.is_some() && netlink.index(&n.tap).ok() == index
+            })
+            .map(|n| n.tap.clone())
+            .collect();
+        shared.lock().ready = ready;
 
         // DHCP on local taps.
         let wanted: BTreeMap<&str, (Lease, u32)> = plan
@@ -353,6 +385,53 @@ impl Host {
         }
     }
 
+    /// Answers flow exports and writes flow imports (live migration's
+    /// connection tracking, see [`super::NetworkAgent::export_flows`]).
+    fn carry_flows(
+        &mut self,
+        exports: Vec<(Vec<Ipv4Addr>, std::sync::mpsc::Sender<Vec<TrackedFlow>>)>,
+        imports: &[TrackedFlow],
+    ) {
+        let Some(dp) = self.datapath.as_mut() else {
+            // Nothing tracked here yet: empty answers (dropping the
+            // senders), nothing to write into.
+            if !imports.is_empty() {
+                tracing::warn!(
+                    flows = imports.len(),
+                    "datapath not loaded: carried flows dropped"
+                );
+            }
+            return;
+        };
+        for (ips, answer) in exports {
+            let flows: Vec<TrackedFlow> = ips
+                .iter()
+                .flat_map(|ip| dp.store().conntrack_of(*ip))
+                .map(|(key, _)| flow_of(&key))
+                .collect();
+            let _ = answer.send(flows);
+        }
+        if !imports.is_empty() {
+            let entries: Vec<(CtKey, CtValue)> = imports
+                .iter()
+                .map(|flow| {
+                    // The age is unknown here; the programs never read it.
+                    let value = CtValue {
+                        created_ns: 0,
+                        packets: 0,
+                    };
+                    (key_of(flow), value)
+                })
+                .collect();
+            match dp.store_mut().import_conntrack(&entries) {
+                Ok(()) => tracing::debug!(flows = entries.len(), "carried flows tracked"),
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), "could not write carried flows")
+                }
+            }
+        }
+    }
+
     fn drain_events(&mut self, shared: &Shared) {
         let Some(dp) = self.datapath.as_mut() else {
             return;
@@ -380,6 +459,27 @@ impl Host {
     }
 }
 
+/// A connection-tracking key as the control plane carries it.
+fn flow_of(key: &CtKey) -> TrackedFlow {
+    TrackedFlow {
+        source: SocketAddrV4::new(ip_from_key(key.saddr), key.sport),
+        destination: SocketAddrV4::new(ip_from_key(key.daddr), key.dport),
+        protocol: key.proto,
+    }
+}
+
+/// The connection-tracking key of a carried flow.
+fn key_of(flow: &TrackedFlow) -> CtKey {
+    CtKey {
+        saddr: ip_key(*flow.source.ip()),
+        daddr: ip_key(*flow.destination.ip()),
+        sport: flow.source.port(),
+        dport: flow.destination.port(),
+        proto: flow.protocol,
+        pad: [0; 3],
+    }
+}
+
 /// An error and its sources, on one line.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
@@ -395,6 +495,19 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn carried_flows_keep_their_connection_tracking_key() {
+        let flow = TrackedFlow {
+            source: "10.77.0.3:40312".parse().unwrap(),
+            destination: "10.77.0.10:9".parse().unwrap(),
+            protocol: 6,
+        };
+        let key = key_of(&flow);
+        assert_eq!(key.saddr, ip_key(Ipv4Addr::new(10, 77, 0, 3)));
+        assert_eq!((key.sport, key.dport, key.proto), (40312, 9, 6));
+        assert_eq!(flow_of(&key), flow);
+    }
 
     #[test]
     fn only_basalt_taps_are_candidates_for_removal() {

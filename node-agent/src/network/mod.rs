@@ -18,10 +18,16 @@
 //!
 //! The compute reconciler calls [`NetworkAgent::prepare_taps`] before each
 //! pass, so every placed VM's tap exists before its domain starts (the
-//! domain uses the tap as it is, `managed='no'`). Live migration calls
-//! [`NetworkAgent::prepare_incoming`] on the target, waits for an
-//! [`Activation`] from [`NetworkAgent::activations`], then
-//! [`take_over_endpoint`] moves the endpoint to this node.
+//! domain uses the tap as it is, `managed='no'`). Live migration (the
+//! target's side, `crate::migration`) calls
+//! [`NetworkAgent::prepare_incoming`] before it says ready (the incoming
+//! domain opens the same tap names, so they must exist and wait in
+//! standby), waits for an [`Activation`] from
+//! [`NetworkAgent::activations`], then [`NetworkAgent::claim`]s the
+//! endpoint (this node's maps point at the local tap at once, without
+//! waiting for the control plane) and [`take_over_endpoint`] moves the
+//! endpoint object to this node, so every other node's maps follow from
+//! its watch. [`NetworkAgent::finish_incoming`] ends it.
 //!
 //! Invariants:
 //! - the agent process runs in the node's network namespace: every link,
@@ -37,12 +43,14 @@ pub mod plan;
 pub mod policy;
 pub mod watch;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use basalt_api::{AdminClient, ApiError, Endpoint, Kind, Object, Vm};
+use basalt_api::{
+    AdminClient, ApiError, Endpoint, Kind, MAX_MIGRATION_FLOWS, Object, TrackedFlow, Vm,
+};
 use tokio::sync::broadcast;
 
 use self::plan::Snapshot;
@@ -79,6 +87,17 @@ impl NetworkConfig {
     }
 }
 
+/// A standby tap for an incoming VM could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("could not create standby tap {tap}")]
+pub struct StandbyTapError {
+    /// The tap.
+    pub tap: String,
+    /// Why.
+    #[source]
+    pub source: basalt_sdn::tap::TapError,
+}
+
 /// A migrated guest spoke on a standby tap: its new home is this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Activation {
@@ -107,6 +126,20 @@ pub(crate) struct State {
     pub requested: Option<BTreeSet<String>>,
     /// Uids of VMs this node prepares to receive.
     pub incoming: BTreeSet<String>,
+    /// Endpoints this node has claimed on an activation: name → (VM uid,
+    /// epoch). The plan treats such an endpoint as this node's while the
+    /// watched object's epoch is below the claim's (the take-over has not
+    /// come back through the watch yet); a claim the watch has caught up
+    /// with is dropped.
+    pub claims: BTreeMap<String, (String, u64)>,
+    /// Taps the last pass wired, attached and wrote into the maps (local
+    /// or standby).
+    pub ready: BTreeSet<String>,
+    /// Asked of the datapath thread: the tracked flows of these
+    /// addresses, answered on the channel.
+    pub exports: Vec<(Vec<Ipv4Addr>, std::sync::mpsc::Sender<Vec<TrackedFlow>>)>,
+    /// Flows the datapath thread adds to connection tracking.
+    pub imports: Vec<TrackedFlow>,
     /// Something changed since the last pass.
     pub dirty: bool,
     /// The datapath thread should end.
@@ -124,6 +157,13 @@ impl Shared {
         let mut state = self.lock();
         change(&mut state);
         state.dirty = true;
+        self.wake.notify_all();
+    }
+
+    /// Changes the state and wakes the datapath thread without a pass.
+    fn nudge(&self, change: impl FnOnce(&mut State)) {
+        let mut state = self.lock();
+        change(&mut state);
         self.wake.notify_all();
     }
 
@@ -224,17 +264,22 @@ impl NetworkAgent {
     /// endpoint still owned by the source, so nothing is forwarded to or
     /// from them). The guest's first frame on such a tap (QEMU's announce
     /// at resume) is reported once on [`NetworkAgent::activations`].
-    /// Returns the taps. Blocking (a few ioctls).
-    pub fn prepare_incoming(&self, vm: &Vm) -> Vec<String> {
+    /// Returns the taps (named as the domain names them, so the incoming
+    /// domain opens these). Blocking (a few ioctls).
+    pub fn prepare_incoming(&self, vm: &Vm) -> Result<Vec<String>, StandbyTapError> {
         let uuid = crate::vm_domain::vm_uuid(&vm.meta.uid);
         let taps: Vec<String> = (0..vm.spec.nics.len())
             .map(|i| crate::vm_domain::tap_name(uuid, i))
             .collect();
         let uid = vm.meta.uid.clone();
+        let mut failed = None;
         self.shared.poke(|state| {
             for tap in &taps {
-                if let Err(err) = datapath::create_tap(tap) {
-                    tracing::warn!(tap, error = %err, "could not create the standby tap");
+                if let Err(source) = datapath::create_tap(tap) {
+                    failed.get_or_insert(StandbyTapError {
+                        tap: tap.clone(),
+                        source,
+                    });
                 }
             }
             state.incoming.insert(uid);
@@ -242,16 +287,92 @@ impl NetworkAgent {
                 requested.extend(taps.iter().cloned());
             }
         });
-        taps
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(taps),
+        }
     }
 
-    /// Ends a migration to this node (done or aborted): the VM's taps are
-    /// standby no more; they stay while the VM is placed here and are
-    /// removed otherwise.
-    pub fn finish_incoming(&self, vm_uid: &str) {
+    /// Whether every tap of `taps` is wired, attached and in the maps
+    /// (standby or local) as of the last pass: an activation on it will be
+    /// seen.
+    pub fn taps_ready(&self, taps: &[String]) -> bool {
+        let state = self.shared.lock();
+        taps.iter().all(|tap| state.ready.contains(tap))
+    }
+
+    /// Live migration, on the target at activation: this node's datapath
+    /// treats the endpoint named `endpoint` (of the VM with uid `vm_uid`)
+    /// as its own from the next pass on (started at once), as long as the
+    /// watched object's epoch is below `epoch` — the guest runs here now,
+    /// whatever the control plane has not yet said. Call
+    /// [`take_over_endpoint`] next, so the other nodes follow.
+    pub fn claim(&self, endpoint: &str, vm_uid: &str, epoch: u64) {
+        self.shared.poke(|state| {
+            state
+                .claims
+                .insert(endpoint.to_owned(), (vm_uid.to_owned(), epoch));
+        });
+    }
+
+    /// Ends a migration to this node: the VM's taps are standby no more;
+    /// they stay while the VM is placed (or its endpoint owned) here and
+    /// are removed otherwise. When the migration `failed`, the VM's claims
+    /// go too (the endpoint follows its placement back to the source);
+    /// otherwise they stay until the watch has caught up with them.
+    pub fn finish_incoming(&self, vm_uid: &str, failed: bool) {
         self.shared.poke(|state| {
             state.incoming.remove(vm_uid);
+            if failed {
+                state.claims.retain(|_, (uid, _)| uid != vm_uid);
+            }
         });
+    }
+
+    /// Live migration, on the source: the open flows of VM `vm` (by name)
+    /// as this node's connection tracking holds them — those to or from
+    /// its leased addresses, at most [`MAX_MIGRATION_FLOWS`]. Empty when
+    /// the VM or its endpoints are unknown here or the datapath is not
+    /// loaded. Blocking: asks the datapath thread, waits at most 2 s.
+    pub fn export_flows(&self, vm: &str) -> Vec<TrackedFlow> {
+        let ips: Vec<Ipv4Addr> = {
+            let state = self.shared.lock();
+            let Some(snapshot) = state.snapshot.as_ref() else {
+                return Vec::new();
+            };
+            let Some(uid) = snapshot.vms.get(vm).map(|v| v.meta.uid.clone()) else {
+                return Vec::new();
+            };
+            snapshot
+                .endpoints
+                .values()
+                .filter(|e| e.vm_uid == uid && e.release_at_unix_ms == 0)
+                .filter_map(|e| e.ip)
+                .collect()
+        };
+        if ips.is_empty() {
+            return Vec::new();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shared.nudge(|state| state.exports.push((ips, tx)));
+        let mut flows = rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+        flows.sort();
+        flows.dedup();
+        flows.truncate(MAX_MIGRATION_FLOWS);
+        flows
+    }
+
+    /// Live migration, on the target: adds `flows` to this node's
+    /// connection tracking (a flow already tracked here is kept as it is),
+    /// so the incoming VM's open flows pass a policy that selects it as
+    /// they did on the source. Returns at once; the datapath thread writes
+    /// them within its next poll.
+    pub fn import_flows(&self, flows: &[TrackedFlow]) {
+        if flows.is_empty() {
+            return;
+        }
+        self.shared
+            .nudge(|state| state.imports.extend_from_slice(flows));
     }
 
     /// Activations seen on this node's standby taps, from now on.
@@ -260,29 +381,46 @@ impl NetworkAgent {
     }
 }
 
+/// What [`take_over_endpoint`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeOver {
+    /// The endpoint is `node`'s at the epoch asked for (moved now, or
+    /// already).
+    Owned(Endpoint),
+    /// The endpoint is at a later epoch than asked for: someone moved it
+    /// since (HA, another migration); it is left alone.
+    Superseded(Endpoint),
+}
+
 /// Live migration, on the target once an [`Activation`] is seen: makes
-/// `node` the owner of the endpoint named `endpoint` at placement `epoch`,
-/// by compare-and-swap on the endpoint's resource version (retried while
-/// another writer races). Every node's maps follow from its watch; the
-/// IPAM controller keeps the endpoint there once the placement says so.
-/// An endpoint already owned by `node` at `epoch` or later is left alone.
+/// `node` the owner of the endpoint named `endpoint` at `epoch` (the
+/// migration's placement epoch + 1, what the controller's switchover
+/// writes), by compare-and-swap on the endpoint's resource version
+/// (retried while another writer races). Every node's maps follow from
+/// its watch; the IPAM controller leaves an endpoint so taken over alone
+/// while its migration is under way, and the switchover finds it already
+/// moved. An endpoint already owned by `node` at `epoch` is left as it
+/// is; one at a later epoch is never taken back.
 pub async fn take_over_endpoint(
     admin: &AdminClient,
     endpoint: &str,
     node: &str,
     epoch: u64,
-) -> Result<Endpoint, ApiError> {
+) -> Result<TakeOver, ApiError> {
     loop {
         let Object::Endpoint(mut current) = admin.get(Kind::Endpoint, endpoint).await? else {
             return Err(ApiError::invalid("kind", "not an endpoint"));
         };
-        if current.node == node && current.epoch >= epoch {
-            return Ok(current);
+        if current.epoch > epoch {
+            return Ok(TakeOver::Superseded(current));
+        }
+        if current.node == node && current.epoch == epoch {
+            return Ok(TakeOver::Owned(current));
         }
         current.node = node.to_owned();
-        current.epoch = current.epoch.max(epoch);
+        current.epoch = epoch;
         match admin.update(Object::Endpoint(current)).await {
-            Ok(Object::Endpoint(updated)) => return Ok(updated),
+            Ok(Object::Endpoint(updated)) => return Ok(TakeOver::Owned(updated)),
             Ok(_) => return Err(ApiError::invalid("kind", "not an endpoint")),
             Err(ApiError::Aborted { .. }) => continue,
             Err(err) => return Err(err),

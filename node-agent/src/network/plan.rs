@@ -11,7 +11,10 @@
 //!   are exactly those [`crate::vm_domain`] gives the domain, so the guest
 //!   the domain starts is the one the maps and the DHCP lease expect;
 //! - a standby tap whose endpoint this node already owns is local, never
-//!   standby (activation has happened).
+//!   standby (activation has happened);
+//! - an endpoint this node has claimed (an activation here, the take-over
+//!   not yet back through the watch) is this node's while the object's
+//!   epoch is below the claim's; a later epoch always wins.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -98,8 +101,14 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 }
 
 /// Plans the datapath of node `me`. `incoming` lists the VM uids this node
-/// is preparing to receive by live migration.
-pub fn plan(snapshot: &Snapshot, me: &str, incoming: &BTreeSet<String>) -> NetPlan {
+/// is preparing to receive by live migration; `claims` the endpoints (by
+/// name) it has claimed on an activation, with the epoch of the claim.
+pub fn plan(
+    snapshot: &Snapshot,
+    me: &str,
+    incoming: &BTreeSet<String>,
+    claims: &BTreeMap<String, u64>,
+) -> NetPlan {
     let mut out = NetPlan {
         node_addr: snapshot.nodes.get(me).and_then(node_address),
         ..NetPlan::default()
@@ -146,14 +155,18 @@ pub fn plan(snapshot: &Snapshot, me: &str, incoming: &BTreeSet<String>) -> NetPl
             mac,
             vm: endpoint.vm.clone(),
         };
-        if endpoint.node.is_empty() {
+        let claimed = claims
+            .get(&endpoint.meta.name)
+            .is_some_and(|&epoch| epoch > endpoint.epoch);
+        let owner = if claimed { me } else { endpoint.node.as_str() };
+        if owner.is_empty() {
             // Unplaced: only an incoming VM's standby tap may wait for it.
             if incoming.contains(&endpoint.vm_uid) {
                 out.standby.push(nic);
             }
             continue;
         }
-        let Some(node_addr) = snapshot.nodes.get(&endpoint.node).and_then(node_address) else {
+        let Some(node_addr) = snapshot.nodes.get(owner).and_then(node_address) else {
             let (k, v) = problem("its node has no known address");
             out.problems.insert(k, v);
             continue;
@@ -166,7 +179,7 @@ pub fn plan(snapshot: &Snapshot, me: &str, incoming: &BTreeSet<String>) -> NetPl
             identity: endpoint.identity,
             tap,
         });
-        if endpoint.node == me {
+        if owner == me {
             out.local.push(nic);
         } else if incoming.contains(&endpoint.vm_uid) {
             out.standby.push(nic);
@@ -267,7 +280,7 @@ mod tests {
     #[test]
     fn local_nics_get_the_domains_tap_and_mac() {
         let s = snapshot();
-        let p = plan(&s, "a", &BTreeSet::new());
+        let p = plan(&s, "a", &BTreeSet::new(), &BTreeMap::new());
         assert_eq!(p.node_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!(p.endpoints.len(), 2);
         assert_eq!(p.local.len(), 1);
@@ -310,7 +323,7 @@ mod tests {
         let mut s = snapshot();
         s.endpoints.get_mut("10-77-0-1").unwrap().release_at_unix_ms = 5;
         s.endpoints.get_mut("10-77-0-2").unwrap().node = "gone".into();
-        let p = plan(&s, "a", &BTreeSet::new());
+        let p = plan(&s, "a", &BTreeSet::new(), &BTreeMap::new());
         assert!(p.endpoints.is_empty() && p.local.is_empty());
         assert!(p.problems.contains_key("endpoint/10-77-0-2"), "{p:?}");
     }
@@ -319,13 +332,48 @@ mod tests {
     fn an_incoming_vm_waits_in_standby_until_this_node_owns_it() {
         let mut s = snapshot();
         let incoming = BTreeSet::from(["uid-db".to_owned()]);
-        let p = plan(&s, "a", &incoming);
+        let p = plan(&s, "a", &incoming, &BTreeMap::new());
         assert_eq!(p.standby.len(), 1);
         assert_eq!(p.standby[0].ip, Ipv4Addr::new(10, 77, 0, 2));
         s.endpoints.get_mut("10-77-0-2").unwrap().node = "a".into();
-        let p = plan(&s, "a", &incoming);
+        let p = plan(&s, "a", &incoming, &BTreeMap::new());
         assert!(p.standby.is_empty());
         assert_eq!(p.local.len(), 2);
+    }
+
+    #[test]
+    fn a_claim_makes_the_endpoint_local_until_the_watch_catches_up() {
+        let mut s = snapshot();
+        let incoming = BTreeSet::from(["uid-db".to_owned()]);
+        // The guest spoke here: claimed at the next epoch, the object
+        // still names b at epoch 1.
+        let claims = BTreeMap::from([("10-77-0-2".to_owned(), 2)]);
+        let p = plan(&s, "a", &incoming, &claims);
+        assert!(p.standby.is_empty());
+        assert_eq!(p.local.len(), 2);
+        let db = p
+            .endpoints
+            .iter()
+            .find(|e| e.ip == Ipv4Addr::new(10, 77, 0, 2))
+            .unwrap();
+        assert_eq!(db.node_addr, Ipv4Addr::new(10, 0, 0, 1), "forwarded here");
+        // The take-over came back: the object says the same.
+        let ep = s.endpoints.get_mut("10-77-0-2").unwrap();
+        ep.node = "a".into();
+        ep.epoch = 2;
+        assert_eq!(plan(&s, "a", &incoming, &claims).local.len(), 2);
+        // A later move (epoch 3, to b) beats the claim.
+        let ep = s.endpoints.get_mut("10-77-0-2").unwrap();
+        ep.node = "b".into();
+        ep.epoch = 3;
+        let p = plan(&s, "a", &BTreeSet::new(), &claims);
+        assert_eq!(p.local.len(), 1);
+        assert!(
+            p.endpoints
+                .iter()
+                .any(|e| e.ip == Ipv4Addr::new(10, 77, 0, 2)
+                    && e.node_addr == Ipv4Addr::new(10, 0, 0, 2))
+        );
     }
 
     #[test]

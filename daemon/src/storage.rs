@@ -374,14 +374,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let book_file = PathBuf::from(book_file);
     let book = ReplicaBook::open(&book_file, args.min_epoch)
         .with_context(|| format!("reading {}", book_file.display()))?;
-    let attachments = Arc::new(Attachments::new(
-        pool.clone(),
-        Arc::new(book),
-        AttachOptions {
-            sync_rate: args.sync_rate,
-            ..AttachOptions::default()
-        },
-    ));
+    // Every volume's role, kept beside the pool and restored before
+    // anything is served.
+    let mut attach_file = args.pool.clone().into_os_string();
+    attach_file.push(".attachments");
+    let attach_file = PathBuf::from(attach_file);
+    let attachments = Arc::new(
+        Attachments::persistent(
+            pool.clone(),
+            Arc::new(book),
+            AttachOptions {
+                sync_rate: args.sync_rate,
+                ..AttachOptions::default()
+            },
+            &attach_file,
+        )
+        .with_context(|| format!("restoring {}", attach_file.display()))?,
+    );
     let replica = match args.replica_listen {
         Some(addr) => Some(
             ReplicaServer::serve(attachments.clone(), addr)
@@ -390,8 +399,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     // The operator's static peers: each volume named becomes a primary
-    // with its peers, as if attached through the API (an old epoch is
-    // left for the peers to depose).
+    // with its peers, as if attached through the API, over whatever was
+    // restored (an old epoch is left for the peers to depose).
     let mut static_peers: Vec<(String, Vec<String>)> = Vec::new();
     for (name, peer) in &args.peer {
         match static_peers.iter_mut().find(|(n, _)| n == name) {

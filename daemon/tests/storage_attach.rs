@@ -112,12 +112,41 @@ impl Node {
         );
     }
 
+    /// The log without terminal colour escapes.
+    fn plain_logs(&self) -> String {
+        let mut out = String::new();
+        let mut chars = self.process.logs().chars().collect::<Vec<_>>().into_iter();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
     fn log_count(&self, needle: &str) -> usize {
-        self.process
-            .logs()
+        self.plain_logs()
             .lines()
             .filter(|l| l.contains(needle))
             .count()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} log:\n{}",
+                self.process.name(),
+                self.process.log_tail(80)
+            );
+        }
     }
 }
 
@@ -381,8 +410,53 @@ fn replication_is_attached_promoted_demoted_and_dual_primary_through_the_local_a
         assert!(a.api.delete_volume("fresh").await.expect("delete"));
         assert!(peer_of(&a, "fresh").await.is_none());
     });
+
+    // kill -9 of both storage processes: each comes back with its roles
+    // (A still refuses writes as B's secondary), and B, the primary, having
+    // lost its dirty sets, fills A again by a full sync.
+    let mut a = a;
+    let mut b = b;
+    for n in [&mut a, &mut b] {
+        n.process.kill9().expect("kill -9");
+        n.process.restart().expect("restart");
+        n.process
+            .wait_for_tcp(n.nbd, None, Duration::from_secs(30))
+            .expect("NBD back");
+    }
+    let (ok, text) = a.qemu_io("vol", "write -P 0xef 0 4096");
+    assert!(!ok, "a restarted secondary accepted a write: {text}");
+    rt.block_on(async {
+        // Attaching the same again is how the agent asks (and the local
+        // socket may take a moment to be back).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let attached = loop {
+            match b
+                .api
+                .attach_volume(attach(VolumeRole::Primary, 3, &[a.repl]))
+                .await
+            {
+                Ok(a) => break a,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "B's API after restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(attached.peers.len(), 1, "B forgot its peer: {attached:?}");
+        wait_connected(&b, "vol").await;
+    });
+    assert!(
+        b.plain_logs()
+            .lines()
+            .any(|l| l.contains("full sync starting") && l.contains("volume=vol ")),
+        "a restarted primary skipped the full sync: {}",
+        b.process.log_tail(20)
+    );
+    b.write("vol", 0xf6, 10 * MIB, MIB);
+    a.check("vol", 0xf6, 10 * MIB, MIB);
+    a.check("vol", 0xe5, 8 * MIB, MIB);
     for n in [&a, &b] {
-        for line in n.process.logs().lines() {
+        for line in n.plain_logs().lines() {
             if line.contains("full sync") || line.contains("volume attached") {
                 eprintln!("{}: {line}", n.process.name());
             }

@@ -24,12 +24,18 @@
 //!   either shipped or tracked by each peer's replicator;
 //! - a primary's writes are refused, before anything is written, once the
 //!   pool has seen a newer epoch for the volume than the attachment's;
-//! - attaching a primary with an epoch older than the newest seen fails.
+//! - attaching a primary with an epoch older than the newest seen fails;
+//! - with a file ([`Attachments::persistent`]), every attachment is on
+//!   disk once `attach` returns, and a restarted process restores them
+//!   before it serves: a secondary never comes back writable, a primary
+//!   comes back a primary (with new streams, so its peers get a full
+//!   sync: its dirty sets were in memory).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
 use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -158,6 +164,9 @@ pub struct Attachments {
     book: Arc<ReplicaBook>,
     opts: AttachOptions,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    file: Option<PathBuf>,
+    /// Serialises writes of the file.
+    saving: Mutex<()>,
 }
 
 impl fmt::Debug for Attachments {
@@ -284,7 +293,88 @@ impl Attachments {
             book,
             opts,
             slots: Mutex::new(HashMap::new()),
+            file: None,
+            saving: Mutex::new(()),
         }
+    }
+
+    /// Like [`Attachments::new`], keeping every attachment in `file`
+    /// (lines `VOLUME ROLE EPOCH ALLOW_OUTDATE [PEER...]`) and restoring
+    /// the ones found there now. A restored primary whose epoch the pool
+    /// has since seen surpassed is restored anyway: its writes are
+    /// refused, which is what it deserves. Attachments of volumes that
+    /// no longer exist are dropped.
+    pub fn persistent(
+        pool: Pool,
+        book: Arc<ReplicaBook>,
+        opts: AttachOptions,
+        file: &Path,
+    ) -> io::Result<Attachments> {
+        let saved = load_attachments(file)?;
+        // Restored with no file, then written once: a crash while
+        // restoring leaves the file as it was.
+        let mut this = Attachments::new(pool, book, opts);
+        for (name, spec) in saved {
+            match this.attach_unchecked(&name, spec) {
+                Ok(view) => {
+                    tracing::info!(volume = %name, spec = ?view.spec, "attachment restored")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %error_chain(&e), "attachment not restored")
+                }
+            }
+        }
+        this.file = Some(file.to_owned());
+        this.save().map_err(io::Error::other)?;
+        Ok(this)
+    }
+
+    /// Writes every attachment to the file (temporary file, fsync,
+    /// rename, fsync of the directory).
+    fn save(&self) -> Result<(), AttachError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let _one = lock(&self.saving);
+        let mut text = String::new();
+        for view in self.views() {
+            let Some(spec) = view.spec else { continue };
+            let role = match spec.role {
+                Role::Standalone => "standalone",
+                Role::Secondary => "secondary",
+                Role::Primary => "primary",
+            };
+            text.push_str(&format!(
+                "{} {role} {} {}",
+                view.volume,
+                spec.epoch,
+                u8::from(spec.allow_outdate)
+            ));
+            for peer in &spec.peers {
+                text.push(' ');
+                text.push_str(peer);
+            }
+            text.push('\n');
+        }
+        let write = || -> io::Result<()> {
+            // Beside the file, named after all of it: the book and the
+            // attachments share a stem.
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".tmp");
+            let tmp = PathBuf::from(tmp);
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|source| AttachError::Record {
+            volume: path.display().to_string(),
+            source,
+        })
     }
 
     /// The pool.
@@ -546,7 +636,9 @@ impl Attachments {
         gate.changing = false;
         slot.drained.notify_all();
         drop(gate);
-        result.map(|_| self.view(name))
+        result?;
+        self.save()?;
+        Ok(self.view(name))
     }
 
     /// Raises the newest epoch of `name` to `epoch`.
@@ -599,6 +691,9 @@ impl Attachments {
         if let Err(e) = self.book.forget_content(name) {
             tracing::warn!(volume = name, error = %e, "cannot record that a deleted volume holds nothing");
         }
+        if let Err(e) = self.save() {
+            tracing::warn!(volume = name, error = %error_chain(&e), "cannot record that a deleted volume is detached");
+        }
     }
 
     /// Makes `replicators` (started by the caller) volume `name`'s primary
@@ -621,6 +716,59 @@ impl Attachments {
             replicators,
         });
     }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn load_attachments(path: &Path) -> io::Result<Vec<(String, AttachSpec)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let bad = || {
+            io::Error::other(format!(
+                "{} line {}: not `VOLUME ROLE EPOCH ALLOW_OUTDATE [PEER...]`",
+                path.display(),
+                n + 1
+            ))
+        };
+        let mut words = line.split_whitespace();
+        let name = words.next().ok_or_else(bad)?;
+        let role = match words.next() {
+            Some("standalone") => Role::Standalone,
+            Some("secondary") => Role::Secondary,
+            Some("primary") => Role::Primary,
+            _ => return Err(bad()),
+        };
+        let epoch = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
+        let allow_outdate = match words.next() {
+            Some("0") => false,
+            Some("1") => true,
+            _ => return Err(bad()),
+        };
+        out.push((
+            name.to_owned(),
+            AttachSpec {
+                role,
+                epoch,
+                peers: words.map(str::to_owned).collect(),
+                allow_outdate,
+            },
+        ));
+    }
+    Ok(out)
 }
 
 /// A fresh, non-zero generation identifier.

@@ -172,7 +172,11 @@ impl ReplicaBook {
             }
             text.push('\n');
         }
-        let tmp = path.with_extension("tmp");
+        // Beside the file, named after all of it: the book and the
+        // attachments share a stem.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;

@@ -289,16 +289,32 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         full_sync = !in_sync,
         "primary connected"
     );
+    // A full sync in progress rewrites the volume: it must not reach a
+    // volume that became a primary meanwhile.
+    let mut filling = !in_sync;
     loop {
         let frame = Frame::read(&mut rd)?;
         let (ok, newest) = ctx.admit(name, frame.epoch);
-        let status = if ctx.attachments.role(name) == Some(Role::Standalone) {
+        let role = ctx.attachments.role(name);
+        if filling && role == Some(Role::Primary) {
+            tracing::error!(volume = %name, "the volume became a primary during a full sync into it: cutting the sync");
+            let ack = Ack {
+                seq: frame.seq,
+                status: Status::SplitBrain,
+                newest_epoch: newest,
+            };
+            wr.write_all(&ack.encode())?;
+            wr.flush()?;
+            return Ok(());
+        }
+        let status = if role == Some(Role::Standalone) {
             Status::Refused
         } else if ok {
             let status = apply(ctx, &volume, &frame);
             if status == Status::Ok && frame.flags & FLAG_SYNCED != 0 {
                 match book.set_synced(name, hello.generation) {
                     Ok(()) => {
+                        filling = false;
                         tracing::info!(volume = %name, generation = hello.generation, "in sync with the primary: full sync received");
                         status
                     }

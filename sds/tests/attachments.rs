@@ -1,0 +1,332 @@
+//! Volume attachments in one process, on loopback: a primary with two
+//! peers (3 replicas) ships every write to both and tracks a lost one
+//! alone; a secondary refuses writes; epochs are checked at attach time;
+//! two primaries that diverged report a split brain instead of
+//! overwriting each other; attachments survive a restart.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_sds::backend::MemBackend;
+use basalt_sds::pool::{Pool, PoolOptions};
+use basalt_sds::replication::attach::{
+    AttachError, AttachOptions, AttachSpec, AttachmentView, Attachments, Role,
+};
+use basalt_sds::replication::book::ReplicaBook;
+use basalt_sds::replication::replica::ReplicaServer;
+use basalt_sds::replication::{Op, PeerState, ReplicationError};
+
+const VOL: u64 = 16 << 20;
+const CHUNK: u64 = 64 << 10;
+
+fn pool() -> Pool {
+    let pool =
+        Pool::create(Arc::new(MemBackend::new(64 << 20)), &PoolOptions::default()).expect("pool");
+    pool.create_volume("vol", VOL).expect("volume");
+    pool
+}
+
+fn opts() -> AttachOptions {
+    AttachOptions {
+        retry: Duration::from_millis(50),
+        ..AttachOptions::default()
+    }
+}
+
+fn attachments(pool: &Pool) -> Arc<Attachments> {
+    Arc::new(Attachments::new(
+        pool.clone(),
+        Arc::new(ReplicaBook::in_memory(0)),
+        opts(),
+    ))
+}
+
+fn spec(role: Role, epoch: u64, peers: &[SocketAddr], allow_outdate: bool) -> AttachSpec {
+    AttachSpec {
+        role,
+        epoch,
+        peers: peers.iter().map(ToString::to_string).collect(),
+        allow_outdate,
+    }
+}
+
+fn write(att: &Attachments, pool: &Pool, offset: u64, byte: u8) -> Result<(), ReplicationError> {
+    let vol = pool.open_volume("vol").expect("open");
+    let data = vec![byte; 4096];
+    att.slot("vol").submit(
+        Op::Write {
+            offset,
+            data: &data,
+            fua: false,
+        },
+        || vol.write(offset, &data, false),
+    )
+}
+
+fn read(pool: &Pool, offset: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    pool.open_volume("vol")
+        .expect("open")
+        .read(offset, &mut buf)
+        .expect("read");
+    buf
+}
+
+fn whole(pool: &Pool) -> Vec<u8> {
+    let mut buf = vec![0u8; VOL as usize];
+    pool.open_volume("vol")
+        .expect("open")
+        .read(0, &mut buf)
+        .expect("read");
+    buf
+}
+
+fn wait_peers(att: &Attachments, want: impl Fn(&AttachmentView) -> bool) -> AttachmentView {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = att.view("vol");
+        if want(&view) {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "peers stuck: {view:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn all_connected(view: &AttachmentView) -> bool {
+    view.peers
+        .iter()
+        .all(|(_, st)| st.state == PeerState::Connected)
+}
+
+#[test]
+fn three_replicas_get_every_write_and_a_lost_one_is_tracked_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let (r1, r2) = (pool(), pool());
+    let s1 = ReplicaServer::start(r1.clone(), any, 0).expect("replica 1");
+    let book2 = dir.path().join("r2.epochs");
+    let s2 = ReplicaServer::start_persistent(r2.clone(), any, 0, &book2).expect("replica 2");
+    let (a1, a2) = (s1.addr(), s2.addr());
+    let p = pool();
+    let att = attachments(&p);
+    // Data written before replication starts reaches both by full sync.
+    write(&att, &p, 3 * CHUNK, 0x33).expect("standalone write");
+    att.attach("vol", spec(Role::Primary, 1, &[a1, a2], true))
+        .expect("attach");
+    let view = wait_peers(&att, all_connected);
+    assert_eq!(view.peers.len(), 2);
+    assert!(view.peers.iter().all(|(_, st)| st.full_syncs == 1));
+    for i in 0..50u64 {
+        write(&att, &p, i * 7 * 4096, i as u8 + 1).expect("write");
+    }
+    // Protocol C: every returned write is on both replicas.
+    for i in 0..50u64 {
+        assert_eq!(read(&r1, i * 7 * 4096), vec![i as u8 + 1; 4096]);
+        assert_eq!(read(&r2, i * 7 * 4096), vec![i as u8 + 1; 4096]);
+    }
+    assert!(whole(&r1) == whole(&p) && whole(&r2) == whole(&p));
+
+    // Replica 2 goes away: writes go on (allow_outdate), only its peer
+    // tracks them.
+    s2.stop();
+    drop(s2);
+    for i in 0..5u64 {
+        write(&att, &p, (40 + i) * CHUNK, 0xa0 + i as u8).expect("write with a peer away");
+    }
+    let view = att.view("vol");
+    let st = |peer: SocketAddr| {
+        view.peers
+            .iter()
+            .find(|(p, _)| *p == peer.to_string())
+            .map(|(_, st)| st.clone())
+            .expect("peer")
+    };
+    assert_eq!(
+        (st(a1).state, st(a1).dirty_chunks),
+        (PeerState::Connected, 0)
+    );
+    assert_eq!(st(a2).state, PeerState::Away);
+    assert_eq!(st(a2).dirty_chunks, 5);
+    assert_eq!(read(&r1, 44 * CHUNK), vec![0xa4; 4096]);
+
+    // Back (its book remembers the stream): only the dirty chunks.
+    let _s2 = ReplicaServer::start_persistent(r2.clone(), a2, 0, &book2).expect("replica 2 back");
+    let view = wait_peers(&att, all_connected);
+    let back = view
+        .peers
+        .iter()
+        .find(|(p, _)| *p == a2.to_string())
+        .map(|(_, st)| st.clone())
+        .expect("peer 2");
+    assert_eq!((back.full_syncs, back.resync_chunks), (1, 5), "{back:?}");
+    assert!(whole(&r2) == whole(&p));
+
+    // Idempotent: the same spec keeps both links.
+    let before: Vec<_> = view.peers.iter().map(|(_, st)| st.acked_frames).collect();
+    att.attach("vol", spec(Role::Primary, 1, &[a1, a2], true))
+        .expect("again");
+    write(&att, &p, 0, 0x77).expect("write");
+    let after = att.view("vol");
+    for ((_, st), b) in after.peers.iter().zip(before) {
+        assert_eq!(st.acked_frames, b + 1, "{st:?}");
+        assert_eq!(st.state, PeerState::Connected);
+    }
+    // Dropping a peer keeps the other's link.
+    att.attach("vol", spec(Role::Primary, 1, &[a1], true))
+        .expect("one peer");
+    let one = att.view("vol");
+    assert_eq!(one.peers.len(), 1);
+    assert_eq!(one.peers[0].1.state, PeerState::Connected);
+    assert_eq!(one.peers[0].1.full_syncs, 1);
+}
+
+#[test]
+fn a_secondary_refuses_writes_and_primaries_need_the_newest_epoch() {
+    let p = pool();
+    let att = attachments(&p);
+    att.attach("vol", spec(Role::Secondary, 3, &[], false))
+        .expect("secondary");
+    assert!(matches!(
+        write(&att, &p, 0, 1),
+        Err(ReplicationError::NotPrimary { .. })
+    ));
+    let vol = p.open_volume("vol").expect("open");
+    att.slot("vol")
+        .submit(Op::Flush, || vol.flush())
+        .expect("a secondary flushes");
+    match att.attach("vol", spec(Role::Primary, 2, &[], false)) {
+        Err(AttachError::StaleEpoch { epoch, newest, .. }) => assert_eq!((epoch, newest), (2, 3)),
+        other => panic!("an old primary was attached: {other:?}"),
+    }
+    assert_eq!(att.role("vol"), Some(Role::Secondary));
+    att.attach("vol", spec(Role::Primary, 3, &[], false))
+        .expect("primary");
+    write(&att, &p, 0, 2).expect("a primary with no peers writes");
+    // A newer epoch seen for the volume (a newer primary's frames) fences
+    // this primary before it writes anything.
+    att.book().admit("vol", 4).expect("newer epoch");
+    assert!(matches!(
+        write(&att, &p, 0, 3),
+        Err(ReplicationError::StaleEpoch {
+            epoch: 3,
+            newest: 4
+        })
+    ));
+    assert_eq!(read(&p, 0), vec![2; 4096]);
+    assert!(matches!(
+        att.attach("missing", spec(Role::Secondary, 1, &[], false)),
+        Err(AttachError::Volume { .. })
+    ));
+    assert!(matches!(
+        att.attach("vol", spec(Role::Primary, 5, &[], false))
+            .and_then(|_| att.attach(
+                "vol",
+                AttachSpec {
+                    peers: vec!["no-such-host.invalid:7800".into()],
+                    ..spec(Role::Primary, 5, &[], false)
+                }
+            )),
+        Err(AttachError::Peer { .. })
+    ));
+}
+
+#[test]
+fn diverged_primaries_report_a_split_brain_and_overwrite_nothing() {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let (pa, pb) = (pool(), pool());
+    let (att_a, att_b) = (attachments(&pa), attachments(&pb));
+    let sa = ReplicaServer::serve(att_a.clone(), any).expect("replica server A");
+    let sb = ReplicaServer::serve(att_b.clone(), any).expect("replica server B");
+    // Each written on its own, neither ever a copy of the other.
+    write(&att_a, &pa, 0, 0xaa).expect("write A");
+    write(&att_b, &pb, 0, 0xbb).expect("write B");
+    att_a
+        .attach("vol", spec(Role::Standalone, 0, &[], false))
+        .expect("A standalone");
+    att_b
+        .attach("vol", spec(Role::Standalone, 0, &[], false))
+        .expect("B standalone");
+    att_a
+        .attach("vol", spec(Role::Primary, 1, &[sb.addr()], true))
+        .expect("A primary");
+    att_b
+        .attach("vol", spec(Role::Primary, 1, &[sa.addr()], true))
+        .expect("B primary");
+    let split = |v: &AttachmentView| v.peers[0].1.state == PeerState::SplitBrain;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(split(&att_a.view("vol")) && split(&att_b.view("vol"))) {
+        assert!(
+            Instant::now() < deadline,
+            "no split brain: {:?} {:?}",
+            att_a.view("vol"),
+            att_b.view("vol")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read(&pa, 0), vec![0xaa; 4096]);
+    assert_eq!(read(&pb, 0), vec![0xbb; 4096]);
+}
+
+fn persistent(pool: &Pool, dir: &Path) -> Attachments {
+    let book = ReplicaBook::open(&dir.join("pool.epochs"), 0).expect("book");
+    Attachments::persistent(
+        pool.clone(),
+        Arc::new(book),
+        opts(),
+        &dir.join("pool.attachments"),
+    )
+    .expect("attachments")
+}
+
+#[test]
+fn attachments_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pool();
+    p.create_volume("other", VOL).expect("other");
+    let att = persistent(&p, dir.path());
+    att.attach("vol", spec(Role::Secondary, 2, &[], false))
+        .expect("secondary");
+    att.attach(
+        "other",
+        spec(
+            Role::Primary,
+            4,
+            &["127.0.0.1:9".parse().expect("addr")],
+            true,
+        ),
+    )
+    .expect("primary");
+    drop(att);
+    let att = persistent(&p, dir.path());
+    assert_eq!(att.role("vol"), Some(Role::Secondary));
+    assert!(matches!(
+        write(&att, &p, 0, 1),
+        Err(ReplicationError::NotPrimary { .. })
+    ));
+    let other = att.view("other");
+    let spec_back = other.spec.expect("other restored");
+    assert_eq!(
+        (spec_back.role, spec_back.epoch, spec_back.allow_outdate),
+        (Role::Primary, 4, true)
+    );
+    assert_eq!(spec_back.peers, ["127.0.0.1:9"]);
+    // A deleted volume's attachment is gone after the next restart.
+    att.detach("other");
+    p.delete("other").expect("delete");
+    drop(att);
+    let att = persistent(&p, dir.path());
+    assert!(att.view("other").spec.is_none());
+    std::fs::write(dir.path().join("pool.attachments"), "vol boss 1 0\n").expect("write");
+    assert!(
+        Attachments::persistent(
+            p.clone(),
+            Arc::new(ReplicaBook::in_memory(0)),
+            opts(),
+            &dir.path().join("pool.attachments"),
+        )
+        .is_err()
+    );
+}

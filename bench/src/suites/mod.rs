@@ -9,6 +9,7 @@ mod guest_boot;
 mod nbd;
 mod raft;
 mod replication;
+mod vm_lifecycle;
 
 /// Options every suite may use.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +56,11 @@ pub const ALL: &[Suite] = &[
         name: "failover",
         about: "node loss (kill -9 of its agent) to the VM running on another node, simulated compute, default timing: against Proxmox VE's and Harvester's documented recovery times",
         run: failover::run,
+    },
+    Suite {
+        name: "vm-lifecycle",
+        about: "basalt vm create to the test guest answering, and delete to its domain gone, for 1 VM and 10 at once (TCG, one namespace node with the real stack), against virsh create/destroy of the same domain XML",
+        run: vm_lifecycle::run,
     },
     Suite {
         name: "raft",

@@ -1,7 +1,9 @@
-//! cloud-init NoCloud seeds end to end: a real control plane, a storage
-//! process (`basaltd storage serve`, NBD at 127.0.0.1:10809 inside the
-//! node) and an agent driving a private libvirtd, with the test guest
-//! booted under TCG. A VM with a cloud-init section gets a seed volume in
+//! What a guest boots with, end to end: its cloud-init seed and its first
+//! disk. A real control plane, a storage process (`basaltd storage
+//! serve`, NBD at 127.0.0.1:10809 inside the node) and an agent driving a
+//! private libvirtd, with the test guest booted under TCG.
+//!
+//! Seed: a VM with a cloud-init section gets a seed volume in
 //! the node's pool that QEMU opens as a read-only CD-ROM (the domain would
 //! not start otherwise); read back over NBD, it is an ISO 9660 image
 //! labelled `cidata` whose `meta-data`, `user-data` and `network-config`
@@ -10,19 +12,28 @@
 //!
 //! The test guest itself does not mount the seed: its initramfs carries
 //! only the virtio modules, not the IDE/`sr`/iso9660 ones.
+//!
+//! Disk boot: a VM without a kernel, whose disk is a clone of an image
+//! holding GRUB (BIOS, MBR + core image before the first partition, made
+//! with `grub-mkimage`, `sfdisk`, `mkfs.vfat` and mtools on plain files,
+//! no loop device) and the test guest's kernel and initramfs on a FAT
+//! partition, boots from that disk (`<boot dev='hd'/>`, no `<kernel>`)
+//! and answers on its address.
 
 mod common;
 
+use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use basalt_agent::storage::seed::seed_volume;
+use basalt_agent::vm_domain::{tap_name, vm_uuid};
 use basalt_api::{
-    AdminClient, CloudInit, KernelBoot, Kind, Object, ObjectMeta, StorageClient, Vm, VmPhase,
-    VmSpec,
+    AdminClient, CloudInit, Disk, Image, ImageFormat, ImageSpec, KernelBoot, Kind, Network,
+    NetworkSpec, Nic, Object, ObjectMeta, StorageClient, Vm, VmPhase, VmSpec,
 };
-use basalt_testkit::guest::GuestImage;
+use basalt_testkit::guest::{GuestClient, GuestImage, static_ip_cmdline, wire_tap};
 use basalt_testkit::{Fabric, Libvirtd, Node, Prefix, Process, ProcessSpec, wait};
 
 use common::BASALTD;
@@ -75,8 +86,85 @@ fn read_seed(node: &Node, name: &str, dir: &Path) -> (std::path::PathBuf, String
     (out, report)
 }
 
+/// A 32 MiB raw disk that boots `kernel` and `initrd` with `cmdline`
+/// through GRUB (BIOS): `boot.img` in the MBR, the core image in the gap
+/// before the first partition, a FAT partition with the kernel, the
+/// initramfs and `grub.cfg`. Plain files only: no loop device, no mount.
+fn bootable_disk(dir: &Path, kernel: &Path, initrd: &Path, cmdline: &str) -> std::path::PathBuf {
+    let work = dir.join("boot-disk");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let early = work.join("early.cfg");
+    std::fs::write(
+        &early,
+        "set root=(hd0,msdos1)\nset prefix=(hd0,msdos1)/boot/grub\n",
+    )
+    .expect("early.cfg");
+    let core = work.join("core.img");
+    run(Command::new("grub-mkimage")
+        .args(["-O", "i386-pc", "-p", "(hd0,msdos1)/boot/grub", "-o"])
+        .arg(&core)
+        .arg("-c")
+        .arg(&early)
+        .args(["biosdisk", "part_msdos", "fat", "normal", "linux", "boot"])
+        .args(["serial", "terminal"]));
+    let fat = work.join("fat.img");
+    run(Command::new("mkfs.vfat")
+        .arg("-C")
+        .arg(&fat)
+        .arg((31 * 1024).to_string()));
+    let grub_cfg = work.join("grub.cfg");
+    std::fs::write(
+        &grub_cfg,
+        format!(
+            "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\n\
+             linux /vmlinuz {cmdline}\ninitrd /initrd\nboot\n"
+        ),
+    )
+    .expect("grub.cfg");
+    let fat_arg = fat.to_string_lossy().into_owned();
+    run(Command::new("mmd").args(["-i", &fat_arg, "::/boot", "::/boot/grub"]));
+    for (from, to) in [
+        (kernel, "::/vmlinuz"),
+        (initrd, "::/initrd"),
+        (grub_cfg.as_path(), "::/boot/grub/grub.cfg"),
+    ] {
+        run(Command::new("mcopy")
+            .args(["-i", &fat_arg])
+            .arg(from)
+            .arg(to));
+    }
+    let disk = work.join("disk.img");
+    let mut bytes = vec![0u8; 32 << 20];
+    let boot = std::fs::read("/usr/lib/grub/i386-pc/boot.img").expect("GRUB's boot.img");
+    let core = std::fs::read(&core).expect("core.img");
+    let fat = std::fs::read(&fat).expect("fat.img");
+    assert!(
+        core.len() < (1 << 20) - 512,
+        "the core image fits before 1 MiB"
+    );
+    // boot.img's code only: the partition table goes after it (sfdisk).
+    bytes[..440].copy_from_slice(&boot[..440]);
+    bytes[512..512 + core.len()].copy_from_slice(&core);
+    bytes[1 << 20..(1 << 20) + fat.len()].copy_from_slice(&fat);
+    std::fs::write(&disk, bytes).expect("disk.img");
+    let mut child = Command::new("sfdisk")
+        .args(["-q", "--no-reread", "--no-tell-kernel"])
+        .arg(&disk)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"start=2048, type=c, bootable\n")
+        .expect("partition table");
+    assert!(child.wait().expect("sfdisk").success(), "sfdisk failed");
+    disk
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_gets_its_cloud_init_seed_as_a_cdrom() {
+async fn a_vm_boots_with_its_cloud_init_seed_and_from_its_first_disk() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -279,6 +367,85 @@ async fn a_vm_gets_its_cloud_init_seed_as_a_cdrom() {
         },
     )
     .await;
+
+    // Disk boot: an image that boots the test guest through GRUB, a VM
+    // without a kernel whose first disk clones it.
+    let ip = std::net::Ipv4Addr::new(10, 80, 0, 20);
+    let disk_file = bootable_disk(&dir, image.kernel(), image.initrd(), &static_ip_cmdline(ip));
+    let bootable = Image {
+        meta: ObjectMeta::named("bootable"),
+        spec: ImageSpec {
+            source: disk_file.to_string_lossy().into_owned(),
+            format: ImageFormat::Raw,
+        },
+        ..Image::default()
+    };
+    admin.create(Object::Image(bootable)).await.expect("image");
+    let network = Network {
+        meta: ObjectMeta::named("default"),
+        spec: NetworkSpec {
+            cidr: "10.80.0.0/24".into(),
+            vni: 80,
+        },
+    };
+    admin
+        .create(Object::Network(network))
+        .await
+        .expect("network");
+    let vm = Vm {
+        meta: ObjectMeta::named("from-disk"),
+        spec: VmSpec {
+            cpus: 1,
+            memory_mib: 128,
+            running: true,
+            disks: vec![Disk {
+                name: "root".into(),
+                size_bytes: 32 << 20,
+                image: Some("bootable".into()),
+                replicas: 1,
+            }],
+            nics: vec![Nic {
+                network: "default".into(),
+                mac: None,
+                ip: None,
+            }],
+            ..VmSpec::default()
+        },
+        ..Vm::default()
+    };
+    let Object::Vm(vm) = admin.create(Object::Vm(vm)).await.expect("vm") else {
+        panic!("a vm")
+    };
+    let domain = format!("{}-from-disk", prefix.name());
+    let tap = tap_name(vm_uuid(&vm.meta.uid), 0);
+    let wired = tokio::task::spawn_blocking({
+        let node = node.clone();
+        move || wire_tap(&node, &tap, ip, DEADLINE)
+    })
+    .await
+    .expect("wiring");
+    if let Err(err) = wired {
+        panic!(
+            "{err}\nvm: {:?}\nagent:\n{}",
+            get_vm(&admin, "from-disk").await.map(|v| v.status),
+            agent.log_tail(30)
+        );
+    }
+    let xml = libvirtd.virsh(&["dumpxml", &domain]).expect("dumpxml");
+    assert!(xml.contains("<boot dev='hd'/>"), "{xml}");
+    assert!(!xml.contains("<kernel>"), "{xml}");
+    let serial = prefix.log_dir().join("from-disk.log");
+    let answered = tokio::task::spawn_blocking({
+        let node = node.clone();
+        move || GuestClient::in_node(ip, Some(&node)).wait_ready(DEADLINE)
+    })
+    .await
+    .expect("waiting");
+    assert!(
+        answered.is_ok(),
+        "the disk-booted guest does not answer: {answered:?}\nserial:\n{}",
+        basalt_testkit::guest::log_tail(&serial, 30)
+    );
 }
 
 fn read_in(dir: &Path, file: &str) -> String {

@@ -1,7 +1,10 @@
 //! The libvirt backend passes the same conformance suite as the simulated
 //! one, on a private libvirtd in a namespace, booting the real test guest
 //! under TCG. Then an agent restart is simulated: a fresh backend on the
-//! same daemon finds (adopts) the running domain. Needs root.
+//! same daemon finds (adopts) the running domain. Last, four domains are
+//! started and then destroyed and undefined from four threads at once
+//! through one backend (the reconciler's concurrent actions): every call
+//! succeeds and nothing is left. Needs root.
 
 use std::time::Duration;
 
@@ -52,4 +55,51 @@ fn libvirt_passes_the_conformance_suite_and_is_adopted_after_restart() {
     );
     restarted.destroy(&spec.name).expect("destroy");
     restarted.undefine(&spec.name).expect("undefine");
+
+    // Concurrent calls through one backend (one shared connection).
+    let specs: Vec<_> = (0..4)
+        .map(|i| {
+            let mut s = spec.clone();
+            s.name = format!("{}-c{i}", spec.name);
+            s.uuid = uuid::Uuid::new_v4();
+            s.serial_log = prefix.log_dir().join(format!("c{i}.serial.log"));
+            s
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for s in &specs {
+            let restarted = &restarted;
+            scope.spawn(move || {
+                restarted.define(s).expect("define");
+                restarted.start(&s.name).expect("start");
+            });
+        }
+    });
+    for s in &specs {
+        assert!(
+            restarted
+                .status(&s.name)
+                .expect("status")
+                .unwrap()
+                .state
+                .is_active()
+        );
+    }
+    std::thread::scope(|scope| {
+        for s in &specs {
+            let restarted = &restarted;
+            scope.spawn(move || {
+                restarted.destroy(&s.name).expect("destroy");
+                restarted.undefine(&s.name).expect("undefine");
+            });
+        }
+    });
+    for s in &specs {
+        assert_eq!(
+            restarted.status(&s.name).expect("status"),
+            None,
+            "{} is left",
+            s.name
+        );
+    }
 }

@@ -2,7 +2,10 @@
 //!
 //! One connection per instance, opened lazily and reopened after a failure
 //! (libvirtd may restart under a running agent; its domains keep running
-//! because QEMU outlives libvirtd). Domains are defined persistently so an
+//! because QEMU outlives libvirtd). Calls share it without holding a lock
+//! (libvirt connections are thread-safe; each call holds its own
+//! reference), so the reconciler's concurrent actions on different
+//! domains overlap in libvirtd. Domains are defined persistently so an
 //! agent restart finds and adopts them.
 //!
 //! A migration runs on two connections of its own (one blocked in
@@ -64,31 +67,48 @@ impl LibvirtCompute {
 
     /// Runs `f` on the connection, opening it if needed; after a failure
     /// that may be a lost connection, drops it so the next call reconnects.
+    ///
+    /// The lock is held only to open or share the connection, never
+    /// during the call: libvirt connections are thread-safe, so calls from
+    /// several threads (the reconciler acting on several domains at once)
+    /// run side by side instead of one after another.
     fn with_conn<T>(
         &self,
         operation: &'static str,
         name: &str,
         f: impl FnOnce(&Connect) -> Result<T, virt::error::Error>,
     ) -> Result<T, ComputeError> {
-        let mut guard = self.lock();
-        if guard.is_none() {
-            let conn =
-                Connect::open(Some(&self.uri)).map_err(|err| hypervisor(operation, name, &err))?;
-            *guard = Some(conn);
-        }
-        let Some(conn) = guard.as_ref() else {
-            return Err(ComputeError::Hypervisor {
-                operation,
-                name: name.to_owned(),
-                message: "no connection".to_owned(),
-            });
+        let mut conn = {
+            let mut guard = self.lock();
+            if guard.is_none() {
+                let conn = Connect::open(Some(&self.uri))
+                    .map_err(|err| hypervisor(operation, name, &err))?;
+                *guard = Some(conn);
+            }
+            let Some(conn) = guard.as_ref() else {
+                return Err(ComputeError::Hypervisor {
+                    operation,
+                    name: name.to_owned(),
+                    message: "no connection".to_owned(),
+                });
+            };
+            share(conn).map_err(|err| hypervisor(operation, name, &err))?
         };
-        let result = f(conn);
+        let used = conn.as_ptr();
+        let result = f(&conn);
+        // Our reference only: the shared one stays open.
+        let _ = conn.close();
         if let Err(err) = &result
             && is_connection_error(err)
-            && let Some(mut conn) = guard.take()
         {
-            let _ = conn.close();
+            let mut guard = self.lock();
+            // Only if it is still the connection that failed (another
+            // thread may have replaced it already).
+            if guard.as_ref().is_some_and(|c| c.as_ptr() == used)
+                && let Some(mut stale) = guard.take()
+            {
+                let _ = stale.close();
+            }
         }
         result.map_err(|err| hypervisor(operation, name, &err))
     }
@@ -123,6 +143,21 @@ impl LibvirtCompute {
             })
         }
     }
+}
+
+/// Another reference to `conn`, released by its own `close()`: the
+/// connection lives until every holder has closed it, so a thread that
+/// drops a failed connection never pulls it from under another's call.
+fn share(conn: &Connect) -> Result<Connect, virt::error::Error> {
+    // SAFETY: `conn` is an open connection (its holder has not closed
+    // it), so its pointer is valid; virConnectRef only counts a reference.
+    let ret = unsafe { sys::virConnectRef(conn.as_ptr()) };
+    if ret == -1 {
+        return Err(virt::error::Error::last_error());
+    }
+    // SAFETY: the pointer is valid and the reference just taken belongs
+    // to the returned value, which releases it with `close()`.
+    Ok(unsafe { Connect::from_ptr(conn.as_ptr()) })
 }
 
 /// Aborts the domain's current job (a migration).

@@ -13,9 +13,17 @@
 //! moves the domain to the peer when nothing is left. A guest marked
 //! [`SimCompute::never_converge`] dirties memory as fast as it is copied,
 //! so only an abort or post-copy ends its migration.
+//!
+//! Latency: [`SimCompute::set_call_latency`] makes every state-changing call
+//! (define, start, shutdown, destroy, undefine) take that long, outside
+//! the lock, as a real hypervisor's calls do; the simulator counts how many
+//! such calls overlap ([`SimCompute::max_overlapping_calls`]), so a test can
+//! prove that a caller runs them concurrently.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use crate::compute::domain::DomainSpec;
 use crate::compute::{
@@ -41,12 +49,29 @@ struct State {
     peers: BTreeMap<String, Weak<SimCompute>>,
     /// Guests whose migration never converges by itself.
     never_converge: BTreeSet<String>,
+    /// Guests whose every migration fails at once.
+    refuse_migration: BTreeSet<String>,
 }
 
 /// An in-memory hypervisor. See the module doc.
 #[derive(Debug, Default)]
 pub struct SimCompute {
     state: Mutex<State>,
+    /// How long each state-changing call takes.
+    latency: Mutex<Duration>,
+    /// State-changing calls under way now.
+    in_flight: AtomicUsize,
+    /// The most that were ever under way at once.
+    max_in_flight: AtomicUsize,
+}
+
+/// One state-changing call under way; counted until dropped.
+struct InFlight<'a>(&'a SimCompute);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl SimCompute {
@@ -61,6 +86,35 @@ impl SimCompute {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes every later state-changing call take `latency` (slept
+    /// outside the lock, so calls from several threads overlap).
+    pub fn set_call_latency(&self, latency: Duration) {
+        *self
+            .latency
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = latency;
+    }
+
+    /// The most state-changing calls that were ever under way at once.
+    pub fn max_overlapping_calls(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Counts a state-changing call and takes the configured latency; the
+    /// call is counted until the returned guard drops.
+    fn call(&self) -> InFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let latency = *self
+            .latency
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !latency.is_zero() {
+            std::thread::sleep(latency);
+        }
+        InFlight(self)
     }
 
     /// Makes the next call of `operation` (`define`, `start`, `shutdown`,
@@ -86,6 +140,12 @@ impl SimCompute {
     /// The guest `name` dirties memory as fast as a migration copies it.
     pub fn never_converge(&self, name: &str) {
         self.lock().never_converge.insert(name.to_owned());
+    }
+
+    /// Every migration of the guest `name` fails at once (the guest
+    /// keeps running here), as when the target cannot be reached.
+    pub fn refuse_migration(&self, name: &str) {
+        self.lock().refuse_migration.insert(name.to_owned());
     }
 
     /// The guest crashes.
@@ -127,6 +187,7 @@ impl SimCompute {
         name: &str,
         f: impl FnOnce(&mut SimDomain) -> T,
     ) -> Result<T, ComputeError> {
+        let _call = self.call();
         let mut state = self.lock();
         Self::check_fault(&mut state, operation, name)?;
         let domain = state
@@ -145,6 +206,7 @@ impl Compute for SimCompute {
             name: spec.name.clone(),
             source,
         })?;
+        let _call = self.call();
         let mut state = self.lock();
         Self::check_fault(&mut state, "define", &spec.name)?;
         match state.domains.get_mut(&spec.name) {
@@ -195,6 +257,7 @@ impl Compute for SimCompute {
     }
 
     fn undefine(&self, name: &str) -> Result<(), ComputeError> {
+        let _call = self.call();
         let mut state = self.lock();
         Self::check_fault(&mut state, "undefine", name)?;
         match state.domains.get(name) {
@@ -253,6 +316,9 @@ impl Compute for SimCompute {
                 })?;
             if !domain.state.is_active() {
                 return Err(failed("the domain is not running"));
+            }
+            if state.refuse_migration.contains(name) {
+                return Err(failed("refused (the simulator was told to)"));
             }
             let memory = domain.spec.memory_mib << 20;
             let peer = state

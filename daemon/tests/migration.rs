@@ -20,8 +20,10 @@
 //!   guest's activation (its first frame on the standby tap), and the
 //!   controller's switchover did not write it again.
 //!
-//! Once the policy is deleted the VM answers a new connection at the same
-//! address.
+//! A third migration, which the target refuses (its migration ports
+//! reset), fails and leaves the VM, its placement and its endpoint on the
+//! source, the stream flowing and no standby tap on the target. Once the
+//! policy is deleted the VM answers a new connection at the same address.
 //! The CLI is the workspace's `basalt` binary, next to `basaltd` (the
 //! `basalt` package's own tests make `cargo test` build it).
 
@@ -102,6 +104,31 @@ async fn endpoint_of(admin: &AdminClient, vm: &str) -> Option<Endpoint> {
 
 fn has_link(node: &Node, name: &str) -> bool {
     node.ip(&["link", "show", "dev", name]).is_ok()
+}
+
+/// Makes `node` refuse (`on`) or accept again TCP connections to its
+/// libvirt migration ports, where an incoming QEMU listens for the copy:
+/// a migration to it then fails at once.
+fn refuse_migrations(node: &Node, on: bool) {
+    let script = if on {
+        "table inet migration-refused {
+            chain input {
+                type filter hook input priority -10;
+                tcp dport 49152-49215 reject with tcp reset
+            }
+        }"
+    } else {
+        "delete table inet migration-refused"
+    };
+    let mut child = node
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), script.as_bytes())
+        .expect("write the nft script");
+    assert!(child.wait().expect("nft").success(), "nft: {script}");
 }
 
 /// Removes the nodes' pinned datapaths when the test ends.
@@ -517,7 +544,7 @@ async fn a_vm_moves_live_there_and_back_its_endpoint_moving_on_activation() {
         },
         ..Vm::default()
     };
-    create_placed(&admin, web.clone(), n1.netns()).await;
+    let web = create_placed(&admin, web.clone(), n1.netns()).await;
     let mut peer_vm = web.clone();
     peer_vm.meta = ObjectMeta::named("peer");
     peer_vm.spec.kernel = Some(KernelBoot {
@@ -636,6 +663,66 @@ async fn a_vm_moves_live_there_and_back_its_endpoint_moving_on_activation() {
         "two moves, two epochs"
     );
 
+    // A migration that fails — the target refuses the copy — leaves the
+    // VM, its placement and its endpoint where they were: the guest never
+    // resumed on the target, so nothing was activated there.
+    refuse_migrations(&n2, true);
+    let (placed, leased) = (
+        placement(&admin, "web").await.expect("placed"),
+        endpoint_of(&admin, "web").await.expect("the endpoint"),
+    );
+    let refused = {
+        let (cli, server, to) = (cli.clone(), server.clone(), n2.netns().to_owned());
+        tokio::task::spawn_blocking(move || {
+            Command::new(cli)
+                .args(["--server", &server, "vm", "migrate", "web", "--to", &to])
+                .arg("--wait")
+                .output()
+                .expect("run basalt vm migrate")
+        })
+        .await
+        .expect("join")
+    };
+    refuse_migrations(&n2, false);
+    assert!(
+        !refused.status.success(),
+        "a migration the target refused succeeded: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+    let Ok(Object::Migration(m)) = admin.get(Kind::Migration, "web").await else {
+        panic!("the migration object is kept")
+    };
+    assert_eq!(m.status.phase, MigrationPhase::Failed, "{m:?}");
+    eprintln!("the refused migration: {}", m.status.message);
+    let at = reader.count();
+    wait::until(
+        "the stream flows after the failed move",
+        DEADLINE,
+        &logs,
+        || async { reader.count() >= at + 20 },
+    )
+    .await;
+    assert_eq!(
+        placement(&admin, "web").await,
+        Some(placed),
+        "placement kept"
+    );
+    assert_eq!(
+        endpoint_of(&admin, "web").await,
+        Some(leased),
+        "the endpoint stays on the source, never written"
+    );
+    assert_eq!(domain_state(&l1, &domain), "running");
+    assert_eq!(domain_state(&l2, &domain), "undefined");
+    let web_tap = tap_name(vm_uuid(&web.meta.uid), 0);
+    wait::until(
+        "the target removed its standby tap",
+        DEADLINE,
+        &logs,
+        || async { !has_link(&n2, &web_tap) },
+    )
+    .await;
+
     // Without the policy the VM answers new connections at the same
     // address, from where it is now.
     admin
@@ -659,7 +746,7 @@ async fn a_vm_moves_live_there_and_back_its_endpoint_moving_on_activation() {
         .map(|w| w[1].1.duration_since(w[0].1))
         .max()
         .unwrap_or_default();
-    eprintln!("longest pause in the stream across both migrations: {gap:?}");
+    eprintln!("longest pause in the stream across the migrations: {gap:?}");
     assert!(
         gap <= MAX_PAUSE,
         "the stream paused {gap:?} (more than {MAX_PAUSE:?})"

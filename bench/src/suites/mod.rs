@@ -6,6 +6,7 @@ mod datapath;
 mod endpoint_move;
 mod failover;
 mod guest_boot;
+mod migration;
 mod nbd;
 mod raft;
 mod replication;
@@ -61,6 +62,11 @@ pub const ALL: &[Suite] = &[
         name: "vm-lifecycle",
         about: "basalt vm create to the test guest answering, and delete to its domain gone, for 1 VM and 10 at once (TCG, one namespace node with the real stack), against virsh create/destroy of the same domain XML",
         run: vm_lifecycle::run,
+    },
+    Suite {
+        name: "migration",
+        about: "live migration of a running TCG guest between two nodes with the agents' eBPF datapath: downtime by ICMP and TCP probes from a peer VM on a third node, and total time, against Deckhouse's published ~100 ms",
+        run: migration::run,
     },
     Suite {
         name: "raft",

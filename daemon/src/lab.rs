@@ -52,6 +52,8 @@ const VM_MEMORY_MIB: u64 = 256;
 const VM_DISK_BYTES: u64 = 256 << 20;
 /// Where each control-plane member listens, on its node's address.
 const CONTROL_PORT: u16 = 7400;
+/// Where each node's storage process takes replication links.
+const REPLICA_PORT: u16 = 7789;
 /// How many nodes run a control-plane member (the first ones).
 const CONTROL_MEMBERS: usize = 3;
 /// How long a TCG guest may take to answer (boots slow on a busy machine).
@@ -243,6 +245,11 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
                 "--local-socket",
             ])
             .arg(storage_socket(&prefix, node.name()))
+            // Primaries on other nodes replicate here (2-replica disks).
+            .args([
+                "--replica-listen",
+                &format!("{}:{REPLICA_PORT}", node.addr()),
+            ])
             .netns(node);
         let mut storage = Process::start(&prefix, spec).context("starting basaltd storage")?;
         storage.wait_for_tcp(
@@ -381,7 +388,8 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
                 name: "root".into(),
                 size_bytes: VM_DISK_BYTES,
                 image: None,
-                replicas: 1,
+                // A copy on a second node: HA restarts the VM there.
+                replicas: 2,
             }],
             nics: vec![Nic {
                 network: "default".into(),

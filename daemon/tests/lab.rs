@@ -88,6 +88,16 @@ fn lab_up_status_down() {
         };
         assert_eq!(vm.status.phase, basalt_api::VmPhase::Running, "{vm:?}");
         assert_eq!(vm.status.node.as_deref(), state["vm"]["node"].as_str());
+        // Its disk has a replica on each of the two nodes.
+        let basalt_api::Object::Placement(placement) = admin
+            .get(basalt_api::Kind::Placement, "lab-vm")
+            .await
+            .unwrap()
+        else {
+            panic!("lab-vm is placed")
+        };
+        assert_eq!(placement.replica_nodes.len(), 2, "{placement:?}");
+        assert_eq!(Some(placement.node.as_str()), state["vm"]["node"].as_str());
         // The address the guest answers at is the one IPAM leased to its
         // NIC: the guest has no address but what DHCP gave it.
         let endpoints = admin.list(basalt_api::Kind::Endpoint).await.unwrap();

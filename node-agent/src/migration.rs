@@ -184,7 +184,9 @@ pub fn keep_pin(
     match migration.status.phase {
         MigrationPhase::Failed => false,
         MigrationPhase::Switching | MigrationPhase::Succeeded => match pin.role {
-            Role::Source => here,
+            // A placement that came back later (HA, a migration back)
+            // has a newer epoch: the VM is this node's to run again.
+            Role::Source => here && placement.is_some_and(|p| p.epoch == pin.epoch),
             Role::Target => !(here && placement.is_some_and(|p| p.epoch > pin.epoch)),
         },
         MigrationPhase::Pending
@@ -1154,6 +1156,10 @@ mod tests {
         let done = migration(MigrationPhase::Succeeded);
         assert!(!keep_pin("n1", &source, Some(&done), Some(&moved), false));
         assert!(!keep_pin("n1", &source, Some(&done), None, false));
+        // The VM came back later (HA off the target, epoch 6): it is this
+        // node's to run again, though the old migration object is kept.
+        let back = placement("n1", 6);
+        assert!(!keep_pin("n1", &source, Some(&done), Some(&back), false));
         let failed = migration(MigrationPhase::Failed);
         assert!(!keep_pin("n1", &source, Some(&failed), Some(&here), false));
         // A copy still running keeps it whatever the object says.

@@ -155,11 +155,22 @@ pub async fn run<C: Compute + 'static>(
         compute.clone(),
         trigger.clone(),
     ));
+    // The secondaries this node holds for VMs placed elsewhere.
+    let replicas = config.storage.clone().map(|storage| {
+        tokio::spawn(crate::storage::replicas::run(
+            config.node.clone(),
+            storage,
+            admin.clone(),
+        ))
+    });
     let reconcile = tokio::spawn(reconcile_loop(
         admin, agent, config, compute, state, trigger, started, migrations, network,
     ));
     shutdown.await;
     heartbeat.abort();
+    if let Some(replicas) = replicas {
+        replicas.abort();
+    }
     placements.abort();
     reconcile.abort();
     migrating.abort();
@@ -426,10 +437,15 @@ async fn reconcile_loop<C: Compute + 'static>(
         let placed = if fenced { Vec::new() } else { placed };
         for (name, evicting) in placed {
             let got = admin.get(Kind::Vm, &name).await;
-            let epoch = lock(&state).placements.get(&name).map_or(1, |p| p.epoch);
-            // Volumes first: a domain is defined only on exported disks.
+            let placement = lock(&state).placements.get(&name).cloned();
+            let placement = placement.unwrap_or_else(|| Placement {
+                epoch: 1,
+                ..Placement::default()
+            });
+            // Volumes first (replicated ones attached primary): a domain
+            // is defined only on exported disks.
             if let (Ok(Object::Vm(vm)), Some(volumes)) = (&got, &volumes)
-                && let Err(err) = volumes.ensure_vm_at(vm, epoch).await
+                && let Err(err) = volumes.ensure_placed(vm, &placement).await
             {
                 if err.is_transient() {
                     tracing::warn!(vm = %name, error = %err, "storage unreachable; keeping what runs");

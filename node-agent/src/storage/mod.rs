@@ -18,6 +18,10 @@
 //! ([`seed`]) made here too.
 //!
 //! Invariants:
+//! - replicated disks ([`replicas`]): a VM placed here has them attached
+//!   primary at its placement's epoch before its domain is defined; this
+//!   node holds the secondaries of the VMs whose placements list it among
+//!   their replica nodes;
 //! - a disk volume is created only for a VM's first placement (epoch 1):
 //!   a VM that moved here (epoch above 1) without its volume here is
 //!   refused rather than started on a fresh, empty disk;
@@ -32,6 +36,7 @@
 //!   volumes with other names are never touched.
 
 pub mod image;
+pub mod replicas;
 pub mod seed;
 
 use std::collections::BTreeSet;
@@ -175,6 +180,7 @@ pub fn garbage(
 /// The agent's side of the node's storage. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Volumes {
+    node: String,
     storage: StorageClient,
     admin: AdminClient,
     importer: Importer,
@@ -192,6 +198,7 @@ impl Volumes {
     ) -> Result<Volumes, ApiError> {
         let storage = StorageClient::connect_unix(&config.socket)?;
         Ok(Volumes {
+            node: node.to_owned(),
             importer: Importer::new(node.to_owned(), storage.clone(), admin.clone()),
             storage,
             admin,

@@ -1,0 +1,536 @@
+//! A VM on a 2-replica disk moves live and survives the loss of its node
+//! (root, libvirt, TCG): a control plane on namespace node `cp`, and on
+//! nodes `a` and `b` a private libvirtd, `basaltd storage serve
+//! --replica-listen` and `basaltd agent` (libvirt compute, storage socket).
+//!
+//! The VM's disk asks for 2 replicas and its placement names `a` and `b`:
+//! `a`'s agent makes the volume and attaches it primary, `b`'s makes an
+//! empty secondary that the primary fills (an NBD write to it is refused).
+//! A pattern written through `a`'s NBD export, and the test guest's boot
+//! counter (the guest writes it on `/dev/vda` at every boot), are read
+//! back from `b`'s export. A live migration to `b` makes `b` the primary
+//! at epoch 2 and `a` the secondary, without a reboot. Then `b`'s agent,
+//! libvirtd and storage process are killed with SIGKILL and its link is
+//! cut: HA moves the VM back to `a` with epoch 3, the guest boots there
+//! from its replica (boot 2: it read boot 1 from the disk) and the
+//! pattern is intact. Finally the fence: `a`'s pool refuses a primary
+//! with the old epoch, and `b`'s storage process, brought back as the old
+//! primary (epoch 2), gets no write acknowledged by `a`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use basalt_agent::storage::disk_volume;
+use basalt_api::{
+    AdminClient, ApiError, AttachVolume, Disk, JoinToken, KernelBoot, Kind, Migration,
+    MigrationPhase, MigrationSpec, Object, ObjectMeta, Placement, ReplicaPeerState, StorageClient,
+    Vm, VmPhase, VmSpec, VolumeRole,
+};
+use basalt_testkit::guest::{self, GuestImage};
+use basalt_testkit::nbd_client::NbdClient;
+use basalt_testkit::{Fabric, Libvirtd, Node, Prefix, Process, ProcessSpec, wait};
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+
+/// A TCG guest on a loaded machine boots slowly: generous, not tight.
+const DEADLINE: Duration = Duration::from_secs(180);
+const CONTROL_PORT: u16 = 7400;
+const REPLICA_PORT: u16 = 7789;
+const NBD: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10809);
+/// Short leases so the node's loss takes seconds.
+const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
+const DISK_BYTES: u64 = 16 << 20;
+/// Where the test's pattern goes (past the guest's two records).
+const PATTERN_AT: u64 = 1 << 20;
+const PATTERN_BLOCKS: u64 = 64;
+
+/// 4 KiB block `i` of the pattern: its number, then a fill byte.
+fn pattern_block(i: u64) -> Vec<u8> {
+    let mut block = vec![(i % 251) as u8 + 1; 4096];
+    block[..8].copy_from_slice(&i.to_le_bytes());
+    block
+}
+
+/// Reads `len` bytes at `offset` of `export` from the NBD server inside
+/// `node`.
+fn read_export(node: &Node, export: &str, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let export = export.to_owned();
+    node.run_in(move || {
+        let mut client = NbdClient::connect(NBD, &export)?;
+        let mut buf = vec![0u8; len];
+        client.read(offset, &mut buf)?;
+        Ok(buf)
+    })
+    .map_err(std::io::Error::other)?
+}
+
+/// The boot counter the guest keeps in block 0 of its disk.
+fn boots(block0: &[u8]) -> u64 {
+    let digits: String = block0
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .map(|b| char::from(*b))
+        .collect();
+    digits.parse().unwrap_or(0)
+}
+
+fn create_pool(dir: &Path, node: &str) -> PathBuf {
+    let pool = dir.join(format!("pool-{node}.img"));
+    let out = Command::new(BASALTD)
+        .args(["storage", "pool", "create", "--size", "256M", "--path"])
+        .arg(&pool)
+        .output()
+        .expect("basaltd runs");
+    assert!(out.status.success(), "{out:?}");
+    pool
+}
+
+fn storage_spec(prefix: &Prefix, node: &Node, pool: &Path, socket: &Path) -> ProcessSpec {
+    ProcessSpec::new(format!("storage-{}", node.name()), BASALTD)
+        .args(["storage", "serve", "--listen", &NBD.to_string(), "--pool"])
+        .arg(pool)
+        .arg("--local-socket")
+        .arg(socket)
+        .args([
+            "--replica-listen",
+            &format!("{}:{REPLICA_PORT}", node.addr()),
+        ])
+        .env("RUST_LOG", "info")
+        .netns(node)
+        .cwd(prefix.dir())
+}
+
+async fn vm_on(admin: &AdminClient, node: &str) -> bool {
+    matches!(admin.get(Kind::Vm, "db").await,
+        Ok(Object::Vm(vm)) if vm.status.phase == VmPhase::Running
+            && vm.status.node.as_deref() == Some(node))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_data() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let prefix = Prefix::for_test().expect("prefix");
+    let dir = prefix.dir().to_path_buf();
+    let mut fabric = Fabric::new(&prefix).expect("fabric");
+    let a = fabric.add_node("a").expect("node a");
+    let b = fabric.add_node("b").expect("node b");
+    let cp = fabric.add_node("cp").expect("node cp");
+    let hosts = fabric.hosts();
+    let (la, mut lb) = std::thread::scope(|s| {
+        let la = s.spawn(|| Libvirtd::start(&prefix, &a, &hosts).expect("libvirtd a"));
+        let lb = s.spawn(|| Libvirtd::start(&prefix, &b, &hosts).expect("libvirtd b"));
+        (la.join().expect("a"), lb.join().expect("b"))
+    });
+    let image = GuestImage::build().expect("guest image");
+
+    // Storage on a and b: NBD where QEMU looks, the local API for the
+    // agent, replication on the node's address.
+    let (pool_a, pool_b) = (create_pool(&dir, "a"), create_pool(&dir, "b"));
+    let (sock_a, sock_b) = (dir.join("storage-a.sock"), dir.join("storage-b.sock"));
+    let mut storage_a =
+        Process::start(&prefix, storage_spec(&prefix, &a, &pool_a, &sock_a)).expect("storage a");
+    let mut storage_b =
+        Process::start(&prefix, storage_spec(&prefix, &b, &pool_b, &sock_b)).expect("storage b");
+    storage_a
+        .wait_for_tcp(NBD, Some(&a), Duration::from_secs(30))
+        .expect("storage a listening");
+    storage_b
+        .wait_for_tcp(NBD, Some(&b), Duration::from_secs(30))
+        .expect("storage b listening");
+
+    // The control plane on cp, with short leases.
+    let config = dir.join("control.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let server = format!("{}:{CONTROL_PORT}", cp.addr());
+    let control = Process::start(
+        &prefix,
+        ProcessSpec::new("control", BASALTD)
+            .args([
+                "control",
+                "--node-id",
+                "1",
+                "--bootstrap",
+                "--listen",
+                &server,
+            ])
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.join("control"))
+            .env("RUST_LOG", "info")
+            .netns(&cp),
+    )
+    .expect("control plane");
+    let admin = AdminClient::connect_lazy(&server).expect("admin client");
+    wait::until(
+        "the control plane answers",
+        DEADLINE,
+        &[&control],
+        || async { admin.list(Kind::Node).await.is_ok() },
+    )
+    .await;
+    let mut token = JoinToken {
+        meta: ObjectMeta::named("join"),
+        ..JoinToken::default()
+    };
+    token.spec.ttl_seconds = 600;
+    token.spec.max_uses = 2;
+    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
+        panic!("create the join token")
+    };
+    let secret = token.secret.expect("the secret").expose().to_owned();
+    let domain_prefix = format!("{}-", prefix.name());
+    let agent = |node: &Node, libvirtd: &Libvirtd, socket: &Path| {
+        let console = prefix.log_dir().join(format!("console-{}", node.name()));
+        Process::start(
+            &prefix,
+            ProcessSpec::new(format!("agent-{}", node.name()), BASALTD)
+                .args(["agent", "--node", node.name(), "--server", &server])
+                .args(["--address", &format!("{}:7500", node.addr())])
+                .args(["--libvirt-uri", &libvirtd.uri()])
+                .args(["--domain-prefix", &domain_prefix])
+                .args(["--resync-ms", "500", "--stop-grace-ms", "1000"])
+                .args(["--cpus", "2", "--memory-mib", "2048"])
+                .arg("--storage-socket")
+                .arg(socket)
+                .arg("--console-dir")
+                .arg(console)
+                .env("BASALT_JOIN_TOKEN", &secret)
+                .env("RUST_LOG", "info")
+                .netns(node),
+        )
+        .expect("agent")
+    };
+    let agent_a = agent(&a, &la, &sock_a);
+    let mut agent_b = agent(&b, &lb, &sock_b);
+    let console_a = prefix.log_dir().join("console-a").join("db.log");
+    {
+        let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
+        wait::until(
+            "both nodes joined and published their replication addresses",
+            DEADLINE,
+            &logs,
+            || async {
+                let Ok(list) = admin.list(Kind::Node).await else {
+                    return false;
+                };
+                list.objects.len() == 2
+                    && list.objects.iter().all(|o| {
+                        matches!(o, Object::Node(n) if !n.status.replication_address.is_empty())
+                    })
+            },
+        )
+        .await;
+    }
+
+    // The VM, stopped, placed on a with replicas on a and b.
+    let vm = Vm {
+        meta: ObjectMeta::named("db"),
+        spec: VmSpec {
+            cpus: 1,
+            memory_mib: 128,
+            running: false,
+            disks: vec![Disk {
+                name: "root".into(),
+                size_bytes: DISK_BYTES,
+                image: None,
+                replicas: 2,
+            }],
+            kernel: Some(KernelBoot {
+                kernel: image.kernel().to_string_lossy().into_owned(),
+                initrd: image.initrd().to_string_lossy().into_owned(),
+                cmdline: "console=ttyS0".into(),
+            }),
+            ..VmSpec::default()
+        },
+        ..Vm::default()
+    };
+    let Object::Vm(stored) = admin.create(Object::Vm(vm)).await.expect("vm") else {
+        panic!("a vm")
+    };
+    admin
+        .create(Object::Placement(Placement {
+            meta: ObjectMeta::named("db"),
+            vm: "db".into(),
+            node: "a".into(),
+            epoch: 1,
+            replica_nodes: vec!["a".into(), "b".into()],
+        }))
+        .await
+        .expect("placement on a");
+    let volume = disk_volume(&stored.meta.uid, "root");
+    let storage_client_a = StorageClient::connect_unix(&sock_a).expect("storage a client");
+    let storage_client_b = StorageClient::connect_unix(&sock_b).expect("storage b client");
+    let peer_state = |client: StorageClient, volume: String| async move {
+        client.status().await.ok().and_then(|s| {
+            s.replicas
+                .into_iter()
+                .find(|r| r.volume == volume)
+                .map(|r| (r.state, r.dirty_chunks))
+        })
+    };
+    {
+        let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
+        wait::until(
+            "a's primary replicates to b's secondary, in sync",
+            DEADLINE,
+            &logs,
+            || async {
+                peer_state(storage_client_a.clone(), volume.clone()).await
+                    == Some((ReplicaPeerState::Connected, 0))
+            },
+        )
+        .await;
+    }
+    // b's copy refuses writers: it is a secondary.
+    {
+        let volume = volume.clone();
+        let refused = b
+            .run_in(move || {
+                let mut client = NbdClient::connect(NBD, &volume).expect("nbd on b");
+                client.write(0, &[7u8; 4096]).is_err()
+            })
+            .expect("run in b");
+        assert!(refused, "b's secondary took an NBD write");
+    }
+
+    // A pattern written through the primary's export is on b.
+    {
+        let volume = volume.clone();
+        a.run_in(move || {
+            let mut client = NbdClient::connect(NBD, &volume).expect("nbd on a");
+            for i in 0..PATTERN_BLOCKS {
+                client
+                    .write(PATTERN_AT + i * 4096, &pattern_block(i))
+                    .expect("write the pattern on a");
+            }
+            client.flush().expect("flush");
+        })
+        .expect("run in a");
+    }
+    let expected: Vec<u8> = (0..PATTERN_BLOCKS).flat_map(pattern_block).collect();
+    let on_b = read_export(&b, &volume, PATTERN_AT, expected.len()).expect("read b");
+    assert!(on_b == expected, "b's replica does not hold the pattern");
+
+    // Run the VM: the guest counts its first boot on the disk (a
+    // synchronous write, so on b too once acknowledged).
+    loop {
+        let Ok(Object::Vm(mut current)) = admin.get(Kind::Vm, "db").await else {
+            panic!("the vm is gone")
+        };
+        current.spec.running = true;
+        match admin.update(Object::Vm(current)).await {
+            Ok(_) => break,
+            Err(ApiError::Aborted { .. }) => continue,
+            Err(err) => panic!("run the vm: {err}"),
+        }
+    }
+    {
+        let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
+        wait::until("the guest boots on a (boot 1)", DEADLINE, &logs, || async {
+            std::fs::read_to_string(&console_a).is_ok_and(|t| t.contains("basalt-guest: boot 1"))
+        })
+        .await;
+        wait::until("b's replica holds boot 1", DEADLINE, &logs, || async {
+            read_export(&b, &volume, 0, 512).is_ok_and(|block| boots(&block) == 1)
+        })
+        .await;
+        wait::until("a reports the VM running", DEADLINE, &logs, || async {
+            vm_on(&admin, "a").await
+        })
+        .await;
+    }
+
+    // Live migration to b: b's copy is a second primary while the guest
+    // moves; after the switchover b is the primary at epoch 2 and a holds
+    // the secondary. The guest does not reboot.
+    let request = Migration {
+        meta: ObjectMeta::named("db"),
+        spec: MigrationSpec {
+            vm: "db".into(),
+            target: Some("b".into()),
+            ..MigrationSpec::default()
+        },
+        ..Migration::default()
+    };
+    admin
+        .create(Object::Migration(request))
+        .await
+        .expect("migrate db to b");
+    {
+        let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
+        wait::until("the migration ends", DEADLINE, &logs, || async {
+            matches!(admin.get(Kind::Migration, "db").await,
+            Ok(Object::Migration(m)) if matches!(
+                m.status.phase,
+                MigrationPhase::Succeeded | MigrationPhase::Failed
+            ))
+        })
+        .await;
+        let Ok(Object::Migration(m)) = admin.get(Kind::Migration, "db").await else {
+            panic!("the migration is kept")
+        };
+        assert_eq!(m.status.phase, MigrationPhase::Succeeded, "{m:?}");
+        let Ok(Object::Placement(moved)) = admin.get(Kind::Placement, "db").await else {
+            panic!("placed")
+        };
+        assert_eq!((moved.node.as_str(), moved.epoch), ("b", 2));
+        assert_eq!(moved.replica_nodes, ["a", "b"]);
+        wait::until("the VM runs on b", DEADLINE, &logs, || async {
+            vm_on(&admin, "b").await
+        })
+        .await;
+        // b's primary ships to a's copy (the link of the dual-primary
+        // phase carries on with epoch 2 frames).
+        wait::until(
+            "b's primary replicates to a's copy, in sync",
+            DEADLINE,
+            &logs,
+            || async {
+                peer_state(storage_client_b.clone(), volume.clone()).await
+                    == Some((ReplicaPeerState::Connected, 0))
+            },
+        )
+        .await;
+    }
+    let block0 = read_export(&b, &volume, 0, 512).expect("read b");
+    assert_eq!(
+        boots(&block0),
+        1,
+        "the guest rebooted during the live migration"
+    );
+
+    // Node b is lost: its agent, libvirtd and storage process die with
+    // SIGKILL (its QEMU lives on, cut off from its disk) and its link to
+    // the other nodes goes down.
+    agent_b.kill9().expect("kill -9 b's agent");
+    lb.process_mut()
+        .expect("libvirtd b runs")
+        .kill9()
+        .expect("kill -9 b's libvirtd");
+    storage_b.kill9().expect("kill -9 b's storage");
+    let cut = Command::new("ip")
+        .args(["link", "set", b.veth(), "down"])
+        .status()
+        .expect("ip");
+    assert!(cut.success(), "cut b's link");
+
+    // HA: the VM moves back to a (the other replica) with epoch 3, and the
+    // guest boots there from its replica: boot 2 (it read boot 1).
+    {
+        let logs = [&control, &agent_a, &storage_a];
+        wait::until("the placement moves to a", DEADLINE, &logs, || async {
+            matches!(admin.get(Kind::Placement, "db").await,
+                Ok(Object::Placement(p)) if p.node == "a")
+        })
+        .await;
+        let Ok(Object::Placement(moved)) = admin.get(Kind::Placement, "db").await else {
+            panic!("placed")
+        };
+        assert_eq!(moved.epoch, 3);
+        assert_eq!(moved.replica_nodes, ["a", "b"]);
+        wait::until("the VM runs on a", DEADLINE, &logs, || async {
+            vm_on(&admin, "a").await
+        })
+        .await;
+        wait::until("the guest boots on a (boot 2)", DEADLINE, &logs, || async {
+            read_export(&a, &volume, 0, 512).is_ok_and(|block| boots(&block) == 2)
+        })
+        .await;
+    }
+    assert!(
+        std::fs::read_to_string(&console_a).is_ok_and(|t| t.contains("basalt-guest: boot 2")),
+        "{}",
+        guest::log_tail(&console_a, 30)
+    );
+    let on_a = read_export(&a, &volume, PATTERN_AT, expected.len()).expect("read a");
+    assert!(on_a == expected, "the pattern did not survive the moves");
+
+    // The fence. a's pool refuses a primary with the old epoch.
+    match storage_client_a
+        .attach_volume(AttachVolume {
+            name: volume.clone(),
+            role: VolumeRole::Primary,
+            epoch: 2,
+            peers: Vec::new(),
+            allow_outdate: true,
+        })
+        .await
+    {
+        Err(ApiError::FailedPrecondition { .. }) => {}
+        other => panic!("a accepted the old epoch: {other:?}"),
+    }
+    // b's storage process comes back (its link too) as the old primary,
+    // epoch 2, replicating to a: a refuses its frames, so b acknowledges
+    // no write, and a's data does not change.
+    let up = Command::new("ip")
+        .args(["link", "set", b.veth(), "up"])
+        .status()
+        .expect("ip");
+    assert!(up.success(), "restore b's link");
+    storage_b.restart().expect("restart b's storage");
+    storage_b
+        .wait_for_tcp(NBD, Some(&b), Duration::from_secs(30))
+        .expect("storage b listening again");
+    let a_address = format!("{}:{REPLICA_PORT}", a.addr());
+    let old_primary = storage_client_b
+        .attach_volume(AttachVolume {
+            name: volume.clone(),
+            role: VolumeRole::Primary,
+            epoch: 2,
+            peers: vec![a_address],
+            allow_outdate: false,
+        })
+        .await;
+    match old_primary {
+        Ok(_) => {}
+        // a's primary reached b's pool first and showed it epoch 3: the
+        // old primary is refused outright.
+        Err(ApiError::FailedPrecondition { .. }) => {
+            let block0 = read_export(&a, &volume, 0, 512).expect("read a");
+            assert_eq!(boots(&block0), 2);
+            return;
+        }
+        Err(err) => panic!("attaching b's old primary: {err}"),
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (b, volume) = (b.clone(), volume.clone());
+        std::thread::spawn(move || {
+            let acked = b
+                .run_in(move || {
+                    let mut client = NbdClient::connect(NBD, &volume)?;
+                    client.write(0, &[b'9'; 512])?;
+                    client.flush()
+                })
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            let _ = tx.send(acked.is_ok());
+        });
+    }
+    let acked = rx.recv_timeout(Duration::from_secs(10)).unwrap_or(false);
+    assert!(!acked, "the old primary got a write acknowledged");
+    {
+        let logs = [&storage_a, &storage_b];
+        wait::until(
+            "b's old primary knows it is deposed",
+            DEADLINE,
+            &logs,
+            || async {
+                matches!(
+                    peer_state(storage_client_b.clone(), volume.clone()).await,
+                    Some((ReplicaPeerState::Deposed, _))
+                )
+            },
+        )
+        .await;
+    }
+    let block0 = read_export(&a, &volume, 0, 512).expect("read a");
+    assert_eq!(boots(&block0), 2, "a's data changed under the old primary");
+    assert!(vm_on(&admin, "a").await, "the VM still runs on a");
+}

@@ -1,0 +1,218 @@
+//! Replicated VM disks in the control plane, against one real `basaltd
+//! control` process with fake agents (heartbeats through `AgentClient`):
+//! a VM whose disk asks for 2 replicas is placed with two distinct replica
+//! nodes, its node first; when that node is lost, HA moves the VM with
+//! `epoch + 1` onto the other replica node — never onto the third node,
+//! which has more room — and keeps the replica nodes; when that node is
+//! lost too, the VM stays where it is (one placement, same epoch) and the
+//! controller says why; a VM asking for more replicas than there are nodes
+//! is never placed, with the reason in the log.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use basalt_api::{
+    AdminClient, AgentClient, Disk, Heartbeat, JoinToken, KernelBoot, Kind, Object, ObjectMeta,
+    Placement, Registration, Resources, TokenSecret, Vm, VmSpec,
+};
+use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Short leases so node loss takes seconds.
+const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\n";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn vm(name: &str, replicas: u32) -> Object {
+    Object::Vm(Vm {
+        meta: ObjectMeta::named(name),
+        spec: VmSpec {
+            cpus: 1,
+            memory_mib: 256,
+            running: true,
+            disks: vec![Disk {
+                name: "root".into(),
+                size_bytes: 1 << 30,
+                image: None,
+                replicas,
+            }],
+            kernel: Some(KernelBoot {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: String::new(),
+                cmdline: "console=ttyS0".into(),
+            }),
+            ..VmSpec::default()
+        },
+        ..Vm::default()
+    })
+}
+
+async fn placement(admin: &AdminClient, vm: &str) -> Option<Placement> {
+    match admin.get(Kind::Placement, vm).await {
+        Ok(Object::Placement(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// A fake agent's heartbeats until `stop` is set.
+fn heartbeats(agent: AgentClient, node: String, uid: String, stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let beat = Heartbeat {
+                node: node.clone(),
+                node_uid: uid.clone(),
+                allocatable: None,
+            };
+            let _ = agent.heartbeat(beat).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ha_moves_a_replicated_vm_only_onto_its_other_replica_node() {
+    let prefix = Prefix::for_test().expect("prefix");
+    let config = prefix.dir().join("control.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let address = format!("127.0.0.1:{}", free_port());
+    let spec = ProcessSpec::new("control-1", BASALTD)
+        .args(["control", "--bootstrap", "--node-id", "1", "--config"])
+        .arg(&config)
+        .args(["--listen", &address, "--data-dir"])
+        .arg(prefix.dir().join("control-1"))
+        .env("RUST_LOG", "info");
+    let member = Process::start(&prefix, spec).expect("start basaltd control");
+    let admin = AdminClient::connect_lazy(&address).expect("admin client");
+    let agent = AgentClient::connect_lazy(&address).expect("agent client");
+    wait::until("the member leads", DEADLINE, &[&member], || async {
+        admin
+            .list(Kind::Member)
+            .await
+            .is_ok_and(|l| !l.objects.is_empty())
+    })
+    .await;
+
+    let mut token = JoinToken {
+        meta: ObjectMeta::named("join"),
+        ..JoinToken::default()
+    };
+    token.spec.ttl_seconds = 600;
+    token.spec.max_uses = 3;
+    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
+        panic!("create token")
+    };
+    let secret: TokenSecret = token.secret.expect("secret");
+    let mut stops = std::collections::HashMap::new();
+    for (name, memory_mib) in [("n1", 4096), ("n2", 4096), ("n3", 4096)] {
+        let registered = agent
+            .register(Registration {
+                token: secret.clone(),
+                node_name: name.into(),
+                address: "127.0.0.1:7500".into(),
+                capacity: Resources {
+                    cpus: 4,
+                    memory_mib,
+                    storage_bytes: 0,
+                },
+                node_credential: None,
+            })
+            .await
+            .expect("register");
+        let stop = Arc::new(AtomicBool::new(false));
+        heartbeats(
+            agent.clone(),
+            name.into(),
+            registered.node_uid,
+            Arc::clone(&stop),
+        );
+        stops.insert(name.to_owned(), stop);
+    }
+
+    // More replicas than nodes: never placed, and the log says why.
+    admin.create(vm("greedy", 4)).await.expect("create greedy");
+    admin.create(vm("db", 2)).await.expect("create db");
+    wait::until("db is placed", DEADLINE, &[&member], || async {
+        placement(&admin, "db").await.is_some()
+    })
+    .await;
+    let first = placement(&admin, "db").await.expect("placed");
+    assert_eq!(first.epoch, 1);
+    assert_eq!(first.replica_nodes.len(), 2, "{first:?}");
+    assert_eq!(first.replica_nodes[0], first.node, "its node comes first");
+    assert_ne!(first.replica_nodes[0], first.replica_nodes[1]);
+    let other = first.replica_nodes[1].clone();
+    let third = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| !first.holds_replica(n))
+        .expect("a node without a replica")
+        .to_owned();
+    wait::until(
+        "the controller says why greedy waits",
+        DEADLINE,
+        &[&member],
+        || async {
+            member
+                .logs()
+                .contains("4 replicas asked, 3 node(s) can hold one")
+        },
+    )
+    .await;
+    assert!(placement(&admin, "greedy").await.is_none());
+
+    // The primary's node is lost: the VM moves to its other replica node
+    // (epoch 2), keeping its replica nodes.
+    stops[&first.node].store(true, Ordering::Relaxed);
+    wait::until(
+        "db moves off its lost node",
+        DEADLINE,
+        &[&member],
+        || async {
+            placement(&admin, "db")
+                .await
+                .is_some_and(|p| p.node != first.node)
+        },
+    )
+    .await;
+    let moved = placement(&admin, "db").await.expect("placed");
+    assert_eq!(moved.node, other, "onto the other replica, not {third}");
+    assert_eq!(moved.epoch, 2);
+    assert_eq!(moved.replica_nodes, first.replica_nodes);
+
+    // The other replica's node is lost too: only the third node is ready,
+    // and it holds no replica: the VM stays, unplaced elsewhere, with the
+    // reason logged; never placed twice nor on the third node.
+    stops[&other].store(true, Ordering::Relaxed);
+    wait::until(
+        "the controller says db has nowhere to go",
+        DEADLINE,
+        &[&member],
+        || async { member.logs().contains("not holding a replica of its disks") },
+    )
+    .await;
+    // Several more HA rounds (ha_after 2 s, rounds every 100 ms).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stuck = placement(&admin, "db").await.expect("still placed");
+    assert_eq!(stuck.node, other, "{stuck:?}");
+    assert_eq!(stuck.epoch, 2, "no new epoch without a move");
+    let placed: BTreeSet<String> = admin
+        .list(Kind::Placement)
+        .await
+        .expect("list")
+        .objects
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Placement(p) => Some(p.vm),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(placed, BTreeSet::from(["db".to_owned()]));
+}

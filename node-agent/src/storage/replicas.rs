@@ -1,0 +1,516 @@
+//! Replicated VM disks on this node: the secondaries this node holds for
+//! VMs placed elsewhere, and the primary role of the disks of VMs placed
+//! here (decision 36).
+//!
+//! A VM whose placement names `replica_nodes` has each replicated disk
+//! (`replicas` ≥ 2) as a volume of the same derived name
+//! ([`super::disk_volume`]) in the pool of every one of those nodes:
+//!
+//! - on the placement's node the volume is attached **primary** with the
+//!   placement's epoch and the other replica nodes' replication addresses
+//!   as peers ([`Volumes::ensure_placed`], before the domain is defined);
+//! - on every other replica node it is an empty volume of the disk's size
+//!   (the primary's full initial sync fills it) attached **secondary** with
+//!   the same epoch ([`run`], a periodic loop) — except on the target of a
+//!   live migration under way, where it is a second **primary** with the
+//!   same epoch naming the source (dual primary) until the switchover
+//!   moves the placement (epoch + 1) and the source turns secondary.
+//!
+//! The placement's epoch grows exactly when the primary moves, so a moved
+//! VM's new primary outranks the old one: the storage processes refuse
+//! the old primary's frames and an attach with an older epoch.
+//!
+//! Invariants:
+//! - a secondary is never promoted here except by a placement that puts
+//!   the VM on this node (with its epoch); a placement's own node never
+//!   attaches its volumes secondary;
+//! - a primary goes on acknowledging writes while a peer is away
+//!   (`allow_outdate`) only when the control plane has recorded the peer's
+//!   node as not ready (the fence of its lease) — otherwise its writes wait
+//!   for the peer;
+//! - a replica volume is an existing VM's volume, so garbage collection
+//!   ([`super::garbage`]) keeps it until the VM is deleted;
+//! - the loop publishes this node's replication address (from its storage
+//!   process) on its node object, where primaries on other nodes read it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use basalt_api::{
+    AdminClient, ApiError, AttachVolume, Disk, EnsureVolume, Kind, Migration, MigrationPhase, Node,
+    Object, Placement, StorageClient, Vm, VolumeRole,
+};
+
+use super::{StorageConfig, VolumeError, Volumes, classify, disk_volume};
+
+/// How often the secondaries and the published address are reconciled.
+pub const REPLICA_PERIOD: Duration = Duration::from_secs(1);
+
+/// Whether `disk` is replicated when its VM has replica nodes.
+pub fn is_replicated(disk: &Disk) -> bool {
+    disk.replicas >= 2
+}
+
+/// One volume attachment this node should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// The VM.
+    pub vm: String,
+    /// The disk's name in the VM's spec.
+    pub disk: String,
+    /// Size of the disk (a new secondary is made this large).
+    pub size_bytes: u64,
+    /// The attachment: volume name, role, epoch, peers.
+    pub attach: AttachVolume,
+}
+
+/// The peers of a primary on `node` for `placement`: the replication
+/// addresses of the other replica nodes, and whether writes may go on
+/// without one of them (its node is recorded not ready, or gone).
+/// `Err` names a ready peer node that has not published its address yet.
+pub fn peers(
+    node: &str,
+    placement: &Placement,
+    nodes: &BTreeMap<String, Node>,
+) -> Result<(Vec<String>, bool), String> {
+    let mut addresses = Vec::new();
+    let mut allow_outdate = false;
+    for peer in placement.replica_nodes.iter().filter(|n| *n != node) {
+        match nodes.get(peer) {
+            Some(n) if n.status.is_ready() => {
+                if n.status.replication_address.is_empty() {
+                    return Err(format!(
+                        "replica node {peer} has not published its replication address"
+                    ));
+                }
+                addresses.push(n.status.replication_address.clone());
+            }
+            Some(n) => {
+                // Fenced by the control plane: writes go on, its missed
+                // chunks are tracked and resynced when it returns.
+                allow_outdate = true;
+                if !n.status.replication_address.is_empty() {
+                    addresses.push(n.status.replication_address.clone());
+                }
+            }
+            None => allow_outdate = true,
+        }
+    }
+    Ok((addresses, allow_outdate))
+}
+
+/// Whether node `node` is the target of a live migration of `placement`'s
+/// VM that is under way from the placement as it stands (same source and
+/// epoch): its copies are then a second primary until the switchover.
+fn migrating_here(node: &str, placement: &Placement, migrations: &[Migration]) -> bool {
+    migrations.iter().any(|m| {
+        m.spec.vm == placement.vm
+            && m.status.target == node
+            && m.status.source == placement.node
+            && m.status.epoch == placement.epoch
+            && matches!(
+                m.status.phase,
+                MigrationPhase::Preparing
+                    | MigrationPhase::TargetReady
+                    | MigrationPhase::Migrating
+                    | MigrationPhase::Switching
+            )
+    })
+}
+
+/// The copies node `node` holds for VMs placed elsewhere: every replicated
+/// disk of every VM whose placement lists `node` among its replica nodes
+/// but runs it on another node — a secondary at the placement's epoch, or,
+/// while a live migration to `node` is under way, a second primary at the
+/// same epoch naming the other replica nodes (the source among them), so
+/// the guest writes from here the moment it resumes. A ready replica node
+/// that has not published its address leaves the migration target a
+/// secondary until it has.
+pub fn secondaries(
+    node: &str,
+    placements: &[Placement],
+    vms: &[Vm],
+    migrations: &[Migration],
+    nodes: &BTreeMap<String, Node>,
+) -> Vec<Wanted> {
+    let by_name: BTreeMap<&str, &Vm> = vms.iter().map(|v| (v.meta.name.as_str(), v)).collect();
+    let mut wanted = Vec::new();
+    for placement in placements {
+        if placement.node == node || !placement.holds_replica(node) {
+            continue;
+        }
+        let Some(vm) = by_name.get(placement.vm.as_str()) else {
+            continue;
+        };
+        let dual = if migrating_here(node, placement, migrations) {
+            peers(node, placement, nodes).ok()
+        } else {
+            None
+        };
+        for disk in vm.spec.disks.iter().filter(|d| is_replicated(d)) {
+            let name = disk_volume(&vm.meta.uid, &disk.name);
+            let attach = match &dual {
+                Some((peers, allow_outdate)) => AttachVolume {
+                    name,
+                    role: VolumeRole::Primary,
+                    epoch: placement.epoch,
+                    peers: peers.clone(),
+                    allow_outdate: *allow_outdate,
+                },
+                None => AttachVolume {
+                    name,
+                    role: VolumeRole::Secondary,
+                    epoch: placement.epoch,
+                    peers: Vec::new(),
+                    allow_outdate: false,
+                },
+            };
+            wanted.push(Wanted {
+                vm: vm.meta.name.clone(),
+                disk: disk.name.clone(),
+                size_bytes: disk.size_bytes,
+                attach,
+            });
+        }
+    }
+    wanted
+}
+
+impl Volumes {
+    /// [`Volumes::ensure_vm_at`] for the VM's placement here, then, when
+    /// the placement names replica nodes, every replicated disk attached
+    /// primary with the placement's epoch and its peers. A peer that is
+    /// ready but has not published where it takes replicas makes the VM
+    /// wait ([`VolumeError::NotReady`]); an epoch older than the pool has
+    /// seen (the VM moved on) fails it.
+    pub async fn ensure_placed(&self, vm: &Vm, placement: &Placement) -> Result<(), VolumeError> {
+        self.ensure_vm_at(vm, placement.epoch).await?;
+        if placement.replica_nodes.is_empty() {
+            return Ok(());
+        }
+        let replicated: Vec<&Disk> = vm.spec.disks.iter().filter(|d| is_replicated(d)).collect();
+        let Some(first) = replicated.first() else {
+            return Ok(());
+        };
+        let nodes = match list_nodes(&self.admin).await {
+            Ok(nodes) => nodes,
+            Err(err @ ApiError::Unavailable { .. }) => return Err(VolumeError::Unavailable(err)),
+            Err(source) => {
+                return Err(VolumeError::Failed {
+                    disk: first.name.clone(),
+                    source,
+                });
+            }
+        };
+        let (peers, allow_outdate) =
+            peers(&self.node, placement, &nodes).map_err(|reason| VolumeError::NotReady {
+                disk: first.name.clone(),
+                reason,
+            })?;
+        for disk in replicated {
+            let request = AttachVolume {
+                name: disk_volume(&vm.meta.uid, &disk.name),
+                role: VolumeRole::Primary,
+                epoch: placement.epoch,
+                peers: peers.clone(),
+                allow_outdate,
+            };
+            self.storage
+                .attach_volume(request)
+                .await
+                .map_err(|e| classify(&disk.name, e))?;
+        }
+        Ok(())
+    }
+}
+
+async fn list_nodes(admin: &AdminClient) -> Result<BTreeMap<String, Node>, ApiError> {
+    Ok(admin
+        .list(Kind::Node)
+        .await?
+        .objects
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Node(n) => Some((n.meta.name.clone(), n)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The secondaries' loop of node `node`: every [`REPLICA_PERIOD`], makes
+/// and attaches the secondaries [`secondaries`] asks for, and publishes
+/// the storage process's replication address on the node object. Runs
+/// until aborted; every failure is logged and retried.
+pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
+    let storage = match StorageClient::connect_unix(&config.socket) {
+        Ok(storage) => storage,
+        Err(err) => {
+            tracing::error!(error = %err, "no storage client: this node holds no replicas");
+            return;
+        }
+    };
+    let mut ticker = tokio::time::interval(REPLICA_PERIOD);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        ticker.tick().await;
+        if let Err(err) = publish_address(&node, &storage, &admin).await {
+            tracing::debug!(error = %err, "publishing the replication address failed; retrying");
+        }
+        let listed = async {
+            let placements = admin.list(Kind::Placement).await?;
+            let vms = admin.list(Kind::Vm).await?;
+            let migrations = admin.list(Kind::Migration).await?;
+            let nodes = list_nodes(&admin).await?;
+            Ok::<_, ApiError>((placements, vms, migrations, nodes))
+        };
+        let (placements, vms, migrations, nodes) = match listed.await {
+            Ok((p, v, m, n)) => (
+                p.objects
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        Object::Placement(p) => Some(p),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+                v.objects
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        Object::Vm(v) => Some(v),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+                m.objects
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        Object::Migration(m) => Some(m),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+                n,
+            ),
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot list placements, VMs, migrations and nodes; secondaries unchanged");
+                continue;
+            }
+        };
+        for wanted in secondaries(&node, &placements, &vms, &migrations, &nodes) {
+            let key = wanted.attach.name.clone();
+            match ensure_secondary(&storage, &wanted).await {
+                Ok(()) => {
+                    if failing.remove(&key).is_some() {
+                        tracing::info!(vm = %wanted.vm, disk = %wanted.disk, epoch = wanted.attach.epoch, "secondary attached");
+                    }
+                }
+                Err(err) => {
+                    let text = err.to_string();
+                    if failing.get(&key) != Some(&text) {
+                        tracing::warn!(vm = %wanted.vm, disk = %wanted.disk, error = %text, "cannot hold the secondary; retrying");
+                        failing.insert(key, text);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Makes the secondary's volume (empty, the disk's size; grown when the
+/// disk grew) and attaches it secondary at the wanted epoch.
+async fn ensure_secondary(storage: &StorageClient, wanted: &Wanted) -> Result<(), ApiError> {
+    let name = &wanted.attach.name;
+    let volume = storage
+        .ensure_volume(EnsureVolume {
+            name: name.clone(),
+            size_bytes: wanted.size_bytes,
+            source: None,
+        })
+        .await?;
+    if volume.size_bytes < wanted.size_bytes {
+        storage.resize_volume(name, wanted.size_bytes).await?;
+    }
+    storage.attach_volume(wanted.attach.clone()).await?;
+    Ok(())
+}
+
+/// Writes the storage process's replication address on node `node`'s
+/// object when it differs (compare-and-swap; the next round retries).
+async fn publish_address(
+    node: &str,
+    storage: &StorageClient,
+    admin: &AdminClient,
+) -> Result<(), ApiError> {
+    let address = storage.status().await?.replication_address;
+    if address.is_empty() {
+        return Ok(());
+    }
+    let Object::Node(mut current) = admin.get(Kind::Node, node).await? else {
+        return Ok(());
+    };
+    if current.status.replication_address == address {
+        return Ok(());
+    }
+    current.status.replication_address = address.clone();
+    admin.update(Object::Node(current)).await?;
+    tracing::info!(%address, "published this node's replication address");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{Condition, ObjectMeta, VmSpec};
+
+    use super::*;
+
+    fn vm(name: &str, disks: &[(&str, u32)]) -> Vm {
+        let mut meta = ObjectMeta::named(name);
+        meta.uid = format!("5f0c6a3e-8d4b-4b8e-9a77-0d2c1f3e4a{:02x}", name.len());
+        Vm {
+            meta,
+            spec: VmSpec {
+                disks: disks
+                    .iter()
+                    .map(|(d, replicas)| Disk {
+                        name: (*d).into(),
+                        size_bytes: 1 << 20,
+                        image: None,
+                        replicas: *replicas,
+                    })
+                    .collect(),
+                ..VmSpec::default()
+            },
+            ..Vm::default()
+        }
+    }
+
+    fn placement(vm: &str, node: &str, epoch: u64, replicas: &[&str]) -> Placement {
+        Placement {
+            meta: ObjectMeta::named(vm),
+            vm: vm.into(),
+            node: node.into(),
+            epoch,
+            replica_nodes: replicas.iter().map(|n| (*n).to_owned()).collect(),
+        }
+    }
+
+    fn node(name: &str, ready: bool, address: &str) -> (String, Node) {
+        let mut n = Node {
+            meta: ObjectMeta::named(name),
+            ..Node::default()
+        };
+        n.status.replication_address = address.into();
+        n.status.conditions.push(Condition {
+            kind: Condition::READY.into(),
+            status: ready,
+            ..Condition::default()
+        });
+        (name.to_owned(), n)
+    }
+
+    #[test]
+    fn secondaries_are_the_replicated_disks_of_vms_placed_elsewhere() {
+        let vms = [
+            vm("db", &[("root", 2), ("scratch", 1)]),
+            vm("web", &[("root", 2)]),
+            vm("local", &[("root", 1)]),
+        ];
+        let placements = [
+            placement("db", "a", 3, &["a", "b"]),
+            placement("web", "b", 1, &["b", "c"]),
+            placement("local", "a", 1, &[]),
+        ];
+        let none = BTreeMap::new();
+        let on_b = secondaries("b", &placements, &vms, &[], &none);
+        assert_eq!(on_b.len(), 1, "{on_b:?}");
+        assert_eq!(on_b[0].vm, "db");
+        assert_eq!(on_b[0].disk, "root", "the unreplicated disk stays on a");
+        assert_eq!(on_b[0].attach.role, VolumeRole::Secondary);
+        assert_eq!(on_b[0].attach.epoch, 3, "the placement's epoch");
+        assert_eq!(on_b[0].attach.name, disk_volume(&vms[0].meta.uid, "root"));
+        // a runs db: its own node is never a secondary of it.
+        assert!(secondaries("a", &placements, &vms, &[], &none).is_empty());
+        let on_c = secondaries("c", &placements, &vms, &[], &none);
+        assert_eq!(on_c.len(), 1);
+        assert_eq!(on_c[0].vm, "web");
+        // After a move to b (epoch + 1), a holds the secondary.
+        let moved = [placement("db", "b", 4, &["a", "b"])];
+        let on_a = secondaries("a", &moved, &vms, &[], &none);
+        assert_eq!(on_a.len(), 1);
+        assert_eq!(on_a[0].attach.epoch, 4);
+        assert!(secondaries("b", &moved, &vms, &[], &none).is_empty());
+    }
+
+    #[test]
+    fn a_live_migration_target_is_a_second_primary_until_the_switchover() {
+        let vms = [vm("db", &[("root", 2)])];
+        let placements = [placement("db", "a", 3, &["a", "b"])];
+        let nodes: BTreeMap<_, _> = [
+            node("a", true, "10.0.0.1:7789"),
+            node("b", true, "10.0.0.2:7789"),
+        ]
+        .into_iter()
+        .collect();
+        let mut migration = Migration::default();
+        migration.spec.vm = "db".into();
+        migration.status.source = "a".into();
+        migration.status.target = "b".into();
+        migration.status.epoch = 3;
+        migration.status.phase = MigrationPhase::TargetReady;
+        let on_b = secondaries(
+            "b",
+            &placements,
+            &vms,
+            std::slice::from_ref(&migration),
+            &nodes,
+        );
+        assert_eq!(on_b[0].attach.role, VolumeRole::Primary);
+        assert_eq!(on_b[0].attach.epoch, 3, "the same epoch as the source");
+        assert_eq!(on_b[0].attach.peers, ["10.0.0.1:7789"], "naming the source");
+        // Failed, or from another epoch: a secondary again.
+        for (phase, epoch) in [(MigrationPhase::Failed, 3), (MigrationPhase::Migrating, 2)] {
+            let mut other = migration.clone();
+            other.status.phase = phase;
+            other.status.epoch = epoch;
+            let on_b = secondaries("b", &placements, &vms, &[other], &nodes);
+            assert_eq!(
+                on_b[0].attach.role,
+                VolumeRole::Secondary,
+                "{phase:?} at {epoch}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_primary_waits_for_a_ready_peer_and_goes_on_without_a_fenced_one() {
+        let p = placement("db", "a", 2, &["a", "b"]);
+        let nodes: BTreeMap<_, _> = [
+            node("a", true, "10.0.0.1:7789"),
+            node("b", true, "10.0.0.2:7789"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            peers("a", &p, &nodes),
+            Ok((vec!["10.0.0.2:7789".to_owned()], false))
+        );
+        // b is ready but has not said where it takes replicas: wait.
+        let nodes: BTreeMap<_, _> = [node("a", true, ""), node("b", true, "")]
+            .into_iter()
+            .collect();
+        assert!(
+            peers("a", &p, &nodes)
+                .unwrap_err()
+                .contains("replica node b")
+        );
+        // b lost its lease (recorded not ready): go on, track its chunks.
+        let nodes: BTreeMap<_, _> = [node("a", true, ""), node("b", false, "10.0.0.2:7789")]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            peers("a", &p, &nodes),
+            Ok((vec!["10.0.0.2:7789".to_owned()], true))
+        );
+        // b removed from the cluster.
+        let nodes: BTreeMap<_, _> = [node("a", true, "")].into_iter().collect();
+        assert_eq!(peers("a", &p, &nodes), Ok((Vec::new(), true)));
+    }
+}

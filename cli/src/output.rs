@@ -52,7 +52,7 @@ fn headers(kind: Kind) -> &'static [&'static str] {
         Kind::Vm => &["NAME", "PHASE", "NODE", "CPUS", "MEMORY MiB", "RUNNING"],
         Kind::Placement => &["NAME", "VM", "NODE", "EPOCH", "REPLICA NODES"],
         Kind::Token => &["NAME", "USES", "MAX USES", "EXPIRES IN", "REVOKED"],
-        Kind::Member => &["NAME", "ID", "ADDRESS", "VOTER"],
+        Kind::Member => &["NAME", "ID", "ADDRESS", "VOTER", "LEADER"],
         Kind::Network => &["NAME", "CIDR", "VNI"],
         Kind::Policy => &["NAME", "SELECTOR", "INGRESS", "EGRESS"],
         Kind::Endpoint => &[
@@ -104,6 +104,7 @@ fn row(object: &Object) -> Vec<String> {
             m.id.to_string(),
             m.address.clone(),
             yes_no(m.voter),
+            yes_no(m.leader),
         ],
         Object::Network(n) => vec![
             n.meta.name.clone(),

@@ -134,17 +134,26 @@ impl AdminService {
             }
         }
         let machine = self.inner.shared.read();
+        // This member leads (it just confirmed it): mark its own object.
+        let me = self.inner.id;
+        let marked = |object: &Object| match object {
+            Object::Member(member) => Object::Member(basalt_api::Member {
+                leader: member.id == me,
+                ..member.clone()
+            }),
+            other => other.clone(),
+        };
         match request {
             Request::Get(kind, name) => match machine.state.get(kind, &name) {
-                Some(object) => Ok(Reply::Object(object.clone())),
+                Some(object) => Ok(Reply::Object(marked(object))),
                 None => Err(ApiError::NotFound { kind, name }),
             },
             Request::List(kind) => Ok(Reply::List(ObjectList {
-                objects: machine.state.list(kind).cloned().collect(),
+                objects: machine.state.list(kind).map(marked).collect(),
                 resource_version: machine.applied_index(),
             })),
             Request::ListAll => Ok(Reply::List(ObjectList {
-                objects: machine.state.objects().cloned().collect(),
+                objects: machine.state.objects().map(marked).collect(),
                 resource_version: machine.applied_index(),
             })),
             Request::Write(_) => Err(ApiError::Internal {
@@ -268,7 +277,13 @@ fn object_of(reply: Reply) -> Result<Object, ApiError> {
 
 /// Fills in what only the leader decides for a new object: its uid and
 /// creation time.
-pub(crate) fn stamp(command: Command) -> Command {
+pub(crate) fn stamp(mut command: Command) -> Command {
+    // A member's `leader` is filled on reads, never stored.
+    if let Command::Create(Object::Member(member)) | Command::Update(Object::Member(member)) =
+        &mut command
+    {
+        member.leader = false;
+    }
     match command {
         Command::Create(mut object) => {
             let meta = object.meta_mut();
@@ -432,6 +447,36 @@ async fn next_change(mut state: WatchState) -> Option<(Result<Change, ApiError>,
                     state.cursor = last.index;
                 }
                 state.pending.extend(changes);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{Member, ObjectMeta};
+
+    use super::*;
+
+    #[test]
+    fn a_written_member_never_stores_the_read_only_leader_flag() {
+        let member = Member {
+            meta: ObjectMeta::named("m2"),
+            id: 2,
+            address: "127.0.0.1:7402".into(),
+            voter: false,
+            leader: true,
+        };
+        for command in [
+            Command::Create(Object::Member(member.clone())),
+            Command::Update(Object::Member(member.clone())),
+        ] {
+            match stamp(command) {
+                Command::Create(Object::Member(m)) | Command::Update(Object::Member(m)) => {
+                    assert!(!m.leader);
+                    assert_eq!((m.id, m.address.as_str()), (2, "127.0.0.1:7402"));
+                }
+                other => panic!("stamp changed the command: {other:?}"),
             }
         }
     }

@@ -227,6 +227,7 @@ impl ControlConfig {
             id: self.node_id,
             address: self.advertise_address(),
             voter: false,
+            leader: false,
         };
         if let Err(basalt_api::ApiError::InvalidArgument { field, reason }) = member.validate() {
             let field = if field == "address" {

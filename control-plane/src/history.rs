@@ -129,6 +129,7 @@ mod tests {
                 id: 1,
                 address: "a:1".into(),
                 voter: false,
+                leader: false,
             }),
             previous: None,
         }

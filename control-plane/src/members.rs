@@ -79,6 +79,7 @@ async fn reconcile_once(raft: &Raft, shared: &Shared, me: &Me) -> Result<Option<
             id: me.id,
             address: me.address.clone(),
             voter: false,
+            leader: false,
         });
         let response = raft
             .client_write(stamp(Command::Create(member)))

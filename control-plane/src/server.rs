@@ -183,6 +183,7 @@ async fn join(seed: String, me: Me) {
         id: me.id,
         address: me.address.clone(),
         voter: false,
+        leader: false,
     });
     loop {
         let result = match AdminClient::connect_lazy(&seed) {

@@ -788,6 +788,7 @@ mod tests {
             id,
             address: "127.0.0.1:7400".into(),
             voter: false,
+            leader: false,
         })
     }
 

@@ -96,6 +96,21 @@ fn current_leader(members: &[Member]) -> Option<(u64, u64)> {
     best
 }
 
+/// The ids of the members a list marks as leader.
+async fn leaders(client: &AdminClient) -> Vec<u64> {
+    client
+        .list(Kind::Member)
+        .await
+        .expect("list members")
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Member(m) if m.leader => Some(m.id),
+            _ => None,
+        })
+        .collect()
+}
+
 async fn voters(client: &AdminClient) -> usize {
     match client.list(Kind::Member).await {
         Ok(list) => list
@@ -140,6 +155,11 @@ async fn three_members_keep_every_acknowledged_write_through_leader_loss() {
         .position(|m| m.id != leader)
         .expect("a follower");
     let client = &clients[follower];
+    assert_eq!(
+        leaders(client).await,
+        vec![leader],
+        "a member list (here through a follower) marks the logged leader, and only it"
+    );
     let created = client
         .create(node("cas"))
         .await
@@ -324,6 +344,11 @@ async fn three_members_keep_every_acknowledged_write_through_leader_loss() {
     );
 
     let survivor = &clients[(victim + 1) % 3];
+    assert_eq!(
+        leaders(survivor).await,
+        vec![new_leader],
+        "the new leader is marked"
+    );
     let stored: BTreeSet<String> = survivor
         .list(Kind::Node)
         .await

@@ -11,6 +11,7 @@ impl From<Member> for pb::Member {
             id: member.id,
             address: member.address,
             voter: member.voter,
+            leader: member.leader,
         }
     }
 }
@@ -24,6 +25,7 @@ impl TryFrom<pb::Member> for Member {
             id: member.id,
             address: member.address,
             voter: member.voter,
+            leader: member.leader,
         };
         member.validate()?;
         Ok(member)

@@ -21,6 +21,10 @@ pub struct Member {
     /// Status, set by the leader: whether the member is a Raft voter now
     /// (false while it is added as a learner and catches up).
     pub voter: bool,
+    /// Whether the member leads the cluster, as the leader answering a get
+    /// or a list knows it. Filled on those reads only: never stored,
+    /// false in watch events and ignored in writes.
+    pub leader: bool,
 }
 
 impl Member {
@@ -59,6 +63,7 @@ mod tests {
             id,
             address: address.into(),
             voter: false,
+            leader: false,
         }
     }
 

@@ -6,6 +6,7 @@ mod datapath;
 mod endpoint_move;
 mod failover;
 mod guest_boot;
+mod ha;
 mod migration;
 mod nbd;
 mod raft;
@@ -54,8 +55,13 @@ pub const ALL: &[Suite] = &[
         run: replication::run,
     },
     Suite {
-        name: "failover",
+        name: "ha",
         about: "node loss (kill -9 of its agent) to the VM running on another node, simulated compute, default timing: against Proxmox VE's and Harvester's documented recovery times",
+        run: ha::run,
+    },
+    Suite {
+        name: "failover",
+        about: "the control-plane leader killed (kill -9) under a steady write load, again and again: the client-visible write outage",
         run: failover::run,
     },
     Suite {

@@ -51,7 +51,7 @@ struct PutRequest {
 struct PutResponse {}
 
 /// Child processes killed when dropped.
-struct Members(Vec<Child>);
+pub(super) struct Members(pub(super) Vec<Child>);
 
 impl Drop for Members {
     fn drop(&mut self) {
@@ -62,11 +62,11 @@ impl Drop for Members {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+pub(super) fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     Command::new(program)
@@ -134,9 +134,21 @@ fn labels() -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
-async fn start_basalt(dir: &Path, basaltd: &Path) -> anyhow::Result<(Members, Vec<AdminClient>)> {
+/// Three Basalt members started on loopback and formed into one cluster.
+pub(super) struct Started {
+    /// The member processes, by id - 1.
+    pub(super) members: Members,
+    /// A client of each member, by id - 1.
+    pub(super) clients: Vec<AdminClient>,
+    /// Each member's command line (a member restarts with the same one).
+    pub(super) args: Vec<Vec<String>>,
+}
+
+/// Starts three Basalt members in `dir` and waits until all three vote.
+pub(super) async fn start_basalt(dir: &Path, basaltd: &Path) -> anyhow::Result<Started> {
     let mut members = Members(Vec::new());
     let mut addresses = Vec::new();
+    let mut all_args = Vec::new();
     for id in 1..=3u64 {
         let address = format!("127.0.0.1:{}", free_port()?);
         let mut args: Vec<String> = [
@@ -161,6 +173,7 @@ async fn start_basalt(dir: &Path, basaltd: &Path) -> anyhow::Result<(Members, Ve
             &dir.join(format!("basalt-{id}.log")),
         )?);
         addresses.push(address);
+        all_args.push(args);
     }
     let clients: Vec<AdminClient> = addresses
         .iter()
@@ -186,7 +199,11 @@ async fn start_basalt(dir: &Path, basaltd: &Path) -> anyhow::Result<(Members, Ve
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok((members, clients))
+    Ok(Started {
+        members,
+        clients,
+        args: all_args,
+    })
 }
 
 async fn start_etcd(dir: &Path) -> anyhow::Result<(Members, Vec<Channel>)> {
@@ -291,7 +308,11 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
     let mut results: Vec<(usize, &str, Measured)> = Vec::new();
     runtime.block_on(async {
         eprintln!("raft: starting 3 Basalt members in {}", dir.display());
-        let (basalt_members, admins) = start_basalt(&dir, &basaltd).await?;
+        let Started {
+            members: basalt_members,
+            clients: admins,
+            ..
+        } = start_basalt(&dir, &basaltd).await?;
         let admins = Arc::new(admins);
         for clients in CLIENTS {
             let admins = Arc::clone(&admins);

@@ -26,11 +26,12 @@ use basalt_agent::storage::disk_volume;
 use basalt_api::{
     AdminClient, ApiError, AttachVolume, Disk, JoinToken, KernelBoot, Kind, Migration,
     MigrationPhase, MigrationSpec, Object, ObjectMeta, Placement, ReplicaPeerState, StorageClient,
-    Vm, VmPhase, VmSpec, VolumeRole,
+    Vm, VmPhase, VmSpec, VolumeRole, WatchEvent,
 };
 use basalt_testkit::guest::{self, GuestImage};
 use basalt_testkit::nbd_client::NbdClient;
 use basalt_testkit::{Fabric, Libvirtd, Node, Prefix, Process, ProcessSpec, wait};
+use futures::StreamExt as _;
 
 const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 
@@ -349,6 +350,18 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
     // Live migration to b: b's copy is a second primary while the guest
     // moves; after the switchover b is the primary at epoch 2 and a holds
     // the secondary. The guest does not reboot.
+    // Followed from before the request, so b's storage is looked at the
+    // moment the migration says `TargetReady`.
+    let listed = admin.list(Kind::Migration).await.expect("list migrations");
+    let mut migrations = admin
+        .watch(Some(Kind::Migration), listed.resource_version)
+        .await
+        .expect("watch migrations");
+    let replication_a = storage_client_a
+        .status()
+        .await
+        .expect("a's storage status")
+        .replication_address;
     let request = Migration {
         meta: ObjectMeta::named("db"),
         spec: MigrationSpec {
@@ -362,6 +375,48 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
         .create(Object::Migration(request))
         .await
         .expect("migrate db to b");
+    // The target prepared its storage before it said ready: by
+    // `TargetReady` b's copy is already a primary replicating to a (dual
+    // primary; a secondary has no peers), not a secondary waiting for the
+    // replicas' loop to promote it.
+    let ready = tokio::time::timeout(DEADLINE, async {
+        while let Some(event) = migrations.next().await {
+            let (WatchEvent::Added { object, .. } | WatchEvent::Modified { object, .. }) =
+                event.expect("migration watch")
+            else {
+                continue;
+            };
+            let Object::Migration(m) = object else {
+                continue;
+            };
+            match m.status.phase {
+                MigrationPhase::Pending | MigrationPhase::Preparing => continue,
+                MigrationPhase::Failed => panic!("the migration failed: {m:?}"),
+                phase => {
+                    let peers: Vec<String> = storage_client_b
+                        .status()
+                        .await
+                        .expect("b's storage status")
+                        .replicas
+                        .into_iter()
+                        .filter(|r| r.volume == volume)
+                        .map(|r| r.peer)
+                        .collect();
+                    return (phase, m.status.epoch, peers);
+                }
+            }
+        }
+        panic!("the migration watch ended")
+    })
+    .await
+    .expect("the migration reached TargetReady");
+    assert_eq!(
+        ready.2,
+        [replication_a],
+        "at {:?} b's copy is not a primary naming a",
+        ready.0
+    );
+    assert_eq!(ready.1, 1, "the migration's epoch is the placement's");
     {
         let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
         wait::until("the migration ends", DEADLINE, &logs, || async {

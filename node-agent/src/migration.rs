@@ -7,7 +7,16 @@
 //!
 //! - **target, `Preparing`**: pins the VM (below), prepares what the
 //!   incoming guest needs, then writes `TargetReady`. The VM's disks are
-//!   NBD exports at the same address on every node. With the agent's
+//!   NBD exports at the same address on every node. With the node's
+//!   storage ([`MigrationAgent::set_volumes`]) the VM's storage is ready
+//!   first ([`Volumes::prepare_incoming`]): its cloud-init seed volume
+//!   exists here, and every replicated disk is attached a second primary
+//!   at the migration's epoch with the source as a peer (dual primary),
+//!   so the guest's first write here is accepted. A disk the storage
+//!   process refuses fails the migration naming the disk; a wait (the
+//!   storage process unreachable, a peer's address not yet published)
+//!   is retried on the next rescan, within the controller's deadline for
+//!   preparing. With the agent's
 //!   network (`--network`) the domain's NICs are precreated taps
 //!   (`managed='no'`) whose names are the same on every node, so the
 //!   incoming domain opens this node's taps as they are: they are made in
@@ -73,7 +82,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use basalt_api::{
@@ -85,6 +94,7 @@ use tokio::sync::Notify;
 
 use crate::compute::{Compute, ComputeError, MigrateRequest, MigrationControl, MigrationProgress};
 use crate::network::{NetworkAgent, TakeOver, take_over_endpoint};
+use crate::storage::Volumes;
 
 /// How long a pass waits for the first list of migrations.
 const FIRST_LIST_WAIT: Duration = Duration::from_secs(10);
@@ -223,6 +233,8 @@ struct Inner {
     gate: Mutex<()>,
     /// This node's datapath, when the agent drives it.
     network: Option<NetworkAgent>,
+    /// This node's storage, when the agent manages VM disks.
+    volumes: OnceLock<Volumes>,
 }
 
 /// This agent's migration state, shared by the migration task and the
@@ -257,8 +269,17 @@ impl MigrationAgent {
                 listed: Condvar::new(),
                 gate: Mutex::new(()),
                 network,
+                volumes: OnceLock::new(),
             }),
         }
+    }
+
+    /// Gives the target's prepare step this node's storage: an incoming
+    /// VM's seed and replicated disks are then readied before
+    /// `TargetReady` (see the module doc). Set once; a later call is
+    /// ignored.
+    pub fn set_volumes(&self, volumes: Volumes) {
+        let _ = self.inner.volumes.set(volumes);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -513,6 +534,22 @@ async fn prepare(
         epoch: migration.status.epoch,
     };
     pin_blocking(agent, &vm, pin).await;
+    // The VM's storage: its seed, its replicated disks a second primary.
+    if let Some(volumes) = agent.inner.volumes.get() {
+        match prepare_storage(volumes, admin, migration).await {
+            Ok(()) => {}
+            Err(StorageStep::Wait(reason)) => {
+                tracing::info!(%vm, %reason, "the VM's storage is not ready here yet; retrying");
+                return Ok(());
+            }
+            Err(StorageStep::Refused(reason)) => {
+                let message = format!("the target could not prepare the VM's storage: {reason}");
+                tracing::warn!(%vm, %message, "preparing failed");
+                fail(admin, migration, &message).await?;
+                return Ok(());
+            }
+        }
+    }
     // The VM's disks are NBD exports at the same address on every node.
     // Its NICs: the standby taps the incoming domain will open (without
     // the agent's network, libvirt makes them).
@@ -532,6 +569,60 @@ async fn prepare(
     }
     agent.state().prepared.insert(migration.meta.uid.clone());
     Ok(())
+}
+
+/// How the target's storage step ended short of ready.
+#[derive(Debug)]
+enum StorageStep {
+    /// Not yet: try again on the next rescan.
+    Wait(String),
+    /// Never: the migration fails with this reason.
+    Refused(String),
+}
+
+/// Reads the incoming VM and its placement and readies this node's
+/// storage for it ([`Volumes::prepare_incoming`]).
+async fn prepare_storage(
+    volumes: &Volumes,
+    admin: &AdminClient,
+    migration: &Migration,
+) -> Result<(), StorageStep> {
+    let vm_name = &migration.spec.vm;
+    let read = |kind: Kind, err: ApiError| match err {
+        ApiError::NotFound { .. } => {
+            StorageStep::Refused(format!("{kind} {vm_name} does not exist"))
+        }
+        err => StorageStep::Wait(format!("reading {kind} {vm_name}: {}", error_chain(&err))),
+    };
+    let vm = match admin.get(Kind::Vm, vm_name).await {
+        Ok(Object::Vm(vm)) => vm,
+        Ok(_) => {
+            return Err(StorageStep::Wait(
+                "the control plane returned another kind".into(),
+            ));
+        }
+        Err(err) => return Err(read(Kind::Vm, err)),
+    };
+    let placement = match admin.get(Kind::Placement, vm_name).await {
+        Ok(Object::Placement(p)) => p,
+        Ok(_) => {
+            return Err(StorageStep::Wait(
+                "the control plane returned another kind".into(),
+            ));
+        }
+        Err(err) => return Err(read(Kind::Placement, err)),
+    };
+    volumes
+        .prepare_incoming(&vm, &placement, migration)
+        .await
+        .map_err(|err| {
+            let reason = error_chain(&err);
+            if err.is_transient() || err.is_pending() {
+                StorageStep::Wait(reason)
+            } else {
+                StorageStep::Refused(reason)
+            }
+        })
 }
 
 /// Why the target could not prepare an incoming VM's network.

@@ -149,6 +149,12 @@ pub async fn run<C: Compute + 'static>(
     let network =
         (config.network.clone()).map(|net| crate::network::NetworkAgent::start(net, admin.clone()));
     let migrations = MigrationAgent::new(&config.node, &config.policy.prefix, network.clone());
+    // A migration target readies the VM's seed and replicated disks.
+    if let Some(storage) = &config.storage
+        && let Ok(volumes) = crate::storage::Volumes::new(&config.node, storage, admin.clone())
+    {
+        migrations.set_volumes(volumes);
+    }
     let migrating = tokio::spawn(crate::migration::run(
         migrations.clone(),
         admin.clone(),

@@ -270,8 +270,14 @@ impl Volumes {
                 });
             }
         }
-        // The seed derives from the spec alone: made on whichever node the
-        // VM runs, whatever its epoch.
+        self.ensure_seed(vm).await
+    }
+
+    /// Makes `vm`'s cloud-init seed volume ([`seed::ensure`]) unless it
+    /// exists or the VM has none. The seed derives from the spec alone: it
+    /// is made on whichever node the VM runs or moves to, whatever its
+    /// epoch.
+    pub async fn ensure_seed(&self, vm: &Vm) -> Result<(), VolumeError> {
         seed::ensure(&self.storage, vm)
             .await
             .map_err(|err| match err {

@@ -14,7 +14,11 @@
 //!   the same epoch ([`run`], a periodic loop) — except on the target of a
 //!   live migration under way, where it is a second **primary** with the
 //!   same epoch naming the source (dual primary) until the switchover
-//!   moves the placement (epoch + 1) and the source turns secondary.
+//!   moves the placement (epoch + 1) and the source turns secondary. The
+//!   target's prepare step makes that attach itself, synchronously,
+//!   before it says `TargetReady` ([`Volumes::prepare_incoming`], the
+//!   same attach as the loop's), so a resumed guest never finds its disk
+//!   still secondary; the loop keeps it so afterwards.
 //!
 //! The placement's epoch grows exactly when the primary moves, so a moved
 //! VM's new primary outranks the old one: the storage processes refuse
@@ -147,9 +151,22 @@ pub fn secondaries(
         } else {
             None
         };
-        for disk in vm.spec.disks.iter().filter(|d| is_replicated(d)) {
+        wanted.extend(copies(vm, placement, dual.as_ref()));
+    }
+    wanted
+}
+
+/// The copies of `vm`'s replicated disks at `placement`'s epoch: second
+/// primaries with `dual`'s peers (and `allow_outdate`) when given,
+/// secondaries otherwise.
+fn copies(vm: &Vm, placement: &Placement, dual: Option<&(Vec<String>, bool)>) -> Vec<Wanted> {
+    vm.spec
+        .disks
+        .iter()
+        .filter(|d| is_replicated(d))
+        .map(|disk| {
             let name = disk_volume(&vm.meta.uid, &disk.name);
-            let attach = match &dual {
+            let attach = match dual {
                 Some((peers, allow_outdate)) => AttachVolume {
                     name,
                     role: VolumeRole::Primary,
@@ -165,15 +182,49 @@ pub fn secondaries(
                     allow_outdate: false,
                 },
             };
-            wanted.push(Wanted {
+            Wanted {
                 vm: vm.meta.name.clone(),
                 disk: disk.name.clone(),
                 size_bytes: disk.size_bytes,
                 attach,
-            });
-        }
+            }
+        })
+        .collect()
+}
+
+/// What node `node`, the target of live migration `migration`, must have
+/// attached before it says `TargetReady`: every replicated disk of `vm`
+/// a second primary at the migration's epoch naming the other replica
+/// nodes, the source among them — exactly the copies [`secondaries`] asks
+/// for while the migration is under way. Empty for a VM without replica
+/// nodes or replicated disks. `Err` says what to wait for: the placement
+/// no longer matches the migration (it moved on; the controller fails the
+/// migration), or a ready peer has not published its replication address.
+/// A target outside the replica nodes is [`Volumes::prepare_incoming`]'s
+/// refusal, not a wait.
+pub fn incoming(
+    node: &str,
+    placement: &Placement,
+    vm: &Vm,
+    migration: &Migration,
+    nodes: &BTreeMap<String, Node>,
+) -> Result<Vec<Wanted>, String> {
+    if placement.replica_nodes.is_empty() || !vm.spec.disks.iter().any(is_replicated) {
+        return Ok(Vec::new());
     }
-    wanted
+    if !migrating_here(node, placement, std::slice::from_ref(migration)) {
+        return Err(format!(
+            "the placement (node {}, epoch {}) is not the one migration {} moves from (node {}, epoch {}) to this node in {:?}",
+            placement.node,
+            placement.epoch,
+            migration.meta.name,
+            migration.status.source,
+            migration.status.epoch,
+            migration.status.phase,
+        ));
+    }
+    let dual = peers(node, placement, nodes)?;
+    Ok(copies(vm, placement, Some(&dual)))
 }
 
 impl Volumes {
@@ -219,6 +270,65 @@ impl Volumes {
                 .attach_volume(request)
                 .await
                 .map_err(|e| classify(&disk.name, e))?;
+        }
+        Ok(())
+    }
+
+    /// Readies this node's storage for `vm` arriving by live migration
+    /// `migration` from `placement`'s node, before the target says
+    /// `TargetReady`: the cloud-init seed volume ([`Volumes::ensure_seed`]),
+    /// and every replicated disk attached a second primary at the
+    /// migration's epoch with the source as a peer ([`incoming`]), through
+    /// the same step the secondaries' loop takes ([`run`]), so
+    /// the guest's writes are accepted here the moment it resumes.
+    /// [`VolumeError::NotReady`] asks to wait (see [`incoming`]); a target
+    /// outside the replica nodes, or an attach the storage process refuses,
+    /// is [`VolumeError::Failed`] naming the disk.
+    pub async fn prepare_incoming(
+        &self,
+        vm: &Vm,
+        placement: &Placement,
+        migration: &Migration,
+    ) -> Result<(), VolumeError> {
+        self.ensure_seed(vm).await?;
+        let Some(first) = vm.spec.disks.iter().find(|d| is_replicated(d)) else {
+            return Ok(());
+        };
+        if placement.replica_nodes.is_empty() {
+            return Ok(());
+        }
+        if !placement.holds_replica(&self.node) {
+            return Err(VolumeError::Failed {
+                disk: first.name.clone(),
+                source: ApiError::FailedPrecondition {
+                    reason: format!(
+                        "node {} holds no replica of it (replica nodes: {})",
+                        self.node,
+                        placement.replica_nodes.join(", ")
+                    ),
+                },
+            });
+        }
+        let nodes = match list_nodes(&self.admin).await {
+            Ok(nodes) => nodes,
+            Err(err @ ApiError::Unavailable { .. }) => return Err(VolumeError::Unavailable(err)),
+            Err(source) => {
+                return Err(VolumeError::Failed {
+                    disk: first.name.clone(),
+                    source,
+                });
+            }
+        };
+        let wanted = incoming(&self.node, placement, vm, migration, &nodes).map_err(|reason| {
+            VolumeError::NotReady {
+                disk: first.name.clone(),
+                reason,
+            }
+        })?;
+        for wanted in &wanted {
+            ensure_secondary(&self.storage, wanted)
+                .await
+                .map_err(|e| classify(&wanted.disk, e))?;
         }
         Ok(())
     }
@@ -314,8 +424,10 @@ pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
     }
 }
 
-/// Makes the secondary's volume (empty, the disk's size; grown when the
-/// disk grew) and attaches it secondary at the wanted epoch.
+/// Makes the copy's volume (empty, the disk's size, unless it exists;
+/// grown when the disk grew) and attaches it as wanted: a secondary, or a
+/// migration target's second primary (also from
+/// [`Volumes::prepare_incoming`]).
 async fn ensure_secondary(storage: &StorageClient, wanted: &Wanted) -> Result<(), ApiError> {
     let name = &wanted.attach.name;
     let volume = storage
@@ -477,6 +589,74 @@ mod tests {
                 "{phase:?} at {epoch}"
             );
         }
+    }
+
+    #[test]
+    fn an_incoming_vm_needs_its_replicated_disks_primary_at_the_migrations_epoch() {
+        let vms = [vm("db", &[("root", 2), ("scratch", 1), ("logs", 2)])];
+        let from = placement("db", "a", 3, &["a", "b"]);
+        let nodes: BTreeMap<_, _> = [
+            node("a", true, "10.0.0.1:7789"),
+            node("b", true, "10.0.0.2:7789"),
+        ]
+        .into_iter()
+        .collect();
+        let mut migration = Migration {
+            meta: ObjectMeta::named("db"),
+            ..Migration::default()
+        };
+        migration.spec.vm = "db".into();
+        migration.status.source = "a".into();
+        migration.status.target = "b".into();
+        migration.status.epoch = 3;
+        migration.status.phase = MigrationPhase::Preparing;
+        let wanted = incoming("b", &from, &vms[0], &migration, &nodes).expect("ready");
+        let disks: Vec<&str> = wanted.iter().map(|w| w.disk.as_str()).collect();
+        assert_eq!(disks, ["root", "logs"], "only the replicated disks");
+        for w in &wanted {
+            assert_eq!(w.attach.role, VolumeRole::Primary, "{w:?}");
+            assert_eq!(w.attach.epoch, 3, "the migration's epoch: {w:?}");
+            assert_eq!(w.attach.peers, ["10.0.0.1:7789"], "the source: {w:?}");
+            assert!(
+                !w.attach.allow_outdate,
+                "a ready source: writes wait for it"
+            );
+            assert_eq!(w.attach.name, disk_volume(&vms[0].meta.uid, &w.disk));
+        }
+        // The very attachments the secondaries' loop keeps meanwhile.
+        assert_eq!(
+            wanted,
+            secondaries(
+                "b",
+                std::slice::from_ref(&from),
+                &vms,
+                std::slice::from_ref(&migration),
+                &nodes
+            )
+        );
+        // The source has not published its address: wait, never a
+        // secondary said ready.
+        let unpublished: BTreeMap<_, _> = [node("a", true, ""), node("b", true, "10.0.0.2:7789")]
+            .into_iter()
+            .collect();
+        let err = incoming("b", &from, &vms[0], &migration, &unpublished).unwrap_err();
+        assert!(err.contains("replica node a"), "{err}");
+        // The placement moved on (HA: another epoch): wait for the
+        // controller to fail the migration, attach nothing.
+        let moved = placement("db", "a", 4, &["a", "b"]);
+        let err = incoming("b", &moved, &vms[0], &migration, &nodes).unwrap_err();
+        assert!(err.contains("epoch 4"), "{err}");
+        // No replica nodes, or no replicated disk: nothing to attach.
+        let plain = placement("db", "a", 3, &[]);
+        assert_eq!(
+            incoming("b", &plain, &vms[0], &migration, &nodes),
+            Ok(Vec::new())
+        );
+        let local = vm("db", &[("root", 1)]);
+        assert_eq!(
+            incoming("b", &from, &local, &migration, &nodes),
+            Ok(Vec::new())
+        );
     }
 
     #[test]

@@ -313,6 +313,32 @@ fn attachments_survive_a_restart() {
         (Role::Primary, 4, true)
     );
     assert_eq!(spec_back.peers, ["127.0.0.1:9"]);
+    // A primary whose peer no longer resolves comes back a secondary,
+    // never writable without it.
+    att.attach(
+        "vol",
+        spec(
+            Role::Primary,
+            5,
+            &["127.0.0.1:9".parse().expect("addr")],
+            true,
+        ),
+    )
+    .expect("primary");
+    drop(att);
+    let file = dir.path().join("pool.attachments");
+    let text = std::fs::read_to_string(&file).expect("read");
+    let text = text.replace(
+        "vol primary 5 1 127.0.0.1:9",
+        "vol primary 5 1 no-such-host.invalid:9",
+    );
+    std::fs::write(&file, text).expect("write");
+    let att = persistent(&p, dir.path());
+    assert_eq!(att.role("vol"), Some(Role::Secondary));
+    assert!(matches!(
+        write(&att, &p, 0, 1),
+        Err(ReplicationError::NotPrimary { .. })
+    ));
     // A deleted volume's attachment is gone after the next restart.
     att.detach("other");
     p.delete("other").expect("delete");
@@ -329,4 +355,82 @@ fn attachments_survive_a_restart() {
         )
         .is_err()
     );
+}
+
+#[test]
+fn writes_during_a_full_sync_end_on_the_replica_and_a_deposed_primary_revives() {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let r = pool();
+    let server = ReplicaServer::start(r.clone(), any, 0).expect("replica");
+    let p = pool();
+    // A slow full sync (2 MiB/s over 4 MiB of data) that writes overtake.
+    let att = Arc::new(Attachments::new(
+        p.clone(),
+        Arc::new(ReplicaBook::in_memory(0)),
+        AttachOptions {
+            sync_rate: 2 << 20,
+            ..opts()
+        },
+    ));
+    for c in 0..64u64 {
+        write(&att, &p, c * CHUNK, 0x10).expect("standalone write");
+    }
+    att.attach("vol", spec(Role::Primary, 1, &[server.addr()], false))
+        .expect("attach");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while att.view("vol").peers[0].1.state != PeerState::Resyncing {
+        assert!(Instant::now() < deadline, "{:?}", att.view("vol"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The fencer denies, yet writes go on: a peer being filled was never
+    // up to date. They land on chunks already sent and not yet sent.
+    let started = Instant::now();
+    for c in (0..64u64).step_by(3) {
+        write(&att, &p, c * CHUNK + 512, 0x20).expect("write during the full sync");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "writes waited for the full sync"
+    );
+    let view = wait_peers(&att, all_connected);
+    assert_eq!(view.peers[0].1.full_syncs, 1);
+    assert!(whole(&r) == whole(&p), "the replica differs after the sync");
+    assert_eq!(server.synced_generation("vol"), view.peers[0].1.generation);
+
+    // A newer epoch reaches the replica (a newer primary elsewhere): this
+    // primary's next write is refused there and fails here.
+    let data = vec![0x30; 4096];
+    {
+        use std::io::{BufReader, Write};
+        let s = std::net::TcpStream::connect(server.addr()).expect("connect");
+        let mut w = s.try_clone().expect("clone");
+        let mut rd = BufReader::new(s);
+        let hello = basalt_sds::replication::wire::Hello {
+            version: basalt_sds::replication::wire::VERSION,
+            epoch: 2,
+            generation: view.peers[0].1.generation,
+            synced_from: 0,
+            volume_uid: uuid::Uuid::nil(),
+            size: VOL,
+            volume: "vol".into(),
+        };
+        w.write_all(&hello.encode()).expect("hello");
+        basalt_sds::replication::wire::HelloReply::read(&mut rd).expect("reply");
+    }
+    let err = write(&att, &p, 5 * CHUNK, 0x30).expect_err("a deposed primary wrote");
+    assert!(
+        matches!(err, ReplicationError::StaleEpoch { newest: 2, .. }),
+        "{err}"
+    );
+    assert_ne!(read(&r, 5 * CHUNK), data);
+    // Attached again at the newer epoch, it comes back on the same stream
+    // and resyncs the write the replica refused.
+    att.attach("vol", spec(Role::Primary, 2, &[server.addr()], false))
+        .expect("epoch 2");
+    let view = wait_peers(&att, all_connected);
+    assert_eq!(view.peers[0].1.full_syncs, 1, "{view:?}");
+    assert!(view.peers[0].1.resync_chunks >= 1, "{view:?}");
+    assert!(whole(&r) == whole(&p));
+    write(&att, &p, 6 * CHUNK, 0x40).expect("write at epoch 2");
+    assert_eq!(read(&r, 6 * CHUNK), vec![0x40; 4096]);
 }

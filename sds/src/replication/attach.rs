@@ -302,8 +302,9 @@ impl Attachments {
     /// (lines `VOLUME ROLE EPOCH ALLOW_OUTDATE [PEER...]`) and restoring
     /// the ones found there now. A restored primary whose epoch the pool
     /// has since seen surpassed is restored anyway: its writes are
-    /// refused, which is what it deserves. Attachments of volumes that
-    /// no longer exist are dropped.
+    /// refused, which is what it deserves; one whose peers no longer
+    /// resolve comes back a secondary (never writable without its peers).
+    /// Attachments of volumes that no longer exist are dropped.
     pub fn persistent(
         pool: Pool,
         book: Arc<ReplicaBook>,
@@ -315,9 +316,27 @@ impl Attachments {
         // restoring leaves the file as it was.
         let mut this = Attachments::new(pool, book, opts);
         for (name, spec) in saved {
+            let (role, epoch) = (spec.role, spec.epoch);
             match this.attach_unchecked(&name, spec) {
                 Ok(view) => {
                     tracing::info!(volume = %name, spec = ?view.spec, "attachment restored")
+                }
+                // A primary that cannot ship its writes (a peer name that
+                // no longer resolves) must not come back writable without
+                // them: it waits as a secondary for the agent.
+                Err(e @ (AttachError::Peer { .. } | AttachError::Start { .. }))
+                    if role == Role::Primary =>
+                {
+                    tracing::error!(volume = %name, error = %error_chain(&e), "primary not restored: kept as a secondary until attached again");
+                    let fallback = AttachSpec {
+                        role: Role::Secondary,
+                        epoch,
+                        peers: Vec::new(),
+                        allow_outdate: false,
+                    };
+                    if let Err(e) = this.attach_unchecked(&name, fallback) {
+                        tracing::warn!(volume = %name, error = %error_chain(&e), "attachment not restored");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(volume = %name, error = %error_chain(&e), "attachment not restored")

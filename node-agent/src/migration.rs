@@ -1072,10 +1072,8 @@ fn start_recovery<C: Compute + 'static>(
     migration: &Migration,
 ) {
     let vm = migration.spec.vm.clone();
-    agent
-        .state()
-        .workers
-        .insert(vm.clone(), Arc::new(AtomicBool::new(false)));
+    let abort = Arc::new(AtomicBool::new(false));
+    agent.state().workers.insert(vm.clone(), abort.clone());
     tracing::warn!(%vm, "a copy was under way when this agent started: waiting for libvirt's verdict");
     let (agent, admin, compute, migration) = (
         agent.clone(),
@@ -1087,6 +1085,14 @@ fn start_recovery<C: Compute + 'static>(
         let domain = agent.domain(&vm);
         let deadline = Instant::now() + migration.spec.timeout() + Duration::from_secs(30);
         let outcome = loop {
+            // The migration ended meanwhile (failed or removed): nothing
+            // to recover. Also how a copy that failed just before this
+            // agent's watch said so ends here: its worker was gone while
+            // the object still read `Migrating`, and a recovery kept the
+            // VM pinned until the deadline.
+            if abort.load(Ordering::SeqCst) {
+                break Ok(false);
+            }
             let status = {
                 let (compute, domain) = (compute.clone(), domain.clone());
                 tokio::task::spawn_blocking(move || compute.status(&domain)).await

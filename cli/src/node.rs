@@ -1,21 +1,21 @@
 //! `basalt node`: the cluster's nodes — list, cordon (no new VMs),
 //! uncordon, drain (move every VM off) and remove (decommission).
 //!
-//! Drain is a cold move for now: the node is cordoned, each of its
-//! placements is labelled [`Placement::EVICT_LABEL`], the node's agent stops the VM,
-//! and the control plane moves the placement to another node with
-//! `epoch + 1` once the VM is reported stopped (`docs/decisions.md`).
-//! Commands are idempotent: a drain cut short is finished by running it
-//! again.
+//! Drain ([`drain`]) moves running VMs live (a `migration` each) and the
+//! others cold: the placement is labelled [`Placement::EVICT_LABEL`], the
+//! node's agent stops the VM, and the control plane moves the placement to
+//! another node with `epoch + 1` once the VM is reported stopped
+//! (`docs/decisions.md` §30). Commands are idempotent: a drain cut short
+//! is finished by running it again.
 
-use std::collections::BTreeMap;
+mod drain;
+
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use basalt_api::{AdminClient, ApiError, Kind, Object, Placement};
 
 use crate::output::{self, Format};
-use crate::wait::{Deadline, POLL};
 
 /// What to do with nodes.
 #[derive(Debug, clap::Subcommand)]
@@ -33,17 +33,27 @@ pub enum NodeCommand {
         /// The node.
         name: String,
     },
-    /// Cordon a node and move every VM off it (each VM is stopped there,
-    /// then started on another node).
+    /// Cordon a node and move every VM off it: a running VM moves live (a
+    /// migration; the control plane chooses the target), any other VM —
+    /// and one whose migration fails — moves cold (stopped there, then
+    /// started on another node). Prints each VM's progress; run it again
+    /// to continue a drain cut short.
     Drain {
         /// The node.
         name: String,
-        /// Wait until no VM is placed on the node, printing progress.
+        /// Also wait until no VM is placed on the node (the cold moves too).
         #[arg(long)]
         wait: bool,
-        /// How long `--wait` waits: a number with s, m or h.
+        /// How long the drain (and `--wait`) may take: a number with s, m
+        /// or h.
         #[arg(long, default_value = "5m", value_parser = crate::token::parse_duration)]
         timeout: Duration,
+        /// How many live migrations run at once.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        parallel: u16,
+        /// Move every VM cold, none live.
+        #[arg(long)]
+        cold: bool,
     },
     /// Remove (decommission) a node: deletes it and its lease. Refused
     /// while VMs are placed on it, unless `--force` (then the control plane
@@ -90,7 +100,17 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
             name,
             wait,
             timeout,
-        } => drain(&client, &name, wait, timeout).await,
+            parallel,
+            cold,
+        } => {
+            let options = drain::DrainOptions {
+                wait,
+                timeout,
+                parallel: usize::from(parallel),
+                cold,
+            };
+            drain::drain(&client, &name, options).await
+        }
         NodeCommand::Remove { name, force } => {
             client
                 .get(Kind::Node, &name)
@@ -182,68 +202,4 @@ pub async fn placements_on(client: &AdminClient, name: &str) -> anyhow::Result<V
             _ => None,
         })
         .collect())
-}
-
-/// Cordons `name` and asks for every VM on it to move; with `wait`,
-/// follows the moves until the node is empty.
-async fn drain(
-    client: &AdminClient,
-    name: &str,
-    wait: bool,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    client
-        .get(Kind::Node, name)
-        .await
-        .with_context(|| format!("reading node/{name}"))?;
-    set_cordoned(client, name, true).await?;
-    let placed = placements_on(client, name).await?;
-    // Hook: once live migration is available, a running VM gets a
-    // `Migration` object here instead of the eviction label.
-    for placement in &placed {
-        set_evicting(client, &placement.vm, true).await?;
-    }
-    println!("node/{name} cordoned; moving {} VM(s) off it", placed.len());
-    if !wait {
-        return Ok(());
-    }
-    let deadline = Deadline::after(timeout);
-    let mut last: BTreeMap<String, String> = BTreeMap::new();
-    loop {
-        let remaining = placements_on(client, name).await?;
-        let mut now: BTreeMap<String, String> = BTreeMap::new();
-        for placement in &remaining {
-            let phase = match client.get(Kind::Vm, &placement.vm).await {
-                Ok(Object::Vm(vm)) => vm.status.phase.to_string(),
-                _ => "-".into(),
-            };
-            now.insert(placement.vm.clone(), phase);
-        }
-        for (vm, phase) in &now {
-            if last.get(vm) != Some(phase) {
-                println!("  vm/{vm}: {phase} on {name}, waiting to move");
-            }
-        }
-        for vm in last.keys().filter(|vm| !now.contains_key(*vm)) {
-            match client.get(Kind::Placement, vm).await {
-                Ok(Object::Placement(p)) => {
-                    println!("  vm/{vm}: moved to {} (epoch {})", p.node, p.epoch)
-                }
-                _ => println!("  vm/{vm}: no longer placed"),
-            }
-        }
-        if remaining.is_empty() {
-            println!("node/{name} drained");
-            return Ok(());
-        }
-        last = now;
-        deadline.check(|| {
-            format!(
-                "node/{name} still holds {} VM(s): {}",
-                last.len(),
-                last.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })?;
-        tokio::time::sleep(POLL).await;
-    }
 }

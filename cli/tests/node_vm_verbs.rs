@@ -3,91 +3,21 @@
 //! simulated compute (fast): create from flags and from a file with
 //! `--wait`, list, get, stop, start, restart, console, cordon (no new VM
 //! lands there), uncordon, drain (every VM moves off with a higher epoch
-//! and runs again elsewhere), remove (refused while VMs are there, then
+//! and runs again elsewhere; the agents are separate processes whose
+//! simulated hypervisors cannot reach each other, so each live migration
+//! fails and the VM moves cold — `node_drain.rs` has the live moves),
+//! remove (refused while VMs are there, then
 //! allowed; `--force` moves the VMs after the node is gone), delete.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+mod common;
 
-use basalt_api::{AdminClient, JoinToken, Kind, Object, ObjectMeta, Placement, Vm, VmPhase};
+use std::path::Path;
+use std::time::Duration;
+
+use basalt_api::{Kind, Object, Placement, VmPhase};
 use basalt_testkit::{Prefix, Process, ProcessSpec};
 
-const DEADLINE: Duration = Duration::from_secs(60);
-const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 100\n";
-
-fn basalt() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_basalt"))
-}
-
-/// `basaltd` is built next to `basalt` whenever the workspace's tests are
-/// (the daemon's integration tests need it).
-fn basaltd() -> PathBuf {
-    let path = basalt().with_file_name("basaltd");
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first (cargo build -p basaltd)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Runs `basalt --server SERVER ARGS…`; returns (success, stdout + stderr).
-fn cli(server: &str, args: &[&str]) -> (bool, String) {
-    let output = Command::new(basalt())
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .output()
-        .expect("run basalt");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
-}
-
-/// Runs a command that must succeed; returns its output.
-fn ok(server: &str, args: &[&str]) -> String {
-    let (success, text) = cli(server, args);
-    assert!(success, "basalt {args:?} failed:\n{text}");
-    text
-}
-
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn placement(admin: &AdminClient, vm: &str) -> Option<Placement> {
-    match admin.get(Kind::Placement, vm).await {
-        Ok(Object::Placement(p)) => Some(p),
-        _ => None,
-    }
-}
-
-async fn vm(admin: &AdminClient, name: &str) -> Option<Vm> {
-    match admin.get(Kind::Vm, name).await {
-        Ok(Object::Vm(vm)) => Some(vm),
-        _ => None,
-    }
-}
+use common::{KERNEL, basaltd, cli, join_token, ok, placement, vm, wait_until};
 
 fn start_agent(prefix: &Prefix, server: &str, node: &str, token: &str) -> Process {
     let spec = ProcessSpec::new(format!("agent-{node}"), basaltd())
@@ -119,62 +49,18 @@ fn start_agent(prefix: &Prefix, server: &str, node: &str, token: &str) -> Proces
     Process::start(prefix, spec).expect("start basaltd agent")
 }
 
-const KERNEL: [&str; 6] = [
-    "--kernel",
-    "/boot/vmlinuz",
-    "--initrd",
-    "/boot/initrd.img",
-    "--cmdline",
-    "console=ttyS0",
-];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_and_vm_verbs_against_a_real_cluster() {
     let prefix = Prefix::for_test().expect("prefix");
-    let config = prefix.dir().join("control.toml");
-    std::fs::write(&config, CONFIG).expect("config");
-    let server = format!("127.0.0.1:{}", free_port());
-    let member = ProcessSpec::new("control-1", basaltd())
-        .args(["control", "--bootstrap", "--node-id", "1", "--config"])
-        .arg(&config)
-        .args(["--listen", &server, "--data-dir"])
-        .arg(prefix.dir().join("control-1"))
-        .env("RUST_LOG", "info");
-    let _member = Process::start(&prefix, member).expect("start basaltd control");
-    let admin = AdminClient::connect_lazy(&server).expect("admin client");
-    wait_until("the member leads", || async {
-        admin
-            .list(Kind::Member)
-            .await
-            .is_ok_and(|l| !l.objects.is_empty())
-    })
-    .await;
+    let (_member, server, admin) = common::start_control(&prefix).await;
 
     // One single-use token per node: a removed node cannot come back.
     let mut agents = Vec::new();
     for node in ["n1", "n2", "n3"] {
-        let mut token = JoinToken {
-            meta: ObjectMeta::named(format!("join-{node}")),
-            ..JoinToken::default()
-        };
-        token.spec.ttl_seconds = 3600;
-        token.spec.max_uses = 1;
-        let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
-            panic!("create token")
-        };
-        let secret = token.secret.expect("secret").expose().to_owned();
+        let secret = join_token(&admin, node).await;
         agents.push(start_agent(&prefix, &server, node, &secret));
     }
-    wait_until("three nodes are ready", || async {
-        admin.list(Kind::Node).await.is_ok_and(|l| {
-            l.objects
-                .iter()
-                .filter(|o| matches!(o, Object::Node(n) if n.status.is_ready()))
-                .count()
-                == 3
-        })
-    })
-    .await;
+    common::wait_ready_nodes(&admin, 3).await;
     let nodes = ok(&server, &["node", "list"]);
     for node in ["n1", "n2", "n3"] {
         assert!(nodes.contains(node), "{nodes}");

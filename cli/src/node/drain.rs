@@ -1,0 +1,344 @@
+//! `basalt node drain NAME`: cordons the node and moves every VM off it.
+//!
+//! A running VM moves live: drain asks for a `migration` named after it,
+//! with no target (the control plane chooses one, keeping a VM with
+//! replicated disks on its replica nodes), at most `--parallel` at a time,
+//! and prints each one's progress. A VM that does not run there, every VM
+//! under `--cold`, and a VM whose migration fails move cold instead: the
+//! placement gets [`Placement::EVICT_LABEL`], the node's agent stops the VM
+//! and the control plane starts it on another node (`docs/decisions.md`
+//! §30). Each VM's way out is printed.
+//!
+//! Idempotent, as `kubectl drain` is: run again, it follows the migrations
+//! already under way instead of asking again, leaves VMs already evicted
+//! alone, and asks again only for VMs still on the node. `--wait` then
+//! waits until no placement names the node.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use basalt_api::{
+    AdminClient, ApiError, Kind, Migration, MigrationPhase, MigrationSpec, Object, ObjectMeta,
+    Placement, VmPhase,
+};
+
+use super::{placements_on, set_cordoned, set_evicting};
+use crate::wait::{Deadline, POLL};
+
+/// How a drain moves VMs.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainOptions {
+    /// Wait until no placement names the node.
+    pub wait: bool,
+    /// How long the whole drain may take.
+    pub timeout: Duration,
+    /// How many live migrations run at once.
+    pub parallel: usize,
+    /// Move every VM cold, none live.
+    pub cold: bool,
+}
+
+/// One migration this drain follows.
+#[derive(Debug)]
+struct Following {
+    /// What was last printed: phase and MiB left.
+    last: Option<(MigrationPhase, u64)>,
+}
+
+/// Cordons `name` and moves every VM off it; see the module doc.
+pub async fn drain(client: &AdminClient, name: &str, options: DrainOptions) -> anyhow::Result<()> {
+    client
+        .get(Kind::Node, name)
+        .await
+        .with_context(|| format!("reading node/{name}"))?;
+    set_cordoned(client, name, true).await?;
+    let deadline = Deadline::after(options.timeout);
+    let placed = placements_on(client, name).await?;
+    println!("node/{name} cordoned; moving {} VM(s) off it", placed.len());
+
+    // First the cold moves (they start at once), then the live ones.
+    let mut live: VecDeque<String> = VecDeque::new();
+    for placement in &placed {
+        let vm = placement.vm.as_str();
+        if placement.is_evicting() {
+            println!("  vm/{vm}: already moving cold (eviction)");
+            continue;
+        }
+        if let Some(m) = migration(client, vm).await?
+            && !m.status.phase.is_terminal()
+        {
+            // Asked before (an earlier drain, or `basalt vm migrate`):
+            // followed, not asked again, even under --cold.
+            live.push_back(vm.to_owned());
+            continue;
+        }
+        if options.cold {
+            evict(client, vm, "--cold").await?;
+            continue;
+        }
+        match runs_on(client, vm, name).await? {
+            Ok(()) => live.push_back(vm.to_owned()),
+            Err(why) => evict(client, vm, &why).await?,
+        }
+    }
+
+    let mut following: BTreeMap<String, Following> = BTreeMap::new();
+    loop {
+        while following.len() < options.parallel.max(1)
+            && let Some(vm) = live.pop_front()
+        {
+            if start_live(client, &vm, name).await? {
+                following.insert(vm, Following { last: None });
+            }
+        }
+        if following.is_empty() {
+            break;
+        }
+        let mut ended = Vec::new();
+        for (vm, state) in &mut following {
+            if follow_step(client, vm, name, state).await? {
+                ended.push(vm.clone());
+            }
+        }
+        for vm in ended {
+            following.remove(&vm);
+        }
+        if following.is_empty() && live.is_empty() {
+            break;
+        }
+        deadline.check(|| {
+            let moving: Vec<&str> = following.keys().map(String::as_str).collect();
+            format!(
+                "live migration of {} still under way, {} VM(s) not started yet; run the drain again to continue",
+                moving.join(", "),
+                live.len()
+            )
+        })?;
+        tokio::time::sleep(POLL).await;
+    }
+
+    if !options.wait {
+        return Ok(());
+    }
+    wait_empty(client, name, deadline).await
+}
+
+/// The VM's migration, if any.
+async fn migration(client: &AdminClient, vm: &str) -> anyhow::Result<Option<Migration>> {
+    match client.get(Kind::Migration, vm).await {
+        Ok(Object::Migration(m)) => Ok(Some(m)),
+        Ok(other) => bail!("{vm} is a {}, not a migration", other.kind()),
+        Err(ApiError::NotFound { .. }) => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("reading migration/{vm}")),
+    }
+}
+
+/// `Ok` when `vm` runs on `node` (so it can move live); otherwise why not.
+async fn runs_on(client: &AdminClient, vm: &str, node: &str) -> anyhow::Result<Result<(), String>> {
+    let vm = match client.get(Kind::Vm, vm).await {
+        Ok(Object::Vm(vm)) => vm,
+        Ok(_) | Err(ApiError::NotFound { .. }) => return Ok(Err("no such VM".into())),
+        Err(err) => return Err(err).with_context(|| format!("reading vm/{vm}")),
+    };
+    let phase = vm.status.phase;
+    let here = vm.status.node.as_deref() == Some(node);
+    if vm.spec.running && here && matches!(phase, VmPhase::Running | VmPhase::Migrating) {
+        Ok(Ok(()))
+    } else if !vm.spec.running {
+        Ok(Err("not running (stopped by its spec)".into()))
+    } else {
+        Ok(Err(format!("not running ({phase})")))
+    }
+}
+
+/// Labels `vm`'s placement for a cold move, saying why.
+async fn evict(client: &AdminClient, vm: &str, why: &str) -> anyhow::Result<()> {
+    set_evicting(client, vm, true).await?;
+    println!("  vm/{vm}: {why}: moving it cold (stopped here, started on another node)");
+    Ok(())
+}
+
+/// Asks for `vm`'s live migration off `node`, or finds the one under
+/// way. Returns whether there is one to follow; when there is none (the
+/// VM left or stopped meanwhile, or the request was refused) it has said
+/// so and moved the VM cold where that is still needed.
+async fn start_live(client: &AdminClient, vm: &str, node: &str) -> anyhow::Result<bool> {
+    loop {
+        // Still here? (Time passed while others moved.)
+        match placement(client, vm).await? {
+            Some(p) if p.node == node && !p.is_evicting() => {}
+            Some(p) if p.node == node => {
+                println!("  vm/{vm}: already moving cold (eviction)");
+                return Ok(false);
+            }
+            Some(p) => {
+                println!("  vm/{vm}: already moved to {} (epoch {})", p.node, p.epoch);
+                return Ok(false);
+            }
+            None => {
+                println!("  vm/{vm}: no longer placed");
+                return Ok(false);
+            }
+        }
+        match migration(client, vm).await? {
+            Some(m) if !m.status.phase.is_terminal() => {
+                println!(
+                    "  vm/{vm}: a live migration is already under way ({}); following it",
+                    m.status.phase
+                );
+                return Ok(true);
+            }
+            Some(m) => {
+                // A finished one (an earlier move): replaced by ours.
+                match client
+                    .delete(Kind::Migration, vm, Some(m.meta.resource_version))
+                    .await
+                {
+                    Ok(_) | Err(ApiError::NotFound { .. } | ApiError::Aborted { .. }) => {}
+                    Err(err) => {
+                        return Err(err)
+                            .with_context(|| format!("removing the finished migration/{vm}"));
+                    }
+                }
+            }
+            None => {}
+        }
+        if let Err(why) = runs_on(client, vm, node).await? {
+            evict(client, vm, &why).await?;
+            return Ok(false);
+        }
+        let request = Migration {
+            meta: ObjectMeta::named(vm),
+            spec: MigrationSpec {
+                vm: vm.to_owned(),
+                target: None,
+                post_copy: false,
+                timeout_seconds: 0,
+            },
+            ..Migration::default()
+        };
+        match client.create(Object::Migration(request)).await {
+            Ok(_) => {
+                println!("  vm/{vm}: moving live (migration requested)");
+                return Ok(true);
+            }
+            // Someone asked at the same moment: look again.
+            Err(ApiError::AlreadyExists { .. }) => continue,
+            Err(err @ (ApiError::InvalidArgument { .. } | ApiError::FailedPrecondition { .. })) => {
+                evict(client, vm, &format!("live migration refused ({err})")).await?;
+                return Ok(false);
+            }
+            Err(err) => {
+                return Err(err).with_context(|| format!("requesting the migration of {vm}"));
+            }
+        }
+    }
+}
+
+/// Looks at `vm`'s migration once, printing what changed; returns whether
+/// it is over (and, if it failed, has moved the VM cold).
+async fn follow_step(
+    client: &AdminClient,
+    vm: &str,
+    node: &str,
+    state: &mut Following,
+) -> anyhow::Result<bool> {
+    let Some(m) = migration(client, vm).await? else {
+        return fall_back(client, vm, node, "its migration was removed").await;
+    };
+    let status = &m.status;
+    let now = (status.phase, status.data_remaining >> 20);
+    if state.last != Some(now) {
+        state.last = Some(now);
+        let what = match status.phase {
+            MigrationPhase::Pending => "waiting for the control plane".to_owned(),
+            MigrationPhase::Migrating if status.data_total > 0 => format!(
+                "{} → {}: {} MiB of {} MiB left",
+                status.source,
+                status.target,
+                status.data_remaining >> 20,
+                status.data_total >> 20
+            ),
+            MigrationPhase::Succeeded | MigrationPhase::Failed => String::new(),
+            _ => format!("{} → {}: {}", status.source, status.target, status.message),
+        };
+        if !what.is_empty() {
+            println!("  vm/{vm}: {:<11} {what}", status.phase.to_string());
+        }
+    }
+    match status.phase {
+        MigrationPhase::Succeeded => match placement(client, vm).await? {
+            Some(p) if p.node != node => {
+                println!("  vm/{vm}: moved live to {} (epoch {})", p.node, p.epoch);
+                Ok(true)
+            }
+            // An older success (it came back since): move it again.
+            _ => fall_back(client, vm, node, "it is still here after its migration").await,
+        },
+        MigrationPhase::Failed => {
+            let why = format!("live migration failed ({})", status.message);
+            fall_back(client, vm, node, &why).await
+        }
+        _ => Ok(false),
+    }
+}
+
+/// A live move ended without moving `vm`: moves it cold if it is still
+/// on `node`. Always returns `true` (nothing left to follow).
+async fn fall_back(client: &AdminClient, vm: &str, node: &str, why: &str) -> anyhow::Result<bool> {
+    match placement(client, vm).await? {
+        Some(p) if p.node == node => evict(client, vm, why).await?,
+        Some(p) => println!("  vm/{vm}: {why}, but it is on {} now", p.node),
+        None => println!("  vm/{vm}: {why}; no longer placed"),
+    }
+    Ok(true)
+}
+
+async fn placement(client: &AdminClient, vm: &str) -> anyhow::Result<Option<Placement>> {
+    match client.get(Kind::Placement, vm).await {
+        Ok(Object::Placement(p)) => Ok(Some(p)),
+        Ok(_) | Err(ApiError::NotFound { .. }) => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("reading placement/{vm}")),
+    }
+}
+
+/// Follows the node until no placement names it (`--wait`).
+async fn wait_empty(client: &AdminClient, name: &str, deadline: Deadline) -> anyhow::Result<()> {
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let remaining = placements_on(client, name).await?;
+        let mut now: BTreeMap<String, String> = BTreeMap::new();
+        for placement in &remaining {
+            let phase = match client.get(Kind::Vm, &placement.vm).await {
+                Ok(Object::Vm(vm)) => vm.status.phase.to_string(),
+                _ => "-".into(),
+            };
+            now.insert(placement.vm.clone(), phase);
+        }
+        for (vm, phase) in &now {
+            if last.get(vm) != Some(phase) {
+                println!("  vm/{vm}: {phase} on {name}, waiting to move");
+            }
+        }
+        for vm in last.keys().filter(|vm| !now.contains_key(*vm)) {
+            match placement(client, vm).await? {
+                Some(p) => println!("  vm/{vm}: moved to {} (epoch {})", p.node, p.epoch),
+                None => println!("  vm/{vm}: no longer placed"),
+            }
+        }
+        if remaining.is_empty() {
+            println!("node/{name} drained");
+            return Ok(());
+        }
+        last = now;
+        deadline.check(|| {
+            format!(
+                "node/{name} still holds {} VM(s): {}",
+                last.len(),
+                last.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        tokio::time::sleep(POLL).await;
+    }
+}

@@ -28,7 +28,7 @@ use basalt_api::{
     MigrationPhase, MigrationSpec, Object, ObjectMeta, Placement, ReplicaPeerState, StorageClient,
     Vm, VmPhase, VmSpec, VolumeRole, WatchEvent,
 };
-use basalt_testkit::guest::{self, GuestImage};
+use basalt_testkit::guest::GuestImage;
 use basalt_testkit::nbd_client::NbdClient;
 use basalt_testkit::{Fabric, Libvirtd, Node, Prefix, Process, ProcessSpec, wait};
 use futures::StreamExt as _;
@@ -498,11 +498,12 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
         })
         .await;
     }
-    assert!(
-        std::fs::read_to_string(&console_a).is_ok_and(|t| t.contains("basalt-guest: boot 2")),
-        "{}",
-        guest::log_tail(&console_a, 30)
-    );
+    // The guest writes its boot counter before it prints it: wait for the
+    // console line rather than expect it the moment the disk says boot 2.
+    wait::until("the console says boot 2", DEADLINE, &[], || async {
+        std::fs::read_to_string(&console_a).is_ok_and(|t| t.contains("basalt-guest: boot 2"))
+    })
+    .await;
     let on_a = read_export(&a, &volume, PATTERN_AT, expected.len()).expect("read a");
     assert!(on_a == expected, "the pattern did not survive the moves");
 

@@ -334,17 +334,27 @@ impl Volumes {
     }
 }
 
-async fn list_nodes(admin: &AdminClient) -> Result<BTreeMap<String, Node>, ApiError> {
+/// The objects of `kind`, as `pick` types them (others are skipped).
+async fn list_of<T, C: FromIterator<T>>(
+    admin: &AdminClient,
+    kind: Kind,
+    pick: impl FnMut(Object) -> Option<T>,
+) -> Result<C, ApiError> {
     Ok(admin
-        .list(Kind::Node)
+        .list(kind)
         .await?
         .objects
         .into_iter()
-        .filter_map(|o| match o {
-            Object::Node(n) => Some((n.meta.name.clone(), n)),
-            _ => None,
-        })
+        .filter_map(pick)
         .collect())
+}
+
+async fn list_nodes(admin: &AdminClient) -> Result<BTreeMap<String, Node>, ApiError> {
+    list_of(admin, Kind::Node, |o| match o {
+        Object::Node(n) => Some((n.meta.name.clone(), n)),
+        _ => None,
+    })
+    .await
 }
 
 /// The secondaries' loop of node `node`: every [`REPLICA_PERIOD`], makes
@@ -368,37 +378,26 @@ pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
             tracing::debug!(error = %err, "publishing the replication address failed; retrying");
         }
         let listed = async {
-            let placements = admin.list(Kind::Placement).await?;
-            let vms = admin.list(Kind::Vm).await?;
-            let migrations = admin.list(Kind::Migration).await?;
+            let placements: Vec<_> = list_of(&admin, Kind::Placement, |o| match o {
+                Object::Placement(p) => Some(p),
+                _ => None,
+            })
+            .await?;
+            let vms: Vec<_> = list_of(&admin, Kind::Vm, |o| match o {
+                Object::Vm(v) => Some(v),
+                _ => None,
+            })
+            .await?;
+            let migrations: Vec<_> = list_of(&admin, Kind::Migration, |o| match o {
+                Object::Migration(m) => Some(m),
+                _ => None,
+            })
+            .await?;
             let nodes = list_nodes(&admin).await?;
             Ok::<_, ApiError>((placements, vms, migrations, nodes))
         };
         let (placements, vms, migrations, nodes) = match listed.await {
-            Ok((p, v, m, n)) => (
-                p.objects
-                    .into_iter()
-                    .filter_map(|o| match o {
-                        Object::Placement(p) => Some(p),
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>(),
-                v.objects
-                    .into_iter()
-                    .filter_map(|o| match o {
-                        Object::Vm(v) => Some(v),
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>(),
-                m.objects
-                    .into_iter()
-                    .filter_map(|o| match o {
-                        Object::Migration(m) => Some(m),
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>(),
-                n,
-            ),
+            Ok(listed) => listed,
             Err(err) => {
                 tracing::debug!(error = %err, "cannot list placements, VMs, migrations and nodes; secondaries unchanged");
                 continue;

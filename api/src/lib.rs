@@ -71,8 +71,8 @@ mod pb {
 pub use client::{AdminClient, AgentClient, RaftClient, StorageClient};
 pub use error::ApiError;
 pub use server::{
-    AdminApi, AgentApi, RaftApi, StorageApi, WatchStream, add_admin_routes, add_agent_routes,
-    add_raft_routes, admin_routes, agent_routes, raft_routes, storage_routes,
+    AdminApi, AgentApi, FenceStream, RaftApi, StorageApi, WatchStream, add_admin_routes,
+    add_agent_routes, add_raft_routes, admin_routes, agent_routes, raft_routes, storage_routes,
 };
 pub use tonic::service::Routes;
 pub use types::*;

@@ -11,7 +11,13 @@
 //!   before a new one can expire them;
 //! - a status report is accepted only from the node the VM is placed on,
 //!   while that node holds its lease, and never changes the VM's spec (so
-//!   not its generation) nor the addresses IPAM gave its NICs.
+//!   not its generation) nor the addresses IPAM gave its NICs;
+//! - a replica mark (the storage fence: a VM's copy on another replica
+//!   node recorded outdated, or in sync again) is committed only for the
+//!   VM's node at the placement's epoch while it holds its lease, in one
+//!   Raft entry with an unchanged rewrite of the placement as its
+//!   compare-and-swap guard: a primary deposed by a move, even one racing
+//!   the mark, never gets a yes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use basalt_api::{
     AgentApi, AgentClient, ApiError, Heartbeat, HeartbeatAck, Kind, Object, Placement, Registered,
-    Registration, StatusReport, WatchEvent, WatchStream,
+    Registration, ReplicaMark, StatusReport, WatchEvent, WatchStream,
 };
 use futures::StreamExt as _;
 use openraft::ServerState;
@@ -271,6 +277,38 @@ pub(crate) fn placement_event(node: &str, change: Change) -> Option<WatchEvent<P
     }
 }
 
+/// Whether `mark` may be recorded against `placement`: asked by the VM's
+/// node at the placement's epoch, about another of its replica nodes.
+pub(crate) fn check_mark(placement: &Placement, mark: &ReplicaMark) -> Result<(), ApiError> {
+    if placement.node != mark.node {
+        return Err(ApiError::FailedPrecondition {
+            reason: format!(
+                "node: vm {:?} is placed on {:?}, not {:?}: only its primary marks its replicas",
+                mark.vm, placement.node, mark.node
+            ),
+        });
+    }
+    if placement.epoch != mark.epoch {
+        return Err(ApiError::FailedPrecondition {
+            reason: format!(
+                "epoch: vm {:?} is at epoch {}, not {}: a primary of another epoch is deposed",
+                mark.vm, placement.epoch, mark.epoch
+            ),
+        });
+    }
+    if !placement.holds_replica(&mark.replica_node) {
+        return Err(ApiError::FailedPrecondition {
+            reason: format!(
+                "replica_node: {:?} holds no replica of vm {:?} (replica nodes: {})",
+                mark.replica_node,
+                mark.vm,
+                placement.replica_nodes.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl AgentApi for AgentService {
     #[tracing::instrument(skip_all, fields(node = %registration.node_name))]
     async fn register(&self, registration: Registration) -> Result<Registered, ApiError> {
@@ -492,6 +530,95 @@ impl AgentApi for AgentService {
             ),
         })
     }
+
+    #[tracing::instrument(skip_all, fields(node = %mark.node, vm = %mark.vm, replica_node = %mark.replica_node, epoch = mark.epoch, outdated = mark.outdated))]
+    async fn mark_replica(&self, mark: ReplicaMark) -> Result<(), ApiError> {
+        let term = match self.route().await? {
+            Route::Forward(leader) => return forwarded(leader.mark_replica(mark)).await,
+            Route::Here(term) => term,
+        };
+        for _ in 0..STATUS_RETRIES {
+            let batch = {
+                let machine = self.inner.admin.shared().read();
+                let state = &machine.state;
+                let Some(Object::Vm(vm)) = state.get(Kind::Vm, &mark.vm) else {
+                    return Err(ApiError::NotFound {
+                        kind: Kind::Vm,
+                        name: mark.vm.clone(),
+                    });
+                };
+                let Some(Object::Placement(placement)) = state.get(Kind::Placement, &mark.vm)
+                else {
+                    return Err(ApiError::FailedPrecondition {
+                        reason: format!("vm: vm {:?} is not placed", mark.vm),
+                    });
+                };
+                check_mark(placement, &mark)?;
+                let uid = match state.get(Kind::Node, &mark.node) {
+                    Some(Object::Node(node)) => node.meta.uid.clone(),
+                    _ => {
+                        return Err(ApiError::NotFound {
+                            kind: Kind::Node,
+                            name: mark.node.clone(),
+                        });
+                    }
+                };
+                let holds = self
+                    .inner
+                    .leases
+                    .with_term(term, state, self.lease(), |table| {
+                        table.holds(&mark.node, &uid, Instant::now())
+                    });
+                if !holds {
+                    return Err(ApiError::FailedPrecondition {
+                        reason: format!(
+                            "node: node {:?} holds no lease: it may be fenced already",
+                            mark.node
+                        ),
+                    });
+                }
+                let mut vm = vm.clone();
+                let marked = vm.status.is_outdated_on(&mark.replica_node);
+                if mark.outdated {
+                    if !marked {
+                        vm.status.outdated_replicas.push(mark.replica_node.clone());
+                        vm.status.outdated_replicas.sort();
+                    }
+                } else if marked {
+                    vm.status
+                        .outdated_replicas
+                        .retain(|n| *n != mark.replica_node);
+                } else {
+                    // Nothing to clear: no guard needed either.
+                    return Ok(());
+                }
+                // The placement rewritten unchanged: its compare-and-swap
+                // makes the mark fail if the VM moved meanwhile.
+                vec![
+                    Command::Update(Object::Placement(placement.clone())),
+                    Command::Update(Object::Vm(vm)),
+                ]
+            };
+            match self.inner.admin.write(Command::Batch(batch)).await {
+                Ok(_) => {
+                    if mark.outdated {
+                        tracing::warn!("replica recorded outdated: its primary goes on without it");
+                    } else {
+                        tracing::info!("replica recorded in sync again");
+                    }
+                    return Ok(());
+                }
+                Err(ApiError::Aborted { .. }) => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        Err(ApiError::Unavailable {
+            reason: format!(
+                "vm {:?} kept changing; replica mark not recorded after {STATUS_RETRIES} tries",
+                mark.vm
+            ),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -527,6 +654,35 @@ mod tests {
             Some(WatchEvent::Deleted { .. }) => "deleted",
             Some(WatchEvent::Bookmark { .. }) => "bookmark",
         }
+    }
+
+    #[test]
+    fn only_the_primary_at_the_placements_epoch_marks_another_replica() {
+        let placement = Placement {
+            meta: ObjectMeta::named("vm-1"),
+            vm: "vm-1".into(),
+            node: "a".into(),
+            epoch: 3,
+            replica_nodes: vec!["a".into(), "b".into()],
+        };
+        let mark = |node: &str, replica: &str, epoch| ReplicaMark {
+            node: node.into(),
+            vm: "vm-1".into(),
+            replica_node: replica.into(),
+            epoch,
+            outdated: true,
+        };
+        assert!(check_mark(&placement, &mark("a", "b", 3)).is_ok());
+        let refused = |m: ReplicaMark| match check_mark(&placement, &m) {
+            Err(ApiError::FailedPrecondition { reason }) => reason,
+            other => panic!("{m:?}: {other:?}"),
+        };
+        // A deposed primary (older epoch), a newer one not yet placed, the
+        // secondary asking, a node holding no replica.
+        assert!(refused(mark("a", "b", 2)).starts_with("epoch:"));
+        assert!(refused(mark("a", "b", 4)).starts_with("epoch:"));
+        assert!(refused(mark("b", "a", 3)).starts_with("node:"));
+        assert!(refused(mark("a", "c", 3)).starts_with("replica_node:"));
     }
 
     #[test]

@@ -375,6 +375,17 @@ pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
                     )
                 ));
             }
+            // The source went on without the target's copy (the storage
+            // fence): switching over would run the VM on stale disks.
+            if view
+                .vm(vm_name)
+                .is_some_and(|vm| vm.status.is_outdated_on(&status.target))
+            {
+                return fail(format!(
+                    "the target {:?} holds an outdated copy of the VM's disks (its source lost it and went on without it)",
+                    status.target
+                ));
+            }
             if status.phase == MigrationPhase::Switching {
                 let Some(placement) = placement else {
                     return Step::Wait;

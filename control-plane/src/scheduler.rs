@@ -213,6 +213,10 @@ pub fn plan_with_moves(
                 Some(holders) if !holders.contains(&node.meta.name) => {
                     Err("not holding a replica of its disks")
                 }
+                // Its copy missed acknowledged writes (the storage fence).
+                Some(_) if vm.status.is_outdated_on(&node.meta.name) => {
+                    Err("holding an outdated replica of its disks")
+                }
                 Some(_) => Ok(()),
                 None if wanted > 0 && !eligible.contains(&i) => Err("unable to hold a replica"),
                 // A first placement of a VM without replicated disks:

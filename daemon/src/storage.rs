@@ -19,6 +19,7 @@ use basalt_sds::nbd::Server;
 use basalt_sds::pool::{Pool, PoolOptions, VolumeInfo};
 use basalt_sds::replication::attach::{AttachOptions, AttachSpec, Attachments, Role};
 use basalt_sds::replication::book::ReplicaBook;
+use basalt_sds::replication::fence::AgentFencer;
 use basalt_sds::replication::replica::ReplicaServer;
 use clap::{Args, Subcommand};
 
@@ -379,12 +380,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut attach_file = args.pool.clone().into_os_string();
     attach_file.push(".attachments");
     let attach_file = PathBuf::from(attach_file);
+    // Attached primaries ask the node agent (watching the local API's
+    // fence requests) to outdate a lost peer; with no agent, they wait.
+    let fencer = AgentFencer::default();
     let attachments = Arc::new(
         Attachments::persistent(
             pool.clone(),
             Arc::new(book),
             AttachOptions {
                 sync_rate: args.sync_rate,
+                fencer: Arc::new(fencer.clone()),
                 ..AttachOptions::default()
             },
             &attach_file,
@@ -428,6 +433,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 unix: args.unix.clone(),
                 replication: replica.as_ref().map(ReplicaServer::addr),
             },
+            fencer.clone(),
         )
     });
     let result = rt.block_on(async {

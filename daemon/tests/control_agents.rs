@@ -366,7 +366,7 @@ async fn agents_register_heartbeat_and_lose_their_vms_only_after_the_fence() {
             status: true,
             ..Condition::default()
         }],
-        nic_addresses: Vec::new(),
+        ..VmStatus::default()
     };
     agent
         .report_status(StatusReport {

@@ -169,6 +169,16 @@ pub async fn run<C: Compute + 'static>(
             admin.clone(),
         ))
     });
+    // The storage fence: the storage process's primaries ask, through
+    // this agent, the control plane to record a lost peer outdated.
+    let fencer = config.storage.clone().map(|storage| {
+        tokio::spawn(crate::storage::fencer::run(
+            config.node.clone(),
+            storage,
+            admin.clone(),
+            agent.clone(),
+        ))
+    });
     let reconcile = tokio::spawn(reconcile_loop(
         admin, agent, config, compute, state, trigger, started, migrations, network,
     ));
@@ -176,6 +186,9 @@ pub async fn run<C: Compute + 'static>(
     heartbeat.abort();
     if let Some(replicas) = replicas {
         replicas.abort();
+    }
+    if let Some(fencer) = fencer {
+        fencer.abort();
     }
     placements.abort();
     reconcile.abort();

@@ -8,8 +8,8 @@ use crate::pb;
 use crate::pb::agent_client::AgentClient as PbAgentClient;
 use crate::server::{MAX_MESSAGE_BYTES, WatchStream};
 use crate::{
-    ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, StatusReport,
-    WatchEvent,
+    ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, ReplicaMark,
+    StatusReport, WatchEvent,
 };
 
 /// A client of the agent service. Cheap to clone; calls may run concurrently.
@@ -79,6 +79,14 @@ impl AgentClient {
     pub async fn report_status(&self, report: StatusReport) -> Result<(), ApiError> {
         let request = pb::ReportStatusRequest::from(report);
         self.inner.clone().report_status(request).await?;
+        Ok(())
+    }
+
+    /// Has the control plane record a replica of a VM outdated, or in
+    /// sync again (see [`ReplicaMark`]); `Ok` once committed.
+    pub async fn mark_replica(&self, mark: ReplicaMark) -> Result<(), ApiError> {
+        let request = pb::MarkReplicaRequest::from(mark);
+        self.inner.clone().mark_replica(request).await?;
         Ok(())
     }
 }

@@ -3,16 +3,18 @@
 
 use std::path::{Path, PathBuf};
 
+use futures::StreamExt;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::decode_reply;
 use crate::pb;
 use crate::pb::storage_local_client::StorageLocalClient as PbStorageClient;
+use crate::server::FenceStream;
 use crate::server::MAX_MESSAGE_BYTES;
 use crate::{
-    ApiError, AttachVolume, EnsureVolume, StorageStatus, StorageVolume, VolumeAttachment,
-    VolumeExport,
+    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, StorageStatus, StorageVolume,
+    VolumeAttachment, VolumeExport,
 };
 
 /// A client of a node's storage process. Cheap to clone; calls may run
@@ -176,5 +178,32 @@ impl StorageClient {
             .await
             .map_err(|s| self.unavailable(s.into()))?;
         decode_reply(reply.into_inner())
+    }
+
+    /// Watches the fence requests of this storage process's primaries:
+    /// every pending one, then each new one.
+    pub async fn watch_fences(&self) -> Result<FenceStream, ApiError> {
+        let requests = self
+            .inner
+            .clone()
+            .watch_fences(pb::WatchFencesRequest {})
+            .await
+            .map_err(|s| self.unavailable(s.into()))?
+            .into_inner();
+        Ok(Box::pin(
+            requests.map(|request| decode_reply::<_, FenceRequest>(request?)),
+        ))
+    }
+
+    /// Answers a fence request; `false` when no writer waits for it any
+    /// more.
+    pub async fn answer_fence(&self, answer: FenceAnswer) -> Result<bool, ApiError> {
+        let reply = self
+            .inner
+            .clone()
+            .answer_fence(pb::AnswerFenceRequest::from(answer))
+            .await
+            .map_err(|s| self.unavailable(s.into()))?;
+        Ok(reply.into_inner().accepted)
     }
 }

@@ -5,7 +5,8 @@ use std::time::Duration;
 use super::required;
 use crate::pb;
 use crate::{
-    ApiError, Heartbeat, HeartbeatAck, Registered, Registration, StatusReport, TokenSecret,
+    ApiError, Heartbeat, HeartbeatAck, Registered, Registration, ReplicaMark, StatusReport,
+    TokenSecret,
 };
 
 impl From<Registration> for pb::RegisterRequest {
@@ -149,5 +150,33 @@ impl TryFrom<pb::ReportStatusRequest> for StatusReport {
         };
         report.validate()?;
         Ok(report)
+    }
+}
+
+impl From<ReplicaMark> for pb::MarkReplicaRequest {
+    fn from(mark: ReplicaMark) -> Self {
+        Self {
+            node: mark.node,
+            vm: mark.vm,
+            replica_node: mark.replica_node,
+            epoch: mark.epoch,
+            outdated: mark.outdated,
+        }
+    }
+}
+
+impl TryFrom<pb::MarkReplicaRequest> for ReplicaMark {
+    type Error = ApiError;
+
+    fn try_from(request: pb::MarkReplicaRequest) -> Result<Self, ApiError> {
+        let mark = Self {
+            node: request.node,
+            vm: request.vm,
+            replica_node: request.replica_node,
+            epoch: request.epoch,
+            outdated: request.outdated,
+        };
+        mark.validate()?;
+        Ok(mark)
     }
 }

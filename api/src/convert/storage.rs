@@ -3,9 +3,55 @@
 use super::enum_value;
 use crate::pb;
 use crate::{
-    ApiError, AttachVolume, EnsureVolume, ReplicaPeer, ReplicaPeerState, StorageStatus,
-    StorageVolume, VolumeAttachment, VolumeExport, VolumeRole,
+    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, ReplicaPeer, ReplicaPeerState,
+    StorageStatus, StorageVolume, VolumeAttachment, VolumeExport, VolumeRole,
 };
+
+impl From<FenceRequest> for pb::FenceRequest {
+    fn from(r: FenceRequest) -> Self {
+        Self {
+            id: r.id,
+            volume: r.volume,
+            peer: r.peer,
+            epoch: r.epoch,
+        }
+    }
+}
+
+impl TryFrom<pb::FenceRequest> for FenceRequest {
+    type Error = ApiError;
+
+    fn try_from(r: pb::FenceRequest) -> Result<Self, ApiError> {
+        let request = Self {
+            id: r.id,
+            volume: r.volume,
+            peer: r.peer,
+            epoch: r.epoch,
+        };
+        request.validate()?;
+        Ok(request)
+    }
+}
+
+impl From<FenceAnswer> for pb::AnswerFenceRequest {
+    fn from(a: FenceAnswer) -> Self {
+        Self {
+            id: a.id,
+            outdated: a.outdated,
+            reason: a.reason,
+        }
+    }
+}
+
+impl From<pb::AnswerFenceRequest> for FenceAnswer {
+    fn from(a: pb::AnswerFenceRequest) -> Self {
+        Self {
+            id: a.id,
+            outdated: a.outdated,
+            reason: a.reason,
+        }
+    }
+}
 
 impl From<StorageVolume> for pb::StorageVolume {
     fn from(v: StorageVolume) -> Self {

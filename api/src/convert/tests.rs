@@ -217,9 +217,10 @@ fn vm() -> impl Strategy<Value = Vm> {
             any::<u64>(),
             conditions(),
             addresses,
+            prop::collection::vec(name(), 0..3),
         )
             .prop_map(
-                |(phase, node, observed_generation, conditions, addresses)| VmStatus {
+                |(phase, node, observed_generation, conditions, addresses, outdated)| VmStatus {
                     phase,
                     node,
                     observed_generation,
@@ -228,6 +229,7 @@ fn vm() -> impl Strategy<Value = Vm> {
                         .into_iter()
                         .map(|(index, mac, ip)| NicAddress { index, mac, ip })
                         .collect(),
+                    outdated_replicas: outdated,
                 },
             );
         (Just(meta), Just(spec), status).prop_map(|(meta, spec, status)| Vm { meta, spec, status })

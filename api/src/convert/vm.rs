@@ -144,6 +144,7 @@ impl From<VmStatus> for pb::VmStatus {
                     ip: address.ip.map(|ip| ip.to_string()),
                 })
                 .collect(),
+            outdated_replicas: status.outdated_replicas,
         }
     }
 }
@@ -171,6 +172,7 @@ impl TryFrom<pb::VmStatus> for VmStatus {
                     })
                 })
                 .collect::<Result<_, ApiError>>()?,
+            outdated_replicas: status.outdated_replicas,
         })
     }
 }

@@ -12,7 +12,10 @@ use super::{MAX_MESSAGE_BYTES, WatchStream, refuse, reply};
 use crate::pb;
 use crate::pb::agent_server::{Agent, AgentServer};
 use crate::types::validate;
-use crate::{ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, StatusReport};
+use crate::{
+    ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, ReplicaMark,
+    StatusReport,
+};
 
 /// The agent service: what a node agent asks of the control plane.
 pub trait AgentApi: Send + Sync + 'static {
@@ -42,6 +45,10 @@ pub trait AgentApi: Send + Sync + 'static {
         &self,
         report: StatusReport,
     ) -> impl Future<Output = Result<(), ApiError>> + Send;
+
+    /// Records a replica of a VM outdated, or in sync again, for the VM's
+    /// primary (the storage fence); `Ok` only once committed.
+    fn mark_replica(&self, mark: ReplicaMark) -> impl Future<Output = Result<(), ApiError>> + Send;
 }
 
 impl<T: AgentApi> AgentApi for Arc<T> {
@@ -72,6 +79,10 @@ impl<T: AgentApi> AgentApi for Arc<T> {
         report: StatusReport,
     ) -> impl Future<Output = Result<(), ApiError>> + Send {
         T::report_status(self, report)
+    }
+
+    fn mark_replica(&self, mark: ReplicaMark) -> impl Future<Output = Result<(), ApiError>> + Send {
+        T::mark_replica(self, mark)
     }
 }
 
@@ -151,6 +162,20 @@ impl<T: AgentApi> Agent for AgentAdapter<T> {
         reply(
             "ReportStatus",
             result.await.map(|()| pb::ReportStatusResponse {}),
+        )
+    }
+
+    async fn mark_replica(
+        &self,
+        request: Request<pb::MarkReplicaRequest>,
+    ) -> Result<Response<pb::MarkReplicaResponse>, Status> {
+        let result = async {
+            let mark = request.into_inner().try_into()?;
+            self.0.mark_replica(mark).await
+        };
+        reply(
+            "MarkReplica",
+            result.await.map(|()| pb::MarkReplicaResponse {}),
         )
     }
 }

@@ -20,7 +20,7 @@ use crate::{ApiError, Object, WatchEvent};
 pub use admin::{AdminApi, add_admin_routes, admin_routes};
 pub use agent::{AgentApi, add_agent_routes, agent_routes};
 pub use raft::{RaftApi, add_raft_routes, raft_routes};
-pub use storage::{StorageApi, storage_routes};
+pub use storage::{FenceStream, StorageApi, storage_routes};
 
 #[cfg(doc)]
 use tonic::service::Routes;

@@ -3,19 +3,26 @@
 //! over a Unix socket ([`StorageClient`](crate::StorageClient)).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
 
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
-use super::{MAX_MESSAGE_BYTES, reply};
+use super::{MAX_MESSAGE_BYTES, refuse, reply};
 use crate::pb;
 use crate::pb::storage_local_server::{StorageLocal, StorageLocalServer};
 use crate::types::{validate_volume_name, validate_volume_size};
 use crate::{
-    ApiError, AttachVolume, EnsureVolume, StorageStatus, StorageVolume, VolumeAttachment,
-    VolumeExport,
+    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, StorageStatus, StorageVolume,
+    VolumeAttachment, VolumeExport,
 };
+
+/// A stream of fence requests, as the storage process sends them and the
+/// agent receives them. An `Err` item ends it.
+pub type FenceStream = Pin<Box<dyn Stream<Item = Result<FenceRequest, ApiError>> + Send>>;
 
 /// The storage-local service: volumes of one node's pool.
 pub trait StorageApi: Send + Sync + 'static {
@@ -62,6 +69,17 @@ pub trait StorageApi: Send + Sync + 'static {
         &self,
         request: AttachVolume,
     ) -> impl Future<Output = Result<VolumeAttachment, ApiError>> + Send;
+
+    /// Every pending fence request, then each new one, while the stream is
+    /// held (primaries ask only while some agent watches).
+    fn watch_fences(&self) -> impl Future<Output = Result<FenceStream, ApiError>> + Send;
+
+    /// Answers a fence request; `false` when no writer waits for the
+    /// answer any more.
+    fn answer_fence(
+        &self,
+        answer: FenceAnswer,
+    ) -> impl Future<Output = Result<bool, ApiError>> + Send;
 }
 
 /// Serves `api` as the storage-local service.
@@ -176,4 +194,34 @@ impl<T: StorageApi> StorageLocal for StorageAdapter<T> {
         };
         reply("AttachVolume", result.await)
     }
+
+    type WatchFencesStream = PbFenceStream;
+
+    async fn watch_fences(
+        &self,
+        _request: Request<pb::WatchFencesRequest>,
+    ) -> Result<Response<PbFenceStream>, Status> {
+        match self.0.watch_fences().await {
+            Ok(requests) => Ok(Response::new(Box::pin(
+                requests.map(|request| request.map(pb::FenceRequest::from).map_err(Status::from)),
+            ) as PbFenceStream)),
+            Err(err) => Err(refuse("WatchFences", err)),
+        }
+    }
+
+    async fn answer_fence(
+        &self,
+        request: Request<pb::AnswerFenceRequest>,
+    ) -> Result<Response<pb::AnswerFenceResponse>, Status> {
+        let answer = FenceAnswer::from(request.into_inner());
+        reply(
+            "AnswerFence",
+            self.0
+                .answer_fence(answer)
+                .await
+                .map(|accepted| pb::AnswerFenceResponse { accepted }),
+        )
+    }
 }
+
+type PbFenceStream = Pin<Box<dyn Stream<Item = Result<pb::FenceRequest, Status>> + Send>>;

@@ -107,3 +107,39 @@ impl StatusReport {
         self.status.validate(None)
     }
 }
+
+/// The agent of a VM's node (the primary of its replicated disks) asks the
+/// control plane to record the copy on `replica_node` outdated (the
+/// primary lost it and goes on without it) or in sync again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaMark {
+    /// The asking node: the VM's node.
+    pub node: String,
+    /// The VM.
+    pub vm: String,
+    /// The node whose copy is marked.
+    pub replica_node: String,
+    /// The asking primary's epoch (the placement's).
+    pub epoch: u64,
+    /// Outdated (true) or in sync again (false).
+    pub outdated: bool,
+}
+
+impl ReplicaMark {
+    /// Checks every field; errors name it, e.g. `replica_node`.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate::name("node", &self.node)?;
+        validate::name("vm", &self.vm)?;
+        validate::name("replica_node", &self.replica_node)?;
+        if self.replica_node == self.node {
+            return Err(ApiError::invalid(
+                "replica_node",
+                "the asking node marks another node's copy, not its own",
+            ));
+        }
+        if self.epoch == 0 {
+            return Err(ApiError::invalid("epoch", "a primary's epoch is 1 or more"));
+        }
+        Ok(())
+    }
+}

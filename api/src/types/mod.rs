@@ -17,7 +17,7 @@ pub(crate) mod validate;
 mod vm;
 mod watch;
 
-pub use agent::{Heartbeat, HeartbeatAck, Registered, Registration, StatusReport};
+pub use agent::{Heartbeat, HeartbeatAck, Registered, Registration, ReplicaMark, StatusReport};
 pub use image::{Image, ImageFormat, ImageNodeStatus, ImagePhase, ImageSpec, ImageStatus};
 pub use member::Member;
 pub use meta::{Condition, ObjectMeta};
@@ -33,9 +33,9 @@ pub use policy::{
     MAX_POLICY_RULES, Policy, PolicyAction, PolicyProtocol, PolicyRule, PolicySpec, labels_match,
 };
 pub use storage::{
-    AttachVolume, EnsureVolume, MAX_REPLICA_PEERS, MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN,
-    ReplicaPeer, ReplicaPeerState, StorageStatus, StorageVolume, VolumeAttachment, VolumeExport,
-    VolumeRole,
+    AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, MAX_REPLICA_PEERS,
+    MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN, ReplicaPeer, ReplicaPeerState, StorageStatus,
+    StorageVolume, VolumeAttachment, VolumeExport, VolumeRole,
 };
 pub(crate) use storage::{validate_volume_name, validate_volume_size};
 pub use token::{JoinToken, JoinTokenSpec, JoinTokenStatus, TokenSecret};

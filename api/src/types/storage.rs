@@ -169,6 +169,45 @@ pub struct VolumeAttachment {
     pub peers: Vec<ReplicaPeer>,
 }
 
+/// A primary that lost a peer asks its node's agent to have the control
+/// plane record the peer outdated (the storage fence), streamed by the
+/// storage process's `WatchFences`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRequest {
+    /// Names the question in the [`FenceAnswer`].
+    pub id: u64,
+    /// The volume (the pool's name).
+    pub volume: String,
+    /// The lost peer's replication address (`host:port`).
+    pub peer: String,
+    /// The asking primary's epoch.
+    pub epoch: u64,
+}
+
+impl FenceRequest {
+    /// Checks every field: a volume name, a `host:port` peer, an epoch.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_volume_name("volume", &self.volume)?;
+        validate_host_port("peer", &self.peer)?;
+        if self.epoch == 0 {
+            return Err(ApiError::invalid("epoch", "a primary's epoch is 1 or more"));
+        }
+        Ok(())
+    }
+}
+
+/// The agent's answer to a [`FenceRequest`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceAnswer {
+    /// The request's id.
+    pub id: u64,
+    /// True: the control plane recorded the peer outdated, writes go on
+    /// without it. False: refused, writes stay suspended.
+    pub outdated: bool,
+    /// Why, when refused.
+    pub reason: String,
+}
+
 /// Checks a replication address: `host:port`, a non-empty host (an IPv6
 /// address in brackets) and a port from 1 to 65535.
 pub(crate) fn validate_host_port(field: &str, addr: &str) -> Result<(), ApiError> {

@@ -331,12 +331,24 @@ pub struct VmStatus {
     pub conditions: Vec<Condition>,
     /// The addresses the NICs were given.
     pub nic_addresses: Vec<NicAddress>,
+    /// Replica nodes whose copy of the VM's replicated disks missed
+    /// acknowledged writes: its primary went on without them, after the
+    /// control plane recorded them here (the storage fence). The VM is
+    /// never moved onto one of them until its primary reports the copy in
+    /// sync again. Written by the control plane only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outdated_replicas: Vec<String>,
 }
 
 impl VmStatus {
     /// Whether the VM reports a true `Ready` condition.
     pub fn is_ready(&self) -> bool {
         find_condition(&self.conditions, Condition::READY).is_some_and(|c| c.status)
+    }
+
+    /// Whether the VM's copy on `node` is recorded outdated.
+    pub fn is_outdated_on(&self, node: &str) -> bool {
+        self.outdated_replicas.iter().any(|n| n == node)
     }
 }
 
@@ -453,6 +465,9 @@ impl VmStatus {
                 ));
             }
             validate_mac(&format!("{at}.mac"), &address.mac)?;
+        }
+        for (i, node) in self.outdated_replicas.iter().enumerate() {
+            validate::name(&format!("status.outdated_replicas[{i}]"), node)?;
         }
         Ok(())
     }

@@ -35,6 +35,7 @@
 //!   later replica controller decides where copies live); operators'
 //!   volumes with other names are never touched.
 
+pub mod fencer;
 pub mod image;
 pub mod replicas;
 pub mod seed;

@@ -28,10 +28,11 @@
 //! - a secondary is never promoted here except by a placement that puts
 //!   the VM on this node (with its epoch); a placement's own node never
 //!   attaches its volumes secondary;
-//! - a primary goes on acknowledging writes while a peer is away
-//!   (`allow_outdate`) only when the control plane has recorded the peer's
-//!   node as not ready (the fence of its lease) — otherwise its writes wait
-//!   for the peer;
+//! - a primary never goes on without a peer on its own (`allow_outdate` is
+//!   never set): its writes wait until the peer is back, or until this
+//!   agent's fencer ([`super::fencer`]) had the control plane record the
+//!   peer's copy outdated — so a copy that missed writes is known, and
+//!   never made primary;
 //! - a replica volume is an existing VM's volume, so garbage collection
 //!   ([`super::garbage`]) keeps it until the VM is deleted;
 //! - the loop publishes this node's replication address (from its storage
@@ -69,16 +70,16 @@ pub struct Wanted {
 }
 
 /// The peers of a primary on `node` for `placement`: the replication
-/// addresses of the other replica nodes, and whether writes may go on
-/// without one of them (its node is recorded not ready, or gone).
-/// `Err` names a ready peer node that has not published its address yet.
+/// addresses of the other replica nodes (a node gone from the cluster, or
+/// not ready and never published, is left out: writes go on without it
+/// only through the fencer). `Err` names a ready peer node that has not
+/// published its address yet.
 pub fn peers(
     node: &str,
     placement: &Placement,
     nodes: &BTreeMap<String, Node>,
-) -> Result<(Vec<String>, bool), String> {
+) -> Result<Vec<String>, String> {
     let mut addresses = Vec::new();
-    let mut allow_outdate = false;
     for peer in placement.replica_nodes.iter().filter(|n| *n != node) {
         match nodes.get(peer) {
             Some(n) if n.status.is_ready() => {
@@ -89,18 +90,15 @@ pub fn peers(
                 }
                 addresses.push(n.status.replication_address.clone());
             }
-            Some(n) => {
-                // Fenced by the control plane: writes go on, its missed
-                // chunks are tracked and resynced when it returns.
-                allow_outdate = true;
-                if !n.status.replication_address.is_empty() {
-                    addresses.push(n.status.replication_address.clone());
-                }
+            // Not ready: the primary asks the fencer once it finds the
+            // peer gone, and its missed chunks are resynced on return.
+            Some(n) if !n.status.replication_address.is_empty() => {
+                addresses.push(n.status.replication_address.clone());
             }
-            None => allow_outdate = true,
+            Some(_) | None => {}
         }
     }
-    Ok((addresses, allow_outdate))
+    Ok(addresses)
 }
 
 /// Whether node `node` is the target of a live migration of `placement`'s
@@ -157,9 +155,8 @@ pub fn secondaries(
 }
 
 /// The copies of `vm`'s replicated disks at `placement`'s epoch: second
-/// primaries with `dual`'s peers (and `allow_outdate`) when given,
-/// secondaries otherwise.
-fn copies(vm: &Vm, placement: &Placement, dual: Option<&(Vec<String>, bool)>) -> Vec<Wanted> {
+/// primaries with `dual`'s peers when given, secondaries otherwise.
+fn copies(vm: &Vm, placement: &Placement, dual: Option<&Vec<String>>) -> Vec<Wanted> {
     vm.spec
         .disks
         .iter()
@@ -167,12 +164,12 @@ fn copies(vm: &Vm, placement: &Placement, dual: Option<&(Vec<String>, bool)>) ->
         .map(|disk| {
             let name = disk_volume(&vm.meta.uid, &disk.name);
             let attach = match dual {
-                Some((peers, allow_outdate)) => AttachVolume {
+                Some(peers) => AttachVolume {
                     name,
                     role: VolumeRole::Primary,
                     epoch: placement.epoch,
                     peers: peers.clone(),
-                    allow_outdate: *allow_outdate,
+                    allow_outdate: false,
                 },
                 None => AttachVolume {
                     name,
@@ -253,7 +250,7 @@ impl Volumes {
                 });
             }
         };
-        let (peers, allow_outdate) =
+        let peers =
             peers(&self.node, placement, &nodes).map_err(|reason| VolumeError::NotReady {
                 disk: first.name.clone(),
                 reason,
@@ -264,7 +261,7 @@ impl Volumes {
                 role: VolumeRole::Primary,
                 epoch: placement.epoch,
                 peers: peers.clone(),
-                allow_outdate,
+                allow_outdate: false,
             };
             self.storage
                 .attach_volume(request)
@@ -659,7 +656,7 @@ mod tests {
     }
 
     #[test]
-    fn a_primary_waits_for_a_ready_peer_and_goes_on_without_a_fenced_one() {
+    fn a_primary_waits_for_a_ready_peer_and_keeps_a_fenced_one() {
         let p = placement("db", "a", 2, &["a", "b"]);
         let nodes: BTreeMap<_, _> = [
             node("a", true, "10.0.0.1:7789"),
@@ -667,10 +664,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        assert_eq!(
-            peers("a", &p, &nodes),
-            Ok((vec!["10.0.0.2:7789".to_owned()], false))
-        );
+        assert_eq!(peers("a", &p, &nodes), Ok(vec!["10.0.0.2:7789".to_owned()]));
         // b is ready but has not said where it takes replicas: wait.
         let nodes: BTreeMap<_, _> = [node("a", true, ""), node("b", true, "")]
             .into_iter()
@@ -680,16 +674,14 @@ mod tests {
                 .unwrap_err()
                 .contains("replica node b")
         );
-        // b lost its lease (recorded not ready): go on, track its chunks.
+        // b lost its lease (recorded not ready): still a peer; the
+        // primary goes on without it only through the fencer.
         let nodes: BTreeMap<_, _> = [node("a", true, ""), node("b", false, "10.0.0.2:7789")]
             .into_iter()
             .collect();
-        assert_eq!(
-            peers("a", &p, &nodes),
-            Ok((vec!["10.0.0.2:7789".to_owned()], true))
-        );
+        assert_eq!(peers("a", &p, &nodes), Ok(vec!["10.0.0.2:7789".to_owned()]));
         // b removed from the cluster.
         let nodes: BTreeMap<_, _> = [node("a", true, "")].into_iter().collect();
-        assert_eq!(peers("a", &p, &nodes), Ok((Vec::new(), true)));
+        assert_eq!(peers("a", &p, &nodes), Ok(Vec::new()));
     }
 }

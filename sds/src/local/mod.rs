@@ -11,6 +11,8 @@
 //! never cuts a VM's disk.
 //!
 //! Invariants:
+//! - a primary that lost a peer asks the agent watching `watch_fences`
+//!   ([`AgentFencer`]) and goes on only on its yes (`answer_fence`);
 //! - `ensure_volume`, `delete_volume` and `attach_volume` are idempotent:
 //!   an existing volume is returned as is, a missing one deletes nothing,
 //!   the same attachment changes nothing;
@@ -26,14 +28,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use basalt_api::{
-    ApiError, AttachVolume, EnsureVolume, ReplicaPeer, ReplicaPeerState, StorageApi, StorageStatus,
-    StorageVolume, VolumeAttachment, VolumeExport, VolumeRole, storage_routes,
+    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, FenceStream, ReplicaPeer,
+    ReplicaPeerState, StorageApi, StorageStatus, StorageVolume, VolumeAttachment, VolumeExport,
+    VolumeRole, storage_routes,
 };
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::pool::{Pool, PoolError, VolumeInfo};
 use crate::replication::attach::{AttachError, AttachSpec, AttachmentView, Attachments, Role};
+use crate::replication::fence::{AgentFencer, FenceVerdict};
 use crate::replication::{PeerState, ReplicationStatus};
 
 /// Where this process serves NBD, as the agent's NBD clients (QEMU,
@@ -54,6 +58,7 @@ pub struct LocalService {
     pool: Pool,
     exports: ExportConfig,
     attachments: Arc<Attachments>,
+    fencer: AgentFencer,
 }
 
 /// The local API server could not start.
@@ -76,12 +81,19 @@ pub enum LocalServeError {
 impl LocalService {
     /// A service for the pool of `attachments` (the same the NBD server
     /// and the replica server use), whose NBD server listens at
-    /// `exports`.
-    pub fn new(attachments: Arc<Attachments>, exports: ExportConfig) -> LocalService {
+    /// `exports`, and whose primaries ask `fencer` (the one in the
+    /// attachments' options) to outdate a lost peer: the agent watches its
+    /// questions and answers them through this service.
+    pub fn new(
+        attachments: Arc<Attachments>,
+        exports: ExportConfig,
+        fencer: AgentFencer,
+    ) -> LocalService {
         LocalService {
             pool: attachments.pool().clone(),
             exports,
             attachments,
+            fencer,
         }
     }
 
@@ -385,6 +397,28 @@ impl StorageApi for LocalService {
         })
         .await
     }
+
+    async fn watch_fences(&self) -> Result<FenceStream, ApiError> {
+        tracing::info!("an agent watches fence requests");
+        let questions = self.fencer.watch();
+        Ok(Box::pin(futures::StreamExt::map(questions, |q| {
+            Ok(FenceRequest {
+                id: q.id,
+                volume: q.volume,
+                peer: q.peer.to_string(),
+                epoch: q.epoch,
+            })
+        })))
+    }
+
+    async fn answer_fence(&self, answer: FenceAnswer) -> Result<bool, ApiError> {
+        let verdict = if answer.outdated {
+            FenceVerdict::Outdated
+        } else {
+            FenceVerdict::Refused(answer.reason)
+        };
+        Ok(self.fencer.answer(answer.id, verdict))
+    }
 }
 
 #[cfg(test)]
@@ -406,6 +440,7 @@ mod tests {
                 unix: None,
                 replication: None,
             },
+            AgentFencer::default(),
         )
     }
 

@@ -13,7 +13,10 @@
 //!   server; NBD clients read it, their writes get EPERM;
 //! - **primary**: NBD writes go through one [`Replicator`] per peer
 //!   (protocol C); the replica server also accepts other primaries of the
-//!   same epoch (two primaries during a live migration).
+//!   same epoch (two primaries during a live migration). A lost peer is
+//!   confirmed outdated by the process's fencer ([`AttachOptions::fencer`],
+//!   the node agent's in `basaltd storage serve`), or not at all with
+//!   `allow_outdate` (writes go on, the peer's chunks are tracked).
 //!
 //! Invariants:
 //! - attaching again with the same spec changes nothing (no reconnection);
@@ -40,8 +43,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::book::ReplicaBook;
+#[cfg(doc)]
+use super::fence::AgentFencer;
 use super::{
-    Op, ReplicationError, ReplicationStatus, Replicator, ReplicatorConfig, StaticFencer,
+    Fencer, Op, ReplicationError, ReplicationStatus, Replicator, ReplicatorConfig, StaticFencer,
     SyncOptions,
 };
 use crate::pool::{Pool, PoolError};
@@ -72,8 +77,12 @@ pub struct AttachSpec {
 }
 
 /// Settings shared by every attachment of a process.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AttachOptions {
+    /// Who confirms a lost peer outdated for a primary attached without
+    /// `allow_outdate`: the node agent ([`AgentFencer`], which refuses
+    /// while no agent watches), or a fixed answer.
+    pub fencer: Arc<dyn Fencer>,
     /// How often a replicator retries an away peer.
     pub retry: Duration,
     /// Most data bytes per second one resync or full sync sends (0: no
@@ -87,6 +96,7 @@ pub struct AttachOptions {
 impl Default for AttachOptions {
     fn default() -> Self {
         AttachOptions {
+            fencer: Arc::new(StaticFencer { allow: false }),
             retry: Duration::from_millis(200),
             sync_rate: 100 << 20,
             drain_timeout: Duration::from_secs(10),
@@ -567,9 +577,11 @@ impl Attachments {
         // links of the peers it keeps), go, and come.
         let staying_primary = spec.role == Role::Primary
             && old.spec.as_ref().is_some_and(|s| s.role == Role::Primary);
-        let fencer = Arc::new(StaticFencer {
-            allow: spec.allow_outdate,
-        });
+        let fencer: Arc<dyn Fencer> = if spec.allow_outdate {
+            Arc::new(StaticFencer { allow: true })
+        } else {
+            self.opts.fencer.clone()
+        };
         let mut kept = Vec::new();
         let mut removed = Vec::new();
         for (peer, r) in &old.replicators {

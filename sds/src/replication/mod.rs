@@ -37,6 +37,7 @@
 
 pub mod attach;
 pub mod book;
+pub mod fence;
 pub mod replica;
 pub mod wire;
 
@@ -55,26 +56,55 @@ use wire::{
     FLAG_FUA, FLAG_NO_HOLE, FLAG_RESYNC, FLAG_SYNCED, Frame, FrameKind, Hello, HelloReply, Status,
 };
 
+/// How often a writer suspended by a refusing (or silent) fencer asks
+/// again.
+pub const FENCE_RETRY: Duration = Duration::from_secs(1);
+
 /// Why a fencer would not confirm a peer outdated.
 #[derive(Debug, thiserror::Error)]
 pub enum FenceError {
-    /// The fencer refused (or cannot reach whoever decides).
-    #[error("fencer refused to outdate peer {peer} of volume {volume}")]
+    /// Whoever decides said no (a static `deny`, or the control plane: this
+    /// primary is deposed, or the peer is not one of the volume's
+    /// replicas).
+    #[error("fencer refused to outdate peer {peer} of volume {volume} at epoch {epoch}: {reason}")]
     Refused {
         /// The volume.
         volume: String,
         /// The peer.
         peer: SocketAddr,
+        /// The asking primary's epoch.
+        epoch: u64,
+        /// Why, as the fencer said it.
+        reason: String,
+    },
+    /// No answer came (no agent watching, or it could not reach the
+    /// control plane in time): the primary keeps its writes suspended and
+    /// asks again.
+    #[error("no answer on outdating peer {peer} of volume {volume} at epoch {epoch}: {reason}")]
+    Unanswered {
+        /// The volume.
+        volume: String,
+        /// The peer.
+        peer: SocketAddr,
+        /// The asking primary's epoch.
+        epoch: u64,
+        /// What was missing.
+        reason: String,
     },
 }
 
 /// Confirms that a peer the primary lost is recorded as outdated, so the
 /// primary may go on acknowledging writes without it (DRBD's
-/// fence-peer). The agent's fencer asks the control plane; standalone
-/// mode uses [`StaticFencer`].
+/// fence-peer). Attached primaries ask the node agent through the
+/// storage-local API ([`fence::AgentFencer`]), which asks the control
+/// plane; operator flags use [`StaticFencer`].
+///
+/// Called from a writer's thread with no lock held; it may block (the
+/// writes of the volume wait for the answer anyway).
 pub trait Fencer: Send + Sync + fmt::Debug {
-    /// `Ok` once `peer` is recorded outdated for `volume`.
-    fn outdate_peer(&self, volume: &str, peer: SocketAddr) -> Result<(), FenceError>;
+    /// `Ok` once `peer` is recorded outdated for `volume`, on behalf of
+    /// its primary at `epoch`.
+    fn outdate_peer(&self, volume: &str, peer: SocketAddr, epoch: u64) -> Result<(), FenceError>;
 }
 
 /// A fencer with a fixed answer (`--fencer allow` / `--fencer deny`).
@@ -86,13 +116,15 @@ pub struct StaticFencer {
 }
 
 impl Fencer for StaticFencer {
-    fn outdate_peer(&self, volume: &str, peer: SocketAddr) -> Result<(), FenceError> {
+    fn outdate_peer(&self, volume: &str, peer: SocketAddr, epoch: u64) -> Result<(), FenceError> {
         if self.allow {
             Ok(())
         } else {
             Err(FenceError::Refused {
                 volume: volume.to_owned(),
                 peer,
+                epoch,
+                reason: "the fencer is set to deny".into(),
             })
         }
     }
@@ -333,6 +365,16 @@ struct Link {
     full_sync: bool,
     /// Bumped when the fencer is replaced, so suspended writers ask again.
     fencer_version: u64,
+    /// A writer is asking the fencer (the others wait for its answer).
+    fencing: bool,
+    /// Times the peer went live (in sync): a fencer's yes asked for before
+    /// the latest of them is stale.
+    lives: u64,
+    /// The fencer version and time of the last answered question since
+    /// the peer was last live (writers ask again every [`FENCE_RETRY`]).
+    last_ask: Option<(u64, Instant)>,
+    /// A refusal since the peer was last live was logged.
+    refusal_logged: bool,
     /// A connect loop runs (it ends when deposed or stopped).
     connecting: bool,
 }
@@ -381,6 +423,10 @@ impl Replicator {
                 outdated: false,
                 full_sync: false,
                 fencer_version: 0,
+                fencing: false,
+                lives: 0,
+                last_ask: None,
+                refusal_logged: false,
                 connecting: true,
             }),
             changed: Condvar::new(),
@@ -607,14 +653,16 @@ impl Shared {
     /// The peer does not have a write: acknowledge it only if the peer is
     /// outdated (by the fencer, or because it is being fully synced), or
     /// once the peer is back in sync.
-    fn fence(&self, mut link: MutexGuard<'_, Link>) -> Result<(), ReplicationError> {
-        if let PeerState::Deposed { newest } = link.state {
-            return Err(self.deposed(newest));
-        }
-        if link.outdated {
-            return Ok(());
-        }
-        let mut asked = None;
+    ///
+    /// One writer at a time asks the fencer, without the link's lock (an
+    /// agent's fencer asks the control plane, which takes a while, and the
+    /// connect loop and status readers must not wait for it); the others
+    /// wait for its answer. A refusal is asked again every
+    /// [`FENCE_RETRY`] (the control plane may come back), or at once when
+    /// the fencer is replaced. A yes counts only if the peer has not been
+    /// live since it was asked for: after that, the control plane may have
+    /// cleared the mark the yes stands for.
+    fn fence<'a>(&'a self, mut link: MutexGuard<'a, Link>) -> Result<(), ReplicationError> {
         loop {
             match link.state {
                 PeerState::Connected => return Ok(()),
@@ -630,23 +678,47 @@ impl Shared {
                     peer: self.cfg.peer,
                 });
             }
-            if asked != Some(link.fencer_version) {
-                asked = Some(link.fencer_version);
+            let due = match link.last_ask {
+                None => true,
+                Some((version, at)) => {
+                    version != link.fencer_version || at.elapsed() >= FENCE_RETRY
+                }
+            };
+            if due && !link.fencing {
+                link.fencing = true;
+                let (version, lives) = (link.fencer_version, link.lives);
+                drop(link);
                 let fencer = lock(&self.fencer).clone();
-                match fencer.outdate_peer(self.volume.name(), self.cfg.peer) {
-                    Ok(()) => {
-                        tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, "peer outdated by the fencer: writing without it");
-                        link.outdated = true;
-                        return Ok(());
+                let epoch = self.epoch.load(Ordering::SeqCst);
+                let answer = fencer.outdate_peer(self.volume.name(), self.cfg.peer, epoch);
+                link = lock(&self.link);
+                link.fencing = false;
+                link.last_ask = Some((version, Instant::now()));
+                self.changed.notify_all();
+                match answer {
+                    Ok(()) if link.lives == lives => {
+                        if !matches!(link.state, PeerState::Connected | PeerState::Deposed { .. }) {
+                            tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, epoch, "peer outdated by the fencer: writing without it");
+                            link.outdated = true;
+                        }
                     }
+                    // The peer went live meanwhile: its state decides, or
+                    // a new loss asks again.
+                    Ok(()) => link.last_ask = None,
                     Err(e) => {
-                        tracing::warn!(volume = %self.volume.name(), error = %e, "suspending writes until the peer is back");
+                        if !link.refusal_logged {
+                            link.refusal_logged = true;
+                            tracing::warn!(volume = %self.volume.name(), error = %e, "suspending writes until the peer is back or the fencer confirms it outdated");
+                        } else {
+                            tracing::debug!(volume = %self.volume.name(), error = %e, "fencer still refuses");
+                        }
                     }
                 }
+                continue;
             }
             link = self
                 .changed
-                .wait_timeout(link, Duration::from_secs(1))
+                .wait_timeout(link, FENCE_RETRY)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
@@ -798,6 +870,9 @@ impl Shared {
                     link.next_seq = sync.seq;
                     link.outdated = false;
                     link.full_sync = false;
+                    link.lives += 1;
+                    link.last_ask = None;
+                    link.refusal_logged = false;
                     self.changed.notify_all();
                     break;
                 }

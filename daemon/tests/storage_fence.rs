@@ -1,0 +1,531 @@
+//! The storage fence through the control plane (DESIGN.md, Leases and
+//! fencing): a real `basaltd control`, two fake agents heartbeating, two
+//! real `basaltd storage serve` processes holding a VM's 2-replica disk,
+//! and the agent's fencer task (`basalt_agent::storage::fencer`) of the
+//! primary's node, in process.
+//!
+//! - the control plane refuses a mark from a deposed primary (an older
+//!   epoch) or from a node the VM is not placed on;
+//! - the primary, cut off from its peer and from the control plane,
+//!   acknowledges no write; once the control plane is back and has
+//!   recorded the peer outdated (in the VM's status), the write is
+//!   acknowledged;
+//! - the peer returns and resyncs: the mark is cleared; lost again, it is
+//!   recorded again;
+//! - the primary's node is then lost: HA does not move the VM onto the
+//!   outdated node (its only other replica node): the VM waits, and the
+//!   controller says why.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use basalt_agent::storage::StorageConfig;
+use basalt_agent::storage::disk_volume;
+use basalt_api::{
+    AdminClient, AgentClient, ApiError, AttachVolume, Disk, EnsureVolume, Heartbeat, JoinToken,
+    KernelBoot, Kind, Object, ObjectMeta, Placement, ReplicaMark, ReplicaPeerState, Resources,
+    StorageClient, Vm, VmSpec, VolumeRole,
+};
+use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Short leases so node loss takes seconds.
+const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\n";
+
+fn free_addr() -> SocketAddr {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// One storage process on loopback: NBD, replica listener, local socket.
+struct Storage {
+    process: Process,
+    nbd: SocketAddr,
+    repl: SocketAddr,
+    socket: PathBuf,
+    api: StorageClient,
+}
+
+impl Storage {
+    fn start(prefix: &Prefix, name: &str) -> Storage {
+        let pool = prefix.dir().join(format!("{name}.img"));
+        let out = Command::new(BASALTD)
+            .args(["storage", "pool", "create", "--size", "256M", "--path"])
+            .arg(&pool)
+            .output()
+            .expect("basaltd runs");
+        assert!(out.status.success(), "{out:?}");
+        let (nbd, repl) = (free_addr(), free_addr());
+        let socket = prefix.dir().join(format!("{name}.sock"));
+        let spec = ProcessSpec::new(name, BASALTD)
+            .args(["storage", "serve", "--listen", &nbd.to_string()])
+            .args(["--replica-listen", &repl.to_string()])
+            .arg("--pool")
+            .arg(&pool)
+            .arg("--local-socket")
+            .arg(&socket)
+            .env("RUST_LOG", "info");
+        let mut process = Process::start(prefix, spec).expect("start storage");
+        process
+            .wait_for_tcp(nbd, None, Duration::from_secs(30))
+            .expect("NBD listening");
+        wait_socket(&socket, &process);
+        let api = StorageClient::connect_unix(&socket).expect("client");
+        Storage {
+            process,
+            nbd,
+            repl,
+            socket,
+            api,
+        }
+    }
+
+    fn restart(&mut self) {
+        // The old socket file stays; wait for the new one to answer.
+        self.process.restart().expect("restart storage");
+        self.process
+            .wait_for_tcp(self.nbd, None, Duration::from_secs(30))
+            .expect("NBD listening again");
+    }
+
+    /// `qemu-io` running one command on this node's export of `volume`.
+    fn qemu_io(&self, volume: &str, command: &str) -> Child {
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                &format!("nbd://{}/{volume}", self.nbd),
+                "-c",
+                command,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-io runs")
+    }
+
+    /// Runs `command` to its end; whether it succeeded, and its output.
+    fn run(&self, volume: &str, command: &str) -> (bool, String) {
+        let out = self
+            .qemu_io(volume, command)
+            .wait_with_output()
+            .expect("qemu-io ends");
+        outcome(&out)
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} log:\n{}",
+                self.process.name(),
+                self.process.log_tail(60)
+            );
+        }
+    }
+}
+
+fn outcome(out: &std::process::Output) -> (bool, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed =
+        !out.status.success() || text.contains("failed") || text.contains("Pattern verification");
+    (!failed, text)
+}
+
+fn wait_socket(socket: &Path, process: &Process) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no local socket: {}",
+            process.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `child` is still running after `wait`; kills nothing.
+fn still_running(child: &mut Child, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if child.try_wait().expect("try_wait").is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// A fake agent's heartbeats until `stop` is set.
+fn heartbeats(agent: AgentClient, node: String, uid: String, stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let beat = Heartbeat {
+                node: node.clone(),
+                node_uid: uid.clone(),
+                allocatable: None,
+            };
+            let _ = agent.heartbeat(beat).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+}
+
+async fn placement(admin: &AdminClient) -> Option<Placement> {
+    match admin.get(Kind::Placement, "db").await {
+        Ok(Object::Placement(p)) => Some(p),
+        _ => None,
+    }
+}
+
+async fn outdated(admin: &AdminClient) -> Option<Vec<String>> {
+    match admin.get(Kind::Vm, "db").await {
+        Ok(Object::Vm(vm)) => Some(vm.status.outdated_replicas),
+        _ => None,
+    }
+}
+
+async fn ready(admin: &AdminClient, node: &str) -> bool {
+    matches!(admin.get(Kind::Node, node).await, Ok(Object::Node(n)) if n.status.is_ready())
+}
+
+async fn publish(admin: &AdminClient, node: &str, address: SocketAddr) {
+    let Ok(Object::Node(mut n)) = admin.get(Kind::Node, node).await else {
+        panic!("node {node}")
+    };
+    n.status.replication_address = address.to_string();
+    admin.update(Object::Node(n)).await.expect("publish");
+}
+
+async fn link_state(storage: &Storage, volume: &str) -> Option<ReplicaPeerState> {
+    let status = storage.api.status().await.ok()?;
+    status
+        .replicas
+        .into_iter()
+        .find(|p| p.volume == volume)
+        .map(|p| p.state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded_it_outdated() {
+    let prefix = Prefix::for_test().expect("prefix");
+    let config = prefix.dir().join("control.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let address = free_addr().to_string();
+    let spec = ProcessSpec::new("control", BASALTD)
+        .args(["control", "--bootstrap", "--node-id", "1", "--config"])
+        .arg(&config)
+        .args(["--listen", &address, "--data-dir"])
+        .arg(prefix.dir().join("control"))
+        .env("RUST_LOG", "info");
+    let mut member = Process::start(&prefix, spec).expect("start basaltd control");
+    let admin = AdminClient::connect_lazy(&address).expect("admin client");
+    let agent = AgentClient::connect_lazy(&address).expect("agent client");
+    wait::until("the member leads", DEADLINE, &[&member], || async {
+        admin
+            .list(Kind::Member)
+            .await
+            .is_ok_and(|l| !l.objects.is_empty())
+    })
+    .await;
+
+    let mut token = JoinToken {
+        meta: ObjectMeta::named("join"),
+        ..JoinToken::default()
+    };
+    token.spec.ttl_seconds = 600;
+    token.spec.max_uses = 2;
+    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
+        panic!("create token")
+    };
+    let secret = token.secret.expect("secret");
+    let mut stops = std::collections::HashMap::new();
+    let mut credentials = std::collections::HashMap::new();
+    for name in ["a", "b"] {
+        let registered = agent
+            .register(basalt_api::Registration {
+                token: secret.clone(),
+                node_name: name.into(),
+                address: "127.0.0.1:7500".into(),
+                capacity: Resources {
+                    cpus: 4,
+                    memory_mib: 4096,
+                    storage_bytes: 0,
+                },
+                node_credential: None,
+            })
+            .await
+            .expect("register");
+        let stop = Arc::new(AtomicBool::new(false));
+        heartbeats(
+            agent.clone(),
+            name.into(),
+            registered.node_uid,
+            Arc::clone(&stop),
+        );
+        stops.insert(name.to_owned(), stop);
+        credentials.insert(name.to_owned(), registered.node_credential);
+    }
+    let vm = Vm {
+        meta: ObjectMeta::named("db"),
+        spec: VmSpec {
+            cpus: 1,
+            memory_mib: 256,
+            running: true,
+            disks: vec![Disk {
+                name: "root".into(),
+                size_bytes: 64 << 20,
+                image: None,
+                replicas: 2,
+            }],
+            kernel: Some(KernelBoot {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: String::new(),
+                cmdline: "console=ttyS0".into(),
+            }),
+            ..VmSpec::default()
+        },
+        ..Vm::default()
+    };
+    let Object::Vm(vm) = admin.create(Object::Vm(vm)).await.expect("create db") else {
+        panic!("a VM comes back")
+    };
+    wait::until("db is placed", DEADLINE, &[&member], || async {
+        placement(&admin).await.is_some()
+    })
+    .await;
+
+    // Move it once (HA), so an older epoch exists: x was its node at
+    // epoch 1, y is at epoch 2. x comes back (registers again) as the
+    // holder of the secondary.
+    let first = placement(&admin).await.expect("placed");
+    let x = first.node.clone();
+    let y = first
+        .replica_nodes
+        .iter()
+        .find(|n| **n != x)
+        .expect("another replica node")
+        .clone();
+    stops[&x].store(true, Ordering::Relaxed);
+    wait::until(
+        "db moves to its other replica node",
+        DEADLINE,
+        &[&member],
+        || async {
+            placement(&admin)
+                .await
+                .is_some_and(|p| p.node == y && p.epoch == 2)
+        },
+    )
+    .await;
+    let again = agent
+        .register(basalt_api::Registration {
+            token: Default::default(),
+            node_name: x.clone(),
+            address: "127.0.0.1:7500".into(),
+            capacity: Resources {
+                cpus: 4,
+                memory_mib: 4096,
+                storage_bytes: 0,
+            },
+            node_credential: credentials[&x].clone(),
+        })
+        .await
+        .expect("x registers again");
+    let stop_x = Arc::new(AtomicBool::new(false));
+    heartbeats(
+        agent.clone(),
+        x.clone(),
+        again.node_uid,
+        Arc::clone(&stop_x),
+    );
+    wait::until("x is ready again", DEADLINE, &[&member], || async {
+        ready(&admin, &x).await
+    })
+    .await;
+
+    // (3) Marks from a deposed primary (older epoch) or from a node the
+    // VM is not placed on are refused, and change nothing.
+    let mark = |node: &str, replica: &str, epoch| ReplicaMark {
+        node: node.into(),
+        vm: "db".into(),
+        replica_node: replica.into(),
+        epoch,
+        outdated: true,
+    };
+    for (m, field) in [(mark(&y, &x, 1), "epoch:"), (mark(&x, &y, 1), "node:")] {
+        match agent.mark_replica(m.clone()).await {
+            Err(ApiError::FailedPrecondition { reason }) => {
+                assert!(reason.starts_with(field), "{m:?}: {reason}")
+            }
+            other => panic!("{m:?} was not refused: {other:?}"),
+        }
+    }
+    assert_eq!(outdated(&admin).await, Some(Vec::new()));
+
+    // The disk: y's storage holds the primary at epoch 2, x's the
+    // secondary; both publish their replication addresses.
+    let volume = disk_volume(&vm.meta.uid, "root");
+    let sy = Storage::start(&prefix, "storage-y");
+    let mut sx = Storage::start(&prefix, "storage-x");
+    publish(&admin, &y, sy.repl).await;
+    publish(&admin, &x, sx.repl).await;
+    for s in [&sy, &sx] {
+        s.api
+            .ensure_volume(EnsureVolume {
+                name: volume.clone(),
+                size_bytes: 64 << 20,
+                source: None,
+            })
+            .await
+            .expect("volume");
+    }
+    sx.api
+        .attach_volume(AttachVolume {
+            name: volume.clone(),
+            role: VolumeRole::Secondary,
+            epoch: 2,
+            peers: Vec::new(),
+            allow_outdate: false,
+        })
+        .await
+        .expect("secondary");
+    sy.api
+        .attach_volume(AttachVolume {
+            name: volume.clone(),
+            role: VolumeRole::Primary,
+            epoch: 2,
+            peers: vec![sx.repl.to_string()],
+            allow_outdate: false,
+        })
+        .await
+        .expect("primary");
+    wait::until(
+        "the primary is in sync with x",
+        DEADLINE,
+        &[&sy.process],
+        || async { link_state(&sy, &volume).await == Some(ReplicaPeerState::Connected) },
+    )
+    .await;
+    let (ok, text) = sy.run(&volume, "write -P 0x11 0 64k");
+    assert!(ok, "write with both replicas: {text}");
+    // y's agent fencer, answering y's storage process.
+    let fencer = tokio::spawn(basalt_agent::storage::fencer::run(
+        y.clone(),
+        StorageConfig {
+            socket: sy.socket.clone(),
+        },
+        admin.clone(),
+        agent.clone(),
+    ));
+    wait::until(
+        "y's storage has its fencer watching",
+        DEADLINE,
+        &[&sy.process],
+        || async {
+            sy.process
+                .logs()
+                .contains("an agent watches fence requests")
+        },
+    )
+    .await;
+
+    // (1) y is cut off from its peer and from the control plane: no write
+    // is acknowledged.
+    member.kill9().expect("kill the control plane");
+    sx.process.kill9().expect("kill x's storage");
+    let mut w1 = sy.qemu_io(&volume, "write -P 0x22 1M 64k");
+    assert!(
+        still_running(&mut w1, Duration::from_secs(4)),
+        "a write was acknowledged with the peer and the control plane gone: {:?}",
+        w1.wait_with_output().map(|o| outcome(&o))
+    );
+    assert!(
+        sy.process
+            .logs()
+            .contains("asking the node agent to outdate a lost peer"),
+        "{}",
+        sy.process.log_tail(30)
+    );
+    assert!(
+        still_running(&mut w1, Duration::from_millis(10)),
+        "acknowledged"
+    );
+
+    // (2) The control plane is back: it records x outdated, then the
+    // write is acknowledged.
+    member.restart().expect("restart the control plane");
+    let deadline = Instant::now() + DEADLINE;
+    while still_running(&mut w1, Duration::from_millis(100)) {
+        assert!(
+            Instant::now() < deadline,
+            "the write never resumed\n{}\n{}",
+            member.log_tail(40),
+            sy.process.log_tail(40)
+        );
+    }
+    let (ok, text) = outcome(&w1.wait_with_output().expect("qemu-io output"));
+    assert!(ok, "the suspended write failed: {text}");
+    assert_eq!(
+        outdated(&admin).await,
+        Some(vec![x.clone()]),
+        "acknowledged before the control plane recorded x outdated"
+    );
+    let (ok, text) = sy.run(&volume, "read -P 0x22 1M 64k");
+    assert!(ok, "{text}");
+
+    // x returns and resyncs: the mark is cleared, and x has the write.
+    sx.restart();
+    wait::until(
+        "x's copy is in sync and no longer outdated",
+        DEADLINE,
+        &[&member, &sy.process],
+        || async { outdated(&admin).await == Some(Vec::new()) },
+    )
+    .await;
+    let (ok, text) = sx.run(&volume, "read -P 0x22 1M 64k");
+    assert!(ok, "x misses the write it was outdated for: {text}");
+
+    // Lost again: recorded again before the next write is acknowledged.
+    sx.process.kill9().expect("kill x's storage again");
+    let (ok, text) = sy.run(&volume, "write -P 0x33 2M 64k");
+    assert!(ok, "{text}");
+    assert_eq!(outdated(&admin).await, Some(vec![x.clone()]));
+
+    // y's node is lost: its only other replica node is outdated, so the
+    // VM stays where it is, and the controller says why.
+    stops[&y].store(true, Ordering::Relaxed);
+    fencer.abort();
+    wait::until(
+        "the controller says db has nowhere to go",
+        DEADLINE,
+        &[&member],
+        || async {
+            member
+                .logs()
+                .contains("holding an outdated replica of its disks")
+        },
+    )
+    .await;
+    assert!(!ready(&admin, &y).await, "y's loss was noticed");
+    let p = placement(&admin).await.expect("placed");
+    assert_eq!(
+        (p.node.as_str(), p.epoch),
+        (y.as_str(), 2),
+        "moved onto an outdated copy"
+    );
+    stop_x.store(true, Ordering::Relaxed);
+}

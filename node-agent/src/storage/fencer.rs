@@ -1,0 +1,552 @@
+//! The storage fencer: answers this node's storage process when one of
+//! its primaries lost a peer and asks to go on without it (DRBD's
+//! fence-peer), by having the control plane record the peer's copy
+//! outdated; and has the mark cleared once the peer is in sync again.
+//!
+//! The storage process streams its questions (`WatchFences`: volume, lost
+//! peer's replication address, the primary's epoch). For each, the agent
+//! finds the VM whose replicated disk the volume is and which is placed
+//! on this node, and the replica node that publishes that address, and
+//! asks the control plane ([`AgentClient::mark_replica`]) to record that
+//! node's copy outdated at that epoch. The control plane commits it only
+//! for the VM's node at the placement's epoch while the node holds its
+//! lease; the storage process goes on only on that yes. Every failure
+//! (the control plane unreachable, this node fenced or deposed, a volume
+//! or address not recognised) answers no: the primary's writes stay
+//! suspended and it asks again a second later.
+//!
+//! Every [`CLEAR_PERIOD`], a VM placed here that has a copy marked
+//! outdated gets the mark cleared once the storage process reports every
+//! replicated disk's link to that node in sync (connected, not
+//! resyncing).
+//!
+//! Invariants:
+//! - questions and clears are handled one at a time, in one task: a
+//!   clear is decided from a status read after every earlier answer was
+//!   given, so a clear never undoes a mark whose yes the storage process
+//!   acts on (its link to the peer has not been live since it asked; see
+//!   `basalt_sds::replication`);
+//! - the agent never answers yes without the control plane's commit.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use basalt_api::{
+    AdminClient, AgentClient, ApiError, FenceAnswer, FenceRequest, Kind, Node, Object, Placement,
+    ReplicaMark, ReplicaPeer, ReplicaPeerState, StorageClient, Vm,
+};
+use futures::StreamExt as _;
+
+use super::replicas::is_replicated;
+use super::{StorageConfig, disk_volume};
+
+/// How often copies marked outdated are checked for being in sync again.
+pub const CLEAR_PERIOD: Duration = Duration::from_secs(1);
+/// How long one call to the control plane may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait before watching the storage process again.
+const REWATCH: Duration = Duration::from_secs(1);
+
+/// What a fence request is about, in the control plane's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The VM whose replicated disk the volume is.
+    pub vm: String,
+    /// The node whose copy the primary lost.
+    pub replica_node: String,
+}
+
+/// Whether a node's published replication address is `peer` (as the
+/// storage process names it: a resolved `ip:port`).
+fn same_address(published: &str, peer: &str) -> bool {
+    if published == peer {
+        return true;
+    }
+    match (
+        published.parse::<std::net::SocketAddr>(),
+        peer.parse::<std::net::SocketAddr>(),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// The VM and replica node `request` is about: the VM placed on `node`
+/// one of whose replicated disks is `request.volume`, and the other
+/// replica node of that VM that publishes `request.peer`. `Err` says why
+/// the request is not one this node's agent may ask for.
+pub fn resolve(
+    node: &str,
+    request: &FenceRequest,
+    vms: &[Vm],
+    placements: &[Placement],
+    nodes: &BTreeMap<String, Node>,
+) -> Result<Fence, String> {
+    let vm =
+        vms.iter()
+            .find(|vm| {
+                vm.spec.disks.iter().any(|d| {
+                    is_replicated(d) && disk_volume(&vm.meta.uid, &d.name) == request.volume
+                })
+            })
+            .ok_or_else(|| format!("volume {} is no VM's replicated disk", request.volume))?;
+    let name = &vm.meta.name;
+    let placement = placements
+        .iter()
+        .find(|p| p.vm == *name)
+        .ok_or_else(|| format!("vm {name} is not placed"))?;
+    if placement.node != node {
+        return Err(format!(
+            "vm {name} is placed on {}, not on this node {node}",
+            placement.node
+        ));
+    }
+    let replica_node = placement
+        .replica_nodes
+        .iter()
+        .filter(|n| *n != node)
+        .find(|n| {
+            nodes
+                .get(*n)
+                .is_some_and(|n| same_address(&n.status.replication_address, &request.peer))
+        })
+        .ok_or_else(|| {
+            format!(
+                "no other replica node of vm {name} ({}) publishes replication address {}",
+                placement.replica_nodes.join(", "),
+                request.peer
+            )
+        })?;
+    Ok(Fence {
+        vm: name.clone(),
+        replica_node: replica_node.clone(),
+    })
+}
+
+/// The marks to clear: for every VM placed on `node` with copies marked
+/// outdated, each such copy whose links from every replicated disk here
+/// are connected (in sync) in `links` — `(vm, replica node, epoch)`.
+pub fn in_sync(
+    node: &str,
+    vms: &[Vm],
+    placements: &[Placement],
+    nodes: &BTreeMap<String, Node>,
+    links: &[ReplicaPeer],
+) -> Vec<(String, String, u64)> {
+    let mut clear = Vec::new();
+    for vm in vms
+        .iter()
+        .filter(|vm| !vm.status.outdated_replicas.is_empty())
+    {
+        let Some(placement) = placements
+            .iter()
+            .find(|p| p.vm == vm.meta.name && p.node == node)
+        else {
+            continue;
+        };
+        let volumes: Vec<String> = vm
+            .spec
+            .disks
+            .iter()
+            .filter(|d| is_replicated(d))
+            .map(|d| disk_volume(&vm.meta.uid, &d.name))
+            .collect();
+        for outdated in &vm.status.outdated_replicas {
+            let address = nodes
+                .get(outdated)
+                .map(|n| n.status.replication_address.as_str())
+                .unwrap_or_default();
+            let synced = !address.is_empty()
+                && !volumes.is_empty()
+                && volumes.iter().all(|volume| {
+                    links.iter().any(|l| {
+                        l.volume == *volume
+                            && same_address(address, &l.peer)
+                            && l.state == ReplicaPeerState::Connected
+                    })
+                });
+            if synced && *outdated != node && placement.holds_replica(outdated) {
+                clear.push((vm.meta.name.clone(), outdated.clone(), placement.epoch));
+            }
+        }
+    }
+    clear
+}
+
+/// The objects of `kind`, as `pick` types them.
+async fn list<T>(
+    admin: &AdminClient,
+    kind: Kind,
+    pick: impl FnMut(Object) -> Option<T>,
+) -> Result<Vec<T>, ApiError> {
+    Ok(admin
+        .list(kind)
+        .await?
+        .objects
+        .into_iter()
+        .filter_map(pick)
+        .collect())
+}
+
+async fn cluster(
+    admin: &AdminClient,
+    with_vms: Option<Vec<Vm>>,
+) -> Result<(Vec<Vm>, Vec<Placement>, BTreeMap<String, Node>), ApiError> {
+    let vms = match with_vms {
+        Some(vms) => vms,
+        None => list_vms(admin).await?,
+    };
+    let placements = list(admin, Kind::Placement, |o| match o {
+        Object::Placement(p) => Some(p),
+        _ => None,
+    })
+    .await?;
+    let nodes = list(admin, Kind::Node, |o| match o {
+        Object::Node(n) => Some((n.meta.name.clone(), n)),
+        _ => None,
+    })
+    .await?
+    .into_iter()
+    .collect();
+    Ok((vms, placements, nodes))
+}
+
+async fn list_vms(admin: &AdminClient) -> Result<Vec<Vm>, ApiError> {
+    list(admin, Kind::Vm, |o| match o {
+        Object::Vm(v) => Some(v),
+        _ => None,
+    })
+    .await
+}
+
+async fn within<T>(
+    call: impl Future<Output = Result<T, ApiError>>,
+    what: &str,
+) -> Result<T, ApiError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::Unavailable {
+                reason: format!("{what}: no answer within {CALL_TIMEOUT:?}"),
+            })
+        })
+}
+
+/// Has the control plane record the copy `request` is about outdated;
+/// `Err` is the refusal's reason.
+async fn outdate(
+    node: &str,
+    request: &FenceRequest,
+    admin: &AdminClient,
+    agent: &AgentClient,
+) -> Result<Fence, String> {
+    let (vms, placements, nodes) = within(cluster(admin, None), "listing the cluster")
+        .await
+        .map_err(|e| format!("cannot read the cluster: {e}"))?;
+    let fence = resolve(node, request, &vms, &placements, &nodes)?;
+    let mark = ReplicaMark {
+        node: node.to_owned(),
+        vm: fence.vm.clone(),
+        replica_node: fence.replica_node.clone(),
+        epoch: request.epoch,
+        outdated: true,
+    };
+    within(agent.mark_replica(mark), "recording the replica outdated")
+        .await
+        .map_err(|e| format!("the control plane did not record it: {e}"))?;
+    Ok(fence)
+}
+
+/// One question: asks the control plane and answers the storage process.
+async fn answer(
+    node: &str,
+    request: FenceRequest,
+    storage: &StorageClient,
+    admin: &AdminClient,
+    agent: &AgentClient,
+) {
+    let answer = match outdate(node, &request, admin, agent).await {
+        Ok(fence) => {
+            tracing::warn!(volume = %request.volume, vm = %fence.vm, replica_node = %fence.replica_node, epoch = request.epoch, "peer recorded outdated: its primary goes on without it");
+            FenceAnswer {
+                id: request.id,
+                outdated: true,
+                reason: String::new(),
+            }
+        }
+        Err(reason) => {
+            tracing::warn!(volume = %request.volume, peer = %request.peer, epoch = request.epoch, %reason, "fence refused: the primary's writes stay suspended");
+            FenceAnswer {
+                id: request.id,
+                outdated: false,
+                reason,
+            }
+        }
+    };
+    match storage.answer_fence(answer).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!(
+                id = request.id,
+                "the fence answer came too late; the primary asks again"
+            )
+        }
+        Err(err) => tracing::debug!(error = %err, "answering the storage process failed"),
+    }
+}
+
+/// Clears the marks of copies in sync again.
+async fn clear_in_sync(
+    node: &str,
+    storage: &StorageClient,
+    admin: &AdminClient,
+    agent: &AgentClient,
+) -> Result<(), ApiError> {
+    let vms = list_vms(admin).await?;
+    if vms.iter().all(|vm| vm.status.outdated_replicas.is_empty()) {
+        return Ok(());
+    }
+    let (vms, placements, nodes) = cluster(admin, Some(vms)).await?;
+    // Read after the cluster: a link seen connected here was connected
+    // after every answer already given.
+    let links = storage.status().await?.replicas;
+    for (vm, replica_node, epoch) in in_sync(node, &vms, &placements, &nodes, &links) {
+        let mark = ReplicaMark {
+            node: node.to_owned(),
+            vm: vm.clone(),
+            replica_node: replica_node.clone(),
+            epoch,
+            outdated: false,
+        };
+        match within(agent.mark_replica(mark), "clearing a replica mark").await {
+            Ok(()) => {
+                tracing::info!(%vm, %replica_node, epoch, "replica in sync again: outdated mark cleared")
+            }
+            Err(err) => {
+                tracing::debug!(%vm, %replica_node, error = %err, "clearing the outdated mark failed; retrying")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fencer of node `node`: watches its storage process's fence
+/// requests and answers each, and clears marks of copies in sync again,
+/// until aborted. Every failure is logged and retried.
+pub async fn run(node: String, config: StorageConfig, admin: AdminClient, agent: AgentClient) {
+    let storage = match StorageClient::connect_unix(&config.socket) {
+        Ok(storage) => storage,
+        Err(err) => {
+            tracing::error!(error = %err, "no storage client: no fence requests are answered");
+            return;
+        }
+    };
+    let mut ticker = tokio::time::interval(CLEAR_PERIOD);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut requests = None;
+    let mut warned = false;
+    loop {
+        if requests.is_none() {
+            match storage.watch_fences().await {
+                Ok(stream) => {
+                    tracing::info!("watching the storage process's fence requests");
+                    warned = false;
+                    requests = Some(stream);
+                }
+                Err(err) => {
+                    if !warned {
+                        tracing::warn!(error = %err, "cannot watch fence requests; retrying");
+                        warned = true;
+                    }
+                    tokio::time::sleep(REWATCH).await;
+                    continue;
+                }
+            }
+        }
+        let Some(stream) = requests.as_mut() else {
+            continue;
+        };
+        tokio::select! {
+            next = stream.next() => match next {
+                Some(Ok(request)) => answer(&node, request, &storage, &admin, &agent).await,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "the fence request stream failed; watching again");
+                    requests = None;
+                }
+                None => {
+                    tracing::warn!("the fence request stream ended; watching again");
+                    requests = None;
+                }
+            },
+            _ = ticker.tick() => {
+                if let Err(err) = clear_in_sync(&node, &storage, &admin, &agent).await {
+                    tracing::debug!(error = %err, "checking outdated replicas failed; retrying");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{Disk, ObjectMeta, VmSpec};
+
+    use super::*;
+
+    fn vm(name: &str, outdated: &[&str]) -> Vm {
+        let mut meta = ObjectMeta::named(name);
+        meta.uid = format!("7a1c0d2e-1b4f-4c3a-9e8d-5f6a7b8c9d{:02x}", name.len());
+        let mut vm = Vm {
+            meta,
+            spec: VmSpec {
+                disks: vec![
+                    Disk {
+                        name: "root".into(),
+                        size_bytes: 1 << 20,
+                        image: None,
+                        replicas: 2,
+                    },
+                    Disk {
+                        name: "scratch".into(),
+                        size_bytes: 1 << 20,
+                        image: None,
+                        replicas: 1,
+                    },
+                ],
+                ..VmSpec::default()
+            },
+            ..Vm::default()
+        };
+        vm.status.outdated_replicas = outdated.iter().map(|n| (*n).to_owned()).collect();
+        vm
+    }
+
+    fn placement(vm: &str, node: &str, epoch: u64) -> Placement {
+        Placement {
+            meta: ObjectMeta::named(vm),
+            vm: vm.into(),
+            node: node.into(),
+            epoch,
+            replica_nodes: vec!["a".into(), "b".into()],
+        }
+    }
+
+    fn nodes() -> BTreeMap<String, Node> {
+        [("a", "10.0.0.1:7789"), ("b", "10.0.0.2:7789"), ("c", "")]
+            .into_iter()
+            .map(|(name, address)| {
+                let mut n = Node {
+                    meta: ObjectMeta::named(name),
+                    ..Node::default()
+                };
+                n.status.replication_address = address.into();
+                (name.to_owned(), n)
+            })
+            .collect()
+    }
+
+    fn request(volume: String, peer: &str) -> FenceRequest {
+        FenceRequest {
+            id: 1,
+            volume,
+            peer: peer.into(),
+            epoch: 3,
+        }
+    }
+
+    #[test]
+    fn a_request_names_a_vm_placed_here_and_the_replica_node_behind_the_address() {
+        let vms = [vm("db", &[])];
+        let root = disk_volume(&vms[0].meta.uid, "root");
+        let placements = [placement("db", "a", 3)];
+        let nodes = nodes();
+        assert_eq!(
+            resolve(
+                "a",
+                &request(root.clone(), "10.0.0.2:7789"),
+                &vms,
+                &placements,
+                &nodes
+            ),
+            Ok(Fence {
+                vm: "db".into(),
+                replica_node: "b".into()
+            })
+        );
+        // Not placed here (b holds the secondary): never asked for.
+        let err = resolve(
+            "b",
+            &request(root.clone(), "10.0.0.1:7789"),
+            &vms,
+            &placements,
+            &nodes,
+        )
+        .unwrap_err();
+        assert!(err.contains("placed on a"), "{err}");
+        // An address no other replica node publishes, or this node's own.
+        for peer in ["10.0.0.9:7789", "10.0.0.1:7789"] {
+            let err =
+                resolve("a", &request(root.clone(), peer), &vms, &placements, &nodes).unwrap_err();
+            assert!(err.contains("publishes"), "{peer}: {err}");
+        }
+        // An unreplicated disk, or no VM's volume at all.
+        let scratch = disk_volume(&vms[0].meta.uid, "scratch");
+        for volume in [scratch, "img-x".to_owned()] {
+            let err = resolve(
+                "a",
+                &request(volume, "10.0.0.2:7789"),
+                &vms,
+                &placements,
+                &nodes,
+            )
+            .unwrap_err();
+            assert!(err.contains("no VM's replicated disk"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_mark_is_cleared_only_once_every_link_to_that_node_is_in_sync() {
+        let vms = [vm("db", &["b"]), vm("web", &[])];
+        let root = disk_volume(&vms[0].meta.uid, "root");
+        let placements = [placement("db", "a", 3), placement("web", "a", 1)];
+        let nodes = nodes();
+        let link = |state| ReplicaPeer {
+            volume: root.clone(),
+            peer: "10.0.0.2:7789".into(),
+            state,
+            ..ReplicaPeer::default()
+        };
+        for state in [
+            ReplicaPeerState::Away,
+            ReplicaPeerState::Resyncing,
+            ReplicaPeerState::Deposed,
+        ] {
+            assert!(
+                in_sync("a", &vms, &placements, &nodes, &[link(state)]).is_empty(),
+                "{state:?}"
+            );
+        }
+        assert!(in_sync("a", &vms, &placements, &nodes, &[]).is_empty());
+        assert_eq!(
+            in_sync(
+                "a",
+                &vms,
+                &placements,
+                &nodes,
+                &[link(ReplicaPeerState::Connected)]
+            ),
+            [("db".to_owned(), "b".to_owned(), 3)]
+        );
+        // Only the VM's node clears.
+        assert!(
+            in_sync(
+                "b",
+                &vms,
+                &placements,
+                &nodes,
+                &[link(ReplicaPeerState::Connected)]
+            )
+            .is_empty()
+        );
+    }
+}

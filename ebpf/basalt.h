@@ -18,6 +18,11 @@
 
 /* Flags of struct endpoint. */
 #define EP_LOCAL (1u << 0) /* on this node: ifindex is valid */
+/* A policy selects the endpoint's identity for ingress / egress: the
+ * programs skip connection-tracking lookups and policy for packets whose
+ * endpoints have neither (subjects stays the authority when set). */
+#define EP_SEL_INGRESS (1u << 1)
+#define EP_SEL_EGRESS  (1u << 2)
 
 /* Flags of struct iface. */
 #define IFACE_STANDBY (1u << 0) /* tap waits for the guest (migration target) */

@@ -137,7 +137,11 @@ struct flow {
 	__u16 sport;
 	__u16 dport;
 	__u8 proto;
+	__u8 tcp_flags;  /* byte 13 of the TCP header, 0 otherwise */
 };
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
 
 static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 {
@@ -293,6 +297,56 @@ static __always_inline void ct_create(const struct flow *f)
 	bpf_map_update_elem(&conntrack, &k, &v, BPF_NOEXIST);
 }
 
+/*
+ * Tracking without enforcement (no policy selects either endpoint): the
+ * flow only has to be known if a policy comes later, so that it leaves
+ * established flows alone. A TCP flow is recorded by its opening SYN and
+ * its other packets cost nothing; any other flow by its first packet in
+ * each direction (one lookup per packet, no reverse lookup, no counting).
+ */
+static __always_inline void ct_remember(const struct flow *f)
+{
+	if (f->proto == IPPROTO_TCP) {
+		if ((f->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+			ct_create(f);
+		return;
+	}
+	struct ct_key k = {
+		.saddr = f->saddr, .daddr = f->daddr,
+		.sport = f->sport, .dport = f->dport, .proto = f->proto,
+	};
+	if (!bpf_map_lookup_elem(&conntrack, &k))
+		ct_create(f);
+}
+
+/*
+ * Connection tracking and policy for a packet between two endpoints: 1 if
+ * it may pass. `egress` / `ingress` say which sides this hook enforces
+ * (the source's egress on the sending node, the destination's ingress on
+ * the node that holds it). Established flows pass without a policy check;
+ * new ones need every enforcing side's policy, then get an entry.
+ */
+static __always_inline int admit(const struct flow *f, const struct endpoint *src,
+				 const struct endpoint *dst, int egress, int ingress)
+{
+	egress = egress && (src->flags & EP_SEL_EGRESS);
+	ingress = ingress && (dst->flags & EP_SEL_INGRESS);
+	if (!egress && !ingress) {
+		ct_remember(f);
+		return 1;
+	}
+	if (ct_known(f))
+		return 1;
+	if (egress && !policy_allows(src->identity, DIR_EGRESS, f->daddr, dst->identity,
+				     f->proto, f->dport))
+		return 0;
+	if (ingress && !policy_allows(dst->identity, DIR_INGRESS, f->saddr, src->identity,
+				      f->proto, f->dport))
+		return 0;
+	ct_create(f);
+	return 1;
+}
+
 /* Parses the IPv4 header and ports. 0 on success, -1 if malformed. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 {
@@ -309,6 +363,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 	f->proto = ip->protocol;
 	f->sport = 0;
 	f->dport = 0;
+	f->tcp_flags = 0;
 	/* Non-first fragments carry no ports. */
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return 0;
@@ -319,6 +374,12 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 		return -1;
 	f->sport = bpf_ntohs(ports[0]);
 	f->dport = bpf_ntohs(ports[1]);
+	if (f->proto == IPPROTO_TCP) {
+		__u8 *l4 = (void *)ports;
+		if ((void *)(l4 + 14) > data_end)
+			return -1;
+		f->tcp_flags = l4[13];
+	}
 	return 0;
 }
 
@@ -425,21 +486,14 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, __u32 ifindex,
 		if (bpf_map_lookup_elem(&networks, &nk))
 			return drop(ifindex, DROP_NO_ENDPOINT, &f, src->mac, ETH_P_IP);
 		/* Outside the VM networks: up the node's stack (SNAT). */
-		if (!policy_allows(src->identity, DIR_EGRESS, f.daddr, 0, f.proto, f.dport))
+		if ((src->flags & EP_SEL_EGRESS) &&
+		    !policy_allows(src->identity, DIR_EGRESS, f.daddr, 0, f.proto, f.dport))
 			return drop(ifindex, DROP_POLICY, &f, src->mac, ETH_P_IP);
 		return TC_ACT_OK;
 	}
 
-	if (!ct_known(&f)) {
-		if (!policy_allows(src->identity, DIR_EGRESS, f.daddr, dst->identity,
-				   f.proto, f.dport))
-			return drop(ifindex, DROP_POLICY, &f, src->mac, ETH_P_IP);
-		if ((dst->flags & EP_LOCAL) &&
-		    !policy_allows(dst->identity, DIR_INGRESS, f.saddr, src->identity,
-				   f.proto, f.dport))
-			return drop(ifindex, DROP_POLICY, &f, src->mac, ETH_P_IP);
-		ct_create(&f);
-	}
+	if (!admit(&f, src, dst, 1, dst->flags & EP_LOCAL))
+		return drop(ifindex, DROP_POLICY, &f, src->mac, ETH_P_IP);
 
 	if (set_l2(skb, cfg, dst->mac) < 0)
 		return drop(ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
@@ -522,12 +576,8 @@ int from_overlay(struct __sk_buff *skb)
 	if (!src || src->node_ip != bpf_htonl(key.remote_ipv4))
 		return drop(ifindex, DROP_NOT_OWNER, &f, 0, ETH_P_IP);
 
-	if (!ct_known(&f)) {
-		if (!policy_allows(dst->identity, DIR_INGRESS, f.saddr, src->identity,
-				   f.proto, f.dport))
-			return drop(ifindex, DROP_POLICY, &f, 0, ETH_P_IP);
-		ct_create(&f);
-	}
+	if (!admit(&f, src, dst, 0, 1))
+		return drop(ifindex, DROP_POLICY, &f, 0, ETH_P_IP);
 	if (set_l2(skb, cfg, dst->mac) < 0)
 		return drop(ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
 	return bpf_redirect(dst->ifindex, 0);

@@ -17,6 +17,12 @@ pub const GATEWAY_MAC: [u8; 6] = [0x02, 0xba, 0x5a, 0x17, 0x00, 0x01];
 
 /// `endpoint.flags`: the endpoint lives on this node (`ifindex` is valid).
 pub const EP_LOCAL: u16 = 1 << 0;
+/// `endpoint.flags`: a policy selects the endpoint's identity for ingress
+/// (the programs look up connection tracking and policy only for packets
+/// whose endpoints carry a selection flag).
+pub const EP_SEL_INGRESS: u16 = 1 << 1;
+/// `endpoint.flags`: a policy selects the endpoint's identity for egress.
+pub const EP_SEL_EGRESS: u16 = 1 << 2;
 /// `iface.flags`: the tap waits for the guest (a migration target).
 pub const IFACE_STANDBY: u32 = 1 << 0;
 /// `subject.flags`: a policy selects the identity for ingress.

@@ -107,6 +107,9 @@ pub enum LoaderError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The kernel refused to turn BPF statistics on.
+    #[error("could not enable BPF run-time statistics")]
+    Stats(#[source] io::Error),
     /// Removing a link's pin failed.
     #[error("could not detach {ifname}")]
     Detach {
@@ -170,6 +173,14 @@ pub fn ensure_bpffs() -> Result<(), LoaderError> {
         None::<&str>,
     )
     .map_err(|e| LoaderError::Bpffs(io::Error::from(e)))
+}
+
+/// Turns the kernel's BPF run-time statistics on (what
+/// [`Loader::program_stats`] reads) for as long as the returned descriptor
+/// is open. They cost two clock reads per program run: measure with them,
+/// never leave them on.
+pub fn enable_stats() -> Result<std::os::fd::OwnedFd, LoaderError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| LoaderError::Stats(e.io_error))
 }
 
 /// Removes a node's pins: its links detach, its maps go once no program
@@ -324,7 +335,7 @@ impl Loader {
 
     /// Kernel run statistics of the loaded programs: `(program, total run
     /// time in ns, runs)`. The kernel counts only while
-    /// `kernel.bpf_stats_enabled` is 1.
+    /// `kernel.bpf_stats_enabled` is 1 or [`enable_stats`] holds them on.
     pub fn program_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, LoaderError> {
         let mut out = Vec::new();
         for hook in [Hook::Tap, Hook::Overlay] {

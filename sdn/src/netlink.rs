@@ -13,7 +13,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::model::Cidr;
@@ -185,6 +187,82 @@ impl Netlink {
             || format!("route {dst} dev {name}"),
             self.handle.route().add(msg).replace().execute(),
         )
+    }
+
+    /// Routes `dst` via `gateway` (on-link, resolved by the kernel), marked
+    /// with routing protocol number `protocol` so its owner can find it
+    /// again; replaces any route to the same prefix.
+    pub fn route_via_gateway(
+        &self,
+        dst: Cidr,
+        gateway: Ipv4Addr,
+        protocol: u8,
+    ) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.addr, dst.len)
+            .gateway(gateway)
+            .protocol(RouteProtocol::from(protocol))
+            .build();
+        self.request(
+            || format!("route {dst} via {gateway}"),
+            self.handle.route().add(msg).replace().execute(),
+        )
+    }
+
+    /// The IPv4 routes of the main table marked with `protocol`: each
+    /// destination and its gateway (if it has one).
+    pub fn routes_of_protocol(
+        &self,
+        protocol: u8,
+    ) -> Result<Vec<(Cidr, Option<Ipv4Addr>)>, NetlinkError> {
+        let stream = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let routes: Vec<RouteMessage> =
+            self.request(|| "list routes".to_owned(), stream.try_collect())?;
+        let wanted = RouteProtocol::from(protocol);
+        Ok(routes
+            .iter()
+            .filter(|r| r.header.protocol == wanted)
+            .map(|r| {
+                let mut dst = None;
+                let mut gateway = None;
+                for attribute in &r.attributes {
+                    match attribute {
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(*a),
+                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+                        _ => {}
+                    }
+                }
+                let cidr = Cidr {
+                    addr: dst.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    len: r.header.destination_prefix_length,
+                };
+                (cidr, gateway)
+            })
+            .collect())
+    }
+
+    /// Deletes the route to `dst` marked with `protocol`, if there is one.
+    pub fn delete_route(&self, dst: Cidr, protocol: u8) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.addr, dst.len)
+            .protocol(RouteProtocol::from(protocol))
+            .build();
+        match self
+            .runtime
+            .block_on(self.handle.route().del(msg).execute())
+        {
+            Ok(()) => Ok(()),
+            // ESRCH: no such route.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            Err(source) => Err(NetlinkError::Request {
+                what: format!("delete route {dst}"),
+                source,
+            }),
+        }
     }
 
     /// Prepares a VM tap's host side: the gateway's MAC (so frames the

@@ -10,15 +10,19 @@
 //! - writes are ordered so traffic never sees a state that denies more than
 //!   both the old and the new one: additions and rule updates first,
 //!   subjects (which switch enforcement on) after their rules, removals last
-//!   and in the reverse order.
+//!   and in the reverse order;
+//! - an endpoint's selection flags (`EP_SEL_*`) only spare the programs the
+//!   tracking and policy work for endpoints no policy selects; `subjects`
+//!   stays the authority, so the order in which the two change never denies
+//!   anything either state allows.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use crate::abi::{
-    self, ACT_ALLOW, ACT_DENY, Config, DIR_EGRESS, DIR_INGRESS, EP_LOCAL, EndpointValue,
-    IFACE_STANDBY, IfaceValue, MAX_RULES, PolicyCidrData, PolicyIdKey, RuleValue, RulesValue,
-    SUBJ_EGRESS, SUBJ_INGRESS, SubjectValue, ip_key,
+    self, ACT_ALLOW, ACT_DENY, Config, DIR_EGRESS, DIR_INGRESS, EP_LOCAL, EP_SEL_EGRESS,
+    EP_SEL_INGRESS, EndpointValue, IFACE_STANDBY, IfaceValue, MAX_RULES, PolicyCidrData,
+    PolicyIdKey, RuleValue, RulesValue, SUBJ_EGRESS, SUBJ_INGRESS, SubjectValue, ip_key,
 };
 use crate::model::{self, Action, Cidr, Endpoint, ModelError, Network, Peer, Policy, Rule};
 
@@ -194,6 +198,17 @@ pub fn compile(
         }
     }
     compile_policies(policies, &mut state)?;
+    // The programs skip tracking lookups and policy for packets whose
+    // endpoints no policy selects: tell them which are selected.
+    for value in state.endpoints.values_mut() {
+        let selected = state.subjects.get(&value.identity).map_or(0, |s| s.flags);
+        if selected & SUBJ_INGRESS != 0 {
+            value.flags |= EP_SEL_INGRESS;
+        }
+        if selected & SUBJ_EGRESS != 0 {
+            value.flags |= EP_SEL_EGRESS;
+        }
+    }
     Ok(Compiled { state, unready })
 }
 
@@ -593,6 +608,42 @@ mod tests {
         assert_eq!(
             state.networks[&(16, ip_key(Ipv4Addr::new(10, 50, 0, 0)))],
             100
+        );
+    }
+
+    #[test]
+    fn endpoints_carry_their_identity_selection() {
+        let policy = |name: &str, ingress, egress| Policy {
+            name: name.into(),
+            selector: [7].into(),
+            ingress,
+            egress,
+        };
+        let eps = [ep(1, NODE, 7), ep(2, OTHER, 7), ep(3, NODE, 8)];
+        let flags = |policies: &[Policy]| -> Vec<u16> {
+            let state = compile(&node(), &eps, &nets(), policies, &[], &taps)
+                .unwrap()
+                .state;
+            (1..=3)
+                .map(|n| state.endpoints[&ip_key(Ipv4Addr::new(10, 50, 0, n))].flags)
+                .collect()
+        };
+        assert_eq!(flags(&[]), [EP_LOCAL, 0, EP_LOCAL]);
+        assert_eq!(
+            flags(&[policy("in", Some(vec![]), None)]),
+            [EP_LOCAL | EP_SEL_INGRESS, EP_SEL_INGRESS, EP_LOCAL],
+            "local and remote endpoints of the identity, and no other"
+        );
+        assert_eq!(
+            flags(&[
+                policy("in", Some(vec![]), None),
+                policy("out", None, Some(vec![]))
+            ]),
+            [
+                EP_LOCAL | EP_SEL_INGRESS | EP_SEL_EGRESS,
+                EP_SEL_INGRESS | EP_SEL_EGRESS,
+                EP_LOCAL
+            ]
         );
     }
 

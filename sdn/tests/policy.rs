@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use basalt_sdn::abi::DropReason;
 use basalt_sdn::{Action, Peer, Policy, Protocol, Rule};
 use basalt_testkit::{Fabric, Prefix};
-use common::{NodeDatapath, Vm, init_logs};
+use common::{NodeDatapath, Vm, echo_on, init_logs};
 
 const CLIENT: u32 = 10;
 const SERVER: u32 = 20;
@@ -61,6 +61,10 @@ fn policy_matrix() {
     dp.apply(&eps, &[]);
     assert!(client.reaches(srv(7000)));
     assert!(other.reaches(srv(8000)));
+    // A flow opened while nothing selects either side: the programs track
+    // it by its SYN alone.
+    let mut open = client.tcp_connect(srv(7000)).unwrap();
+    echo_on(&mut open, 1_000).unwrap();
 
     // Selected for ingress with no rules: default deny.
     let before = dp.drops(DropReason::Policy);
@@ -68,6 +72,9 @@ fn policy_matrix() {
     assert!(!client.reaches(srv(7000)));
     assert!(!other.reaches(srv(7000)));
     assert!(dp.drops(DropReason::Policy) > before, "denials are counted");
+    // ...yet the flow opened before the policy goes on.
+    echo_on(&mut open, 100_000).expect("an established flow outlives a new policy");
+    drop(open);
     // Egress of the server is not covered: it still reaches out.
     assert!(server.reaches(SocketAddr::from((ips[0], 7000))));
 

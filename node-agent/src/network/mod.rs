@@ -1,7 +1,8 @@
 //! The agent's network reconciler: drives this node's `basalt-sdn`
 //! datapath from the control plane.
 //!
-//! Three parts:
+//! Its parts (and [`host_routes`], which routes a host that is not a node
+//! to every VM through its holder):
 //! - [`watch`] lists then watches nodes, networks, endpoints, VMs and
 //!   policies through the admin API into one snapshot;
 //! - [`policy`] turns policy objects (selectors by VM labels) into the
@@ -39,6 +40,7 @@
 //!   removed.
 
 pub mod datapath;
+pub mod host_routes;
 pub mod plan;
 pub mod policy;
 pub mod watch;

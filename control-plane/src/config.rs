@@ -96,6 +96,10 @@ pub struct NodeTuning {
     pub ha_after_ms: u64,
     /// How often the leader's controllers run when nothing changes.
     pub controller_period_ms: u64,
+    /// How long a replica node of a VM's replicated disks may stay lost
+    /// (not ready since its last acknowledged heartbeat, or removed)
+    /// before the control plane puts a replacement copy on another node.
+    pub replica_replace_after_ms: u64,
 }
 
 impl Default for NodeTuning {
@@ -105,6 +109,7 @@ impl Default for NodeTuning {
             heartbeat_interval_ms: 2_000,
             ha_after_ms: 15_000,
             controller_period_ms: 200,
+            replica_replace_after_ms: 300_000,
         }
     }
 }

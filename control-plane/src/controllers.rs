@@ -1,7 +1,8 @@
 //! The leader's controllers: node leases (mark a node not ready when its
 //! lease runs out), HA (move a lost node's VMs elsewhere with a new
-//! epoch), placement (give every running VM without a placement one) and
-//! IPAM (see [`crate::ipam`]).
+//! epoch), placement (give every running VM without a placement one),
+//! replacement replicas (a lost replica node's copies go to another node
+//! after a delay) and IPAM (see [`crate::ipam`]).
 //! Each round is a reconciler: it reads the state, decides with the pure
 //! scheduler, and writes by compare-and-swap; it runs on the leader only,
 //! periodically and after changes.
@@ -10,7 +11,9 @@
 //! - a VM has at most one placement (named after it), so it is never
 //!   placed on two nodes; moving it is one compare-and-swap that sets the
 //!   new node and `epoch + 1` together, so nothing can observe the new
-//!   node with the old epoch;
+//!   node with the old epoch; new placements are created many to a Raft
+//!   entry, each entry applied whole or not at all, and an existing
+//!   placement refuses the create, so batching never places a VM twice;
 //! - a lost node's VMs move only after its `Ready` condition is false in
 //!   the committed state (the fence) and `nodes.ha_after_ms` passed since
 //!   its last acknowledged heartbeat (or since this leader's election);
@@ -26,6 +29,11 @@
 //! - a VM with replicated disks moves (HA, drain) only onto another of its
 //!   placement's `replica_nodes`, which stay as they are; with none ready
 //!   it stays where it is, reported unschedulable with the reason;
+//! - a replica node of a VM lost for `nodes.replica_replace_after_ms`
+//!   (or removed that long) is replaced by another node in the
+//!   placement's `replica_nodes` ([`scheduler::plan_replacements`]) by
+//!   compare-and-swap that keeps the node and epoch: the primary stays, so
+//!   the volumes' epoch stays; the VM's own node is never replaced here;
 //! - a late heartbeat from a lost node renews nothing (see [`crate::leases`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -35,9 +43,10 @@ use std::time::{Duration, Instant};
 use basalt_api::{
     ApiError, Condition, Endpoint, Kind, Node, Object, ObjectMeta, Placement, Vm, VmPhase,
 };
+use futures::StreamExt as _;
 use openraft::ServerState;
 
-use crate::admin::AdminService;
+use crate::admin::{AdminService, stamp};
 use crate::agent::{Leases, node_views, now_unix_ms};
 use crate::config::NodeTuning;
 use crate::ipam::IpamController;
@@ -48,6 +57,11 @@ use crate::state::{Command, set_condition};
 /// The smallest pause between two rounds (so a burst of writes does not
 /// make the controllers rescan the state after every one).
 const MIN_GAP: Duration = Duration::from_millis(50);
+/// New placements per Raft entry: a 10 000-VM plan is 40 entries.
+const PLACEMENT_BATCH: usize = 256;
+/// Entries of new placements proposed at once (group commit shares their
+/// fsyncs).
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// The controllers of one member; they act only while it leads.
 #[derive(Debug)]
@@ -63,6 +77,12 @@ pub struct Controllers {
     gone: HashMap<String, Instant>,
     /// The term `gone` belongs to (a new leader counts afresh).
     gone_term: u64,
+    /// Removed replica node → when this leader first saw a placement
+    /// still naming it among its replica nodes (term `gone_term`).
+    gone_replicas: HashMap<String, Instant>,
+    /// VM → why a lost replica node of it could not be replaced, as last
+    /// logged.
+    unreplaced: HashMap<String, String>,
 }
 
 impl Controllers {
@@ -82,6 +102,8 @@ impl Controllers {
             unschedulable: HashMap::new(),
             gone: HashMap::new(),
             gone_term: 0,
+            gone_replicas: HashMap::new(),
+            unreplaced: HashMap::new(),
         }
     }
 
@@ -110,6 +132,7 @@ impl Controllers {
     pub async fn round(&mut self, term: u64) {
         self.expire_leases(term).await;
         self.place(term).await;
+        self.replace_replicas(term).await;
         self.ipam.round(&self.admin).await;
         self.migrations.round(&self.admin, term).await;
     }
@@ -201,6 +224,7 @@ impl Controllers {
             // leader first saw them.
             if self.gone_term != term {
                 self.gone.clear();
+                self.gone_replicas.clear();
                 self.gone_term = term;
             }
             let missing: BTreeSet<String> = state
@@ -342,6 +366,7 @@ impl Controllers {
         let moves: Vec<Placement> = moving.values().cloned().collect();
         let plan =
             scheduler::plan_with_moves(&nodes, &vms, &kept, &moves, Overcommit::default(), term);
+        let mut creates = Vec::new();
         for (vm, node) in &plan.placements {
             let result = match moving.get(vm) {
                 Some(current) => {
@@ -365,21 +390,14 @@ impl Controllers {
                     done
                 }
                 None => {
-                    let placement = Placement {
+                    creates.push(Placement {
                         meta: ObjectMeta::named(vm.clone()),
                         vm: vm.clone(),
                         node: node.clone(),
                         epoch: 1,
                         replica_nodes: plan.replica_nodes.get(vm).cloned().unwrap_or_default(),
-                    };
-                    let done = self
-                        .admin
-                        .write(Command::Create(Object::Placement(placement)))
-                        .await;
-                    if done.is_ok() {
-                        tracing::info!(%vm, %node, "placed a VM");
-                    }
-                    done
+                    });
+                    continue;
                 }
             };
             match result {
@@ -391,6 +409,9 @@ impl Controllers {
                 }
             }
         }
+        for vm in create_placements(&self.admin, creates).await {
+            self.unschedulable.remove(&vm);
+        }
         for (vm, reason) in plan.unschedulable {
             if self.unschedulable.get(&vm) != Some(&reason) {
                 tracing::warn!(%vm, %reason, "no node fits the VM");
@@ -398,6 +419,203 @@ impl Controllers {
             }
         }
     }
+}
+
+impl Controllers {
+    /// Replacement replicas: a placement whose replica nodes name a node
+    /// lost for `nodes.replica_replace_after_ms` (not ready since its last
+    /// acknowledged heartbeat, or since this leader's election; or removed,
+    /// since this leader first saw it named) gets another node in its
+    /// place, chosen by [`scheduler::plan_replacements`], written by
+    /// compare-and-swap with the same node and epoch: the primary does
+    /// not move, so the volumes' epoch does not change (decisions 36, 43).
+    /// The new node's agent attaches an empty secondary at that epoch;
+    /// the primary's agent attaches the new peer and its full sync fills
+    /// it. VMs with a live migration under way are left for later.
+    async fn replace_replicas(&mut self, term: u64) {
+        let now = Instant::now();
+        let after = Duration::from_millis(self.tuning.replica_replace_after_ms);
+        let lease = self.lease();
+        let (nodes, vms, placements, lost) = {
+            let machine = self.admin.shared().read();
+            let state = &machine.state;
+            if self.gone_term != term {
+                self.gone.clear();
+                self.gone_replicas.clear();
+                self.gone_term = term;
+            }
+            // Replica nodes other than the VM's own: the copies that can
+            // be replaced.
+            let holders: BTreeSet<&str> = state
+                .list(Kind::Placement)
+                .filter_map(|o| match o {
+                    Object::Placement(p) => Some(p),
+                    _ => None,
+                })
+                .flat_map(|p| {
+                    p.replica_nodes
+                        .iter()
+                        .filter(move |n| **n != p.node)
+                        .map(String::as_str)
+                })
+                .collect();
+            let missing: BTreeSet<&str> = holders
+                .iter()
+                .copied()
+                .filter(|n| state.get(Kind::Node, n).is_none())
+                .collect();
+            self.gone_replicas
+                .retain(|node, _| missing.contains(node.as_str()));
+            let mut lost: BTreeSet<String> = BTreeSet::new();
+            for node in &missing {
+                let since = *self.gone_replicas.entry((*node).to_owned()).or_insert(now);
+                if now.duration_since(since) >= after {
+                    lost.insert((*node).to_owned());
+                }
+            }
+            let unready: Vec<&str> = holders
+                .iter()
+                .copied()
+                .filter(|n| {
+                    matches!(state.get(Kind::Node, n), Some(Object::Node(node)) if !node.status.is_ready())
+                })
+                .collect();
+            if !unready.is_empty() {
+                self.leases.with_term(term, state, lease, |table| {
+                    for node in unready {
+                        if table
+                            .lost_since(node)
+                            .is_some_and(|since| now.duration_since(since) >= after)
+                        {
+                            lost.insert(node.to_owned());
+                        }
+                    }
+                });
+            }
+            if lost.is_empty() {
+                self.unreplaced.clear();
+                return;
+            }
+            let migrating: BTreeSet<&str> = state
+                .list(Kind::Migration)
+                .filter_map(|o| match o {
+                    Object::Migration(m) if !m.status.phase.is_terminal() => {
+                        Some(m.spec.vm.as_str())
+                    }
+                    _ => None,
+                })
+                .collect();
+            let placements: Vec<Placement> = state
+                .list(Kind::Placement)
+                .filter_map(|o| match o {
+                    Object::Placement(p) if !migrating.contains(p.vm.as_str()) => Some(p.clone()),
+                    _ => None,
+                })
+                .collect();
+            let nodes: Vec<Node> = state
+                .list(Kind::Node)
+                .filter_map(|o| Node::try_from(o.clone()).ok())
+                .collect();
+            let vms: Vec<Vm> = state
+                .list(Kind::Vm)
+                .filter_map(|o| match o {
+                    Object::Vm(vm) => Some(vm.clone()),
+                    _ => None,
+                })
+                .collect();
+            (nodes, vms, placements, lost)
+        };
+        let plan = scheduler::plan_replacements(&nodes, &vms, &placements, &lost, term);
+        let by_vm: HashMap<&str, &Placement> =
+            placements.iter().map(|p| (p.vm.as_str(), p)).collect();
+        for (vm, replicas) in plan.replaced {
+            let Some(current) = by_vm.get(vm.as_str()) else {
+                continue;
+            };
+            let updated = Placement {
+                replica_nodes: replicas.clone(),
+                ..(*current).clone()
+            };
+            match self
+                .admin
+                .write(Command::Update(Object::Placement(updated)))
+                .await
+            {
+                Ok(_) => {
+                    tracing::warn!(%vm, from = ?current.replica_nodes, to = ?replicas, epoch = current.epoch, "replaced lost replica nodes");
+                }
+                Err(err) => {
+                    tracing::info!(%vm, error = %err, "writing replacement replica nodes failed; will retry");
+                }
+            }
+        }
+        let reasons: HashMap<String, String> = plan.unschedulable.into_iter().collect();
+        for (vm, reason) in &reasons {
+            if self.unreplaced.get(vm) != Some(reason) {
+                tracing::warn!(%vm, %reason, "a lost replica cannot be replaced yet");
+            }
+        }
+        self.unreplaced = reasons;
+    }
+}
+
+/// Writes new placements (epoch 1), [`PLACEMENT_BATCH`] to a Raft entry
+/// and [`BATCHES_IN_FLIGHT`] entries at a time, so a large plan costs a
+/// few log entries and fsyncs instead of one per VM. A batch is applied
+/// whole or not at all; a refused one (a placement that exists already, a
+/// VM deleted meanwhile) is written again one placement at a time, so one
+/// conflict holds back no other VM. Returns the VMs that have a placement
+/// now (written, or found existing: placed by an earlier write).
+async fn create_placements(admin: &AdminService, creates: Vec<Placement>) -> Vec<String> {
+    let batches: Vec<Vec<Placement>> = creates
+        .chunks(PLACEMENT_BATCH)
+        .map(<[Placement]>::to_vec)
+        .collect();
+    let written: Vec<Vec<String>> = futures::stream::iter(batches)
+        .map(|batch| create_batch(admin, batch))
+        .buffer_unordered(BATCHES_IN_FLIGHT)
+        .collect()
+        .await;
+    written.into_iter().flatten().collect()
+}
+
+/// One batch of [`create_placements`].
+async fn create_batch(admin: &AdminService, batch: Vec<Placement>) -> Vec<String> {
+    // Stamped here: the proposer stamps only a top-level create.
+    let commands = batch
+        .iter()
+        .map(|p| stamp(Command::Create(Object::Placement(p.clone()))))
+        .collect();
+    if batch.len() > 1 {
+        match admin.write(Command::Batch(commands)).await {
+            Ok(_) => {
+                for p in &batch {
+                    tracing::info!(vm = %p.vm, node = %p.node, "placed a VM");
+                }
+                return batch.into_iter().map(|p| p.vm).collect();
+            }
+            Err(err) => {
+                tracing::debug!(count = batch.len(), error = %err, "a batch of placements was refused; writing them one by one");
+            }
+        }
+    }
+    let mut placed = Vec::new();
+    for p in batch {
+        match admin
+            .write(Command::Create(Object::Placement(p.clone())))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(vm = %p.vm, node = %p.node, "placed a VM");
+                placed.push(p.vm);
+            }
+            Err(ApiError::AlreadyExists { .. }) => placed.push(p.vm),
+            Err(err) => {
+                tracing::info!(vm = %p.vm, node = %p.node, error = %err, "writing a placement failed; will retry");
+            }
+        }
+    }
+    placed
 }
 
 /// Whether the VM of placement `p` was reported stopped (or failed) by

@@ -16,6 +16,10 @@
 //!   size), its primary among them — or none at all and a reason; a VM
 //!   that moves ([`plan_with_moves`]) and has replica nodes goes only to
 //!   one of them, and keeps them;
+//! - a lost replica node is replaced ([`plan_replacements`]) in its slot
+//!   by a node that holds no copy of the VM, is not lost, could hold a
+//!   first replica, and has published its replication address; the VM's
+//!   own node is never replaced;
 //! - the executor only creates placements: one that already exists (a
 //!   concurrent scheduler won) is left alone, so a VM is never placed twice.
 
@@ -166,9 +170,11 @@ pub fn plan_with_moves(
             .then_with(|| a.meta.name.cmp(&b.meta.name))
     });
 
+    let facts: Vec<Facts> = nodes.iter().map(|n| Facts::of(n, overcommit)).collect();
     let mut plan = Plan::default();
     for vm in pending {
         let vm_key = seeded_hash(seed, &vm.meta.name);
+        let (shared, local_bytes) = disk_bytes(vm);
         let holders = holders.get(vm.meta.name.as_str()).copied();
         // A first placement of a VM with replicated disks: the nodes that
         // could hold a replica; the VM waits unless there are enough. A
@@ -180,7 +186,6 @@ pub fn plan_with_moves(
         };
         let mut replica_refusals: BTreeMap<&'static str, usize> = BTreeMap::new();
         let eligible: Vec<usize> = if wanted > 0 {
-            let (shared, _) = disk_bytes(vm);
             (0..nodes.len())
                 .filter(
                     |&i| match can_hold_replica(&nodes[i], &load[i], vm, shared) {
@@ -206,6 +211,10 @@ pub fn plan_with_moves(
             plan.unschedulable.push((vm.meta.name.clone(), reason));
             continue;
         }
+        let mut can_replicate = vec![false; if wanted > 0 { nodes.len() } else { 0 }];
+        for &i in &eligible {
+            can_replicate[i] = true;
+        }
         let mut best: Option<(f64, u64, usize)> = None;
         let mut refusals: BTreeMap<&'static str, usize> = BTreeMap::new();
         for (i, node) in nodes.iter().enumerate() {
@@ -218,17 +227,17 @@ pub fn plan_with_moves(
                     Err("holding an outdated replica of its disks")
                 }
                 Some(_) => Ok(()),
-                None if wanted > 0 && !eligible.contains(&i) => Err("unable to hold a replica"),
+                None if wanted > 0 && !can_replicate[i] => Err("unable to hold a replica"),
                 // A first placement of a VM without replicated disks:
                 // its local disks need room here.
-                None if wanted == 0 => fits_storage(node, &load[i], disk_bytes(vm).1),
-                None => fits_storage(node, &load[i], disk_bytes(vm).1 + disk_bytes(vm).0),
+                None if wanted == 0 => fits_storage(node, &load[i], local_bytes),
+                None => fits_storage(node, &load[i], local_bytes + shared),
             };
-            if let Err(reason) = local.and_then(|()| fits(node, &load[i], vm, overcommit)) {
+            if let Err(reason) = local.and_then(|()| fits(node, &facts[i], &load[i], vm)) {
                 *refusals.entry(reason).or_default() += 1;
                 continue;
             }
-            let score = score(node, &load[i], vm, overcommit);
+            let score = score(&facts[i], &load[i], vm);
             let tie = mix(vm_key ^ node_keys[i]);
             let better = match best {
                 None => true,
@@ -244,25 +253,30 @@ pub fn plan_with_moves(
                 let node = nodes[i].meta.name.clone();
                 if wanted > 0 {
                     // The primary, then the other eligible nodes with the
-                    // most room in their pools (seeded ties).
-                    let mut others: Vec<usize> =
-                        eligible.iter().copied().filter(|&j| j != i).collect();
-                    others.sort_by(|&a, &b| {
-                        let free = |j: usize| {
-                            nodes[j]
-                                .status
-                                .allocatable
-                                .storage_bytes
-                                .saturating_sub(load[j].storage_bytes)
+                    // most room in their pools (seeded ties), picked one
+                    // by one (a few out of many: no full sort).
+                    let rank = |j: usize| {
+                        let free = nodes[j]
+                            .status
+                            .allocatable
+                            .storage_bytes
+                            .saturating_sub(load[j].storage_bytes);
+                        (free, mix(vm_key ^ node_keys[j]))
+                    };
+                    let mut chosen = vec![i];
+                    while chosen.len() < wanted {
+                        let Some(next) = eligible
+                            .iter()
+                            .copied()
+                            .filter(|j| !chosen.contains(j))
+                            .max_by_key(|&j| rank(j))
+                        else {
+                            break;
                         };
-                        free(b).cmp(&free(a)).then_with(|| {
-                            mix(vm_key ^ node_keys[b]).cmp(&mix(vm_key ^ node_keys[a]))
-                        })
-                    });
-                    let replicas: Vec<String> = std::iter::once(i)
-                        .chain(others.into_iter().take(wanted - 1))
-                        .map(|j| nodes[j].meta.name.clone())
-                        .collect();
+                        chosen.push(next);
+                    }
+                    let replicas: Vec<String> =
+                        chosen.iter().map(|&j| nodes[j].meta.name.clone()).collect();
                     add_storage(&mut load, &index, vm, &node, &replicas);
                     plan.replica_nodes.insert(vm.meta.name.clone(), replicas);
                 } else if holders.is_none() {
@@ -278,6 +292,127 @@ pub fn plan_with_moves(
                 };
                 plan.unschedulable.push((vm.meta.name.clone(), reasons));
             }
+        }
+    }
+    plan
+}
+
+/// Replacement replica nodes for VMs that lost some (decision 43).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaPlan {
+    /// VM name → its placement's new `replica_nodes`: each lost node
+    /// replaced in place by a new one (its node stays first), in the
+    /// order of the placements given.
+    pub replaced: Vec<(String, Vec<String>)>,
+    /// VM name → why a lost replica node of it cannot be replaced now.
+    pub unschedulable: Vec<(String, String)>,
+}
+
+/// Chooses, for every placement in `placements` whose `replica_nodes`
+/// hold a node of `lost` other than the placement's own node, a
+/// replacement for each such node: distinct from every node already
+/// holding a copy and from `lost`, ready, not cordoned, matching the
+/// VM's node selector, with room in its pool for the replicated disks,
+/// and with a published replication address (so the running primary can
+/// reach it at once);
+/// the most room left wins, seeded ties. A VM whose own node is lost is
+/// left alone (HA moves it first; its old node is replaced after). A
+/// lost node with no replacement stays in the list, with the reason.
+/// Pure and deterministic for a seed.
+pub fn plan_replacements(
+    nodes: &[Node],
+    vms: &[Vm],
+    placements: &[Placement],
+    lost: &BTreeSet<String>,
+    seed: u64,
+) -> ReplicaPlan {
+    let by_name: HashMap<&str, &Vm> = vms.iter().map(|vm| (vm.meta.name.as_str(), vm)).collect();
+    let index: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.meta.name.as_str(), i))
+        .collect();
+    let mut load = vec![Load::default(); nodes.len()];
+    for placement in placements {
+        if let Some(vm) = by_name.get(placement.vm.as_str()) {
+            add_storage(
+                &mut load,
+                &index,
+                vm,
+                &placement.node,
+                &placement.replica_nodes,
+            );
+        }
+    }
+    let node_keys: Vec<u64> = nodes
+        .iter()
+        .map(|n| seeded_hash(seed, &n.meta.name))
+        .collect();
+    let mut plan = ReplicaPlan::default();
+    for placement in placements {
+        if lost.contains(&placement.node)
+            || !placement
+                .replica_nodes
+                .iter()
+                .any(|n| lost.contains(n) && *n != placement.node)
+        {
+            continue;
+        }
+        let Some(vm) = by_name.get(placement.vm.as_str()) else {
+            continue;
+        };
+        let (shared, _) = disk_bytes(vm);
+        let vm_key = seeded_hash(seed, &vm.meta.name);
+        let mut replicas = placement.replica_nodes.clone();
+        let mut reasons = Vec::new();
+        for slot in 0..replicas.len() {
+            if !lost.contains(&replicas[slot]) || replicas[slot] == placement.node {
+                continue;
+            }
+            let mut refusals: BTreeMap<&'static str, usize> = BTreeMap::new();
+            let mut best: Option<(u64, u64, usize)> = None;
+            for (i, node) in nodes.iter().enumerate() {
+                let fit = if lost.contains(&node.meta.name) {
+                    Err("lost")
+                } else if replicas.contains(&node.meta.name) {
+                    Err("holding a copy already")
+                } else if node.status.replication_address.is_empty() {
+                    Err("without a replication address")
+                } else {
+                    can_hold_replica(node, &load[i], vm, shared)
+                };
+                if let Err(reason) = fit {
+                    *refusals.entry(reason).or_default() += 1;
+                    continue;
+                }
+                let free = node
+                    .status
+                    .allocatable
+                    .storage_bytes
+                    .saturating_sub(load[i].storage_bytes);
+                let tie = mix(vm_key ^ node_keys[i]);
+                if best.is_none_or(|(f, t, _)| (free, tie) > (f, t)) {
+                    best = Some((free, tie, i));
+                }
+            }
+            match best {
+                Some((_, _, i)) => {
+                    load[i].storage_bytes += shared;
+                    replicas[slot] = nodes[i].meta.name.clone();
+                }
+                None => reasons.push(format!(
+                    "no node can take the copy on lost node {} ({})",
+                    replicas[slot],
+                    summary(&refusals)
+                )),
+            }
+        }
+        if replicas != placement.replica_nodes {
+            plan.replaced.push((placement.vm.clone(), replicas));
+        }
+        if !reasons.is_empty() {
+            plan.unschedulable
+                .push((placement.vm.clone(), reasons.join("; ")));
         }
     }
     plan
@@ -363,34 +498,57 @@ fn capacity(amount: u64, ratio: f64) -> u64 {
     (amount as f64 * ratio).floor() as u64
 }
 
+/// What the filters need of a node that does not change while planning,
+/// worked out once per plan rather than once per VM and node.
+#[derive(Debug, Clone, Copy)]
+struct Facts {
+    /// Why no VM may go there at all (cordoned, not ready), if so.
+    closed: Option<&'static str>,
+    /// vCPUs that may be promised (allocatable × ratio).
+    cpus: u64,
+    /// MiB that may be promised (allocatable × ratio).
+    memory_mib: u64,
+}
+
+impl Facts {
+    fn of(node: &Node, overcommit: Overcommit) -> Self {
+        let closed = if node.spec.cordoned {
+            Some("cordoned")
+        } else if !node.status.is_ready() {
+            Some("not ready")
+        } else {
+            None
+        };
+        let allocatable = &node.status.allocatable;
+        Facts {
+            closed,
+            cpus: capacity(u64::from(allocatable.cpus), overcommit.cpu),
+            memory_mib: capacity(allocatable.memory_mib, overcommit.memory),
+        }
+    }
+}
+
 /// Whether `vm` may go to `node`; the error names the filter that failed.
-fn fits(node: &Node, load: &Load, vm: &Vm, overcommit: Overcommit) -> Result<(), &'static str> {
-    if node.spec.cordoned {
-        return Err("cordoned");
+fn fits(node: &Node, facts: &Facts, load: &Load, vm: &Vm) -> Result<(), &'static str> {
+    if let Some(reason) = facts.closed {
+        return Err(reason);
     }
-    if !node.status.is_ready() {
-        return Err("not ready");
-    }
-    let labels = &node.meta.labels;
-    if !vm
-        .spec
-        .placement
-        .node_selector
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
-    {
-        return Err("not matching the node selector");
+    let selector = &vm.spec.placement.node_selector;
+    if !selector.is_empty() {
+        let labels = &node.meta.labels;
+        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            return Err("not matching the node selector");
+        }
     }
     if let Some(group) = &vm.spec.placement.anti_affinity_group
         && load.groups.contains(group)
     {
         return Err("holding a VM of the same anti-affinity group");
     }
-    let allocatable = &node.status.allocatable;
-    if load.cpus + u64::from(vm.spec.cpus) > capacity(u64::from(allocatable.cpus), overcommit.cpu) {
+    if load.cpus + u64::from(vm.spec.cpus) > facts.cpus {
         return Err("short of CPU");
     }
-    if load.memory_mib + vm.spec.memory_mib > capacity(allocatable.memory_mib, overcommit.memory) {
+    if load.memory_mib + vm.spec.memory_mib > facts.memory_mib {
         return Err("short of memory");
     }
     Ok(())
@@ -398,7 +556,7 @@ fn fits(node: &Node, load: &Load, vm: &Vm, overcommit: Overcommit) -> Result<(),
 
 /// Higher is better: the share of CPU and memory left free after placing
 /// `vm` (spreads VMs; memory counts twice as much as CPU).
-fn score(node: &Node, load: &Load, vm: &Vm, overcommit: Overcommit) -> f64 {
+fn score(facts: &Facts, load: &Load, vm: &Vm) -> f64 {
     let free = |used: u64, total: u64| {
         if total == 0 {
             0.0
@@ -406,15 +564,8 @@ fn score(node: &Node, load: &Load, vm: &Vm, overcommit: Overcommit) -> f64 {
             1.0 - used as f64 / total as f64
         }
     };
-    let allocatable = &node.status.allocatable;
-    let cpu = free(
-        load.cpus + u64::from(vm.spec.cpus),
-        capacity(u64::from(allocatable.cpus), overcommit.cpu),
-    );
-    let memory = free(
-        load.memory_mib + vm.spec.memory_mib,
-        capacity(allocatable.memory_mib, overcommit.memory),
-    );
+    let cpu = free(load.cpus + u64::from(vm.spec.cpus), facts.cpus);
+    let memory = free(load.memory_mib + vm.spec.memory_mib, facts.memory_mib);
     (cpu + 2.0 * memory) / 3.0
 }
 
@@ -852,6 +1003,115 @@ mod tests {
         );
     }
 
+    fn addressed(mut n: Node, pool: u64) -> Node {
+        n.status.replication_address = format!("10.0.0.{}:7789", n.meta.name.len());
+        with_pool(n, pool)
+    }
+
+    fn lost(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_lost_replica_node_is_replaced_by_a_distinct_eligible_node_with_room() {
+        let mut gone = addressed(node("b", 8, 8192), 100 << 30);
+        gone.status.conditions.clear();
+        let mut cordoned = addressed(node("c", 8, 8192), 100 << 30);
+        cordoned.spec.cordoned = true;
+        let mut unready = addressed(node("u", 8, 8192), 100 << 30);
+        unready.status.conditions.clear();
+        let nodes = [
+            addressed(node("a", 8, 8192), 100 << 30),
+            gone,
+            cordoned,
+            with_pool(node("d", 8, 8192), 100 << 30),
+            addressed(node("e", 8, 8192), 5 << 30),
+            addressed(node("f", 8, 8192), 80 << 30),
+            addressed(node("g", 8, 8192), 50 << 30),
+            unready,
+        ];
+        let vms = [
+            replicated("db", 2, 10 << 30),
+            replicated("web", 2, 1 << 30),
+            replicated("moved", 2, 1 << 30),
+        ];
+        let placements = [
+            moving("db", "a", &["a", "b"]),
+            moving("web", "a", &["a", "g"]),
+            // Its own node is lost: HA moves it first.
+            moving("moved", "b", &["b", "a"]),
+        ];
+        let plan = plan_replacements(&nodes, &vms, &placements, &lost(&["b"]), 7);
+        // c cordoned, d no address, e too small, u not ready, a holds a
+        // copy: f and g remain, f has more room.
+        assert_eq!(
+            plan.replaced,
+            [("db".to_owned(), vec!["a".to_owned(), "f".to_owned()])],
+            "{plan:?}"
+        );
+        assert!(plan.unschedulable.is_empty(), "{plan:?}");
+        assert_eq!(
+            plan,
+            plan_replacements(&nodes, &vms, &placements, &lost(&["b"]), 7),
+            "same seed, same plan"
+        );
+
+        // f and g gone too: nothing can take the copy; b stays, with the
+        // reason.
+        let few = [
+            nodes[0].clone(),
+            nodes[1].clone(),
+            nodes[2].clone(),
+            nodes[3].clone(),
+        ];
+        let plan = plan_replacements(&few, &vms, &placements[..1], &lost(&["b"]), 7);
+        assert!(plan.replaced.is_empty(), "{plan:?}");
+        let (vm, reason) = &plan.unschedulable[0];
+        assert_eq!(vm, "db");
+        assert!(
+            reason.contains("lost node b")
+                && reason.contains("1 cordoned")
+                && reason.contains("1 without a replication address")
+                && reason.contains("1 holding a copy already"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn each_lost_copy_gets_its_own_node_and_the_rest_say_why() {
+        let mut nodes: Vec<Node> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| addressed(node(n, 8, 8192), 100 << 30))
+            .collect();
+        for n in &mut nodes[1..3] {
+            n.status.conditions.clear();
+        }
+        let vms = [replicated("db", 3, 1 << 30)];
+        let placements = [moving("db", "a", &["a", "b", "c"])];
+        let plan = plan_replacements(&nodes, &vms, &placements, &lost(&["b", "c"]), 1);
+        // Only d can take one: it takes the first lost slot, c stays.
+        assert_eq!(
+            plan.replaced,
+            [(
+                "db".to_owned(),
+                vec!["a".to_owned(), "d".to_owned(), "c".to_owned()]
+            )]
+        );
+        assert!(plan.unschedulable[0].1.contains("lost node c"), "{plan:?}");
+        // The copies count against the pools: d with room for one disk
+        // only is not chosen twice over two VMs.
+        let mut small = nodes.clone();
+        small[3] = addressed(node("d", 8, 8192), 1 << 30);
+        let vms = [replicated("x", 2, 1 << 30), replicated("y", 2, 1 << 30)];
+        let placements = [moving("x", "a", &["a", "b"]), moving("y", "a", &["a", "c"])];
+        let plan = plan_replacements(&small, &vms, &placements, &lost(&["b", "c"]), 1);
+        assert_eq!(plan.replaced.len(), 1, "{plan:?}");
+        assert!(
+            plan.unschedulable[0].1.contains("1 short of storage"),
+            "{plan:?}"
+        );
+    }
+
     mod properties {
         use proptest::prelude::*;
 
@@ -966,6 +1226,71 @@ mod tests {
                     prop_assert!(!reason.is_empty());
                 }
                 prop_assert_eq!(seen.len(), vms.len());
+            }
+
+            /// Whatever is lost: a replacement keeps the list's length and
+            /// its first node, changes only lost slots other than the VM's
+            /// own node, and puts there distinct ready, uncordoned nodes
+            /// with an address that held no copy and are not lost.
+            #[test]
+            fn replacements_keep_the_rules(
+                spec_nodes in nodes(),
+                holders in prop::collection::vec(prop::collection::vec(0usize..8, 1..4), 0..10),
+                lost_nodes in prop::collection::vec(0usize..8, 0..4),
+                seed in any::<u64>(),
+            ) {
+                let nodes: Vec<Node> = spec_nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(ready, cordoned, gib))| {
+                        let mut n = addressed(node(&format!("n{i}"), 16, 16_384), gib << 30);
+                        n.spec.cordoned = cordoned;
+                        if !ready {
+                            n.status.conditions.clear();
+                        }
+                        n
+                    })
+                    .collect();
+                let lost: BTreeSet<String> = lost_nodes
+                    .iter()
+                    .map(|i| format!("n{}", i % nodes.len()))
+                    .collect();
+                let mut vms = Vec::new();
+                let mut placements = Vec::new();
+                for (i, on) in holders.iter().enumerate() {
+                    let mut replicas: Vec<String> = Vec::new();
+                    for j in on {
+                        let name = format!("n{}", j % nodes.len());
+                        if !replicas.contains(&name) {
+                            replicas.push(name);
+                        }
+                    }
+                    let name = format!("vm-{i}");
+                    vms.push(replicated(&name, replicas.len().max(2) as u32, 1 << 30));
+                    let refs: Vec<&str> = replicas.iter().map(String::as_str).collect();
+                    placements.push(moving(&name, &replicas[0], &refs));
+                }
+                let plan = plan_replacements(&nodes, &vms, &placements, &lost, seed);
+                let by_name: HashMap<&str, &Node> =
+                    nodes.iter().map(|n| (n.meta.name.as_str(), n)).collect();
+                for (vm, replicas) in &plan.replaced {
+                    let before = &placements.iter().find(|p| &p.vm == vm).unwrap().replica_nodes;
+                    prop_assert_eq!(replicas.len(), before.len());
+                    prop_assert_eq!(&replicas[0], &before[0]);
+                    prop_assert!(!lost.contains(&before[0]), "{vm}: its own node is lost");
+                    let distinct: BTreeSet<&String> = replicas.iter().collect();
+                    prop_assert_eq!(distinct.len(), replicas.len());
+                    for (old, new) in before.iter().zip(replicas) {
+                        if old != new {
+                            prop_assert!(lost.contains(old), "{vm}: {old} was not lost");
+                            prop_assert!(!before.contains(new), "{vm}: {new} held a copy");
+                            prop_assert!(!lost.contains(new));
+                            let n = by_name[new.as_str()];
+                            prop_assert!(n.status.is_ready() && !n.spec.cordoned);
+                            prop_assert!(!n.status.replication_address.is_empty());
+                        }
+                    }
+                }
             }
         }
     }

@@ -11,6 +11,7 @@ mod migration;
 mod nbd;
 mod raft;
 mod replication;
+mod scheduler;
 mod vm_lifecycle;
 
 /// Options every suite may use.
@@ -78,5 +79,10 @@ pub const ALL: &[Suite] = &[
         name: "raft",
         about: "replicated writes, 3 members on loopback with fsync, 1/16/64 clients, 256-byte values: Basalt's control plane against etcd",
         run: raft::run,
+    },
+    Suite {
+        name: "scheduler",
+        about: "placements/s for 1 000 nodes × 10 000 VMs: the pure planner, and end to end through 3 Raft members (VMs created, and nodes joining a backlog), against issue 3's goals",
+        run: scheduler::run,
     },
 ];

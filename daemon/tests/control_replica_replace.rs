@@ -1,0 +1,259 @@
+//! Replacement replicas in the control plane (decision 43), against one
+//! real `basaltd control` process with fake agents (heartbeats through
+//! `AgentClient`) and a short `nodes.replica_replace_after_ms`: a VM's
+//! disk has 2 replicas on n1 and n2; the replica node that does not run
+//! it stops heartbeating; once its lease ran out it is still listed
+//! (the delay has not passed), then the placement names n3 in its place
+//! — not n4, which has published no replication address — with the same
+//! node and epoch. Then n3 is removed from the cluster: after the delay
+//! its copy goes to n4, which has published its address meanwhile. The
+//! VM never moves and is never placed twice.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use basalt_api::{
+    AdminClient, AgentClient, Disk, Heartbeat, JoinToken, KernelBoot, Kind, Object, ObjectMeta,
+    Placement, Registration, Resources, TokenSecret, Vm, VmSpec,
+};
+use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+const DEADLINE: Duration = Duration::from_secs(60);
+/// `replica_replace_after_ms`, less the heartbeat interval and some
+/// slack: the delay runs from the last acknowledged heartbeat, a little
+/// before the test stops them.
+const REPLACE_AFTER: Duration = Duration::from_millis(3_500);
+/// Short leases so node loss takes seconds; HA would move the VM only
+/// if its own node were lost.
+const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\nreplica_replace_after_ms = 4000\n";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn vm(name: &str) -> Object {
+    Object::Vm(Vm {
+        meta: ObjectMeta::named(name),
+        spec: VmSpec {
+            cpus: 1,
+            memory_mib: 256,
+            running: true,
+            disks: vec![Disk {
+                name: "root".into(),
+                size_bytes: 1 << 30,
+                image: None,
+                replicas: 2,
+            }],
+            kernel: Some(KernelBoot {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: String::new(),
+                cmdline: "console=ttyS0".into(),
+            }),
+            ..VmSpec::default()
+        },
+        ..Vm::default()
+    })
+}
+
+async fn placement(admin: &AdminClient, vm: &str) -> Option<Placement> {
+    match admin.get(Kind::Placement, vm).await {
+        Ok(Object::Placement(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// A fake agent's heartbeats until `stop` is set.
+fn heartbeats(agent: AgentClient, node: String, uid: String, stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let beat = Heartbeat {
+                node: node.clone(),
+                node_uid: uid.clone(),
+                allocatable: None,
+            };
+            let _ = agent.heartbeat(beat).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+}
+
+/// Publishes a replication address on `node`, as its agent does.
+async fn publish(admin: &AdminClient, node: &str, address: &str) {
+    for _ in 0..10 {
+        let Ok(Object::Node(mut n)) = admin.get(Kind::Node, node).await else {
+            panic!("node {node} not found")
+        };
+        n.status.replication_address = address.into();
+        if admin.update(Object::Node(n)).await.is_ok() {
+            return;
+        }
+    }
+    panic!("could not publish the address of {node}");
+}
+
+async fn ready(admin: &AdminClient, node: &str) -> bool {
+    matches!(admin.get(Kind::Node, node).await, Ok(Object::Node(n)) if n.status.is_ready())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_or_removed_replica_node_is_replaced_after_the_delay() {
+    let prefix = Prefix::for_test().expect("prefix");
+    let config = prefix.dir().join("control.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let address = format!("127.0.0.1:{}", free_port());
+    let spec = ProcessSpec::new("control-1", BASALTD)
+        .args(["control", "--bootstrap", "--node-id", "1", "--config"])
+        .arg(&config)
+        .args(["--listen", &address, "--data-dir"])
+        .arg(prefix.dir().join("control-1"))
+        .env("RUST_LOG", "info");
+    let member = Process::start(&prefix, spec).expect("start basaltd control");
+    let admin = AdminClient::connect_lazy(&address).expect("admin client");
+    let agent = AgentClient::connect_lazy(&address).expect("agent client");
+    wait::until("the member leads", DEADLINE, &[&member], || async {
+        admin
+            .list(Kind::Member)
+            .await
+            .is_ok_and(|l| !l.objects.is_empty())
+    })
+    .await;
+
+    let mut token = JoinToken {
+        meta: ObjectMeta::named("join"),
+        ..JoinToken::default()
+    };
+    token.spec.ttl_seconds = 600;
+    token.spec.max_uses = 4;
+    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
+        panic!("create token")
+    };
+    let secret: TokenSecret = token.secret.expect("secret");
+    let mut stops: HashMap<String, Arc<AtomicBool>> = HashMap::new();
+    let join = |name: &'static str| {
+        let (agent, secret) = (agent.clone(), secret.clone());
+        async move {
+            let registered = agent
+                .register(Registration {
+                    token: secret,
+                    node_name: name.into(),
+                    address: "127.0.0.1:7500".into(),
+                    capacity: Resources {
+                        cpus: 4,
+                        memory_mib: 4096,
+                        storage_bytes: 0,
+                    },
+                    node_credential: None,
+                })
+                .await
+                .expect("register");
+            let stop = Arc::new(AtomicBool::new(false));
+            heartbeats(agent, name.into(), registered.node_uid, Arc::clone(&stop));
+            stop
+        }
+    };
+
+    // Two nodes: the VM's replicas are on both.
+    for name in ["n1", "n2"] {
+        stops.insert(name.into(), join(name).await);
+        publish(&admin, name, &format!("10.0.0.{}:7789", &name[1..])).await;
+    }
+    admin.create(vm("db")).await.expect("create db");
+    wait::until("db is placed", DEADLINE, &[&member], || async {
+        placement(&admin, "db").await.is_some()
+    })
+    .await;
+    let first = placement(&admin, "db").await.expect("placed");
+    assert_eq!(first.replica_nodes.len(), 2, "{first:?}");
+    let secondary = first.replica_nodes[1].clone();
+
+    // n3 can take a copy; n4 has not said where it takes replicas.
+    for name in ["n3", "n4"] {
+        stops.insert(name.into(), join(name).await);
+    }
+    publish(&admin, "n3", "10.0.0.3:7789").await;
+
+    // The secondary's node is lost: still listed until the delay passed.
+    stops[&secondary].store(true, Ordering::Relaxed);
+    let lost_at = Instant::now();
+    wait::until(
+        "the secondary's node is marked not ready",
+        DEADLINE,
+        &[&member],
+        || async { !ready(&admin, &secondary).await },
+    )
+    .await;
+    let fenced = placement(&admin, "db").await.expect("placed");
+    assert!(
+        lost_at.elapsed() >= REPLACE_AFTER || fenced.replica_nodes == first.replica_nodes,
+        "replaced before the delay: {fenced:?}"
+    );
+    wait::until(
+        "the lost copy is replaced",
+        DEADLINE,
+        &[&member],
+        || async {
+            placement(&admin, "db")
+                .await
+                .is_some_and(|p| !p.holds_replica(&secondary))
+        },
+    )
+    .await;
+    assert!(
+        lost_at.elapsed() >= REPLACE_AFTER,
+        "replaced {:?} after the heartbeats stopped, before the delay",
+        lost_at.elapsed()
+    );
+    let replaced = placement(&admin, "db").await.expect("placed");
+    assert_eq!(
+        replaced.replica_nodes,
+        [first.node.clone(), "n3".to_owned()],
+        "n3 in the lost node's slot, not n4 (no address): {replaced:?}"
+    );
+    assert_eq!(replaced.node, first.node, "the primary stays");
+    assert_eq!(replaced.epoch, first.epoch, "no new epoch without a move");
+    assert!(
+        member.logs().contains("replaced lost replica nodes"),
+        "the controller says what it did"
+    );
+
+    // n3 is removed from the cluster (its object deleted): after the
+    // delay its copy goes to n4, which publishes its address meanwhile.
+    stops["n3"].store(true, Ordering::Relaxed);
+    admin
+        .delete(Kind::Node, "n3", None)
+        .await
+        .expect("remove n3");
+    let removed_at = Instant::now();
+    publish(&admin, "n4", "10.0.0.4:7789").await;
+    wait::until(
+        "the removed node's copy is replaced",
+        DEADLINE,
+        &[&member],
+        || async {
+            placement(&admin, "db")
+                .await
+                .is_some_and(|p| !p.holds_replica("n3"))
+        },
+    )
+    .await;
+    assert!(
+        removed_at.elapsed() >= REPLACE_AFTER,
+        "replaced {:?} after the removal, before the delay",
+        removed_at.elapsed()
+    );
+    let again = placement(&admin, "db").await.expect("placed");
+    assert_eq!(again.replica_nodes, [first.node.clone(), "n4".to_owned()]);
+    assert_eq!(
+        (again.node.as_str(), again.epoch),
+        (first.node.as_str(), first.epoch)
+    );
+    let placements = admin.list(Kind::Placement).await.expect("list").objects;
+    assert_eq!(placements.len(), 1, "{placements:?}");
+}

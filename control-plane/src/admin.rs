@@ -6,16 +6,20 @@
 //! Invariants:
 //! - only the leader assigns a new object's `uid` and creation time, just
 //!   before proposing it; a forwarded create carries none of them;
-//! - a follower forwards each request at most to the member it believes
-//!   leads, with a deadline; it never answers a write itself.
+//! - a follower forwards each request only to the member it believes
+//!   leads, with a deadline; it never answers a write itself;
+//! - a request is sent again (to the next leader) only when it cannot have
+//!   taken effect: a read, a write whose connection to the leader was
+//!   never made, or a write this member's Raft refused as not leading.
+//!   A write whose outcome is unknown (the leader died or was deposed
+//!   while it was on its way) answers `UNAVAILABLE`, never a guess.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use basalt_api::{AdminApi, AdminClient, ApiError, Kind, Object, ObjectList, WatchStream};
-use openraft::BasicNode;
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 
 use crate::history::Change;
 use crate::raft_types::{NodeId, Raft};
@@ -23,10 +27,11 @@ use crate::state::{Command, Outcome};
 use crate::store::Shared;
 use crate::tokens;
 
-/// How long a forwarded request may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a request waits for a leader to be elected before answering
-/// `UNAVAILABLE`.
+/// How long a forwarded request may take. A forward also ends as soon as
+/// this member sees another leader (or none) than the one it forwarded to.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a leader (an election, or a leader that
+/// could not be reached being replaced) before answering `UNAVAILABLE`.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// How many changes a watch reads from the history at a time.
 const WATCH_BATCH: usize = 256;
@@ -55,6 +60,7 @@ impl std::fmt::Debug for AdminService {
 /// A request a follower may forward to the leader.
 // Built once per request and moved: boxing would buy nothing.
 #[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
 enum Request {
     Write(Command),
     Get(Kind, String),
@@ -84,53 +90,91 @@ impl AdminService {
 
     /// Proposes `command` if this member leads, else forwards it.
     pub(crate) async fn write(&self, command: Command) -> Result<Object, ApiError> {
-        let inner = &self.inner;
-        match self.leader().await? {
-            Leader::Me => {}
-            Leader::At(address) => {
-                return object_of(self.forward(&address, Request::Write(command)).await?);
-            }
-        }
-        let (proposal, secret) = tokens::seal(stamp(command.clone()))?;
-        match inner.raft.client_write(proposal).await {
-            Ok(response) => match response.data {
-                Outcome::Done(Object::Token(mut token)) if secret.is_some() => {
-                    token.secret = secret;
-                    Ok(Object::Token(token))
-                }
-                Outcome::Done(object) => Ok(object),
-                Outcome::Refused(refusal) => Err(refusal.into()),
-                Outcome::Nothing => Err(ApiError::Internal {
-                    reason: "the state machine answered a write with nothing".into(),
-                }),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
-                let address = leader_address(&to)?;
-                object_of(self.forward(&address, Request::Write(command)).await?)
-            }
-            Err(err) => Err(ApiError::Unavailable {
-                reason: format!("raft: {err}"),
-            }),
-        }
+        object_of(self.route(Request::Write(command)).await?)
     }
 
     /// Runs `read` on the local state after a read-index check on the
     /// leader, or forwards the request.
     async fn read(&self, request: Request) -> Result<Reply, ApiError> {
-        match self.leader().await? {
-            Leader::Me => {}
-            Leader::At(address) => return self.forward(&address, request).await,
+        self.route(request).await
+    }
+
+    /// Answers `request` here if this member leads, else forwards it to
+    /// the leader; when that attempt cannot have had an effect (see the
+    /// module's invariants), waits for a different leader and tries again,
+    /// for up to [`LEADER_WAIT`] in all.
+    async fn route(&self, request: Request) -> Result<Reply, ApiError> {
+        let started = Instant::now();
+        let mut failed: Option<LeaderTerm> = None;
+        loop {
+            let wait = LEADER_WAIT.saturating_sub(started.elapsed());
+            let (leader, seen) = self.leader_other_than(failed, wait).await?;
+            let attempt = match leader {
+                Leader::Me => self.here(request.clone()).await,
+                Leader::At(address) => self.forward(&address, seen, request.clone()).await,
+            };
+            match attempt {
+                Ok(reply) => return Ok(reply),
+                Err(Attempt::Retry(err)) => {
+                    if started.elapsed() >= LEADER_WAIT {
+                        return Err(err);
+                    }
+                    tracing::debug!(error = %err, leader = seen.0, term = seen.1, "no effect; trying the next leader");
+                    failed = Some(seen);
+                }
+                Err(Attempt::Failed(err)) => return Err(err),
+            }
         }
+    }
+
+    /// Answers `request` as the leader: proposes a write, or reads the
+    /// local state after a read-index check.
+    async fn here(&self, request: Request) -> Result<Reply, Attempt> {
+        let command = match request {
+            Request::Write(command) => command,
+            read => return self.read_here(read).await,
+        };
+        let (proposal, secret) = tokens::seal(stamp(command))?;
+        match self.inner.raft.client_write(proposal).await {
+            Ok(response) => match response.data {
+                Outcome::Done(Object::Token(mut token)) if secret.is_some() => {
+                    token.secret = secret;
+                    Ok(Reply::Object(Object::Token(token)))
+                }
+                Outcome::Done(object) => Ok(Reply::Object(object)),
+                Outcome::Refused(refusal) => Err(Attempt::Failed(refusal.into())),
+                Outcome::Nothing => Err(Attempt::Failed(ApiError::Internal {
+                    reason: "the state machine answered a write with nothing".into(),
+                })),
+            },
+            // Refused before it was proposed (this member no longer
+            // leads), or dropped from the log by a new leader: the next
+            // leader gets it.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(Attempt::Retry(ApiError::Unavailable {
+                    reason: "leadership is changing; retry".into(),
+                }))
+            }
+            Err(err) => Err(Attempt::Failed(ApiError::Unavailable {
+                reason: format!("raft: {err}"),
+            })),
+        }
+    }
+
+    /// Answers a read as the leader, after a read-index check.
+    async fn read_here(&self, request: Request) -> Result<Reply, Attempt> {
         match self.inner.raft.ensure_linearizable().await {
             Ok(_) => {}
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(to))) => {
-                let address = leader_address(&to)?;
-                return self.forward(&address, request).await;
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                return Err(Attempt::Retry(ApiError::Unavailable {
+                    reason: "leadership is changing; retry".into(),
+                }));
             }
             Err(err) => {
-                return Err(ApiError::Unavailable {
+                // A read has no effect: another leader may answer it.
+                return Err(Attempt::Retry(ApiError::Unavailable {
                     reason: format!("cannot confirm leadership: {err}"),
-                });
+                }));
             }
         }
         let machine = self.inner.shared.read();
@@ -146,7 +190,7 @@ impl AdminService {
         match request {
             Request::Get(kind, name) => match machine.state.get(kind, &name) {
                 Some(object) => Ok(Reply::Object(marked(object))),
-                None => Err(ApiError::NotFound { kind, name }),
+                None => Err(Attempt::Failed(ApiError::NotFound { kind, name })),
             },
             Request::List(kind) => Ok(Reply::List(ObjectList {
                 objects: machine.state.list(kind).map(marked).collect(),
@@ -156,9 +200,9 @@ impl AdminService {
                 objects: machine.state.objects().map(marked).collect(),
                 resource_version: machine.applied_index(),
             })),
-            Request::Write(_) => Err(ApiError::Internal {
+            Request::Write(_) => Err(Attempt::Failed(ApiError::Internal {
                 reason: "a write took the read path".into(),
-            }),
+            })),
         }
     }
 
@@ -175,30 +219,60 @@ impl AdminService {
 
     /// Who leads, waiting a little for an election to end.
     pub(crate) async fn leader(&self) -> Result<Leader, ApiError> {
+        Ok(self.leader_other_than(None, LEADER_WAIT).await?.0)
+    }
+
+    /// Who leads, waiting up to `wait` for a leader other than `failed`
+    /// (a request to it could not be answered): the same member in a
+    /// later term counts as another leader.
+    async fn leader_other_than(
+        &self,
+        failed: Option<LeaderTerm>,
+        wait: Duration,
+    ) -> Result<(Leader, LeaderTerm), ApiError> {
         let inner = &self.inner;
+        let unavailable = || ApiError::Unavailable {
+            reason: match failed {
+                None => "no control-plane leader is elected; retry".into(),
+                Some((id, term)) => format!(
+                    "member {id} (leader in term {term}) cannot be reached and no other leader is elected yet; retry"
+                ),
+            },
+        };
         let metrics = inner
             .raft
-            .wait(Some(LEADER_WAIT))
-            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .wait(Some(wait))
+            .metrics(
+                |m| {
+                    m.current_leader
+                        .is_some_and(|leader| Some((leader, m.current_term)) != failed)
+                },
+                "a leader is known",
+            )
             .await
-            .map_err(|_| ApiError::Unavailable {
-                reason: "no control-plane leader is elected; retry".into(),
-            })?;
+            .map_err(|_| unavailable())?;
         let Some(leader) = metrics.current_leader else {
-            return Err(ApiError::Unavailable {
-                reason: "no control-plane leader is elected; retry".into(),
-            });
+            return Err(unavailable());
         };
+        let seen = (leader, metrics.current_term);
         if leader == inner.id {
-            return Ok(Leader::Me);
+            return Ok((Leader::Me, seen));
         }
         match metrics.membership_config.membership().get_node(&leader) {
-            Some(node) => Ok(Leader::At(node.addr.clone())),
+            Some(node) => Ok((Leader::At(node.addr.clone()), seen)),
             None => Err(ApiError::NotLeader { leader: None }),
         }
     }
 
-    async fn forward(&self, address: &str, request: Request) -> Result<Reply, ApiError> {
+    /// Sends `request` to the leader `seen` at `address`. Ends early when
+    /// this member sees another leader (or none): the answer may never
+    /// come.
+    async fn forward(
+        &self,
+        address: &str,
+        seen: LeaderTerm,
+        request: Request,
+    ) -> Result<Reply, Attempt> {
         let client = {
             let mut peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
             match peers.get(address) {
@@ -210,6 +284,7 @@ impl AdminService {
                 }
             }
         };
+        let is_read = !matches!(request, Request::Write(_));
         let call = async {
             match request {
                 Request::Write(Command::Create(object)) => {
@@ -238,14 +313,92 @@ impl AdminService {
                 Request::ListAll => client.list_all().await.map(Reply::List),
             }
         };
-        match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
-            Ok(result) => result,
-            Err(_) => Err(ApiError::Unavailable {
+        let mut metrics = self.inner.raft.metrics();
+        let deposed = async move {
+            loop {
+                let still = {
+                    let m = metrics.borrow_and_update();
+                    m.current_leader == Some(seen.0) && m.current_term == seen.1
+                };
+                if !still || metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = tokio::time::timeout(FORWARD_TIMEOUT, call) => match result {
+                Ok(result) => result,
+                Err(_) => Err(ApiError::Unavailable {
+                    reason: format!(
+                        "the leader at {address} did not answer within {FORWARD_TIMEOUT:?}"
+                    ),
+                }),
+            },
+            () = deposed => Err(ApiError::Unavailable {
                 reason: format!(
-                    "the leader at {address} did not answer within {FORWARD_TIMEOUT:?}"
+                    "member {} at {address} stopped leading while it had the request; retry",
+                    seen.0
                 ),
             }),
+        };
+        match result {
+            Ok(reply) => Ok(reply),
+            // The leader was never reached, or a read (no effect) failed.
+            Err(err) if never_sent(&err) || (is_read && is_transient(&err)) => {
+                Err(Attempt::Retry(err))
+            }
+            Err(err) => Err(Attempt::Failed(transport_unavailable(err))),
         }
+    }
+}
+
+/// A leader as seen by this member: its id and the term.
+type LeaderTerm = (NodeId, u64);
+
+/// How one attempt to answer a request failed.
+enum Attempt {
+    /// It cannot have had an effect: another leader may be asked.
+    Retry(ApiError),
+    /// The answer (or an unknown outcome): the caller gets it.
+    Failed(ApiError),
+}
+
+impl From<ApiError> for Attempt {
+    fn from(err: ApiError) -> Self {
+        Self::Failed(err)
+    }
+}
+
+/// Whether a call failed before a connection to the server existed, so
+/// the server never saw it (tonic's connector reports "tcp connect
+/// error"; this crate's eager connect "cannot connect to").
+fn never_sent(err: &ApiError) -> bool {
+    matches!(err, ApiError::Unavailable { reason }
+        if reason.contains("tcp connect error") || reason.starts_with("cannot connect to"))
+}
+
+/// Whether asking again (elsewhere) may help.
+fn is_transient(err: &ApiError) -> bool {
+    match err {
+        ApiError::Unavailable { .. } | ApiError::NotLeader { .. } => true,
+        // A connection that broke under a call surfaces as gRPC UNKNOWN.
+        ApiError::Internal { reason } => reason.contains("transport error"),
+        _ => false,
+    }
+}
+
+/// A connection that broke under a forwarded call (the leader died):
+/// `UNAVAILABLE`, so clients retry, not the leader's `INTERNAL`.
+fn transport_unavailable(err: ApiError) -> ApiError {
+    match err {
+        ApiError::Internal { reason } if reason.contains("transport error") => {
+            ApiError::Unavailable {
+                reason: format!(
+                    "the connection to the leader broke; the outcome is unknown: {reason}"
+                ),
+            }
+        }
+        other => other,
     }
 }
 
@@ -255,15 +408,6 @@ pub(crate) enum Leader {
     Me,
     /// The member at this address.
     At(String),
-}
-
-fn leader_address(to: &ForwardToLeader<NodeId, BasicNode>) -> Result<String, ApiError> {
-    match &to.leader_node {
-        Some(node) => Ok(node.addr.clone()),
-        None => Err(ApiError::Unavailable {
-            reason: "leadership is changing; retry".into(),
-        }),
-    }
 }
 
 fn object_of(reply: Reply) -> Result<Object, ApiError> {

@@ -14,7 +14,9 @@
 //! (`cargo build --release -p basaltd -p basalt-bench`) and Debian's
 //! `etcd-server` (scripts/install-deps). Settings: `BASALT_RAFT_SECONDS`
 //! (per case, default 10), `BASALT_RAFT_DIR` (default
-//! `/var/tmp/basalt-bench-raft`).
+//! `/var/tmp/basalt-bench-raft`), `BASALT_BENCH_MEMBER_LOG` (the members'
+//! `RUST_LOG`, default `warn`), `BASALT_RAFT_CLIENTS` (the client counts,
+//! comma-separated, default `1,16,64`; e.g. `64` alone for profiling).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -71,7 +73,10 @@ pub(super) fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Resu
     let err = out.try_clone()?;
     Command::new(program)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BASALT_BENCH_MEMBER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -305,6 +310,18 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let counts: Vec<usize> = match std::env::var("BASALT_RAFT_CLIENTS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| n.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .context("BASALT_RAFT_CLIENTS: comma-separated client counts")?,
+        Err(_) => CLIENTS.to_vec(),
+    };
+    ensure!(
+        !counts.is_empty() && !counts.contains(&0),
+        "BASALT_RAFT_CLIENTS: at least one count, each at least 1"
+    );
     let mut results: Vec<(usize, &str, Measured)> = Vec::new();
     runtime.block_on(async {
         eprintln!("raft: starting 3 Basalt members in {}", dir.display());
@@ -314,7 +331,7 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
             ..
         } = start_basalt(&dir, &basaltd).await?;
         let admins = Arc::new(admins);
-        for clients in CLIENTS {
+        for &clients in &counts {
             let admins = Arc::clone(&admins);
             let labels = labels();
             let measured = drive(clients, seconds, move |client, seq| {
@@ -339,7 +356,7 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
         eprintln!("raft: starting 3 etcd members in {}", dir.display());
         let (etcd_members, channels) = start_etcd(&dir).await?;
         let channels = Arc::new(channels);
-        for clients in CLIENTS {
+        for &clients in &counts {
             let channels = Arc::clone(&channels);
             let measured = drive(clients, seconds, move |client, seq| {
                 let channel = channels[(client + seq as usize) % channels.len()].clone();
@@ -367,7 +384,7 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
             .find(|(c, s, _)| *c == clients && *s == system)
             .map(|(_, _, m)| m)
     };
-    for clients in CLIENTS {
+    for &clients in &counts {
         if let (Some(b), Some(e)) = (find(clients, BASALT), find(clients, ETCD)) {
             eprintln!(
                 "raft: {clients} clients: Basalt/etcd writes/s {:.2}x, p99 {:.2}x",

@@ -166,6 +166,10 @@ pub async fn run(server: &str, format: Format, command: VmCommand) -> anyhow::Re
         }
         VmCommand::Get { name } => {
             let vm = client.get(Kind::Vm, &name).await?;
+            let outdated = match &vm {
+                Object::Vm(vm) => vm.status.outdated_replicas.clone(),
+                _ => Vec::new(),
+            };
             output::print_objects(format, Kind::Vm, &[vm])?;
             if format == output::Format::Table
                 && let Ok(Object::Placement(p)) = client.get(Kind::Placement, &name).await
@@ -175,6 +179,12 @@ pub async fn run(server: &str, format: Format, command: VmCommand) -> anyhow::Re
                     println!();
                 } else {
                     println!("; disk replicas on {}", p.replica_nodes.join(", "));
+                }
+                if !outdated.is_empty() {
+                    println!(
+                        "outdated replicas (missed writes, resyncing): {}",
+                        outdated.join(", ")
+                    );
                 }
             }
             Ok(())

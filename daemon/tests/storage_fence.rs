@@ -6,6 +6,8 @@
 //!
 //! - the control plane refuses a mark from a deposed primary (an older
 //!   epoch) or from a node the VM is not placed on;
+//! - the secondary's copy is recorded outdated before the primary fills
+//!   it, and cleared once it is in sync;
 //! - the primary, cut off from its peer and from the control plane,
 //!   acknowledges no write; once the control plane is back and has
 //!   recorded the peer outdated (in the VM's status), the write is
@@ -403,25 +405,6 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
         })
         .await
         .expect("secondary");
-    sy.api
-        .attach_volume(AttachVolume {
-            name: volume.clone(),
-            role: VolumeRole::Primary,
-            epoch: 2,
-            peers: vec![sx.repl.to_string()],
-            allow_outdate: false,
-        })
-        .await
-        .expect("primary");
-    wait::until(
-        "the primary is in sync with x",
-        DEADLINE,
-        &[&sy.process],
-        || async { link_state(&sy, &volume).await == Some(ReplicaPeerState::Connected) },
-    )
-    .await;
-    let (ok, text) = sy.run(&volume, "write -P 0x11 0 64k");
-    assert!(ok, "write with both replicas: {text}");
     // y's agent fencer, answering y's storage process.
     let fencer = tokio::spawn(basalt_agent::storage::fencer::run(
         y.clone(),
@@ -443,6 +426,44 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
     )
     .await;
 
+    sy.api
+        .attach_volume(AttachVolume {
+            name: volume.clone(),
+            role: VolumeRole::Primary,
+            epoch: 2,
+            peers: vec![sx.repl.to_string()],
+            allow_outdate: false,
+        })
+        .await
+        .expect("primary");
+    wait::until(
+        "the primary is in sync with x",
+        DEADLINE,
+        &[&sy.process],
+        || async { link_state(&sy, &volume).await == Some(ReplicaPeerState::Connected) },
+    )
+    .await;
+    // x's copy was recorded outdated while it was filled (a half-filled
+    // copy is never made primary), and cleared once in sync.
+    wait::until(
+        "x's filled copy is no longer outdated",
+        DEADLINE,
+        &[&member],
+        || async { outdated(&admin).await == Some(Vec::new()) },
+    )
+    .await;
+    assert!(
+        member.logs().contains("replica recorded outdated"),
+        "x's copy was filled without being recorded outdated first\n{}",
+        member.log_tail(30)
+    );
+    let (ok, text) = sy.run(&volume, "write -P 0x11 0 64k");
+    assert!(ok, "write with both replicas: {text}");
+    let asked = sy
+        .process
+        .logs()
+        .matches("asking the node agent to outdate")
+        .count();
     // (1) y is cut off from its peer and from the control plane: no write
     // is acknowledged.
     member.kill9().expect("kill the control plane");
@@ -456,7 +477,9 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
     assert!(
         sy.process
             .logs()
-            .contains("asking the node agent to outdate a lost peer"),
+            .matches("asking the node agent to outdate")
+            .count()
+            > asked,
         "{}",
         sy.process.log_tail(30)
     );

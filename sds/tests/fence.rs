@@ -2,7 +2,9 @@
 //! loopback: a primary that lost its peer acknowledges no write while no
 //! agent watches, nor while the agent refuses (it asks again), and goes
 //! on at the agent's yes, tracking the peer's chunks; a yes never carries
-//! over to a later loss of the peer once it came back in sync.
+//! over to a later loss of the peer once it came back in sync; a copy
+//! about to be fully synced is asked about before the fill, and writes go
+//! on without it only on the yes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use basalt_sds::pool::{Pool, PoolOptions, Volume};
 use basalt_sds::replication::fence::{AgentFencer, FenceQuestions, FenceVerdict};
 use basalt_sds::replication::replica::ReplicaServer;
 use basalt_sds::replication::{
-    FENCE_RETRY, Op, PeerState, ReplicationError, Replicator, ReplicatorConfig,
+    FENCE_RETRY, Op, PeerState, ReplicationError, Replicator, ReplicatorConfig, SyncOptions,
 };
 use futures::StreamExt as _;
 
@@ -154,4 +156,52 @@ fn a_primary_without_its_peer_writes_only_on_the_agents_yes() {
     // The watcher leaves: nobody to ask.
     drop(watch);
     assert_eq!(fencer.watchers(), 0);
+}
+
+#[test]
+fn a_copy_about_to_be_filled_is_recorded_outdated_before_writes_go_on_without_it() {
+    let (rpool, rvol) = pool_with_volume();
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let replica = ReplicaServer::start(rpool, any, 0).expect("replica");
+    let (_ppool, pvol) = pool_with_volume();
+    for i in 0..4u64 {
+        pvol.write(i * (1 << 20), &vec![9u8; 1 << 20], false)
+            .expect("data to fill the peer with");
+    }
+    let fencer = AgentFencer::new(Duration::from_secs(10));
+    let mut watch = fencer.watch();
+    let cfg = ReplicatorConfig {
+        peer: replica.addr(),
+        epoch: 2,
+        generation: 77,
+        chunk_size: CHUNK,
+        retry: Duration::from_millis(50),
+    };
+    // 4 MiB at 1 MiB/s: the fill takes seconds.
+    let sync = SyncOptions {
+        synced_from: 0,
+        rate: 1 << 20,
+    };
+    let r = Replicator::start_with(pvol.clone(), cfg, Arc::new(fencer.clone()), sync)
+        .expect("replicator");
+    // Asked at the start of the fill, before any write.
+    let q = next_question(&mut watch);
+    assert_eq!((q.peer, q.epoch), (replica.addr(), 2));
+    assert_eq!(r.status().full_syncs, 0);
+    let acked = write_in_background(&r, &pvol, 8 << 20);
+    assert!(
+        acked.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a write went on without the filling peer before it was recorded outdated"
+    );
+    assert!(fencer.answer(q.id, FenceVerdict::Outdated));
+    assert_eq!(acked.recv_timeout(Duration::from_secs(2)), Ok(true));
+    assert_ne!(
+        r.status().state,
+        PeerState::Connected,
+        "the write waited for the whole fill"
+    );
+    wait_state(&r, |s| s == PeerState::Connected);
+    let mut buf = vec![0u8; 4096];
+    rvol.read(8 << 20, &mut buf).expect("read");
+    assert_eq!(buf, vec![7u8; 4096], "the write reached the filled peer");
 }

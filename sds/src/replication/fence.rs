@@ -280,4 +280,9 @@ impl Fencer for AgentFencer {
     fn outdate_peer(&self, volume: &str, peer: SocketAddr, epoch: u64) -> Result<(), FenceError> {
         self.ask(volume, peer, epoch)
     }
+
+    /// The control plane must know a copy being filled is not up to date.
+    fn guards_full_sync(&self) -> bool {
+        true
+    }
 }

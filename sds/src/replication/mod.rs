@@ -19,8 +19,10 @@
 //! Invariants:
 //! - a write is acknowledged only if every peer acknowledged it, or the
 //!   peer is away and the fencer confirmed it outdated, or the peer is
-//!   being fully synced (it was never up to date); then the write's
-//!   chunks are in that peer's dirty set until a resync sends them;
+//!   being fully synced (it was never up to date; with a fencer that
+//!   records outdated copies, [`Fencer::guards_full_sync`], only once it
+//!   confirmed that one outdated too); then the write's chunks are in
+//!   that peer's dirty set until a resync sends them;
 //! - frames go out in the order the writes are applied locally (the
 //!   per-peer locks cover the sends and then the local write), and the
 //!   replica applies them in that order, so a FLUSH acknowledged by the
@@ -105,6 +107,14 @@ pub trait Fencer: Send + Sync + fmt::Debug {
     /// `Ok` once `peer` is recorded outdated for `volume`, on behalf of
     /// its primary at `epoch`.
     fn outdate_peer(&self, volume: &str, peer: SocketAddr, epoch: u64) -> Result<(), FenceError>;
+
+    /// Whether a peer about to be fully synced (never in sync with this
+    /// stream) is asked about too, before the fill starts: a fencer that
+    /// records outdated copies must know a half-filled one. `false` (a
+    /// static answer has no record to keep): writes go on while it fills.
+    fn guards_full_sync(&self) -> bool {
+        false
+    }
 }
 
 /// A fencer with a fixed answer (`--fencer allow` / `--fencer deny`).
@@ -829,14 +839,30 @@ impl Shared {
             other => return Err(io::Error::other(format!("peer refused: {other:?}"))),
         }
         let full = reply.full_sync;
+        // A copy being filled is not up to date: a fencer that records
+        // outdated copies (the control plane's) is told before the fill,
+        // so a half-filled copy is never made primary; writes go on
+        // without the peer only on its yes, and otherwise wait for the
+        // fill (asking again themselves).
+        let fill_outdated = !full
+            || {
+                let fencer = lock(&self.fencer).clone();
+                !fencer.guards_full_sync()
+                    || match fencer.outdate_peer(self.volume.name(), self.cfg.peer, epoch) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, error = %e, "filling the peer without the fencer's word: writes wait until it is in sync");
+                            false
+                        }
+                    }
+            };
         let conn = {
             let mut link = lock(&self.link);
             link.state = PeerState::Resyncing;
             if full {
-                // The peer was never up to date with this stream: writes
-                // go on while it is filled, and the full pass covers every
-                // chunk marked so far.
-                link.outdated = true;
+                // The peer was never up to date with this stream: the
+                // full pass covers every chunk marked so far.
+                link.outdated = fill_outdated;
                 link.full_sync = true;
                 link.dirty.clear();
             }

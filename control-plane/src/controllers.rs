@@ -323,7 +323,7 @@ impl Controllers {
                         || moving.contains_key(&vm.meta.name)
                         || vm.spec.running
                 })
-                .map(|vm| (*vm).clone())
+                .map(|vm| scheduler::planning_view(vm))
                 .collect();
             // The active endpoints of the VMs that move, to fence with them.
             let mut endpoints: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
@@ -519,7 +519,7 @@ impl Controllers {
             let vms: Vec<Vm> = state
                 .list(Kind::Vm)
                 .filter_map(|o| match o {
-                    Object::Vm(vm) => Some(vm.clone()),
+                    Object::Vm(vm) => Some(scheduler::planning_view(vm)),
                     _ => None,
                 })
                 .collect();

@@ -90,6 +90,25 @@ fn disk_bytes(vm: &Vm) -> (u64, u64) {
     })
 }
 
+/// The part of `vm` the planners read — its name, CPUs, memory,
+/// placement rules, disks and outdated replicas — and nothing else (no
+/// cloud-init documents, NICs, labels or other status): callers that copy
+/// every VM out of the state for a plan copy this instead, which keeps
+/// the copy short for VMs with large specs.
+pub fn planning_view(vm: &Vm) -> Vm {
+    let mut view = Vm {
+        meta: ObjectMeta::named(vm.meta.name.clone()),
+        ..Vm::default()
+    };
+    view.spec.cpus = vm.spec.cpus;
+    view.spec.memory_mib = vm.spec.memory_mib;
+    view.spec.running = vm.spec.running;
+    view.spec.placement = vm.spec.placement.clone();
+    view.spec.disks = vm.spec.disks.clone();
+    view.status.outdated_replicas = vm.status.outdated_replicas.clone();
+    view
+}
+
 /// Plans the VMs in `vms` that have no placement yet, onto `nodes`,
 /// given the existing `placements`. VMs are taken largest first (memory,
 /// then CPUs, then name), so big VMs are not starved by fragmentation.
@@ -884,10 +903,19 @@ mod tests {
             "no replicated disk, no replica nodes"
         );
 
-        // Same seed, same choice.
+        // Same seed, same choice; the planning view plans the same.
         assert_eq!(
             plan,
             super::plan(&nodes, &vms, &[], Overcommit::default(), 3)
+        );
+        let mut full = vms.clone();
+        full[0].spec.nics.push(basalt_api::Nic::default());
+        full[0].meta.labels.insert("app".into(), "db".into());
+        let views: Vec<Vm> = full.iter().map(planning_view).collect();
+        assert!(views[0].spec.nics.is_empty() && views[0].meta.labels.is_empty());
+        assert_eq!(
+            plan,
+            super::plan(&nodes, &views, &[], Overcommit::default(), 3)
         );
     }
 

@@ -235,13 +235,15 @@ async fn a_lost_replica_is_replaced_on_a_third_node_and_fully_synced() {
         .await;
     }
 
-    // The VM, placed on a with replicas on a and b.
+    // The VM, placed on a with replicas on a and b by the test (stopped,
+    // so the scheduler leaves it to the test; the agents attach its
+    // volumes all the same).
     let vm = Vm {
         meta: ObjectMeta::named("db"),
         spec: VmSpec {
             cpus: 1,
             memory_mib: 128,
-            running: true,
+            running: false,
             disks: vec![Disk {
                 name: "root".into(),
                 size_bytes: DISK_BYTES,

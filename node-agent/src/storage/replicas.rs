@@ -24,6 +24,13 @@
 //! VM's new primary outranks the old one: the storage processes refuse
 //! the old primary's frames and an attach with an older epoch.
 //!
+//! A replica node the control plane replaces (decision 43: lost for its
+//! delay, the placement names another node in its slot, same epoch)
+//! needs nothing more here: the new node's loop finds itself among the
+//! replica nodes and attaches an empty secondary, and the primary's next
+//! [`Volumes::ensure_placed`] attaches with the new peer list, so its
+//! storage process drops the lost peer and fully syncs the new one.
+//!
 //! Invariants:
 //! - a secondary is never promoted here except by a placement that puts
 //!   the VM on this node (with its epoch); a placement's own node never

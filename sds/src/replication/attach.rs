@@ -445,20 +445,24 @@ impl Attachments {
         self.existing(name).and_then(|s| s.role())
     }
 
-    /// The generations of the streams this process ships volume `name`
-    /// on, as its primary.
-    pub fn primary_generations(&self, name: &str) -> Vec<u64> {
+    /// Volume `name`'s role and, when it is a primary, the generations of
+    /// the streams this process ships it on, read from one state: a role change between two reads
+    /// cannot pair a primary's role with a secondary's (empty) streams.
+    pub fn role_and_generations(&self, name: &str) -> (Option<Role>, Vec<u64>) {
         let Some(slot) = self.existing(name) else {
-            return Vec::new();
+            return (None, Vec::new());
         };
         let state = lock(&slot.gate).state.clone();
         match &state.spec {
-            Some(spec) if spec.role == Role::Primary => state
-                .replicators
-                .iter()
-                .map(|(_, r)| r.status().generation)
-                .collect(),
-            _ => Vec::new(),
+            Some(spec) if spec.role == Role::Primary => (
+                Some(Role::Primary),
+                state
+                    .replicators
+                    .iter()
+                    .map(|(_, r)| r.status().generation)
+                    .collect(),
+            ),
+            spec => (spec.as_ref().map(|s| s.role), Vec::new()),
         }
     }
 

@@ -243,7 +243,10 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         reply(&mut wr, Status::UnknownVolume, 0, false)?;
         return Ok(());
     };
-    let role = ctx.attachments.role(name);
+    // Role and streams from one reading: a demotion racing this hello
+    // must not pair "primary" with the secondary's empty streams (that
+    // would look like a split brain).
+    let (role, primary_generations) = ctx.attachments.role_and_generations(name);
     if role == Some(Role::Standalone) {
         tracing::warn!(volume = %name, "refused a primary: the volume is attached standalone");
         reply(&mut wr, Status::Refused, 0, false)?;
@@ -260,11 +263,7 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
     let book = ctx.attachments.book();
     let synced = book.synced(name);
     let in_sync = (hello.generation != 0 && synced == hello.generation)
-        || (hello.synced_from != 0
-            && ctx
-                .attachments
-                .primary_generations(name)
-                .contains(&hello.synced_from));
+        || (hello.synced_from != 0 && primary_generations.contains(&hello.synced_from));
     let recorded = if in_sync {
         book.set_synced(name, hello.generation)
     } else if role == Some(Role::Primary) {

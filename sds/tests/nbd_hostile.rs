@@ -132,6 +132,139 @@ fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
     }
 }
 
+/// A client that sends a whole pipeline in one segment: small reads and
+/// writes (which the server runs inline as one batch), a large write and
+/// a FUA write (which go to workers), a bad request in the middle, a
+/// FLUSH. Every request gets exactly one reply under its own cookie, the
+/// bad one its error, and the reads that follow see every write.
+#[test]
+fn a_pipeline_in_one_segment_answers_each_request_once() {
+    const STRIDE: u64 = 192 << 10;
+    let srv = TestServer::start(64 * MIB, &[("disk", 8 * MIB)]);
+    let mut c = Raw::connect(srv.port);
+    c.option(opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().0, rep::ACK);
+    assert_eq!(c.go("disk"), rep::ACK);
+
+    let block = |i: u64, len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|j| (i as usize * 31 + j % 251) as u8)
+            .collect()
+    };
+    // (cookie, offset, length) of each write.
+    let mut writes = Vec::new();
+    let mut segment = Vec::new();
+    let push = |segment: &mut Vec<u8>, r: Request, payload: &[u8]| {
+        segment.extend_from_slice(&r.encode());
+        segment.extend_from_slice(payload);
+    };
+    for i in 0..40u64 {
+        let (flags, len) = match i {
+            7 => (0, 160 << 10),
+            13 => (cflag::FUA, 4096),
+            _ => (0, 4096),
+        };
+        let offset = i * STRIDE + 512;
+        let r = Request {
+            flags,
+            kind: cmd::WRITE,
+            cookie: 1000 + i,
+            offset,
+            length: len as u32,
+        };
+        push(&mut segment, r, &block(i, len));
+        writes.push((1000 + i, offset, len));
+        if i == 20 {
+            // Past the end: an error for this one, the rest unaffected.
+            let bad = Request {
+                flags: 0,
+                kind: cmd::READ,
+                cookie: 99,
+                offset: 8 * MIB - 512,
+                length: 4096,
+            };
+            push(&mut segment, bad, &[]);
+        }
+    }
+    let flush = Request {
+        flags: 0,
+        kind: cmd::FLUSH,
+        cookie: 98,
+        offset: 0,
+        length: 0,
+    };
+    push(&mut segment, flush, &[]);
+    c.s.write_all(&segment).expect("pipeline");
+
+    let mut answered = std::collections::BTreeMap::new();
+    for _ in 0..writes.len() + 2 {
+        // Writes and the flush may get simple replies, errors come as
+        // structured chunks.
+        let mut magic = [0u8; 4];
+        c.s.read_exact(&mut magic).expect("reply magic");
+        let (cookie, kind) = if u32::from_be_bytes(magic) == proto::SIMPLE_REPLY_MAGIC {
+            let mut h = [0u8; 12];
+            c.s.read_exact(&mut h).expect("simple reply");
+            let error = u32::from_be_bytes(h[..4].try_into().expect("4"));
+            let cookie = u64::from_be_bytes(h[4..12].try_into().expect("8"));
+            (
+                cookie,
+                if error == 0 {
+                    reply::NONE
+                } else {
+                    reply::ERROR
+                },
+            )
+        } else {
+            assert_eq!(u32::from_be_bytes(magic), proto::STRUCTURED_REPLY_MAGIC);
+            let mut h = [0u8; 16];
+            c.s.read_exact(&mut h).expect("structured reply");
+            let kind = u16::from_be_bytes(h[2..4].try_into().expect("2"));
+            let cookie = u64::from_be_bytes(h[4..12].try_into().expect("8"));
+            let len = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+            let mut data = vec![0u8; len as usize];
+            c.s.read_exact(&mut data).expect("reply payload");
+            (cookie, kind)
+        };
+        assert!(
+            answered.insert(cookie, kind).is_none(),
+            "cookie {cookie} answered twice"
+        );
+    }
+    assert_eq!(answered.remove(&99), Some(reply::ERROR), "the bad read");
+    assert_eq!(answered.remove(&98), Some(reply::NONE), "the flush");
+    for (cookie, _, _) in &writes {
+        assert_eq!(answered.remove(cookie), Some(reply::NONE), "write {cookie}");
+    }
+    assert!(answered.is_empty(), "unexpected replies {answered:?}");
+
+    // Read everything back, again in one segment.
+    let mut segment = Vec::new();
+    for &(cookie, offset, len) in &writes {
+        let r = Request {
+            flags: 0,
+            kind: cmd::READ,
+            cookie,
+            offset,
+            length: len as u32,
+        };
+        push(&mut segment, r, &[]);
+    }
+    c.s.write_all(&segment).expect("reads");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..writes.len() {
+        let (flags, kind, data) = c.structured();
+        assert_eq!((flags, kind), (reply::FLAG_DONE, reply::OFFSET_DATA));
+        let offset = u64::from_be_bytes(data[..8].try_into().expect("8"));
+        let i = (offset - 512) / STRIDE;
+        let &(cookie, _, len) = &writes[i as usize];
+        assert_eq!(data.len() - 8, len, "read {cookie} length");
+        assert!(data[8..] == block(i, len)[..], "read {cookie} data");
+        assert!(seen.insert(cookie), "read {cookie} answered twice");
+    }
+    srv.pool.verify().expect("pool verifies");
+}
+
 #[test]
 fn negotiation_errors_and_recovery() {
     let srv = TestServer::start(64 * MIB, &[("disk", 8 * MIB)]);

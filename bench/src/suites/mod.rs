@@ -12,6 +12,7 @@ mod nbd;
 mod raft;
 mod replication;
 mod scheduler;
+mod snapshot;
 mod vm_lifecycle;
 
 /// Options every suite may use.
@@ -54,6 +55,11 @@ pub const ALL: &[Suite] = &[
         name: "replication",
         about: "4 KiB random writes through NBD with 2 replicas (protocol C, loopback) against 1, and the bytes and speed of a dirty-chunk resync",
         run: replication::run,
+    },
+    Suite {
+        name: "snapshot",
+        about: "snapshot and clone creation of half-allocated 1, 8 and 100 GiB thin volumes, and first-write / copy-on-write latency, against qcow2 internal snapshots (qemu-img snapshot -c)",
+        run: snapshot::run,
     },
     Suite {
         name: "ha",

@@ -203,7 +203,8 @@ async fn a_vm_boots_with_its_cloud_init_seed_and_from_its_first_disk() {
     // Everything in the node, as on a real one: the agent writes seeds
     // through the NBD server at 127.0.0.1:10809 of its own namespace.
     let server = format!("{}:7400", node.addr());
-    let (control, admin) = common::start_control(&prefix, &server, Some(&node), DEADLINE).await;
+    let (control, admin) =
+        common::start_control(&prefix, &server, Some(&node), DEADLINE, None).await;
     let secret = common::join_token(&admin, "join-n1", 1).await;
     let agent = Process::start(
         &prefix,

@@ -78,7 +78,7 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
     let image = GuestImage::build().expect("guest image");
 
     let server = format!("127.0.0.1:{}", free_port());
-    let (mut control, admin) = common::start_control(&prefix, &server, None, DEADLINE).await;
+    let (mut control, admin) = common::start_control(&prefix, &server, None, DEADLINE, None).await;
     let secret = common::join_token(&admin, "join-n1", 1).await;
 
     let agent = Process::start(

@@ -24,6 +24,11 @@
 //! reset), fails and leaves the VM, its placement and its endpoint on the
 //! source, the stream flowing and no standby tap on the target. Once the
 //! policy is deleted the VM answers a new connection at the same address.
+//!
+//! Last, n1 is lost (its agent and libvirtd killed with SIGKILL, its link
+//! cut; n3 cordoned): HA restarts the VM on n2 at a newer epoch, its
+//! endpoint fenced over with the same address and MAC, and the new boot
+//! answers the peer there.
 //! The CLI is the workspace's `basalt` binary, next to `basaltd` (the
 //! `basalt` package's own tests make `cargo test` build it).
 
@@ -55,6 +60,9 @@ const CONTROL_PORT: u16 = 7400;
 /// a switchover on activation (well under a second), far below one that
 /// waits for the control plane's verdict and TCP's backed-off retries.
 const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// Node leases of a few seconds, so losing n1 takes seconds.
+const SHORT_LEASES: &str = "[nodes]\nlease_seconds = 3\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
 
 /// udhcpc's event script: the lease as a /32 behind the on-link router.
 const DHCP_SCRIPT: &str = "#!/bin/sh
@@ -473,7 +481,7 @@ async fn a_vm_moves_live_there_and_back_its_endpoint_moving_on_activation() {
     // Node names are the namespaces' (unique per test): they name the pins.
     let _pins = Pins(nodes.iter().map(|n| n.netns().to_owned()).collect());
     let hosts = fabric.hosts();
-    let (l1, l2) = std::thread::scope(|s| {
+    let (mut l1, l2) = std::thread::scope(|s| {
         let l1 = s.spawn(|| Libvirtd::start(&prefix, &n1, &hosts).expect("libvirtd n1"));
         let l2 = s.spawn(|| Libvirtd::start(&prefix, &n2, &hosts).expect("libvirtd n2"));
         (l1.join().expect("n1"), l2.join().expect("n2"))
@@ -481,7 +489,8 @@ async fn a_vm_moves_live_there_and_back_its_endpoint_moving_on_activation() {
     let image = GuestImage::build().expect("guest image");
 
     let server = format!("{}:{CONTROL_PORT}", n3.addr());
-    let (control, admin) = common::start_control(&prefix, &server, Some(&n3), DEADLINE).await;
+    let (control, admin) =
+        common::start_control(&prefix, &server, Some(&n3), DEADLINE, Some(SHORT_LEASES)).await;
     let secret = common::join_token(&admin, "join", 3).await;
 
     let domain_prefix = format!("{}-", prefix.name());
@@ -501,7 +510,7 @@ async fn a_vm_moves_live_there_and_back_its_endpoint_moving_on_activation() {
         )
         .expect("agent")
     };
-    let a1 = agent(&n1, &["--libvirt-uri", &l1.uri()]);
+    let mut a1 = agent(&n1, &["--libvirt-uri", &l1.uri()]);
     let a2 = agent(&n2, &["--libvirt-uri", &l2.uri()]);
     let a3 = agent(&n3, &["--compute", "sim"]);
     let logs = [&control, &a1, &a2, &a3];
@@ -751,4 +760,75 @@ async fn a_vm_moves_live_there_and_back_its_endpoint_moving_on_activation() {
         gap <= MAX_PAUSE,
         "the stream paused {gap:?} (more than {MAX_PAUSE:?})"
     );
+
+    // Node loss: n1's agent and libvirtd die with SIGKILL (the guest's
+    // QEMU lives on there, cut off) and n1's link goes down. n3 (simulated
+    // compute) is cordoned, so HA restarts the VM on n2 once n1's lease
+    // is gone: a new boot, the endpoint fenced over to n2 at a newer
+    // epoch with the same address, which the guest takes again by DHCP
+    // and answers the peer at.
+    let lost = endpoint_of(&admin, "web").await.expect("the endpoint");
+    let placed = placement(&admin, "web").await.expect("placed");
+    assert_eq!(lost.node, n1.netns());
+    let cordon = Command::new(&cli)
+        .args(["--server", &server, "node", "cordon", n3.netns()])
+        .output()
+        .expect("run basalt node cordon");
+    assert!(cordon.status.success(), "cordon n3: {cordon:?}");
+    a1.kill9().expect("kill -9 n1's agent");
+    l1.process_mut()
+        .expect("libvirtd n1 runs")
+        .kill9()
+        .expect("kill -9 n1's libvirtd");
+    let cut = Command::new("ip")
+        .args(["link", "set", n1.veth(), "down"])
+        .status()
+        .expect("ip");
+    assert!(cut.success(), "cut n1's link");
+    let logs = [&control, &a2, &a3];
+    wait::until("HA places the VM on n2", DEADLINE, &logs, || async {
+        placement(&admin, "web")
+            .await
+            .is_some_and(|p| p.node == n2.netns())
+    })
+    .await;
+    let moved = placement(&admin, "web").await.expect("placed");
+    assert!(moved.epoch > placed.epoch, "{placed:?} -> {moved:?}");
+    wait::until("the domain runs on n2", DEADLINE, &logs, || async {
+        domain_state(&l2, &domain) == "running"
+    })
+    .await;
+    wait::until(
+        "the endpoint is fenced over to n2",
+        DEADLINE,
+        &logs,
+        || async {
+            endpoint_of(&admin, "web")
+                .await
+                .is_some_and(|e| e.node == n2.netns() && e.epoch > lost.epoch)
+        },
+    )
+    .await;
+    let after = endpoint_of(&admin, "web").await.expect("the endpoint");
+    assert_eq!(
+        (after.ip, &after.mac),
+        (lost.ip, &lost.mac),
+        "the VM keeps its address and MAC across the node's loss"
+    );
+    let world = World {
+        admin: &admin,
+        cli: &cli,
+        server: &server,
+        domain: &domain,
+        guest_ip,
+        peer: &peer,
+        logs: &logs,
+    };
+    wait::until(
+        "the guest answers at its address from n2",
+        DEADLINE,
+        &logs,
+        || async { world.echoes().await },
+    )
+    .await;
 }

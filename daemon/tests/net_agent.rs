@@ -287,7 +287,7 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
     let _pins = Pins(nodes.iter().map(|n| n.netns().to_owned()).collect());
 
     let server = format!("{}:{CONTROL_PORT}", a.addr());
-    let (control, admin) = common::start_control(&prefix, &server, Some(&a), DEADLINE).await;
+    let (control, admin) = common::start_control(&prefix, &server, Some(&a), DEADLINE, None).await;
 
     let mut agents = Vec::new();
     for node in &nodes {

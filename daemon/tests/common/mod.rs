@@ -10,12 +10,15 @@ use basalt_testkit::{Node, Prefix, Process, ProcessSpec, wait};
 pub const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 
 /// Starts `basaltd control` bootstrapping a one-member cluster on
-/// `server` (inside `netns` when given) and waits until it answers.
+/// `server` (inside `netns` when given), with `config` (TOML) as its
+/// configuration file when given (e.g. short node leases so a node's loss
+/// takes seconds), and waits until it answers.
 pub async fn start_control(
     prefix: &Prefix,
     server: &str,
     netns: Option<&Node>,
     deadline: Duration,
+    config: Option<&str>,
 ) -> (Process, AdminClient) {
     let mut spec = ProcessSpec::new("control", BASALTD)
         .args([
@@ -30,6 +33,11 @@ pub async fn start_control(
         .arg(prefix.dir().join("control"));
     if let Some(node) = netns {
         spec = spec.netns(node);
+    }
+    if let Some(config) = config {
+        let path = prefix.dir().join("control.toml");
+        std::fs::write(&path, config).expect("write the control plane's config");
+        spec = spec.arg("--config").arg(path);
     }
     let control = Process::start(prefix, spec).expect("control plane");
     let admin = AdminClient::connect_lazy(server).expect("client");

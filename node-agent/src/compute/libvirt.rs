@@ -280,16 +280,35 @@ impl Compute for LibvirtCompute {
     }
 
     fn destroy(&self, name: &str) -> Result<(), ComputeError> {
-        self.domain_op("destroy", name, |domain| {
+        // A forced stop holds libvirtd until QEMU has exited (seconds for
+        // a TCG guest): on a connection of its own, several run side by
+        // side instead of queueing behind libvirtd's per-connection limit
+        // (`max_client_requests`, 5 by default) and the shared
+        // connection's short calls.
+        let mut conn =
+            Connect::open(Some(&self.uri)).map_err(|err| hypervisor("destroy", name, &err))?;
+        let result = (|| {
+            let Some(domain) = Self::lookup(&conn, name)? else {
+                return Ok(false);
+            };
             if !domain.is_active()? {
-                return Ok(());
+                return Ok(true);
             }
             match domain.destroy() {
                 // It stopped by itself between the check and the call.
-                Err(err) if err.code() == ErrorNumber::OperationInvalid => Ok(()),
-                other => other,
+                Err(err) if err.code() == ErrorNumber::OperationInvalid => Ok(true),
+                Err(err) => Err(err),
+                Ok(()) => Ok(true),
             }
-        })
+        })();
+        let _ = conn.close();
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ComputeError::NotDefined {
+                name: name.to_owned(),
+            }),
+            Err(err) => Err(hypervisor("destroy", name, &err)),
+        }
     }
 
     fn undefine(&self, name: &str) -> Result<(), ComputeError> {

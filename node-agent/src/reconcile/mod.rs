@@ -37,9 +37,10 @@ use crate::compute::{Compute, ComputeError, PowerState};
 pub use plan::{Action, Desired, DesiredVm, Plan, plan};
 
 /// How many domains a pass acts on at once. libvirtd serves at most five
-/// calls of one client at a time by default (`max_client_requests`), and
-/// the reconciler shares its connection with status reads.
-pub const CONCURRENT_DOMAINS: usize = 4;
+/// calls of one connection at a time by default (`max_client_requests`)
+/// and queues the rest: the long call, a forced stop, gets a connection
+/// of its own (see the libvirt backend), the short ones share one.
+pub const CONCURRENT_DOMAINS: usize = 10;
 
 /// What the reconciler saw of one wanted VM after a pass.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -163,6 +163,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
+        let mut config = config;
+        if let Some(storage) = &config.storage {
+            config.capacity.storage_bytes = pool_capacity(&storage.socket).await;
+        }
         let result = match args.compute {
             Backend::Libvirt => {
                 runtime::run(
@@ -176,6 +180,27 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         };
         result.context("the agent stopped")
     })
+}
+
+/// What the node's pool can hold, as the scheduler counts it (the sum of
+/// volume sizes over-provisioning allows), from the storage process at
+/// `socket`; asked for a few seconds (the storage process may be starting
+/// beside the agent), then 0 — "unknown", which the scheduler does not
+/// check — with a warning.
+async fn pool_capacity(socket: &std::path::Path) -> u64 {
+    let mut last = String::new();
+    for _ in 0..10 {
+        match basalt_api::StorageClient::connect_unix(socket) {
+            Ok(client) => match client.status().await {
+                Ok(status) => return status.virtual_limit,
+                Err(err) => last = err.to_string(),
+            },
+            Err(err) => last = err.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tracing::warn!(socket = %socket.display(), error = %last, "the storage pool's size is unknown: registering without it (the scheduler will not check this node's pool)");
+    0
 }
 
 /// `--check-config`: the registration this agent would send must be

@@ -170,6 +170,21 @@ fn the_agent_makes_clones_and_removes_volumes() {
             .env("BASALT_JOIN_TOKEN", secret.expose())
             .netns(&node);
         let mut agent = Process::start(&prefix, spec).expect("agent");
+        // The node registers its pool's size as the scheduler counts it:
+        // the volume sizes the pool's over-provisioning allows.
+        let pool_limit = storage.status().await.expect("status").virtual_limit;
+        assert!(pool_limit > 0);
+        wait::until("node a registers", DEADLINE, &[&agent], || async {
+            matches!(admin.get(Kind::Node, "a").await, Ok(Object::Node(_)))
+        })
+        .await;
+        let Ok(Object::Node(a)) = admin.get(Kind::Node, "a").await else {
+            panic!("node a")
+        };
+        assert_eq!(
+            a.status.capacity.storage_bytes, pool_limit,
+            "the node's storage capacity is its pool's: {a:?}"
+        );
 
         // An image, and a VM with an empty disk and one cloned from it
         // (larger than the image: the clone grows).

@@ -10,6 +10,9 @@
  * from_overlay on the TCX ingress of the node's collect-metadata VXLAN
  *              device: checks the sender node owns the source, ingress
  *              policy, then a redirect to the local destination tap.
+ * from_uplink  on the TCX ingress of the node's underlay interface: the
+ *              same for single packets without TCP data, decapsulated in
+ *              place (the fast path); the rest goes on to from_overlay.
  *
  * Every entry point calls a try_* style function that returns a verdict;
  * anything unexpected ends in a counted drop, never in TC_ACT_OK by default.
@@ -138,6 +141,7 @@ struct flow {
 	__u16 dport;
 	__u8 proto;
 	__u8 tcp_flags;  /* byte 13 of the TCP header, 0 otherwise */
+	__u16 tcp_payload; /* TCP segment data bytes, 0 otherwise */
 };
 
 #define TCP_FLAG_SYN 0x02
@@ -347,12 +351,13 @@ static __always_inline int admit(const struct flow *f, const struct endpoint *sr
 	return 1;
 }
 
-/* Parses the IPv4 header and ports. 0 on success, -1 if malformed. */
-static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
+/* Parses the IPv4 header at offset `off` and its ports. 0 on success, -1
+ * if malformed. */
+static __always_inline int parse_ipv4_at(struct __sk_buff *skb, struct flow *f, __u32 off)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + sizeof(struct ethhdr);
+	struct iphdr *ip = data + off;
 
 	if ((void *)(ip + 1) > data_end)
 		return -1;
@@ -364,6 +369,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 	f->sport = 0;
 	f->dport = 0;
 	f->tcp_flags = 0;
+	f->tcp_payload = 0;
 	/* Non-first fragments carry no ports. */
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return 0;
@@ -379,8 +385,16 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 		if ((void *)(l4 + 14) > data_end)
 			return -1;
 		f->tcp_flags = l4[13];
+		__u32 headers = ip->ihl * 4 + (l4[12] >> 4) * 4;
+		__u32 total = bpf_ntohs(ip->tot_len);
+		f->tcp_payload = total > headers ? total - headers : 0;
 	}
 	return 0;
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
+{
+	return parse_ipv4_at(skb, f, sizeof(struct ethhdr));
 }
 
 /* Rewrites the Ethernet header for a routed hop: from the gateway, to dst. */
@@ -544,6 +558,76 @@ int from_vm(struct __sk_buff *skb)
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
 		return handle_ipv4(skb, ifindex, cfg, ep, ep_ip);
 	return drop(ifindex, DROP_UNSUPPORTED_L3, 0, eth->h_source, bpf_ntohs(eth->h_proto));
+}
+
+/* A VXLAN packet as Basalt's nodes send it: outer Ethernet, IPv4 without
+ * options, UDP, VXLAN, then the inner Ethernet frame. */
+#define VXLAN_UDP_PORT 4789
+#define OUTER_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr) + 8 + 8)
+/* What decapsulation removes after the outer Ethernet header. */
+#define DECAP_LEN (sizeof(struct iphdr) + 8 + 8 + sizeof(struct ethhdr))
+
+/*
+ * from_uplink, on the TCX ingress of the node's underlay interface: the
+ * overlay's fast path. A single (not GSO) VXLAN packet for a local endpoint
+ * that from_overlay would deliver is decapsulated here and redirected to
+ * its tap at once, sparing the node's IP and UDP receive, the VXLAN
+ * device and its GRO cell. Everything else goes on unchanged
+ * (TC_ACT_OK): the node's own traffic, GSO batches, and every packet
+ * from_overlay would drop, which then drops and counts it there.
+ *
+ * TCP segments carrying data never take it: one overtaking an earlier
+ * GSO batch of its flow, still in the VXLAN device's GRO cell, would
+ * arrive out of order. Segments without data (ACKs, SYN, FIN, RST) may
+ * overtake data harmlessly.
+ */
+SEC("classifier")
+int from_uplink(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(*eth);
+	__be16 *udp = (void *)(ip + 1);
+	__u8 *vx = (void *)(udp + 4);
+	struct ethhdr *inner = (void *)(vx + 8);
+	struct flow f = {};
+
+	if (skb->gso_segs > 1 || skb->gso_size)
+		return TC_ACT_OK;
+	if ((void *)(inner + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->version != 4 || ip->ihl != 5 ||
+	    ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)))
+		return TC_ACT_OK;
+	if (udp[1] != bpf_htons(VXLAN_UDP_PORT) || !(vx[0] & 0x08) ||
+	    inner->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg || !cfg->vxlan_ifindex || ip->daddr != cfg->node_ip)
+		return TC_ACT_OK;
+	__u32 outer_saddr = ip->saddr;
+	__u32 vni = ((__u32)vx[4] << 16) | ((__u32)vx[5] << 8) | vx[6];
+
+	if (parse_ipv4_at(skb, &f, OUTER_LEN + sizeof(struct ethhdr)) < 0)
+		return TC_ACT_OK;
+	if (f.proto == IPPROTO_TCP && f.tcp_payload)
+		return TC_ACT_OK;
+	struct endpoint *dst = bpf_map_lookup_elem(&endpoints, &f.daddr);
+	if (!dst || !(dst->flags & EP_LOCAL) || dst->vni != vni)
+		return TC_ACT_OK;
+	struct endpoint *src = bpf_map_lookup_elem(&endpoints, &f.saddr);
+	if (!src || src->node_ip != outer_saddr)
+		return TC_ACT_OK;
+	if (!admit(&f, src, dst, 0, 1))
+		return TC_ACT_OK;
+
+	if (bpf_skb_adjust_room(skb, -(__s32)DECAP_LEN, BPF_ADJ_ROOM_MAC, 0) < 0)
+		return TC_ACT_OK;
+	if (set_l2(skb, cfg, dst->mac) < 0)
+		return drop(skb->ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
+	return bpf_redirect(dst->ifindex, 0);
 }
 
 SEC("classifier")

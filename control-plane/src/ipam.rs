@@ -28,7 +28,6 @@ use std::net::IpAddr;
 
 use basalt_api::{Endpoint, Kind, NicAddress, Object, ObjectMeta, Vm};
 use basalt_ipam::{Cidr, Owner, Pool, Registry};
-use sha2::{Digest as _, Sha256};
 
 use crate::admin::AdminService;
 use crate::agent::now_unix_ms;
@@ -46,12 +45,13 @@ pub struct IpamPlan {
 }
 
 /// The MAC of NIC `nic` of the VM with uid `vm_uid` when its spec names
-/// none: locally administered, unicast, stable for the VM's life.
+/// none: [`basalt_api::Nic::default_mac`], the very MAC the node agent
+/// gives the domain's NIC, so the endpoint says what the guest sends.
 pub fn generated_mac(vm_uid: &str, nic: u32) -> String {
-    let digest = Sha256::digest(format!("{vm_uid}/{nic}").as_bytes());
+    let m = basalt_api::Nic::default_mac(vm_uid, nic as usize);
     format!(
-        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        digest[0], digest[1], digest[2], digest[3], digest[4]
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
     )
 }
 
@@ -468,6 +468,14 @@ mod tests {
         assert_eq!(a.meta.name, "10-9-0-5");
         assert_eq!((a.node.as_str(), a.epoch), ("n1", 1));
         assert_eq!(a.mac, generated_mac("ua", 0));
+        // The domain's NIC MAC (the agent derives it from the same uid).
+        let m = basalt_api::Nic::default_mac("ua", 0);
+        assert_eq!(a.mac[..8], *"52:54:00");
+        assert_eq!(
+            a.mac,
+            m.map(|b| format!("{b:02x}")).join(":"),
+            "one MAC for the endpoint and the domain"
+        );
         let b = endpoint_of(&state, "ub", 0).expect("b's lease");
         assert!(inside("10.9.0.0/29", b.ip.unwrap()) && b.ip != Some(fixed));
         assert!(problems["b/1"].contains("red"), "{problems:?}");

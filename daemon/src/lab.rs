@@ -12,8 +12,9 @@
 //! process (`--local-socket`). The agents drive the VM network (`--network`): the
 //! VM's NIC is leased an address from the lab's network object, and the
 //! guest takes it by DHCP from its node's datapath; the root namespace
-//! routes the VM network through the VM's node, so the printed address
-//! works from the host.
+//! routes the VM network through the VM's node, and the lab's `routes`
+//! process keeps a /32 per VM via whichever node holds it (live migration,
+//! HA), so the printed address works from the host wherever the VM goes.
 //!
 //! Invariants: everything `up` makes is named with the lab prefix
 //! ([`LAB_PREFIX`]) and recorded in its state directory, so `down` removes
@@ -81,6 +82,14 @@ enum LabCommand {
     Down,
     /// Show the lab's nodes and VM and whether they answer.
     Status,
+    /// Keep the root namespace routed to every VM through the node that
+    /// holds it (`up` starts it; it runs until `down`).
+    #[command(hide = true)]
+    Routes {
+        /// A control-plane member's admin API, host:port (repeatable).
+        #[arg(long = "server", required = true)]
+        servers: Vec<String>,
+    },
 }
 
 /// What `up` built, as `status` and `down` read it back.
@@ -117,6 +126,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     match args.command {
         LabCommand::Up { nodes } => up(nodes),
         LabCommand::Down => down(),
+        LabCommand::Routes { servers } => follow_routes(&servers),
         LabCommand::Status => {
             let Some(state) = read_state()? else {
                 bail!("no lab is up (start one with `basaltd lab up`)");
@@ -444,6 +454,11 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
         "IPAM leased {vm_ip} to {VM_NAME}; the guest takes it by DHCP from {placed}'s datapath"
     );
     route_vm_network(node.addr())?;
+    let mut routes = ProcessSpec::new("routes", &basaltd).args(["lab", "routes"]);
+    for member in &members {
+        routes = routes.args(["--server", &format!("{}:{CONTROL_PORT}", member.addr())]);
+    }
+    processes.push(Process::start(&prefix, routes).context("starting the VM route follower")?);
     GuestClient::new(vm_ip)
         .wait_ready(BOOT_DEADLINE)
         .with_context(|| {
@@ -532,8 +547,26 @@ fn remove_datapath_pins() {
     }
 }
 
-/// Routes the VM network from the root namespace through `via` (node 1).
-/// The route goes away with the bridge when the lab is torn down.
+/// `lab routes`: one /32 per VM in the root namespace via the node that
+/// holds it, following endpoint moves (live migration, HA), so printed
+/// addresses keep working wherever the VM goes. Runs until killed.
+fn follow_routes(servers: &[String]) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _entered = runtime.enter();
+    let admins = servers
+        .iter()
+        .map(|s| AdminClient::connect_lazy(s).with_context(|| format!("admin API at {s}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let netlink = basalt_sdn::Netlink::new().context("netlink in the root namespace")?;
+    runtime.block_on(basalt_agent::network::host_routes::follow(admins, netlink));
+    bail!("stopped following the VMs' routes")
+}
+
+/// Routes the VM network from the root namespace through `via` (node 1),
+/// for VMs the route follower has not routed yet. The route goes away with
+/// the bridge when the lab is torn down (the follower's /32s too).
 fn route_vm_network(via: Ipv4Addr) -> anyhow::Result<()> {
     let out = std::process::Command::new("ip")
         .args(["route", "replace", VM_NETWORK, "via", &via.to_string()])

@@ -112,6 +112,33 @@ fn lab_up_status_down() {
         assert_eq!(leased, [Some(vm_ip)], "{endpoints:?}");
     });
 
+    // The root namespace has the VM's own route, through the node that
+    // holds it, from the route follower (so it follows moves).
+    let holder = state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == state["vm"]["node"])
+        .map(|n| n["address"].as_str().unwrap().to_owned())
+        .unwrap();
+    let want = format!("{vm_ip} via {holder}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let routes = Command::new("ip")
+            .args(["route", "show", "proto", "186"])
+            .output()
+            .unwrap();
+        let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+        if routes.contains(&want) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no route {want:?} in the root namespace: {routes}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+
     let out = basaltd(&["lab", "status"]);
     assert!(out.status.success(), "lab status: {}", text(&out));
     assert!(

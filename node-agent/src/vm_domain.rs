@@ -150,13 +150,11 @@ pub fn tap_name(uuid: Uuid, index: usize) -> String {
     format!("vm{}-{index}", &uuid.simple().to_string()[..8])
 }
 
-/// A locally administered MAC for NIC `index`, derived from the VM's UUID.
+/// The MAC of NIC `index` when the spec names none, from the VM's UUID:
+/// [`basalt_api::Nic::default_mac`], the same the control plane's IPAM
+/// writes into the NIC's endpoint.
 pub fn derived_mac(uuid: Uuid, index: usize) -> MacAddr {
-    let b = uuid.as_bytes();
-    // 0x52 0x54 0x00 is QEMU's prefix; the index goes in the last octet's
-    // high bits so two NICs of one VM never collide.
-    let last = b[15] ^ ((index as u8) << 5);
-    MacAddr([0x52, 0x54, 0x00, b[13], b[14], last])
+    MacAddr(basalt_api::Nic::default_mac(&uuid.to_string(), index))
 }
 
 #[cfg(test)]
@@ -234,6 +232,11 @@ mod tests {
         assert_eq!(spec.nics[1].mac.to_string(), "52:54:00:aa:bb:cc");
         assert_ne!(spec.nics[0].mac, derived_mac(spec.uuid, 1));
         assert!(!spec.nics[0].mac.is_multicast());
+        // The MAC the control plane's IPAM writes into the NIC's endpoint.
+        assert_eq!(
+            spec.nics[0].mac.0,
+            basalt_api::Nic::default_mac(&vm().meta.uid, 0)
+        );
         spec.validate().unwrap();
         assert_eq!(
             spec,

@@ -49,6 +49,10 @@ pub enum Hook {
     Tap,
     /// The node's VXLAN device: `from_overlay` on ingress.
     Overlay,
+    /// The node's underlay interface: `from_uplink` on ingress, the
+    /// overlay's fast path (single packets without TCP data decapsulated
+    /// and delivered at once; everything else passes on untouched).
+    Uplink,
 }
 
 impl Hook {
@@ -56,6 +60,7 @@ impl Hook {
         match self {
             Hook::Tap => "from_vm",
             Hook::Overlay => "from_overlay",
+            Hook::Uplink => "from_uplink",
         }
     }
 }
@@ -208,7 +213,7 @@ impl Loader {
             .default_map_pin_directory(dir.join("maps"))
             .load(DATAPATH_OBJ)
             .map_err(|e| LoaderError::Load(Box::new(e)))?;
-        for hook in [Hook::Tap, Hook::Overlay] {
+        for hook in [Hook::Tap, Hook::Overlay, Hook::Uplink] {
             let name = hook.program();
             let prog_err = |source| LoaderError::Program {
                 name,
@@ -338,7 +343,7 @@ impl Loader {
     /// `kernel.bpf_stats_enabled` is 1 or [`enable_stats`] holds them on.
     pub fn program_stats(&self) -> Result<Vec<(&'static str, u64, u64)>, LoaderError> {
         let mut out = Vec::new();
-        for hook in [Hook::Tap, Hook::Overlay] {
+        for hook in [Hook::Tap, Hook::Overlay, Hook::Uplink] {
             let name = hook.program();
             let prog_err = |source| LoaderError::Program {
                 name,

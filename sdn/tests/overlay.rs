@@ -8,8 +8,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use basalt_sdn::Policy;
 use basalt_sdn::abi::{DropReason, EVENT_ACTIVATION};
+use basalt_sdn::{Policy, loader};
 use basalt_testkit::{Fabric, Prefix};
 use common::{NodeDatapath, Vm, echo_on, init_logs};
 
@@ -45,6 +45,33 @@ fn tcp_and_udp_between_nodes() {
         dp_b.loader().conntrack_len() >= 2,
         "node b's overlay program tracked the flows"
     );
+
+    // The fast path: single packets without TCP data are decapsulated on
+    // the uplink and never reach the VXLAN device; TCP data does.
+    let stats = loader::enable_stats().expect("BPF_ENABLE_STATS");
+    let runs = |dp: &mut NodeDatapath, program: &str| -> u64 {
+        let stats = dp.loader().program_stats().unwrap();
+        stats.iter().find(|(p, _, _)| *p == program).unwrap().2
+    };
+    let (overlay, uplink) = (
+        runs(&mut dp_b, "from_overlay"),
+        runs(&mut dp_b, "from_uplink"),
+    );
+    for _ in 0..3 {
+        assert!(vm1.udp_echo(ip1, to_vm2, b"fast").is_some());
+    }
+    assert!(runs(&mut dp_b, "from_uplink") >= uplink + 3);
+    assert_eq!(
+        runs(&mut dp_b, "from_overlay"),
+        overlay,
+        "UDP took the uplink's fast path"
+    );
+    vm1.tcp_echo(to_vm2, 100_000).expect("tcp data");
+    assert!(
+        runs(&mut dp_b, "from_overlay") > overlay,
+        "TCP data went through the VXLAN device"
+    );
+    drop(stats);
 
     // Ingress policy applies on the receiving node.
     let before = dp_b.drops(DropReason::Policy);

@@ -438,6 +438,20 @@ impl Disk {
 }
 
 impl Nic {
+    /// The MAC of NIC `index` of the VM with uid `vm_uid` when its spec
+    /// names none: QEMU's prefix `52:54:00` and three bytes of the VM's
+    /// UUID (its uid when that is a UUID, else a name-based one), the
+    /// index in the last byte's high bits so a VM's NICs never collide.
+    /// The one value for the domain's NIC, the endpoint object and the
+    /// datapath; stable for the VM's life, on every node.
+    pub fn default_mac(vm_uid: &str, index: usize) -> [u8; 6] {
+        let uuid = uuid::Uuid::parse_str(vm_uid)
+            .unwrap_or_else(|_| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, vm_uid.as_bytes()));
+        let b = uuid.as_bytes();
+        let last = b[15] ^ ((index as u8) << 5);
+        [0x52, 0x54, 0x00, b[13], b[14], last]
+    }
+
     fn validate(&self, field: &str) -> Result<(), ApiError> {
         validate::name(&format!("{field}.network"), &self.network)?;
         if let Some(mac) = &self.mac {

@@ -174,6 +174,7 @@ impl NodeDp {
                 loader.attach(&vm.tap, Hook::Tap)?;
             }
             loader.attach("basalt-vx", Hook::Overlay)?;
+            loader.attach("eth0", Hook::Uplink)?;
             let dp = Datapath::new(
                 loader,
                 NodeConfig {

@@ -191,6 +191,12 @@ impl Host {
             loader
                 .attach(&self.config.vxlan, Hook::Overlay)
                 .map_err(|e| error_chain(&e))?;
+            // The overlay's fast path; without it the VXLAN device still
+            // delivers everything.
+            if let Err(err) = loader.attach(&self.config.uplink, Hook::Uplink) {
+                tracing::warn!(uplink = %self.config.uplink, error = %error_chain(&err),
+                    "no overlay fast path on the uplink");
+            }
             self.vxlan_ifindex = vxlan;
             self.datapath = Some(Datapath::new(
                 loader,

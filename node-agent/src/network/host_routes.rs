@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_api::{AdminClient, ApiError, Endpoint, Kind, Node, Object, WatchEvent};
@@ -91,12 +92,14 @@ pub fn apply(
     Ok(applied)
 }
 
-/// Keeps the calling thread's namespace routed to every endpoint through
-/// its holder, forever (until the task is dropped). `netlink` must have
-/// been opened in the namespace to route.
-pub async fn follow(admin: AdminClient, netlink: Netlink) {
-    loop {
-        match follow_once(&admin, &netlink).await {
+/// Keeps a namespace routed to every endpoint through its holder, forever
+/// (until the task is dropped). `netlink` must have been opened in the
+/// namespace to route; `admins` are clients of the control-plane members,
+/// tried in turn (a round that fails moves to the next).
+pub async fn follow(admins: Vec<AdminClient>, netlink: Netlink) {
+    let netlink = Arc::new(netlink);
+    for admin in admins.iter().cycle() {
+        match follow_once(admin, &netlink).await {
             Err(FollowError::Api(ApiError::OutOfRange { .. })) => {
                 tracing::info!("host routes: watch fell behind the compacted log; listing again");
                 continue;
@@ -106,6 +109,7 @@ pub async fn follow(admin: AdminClient, netlink: Netlink) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    tracing::error!("host routes: no control-plane member to follow");
 }
 
 /// Why one round of [`follow`] ended.
@@ -115,9 +119,20 @@ enum FollowError {
     Api(#[from] ApiError),
     #[error("routes")]
     Routes(#[from] NetlinkError),
+    #[error("the route-writing task ended abnormally")]
+    Task(#[from] tokio::task::JoinError),
 }
 
-async fn follow_once(admin: &AdminClient, netlink: &Netlink) -> Result<(), FollowError> {
+/// [`apply`] off the async threads (netlink calls block).
+async fn apply_blocking(
+    netlink: &Arc<Netlink>,
+    want: BTreeMap<Ipv4Addr, Ipv4Addr>,
+) -> Result<Applied, FollowError> {
+    let netlink = Arc::clone(netlink);
+    Ok(tokio::task::spawn_blocking(move || apply(&netlink, &want)).await??)
+}
+
+async fn follow_once(admin: &AdminClient, netlink: &Arc<Netlink>) -> Result<(), FollowError> {
     let nodes_list = admin.list(Kind::Node).await?;
     let endpoints_list = admin.list(Kind::Endpoint).await?;
     let mut nodes = BTreeMap::new();
@@ -129,10 +144,12 @@ async fn follow_once(admin: &AdminClient, netlink: &Netlink) -> Result<(), Follo
             _ => {}
         }
     }
-    let from = nodes_list
-        .resource_version
-        .min(endpoints_list.resource_version);
-    let applied = apply(netlink, &plan(endpoints.values(), &nodes))?;
+    let listed = [
+        (Kind::Node, nodes_list.resource_version),
+        (Kind::Endpoint, endpoints_list.resource_version),
+    ];
+    let from = listed[0].1.min(listed[1].1);
+    let applied = apply_blocking(netlink, plan(endpoints.values(), &nodes)).await?;
     tracing::info!(
         endpoints = endpoints.len(),
         set = applied.set,
@@ -142,6 +159,15 @@ async fn follow_once(admin: &AdminClient, netlink: &Netlink) -> Result<(), Follo
     let mut events = admin.watch(None, from).await?;
     while let Some(event) = events.next().await {
         let event = event?;
+        // A kind's list already holds its changes up to its version.
+        let seen = event.object().is_some_and(|o| {
+            listed
+                .iter()
+                .any(|(kind, rv)| *kind == o.kind() && event.resource_version() <= *rv)
+        });
+        if seen {
+            continue;
+        }
         let changed = match event {
             WatchEvent::Added { object, .. } | WatchEvent::Modified { object, .. } => {
                 match object {
@@ -164,7 +190,7 @@ async fn follow_once(admin: &AdminClient, netlink: &Netlink) -> Result<(), Follo
             WatchEvent::Bookmark { .. } => false,
         };
         if changed {
-            let applied = apply(netlink, &plan(endpoints.values(), &nodes))?;
+            let applied = apply_blocking(netlink, plan(endpoints.values(), &nodes)).await?;
             if applied != Applied::default() {
                 tracing::info!(
                     set = applied.set,

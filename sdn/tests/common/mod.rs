@@ -323,6 +323,7 @@ impl NodeDatapath {
             loader
                 .attach("basalt-vx", Hook::Overlay)
                 .expect("attach vxlan");
+            loader.attach("eth0", Hook::Uplink).expect("attach uplink");
         }
         self.dp = Some(Datapath::new(
             loader,

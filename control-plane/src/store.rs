@@ -10,7 +10,14 @@
 //!   RocksDB recovers as a consistent prefix, so the state machine on disk
 //!   is never ahead of the log it was applied from;
 //! - the in-memory [`Machine`] always equals the state machine on disk
-//!   plus nothing: it is updated in the same step as the disk write.
+//!   plus nothing: it is updated in the same step as the disk write;
+//! - the current snapshot lives in its own file (`SNAPSHOT` in the data
+//!   directory: a JSON line of metadata, then the data), written to a
+//!   temporary file, fsynced and renamed over the old one, never in the
+//!   database: megabytes through the write-ahead log would make every log
+//!   append's fsync wait for them (and Raft's heartbeats behind those).
+//!   A snapshot in the database (a seeded directory, or an older member)
+//!   is read when there is no file.
 
 use std::fmt::Debug;
 use std::io::{self, Cursor};
@@ -44,6 +51,8 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"purged";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
+/// The current snapshot's file in the data directory.
+const SNAPSHOT_FILE: &str = "SNAPSHOT";
 const KEY_APPLIED: &[u8] = b"applied";
 const OBJECT_PREFIX: &str = "obj/";
 /// The first key after every `obj/…` key.
@@ -189,6 +198,7 @@ pub fn open(
     };
     let sm = StateMachineStore {
         db,
+        dir: dir.to_owned(),
         shared: Arc::clone(&shared),
     };
     Ok((log, sm, shared))
@@ -448,31 +458,55 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[derive(Debug, Clone)]
 pub struct StateMachineStore {
     db: Arc<DB>,
+    dir: std::path::PathBuf,
     shared: Arc<Shared>,
 }
 
 impl StateMachineStore {
     #[allow(clippy::result_large_err)]
     fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
+        write_snapshot_file(&self.dir, snapshot)
+            .map_err(|e| StorageIOError::write_snapshot(Some(snapshot.meta.signature()), &e))?;
+        // A snapshot a seed or an older member left in the database is
+        // older than the file now.
         self.db
-            .put_cf(cf(&self.db, CF_META), KEY_SNAPSHOT, to_json(snapshot))
+            .delete_cf(cf(&self.db, CF_META), KEY_SNAPSHOT)
             .map_err(|e| StorageIOError::write_snapshot(Some(snapshot.meta.signature()), &e).into())
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (data, last_applied, membership) = {
+        // Only the copy holds the lock (apply waits for it); encoding and
+        // storing megabytes run on a blocking thread, never on the async
+        // workers that carry Raft's heartbeats.
+        let (state, last_applied, membership) = {
             let machine = self.shared.read();
             let state = SnapshotState {
                 objects: machine.state.objects().cloned().collect(),
             };
-            (
-                to_json(&state),
-                machine.last_applied,
-                machine.membership.clone(),
-            )
+            (state, machine.last_applied, machine.membership.clone())
         };
+        let store = self.clone();
+        // openraft's own error type, as openraft wants it.
+        #[allow(clippy::result_large_err)]
+        let write = move || store.write_snapshot(&state, last_applied, membership);
+        tokio::task::spawn_blocking(write)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::error(e.to_string())))?
+    }
+}
+
+impl StateMachineStore {
+    /// Encodes and stores a snapshot of `state` at `last_applied`.
+    #[allow(clippy::result_large_err)]
+    fn write_snapshot(
+        &self,
+        state: &SnapshotState,
+        last_applied: Option<LogId>,
+        membership: StoredMembership,
+    ) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let data = to_json(state);
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, data.len()),
             None => format!("empty-{}", data.len()),
@@ -611,13 +645,52 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let stored: Option<StoredSnapshot> = get_json(&self.db, CF_META, KEY_SNAPSHOT)
-            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let stored = match read_snapshot_file(&self.dir)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        {
+            Some(stored) => Some(stored),
+            None => get_json(&self.db, CF_META, KEY_SNAPSHOT)
+                .map_err(|e| StorageIOError::read_snapshot(None, &e))?,
+        };
         Ok(stored.map(|stored| Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         }))
     }
+}
+
+/// Writes `snapshot` as the data directory's snapshot file: a temporary
+/// file, fsynced, renamed over the old one, the directory fsynced.
+fn write_snapshot_file(dir: &Path, snapshot: &StoredSnapshot) -> io::Result<()> {
+    use std::io::Write as _;
+    let meta = serde_json::to_vec(&snapshot.meta).map_err(io::Error::other)?;
+    let temporary = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(&meta)?;
+    file.write_all(b"\n")?;
+    file.write_all(&snapshot.data)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temporary, dir.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads the data directory's snapshot file, if there is one.
+fn read_snapshot_file(dir: &Path) -> io::Result<Option<StoredSnapshot>> {
+    let bytes = match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    let Some(newline) = bytes.iter().position(|&b| b == b'\n') else {
+        return Err(io::Error::other("the snapshot file has no metadata line"));
+    };
+    let meta: SnapshotMeta = serde_json::from_slice(&bytes[..newline])
+        .map_err(|e| io::Error::other(format!("the snapshot file's metadata: {e}")))?;
+    Ok(Some(StoredSnapshot {
+        meta,
+        data: bytes[newline + 1..].to_vec(),
+    }))
 }
 
 /// What a new one-member cluster starts from: a state at a log index

@@ -5,8 +5,8 @@
 //! group commit, etcd by its WAL). 1, 16 and 64 concurrent clients each
 //! write new keys with 256-byte values for a fixed time, spread round-robin
 //! over the three members, over gRPC (one HTTP/2 channel per member, shared
-//! by the clients): Basalt through its admin API (`create` of a node object
-//! whose four labels hold 4 × 64 bytes), etcd through `KV/Put` (messages
+//! by the clients): Basalt through its admin API (`create` of an image
+//! object whose four labels hold 4 × 64 bytes), etcd through `KV/Put` (messages
 //! declared here by hand from etcd's public wire format). Reported:
 //! writes/s, p50 and p99 latency, and Basalt's ratio to etcd.
 //!
@@ -16,7 +16,15 @@
 //! (per case, default 10), `BASALT_RAFT_DIR` (default
 //! `/var/tmp/basalt-bench-raft`), `BASALT_BENCH_MEMBER_LOG` (the members'
 //! `RUST_LOG`, default `warn`), `BASALT_RAFT_CLIENTS` (the client counts,
-//! comma-separated, default `1,16,64`; e.g. `64` alone for profiling).
+//! comma-separated, default `1,16,64`; e.g. `64` alone for profiling),
+//! `BASALT_RAFT_KIND` (`image`, the default, or `node`).
+//!
+//! Images are plain stored data, as etcd's keys are: no controller on the
+//! leader looks at them. Node objects (what the suite wrote before) make
+//! the leader's lease controller scan every node on each round, which
+//! with the tens of thousands of nodes a run writes dominated its CPU and
+//! held the state lock that applying waits for; `BASALT_RAFT_KIND=node`
+//! measures that.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -26,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use basalt_api::{AdminClient, Kind, Node, Object, ObjectMeta};
+use basalt_api::{AdminClient, Image, ImageFormat, ImageSpec, Kind, Node, Object, ObjectMeta};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 
@@ -322,6 +330,11 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
         !counts.is_empty() && !counts.contains(&0),
         "BASALT_RAFT_CLIENTS: at least one count, each at least 1"
     );
+    let nodes = match std::env::var("BASALT_RAFT_KIND").as_deref() {
+        Err(_) | Ok("image") => false,
+        Ok("node") => true,
+        Ok(other) => bail!("BASALT_RAFT_KIND: image or node, not {other:?}"),
+    };
     let mut results: Vec<(usize, &str, Measured)> = Vec::new();
     runtime.block_on(async {
         eprintln!("raft: starting 3 Basalt members in {}", dir.display());
@@ -336,14 +349,27 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
             let labels = labels();
             let measured = drive(clients, seconds, move |client, seq| {
                 let admin = admins[(client + seq as usize) % admins.len()].clone();
-                let mut node = Node {
-                    meta: ObjectMeta::named(format!("k{clients}-{client}-{seq}")),
-                    ..Node::default()
+                let mut meta = ObjectMeta::named(format!("k{clients}-{client}-{seq}"));
+                meta.labels = labels.clone();
+                let object = if nodes {
+                    let mut node = Node {
+                        meta,
+                        ..Node::default()
+                    };
+                    node.spec.address = "127.0.0.1:1".into();
+                    Object::Node(node)
+                } else {
+                    Object::Image(Image {
+                        meta,
+                        spec: ImageSpec {
+                            source: "/var/lib/basalt/images/bench.raw".into(),
+                            format: ImageFormat::Raw,
+                        },
+                        ..Image::default()
+                    })
                 };
-                node.meta.labels = labels.clone();
-                node.spec.address = "127.0.0.1:1".into();
                 async move {
-                    admin.create(Object::Node(node)).await?;
+                    admin.create(object).await?;
                     Ok(())
                 }
             })

@@ -34,6 +34,7 @@
 //!   placement's `replica_nodes` ([`scheduler::plan_replacements`]) by
 //!   compare-and-swap that keeps the node and epoch: the primary stays, so
 //!   the volumes' epoch stays; the VM's own node is never replaced here;
+//!   an outdated mark on the replaced node is dropped in the same entry;
 //! - a late heartbeat from a lost node renews nothing (see [`crate::leases`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -536,11 +537,42 @@ impl Controllers {
                 replica_nodes: replicas.clone(),
                 ..(*current).clone()
             };
-            match self
-                .admin
-                .write(Command::Update(Object::Placement(updated)))
-                .await
-            {
+            let mut batch = vec![Command::Update(Object::Placement(updated))];
+            // An outdated mark on a replaced node goes with it (decision
+            // 44's marks name replica nodes; that one holds no copy any
+            // more), in the same entry, compare-and-swap on both.
+            let dropped: Vec<&String> = current
+                .replica_nodes
+                .iter()
+                .filter(|n| !replicas.contains(n))
+                .collect();
+            let marked = {
+                let machine = self.admin.shared().read();
+                match machine.state.get(Kind::Vm, &vm) {
+                    Some(Object::Vm(v))
+                        if v.status
+                            .outdated_replicas
+                            .iter()
+                            .any(|n| dropped.contains(&n)) =>
+                    {
+                        Some(v.clone())
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(mut marked) = marked {
+                marked
+                    .status
+                    .outdated_replicas
+                    .retain(|n| !dropped.contains(&n));
+                batch.push(Command::Update(Object::Vm(marked)));
+            }
+            let command = if batch.len() == 1 {
+                batch.remove(0)
+            } else {
+                Command::Batch(batch)
+            };
+            match self.admin.write(command).await {
                 Ok(_) => {
                     tracing::warn!(%vm, from = ?current.replica_nodes, to = ?replicas, epoch = current.epoch, "replaced lost replica nodes");
                 }

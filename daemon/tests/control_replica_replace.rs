@@ -5,7 +5,7 @@
 //! it stops heartbeating; once its lease ran out it is still listed
 //! (the delay has not passed), then the placement names n3 in its place
 //! — not n4, which has published no replication address — with the same
-//! node and epoch. Then n3 is removed from the cluster: after the delay
+//! node and epoch, and the lost copy's outdated mark is gone with it. Then n3 is removed from the cluster: after the delay
 //! its copy goes to n4, which has published its address meanwhile. The
 //! VM never moves and is never placed twice.
 
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use basalt_api::{
     AdminClient, AgentClient, Disk, Heartbeat, JoinToken, KernelBoot, Kind, Object, ObjectMeta,
-    Placement, Registration, Resources, TokenSecret, Vm, VmSpec,
+    Placement, Registration, ReplicaMark, Resources, TokenSecret, Vm, VmSpec,
 };
 use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
 
@@ -189,6 +189,18 @@ async fn a_lost_or_removed_replica_node_is_replaced_after_the_delay() {
         || async { !ready(&admin, &secondary).await },
     )
     .await;
+    // The primary's agent has the lost copy recorded outdated (decision
+    // 44), as its fencer does when the link breaks.
+    agent
+        .mark_replica(ReplicaMark {
+            node: first.node.clone(),
+            vm: "db".into(),
+            replica_node: secondary.clone(),
+            epoch: first.epoch,
+            outdated: true,
+        })
+        .await
+        .expect("mark the lost copy outdated");
     let fenced = placement(&admin, "db").await.expect("placed");
     assert!(
         lost_at.elapsed() >= REPLACE_AFTER || fenced.replica_nodes == first.replica_nodes,
@@ -218,6 +230,14 @@ async fn a_lost_or_removed_replica_node_is_replaced_after_the_delay() {
     );
     assert_eq!(replaced.node, first.node, "the primary stays");
     assert_eq!(replaced.epoch, first.epoch, "no new epoch without a move");
+    let Ok(Object::Vm(db)) = admin.get(Kind::Vm, "db").await else {
+        panic!("db is gone")
+    };
+    assert!(
+        db.status.outdated_replicas.is_empty(),
+        "the replaced node's outdated mark went with it: {:?}",
+        db.status.outdated_replicas
+    );
     assert!(
         member.logs().contains("replaced lost replica nodes"),
         "the controller says what it did"

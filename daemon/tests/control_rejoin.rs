@@ -8,17 +8,20 @@
 //! and the agent keeps its credential in a file, so after a kill -9 and a
 //! new start it registers with it instead of the spent token.
 
+mod common;
+
+use common::BASALTD;
+
 use basalt_testkit::wait;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
-use basalt_api::{AdminClient, JoinToken, KernelBoot, Kind, Object, ObjectMeta, Vm, VmPhase};
+use basalt_api::{AdminClient, KernelBoot, Kind, Object, ObjectMeta, Vm, VmPhase};
 use basalt_testkit::{Prefix, Process, ProcessSpec};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 const DEADLINE: Duration = Duration::from_secs(60);
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 100\n";
 
@@ -48,36 +51,12 @@ async fn vm_running_on(admin: &AdminClient, name: &str, node: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_restart() {
     let prefix = Prefix::for_test().expect("prefix");
-    let config = prefix.dir().join("control.toml");
-    std::fs::write(&config, CONFIG).expect("config");
     let address = format!("127.0.0.1:{}", free_port());
-    let member_spec = ProcessSpec::new("control-1", BASALTD)
-        .args(["control", "--bootstrap", "--node-id", "1", "--config"])
-        .arg(&config)
-        .args(["--listen", &address, "--data-dir"])
-        .arg(prefix.dir().join("control-1"))
-        .env("RUST_LOG", "info");
-    let mut member = Process::start(&prefix, member_spec).expect("start basaltd control");
-    let admin = AdminClient::connect_lazy(&address).expect("admin client");
-    wait::until("the member leads", DEADLINE, &[], || async {
-        admin
-            .list(Kind::Member)
-            .await
-            .is_ok_and(|l| !l.objects.is_empty())
-    })
-    .await;
+    let (mut member, admin) =
+        common::start_control(&prefix, &address, None, DEADLINE, Some(CONFIG)).await;
 
     // A token good for exactly one registration.
-    let mut token = JoinToken {
-        meta: ObjectMeta::named("once"),
-        ..JoinToken::default()
-    };
-    token.spec.ttl_seconds = 3600;
-    token.spec.max_uses = 1;
-    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
-        panic!("create token")
-    };
-    let secret = token.secret.expect("secret").expose().to_owned();
+    let secret = common::join_token(&admin, "once", 1).await;
 
     let credential_file = prefix.dir().join("agent-state/node-credential");
     let agent_spec = ProcessSpec::new("agent-n1", BASALTD)

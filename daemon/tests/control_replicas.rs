@@ -8,6 +8,8 @@
 //! controller says why; a VM asking for more replicas than there are nodes
 //! is never placed, with the reason in the log.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -15,12 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use basalt_api::{
-    AdminClient, AgentClient, Disk, Heartbeat, JoinToken, KernelBoot, Kind, Object, ObjectMeta,
-    Placement, Registration, Resources, TokenSecret, Vm, VmSpec,
+    AdminClient, AgentClient, Disk, Heartbeat, KernelBoot, Kind, Object, ObjectMeta, Placement,
+    Registration, Resources, TokenSecret, Vm, VmSpec,
 };
-use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+use basalt_testkit::{Prefix, wait};
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Short leases so node loss takes seconds.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\n";
@@ -81,36 +82,12 @@ fn heartbeats(agent: AgentClient, node: String, uid: String, stop: Arc<AtomicBoo
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ha_moves_a_replicated_vm_only_onto_its_other_replica_node() {
     let prefix = Prefix::for_test().expect("prefix");
-    let config = prefix.dir().join("control.toml");
-    std::fs::write(&config, CONFIG).expect("config");
     let address = format!("127.0.0.1:{}", free_port());
-    let spec = ProcessSpec::new("control-1", BASALTD)
-        .args(["control", "--bootstrap", "--node-id", "1", "--config"])
-        .arg(&config)
-        .args(["--listen", &address, "--data-dir"])
-        .arg(prefix.dir().join("control-1"))
-        .env("RUST_LOG", "info");
-    let member = Process::start(&prefix, spec).expect("start basaltd control");
-    let admin = AdminClient::connect_lazy(&address).expect("admin client");
+    let (member, admin) =
+        common::start_control(&prefix, &address, None, DEADLINE, Some(CONFIG)).await;
     let agent = AgentClient::connect_lazy(&address).expect("agent client");
-    wait::until("the member leads", DEADLINE, &[&member], || async {
-        admin
-            .list(Kind::Member)
-            .await
-            .is_ok_and(|l| !l.objects.is_empty())
-    })
-    .await;
 
-    let mut token = JoinToken {
-        meta: ObjectMeta::named("join"),
-        ..JoinToken::default()
-    };
-    token.spec.ttl_seconds = 600;
-    token.spec.max_uses = 3;
-    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
-        panic!("create token")
-    };
-    let secret: TokenSecret = token.secret.expect("secret");
+    let secret = TokenSecret::new(common::join_token(&admin, "join", 3).await);
     let mut stops = std::collections::HashMap::new();
     for (name, memory_mib) in [("n1", 4096), ("n2", 4096), ("n3", 4096)] {
         let registered = agent

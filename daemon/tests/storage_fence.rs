@@ -18,6 +18,10 @@
 //!   outdated node (its only other replica node): the VM waits, and the
 //!   controller says why.
 
+mod common;
+
+use common::BASALTD;
+
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,13 +32,12 @@ use std::time::{Duration, Instant};
 use basalt_agent::storage::StorageConfig;
 use basalt_agent::storage::disk_volume;
 use basalt_api::{
-    AdminClient, AgentClient, ApiError, AttachVolume, Disk, EnsureVolume, Heartbeat, JoinToken,
-    KernelBoot, Kind, Object, ObjectMeta, Placement, ReplicaMark, ReplicaPeerState, Resources,
-    StorageClient, Vm, VmSpec, VolumeRole,
+    AdminClient, AgentClient, ApiError, AttachVolume, Disk, EnsureVolume, Heartbeat, KernelBoot,
+    Kind, Object, ObjectMeta, Placement, ReplicaMark, ReplicaPeerState, Resources, StorageClient,
+    TokenSecret, Vm, VmSpec, VolumeRole,
 };
 use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Short leases so node loss takes seconds.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\n";
@@ -224,36 +227,12 @@ async fn link_state(storage: &Storage, volume: &str) -> Option<ReplicaPeerState>
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded_it_outdated() {
     let prefix = Prefix::for_test().expect("prefix");
-    let config = prefix.dir().join("control.toml");
-    std::fs::write(&config, CONFIG).expect("config");
     let address = free_addr().to_string();
-    let spec = ProcessSpec::new("control", BASALTD)
-        .args(["control", "--bootstrap", "--node-id", "1", "--config"])
-        .arg(&config)
-        .args(["--listen", &address, "--data-dir"])
-        .arg(prefix.dir().join("control"))
-        .env("RUST_LOG", "info");
-    let mut member = Process::start(&prefix, spec).expect("start basaltd control");
-    let admin = AdminClient::connect_lazy(&address).expect("admin client");
+    let (mut member, admin) =
+        common::start_control(&prefix, &address, None, DEADLINE, Some(CONFIG)).await;
     let agent = AgentClient::connect_lazy(&address).expect("agent client");
-    wait::until("the member leads", DEADLINE, &[&member], || async {
-        admin
-            .list(Kind::Member)
-            .await
-            .is_ok_and(|l| !l.objects.is_empty())
-    })
-    .await;
 
-    let mut token = JoinToken {
-        meta: ObjectMeta::named("join"),
-        ..JoinToken::default()
-    };
-    token.spec.ttl_seconds = 600;
-    token.spec.max_uses = 2;
-    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
-        panic!("create token")
-    };
-    let secret = token.secret.expect("secret");
+    let secret = TokenSecret::new(common::join_token(&admin, "join", 2).await);
     let mut stops = std::collections::HashMap::new();
     let mut credentials = std::collections::HashMap::new();
     for name in ["a", "b"] {

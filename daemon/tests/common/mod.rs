@@ -30,7 +30,8 @@ pub async fn start_control(
             server,
         ])
         .arg("--data-dir")
-        .arg(prefix.dir().join("control"));
+        .arg(prefix.dir().join("control"))
+        .env("RUST_LOG", "info");
     if let Some(node) = netns {
         spec = spec.netns(node);
     }

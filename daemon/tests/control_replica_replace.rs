@@ -9,6 +9,9 @@
 //! its copy goes to n4, which has published its address meanwhile. The
 //! VM never moves and is never placed twice.
 
+mod common;
+mod fake_agent;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -16,12 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use basalt_api::{
-    AdminClient, AgentClient, Disk, Heartbeat, JoinToken, KernelBoot, Kind, Object, ObjectMeta,
-    Placement, Registration, ReplicaMark, Resources, TokenSecret, Vm, VmSpec,
+    AdminClient, AgentClient, Disk, KernelBoot, Kind, Object, ObjectMeta, Placement, Registration,
+    ReplicaMark, Resources, TokenSecret, Vm, VmSpec,
 };
-use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+use basalt_testkit::{Prefix, wait};
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 const DEADLINE: Duration = Duration::from_secs(60);
 /// `replica_replace_after_ms`, less the heartbeat interval and some
 /// slack: the delay runs from the last acknowledged heartbeat, a little
@@ -69,21 +71,6 @@ async fn placement(admin: &AdminClient, vm: &str) -> Option<Placement> {
     }
 }
 
-/// A fake agent's heartbeats until `stop` is set.
-fn heartbeats(agent: AgentClient, node: String, uid: String, stop: Arc<AtomicBool>) {
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            let beat = Heartbeat {
-                node: node.clone(),
-                node_uid: uid.clone(),
-                allocatable: None,
-            };
-            let _ = agent.heartbeat(beat).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
-}
-
 /// Publishes a replication address on `node`, as its agent does.
 async fn publish(admin: &AdminClient, node: &str, address: &str) {
     for _ in 0..10 {
@@ -105,36 +92,12 @@ async fn ready(admin: &AdminClient, node: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_or_removed_replica_node_is_replaced_after_the_delay() {
     let prefix = Prefix::for_test().expect("prefix");
-    let config = prefix.dir().join("control.toml");
-    std::fs::write(&config, CONFIG).expect("config");
     let address = format!("127.0.0.1:{}", free_port());
-    let spec = ProcessSpec::new("control-1", BASALTD)
-        .args(["control", "--bootstrap", "--node-id", "1", "--config"])
-        .arg(&config)
-        .args(["--listen", &address, "--data-dir"])
-        .arg(prefix.dir().join("control-1"))
-        .env("RUST_LOG", "info");
-    let member = Process::start(&prefix, spec).expect("start basaltd control");
-    let admin = AdminClient::connect_lazy(&address).expect("admin client");
+    let (member, admin) =
+        common::start_control(&prefix, &address, None, DEADLINE, Some(CONFIG)).await;
     let agent = AgentClient::connect_lazy(&address).expect("agent client");
-    wait::until("the member leads", DEADLINE, &[&member], || async {
-        admin
-            .list(Kind::Member)
-            .await
-            .is_ok_and(|l| !l.objects.is_empty())
-    })
-    .await;
 
-    let mut token = JoinToken {
-        meta: ObjectMeta::named("join"),
-        ..JoinToken::default()
-    };
-    token.spec.ttl_seconds = 600;
-    token.spec.max_uses = 4;
-    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
-        panic!("create token")
-    };
-    let secret: TokenSecret = token.secret.expect("secret");
+    let secret = TokenSecret::new(common::join_token(&admin, "join", 4).await);
     let mut stops: HashMap<String, Arc<AtomicBool>> = HashMap::new();
     let join = |name: &'static str| {
         let (agent, secret) = (agent.clone(), secret.clone());
@@ -154,7 +117,7 @@ async fn a_lost_or_removed_replica_node_is_replaced_after_the_delay() {
                 .await
                 .expect("register");
             let stop = Arc::new(AtomicBool::new(false));
-            heartbeats(agent, name.into(), registered.node_uid, Arc::clone(&stop));
+            fake_agent::heartbeats(agent, name.into(), registered.node_uid, Arc::clone(&stop));
             stop
         }
     };

@@ -8,6 +8,8 @@
 //! controller says why; a VM asking for more replicas than there are nodes
 //! is never placed, with the reason in the log.
 
+mod fake_agent;
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -17,8 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use basalt_api::{
-    AdminClient, AgentClient, Disk, Heartbeat, KernelBoot, Kind, Object, ObjectMeta, Placement,
-    Registration, Resources, TokenSecret, Vm, VmSpec,
+    AdminClient, AgentClient, Disk, KernelBoot, Kind, Object, ObjectMeta, Placement, Registration,
+    Resources, TokenSecret, Vm, VmSpec,
 };
 use basalt_testkit::{Prefix, wait};
 
@@ -64,21 +66,6 @@ async fn placement(admin: &AdminClient, vm: &str) -> Option<Placement> {
     }
 }
 
-/// A fake agent's heartbeats until `stop` is set.
-fn heartbeats(agent: AgentClient, node: String, uid: String, stop: Arc<AtomicBool>) {
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            let beat = Heartbeat {
-                node: node.clone(),
-                node_uid: uid.clone(),
-                allocatable: None,
-            };
-            let _ = agent.heartbeat(beat).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ha_moves_a_replicated_vm_only_onto_its_other_replica_node() {
     let prefix = Prefix::for_test().expect("prefix");
@@ -105,7 +92,7 @@ async fn ha_moves_a_replicated_vm_only_onto_its_other_replica_node() {
             .await
             .expect("register");
         let stop = Arc::new(AtomicBool::new(false));
-        heartbeats(
+        fake_agent::heartbeats(
             agent.clone(),
             name.into(),
             registered.node_uid,

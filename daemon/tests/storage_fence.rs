@@ -18,6 +18,8 @@
 //!   outdated node (its only other replica node): the VM waits, and the
 //!   controller says why.
 
+mod fake_agent;
+
 mod common;
 
 use common::BASALTD;
@@ -32,9 +34,9 @@ use std::time::{Duration, Instant};
 use basalt_agent::storage::StorageConfig;
 use basalt_agent::storage::disk_volume;
 use basalt_api::{
-    AdminClient, AgentClient, ApiError, AttachVolume, Disk, EnsureVolume, Heartbeat, KernelBoot,
-    Kind, Object, ObjectMeta, Placement, ReplicaMark, ReplicaPeerState, Resources, StorageClient,
-    TokenSecret, Vm, VmSpec, VolumeRole,
+    AdminClient, AgentClient, ApiError, AttachVolume, Disk, EnsureVolume, KernelBoot, Kind, Object,
+    ObjectMeta, Placement, ReplicaMark, ReplicaPeerState, Resources, StorageClient, TokenSecret,
+    Vm, VmSpec, VolumeRole,
 };
 use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
 
@@ -174,21 +176,6 @@ fn still_running(child: &mut Child, wait: Duration) -> bool {
     true
 }
 
-/// A fake agent's heartbeats until `stop` is set.
-fn heartbeats(agent: AgentClient, node: String, uid: String, stop: Arc<AtomicBool>) {
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            let beat = Heartbeat {
-                node: node.clone(),
-                node_uid: uid.clone(),
-                allocatable: None,
-            };
-            let _ = agent.heartbeat(beat).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
-}
-
 async fn placement(admin: &AdminClient) -> Option<Placement> {
     match admin.get(Kind::Placement, "db").await {
         Ok(Object::Placement(p)) => Some(p),
@@ -251,7 +238,7 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
             .await
             .expect("register");
         let stop = Arc::new(AtomicBool::new(false));
-        heartbeats(
+        fake_agent::heartbeats(
             agent.clone(),
             name.into(),
             registered.node_uid,
@@ -327,7 +314,7 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
         .await
         .expect("x registers again");
     let stop_x = Arc::new(AtomicBool::new(false));
-    heartbeats(
+    fake_agent::heartbeats(
         agent.clone(),
         x.clone(),
         again.node_uid,

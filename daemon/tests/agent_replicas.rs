@@ -17,55 +17,32 @@
 //! with the old epoch, and `b`'s storage process, brought back as the old
 //! primary (epoch 2), gets no write acknowledged by `a`.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+mod common;
+mod replica_node;
+
 use std::process::Command;
 use std::time::Duration;
 
-use basalt_agent::storage::disk_volume;
 use basalt_api::{
-    AdminClient, ApiError, AttachVolume, Disk, JoinToken, KernelBoot, Kind, Migration,
-    MigrationPhase, MigrationSpec, Object, ObjectMeta, Placement, ReplicaPeerState, StorageClient,
-    Vm, VmPhase, VmSpec, VolumeRole, WatchEvent,
+    AdminClient, ApiError, AttachVolume, KernelBoot, Kind, Migration, MigrationPhase,
+    MigrationSpec, Object, ObjectMeta, ReplicaPeerState, StorageClient, VmPhase, VolumeRole,
+    WatchEvent,
 };
 use basalt_testkit::guest::GuestImage;
 use basalt_testkit::nbd_client::NbdClient;
-use basalt_testkit::{Fabric, Libvirtd, Node, Prefix, Process, ProcessSpec, wait};
+use basalt_testkit::{Fabric, Libvirtd, Node, Prefix, Process, wait};
 use futures::StreamExt as _;
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+use replica_node::{
+    NBD, PATTERN_AT, REPLICA_PORT, agent_spec, create_db_on_a_and_b, pattern, peer_state,
+    read_export, refuses_writes, start_storage, wait_joined, write_pattern,
+};
 
 /// A TCG guest on a loaded machine boots slowly: generous, not tight.
 const DEADLINE: Duration = Duration::from_secs(180);
 const CONTROL_PORT: u16 = 7400;
-const REPLICA_PORT: u16 = 7789;
-const NBD: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10809);
 /// Short leases so the node's loss takes seconds.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
-const DISK_BYTES: u64 = 16 << 20;
-/// Where the test's pattern goes (past the guest's two records).
-const PATTERN_AT: u64 = 1 << 20;
-const PATTERN_BLOCKS: u64 = 64;
-
-/// 4 KiB block `i` of the pattern: its number, then a fill byte.
-fn pattern_block(i: u64) -> Vec<u8> {
-    let mut block = vec![(i % 251) as u8 + 1; 4096];
-    block[..8].copy_from_slice(&i.to_le_bytes());
-    block
-}
-
-/// Reads `len` bytes at `offset` of `export` from the NBD server inside
-/// `node`.
-fn read_export(node: &Node, export: &str, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let export = export.to_owned();
-    node.run_in(move || {
-        let mut client = NbdClient::connect(NBD, &export)?;
-        let mut buf = vec![0u8; len];
-        client.read(offset, &mut buf)?;
-        Ok(buf)
-    })
-    .map_err(std::io::Error::other)?
-}
 
 /// The boot counter the guest keeps in block 0 of its disk.
 fn boots(block0: &[u8]) -> u64 {
@@ -75,32 +52,6 @@ fn boots(block0: &[u8]) -> u64 {
         .map(|b| char::from(*b))
         .collect();
     digits.parse().unwrap_or(0)
-}
-
-fn create_pool(dir: &Path, node: &str) -> PathBuf {
-    let pool = dir.join(format!("pool-{node}.img"));
-    let out = Command::new(BASALTD)
-        .args(["storage", "pool", "create", "--size", "256M", "--path"])
-        .arg(&pool)
-        .output()
-        .expect("basaltd runs");
-    assert!(out.status.success(), "{out:?}");
-    pool
-}
-
-fn storage_spec(prefix: &Prefix, node: &Node, pool: &Path, socket: &Path) -> ProcessSpec {
-    ProcessSpec::new(format!("storage-{}", node.name()), BASALTD)
-        .args(["storage", "serve", "--listen", &NBD.to_string(), "--pool"])
-        .arg(pool)
-        .arg("--local-socket")
-        .arg(socket)
-        .args([
-            "--replica-listen",
-            &format!("{}:{REPLICA_PORT}", node.addr()),
-        ])
-        .env("RUST_LOG", "info")
-        .netns(node)
-        .cwd(prefix.dir())
 }
 
 async fn vm_on(admin: &AdminClient, node: &str) -> bool {
@@ -116,7 +67,6 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
         return;
     }
     let prefix = Prefix::for_test().expect("prefix");
-    let dir = prefix.dir().to_path_buf();
     let mut fabric = Fabric::new(&prefix).expect("fabric");
     let a = fabric.add_node("a").expect("node a");
     let b = fabric.add_node("b").expect("node b");
@@ -129,152 +79,47 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
     });
     let image = GuestImage::build().expect("guest image");
 
-    // Storage on a and b: NBD where QEMU looks, the local API for the
-    // agent, replication on the node's address.
-    let (pool_a, pool_b) = (create_pool(&dir, "a"), create_pool(&dir, "b"));
-    let (sock_a, sock_b) = (dir.join("storage-a.sock"), dir.join("storage-b.sock"));
-    let mut storage_a =
-        Process::start(&prefix, storage_spec(&prefix, &a, &pool_a, &sock_a)).expect("storage a");
-    let mut storage_b =
-        Process::start(&prefix, storage_spec(&prefix, &b, &pool_b, &sock_b)).expect("storage b");
-    storage_a
-        .wait_for_tcp(NBD, Some(&a), Duration::from_secs(30))
-        .expect("storage a listening");
-    storage_b
-        .wait_for_tcp(NBD, Some(&b), Duration::from_secs(30))
-        .expect("storage b listening");
-
-    // The control plane on cp, with short leases.
-    let config = dir.join("control.toml");
-    std::fs::write(&config, CONFIG).expect("config");
+    // Storage on a and b, the control plane on cp with short leases.
+    let (storage_a, sock_a) = start_storage(&prefix, &a);
+    let (mut storage_b, sock_b) = start_storage(&prefix, &b);
     let server = format!("{}:{CONTROL_PORT}", cp.addr());
-    let control = Process::start(
-        &prefix,
-        ProcessSpec::new("control", BASALTD)
-            .args([
-                "control",
-                "--node-id",
-                "1",
-                "--bootstrap",
-                "--listen",
-                &server,
-            ])
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(dir.join("control"))
-            .env("RUST_LOG", "info")
-            .netns(&cp),
-    )
-    .expect("control plane");
-    let admin = AdminClient::connect_lazy(&server).expect("admin client");
-    wait::until(
-        "the control plane answers",
-        DEADLINE,
-        &[&control],
-        || async { admin.list(Kind::Node).await.is_ok() },
-    )
-    .await;
-    let mut token = JoinToken {
-        meta: ObjectMeta::named("join"),
-        ..JoinToken::default()
-    };
-    token.spec.ttl_seconds = 600;
-    token.spec.max_uses = 2;
-    let Ok(Object::Token(token)) = admin.create(Object::Token(token)).await else {
-        panic!("create the join token")
-    };
-    let secret = token.secret.expect("the secret").expose().to_owned();
+    let (control, admin) =
+        common::start_control(&prefix, &server, Some(&cp), DEADLINE, Some(CONFIG)).await;
+    let secret = common::join_token(&admin, "join", 2).await;
     let domain_prefix = format!("{}-", prefix.name());
-    let agent = |node: &Node, libvirtd: &Libvirtd, socket: &Path| {
+    let agent = |node: &Node, libvirtd: &Libvirtd, socket: &std::path::Path| {
         let console = prefix.log_dir().join(format!("console-{}", node.name()));
-        Process::start(
-            &prefix,
-            ProcessSpec::new(format!("agent-{}", node.name()), BASALTD)
-                .args(["agent", "--node", node.name(), "--server", &server])
-                .args(["--address", &format!("{}:7500", node.addr())])
-                .args(["--libvirt-uri", &libvirtd.uri()])
-                .args(["--domain-prefix", &domain_prefix])
-                .args(["--resync-ms", "500", "--stop-grace-ms", "1000"])
-                .args(["--cpus", "2", "--memory-mib", "2048"])
-                .arg("--storage-socket")
-                .arg(socket)
-                .arg("--console-dir")
-                .arg(console)
-                .env("BASALT_JOIN_TOKEN", &secret)
-                .env("RUST_LOG", "info")
-                .netns(node),
-        )
-        .expect("agent")
+        let spec = agent_spec(node, &server, &secret, socket)
+            .args(["--libvirt-uri", &libvirtd.uri()])
+            .args(["--domain-prefix", &domain_prefix])
+            .args(["--stop-grace-ms", "1000"])
+            .arg("--console-dir")
+            .arg(console);
+        Process::start(&prefix, spec).expect("agent")
     };
     let agent_a = agent(&a, &la, &sock_a);
     let mut agent_b = agent(&b, &lb, &sock_b);
     let console_a = prefix.log_dir().join("console-a").join("db.log");
-    {
-        let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
-        wait::until(
-            "both nodes joined and published their replication addresses",
-            DEADLINE,
-            &logs,
-            || async {
-                let Ok(list) = admin.list(Kind::Node).await else {
-                    return false;
-                };
-                list.objects.len() == 2
-                    && list.objects.iter().all(|o| {
-                        matches!(o, Object::Node(n) if !n.status.replication_address.is_empty())
-                    })
-            },
-        )
-        .await;
-    }
+    wait_joined(
+        &admin,
+        2,
+        DEADLINE,
+        &[&control, &agent_a, &agent_b, &storage_a, &storage_b],
+    )
+    .await;
 
     // The VM, stopped, placed on a with replicas on a and b.
-    let vm = Vm {
-        meta: ObjectMeta::named("db"),
-        spec: VmSpec {
-            cpus: 1,
-            memory_mib: 128,
-            running: false,
-            disks: vec![Disk {
-                name: "root".into(),
-                size_bytes: DISK_BYTES,
-                image: None,
-                replicas: 2,
-            }],
-            kernel: Some(KernelBoot {
-                kernel: image.kernel().to_string_lossy().into_owned(),
-                initrd: image.initrd().to_string_lossy().into_owned(),
-                cmdline: "console=ttyS0".into(),
-            }),
-            ..VmSpec::default()
+    let volume = create_db_on_a_and_b(
+        &admin,
+        KernelBoot {
+            kernel: image.kernel().to_string_lossy().into_owned(),
+            initrd: image.initrd().to_string_lossy().into_owned(),
+            cmdline: "console=ttyS0".into(),
         },
-        ..Vm::default()
-    };
-    let Object::Vm(stored) = admin.create(Object::Vm(vm)).await.expect("vm") else {
-        panic!("a vm")
-    };
-    admin
-        .create(Object::Placement(Placement {
-            meta: ObjectMeta::named("db"),
-            vm: "db".into(),
-            node: "a".into(),
-            epoch: 1,
-            replica_nodes: vec!["a".into(), "b".into()],
-        }))
-        .await
-        .expect("placement on a");
-    let volume = disk_volume(&stored.meta.uid, "root");
+    )
+    .await;
     let storage_client_a = StorageClient::connect_unix(&sock_a).expect("storage a client");
     let storage_client_b = StorageClient::connect_unix(&sock_b).expect("storage b client");
-    let peer_state = |client: StorageClient, volume: String| async move {
-        client.status().await.ok().and_then(|s| {
-            s.replicas
-                .into_iter()
-                .find(|r| r.volume == volume)
-                .map(|r| (r.state, r.dirty_chunks))
-        })
-    };
     {
         let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
         wait::until(
@@ -282,39 +127,21 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
             DEADLINE,
             &logs,
             || async {
-                peer_state(storage_client_a.clone(), volume.clone()).await
+                peer_state(&storage_client_a, &volume, None).await
                     == Some((ReplicaPeerState::Connected, 0))
             },
         )
         .await;
     }
     // b's copy refuses writers: it is a secondary.
-    {
-        let volume = volume.clone();
-        let refused = b
-            .run_in(move || {
-                let mut client = NbdClient::connect(NBD, &volume).expect("nbd on b");
-                client.write(0, &[7u8; 4096]).is_err()
-            })
-            .expect("run in b");
-        assert!(refused, "b's secondary took an NBD write");
-    }
+    assert!(
+        refuses_writes(&b, &volume),
+        "b's secondary took an NBD write"
+    );
 
     // A pattern written through the primary's export is on b.
-    {
-        let volume = volume.clone();
-        a.run_in(move || {
-            let mut client = NbdClient::connect(NBD, &volume).expect("nbd on a");
-            for i in 0..PATTERN_BLOCKS {
-                client
-                    .write(PATTERN_AT + i * 4096, &pattern_block(i))
-                    .expect("write the pattern on a");
-            }
-            client.flush().expect("flush");
-        })
-        .expect("run in a");
-    }
-    let expected: Vec<u8> = (0..PATTERN_BLOCKS).flat_map(pattern_block).collect();
+    write_pattern(&a, &volume, PATTERN_AT, 0);
+    let expected = pattern(0);
     let on_b = read_export(&b, &volume, PATTERN_AT, expected.len()).expect("read b");
     assert!(on_b == expected, "b's replica does not hold the pattern");
 
@@ -447,7 +274,7 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
             DEADLINE,
             &logs,
             || async {
-                peer_state(storage_client_b.clone(), volume.clone()).await
+                peer_state(&storage_client_b, &volume, None).await
                     == Some((ReplicaPeerState::Connected, 0))
             },
         )
@@ -579,7 +406,7 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
             &logs,
             || async {
                 matches!(
-                    peer_state(storage_client_b.clone(), volume.clone()).await,
+                    peer_state(&storage_client_b, &volume, None).await,
                     Some((ReplicaPeerState::Deposed, _))
                 )
             },

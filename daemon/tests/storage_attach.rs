@@ -412,10 +412,12 @@ fn replication_is_attached_promoted_demoted_and_dual_primary_through_the_local_a
     });
 
     // kill -9 of both storage processes: each comes back with its roles
-    // (A still refuses writes as B's secondary), and B, the primary, having
-    // lost its dirty sets, fills A again by a full sync.
+    // (A still refuses writes as B's secondary), and B, the primary, keeps
+    // its stream to A (its dirty log is on disk): A gets only the chunks
+    // the log holds, never a full sync.
     let mut a = a;
     let mut b = b;
+    let b_from = b.plain_logs().len();
     for n in [&mut a, &mut b] {
         n.process.kill9().expect("kill -9");
         n.process.restart().expect("restart");
@@ -445,12 +447,18 @@ fn replication_is_attached_promoted_demoted_and_dual_primary_through_the_local_a
         assert_eq!(attached.peers.len(), 1, "B forgot its peer: {attached:?}");
         wait_connected(&b, "vol").await;
     });
+    let after = b.plain_logs()[b_from..].to_owned();
     assert!(
-        b.plain_logs()
+        after
+            .lines()
+            .any(|l| l.contains("dirty log found") && l.contains("volume=vol ")),
+        "a restarted primary did not find its dirty log: {after}"
+    );
+    assert!(
+        !after
             .lines()
             .any(|l| l.contains("full sync starting") && l.contains("volume=vol ")),
-        "a restarted primary skipped the full sync: {}",
-        b.process.log_tail(20)
+        "a restarted primary fully synced its peer: {after}"
     );
     b.write("vol", 0xf6, 10 * MIB, MIB);
     a.check("vol", 0xf6, 10 * MIB, MIB);

@@ -202,21 +202,31 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
         "peer outdated by the fencer",
         Duration::from_secs(10),
     );
+    // primary-2's own start resynced the chunks its dirty log kept from
+    // the kill -9 above: the resync to count is the next one.
+    let syncs_before = plain_logs(&primary).matches("resync_bytes=").count();
     replica.restart().expect("restart the replica");
     replica
         .wait_for_tcp(nbd_b, None, Duration::from_secs(30))
         .expect("replica listening again");
-    let line = wait_log(&primary, "resync_bytes=", Duration::from_secs(20));
     let line = {
-        // The first sync after the restart is the one with the dirty chunks.
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut l = line;
-        while field(&l, "resync_chunks") == 0 {
-            assert!(Instant::now() < deadline, "no resync: {l}");
+        loop {
+            let logs = plain_logs(&primary);
+            if let Some(l) = logs
+                .lines()
+                .filter(|l| l.contains("resync_bytes="))
+                .nth(syncs_before)
+            {
+                break l.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no resync after the replica returned:\n{}",
+                primary.log_tail(20)
+            );
             std::thread::sleep(Duration::from_millis(50));
-            l = wait_log(&primary, "resync_bytes=", Duration::from_secs(1));
         }
-        l
     };
     let (chunks, bytes) = (field(&line, "resync_chunks"), field(&line, "resync_bytes"));
     eprintln!(

@@ -9,12 +9,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use basalt_api::ReplicaPeerState;
+use basalt_api::StorageApi;
 use basalt_sds::backend::MemBackend;
+use basalt_sds::local::{ExportConfig, LocalService};
 use basalt_sds::pool::{Pool, PoolOptions};
 use basalt_sds::replication::attach::{
     AttachError, AttachOptions, AttachSpec, AttachmentView, Attachments, Role,
 };
 use basalt_sds::replication::book::ReplicaBook;
+use basalt_sds::replication::fence::AgentFencer;
 use basalt_sds::replication::replica::ReplicaServer;
 use basalt_sds::replication::{Op, PeerState, ReplicationError};
 
@@ -268,6 +272,27 @@ fn diverged_primaries_report_a_split_brain_and_overwrite_nothing() {
     }
     assert_eq!(read(&pa, 0), vec![0xaa; 4096]);
     assert_eq!(read(&pb, 0), vec![0xbb; 4096]);
+    // The storage-local API says so (it used to say "away").
+    let local = LocalService::new(
+        att_a.clone(),
+        ExportConfig {
+            tcp: any,
+            unix: None,
+            replication: Some(sa.addr()),
+        },
+        AgentFencer::default(),
+    );
+    let status = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(local.status())
+        .expect("status");
+    assert_eq!(status.replicas.len(), 1, "{status:?}");
+    assert_eq!(
+        status.replicas[0].state,
+        ReplicaPeerState::SplitBrain,
+        "{status:?}"
+    );
 }
 
 fn persistent(pool: &Pool, dir: &Path) -> Attachments {

@@ -143,6 +143,7 @@ impl From<ReplicaPeerState> for pb::ReplicaPeerState {
             ReplicaPeerState::Resyncing => Self::Resyncing,
             ReplicaPeerState::Away => Self::Away,
             ReplicaPeerState::Deposed => Self::Deposed,
+            ReplicaPeerState::SplitBrain => Self::SplitBrain,
         }
     }
 }
@@ -171,6 +172,7 @@ impl TryFrom<pb::ReplicaPeer> for ReplicaPeer {
                 ReplicaPeerState::Away
             }
             pb::ReplicaPeerState::Deposed => ReplicaPeerState::Deposed,
+            pb::ReplicaPeerState::SplitBrain => ReplicaPeerState::SplitBrain,
         };
         Ok(Self {
             volume: p.volume,
@@ -313,13 +315,21 @@ mod tests {
             chunk_size: 65536,
             replication_address: "10.0.0.1:7800".into(),
             volumes: 2,
-            replicas: vec![ReplicaPeer {
-                volume: "v".into(),
-                peer: "10.0.0.2:7800".into(),
-                state: ReplicaPeerState::Resyncing,
-                dirty_chunks: 3,
-                ..ReplicaPeer::default()
-            }],
+            replicas: vec![
+                ReplicaPeer {
+                    volume: "v".into(),
+                    peer: "10.0.0.2:7800".into(),
+                    state: ReplicaPeerState::Resyncing,
+                    dirty_chunks: 3,
+                    ..ReplicaPeer::default()
+                },
+                ReplicaPeer {
+                    volume: "v".into(),
+                    peer: "10.0.0.3:7800".into(),
+                    state: ReplicaPeerState::SplitBrain,
+                    ..ReplicaPeer::default()
+                },
+            ],
             ..StorageStatus::default()
         };
         let back = StorageStatus::try_from(pb::StorageStatus::from(status.clone())).unwrap();

@@ -73,6 +73,9 @@ pub enum ReplicaPeerState {
     Away,
     /// The peer saw a newer epoch: this primary acknowledges no write.
     Deposed,
+    /// The peer is a primary of the volume that diverged from this one:
+    /// reported, never resolved automatically.
+    SplitBrain,
 }
 
 /// A volume this process replicates to a peer.

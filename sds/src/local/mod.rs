@@ -204,7 +204,8 @@ fn replica_peer(volume: &str, peer: &str, st: &ReplicationStatus) -> ReplicaPeer
         state: match st.state {
             PeerState::Connected => ReplicaPeerState::Connected,
             PeerState::Resyncing => ReplicaPeerState::Resyncing,
-            PeerState::Away | PeerState::SplitBrain => ReplicaPeerState::Away,
+            PeerState::Away => ReplicaPeerState::Away,
+            PeerState::SplitBrain => ReplicaPeerState::SplitBrain,
             PeerState::Deposed { .. } => ReplicaPeerState::Deposed,
         },
         dirty_chunks: st.dirty_chunks,

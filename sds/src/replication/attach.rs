@@ -31,8 +31,13 @@
 //! - with a file ([`Attachments::persistent`]), every attachment is on
 //!   disk once `attach` returns, and a restarted process restores them
 //!   before it serves: a secondary never comes back writable, a primary
-//!   comes back a primary (with new streams, so its peers get a full
-//!   sync: its dirty sets were in memory).
+//!   comes back a primary with the same streams (their generations and
+//!   dirty chunks are in the dirty logs, `POOL.dirty/`), so its peers get
+//!   only the chunks they may miss;
+//! - a stream's dirty log is deleted when the stream ends for good (its
+//!   peer removed, the volume no longer a primary, detached or deleted),
+//!   so a log found at start always belongs to a primary that was
+//!   stopped while it was one.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -43,6 +48,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::book::ReplicaBook;
+use super::dirty_log::{self, DirtyLog, LogKey};
 #[cfg(doc)]
 use super::fence::AgentFencer;
 use super::{
@@ -175,6 +181,8 @@ pub struct Attachments {
     opts: AttachOptions,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     file: Option<PathBuf>,
+    /// Where primaries keep their peers' dirty logs (persistent only).
+    dirty_dir: Option<PathBuf>,
     /// Serialises writes of the file.
     saving: Mutex<()>,
 }
@@ -304,13 +312,15 @@ impl Attachments {
             opts,
             slots: Mutex::new(HashMap::new()),
             file: None,
+            dirty_dir: None,
             saving: Mutex::new(()),
         }
     }
 
     /// Like [`Attachments::new`], keeping every attachment in `file`
     /// (lines `VOLUME ROLE EPOCH ALLOW_OUTDATE [PEER...]`) and restoring
-    /// the ones found there now. A restored primary whose epoch the pool
+    /// the ones found there now, and each primary stream's dirty log in
+    /// the directory named like `file` with the extension `dirty`. A restored primary whose epoch the pool
     /// has since seen surpassed is restored anyway: its writes are
     /// refused, which is what it deserves; one whose peers no longer
     /// resolve comes back a secondary (never writable without its peers).
@@ -325,6 +335,8 @@ impl Attachments {
         // Restored with no file, then written once: a crash while
         // restoring leaves the file as it was.
         let mut this = Attachments::new(pool, book, opts);
+        let dirty_dir = file.with_extension("dirty");
+        this.dirty_dir = Some(dirty_dir.clone());
         for (name, spec) in saved {
             let (role, epoch) = (spec.role, spec.epoch);
             match this.attach_unchecked(&name, spec) {
@@ -353,6 +365,18 @@ impl Attachments {
                 }
             }
         }
+        // Logs of streams that were not restored (their volume is gone or
+        // no longer a primary) would only mislead a later stream.
+        let keep: Vec<PathBuf> = this
+            .views_state()
+            .iter()
+            .flat_map(|st| {
+                st.replicators
+                    .iter()
+                    .filter_map(|(_, r)| r.dirty_log_path())
+            })
+            .collect();
+        dirty_log::sweep(&dirty_dir, &keep);
         this.file = Some(file.to_owned());
         this.save().map_err(io::Error::other)?;
         Ok(this)
@@ -483,6 +507,11 @@ impl Attachments {
         }
     }
 
+    fn views_state(&self) -> Vec<Arc<Attached>> {
+        let slots: Vec<_> = lock(&self.slots).values().cloned().collect();
+        slots.iter().map(|s| lock(&s.gate).state.clone()).collect()
+    }
+
     /// Every attached volume, by name.
     pub fn views(&self) -> Vec<AttachmentView> {
         let mut names: Vec<String> = lock(&self.slots).keys().cloned().collect();
@@ -596,9 +625,10 @@ impl Attachments {
             }
         }
         // Released first: writes suspended on a peer that goes fail, and
-        // ones suspended on a peer that stays ask the new fencer.
+        // ones suspended on a peer that stays ask the new fencer. Their
+        // streams end: no later stream may reuse their logs.
         for r in &removed {
-            r.shutdown();
+            r.retire();
         }
         if old.spec.as_ref().map(|s| s.allow_outdate) != Some(spec.allow_outdate) {
             for (_, r) in &kept {
@@ -633,12 +663,23 @@ impl Attachments {
                     synced_from: self.book.synced(name),
                     rate: self.opts.sync_rate,
                 };
-                let r = Replicator::start_with(volume.clone(), cfg, fencer.clone(), sync).map_err(
-                    |source| AttachError::Start {
-                        volume: name.to_owned(),
-                        source,
-                    },
-                )?;
+                let start = |source| AttachError::Start {
+                    volume: name.to_owned(),
+                    source,
+                };
+                let log = match &self.dirty_dir {
+                    Some(dir) => {
+                        let key = LogKey {
+                            volume_uid: volume.uid(),
+                            peer,
+                            chunk_size: self.pool.chunk_size(),
+                        };
+                        Some(DirtyLog::open(dir, &key, new_generation).map_err(start)?)
+                    }
+                    None => None,
+                };
+                let r = Replicator::start_logged(volume.clone(), cfg, fencer.clone(), sync, log)
+                    .map_err(start)?;
                 replicators.push((peer.clone(), r));
             }
             self.book
@@ -659,7 +700,7 @@ impl Attachments {
                 // replicators, as before the change.
                 for (peer, r) in &replicators {
                     if !kept.iter().any(|(p, _)| p == peer) {
-                        r.shutdown();
+                        r.retire();
                     }
                 }
                 gate.state = Arc::new(Attached {
@@ -715,7 +756,7 @@ impl Attachments {
         let _one = lock(&slot.change);
         let old = lock(&slot.gate).state.clone();
         for (_, r) in &old.replicators {
-            r.shutdown();
+            r.retire();
         }
         self.drain(&slot);
         let mut gate = lock(&slot.gate);

@@ -32,13 +32,21 @@
 //! - a replica is in sync with a stream (no full sync) only if it
 //!   recorded that stream's generation at the end of a full sync, or the
 //!   sender's volume followed a stream the replica itself ships as
-//!   primary (dual primary); the design is in `sds/DESIGN.md`.
+//!   primary (dual primary); the design is in `sds/DESIGN.md`;
+//! - with a dirty log, every chunk a write touches is set in it before the
+//!   write is shipped or applied, made durable before a FLUSH or FUA is
+//!   acknowledged, and cleared only while the peer is connected, for
+//!   chunks neither dirty, in flight nor written in the last second.
 //!
-//! The dirty set is kept in memory only: a primary restart forgets it, so
-//! its peers get a full sync.
+//! With a [`dirty_log::DirtyLog`] (attached primaries of a persistent
+//! process), the chunks a peer may miss are also on disk before the write
+//! that makes them differ goes out, so a restarted primary keeps its
+//! stream's generation and resyncs only those chunks; without one, a
+//! restart forgets them and the peer gets a full sync.
 
 pub mod attach;
 pub mod book;
+pub mod dirty_log;
 pub mod fence;
 pub mod replica;
 pub mod wire;
@@ -54,6 +62,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::pool::{PoolError, Volume};
+use dirty_log::{DirtyLog, LogFile};
 use wire::{
     FLAG_FUA, FLAG_NO_HOLE, FLAG_RESYNC, FLAG_SYNCED, Frame, FrameKind, Hello, HelloReply, Status,
 };
@@ -169,6 +178,18 @@ pub enum ReplicationError {
         /// The volume.
         volume: String,
     },
+    /// The chunks a write touches could not be marked in the peer's dirty
+    /// log (or made durable for a FLUSH): the write is not acknowledged.
+    #[error("recording the dirty chunks of {volume} for peer {peer}")]
+    DirtyLog {
+        /// The volume.
+        volume: String,
+        /// The peer.
+        peer: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// One operation to replicate.
@@ -260,6 +281,14 @@ impl Op<'_> {
                 Some((offset, len.into()))
             }
             Op::Flush => None,
+        }
+    }
+
+    /// Whether its acknowledgement promises durability (FLUSH, FUA).
+    fn durable(&self) -> bool {
+        match *self {
+            Op::Write { fua, .. } | Op::Trim { fua, .. } | Op::WriteZeroes { fua, .. } => fua,
+            Op::Flush => true,
         }
     }
 }
@@ -360,6 +389,21 @@ struct Shared {
     full_syncs: AtomicU64,
     acked: AtomicU64,
     stop: AtomicBool,
+    /// The dirty log's file, synced before a FLUSH or FUA is acknowledged.
+    log_file: Option<Arc<LogFile>>,
+}
+
+/// How often set bits of the dirty log are cleared, and how long a
+/// chunk stays set after its last write (one to two periods).
+const LOG_CLEAN_EVERY: Duration = Duration::from_secs(1);
+
+/// A chunk written recently, for the dirty log's cleaner.
+#[derive(Debug, Default, Clone, Copy)]
+struct Touch {
+    /// Writes to it not yet settled.
+    inflight: u32,
+    /// The cleaner's tick of its last write.
+    tick: u64,
 }
 
 #[derive(Debug)]
@@ -387,6 +431,14 @@ struct Link {
     refusal_logged: bool,
     /// A connect loop runs (it ends when deposed or stopped).
     connecting: bool,
+    /// The persistent dirty bitmap (a superset of `dirty` plus the
+    /// chunks written recently or in flight).
+    log: Option<DirtyLog>,
+    /// Chunks written recently (only with a log).
+    touched: HashMap<u64, Touch>,
+    /// The cleaner's tick and when it last ran.
+    tick: u64,
+    last_clean: Instant,
 }
 
 /// A frame sent, waiting for its ack.
@@ -418,6 +470,28 @@ impl Replicator {
         fencer: Arc<dyn Fencer>,
         sync: SyncOptions,
     ) -> io::Result<Replicator> {
+        Replicator::start_logged(volume, cfg, fencer, sync, None)
+    }
+
+    /// Like [`Replicator::start_with`], keeping the peer's dirty chunks in
+    /// `log`: the stream's generation is the log's, and a log found on
+    /// disk (a restarted primary's) starts with its set chunks dirty.
+    pub fn start_logged(
+        volume: Volume,
+        mut cfg: ReplicatorConfig,
+        fencer: Arc<dyn Fencer>,
+        sync: SyncOptions,
+        log: Option<DirtyLog>,
+    ) -> io::Result<Replicator> {
+        let mut dirty = BTreeSet::new();
+        if let Some(log) = &log {
+            cfg.generation = log.generation();
+            if log.reused() {
+                dirty.extend(log.set_chunks());
+                tracing::info!(volume = %volume.name(), peer = %cfg.peer, generation = cfg.generation, dirty_chunks = dirty.len(), "dirty log found: the peer gets only these chunks");
+            }
+        }
+        let log_file = log.as_ref().map(|l| l.file().clone());
         let shared = Arc::new(Shared {
             volume,
             epoch: AtomicU64::new(cfg.epoch),
@@ -429,7 +503,7 @@ impl Replicator {
                 writer: None,
                 conn: 0,
                 next_seq: 1,
-                dirty: BTreeSet::new(),
+                dirty,
                 outdated: false,
                 full_sync: false,
                 fencer_version: 0,
@@ -438,6 +512,10 @@ impl Replicator {
                 last_ask: None,
                 refusal_logged: false,
                 connecting: true,
+                log,
+                touched: HashMap::new(),
+                tick: 0,
+                last_clean: Instant::now(),
             }),
             changed: Condvar::new(),
             pending: Mutex::new(HashMap::new()),
@@ -447,6 +525,7 @@ impl Replicator {
             full_syncs: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            log_file,
         });
         let s = shared.clone();
         thread::Builder::new()
@@ -555,6 +634,21 @@ impl Replicator {
                 return Err(r.shared.deposed(newest));
             }
         }
+        // The chunks go into every peer's dirty log before the write goes
+        // anywhere (undone in memory for the peers already marked if one
+        // fails: a set bit too many only costs a resync).
+        for (i, (r, link)) in replicators.iter().zip(links.iter_mut()).enumerate() {
+            if let Err(source) = r.shared.log_write(link, &op) {
+                for (r, link) in replicators.iter().zip(links.iter_mut()).take(i) {
+                    r.shared.settle_touch(link, &op);
+                }
+                return Err(ReplicationError::DirtyLog {
+                    volume: r.shared.volume.name().to_owned(),
+                    peer: r.shared.cfg.peer,
+                    source,
+                });
+            }
+        }
         let shipped: Vec<_> = replicators
             .iter()
             .zip(links.iter_mut())
@@ -562,8 +656,26 @@ impl Replicator {
             .collect();
         // A local failure fails the request; the range's content is then
         // undefined for the client, as after any failed write.
-        local()?;
+        if let Err(e) = local() {
+            for (r, link) in replicators.iter().zip(links.iter_mut()) {
+                r.shared.settle_touch(link, &op);
+            }
+            return Err(e.into());
+        }
         drop(links);
+        if op.durable() {
+            for r in replicators {
+                if let Some(f) = &r.shared.log_file
+                    && let Err(source) = f.sync()
+                {
+                    return Err(ReplicationError::DirtyLog {
+                        volume: r.shared.volume.name().to_owned(),
+                        peer: r.shared.cfg.peer,
+                        source,
+                    });
+                }
+            }
+        }
         let mut result = Ok(());
         for (r, shipped) in replicators.iter().zip(shipped) {
             let settled = r.shared.settle(shipped, &op);
@@ -572,6 +684,21 @@ impl Replicator {
             }
         }
         result
+    }
+
+    /// Like [`Replicator::shutdown`], for a stream that ends for good (its
+    /// peer removed, or the volume no longer a primary here): its dirty
+    /// log is deleted.
+    pub fn retire(&self) {
+        self.shutdown();
+        if let Some(log) = &lock(&self.shared.link).log {
+            log.remove();
+        }
+    }
+
+    /// The path of the dirty log, if the stream keeps one.
+    pub fn dirty_log_path(&self) -> Option<std::path::PathBuf> {
+        self.shared.log_file.as_ref().map(|f| f.path().to_owned())
     }
 
     /// Stops reconnecting and cuts the connection; writes suspended on
@@ -624,10 +751,13 @@ impl Shared {
     /// only with the fencer's word.
     fn settle(&self, shipped: Option<Shipped>, op: &Op<'_>) -> Result<(), ReplicationError> {
         let Some(shipped) = shipped else {
-            return self.fence(lock(&self.link));
+            let mut link = lock(&self.link);
+            self.settle_touch(&mut link, op);
+            return self.fence(link);
         };
         let answer = shipped.ack.recv();
         let mut link = lock(&self.link);
+        self.settle_touch(&mut link, op);
         match answer {
             Ok(Status::Ok) => {
                 self.acked.fetch_add(1, Ordering::Relaxed);
@@ -734,6 +864,82 @@ impl Shared {
         }
     }
 
+    /// The chunks `op` changes, first and last.
+    fn chunks(&self, op: &Op<'_>) -> Option<(u64, u64)> {
+        let cs = self.cfg.chunk_size.max(1);
+        match op.range() {
+            Some((offset, len)) if len > 0 => Some((offset / cs, (offset + len - 1) / cs)),
+            _ => None,
+        }
+    }
+
+    /// Under the link lock, before the write is shipped or applied: sets
+    /// its chunks in the dirty log and counts it in flight on them.
+    fn log_write(&self, link: &mut Link, op: &Op<'_>) -> io::Result<()> {
+        let Some((first, last)) = self.chunks(op) else {
+            return Ok(());
+        };
+        let Some(log) = link.log.as_mut() else {
+            return Ok(());
+        };
+        log.mark(first, last)?;
+        let tick = link.tick;
+        for c in first..=last {
+            let t = link.touched.entry(c).or_default();
+            t.inflight += 1;
+            t.tick = tick;
+        }
+        Ok(())
+    }
+
+    /// The write counted by [`Shared::log_write`] is settled (acked,
+    /// tracked as dirty, or failed).
+    fn settle_touch(&self, link: &mut Link, op: &Op<'_>) {
+        if link.log.is_none() {
+            return;
+        }
+        let Some((first, last)) = self.chunks(op) else {
+            return;
+        };
+        for c in first..=last {
+            if let Some(t) = link.touched.get_mut(&c) {
+                t.inflight = t.inflight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Clears the dirty log's bits of chunks the connected peer holds:
+    /// not dirty, no write in flight, not written in the last tick. Runs
+    /// at most every [`LOG_CLEAN_EVERY`].
+    fn clean_log(&self, link: &mut Link) {
+        if link.state != PeerState::Connected
+            || link.log.is_none()
+            || link.last_clean.elapsed() < LOG_CLEAN_EVERY
+        {
+            return;
+        }
+        link.last_clean = Instant::now();
+        link.tick += 1;
+        let tick = link.tick;
+        link.touched
+            .retain(|_, t| t.inflight > 0 || t.tick + 2 > tick);
+        let Some(log) = link.log.as_mut() else {
+            return;
+        };
+        let clear: Vec<u64> = log
+            .set_chunks()
+            .into_iter()
+            .filter(|c| !link.dirty.contains(c) && !link.touched.contains_key(c))
+            .collect();
+        if clear.is_empty() {
+            return;
+        }
+        if let Err(e) = log.clear(&clear) {
+            // Bits left set only cost a resync after a restart.
+            tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, error = %e, "cannot clear the dirty log");
+        }
+    }
+
     fn mark_dirty(&self, link: &mut Link, offset: u64, len: u64) {
         let cs = self.cfg.chunk_size.max(1);
         if len == 0 {
@@ -769,7 +975,12 @@ impl Shared {
                 }
                 match link.state {
                     PeerState::Connected | PeerState::Resyncing => {
-                        let _ = self.changed.wait_timeout(link, self.cfg.retry);
+                        let mut link = self
+                            .changed
+                            .wait_timeout(link, self.cfg.retry)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                        self.clean_log(&mut link);
                         continue;
                     }
                     _ => link.conn += 1,

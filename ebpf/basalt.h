@@ -133,7 +133,14 @@ struct policy_id_key {
 	__u8 pad[3];
 };
 
-/* conntrack: LRU hash, key = the flow as its first packet carried it. */
+/* Flags of struct ct_value. */
+#define CT_REPLY   (1u << 0) /* a packet went the other way: the flow is answered */
+#define CT_CLOSING (1u << 1) /* TCP: a FIN or RST was seen */
+
+/* conntrack: LRU hash, key = the flow as its first packet carried it.
+ * Entries age: every packet of the flow stamps last_seen_ns, and user
+ * space (basalt-sdn's conntrack sweep) removes an entry idle for longer
+ * than its protocol's and state's timeout. */
 struct ct_key {
 	__u32 saddr;
 	__u32 daddr;
@@ -144,8 +151,11 @@ struct ct_key {
 };
 
 struct ct_value {
-	__u64 created_ns;
-	__u64 packets;
+	__u64 created_ns;   /* CLOCK_MONOTONIC, coarse */
+	__u64 packets;      /* counted for flows under policy only */
+	__u64 last_seen_ns; /* the flow's latest packet, same clock */
+	__u32 flags;        /* CT_* */
+	__u32 pad;
 };
 
 /* events ring buffer entry. */

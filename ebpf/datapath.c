@@ -144,7 +144,9 @@ struct flow {
 	__u16 tcp_payload; /* TCP segment data bytes, 0 otherwise */
 };
 
+#define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
 
 static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
@@ -262,11 +264,41 @@ static __always_inline int policy_allows(__u32 subject, __u8 dir, __u32 peer_ip,
 	return allowed;
 }
 
+static __always_inline int tcp_opening(const struct flow *f)
+{
+	return f->proto == IPPROTO_TCP &&
+	       (f->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
 /*
- * Connection tracking: 1 if the packet belongs to a known flow (either
- * direction), 0 if it starts a new one.
+ * Brings a flow's entry up to date with one of its packets: last seen now
+ * (the coarse clock, written only when it moved, so a busy flow does not
+ * dirty the entry on every packet), answered once a packet goes the other
+ * way, closing once TCP sends a FIN or RST. A SYN on a closing entry is a
+ * new connection reusing the tuple: it starts afresh.
  */
-static __always_inline int ct_known(const struct flow *f)
+static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, int reply)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	__u32 flags = v->flags, want = flags;
+
+	if (v->last_seen_ns != now)
+		v->last_seen_ns = now;
+	if (reply)
+		want |= CT_REPLY;
+	if (f->proto == IPPROTO_TCP) {
+		if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+			want |= CT_CLOSING;
+		else if (!reply && (flags & CT_CLOSING) && tcp_opening(f))
+			want = 0;
+	}
+	if (want != flags)
+		v->flags = want;
+}
+
+/* The entry of the packet's flow in either direction, brought up to date
+ * (see ct_touch); NULL if the flow is not tracked. */
+static __always_inline struct ct_value *ct_find(const struct flow *f)
 {
 	struct ct_key k = {
 		.saddr = f->saddr, .daddr = f->daddr,
@@ -275,14 +307,27 @@ static __always_inline int ct_known(const struct flow *f)
 	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &k);
 
 	if (v) {
-		__sync_fetch_and_add(&v->packets, 1);
-		return 1;
+		ct_touch(v, f, 0);
+		return v;
 	}
 	struct ct_key r = {
 		.saddr = f->daddr, .daddr = f->saddr,
 		.sport = f->dport, .dport = f->sport, .proto = f->proto,
 	};
 	v = bpf_map_lookup_elem(&conntrack, &r);
+	if (v)
+		ct_touch(v, f, 1);
+	return v;
+}
+
+/*
+ * Connection tracking: 1 if the packet belongs to a known flow (either
+ * direction), 0 if it starts a new one.
+ */
+static __always_inline int ct_known(const struct flow *f)
+{
+	struct ct_value *v = ct_find(f);
+
 	if (v) {
 		__sync_fetch_and_add(&v->packets, 1);
 		return 1;
@@ -290,28 +335,41 @@ static __always_inline int ct_known(const struct flow *f)
 	return 0;
 }
 
+/*
+ * A new entry for the packet's flow. A TCP flow seen first by anything
+ * but its opening SYN (tracking picking it up mid-way: after an agent
+ * upgrade, or once its entry expired) is taken as answered.
+ */
 static __always_inline void ct_create(const struct flow *f)
 {
 	struct ct_key k = {
 		.saddr = f->saddr, .daddr = f->daddr,
 		.sport = f->sport, .dport = f->dport, .proto = f->proto,
 	};
-	struct ct_value v = { .created_ns = bpf_ktime_get_ns(), .packets = 1 };
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ct_value v = { .created_ns = now, .last_seen_ns = now, .packets = 1 };
 
+	if (f->proto == IPPROTO_TCP) {
+		if (!tcp_opening(f))
+			v.flags |= CT_REPLY;
+		if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+			v.flags |= CT_CLOSING;
+	}
 	bpf_map_update_elem(&conntrack, &k, &v, BPF_NOEXIST);
 }
 
 /*
  * Tracking without enforcement (no policy selects either endpoint): the
  * flow only has to be known if a policy comes later, so that it leaves
- * established flows alone. A TCP flow is recorded by its opening SYN and
- * its other packets cost nothing; any other flow by its first packet in
- * each direction (one lookup per packet, no reverse lookup, no counting).
+ * established flows alone, and stay known while it is alive. A TCP flow's
+ * entry (either direction) is found and refreshed by each packet, and
+ * made when missing; any other flow gets an entry per direction, found
+ * and refreshed by one lookup per packet (no reverse lookup, no counting).
  */
 static __always_inline void ct_remember(const struct flow *f)
 {
 	if (f->proto == IPPROTO_TCP) {
-		if ((f->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		if (!ct_find(f))
 			ct_create(f);
 		return;
 	}
@@ -319,7 +377,11 @@ static __always_inline void ct_remember(const struct flow *f)
 		.saddr = f->saddr, .daddr = f->daddr,
 		.sport = f->sport, .dport = f->dport, .proto = f->proto,
 	};
-	if (!bpf_map_lookup_elem(&conntrack, &k))
+	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &k);
+
+	if (v)
+		ct_touch(v, f, 0);
+	else
 		ct_create(f);
 }
 
@@ -546,6 +608,12 @@ int from_vm(struct __sk_buff *skb)
 		if (__sync_fetch_and_or(&ifc->activated, 1) == 0)
 			emit(EVENT_ACTIVATION, 0, ifindex, 0, eth->h_source,
 			     bpf_ntohs(eth->h_proto));
+		/* The gateway is the same on every node: its ARP answer is
+		 * right here already. A guest whose cache lost it (a link
+		 * that went down with the move) would otherwise wait for its
+		 * next ARP retry, a second later, before sending anything. */
+		if (eth->h_proto == bpf_htons(ETH_P_ARP))
+			return answer_arp(skb, ifindex, cfg, ep, ep_ip);
 		__u32 key = DROP_STANDBY;
 		__u64 *count = bpf_map_lookup_elem(&drops, &key);
 		if (count)

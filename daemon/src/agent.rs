@@ -93,6 +93,16 @@ pub struct AgentArgs {
     /// DNS servers handed to guests by DHCP (repeatable).
     #[arg(long)]
     net_dns: Vec<std::net::Ipv4Addr>,
+    /// Idle timeouts of connection-tracking entries in seconds, as
+    /// NAME=SECONDS items (any subset of tcp, tcp-opening, tcp-closing,
+    /// udp, udp-stream, icmp, other; the rest keep the kernel's defaults),
+    /// e.g. `tcp=86400,udp=60`.
+    #[arg(long, default_value_t = basalt_sdn::conntrack::Timeouts::default())]
+    net_conntrack_timeouts: basalt_sdn::conntrack::Timeouts,
+    /// How often connection tracking is swept for expired entries
+    /// (milliseconds).
+    #[arg(long, default_value_t = 10_000)]
+    net_conntrack_sweep_ms: u64,
     /// The node's storage process (`basaltd storage serve --local-socket`):
     /// the agent makes and removes VM volumes through it. Without it, VM
     /// disks must exist already.
@@ -128,6 +138,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let mut net = basalt_agent::network::NetworkConfig::new(args.node.clone());
         net.uplink = args.net_uplink.clone();
         net.dns = args.net_dns.clone();
+        net.conntrack = args.net_conntrack_timeouts;
+        net.conntrack_sweep = Duration::from_millis(args.net_conntrack_sweep_ms.max(100));
         net
     });
     let credential_file = args.credential_file.clone().map(CredentialFile::new);

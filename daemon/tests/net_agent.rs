@@ -10,14 +10,18 @@
 //! restarted (it adopts the pins), policies (selectors by VM labels)
 //! block and allow new flows as they are applied, changed and deleted —
 //! map writes only, nothing re-attached — and a VM's deletion removes its
-//! tap.
+//! tap. A guest reaches an address outside the VM networks (a namespace
+//! playing the outside) through its node's source NAT: the outside sees
+//! the node's address and its answer comes back. The agents sweep
+//! connection tracking with a short UDP timeout: an idle UDP exchange's
+//! entries go, the established TCP flow's stay.
 
 mod common;
 
 use basalt_testkit::wait;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -172,6 +176,45 @@ impl Guest {
     }
 }
 
+impl Guest {
+    /// Serves UDP echo on `port`.
+    fn udp_echo_server(&self, port: u16) {
+        let file = File::open(self.path()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        });
+        rx.recv().unwrap();
+    }
+}
+
+/// Serves, in `node`, a TCP service that answers each connection with the
+/// peer address it saw.
+fn whoami_server(node: &Node, port: u16) {
+    let file = File::open(node.netns_path()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+        tx.send(()).unwrap();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let peer = conn
+                .peer_addr()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
+            let _ = conn.write_all(peer.as_bytes());
+        }
+    });
+    rx.recv().unwrap();
+}
+
 impl Drop for Guest {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -300,6 +343,8 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
                 .args(["--server", &server, "--compute", "sim", "--network"])
                 .args(["--resync-ms", "500", "--console-dir"])
                 .arg(prefix.log_dir())
+                .args(["--net-conntrack-timeouts", "udp=2,udp-stream=2"])
+                .args(["--net-conntrack-sweep-ms", "300"])
                 .env("BASALT_JOIN_TOKEN", &secret)
                 .env("RUST_LOG", "info,basalt_agent=debug")
                 .netns(node),
@@ -404,6 +449,64 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
     echo(&mut conn, 200_000).expect("tcp echo across the overlay");
     let mut back = g2.connect(SocketAddr::from((ip1, 7000))).expect("and back");
     echo(&mut back, 1000).expect("echo back");
+
+    // Egress: the outside has no route to the VM network; the guest
+    // reaches it through its node's source NAT, and the outside's answer
+    // (the address it saw) comes back.
+    let outside = fabric.add_node("out").expect("outside");
+    whoami_server(&outside, 9000);
+    let seen = in_netns(&g1.path(), || {
+        let to = SocketAddr::from((outside.addr(), 9000));
+        let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .map_err(|e| format!("connect to the outside: {e}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut seen = String::new();
+        conn.read_to_string(&mut seen)
+            .map_err(|e| format!("read the outside's answer: {e}"))?;
+        Ok::<_, String>(seen)
+    })
+    .expect("egress through the node's source NAT");
+    assert_eq!(
+        seen,
+        node1.addr().to_string(),
+        "the outside sees the node's address, not the guest's"
+    );
+
+    // Connection tracking ages in the agents: a UDP exchange's entries go
+    // once idle past the 2 s UDP timeout; the TCP flows (5 days) stay.
+    g2.udp_echo_server(7001);
+    let answer = in_netns(&g1.path(), || {
+        let socket = UdpSocket::bind((ip1, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        for _ in 0..5 {
+            socket.send_to(b"ping", (ip2, 7001)).unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+        None
+    });
+    assert_eq!(answer.as_deref(), Some(&b"ping"[..]), "UDP across nodes");
+    let udp_tracked = |node: &Node| {
+        basalt_sdn::loader::pinned_conntrack(node.netns())
+            .expect("read the node's conntrack map")
+            .iter()
+            .filter(|(k, _)| k.proto == 17 && (k.dport == 7001 || k.sport == 7001))
+            .count()
+    };
+    assert!(udp_tracked(&node1) > 0, "the exchange is tracked on node 1");
+    let start = Instant::now();
+    while udp_tracked(&node1) + udp_tracked(&node2) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "idle UDP entries were never swept"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    echo(&mut conn, 1000).expect("the established flow is still tracked and flowing");
 
     // The agent of guest 1's node dies: the pinned datapath keeps the flow.
     let i1 = nodes

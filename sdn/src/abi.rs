@@ -254,14 +254,39 @@ pub struct CtKey {
     pub pad: [u8; 3],
 }
 
+/// `ct_value.flags`: a packet went the other way (the flow is answered).
+pub const CT_REPLY: u32 = 1 << 0;
+/// `ct_value.flags`: TCP sent a FIN or RST (the flow is closing).
+pub const CT_CLOSING: u32 = 1 << 1;
+
 /// `struct ct_value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
 pub struct CtValue {
-    /// When the flow was first seen (`CLOCK_MONOTONIC`, ns).
+    /// When the flow was first seen (`CLOCK_MONOTONIC`, coarse, ns).
     pub created_ns: u64,
-    /// Packets seen.
+    /// Packets seen (counted for flows under policy only).
     pub packets: u64,
+    /// When the flow's latest packet was seen (same clock).
+    pub last_seen_ns: u64,
+    /// `CT_*` flags.
+    pub flags: u32,
+    /// Padding.
+    pub pad: u32,
+}
+
+impl CtValue {
+    /// An answered flow seen at `now_ns`: what a flow carried from another
+    /// node (live migration) or kept across a datapath upgrade starts as.
+    pub fn established(now_ns: u64) -> CtValue {
+        CtValue {
+            created_ns: now_ns,
+            packets: 0,
+            last_seen_ns: now_ns,
+            flags: CT_REPLY,
+            pad: 0,
+        }
+    }
 }
 
 /// `struct event`: one entry of the `events` ring buffer.
@@ -317,7 +342,7 @@ const _: () = {
     assert!(size_of::<PolicyCidrData>() == 12);
     assert!(size_of::<PolicyIdKey>() == 12);
     assert!(size_of::<CtKey>() == 16);
-    assert!(size_of::<CtValue>() == 16);
+    assert!(size_of::<CtValue>() == 32);
     assert!(size_of::<EventRecord>() == 28);
 };
 

@@ -9,6 +9,8 @@
 //! - [`sync`]: compiling the model into map contents and writing only the
 //!   difference ([`Datapath`]);
 //! - [`loader`]: the aya loader, pinned maps and TCX links ([`Loader`]);
+//! - [`conntrack`]: how long connection-tracking entries live (timeouts by
+//!   protocol and state, swept from user space);
 //! - [`netlink`]: links, addresses, routes and the VXLAN device;
 //! - [`dhcp`]: a DHCP server per tap handing out the leased /32;
 //! - [`nftables`]: source NAT on the node's uplink for egress, and guards
@@ -23,6 +25,7 @@
 //!   flowing.
 
 pub mod abi;
+pub mod conntrack;
 pub mod dhcp;
 pub mod loader;
 pub mod model;

@@ -25,10 +25,56 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
 use crate::abi::{
-    Config, CtKey, CtValue, DropReason, EndpointValue, EventRecord, IfaceValue, PolicyCidrData,
-    PolicyIdKey, RulesValue, SubjectValue,
+    CT_CLOSING, Config, CtKey, CtValue, DropReason, EndpointValue, EventRecord, IfaceValue,
+    PolicyCidrData, PolicyIdKey, RulesValue, SubjectValue,
 };
+use crate::conntrack::{Timeouts, now_ns};
 use crate::sync::{Change, MapState, MapStore};
+
+/// What one connection-tracking sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries looked at.
+    pub seen: usize,
+    /// Entries removed as expired.
+    pub expired: usize,
+}
+
+/// The size of `struct ct_value` before entries aged (created, packets).
+const OLD_CT_VALUE_SIZE: u32 = 16;
+
+/// A conntrack map pinned by an older datapath whose entries have another
+/// layout cannot serve the new programs: its flows are read (when the
+/// layout is the one before aging), its pin removed so the load makes a
+/// new map, and the flows returned to be written into it.
+fn take_old_conntrack(pin: &Path) -> Result<Vec<CtKey>, LoaderError> {
+    let Ok(info) = aya::maps::MapInfo::from_pin(pin) else {
+        // Not pinned yet: a first load.
+        return Ok(Vec::new());
+    };
+    if info.value_size() as usize == size_of::<CtValue>() {
+        return Ok(Vec::new());
+    }
+    let mut keys = Vec::new();
+    if info.value_size() == OLD_CT_VALUE_SIZE {
+        let old = MapData::from_pin(pin)
+            .and_then(aya::maps::Map::from_map_data)
+            .map_err(map_err("conntrack"))?;
+        let old: HashMap<_, CtKey, [u8; OLD_CT_VALUE_SIZE as usize]> =
+            HashMap::try_from(old).map_err(map_err("conntrack"))?;
+        keys = old.keys().filter_map(Result::ok).collect();
+    }
+    tracing::info!(
+        value_size = info.value_size(),
+        flows = keys.len(),
+        "replacing a conntrack map of an older layout"
+    );
+    std::fs::remove_file(pin).map_err(|source| LoaderError::PinDir {
+        path: pin.to_owned(),
+        source,
+    })?;
+    Ok(keys)
+}
 
 /// The compiled programs.
 static DATAPATH_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.o"));
@@ -209,6 +255,7 @@ impl Loader {
             std::fs::create_dir_all(&path)
                 .map_err(|source| LoaderError::PinDir { path, source })?;
         }
+        let carried = take_old_conntrack(&dir.join("maps").join("conntrack"))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir.join("maps"))
             .load(DATAPATH_OBJ)
@@ -246,7 +293,7 @@ impl Loader {
         let drops = PerCpuArray::try_from(take("drops")?).map_err(map_err("drops"))?;
         let events = RingBuf::try_from(take("events")?).map_err(map_err("events"))?;
         tracing::debug!(node, dir = %dir.display(), "datapath loaded");
-        Ok(Loader {
+        let mut loader = Loader {
             ebpf,
             dir,
             config,
@@ -259,7 +306,16 @@ impl Loader {
             conntrack,
             drops,
             events,
-        })
+        };
+        if !carried.is_empty() {
+            loader.import_conntrack(&carried)?;
+            tracing::info!(
+                node,
+                flows = carried.len(),
+                "connection tracking carried over to the new entry layout"
+            );
+        }
+        Ok(loader)
     }
 
     /// The node's pin directory.
@@ -390,22 +446,26 @@ impl Loader {
         self.conntrack.keys().filter(Result::is_ok).count()
     }
 
-    /// The tracked flows to or from `ip`: what moves with an endpoint, so
-    /// that stateful policy keeps its open flows on the new node.
+    /// The tracked flows to or from `ip` that are not closing: what moves
+    /// with an endpoint, so that stateful policy keeps its open flows on
+    /// the new node.
     pub fn conntrack_of(&self, ip: std::net::Ipv4Addr) -> Vec<(CtKey, CtValue)> {
         let key = crate::abi::ip_key(ip);
         self.conntrack
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, _)| k.saddr == key || k.daddr == key)
+            .filter(|(k, v)| (k.saddr == key || k.daddr == key) && v.flags & CT_CLOSING == 0)
             .collect()
     }
 
-    /// Adds flows exported by another node's [`Loader::conntrack_of`]
-    /// (entries already known here are kept as they are).
-    pub fn import_conntrack(&mut self, flows: &[(CtKey, CtValue)]) -> Result<(), LoaderError> {
-        for (k, v) in flows {
-            match self.conntrack.insert(k, v, BPF_NOEXIST) {
+    /// Adds flows known elsewhere (another node's
+    /// [`Loader::conntrack_of`], or an older map) as answered flows seen
+    /// now, so each gets its full established timeout here; entries
+    /// already known here are kept as they are.
+    pub fn import_conntrack(&mut self, keys: &[CtKey]) -> Result<(), LoaderError> {
+        let value = CtValue::established(now_ns());
+        for k in keys {
+            match self.conntrack.insert(k, value, BPF_NOEXIST) {
                 Ok(()) => {}
                 Err(MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -413,6 +473,41 @@ impl Loader {
             }
         }
         Ok(())
+    }
+
+    /// The tracked flows, with their entries.
+    pub fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
+    /// One sweep of connection tracking: removes every entry idle for
+    /// longer than its timeout. An entry is read again right before its
+    /// removal, so a flow that sent a packet meanwhile keeps it (a packet
+    /// landing between that read and the removal starts a new entry,
+    /// judged as a new flow's).
+    pub fn expire_conntrack(&mut self, timeouts: &Timeouts) -> Result<Sweep, LoaderError> {
+        let now = now_ns();
+        let mut sweep = Sweep::default();
+        let mut stale = Vec::new();
+        for item in self.conntrack.iter() {
+            // A key removed by the programs' LRU mid-walk: skip it.
+            let Ok((k, v)) = item else { continue };
+            sweep.seen += 1;
+            if timeouts.expired(&k, &v, now) {
+                stale.push(k);
+            }
+        }
+        for k in stale {
+            let Ok(v) = self.conntrack.get(&k, 0) else {
+                continue;
+            };
+            if !timeouts.expired(&k, &v, now_ns()) {
+                continue;
+            }
+            ignore_missing(self.conntrack.remove(&k)).map_err(map_err("conntrack"))?;
+            sweep.expired += 1;
+        }
+        Ok(sweep)
     }
 
     /// Packets counted over every tracked flow: proof that traffic goes
@@ -490,6 +585,17 @@ pub fn status(node: &str) -> Result<Status, LoaderError> {
         out.drops.insert(reason, per_cpu.iter().sum());
     }
     Ok(out)
+}
+
+/// The tracked flows in `node`'s pinned conntrack map, read without
+/// loading anything.
+pub fn pinned_conntrack(node: &str) -> Result<Vec<(CtKey, CtValue)>, LoaderError> {
+    let map = MapData::from_pin(pin_dir(node).join("maps").join("conntrack"))
+        .and_then(aya::maps::Map::from_map_data)
+        .map_err(map_err("conntrack"))?;
+    let conntrack: HashMap<_, CtKey, CtValue> =
+        HashMap::try_from(map).map_err(map_err("conntrack"))?;
+    Ok(conntrack.iter().filter_map(Result::ok).collect())
 }
 
 impl MapStore for Loader {

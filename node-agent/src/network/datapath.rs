@@ -19,9 +19,11 @@
 //! 6. remove Basalt taps that no VM placed or arriving here uses.
 //!
 //! Between passes it drains the programs' event ring every 100 ms and
-//! turns activations into [`Activation`]s, and carries live migrations'
-//! flows: it reads the connection-tracking entries of a leaving VM's
-//! addresses and writes those of an arriving one.
+//! turns activations into [`Activation`]s, carries live migrations'
+//! flows (it reads the connection-tracking entries of a leaving VM's
+//! addresses and writes those of an arriving one), and sweeps connection
+//! tracking for expired entries every `conntrack_sweep`
+//! ([`NetworkConfig::conntrack`] says how long each kind may idle).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -29,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use basalt_api::TrackedFlow;
-use basalt_sdn::abi::{CtKey, CtValue, EVENT_ACTIVATION, ip_from_key, ip_key};
+use basalt_sdn::abi::{CtKey, EVENT_ACTIVATION, ip_from_key, ip_key};
 use basalt_sdn::dhcp::{DhcpServer, GUEST_MTU, Lease};
 use basalt_sdn::loader::Loader;
 use basalt_sdn::netlink::Netlink;
@@ -121,7 +123,12 @@ impl Host {
 
     fn run(&mut self, shared: &Shared) {
         let mut last_pass: Option<Instant> = None;
+        let mut last_sweep = Instant::now();
         loop {
+            if last_sweep.elapsed() >= self.config.conntrack_sweep {
+                self.sweep_conntrack();
+                last_sweep = Instant::now();
+            }
             let (snapshot, incoming, claims) = {
                 let mut state = shared.wait(EVENT_POLL);
                 if state.stop {
@@ -418,22 +425,31 @@ impl Host {
             let _ = answer.send(flows);
         }
         if !imports.is_empty() {
-            let entries: Vec<(CtKey, CtValue)> = imports
-                .iter()
-                .map(|flow| {
-                    // The age is unknown here; the programs never read it.
-                    let value = CtValue {
-                        created_ns: 0,
-                        packets: 0,
-                    };
-                    (key_of(flow), value)
-                })
-                .collect();
+            let entries: Vec<CtKey> = imports.iter().map(key_of).collect();
             match dp.store_mut().import_conntrack(&entries) {
                 Ok(()) => tracing::debug!(flows = entries.len(), "carried flows tracked"),
                 Err(err) => {
                     tracing::warn!(error = %error_chain(&err), "could not write carried flows")
                 }
+            }
+        }
+    }
+
+    /// Removes expired connection-tracking entries (a failure is logged;
+    /// the next sweep tries again).
+    fn sweep_conntrack(&mut self) {
+        let Some(dp) = self.datapath.as_mut() else {
+            return;
+        };
+        match dp.store_mut().expire_conntrack(&self.config.conntrack) {
+            Ok(sweep) if sweep.expired > 0 => tracing::debug!(
+                expired = sweep.expired,
+                tracked = sweep.seen - sweep.expired,
+                "connection tracking swept"
+            ),
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "could not sweep connection tracking")
             }
         }
     }

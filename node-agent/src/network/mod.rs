@@ -14,8 +14,9 @@
 //!   flowing), brings up the node's VXLAN device, creates, wires and
 //!   attaches each VM NIC's tap, serves DHCP on it with the leased address,
 //!   keeps the maps equal to the plan, installs the node's SNAT table,
-//!   removes the taps of VMs no longer placed here, and reports
-//!   activations (a migrated guest's first frame on a standby tap).
+//!   removes the taps of VMs no longer placed here, sweeps expired
+//!   connection-tracking entries, and reports activations (a migrated
+//!   guest's first frame on a standby tap).
 //!
 //! The compute reconciler calls [`NetworkAgent::prepare_taps`] before each
 //! pass, so every placed VM's tap exists before its domain starts (the
@@ -73,11 +74,16 @@ pub struct NetworkConfig {
     pub dns: Vec<Ipv4Addr>,
     /// Re-apply everything at least this often.
     pub resync: Duration,
+    /// How long idle connection-tracking entries live.
+    pub conntrack: basalt_sdn::conntrack::Timeouts,
+    /// How often connection tracking is swept for expired entries.
+    pub conntrack_sweep: Duration,
 }
 
 impl NetworkConfig {
     /// Defaults for node `node`: uplink `eth0`, VXLAN device `basalt-vx`,
-    /// no DNS, resync every 10 s.
+    /// no DNS, resync every 10 s, the kernel's connection-tracking
+    /// timeouts, swept every 10 s.
     pub fn new(node: impl Into<String>) -> NetworkConfig {
         NetworkConfig {
             node: node.into(),
@@ -85,6 +91,8 @@ impl NetworkConfig {
             vxlan: "basalt-vx".into(),
             dns: Vec::new(),
             resync: Duration::from_secs(10),
+            conntrack: basalt_sdn::conntrack::Timeouts::default(),
+            conntrack_sweep: Duration::from_secs(10),
         }
     }
 }

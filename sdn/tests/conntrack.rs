@@ -1,0 +1,268 @@
+//! Connection tracking ages (root, CI), on real interfaces with short
+//! configured timeouts: a flow's entry appears with its first packets and
+//! is removed by a sweep once idle for longer than its protocol's and
+//! state's timeout; a flow that keeps sending is never expired, with or
+//! without a policy over it; once a selected flow's entry has expired, a
+//! policy that refuses new flows refuses it too; a closed TCP flow goes
+//! after the short closing timeout. And a conntrack map pinned by the
+//! datapath before entries aged is carried over on load.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use basalt_sdn::abi::{CT_CLOSING, CT_REPLY, CtKey, CtValue, DropReason, ip_key};
+use basalt_sdn::conntrack::Timeouts;
+use basalt_sdn::loader::{self, Loader};
+use basalt_sdn::{Action, Peer, Policy, Protocol, Rule};
+use basalt_testkit::{Fabric, Prefix};
+use common::{NodeDatapath, Vm, echo_on, init_logs, run};
+
+const CLIENT: u32 = 10;
+const SERVER: u32 = 20;
+/// Short timeouts: established TCP 4 s, closing 1 s, UDP 2 s.
+const TIMEOUTS: &str = "tcp=4,tcp-opening=2,tcp-closing=1,udp=2,udp-stream=2,icmp=2,other=2";
+
+/// The entries of flows between `client` (port `port`, 0 = any) and
+/// `server` of protocol `proto`, either direction.
+fn entries(
+    dp: &mut NodeDatapath,
+    proto: u8,
+    client: Ipv4Addr,
+    port: u16,
+    server: Ipv4Addr,
+) -> Vec<(CtKey, CtValue)> {
+    let (c, s) = (ip_key(client), ip_key(server));
+    dp.loader()
+        .conntrack_entries()
+        .into_iter()
+        .filter(|(k, _)| {
+            k.proto == proto
+                && ((k.saddr == c && k.daddr == s && (port == 0 || k.sport == port))
+                    || (k.saddr == s && k.daddr == c && (port == 0 || k.dport == port)))
+        })
+        .collect()
+}
+
+fn ingress(subject: u32, rules: Vec<Rule>) -> Policy {
+    Policy {
+        name: "server-ingress".into(),
+        selector: BTreeSet::from([subject]),
+        ingress: Some(rules),
+        egress: None,
+    }
+}
+
+/// Sends on `conn` every 300 ms for `span`, sweeping after each send;
+/// after every sweep the flow must still be tracked.
+fn keep_sending(
+    dp: &mut NodeDatapath,
+    timeouts: &Timeouts,
+    conn: &mut std::net::TcpStream,
+    flow: (Ipv4Addr, u16, Ipv4Addr),
+    span: Duration,
+) {
+    let start = Instant::now();
+    while start.elapsed() < span {
+        echo_on(conn, 100).expect("the flow keeps flowing");
+        dp.loader().expire_conntrack(timeouts).unwrap();
+        assert!(
+            !entries(dp, 6, flow.0, flow.1, flow.2).is_empty(),
+            "a flow that keeps sending was expired after {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn entries_expire_unless_their_flow_keeps_sending() {
+    init_logs();
+    let prefix = Prefix::for_test().unwrap();
+    let mut fabric = Fabric::new(&prefix).unwrap();
+    let node = fabric.add_node("a").unwrap();
+    let (cip, sip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
+    let client = Vm::create(&prefix, &node, 1, cip);
+    let server = Vm::create(&prefix, &node, 2, sip);
+    let mut dp = NodeDatapath::start(&node, &[&client, &server], false);
+    let eps = [
+        client.endpoint(node.addr(), CLIENT),
+        server.endpoint(node.addr(), SERVER),
+    ];
+    server.start_echo(7000);
+    let srv = SocketAddr::from((sip, 7000));
+    let timeouts: Timeouts = TIMEOUTS.parse().unwrap();
+    dp.apply(&eps, &[]);
+
+    // UDP: an exchange leaves entries; a sweep within the timeout keeps
+    // them, one after it removes them.
+    assert_eq!(
+        client.udp_echo(cip, srv, b"ping").as_deref(),
+        Some(&b"ping"[..])
+    );
+    let udp = entries(&mut dp, 17, cip, 0, sip);
+    assert!(!udp.is_empty(), "the exchange is tracked");
+    let sweep = dp.loader().expire_conntrack(&timeouts).unwrap();
+    assert!(sweep.seen >= udp.len());
+    assert_eq!(entries(&mut dp, 17, cip, 0, sip).len(), udp.len());
+    std::thread::sleep(Duration::from_millis(2_600));
+    let sweep = dp.loader().expire_conntrack(&timeouts).unwrap();
+    assert!(sweep.expired >= udp.len(), "{sweep:?}");
+    assert!(
+        entries(&mut dp, 17, cip, 0, sip).is_empty(),
+        "idle UDP expires"
+    );
+
+    // TCP with no policy: answered once the SYN-ACK passes, refreshed by
+    // every packet, so it outlives its 4 s timeout while it sends; idle,
+    // it goes.
+    let mut conn = client.tcp_connect(srv).unwrap();
+    let port = conn.local_addr().unwrap().port();
+    echo_on(&mut conn, 1_000).unwrap();
+    let tcp = entries(&mut dp, 6, cip, port, sip);
+    assert_eq!(tcp.len(), 1, "one entry per TCP flow: {tcp:?}");
+    assert_eq!(tcp[0].1.flags, CT_REPLY, "answered, not closing");
+    keep_sending(
+        &mut dp,
+        &timeouts,
+        &mut conn,
+        (cip, port, sip),
+        Duration::from_secs(7),
+    );
+    std::thread::sleep(Duration::from_millis(4_600));
+    dp.loader().expire_conntrack(&timeouts).unwrap();
+    assert!(
+        entries(&mut dp, 6, cip, port, sip).is_empty(),
+        "an idle TCP flow expires"
+    );
+    drop(conn);
+
+    // Under a policy: the same, and expiry is what a policy then sees.
+    let allow = Rule {
+        action: Action::Allow,
+        peer: Peer::Identity(CLIENT),
+        protocol: Protocol::Tcp,
+        ports: (7000, 7000),
+    };
+    dp.apply(&eps, &[ingress(SERVER, vec![allow])]);
+    let mut conn = client.tcp_connect(srv).unwrap();
+    let port = conn.local_addr().unwrap().port();
+    echo_on(&mut conn, 1_000).unwrap();
+    let tracked = entries(&mut dp, 6, cip, port, sip);
+    assert!(
+        tracked.len() == 1 && tracked[0].1.packets > 0,
+        "{tracked:?}"
+    );
+    // Locked down: the tracked flow goes on as long as it keeps sending...
+    dp.apply(&eps, &[ingress(SERVER, vec![])]);
+    assert!(!client.reaches(srv), "new flows are refused");
+    keep_sending(
+        &mut dp,
+        &timeouts,
+        &mut conn,
+        (cip, port, sip),
+        Duration::from_secs(6),
+    );
+    // ...but once idle past its timeout it is a new flow, and refused.
+    std::thread::sleep(Duration::from_millis(4_600));
+    dp.loader().expire_conntrack(&timeouts).unwrap();
+    assert!(entries(&mut dp, 6, cip, port, sip).is_empty());
+    let denied = dp.drops(DropReason::Policy);
+    assert!(
+        echo_on(&mut conn, 100).is_err(),
+        "an expired flow is judged anew"
+    );
+    assert!(dp.drops(DropReason::Policy) > denied);
+    drop(conn);
+
+    // A closed flow: closing after the FINs, gone after the closing
+    // timeout (1 s), long before the established one (4 s).
+    dp.apply(&eps, &[]);
+    let mut conn = client.tcp_connect(srv).unwrap();
+    let port = conn.local_addr().unwrap().port();
+    echo_on(&mut conn, 1_000).unwrap();
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(300));
+    let closing = entries(&mut dp, 6, cip, port, sip);
+    assert!(
+        closing.len() == 1 && closing[0].1.flags & CT_CLOSING != 0,
+        "{closing:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    dp.loader().expire_conntrack(&timeouts).unwrap();
+    assert!(
+        entries(&mut dp, 6, cip, port, sip).is_empty(),
+        "a closed flow goes after the closing timeout"
+    );
+}
+
+/// A node whose conntrack map was pinned by the datapath before entries
+/// aged (16-byte values): the new loader replaces the map and keeps its
+/// flows, as answered flows seen now.
+#[test]
+fn a_map_of_the_older_layout_is_carried_over() {
+    init_logs();
+    let prefix = Prefix::for_test().unwrap();
+    let node = prefix.name().to_owned();
+    let _ = loader::remove_pins(&node);
+    let dir = loader::pin_dir(&node).join("maps");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pin = dir.join("conntrack");
+    let pin_str = pin.to_str().unwrap();
+    run(Command::new("bpftool").args([
+        "map",
+        "create",
+        pin_str,
+        "type",
+        "lru_hash",
+        "key",
+        "16",
+        "value",
+        "16",
+        "entries",
+        "262144",
+        "name",
+        "conntrack",
+    ]));
+    // 10.77.0.1:40000 -> 10.77.0.2:7000, TCP (ports in host order).
+    let key = CtKey {
+        saddr: ip_key(Ipv4Addr::new(10, 77, 0, 1)),
+        daddr: ip_key(Ipv4Addr::new(10, 77, 0, 2)),
+        sport: 40000,
+        dport: 7000,
+        proto: 6,
+        pad: [0; 3],
+    };
+    let mut key_bytes = Vec::new();
+    key_bytes.extend_from_slice(&key.saddr.to_ne_bytes());
+    key_bytes.extend_from_slice(&key.daddr.to_ne_bytes());
+    key_bytes.extend_from_slice(&key.sport.to_ne_bytes());
+    key_bytes.extend_from_slice(&key.dport.to_ne_bytes());
+    key_bytes.extend_from_slice(&[6, 0, 0, 0]);
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b}")).collect::<Vec<_>>();
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["map", "update", "pinned", pin_str, "key"])
+        .args(hex(&key_bytes))
+        .arg("value")
+        .args(hex(&[1u8; 16]));
+    run(&mut cmd);
+
+    let before = basalt_sdn::conntrack::now_ns();
+    let loaded = Loader::load(&node);
+    let entries = loaded
+        .as_ref()
+        .map(Loader::conntrack_entries)
+        .map_err(|e| format!("{e:?}"));
+    drop(loaded);
+    let _ = loader::remove_pins(&node);
+    let entries = entries.expect("the datapath loads over an older map");
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let (k, v) = entries[0];
+    assert_eq!(k, key);
+    assert_eq!(v.flags, CT_REPLY);
+    assert!(v.last_seen_ns >= before, "{v:?}");
+}

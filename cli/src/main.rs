@@ -14,6 +14,7 @@ mod output;
 mod policy;
 mod token;
 mod vm;
+mod volume;
 mod wait;
 
 use std::process::ExitCode;
@@ -107,6 +108,9 @@ enum Command {
     /// Network policies: apply -f FILE (YAML), list, delete.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// This node's volumes, from its storage process: list, get (with
+    /// replication peers), verify (online, against the peers).
+    Volume(volume::VolumeArgs),
     /// Print a shell completion script: `basalt completion bash`.
     Completion {
         /// The shell.
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         Command::Image(command) => runtime.block_on(image::run(&cli.server, cli.output, command)),
         Command::Node(command) => runtime.block_on(node::run(&cli.server, cli.output, command)),
         Command::Vm(command) => runtime.block_on(vm::run(&cli.server, cli.output, command)),
+        Command::Volume(args) => runtime.block_on(volume::run(cli.output, args)),
         command => runtime.block_on(commands::run(&cli.server, cli.output, command)),
     };
     match result {

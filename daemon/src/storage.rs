@@ -135,6 +135,28 @@ enum VolumeCommand {
         /// The volume.
         name: String,
     },
+    /// Online verify of a volume that is a primary in the running storage
+    /// process: compare every chunk with each connected peer while the
+    /// volume is in use; chunks that differ are marked dirty (the next
+    /// resync sends them). Exits 1 when any differ or a peer could not be
+    /// compared.
+    Verify {
+        /// The running process's storage-local socket.
+        #[arg(long, env = "BASALT_STORAGE_SOCKET")]
+        local_socket: PathBuf,
+        /// The volume.
+        name: String,
+        /// Send the chunks that differ again at once.
+        #[arg(long)]
+        repair: bool,
+        /// Most bytes per second read on each side, e.g. 50M (0: the
+        /// process's sync rate).
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        rate: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -358,6 +380,73 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
             open(&pool)?.delete(&name)?;
             println!("deleted {name}");
         }
+        VolumeCommand::Verify {
+            local_socket,
+            name,
+            repair,
+            rate,
+            json,
+        } => verify(&local_socket, name, repair, rate, json)?,
+    }
+    Ok(())
+}
+
+fn verify(socket: &Path, name: String, repair: bool, rate: u64, json: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(async {
+        let client = basalt_api::StorageClient::connect_unix(socket)?;
+        client
+            .verify_volume(basalt_api::VerifyVolume {
+                name: name.clone(),
+                repair,
+                rate_bytes: rate,
+            })
+            .await
+    });
+    let result = result.with_context(|| format!("verifying {name}"))?;
+    if json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "{:<24} {:<12} {:>10} {:>12} {:>9}  CHUNKS ({} bytes each)",
+            "PEER", "RESULT", "CHECKED", "OUT-OF-SYNC", "REPAIRED", result.chunk_size
+        );
+        for p in &result.peers {
+            let listed: Vec<String> = p.out_of_sync_chunks.iter().map(u64::to_string).collect();
+            println!(
+                "{:<24} {:<12} {:>10} {:>12} {:>9}  {}",
+                p.peer,
+                if p.error.is_some() {
+                    "not compared"
+                } else if p.out_of_sync > 0 {
+                    "differs"
+                } else {
+                    "in sync"
+                },
+                p.checked_chunks,
+                p.out_of_sync,
+                p.repaired,
+                p.error.clone().unwrap_or_else(|| listed.join(","))
+            );
+        }
+    }
+    if result.peers.is_empty() {
+        bail!("{name} has no peers to verify against");
+    }
+    let failed: Vec<&str> = result
+        .peers
+        .iter()
+        .filter(|p| p.error.is_some() || p.out_of_sync > p.repaired)
+        .map(|p| p.peer.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{name} is not known to be in sync with {} (chunks that differ are marked dirty)",
+            failed.join(", ")
+        );
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use crate::server::FenceStream;
 use crate::server::MAX_MESSAGE_BYTES;
 use crate::{
     ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, StorageStatus, StorageVolume,
-    VolumeAttachment, VolumeExport,
+    VerifyVolume, VolumeAttachment, VolumeExport, VolumeVerify,
 };
 
 /// A client of a node's storage process. Cheap to clone; calls may run
@@ -205,5 +205,18 @@ impl StorageClient {
             .await
             .map_err(|s| self.unavailable(s.into()))?;
         Ok(reply.into_inner().accepted)
+    }
+
+    /// Online verify of a volume that is a primary on this node against
+    /// its peers; returns when every peer was compared (it reads the whole
+    /// volume, rate-limited: no deadline of its own).
+    pub async fn verify_volume(&self, request: VerifyVolume) -> Result<VolumeVerify, ApiError> {
+        let reply = self
+            .inner
+            .clone()
+            .verify_volume(pb::VerifyVolumeRequest::from(request))
+            .await
+            .map_err(|s| self.unavailable(s.into()))?;
+        Ok(reply.into_inner().into())
     }
 }

@@ -2,10 +2,83 @@
 
 use super::enum_value;
 use crate::pb;
+use crate::types::validate_volume_name;
 use crate::{
-    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, ReplicaPeer, ReplicaPeerState,
-    StorageStatus, StorageVolume, VolumeAttachment, VolumeExport, VolumeRole,
+    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, MAX_LISTED_OUT_OF_SYNC,
+    PeerVerify, ReplicaPeer, ReplicaPeerState, StorageStatus, StorageVolume, VerifyVolume,
+    VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify,
 };
+
+impl From<VerifyVolume> for pb::VerifyVolumeRequest {
+    fn from(r: VerifyVolume) -> Self {
+        Self {
+            name: r.name,
+            repair: r.repair,
+            rate_bytes: r.rate_bytes,
+        }
+    }
+}
+
+impl TryFrom<pb::VerifyVolumeRequest> for VerifyVolume {
+    type Error = ApiError;
+
+    fn try_from(r: pb::VerifyVolumeRequest) -> Result<Self, ApiError> {
+        validate_volume_name("name", &r.name)?;
+        Ok(Self {
+            name: r.name,
+            repair: r.repair,
+            rate_bytes: r.rate_bytes,
+        })
+    }
+}
+
+impl From<PeerVerify> for pb::PeerVerify {
+    fn from(p: PeerVerify) -> Self {
+        let mut listed = p.out_of_sync_chunks;
+        listed.truncate(MAX_LISTED_OUT_OF_SYNC);
+        Self {
+            peer: p.peer,
+            error: p.error.unwrap_or_default(),
+            checked_chunks: p.checked_chunks,
+            out_of_sync: p.out_of_sync,
+            out_of_sync_chunks: listed,
+            repaired: p.repaired,
+        }
+    }
+}
+
+impl From<pb::PeerVerify> for PeerVerify {
+    fn from(p: pb::PeerVerify) -> Self {
+        Self {
+            peer: p.peer,
+            error: Some(p.error).filter(|e| !e.is_empty()),
+            checked_chunks: p.checked_chunks,
+            out_of_sync: p.out_of_sync,
+            out_of_sync_chunks: p.out_of_sync_chunks,
+            repaired: p.repaired,
+        }
+    }
+}
+
+impl From<VolumeVerify> for pb::VolumeVerify {
+    fn from(v: VolumeVerify) -> Self {
+        Self {
+            name: v.name,
+            chunk_size: v.chunk_size,
+            peers: v.peers.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<pb::VolumeVerify> for VolumeVerify {
+    fn from(v: pb::VolumeVerify) -> Self {
+        Self {
+            name: v.name,
+            chunk_size: v.chunk_size,
+            peers: v.peers.into_iter().map(Into::into).collect(),
+        }
+    }
+}
 
 impl From<FenceRequest> for pb::FenceRequest {
     fn from(r: FenceRequest) -> Self {
@@ -334,6 +407,36 @@ mod tests {
         };
         let back = StorageStatus::try_from(pb::StorageStatus::from(status.clone())).unwrap();
         assert_eq!(back, status);
+        let verify = VolumeVerify {
+            name: "v".into(),
+            chunk_size: 65536,
+            peers: vec![
+                PeerVerify {
+                    peer: "10.0.0.2:7800".into(),
+                    checked_chunks: 256,
+                    out_of_sync: 2,
+                    out_of_sync_chunks: vec![3, 77],
+                    repaired: 2,
+                    ..PeerVerify::default()
+                },
+                PeerVerify {
+                    peer: "10.0.0.3:7800".into(),
+                    error: Some("away".into()),
+                    ..PeerVerify::default()
+                },
+            ],
+        };
+        assert_eq!(
+            VolumeVerify::from(pb::VolumeVerify::from(verify.clone())),
+            verify
+        );
+        assert!(
+            VerifyVolume::try_from(pb::VerifyVolumeRequest {
+                name: String::new(),
+                ..Default::default()
+            })
+            .is_err()
+        );
         let attach = AttachVolume {
             name: "vol".into(),
             role: VolumeRole::Primary,

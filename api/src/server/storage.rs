@@ -17,7 +17,7 @@ use crate::pb::storage_local_server::{StorageLocal, StorageLocalServer};
 use crate::types::{validate_volume_name, validate_volume_size};
 use crate::{
     ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, StorageStatus, StorageVolume,
-    VolumeAttachment, VolumeExport,
+    VerifyVolume, VolumeAttachment, VolumeExport, VolumeVerify,
 };
 
 /// A stream of fence requests, as the storage process sends them and the
@@ -80,6 +80,13 @@ pub trait StorageApi: Send + Sync + 'static {
         &self,
         answer: FenceAnswer,
     ) -> impl Future<Output = Result<bool, ApiError>> + Send;
+
+    /// Online verify of a volume that is a primary here against its
+    /// peers (the request is validated).
+    fn verify_volume(
+        &self,
+        request: VerifyVolume,
+    ) -> impl Future<Output = Result<VolumeVerify, ApiError>> + Send;
 }
 
 /// Serves `api` as the storage-local service.
@@ -221,6 +228,17 @@ impl<T: StorageApi> StorageLocal for StorageAdapter<T> {
                 .await
                 .map(|accepted| pb::AnswerFenceResponse { accepted }),
         )
+    }
+
+    async fn verify_volume(
+        &self,
+        request: Request<pb::VerifyVolumeRequest>,
+    ) -> Result<Response<pb::VolumeVerify>, Status> {
+        let result = async {
+            let request = request.into_inner().try_into()?;
+            self.0.verify_volume(request).await
+        };
+        reply("VerifyVolume", result.await)
     }
 }
 

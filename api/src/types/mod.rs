@@ -33,9 +33,10 @@ pub use policy::{
     MAX_POLICY_RULES, Policy, PolicyAction, PolicyProtocol, PolicyRule, PolicySpec, labels_match,
 };
 pub use storage::{
-    AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, MAX_REPLICA_PEERS,
-    MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN, ReplicaPeer, ReplicaPeerState, StorageStatus,
-    StorageVolume, VolumeAttachment, VolumeExport, VolumeRole,
+    AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, MAX_LISTED_OUT_OF_SYNC,
+    MAX_REPLICA_PEERS, MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN, PeerVerify, ReplicaPeer,
+    ReplicaPeerState, StorageStatus, StorageVolume, VerifyVolume, VolumeAttachment, VolumeExport,
+    VolumeRole, VolumeVerify,
 };
 pub(crate) use storage::{validate_volume_name, validate_volume_size};
 pub use token::{JoinToken, JoinTokenSpec, JoinTokenStatus, TokenSecret};

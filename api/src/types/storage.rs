@@ -172,6 +172,50 @@ pub struct VolumeAttachment {
     pub peers: Vec<ReplicaPeer>,
 }
 
+/// Most out-of-sync chunk indexes one [`PeerVerify`] lists.
+pub const MAX_LISTED_OUT_OF_SYNC: usize = 1024;
+
+/// Online verify of a volume that is a primary on this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyVolume {
+    /// The volume.
+    pub name: String,
+    /// Send the chunks that differ again at once (otherwise they are
+    /// marked dirty and sent by the next resync).
+    pub repair: bool,
+    /// Most bytes per second read on each side (0: the storage process's
+    /// sync rate).
+    pub rate_bytes: u64,
+}
+
+/// What online verify found on one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerVerify {
+    /// The peer's replication address.
+    pub peer: String,
+    /// Why the comparison did not run to the end (`None`: it did).
+    pub error: Option<String>,
+    /// Chunks compared.
+    pub checked_chunks: u64,
+    /// Chunks that differ.
+    pub out_of_sync: u64,
+    /// Their indexes, the first [`MAX_LISTED_OUT_OF_SYNC`].
+    pub out_of_sync_chunks: Vec<u64>,
+    /// Of those, chunks sent again.
+    pub repaired: u64,
+}
+
+/// Online verify's result for one volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeVerify {
+    /// The volume.
+    pub name: String,
+    /// Bytes per compared chunk.
+    pub chunk_size: u32,
+    /// Each peer's result.
+    pub peers: Vec<PeerVerify>,
+}
+
 /// A primary that lost a peer asks its node's agent to have the control
 /// plane record the peer outdated (the storage fence), streamed by the
 /// storage process's `WatchFences`.

@@ -28,9 +28,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use basalt_api::{
-    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, FenceStream, ReplicaPeer,
-    ReplicaPeerState, StorageApi, StorageStatus, StorageVolume, VolumeAttachment, VolumeExport,
-    VolumeRole, storage_routes,
+    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, FenceStream, PeerVerify,
+    ReplicaPeer, ReplicaPeerState, StorageApi, StorageStatus, StorageVolume, VerifyVolume,
+    VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify, storage_routes,
 };
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -419,6 +419,45 @@ impl StorageApi for LocalService {
             FenceVerdict::Refused(answer.reason)
         };
         Ok(self.fencer.answer(answer.id, verdict))
+    }
+
+    async fn verify_volume(&self, request: VerifyVolume) -> Result<VolumeVerify, ApiError> {
+        let attachments = self.attachments.clone();
+        let chunk_size = self.pool.chunk_size();
+        tokio::task::spawn_blocking(move || {
+            let results = attachments
+                .verify(&request.name, request.rate_bytes, request.repair)
+                .map_err(|e| ApiError::FailedPrecondition {
+                    reason: error_chain(&e),
+                })?;
+            let peers = results
+                .into_iter()
+                .map(|(peer, result)| match result {
+                    Ok(r) => PeerVerify {
+                        peer,
+                        error: None,
+                        checked_chunks: r.checked_chunks,
+                        out_of_sync: r.out_of_sync.len() as u64,
+                        out_of_sync_chunks: r.out_of_sync,
+                        repaired: r.repaired,
+                    },
+                    Err(e) => PeerVerify {
+                        peer,
+                        error: Some(error_chain(&e)),
+                        ..PeerVerify::default()
+                    },
+                })
+                .collect();
+            Ok(VolumeVerify {
+                name: request.name,
+                chunk_size,
+                peers,
+            })
+        })
+        .await
+        .map_err(|e| ApiError::Internal {
+            reason: format!("verify panicked: {e}"),
+        })?
     }
 }
 

@@ -53,7 +53,7 @@ use super::dirty_log::{self, DirtyLog, LogKey};
 use super::fence::AgentFencer;
 use super::{
     Fencer, Op, ReplicationError, ReplicationStatus, Replicator, ReplicatorConfig, StaticFencer,
-    SyncOptions,
+    SyncOptions, VerifyError, VerifyReport,
 };
 use crate::pool::{Pool, PoolError};
 
@@ -162,6 +162,9 @@ pub enum AttachError {
         source: io::Error,
     },
 }
+
+/// One peer's online verify: the peer as attached, and what was found.
+pub type PeerVerifyResult = (String, Result<VerifyReport, VerifyError>);
 
 /// A volume's attachment as it stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -715,6 +718,33 @@ impl Attachments {
         result?;
         self.save()?;
         Ok(self.view(name))
+    }
+
+    /// Online verify of primary `name` against each of its peers, one
+    /// after the other, at most `rate` bytes per second (0: the
+    /// process's sync rate); see [`Replicator::verify`]. Each peer's
+    /// result stands alone: a peer that is away does not stop the others.
+    pub fn verify(
+        &self,
+        name: &str,
+        rate: u64,
+        repair: bool,
+    ) -> Result<Vec<PeerVerifyResult>, VerifyError> {
+        let state = self
+            .existing(name)
+            .map(|s| lock(&s.gate).state.clone())
+            .unwrap_or_default();
+        if state.spec.as_ref().map(|s| s.role) != Some(Role::Primary) {
+            return Err(VerifyError::NotPrimary {
+                volume: name.to_owned(),
+            });
+        }
+        let rate = if rate == 0 { self.opts.sync_rate } else { rate };
+        Ok(state
+            .replicators
+            .iter()
+            .map(|(peer, r)| (peer.clone(), r.verify(rate, repair)))
+            .collect())
     }
 
     /// Raises the newest epoch of `name` to `epoch`.

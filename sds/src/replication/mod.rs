@@ -51,7 +51,7 @@ pub mod fence;
 pub mod replica;
 pub mod wire;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, BufReader, BufWriter};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -191,6 +191,67 @@ pub enum ReplicationError {
         source: io::Error,
     },
 }
+
+/// Why an online verify of a volume against a peer did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The volume is not a primary here: only a primary verifies its
+    /// peers.
+    #[error("volume {volume} is not a primary here: verify runs on the primary")]
+    NotPrimary {
+        /// The volume.
+        volume: String,
+    },
+    /// The peer is not connected and in sync: there is nothing to compare
+    /// (its resync sends what it misses).
+    #[error("peer {peer} of {volume} is not connected ({state:?}): nothing to compare")]
+    NotConnected {
+        /// The volume.
+        volume: String,
+        /// The peer.
+        peer: SocketAddr,
+        /// How it stands.
+        state: PeerState,
+    },
+    /// The connection was lost, or the peer could not read a range.
+    #[error("verify of {volume} against {peer} was cut")]
+    Cut {
+        /// The volume.
+        volume: String,
+        /// The peer.
+        peer: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading the local copy failed.
+    #[error("reading volume {volume} to verify it")]
+    Local {
+        /// The volume.
+        volume: String,
+        /// Why.
+        #[source]
+        source: PoolError,
+    },
+}
+
+/// What an online verify found on one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// The peer.
+    pub peer: SocketAddr,
+    /// The granularity of the comparison (the pool's chunk size).
+    pub chunk_size: u64,
+    /// Chunks compared (the whole volume).
+    pub checked_chunks: u64,
+    /// Chunks whose contents differ (by index), now marked dirty.
+    pub out_of_sync: Vec<u64>,
+    /// Of those, chunks sent to the peer again (repair), no longer dirty.
+    pub repaired: u64,
+}
+
+/// How many VERIFY frames may wait for their answers at once.
+const VERIFY_WINDOW: usize = 16;
 
 /// One operation to replicate.
 #[derive(Debug, Clone, Copy)]
@@ -382,7 +443,7 @@ struct Shared {
     fencer: Mutex<Arc<dyn Fencer>>,
     link: Mutex<Link>,
     changed: Condvar,
-    pending: Mutex<HashMap<(u64, u64), SyncSender<Status>>>,
+    pending: Mutex<HashMap<(u64, u64), SyncSender<wire::Ack>>>,
     resync_bytes: AtomicU64,
     resync_chunks: AtomicU64,
     full_sync_bytes: AtomicU64,
@@ -445,7 +506,7 @@ struct Link {
 #[derive(Debug)]
 struct Shipped {
     conn: u64,
-    ack: Receiver<Status>,
+    ack: Receiver<wire::Ack>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -686,6 +747,180 @@ impl Replicator {
         result
     }
 
+    /// Online verify: compares the digest of every chunk here with the
+    /// peer's, while writes go on (each VERIFY frame is sent, and the
+    /// local chunk read, under the link lock, so both sides read at the
+    /// same point of the write order), at most `rate` bytes per second
+    /// (0: no limit). Chunks that differ are marked dirty (and set in the
+    /// dirty log): the next resync sends them; with `repair`, they are
+    /// sent again now, on the live link.
+    pub fn verify(&self, rate: u64, repair: bool) -> Result<VerifyReport, VerifyError> {
+        let s = &self.shared;
+        let (volume, peer) = (s.volume.name().to_owned(), s.cfg.peer);
+        let cut = |source: io::Error| VerifyError::Cut {
+            volume: volume.clone(),
+            peer,
+            source,
+        };
+        let local_err = |source| VerifyError::Local {
+            volume: volume.clone(),
+            source,
+        };
+        let cs = s.cfg.chunk_size.max(1);
+        let size = s.volume.size().map_err(local_err)?;
+        let chunks = size.div_ceil(cs);
+        let mut pacer = Pacer::new(rate);
+        let mut buf = vec![0u8; cs as usize];
+        let mut window: VecDeque<(u64, u64, Receiver<wire::Ack>)> = VecDeque::new();
+        let mut out_of_sync = Vec::new();
+        let mut check = |(c, local, rx): (u64, u64, Receiver<wire::Ack>)| match rx.recv() {
+            Ok(ack) if ack.status == Status::Ok => {
+                if ack.newest_epoch != local {
+                    out_of_sync.push(c);
+                }
+                Ok(())
+            }
+            Ok(ack) => Err(cut(io::Error::other(format!(
+                "the peer answered {:?} to verifying chunk {c}",
+                ack.status
+            )))),
+            Err(_) => Err(cut(io::Error::other("the connection was lost"))),
+        };
+        for c in 0..chunks {
+            let offset = c * cs;
+            let len = cs.min(size - offset) as usize;
+            pacer.pace(len as u64);
+            let rx = {
+                let mut link = lock(&s.link);
+                if link.state != PeerState::Connected {
+                    return Err(VerifyError::NotConnected {
+                        volume: volume.clone(),
+                        peer,
+                        state: link.state,
+                    });
+                }
+                s.volume.read(offset, &mut buf[..len]).map_err(local_err)?;
+                let (seq, conn) = (link.next_seq, link.conn);
+                link.next_seq += 1;
+                let (tx, rx) = sync_channel(1);
+                lock(&s.pending).insert((conn, seq), tx);
+                let frame = Frame {
+                    kind: FrameKind::Verify,
+                    flags: 0,
+                    epoch: s.epoch.load(Ordering::SeqCst),
+                    seq,
+                    offset,
+                    length: len as u32,
+                    data: Vec::new(),
+                };
+                let sent = link.writer.as_mut().map(|w| frame.write_to(w));
+                if !matches!(sent, Some(Ok(()))) {
+                    lock(&s.pending).remove(&(conn, seq));
+                    s.lose(&mut link, conn);
+                    return Err(cut(io::Error::other("sending a verify frame failed")));
+                }
+                rx
+            };
+            window.push_back((c, wire::digest(&buf[..len]), rx));
+            if window.len() >= VERIFY_WINDOW
+                && let Some(front) = window.pop_front()
+            {
+                check(front)?;
+            }
+        }
+        while let Some(front) = window.pop_front() {
+            check(front)?;
+        }
+        if !out_of_sync.is_empty() {
+            tracing::warn!(volume = %volume, %peer, chunks = out_of_sync.len(), "online verify: chunks out of sync, marked dirty");
+            let mut link = lock(&s.link);
+            for &c in &out_of_sync {
+                if let Some(log) = link.log.as_mut()
+                    && let Err(e) = log.mark(c, c)
+                {
+                    tracing::warn!(volume = %volume, %peer, error = %e, "cannot set an out-of-sync chunk in the dirty log");
+                }
+                link.dirty.insert(c);
+            }
+        }
+        let mut repaired = 0;
+        if repair {
+            for &c in &out_of_sync {
+                if self.resend(c, &mut buf).map_err(cut)? {
+                    repaired += 1;
+                }
+            }
+        }
+        tracing::info!(volume = %volume, %peer, checked_chunks = chunks, out_of_sync = out_of_sync.len(), repaired, "online verify finished");
+        Ok(VerifyReport {
+            peer,
+            chunk_size: cs,
+            checked_chunks: chunks,
+            out_of_sync,
+            repaired,
+        })
+    }
+
+    /// Sends chunk `c` to the connected peer again (a resync write in the
+    /// live frame order) and, once acknowledged on the same connection,
+    /// takes it off the dirty set. `false`: the peer is not connected (the
+    /// chunk stays dirty for the next resync).
+    fn resend(&self, c: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let s = &self.shared;
+        let cs = s.cfg.chunk_size.max(1);
+        let size = s.volume.size().map_err(io::Error::other)?;
+        let offset = c * cs;
+        let len = cs.min(size.saturating_sub(offset)) as usize;
+        let (rx, conn) = {
+            let mut link = lock(&s.link);
+            if link.state != PeerState::Connected {
+                return Ok(false);
+            }
+            s.volume
+                .read(offset, &mut buf[..len])
+                .map_err(io::Error::other)?;
+            let (seq, conn) = (link.next_seq, link.conn);
+            link.next_seq += 1;
+            let (tx, rx) = sync_channel(1);
+            lock(&s.pending).insert((conn, seq), tx);
+            let frame = Frame {
+                kind: FrameKind::Write,
+                flags: FLAG_RESYNC,
+                epoch: s.epoch.load(Ordering::SeqCst),
+                seq,
+                offset,
+                length: len as u32,
+                data: buf[..len].to_vec(),
+            };
+            let sent = link.writer.as_mut().map(|w| frame.write_to(w));
+            if !matches!(sent, Some(Ok(()))) {
+                lock(&s.pending).remove(&(conn, seq));
+                s.lose(&mut link, conn);
+                return Ok(false);
+            }
+            (rx, conn)
+        };
+        let Ok(ack) = rx.recv() else {
+            return Ok(false);
+        };
+        if ack.status != Status::Ok {
+            return Err(io::Error::other(format!(
+                "the peer answered {:?} to chunk {c} sent again",
+                ack.status
+            )));
+        }
+        let mut link = lock(&s.link);
+        // Only on the same live connection: after a loss, a later write
+        // may have made the chunk dirty again.
+        if link.conn == conn && link.state == PeerState::Connected {
+            link.dirty.remove(&c);
+            s.resync_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            s.resync_chunks.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Like [`Replicator::shutdown`], for a stream that ends for good (its
     /// peer removed, or the volume no longer a primary here): its dirty
     /// log is deleted.
@@ -755,7 +990,7 @@ impl Shared {
             self.settle_touch(&mut link, op);
             return self.fence(link);
         };
-        let answer = shipped.ack.recv();
+        let answer = shipped.ack.recv().map(|a| a.status);
         let mut link = lock(&self.link);
         self.settle_touch(&mut link, op);
         match answer {
@@ -1304,7 +1539,7 @@ impl Shared {
                         self.changed.notify_all();
                     }
                     if let Some(tx) = lock(&self.pending).remove(&(conn, ack.seq)) {
-                        let _ = tx.send(ack.status);
+                        let _ = tx.send(ack);
                     }
                 }
                 Err(e) => {

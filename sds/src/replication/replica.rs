@@ -306,8 +306,17 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
             wr.flush()?;
             return Ok(());
         }
+        let mut value = newest;
         let status = if role == Some(Role::Standalone) {
             Status::Refused
+        } else if ok && frame.kind == FrameKind::Verify {
+            match digest_range(&volume, &frame) {
+                Ok(d) => {
+                    value = d;
+                    Status::Ok
+                }
+                Err(status) => status,
+            }
         } else if ok {
             let status = apply(ctx, &volume, &frame);
             if status == Status::Ok && frame.flags & FLAG_SYNCED != 0 {
@@ -338,12 +347,29 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         let ack = Ack {
             seq: frame.seq,
             status,
-            newest_epoch: newest,
+            newest_epoch: value,
         };
         wr.write_all(&ack.encode())?;
         // Acks of frames already buffered go out together.
         if rd.buffer().is_empty() {
             wr.flush()?;
+        }
+    }
+}
+
+/// The digest of a VERIFY frame's range, read at this point of the
+/// frame order.
+fn digest_range(volume: &Volume, f: &Frame) -> Result<u64, Status> {
+    if f.length > wire::MAX_FRAME_PAYLOAD {
+        return Err(Status::Invalid);
+    }
+    let mut buf = vec![0u8; f.length as usize];
+    match volume.read(f.offset, &mut buf) {
+        Ok(()) => Ok(wire::digest(&buf)),
+        Err(PoolError::OutOfRange { .. }) => Err(Status::Invalid),
+        Err(e) => {
+            tracing::warn!(volume = %volume.name(), error = %e, "reading a range to verify failed");
+            Err(Status::IoError)
         }
     }
 }
@@ -363,6 +389,8 @@ fn apply(ctx: &Ctx, volume: &Volume, f: &Frame) -> Status {
             },
         ),
         FrameKind::Flush => volume.flush(),
+        // Answered by `digest_range` before it gets here.
+        FrameKind::Verify => return Status::Invalid,
     };
     match result {
         Ok(()) => {

@@ -6,6 +6,10 @@
 //! primary sends [`Frame`]s and the replica answers each with one
 //! [`Ack`], in order. Decoding never panics: every malformed field is an
 //! error that names it.
+//!
+//! A VERIFY frame ([`FrameKind::Verify`], online verify) changes nothing:
+//! the replica reads the range at that point in the frame order and
+//! answers with the range's [`digest`] in the ack's last field.
 
 use std::io::{self, Read, Write};
 
@@ -17,8 +21,8 @@ pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"BSLTREPL");
 pub const FRAME_MAGIC: u32 = 0x5246_4c42;
 /// Opens every acknowledgement.
 pub const ACK_MAGIC: u32 = 0x4b41_4c42;
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+/// The protocol version this build speaks (3: VERIFY frames).
+pub const VERSION: u16 = 3;
 /// The largest payload a frame may carry.
 pub const MAX_FRAME_PAYLOAD: u32 = 64 << 20;
 /// The longest volume name a hello may carry.
@@ -243,6 +247,8 @@ pub enum FrameKind {
     WriteZeroes,
     /// Make every earlier frame durable.
     Flush,
+    /// Answer the [`digest`] of the range (online verify); nothing changes.
+    Verify,
 }
 
 impl FrameKind {
@@ -252,6 +258,7 @@ impl FrameKind {
             FrameKind::Trim => 2,
             FrameKind::WriteZeroes => 3,
             FrameKind::Flush => 4,
+            FrameKind::Verify => 5,
         }
     }
 
@@ -261,6 +268,7 @@ impl FrameKind {
             2 => FrameKind::Trim,
             3 => FrameKind::WriteZeroes,
             4 => FrameKind::Flush,
+            5 => FrameKind::Verify,
             other => return Err(bad("frame kind", other.into())),
         })
     }
@@ -363,8 +371,19 @@ pub struct Ack {
     pub seq: u64,
     /// Applied, or why not.
     pub status: Status,
-    /// The newest epoch the replica has seen.
+    /// The newest epoch the replica has seen; for a VERIFY frame answered
+    /// [`Status::Ok`], the [`digest`] of the range instead.
     pub newest_epoch: u64,
+}
+
+/// The digest online verify compares: the first 8 bytes of the range's
+/// SHA-256, little-endian.
+pub fn digest(data: &[u8]) -> u64 {
+    use sha2::Digest as _;
+    let sum = sha2::Sha256::digest(data);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&sum[..8]);
+    u64::from_le_bytes(b)
 }
 
 /// Bytes of an ack.
@@ -404,6 +423,20 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_garbage_is_an_error() {
+        assert_ne!(digest(&[0; 4096]), digest(&[1; 4096]));
+        let v = Frame {
+            kind: FrameKind::Verify,
+            flags: 0,
+            epoch: 7,
+            seq: 4,
+            offset: 65536,
+            length: 65536,
+            data: Vec::new(),
+        };
+        let mut vb = Vec::new();
+        v.write_to(&mut vb).expect("encode");
+        assert_eq!(vb.len(), FRAME_HEADER_LEN);
+        assert_eq!(Frame::read(&mut vb.as_slice()).expect("decode"), v);
         let f = Frame {
             kind: FrameKind::Write,
             flags: FLAG_FUA,

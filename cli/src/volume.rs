@@ -1,0 +1,239 @@
+//! `basalt volume`: the volumes of one node's pool, asked of that node's
+//! storage process over its storage-local socket (run on the node, as
+//! `drbdadm` is): list them, get one with its replication peers and how
+//! each stands (connected, resyncing, away, deposed, split-brain), and
+//! verify a primary against its peers online.
+//!
+//! Invariant: read-only except `verify`, which only marks chunks that
+//! differ dirty (or, with `--repair`, sends them to the peer again).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use basalt_api::{ReplicaPeer, ReplicaPeerState, StorageClient, StorageVolume, VerifyVolume};
+use comfy_table::{Table, presets::NOTHING};
+use serde::Serialize;
+
+use crate::output::{Format, print_yaml_document};
+
+/// Where `basaltd storage serve` listens by default (the systemd unit's).
+pub const DEFAULT_STORAGE_SOCKET: &str = "/run/basalt-storage/local.sock";
+
+/// What to do with the node's volumes.
+#[derive(Debug, clap::Args)]
+pub struct VolumeArgs {
+    /// The node's storage process (its storage-local socket).
+    #[arg(long, env = "BASALT_STORAGE_SOCKET", default_value = DEFAULT_STORAGE_SOCKET)]
+    storage_socket: PathBuf,
+    #[command(subcommand)]
+    command: VolumeCommand,
+}
+
+/// The `basalt volume` verbs.
+#[derive(Debug, clap::Subcommand)]
+pub enum VolumeCommand {
+    /// List the pool's volumes.
+    #[command(visible_alias = "ls")]
+    List,
+    /// One volume, with its replication peers when it is a primary here.
+    Get {
+        /// The volume (its pool name).
+        name: String,
+    },
+    /// Online verify of a primary volume against each connected peer,
+    /// while it is in use: chunks that differ are listed and marked dirty
+    /// (the next resync sends them). Fails when any differ (and were not
+    /// repaired) or a peer could not be compared.
+    Verify {
+        /// The volume (its pool name).
+        name: String,
+        /// Send the chunks that differ to the peer again now.
+        #[arg(long)]
+        repair: bool,
+        /// Most bytes per second read on each side (0: the storage
+        /// process's sync rate).
+        #[arg(long, default_value_t = 0)]
+        rate_bytes: u64,
+    },
+}
+
+/// A volume and its peers, as `get` prints it.
+#[derive(Debug, Serialize)]
+struct VolumeView {
+    #[serde(flatten)]
+    volume: StorageVolume,
+    peers: Vec<ReplicaPeer>,
+}
+
+fn state_name(state: ReplicaPeerState) -> &'static str {
+    match state {
+        ReplicaPeerState::Connected => "connected",
+        ReplicaPeerState::Resyncing => "resyncing",
+        ReplicaPeerState::Away => "away",
+        ReplicaPeerState::Deposed => "deposed",
+        ReplicaPeerState::SplitBrain => "split-brain",
+    }
+}
+
+fn print(
+    format: Format,
+    value: &impl Serialize,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Table => print!("{}", table()),
+        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Format::Yaml => print_yaml_document(value)?,
+    }
+    Ok(())
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut t = Table::new();
+    t.load_preset(NOTHING).set_header(header.to_vec());
+    for row in rows {
+        t.add_row(row);
+    }
+    format!("{t}\n")
+}
+
+/// Runs a `basalt volume` command.
+pub async fn run(format: Format, args: VolumeArgs) -> anyhow::Result<()> {
+    let socket: &Path = &args.storage_socket;
+    let client = StorageClient::connect_unix(socket)
+        .with_context(|| format!("storage process at {}", socket.display()))?;
+    match args.command {
+        VolumeCommand::List => {
+            let volumes = client.list_volumes().await?;
+            print(format, &volumes, || {
+                table(
+                    &["NAME", "SIZE", "ALLOCATED", "READ-ONLY", "UID"],
+                    volumes
+                        .iter()
+                        .map(|v| {
+                            vec![
+                                v.name.clone(),
+                                v.size_bytes.to_string(),
+                                v.allocated_bytes.to_string(),
+                                v.read_only.to_string(),
+                                v.uid.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        VolumeCommand::Get { name } => {
+            let volume = client
+                .list_volumes()
+                .await?
+                .into_iter()
+                .find(|v| v.name == name)
+                .with_context(|| format!("no volume {name} in this node's pool"))?;
+            let peers: Vec<ReplicaPeer> = client
+                .status()
+                .await?
+                .replicas
+                .into_iter()
+                .filter(|p| p.volume == name)
+                .collect();
+            let view = VolumeView { volume, peers };
+            print(format, &view, || {
+                let v = &view.volume;
+                let mut out = format!(
+                    "name       {}\nuid        {}\nsize       {}\nallocated  {}\nread-only  {}\n",
+                    v.name, v.uid, v.size_bytes, v.allocated_bytes, v.read_only
+                );
+                if view.peers.is_empty() {
+                    out.push_str("peers      none (not a primary here)\n");
+                } else {
+                    out.push('\n');
+                    out.push_str(&table(
+                        &[
+                            "PEER",
+                            "STATE",
+                            "DIRTY CHUNKS",
+                            "RESYNC BYTES",
+                            "ACKED FRAMES",
+                        ],
+                        view.peers
+                            .iter()
+                            .map(|p| {
+                                vec![
+                                    p.peer.clone(),
+                                    state_name(p.state).to_owned(),
+                                    p.dirty_chunks.to_string(),
+                                    p.resync_bytes.to_string(),
+                                    p.acked_frames.to_string(),
+                                ]
+                            })
+                            .collect(),
+                    ));
+                }
+                out
+            })
+        }
+        VolumeCommand::Verify {
+            name,
+            repair,
+            rate_bytes,
+        } => {
+            let result = client
+                .verify_volume(VerifyVolume {
+                    name: name.clone(),
+                    repair,
+                    rate_bytes,
+                })
+                .await?;
+            print(format, &result, || {
+                table(
+                    &[
+                        "PEER",
+                        "RESULT",
+                        "CHECKED",
+                        "OUT OF SYNC",
+                        "REPAIRED",
+                        "CHUNKS",
+                    ],
+                    result
+                        .peers
+                        .iter()
+                        .map(|p| {
+                            let result = match (&p.error, p.out_of_sync) {
+                                (Some(e), _) => format!("not compared: {e}"),
+                                (None, 0) => "in sync".to_owned(),
+                                (None, _) => "differs".to_owned(),
+                            };
+                            let chunks: Vec<String> =
+                                p.out_of_sync_chunks.iter().map(u64::to_string).collect();
+                            vec![
+                                p.peer.clone(),
+                                result,
+                                p.checked_chunks.to_string(),
+                                p.out_of_sync.to_string(),
+                                p.repaired.to_string(),
+                                chunks.join(","),
+                            ]
+                        })
+                        .collect(),
+                )
+            })?;
+            let failed: Vec<&str> = result
+                .peers
+                .iter()
+                .filter(|p| p.error.is_some() || p.out_of_sync > p.repaired)
+                .map(|p| p.peer.as_str())
+                .collect();
+            if result.peers.is_empty() {
+                bail!("{name} has no peers to verify against");
+            }
+            if !failed.is_empty() {
+                bail!(
+                    "{name} is not known to be in sync with {} (chunks that differ are marked dirty; the next resync sends them)",
+                    failed.join(", ")
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -134,10 +134,14 @@ struct policy_id_key {
 };
 
 /* Flags of struct ct_value. */
-#define CT_REPLY   (1u << 0) /* a packet went the other way: the flow is answered */
-#define CT_CLOSING (1u << 1) /* TCP: a FIN or RST was seen */
+#define CT_REPLY     (1u << 0) /* a packet went the other way: the flow is answered */
+#define CT_CLOSING   (1u << 1) /* TCP: a FIN or RST was seen */
+#define CT_ORIG_HIGH (1u << 2) /* the first packet came from the key's second end */
 
-/* conntrack: LRU hash, key = the flow as its first packet carried it.
+/* conntrack: LRU hash. The key holds the flow's two ends in a fixed
+ * order, the lower (address, port) first — addresses compared as the
+ * 32-bit values the maps store — so one lookup finds the flow from
+ * either direction; CT_ORIG_HIGH says which end spoke first.
  * Entries age: every packet of the flow stamps last_seen_ns, and user
  * space (basalt-sdn's conntrack sweep) removes an entry idle for longer
  * than its protocol's and state's timeout. */

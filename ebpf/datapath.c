@@ -271,52 +271,60 @@ static __always_inline int tcp_opening(const struct flow *f)
 }
 
 /*
- * Brings a flow's entry up to date with one of its packets: last seen now
- * (the coarse clock, written only when it moved, so a busy flow does not
- * dirty the entry on every packet), answered once a packet goes the other
- * way, closing once TCP sends a FIN or RST. A SYN on a closing entry is a
- * new connection reusing the tuple: it starts afresh.
+ * The packet's flow as conntrack keys it (see basalt.h): its two ends,
+ * the lower (address, port) first. Returns 1 when the packet comes from
+ * the key's second end, 0 otherwise.
  */
-static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, int reply)
+static __always_inline int ct_key_of(const struct flow *f, struct ct_key *k)
+{
+	int high = f->saddr > f->daddr || (f->saddr == f->daddr && f->sport > f->dport);
+
+	k->saddr = high ? f->daddr : f->saddr;
+	k->daddr = high ? f->saddr : f->daddr;
+	k->sport = high ? f->dport : f->sport;
+	k->dport = high ? f->sport : f->dport;
+	k->proto = f->proto;
+	return high;
+}
+
+/*
+ * Brings a flow's entry up to date with one of its packets, which comes
+ * from the key's second end when `high`: last seen now (the coarse clock,
+ * written only when it moved, so a busy flow does not dirty the entry on
+ * every packet), answered once a packet goes the other way than the
+ * first, closing once TCP sends a FIN or RST. A SYN on a closing entry is
+ * a new connection reusing the tuple: it starts afresh, opened by its
+ * sender.
+ */
+static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, int high)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
 	__u32 flags = v->flags, want = flags;
 
 	if (v->last_seen_ns != now)
 		v->last_seen_ns = now;
-	if (reply)
+	if (high != !!(flags & CT_ORIG_HIGH))
 		want |= CT_REPLY;
 	if (f->proto == IPPROTO_TCP) {
 		if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
 			want |= CT_CLOSING;
-		else if (!reply && (flags & CT_CLOSING) && tcp_opening(f))
-			want = 0;
+		else if ((flags & CT_CLOSING) && tcp_opening(f))
+			want = high ? CT_ORIG_HIGH : 0;
 	}
 	if (want != flags)
 		v->flags = want;
 }
 
-/* The entry of the packet's flow in either direction, brought up to date
- * (see ct_touch); NULL if the flow is not tracked. */
+/* The entry of the packet's flow (one lookup, either direction), brought
+ * up to date (see ct_touch); NULL if the flow is not tracked. */
 static __always_inline struct ct_value *ct_find(const struct flow *f)
 {
-	struct ct_key k = {
-		.saddr = f->saddr, .daddr = f->daddr,
-		.sport = f->sport, .dport = f->dport, .proto = f->proto,
-	};
+	struct ct_key k = {};
+	int high = ct_key_of(f, &k);
 	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &k);
 
-	if (v) {
-		ct_touch(v, f, 0);
-		return v;
-	}
-	struct ct_key r = {
-		.saddr = f->daddr, .daddr = f->saddr,
-		.sport = f->dport, .dport = f->sport, .proto = f->proto,
-	};
-	v = bpf_map_lookup_elem(&conntrack, &r);
 	if (v)
-		ct_touch(v, f, 1);
+		ct_touch(v, f, high);
 	return v;
 }
 
@@ -336,19 +344,20 @@ static __always_inline int ct_known(const struct flow *f)
 }
 
 /*
- * A new entry for the packet's flow. A TCP flow seen first by anything
- * but its opening SYN (tracking picking it up mid-way: after an agent
- * upgrade, or once its entry expired) is taken as answered.
+ * A new entry for the packet's flow, opened by the packet's sender. A TCP
+ * flow seen first by anything but its opening SYN (tracking picking it
+ * up mid-way: after an agent upgrade, or once its entry expired) is taken
+ * as answered.
  */
 static __always_inline void ct_create(const struct flow *f)
 {
-	struct ct_key k = {
-		.saddr = f->saddr, .daddr = f->daddr,
-		.sport = f->sport, .dport = f->dport, .proto = f->proto,
-	};
+	struct ct_key k = {};
+	int high = ct_key_of(f, &k);
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ct_value v = { .created_ns = now, .last_seen_ns = now, .packets = 1 };
 
+	if (high)
+		v.flags |= CT_ORIG_HIGH;
 	if (f->proto == IPPROTO_TCP) {
 		if (!tcp_opening(f))
 			v.flags |= CT_REPLY;
@@ -361,27 +370,13 @@ static __always_inline void ct_create(const struct flow *f)
 /*
  * Tracking without enforcement (no policy selects either endpoint): the
  * flow only has to be known if a policy comes later, so that it leaves
- * established flows alone, and stay known while it is alive. A TCP flow's
- * entry (either direction) is found and refreshed by each packet, and
- * made when missing; any other flow gets an entry per direction, found
- * and refreshed by one lookup per packet (no reverse lookup, no counting).
+ * established flows alone, and stay known while it is alive. Every packet
+ * finds and refreshes its flow's entry (one lookup, no counting) and
+ * makes it when missing.
  */
 static __always_inline void ct_remember(const struct flow *f)
 {
-	if (f->proto == IPPROTO_TCP) {
-		if (!ct_find(f))
-			ct_create(f);
-		return;
-	}
-	struct ct_key k = {
-		.saddr = f->saddr, .daddr = f->daddr,
-		.sport = f->sport, .dport = f->dport, .proto = f->proto,
-	};
-	struct ct_value *v = bpf_map_lookup_elem(&conntrack, &k);
-
-	if (v)
-		ct_touch(v, f, 0);
-	else
+	if (!ct_find(f))
 		ct_create(f);
 }
 

@@ -236,7 +236,9 @@ pub struct PolicyIdKey {
     pub pad: [u8; 3],
 }
 
-/// `struct ct_key`.
+/// `struct ct_key`: a flow's two ends, the lower (address, port) first
+/// (addresses compared as the `u32` the maps store), so that one lookup
+/// finds the flow from either direction ([`CtKey::canonical`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 #[repr(C)]
 pub struct CtKey {
@@ -258,6 +260,9 @@ pub struct CtKey {
 pub const CT_REPLY: u32 = 1 << 0;
 /// `ct_value.flags`: TCP sent a FIN or RST (the flow is closing).
 pub const CT_CLOSING: u32 = 1 << 1;
+/// `ct_value.flags`: the flow's first packet came from the key's second
+/// end (`daddr`, `dport`).
+pub const CT_ORIG_HIGH: u32 = 1 << 2;
 
 /// `struct ct_value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -273,6 +278,24 @@ pub struct CtValue {
     pub flags: u32,
     /// Padding.
     pub pad: u32,
+}
+
+impl CtKey {
+    /// The same flow with its ends in the order the programs key it: the
+    /// lower (address, port) first.
+    pub fn canonical(self) -> CtKey {
+        if (self.saddr, self.sport) <= (self.daddr, self.dport) {
+            return self;
+        }
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
 }
 
 impl CtValue {
@@ -365,5 +388,46 @@ impl EventRecord {
             smac,
             eth_proto: u16::from_ne_bytes([bytes[26], bytes[27]]),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conntrack_keys_put_the_lower_end_first() {
+        let (a, b) = (
+            ip_key(Ipv4Addr::new(10, 77, 0, 1)),
+            ip_key(Ipv4Addr::new(10, 77, 0, 2)),
+        );
+        let forward = CtKey {
+            saddr: a,
+            daddr: b,
+            sport: 40000,
+            dport: 7000,
+            proto: 6,
+            pad: [0; 3],
+        };
+        let reverse = CtKey {
+            saddr: b,
+            daddr: a,
+            sport: 7000,
+            dport: 40000,
+            proto: 6,
+            pad: [0; 3],
+        };
+        assert_eq!(forward.canonical(), reverse.canonical());
+        assert_eq!(forward.canonical().canonical(), forward.canonical());
+        // One address: the ports decide.
+        let same = CtKey {
+            saddr: a,
+            daddr: a,
+            sport: 9,
+            dport: 8,
+            proto: 17,
+            pad: [0; 3],
+        };
+        assert_eq!((same.canonical().sport, same.canonical().dport), (8, 9));
     }
 }

@@ -461,11 +461,13 @@ impl Loader {
     /// Adds flows known elsewhere (another node's
     /// [`Loader::conntrack_of`], or an older map) as answered flows seen
     /// now, so each gets its full established timeout here; entries
-    /// already known here are kept as they are.
+    /// already known here are kept as they are. Keys are put in the
+    /// programs' order first ([`CtKey::canonical`]): an older map kept a
+    /// flow as its first packet carried it.
     pub fn import_conntrack(&mut self, keys: &[CtKey]) -> Result<(), LoaderError> {
         let value = CtValue::established(now_ns());
         for k in keys {
-            match self.conntrack.insert(k, value, BPF_NOEXIST) {
+            match self.conntrack.insert(k.canonical(), value, BPF_NOEXIST) {
                 Ok(()) => {}
                 Err(MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -486,28 +488,7 @@ impl Loader {
     /// landing between that read and the removal starts a new entry,
     /// judged as a new flow's).
     pub fn expire_conntrack(&mut self, timeouts: &Timeouts) -> Result<Sweep, LoaderError> {
-        let now = now_ns();
-        let mut sweep = Sweep::default();
-        let mut stale = Vec::new();
-        for item in self.conntrack.iter() {
-            // A key removed by the programs' LRU mid-walk: skip it.
-            let Ok((k, v)) = item else { continue };
-            sweep.seen += 1;
-            if timeouts.expired(&k, &v, now) {
-                stale.push(k);
-            }
-        }
-        for k in stale {
-            let Ok(v) = self.conntrack.get(&k, 0) else {
-                continue;
-            };
-            if !timeouts.expired(&k, &v, now_ns()) {
-                continue;
-            }
-            ignore_missing(self.conntrack.remove(&k)).map_err(map_err("conntrack"))?;
-            sweep.expired += 1;
-        }
-        Ok(sweep)
+        sweep_conntrack(&mut self.conntrack, timeouts)
     }
 
     /// Packets counted over every tracked flow: proof that traffic goes
@@ -587,15 +568,53 @@ pub fn status(node: &str) -> Result<Status, LoaderError> {
     Ok(out)
 }
 
-/// The tracked flows in `node`'s pinned conntrack map, read without
-/// loading anything.
-pub fn pinned_conntrack(node: &str) -> Result<Vec<(CtKey, CtValue)>, LoaderError> {
+fn open_pinned_conntrack(node: &str) -> Result<HashMap<MapData, CtKey, CtValue>, LoaderError> {
     let map = MapData::from_pin(pin_dir(node).join("maps").join("conntrack"))
         .and_then(aya::maps::Map::from_map_data)
         .map_err(map_err("conntrack"))?;
-    let conntrack: HashMap<_, CtKey, CtValue> =
-        HashMap::try_from(map).map_err(map_err("conntrack"))?;
+    HashMap::try_from(map).map_err(map_err("conntrack"))
+}
+
+/// The tracked flows in `node`'s pinned conntrack map, read without
+/// loading anything.
+pub fn pinned_conntrack(node: &str) -> Result<Vec<(CtKey, CtValue)>, LoaderError> {
+    let conntrack = open_pinned_conntrack(node)?;
     Ok(conntrack.iter().filter_map(Result::ok).collect())
+}
+
+/// [`Loader::expire_conntrack`] on `node`'s pinned map, without a
+/// loader: a thread of its own can sweep while another one holds the
+/// loader (a sweep of a full map takes a fraction of a second).
+pub fn expire_pinned_conntrack(node: &str, timeouts: &Timeouts) -> Result<Sweep, LoaderError> {
+    sweep_conntrack(&mut open_pinned_conntrack(node)?, timeouts)
+}
+
+fn sweep_conntrack(
+    map: &mut HashMap<MapData, CtKey, CtValue>,
+    timeouts: &Timeouts,
+) -> Result<Sweep, LoaderError> {
+    let now = now_ns();
+    let mut sweep = Sweep::default();
+    let mut stale = Vec::new();
+    for item in map.iter() {
+        // A key removed by the programs' LRU mid-walk: skip it.
+        let Ok((k, v)) = item else { continue };
+        sweep.seen += 1;
+        if timeouts.expired(&k, &v, now) {
+            stale.push(k);
+        }
+    }
+    for k in stale {
+        let Ok(v) = map.get(&k, 0) else {
+            continue;
+        };
+        if !timeouts.expired(&k, &v, now_ns()) {
+            continue;
+        }
+        ignore_missing(map.remove(&k)).map_err(map_err("conntrack"))?;
+        sweep.expired += 1;
+    }
+    Ok(sweep)
 }
 
 impl MapStore for Loader {

@@ -228,12 +228,14 @@ fn a_map_of_the_older_layout_is_carried_over() {
         "name",
         "conntrack",
     ]));
-    // 10.77.0.1:40000 -> 10.77.0.2:7000, TCP (ports in host order).
+    // 10.77.0.2:7000 -> 10.77.0.1:40000, TCP (ports in host order): as
+    // the old map kept a flow, in the direction of its first packet, here
+    // the higher end's.
     let key = CtKey {
-        saddr: ip_key(Ipv4Addr::new(10, 77, 0, 1)),
-        daddr: ip_key(Ipv4Addr::new(10, 77, 0, 2)),
-        sport: 40000,
-        dport: 7000,
+        saddr: ip_key(Ipv4Addr::new(10, 77, 0, 2)),
+        daddr: ip_key(Ipv4Addr::new(10, 77, 0, 1)),
+        sport: 7000,
+        dport: 40000,
         proto: 6,
         pad: [0; 3],
     };
@@ -262,7 +264,9 @@ fn a_map_of_the_older_layout_is_carried_over() {
     let entries = entries.expect("the datapath loads over an older map");
     assert_eq!(entries.len(), 1, "{entries:?}");
     let (k, v) = entries[0];
-    assert_eq!(k, key);
+    assert_eq!(k, key.canonical(), "kept in the programs' order");
+    assert_eq!(k.saddr, ip_key(Ipv4Addr::new(10, 77, 0, 1)));
+    assert_eq!((k.sport, k.dport), (40000, 7000));
     assert_eq!(v.flags, CT_REPLY);
     assert!(v.last_seen_ns >= before, "{v:?}");
 }

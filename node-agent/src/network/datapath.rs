@@ -19,10 +19,10 @@
 //! 6. remove Basalt taps that no VM placed or arriving here uses.
 //!
 //! Between passes it drains the programs' event ring every 100 ms and
-//! turns activations into [`Activation`]s, carries live migrations'
+//! turns activations into [`Activation`]s, and carries live migrations'
 //! flows (it reads the connection-tracking entries of a leaving VM's
-//! addresses and writes those of an arriving one), and sweeps connection
-//! tracking for expired entries every `conntrack_sweep`
+//! addresses and writes those of an arriving one). A second thread sweeps
+//! connection tracking for expired entries every `conntrack_sweep`
 //! ([`NetworkConfig::conntrack`] says how long each kind may idle).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -78,6 +78,15 @@ pub fn is_vm_tap(name: &str) -> bool {
 }
 
 pub(crate) fn spawn(config: NetworkConfig, shared: Arc<Shared>) {
+    let sweeper = {
+        let (config, shared) = (config.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("net-conntrack".into())
+            .spawn(move || sweep_conntrack(&config, &shared))
+    };
+    if let Err(err) = sweeper {
+        tracing::error!(error = %err, "could not start the connection-tracking sweeper; entries only leave by LRU eviction");
+    }
     let spawned = std::thread::Builder::new()
         .name("net-datapath".into())
         .spawn(move || {
@@ -86,6 +95,33 @@ pub(crate) fn spawn(config: NetworkConfig, shared: Arc<Shared>) {
         });
     if let Err(err) = spawned {
         tracing::error!(error = %err, "could not start the datapath thread; this node has no VM networking");
+    }
+}
+
+/// Sweeps this node's pinned connection-tracking map every
+/// `conntrack_sweep` until the agent stops: on a thread of its own, so a
+/// long sweep never holds up activations or passes. Before the datapath
+/// is loaded there is nothing to sweep (logged at debug).
+fn sweep_conntrack(config: &NetworkConfig, shared: &Shared) {
+    loop {
+        let deadline = Instant::now() + config.conntrack_sweep;
+        while Instant::now() < deadline {
+            if shared.lock().stop {
+                return;
+            }
+            std::thread::sleep(EVENT_POLL.min(config.conntrack_sweep));
+        }
+        match basalt_sdn::loader::expire_pinned_conntrack(&config.node, &config.conntrack) {
+            Ok(sweep) if sweep.expired > 0 => tracing::debug!(
+                expired = sweep.expired,
+                tracked = sweep.seen - sweep.expired,
+                "connection tracking swept"
+            ),
+            Ok(_) => {}
+            Err(err) => {
+                tracing::debug!(error = %error_chain(&err), "no connection tracking to sweep")
+            }
+        }
     }
 }
 
@@ -123,12 +159,7 @@ impl Host {
 
     fn run(&mut self, shared: &Shared) {
         let mut last_pass: Option<Instant> = None;
-        let mut last_sweep = Instant::now();
         loop {
-            if last_sweep.elapsed() >= self.config.conntrack_sweep {
-                self.sweep_conntrack();
-                last_sweep = Instant::now();
-            }
             let (snapshot, incoming, claims) = {
                 let mut state = shared.wait(EVENT_POLL);
                 if state.stop {
@@ -431,25 +462,6 @@ impl Host {
                 Err(err) => {
                     tracing::warn!(error = %error_chain(&err), "could not write carried flows")
                 }
-            }
-        }
-    }
-
-    /// Removes expired connection-tracking entries (a failure is logged;
-    /// the next sweep tries again).
-    fn sweep_conntrack(&mut self) {
-        let Some(dp) = self.datapath.as_mut() else {
-            return;
-        };
-        match dp.store_mut().expire_conntrack(&self.config.conntrack) {
-            Ok(sweep) if sweep.expired > 0 => tracing::debug!(
-                expired = sweep.expired,
-                tracked = sweep.seen - sweep.expired,
-                "connection tracking swept"
-            ),
-            Ok(_) => {}
-            Err(err) => {
-                tracing::warn!(error = %error_chain(&err), "could not sweep connection tracking")
             }
         }
     }

@@ -10,7 +10,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use basalt_api::{ReplicaPeer, ReplicaPeerState, StorageClient, StorageVolume, VerifyVolume};
+use basalt_api::{
+    DiskState, ReplicaPeer, ReplicaPeerState, StorageClient, StorageVolume, VerifyVolume,
+};
 use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
 
@@ -62,6 +64,10 @@ pub enum VolumeCommand {
 struct VolumeView {
     #[serde(flatten)]
     volume: StorageVolume,
+    /// The node's backing store (a failed one serves from the peers).
+    disk_state: DiskState,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    disk_error: String,
     peers: Vec<ReplicaPeer>,
 }
 
@@ -72,6 +78,7 @@ fn state_name(state: ReplicaPeerState) -> &'static str {
         ReplicaPeerState::Away => "away",
         ReplicaPeerState::Deposed => "deposed",
         ReplicaPeerState::SplitBrain => "split-brain",
+        ReplicaPeerState::DiskFailed => "disk-failed",
     }
 }
 
@@ -130,20 +137,33 @@ pub async fn run(format: Format, args: VolumeArgs) -> anyhow::Result<()> {
                 .into_iter()
                 .find(|v| v.name == name)
                 .with_context(|| format!("no volume {name} in this node's pool"))?;
-            let peers: Vec<ReplicaPeer> = client
-                .status()
-                .await?
+            let status = client.status().await?;
+            let peers: Vec<ReplicaPeer> = status
                 .replicas
                 .into_iter()
                 .filter(|p| p.volume == name)
                 .collect();
-            let view = VolumeView { volume, peers };
+            let view = VolumeView {
+                volume,
+                disk_state: status.disk_state,
+                disk_error: status.disk_error,
+                peers,
+            };
             print(format, &view, || {
                 let v = &view.volume;
                 let mut out = format!(
                     "name       {}\nuid        {}\nsize       {}\nallocated  {}\nread-only  {}\n",
                     v.name, v.uid, v.size_bytes, v.allocated_bytes, v.read_only
                 );
+                out.push_str(&match view.disk_state {
+                    DiskState::Attached => "disk       attached\n".to_owned(),
+                    DiskState::Failed => {
+                        format!(
+                            "disk       failed, served by the peers ({})\n",
+                            view.disk_error
+                        )
+                    }
+                });
                 if view.peers.is_empty() {
                     out.push_str("peers      none (not a primary here)\n");
                 } else {

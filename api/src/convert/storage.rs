@@ -4,9 +4,9 @@ use super::enum_value;
 use crate::pb;
 use crate::types::validate_volume_name;
 use crate::{
-    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, MAX_LISTED_OUT_OF_SYNC,
-    PeerVerify, ReplicaPeer, ReplicaPeerState, StorageStatus, StorageVolume, VerifyVolume,
-    VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify,
+    ApiError, AttachVolume, DiskState, EnsureVolume, FenceAnswer, FenceRequest,
+    MAX_LISTED_OUT_OF_SYNC, PeerVerify, ReplicaPeer, ReplicaPeerState, StorageStatus,
+    StorageVolume, VerifyVolume, VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify,
 };
 
 impl From<VerifyVolume> for pb::VerifyVolumeRequest {
@@ -217,6 +217,7 @@ impl From<ReplicaPeerState> for pb::ReplicaPeerState {
             ReplicaPeerState::Away => Self::Away,
             ReplicaPeerState::Deposed => Self::Deposed,
             ReplicaPeerState::SplitBrain => Self::SplitBrain,
+            ReplicaPeerState::DiskFailed => Self::DiskFailed,
         }
     }
 }
@@ -246,6 +247,7 @@ impl TryFrom<pb::ReplicaPeer> for ReplicaPeer {
             }
             pb::ReplicaPeerState::Deposed => ReplicaPeerState::Deposed,
             pb::ReplicaPeerState::SplitBrain => ReplicaPeerState::SplitBrain,
+            pb::ReplicaPeerState::DiskFailed => ReplicaPeerState::DiskFailed,
         };
         Ok(Self {
             volume: p.volume,
@@ -272,6 +274,12 @@ impl From<StorageStatus> for pb::StorageStatus {
             replicas: s.replicas.into_iter().map(Into::into).collect(),
             nbd_address: s.nbd_address,
             replication_address: s.replication_address,
+            disk_state: match s.disk_state {
+                DiskState::Attached => pb::DiskState::Attached,
+                DiskState::Failed => pb::DiskState::Failed,
+            }
+            .into(),
+            disk_error: s.disk_error,
         }
     }
 }
@@ -296,6 +304,11 @@ impl TryFrom<pb::StorageStatus> for StorageStatus {
                 .collect::<Result<_, _>>()?,
             nbd_address: s.nbd_address,
             replication_address: s.replication_address,
+            disk_state: match enum_value::<pb::DiskState>(s.disk_state, "disk_state")? {
+                pb::DiskState::Unspecified | pb::DiskState::Attached => DiskState::Attached,
+                pb::DiskState::Failed => DiskState::Failed,
+            },
+            disk_error: s.disk_error,
         })
     }
 }
@@ -388,6 +401,8 @@ mod tests {
             chunk_size: 65536,
             replication_address: "10.0.0.1:7800".into(),
             volumes: 2,
+            disk_state: DiskState::Failed,
+            disk_error: "injected".into(),
             replicas: vec![
                 ReplicaPeer {
                     volume: "v".into(),

@@ -33,7 +33,7 @@ pub use policy::{
     MAX_POLICY_RULES, Policy, PolicyAction, PolicyProtocol, PolicyRule, PolicySpec, labels_match,
 };
 pub use storage::{
-    AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, MAX_LISTED_OUT_OF_SYNC,
+    AttachVolume, DiskState, EnsureVolume, FenceAnswer, FenceRequest, MAX_LISTED_OUT_OF_SYNC,
     MAX_REPLICA_PEERS, MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN, PeerVerify, ReplicaPeer,
     ReplicaPeerState, StorageStatus, StorageVolume, VerifyVolume, VolumeAttachment, VolumeExport,
     VolumeRole, VolumeVerify,

@@ -76,6 +76,20 @@ pub enum ReplicaPeerState {
     /// The peer is a primary of the volume that diverged from this one:
     /// reported, never resolved automatically.
     SplitBrain,
+    /// The peer's backing store failed: detached, treated as away.
+    DiskFailed,
+}
+
+/// The node's backing store, as its storage process sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskState {
+    /// In use.
+    #[default]
+    Attached,
+    /// An I/O error detached it: primaries go on diskless on their peers,
+    /// secondaries refuse their primaries.
+    Failed,
 }
 
 /// A volume this process replicates to a peer.
@@ -121,6 +135,10 @@ pub struct StorageStatus {
     /// Where this process accepts primaries' replication connections
     /// (`host:port`); empty when it does not.
     pub replication_address: String,
+    /// The backing store's state.
+    pub disk_state: DiskState,
+    /// Why it was detached (empty while attached).
+    pub disk_error: String,
 }
 
 /// Most peers one primary replicates to (3 replicas in all).

@@ -28,9 +28,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use basalt_api::{
-    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, FenceStream, PeerVerify,
-    ReplicaPeer, ReplicaPeerState, StorageApi, StorageStatus, StorageVolume, VerifyVolume,
-    VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify, storage_routes,
+    ApiError, AttachVolume, DiskState, EnsureVolume, FenceAnswer, FenceRequest, FenceStream,
+    PeerVerify, ReplicaPeer, ReplicaPeerState, StorageApi, StorageStatus, StorageVolume,
+    VerifyVolume, VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify, storage_routes,
 };
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -206,6 +206,7 @@ fn replica_peer(volume: &str, peer: &str, st: &ReplicationStatus) -> ReplicaPeer
             PeerState::Resyncing => ReplicaPeerState::Resyncing,
             PeerState::Away => ReplicaPeerState::Away,
             PeerState::SplitBrain => ReplicaPeerState::SplitBrain,
+            PeerState::DiskFailed => ReplicaPeerState::DiskFailed,
             PeerState::Deposed { .. } => ReplicaPeerState::Deposed,
         },
         dirty_chunks: st.dirty_chunks,
@@ -380,6 +381,7 @@ impl StorageApi for LocalService {
             .replication
             .map(|a| a.to_string())
             .unwrap_or_default();
+        let disk_error = self.attachments.disk().failed();
         self.blocking(move |pool| {
             let st = pool.status();
             Ok(StorageStatus {
@@ -394,6 +396,12 @@ impl StorageApi for LocalService {
                 replicas,
                 nbd_address,
                 replication_address,
+                disk_state: if disk_error.is_some() {
+                    DiskState::Failed
+                } else {
+                    DiskState::Attached
+                },
+                disk_error: disk_error.unwrap_or_default(),
             })
         })
         .await

@@ -445,7 +445,8 @@ impl Session {
             return false;
         }
         match req.kind {
-            cmd::READ => req.flags == 0,
+            // A detached disk's reads wait on a peer.
+            cmd::READ => req.flags == 0 && !self.slot.diskless(),
             cmd::WRITE => {
                 req.flags == 0 && matches!(self.slot.role(), None | Some(Role::Standalone))
             }
@@ -564,14 +565,18 @@ impl Session {
                 (8 + len) as u32,
             ));
             out[proto::STRUCTURED_HEADER_LEN..head].copy_from_slice(&req.offset.to_be_bytes());
-            match self.volume.read(req.offset, &mut out[head..]) {
+            match self.slot.read(req.offset, &mut out[head..], |b| {
+                self.volume.read(req.offset, b)
+            }) {
                 Ok(()) => out,
                 Err(e) => self.error_reply(cookie, Self::errno(&e, false), &e.to_string()),
             }
         } else {
             let mut out = proto::simple_reply(0, cookie);
             out.resize(16 + len, 0);
-            match self.volume.read(req.offset, &mut out[16..]) {
+            match self.slot.read(req.offset, &mut out[16..], |b| {
+                self.volume.read(req.offset, b)
+            }) {
                 Ok(()) => out,
                 Err(e) => self.error_reply(cookie, Self::errno(&e, false), &e.to_string()),
             }

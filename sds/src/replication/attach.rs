@@ -44,6 +44,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -163,6 +164,46 @@ pub enum AttachError {
     },
 }
 
+/// The health of the pool's backing store, shared by every volume: an
+/// I/O error on it detaches it for good (until the process restarts):
+/// nothing more is read or written there. A primary goes on diskless —
+/// writes acknowledged once a connected peer has them, reads served by a
+/// peer — and a replica refuses its primaries, which go on without it.
+#[derive(Debug, Default)]
+pub struct DiskHealth {
+    failed: AtomicBool,
+    why: Mutex<Option<String>>,
+}
+
+impl DiskHealth {
+    /// Why the disk was detached (`None`: it is attached).
+    pub fn failed(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.why).clone()
+    }
+
+    /// Whether it was detached (cheap: one atomic load).
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Detaches the disk after an I/O error (`why` is kept from the first
+    /// failure).
+    pub fn fail(&self, why: &str) {
+        let mut slot = lock(&self.why);
+        if slot.is_none() {
+            tracing::error!(
+                error = why,
+                "I/O error on the pool's backing store: the disk is detached, replicated volumes go on on their peers"
+            );
+            *slot = Some(why.to_owned());
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
 /// One peer's online verify: the peer as attached, and what was found.
 pub type PeerVerifyResult = (String, Result<VerifyReport, VerifyError>);
 
@@ -181,6 +222,7 @@ pub struct AttachmentView {
 pub struct Attachments {
     pool: Pool,
     book: Arc<ReplicaBook>,
+    disk: Arc<DiskHealth>,
     opts: AttachOptions,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     file: Option<PathBuf>,
@@ -204,6 +246,7 @@ impl fmt::Debug for Attachments {
 pub struct Slot {
     name: String,
     book: Arc<ReplicaBook>,
+    disk: Arc<DiskHealth>,
     /// One change at a time.
     change: Mutex<()>,
     gate: Mutex<Gate>,
@@ -269,13 +312,29 @@ impl Slot {
         local: impl FnOnce() -> Result<(), PoolError>,
     ) -> Result<(), ReplicationError> {
         let entered = self.enter();
+        // The local write, unless the disk is detached; an I/O error
+        // detaches it.
+        let disk = &self.disk;
+        let checked = || {
+            if let Some(why) = disk.failed() {
+                return Err(PoolError::Io {
+                    op: "writing",
+                    source: io::Error::other(format!("the disk is detached: {why}")),
+                });
+            }
+            local().inspect_err(|e| {
+                if matches!(e, PoolError::Io { .. }) {
+                    disk.fail(&error_chain(e));
+                }
+            })
+        };
         let Some(spec) = &entered.state.spec else {
-            return local().map_err(Into::into);
+            return checked().map_err(Into::into);
         };
         match spec.role {
-            Role::Standalone => local().map_err(Into::into),
+            Role::Standalone => checked().map_err(Into::into),
             Role::Secondary => match op {
-                Op::Flush => local().map_err(Into::into),
+                Op::Flush => checked().map_err(Into::into),
                 _ => Err(ReplicationError::NotPrimary {
                     volume: self.name.clone(),
                 }),
@@ -294,9 +353,64 @@ impl Slot {
                     .iter()
                     .map(|(_, r)| r.clone())
                     .collect();
-                Replicator::submit_all(&replicators, op, local)
+                // Diskless (the disk failed before or during this write):
+                // the write stands only if a peer acknowledged it.
+                let diskless = std::cell::Cell::new(false);
+                let acked = Replicator::submit_counted(&replicators, op, || match checked() {
+                    Err(PoolError::Io { .. }) if !replicators.is_empty() => {
+                        diskless.set(true);
+                        Ok(())
+                    }
+                    other => other,
+                })?;
+                if diskless.get() && acked == 0 {
+                    return Err(ReplicationError::Local(PoolError::Io {
+                        op: "writing",
+                        source: io::Error::other(
+                            "the disk is detached and no connected peer has the write",
+                        ),
+                    }));
+                }
+                Ok(())
             }
         }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the volume: with `local`
+    /// while the disk is attached; from a connected peer of a primary
+    /// once it is detached (an I/O error here detaches it, and the read is
+    /// tried on the peers).
+    pub fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        local: impl FnOnce(&mut [u8]) -> Result<(), PoolError>,
+    ) -> Result<(), PoolError> {
+        if !self.disk.is_failed() {
+            match local(buf) {
+                Err(e @ PoolError::Io { .. }) => self.disk.fail(&error_chain(&e)),
+                other => return other,
+            }
+        }
+        let state = lock(&self.gate).state.clone();
+        let mut why = String::from("the disk is detached and the volume has no connected peer");
+        if state.spec.as_ref().map(|s| s.role) == Some(Role::Primary) {
+            for (_, r) in &state.replicators {
+                match r.read_remote(offset, buf) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => why = format!("the disk is detached; {e}"),
+                }
+            }
+        }
+        Err(PoolError::Io {
+            op: "reading",
+            source: io::Error::other(why),
+        })
+    }
+
+    /// Whether reads go to a peer (the disk is detached).
+    pub fn diskless(&self) -> bool {
+        self.disk.is_failed()
     }
 
     /// Whether a write would be refused outright here (a secondary).
@@ -312,6 +426,7 @@ impl Attachments {
         Attachments {
             pool,
             book,
+            disk: Arc::new(DiskHealth::default()),
             opts,
             slots: Mutex::new(HashMap::new()),
             file: None,
@@ -443,6 +558,11 @@ impl Attachments {
         &self.book
     }
 
+    /// The backing store's health.
+    pub fn disk(&self) -> &Arc<DiskHealth> {
+        &self.disk
+    }
+
     /// The gate of volume `name` (created, never attached, on first use).
     pub fn slot(&self, name: &str) -> Arc<Slot> {
         lock(&self.slots)
@@ -451,6 +571,7 @@ impl Attachments {
                 Arc::new(Slot {
                     name: name.to_owned(),
                     book: self.book.clone(),
+                    disk: self.disk.clone(),
                     change: Mutex::new(()),
                     gate: Mutex::new(Gate {
                         writers: 0,

@@ -372,6 +372,9 @@ pub enum PeerState {
     /// The peer is a primary of the volume that is not in sync with this
     /// one: two diverged copies (reported, retried, never resolved here).
     SplitBrain,
+    /// The peer's backing store failed (it answered an I/O error): it is
+    /// detached and treated as away (writes tracked dirty, retried).
+    DiskFailed,
 }
 
 /// Where a primary's replication of one volume to one peer stands.
@@ -444,6 +447,8 @@ struct Shared {
     link: Mutex<Link>,
     changed: Condvar,
     pending: Mutex<HashMap<(u64, u64), SyncSender<wire::Ack>>>,
+    /// READ frames waiting for their ack and data: length and answer.
+    reads: Mutex<HashMap<(u64, u64), PendingRead>>,
     resync_bytes: AtomicU64,
     resync_chunks: AtomicU64,
     full_sync_bytes: AtomicU64,
@@ -501,6 +506,9 @@ struct Link {
     tick: u64,
     last_clean: Instant,
 }
+
+/// A READ frame sent: its length, and where its ack and data go.
+type PendingRead = (u32, SyncSender<(wire::Ack, Vec<u8>)>);
 
 /// A frame sent, waiting for its ack.
 #[derive(Debug)]
@@ -580,6 +588,7 @@ impl Replicator {
             }),
             changed: Condvar::new(),
             pending: Mutex::new(HashMap::new()),
+            reads: Mutex::new(HashMap::new()),
             resync_bytes: AtomicU64::new(0),
             resync_chunks: AtomicU64::new(0),
             full_sync_bytes: AtomicU64::new(0),
@@ -686,6 +695,16 @@ impl Replicator {
         op: Op<'_>,
         local: impl FnOnce() -> Result<(), PoolError>,
     ) -> Result<(), ReplicationError> {
+        Replicator::submit_counted(replicators, op, local).map(|_| ())
+    }
+
+    /// [`Replicator::submit_all`], returning how many peers acknowledged
+    /// the operation (the others are outdated or being filled).
+    pub fn submit_counted(
+        replicators: &[Replicator],
+        op: Op<'_>,
+        local: impl FnOnce() -> Result<(), PoolError>,
+    ) -> Result<usize, ReplicationError> {
         // Every link is locked (always in the same order) across the sends
         // and the local write, so frames leave in the order writes apply
         // locally on every link, and no resync can finish in between.
@@ -737,12 +756,13 @@ impl Replicator {
                 }
             }
         }
-        let mut result = Ok(());
+        let mut result = Ok(0);
         for (r, shipped) in replicators.iter().zip(shipped) {
             let settled = r.shared.settle(shipped, &op);
-            if result.is_ok() {
-                result = settled;
-            }
+            result = match (result, settled) {
+                (Ok(n), Ok(acked)) => Ok(n + usize::from(acked)),
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            };
         }
         result
     }
@@ -859,6 +879,57 @@ impl Replicator {
             out_of_sync,
             repaired,
         })
+    }
+
+    /// Reads `buf.len()` bytes at `offset` from the connected peer's copy:
+    /// a READ frame in the live frame order, so it sees every write
+    /// shipped before it (for a primary whose own disk failed).
+    pub fn read_remote(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let s = &self.shared;
+        let len = u32::try_from(buf.len())
+            .ok()
+            .filter(|&n| n <= wire::MAX_FRAME_PAYLOAD)
+            .ok_or_else(|| io::Error::other("read too large for one frame"))?;
+        let rx = {
+            let mut link = lock(&s.link);
+            if link.state != PeerState::Connected {
+                return Err(io::Error::other(format!(
+                    "peer {} is not connected ({:?})",
+                    s.cfg.peer, link.state
+                )));
+            }
+            let (seq, conn) = (link.next_seq, link.conn);
+            link.next_seq += 1;
+            let (tx, rx) = sync_channel(1);
+            lock(&s.reads).insert((conn, seq), (len, tx));
+            let frame = Frame {
+                kind: FrameKind::Read,
+                flags: 0,
+                epoch: s.epoch.load(Ordering::SeqCst),
+                seq,
+                offset,
+                length: len,
+                data: Vec::new(),
+            };
+            let sent = link.writer.as_mut().map(|w| frame.write_to(w));
+            if !matches!(sent, Some(Ok(()))) {
+                lock(&s.reads).remove(&(conn, seq));
+                s.lose(&mut link, conn);
+                return Err(io::Error::other("sending a read frame failed"));
+            }
+            rx
+        };
+        let (ack, data) = rx
+            .recv()
+            .map_err(|_| io::Error::other("the connection was lost before the read's answer"))?;
+        if ack.status != Status::Ok || data.len() != buf.len() {
+            return Err(io::Error::other(format!(
+                "peer {} answered {:?} to a read",
+                s.cfg.peer, ack.status
+            )));
+        }
+        buf.copy_from_slice(&data);
+        Ok(())
     }
 
     /// Sends chunk `c` to the connected peer again (a resync write in the
@@ -984,11 +1055,13 @@ impl Shared {
     /// After the local write, without the lock held across it: waits for
     /// the peer's ack, or (the peer does not have the write) acknowledges
     /// only with the fencer's word.
-    fn settle(&self, shipped: Option<Shipped>, op: &Op<'_>) -> Result<(), ReplicationError> {
+    /// `Ok(true)`: the peer acknowledged the write; `Ok(false)`: it does
+    /// not have it (outdated by the fencer, or being filled).
+    fn settle(&self, shipped: Option<Shipped>, op: &Op<'_>) -> Result<bool, ReplicationError> {
         let Some(shipped) = shipped else {
             let mut link = lock(&self.link);
             self.settle_touch(&mut link, op);
-            return self.fence(link);
+            return self.fence(link).map(|()| false);
         };
         let answer = shipped.ack.recv().map(|a| a.status);
         let mut link = lock(&self.link);
@@ -996,7 +1069,7 @@ impl Shared {
         match answer {
             Ok(Status::Ok) => {
                 self.acked.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+                return Ok(true);
             }
             Ok(Status::StaleEpoch) => {
                 // Applied here, refused there: if a newer epoch revives
@@ -1013,6 +1086,9 @@ impl Shared {
             Ok(other) => {
                 tracing::warn!(volume = %self.volume.name(), status = ?other, "peer could not apply a frame: detaching it");
                 self.lose(&mut link, shipped.conn);
+                if other == Status::IoError && link.state == PeerState::Away {
+                    link.state = PeerState::DiskFailed;
+                }
             }
             // The connection dropped before the ack.
             Err(_) => {}
@@ -1022,7 +1098,7 @@ impl Shared {
         if let Some((offset, len)) = op.range() {
             self.mark_dirty(&mut link, offset, len);
         }
-        self.fence(link)
+        self.fence(link).map(|()| false)
     }
 
     /// The peer does not have a write: acknowledge it only if the peer is
@@ -1282,6 +1358,14 @@ impl Shared {
                 self.changed.notify_all();
                 return Err(io::Error::other("split brain"));
             }
+            Status::IoError => {
+                let mut link = lock(&self.link);
+                if link.state != PeerState::DiskFailed {
+                    tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, "the peer's disk failed: it stays detached");
+                }
+                link.state = PeerState::DiskFailed;
+                return Err(io::Error::other("the peer's disk failed"));
+            }
             other => return Err(io::Error::other(format!("peer refused: {other:?}"))),
         }
         let full = reply.full_sync;
@@ -1538,7 +1622,17 @@ impl Shared {
                         tracing::error!(volume = %self.volume.name(), newest = ack.newest_epoch, "the peer rejected our epoch: deposed");
                         self.changed.notify_all();
                     }
-                    if let Some(tx) = lock(&self.pending).remove(&(conn, ack.seq)) {
+                    if let Some((len, tx)) = lock(&self.reads).remove(&(conn, ack.seq)) {
+                        let mut data = Vec::new();
+                        if ack.status == Status::Ok {
+                            data = vec![0u8; len as usize];
+                            if let Err(e) = io::Read::read_exact(&mut rd, &mut data) {
+                                tracing::debug!(error = %e, "replication ack stream ended in a read's data");
+                                break;
+                            }
+                        }
+                        let _ = tx.send((ack, data));
+                    } else if let Some(tx) = lock(&self.pending).remove(&(conn, ack.seq)) {
                         let _ = tx.send(ack);
                     }
                 }
@@ -1554,6 +1648,7 @@ impl Shared {
         }
         // Writers still waiting on this connection see it gone.
         lock(&self.pending).retain(|(c, _), _| *c != conn);
+        lock(&self.reads).retain(|(c, _), _| *c != conn);
     }
 }
 

@@ -252,6 +252,11 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         reply(&mut wr, Status::Refused, 0, false)?;
         return Ok(());
     }
+    if let Some(why) = ctx.attachments.disk().failed() {
+        tracing::warn!(volume = %name, error = %why, "refused a primary: this node's disk failed and is detached");
+        reply(&mut wr, Status::IoError, 0, false)?;
+        return Ok(());
+    }
     let (ok, newest) = ctx.admit(name, hello.epoch);
     if !ok {
         tracing::warn!(volume = %name, epoch = hello.epoch, newest, "refused a primary with an old epoch");
@@ -307,8 +312,20 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
             return Ok(());
         }
         let mut value = newest;
+        let mut payload = None;
         let status = if role == Some(Role::Standalone) {
             Status::Refused
+        } else if ok && ctx.attachments.disk().failed().is_some() {
+            // A failed disk is detached: nothing more is read or written.
+            Status::IoError
+        } else if ok && frame.kind == FrameKind::Read {
+            match read_range(&volume, &frame) {
+                Ok(data) => {
+                    payload = Some(data);
+                    Status::Ok
+                }
+                Err(status) => status,
+            }
         } else if ok && frame.kind == FrameKind::Verify {
             match digest_range(&volume, &frame) {
                 Ok(d) => {
@@ -344,12 +361,20 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
             );
             Status::StaleEpoch
         };
+        if status == Status::IoError {
+            ctx.attachments
+                .disk()
+                .fail(&format!("applying a frame to {name} failed"));
+        }
         let ack = Ack {
             seq: frame.seq,
             status,
             newest_epoch: value,
         };
         wr.write_all(&ack.encode())?;
+        if let Some(data) = payload {
+            wr.write_all(&data)?;
+        }
         // Acks of frames already buffered go out together.
         if rd.buffer().is_empty() {
             wr.flush()?;
@@ -360,12 +385,18 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
 /// The digest of a VERIFY frame's range, read at this point of the
 /// frame order.
 fn digest_range(volume: &Volume, f: &Frame) -> Result<u64, Status> {
+    read_range(volume, f).map(|data| wire::digest(&data))
+}
+
+/// The bytes of a READ or VERIFY frame's range, read at this point of the
+/// frame order.
+fn read_range(volume: &Volume, f: &Frame) -> Result<Vec<u8>, Status> {
     if f.length > wire::MAX_FRAME_PAYLOAD {
         return Err(Status::Invalid);
     }
     let mut buf = vec![0u8; f.length as usize];
     match volume.read(f.offset, &mut buf) {
-        Ok(()) => Ok(wire::digest(&buf)),
+        Ok(()) => Ok(buf),
         Err(PoolError::OutOfRange { .. }) => Err(Status::Invalid),
         Err(e) => {
             tracing::warn!(volume = %volume.name(), error = %e, "reading a range to verify failed");
@@ -389,8 +420,8 @@ fn apply(ctx: &Ctx, volume: &Volume, f: &Frame) -> Status {
             },
         ),
         FrameKind::Flush => volume.flush(),
-        // Answered by `digest_range` before it gets here.
-        FrameKind::Verify => return Status::Invalid,
+        // Answered by `read_range` before it gets here.
+        FrameKind::Verify | FrameKind::Read => return Status::Invalid,
     };
     match result {
         Ok(()) => {

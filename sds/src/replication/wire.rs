@@ -9,7 +9,10 @@
 //!
 //! A VERIFY frame ([`FrameKind::Verify`], online verify) changes nothing:
 //! the replica reads the range at that point in the frame order and
-//! answers with the range's [`digest`] in the ack's last field.
+//! answers with the range's [`digest`] in the ack's last field. A READ
+//! frame ([`FrameKind::Read`], a primary whose own disk failed) is
+//! answered by an ack followed, when [`Status::Ok`], by `length` bytes of
+//! the range.
 
 use std::io::{self, Read, Write};
 
@@ -21,8 +24,9 @@ pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"BSLTREPL");
 pub const FRAME_MAGIC: u32 = 0x5246_4c42;
 /// Opens every acknowledgement.
 pub const ACK_MAGIC: u32 = 0x4b41_4c42;
-/// The protocol version this build speaks (3: VERIFY frames).
-pub const VERSION: u16 = 3;
+/// The protocol version this build speaks (3: VERIFY frames; 4: READ
+/// frames).
+pub const VERSION: u16 = 4;
 /// The largest payload a frame may carry.
 pub const MAX_FRAME_PAYLOAD: u32 = 64 << 20;
 /// The longest volume name a hello may carry.
@@ -249,6 +253,8 @@ pub enum FrameKind {
     Flush,
     /// Answer the [`digest`] of the range (online verify); nothing changes.
     Verify,
+    /// Answer the range's bytes after the ack (the primary's disk failed).
+    Read,
 }
 
 impl FrameKind {
@@ -259,6 +265,7 @@ impl FrameKind {
             FrameKind::WriteZeroes => 3,
             FrameKind::Flush => 4,
             FrameKind::Verify => 5,
+            FrameKind::Read => 6,
         }
     }
 
@@ -269,6 +276,7 @@ impl FrameKind {
             3 => FrameKind::WriteZeroes,
             4 => FrameKind::Flush,
             5 => FrameKind::Verify,
+            6 => FrameKind::Read,
             other => return Err(bad("frame kind", other.into())),
         })
     }

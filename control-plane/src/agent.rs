@@ -245,11 +245,20 @@ async fn forwarded<T>(call: impl Future<Output = Result<T, ApiError>>) -> Result
     }
 }
 
+/// Whether node `node`'s placement stream shows `placement`: the VM runs
+/// there, or the placement names it a replica node (it holds a copy of
+/// the VM's replicated disks).
+pub(crate) fn names_node(placement: &Placement, node: &str) -> bool {
+    placement.node == node || placement.holds_replica(node)
+}
+
 /// The event node `node`'s placement stream shows for `change`, if any: a
-/// placement that arrives on the node is ADDED, one that leaves it is
-/// DELETED (carrying its new node).
+/// placement that comes to name the node ([`names_node`]) is ADDED, one
+/// that no longer does is DELETED (carrying its new node); a placement
+/// that moves its VM away while keeping the node a replica node is
+/// MODIFIED.
 pub(crate) fn placement_event(node: &str, change: Change) -> Option<WatchEvent<Placement>> {
-    let here = |object: &Object| matches!(object, Object::Placement(p) if p.node == node);
+    let here = |object: &Object| matches!(object, Object::Placement(p) if names_node(p, node));
     let now_here = here(&change.object);
     let was_here = change.previous.as_ref().is_some_and(here);
     let resource_version = change.index;
@@ -430,7 +439,7 @@ impl AgentApi for AgentService {
                 .state
                 .list(Kind::Placement)
                 .filter_map(|object| match object {
-                    Object::Placement(p) if p.node == node => Some(Ok(WatchEvent::Added {
+                    Object::Placement(p) if names_node(p, &node) => Some(Ok(WatchEvent::Added {
                         object: p.clone(),
                         resource_version: p.meta.resource_version,
                     })),
@@ -702,5 +711,55 @@ mod tests {
         assert_eq!(on_a(change(ChangeType::Modified, "b", Some("c"))), "-");
         assert_eq!(on_a(change(ChangeType::Deleted, "a", None)), "deleted");
         assert_eq!(on_a(change(ChangeType::Deleted, "b", None)), "-");
+    }
+
+    #[test]
+    fn a_replica_node_sees_the_placements_naming_it() {
+        let on_c = |c| kind(placement_event("c", c));
+        let named = |node: &str, replicas: &[&str]| {
+            Object::Placement(Placement {
+                meta: ObjectMeta::named("vm-1"),
+                vm: "vm-1".into(),
+                node: node.into(),
+                epoch: 1,
+                replica_nodes: replicas.iter().map(|n| (*n).to_owned()).collect(),
+            })
+        };
+        let change = |change, now: Object, before: Option<Object>| Change {
+            index: 9,
+            change,
+            object: now,
+            previous: before,
+        };
+        assert_eq!(
+            on_c(change(ChangeType::Added, named("a", &["a", "c"]), None)),
+            "added"
+        );
+        assert_eq!(
+            on_c(change(ChangeType::Added, named("a", &["a", "b"]), None)),
+            "-"
+        );
+        // The VM moves from a to b; c keeps its copy.
+        assert_eq!(
+            on_c(change(
+                ChangeType::Modified,
+                named("b", &["a", "b", "c"]),
+                Some(named("a", &["a", "b", "c"]))
+            )),
+            "modified"
+        );
+        // c replaced by d in the replica nodes.
+        assert_eq!(
+            on_c(change(
+                ChangeType::Modified,
+                named("a", &["a", "d"]),
+                Some(named("a", &["a", "c"]))
+            )),
+            "deleted"
+        );
+        assert_eq!(
+            on_c(change(ChangeType::Deleted, named("a", &["a", "c"]), None)),
+            "deleted"
+        );
     }
 }

@@ -371,7 +371,8 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
         })
         .await
         .expect("secondary");
-    // y's agent fencer, answering y's storage process.
+    // y's agent fencer, answering y's storage process (no placement
+    // watch here: it learns of marks from its own answers and its resync).
     let fencer = tokio::spawn(basalt_agent::storage::fencer::run(
         y.clone(),
         StorageConfig {
@@ -379,6 +380,7 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
         },
         admin.clone(),
         agent.clone(),
+        basalt_agent::storage::replicas::NodePlacements::new(&y),
     ));
     wait::until(
         "y's storage has its fencer watching",

@@ -235,6 +235,9 @@ struct Inner {
     network: Option<NetworkAgent>,
     /// This node's storage, when the agent manages VM disks.
     volumes: OnceLock<Volumes>,
+    /// Bumped at every list or watched change of the migrations, so other
+    /// tasks (the replicas' loop) act on changes without listing.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// This agent's migration state, shared by the migration task and the
@@ -270,8 +273,20 @@ impl MigrationAgent {
                 gate: Mutex::new(()),
                 network,
                 volumes: OnceLock::new(),
+                changes: tokio::sync::watch::Sender::new(0),
             }),
         }
+    }
+
+    /// A receiver that sees a change whenever the migrations were listed
+    /// again or one of them changed (any migration in the cluster).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// The migration of `vm` as last listed or watched, if any.
+    pub fn migration(&self, vm: &str) -> Option<Migration> {
+        self.state().migrations.get(vm).cloned()
     }
 
     /// Gives the target's prepare step this node's storage: an incoming
@@ -391,6 +406,8 @@ impl MigrationAgent {
             state.synced = true;
             self.inner.listed.notify_all();
         }
+        drop(state);
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 

@@ -130,6 +130,9 @@ pub async fn run<C: Compute + 'static>(
     }));
     let trigger = Arc::new(Notify::new());
     let started = Instant::now();
+    // The placements naming this node (its VMs, and those it holds
+    // copies of), for the replicas' loop and the fencer.
+    let named = crate::storage::replicas::NodePlacements::new(&config.node);
 
     let heartbeat = tokio::spawn(heartbeats(
         agent.clone(),
@@ -143,6 +146,7 @@ pub async fn run<C: Compute + 'static>(
         config.node.clone(),
         state.clone(),
         trigger.clone(),
+        named.clone(),
     ));
     // The datapath: the reconcile passes make the taps, live migrations
     // their standby taps and the endpoint move on activation.
@@ -167,6 +171,8 @@ pub async fn run<C: Compute + 'static>(
             config.node.clone(),
             storage,
             admin.clone(),
+            named.clone(),
+            migrations.clone(),
         ))
     });
     // The storage fence: the storage process's primaries ask, through
@@ -177,6 +183,7 @@ pub async fn run<C: Compute + 'static>(
             storage,
             admin.clone(),
             agent.clone(),
+            named.clone(),
         ))
     });
     let reconcile = tokio::spawn(reconcile_loop(
@@ -346,9 +353,10 @@ async fn follow_placements(
     node: String,
     state: State,
     trigger: Arc<Notify>,
+    named: crate::storage::replicas::NodePlacements,
 ) {
     loop {
-        if let Err(err) = follow_once(&admin, &agent, &node, &state, &trigger).await {
+        if let Err(err) = follow_once(&admin, &agent, &node, &state, &trigger, &named).await {
             tracing::warn!(error = %err, "placement watch broke; listing again");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -356,38 +364,49 @@ async fn follow_placements(
 }
 
 /// Lists this node's placements, then follows the watch from the list's
-/// version until it breaks.
+/// version until it breaks. `named` also gets the placements that name
+/// this node a replica node.
 async fn follow_once(
     admin: &AdminClient,
     agent: &AgentClient,
     node: &str,
     state: &State,
     trigger: &Notify,
+    named: &crate::storage::replicas::NodePlacements,
 ) -> Result<(), ApiError> {
     let list = admin.list(Kind::Placement).await?;
-    let placements = list
+    let listed: Vec<Placement> = list
         .objects
         .into_iter()
         .filter_map(|object| match object {
-            Object::Placement(p) if p.node == node => Some((p.vm.clone(), p)),
+            Object::Placement(p) => Some(p),
             _ => None,
         })
         .collect();
+    let placements = listed
+        .iter()
+        .filter(|p| p.node == node)
+        .map(|p| (p.vm.clone(), p.clone()))
+        .collect();
     lock(state).placements = placements;
+    named.replace(listed);
     trigger.notify_one();
     let mut events = agent.watch_placements(node, list.resource_version).await?;
     while let Some(event) = events.next().await {
         match event? {
             WatchEvent::Added { object, .. } | WatchEvent::Modified { object, .. } => {
+                named.upsert(object.clone());
                 let mut shared = lock(state);
                 if object.node == node {
                     shared.placements.insert(object.vm.clone(), object);
                 } else {
-                    // Moved elsewhere (a new epoch on another node).
+                    // Moved elsewhere (a new epoch on another node), or
+                    // a copy this node holds.
                     shared.placements.remove(&object.vm);
                 }
             }
             WatchEvent::Deleted { object, .. } => {
+                named.remove(&object.vm);
                 lock(state).placements.remove(&object.vm);
             }
             WatchEvent::Bookmark { .. } => continue,
@@ -538,10 +557,11 @@ async fn reconcile_loop<C: Compute + 'static>(
                         report(&agent, &config.node, vm, status, &mut reported).await;
                     }
                 }
-                // Only after the domains of deleted VMs are gone.
-                if let Some(volumes) = &volumes
-                    && !fenced
-                {
+                // Only after the domains of deleted VMs are gone. A
+                // fenced node collects too (its pass stopped every
+                // domain): a removed node's agent still frees the copies
+                // of VMs deleted since, when it can list the cluster.
+                if let Some(volumes) = &volumes {
                     volumes.collect_garbage().await;
                 }
             }

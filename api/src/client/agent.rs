@@ -53,7 +53,8 @@ impl AgentClient {
         Ok(reply.into_inner().into())
     }
 
-    /// Streams the changes to the placements on `node` after
+    /// Streams the changes to the placements that name `node` (the VM
+    /// runs there, or it is a replica node) after
     /// `from_resource_version` (from now on when 0).
     pub async fn watch_placements(
         &self,

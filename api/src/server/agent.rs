@@ -32,7 +32,8 @@ pub trait AgentApi: Send + Sync + 'static {
         heartbeat: Heartbeat,
     ) -> impl Future<Output = Result<HeartbeatAck, ApiError>> + Send;
 
-    /// Streams the changes to the placements on `node`, as
+    /// Streams the changes to the placements that name `node` (the VM
+    /// runs there, or it is a replica node), as
     /// [`AdminApi::watch`](crate::AdminApi::watch) does.
     fn watch_placements(
         &self,

@@ -15,10 +15,14 @@
 //! or address not recognised) answers no: the primary's writes stay
 //! suspended and it asks again a second later.
 //!
-//! Every [`CLEAR_PERIOD`], a VM placed here that has a copy marked
-//! outdated gets the mark cleared once the storage process reports every
-//! replicated disk's link to that node in sync (connected, not
-//! resyncing).
+//! A VM placed here that has a copy marked outdated gets the mark cleared
+//! once the storage process reports every replicated disk's link to that
+//! node in sync (connected, not resyncing), checked every
+//! [`CLEAR_PERIOD`] while such VMs are known. The fencer learns of them
+//! without listing: from its own yes answers, and from the agent's
+//! placement watch ([`NodePlacements`]: a VM that arrives here, or whose
+//! placement changes, is read once). Every [`MARK_RESYNC`] it lists the
+//! VMs anyway, a safety net for marks it could not see coming.
 //!
 //! Invariants:
 //! - questions and clears are handled one at a time, in one task: a
@@ -28,7 +32,7 @@
 //!   `basalt_sds::replication`);
 //! - the agent never answers yes without the control plane's commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use basalt_api::{
@@ -37,11 +41,14 @@ use basalt_api::{
 };
 use futures::StreamExt as _;
 
-use super::replicas::is_replicated;
+use super::replicas::{NodePlacements, is_replicated};
 use super::{StorageConfig, disk_volume};
 
-/// How often copies marked outdated are checked for being in sync again.
+/// How often copies marked outdated are checked for being in sync again,
+/// while the fencer knows of any.
 pub const CLEAR_PERIOD: Duration = Duration::from_secs(1);
+/// How often every VM is listed for marks the fencer has not seen coming.
+pub const MARK_RESYNC: Duration = Duration::from_secs(30);
 /// How long one call to the control plane may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait before watching the storage process again.
@@ -188,14 +195,15 @@ async fn list<T>(
         .collect())
 }
 
+/// Every VM, placement and node.
 async fn cluster(
     admin: &AdminClient,
-    with_vms: Option<Vec<Vm>>,
 ) -> Result<(Vec<Vm>, Vec<Placement>, BTreeMap<String, Node>), ApiError> {
-    let vms = match with_vms {
-        Some(vms) => vms,
-        None => list_vms(admin).await?,
-    };
+    let vms = list(admin, Kind::Vm, |o| match o {
+        Object::Vm(v) => Some(v),
+        _ => None,
+    })
+    .await?;
     let placements = list(admin, Kind::Placement, |o| match o {
         Object::Placement(p) => Some(p),
         _ => None,
@@ -209,14 +217,6 @@ async fn cluster(
     .into_iter()
     .collect();
     Ok((vms, placements, nodes))
-}
-
-async fn list_vms(admin: &AdminClient) -> Result<Vec<Vm>, ApiError> {
-    list(admin, Kind::Vm, |o| match o {
-        Object::Vm(v) => Some(v),
-        _ => None,
-    })
-    .await
 }
 
 async fn within<T>(
@@ -240,7 +240,7 @@ async fn outdate(
     admin: &AdminClient,
     agent: &AgentClient,
 ) -> Result<Fence, String> {
-    let (vms, placements, nodes) = within(cluster(admin, None), "listing the cluster")
+    let (vms, placements, nodes) = within(cluster(admin), "listing the cluster")
         .await
         .map_err(|e| format!("cannot read the cluster: {e}"))?;
     let fence = resolve(node, request, &vms, &placements, &nodes)?;
@@ -258,16 +258,19 @@ async fn outdate(
 }
 
 /// One question: asks the control plane and answers the storage process.
+/// Returns the VM whose copy was recorded outdated, on a yes.
 async fn answer(
     node: &str,
     request: FenceRequest,
     storage: &StorageClient,
     admin: &AdminClient,
     agent: &AgentClient,
-) {
+) -> Option<String> {
+    let mut marked = None;
     let answer = match outdate(node, &request, admin, agent).await {
         Ok(fence) => {
             tracing::warn!(volume = %request.volume, vm = %fence.vm, replica_node = %fence.replica_node, epoch = request.epoch, "peer recorded outdated: its primary goes on without it");
+            marked = Some(fence.vm);
             FenceAnswer {
                 id: request.id,
                 outdated: true,
@@ -293,20 +296,51 @@ async fn answer(
         }
         Err(err) => tracing::debug!(error = %err, "answering the storage process failed"),
     }
+    marked
 }
 
-/// Clears the marks of copies in sync again.
+/// Clears the marks of the `marked` VMs' copies that are in sync again,
+/// and forgets the VMs that no longer need this node to (no mark left,
+/// placed elsewhere, deleted).
 async fn clear_in_sync(
     node: &str,
+    marked: &mut BTreeSet<String>,
     storage: &StorageClient,
     admin: &AdminClient,
     agent: &AgentClient,
 ) -> Result<(), ApiError> {
-    let vms = list_vms(admin).await?;
-    if vms.iter().all(|vm| vm.status.outdated_replicas.is_empty()) {
+    let mut vms = Vec::new();
+    let mut placements = Vec::new();
+    for name in marked.clone() {
+        let vm = match admin.get(Kind::Vm, &name).await {
+            Ok(Object::Vm(vm)) if !vm.status.outdated_replicas.is_empty() => vm,
+            Ok(_) | Err(ApiError::NotFound { .. }) => {
+                marked.remove(&name);
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        match admin.get(Kind::Placement, &name).await {
+            Ok(Object::Placement(p)) if p.node == node => placements.push(p),
+            Ok(_) | Err(ApiError::NotFound { .. }) => {
+                // Its new node's agent clears what it finds.
+                marked.remove(&name);
+                continue;
+            }
+            Err(err) => return Err(err),
+        }
+        vms.push(vm);
+    }
+    if vms.is_empty() {
         return Ok(());
     }
-    let (vms, placements, nodes) = cluster(admin, Some(vms)).await?;
+    let nodes = list(admin, Kind::Node, |o| match o {
+        Object::Node(n) => Some((n.meta.name.clone(), n)),
+        _ => None,
+    })
+    .await?
+    .into_iter()
+    .collect();
     // Read after the cluster: a link seen connected here was connected
     // after every answer already given.
     let links = storage.status().await?.replicas;
@@ -330,10 +364,66 @@ async fn clear_in_sync(
     Ok(())
 }
 
+/// The VMs placed on `node` whose copies carry marks, from a list of
+/// every VM and placement.
+async fn marked_by_list(node: &str, admin: &AdminClient) -> Result<BTreeSet<String>, ApiError> {
+    let (vms, placements, _) = cluster(admin).await?;
+    Ok(vms
+        .into_iter()
+        .filter(|vm| !vm.status.outdated_replicas.is_empty())
+        .filter(|vm| {
+            placements
+                .iter()
+                .any(|p| p.vm == vm.meta.name && p.node == node)
+        })
+        .map(|vm| vm.meta.name)
+        .collect())
+}
+
+/// The VMs placed on `node` (with replica nodes) whose placement is new
+/// or changed since `seen` (VM → placement version, updated here) and
+/// whose copies carry marks: each read once.
+async fn marked_by_watch(
+    node: &str,
+    placements: &BTreeMap<String, Placement>,
+    seen: &mut BTreeMap<String, u64>,
+    admin: &AdminClient,
+) -> Result<BTreeSet<String>, ApiError> {
+    let here: Vec<&Placement> = placements
+        .values()
+        .filter(|p| p.node == node && !p.replica_nodes.is_empty())
+        .collect();
+    seen.retain(|vm, _| here.iter().any(|p| p.vm == *vm));
+    let mut marked = BTreeSet::new();
+    for placement in here {
+        let version = placement.meta.resource_version;
+        if seen.get(&placement.vm) == Some(&version) {
+            continue;
+        }
+        match admin.get(Kind::Vm, &placement.vm).await {
+            Ok(Object::Vm(vm)) if !vm.status.outdated_replicas.is_empty() => {
+                marked.insert(vm.meta.name);
+            }
+            Ok(_) | Err(ApiError::NotFound { .. }) => {}
+            Err(err) => return Err(err),
+        }
+        seen.insert(placement.vm.clone(), version);
+    }
+    Ok(marked)
+}
+
 /// The fencer of node `node`: watches its storage process's fence
-/// requests and answers each, and clears marks of copies in sync again,
-/// until aborted. Every failure is logged and retried.
-pub async fn run(node: String, config: StorageConfig, admin: AdminClient, agent: AgentClient) {
+/// requests and answers each, and clears marks of copies in sync again
+/// (see the module doc for how it learns of them; `placements` is the
+/// agent's watch of the placements naming this node), until aborted.
+/// Every failure is logged and retried.
+pub async fn run(
+    node: String,
+    config: StorageConfig,
+    admin: AdminClient,
+    agent: AgentClient,
+    placements: NodePlacements,
+) {
     let storage = match StorageClient::connect_unix(&config.socket) {
         Ok(storage) => storage,
         Err(err) => {
@@ -341,8 +431,15 @@ pub async fn run(node: String, config: StorageConfig, admin: AdminClient, agent:
             return;
         }
     };
+    let mut named = placements.subscribe();
     let mut ticker = tokio::time::interval(CLEAR_PERIOD);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = tokio::time::interval(MARK_RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // VMs placed here with copies marked outdated, and the placement
+    // versions already looked at.
+    let mut marked: BTreeSet<String> = BTreeSet::new();
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     let mut requests = None;
     let mut warned = false;
     loop {
@@ -368,7 +465,11 @@ pub async fn run(node: String, config: StorageConfig, admin: AdminClient, agent:
         };
         tokio::select! {
             next = stream.next() => match next {
-                Some(Ok(request)) => answer(&node, request, &storage, &admin, &agent).await,
+                Some(Ok(request)) => {
+                    if let Some(vm) = answer(&node, request, &storage, &admin, &agent).await {
+                        marked.insert(vm);
+                    }
+                }
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "the fence request stream failed; watching again");
                     requests = None;
@@ -378,11 +479,31 @@ pub async fn run(node: String, config: StorageConfig, admin: AdminClient, agent:
                     requests = None;
                 }
             },
-            _ = ticker.tick() => {
-                if let Err(err) = clear_in_sync(&node, &storage, &admin, &agent).await {
+            _ = ticker.tick(), if !marked.is_empty() => {
+                if let Err(err) = clear_in_sync(&node, &mut marked, &storage, &admin, &agent).await {
                     tracing::debug!(error = %err, "checking outdated replicas failed; retrying");
                 }
             }
+            changed = named.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let current = named.borrow_and_update().clone();
+                if let Some(current) = current {
+                    match marked_by_watch(&node, &current, &mut seen, &admin).await {
+                        Ok(found) => marked.extend(found),
+                        Err(err) => {
+                            // Looked at again at the next change or resync.
+                            seen.clear();
+                            tracing::debug!(error = %err, "reading VMs placed here failed");
+                        }
+                    }
+                }
+            }
+            _ = resync.tick() => match marked_by_list(&node, &admin).await {
+                Ok(found) => marked.extend(found),
+                Err(err) => tracing::debug!(error = %err, "listing VMs for outdated marks failed; retrying"),
+            },
         }
     }
 }

@@ -11,7 +11,7 @@
 //!   as peers ([`Volumes::ensure_placed`], before the domain is defined);
 //! - on every other replica node it is an empty volume of the disk's size
 //!   (the primary's full initial sync fills it) attached **secondary** with
-//!   the same epoch ([`run`], a periodic loop) — except on the target of a
+//!   the same epoch ([`run`]) — except on the target of a
 //!   live migration under way, where it is a second **primary** with the
 //!   same epoch naming the source (dual primary) until the switchover
 //!   moves the placement (epoch + 1) and the source turns secondary. The
@@ -19,6 +19,17 @@
 //!   before it says `TargetReady` ([`Volumes::prepare_incoming`], the
 //!   same attach as the loop's), so a resumed guest never finds its disk
 //!   still secondary; the loop keeps it so afterwards.
+//!
+//! [`run`] acts on change: the agent's placement watch, which streams the
+//! placements naming this node — its VMs and those it holds copies of —
+//! into [`NodePlacements`], and the migration agent's watch of migrations
+//! ([`MigrationAgent::subscribe`]). Neither lists anything: the VMs of
+//! those placements are read once per placement version, and nodes only
+//! while a migration comes here. Every [`REPLICA_RESYNC`] it lists
+//! placements, VMs, migrations and nodes anyway and attaches every copy
+//! again, a safety net for whatever no watch shows (a VM's grown disk, a
+//! storage process that lost an attachment, a control plane whose
+//! placement stream leaves replica nodes out).
 //!
 //! The placement's epoch grows exactly when the primary moves, so a moved
 //! VM's new primary outranks the old one: the storage processes refuse
@@ -46,17 +57,87 @@
 //!   process) on its node object, where primaries on other nodes read it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_api::{
     AdminClient, ApiError, AttachVolume, Disk, EnsureVolume, Kind, Migration, MigrationPhase, Node,
     Object, Placement, StorageClient, Vm, VolumeRole,
 };
+use tokio::sync::watch;
 
 use super::{StorageConfig, VolumeError, Volumes, classify, disk_volume};
+use crate::migration::MigrationAgent;
 
-/// How often the secondaries and the published address are reconciled.
-pub const REPLICA_PERIOD: Duration = Duration::from_secs(1);
+/// How often the secondaries and the published address are reconciled
+/// from full lists of the cluster, whatever the watches showed.
+pub const REPLICA_RESYNC: Duration = Duration::from_secs(30);
+/// How often a copy that could not be attached (or an address not yet
+/// published) is tried again.
+pub const REPLICA_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether `placement` names node `node`: the VM runs there, or the node
+/// is one of its replica nodes.
+pub fn names_node(placement: &Placement, node: &str) -> bool {
+    placement.node == node || placement.holds_replica(node)
+}
+
+/// The placements that name this node ([`names_node`]), by VM, as the
+/// agent's placement watch keeps them; `None` until first listed. The
+/// runtime writes it, the replicas' loop ([`run`]) and the fencer
+/// ([`super::fencer`]) wake on its changes. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NodePlacements {
+    node: String,
+    placements: Arc<watch::Sender<Option<BTreeMap<String, Placement>>>>,
+}
+
+impl NodePlacements {
+    /// Nothing listed yet, for node `node`.
+    pub fn new(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            placements: Arc::new(watch::Sender::new(None)),
+        }
+    }
+
+    /// Replaces everything with a fresh list (placements that do not name
+    /// the node are left out).
+    pub fn replace(&self, listed: impl IntoIterator<Item = Placement>) {
+        let named: BTreeMap<String, Placement> = listed
+            .into_iter()
+            .filter(|p| names_node(p, &self.node))
+            .map(|p| (p.vm.clone(), p))
+            .collect();
+        self.placements.send_replace(Some(named));
+    }
+
+    /// Records a watched placement: kept while it names the node, dropped
+    /// otherwise.
+    pub fn upsert(&self, placement: Placement) {
+        self.placements.send_if_modified(|current| {
+            let map = current.get_or_insert_with(BTreeMap::new);
+            if names_node(&placement, &self.node) {
+                let changed = map.get(&placement.vm) != Some(&placement);
+                map.insert(placement.vm.clone(), placement);
+                changed
+            } else {
+                map.remove(&placement.vm).is_some()
+            }
+        });
+    }
+
+    /// Drops `vm`'s placement (deleted).
+    pub fn remove(&self, vm: &str) {
+        self.placements
+            .send_if_modified(|current| current.as_mut().is_some_and(|m| m.remove(vm).is_some()));
+    }
+
+    /// A receiver that sees every change.
+    pub fn subscribe(&self) -> watch::Receiver<Option<BTreeMap<String, Placement>>> {
+        self.placements.subscribe()
+    }
+}
 
 /// Whether `disk` is replicated when its VM has replica nodes.
 pub fn is_replicated(disk: &Disk) -> bool {
@@ -361,11 +442,112 @@ async fn list_nodes(admin: &AdminClient) -> Result<BTreeMap<String, Node>, ApiEr
     .await
 }
 
-/// The secondaries' loop of node `node`: every [`REPLICA_PERIOD`], makes
-/// and attaches the secondaries [`secondaries`] asks for, and publishes
-/// the storage process's replication address on the node object. Runs
-/// until aborted; every failure is logged and retried.
-pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
+/// The copies wanted, with the migrations of their VMs (uid, target,
+/// phase) they were decided on.
+type Decided = (Vec<Wanted>, Vec<(String, String, MigrationPhase)>);
+
+/// What the secondaries' loop remembers between wake-ups.
+#[derive(Debug, Default)]
+struct Cache {
+    /// VMs this node holds copies of, with the version of the placement
+    /// they were read for.
+    vms: BTreeMap<String, (u64, Vm)>,
+    /// What was last attached (or tried), and the migrations it followed.
+    last: Option<Decided>,
+}
+
+/// The copies node `node` should hold, from the watched placements
+/// naming it, the VMs read once per placement version, the migration
+/// agent's migrations, and the nodes (listed only while a migration comes
+/// here). `None` while the placements have not been listed yet.
+async fn watched(
+    node: &str,
+    placements: &watch::Receiver<Option<BTreeMap<String, Placement>>>,
+    migrations: &MigrationAgent,
+    admin: &AdminClient,
+    cache: &mut Cache,
+) -> Result<Option<Decided>, ApiError> {
+    let Some(named) = placements.borrow().clone() else {
+        return Ok(None);
+    };
+    let held: Vec<Placement> = named
+        .into_values()
+        .filter(|p| p.node != node && p.holds_replica(node))
+        .collect();
+    cache.vms.retain(|vm, _| held.iter().any(|p| p.vm == *vm));
+    for placement in &held {
+        let version = placement.meta.resource_version;
+        if cache.vms.get(&placement.vm).map(|(v, _)| *v) == Some(version) {
+            continue;
+        }
+        match admin.get(Kind::Vm, &placement.vm).await {
+            Ok(Object::Vm(vm)) => {
+                cache.vms.insert(placement.vm.clone(), (version, vm));
+            }
+            Ok(_) | Err(ApiError::NotFound { .. }) => {
+                cache.vms.remove(&placement.vm);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    let moving: Vec<Migration> = held
+        .iter()
+        .filter_map(|p| migrations.migration(&p.vm))
+        .collect();
+    let nodes = if held.iter().any(|p| migrating_here(node, p, &moving)) {
+        list_nodes(admin).await?
+    } else {
+        BTreeMap::new()
+    };
+    let vms: Vec<Vm> = cache.vms.values().map(|(_, vm)| vm.clone()).collect();
+    let phases = moving
+        .iter()
+        .map(|m| (m.meta.uid.clone(), m.status.target.clone(), m.status.phase))
+        .collect();
+    Ok(Some((
+        secondaries(node, &held, &vms, &moving, &nodes),
+        phases,
+    )))
+}
+
+/// The copies node `node` should hold, from full lists of the cluster
+/// (the resync).
+async fn listed(node: &str, admin: &AdminClient) -> Result<Vec<Wanted>, ApiError> {
+    let placements: Vec<_> = list_of(admin, Kind::Placement, |o| match o {
+        Object::Placement(p) => Some(p),
+        _ => None,
+    })
+    .await?;
+    let vms: Vec<_> = list_of(admin, Kind::Vm, |o| match o {
+        Object::Vm(v) => Some(v),
+        _ => None,
+    })
+    .await?;
+    let migrations: Vec<_> = list_of(admin, Kind::Migration, |o| match o {
+        Object::Migration(m) => Some(m),
+        _ => None,
+    })
+    .await?;
+    let nodes = list_nodes(admin).await?;
+    Ok(secondaries(node, &placements, &vms, &migrations, &nodes))
+}
+
+/// The secondaries' loop of node `node`: makes and attaches the copies
+/// [`secondaries`] asks for whenever the placements naming this node
+/// (`placements`, kept by the agent's placement watch) or the migrations
+/// (`migrations`) change, from what those watches hold; every
+/// [`REPLICA_RESYNC`] from full lists, attaching every copy again and
+/// publishing the storage process's replication address on the node
+/// object. A copy that failed, or an address not yet published, is tried
+/// again every [`REPLICA_RETRY`]. Runs until aborted; every failure is
+/// logged and retried.
+pub async fn run(
+    node: String,
+    config: StorageConfig,
+    admin: AdminClient,
+    placements: NodePlacements,
+    migrations: MigrationAgent,
+) {
     let storage = match StorageClient::connect_unix(&config.socket) {
         Ok(storage) => storage,
         Err(err) => {
@@ -373,41 +555,76 @@ pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
             return;
         }
     };
-    let mut ticker = tokio::time::interval(REPLICA_PERIOD);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut named = placements.subscribe();
+    let mut moved = migrations.subscribe();
+    let mut resync = tokio::time::interval(REPLICA_RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = tokio::time::interval(REPLICA_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing: BTreeMap<String, String> = BTreeMap::new();
+    let mut published = false;
+    let mut cache = Cache::default();
     loop {
-        ticker.tick().await;
-        if let Err(err) = publish_address(&node, &storage, &admin).await {
-            tracing::debug!(error = %err, "publishing the replication address failed; retrying");
-        }
-        let listed = async {
-            let placements: Vec<_> = list_of(&admin, Kind::Placement, |o| match o {
-                Object::Placement(p) => Some(p),
-                _ => None,
-            })
-            .await?;
-            let vms: Vec<_> = list_of(&admin, Kind::Vm, |o| match o {
-                Object::Vm(v) => Some(v),
-                _ => None,
-            })
-            .await?;
-            let migrations: Vec<_> = list_of(&admin, Kind::Migration, |o| match o {
-                Object::Migration(m) => Some(m),
-                _ => None,
-            })
-            .await?;
-            let nodes = list_nodes(&admin).await?;
-            Ok::<_, ApiError>((placements, vms, migrations, nodes))
+        let full = tokio::select! {
+            _ = resync.tick() => true,
+            changed = named.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+            changed = moved.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+            _ = retry.tick(), if !published || !failing.is_empty() => false,
         };
-        let (placements, vms, migrations, nodes) = match listed.await {
-            Ok(listed) => listed,
-            Err(err) => {
-                tracing::debug!(error = %err, "cannot list placements, VMs, migrations and nodes; secondaries unchanged");
-                continue;
+        if full || !published {
+            match publish_address(&node, &storage, &admin).await {
+                Ok(()) => published = true,
+                Err(err) => {
+                    published = false;
+                    tracing::debug!(error = %err, "publishing the replication address failed; retrying");
+                }
+            }
+        }
+        let wanted = if full {
+            match listed(&node, &admin).await {
+                Ok(wanted) => {
+                    // Read every VM again at the next change.
+                    cache = Cache::default();
+                    wanted
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "cannot list placements, VMs, migrations and nodes; secondaries unchanged");
+                    continue;
+                }
+            }
+        } else {
+            match watched(&node, &named, &migrations, &admin, &mut cache).await {
+                Ok(Some((wanted, phases))) => {
+                    let seen = Some((wanted.clone(), phases));
+                    if failing.is_empty() && cache.last == seen {
+                        // Nothing this node holds changed (another
+                        // migration's progress, a placement's status).
+                        continue;
+                    }
+                    cache.last = seen;
+                    wanted
+                }
+                Ok(None) => continue,
+                Err(err) => {
+                    tracing::debug!(error = %err, "cannot read the VMs this node holds copies of; retrying");
+                    failing.insert(String::new(), err.to_string());
+                    continue;
+                }
             }
         };
-        for wanted in secondaries(&node, &placements, &vms, &migrations, &nodes) {
+        failing.remove("");
+        failing.retain(|volume, _| wanted.iter().any(|w| w.attach.name == *volume));
+        for wanted in wanted {
             let key = wanted.attach.name.clone();
             match ensure_secondary(&storage, &wanted).await {
                 Ok(()) => {
@@ -519,6 +736,48 @@ mod tests {
             ..Condition::default()
         });
         (name.to_owned(), n)
+    }
+
+    #[test]
+    fn node_placements_keep_what_names_the_node_and_wake_on_changes() {
+        let named = NodePlacements::new("b");
+        let mut seen = named.subscribe();
+        assert!(seen.borrow_and_update().is_none(), "nothing listed yet");
+        named.replace([
+            placement("db", "a", 1, &["a", "b"]),
+            placement("web", "b", 1, &[]),
+            placement("other", "a", 1, &["a", "c"]),
+        ]);
+        assert!(seen.has_changed().unwrap());
+        let vms = |seen: &mut watch::Receiver<Option<BTreeMap<String, Placement>>>| {
+            seen.borrow_and_update()
+                .as_ref()
+                .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(vms(&mut seen), ["db", "web"]);
+        // The same placement again wakes nobody.
+        named.upsert(placement("db", "a", 1, &["a", "b"]));
+        assert!(!seen.has_changed().unwrap());
+        // db moves to c: b keeps its copy, and sees the new epoch.
+        named.upsert(placement("db", "c", 2, &["a", "b", "c"]));
+        assert!(seen.has_changed().unwrap());
+        assert_eq!(
+            seen.borrow_and_update().as_ref().unwrap()["db"].epoch,
+            2,
+            "the copy follows the new epoch"
+        );
+        // b replaced in db's replica nodes: dropped.
+        named.upsert(placement("db", "c", 2, &["a", "c"]));
+        assert_eq!(vms(&mut seen), ["web"]);
+        named.remove("web");
+        assert!(seen.has_changed().unwrap());
+        assert!(vms(&mut seen).is_empty());
+        named.remove("web");
+        assert!(
+            !seen.has_changed().unwrap(),
+            "removing nothing wakes nobody"
+        );
     }
 
     #[test]

@@ -683,6 +683,8 @@ fn down() -> anyhow::Result<()> {
 #[derive(Debug)]
 struct Health {
     libvirtd: Vec<bool>,
+    /// Where the VM's domain runs (where `up` placed it when none does).
+    vm_node: String,
     vm_state: Option<String>,
     vm_answers: bool,
 }
@@ -709,8 +711,24 @@ fn check(state: &LabState) -> Health {
         .iter()
         .map(|n| virsh(&n.libvirt_uri, &["version"]).is_some())
         .collect();
-    let vm_node = state.nodes.iter().find(|n| n.name == state.vm.node);
-    let vm_state = vm_node.and_then(|n| virsh(&n.libvirt_uri, &["domstate", &state.vm.domain]));
+    // The VM runs where its domain runs: it may have moved since `up`
+    // (a live migration, HA), so every node is asked, the one `up`
+    // placed it on first.
+    let mut domains: Vec<(String, String)> = state
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            virsh(&n.libvirt_uri, &["domstate", &state.vm.domain])
+                .map(|domstate| (n.name.clone(), domstate))
+        })
+        .collect();
+    domains.sort_by_key(|(node, domstate)| (domstate != "running", *node != state.vm.node));
+    let (vm_node, vm_state) = domains
+        .into_iter()
+        .next()
+        .map_or((state.vm.node.clone(), None), |(node, domstate)| {
+            (node, Some(domstate))
+        });
     // A real round trip, not a bare connect: outside the lab's route the
     // host's uplink may accept any connection on the guest's behalf.
     let vm_answers = GuestClient::new(state.vm.ip)
@@ -718,6 +736,7 @@ fn check(state: &LabState) -> Health {
         .is_ok_and(|reply| reply == "basalt-lab");
     Health {
         libvirtd,
+        vm_node,
         vm_state,
         vm_answers,
     }
@@ -741,7 +760,7 @@ fn describe(state: &LabState, health: &Health) -> String {
         out,
         "\nVM {} on {}: {} (libvirt: {}; answers: {})",
         vm.name,
-        vm.node,
+        health.vm_node,
         vm.ip,
         health.vm_state.as_deref().unwrap_or("unknown"),
         if health.vm_answers { "yes" } else { "NO" }
@@ -749,7 +768,7 @@ fn describe(state: &LabState, health: &Health) -> String {
     let uri = state
         .nodes
         .iter()
-        .find(|n| n.name == vm.node)
+        .find(|n| n.name == health.vm_node)
         .map_or("", |n| n.libvirt_uri.as_str());
     let _ = writeln!(
         out,

@@ -26,6 +26,27 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// Waits (30 s at most) for `want`, e.g. `10.0.0.2 via 10.99.0.2`, among
+/// the route follower's routes in the root namespace.
+fn wait_route(want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let routes = Command::new("ip")
+            .args(["route", "show", "proto", "186"])
+            .output()
+            .unwrap();
+        let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+        if routes.contains(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no route {want:?} in the root namespace: {routes}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
 /// Tears the lab down even when an assertion fails half-way.
 struct Down;
 
@@ -121,28 +142,75 @@ fn lab_up_status_down() {
         .find(|n| n["name"] == state["vm"]["node"])
         .map(|n| n["address"].as_str().unwrap().to_owned())
         .unwrap();
-    let want = format!("{vm_ip} via {holder}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let routes = Command::new("ip")
-            .args(["route", "show", "proto", "186"])
-            .output()
-            .unwrap();
-        let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
-        if routes.contains(&want) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no route {want:?} in the root namespace: {routes}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
+    wait_route(&format!("{vm_ip} via {holder}"));
 
+    // The VM moves live to the other node: it keeps its address, its
+    // disk and its boot (no restart), and the host's route follows it.
+    let (target, target_address) = state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] != state["vm"]["node"])
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_owned(),
+                n["address"].as_str().unwrap().to_owned(),
+            )
+        })
+        .unwrap();
+    runtime.block_on(async {
+        let admin = basalt_api::AdminClient::connect(&server).await.unwrap();
+        let request = basalt_api::Migration {
+            meta: basalt_api::ObjectMeta::named("lab-vm"),
+            spec: basalt_api::MigrationSpec {
+                vm: "lab-vm".into(),
+                target: Some(target.clone()),
+                ..basalt_api::MigrationSpec::default()
+            },
+            ..basalt_api::Migration::default()
+        };
+        admin
+            .create(basalt_api::Object::Migration(request))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let Ok(basalt_api::Object::Migration(m)) =
+                admin.get(basalt_api::Kind::Migration, "lab-vm").await
+            else {
+                panic!("the migration is gone")
+            };
+            if m.status.phase == basalt_api::MigrationPhase::Succeeded {
+                break;
+            }
+            assert!(
+                m.status.phase != basalt_api::MigrationPhase::Failed,
+                "the lab VM's migration failed: {m:?}"
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the lab VM's migration did not finish: {m:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        let basalt_api::Object::Vm(moved) =
+            admin.get(basalt_api::Kind::Vm, "lab-vm").await.unwrap()
+        else {
+            panic!("lab-vm is a vm")
+        };
+        assert_eq!(moved.status.node.as_deref(), Some(target.as_str()));
+    });
+    wait_route(&format!("{vm_ip} via {target_address}"));
+    assert_eq!(vm.echo("moved").unwrap(), "moved");
+    let record = vm.read_disk().unwrap();
+    assert_eq!((record.boots, record.data.as_str()), (1, "kept"));
+
+    // Status finds the VM where it runs now.
     let out = basaltd(&["lab", "status"]);
     assert!(out.status.success(), "lab status: {}", text(&out));
+    let status = String::from_utf8_lossy(&out.stdout);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("answers: yes"),
+        status.contains("answers: yes") && status.contains(&format!("on {target}: ")),
         "{}",
         text(&out)
     );

@@ -97,8 +97,9 @@ pub struct NodeTuning {
     /// How often the leader's controllers run when nothing changes.
     pub controller_period_ms: u64,
     /// How long a replica node of a VM's replicated disks may stay lost
-    /// (not ready since its last acknowledged heartbeat, or removed)
-    /// before the control plane puts a replacement copy on another node.
+    /// (not ready since its last acknowledged heartbeat) before the
+    /// control plane puts a replacement copy on another node. A removed
+    /// node's copies are replaced at once.
     pub replica_replace_after_ms: u64,
 }
 

@@ -30,7 +30,7 @@
 //!   placement's `replica_nodes`, which stay as they are; with none ready
 //!   it stays where it is, reported unschedulable with the reason;
 //! - a replica node of a VM lost for `nodes.replica_replace_after_ms`
-//!   (or removed that long) is replaced by another node in the
+//!   (or removed: at once) is replaced by another node in the
 //!   placement's `replica_nodes` ([`scheduler::plan_replacements`]) by
 //!   compare-and-swap that keeps the node and epoch: the primary stays, so
 //!   the volumes' epoch stays; the VM's own node is never replaced here;
@@ -78,9 +78,6 @@ pub struct Controllers {
     gone: HashMap<String, Instant>,
     /// The term `gone` belongs to (a new leader counts afresh).
     gone_term: u64,
-    /// Removed replica node → when this leader first saw a placement
-    /// still naming it among its replica nodes (term `gone_term`).
-    gone_replicas: HashMap<String, Instant>,
     /// VM → why a lost replica node of it could not be replaced, as last
     /// logged.
     unreplaced: HashMap<String, String>,
@@ -103,7 +100,6 @@ impl Controllers {
             unschedulable: HashMap::new(),
             gone: HashMap::new(),
             gone_term: 0,
-            gone_replicas: HashMap::new(),
             unreplaced: HashMap::new(),
         }
     }
@@ -225,7 +221,6 @@ impl Controllers {
             // leader first saw them.
             if self.gone_term != term {
                 self.gone.clear();
-                self.gone_replicas.clear();
                 self.gone_term = term;
             }
             let missing: BTreeSet<String> = state
@@ -425,8 +420,8 @@ impl Controllers {
 impl Controllers {
     /// Replacement replicas: a placement whose replica nodes name a node
     /// lost for `nodes.replica_replace_after_ms` (not ready since its last
-    /// acknowledged heartbeat, or since this leader's election; or removed,
-    /// since this leader first saw it named) gets another node in its
+    /// acknowledged heartbeat, or since this leader's election), or
+    /// removed (decommissioned, at once: decision 51), gets another node in its
     /// place, chosen by [`scheduler::plan_replacements`], written by
     /// compare-and-swap with the same node and epoch: the primary does
     /// not move, so the volumes' epoch does not change (decisions 36, 43).
@@ -442,7 +437,6 @@ impl Controllers {
             let state = &machine.state;
             if self.gone_term != term {
                 self.gone.clear();
-                self.gone_replicas.clear();
                 self.gone_term = term;
             }
             // Replica nodes other than the VM's own: the copies that can
@@ -460,20 +454,13 @@ impl Controllers {
                         .map(String::as_str)
                 })
                 .collect();
-            let missing: BTreeSet<&str> = holders
+            // A removed node (decommissioned: its object deleted) is not
+            // coming back: its copies are replaced at once (decision 51).
+            let mut lost: BTreeSet<String> = holders
                 .iter()
-                .copied()
                 .filter(|n| state.get(Kind::Node, n).is_none())
+                .map(|n| (*n).to_owned())
                 .collect();
-            self.gone_replicas
-                .retain(|node, _| missing.contains(node.as_str()));
-            let mut lost: BTreeSet<String> = BTreeSet::new();
-            for node in &missing {
-                let since = *self.gone_replicas.entry((*node).to_owned()).or_insert(now);
-                if now.duration_since(since) >= after {
-                    lost.insert((*node).to_owned());
-                }
-            }
             let unready: Vec<&str> = holders
                 .iter()
                 .copied()

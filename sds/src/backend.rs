@@ -23,6 +23,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Reads exactly `buf.len()` bytes at `offset` only if that waits on
+    /// no device (every byte is in memory, e.g. the page cache): `Ok(false)`
+    /// when it would wait, `buf` then holding nothing useful. The default
+    /// never tries.
+    fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// The store's size in bytes.
@@ -155,6 +163,40 @@ impl Backend for FileBackend {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        // preadv2 with RWF_NOWAIT copies only what the page cache holds
+        // and answers EAGAIN instead of starting device I/O.
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            let at = offset
+                .checked_add(done as u64)
+                .and_then(|o| libc::off_t::try_from(o).ok())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: `iov` describes `rest`, memory this call borrows
+            // mutably and that outlives the call; the fd is open for
+            // `self`'s lifetime.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => Ok(false),
+                    _ if e.kind() == io::ErrorKind::Interrupted => continue,
+                    _ => Err(e),
+                };
+            }
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            done += n as usize;
+        }
+        Ok(true)
     }
 
     fn sync(&self) -> io::Result<()> {

@@ -244,7 +244,18 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
                 .is_none_or(|o| o.split(',').any(|x| x == *s))
         })
         .collect();
-    for case in CASES {
+    // BASALT_NBD_CASES="4k randread qd32,1M read qd8" limits a run to some
+    // cases (for profiling one of them).
+    let only_cases = std::env::var("BASALT_NBD_CASES").ok();
+    let cases: Vec<&Case> = CASES
+        .iter()
+        .filter(|c| {
+            only_cases
+                .as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x.trim() == c.name))
+        })
+        .collect();
+    for &case in &cases {
         for &system in &systems {
             let port = free_port()?;
             let ps = port.to_string();
@@ -318,7 +329,7 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
             .map(|r| r.2)
             .unwrap_or_default()
     };
-    for case in CASES {
+    for &case in &cases {
         let better = get(case.name, QEMU_NBD)
             .iops
             .max(get(case.name, NBDKIT_FILE).iops);

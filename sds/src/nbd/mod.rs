@@ -5,11 +5,13 @@
 //! Per connection: the handshake runs inline; in transmission a reader
 //! parses requests. Quick ones (plain reads; plain writes of a volume
 //! with no peer) run on the reader's task, a run of those the client
-//! already sent as one batch answered with one flush; the rest go each to
-//! a blocking worker (pool I/O is synchronous), at most [`MAX_IN_FLIGHT`]
-//! at a time (backpressure: the reader stops reading while that many are
+//! already sent as one batch answered with one flush (reads the page cache
+//! holds are copied right there, `preadv2(RWF_NOWAIT)`; the rest of the
+//! batch in one blocking section); the rest go each to a blocking worker
+//! (pool I/O is synchronous), at most [`MAX_IN_FLIGHT`] at a time
+//! (backpressure: the reader stops reading while that many are
 //! outstanding), and a writer task sends their replies in completion
-//! order.
+//! order. Big payload and reply buffers are reused per connection.
 //!
 //! Invariants:
 //! - nothing a client sends panics the server: malformed options get an
@@ -56,6 +58,53 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 const QUICK_MAX_LEN: u32 = 64 << 10;
 /// Options one connection may send before it must choose an export.
 const MAX_OPTIONS: usize = 1000;
+/// Bytes of replies gathered before a send.
+const REPLY_BUFFER: usize = 256 << 10;
+/// Buffers (write payloads, read replies) at least this big are kept for
+/// reuse by their connection: a fresh one costs a zero fill and, from the
+/// allocator, a page fault per page.
+const RECYCLE_MIN: usize = 128 << 10;
+/// Buffers over this size are never kept.
+const RECYCLE_MAX: usize = (2 << 20) + 64;
+/// Buffers one connection keeps for reuse.
+const RECYCLE_KEEP: usize = 8;
+
+/// A connection's big buffers, kept for reuse (see [`RECYCLE_MIN`]).
+#[derive(Debug, Default)]
+struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn free(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A buffer of `len` bytes; its contents are unspecified.
+    fn take(&self, len: usize) -> Vec<u8> {
+        if len >= RECYCLE_MIN {
+            let mut free = self.free();
+            if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
+                let mut b = free.swap_remove(i);
+                drop(free);
+                // Zero-fills only bytes past the buffer's last length.
+                b.resize(len, 0);
+                return b;
+            }
+        }
+        vec![0u8; len]
+    }
+
+    /// Hands `b` back once its bytes are no longer needed.
+    fn give(&self, b: Vec<u8>) {
+        if (RECYCLE_MIN..=RECYCLE_MAX).contains(&b.capacity()) {
+            let mut free = self.free();
+            if free.len() < RECYCLE_KEEP {
+                free.push(b);
+            }
+        }
+    }
+}
 
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +207,8 @@ impl Server {
     {
         let (rd, wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(64 << 10, rd);
-        let mut wr = BufWriter::with_capacity(64 << 10, wr);
+        // Room for a whole batch of small replies: one send each.
+        let mut wr = BufWriter::with_capacity(REPLY_BUFFER, wr);
         let Some(session) = self.negotiate(&mut rd, &mut wr).await? else {
             return Ok(());
         };
@@ -399,12 +449,13 @@ fn transmission_flags(read_only: bool, structured: bool) -> u16 {
 }
 
 /// What the handshake settled.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Session {
     volume: Volume,
     structured: bool,
     meta_context: bool,
     slot: Arc<Slot>,
+    buffers: Buffers,
 }
 
 impl Session {
@@ -414,6 +465,7 @@ impl Session {
             structured,
             meta_context: structured && meta_context,
             slot,
+            buffers: Buffers::default(),
         }
     }
 
@@ -480,6 +532,12 @@ impl Session {
 
     /// Runs one request (blocking pool I/O) and returns the reply bytes.
     fn execute(&self, req: Request, payload: Vec<u8>) -> Vec<u8> {
+        let reply = self.run(req, &payload);
+        self.buffers.give(payload);
+        reply
+    }
+
+    fn run(&self, req: Request, payload: &[u8]) -> Vec<u8> {
         let cookie = req.cookie;
         let Some(allowed) = proto::allowed_flags(req.kind, self.structured) else {
             return self.error_reply(
@@ -503,10 +561,10 @@ impl Session {
             cmd::WRITE => self.replicated(
                 Op::Write {
                     offset: off,
-                    data: &payload,
+                    data: payload,
                     fua,
                 },
-                || vol.write(off, &payload, fua),
+                || vol.write(off, payload, fua),
             ),
             cmd::FLUSH => self.replicated(Op::Flush, || vol.flush()),
             cmd::TRIM => self.replicated(
@@ -546,39 +604,67 @@ impl Session {
         }
     }
 
-    fn read(&self, req: Request) -> Vec<u8> {
-        let cookie = req.cookie;
+    /// A successful read's reply with room for its data after the
+    /// returned header length; `None` for an empty structured read.
+    fn read_reply(&self, req: &Request) -> Option<(Vec<u8>, usize)> {
         let len = req.length as usize;
-        if req.length > proto::MAX_PAYLOAD {
-            return self.error_reply(cookie, errno::EINVAL, "read larger than 32 MiB");
-        }
         if self.structured {
             if len == 0 {
-                return proto::structured_header(reply::FLAG_DONE, reply::NONE, cookie, 0).to_vec();
+                return None;
             }
             let head = proto::STRUCTURED_HEADER_LEN + 8;
-            let mut out = vec![0u8; head + len];
+            let mut out = self.buffers.take(head + len);
             out[..proto::STRUCTURED_HEADER_LEN].copy_from_slice(&proto::structured_header(
                 reply::FLAG_DONE,
                 reply::OFFSET_DATA,
-                cookie,
+                req.cookie,
                 (8 + len) as u32,
             ));
             out[proto::STRUCTURED_HEADER_LEN..head].copy_from_slice(&req.offset.to_be_bytes());
-            match self.slot.read(req.offset, &mut out[head..], |b| {
-                self.volume.read(req.offset, b)
-            }) {
-                Ok(()) => out,
-                Err(e) => self.error_reply(cookie, Self::errno(&e, false), &e.to_string()),
-            }
+            Some((out, head))
         } else {
-            let mut out = proto::simple_reply(0, cookie);
-            out.resize(16 + len, 0);
-            match self.slot.read(req.offset, &mut out[16..], |b| {
-                self.volume.read(req.offset, b)
-            }) {
-                Ok(()) => out,
-                Err(e) => self.error_reply(cookie, Self::errno(&e, false), &e.to_string()),
+            let mut out = self.buffers.take(16 + len);
+            out[..16].copy_from_slice(&proto::simple_reply(0, req.cookie));
+            Some((out, 16))
+        }
+    }
+
+    /// The reply to a quick read when the page cache answers it without
+    /// waiting (see [`Volume::read_cached`]); `None` when it must go the
+    /// blocking way (which also answers any error).
+    fn read_cached(&self, req: &Request) -> Option<Vec<u8>> {
+        if req.kind != cmd::READ || req.flags != 0 || req.length > QUICK_MAX_LEN {
+            return None;
+        }
+        if self.slot.diskless() {
+            // A detached disk's reads go to a peer.
+            return None;
+        }
+        let (mut out, head) = self.read_reply(req)?;
+        match self.volume.read_cached(req.offset, &mut out[head..]) {
+            Ok(true) => Some(out),
+            _ => {
+                self.buffers.give(out);
+                None
+            }
+        }
+    }
+
+    fn read(&self, req: Request) -> Vec<u8> {
+        let cookie = req.cookie;
+        if req.length > proto::MAX_PAYLOAD {
+            return self.error_reply(cookie, errno::EINVAL, "read larger than 32 MiB");
+        }
+        let Some((mut out, head)) = self.read_reply(&req) else {
+            return proto::structured_header(reply::FLAG_DONE, reply::NONE, cookie, 0).to_vec();
+        };
+        match self.slot.read(req.offset, &mut out[head..], |b| {
+            self.volume.read(req.offset, b)
+        }) {
+            Ok(()) => out,
+            Err(e) => {
+                self.buffers.give(out);
+                self.error_reply(cookie, Self::errno(&e, false), &e.to_string())
             }
         }
     }
@@ -644,9 +730,9 @@ fn take_buffered<R: AsyncRead + Unpin>(
     } else {
         0
     };
-    let payload = buf
-        .get(proto::REQUEST_LEN..proto::REQUEST_LEN + payload_len)?
-        .to_vec();
+    let bytes = buf.get(proto::REQUEST_LEN..proto::REQUEST_LEN + payload_len)?;
+    let mut payload = session.buffers.take(payload_len);
+    payload.copy_from_slice(bytes);
     std::pin::Pin::new(rd).consume(proto::REQUEST_LEN + payload_len);
     Some((req, payload))
 }
@@ -665,13 +751,16 @@ where
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT * 2);
     let writer = {
         let wr = wr.clone();
+        let session = session.clone();
         tokio::spawn(async move {
             while let Some(buf) = rx.recv().await {
                 let mut wr = wr.lock().await;
                 wr.write_all(&buf).await?;
+                session.buffers.give(buf);
                 // Coalesce replies that are already waiting, then send.
                 while let Ok(buf) = rx.try_recv() {
                     wr.write_all(&buf).await?;
+                    session.buffers.give(buf);
                 }
                 wr.flush().await?;
             }
@@ -699,19 +788,23 @@ where
                         req.length
                     )));
                 }
-                payload = vec![0u8; req.length as usize];
+                payload = session.buffers.take(req.length as usize);
                 rd.read_exact(&mut payload).await?;
             }
             // A lone request (nothing in flight, nothing more buffered) runs
             // on this task and answers directly: no hand-off to a blocking
             // thread and back, which is most of a queue-depth-1 round trip.
+            // Quick ones take the batch path below: a cached read needs no
+            // blocking section at all.
             let lone = can_inline
                 && rd.buffer().is_empty()
-                && permits.available_permits() == MAX_IN_FLIGHT;
+                && permits.available_permits() == MAX_IN_FLIGHT
+                && !session.quick(&req);
             if lone {
                 let reply = tokio::task::block_in_place(|| session.execute(req, payload));
                 let mut w = wr.lock().await;
                 w.write_all(&reply).await?;
+                session.buffers.give(reply);
                 w.flush().await?;
                 continue;
             }
@@ -730,15 +823,27 @@ where
                     bytes += next.length as usize;
                     batch.push((next, next_payload));
                 }
-                let replies = tokio::task::block_in_place(|| {
-                    batch
-                        .into_iter()
-                        .map(|(req, payload)| session.execute(req, payload))
-                        .collect::<Vec<_>>()
-                });
+                // Reads the page cache holds are answered right here; only
+                // the rest (writes, reads that would wait) enter a blocking
+                // section, which hands this worker thread's runtime to
+                // another thread and costs a wake-up and switches.
+                let mut replies: Vec<Option<Vec<u8>>> = batch
+                    .iter()
+                    .map(|(req, _)| session.read_cached(req))
+                    .collect();
+                if replies.iter().any(Option::is_none) {
+                    tokio::task::block_in_place(|| {
+                        for ((req, payload), reply) in batch.into_iter().zip(&mut replies) {
+                            if reply.is_none() {
+                                *reply = Some(session.execute(req, payload));
+                            }
+                        }
+                    });
+                }
                 let mut w = wr.lock().await;
-                for reply in replies {
+                for reply in replies.into_iter().flatten() {
                     w.write_all(&reply).await?;
+                    session.buffers.give(reply);
                 }
                 w.flush().await?;
                 continue;

@@ -1146,6 +1146,71 @@ impl Volume {
         Ok(())
     }
 
+    /// Like [`Volume::read`], but only if nothing has to wait: no lock is
+    /// contended and the backend holds every byte in memory
+    /// ([`Backend::read_at_cached`]). `Ok(false)` when something would
+    /// wait (`buf` then holds nothing useful). Lets the NBD server answer
+    /// cached reads on its async task and hand only the rest to threads.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, PoolError> {
+        let Ok(_io) = self.io.lock.try_read() else {
+            return Ok(false);
+        };
+        let inner = &self.pool.inner;
+        let Ok(m) = inner.meta.try_lock() else {
+            return Ok(false);
+        };
+        drop(m);
+        let size = self.admit(offset, buf.len() as u64, false)?;
+        // Chunks that lie next to each other in the backend are read with
+        // one call; every stripe lock is held until the reads are done.
+        let mut guards = Vec::new();
+        let mut run: Option<(u64, usize, usize)> = None;
+        let read_run = |buf: &mut [u8], (at, from, len): (u64, usize, usize)| {
+            inner
+                .backend
+                .read_at_cached(&mut buf[from..from + len], at)
+                .map_err(PoolError::io("reading data"))
+        };
+        for seg in segments(offset, buf.len() as u64, self.cs(), size) {
+            let Ok(s) = inner.stripe(self.id, seg.vchunk).try_read() else {
+                return Ok(false);
+            };
+            guards.push(s);
+            let Ok(m) = inner.meta.try_lock() else {
+                return Ok(false);
+            };
+            let found = m.map.lookup(self.id, seg.vchunk);
+            drop(m);
+            match found {
+                Lookup::Hole => buf[seg.buf..seg.buf + seg.len].fill(0),
+                Lookup::Mapped { chunk, .. } => {
+                    let at = self.chunk_offset(chunk) + seg.at as u64;
+                    match &mut run {
+                        Some((r_at, r_from, r_len))
+                            if *r_at + *r_len as u64 == at && *r_from + *r_len == seg.buf =>
+                        {
+                            *r_len += seg.len;
+                        }
+                        _ => {
+                            if let Some(r) = run.replace((at, seg.buf, seg.len))
+                                && !read_run(buf, r)?
+                            {
+                                return Ok(false);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(r) = run
+            && !read_run(buf, r)?
+        {
+            return Ok(false);
+        }
+        drop(guards);
+        Ok(true)
+    }
+
     /// Writes `data` at `offset`; with `fua`, durable before returning.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), PoolError> {
         {

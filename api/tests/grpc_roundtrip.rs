@@ -137,6 +137,7 @@ impl AdminApi for MemoryStore {
         kind: Kind,
         name: String,
         expected_resource_version: Option<u64>,
+        _force: bool,
     ) -> Result<Object, ApiError> {
         let mut state = self.state.lock().unwrap();
         let key = (kind, name);

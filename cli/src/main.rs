@@ -34,7 +34,9 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
     propagate_version = true
 )]
 struct Cli {
-    /// The control plane's admin API address (`host:port`).
+    /// The control plane's admin API address (`host:port`), or several
+    /// members', comma-separated: a member that cannot be reached is
+    /// skipped for the next.
     #[arg(long, global = true, env = "BASALT_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
     /// How to print objects.

@@ -116,16 +116,26 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
                 .get(Kind::Node, &name)
                 .await
                 .with_context(|| format!("reading node/{name}"))?;
-            let placed = placements_on(&client, &name).await?;
-            if !placed.is_empty() && !force {
-                let vms: Vec<&str> = placed.iter().map(|p| p.vm.as_str()).collect();
-                bail!(
-                    "node/{name} still runs {} VM(s): {}; drain it first (`basalt node drain {name} --wait`) or remove it with --force",
-                    vms.len(),
-                    vms.join(", ")
-                );
+            // The control plane refuses a node with VMs placed on it unless
+            // forced (checked where the delete is applied, so a VM placed
+            // meanwhile counts too).
+            let placed = if force {
+                placements_on(&client, &name).await?
+            } else {
+                Vec::new()
+            };
+            let deleted = if force {
+                client.delete_forced(Kind::Node, &name, None).await
+            } else {
+                client.delete(Kind::Node, &name, None).await
+            };
+            match deleted {
+                Ok(_) => {}
+                Err(ApiError::FailedPrecondition { reason }) => bail!(
+                    "{reason}\n(drain it first: `basalt node drain {name} --wait`, or remove it with --force)"
+                ),
+                Err(err) => return Err(err.into()),
             }
-            client.delete(Kind::Node, &name, None).await?;
             if placed.is_empty() {
                 println!("node/{name} removed");
             } else {

@@ -202,7 +202,11 @@ async fn node_and_vm_verbs_against_a_real_cluster() {
     // and a removed node stays removed (its single-use token is spent).
     let busy = placement(&admin, "web").await.expect("web").node;
     let (success, out) = cli(&server, &["node", "remove", &busy]);
-    assert!(!success && out.contains("still runs"), "{out}");
+    // Refused by the control plane, naming the VM.
+    assert!(
+        !success && out.contains("still has") && out.contains("web") && out.contains("--force"),
+        "{out}"
+    );
     let out = ok(&server, &["node", "remove", &web_node]);
     assert!(out.contains("removed"), "{out}");
     tokio::time::sleep(Duration::from_secs(2)).await;

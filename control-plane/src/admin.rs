@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use basalt_api::{AdminApi, AdminClient, ApiError, Kind, Object, ObjectList, WatchStream};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 
 use crate::history::Change;
+use crate::proposer::{ProposeError, Proposer};
 use crate::raft_types::{NodeId, Raft};
 use crate::state::{Command, Outcome};
 use crate::store::Shared;
@@ -45,6 +46,8 @@ pub struct AdminService {
 struct Inner {
     id: NodeId,
     raft: Raft,
+    /// Batches this member's proposals while it leads.
+    proposer: Proposer,
     shared: Arc<Shared>,
     peers: Mutex<HashMap<String, AdminClient>>,
 }
@@ -77,10 +80,12 @@ enum Reply {
 
 impl AdminService {
     /// The admin service of member `id`, on `raft` and its state machine.
+    /// Starts the proposal batching task: call it on a tokio runtime.
     pub fn new(id: NodeId, raft: Raft, shared: Arc<Shared>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 id,
+                proposer: Proposer::start(raft.clone()),
                 raft,
                 shared,
                 peers: Mutex::new(HashMap::new()),
@@ -135,28 +140,26 @@ impl AdminService {
             read => return self.read_here(read).await,
         };
         let (proposal, secret) = tokens::seal(stamp(command))?;
-        match self.inner.raft.client_write(proposal).await {
-            Ok(response) => match response.data {
+        match self.inner.proposer.propose(proposal).await {
+            Ok(outcome) => match outcome {
                 Outcome::Done(Object::Token(mut token)) if secret.is_some() => {
                     token.secret = secret;
                     Ok(Reply::Object(Object::Token(token)))
                 }
                 Outcome::Done(object) => Ok(Reply::Object(object)),
                 Outcome::Refused(refusal) => Err(Attempt::Failed(refusal.into())),
-                Outcome::Nothing => Err(Attempt::Failed(ApiError::Internal {
+                Outcome::Nothing | Outcome::Many(_) => Err(Attempt::Failed(ApiError::Internal {
                     reason: "the state machine answered a write with nothing".into(),
                 })),
             },
             // Refused before it was proposed (this member no longer
             // leads), or dropped from the log by a new leader: the next
             // leader gets it.
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(Attempt::Retry(ApiError::Unavailable {
-                    reason: "leadership is changing; retry".into(),
-                }))
-            }
+            Err(ProposeError::NotLeader) => Err(Attempt::Retry(ApiError::Unavailable {
+                reason: "leadership is changing; retry".into(),
+            })),
             Err(err) => Err(Attempt::Failed(ApiError::Unavailable {
-                reason: format!("raft: {err}"),
+                reason: err.to_string(),
             })),
         }
     }
@@ -297,17 +300,24 @@ impl AdminService {
                     kind,
                     name,
                     expected_resource_version,
-                }) => client
-                    .delete(kind, &name, expected_resource_version)
-                    .await
-                    .map(Reply::Object),
+                    force,
+                }) => if force {
+                    client
+                        .delete_forced(kind, &name, expected_resource_version)
+                        .await
+                } else {
+                    client.delete(kind, &name, expected_resource_version).await
+                }
+                .map(Reply::Object),
                 Request::Write(Command::Register(_)) => Err(ApiError::Unavailable {
                     reason: "leadership changed during a registration; retry".into(),
                 }),
                 // Batches come from the leader's own controllers only.
-                Request::Write(Command::Batch(_)) => Err(ApiError::Unavailable {
-                    reason: "leadership changed during a batched write; retry".into(),
-                }),
+                Request::Write(Command::Batch(_) | Command::Many(_)) => {
+                    Err(ApiError::Unavailable {
+                        reason: "leadership changed during a batched write; retry".into(),
+                    })
+                }
                 Request::Get(kind, name) => client.get(kind, &name).await.map(Reply::Object),
                 Request::List(kind) => client.list(kind).await.map(Reply::List),
                 Request::ListAll => client.list_all().await.map(Reply::List),
@@ -488,11 +498,13 @@ impl AdminApi for AdminService {
         kind: Kind,
         name: String,
         expected_resource_version: Option<u64>,
+        force: bool,
     ) -> Result<Object, ApiError> {
         self.write(Command::Delete {
             kind,
             name,
             expected_resource_version,
+            force,
         })
         .await
     }

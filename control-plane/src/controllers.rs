@@ -51,6 +51,7 @@ use crate::admin::{AdminService, stamp};
 use crate::agent::{Leases, node_views, now_unix_ms};
 use crate::config::NodeTuning;
 use crate::ipam::IpamController;
+use crate::leases::NodeView;
 use crate::migration::MigrationController;
 use crate::scheduler::{self, Overcommit};
 use crate::state::{Command, set_condition};
@@ -81,6 +82,10 @@ pub struct Controllers {
     /// VM → why a lost replica node of it could not be replaced, as last
     /// logged.
     unreplaced: HashMap<String, String>,
+    /// The term and applied index the lease table was last brought in
+    /// line with the state at; later rounds look only at the nodes that
+    /// changed since (from the watch history).
+    leases_synced: Option<(u64, u64)>,
 }
 
 impl Controllers {
@@ -101,6 +106,7 @@ impl Controllers {
             gone: HashMap::new(),
             gone_term: 0,
             unreplaced: HashMap::new(),
+            leases_synced: None,
         }
     }
 
@@ -142,10 +148,34 @@ impl Controllers {
         let expired = {
             let machine = self.admin.shared().read();
             let state = &machine.state;
-            self.leases.with_term(term, state, lease, |table| {
-                table.sync(&node_views(state), now, lease);
+            let synced = self.leases_synced;
+            let applied = machine.applied_index();
+            let expired = self.leases.with_term(term, state, lease, |table| {
+                // Only the nodes changed since the last round; every node
+                // after a new term, or when the history does not reach
+                // back (a snapshot replaced the state).
+                let changed = match synced {
+                    Some((t, index)) if t == term => machine
+                        .history
+                        .since(index, Some(Kind::Node), usize::MAX)
+                        .ok(),
+                    _ => None,
+                };
+                match changed {
+                    Some(changes) => {
+                        let names: BTreeSet<&str> =
+                            changes.iter().map(|c| c.object.name()).collect();
+                        for name in names {
+                            let view = node_view(state, name);
+                            table.sync_node(name, view.as_ref(), now, lease);
+                        }
+                    }
+                    None => table.sync(&node_views(state), now, lease),
+                }
                 table.expire(now)
-            })
+            });
+            self.leases_synced = Some((term, applied));
+            expired
         };
         for (name, uid) in expired {
             let node = {
@@ -202,19 +232,16 @@ impl Controllers {
         let (nodes, vms, kept, moving, orphans, endpoints) = {
             let machine = self.admin.shared().read();
             let state = &machine.state;
+            // The lost nodes are the table's (a few), not a scan of every
+            // node; each is checked against the state.
             let evacuate: BTreeSet<String> = self.leases.with_term(term, state, lease, |table| {
-                state
-                    .list(Kind::Node)
-                    .filter_map(|o| match o {
-                        Object::Node(n) if !n.status.is_ready() => Some(&n.meta.name),
-                        _ => None,
+                table
+                    .lost()
+                    .filter(|(_, since)| now.duration_since(*since) >= ha_after)
+                    .filter(|(name, _)| {
+                        matches!(state.get(Kind::Node, name), Some(Object::Node(n)) if !n.status.is_ready())
                     })
-                    .filter(|name| {
-                        table
-                            .lost_since(name)
-                            .is_some_and(|since| now.duration_since(since) >= ha_after)
-                    })
-                    .cloned()
+                    .map(|(name, _)| name.to_owned())
                     .collect()
             });
             // Placements on removed nodes move `ha_after` after this
@@ -345,6 +372,7 @@ impl Controllers {
                     kind: Kind::Placement,
                     name: name.clone(),
                     expected_resource_version: Some(orphan.meta.resource_version),
+                    force: false,
                 })
                 .await
             {
@@ -635,6 +663,19 @@ async fn create_batch(admin: &AdminService, batch: Vec<Placement>) -> Vec<String
         }
     }
     placed
+}
+
+/// What the state says about node `name` now, for the lease table
+/// (`None`: there is no such node).
+fn node_view(state: &crate::state::State, name: &str) -> Option<NodeView> {
+    match state.get(Kind::Node, name) {
+        Some(Object::Node(node)) => Some(NodeView {
+            name: node.meta.name.clone(),
+            uid: node.meta.uid.clone(),
+            ready: node.status.is_ready(),
+        }),
+        _ => None,
+    }
 }
 
 /// Whether the VM of placement `p` was reported stopped (or failed) by

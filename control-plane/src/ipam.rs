@@ -147,6 +147,7 @@ pub fn plan(state: &State, now_unix_ms: u64, grace_ms: u64) -> IpamPlan {
                     kind: Kind::Endpoint,
                     name: endpoint.meta.name.clone(),
                     expected_resource_version: Some(endpoint.meta.resource_version),
+                    force: false,
                 });
             }
         } else {
@@ -356,6 +357,7 @@ fn describe(command: &Command) -> String {
         Command::Delete { kind, name, .. } => format!("delete {kind}/{name}"),
         Command::Register(r) => format!("register {}", r.node),
         Command::Batch(commands) => format!("batch of {}", commands.len()),
+        Command::Many(commands) => format!("{} independent commands", commands.len()),
     }
 }
 
@@ -532,6 +534,7 @@ mod tests {
                     kind: Kind::Vm,
                     name: "a".into(),
                     expected_resource_version: None,
+                    force: false,
                 },
             )
             .unwrap();

@@ -12,9 +12,16 @@
 //! - a lease, once expired, is never renewed: the node must register
 //!   again (a late heartbeat changes nothing);
 //! - a lease is bound to the node's uid: a heartbeat from a node object
-//!   that was replaced is refused.
+//!   that was replaced is refused;
+//! - the work per round grows with what changed, not with the cluster:
+//!   [`LeaseTable::sync_node`] brings one changed node in line, and
+//!   [`LeaseTable::expire`] looks only at leases whose expiry passed (a
+//!   queue ordered by expiry; a renewal leaves its old entry behind, which
+//!   is skipped when it comes up). [`LeaseTable::sync`] (every node) is
+//!   for a new term or a state replaced by a snapshot.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 /// One node's lease.
@@ -80,6 +87,12 @@ pub struct LeaseTable {
     /// counts from: their last renewal, or when this leader first saw them
     /// lost.
     lost: HashMap<String, Instant>,
+    /// Every grant's and renewal's expiry, soonest first; an entry whose
+    /// lease was renewed since (or is gone) is stale and skipped.
+    expiries: BinaryHeap<Reverse<(Instant, String)>>,
+    /// Nodes whose lease was marked expired (a name whose lease is gone
+    /// or was granted again since is dropped when next looked at).
+    expired: BTreeSet<String>,
 }
 
 impl LeaseTable {
@@ -99,6 +112,8 @@ impl LeaseTable {
         self.term = Some(term);
         self.leases.clear();
         self.lost.clear();
+        self.expiries.clear();
+        self.expired.clear();
         self.sync(nodes, now, lease);
         true
     }
@@ -111,6 +126,7 @@ impl LeaseTable {
     /// Gives `node` a fresh lease (it just registered).
     pub fn grant(&mut self, node: &str, uid: &str, now: Instant, lease: Duration) {
         self.lost.remove(node);
+        self.expiries.push(Reverse((now + lease, node.to_owned())));
         self.leases.insert(
             node.to_owned(),
             NodeLease {
@@ -144,13 +160,16 @@ impl LeaseTable {
         }
         if held.expired || now >= held.expires {
             held.expired = true;
+            self.expired.insert(node.to_owned());
             return Err(LeaseRefusal::Expired {
                 node: node.to_owned(),
             });
         }
         held.renewed = now;
         held.expires = now + lease;
-        Ok(held.expires)
+        let expires = held.expires;
+        self.expiries.push(Reverse((expires, node.to_owned())));
+        Ok(expires)
     }
 
     /// Whether `node` holds a live lease for `uid`.
@@ -186,20 +205,63 @@ impl LeaseTable {
         }
     }
 
+    /// Brings one node's lease in line with the state, as [`Self::sync`]
+    /// does for every node: `view` is what the state says about the node
+    /// `name` now (`None`: it is gone).
+    pub fn sync_node(
+        &mut self,
+        name: &str,
+        view: Option<&NodeView>,
+        now: Instant,
+        lease: Duration,
+    ) {
+        let keep = match (self.leases.get(name), view) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(held), Some(view)) => view.uid == held.uid && (view.ready || held.expired),
+        };
+        if !keep {
+            self.leases.remove(name);
+        }
+        let Some(view) = view else {
+            self.lost.remove(name);
+            return;
+        };
+        if view.ready {
+            self.lost.remove(name);
+            if !self.leases.contains_key(name) {
+                self.grant(name, &view.uid, now, lease);
+            }
+        } else if !self.leases.contains_key(name) {
+            self.lost.entry(name.to_owned()).or_insert(now);
+        }
+    }
+
     /// Marks every lease that ran out by `now` as expired (it can no
-    /// longer be renewed) and returns each expired one: `(node, uid)`.
+    /// longer be renewed) and returns each expired one: `(node, uid)`,
+    /// sorted. An expired lease stays until [`Self::fenced`] or a sync
+    /// drops it, and is returned again by every call until then.
     pub fn expire(&mut self, now: Instant) -> Vec<(String, String)> {
-        let mut expired: Vec<(String, String)> = self
-            .leases
-            .iter_mut()
-            .filter(|(_, held)| held.expired || now >= held.expires)
-            .map(|(name, held)| {
+        while let Some(Reverse((at, _))) = self.expiries.peek()
+            && *at <= now
+        {
+            let Some(Reverse((at, name))) = self.expiries.pop() else {
+                break;
+            };
+            if let Some(held) = self.leases.get_mut(&name)
+                && held.expires == at
+            {
                 held.expired = true;
-                (name.clone(), held.uid.clone())
-            })
-            .collect();
-        expired.sort();
-        expired
+                self.expired.insert(name);
+            }
+        }
+        let leases = &self.leases;
+        self.expired
+            .retain(|name| leases.get(name).is_some_and(|held| held.expired));
+        self.expired
+            .iter()
+            .filter_map(|name| Some((name.clone(), leases.get(name)?.uid.clone())))
+            .collect()
     }
 
     /// The node was recorded as not ready: its lease is gone, and it is
@@ -216,6 +278,13 @@ impl LeaseTable {
     /// Since when `node` counts as lost, if it does.
     pub fn lost_since(&self, node: &str) -> Option<Instant> {
         self.lost.get(node).copied()
+    }
+
+    /// Every lost node, with since when it counts as lost.
+    pub fn lost(&self) -> impl Iterator<Item = (&str, Instant)> {
+        self.lost
+            .iter()
+            .map(|(name, since)| (name.as_str(), *since))
     }
 }
 
@@ -278,6 +347,113 @@ mod tests {
         table.grant("a", "u1", at(20), LEASE);
         assert_eq!(table.lost_since("a"), None);
         assert!(table.holds("a", "u1", at(29)));
+    }
+
+    /// What a table shows about `names` at `now`.
+    fn observed(table: &LeaseTable, names: &[&str], now: Instant) -> Vec<String> {
+        let mut lost: Vec<(&str, Instant)> = table.lost().collect();
+        lost.sort();
+        let mut seen: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let uid = table.leases.get(*n).map(|l| l.uid.clone());
+                let holds = uid.as_deref().is_some_and(|uid| table.holds(n, uid, now));
+                format!("{n}: {uid:?} holds={holds} lost={:?}", table.lost_since(n))
+            })
+            .collect();
+        seen.push(format!("{lost:?}"));
+        seen
+    }
+
+    #[test]
+    fn syncing_the_changed_nodes_equals_syncing_every_node() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let names = ["a", "b", "c", "d"];
+        // Each step: the nodes as the state has them, and the names that
+        // changed since the step before.
+        let steps: Vec<(Vec<NodeView>, Vec<&str>)> = vec![
+            (
+                vec![view("a", "u1", true), view("b", "u2", false)],
+                vec!["a", "b"],
+            ),
+            // c registers; b becomes ready.
+            (
+                vec![
+                    view("a", "u1", true),
+                    view("b", "u2", true),
+                    view("c", "u3", true),
+                ],
+                vec!["b", "c"],
+            ),
+            // a is replaced by a new object; c is deleted; d appears not ready.
+            (
+                vec![
+                    view("a", "u9", true),
+                    view("b", "u2", true),
+                    view("d", "u4", false),
+                ],
+                vec!["a", "c", "d"],
+            ),
+            // b marked not ready (after its lease expired).
+            (
+                vec![
+                    view("a", "u9", true),
+                    view("b", "u2", false),
+                    view("d", "u4", false),
+                ],
+                vec!["b"],
+            ),
+        ];
+        let mut full = LeaseTable::default();
+        let mut incremental = LeaseTable::default();
+        full.start_term(1, &steps[0].0, t0, LEASE);
+        incremental.start_term(1, &steps[0].0, t0, LEASE);
+        for (i, (nodes, changed)) in steps.iter().enumerate().skip(1) {
+            let now = at(4 * i as u64);
+            full.sync(nodes, now, LEASE);
+            for name in changed {
+                let view = nodes.iter().find(|v| v.name == *name);
+                incremental.sync_node(name, view, now, LEASE);
+            }
+            assert_eq!(
+                observed(&full, &names, now),
+                observed(&incremental, &names, now),
+                "step {i}"
+            );
+            assert_eq!(full.expire(now), incremental.expire(now), "step {i}");
+        }
+        // Nothing renewed: every lease runs out in both, at the same time.
+        let late = at(30);
+        assert_eq!(full.expire(late), incremental.expire(late));
+        assert_eq!(
+            incremental.expire(late),
+            [("a".to_owned(), "u9".to_owned())],
+            "b was not ready, c and d never held one"
+        );
+    }
+
+    #[test]
+    fn a_renewed_lease_does_not_expire_at_its_old_time() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut table = LeaseTable::default();
+        table.start_term(
+            1,
+            &[view("a", "u1", true), view("b", "u2", true)],
+            t0,
+            LEASE,
+        );
+        table.renew("a", "u1", at(8), LEASE).unwrap();
+        assert_eq!(table.expire(at(10)), [("b".to_owned(), "u2".to_owned())]);
+        assert_eq!(
+            table.expire(at(12)),
+            [("b".to_owned(), "u2".to_owned())],
+            "an expired lease is reported until fenced"
+        );
+        table.fenced("b", "u2");
+        assert!(table.expire(at(17)).is_empty());
+        assert_eq!(table.expire(at(18)), [("a".to_owned(), "u1".to_owned())]);
     }
 
     #[test]

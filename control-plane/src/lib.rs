@@ -38,6 +38,7 @@ pub mod leases;
 pub mod members;
 pub mod migration;
 pub mod network;
+pub mod proposer;
 pub mod raft_types;
 pub mod recovery;
 pub mod scheduler;

@@ -215,6 +215,7 @@ impl MigrationController {
                         kind: Kind::Migration,
                         name: name.clone(),
                         expected_resource_version: Some(migration.meta.resource_version),
+                        force: false,
                     })
                     .await
                 {

@@ -15,6 +15,9 @@ use std::collections::BTreeMap;
 use basalt_api::{ApiError, Condition, Kind, Network, Node, Object, ObjectMeta, Resources};
 use serde::{Deserialize, Serialize};
 
+/// How many VMs a refused node delete names.
+const MAX_NAMED: usize = 10;
+
 /// A change to the stored objects: the payload of a Raft log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -31,6 +34,10 @@ pub enum Command {
         name: String,
         /// Compare-and-swap token, when the caller gave one.
         expected_resource_version: Option<u64>,
+        /// Delete a node even though VMs are placed on it (the
+        /// controllers then move them); refused without it.
+        #[serde(default)]
+        force: bool,
     },
     /// A node agent registers with a join token: in one step, the token's
     /// use is counted and the node is created or refreshed (address,
@@ -42,6 +49,11 @@ pub enum Command {
     /// answer). How a placement moves together with its endpoints' node
     /// and epoch, so no reader ever sees one fenced without the other.
     Batch(Vec<Command>),
+    /// Independent commands that share one log entry (the leader batches
+    /// concurrent clients' writes so they share an fsync): each is applied
+    /// on its own, in order, at the entry's index, and answers on its own
+    /// ([`Outcome::Many`]); a refusal undoes only its own command.
+    Many(Vec<Command>),
 }
 
 /// What [`Command::Register`] carries. Never the secret itself: only its
@@ -106,6 +118,8 @@ pub enum Outcome {
     Done(Object),
     /// The command was refused; nothing changed.
     Refused(Refusal),
+    /// The answers to a [`Command::Many`], one per command, in order.
+    Many(Vec<Outcome>),
 }
 
 /// Why a command was refused, decided deterministically on apply.
@@ -283,6 +297,7 @@ impl State {
                 kind,
                 name,
                 expected_resource_version,
+                force,
             } => {
                 let current = self.get(kind, &name).ok_or_else(|| Refusal::NotFound {
                     kind,
@@ -294,7 +309,7 @@ impl State {
                         return Err(Refusal::Aborted { expected, actual });
                     }
                 }
-                self.check_delete(kind, &name)?;
+                self.check_delete(kind, &name, force)?;
                 let object = self
                     .remove(kind, &name)
                     .ok_or(Refusal::NotFound { kind, name })?;
@@ -302,7 +317,40 @@ impl State {
             }
             Command::Register(registration) => self.register(index, registration),
             Command::Batch(commands) => self.apply_batch(index, commands),
+            Command::Many(commands) => self.apply_many(index, commands),
         }
+    }
+
+    /// Applies each of `commands` on its own at `index`: the changes of
+    /// every one that was applied, answering the first one's reply; the
+    /// first refusal when none was (then nothing changed). The state
+    /// machine applies a [`Command::Many`] one command at a time instead,
+    /// to answer each; this serves callers that only need the state.
+    fn apply_many(&mut self, index: u64, commands: Vec<Command>) -> Result<Applied, Refusal> {
+        let mut applied: Option<Applied> = None;
+        let mut refused = None;
+        for command in commands {
+            let result = match command {
+                Command::Many(_) => Err(Refusal::Invalid {
+                    field: "many".into(),
+                    reason: "a batch of independent commands does not nest".into(),
+                }),
+                command => self.apply(index, command),
+            };
+            match (result, applied.as_mut()) {
+                (Ok(one), Some(all)) => all.changes.extend(one.changes),
+                (Ok(one), None) => applied = Some(one),
+                (Err(refusal), _) => {
+                    refused.get_or_insert(refusal);
+                }
+            }
+        }
+        applied.ok_or_else(|| {
+            refused.unwrap_or(Refusal::Invalid {
+                field: "many".into(),
+                reason: "an empty batch".into(),
+            })
+        })
     }
 
     /// Applies every command of a batch at `index`, or none.
@@ -311,10 +359,12 @@ impl State {
         let mut reply = None;
         for command in commands {
             let result = match command {
-                Command::Register(_) | Command::Batch(_) => Err(Refusal::Invalid {
-                    field: "batch".into(),
-                    reason: "a batch holds only creates, updates and deletes".into(),
-                }),
+                Command::Register(_) | Command::Batch(_) | Command::Many(_) => {
+                    Err(Refusal::Invalid {
+                        field: "batch".into(),
+                        reason: "a batch holds only creates, updates and deletes".into(),
+                    })
+                }
                 command => self.apply(index, command),
             };
             match result {
@@ -668,7 +718,30 @@ impl State {
     }
 
     /// A network may be deleted only when no endpoint holds an address in it.
-    fn check_delete(&self, kind: Kind, name: &str) -> Result<(), Refusal> {
+    fn check_delete(&self, kind: Kind, name: &str, force: bool) -> Result<(), Refusal> {
+        if kind == Kind::Node && !force {
+            let mut vms: Vec<&str> = self
+                .list(Kind::Placement)
+                .filter_map(|o| match o {
+                    Object::Placement(p) if p.node == name => Some(p.vm.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if !vms.is_empty() {
+                let count = vms.len();
+                let more = count.saturating_sub(MAX_NAMED);
+                vms.truncate(MAX_NAMED);
+                let mut named = vms.join(", ");
+                if more > 0 {
+                    named.push_str(&format!(" and {more} more"));
+                }
+                return Err(Refusal::FailedPrecondition {
+                    reason: format!(
+                        "node {name:?} still has {count} VM(s) placed on it: {named}; drain it first, or delete it with force (its VMs then move to other nodes)"
+                    ),
+                });
+            }
+        }
         if kind == Kind::Network {
             let leased = self
                 .list(Kind::Endpoint)
@@ -847,6 +920,7 @@ mod tests {
             kind: Kind::Vm,
             name: "a".into(),
             expected_resource_version: expected,
+            force: false,
         };
         assert_eq!(
             state.apply(3, delete(Some(2))),
@@ -949,6 +1023,7 @@ mod tests {
                         kind: Kind::Node,
                         name: "n1".into(),
                         expected_resource_version: Some(1),
+                        force: false,
                     },
                 ]),
             )

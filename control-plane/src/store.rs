@@ -41,7 +41,7 @@ use crate::history::{Change, History};
 use crate::raft_types::{
     Entry, LogId, NodeId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
-use crate::state::{Outcome, State};
+use crate::state::{Command, Outcome, Refusal, State};
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -554,30 +554,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         machine.membership = StoredMembership::new(Some(entry.log_id), membership);
                         Outcome::Nothing
                     }
-                    EntryPayload::Normal(command) => match machine.state.apply(index, command) {
-                        Ok(applied) => {
-                            for changed in applied.changes {
-                                match changed.change {
-                                    crate::state::ChangeType::Deleted => {
-                                        batch.delete_cf(family, object_key(&changed.object))
-                                    }
-                                    _ => batch.put_cf(
-                                        family,
-                                        object_key(&changed.object),
-                                        to_json(&changed.object),
-                                    ),
+                    EntryPayload::Normal(Command::Many(commands)) => Outcome::Many(
+                        commands
+                            .into_iter()
+                            .map(|command| match command {
+                                Command::Many(_) => Outcome::Refused(Refusal::Invalid {
+                                    field: "many".into(),
+                                    reason: "a batch of independent commands does not nest".into(),
+                                }),
+                                command => {
+                                    apply_command(&mut machine, &mut batch, family, index, command)
                                 }
-                                machine.history.push(Change {
-                                    index,
-                                    change: changed.change,
-                                    object: changed.object,
-                                    previous: changed.previous,
-                                });
-                            }
-                            Outcome::Done(applied.reply)
-                        }
-                        Err(refusal) => Outcome::Refused(refusal),
-                    },
+                            })
+                            .collect(),
+                    ),
+                    EntryPayload::Normal(command) => {
+                        apply_command(&mut machine, &mut batch, family, index, command)
+                    }
                 };
                 outcomes.push(outcome);
             }
@@ -656,6 +649,41 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         }))
+    }
+}
+
+/// Applies one command at `index` to the machine, adds its changes to the
+/// database batch and the watch history, and answers it.
+fn apply_command(
+    machine: &mut Machine,
+    batch: &mut WriteBatch,
+    family: &ColumnFamily,
+    index: u64,
+    command: Command,
+) -> Outcome {
+    match machine.state.apply(index, command) {
+        Ok(applied) => {
+            for changed in applied.changes {
+                match changed.change {
+                    crate::state::ChangeType::Deleted => {
+                        batch.delete_cf(family, object_key(&changed.object))
+                    }
+                    _ => batch.put_cf(
+                        family,
+                        object_key(&changed.object),
+                        to_json(&changed.object),
+                    ),
+                }
+                machine.history.push(Change {
+                    index,
+                    change: changed.change,
+                    object: changed.object,
+                    previous: changed.previous,
+                });
+            }
+            Outcome::Done(applied.reply)
+        }
+        Err(refusal) => Outcome::Refused(refusal),
     }
 }
 
@@ -909,4 +937,96 @@ pub fn read_for_recovery(
         term: last.map_or(1, |id| id.leader_id.term),
     };
     Ok((seed, members))
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{Image, Kind, ObjectMeta};
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+
+    fn image(name: &str) -> Object {
+        Object::Image(Image {
+            meta: ObjectMeta::named(name),
+            ..Image::default()
+        })
+    }
+
+    fn entry(index: u64, command: Command) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_independent_writes_answers_each_and_persists_what_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_log, mut sm, shared) = open(dir.path(), 100).unwrap();
+            let outcomes = sm
+                .apply([
+                    entry(1, Command::Create(image("a"))),
+                    entry(
+                        2,
+                        Command::Many(vec![
+                            Command::Create(image("b")),
+                            // Refused: exists. Undoes only itself.
+                            Command::Create(image("a")),
+                            Command::Delete {
+                                kind: Kind::Image,
+                                name: "a".into(),
+                                expected_resource_version: Some(1),
+                                force: false,
+                            },
+                            Command::Many(vec![]),
+                        ]),
+                    ),
+                ])
+                .await
+                .unwrap();
+            assert!(matches!(&outcomes[0], Outcome::Done(o) if o.name() == "a"));
+            let Outcome::Many(many) = &outcomes[1] else {
+                panic!("expected one answer per write: {outcomes:?}");
+            };
+            assert_eq!(many.len(), 4);
+            assert!(
+                matches!(&many[0], Outcome::Done(o) if o.name() == "b" && o.meta().resource_version == 2)
+            );
+            assert!(matches!(
+                &many[1],
+                Outcome::Refused(Refusal::AlreadyExists { .. })
+            ));
+            assert!(matches!(&many[2], Outcome::Done(o) if o.name() == "a"));
+            assert!(matches!(
+                &many[3],
+                Outcome::Refused(Refusal::Invalid { .. })
+            ));
+            let machine = shared.read();
+            assert!(machine.state.get(Kind::Image, "a").is_none());
+            assert!(machine.state.get(Kind::Image, "b").is_some());
+            let changes = machine.history.since(1, None, 10).unwrap();
+            assert_eq!(changes.len(), 2, "b added and a deleted, both at index 2");
+            assert!(changes.iter().all(|c| c.index == 2));
+        }
+        // What applied is on disk. (The flusher thread lets go of the
+        // database once it sees the log store gone: retry until then.)
+        let mut tries = 0;
+        let (_log, _sm, shared) = loop {
+            match open(dir.path(), 100) {
+                Ok(opened) => break opened,
+                Err(err) if tries < 100 => {
+                    tries += 1;
+                    let _ = err;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(err) => panic!("reopening: {err}"),
+            }
+        };
+        let machine = shared.read();
+        assert!(machine.state.get(Kind::Image, "a").is_none());
+        assert!(machine.state.get(Kind::Image, "b").is_some());
+        assert_eq!(machine.applied_index(), 2);
+    }
 }

@@ -23,7 +23,9 @@ pub struct AgentArgs {
     /// Where the cluster reaches this node (`host:port`).
     #[arg(long, env = "BASALT_ADDRESS")]
     address: String,
-    /// A control-plane member (any member).
+    /// A control-plane member (any member), or several, comma-separated
+    /// (`a:7400,b:7400,c:7400`): the agent moves on to the next when one
+    /// cannot be reached.
     #[arg(long, env = "BASALT_SERVER", default_value = "127.0.0.1:7400")]
     server: String,
     /// The join token's secret (`basalt token create`); needed until the
@@ -228,13 +230,14 @@ fn check_config(args: &AgentArgs) -> anyhow::Result<()> {
     registration
         .validate()
         .map_err(|err| anyhow::anyhow!("invalid agent configuration: {err}"))?;
-    let port_ok = args
-        .server
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    let port_ok = args.server.split(',').all(|member| {
+        member.trim().rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        })
+    });
     anyhow::ensure!(
         port_ok,
-        "invalid agent configuration: server (BASALT_SERVER): {:?} is not host:port",
+        "invalid agent configuration: server (BASALT_SERVER): {:?} is not host:port (or a comma-separated list of them)",
         args.server
     );
     println!(

@@ -1,9 +1,11 @@
-//! [`AdminClient`]: the admin service, in domain types.
+//! [`AdminClient`]: the admin service, in domain types, on one or several
+//! control-plane members (see [`super::targets`]).
 
 use futures::StreamExt;
 use tonic::transport::Channel;
 
-use super::{connect, connect_lazy, decode_reply};
+use super::decode_reply;
+use super::targets::{Repeat, Targets};
 use crate::convert::kind_to_pb;
 use crate::pb;
 use crate::pb::admin_client::AdminClient as PbAdminClient;
@@ -13,27 +15,37 @@ use crate::{ApiError, Kind, Object, ObjectList, WatchEvent};
 /// A client of the admin service. Cheap to clone; calls may run concurrently.
 #[derive(Debug, Clone)]
 pub struct AdminClient {
-    inner: PbAdminClient<Channel>,
+    targets: Targets<PbAdminClient<Channel>>,
+}
+
+fn pb_client(channel: Channel) -> PbAdminClient<Channel> {
+    PbAdminClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 impl AdminClient {
-    /// Connects to `address` ("host:port" or "http://host:port").
+    /// Connects to `address` ("host:port" or "http://host:port"), or to
+    /// the first member that accepts of a comma-separated list of them;
+    /// later calls move to the next member when one cannot be reached.
     pub async fn connect(address: &str) -> Result<Self, ApiError> {
-        Ok(Self::from_channel(connect(address).await?))
+        Ok(Self {
+            targets: Targets::connect(address, pb_client).await?,
+        })
     }
 
     /// A client that connects on its first call, and reconnects after a
-    /// failure.
+    /// failure; `address` may list several members, comma-separated.
     pub fn connect_lazy(address: &str) -> Result<Self, ApiError> {
-        Ok(Self::from_channel(connect_lazy(address)?))
+        Ok(Self {
+            targets: Targets::lazy(address, pb_client)?,
+        })
     }
 
     /// A client on an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            inner: PbAdminClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            targets: Targets::single(pb_client(channel)),
         }
     }
 
@@ -42,8 +54,12 @@ impl AdminClient {
         let request = pb::CreateRequest {
             object: Some(object.into()),
         };
-        let reply = self.inner.clone().create(request).await?;
-        decode_reply(reply.into_inner())
+        self.targets
+            .call(Repeat::Unsafe, |mut client| {
+                let request = request.clone();
+                async move { decode_reply(client.create(request).await?.into_inner()) }
+            })
+            .await
     }
 
     /// Reads one object.
@@ -52,8 +68,12 @@ impl AdminClient {
             kind: kind_to_pb(Some(kind)),
             name: name.to_owned(),
         };
-        let reply = self.inner.clone().get(request).await?;
-        decode_reply(reply.into_inner())
+        self.targets
+            .call(Repeat::Safe, |mut client| {
+                let request = request.clone();
+                async move { decode_reply(client.get(request).await?.into_inner()) }
+            })
+            .await
     }
 
     /// Reads every object of a kind.
@@ -61,8 +81,7 @@ impl AdminClient {
         let request = pb::ListRequest {
             kind: kind_to_pb(Some(kind)),
         };
-        let reply = self.inner.clone().list(request).await?;
-        decode_reply(reply.into_inner())
+        self.list_request(request).await
     }
 
     /// Reads every object of every kind at one version (a consistent
@@ -71,8 +90,15 @@ impl AdminClient {
         let request = pb::ListRequest {
             kind: kind_to_pb(None),
         };
-        let reply = self.inner.clone().list(request).await?;
-        decode_reply(reply.into_inner())
+        self.list_request(request).await
+    }
+
+    async fn list_request(&self, request: pb::ListRequest) -> Result<ObjectList, ApiError> {
+        self.targets
+            .call(Repeat::Safe, |mut client| async move {
+                decode_reply(client.list(request).await?.into_inner())
+            })
+            .await
     }
 
     /// Replaces an object if `meta.resource_version` is still current
@@ -81,25 +107,60 @@ impl AdminClient {
         let request = pb::UpdateRequest {
             object: Some(object.into()),
         };
-        let reply = self.inner.clone().update(request).await?;
-        decode_reply(reply.into_inner())
+        self.targets
+            .call(Repeat::Unsafe, |mut client| {
+                let request = request.clone();
+                async move { decode_reply(client.update(request).await?.into_inner()) }
+            })
+            .await
     }
 
     /// Deletes an object, if still at `expected_resource_version` when
-    /// given; returns it as it was.
+    /// given; returns it as it was. A node with VMs placed on it is
+    /// refused ([`ApiError::FailedPrecondition`] naming them): see
+    /// [`Self::delete_forced`].
     pub async fn delete(
         &self,
         kind: Kind,
         name: &str,
         expected_resource_version: Option<u64>,
     ) -> Result<Object, ApiError> {
+        self.delete_request(kind, name, expected_resource_version, false)
+            .await
+    }
+
+    /// [`Self::delete`], but a node is deleted even with VMs placed on it;
+    /// the control plane then moves them once its agent has had time to
+    /// stop them.
+    pub async fn delete_forced(
+        &self,
+        kind: Kind,
+        name: &str,
+        expected_resource_version: Option<u64>,
+    ) -> Result<Object, ApiError> {
+        self.delete_request(kind, name, expected_resource_version, true)
+            .await
+    }
+
+    async fn delete_request(
+        &self,
+        kind: Kind,
+        name: &str,
+        expected_resource_version: Option<u64>,
+        force: bool,
+    ) -> Result<Object, ApiError> {
         let request = pb::DeleteRequest {
             kind: kind_to_pb(Some(kind)),
             name: name.to_owned(),
             expected_resource_version,
+            force,
         };
-        let reply = self.inner.clone().delete(request).await?;
-        decode_reply(reply.into_inner())
+        self.targets
+            .call(Repeat::Unsafe, |mut client| {
+                let request = request.clone();
+                async move { decode_reply(client.delete(request).await?.into_inner()) }
+            })
+            .await
     }
 
     /// Streams the changes to objects of `kind` (every kind when `None`)
@@ -113,7 +174,12 @@ impl AdminClient {
             kind: kind_to_pb(kind),
             from_resource_version,
         };
-        let events = self.inner.clone().watch(request).await?.into_inner();
+        let events = self
+            .targets
+            .call(Repeat::Safe, |mut client| async move {
+                Ok(client.watch(request).await?.into_inner())
+            })
+            .await?;
         Ok(Box::pin(
             events.map(|event| decode_reply::<_, WatchEvent>(event?)),
         ))

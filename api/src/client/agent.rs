@@ -1,9 +1,11 @@
-//! [`AgentClient`]: the agent service, in domain types.
+//! [`AgentClient`]: the agent service, in domain types, on one or several
+//! control-plane members (see [`super::targets`]).
 
 use futures::StreamExt;
 use tonic::transport::Channel;
 
-use super::{connect, connect_lazy, decode_reply};
+use super::decode_reply;
+use super::targets::{Repeat, Targets};
 use crate::pb;
 use crate::pb::agent_client::AgentClient as PbAgentClient;
 use crate::server::{MAX_MESSAGE_BYTES, WatchStream};
@@ -15,42 +17,61 @@ use crate::{
 /// A client of the agent service. Cheap to clone; calls may run concurrently.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    inner: PbAgentClient<Channel>,
+    targets: Targets<PbAgentClient<Channel>>,
+}
+
+fn pb_client(channel: Channel) -> PbAgentClient<Channel> {
+    PbAgentClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 impl AgentClient {
-    /// Connects to `address` ("host:port" or "http://host:port").
+    /// Connects to `address` ("host:port" or "http://host:port"), or to
+    /// the first member that accepts of a comma-separated list of them;
+    /// later calls move to the next member when one cannot be reached.
     pub async fn connect(address: &str) -> Result<Self, ApiError> {
-        Ok(Self::from_channel(connect(address).await?))
+        Ok(Self {
+            targets: Targets::connect(address, pb_client).await?,
+        })
     }
 
     /// A client that connects on its first call, and reconnects after a
-    /// failure.
+    /// failure; `address` may list several members, comma-separated.
     pub fn connect_lazy(address: &str) -> Result<Self, ApiError> {
-        Ok(Self::from_channel(connect_lazy(address)?))
+        Ok(Self {
+            targets: Targets::lazy(address, pb_client)?,
+        })
     }
 
     /// A client on an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            inner: PbAgentClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            targets: Targets::single(pb_client(channel)),
         }
     }
 
     /// Registers this node with a join token.
     pub async fn register(&self, registration: Registration) -> Result<Registered, ApiError> {
         let request = pb::RegisterRequest::from(registration);
-        let reply = self.inner.clone().register(request).await?;
-        decode_reply(reply.into_inner())
+        self.targets
+            .call(Repeat::Unsafe, |mut client| {
+                let request = request.clone();
+                async move { decode_reply(client.register(request).await?.into_inner()) }
+            })
+            .await
     }
 
     /// Renews this node's lease.
     pub async fn heartbeat(&self, heartbeat: Heartbeat) -> Result<HeartbeatAck, ApiError> {
         let request = pb::HeartbeatRequest::from(heartbeat);
-        let reply = self.inner.clone().heartbeat(request).await?;
-        Ok(reply.into_inner().into())
+        // A heartbeat renews a lease: repeating it is harmless.
+        self.targets
+            .call(Repeat::Safe, |mut client| {
+                let request = request.clone();
+                async move { Ok(client.heartbeat(request).await?.into_inner().into()) }
+            })
+            .await
     }
 
     /// Streams the changes to the placements that name `node` (the VM
@@ -66,11 +87,12 @@ impl AgentClient {
             from_resource_version,
         };
         let events = self
-            .inner
-            .clone()
-            .watch_placements(request)
-            .await?
-            .into_inner();
+            .targets
+            .call(Repeat::Safe, |mut client| {
+                let request = request.clone();
+                async move { Ok(client.watch_placements(request).await?.into_inner()) }
+            })
+            .await?;
         Ok(Box::pin(events.map(|event| {
             decode_reply::<_, WatchEvent<Placement>>(event?)
         })))
@@ -79,15 +101,29 @@ impl AgentClient {
     /// Reports what this node observed about one VM.
     pub async fn report_status(&self, report: StatusReport) -> Result<(), ApiError> {
         let request = pb::ReportStatusRequest::from(report);
-        self.inner.clone().report_status(request).await?;
-        Ok(())
+        self.targets
+            .call(Repeat::Unsafe, |mut client| {
+                let request = request.clone();
+                async move {
+                    client.report_status(request).await?;
+                    Ok(())
+                }
+            })
+            .await
     }
 
     /// Has the control plane record a replica of a VM outdated, or in
     /// sync again (see [`ReplicaMark`]); `Ok` once committed.
     pub async fn mark_replica(&self, mark: ReplicaMark) -> Result<(), ApiError> {
         let request = pb::MarkReplicaRequest::from(mark);
-        self.inner.clone().mark_replica(request).await?;
-        Ok(())
+        self.targets
+            .call(Repeat::Unsafe, |mut client| {
+                let request = request.clone();
+                async move {
+                    client.mark_replica(request).await?;
+                    Ok(())
+                }
+            })
+            .await
     }
 }

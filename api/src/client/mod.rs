@@ -6,6 +6,7 @@ mod admin;
 mod agent;
 mod raft;
 mod storage;
+mod targets;
 
 use std::time::Duration;
 

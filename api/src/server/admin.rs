@@ -57,12 +57,15 @@ pub trait AdminApi: Send + Sync + 'static {
     fn update(&self, object: Object) -> impl Future<Output = Result<Object, ApiError>> + Send;
 
     /// Deletes an object, if still at `expected_resource_version` when
-    /// given ([`ApiError::Aborted`] otherwise). Returns it as it was.
+    /// given ([`ApiError::Aborted`] otherwise). Returns it as it was. A
+    /// node with VMs placed on it is refused
+    /// ([`ApiError::FailedPrecondition`] naming them) unless `force`.
     fn delete(
         &self,
         kind: Kind,
         name: String,
         expected_resource_version: Option<u64>,
+        force: bool,
     ) -> impl Future<Output = Result<Object, ApiError>> + Send;
 
     /// Streams the changes to objects of `kind` (every kind when `None`)
@@ -106,8 +109,9 @@ impl<T: AdminApi> AdminApi for Arc<T> {
         kind: Kind,
         name: String,
         expected_resource_version: Option<u64>,
+        force: bool,
     ) -> impl Future<Output = Result<Object, ApiError>> + Send {
-        T::delete(self, kind, name, expected_resource_version)
+        T::delete(self, kind, name, expected_resource_version, force)
     }
 
     fn watch(
@@ -197,7 +201,12 @@ impl<T: AdminApi> Admin for AdminAdapter<T> {
             let kind = required_kind(request.kind, "kind")?;
             validate::name("name", &request.name)?;
             self.0
-                .delete(kind, request.name, request.expected_resource_version)
+                .delete(
+                    kind,
+                    request.name,
+                    request.expected_resource_version,
+                    request.force,
+                )
                 .await
         };
         reply("Delete", result.await)

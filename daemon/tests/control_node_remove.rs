@@ -1,0 +1,169 @@
+//! Removing a node that VMs are placed on: the control plane itself
+//! refuses it (`FAILED_PRECONDITION` naming the VMs), whoever asks — the
+//! typed client or `basalt node remove` — unless the delete is forced
+//! (`basalt node remove --force`), which deletes the node and leaves its
+//! VMs' placements for the controllers to move. A node without VMs goes
+//! with a plain delete.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use basalt_api::{AdminClient, ApiError, Kind, Node, Object, ObjectMeta, Placement, Vm, VmSpec};
+use basalt_testkit::Prefix;
+
+// This test needs no join token.
+#[allow(dead_code)]
+mod common;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn basalt_cli() -> PathBuf {
+    let path = PathBuf::from(common::BASALTD).with_file_name("basalt");
+    assert!(
+        path.is_file(),
+        "the basalt CLI is not built at {} (cargo build -p basalt)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `basalt --server SERVER ARGS...` (off the async threads).
+async fn basalt(server: &str, args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(basalt_cli());
+    command.arg("--server").arg(server).args(args);
+    tokio::task::spawn_blocking(move || command.output().expect("run basalt"))
+        .await
+        .expect("the CLI task")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+async fn create_node(admin: &AdminClient, name: &str) {
+    let mut node = Node {
+        meta: ObjectMeta::named(name),
+        ..Node::default()
+    };
+    node.spec.address = "10.0.0.1:7500".into();
+    admin
+        .create(Object::Node(node))
+        .await
+        .expect("create a node");
+}
+
+/// A stopped VM (the scheduler leaves it alone) placed on `node` by hand.
+async fn place_vm(admin: &AdminClient, vm: &str, node: &str) {
+    let spec = VmSpec {
+        cpus: 1,
+        memory_mib: 64,
+        running: false,
+        ..VmSpec::default()
+    };
+    admin
+        .create(Object::Vm(Vm {
+            meta: ObjectMeta::named(vm),
+            spec,
+            ..Vm::default()
+        }))
+        .await
+        .expect("create a VM");
+    admin
+        .create(Object::Placement(Placement {
+            meta: ObjectMeta::named(vm),
+            vm: vm.into(),
+            node: node.into(),
+            epoch: 1,
+            ..Placement::default()
+        }))
+        .await
+        .expect("place the VM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_vms_is_removed_only_when_forced() {
+    let prefix = Prefix::for_test().expect("prefix");
+    let server = format!("127.0.0.1:{}", free_port());
+    let (_control, admin) = common::start_control(&prefix, &server, None, DEADLINE, None).await;
+    create_node(&admin, "busy").await;
+    create_node(&admin, "idle").await;
+    place_vm(&admin, "web", "busy").await;
+    place_vm(&admin, "db", "busy").await;
+
+    // The API refuses, naming the VMs.
+    match admin.delete(Kind::Node, "busy", None).await {
+        Err(ApiError::FailedPrecondition { reason }) => {
+            assert!(
+                reason.contains("web") && reason.contains("db") && reason.contains("2 VM"),
+                "{reason}"
+            );
+        }
+        other => panic!("deleting a node with VMs must be FAILED_PRECONDITION, got {other:?}"),
+    }
+    admin
+        .get(Kind::Node, "busy")
+        .await
+        .expect("the refused node is still there");
+
+    // So does the CLI, which only asks.
+    let refused = basalt(&server, &["node", "remove", "busy"]).await;
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("web") && stderr.contains("--force"),
+        "{}",
+        text(&refused)
+    );
+    admin
+        .get(Kind::Node, "busy")
+        .await
+        .expect("the node is still there after the CLI's refusal");
+
+    // A node without VMs goes with a plain delete.
+    let removed = basalt(&server, &["node", "remove", "idle"]).await;
+    assert!(removed.status.success(), "{}", text(&removed));
+    assert!(matches!(
+        admin.get(Kind::Node, "idle").await,
+        Err(ApiError::NotFound { .. })
+    ));
+
+    // Forced: the node goes, its VMs' placements stay for the controllers
+    // to move.
+    let forced = basalt(&server, &["node", "remove", "busy", "--force"]).await;
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert!(
+        String::from_utf8_lossy(&forced.stdout).contains("2 VM(s) move"),
+        "{}",
+        text(&forced)
+    );
+    assert!(matches!(
+        admin.get(Kind::Node, "busy").await,
+        Err(ApiError::NotFound { .. })
+    ));
+    match admin.get(Kind::Placement, "web").await {
+        Ok(Object::Placement(p)) => assert_eq!(p.node, "busy"),
+        other => panic!("the placement stays until the controllers move it: {other:?}"),
+    }
+
+    // The typed client's forced delete, on a node placed on again.
+    create_node(&admin, "again").await;
+    place_vm(&admin, "cache", "again").await;
+    admin
+        .delete_forced(Kind::Node, "again", None)
+        .await
+        .expect("a forced delete");
+}

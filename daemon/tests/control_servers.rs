@@ -1,0 +1,177 @@
+//! Clients given every member's address: three `basaltd control`
+//! processes on loopback, the `basalt` CLI and the typed clients given
+//! `--server a,b,c`. With the first member killed (`kill -9`; it was the
+//! bootstrap member, so usually the leader too), the CLI still reads and
+//! writes through the list, the typed clients move on to the next member
+//! and stay there, while a CLI given only the dead member fails naming it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use basalt_api::{AdminClient, Kind, Object};
+use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn start_member(prefix: &Prefix, data: &Path, id: u64, seed: Option<&str>) -> (String, Process) {
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut spec = ProcessSpec::new(format!("control-{id}"), BASALTD)
+        .args([
+            "control",
+            "--node-id",
+            &id.to_string(),
+            "--listen",
+            &address,
+            "--data-dir",
+        ])
+        .arg(data.join(format!("control-{id}")))
+        .env("RUST_LOG", "info");
+    spec = match seed {
+        None => spec.arg("--bootstrap"),
+        Some(seed) => spec.args(["--join", seed]),
+    };
+    let process = Process::start(prefix, spec).expect("start basaltd control");
+    (address, process)
+}
+
+fn basalt_cli() -> PathBuf {
+    let path = PathBuf::from(BASALTD).with_file_name("basalt");
+    assert!(
+        path.is_file(),
+        "the basalt CLI is not built at {} (cargo build -p basalt)",
+        path.display()
+    );
+    path
+}
+
+/// Runs the CLI with `args` (off the async threads).
+async fn cli(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(basalt_cli())
+            .args(&args)
+            .env_remove("BASALT_SERVER")
+            .output()
+            .expect("run basalt")
+    })
+    .await
+    .expect("the CLI task")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+async fn voters(client: &AdminClient) -> usize {
+    match client.list(Kind::Member).await {
+        Ok(list) => list
+            .objects
+            .iter()
+            .filter(|o| matches!(o, Object::Member(m) if m.voter))
+            .count(),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_every_member_survives_the_loss_of_one() {
+    let prefix = Prefix::for_test().expect("prefix");
+    let data = prefix.dir().to_owned();
+    let (seed, first) = start_member(&prefix, &data, 1, None);
+    let mut processes = vec![first];
+    let mut addresses = vec![seed.clone()];
+    for id in 2..=3 {
+        let (address, process) = start_member(&prefix, &data, id, Some(&seed));
+        processes.push(process);
+        addresses.push(address);
+    }
+    let all = addresses.join(",");
+    let client = AdminClient::connect_lazy(&all).expect("a client of every member");
+    wait::until("three voters", DEADLINE, &[], || async {
+        voters(&client).await == 3
+    })
+    .await;
+
+    let listed = cli(vec![
+        "--server".into(),
+        all.clone(),
+        "list".into(),
+        "members".into(),
+    ])
+    .await;
+    assert!(listed.status.success(), "{}", text(&listed));
+
+    processes[0].kill9().expect("kill -9 the first member");
+
+    // The CLI connects to the first member that accepts, and its calls go
+    // there: a read and a write (the survivors elect a leader meanwhile;
+    // the member asked waits for it).
+    let listed = cli(vec![
+        "--server".into(),
+        all.clone(),
+        "list".into(),
+        "members".into(),
+    ])
+    .await;
+    assert!(
+        listed.status.success(),
+        "list through the list of members: {}",
+        text(&listed)
+    );
+    let created = cli(vec![
+        "--server".into(),
+        all.clone(),
+        "token".into(),
+        "create".into(),
+        "--name".into(),
+        "after-the-loss".into(),
+    ])
+    .await;
+    assert!(
+        created.status.success(),
+        "a write through the list of members: {}",
+        text(&created)
+    );
+
+    // The typed client, whose first call went to the dead member: it moves
+    // on, and the next calls go to the member that answered.
+    let token = client
+        .get(Kind::Token, "after-the-loss")
+        .await
+        .expect("a read through the client of every member");
+    assert_eq!(token.name(), "after-the-loss");
+    let nodes = client
+        .list(Kind::Node)
+        .await
+        .expect("a second read through the client of every member");
+    assert!(nodes.objects.is_empty());
+
+    // The same CLI given only the dead member fails, and says which.
+    let dead = cli(vec![
+        "--server".into(),
+        addresses[0].clone(),
+        "list".into(),
+        "members".into(),
+    ])
+    .await;
+    assert!(!dead.status.success(), "{}", text(&dead));
+    assert!(
+        String::from_utf8_lossy(&dead.stderr).contains(&addresses[0]),
+        "{}",
+        text(&dead)
+    );
+}

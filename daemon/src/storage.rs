@@ -202,6 +202,49 @@ struct ServeArgs {
     /// it is back.
     #[arg(long, value_enum, default_value_t = FencerArg::Deny)]
     fencer: FencerArg,
+    /// For tests of backing-device errors: every read, write and sync of
+    /// the pool fails with EIO once this file exists (checked on each
+    /// I/O).
+    #[arg(long, hide = true)]
+    fail_io_when: Option<PathBuf>,
+}
+
+/// A backing store that fails every I/O once a trigger file exists (a
+/// dying disk, on command, for end-to-end tests).
+#[derive(Debug)]
+struct FailOnTrigger {
+    inner: FileBackend,
+    trigger: PathBuf,
+}
+
+impl FailOnTrigger {
+    fn check(&self) -> std::io::Result<()> {
+        if self.trigger.exists() {
+            return Err(std::io::Error::from_raw_os_error(nix::libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+impl basalt_sds::backend::Backend for FailOnTrigger {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.write_at(buf, offset)
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.sync()
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
 }
 
 /// The standalone fencer's answer.
@@ -452,7 +495,18 @@ fn verify(socket: &Path, name: String, repair: bool, rate: u64, json: bool) -> a
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let pool = open(&args.pool)?;
+    let pool = match &args.fail_io_when {
+        None => open(&args.pool)?,
+        Some(trigger) => {
+            tracing::warn!(trigger = %trigger.display(), "the pool's I/O fails once this file exists (test mode)");
+            let backend = FailOnTrigger {
+                inner: FileBackend::open(&args.pool)?,
+                trigger: trigger.clone(),
+            };
+            Pool::open(Arc::new(backend))
+                .with_context(|| format!("opening pool {}", args.pool.display()))?
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

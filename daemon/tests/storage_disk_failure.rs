@@ -1,0 +1,172 @@
+//! A backing-device failure under `basaltd storage serve`, with QEMU's
+//! own NBD client: a primary replicating to a peer loses its disk (the
+//! test backend fails every I/O once a trigger file exists); the disk is
+//! detached (FAILED in the storage-local status), and the volume goes on
+//! diskless: `qemu-io` writes through the primary still succeed (the peer
+//! has them), and reads through the primary — of data written before and
+//! after the failure — are served by the peer.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use basalt_api::{DiskState, ReplicaPeerState, StorageClient, StorageStatus};
+use basalt_testkit::Prefix;
+use basalt_testkit::process::{Process, ProcessSpec};
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn ok(args: &[&str]) {
+    let out = Command::new(BASALTD)
+        .args(args)
+        .output()
+        .expect("run basaltd");
+    assert!(
+        out.status.success(),
+        "basaltd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free_addr() -> SocketAddr {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+fn serve(prefix: &Prefix, name: &str, pool: &str, nbd: SocketAddr, extra: &[String]) -> Process {
+    let mut args = vec![
+        "storage".to_owned(),
+        "serve".into(),
+        "--pool".into(),
+        pool.into(),
+        "--listen".into(),
+        nbd.to_string(),
+    ];
+    args.extend_from_slice(extra);
+    let spec = ProcessSpec::new(name, BASALTD)
+        .args(args)
+        .env("RUST_LOG", "info");
+    let mut p = Process::start(prefix, spec).expect("start basaltd storage serve");
+    p.wait_for_tcp(nbd, None, Duration::from_secs(30))
+        .expect("NBD listening");
+    p
+}
+
+/// `qemu-io` on the export at `nbd`: whether it succeeded, and its output.
+fn qemu_io(nbd: SocketAddr, command: &str) -> (bool, String) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", &format!("nbd://{nbd}/vol"), "-c", command])
+        .output()
+        .expect("qemu-io runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed =
+        !out.status.success() || text.contains("failed") || text.contains("Pattern verification");
+    (!failed, text)
+}
+
+#[test]
+fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
+    if !is_root() {
+        eprintln!("skipping: needs root (test prefix and process harness)");
+        return;
+    }
+    let prefix = Prefix::for_test().expect("prefix");
+    let (pa, pb) = (prefix.dir().join("a.img"), prefix.dir().join("b.img"));
+    let (pa, pb) = (pa.to_str().expect("path"), pb.to_str().expect("path"));
+    for p in [pa, pb] {
+        ok(&["storage", "pool", "create", "--path", p, "--size", "64M"]);
+        ok(&[
+            "storage", "volume", "create", "--pool", p, "vol", "--size", "16M",
+        ]);
+    }
+    let trigger = prefix.dir().join("a-disk-dies");
+    let socket = prefix.dir().join("a.sock");
+    let (nbd_a, nbd_b, repl_b) = (free_addr(), free_addr(), free_addr());
+    let _replica = serve(
+        &prefix,
+        "replica",
+        pb,
+        nbd_b,
+        &["--replica-listen".into(), repl_b.to_string()],
+    );
+    let primary = serve(
+        &prefix,
+        "primary",
+        pa,
+        nbd_a,
+        &[
+            "--peer".to_owned(),
+            format!("vol={repl_b}"),
+            "--fencer".into(),
+            "allow".into(),
+            "--local-socket".into(),
+            socket.to_str().expect("socket").into(),
+            "--fail-io-when".into(),
+            trigger.to_str().expect("trigger").into(),
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let api = {
+        let _in = rt.enter();
+        StorageClient::connect_unix(&socket).expect("client")
+    };
+    let status = || -> StorageStatus {
+        rt.block_on(async {
+            loop {
+                if let Ok(st) = api.status().await {
+                    break st;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status().replicas.first().map(|p| p.state) != Some(ReplicaPeerState::Connected) {
+        assert!(Instant::now() < deadline, "{}", primary.log_tail(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (done, text) = qemu_io(nbd_a, "write -P 0x11 0 1M");
+    assert!(done, "write with the disk up: {text}");
+    assert_eq!(status().disk_state, DiskState::Attached);
+
+    // The disk dies.
+    std::fs::write(&trigger, b"").expect("trigger");
+    let (done, text) = qemu_io(nbd_a, "write -P 0x22 1M 1M");
+    assert!(done, "a write failed with the peer holding it: {text}");
+    let st = status();
+    assert_eq!(st.disk_state, DiskState::Failed, "{st:?}");
+    assert!(!st.disk_error.is_empty(), "{st:?}");
+    eprintln!(
+        "after the failure: disk {:?} ({})",
+        st.disk_state, st.disk_error
+    );
+    let (done, text) = qemu_io(nbd_a, "write -P 0x33 4M 64k");
+    assert!(done, "a diskless write failed: {text}");
+    for (pattern, offset, len) in [
+        ("0x11", "0", "1M"),
+        ("0x22", "1M", "1M"),
+        ("0x33", "4M", "64k"),
+    ] {
+        let command = format!("read -P {pattern} {offset} {len}");
+        let (done, text) = qemu_io(nbd_a, &command);
+        assert!(done, "diskless primary, {command}: {text}");
+        let (done, text) = qemu_io(nbd_b, &command);
+        assert!(done, "replica, {command}: {text}");
+    }
+    assert!(
+        primary.logs().contains("the disk is detached"),
+        "{}",
+        primary.log_tail(20)
+    );
+}

@@ -5,64 +5,22 @@
 //! full sync, and both copies end identical (`qemu-img compare` over
 //! both NBD exports).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::process::{Command, Output};
+mod storage_cli;
+
+use std::net::SocketAddr;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use basalt_testkit::Prefix;
 use basalt_testkit::nbd_client::{BLOCK, NbdClient, block};
-use basalt_testkit::process::{Process, ProcessSpec};
+use basalt_testkit::process::Process;
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+use storage_cli::{free_addr, is_root, ok, serve};
+
 const CHUNK: u64 = 64 << 10;
 const VOLUME: u64 = 64 << 20;
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out: Output = Command::new(BASALTD)
-        .args(args)
-        .output()
-        .expect("run basaltd");
-    assert!(
-        out.status.success(),
-        "basaltd {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn free_addr() -> SocketAddr {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-fn serve(prefix: &Prefix, name: &str, pool: &str, nbd: SocketAddr, extra: &[String]) -> Process {
-    let mut args = vec![
-        "storage".to_owned(),
-        "serve".into(),
-        "--pool".into(),
-        pool.into(),
-        "--listen".into(),
-        nbd.to_string(),
-    ];
-    args.extend_from_slice(extra);
-    let spec = ProcessSpec::new(name, BASALTD)
-        .args(args)
-        .env("RUST_LOG", "info");
-    let mut p = Process::start(prefix, spec).expect("start basaltd storage serve");
-    p.wait_for_tcp(nbd, None, Duration::from_secs(30))
-        .expect("NBD listening");
-    p
-}
 
 /// The log from byte `from` on, without terminal colour escapes.
 fn plain_logs(p: &Process, from: usize) -> String {

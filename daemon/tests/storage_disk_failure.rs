@@ -6,60 +6,18 @@
 //! has them), and reads through the primary — of data written before and
 //! after the failure — are served by the peer.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+mod storage_cli;
+
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use basalt_api::{DiskState, ReplicaPeerState, StorageClient, StorageStatus};
 use basalt_testkit::Prefix;
-use basalt_testkit::process::{Process, ProcessSpec};
-
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-fn ok(args: &[&str]) {
-    let out = Command::new(BASALTD)
-        .args(args)
-        .output()
-        .expect("run basaltd");
-    assert!(
-        out.status.success(),
-        "basaltd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn free_addr() -> SocketAddr {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-fn serve(prefix: &Prefix, name: &str, pool: &str, nbd: SocketAddr, extra: &[String]) -> Process {
-    let mut args = vec![
-        "storage".to_owned(),
-        "serve".into(),
-        "--pool".into(),
-        pool.into(),
-        "--listen".into(),
-        nbd.to_string(),
-    ];
-    args.extend_from_slice(extra);
-    let spec = ProcessSpec::new(name, BASALTD)
-        .args(args)
-        .env("RUST_LOG", "info");
-    let mut p = Process::start(prefix, spec).expect("start basaltd storage serve");
-    p.wait_for_tcp(nbd, None, Duration::from_secs(30))
-        .expect("NBD listening");
-    p
-}
 
 /// `qemu-io` on the export at `nbd`: whether it succeeded, and its output.
+use storage_cli::{free_addr, is_root, ok, serve};
+
 fn qemu_io(nbd: SocketAddr, command: &str) -> (bool, String) {
     let out = Command::new("qemu-io")
         .args(["-f", "raw", &format!("nbd://{nbd}/vol"), "-c", command])

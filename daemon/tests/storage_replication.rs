@@ -8,64 +8,20 @@
 //! a primary restarted with an older epoch is deposed and acknowledges
 //! nothing; with `--fencer deny` a write waits for the lost replica.
 
+mod storage_cli;
+
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use basalt_testkit::Prefix;
 use basalt_testkit::nbd_client::{BLOCK, NbdClient, WriteStream, block, slot};
-use basalt_testkit::process::{Process, ProcessSpec};
+use basalt_testkit::process::Process;
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+use storage_cli::{free_addr, is_root, ok, serve};
+
 const CHUNK: u64 = 64 << 10;
 /// A chunk the away-writes below never touch.
 const SPARE: u64 = 1023 * CHUNK;
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out: Output = Command::new(BASALTD)
-        .args(args)
-        .output()
-        .expect("run basaltd");
-    assert!(
-        out.status.success(),
-        "basaltd {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn free_addr() -> SocketAddr {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-fn serve(prefix: &Prefix, name: &str, pool: &str, nbd: SocketAddr, extra: &[String]) -> Process {
-    let mut args = vec![
-        "storage".to_owned(),
-        "serve".into(),
-        "--pool".into(),
-        pool.into(),
-        "--listen".into(),
-        nbd.to_string(),
-    ];
-    args.extend_from_slice(extra);
-    let spec = ProcessSpec::new(name, BASALTD)
-        .args(args)
-        .env("RUST_LOG", "info");
-    let mut p = Process::start(prefix, spec).expect("start basaltd storage serve");
-    p.wait_for_tcp(nbd, None, Duration::from_secs(30))
-        .expect("NBD listening");
-    p
-}
 
 /// The log without terminal colour escapes.
 fn plain_logs(p: &Process) -> String {

@@ -7,10 +7,11 @@
 //! again; a last verify finds the copies in sync and `qemu-img compare`
 //! agrees.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+mod storage_cli;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -18,62 +19,13 @@ use std::time::{Duration, Instant};
 use basalt_api::{StorageClient, VolumeVerify};
 use basalt_testkit::Prefix;
 use basalt_testkit::nbd_client::{BLOCK, NbdClient, block};
-use basalt_testkit::process::{Process, ProcessSpec};
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+use storage_cli::{free_addr, is_root, ok, run, serve};
+
 const CHUNK: u64 = 64 << 10;
 const VOLUME: u64 = 32 << 20;
 /// The chunk corrupted on the replica.
 const BAD: u64 = 77;
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BASALTD)
-        .args(args)
-        .output()
-        .expect("run basaltd")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "basaltd {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn free_addr() -> SocketAddr {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-fn serve(prefix: &Prefix, name: &str, pool: &str, nbd: SocketAddr, extra: &[String]) -> Process {
-    let mut args = vec![
-        "storage".to_owned(),
-        "serve".into(),
-        "--pool".into(),
-        pool.into(),
-        "--listen".into(),
-        nbd.to_string(),
-    ];
-    args.extend_from_slice(extra);
-    let spec = ProcessSpec::new(name, BASALTD)
-        .args(args)
-        .env("RUST_LOG", "info");
-    let mut p = Process::start(prefix, spec).expect("start basaltd storage serve");
-    p.wait_for_tcp(nbd, None, Duration::from_secs(30))
-        .expect("NBD listening");
-    p
-}
 
 /// Runs `basaltd storage volume verify` and parses its JSON.
 fn verify(socket: &Path, repair: bool) -> (bool, VolumeVerify) {

@@ -1,0 +1,73 @@
+//! What the storage process's end-to-end tests share: running `basaltd`
+//! subcommands, free loopback ports, and `basaltd storage serve` started
+//! and listening.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use basalt_testkit::Prefix;
+use basalt_testkit::process::{Process, ProcessSpec};
+
+const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+
+/// Whether the test runs as root (the storage tests skip otherwise).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs `basaltd ARGS`.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(BASALTD)
+        .args(args)
+        .output()
+        .expect("run basaltd")
+}
+
+/// Runs `basaltd ARGS`, which must succeed; returns its standard output.
+pub fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "basaltd {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loopback address with a port nobody listens on.
+pub fn free_addr() -> SocketAddr {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// Starts `basaltd storage serve` on `pool` with NBD on `nbd` (plus
+/// `extra` flags) and waits until it listens.
+pub fn serve(
+    prefix: &Prefix,
+    name: &str,
+    pool: &str,
+    nbd: SocketAddr,
+    extra: &[String],
+) -> Process {
+    let mut args = vec![
+        "storage".to_owned(),
+        "serve".into(),
+        "--pool".into(),
+        pool.into(),
+        "--listen".into(),
+        nbd.to_string(),
+    ];
+    args.extend_from_slice(extra);
+    let spec = ProcessSpec::new(name, BASALTD)
+        .args(args)
+        .env("RUST_LOG", "info");
+    let mut p = Process::start(prefix, spec).expect("start basaltd storage serve");
+    p.wait_for_tcp(nbd, None, Duration::from_secs(30))
+        .expect("NBD listening");
+    p
+}

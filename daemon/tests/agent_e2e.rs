@@ -8,7 +8,6 @@
 mod common;
 
 use basalt_testkit::wait;
-use std::net::TcpListener;
 use std::time::Duration;
 
 use basalt_api::{
@@ -19,13 +18,6 @@ use basalt_testkit::{Fabric, Libvirtd, Prefix, Process, ProcessSpec};
 
 use common::BASALTD;
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn domain_state(libvirtd: &Libvirtd, domain: &str) -> String {
     libvirtd
@@ -77,7 +69,7 @@ async fn the_agent_runs_what_is_placed_and_fences_itself_without_a_control_plane
     let libvirtd = Libvirtd::start(&prefix, &node, &fabric.hosts()).expect("libvirtd");
     let image = GuestImage::build().expect("guest image");
 
-    let server = format!("127.0.0.1:{}", free_port());
+    let server = format!("127.0.0.1:{}", basalt_testkit::free_port());
     let (mut control, admin) = common::start_control(&prefix, &server, None, DEADLINE, None).await;
     let secret = common::join_token(&admin, "join-n1", 1).await;
 

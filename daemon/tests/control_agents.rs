@@ -11,7 +11,6 @@
 
 use basalt_testkit::wait;
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,17 +30,10 @@ const LEASE: Duration = Duration::from_secs(2);
 const HA_AFTER: Duration = Duration::from_secs(3);
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 100\n[ipam]\nrelease_grace_ms = 1000\n";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn start_member(prefix: &Prefix) -> (Process, String) {
     let config = prefix.dir().join("control.toml");
     std::fs::write(&config, CONFIG).expect("config");
-    let address = format!("127.0.0.1:{}", free_port());
+    let address = format!("127.0.0.1:{}", basalt_testkit::free_port());
     let spec = ProcessSpec::new("control-1", BASALTD)
         .args(["control", "--bootstrap", "--node-id", "1", "--config"])
         .arg(&config)

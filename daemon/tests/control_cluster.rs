@@ -6,7 +6,6 @@
 
 use basalt_testkit::wait;
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,15 +27,8 @@ struct Member {
     process: Process,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn start_member(prefix: &Prefix, config: &Path, id: u64, seed: Option<&str>) -> Member {
-    let address = format!("127.0.0.1:{}", free_port());
+    let address = format!("127.0.0.1:{}", basalt_testkit::free_port());
     let data = prefix.dir().join(format!("control-{id}"));
     let mut spec = ProcessSpec::new(format!("control-{id}"), BASALTD)
         .args(["--log-format", "json", "control", "--config"])

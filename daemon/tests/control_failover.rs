@@ -6,43 +6,15 @@
 //! next leader and forwards there — the calls succeed instead of answering
 //! `UNAVAILABLE`, and every acknowledged write is stored.
 
-use std::net::TcpListener;
-use std::path::Path;
 use std::time::Duration;
 
 use basalt_api::{AdminClient, Kind, Node, Object, ObjectMeta};
-use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+use basalt_testkit::{Prefix, wait};
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+mod control_trio;
+use control_trio::members;
+
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn start_member(prefix: &Prefix, data: &Path, id: u64, seed: Option<&str>) -> (String, Process) {
-    let address = format!("127.0.0.1:{}", free_port());
-    let mut spec = ProcessSpec::new(format!("control-{id}"), BASALTD)
-        .args([
-            "control",
-            "--node-id",
-            &id.to_string(),
-            "--listen",
-            &address,
-            "--data-dir",
-        ])
-        .arg(data.join(format!("control-{id}")))
-        .env("RUST_LOG", "info");
-    spec = match seed {
-        None => spec.arg("--bootstrap"),
-        Some(seed) => spec.args(["--join", seed]),
-    };
-    let process = Process::start(prefix, spec).expect("start basaltd control");
-    (address, process)
-}
 
 fn node(name: &str) -> Object {
     let mut node = Node {
@@ -53,34 +25,13 @@ fn node(name: &str) -> Object {
     Object::Node(node)
 }
 
-/// The member ids a list marks as voters and as leader.
-async fn members(client: &AdminClient) -> Option<(usize, Option<u64>)> {
-    let list = client.list(Kind::Member).await.ok()?;
-    let mut voters = 0;
-    let mut leader = None;
-    for object in &list.objects {
-        if let Object::Member(m) = object {
-            voters += usize::from(m.voter);
-            if m.leader {
-                leader = Some(m.id);
-            }
-        }
-    }
-    Some((voters, leader))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_answers_writes_and_reads_right_after_the_leader_is_killed() {
     let prefix = Prefix::for_test().expect("prefix");
-    let data = prefix.dir().to_owned();
-    let (seed, first) = start_member(&prefix, &data, 1, None);
-    let mut processes = vec![first];
-    let mut addresses = vec![seed.clone()];
-    for id in 2..=3 {
-        let (address, process) = start_member(&prefix, &data, id, Some(&seed));
-        processes.push(process);
-        addresses.push(address);
-    }
+    let control_trio::Trio {
+        addresses,
+        mut processes,
+    } = control_trio::start(&prefix);
     let clients: Vec<AdminClient> = addresses
         .iter()
         .map(|a| AdminClient::connect_lazy(a).expect("client"))

@@ -5,7 +5,6 @@
 //! VMs' placements for the controllers to move. A node without VMs goes
 //! with a plain delete.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
@@ -18,13 +17,6 @@ use basalt_testkit::Prefix;
 mod common;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn basalt_cli() -> PathBuf {
     let path = PathBuf::from(common::BASALTD).with_file_name("basalt");
@@ -97,7 +89,7 @@ async fn place_vm(admin: &AdminClient, vm: &str, node: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_vms_is_removed_only_when_forced() {
     let prefix = Prefix::for_test().expect("prefix");
-    let server = format!("127.0.0.1:{}", free_port());
+    let server = format!("127.0.0.1:{}", basalt_testkit::free_port());
     let (_control, admin) = common::start_control(&prefix, &server, None, DEADLINE, None).await;
     create_node(&admin, "busy").await;
     create_node(&admin, "idle").await;

@@ -9,7 +9,6 @@
 
 use basalt_testkit::wait;
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -25,13 +24,6 @@ struct Member {
     address: String,
     data: PathBuf,
     process: Process,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Starts member `id` on `data`: bootstraps, joins `seed`, or (neither)
@@ -118,7 +110,7 @@ fn path(p: &Path) -> &str {
 async fn backup_replace_force_new_cluster_and_restore() {
     let prefix = Prefix::for_test().expect("prefix");
     let dir = |name: &str| prefix.dir().join(name);
-    let addr = || format!("127.0.0.1:{}", free_port());
+    let addr = || format!("127.0.0.1:{}", basalt_testkit::free_port());
 
     let first = start_member(&prefix, 1, &addr(), &dir("m1"), Mode::Bootstrap);
     let seed = first.address.clone();

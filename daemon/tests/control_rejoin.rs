@@ -13,7 +13,6 @@ mod common;
 use common::BASALTD;
 
 use basalt_testkit::wait;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
@@ -24,13 +23,6 @@ use nix::unistd::Pid;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 100\n";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 async fn node(admin: &AdminClient, name: &str) -> Option<basalt_api::Node> {
     match admin.get(Kind::Node, name).await {
@@ -51,7 +43,7 @@ async fn vm_running_on(admin: &AdminClient, name: &str, node: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_registers_again_with_its_credential_and_survives_a_leader_restart() {
     let prefix = Prefix::for_test().expect("prefix");
-    let address = format!("127.0.0.1:{}", free_port());
+    let address = format!("127.0.0.1:{}", basalt_testkit::free_port());
     let (mut member, admin) =
         common::start_control(&prefix, &address, None, DEADLINE, Some(CONFIG)).await;
 

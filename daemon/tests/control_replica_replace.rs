@@ -14,7 +14,6 @@ mod common;
 mod fake_agent;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,13 +32,6 @@ const REPLACE_AFTER: Duration = Duration::from_millis(7_500);
 /// Short leases so node loss takes seconds; HA would move the VM only
 /// if its own node were lost.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\nreplica_replace_after_ms = 8000\n";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn vm(name: &str) -> Object {
     Object::Vm(Vm {
@@ -93,7 +85,7 @@ async fn ready(admin: &AdminClient, node: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_replica_node_is_replaced_after_the_delay_and_a_removed_one_at_once() {
     let prefix = Prefix::for_test().expect("prefix");
-    let address = format!("127.0.0.1:{}", free_port());
+    let address = format!("127.0.0.1:{}", basalt_testkit::free_port());
     let (member, admin) =
         common::start_control(&prefix, &address, None, DEADLINE, Some(CONFIG)).await;
     let agent = AgentClient::connect_lazy(&address).expect("agent client");

@@ -13,7 +13,6 @@ mod fake_agent;
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -27,13 +26,6 @@ use basalt_testkit::{Prefix, wait};
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Short leases so node loss takes seconds.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\n";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn vm(name: &str, replicas: u32) -> Object {
     Object::Vm(Vm {
@@ -69,7 +61,7 @@ async fn placement(admin: &AdminClient, vm: &str) -> Option<Placement> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ha_moves_a_replicated_vm_only_onto_its_other_replica_node() {
     let prefix = Prefix::for_test().expect("prefix");
-    let address = format!("127.0.0.1:{}", free_port());
+    let address = format!("127.0.0.1:{}", basalt_testkit::free_port());
     let (member, admin) =
         common::start_control(&prefix, &address, None, DEADLINE, Some(CONFIG)).await;
     let agent = AgentClient::connect_lazy(&address).expect("agent client");

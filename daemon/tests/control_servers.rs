@@ -5,44 +5,17 @@
 //! writes through the list, the typed clients move on to the next member
 //! and stay there, while a CLI given only the dead member fails naming it.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use basalt_api::{AdminClient, Kind, Object};
-use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+use basalt_api::{AdminClient, Kind};
+use basalt_testkit::{Prefix, wait};
+
+mod control_trio;
 
 const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn start_member(prefix: &Prefix, data: &Path, id: u64, seed: Option<&str>) -> (String, Process) {
-    let address = format!("127.0.0.1:{}", free_port());
-    let mut spec = ProcessSpec::new(format!("control-{id}"), BASALTD)
-        .args([
-            "control",
-            "--node-id",
-            &id.to_string(),
-            "--listen",
-            &address,
-            "--data-dir",
-        ])
-        .arg(data.join(format!("control-{id}")))
-        .env("RUST_LOG", "info");
-    spec = match seed {
-        None => spec.arg("--bootstrap"),
-        Some(seed) => spec.args(["--join", seed]),
-    };
-    let process = Process::start(prefix, spec).expect("start basaltd control");
-    (address, process)
-}
 
 fn basalt_cli() -> PathBuf {
     let path = PathBuf::from(BASALTD).with_file_name("basalt");
@@ -76,33 +49,17 @@ fn text(output: &Output) -> String {
     )
 }
 
-async fn voters(client: &AdminClient) -> usize {
-    match client.list(Kind::Member).await {
-        Ok(list) => list
-            .objects
-            .iter()
-            .filter(|o| matches!(o, Object::Member(m) if m.voter))
-            .count(),
-        Err(_) => 0,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_given_every_member_survives_the_loss_of_one() {
     let prefix = Prefix::for_test().expect("prefix");
-    let data = prefix.dir().to_owned();
-    let (seed, first) = start_member(&prefix, &data, 1, None);
-    let mut processes = vec![first];
-    let mut addresses = vec![seed.clone()];
-    for id in 2..=3 {
-        let (address, process) = start_member(&prefix, &data, id, Some(&seed));
-        processes.push(process);
-        addresses.push(address);
-    }
+    let control_trio::Trio {
+        addresses,
+        mut processes,
+    } = control_trio::start(&prefix);
     let all = addresses.join(",");
     let client = AdminClient::connect_lazy(&all).expect("a client of every member");
     wait::until("three voters", DEADLINE, &[], || async {
-        voters(&client).await == 3
+        matches!(control_trio::members(&client).await, Some((3, _)))
     })
     .await;
 

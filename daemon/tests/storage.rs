@@ -4,7 +4,7 @@
 //! a libvirt guest (TCG) whose disk is a Basalt volume served over NBD
 //! inside its node's namespace, across a storage restart and a reboot.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -37,13 +37,6 @@ fn ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 #[test]
@@ -148,7 +141,7 @@ fn kill_9_mid_stream_keeps_every_acknowledged_write() {
     ok(&[
         "storage", "volume", "create", "--pool", p, "vol", "--size", "64M",
     ]);
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, basalt_testkit::free_port()));
     let spec = ProcessSpec::new("basalt-storage", BASALTD).args([
         "storage",
         "serve",

@@ -6,7 +6,7 @@
 //! own clients (`qemu-io`, `qemu-img`) writing and reading through the
 //! NBD exports.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -21,11 +21,7 @@ const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 const MIB: u64 = 1 << 20;
 
 fn free_addr() -> SocketAddr {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    SocketAddr::from((Ipv4Addr::LOCALHOST, basalt_testkit::free_port()))
 }
 
 fn have(program: &str) -> bool {

@@ -24,7 +24,7 @@ mod common;
 
 use common::BASALTD;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -45,11 +45,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\n";
 
 fn free_addr() -> SocketAddr {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    SocketAddr::from((Ipv4Addr::LOCALHOST, basalt_testkit::free_port()))
 }
 
 /// One storage process on loopback: NBD, replica listener, local socket.

@@ -3,7 +3,7 @@
 //! the agent drives it, with the volumes it makes read and written by NBD
 //! clients (Basalt's test client and `qemu-img`, which no one here wrote).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,13 +13,6 @@ use basalt_testkit::nbd_client::NbdClient;
 use basalt_testkit::process::{Process, ProcessSpec};
 
 const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn ensure(name: &str, size: u64, source: Option<&str>) -> EnsureVolume {
     EnsureVolume {
@@ -44,7 +37,7 @@ fn the_agent_manages_volumes_through_the_local_socket() {
         .output()
         .expect("basaltd runs");
     assert!(out.status.success(), "{out:?}");
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, basalt_testkit::free_port()));
     let spec = ProcessSpec::new("basalt-storage", BASALTD)
         .args(["storage", "serve", "--listen", &addr.to_string(), "--pool"])
         .arg(&pool)

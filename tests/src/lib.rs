@@ -11,7 +11,8 @@
 //! - [`sweep`]: removing what killed tests left behind, and `lab down`;
 //! - [`linearizability`]: a checker for histories of a register;
 //! - [`cmd`]: the errors of the host tools the fixtures run;
-//! - [`wait`]: polling until a condition holds, for async tests.
+//! - [`wait`]: polling until a condition holds, for async tests;
+//! - [`free_port`]: a loopback port for a daemon under test.
 //!
 //! Invariants: every object a fixture makes carries its prefix; dropping a
 //! fixture removes what it made unless it was detached (the lab); a sweep
@@ -34,3 +35,17 @@ pub use libvirtd::Libvirtd;
 pub use netns::{Fabric, Node};
 pub use prefix::Prefix;
 pub use process::{Process, ProcessSpec};
+
+/// A TCP port that is free on loopback now (the kernel's pick from its
+/// ephemeral range), for a daemon under test to listen on. Nothing holds
+/// it: another process could take it before the daemon binds, which the
+/// ephemeral range makes rare enough for tests.
+///
+/// # Panics
+/// When loopback has no free port at all.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}

@@ -2,7 +2,7 @@
 //! subcommands, free loopback ports, and `basaltd storage serve` started
 //! and listening.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -38,11 +38,7 @@ pub fn ok(args: &[&str]) -> String {
 
 /// A loopback address with a port nobody listens on.
 pub fn free_addr() -> SocketAddr {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    SocketAddr::from((Ipv4Addr::LOCALHOST, basalt_testkit::free_port()))
 }
 
 /// Starts `basaltd storage serve` on `pool` with NBD on `nbd` (plus

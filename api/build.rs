@@ -17,6 +17,7 @@ const PROTOS: &[&str] = &[
     "proto/basalt/v1/migration.proto",
     "proto/basalt/v1/image.proto",
     "proto/basalt/v1/policy.proto",
+    "proto/basalt/v1/volume.proto",
     "proto/basalt/v1/admin.proto",
     "proto/basalt/v1/agent.proto",
     "proto/basalt/v1/raft.proto",

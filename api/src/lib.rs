@@ -5,7 +5,8 @@
 //!
 //! - **Admin** — create, get, list, update, delete and watch stored
 //!   objects ([`Object`]: nodes, VMs, placements, join tokens,
-//!   control-plane members, networks, endpoints, migrations); the CLI
+//!   control-plane members, networks, endpoints, migrations, images,
+//!   volumes); the CLI
 //!   talks to it through [`AdminClient`], the control plane implements
 //!   [`AdminApi`] and serves it with [`admin_routes`].
 //! - **Agent** — what a node agent asks of the control plane: register,

@@ -15,6 +15,7 @@ mod policy;
 mod token;
 mod vm;
 mod volume;
+mod volume_cluster;
 mod wait;
 
 use std::process::ExitCode;
@@ -110,8 +111,9 @@ enum Command {
     /// Network policies: apply -f FILE (YAML), list, delete.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
-    /// This node's volumes, from its storage process: list, get (with
-    /// replication peers), verify (online, against the peers).
+    /// Volumes: list, get (each copy's node, state and sync progress),
+    /// resize; with --storage-socket, one node's pool from its storage
+    /// process: list, get (with replication peers), verify.
     Volume(volume::VolumeArgs),
     /// Print a shell completion script: `basalt completion bash`.
     Completion {
@@ -142,7 +144,7 @@ fn main() -> ExitCode {
         Command::Image(command) => runtime.block_on(image::run(&cli.server, cli.output, command)),
         Command::Node(command) => runtime.block_on(node::run(&cli.server, cli.output, command)),
         Command::Vm(command) => runtime.block_on(vm::run(&cli.server, cli.output, command)),
-        Command::Volume(args) => runtime.block_on(volume::run(cli.output, args)),
+        Command::Volume(args) => runtime.block_on(volume::run(&cli.server, cli.output, args)),
         command => runtime.block_on(commands::run(&cli.server, cli.output, command)),
     };
     match result {

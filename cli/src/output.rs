@@ -60,6 +60,7 @@ fn headers(kind: Kind) -> &'static [&'static str] {
         ],
         Kind::Migration => &["NAME", "PHASE", "SOURCE", "TARGET", "REMAINING", "MESSAGE"],
         Kind::Image => &["NAME", "FORMAT", "SIZE", "NODES", "SOURCE"],
+        Kind::Volume => crate::volume_cluster::HEADERS,
     }
 }
 
@@ -155,6 +156,7 @@ fn row(object: &Object) -> Vec<String> {
             image_nodes(&i.status),
             i.spec.source.clone(),
         ],
+        Object::Volume(v) => crate::volume_cluster::row(v),
     }
 }
 

@@ -470,7 +470,7 @@ fn parse_pair(text: &str) -> Result<(String, String), String> {
 
 /// Parses a size in bytes: plain bytes, or a number with K, M, G or T
 /// (powers of 1024; an `i` and a `B` are accepted: `10GiB`).
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let unit_at = trimmed
         .find(|c: char| !c.is_ascii_digit())

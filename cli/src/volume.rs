@@ -1,11 +1,15 @@
-//! `basalt volume`: the volumes of one node's pool, asked of that node's
-//! storage process over its storage-local socket (run on the node, as
-//! `drbdadm` is): list them, get one with its replication peers and how
-//! each stands (connected, resyncing, away, deposed, split-brain), and
-//! verify a primary against its peers online.
+//! `basalt volume`: volumes, cluster-wide from the control plane (the
+//! default: [`crate::volume_cluster`]) or one node's pool from that node's
+//! storage process over its storage-local socket (`--storage-socket`, run
+//! on the node, as `drbdadm` is).
 //!
-//! Invariant: read-only except `verify`, which only marks chunks that
-//! differ dirty (or, with `--repair`, sends them to the peer again).
+//! Node-local mode lists the pool's volumes, gets one with its
+//! replication peers and how each stands (connected, resyncing, away,
+//! deposed, split-brain), and verifies a primary against its peers online.
+//!
+//! Invariant: node-local mode is read-only except `verify`, which only
+//! marks chunks that differ dirty (or, with `--repair`, sends them to the
+//! peer again).
 
 use std::path::{Path, PathBuf};
 
@@ -18,15 +22,14 @@ use serde::Serialize;
 
 use crate::output::{Format, print_yaml_document};
 
-/// Where `basaltd storage serve` listens by default (the systemd unit's).
-pub const DEFAULT_STORAGE_SOCKET: &str = "/run/basalt-storage/local.sock";
-
-/// What to do with the node's volumes.
+/// What to do with the volumes.
 #[derive(Debug, clap::Args)]
 pub struct VolumeArgs {
-    /// The node's storage process (its storage-local socket).
-    #[arg(long, env = "BASALT_STORAGE_SOCKET", default_value = DEFAULT_STORAGE_SOCKET)]
-    storage_socket: PathBuf,
+    /// Ask this node's storage process (its storage-local socket, e.g.
+    /// /run/basalt-storage/local.sock) about its own pool instead of the
+    /// control plane about the whole cluster.
+    #[arg(long, env = "BASALT_STORAGE_SOCKET")]
+    storage_socket: Option<PathBuf>,
     #[command(subcommand)]
     command: VolumeCommand,
 }
@@ -34,13 +37,25 @@ pub struct VolumeArgs {
 /// The `basalt volume` verbs.
 #[derive(Debug, clap::Subcommand)]
 pub enum VolumeCommand {
-    /// List the pool's volumes.
+    /// List the volumes: the cluster's, with their copies and how each
+    /// stands (or the pool's, with --storage-socket).
     #[command(visible_alias = "ls")]
     List,
-    /// One volume, with its replication peers when it is a primary here.
+    /// One volume, with each copy's node, state and sync progress (or,
+    /// with --storage-socket, the pool's volume and its replication peers
+    /// when it is a primary there).
     Get {
-        /// The volume (its pool name).
+        /// The volume (its pool name with --storage-socket).
         name: String,
+    },
+    /// Grow a volume: a VM disk's volume through its VM's spec (the
+    /// agents grow every copy online). A volume never shrinks.
+    Resize {
+        /// The volume.
+        name: String,
+        /// The new size: bytes, or a number with K, M, G or T (e.g. 20G).
+        #[arg(long, value_parser = crate::vm::parse_bytes)]
+        size: u64,
     },
     /// Online verify of a primary volume against each connected peer,
     /// while it is in use: chunks that differ are listed and marked dirty
@@ -82,7 +97,7 @@ fn state_name(state: ReplicaPeerState) -> &'static str {
     }
 }
 
-fn print(
+pub(crate) fn print(
     format: Format,
     value: &impl Serialize,
     table: impl FnOnce() -> String,
@@ -95,7 +110,7 @@ fn print(
     Ok(())
 }
 
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_preset(NOTHING).set_header(header.to_vec());
     for row in rows {
@@ -104,12 +119,21 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     format!("{t}\n")
 }
 
-/// Runs a `basalt volume` command.
-pub async fn run(format: Format, args: VolumeArgs) -> anyhow::Result<()> {
-    let socket: &Path = &args.storage_socket;
+/// Runs a `basalt volume` command: against the control plane at
+/// `server`, or the node's storage process with `--storage-socket`.
+pub async fn run(server: &str, format: Format, args: VolumeArgs) -> anyhow::Result<()> {
+    let Some(socket) = &args.storage_socket else {
+        return crate::volume_cluster::run(server, format, args.command).await;
+    };
+    let socket: &Path = socket;
     let client = StorageClient::connect_unix(socket)
         .with_context(|| format!("storage process at {}", socket.display()))?;
     match args.command {
+        VolumeCommand::Resize { .. } => {
+            bail!(
+                "resize goes through the control plane (the VM's disk or the volume's spec): run it without --storage-socket"
+            )
+        }
         VolumeCommand::List => {
             let volumes = client.list_volumes().await?;
             print(format, &volumes, || {

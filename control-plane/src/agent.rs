@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use basalt_api::{
     AgentApi, AgentClient, ApiError, Heartbeat, HeartbeatAck, Kind, Object, Placement, Registered,
-    Registration, ReplicaMark, StatusReport, WatchEvent, WatchStream,
+    Registration, ReplicaMark, StatusReport, VolumeReport, WatchEvent, WatchStream,
 };
 use futures::StreamExt as _;
 use openraft::ServerState;
@@ -627,6 +627,13 @@ impl AgentApi for AgentService {
                 mark.vm
             ),
         })
+    }
+    #[tracing::instrument(skip_all, fields(node = %report.node, volume = %report.storage_name))]
+    async fn report_volume(&self, report: VolumeReport) -> Result<bool, ApiError> {
+        match self.route().await? {
+            Route::Forward(leader) => forwarded(leader.report_volume(report)).await,
+            Route::Here(_) => crate::volumes::record_report(&self.inner.admin, &report).await,
+        }
     }
 }
 

@@ -55,6 +55,7 @@ use crate::leases::NodeView;
 use crate::migration::MigrationController;
 use crate::scheduler::{self, Overcommit};
 use crate::state::{Command, set_condition};
+use crate::volumes::VolumeController;
 
 /// The smallest pause between two rounds (so a burst of writes does not
 /// make the controllers rescan the state after every one).
@@ -73,6 +74,7 @@ pub struct Controllers {
     tuning: NodeTuning,
     ipam: IpamController,
     migrations: MigrationController,
+    volumes: VolumeController,
     /// VM → why it could not be placed, as last logged.
     unschedulable: HashMap<String, String>,
     /// Removed node → when this leader first saw placements still on it.
@@ -102,6 +104,7 @@ impl Controllers {
             tuning,
             ipam,
             migrations: MigrationController::new(),
+            volumes: VolumeController::new(),
             unschedulable: HashMap::new(),
             gone: HashMap::new(),
             gone_term: 0,
@@ -138,6 +141,7 @@ impl Controllers {
         self.replace_replicas(term).await;
         self.ipam.round(&self.admin).await;
         self.migrations.round(&self.admin, term).await;
+        self.volumes.round(&self.admin, term).await;
     }
 
     /// Marks each node whose lease ran out not ready; then its lease is

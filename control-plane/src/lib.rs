@@ -15,6 +15,8 @@
 //! - [`controllers`]: the leader's lease, HA and placement controllers;
 //!   [`migration`]: the live-migration controller;
 //!   [`ipam`]: the IPAM controller (a lease per VM NIC, as endpoints);
+//!   [`volumes`]: a volume object per VM disk, and the replicas' states
+//!   the agents report;
 //! - [`config`], [`server`]: one member's configuration and its run loop;
 //! - [`recovery`]: backups, restoring one into a new cluster, and forcing
 //!   a new cluster from a survivor's data directory.
@@ -46,6 +48,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod tokens;
+pub mod volumes;
 
 pub use config::{ConfigError, ControlConfig, IpamTuning, NodeTuning, RaftTuning};
 pub use server::{RunError, run};

@@ -643,6 +643,7 @@ impl State {
                 }
             }
             Object::Network(network) => self.check_network(network, current),
+            Object::Vm(_) | Object::Volume(_) => crate::volumes::check(self, object, current),
             Object::Endpoint(endpoint) => {
                 if self.get(Kind::Network, &endpoint.network).is_none() {
                     return Err(Refusal::FailedPrecondition {
@@ -821,6 +822,7 @@ fn same_spec(a: &Object, b: &Object) -> bool {
         (Object::Policy(a), Object::Policy(b)) => a.spec == b.spec,
         (Object::Migration(a), Object::Migration(b)) => a.spec == b.spec,
         (Object::Image(a), Object::Image(b)) => a.spec == b.spec,
+        (Object::Volume(a), Object::Volume(b)) => a.spec == b.spec,
         (Object::Endpoint(a), Object::Endpoint(b)) => {
             let mut a = a.clone();
             a.meta = b.meta.clone();

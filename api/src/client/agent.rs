@@ -11,7 +11,7 @@ use crate::pb::agent_client::AgentClient as PbAgentClient;
 use crate::server::{MAX_MESSAGE_BYTES, WatchStream};
 use crate::{
     ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, ReplicaMark,
-    StatusReport, WatchEvent,
+    StatusReport, VolumeReport, WatchEvent,
 };
 
 /// A client of the agent service. Cheap to clone; calls may run concurrently.
@@ -123,6 +123,20 @@ impl AgentClient {
                     client.mark_replica(request).await?;
                     Ok(())
                 }
+            })
+            .await
+    }
+
+    /// Reports how the copies of a volume this node is the primary of
+    /// stand (see [`VolumeReport`]); `Ok(true)` when that changed the
+    /// volume's status.
+    pub async fn report_volume(&self, report: VolumeReport) -> Result<bool, ApiError> {
+        let request = pb::ReportVolumeRequest::from(report);
+        // A report is idempotent: sending it again records the same.
+        self.targets
+            .call(Repeat::Safe, |mut client| {
+                let request = request.clone();
+                async move { Ok(client.report_volume(request).await?.into_inner().changed) }
             })
             .await
     }

@@ -17,6 +17,7 @@ mod policy;
 mod storage;
 mod token;
 mod vm;
+mod volume;
 mod watch;
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ impl From<Object> for pb::Object {
             Object::Policy(o) => PbObject::Policy(o.into()),
             Object::Migration(o) => PbObject::Migration(o.into()),
             Object::Image(o) => PbObject::Image(o.into()),
+            Object::Volume(o) => PbObject::Volume(o.into()),
         };
         Self { kind: Some(kind) }
     }
@@ -38,6 +39,7 @@ impl TryFrom<pb::Object> for Object {
             PbObject::Policy(o) => Object::Policy(o.try_into()?),
             PbObject::Migration(o) => Object::Migration(o.try_into()?),
             PbObject::Image(o) => Object::Image(o.try_into()?),
+            PbObject::Volume(o) => Object::Volume(o.try_into()?),
         })
     }
 }
@@ -55,6 +57,7 @@ impl From<Kind> for pb::Kind {
             Kind::Policy => pb::Kind::Policy,
             Kind::Migration => pb::Kind::Migration,
             Kind::Image => pb::Kind::Image,
+            Kind::Volume => pb::Kind::Volume,
         }
     }
 }
@@ -78,6 +81,7 @@ pub(crate) fn kind_from_pb(kind: i32, field: &str) -> Result<Option<Kind>, ApiEr
         pb::Kind::Policy => Some(Kind::Policy),
         pb::Kind::Migration => Some(Kind::Migration),
         pb::Kind::Image => Some(Kind::Image),
+        pb::Kind::Volume => Some(Kind::Volume),
     })
 }
 

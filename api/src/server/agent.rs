@@ -14,7 +14,7 @@ use crate::pb::agent_server::{Agent, AgentServer};
 use crate::types::validate;
 use crate::{
     ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, ReplicaMark,
-    StatusReport,
+    StatusReport, VolumeReport,
 };
 
 /// The agent service: what a node agent asks of the control plane.
@@ -50,6 +50,13 @@ pub trait AgentApi: Send + Sync + 'static {
     /// Records a replica of a VM outdated, or in sync again, for the VM's
     /// primary (the storage fence); `Ok` only once committed.
     fn mark_replica(&self, mark: ReplicaMark) -> impl Future<Output = Result<(), ApiError>> + Send;
+
+    /// Records how the copies of a volume stand, from the agent of its
+    /// primary node; `Ok(true)` when that changed the volume's status.
+    fn report_volume(
+        &self,
+        report: VolumeReport,
+    ) -> impl Future<Output = Result<bool, ApiError>> + Send;
 }
 
 impl<T: AgentApi> AgentApi for Arc<T> {
@@ -84,6 +91,13 @@ impl<T: AgentApi> AgentApi for Arc<T> {
 
     fn mark_replica(&self, mark: ReplicaMark) -> impl Future<Output = Result<(), ApiError>> + Send {
         T::mark_replica(self, mark)
+    }
+
+    fn report_volume(
+        &self,
+        report: VolumeReport,
+    ) -> impl Future<Output = Result<bool, ApiError>> + Send {
+        T::report_volume(self, report)
     }
 }
 
@@ -177,6 +191,22 @@ impl<T: AgentApi> Agent for AgentAdapter<T> {
         reply(
             "MarkReplica",
             result.await.map(|()| pb::MarkReplicaResponse {}),
+        )
+    }
+
+    async fn report_volume(
+        &self,
+        request: Request<pb::ReportVolumeRequest>,
+    ) -> Result<Response<pb::ReportVolumeResponse>, Status> {
+        let result = async {
+            let report = request.into_inner().try_into()?;
+            self.0.report_volume(report).await
+        };
+        reply(
+            "ReportVolume",
+            result
+                .await
+                .map(|changed| pb::ReportVolumeResponse { changed }),
         )
     }
 }

@@ -15,6 +15,7 @@ mod storage;
 mod token;
 pub(crate) mod validate;
 mod vm;
+mod volume;
 mod watch;
 
 pub use agent::{Heartbeat, HeartbeatAck, Registered, Registration, ReplicaMark, StatusReport};
@@ -43,5 +44,9 @@ pub use token::{JoinToken, JoinTokenSpec, JoinTokenStatus, TokenSecret};
 pub use vm::{
     CloudInit, DISK_SECTOR_BYTES, Disk, KernelBoot, MAX_DISK_REPLICAS, MIN_VM_MEMORY_MIB, Nic,
     NicAddress, PlacementRules, Vm, VmPhase, VmSpec, VmStatus,
+};
+pub use volume::{
+    MAX_REPLICA_ERROR_LEN, ReplicaReport, ReplicaState, Volume, VolumeOwner, VolumeReplica,
+    VolumeReport, VolumeSpec, VolumeStatus, disk_storage_name,
 };
 pub use watch::WatchEvent;

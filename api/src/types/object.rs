@@ -33,11 +33,13 @@ pub enum Kind {
     Image,
     /// [`Migration`].
     Migration,
+    /// [`Volume`](super::Volume).
+    Volume,
 }
 
 impl Kind {
     /// Every kind, in a stable order.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Node,
         Kind::Vm,
         Kind::Placement,
@@ -48,10 +50,11 @@ impl Kind {
         Kind::Policy,
         Kind::Image,
         Kind::Migration,
+        Kind::Volume,
     ];
 
     /// The lowercase singular name: "node", "vm", "placement", "token",
-    /// "member", "network", "endpoint", "image", "migration".
+    /// "member", "network", "endpoint", "image", "migration", "volume".
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Node => "node",
@@ -64,6 +67,7 @@ impl Kind {
             Kind::Policy => "policy",
             Kind::Migration => "migration",
             Kind::Image => "image",
+            Kind::Volume => "volume",
         }
     }
 }
@@ -87,7 +91,7 @@ impl FromStr for Kind {
             .ok_or_else(|| {
                 ApiError::invalid(
                     "kind",
-                    format!("unknown kind {s:?}; expected node, vm, placement, token, member, network, endpoint, image or migration"),
+                    format!("unknown kind {s:?}; expected node, vm, placement, token, member, network, endpoint, image, migration or volume"),
                 )
             })
     }
@@ -118,6 +122,8 @@ pub enum Object {
     Migration(Migration),
     /// A disk image.
     Image(Image),
+    /// A replicated block device.
+    Volume(super::Volume),
 }
 
 impl Object {
@@ -134,6 +140,7 @@ impl Object {
             Object::Policy(_) => Kind::Policy,
             Object::Migration(_) => Kind::Migration,
             Object::Image(_) => Kind::Image,
+            Object::Volume(_) => Kind::Volume,
         }
     }
 
@@ -150,6 +157,7 @@ impl Object {
             Object::Policy(o) => &o.meta,
             Object::Migration(o) => &o.meta,
             Object::Image(o) => &o.meta,
+            Object::Volume(o) => &o.meta,
         }
     }
 
@@ -166,6 +174,7 @@ impl Object {
             Object::Policy(o) => &mut o.meta,
             Object::Migration(o) => &mut o.meta,
             Object::Image(o) => &mut o.meta,
+            Object::Volume(o) => &mut o.meta,
         }
     }
 
@@ -188,6 +197,7 @@ impl Object {
             Object::Policy(o) => o.validate(),
             Object::Migration(o) => o.validate(),
             Object::Image(o) => o.validate(),
+            Object::Volume(o) => o.validate(),
         }
     }
 }
@@ -234,6 +244,7 @@ object_variant!(Endpoint, Endpoint);
 object_variant!(Policy, super::Policy);
 object_variant!(Migration, Migration);
 object_variant!(Image, Image);
+object_variant!(Volume, super::Volume);
 
 #[cfg(test)]
 mod tests {
@@ -247,7 +258,7 @@ mod tests {
         }
         assert_eq!("VMs".parse::<Kind>(), Ok(Kind::Vm));
         assert!(matches!(
-            "volume".parse::<Kind>(),
+            "disk".parse::<Kind>(),
             Err(ApiError::InvalidArgument { field, .. }) if field == "kind"
         ));
     }

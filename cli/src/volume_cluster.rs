@@ -1,0 +1,274 @@
+//! `basalt volume` against the control plane: the cluster's volumes (one
+//! per VM disk, decision 52) with each copy's node, state and sync
+//! progress as the primaries' agents reported them; `resize` grows a VM
+//! disk's volume through the VM's spec (the control plane refuses a
+//! shrink naming the field).
+//!
+//! Invariant: `list` and `get` only read; `resize` is one
+//! compare-and-swap update of the VM (or of a standalone volume), retried
+//! on a conflict.
+
+use anyhow::{Context as _, bail};
+use basalt_api::{AdminClient, ApiError, Kind, Object, ReplicaState, Volume, VolumeReplica};
+
+use crate::output::{self, Format};
+use crate::volume::{VolumeCommand, print, table};
+
+/// The table columns of `basalt volume list`.
+pub const HEADERS: &[&str] = &[
+    "NAME", "SIZE", "COPIES", "PRIMARY", "EPOCH", "REPLICAS", "VM",
+];
+
+/// How often `resize` retries a compare-and-swap conflict.
+const RESIZE_RETRIES: usize = 5;
+
+/// One row of `basalt volume list`.
+pub fn row(v: &Volume) -> Vec<String> {
+    vec![
+        v.meta.name.clone(),
+        size_text(v.spec.size_bytes),
+        v.spec.replicas.to_string(),
+        dash(&v.status.primary_node),
+        v.status.epoch.to_string(),
+        replicas_text(&v.status.replicas),
+        v.spec
+            .owner
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |o| format!("{}/{}", o.vm, o.disk)),
+    ]
+}
+
+fn dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.to_owned()
+    }
+}
+
+/// A size for people: the largest binary unit it is a whole number of.
+fn size_text(bytes: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// A copy's state, with its progress while syncing: `syncing 40%`.
+fn state_text(r: &VolumeReplica) -> String {
+    match r.state {
+        ReplicaState::Syncing if r.sync_total_bytes > 0 => {
+            format!("syncing {}%", r.sync_done_bytes * 100 / r.sync_total_bytes)
+        }
+        state => state.to_string(),
+    }
+}
+
+/// Per copy: `a* up-to-date, b syncing 40%` (`*`: the primary).
+fn replicas_text(replicas: &[VolumeReplica]) -> String {
+    if replicas.is_empty() {
+        return "-".into();
+    }
+    let copies: Vec<String> = replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{}{} {}",
+                r.node,
+                if r.primary { "*" } else { "" },
+                state_text(r)
+            )
+        })
+        .collect();
+    copies.join(", ")
+}
+
+/// `basalt volume get` as a table: the volume, then one row per copy.
+fn details(v: &Volume) -> String {
+    let owner = v.spec.owner.as_ref().map_or_else(
+        || "- (standalone)".to_owned(),
+        |o| format!("vm {} disk {}", o.vm, o.disk),
+    );
+    let ready = v
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.kind == basalt_api::Condition::READY);
+    let mut out = format!(
+        "name          {}\nsize          {} ({} bytes)\ncopies        {}\nowner         {owner}\nimage         {}\npool name     {}\nprimary       {}\nepoch         {}\n",
+        v.meta.name,
+        size_text(v.spec.size_bytes),
+        v.spec.size_bytes,
+        v.spec.replicas,
+        v.spec.image.as_deref().unwrap_or("-"),
+        dash(&v.status.storage_name),
+        dash(&v.status.primary_node),
+        v.status.epoch,
+    );
+    if let Some(ready) = ready {
+        out.push_str(&format!(
+            "ready         {} ({}{})\n",
+            if ready.status { "yes" } else { "no" },
+            ready.reason,
+            if ready.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", ready.message)
+            }
+        ));
+    }
+    if v.status.replicas.is_empty() {
+        out.push_str("replicas      none yet (not placed)\n");
+        return out;
+    }
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "NODE", "ROLE", "STATE", "SYNCED", "TO SYNC", "DIRTY", "OUTDATED", "ERROR",
+        ],
+        v.status
+            .replicas
+            .iter()
+            .map(|r| {
+                vec![
+                    r.node.clone(),
+                    if r.primary { "primary" } else { "secondary" }.to_owned(),
+                    state_text(r),
+                    r.sync_done_bytes.to_string(),
+                    r.sync_total_bytes.to_string(),
+                    r.dirty_bytes.to_string(),
+                    if r.outdated { "yes" } else { "no" }.to_owned(),
+                    dash(&r.last_error),
+                ]
+            })
+            .collect(),
+    ));
+    out
+}
+
+async fn get(client: &AdminClient, name: &str) -> anyhow::Result<Volume> {
+    match client.get(Kind::Volume, name).await {
+        Ok(Object::Volume(v)) => Ok(v),
+        Ok(other) => bail!("the server answered a {} for volume {name}", other.kind()),
+        Err(ApiError::NotFound { .. }) => bail!("no volume {name} (basalt volume list shows them)"),
+        Err(err) => Err(err).with_context(|| format!("reading volume {name}")),
+    }
+}
+
+/// Grows `name` to `size` bytes: the VM's disk for a VM disk's volume, the
+/// volume's spec for a standalone one. Returns what it changed.
+async fn resize(client: &AdminClient, name: &str, size: u64) -> anyhow::Result<String> {
+    for _ in 0..RESIZE_RETRIES {
+        let mut volume = get(client, name).await?;
+        let result = match volume.spec.owner.clone() {
+            Some(owner) => {
+                let mut vm = match client.get(Kind::Vm, &owner.vm).await {
+                    Ok(Object::Vm(vm)) if vm.meta.uid == owner.vm_uid => vm,
+                    Ok(_) | Err(ApiError::NotFound { .. }) => {
+                        bail!(
+                            "volume {name}'s VM {} is gone; it will be deleted",
+                            owner.vm
+                        )
+                    }
+                    Err(err) => return Err(err).context("reading the volume's VM"),
+                };
+                let Some(disk) = vm.spec.disks.iter_mut().find(|d| d.name == owner.disk) else {
+                    bail!("VM {} has no disk {} any more", owner.vm, owner.disk);
+                };
+                let from = disk.size_bytes;
+                if from == size {
+                    return Ok(format!(
+                        "vm {} disk {} is already {size} bytes",
+                        owner.vm, owner.disk
+                    ));
+                }
+                disk.size_bytes = size;
+                client.update(Object::Vm(vm)).await.map(|_| {
+                    format!(
+                        "vm {} disk {}: {from} -> {size} bytes",
+                        owner.vm, owner.disk
+                    )
+                })
+            }
+            None => {
+                let from = volume.spec.size_bytes;
+                if from == size {
+                    return Ok(format!("volume {name} is already {size} bytes"));
+                }
+                volume.spec.size_bytes = size;
+                client
+                    .update(Object::Volume(volume))
+                    .await
+                    .map(|_| format!("volume {name}: {from} -> {size} bytes"))
+            }
+        };
+        match result {
+            Ok(done) => return Ok(done),
+            Err(ApiError::Aborted { .. }) => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    bail!("volume {name} kept changing; not resized after {RESIZE_RETRIES} tries")
+}
+
+/// Runs a `basalt volume` command against the control plane at `server`.
+pub async fn run(server: &str, format: Format, command: VolumeCommand) -> anyhow::Result<()> {
+    let client = AdminClient::connect(server).await?;
+    match command {
+        VolumeCommand::List => {
+            let list = client.list(Kind::Volume).await?;
+            output::print_objects(format, Kind::Volume, &list.objects)
+        }
+        VolumeCommand::Get { name } => {
+            let volume = get(&client, &name).await?;
+            print(format, &Object::Volume(volume.clone()), || details(&volume))
+        }
+        VolumeCommand::Resize { name, size } => {
+            let done = resize(&client, &name, size).await?;
+            println!("{done}");
+            Ok(())
+        }
+        VolumeCommand::Verify { .. } => bail!(
+            "verify runs on the primary's node against its storage process: give --storage-socket"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_show_their_node_role_and_progress() {
+        let replicas = vec![
+            VolumeReplica {
+                node: "a".into(),
+                primary: true,
+                state: ReplicaState::UpToDate,
+                ..VolumeReplica::default()
+            },
+            VolumeReplica {
+                node: "b".into(),
+                state: ReplicaState::Syncing,
+                sync_done_bytes: 40,
+                sync_total_bytes: 100,
+                ..VolumeReplica::default()
+            },
+            VolumeReplica {
+                node: "c".into(),
+                state: ReplicaState::Outdated,
+                outdated: true,
+                ..VolumeReplica::default()
+            },
+        ];
+        assert_eq!(
+            replicas_text(&replicas),
+            "a* up-to-date, b syncing 40%, c outdated"
+        );
+        assert_eq!(size_text(20 << 30), "20 GiB");
+        assert_eq!(size_text(1536), "1536 B");
+        assert_eq!(size_text(3 << 10), "3 KiB");
+    }
+}

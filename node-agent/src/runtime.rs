@@ -186,6 +186,16 @@ pub async fn run<C: Compute + 'static>(
             named.clone(),
         ))
     });
+    // How the copies of this node's primaries stand, for the volumes'
+    // status.
+    let reporter = config.storage.clone().map(|storage| {
+        tokio::spawn(crate::storage::report::run(
+            config.node.clone(),
+            storage,
+            agent.clone(),
+            named.clone(),
+        ))
+    });
     let reconcile = tokio::spawn(reconcile_loop(
         admin, agent, config, compute, state, trigger, started, migrations, network,
     ));
@@ -196,6 +206,9 @@ pub async fn run<C: Compute + 'static>(
     }
     if let Some(fencer) = fencer {
         fencer.abort();
+    }
+    if let Some(reporter) = reporter {
+        reporter.abort();
     }
     placements.abort();
     reconcile.abort();
@@ -535,14 +548,17 @@ async fn reconcile_loop<C: Compute + 'static>(
             let network = network.clone();
             let migrations = migrations.clone();
             tokio::task::spawn_blocking(move || {
-                // Taps first: a domain starts on the tap it is given.
-                if let Some(network) = &network {
-                    network.prepare_taps(&desired);
-                }
                 let mut reconciler = reconciler
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 migrations.during_pass(&placements, desired.fenced, |hands_off| {
+                    // Taps first: a domain starts on the tap it is given.
+                    // Only once the migrations are listed: the taps named
+                    // here are the node's, and a restarted target has its
+                    // incoming guests' standby taps back by then.
+                    if let Some(network) = &network {
+                        network.prepare_taps(&desired);
+                    }
                     reconciler.set_hands_off(hands_off);
                     reconciler.reconcile(&desired)
                 })

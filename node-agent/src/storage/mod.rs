@@ -30,23 +30,27 @@
 //! - garbage collection ([`garbage`]) removes only volumes whose names
 //!   Basalt derives (a UUID: a VM disk; `img-<uuid>`: an image) and whose
 //!   VM or image is not in a complete, successful list of the cluster's
-//!   VMs and images (nor being imported). A VM that merely moved to
-//!   another node keeps its volume here until the VM is deleted (a
-//!   later replica controller decides where copies live); operators'
-//!   volumes with other names are never touched.
+//!   VMs and images (nor being imported), or that are replicated disks'
+//!   copies the VM's placement no longer gives this node
+//!   ([`stale_copies`]: a lost node that was replaced, back again). A VM
+//!   that merely moved to another node keeps its volume here until the
+//!   VM is deleted; operators' volumes with other names are never
+//!   touched.
 
 pub mod fencer;
 pub mod image;
 pub mod replicas;
+pub mod report;
 pub mod seed;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use basalt_api::{
-    AdminClient, ApiError, EnsureVolume, Image, Kind, Object, StorageClient, StorageVolume, Vm,
+    AdminClient, ApiError, EnsureVolume, Image, Kind, Migration, Object, Placement, StorageClient,
+    StorageVolume, Vm,
 };
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -147,12 +151,14 @@ pub fn is_disk_volume(name: &str) -> bool {
 
 /// Pool volumes that Basalt made and that belong to no VM of `vms` nor to
 /// an image of `images` (complete lists of the cluster's) nor to an import
-/// running for an image uid in `importing`: the ones to delete.
+/// running for an image uid in `importing`, plus the copies in `stale`
+/// (from [`stale_copies`]): the ones to delete.
 pub fn garbage(
     pool: &[StorageVolume],
     vms: &[Vm],
     images: &[Image],
     importing: &[String],
+    stale: &BTreeSet<String>,
 ) -> Vec<String> {
     let mut wanted: BTreeSet<String> = vms
         .iter()
@@ -169,12 +175,50 @@ pub fn garbage(
         wanted.insert(image_volume(uid));
         wanted.insert(image::staging_volume(uid));
     }
+    wanted.retain(|name| !stale.contains(name));
     pool.iter()
         .filter(|v| {
             (is_disk_volume(&v.name) || is_image_volume(&v.name) || seed::is_seed_volume(&v.name))
                 && !wanted.contains(&v.name)
         })
         .map(|v| v.name.clone())
+        .collect()
+}
+
+/// The replicated disks of existing VMs whose copy node `node` no longer
+/// holds: the VM's placement (in `placements`, by VM name) lists replica
+/// nodes and `node` is neither among them nor the VM's node, and no
+/// migration of the VM that is still under way names `node`. A node that
+/// was lost and replaced (decision 43) or removed finds its old, outdated
+/// copies here when it comes back; the VM's data lives on in the copies
+/// the placement names. A VM without a placement, or one whose placement
+/// lists no replica nodes, has no stale copy: its disks are kept until it
+/// is deleted.
+pub fn stale_copies(
+    node: &str,
+    vms: &[Vm],
+    placements: &BTreeMap<String, Placement>,
+    migrations: &[Migration],
+) -> BTreeSet<String> {
+    vms.iter()
+        .filter(|vm| {
+            placements.get(&vm.meta.name).is_some_and(|placement| {
+                !placement.replica_nodes.is_empty() && !replicas::names_node(placement, node)
+            }) && !migrations.iter().any(|m| {
+                m.spec.vm == vm.meta.name
+                    && !m.status.phase.is_terminal()
+                    && (m.status.source == node
+                        || m.status.target == node
+                        || m.spec.target.as_deref() == Some(node))
+            })
+        })
+        .flat_map(|vm| {
+            vm.spec
+                .disks
+                .iter()
+                .filter(|d| replicas::is_replicated(d))
+                .map(|d| disk_volume(&vm.meta.uid, &d.name))
+        })
         .collect()
 }
 
@@ -325,8 +369,9 @@ impl Volumes {
     }
 
     /// At most every [`GC_INTERVAL`]: deletes the volumes of VMs that no
-    /// longer exist. Returns the names deleted. Does nothing when the
-    /// cluster's VMs cannot be listed.
+    /// longer exist, and the copies this node no longer holds
+    /// ([`stale_copies`]). Returns the names deleted. Does nothing when the
+    /// cluster's VMs, images, placements or migrations cannot be listed.
     pub async fn collect_garbage(&self) -> Vec<String> {
         {
             let mut last = self.last_gc.lock().await;
@@ -335,26 +380,31 @@ impl Volumes {
             }
             *last = Some(Instant::now());
         }
-        let (vms, images) = match (
-            self.admin.list(Kind::Vm).await,
-            self.admin.list(Kind::Image).await,
-        ) {
-            (Ok(vms), Ok(images)) => (
-                vms.objects
-                    .into_iter()
-                    .filter_map(|o| Vm::try_from(o).ok())
-                    .collect::<Vec<_>>(),
-                images
-                    .objects
-                    .into_iter()
-                    .filter_map(|o| Image::try_from(o).ok())
-                    .collect::<Vec<_>>(),
-            ),
-            (Err(err), _) | (_, Err(err)) => {
-                tracing::debug!(error = %err, "cannot list VMs and images; no volume collection this time");
+        // Placements and migrations are listed before the VMs: a VM
+        // created in between has no placement here, so none of its copies
+        // is stale.
+        let listed = async {
+            let placements: BTreeMap<String, Placement> =
+                replicas::list_of(&self.admin, Kind::Placement, |o| {
+                    Placement::try_from(o).ok().map(|p| (p.vm.clone(), p))
+                })
+                .await?;
+            let migrations: Vec<Migration> =
+                replicas::list_of(&self.admin, Kind::Migration, |o| o.try_into().ok()).await?;
+            let vms: Vec<Vm> =
+                replicas::list_of(&self.admin, Kind::Vm, |o| o.try_into().ok()).await?;
+            let images: Vec<Image> =
+                replicas::list_of(&self.admin, Kind::Image, |o| o.try_into().ok()).await?;
+            Ok::<_, ApiError>((placements, migrations, vms, images))
+        };
+        let (placements, migrations, vms, images) = match listed.await {
+            Ok(listed) => listed,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot list the cluster's VMs, images, placements and migrations; no volume collection this time");
                 return Vec::new();
             }
         };
+        let stale = stale_copies(&self.node, &vms, &placements, &migrations);
         let importing = self.importer.running();
         let pool = match self.storage.list_volumes().await {
             Ok(pool) => pool,
@@ -364,10 +414,14 @@ impl Volumes {
             }
         };
         let mut deleted = Vec::new();
-        for name in garbage(&pool, &vms, &images, &importing) {
+        for name in garbage(&pool, &vms, &images, &importing, &stale) {
             match self.storage.delete_volume(&name).await {
                 Ok(_) => {
-                    tracing::info!(volume = %name, "deleted the volume of a deleted VM or image");
+                    if stale.contains(&name) {
+                        tracing::info!(volume = %name, "deleted a copy this node no longer holds");
+                    } else {
+                        tracing::info!(volume = %name, "deleted the volume of a deleted VM or image");
+                    }
                     deleted.push(name);
                 }
                 Err(err) => {
@@ -381,7 +435,7 @@ impl Volumes {
 
 #[cfg(test)]
 mod tests {
-    use basalt_api::{Disk, ObjectMeta, VmSpec};
+    use basalt_api::{Disk, MigrationPhase, ObjectMeta, VmSpec};
 
     use super::*;
 
@@ -439,20 +493,20 @@ mod tests {
             volume(&disk_volume("uid-b", "root")),
             volume("operator-volume"),
         ];
-        assert!(garbage(&pool, &[a.clone(), b.clone()], &[], &[]).is_empty());
+        assert!(garbage(&pool, &[a.clone(), b.clone()], &[], &[], &kept()).is_empty());
         // b deleted: only its disk goes.
         assert_eq!(
-            garbage(&pool, std::slice::from_ref(&a), &[], &[]),
+            garbage(&pool, std::slice::from_ref(&a), &[], &[], &kept()),
             [disk_volume("uid-b", "root")]
         );
         // a's data disk removed from its spec: that volume goes too.
         let a_root_only = vm("a", "uid-a", &["root"]);
-        let mut gone = garbage(&pool, &[a_root_only, b], &[], &[]);
+        let mut gone = garbage(&pool, &[a_root_only, b], &[], &[], &kept());
         gone.sort();
         assert_eq!(gone, [disk_volume("uid-a", "data")]);
         // Nothing placed anywhere: every Basalt disk goes, never the
         // operator's volume.
-        assert_eq!(garbage(&pool, &[], &[], &[]).len(), 3);
+        assert_eq!(garbage(&pool, &[], &[], &[], &kept()).len(), 3);
     }
 
     #[test]
@@ -465,9 +519,77 @@ mod tests {
             volume(&image_volume(&other)),
             volume(&image::staging_volume(&other)),
         ];
-        let mut gone = garbage(&pool, &[], std::slice::from_ref(&tiny), &[]);
+        let mut gone = garbage(&pool, &[], std::slice::from_ref(&tiny), &[], &kept());
         gone.sort();
         assert_eq!(gone, [image_volume(&other), image::staging_volume(&other)]);
-        assert!(garbage(&pool, &[], &[tiny], std::slice::from_ref(&other)).is_empty());
+        assert!(garbage(&pool, &[], &[tiny], std::slice::from_ref(&other), &kept()).is_empty());
+    }
+
+    /// No stale copies.
+    fn kept() -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
+    fn replicated(name: &str, uid: &str) -> Vm {
+        let mut vm = vm(name, uid, &["root", "scratch"]);
+        vm.spec.disks[0].replicas = 2;
+        vm
+    }
+
+    fn placed(vm: &str, node: &str, replicas: &[&str]) -> (String, Placement) {
+        let placement = Placement {
+            meta: ObjectMeta::named(vm),
+            vm: vm.into(),
+            node: node.into(),
+            epoch: 1,
+            replica_nodes: replicas.iter().map(|n| (*n).into()).collect(),
+        };
+        (vm.into(), placement)
+    }
+
+    #[test]
+    fn a_replaced_copy_is_stale_and_goes_unless_a_migration_names_the_node() {
+        let db = replicated("db", "uid-db");
+        let placements = BTreeMap::from([placed("db", "a", &["a", "c"])]);
+        // b was replaced by c: its copy of the replicated disk is stale,
+        // the VM's non-replicated disk is not its concern.
+        let stale = stale_copies("b", std::slice::from_ref(&db), &placements, &[]);
+        assert_eq!(stale, BTreeSet::from([disk_volume("uid-db", "root")]));
+        let pool = [
+            volume(&disk_volume("uid-db", "root")),
+            volume(&disk_volume("uid-db", "scratch")),
+        ];
+        assert_eq!(
+            garbage(&pool, std::slice::from_ref(&db), &[], &[], &stale),
+            [disk_volume("uid-db", "root")]
+        );
+        // The nodes the placement names keep theirs.
+        for node in ["a", "c"] {
+            assert!(stale_copies(node, std::slice::from_ref(&db), &placements, &[]).is_empty());
+        }
+        // A migration under way that names b (here as its target) keeps
+        // b's copy; once it ended, the copy is stale again.
+        let mut migration = Migration::default();
+        migration.spec.vm = "db".into();
+        migration.spec.target = Some("b".into());
+        migration.status.phase = MigrationPhase::Preparing;
+        assert!(
+            stale_copies(
+                "b",
+                std::slice::from_ref(&db),
+                &placements,
+                std::slice::from_ref(&migration)
+            )
+            .is_empty()
+        );
+        migration.status.phase = MigrationPhase::Failed;
+        assert_eq!(
+            stale_copies("b", std::slice::from_ref(&db), &placements, &[migration]).len(),
+            1
+        );
+        // No placement, or one without replica nodes: nothing is stale.
+        assert!(stale_copies("b", std::slice::from_ref(&db), &BTreeMap::new(), &[]).is_empty());
+        let unreplicated = BTreeMap::from([placed("db", "a", &[])]);
+        assert!(stale_copies("b", &[db], &unreplicated, &[]).is_empty());
     }
 }

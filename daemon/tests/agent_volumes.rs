@@ -1,0 +1,291 @@
+//! Volumes as the cluster sees them (decision 52), with real storage
+//! processes (root, namespaces): a control plane on namespace node `cp`,
+//! and on nodes `a` and `b` `basaltd storage serve --replica-listen` and
+//! `basaltd agent --compute sim` (the simulated hypervisor never opens the
+//! disk; the test writes it over NBD as a guest would).
+//!
+//! The admin API refuses a volume of a bad size naming `spec.size_bytes`,
+//! and one owned by a VM that does not exist. VM `db` gets a 2-replica
+//! disk placed on `a` (primary) and `b`: the control plane makes volume
+//! `db-root` for it, and the cluster-wide `basalt volume get` (no storage
+//! socket) shows both copies `up-to-date`, `a` the primary, epoch 1, the
+//! pool name the agents use, Ready; `basalt volume list` shows them too.
+//! Then `b`'s storage process is killed with SIGKILL: after a write
+//! through `a`, the volume shows `b`'s copy away, then outdated once the
+//! storage fence recorded it (Ready false, Degraded). `basalt volume
+//! resize` grows the VM's disk and the volume, and refuses a shrink naming
+//! `spec.disks[0].size_bytes`. Deleting the VM deletes the volume.
+
+mod common;
+// Its NBD read and peer-state helpers are not needed here.
+#[allow(dead_code)]
+mod replica_node;
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use basalt_api::{
+    AdminClient, ApiError, KernelBoot, Kind, Object, ObjectMeta, ReplicaState, Volume, VolumeOwner,
+    VolumeSpec,
+};
+use basalt_testkit::{Fabric, Prefix, Process, wait};
+
+use replica_node::{
+    DISK_BYTES, PATTERN_AT, agent_spec, create_db_on_a_and_b, start_storage, wait_joined,
+    write_pattern,
+};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const CONTROL_PORT: u16 = 7400;
+/// Short leases and controller rounds.
+const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
+
+fn basalt_cli() -> PathBuf {
+    let path = PathBuf::from(common::BASALTD).with_file_name("basalt");
+    assert!(
+        path.is_file(),
+        "the basalt CLI is not built at {} (cargo build -p basalt)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `basalt --server SERVER ARGS...` (off the async threads).
+async fn basalt(server: &str, args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(basalt_cli());
+    command
+        .env_remove("BASALT_STORAGE_SOCKET")
+        .arg("--server")
+        .arg(server)
+        .args(args);
+    tokio::task::spawn_blocking(move || command.output().expect("run basalt"))
+        .await
+        .expect("the CLI task")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `basalt volume get NAME -o json`, parsed; `None` while it fails.
+async fn cli_volume(server: &str, name: &str) -> Option<Volume> {
+    let out = basalt(server, &["volume", "get", name, "-o", "json"]).await;
+    if !out.status.success() {
+        return None;
+    }
+    match serde_json::from_slice::<Object>(&out.stdout) {
+        Ok(Object::Volume(v)) => Some(v),
+        other => panic!(
+            "basalt volume get printed no volume: {other:?}\n{}",
+            text(&out)
+        ),
+    }
+}
+
+fn states(v: &Volume) -> Vec<(String, ReplicaState)> {
+    v.status
+        .replicas
+        .iter()
+        .map(|r| (r.node.clone(), r.state))
+        .collect()
+}
+
+fn bad_volume(size_bytes: u64, owner: Option<VolumeOwner>) -> Object {
+    Object::Volume(Volume {
+        meta: ObjectMeta::named("bad"),
+        spec: VolumeSpec {
+            size_bytes,
+            replicas: 1,
+            image: None,
+            owner,
+        },
+        ..Volume::default()
+    })
+}
+
+async fn volume_exists(admin: &AdminClient, name: &str) -> bool {
+    !matches!(
+        admin.get(Kind::Volume, name).await,
+        Err(ApiError::NotFound { .. })
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let prefix = Prefix::for_test().expect("prefix");
+    let mut fabric = Fabric::new(&prefix).expect("fabric");
+    let a = fabric.add_node("a").expect("node a");
+    let b = fabric.add_node("b").expect("node b");
+    let cp = fabric.add_node("cp").expect("node cp");
+
+    let (storage_a, sock_a) = start_storage(&prefix, &a);
+    let (mut storage_b, sock_b) = start_storage(&prefix, &b);
+    let server = format!("{}:{CONTROL_PORT}", cp.addr());
+    let (control, admin) =
+        common::start_control(&prefix, &server, Some(&cp), DEADLINE, Some(CONFIG)).await;
+    let secret = common::join_token(&admin, "join", 2).await;
+    let agent = |node, socket| {
+        Process::start(
+            &prefix,
+            agent_spec(node, &server, &secret, socket).args(["--compute", "sim"]),
+        )
+        .expect("agent")
+    };
+    let agent_a = agent(&a, &sock_a);
+    let agent_b = agent(&b, &sock_b);
+    wait_joined(
+        &admin,
+        2,
+        DEADLINE,
+        &[&control, &agent_a, &agent_b, &storage_a, &storage_b],
+    )
+    .await;
+
+    // Bad volumes are refused, naming what is wrong.
+    match admin.create(bad_volume(1000, None)).await {
+        Err(ApiError::InvalidArgument { field, .. }) => assert_eq!(field, "spec.size_bytes"),
+        other => panic!("a 1000-byte volume: {other:?}"),
+    }
+    let ghost = VolumeOwner {
+        vm: "ghost".into(),
+        vm_uid: "u-ghost".into(),
+        disk: "root".into(),
+    };
+    match admin.create(bad_volume(4096, Some(ghost))).await {
+        Err(ApiError::FailedPrecondition { reason }) => {
+            assert!(reason.contains("spec.owner.vm"), "{reason}");
+        }
+        other => panic!("a volume of a VM that does not exist: {other:?}"),
+    }
+
+    // The VM, placed on a with replicas on a and b by the test.
+    let pool_name = create_db_on_a_and_b(
+        &admin,
+        KernelBoot {
+            kernel: "/boot/vmlinuz".into(),
+            initrd: String::new(),
+            cmdline: "console=ttyS0".into(),
+        },
+    )
+    .await;
+    let up = vec![
+        ("a".to_owned(), ReplicaState::UpToDate),
+        ("b".to_owned(), ReplicaState::UpToDate),
+    ];
+    {
+        let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
+        wait::until(
+            "basalt volume get shows both copies up to date",
+            DEADLINE,
+            &logs,
+            || async {
+                cli_volume(&server, "db-root")
+                    .await
+                    .is_some_and(|v| states(&v) == up)
+            },
+        )
+        .await;
+    }
+    let volume = cli_volume(&server, "db-root").await.expect("db-root");
+    assert_eq!(volume.status.storage_name, pool_name);
+    assert_eq!(volume.status.primary_node, "a");
+    assert_eq!(volume.status.epoch, 1);
+    assert_eq!(volume.spec.size_bytes, DISK_BYTES);
+    assert_eq!(volume.spec.replicas, 2);
+    let primaries: Vec<&str> = volume
+        .status
+        .replicas
+        .iter()
+        .filter(|r| r.primary)
+        .map(|r| r.node.as_str())
+        .collect();
+    assert_eq!(primaries, ["a"]);
+    let ready = &volume.status.conditions[0];
+    assert!(ready.status, "{ready:?}");
+    let listed = basalt(&server, &["volume", "list"]).await;
+    assert!(listed.status.success(), "{}", text(&listed));
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        table.contains("db-root") && table.contains("a* up-to-date, b up-to-date"),
+        "{table}"
+    );
+    let table = basalt(&server, &["volume", "get", "db-root"]).await;
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains("primary") && table.contains("secondary"),
+        "{table}"
+    );
+
+    // b's storage process dies: a's primary loses its peer.
+    storage_b.kill9().expect("kill b's storage");
+    write_pattern(&a, &pool_name, PATTERN_AT, 3);
+    {
+        let logs = [&control, &agent_a, &agent_b, &storage_a];
+        wait::until(
+            "the volume shows b's copy outdated, fenced",
+            DEADLINE,
+            &logs,
+            || async {
+                cli_volume(&server, "db-root").await.is_some_and(|v| {
+                    v.status.replica("b").is_some_and(|r| {
+                        r.state == ReplicaState::Outdated && r.outdated && !r.primary
+                    }) && v.status.replica("a").map(|r| r.state) == Some(ReplicaState::UpToDate)
+                })
+            },
+        )
+        .await;
+    }
+    let volume = cli_volume(&server, "db-root").await.expect("db-root");
+    let ready = &volume.status.conditions[0];
+    assert!(!ready.status && ready.reason == "Degraded", "{ready:?}");
+
+    // Resize: the VM's disk grows, and the volume with it; never shrinks.
+    let grown = DISK_BYTES * 2;
+    let out = basalt(&server, &["volume", "resize", "db-root", "--size", "32M"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(grown, 32 << 20);
+    match admin.get(Kind::Vm, "db").await {
+        Ok(Object::Vm(vm)) => assert_eq!(vm.spec.disks[0].size_bytes, grown),
+        other => panic!("vm db: {other:?}"),
+    }
+    wait::until("the volume is 32 MiB", DEADLINE, &[&control], || async {
+        cli_volume(&server, "db-root")
+            .await
+            .is_some_and(|v| v.spec.size_bytes == grown)
+    })
+    .await;
+    let out = basalt(&server, &["volume", "resize", "db-root", "--size", "8M"]).await;
+    assert!(
+        !out.status.success(),
+        "a shrink went through: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.disks[0].size_bytes"),
+        "{}",
+        text(&out)
+    );
+
+    // The volume goes with its VM.
+    admin
+        .delete(Kind::Vm, "db", None)
+        .await
+        .expect("delete the vm");
+    wait::until(
+        "the volume is deleted with its VM",
+        DEADLINE,
+        &[&control],
+        || async { !volume_exists(&admin, "db-root").await },
+    )
+    .await;
+}

@@ -111,7 +111,8 @@ struct VmState {
     name: String,
     /// The libvirt domain the agent made for it.
     domain: String,
-    /// The control plane's admin API.
+    /// The control plane's admin API: every member's address,
+    /// comma-separated, as `basalt --server` takes them.
     server: String,
     node: String,
     ip: Ipv4Addr,
@@ -316,6 +317,15 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
         ))?;
     }
 
+    // Every member's address, for the agents, the lab's own clients and
+    // the printed commands: losing one member strands none of them.
+    let servers = members
+        .iter()
+        .map(|node| format!("{}:{CONTROL_PORT}", node.addr()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let admin = AdminClient::connect_lazy(&servers)?;
+
     // An agent per node, each with its own join token.
     for (node, libvirtd) in fabric.nodes().iter().zip(&daemons) {
         let token = JoinToken {
@@ -343,7 +353,7 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
             ])
             .args([
                 "--server",
-                &server,
+                &servers,
                 "--libvirt-uri",
                 &libvirtd.uri(),
                 "--cpus",
@@ -485,7 +495,7 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
         vm: VmState {
             name: VM_NAME.into(),
             domain: format!("basalt-{VM_NAME}"),
-            server: server.clone(),
+            server: servers,
             node: node.name().into(),
             ip: vm_ip,
             tap,

@@ -15,6 +15,8 @@
 //! `b`, and the primary's full sync fills `c`: the pattern is read back
 //! from `c`'s export, `c` refuses NBD writes (a secondary), and a write
 //! acknowledged by `a` afterwards is on `c` at once (protocol C).
+//! When `b` comes back, its agent deletes its old copy (no longer one the
+//! placement names) and `a`'s primary does not take `b` back.
 
 mod common;
 mod replica_node;
@@ -169,5 +171,43 @@ async fn a_lost_replica_is_replaced_on_a_third_node_and_fully_synced() {
         read_export(&c, &volume, PATTERN_AT + (1 << 20), pattern(2).len()).expect("read c")
             == pattern(2),
         "a write acknowledged after the replacement is missing on c"
+    );
+
+    // b comes back (its pool as it was, a fresh join token): its old copy
+    // is no longer one the placement names, so its agent deletes it, and
+    // a's primary never takes b back as a peer.
+    storages[1].restart().expect("restart b's storage");
+    let rejoin = common::join_token(&admin, "rejoin-b", 1).await;
+    agents[1] = Process::start(
+        &prefix,
+        agent_spec(&b, &server, &rejoin, &sockets[1]).args(["--compute", "sim"]),
+    )
+    .expect("b's agent again");
+    let storage_b = StorageClient::connect_unix(&sockets[1]).expect("storage b client");
+    {
+        let logs: Vec<&Process> = storages.iter().chain(&agents).chain([&control]).collect();
+        wait::until(
+            "b's agent deletes its replaced copy",
+            DEADLINE,
+            &logs,
+            || async {
+                storage_b
+                    .list_volumes()
+                    .await
+                    .is_ok_and(|pool| pool.iter().all(|v| v.name != volume))
+            },
+        )
+        .await;
+    }
+    assert!(
+        peer_state(&storage_a, &volume, Some(&b_peer))
+            .await
+            .is_none(),
+        "a's primary took the replaced node back as a peer"
+    );
+    assert!(
+        read_export(&c, &volume, PATTERN_AT + (1 << 20), pattern(2).len()).expect("read c")
+            == pattern(2),
+        "c's copy changed when b's stale copy was collected"
     );
 }

@@ -95,6 +95,9 @@ fn lab_up_status_down() {
     // The cluster behind it: both nodes joined, the VM runs where it was
     // placed, as its agent reports.
     let server = state["vm"]["server"].as_str().unwrap().to_owned();
+    // Every control-plane member is named, so no client (agents included)
+    // depends on one member.
+    assert_eq!(server.split(',').count(), 2, "{server}");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

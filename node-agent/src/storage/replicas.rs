@@ -420,7 +420,7 @@ impl Volumes {
 }
 
 /// The objects of `kind`, as `pick` types them (others are skipped).
-async fn list_of<T, C: FromIterator<T>>(
+pub(super) async fn list_of<T, C: FromIterator<T>>(
     admin: &AdminClient,
     kind: Kind,
     pick: impl FnMut(Object) -> Option<T>,

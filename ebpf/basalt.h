@@ -23,6 +23,14 @@
  * endpoints have neither (subjects stays the authority when set). */
 #define EP_SEL_INGRESS (1u << 1)
 #define EP_SEL_EGRESS  (1u << 2)
+/* Local, and its "tap" is a veth: a packet on a TC ingress goes straight
+ * to the other end (bpf_redirect_peer), sparing the veth's queue. */
+#define EP_PEER        (1u << 3)
+
+/* Flags of struct config. */
+#define CFG_NATIVE (1u << 0) /* native routing: remote endpoints are reached
+			      * without encapsulation, through the underlay
+			      * towards their owner node (else the overlay) */
 
 /* Flags of struct iface. */
 #define IFACE_STANDBY (1u << 0) /* tap waits for the guest (migration target) */
@@ -52,8 +60,9 @@ enum drop_reason {
 	DROP_NO_ENDPOINT = 6,   /* destination in a VM network, no such endpoint */
 	DROP_MALFORMED = 7,     /* truncated or unparsable headers */
 	DROP_UNSUPPORTED_L3 = 8, /* neither IPv4 nor ARP */
-	DROP_TUNNEL = 9,        /* setting or reading the tunnel key failed */
-	DROP_NOT_OWNER = 10,    /* overlay packet from a node that does not own its source */
+	DROP_TUNNEL = 9,        /* setting or reading the tunnel key failed, or
+				 * (native routing) no path to the owner node */
+	DROP_NOT_OWNER = 10,    /* overlay or native packet from a node that does not own its source */
 	DROP_STANDBY = 11,      /* frame on a standby tap (after its activation event) */
 	DROP_MAX = 12,
 };
@@ -65,7 +74,7 @@ enum drop_reason {
 /* Per-node configuration: array map, key 0. */
 struct config {
 	__u8 gateway_mac[6];
-	__u16 pad;
+	__u16 flags;          /* CFG_* */
 	__u32 node_ip;        /* this node's underlay address (network order) */
 	__u32 vxlan_ifindex;  /* the node's collect-metadata VXLAN device, 0 = none */
 };
@@ -138,6 +147,16 @@ struct policy_id_key {
 #define CT_CLOSING   (1u << 1) /* TCP: a FIN or RST was seen */
 #define CT_ORIG_HIGH (1u << 2) /* the first packet came from the key's second end */
 
+/* TCP states of struct ct_value.tcp_state, a subset of the kernel's
+ * conntrack (each has its timeout, see sdn/src/conntrack.rs). An entry
+ * made before states were kept has CT_TCP_NONE and ages by its flags. */
+#define CT_TCP_NONE        0
+#define CT_TCP_SYN_SENT    1 /* the opener's SYN */
+#define CT_TCP_SYN_RECV    2 /* the answer's SYN+ACK */
+#define CT_TCP_ESTABLISHED 3 /* the opener's ACK of it, or a flow picked up mid-way */
+#define CT_TCP_FIN_WAIT    4 /* a FIN from either end */
+#define CT_TCP_CLOSE       5 /* a RST */
+
 /* conntrack: LRU hash. The key holds the flow's two ends in a fixed
  * order, the lower (address, port) first — addresses compared as the
  * 32-bit values the maps store — so one lookup finds the flow from
@@ -159,7 +178,8 @@ struct ct_value {
 	__u64 packets;      /* counted for flows under policy only */
 	__u64 last_seen_ns; /* the flow's latest packet, same clock */
 	__u32 flags;        /* CT_* */
-	__u32 pad;
+	__u8 tcp_state;     /* CT_TCP_*, TCP only */
+	__u8 pad[3];
 };
 
 /* events ring buffer entry. */

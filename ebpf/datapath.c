@@ -13,6 +13,15 @@
  * from_uplink  on the TCX ingress of the node's underlay interface: the
  *              same for single packets without TCP data, decapsulated in
  *              place (the fast path); the rest goes on to from_overlay.
+ *              And native routing's receive side: a packet between two
+ *              endpoints that came unencapsulated from the owner node of
+ *              its source gets ingress policy and goes to its tap.
+ *
+ * With native routing (CFG_NATIVE in config) from_vm sends a packet for a
+ * remote endpoint as it is, to the owner node's underlay address as the
+ * next hop (a FIB lookup, then a redirect to the uplink with the
+ * neighbour's MAC); without it, through the overlay. Every node receives
+ * both ways whatever its own setting.
  *
  * Every entry point calls a try_* style function that returns a verdict;
  * anything unexpected ends in a counted drop, never in TC_ACT_OK by default.
@@ -288,13 +297,37 @@ static __always_inline int ct_key_of(const struct flow *f, struct ct_key *k)
 }
 
 /*
+ * The TCP state a packet moves its flow to (see basalt.h), from `state`;
+ * `orig` says the packet comes from the end that opened the flow. A RST
+ * closes, a FIN starts the close; the opener's SYN (re)starts the flow,
+ * the other end's SYN+ACK answers it, and the opener's next packet
+ * without SYN establishes it.
+ */
+static __always_inline __u8 tcp_next(__u8 state, const struct flow *f, int orig)
+{
+	__u8 fl = f->tcp_flags;
+
+	if (fl & TCP_FLAG_RST)
+		return CT_TCP_CLOSE;
+	if (fl & TCP_FLAG_FIN)
+		return state == CT_TCP_CLOSE ? state : CT_TCP_FIN_WAIT;
+	if ((fl & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		return orig ? CT_TCP_SYN_SENT : state;
+	if (fl & TCP_FLAG_SYN)
+		return !orig && state == CT_TCP_SYN_SENT ? CT_TCP_SYN_RECV : state;
+	if (orig && state == CT_TCP_SYN_RECV)
+		return CT_TCP_ESTABLISHED;
+	return state;
+}
+
+/*
  * Brings a flow's entry up to date with one of its packets, which comes
  * from the key's second end when `high`: last seen now (the coarse clock,
  * written only when it moved, so a busy flow does not dirty the entry on
  * every packet), answered once a packet goes the other way than the
- * first, closing once TCP sends a FIN or RST. A SYN on a closing entry is
- * a new connection reusing the tuple: it starts afresh, opened by its
- * sender.
+ * first, closing once TCP sends a FIN or RST, and its TCP state. A SYN on
+ * a closing entry is a new connection reusing the tuple: it starts
+ * afresh, opened by its sender.
  */
 static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, int high)
 {
@@ -306,10 +339,17 @@ static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, i
 	if (high != !!(flags & CT_ORIG_HIGH))
 		want |= CT_REPLY;
 	if (f->proto == IPPROTO_TCP) {
+		__u8 state = v->tcp_state, next;
+
 		if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
 			want |= CT_CLOSING;
-		else if ((flags & CT_CLOSING) && tcp_opening(f))
+		else if ((flags & CT_CLOSING) && tcp_opening(f)) {
 			want = high ? CT_ORIG_HIGH : 0;
+			state = CT_TCP_NONE;
+		}
+		next = tcp_next(state, f, high == !!(want & CT_ORIG_HIGH));
+		if (next != v->tcp_state)
+			v->tcp_state = next;
 	}
 	if (want != flags)
 		v->flags = want;
@@ -363,6 +403,9 @@ static __always_inline void ct_create(const struct flow *f)
 			v.flags |= CT_REPLY;
 		if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
 			v.flags |= CT_CLOSING;
+		/* Picked up mid-way: as the kernel's loose pick-up, established
+		 * (unless the packet already closes). */
+		v.tcp_state = tcp_next(tcp_opening(f) ? CT_TCP_NONE : CT_TCP_ESTABLISHED, f, 1);
 	}
 	bpf_map_update_elem(&conntrack, &k, &v, BPF_NOEXIST);
 }
@@ -530,6 +573,61 @@ static __always_inline int to_overlay(struct __sk_buff *skb, const struct config
 	return 0;
 }
 
+/*
+ * Hands a packet, already addressed to the local endpoint `dst` at L2,
+ * to its tap; called on a TC ingress only. A veth's other end takes it
+ * at once (bpf_redirect_peer: no pass through the veth's queue); a real
+ * tap through its transmit.
+ */
+static __always_inline int deliver(const struct endpoint *dst)
+{
+	if (dst->flags & EP_PEER)
+		return bpf_redirect_peer(dst->ifindex, 0);
+	return bpf_redirect(dst->ifindex, 0);
+}
+
+/* AF_INET, from linux/socket.h (which drags in libc headers). */
+#define BASALT_AF_INET 2
+
+/*
+ * Native routing: sends the packet, already addressed to its endpoint at
+ * L2 by set_l2, to its owner node as the next hop, without encapsulation.
+ * The FIB says which interface and next hop lead to the node's underlay
+ * address (the node itself on a shared segment, a router otherwise); with
+ * the neighbour resolved, the frame gets its MACs here and is redirected
+ * at once, else bpf_redirect_neigh resolves it. Returns the verdict, or
+ * -1 when there is no path.
+ */
+static __always_inline int to_native(struct __sk_buff *skb, const struct endpoint *dst)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.family = BASALT_AF_INET;
+	fib.ipv4_dst = dst->node_ip;
+	fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		void *data = (void *)(long)skb->data;
+		void *data_end = (void *)(long)skb->data_end;
+		struct ethhdr *eth = data;
+
+		if ((void *)(eth + 1) > data_end)
+			return -1;
+		mac_copy(eth->h_source, fib.smac);
+		mac_copy(eth->h_dest, fib.dmac);
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		struct bpf_redir_neigh nh = {
+			.nh_family = BASALT_AF_INET,
+			.ipv4_nh = fib.ipv4_dst,
+		};
+		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	}
+	return -1;
+}
+
 static __always_inline int handle_ipv4(struct __sk_buff *skb, __u32 ifindex,
 				       const struct config *cfg,
 				       const struct endpoint *src, __u32 src_ip)
@@ -569,7 +667,14 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, __u32 ifindex,
 	if (set_l2(skb, cfg, dst->mac) < 0)
 		return drop(ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
 	if (dst->flags & EP_LOCAL)
-		return bpf_redirect(dst->ifindex, 0);
+		return deliver(dst);
+	if (cfg->flags & CFG_NATIVE) {
+		int verdict = to_native(skb, dst);
+
+		if (verdict < 0)
+			return drop(ifindex, DROP_TUNNEL, &f, 0, ETH_P_IP);
+		return verdict;
+	}
 	if (to_overlay(skb, cfg, dst) < 0)
 		return drop(ifindex, DROP_TUNNEL, &f, 0, ETH_P_IP);
 	return bpf_redirect(cfg->vxlan_ifindex, 0);
@@ -631,23 +736,21 @@ int from_vm(struct __sk_buff *skb)
 #define DECAP_LEN (sizeof(struct iphdr) + 8 + 8 + sizeof(struct ethhdr))
 
 /*
- * from_uplink, on the TCX ingress of the node's underlay interface: the
- * overlay's fast path. A single (not GSO) VXLAN packet for a local endpoint
- * that from_overlay would deliver is decapsulated here and redirected to
- * its tap at once, sparing the node's IP and UDP receive, the VXLAN
- * device and its GRO cell. Everything else goes on unchanged
- * (TC_ACT_OK): the node's own traffic, GSO batches, and every packet
- * from_overlay would drop, which then drops and counts it there.
+ * The overlay's fast path, for a packet to this node's underlay address:
+ * a single (not GSO) VXLAN packet for a local endpoint that from_overlay
+ * would deliver is decapsulated here and redirected to its tap at once,
+ * sparing the node's IP and UDP receive, the VXLAN device and its GRO
+ * cell. Everything else goes on unchanged (TC_ACT_OK): the node's own
+ * traffic, GSO batches, and every packet from_overlay would drop, which
+ * then drops and counts it there.
  *
  * TCP segments carrying data never take it: one overtaking an earlier
  * GSO batch of its flow, still in the VXLAN device's GRO cell, would
  * arrive out of order. Segments without data (ACKs, SYN, FIN, RST) may
  * overtake data harmlessly.
  */
-SEC("classifier")
-int from_uplink(struct __sk_buff *skb)
+static __always_inline int uplink_overlay(struct __sk_buff *skb, const struct config *cfg)
 {
-	__u32 zero = 0;
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
@@ -661,14 +764,13 @@ int from_uplink(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if ((void *)(inner + 1) > data_end)
 		return TC_ACT_OK;
-	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->version != 4 || ip->ihl != 5 ||
+	if (ip->version != 4 || ip->ihl != 5 ||
 	    ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)))
 		return TC_ACT_OK;
 	if (udp[1] != bpf_htons(VXLAN_UDP_PORT) || !(vx[0] & 0x08) ||
 	    inner->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
-	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg || !cfg->vxlan_ifindex || ip->daddr != cfg->node_ip)
+	if (!cfg->vxlan_ifindex)
 		return TC_ACT_OK;
 	__u32 outer_saddr = ip->saddr;
 	__u32 vni = ((__u32)vx[4] << 16) | ((__u32)vx[5] << 8) | vx[6];
@@ -690,7 +792,112 @@ int from_uplink(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (set_l2(skb, cfg, dst->mac) < 0)
 		return drop(skb->ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
-	return bpf_redirect(dst->ifindex, 0);
+	return deliver(dst);
+}
+
+/*
+ * Whether a frame from the underlay may carry packets of `src`, a remote
+ * endpoint: it must come from the owner node, or from the next hop this
+ * node's FIB would use towards it (a router). Told by the frame's source
+ * MAC against that next hop's, when this node has resolved it (it has
+ * once it sent the owner anything, e.g. a reply); an unresolved next hop
+ * cannot be told and passes, as must a frame when the FIB has no answer.
+ */
+static __always_inline int native_sender_ok(struct __sk_buff *skb, const struct endpoint *src,
+					    const __u8 *smac)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = BASALT_AF_INET;
+	fib.ipv4_dst = src->node_ip;
+	fib.ifindex = skb->ifindex;
+	/* A nonzero length below every MTU: the lookup only names the next
+	 * hop, the frame itself goes elsewhere. */
+	fib.tot_len = sizeof(struct iphdr);
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return 1;
+	return mac_eq(fib.dmac, smac);
+}
+
+/*
+ * Native routing's receive side, for a packet not addressed to this
+ * node: between two endpoints, to a local one, unencapsulated. The sender
+ * (the source's owner node) has checked the source's MAC and IP and its
+ * egress policy; here its owner is checked (native_sender_ok), the
+ * destination's ingress policy applied with the source's identity from
+ * the endpoints map (no tunnel carries it), and the packet delivered to
+ * the tap. A packet with a source that is no endpoint is not VM-to-VM
+ * traffic (the node's own, or a host's routed to a VM): it goes on to
+ * the node's stack as it always did.
+ */
+static __always_inline int uplink_native(struct __sk_buff *skb, const struct config *cfg)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(*eth);
+	__u32 ifindex = skb->ifindex, saddr, daddr;
+	struct flow f = {};
+	__u8 smac[ETH_ALEN];
+
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_OK;
+	saddr = ip->saddr;
+	daddr = ip->daddr;
+	mac_copy(smac, eth->h_source);
+	struct endpoint *dst = bpf_map_lookup_elem(&endpoints, &daddr);
+	if (!dst)
+		return TC_ACT_OK;
+	struct endpoint *src = bpf_map_lookup_elem(&endpoints, &saddr);
+	if (!src)
+		return TC_ACT_OK;
+	f.saddr = saddr;
+	f.daddr = daddr;
+	if (!(dst->flags & EP_LOCAL))
+		return drop(ifindex, DROP_NO_ENDPOINT, &f, smac, ETH_P_IP);
+	if ((src->flags & EP_LOCAL) || !native_sender_ok(skb, src, smac))
+		return drop(ifindex, DROP_NOT_OWNER, &f, smac, ETH_P_IP);
+	if (parse_ipv4(skb, &f) < 0) {
+		/* Headers beyond the linear part: pull them in, once. */
+		__u32 want = sizeof(struct ethhdr) + 60 + 60;
+
+		if (want > skb->len)
+			want = skb->len;
+		if (bpf_skb_pull_data(skb, want) < 0 || parse_ipv4(skb, &f) < 0)
+			return drop(ifindex, DROP_MALFORMED, &f, smac, ETH_P_IP);
+	}
+	if (!admit(&f, src, dst, 0, 1))
+		return drop(ifindex, DROP_POLICY, &f, smac, ETH_P_IP);
+	if (set_l2(skb, cfg, dst->mac) < 0)
+		return drop(ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
+	return deliver(dst);
+}
+
+/*
+ * from_uplink, on the TCX ingress of the node's underlay interface:
+ * packets to the node's own address may be the overlay's (its fast path,
+ * uplink_overlay), others may be native routing's (uplink_native).
+ * Whatever neither takes goes on to the node's stack untouched.
+ */
+SEC("classifier")
+int from_uplink(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(*eth);
+
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg)
+		return TC_ACT_OK;
+	if (ip->daddr == cfg->node_ip)
+		return uplink_overlay(skb, cfg);
+	return uplink_native(skb, cfg);
 }
 
 SEC("classifier")
@@ -727,5 +934,5 @@ int from_overlay(struct __sk_buff *skb)
 		return drop(ifindex, DROP_POLICY, &f, 0, ETH_P_IP);
 	if (set_l2(skb, cfg, dst->mac) < 0)
 		return drop(ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
-	return bpf_redirect(dst->ifindex, 0);
+	return deliver(dst);
 }

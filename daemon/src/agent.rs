@@ -96,8 +96,9 @@ pub struct AgentArgs {
     #[arg(long)]
     net_dns: Vec<std::net::Ipv4Addr>,
     /// Idle timeouts of connection-tracking entries in seconds, as
-    /// NAME=SECONDS items (any subset of tcp, tcp-opening, tcp-closing,
-    /// udp, udp-stream, icmp, other; the rest keep the kernel's defaults),
+    /// NAME=SECONDS items (any subset of tcp, tcp-opening, tcp-syn-recv,
+    /// tcp-closing, tcp-close, udp, udp-stream, icmp, other; the rest keep
+    /// the kernel's defaults),
     /// e.g. `tcp=86400,udp=60`.
     #[arg(long, default_value_t = basalt_sdn::conntrack::Timeouts::default())]
     net_conntrack_timeouts: basalt_sdn::conntrack::Timeouts,
@@ -105,6 +106,13 @@ pub struct AgentArgs {
     /// (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     net_conntrack_sweep_ms: u64,
+    /// How this node sends packets for VMs on other nodes: `overlay`
+    /// (VXLAN, any underlay that carries UDP between the nodes) or `native`
+    /// (unencapsulated, to the owner node's underlay address as the next
+    /// hop: the nodes share an L2 segment, or the underlay routes VM
+    /// addresses to their nodes). Every node receives both.
+    #[arg(long, default_value_t = basalt_sdn::Routing::Overlay)]
+    net_routing: basalt_sdn::Routing,
     /// The node's storage process (`basaltd storage serve --local-socket`):
     /// the agent makes and removes VM volumes through it. Without it, VM
     /// disks must exist already.
@@ -142,6 +150,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         net.dns = args.net_dns.clone();
         net.conntrack = args.net_conntrack_timeouts;
         net.conntrack_sweep = Duration::from_millis(args.net_conntrack_sweep_ms.max(100));
+        net.routing = args.net_routing;
         net
     });
     let credential_file = args.credential_file.clone().map(CredentialFile::new);

@@ -5,7 +5,8 @@
 //! attaches its VM's tap, serves DHCP and keeps the maps in step. A
 //! "guest" here is a namespace whose `eth0` is a tap relayed frame by
 //! frame to the node's tap (what QEMU does): it takes its address by DHCP
-//! and talks to the other guest through the VXLAN overlay. Then an agent
+//! and talks to the other guest through the VXLAN overlay, or with native
+//! routing (the test runs in both modes, `--net-routing`). Then an agent
 //! is killed (established flows keep flowing on the pinned datapath) and
 //! restarted (it adopts the pins), policies (selectors by VM labels)
 //! block and allow new flows as they are applied, changed and deleted —
@@ -315,8 +316,31 @@ fn has_link(node: &Node, name: &str) -> bool {
     node.ip(&["link", "show", "dev", name]).is_ok()
 }
 
+/// Packets the node's VXLAN device has received.
+fn vxlan_rx_packets(node: &Node) -> u64 {
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        node.netns(),
+        "cat",
+        "/sys/class/net/basalt-vx/statistics/rx_packets",
+    ]))
+    .trim()
+    .parse()
+    .expect("rx_packets is a number")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
+async fn agents_lease_wire_and_route_vm_nics_across_nodes_over_the_overlay() {
+    agents_lease_wire_and_route_vm_nics_across_nodes("overlay").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_lease_wire_and_route_vm_nics_across_nodes_with_native_routing() {
+    agents_lease_wire_and_route_vm_nics_across_nodes("native").await;
+}
+
+async fn agents_lease_wire_and_route_vm_nics_across_nodes(routing: &str) {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -345,6 +369,7 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
                 .arg(prefix.log_dir())
                 .args(["--net-conntrack-timeouts", "udp=2,udp-stream=2"])
                 .args(["--net-conntrack-sweep-ms", "300"])
+                .args(["--net-routing", routing])
                 .env("BASALT_JOIN_TOKEN", &secret)
                 .env("RUST_LOG", "info,basalt_agent=debug")
                 .netns(node),
@@ -433,7 +458,8 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
     assert_eq!(Some(ip1), ep1.ip, "DHCP hands out the address IPAM leased");
     assert_eq!(Some(ip2), ep2.ip, "DHCP hands out the address IPAM leased");
 
-    // Across the overlay, both ways.
+    // Between the nodes, both ways.
+    let vxlan_rx = vxlan_rx_packets(&node2);
     g2.echo_server(7000);
     g1.echo_server(7000);
     let to2 = SocketAddr::from((ip2, 7000));
@@ -446,9 +472,18 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let mut conn = conn.expect("guest 1 connects to guest 2 across nodes");
-    echo(&mut conn, 200_000).expect("tcp echo across the overlay");
+    echo(&mut conn, 200_000).expect("tcp echo between the nodes");
     let mut back = g2.connect(SocketAddr::from((ip1, 7000))).expect("and back");
     echo(&mut back, 1000).expect("echo back");
+    if routing == "native" {
+        assert_eq!(
+            vxlan_rx_packets(&node2),
+            vxlan_rx,
+            "native routing encapsulates nothing"
+        );
+    } else {
+        assert!(vxlan_rx_packets(&node2) > vxlan_rx, "over the overlay");
+    }
 
     // Egress: the outside has no route to the VM network; the guest
     // reaches it through its node's source NAT, and the outside's answer

@@ -23,6 +23,13 @@ pub const EP_LOCAL: u16 = 1 << 0;
 pub const EP_SEL_INGRESS: u16 = 1 << 1;
 /// `endpoint.flags`: a policy selects the endpoint's identity for egress.
 pub const EP_SEL_EGRESS: u16 = 1 << 2;
+/// `endpoint.flags`: local, and its tap is a veth: packets arriving on a
+/// TC ingress are handed straight to the other end (`bpf_redirect_peer`).
+pub const EP_PEER: u16 = 1 << 3;
+/// `config.flags`: native routing — remote endpoints are reached without
+/// encapsulation, through the underlay towards their owner node (without
+/// it, through the VXLAN overlay).
+pub const CFG_NATIVE: u16 = 1 << 0;
 /// `iface.flags`: the tap waits for the guest (a migration target).
 pub const IFACE_STANDBY: u32 = 1 << 0;
 /// `subject.flags`: a policy selects the identity for ingress.
@@ -74,9 +81,11 @@ pub enum DropReason {
     Malformed = 7,
     /// Neither IPv4 nor ARP.
     UnsupportedL3 = 8,
-    /// Setting or reading the tunnel key failed.
+    /// Setting or reading the tunnel key failed, or (native routing) no
+    /// path to the destination's owner node.
     Tunnel = 9,
-    /// An overlay packet from a node that does not own its source.
+    /// An overlay or native packet from a node that does not own its
+    /// source.
     NotOwner = 10,
     /// A frame on a standby tap.
     Standby = 11,
@@ -130,8 +139,8 @@ impl DropReason {
 pub struct Config {
     /// The gateway's MAC.
     pub gateway_mac: [u8; 6],
-    /// Padding.
-    pub pad: u16,
+    /// `CFG_*` flags.
+    pub flags: u16,
     /// This node's underlay address (wire order).
     pub node_ip: u32,
     /// The node's VXLAN device, 0 if none.
@@ -264,6 +273,21 @@ pub const CT_CLOSING: u32 = 1 << 1;
 /// end (`daddr`, `dport`).
 pub const CT_ORIG_HIGH: u32 = 1 << 2;
 
+/// `ct_value.tcp_state`: none kept (not TCP, or an entry made before
+/// states were): the entry ages by its flags.
+pub const CT_TCP_NONE: u8 = 0;
+/// `ct_value.tcp_state`: the opener's SYN was seen.
+pub const CT_TCP_SYN_SENT: u8 = 1;
+/// `ct_value.tcp_state`: the other end's SYN+ACK was seen.
+pub const CT_TCP_SYN_RECV: u8 = 2;
+/// `ct_value.tcp_state`: the opener acknowledged the SYN+ACK (or the flow
+/// was picked up mid-way).
+pub const CT_TCP_ESTABLISHED: u8 = 3;
+/// `ct_value.tcp_state`: a FIN from either end.
+pub const CT_TCP_FIN_WAIT: u8 = 4;
+/// `ct_value.tcp_state`: a RST.
+pub const CT_TCP_CLOSE: u8 = 5;
+
 /// `struct ct_value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
@@ -276,8 +300,11 @@ pub struct CtValue {
     pub last_seen_ns: u64,
     /// `CT_*` flags.
     pub flags: u32,
+    /// `CT_TCP_*`: the TCP flow's state ([`CT_TCP_NONE`] for other
+    /// protocols, and for entries made before states were kept).
+    pub tcp_state: u8,
     /// Padding.
-    pub pad: u32,
+    pub pad: [u8; 3],
 }
 
 impl CtKey {
@@ -299,15 +326,21 @@ impl CtKey {
 }
 
 impl CtValue {
-    /// An answered flow seen at `now_ns`: what a flow carried from another
-    /// node (live migration) or kept across a datapath upgrade starts as.
-    pub fn established(now_ns: u64) -> CtValue {
+    /// An answered flow of protocol `proto` seen at `now_ns` (established,
+    /// for TCP): what a flow carried from another node (live migration)
+    /// or kept across a datapath upgrade starts as.
+    pub fn established(proto: u8, now_ns: u64) -> CtValue {
         CtValue {
             created_ns: now_ns,
             packets: 0,
             last_seen_ns: now_ns,
             flags: CT_REPLY,
-            pad: 0,
+            tcp_state: if proto == 6 {
+                CT_TCP_ESTABLISHED
+            } else {
+                CT_TCP_NONE
+            },
+            pad: [0; 3],
         }
     }
 }

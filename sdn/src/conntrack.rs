@@ -4,19 +4,24 @@
 //!
 //! The programs stamp every entry with its flow's latest packet
 //! (`last_seen_ns`, the kernel's coarse `CLOCK_MONOTONIC`) and its state
-//! (`CT_REPLY` once answered, `CT_CLOSING` after a TCP FIN or RST); user
-//! space removes entries idle for longer than their timeout. The defaults
-//! are the Linux kernel's netfilter ones.
+//! (`CT_REPLY` once answered, `CT_CLOSING` after a TCP FIN or RST, and a
+//! TCP flow's `CT_TCP_*` state: SYN_SENT, SYN_RECV, ESTABLISHED, FIN_WAIT,
+//! CLOSE); user space removes entries idle for longer than their timeout.
+//! The defaults are the Linux kernel's netfilter ones.
 //!
 //! Invariants: an entry whose flow sent a packet within its timeout is
-//! never expired (the sweep re-reads an entry right before removing it);
-//! every timeout is at least one second.
+//! never expired (the sweep takes an entry out and reads it in one step,
+//! and puts it back if it turns out alive); every timeout is at least one
+//! second.
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::abi::{CT_CLOSING, CT_REPLY, CtKey, CtValue};
+use crate::abi::{
+    CT_CLOSING, CT_REPLY, CT_TCP_CLOSE, CT_TCP_ESTABLISHED, CT_TCP_FIN_WAIT, CT_TCP_SYN_RECV,
+    CT_TCP_SYN_SENT, CtKey, CtValue,
+};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -25,12 +30,17 @@ const ICMP: u8 = 1;
 /// Idle timeouts of connection-tracking entries, by protocol and state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// TCP, opening: a SYN not yet answered (`tcp-opening`).
+    /// TCP, opening: a SYN not yet answered, SYN_SENT (`tcp-opening`).
     pub tcp_opening: Duration,
-    /// TCP, answered and not closing (`tcp`).
+    /// TCP, SYN+ACK sent, not yet acknowledged: SYN_RECV (`tcp-syn-recv`).
+    pub tcp_syn_recv: Duration,
+    /// TCP, established (`tcp`).
     pub tcp_established: Duration,
-    /// TCP after a FIN or RST (`tcp-closing`).
+    /// TCP after a FIN: FIN_WAIT (`tcp-closing`); an entry without a TCP
+    /// state, after a FIN or RST.
     pub tcp_closing: Duration,
+    /// TCP after a RST: CLOSE (`tcp-close`).
+    pub tcp_close: Duration,
     /// UDP, one direction only so far (`udp`).
     pub udp: Duration,
     /// UDP, answered (`udp-stream`).
@@ -42,14 +52,16 @@ pub struct Timeouts {
 }
 
 impl Default for Timeouts {
-    /// The kernel's: TCP established 5 days, opening (SYN sent) 120 s,
-    /// closing 120 s (its TIME_WAIT), UDP 30 s and 120 s once answered,
-    /// ICMP 30 s, anything else 600 s.
+    /// The kernel's: TCP established 5 days, SYN_SENT 120 s, SYN_RECV
+    /// 60 s, FIN_WAIT 120 s (as its TIME_WAIT), CLOSE 10 s; UDP 30 s and
+    /// 120 s once answered, ICMP 30 s, anything else 600 s.
     fn default() -> Timeouts {
         Timeouts {
             tcp_opening: Duration::from_secs(120),
+            tcp_syn_recv: Duration::from_secs(60),
             tcp_established: Duration::from_secs(432_000),
             tcp_closing: Duration::from_secs(120),
+            tcp_close: Duration::from_secs(10),
             udp: Duration::from_secs(30),
             udp_stream: Duration::from_secs(120),
             icmp: Duration::from_secs(30),
@@ -69,7 +81,7 @@ pub enum TimeoutsError {
     },
     /// An unknown timeout name.
     #[error(
-        "conntrack timeouts: unknown name {name:?} (known: tcp, tcp-opening, tcp-closing, udp, udp-stream, icmp, other)"
+        "conntrack timeouts: unknown name {name:?} (known: tcp, tcp-opening, tcp-syn-recv, tcp-closing, tcp-close, udp, udp-stream, icmp, other)"
     )]
     Name {
         /// The name.
@@ -87,10 +99,12 @@ pub enum TimeoutsError {
 
 impl Timeouts {
     /// The names of the timeouts, as the string form uses them.
-    const NAMES: [&'static str; 7] = [
+    const NAMES: [&'static str; 9] = [
         "tcp",
         "tcp-opening",
+        "tcp-syn-recv",
         "tcp-closing",
+        "tcp-close",
         "udp",
         "udp-stream",
         "icmp",
@@ -101,7 +115,9 @@ impl Timeouts {
         Some(match name {
             "tcp" => &mut self.tcp_established,
             "tcp-opening" => &mut self.tcp_opening,
+            "tcp-syn-recv" => &mut self.tcp_syn_recv,
             "tcp-closing" => &mut self.tcp_closing,
+            "tcp-close" => &mut self.tcp_close,
             "udp" => &mut self.udp,
             "udp-stream" => &mut self.udp_stream,
             "icmp" => &mut self.icmp,
@@ -113,6 +129,17 @@ impl Timeouts {
     /// How long the entry `key`/`value` may stay idle.
     pub fn timeout(&self, key: &CtKey, value: &CtValue) -> Duration {
         let answered = value.flags & CT_REPLY != 0;
+        if key.proto == TCP {
+            match value.tcp_state {
+                CT_TCP_SYN_SENT => return self.tcp_opening,
+                CT_TCP_SYN_RECV => return self.tcp_syn_recv,
+                CT_TCP_ESTABLISHED => return self.tcp_established,
+                CT_TCP_FIN_WAIT => return self.tcp_closing,
+                CT_TCP_CLOSE => return self.tcp_close,
+                // No state kept: by the flags, as before states were.
+                _ => {}
+            }
+        }
         match key.proto {
             TCP if value.flags & CT_CLOSING != 0 => self.tcp_closing,
             TCP if answered => self.tcp_established,
@@ -223,6 +250,33 @@ mod tests {
         assert_eq!(t.timeout(&key(UDP), &value(CT_REPLY, 0)), t.udp_stream);
         assert_eq!(t.timeout(&key(ICMP), &value(CT_REPLY, 0)), t.icmp);
         assert_eq!(t.timeout(&key(47), &value(0, 0)), t.other);
+    }
+
+    #[test]
+    fn tcp_states_have_their_own_timeouts() {
+        let t = Timeouts::default();
+        let state = |tcp_state, flags| CtValue {
+            tcp_state,
+            flags,
+            ..CtValue::default()
+        };
+        for (s, want, secs) in [
+            (CT_TCP_SYN_SENT, t.tcp_opening, 120),
+            (CT_TCP_SYN_RECV, t.tcp_syn_recv, 60),
+            (CT_TCP_ESTABLISHED, t.tcp_established, 432_000),
+            (CT_TCP_FIN_WAIT, t.tcp_closing, 120),
+            (CT_TCP_CLOSE, t.tcp_close, 10),
+        ] {
+            // The state decides, whatever the flags say.
+            assert_eq!(t.timeout(&key(TCP), &state(s, CT_REPLY)), want);
+            assert_eq!(want, Duration::from_secs(secs), "the kernel's default");
+        }
+        // A state is TCP's only.
+        assert_eq!(t.timeout(&key(UDP), &state(CT_TCP_CLOSE, 0)), t.udp);
+        let custom: Timeouts = "tcp-syn-recv=7,tcp-close=3".parse().unwrap();
+        assert_eq!(custom.tcp_syn_recv, Duration::from_secs(7));
+        assert_eq!(custom.tcp_close, Duration::from_secs(3));
+        assert_eq!(custom.to_string().parse::<Timeouts>().unwrap(), custom);
     }
 
     #[test]

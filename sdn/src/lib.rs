@@ -37,4 +37,4 @@ pub mod tap;
 pub use loader::{Hook, Loader};
 pub use model::{Action, Cidr, Endpoint, Network, Peer, Policy, Protocol, Rule};
 pub use netlink::Netlink;
-pub use sync::{Datapath, NodeConfig};
+pub use sync::{Datapath, NodeConfig, Routing};

@@ -465,8 +465,9 @@ impl Loader {
     /// programs' order first ([`CtKey::canonical`]): an older map kept a
     /// flow as its first packet carried it.
     pub fn import_conntrack(&mut self, keys: &[CtKey]) -> Result<(), LoaderError> {
-        let value = CtValue::established(now_ns());
+        let now = now_ns();
         for k in keys {
+            let value = CtValue::established(k.proto, now);
             match self.conntrack.insert(k.canonical(), value, BPF_NOEXIST) {
                 Ok(()) => {}
                 Err(MapError::SyscallError(e))
@@ -483,12 +484,11 @@ impl Loader {
     }
 
     /// One sweep of connection tracking: removes every entry idle for
-    /// longer than its timeout. An entry is read again right before its
-    /// removal, so a flow that sent a packet meanwhile keeps it (a packet
-    /// landing between that read and the removal starts a new entry,
-    /// judged as a new flow's).
+    /// longer than its timeout. An entry found expired is taken out of
+    /// the map and read in one step, and put back if a packet refreshed
+    /// it since the walk saw it (see `sweep`).
     pub fn expire_conntrack(&mut self, timeouts: &Timeouts) -> Result<Sweep, LoaderError> {
-        sweep_conntrack(&mut self.conntrack, timeouts)
+        sweep(&mut self.conntrack, timeouts, now_ns)
     }
 
     /// Packets counted over every tracked flow: proof that traffic goes
@@ -586,35 +586,127 @@ pub fn pinned_conntrack(node: &str) -> Result<Vec<(CtKey, CtValue)>, LoaderError
 /// loader: a thread of its own can sweep while another one holds the
 /// loader (a sweep of a full map takes a fraction of a second).
 pub fn expire_pinned_conntrack(node: &str, timeouts: &Timeouts) -> Result<Sweep, LoaderError> {
-    sweep_conntrack(&mut open_pinned_conntrack(node)?, timeouts)
+    sweep(&mut open_pinned_conntrack(node)?, timeouts, now_ns)
 }
 
-fn sweep_conntrack(
-    map: &mut HashMap<MapData, CtKey, CtValue>,
+/// What a sweep needs of a connection-tracking table: the real map
+/// ([`HashMap`] over the pinned map), or a test's.
+pub(crate) trait CtTable {
+    /// Every entry (those the programs' LRU removes mid-walk are skipped).
+    fn entries(&self) -> Vec<(CtKey, CtValue)>;
+    /// Removes `key`'s entry and returns it as it was at its removal, in
+    /// one step; `None` if there was none.
+    fn take(&mut self, key: &CtKey) -> Result<Option<CtValue>, LoaderError>;
+    /// Puts back an entry [`CtTable::take`] removed, unless the programs
+    /// have made a new one for the flow since (theirs is newer).
+    fn restore(&mut self, key: &CtKey, value: &CtValue) -> Result<(), LoaderError>;
+}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM`.
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The part of `union bpf_attr` the map element commands read.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+impl CtTable for HashMap<MapData, CtKey, CtValue> {
+    fn entries(&self) -> Vec<(CtKey, CtValue)> {
+        self.iter().filter_map(Result::ok).collect()
+    }
+
+    fn take(&mut self, key: &CtKey) -> Result<Option<CtValue>, LoaderError> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+
+        let mut value = CtValue::default();
+        let fd = self.map().fd().as_fd().as_raw_fd();
+        let attr = MapElemAttr {
+            map_fd: u32::try_from(fd).unwrap_or(u32::MAX),
+            pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value: std::ptr::from_mut(&mut value) as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a valid `bpf_attr` prefix for the map element
+        // commands (the kernel reads `size_of::<MapElemAttr>()` bytes of
+        // it); `key` and `value` point at live values of exactly the
+        // map's key and value sizes (`CtKey`/`CtValue`, checked against
+        // the C structs), and `fd` is this map's open descriptor.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                std::ptr::from_ref(&attr),
+                size_of::<MapElemAttr>(),
+            )
+        };
+        if rc == 0 {
+            return Ok(Some(value));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(None);
+        }
+        Err(LoaderError::Map {
+            name: "conntrack",
+            source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_and_delete_elem",
+                io_error: err,
+            })),
+        })
+    }
+
+    fn restore(&mut self, key: &CtKey, value: &CtValue) -> Result<(), LoaderError> {
+        match self.insert(key, value, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
+            Err(e) => Err(map_err("conntrack")(e)),
+        }
+    }
+}
+
+/// One sweep of `table`: every entry idle past its timeout at `now()` is
+/// removed. The walk only nominates entries; each is then taken out and
+/// read in one step ([`CtTable::take`]), so the value judged is exactly
+/// the one removed, and put back if a packet refreshed it after the walk.
+/// (Reading it again and then deleting it left a window in which a
+/// packet's refresh was deleted with the entry.) A packet that comes
+/// while its entry is out finds none: the programs make a new one, which
+/// the put-back then leaves as it is; a flow under policy is judged anew
+/// for that one packet.
+pub(crate) fn sweep(
+    table: &mut impl CtTable,
     timeouts: &Timeouts,
+    now: impl Fn() -> u64,
 ) -> Result<Sweep, LoaderError> {
-    let now = now_ns();
-    let mut sweep = Sweep::default();
+    let at = now();
+    let mut out = Sweep::default();
     let mut stale = Vec::new();
-    for item in map.iter() {
-        // A key removed by the programs' LRU mid-walk: skip it.
-        let Ok((k, v)) = item else { continue };
-        sweep.seen += 1;
-        if timeouts.expired(&k, &v, now) {
+    for (k, v) in table.entries() {
+        out.seen += 1;
+        if timeouts.expired(&k, &v, at) {
             stale.push(k);
         }
     }
     for k in stale {
-        let Ok(v) = map.get(&k, 0) else {
+        let Some(v) = table.take(&k)? else {
             continue;
         };
-        if !timeouts.expired(&k, &v, now_ns()) {
-            continue;
+        if timeouts.expired(&k, &v, now()) {
+            out.expired += 1;
+        } else {
+            table.restore(&k, &v)?;
         }
-        ignore_missing(map.remove(&k)).map_err(map_err("conntrack"))?;
-        sweep.expired += 1;
     }
-    Ok(sweep)
+    Ok(out)
 }
 
 impl MapStore for Loader {
@@ -699,5 +791,87 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flow's identity in the test table.
+    type Id = (u32, u32, u16, u16, u8);
+    type Entries = BTreeMap<Id, (CtKey, CtValue)>;
+
+    /// A table in memory; `on_take` runs right before each take, as a
+    /// packet racing the sweep would.
+    struct Table {
+        entries: Entries,
+        on_take: Box<dyn FnMut(&mut Entries)>,
+    }
+
+    fn id(k: &CtKey) -> Id {
+        (k.saddr, k.daddr, k.sport, k.dport, k.proto)
+    }
+
+    impl CtTable for Table {
+        fn entries(&self) -> Vec<(CtKey, CtValue)> {
+            self.entries.values().copied().collect()
+        }
+        fn take(&mut self, key: &CtKey) -> Result<Option<CtValue>, LoaderError> {
+            (self.on_take)(&mut self.entries);
+            Ok(self.entries.remove(&id(key)).map(|(_, v)| v))
+        }
+        fn restore(&mut self, key: &CtKey, value: &CtValue) -> Result<(), LoaderError> {
+            self.entries.entry(id(key)).or_insert((*key, *value));
+            Ok(())
+        }
+    }
+
+    fn flow(port: u16, last_seen_ns: u64) -> (CtKey, CtValue) {
+        let key = CtKey {
+            saddr: 1,
+            daddr: 2,
+            sport: port,
+            dport: 53,
+            proto: 17,
+            pad: [0; 3],
+        };
+        let value = CtValue {
+            last_seen_ns,
+            ..CtValue::default()
+        };
+        (key, value)
+    }
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_packet_between_the_walk_and_the_removal_keeps_its_entry() {
+        let timeouts: Timeouts = "udp=2".parse().unwrap();
+        let now = 100 * SEC;
+        let (racing, idle, fresh) = (flow(1, 90 * SEC), flow(2, 90 * SEC), flow(3, 99 * SEC));
+        let mut table = Table {
+            entries: [racing, idle, fresh]
+                .into_iter()
+                .map(|(k, v)| (id(&k), (k, v)))
+                .collect(),
+            // The racing flow sends a packet after the walk nominated it.
+            on_take: Box::new(move |entries| {
+                if let Some((_, v)) = entries.get_mut(&id(&racing.0)) {
+                    v.last_seen_ns = now;
+                }
+            }),
+        };
+        let sweep = sweep(&mut table, &timeouts, || now).unwrap();
+        assert_eq!(
+            sweep,
+            Sweep {
+                seen: 3,
+                expired: 1
+            }
+        );
+        let left: Vec<u16> = table.entries.values().map(|(k, _)| k.sport).collect();
+        assert_eq!(left, [1, 3], "the idle flow went, the refreshed one stayed");
+        assert_eq!(table.entries[&id(&racing.0)].1.last_seen_ns, now);
     }
 }

@@ -12,7 +12,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt as _;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
 };
@@ -123,6 +123,24 @@ impl Netlink {
             .ok_or_else(|| NetlinkError::NoLink {
                 name: name.to_owned(),
             })
+    }
+
+    /// `name` as the datapath's maps need a tap: its ifindex, and whether
+    /// it is a veth (whose other end packets can be handed to directly).
+    pub fn tap_link(&self, name: &str) -> Result<crate::sync::TapLink, NetlinkError> {
+        let link = self.link(name)?.ok_or_else(|| NetlinkError::NoLink {
+            name: name.to_owned(),
+        })?;
+        let veth = link.attributes.iter().any(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos
+                .iter()
+                .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
+            _ => false,
+        });
+        Ok(crate::sync::TapLink {
+            ifindex: link.header.index,
+            veth,
+        })
     }
 
     /// The MAC of `name`.

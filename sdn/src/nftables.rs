@@ -5,7 +5,11 @@
 //! replies and destinations outside the VM networks (see `ebpf/`). The
 //! node routes the last out of its uplink, where they are masqueraded to
 //! the node's address; replies are un-NATed by the kernel and routed to the
-//! guest's /32 on its tap. The guards:
+//! guest's /32 on its tap. A TCP flow whose first packet this node sees is
+//! not a SYN is never masqueraded: it was opened elsewhere, typically a
+//! connection from outside to a VM that has just moved here live, whose
+//! replies must keep the VM's address (masqueraded, the peer would answer
+//! them with a reset). The guards:
 //! - forward: a packet that came in on a VM tap may leave only by the
 //!   uplink, so the node's own routing can never carry guest-to-guest
 //!   traffic around the programs' anti-spoofing and policy (should a tap
@@ -78,6 +82,12 @@ pub fn ruleset(rules: &NodeRules) -> Result<String, NftError> {
         format!("add table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
     s.push_str(
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    // The nat chain sees only a flow's first packet: a TCP flow picked up
+    // mid-stream (not a SYN) keeps its addresses.
+    let _ = writeln!(
+        s,
+        "    oifname \"{uplink}\" meta l4proto tcp tcp flags & (syn | ack) != syn return"
     );
     for net in &rules.networks {
         let _ = writeln!(
@@ -153,6 +163,10 @@ mod tests {
         assert!(s.contains(
             "oifname \"eth0\" ip saddr 10.77.0.0/16 ip daddr != 10.77.0.0/16 masquerade"
         ));
+        let picked_up = s
+            .find("tcp flags & (syn | ack) != syn return")
+            .expect("mid-stream TCP flows are not masqueraded");
+        assert!(picked_up < s.find("masquerade").expect("masquerade"));
         assert!(s.contains("iifname \"vmtap*\" oifname != \"eth0\" drop"));
         assert!(s.contains("iifname \"vmtap*\" drop"));
     }

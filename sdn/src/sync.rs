@@ -109,6 +109,29 @@ pub enum SyncError {
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// A local tap (or the veth that plays one), as the maps need it: what
+/// [`compile`]'s `tap` resolver answers for a name
+/// ([`crate::Netlink::tap_link`] for the real one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapLink {
+    /// Its ifindex.
+    pub ifindex: u32,
+    /// It is one end of a veth pair: the programs hand packets arriving on
+    /// a TC ingress straight to the other end (`bpf_redirect_peer`),
+    /// sparing a queue; a real tap gets them through its transmit.
+    pub veth: bool,
+}
+
+impl From<u32> for TapLink {
+    /// A tap that is no veth.
+    fn from(ifindex: u32) -> TapLink {
+        TapLink {
+            ifindex,
+            veth: false,
+        }
+    }
+}
+
 /// This node, as the datapath needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -116,6 +139,59 @@ pub struct NodeConfig {
     pub addr: Ipv4Addr,
     /// The node's VXLAN device, 0 if none.
     pub vxlan_ifindex: u32,
+    /// How packets for endpoints on other nodes leave this one.
+    pub routing: Routing,
+}
+
+/// How a node sends packets for endpoints on other nodes. Every node
+/// receives both ways whatever its own setting (the uplink's program takes
+/// unencapsulated packets, the VXLAN device encapsulated ones), so nodes
+/// can change one at a time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Routing {
+    /// Encapsulated in VXLAN (the network's VNI) to the owner node: works
+    /// over any underlay that carries UDP between the nodes.
+    #[default]
+    Overlay,
+    /// As they are, with the owner node's underlay address as the next hop
+    /// (looked up in the node's FIB): no encapsulation. Needs an underlay
+    /// that delivers a frame to that next hop whatever its IP destination:
+    /// nodes on one L2 segment, or routers that route VM addresses to the
+    /// nodes holding them.
+    Native,
+}
+
+impl Routing {
+    /// The name the agent's flag takes (`overlay`, `native`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::Overlay => "overlay",
+            Routing::Native => "native",
+        }
+    }
+}
+
+impl std::fmt::Display for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A routing mode's name was neither `overlay` nor `native`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("routing mode {0:?}: expected overlay or native")]
+pub struct RoutingParseError(pub String);
+
+impl std::str::FromStr for Routing {
+    type Err = RoutingParseError;
+
+    fn from_str(s: &str) -> Result<Routing, RoutingParseError> {
+        match s {
+            "overlay" => Ok(Routing::Overlay),
+            "native" => Ok(Routing::Native),
+            other => Err(RoutingParseError(other.to_owned())),
+        }
+    }
 }
 
 /// The map contents for a desired state, and what could not be placed.
@@ -129,7 +205,7 @@ pub struct Compiled {
     pub unready: Vec<Ipv4Addr>,
 }
 
-/// Compiles the desired state into map contents. `ifindex` resolves a local
+/// Compiles the desired state into map contents. `tap` resolves a local
 /// tap's name; `standby` lists taps (name, endpoint IP) waiting for a guest.
 pub fn compile(
     node: &NodeConfig,
@@ -137,14 +213,17 @@ pub fn compile(
     networks: &[Network],
     policies: &[Policy],
     standby: &[(String, Ipv4Addr)],
-    ifindex: &dyn Fn(&str) -> Option<u32>,
+    tap: &dyn Fn(&str) -> Option<TapLink>,
 ) -> Result<Compiled, SyncError> {
     model::validate(endpoints, networks, policies)?;
     let mut unready = Vec::new();
     let mut state = MapState {
         config: Config {
             gateway_mac: abi::GATEWAY_MAC,
-            pad: 0,
+            flags: match node.routing {
+                Routing::Overlay => 0,
+                Routing::Native => abi::CFG_NATIVE,
+            },
             node_ip: ip_key(node.addr),
             vxlan_ifindex: node.vxlan_ifindex,
         },
@@ -167,12 +246,16 @@ pub fn compile(
             flags: 0,
         };
         if local {
-            let Some(index) = ifindex(&ep.tap) else {
+            let Some(link) = tap(&ep.tap) else {
                 unready.push(ep.ip);
                 continue;
             };
+            let index = link.ifindex;
             value.ifindex = index;
             value.flags |= EP_LOCAL;
+            if link.veth {
+                value.flags |= abi::EP_PEER;
+            }
             state.ifaces.insert(
                 index,
                 IfaceValue {
@@ -183,10 +266,10 @@ pub fn compile(
         }
         state.endpoints.insert(ip_key(ep.ip), value);
     }
-    for (tap, ip) in standby {
+    for (tap_name, ip) in standby {
         // A standby tap's endpoint is owned elsewhere until activation;
         // its frames are only reported, never forwarded.
-        if let Some(index) = ifindex(tap) {
+        if let Some(index) = tap(tap_name).map(|l| l.ifindex) {
             state.ifaces.insert(
                 index,
                 IfaceValue {
@@ -456,12 +539,12 @@ impl<S: MapStore> Datapath<S> {
         networks: &[Network],
         policies: &[Policy],
         standby: &[(String, Ipv4Addr)],
-        ifindex: &dyn Fn(&str) -> Option<u32>,
+        tap: &dyn Fn(&str) -> Option<TapLink>,
     ) -> Result<ApplyReport, SyncError> {
         let Compiled {
             state: desired,
             unready,
-        } = compile(&self.node, endpoints, networks, policies, standby, ifindex)?;
+        } = compile(&self.node, endpoints, networks, policies, standby, tap)?;
         let resynced = self.known.is_none();
         let known = match self.known.take() {
             Some(known) => known,
@@ -542,6 +625,7 @@ mod tests {
         NodeConfig {
             addr: NODE,
             vxlan_ifindex: 9,
+            routing: Routing::Overlay,
         }
     }
 
@@ -564,11 +648,11 @@ mod tests {
         }
     }
 
-    fn taps(name: &str) -> Option<u32> {
+    fn taps(name: &str) -> Option<TapLink> {
         name.strip_prefix("tap")?
             .parse::<u32>()
             .ok()
-            .map(|n| n + 100)
+            .map(|n| TapLink::from(n + 100))
     }
 
     fn allow(peer: Peer, protocol: Protocol, ports: (u16, u16)) -> Rule {
@@ -609,6 +693,48 @@ mod tests {
             state.networks[&(16, ip_key(Ipv4Addr::new(10, 50, 0, 0)))],
             100
         );
+    }
+
+    #[test]
+    fn a_veth_tap_is_marked_for_peer_delivery() {
+        let veths = |name: &str| {
+            taps(name).map(|l| TapLink {
+                veth: name == "tap1",
+                ..l
+            })
+        };
+        let state = compile(
+            &node(),
+            &[ep(1, NODE, 7), ep(3, NODE, 7), ep(2, OTHER, 8)],
+            &nets(),
+            &[],
+            &[],
+            &veths,
+        )
+        .unwrap()
+        .state;
+        let flags = |n| state.endpoints[&ip_key(Ipv4Addr::new(10, 50, 0, n))].flags;
+        assert_eq!(flags(1), EP_LOCAL | crate::abi::EP_PEER);
+        assert_eq!(flags(3), EP_LOCAL, "a real tap");
+        assert_eq!(flags(2), 0, "remote");
+    }
+
+    #[test]
+    fn routing_mode_is_a_config_flag() {
+        let flags = |routing| {
+            let node = NodeConfig { routing, ..node() };
+            compile(&node, &[ep(2, OTHER, 8)], &nets(), &[], &[], &taps)
+                .unwrap()
+                .state
+                .config
+                .flags
+        };
+        assert_eq!(flags(Routing::Overlay), 0);
+        assert_eq!(flags(Routing::Native), crate::abi::CFG_NATIVE);
+        for mode in [Routing::Overlay, Routing::Native] {
+            assert_eq!(mode.to_string().parse::<Routing>(), Ok(mode));
+        }
+        assert!("tunnel".parse::<Routing>().is_err());
     }
 
     #[test]

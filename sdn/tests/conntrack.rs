@@ -4,8 +4,10 @@
 //! state's timeout; a flow that keeps sending is never expired, with or
 //! without a policy over it; once a selected flow's entry has expired, a
 //! policy that refuses new flows refuses it too; a closed TCP flow goes
-//! after the short closing timeout. And a conntrack map pinned by the
-//! datapath before entries aged is carried over on load.
+//! after the short closing timeout. TCP flows go through SYN_SENT,
+//! ESTABLISHED, FIN_WAIT and CLOSE, each aging by its own timeout. And a
+//! conntrack map pinned by the datapath before entries aged is carried
+//! over on load.
 
 mod common;
 
@@ -14,7 +16,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use basalt_sdn::abi::{CT_CLOSING, CT_REPLY, CtKey, CtValue, DropReason, ip_key};
+use basalt_sdn::abi::{
+    CT_CLOSING, CT_REPLY, CT_TCP_CLOSE, CT_TCP_ESTABLISHED, CT_TCP_FIN_WAIT, CT_TCP_SYN_SENT,
+    CtKey, CtValue, DropReason, ip_key,
+};
 use basalt_sdn::conntrack::Timeouts;
 use basalt_sdn::loader::{self, Loader};
 use basalt_sdn::{Action, Peer, Policy, Protocol, Rule};
@@ -269,4 +274,98 @@ fn a_map_of_the_older_layout_is_carried_over() {
     assert_eq!((k.sport, k.dport), (40000, 7000));
     assert_eq!(v.flags, CT_REPLY);
     assert!(v.last_seen_ns >= before, "{v:?}");
+}
+
+/// The TCP state of the one entry between `client:port` and `server`.
+fn tcp_state(dp: &mut NodeDatapath, client: Ipv4Addr, port: u16, server: Ipv4Addr) -> Option<u8> {
+    let found = entries(dp, 6, client, port, server);
+    assert!(found.len() <= 1, "one entry per flow: {found:?}");
+    found.first().map(|(_, v)| v.tcp_state)
+}
+
+/// TCP flows go through the kernel's states, each with its timeout: an
+/// unanswered SYN is SYN_SENT (tcp-opening), a completed handshake
+/// ESTABLISHED, a FIN makes FIN_WAIT (tcp-closing), a RST CLOSE
+/// (tcp-close, the shortest).
+#[test]
+fn tcp_flows_go_through_their_states() {
+    init_logs();
+    let prefix = Prefix::for_test().unwrap();
+    let mut fabric = Fabric::new(&prefix).unwrap();
+    let node = fabric.add_node("a").unwrap();
+    let (cip, sip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
+    let client = Vm::create(&prefix, &node, 1, cip);
+    let server = Vm::create(&prefix, &node, 2, sip);
+    let mut dp = NodeDatapath::start(&node, &[&client, &server], false);
+    let eps = [
+        client.endpoint(node.addr(), CLIENT),
+        server.endpoint(node.addr(), SERVER),
+    ];
+    server.start_echo(7000);
+    let srv = SocketAddr::from((sip, 7000));
+    dp.apply(&eps, &[]);
+    let timeouts: Timeouts = "tcp=60,tcp-opening=30,tcp-closing=20,tcp-close=1"
+        .parse()
+        .unwrap();
+
+    // Established by the handshake; FIN_WAIT after a FIN.
+    let mut conn = client.tcp_connect(srv).unwrap();
+    let port = conn.local_addr().unwrap().port();
+    echo_on(&mut conn, 1_000).unwrap();
+    assert_eq!(tcp_state(&mut dp, cip, port, sip), Some(CT_TCP_ESTABLISHED));
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tcp_state(&mut dp, cip, port, sip), Some(CT_TCP_FIN_WAIT));
+    drop(conn);
+
+    // A RST: CLOSE, and gone after the 1 s close timeout while a FIN_WAIT
+    // flow (20 s) stays.
+    let mut conn = client.tcp_connect(srv).unwrap();
+    let reset_port = conn.local_addr().unwrap().port();
+    echo_on(&mut conn, 1_000).unwrap();
+    // SO_LINGER with a zero timeout: close sends a RST.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&conn),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tcp_state(&mut dp, cip, reset_port, sip), Some(CT_TCP_CLOSE));
+    std::thread::sleep(Duration::from_millis(1_600));
+    dp.loader().expire_conntrack(&timeouts).unwrap();
+    assert_eq!(
+        tcp_state(&mut dp, cip, reset_port, sip),
+        None,
+        "CLOSE expired"
+    );
+    assert_eq!(
+        tcp_state(&mut dp, cip, port, sip),
+        Some(CT_TCP_FIN_WAIT),
+        "FIN_WAIT has a longer timeout"
+    );
+
+    // An unanswered SYN: SYN_SENT (the server's link is down).
+    server.ip(&["link", "set", "eth0", "down"]);
+    let attempt = client.run_in(|| {
+        let socket = std::net::TcpStream::connect_timeout(&srv, Duration::from_millis(1_500));
+        socket.err()
+    });
+    assert!(attempt.is_some(), "no answer with the link down");
+    let syn = entries(&mut dp, 6, cip, 0, sip)
+        .into_iter()
+        .filter(|(_, v)| v.tcp_state == CT_TCP_SYN_SENT)
+        .count();
+    assert_eq!(syn, 1, "the unanswered SYN's flow is SYN_SENT");
+    server.ip(&["link", "set", "eth0", "up"]);
 }

@@ -116,7 +116,7 @@ fn loader_restart_keeps_established_flows() {
     let flows = dp.loader().conntrack_len();
     assert!(flows >= 1, "the opening SYN recorded the flow");
 
-    dp.restart(&[&vm1, &vm2], false);
+    dp.restart(&[&vm1, &vm2]);
     // The maps were kept: the resync finds nothing to change, and the
     // connection-tracking entries are still there.
     let report = dp.apply(&eps, &[]);

@@ -1,7 +1,12 @@
-//! Cross-node traffic over the VXLAN overlay (root, CI): two nodes on a
-//! fabric, a VM on each; the source node's program sets the tunnel key and
-//! redirects to its collect-metadata VXLAN device, the target node's
-//! overlay program checks ownership and policy and delivers.
+//! Cross-node traffic (root, CI), each test in both routing modes: two
+//! nodes on a fabric, a VM on each. Over the overlay, the source node's
+//! program sets the tunnel key and redirects to its collect-metadata VXLAN
+//! device, and the target node's overlay program (or the uplink's fast
+//! path) checks ownership and policy and delivers. With native routing
+//! the source node sends the packet as it is to the owner node's underlay
+//! address, and the target's uplink program checks the sending node,
+//! applies policy with the source's identity from the endpoints map and
+//! delivers.
 
 mod common;
 
@@ -9,23 +14,63 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use basalt_sdn::abi::{DropReason, EVENT_ACTIVATION};
-use basalt_sdn::{Policy, loader};
-use basalt_testkit::{Fabric, Prefix};
+use basalt_sdn::{Action, Peer, Policy, Protocol, Routing, Rule, loader};
+use basalt_testkit::{Fabric, Node, Prefix};
 use common::{NodeDatapath, Vm, echo_on, init_logs};
 
 #[test]
-fn tcp_and_udp_between_nodes() {
+fn tcp_and_udp_between_nodes_over_the_overlay() {
+    tcp_and_udp_between_nodes(Routing::Overlay);
+}
+
+#[test]
+fn tcp_and_udp_between_nodes_with_native_routing() {
+    tcp_and_udp_between_nodes(Routing::Native);
+}
+
+#[test]
+fn endpoint_moves_on_activation_and_flows_continue_over_the_overlay() {
+    endpoint_moves_on_activation_and_flows_continue(Routing::Overlay);
+}
+
+#[test]
+fn endpoint_moves_on_activation_and_flows_continue_with_native_routing() {
+    endpoint_moves_on_activation_and_flows_continue(Routing::Native);
+}
+
+/// Node `from` resolves `to`'s underlay address (a datagram makes it ask).
+fn resolve(from: &Node, to: &Node) {
+    let addr = to.addr();
+    for _ in 0..20 {
+        from.run_in(move || {
+            let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            let _ = socket.send_to(b"resolve", (addr, 9));
+        })
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let neigh = from
+            .ip(&["neigh", "show", &addr.to_string(), "dev", "eth0"])
+            .unwrap();
+        if neigh.contains("lladdr") {
+            return;
+        }
+    }
+    panic!("{} did not resolve {}", from.name(), to.name());
+}
+
+fn tcp_and_udp_between_nodes(routing: Routing) {
     init_logs();
     let prefix = Prefix::for_test().unwrap();
     let mut fabric = Fabric::new(&prefix).unwrap();
     let a = fabric.add_node("a").unwrap();
     let b = fabric.add_node("b").unwrap();
+    let c = fabric.add_node("c").unwrap();
     let ip1 = Ipv4Addr::new(10, 77, 1, 1);
     let ip2 = Ipv4Addr::new(10, 77, 2, 1);
     let vm1 = Vm::create(&prefix, &a, 1, ip1);
     let vm2 = Vm::create(&prefix, &b, 2, ip2);
-    let mut dp_a = NodeDatapath::start(&a, &[&vm1], true);
-    let mut dp_b = NodeDatapath::start(&b, &[&vm2], true);
+    let mut dp_a = NodeDatapath::start_routed(&a, &[&vm1], Some(routing));
+    let mut dp_b = NodeDatapath::start_routed(&b, &[&vm2], Some(routing));
     let eps = [vm1.endpoint(a.addr(), 1), vm2.endpoint(b.addr(), 2)];
     dp_a.apply(&eps, &[]);
     dp_b.apply(&eps, &[]);
@@ -33,21 +78,6 @@ fn tcp_and_udp_between_nodes() {
     vm1.start_echo(7000);
     let to_vm2 = SocketAddr::from((ip2, 7000));
 
-    vm1.tcp_echo(to_vm2, 500_000)
-        .expect("tcp across the overlay");
-    vm2.tcp_echo(SocketAddr::from((ip1, 7000)), 10_000)
-        .expect("and back");
-    assert_eq!(
-        vm1.udp_echo(ip1, to_vm2, b"over vxlan").as_deref(),
-        Some(&b"over vxlan"[..])
-    );
-    assert!(
-        dp_b.loader().conntrack_len() >= 2,
-        "node b's overlay program tracked the flows"
-    );
-
-    // The fast path: single packets without TCP data are decapsulated on
-    // the uplink and never reach the VXLAN device; TCP data does.
     let stats = loader::enable_stats().expect("BPF_ENABLE_STATS");
     let runs = |dp: &mut NodeDatapath, program: &str| -> u64 {
         let stats = dp.loader().program_stats().unwrap();
@@ -57,23 +87,72 @@ fn tcp_and_udp_between_nodes() {
         runs(&mut dp_b, "from_overlay"),
         runs(&mut dp_b, "from_uplink"),
     );
-    for _ in 0..3 {
-        assert!(vm1.udp_echo(ip1, to_vm2, b"fast").is_some());
-    }
-    assert!(runs(&mut dp_b, "from_uplink") >= uplink + 3);
+    vm1.tcp_echo(to_vm2, 500_000).expect("tcp between nodes");
+    vm2.tcp_echo(SocketAddr::from((ip1, 7000)), 10_000)
+        .expect("and back");
     assert_eq!(
-        runs(&mut dp_b, "from_overlay"),
-        overlay,
-        "UDP took the uplink's fast path"
+        vm1.udp_echo(ip1, to_vm2, b"between nodes").as_deref(),
+        Some(&b"between nodes"[..])
     );
-    vm1.tcp_echo(to_vm2, 100_000).expect("tcp data");
     assert!(
-        runs(&mut dp_b, "from_overlay") > overlay,
-        "TCP data went through the VXLAN device"
+        dp_b.loader().conntrack_len() >= 2,
+        "node b's programs tracked the flows"
     );
+    match routing {
+        Routing::Overlay => {
+            // The fast path: single packets without TCP data are
+            // decapsulated on the uplink and never reach the VXLAN device;
+            // TCP data does.
+            let (overlay, uplink) = (
+                runs(&mut dp_b, "from_overlay"),
+                runs(&mut dp_b, "from_uplink"),
+            );
+            for _ in 0..3 {
+                assert!(vm1.udp_echo(ip1, to_vm2, b"fast").is_some());
+            }
+            assert!(runs(&mut dp_b, "from_uplink") >= uplink + 3);
+            assert_eq!(
+                runs(&mut dp_b, "from_overlay"),
+                overlay,
+                "UDP took the uplink's fast path"
+            );
+            vm1.tcp_echo(to_vm2, 100_000).expect("tcp data");
+            assert!(
+                runs(&mut dp_b, "from_overlay") > overlay,
+                "TCP data went through the VXLAN device"
+            );
+        }
+        Routing::Native => {
+            assert_eq!(
+                runs(&mut dp_b, "from_overlay"),
+                overlay,
+                "nothing was encapsulated"
+            );
+            assert!(runs(&mut dp_b, "from_uplink") > uplink);
+        }
+    }
     drop(stats);
 
-    // Ingress policy applies on the receiving node.
+    // Ingress policy applies on the receiving node, by the sender's
+    // identity: allowing identity 1 lets VM1 in, allowing only identity
+    // 3 does not, and an empty ingress locks it down.
+    let allow_from = |identity| Policy {
+        name: "from".into(),
+        selector: BTreeSet::from([2]),
+        ingress: Some(vec![Rule {
+            action: Action::Allow,
+            peer: Peer::Identity(identity),
+            protocol: Protocol::Tcp,
+            ports: (7000, 7000),
+        }]),
+        egress: None,
+    };
+    dp_b.apply(&eps, &[allow_from(1)]);
+    assert!(vm1.reaches(to_vm2), "allowed by identity");
+    let before = dp_b.drops(DropReason::Policy);
+    dp_b.apply(&eps, &[allow_from(3)]);
+    assert!(!vm1.reaches(to_vm2), "another identity's allow");
+    assert!(dp_b.drops(DropReason::Policy) > before);
     let before = dp_b.drops(DropReason::Policy);
     let lockdown = Policy {
         name: "lockdown".into(),
@@ -88,19 +167,16 @@ fn tcp_and_udp_between_nodes() {
     assert!(vm1.reaches(to_vm2));
 
     // Packets from a node that does not own their source are refused:
-    // node b now believes VM1 lives on a third node.
+    // node b now believes VM1 lives on node c (which b has resolved, so
+    // native routing can tell c's frames from a's).
+    resolve(&b, &c);
     let before = dp_b.drops(DropReason::NotOwner);
-    let elsewhere = Ipv4Addr::new(192, 0, 2, 99);
-    dp_b.apply(
-        &[vm1.endpoint(elsewhere, 1), vm2.endpoint(b.addr(), 2)],
-        &[],
-    );
+    dp_b.apply(&[vm1.endpoint(c.addr(), 1), vm2.endpoint(b.addr(), 2)], &[]);
     assert!(!vm1.reaches(to_vm2));
     assert!(dp_b.drops(DropReason::NotOwner) > before);
 }
 
-#[test]
-fn endpoint_moves_on_activation_and_flows_continue() {
+fn endpoint_moves_on_activation_and_flows_continue(routing: Routing) {
     init_logs();
     let prefix = Prefix::for_test().unwrap();
     let mut fabric = Fabric::new(&prefix).unwrap();
@@ -110,8 +186,8 @@ fn endpoint_moves_on_activation_and_flows_continue() {
     let mover_ip = Ipv4Addr::new(10, 77, 3, 2);
     let peer = Vm::create(&prefix, &b, 3, peer_ip);
     let mover = Vm::create(&prefix, &b, 2, mover_ip);
-    let mut dp_a = NodeDatapath::start(&a, &[], true);
-    let mut dp_b = NodeDatapath::start(&b, &[&peer, &mover], true);
+    let mut dp_a = NodeDatapath::start_routed(&a, &[], Some(routing));
+    let mut dp_b = NodeDatapath::start_routed(&b, &[&peer, &mover], Some(routing));
     let before = [peer.endpoint(b.addr(), 3), mover.endpoint(b.addr(), 2)];
     // Stateful policy: the mover may start nothing; its replies pass only
     // because connection tracking knows the flows.
@@ -189,7 +265,7 @@ fn endpoint_moves_on_activation_and_flows_continue() {
     dp_a.apply(&after, &closed);
     dp_b.apply(&after, &closed);
 
-    // The same connection continues, now across the overlay; with the
+    // The same connection continues, now between the nodes; with the
     // mover's egress closed, only tracked flows pass on the new node.
     echo_on(&mut conn, 10_000).expect("the connection survives the move");
     assert!(

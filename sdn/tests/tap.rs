@@ -59,6 +59,7 @@ fn gateway_arp_is_answered_through_a_real_tap() {
                 NodeConfig {
                     addr: node2.addr(),
                     vxlan_ifindex: 0,
+                    routing: basalt_sdn::Routing::Overlay,
                 },
             );
             let ep = Endpoint {
@@ -69,7 +70,7 @@ fn gateway_arp_is_answered_through_a_real_tap() {
                 identity: 0,
                 tap: "vmtap9".into(),
             };
-            dp.apply(&[ep], &[network()], &[], &[], &|n| netlink.index(n).ok())
+            dp.apply(&[ep], &[network()], &[], &[], &|n| netlink.tap_link(n).ok())
                 .unwrap();
             (tap, dp)
         })

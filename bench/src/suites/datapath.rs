@@ -1,11 +1,13 @@
 //! `datapath`: traffic between two "VMs" on two nodes, through Basalt's
-//! eBPF datapath (TC programs, VXLAN overlay, policy maps) against plain
-//! kernel routing between the same nodes with the same number of nftables
-//! rules, at 0, 100, 1 000 and 10 000 rules.
+//! eBPF datapath (TC programs, policy maps) over the VXLAN overlay and with
+//! native routing (no encapsulation), against plain kernel routing between
+//! the same nodes with the same number of nftables rules, at 0, 100, 1 000
+//! and 10 000 rules. Basalt's two modes use the same VMs and maps: the
+//! nodes' routing setting is switched before each of their runs.
 //!
 //! Per case and system (`--runs N`, 3 by default: the median of N
-//! alternating runs, so a busy spell of the machine does not land on one
-//! side only): TCP throughput (iperf3, 5 s), small-packet rate
+//! runs, the systems' order rotating from run to run, so a busy spell of
+//! the machine does not land on one side only): TCP throughput (iperf3, 5 s), small-packet rate
 //! (iperf3 UDP, 64-byte datagrams, receiver's packets/s), request/response
 //! latency (1-byte ping-pong over one TCP connection, p50/p99), and for
 //! Basalt the programs' cost per packet from the kernel's BPF statistics
@@ -23,7 +25,8 @@
 //! receiving node's forward chain ahead of the accept.
 //!
 //! Goals (issue 5): Basalt ≥ 1.0× the plain path's throughput at 0 rules;
-//! Basalt at 10 000 rules within 10 % of its own 0-rule throughput.
+//! Basalt at 10 000 rules within 10 % of its own 0-rule throughput (each
+//! for both modes).
 //! `BASALT_DATAPATH_RULES=0,100` measures only those rule counts (the
 //! goals whose cases are missing are left out).
 
@@ -39,7 +42,7 @@ use anyhow::{Context as _, bail, ensure};
 use basalt_sdn::loader::{self, Loader};
 use basalt_sdn::{
     Action, Cidr, Datapath, Endpoint, Hook, Netlink, Network, NodeConfig, Peer, Policy, Protocol,
-    Rule,
+    Routing, Rule,
 };
 use basalt_testkit::{Fabric, Node, Prefix};
 
@@ -51,7 +54,30 @@ const RULE_COUNTS: [usize; 4] = [0, 100, 1_000, 10_000];
 const IPERF_SECS: &str = "5";
 const RR_ROUNDS: usize = 5_000;
 const BASALT: &str = "basalt (eBPF + VXLAN)";
+const BASALT_NATIVE: &str = "basalt (eBPF, native routing)";
 const PEER: &str = "kernel routing + nftables";
+/// The systems measured, in the order of the first run.
+const SYSTEMS: [System; 3] = [
+    System::Basalt(Routing::Overlay),
+    System::Basalt(Routing::Native),
+    System::Peer,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    Basalt(Routing),
+    Peer,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Basalt(Routing::Overlay) => BASALT,
+            System::Basalt(Routing::Native) => BASALT_NATIVE,
+            System::Peer => PEER,
+        }
+    }
+}
 const VM_IDENTITY: [u32; 2] = [101, 102];
 
 /// One "VM": a namespace whose `eth0` is the peer of `tap` in a node.
@@ -162,10 +188,23 @@ pub(super) struct NodeDp {
     pub(super) node: Node,
     pub(super) netlink: Netlink,
     pub(super) dp: Datapath<Loader>,
+    vxlan: u32,
 }
 
 impl NodeDp {
+    /// Loads the datapath in `node` with `vms`' taps, sending over the
+    /// overlay.
     pub(super) fn start(node: &Node, vms: &[&Vm]) -> anyhow::Result<NodeDp> {
+        NodeDp::start_routed(node, vms, Routing::Overlay)
+    }
+
+    /// Loads the datapath in `node` with `vms`' taps, reaching the other
+    /// nodes as `routing` says.
+    pub(super) fn start_routed(
+        node: &Node,
+        vms: &[&Vm],
+        routing: Routing,
+    ) -> anyhow::Result<NodeDp> {
         let node2 = node.clone();
         node.run_in(move || -> anyhow::Result<NodeDp> {
             let netlink = Netlink::new()?;
@@ -182,14 +221,26 @@ impl NodeDp {
                 NodeConfig {
                     addr: node2.addr(),
                     vxlan_ifindex: vx,
+                    routing,
                 },
             );
             Ok(NodeDp {
                 node: node2,
                 netlink,
                 dp,
+                vxlan: vx,
             })
         })?
+    }
+
+    /// Switches how the node reaches the others (takes effect with the
+    /// next apply).
+    pub(super) fn set_routing(&mut self, routing: Routing) {
+        self.dp.set_node(NodeConfig {
+            addr: self.node.addr(),
+            vxlan_ifindex: self.vxlan,
+            routing,
+        });
     }
 
     pub(super) fn apply(&mut self, eps: &[Endpoint], policies: &[Policy]) -> anyhow::Result<()> {
@@ -208,8 +259,9 @@ impl NodeDp {
             cidr: "10.77.0.0/16".parse().expect("constant cidr"),
         };
         let netlink = &self.netlink;
-        self.dp
-            .apply(eps, &[net], policies, standby, &|n| netlink.index(n).ok())?;
+        self.dp.apply(eps, &[net], policies, standby, &|n| {
+            netlink.tap_link(n).ok()
+        })?;
         Ok(())
     }
 
@@ -416,23 +468,20 @@ fn bpf_ns_per_packet(
     Ok((ns, cnt, per))
 }
 
-/// The median of `runs` alternating measurements of Basalt and the peer.
+/// The median of `runs` measurements of each of [`SYSTEMS`], the order
+/// rotating from run to run.
 fn alternate(
     runs: usize,
-    mut basalt: impl FnMut() -> anyhow::Result<f64>,
-    mut peer: impl FnMut() -> anyhow::Result<f64>,
-) -> anyhow::Result<(f64, f64)> {
-    let (mut b, mut p) = (Vec::new(), Vec::new());
+    mut measure: impl FnMut(System) -> anyhow::Result<f64>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut all = vec![Vec::new(); SYSTEMS.len()];
     for i in 0..runs {
-        if i % 2 == 0 {
-            b.push(basalt()?);
-            p.push(peer()?);
-        } else {
-            p.push(peer()?);
-            b.push(basalt()?);
+        for k in 0..SYSTEMS.len() {
+            let at = (i + k) % SYSTEMS.len();
+            all[at].push(measure(SYSTEMS[at])?);
         }
     }
-    Ok((median(&mut b), median(&mut p)))
+    Ok(all.iter_mut().map(|v| median(v)).collect())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -519,6 +568,37 @@ fn program_cost(nodes: &[&NodeDp], client: &Vm, server: &Vm) -> anyhow::Result<f
     Ok(per_packet)
 }
 
+/// Basalt's two nodes with the endpoints and the policies of the case.
+struct Basalt<'a> {
+    nodes: [&'a mut NodeDp; 2],
+    eps: &'a [Endpoint],
+    policies: Vec<Policy>,
+    routing: Option<Routing>,
+}
+
+impl Basalt<'_> {
+    /// Applies the case's policies with both nodes in `routing` mode.
+    fn set(&mut self, routing: Routing) -> anyhow::Result<()> {
+        if self.routing == Some(routing) {
+            return Ok(());
+        }
+        for node in self.nodes.iter_mut() {
+            node.set_routing(routing);
+            node.apply(self.eps, &self.policies)?;
+        }
+        self.routing = Some(routing);
+        Ok(())
+    }
+
+    fn set_policies(&mut self, policies: Vec<Policy>) -> anyhow::Result<()> {
+        self.policies = policies;
+        for node in self.nodes.iter_mut() {
+            node.apply(self.eps, &self.policies)?;
+        }
+        Ok(())
+    }
+}
+
 fn measure(
     runs: usize,
     dp_a: &mut NodeDp,
@@ -532,51 +612,89 @@ fn measure(
     let _s1 = iperf_server(basalt[1])?;
     let _s2 = iperf_server(peer[1])?;
     let mut tcp = std::collections::BTreeMap::new();
+    let mut sys = Basalt {
+        nodes: [dp_a, dp_b],
+        eps,
+        policies: Vec::new(),
+        routing: None,
+    };
     for rules in rule_counts()? {
         let case = format!("{rules} rules");
-        dp_a.apply(eps, &basalt_policy(rules))?;
-        dp_b.apply(eps, &basalt_policy(rules))?;
+        sys.set_policies(basalt_policy(rules))?;
         nft_apply(b, &nft_ruleset(rules))?;
 
-        let (basalt_gbps, peer_gbps) = alternate(
-            runs,
-            || tcp_gbps(basalt[0], basalt[1].ip),
-            || tcp_gbps(peer[0], peer[1].ip),
-        )?;
-        let (basalt_kpps, peer_kpps) = alternate(
-            runs,
-            || udp_kpps(basalt[0], basalt[1].ip),
-            || udp_kpps(peer[0], peer[1].ip),
-        )?;
-        let basalt_rr = request_response(basalt[0], basalt[1])?;
-        let peer_rr = request_response(peer[0], peer[1])?;
-        let per_packet = program_cost(&[dp_a, dp_b], basalt[0], basalt[1])?;
-
-        report.row(&case, BASALT, "tcp throughput", "Gbit/s", basalt_gbps);
-        report.row(&case, PEER, "tcp throughput", "Gbit/s", peer_gbps);
-        report.row(&case, BASALT, "udp 64B rate", "kpps", basalt_kpps);
-        report.row(&case, PEER, "udp 64B rate", "kpps", peer_kpps);
-        for (system, rr) in [(BASALT, &basalt_rr), (PEER, &peer_rr)] {
-            report.row(&case, system, "rr latency p50", "ms", rr.quantile_ms(0.5));
-            report.row(&case, system, "rr latency p99", "ms", rr.quantile_ms(0.99));
+        let mut vms = |system: System| -> anyhow::Result<[&Vm; 2]> {
+            match system {
+                System::Basalt(routing) => {
+                    sys.set(routing)?;
+                    Ok(basalt)
+                }
+                System::Peer => Ok(peer),
+            }
+        };
+        let gbps = alternate(runs, |system| {
+            let [c, s] = vms(system)?;
+            tcp_gbps(c, s.ip)
+        })?;
+        let kpps = alternate(runs, |system| {
+            let [c, s] = vms(system)?;
+            udp_kpps(c, s.ip)
+        })?;
+        let mut rr = Vec::new();
+        for system in SYSTEMS {
+            let [c, s] = vms(system)?;
+            rr.push(request_response(c, s)?);
         }
-        report.row(&case, BASALT, "program cost per packet", "ns", per_packet);
-        tcp.insert(rules, (basalt_gbps, peer_gbps));
+        let mut cost = Vec::new();
+        for system in SYSTEMS {
+            if let System::Basalt(routing) = system {
+                sys.set(routing)?;
+                let nodes = [&*sys.nodes[0], &*sys.nodes[1]];
+                cost.push((system, program_cost(&nodes, basalt[0], basalt[1])?));
+            }
+        }
+
+        for (k, system) in SYSTEMS.iter().enumerate() {
+            let name = system.name();
+            report.row(&case, name, "tcp throughput", "Gbit/s", gbps[k]);
+            report.row(&case, name, "udp 64B rate", "kpps", kpps[k]);
+            report.row(&case, name, "rr latency p50", "ms", rr[k].quantile_ms(0.5));
+            report.row(&case, name, "rr latency p99", "ms", rr[k].quantile_ms(0.99));
+        }
+        for (system, per_packet) in cost {
+            report.row(
+                &case,
+                system.name(),
+                "program cost per packet",
+                "ns",
+                per_packet,
+            );
+        }
+        tcp.insert(rules, gbps);
     }
-    if let Some(&(b0, p0)) = tcp.get(&0) {
-        report.goal(Goal::new(
-            "tcp throughput at 0 rules vs plain (Gbit/s)",
-            p0,
-            b0,
-            Better::Higher,
-        ));
-        if let Some(&(b10k, _)) = tcp.get(&10_000) {
+    let peer_at = SYSTEMS.len() - 1;
+    if let Some(at0) = tcp.get(&0) {
+        for (k, system) in SYSTEMS.iter().enumerate().take(peer_at) {
             report.goal(Goal::new(
-                "tcp throughput at 10000 rules vs own 0-rule (Gbit/s)",
-                b0 * 0.9,
-                b10k,
+                format!(
+                    "{} tcp throughput at 0 rules vs plain (Gbit/s)",
+                    system.name()
+                ),
+                at0[peer_at],
+                at0[k],
                 Better::Higher,
             ));
+            if let Some(at10k) = tcp.get(&10_000) {
+                report.goal(Goal::new(
+                    format!(
+                        "{} tcp throughput at 10000 rules vs own 0-rule (Gbit/s)",
+                        system.name()
+                    ),
+                    at0[k] * 0.9,
+                    at10k[k],
+                    Better::Higher,
+                ));
+            }
         }
     }
     Ok(report)

@@ -6,7 +6,8 @@
 //! A pass, in order (each step idempotent, failures logged and retried on
 //! the next pass):
 //! 1. load the programs (reusing the node's pinned maps and links), bring
-//!    up the VXLAN device and attach `from_overlay` to it;
+//!    up the VXLAN device and attach `from_overlay` to it, and
+//!    `from_uplink` to the uplink (required with native routing);
 //! 2. for every local and standby NIC: create the tap if missing, give it
 //!    the gateway's MAC and address (and, once local, the route to the
 //!    guest's /32), attach `from_vm`;
@@ -37,7 +38,7 @@ use basalt_sdn::loader::Loader;
 use basalt_sdn::netlink::Netlink;
 use basalt_sdn::nftables::{self, NodeRules};
 use basalt_sdn::tap::{Tap, TapError};
-use basalt_sdn::{Datapath, Hook, NodeConfig};
+use basalt_sdn::{Datapath, Hook, NodeConfig, Routing};
 
 use super::plan::{self, LocalNic, NetPlan};
 use super::{Activation, NetworkConfig, Shared};
@@ -229,11 +230,21 @@ impl Host {
             loader
                 .attach(&self.config.vxlan, Hook::Overlay)
                 .map_err(|e| error_chain(&e))?;
-            // The overlay's fast path; without it the VXLAN device still
-            // delivers everything.
+            // The overlay's fast path, and native routing's receive side:
+            // over the overlay, the VXLAN device still delivers everything
+            // without it; a node that sends natively needs it (its peers
+            // send natively too, and only this program applies policy to
+            // what they send).
             if let Err(err) = loader.attach(&self.config.uplink, Hook::Uplink) {
+                if self.config.routing == Routing::Native {
+                    return Err(format!(
+                        "native routing needs the uplink's program on {}: {}",
+                        self.config.uplink,
+                        error_chain(&err)
+                    ));
+                }
                 tracing::warn!(uplink = %self.config.uplink, error = %error_chain(&err),
-                    "no overlay fast path on the uplink");
+                    "no overlay fast path on the uplink, and unencapsulated packets from native-routing nodes go to VMs without ingress policy");
             }
             self.vxlan_ifindex = vxlan;
             self.datapath = Some(Datapath::new(
@@ -241,6 +252,7 @@ impl Host {
                 NodeConfig {
                     addr: node_addr,
                     vxlan_ifindex: vxlan,
+                    routing: self.config.routing,
                 },
             ));
             // Whatever was attached before this loader is re-checked.
@@ -251,6 +263,7 @@ impl Host {
             dp.set_node(NodeConfig {
                 addr: node_addr,
                 vxlan_ifindex: self.vxlan_ifindex,
+                routing: self.config.routing,
             });
         }
         Ok(())
@@ -319,7 +332,7 @@ impl Host {
                 &plan.networks,
                 &plan.policies,
                 &standby,
-                &|name| netlink.index(name).ok(),
+                &|name| netlink.tap_link(name).ok(),
             )
             .map_err(|e| error_chain(&e))?;
         if report.writes > 0 {

@@ -78,12 +78,16 @@ pub struct NetworkConfig {
     pub conntrack: basalt_sdn::conntrack::Timeouts,
     /// How often connection tracking is swept for expired entries.
     pub conntrack_sweep: Duration,
+    /// How this node sends packets for VMs on other nodes: over the VXLAN
+    /// overlay, or natively (unencapsulated, to the owner node's underlay
+    /// address). Every node receives both.
+    pub routing: basalt_sdn::Routing,
 }
 
 impl NetworkConfig {
     /// Defaults for node `node`: uplink `eth0`, VXLAN device `basalt-vx`,
     /// no DNS, resync every 10 s, the kernel's connection-tracking
-    /// timeouts, swept every 10 s.
+    /// timeouts, swept every 10 s, routing over the overlay.
     pub fn new(node: impl Into<String>) -> NetworkConfig {
         NetworkConfig {
             node: node.into(),
@@ -93,6 +97,7 @@ impl NetworkConfig {
             resync: Duration::from_secs(10),
             conntrack: basalt_sdn::conntrack::Timeouts::default(),
             conntrack_sweep: Duration::from_secs(10),
+            routing: basalt_sdn::Routing::Overlay,
         }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use basalt_sdn::abi::DropReason;
 use basalt_sdn::loader::{self, Loader};
 use basalt_sdn::sync::ApplyReport;
-use basalt_sdn::{Datapath, Endpoint, Hook, Netlink, Network, NodeConfig, Policy};
+use basalt_sdn::{Datapath, Endpoint, Hook, Netlink, Network, NodeConfig, Policy, Routing};
 use basalt_testkit::{Node, Prefix};
 use nix::sched::CloneFlags;
 
@@ -274,6 +274,9 @@ pub struct NodeDatapath {
     pub node: Node,
     pub dp: Option<Datapath<Loader>>,
     pub netlink: Netlink,
+    /// How it reaches other nodes; `None`: it does not (no VXLAN device,
+    /// nothing on the uplink).
+    pub routing: Option<Routing>,
 }
 
 impl std::fmt::Debug for NodeDatapath {
@@ -286,8 +289,15 @@ impl std::fmt::Debug for NodeDatapath {
 
 impl NodeDatapath {
     /// Loads the datapath in `node`, wires and attaches `vms`' taps (and
-    /// the VXLAN device if `overlay`).
+    /// the VXLAN device and the uplink if `overlay`, sending over the
+    /// overlay).
     pub fn start(node: &Node, vms: &[&Vm], overlay: bool) -> NodeDatapath {
+        NodeDatapath::start_routed(node, vms, overlay.then_some(Routing::Overlay))
+    }
+
+    /// [`NodeDatapath::start`] for a node that reaches the others as
+    /// `routing` says (`None`: a node alone).
+    pub fn start_routed(node: &Node, vms: &[&Vm], routing: Option<Routing>) -> NodeDatapath {
         let node = node.clone();
         let vms: Vec<Vm> = vms.iter().map(|v| (*v).clone()).collect();
         node.clone()
@@ -296,7 +306,7 @@ impl NodeDatapath {
                 for vm in &vms {
                     netlink.wire_tap(&vm.tap, vm.ip).expect("wire tap");
                 }
-                let vxlan_ifindex = if overlay {
+                let vxlan_ifindex = if routing.is_some() {
                     netlink.ensure_vxlan("basalt-vx", 1500).expect("vxlan")
                 } else {
                     0
@@ -305,6 +315,7 @@ impl NodeDatapath {
                     node: node.clone(),
                     dp: None,
                     netlink,
+                    routing,
                 };
                 this.load(&vms, vxlan_ifindex);
                 this
@@ -330,15 +341,16 @@ impl NodeDatapath {
             NodeConfig {
                 addr: self.node.addr(),
                 vxlan_ifindex,
+                routing: self.routing.unwrap_or_default(),
             },
         ));
     }
 
     /// Drops the loader (as a killed agent would) and loads anew.
-    pub fn restart(&mut self, vms: &[&Vm], overlay: bool) {
+    pub fn restart(&mut self, vms: &[&Vm]) {
         drop(self.dp.take());
         let vms: Vec<Vm> = vms.iter().map(|v| (*v).clone()).collect();
-        let vxlan = if overlay {
+        let vxlan = if self.routing.is_some() {
             self.netlink.index("basalt-vx").unwrap()
         } else {
             0
@@ -362,7 +374,7 @@ impl NodeDatapath {
             .as_mut()
             .unwrap()
             .apply(endpoints, &[network()], policies, standby, &|name| {
-                netlink.index(name).ok()
+                netlink.tap_link(name).ok()
             })
             .expect("apply")
     }

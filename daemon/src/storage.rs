@@ -116,11 +116,17 @@ enum VolumeCommand {
         /// The clone's name.
         name: String,
     },
-    /// Grow a volume.
+    /// Grow a volume: offline in a pool file, or online through a running
+    /// storage process (`--local-socket`), where a primary's peers grow
+    /// their copies before it returns.
     Resize {
-        /// The pool.
-        #[arg(long, env = "BASALT_POOL")]
-        pool: PathBuf,
+        /// The pool (offline: no process serves it).
+        #[arg(long, env = "BASALT_POOL", required_unless_present = "local_socket")]
+        pool: Option<PathBuf>,
+        /// The running process's storage-local socket (online; used
+        /// instead of the pool when given).
+        #[arg(long)]
+        local_socket: Option<PathBuf>,
         /// The volume.
         name: String,
         /// The new size.
@@ -134,6 +140,15 @@ enum VolumeCommand {
         pool: PathBuf,
         /// The volume.
         name: String,
+    },
+    /// Attach the pool's backing store again, in the running storage
+    /// process, after an I/O error detached it (once the device works):
+    /// primary volumes written meanwhile get those chunks back from a
+    /// peer first; secondaries are resynced by their primaries.
+    AttachDisk {
+        /// The running process's storage-local socket.
+        #[arg(long, env = "BASALT_STORAGE_SOCKET")]
+        local_socket: PathBuf,
     },
     /// Online verify of a volume that is a primary in the running storage
     /// process: compare every chunk with each connected peer while the
@@ -416,9 +431,17 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::Clone { pool, source, name } => {
             print_volume(&open(&pool)?.clone_volume(&source, &name)?);
         }
-        VolumeCommand::Resize { pool, name, size } => {
-            print_volume(&open(&pool)?.resize(&name, size)?);
-        }
+        VolumeCommand::AttachDisk { local_socket } => attach_disk(&local_socket)?,
+        VolumeCommand::Resize {
+            pool,
+            local_socket,
+            name,
+            size,
+        } => match (local_socket, pool) {
+            (Some(socket), _) => resize_online(&socket, &name, size)?,
+            (None, Some(pool)) => print_volume(&open(&pool)?.resize(&name, size)?),
+            (None, None) => anyhow::bail!("resize needs --pool or --local-socket"),
+        },
         VolumeCommand::Delete { pool, name } => {
             open(&pool)?.delete(&name)?;
             println!("deleted {name}");
@@ -431,6 +454,47 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
             json,
         } => verify(&local_socket, name, repair, rate, json)?,
     }
+    Ok(())
+}
+
+/// Attaches the backing store of the running process at `socket` again.
+fn attach_disk(socket: &Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let st = rt
+        .block_on(async {
+            basalt_api::StorageClient::connect_unix(socket)?
+                .attach_disk()
+                .await
+        })
+        .context("attaching the disk again")?;
+    println!("disk {:?}", st.disk_state);
+    Ok(())
+}
+
+/// Grows `name` through the running process at `socket`.
+fn resize_online(socket: &Path, name: &str, size: u64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let v = rt
+        .block_on(async {
+            basalt_api::StorageClient::connect_unix(socket)?
+                .resize_volume(name, size)
+                .await
+        })
+        .with_context(|| format!("growing {name} to {size} bytes"))?;
+    println!(
+        "{:<24} {:>14} {:>14} {:<3} {}",
+        v.name,
+        v.size_bytes,
+        v.allocated_bytes,
+        if v.read_only { "ro" } else { "rw" },
+        v.uid
+    );
     Ok(())
 }
 

@@ -4,7 +4,10 @@
 //! detached (FAILED in the storage-local status), and the volume goes on
 //! diskless: `qemu-io` writes through the primary still succeed (the peer
 //! has them), and reads through the primary — of data written before and
-//! after the failure — are served by the peer.
+//! after the failure — are served by the peer. Once the device works
+//! again, `basaltd storage volume attach-disk` attaches it: the chunks
+//! written meanwhile are copied back from the peer, and both copies match
+//! (`qemu-img compare`).
 
 mod storage_cli;
 
@@ -16,7 +19,7 @@ use basalt_api::{DiskState, ReplicaPeerState, StorageClient, StorageStatus};
 use basalt_testkit::Prefix;
 
 /// `qemu-io` on the export at `nbd`: whether it succeeded, and its output.
-use storage_cli::{free_addr, is_root, ok, serve};
+use storage_cli::{free_addr, is_root, ok, run, serve};
 
 fn qemu_io(nbd: SocketAddr, command: &str) -> (bool, String) {
     let out = Command::new("qemu-io")
@@ -126,5 +129,53 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
         primary.logs().contains("the disk is detached"),
         "{}",
         primary.log_tail(20)
+    );
+
+    // Attached again by the operator: refused while the device still
+    // fails; once it works, the chunks written while it was detached are
+    // copied back from the peer and the copies match.
+    let sock = socket.to_str().expect("socket");
+    let out = run(&["storage", "volume", "attach-disk", "--local-socket", sock]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("still fails"),
+        "attached with the device failing: {text}"
+    );
+    assert_eq!(status().disk_state, DiskState::Failed);
+    std::fs::remove_file(&trigger).expect("the device works again");
+    let out = ok(&["storage", "volume", "attach-disk", "--local-socket", sock]);
+    assert!(out.contains("Attached"), "{out}");
+    let st = status();
+    assert_eq!(st.disk_state, DiskState::Attached, "{st:?}");
+    assert!(st.disk_error.is_empty(), "{st:?}");
+    assert!(
+        primary.logs().contains("copied back from a peer"),
+        "{}",
+        primary.log_tail(20)
+    );
+    assert_same(nbd_a, nbd_b);
+    // Writes land on both copies again, and the primary reads its own.
+    let (done, text) = qemu_io(nbd_a, "write -P 0x44 2M 256k");
+    assert!(done, "write after the disk came back: {text}");
+    for nbd in [nbd_a, nbd_b] {
+        let (done, text) = qemu_io(nbd, "read -P 0x44 2M 256k");
+        assert!(done, "read after the disk came back: {text}");
+    }
+    assert_same(nbd_a, nbd_b);
+}
+
+/// `qemu-img compare` of the two exports: identical contents.
+fn assert_same(a: SocketAddr, b: SocketAddr) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(format!("nbd://{a}/vol"))
+        .arg(format!("nbd://{b}/vol"))
+        .output()
+        .expect("run qemu-img compare");
+    assert!(
+        out.status.success(),
+        "the copies differ: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

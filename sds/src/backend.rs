@@ -313,6 +313,11 @@ impl MemBackend {
         self.lock().writes_until_failure = Some(writes);
     }
 
+    /// The device works again: I/O no longer fails.
+    pub fn heal(&self) {
+        self.lock().writes_until_failure = None;
+    }
+
     /// How many writes are not yet synced.
     pub fn unsynced_writes(&self) -> usize {
         self.lock().unsynced.len()

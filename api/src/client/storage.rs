@@ -207,6 +207,20 @@ impl StorageClient {
         Ok(reply.into_inner().accepted)
     }
 
+    /// Attaches the node's backing store again after an I/O error
+    /// detached it, once the device works; the status after. Primary
+    /// volumes written meanwhile get those chunks back from a peer first
+    /// (writes held), so it may take a while.
+    pub async fn attach_disk(&self) -> Result<StorageStatus, ApiError> {
+        let reply = self
+            .inner
+            .clone()
+            .attach_disk(pb::AttachDiskRequest {})
+            .await
+            .map_err(|s| self.unavailable(s.into()))?;
+        decode_reply(reply.into_inner())
+    }
+
     /// Online verify of a volume that is a primary on this node against
     /// its peers; returns when every peer was compared (it reads the whole
     /// volume, rate-limited: no deadline of its own).

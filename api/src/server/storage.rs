@@ -87,6 +87,17 @@ pub trait StorageApi: Send + Sync + 'static {
         &self,
         request: VerifyVolume,
     ) -> impl Future<Output = Result<VolumeVerify, ApiError>> + Send;
+
+    /// Attaches the node's backing store again after an I/O error
+    /// detached it (see the proto); the status after. The default answers
+    /// `UNIMPLEMENTED`-like `FAILED_PRECONDITION` (fakes need not serve it).
+    fn attach_disk(&self) -> impl Future<Output = Result<StorageStatus, ApiError>> + Send {
+        async {
+            Err(ApiError::FailedPrecondition {
+                reason: "this storage service cannot attach its disk again".into(),
+            })
+        }
+    }
 }
 
 /// Serves `api` as the storage-local service.
@@ -239,6 +250,13 @@ impl<T: StorageApi> StorageLocal for StorageAdapter<T> {
             self.0.verify_volume(request).await
         };
         reply("VerifyVolume", result.await)
+    }
+
+    async fn attach_disk(
+        &self,
+        _request: Request<pb::AttachDiskRequest>,
+    ) -> Result<Response<pb::StorageStatus>, Status> {
+        reply("AttachDisk", self.0.attach_disk().await)
     }
 }
 

@@ -38,7 +38,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::pool::{Pool, PoolError, VolumeInfo};
 use crate::replication::attach::{AttachError, AttachSpec, AttachmentView, Attachments, Role};
 use crate::replication::fence::{AgentFencer, FenceVerdict};
-use crate::replication::{PeerState, ReplicationStatus};
+use crate::replication::{PeerState, ReplicationError, ReplicationStatus};
 
 /// Where this process serves NBD, as the agent's NBD clients (QEMU,
 /// `qemu-img`) reach it inside the node.
@@ -162,6 +162,20 @@ fn api_error(err: PoolError) -> ApiError {
             reason: err.to_string(),
         },
         other => ApiError::Internal {
+            reason: error_chain(&other),
+        },
+    }
+}
+
+fn replication_error(err: ReplicationError) -> ApiError {
+    match err {
+        ReplicationError::Local(e) => api_error(e),
+        ReplicationError::NotPrimary { .. }
+        | ReplicationError::PeerTooOld { .. }
+        | ReplicationError::StaleEpoch { .. } => ApiError::FailedPrecondition {
+            reason: error_chain(&err),
+        },
+        other => ApiError::Unavailable {
             reason: error_chain(&other),
         },
     }
@@ -305,10 +319,12 @@ impl StorageApi for LocalService {
         name: String,
         size_bytes: u64,
     ) -> Result<StorageVolume, ApiError> {
-        self.blocking(move |pool| {
-            pool.resize(&name, size_bytes)
+        let attachments = self.attachments.clone();
+        self.blocking(move |_| {
+            attachments
+                .resize(&name, size_bytes)
                 .map(volume)
-                .map_err(api_error)
+                .map_err(replication_error)
         })
         .await
     }
@@ -366,6 +382,20 @@ impl StorageApi for LocalService {
                 .map_err(attach_error)
         })
         .await
+    }
+
+    async fn attach_disk(&self) -> Result<StorageStatus, ApiError> {
+        let attachments = self.attachments.clone();
+        self.blocking(move |_| {
+            attachments
+                .attach_disk()
+                .map(drop)
+                .map_err(|e| ApiError::FailedPrecondition {
+                    reason: error_chain(&e),
+                })
+        })
+        .await?;
+        self.status().await
     }
 
     async fn status(&self) -> Result<StorageStatus, ApiError> {

@@ -623,6 +623,12 @@ impl Pool {
         self.inner.label.chunk_size
     }
 
+    /// The kernel boot id the pool was opened in: the same one later means
+    /// the page cache still holds every write made since.
+    pub fn boot_id(&self) -> [u8; 16] {
+        lock(&self.inner.meta).boot_id
+    }
+
     /// Makes every completed write and metadata change durable.
     pub fn flush(&self) -> Result<(), PoolError> {
         self.inner.flush()

@@ -39,7 +39,7 @@
 //!   so a log found at start always belongs to a primary that was
 //!   stopped while it was one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io::{self, Write};
 use std::net::ToSocketAddrs;
@@ -56,7 +56,7 @@ use super::{
     Fencer, Op, ReplicationError, ReplicationStatus, Replicator, ReplicatorConfig, StaticFencer,
     SyncOptions, VerifyError, VerifyReport,
 };
-use crate::pool::{Pool, PoolError};
+use crate::pool::{Pool, PoolError, VolumeInfo};
 
 /// What a volume is to replication here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +202,48 @@ impl DiskHealth {
         }
         self.failed.store(true, Ordering::Release);
     }
+
+    /// Attaches the disk again (after [`Attachments::attach_disk`] checked
+    /// it and copied back what it missed).
+    fn recover(&self) {
+        let mut slot = lock(&self.why);
+        *slot = None;
+        self.failed.store(false, Ordering::Release);
+    }
+}
+
+/// Why a detached disk was not attached again.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachDiskError {
+    /// The backing store still fails (or the pool's metadata does not
+    /// verify): it stays detached.
+    #[error("the backing store still fails: it stays detached")]
+    StillFailing {
+        /// Why.
+        #[source]
+        source: PoolError,
+    },
+    /// A primary volume was written while the disk was detached and its
+    /// writes could not be copied back from a peer.
+    #[error(
+        "volume {volume} was written while the disk was detached and cannot be copied back: {reason}; the disk stays detached"
+    )]
+    CopyBack {
+        /// The volume.
+        volume: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What [`Attachments::attach_disk`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskReattached {
+    /// The disk was detached (otherwise nothing was done).
+    pub was_detached: bool,
+    /// Per primary volume written while detached: chunks copied back
+    /// from a peer.
+    pub copied_back: Vec<(String, u64)>,
 }
 
 /// One peer's online verify: the peer as attached, and what was found.
@@ -247,6 +289,12 @@ pub struct Slot {
     name: String,
     book: Arc<ReplicaBook>,
     disk: Arc<DiskHealth>,
+    /// The pool's chunk size.
+    chunk: u64,
+    /// Chunks a primary wrote while its disk was detached (only its peers
+    /// have them): copied back from a peer when the disk is attached
+    /// again.
+    stale: Mutex<BTreeSet<u64>>,
     /// One change at a time.
     change: Mutex<()>,
     gate: Mutex<Gate>,
@@ -334,7 +382,9 @@ impl Slot {
         match spec.role {
             Role::Standalone => checked().map_err(Into::into),
             Role::Secondary => match op {
-                Op::Flush => checked().map_err(Into::into),
+                // A secondary grows when told to (its primary's RESIZE
+                // frame, or the agent matching the wanted size).
+                Op::Flush | Op::Resize { .. } => checked().map_err(Into::into),
                 _ => Err(ReplicationError::NotPrimary {
                     volume: self.name.clone(),
                 }),
@@ -356,13 +406,21 @@ impl Slot {
                 // Diskless (the disk failed before or during this write):
                 // the write stands only if a peer acknowledged it.
                 let diskless = std::cell::Cell::new(false);
-                let acked = Replicator::submit_counted(&replicators, op, || match checked() {
+                let result = Replicator::submit_counted(&replicators, op, || match checked() {
                     Err(PoolError::Io { .. }) if !replicators.is_empty() => {
                         diskless.set(true);
                         Ok(())
                     }
                     other => other,
-                })?;
+                });
+                if diskless.get()
+                    && let Some((offset, len)) = op.range()
+                    && len > 0
+                {
+                    let cs = self.chunk.max(1);
+                    lock(&self.stale).extend(offset / cs..=(offset + len - 1) / cs);
+                }
+                let acked = result?;
                 if diskless.get() && acked == 0 {
                     return Err(ReplicationError::Local(PoolError::Io {
                         op: "writing",
@@ -563,6 +621,125 @@ impl Attachments {
         &self.disk
     }
 
+    /// Attaches the pool's backing store again after an I/O error detached
+    /// it, once the device works: the store must sync and the pool's
+    /// metadata verify; then, with every volume's writes held, each
+    /// primary volume written while detached gets those chunks back from
+    /// a connected peer (READ frames in the live order), and the disk is
+    /// attached. Secondaries need nothing here: their primaries, which
+    /// tracked what they missed, resync them at their next hello (refused
+    /// while the disk was detached). Nothing changes on an error.
+    pub fn attach_disk(&self) -> Result<DiskReattached, AttachDiskError> {
+        if !self.disk.is_failed() {
+            return Ok(DiskReattached::default());
+        }
+        let still = |source| AttachDiskError::StillFailing { source };
+        self.pool.flush().map_err(still)?;
+        self.pool.verify().map_err(still)?;
+        // Every volume's writes held (slots in name order; attachment
+        // changes take one slot at a time, so this cannot deadlock).
+        let mut slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
+        slots.sort_by(|a, b| a.name.cmp(&b.name));
+        let changes: Vec<_> = slots.iter().map(|s| lock(&s.change)).collect();
+        for slot in &slots {
+            self.drain(slot);
+        }
+        let result = self.copy_back(&slots);
+        if result.is_ok() {
+            self.disk.recover();
+        }
+        for slot in &slots {
+            let mut gate = lock(&slot.gate);
+            gate.changing = false;
+            slot.drained.notify_all();
+        }
+        drop(changes);
+        let copied_back = result?;
+        tracing::info!(?copied_back, "the pool's backing store is attached again");
+        Ok(DiskReattached {
+            was_detached: true,
+            copied_back,
+        })
+    }
+
+    /// With writes held and the disk still detached for readers: copies
+    /// each primary's stale chunks back from a connected peer.
+    fn copy_back(&self, slots: &[Arc<Slot>]) -> Result<Vec<(String, u64)>, AttachDiskError> {
+        let mut out = Vec::new();
+        for slot in slots {
+            let stale: Vec<u64> = lock(&slot.stale).iter().copied().collect();
+            if stale.is_empty() {
+                continue;
+            }
+            let fail = |reason: String| AttachDiskError::CopyBack {
+                volume: slot.name.clone(),
+                reason,
+            };
+            let state = lock(&slot.gate).state.clone();
+            let volume = self
+                .pool
+                .open_volume(&slot.name)
+                .map_err(|e| fail(error_chain(&e)))?;
+            let size = volume.size().map_err(|e| fail(error_chain(&e)))?;
+            let cs = slot.chunk.max(1);
+            let mut buf = vec![0u8; cs as usize];
+            for &c in &stale {
+                let offset = c * cs;
+                if offset >= size {
+                    continue;
+                }
+                let len = cs.min(size - offset) as usize;
+                let mut why = String::from("no connected peer");
+                let got = state.replicators.iter().any(|(_, r)| {
+                    match r.read_remote(offset, &mut buf[..len]) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            why = e.to_string();
+                            false
+                        }
+                    }
+                });
+                if !got {
+                    return Err(fail(format!("reading chunk {c} from a peer: {why}")));
+                }
+                volume
+                    .write(offset, &buf[..len], false)
+                    .map_err(|e| fail(error_chain(&e)))?;
+            }
+            volume.flush().map_err(|e| fail(error_chain(&e)))?;
+            lock(&slot.stale).clear();
+            tracing::info!(volume = %slot.name, chunks = stale.len(), "chunks written while the disk was detached copied back from a peer");
+            out.push((slot.name.clone(), stale.len() as u64));
+        }
+        Ok(out)
+    }
+
+    /// Grows volume `name` to `size` bytes. A primary's grow goes to every
+    /// connected peer in the write order (each grows its copy before it
+    /// acknowledges; peers away grow at their next hello), so writes past
+    /// the old end may follow at once; elsewhere it grows the local copy
+    /// only. A size the volume already has changes nothing.
+    pub fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, ReplicationError> {
+        let info = self.pool.volume_info(name)?;
+        if info.size == size {
+            return Ok(info);
+        }
+        if size < info.size {
+            return Err(PoolError::Shrink {
+                name: name.to_owned(),
+                size: info.size,
+                requested: size,
+            }
+            .into());
+        }
+        let pool = &self.pool;
+        self.slot(name)
+            .submit(Op::Resize { size }, || pool.resize(name, size).map(drop))?;
+        let info = pool.volume_info(name)?;
+        tracing::info!(volume = name, size, "volume grown");
+        Ok(info)
+    }
+
     /// The gate of volume `name` (created, never attached, on first use).
     pub fn slot(&self, name: &str) -> Arc<Slot> {
         lock(&self.slots)
@@ -572,6 +749,8 @@ impl Attachments {
                     name: name.to_owned(),
                     book: self.book.clone(),
                     disk: self.disk.clone(),
+                    chunk: u64::from(self.pool.chunk_size()),
+                    stale: Mutex::new(BTreeSet::new()),
                     change: Mutex::new(()),
                     gate: Mutex::new(Gate {
                         writers: 0,

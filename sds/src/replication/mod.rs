@@ -33,10 +33,14 @@
 //!   recorded that stream's generation at the end of a full sync, or the
 //!   sender's volume followed a stream the replica itself ships as
 //!   primary (dual primary); the design is in `sds/DESIGN.md`;
-//! - with a dirty log, every chunk a write touches is set in it before the
-//!   write is shipped or applied, made durable before a FLUSH or FUA is
-//!   acknowledged, and cleared only while the peer is connected, for
-//!   chunks neither dirty, in flight nor written in the last second.
+//! - with a dirty log, every chunk a write touches is set in it, and the
+//!   bit or its extent's activity-log slot is durable, before the write is
+//!   shipped or applied; a bit is cleared only while the peer is
+//!   connected, for chunks neither dirty, in flight nor written in the
+//!   last second, and only after a FLUSH the peer acknowledged and a local
+//!   flush made their writes durable on both sides; when the connection
+//!   is lost, every set bit joins the dirty set (the peer may have lost
+//!   writes it acknowledged but had not flushed).
 //!
 //! With a [`dirty_log::DirtyLog`] (attached primaries of a persistent
 //! process), the chunks a peer may miss are also on disk before the write
@@ -178,6 +182,20 @@ pub enum ReplicationError {
         /// The volume.
         volume: String,
     },
+    /// A connected peer speaks a replication protocol too old to grow its
+    /// copy: the volume is not grown (upgrade the peer first).
+    #[error(
+        "peer {peer} of {volume} speaks replication protocol {version}, which cannot grow a volume (version {} can): upgrade it first",
+        wire::RESIZE_VERSION
+    )]
+    PeerTooOld {
+        /// The volume.
+        volume: String,
+        /// The peer.
+        peer: SocketAddr,
+        /// The version it speaks.
+        version: u16,
+    },
     /// The chunks a write touches could not be marked in the peer's dirty
     /// log (or made durable for a FLUSH): the write is not acknowledged.
     #[error("recording the dirty chunks of {volume} for peer {peer}")]
@@ -287,6 +305,14 @@ pub enum Op<'a> {
     },
     /// Make every earlier write durable.
     Flush,
+    /// Grow the volume to `size` bytes: applied by every connected peer
+    /// (wire version 5) before it is acknowledged, in the write order, so
+    /// writes past the old end that follow it apply there too. A peer away
+    /// grows its copy at its next hello.
+    Resize {
+        /// The new size in bytes.
+        size: u64,
+    },
 }
 
 impl Op<'_> {
@@ -322,6 +348,7 @@ impl Op<'_> {
                 Vec::new(),
             ),
             Op::Flush => (FrameKind::Flush, 0, 0, 0, Vec::new()),
+            Op::Resize { size } => (FrameKind::Resize, 0, size, 0, Vec::new()),
         };
         Frame {
             kind,
@@ -335,13 +362,13 @@ impl Op<'_> {
     }
 
     /// The byte range it changes.
-    fn range(&self) -> Option<(u64, u64)> {
+    pub(crate) fn range(&self) -> Option<(u64, u64)> {
         match *self {
             Op::Write { offset, data, .. } => Some((offset, data.len() as u64)),
             Op::Trim { offset, len, .. } | Op::WriteZeroes { offset, len, .. } => {
                 Some((offset, len.into()))
             }
-            Op::Flush => None,
+            Op::Flush | Op::Resize { .. } => None,
         }
     }
 
@@ -350,6 +377,7 @@ impl Op<'_> {
         match *self {
             Op::Write { fua, .. } | Op::Trim { fua, .. } | Op::WriteZeroes { fua, .. } => fua,
             Op::Flush => true,
+            Op::Resize { .. } => false,
         }
     }
 }
@@ -455,12 +483,16 @@ struct Shared {
     full_syncs: AtomicU64,
     acked: AtomicU64,
     stop: AtomicBool,
-    /// The dirty log's file, synced before a FLUSH or FUA is acknowledged.
+    /// The dirty log's file.
     log_file: Option<Arc<LogFile>>,
+    /// The log has no activity log: its bits are synced before a FLUSH or
+    /// FUA is acknowledged.
+    sync_log_on_flush: bool,
 }
 
-/// How often set bits of the dirty log are cleared, and how long a
-/// chunk stays set after its last write (one to two periods).
+/// How often set bits of the dirty log are cleared (after a FLUSH on both
+/// sides), and how long a chunk stays set after its last write (one to
+/// two periods).
 const LOG_CLEAN_EVERY: Duration = Duration::from_secs(1);
 
 /// A chunk written recently, for the dirty log's cleaner.
@@ -497,6 +529,14 @@ struct Link {
     refusal_logged: bool,
     /// A connect loop runs (it ends when deposed or stopped).
     connecting: bool,
+    /// The protocol version the current (or last) connection speaks.
+    peer_version: u16,
+    /// The version the next hello offers (the oldest one after a peer
+    /// closed the connection on a newer hello).
+    hello_version: u16,
+    /// The boot id the peer's pool was opened in, as of the last
+    /// connection (`None`: not known).
+    peer_boot: Option<[u8; 16]>,
     /// The persistent dirty bitmap (a superset of `dirty` plus the
     /// chunks written recently or in flight).
     log: Option<DirtyLog>,
@@ -556,11 +596,13 @@ impl Replicator {
         if let Some(log) = &log {
             cfg.generation = log.generation();
             if log.reused() {
-                dirty.extend(log.set_chunks());
+                let chunks = volume_chunks(&volume, cfg.chunk_size);
+                dirty.extend(log.set_chunks().into_iter().filter(|&c| c < chunks));
                 tracing::info!(volume = %volume.name(), peer = %cfg.peer, generation = cfg.generation, dirty_chunks = dirty.len(), "dirty log found: the peer gets only these chunks");
             }
         }
         let log_file = log.as_ref().map(|l| l.file().clone());
+        let sync_log_on_flush = log.as_ref().is_some_and(|l| l.activity_extents() == 0);
         let shared = Arc::new(Shared {
             volume,
             epoch: AtomicU64::new(cfg.epoch),
@@ -581,6 +623,9 @@ impl Replicator {
                 last_ask: None,
                 refusal_logged: false,
                 connecting: true,
+                peer_version: wire::VERSION,
+                hello_version: wire::VERSION,
+                peer_boot: None,
                 log,
                 touched: HashMap::new(),
                 tick: 0,
@@ -596,6 +641,7 @@ impl Replicator {
             acked: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             log_file,
+            sync_log_on_flush,
         });
         let s = shared.clone();
         thread::Builder::new()
@@ -713,6 +759,16 @@ impl Replicator {
             if let PeerState::Deposed { newest } = link.state {
                 return Err(r.shared.deposed(newest));
             }
+            if matches!(op, Op::Resize { .. })
+                && link.state == PeerState::Connected
+                && link.peer_version < wire::RESIZE_VERSION
+            {
+                return Err(ReplicationError::PeerTooOld {
+                    volume: r.shared.volume.name().to_owned(),
+                    peer: r.shared.cfg.peer,
+                    version: link.peer_version,
+                });
+            }
         }
         // The chunks go into every peer's dirty log before the write goes
         // anywhere (undone in memory for the peers already marked if one
@@ -744,7 +800,7 @@ impl Replicator {
         }
         drop(links);
         if op.durable() {
-            for r in replicators {
+            for r in replicators.iter().filter(|r| r.shared.sync_log_on_flush) {
                 if let Some(f) = &r.shared.log_file
                     && let Err(source) = f.sync()
                 {
@@ -1002,9 +1058,21 @@ impl Replicator {
         }
     }
 
+    /// Slots the dirty log's activity log took (one `fdatasync` each: a
+    /// write left the hot extents), 0 without a log.
+    pub fn activity_writes(&self) -> u64 {
+        lock(&self.shared.link)
+            .log
+            .as_ref()
+            .map_or(0, DirtyLog::activity_writes)
+    }
+
     /// The path of the dirty log, if the stream keeps one.
     pub fn dirty_log_path(&self) -> Option<std::path::PathBuf> {
-        self.shared.log_file.as_ref().map(|f| f.path().to_owned())
+        self.shared
+            .log_file
+            .as_ref()
+            .and_then(|f| f.path().map(ToOwned::to_owned))
     }
 
     /// Stops reconnecting and cuts the connection; writes suspended on
@@ -1219,36 +1287,82 @@ impl Shared {
         }
     }
 
-    /// Clears the dirty log's bits of chunks the connected peer holds:
-    /// not dirty, no write in flight, not written in the last tick. Runs
-    /// at most every [`LOG_CLEAN_EVERY`].
-    fn clean_log(&self, link: &mut Link) {
-        if link.state != PeerState::Connected
-            || link.log.is_none()
-            || link.last_clean.elapsed() < LOG_CLEAN_EVERY
-        {
+    /// Clears the dirty log's bits of chunks the connected peer holds
+    /// durably: not dirty, no write in flight, not written in the last
+    /// tick, and covered by a FLUSH the peer acknowledged and a local
+    /// flush, both made after their last write settled (a peer that loses
+    /// power keeps only what it flushed; so does this primary). Runs at
+    /// most every [`LOG_CLEAN_EVERY`], from the connect loop, with the
+    /// link's lock held only to pick the chunks, send the FLUSH and clear.
+    fn clean_log(&self) {
+        let (candidates, shipped) = {
+            let mut link = lock(&self.link);
+            if link.state != PeerState::Connected
+                || link.log.is_none()
+                || link.last_clean.elapsed() < LOG_CLEAN_EVERY
+            {
+                return;
+            }
+            link.last_clean = Instant::now();
+            link.tick += 1;
+            let tick = link.tick;
+            link.touched
+                .retain(|_, t| t.inflight > 0 || t.tick + 2 > tick);
+            let Some(log) = link.log.as_ref() else {
+                return;
+            };
+            let candidates: Vec<u64> = log
+                .set_chunks()
+                .into_iter()
+                .filter(|c| !link.dirty.contains(c) && !link.touched.contains_key(c))
+                .collect();
+            if candidates.is_empty() {
+                return;
+            }
+            // In the live frame order: after every write to those chunks.
+            let Some(shipped) = self.ship(&mut link, &Op::Flush) else {
+                return;
+            };
+            (candidates, shipped)
+        };
+        if let Err(e) = self.volume.flush() {
+            tracing::debug!(volume = %self.volume.name(), error = %e, "local flush for the dirty log's cleaner failed");
             return;
         }
-        link.last_clean = Instant::now();
-        link.tick += 1;
-        let tick = link.tick;
-        link.touched
-            .retain(|_, t| t.inflight > 0 || t.tick + 2 > tick);
-        let Some(log) = link.log.as_mut() else {
+        if !matches!(shipped.ack.recv(), Ok(a) if a.status == Status::Ok) {
             return;
-        };
-        let clear: Vec<u64> = log
-            .set_chunks()
+        }
+        let mut link = lock(&self.link);
+        if link.conn != shipped.conn || link.state != PeerState::Connected {
+            return;
+        }
+        // Chunks written since were touched again (entries leave `touched`
+        // only in this function): they wait for the next round.
+        let clear: Vec<u64> = candidates
             .into_iter()
             .filter(|c| !link.dirty.contains(c) && !link.touched.contains_key(c))
             .collect();
-        if clear.is_empty() {
+        let Some(log) = link.log.as_mut() else {
             return;
-        }
+        };
         if let Err(e) = log.clear(&clear) {
             // Bits left set only cost a resync after a restart.
             tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, error = %e, "cannot clear the dirty log");
         }
+    }
+
+    /// The peer comes back in another boot (or cannot say): every chunk
+    /// still set in the dirty log may hold a write it acknowledged but
+    /// never flushed, lost with its page cache, so it joins the dirty set.
+    /// (Bits are cleared only after a FLUSH on both sides, and never while
+    /// the peer is away.)
+    fn requeue_unflushed(&self, link: &mut Link) {
+        let Some(log) = link.log.as_ref() else {
+            return;
+        };
+        let chunks = volume_chunks(&self.volume, self.cfg.chunk_size);
+        let set = log.set_chunks();
+        link.dirty.extend(set.into_iter().filter(|&c| c < chunks));
     }
 
     fn mark_dirty(&self, link: &mut Link, offset: u64, len: u64) {
@@ -1286,12 +1400,13 @@ impl Shared {
                 }
                 match link.state {
                     PeerState::Connected | PeerState::Resyncing => {
-                        let mut link = self
+                        let link = self
                             .changed
                             .wait_timeout(link, self.cfg.retry)
                             .unwrap_or_else(PoisonError::into_inner)
                             .0;
-                        self.clean_log(&mut link);
+                        drop(link);
+                        self.clean_log();
                         continue;
                     }
                     _ => link.conn += 1,
@@ -1326,8 +1441,9 @@ impl Shared {
         let mut rd = BufReader::with_capacity(64 << 10, stream.try_clone()?);
         let mut wr = BufWriter::with_capacity(256 << 10, stream);
         let epoch = self.epoch.load(Ordering::SeqCst);
+        let offered = lock(&self.link).hello_version;
         let hello = Hello {
-            version: wire::VERSION,
+            version: offered,
             epoch,
             generation: self.cfg.generation,
             synced_from: self.sync.synced_from,
@@ -1335,9 +1451,35 @@ impl Shared {
             size: self.volume.size().map_err(io::Error::other)?,
             volume: self.volume.name().to_owned(),
         };
+        // What the peer's copy measures (it grows to the hello's size).
+        let mut peer_size = hello.size;
         io::Write::write_all(&mut wr, &hello.encode())?;
         io::Write::flush(&mut wr)?;
-        let reply = HelloReply::read(&mut rd).map_err(io::Error::other)?;
+        let reply = match HelloReply::read(&mut rd) {
+            Ok(reply) => reply,
+            Err(wire::WireError::Io(e))
+                if e.kind() == io::ErrorKind::UnexpectedEof && offered > wire::MIN_VERSION =>
+            {
+                // A replica older than this hello closes unanswered.
+                tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, offered, retry = wire::MIN_VERSION, "the peer closed the connection on the hello: it may be an older basaltd; greeting it with the oldest protocol next (it cannot follow a grow of the volume)");
+                lock(&self.link).hello_version = wire::MIN_VERSION;
+                return Err(io::Error::other(format!(
+                    "peer closed the connection on a version {offered} hello"
+                )));
+            }
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        {
+            let mut link = lock(&self.link);
+            link.peer_version = reply.version;
+            if reply.status == Status::Ok {
+                let boot = (reply.boot_id != [0; 16]).then_some(reply.boot_id);
+                if boot.is_none() || link.peer_boot != boot {
+                    self.requeue_unflushed(&mut link);
+                }
+                link.peer_boot = boot;
+            }
+        }
         match reply.status {
             Status::Ok => {}
             Status::StaleEpoch => {
@@ -1365,6 +1507,12 @@ impl Shared {
                 }
                 link.state = PeerState::DiskFailed;
                 return Err(io::Error::other("the peer's disk failed"));
+            }
+            Status::UnknownVolume if reply.version < wire::RESIZE_VERSION => {
+                return Err(io::Error::other(format!(
+                    "peer refused the volume (no volume of that name and size {}): it speaks protocol {}, which cannot grow its copy",
+                    hello.size, reply.version
+                )));
             }
             other => return Err(io::Error::other(format!("peer refused: {other:?}"))),
         }
@@ -1410,14 +1558,39 @@ impl Shared {
             self.full_pass(&mut rd, &mut wr, &mut sync)?;
         }
         let cs = self.cfg.chunk_size.max(1);
-        let size = self.volume.size().map_err(io::Error::other)?;
         let mut chunk_buf = vec![0u8; cs as usize];
         let (full_bytes, full_trimmed) = (sync.bytes, sync.trimmed);
         let (mut bytes, mut chunks) = (0u64, 0u64);
         loop {
+            // The volume grew since the hello (a resize while the peer was
+            // not live): the peer grows first, so dirty chunks past its old
+            // end apply.
+            let size = self.volume.size().map_err(io::Error::other)?;
+            if size != peer_size {
+                if reply.version < wire::RESIZE_VERSION {
+                    return Err(io::Error::other(format!(
+                        "the volume grew to {size} bytes and the peer speaks protocol {}, which cannot grow its copy",
+                        reply.version
+                    )));
+                }
+                let frame = Frame {
+                    kind: FrameKind::Resize,
+                    flags: FLAG_RESYNC,
+                    epoch: self.epoch.load(Ordering::SeqCst),
+                    seq: sync.seq,
+                    offset: size,
+                    length: 0,
+                    data: Vec::new(),
+                };
+                self.exchange(&mut rd, &mut wr, &frame)?;
+                sync.seq += 1;
+                peer_size = size;
+            }
             let batch: Vec<u64> = {
                 let mut link = lock(&self.link);
-                if link.dirty.is_empty() {
+                // Resizes take the link lock: none slips in before live.
+                let grown = self.volume.size().is_ok_and(|s| s != peer_size);
+                if link.dirty.is_empty() && !grown {
                     // In sync: go live under the lock, so no write can
                     // slip between the last batch and the state change.
                     let _ = rd.get_ref().set_read_timeout(None);
@@ -1434,7 +1607,7 @@ impl Shared {
                 }
                 std::mem::take(&mut link.dirty).into_iter().collect()
             };
-            for (i, &c) in batch.iter().enumerate() {
+            for &c in &batch {
                 let offset = c * cs;
                 let len = cs.min(size.saturating_sub(offset)) as usize;
                 let sent = (|| {
@@ -1447,8 +1620,9 @@ impl Shared {
                     self.send_resync(&mut rd, &mut wr, &mut sync, offset, buf)
                 })();
                 if let Err(e) = sent {
-                    // Whatever was not confirmed stays dirty.
-                    lock(&self.link).dirty.extend(&batch[i..]);
+                    // The batch is confirmed by the FLUSH after it: all of
+                    // it stays dirty.
+                    lock(&self.link).dirty.extend(&batch);
                     return Err(e);
                 }
                 bytes += len as u64;
@@ -1650,6 +1824,13 @@ impl Shared {
         lock(&self.pending).retain(|(c, _), _| *c != conn);
         lock(&self.reads).retain(|(c, _), _| *c != conn);
     }
+}
+
+/// How many chunks `volume` has (all of them if its size cannot be read).
+fn volume_chunks(volume: &Volume, chunk_size: u64) -> u64 {
+    volume
+        .size()
+        .map_or(u64::MAX, |size| size.div_ceil(chunk_size.max(1)))
 }
 
 /// One connection's sync: the next sequence number and what was sent.

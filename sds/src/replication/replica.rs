@@ -212,15 +212,19 @@ fn accept_loop(
 
 fn reply(
     wr: &mut impl Write,
+    version: u16,
+    boot_id: [u8; 16],
     status: Status,
     newest_epoch: u64,
     full_sync: bool,
 ) -> io::Result<()> {
     wr.write_all(
         &HelloReply {
+            version,
             status,
             newest_epoch,
             full_sync,
+            boot_id,
         }
         .encode(),
     )?;
@@ -231,16 +235,13 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
     let mut rd = BufReader::with_capacity(256 << 10, stream.try_clone()?);
     let mut wr = BufWriter::with_capacity(64 << 10, stream);
     let hello = Hello::read(&mut rd)?;
+    // The connection speaks the older of the two versions.
+    let version = hello.version.min(wire::VERSION);
+    let boot = ctx.attachments.pool().boot_id();
     let name = hello.volume.as_str();
-    let volume = ctx
-        .attachments
-        .pool()
-        .open_volume(name)
-        .ok()
-        .filter(|v| v.size().is_ok_and(|s| s == hello.size));
-    let Some(volume) = volume else {
-        tracing::warn!(volume = %name, size = hello.size, "hello for an unknown volume or one of another size");
-        reply(&mut wr, Status::UnknownVolume, 0, false)?;
+    let Ok(volume) = ctx.attachments.pool().open_volume(name) else {
+        tracing::warn!(volume = %name, size = hello.size, "hello for an unknown volume");
+        reply(&mut wr, version, boot, Status::UnknownVolume, 0, false)?;
         return Ok(());
     };
     // Role and streams from one reading: a demotion racing this hello
@@ -249,18 +250,37 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
     let (role, primary_generations) = ctx.attachments.role_and_generations(name);
     if role == Some(Role::Standalone) {
         tracing::warn!(volume = %name, "refused a primary: the volume is attached standalone");
-        reply(&mut wr, Status::Refused, 0, false)?;
+        reply(&mut wr, version, boot, Status::Refused, 0, false)?;
         return Ok(());
     }
     if let Some(why) = ctx.attachments.disk().failed() {
         tracing::warn!(volume = %name, error = %why, "refused a primary: this node's disk failed and is detached");
-        reply(&mut wr, Status::IoError, 0, false)?;
+        reply(&mut wr, version, boot, Status::IoError, 0, false)?;
         return Ok(());
     }
     let (ok, newest) = ctx.admit(name, hello.epoch);
     if !ok {
         tracing::warn!(volume = %name, epoch = hello.epoch, newest, "refused a primary with an old epoch");
-        reply(&mut wr, Status::StaleEpoch, newest, false)?;
+        reply(&mut wr, version, boot, Status::StaleEpoch, newest, false)?;
+        return Ok(());
+    }
+    // A primary that grew its volume while this copy was away: grow it
+    // first (version 5). A copy larger than the primary's is another
+    // volume's.
+    let size = volume.size().unwrap_or(0);
+    if size < hello.size && version >= wire::RESIZE_VERSION {
+        match ctx.attachments.pool().resize(name, hello.size) {
+            Ok(_) => {
+                tracing::info!(volume = %name, from = size, to = hello.size, "copy grown to the primary's size")
+            }
+            Err(e) => {
+                tracing::warn!(volume = %name, size = hello.size, error = %e, "cannot grow the copy to the primary's size");
+            }
+        }
+    }
+    if volume.size().ok() != Some(hello.size) {
+        tracing::warn!(volume = %name, size = hello.size, local = volume.size().unwrap_or(0), protocol = version, "hello for a volume of another size");
+        reply(&mut wr, version, boot, Status::UnknownVolume, newest, false)?;
         return Ok(());
     }
     // In sync: this volume recorded the stream's generation, or the
@@ -273,7 +293,7 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         book.set_synced(name, hello.generation)
     } else if role == Some(Role::Primary) {
         tracing::error!(volume = %name, generation = hello.generation, synced_from = hello.synced_from, "split brain: another primary of this volume is not in sync with it");
-        reply(&mut wr, Status::SplitBrain, newest, false)?;
+        reply(&mut wr, version, boot, Status::SplitBrain, newest, false)?;
         return Ok(());
     } else {
         // Whatever this volume followed, it is about to be rewritten.
@@ -281,10 +301,10 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
     };
     if let Err(e) = recorded {
         tracing::error!(volume = %name, error = %e, "cannot record the volume's sync state: refusing the primary");
-        reply(&mut wr, Status::IoError, newest, false)?;
+        reply(&mut wr, version, boot, Status::IoError, newest, false)?;
         return Ok(());
     }
-    reply(&mut wr, Status::Ok, newest, !in_sync)?;
+    reply(&mut wr, version, boot, Status::Ok, newest, !in_sync)?;
     tracing::info!(
         volume = %name,
         primary_uid = %hello.volume_uid,
@@ -405,6 +425,19 @@ fn read_range(volume: &Volume, f: &Frame) -> Result<Vec<u8>, Status> {
     }
 }
 
+/// A RESIZE frame: grows the volume to `size` (already that size: done;
+/// smaller: a shrink, which replication never asks).
+fn grow(ctx: &Ctx, volume: &Volume, size: u64) -> Result<(), PoolError> {
+    let now = volume.size()?;
+    if size == now {
+        return Ok(());
+    }
+    ctx.attachments
+        .pool()
+        .resize(volume.name(), size)
+        .map(|_| tracing::info!(volume = %volume.name(), from = now, to = size, "copy grown by the primary"))
+}
+
 fn apply(ctx: &Ctx, volume: &Volume, f: &Frame) -> Status {
     let fua = f.flags & FLAG_FUA != 0;
     let result = match f.kind {
@@ -420,6 +453,7 @@ fn apply(ctx: &Ctx, volume: &Volume, f: &Frame) -> Status {
             },
         ),
         FrameKind::Flush => volume.flush(),
+        FrameKind::Resize => grow(ctx, volume, f.offset),
         // Answered by `read_range` before it gets here.
         FrameKind::Verify | FrameKind::Read => return Status::Invalid,
     };
@@ -434,7 +468,13 @@ fn apply(ctx: &Ctx, volume: &Volume, f: &Frame) -> Status {
             }
             Status::Ok
         }
-        Err(PoolError::OutOfRange { .. } | PoolError::ReadOnly { .. }) => Status::Invalid,
+        Err(
+            PoolError::OutOfRange { .. }
+            | PoolError::ReadOnly { .. }
+            | PoolError::Shrink { .. }
+            | PoolError::InvalidSize { .. }
+            | PoolError::OverProvisioned { .. },
+        ) => Status::Invalid,
         Err(e) => {
             tracing::warn!(volume = %volume.name(), error = %e, "applying a replicated frame failed");
             Status::IoError

@@ -12,7 +12,16 @@
 //! answers with the range's [`digest`] in the ack's last field. A READ
 //! frame ([`FrameKind::Read`], a primary whose own disk failed) is
 //! answered by an ack followed, when [`Status::Ok`], by `length` bytes of
-//! the range.
+//! the range. A RESIZE frame ([`FrameKind::Resize`], version 5) grows the
+//! replica's volume to `offset` bytes before it is acknowledged, in the
+//! frame order, so writes past the old end that follow it apply.
+//!
+//! Versions: the hello carries the primary's; a replica accepts
+//! [`MIN_VERSION`] to [`VERSION`] and answers with the lower of its own
+//! and the primary's, which the connection then speaks (a primary never
+//! sends a frame kind the answered version lacks). A replica older than
+//! the primary's hello closes the connection unanswered; the primary then
+//! says so and greets with [`MIN_VERSION`] next time.
 
 use std::io::{self, Read, Write};
 
@@ -25,8 +34,14 @@ pub const FRAME_MAGIC: u32 = 0x5246_4c42;
 /// Opens every acknowledgement.
 pub const ACK_MAGIC: u32 = 0x4b41_4c42;
 /// The protocol version this build speaks (3: VERIFY frames; 4: READ
-/// frames).
-pub const VERSION: u16 = 4;
+/// frames; 5: RESIZE frames, a replica grows its copy to the hello's
+/// size, and its hello reply carries its boot id).
+pub const VERSION: u16 = 5;
+/// The oldest version this build still speaks (with a peer that answers
+/// it, volumes are not grown over the wire).
+pub const MIN_VERSION: u16 = 4;
+/// The first version with RESIZE frames.
+pub const RESIZE_VERSION: u16 = 5;
 /// The largest payload a frame may carry.
 pub const MAX_FRAME_PAYLOAD: u32 = 64 << 20;
 /// The longest volume name a hello may carry.
@@ -114,7 +129,7 @@ impl Hello {
             return Err(bad("hello magic", magic));
         }
         let version = read_u16(r)?;
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(bad("protocol version", version.into()));
         }
         let epoch = read_u64(r)?;
@@ -192,6 +207,8 @@ impl Status {
 /// The replica's answer to a hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloReply {
+    /// The version the connection speaks (the lower of both sides').
+    pub version: u16,
     /// Accepted or why not.
     pub status: Status,
     /// The newest epoch the replica has seen (after this hello).
@@ -199,6 +216,10 @@ pub struct HelloReply {
     /// The replica is not in sync with this stream: the primary sends
     /// it the whole volume before anything else.
     pub full_sync: bool,
+    /// The kernel boot id the replica's pool was opened in (version 5;
+    /// zeros when unknown): another one than at the last connection means
+    /// it may have lost writes it acknowledged but had not flushed.
+    pub boot_id: [u8; 16],
 }
 
 impl HelloReply {
@@ -206,10 +227,13 @@ impl HelloReply {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(24);
         b.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
-        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&self.version.to_le_bytes());
         b.extend_from_slice(&self.status.code().to_le_bytes());
         b.extend_from_slice(&self.newest_epoch.to_le_bytes());
         b.push(u8::from(self.full_sync));
+        if self.version >= RESIZE_VERSION {
+            b.extend_from_slice(&self.boot_id);
+        }
         b
     }
 
@@ -220,7 +244,7 @@ impl HelloReply {
             return Err(bad("hello reply magic", magic));
         }
         let version = read_u16(r)?;
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(bad("protocol version", version.into()));
         }
         let status = Status::from_code(read_u32(r)?)?;
@@ -232,10 +256,16 @@ impl HelloReply {
             1 => true,
             other => return Err(bad("full sync flag", other.into())),
         };
+        let mut boot_id = [0u8; 16];
+        if version >= RESIZE_VERSION {
+            r.read_exact(&mut boot_id)?;
+        }
         Ok(HelloReply {
+            version,
             status,
             newest_epoch,
             full_sync,
+            boot_id,
         })
     }
 }
@@ -255,6 +285,8 @@ pub enum FrameKind {
     Verify,
     /// Answer the range's bytes after the ack (the primary's disk failed).
     Read,
+    /// Grow the volume to `offset` bytes (version 5).
+    Resize,
 }
 
 impl FrameKind {
@@ -266,6 +298,7 @@ impl FrameKind {
             FrameKind::Flush => 4,
             FrameKind::Verify => 5,
             FrameKind::Read => 6,
+            FrameKind::Resize => 7,
         }
     }
 
@@ -277,6 +310,7 @@ impl FrameKind {
             4 => FrameKind::Flush,
             5 => FrameKind::Verify,
             6 => FrameKind::Read,
+            7 => FrameKind::Resize,
             other => return Err(bad("frame kind", other.into())),
         })
     }
@@ -468,9 +502,20 @@ mod tests {
         };
         assert_eq!(Hello::read(&mut h.encode().as_slice()).expect("hello"), h);
         let reply = HelloReply {
+            version: MIN_VERSION,
             status: Status::SplitBrain,
             newest_epoch: 3,
             full_sync: true,
+            boot_id: [0; 16],
+        };
+        assert_eq!(
+            HelloReply::read(&mut reply.encode().as_slice()).expect("reply"),
+            reply
+        );
+        let reply = HelloReply {
+            version: VERSION,
+            boot_id: [7; 16],
+            ..reply
         };
         assert_eq!(
             HelloReply::read(&mut reply.encode().as_slice()).expect("reply"),

@@ -1,0 +1,162 @@
+//! A detached disk attached again without a restart
+//! (`Attachments::attach_disk`), in one process with memory backends that
+//! fail on command and then work again: refused while the device still
+//! fails; a primary gets back from its peer the chunks written while it
+//! was diskless, then reads its own copy; a secondary is resynced by its
+//! primary, which tracked what it missed. The copies end equal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_sds::backend::MemBackend;
+use basalt_sds::pool::{Pool, PoolOptions};
+use basalt_sds::replication::attach::{
+    AttachDiskError, AttachOptions, AttachSpec, Attachments, Role,
+};
+use basalt_sds::replication::book::ReplicaBook;
+use basalt_sds::replication::replica::ReplicaServer;
+use basalt_sds::replication::{Op, PeerState, ReplicationError};
+
+const VOL: u64 = 8 << 20;
+
+fn pool() -> (Pool, Arc<MemBackend>) {
+    let backend = Arc::new(MemBackend::new(64 << 20));
+    let pool = Pool::create(backend.clone(), &PoolOptions::default()).expect("pool");
+    pool.create_volume("vol", VOL).expect("volume");
+    (pool, backend)
+}
+
+fn attachments(pool: &Pool) -> Arc<Attachments> {
+    Arc::new(Attachments::new(
+        pool.clone(),
+        Arc::new(ReplicaBook::in_memory(0)),
+        AttachOptions {
+            retry: Duration::from_millis(50),
+            ..AttachOptions::default()
+        },
+    ))
+}
+
+fn spec(role: Role, peers: &[SocketAddr]) -> AttachSpec {
+    AttachSpec {
+        role,
+        epoch: 1,
+        peers: peers.iter().map(ToString::to_string).collect(),
+        allow_outdate: true,
+    }
+}
+
+fn write(att: &Attachments, pool: &Pool, offset: u64, byte: u8) -> Result<(), ReplicationError> {
+    let vol = pool.open_volume("vol").expect("open");
+    let data = vec![byte; 4096];
+    att.slot("vol").submit(
+        Op::Write {
+            offset,
+            data: &data,
+            fua: false,
+        },
+        || vol.write(offset, &data, false),
+    )
+}
+
+fn wait_peer(att: &Attachments, want: PeerState) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while att.view("vol").peers[0].1.state != want {
+        assert!(Instant::now() < deadline, "{:?}", att.view("vol"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Both pools' copies of the volume, read directly, are equal.
+fn assert_equal(a: &Pool, b: &Pool) {
+    let (mut x, mut y) = (vec![0u8; VOL as usize], vec![0u8; VOL as usize]);
+    a.open_volume("vol")
+        .expect("a")
+        .read(0, &mut x)
+        .expect("read a");
+    b.open_volume("vol")
+        .expect("b")
+        .read(0, &mut y)
+        .expect("read b");
+    assert!(x == y, "the copies differ");
+}
+
+/// One node: its pool, backing store and attachments.
+type Node = (Pool, Arc<MemBackend>, Arc<Attachments>);
+
+/// A primary (A) replicating to a secondary (B, with its replica server).
+fn setup() -> (
+    Node,
+    (Pool, Arc<MemBackend>, Arc<Attachments>, ReplicaServer),
+) {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let ((pa, disk_a), (pb, disk_b)) = (pool(), pool());
+    let (att_a, att_b) = (attachments(&pa), attachments(&pb));
+    let sb = ReplicaServer::serve(att_b.clone(), any).expect("replica server B");
+    att_b
+        .attach("vol", spec(Role::Secondary, &[]))
+        .expect("B secondary");
+    att_a
+        .attach("vol", spec(Role::Primary, &[sb.addr()]))
+        .expect("A primary");
+    wait_peer(&att_a, PeerState::Connected);
+    ((pa, disk_a, att_a), (pb, disk_b, att_b, sb))
+}
+
+#[test]
+fn a_diskless_primary_gets_back_what_it_missed_from_its_peer() {
+    let ((pa, disk_a, att_a), (pb, _, _, _sb)) = setup();
+    write(&att_a, &pa, 0, 0x11).expect("write with the disk up");
+    disk_a.fail_after_writes(0);
+    write(&att_a, &pa, 4096, 0x22).expect("write as the disk fails");
+    write(&att_a, &pa, 3 * 65536, 0x33).expect("write diskless");
+    assert!(att_a.disk().is_failed());
+
+    // Still failing: refused, still detached.
+    assert!(matches!(
+        att_a.attach_disk(),
+        Err(AttachDiskError::StillFailing { .. })
+    ));
+    assert!(att_a.disk().is_failed());
+
+    disk_a.heal();
+    let done = att_a.attach_disk().expect("attach the disk again");
+    assert!(done.was_detached, "{done:?}");
+    assert_eq!(done.copied_back, [("vol".to_owned(), 2)], "{done:?}");
+    assert!(!att_a.disk().is_failed());
+    // The local copy has what went only to the peer.
+    let vol = pa.open_volume("vol").expect("open");
+    let mut buf = vec![0u8; 4096];
+    vol.read(4096, &mut buf).expect("read");
+    assert_eq!(buf, vec![0x22; 4096]);
+    vol.read(3 * 65536, &mut buf).expect("read");
+    assert_eq!(buf, vec![0x33; 4096]);
+    assert_equal(&pa, &pb);
+    // Writes reach both copies again.
+    write(&att_a, &pa, 8192, 0x44).expect("write after the disk came back");
+    assert_equal(&pa, &pb);
+    pa.verify().expect("the pool verifies");
+    // Attached: nothing more to do.
+    assert!(!att_a.attach_disk().expect("again").was_detached);
+}
+
+#[test]
+fn a_secondary_attached_again_is_resynced_by_its_primary() {
+    let ((pa, _, att_a), (pb, disk_b, att_b, _sb)) = setup();
+    write(&att_a, &pa, 0, 0x11).expect("write with both disks up");
+    disk_b.fail_after_writes(0);
+    for i in 0..10u64 {
+        write(&att_a, &pa, i * 65536, i as u8 + 1).expect("write as B's disk fails");
+    }
+    wait_peer(&att_a, PeerState::DiskFailed);
+    disk_b.heal();
+    let done = att_b.attach_disk().expect("attach B's disk again");
+    assert!(done.was_detached && done.copied_back.is_empty(), "{done:?}");
+    // A's next hello is accepted: the dirty chunks, not a full sync.
+    wait_peer(&att_a, PeerState::Connected);
+    let st = &att_a.view("vol").peers[0].1;
+    assert_eq!(st.full_syncs, 1, "only the initial fill: {st:?}");
+    assert!(st.resync_chunks >= 9, "{st:?}");
+    assert_equal(&pa, &pb);
+}

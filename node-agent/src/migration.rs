@@ -34,7 +34,10 @@
 //!   them moved). An aborted copy never resumes the guest here, so the
 //!   endpoints stay on the source. The migration's end (any outcome) ends
 //!   the standby ([`NetworkAgent::finish_incoming`]); an agent restarted
-//!   mid-copy takes the standby up again from the migration object.
+//!   mid-copy takes the standby up again from the migration object, before
+//!   its first reconcile pass names the taps the node keeps (the pass makes
+//!   its placed VMs' taps only once the migrations are listed), so the taps
+//!   of a guest still arriving are never removed as unused.
 //! - **source, `TargetReady`**: pins the VM, writes `Migrating`, then
 //!   runs [`Compute::migrate`] peer to peer to the target's libvirtd
 //!   (`qemu+tcp://<target host>/system`), reporting progress about once a
@@ -107,6 +110,9 @@ const CAS_RETRIES: usize = 10;
 /// How long the target waits for its datapath to hold the standby taps
 /// before it says ready anyway (the switchover still moves the endpoints).
 const STANDBY_WAIT: Duration = Duration::from_secs(20);
+/// How long after a migration ended its single-copy disks' old copies are
+/// looked for again (see [`clean_single_copies`]).
+const CLEAN_WINDOW: Duration = Duration::from_secs(30);
 /// How often an incoming VM's watcher looks at its migration's phase.
 const INCOMING_POLL: Duration = Duration::from_millis(200);
 
@@ -221,6 +227,9 @@ struct State {
     /// Uids of migrations to this node whose standby taps are up and
     /// watched for the activation.
     incoming: BTreeSet<String>,
+    /// Uids of ended migrations naming this node whose single-copy disks
+    /// were cleaned up here.
+    cleaned: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -377,8 +386,27 @@ impl MigrationAgent {
     }
 
     /// Records the migrations listed or watched, flags the copies whose
-    /// migration failed or vanished for abort.
+    /// migration failed or vanished for abort; a list (`reset`) also lets
+    /// passes run ([`MigrationAgent::mark_synced`]).
     fn apply(&self, changes: impl IntoIterator<Item = (String, Option<Migration>)>, reset: bool) {
+        self.record(changes, reset);
+        if reset {
+            self.mark_synced();
+        }
+    }
+
+    /// Lets passes run: the migrations have been listed (and the standby
+    /// of those coming here taken up again), so pins can be derived.
+    fn mark_synced(&self) {
+        let mut state = self.state();
+        if !state.synced {
+            state.synced = true;
+            self.inner.listed.notify_all();
+        }
+    }
+
+    /// [`MigrationAgent::apply`] without letting passes run.
+    fn record(&self, changes: impl IntoIterator<Item = (String, Option<Migration>)>, reset: bool) {
         let mut state = self.state();
         if reset {
             state.migrations.clear();
@@ -401,10 +429,6 @@ impl MigrationAgent {
             if over && !abort.swap(true, Ordering::SeqCst) {
                 tracing::warn!(%vm, "the migration was failed or removed: aborting the copy");
             }
-        }
-        if reset {
-            state.synced = true;
-            self.inner.listed.notify_all();
         }
         drop(state);
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
@@ -438,7 +462,12 @@ async fn follow<C: Compute + 'static>(
         Object::Migration(m) => Some((m.spec.vm.clone(), Some(m))),
         _ => None,
     });
-    agent.apply(listed, true);
+    agent.record(listed, true);
+    // Before the first pass: a restarted target's standby taps are this
+    // node's datapath's again before the pass names the taps it keeps, so
+    // the taps of a guest still arriving are never removed as unused.
+    resume_incoming(agent, admin).await;
+    agent.mark_synced();
     trigger.notify_one();
     drive(agent, admin, compute).await;
     let mut events = admin
@@ -497,8 +526,59 @@ async fn drive<C: Compute + 'static>(
             .cloned()
             .collect()
     };
-    // A target whose agent restarted mid-copy takes the standby up again.
-    let resume: Vec<Migration> = if agent.inner.network.is_some() {
+    resume_incoming(agent, admin).await;
+    if let Some(volumes) = agent.inner.volumes.get() {
+        let ended: Vec<Migration> = {
+            let state = agent.state();
+            state
+                .migrations
+                .values()
+                .filter(|m| {
+                    m.status.phase.is_terminal()
+                        && (m.status.source == node || m.status.target == node)
+                        && !state.cleaned.contains(&m.meta.uid)
+                })
+                .cloned()
+                .collect()
+        };
+        for migration in ended {
+            // Again every rescan for a while: a reconcile pass whose
+            // placements still showed the VM here may have made its disk
+            // again just after it was deleted.
+            let settled = now_unix_ms()
+                > migration
+                    .status
+                    .finished_at_unix_ms
+                    .saturating_add(CLEAN_WINDOW.as_millis() as u64);
+            if clean_single_copies(volumes, admin, &node, &migration.spec.vm).await && settled {
+                agent.state().cleaned.insert(migration.meta.uid.clone());
+            }
+        }
+    }
+    for migration in todo {
+        let result = match migration.status.phase {
+            MigrationPhase::Preparing => prepare(agent, admin, &migration).await,
+            MigrationPhase::TargetReady => start_copy(agent, admin, compute, &migration).await,
+            _ => {
+                start_recovery(agent, admin, compute, &migration);
+                Ok(())
+            }
+        };
+        if let Err(err) = result {
+            tracing::warn!(vm = %migration.spec.vm, error = %err, "migration step failed; will retry");
+        }
+    }
+}
+
+/// A target whose agent restarted mid-copy takes the standby up again:
+/// the incoming VM's taps are made (or kept) and watched for the
+/// activation, without waiting for the datapath to hold them.
+async fn resume_incoming(agent: &MigrationAgent, admin: &AdminClient) {
+    if agent.inner.network.is_none() {
+        return;
+    }
+    let node = agent.inner.node.as_str();
+    let resume: Vec<Migration> = {
         let state = agent.state();
         state
             .migrations
@@ -515,25 +595,10 @@ async fn drive<C: Compute + 'static>(
             })
             .cloned()
             .collect()
-    } else {
-        Vec::new()
     };
     for migration in resume {
-        if let Err(err) = start_incoming(agent, admin, &migration).await {
+        if let Err(err) = start_incoming(agent, admin, &migration, false).await {
             tracing::warn!(vm = %migration.spec.vm, error = %err, "could not take the standby up again; the switchover will move the endpoints");
-        }
-    }
-    for migration in todo {
-        let result = match migration.status.phase {
-            MigrationPhase::Preparing => prepare(agent, admin, &migration).await,
-            MigrationPhase::TargetReady => start_copy(agent, admin, compute, &migration).await,
-            _ => {
-                start_recovery(agent, admin, compute, &migration);
-                Ok(())
-            }
-        };
-        if let Err(err) = result {
-            tracing::warn!(vm = %migration.spec.vm, error = %err, "migration step failed; will retry");
         }
     }
 }
@@ -570,7 +635,7 @@ async fn prepare(
     // The VM's disks are NBD exports at the same address on every node.
     // Its NICs: the standby taps the incoming domain will open (without
     // the agent's network, libvirt makes them).
-    if let Err(err) = start_incoming(agent, admin, migration).await {
+    if let Err(err) = start_incoming(agent, admin, migration, true).await {
         let message = format!("the target could not prepare the VM's network: {err}");
         tracing::warn!(%vm, %message, "preparing failed");
         fail(admin, migration, &message).await?;
@@ -629,6 +694,7 @@ async fn prepare_storage(
         }
         Err(err) => return Err(read(Kind::Placement, err)),
     };
+    prepare_single_copies(volumes, &vm).await?;
     volumes
         .prepare_incoming(&vm, &placement, migration)
         .await
@@ -640,6 +706,99 @@ async fn prepare_storage(
                 StorageStep::Refused(reason)
             }
         })
+}
+
+/// The VM's disks with a single copy, with their guest devices: they
+/// live in one node's pool only, so a live move copies their contents
+/// (the hypervisor's storage migration) into a fresh volume on the target.
+pub fn single_copy_disks(vm: &basalt_api::Vm) -> Vec<(&basalt_api::Disk, String)> {
+    vm.spec
+        .disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !crate::storage::replicas::is_replicated(d))
+        .filter_map(|(i, d)| Some((d, crate::vm_domain::disk_dev(i)?)))
+        .collect()
+}
+
+/// The target's step for disks with a single copy: a fresh, empty volume
+/// of the disk's size, which the incoming QEMU opens at the same NBD
+/// address and the source's hypervisor fills. A volume of that name left
+/// here by an earlier stay is not the VM's disk (the running guest's is on
+/// the source): it is replaced.
+async fn prepare_single_copies(volumes: &Volumes, vm: &basalt_api::Vm) -> Result<(), StorageStep> {
+    let storage = volumes.storage();
+    for (disk, _) in single_copy_disks(vm) {
+        let name = crate::storage::disk_volume(&vm.meta.uid, &disk.name);
+        let failed = |step: &str, err: ApiError| {
+            let reason = format!(
+                "{step} volume {name} for disk {:?}: {}",
+                disk.name,
+                error_chain(&err)
+            );
+            match err {
+                ApiError::Unavailable { .. } => StorageStep::Wait(reason),
+                _ => StorageStep::Refused(reason),
+            }
+        };
+        storage
+            .delete_volume(&name)
+            .await
+            .map_err(|e| failed("removing an old", e))?;
+        storage
+            .ensure_volume(basalt_api::EnsureVolume {
+                name: name.clone(),
+                size_bytes: disk.size_bytes,
+                source: None,
+            })
+            .await
+            .map_err(|e| failed("making the", e))?;
+    }
+    Ok(())
+}
+
+/// After a migration naming this node ended, deletes this node's copies of
+/// the VM's single-copy disks if the VM is placed elsewhere: the source's
+/// after a move (the disk now lives on the target), the target's after a
+/// failed one (a partial copy). Nothing while the VM is placed here or
+/// when it cannot be read. Idempotent: called again every rescan for
+/// [`CLEAN_WINDOW`] after the end, since a reconcile pass that had not yet
+/// seen the placement leave may make the volume again once. True when
+/// there is nothing (more) to do.
+async fn clean_single_copies(
+    volumes: &Volumes,
+    admin: &AdminClient,
+    node: &str,
+    vm_name: &str,
+) -> bool {
+    let vm = match admin.get(Kind::Vm, vm_name).await {
+        Ok(Object::Vm(vm)) => vm,
+        Err(ApiError::NotFound { .. }) => return true,
+        _ => return false,
+    };
+    let placed_here = match admin.get(Kind::Placement, vm_name).await {
+        Ok(Object::Placement(p)) => p.node == node,
+        Err(ApiError::NotFound { .. }) => return true,
+        _ => return false,
+    };
+    if placed_here {
+        return true;
+    }
+    let mut done = true;
+    for (disk, _) in single_copy_disks(&vm) {
+        let name = crate::storage::disk_volume(&vm.meta.uid, &disk.name);
+        match volumes.storage().delete_volume(&name).await {
+            Ok(true) => {
+                tracing::info!(vm = %vm_name, volume = %name, "deleted this node's copy of a single-copy disk: the VM runs elsewhere");
+            }
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(vm = %vm_name, volume = %name, error = %err, "could not delete a single-copy disk's old copy; retrying");
+                done = false;
+            }
+        }
+    }
+    done
 }
 
 /// Why the target could not prepare an incoming VM's network.
@@ -667,12 +826,15 @@ pub enum IncomingError {
 
 /// The target's network side of an incoming VM (a no-op without the
 /// agent's network, or when already done): makes its taps in standby,
-/// waits (bounded) until the datapath holds them, and watches for the
-/// activation until the migration ends. See the module doc.
+/// waits (bounded) until the datapath holds them — before returning when
+/// `wait_in_datapath` (the target says ready only then), else in the
+/// background — and watches for the activation until the migration ends.
+/// See the module doc.
 async fn start_incoming(
     agent: &MigrationAgent,
     admin: &AdminClient,
     migration: &Migration,
+    wait_in_datapath: bool,
 ) -> Result<(), IncomingError> {
     let Some(network) = agent.inner.network.clone() else {
         return Ok(());
@@ -708,18 +870,15 @@ async fn start_incoming(
             return Err(IncomingError::Panicked { vm: name });
         }
     };
-    let started = Instant::now();
-    while !network.taps_ready(&taps) {
-        if started.elapsed() > STANDBY_WAIT {
-            tracing::warn!(vm = %name, ?taps, "the standby taps are not in the datapath yet; an activation may go unseen");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if wait_in_datapath {
+        wait_standby(&network, &name, &taps).await;
     }
-    tracing::info!(vm = %name, ?taps, "standby taps ready for the incoming guest");
     agent.state().incoming.insert(migration.meta.uid.clone());
     let (agent, admin, migration) = (agent.clone(), admin.clone(), migration.clone());
     tokio::spawn(async move {
+        if !wait_in_datapath {
+            wait_standby(&network, &migration.spec.vm, &taps).await;
+        }
         watch_incoming(
             &agent,
             &admin,
@@ -732,6 +891,19 @@ async fn start_incoming(
         .await;
     });
     Ok(())
+}
+
+/// Waits (at most [`STANDBY_WAIT`]) until the datapath holds `taps`.
+async fn wait_standby(network: &NetworkAgent, vm: &str, taps: &[String]) {
+    let started = Instant::now();
+    while !network.taps_ready(taps) {
+        if started.elapsed() > STANDBY_WAIT {
+            tracing::warn!(%vm, ?taps, "the standby taps are not in the datapath yet; an activation may go unseen");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(%vm, ?taps, "standby taps ready for the incoming guest");
 }
 
 /// How a migration to this node stands, for its incoming watcher.
@@ -896,6 +1068,15 @@ async fn start_copy<C: Compute + 'static>(
         Object::Node(node) => target_uri(&node.spec.address),
         _ => return Ok(()),
     };
+    // Disks with a single copy travel with the guest (storage migration
+    // into the fresh volume the target made).
+    let copy_disks: Vec<String> = match admin.get(Kind::Vm, &vm).await? {
+        Object::Vm(v) => single_copy_disks(&v)
+            .into_iter()
+            .map(|(_, dev)| dev)
+            .collect(),
+        _ => return Ok(()),
+    };
     let abort = Arc::new(AtomicBool::new(false));
     agent.state().workers.insert(vm.clone(), abort.clone());
     let pin = Pin {
@@ -927,6 +1108,7 @@ async fn start_copy<C: Compute + 'static>(
         target_uri: target,
         allow_post_copy: migration.spec.post_copy,
         bandwidth_mib_s: None,
+        copy_disks,
     };
     let (agent, admin, compute, migration) = (
         agent.clone(),
@@ -1373,6 +1555,33 @@ mod tests {
             .during_pass(&placements, false, Ok::<_, ComputeError>)
             .unwrap();
         assert!(hands_off.is_empty());
+    }
+
+    #[test]
+    fn disks_with_a_single_copy_travel_by_their_guest_device() {
+        let disk = |name: &str, replicas: u32| basalt_api::Disk {
+            name: name.into(),
+            size_bytes: 1 << 20,
+            image: None,
+            replicas,
+        };
+        let mut vm = basalt_api::Vm::default();
+        assert!(single_copy_disks(&vm).is_empty(), "no disk");
+        vm.spec.disks = vec![disk("root", 2), disk("data", 3)];
+        assert!(single_copy_disks(&vm).is_empty(), "every disk replicated");
+        vm.spec.disks.push(disk("scratch", 1));
+        vm.spec.disks.push(disk("old", 0));
+        let copied: Vec<(String, String)> = single_copy_disks(&vm)
+            .into_iter()
+            .map(|(d, dev)| (d.name.clone(), dev))
+            .collect();
+        assert_eq!(
+            copied,
+            [
+                ("scratch".to_owned(), "vdc".to_owned()),
+                ("old".to_owned(), "vdd".to_owned())
+            ]
+        );
     }
 
     #[test]

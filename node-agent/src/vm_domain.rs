@@ -88,12 +88,8 @@ pub fn domain_spec(
         .iter()
         .enumerate()
         .map(|(i, disk)| {
-            let letter = u8::try_from(i)
-                .ok()
-                .filter(|i| *i < 26)
-                .ok_or_else(|| err("spec.disks", "at most 26 disks"))?;
             Ok(NbdDisk {
-                target_dev: format!("vd{}", char::from(b'a' + letter)),
+                target_dev: disk_dev(i).ok_or_else(|| err("spec.disks", "at most 26 disks"))?,
                 host: NBD_HOST.to_owned(),
                 port: NBD_PORT,
                 export_name: crate::storage::disk_volume(&vm.meta.uid, &disk.name),
@@ -142,6 +138,13 @@ pub fn domain_spec(
 /// plane's are), else one derived from it, stable everywhere.
 pub fn vm_uuid(uid: &str) -> Uuid {
     Uuid::parse_str(uid).unwrap_or_else(|_| Uuid::new_v5(&Uuid::NAMESPACE_OID, uid.as_bytes()))
+}
+
+/// The guest device of the VM's disk number `index` (`vda`, `vdb`, …),
+/// `None` past the 26th.
+pub fn disk_dev(index: usize) -> Option<String> {
+    let letter = u8::try_from(index).ok().filter(|i| *i < 26)?;
+    Some(format!("vd{}", char::from(b'a' + letter)))
 }
 
 /// The tap of NIC `index`: `vm` + 8 hex digits of the VM's UUID + `-` +

@@ -175,6 +175,7 @@ pub fn run_migration(a: Peer<'_>, b: Peer<'_>, spec: DomainSpec) {
         target_uri: uri.to_owned(),
         allow_post_copy: false,
         bandwidth_mib_s: None,
+        copy_disks: Vec::new(),
     };
     let mut go_on = |_: &MigrationProgress| MigrationControl::Continue;
     assert!(matches!(

@@ -365,8 +365,15 @@ impl Compute for LibvirtCompute {
             if request.allow_post_copy {
                 flags |= sys::VIR_MIGRATE_POSTCOPY;
             }
+            if !request.copy_disks.is_empty() {
+                // Storage migration of exactly these disks (the NBD
+                // mirror into the target QEMU's own NBD server); the
+                // others are shared.
+                flags |= sys::VIR_MIGRATE_NON_SHARED_DISK;
+            }
             let params = virt::domain::MigrateParameters {
                 bandwidth: request.bandwidth_mib_s,
+                migrate_disks: request.copy_disks.clone(),
                 ..Default::default()
             };
             let (uri, target, domain_name) = (

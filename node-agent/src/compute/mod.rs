@@ -85,6 +85,11 @@ pub struct MigrateRequest {
     pub allow_post_copy: bool,
     /// Cap the copy's bandwidth (MiB/s); `None` for no cap.
     pub bandwidth_mib_s: Option<u64>,
+    /// Disks (by target device, `vdb`) whose contents the hypervisor
+    /// copies too, into the disk of the same device the target's domain
+    /// opens (an empty volume there); the others are shared (the same NBD
+    /// export on both nodes).
+    pub copy_disks: Vec<String>,
 }
 
 /// How far a migration is, as the hypervisor reports it.

@@ -426,6 +426,7 @@ mod tests {
             target_uri: "sim://b".into(),
             allow_post_copy: false,
             bandwidth_mib_s: Some(8),
+            copy_disks: Vec::new(),
         };
         let mut ticks = 0;
         let result = a.migrate("sim-n", &request, &mut |p| {

@@ -11,7 +11,7 @@ use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use super::{ECHO_PORT, READ_PORT, STREAM_PORT, WRITE_PORT};
+use super::{DIRTY_PORT, ECHO_PORT, READ_PORT, STREAM_PORT, WRITE_PORT};
 use crate::netns::{NetnsError, Node};
 
 /// Longest data record the guest's disk block holds (one line of a
@@ -234,9 +234,20 @@ impl<'n> GuestClient<'n> {
     /// Opens the numbered stream; the connection can be read from any
     /// thread (and kept open across, say, a migration).
     pub fn open_stream(&self) -> Result<NumberStream, ClientError> {
+        self.open_numbers(STREAM_PORT)
+    }
+
+    /// Starts the guest's memory dirtier: it rewrites 8 MiB of its RAM in
+    /// a loop for as long as the returned connection stays open, and
+    /// numbers its rounds on it (read them to see it work; drop it to stop).
+    pub fn dirty_memory(&self) -> Result<NumberStream, ClientError> {
+        self.open_numbers(DIRTY_PORT)
+    }
+
+    fn open_numbers(&self, port: u16) -> Result<NumberStream, ClientError> {
         let addr = self.addr;
         self.in_netns(move || {
-            let service = SocketAddr::from((addr, STREAM_PORT));
+            let service = SocketAddr::from((addr, port));
             let socket = connect(service, CONNECT_TIMEOUT)?;
             Ok(NumberStream {
                 addr: service,
@@ -258,7 +269,8 @@ impl<'n> GuestClient<'n> {
     }
 }
 
-/// An open connection to the guest's numbered stream.
+/// An open connection to the guest's numbered stream (or to its memory
+/// dirtier, which numbers its rounds).
 #[derive(Debug)]
 pub struct NumberStream {
     addr: SocketAddr,

@@ -10,6 +10,8 @@
 #   8   disk read-back: "boots=N data=TEXT"
 #   9   numbered stream: 0, 1, 2, ... one line every ~100 ms, forever
 #   10  disk write: reads one line, stores it as the data record, says "ok"
+#   11  memory dirtier: rewrites 8 MiB of RAM in a loop, one line a round,
+#       while the reader stays connected
 #
 # Disk layout (/dev/vda, raw): block 0 holds the boot counter, block 1 the
 # data record, each as one text line padded with zeros to 512 bytes.
@@ -87,6 +89,7 @@ nc -ll -p 7 -e cat &
 nc -ll -p 8 -e /bin/basalt-read &
 nc -ll -p 9 -e /bin/basalt-stream &
 nc -ll -p 10 -e /bin/basalt-write &
+nc -ll -p 11 -e /bin/basalt-dirty &
 
 say "ready ip=$(ip -4 -o addr show dev eth0 2>/dev/null | awk '{print $4}')"
 

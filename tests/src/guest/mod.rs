@@ -5,7 +5,7 @@
 //! ([`initramfs::GuestImage`]) whose `/init` (`init.sh`) loads the virtio
 //! modules, counts its boots on `/dev/vda`, takes its address from the
 //! kernel command line (`basalt.ip=`/`basalt.gw=`, or `basalt.dhcp=1`) and
-//! serves four TCP ports ([`client::GuestClient`] speaks to them):
+//! serves five TCP ports ([`client::GuestClient`] speaks to them):
 //!
 //! | port | service |
 //! |---|---|
@@ -13,6 +13,7 @@
 //! | [`READ_PORT`] | prints `boots=N data=TEXT` from the disk |
 //! | [`STREAM_PORT`] | a numbered line every ~100 ms, forever |
 //! | [`WRITE_PORT`] | stores one line as the disk's data record |
+//! | [`DIRTY_PORT`] | rewrites 8 MiB of its memory in a loop while connected |
 //!
 //! When it serves, it prints [`READY_MARKER`] on the serial console.
 //!
@@ -44,6 +45,10 @@ pub const READ_PORT: u16 = 8;
 pub const STREAM_PORT: u16 = 9;
 /// Port of the disk write service.
 pub const WRITE_PORT: u16 = 10;
+/// Port of the memory dirtier: while a client stays connected the guest
+/// rewrites 8 MiB of non-zero RAM in a loop (a line per round), so a live
+/// migration's pre-copy has pages to send again and again.
+pub const DIRTY_PORT: u16 = 11;
 
 /// What the guest prints on its console once it serves.
 pub const READY_MARKER: &str = "basalt-guest: ready";
@@ -74,6 +79,7 @@ pub(crate) const BIN_SCRIPTS: &[(&str, &str)] = &[
     ("basalt-read", include_str!("bin/basalt-read")),
     ("basalt-write", include_str!("bin/basalt-write")),
     ("basalt-stream", include_str!("bin/basalt-stream")),
+    ("basalt-dirty", include_str!("bin/basalt-dirty")),
     ("basalt-dhcp", include_str!("bin/basalt-dhcp")),
 ];
 

@@ -1,0 +1,615 @@
+//! Live migrations that do not go the easy way, end to end (root,
+//! libvirt, TCG, Basalt's datapath and storage; the cluster of
+//! `live_cluster`: nodes `a` and `b`, the control plane and the route
+//! follower on `cp`). The test guest runs on `a` from a disk replicated to
+//! both nodes, with a NIC whose address it takes by DHCP; one TCP
+//! connection from `cp` to its numbered stream is held through both moves.
+//!
+//! - **Post-copy**: the guest dirties its memory in a loop (8 MiB of RAM
+//!   rewritten round after round) and the source's migration bandwidth is
+//!   capped far below that rate, so pre-copy cannot converge; `basalt vm
+//!   migrate --to b --post-copy --timeout-seconds 3 --wait` switches it to
+//!   post-copy after 3 s and the move completes: the migration says
+//!   post-copy did it, the VM runs on `b` only (placement at the next
+//!   epoch), and the dirtier's rounds go on there. All along, sampling
+//!   both libvirtds (a, b, a) never sees two running copies.
+//! - **The target's agent killed mid-copy**: a migration back to `a`,
+//!   slowed down the same way, is under way when `a`'s agent is killed
+//!   with SIGKILL and started again seconds later; libvirt goes on
+//!   copying. The migration either completes (the restarted agent adopts
+//!   the incoming domain) or is failed cleanly; either way the VM runs on
+//!   exactly one node, the other keeps no domain, no tap and no primary
+//!   role on the VM's disk, and the two copies match.
+//!
+//! - **A disk with a single copy**: a second VM whose disk has one copy
+//!   (in one node's pool only) moves live with it: the target makes a
+//!   fresh volume, libvirt's storage migration copies the disk into it;
+//!   on the target the disk holds the guest's boot record (no second
+//!   boot) and data written on the source, and the source keeps neither
+//!   domain nor copy.
+//!
+//! After each move the held connection is still the same one (no reset,
+//! every number one more than the last), the guest has not rebooted (its
+//! disk's boot counter stays 1), keeps its address and reads back what it
+//! wrote.
+
+mod common;
+mod live_cluster;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use basalt_agent::storage::disk_volume;
+use basalt_api::{
+    Disk, KernelBoot, Kind, Migration, MigrationPhase, Nic, Object, ObjectMeta, Vm, VmPhase, VmSpec,
+};
+use basalt_testkit::guest::{GuestClient, GuestImage};
+use basalt_testkit::nbd_client::NbdClient;
+use basalt_testkit::{Libvirtd, Prefix, wait};
+
+use live_cluster::{
+    DEADLINE, HeldStream, LiveCluster, basalt, copies_match, domain_state, domains, endpoint_of,
+    get_vm, in_sync, links, placement, text, vm_taps,
+};
+
+const DISK_BYTES: u64 = 16 << 20;
+/// The longest pause the held connection may see across a move: far above
+/// a switchover (about a second), far below a reboot (which resets it
+/// anyway).
+const MAX_PAUSE: Duration = Duration::from_secs(20);
+/// The source's migration bandwidth while a move must not finish by
+/// itself (MiB/s): the guest has tens of MiB of non-zero memory, and its
+/// dirtier rewrites 8 MiB many times a second.
+const SLOW_MIB_S: &str = "1";
+/// Where the single-copy test writes beside the guest's own records.
+const PATTERN_AT: u64 = 1 << 20;
+const PATTERN_BYTES: usize = 64 << 10;
+
+/// `len` bytes at `offset` of export `export` as `node`'s storage serves
+/// it; `None` if it cannot be read.
+async fn read_at(
+    node: &basalt_testkit::Node,
+    export: &str,
+    offset: u64,
+    len: usize,
+) -> Option<Vec<u8>> {
+    let (node, export) = (node.clone(), export.to_owned());
+    tokio::task::spawn_blocking(move || {
+        node.run_in(move || {
+            let mut client = NbdClient::connect(live_cluster::NBD, &export).ok()?;
+            let mut buf = vec![0u8; len];
+            client.read(offset, &mut buf).ok()?;
+            Some(buf)
+        })
+        .ok()
+        .flatten()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Caps (or lifts) the migration bandwidth of `domain` on `libvirtd`:
+/// libvirt applies it to the domain's next migration, or at once to one
+/// under way.
+fn set_speed(libvirtd: &Libvirtd, domain: &str, mib_s: &str) {
+    libvirtd
+        .virsh(&["migrate-setspeed", domain, mib_s])
+        .unwrap_or_else(|err| panic!("migrate-setspeed {domain} {mib_s}: {err}"));
+}
+
+async fn migration(admin: &basalt_api::AdminClient, vm: &str) -> Option<Migration> {
+    match admin.get(Kind::Migration, vm).await {
+        Ok(Object::Migration(m)) => Some(m),
+        _ => None,
+    }
+}
+
+/// `virsh domstate` of `domain` on the libvirtd at `uri` (`undefined`
+/// when it has none).
+fn state_at(uri: &str, domain: &str) -> String {
+    Command::new("virsh")
+        .args(["-q", "-c", uri, "domstate", domain])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map_or_else(
+            || "undefined".to_owned(),
+            |out| String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
+}
+
+/// Samples both libvirtds (a, b, a) until stopped; records every time the
+/// domain was running on `b` while it ran on `a` before and after.
+struct TwoCopies {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl TwoCopies {
+    fn watch(a: &Libvirtd, b: &Libvirtd, domain: String) -> TwoCopies {
+        let (a, b) = (a.uri(), b.uri());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut samples, mut both) = (0, Vec::new());
+                while !stop.load(Ordering::SeqCst) {
+                    let first = state_at(&a, &domain);
+                    let there = state_at(&b, &domain);
+                    let then = state_at(&a, &domain);
+                    samples += 1;
+                    if first == "running" && there == "running" && then == "running" {
+                        both.push(format!("sample {samples}: running on a and b"));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                (samples, both)
+            })
+        };
+        TwoCopies {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops; asserts no sample saw two running copies.
+    fn finish(mut self, what: &str) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (samples, both) = self
+            .thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("the sampler panicked");
+        eprintln!("{what}: {samples} samples of both libvirtds");
+        assert!(samples > 0, "{what}: never sampled");
+        assert!(both.is_empty(), "{what}: two running copies: {both:?}");
+    }
+}
+
+impl Drop for TwoCopies {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let prefix = Prefix::for_test().expect("prefix");
+    let image = GuestImage::build().expect("guest image");
+    let mut cluster = LiveCluster::start(&prefix, &["a", "b"]).await;
+    cluster.default_network().await;
+    let (a, b, cp) = (
+        cluster.nodes[0].clone(),
+        cluster.nodes[1].clone(),
+        cluster.cp.clone(),
+    );
+    let (admin, server) = (cluster.admin.clone(), cluster.server.clone());
+
+    let vm = Vm {
+        meta: ObjectMeta::named("mover"),
+        spec: VmSpec {
+            cpus: 1,
+            memory_mib: 160,
+            running: false,
+            disks: vec![Disk {
+                name: "root".into(),
+                size_bytes: DISK_BYTES,
+                image: None,
+                replicas: 2,
+            }],
+            kernel: Some(KernelBoot {
+                kernel: image.kernel().to_string_lossy().into_owned(),
+                initrd: image.initrd().to_string_lossy().into_owned(),
+                cmdline: "console=ttyS0 basalt.dhcp=1".into(),
+            }),
+            nics: vec![Nic {
+                network: "default".into(),
+                mac: None,
+                ip: None,
+            }],
+            ..VmSpec::default()
+        },
+        ..Vm::default()
+    };
+    let stored = cluster.create_vm(vm, 0, &[0, 1]).await;
+    let volume = disk_volume(&stored.meta.uid, "root");
+    let domain = format!("{}mover", cluster.domain_prefix);
+    wait::until(
+        "a's primary is in sync with b's copy, the domain runs on a, the NIC is leased",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            in_sync(&cluster.clients[0], &volume, 1).await
+                && domain_state(&cluster.libvirtds[0], &domain) == "running"
+                && endpoint_of(&admin, "mover").await.is_some()
+        },
+    )
+    .await;
+    let ip = endpoint_of(&admin, "mover")
+        .await
+        .and_then(|e| e.ip)
+        .expect("the leased address");
+    cluster.wait_guest(&prefix, "mover", ip).await;
+    let record = cluster.write(ip, "before-moves").await.expect("write");
+    assert_eq!((record.boots, record.data.as_str()), (1, "before-moves"));
+
+    // The connection held through both moves.
+    let held = {
+        let cp = cp.clone();
+        tokio::task::spawn_blocking(move || {
+            let held = HeldStream::open(ip, &cp, MAX_PAUSE);
+            assert!(held.wait_more(5, DEADLINE), "the stream sends numbers");
+            held
+        })
+        .await
+        .expect("join")
+    };
+
+    // 1. Post-copy: a guest dirtying memory faster than the copy goes.
+    let dirtier = {
+        let cp = cp.clone();
+        tokio::task::spawn_blocking(move || {
+            let rounds = GuestClient::in_node(ip, Some(&cp))
+                .dirty_memory()
+                .expect("start the guest's memory dirtier");
+            let dirtier = HeldStream::hold(rounds, MAX_PAUSE);
+            assert!(
+                dirtier.wait_more(3, DEADLINE),
+                "the guest dirties its memory round after round"
+            );
+            dirtier
+        })
+        .await
+        .expect("join")
+    };
+    set_speed(&cluster.libvirtds[0], &domain, SLOW_MIB_S);
+    let sampler = TwoCopies::watch(&cluster.libvirtds[0], &cluster.libvirtds[1], domain.clone());
+    let started = Instant::now();
+    let out = basalt(
+        &server,
+        &[
+            "vm",
+            "migrate",
+            "mover",
+            "--to",
+            b.netns(),
+            "--post-copy",
+            "--timeout-seconds",
+            "3",
+            "--wait",
+        ],
+    )
+    .await;
+    eprintln!("post-copy move took {:?}", started.elapsed());
+    assert!(out.status.success(), "migrate --post-copy: {}", text(&out));
+    let m = migration(&admin, "mover").await.expect("the migration");
+    assert_eq!(m.status.phase, MigrationPhase::Succeeded, "{m:?}");
+    assert!(
+        m.status.post_copy_active,
+        "pre-copy could not converge: post-copy did the move: {m:?}"
+    );
+    let moved = placement(&admin, "mover").await.expect("placed");
+    assert_eq!(
+        (moved.node.as_str(), moved.epoch),
+        (b.netns(), 2),
+        "one move, one epoch"
+    );
+    // The guest goes on dirtying its memory, on b now.
+    let dirtier = tokio::task::spawn_blocking(move || {
+        let more = dirtier.wait_more(3, DEADLINE);
+        let report = dirtier.finish();
+        (more, report)
+    })
+    .await
+    .expect("join");
+    if !dirtier.0 {
+        let echo = {
+            let cp = cp.clone();
+            tokio::task::spawn_blocking(move || GuestClient::in_node(ip, Some(&cp)).echo("x"))
+                .await
+                .expect("join")
+        };
+        let held = held.finish();
+        panic!(
+            "the dirtier stopped after the move: {} rounds, {:?}, longest pause {:?}; echo: {echo:?}; held stream: {} numbers, {:?}\nguest:\n{}\nagent b:\n{}",
+            dirtier.1.numbers.len(),
+            dirtier.1.broken,
+            dirtier.1.longest_pause,
+            held.numbers.len(),
+            held.broken,
+            basalt_testkit::guest::log_tail(&prefix.log_dir().join("mover.log"), 30),
+            cluster.agents[1].log_tail(40),
+        );
+    }
+    let dirtier = dirtier.1;
+    assert!(
+        dirtier.broken.is_none(),
+        "the dirtier's connection broke: {:?}",
+        dirtier.broken
+    );
+    assert!(
+        basalt_testkit::guest::check_consecutive(&dirtier.numbers).is_ok(),
+        "the dirtier's rounds are numbered in order"
+    );
+    eprintln!("the dirtier ran {} rounds", dirtier.numbers.len());
+    sampler.finish("post-copy");
+    assert_eq!(domain_state(&cluster.libvirtds[1], &domain), "running");
+    wait::until(
+        "a keeps no domain and no tap",
+        DEADLINE,
+        &cluster.processes(),
+        || async { domains(&cluster.libvirtds[0]).is_empty() && vm_taps(&a).is_empty() },
+    )
+    .await;
+    let record = cluster.write(ip, "after-post-copy").await.expect("write");
+    assert_eq!(
+        (record.boots, record.data.as_str()),
+        (1, "after-post-copy"),
+        "the guest rebooted"
+    );
+    assert_eq!(
+        endpoint_of(&admin, "mover").await.and_then(|e| e.ip),
+        Some(ip)
+    );
+    wait::until(
+        "b's primary is in sync with a's copy",
+        DEADLINE,
+        &cluster.processes(),
+        || async { in_sync(&cluster.clients[1], &volume, 1).await },
+    )
+    .await;
+    assert!(
+        held.wait_more(5, DEADLINE),
+        "the held stream goes on after the post-copy move"
+    );
+
+    // 2. Back to a, slowly; a's agent (the target's) dies mid-copy.
+    set_speed(&cluster.libvirtds[1], &domain, SLOW_MIB_S);
+    let sampler = TwoCopies::watch(&cluster.libvirtds[0], &cluster.libvirtds[1], domain.clone());
+    let out = basalt(&server, &["vm", "migrate", "mover", "--to", a.netns()]).await;
+    assert!(out.status.success(), "migrate back: {}", text(&out));
+    wait::until(
+        "the copy back to a is under way",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            migration(&admin, "mover").await.is_some_and(|m| {
+                m.status.target == a.netns()
+                    && m.status.phase == MigrationPhase::Migrating
+                    && m.status.data_processed > 0
+            })
+        },
+    )
+    .await;
+    cluster.agents[0].kill9().expect("kill -9 a's agent");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = migration(&admin, "mover").await.expect("the migration");
+    eprintln!(
+        "3 s after the target's agent died: {:?}, {} of {} bytes",
+        during.status.phase, during.status.data_processed, during.status.data_total
+    );
+    cluster.agents[0].restart().expect("restart a's agent");
+    // Let the copy finish now.
+    set_speed(&cluster.libvirtds[1], &domain, "100000");
+    wait::until(
+        "the migration back to a ends",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            migration(&admin, "mover").await.is_some_and(|m| {
+                matches!(
+                    m.status.phase,
+                    MigrationPhase::Succeeded | MigrationPhase::Failed
+                )
+            })
+        },
+    )
+    .await;
+    let m = migration(&admin, "mover").await.expect("the migration");
+    eprintln!(
+        "after the target's agent restart: {:?}: {}",
+        m.status.phase, m.status.message
+    );
+    let (here, other) = if m.status.phase == MigrationPhase::Succeeded {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    let placed = placement(&admin, "mover").await.expect("placed");
+    assert_eq!(
+        (placed.node.as_str(), placed.epoch),
+        (cluster.nodes[here].netns(), if here == 0 { 3 } else { 2 }),
+        "the placement follows the outcome: {m:?}"
+    );
+    wait::until(
+        "the VM runs on one node only, the other keeps no domain, tap or primary",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            domain_state(&cluster.libvirtds[here], &domain) == "running"
+                && domains(&cluster.libvirtds[other]).is_empty()
+                && vm_taps(&cluster.nodes[other]).is_empty()
+                && links(&cluster.clients[other], &volume).await.is_empty()
+                && in_sync(&cluster.clients[here], &volume, 1).await
+        },
+    )
+    .await;
+    sampler.finish("target agent restart");
+    wait::until(
+        "the VM reports running on its node",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            get_vm(&admin, "mover").await.is_some_and(|v| {
+                v.status.phase == VmPhase::Running
+                    && v.status.node.as_deref() == Some(placed.node.as_str())
+            })
+        },
+    )
+    .await;
+    let record = cluster.write(ip, "after-restart").await.expect("write");
+    assert_eq!(
+        (record.boots, record.data.as_str()),
+        (1, "after-restart"),
+        "the guest rebooted"
+    );
+    assert_eq!(
+        endpoint_of(&admin, "mover").await.and_then(|e| e.ip),
+        Some(ip)
+    );
+    let held = tokio::task::spawn_blocking(move || {
+        assert!(held.wait_more(10, DEADLINE), "the held stream goes on");
+        held.finish_intact("the connection held across both moves", MAX_PAUSE)
+    })
+    .await
+    .expect("join");
+    eprintln!(
+        "the held connection read {} numbers, longest pause {:?}",
+        held.numbers.len(),
+        held.longest_pause
+    );
+
+    // 3. A disk with a single copy moves with the guest: the target makes
+    // a fresh volume, the source's hypervisor copies the disk into it, and
+    // the source's copy goes once the VM is placed on the target.
+    let single = Vm {
+        meta: ObjectMeta::named("single"),
+        spec: VmSpec {
+            cpus: 1,
+            memory_mib: 96,
+            running: false,
+            disks: vec![Disk {
+                name: "root".into(),
+                size_bytes: DISK_BYTES,
+                image: None,
+                replicas: 1,
+            }],
+            kernel: Some(KernelBoot {
+                kernel: image.kernel().to_string_lossy().into_owned(),
+                initrd: image.initrd().to_string_lossy().into_owned(),
+                cmdline: "console=ttyS0".into(),
+            }),
+            ..VmSpec::default()
+        },
+        ..Vm::default()
+    };
+    let single = cluster.create_vm(single, here, &[]).await;
+    let single_domain = format!("{}single", cluster.domain_prefix);
+    let single_volume = disk_volume(&single.meta.uid, "root");
+    // Booted: the guest has counted its boot on its disk.
+    wait::until(
+        "the single-copy VM runs and has counted its boot",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            domain_state(&cluster.libvirtds[here], &single_domain) == "running"
+                && read_at(&cluster.nodes[here], &single_volume, 0, 512)
+                    .await
+                    .is_some_and(|b| b.starts_with(b"1\n"))
+        },
+    )
+    .await;
+    // Data the guest never touches, written beside it through the export.
+    let pattern: Vec<u8> = (0..PATTERN_BYTES).map(|i| (i % 251) as u8 + 1).collect();
+    {
+        let (node, export, pattern) = (
+            cluster.nodes[here].clone(),
+            single_volume.clone(),
+            pattern.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            node.run_in(move || {
+                let mut client = NbdClient::connect(live_cluster::NBD, &export)?;
+                client.write(PATTERN_AT, &pattern)?;
+                client.flush()
+            })
+        })
+        .await
+        .expect("join")
+        .expect("netns")
+        .expect("write the pattern");
+    }
+    let out = basalt(
+        &server,
+        &[
+            "vm",
+            "migrate",
+            "single",
+            "--to",
+            cluster.nodes[other].netns(),
+            "--wait",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "migrate single: {}", text(&out));
+    let m = migration(&admin, "single").await.expect("the migration");
+    assert_eq!(m.status.phase, MigrationPhase::Succeeded, "{m:?}");
+    assert_eq!(
+        placement(&admin, "single").await.map(|p| (p.node, p.epoch)),
+        Some((cluster.nodes[other].netns().to_owned(), 2)),
+    );
+    assert_eq!(
+        domain_state(&cluster.libvirtds[other], &single_domain),
+        "running"
+    );
+    // The disk came along: the boot count (no second boot) and the data.
+    let moved = read_at(&cluster.nodes[other], &single_volume, 0, 512)
+        .await
+        .expect("the target's copy");
+    assert!(
+        moved.starts_with(b"1\n"),
+        "boot record on the target: {:?}",
+        &moved[..8]
+    );
+    assert_eq!(
+        read_at(
+            &cluster.nodes[other],
+            &single_volume,
+            PATTERN_AT,
+            PATTERN_BYTES
+        )
+        .await
+        .expect("the target's copy"),
+        pattern,
+        "the data written on the source is on the target"
+    );
+    let started = Instant::now();
+    loop {
+        let state = domain_state(&cluster.libvirtds[here], &single_domain);
+        let volumes = live_cluster::volume_names(&cluster.clients[here]).await;
+        if state == "undefined"
+            && volumes
+                .as_ref()
+                .is_some_and(|v| !v.contains(&single_volume))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the source still has the single-copy VM: domain {state}, volumes {volumes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        domain_state(&cluster.libvirtds[other], &single_domain),
+        "running",
+        "the moved guest runs on"
+    );
+
+    let nodes = cluster.nodes.clone();
+    let volume_name = volume.clone();
+    tokio::task::spawn_blocking(move || {
+        copies_match(&[&nodes[here], &nodes[other]], &volume_name, DISK_BYTES)
+    })
+    .await
+    .expect("join")
+    .expect("both copies match after the moves");
+}

@@ -490,10 +490,14 @@ struct Shared {
     sync_log_on_flush: bool,
 }
 
-/// How often set bits of the dirty log are cleared (after a FLUSH on both
-/// sides), and how long a chunk stays set after its last write (one to
-/// two periods).
+/// How often set bits of the dirty log are cleared (once a FLUSH made
+/// their writes durable on both sides), and how long a chunk stays set
+/// after its last write (one to two periods).
 const LOG_CLEAN_EVERY: Duration = Duration::from_secs(1);
+
+/// How long bits may wait for a client's FLUSH before the cleaner sends
+/// its own (each one stalls the peer's frame order for its sync).
+const LOG_FLUSH_EVERY: Duration = Duration::from_secs(10);
 
 /// A chunk written recently, for the dirty log's cleaner.
 #[derive(Debug, Default, Clone, Copy)]
@@ -502,6 +506,8 @@ struct Touch {
     inflight: u32,
     /// The cleaner's tick of its last write.
     tick: u64,
+    /// The write counter at its last write ([`Link::wseq`]).
+    seq: u64,
 }
 
 #[derive(Debug)]
@@ -545,6 +551,13 @@ struct Link {
     /// The cleaner's tick and when it last ran.
     tick: u64,
     last_clean: Instant,
+    /// Writes that set dirty-log bits, counted.
+    wseq: u64,
+    /// Every write up to this count is durable on both sides (a FLUSH the
+    /// peer acknowledged after the local one), and when that was last
+    /// learnt.
+    durable_upto: u64,
+    last_durable: Instant,
 }
 
 /// A READ frame sent: its length, and where its ack and data go.
@@ -555,6 +568,9 @@ type PendingRead = (u32, SyncSender<(wire::Ack, Vec<u8>)>);
 struct Shipped {
     conn: u64,
     ack: Receiver<wire::Ack>,
+    /// The write counter when it was sent: a FLUSH acknowledged on the
+    /// same connection makes every write up to it durable on the peer.
+    mark: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -630,6 +646,9 @@ impl Replicator {
                 touched: HashMap::new(),
                 tick: 0,
                 last_clean: Instant::now(),
+                wseq: 0,
+                durable_upto: 0,
+                last_durable: Instant::now(),
             }),
             changed: Condvar::new(),
             pending: Mutex::new(HashMap::new()),
@@ -1109,7 +1128,11 @@ impl Shared {
             let frame = op.frame(self.epoch.load(Ordering::SeqCst), seq);
             let sent = link.writer.as_mut().map(|w| frame.write_to(w));
             if matches!(sent, Some(Ok(()))) {
-                return Some(Shipped { conn, ack: rx });
+                return Some(Shipped {
+                    conn,
+                    ack: rx,
+                    mark: link.wseq,
+                });
             }
             lock(&self.pending).remove(&(conn, seq));
             self.lose(link, conn);
@@ -1137,6 +1160,13 @@ impl Shared {
         match answer {
             Ok(Status::Ok) => {
                 self.acked.fetch_add(1, Ordering::Relaxed);
+                // A client's FLUSH, acknowledged here (after the local
+                // flush) and there: every write before it is durable on
+                // both sides, so the cleaner may clear their bits.
+                if matches!(op, Op::Flush) && link.conn == shipped.conn {
+                    link.durable_upto = link.durable_upto.max(shipped.mark);
+                    link.last_durable = Instant::now();
+                }
                 return Ok(true);
             }
             Ok(Status::StaleEpoch) => {
@@ -1262,11 +1292,13 @@ impl Shared {
             return Ok(());
         };
         log.mark(first, last)?;
-        let tick = link.tick;
+        link.wseq += 1;
+        let (tick, seq) = (link.tick, link.wseq);
         for c in first..=last {
             let t = link.touched.entry(c).or_default();
             t.inflight += 1;
             t.tick = tick;
+            t.seq = seq;
         }
         Ok(())
     }
@@ -1289,13 +1321,15 @@ impl Shared {
 
     /// Clears the dirty log's bits of chunks the connected peer holds
     /// durably: not dirty, no write in flight, not written in the last
-    /// tick, and covered by a FLUSH the peer acknowledged and a local
-    /// flush, both made after their last write settled (a peer that loses
-    /// power keeps only what it flushed; so does this primary). Runs at
-    /// most every [`LOG_CLEAN_EVERY`], from the connect loop, with the
-    /// link's lock held only to pick the chunks, send the FLUSH and clear.
+    /// tick, and every write to them covered by a FLUSH the peer
+    /// acknowledged after the local flush (a peer that loses power keeps
+    /// only what it flushed; so does this primary). The clients' own
+    /// FLUSHes provide that; when none came for [`LOG_FLUSH_EVERY`] while
+    /// bits wait for one, the cleaner sends its own (in the live frame
+    /// order, with a local flush). Runs at most every [`LOG_CLEAN_EVERY`],
+    /// from the connect loop.
     fn clean_log(&self) {
-        let (candidates, shipped) = {
+        let own_flush = {
             let mut link = lock(&self.link);
             if link.state != PeerState::Connected
                 || link.log.is_none()
@@ -1305,47 +1339,56 @@ impl Shared {
             }
             link.last_clean = Instant::now();
             link.tick += 1;
-            let tick = link.tick;
-            link.touched
-                .retain(|_, t| t.inflight > 0 || t.tick + 2 > tick);
-            let Some(log) = link.log.as_ref() else {
-                return;
-            };
-            let candidates: Vec<u64> = log
-                .set_chunks()
-                .into_iter()
-                .filter(|c| !link.dirty.contains(c) && !link.touched.contains_key(c))
-                .collect();
-            if candidates.is_empty() {
+            self.clear_durable(&mut link);
+            let waiting = link
+                .touched
+                .values()
+                .any(|t| t.inflight == 0 && t.seq > link.durable_upto);
+            if !waiting || link.last_durable.elapsed() < LOG_FLUSH_EVERY {
                 return;
             }
-            // In the live frame order: after every write to those chunks.
+            // In the live frame order: after every write counted so far.
             let Some(shipped) = self.ship(&mut link, &Op::Flush) else {
                 return;
             };
-            (candidates, shipped)
+            shipped
         };
         if let Err(e) = self.volume.flush() {
             tracing::debug!(volume = %self.volume.name(), error = %e, "local flush for the dirty log's cleaner failed");
             return;
         }
-        if !matches!(shipped.ack.recv(), Ok(a) if a.status == Status::Ok) {
+        if !matches!(own_flush.ack.recv(), Ok(a) if a.status == Status::Ok) {
             return;
         }
         let mut link = lock(&self.link);
-        if link.conn != shipped.conn || link.state != PeerState::Connected {
-            return;
+        if link.conn == own_flush.conn && link.state == PeerState::Connected {
+            link.durable_upto = link.durable_upto.max(own_flush.mark);
+            link.last_durable = Instant::now();
+            self.clear_durable(&mut link);
         }
-        // Chunks written since were touched again (entries leave `touched`
-        // only in this function): they wait for the next round.
-        let clear: Vec<u64> = candidates
+    }
+
+    /// Under the link lock: forgets the chunks whose writes are settled,
+    /// old and durable on both sides, and clears their bits (those of
+    /// chunks neither dirty nor still remembered).
+    fn clear_durable(&self, link: &mut Link) {
+        let (tick, durable) = (link.tick, link.durable_upto);
+        link.touched
+            .retain(|_, t| t.inflight > 0 || t.tick + 2 > tick || t.seq > durable);
+        let Some(log) = link.log.as_ref() else {
+            return;
+        };
+        let clear: Vec<u64> = log
+            .set_chunks()
             .into_iter()
             .filter(|c| !link.dirty.contains(c) && !link.touched.contains_key(c))
             .collect();
-        let Some(log) = link.log.as_mut() else {
+        if clear.is_empty() {
             return;
-        };
-        if let Err(e) = log.clear(&clear) {
+        }
+        if let Some(log) = link.log.as_mut()
+            && let Err(e) = log.clear(&clear)
+        {
             // Bits left set only cost a resync after a restart.
             tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, error = %e, "cannot clear the dirty log");
         }
@@ -1556,6 +1599,7 @@ impl Shared {
         if full {
             tracing::info!(volume = %self.volume.name(), peer = %self.cfg.peer, generation = self.cfg.generation, "full sync starting: the peer is not in sync with this stream");
             self.full_pass(&mut rd, &mut wr, &mut sync)?;
+            self.volume.flush().map_err(io::Error::other)?;
         }
         let cs = self.cfg.chunk_size.max(1);
         let mut chunk_buf = vec![0u8; cs as usize];
@@ -1629,8 +1673,10 @@ impl Shared {
                 chunks += 1;
             }
             // Resynced chunks are durable on the peer before it counts as
-            // in sync.
+            // in sync, and here (the dirty log forgets them once they are
+            // neither dirty nor written since).
             self.send_flush(&mut rd, &mut wr, &mut sync, 0)?;
+            self.volume.flush().map_err(io::Error::other)?;
         }
         if full {
             self.full_sync_bytes

@@ -82,7 +82,14 @@ fn status(node: &str) -> anyhow::Result<()> {
         }
         println!("  identity {identity:<6} {}", dirs.join("+"));
     }
+    println!("routing: {}", s.routing);
     println!("tracked flows: {}", s.conntrack);
+    for (state, count) in &s.tcp_states {
+        println!(
+            "  tcp {:<12} {count}",
+            basalt_sdn::abi::tcp_state_name(*state)
+        );
+    }
     println!("drops:");
     for (reason, count) in &s.drops {
         println!("  {:<16} {count}", reason.name());

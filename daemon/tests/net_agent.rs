@@ -484,6 +484,16 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes(routing: &str) {
     } else {
         assert!(vxlan_rx_packets(&node2) > vxlan_rx, "over the overlay");
     }
+    // The operator's view shows the mode and the open flows' TCP state.
+    let status = run(Command::new(BASALTD).args(["net", "status", "--node", node2.netns()]));
+    assert!(
+        status.contains(&format!("routing: {routing}")),
+        "basaltd net status: {status}"
+    );
+    assert!(
+        status.contains("tcp ESTABLISHED"),
+        "basaltd net status: {status}"
+    );
 
     // Egress: the outside has no route to the VM network; the guest
     // reaches it through its node's source NAT, and the outside's answer

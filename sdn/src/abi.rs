@@ -288,6 +288,19 @@ pub const CT_TCP_FIN_WAIT: u8 = 4;
 /// `ct_value.tcp_state`: a RST.
 pub const CT_TCP_CLOSE: u8 = 5;
 
+/// The name of a `CT_TCP_*` state, as the kernel's conntrack spells it.
+pub fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        CT_TCP_NONE => "NONE",
+        CT_TCP_SYN_SENT => "SYN_SENT",
+        CT_TCP_SYN_RECV => "SYN_RECV",
+        CT_TCP_ESTABLISHED => "ESTABLISHED",
+        CT_TCP_FIN_WAIT => "FIN_WAIT",
+        CT_TCP_CLOSE => "CLOSE",
+        _ => "UNKNOWN",
+    }
+}
+
 /// `struct ct_value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]

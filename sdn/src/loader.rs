@@ -516,6 +516,10 @@ pub struct Status {
     pub subjects: BTreeMap<u32, u32>,
     /// Tracked flows.
     pub conntrack: usize,
+    /// Tracked TCP flows by state (`CT_TCP_*`).
+    pub tcp_states: BTreeMap<u8, usize>,
+    /// How the node sends to endpoints on other nodes (from its config).
+    pub routing: crate::Routing,
     /// Drops by reason.
     pub drops: BTreeMap<DropReason, u64>,
 }
@@ -558,7 +562,16 @@ pub fn status(node: &str) -> Result<Status, LoaderError> {
     }
     let conntrack: HashMap<_, CtKey, CtValue> =
         HashMap::try_from(open("conntrack")?).map_err(map_err("conntrack"))?;
-    out.conntrack = conntrack.keys().filter(Result::is_ok).count();
+    for (k, v) in conntrack.iter().filter_map(Result::ok) {
+        out.conntrack += 1;
+        if k.proto == 6 {
+            *out.tcp_states.entry(v.tcp_state).or_default() += 1;
+        }
+    }
+    let config: Array<_, Config> = Array::try_from(open("config")?).map_err(map_err("config"))?;
+    if config.get(&0, 0).map_err(map_err("config"))?.flags & crate::abi::CFG_NATIVE != 0 {
+        out.routing = crate::Routing::Native;
+    }
     let drops: PerCpuArray<_, u64> =
         PerCpuArray::try_from(open("drops")?).map_err(map_err("drops"))?;
     for reason in DropReason::ALL {

@@ -5,9 +5,9 @@
 //! without a policy over it; once a selected flow's entry has expired, a
 //! policy that refuses new flows refuses it too; a closed TCP flow goes
 //! after the short closing timeout. TCP flows go through SYN_SENT,
-//! ESTABLISHED, FIN_WAIT and CLOSE, each aging by its own timeout. And a
-//! conntrack map pinned by the datapath before entries aged is carried
-//! over on load.
+//! SYN_RECV, ESTABLISHED, FIN_WAIT and CLOSE, each aging by its own
+//! timeout. And a conntrack map pinned by the datapath before entries
+//! aged is carried over on load.
 
 mod common;
 
@@ -17,8 +17,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use basalt_sdn::abi::{
-    CT_CLOSING, CT_REPLY, CT_TCP_CLOSE, CT_TCP_ESTABLISHED, CT_TCP_FIN_WAIT, CT_TCP_SYN_SENT,
-    CtKey, CtValue, DropReason, ip_key,
+    CT_CLOSING, CT_REPLY, CT_TCP_CLOSE, CT_TCP_ESTABLISHED, CT_TCP_FIN_WAIT, CT_TCP_SYN_RECV,
+    CT_TCP_SYN_SENT, CtKey, CtValue, DropReason, ip_key,
 };
 use basalt_sdn::conntrack::Timeouts;
 use basalt_sdn::loader::{self, Loader};
@@ -284,9 +284,9 @@ fn tcp_state(dp: &mut NodeDatapath, client: Ipv4Addr, port: u16, server: Ipv4Add
 }
 
 /// TCP flows go through the kernel's states, each with its timeout: an
-/// unanswered SYN is SYN_SENT (tcp-opening), a completed handshake
-/// ESTABLISHED, a FIN makes FIN_WAIT (tcp-closing), a RST CLOSE
-/// (tcp-close, the shortest).
+/// unanswered SYN is SYN_SENT (tcp-opening), a SYN+ACK not acknowledged
+/// SYN_RECV, a completed handshake ESTABLISHED, a FIN makes FIN_WAIT
+/// (tcp-closing), a RST CLOSE (tcp-close, the shortest).
 #[test]
 fn tcp_flows_go_through_their_states() {
     init_logs();
@@ -354,6 +354,27 @@ fn tcp_flows_go_through_their_states() {
         Some(CT_TCP_FIN_WAIT),
         "FIN_WAIT has a longer timeout"
     );
+
+    // A handshake whose last ACK is lost (the client's pure ACKs are
+    // dropped on their way out): SYN_RECV.
+    client.exec(&["nft", "add", "table", "ip", "lossy"]);
+    client.exec(&[
+        "nft",
+        "add chain ip lossy out { type filter hook output priority 0 ; }",
+    ]);
+    client.exec(&[
+        "nft",
+        "add rule ip lossy out tcp dport 7000 tcp flags & (syn | ack | fin | rst | psh) == ack drop",
+    ]);
+    let half = client.tcp_connect(srv).unwrap();
+    let half_port = half.local_addr().unwrap().port();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tcp_state(&mut dp, cip, half_port, sip),
+        Some(CT_TCP_SYN_RECV)
+    );
+    client.exec(&["nft", "delete", "table", "ip", "lossy"]);
+    drop(half);
 
     // An unanswered SYN: SYN_SENT (the server's link is down).
     server.ip(&["link", "set", "eth0", "down"]);

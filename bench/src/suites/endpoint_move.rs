@@ -14,6 +14,8 @@
 //! control plane's compare-and-swap and watch fan-out are not in this
 //! figure — and the peer's longest gap between two answers per move.
 //! Goals (issue 5): the first < 50 ms p99, the second < 300 ms p50.
+//! `BASALT_ENDPOINT_MOVE_ROUTING=native` runs the nodes with native
+//! routing instead of the overlay.
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -22,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
+use basalt_sdn::Routing;
 use basalt_sdn::abi::EVENT_ACTIVATION;
 use basalt_testkit::{Fabric, Prefix};
 
@@ -32,7 +35,21 @@ use crate::stats::Samples;
 
 const DEFAULT_RUNS: usize = 10;
 const CASE: &str = "move between two nodes, peer on a third";
-const SYSTEM: &str = "basalt (eBPF + VXLAN)";
+
+/// The nodes' routing mode (`BASALT_ENDPOINT_MOVE_ROUTING`, overlay by
+/// default) and the system's name in the report.
+fn routing() -> anyhow::Result<(Routing, &'static str)> {
+    let routing = match std::env::var("BASALT_ENDPOINT_MOVE_ROUTING") {
+        Ok(mode) => mode
+            .parse()
+            .with_context(|| format!("BASALT_ENDPOINT_MOVE_ROUTING={mode}"))?,
+        Err(_) => Routing::Overlay,
+    };
+    Ok(match routing {
+        Routing::Overlay => (routing, "basalt (eBPF + VXLAN)"),
+        Routing::Native => (routing, "basalt (eBPF, native routing)"),
+    })
+}
 
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let runs = opts.runs.unwrap_or(DEFAULT_RUNS);
@@ -41,6 +58,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         nix::unistd::geteuid().is_root(),
         "endpoint-move needs root (namespaces, bpf)"
     );
+    let (routing, system) = routing()?;
     let prefix = Prefix::for_test()?;
     let mut fabric = Fabric::new(&prefix)?;
     let nodes = [
@@ -63,9 +81,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         [2, 0, 0, 0x77, 3, 1],
     )?;
     let mut dps = [
-        NodeDp::start(&nodes[0], &[&mover])?,
-        NodeDp::start(&nodes[1], &[])?,
-        NodeDp::start(&nodes[2], &[&peer])?,
+        NodeDp::start_routed(&nodes[0], &[&mover], routing)?,
+        NodeDp::start_routed(&nodes[1], &[], routing)?,
+        NodeDp::start_routed(&nodes[2], &[&peer], routing)?,
     ];
     let eps = |owner: usize| {
         [
@@ -188,35 +206,35 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let mut report = Report::new("endpoint-move");
     report.row(
         CASE,
-        SYSTEM,
+        system,
         "detach to activation p50 (simulated switchover)",
         "ms",
         switchover.quantile_ms(0.5),
     );
     report.row(
         CASE,
-        SYSTEM,
+        system,
         "activation to all nodes forwarding p50",
         "ms",
         to_all.quantile_ms(0.5),
     );
     report.row(
         CASE,
-        SYSTEM,
+        system,
         "activation to all nodes forwarding p99",
         "ms",
         to_all.quantile_ms(0.99),
     );
     report.row(
         CASE,
-        SYSTEM,
+        system,
         "peer's longest gap p50",
         "ms",
         gaps.quantile_ms(0.5),
     );
     report.row(
         CASE,
-        SYSTEM,
+        system,
         "peer's longest gap max",
         "ms",
         gaps.quantile_ms(1.0),

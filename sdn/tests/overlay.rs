@@ -13,7 +13,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use basalt_sdn::abi::{DropReason, EVENT_ACTIVATION};
+use basalt_sdn::abi::{DropReason, EP_PEER, EVENT_ACTIVATION};
 use basalt_sdn::{Action, Peer, Policy, Protocol, Routing, Rule, loader};
 use basalt_testkit::{Fabric, Node, Prefix};
 use common::{NodeDatapath, Vm, echo_on, init_logs};
@@ -77,6 +77,11 @@ fn tcp_and_udp_between_nodes(routing: Routing) {
     vm2.start_echo(7000);
     vm1.start_echo(7000);
     let to_vm2 = SocketAddr::from((ip2, 7000));
+    // The "taps" here are veths: delivery hands packets to the other end.
+    let status = loader::status(b.netns()).unwrap();
+    assert_eq!(status.endpoints[&ip2].flags & EP_PEER, EP_PEER);
+    assert_eq!(status.endpoints[&ip1].flags & EP_PEER, 0, "remote");
+    assert_eq!(status.routing, routing);
 
     let stats = loader::enable_stats().expect("BPF_ENABLE_STATS");
     let runs = |dp: &mut NodeDatapath, program: &str| -> u64 {

@@ -3,9 +3,26 @@
 //!
 //! Invariants:
 //! - a log append is acknowledged to openraft (its `LogFlushed` callback)
-//!   only after the write-ahead log is fsynced; appends that arrive while
-//!   an fsync runs wait for the next one and share it (group commit);
+//!   only after the write-ahead log is fsynced (in the append itself:
+//!   openraft 0.9 waits for each append before it takes the next, so a
+//!   follower's appends have nothing to share an fsync with); except the
+//!   leader's own new entries (written by this member as the leader of
+//!   the term its committed vote names): those are acknowledged as soon
+//!   as they are written, so openraft sends them to the followers while
+//!   the leader's fsync runs (Raft's parallel leader write), fsynced by
+//!   the flusher thread (appends that arrive while an fsync runs share
+//!   the next one: group commit), and their fsync is awaited before they
+//!   are applied instead (below);
+//! - nothing is applied to the state machine before every append holding
+//!   an entry up to the applied one is fsynced, so no client sees an
+//!   answer or a read that rests on an entry this member could lose:
+//!   a write is answered only once it is fsynced on the leader and on
+//!   the followers that made up its quorum;
 //! - the vote and log truncations are written with a synchronous write;
+//! - the newest log entries are also kept in memory (`RecentEntries`,
+//!   up to [`RECENT_BYTES`] of their encoded size), equal to what the
+//!   database holds at those indexes: replication and apply read them
+//!   from there instead of reading and decoding them back;
 //! - everything lives in one database with one write-ahead log, which
 //!   RocksDB recovers as a consistent prefix, so the state machine on disk
 //!   is never ahead of the log it was applied from;
@@ -19,18 +36,19 @@
 //!   A snapshot in the database (a seeded directory, or an older member)
 //!   is read when there is no file.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io::{self, Cursor};
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
 use std::thread;
 
 use basalt_api::Object;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    AnyError, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot,
-    StorageIOError, Vote,
+    AnyError, CommittedLeaderId, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    Snapshot, StorageIOError, Vote,
 };
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, WriteBatch, WriteOptions,
@@ -130,12 +148,13 @@ impl Shared {
     }
 }
 
-/// Opens (or creates) the database in `dir`; returns the log store, the
-/// state machine and the shared machine they fill. `history` is how many
-/// changes to keep for watches.
+/// Opens (or creates) the database in `dir` for member `me`; returns the
+/// log store, the state machine and the shared machine they fill.
+/// `history` is how many changes to keep for watches.
 pub fn open(
     dir: &Path,
     history: usize,
+    me: NodeId,
 ) -> Result<(LogStore, StateMachineStore, Arc<Shared>), OpenError> {
     let path = dir.display().to_string();
     let mut options = rocksdb::Options::default();
@@ -187,38 +206,119 @@ pub fn open(
 
     let (flush_tx, flush_rx) = mpsc::channel();
     let flusher_db = Arc::clone(&db);
+    let durability = Arc::new(Durability::default());
+    let flusher_durability = Arc::clone(&durability);
     thread::Builder::new()
         .name("raft-log-flush".into())
-        .spawn(move || run_flusher(&flusher_db, &flush_rx))
+        .spawn(move || run_flusher(&flusher_db, &flush_rx, &flusher_durability))
         .map_err(OpenError::Flusher)?;
 
     let log = LogStore {
         db: Arc::clone(&db),
         flusher: flush_tx,
+        me,
+        leading: None,
+        durability: Arc::clone(&durability),
+        recent: Arc::default(),
     };
     let sm = StateMachineStore {
         db,
         dir: dir.to_owned(),
         shared: Arc::clone(&shared),
+        durability,
     };
     Ok((log, sm, shared))
 }
 
-/// The group commit: waits for appends, then fsyncs the write-ahead log
-/// once for every append that arrived meanwhile, and acknowledges them.
-fn run_flusher(db: &DB, pending: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
-    while let Ok(first) = pending.recv() {
-        let mut batch = vec![first];
-        batch.extend(pending.try_iter());
-        let result = db.flush_wal(true);
-        for callback in batch {
-            callback.log_io_completed(
-                result
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| io::Error::other(e.to_string())),
-            );
+/// One of the leader's own appends on its way to the flusher.
+struct FlushJob {
+    /// The append's number in [`Durability`].
+    seq: u64,
+}
+
+/// Which appends are not fsynced yet, so that apply can wait for them.
+#[derive(Debug, Default)]
+struct Durability {
+    state: Mutex<DurabilityState>,
+    /// Wakes appliers after each fsync.
+    flushed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct DurabilityState {
+    /// The number the next append gets.
+    next_seq: u64,
+    /// Appends written but not fsynced yet: (number, first index), in order.
+    unflushed: VecDeque<(u64, u64)>,
+    /// The last fsync failed: nothing more is reported durable.
+    failed: Option<String>,
+}
+
+impl Durability {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DurabilityState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an append of entries from `first_index` on; returns its number.
+    fn appended(&self, first_index: u64) -> u64 {
+        let mut state = self.lock();
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.unflushed.push_back((seq, first_index));
+        seq
+    }
+
+    /// Records that every append up to number `seq` is fsynced (or that
+    /// the fsync failed).
+    fn flushed(&self, seq: u64, result: Result<(), String>) {
+        {
+            let mut state = self.lock();
+            match result {
+                Ok(()) => {
+                    while state.unflushed.front().is_some_and(|(s, _)| *s <= seq) {
+                        state.unflushed.pop_front();
+                    }
+                }
+                Err(reason) => state.failed = Some(reason),
+            }
         }
+        self.flushed.notify_waiters();
+    }
+
+    /// Waits until every append holding an entry at or below `index` is
+    /// fsynced; an error when an fsync failed.
+    async fn wait_durable(&self, index: u64) -> Result<(), String> {
+        loop {
+            let notified = self.flushed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an fsync that ends between
+            // the check and the wait still wakes it.
+            notified.as_mut().enable();
+            {
+                let state = self.lock();
+                if let Some(reason) = &state.failed {
+                    return Err(reason.clone());
+                }
+                if !state.unflushed.iter().any(|(_, first)| *first <= index) {
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The group commit of the leader's own appends: waits for one, then
+/// fsyncs the write-ahead log once for every append that arrived
+/// meanwhile, and records them durable.
+fn run_flusher(db: &DB, pending: &mpsc::Receiver<FlushJob>, durability: &Durability) {
+    while let Ok(first) = pending.recv() {
+        let last = pending
+            .try_iter()
+            .map(|job| job.seq)
+            .fold(first.seq, u64::max);
+        let result = db.flush_wal(true).map_err(|e| e.to_string());
+        durability.flushed(last, result);
     }
 }
 
@@ -288,17 +388,137 @@ struct SnapshotState {
     objects: Vec<Object>,
 }
 
+/// How much of the newest log (by encoded size) is kept in memory.
+pub const RECENT_BYTES: usize = 32 << 20;
+
+/// The newest log entries, at consecutive indexes, with their encoded
+/// sizes: what openraft reads back right after an append (to send to the
+/// followers, to apply) without RocksDB and JSON.
+#[derive(Debug, Default)]
+struct RecentEntries {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl RecentEntries {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    /// Drops every entry at `index` or after.
+    fn truncate_from(&mut self, index: u64) {
+        while self
+            .entries
+            .back()
+            .is_some_and(|(e, _)| e.log_id.index >= index)
+        {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drops every entry at `index` or before.
+    fn purge_upto(&mut self, index: u64) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(e, _)| e.log_id.index <= index)
+        {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Adds entries just written at consecutive indexes (replacing any
+    /// at or after the first of them), then drops the oldest past the
+    /// size limit.
+    fn push(&mut self, appended: Vec<(Entry, usize)>) {
+        let Some(first) = appended.first().map(|(e, _)| e.log_id.index) else {
+            return;
+        };
+        self.truncate_from(first);
+        let follows = self
+            .entries
+            .back()
+            .is_none_or(|(e, _)| e.log_id.index + 1 == first);
+        if !follows {
+            // A gap (after a snapshot was installed): start again.
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        for (entry, size) in appended {
+            self.bytes += size;
+            self.entries.push_back((entry, size));
+        }
+        while self.bytes > RECENT_BYTES && self.entries.len() > 1 {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// The entries from `start` to `end`, if all of them are here.
+    fn get(&self, start: u64, end: Bound<u64>) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        let next = first + self.entries.len() as u64;
+        let end = match end {
+            Bound::Included(last) => last.saturating_add(1),
+            Bound::Excluded(end) => end,
+            Bound::Unbounded => next,
+        };
+        if start < first || end > next {
+            return None;
+        }
+        if start >= end {
+            return Some(Vec::new());
+        }
+        let from = usize::try_from(start - first).ok()?;
+        let to = usize::try_from(end - first).ok()?;
+        Some(
+            self.entries
+                .range(from..to)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+}
+
 /// The Raft log and vote in RocksDB, with group commit.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: mpsc::Sender<FlushJob>,
+    /// This member's id.
+    me: NodeId,
+    /// The leader id (term, this member) while the last saved vote is this
+    /// member's committed vote: it leads that term.
+    leading: Option<CommittedLeaderId<NodeId>>,
+    durability: Arc<Durability>,
+    recent: Arc<Mutex<RecentEntries>>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("me", &self.me)
+            .field("leading", &self.leading)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LogStore {
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     // openraft's own error type, returned as openraft wants it.
     #[allow(clippy::result_large_err)]
     fn read_entries(&self, start: u64, end: Bound<u64>) -> Result<Vec<Entry>, StorageError> {
+        if let Some(entries) = self.recent().get(start, end) {
+            return Ok(entries);
+        }
         let mut entries = Vec::new();
         let from = log_key(start);
         for item in self.db.iterator_cf(
@@ -375,6 +595,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.leading = (vote.committed && vote.leader_id.node_id == self.me)
+            .then(|| CommittedLeaderId::new(vote.leader_id.term, self.me));
         self.db
             .put_cf_opt(
                 cf(&self.db, CF_META),
@@ -412,21 +634,53 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         let family = cf(&self.db, CF_LOG);
+        let mut first_index = None;
+        let mut own = true;
+        let mut appended = Vec::new();
         for entry in entries {
-            batch.put_cf(family, log_key(entry.log_id.index), to_json(&entry));
+            first_index.get_or_insert(entry.log_id.index);
+            own &= self.leading == Some(entry.log_id.leader_id);
+            let encoded = to_json(&entry);
+            let size = encoded.len();
+            batch.put_cf(family, log_key(entry.log_id.index), encoded);
+            appended.push((entry, size));
         }
+        let Some(first_index) = first_index else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
         // Not synced here: the flusher fsyncs the write-ahead log once for
         // every append waiting, then acknowledges them.
         self.db
             .write(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
-            callback.log_io_completed(Err(io::Error::other("the log flusher thread is gone")));
+        self.recent().push(appended);
+        let seq = self.durability.appended(first_index);
+        if !own {
+            // A follower's append (or entries of another term): openraft
+            // waits for it before it takes anything else, so there is
+            // nothing to share the fsync with; synced here, which spares
+            // the hand-over to the flusher thread and back (measured:
+            // under load those wake-ups held followers past their
+            // election timeout).
+            let result = self.db.flush_wal(true).map_err(|e| e.to_string());
+            self.durability.flushed(seq, result.clone());
+            callback.log_io_completed(result.map_err(io::Error::other));
+            return Ok(());
+        }
+        // The leader's own entries: reported written at once, so openraft
+        // replicates them while the flusher fsyncs them (several appends
+        // that arrive meanwhile share one); apply waits for the fsync.
+        callback.log_io_completed(Ok(()));
+        if self.flusher.send(FlushJob { seq }).is_err() {
+            self.durability
+                .flushed(seq, Err("the log flusher thread is gone".into()));
         }
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.recent().truncate_from(log_id.index);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             cf(&self.db, CF_LOG),
@@ -440,6 +694,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.recent().purge_upto(log_id.index);
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.db, CF_META), KEY_PURGED, to_json(&log_id));
         batch.delete_range_cf(
@@ -460,6 +715,7 @@ pub struct StateMachineStore {
     db: Arc<DB>,
     dir: std::path::PathBuf,
     shared: Arc<Shared>,
+    durability: Arc<Durability>,
 }
 
 impl StateMachineStore {
@@ -539,6 +795,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            // The leader's own entries may be committed before its fsync
+            // ends (see the module's invariants): nothing is answered or
+            // read from them before it has.
+            let index = last.log_id.index;
+            self.durability
+                .wait_durable(index)
+                .await
+                .map_err(|reason| {
+                    StorageIOError::write_logs(AnyError::error(format!(
+                        "the log fsync failed: {reason}"
+                    )))
+                })?;
+        }
         let mut outcomes = Vec::new();
         let mut batch = WriteBatch::default();
         let family = cf(&self.db, CF_SM);
@@ -960,11 +1231,79 @@ mod tests {
         }
     }
 
+    #[test]
+    fn recent_entries_answer_only_ranges_they_hold_whole() {
+        let mut recent = RecentEntries::default();
+        let batch = |from: u64, to: u64| {
+            (from..=to)
+                .map(|i| (entry(i, Command::Create(image(&format!("i{i}")))), 10))
+                .collect::<Vec<_>>()
+        };
+        let indexes = |got: Option<Vec<Entry>>| {
+            got.map(|v| v.iter().map(|e| e.log_id.index).collect::<Vec<_>>())
+        };
+        recent.push(batch(5, 9));
+        assert_eq!(
+            indexes(recent.get(6, Bound::Excluded(9))),
+            Some(vec![6, 7, 8])
+        );
+        assert_eq!(
+            indexes(recent.get(5, Bound::Unbounded)),
+            Some(vec![5, 6, 7, 8, 9])
+        );
+        assert_eq!(recent.get(4, Bound::Included(6)), None, "4 is not held");
+        assert_eq!(recent.get(8, Bound::Included(10)), None, "10 is not held");
+        // A new leader's entries replace those at and after their first.
+        recent.push(batch(8, 8));
+        assert_eq!(
+            indexes(recent.get(5, Bound::Unbounded)),
+            Some(vec![5, 6, 7, 8])
+        );
+        recent.truncate_from(7);
+        recent.purge_upto(5);
+        assert_eq!(indexes(recent.get(6, Bound::Unbounded)), Some(vec![6]));
+        // A gap (a snapshot installed) starts again.
+        recent.push(batch(20, 21));
+        assert_eq!(recent.get(6, Bound::Unbounded), None);
+        assert_eq!(
+            indexes(recent.get(20, Bound::Unbounded)),
+            Some(vec![20, 21])
+        );
+        assert_eq!(recent.bytes, 20);
+    }
+
+    #[tokio::test]
+    async fn apply_waits_for_the_fsync_of_every_append_up_to_its_entries() {
+        let durability = Arc::new(Durability::default());
+        let first = durability.appended(5); // entries 5..=6
+        let second = durability.appended(7); // entries 7..=9
+        let durable = |index| {
+            let durability = Arc::clone(&durability);
+            tokio::spawn(async move { durability.wait_durable(index).await })
+        };
+        // Nothing appended at or below 4 waits.
+        durable(4).await.unwrap().unwrap();
+        let five = durable(6);
+        let nine = durable(9);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!five.is_finished() && !nine.is_finished());
+        durability.flushed(first, Ok(()));
+        five.await.unwrap().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!nine.is_finished(), "entries 7..=9 are not fsynced yet");
+        durability.flushed(second, Ok(()));
+        nine.await.unwrap().unwrap();
+        // A failed fsync fails every wait from then on.
+        let third = durability.appended(10);
+        durability.flushed(third, Err("EIO".into()));
+        assert_eq!(durable(10).await.unwrap(), Err("EIO".into()));
+    }
+
     #[tokio::test]
     async fn a_batch_of_independent_writes_answers_each_and_persists_what_applied() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (_log, mut sm, shared) = open(dir.path(), 100).unwrap();
+            let (_log, mut sm, shared) = open(dir.path(), 100, 1).unwrap();
             let outcomes = sm
                 .apply([
                     entry(1, Command::Create(image("a"))),
@@ -1014,7 +1353,7 @@ mod tests {
         // database once it sees the log store gone: retry until then.)
         let mut tries = 0;
         let (_log, _sm, shared) = loop {
-            match open(dir.path(), 100) {
+            match open(dir.path(), 100, 1) {
                 Ok(opened) => break opened,
                 Err(err) if tries < 100 => {
                     tries += 1;

@@ -6,6 +6,7 @@ use tonic::transport::Channel;
 
 use super::decode_reply;
 use super::targets::{Repeat, Targets};
+use super::watch::{Open, Start, resuming};
 use crate::convert::kind_to_pb;
 use crate::pb;
 use crate::pb::admin_client::AdminClient as PbAdminClient;
@@ -165,23 +166,51 @@ impl AdminClient {
 
     /// Streams the changes to objects of `kind` (every kind when `None`)
     /// after `from_resource_version` (from now on when 0).
+    ///
+    /// When the stream breaks (the member serving it is gone), it is
+    /// resumed on another member after the last version given, with no
+    /// gap and no event twice (see `watch.rs`); `OUT_OF_RANGE` still
+    /// ends it, so the caller re-lists. A watch from 0 resumes once it
+    /// has given an event.
     pub async fn watch(
         &self,
         kind: Option<Kind>,
         from_resource_version: u64,
     ) -> Result<WatchStream, ApiError> {
-        let request = pb::WatchRequest {
-            kind: kind_to_pb(kind),
-            from_resource_version,
-        };
-        let events = self
+        let targets = self.targets.clone();
+        let open: Open<Object> = Box::new(move |index, from| {
+            let mut client = targets.client(index);
+            let request = pb::WatchRequest {
+                kind: kind_to_pb(kind),
+                from_resource_version: from,
+            };
+            Box::pin(async move {
+                let events = client.watch(request).await?.into_inner();
+                Ok(
+                    Box::pin(events.map(|event| decode_reply::<_, WatchEvent>(event?)))
+                        as WatchStream,
+                )
+            })
+        });
+        let (events, serving) = self
             .targets
-            .call(Repeat::Safe, |mut client| async move {
-                Ok(client.watch(request).await?.into_inner())
+            .call_indexed(Repeat::Safe, |client| {
+                let request = pb::WatchRequest {
+                    kind: kind_to_pb(kind),
+                    from_resource_version,
+                };
+                let mut client = client;
+                async move { Ok(client.watch(request).await?.into_inner()) }
             })
             .await?;
-        Ok(Box::pin(
-            events.map(|event| decode_reply::<_, WatchEvent>(event?)),
+        let events: WatchStream =
+            Box::pin(events.map(|event| decode_reply::<_, WatchEvent>(event?)));
+        Ok(resuming(
+            self.targets.clone(),
+            open,
+            serving,
+            (from_resource_version, Start::Changes),
+            events,
         ))
     }
 }

@@ -6,6 +6,7 @@ use tonic::transport::Channel;
 
 use super::decode_reply;
 use super::targets::{Repeat, Targets};
+use super::watch::{Open, Start, resuming};
 use crate::pb;
 use crate::pb::agent_client::AgentClient as PbAgentClient;
 use crate::server::{MAX_MESSAGE_BYTES, WatchStream};
@@ -76,7 +77,11 @@ impl AgentClient {
 
     /// Streams the changes to the placements that name `node` (the VM
     /// runs there, or it is a replica node) after
-    /// `from_resource_version` (from now on when 0).
+    /// `from_resource_version` (from now on when 0: first the placements
+    /// as they are, then a bookmark).
+    ///
+    /// A broken stream resumes on another member like
+    /// [`crate::AdminClient::watch`]'s, once past the bookmark.
     pub async fn watch_placements(
         &self,
         node: &str,
@@ -86,16 +91,38 @@ impl AgentClient {
             node: node.to_owned(),
             from_resource_version,
         };
-        let events = self
+        let targets = self.targets.clone();
+        let node = node.to_owned();
+        let open: Open<Placement> = Box::new(move |index, from| {
+            let mut client = targets.client(index);
+            let request = pb::WatchPlacementsRequest {
+                node: node.clone(),
+                from_resource_version: from,
+            };
+            Box::pin(async move {
+                let events = client.watch_placements(request).await?.into_inner();
+                Ok(
+                    Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Placement>>(event?)))
+                        as WatchStream<Placement>,
+                )
+            })
+        });
+        let (events, serving) = self
             .targets
-            .call(Repeat::Safe, |mut client| {
+            .call_indexed(Repeat::Safe, |mut client| {
                 let request = request.clone();
                 async move { Ok(client.watch_placements(request).await?.into_inner()) }
             })
             .await?;
-        Ok(Box::pin(events.map(|event| {
-            decode_reply::<_, WatchEvent<Placement>>(event?)
-        })))
+        let events: WatchStream<Placement> =
+            Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Placement>>(event?)));
+        Ok(resuming(
+            self.targets.clone(),
+            open,
+            serving,
+            (from_resource_version, Start::ListingThenBookmark),
+            events,
+        ))
     }
 
     /// Reports what this node observed about one VM.

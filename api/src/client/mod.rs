@@ -7,6 +7,7 @@ mod agent;
 mod raft;
 mod storage;
 mod targets;
+mod watch;
 
 use std::time::Duration;
 

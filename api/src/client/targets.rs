@@ -91,7 +91,7 @@ impl<C: Clone> Targets<C> {
         Self::from_parts(vec!["channel".into()], vec![client], 0)
     }
 
-    fn from_parts(addresses: Vec<String>, clients: Vec<C>, current: usize) -> Self {
+    pub(crate) fn from_parts(addresses: Vec<String>, clients: Vec<C>, current: usize) -> Self {
         Self {
             addresses: addresses.into(),
             clients: clients.into(),
@@ -106,6 +106,42 @@ impl<C: Clone> Targets<C> {
         F: Fn(C) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
+        self.call_indexed(repeat, call)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// How many addresses there are (at least one).
+    pub(crate) fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The client of address number `index` (modulo their count).
+    pub(crate) fn client(&self, index: usize) -> C {
+        self.clients[index % self.clients.len()].clone()
+    }
+
+    /// Address number `index` (modulo their count).
+    pub(crate) fn address(&self, index: usize) -> &str {
+        &self.addresses[index % self.addresses.len()]
+    }
+
+    /// Makes address number `index` the one later calls try first.
+    pub(crate) fn prefer(&self, index: usize) {
+        self.current
+            .store(index % self.clients.len(), Ordering::Relaxed);
+    }
+
+    /// [`Self::call`], also answering which address answered.
+    pub(crate) async fn call_indexed<T, F, Fut>(
+        &self,
+        repeat: Repeat,
+        call: F,
+    ) -> Result<(T, usize), ApiError>
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
         let count = self.clients.len();
         let start = self.current.load(Ordering::Relaxed) % count;
         let mut failures = Vec::new();
@@ -116,7 +152,7 @@ impl<C: Clone> Targets<C> {
                     if step > 0 {
                         self.current.store(index, Ordering::Relaxed);
                     }
-                    return Ok(value);
+                    return Ok((value, index));
                 }
                 Err(err) if count > 1 && may_move_on(&err, repeat) => {
                     failures.push(with_address(err, &self.addresses[index]));
@@ -129,7 +165,7 @@ impl<C: Clone> Targets<C> {
 }
 
 /// Whether a call that failed with `err` may go to another member.
-fn may_move_on(err: &ApiError, repeat: Repeat) -> bool {
+pub(crate) fn may_move_on(err: &ApiError, repeat: Repeat) -> bool {
     match err {
         ApiError::NotLeader { .. } => true,
         ApiError::Unavailable { reason } => {
@@ -152,7 +188,7 @@ fn never_sent(reason: &str) -> bool {
     reason.contains("tcp connect error") || reason.starts_with("cannot connect to")
 }
 
-fn with_address(err: ApiError, address: &str) -> ApiError {
+pub(crate) fn with_address(err: ApiError, address: &str) -> ApiError {
     match err {
         ApiError::Unavailable { reason } if !reason.contains(address) => ApiError::Unavailable {
             reason: format!("{address}: {reason}"),
@@ -162,7 +198,7 @@ fn with_address(err: ApiError, address: &str) -> ApiError {
 }
 
 /// One error for a call that no address answered.
-fn all_failed(failures: Vec<ApiError>) -> ApiError {
+pub(crate) fn all_failed(failures: Vec<ApiError>) -> ApiError {
     match <[ApiError; 1]>::try_from(failures) {
         Ok([one]) => one,
         Err(failures) => ApiError::Unavailable {

@@ -17,7 +17,9 @@
 //! `/var/tmp/basalt-bench-raft`), `BASALT_BENCH_MEMBER_LOG` (the members'
 //! `RUST_LOG`, default `warn`), `BASALT_RAFT_CLIENTS` (the client counts,
 //! comma-separated, default `1,16,64`; e.g. `64` alone for profiling),
-//! `BASALT_RAFT_KIND` (`image`, the default, or `node`).
+//! `BASALT_RAFT_KIND` (`image`, the default, or `node`),
+//! `BASALT_RAFT_SYSTEMS` (`basalt,etcd` by default; one of them alone for
+//! profiling).
 //!
 //! Images are plain stored data, as etcd's keys are: no controller on the
 //! leader looks at them. Node objects (what the suite wrote before) also
@@ -334,8 +336,17 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
         Ok("node") => true,
         Ok(other) => bail!("BASALT_RAFT_KIND: image or node, not {other:?}"),
     };
+    let systems = std::env::var("BASALT_RAFT_SYSTEMS").unwrap_or_else(|_| "basalt,etcd".into());
+    let systems: Vec<&str> = systems.split(',').map(str::trim).collect();
+    ensure!(
+        !systems.is_empty() && systems.iter().all(|s| [BASALT, ETCD].contains(s)),
+        "BASALT_RAFT_SYSTEMS: basalt, etcd or both, comma-separated"
+    );
     let mut results: Vec<(usize, &str, Measured)> = Vec::new();
     runtime.block_on(async {
+        if !systems.contains(&BASALT) {
+            return anyhow::Ok(());
+        }
         eprintln!("raft: starting 3 Basalt members in {}", dir.display());
         let Started {
             members: basalt_members,
@@ -377,7 +388,12 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
             results.push((clients, BASALT, measured));
         }
         drop(basalt_members);
-
+        anyhow::Ok(())
+    })?;
+    runtime.block_on(async {
+        if !systems.contains(&ETCD) {
+            return anyhow::Ok(());
+        }
         eprintln!("raft: starting 3 etcd members in {}", dir.display());
         let (etcd_members, channels) = start_etcd(&dir).await?;
         let channels = Arc::new(channels);

@@ -48,6 +48,48 @@ pub enum VolumeCommand {
         /// The volume (its pool name with --storage-socket).
         name: String,
     },
+    /// Store a standalone volume (one that is no VM's disk). Nothing
+    /// places standalone volumes on nodes yet: the object is recorded.
+    Create {
+        /// The volume's name.
+        name: String,
+        /// Its size: bytes, or a number with K, M, G or T (e.g. 20G).
+        #[arg(long, value_parser = crate::vm::parse_bytes)]
+        size: u64,
+        /// Number of copies.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// An image to clone it from.
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Delete a standalone volume. A VM disk's volume goes with its VM
+    /// (or its disk); the control plane refuses to delete it alone.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// The volume.
+        name: String,
+    },
+    /// Take a read-only snapshot of a volume: made copy-on-write by the
+    /// agent of the node holding the source's primary copy, in its pool
+    /// (one copy, on that node).
+    Snapshot {
+        /// The volume to snapshot.
+        source: String,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Make a writable clone of a volume or snapshot, copy-on-write, on
+    /// the node holding the source's primary copy (one copy).
+    Clone {
+        /// The volume or snapshot to clone.
+        source: String,
+        /// The clone's name.
+        name: String,
+        /// A size larger than the source's (default: the source's).
+        #[arg(long, value_parser = crate::vm::parse_bytes)]
+        size: Option<u64>,
+    },
     /// Grow a volume: a VM disk's volume through its VM's spec (the
     /// agents grow every copy online). A volume never shrinks.
     Resize {
@@ -129,9 +171,13 @@ pub async fn run(server: &str, format: Format, args: VolumeArgs) -> anyhow::Resu
     let client = StorageClient::connect_unix(socket)
         .with_context(|| format!("storage process at {}", socket.display()))?;
     match args.command {
-        VolumeCommand::Resize { .. } => {
+        VolumeCommand::Resize { .. }
+        | VolumeCommand::Create { .. }
+        | VolumeCommand::Delete { .. }
+        | VolumeCommand::Snapshot { .. }
+        | VolumeCommand::Clone { .. } => {
             bail!(
-                "resize goes through the control plane (the VM's disk or the volume's spec): run it without --storage-socket"
+                "create, delete, resize, snapshot and clone go through the control plane: run them without --storage-socket"
             )
         }
         VolumeCommand::List => {

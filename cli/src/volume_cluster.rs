@@ -2,14 +2,20 @@
 //! per VM disk, decision 52) with each copy's node, state and sync
 //! progress as the primaries' agents reported them; `resize` grows a VM
 //! disk's volume through the VM's spec (the control plane refuses a
-//! shrink naming the field).
+//! shrink naming the field); `create` and `delete` store and remove
+//! standalone volumes (no VM's disk; not placed on nodes yet);
+//! `snapshot` and `clone` store a volume made from another, which the
+//! agent of the node holding the source's primary copy makes in its pool.
 //!
 //! Invariant: `list` and `get` only read; `resize` is one
 //! compare-and-swap update of the VM (or of a standalone volume), retried
 //! on a conflict.
 
 use anyhow::{Context as _, bail};
-use basalt_api::{AdminClient, ApiError, Kind, Object, ReplicaState, Volume, VolumeReplica};
+use basalt_api::{
+    AdminClient, ApiError, Kind, Object, ObjectMeta, ReplicaState, Volume, VolumeReplica,
+    VolumeSource, VolumeSpec,
+};
 
 use crate::output::{self, Format};
 use crate::volume::{VolumeCommand, print, table};
@@ -91,6 +97,11 @@ fn details(v: &Volume) -> String {
         || "- (standalone)".to_owned(),
         |o| format!("vm {} disk {}", o.vm, o.disk),
     );
+    let owner = match &v.spec.source {
+        Some(source) if source.snapshot => format!("{owner}, snapshot of {}", source.volume),
+        Some(source) => format!("{owner}, clone of {}", source.volume),
+        None => owner,
+    };
     let ready = v
         .status
         .conditions
@@ -213,6 +224,40 @@ async fn resize(client: &AdminClient, name: &str, size: u64) -> anyhow::Result<S
     bail!("volume {name} kept changing; not resized after {RESIZE_RETRIES} tries")
 }
 
+/// Stores volume `name` made from `source`: a snapshot, or a clone of
+/// `size` bytes (at least the source's).
+async fn derive(
+    client: &AdminClient,
+    source: &str,
+    name: String,
+    snapshot: bool,
+    size: Option<u64>,
+) -> anyhow::Result<Object> {
+    let from = get(client, source).await?;
+    let size_bytes = size.unwrap_or(from.spec.size_bytes);
+    if size_bytes < from.spec.size_bytes {
+        bail!(
+            "--size {size_bytes} is smaller than {source}'s {} bytes: a clone only grows",
+            from.spec.size_bytes
+        );
+    }
+    let volume = Volume {
+        meta: ObjectMeta::named(name),
+        spec: VolumeSpec {
+            size_bytes,
+            replicas: 1,
+            image: from.spec.image.clone(),
+            owner: None,
+            source: Some(VolumeSource {
+                volume: source.to_owned(),
+                snapshot,
+            }),
+        },
+        ..Volume::default()
+    };
+    Ok(client.create(Object::Volume(volume)).await?)
+}
+
 /// Runs a `basalt volume` command against the control plane at `server`.
 pub async fn run(server: &str, format: Format, command: VolumeCommand) -> anyhow::Result<()> {
     let client = AdminClient::connect(server).await?;
@@ -228,6 +273,39 @@ pub async fn run(server: &str, format: Format, command: VolumeCommand) -> anyhow
         VolumeCommand::Resize { name, size } => {
             let done = resize(&client, &name, size).await?;
             println!("{done}");
+            Ok(())
+        }
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            image,
+        } => {
+            let volume = Volume {
+                meta: ObjectMeta::named(name),
+                spec: VolumeSpec {
+                    size_bytes: size,
+                    replicas,
+                    image,
+                    owner: None,
+                    source: None,
+                },
+                ..Volume::default()
+            };
+            let created = client.create(Object::Volume(volume)).await?;
+            output::print_objects(format, Kind::Volume, &[created])
+        }
+        VolumeCommand::Snapshot { source, name } => {
+            let created = derive(&client, &source, name, true, None).await?;
+            output::print_objects(format, Kind::Volume, &[created])
+        }
+        VolumeCommand::Clone { source, name, size } => {
+            let created = derive(&client, &source, name, false, size).await?;
+            output::print_objects(format, Kind::Volume, &[created])
+        }
+        VolumeCommand::Delete { name } => {
+            client.delete(Kind::Volume, &name, None).await?;
+            println!("volume {name} deleted");
             Ok(())
         }
         VolumeCommand::Verify { .. } => bail!(

@@ -743,6 +743,9 @@ impl State {
                 });
             }
         }
+        if kind == Kind::Volume {
+            crate::volumes::check_delete(self, name)?;
+        }
         if kind == Kind::Network {
             let leased = self
                 .list(Kind::Endpoint)

@@ -15,7 +15,10 @@
 //!   ([`apply_report`]) and written only when it changed something.
 //! - [`check`] refuses, on apply, a VM update that shrinks a disk and a
 //!   volume update that shrinks a volume (`INVALID_ARGUMENT` naming the
-//!   field), and a volume created for a VM that does not exist.
+//!   field), and a volume created for a VM that does not exist or from a
+//!   source volume that does not exist;
+//!   [`check_delete`] refuses to delete a volume that is a disk of a VM
+//!   that still has it (the volume goes with the VM or the disk).
 //!
 //! Invariants:
 //! - the fencing path does not read volumes: placements (`replica_nodes`)
@@ -218,6 +221,7 @@ fn desired(
                 vm_uid: vm.meta.uid.clone(),
                 disk: disk.name.clone(),
             }),
+            source: None,
         },
         status,
     }
@@ -416,6 +420,18 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
             }
             Ok(())
         }
+        (Object::Volume(volume), None) if volume.spec.source.is_some() => {
+            let source = volume.spec.source.as_ref().map(|s| s.volume.as_str());
+            match source.and_then(|name| state.get(Kind::Volume, name)) {
+                Some(_) => Ok(()),
+                None => Err(Refusal::FailedPrecondition {
+                    reason: format!(
+                        "spec.source.volume: volume {:?} does not exist",
+                        source.unwrap_or_default()
+                    ),
+                }),
+            }
+        }
         (Object::Volume(volume), None) => match &volume.spec.owner {
             Some(owner) => match state.get(Kind::Vm, &owner.vm) {
                 Some(Object::Vm(vm)) if vm.meta.uid == owner.vm_uid => Ok(()),
@@ -428,6 +444,32 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
             },
             None => Ok(()),
         },
+        _ => Ok(()),
+    }
+}
+
+/// Refuses, on apply, to delete volume `name` while it is a disk of an
+/// existing VM (`FAILED_PRECONDITION` naming the VM and the disk): the
+/// controller would only make it again; it goes with the VM or the disk.
+pub fn check_delete(state: &State, name: &str) -> Result<(), Refusal> {
+    let Some(Object::Volume(volume)) = state.get(Kind::Volume, name) else {
+        return Ok(());
+    };
+    let Some(owner) = &volume.spec.owner else {
+        return Ok(());
+    };
+    match state.get(Kind::Vm, &owner.vm) {
+        Some(Object::Vm(vm))
+            if vm.meta.uid == owner.vm_uid
+                && vm.spec.disks.iter().any(|d| d.name == owner.disk) =>
+        {
+            Err(Refusal::FailedPrecondition {
+                reason: format!(
+                    "volume {name:?} is disk {:?} of vm {:?}: it is deleted with the VM or when the disk leaves its spec",
+                    owner.disk, owner.vm
+                ),
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -850,6 +892,17 @@ mod tests {
         assert!(matches!(
             state.apply(index, Command::Update(Object::Volume(root))),
             Err(Refusal::Invalid { field, .. }) if field == "spec.size_bytes"
+        ));
+        // A VM disk's volume is not deleted on its own.
+        index += 1;
+        assert!(matches!(
+            state.apply(index, Command::Delete {
+                kind: Kind::Volume,
+                name: "web-root".into(),
+                expected_resource_version: None,
+                force: false,
+            }),
+            Err(Refusal::FailedPrecondition { reason }) if reason.contains("disk \"root\" of vm \"web\"")
         ));
         // A VM disk's volume names an existing VM.
         let orphan = Volume {

@@ -10,14 +10,19 @@
 //! `db-root` for it, and the cluster-wide `basalt volume get` (no storage
 //! socket) shows both copies `up-to-date`, `a` the primary, epoch 1, the
 //! pool name the agents use, Ready; `basalt volume list` shows them too.
-//! Then `b`'s storage process is killed with SIGKILL: after a write
-//! through `a`, the volume shows `b`'s copy away, then outdated once the
-//! storage fence recorded it (Ready false, Degraded). `basalt volume
-//! resize` grows the VM's disk and the volume, and refuses a shrink naming
-//! `spec.disks[0].size_bytes`. Deleting the VM deletes the volume.
+//! `basalt volume snapshot` and `clone` make a snapshot and a clone of
+//! it in `a`'s pool (the clone holds what the disk held at the snapshot,
+//! not a later write), and deleting them drops them from the pool.
+//! `basalt volume delete` refuses the VM's disk; a standalone volume is
+//! created, listed and deleted. `basalt volume resize` grows the VM's
+//! disk, the volume and both copies' pool volumes, and refuses a shrink
+//! naming `spec.disks[0].size_bytes`. Then `b`'s storage process is
+//! killed with SIGKILL: after a write through `a`, the volume shows `b`'s
+//! copy outdated once the storage fence recorded it (Ready false,
+//! Degraded). Deleting the VM deletes the volume.
 
 mod common;
-// Its NBD read and peer-state helpers are not needed here.
+// Its peer-state and write-refusal helpers are not needed here.
 #[allow(dead_code)]
 mod replica_node;
 
@@ -26,14 +31,14 @@ use std::process::Output;
 use std::time::Duration;
 
 use basalt_api::{
-    AdminClient, ApiError, KernelBoot, Kind, Object, ObjectMeta, ReplicaState, Volume, VolumeOwner,
-    VolumeSpec,
+    AdminClient, ApiError, KernelBoot, Kind, Object, ObjectMeta, ReplicaState, StorageClient,
+    Volume, VolumeOwner, VolumeSpec,
 };
 use basalt_testkit::{Fabric, Prefix, Process, wait};
 
 use replica_node::{
-    DISK_BYTES, PATTERN_AT, agent_spec, create_db_on_a_and_b, start_storage, wait_joined,
-    write_pattern,
+    DISK_BYTES, PATTERN_AT, agent_spec, create_db_on_a_and_b, pattern, read_export, start_storage,
+    wait_joined, write_pattern,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -104,6 +109,7 @@ fn bad_volume(size_bytes: u64, owner: Option<VolumeOwner>) -> Object {
             replicas: 1,
             image: None,
             owner,
+            source: None,
         },
         ..Volume::default()
     })
@@ -226,6 +232,158 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
         "{table}"
     );
 
+    // A VM disk's volume is not deleted on its own.
+    let out = basalt(&server, &["volume", "delete", "db-root"]).await;
+    assert!(!out.status.success(), "deleted alone: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("disk \"root\" of vm \"db\""),
+        "{}",
+        text(&out)
+    );
+    // A snapshot and a clone of it, made in a's pool by a's agent: the
+    // clone holds what the disk held when the snapshot was taken.
+    write_pattern(&a, &pool_name, PATTERN_AT, 1);
+    let out = basalt(&server, &["volume", "snapshot", "db-root", "db-snap"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let made = |name: &'static str| {
+        let server = server.clone();
+        async move {
+            cli_volume(&server, name)
+                .await
+                .filter(|v| v.status.primary_node == "a" && !v.status.storage_name.is_empty())
+        }
+    };
+    wait::until(
+        "the snapshot is made on a",
+        DEADLINE,
+        &[&control, &agent_a],
+        || {
+            let made = made("db-snap");
+            async move { made.await.is_some() }
+        },
+    )
+    .await;
+    write_pattern(&a, &pool_name, PATTERN_AT, 2);
+    let out = basalt(&server, &["volume", "clone", "db-snap", "db-clone"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait::until(
+        "the clone is made on a",
+        DEADLINE,
+        &[&control, &agent_a],
+        || {
+            let made = made("db-clone");
+            async move { made.await.is_some() }
+        },
+    )
+    .await;
+    let snap = made("db-snap").await.expect("db-snap");
+    let clone = made("db-clone").await.expect("db-clone");
+    let storage = StorageClient::connect_unix(&sock_a).expect("storage a client");
+    let pool = storage.list_volumes().await.expect("a's pool");
+    let in_pool = |name: &str| pool.iter().find(|v| v.name == name).cloned();
+    assert!(
+        in_pool(&snap.status.storage_name)
+            .expect("the snapshot in a's pool")
+            .read_only
+    );
+    assert!(
+        !in_pool(&clone.status.storage_name)
+            .expect("the clone in a's pool")
+            .read_only
+    );
+    assert!(
+        read_export(&a, &clone.status.storage_name, PATTERN_AT, pattern(1).len())
+            .expect("read the clone")
+            == pattern(1),
+        "the clone does not hold what the disk held at the snapshot"
+    );
+    for name in ["db-clone", "db-snap"] {
+        let out = basalt(&server, &["volume", "delete", name]).await;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    wait::until(
+        "a's agent drops them from its pool",
+        DEADLINE,
+        &[&agent_a],
+        || async {
+            storage.list_volumes().await.is_ok_and(|pool| {
+                !pool.iter().any(|v| {
+                    v.name == snap.status.storage_name || v.name == clone.status.storage_name
+                })
+            })
+        },
+    )
+    .await;
+
+    // A standalone volume is stored, listed and deleted.
+    let out = basalt(
+        &server,
+        &[
+            "volume",
+            "create",
+            "scratch",
+            "--size",
+            "64M",
+            "--replicas",
+            "2",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = basalt(&server, &["volume", "list", "-o", "yaml"]).await;
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("name: scratch"),
+        "{}",
+        text(&listed)
+    );
+    let out = basalt(&server, &["volume", "delete", "scratch"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!volume_exists(&admin, "scratch").await);
+
+    // Resize: the VM's disk grows, and the volume with it; never shrinks.
+    let grown = DISK_BYTES * 2;
+    let out = basalt(&server, &["volume", "resize", "db-root", "--size", "32M"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(grown, 32 << 20);
+    match admin.get(Kind::Vm, "db").await {
+        Ok(Object::Vm(vm)) => assert_eq!(vm.spec.disks[0].size_bytes, grown),
+        other => panic!("vm db: {other:?}"),
+    }
+    wait::until("the volume is 32 MiB", DEADLINE, &[&control], || async {
+        cli_volume(&server, "db-root")
+            .await
+            .is_some_and(|v| v.spec.size_bytes == grown)
+    })
+    .await;
+    // Both copies grow: the primary's and the secondary's pool volumes.
+    for (node, socket) in [("a", &sock_a), ("b", &sock_b)] {
+        let storage = StorageClient::connect_unix(socket).expect("storage client");
+        wait::until(
+            &format!("{node}'s copy is 32 MiB"),
+            DEADLINE,
+            &[&control, &agent_a, &agent_b],
+            || async {
+                storage.list_volumes().await.is_ok_and(|volumes| {
+                    volumes
+                        .iter()
+                        .any(|v| v.name == pool_name && v.size_bytes == grown)
+                })
+            },
+        )
+        .await;
+    }
+    let out = basalt(&server, &["volume", "resize", "db-root", "--size", "8M"]).await;
+    assert!(
+        !out.status.success(),
+        "a shrink went through: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.disks[0].size_bytes"),
+        "{}",
+        text(&out)
+    );
+
     // b's storage process dies: a's primary loses its peer.
     storage_b.kill9().expect("kill b's storage");
     write_pattern(&a, &pool_name, PATTERN_AT, 3);
@@ -248,33 +406,6 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
     let volume = cli_volume(&server, "db-root").await.expect("db-root");
     let ready = &volume.status.conditions[0];
     assert!(!ready.status && ready.reason == "Degraded", "{ready:?}");
-
-    // Resize: the VM's disk grows, and the volume with it; never shrinks.
-    let grown = DISK_BYTES * 2;
-    let out = basalt(&server, &["volume", "resize", "db-root", "--size", "32M"]).await;
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(grown, 32 << 20);
-    match admin.get(Kind::Vm, "db").await {
-        Ok(Object::Vm(vm)) => assert_eq!(vm.spec.disks[0].size_bytes, grown),
-        other => panic!("vm db: {other:?}"),
-    }
-    wait::until("the volume is 32 MiB", DEADLINE, &[&control], || async {
-        cli_volume(&server, "db-root")
-            .await
-            .is_some_and(|v| v.spec.size_bytes == grown)
-    })
-    .await;
-    let out = basalt(&server, &["volume", "resize", "db-root", "--size", "8M"]).await;
-    assert!(
-        !out.status.success(),
-        "a shrink went through: {}",
-        text(&out)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("spec.disks[0].size_bytes"),
-        "{}",
-        text(&out)
-    );
 
     // The volume goes with its VM.
     admin

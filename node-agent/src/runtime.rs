@@ -196,6 +196,14 @@ pub async fn run<C: Compute + 'static>(
             named.clone(),
         ))
     });
+    // Snapshots and clones of the volumes whose primary copy is here.
+    let snapshots = config.storage.clone().map(|storage| {
+        tokio::spawn(crate::storage::snapshots::run(
+            config.node.clone(),
+            storage,
+            admin.clone(),
+        ))
+    });
     let reconcile = tokio::spawn(reconcile_loop(
         admin, agent, config, compute, state, trigger, started, migrations, network,
     ));
@@ -209,6 +217,9 @@ pub async fn run<C: Compute + 'static>(
     }
     if let Some(reporter) = reporter {
         reporter.abort();
+    }
+    if let Some(snapshots) = snapshots {
+        snapshots.abort();
     }
     placements.abort();
     reconcile.abort();

@@ -4,7 +4,7 @@ use super::{enum_value, required};
 use crate::pb;
 use crate::{
     ApiError, ReplicaReport, ReplicaState, Volume, VolumeOwner, VolumeReplica, VolumeReport,
-    VolumeSpec, VolumeStatus,
+    VolumeSource, VolumeSpec, VolumeStatus,
 };
 
 fn state_to_pb(state: ReplicaState) -> i32 {
@@ -46,6 +46,10 @@ impl From<Volume> for pb::Volume {
                     vm: o.vm,
                     vm_uid: o.vm_uid,
                     disk: o.disk,
+                }),
+                source: spec.source.map(|s| pb::VolumeSource {
+                    volume: s.volume,
+                    snapshot: s.snapshot,
                 }),
             }),
             status: Some(pb::VolumeStatus {
@@ -105,6 +109,10 @@ impl TryFrom<pb::Volume> for Volume {
                     vm: o.vm,
                     vm_uid: o.vm_uid,
                     disk: o.disk,
+                }),
+                source: spec.source.map(|s| VolumeSource {
+                    volume: s.volume,
+                    snapshot: s.snapshot,
                 }),
             },
             status: VolumeStatus {
@@ -191,6 +199,7 @@ mod tests {
                     vm_uid: "u1".into(),
                     disk: "root".into(),
                 }),
+                source: None,
             },
             status: VolumeStatus {
                 storage_name: "x".into(),

@@ -47,6 +47,6 @@ pub use vm::{
 };
 pub use volume::{
     MAX_REPLICA_ERROR_LEN, ReplicaReport, ReplicaState, Volume, VolumeOwner, VolumeReplica,
-    VolumeReport, VolumeSpec, VolumeStatus, disk_storage_name,
+    VolumeReport, VolumeSource, VolumeSpec, VolumeStatus, disk_storage_name,
 };
 pub use watch::WatchEvent;

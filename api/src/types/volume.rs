@@ -70,6 +70,20 @@ pub struct VolumeSpec {
     /// The VM disk it is; `None` for a standalone volume.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<VolumeOwner>,
+    /// What it is made from, for a snapshot or a clone: the agent of the
+    /// node holding the source's primary copy makes it there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+}
+
+/// What a snapshot or a clone is made from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumeSource {
+    /// The volume (or snapshot) it is taken from.
+    pub volume: String,
+    /// A read-only point-in-time copy (`true`) or a writable clone.
+    pub snapshot: bool,
 }
 
 /// How one copy stands.
@@ -218,6 +232,27 @@ impl Volume {
         }
         if let Some(image) = &spec.image {
             validate::name("spec.image", image)?;
+        }
+        if let Some(source) = &spec.source {
+            validate::name("spec.source.volume", &source.volume)?;
+            if source.volume == self.meta.name {
+                return Err(ApiError::invalid(
+                    "spec.source.volume",
+                    "a volume is not made from itself",
+                ));
+            }
+            if spec.owner.is_some() {
+                return Err(ApiError::invalid(
+                    "spec.source",
+                    "a VM disk's volume is made by its VM, not from a source",
+                ));
+            }
+            if spec.replicas != 1 {
+                return Err(ApiError::invalid(
+                    "spec.replicas",
+                    "a snapshot or clone has one copy, on its source's node",
+                ));
+            }
         }
         if let Some(owner) = &spec.owner {
             validate::name("spec.owner.vm", &owner.vm)?;
@@ -380,6 +415,7 @@ mod tests {
                     vm_uid: "0b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d11".into(),
                     disk: "root".into(),
                 }),
+                source: None,
             },
             status: VolumeStatus {
                 storage_name: "5f0c".into(),
@@ -445,6 +481,18 @@ mod tests {
         let mut v = volume();
         v.status.storage_name = "a/b".into();
         assert_eq!(field(&v), "status.storage_name");
+        let mut snap = volume();
+        snap.spec.owner = None;
+        snap.spec.replicas = 1;
+        snap.spec.source = Some(VolumeSource {
+            volume: "web-root".into(),
+            snapshot: true,
+        });
+        assert_eq!(field(&snap), "spec.source.volume");
+        snap.spec.source.as_mut().unwrap().volume = "db-root".into();
+        snap.validate().unwrap();
+        snap.spec.replicas = 2;
+        assert_eq!(field(&snap), "spec.replicas");
     }
 
     #[test]

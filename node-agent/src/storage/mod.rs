@@ -42,6 +42,7 @@ pub mod image;
 pub mod replicas;
 pub mod report;
 pub mod seed;
+pub mod snapshots;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

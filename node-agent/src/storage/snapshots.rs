@@ -1,0 +1,310 @@
+//! Snapshots and clones of volumes (decision 52): a `Volume` object with
+//! a `spec.source` is made by the agent of the node that holds its
+//! source's primary copy, in that node's pool, copy-on-write (the pool's
+//! snapshot, or a volume cloned from the source), and recorded in its
+//! status: its pool name ([`pool_name`]: `vol-` and the object's uid),
+//! this node as its primary and only copy, `Ready`.
+//!
+//! Every [`SNAPSHOT_POLL`] the loop ([`run`]) lists the volumes and the
+//! pool, and [`plan`] says what to make here and which of the volumes it
+//! made earlier are no longer wanted (their object was deleted) and go.
+//!
+//! Invariants:
+//! - a volume is made from its source only once: a pool volume already
+//!   under its name is recorded as it is;
+//! - only pool volumes named by [`pool_name`] are ever deleted here, and
+//!   only when a complete list of the cluster's volumes has no object of
+//!   that uid;
+//! - a snapshot is crash-consistent: it is taken while the source's
+//!   writer goes on, as a power cut would leave the disk.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use basalt_api::{
+    AdminClient, ApiError, Condition, EnsureVolume, Kind, Object, ReplicaState, StorageClient,
+    StorageVolume, Volume, VolumeReplica,
+};
+use uuid::Uuid;
+
+use super::StorageConfig;
+
+/// How often volumes to make (or to drop) are looked for.
+pub const SNAPSHOT_POLL: Duration = Duration::from_secs(2);
+const PREFIX: &str = "vol-";
+
+/// The pool name of a snapshot or clone: `vol-` and its object's uid.
+pub fn pool_name(volume: &Volume) -> String {
+    format!("{PREFIX}{}", volume.meta.uid)
+}
+
+/// Whether `name` is a name [`pool_name`] makes.
+pub fn is_made_volume(name: &str) -> bool {
+    name.strip_prefix(PREFIX)
+        .is_some_and(|uid| Uuid::parse_str(uid).is_ok())
+}
+
+/// What to do in this node's pool.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Work {
+    /// Volumes to make here (or to record, when the pool has them), with
+    /// their source's pool name.
+    pub make: Vec<(Volume, String)>,
+    /// Pool volumes made here whose object is gone.
+    pub drop: Vec<String>,
+}
+
+/// The work of node `node`, from a complete list of the cluster's
+/// `volumes` and its `pool`.
+pub fn plan(node: &str, volumes: &[Volume], pool: &[StorageVolume]) -> Work {
+    let by_name: BTreeMap<&str, &Volume> =
+        volumes.iter().map(|v| (v.meta.name.as_str(), v)).collect();
+    let mut work = Work::default();
+    for volume in volumes {
+        let Some(source) = &volume.spec.source else {
+            continue;
+        };
+        if !volume.status.storage_name.is_empty() {
+            continue;
+        }
+        let Some(from) = by_name.get(source.volume.as_str()) else {
+            continue;
+        };
+        if from.status.primary_node == node && !from.status.storage_name.is_empty() {
+            work.make
+                .push((volume.clone(), from.status.storage_name.clone()));
+        }
+    }
+    let wanted: BTreeSet<String> = volumes.iter().map(pool_name).collect();
+    work.drop = pool
+        .iter()
+        .filter(|v| is_made_volume(&v.name) && !wanted.contains(&v.name))
+        .map(|v| v.name.clone())
+        .collect();
+    work
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `volume` recorded as made on `node` (or, with `error`, as failed).
+fn recorded(volume: &Volume, node: &str, error: Option<&str>) -> Volume {
+    let mut done = volume.clone();
+    let ready = match error {
+        None => {
+            done.status.storage_name = pool_name(volume);
+            done.status.primary_node = node.to_owned();
+            done.status.replicas = vec![VolumeReplica {
+                node: node.to_owned(),
+                state: ReplicaState::UpToDate,
+                primary: true,
+                ..VolumeReplica::default()
+            }];
+            Condition {
+                kind: Condition::READY.into(),
+                status: true,
+                reason: "UpToDate".into(),
+                message: format!("made on {node}"),
+                last_transition_unix_ms: now_unix_ms(),
+            }
+        }
+        Some(error) => Condition {
+            kind: Condition::READY.into(),
+            status: false,
+            reason: "SourceFailed".into(),
+            message: error.chars().take(512).collect(),
+            last_transition_unix_ms: now_unix_ms(),
+        },
+    };
+    done.status
+        .conditions
+        .retain(|c| c.kind != Condition::READY);
+    done.status.conditions.push(ready);
+    done
+}
+
+/// Makes `volume` from the pool volume `source` in `storage`'s pool,
+/// unless `pool` has it already.
+async fn make(
+    storage: &StorageClient,
+    volume: &Volume,
+    source: &str,
+    pool: &[StorageVolume],
+) -> Result<(), ApiError> {
+    let name = pool_name(volume);
+    if pool.iter().any(|v| v.name == name) {
+        return Ok(());
+    }
+    let snapshot = volume.spec.source.as_ref().is_some_and(|s| s.snapshot);
+    if snapshot {
+        storage.snapshot_volume(source, &name).await?;
+    } else {
+        let made = storage
+            .ensure_volume(EnsureVolume {
+                name: name.clone(),
+                size_bytes: 0,
+                source: Some(source.to_owned()),
+            })
+            .await?;
+        if made.size_bytes < volume.spec.size_bytes {
+            storage.resize_volume(&name, volume.spec.size_bytes).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes and drops this node's snapshots and clones until aborted (see
+/// the module's doc).
+pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
+    let storage = match StorageClient::connect_unix(&config.socket) {
+        Ok(storage) => storage,
+        Err(err) => {
+            tracing::error!(error = %err, "no storage client: no snapshots or clones are made");
+            return;
+        }
+    };
+    let mut ticker = tokio::time::interval(SNAPSHOT_POLL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Volumes whose making failed, with the error recorded.
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        ticker.tick().await;
+        let volumes: Vec<Volume> = match admin.list(Kind::Volume).await {
+            Ok(list) => list
+                .objects
+                .into_iter()
+                .filter_map(|o| match o {
+                    Object::Volume(v) => Some(v),
+                    _ => None,
+                })
+                .collect(),
+            Err(err) => {
+                tracing::debug!(error = %err, "listing volumes failed; will retry");
+                continue;
+            }
+        };
+        let pool = match storage.list_volumes().await {
+            Ok(pool) => pool,
+            Err(err) => {
+                tracing::debug!(error = %err, "listing the pool failed; will retry");
+                continue;
+            }
+        };
+        let work = plan(&node, &volumes, &pool);
+        for (volume, source) in work.make {
+            let error = make(&storage, &volume, &source, &pool)
+                .await
+                .err()
+                .map(|e| e.to_string());
+            if let Some(error) = &error
+                && failed.get(&volume.meta.uid) == Some(error)
+            {
+                continue;
+            }
+            match admin
+                .update(Object::Volume(recorded(&volume, &node, error.as_deref())))
+                .await
+            {
+                Ok(_) => match error {
+                    None => {
+                        tracing::info!(volume = %volume.meta.name, %source, "made a volume from its source");
+                        failed.remove(&volume.meta.uid);
+                    }
+                    Some(error) => {
+                        tracing::warn!(volume = %volume.meta.name, %error, "making a volume from its source failed");
+                        failed.insert(volume.meta.uid.clone(), error);
+                    }
+                },
+                Err(err) => {
+                    tracing::debug!(volume = %volume.meta.name, error = %err, "recording a volume failed; will retry");
+                }
+            }
+        }
+        for name in work.drop {
+            match storage.delete_volume(&name).await {
+                Ok(_) => {
+                    tracing::info!(volume = %name, "dropped a snapshot or clone whose object is gone")
+                }
+                Err(err) => {
+                    tracing::debug!(volume = %name, error = %err, "dropping a volume failed; will retry")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{ObjectMeta, VolumeSource, VolumeSpec, VolumeStatus};
+
+    use super::*;
+
+    fn volume(name: &str, uid: &str, source: Option<&str>, primary: &str, storage: &str) -> Volume {
+        let mut meta = ObjectMeta::named(name);
+        meta.uid = uid.into();
+        Volume {
+            meta,
+            spec: VolumeSpec {
+                size_bytes: 4096,
+                replicas: 1,
+                source: source.map(|s| VolumeSource {
+                    volume: s.into(),
+                    snapshot: true,
+                }),
+                ..VolumeSpec::default()
+            },
+            status: VolumeStatus {
+                storage_name: storage.into(),
+                primary_node: primary.into(),
+                ..VolumeStatus::default()
+            },
+        }
+    }
+
+    const U1: &str = "0b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d11";
+    const U2: &str = "1b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d12";
+    const U3: &str = "2b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d13";
+
+    #[test]
+    fn snapshots_are_made_on_the_sources_primary_node_and_dropped_with_their_object() {
+        let volumes = vec![
+            volume("db-root", U1, None, "a", "pool-db-root"),
+            volume("snap", U2, Some("db-root"), "", ""),
+            volume("unplaced", U3, Some("nowhere"), "", ""),
+        ];
+        let pool = vec![
+            StorageVolume {
+                name: format!("vol-{U3}"),
+                ..StorageVolume::default()
+            },
+            StorageVolume {
+                name: "vol-9b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d19".into(),
+                ..StorageVolume::default()
+            },
+            StorageVolume {
+                name: "vol-operator".into(),
+                ..StorageVolume::default()
+            },
+        ];
+        let work = plan("a", &volumes, &pool);
+        assert_eq!(work.make.len(), 1);
+        assert_eq!(work.make[0].0.meta.name, "snap");
+        assert_eq!(work.make[0].1, "pool-db-root");
+        // Only a made volume whose object is gone, never an operator's.
+        assert_eq!(work.drop, ["vol-9b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d19"]);
+        // Another node makes nothing.
+        assert!(plan("b", &volumes, &[]).make.is_empty());
+
+        let done = recorded(&work.make[0].0, "a", None);
+        assert_eq!(done.status.storage_name, format!("vol-{U2}"));
+        assert_eq!(done.status.replicas[0].node, "a");
+        assert!(done.status.conditions[0].status);
+        done.validate().unwrap();
+        let failed = recorded(&work.make[0].0, "a", Some("no space"));
+        assert!(failed.status.storage_name.is_empty());
+        assert_eq!(failed.status.conditions[0].reason, "SourceFailed");
+    }
+}

@@ -356,9 +356,16 @@ impl MigrationAgent {
                 workers,
                 ..
             } = &mut *state;
+            // Pins derived again here from ended migrations (kept until
+            // replaced) usually go in the same pass: only the end of a pin
+            // that held is worth a line in the log.
+            let mut derived = BTreeSet::new();
             for (vm, migration) in migrations.iter() {
-                if let Some(pin) = derived_pin(&node, migration) {
-                    pins.entry(vm.clone()).or_insert(pin);
+                if let Some(pin) = derived_pin(&node, migration)
+                    && let std::collections::btree_map::Entry::Vacant(slot) = pins.entry(vm.clone())
+                {
+                    slot.insert(pin);
+                    derived.insert(vm.clone());
                 }
             }
             pins.retain(|vm, pin| {
@@ -369,7 +376,7 @@ impl MigrationAgent {
                     placements.get(vm),
                     workers.contains_key(vm),
                 );
-                if !keep {
+                if !keep && !derived.contains(vm) {
                     tracing::info!(%vm, role = ?pin.role, "migration over: the reconciler takes the VM back");
                 }
                 keep

@@ -157,6 +157,12 @@ pub struct RaftTuning {
     pub logs_to_keep: u64,
     /// Changes each member keeps in memory for watches.
     pub watch_history: usize,
+    /// Acknowledge the leader's own new log entries to openraft before
+    /// their fsync, so they go to the followers while it runs (faster
+    /// writes, decision 56). Off by default: not safe against a power
+    /// loss of the leader, which can then lose an entry a follower has
+    /// already applied. A `kill -9` is safe either way.
+    pub leader_parallel_fsync: bool,
 }
 
 impl Default for ControlConfig {
@@ -185,6 +191,7 @@ impl Default for RaftTuning {
             snapshot_threshold: 10_000,
             logs_to_keep: 1_000,
             watch_history: 10_000,
+            leader_parallel_fsync: false,
         }
     }
 }

@@ -77,7 +77,12 @@ pub async fn run(
         source,
     })?;
     let (log, sm, shared) =
-        store::open(&config.data_dir, config.raft.watch_history, config.node_id)?;
+        store::open(
+            &config.data_dir,
+            config.raft.watch_history,
+            config.node_id,
+            config.raft.leader_parallel_fsync,
+        )?;
     let raft = Raft::new(config.node_id, raft_config, Network, log, sm)
         .await
         .map_err(|e| RunError::Raft {

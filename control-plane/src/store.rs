@@ -5,14 +5,18 @@
 //! - a log append is acknowledged to openraft (its `LogFlushed` callback)
 //!   only after the write-ahead log is fsynced (in the append itself:
 //!   openraft 0.9 waits for each append before it takes the next, so a
-//!   follower's appends have nothing to share an fsync with); except the
-//!   leader's own new entries (written by this member as the leader of
-//!   the term its committed vote names): those are acknowledged as soon
-//!   as they are written, so openraft sends them to the followers while
-//!   the leader's fsync runs (Raft's parallel leader write), fsynced by
-//!   the flusher thread (appends that arrive while an fsync runs share
-//!   the next one: group commit), and their fsync is awaited before they
-//!   are applied instead (below);
+//!   follower's appends have nothing to share an fsync with); except,
+//!   only when `raft.leader_parallel_fsync` is set, the leader's own new
+//!   entries (written by this member as the leader of the term its
+//!   committed vote names): those are then acknowledged as soon as they
+//!   are written, so openraft sends them to the followers while the
+//!   leader's fsync runs, fsynced by the flusher thread (appends that
+//!   arrive while an fsync runs share the next one: group commit), and
+//!   their fsync is awaited before they are applied instead (below).
+//!   That mode is off by default: openraft then counts the leader's
+//!   unsynced copy in the commit quorum, so a leader that loses power in
+//!   the window can come back, win an election with the third member and
+//!   lose an entry a follower already applied (decision 56);
 //! - nothing is applied to the state machine before every append holding
 //!   an entry up to the applied one is fsynced, so no client sees an
 //!   answer or a read that rests on an entry this member could lose:
@@ -151,10 +155,15 @@ impl Shared {
 /// Opens (or creates) the database in `dir` for member `me`; returns the
 /// log store, the state machine and the shared machine they fill.
 /// `history` is how many changes to keep for watches.
+///
+/// `parallel_leader_fsync` acknowledges the leader's own appends before
+/// their fsync (see the module's invariants: not safe against a power
+/// loss of the leader).
 pub fn open(
     dir: &Path,
     history: usize,
     me: NodeId,
+    parallel_leader_fsync: bool,
 ) -> Result<(LogStore, StateMachineStore, Arc<Shared>), OpenError> {
     let path = dir.display().to_string();
     let mut options = rocksdb::Options::default();
@@ -218,6 +227,7 @@ pub fn open(
         flusher: flush_tx,
         me,
         leading: None,
+        parallel_leader_fsync,
         durability: Arc::clone(&durability),
         recent: Arc::default(),
     };
@@ -495,6 +505,8 @@ pub struct LogStore {
     /// The leader id (term, this member) while the last saved vote is this
     /// member's committed vote: it leads that term.
     leading: Option<CommittedLeaderId<NodeId>>,
+    /// The leader's own appends are acknowledged before their fsync.
+    parallel_leader_fsync: bool,
     durability: Arc<Durability>,
     recent: Arc<Mutex<RecentEntries>>,
 }
@@ -656,8 +668,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::write_logs(&e))?;
         self.recent().push(appended);
         let seq = self.durability.appended(first_index);
-        if !own {
-            // A follower's append (or entries of another term): openraft
+        if !own || !self.parallel_leader_fsync {
+            // A follower's append (or entries of another term, or any
+            // append unless the leader's fsync may run late): openraft
             // waits for it before it takes anything else, so there is
             // nothing to share the fsync with; synced here, which spares
             // the hand-over to the flusher thread and back (measured:
@@ -1303,7 +1316,7 @@ mod tests {
     async fn a_batch_of_independent_writes_answers_each_and_persists_what_applied() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (_log, mut sm, shared) = open(dir.path(), 100, 1).unwrap();
+            let (_log, mut sm, shared) = open(dir.path(), 100, 1, false).unwrap();
             let outcomes = sm
                 .apply([
                     entry(1, Command::Create(image("a"))),
@@ -1353,7 +1366,7 @@ mod tests {
         // database once it sees the log store gone: retry until then.)
         let mut tries = 0;
         let (_log, _sm, shared) = loop {
-            match open(dir.path(), 100, 1) {
+            match open(dir.path(), 100, 1, false) {
                 Ok(opened) => break opened,
                 Err(err) if tries < 100 => {
                     tries += 1;

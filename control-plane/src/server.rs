@@ -76,13 +76,12 @@ pub async fn run(
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let (log, sm, shared) =
-        store::open(
-            &config.data_dir,
-            config.raft.watch_history,
-            config.node_id,
-            config.raft.leader_parallel_fsync,
-        )?;
+    let (log, sm, shared) = store::open(
+        &config.data_dir,
+        config.raft.watch_history,
+        config.node_id,
+        config.raft.leader_parallel_fsync,
+    )?;
     let raft = Raft::new(config.node_id, raft_config, Network, log, sm)
         .await
         .map_err(|e| RunError::Raft {

@@ -14,10 +14,10 @@ use std::time::Duration;
 use basalt_api::{
     AdminClient, Image, ImageFormat, ImageSpec, Kind, Object, ObjectMeta, WatchEvent,
 };
-use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+use basalt_testkit::{Prefix, wait};
 use futures::StreamExt;
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+mod control_trio;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Images written before the kill, and acknowledged after it.
@@ -35,60 +35,17 @@ fn image(name: &str) -> Object {
     })
 }
 
-/// Starts member `id` on a free loopback port: it bootstraps the cluster
-/// without `seed`, else joins through it.
-fn start_member(prefix: &Prefix, id: u64, seed: Option<&str>) -> (String, Process) {
-    let address = format!("127.0.0.1:{}", basalt_testkit::free_port());
-    let mut spec = ProcessSpec::new(format!("control-{id}"), BASALTD)
-        .args([
-            "control",
-            "--node-id",
-            &id.to_string(),
-            "--listen",
-            &address,
-            "--data-dir",
-        ])
-        .arg(prefix.dir().join(format!("control-{id}")))
-        .env("RUST_LOG", "info");
-    spec = match seed {
-        None => spec.arg("--bootstrap"),
-        Some(seed) => spec.args(["--join", seed]),
-    };
-    let process = Process::start(prefix, spec).expect("start basaltd control");
-    (address, process)
-}
-
-/// The number of voters and the leader's id, from a list of members.
-async fn voters_and_leader(client: &AdminClient) -> Option<(usize, Option<u64>)> {
-    let list = client.list(Kind::Member).await.ok()?;
-    let mut voters = 0;
-    let mut leader = None;
-    for object in &list.objects {
-        if let Object::Member(m) = object {
-            voters += usize::from(m.voter);
-            if m.leader {
-                leader = Some(m.id);
-            }
-        }
-    }
-    Some((voters, leader))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_goes_on_from_another_member_when_its_member_dies() {
     let prefix = Prefix::for_test().expect("prefix");
-    let (seed, first) = start_member(&prefix, 1, None);
-    let mut addresses = vec![seed.clone()];
-    let mut processes = vec![first];
-    for id in 2..=3 {
-        let (address, process) = start_member(&prefix, id, Some(&seed));
-        addresses.push(address);
-        processes.push(process);
-    }
+    let control_trio::Trio {
+        addresses,
+        mut processes,
+    } = control_trio::start(&prefix);
     let all = AdminClient::connect_lazy(&addresses.join(",")).expect("a client of every member");
     let started = std::time::Instant::now();
     let leader = loop {
-        if let Some((3, Some(id))) = voters_and_leader(&all).await {
+        if let Some((3, Some(id))) = control_trio::members(&all).await {
             break id;
         }
         assert!(

@@ -19,7 +19,7 @@ use basalt_api::{DiskState, ReplicaPeerState, StorageClient, StorageStatus};
 use basalt_testkit::Prefix;
 
 /// `qemu-io` on the export at `nbd`: whether it succeeded, and its output.
-use storage_cli::{free_addr, is_root, ok, run, serve};
+use storage_cli::{free_addr, is_root, ok, run, serve, two_pools};
 
 fn qemu_io(nbd: SocketAddr, command: &str) -> (bool, String) {
     let out = Command::new("qemu-io")
@@ -43,14 +43,8 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
         return;
     }
     let prefix = Prefix::for_test().expect("prefix");
-    let (pa, pb) = (prefix.dir().join("a.img"), prefix.dir().join("b.img"));
-    let (pa, pb) = (pa.to_str().expect("path"), pb.to_str().expect("path"));
-    for p in [pa, pb] {
-        ok(&["storage", "pool", "create", "--path", p, "--size", "64M"]);
-        ok(&[
-            "storage", "volume", "create", "--pool", p, "vol", "--size", "16M",
-        ]);
-    }
+    let (pa, pb) = two_pools(&prefix, "64M", "16M");
+    let (pa, pb) = (pa.as_str(), pb.as_str());
     let trigger = prefix.dir().join("a-disk-dies");
     let socket = prefix.dir().join("a.sock");
     let (nbd_a, nbd_b, repl_b) = (free_addr(), free_addr(), free_addr());

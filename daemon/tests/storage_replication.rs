@@ -17,7 +17,7 @@ use basalt_testkit::Prefix;
 use basalt_testkit::nbd_client::{BLOCK, NbdClient, WriteStream, block, slot};
 use basalt_testkit::process::Process;
 
-use storage_cli::{free_addr, is_root, ok, serve};
+use storage_cli::{free_addr, is_root, serve, two_pools};
 
 const CHUNK: u64 = 64 << 10;
 /// A chunk the away-writes below never touch.
@@ -78,14 +78,8 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
         return;
     }
     let prefix = Prefix::for_test().expect("prefix");
-    let (pa, pb) = (prefix.dir().join("a.img"), prefix.dir().join("b.img"));
-    let (pa, pb) = (pa.to_str().expect("path"), pb.to_str().expect("path"));
-    for p in [pa, pb] {
-        ok(&["storage", "pool", "create", "--path", p, "--size", "256M"]);
-        ok(&[
-            "storage", "volume", "create", "--pool", p, "vol", "--size", "64M",
-        ]);
-    }
+    let (pa, pb) = two_pools(&prefix, "256M", "64M");
+    let (pa, pb) = (pa.as_str(), pb.as_str());
     let (nbd_a, nbd_b, repl_b) = (free_addr(), free_addr(), free_addr());
     let mut replica = serve(
         &prefix,
@@ -239,14 +233,8 @@ fn fencer_deny_blocks_writes_until_the_replica_returns() {
         return;
     }
     let prefix = Prefix::for_test().expect("prefix");
-    let (pa, pb) = (prefix.dir().join("a.img"), prefix.dir().join("b.img"));
-    let (pa, pb) = (pa.to_str().expect("path"), pb.to_str().expect("path"));
-    for p in [pa, pb] {
-        ok(&["storage", "pool", "create", "--path", p, "--size", "64M"]);
-        ok(&[
-            "storage", "volume", "create", "--pool", p, "vol", "--size", "16M",
-        ]);
-    }
+    let (pa, pb) = two_pools(&prefix, "64M", "16M");
+    let (pa, pb) = (pa.as_str(), pb.as_str());
     let (nbd_a, nbd_b, repl_b) = (free_addr(), free_addr(), free_addr());
     let mut replica = serve(
         &prefix,

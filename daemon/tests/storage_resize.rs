@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use basalt_testkit::Prefix;
 
-use storage_cli::{free_addr, is_root, ok, run, serve};
+use storage_cli::{free_addr, is_root, ok, run, serve, two_pools};
 
 const MIB: u64 = 1 << 20;
 
@@ -94,14 +94,8 @@ fn a_grow_on_the_primary_reaches_the_replica_in_write_order() {
         return;
     }
     let prefix = Prefix::for_test().expect("prefix");
-    let (pa, pb) = (prefix.dir().join("a.img"), prefix.dir().join("b.img"));
-    let (pa, pb) = (pa.to_str().expect("path"), pb.to_str().expect("path"));
-    for p in [pa, pb] {
-        ok(&["storage", "pool", "create", "--path", p, "--size", "512M"]);
-        ok(&[
-            "storage", "volume", "create", "--pool", p, "vol", "--size", "64M",
-        ]);
-    }
+    let (pa, pb) = two_pools(&prefix, "512M", "64M");
+    let (pa, pb) = (pa.as_str(), pb.as_str());
     let socket = prefix.dir().join("primary.sock");
     let socket = socket.to_str().expect("socket");
     let (nbd_a, nbd_b, repl_b) = (free_addr(), free_addr(), free_addr());

@@ -20,7 +20,7 @@ use basalt_api::{StorageClient, VolumeVerify};
 use basalt_testkit::Prefix;
 use basalt_testkit::nbd_client::{BLOCK, NbdClient, block};
 
-use storage_cli::{free_addr, is_root, ok, run, serve};
+use storage_cli::{free_addr, is_root, run, serve, two_pools};
 
 const CHUNK: u64 = 64 << 10;
 const VOLUME: u64 = 32 << 20;
@@ -84,15 +84,9 @@ fn verify_finds_a_chunk_corrupted_on_the_replica_while_the_volume_is_in_use() {
         return;
     }
     let prefix = Prefix::for_test().expect("prefix");
-    let (pa, pb) = (prefix.dir().join("a.img"), prefix.dir().join("b.img"));
+    let (pa, pb) = two_pools(&prefix, "128M", "32M");
     let socket = prefix.dir().join("a.sock");
-    let (pa_s, pb_s) = (pa.to_str().expect("path"), pb.to_str().expect("path"));
-    for p in [pa_s, pb_s] {
-        ok(&["storage", "pool", "create", "--path", p, "--size", "128M"]);
-        ok(&[
-            "storage", "volume", "create", "--pool", p, "vol", "--size", "32M",
-        ]);
-    }
+    let (pa_s, pb_s) = (pa.as_str(), pb.as_str());
     let (nbd_a, nbd_b, repl_b) = (free_addr(), free_addr(), free_addr());
     let _replica = serve(
         &prefix,
@@ -148,7 +142,7 @@ fn verify_finds_a_chunk_corrupted_on_the_replica_while_the_volume_is_in_use() {
     c.write(BAD * CHUNK, &marker).expect("marker");
     c.flush().expect("flush");
     drop(c);
-    corrupt(&pb, &marker);
+    corrupt(Path::new(&pb), &marker);
 
     // A writer keeps the volume busy (never touching chunk BAD).
     let stop = Arc::new(AtomicBool::new(false));

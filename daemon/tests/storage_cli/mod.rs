@@ -67,3 +67,27 @@ pub fn serve(
         .expect("NBD listening");
     p
 }
+
+/// Creates pools `a.img` and `b.img` of `pool_size` under the test's
+/// directory, each holding volume `vol` of `volume_size`; returns their
+/// paths.
+pub fn two_pools(prefix: &Prefix, pool_size: &str, volume_size: &str) -> (String, String) {
+    let [a, b] = ["a.img", "b.img"].map(|name| {
+        let path = prefix.dir().join(name).to_str().expect("path").to_owned();
+        ok(&[
+            "storage", "pool", "create", "--path", &path, "--size", pool_size,
+        ]);
+        ok(&[
+            "storage",
+            "volume",
+            "create",
+            "--pool",
+            &path,
+            "vol",
+            "--size",
+            volume_size,
+        ]);
+        path
+    });
+    (a, b)
+}

@@ -154,7 +154,7 @@ impl Drop for Pins {
 /// frame by frame to the VM's tap on its node (what QEMU does with a
 /// guest's NIC). Stops relaying when dropped.
 struct Relay {
-    stop: Arc<AtomicBool>,
+    _frames: basalt_sdn::tap::Relay,
 }
 
 impl Relay {
@@ -184,19 +184,10 @@ impl Relay {
             "up",
         ])
         .expect("bring the peer's NIC up");
-        let stop = Arc::new(AtomicBool::new(false));
-        for (from, to) in [(&node_side, &guest_side), (&guest_side, &node_side)] {
-            let (mut rx, mut tx) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(Some(frame)) = rx.recv(Duration::from_millis(100)) {
-                        let _ = tx.send(&frame);
-                    }
-                }
-            });
+        Relay {
+            _frames: basalt_sdn::tap::Relay::start(&node_side, &guest_side)
+                .expect("relay the peer's NIC"),
         }
-        Relay { stop }
     }
 
     /// Runs udhcpc on the peer's NIC; returns the address it bound.
@@ -224,12 +215,6 @@ impl Relay {
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address on the peer's NIC: {shown}"))
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

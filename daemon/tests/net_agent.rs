@@ -25,8 +25,6 @@ use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use basalt_agent::vm_domain::{derived_mac, tap_name, vm_uuid};
@@ -83,24 +81,19 @@ fn in_netns<T: Send>(path: &PathBuf, f: impl FnOnce() -> T + Send) -> T {
 /// its node. Removes its namespace when dropped.
 struct Guest {
     netns: String,
-    stop: Arc<AtomicBool>,
+    relay: Option<basalt_sdn::tap::Relay>,
 }
 
 impl Guest {
     fn start(prefix: &Prefix, n: u8, node: &Node, tap: &str, mac: [u8; 6]) -> Guest {
         let netns = format!("{}-g{n}", prefix.name());
         run(Command::new("ip").args(["netns", "add", &netns]));
-        let guest = Guest {
-            netns,
-            stop: Arc::new(AtomicBool::new(false)),
-        };
+        let mut guest = Guest { netns, relay: None };
         let tap_name = tap.to_owned();
-        let mut node_rx = node
+        let node_side = node
             .run_in(move || Tap::open(&tap_name).expect("open the node's tap"))
             .expect("enter node");
-        let mut node_tx = node_rx.try_clone().unwrap();
-        let mut guest_rx = in_netns(&guest.path(), || Tap::open("eth0").expect("guest tap"));
-        let mut guest_tx = guest_rx.try_clone().unwrap();
+        let guest_side = in_netns(&guest.path(), || Tap::open("eth0").expect("guest tap"));
         let mac = mac
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -108,17 +101,9 @@ impl Guest {
             .join(":");
         guest.ip(&["link", "set", "lo", "up"]);
         guest.ip(&["link", "set", "eth0", "address", &mac, "mtu", "1450", "up"]);
-        for (rx, tx) in [(&mut node_rx, &mut guest_tx), (&mut guest_rx, &mut node_tx)] {
-            let (mut rx, mut tx) = (rx.try_clone().unwrap(), tx.try_clone().unwrap());
-            let stop = guest.stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(Some(frame)) = rx.recv(Duration::from_millis(100)) {
-                        let _ = tx.send(&frame);
-                    }
-                }
-            });
-        }
+        guest.relay = Some(
+            basalt_sdn::tap::Relay::start(&node_side, &guest_side).expect("relay the guest's NIC"),
+        );
         guest
     }
 
@@ -218,7 +203,7 @@ fn whoami_server(node: &Node, port: u16) {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.relay.take();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();

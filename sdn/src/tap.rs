@@ -166,3 +166,41 @@ impl Tap {
         Ok(Some(buf))
     }
 }
+
+/// Two tap queues joined frame by frame, each direction on its own
+/// thread: what QEMU does between a guest's NIC and its tap, so a tap in
+/// a namespace can stand in for a guest on another node's tap. Relaying
+/// stops (within the 100 ms a thread waits for a frame) when the
+/// `Relay` is dropped; a frame that cannot be delivered is dropped, as a
+/// full tap queue would drop it.
+#[derive(Debug)]
+pub struct Relay {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    /// Starts relaying between `a` and `b` (each handle is duplicated, so
+    /// the caller may close its own).
+    pub fn start(a: &Tap, b: &Tap) -> Result<Relay, TapError> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        for (from, to) in [(a, b), (b, a)] {
+            let (mut rx, mut tx) = (from.try_clone()?, to.try_clone()?);
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(Some(frame)) = rx.recv(Duration::from_millis(100)) {
+                        let _ = tx.send(&frame);
+                    }
+                }
+            });
+        }
+        Ok(Relay { stop })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -464,7 +464,7 @@ impl Drop for Pins {
 /// The peer VM's NIC: `vnic0` in the peer's namespace relayed to its tap
 /// on n3.
 struct Relay {
-    stop: Arc<AtomicBool>,
+    _frames: basalt_sdn::tap::Relay,
 }
 
 impl Relay {
@@ -489,19 +489,9 @@ impl Relay {
             "1450",
             "up",
         ])?;
-        let stop = Arc::new(AtomicBool::new(false));
-        for (from, to) in [(&node_side, &guest_side), (&guest_side, &node_side)] {
-            let (mut rx, mut tx) = (from.try_clone()?, to.try_clone()?);
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(Some(frame)) = rx.recv(Duration::from_millis(100)) {
-                        let _ = tx.send(&frame);
-                    }
-                }
-            });
-        }
-        Ok(Relay { stop })
+        Ok(Relay {
+            _frames: basalt_sdn::tap::Relay::start(&node_side, &guest_side)?,
+        })
     }
 
     fn dhcp(peer: &Node, script: &Path) -> anyhow::Result<()> {
@@ -518,12 +508,6 @@ impl Relay {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

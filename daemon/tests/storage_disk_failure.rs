@@ -11,30 +11,13 @@
 
 mod storage_cli;
 
-use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use basalt_api::{DiskState, ReplicaPeerState, StorageClient, StorageStatus};
 use basalt_testkit::Prefix;
 
 /// `qemu-io` on the export at `nbd`: whether it succeeded, and its output.
-use storage_cli::{free_addr, is_root, ok, run, serve, two_pools};
-
-fn qemu_io(nbd: SocketAddr, command: &str) -> (bool, String) {
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", &format!("nbd://{nbd}/vol"), "-c", command])
-        .output()
-        .expect("qemu-io runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let failed =
-        !out.status.success() || text.contains("failed") || text.contains("Pattern verification");
-    (!failed, text)
-}
+use storage_cli::{assert_same, free_addr, is_root, ok, qemu_io, run, serve, two_pools};
 
 #[test]
 fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
@@ -91,13 +74,13 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
         assert!(Instant::now() < deadline, "{}", primary.log_tail(20));
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (done, text) = qemu_io(nbd_a, "write -P 0x11 0 1M");
+    let (done, text) = qemu_io(nbd_a, false, "write -P 0x11 0 1M");
     assert!(done, "write with the disk up: {text}");
     assert_eq!(status().disk_state, DiskState::Attached);
 
     // The disk dies.
     std::fs::write(&trigger, b"").expect("trigger");
-    let (done, text) = qemu_io(nbd_a, "write -P 0x22 1M 1M");
+    let (done, text) = qemu_io(nbd_a, false, "write -P 0x22 1M 1M");
     assert!(done, "a write failed with the peer holding it: {text}");
     let st = status();
     assert_eq!(st.disk_state, DiskState::Failed, "{st:?}");
@@ -106,7 +89,7 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
         "after the failure: disk {:?} ({})",
         st.disk_state, st.disk_error
     );
-    let (done, text) = qemu_io(nbd_a, "write -P 0x33 4M 64k");
+    let (done, text) = qemu_io(nbd_a, false, "write -P 0x33 4M 64k");
     assert!(done, "a diskless write failed: {text}");
     for (pattern, offset, len) in [
         ("0x11", "0", "1M"),
@@ -114,9 +97,9 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
         ("0x33", "4M", "64k"),
     ] {
         let command = format!("read -P {pattern} {offset} {len}");
-        let (done, text) = qemu_io(nbd_a, &command);
+        let (done, text) = qemu_io(nbd_a, false, &command);
         assert!(done, "diskless primary, {command}: {text}");
-        let (done, text) = qemu_io(nbd_b, &command);
+        let (done, text) = qemu_io(nbd_b, false, &command);
         assert!(done, "replica, {command}: {text}");
     }
     assert!(
@@ -149,27 +132,11 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
     );
     assert_same(nbd_a, nbd_b);
     // Writes land on both copies again, and the primary reads its own.
-    let (done, text) = qemu_io(nbd_a, "write -P 0x44 2M 256k");
+    let (done, text) = qemu_io(nbd_a, false, "write -P 0x44 2M 256k");
     assert!(done, "write after the disk came back: {text}");
     for nbd in [nbd_a, nbd_b] {
-        let (done, text) = qemu_io(nbd, "read -P 0x44 2M 256k");
+        let (done, text) = qemu_io(nbd, false, "read -P 0x44 2M 256k");
         assert!(done, "read after the disk came back: {text}");
     }
     assert_same(nbd_a, nbd_b);
-}
-
-/// `qemu-img compare` of the two exports: identical contents.
-fn assert_same(a: SocketAddr, b: SocketAddr) {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(format!("nbd://{a}/vol"))
-        .arg(format!("nbd://{b}/vol"))
-        .output()
-        .expect("run qemu-img compare");
-    assert!(
-        out.status.success(),
-        "the copies differ: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -15,61 +15,12 @@ use std::time::{Duration, Instant};
 
 use basalt_testkit::Prefix;
 use basalt_testkit::nbd_client::{BLOCK, NbdClient, WriteStream, block, slot};
-use basalt_testkit::process::Process;
 
-use storage_cli::{free_addr, is_root, serve, two_pools};
+use storage_cli::{field, free_addr, is_root, plain_logs, serve, two_pools, wait_log};
 
 const CHUNK: u64 = 64 << 10;
 /// A chunk the away-writes below never touch.
 const SPARE: u64 = 1023 * CHUNK;
-
-/// The log without terminal colour escapes.
-fn plain_logs(p: &Process) -> String {
-    let mut out = String::new();
-    let mut chars = p.logs().chars().collect::<Vec<_>>().into_iter();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn wait_log(p: &Process, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let logs = plain_logs(p);
-        if let Some(line) = logs.lines().rev().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never logged {needle:?}:\n{}",
-            p.name(),
-            p.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn field(line: &str, name: &str) -> u64 {
-    let key = format!("{name}=");
-    let at = line
-        .find(&key)
-        .unwrap_or_else(|| panic!("{name} in {line}"))
-        + key.len();
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in {line}"))
-}
 
 #[test]
 fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_dirty_only() {
@@ -97,7 +48,7 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
         "deny".into(),
     ];
     let mut primary = serve(&prefix, "primary", pa, nbd_a, &peer);
-    wait_log(&primary, "peer in sync", Duration::from_secs(20));
+    wait_log(&primary, 0, "peer in sync", Duration::from_secs(20));
 
     // A write stream through the primary; kill -9 it in the middle.
     let stream = WriteStream::start(nbd_a, "vol");
@@ -133,7 +84,7 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
         "allow".into(),
     ];
     let primary = serve(&prefix, "primary-2", pa, nbd_a, &allow);
-    wait_log(&primary, "peer in sync", Duration::from_secs(20));
+    wait_log(&primary, 0, "peer in sync", Duration::from_secs(20));
     let mut c = NbdClient::connect(nbd_a, "vol").expect("connect");
     c.write(SPARE, &block(1_000_000))
         .expect("write while in sync");
@@ -146,15 +97,16 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
         dirty.insert(off / CHUNK);
     }
     c.flush().expect("flush");
-    wait_log(&primary, "peer lost", Duration::from_secs(10));
+    wait_log(&primary, 0, "peer lost", Duration::from_secs(10));
     wait_log(
         &primary,
+        0,
         "peer outdated by the fencer",
         Duration::from_secs(10),
     );
     // primary-2's own start resynced the chunks its dirty log kept from
     // the kill -9 above: the resync to count is the next one.
-    let syncs_before = plain_logs(&primary).matches("resync_bytes=").count();
+    let syncs_before = plain_logs(&primary, 0).matches("resync_bytes=").count();
     replica.restart().expect("restart the replica");
     replica
         .wait_for_tcp(nbd_b, None, Duration::from_secs(30))
@@ -162,7 +114,7 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
     let line = {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let logs = plain_logs(&primary);
+            let logs = plain_logs(&primary, 0);
             if let Some(l) = logs
                 .lines()
                 .filter(|l| l.contains("resync_bytes="))
@@ -212,7 +164,7 @@ fn primary_kill_9_leaves_every_acknowledged_write_on_the_replica_and_resync_is_d
     let mut old = allow.clone();
     old[3] = "1".into();
     let primary = serve(&prefix, "primary-old", pa, nbd_a, &old);
-    wait_log(&primary, "deposed", Duration::from_secs(20));
+    wait_log(&primary, 0, "deposed", Duration::from_secs(20));
     let mut c = NbdClient::connect(nbd_a, "vol").expect("connect");
     assert!(
         c.write(SPARE, &block(3_000_000)).is_err(),
@@ -250,11 +202,11 @@ fn fencer_deny_blocks_writes_until_the_replica_returns() {
         "deny".into(),
     ];
     let primary = serve(&prefix, "primary", pa, nbd_a, &deny);
-    wait_log(&primary, "peer in sync", Duration::from_secs(20));
+    wait_log(&primary, 0, "peer in sync", Duration::from_secs(20));
     let mut c = NbdClient::connect(nbd_a, "vol").expect("connect");
     c.write(0, &block(1)).expect("write in sync");
     replica.kill9().expect("kill -9 the replica");
-    wait_log(&primary, "peer lost", Duration::from_secs(10));
+    wait_log(&primary, 0, "peer lost", Duration::from_secs(10));
 
     let (tx, rx) = std::sync::mpsc::channel();
     let writer = std::thread::spawn(move || {

@@ -11,38 +11,15 @@ mod storage_cli;
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use basalt_testkit::Prefix;
 
-use storage_cli::{free_addr, is_root, ok, run, serve, two_pools};
+use storage_cli::{
+    assert_same, free_addr, have, is_root, ok, qemu_io, run, serve, two_pools, wait_log,
+};
 
 const MIB: u64 = 1 << 20;
-
-fn have(program: &str) -> bool {
-    Command::new(program).arg("--version").output().is_ok()
-}
-
-/// `qemu-io` on the export; whether every command succeeded, and the
-/// output.
-fn qemu_io(nbd: SocketAddr, read_only: bool, command: &str) -> (bool, String) {
-    let mut cmd = Command::new("qemu-io");
-    if read_only {
-        cmd.arg("-r");
-    }
-    let out = cmd
-        .args(["-f", "raw", &format!("nbd://{nbd}/vol"), "-c", command])
-        .output()
-        .expect("qemu-io runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let failed =
-        !out.status.success() || text.contains("failed") || text.contains("Pattern verification");
-    (!failed, text)
-}
 
 /// The export's size, as `qemu-img info` reads it over NBD.
 fn size(nbd: SocketAddr) -> u64 {
@@ -57,34 +34,6 @@ fn size(nbd: SocketAddr) -> u64 {
         )
     });
     v["virtual-size"].as_u64().expect("virtual-size")
-}
-
-fn assert_same(a: SocketAddr, b: SocketAddr) {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(format!("nbd://{a}/vol"))
-        .arg(format!("nbd://{b}/vol"))
-        .output()
-        .expect("run qemu-img compare");
-    assert!(
-        out.status.success(),
-        "the copies differ: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn wait_log(p: &basalt_testkit::process::Process, from: usize, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !p.logs().get(from..).unwrap_or("").contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "{} never logged {needle:?}:\n{}",
-            p.name(),
-            p.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -122,7 +71,7 @@ fn a_grow_on_the_primary_reaches_the_replica_in_write_order() {
             socket.into(),
         ],
     );
-    wait_log(&primary, 0, "peer in sync");
+    wait_log(&primary, 0, "peer in sync", Duration::from_secs(30));
 
     // Live: grown on both before the command returns; a write past the
     // old end right after is on the replica.
@@ -179,7 +128,7 @@ fn a_grow_on_the_primary_reaches_the_replica_in_write_order() {
     replica
         .wait_for_tcp(nbd_b, None, Duration::from_secs(30))
         .expect("replica listening again");
-    wait_log(&primary, from, "peer in sync");
+    wait_log(&primary, from, "peer in sync", Duration::from_secs(30));
     let logs = primary.logs();
     assert!(
         !logs[from..].contains("full sync"),

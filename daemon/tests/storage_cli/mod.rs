@@ -1,10 +1,14 @@
 //! What the storage process's end-to-end tests share: running `basaltd`
 //! subcommands, free loopback ports, and `basaltd storage serve` started
-//! and listening.
+//! and listening, the logs they write, and checks with `qemu-io` and
+//! `qemu-img` on their exports.
+//!
+//! Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use basalt_testkit::Prefix;
 use basalt_testkit::process::{Process, ProcessSpec};
@@ -90,4 +94,101 @@ pub fn two_pools(prefix: &Prefix, pool_size: &str, volume_size: &str) -> (String
         path
     });
     (a, b)
+}
+
+/// `p`'s log from byte `from` on, without terminal colour escapes.
+pub fn plain_logs(p: &Process, from: usize) -> String {
+    let logs = p.logs();
+    let mut out = String::new();
+    let mut chars = logs.get(from..).unwrap_or("").chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Waits up to `timeout` for a line containing `needle` in `p`'s log
+/// after byte `from`; returns the first such line (without colours).
+pub fn wait_log(p: &Process, from: usize, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let logs = plain_logs(p, from);
+        if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {needle:?}:\n{}",
+            p.name(),
+            p.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The number after `name=` in a log line.
+pub fn field(line: &str, name: &str) -> u64 {
+    let key = format!("{name}=");
+    let at = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} in {line}"))
+        + key.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {line}"))
+}
+
+/// `qemu-img compare` of volume `vol` on two exports: identical contents.
+pub fn assert_same(a: SocketAddr, b: SocketAddr) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(format!("nbd://{a}/vol"))
+        .arg(format!("nbd://{b}/vol"))
+        .output()
+        .expect("run qemu-img compare");
+    assert!(
+        out.status.success(),
+        "the copies differ: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-io` on volume `vol` of the export (read-only when asked);
+/// whether every command succeeded, and the output.
+pub fn qemu_io(nbd: SocketAddr, read_only: bool, command: &str) -> (bool, String) {
+    let mut cmd = Command::new("qemu-io");
+    if read_only {
+        cmd.arg("-r");
+    }
+    let out = cmd
+        .args(["-f", "raw", &format!("nbd://{nbd}/vol"), "-c", command])
+        .output()
+        .expect("qemu-io runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed =
+        !out.status.success() || text.contains("failed") || text.contains("Pattern verification");
+    (!failed, text)
+}
+
+/// Whether `program` is on the PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

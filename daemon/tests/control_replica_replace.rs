@@ -18,11 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use basalt_api::{
-    AdminClient, AgentClient, Disk, KernelBoot, Kind, Object, ObjectMeta, Placement, Registration,
-    ReplicaMark, Resources, TokenSecret, Vm, VmSpec,
-};
+use basalt_api::{AgentClient, Kind, Object, ReplicaMark, TokenSecret};
 use basalt_testkit::{Prefix, wait};
+use fake_agent::{placement, publish, ready, replicated_vm};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// `replica_replace_after_ms`, less the heartbeat interval and some
@@ -32,55 +30,6 @@ const REPLACE_AFTER: Duration = Duration::from_millis(7_500);
 /// Short leases so node loss takes seconds; HA would move the VM only
 /// if its own node were lost.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\nreplica_replace_after_ms = 8000\n";
-
-fn vm(name: &str) -> Object {
-    Object::Vm(Vm {
-        meta: ObjectMeta::named(name),
-        spec: VmSpec {
-            cpus: 1,
-            memory_mib: 256,
-            running: true,
-            disks: vec![Disk {
-                name: "root".into(),
-                size_bytes: 1 << 30,
-                image: None,
-                replicas: 2,
-            }],
-            kernel: Some(KernelBoot {
-                kernel: "/boot/vmlinuz".into(),
-                initrd: String::new(),
-                cmdline: "console=ttyS0".into(),
-            }),
-            ..VmSpec::default()
-        },
-        ..Vm::default()
-    })
-}
-
-async fn placement(admin: &AdminClient, vm: &str) -> Option<Placement> {
-    match admin.get(Kind::Placement, vm).await {
-        Ok(Object::Placement(p)) => Some(p),
-        _ => None,
-    }
-}
-
-/// Publishes a replication address on `node`, as its agent does.
-async fn publish(admin: &AdminClient, node: &str, address: &str) {
-    for _ in 0..10 {
-        let Ok(Object::Node(mut n)) = admin.get(Kind::Node, node).await else {
-            panic!("node {node} not found")
-        };
-        n.status.replication_address = address.into();
-        if admin.update(Object::Node(n)).await.is_ok() {
-            return;
-        }
-    }
-    panic!("could not publish the address of {node}");
-}
-
-async fn ready(admin: &AdminClient, node: &str) -> bool {
-    matches!(admin.get(Kind::Node, node).await, Ok(Object::Node(n)) if n.status.is_ready())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_replica_node_is_replaced_after_the_delay_and_a_removed_one_at_once() {
@@ -94,25 +43,7 @@ async fn a_lost_replica_node_is_replaced_after_the_delay_and_a_removed_one_at_on
     let mut stops: HashMap<String, Arc<AtomicBool>> = HashMap::new();
     let join = |name: &'static str| {
         let (agent, secret) = (agent.clone(), secret.clone());
-        async move {
-            let registered = agent
-                .register(Registration {
-                    token: secret,
-                    node_name: name.into(),
-                    address: "127.0.0.1:7500".into(),
-                    capacity: Resources {
-                        cpus: 4,
-                        memory_mib: 4096,
-                        storage_bytes: 0,
-                    },
-                    node_credential: None,
-                })
-                .await
-                .expect("register");
-            let stop = Arc::new(AtomicBool::new(false));
-            fake_agent::heartbeats(agent, name.into(), registered.node_uid, Arc::clone(&stop));
-            stop
-        }
+        async move { fake_agent::join(&agent, &secret, name, 4096).await.0 }
     };
 
     // Two nodes: the VM's replicas are on both.
@@ -120,7 +51,10 @@ async fn a_lost_replica_node_is_replaced_after_the_delay_and_a_removed_one_at_on
         stops.insert(name.into(), join(name).await);
         publish(&admin, name, &format!("10.0.0.{}:7789", &name[1..])).await;
     }
-    admin.create(vm("db")).await.expect("create db");
+    admin
+        .create(Object::Vm(replicated_vm("db", 1 << 30, 2)))
+        .await
+        .expect("create db");
     wait::until("db is placed", DEADLINE, &[&member], || async {
         placement(&admin, "db").await.is_some()
     })

@@ -13,50 +13,16 @@ mod fake_agent;
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use basalt_api::{
-    AdminClient, AgentClient, Disk, KernelBoot, Kind, Object, ObjectMeta, Placement, Registration,
-    Resources, TokenSecret, Vm, VmSpec,
-};
+use basalt_api::{AgentClient, Kind, Object, TokenSecret};
 use basalt_testkit::{Prefix, wait};
+use fake_agent::{placement, replicated_vm};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Short leases so node loss takes seconds.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\n";
-
-fn vm(name: &str, replicas: u32) -> Object {
-    Object::Vm(Vm {
-        meta: ObjectMeta::named(name),
-        spec: VmSpec {
-            cpus: 1,
-            memory_mib: 256,
-            running: true,
-            disks: vec![Disk {
-                name: "root".into(),
-                size_bytes: 1 << 30,
-                image: None,
-                replicas,
-            }],
-            kernel: Some(KernelBoot {
-                kernel: "/boot/vmlinuz".into(),
-                initrd: String::new(),
-                cmdline: "console=ttyS0".into(),
-            }),
-            ..VmSpec::default()
-        },
-        ..Vm::default()
-    })
-}
-
-async fn placement(admin: &AdminClient, vm: &str) -> Option<Placement> {
-    match admin.get(Kind::Placement, vm).await {
-        Ok(Object::Placement(p)) => Some(p),
-        _ => None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ha_moves_a_replicated_vm_only_onto_its_other_replica_node() {
@@ -69,33 +35,19 @@ async fn ha_moves_a_replicated_vm_only_onto_its_other_replica_node() {
     let secret = TokenSecret::new(common::join_token(&admin, "join", 3).await);
     let mut stops = std::collections::HashMap::new();
     for (name, memory_mib) in [("n1", 4096), ("n2", 4096), ("n3", 4096)] {
-        let registered = agent
-            .register(Registration {
-                token: secret.clone(),
-                node_name: name.into(),
-                address: "127.0.0.1:7500".into(),
-                capacity: Resources {
-                    cpus: 4,
-                    memory_mib,
-                    storage_bytes: 0,
-                },
-                node_credential: None,
-            })
-            .await
-            .expect("register");
-        let stop = Arc::new(AtomicBool::new(false));
-        fake_agent::heartbeats(
-            agent.clone(),
-            name.into(),
-            registered.node_uid,
-            Arc::clone(&stop),
-        );
+        let (stop, _) = fake_agent::join(&agent, &secret, name, memory_mib).await;
         stops.insert(name.to_owned(), stop);
     }
 
     // More replicas than nodes: never placed, and the log says why.
-    admin.create(vm("greedy", 4)).await.expect("create greedy");
-    admin.create(vm("db", 2)).await.expect("create db");
+    admin
+        .create(Object::Vm(replicated_vm("greedy", 1 << 30, 4)))
+        .await
+        .expect("create greedy");
+    admin
+        .create(Object::Vm(replicated_vm("db", 1 << 30, 2)))
+        .await
+        .expect("create db");
     wait::until("db is placed", DEADLINE, &[&member], || async {
         placement(&admin, "db").await.is_some()
     })

@@ -6,72 +6,19 @@
 //! own clients (`qemu-io`, `qemu-img`) writing and reading through the
 //! NBD exports.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+mod storage_cli;
+
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use basalt_api::{
-    ApiError, AttachVolume, EnsureVolume, ReplicaPeer, ReplicaPeerState, StorageClient, VolumeRole,
-};
+use basalt_api::{ApiError, AttachVolume, EnsureVolume, ReplicaPeer, ReplicaPeerState, VolumeRole};
 use basalt_testkit::Prefix;
-use basalt_testkit::process::{Process, ProcessSpec};
+use storage_cli::{LocalStorage as Node, have};
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
 const MIB: u64 = 1 << 20;
 
-fn free_addr() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, basalt_testkit::free_port()))
-}
-
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// One storage process: its NBD address, replica address and API client.
-struct Node {
-    process: Process,
-    nbd: SocketAddr,
-    repl: SocketAddr,
-    api: StorageClient,
-}
-
 impl Node {
-    fn start(prefix: &Prefix, name: &str, extra: &[&str]) -> Node {
-        let pool = prefix.dir().join(format!("{name}.img"));
-        let out = Command::new(BASALTD)
-            .args(["storage", "pool", "create", "--size", "256M", "--path"])
-            .arg(&pool)
-            .output()
-            .expect("basaltd runs");
-        assert!(out.status.success(), "{out:?}");
-        let (nbd, repl) = (free_addr(), free_addr());
-        let socket = prefix.dir().join(format!("{name}.sock"));
-        let spec = ProcessSpec::new(name, BASALTD)
-            .args(["storage", "serve", "--listen", &nbd.to_string()])
-            .args(["--replica-listen", &repl.to_string()])
-            .arg("--pool")
-            .arg(&pool)
-            .arg("--local-socket")
-            .arg(&socket)
-            .args(extra)
-            .env("RUST_LOG", "info");
-        let mut process = Process::start(prefix, spec).expect("start storage");
-        process
-            .wait_for_tcp(nbd, None, Duration::from_secs(30))
-            .expect("NBD listening");
-        wait_socket(&socket, &process);
-        Node {
-            process,
-            nbd,
-            repl,
-            api: StorageClient::connect_unix(&socket).expect("client"),
-        }
-    }
-
     fn uri(&self, volume: &str) -> String {
         format!("nbd://{}/{volume}", self.nbd)
     }
@@ -143,18 +90,6 @@ impl Drop for Node {
                 self.process.log_tail(80)
             );
         }
-    }
-}
-
-fn wait_socket(socket: &Path, process: &Process) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no local socket: {}",
-            process.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -21,11 +21,8 @@
 mod fake_agent;
 
 mod common;
+mod storage_cli;
 
-use common::BASALTD;
-
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,63 +31,18 @@ use std::time::{Duration, Instant};
 use basalt_agent::storage::StorageConfig;
 use basalt_agent::storage::disk_volume;
 use basalt_api::{
-    AdminClient, AgentClient, ApiError, AttachVolume, Disk, EnsureVolume, KernelBoot, Kind, Object,
-    ObjectMeta, Placement, ReplicaMark, ReplicaPeerState, Resources, StorageClient, TokenSecret,
-    Vm, VmSpec, VolumeRole,
+    AdminClient, AgentClient, ApiError, AttachVolume, EnsureVolume, Kind, Object, Placement,
+    ReplicaMark, ReplicaPeerState, Resources, TokenSecret, VolumeRole,
 };
-use basalt_testkit::{Prefix, Process, ProcessSpec, wait};
+use basalt_testkit::{Prefix, wait};
+use fake_agent::{publish, ready, replicated_vm};
+use storage_cli::{LocalStorage as Storage, free_addr};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Short leases so node loss takes seconds.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 2000\ncontroller_period_ms = 100\n";
 
-fn free_addr() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, basalt_testkit::free_port()))
-}
-
-/// One storage process on loopback: NBD, replica listener, local socket.
-struct Storage {
-    process: Process,
-    nbd: SocketAddr,
-    repl: SocketAddr,
-    socket: PathBuf,
-    api: StorageClient,
-}
-
 impl Storage {
-    fn start(prefix: &Prefix, name: &str) -> Storage {
-        let pool = prefix.dir().join(format!("{name}.img"));
-        let out = Command::new(BASALTD)
-            .args(["storage", "pool", "create", "--size", "256M", "--path"])
-            .arg(&pool)
-            .output()
-            .expect("basaltd runs");
-        assert!(out.status.success(), "{out:?}");
-        let (nbd, repl) = (free_addr(), free_addr());
-        let socket = prefix.dir().join(format!("{name}.sock"));
-        let spec = ProcessSpec::new(name, BASALTD)
-            .args(["storage", "serve", "--listen", &nbd.to_string()])
-            .args(["--replica-listen", &repl.to_string()])
-            .arg("--pool")
-            .arg(&pool)
-            .arg("--local-socket")
-            .arg(&socket)
-            .env("RUST_LOG", "info");
-        let mut process = Process::start(prefix, spec).expect("start storage");
-        process
-            .wait_for_tcp(nbd, None, Duration::from_secs(30))
-            .expect("NBD listening");
-        wait_socket(&socket, &process);
-        let api = StorageClient::connect_unix(&socket).expect("client");
-        Storage {
-            process,
-            nbd,
-            repl,
-            socket,
-            api,
-        }
-    }
-
     fn restart(&mut self) {
         // The old socket file stays; wait for the new one to answer.
         self.process.restart().expect("restart storage");
@@ -148,18 +100,6 @@ fn outcome(out: &std::process::Output) -> (bool, String) {
     (!failed, text)
 }
 
-fn wait_socket(socket: &Path, process: &Process) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no local socket: {}",
-            process.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Whether `child` is still running after `wait`; kills nothing.
 fn still_running(child: &mut Child, wait: Duration) -> bool {
     let deadline = Instant::now() + wait;
@@ -186,18 +126,6 @@ async fn outdated(admin: &AdminClient) -> Option<Vec<String>> {
     }
 }
 
-async fn ready(admin: &AdminClient, node: &str) -> bool {
-    matches!(admin.get(Kind::Node, node).await, Ok(Object::Node(n)) if n.status.is_ready())
-}
-
-async fn publish(admin: &AdminClient, node: &str, address: SocketAddr) {
-    let Ok(Object::Node(mut n)) = admin.get(Kind::Node, node).await else {
-        panic!("node {node}")
-    };
-    n.status.replication_address = address.to_string();
-    admin.update(Object::Node(n)).await.expect("publish");
-}
-
 async fn link_state(storage: &Storage, volume: &str) -> Option<ReplicaPeerState> {
     let status = storage.api.status().await.ok()?;
     status
@@ -219,51 +147,11 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
     let mut stops = std::collections::HashMap::new();
     let mut credentials = std::collections::HashMap::new();
     for name in ["a", "b"] {
-        let registered = agent
-            .register(basalt_api::Registration {
-                token: secret.clone(),
-                node_name: name.into(),
-                address: "127.0.0.1:7500".into(),
-                capacity: Resources {
-                    cpus: 4,
-                    memory_mib: 4096,
-                    storage_bytes: 0,
-                },
-                node_credential: None,
-            })
-            .await
-            .expect("register");
-        let stop = Arc::new(AtomicBool::new(false));
-        fake_agent::heartbeats(
-            agent.clone(),
-            name.into(),
-            registered.node_uid,
-            Arc::clone(&stop),
-        );
+        let (stop, registered) = fake_agent::join(&agent, &secret, name, 4096).await;
         stops.insert(name.to_owned(), stop);
         credentials.insert(name.to_owned(), registered.node_credential);
     }
-    let vm = Vm {
-        meta: ObjectMeta::named("db"),
-        spec: VmSpec {
-            cpus: 1,
-            memory_mib: 256,
-            running: true,
-            disks: vec![Disk {
-                name: "root".into(),
-                size_bytes: 64 << 20,
-                image: None,
-                replicas: 2,
-            }],
-            kernel: Some(KernelBoot {
-                kernel: "/boot/vmlinuz".into(),
-                initrd: String::new(),
-                cmdline: "console=ttyS0".into(),
-            }),
-            ..VmSpec::default()
-        },
-        ..Vm::default()
-    };
+    let vm = replicated_vm("db", 64 << 20, 2);
     let Object::Vm(vm) = admin.create(Object::Vm(vm)).await.expect("create db") else {
         panic!("a VM comes back")
     };
@@ -343,10 +231,10 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
     // The disk: y's storage holds the primary at epoch 2, x's the
     // secondary; both publish their replication addresses.
     let volume = disk_volume(&vm.meta.uid, "root");
-    let sy = Storage::start(&prefix, "storage-y");
-    let mut sx = Storage::start(&prefix, "storage-x");
-    publish(&admin, &y, sy.repl).await;
-    publish(&admin, &x, sx.repl).await;
+    let sy = Storage::start(&prefix, "storage-y", &[]);
+    let mut sx = Storage::start(&prefix, "storage-x", &[]);
+    publish(&admin, &y, &sy.repl.to_string()).await;
+    publish(&admin, &x, &sx.repl.to_string()).await;
     for s in [&sy, &sx] {
         s.api
             .ensure_volume(EnsureVolume {

@@ -7,9 +7,11 @@
 #![allow(dead_code)]
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use basalt_api::StorageClient;
 use basalt_testkit::Prefix;
 use basalt_testkit::process::{Process, ProcessSpec};
 
@@ -191,4 +193,70 @@ pub fn have(program: &str) -> bool {
         .args(["-c", &format!("command -v {program}")])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// One `basaltd storage serve` on loopback with its own 256 MiB pool:
+/// NBD, replica listener and local socket, as a node agent drives it.
+pub struct LocalStorage {
+    /// The storage process.
+    pub process: Process,
+    /// Its NBD address.
+    pub nbd: SocketAddr,
+    /// Its replica listener.
+    pub repl: SocketAddr,
+    /// Its local API socket.
+    pub socket: PathBuf,
+    /// A client of its local API.
+    pub api: StorageClient,
+}
+
+impl LocalStorage {
+    /// Creates the pool `NAME.img` and starts the process (plus `extra`
+    /// flags); returns once NBD listens and the local socket exists.
+    pub fn start(prefix: &Prefix, name: &str, extra: &[&str]) -> LocalStorage {
+        let pool = prefix.dir().join(format!("{name}.img"));
+        let out = Command::new(BASALTD)
+            .args(["storage", "pool", "create", "--size", "256M", "--path"])
+            .arg(&pool)
+            .output()
+            .expect("basaltd runs");
+        assert!(out.status.success(), "{out:?}");
+        let (nbd, repl) = (free_addr(), free_addr());
+        let socket = prefix.dir().join(format!("{name}.sock"));
+        let spec = ProcessSpec::new(name, BASALTD)
+            .args(["storage", "serve", "--listen", &nbd.to_string()])
+            .args(["--replica-listen", &repl.to_string()])
+            .arg("--pool")
+            .arg(&pool)
+            .arg("--local-socket")
+            .arg(&socket)
+            .args(extra)
+            .env("RUST_LOG", "info");
+        let mut process = Process::start(prefix, spec).expect("start storage");
+        process
+            .wait_for_tcp(nbd, None, Duration::from_secs(30))
+            .expect("NBD listening");
+        wait_socket(&socket, &process);
+        let api = StorageClient::connect_unix(&socket).expect("client");
+        LocalStorage {
+            process,
+            nbd,
+            repl,
+            socket,
+            api,
+        }
+    }
+}
+
+/// Waits up to 30 s for `process` to create its local socket.
+pub fn wait_socket(socket: &Path, process: &Process) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no local socket: {}",
+            process.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

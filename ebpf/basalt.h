@@ -64,7 +64,10 @@ enum drop_reason {
 				 * (native routing) no path to the owner node */
 	DROP_NOT_OWNER = 10,    /* overlay or native packet from a node that does not own its source */
 	DROP_STANDBY = 11,      /* frame on a standby tap (after its activation event) */
-	DROP_MAX = 12,
+	DROP_NO_NEIGHBOUR = 12, /* native packet whose source's owner node (its next
+				 * hop from here) this node has not resolved: the
+				 * sender cannot be told, so it is not let in */
+	DROP_MAX = 13,
 };
 
 /* Event kinds on the events ring buffer. */

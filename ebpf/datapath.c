@@ -795,18 +795,29 @@ static __always_inline int uplink_overlay(struct __sk_buff *skb, const struct co
 	return deliver(dst);
 }
 
+/* What native_sender tells of a frame's sender. */
+#define SENDER_OWNER 0       /* the source's owner node (or its next hop) */
+#define SENDER_OTHER 1       /* anyone else */
+#define SENDER_UNRESOLVED 2  /* cannot be told: the next hop is not resolved */
+
 /*
  * Whether a frame from the underlay may carry packets of `src`, a remote
  * endpoint: it must come from the owner node, or from the next hop this
  * node's FIB would use towards it (a router). Told by the frame's source
- * MAC against that next hop's, when this node has resolved it (it has
- * once it sent the owner anything, e.g. a reply); an unresolved next hop
- * cannot be told and passes, as must a frame when the FIB has no answer.
+ * MAC against that next hop's. A next hop this node has not resolved
+ * cannot be told from anyone else: SENDER_UNRESOLVED, and the caller
+ * drops (the agent keeps a managed neighbour entry for every peer node,
+ * so the kernel resolves it ahead of traffic and keeps it resolved; a
+ * flow's first packets lost meanwhile are retransmitted). No path to the
+ * owner at all means the frame cannot be its: SENDER_OTHER. The lookup
+ * is made as for output (BPF_FIB_LOOKUP_OUTPUT), so it answers whether
+ * forwarding is on for the uplink or not.
  */
-static __always_inline int native_sender_ok(struct __sk_buff *skb, const struct endpoint *src,
-					    const __u8 *smac)
+static __always_inline int native_sender(struct __sk_buff *skb, const struct endpoint *src,
+					 const __u8 *smac)
 {
 	struct bpf_fib_lookup fib = {};
+	long rc;
 
 	fib.family = BASALT_AF_INET;
 	fib.ipv4_dst = src->node_ip;
@@ -814,16 +825,19 @@ static __always_inline int native_sender_ok(struct __sk_buff *skb, const struct 
 	/* A nonzero length below every MTU: the lookup only names the next
 	 * hop, the frame itself goes elsewhere. */
 	fib.tot_len = sizeof(struct iphdr);
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
-		return 1;
-	return mac_eq(fib.dmac, smac);
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return SENDER_UNRESOLVED;
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return SENDER_OTHER;
+	return mac_eq(fib.dmac, smac) ? SENDER_OWNER : SENDER_OTHER;
 }
 
 /*
  * Native routing's receive side, for a packet not addressed to this
  * node: between two endpoints, to a local one, unencapsulated. The sender
  * (the source's owner node) has checked the source's MAC and IP and its
- * egress policy; here its owner is checked (native_sender_ok), the
+ * egress policy; here its owner is checked (native_sender), the
  * destination's ingress policy applied with the source's identity from
  * the endpoints map (no tunnel carries it), and the packet delivered to
  * the tap. A packet with a source that is no endpoint is not VM-to-VM
@@ -855,8 +869,16 @@ static __always_inline int uplink_native(struct __sk_buff *skb, const struct con
 	f.daddr = daddr;
 	if (!(dst->flags & EP_LOCAL))
 		return drop(ifindex, DROP_NO_ENDPOINT, &f, smac, ETH_P_IP);
-	if ((src->flags & EP_LOCAL) || !native_sender_ok(skb, src, smac))
+	if (src->flags & EP_LOCAL)
 		return drop(ifindex, DROP_NOT_OWNER, &f, smac, ETH_P_IP);
+	switch (native_sender(skb, src, smac)) {
+	case SENDER_OWNER:
+		break;
+	case SENDER_UNRESOLVED:
+		return drop(ifindex, DROP_NO_NEIGHBOUR, &f, smac, ETH_P_IP);
+	default:
+		return drop(ifindex, DROP_NOT_OWNER, &f, smac, ETH_P_IP);
+	}
 	if (parse_ipv4(skb, &f) < 0) {
 		/* Headers beyond the linear part: pull them in, once. */
 		__u32 want = sizeof(struct ethhdr) + 60 + 60;

@@ -460,6 +460,25 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes(routing: &str) {
     echo(&mut conn, 200_000).expect("tcp echo between the nodes");
     let mut back = g2.connect(SocketAddr::from((ip1, 7000))).expect("and back");
     echo(&mut back, 1000).expect("echo back");
+    // Each agent keeps its peer's address resolved (a managed neighbour
+    // entry), so native receive can tell the peer's frames from the first.
+    for (node, peer) in [(&node1, &node2), (&node2, &node1)] {
+        let shown = node
+            .ip(&[
+                "-d",
+                "neigh",
+                "show",
+                &peer.addr().to_string(),
+                "dev",
+                "eth0",
+            ])
+            .unwrap();
+        assert!(
+            shown.contains("managed") && shown.contains("lladdr"),
+            "{}: {shown}",
+            node.name()
+        );
+    }
     if routing == "native" {
         assert_eq!(
             vxlan_rx_packets(&node2),

@@ -89,11 +89,14 @@ pub enum DropReason {
     NotOwner = 10,
     /// A frame on a standby tap.
     Standby = 11,
+    /// A native packet whose source's owner node (its next hop from
+    /// here) this node has not resolved, so the sender cannot be told.
+    NoNeighbour = 12,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::UnknownIface,
         DropReason::SpoofMac,
         DropReason::SpoofIp,
@@ -105,10 +108,11 @@ impl DropReason {
         DropReason::Tunnel,
         DropReason::NotOwner,
         DropReason::Standby,
+        DropReason::NoNeighbour,
     ];
 
     /// Length of the `drops` array (`DROP_MAX`).
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     /// The reason with index `n`, if any.
     pub fn from_index(n: u32) -> Option<DropReason> {
@@ -129,6 +133,7 @@ impl DropReason {
             DropReason::Tunnel => "tunnel",
             DropReason::NotOwner => "not-owner",
             DropReason::Standby => "standby",
+            DropReason::NoNeighbour => "no-neighbour",
         }
     }
 }

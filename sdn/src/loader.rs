@@ -76,6 +76,27 @@ fn take_old_conntrack(pin: &Path) -> Result<Vec<CtKey>, LoaderError> {
     Ok(keys)
 }
 
+/// A drop-counter array pinned by an older datapath with fewer reasons
+/// cannot count the new ones (a lookup past its end finds nothing): its
+/// pin is removed so the load makes one of the right size. The counts
+/// start again from zero.
+fn drop_short_drops(pin: &Path) -> Result<(), LoaderError> {
+    let Ok(info) = aya::maps::MapInfo::from_pin(pin) else {
+        return Ok(());
+    };
+    if info.max_entries() == DropReason::COUNT {
+        return Ok(());
+    }
+    tracing::info!(
+        entries = info.max_entries(),
+        "replacing a drop-counter map with another number of reasons"
+    );
+    std::fs::remove_file(pin).map_err(|source| LoaderError::PinDir {
+        path: pin.to_owned(),
+        source,
+    })
+}
+
 /// The compiled programs.
 static DATAPATH_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.o"));
 
@@ -256,6 +277,7 @@ impl Loader {
                 .map_err(|source| LoaderError::PinDir { path, source })?;
         }
         let carried = take_old_conntrack(&dir.join("maps").join("conntrack"))?;
+        drop_short_drops(&dir.join("maps").join("drops"))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir.join("maps"))
             .load(DATAPATH_OBJ)

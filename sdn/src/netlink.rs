@@ -12,7 +12,11 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt as _;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
+};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
 };
@@ -34,6 +38,12 @@ pub enum NetlinkError {
     NoLink {
         /// The name.
         name: String,
+    },
+    /// The kernel has no route to an address.
+    #[error("no route to {addr}")]
+    NoRoute {
+        /// The address.
+        addr: Ipv4Addr,
     },
     /// The kernel refused a request.
     #[error("{what} failed")]
@@ -313,6 +323,96 @@ impl Netlink {
         self.index(name)
     }
 
+    /// The next hop towards `addr` and the interface it is on, as the
+    /// kernel's FIB has them (`ip route get ADDR`): `addr` itself when it
+    /// is on-link, else the route's gateway.
+    pub fn next_hop(&self, addr: Ipv4Addr) -> Result<(Ipv4Addr, u32), NetlinkError> {
+        let what = || format!("route get {addr}");
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(addr, 32)
+            .build();
+        let mut stream = self.handle.route().get(msg).execute();
+        let route = self
+            .request(what, stream.try_next())?
+            .ok_or(NetlinkError::NoRoute { addr })?;
+        let mut hop = addr;
+        let mut oif = None;
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => hop = *gw,
+                RouteAttribute::Oif(index) => oif = Some(*index),
+                _ => {}
+            }
+        }
+        let oif = oif.ok_or(NetlinkError::NoRoute { addr })?;
+        Ok((hop, oif))
+    }
+
+    /// Keeps the next hop towards `addr` resolved: a *managed* neighbour
+    /// entry for it (`ip neigh replace HOP dev IF managed`), which the
+    /// kernel resolves at once and keeps resolved whether traffic flows or
+    /// not. Native routing's receive side needs the MAC of the next hop
+    /// towards each peer node to tell that node's frames from others'
+    /// (`no-neighbour` drops while it is unknown). Does nothing when a
+    /// managed entry is there already; returns the next hop.
+    pub fn keep_resolved(&self, addr: Ipv4Addr) -> Result<Ipv4Addr, NetlinkError> {
+        let (hop, oif) = self.next_hop(addr)?;
+        let neighbours = self.managed_neighbours()?;
+        if neighbours
+            .iter()
+            .any(|n| n.header.ifindex == oif && neighbour_is(n, hop))
+        {
+            return Ok(hop);
+        }
+        let mut add = self
+            .handle
+            .neighbours()
+            .add(oif, IpAddr::V4(hop))
+            .state(NeighbourState::None)
+            .replace();
+        add.message_mut()
+            .attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        self.request(|| format!("neigh replace {hop} managed"), add.execute())?;
+        Ok(hop)
+    }
+
+    /// The IPv4 neighbour entries that are managed.
+    fn managed_neighbours(&self) -> Result<Vec<NeighbourMessage>, NetlinkError> {
+        let all: Vec<NeighbourMessage> = self.request(
+            || "neigh show".to_owned(),
+            self.handle
+                .neighbours()
+                .get()
+                .set_address_family(AddressFamily::Inet)
+                .execute()
+                .try_collect(),
+        )?;
+        Ok(all
+            .into_iter()
+            .filter(|n| {
+                n.attributes.iter().any(|a| {
+                    matches!(a, NeighbourAttribute::ExtFlags(f) if f.contains(NeighbourExtFlags::Managed))
+                })
+            })
+            .collect())
+    }
+
+    /// Removes the managed neighbour entry [`Netlink::keep_resolved`] made
+    /// for the next hop `hop` (a no-op if there is none).
+    pub fn forget_resolved(&self, hop: Ipv4Addr) -> Result<(), NetlinkError> {
+        let neighbours = self.managed_neighbours()?;
+        for n in neighbours {
+            if neighbour_is(&n, hop) {
+                self.request(
+                    || format!("neigh del {hop}"),
+                    self.handle.neighbours().del(n).execute(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes `name` if it exists.
     pub fn delete(&self, name: &str) -> Result<(), NetlinkError> {
         let Some(link) = self.link(name)? else {
@@ -323,4 +423,12 @@ impl Netlink {
             self.handle.link().del(link.header.index).execute(),
         )
     }
+}
+
+/// Whether neighbour entry `n` is the one of `addr`.
+fn neighbour_is(n: &NeighbourMessage, addr: Ipv4Addr) -> bool {
+    n.attributes
+        .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            addr,
+        )))
 }

@@ -172,13 +172,73 @@ fn tcp_and_udp_between_nodes(routing: Routing) {
     assert!(vm1.reaches(to_vm2));
 
     // Packets from a node that does not own their source are refused:
-    // node b now believes VM1 lives on node c (which b has resolved, so
-    // native routing can tell c's frames from a's).
-    resolve(&b, &c);
+    // node b now believes VM1 lives on node c.
+    let eps_on_c = [vm1.endpoint(c.addr(), 1), vm2.endpoint(b.addr(), 2)];
+    if routing == Routing::Native {
+        // Natively, b tells c's frames by the MAC of its next hop towards
+        // c, which it has not resolved yet: it cannot tell them from a's,
+        // and does not let them in.
+        assert!(!neighbour_known(&b, &c), "b has not resolved c yet");
+        let before = dp_b.drops(DropReason::NoNeighbour);
+        dp_b.apply(&eps_on_c, &[]);
+        assert!(!vm1.reaches(to_vm2), "an unresolved owner lets nothing in");
+        assert!(dp_b.drops(DropReason::NoNeighbour) > before);
+        // What the agent does for every peer node: a managed entry,
+        // resolved by the kernel at once.
+        keep_resolved(&b, &c);
+    } else {
+        resolve(&b, &c);
+    }
     let before = dp_b.drops(DropReason::NotOwner);
-    dp_b.apply(&[vm1.endpoint(c.addr(), 1), vm2.endpoint(b.addr(), 2)], &[]);
+    dp_b.apply(&eps_on_c, &[]);
     assert!(!vm1.reaches(to_vm2));
     assert!(dp_b.drops(DropReason::NotOwner) > before);
+
+    if routing == Routing::Native {
+        // The real owner while b has forgotten it (its entry deleted; a
+        // still has b's, so nothing makes b ask): its packets drop, counted,
+        // until b keeps a resolved again; then the flow passes.
+        dp_b.apply(&eps, &[]);
+        b.ip(&["neigh", "del", &a.addr().to_string(), "dev", "eth0"])
+            .unwrap();
+        let before = dp_b.drops(DropReason::NoNeighbour);
+        assert!(
+            !vm1.reaches(to_vm2),
+            "not told from others while unresolved"
+        );
+        assert!(dp_b.drops(DropReason::NoNeighbour) > before);
+        keep_resolved(&b, &a);
+        assert!(vm1.reaches(to_vm2), "the owner's flow passes once resolved");
+    }
+}
+
+/// Whether `from` has a resolved neighbour entry for `to`'s address.
+fn neighbour_known(from: &Node, to: &Node) -> bool {
+    from.ip(&["neigh", "show", &to.addr().to_string(), "dev", "eth0"])
+        .unwrap()
+        .contains("lladdr")
+}
+
+/// Node `from` keeps `to`'s address resolved as the agent does (a managed
+/// neighbour entry), and waits until it is.
+fn keep_resolved(from: &Node, to: &Node) {
+    let addr = to.addr();
+    let hop = from
+        .run_in(move || basalt_sdn::Netlink::new().unwrap().keep_resolved(addr))
+        .unwrap()
+        .unwrap();
+    assert_eq!(hop, addr, "on-link: the node itself is the next hop");
+    for _ in 0..50 {
+        if neighbour_known(from, to) {
+            let shown = from
+                .ip(&["-d", "neigh", "show", &addr.to_string(), "dev", "eth0"])
+                .unwrap();
+            assert!(shown.contains("managed"), "{shown}");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{} did not resolve {}", from.name(), to.name());
 }
 
 fn endpoint_moves_on_activation_and_flows_continue(routing: Routing) {

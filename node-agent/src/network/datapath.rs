@@ -17,7 +17,12 @@
 //!    lease changes, stopped when the NIC goes);
 //! 5. install the node's nftables table (SNAT on the uplink) when the
 //!    networks change;
-//! 6. remove Basalt taps that no VM placed or arriving here uses.
+//! 6. remove Basalt taps that no VM placed or arriving here uses;
+//! 7. keep the next hop towards every other node resolved (a managed
+//!    neighbour entry, [`Netlink::keep_resolved`]; checked again every
+//!    30 s): native routing's receive side drops frames
+//!    whose sender it cannot tell (`no-neighbour`), so the MAC must be
+//!    known before a peer's first packet, not learnt from it.
 //!
 //! Between passes it drains the programs' event ring every 100 ms and
 //! turns activations into [`Activation`]s, and carries live migrations'
@@ -142,7 +147,15 @@ struct Host {
     nft: Option<Vec<basalt_sdn::Cidr>>,
     /// Local or standby taps by ifindex, for activations.
     by_ifindex: BTreeMap<u32, LocalNic>,
+    /// Peer node address → the next hop kept resolved towards it, and
+    /// when that was last checked.
+    resolved: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    resolved_at: Option<Instant>,
 }
+
+/// How often the managed neighbour entries of the peers' next hops are
+/// checked again (someone may have flushed them, a route may have moved).
+const NEIGHBOUR_RECHECK: Duration = Duration::from_secs(30);
 
 impl Host {
     fn new(config: NetworkConfig) -> Host {
@@ -155,6 +168,61 @@ impl Host {
             dhcp: BTreeMap::new(),
             nft: None,
             by_ifindex: BTreeMap::new(),
+            resolved: BTreeMap::new(),
+            resolved_at: None,
+        }
+    }
+
+    /// Step 7 of a pass: a managed neighbour entry for the next hop towards
+    /// every peer, and none left for peers that are gone (unless another
+    /// peer shares the hop). A failure is logged, not retried before the
+    /// next check: a peer without a route cannot be helped here.
+    fn keep_peers_resolved(&mut self, peers: &BTreeSet<Ipv4Addr>) {
+        let Some(netlink) = self.netlink.as_ref() else {
+            return;
+        };
+        if self
+            .resolved_at
+            .is_some_and(|t| t.elapsed() >= NEIGHBOUR_RECHECK)
+        {
+            self.resolved.clear();
+        }
+        if self.resolved.is_empty() {
+            self.resolved_at = Some(Instant::now());
+        }
+        let gone: Vec<Ipv4Addr> = self
+            .resolved
+            .keys()
+            .filter(|p| !peers.contains(p))
+            .copied()
+            .collect();
+        for peer in gone {
+            let Some(hop) = self.resolved.remove(&peer) else {
+                continue;
+            };
+            if self.resolved.values().any(|h| *h == hop) {
+                continue;
+            }
+            if let Err(err) = netlink.forget_resolved(hop) {
+                tracing::debug!(%hop, error = %error_chain(&err), "could not remove a managed neighbour");
+            }
+        }
+        for peer in peers {
+            if self.resolved.contains_key(peer) {
+                continue;
+            }
+            match netlink.keep_resolved(*peer) {
+                Ok(hop) => {
+                    self.resolved.insert(*peer, hop);
+                }
+                Err(err) => {
+                    // Counted as done until the next check, so a peer
+                    // without a route is not asked about on every pass.
+                    self.resolved.insert(*peer, *peer);
+                    tracing::warn!(%peer, error = %error_chain(&err),
+                        "cannot keep the next hop towards a peer node resolved; its native packets drop as no-neighbour until it is");
+                }
+            }
         }
     }
 
@@ -435,6 +503,7 @@ impl Host {
             }
         }
         drop(state);
+        self.keep_peers_resolved(&plan.peers);
         if problems.is_empty() {
             Ok(())
         } else {

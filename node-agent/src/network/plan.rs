@@ -57,6 +57,9 @@ pub struct LocalNic {
 pub struct NetPlan {
     /// This node's underlay address; `None` until its node object names one.
     pub node_addr: Option<Ipv4Addr>,
+    /// Every other node's underlay address (their next hops are kept
+    /// resolved: native routing's receive side tells senders by MAC).
+    pub peers: BTreeSet<Ipv4Addr>,
     /// Every network.
     pub networks: Vec<model::Network>,
     /// Every routable endpoint, local or not.
@@ -109,8 +112,16 @@ pub fn plan(
     incoming: &BTreeSet<String>,
     claims: &BTreeMap<String, u64>,
 ) -> NetPlan {
+    let node_addr = snapshot.nodes.get(me).and_then(node_address);
     let mut out = NetPlan {
-        node_addr: snapshot.nodes.get(me).and_then(node_address),
+        node_addr,
+        peers: snapshot
+            .nodes
+            .iter()
+            .filter(|(name, _)| name.as_str() != me)
+            .filter_map(|(_, node)| node_address(node))
+            .filter(|addr| Some(*addr) != node_addr)
+            .collect(),
         ..NetPlan::default()
     };
     for network in snapshot.networks.values() {
@@ -282,6 +293,11 @@ mod tests {
         let s = snapshot();
         let p = plan(&s, "a", &BTreeSet::new(), &BTreeMap::new());
         assert_eq!(p.node_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(
+            p.peers,
+            BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2)]),
+            "every other node"
+        );
         assert_eq!(p.endpoints.len(), 2);
         assert_eq!(p.local.len(), 1);
         let web = &s.vms["web"];

@@ -159,9 +159,11 @@ pub struct RaftTuning {
     pub watch_history: usize,
     /// Acknowledge the leader's own new log entries to openraft before
     /// their fsync, so they go to the followers while it runs (faster
-    /// writes, decision 56). Off by default: not safe against a power
-    /// loss of the leader, which can then lose an entry a follower has
-    /// already applied. A `kill -9` is safe either way.
+    /// writes, decisions 56 and 57). On by default: the commit index the
+    /// leader sends is clamped to its own fsynced log, so no member
+    /// applies an entry before a majority holds it durably, and a
+    /// membership entry is always fsynced first. `false` fsyncs every
+    /// append before openraft replicates it.
     pub leader_parallel_fsync: bool,
 }
 
@@ -191,7 +193,7 @@ impl Default for RaftTuning {
             snapshot_threshold: 10_000,
             logs_to_keep: 1_000,
             watch_history: 10_000,
-            leader_parallel_fsync: false,
+            leader_parallel_fsync: true,
         }
     }
 }

@@ -2,9 +2,14 @@
 //! [`Network`] sends openraft's requests, [`RaftService`] receives them.
 //! Payloads are openraft's own request and response types in JSON.
 //!
-//! Invariant: a payload a peer sends is decoded before openraft sees it;
-//! one that does not decode is refused with `INVALID_ARGUMENT`, never a
-//! panic.
+//! Invariants:
+//! - a payload a peer sends is decoded before openraft sees it; one that
+//!   does not decode is refused with `INVALID_ARGUMENT`, never a panic;
+//! - every AppendEntries sent carries a commit index no newer than the
+//!   newest entry durable in this member's log ([`DurableLog`]): the
+//!   leader's own entries are sent before its fsync, and openraft counts
+//!   its unsynced copy in the quorum, so its commit index alone could let
+//!   a follower apply an entry that one copy holds (decision 57).
 
 use std::error::Error;
 use std::time::Duration;
@@ -23,10 +28,26 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::raft_types::{NodeId, Raft, TypeConfig};
+use crate::store::DurableLog;
+
+/// How much of an empty AppendEntries' time budget it may spend waiting
+/// for the leader's fsync to cover its whole commit index (a divisor of
+/// the RPC's time to live).
+const COMMIT_WAIT_SHARE: u32 = 4;
 
 /// Opens a [`PeerConnection`] per peer for openraft.
-#[derive(Debug, Clone, Default)]
-pub struct Network;
+#[derive(Debug, Clone)]
+pub struct Network {
+    durable: DurableLog,
+}
+
+impl Network {
+    /// A network whose AppendEntries carry commit indexes clamped to
+    /// what `durable` (this member's log) has fsynced.
+    pub fn new(durable: DurableLog) -> Self {
+        Self { durable }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
@@ -36,6 +57,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             address: node.addr.clone(),
             client: RaftClient::connect_lazy(&node.addr),
+            durable: self.durable.clone(),
         }
     }
 }
@@ -47,6 +69,7 @@ pub struct PeerConnection {
     address: String,
     /// `Err` when the peer's address cannot be a URI.
     client: Result<RaftClient, ApiError>,
+    durable: DurableLog,
 }
 
 /// A transport failure, for openraft's `Unreachable`/`NetworkError`.
@@ -117,9 +140,19 @@ impl PeerConnection {
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // Entries go at once (the follower's fsync overlaps the
+        // leader's); a message with nothing else to carry (a heartbeat, a
+        // new commit index) waits a little for the leader's fsync, so it
+        // usually carries the whole index.
+        let wait = if rpc.entries.is_empty() {
+            option.hard_ttl() / COMMIT_WAIT_SHARE
+        } else {
+            Duration::ZERO
+        };
+        rpc.leader_commit = self.durable.clamp_commit(rpc.leader_commit, wait).await;
         self.call(&rpc, &option, |client, payload| async move {
             client.append_entries(payload).await
         })

@@ -82,11 +82,8 @@ pub async fn run(
         config.node_id,
         config.raft.leader_parallel_fsync,
     )?;
-    let raft = Raft::new(config.node_id, raft_config, Network, log, sm)
-        .await
-        .map_err(|e| RunError::Raft {
-            reason: e.to_string(),
-        })?;
+    let guard = log.election_guard();
+    let raft = start_raft(&config, raft_config, log, sm).await?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -150,12 +147,40 @@ pub async fn run(
     if let Err(err) = raft.shutdown().await {
         tracing::warn!(error = %err, "raft did not shut down cleanly");
     }
+    guard.detach();
     match served {
         Ok(result) => result.map_err(RunError::Serve),
         Err(join) => Err(RunError::Raft {
             reason: format!("the gRPC server task failed: {join}"),
         }),
     }
+}
+
+/// Starts openraft for member `config.node_id` on its opened storage: the
+/// network clamps the commit indexes it sends to the log's fsynced
+/// entries, and the log's election guard watches its disk stalls.
+pub async fn start_raft(
+    config: &ControlConfig,
+    raft_config: Arc<openraft::Config>,
+    log: store::LogStore,
+    sm: store::StateMachineStore,
+) -> Result<Raft, RunError> {
+    let network = Network::new(log.durable_log());
+    let guard = log.election_guard();
+    let raft = Raft::new(config.node_id, raft_config, network, log, sm)
+        .await
+        .map_err(|e| RunError::Raft {
+            reason: e.to_string(),
+        })?;
+    // A disk call longer than a heartbeat interval may have hidden the
+    // leader's heartbeats behind it; an election timeout is long enough
+    // for the queued ones to be taken.
+    guard.attach(
+        raft.clone(),
+        Duration::from_millis(config.raft.heartbeat_ms),
+        Duration::from_millis(config.raft.election_timeout_max_ms),
+    );
+    Ok(raft)
 }
 
 /// Logs every change of leader, with the term (operators and tests read it).

@@ -6,17 +6,32 @@
 //!   only after the write-ahead log is fsynced (in the append itself:
 //!   openraft 0.9 waits for each append before it takes the next, so a
 //!   follower's appends have nothing to share an fsync with); except,
-//!   only when `raft.leader_parallel_fsync` is set, the leader's own new
-//!   entries (written by this member as the leader of the term its
-//!   committed vote names): those are then acknowledged as soon as they
-//!   are written, so openraft sends them to the followers while the
-//!   leader's fsync runs, fsynced by the flusher thread (appends that
-//!   arrive while an fsync runs share the next one: group commit), and
-//!   their fsync is awaited before they are applied instead (below).
-//!   That mode is off by default: openraft then counts the leader's
-//!   unsynced copy in the commit quorum, so a leader that loses power in
-//!   the window can come back, win an election with the third member and
-//!   lose an entry a follower already applied (decision 56);
+//!   when `raft.leader_parallel_fsync` is set (the default), the
+//!   leader's own new normal entries (written by this member as the
+//!   leader of the term its committed vote names; never a membership
+//!   entry, which openraft acts on as soon as it is committed): those are
+//!   acknowledged as soon as they are written, so openraft sends them to
+//!   the followers while the leader's fsync runs, fsynced by the flusher
+//!   thread (appends that arrive while an fsync runs share the next one:
+//!   group commit), and their fsync is awaited before they are applied
+//!   instead (below);
+//! - openraft then counts the leader's unsynced copy in its commit
+//!   quorum, so its commit index can run ahead of what a majority holds
+//!   durably. That index never leaves this member unchecked: every
+//!   AppendEntries the leader sends carries it clamped to the newest
+//!   entry durable here ([`DurableLog::clamp_commit`], decision 57), so
+//!   no follower applies an entry before the leader's fsync, and the
+//!   leader applies only what it has fsynced; an entry lost with the
+//!   leader's page cache was seen by nobody;
+//! - the commit index openraft saves (`save_committed`) is written
+//!   without a sync after the entries it names, in the same write-ahead
+//!   log, which RocksDB recovers as a prefix: it is never recovered
+//!   beyond the recovered log;
+//! - a member whose own disk stalled longer than a heartbeat interval
+//!   (an append's fsync, a truncation) does not start an election for
+//!   an election timeout after it ([`ElectionGuard`]): openraft's core
+//!   takes its timer tick before the AppendEntries that queued meanwhile,
+//!   and would count the stall as the leader's silence;
 //! - nothing is applied to the state machine before every append holding
 //!   an entry up to the applied one is fsynced, so no client sees an
 //!   answer or a read that rests on an entry this member could lose:
@@ -45,8 +60,10 @@ use std::fmt::Debug;
 use std::io::{self, Cursor};
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use basalt_api::Object;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
@@ -61,7 +78,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::history::{Change, History};
 use crate::raft_types::{
-    Entry, LogId, NodeId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Entry, LogId, NodeId, Raft, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 use crate::state::{Command, Outcome, Refusal, State};
 
@@ -157,8 +174,8 @@ impl Shared {
 /// `history` is how many changes to keep for watches.
 ///
 /// `parallel_leader_fsync` acknowledges the leader's own appends before
-/// their fsync (see the module's invariants: not safe against a power
-/// loss of the leader).
+/// their fsync (see the module's invariants: safe only with every
+/// AppendEntries' commit index clamped by [`DurableLog::clamp_commit`]).
 pub fn open(
     dir: &Path,
     history: usize,
@@ -217,9 +234,11 @@ pub fn open(
     let flusher_db = Arc::clone(&db);
     let durability = Arc::new(Durability::default());
     let flusher_durability = Arc::clone(&durability);
+    let hooks = Arc::new(FsyncHooks::default());
+    let flusher_hooks = Arc::clone(&hooks);
     thread::Builder::new()
         .name("raft-log-flush".into())
-        .spawn(move || run_flusher(&flusher_db, &flush_rx, &flusher_durability))
+        .spawn(move || run_flusher(&flusher_db, &flush_rx, &flusher_durability, &flusher_hooks))
         .map_err(OpenError::Flusher)?;
 
     let log = LogStore {
@@ -230,6 +249,8 @@ pub fn open(
         parallel_leader_fsync,
         durability: Arc::clone(&durability),
         recent: Arc::default(),
+        hooks,
+        guard: Arc::new(ElectionGuard::default()),
     };
     let sm = StateMachineStore {
         db,
@@ -295,6 +316,18 @@ impl Durability {
         self.flushed.notify_waiters();
     }
 
+    /// The highest index at or below `index` that no unfsynced append
+    /// holds (entries at or below it are durable here).
+    fn durable_upto(&self, index: u64) -> u64 {
+        let state = self.lock();
+        state
+            .unflushed
+            .iter()
+            .map(|(_, first)| *first)
+            .min()
+            .map_or(index, |first| index.min(first.saturating_sub(1)))
+    }
+
     /// Waits until every append holding an entry at or below `index` is
     /// fsynced; an error when an fsync failed.
     async fn wait_durable(&self, index: u64) -> Result<(), String> {
@@ -321,14 +354,147 @@ impl Durability {
 /// The group commit of the leader's own appends: waits for one, then
 /// fsyncs the write-ahead log once for every append that arrived
 /// meanwhile, and records them durable.
-fn run_flusher(db: &DB, pending: &mpsc::Receiver<FlushJob>, durability: &Durability) {
+fn run_flusher(
+    db: &DB,
+    pending: &mpsc::Receiver<FlushJob>,
+    durability: &Durability,
+    hooks: &FsyncHooks,
+) {
     while let Ok(first) = pending.recv() {
+        hooks.wait_flusher_released();
         let last = pending
             .try_iter()
             .map(|job| job.seq)
             .fold(first.seq, u64::max);
         let result = db.flush_wal(true).map_err(|e| e.to_string());
         durability.flushed(last, result);
+    }
+}
+
+/// Test hooks that make the log's fsyncs slow on purpose: the leader's
+/// flusher held back, a member's inline fsyncs stalled. Both are off
+/// unless a test sets them; they emulate a slow disk, nothing else.
+#[derive(Debug, Default)]
+pub struct FsyncHooks {
+    held: Mutex<bool>,
+    released: Condvar,
+    /// Milliseconds every inline fsync sleeps first.
+    stall_ms: AtomicU64,
+}
+
+impl FsyncHooks {
+    /// Holds the flusher thread before its next fsync until
+    /// [`FsyncHooks::release_flusher`].
+    pub fn hold_flusher(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Lets the flusher thread go on.
+    pub fn release_flusher(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.released.notify_all();
+    }
+
+    /// Makes every inline fsync (a follower's append, a truncation) take
+    /// `stall` longer; zero turns it off.
+    pub fn stall_inline_fsyncs(&self, stall: Duration) {
+        let ms = u64::try_from(stall.as_millis()).unwrap_or(u64::MAX);
+        self.stall_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn wait_flusher_released(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn stall_inline(&self) {
+        let ms = self.stall_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            thread::sleep(Duration::from_millis(ms));
+        }
+    }
+}
+
+/// Keeps a member whose own disk stalled from starting an election it
+/// has no grounds for. openraft's core runs a log append (and its
+/// inline fsync) to the end before it looks at anything else, then takes
+/// its timer tick before the AppendEntries that queued meanwhile: a stall
+/// longer than the election timeout reads as the leader's silence,
+/// although the leader's heartbeats are waiting in the queue. After a
+/// disk call longer than `stall_after`, elections are switched off
+/// (openraft's runtime switch, read by the tick) and on again `hold`
+/// later, by when the queued AppendEntries have renewed the leader's
+/// lease; a later stall extends the hold. A leader that really died is
+/// replaced at most `hold` later than otherwise, and only when this
+/// member's own disk stalled.
+#[derive(Default)]
+pub struct ElectionGuard {
+    raft: Mutex<Option<Raft>>,
+    settings: Mutex<Option<(Duration, Duration)>>,
+    /// Bumped by every stall; a re-enable only acts if it is still its own.
+    generation: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for ElectionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ElectionGuard")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ElectionGuard {
+    /// Starts guarding `raft`: a disk call longer than `stall_after`
+    /// switches its elections off for `hold`.
+    pub fn attach(&self, raft: Raft, stall_after: Duration, hold: Duration) {
+        *self.raft.lock().unwrap_or_else(|e| e.into_inner()) = Some(raft);
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = Some((stall_after, hold));
+    }
+
+    /// Stops guarding (drops the Raft handle it keeps).
+    pub fn detach(&self) {
+        *self.raft.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Records a disk call that started at `started` and just ended.
+    fn disk_call_ended(&self, started: Instant) {
+        let Some((stall_after, hold)) = *self.settings.lock().unwrap_or_else(|e| e.into_inner())
+        else {
+            return;
+        };
+        let took = started.elapsed();
+        if took <= stall_after {
+            return;
+        }
+        let Some(raft) = self.raft.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        // Switched off before the append returns to the core, so its
+        // next tick already sees it.
+        raft.runtime_config().elect(false);
+        tracing::info!(
+            ?took,
+            ?hold,
+            "the log's disk stalled: this member starts no election for a while"
+        );
+        let current = Arc::clone(&self.generation);
+        let enable = move || {
+            if current.load(Ordering::SeqCst) == generation {
+                raft.runtime_config().elect(true);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    tokio::time::sleep(hold).await;
+                    enable();
+                });
+            }
+            Err(_) => enable(),
+        }
     }
 }
 
@@ -509,6 +675,83 @@ pub struct LogStore {
     parallel_leader_fsync: bool,
     durability: Arc<Durability>,
     recent: Arc<Mutex<RecentEntries>>,
+    hooks: Arc<FsyncHooks>,
+    guard: Arc<ElectionGuard>,
+}
+
+/// What the network needs from the log store to send only commit
+/// indexes that rest on this member's fsynced log (the leader's side of
+/// decision 57).
+#[derive(Clone)]
+pub struct DurableLog {
+    db: Arc<DB>,
+    durability: Arc<Durability>,
+    recent: Arc<Mutex<RecentEntries>>,
+}
+
+impl std::fmt::Debug for DurableLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableLog").finish_non_exhaustive()
+    }
+}
+
+impl DurableLog {
+    /// The newest log id at or below `committed` whose entry (and every
+    /// one before it) is fsynced in this member's log: what an
+    /// AppendEntries may tell a follower is committed. openraft's leader
+    /// counts its own written-but-unsynced entries in the quorum, so its
+    /// commit index alone may name an entry only one member holds
+    /// durably. Waits up to `wait` for the fsync first (a heartbeat that
+    /// carries nothing else may as well carry the full index); never
+    /// answers more than `committed`. `None` when even the first entry
+    /// is not durable, or the id at the bound cannot be read (a smaller
+    /// commit index is always safe to send: followers keep the larger
+    /// one they know).
+    pub async fn clamp_commit(&self, committed: Option<LogId>, wait: Duration) -> Option<LogId> {
+        let committed = committed?;
+        let index = committed.index;
+        if self.durability.durable_upto(index) == index {
+            return Some(committed);
+        }
+        if !wait.is_zero()
+            && let Ok(Ok(())) =
+                tokio::time::timeout(wait, self.durability.wait_durable(index)).await
+        {
+            return Some(committed);
+        }
+        let bound = self.durability.durable_upto(index);
+        if bound == index {
+            return Some(committed);
+        }
+        if bound == 0 {
+            return None;
+        }
+        self.log_id_at(bound)
+    }
+
+    /// The log id at `index`, from the recent entries or the database.
+    fn log_id_at(&self, index: u64) -> Option<LogId> {
+        let recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(index, Bound::Included(index));
+        if let Some(entry) = recent.and_then(|mut v| v.pop()) {
+            return Some(entry.log_id);
+        }
+        let value = self
+            .db
+            .get_cf(cf(&self.db, CF_LOG), log_key(index))
+            .ok()??;
+        serde_json::from_slice::<Entry>(&value)
+            .ok()
+            .map(|entry| entry.log_id)
+    }
+
+    /// The highest index at or below `index` that is durable here.
+    pub fn durable_upto(&self, index: u64) -> u64 {
+        self.durability.durable_upto(index)
+    }
 }
 
 impl std::fmt::Debug for LogStore {
@@ -523,6 +766,35 @@ impl std::fmt::Debug for LogStore {
 impl LogStore {
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
         self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The handle the network clamps commit indexes with.
+    pub fn durable_log(&self) -> DurableLog {
+        DurableLog {
+            db: Arc::clone(&self.db),
+            durability: Arc::clone(&self.durability),
+            recent: Arc::clone(&self.recent),
+        }
+    }
+
+    /// This store's fsync test hooks.
+    pub fn fsync_hooks(&self) -> Arc<FsyncHooks> {
+        Arc::clone(&self.hooks)
+    }
+
+    /// The guard that keeps a stalled disk from starting elections.
+    pub fn election_guard(&self) -> Arc<ElectionGuard> {
+        Arc::clone(&self.guard)
+    }
+
+    /// fsyncs the write-ahead log inline (a stall past the guard's limit
+    /// holds this member's elections off).
+    fn sync_inline(&self) -> Result<(), String> {
+        let started = Instant::now();
+        self.hooks.stall_inline();
+        let result = self.db.flush_wal(true).map_err(|e| e.to_string());
+        self.guard.disk_call_ended(started);
+        result
     }
 
     // openraft's own error type, returned as openraft wants it.
@@ -651,7 +923,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut appended = Vec::new();
         for entry in entries {
             first_index.get_or_insert(entry.log_id.index);
-            own &= self.leading == Some(entry.log_id.leader_id);
+            // A membership entry takes effect in openraft as soon as it
+            // is committed (the next step of a change, a removed
+            // member's exit), so it never commits on an unsynced copy.
+            own &= self.leading == Some(entry.log_id.leader_id)
+                && !matches!(entry.payload, EntryPayload::Membership(_));
             let encoded = to_json(&entry);
             let size = encoded.len();
             batch.put_cf(family, log_key(entry.log_id.index), encoded);
@@ -669,14 +945,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.recent().push(appended);
         let seq = self.durability.appended(first_index);
         if !own || !self.parallel_leader_fsync {
-            // A follower's append (or entries of another term, or any
-            // append unless the leader's fsync may run late): openraft
+            // A follower's append (or entries of another term, a
+            // membership entry, or any append when the leader's fsync
+            // may not run late): openraft
             // waits for it before it takes anything else, so there is
             // nothing to share the fsync with; synced here, which spares
             // the hand-over to the flusher thread and back (measured:
             // under load those wake-ups held followers past their
             // election timeout).
-            let result = self.db.flush_wal(true).map_err(|e| e.to_string());
+            let result = self.sync_inline();
             self.durability.flushed(seq, result.clone());
             callback.log_io_completed(result.map_err(io::Error::other));
             return Ok(());
@@ -701,9 +978,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             log_key(u64::MAX),
         );
         batch.delete_cf(cf(&self.db, CF_LOG), log_key(u64::MAX));
-        self.db
-            .write_opt(batch, &sync_writes())
-            .map_err(|e| StorageIOError::write_logs(&e).into())
+        let started = Instant::now();
+        let result = self.db.write_opt(batch, &sync_writes());
+        self.guard.disk_call_ended(started);
+        result.map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -56,8 +56,9 @@ pub enum VolumeCommand {
         /// Its size: bytes, or a number with K, M, G or T (e.g. 20G).
         #[arg(long, value_parser = crate::vm::parse_bytes)]
         size: u64,
-        /// Number of copies.
-        #[arg(long, default_value_t = 1)]
+        /// Number of copies, each on its own node (placed by the control
+        /// plane).
+        #[arg(long, default_value_t = 1, visible_alias = "copies")]
         replicas: u32,
         /// An image to clone it from.
         #[arg(long)]

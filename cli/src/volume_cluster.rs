@@ -1,11 +1,13 @@
 //! `basalt volume` against the control plane: the cluster's volumes (one
-//! per VM disk, decision 52) with each copy's node, state and sync
-//! progress as the primaries' agents reported them; `resize` grows a VM
-//! disk's volume through the VM's spec (the control plane refuses a
-//! shrink naming the field); `create` and `delete` store and remove
-//! standalone volumes (no VM's disk; not placed on nodes yet);
-//! `snapshot` and `clone` store a volume made from another, which the
-//! agent of the node holding the source's primary copy makes in its pool.
+//! per VM disk, decision 52, and standalone ones) with each copy's node,
+//! state and sync progress as the primaries' agents reported them, and
+//! how each copy's own node sees it; `resize` grows a VM disk's volume
+//! through the VM's spec (the control plane refuses a shrink naming the
+//! field); `create` and `delete` store and remove standalone volumes (no
+//! VM's disk), which the control plane places on nodes and their agents
+//! make and drop (decision 61); `snapshot` and `clone` store a volume
+//! made from another, which the agent of the node holding the source's
+//! primary copy makes in its pool.
 //!
 //! Invariant: `list` and `get` only read; `resize` is one
 //! compare-and-swap update of the VM (or of a standalone volume), retried
@@ -69,6 +71,21 @@ fn state_text(r: &VolumeReplica) -> String {
             format!("syncing {}%", r.sync_done_bytes * 100 / r.sync_total_bytes)
         }
         state => state.to_string(),
+    }
+}
+
+/// How a copy's own node last reported it: `held`, `disk-failed: EIO`,
+/// `unknown: ...` (its storage process cannot be asked), `-` (not yet).
+fn node_view(r: &VolumeReplica) -> String {
+    let state = match r.node_state {
+        None => return "-".into(),
+        Some(ReplicaState::UpToDate) => "held".to_owned(),
+        Some(state) => state.to_string(),
+    };
+    if r.node_error.is_empty() {
+        state
+    } else {
+        format!("{state}: {}", r.node_error)
     }
 }
 
@@ -137,7 +154,15 @@ fn details(v: &Volume) -> String {
     out.push('\n');
     out.push_str(&table(
         &[
-            "NODE", "ROLE", "STATE", "SYNCED", "TO SYNC", "DIRTY", "OUTDATED", "ERROR",
+            "NODE",
+            "ROLE",
+            "STATE",
+            "SYNCED",
+            "TO SYNC",
+            "DIRTY",
+            "OUTDATED",
+            "ITS NODE SAYS",
+            "ERROR",
         ],
         v.status
             .replicas
@@ -151,6 +176,7 @@ fn details(v: &Volume) -> String {
                     r.sync_total_bytes.to_string(),
                     r.dirty_bytes.to_string(),
                     if r.outdated { "yes" } else { "no" }.to_owned(),
+                    node_view(r),
                     dash(&r.last_error),
                 ]
             })
@@ -345,6 +371,18 @@ mod tests {
             replicas_text(&replicas),
             "a* up-to-date, b syncing 40%, c outdated"
         );
+        assert_eq!(node_view(&replicas[0]), "-");
+        let lost = VolumeReplica {
+            node_state: Some(ReplicaState::Unknown),
+            node_error: "no socket".into(),
+            ..VolumeReplica::default()
+        };
+        assert_eq!(node_view(&lost), "unknown: no socket");
+        let held = VolumeReplica {
+            node_state: Some(ReplicaState::UpToDate),
+            ..VolumeReplica::default()
+        };
+        assert_eq!(node_view(&held), "held");
         assert_eq!(size_text(20 << 30), "20 GiB");
         assert_eq!(size_text(1536), "1536 B");
         assert_eq!(size_text(3 << 10), "3 KiB");

@@ -9,10 +9,15 @@
 //!   nodes) and the storage fence's marks in the VM's status (each copy's
 //!   `outdated`), and deleted with the VM. [`plan`] decides, purely; the
 //!   round writes by compare-and-swap.
-//! - The agent of a volume's primary node reports how the copies stand, as
-//!   its storage process sees them ([`record_report`], behind the agent
-//!   service's `ReportVolume`): the report is merged into the status
-//!   ([`apply_report`]) and written only when it changed something.
+//! - The same controller places standalone volumes (decision 61,
+//!   [`place_standalone`]): the scheduler's replica-node choice picks
+//!   their nodes, the first the primary, at epoch 1; the agents of those
+//!   nodes make the copies.
+//! - The agent of every node holding a copy reports how the copies stand,
+//!   as its storage process sees them ([`record_report`], behind the
+//!   agent service's `ReportVolume`): the report is merged into the
+//!   status ([`apply_report`]: the primary's view of every copy, each
+//!   node's view of its own) and written only when it changed something.
 //! - [`check`] refuses, on apply, a VM update that shrinks a disk and a
 //!   volume update that shrinks a volume (`INVALID_ARGUMENT` naming the
 //!   field), and a volume created for a VM that does not exist or from a
@@ -24,9 +29,10 @@
 //! - the fencing path does not read volumes: placements (`replica_nodes`)
 //!   and the VM's `outdated_replicas` stay the source of truth for the
 //!   scheduler and the storage fence; a volume mirrors them;
-//! - a report is recorded only from the volume's primary node, and copies'
-//!   reported states are dropped when the epoch changes (a new primary
-//!   reports afresh);
+//! - a copy's sync state is set only by the primary's report (a copy's
+//!   own node adds its view of it), a report from a node holding no copy
+//!   is refused, and copies' reported states are dropped when the epoch
+//!   changes (a new primary reports afresh);
 //! - a volume's size never shrinks; the name of a VM disk's volume is
 //!   `VM-DISK` (or, when that is taken or too long, its pool name).
 
@@ -34,14 +40,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use basalt_api::{
-    ApiError, Condition, Disk, Kind, Object, ObjectMeta, Placement, ReplicaReport, ReplicaState,
-    Vm, Volume, VolumeOwner, VolumeReplica, VolumeReport, VolumeSpec, VolumeStatus,
+    ApiError, Condition, Disk, Kind, Node, Object, ObjectMeta, Placement, ReplicaReport,
+    ReplicaState, Vm, Volume, VolumeOwner, VolumeReplica, VolumeReport, VolumeSpec, VolumeStatus,
     disk_storage_name,
 };
 use futures::StreamExt as _;
 
 use crate::admin::AdminService;
 use crate::agent::now_unix_ms;
+use crate::scheduler::{self, Overcommit};
 use crate::state::{Command, Refusal, State, set_condition};
 
 /// How often the controller compares every VM with its volumes, whatever
@@ -57,7 +64,8 @@ const REPORT_RETRIES: usize = 8;
 /// round.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Each write, with the VM it is for.
+    /// Each write, with the VM it is for (empty for a standalone
+    /// volume's placement).
     pub writes: Vec<(String, Command)>,
     /// VMs whose new volume waits for a name being freed this round.
     pub deferred: Vec<String>,
@@ -160,6 +168,142 @@ pub fn plan(state: &State, only: Option<&BTreeSet<String>>, now_unix_ms: u64) ->
         }
     }
     plan
+}
+
+/// Whether `volume` is a standalone volume (no VM disk, not made from a
+/// source) that no node holds yet: the controller places it.
+fn unplaced_standalone(volume: &Volume) -> bool {
+    volume.spec.owner.is_none() && volume.spec.source.is_none() && volume.status.replicas.is_empty()
+}
+
+/// The scheduler's stand-in for a volume that is not a VM disk: a VM of
+/// no CPU or memory with one disk of the volume's size and copies, named
+/// so no VM can be (`volume/NAME`).
+fn stand_in(volume: &Volume) -> Vm {
+    let mut vm = Vm {
+        meta: ObjectMeta::named(format!("volume/{}", volume.meta.name)),
+        ..Vm::default()
+    };
+    vm.spec.disks = vec![Disk {
+        name: "volume".into(),
+        size_bytes: volume.spec.size_bytes,
+        image: None,
+        replicas: volume.spec.replicas,
+    }];
+    vm
+}
+
+/// The writes that place the standalone volumes no node holds yet
+/// (decision 61): the scheduler's replica-node choice
+/// ([`scheduler::plan`]), fed the VMs, their placements and the volumes
+/// already placed (so their bytes count against each node's pool), picks
+/// the nodes; the first is the primary. Each placed volume gets its pool
+/// name ([`Volume::made_storage_name`]), epoch 1, its primary and one entry per
+/// copy; one that no node can take gets `Ready` false, `Unschedulable`,
+/// with the scheduler's reason (written only when that changes).
+pub fn place_standalone(state: &State, seed: u64, now_unix_ms: u64) -> Vec<Command> {
+    let pending: Vec<&Volume> = state
+        .list(Kind::Volume)
+        .filter_map(|o| match o {
+            Object::Volume(v) if unplaced_standalone(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    if pending.is_empty() {
+        return Vec::new();
+    }
+    let nodes: Vec<Node> = state
+        .list(Kind::Node)
+        .filter_map(|o| match o {
+            Object::Node(n) => Some(n.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut vms: Vec<Vm> = Vec::new();
+    let mut placements: Vec<Placement> = Vec::new();
+    for object in state.list(Kind::Vm) {
+        if let Object::Vm(vm) = object {
+            vms.push(scheduler::planning_view(vm));
+        }
+    }
+    for object in state.list(Kind::Placement) {
+        if let Object::Placement(p) = object {
+            placements.push(p.clone());
+        }
+    }
+    for object in state.list(Kind::Volume) {
+        if let Object::Volume(v) = object
+            && v.spec.owner.is_none()
+            && !v.status.primary_node.is_empty()
+        {
+            let vm = stand_in(v);
+            let replicated = v.status.replicas.len() >= 2;
+            placements.push(Placement {
+                meta: ObjectMeta::named(vm.meta.name.clone()),
+                vm: vm.meta.name.clone(),
+                node: v.status.primary_node.clone(),
+                epoch: v.status.epoch,
+                replica_nodes: if replicated {
+                    v.status.replicas.iter().map(|r| r.node.clone()).collect()
+                } else {
+                    Vec::new()
+                },
+            });
+            vms.push(vm);
+        }
+    }
+    vms.extend(pending.iter().map(|v| stand_in(v)));
+    let plan = scheduler::plan(&nodes, &vms, &placements, Overcommit::default(), seed);
+    let mut writes = Vec::new();
+    for volume in pending {
+        let key = stand_in(volume).meta.name;
+        let mut placed = volume.clone();
+        if let Some((_, node)) = plan.placements.iter().find(|(vm, _)| *vm == key) {
+            let mut copies = plan
+                .replica_nodes
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| vec![node.clone()]);
+            copies.sort();
+            placed.status.storage_name = Volume::made_storage_name(&volume.meta.uid);
+            placed.status.epoch = 1;
+            placed.status.primary_node = node.clone();
+            placed.status.replicas = copies
+                .into_iter()
+                .map(|copy| VolumeReplica {
+                    primary: copy == *node,
+                    node: copy,
+                    ..VolumeReplica::default()
+                })
+                .collect();
+            let condition = ready(&placed.status, now_unix_ms);
+            set_condition(&mut placed.status.conditions, condition);
+        } else {
+            let reason = plan
+                .unschedulable
+                .iter()
+                .find(|(vm, _)| *vm == key)
+                .map_or_else(|| "no node fits".to_owned(), |(_, why)| why.clone());
+            let unchanged = volume.status.conditions.iter().any(|c| {
+                c.kind == Condition::READY && c.reason == "Unschedulable" && c.message == reason
+            });
+            if unchanged {
+                continue;
+            }
+            set_condition(
+                &mut placed.status.conditions,
+                Condition {
+                    kind: Condition::READY.into(),
+                    status: false,
+                    reason: "Unschedulable".into(),
+                    message: reason,
+                    last_transition_unix_ms: now_unix_ms,
+                },
+            );
+        }
+        writes.push(Command::Update(Object::Volume(placed)));
+    }
+    writes
 }
 
 /// The volume of `vm`'s disk `disk` as it should be, keeping what
@@ -284,44 +428,43 @@ fn ready(status: &VolumeStatus, now_unix_ms: u64) -> Condition {
     }
 }
 
-/// `volume` with `report` (from its primary node) merged in: the
-/// primary's own copy from `report.local`, each other copy from the peer
-/// whose replication address is its node's (`addresses`: address → node);
-/// a copy the primary does not replicate to is away. Fence marks stay the
-/// control plane's.
+/// `volume` with `report` merged in. Every report sets its node's own
+/// view of its copy (`node_state`, `node_error`). A report from the
+/// primary's node also sets every copy's `state`: its own copy from
+/// `report.local`, each other copy from the peer whose replication
+/// address is its node's (`addresses`: address → node); a copy the
+/// primary does not replicate to is away. When the primary cannot tell
+/// (it reports a copy unknown) and that copy's own node last said it
+/// holds it, the state the primary last reported stays, with the
+/// primary's error. A copy whose own node reports its disk failed is
+/// `disk-failed`. Fence marks stay the control plane's.
 pub fn apply_report(
     volume: &Volume,
     report: &VolumeReport,
     addresses: &BTreeMap<String, String>,
     now_unix_ms: u64,
 ) -> Volume {
+    let from_primary = report.node == volume.status.primary_node;
     let mut updated = volume.clone();
     for replica in &mut updated.status.replicas {
-        let seen: Option<&ReplicaReport> = if replica.node == report.node {
-            Some(&report.local)
-        } else {
-            report
-                .peers
-                .iter()
-                .find(|p| addresses.get(&p.address) == Some(&replica.node))
-        };
-        match seen {
-            Some(seen) => {
-                replica.state = seen.state;
-                replica.sync_done_bytes = seen.sync_done_bytes;
-                replica.sync_total_bytes = seen.sync_total_bytes;
-                replica.dirty_bytes = seen.dirty_bytes;
-                replica.last_error.clone_from(&seen.last_error);
-            }
-            None => {
-                replica.state = ReplicaState::Away;
-                replica.sync_done_bytes = 0;
-                replica.sync_total_bytes = 0;
-                replica.last_error = format!(
-                    "the primary on {} does not replicate to this node",
-                    report.node
-                );
-            }
+        let own = replica.node == report.node;
+        if own {
+            replica.node_state = Some(report.local.state);
+            replica.node_error.clone_from(&report.local.last_error);
+        }
+        if from_primary {
+            let seen = if own {
+                Some(&report.local)
+            } else {
+                report
+                    .peers
+                    .iter()
+                    .find(|p| addresses.get(&p.address) == Some(&replica.node))
+            };
+            merge_primary_view(replica, seen, &report.node);
+        } else if own && report.local.state == ReplicaState::DiskFailed {
+            replica.state = ReplicaState::DiskFailed;
+            replica.last_error.clone_from(&report.local.last_error);
         }
         replica.state = replica.state.with_mark(replica.outdated);
     }
@@ -331,10 +474,45 @@ pub fn apply_report(
     updated
 }
 
+/// `replica` as the primary on `primary` sees it (`seen`; `None`: the
+/// primary does not replicate to it). See [`apply_report`].
+fn merge_primary_view(replica: &mut VolumeReplica, seen: Option<&ReplicaReport>, primary: &str) {
+    match seen {
+        Some(seen)
+            if seen.state == ReplicaState::Unknown
+                && replica.node_state == Some(ReplicaState::UpToDate)
+                && replica.state != ReplicaState::Unknown =>
+        {
+            replica.last_error = format!(
+                "{}; as the primary last reported, and held by its node",
+                seen.last_error
+            );
+        }
+        Some(seen) => {
+            replica.state = seen.state;
+            replica.sync_done_bytes = seen.sync_done_bytes;
+            replica.sync_total_bytes = seen.sync_total_bytes;
+            replica.dirty_bytes = seen.dirty_bytes;
+            replica.last_error.clone_from(&seen.last_error);
+        }
+        None => {
+            replica.state = ReplicaState::Away;
+            replica.sync_done_bytes = 0;
+            replica.sync_total_bytes = 0;
+            replica.last_error =
+                format!("the primary on {primary} does not replicate to this node");
+        }
+    }
+    if replica.node_state == Some(ReplicaState::DiskFailed) {
+        replica.state = ReplicaState::DiskFailed;
+        replica.last_error.clone_from(&replica.node_error);
+    }
+}
+
 /// Records `report` in the status of the volume whose pool name it names,
 /// when it changes anything (compare-and-swap, retried on conflict).
 /// `NOT_FOUND` when no volume has that pool name; `FAILED_PRECONDITION`
-/// when the reporting node is not the volume's primary.
+/// when the reporting node holds no copy of it.
 pub async fn record_report(admin: &AdminService, report: &VolumeReport) -> Result<bool, ApiError> {
     for _ in 0..REPORT_RETRIES {
         let updated = {
@@ -350,10 +528,12 @@ pub async fn record_report(admin: &AdminService, report: &VolumeReport) -> Resul
                     kind: Kind::Volume,
                     name: report.storage_name.clone(),
                 })?;
-            if volume.status.primary_node != report.node {
+            if volume.status.primary_node != report.node
+                && volume.status.replica(&report.node).is_none()
+            {
                 return Err(ApiError::FailedPrecondition {
                     reason: format!(
-                        "node: {:?} is not the primary of volume {:?} (its primary is {:?})",
+                        "node: {:?} holds no copy of volume {:?} (its primary is {:?})",
                         report.node, volume.meta.name, volume.status.primary_node
                     ),
                 });
@@ -442,6 +622,13 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
                     ),
                 }),
             },
+            None if volume.spec.image.is_some() && volume.spec.source.is_none() => {
+                Err(Refusal::Invalid {
+                    field: "spec.image".into(),
+                    reason: "a standalone volume is made empty; one from an image is not made yet"
+                        .into(),
+                })
+            }
             None => Ok(()),
         },
         _ => Ok(()),
@@ -486,6 +673,8 @@ pub struct VolumeController {
     retry: BTreeSet<String>,
     /// When every VM was last looked at.
     last_full: Option<Instant>,
+    /// A standalone volume's placement failed to be written: placed again.
+    standalone_retry: bool,
 }
 
 impl VolumeController {
@@ -496,22 +685,30 @@ impl VolumeController {
 
     /// One round, as the leader of `term`.
     pub async fn round(&mut self, admin: &AdminService, term: u64) {
-        let (plan, applied) = {
+        let (mut plan, applied) = {
             let machine = admin.shared().read();
             let applied = machine.applied_index();
             let full_due = self.last_full.is_none_or(|at| at.elapsed() >= FULL_RESYNC);
+            let mut standalone = std::mem::take(&mut self.standalone_retry);
             let only = match self.synced {
                 Some((t, index)) if t == term && !full_due => {
-                    if index == applied && self.retry.is_empty() {
+                    if index == applied && self.retry.is_empty() && !standalone {
                         return;
                     }
                     let mut names = std::mem::take(&mut self.retry);
                     let mut complete = true;
-                    for kind in [Kind::Vm, Kind::Placement, Kind::Volume] {
+                    for kind in [Kind::Vm, Kind::Placement, Kind::Volume, Kind::Node] {
                         match machine.history.since(index, Some(kind), usize::MAX) {
                             Ok(changes) => {
                                 names
                                     .extend(changes.iter().filter_map(|c| concerned_vm(&c.object)));
+                                // A new standalone volume, or a node that
+                                // may take one now.
+                                standalone |= changes.iter().any(|c| match &c.object {
+                                    Object::Volume(v) => unplaced_standalone(v),
+                                    Object::Node(_) => true,
+                                    _ => false,
+                                });
                             }
                             Err(_) => complete = false,
                         }
@@ -523,21 +720,30 @@ impl VolumeController {
             if only.is_none() {
                 self.retry.clear();
                 self.last_full = Some(Instant::now());
+                standalone = true;
             }
-            (plan(&machine.state, only.as_ref(), now_unix_ms()), applied)
+            let now = now_unix_ms();
+            let mut plan = plan(&machine.state, only.as_ref(), now);
+            if standalone {
+                let placed = place_standalone(&machine.state, term, now);
+                plan.writes
+                    .extend(placed.into_iter().map(|command| (String::new(), command)));
+            }
+            (plan, applied)
         };
         self.synced = Some((term, applied));
-        self.retry.extend(plan.deferred);
+        self.retry.extend(std::mem::take(&mut plan.deferred));
         let results: Vec<(String, Result<Object, ApiError>)> = futures::stream::iter(plan.writes)
             .map(|(vm, command)| async move { (vm, admin.write(command).await) })
             .buffer_unordered(WRITES_IN_FLIGHT)
             .collect()
             .await;
         for (vm, result) in results {
-            match result {
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::debug!(%vm, error = %err, "writing a volume failed; will retry");
+            if let Err(err) = result {
+                tracing::debug!(%vm, error = %err, "writing a volume failed; will retry");
+                if vm.is_empty() {
+                    self.standalone_retry = true;
+                } else {
                     self.retry.insert(vm);
                 }
             }
@@ -859,6 +1065,238 @@ mod tests {
         clean.status.replicas[2].outdated = false;
         let merged = apply_report(&clean, &good, &addresses, 5);
         assert!(merged.status.conditions[0].status);
+    }
+
+    fn standalone(name: &str, uid: &str, size_bytes: u64, copies: u32) -> Object {
+        let mut meta = ObjectMeta::named(name);
+        meta.uid = uid.into();
+        Object::Volume(Volume {
+            meta,
+            spec: VolumeSpec {
+                size_bytes,
+                replicas: copies,
+                ..VolumeSpec::default()
+            },
+            ..Volume::default()
+        })
+    }
+
+    fn ready_node(name: &str, storage_bytes: u64) -> Object {
+        let mut node = Node {
+            meta: ObjectMeta::named(name),
+            ..Node::default()
+        };
+        node.status.allocatable.cpus = 4;
+        node.status.allocatable.memory_mib = 4096;
+        node.status.allocatable.storage_bytes = storage_bytes;
+        node.status.conditions.push(Condition {
+            kind: Condition::READY.into(),
+            status: true,
+            ..Condition::default()
+        });
+        Object::Node(node)
+    }
+
+    /// Places the standalone volumes, applying the writes.
+    fn place(state: &mut State, index: &mut u64, now: u64) {
+        for command in place_standalone(state, 1, now) {
+            *index += 1;
+            state.apply(*index, command).unwrap();
+        }
+    }
+
+    #[test]
+    fn standalone_volumes_are_placed_by_the_schedulers_choice_with_room_counted() {
+        let mut state = State::default();
+        let mut index = 0;
+        create(&mut state, &mut index, standalone("big", "u1", 6 << 20, 2));
+        // No node: unschedulable, with the scheduler's reason, once.
+        assert_eq!(place_standalone(&state, 1, 5).len(), 1);
+        place(&mut state, &mut index, 5);
+        let big = volume(&state, "big");
+        assert!(big.status.replicas.is_empty());
+        let ready = &big.status.conditions[0];
+        assert_eq!(ready.reason, "Unschedulable");
+        assert!(
+            ready.message.contains("2 replicas asked"),
+            "{}",
+            ready.message
+        );
+        assert!(
+            place_standalone(&state, 1, 6).is_empty(),
+            "the same reason again"
+        );
+
+        for (node, room) in [("a", 10 << 20), ("b", 10 << 20), ("c", 4 << 20)] {
+            create(&mut state, &mut index, ready_node(node, room));
+        }
+        place(&mut state, &mut index, 7);
+        let big = volume(&state, "big");
+        let nodes: Vec<&str> = big
+            .status
+            .replicas
+            .iter()
+            .map(|r| r.node.as_str())
+            .collect();
+        assert_eq!(nodes, ["a", "b"], "c has no room for 6 MiB");
+        assert_eq!(big.status.epoch, 1);
+        assert_eq!(big.status.storage_name, "vol-u1");
+        assert_eq!(
+            big.status.replicas.iter().filter(|r| r.primary).count(),
+            1,
+            "{big:?}"
+        );
+        assert_eq!(
+            big.status
+                .replica(&big.status.primary_node)
+                .map(|r| r.primary),
+            Some(true)
+        );
+        assert_eq!(big.status.conditions[0].reason, "NotReported");
+        // Placed: left alone.
+        assert!(place_standalone(&state, 1, 8).is_empty());
+
+        // a and b now hold 6 MiB each: a second 6 MiB volume of one copy
+        // fits only on... none but a or b's remaining 4 MiB, or c's 4
+        // MiB: nowhere.
+        create(&mut state, &mut index, standalone("more", "u2", 6 << 20, 1));
+        place(&mut state, &mut index, 9);
+        let more = volume(&state, "more");
+        assert!(more.status.replicas.is_empty(), "{more:?}");
+        assert_eq!(more.status.conditions[0].reason, "Unschedulable");
+        // A small one goes anywhere, alone.
+        create(
+            &mut state,
+            &mut index,
+            standalone("small", "u3", 1 << 20, 1),
+        );
+        place(&mut state, &mut index, 10);
+        let small = volume(&state, "small");
+        assert_eq!(small.status.replicas.len(), 1);
+        assert!(small.status.replicas[0].primary);
+        // A VM disk's volume is never placed here.
+        create(
+            &mut state,
+            &mut index,
+            vm("web", "u4", &[("root", 4096, 1)]),
+        );
+        run(&mut state, &mut index);
+        assert!(place_standalone(&state, 1, 11).is_empty());
+        // A standalone volume from an image is refused.
+        let Object::Volume(mut imaged) = standalone("imaged", "u5", 4096, 1) else {
+            panic!()
+        };
+        imaged.spec.image = Some("tiny".into());
+        index += 1;
+        assert!(matches!(
+            state.apply(index, Command::Create(Object::Volume(imaged))),
+            Err(Refusal::Invalid { field, .. }) if field == "spec.image"
+        ));
+    }
+
+    #[test]
+    fn every_copys_node_reports_its_own_copy_and_the_primarys_view_wins() {
+        let mut state = State::default();
+        let mut index = 0;
+        for node in ["a", "b"] {
+            create(&mut state, &mut index, ready_node(node, 0));
+        }
+        create(
+            &mut state,
+            &mut index,
+            standalone("scratch", "u1", 1 << 20, 2),
+        );
+        place(&mut state, &mut index, 1);
+        let placed = volume(&state, "scratch");
+        let primary = placed.status.primary_node.clone();
+        let secondary = if primary == "a" { "b" } else { "a" };
+        let addresses: BTreeMap<String, String> =
+            [("10.0.0.9:7789".to_owned(), secondary.to_owned())]
+                .into_iter()
+                .collect();
+        let up = ReplicaReport {
+            state: ReplicaState::UpToDate,
+            ..ReplicaReport::default()
+        };
+        let from_primary = VolumeReport {
+            node: primary.clone(),
+            storage_name: "vol-u1".into(),
+            local: up.clone(),
+            peers: vec![ReplicaReport {
+                address: "10.0.0.9:7789".into(),
+                ..up.clone()
+            }],
+        };
+        let from_secondary = VolumeReport {
+            node: secondary.to_owned(),
+            storage_name: "vol-u1".into(),
+            local: up.clone(),
+            peers: Vec::new(),
+        };
+        let merged = apply_report(&placed, &from_primary, &addresses, 2);
+        let merged = apply_report(&merged, &from_secondary, &addresses, 3);
+        let copy = merged.status.replica(secondary).unwrap();
+        assert_eq!(copy.state, ReplicaState::UpToDate);
+        assert_eq!(copy.node_state, Some(ReplicaState::UpToDate));
+        assert!(merged.status.conditions[0].status);
+        // The same reports again change nothing.
+        assert_eq!(
+            apply_report(&merged, &from_secondary, &addresses, 4),
+            merged
+        );
+
+        // The primary's storage process cannot be asked: its copy is
+        // unknown, the secondary's keeps the state the primary last
+        // reported, since its own node holds it.
+        let unknown = ReplicaReport {
+            state: ReplicaState::Unknown,
+            last_error: "the node's storage process cannot be asked".into(),
+            ..ReplicaReport::default()
+        };
+        let lost = VolumeReport {
+            local: unknown.clone(),
+            peers: vec![ReplicaReport {
+                address: "10.0.0.9:7789".into(),
+                ..unknown.clone()
+            }],
+            ..from_primary.clone()
+        };
+        let after = apply_report(&merged, &lost, &addresses, 5);
+        assert_eq!(
+            after.status.replica(&primary).unwrap().state,
+            ReplicaState::Unknown
+        );
+        let copy = after.status.replica(secondary).unwrap();
+        assert_eq!(copy.state, ReplicaState::UpToDate);
+        assert!(copy.last_error.contains("cannot be asked"), "{copy:?}");
+        // Without its node's own report, it would be unknown too.
+        let blind = apply_report(&placed, &from_primary, &addresses, 2);
+        let blind = apply_report(&blind, &lost, &addresses, 5);
+        assert_eq!(
+            blind.status.replica(secondary).unwrap().state,
+            ReplicaState::Unknown
+        );
+
+        // The secondary's node says its disk failed: shown at once.
+        let failed = VolumeReport {
+            local: ReplicaReport {
+                state: ReplicaState::DiskFailed,
+                last_error: "EIO".into(),
+                ..ReplicaReport::default()
+            },
+            ..from_secondary.clone()
+        };
+        let after = apply_report(&merged, &failed, &addresses, 6);
+        let copy = after.status.replica(secondary).unwrap();
+        assert_eq!(
+            (copy.state, copy.last_error.as_str()),
+            (ReplicaState::DiskFailed, "EIO")
+        );
+        // A secondary's report never sets another copy.
+        assert_eq!(
+            after.status.replica(&primary),
+            merged.status.replica(&primary)
+        );
     }
 
     #[test]

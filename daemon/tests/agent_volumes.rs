@@ -25,9 +25,8 @@ mod common;
 // Its peer-state and write-refusal helpers are not needed here.
 #[allow(dead_code)]
 mod replica_node;
+mod volume_cli;
 
-use std::path::PathBuf;
-use std::process::Output;
 use std::time::Duration;
 
 use basalt_api::{
@@ -40,66 +39,12 @@ use replica_node::{
     DISK_BYTES, PATTERN_AT, agent_spec, create_db_on_a_and_b, pattern, read_export, start_storage,
     wait_joined, write_pattern,
 };
+use volume_cli::{basalt, cli_volume, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const CONTROL_PORT: u16 = 7400;
 /// Short leases and controller rounds.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
-
-fn basalt_cli() -> PathBuf {
-    let path = PathBuf::from(common::BASALTD).with_file_name("basalt");
-    assert!(
-        path.is_file(),
-        "the basalt CLI is not built at {} (cargo build -p basalt)",
-        path.display()
-    );
-    path
-}
-
-/// Runs `basalt --server SERVER ARGS...` (off the async threads).
-async fn basalt(server: &str, args: &[&str]) -> Output {
-    let mut command = std::process::Command::new(basalt_cli());
-    command
-        .env_remove("BASALT_STORAGE_SOCKET")
-        .arg("--server")
-        .arg(server)
-        .args(args);
-    tokio::task::spawn_blocking(move || command.output().expect("run basalt"))
-        .await
-        .expect("the CLI task")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// `basalt volume get NAME -o json`, parsed; `None` while it fails.
-async fn cli_volume(server: &str, name: &str) -> Option<Volume> {
-    let out = basalt(server, &["volume", "get", name, "-o", "json"]).await;
-    if !out.status.success() {
-        return None;
-    }
-    match serde_json::from_slice::<Object>(&out.stdout) {
-        Ok(Object::Volume(v)) => Some(v),
-        other => panic!(
-            "basalt volume get printed no volume: {other:?}\n{}",
-            text(&out)
-        ),
-    }
-}
-
-fn states(v: &Volume) -> Vec<(String, ReplicaState)> {
-    v.status
-        .replicas
-        .iter()
-        .map(|r| (r.node.clone(), r.state))
-        .collect()
-}
 
 fn bad_volume(size_bytes: u64, owner: Option<VolumeOwner>) -> Object {
     Object::Volume(Volume {

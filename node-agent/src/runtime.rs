@@ -196,9 +196,10 @@ pub async fn run<C: Compute + 'static>(
             named.clone(),
         ))
     });
-    // Snapshots and clones of the volumes whose primary copy is here.
+    // Copies of standalone volumes placed here, and snapshots and clones
+    // of the volumes whose primary copy is here (a watch on volumes).
     let snapshots = config.storage.clone().map(|storage| {
-        tokio::spawn(crate::storage::snapshots::run(
+        tokio::spawn(crate::storage::standalone::run(
             config.node.clone(),
             storage,
             admin.clone(),

@@ -68,6 +68,10 @@ impl From<Volume> for pb::Volume {
                         sync_total_bytes: r.sync_total_bytes,
                         dirty_bytes: r.dirty_bytes,
                         last_error: r.last_error,
+                        node_state: r
+                            .node_state
+                            .map_or(pb::ReplicaState::Unspecified.into(), state_to_pb),
+                        node_error: r.node_error,
                     })
                     .collect(),
                 conditions: status.conditions.into_iter().map(Into::into).collect(),
@@ -96,6 +100,14 @@ impl TryFrom<pb::Volume> for Volume {
                     sync_total_bytes: r.sync_total_bytes,
                     dirty_bytes: r.dirty_bytes,
                     last_error: r.last_error,
+                    node_state: match r.node_state {
+                        0 => None,
+                        state => Some(state_from_pb(
+                            state,
+                            &format!("status.replicas[{i}].node_state"),
+                        )?),
+                    },
+                    node_error: r.node_error,
                 })
             })
             .collect::<Result<_, ApiError>>()?;
@@ -218,6 +230,7 @@ mod tests {
                         outdated: true,
                         dirty_bytes: 4096,
                         last_error: "gone".into(),
+                        node_state: Some(ReplicaState::UpToDate),
                         ..VolumeReplica::default()
                     },
                 ],

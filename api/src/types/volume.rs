@@ -163,6 +163,15 @@ pub struct VolumeReplica {
     /// The last error reported for it; empty when none.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub last_error: String,
+    /// How the copy's own node sees it (decision 61): `up-to-date` = in
+    /// its pool with the disk attached, `disk-failed`, or `unknown` = the
+    /// node's storage process cannot be asked; `None` until its node
+    /// reported. [`VolumeReplica::state`] stays the primary's view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_state: Option<ReplicaState>,
+    /// What the copy's node last reported as wrong; empty when none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub node_error: String,
 }
 
 /// Where a volume's copies are and how each stands.
@@ -200,6 +209,13 @@ pub fn disk_storage_name(vm_uid: &str, disk: &str) -> String {
 }
 
 impl Volume {
+    /// The pool name of a volume that is not a VM disk (a standalone
+    /// volume, a snapshot, a clone) whose object's uid is `uid`: `vol-`
+    /// and the uid, the same on every node holding a copy.
+    pub fn made_storage_name(uid: &str) -> String {
+        format!("vol-{uid}")
+    }
+
     /// The name the control plane gives the volume of disk `disk` of VM
     /// `vm`: `VM-DISK` when that is a valid name (at most 63 characters).
     pub fn name_for_disk(vm: &str, disk: &str) -> Option<String> {
@@ -316,11 +332,16 @@ impl VolumeReplica {
                 ),
             ));
         }
-        if self.last_error.len() > MAX_REPLICA_ERROR_LEN {
-            return Err(ApiError::invalid(
-                format!("{at}.last_error"),
-                format!("at most {MAX_REPLICA_ERROR_LEN} bytes"),
-            ));
+        for (field, text) in [
+            ("last_error", &self.last_error),
+            ("node_error", &self.node_error),
+        ] {
+            if text.len() > MAX_REPLICA_ERROR_LEN {
+                return Err(ApiError::invalid(
+                    format!("{at}.{field}"),
+                    format!("at most {MAX_REPLICA_ERROR_LEN} bytes"),
+                ));
+            }
         }
         Ok(())
     }
@@ -344,10 +365,12 @@ pub struct ReplicaReport {
     pub last_error: String,
 }
 
-/// The agent of a volume's primary node reports how the copies stand,
-/// as its storage process sees them. The control plane records it in the
-/// volume's status when it changed anything (compare-and-swap), and
-/// refuses it from any node but the volume's primary.
+/// The agent of a node holding a copy of a volume reports how the
+/// copies stand, as its storage process sees them: the primary's node
+/// every copy (its peers by replication address), any other copy's node
+/// its own copy only. The control plane records it in the volume's
+/// status when it changed anything (compare-and-swap), and refuses it
+/// from a node that holds no copy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeReport {
     /// The reporting node.

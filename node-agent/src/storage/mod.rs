@@ -43,6 +43,7 @@ pub mod replicas;
 pub mod report;
 pub mod seed;
 pub mod snapshots;
+pub mod standalone;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -1,17 +1,21 @@
-//! Replica reports: how the copies of the volumes this node is the
-//! primary of stand, as its storage process sees them, sent to the
-//! control plane for the volumes' status (`Agent.ReportVolume`, decision
-//! 52).
+//! Replica reports: how the copies of the volumes this node holds stand,
+//! as its storage process sees them, sent to the control plane for the
+//! volumes' status (`Agent.ReportVolume`, decisions 52 and 61).
 //!
 //! Every [`REPORT_POLL`] the loop ([`run`]) reads the storage process's
 //! status (each primary's peer streams: state, dirty chunks, resync bytes;
-//! the pool's disk state) and its VM disk volumes, and turns them into one
+//! the pool's disk state) and its volumes (VM disks, and snapshots, clones
+//! and standalone volumes: `vol-` names), and turns them into one
 //! [`VolumeReport`] per volume ([`reports`]): this node's copy, and each
 //! peer by replication address (the control plane maps addresses to
-//! nodes). A volume with no peer stream is reported as a lone copy: a
-//! disk of one copy placed here, or a secondary — the control plane
-//! refuses reports from any node but the volume's primary, and that
-//! refusal is remembered until the placements naming this node change.
+//! nodes). Every node holding a copy reports: the primary's report gives
+//! every copy's sync state, another node's report its own copy as its
+//! node sees it (in the pool, disk attached or failed, storage process
+//! reachable or not), which keeps that copy known when the primary's
+//! storage process cannot be asked. The control plane refuses reports
+//! from a node that holds no copy (a copy left behind, a volume it does
+//! not know); that refusal is remembered until the placements naming
+//! this node change, or for [`REFUSED_RETRY`].
 //!
 //! Invariants:
 //! - nothing is sent for a volume whose report equals the last one the
@@ -25,7 +29,7 @@
 //!   first seen resyncing: done = sent since then, total = done + what it
 //!   still misses.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use basalt_api::{
@@ -42,6 +46,10 @@ pub const REPORT_POLL: Duration = Duration::from_secs(1);
 /// Least time between two reports of a volume that differ only in byte
 /// counts (resync progress, dirty bytes).
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How long a refused report is not sent again (unless the placements
+/// naming this node change): a standalone volume's copies do not move
+/// with placements.
+pub const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
 /// Peer (volume, address) → its resync bytes when it was first seen
 /// resyncing (the start of the resync under way).
@@ -81,8 +89,15 @@ fn peer_report(peer: &ReplicaPeer, chunk_size: u64, starts: &mut ResyncStarts) -
     report
 }
 
-/// One report per VM disk volume of the pool, from node `node`'s storage
-/// `status` and `volumes` (see the module's doc).
+/// Whether pool volume `name` is one the control plane knows: a VM disk,
+/// or a snapshot, clone or standalone volume.
+fn is_reported(name: &str) -> bool {
+    is_disk_volume(name) || super::snapshots::is_made_volume(name)
+}
+
+/// One report per VM disk, snapshot, clone or standalone volume of the
+/// pool, from node `node`'s storage `status` and `volumes` (see the
+/// module's doc).
 pub fn reports(
     node: &str,
     status: &StorageStatus,
@@ -102,7 +117,7 @@ pub fn reports(
     };
     let mut out: BTreeMap<String, VolumeReport> = volumes
         .iter()
-        .filter(|v| is_disk_volume(&v.name))
+        .filter(|v| is_reported(&v.name))
         .map(|v| {
             let report = VolumeReport {
                 node: node.to_owned(),
@@ -177,8 +192,8 @@ pub fn due(now: &VolumeReport, last: Option<&(VolumeReport, Instant)>) -> bool {
     }
 }
 
-/// Reports the copies of this node's primaries until aborted (see the
-/// module's doc).
+/// Reports the copies this node holds until aborted (see the module's
+/// doc).
 pub async fn run(
     node: String,
     config: StorageConfig,
@@ -198,6 +213,8 @@ pub async fn run(
     let mut starts = ResyncStarts::new();
     // Volume → the last report the control plane settled, and when.
     let mut settled: BTreeMap<String, (VolumeReport, Instant)> = BTreeMap::new();
+    // Volumes whose last report was refused.
+    let mut refused: BTreeSet<String> = BTreeSet::new();
     loop {
         ticker.tick().await;
         if named.has_changed().unwrap_or(false) {
@@ -205,6 +222,7 @@ pub async fn run(
             named.borrow_and_update();
             settled.clear();
         }
+        settled.retain(|name, (_, at)| !refused.contains(name) || at.elapsed() < REFUSED_RETRY);
         let current = match (storage.status().await, storage.list_volumes().await) {
             (Ok(status), Ok(volumes)) => reports(&node, &status, &volumes, &mut starts),
             (Err(err), _) | (_, Err(err)) => {
@@ -216,6 +234,7 @@ pub async fn run(
             }
         };
         settled.retain(|name, _| current.contains_key(name));
+        refused.retain(|name| current.contains_key(name));
         for (name, report) in current {
             if !due(&report, settled.get(&name)) {
                 continue;
@@ -225,12 +244,14 @@ pub async fn run(
                     if changed {
                         tracing::debug!(volume = %name, "replica states reported");
                     }
+                    refused.remove(&name);
                     settled.insert(name, (report, Instant::now()));
                 }
                 Err(ApiError::FailedPrecondition { .. } | ApiError::NotFound { .. }) => {
-                    // Not this node's to report (a secondary, a copy left
-                    // behind, a volume the control plane does not know):
-                    // asked again when the placements change.
+                    // Not this node's to report (a copy left behind, a
+                    // volume the control plane does not know yet): asked
+                    // again when the placements change, or later.
+                    refused.insert(name.clone());
                     settled.insert(name, (report, Instant::now()));
                 }
                 Err(err) => {

@@ -5,37 +5,36 @@
 //! status: its pool name ([`pool_name`]: `vol-` and the object's uid),
 //! this node as its primary and only copy, `Ready`.
 //!
-//! Every [`SNAPSHOT_POLL`] the loop ([`run`]) lists the volumes and the
-//! pool, and [`plan`] says what to make here and which of the volumes it
-//! made earlier are no longer wanted (their object was deleted) and go.
+//! [`plan`] says what to make here and which `vol-` pool volumes (of
+//! snapshots, clones and standalone volumes) are no longer wanted here
+//! (their object was deleted, or its copies are placed on other nodes);
+//! [`make_and_drop`] does it. The volume watch loop
+//! ([`super::standalone::run`]) calls it when the volumes change.
 //!
 //! Invariants:
 //! - a volume is made from its source only once: a pool volume already
 //!   under its name is recorded as it is;
 //! - only pool volumes named by [`pool_name`] are ever deleted here, and
-//!   only when a complete list of the cluster's volumes has no object of
-//!   that uid;
+//!   only when a complete set of the cluster's volumes has no object of
+//!   that uid, or that object's placed copies do not name this node;
 //! - a snapshot is crash-consistent: it is taken while the source's
 //!   writer goes on, as a power cut would leave the disk.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use basalt_api::{
-    AdminClient, ApiError, Condition, EnsureVolume, Kind, Object, ReplicaState, StorageClient,
+    AdminClient, ApiError, Condition, EnsureVolume, Object, ReplicaState, StorageClient,
     StorageVolume, Volume, VolumeReplica,
 };
 use uuid::Uuid;
 
-use super::StorageConfig;
-
-/// How often volumes to make (or to drop) are looked for.
-pub const SNAPSHOT_POLL: Duration = Duration::from_secs(2);
 const PREFIX: &str = "vol-";
 
-/// The pool name of a snapshot or clone: `vol-` and its object's uid.
+/// The pool name of a snapshot, clone or standalone volume: `vol-` and
+/// its object's uid ([`Volume::made_storage_name`]).
 pub fn pool_name(volume: &Volume) -> String {
-    format!("{PREFIX}{}", volume.meta.uid)
+    Volume::made_storage_name(&volume.meta.uid)
 }
 
 /// Whether `name` is a name [`pool_name`] makes.
@@ -75,7 +74,13 @@ pub fn plan(node: &str, volumes: &[Volume], pool: &[StorageVolume]) -> Work {
                 .push((volume.clone(), from.status.storage_name.clone()));
         }
     }
-    let wanted: BTreeSet<String> = volumes.iter().map(pool_name).collect();
+    // A volume whose placed copies do not name this node (none made
+    // yet: a snapshot being recorded) wants no copy here.
+    let wanted: BTreeSet<String> = volumes
+        .iter()
+        .filter(|v| v.status.replicas.is_empty() || v.status.replica(node).is_some())
+        .map(pool_name)
+        .collect();
     work.drop = pool
         .iter()
         .filter(|v| is_made_volume(&v.name) && !wanted.contains(&v.name))
@@ -156,84 +161,64 @@ async fn make(
     Ok(())
 }
 
-/// Makes and drops this node's snapshots and clones until aborted (see
-/// the module's doc).
-pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
-    let storage = match StorageClient::connect_unix(&config.socket) {
-        Ok(storage) => storage,
-        Err(err) => {
-            tracing::error!(error = %err, "no storage client: no snapshots or clones are made");
-            return;
+/// Makes the snapshots and clones [`plan`] asks of node `node` and
+/// records them, and drops the pool volumes it names, from a complete
+/// set of the cluster's `volumes` and the node's `pool`. `failed` keeps
+/// the makes that failed, with the error recorded (recorded once per
+/// error). Returns whether everything succeeded.
+pub async fn make_and_drop(
+    node: &str,
+    storage: &StorageClient,
+    admin: &AdminClient,
+    volumes: &[Volume],
+    pool: &[StorageVolume],
+    failed: &mut BTreeMap<String, String>,
+) -> bool {
+    let work = plan(node, volumes, pool);
+    let mut ok = true;
+    for (volume, source) in work.make {
+        let error = make(storage, &volume, &source, pool)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        ok &= error.is_none();
+        if let Some(error) = &error
+            && failed.get(&volume.meta.uid) == Some(error)
+        {
+            continue;
         }
-    };
-    let mut ticker = tokio::time::interval(SNAPSHOT_POLL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Volumes whose making failed, with the error recorded.
-    let mut failed: BTreeMap<String, String> = BTreeMap::new();
-    loop {
-        ticker.tick().await;
-        let volumes: Vec<Volume> = match admin.list(Kind::Volume).await {
-            Ok(list) => list
-                .objects
-                .into_iter()
-                .filter_map(|o| match o {
-                    Object::Volume(v) => Some(v),
-                    _ => None,
-                })
-                .collect(),
+        match admin
+            .update(Object::Volume(recorded(&volume, node, error.as_deref())))
+            .await
+        {
+            Ok(_) => match error {
+                None => {
+                    tracing::info!(volume = %volume.meta.name, %source, "made a volume from its source");
+                    failed.remove(&volume.meta.uid);
+                }
+                Some(error) => {
+                    tracing::warn!(volume = %volume.meta.name, %error, "making a volume from its source failed");
+                    failed.insert(volume.meta.uid.clone(), error);
+                }
+            },
             Err(err) => {
-                tracing::debug!(error = %err, "listing volumes failed; will retry");
-                continue;
-            }
-        };
-        let pool = match storage.list_volumes().await {
-            Ok(pool) => pool,
-            Err(err) => {
-                tracing::debug!(error = %err, "listing the pool failed; will retry");
-                continue;
-            }
-        };
-        let work = plan(&node, &volumes, &pool);
-        for (volume, source) in work.make {
-            let error = make(&storage, &volume, &source, &pool)
-                .await
-                .err()
-                .map(|e| e.to_string());
-            if let Some(error) = &error
-                && failed.get(&volume.meta.uid) == Some(error)
-            {
-                continue;
-            }
-            match admin
-                .update(Object::Volume(recorded(&volume, &node, error.as_deref())))
-                .await
-            {
-                Ok(_) => match error {
-                    None => {
-                        tracing::info!(volume = %volume.meta.name, %source, "made a volume from its source");
-                        failed.remove(&volume.meta.uid);
-                    }
-                    Some(error) => {
-                        tracing::warn!(volume = %volume.meta.name, %error, "making a volume from its source failed");
-                        failed.insert(volume.meta.uid.clone(), error);
-                    }
-                },
-                Err(err) => {
-                    tracing::debug!(volume = %volume.meta.name, error = %err, "recording a volume failed; will retry");
-                }
-            }
-        }
-        for name in work.drop {
-            match storage.delete_volume(&name).await {
-                Ok(_) => {
-                    tracing::info!(volume = %name, "dropped a snapshot or clone whose object is gone")
-                }
-                Err(err) => {
-                    tracing::debug!(volume = %name, error = %err, "dropping a volume failed; will retry")
-                }
+                ok = false;
+                tracing::debug!(volume = %volume.meta.name, error = %err, "recording a volume failed; will retry");
             }
         }
     }
+    for name in work.drop {
+        match storage.delete_volume(&name).await {
+            Ok(_) => {
+                tracing::info!(volume = %name, "dropped a volume copy whose object is gone or placed elsewhere")
+            }
+            Err(err) => {
+                ok = false;
+                tracing::debug!(volume = %name, error = %err, "dropping a volume failed; will retry")
+            }
+        }
+    }
+    ok
 }
 
 #[cfg(test)]
@@ -303,6 +288,27 @@ mod tests {
         assert_eq!(done.status.replicas[0].node, "a");
         assert!(done.status.conditions[0].status);
         done.validate().unwrap();
+        // A standalone volume's copy placed elsewhere goes; one placed
+        // here, or not placed yet, stays.
+        let mut elsewhere = volume("scratch", U3, None, "b", &format!("vol-{U3}"));
+        elsewhere.status.replicas = vec![VolumeReplica {
+            node: "b".into(),
+            primary: true,
+            ..VolumeReplica::default()
+        }];
+        let copy = [StorageVolume {
+            name: format!("vol-{U3}"),
+            ..StorageVolume::default()
+        }];
+        let listed = |v: &Volume| vec![v.clone()];
+        assert_eq!(
+            plan("a", &listed(&elsewhere), &copy).drop,
+            [format!("vol-{U3}")]
+        );
+        assert!(plan("b", &listed(&elsewhere), &copy).drop.is_empty());
+        elsewhere.status.replicas.clear();
+        assert!(plan("a", &listed(&elsewhere), &copy).drop.is_empty());
+
         let failed = recorded(&work.make[0].0, "a", Some("no space"));
         assert!(failed.status.storage_name.is_empty());
         assert_eq!(failed.status.conditions[0].reason, "SourceFailed");

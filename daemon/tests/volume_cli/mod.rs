@@ -1,0 +1,66 @@
+//! What the cluster volume tests share: the `basalt` CLI run against a
+//! control plane, and volumes read back through it (`-o json`).
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use basalt_api::{Object, ReplicaState, Volume};
+
+use crate::common;
+
+fn basalt_cli() -> PathBuf {
+    let path = PathBuf::from(common::BASALTD).with_file_name("basalt");
+    assert!(
+        path.is_file(),
+        "the basalt CLI is not built at {} (cargo build -p basalt)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `basalt --server SERVER ARGS...` (off the async threads).
+pub async fn basalt(server: &str, args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(basalt_cli());
+    command
+        .env_remove("BASALT_STORAGE_SOCKET")
+        .arg("--server")
+        .arg(server)
+        .args(args);
+    tokio::task::spawn_blocking(move || command.output().expect("run basalt"))
+        .await
+        .expect("the CLI task")
+}
+
+/// A CLI run's status and output, for assertion messages.
+pub fn text(output: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `basalt volume get NAME -o json`, parsed; `None` while it fails.
+pub async fn cli_volume(server: &str, name: &str) -> Option<Volume> {
+    let out = basalt(server, &["volume", "get", name, "-o", "json"]).await;
+    if !out.status.success() {
+        return None;
+    }
+    match serde_json::from_slice::<Object>(&out.stdout) {
+        Ok(Object::Volume(v)) => Some(v),
+        other => panic!(
+            "basalt volume get printed no volume: {other:?}\n{}",
+            text(&out)
+        ),
+    }
+}
+
+/// Each copy's node and state, in the status's order.
+pub fn states(v: &Volume) -> Vec<(String, ReplicaState)> {
+    v.status
+        .replicas
+        .iter()
+        .map(|r| (r.node.clone(), r.state))
+        .collect()
+}

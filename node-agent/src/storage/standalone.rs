@@ -1,0 +1,384 @@
+//! Volumes that are not VM disks, on this node (decisions 52 and 61):
+//! the copies of standalone volumes the control plane placed here, and
+//! the snapshots and clones made here ([`super::snapshots`]), followed by
+//! a watch on the cluster's volumes rather than by listing them.
+//!
+//! A standalone volume placed by the control plane lists its copies'
+//! nodes in its status, its primary among them, with an epoch and its
+//! pool name (`vol-` and its uid). The agent of each of those nodes makes
+//! its copy ([`held`]): an empty pool volume of the volume's size, and,
+//! when the volume has two or more copies, attached primary (on the
+//! primary's node, naming the other copies' nodes' replication addresses
+//! as peers) or secondary, at the volume's epoch, so the primary's full
+//! initial sync fills the secondaries — the same storage calls as a VM
+//! disk's copies ([`super::replicas`]).
+//!
+//! [`run`] lists the volumes once, then follows the watch from the list's
+//! version (listing again when it breaks), and acts when what this node
+//! holds or makes changed ([`Held`]'s inputs, not the copies' reported
+//! states), when something failed (every [`RETRY`]) and every
+//! [`RESYNC`] (a storage process that lost an attachment).
+//!
+//! Invariants:
+//! - a standalone primary goes on when a peer is lost (`allow_outdate`):
+//!   nothing promotes a standalone volume's secondary, and the primary's
+//!   dirty bitmap resyncs the copy when it is back;
+//! - only pool volumes named `vol-` + a uid are ever dropped here: when
+//!   the complete, watched set of volumes has no object of that uid, or
+//!   the object's placed copies no longer name this node.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use basalt_api::{
+    AdminClient, ApiError, AttachVolume, EnsureVolume, Kind, Node, Object, Placement,
+    StorageClient, Volume, VolumeRole, WatchEvent,
+};
+use futures::StreamExt as _;
+
+use super::StorageConfig;
+use super::replicas::{list_of, peers};
+use super::snapshots;
+
+/// How often everything held here is attached again, whatever changed.
+pub const RESYNC: Duration = Duration::from_secs(30);
+/// How soon a failed step is tried again.
+pub const RETRY: Duration = Duration::from_secs(2);
+
+/// The copy of a standalone volume this node holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The volume's object name.
+    pub volume: String,
+    /// Its pool name.
+    pub storage_name: String,
+    /// Its size.
+    pub size_bytes: u64,
+    /// Its replication role, with two or more copies: primary (peers
+    /// filled in from the nodes) or secondary.
+    pub attach: Option<AttachVolume>,
+    /// The other copies' nodes, for a primary's peers.
+    pub peer_nodes: Vec<String>,
+}
+
+/// What `node` holds of the standalone `volume`: `None` when it is a VM
+/// disk, a snapshot or clone, not placed, or not placed here.
+pub fn held(node: &str, volume: &Volume) -> Option<Held> {
+    let status = &volume.status;
+    if volume.spec.owner.is_some()
+        || volume.spec.source.is_some()
+        || status.storage_name.is_empty()
+        || status.replica(node).is_none()
+    {
+        return None;
+    }
+    let replicated = status.replicas.len() >= 2;
+    let primary = status.primary_node == node;
+    let attach = replicated.then(|| {
+        let mut attach = AttachVolume {
+            name: status.storage_name.clone(),
+            role: if primary {
+                VolumeRole::Primary
+            } else {
+                VolumeRole::Secondary
+            },
+            epoch: status.epoch,
+            ..AttachVolume::default()
+        };
+        attach.allow_outdate = primary;
+        attach
+    });
+    let peer_nodes = if primary && replicated {
+        status
+            .replicas
+            .iter()
+            .filter(|r| r.node != node)
+            .map(|r| r.node.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Some(Held {
+        volume: volume.meta.name.clone(),
+        storage_name: status.storage_name.clone(),
+        size_bytes: volume.spec.size_bytes,
+        attach,
+        peer_nodes,
+    })
+}
+
+/// What a pass acts on, for every volume that is not a VM disk: when it
+/// equals the last successful pass's, nothing is done.
+fn inputs(volumes: &BTreeMap<String, Volume>) -> Vec<(String, Volume)> {
+    volumes
+        .values()
+        .filter(|v| v.spec.owner.is_none())
+        .map(|v| {
+            let mut shape = v.clone();
+            shape.meta.resource_version = 0;
+            shape.status.conditions.clear();
+            for replica in &mut shape.status.replicas {
+                *replica = basalt_api::VolumeReplica {
+                    node: replica.node.clone(),
+                    primary: replica.primary,
+                    ..basalt_api::VolumeReplica::default()
+                };
+            }
+            (v.meta.uid.clone(), shape)
+        })
+        .collect()
+}
+
+/// Makes (or re-attaches) `held` in `storage`'s pool; a primary's peers
+/// are the replication addresses of the other copies' nodes (`nodes`).
+async fn ensure_held(
+    node: &str,
+    storage: &StorageClient,
+    held: &Held,
+    nodes: &BTreeMap<String, Node>,
+) -> Result<(), String> {
+    let mut attach = held.attach.clone();
+    if let Some(attach) = attach.as_mut().filter(|a| a.role == VolumeRole::Primary) {
+        let mut replica_nodes = vec![node.to_owned()];
+        replica_nodes.extend(held.peer_nodes.iter().cloned());
+        let placement = Placement {
+            node: node.to_owned(),
+            epoch: attach.epoch,
+            replica_nodes,
+            ..Placement::default()
+        };
+        attach.peers = peers(node, &placement, nodes)?;
+    }
+    let made = async {
+        let name = &held.storage_name;
+        let volume = storage
+            .ensure_volume(EnsureVolume {
+                name: name.clone(),
+                size_bytes: held.size_bytes,
+                source: None,
+            })
+            .await?;
+        if volume.size_bytes < held.size_bytes {
+            storage.resize_volume(name, held.size_bytes).await?;
+        }
+        if let Some(attach) = attach {
+            storage.attach_volume(attach).await?;
+        }
+        Ok::<_, ApiError>(())
+    };
+    made.await.map_err(|e| e.to_string())
+}
+
+/// What the loop keeps between passes.
+#[derive(Debug, Default)]
+struct Memory {
+    /// The inputs of the last pass that did everything it had to.
+    done: Option<Vec<(String, Volume)>>,
+    /// Snapshots and clones whose making failed, with the error recorded.
+    failed: BTreeMap<String, String>,
+    /// What failed in the last pass, by volume (logged once per error).
+    failing: BTreeMap<String, String>,
+}
+
+/// One pass over the watched `volumes`: snapshots and clones to make
+/// here, standalone copies held here, and `vol-` pool volumes to drop.
+/// Returns whether everything succeeded.
+async fn pass(
+    node: &str,
+    storage: &StorageClient,
+    admin: &AdminClient,
+    volumes: &BTreeMap<String, Volume>,
+    memory: &mut Memory,
+) -> bool {
+    let list: Vec<Volume> = volumes.values().cloned().collect();
+    let pool = match storage.list_volumes().await {
+        Ok(pool) => pool,
+        Err(err) => {
+            tracing::debug!(error = %err, "listing the pool failed; will retry");
+            return false;
+        }
+    };
+    let mut ok =
+        snapshots::make_and_drop(node, storage, admin, &list, &pool, &mut memory.failed).await;
+    let held: Vec<Held> = list.iter().filter_map(|v| held(node, v)).collect();
+    let nodes: BTreeMap<String, Node> = if held.iter().any(|h| !h.peer_nodes.is_empty()) {
+        match list_of(admin, Kind::Node, |o| match o {
+            Object::Node(n) => Some((n.meta.name.clone(), n)),
+            _ => None,
+        })
+        .await
+        {
+            Ok(nodes) => nodes,
+            Err(err) => {
+                tracing::debug!(error = %err, "listing the nodes failed; will retry");
+                return false;
+            }
+        }
+    } else {
+        BTreeMap::new()
+    };
+    let mut failing = BTreeMap::new();
+    for copy in &held {
+        match ensure_held(node, storage, copy, &nodes).await {
+            Ok(()) => {
+                if memory.failing.contains_key(&copy.volume) || memory.done.is_none() {
+                    tracing::debug!(volume = %copy.volume, pool = %copy.storage_name, "holding a copy of a standalone volume");
+                }
+            }
+            Err(error) => {
+                if memory.failing.get(&copy.volume) != Some(&error) {
+                    tracing::warn!(volume = %copy.volume, %error, "cannot hold a copy of a standalone volume; retrying");
+                }
+                failing.insert(copy.volume.clone(), error);
+                ok = false;
+            }
+        }
+    }
+    memory.failing = failing;
+    ok
+}
+
+/// Lists the volumes, then follows their watch until it breaks, running
+/// a pass whenever what this node holds may have changed.
+async fn follow(
+    node: &str,
+    storage: &StorageClient,
+    admin: &AdminClient,
+    memory: &mut Memory,
+) -> Result<(), ApiError> {
+    let list = admin.list(Kind::Volume).await?;
+    let mut volumes: BTreeMap<String, Volume> = list
+        .objects
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Volume(v) => Some((v.meta.name.clone(), v)),
+            _ => None,
+        })
+        .collect();
+    let mut events = admin
+        .watch(Some(Kind::Volume), list.resource_version)
+        .await?;
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await;
+    let mut retry = tokio::time::interval(RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A fresh list: act on it whatever was done before.
+    memory.done = None;
+    loop {
+        let now = inputs(&volumes);
+        if memory.done.as_ref() != Some(&now) {
+            let ok = pass(node, storage, admin, &volumes, memory).await;
+            memory.done = ok.then_some(now);
+        }
+        tokio::select! {
+            event = events.next() => match event {
+                None => return Ok(()),
+                Some(Err(err)) => return Err(err),
+                Some(Ok(WatchEvent::Added { object: Object::Volume(v), .. }
+                    | WatchEvent::Modified { object: Object::Volume(v), .. })) => {
+                    volumes.insert(v.meta.name.clone(), v);
+                }
+                Some(Ok(WatchEvent::Deleted { object: Object::Volume(v), .. })) => {
+                    volumes.remove(&v.meta.name);
+                }
+                Some(Ok(_)) => {}
+            },
+            _ = resync.tick() => memory.done = None,
+            _ = retry.tick(), if memory.done.is_none() => {}
+        }
+    }
+}
+
+/// Holds this node's copies of standalone volumes and makes and drops its
+/// snapshots and clones until aborted (see the module's doc).
+pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
+    let storage = match StorageClient::connect_unix(&config.socket) {
+        Ok(storage) => storage,
+        Err(err) => {
+            tracing::error!(error = %err, "no storage client: no standalone volumes, snapshots or clones here");
+            return;
+        }
+    };
+    let mut memory = Memory::default();
+    loop {
+        if let Err(err) = follow(&node, &storage, &admin, &mut memory).await {
+            tracing::debug!(error = %err, "the volume watch broke; listing again");
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{ObjectMeta, VolumeReplica, VolumeSpec, VolumeStatus};
+
+    use super::*;
+
+    fn placed(nodes: &[&str], primary: &str) -> Volume {
+        let mut meta = ObjectMeta::named("scratch");
+        meta.uid = "0b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d11".into();
+        Volume {
+            meta,
+            spec: VolumeSpec {
+                size_bytes: 1 << 20,
+                replicas: u32::try_from(nodes.len()).unwrap(),
+                ..VolumeSpec::default()
+            },
+            status: VolumeStatus {
+                storage_name: "vol-0b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d11".into(),
+                epoch: 1,
+                primary_node: primary.into(),
+                replicas: nodes
+                    .iter()
+                    .map(|n| VolumeReplica {
+                        node: (*n).into(),
+                        primary: *n == primary,
+                        ..VolumeReplica::default()
+                    })
+                    .collect(),
+                ..VolumeStatus::default()
+            },
+        }
+    }
+
+    #[test]
+    fn each_copy_node_holds_its_copy_primary_or_secondary() {
+        let volume = placed(&["a", "b"], "a");
+        let on_a = held("a", &volume).expect("a holds a copy");
+        let attach = on_a.attach.as_ref().unwrap();
+        assert_eq!(attach.role, VolumeRole::Primary);
+        assert_eq!(attach.epoch, 1);
+        assert!(attach.allow_outdate);
+        assert_eq!(on_a.peer_nodes, ["b"]);
+        let on_b = held("b", &volume).expect("b holds a copy");
+        let attach = on_b.attach.as_ref().unwrap();
+        assert_eq!(attach.role, VolumeRole::Secondary);
+        assert!(!attach.allow_outdate);
+        assert!(on_b.peer_nodes.is_empty());
+        assert!(held("c", &volume).is_none());
+        // One copy: a plain pool volume, no replication role.
+        let single = held("a", &placed(&["a"], "a")).unwrap();
+        assert!(single.attach.is_none());
+        // Not placed yet, or a VM disk: nothing.
+        let mut unplaced = volume.clone();
+        unplaced.status = VolumeStatus::default();
+        assert!(held("a", &unplaced).is_none());
+    }
+
+    #[test]
+    fn reported_states_do_not_wake_a_pass_but_placement_and_size_do() {
+        let volume = placed(&["a", "b"], "a");
+        let before = inputs(&BTreeMap::from([("scratch".to_owned(), volume.clone())]));
+        let mut reported = volume.clone();
+        reported.meta.resource_version = 9;
+        reported.status.replicas[1].state = basalt_api::ReplicaState::UpToDate;
+        reported.status.replicas[1].dirty_bytes = 4096;
+        let after = inputs(&BTreeMap::from([("scratch".to_owned(), reported)]));
+        assert_eq!(before, after);
+        let mut grown = volume;
+        grown.spec.size_bytes *= 2;
+        let after = inputs(&BTreeMap::from([("scratch".to_owned(), grown)]));
+        assert_ne!(before, after);
+    }
+}

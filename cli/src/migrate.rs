@@ -1,4 +1,5 @@
-//! `basalt vm migrate VM [--to NODE] [--wait] [--post-copy]`: asks the
+//! `basalt vm migrate VM [--to NODE] [--wait] [--post-copy]
+//! [--bandwidth-mib N]`: asks the
 //! control plane to move a running VM live to another node, and with
 //! `--wait` follows the migration to its end, printing each phase and the
 //! data left to copy.
@@ -35,6 +36,9 @@ pub struct MigrateArgs {
     /// default).
     #[arg(long, default_value_t = 0)]
     pub timeout_seconds: u32,
+    /// Cap the copy's bandwidth, in MiB/s (0: no cap).
+    #[arg(long = "bandwidth-mib", value_name = "MIB_S", default_value_t = 0)]
+    pub bandwidth_mib_s: u32,
 }
 
 /// Runs `basalt vm migrate` against the server at `server`.
@@ -47,6 +51,7 @@ pub async fn run(server: &str, format: Format, args: MigrateArgs) -> anyhow::Res
             target: args.to.clone(),
             post_copy: args.post_copy,
             timeout_seconds: args.timeout_seconds,
+            bandwidth_mib_s: args.bandwidth_mib_s,
         },
         ..Migration::default()
     };

@@ -6,9 +6,11 @@
 //! connection from `cp` to its numbered stream is held through both moves.
 //!
 //! - **Post-copy**: the guest dirties its memory in a loop (8 MiB of RAM
-//!   rewritten round after round) and the source's migration bandwidth is
-//!   capped far below that rate, so pre-copy cannot converge; `basalt vm
-//!   migrate --to b --post-copy --timeout-seconds 3 --wait` switches it to
+//!   rewritten round after round) and the migration's bandwidth is capped
+//!   far below that rate through the API (`--bandwidth-mib 1`; the source
+//!   QEMU's `max-bandwidth` reads 1 MiB/s during the copy), so pre-copy
+//!   cannot converge; `basalt vm migrate --to b --post-copy
+//!   --timeout-seconds 3 --bandwidth-mib 1 --wait` switches it to
 //!   post-copy after 3 s and the move completes: the migration says
 //!   post-copy did it, the VM runs on `b` only (placement at the next
 //!   epoch), and the dirtier's rounds go on there. All along, sampling
@@ -21,12 +23,14 @@
 //!   exactly one node, the other keeps no domain, no tap and no primary
 //!   role on the VM's disk, and the two copies match.
 //!
-//! - **A disk with a single copy**: a second VM whose disk has one copy
-//!   (in one node's pool only) moves live with it: the target makes a
-//!   fresh volume, libvirt's storage migration copies the disk into it;
-//!   on the target the disk holds the guest's boot record (no second
-//!   boot) and data written on the source, and the source keeps neither
-//!   domain nor copy.
+//! - **A disk with a single copy**: a second VM whose 1 GiB disk has one
+//!   copy (in one node's pool only) with a few MiB written moves live with
+//!   it: the target makes a fresh volume, libvirt's storage migration
+//!   copies the disk into it; on the target the disk holds the guest's
+//!   boot record (no second boot) and data written on the source, its
+//!   pool allocates about what the source's did (the holes stay holes:
+//!   the whole disk would not even fit the test's 512 MiB pools), and the
+//!   source keeps neither domain nor copy.
 //!
 //! After each move the held connection is still the same one (no reset,
 //! every number one more than the last), the guest has not rebooted (its
@@ -59,13 +63,19 @@ const DISK_BYTES: u64 = 16 << 20;
 /// a switchover (about a second), far below a reboot (which resets it
 /// anyway).
 const MAX_PAUSE: Duration = Duration::from_secs(20);
-/// The source's migration bandwidth while a move must not finish by
-/// itself (MiB/s): the guest has tens of MiB of non-zero memory, and its
-/// dirtier rewrites 8 MiB many times a second.
+/// The migration bandwidth while a move must not finish by itself
+/// (MiB/s): the guest has tens of MiB of non-zero memory, and its dirtier
+/// rewrites 8 MiB many times a second.
 const SLOW_MIB_S: &str = "1";
+/// The single-copy VM's disk: far larger than what is written on it.
+const SINGLE_DISK_BYTES: u64 = 1 << 30;
 /// Where the single-copy test writes beside the guest's own records.
 const PATTERN_AT: u64 = 1 << 20;
-const PATTERN_BYTES: usize = 64 << 10;
+const PATTERN_BYTES: usize = 4 << 20;
+/// How much more the target's copy of the single-copy disk may allocate
+/// than the source's (chunks the mirror touches twice, the guest's own
+/// writes meanwhile).
+const ALLOCATION_MARGIN: u64 = 4 << 20;
 
 /// `len` bytes at `offset` of export `export` as `node`'s storage serves
 /// it; `None` if it cannot be read.
@@ -98,6 +108,44 @@ fn set_speed(libvirtd: &Libvirtd, domain: &str, mib_s: &str) {
     libvirtd
         .virsh(&["migrate-setspeed", domain, mib_s])
         .unwrap_or_else(|err| panic!("migrate-setspeed {domain} {mib_s}: {err}"));
+}
+
+/// The source QEMU's migration bandwidth cap (`max-bandwidth`, bytes/s)
+/// as QEMU itself reports it; `None` when it cannot be read (no domain).
+fn max_bandwidth(libvirtd: &Libvirtd, domain: &str) -> Option<u64> {
+    let out = libvirtd
+        .virsh(&[
+            "qemu-monitor-command",
+            domain,
+            r#"{"execute":"query-migrate-parameters"}"#,
+        ])
+        .ok()?;
+    let reply: serde_json::Value = serde_json::from_str(&out).ok()?;
+    reply["return"]["max-bandwidth"].as_u64()
+}
+
+/// Bytes received by every interface of `node`'s namespace so far.
+fn received(node: &basalt_testkit::Node) -> u64 {
+    let dev = node
+        .run_in(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
+        .expect("netns")
+        .expect("/proc/net/dev");
+    dev.lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').nth(1))
+        .filter_map(|counters| counters.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `volume`'s allocated bytes in a node's pool.
+async fn allocated(storage: &basalt_api::StorageClient, volume: &str) -> Option<u64> {
+    storage
+        .list_volumes()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|v| v.name == volume)
+        .map(|v| v.allocated_bytes)
 }
 
 async fn migration(admin: &basalt_api::AdminClient, vm: &str) -> Option<Migration> {
@@ -270,24 +318,50 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         .await
         .expect("join")
     };
-    set_speed(&cluster.libvirtds[0], &domain, SLOW_MIB_S);
     let sampler = TwoCopies::watch(&cluster.libvirtds[0], &cluster.libvirtds[1], domain.clone());
     let started = Instant::now();
-    let out = basalt(
-        &server,
-        &[
-            "vm",
-            "migrate",
-            "mover",
-            "--to",
-            b.netns(),
-            "--post-copy",
-            "--timeout-seconds",
-            "3",
-            "--wait",
-        ],
-    )
-    .await;
+    let move_to_b = {
+        let (server, to) = (server.clone(), b.netns().to_owned());
+        tokio::spawn(async move {
+            basalt(
+                &server,
+                &[
+                    "vm",
+                    "migrate",
+                    "mover",
+                    "--to",
+                    &to,
+                    "--post-copy",
+                    "--timeout-seconds",
+                    "3",
+                    "--bandwidth-mib",
+                    SLOW_MIB_S,
+                    "--wait",
+                ],
+            )
+            .await
+        })
+    };
+    // The cap reached the source's QEMU: its migration parameter reads
+    // 1 MiB/s while the copy runs (QEMU's own default is 128 MiB/s).
+    let mut seen = Vec::new();
+    while !move_to_b.is_finished() {
+        let copying = migration(&admin, "mover")
+            .await
+            .is_some_and(|m| m.status.phase == MigrationPhase::Migrating);
+        if copying && let Some(cap) = max_bandwidth(&cluster.libvirtds[0], &domain) {
+            seen.push(cap);
+            if cap == 1 << 20 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen.contains(&(1 << 20)),
+        "the source QEMU's max-bandwidth during the copy is the API's 1 MiB/s: read {seen:?}"
+    );
+    let out = move_to_b.await.expect("join");
     eprintln!("post-copy move took {:?}", started.elapsed());
     assert!(out.status.success(), "migrate --post-copy: {}", text(&out));
     let m = migration(&admin, "mover").await.expect("the migration");
@@ -372,9 +446,20 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
     );
 
     // 2. Back to a, slowly; a's agent (the target's) dies mid-copy.
-    set_speed(&cluster.libvirtds[1], &domain, SLOW_MIB_S);
     let sampler = TwoCopies::watch(&cluster.libvirtds[0], &cluster.libvirtds[1], domain.clone());
-    let out = basalt(&server, &["vm", "migrate", "mover", "--to", a.netns()]).await;
+    let out = basalt(
+        &server,
+        &[
+            "vm",
+            "migrate",
+            "mover",
+            "--to",
+            a.netns(),
+            "--bandwidth-mib",
+            SLOW_MIB_S,
+        ],
+    )
+    .await;
     assert!(out.status.success(), "migrate back: {}", text(&out));
     wait::until(
         "the copy back to a is under way",
@@ -397,7 +482,8 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         during.status.phase, during.status.data_processed, during.status.data_total
     );
     cluster.agents[0].restart().expect("restart a's agent");
-    // Let the copy finish now.
+    // Let the copy finish now (libvirt's own knob: the API's cap is the
+    // request's, fixed for the copy).
     set_speed(&cluster.libvirtds[1], &domain, "100000");
     wait::until(
         "the migration back to a ends",
@@ -488,7 +574,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
             running: false,
             disks: vec![Disk {
                 name: "root".into(),
-                size_bytes: DISK_BYTES,
+                size_bytes: SINGLE_DISK_BYTES,
                 image: None,
                 replicas: 1,
             }],
@@ -537,6 +623,15 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         .expect("netns")
         .expect("write the pattern");
     }
+    let before = allocated(&cluster.clients[here], &single_volume)
+        .await
+        .expect("the source's copy");
+    assert!(
+        before >= PATTERN_BYTES as u64 && before < SINGLE_DISK_BYTES / 8,
+        "the source's copy allocates what was written: {before} bytes"
+    );
+    let received_before = received(&cluster.nodes[other]);
+    let started = Instant::now();
     let out = basalt(
         &server,
         &[
@@ -551,6 +646,18 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
     .await;
     assert!(out.status.success(), "migrate single: {}", text(&out));
     let m = migration(&admin, "single").await.expect("the migration");
+    let crossed = received(&cluster.nodes[other]) - received_before;
+    eprintln!(
+        "single-copy move took {:?}: {} bytes by libvirt's count, {crossed} bytes received by the target",
+        started.elapsed(),
+        m.status.data_total
+    );
+    // The holes did not cross: the target received the guest's memory and
+    // the data written, not the 1 GiB disk.
+    assert!(
+        crossed < SINGLE_DISK_BYTES / 4,
+        "the target received {crossed} bytes for a 1 GiB disk with {before} bytes allocated"
+    );
     assert_eq!(m.status.phase, MigrationPhase::Succeeded, "{m:?}");
     assert_eq!(
         placement(&admin, "single").await.map(|p| (p.node, p.epoch)),
@@ -580,6 +687,18 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         .expect("the target's copy"),
         pattern,
         "the data written on the source is on the target"
+    );
+    // Only the allocated data travelled: the target's pool holds about as
+    // much of the disk as the source's did, not the whole 1 GiB.
+    let after = allocated(&cluster.clients[other], &single_volume)
+        .await
+        .expect("the target's copy");
+    eprintln!(
+        "single-copy disk of {SINGLE_DISK_BYTES} bytes: {before} allocated on the source, {after} on the target"
+    );
+    assert!(
+        after >= PATTERN_BYTES as u64 && after <= before + ALLOCATION_MARGIN,
+        "the target allocates about what the source did: {after} bytes against {before}"
     );
     let started = Instant::now();
     loop {

@@ -1114,7 +1114,8 @@ async fn start_copy<C: Compute + 'static>(
     let request = MigrateRequest {
         target_uri: target,
         allow_post_copy: migration.spec.post_copy,
-        bandwidth_mib_s: None,
+        bandwidth_mib_s: (migration.spec.bandwidth_mib_s > 0)
+            .then(|| u64::from(migration.spec.bandwidth_mib_s)),
         copy_disks,
     };
     let (agent, admin, compute, migration) = (

@@ -16,6 +16,7 @@ impl From<Migration> for pb::Migration {
                 target: spec.target.unwrap_or_default(),
                 post_copy: spec.post_copy,
                 timeout_seconds: spec.timeout_seconds,
+                bandwidth_mib_s: spec.bandwidth_mib_s,
             }),
             status: Some(pb::MigrationStatus {
                 phase: pb::MigrationPhase::from(status.phase).into(),
@@ -85,6 +86,7 @@ impl TryFrom<pb::Migration> for Migration {
                 target: Some(spec.target).filter(|t| !t.is_empty()),
                 post_copy: spec.post_copy,
                 timeout_seconds: spec.timeout_seconds,
+                bandwidth_mib_s: spec.bandwidth_mib_s,
             },
             status: MigrationStatus {
                 phase: phase.into(),
@@ -155,6 +157,7 @@ mod tests {
                 target: None,
                 post_copy: true,
                 timeout_seconds: 30,
+                bandwidth_mib_s: 64,
             },
             status: MigrationStatus {
                 phase: MigrationPhase::Migrating,

@@ -47,9 +47,17 @@ pub struct MigrationSpec {
     /// How long pre-copy may run, in seconds (0:
     /// [`DEFAULT_MIGRATION_TIMEOUT_SECONDS`]).
     pub timeout_seconds: u32,
+    /// Cap on the copy's bandwidth in MiB/s (the guest's memory and any
+    /// disk copied with it), passed to the hypervisor's migration; 0: no
+    /// cap.
+    pub bandwidth_mib_s: u32,
 }
 
 impl MigrationSpec {
+    /// The largest bandwidth cap accepted, MiB/s (1 TiB/s: beyond any
+    /// link).
+    pub const MAX_BANDWIDTH_MIB_S: u32 = 1 << 20;
+
     /// The pre-copy timeout with the default applied.
     pub fn timeout(&self) -> std::time::Duration {
         let seconds = if self.timeout_seconds == 0 {
@@ -162,6 +170,15 @@ impl Migration {
                 format!("at most {MAX_MIGRATION_TIMEOUT_SECONDS}"),
             ));
         }
+        if self.spec.bandwidth_mib_s > MigrationSpec::MAX_BANDWIDTH_MIB_S {
+            return Err(ApiError::invalid(
+                "spec.bandwidth_mib_s",
+                format!(
+                    "at most {} MiB/s (0: no cap)",
+                    MigrationSpec::MAX_BANDWIDTH_MIB_S
+                ),
+            ));
+        }
         for (field, node) in [
             ("status.source", &self.status.source),
             ("status.target", &self.status.target),
@@ -192,6 +209,7 @@ mod tests {
                 target: Some("n2".into()),
                 post_copy: false,
                 timeout_seconds: 0,
+                bandwidth_mib_s: 0,
             },
             status: MigrationStatus::default(),
         }
@@ -213,6 +231,12 @@ mod tests {
         let mut m = migration();
         m.spec.timeout_seconds = MAX_MIGRATION_TIMEOUT_SECONDS + 1;
         assert_eq!(field(m), "spec.timeout_seconds");
+        let mut m = migration();
+        m.spec.bandwidth_mib_s = MigrationSpec::MAX_BANDWIDTH_MIB_S + 1;
+        assert_eq!(field(m), "spec.bandwidth_mib_s");
+        let mut m = migration();
+        m.spec.bandwidth_mib_s = 64;
+        m.validate().unwrap();
         assert_eq!(
             migration().spec.timeout(),
             std::time::Duration::from_secs(u64::from(DEFAULT_MIGRATION_TIMEOUT_SECONDS))

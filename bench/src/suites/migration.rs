@@ -22,6 +22,14 @@
 //!   back-off, so it is at least the ICMP figure);
 //! - **total time**: from the request to the migration `Succeeded`.
 //!
+//! Where the time goes: each run prints when each phase of the migration
+//! object was first seen (polled every 10 ms) and when the guest's
+//! longest ICMP silence began and ended, all from the request; the
+//! report carries the median of each phase's span (`Preparing`: the
+//! controller picks the target; `TargetReady`: the target's taps and
+//! storage; `Migrating`: the source's copy, up to libvirt's return;
+//! `Switching`: the controller moves the placement).
+//!
 //! Goal (issue 6): downtime p50 ≤ 300 ms and p99 ≤ 500 ms on this machine
 //! (the ICMP figure). The peer figure is Deckhouse Virtualization's
 //! published ~100 ms typical downtime on hardware with KVM; this machine
@@ -121,6 +129,15 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             );
         }
     }
+    for (phase, samples) in &measured.phases {
+        report.row(
+            CASE,
+            SYSTEM,
+            &format!("phase {phase} p50"),
+            "ms",
+            samples.quantile_ms(0.5),
+        );
+    }
     report.row(
         CASE,
         SYSTEM,
@@ -163,6 +180,31 @@ struct Measured {
     icmp: Samples,
     tcp: Samples,
     total: Samples,
+    /// Per phase, how long the migration spent in it.
+    phases: BTreeMap<&'static str, Samples>,
+}
+
+/// The phases of a successful migration, in order, with their names in
+/// the report.
+const PHASES: [(MigrationPhase, &str); 6] = [
+    (MigrationPhase::Pending, "Pending"),
+    (MigrationPhase::Preparing, "Preparing"),
+    (MigrationPhase::TargetReady, "TargetReady"),
+    (MigrationPhase::Migrating, "Migrating"),
+    (MigrationPhase::Switching, "Switching"),
+    (MigrationPhase::Succeeded, "Succeeded"),
+];
+
+/// When each phase was first seen, from the request.
+type Timeline = Vec<(&'static str, Duration)>;
+
+/// The time spent in each phase seen: from its first sighting to the
+/// next phase's.
+fn spans(timeline: &Timeline) -> Vec<(&'static str, Duration)> {
+    timeline
+        .windows(2)
+        .map(|w| (w[0].0, w[1].1.saturating_sub(w[0].1)))
+        .collect()
 }
 
 /// The guest and everything around it.
@@ -203,6 +245,7 @@ async fn measure(basaltd: &Path, runs: usize) -> anyhow::Result<Measured> {
         icmp: Samples::new(),
         tcp: Samples::new(),
         total: Samples::new(),
+        phases: BTreeMap::new(),
     };
     for run in 0..runs {
         let (from, to) = if run % 2 == 0 {
@@ -211,13 +254,15 @@ async fn measure(basaltd: &Path, runs: usize) -> anyhow::Result<Measured> {
             (&lab.nodes[1], &lab.nodes[0])
         };
         let started = Instant::now();
-        migrate(&lab.admin, to.netns())
+        let timeline = migrate(&lab.admin, to.netns(), started)
             .await
             .with_context(|| format!("run {}: {}", run + 1, lab.tails()))?;
         let total = started.elapsed();
         tokio::time::sleep(SETTLE).await;
-        let icmp_down = longest_silence(&icmp.answers(), started)
+        let icmp_answers = icmp.answers();
+        let icmp_down = longest_silence(&icmp_answers, started)
             .with_context(|| format!("run {}: ICMP never answered again", run + 1))?;
+        let gap = silence_at(&icmp_answers, started);
         let tcp_down = longest_silence(&tcp.answers(), started)
             .with_context(|| format!("run {}: the TCP probe never answered again", run + 1))?;
         ensure!(
@@ -231,6 +276,25 @@ async fn measure(basaltd: &Path, runs: usize) -> anyhow::Result<Measured> {
             from.name(),
             to.name()
         );
+        let phases: Vec<String> = timeline
+            .iter()
+            .map(|(phase, at)| format!("{phase} +{}", at.as_millis()))
+            .collect();
+        eprintln!(
+            "    phases (ms from the request): {}; longest ICMP silence {}",
+            phases.join(", "),
+            gap.map_or_else(
+                || "none".to_owned(),
+                |(from, to)| format!("from +{} to +{} ms", from.as_millis(), to.as_millis())
+            )
+        );
+        for (phase, spent) in spans(&timeline) {
+            measured
+                .phases
+                .entry(phase)
+                .or_default()
+                .record(spent);
+        }
         measured.total.record(total);
         measured.icmp.record(icmp_down);
         measured.tcp.record(tcp_down);
@@ -258,9 +322,24 @@ fn longest_silence(answers: &[Instant], since: Instant) -> Option<Duration> {
     Some(longest.saturating_sub(PROBE_EVERY))
 }
 
+/// Where the longest silence among the answers since `since` lies: the
+/// last answer before it and the first after, from `since`.
+fn silence_at(answers: &[Instant], since: Instant) -> Option<(Duration, Duration)> {
+    let from = since.checked_sub(PROBE_EVERY * 2).unwrap_or(since);
+    let window: Vec<Instant> = answers.iter().copied().filter(|t| *t >= from).collect();
+    let pair = window
+        .windows(2)
+        .max_by_key(|w| w[1].saturating_duration_since(w[0]))?;
+    Some((
+        pair[0].saturating_duration_since(since),
+        pair[1].saturating_duration_since(since),
+    ))
+}
+
 /// Requests the migration of the guest to `to` (replacing the last,
-/// finished one) and waits until it succeeded.
-async fn migrate(admin: &AdminClient, to: &str) -> anyhow::Result<()> {
+/// finished one) and waits until it succeeded; returns when each phase
+/// was first seen, from `started`.
+async fn migrate(admin: &AdminClient, to: &str, started: Instant) -> anyhow::Result<Timeline> {
     if let Ok(Object::Migration(old)) = admin.get(Kind::Migration, "web").await {
         admin
             .delete(Kind::Migration, "web", Some(old.meta.resource_version))
@@ -279,11 +358,16 @@ async fn migrate(admin: &AdminClient, to: &str) -> anyhow::Result<()> {
         }))
         .await
         .context("requesting the migration")?;
-    let started = Instant::now();
+    let mut timeline = Timeline::new();
     loop {
         if let Ok(Object::Migration(m)) = admin.get(Kind::Migration, "web").await {
+            if let Some((_, name)) = PHASES.iter().find(|(p, _)| *p == m.status.phase)
+                && timeline.last().is_none_or(|(last, _)| last != name)
+            {
+                timeline.push((name, started.elapsed()));
+            }
             match m.status.phase {
-                MigrationPhase::Succeeded => return Ok(()),
+                MigrationPhase::Succeeded => return Ok(timeline),
                 MigrationPhase::Failed => bail!("the migration failed: {}", m.status.message),
                 _ => {}
             }
@@ -777,5 +861,28 @@ mod tests {
         assert_eq!(longest_silence(&steady, at(20)), Some(Duration::ZERO));
         // Nothing answered since: unknown.
         assert_eq!(longest_silence(&answers, at(300)), None);
+        assert_eq!(
+            silence_at(&answers, at(25)),
+            Some((Duration::from_millis(5), Duration::from_millis(225)))
+        );
+    }
+
+    #[test]
+    fn each_phase_lasts_until_the_next_is_seen() {
+        let ms = Duration::from_millis;
+        let timeline: Timeline = vec![
+            ("Preparing", ms(20)),
+            ("TargetReady", ms(120)),
+            ("Migrating", ms(150)),
+            ("Succeeded", ms(2150)),
+        ];
+        assert_eq!(
+            spans(&timeline),
+            vec![
+                ("Preparing", ms(100)),
+                ("TargetReady", ms(30)),
+                ("Migrating", ms(2000))
+            ]
+        );
     }
 }

@@ -426,7 +426,10 @@ async fn peer_round(stack: &Stack, batch: usize, tag: &str) -> anyhow::Result<Ro
     for i in 0..batch {
         let mut vm = vm(stack, &format!("{tag}-{i}"), guest_ip(i));
         vm.meta.uid = uuid::Uuid::new_v4().to_string();
-        let volume = disk_volume(&vm.meta.uid, "root");
+        // Not a VM disk's name: the agent (running beside, idle) collects
+        // disk volumes of VMs the control plane does not know, and did
+        // delete these between `ensure_volume` and `virsh create`.
+        let volume = format!("peer-{}", disk_volume(&vm.meta.uid, "root"));
         stack
             .storage
             .ensure_volume(EnsureVolume {
@@ -435,8 +438,11 @@ async fn peer_round(stack: &Stack, batch: usize, tag: &str) -> anyhow::Result<Ro
                 source: None,
             })
             .await?;
-        volumes.push(volume);
-        let spec = domain_spec(&vm, &policy, &stack.prefix.log_dir())?;
+        volumes.push(volume.clone());
+        let mut spec = domain_spec(&vm, &policy, &stack.prefix.log_dir())?;
+        for disk in &mut spec.disks {
+            disk.export_name.clone_from(&volume);
+        }
         let file = stack.prefix.dir().join(format!("{}.xml", spec.name));
         std::fs::write(&file, spec.to_xml()?)?;
         files.push(file);

@@ -215,6 +215,9 @@ async fn start_live(client: &AdminClient, vm: &str, node: &str) -> anyhow::Resul
                 target: None,
                 post_copy: false,
                 timeout_seconds: 0,
+                // No cap: a drain empties the node as fast as the link
+                // allows (decision 60).
+                bandwidth_mib_s: 0,
             },
             ..Migration::default()
         };

@@ -77,7 +77,7 @@ pub fn text(out: &Output) -> String {
 fn create_pool(dir: &Path, node: &str) -> PathBuf {
     let pool = dir.join(format!("pool-{node}.img"));
     let out = Command::new(BASALTD)
-        .args(["storage", "pool", "create", "--size", "256M", "--path"])
+        .args(["storage", "pool", "create", "--size", "512M", "--path"])
         .arg(&pool)
         .output()
         .expect("basaltd runs");

@@ -10,6 +10,11 @@
 //! - disks are `type='network'` NBD sources opened by QEMU itself, raw,
 //!   `cache='none'`, on virtio: the NBD server may be shared by a
 //!   migration's source and target, so no host page cache sits in between;
+//!   writable disks say `discard='unmap'`: a zeroing write may leave a hole
+//!   (QEMU sends NBD WRITE_ZEROES without NO_HOLE), so the thin pool stays
+//!   thin — a guest's TRIM frees chunks, and a disk copied by a live
+//!   migration's storage mirror is as sparse on the target as on the
+//!   source instead of zero-filled;
 //! - a cloud-init seed, when there is one, is a read-only IDE CD-ROM
 //!   (`hdc`) on an NBD source the same way: every guest kernel has a
 //!   driver for it, and cloud-init finds it by its `cidata` label;
@@ -562,6 +567,8 @@ mod xml {
         pub format: String,
         #[serde(rename = "@cache")]
         pub cache: String,
+        #[serde(rename = "@discard", skip_serializing_if = "Option::is_none", default)]
+        pub discard: Option<String>,
     }
 
     #[derive(Debug, Serialize)]
@@ -715,6 +722,7 @@ mod xml {
                             name: s("qemu"),
                             format: s("raw"),
                             cache: s("none"),
+                            discard: (!read_only).then(|| s("unmap")),
                         },
                         source: NbdSource {
                             protocol: s("nbd"),
@@ -900,6 +908,11 @@ mod tests {
             ),
             ("qemu", "raw", "none")
         );
+        assert_eq!(
+            disk.driver.discard.as_deref(),
+            Some("unmap"),
+            "zeroes and TRIM may leave holes in the thin pool"
+        );
         assert_eq!(disk.source.protocol, "nbd");
         assert_eq!(disk.source.name, "vol-1");
         assert_eq!(disk.source.host.name, "127.0.0.1");
@@ -962,6 +975,10 @@ mod tests {
             ("hdc", "ide")
         );
         assert!(seed.readonly.is_some(), "{text}");
+        assert!(
+            seed.driver.discard.is_none(),
+            "a read-only seed never discards"
+        );
         assert!(text.contains("<readonly/>"), "{text}");
 
         s.seed.as_mut().unwrap().export_name = String::new();

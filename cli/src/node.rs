@@ -54,6 +54,9 @@ pub enum NodeCommand {
         /// Move every VM cold, none live.
         #[arg(long)]
         cold: bool,
+        /// Cap each live migration's bandwidth, in MiB/s (0: no cap).
+        #[arg(long = "bandwidth-mib", value_name = "MIB_S", default_value_t = 0)]
+        bandwidth_mib_s: u32,
     },
     /// Remove (decommission) a node: deletes it and its lease. Refused
     /// while VMs are placed on it, unless `--force` (then the control plane
@@ -102,12 +105,14 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
             timeout,
             parallel,
             cold,
+            bandwidth_mib_s,
         } => {
             let options = drain::DrainOptions {
                 wait,
                 timeout,
                 parallel: usize::from(parallel),
                 cold,
+                bandwidth_mib_s,
             };
             drain::drain(&client, &name, options).await
         }

@@ -4,9 +4,10 @@
 //! target's hypervisor; each agent has its own loopback address, which
 //! names its hypervisor):
 //!
-//! - a running VM moves by a migration that succeeds; watched from the
-//!   start, its status never says `Stopped` or `Stopping`, and its guest
-//!   was booted once (the simulated domain carries its boot count along);
+//! - a running VM moves by a migration that succeeds, carrying the
+//!   drain's `--bandwidth-mib`; watched from the start, its status never
+//!   says `Stopped` or `Stopping`, and its guest was booted once (the
+//!   simulated domain carries its boot count along);
 //! - a stopped VM moves cold (eviction), with `epoch + 1`;
 //! - a running VM whose migration fails (the source's hypervisor refuses
 //!   it) moves cold instead and runs on its new node;
@@ -214,6 +215,8 @@ async fn drain_moves_running_vms_live_and_the_rest_cold() {
             "2",
             "--timeout",
             "60s",
+            "--bandwidth-mib",
+            "64",
         ],
     )
     .await;
@@ -226,6 +229,10 @@ async fn drain_moves_running_vms_live_and_the_rest_cold() {
     let m = migration_of(&admin, "live").await;
     assert_eq!(m.status.phase, MigrationPhase::Succeeded, "{m:?}");
     assert_eq!(m.status.source, "n1");
+    assert_eq!(
+        m.spec.bandwidth_mib_s, 64,
+        "the drain's --bandwidth-mib is on its migration"
+    );
     let to = placement(&admin, "live").await.expect("placed");
     assert_eq!(to.node, m.status.target);
     assert_eq!(to.epoch, before["live"] + 1);

@@ -37,6 +37,8 @@ pub struct DrainOptions {
     pub parallel: usize,
     /// Move every VM cold, none live.
     pub cold: bool,
+    /// Each live migration's bandwidth cap, MiB/s (0: none).
+    pub bandwidth_mib_s: u32,
 }
 
 /// One migration this drain follows.
@@ -88,7 +90,7 @@ pub async fn drain(client: &AdminClient, name: &str, options: DrainOptions) -> a
         while following.len() < options.parallel.max(1)
             && let Some(vm) = live.pop_front()
         {
-            if start_live(client, &vm, name).await? {
+            if start_live(client, &vm, name, options.bandwidth_mib_s).await? {
                 following.insert(vm, Following { last: None });
             }
         }
@@ -163,7 +165,12 @@ async fn evict(client: &AdminClient, vm: &str, why: &str) -> anyhow::Result<()> 
 /// way. Returns whether there is one to follow; when there is none (the
 /// VM left or stopped meanwhile, or the request was refused) it has said
 /// so and moved the VM cold where that is still needed.
-async fn start_live(client: &AdminClient, vm: &str, node: &str) -> anyhow::Result<bool> {
+async fn start_live(
+    client: &AdminClient,
+    vm: &str,
+    node: &str,
+    bandwidth_mib_s: u32,
+) -> anyhow::Result<bool> {
     loop {
         // Still here? (Time passed while others moved.)
         match placement(client, vm).await? {
@@ -215,9 +222,9 @@ async fn start_live(client: &AdminClient, vm: &str, node: &str) -> anyhow::Resul
                 target: None,
                 post_copy: false,
                 timeout_seconds: 0,
-                // No cap: a drain empties the node as fast as the link
-                // allows (decision 60).
-                bandwidth_mib_s: 0,
+                // `--bandwidth-mib`; by default no cap: a drain empties
+                // the node as fast as the link allows (decision 60).
+                bandwidth_mib_s,
             },
             ..Migration::default()
         };

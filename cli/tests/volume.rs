@@ -48,6 +48,7 @@ fn spec(role: Role, peers: &[SocketAddr]) -> AttachSpec {
         epoch: 1,
         peers: peers.iter().map(ToString::to_string).collect(),
         allow_outdate: true,
+        protocol: Default::default(),
     }
 }
 

@@ -17,6 +17,7 @@ use basalt_sds::backend::FileBackend;
 use basalt_sds::local::{ExportConfig, LocalService};
 use basalt_sds::nbd::Server;
 use basalt_sds::pool::{Pool, PoolOptions, VolumeInfo};
+use basalt_sds::replication::Protocol;
 use basalt_sds::replication::attach::{AttachOptions, AttachSpec, Attachments, Role};
 use basalt_sds::replication::book::ReplicaBook;
 use basalt_sds::replication::fence::AgentFencer;
@@ -40,7 +41,7 @@ enum StorageCommand {
     Volume(VolumeCommand),
     /// Serve every volume of a pool over NBD (export name = volume name or
     /// uid) until SIGTERM or SIGINT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +173,20 @@ enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set when an attached volume's primary acknowledges writes, in the
+    /// running storage process: `A` once written here and handed to every
+    /// peer's send buffer, `B` once every peer received it, `C` once every
+    /// peer applied it (FLUSH and FUA always wait for every peer's
+    /// durability). Kept with the attachment.
+    Protocol {
+        /// The running process's storage-local socket.
+        #[arg(long, env = "BASALT_STORAGE_SOCKET")]
+        local_socket: PathBuf,
+        /// The volume.
+        name: String,
+        /// A, B or C.
+        protocol: Protocol,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -203,11 +218,16 @@ struct ServeArgs {
     /// (the newest epoch seen per volume is also kept in `POOL.epochs`).
     #[arg(long, default_value_t = 0)]
     min_epoch: u64,
-    /// As a primary, replicate VOLUME synchronously (protocol C) to the
-    /// replica peer at ADDR (repeatable; two peers of one volume make 3
-    /// replicas).
+    /// As a primary, replicate VOLUME to the replica peer at ADDR
+    /// (repeatable; two peers of one volume make 3 replicas).
     #[arg(long, value_name = "VOLUME=ADDR", value_parser = parse_peer)]
     peer: Vec<(String, SocketAddr)>,
+    /// When the `--peer` volumes acknowledge writes: `C` once every peer
+    /// applied them, `B` once every peer received them, `A` once they are
+    /// in every peer's send buffer (FLUSH and FUA always wait for every
+    /// peer's durability).
+    #[arg(long, default_value = "C")]
+    protocol: Protocol,
     /// This primary's epoch, raised at every promotion; replicas refuse
     /// writes from any older one.
     #[arg(long, default_value_t = 1)]
@@ -217,11 +237,24 @@ struct ServeArgs {
     /// it is back.
     #[arg(long, value_enum, default_value_t = FencerArg::Deny)]
     fencer: FencerArg,
+    /// Extents (64 chunks each) every primary stream's dirty log keeps
+    /// hot, 0 to 384: writes to a hot extent cost no sync, a write
+    /// outside the hot set one `fdatasync`; after a power loss a
+    /// restarted primary resyncs at most the hot extents. 0 keeps none
+    /// (bits synced with each FLUSH: a power loss before it may lose
+    /// them).
+    #[arg(long, default_value_t = basalt_sds::replication::dirty_log::DEFAULT_ACTIVITY_EXTENTS, value_parser = parse_activity_extents)]
+    activity_extents: usize,
     /// For tests of backing-device errors: every read, write and sync of
     /// the pool fails with EIO once this file exists (checked on each
     /// I/O).
     #[arg(long, hide = true)]
     fail_io_when: Option<PathBuf>,
+    /// For tests of the replication protocols: as a replica, apply no
+    /// primary's frame while this file exists (frames are still read, and
+    /// protocol B's receive acks sent).
+    #[arg(long, hide = true)]
+    hold_replica_writes_when: Option<PathBuf>,
 }
 
 /// A backing store that fails every I/O once a trigger file exists (a
@@ -269,6 +302,14 @@ enum FencerArg {
     Allow,
     /// Confirm none: writes wait for the peer.
     Deny,
+}
+
+fn parse_activity_extents(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|e| format!("--activity-extents {s:?}: {e}"))?;
+    basalt_sds::replication::dirty_log::check_activity_extents(n)
+        .map_err(|e| format!("--activity-extents: {e}"))
 }
 
 fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
@@ -402,7 +443,7 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
             verified.context("pool verification")?;
         }
         StorageCommand::Volume(cmd) => volume(cmd)?,
-        StorageCommand::Serve(args) => serve(args)?,
+        StorageCommand::Serve(args) => serve(*args)?,
     }
     Ok(())
 }
@@ -432,6 +473,11 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
             print_volume(&open(&pool)?.clone_volume(&source, &name)?);
         }
         VolumeCommand::AttachDisk { local_socket } => attach_disk(&local_socket)?,
+        VolumeCommand::Protocol {
+            local_socket,
+            name,
+            protocol,
+        } => set_protocol(&local_socket, &name, protocol)?,
         VolumeCommand::Resize {
             pool,
             local_socket,
@@ -471,6 +517,32 @@ fn attach_disk(socket: &Path) -> anyhow::Result<()> {
         })
         .context("attaching the disk again")?;
     println!("disk {:?}", st.disk_state);
+    Ok(())
+}
+
+/// Sets the replication protocol of `name` in the running process at
+/// `socket`.
+fn set_protocol(socket: &Path, name: &str, protocol: Protocol) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let wanted = match protocol {
+        Protocol::A => basalt_api::ReplicationProtocol::A,
+        Protocol::B => basalt_api::ReplicationProtocol::B,
+        Protocol::C => basalt_api::ReplicationProtocol::C,
+    };
+    let a = rt
+        .block_on(async {
+            basalt_api::StorageClient::connect_unix(socket)?
+                .set_replication_protocol(name, wanted)
+                .await
+        })
+        .with_context(|| format!("setting protocol {protocol} on {name}"))?;
+    println!(
+        "{} {:?} epoch {} protocol {protocol}",
+        a.name, a.role, a.epoch
+    );
     Ok(())
 }
 
@@ -597,6 +669,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             AttachOptions {
                 sync_rate: args.sync_rate,
                 fencer: Arc::new(fencer.clone()),
+                activity_extents: args.activity_extents,
                 ..AttachOptions::default()
             },
             &attach_file,
@@ -610,6 +683,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    if let (Some(replica), Some(path)) = (&replica, &args.hold_replica_writes_when) {
+        replica.holds().hold_apply_when(path.clone());
+    }
     // The operator's static peers: each volume named becomes a primary
     // with its peers, as if attached through the API, over whatever was
     // restored (an old epoch is left for the peers to depose).
@@ -626,8 +702,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             epoch: args.epoch,
             peers: peers.clone(),
             allow_outdate: args.fencer == FencerArg::Allow,
+            protocol: args.protocol,
         };
-        tracing::info!(volume = %name, ?peers, epoch = args.epoch, fencer = ?args.fencer, "replicating");
+        tracing::info!(volume = %name, ?peers, epoch = args.epoch, fencer = ?args.fencer, protocol = %args.protocol, "replicating");
         attachments
             .attach_unchecked(&name, spec)
             .with_context(|| format!("--peer {name}={}", peers.join(",")))?;
@@ -693,7 +770,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_activity_extents, parse_size};
 
     #[test]
     fn sizes_parse() {
@@ -704,5 +781,15 @@ mod tests {
         assert!(parse_size("ten").is_err());
         assert!(parse_size("1X").is_err());
         assert!(parse_size("99999999999P").is_err());
+    }
+
+    #[test]
+    fn activity_extents_are_checked_and_name_the_flag() {
+        assert_eq!(parse_activity_extents("0"), Ok(0));
+        assert_eq!(parse_activity_extents("384"), Ok(384));
+        for bad in ["385", "-1", "many"] {
+            let e = parse_activity_extents(bad).expect_err(bad);
+            assert!(e.contains("--activity-extents"), "{e}");
+        }
     }
 }

@@ -88,6 +88,7 @@ fn a_primary_without_its_peer_writes_only_on_the_agents_yes() {
         generation: 42,
         chunk_size: CHUNK,
         retry: Duration::from_millis(50),
+        protocol: Default::default(),
     };
     let r = Replicator::start(pvol.clone(), cfg, Arc::new(fencer.clone())).expect("replicator");
     wait_state(&r, |s| s == PeerState::Connected);
@@ -176,6 +177,7 @@ fn a_copy_about_to_be_filled_is_recorded_outdated_before_writes_go_on_without_it
         generation: 77,
         chunk_size: CHUNK,
         retry: Duration::from_millis(50),
+        protocol: Default::default(),
     };
     // 4 MiB at 1 MiB/s: the fill takes seconds.
     let sync = SyncOptions {

@@ -139,6 +139,7 @@ fn start_primary(
             generation: 0,
             chunk_size: CHUNK,
             retry: Duration::from_millis(50),
+            protocol: Default::default(),
         },
         Arc::new(StaticFencer { allow: true }),
         SyncOptions::default(),
@@ -291,9 +292,11 @@ fn a_peer_that_loses_power_gets_back_what_it_had_not_flushed() {
         }
         std::thread::sleep(wait);
         let before = p.repl.status();
-        let crashed = Arc::new(peer_backend.crash(|_, _| false));
+        // Stopped first: nothing the old replica acknowledges (a FLUSH of
+        // the dirty log's cleaner, say) can miss the crashed image.
         replica.stop();
         drop(replica);
+        let crashed = Arc::new(peer_backend.crash(|_, _| false));
         peer_backend = crashed;
         peer_pool = Pool::open_in_boot(peer_backend.clone(), [10 + round as u8; 16])
             .expect("reopen the peer's pool");

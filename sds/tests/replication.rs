@@ -39,6 +39,7 @@ fn replicator(vol: &Volume, peer: SocketAddr, epoch: u64, allow: bool) -> Replic
         generation: 42,
         chunk_size: CHUNK,
         retry: Duration::from_millis(50),
+        protocol: Default::default(),
     };
     Replicator::start(vol.clone(), cfg, Arc::new(StaticFencer { allow })).expect("replicator")
 }
@@ -344,4 +345,41 @@ fn a_restarted_replica_remembers_the_newest_epoch() {
     // A damaged epoch file stops the replica from starting.
     std::fs::write(&file, "vol seven\n").expect("write");
     assert!(ReplicaServer::start_persistent(rpool, any, 0, &file).is_err());
+}
+
+#[test]
+fn a_primary_deposed_while_connected_refuses_its_next_write_before_writing_it() {
+    let (rpool, rvol) = pool_with_volume();
+    let replica =
+        ReplicaServer::start(rpool, "127.0.0.1:0".parse().expect("addr"), 0).expect("replica");
+    let addr = replica.addr();
+    let (_ppool, pvol) = pool_with_volume();
+    let r = replicator(&pvol, addr, 1, true);
+    wait_state(&r, |s| s == PeerState::Connected);
+    write(&r, &pvol, 0, &pattern(1)).expect("write at epoch 1");
+    assert_eq!(read(&rvol, 0, 4096), pattern(1));
+
+    // A newer primary greets the replica while this one stays connected:
+    // the replica tells this one at once (an unsolicited stale-epoch ack).
+    let (_rd, _w, reply) = raw_hello(addr, 2);
+    assert_eq!(reply.status, Status::Ok);
+    wait_state(&r, |s| matches!(s, PeerState::Deposed { newest: 2 }));
+    // Its next write is refused before it touches either copy.
+    let err = write(&r, &pvol, 0, &pattern(2)).expect_err("a deposed primary wrote");
+    assert!(
+        matches!(
+            err,
+            ReplicationError::StaleEpoch {
+                epoch: 1,
+                newest: 2
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        read(&pvol, 0, 4096),
+        pattern(1),
+        "the deposed primary applied the refused write to its own copy"
+    );
+    assert_eq!(read(&rvol, 0, 4096), pattern(1));
 }

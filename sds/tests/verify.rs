@@ -74,6 +74,7 @@ fn verify_finds_a_corrupted_chunk_while_writes_go_on_and_repair_fixes_it() {
                 epoch: 1,
                 peers: Vec::new(),
                 allow_outdate: false,
+                protocol: Default::default(),
             },
         )
         .expect("B secondary");
@@ -89,6 +90,7 @@ fn verify_finds_a_corrupted_chunk_while_writes_go_on_and_repair_fixes_it() {
                 epoch: 1,
                 peers: vec![sb.addr().to_string()],
                 allow_outdate: true,
+                protocol: Default::default(),
             },
         )
         .expect("A primary");
@@ -166,6 +168,7 @@ fn verify_finds_a_corrupted_chunk_while_writes_go_on_and_repair_fixes_it() {
                 epoch: 1,
                 peers: Vec::new(),
                 allow_outdate: false,
+                protocol: Default::default(),
             },
         )
         .expect("B standalone");

@@ -13,8 +13,8 @@ use crate::pb::storage_local_client::StorageLocalClient as PbStorageClient;
 use crate::server::FenceStream;
 use crate::server::MAX_MESSAGE_BYTES;
 use crate::{
-    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, StorageStatus, StorageVolume,
-    VerifyVolume, VolumeAttachment, VolumeExport, VolumeVerify,
+    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, ReplicationProtocol,
+    StorageStatus, StorageVolume, VerifyVolume, VolumeAttachment, VolumeExport, VolumeVerify,
 };
 
 /// A client of a node's storage process. Cheap to clone; calls may run
@@ -175,6 +175,25 @@ impl StorageClient {
             .inner
             .clone()
             .attach_volume(pb::AttachVolumeRequest::from(request))
+            .await
+            .map_err(|s| self.unavailable(s.into()))?;
+        decode_reply(reply.into_inner())
+    }
+
+    /// Sets when volume `name`'s primary acknowledges writes.
+    pub async fn set_replication_protocol(
+        &self,
+        name: &str,
+        protocol: ReplicationProtocol,
+    ) -> Result<VolumeAttachment, ApiError> {
+        let request = pb::SetReplicationProtocolRequest {
+            name: name.to_owned(),
+            protocol: pb::ReplicationProtocol::from(protocol).into(),
+        };
+        let reply = self
+            .inner
+            .clone()
+            .set_replication_protocol(request)
             .await
             .map_err(|s| self.unavailable(s.into()))?;
         decode_reply(reply.into_inner())

@@ -5,8 +5,9 @@ use crate::pb;
 use crate::types::validate_volume_name;
 use crate::{
     ApiError, AttachVolume, DiskState, EnsureVolume, FenceAnswer, FenceRequest,
-    MAX_LISTED_OUT_OF_SYNC, PeerVerify, ReplicaPeer, ReplicaPeerState, StorageStatus,
-    StorageVolume, VerifyVolume, VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify,
+    MAX_LISTED_OUT_OF_SYNC, PeerVerify, ReplicaPeer, ReplicaPeerState, ReplicationProtocol,
+    StorageStatus, StorageVolume, VerifyVolume, VolumeAttachment, VolumeExport, VolumeRole,
+    VolumeVerify,
 };
 
 impl From<VerifyVolume> for pb::VerifyVolumeRequest {
@@ -333,6 +334,34 @@ fn volume_role(value: i32, field: &str) -> Result<VolumeRole, ApiError> {
     }
 }
 
+impl From<ReplicationProtocol> for pb::ReplicationProtocol {
+    fn from(p: ReplicationProtocol) -> Self {
+        match p {
+            ReplicationProtocol::A => Self::A,
+            ReplicationProtocol::B => Self::B,
+            ReplicationProtocol::C => Self::C,
+        }
+    }
+}
+
+impl pb::SetReplicationProtocolRequest {
+    /// The protocol asked for (unspecified: C); an unknown value is an
+    /// error naming the field.
+    pub(crate) fn checked_protocol(&self) -> Result<ReplicationProtocol, ApiError> {
+        replication_protocol(self.protocol, "protocol")
+    }
+}
+
+/// A protocol field; unspecified is C, an unknown value an error naming
+/// `field`.
+fn replication_protocol(value: i32, field: &str) -> Result<ReplicationProtocol, ApiError> {
+    Ok(match enum_value::<pb::ReplicationProtocol>(value, field)? {
+        pb::ReplicationProtocol::A => ReplicationProtocol::A,
+        pb::ReplicationProtocol::B => ReplicationProtocol::B,
+        pb::ReplicationProtocol::Unspecified | pb::ReplicationProtocol::C => ReplicationProtocol::C,
+    })
+}
+
 impl From<AttachVolume> for pb::AttachVolumeRequest {
     fn from(a: AttachVolume) -> Self {
         Self {
@@ -463,6 +492,22 @@ mod tests {
             AttachVolume::try_from(pb::AttachVolumeRequest::from(attach.clone())).unwrap(),
             attach
         );
+        for p in [
+            ReplicationProtocol::A,
+            ReplicationProtocol::B,
+            ReplicationProtocol::C,
+        ] {
+            let code: i32 = pb::ReplicationProtocol::from(p).into();
+            assert_eq!(replication_protocol(code, "protocol").unwrap(), p);
+        }
+        assert_eq!(
+            replication_protocol(0, "protocol").unwrap(),
+            ReplicationProtocol::C
+        );
+        match replication_protocol(9, "protocol") {
+            Err(e) => assert!(e.to_string().contains("protocol"), "{e}"),
+            Ok(p) => panic!("protocol 9 accepted: {p:?}"),
+        }
         let unspecified = pb::AttachVolumeRequest {
             role: pb::VolumeRole::Unspecified.into(),
             ..pb::AttachVolumeRequest::from(attach.clone())

@@ -16,8 +16,8 @@ use crate::pb;
 use crate::pb::storage_local_server::{StorageLocal, StorageLocalServer};
 use crate::types::{validate_volume_name, validate_volume_size};
 use crate::{
-    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, StorageStatus, StorageVolume,
-    VerifyVolume, VolumeAttachment, VolumeExport, VolumeVerify,
+    ApiError, AttachVolume, EnsureVolume, FenceAnswer, FenceRequest, ReplicationProtocol,
+    StorageStatus, StorageVolume, VerifyVolume, VolumeAttachment, VolumeExport, VolumeVerify,
 };
 
 /// A stream of fence requests, as the storage process sends them and the
@@ -68,6 +68,14 @@ pub trait StorageApi: Send + Sync + 'static {
     fn attach_volume(
         &self,
         request: AttachVolume,
+    ) -> impl Future<Output = Result<VolumeAttachment, ApiError>> + Send;
+
+    /// Sets when volume `name`'s primary acknowledges writes (kept with
+    /// its attachment); refused for a volume never attached.
+    fn set_replication_protocol(
+        &self,
+        name: String,
+        protocol: ReplicationProtocol,
     ) -> impl Future<Output = Result<VolumeAttachment, ApiError>> + Send;
 
     /// Every pending fence request, then each new one, while the stream is
@@ -211,6 +219,21 @@ impl<T: StorageApi> StorageLocal for StorageAdapter<T> {
             self.0.attach_volume(request).await
         };
         reply("AttachVolume", result.await)
+    }
+
+    async fn set_replication_protocol(
+        &self,
+        request: Request<pb::SetReplicationProtocolRequest>,
+    ) -> Result<Response<pb::VolumeAttachment>, Status> {
+        let result = async {
+            let request = request.into_inner();
+            validate_volume_name("name", &request.name)?;
+            let protocol = request.checked_protocol()?;
+            self.0
+                .set_replication_protocol(request.name, protocol)
+                .await
+        };
+        reply("SetReplicationProtocol", result.await)
     }
 
     type WatchFencesStream = PbFenceStream;

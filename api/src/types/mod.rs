@@ -36,8 +36,8 @@ pub use policy::{
 pub use storage::{
     AttachVolume, DiskState, EnsureVolume, FenceAnswer, FenceRequest, MAX_LISTED_OUT_OF_SYNC,
     MAX_REPLICA_PEERS, MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN, PeerVerify, ReplicaPeer,
-    ReplicaPeerState, StorageStatus, StorageVolume, VerifyVolume, VolumeAttachment, VolumeExport,
-    VolumeRole, VolumeVerify,
+    ReplicaPeerState, ReplicationProtocol, StorageStatus, StorageVolume, VerifyVolume,
+    VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify,
 };
 pub(crate) use storage::{validate_volume_name, validate_volume_size};
 pub use token::{JoinToken, JoinTokenSpec, JoinTokenStatus, TokenSecret};

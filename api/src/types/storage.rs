@@ -159,6 +159,19 @@ pub enum VolumeRole {
     Primary,
 }
 
+/// When a primary acknowledges a write to its NBD clients (DRBD's
+/// protocols; FLUSH and FUA wait for every peer under all three).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationProtocol {
+    /// Once written locally and handed to every peer's send buffer.
+    A,
+    /// Once written locally and received by every peer.
+    B,
+    /// Once written locally and applied by every peer.
+    #[default]
+    C,
+}
+
 /// Sets a volume's replication role on this node (idempotent).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachVolume {

@@ -163,6 +163,12 @@ fn fio(case: &Case, target: &[String]) -> anyhow::Result<Measured> {
         "--norandommap",
     ]);
     cmd.args(target);
+    // BASALT_NBD_FIO_EXTRA="--numjobs=2 --group_reporting" adds options to
+    // every run (the same for every system), to look at the client's
+    // ceiling.
+    if let Ok(extra) = std::env::var("BASALT_NBD_FIO_EXTRA") {
+        cmd.args(extra.split_whitespace());
+    }
     let out = cmd.output().context("running fio")?;
     if !out.status.success() {
         bail!(

@@ -29,8 +29,9 @@ use std::sync::Arc;
 
 use basalt_api::{
     ApiError, AttachVolume, DiskState, EnsureVolume, FenceAnswer, FenceRequest, FenceStream,
-    PeerVerify, ReplicaPeer, ReplicaPeerState, StorageApi, StorageStatus, StorageVolume,
-    VerifyVolume, VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify, storage_routes,
+    PeerVerify, ReplicaPeer, ReplicaPeerState, ReplicationProtocol, StorageApi, StorageStatus,
+    StorageVolume, VerifyVolume, VolumeAttachment, VolumeExport, VolumeRole, VolumeVerify,
+    storage_routes,
 };
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -38,7 +39,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::pool::{Pool, PoolError, VolumeInfo};
 use crate::replication::attach::{AttachError, AttachSpec, AttachmentView, Attachments, Role};
 use crate::replication::fence::{AgentFencer, FenceVerdict};
-use crate::replication::{PeerState, ReplicationError, ReplicationStatus};
+use crate::replication::{PeerState, Protocol, ReplicationError, ReplicationStatus};
 
 /// Where this process serves NBD, as the agent's NBD clients (QEMU,
 /// `qemu-img`) reach it inside the node.
@@ -193,9 +194,11 @@ fn attach_error(err: AttachError) -> ApiError {
                 reason: error_chain(&err),
             },
         },
-        AttachError::StaleEpoch { .. } => ApiError::FailedPrecondition {
-            reason: err.to_string(),
-        },
+        AttachError::StaleEpoch { .. } | AttachError::NotAttached { .. } => {
+            ApiError::FailedPrecondition {
+                reason: err.to_string(),
+            }
+        }
         AttachError::Peer { .. } => ApiError::invalid("peers", error_chain(&err)),
         AttachError::Record { .. } | AttachError::Start { .. } => ApiError::Internal {
             reason: error_chain(&err),
@@ -362,6 +365,26 @@ impl StorageApi for LocalService {
         .await
     }
 
+    async fn set_replication_protocol(
+        &self,
+        name: String,
+        protocol: ReplicationProtocol,
+    ) -> Result<VolumeAttachment, ApiError> {
+        let attachments = self.attachments.clone();
+        let protocol = match protocol {
+            ReplicationProtocol::A => Protocol::A,
+            ReplicationProtocol::B => Protocol::B,
+            ReplicationProtocol::C => Protocol::C,
+        };
+        self.blocking(move |_| {
+            attachments
+                .set_protocol(&name, protocol)
+                .map(attachment)
+                .map_err(attach_error)
+        })
+        .await
+    }
+
     async fn attach_volume(&self, request: AttachVolume) -> Result<VolumeAttachment, ApiError> {
         let attachments = self.attachments.clone();
         let spec = AttachSpec {
@@ -373,6 +396,8 @@ impl StorageApi for LocalService {
             epoch: request.epoch,
             peers: request.peers,
             allow_outdate: request.allow_outdate && request.role == VolumeRole::Primary,
+            // Kept from the attachment (SetReplicationProtocol sets it).
+            protocol: attachments.protocol(&request.name),
         };
         let name = request.name;
         self.blocking(move |_| {

@@ -12,7 +12,7 @@
 //! - **secondary**: written only by primaries, through the replica
 //!   server; NBD clients read it, their writes get EPERM;
 //! - **primary**: NBD writes go through one [`Replicator`] per peer
-//!   (protocol C); the replica server also accepts other primaries of the
+//!   (protocol C unless the spec says A or B); the replica server also accepts other primaries of the
 //!   same epoch (two primaries during a live migration). A lost peer is
 //!   confirmed outdated by the process's fencer ([`AttachOptions::fencer`],
 //!   the node agent's in `basaltd storage serve`), or not at all with
@@ -53,8 +53,8 @@ use super::dirty_log::{self, DirtyLog, LogKey};
 #[cfg(doc)]
 use super::fence::AgentFencer;
 use super::{
-    Fencer, Op, ReplicationError, ReplicationStatus, Replicator, ReplicatorConfig, StaticFencer,
-    SyncOptions, VerifyError, VerifyReport,
+    Fencer, Op, Protocol, ReplicationError, ReplicationStatus, Replicator, ReplicatorConfig,
+    StaticFencer, SyncOptions, VerifyError, VerifyReport,
 };
 use crate::pool::{Pool, PoolError, VolumeInfo};
 
@@ -81,6 +81,22 @@ pub struct AttachSpec {
     /// A primary goes on without a lost peer (tracking its dirty chunks)
     /// instead of suspending writes until it is back.
     pub allow_outdate: bool,
+    /// A primary's replication protocol: when its writes are
+    /// acknowledged (C by default).
+    pub protocol: Protocol,
+}
+
+impl Default for AttachSpec {
+    /// Standalone, epoch 0, no peers, protocol C.
+    fn default() -> Self {
+        AttachSpec {
+            role: Role::Standalone,
+            epoch: 0,
+            peers: Vec::new(),
+            allow_outdate: false,
+            protocol: Protocol::C,
+        }
+    }
 }
 
 /// Settings shared by every attachment of a process.
@@ -98,6 +114,11 @@ pub struct AttachOptions {
     /// How long a change waits for writes in flight before going on
     /// without them.
     pub drain_timeout: Duration,
+    /// Extents each primary stream's dirty log keeps hot (its activity
+    /// log; see [`dirty_log::check_activity_extents`] for the range): a
+    /// bigger hot set costs fewer syncs under scattered writes and a
+    /// bigger resync after a power loss.
+    pub activity_extents: usize,
 }
 
 impl Default for AttachOptions {
@@ -107,6 +128,7 @@ impl Default for AttachOptions {
             retry: Duration::from_millis(200),
             sync_rate: 100 << 20,
             drain_timeout: Duration::from_secs(10),
+            activity_extents: dirty_log::DEFAULT_ACTIVITY_EXTENTS,
         }
     }
 }
@@ -161,6 +183,12 @@ pub enum AttachError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// The volume was never attached: there is no attachment to change.
+    #[error("volume {volume} is not attached: attach it first")]
+    NotAttached {
+        /// The volume.
+        volume: String,
     },
 }
 
@@ -404,14 +432,14 @@ impl Slot {
                     .map(|(_, r)| r.clone())
                     .collect();
                 // Diskless (the disk failed before or during this write):
-                // the write stands only if a peer acknowledged it.
+                // the write stands only if a peer applied it.
                 let diskless = std::cell::Cell::new(false);
-                let result = Replicator::submit_counted(&replicators, op, || match checked() {
+                let result = Replicator::submit_inner(&replicators, op, || match checked() {
                     Err(PoolError::Io { .. }) if !replicators.is_empty() => {
                         diskless.set(true);
-                        Ok(())
+                        Ok(false)
                     }
-                    other => other,
+                    other => other.map(|()| true),
                 });
                 if diskless.get()
                     && let Some((offset, len)) = op.range()
@@ -494,7 +522,7 @@ impl Attachments {
     }
 
     /// Like [`Attachments::new`], keeping every attachment in `file`
-    /// (lines `VOLUME ROLE EPOCH ALLOW_OUTDATE [PEER...]`) and restoring
+    /// (lines `VOLUME ROLE EPOCH ALLOW_OUTDATE [protocol=A|B] [PEER...]`) and restoring
     /// the ones found there now, and each primary stream's dirty log in
     /// the directory named like `file` with the extension `dirty`. A restored primary whose epoch the pool
     /// has since seen surpassed is restored anyway: its writes are
@@ -531,6 +559,7 @@ impl Attachments {
                         epoch,
                         peers: Vec::new(),
                         allow_outdate: false,
+                        protocol: Protocol::C,
                     };
                     if let Err(e) = this.attach_unchecked(&name, fallback) {
                         tracing::warn!(volume = %name, error = %error_chain(&e), "attachment not restored");
@@ -579,6 +608,10 @@ impl Attachments {
                 spec.epoch,
                 u8::from(spec.allow_outdate)
             ));
+            // Only when not the default, so older builds read the file.
+            if spec.protocol != Protocol::C {
+                text.push_str(&format!(" protocol={}", spec.protocol));
+            }
             for peer in &spec.peers {
                 text.push(' ');
                 text.push_str(peer);
@@ -939,6 +972,9 @@ impl Attachments {
             }
         }
         self.drain(&slot);
+        for (_, r) in &kept {
+            r.set_protocol(spec.protocol);
+        }
 
         // No write in flight: switch.
         let mut replicators = Vec::new();
@@ -961,6 +997,7 @@ impl Attachments {
                     generation: new_generation(),
                     chunk_size: u64::from(self.pool.chunk_size()),
                     retry: self.opts.retry,
+                    protocol: spec.protocol,
                 };
                 let sync = SyncOptions {
                     synced_from: self.book.synced(name),
@@ -977,7 +1014,10 @@ impl Attachments {
                             peer,
                             chunk_size: self.pool.chunk_size(),
                         };
-                        Some(DirtyLog::open(dir, &key, new_generation).map_err(start)?)
+                        let mut log = DirtyLog::open(dir, &key, new_generation).map_err(start)?;
+                        log.set_activity_extents(self.opts.activity_extents)
+                            .map_err(start)?;
+                        Some(log)
                     }
                     None => None,
                 };
@@ -1018,6 +1058,36 @@ impl Attachments {
         result?;
         self.save()?;
         Ok(self.view(name))
+    }
+
+    /// The replication protocol of `name`'s attachment (C when never
+    /// attached).
+    pub fn protocol(&self, name: &str) -> Protocol {
+        lock(&self.slot(name).gate)
+            .state
+            .spec
+            .as_ref()
+            .map_or(Protocol::C, |s| s.protocol)
+    }
+
+    /// Sets when `name`'s primary acknowledges writes: its attachment is
+    /// applied again with `protocol` (kept peers keep their connections;
+    /// writes in flight finish under the old one). Refused for a volume
+    /// never attached.
+    pub fn set_protocol(
+        &self,
+        name: &str,
+        protocol: Protocol,
+    ) -> Result<AttachmentView, AttachError> {
+        let current = lock(&self.slot(name).gate).state.spec.clone();
+        let Some(mut spec) = current else {
+            return Err(AttachError::NotAttached {
+                volume: name.to_owned(),
+            });
+        };
+        spec.protocol = protocol;
+        // The epoch was accepted when attached.
+        self.apply(name, spec, false)
     }
 
     /// Online verify of primary `name` against each of its peers, one
@@ -1112,6 +1182,9 @@ impl Attachments {
             epoch,
             peers: replicators.iter().map(|r| r.peer().to_string()).collect(),
             allow_outdate: false,
+            protocol: replicators
+                .first()
+                .map_or(Protocol::C, Replicator::protocol),
         };
         let replicators = replicators
             .into_iter()
@@ -1145,7 +1218,7 @@ fn load_attachments(path: &Path) -> io::Result<Vec<(String, AttachSpec)>> {
     for (n, line) in text.lines().enumerate() {
         let bad = || {
             io::Error::other(format!(
-                "{} line {}: not `VOLUME ROLE EPOCH ALLOW_OUTDATE [PEER...]`",
+                "{} line {}: not `VOLUME ROLE EPOCH ALLOW_OUTDATE [protocol=A|B|C] [PEER...]`",
                 path.display(),
                 n + 1
             ))
@@ -1164,13 +1237,23 @@ fn load_attachments(path: &Path) -> io::Result<Vec<(String, AttachSpec)>> {
             Some("1") => true,
             _ => return Err(bad()),
         };
+        let mut protocol = Protocol::C;
+        let mut peers = Vec::new();
+        for word in words {
+            // Peers are `host:port`: never an `=`.
+            match word.strip_prefix("protocol=") {
+                Some(p) => protocol = p.parse().map_err(|_| bad())?,
+                None => peers.push(word.to_owned()),
+            }
+        }
         out.push((
             name.to_owned(),
             AttachSpec {
                 role,
                 epoch,
-                peers: words.map(str::to_owned).collect(),
+                peers,
                 allow_outdate,
+                protocol,
             },
         ));
     }

@@ -11,6 +11,10 @@
 //! Invariants:
 //! - a volume's newest epoch only grows, and a raised epoch is on disk
 //!   before it is acted on (one that cannot be recorded is refused);
+//! - whoever watches a volume's epoch ([`ReplicaBook::watch`]: the
+//!   replica sessions of primaries) is told as soon as it rises past the
+//!   watched one, so a primary deposed by a newer one learns it before
+//!   its next write rather than by it;
 //! - a volume that was a primary when the process stopped comes back
 //!   with no synced generation: its writes since the last sync are not
 //!   known to be anywhere else, so nothing may skip a full sync because
@@ -19,7 +23,15 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+/// Told the new newest epoch of a watched volume once it rises past the
+/// watched epoch (see [`ReplicaBook::watch`]).
+pub type EpochWatch = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Watches of one volume: the watched epoch and the callback, held
+/// weakly (a watch ends when its owner drops it).
+type Watches = Vec<(u64, Weak<dyn Fn(u64) + Send + Sync>)>;
 
 /// What the book knows of one volume.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,6 +47,7 @@ pub struct ReplicaBook {
     min_epoch: u64,
     file: Option<PathBuf>,
     entries: Mutex<HashMap<String, Entry>>,
+    watches: Mutex<HashMap<String, Watches>>,
 }
 
 /// An epoch older than the newest seen.
@@ -58,6 +71,7 @@ impl ReplicaBook {
             min_epoch,
             file: None,
             entries: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -75,6 +89,7 @@ impl ReplicaBook {
             min_epoch,
             file: Some(file.to_owned()),
             entries: Mutex::new(entries),
+            watches: Mutex::new(HashMap::new()),
         })
     }
 
@@ -113,8 +128,49 @@ impl ReplicaBook {
                 restore(&mut entries, volume, before);
                 return Err(StaleEpoch { epoch, newest });
             }
+            drop(entries);
+            self.tell(volume, epoch);
         }
         Ok(epoch)
+    }
+
+    /// Calls `watch` with the newest epoch once `volume`'s rises past
+    /// `epoch` (at once if it already has), for as long as the caller
+    /// holds `watch`. Watching again with the same `watch` replaces the
+    /// watched epoch.
+    pub fn watch(&self, volume: &str, epoch: u64, watch: &EpochWatch) {
+        {
+            let mut all = lock(&self.watches);
+            let list = all.entry(volume.to_owned()).or_default();
+            list.retain(|(_, w)| w.strong_count() > 0);
+            let weak = Arc::downgrade(watch);
+            match list.iter_mut().find(|(_, w)| Weak::ptr_eq(w, &weak)) {
+                Some(entry) => entry.0 = epoch,
+                None => list.push((epoch, weak)),
+            }
+        }
+        let newest = self.newest(volume);
+        if newest > epoch {
+            watch(newest);
+        }
+    }
+
+    /// Tells the watches of `volume` below `newest` (outside every lock).
+    fn tell(&self, volume: &str, newest: u64) {
+        let due: Vec<EpochWatch> = {
+            let mut all = lock(&self.watches);
+            let Some(list) = all.get_mut(volume) else {
+                return;
+            };
+            list.retain(|(_, w)| w.strong_count() > 0);
+            list.iter()
+                .filter(|(e, _)| *e < newest)
+                .filter_map(|(_, w)| w.upgrade())
+                .collect()
+        };
+        for watch in due {
+            watch(newest);
+        }
     }
 
     /// The generation `volume` is in sync with (0: none).

@@ -75,6 +75,20 @@ pub const AL_SLOTS: usize = ((HEADER - AL_AT) / 8) as usize;
 /// after a power loss resyncs at most that much for the writes that were
 /// not flushed).
 pub const DEFAULT_ACTIVITY_EXTENTS: usize = 256;
+/// Checks an activity-log size (hot extents) asked for by an operator:
+/// at most [`AL_SLOTS`] (the slots the log's header has room for); 0
+/// keeps no hot set (the bits are then synced with the FLUSH or FUA that
+/// covers their writes, which a power loss before that FLUSH may undo).
+/// The error says why, for the caller to name its field.
+pub fn check_activity_extents(n: usize) -> Result<usize, String> {
+    if n > AL_SLOTS {
+        return Err(format!(
+            "{n} hot extents: the dirty log has room for at most {AL_SLOTS}"
+        ));
+    }
+    Ok(n)
+}
+
 /// Chunks per activity-log extent (one bitmap word).
 pub const EXTENT_CHUNKS: u64 = 64;
 const MAGIC: &[u8; 8] = b"BSLTDIRT";

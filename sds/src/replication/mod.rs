@@ -1,7 +1,9 @@
-//! DRBD-style synchronous replication: a primary ships every write of a
-//! volume to each of its peers (one or two) over Basalt's own framed TCP
-//! protocol ([`wire`]) and acknowledges its client only when the local
-//! write and every peer's ack are done (protocol C).
+//! DRBD-style replication: a primary ships every write of a volume to
+//! each of its peers (one or two) over Basalt's own framed TCP protocol
+//! ([`wire`]) and acknowledges its client when the local write is done
+//! and each peer applied it (protocol C, the default), received it
+//! (protocol B) or has it in the send buffer (protocol A); see
+//! [`Protocol`]. FLUSH and FUA always wait for every peer's durability.
 //!
 //! - [`Replicator`]: the primary's side for one volume and one peer —
 //!   ships frames, tracks the peer's state, keeps a dirty-chunk set while
@@ -17,12 +19,16 @@
 //!   generation it is in sync with, kept beside the pool.
 //!
 //! Invariants:
-//! - a write is acknowledged only if every peer acknowledged it, or the
+//! - a write is acknowledged only if every peer acknowledged it (under
+//!   protocols A and B: has it in the send buffer, or received it), or the
 //!   peer is away and the fencer confirmed it outdated, or the peer is
 //!   being fully synced (it was never up to date; with a fencer that
 //!   records outdated copies, [`Fencer::guards_full_sync`], only once it
 //!   confirmed that one outdated too); then the write's chunks are in
-//!   that peer's dirty set until a resync sends them;
+//!   that peer's dirty set until a resync sends them; a write
+//!   acknowledged before the peer applied it (protocols A and B) whose
+//!   connection is lost, or that the peer fails, joins the dirty set
+//!   before any reconnection can take it;
 //! - frames go out in the order the writes are applied locally (the
 //!   per-peer locks cover the sends and then the local write), and the
 //!   replica applies them in that order, so a FLUSH acknowledged by the
@@ -68,8 +74,82 @@ use std::time::{Duration, Instant};
 use crate::pool::{PoolError, Volume};
 use dirty_log::{DirtyLog, LogFile};
 use wire::{
-    FLAG_FUA, FLAG_NO_HOLE, FLAG_RESYNC, FLAG_SYNCED, Frame, FrameKind, Hello, HelloReply, Status,
+    FLAG_FUA, FLAG_NO_HOLE, FLAG_RECEIVE_ACK, FLAG_RESYNC, FLAG_SYNCED, Frame, FrameKind, Hello,
+    HelloReply, Status,
 };
+
+/// When a primary acknowledges a write to its client, as DRBD's
+/// protocols: always after the local write, and
+///
+/// - **C** (the default): once every connected peer applied it;
+/// - **B**: once every connected peer received it (its receive ack, sent
+///   before it applies the write; wire version 6, a peer speaking an
+///   older version is waited for as under C);
+/// - **A**: once it is in the socket's send buffer to every connected
+///   peer.
+///
+/// FLUSH, FUA writes, grows, verifies and reads wait for every peer's
+/// answer under every protocol: a FLUSH acknowledged is durable on every
+/// connected peer, covering every write before it (peers apply frames in
+/// order). A write acknowledged under A or B that the peer then fails or
+/// never answers (the connection is lost) is in that peer's dirty set and
+/// dirty log, so its resync sends it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// Acknowledged once handed to every peer's send buffer.
+    A,
+    /// Acknowledged once every peer received it.
+    B,
+    /// Acknowledged once every peer applied it.
+    #[default]
+    C,
+}
+
+impl Protocol {
+    fn code(self) -> u8 {
+        match self {
+            Protocol::A => 1,
+            Protocol::B => 2,
+            Protocol::C => 3,
+        }
+    }
+
+    fn from_code(c: u8) -> Protocol {
+        match c {
+            1 => Protocol::A,
+            2 => Protocol::B,
+            _ => Protocol::C,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::A => "A",
+            Protocol::B => "B",
+            Protocol::C => "C",
+        })
+    }
+}
+
+/// A replication protocol name that is not `A`, `B` or `C`.
+#[derive(Debug, thiserror::Error)]
+#[error("replication protocol {0:?}: expected A, B or C")]
+pub struct ParseProtocolError(String);
+
+impl std::str::FromStr for Protocol {
+    type Err = ParseProtocolError;
+
+    fn from_str(s: &str) -> Result<Protocol, ParseProtocolError> {
+        match s.trim() {
+            "A" | "a" => Ok(Protocol::A),
+            "B" | "b" => Ok(Protocol::B),
+            "C" | "c" => Ok(Protocol::C),
+            other => Err(ParseProtocolError(other.to_owned())),
+        }
+    }
+}
 
 /// How often a writer suspended by a refusing (or silent) fencer asks
 /// again.
@@ -429,6 +509,8 @@ pub struct ReplicationStatus {
     pub full_syncs: u64,
     /// This stream's generation identifier.
     pub generation: u64,
+    /// When writes are acknowledged.
+    pub protocol: Protocol,
 }
 
 /// The primary's replication settings for one volume.
@@ -446,6 +528,9 @@ pub struct ReplicatorConfig {
     pub chunk_size: u64,
     /// How often to retry an away peer.
     pub retry: Duration,
+    /// When writes are acknowledged ([`Replicator::set_protocol`] changes
+    /// it later).
+    pub protocol: Protocol,
 }
 
 /// How a replicator syncs a peer that is behind.
@@ -471,10 +556,12 @@ struct Shared {
     cfg: ReplicatorConfig,
     sync: SyncOptions,
     epoch: AtomicU64,
+    /// [`Protocol::code`] of the protocol writes use now.
+    protocol: std::sync::atomic::AtomicU8,
     fencer: Mutex<Arc<dyn Fencer>>,
     link: Mutex<Link>,
     changed: Condvar,
-    pending: Mutex<HashMap<(u64, u64), SyncSender<wire::Ack>>>,
+    pending: Mutex<HashMap<(u64, u64), Waiting>>,
     /// READ frames waiting for their ack and data: length and answer.
     reads: Mutex<HashMap<(u64, u64), PendingRead>>,
     resync_bytes: AtomicU64,
@@ -563,6 +650,30 @@ struct Link {
 /// A READ frame sent: its length, and where its ack and data go.
 type PendingRead = (u32, SyncSender<(wire::Ack, Vec<u8>)>);
 
+/// A frame sent whose final ack has not come.
+#[derive(Debug)]
+struct Waiting {
+    /// Where its acks go (a writer may have stopped listening).
+    tx: SyncSender<wire::Ack>,
+    /// Acknowledged to its client before the peer applied it (protocols
+    /// A and B): the final ack is settled by the ack loop (or the loss of
+    /// the connection marks its chunks dirty), not by the writer.
+    early: bool,
+    /// The chunks it changes, first and last.
+    chunks: Option<(u64, u64)>,
+}
+
+impl Waiting {
+    /// A frame whose sender waits for its final ack.
+    fn new(tx: SyncSender<wire::Ack>) -> Waiting {
+        Waiting {
+            tx,
+            early: false,
+            chunks: None,
+        }
+    }
+}
+
 /// A frame sent, waiting for its ack.
 #[derive(Debug)]
 struct Shipped {
@@ -571,6 +682,9 @@ struct Shipped {
     /// The write counter when it was sent: a FLUSH acknowledged on the
     /// same connection makes every write up to it durable on the peer.
     mark: u64,
+    /// Acknowledged before the peer applies it: `Some(A)` at once,
+    /// `Some(B)` at the receive ack; `None`: at the final ack.
+    early: Option<Protocol>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -622,6 +736,7 @@ impl Replicator {
         let shared = Arc::new(Shared {
             volume,
             epoch: AtomicU64::new(cfg.epoch),
+            protocol: std::sync::atomic::AtomicU8::new(cfg.protocol.code()),
             cfg,
             sync,
             fencer: Mutex::new(fencer),
@@ -696,6 +811,7 @@ impl Replicator {
             && epoch >= newest
         {
             tracing::info!(volume = %s.volume.name(), peer = %s.cfg.peer, epoch, "epoch raised: reconnecting a deposed replicator");
+            s.drain_early(&mut link, None);
             link.state = PeerState::Away;
             if let Some(w) = link.writer.take() {
                 let _ = w.get_ref().shutdown(Shutdown::Both);
@@ -709,6 +825,19 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+
+    /// When writes are acknowledged now.
+    pub fn protocol(&self) -> Protocol {
+        Protocol::from_code(self.shared.protocol.load(Ordering::SeqCst))
+    }
+
+    /// Changes when later writes are acknowledged (writes in flight keep
+    /// theirs).
+    pub fn set_protocol(&self, protocol: Protocol) {
+        self.shared
+            .protocol
+            .store(protocol.code(), Ordering::SeqCst);
     }
 
     /// Replaces the fencer; writes suspended by the old one ask the new
@@ -735,6 +864,7 @@ impl Replicator {
             full_sync_bytes: s.full_sync_bytes.load(Ordering::Relaxed),
             full_syncs: s.full_syncs.load(Ordering::Relaxed),
             generation: s.cfg.generation,
+            protocol: self.protocol(),
         }
     }
 
@@ -769,6 +899,18 @@ impl Replicator {
         replicators: &[Replicator],
         op: Op<'_>,
         local: impl FnOnce() -> Result<(), PoolError>,
+    ) -> Result<usize, ReplicationError> {
+        Replicator::submit_inner(replicators, op, || local().map(|()| true))
+    }
+
+    /// [`Replicator::submit_counted`] where `local` says whether it wrote
+    /// here (`false`: the disk is detached and the write stands only on
+    /// the peers, so every peer's final ack is awaited, whatever the
+    /// protocol).
+    pub(crate) fn submit_inner(
+        replicators: &[Replicator],
+        op: Op<'_>,
+        local: impl FnOnce() -> Result<bool, PoolError>,
     ) -> Result<usize, ReplicationError> {
         // Every link is locked (always in the same order) across the sends
         // and the local write, so frames leave in the order writes apply
@@ -811,12 +953,18 @@ impl Replicator {
             .collect();
         // A local failure fails the request; the range's content is then
         // undefined for the client, as after any failed write.
-        if let Err(e) = local() {
-            for (r, link) in replicators.iter().zip(links.iter_mut()) {
-                r.shared.settle_touch(link, &op);
+        let applied = match local() {
+            Ok(applied) => applied,
+            Err(e) => {
+                for ((r, link), shipped) in replicators.iter().zip(links.iter_mut()).zip(&shipped) {
+                    // An early frame's chunks are settled by its ack.
+                    if shipped.as_ref().is_none_or(|s| s.early.is_none()) {
+                        r.shared.settle_touch(link, &op);
+                    }
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
         drop(links);
         if op.durable() {
             for r in replicators.iter().filter(|r| r.shared.sync_log_on_flush) {
@@ -833,7 +981,7 @@ impl Replicator {
         }
         let mut result = Ok(0);
         for (r, shipped) in replicators.iter().zip(shipped) {
-            let settled = r.shared.settle(shipped, &op);
+            let settled = r.shared.settle(shipped, &op, applied);
             result = match (result, settled) {
                 (Ok(n), Ok(acked)) => Ok(n + usize::from(acked)),
                 (Err(e), _) | (Ok(_), Err(e)) => Err(e),
@@ -897,8 +1045,8 @@ impl Replicator {
                 s.volume.read(offset, &mut buf[..len]).map_err(local_err)?;
                 let (seq, conn) = (link.next_seq, link.conn);
                 link.next_seq += 1;
-                let (tx, rx) = sync_channel(1);
-                lock(&s.pending).insert((conn, seq), tx);
+                let (tx, rx) = sync_channel(2);
+                lock(&s.pending).insert((conn, seq), Waiting::new(tx));
                 let frame = Frame {
                     kind: FrameKind::Verify,
                     flags: 0,
@@ -1027,8 +1175,8 @@ impl Replicator {
                 .map_err(io::Error::other)?;
             let (seq, conn) = (link.next_seq, link.conn);
             link.next_seq += 1;
-            let (tx, rx) = sync_channel(1);
-            lock(&s.pending).insert((conn, seq), tx);
+            let (tx, rx) = sync_channel(2);
+            lock(&s.pending).insert((conn, seq), Waiting::new(tx));
             let frame = Frame {
                 kind: FrameKind::Write,
                 flags: FLAG_RESYNC,
@@ -1123,15 +1271,25 @@ impl Shared {
             let seq = link.next_seq;
             link.next_seq += 1;
             let conn = link.conn;
-            let (tx, rx) = sync_channel(1);
-            lock(&self.pending).insert((conn, seq), tx);
-            let frame = op.frame(self.epoch.load(Ordering::SeqCst), seq);
+            let early = self.early(link, op);
+            let (tx, rx) = sync_channel(2);
+            let waiting = Waiting {
+                tx,
+                early: early.is_some(),
+                chunks: self.chunks(op),
+            };
+            lock(&self.pending).insert((conn, seq), waiting);
+            let mut frame = op.frame(self.epoch.load(Ordering::SeqCst), seq);
+            if early == Some(Protocol::B) {
+                frame.flags |= FLAG_RECEIVE_ACK;
+            }
             let sent = link.writer.as_mut().map(|w| frame.write_to(w));
             if matches!(sent, Some(Ok(()))) {
                 return Some(Shipped {
                     conn,
                     ack: rx,
                     mark: link.wseq,
+                    early,
                 });
             }
             lock(&self.pending).remove(&(conn, seq));
@@ -1143,23 +1301,63 @@ impl Shared {
         None
     }
 
+    /// Whether `op`, shipped now, is acknowledged before the peer applies
+    /// it: only plain writes, trims and zeroings (never FLUSH, FUA, grows)
+    /// under protocol A, or B with a peer that sends receive acks.
+    fn early(&self, link: &Link, op: &Op<'_>) -> Option<Protocol> {
+        if op.durable() || op.range().is_none_or(|(_, len)| len == 0) {
+            return None;
+        }
+        match Protocol::from_code(self.protocol.load(Ordering::SeqCst)) {
+            Protocol::A => Some(Protocol::A),
+            Protocol::B if link.peer_version >= wire::RECEIVE_ACK_VERSION => Some(Protocol::B),
+            Protocol::B | Protocol::C => None,
+        }
+    }
+
     /// After the local write, without the lock held across it: waits for
-    /// the peer's ack, or (the peer does not have the write) acknowledges
-    /// only with the fencer's word.
+    /// the peer's ack (under protocol A, not at all; under B, its receive
+    /// ack), or (the peer does not have the write) acknowledges only with
+    /// the fencer's word. `applied`: the local write was done (a
+    /// diskless primary's write waits for the final ack whatever the
+    /// protocol).
     /// `Ok(true)`: the peer acknowledged the write; `Ok(false)`: it does
     /// not have it (outdated by the fencer, or being filled).
-    fn settle(&self, shipped: Option<Shipped>, op: &Op<'_>) -> Result<bool, ReplicationError> {
+    fn settle(
+        &self,
+        shipped: Option<Shipped>,
+        op: &Op<'_>,
+        applied: bool,
+    ) -> Result<bool, ReplicationError> {
         let Some(shipped) = shipped else {
             let mut link = lock(&self.link);
             self.settle_touch(&mut link, op);
             return self.fence(link).map(|()| false);
         };
-        let answer = shipped.ack.recv().map(|a| a.status);
+        if applied && shipped.early == Some(Protocol::A) {
+            // In the send buffer: the ack loop settles it.
+            return Ok(true);
+        }
+        let answer = loop {
+            match shipped.ack.recv() {
+                // Only frames flagged for protocol B get one.
+                Ok(a) if a.status == Status::Received => {
+                    if applied {
+                        return Ok(true);
+                    }
+                }
+                other => break other.map(|a| a.status),
+            }
+        };
         let mut link = lock(&self.link);
-        self.settle_touch(&mut link, op);
+        if shipped.early.is_none() {
+            self.settle_touch(&mut link, op);
+        }
         match answer {
             Ok(Status::Ok) => {
-                self.acked.fetch_add(1, Ordering::Relaxed);
+                if shipped.early.is_none() {
+                    self.acked.fetch_add(1, Ordering::Relaxed);
+                }
                 // A client's FLUSH, acknowledged here (after the local
                 // flush) and there: every write before it is durable on
                 // both sides, so the cleaner may clear their bits.
@@ -1418,8 +1616,75 @@ impl Shared {
         link.dirty.extend(first..=last);
     }
 
-    /// Marks the peer away if `conn` is still the live connection.
+    /// Under the link lock: a write acknowledged early (protocols A and B)
+    /// got its final ack. Ok: its chunks are settled. Otherwise the peer
+    /// does not hold a write its client has: its chunks join the dirty
+    /// set and the peer is detached (a stale epoch already deposed this
+    /// primary).
+    fn finish_early(&self, conn: u64, ack: wire::Ack) {
+        let mut link = lock(&self.link);
+        // Taken under the link lock: a loss drains the same entries.
+        let Some(w) = lock(&self.pending).remove(&(conn, ack.seq)) else {
+            return;
+        };
+        let _ = w.tx.try_send(ack);
+        if let Some((first, last)) = w.chunks {
+            self.untouch(&mut link, first, last);
+        }
+        if ack.status == Status::Ok {
+            self.acked.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some((first, last)) = w.chunks {
+            link.dirty.extend(first..=last);
+        }
+        if ack.status != Status::StaleEpoch {
+            tracing::warn!(volume = %self.volume.name(), status = ?ack.status, "peer could not apply a write already acknowledged (protocol A or B): detaching it, the write is tracked dirty");
+            self.lose(&mut link, conn);
+            if ack.status == Status::IoError && link.state == PeerState::Away {
+                link.state = PeerState::DiskFailed;
+            }
+        }
+    }
+
+    /// Under the link lock: the writes acknowledged early (protocols A
+    /// and B) on connection `conn` (every connection: `None`) that have
+    /// no final ack will never get one: their chunks join the dirty set,
+    /// so the next resync sends them.
+    fn drain_early(&self, link: &mut Link, conn: Option<u64>) {
+        let gone: Vec<Waiting> = lock(&self.pending)
+            .extract_if(|(c, _), w| w.early && conn.is_none_or(|conn| conn == *c))
+            .map(|(_, w)| w)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        tracing::info!(volume = %self.volume.name(), peer = %self.cfg.peer, writes = gone.len(), "writes acknowledged before the peer applied them are tracked dirty");
+        for w in gone {
+            if let Some((first, last)) = w.chunks {
+                self.untouch(link, first, last);
+                link.dirty.extend(first..=last);
+            }
+        }
+    }
+
+    /// The in-flight count of chunks `first..=last` drops by one write.
+    fn untouch(&self, link: &mut Link, first: u64, last: u64) {
+        if link.log.is_none() {
+            return;
+        }
+        for c in first..=last {
+            if let Some(t) = link.touched.get_mut(&c) {
+                t.inflight = t.inflight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Marks the peer away if `conn` is still the live connection. The
+    /// connection's early-acknowledged writes without a final ack join
+    /// the dirty set in any case.
     fn lose(&self, link: &mut Link, conn: u64) {
+        self.drain_early(link, Some(conn));
         if link.conn != conn || link.state != PeerState::Connected {
             return;
         }
@@ -1503,9 +1768,11 @@ impl Shared {
             Err(wire::WireError::Io(e))
                 if e.kind() == io::ErrorKind::UnexpectedEof && offered > wire::MIN_VERSION =>
             {
-                // A replica older than this hello closes unanswered.
-                tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, offered, retry = wire::MIN_VERSION, "the peer closed the connection on the hello: it may be an older basaltd; greeting it with the oldest protocol next (it cannot follow a grow of the volume)");
-                lock(&self.link).hello_version = wire::MIN_VERSION;
+                // A replica older than this hello closes unanswered: the
+                // next hello offers one version less.
+                let retry = offered - 1;
+                tracing::warn!(volume = %self.volume.name(), peer = %self.cfg.peer, offered, retry, "the peer closed the connection on the hello: it may be an older basaltd; greeting it with an older protocol next (below 5 it cannot follow a grow of the volume, below 6 protocol B waits like C)");
+                lock(&self.link).hello_version = retry;
                 return Err(io::Error::other(format!(
                     "peer closed the connection on a version {offered} hello"
                 )));
@@ -1579,6 +1846,9 @@ impl Shared {
             };
         let conn = {
             let mut link = lock(&self.link);
+            // Writes acknowledged early on an older connection that got
+            // no final ack are resynced with the rest.
+            self.drain_early(&mut link, None);
             link.state = PeerState::Resyncing;
             if full {
                 // The peer was never up to date with this stream: the
@@ -1812,7 +2082,15 @@ impl Shared {
         frame: &Frame,
     ) -> io::Result<()> {
         frame.write_to(wr)?;
-        let ack = wire::Ack::read(rd).map_err(io::Error::other)?;
+        let mut ack = wire::Ack::read(rd).map_err(io::Error::other)?;
+        // The replica's notice of a newer epoch than one this primary was
+        // raised to meanwhile: not an answer.
+        while ack.seq == 0
+            && ack.status == Status::StaleEpoch
+            && ack.newest_epoch <= self.epoch.load(Ordering::SeqCst)
+        {
+            ack = wire::Ack::read(rd).map_err(io::Error::other)?;
+        }
         match ack.status {
             Status::Ok if ack.seq == frame.seq => Ok(()),
             Status::StaleEpoch => {
@@ -1834,6 +2112,25 @@ impl Shared {
         loop {
             match wire::Ack::read(&mut rd) {
                 Ok(ack) => {
+                    if ack.seq == 0 {
+                        // The replica's notice of a newer epoch (no frame
+                        // has sequence number 0): deposed, unless this
+                        // primary was raised to it meanwhile.
+                        if ack.status == Status::StaleEpoch
+                            && ack.newest_epoch > self.epoch.load(Ordering::SeqCst)
+                        {
+                            let mut link = lock(&self.link);
+                            if link.conn == conn && !matches!(link.state, PeerState::Deposed { .. })
+                            {
+                                link.state = PeerState::Deposed {
+                                    newest: ack.newest_epoch,
+                                };
+                                tracing::error!(volume = %self.volume.name(), newest = ack.newest_epoch, "the peer has seen a newer epoch: deposed before the next write");
+                                self.changed.notify_all();
+                            }
+                        }
+                        continue;
+                    }
                     if ack.status == Status::StaleEpoch {
                         let mut link = lock(&self.link);
                         link.state = PeerState::Deposed {
@@ -1852,8 +2149,24 @@ impl Shared {
                             }
                         }
                         let _ = tx.send((ack, data));
-                    } else if let Some(tx) = lock(&self.pending).remove(&(conn, ack.seq)) {
-                        let _ = tx.send(ack);
+                    } else {
+                        let mut pending = lock(&self.pending);
+                        match pending.get(&(conn, ack.seq)) {
+                            None => {}
+                            // Protocol B's first answer: the writer goes on.
+                            Some(w) if ack.status == Status::Received => {
+                                let _ = w.tx.try_send(ack);
+                            }
+                            Some(w) if w.early => {
+                                drop(pending);
+                                self.finish_early(conn, ack);
+                            }
+                            Some(_) => {
+                                if let Some(w) = pending.remove(&(conn, ack.seq)) {
+                                    let _ = w.tx.send(ack);
+                                }
+                            }
+                        }
                     }
                 }
                 Err(e) => {

@@ -14,23 +14,25 @@
 //!   (on disk) before it is answered, and the generation is recorded
 //!   again only by the FLUSH that ends the full sync;
 //! - a frame is acknowledged only after it was applied (and, for FLUSH or
-//!   FUA, made durable) on the local pool;
+//!   FUA, made durable) on the local pool; a frame flagged
+//!   [`wire::FLAG_RECEIVE_ACK`] (protocol B) is also answered
+//!   [`Status::Received`] before that, once read and admitted;
 //! - nothing a peer sends panics the process: malformed input closes that
 //!   connection.
 
 use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
 use super::attach::{AttachOptions, Attachments, Role};
-use super::book::ReplicaBook;
+use super::book::{EpochWatch, ReplicaBook};
 use super::wire::{
-    self, Ack, FLAG_FUA, FLAG_NO_HOLE, FLAG_RESYNC, FLAG_SYNCED, Frame, FrameKind, Hello,
-    HelloReply, Status,
+    self, Ack, FLAG_FUA, FLAG_NO_HOLE, FLAG_RECEIVE_ACK, FLAG_RESYNC, FLAG_SYNCED, Frame,
+    FrameKind, Hello, HelloReply, Status,
 };
 use crate::pool::{Pool, PoolError, Volume, ZeroFlags};
 
@@ -45,6 +47,72 @@ pub struct ReplicaStats {
     pub rejected_frames: AtomicU64,
 }
 
+/// Test hooks that hold a replica's frames back, to show what each
+/// replication protocol acknowledges: holding the receive stops each
+/// frame read after it was set before anything is done with it (not
+/// admitted, not answered: not received, for the primary), holding the
+/// apply stops it once admitted (and, for protocol B, answered
+/// received) but not written. A held frame of a server stopped meanwhile
+/// is dropped, never applied. Nothing holds unless a test (or `basaltd
+/// storage serve --hold-replica-writes-when`) asks.
+#[derive(Debug, Default)]
+pub struct Holds {
+    receive: AtomicBool,
+    apply: AtomicBool,
+    apply_when: Mutex<Option<PathBuf>>,
+}
+
+/// How often a held session looks again.
+const HOLD_POLL: Duration = Duration::from_millis(5);
+
+impl Holds {
+    /// Stops (or resumes) reading frames from primaries.
+    pub fn hold_receive(&self, on: bool) {
+        self.receive.store(on, Ordering::SeqCst);
+    }
+
+    /// Stops (or resumes) applying frames read from primaries.
+    pub fn hold_apply(&self, on: bool) {
+        self.apply.store(on, Ordering::SeqCst);
+    }
+
+    /// Holds applies while `path` exists (checked before each frame is
+    /// applied).
+    pub fn hold_apply_when(&self, path: PathBuf) {
+        *lock(&self.apply_when) = Some(path);
+    }
+
+    /// Waits while receiving is held (checked after each frame is read,
+    /// before it is looked at), once the acks written so far are
+    /// flushed.
+    fn wait_receive(&self, flush: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        if self.receive.load(Ordering::SeqCst) {
+            flush()?;
+            while self.receive.load(Ordering::SeqCst) {
+                thread::sleep(HOLD_POLL);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits while applying is held, once the acks are flushed.
+    fn wait_apply(&self, flush: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let held = || {
+            self.apply.load(Ordering::SeqCst)
+                || lock(&self.apply_when).as_ref().is_some_and(|p| p.exists())
+        };
+        if !held() {
+            return Ok(());
+        }
+        flush()?;
+        tracing::info!("replica applies held");
+        while held() {
+            thread::sleep(HOLD_POLL);
+        }
+        Ok(())
+    }
+}
+
 /// A running replica listener.
 #[derive(Debug)]
 pub struct ReplicaServer {
@@ -52,6 +120,7 @@ pub struct ReplicaServer {
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stats: Arc<ReplicaStats>,
+    holds: Arc<Holds>,
     attachments: Arc<Attachments>,
     acceptor: Mutex<Option<thread::JoinHandle<()>>>,
 }
@@ -91,12 +160,15 @@ impl ReplicaServer {
             stop: Arc::new(AtomicBool::new(false)),
             conns: Arc::new(Mutex::new(Vec::new())),
             stats: Arc::new(ReplicaStats::default()),
+            holds: Arc::new(Holds::default()),
             attachments: attachments.clone(),
             acceptor: Mutex::new(None),
         };
         let ctx = Ctx {
             attachments,
             stats: server.stats.clone(),
+            holds: server.holds.clone(),
+            stopped: server.stop.clone(),
         };
         let (stop, conns) = (server.stop.clone(), server.conns.clone());
         let acceptor = thread::Builder::new()
@@ -115,6 +187,11 @@ impl ReplicaServer {
     /// The counters.
     pub fn stats(&self) -> &ReplicaStats {
         &self.stats
+    }
+
+    /// The test hooks that hold frames back.
+    pub fn holds(&self) -> &Holds {
+        &self.holds
     }
 
     /// The newest epoch recorded for `volume` (0 if none).
@@ -154,6 +231,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Ctx {
     attachments: Arc<Attachments>,
     stats: Arc<ReplicaStats>,
+    holds: Arc<Holds>,
+    /// The server was stopped: a held frame is dropped.
+    stopped: Arc<AtomicBool>,
 }
 
 impl Ctx {
@@ -305,6 +385,30 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         return Ok(());
     }
     reply(&mut wr, version, boot, Status::Ok, newest, !in_sync)?;
+    let wr = Arc::new(Mutex::new(wr));
+    // A newer epoch seen here (another primary's hello or frame, or a
+    // promotion of this copy) deposes this primary: it is told at once
+    // (an ack with sequence number 0), so it refuses its next write
+    // before writing it anywhere instead of learning it from that write.
+    let notice: EpochWatch = {
+        let (wr, name) = (wr.clone(), name.to_owned());
+        Arc::new(move |newest| {
+            let notice = Ack {
+                seq: 0,
+                status: Status::StaleEpoch,
+                newest_epoch: newest,
+            };
+            let mut w = lock(&wr);
+            if w.write_all(&notice.encode())
+                .and_then(|()| w.flush())
+                .is_ok()
+            {
+                tracing::warn!(volume = %name, newest, "told an older primary it is deposed");
+            }
+        })
+    };
+    let mut watched = hello.epoch;
+    book.watch(name, watched, &notice);
     tracing::info!(
         volume = %name,
         primary_uid = %hello.volume_uid,
@@ -318,6 +422,17 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
     let mut filling = !in_sync;
     loop {
         let frame = Frame::read(&mut rd)?;
+        ctx.holds.wait_receive(|| lock(&wr).flush())?;
+        if ctx.stopped.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if frame.epoch > watched {
+            // The primary raised its epoch in place: watched at the new
+            // one before it is admitted, so raising it does not depose
+            // this very primary.
+            watched = frame.epoch;
+            book.watch(name, watched, &notice);
+        }
         let (ok, newest) = ctx.admit(name, frame.epoch);
         let role = ctx.attachments.role(name);
         if filling && role == Some(Role::Primary) {
@@ -327,8 +442,9 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
                 status: Status::SplitBrain,
                 newest_epoch: newest,
             };
-            wr.write_all(&ack.encode())?;
-            wr.flush()?;
+            let mut w = lock(&wr);
+            w.write_all(&ack.encode())?;
+            w.flush()?;
             return Ok(());
         }
         let mut value = newest;
@@ -355,6 +471,21 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
                 Err(status) => status,
             }
         } else if ok {
+            if frame.flags & FLAG_RECEIVE_ACK != 0 && version >= wire::RECEIVE_ACK_VERSION {
+                // Protocol B: received and admitted, not applied yet.
+                let received = Ack {
+                    seq: frame.seq,
+                    status: Status::Received,
+                    newest_epoch: newest,
+                };
+                let mut w = lock(&wr);
+                w.write_all(&received.encode())?;
+                w.flush()?;
+            }
+            ctx.holds.wait_apply(|| lock(&wr).flush())?;
+            if ctx.stopped.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let status = apply(ctx, &volume, &frame);
             if status == Status::Ok && frame.flags & FLAG_SYNCED != 0 {
                 match book.set_synced(name, hello.generation) {
@@ -391,13 +522,14 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
             status,
             newest_epoch: value,
         };
-        wr.write_all(&ack.encode())?;
+        let mut w = lock(&wr);
+        w.write_all(&ack.encode())?;
         if let Some(data) = payload {
-            wr.write_all(&data)?;
+            w.write_all(&data)?;
         }
         // Acks of frames already buffered go out together.
         if rd.buffer().is_empty() {
-            wr.flush()?;
+            w.flush()?;
         }
     }
 }

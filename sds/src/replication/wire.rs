@@ -22,6 +22,16 @@
 //! sends a frame kind the answered version lacks). A replica older than
 //! the primary's hello closes the connection unanswered; the primary then
 //! says so and greets with [`MIN_VERSION`] next time.
+//!
+//! Protocol B (version 6): a frame flagged [`FLAG_RECEIVE_ACK`] is
+//! answered twice, first with a [`Status::Received`] ack as soon as it is
+//! read and admitted (before it is applied), then with the usual ack once
+//! applied. Nothing else is ever answered twice.
+//!
+//! An ack with sequence number 0 (no frame has it) and status
+//! [`Status::StaleEpoch`] is unsolicited: the replica saw a newer epoch
+//! for the volume than this connection's (another primary, or a
+//! promotion there), and the primary is deposed from now on.
 
 use std::io::{self, Read, Write};
 
@@ -35,13 +45,16 @@ pub const FRAME_MAGIC: u32 = 0x5246_4c42;
 pub const ACK_MAGIC: u32 = 0x4b41_4c42;
 /// The protocol version this build speaks (3: VERIFY frames; 4: READ
 /// frames; 5: RESIZE frames, a replica grows its copy to the hello's
-/// size, and its hello reply carries its boot id).
-pub const VERSION: u16 = 5;
+/// size, and its hello reply carries its boot id; 6: receive acks for
+/// protocol B, [`FLAG_RECEIVE_ACK`]).
+pub const VERSION: u16 = 6;
 /// The oldest version this build still speaks (with a peer that answers
 /// it, volumes are not grown over the wire).
 pub const MIN_VERSION: u16 = 4;
 /// The first version with RESIZE frames.
 pub const RESIZE_VERSION: u16 = 5;
+/// The first version with receive acks ([`FLAG_RECEIVE_ACK`]).
+pub const RECEIVE_ACK_VERSION: u16 = 6;
 /// The largest payload a frame may carry.
 pub const MAX_FRAME_PAYLOAD: u32 = 64 << 20;
 /// The longest volume name a hello may carry.
@@ -175,6 +188,10 @@ pub enum Status {
     /// The volume is a primary here and not in sync with the sender: two
     /// diverged primaries (reported, never resolved automatically).
     SplitBrain,
+    /// The frame was read and its epoch admitted; it is not applied yet
+    /// (protocol B's first answer to a [`FLAG_RECEIVE_ACK`] frame; the
+    /// usual ack follows).
+    Received,
 }
 
 impl Status {
@@ -187,6 +204,7 @@ impl Status {
             Status::Invalid => 4,
             Status::Refused => 5,
             Status::SplitBrain => 6,
+            Status::Received => 7,
         }
     }
 
@@ -199,6 +217,7 @@ impl Status {
             4 => Status::Invalid,
             5 => Status::Refused,
             6 => Status::SplitBrain,
+            7 => Status::Received,
             other => return Err(bad("status", other.into())),
         })
     }
@@ -325,7 +344,10 @@ pub const FLAG_RESYNC: u8 = 4;
 /// Frame flag, on a FLUSH: the full sync is complete; once durable, the
 /// replica is in sync with the hello's generation.
 pub const FLAG_SYNCED: u8 = 8;
-const FLAGS_KNOWN: u8 = FLAG_FUA | FLAG_NO_HOLE | FLAG_RESYNC | FLAG_SYNCED;
+/// Frame flag (version 6, protocol B): answer a [`Status::Received`] ack
+/// as soon as the frame is read and admitted, before applying it.
+pub const FLAG_RECEIVE_ACK: u8 = 16;
+const FLAGS_KNOWN: u8 = FLAG_FUA | FLAG_NO_HOLE | FLAG_RESYNC | FLAG_SYNCED | FLAG_RECEIVE_ACK;
 
 /// One replicated operation.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -289,11 +289,7 @@ async fn measure(basaltd: &Path, runs: usize) -> anyhow::Result<Measured> {
             )
         );
         for (phase, spent) in spans(&timeline) {
-            measured
-                .phases
-                .entry(phase)
-                .or_default()
-                .record(spent);
+            measured.phases.entry(phase).or_default().record(spent);
         }
         measured.total.record(total);
         measured.icmp.record(icmp_down);

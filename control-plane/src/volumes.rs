@@ -71,6 +71,38 @@ pub struct Plan {
     pub deferred: Vec<String>,
 }
 
+/// The object as a volume, when it is one.
+fn as_volume(object: &Object) -> Option<&Volume> {
+    match object {
+        Object::Volume(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// The object as a VM, when it is one.
+fn as_vm(object: &Object) -> Option<&Vm> {
+    match object {
+        Object::Vm(vm) => Some(vm),
+        _ => None,
+    }
+}
+
+/// The object as a placement, when it is one.
+fn as_placement(object: &Object) -> Option<&Placement> {
+    match object {
+        Object::Placement(p) => Some(p),
+        _ => None,
+    }
+}
+
+/// The object as a node, when it is one.
+fn as_node(object: &Object) -> Option<&Node> {
+    match object {
+        Object::Node(n) => Some(n),
+        _ => None,
+    }
+}
+
 /// The VM an object's change concerns, for the controller.
 fn concerned_vm(object: &Object) -> Option<String> {
     match object {
@@ -87,9 +119,8 @@ fn concerned_vm(object: &Object) -> Option<String> {
 pub fn plan(state: &State, only: Option<&BTreeSet<String>>, now_unix_ms: u64) -> Plan {
     let concerned = |vm: &str| only.is_none_or(|names| names.contains(vm));
     let mut owned: BTreeMap<(String, String), &Volume> = BTreeMap::new();
-    for object in state.list(Kind::Volume) {
-        if let Object::Volume(volume) = object
-            && let Some(owner) = &volume.spec.owner
+    for volume in state.list(Kind::Volume).filter_map(as_volume) {
+        if let Some(owner) = &volume.spec.owner
             && concerned(&owner.vm)
         {
             owned.insert((owner.vm_uid.clone(), owner.disk.clone()), volume);
@@ -98,25 +129,15 @@ pub fn plan(state: &State, only: Option<&BTreeSet<String>>, now_unix_ms: u64) ->
     let vms: Vec<&Vm> = match only {
         Some(names) => names
             .iter()
-            .filter_map(|name| match state.get(Kind::Vm, name) {
-                Some(Object::Vm(vm)) => Some(vm),
-                _ => None,
-            })
+            .filter_map(|name| state.get(Kind::Vm, name).and_then(as_vm))
             .collect(),
-        None => state
-            .list(Kind::Vm)
-            .filter_map(|o| match o {
-                Object::Vm(vm) => Some(vm),
-                _ => None,
-            })
-            .collect(),
+        None => state.list(Kind::Vm).filter_map(as_vm).collect(),
     };
     let mut wanted = Vec::new();
     for vm in vms {
-        let placement = match state.get(Kind::Placement, &vm.meta.name) {
-            Some(Object::Placement(p)) => Some(p),
-            _ => None,
-        };
+        let placement = state
+            .get(Kind::Placement, &vm.meta.name)
+            .and_then(as_placement);
         for disk in &vm.spec.disks {
             let existing = owned.remove(&(vm.meta.uid.clone(), disk.name.clone()));
             wanted.push((
@@ -204,38 +225,29 @@ fn stand_in(volume: &Volume) -> Vm {
 pub fn place_standalone(state: &State, seed: u64, now_unix_ms: u64) -> Vec<Command> {
     let pending: Vec<&Volume> = state
         .list(Kind::Volume)
-        .filter_map(|o| match o {
-            Object::Volume(v) if unplaced_standalone(v) => Some(v),
-            _ => None,
-        })
+        .filter_map(as_volume)
+        .filter(|v| unplaced_standalone(v))
         .collect();
     if pending.is_empty() {
         return Vec::new();
     }
     let nodes: Vec<Node> = state
         .list(Kind::Node)
-        .filter_map(|o| match o {
-            Object::Node(n) => Some(n.clone()),
-            _ => None,
-        })
+        .filter_map(as_node)
+        .cloned()
         .collect();
-    let mut vms: Vec<Vm> = Vec::new();
-    let mut placements: Vec<Placement> = Vec::new();
-    for object in state.list(Kind::Vm) {
-        if let Object::Vm(vm) = object {
-            vms.push(scheduler::planning_view(vm));
-        }
-    }
-    for object in state.list(Kind::Placement) {
-        if let Object::Placement(p) = object {
-            placements.push(p.clone());
-        }
-    }
-    for object in state.list(Kind::Volume) {
-        if let Object::Volume(v) = object
-            && v.spec.owner.is_none()
-            && !v.status.primary_node.is_empty()
-        {
+    let mut vms: Vec<Vm> = state
+        .list(Kind::Vm)
+        .filter_map(as_vm)
+        .map(scheduler::planning_view)
+        .collect();
+    let mut placements: Vec<Placement> = state
+        .list(Kind::Placement)
+        .filter_map(as_placement)
+        .cloned()
+        .collect();
+    for v in state.list(Kind::Volume).filter_map(as_volume) {
+        if v.spec.owner.is_none() && !v.status.primary_node.is_empty() {
             let vm = stand_in(v);
             let replicated = v.status.replicas.len() >= 2;
             placements.push(Placement {
@@ -373,51 +385,45 @@ fn desired(
 
 /// The volume's `Ready` condition: every copy up to date.
 fn ready(status: &VolumeStatus, now_unix_ms: u64) -> Condition {
-    let lagging: Vec<String> = status
+    let lagging: Vec<&VolumeReplica> = status
         .replicas
         .iter()
         .filter(|r| r.state != ReplicaState::UpToDate)
-        .map(|r| match r.state {
-            ReplicaState::Syncing if r.sync_total_bytes > 0 => format!(
-                "{} syncing {}%",
-                r.node,
-                r.sync_done_bytes * 100 / r.sync_total_bytes
-            ),
-            state => format!("{} {state}", r.node),
-        })
         .collect();
+    let copies = status.replicas.len();
     let (ok, reason, message) = if status.primary_node.is_empty() {
         (false, "NotPlaced", "no node writes it yet".to_owned())
-    } else if status.replicas.is_empty() {
+    } else if copies == 0 {
         (false, "NoCopies", "no node holds a copy".to_owned())
     } else if lagging.is_empty() {
         (
             true,
             "UpToDate",
-            format!(
-                "{} of {} copies up to date",
-                status.replicas.len(),
-                status.replicas.len()
-            ),
+            format!("{copies} of {copies} copies up to date"),
         )
     } else {
-        let states: Vec<ReplicaState> = status
-            .replicas
-            .iter()
-            .filter(|r| r.state != ReplicaState::UpToDate)
-            .map(|r| r.state)
-            .collect();
-        let reason = if states.iter().all(|s| *s == ReplicaState::Unknown) {
+        let reason = if lagging.iter().all(|r| r.state == ReplicaState::Unknown) {
             "NotReported"
-        } else if states
+        } else if lagging
             .iter()
-            .all(|s| matches!(s, ReplicaState::Syncing | ReplicaState::Unknown))
+            .all(|r| matches!(r.state, ReplicaState::Syncing | ReplicaState::Unknown))
         {
             "Syncing"
         } else {
             "Degraded"
         };
-        (false, reason, lagging.join(", "))
+        let message: Vec<String> = lagging
+            .iter()
+            .map(|r| match r.state {
+                ReplicaState::Syncing if r.sync_total_bytes > 0 => format!(
+                    "{} syncing {}%",
+                    r.node,
+                    r.sync_done_bytes * 100 / r.sync_total_bytes
+                ),
+                state => format!("{} {state}", r.node),
+            })
+            .collect();
+        (false, reason, message.join(", "))
     };
     Condition {
         kind: Condition::READY.into(),
@@ -520,10 +526,8 @@ pub async fn record_report(admin: &AdminService, report: &VolumeReport) -> Resul
             let state = &machine.state;
             let volume = state
                 .list(Kind::Volume)
-                .find_map(|o| match o {
-                    Object::Volume(v) if v.status.storage_name == report.storage_name => Some(v),
-                    _ => None,
-                })
+                .filter_map(as_volume)
+                .find(|v| v.status.storage_name == report.storage_name)
                 .ok_or_else(|| ApiError::NotFound {
                     kind: Kind::Volume,
                     name: report.storage_name.clone(),
@@ -540,12 +544,9 @@ pub async fn record_report(admin: &AdminService, report: &VolumeReport) -> Resul
             }
             let addresses: BTreeMap<String, String> = state
                 .list(Kind::Node)
-                .filter_map(|o| match o {
-                    Object::Node(n) if !n.status.replication_address.is_empty() => {
-                        Some((n.status.replication_address.clone(), n.meta.name.clone()))
-                    }
-                    _ => None,
-                })
+                .filter_map(as_node)
+                .filter(|n| !n.status.replication_address.is_empty())
+                .map(|n| (n.status.replication_address.clone(), n.meta.name.clone()))
                 .collect();
             let updated = apply_report(volume, report, &addresses, now_unix_ms());
             if updated == *volume {
@@ -613,9 +614,9 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
             }
         }
         (Object::Volume(volume), None) => match &volume.spec.owner {
-            Some(owner) => match state.get(Kind::Vm, &owner.vm) {
-                Some(Object::Vm(vm)) if vm.meta.uid == owner.vm_uid => Ok(()),
-                _ => Err(Refusal::FailedPrecondition {
+            Some(owner) => match owner_vm(state, owner) {
+                Some(_) => Ok(()),
+                None => Err(Refusal::FailedPrecondition {
                     reason: format!(
                         "spec.owner.vm: vm {:?} with uid {:?} does not exist",
                         owner.vm, owner.vm_uid
@@ -639,17 +640,15 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
 /// existing VM (`FAILED_PRECONDITION` naming the VM and the disk): the
 /// controller would only make it again; it goes with the VM or the disk.
 pub fn check_delete(state: &State, name: &str) -> Result<(), Refusal> {
-    let Some(Object::Volume(volume)) = state.get(Kind::Volume, name) else {
+    let Some(owner) = state
+        .get(Kind::Volume, name)
+        .and_then(as_volume)
+        .and_then(|v| v.spec.owner.as_ref())
+    else {
         return Ok(());
     };
-    let Some(owner) = &volume.spec.owner else {
-        return Ok(());
-    };
-    match state.get(Kind::Vm, &owner.vm) {
-        Some(Object::Vm(vm))
-            if vm.meta.uid == owner.vm_uid
-                && vm.spec.disks.iter().any(|d| d.name == owner.disk) =>
-        {
+    match owner_vm(state, owner) {
+        Some(vm) if vm.spec.disks.iter().any(|d| d.name == owner.disk) => {
             Err(Refusal::FailedPrecondition {
                 reason: format!(
                     "volume {name:?} is disk {:?} of vm {:?}: it is deleted with the VM or when the disk leaves its spec",
@@ -659,6 +658,15 @@ pub fn check_delete(state: &State, name: &str) -> Result<(), Refusal> {
         }
         _ => Ok(()),
     }
+}
+
+/// The VM `owner` names, when it exists with that uid (not a VM created
+/// again under the name).
+fn owner_vm<'a>(state: &'a State, owner: &VolumeOwner) -> Option<&'a Vm> {
+    state
+        .get(Kind::Vm, &owner.vm)
+        .and_then(as_vm)
+        .filter(|vm| vm.meta.uid == owner.vm_uid)
 }
 
 /// The volume controller of the leader: see the module's doc. Rounds look
@@ -809,15 +817,34 @@ mod tests {
         state.apply(*index, Command::Create(object)).unwrap();
     }
 
-    #[test]
-    fn a_vm_gets_one_volume_per_disk_following_its_placement_and_loses_them_with_it() {
+    /// A state holding `objects`, and the index the last was applied at.
+    fn state_with(objects: impl IntoIterator<Item = Object>) -> (State, u64) {
         let mut state = State::default();
         let mut index = 0;
-        create(
-            &mut state,
-            &mut index,
-            vm("web", "u1", &[("root", 1 << 20, 2), ("scratch", 4096, 1)]),
-        );
+        for object in objects {
+            create(&mut state, &mut index, object);
+        }
+        (state, index)
+    }
+
+    fn delete_vm(state: &mut State, index: &mut u64, name: &str) {
+        *index += 1;
+        let command = Command::Delete {
+            kind: Kind::Vm,
+            name: name.into(),
+            expected_resource_version: None,
+            force: false,
+        };
+        state.apply(*index, command).unwrap();
+    }
+
+    #[test]
+    fn a_vm_gets_one_volume_per_disk_following_its_placement_and_loses_them_with_it() {
+        let (mut state, mut index) = state_with([vm(
+            "web",
+            "u1",
+            &[("root", 1 << 20, 2), ("scratch", 4096, 1)],
+        )]);
         let plan = run(&mut state, &mut index);
         assert_eq!(plan.writes.len(), 2);
         let root = volume(&state, "web-root");
@@ -887,18 +914,7 @@ mod tests {
         assert!(b.outdated);
         assert_eq!(b.state, ReplicaState::Outdated);
 
-        index += 1;
-        state
-            .apply(
-                index,
-                Command::Delete {
-                    kind: Kind::Vm,
-                    name: "web".into(),
-                    expected_resource_version: None,
-                    force: false,
-                },
-            )
-            .unwrap();
+        delete_vm(&mut state, &mut index, "web");
         let plan = run(&mut state, &mut index);
         assert_eq!(plan.writes.len(), 2);
         assert_eq!(state.list(Kind::Volume).count(), 0);
@@ -906,27 +922,10 @@ mod tests {
 
     #[test]
     fn a_vm_created_again_gets_new_volumes_under_the_same_name_once_the_old_are_gone() {
-        let mut state = State::default();
-        let mut index = 0;
-        create(
-            &mut state,
-            &mut index,
-            vm("web", "u1", &[("root", 4096, 1)]),
-        );
+        let (mut state, mut index) = state_with([vm("web", "u1", &[("root", 4096, 1)])]);
         run(&mut state, &mut index);
         let old = volume(&state, "web-root");
-        index += 1;
-        state
-            .apply(
-                index,
-                Command::Delete {
-                    kind: Kind::Vm,
-                    name: "web".into(),
-                    expected_resource_version: None,
-                    force: false,
-                },
-            )
-            .unwrap();
+        delete_vm(&mut state, &mut index, "web");
         create(
             &mut state,
             &mut index,
@@ -943,21 +942,15 @@ mod tests {
 
     #[test]
     fn a_name_too_long_or_taken_falls_back_to_the_pool_name() {
-        let mut state = State::default();
-        let mut index = 0;
-        create(
-            &mut state,
-            &mut index,
-            Object::Volume(Volume {
-                meta: ObjectMeta::named("a-b-c"),
-                spec: VolumeSpec {
-                    size_bytes: 4096,
-                    replicas: 1,
-                    ..VolumeSpec::default()
-                },
-                ..Volume::default()
-            }),
-        );
+        let (mut state, mut index) = state_with([Object::Volume(Volume {
+            meta: ObjectMeta::named("a-b-c"),
+            spec: VolumeSpec {
+                size_bytes: 4096,
+                replicas: 1,
+                ..VolumeSpec::default()
+            },
+            ..Volume::default()
+        })]);
         create(&mut state, &mut index, vm("a-b", "u1", &[("c", 4096, 1)]));
         let long = "x".repeat(60);
         create(
@@ -974,13 +967,7 @@ mod tests {
 
     #[test]
     fn reports_merge_by_node_and_keep_the_fence_marks() {
-        let mut state = State::default();
-        let mut index = 0;
-        create(
-            &mut state,
-            &mut index,
-            vm("db", "u1", &[("root", 1 << 20, 3)]),
-        );
+        let (mut state, mut index) = state_with([vm("db", "u1", &[("root", 1 << 20, 3)])]);
         for node in ["a", "b", "c"] {
             let mut n = Node {
                 meta: ObjectMeta::named(node),
@@ -1107,9 +1094,7 @@ mod tests {
 
     #[test]
     fn standalone_volumes_are_placed_by_the_schedulers_choice_with_room_counted() {
-        let mut state = State::default();
-        let mut index = 0;
-        create(&mut state, &mut index, standalone("big", "u1", 6 << 20, 2));
+        let (mut state, mut index) = state_with([standalone("big", "u1", 6 << 20, 2)]);
         // No node: unschedulable, with the scheduler's reason, once.
         assert_eq!(place_standalone(&state, 1, 5).len(), 1);
         place(&mut state, &mut index, 5);
@@ -1301,13 +1286,7 @@ mod tests {
 
     #[test]
     fn disks_and_volumes_never_shrink() {
-        let mut state = State::default();
-        let mut index = 0;
-        create(
-            &mut state,
-            &mut index,
-            vm("web", "u1", &[("root", 8192, 1)]),
-        );
+        let (mut state, mut index) = state_with([vm("web", "u1", &[("root", 8192, 1)])]);
         run(&mut state, &mut index);
         let Some(Object::Vm(mut web)) = state.get(Kind::Vm, "web").cloned() else {
             panic!()

@@ -26,11 +26,16 @@
 /* Local, and its "tap" is a veth: a packet on a TC ingress goes straight
  * to the other end (bpf_redirect_peer), sparing the veth's queue. */
 #define EP_PEER        (1u << 3)
+/* Remote endpoints: packets for it leave natively (unencapsulated, to its
+ * owner node as the next hop), as its network's routing mode says, or the
+ * node's when the network says nothing; else over the overlay. */
+#define EP_NATIVE      (1u << 4)
 
 /* Flags of struct config. */
-#define CFG_NATIVE (1u << 0) /* native routing: remote endpoints are reached
-			      * without encapsulation, through the underlay
-			      * towards their owner node (else the overlay) */
+#define CFG_NATIVE (1u << 0) /* the node's default routing is native (for
+			      * networks that do not say); the programs
+			      * follow each endpoint's EP_NATIVE, this is
+			      * for the operator's view */
 
 /* Flags of struct iface. */
 #define IFACE_STANDBY (1u << 0) /* tap waits for the guest (migration target) */
@@ -149,6 +154,7 @@ struct policy_id_key {
 #define CT_REPLY     (1u << 0) /* a packet went the other way: the flow is answered */
 #define CT_CLOSING   (1u << 1) /* TCP: a FIN or RST was seen */
 #define CT_ORIG_HIGH (1u << 2) /* the first packet came from the key's second end */
+#define CT_FIN_HIGH  (1u << 3) /* TCP: the first FIN came from the key's second end */
 
 /* TCP states of struct ct_value.tcp_state, a subset of the kernel's
  * conntrack (each has its timeout, see sdn/src/conntrack.rs). An entry
@@ -157,8 +163,11 @@ struct policy_id_key {
 #define CT_TCP_SYN_SENT    1 /* the opener's SYN */
 #define CT_TCP_SYN_RECV    2 /* the answer's SYN+ACK */
 #define CT_TCP_ESTABLISHED 3 /* the opener's ACK of it, or a flow picked up mid-way */
-#define CT_TCP_FIN_WAIT    4 /* a FIN from either end */
+#define CT_TCP_FIN_WAIT    4 /* a FIN from either end (the first closer) */
 #define CT_TCP_CLOSE       5 /* a RST */
+#define CT_TCP_CLOSE_WAIT  6 /* the other end acknowledged that FIN */
+#define CT_TCP_LAST_ACK    7 /* the other end's FIN too, not yet acknowledged */
+#define CT_TCP_TIME_WAIT   8 /* the first closer acknowledged it: closed both ways */
 
 /* conntrack: LRU hash. The key holds the flow's two ends in a fixed
  * order, the lower (address, port) first — addresses compared as the

@@ -17,8 +17,9 @@
  *              endpoints that came unencapsulated from the owner node of
  *              its source gets ingress policy and goes to its tap.
  *
- * With native routing (CFG_NATIVE in config) from_vm sends a packet for a
- * remote endpoint as it is, to the owner node's underlay address as the
+ * With native routing (EP_NATIVE on the destination's endpoint entry: its
+ * network's mode, else the node's) from_vm sends a packet for a remote
+ * endpoint as it is, to the owner node's underlay address as the
  * next hop (a FIB lookup, then a redirect to the uplink with the
  * neighbour's MAC); without it, through the overlay. Every node receives
  * both ways whatever its own setting.
@@ -120,6 +121,32 @@ struct {
 	__uint(max_entries, 256 * 1024);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } events SEC(".maps");
+
+/*
+ * Native routing's next hops, by node underlay address (network order):
+ * what the last FIB lookup towards that node said (output interface and
+ * the frame's MACs), reused for NEXTHOP_TTL_NS so that a packet costs one
+ * hash lookup instead of a FIB lookup on each node. A cache the programs
+ * keep themselves (not pinned: a new loader starts it empty): the sender
+ * uses a fresh entry as it is; the receiver trusts one only when the
+ * frame's source MAC matches it, and looks the FIB up again before it
+ * drops anything, so a stale entry never refuses a legitimate frame.
+ */
+struct nexthop {
+	__u64 checked_ns; /* coarse CLOCK_MONOTONIC of the lookup */
+	__u32 ifindex;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+
+#define NEXTHOP_TTL_NS 500000000ull
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct nexthop);
+} nexthops SEC(".maps");
 
 /* From linux/if_arp.h, which drags in libc headers. */
 #define ARPHRD_ETHER 1
@@ -298,19 +325,41 @@ static __always_inline int ct_key_of(const struct flow *f, struct ct_key *k)
 
 /*
  * The TCP state a packet moves its flow to (see basalt.h), from `state`;
- * `orig` says the packet comes from the end that opened the flow. A RST
- * closes, a FIN starts the close; the opener's SYN (re)starts the flow,
- * the other end's SYN+ACK answers it, and the opener's next packet
- * without SYN establishes it.
+ * `orig` says the packet comes from the end that opened the flow,
+ * `closer` that it comes from the end that sent the flow's first FIN
+ * (read in the closing states only). A RST closes. The close, as the
+ * kernel's conntrack follows it: a first FIN makes FIN_WAIT; the other
+ * end's acknowledgement (or data) CLOSE_WAIT; its own FIN LAST_ACK (from
+ * FIN_WAIT too: both closing at once); the first closer's acknowledgement
+ * of it TIME_WAIT. The closer's own retransmissions change nothing. The
+ * opener's SYN (re)starts the flow (ct_touch reopens a closed one), the
+ * other end's SYN+ACK answers it, and the opener's next packet without
+ * SYN establishes it.
  */
-static __always_inline __u8 tcp_next(__u8 state, const struct flow *f, int orig)
+static __always_inline __u8 tcp_next(__u8 state, const struct flow *f, int orig, int closer)
 {
 	__u8 fl = f->tcp_flags;
 
 	if (fl & TCP_FLAG_RST)
 		return CT_TCP_CLOSE;
+	if (state == CT_TCP_FIN_WAIT || state == CT_TCP_CLOSE_WAIT) {
+		if (closer)
+			return state;
+		if (fl & TCP_FLAG_FIN)
+			return CT_TCP_LAST_ACK;
+		if (fl & TCP_FLAG_ACK)
+			return CT_TCP_CLOSE_WAIT;
+		return state;
+	}
+	if (state == CT_TCP_LAST_ACK) {
+		if (closer && (fl & (TCP_FLAG_ACK | TCP_FLAG_FIN)) == TCP_FLAG_ACK)
+			return CT_TCP_TIME_WAIT;
+		return state;
+	}
+	if (state == CT_TCP_TIME_WAIT || state == CT_TCP_CLOSE)
+		return state;
 	if (fl & TCP_FLAG_FIN)
-		return state == CT_TCP_CLOSE ? state : CT_TCP_FIN_WAIT;
+		return CT_TCP_FIN_WAIT;
 	if ((fl & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
 		return orig ? CT_TCP_SYN_SENT : state;
 	if (fl & TCP_FLAG_SYN)
@@ -347,7 +396,11 @@ static __always_inline void ct_touch(struct ct_value *v, const struct flow *f, i
 			want = high ? CT_ORIG_HIGH : 0;
 			state = CT_TCP_NONE;
 		}
-		next = tcp_next(state, f, high == !!(want & CT_ORIG_HIGH));
+		next = tcp_next(state, f, high == !!(want & CT_ORIG_HIGH),
+				high == !!(want & CT_FIN_HIGH));
+		/* The first FIN: remember which end closes first. */
+		if (next == CT_TCP_FIN_WAIT && state != CT_TCP_FIN_WAIT)
+			want = (want & ~CT_FIN_HIGH) | (high ? CT_FIN_HIGH : 0);
 		if (next != v->tcp_state)
 			v->tcp_state = next;
 	}
@@ -405,7 +458,9 @@ static __always_inline void ct_create(const struct flow *f)
 			v.flags |= CT_CLOSING;
 		/* Picked up mid-way: as the kernel's loose pick-up, established
 		 * (unless the packet already closes). */
-		v.tcp_state = tcp_next(tcp_opening(f) ? CT_TCP_NONE : CT_TCP_ESTABLISHED, f, 1);
+		v.tcp_state = tcp_next(tcp_opening(f) ? CT_TCP_NONE : CT_TCP_ESTABLISHED, f, 1, 0);
+		if (v.tcp_state == CT_TCP_FIN_WAIT && high)
+			v.flags |= CT_FIN_HIGH;
 	}
 	bpf_map_update_elem(&conntrack, &k, &v, BPF_NOEXIST);
 }
@@ -589,43 +644,76 @@ static __always_inline int deliver(const struct endpoint *dst)
 /* AF_INET, from linux/socket.h (which drags in libc headers). */
 #define BASALT_AF_INET 2
 
+static __always_inline void nexthop_remember(__u32 node_ip, const struct bpf_fib_lookup *fib)
+{
+	struct nexthop nh = {
+		.checked_ns = bpf_ktime_get_coarse_ns(),
+		.ifindex = fib->ifindex,
+	};
+
+	mac_copy(nh.smac, fib->smac);
+	mac_copy(nh.dmac, fib->dmac);
+	bpf_map_update_elem(&nexthops, &node_ip, &nh, BPF_ANY);
+}
+
+/* The cached next hop towards `node_ip` if it is fresh, else NULL. */
+static __always_inline struct nexthop *nexthop_fresh(__u32 node_ip)
+{
+	struct nexthop *nh = bpf_map_lookup_elem(&nexthops, &node_ip);
+
+	if (!nh || bpf_ktime_get_coarse_ns() - nh->checked_ns > NEXTHOP_TTL_NS)
+		return 0;
+	return nh;
+}
+
 /*
  * Native routing: sends the packet, already addressed to its endpoint at
  * L2 by set_l2, to its owner node as the next hop, without encapsulation.
  * The FIB says which interface and next hop lead to the node's underlay
  * address (the node itself on a shared segment, a router otherwise); with
  * the neighbour resolved, the frame gets its MACs here and is redirected
- * at once, else bpf_redirect_neigh resolves it. Returns the verdict, or
- * -1 when there is no path.
+ * at once, else bpf_redirect_neigh resolves it. A fresh cached next hop
+ * (nexthops) spares the lookup. Returns the verdict, or -1 when there is
+ * no path.
  */
 static __always_inline int to_native(struct __sk_buff *skb, const struct endpoint *dst)
 {
 	struct bpf_fib_lookup fib = {};
+	void *data, *data_end;
+	struct ethhdr *eth;
+	struct nexthop *nh = nexthop_fresh(dst->node_ip);
+	__u32 ifindex;
 	long rc;
 
-	fib.family = BASALT_AF_INET;
-	fib.ipv4_dst = dst->node_ip;
-	fib.ifindex = skb->ifindex;
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		void *data = (void *)(long)skb->data;
-		void *data_end = (void *)(long)skb->data_end;
-		struct ethhdr *eth = data;
-
-		if ((void *)(eth + 1) > data_end)
+	if (nh) {
+		ifindex = nh->ifindex;
+		mac_copy(fib.smac, nh->smac);
+		mac_copy(fib.dmac, nh->dmac);
+	} else {
+		fib.family = BASALT_AF_INET;
+		fib.ipv4_dst = dst->node_ip;
+		fib.ifindex = skb->ifindex;
+		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+		if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+			struct bpf_redir_neigh neigh = {
+				.nh_family = BASALT_AF_INET,
+				.ipv4_nh = fib.ipv4_dst,
+			};
+			return bpf_redirect_neigh(fib.ifindex, &neigh, sizeof(neigh), 0);
+		}
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 			return -1;
-		mac_copy(eth->h_source, fib.smac);
-		mac_copy(eth->h_dest, fib.dmac);
-		return bpf_redirect(fib.ifindex, 0);
+		nexthop_remember(dst->node_ip, &fib);
+		ifindex = fib.ifindex;
 	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		struct bpf_redir_neigh nh = {
-			.nh_family = BASALT_AF_INET,
-			.ipv4_nh = fib.ipv4_dst,
-		};
-		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
-	}
-	return -1;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	mac_copy(eth->h_source, fib.smac);
+	mac_copy(eth->h_dest, fib.dmac);
+	return bpf_redirect(ifindex, 0);
 }
 
 static __always_inline int handle_ipv4(struct __sk_buff *skb, __u32 ifindex,
@@ -668,7 +756,7 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, __u32 ifindex,
 		return drop(ifindex, DROP_MALFORMED, &f, 0, ETH_P_IP);
 	if (dst->flags & EP_LOCAL)
 		return deliver(dst);
-	if (cfg->flags & CFG_NATIVE) {
+	if (dst->flags & EP_NATIVE) {
 		int verdict = to_native(skb, dst);
 
 		if (verdict < 0)
@@ -817,7 +905,13 @@ static __always_inline int native_sender(struct __sk_buff *skb, const struct end
 					 const __u8 *smac)
 {
 	struct bpf_fib_lookup fib = {};
+	struct nexthop *nh = nexthop_fresh(src->node_ip);
 	long rc;
+
+	/* A fresh cached next hop that matches: no lookup. Anything else is
+	 * looked up afresh before it is judged. */
+	if (nh && mac_eq(nh->dmac, smac))
+		return SENDER_OWNER;
 
 	fib.family = BASALT_AF_INET;
 	fib.ipv4_dst = src->node_ip;
@@ -830,6 +924,7 @@ static __always_inline int native_sender(struct __sk_buff *skb, const struct end
 		return SENDER_UNRESOLVED;
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return SENDER_OTHER;
+	nexthop_remember(src->node_ip, &fib);
 	return mac_eq(fib.dmac, smac) ? SENDER_OWNER : SENDER_OTHER;
 }
 

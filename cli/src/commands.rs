@@ -86,6 +86,7 @@ pub async fn run(server: &str, format: Format, command: Command) -> anyhow::Resu
         Command::Completion { .. } => bail!("`completion` is answered without a server"),
         Command::Token(_) => bail!("`token` commands are run by the token module"),
         Command::Policy(_) => bail!("`policy` commands are run by the policy module"),
+        Command::Network(_) => bail!("`network` commands are run by the network module"),
         Command::Volume(_) => bail!("`volume` commands are run by the volume module"),
         Command::Image(_) => bail!("`image` commands are run by the image module"),
         Command::Node(_) | Command::Vm(_) => {

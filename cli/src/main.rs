@@ -9,6 +9,7 @@
 mod commands;
 mod image;
 mod migrate;
+mod network;
 mod node;
 mod output;
 mod policy;
@@ -111,6 +112,9 @@ enum Command {
     /// Network policies: apply -f FILE (YAML), list, delete.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// VM networks: create (CIDR, VNI, --routing overlay|native), list.
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
     /// Volumes: list, get (each copy's node, state and sync progress),
     /// resize; with --storage-socket, one node's pool from its storage
     /// process: list, get (with replication peers), verify.
@@ -141,6 +145,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Token(command) => runtime.block_on(token::run(&cli.server, cli.output, command)),
         Command::Policy(command) => runtime.block_on(policy::run(&cli.server, cli.output, command)),
+        Command::Network(command) => {
+            runtime.block_on(network::run(&cli.server, cli.output, command))
+        }
         Command::Image(command) => runtime.block_on(image::run(&cli.server, cli.output, command)),
         Command::Node(command) => runtime.block_on(node::run(&cli.server, cli.output, command)),
         Command::Vm(command) => runtime.block_on(vm::run(&cli.server, cli.output, command)),

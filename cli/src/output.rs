@@ -53,7 +53,7 @@ fn headers(kind: Kind) -> &'static [&'static str] {
         Kind::Placement => &["NAME", "VM", "NODE", "EPOCH", "REPLICA NODES"],
         Kind::Token => &["NAME", "USES", "MAX USES", "EXPIRES IN", "REVOKED"],
         Kind::Member => &["NAME", "ID", "ADDRESS", "VOTER", "LEADER"],
-        Kind::Network => &["NAME", "CIDR", "VNI"],
+        Kind::Network => &["NAME", "CIDR", "VNI", "ROUTING"],
         Kind::Policy => &["NAME", "SELECTOR", "INGRESS", "EGRESS"],
         Kind::Endpoint => &[
             "NAME", "IP", "MAC", "VM", "NIC", "NODE", "EPOCH", "IDENTITY", "STATE",
@@ -111,6 +111,7 @@ fn row(object: &Object) -> Vec<String> {
             n.meta.name.clone(),
             n.spec.cidr.clone(),
             n.spec.vni.to_string(),
+            crate::network::routing_text(n.spec.routing).to_owned(),
         ],
         Object::Policy(p) => vec![
             p.meta.name.clone(),

@@ -431,6 +431,7 @@ mod tests {
                 spec: NetworkSpec {
                     cidr: "10.9.0.0/29".into(),
                     vni: 9,
+                    routing: None,
                 },
             }),
         );
@@ -572,6 +573,7 @@ mod tests {
                 spec: NetworkSpec {
                     cidr: "10.9.0.0/29".into(),
                     vni: 9,
+                    routing: None,
                 },
             }),
         );

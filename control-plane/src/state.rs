@@ -1229,6 +1229,7 @@ mod tests {
             spec: basalt_api::NetworkSpec {
                 cidr: cidr.into(),
                 vni,
+                routing: None,
             },
         })
     }

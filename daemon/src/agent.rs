@@ -97,7 +97,8 @@ pub struct AgentArgs {
     net_dns: Vec<std::net::Ipv4Addr>,
     /// Idle timeouts of connection-tracking entries in seconds, as
     /// NAME=SECONDS items (any subset of tcp, tcp-opening, tcp-syn-recv,
-    /// tcp-closing, tcp-close, udp, udp-stream, icmp, other; the rest keep
+    /// tcp-closing, tcp-close-wait, tcp-last-ack, tcp-time-wait, tcp-close,
+    /// udp, udp-stream, icmp, other; the rest keep
     /// the kernel's defaults),
     /// e.g. `tcp=86400,udp=60`.
     #[arg(long, default_value_t = basalt_sdn::conntrack::Timeouts::default())]

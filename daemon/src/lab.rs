@@ -77,6 +77,10 @@ enum LabCommand {
         /// Number of nodes (network namespaces with a libvirtd each).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=9))]
         nodes: u8,
+        /// How the nodes' agents carry VM networks that do not choose a
+        /// mode (their `--net-routing`): `overlay` or `native`.
+        #[arg(long, default_value_t = basalt_sdn::Routing::Overlay)]
+        net_routing: basalt_sdn::Routing,
     },
     /// Remove everything `up` created.
     Down,
@@ -125,7 +129,7 @@ struct VmState {
 pub fn run(args: LabArgs) -> anyhow::Result<()> {
     ensure_root()?;
     match args.command {
-        LabCommand::Up { nodes } => up(nodes),
+        LabCommand::Up { nodes, net_routing } => up(nodes, net_routing),
         LabCommand::Down => down(),
         LabCommand::Routes { servers } => follow_routes(&servers),
         LabCommand::Status => {
@@ -168,7 +172,7 @@ fn read_state() -> anyhow::Result<Option<LabState>> {
     }
 }
 
-fn up(nodes: u8) -> anyhow::Result<()> {
+fn up(nodes: u8, net_routing: basalt_sdn::Routing) -> anyhow::Result<()> {
     let report = sweep::sweep_stale();
     tracing::debug!(?report, "swept stale test objects");
     if let Some(state) = read_state()? {
@@ -189,14 +193,14 @@ fn up(nodes: u8) -> anyhow::Result<()> {
     // Whatever a crashed or half-finished `up` left goes first.
     sweep::tear_down(LAB_PREFIX).context("removing an earlier lab")?;
     remove_datapath_pins();
-    let state = build(nodes)?;
+    let state = build(nodes, net_routing)?;
     let health = check(&state);
     print!("{}", describe(&state, &health));
     Ok(())
 }
 
 /// Builds the lab. On error, the handles' drops remove what was made.
-fn build(nodes: u8) -> anyhow::Result<LabState> {
+fn build(nodes: u8, net_routing: basalt_sdn::Routing) -> anyhow::Result<LabState> {
     let prefix = Prefix::lab()?;
     let mut fabric = Fabric::new(&prefix).context("creating the lab's bridge")?;
     for i in 1..=nodes {
@@ -372,6 +376,7 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
             .arg(storage_socket(&prefix, node.name()))
             .arg("--console-dir")
             .arg(prefix.log_dir())
+            .args(["--net-routing", net_routing.as_str()])
             .env("BASALT_JOIN_TOKEN", secret.expose())
             .netns(node);
         processes.push(Process::start(&prefix, spec).context("starting basaltd agent")?);
@@ -391,6 +396,7 @@ fn build(nodes: u8) -> anyhow::Result<LabState> {
         spec: NetworkSpec {
             cidr: VM_NETWORK.into(),
             vni: VM_VNI,
+            routing: None,
         },
     };
     runtime

@@ -387,6 +387,7 @@ async fn a_vm_boots_with_its_cloud_init_seed_and_from_its_first_disk() {
         spec: NetworkSpec {
             cidr: "10.80.0.0/24".into(),
             vni: 80,
+            routing: None,
         },
     };
     admin

@@ -118,6 +118,7 @@ fn network(name: &str, cidr: &str, vni: u32) -> Object {
         spec: NetworkSpec {
             cidr: cidr.into(),
             vni,
+            routing: None,
         },
     })
 }

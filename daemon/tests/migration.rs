@@ -510,6 +510,7 @@ async fn a_vm_moves_live_there_and_back_its_endpoint_moving_on_activation() {
             spec: NetworkSpec {
                 cidr: "10.77.0.0/16".into(),
                 vni: 4277,
+                routing: None,
             },
         }))
         .await

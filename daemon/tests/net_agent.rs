@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use basalt_agent::vm_domain::{derived_mac, tap_name, vm_uuid};
 use basalt_api::{
-    AdminClient, Endpoint, KernelBoot, Kind, Network, NetworkSpec, Nic, Object, ObjectMeta,
-    PlacementRules, Policy, PolicyAction, PolicyProtocol, PolicyRule, PolicySpec, Vm, VmSpec,
+    AdminClient, Endpoint, KernelBoot, Kind, Nic, Object, ObjectMeta, PlacementRules, Policy,
+    PolicyAction, PolicyProtocol, PolicyRule, PolicySpec, Vm, VmSpec,
 };
 use basalt_sdn::tap::Tap;
 use basalt_testkit::{Fabric, Node, Prefix, Process, ProcessSpec};
@@ -317,15 +317,40 @@ fn vxlan_rx_packets(node: &Node) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_lease_wire_and_route_vm_nics_across_nodes_over_the_overlay() {
-    agents_lease_wire_and_route_vm_nics_across_nodes("overlay").await;
+    agents_lease_wire_and_route_vm_nics_across_nodes("overlay", None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_lease_wire_and_route_vm_nics_across_nodes_with_native_routing() {
-    agents_lease_wire_and_route_vm_nics_across_nodes("native").await;
+    agents_lease_wire_and_route_vm_nics_across_nodes("native", None).await;
 }
 
-async fn agents_lease_wire_and_route_vm_nics_across_nodes(routing: &str) {
+/// The network chooses its mode (`basalt network create --routing
+/// native`) on nodes whose default is the overlay: its packets go natively.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_routed_natively_on_overlay_nodes() {
+    agents_lease_wire_and_route_vm_nics_across_nodes("overlay", Some("native")).await;
+}
+
+/// The basalt CLI beside basaltd.
+fn basalt_cli() -> PathBuf {
+    let path = PathBuf::from(BASALTD).with_file_name("basalt");
+    assert!(
+        path.is_file(),
+        "the basalt CLI is not built at {} (cargo build -p basalt)",
+        path.display()
+    );
+    path
+}
+
+/// `node_routing` is the agents' `--net-routing`; the network is created
+/// with `basalt network create`, with `--routing` when `network_routing`
+/// says one. Packets go as the network says, else as the nodes do.
+async fn agents_lease_wire_and_route_vm_nics_across_nodes(
+    node_routing: &str,
+    network_routing: Option<&str>,
+) {
+    let routing = network_routing.unwrap_or(node_routing);
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -354,7 +379,7 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes(routing: &str) {
                 .arg(prefix.log_dir())
                 .args(["--net-conntrack-timeouts", "udp=2,udp-stream=2"])
                 .args(["--net-conntrack-sweep-ms", "300"])
-                .args(["--net-routing", routing])
+                .args(["--net-routing", node_routing])
                 .env("BASALT_JOIN_TOKEN", &secret)
                 .env("RUST_LOG", "info,basalt_agent=debug")
                 .netns(node),
@@ -371,17 +396,47 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes(routing: &str) {
     })
     .await;
 
-    let network = Network {
-        meta: ObjectMeta::named("blue"),
-        spec: NetworkSpec {
-            cidr: "10.77.0.0/16".into(),
-            vni: 4242,
-        },
+    let mut create = Command::new(basalt_cli());
+    create
+        .args(["--server", &server, "network", "create", "blue"])
+        .args(["--cidr", "10.77.0.0/16", "--vni", "4242"]);
+    if let Some(mode) = network_routing {
+        create.args(["--routing", mode]);
+    }
+    let out = run(&mut create);
+    assert!(out.contains("network/blue created"), "{out}");
+    let Object::Network(network) = admin.get(Kind::Network, "blue").await.expect("network") else {
+        panic!("a network")
     };
-    admin
-        .create(Object::Network(network))
-        .await
-        .expect("network");
+    assert_eq!(
+        network.spec.routing.map(|r| r.as_str()),
+        network_routing,
+        "the network keeps the mode it was given, or none"
+    );
+    let listed = run(Command::new(basalt_cli()).args(["--server", &server, "network", "list"]));
+    assert!(
+        listed.contains(network_routing.unwrap_or("node default")),
+        "{listed}"
+    );
+    // A mode that does not exist is refused, naming the flag.
+    let bad = Command::new(basalt_cli())
+        .args(["--server", &server, "network", "create", "red"])
+        .args([
+            "--cidr",
+            "10.78.0.0/16",
+            "--vni",
+            "4243",
+            "--routing",
+            "vxlan",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--routing"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     let mut created = Vec::new();
     for (name, app) in [("vm1", "web"), ("vm2", "db")] {
         let Object::Vm(v) = admin.create(Object::Vm(vm(name, app))).await.expect("vm") else {
@@ -491,7 +546,7 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes(routing: &str) {
     // The operator's view shows the mode and the open flows' TCP state.
     let status = run(Command::new(BASALTD).args(["net", "status", "--node", node2.netns()]));
     assert!(
-        status.contains(&format!("routing: {routing}")),
+        status.contains(&format!("routing: {node_routing}")),
         "basaltd net status: {status}"
     );
     assert!(

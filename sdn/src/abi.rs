@@ -26,9 +26,13 @@ pub const EP_SEL_EGRESS: u16 = 1 << 2;
 /// `endpoint.flags`: local, and its tap is a veth: packets arriving on a
 /// TC ingress are handed straight to the other end (`bpf_redirect_peer`).
 pub const EP_PEER: u16 = 1 << 3;
-/// `config.flags`: native routing — remote endpoints are reached without
-/// encapsulation, through the underlay towards their owner node (without
-/// it, through the VXLAN overlay).
+/// `endpoint.flags`: packets for it leave this node natively (its
+/// network's routing mode, else the node's); without it, over the
+/// overlay. Only read for remote endpoints.
+pub const EP_NATIVE: u16 = 1 << 4;
+/// `config.flags`: the node's default routing is native (for networks
+/// that do not say). The programs follow each endpoint's [`EP_NATIVE`];
+/// this one is for the operator's view.
 pub const CFG_NATIVE: u16 = 1 << 0;
 /// `iface.flags`: the tap waits for the guest (a migration target).
 pub const IFACE_STANDBY: u32 = 1 << 0;
@@ -277,6 +281,9 @@ pub const CT_CLOSING: u32 = 1 << 1;
 /// `ct_value.flags`: the flow's first packet came from the key's second
 /// end (`daddr`, `dport`).
 pub const CT_ORIG_HIGH: u32 = 1 << 2;
+/// `ct_value.flags`: TCP, the first FIN came from the key's second end
+/// (the closing states tell the first closer's packets from the other's).
+pub const CT_FIN_HIGH: u32 = 1 << 3;
 
 /// `ct_value.tcp_state`: none kept (not TCP, or an entry made before
 /// states were): the entry ages by its flags.
@@ -288,10 +295,18 @@ pub const CT_TCP_SYN_RECV: u8 = 2;
 /// `ct_value.tcp_state`: the opener acknowledged the SYN+ACK (or the flow
 /// was picked up mid-way).
 pub const CT_TCP_ESTABLISHED: u8 = 3;
-/// `ct_value.tcp_state`: a FIN from either end.
+/// `ct_value.tcp_state`: a FIN from either end (the first closer).
 pub const CT_TCP_FIN_WAIT: u8 = 4;
 /// `ct_value.tcp_state`: a RST.
 pub const CT_TCP_CLOSE: u8 = 5;
+/// `ct_value.tcp_state`: the other end acknowledged the first FIN.
+pub const CT_TCP_CLOSE_WAIT: u8 = 6;
+/// `ct_value.tcp_state`: the other end sent its FIN too, not yet
+/// acknowledged.
+pub const CT_TCP_LAST_ACK: u8 = 7;
+/// `ct_value.tcp_state`: the first closer acknowledged the other end's
+/// FIN: closed both ways.
+pub const CT_TCP_TIME_WAIT: u8 = 8;
 
 /// The name of a `CT_TCP_*` state, as the kernel's conntrack spells it.
 pub fn tcp_state_name(state: u8) -> &'static str {
@@ -302,6 +317,9 @@ pub fn tcp_state_name(state: u8) -> &'static str {
         CT_TCP_ESTABLISHED => "ESTABLISHED",
         CT_TCP_FIN_WAIT => "FIN_WAIT",
         CT_TCP_CLOSE => "CLOSE",
+        CT_TCP_CLOSE_WAIT => "CLOSE_WAIT",
+        CT_TCP_LAST_ACK => "LAST_ACK",
+        CT_TCP_TIME_WAIT => "TIME_WAIT",
         _ => "UNKNOWN",
     }
 }

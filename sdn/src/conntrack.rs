@@ -6,7 +6,7 @@
 //! (`last_seen_ns`, the kernel's coarse `CLOCK_MONOTONIC`) and its state
 //! (`CT_REPLY` once answered, `CT_CLOSING` after a TCP FIN or RST, and a
 //! TCP flow's `CT_TCP_*` state: SYN_SENT, SYN_RECV, ESTABLISHED, FIN_WAIT,
-//! CLOSE); user space removes entries idle for longer than their timeout.
+//! CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE); user space removes entries idle for longer than their timeout.
 //! The defaults are the Linux kernel's netfilter ones.
 //!
 //! Invariants: an entry whose flow sent a packet within its timeout is
@@ -19,8 +19,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::abi::{
-    CT_CLOSING, CT_REPLY, CT_TCP_CLOSE, CT_TCP_ESTABLISHED, CT_TCP_FIN_WAIT, CT_TCP_SYN_RECV,
-    CT_TCP_SYN_SENT, CtKey, CtValue,
+    CT_CLOSING, CT_REPLY, CT_TCP_CLOSE, CT_TCP_CLOSE_WAIT, CT_TCP_ESTABLISHED, CT_TCP_FIN_WAIT,
+    CT_TCP_LAST_ACK, CT_TCP_SYN_RECV, CT_TCP_SYN_SENT, CT_TCP_TIME_WAIT, CtKey, CtValue,
 };
 
 const TCP: u8 = 6;
@@ -36,9 +36,16 @@ pub struct Timeouts {
     pub tcp_syn_recv: Duration,
     /// TCP, established (`tcp`).
     pub tcp_established: Duration,
-    /// TCP after a FIN: FIN_WAIT (`tcp-closing`); an entry without a TCP
-    /// state, after a FIN or RST.
+    /// TCP after a first FIN: FIN_WAIT (`tcp-closing`); an entry without a
+    /// TCP state, after a FIN or RST.
     pub tcp_closing: Duration,
+    /// TCP, the first FIN acknowledged: CLOSE_WAIT (`tcp-close-wait`).
+    pub tcp_close_wait: Duration,
+    /// TCP, both ends' FINs, the last not acknowledged: LAST_ACK
+    /// (`tcp-last-ack`).
+    pub tcp_last_ack: Duration,
+    /// TCP, closed both ways: TIME_WAIT (`tcp-time-wait`).
+    pub tcp_time_wait: Duration,
     /// TCP after a RST: CLOSE (`tcp-close`).
     pub tcp_close: Duration,
     /// UDP, one direction only so far (`udp`).
@@ -53,14 +60,18 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     /// The kernel's: TCP established 5 days, SYN_SENT 120 s, SYN_RECV
-    /// 60 s, FIN_WAIT 120 s (as its TIME_WAIT), CLOSE 10 s; UDP 30 s and
-    /// 120 s once answered, ICMP 30 s, anything else 600 s.
+    /// 60 s, FIN_WAIT 120 s, CLOSE_WAIT 60 s, LAST_ACK 30 s, TIME_WAIT
+    /// 120 s, CLOSE 10 s; UDP 30 s and 120 s once answered, ICMP 30 s,
+    /// anything else 600 s.
     fn default() -> Timeouts {
         Timeouts {
             tcp_opening: Duration::from_secs(120),
             tcp_syn_recv: Duration::from_secs(60),
             tcp_established: Duration::from_secs(432_000),
             tcp_closing: Duration::from_secs(120),
+            tcp_close_wait: Duration::from_secs(60),
+            tcp_last_ack: Duration::from_secs(30),
+            tcp_time_wait: Duration::from_secs(120),
             tcp_close: Duration::from_secs(10),
             udp: Duration::from_secs(30),
             udp_stream: Duration::from_secs(120),
@@ -81,7 +92,7 @@ pub enum TimeoutsError {
     },
     /// An unknown timeout name.
     #[error(
-        "conntrack timeouts: unknown name {name:?} (known: tcp, tcp-opening, tcp-syn-recv, tcp-closing, tcp-close, udp, udp-stream, icmp, other)"
+        "conntrack timeouts: unknown name {name:?} (known: tcp, tcp-opening, tcp-syn-recv, tcp-closing, tcp-close-wait, tcp-last-ack, tcp-time-wait, tcp-close, udp, udp-stream, icmp, other)"
     )]
     Name {
         /// The name.
@@ -99,11 +110,14 @@ pub enum TimeoutsError {
 
 impl Timeouts {
     /// The names of the timeouts, as the string form uses them.
-    const NAMES: [&'static str; 9] = [
+    const NAMES: [&'static str; 12] = [
         "tcp",
         "tcp-opening",
         "tcp-syn-recv",
         "tcp-closing",
+        "tcp-close-wait",
+        "tcp-last-ack",
+        "tcp-time-wait",
         "tcp-close",
         "udp",
         "udp-stream",
@@ -117,6 +131,9 @@ impl Timeouts {
             "tcp-opening" => &mut self.tcp_opening,
             "tcp-syn-recv" => &mut self.tcp_syn_recv,
             "tcp-closing" => &mut self.tcp_closing,
+            "tcp-close-wait" => &mut self.tcp_close_wait,
+            "tcp-last-ack" => &mut self.tcp_last_ack,
+            "tcp-time-wait" => &mut self.tcp_time_wait,
             "tcp-close" => &mut self.tcp_close,
             "udp" => &mut self.udp,
             "udp-stream" => &mut self.udp_stream,
@@ -135,6 +152,9 @@ impl Timeouts {
                 CT_TCP_SYN_RECV => return self.tcp_syn_recv,
                 CT_TCP_ESTABLISHED => return self.tcp_established,
                 CT_TCP_FIN_WAIT => return self.tcp_closing,
+                CT_TCP_CLOSE_WAIT => return self.tcp_close_wait,
+                CT_TCP_LAST_ACK => return self.tcp_last_ack,
+                CT_TCP_TIME_WAIT => return self.tcp_time_wait,
                 CT_TCP_CLOSE => return self.tcp_close,
                 // No state kept: by the flags, as before states were.
                 _ => {}
@@ -265,6 +285,9 @@ mod tests {
             (CT_TCP_SYN_RECV, t.tcp_syn_recv, 60),
             (CT_TCP_ESTABLISHED, t.tcp_established, 432_000),
             (CT_TCP_FIN_WAIT, t.tcp_closing, 120),
+            (CT_TCP_CLOSE_WAIT, t.tcp_close_wait, 60),
+            (CT_TCP_LAST_ACK, t.tcp_last_ack, 30),
+            (CT_TCP_TIME_WAIT, t.tcp_time_wait, 120),
             (CT_TCP_CLOSE, t.tcp_close, 10),
         ] {
             // The state decides, whatever the flags say.
@@ -273,8 +296,12 @@ mod tests {
         }
         // A state is TCP's only.
         assert_eq!(t.timeout(&key(UDP), &state(CT_TCP_CLOSE, 0)), t.udp);
-        let custom: Timeouts = "tcp-syn-recv=7,tcp-close=3".parse().unwrap();
+        let custom: Timeouts = "tcp-syn-recv=7,tcp-close=3,tcp-time-wait=2,tcp-last-ack=4"
+            .parse()
+            .unwrap();
         assert_eq!(custom.tcp_syn_recv, Duration::from_secs(7));
+        assert_eq!(custom.tcp_time_wait, Duration::from_secs(2));
+        assert_eq!(custom.tcp_last_ack, Duration::from_secs(4));
         assert_eq!(custom.tcp_close, Duration::from_secs(3));
         assert_eq!(custom.to_string().parse::<Timeouts>().unwrap(), custom);
     }

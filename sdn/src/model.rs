@@ -87,6 +87,9 @@ pub struct Network {
     pub vni: u32,
     /// The addresses leased to its endpoints.
     pub cidr: Cidr,
+    /// How nodes carry its packets between them; `None`: each node's own
+    /// default ([`crate::NodeConfig::routing`]).
+    pub routing: Option<crate::Routing>,
 }
 
 /// A VM NIC's address, wherever the VM runs.
@@ -283,6 +286,7 @@ mod tests {
             name: name.into(),
             vni,
             cidr: cidr.parse().unwrap(),
+            routing: None,
         }
     }
 

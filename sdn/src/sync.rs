@@ -139,7 +139,8 @@ pub struct NodeConfig {
     pub addr: Ipv4Addr,
     /// The node's VXLAN device, 0 if none.
     pub vxlan_ifindex: u32,
-    /// How packets for endpoints on other nodes leave this one.
+    /// How packets for endpoints on other nodes leave this one, for
+    /// networks that do not say ([`crate::Network::routing`]).
     pub routing: Routing,
 }
 
@@ -230,6 +231,13 @@ pub fn compile(
         ..MapState::default()
     };
     let vni: HashMap<&str, u32> = networks.iter().map(|n| (n.name.as_str(), n.vni)).collect();
+    let native: HashMap<&str, bool> = networks
+        .iter()
+        .map(|n| {
+            let mode = n.routing.unwrap_or(node.routing);
+            (n.name.as_str(), mode == Routing::Native)
+        })
+        .collect();
     for net in networks {
         state
             .networks
@@ -243,7 +251,13 @@ pub fn compile(
             identity: ep.identity,
             vni: vni[ep.network.as_str()],
             mac: ep.mac,
-            flags: 0,
+            // Packets for it leave natively (its network's mode, else the
+            // node's); only read for remote endpoints.
+            flags: if native[ep.network.as_str()] {
+                abi::EP_NATIVE
+            } else {
+                0
+            },
         };
         if local {
             let Some(link) = tap(&ep.tap) else {
@@ -634,6 +648,7 @@ mod tests {
             name: "blue".into(),
             vni: 100,
             cidr: "10.50.0.0/16".parse().unwrap(),
+            routing: None,
         }]
     }
 
@@ -735,6 +750,55 @@ mod tests {
             assert_eq!(mode.to_string().parse::<Routing>(), Ok(mode));
         }
         assert!("tunnel".parse::<Routing>().is_err());
+    }
+
+    #[test]
+    fn each_network_routes_by_its_own_mode_or_the_nodes() {
+        let mut networks = nets();
+        networks.push(Network {
+            name: "green".into(),
+            vni: 200,
+            cidr: "10.60.0.0/16".parse().unwrap(),
+            routing: None,
+        });
+        let green = |last: u8| Endpoint {
+            ip: Ipv4Addr::new(10, 60, 0, last),
+            network: "green".into(),
+            ..ep(last, OTHER, 8)
+        };
+        let mut native = |node_mode, blue_mode| {
+            let node = NodeConfig {
+                routing: node_mode,
+                ..node()
+            };
+            networks[0].routing = blue_mode;
+            let state = compile(
+                &node,
+                &[ep(2, OTHER, 8), green(3)],
+                &networks,
+                &[],
+                &[],
+                &taps,
+            )
+            .unwrap()
+            .state;
+            let native = |ip| state.endpoints[&ip_key(ip)].flags & crate::abi::EP_NATIVE != 0;
+            (
+                native(Ipv4Addr::new(10, 50, 0, 2)),
+                native(Ipv4Addr::new(10, 60, 0, 3)),
+            )
+        };
+        // (blue, green): blue says its mode, green follows the node.
+        assert_eq!(native(Routing::Overlay, None), (false, false));
+        assert_eq!(native(Routing::Native, None), (true, true));
+        assert_eq!(
+            native(Routing::Overlay, Some(Routing::Native)),
+            (true, false)
+        );
+        assert_eq!(
+            native(Routing::Native, Some(Routing::Overlay)),
+            (false, true)
+        );
     }
 
     #[test]

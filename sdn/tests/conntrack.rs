@@ -5,8 +5,8 @@
 //! without a policy over it; once a selected flow's entry has expired, a
 //! policy that refuses new flows refuses it too; a closed TCP flow goes
 //! after the short closing timeout. TCP flows go through SYN_SENT,
-//! SYN_RECV, ESTABLISHED, FIN_WAIT and CLOSE, each aging by its own
-//! timeout. And a conntrack map pinned by the datapath before entries
+//! SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT and
+//! CLOSE, each aging by its own timeout. And a conntrack map pinned by the datapath before entries
 //! aged is carried over on load.
 
 mod common;
@@ -17,8 +17,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use basalt_sdn::abi::{
-    CT_CLOSING, CT_REPLY, CT_TCP_CLOSE, CT_TCP_ESTABLISHED, CT_TCP_FIN_WAIT, CT_TCP_SYN_RECV,
-    CT_TCP_SYN_SENT, CtKey, CtValue, DropReason, ip_key,
+    CT_CLOSING, CT_REPLY, CT_TCP_CLOSE, CT_TCP_CLOSE_WAIT, CT_TCP_ESTABLISHED, CT_TCP_FIN_WAIT,
+    CT_TCP_LAST_ACK, CT_TCP_SYN_RECV, CT_TCP_SYN_SENT, CT_TCP_TIME_WAIT, CtKey, CtValue,
+    DropReason, ip_key, tcp_state_name,
 };
 use basalt_sdn::conntrack::Timeouts;
 use basalt_sdn::loader::{self, Loader};
@@ -28,8 +29,10 @@ use common::{NodeDatapath, Vm, echo_on, init_logs, run};
 
 const CLIENT: u32 = 10;
 const SERVER: u32 = 20;
-/// Short timeouts: established TCP 4 s, closing 1 s, UDP 2 s.
-const TIMEOUTS: &str = "tcp=4,tcp-opening=2,tcp-closing=1,udp=2,udp-stream=2,icmp=2,other=2";
+/// Short timeouts: established TCP 4 s, closing (every state after a
+/// FIN) 1 s, UDP 2 s.
+const TIMEOUTS: &str = "tcp=4,tcp-opening=2,tcp-closing=1,tcp-close-wait=1,tcp-last-ack=1,\
+                        tcp-time-wait=1,udp=2,udp-stream=2,icmp=2,other=2";
 
 /// The entries of flows between `client` (port `port`, 0 = any) and
 /// `server` of protocol `proto`, either direction.
@@ -285,8 +288,9 @@ fn tcp_state(dp: &mut NodeDatapath, client: Ipv4Addr, port: u16, server: Ipv4Add
 
 /// TCP flows go through the kernel's states, each with its timeout: an
 /// unanswered SYN is SYN_SENT (tcp-opening), a SYN+ACK not acknowledged
-/// SYN_RECV, a completed handshake ESTABLISHED, a FIN makes FIN_WAIT
-/// (tcp-closing), a RST CLOSE (tcp-close, the shortest).
+/// SYN_RECV, a completed handshake ESTABLISHED, a close from both ends
+/// TIME_WAIT (tcp-time-wait), a RST CLOSE (tcp-close, the shortest). The
+/// steps of a close in between: `a_tcp_close_goes_through_its_states`.
 #[test]
 fn tcp_flows_go_through_their_states() {
     init_logs();
@@ -304,21 +308,22 @@ fn tcp_flows_go_through_their_states() {
     server.start_echo(7000);
     let srv = SocketAddr::from((sip, 7000));
     dp.apply(&eps, &[]);
-    let timeouts: Timeouts = "tcp=60,tcp-opening=30,tcp-closing=20,tcp-close=1"
+    let timeouts: Timeouts = "tcp=60,tcp-opening=30,tcp-time-wait=20,tcp-close=1"
         .parse()
         .unwrap();
 
-    // Established by the handshake; FIN_WAIT after a FIN.
+    // Established by the handshake; TIME_WAIT once both ends closed (the
+    // echo server closes on the client's FIN, the client acknowledges).
     let mut conn = client.tcp_connect(srv).unwrap();
     let port = conn.local_addr().unwrap().port();
     echo_on(&mut conn, 1_000).unwrap();
     assert_eq!(tcp_state(&mut dp, cip, port, sip), Some(CT_TCP_ESTABLISHED));
     conn.shutdown(std::net::Shutdown::Write).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(tcp_state(&mut dp, cip, port, sip), Some(CT_TCP_FIN_WAIT));
+    assert_eq!(tcp_state(&mut dp, cip, port, sip), Some(CT_TCP_TIME_WAIT));
     drop(conn);
 
-    // A RST: CLOSE, and gone after the 1 s close timeout while a FIN_WAIT
+    // A RST: CLOSE, and gone after the 1 s close timeout while a TIME_WAIT
     // flow (20 s) stays.
     let mut conn = client.tcp_connect(srv).unwrap();
     let reset_port = conn.local_addr().unwrap().port();
@@ -351,8 +356,8 @@ fn tcp_flows_go_through_their_states() {
     );
     assert_eq!(
         tcp_state(&mut dp, cip, port, sip),
-        Some(CT_TCP_FIN_WAIT),
-        "FIN_WAIT has a longer timeout"
+        Some(CT_TCP_TIME_WAIT),
+        "TIME_WAIT has a longer timeout"
     );
 
     // A handshake whose last ACK is lost (the client's pure ACKs are
@@ -389,4 +394,142 @@ fn tcp_flows_go_through_their_states() {
         .count();
     assert_eq!(syn, 1, "the unanswered SYN's flow is SYN_SENT");
     server.ip(&["link", "set", "eth0", "up"]);
+}
+
+/// Polls the flow's state until it is `want` (the kernel's retransmission
+/// timers drive some steps), for up to 5 s; returns the last seen.
+fn wait_state(
+    dp: &mut NodeDatapath,
+    client: Ipv4Addr,
+    port: u16,
+    server: Ipv4Addr,
+    want: u8,
+) -> Option<u8> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let state = tcp_state(dp, client, port, server);
+        if state == Some(want) || Instant::now() > deadline {
+            return state;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Drops the pure ACKs `vm` sends on `port` (`sport` or `dport`), with an
+/// nftables table in its namespace named `name`.
+fn drop_pure_acks(vm: &Vm, name: &str, dir: &str, port: u16) {
+    vm.exec(&["nft", "add", "table", "ip", name]);
+    vm.exec(&[
+        "nft",
+        &format!("add chain ip {name} out {{ type filter hook output priority 0 ; }}"),
+    ]);
+    vm.exec(&[
+        "nft",
+        &format!(
+            "add rule ip {name} out tcp {dir} {port} tcp flags & (syn | ack | fin | rst | psh) == ack drop"
+        ),
+    ]);
+}
+
+/// A close, step by step, from real traffic: the client's FIN while the
+/// server's acknowledgement is lost is FIN_WAIT; once acknowledged,
+/// CLOSE_WAIT (the server has not closed); the server's FIN while the
+/// client's acknowledgement is lost, LAST_ACK; acknowledged, TIME_WAIT.
+/// Each ages by its own timeout, and goes once idle past it.
+#[test]
+fn a_tcp_close_goes_through_its_states() {
+    init_logs();
+    let prefix = Prefix::for_test().unwrap();
+    let mut fabric = Fabric::new(&prefix).unwrap();
+    let node = fabric.add_node("a").unwrap();
+    let (cip, sip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
+    let client = Vm::create(&prefix, &node, 1, cip);
+    let server = Vm::create(&prefix, &node, 2, sip);
+    let mut dp = NodeDatapath::start(&node, &[&client, &server], false);
+    let eps = [
+        client.endpoint(node.addr(), CLIENT),
+        server.endpoint(node.addr(), SERVER),
+    ];
+    dp.apply(&eps, &[]);
+    const PORT: u16 = 7100;
+    // A server that closes only when told: the listener lives in the
+    // server's namespace, the test holds the accepted socket.
+    let listener = server
+        .run_in(|| std::net::TcpListener::bind((sip, PORT)))
+        .unwrap();
+    let mut conn = client.tcp_connect(SocketAddr::from((sip, PORT))).unwrap();
+    let port = conn.local_addr().unwrap().port();
+    let (mut accepted, _) = listener.accept().unwrap();
+    std::io::Write::write_all(&mut conn, b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    std::io::Read::read_exact(&mut accepted, &mut buf).unwrap();
+    assert_eq!(
+        wait_state(&mut dp, cip, port, sip, CT_TCP_ESTABLISHED),
+        Some(CT_TCP_ESTABLISHED)
+    );
+    let name = |s: Option<u8>| s.map_or("none", tcp_state_name);
+
+    // The client's FIN; the server's acknowledgement dropped: FIN_WAIT.
+    drop_pure_acks(&server, "lossy", "sport", PORT);
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let state = tcp_state(&mut dp, cip, port, sip);
+    assert_eq!(state, Some(CT_TCP_FIN_WAIT), "{}", name(state));
+    // Let it through: the client retransmits its FIN, the server
+    // acknowledges, and has not closed: CLOSE_WAIT.
+    server.exec(&["nft", "delete", "table", "ip", "lossy"]);
+    let state = wait_state(&mut dp, cip, port, sip, CT_TCP_CLOSE_WAIT);
+    assert_eq!(state, Some(CT_TCP_CLOSE_WAIT), "{}", name(state));
+    // Data the other way still flows, and keeps it CLOSE_WAIT.
+    std::io::Write::write_all(&mut accepted, b"late").unwrap();
+    let mut late = [0u8; 4];
+    std::io::Read::read_exact(&mut conn, &mut late).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let state = tcp_state(&mut dp, cip, port, sip);
+    assert_eq!(state, Some(CT_TCP_CLOSE_WAIT), "{}", name(state));
+
+    // The server closes; the client's acknowledgement dropped: LAST_ACK.
+    drop_pure_acks(&client, "lossy", "dport", PORT);
+    drop(accepted);
+    std::thread::sleep(Duration::from_millis(300));
+    let state = tcp_state(&mut dp, cip, port, sip);
+    assert_eq!(state, Some(CT_TCP_LAST_ACK), "{}", name(state));
+    // The timeouts of the three: each its own.
+    let timeouts: Timeouts = "tcp-closing=30,tcp-close-wait=20,tcp-last-ack=1,tcp-time-wait=10"
+        .parse()
+        .unwrap();
+    let (key, value) = entries(&mut dp, 6, cip, port, sip).remove(0);
+    assert_eq!(timeouts.timeout(&key, &value), Duration::from_secs(1));
+    for (state, secs) in [
+        (CT_TCP_FIN_WAIT, 30),
+        (CT_TCP_CLOSE_WAIT, 20),
+        (CT_TCP_LAST_ACK, 1),
+        (CT_TCP_TIME_WAIT, 10),
+    ] {
+        let v = CtValue {
+            tcp_state: state,
+            ..value
+        };
+        assert_eq!(timeouts.timeout(&key, &v), Duration::from_secs(secs));
+    }
+    // Acknowledged at last (the server retransmits its FIN): TIME_WAIT,
+    // which outlives LAST_ACK's second.
+    client.exec(&["nft", "delete", "table", "ip", "lossy"]);
+    let state = wait_state(&mut dp, cip, port, sip, CT_TCP_TIME_WAIT);
+    assert_eq!(state, Some(CT_TCP_TIME_WAIT), "{}", name(state));
+    std::thread::sleep(Duration::from_millis(1_600));
+    dp.loader().expire_conntrack(&timeouts).unwrap();
+    assert_eq!(
+        tcp_state(&mut dp, cip, port, sip),
+        Some(CT_TCP_TIME_WAIT),
+        "TIME_WAIT (10 s) stays past LAST_ACK's timeout"
+    );
+    let short: Timeouts = "tcp-time-wait=1".parse().unwrap();
+    dp.loader().expire_conntrack(&short).unwrap();
+    assert_eq!(
+        tcp_state(&mut dp, cip, port, sip),
+        None,
+        "TIME_WAIT expired"
+    );
+    drop(conn);
 }

@@ -13,8 +13,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use basalt_sdn::abi::{DropReason, EP_PEER, EVENT_ACTIVATION};
-use basalt_sdn::{Action, Peer, Policy, Protocol, Routing, Rule, loader};
+use basalt_sdn::abi::{DropReason, EP_NATIVE, EP_PEER, EVENT_ACTIVATION};
+use basalt_sdn::{Action, Endpoint, Network, Peer, Policy, Protocol, Routing, Rule, loader};
 use basalt_testkit::{Fabric, Node, Prefix};
 use common::{NodeDatapath, Vm, echo_on, init_logs};
 
@@ -36,6 +36,93 @@ fn endpoint_moves_on_activation_and_flows_continue_over_the_overlay() {
 #[test]
 fn endpoint_moves_on_activation_and_flows_continue_with_native_routing() {
     endpoint_moves_on_activation_and_flows_continue(Routing::Native);
+}
+
+/// Two networks on the same two nodes, one native, one following the
+/// nodes' default (the overlay): each network's packets leave as its mode
+/// says, side by side.
+#[test]
+fn two_networks_in_different_modes_share_the_nodes() {
+    init_logs();
+    let prefix = Prefix::for_test().unwrap();
+    let mut fabric = Fabric::new(&prefix).unwrap();
+    let a = fabric.add_node("a").unwrap();
+    let b = fabric.add_node("b").unwrap();
+    let blue = Network {
+        routing: Some(Routing::Native),
+        ..common::network()
+    };
+    let green = Network {
+        name: "green".into(),
+        vni: 4343,
+        cidr: "10.78.0.0/16".parse().unwrap(),
+        routing: None,
+    };
+    let (ip1, ip2) = (Ipv4Addr::new(10, 77, 1, 1), Ipv4Addr::new(10, 77, 2, 1));
+    let (ip3, ip4) = (Ipv4Addr::new(10, 78, 1, 1), Ipv4Addr::new(10, 78, 2, 1));
+    let vm1 = Vm::create(&prefix, &a, 1, ip1);
+    let vm2 = Vm::create(&prefix, &b, 2, ip2);
+    let vm3 = Vm::create(&prefix, &a, 3, ip3);
+    let vm4 = Vm::create(&prefix, &b, 4, ip4);
+    let mut dp_a = NodeDatapath::start_routed(&a, &[&vm1, &vm3], Some(Routing::Overlay));
+    let mut dp_b = NodeDatapath::start_routed(&b, &[&vm2, &vm4], Some(Routing::Overlay));
+    let on_green = |ep: Endpoint| Endpoint {
+        network: "green".into(),
+        ..ep
+    };
+    let eps = [
+        vm1.endpoint(a.addr(), 1),
+        vm2.endpoint(b.addr(), 2),
+        on_green(vm3.endpoint(a.addr(), 3)),
+        on_green(vm4.endpoint(b.addr(), 4)),
+    ];
+    let networks = [blue, green];
+    dp_a.apply_networks(&eps, &networks, &[]);
+    dp_b.apply_networks(&eps, &networks, &[]);
+    // What the agent does for every peer node.
+    keep_resolved(&a, &b);
+    keep_resolved(&b, &a);
+    vm2.start_echo(7000);
+    vm4.start_echo(7000);
+    let status = loader::status(a.netns()).unwrap();
+    assert_eq!(status.routing, Routing::Overlay, "the nodes' default");
+    assert_eq!(status.endpoints[&ip2].flags & EP_NATIVE, EP_NATIVE, "blue");
+    assert_eq!(status.endpoints[&ip4].flags & EP_NATIVE, 0, "green");
+
+    let stats = loader::enable_stats().expect("BPF_ENABLE_STATS");
+    let overlay_runs = |dp: &mut NodeDatapath| -> u64 {
+        let stats = dp.loader().program_stats().unwrap();
+        stats
+            .iter()
+            .find(|(p, _, _)| *p == "from_overlay")
+            .unwrap()
+            .2
+    };
+    let before = overlay_runs(&mut dp_b);
+    vm1.tcp_echo(SocketAddr::from((ip2, 7000)), 200_000)
+        .expect("blue between the nodes");
+    assert_eq!(
+        overlay_runs(&mut dp_b),
+        before,
+        "the native network encapsulates nothing"
+    );
+    vm3.tcp_echo(SocketAddr::from((ip4, 7000)), 200_000)
+        .expect("green between the nodes");
+    assert!(
+        overlay_runs(&mut dp_b) > before,
+        "the other network goes over the overlay"
+    );
+    // And both ways.
+    vm1.start_echo(7001);
+    vm3.start_echo(7001);
+    vm2.tcp_echo(SocketAddr::from((ip1, 7001)), 10_000)
+        .expect("blue back");
+    vm4.tcp_echo(SocketAddr::from((ip3, 7001)), 10_000)
+        .expect("green back");
+    drop(stats);
+    for dp in [&mut dp_a, &mut dp_b] {
+        assert_eq!(dp.drops(DropReason::NoNeighbour), 0);
+    }
 }
 
 /// Node `from` resolves `to`'s underlay address (a datagram makes it ask).
@@ -201,6 +288,9 @@ fn tcp_and_udp_between_nodes(routing: Routing) {
         dp_b.apply(&eps, &[]);
         b.ip(&["neigh", "del", &a.addr().to_string(), "dev", "eth0"])
             .unwrap();
+        // The programs' next-hop cache trusts a matching entry for half a
+        // second.
+        std::thread::sleep(std::time::Duration::from_millis(700));
         let before = dp_b.drops(DropReason::NoNeighbour);
         assert!(
             !vm1.reaches(to_vm2),

@@ -2,7 +2,7 @@
 
 use super::required;
 use crate::pb;
-use crate::{ApiError, Endpoint, Network, NetworkSpec};
+use crate::{ApiError, Endpoint, Network, NetworkRouting, NetworkSpec};
 
 impl From<Network> for pb::Network {
     fn from(network: Network) -> Self {
@@ -11,6 +11,11 @@ impl From<Network> for pb::Network {
             spec: Some(pb::NetworkSpec {
                 cidr: network.spec.cidr,
                 vni: network.spec.vni,
+                routing: network
+                    .spec
+                    .routing
+                    .map(|r| r.as_str().to_owned())
+                    .unwrap_or_default(),
             }),
         }
     }
@@ -26,6 +31,7 @@ impl TryFrom<pb::Network> for Network {
             spec: NetworkSpec {
                 cidr: spec.cidr,
                 vni: spec.vni,
+                routing: NetworkRouting::parse("spec.routing", &spec.routing)?,
             },
         };
         network.validate()?;
@@ -89,15 +95,27 @@ mod tests {
 
     #[test]
     fn networks_and_endpoints_survive_the_wire() {
-        let network = Network {
+        let mut network = Network {
             meta: ObjectMeta::named("blue"),
             spec: NetworkSpec {
                 cidr: "10.2.0.0/16".into(),
                 vni: 42,
+                routing: None,
             },
         };
         let wire = pb::Network::from(network.clone());
-        assert_eq!(Network::try_from(wire), Ok(network));
+        assert_eq!(wire.spec.as_ref().unwrap().routing, "");
+        assert_eq!(Network::try_from(wire), Ok(network.clone()));
+        for routing in [NetworkRouting::Overlay, NetworkRouting::Native] {
+            network.spec.routing = Some(routing);
+            let wire = pb::Network::from(network.clone());
+            assert_eq!(wire.spec.as_ref().unwrap().routing, routing.as_str());
+            assert_eq!(Network::try_from(wire), Ok(network.clone()));
+        }
+        let mut wire = pb::Network::from(network.clone());
+        wire.spec.as_mut().unwrap().routing = "vxlan".into();
+        let err = Network::try_from(wire).unwrap_err();
+        assert!(err.to_string().contains("spec.routing"), "{err}");
         let ip = Ipv4Addr::new(10, 2, 0, 9);
         let endpoint = Endpoint {
             meta: ObjectMeta::named(Endpoint::name_for(ip)),

@@ -26,7 +26,7 @@ pub use migration::{
     DEFAULT_MIGRATION_TIMEOUT_SECONDS, MAX_MIGRATION_FLOWS, MAX_MIGRATION_TIMEOUT_SECONDS,
     Migration, MigrationPhase, MigrationSpec, MigrationStatus, TrackedFlow,
 };
-pub use network::{Endpoint, MAX_VNI, Network, NetworkSpec};
+pub use network::{Endpoint, MAX_VNI, Network, NetworkRouting, NetworkSpec};
 pub use node::{Node, NodeSpec, NodeStatus, Resources};
 pub use object::{Kind, Object, ObjectList};
 pub use placement::Placement;

@@ -30,6 +30,47 @@ pub struct NetworkSpec {
     pub cidr: String,
     /// VXLAN network identifier, 1 to [`MAX_VNI`], unique among networks.
     pub vni: u32,
+    /// How nodes carry the network's packets between them; `None` leaves
+    /// it to each node's default (its agent's `--net-routing`, overlay
+    /// unless set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing: Option<NetworkRouting>,
+}
+
+/// How nodes carry a network's packets between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkRouting {
+    /// VXLAN between the nodes, with the network's VNI.
+    Overlay,
+    /// Unencapsulated, with the owner node's underlay address as the next
+    /// hop: the nodes share an L2 segment, or routers route the network's
+    /// addresses to them.
+    Native,
+}
+
+impl NetworkRouting {
+    /// The name on the wire and in files: `overlay` or `native`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkRouting::Overlay => "overlay",
+            NetworkRouting::Native => "native",
+        }
+    }
+
+    /// Parses a wire value: `""` is `None` (the node's default); errors
+    /// name `field`.
+    pub fn parse(field: &str, text: &str) -> Result<Option<NetworkRouting>, ApiError> {
+        match text {
+            "" => Ok(None),
+            "overlay" => Ok(Some(NetworkRouting::Overlay)),
+            "native" => Ok(Some(NetworkRouting::Native)),
+            other => Err(ApiError::invalid(
+                field,
+                format!("{other:?}: must be overlay or native (or empty for the node's default)"),
+            )),
+        }
+    }
 }
 
 impl NetworkSpec {
@@ -179,6 +220,7 @@ mod tests {
             spec: NetworkSpec {
                 cidr: cidr.into(),
                 vni,
+                routing: None,
             },
         }
     }

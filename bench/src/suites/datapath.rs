@@ -233,6 +233,18 @@ impl NodeDp {
         })?
     }
 
+    /// Keeps the next hop towards each of `peers` resolved from this node
+    /// (managed neighbour entries), as the agent does for every other
+    /// node: native receive drops what it cannot tell.
+    pub(super) fn keep_resolved(&self, peers: &[&Node]) -> anyhow::Result<()> {
+        for peer in peers {
+            self.netlink
+                .keep_resolved(peer.addr())
+                .with_context(|| format!("keeping {} resolved", peer.name()))?;
+        }
+        Ok(())
+    }
+
     /// Switches how the node reaches the others (takes effect with the
     /// next apply).
     pub(super) fn set_routing(&mut self, routing: Routing) {
@@ -257,6 +269,7 @@ impl NodeDp {
             name: "bench".into(),
             vni: 77,
             cidr: "10.77.0.0/16".parse().expect("constant cidr"),
+            routing: None,
         };
         let netlink = &self.netlink;
         self.dp.apply(eps, &[net], policies, standby, &|n| {
@@ -518,6 +531,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     )?;
     let mut dp_a = NodeDp::start(&a, &[&v1])?;
     let mut dp_b = NodeDp::start(&b, &[&v2])?;
+    dp_a.keep_resolved(&[&b])?;
+    dp_b.keep_resolved(&[&a])?;
     let eps = [
         v1.endpoint(&a, VM_IDENTITY[0]),
         v2.endpoint(&b, VM_IDENTITY[1]),

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use basalt_sdn::Routing;
 use basalt_sdn::abi::EVENT_ACTIVATION;
-use basalt_testkit::{Fabric, Prefix};
+use basalt_testkit::{Fabric, Node, Prefix};
 
 use super::Options;
 use super::datapath::{NodeDp, Vm, in_netns};
@@ -85,6 +85,13 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         NodeDp::start_routed(&nodes[1], &[], routing)?,
         NodeDp::start_routed(&nodes[2], &[&peer], routing)?,
     ];
+    for (i, dp) in dps.iter().enumerate() {
+        let others: Vec<&Node> = (0..nodes.len())
+            .filter(|j| *j != i)
+            .map(|j| &nodes[j])
+            .collect();
+        dp.keep_resolved(&others)?;
+    }
     let eps = |owner: usize| {
         [
             peer.endpoint(&nodes[2], 3),

@@ -743,6 +743,7 @@ async fn set_up(basaltd: &Path) -> anyhow::Result<Lab> {
             spec: NetworkSpec {
                 cidr: "10.77.0.0/16".into(),
                 vni: 4277,
+                routing: None,
             },
         }))
         .await?;

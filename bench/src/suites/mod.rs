@@ -9,6 +9,7 @@ mod guest_boot;
 mod ha;
 mod migration;
 mod nbd;
+mod policy_update;
 mod raft;
 mod replication;
 mod scheduler;
@@ -45,6 +46,11 @@ pub const ALL: &[Suite] = &[
         name: "endpoint-move",
         about: "an endpoint moves between nodes under a peer's TCP ping-pong: activation to every node forwarding, and the peer's longest gap",
         run: endpoint_move::run,
+    },
+    Suite {
+        name: "policy-update",
+        about: "a committed policy change (create, delete) to its enforcement in every node's eBPF maps, 3 namespace nodes running basaltd agent --network",
+        run: policy_update::run,
     },
     Suite {
         name: "nbd",

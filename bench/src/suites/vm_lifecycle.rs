@@ -256,6 +256,7 @@ async fn start(basaltd: &Path) -> anyhow::Result<Stack> {
         spec: NetworkSpec {
             cidr: "10.80.0.0/24".into(),
             vni: 80,
+            routing: None,
         },
     };
     admin.create(Object::Network(network)).await?;

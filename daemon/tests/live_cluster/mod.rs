@@ -277,6 +277,7 @@ impl LiveCluster {
                 spec: NetworkSpec {
                     cidr: "10.78.0.0/16".into(),
                     vni: 4278,
+                    routing: None,
                 },
             }))
             .await

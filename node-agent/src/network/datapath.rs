@@ -151,6 +151,8 @@ struct Host {
     /// when that was last checked.
     resolved: BTreeMap<Ipv4Addr, Ipv4Addr>,
     resolved_at: Option<Instant>,
+    /// `from_uplink` is attached to the uplink.
+    uplink_attached: bool,
 }
 
 /// How often the managed neighbour entries of the peers' next hops are
@@ -170,6 +172,7 @@ impl Host {
             by_ifindex: BTreeMap::new(),
             resolved: BTreeMap::new(),
             resolved_at: None,
+            uplink_attached: false,
         }
     }
 
@@ -303,6 +306,7 @@ impl Host {
             // without it; a node that sends natively needs it (its peers
             // send natively too, and only this program applies policy to
             // what they send).
+            self.uplink_attached = false;
             if let Err(err) = loader.attach(&self.config.uplink, Hook::Uplink) {
                 if self.config.routing == Routing::Native {
                     return Err(format!(
@@ -313,6 +317,8 @@ impl Host {
                 }
                 tracing::warn!(uplink = %self.config.uplink, error = %error_chain(&err),
                     "no overlay fast path on the uplink, and unencapsulated packets from native-routing nodes go to VMs without ingress policy");
+            } else {
+                self.uplink_attached = true;
             }
             self.vxlan_ifindex = vxlan;
             self.datapath = Some(Datapath::new(
@@ -348,6 +354,27 @@ impl Host {
         let (Some(netlink), Some(dp)) = (self.netlink.as_ref(), self.datapath.as_mut()) else {
             return Err("datapath not loaded".into());
         };
+        // A network routed natively needs the uplink's program on every
+        // node: it alone takes (and applies ingress policy to) what peers
+        // send that way.
+        if !self.uplink_attached
+            && let Some(net) = plan
+                .networks
+                .iter()
+                .find(|n| n.routing == Some(Routing::Native))
+        {
+            dp.store_mut()
+                .attach(&self.config.uplink, Hook::Uplink)
+                .map_err(|e| {
+                    format!(
+                        "network {} is routed natively and needs the uplink's program on {}: {}",
+                        net.name,
+                        self.config.uplink,
+                        error_chain(&e)
+                    )
+                })?;
+            self.uplink_attached = true;
+        }
 
         // Taps: create, wire, attach.
         let mut problems = Vec::new();

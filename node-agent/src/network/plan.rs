@@ -130,6 +130,10 @@ pub fn plan(
                 name: network.meta.name.clone(),
                 vni: network.spec.vni,
                 cidr,
+                routing: network.spec.routing.map(|r| match r {
+                    basalt_api::NetworkRouting::Overlay => basalt_sdn::Routing::Overlay,
+                    basalt_api::NetworkRouting::Native => basalt_sdn::Routing::Native,
+                }),
             }),
             Err(err) => {
                 out.problems
@@ -273,6 +277,7 @@ mod tests {
                 spec: basalt_api::NetworkSpec {
                     cidr: "10.77.0.0/16".into(),
                     vni: 42,
+                    routing: None,
                 },
             },
         );

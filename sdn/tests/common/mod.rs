@@ -26,6 +26,7 @@ pub fn network() -> Network {
         name: "blue".into(),
         vni: 4242,
         cidr: "10.77.0.0/16".parse().unwrap(),
+        routing: None,
     }
 }
 
@@ -361,6 +362,23 @@ impl NodeDatapath {
 
     pub fn apply(&mut self, endpoints: &[Endpoint], policies: &[Policy]) -> ApplyReport {
         self.apply_standby(endpoints, policies, &[])
+    }
+
+    /// [`NodeDatapath::apply`] with networks of the test's choosing.
+    pub fn apply_networks(
+        &mut self,
+        endpoints: &[Endpoint],
+        networks: &[Network],
+        policies: &[Policy],
+    ) -> ApplyReport {
+        let netlink = &self.netlink;
+        self.dp
+            .as_mut()
+            .unwrap()
+            .apply(endpoints, networks, policies, &[], &|name| {
+                netlink.tap_link(name).ok()
+            })
+            .expect("apply")
     }
 
     pub fn apply_standby(

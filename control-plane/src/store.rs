@@ -635,6 +635,12 @@ impl RecentEntries {
         }
     }
 
+    /// The log id at `index`, if its entry is here.
+    fn log_id_at(&self, index: u64) -> Option<LogId> {
+        let offset = usize::try_from(index.checked_sub(self.first_index()?)?).ok()?;
+        self.entries.get(offset).map(|(e, _)| e.log_id)
+    }
+
     /// The entries from `start` to `end`, if all of them are here.
     fn get(&self, start: u64, end: Bound<u64>) -> Option<Vec<Entry>> {
         let first = self.first_index()?;
@@ -735,9 +741,9 @@ impl DurableLog {
             .recent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(index, Bound::Included(index));
-        if let Some(entry) = recent.and_then(|mut v| v.pop()) {
-            return Some(entry.log_id);
+            .log_id_at(index);
+        if recent.is_some() {
+            return recent;
         }
         let value = self
             .db
@@ -1543,6 +1549,9 @@ mod tests {
             Some(vec![5, 6, 7, 8, 9])
         );
         assert_eq!(recent.get(4, Bound::Included(6)), None, "4 is not held");
+        assert_eq!(recent.log_id_at(7).map(|id| id.index), Some(7));
+        assert_eq!(recent.log_id_at(4), None);
+        assert_eq!(recent.log_id_at(10), None);
         assert_eq!(recent.get(8, Bound::Included(10)), None, "10 is not held");
         // A new leader's entries replace those at and after their first.
         recent.push(batch(8, 8));
@@ -1561,6 +1570,59 @@ mod tests {
             Some(vec![20, 21])
         );
         assert_eq!(recent.bytes, 20);
+    }
+
+    #[tokio::test]
+    async fn a_commit_index_is_clamped_to_the_fsynced_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _sm, _shared) = open(dir.path(), 100, 1, true).unwrap();
+        let durable = log.durable_log();
+        let id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+        let no_wait = std::time::Duration::ZERO;
+        // Entries 1..=4 fsynced, 5..=6 written and not yet.
+        log.recent().push(
+            (1..=6)
+                .map(|i| (entry(i, Command::Create(image(&format!("i{i}")))), 10))
+                .collect(),
+        );
+        let synced = log.durability.appended(1);
+        log.durability.flushed(synced, Ok(()));
+        let pending = log.durability.appended(5);
+        assert_eq!(durable.clamp_commit(None, no_wait).await, None);
+        assert_eq!(
+            durable.clamp_commit(Some(id(3)), no_wait).await,
+            Some(id(3))
+        );
+        assert_eq!(
+            durable.clamp_commit(Some(id(6)), no_wait).await,
+            Some(id(4))
+        );
+        // An empty message waits for the fsync, within its limit.
+        let waited = {
+            let durable = durable.clone();
+            tokio::spawn(async move {
+                durable
+                    .clamp_commit(Some(id(6)), std::time::Duration::from_secs(5))
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waited.is_finished());
+        log.durability.flushed(pending, Ok(()));
+        assert_eq!(waited.await.unwrap(), Some(id(6)));
+        // A later append not fsynced yet: the index stops before it.
+        let first = log.durability.appended(7);
+        assert_eq!(
+            durable.clamp_commit(Some(id(7)), no_wait).await,
+            Some(id(6))
+        );
+        log.durability.flushed(first, Ok(()));
+        // Nothing durable at all: no commit index.
+        let dir = tempfile::tempdir().unwrap();
+        let (fresh, _sm, _shared) = open(dir.path(), 100, 1, true).unwrap();
+        let _ = fresh.durability.appended(1);
+        let clamped = fresh.durable_log().clamp_commit(Some(id(2)), no_wait).await;
+        assert_eq!(clamped, None);
     }
 
     #[tokio::test]

@@ -19,7 +19,8 @@
 //! comma-separated, default `1,16,64`; e.g. `64` alone for profiling),
 //! `BASALT_RAFT_KIND` (`image`, the default, or `node`),
 //! `BASALT_RAFT_SYSTEMS` (`basalt,etcd` by default; one of them alone for
-//! profiling).
+//! profiling), `BASALT_RAFT_CONFIG` (a config file every Basalt member
+//! is started with, e.g. `[raft]` settings to compare).
 //!
 //! Images are plain stored data, as etcd's keys are: no controller on the
 //! leader looks at them. Node objects (what the suite wrote before) also
@@ -177,6 +178,10 @@ pub(super) async fn start_basalt(dir: &Path, basaltd: &Path) -> anyhow::Result<S
         .map(|s| (*s).to_owned())
         .collect();
         args.push(dir.join(format!("basalt-{id}")).display().to_string());
+        if let Some(config) = std::env::var_os("BASALT_RAFT_CONFIG") {
+            args.push("--config".into());
+            args.push(config.to_string_lossy().into_owned());
+        }
         match addresses.first() {
             None => args.push("--bootstrap".into()),
             Some(seed) => args.extend(["--join".to_owned(), String::clone(seed)]),

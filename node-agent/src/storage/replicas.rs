@@ -649,18 +649,38 @@ pub async fn run(
 /// migration target's second primary (also from
 /// [`Volumes::prepare_incoming`]).
 async fn ensure_secondary(storage: &StorageClient, wanted: &Wanted) -> Result<(), ApiError> {
-    let name = &wanted.attach.name;
+    ensure_copy(
+        storage,
+        &wanted.attach.name,
+        wanted.size_bytes,
+        Some(&wanted.attach),
+    )
+    .await
+}
+
+/// Makes pool volume `name` (empty, `size_bytes`, unless it exists; grown
+/// when smaller) and attaches it as `attach` says, when given (a copy
+/// that is not replicated keeps the pool's standalone role). Also the
+/// standalone volumes' copies ([`super::standalone`]).
+pub(super) async fn ensure_copy(
+    storage: &StorageClient,
+    name: &str,
+    size_bytes: u64,
+    attach: Option<&AttachVolume>,
+) -> Result<(), ApiError> {
     let volume = storage
         .ensure_volume(EnsureVolume {
-            name: name.clone(),
-            size_bytes: wanted.size_bytes,
+            name: name.to_owned(),
+            size_bytes,
             source: None,
         })
         .await?;
-    if volume.size_bytes < wanted.size_bytes {
-        storage.resize_volume(name, wanted.size_bytes).await?;
+    if volume.size_bytes < size_bytes {
+        storage.resize_volume(name, size_bytes).await?;
     }
-    storage.attach_volume(wanted.attach.clone()).await?;
+    if let Some(attach) = attach {
+        storage.attach_volume(attach.clone()).await?;
+    }
     Ok(())
 }
 

@@ -31,13 +31,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use basalt_api::{
-    AdminClient, ApiError, AttachVolume, EnsureVolume, Kind, Node, Object, Placement,
-    StorageClient, Volume, VolumeRole, WatchEvent,
+    AdminClient, ApiError, AttachVolume, Kind, Node, Object, Placement, StorageClient, Volume,
+    VolumeRole, WatchEvent,
 };
 use futures::StreamExt as _;
 
 use super::StorageConfig;
-use super::replicas::{list_of, peers};
+use super::replicas::{ensure_copy, list_of, peers};
 use super::snapshots;
 
 /// How often everything held here is attached again, whatever changed.
@@ -149,24 +149,14 @@ async fn ensure_held(
         };
         attach.peers = peers(node, &placement, nodes)?;
     }
-    let made = async {
-        let name = &held.storage_name;
-        let volume = storage
-            .ensure_volume(EnsureVolume {
-                name: name.clone(),
-                size_bytes: held.size_bytes,
-                source: None,
-            })
-            .await?;
-        if volume.size_bytes < held.size_bytes {
-            storage.resize_volume(name, held.size_bytes).await?;
-        }
-        if let Some(attach) = attach {
-            storage.attach_volume(attach).await?;
-        }
-        Ok::<_, ApiError>(())
-    };
-    made.await.map_err(|e| e.to_string())
+    ensure_copy(
+        storage,
+        &held.storage_name,
+        held.size_bytes,
+        attach.as_ref(),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// What the loop keeps between passes.

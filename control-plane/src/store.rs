@@ -417,6 +417,10 @@ impl FsyncHooks {
     }
 }
 
+/// The longest an [`ElectionGuard`] holds elections off, in multiples of
+/// its `hold`.
+pub const GUARD_HOLD_LIMIT: u32 = 5;
+
 /// Keeps a member whose own disk stalled from starting an election it
 /// has no grounds for. openraft's core runs a log append (and its
 /// inline fsync) to the end before it looks at anything else, then takes
@@ -424,11 +428,13 @@ impl FsyncHooks {
 /// longer than the election timeout reads as the leader's silence,
 /// although the leader's heartbeats are waiting in the queue. After a
 /// disk call longer than `stall_after`, elections are switched off
-/// (openraft's runtime switch, read by the tick) and on again `hold`
-/// later, by when the queued AppendEntries have renewed the leader's
-/// lease; a later stall extends the hold. A leader that really died is
-/// replaced at most `hold` later than otherwise, and only when this
-/// member's own disk stalled.
+/// (openraft's runtime switch, read by the tick) and on again `hold` or
+/// the stall's own length later, whichever is longer (at most
+/// [`GUARD_HOLD_LIMIT`] × `hold`: a long stall usually starved the whole
+/// process, so the queued AppendEntries need longer to reach the core),
+/// by when they have renewed the leader's lease; a later stall extends
+/// it. A leader that really died is replaced at most that much later
+/// than otherwise, and only when this member's own disk stalled.
 #[derive(Default)]
 pub struct ElectionGuard {
     raft: Mutex<Option<Raft>>,
@@ -447,7 +453,8 @@ impl std::fmt::Debug for ElectionGuard {
 
 impl ElectionGuard {
     /// Starts guarding `raft`: a disk call longer than `stall_after`
-    /// switches its elections off for `hold`.
+    /// switches its elections off for `hold` or the call's length,
+    /// whichever is longer (at most [`GUARD_HOLD_LIMIT`] × `hold`).
     pub fn attach(&self, raft: Raft, stall_after: Duration, hold: Duration) {
         *self.raft.lock().unwrap_or_else(|e| e.into_inner()) = Some(raft);
         *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = Some((stall_after, hold));
@@ -471,6 +478,7 @@ impl ElectionGuard {
         let Some(raft) = self.raft.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return;
         };
+        let hold = took.clamp(hold, hold.saturating_mul(GUARD_HOLD_LIMIT));
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         // Switched off before the append returns to the core, so its
         // next tick already sees it.

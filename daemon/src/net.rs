@@ -2,7 +2,7 @@
 //! pinned maps (nothing is loaded, attached or changed).
 
 use anyhow::Context as _;
-use basalt_sdn::abi::{EP_LOCAL, IFACE_STANDBY, SUBJ_EGRESS, SUBJ_INGRESS, ip_from_key};
+use basalt_sdn::abi::{EP_LOCAL, EP_NATIVE, IFACE_STANDBY, SUBJ_EGRESS, SUBJ_INGRESS, ip_from_key};
 use basalt_sdn::loader;
 use clap::{Args, Subcommand};
 
@@ -34,6 +34,39 @@ fn mac(m: [u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// How each network (by VNI) reaches its endpoints on other nodes, as the
+/// endpoints map says (`EP_NATIVE` is set per remote endpoint from its
+/// network's mode, else the node's): `native`, `overlay`, or that this
+/// node holds none of its endpoints elsewhere yet.
+fn network_routes(
+    endpoints: &std::collections::BTreeMap<std::net::Ipv4Addr, basalt_sdn::abi::EndpointValue>,
+) -> std::collections::BTreeMap<u32, String> {
+    let mut by_vni: std::collections::BTreeMap<u32, (usize, usize)> = Default::default();
+    for ep in endpoints.values() {
+        let (native, overlay) = by_vni.entry(ep.vni).or_default();
+        if ep.flags & EP_LOCAL != 0 {
+            continue;
+        }
+        if ep.flags & EP_NATIVE != 0 {
+            *native += 1;
+        } else {
+            *overlay += 1;
+        }
+    }
+    by_vni
+        .into_iter()
+        .map(|(vni, counts)| {
+            let line = match counts {
+                (0, 0) => "no endpoint on another node".to_owned(),
+                (n, 0) => format!("native ({n} endpoints on other nodes)"),
+                (0, n) => format!("overlay ({n} endpoints on other nodes)"),
+                (a, b) => format!("mixed: {a} native, {b} overlay (a mode change in flight)"),
+            };
+            (vni, line)
+        })
+        .collect()
 }
 
 fn status(node: &str) -> anyhow::Result<()> {
@@ -82,7 +115,10 @@ fn status(node: &str) -> anyhow::Result<()> {
         }
         println!("  identity {identity:<6} {}", dirs.join("+"));
     }
-    println!("routing: {}", s.routing);
+    println!("routing: {} (node default)", s.routing);
+    for (vni, line) in network_routes(&s.endpoints) {
+        println!("  vni {vni:<8} {line}");
+    }
     println!("tracked flows: {}", s.conntrack);
     for (state, count) in &s.tcp_states {
         println!(

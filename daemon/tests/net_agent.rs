@@ -546,8 +546,14 @@ async fn agents_lease_wire_and_route_vm_nics_across_nodes(
     // The operator's view shows the mode and the open flows' TCP state.
     let status = run(Command::new(BASALTD).args(["net", "status", "--node", node2.netns()]));
     assert!(
-        status.contains(&format!("routing: {node_routing}")),
+        status.contains(&format!("routing: {node_routing} (node default)")),
         "basaltd net status: {status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.trim_start().starts_with("vni 4242") && l.contains(&format!(" {routing} ("))),
+        "basaltd net status shows the network's own mode ({routing}): {status}"
     );
     assert!(
         status.contains("tcp ESTABLISHED"),

@@ -148,6 +148,16 @@ async fn allocated(storage: &basalt_api::StorageClient, volume: &str) -> Option<
         .map(|v| v.allocated_bytes)
 }
 
+/// Whether the control plane holds none of `vm`'s copies outdated (the
+/// agent clears a mark a moment after its storage says the copy is in
+/// sync; a move asked before that finds no up-to-date target).
+async fn none_outdated(admin: &basalt_api::AdminClient, vm: &str) -> bool {
+    matches!(
+        admin.get(Kind::Vm, vm).await,
+        Ok(Object::Vm(v)) if v.status.outdated_replicas.is_empty()
+    )
+}
+
 async fn migration(admin: &basalt_api::AdminClient, vm: &str) -> Option<Migration> {
     match admin.get(Kind::Migration, vm).await {
         Ok(Object::Migration(m)) => Some(m),
@@ -438,6 +448,13 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         DEADLINE,
         &cluster.processes(),
         || async { in_sync(&cluster.clients[1], &volume, 1).await },
+    )
+    .await;
+    wait::until(
+        "the control plane holds no copy of mover outdated",
+        DEADLINE,
+        &cluster.processes(),
+        || async { none_outdated(&admin, "mover").await },
     )
     .await;
     assert!(

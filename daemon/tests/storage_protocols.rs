@@ -11,81 +11,16 @@
 mod storage_cli;
 
 use std::net::SocketAddr;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use basalt_testkit::Prefix;
 use basalt_testkit::nbd_client::{BLOCK, NbdClient, block};
-use basalt_testkit::process::Process;
 
-use storage_cli::{free_addr, is_root, ok, serve, two_pools};
+use storage_cli::{
+    assert_same, field, free_addr, is_root, ok, plain_logs, serve, two_pools, wait_log,
+};
 
 const CHUNK: u64 = 64 << 10;
-
-/// The log from byte `from` on, without terminal colour escapes.
-fn plain_logs(p: &Process, from: usize) -> String {
-    let logs = p.logs();
-    let mut out = String::new();
-    let mut chars = logs.get(from..).unwrap_or("").chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn wait_log(p: &Process, from: usize, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let logs = plain_logs(p, from);
-        if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never logged {needle:?}:\n{}",
-            p.name(),
-            p.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn field(line: &str, name: &str) -> u64 {
-    let key = format!("{name}=");
-    let at = line
-        .find(&key)
-        .unwrap_or_else(|| panic!("{name} in {line}"))
-        + key.len();
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in {line}"))
-}
-
-/// `qemu-img compare` of the two exports: identical contents.
-fn assert_same(a: SocketAddr, b: SocketAddr) {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(format!("nbd://{a}/vol"))
-        .arg(format!("nbd://{b}/vol"))
-        .output()
-        .expect("run qemu-img compare");
-    assert!(
-        out.status.success(),
-        "the copies differ: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn read_block(addr: SocketAddr, offset: u64) -> Vec<u8> {
     let mut c = NbdClient::connect(addr, "vol").expect("connect");

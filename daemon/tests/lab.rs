@@ -196,12 +196,24 @@ fn lab_up_status_down() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
-        let basalt_api::Object::Vm(moved) =
-            admin.get(basalt_api::Kind::Vm, "lab-vm").await.unwrap()
-        else {
-            panic!("lab-vm is a vm")
-        };
-        assert_eq!(moved.status.node.as_deref(), Some(target.as_str()));
+        // The VM's status follows from the target agent's report, a moment
+        // after the migration's own success.
+        loop {
+            let basalt_api::Object::Vm(moved) =
+                admin.get(basalt_api::Kind::Vm, "lab-vm").await.unwrap()
+            else {
+                panic!("lab-vm is a vm")
+            };
+            if moved.status.node.as_deref() == Some(target.as_str()) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "lab-vm's status never named {target}: {:?}",
+                moved.status
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     });
     wait_route(&format!("{vm_ip} via {target_address}"));
     assert_eq!(vm.echo("moved").unwrap(), "moved");

@@ -57,20 +57,7 @@ impl Node {
 
     /// The log without terminal colour escapes.
     fn plain_logs(&self) -> String {
-        let mut out = String::new();
-        let mut chars = self.process.logs().chars().collect::<Vec<_>>().into_iter();
-        while let Some(c) = chars.next() {
-            if c == '\u{1b}' {
-                for d in chars.by_ref() {
-                    if d.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        out
+        storage_cli::plain_logs(&self.process, 0)
     }
 
     fn log_count(&self, needle: &str) -> usize {

@@ -255,6 +255,10 @@ struct ServeArgs {
     /// protocol B's receive acks sent).
     #[arg(long, hide = true)]
     hold_replica_writes_when: Option<PathBuf>,
+    /// For tests of a disk attached again: hold the copy-back of the
+    /// chunks it missed while this file exists (reads and writes go on).
+    #[arg(long, hide = true)]
+    hold_copy_back_when: Option<PathBuf>,
 }
 
 /// A backing store that fails every I/O once a trigger file exists (a
@@ -685,6 +689,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     if let (Some(replica), Some(path)) = (&replica, &args.hold_replica_writes_when) {
         replica.holds().hold_apply_when(path.clone());
+    }
+    if let Some(path) = &args.hold_copy_back_when {
+        attachments.copy_back_hold().hold_when(path.clone());
     }
     // The operator's static peers: each volume named becomes a primary
     // with its peers, as if attached through the API, over whatever was

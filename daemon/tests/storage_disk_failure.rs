@@ -6,8 +6,11 @@
 //! has them), and reads through the primary — of data written before and
 //! after the failure — are served by the peer. Once the device works
 //! again, `basaltd storage volume attach-disk` attaches it: the chunks
-//! written meanwhile are copied back from the peer, and both copies match
-//! (`qemu-img compare`).
+//! written meanwhile are copied back from the peer while writes go on
+//! (the copy-back held by the hidden `--hold-copy-back-when`: `qemu-io`
+//! writes into chunks not copied back yet, and reads of them, complete
+//! before `attach-disk` returns, and are never overwritten by the older
+//! copies), and both copies match (`qemu-img compare`).
 
 mod storage_cli;
 
@@ -17,7 +20,7 @@ use basalt_api::{DiskState, ReplicaPeerState, StorageClient, StorageStatus};
 use basalt_testkit::Prefix;
 
 /// `qemu-io` on the export at `nbd`: whether it succeeded, and its output.
-use storage_cli::{assert_same, free_addr, is_root, ok, qemu_io, run, serve, two_pools};
+use storage_cli::{assert_same, free_addr, is_root, qemu_io, run, serve, two_pools};
 
 #[test]
 fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
@@ -29,6 +32,7 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
     let (pa, pb) = two_pools(&prefix, "64M", "16M");
     let (pa, pb) = (pa.as_str(), pb.as_str());
     let trigger = prefix.dir().join("a-disk-dies");
+    let hold = prefix.dir().join("hold-copy-back");
     let socket = prefix.dir().join("a.sock");
     let (nbd_a, nbd_b, repl_b) = (free_addr(), free_addr(), free_addr());
     let _replica = serve(
@@ -52,6 +56,8 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
             socket.to_str().expect("socket").into(),
             "--fail-io-when".into(),
             trigger.to_str().expect("trigger").into(),
+            "--hold-copy-back-when".into(),
+            hold.to_str().expect("hold").into(),
         ],
     );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -120,8 +126,53 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
     );
     assert_eq!(status().disk_state, DiskState::Failed);
     std::fs::remove_file(&trigger).expect("the device works again");
-    let out = ok(&["storage", "volume", "attach-disk", "--local-socket", sock]);
-    assert!(out.contains("Attached"), "{out}");
+    std::fs::write(&hold, b"").expect("hold the copy-back");
+    let mut attach = std::process::Command::new(env!("CARGO_BIN_EXE_basaltd"))
+        .args(["storage", "volume", "attach-disk", "--local-socket", sock])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("basaltd storage volume attach-disk");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status().disk_state != DiskState::Attached {
+        assert!(Instant::now() < deadline, "{}", primary.log_tail(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The copy-back is held: writes into chunks not copied back yet (part
+    // of one, all of another) and reads of others complete meanwhile.
+    for command in [
+        "write -P 0x55 1052672 4k",
+        "write -P 0x66 4M 64k",
+        "read -P 0x22 1536k 64k",
+    ] {
+        let (done, text) = qemu_io(nbd_a, false, command);
+        assert!(done, "during the copy-back, {command}: {text}");
+    }
+    assert!(
+        attach.try_wait().expect("attach-disk").is_none(),
+        "attach-disk returned before the writes made during its copy-back"
+    );
+    assert!(
+        primary.logs().contains("copy-back held"),
+        "{}",
+        primary.log_tail(20)
+    );
+    std::fs::remove_file(&hold).expect("release the copy-back");
+    let out = attach.wait_with_output().expect("attach-disk ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("Attached"), "{out:?}");
+    // Nothing written meanwhile was overwritten by the older copies.
+    for command in [
+        "read -P 0x22 1M 4k",
+        "read -P 0x55 1052672 4k",
+        "read -P 0x22 1056768 60k",
+        "read -P 0x66 4M 64k",
+    ] {
+        for nbd in [nbd_a, nbd_b] {
+            let (done, text) = qemu_io(nbd, false, command);
+            assert!(done, "after the copy-back, {command} on {nbd}: {text}");
+        }
+    }
     let st = status();
     assert_eq!(st.disk_state, DiskState::Attached, "{st:?}");
     assert!(st.disk_error.is_empty(), "{st:?}");

@@ -38,6 +38,12 @@
 //!   peer removed, the volume no longer a primary, detached or deleted),
 //!   so a log found at start always belongs to a primary that was
 //!   stopped while it was one.
+//! - a primary whose disk was detached grows its own copy to the size its
+//!   peers grew to meanwhile before anything is copied back, and its
+//!   writes are held only for the switch back ([`Attachments::attach_disk`]):
+//!   until a chunk written while detached is copied back, reads of it go
+//!   to a peer and a write to it copies it back first, so the copy-back
+//!   never overwrites a newer write.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -300,6 +306,41 @@ pub struct Attachments {
     dirty_dir: Option<PathBuf>,
     /// Serialises writes of the file.
     saving: Mutex<()>,
+    /// Test hook: holds the copy-back of a disk attached again.
+    copy_back_hold: Arc<CopyBackHold>,
+}
+
+/// Test hook that holds [`Attachments::attach_disk`]'s copy-back before
+/// each chunk (writes and reads go on meanwhile). Nothing holds unless a
+/// test (or `basaltd storage serve --hold-copy-back-when`) asks.
+#[derive(Debug, Default)]
+pub struct CopyBackHold {
+    on: AtomicBool,
+    when: Mutex<Option<PathBuf>>,
+}
+
+impl CopyBackHold {
+    /// Holds (or releases) the copy-back.
+    pub fn hold(&self, on: bool) {
+        self.on.store(on, Ordering::SeqCst);
+    }
+
+    /// Holds the copy-back while `path` exists.
+    pub fn hold_when(&self, path: PathBuf) {
+        *lock(&self.when) = Some(path);
+    }
+
+    fn wait(&self) {
+        let held = || {
+            self.on.load(Ordering::SeqCst) || lock(&self.when).as_ref().is_some_and(|p| p.exists())
+        };
+        if held() {
+            tracing::info!("copy-back held");
+            while held() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Attachments {
@@ -315,6 +356,9 @@ impl fmt::Debug for Attachments {
 #[derive(Debug)]
 pub struct Slot {
     name: String,
+    /// The pool (to copy a stale chunk back before a write covers part
+    /// of it).
+    pool: Pool,
     book: Arc<ReplicaBook>,
     disk: Arc<DiskHealth>,
     /// The pool's chunk size.
@@ -323,6 +367,14 @@ pub struct Slot {
     /// have them): copied back from a peer when the disk is attached
     /// again.
     stale: Mutex<BTreeSet<u64>>,
+    /// The size a primary's peers grew to while its disk was detached
+    /// (the local copy could not grow): the local copy grows to it before
+    /// the stale chunks are copied back.
+    grown: Mutex<Option<u64>>,
+    /// The disk is attached again but chunks in `stale` are not copied
+    /// back yet: reads of them go to a peer, a write to part of one
+    /// copies it back first (checked without a lock while false).
+    copying: AtomicBool,
     /// One change at a time.
     change: Mutex<()>,
     gate: Mutex<Gate>,
@@ -431,6 +483,17 @@ impl Slot {
                     .iter()
                     .map(|(_, r)| r.clone())
                     .collect();
+                // The disk is back but chunks it missed are still being
+                // copied back: those this write touches come back first,
+                // so it lands on current data and the copy-back never
+                // overwrites it.
+                if self.copying.load(Ordering::Acquire)
+                    && !self.disk.is_failed()
+                    && let Some((offset, len)) = op.range()
+                    && len > 0
+                {
+                    self.settle_stale(offset, len, &replicators)?;
+                }
                 // Diskless (the disk failed before or during this write):
                 // the write stands only if a peer applied it.
                 let diskless = std::cell::Cell::new(false);
@@ -457,6 +520,12 @@ impl Slot {
                         ),
                     }));
                 }
+                if diskless.get()
+                    && let Op::Resize { size } = op
+                {
+                    let mut grown = lock(&self.grown);
+                    *grown = Some(grown.map_or(size, |g| g.max(size)));
+                }
                 Ok(())
             }
         }
@@ -472,7 +541,7 @@ impl Slot {
         buf: &mut [u8],
         local: impl FnOnce(&mut [u8]) -> Result<(), PoolError>,
     ) -> Result<(), PoolError> {
-        if !self.disk.is_failed() {
+        if !self.disk.is_failed() && !self.reads_stale(offset, buf.len()) {
             match local(buf) {
                 Err(e @ PoolError::Io { .. }) => self.disk.fail(&error_chain(&e)),
                 other => return other,
@@ -494,9 +563,88 @@ impl Slot {
         })
     }
 
-    /// Whether reads go to a peer (the disk is detached).
+    /// Whether reads may go to a peer: the disk is detached, or attached
+    /// again with chunks not yet copied back ([`Slot::read`] decides per
+    /// read).
     pub fn diskless(&self) -> bool {
-        self.disk.is_failed()
+        self.disk.is_failed() || self.copying.load(Ordering::Acquire)
+    }
+
+    /// Whether a read of `offset..offset+len` must go to a peer while
+    /// chunks are copied back: it touches one not copied back yet.
+    fn reads_stale(&self, offset: u64, len: usize) -> bool {
+        if !self.copying.load(Ordering::Acquire) || len == 0 {
+            return false;
+        }
+        let cs = self.chunk.max(1);
+        let (first, last) = (offset / cs, (offset + len as u64 - 1) / cs);
+        lock(&self.stale).range(first..=last).next().is_some()
+    }
+
+    /// Before a write to `offset..offset+len` while chunks are copied
+    /// back: each chunk it touches that is not copied back yet is copied
+    /// back first (under the stale set's lock, which the copy-back takes
+    /// per chunk too), so neither the write lands on old data nor the
+    /// copy-back overwrites the write. A chunk that cannot be copied back
+    /// fails the write (EIO) before anything is written.
+    fn settle_stale(
+        &self,
+        offset: u64,
+        len: u64,
+        replicators: &[Replicator],
+    ) -> Result<(), ReplicationError> {
+        let cs = self.chunk.max(1);
+        let (first, last) = (offset / cs, (offset + len - 1) / cs);
+        let mut stale = lock(&self.stale);
+        let hit: Vec<u64> = stale.range(first..=last).copied().collect();
+        for c in hit {
+            self.copy_chunk(c, replicators).map_err(|why| {
+                ReplicationError::Local(PoolError::Io {
+                    op: "writing",
+                    source: io::Error::other(format!(
+                        "chunk {c} was written while the disk was detached and cannot be copied back: {why}"
+                    )),
+                })
+            })?;
+            stale.remove(&c);
+        }
+        Ok(())
+    }
+
+    /// Copies chunk `c` back into the local copy from the first of
+    /// `replicators` that reads it (a READ frame in the live order, so
+    /// every write shipped before is in it).
+    fn copy_chunk(&self, c: u64, replicators: &[Replicator]) -> Result<(), String> {
+        let volume = self
+            .pool
+            .open_volume(&self.name)
+            .map_err(|e| error_chain(&e))?;
+        let size = volume.size().map_err(|e| error_chain(&e))?;
+        let cs = self.chunk.max(1);
+        let offset = c * cs;
+        if offset >= size {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; cs.min(size - offset) as usize];
+        let mut why = String::from("no connected peer");
+        let got = replicators
+            .iter()
+            .any(|r| match r.read_remote(offset, &mut buf) {
+                Ok(()) => true,
+                Err(e) => {
+                    why = e.to_string();
+                    false
+                }
+            });
+        if !got {
+            return Err(format!("reading chunk {c} from a peer: {why}"));
+        }
+        volume.write(offset, &buf, false).map_err(|e| {
+            if matches!(e, PoolError::Io { .. }) {
+                self.disk.fail(&error_chain(&e));
+            }
+            error_chain(&e)
+        })
     }
 
     /// Whether a write would be refused outright here (a secondary).
@@ -518,6 +666,7 @@ impl Attachments {
             file: None,
             dirty_dir: None,
             saving: Mutex::new(()),
+            copy_back_hold: Arc::new(CopyBackHold::default()),
         }
     }
 
@@ -656,12 +805,21 @@ impl Attachments {
 
     /// Attaches the pool's backing store again after an I/O error detached
     /// it, once the device works: the store must sync and the pool's
-    /// metadata verify; then, with every volume's writes held, each
-    /// primary volume written while detached gets those chunks back from
-    /// a connected peer (READ frames in the live order), and the disk is
-    /// attached. Secondaries need nothing here: their primaries, which
-    /// tracked what they missed, resync them at their next hello (refused
-    /// while the disk was detached). Nothing changes on an error.
+    /// metadata verify. Then every volume's writes are held only for the
+    /// switch: each primary grown while detached grows its own copy to
+    /// its peers' size, each primary written while detached must have a
+    /// connected peer, and the disk counts as attached. The chunks those
+    /// primaries wrote while detached (only their peers have them) are
+    /// then copied back from a peer one at a time while writes go on: a
+    /// read of a chunk not copied back yet goes to a peer, a write to one
+    /// copies it back first ([`Slot::submit`]), so the copy-back never
+    /// overwrites a newer write. Secondaries need nothing here: their
+    /// primaries, which tracked what they missed, resync them at their
+    /// next hello (refused while the disk was detached). Attachment
+    /// changes wait until the copy-back is done. Refused, nothing changed,
+    /// while the store fails or a written primary has no connected peer;
+    /// a copy-back that fails midway (its peer lost) detaches the disk
+    /// again, the chunks not copied back still tracked for the next try.
     pub fn attach_disk(&self) -> Result<DiskReattached, AttachDiskError> {
         if !self.disk.is_failed() {
             return Ok(DiskReattached::default());
@@ -669,16 +827,17 @@ impl Attachments {
         let still = |source| AttachDiskError::StillFailing { source };
         self.pool.flush().map_err(still)?;
         self.pool.verify().map_err(still)?;
-        // Every volume's writes held (slots in name order; attachment
-        // changes take one slot at a time, so this cannot deadlock).
+        // Every volume's writes held for the switch (slots in name order;
+        // attachment changes take one slot at a time, so this cannot
+        // deadlock); changes stay out until the copy-back is done.
         let mut slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
         slots.sort_by(|a, b| a.name.cmp(&b.name));
         let changes: Vec<_> = slots.iter().map(|s| lock(&s.change)).collect();
         for slot in &slots {
             self.drain(slot);
         }
-        let result = self.copy_back(&slots);
-        if result.is_ok() {
+        let prepared = self.prepare_copy_back(&slots);
+        if prepared.is_ok() {
             self.disk.recover();
         }
         for slot in &slots {
@@ -686,65 +845,121 @@ impl Attachments {
             gate.changing = false;
             slot.drained.notify_all();
         }
+        let to_copy = match prepared {
+            Ok(to_copy) => to_copy,
+            Err(err) => {
+                for slot in &slots {
+                    slot.copying.store(false, Ordering::Release);
+                }
+                return Err(err);
+            }
+        };
+        tracing::info!(
+            volumes = to_copy.len(),
+            "the pool's backing store is attached again; copying back what it missed while writes go on"
+        );
+        let result = self.copy_back(&slots);
+        if let Err(err) = &result {
+            // Diskless again: what is not copied back stays tracked.
+            self.disk.fail(&err.to_string());
+            for slot in &slots {
+                slot.copying.store(false, Ordering::Release);
+            }
+        }
         drop(changes);
-        let copied_back = result?;
-        tracing::info!(?copied_back, "the pool's backing store is attached again");
+        result?;
+        tracing::info!(copied_back = ?to_copy, "chunks written while the disk was detached copied back from a peer");
         Ok(DiskReattached {
             was_detached: true,
-            copied_back,
+            copied_back: to_copy,
         })
     }
 
-    /// With writes held and the disk still detached for readers: copies
-    /// each primary's stale chunks back from a connected peer.
-    fn copy_back(&self, slots: &[Arc<Slot>]) -> Result<Vec<(String, u64)>, AttachDiskError> {
+    /// With writes held and the disk still detached: grows each primary
+    /// grown meanwhile to its peers' size, checks each primary written
+    /// meanwhile has a connected peer and marks it copying. Returns, per
+    /// such volume, the chunks to copy back.
+    fn prepare_copy_back(
+        &self,
+        slots: &[Arc<Slot>],
+    ) -> Result<Vec<(String, u64)>, AttachDiskError> {
         let mut out = Vec::new();
         for slot in slots {
-            let stale: Vec<u64> = lock(&slot.stale).iter().copied().collect();
-            if stale.is_empty() {
+            let fail = |reason: String| AttachDiskError::CopyBack {
+                volume: slot.name.clone(),
+                reason,
+            };
+            let grown = *lock(&slot.grown);
+            if let Some(size) = grown {
+                let info = self
+                    .pool
+                    .volume_info(&slot.name)
+                    .map_err(|e| fail(error_chain(&e)))?;
+                if info.size < size {
+                    self.pool
+                        .resize(&slot.name, size)
+                        .map_err(|e| fail(format!("growing to {size}: {}", error_chain(&e))))?;
+                    tracing::info!(volume = %slot.name, size, "grown to the size its peers grew to while the disk was detached");
+                }
+                *lock(&slot.grown) = None;
+            }
+            let stale = lock(&slot.stale).len() as u64;
+            if stale == 0 {
+                continue;
+            }
+            let state = lock(&slot.gate).state.clone();
+            let connected = state
+                .replicators
+                .iter()
+                .any(|(_, r)| r.status().state == super::PeerState::Connected);
+            if !connected {
+                return Err(fail(format!(
+                    "{stale} chunks to copy back and no connected peer"
+                )));
+            }
+            slot.copying.store(true, Ordering::Release);
+            out.push((slot.name.clone(), stale));
+        }
+        Ok(out)
+    }
+
+    /// With writes going on and the disk attached: copies back each
+    /// copying primary's stale chunks, one at a time under the stale
+    /// set's lock (a write to a chunk waits for it, or copies it back
+    /// itself first), then flushes.
+    fn copy_back(&self, slots: &[Arc<Slot>]) -> Result<(), AttachDiskError> {
+        for slot in slots {
+            if !slot.copying.load(Ordering::Acquire) {
                 continue;
             }
             let fail = |reason: String| AttachDiskError::CopyBack {
                 volume: slot.name.clone(),
                 reason,
             };
-            let state = lock(&slot.gate).state.clone();
-            let volume = self
-                .pool
-                .open_volume(&slot.name)
-                .map_err(|e| fail(error_chain(&e)))?;
-            let size = volume.size().map_err(|e| fail(error_chain(&e)))?;
-            let cs = slot.chunk.max(1);
-            let mut buf = vec![0u8; cs as usize];
-            for &c in &stale {
-                let offset = c * cs;
-                if offset >= size {
-                    continue;
-                }
-                let len = cs.min(size - offset) as usize;
-                let mut why = String::from("no connected peer");
-                let got = state.replicators.iter().any(|(_, r)| {
-                    match r.read_remote(offset, &mut buf[..len]) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            why = e.to_string();
-                            false
-                        }
-                    }
-                });
-                if !got {
-                    return Err(fail(format!("reading chunk {c} from a peer: {why}")));
-                }
-                volume
-                    .write(offset, &buf[..len], false)
-                    .map_err(|e| fail(error_chain(&e)))?;
+            loop {
+                self.copy_back_hold.wait();
+                let mut stale = lock(&slot.stale);
+                let Some(&c) = stale.first() else {
+                    break;
+                };
+                let state = lock(&slot.gate).state.clone();
+                let replicators: Vec<Replicator> =
+                    state.replicators.iter().map(|(_, r)| r.clone()).collect();
+                slot.copy_chunk(c, &replicators).map_err(fail)?;
+                stale.remove(&c);
             }
-            volume.flush().map_err(|e| fail(error_chain(&e)))?;
-            lock(&slot.stale).clear();
-            tracing::info!(volume = %slot.name, chunks = stale.len(), "chunks written while the disk was detached copied back from a peer");
-            out.push((slot.name.clone(), stale.len() as u64));
+            slot.copying.store(false, Ordering::Release);
+            self.pool
+                .open_volume(&slot.name)
+                .and_then(|v| v.flush())
+                .map_err(|e| fail(error_chain(&e)))?;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// The test hook that holds the copy-back of [`Attachments::attach_disk`].
+    pub fn copy_back_hold(&self) -> &Arc<CopyBackHold> {
+        &self.copy_back_hold
     }
 
     /// Grows volume `name` to `size` bytes. A primary's grow goes to every
@@ -768,8 +983,19 @@ impl Attachments {
         let pool = &self.pool;
         self.slot(name)
             .submit(Op::Resize { size }, || pool.resize(name, size).map(drop))?;
-        let info = pool.volume_info(name)?;
-        tracing::info!(volume = name, size, "volume grown");
+        let mut info = pool.volume_info(name)?;
+        if info.size < size {
+            // Diskless: the peers grew; the local copy grows when the
+            // disk is attached again (`attach_disk`).
+            tracing::info!(
+                volume = name,
+                size,
+                "volume grown on its peers; the detached local copy follows when the disk is attached again"
+            );
+            info.size = size;
+        } else {
+            tracing::info!(volume = name, size, "volume grown");
+        }
         Ok(info)
     }
 
@@ -780,10 +1006,13 @@ impl Attachments {
             .or_insert_with(|| {
                 Arc::new(Slot {
                     name: name.to_owned(),
+                    pool: self.pool.clone(),
                     book: self.book.clone(),
                     disk: self.disk.clone(),
                     chunk: u64::from(self.pool.chunk_size()),
                     stale: Mutex::new(BTreeSet::new()),
+                    grown: Mutex::new(None),
+                    copying: AtomicBool::new(false),
                     change: Mutex::new(()),
                     gate: Mutex::new(Gate {
                         writers: 0,

@@ -53,7 +53,12 @@
 //!   database: megabytes through the write-ahead log would make every log
 //!   append's fsync wait for them (and Raft's heartbeats behind those).
 //!   A snapshot in the database (a seeded directory, or an older member)
-//!   is read when there is no file.
+//!   is read when there is no file;
+//! - a snapshot is built on a blocking thread from a RocksDB snapshot
+//!   taken under the state lock (so it is the state at the applied index
+//!   read with it), concatenating the objects' stored JSON: the lock is
+//!   held for that moment only, never for a copy of the state, so apply
+//!   (and the async workers it would block) goes on meanwhile.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -257,6 +262,7 @@ pub fn open(
         dir: dir.to_owned(),
         shared: Arc::clone(&shared),
         durability,
+        snapshot_hooks: Arc::default(),
     };
     Ok((log, sm, shared))
 }
@@ -1021,6 +1027,7 @@ pub struct StateMachineStore {
     dir: std::path::PathBuf,
     shared: Arc<Shared>,
     durability: Arc<Durability>,
+    snapshot_hooks: Arc<SnapshotHooks>,
 }
 
 impl StateMachineStore {
@@ -1038,36 +1045,119 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        // Only the copy holds the lock (apply waits for it); encoding and
-        // storing megabytes run on a blocking thread, never on the async
-        // workers that carry Raft's heartbeats.
-        let (state, last_applied, membership) = {
-            let machine = self.shared.read();
-            let state = SnapshotState {
-                objects: machine.state.objects().cloned().collect(),
-            };
-            (state, machine.last_applied, machine.membership.clone())
-        };
+        // Everything runs on a blocking thread, and the state lock is
+        // held only to take a RocksDB snapshot at the applied index: a
+        // copy of every object under the lock (what this did before)
+        // held apply, which blocked a second async worker on the lock,
+        // so on a 2-core machine the whole member stopped for the copy
+        // (350 ms under load, the leader's heartbeats with it: its
+        // followers elected a new leader in the middle of a write load).
         let store = self.clone();
         // openraft's own error type, as openraft wants it.
         #[allow(clippy::result_large_err)]
-        let write = move || store.write_snapshot(&state, last_applied, membership);
-        tokio::task::spawn_blocking(write)
+        let build = move || store.snapshot_from_db();
+        tokio::task::spawn_blocking(build)
             .await
             .map_err(|e| StorageIOError::write_snapshot(None, AnyError::error(e.to_string())))?
     }
 }
 
+/// Test hooks of the snapshot builder: hold it right after it took its
+/// point in time.
+#[derive(Debug, Default)]
+pub struct SnapshotHooks {
+    /// (held, reached): whether the builder must wait, whether one waits.
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+}
+
+impl SnapshotHooks {
+    /// Holds the next snapshot builders after they took their point in time.
+    pub fn hold(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+    }
+
+    /// Lets held builders go on.
+    pub fn release(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = false;
+        self.changed.notify_all();
+    }
+
+    /// Whether a builder is waiting at the hold.
+    pub fn reached(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    fn pass(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.0 {
+            state.1 = true;
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.1 = false;
+    }
+}
+
 impl StateMachineStore {
-    /// Encodes and stores a snapshot of `state` at `last_applied`.
+    /// The snapshot builder's test hooks.
+    pub fn snapshot_hooks(&self) -> Arc<SnapshotHooks> {
+        Arc::clone(&self.snapshot_hooks)
+    }
+
+    /// Builds and stores a snapshot of the applied state from the
+    /// database (blocking). The state lock is held only while a RocksDB
+    /// snapshot is taken: apply writes the database under the write
+    /// lock, so that snapshot holds exactly the objects at the applied
+    /// index read with it. The stored objects are already the JSON a
+    /// [`SnapshotState`] holds them as: the data is their concatenation,
+    /// without decoding or encoding any of them.
     #[allow(clippy::result_large_err)]
-    fn write_snapshot(
+    fn snapshot_from_db(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (point, last_applied, membership) = {
+            let machine = self.shared.read();
+            (
+                self.db.snapshot(),
+                machine.last_applied,
+                machine.membership.clone(),
+            )
+        };
+        self.snapshot_hooks.pass();
+        let failed = |e: &dyn std::error::Error| {
+            StorageError::from(StorageIOError::read_state_machine(AnyError::error(
+                e.to_string(),
+            )))
+        };
+        let mut data = Vec::with_capacity(1 << 20);
+        data.extend_from_slice(b"{\"objects\":[");
+        let mut first = true;
+        for item in point.iterator_cf(
+            cf(&self.db, CF_SM),
+            IteratorMode::From(OBJECT_PREFIX.as_bytes(), Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(|e| failed(&e))?;
+            if !key.starts_with(OBJECT_PREFIX.as_bytes()) {
+                break;
+            }
+            if !first {
+                data.push(b',');
+            }
+            first = false;
+            data.extend_from_slice(&value);
+        }
+        data.extend_from_slice(b"]}");
+        drop(point);
+        self.store_snapshot(data, last_applied, membership)
+    }
+
+    /// Stores `data` (an encoded [`SnapshotState`]) as the snapshot at
+    /// `last_applied`.
+    #[allow(clippy::result_large_err)]
+    fn store_snapshot(
         &self,
-        state: &SnapshotState,
+        data: Vec<u8>,
         last_applied: Option<LogId>,
         membership: StoredMembership,
     ) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let data = to_json(state);
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, data.len()),
             None => format!("empty-{}", data.len()),
@@ -1658,6 +1748,63 @@ mod tests {
         let third = durability.appended(10);
         durability.flushed(third, Err("EIO".into()));
         assert_eq!(durable(10).await.unwrap(), Err("EIO".into()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_is_a_point_in_time_built_while_apply_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm, shared) = open(dir.path(), 100, 1, false).unwrap();
+        sm.apply((1..=50).map(|i| entry(i, Command::Create(image(&format!("i{i}"))))))
+            .await
+            .unwrap();
+        let at_50: Vec<Object> = shared.read().state.objects().cloned().collect();
+        let hooks = sm.snapshot_hooks();
+        hooks.hold();
+        let mut builder = sm.get_snapshot_builder().await;
+        let built = tokio::spawn(async move { builder.build_snapshot().await });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !hooks.reached() {
+            assert!(
+                Instant::now() < deadline,
+                "the builder never took its point"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The builder holds its point in time, not the state: apply goes on.
+        let later = [
+            entry(51, Command::Create(image("late"))),
+            entry(
+                52,
+                Command::Delete {
+                    kind: Kind::Image,
+                    name: "i1".into(),
+                    expected_resource_version: None,
+                    force: false,
+                },
+            ),
+        ];
+        tokio::time::timeout(Duration::from_secs(5), sm.apply(later))
+            .await
+            .expect("apply waited for the snapshot builder")
+            .unwrap();
+        assert_eq!(shared.read().applied_index(), 52);
+        hooks.release();
+        let snapshot = built.await.unwrap().unwrap();
+        assert_eq!(snapshot.meta.last_log_id.map(|id| id.index), Some(50));
+        let decoded: SnapshotState = serde_json::from_slice(snapshot.snapshot.get_ref()).unwrap();
+        assert_eq!(decoded.objects, at_50, "the state at index 50, in order");
+        // The stored snapshot is the same, and installs as that state.
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, snapshot.meta);
+        assert_eq!(current.snapshot.get_ref(), snapshot.snapshot.get_ref());
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut other, other_shared) = open(dir.path(), 100, 2, false).unwrap();
+        other
+            .install_snapshot(&current.meta, current.snapshot)
+            .await
+            .unwrap();
+        let installed: Vec<Object> = other_shared.read().state.objects().cloned().collect();
+        assert_eq!(installed, at_50);
     }
 
     #[tokio::test]

@@ -31,6 +31,17 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let _ = (buf, offset);
         Ok(false)
     }
+    /// Where the `len` bytes at `offset` lie in memory, if the backend
+    /// maps its store and every one of those bytes is resident (reading
+    /// them waits on no device); `None` otherwise. The default never maps.
+    ///
+    /// The memory stays mapped while the backend lives, but its bytes
+    /// change under concurrent writes: it is only ever handed to the
+    /// kernel (a send copies it), never read through a Rust reference.
+    fn resident(&self, offset: u64, len: usize) -> Option<std::ptr::NonNull<u8>> {
+        let _ = (offset, len);
+        None
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// The store's size in bytes.
@@ -74,11 +85,98 @@ pub enum FileBackendError {
 
 /// A pool on a regular file or a block device, through the page cache.
 /// Holds an exclusive `flock` on it for as long as it is open, so two
-/// processes never run one pool.
+/// processes never run one pool. The store is also mapped read-only, so
+/// resident bytes can be sent without a copy into a buffer first
+/// ([`Backend::resident`]).
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
     path: PathBuf,
+    map: Option<Map>,
+}
+
+/// A read-only shared mapping of a whole store.
+#[derive(Debug)]
+struct Map {
+    at: std::ptr::NonNull<u8>,
+    len: usize,
+    page: usize,
+}
+
+// SAFETY: the mapping is plain memory shared with the page cache; it is
+// never read or written through Rust references (only its address is
+// handed to the kernel), so any thread may hold and use it.
+unsafe impl Send for Map {}
+// SAFETY: as for Send: the struct itself is immutable after creation.
+unsafe impl Sync for Map {}
+
+impl Map {
+    /// Maps the first `len` bytes of `file`; `None` when that fails
+    /// (the backend then simply reads with copies).
+    fn new(file: &File, len: u64) -> Option<Map> {
+        let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
+        // SAFETY: sysconf has no memory effects.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+        // SAFETY: a fresh read-only shared mapping of an open fd; the
+        // kernel picks the address, and nothing aliases it yet.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return None;
+        }
+        Some(Map {
+            at: std::ptr::NonNull::new(at.cast())?,
+            len,
+            page,
+        })
+    }
+
+    /// See [`Backend::resident`]: in range and every page in memory
+    /// (`mincore`).
+    fn resident(&self, offset: u64, len: usize) -> Option<std::ptr::NonNull<u8>> {
+        let offset = usize::try_from(offset).ok()?;
+        if len == 0 || offset.checked_add(len)? > self.len {
+            return None;
+        }
+        let first = offset / self.page * self.page;
+        let end = (offset + len).div_ceil(self.page) * self.page;
+        let pages = (end - first) / self.page;
+        let mut present = vec![0u8; pages];
+        // SAFETY: `first..end` lies inside the mapping (page-aligned;
+        // `end` may pass `self.len` only within its last page, which the
+        // mapping covers), and `present` has one byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                self.at.as_ptr().add(first).cast(),
+                end - first,
+                present.as_mut_ptr(),
+            )
+        };
+        if rc != 0 || present.iter().any(|p| p & 1 == 0) {
+            return None;
+        }
+        // SAFETY: `offset` is inside the mapping (checked above).
+        std::ptr::NonNull::new(unsafe { self.at.as_ptr().add(offset) })
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no pointer into
+        // it outlives the backend (callers use them only while borrowing
+        // it).
+        unsafe {
+            libc::munmap(self.at.as_ptr().cast(), self.len);
+        }
+    }
 }
 
 impl FileBackend {
@@ -103,6 +201,7 @@ impl FileBackend {
                 path: path.to_owned(),
                 source,
             })?;
+        let mut backend = backend;
         if meta.is_file() {
             backend
                 .file
@@ -113,6 +212,10 @@ impl FileBackend {
                     source,
                 })?;
         }
+        backend.map = backend
+            .len()
+            .ok()
+            .and_then(|len| Map::new(&backend.file, len));
         Ok(backend)
     }
 
@@ -126,7 +229,12 @@ impl FileBackend {
                 path: path.to_owned(),
                 source,
             })?;
-        FileBackend::locked(file, path)
+        let mut backend = FileBackend::locked(file, path)?;
+        backend.map = backend
+            .len()
+            .ok()
+            .and_then(|len| Map::new(&backend.file, len));
+        Ok(backend)
     }
 
     fn locked(file: File, path: &Path) -> Result<FileBackend, FileBackendError> {
@@ -147,6 +255,7 @@ impl FileBackend {
         Ok(FileBackend {
             file,
             path: path.to_owned(),
+            map: None,
         })
     }
 
@@ -197,6 +306,10 @@ impl Backend for FileBackend {
             done += n as usize;
         }
         Ok(true)
+    }
+
+    fn resident(&self, offset: u64, len: usize) -> Option<std::ptr::NonNull<u8>> {
+        self.map.as_ref()?.resident(offset, len)
     }
 
     fn sync(&self) -> io::Result<()> {

@@ -2,16 +2,26 @@
 //! (by name or uid), served over TCP or Unix sockets to any number of
 //! clients at once.
 //!
-//! Per connection: the handshake runs inline; in transmission a reader
-//! parses requests. Quick ones (plain reads; plain writes of a volume
-//! with no peer) run on the reader's task, a run of those the client
-//! already sent as one batch answered with one flush (reads the page cache
-//! holds are copied right there, `preadv2(RWF_NOWAIT)`; the rest of the
-//! batch in one blocking section); the rest go each to a blocking worker
-//! (pool I/O is synchronous), at most [`MAX_IN_FLIGHT`] at a time
-//! (backpressure: the reader stops reading while that many are
-//! outstanding), and a writer task sends their replies in completion
-//! order. Big payload and reply buffers are reused per connection.
+//! Per connection: the handshake runs on a tokio task; the transmission
+//! phase then runs on a thread of its own with the socket in blocking
+//! mode (pool I/O is synchronous, so a blocking thread per connection
+//! costs no hand-off per request: the thread sleeps in `read` until the
+//! client sends, runs what it can, and sends). Quick requests (plain
+//! reads of at most 64 KiB; plain writes of that size to a
+//! volume with no peer) run on that thread, a run of those the client
+//! already sent as one batch answered with one send; reads the page cache
+//! cannot answer without waiting (`preadv2(RWF_NOWAIT)`) go to a worker
+//! instead, so a miss holds up no other request. A big plain read the
+//! page cache holds is sent straight from the pool's mapping of it with
+//! one `sendmsg` ([`Volume::read_resident`]: one copy, into the socket,
+//! made while the range's stripes are held, so no trim can free and hand
+//! out one of its chunks before the bytes are copied). The rest (FUA,
+//! FLUSH, trims, replicated writes, big writes) runs on the connection's
+//! thread when nothing else is outstanding and nothing more is buffered
+//! (nothing to overlap with), else on a blocking worker of the runtime,
+//! at most [`MAX_IN_FLIGHT`] at a time (backpressure: the thread reads
+//! nothing more while that many are outstanding), which sends its reply
+//! itself. Big payload and reply buffers are reused per connection.
 //!
 //! Invariants:
 //! - nothing a client sends panics the server: malformed options get an
@@ -36,11 +46,11 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::io::{
-    AsyncBufRead as _, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
-};
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::os::fd::AsRawFd as _;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, mpsc};
 
 use crate::pool::{Pool, PoolError, Volume, ZeroFlags};
 use crate::replication::attach::{AttachOptions, Attachments, Role, Slot};
@@ -200,37 +210,73 @@ impl Server {
         UnixListener::bind(path)
     }
 
-    /// Runs one session on a connected stream to its end.
-    pub async fn handle<S>(&self, stream: S) -> Result<(), SessionError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    /// Runs one session on a connected stream to its end: the handshake
+    /// on this task, the transmission phase on a thread of its own with
+    /// the socket in blocking mode (see the module's docs).
+    pub async fn handle<S: Socket>(&self, stream: S) -> Result<(), SessionError> {
         let (rd, wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(64 << 10, rd);
-        // Room for a whole batch of small replies: one send each.
-        let mut wr = BufWriter::with_capacity(REPLY_BUFFER, wr);
+        let mut wr = BufWriter::with_capacity(4 << 10, wr);
         let Some(session) = self.negotiate(&mut rd, &mut wr).await? else {
             return Ok(());
         };
-        transmission(session, rd, wr).await
+        // Requests the client sent right behind its last option.
+        let early = rd.buffer().to_vec();
+        wr.flush().await?;
+        let socket = rd.into_inner().unsplit(wr.into_inner()).into_blocking()?;
+        let workers = tokio::runtime::Handle::current();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("nbd-session".into())
+            .spawn(move || {
+                let run =
+                    std::panic::AssertUnwindSafe(|| transmission(session, socket, early, &workers));
+                let _ = done.send(std::panic::catch_unwind(run));
+            })?;
+        match finished.await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => Err(SessionError::Protocol("the session thread vanished".into())),
+        }
     }
 
     /// Runs one session whose client sends exactly `input` and then
     /// closes its side; returns everything the server sent. For fuzzing
-    /// and property tests of the whole protocol path.
+    /// and property tests of the whole protocol path (over a Unix socket
+    /// pair, as a real client's session runs).
     pub async fn replay(&self, input: &[u8]) -> Vec<u8> {
-        let (client, server) = tokio::io::duplex(256 << 10);
+        let Ok((client, server)) = std::os::unix::net::UnixStream::pair() else {
+            return Vec::new();
+        };
+        let Ok(server) = server
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(server))
+        else {
+            return Vec::new();
+        };
         let this = self.clone();
         let session = tokio::spawn(async move { this.handle(server).await });
-        let (mut rd, mut wr) = tokio::io::split(client);
+        // The client's side blocks on threads of its own, and its sends
+        // raise no SIGPIPE when the server has hung up first.
+        let client = BlockingSocket(Inner::Unix(client));
         let input = input.to_vec();
-        let feed = tokio::spawn(async move {
-            let _ = wr.write_all(&input).await;
-            let _ = wr.shutdown().await;
+        let feed = client.try_clone().map(|mut wr| {
+            tokio::task::spawn_blocking(move || {
+                let _ = wr.write_all(&input);
+                let _ = wr.shutdown_write();
+            })
         });
-        let mut out = Vec::new();
-        let _ = rd.read_to_end(&mut out).await;
-        let _ = feed.await;
+        let mut rd = client;
+        let out = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let _ = rd.read_to_end(&mut out);
+            out
+        })
+        .await
+        .unwrap_or_default();
+        if let Ok(feed) = feed {
+            let _ = feed.await;
+        }
         if let Err(e) = session.await
             && e.is_panic()
         {
@@ -629,24 +675,80 @@ impl Session {
         }
     }
 
-    /// The reply to a quick read when the page cache answers it without
-    /// waiting (see [`Volume::read_cached`]); `None` when it must go the
-    /// blocking way (which also answers any error).
-    fn read_cached(&self, req: &Request) -> Option<Vec<u8>> {
+    /// Appends the reply to a quick read to `out` when the page cache
+    /// answers it without waiting (see [`Volume::read_cached`]); `false`,
+    /// `out` unchanged, when it must go the blocking way (which also
+    /// answers any error).
+    fn read_cached_into(&self, req: &Request, out: &mut Vec<u8>) -> bool {
         if req.kind != cmd::READ || req.flags != 0 || req.length > QUICK_MAX_LEN {
-            return None;
+            return false;
         }
         if self.slot.diskless() {
             // A detached disk's reads go to a peer.
-            return None;
+            return false;
         }
-        let (mut out, head) = self.read_reply(req)?;
-        match self.volume.read_cached(req.offset, &mut out[head..]) {
-            Ok(true) => Some(out),
-            _ => {
-                self.buffers.give(out);
-                None
+        let len = req.length as usize;
+        let start = out.len();
+        if self.structured {
+            if len == 0 {
+                return false;
             }
+            let head = proto::STRUCTURED_HEADER_LEN + 8;
+            out.extend_from_slice(&proto::structured_header(
+                reply::FLAG_DONE,
+                reply::OFFSET_DATA,
+                req.cookie,
+                (8 + len) as u32,
+            ));
+            out.extend_from_slice(&req.offset.to_be_bytes());
+            debug_assert_eq!(out.len(), start + head);
+        } else {
+            out.extend_from_slice(&proto::simple_reply(0, req.cookie));
+        }
+        let data = out.len();
+        out.resize(data + len, 0);
+        match self.volume.read_cached(req.offset, &mut out[data..]) {
+            Ok(true) => true,
+            _ => {
+                out.truncate(start);
+                false
+            }
+        }
+    }
+
+    /// Sends the reply to a plain read straight from the page cache
+    /// ([`Volume::read_resident`]) when every byte is there and no lock
+    /// is busy; `Ok(false)`, nothing sent, otherwise (the ordinary path
+    /// then answers, errors included). An error is the socket's.
+    fn send_resident(&self, req: &Request, replies: &Replies) -> io::Result<bool> {
+        if req.kind != cmd::READ
+            || req.flags != 0
+            || req.length == 0
+            || req.length > proto::MAX_PAYLOAD
+            || self.slot.diskless()
+        {
+            return Ok(false);
+        }
+        let len = req.length as usize;
+        let mut head = Vec::with_capacity(proto::STRUCTURED_HEADER_LEN + 8);
+        if self.structured {
+            head.extend_from_slice(&proto::structured_header(
+                reply::FLAG_DONE,
+                reply::OFFSET_DATA,
+                req.cookie,
+                (8 + len) as u32,
+            ));
+            head.extend_from_slice(&req.offset.to_be_bytes());
+        } else {
+            head.extend_from_slice(&proto::simple_reply(0, req.cookie));
+        }
+        match self
+            .volume
+            .read_resident(req.offset, u64::from(req.length), |data| {
+                replies.send_vectored(&head, data)
+            }) {
+            Ok(Some(sent)) => sent.map(|()| true),
+            Ok(None) | Err(_) => Ok(false),
         }
     }
 
@@ -709,13 +811,244 @@ impl Session {
     }
 }
 
+/// A stream a session can run on: a TCP or Unix socket, whose
+/// transmission phase runs on a thread in blocking mode.
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static + sealed::Sealed {
+    /// The same socket, deregistered from the runtime and blocking.
+    fn into_blocking(self) -> io::Result<BlockingSocket>;
+}
+
+mod sealed {
+    /// Only this module's socket types are [`super::Socket`]s.
+    pub trait Sealed {}
+    impl Sealed for tokio::net::TcpStream {}
+    impl Sealed for tokio::net::UnixStream {}
+}
+
+impl Socket for tokio::net::TcpStream {
+    fn into_blocking(self) -> io::Result<BlockingSocket> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(BlockingSocket(Inner::Tcp(s)))
+    }
+}
+
+impl Socket for tokio::net::UnixStream {
+    fn into_blocking(self) -> io::Result<BlockingSocket> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(BlockingSocket(Inner::Unix(s)))
+    }
+}
+
+/// A connected socket in blocking mode. Its writes never raise SIGPIPE
+/// (a peer that hung up is an `EPIPE` error).
+#[derive(Debug)]
+pub struct BlockingSocket(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl BlockingSocket {
+    fn try_clone(&self) -> io::Result<BlockingSocket> {
+        Ok(BlockingSocket(match &self.0 {
+            Inner::Tcp(s) => Inner::Tcp(s.try_clone()?),
+            Inner::Unix(s) => Inner::Unix(s.try_clone()?),
+        }))
+    }
+
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match &self.0 {
+            Inner::Tcp(s) => s.as_raw_fd(),
+            Inner::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        match &self.0 {
+            Inner::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Inner::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+}
+
+impl io::Read for BlockingSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            Inner::Tcp(s) => s.read(buf),
+            Inner::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for BlockingSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            // The standard library sends with MSG_NOSIGNAL on TCP.
+            Inner::Tcp(s) => s.write(buf),
+            Inner::Unix(s) => loop {
+                // SAFETY: the pointer and length describe `buf`, which
+                // outlives the call; the fd is open for `s`'s lifetime.
+                let n = unsafe {
+                    libc::send(
+                        s.as_raw_fd(),
+                        buf.as_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n >= 0 {
+                    return Ok(n as usize);
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            },
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Requests handed to workers and not yet answered, bounded by
+/// [`MAX_IN_FLIGHT`].
+#[derive(Debug, Default)]
+struct InFlight {
+    count: std::sync::Mutex<usize>,
+    changed: std::sync::Condvar,
+}
+
+impl InFlight {
+    fn count(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_idle(&self) -> bool {
+        *self.count() == 0
+    }
+
+    /// Waits for room, then counts one more request in flight; the
+    /// ticket counts it out when dropped (also when its worker never
+    /// runs: a runtime shutting down drops it unrun).
+    fn enter(self: &Arc<InFlight>) -> Ticket {
+        let mut n = self.count();
+        while *n >= MAX_IN_FLIGHT {
+            n = self
+                .changed
+                .wait(n)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *n += 1;
+        Ticket(self.clone())
+    }
+
+    /// Waits until every request in flight was answered.
+    fn wait_idle(&self) {
+        let mut n = self.count();
+        while *n > 0 {
+            n = self
+                .changed
+                .wait(n)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+/// One request in flight (see [`InFlight::enter`]).
+#[derive(Debug)]
+struct Ticket(Arc<InFlight>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        *self.0.count() -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+/// The sending side of a connection, shared by its thread and its
+/// workers: each reply (or batch of replies) leaves in one locked send.
+#[derive(Debug)]
+struct Replies(std::sync::Mutex<BlockingSocket>);
+
+impl Replies {
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .write_all(bytes)
+    }
+
+    /// Sends `head` and then the memory `data` describes, all of it, as
+    /// one reply.
+    fn send_vectored(&self, head: &[u8], data: &[libc::iovec]) -> io::Result<()> {
+        let mut iov = Vec::with_capacity(data.len() + 1);
+        iov.push(libc::iovec {
+            iov_base: head.as_ptr().cast_mut().cast(),
+            iov_len: head.len(),
+        });
+        iov.extend_from_slice(data);
+        let socket = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut first = 0usize;
+        while first < iov.len() {
+            let rest = &mut iov[first..];
+            // SAFETY: an all-zero msghdr is valid (no name, no control).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = rest.as_mut_ptr();
+            msg.msg_iovlen = rest.len().min(1024);
+            // SAFETY: every iovec describes memory that stays valid for
+            // the call (`head`, and `data`, which the caller keeps mapped
+            // and locked); the kernel only reads it.
+            let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            // Skip what was sent.
+            let mut n = n as usize;
+            while n > 0 {
+                let v = &mut iov[first];
+                if n >= v.iov_len {
+                    n -= v.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: `n` is less than the vector's length, so the
+                    // new base stays inside the memory it describes.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
+                    v.iov_len -= n;
+                    n = 0;
+                }
+            }
+            while first < iov.len() && iov[first].iov_len == 0 {
+                first += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+type Reader = std::io::BufReader<std::io::Chain<std::io::Cursor<Vec<u8>>, BlockingSocket>>;
+
 /// The next request if it is quick and whole (header and any payload) in
 /// `rd`'s buffer, consumed from it; anything else stays for the main loop
 /// (which also answers a malformed request).
-fn take_buffered<R: AsyncRead + Unpin>(
-    rd: &mut BufReader<R>,
-    session: &Session,
-) -> Option<(Request, Vec<u8>)> {
+fn take_buffered(rd: &mut Reader, session: &Session) -> Option<(Request, Vec<u8>)> {
     let buf = rd.buffer();
     let head: &[u8; proto::REQUEST_LEN] = buf.get(..proto::REQUEST_LEN)?.try_into().ok()?;
     let req = Request::parse(head).ok()?;
@@ -733,48 +1066,31 @@ fn take_buffered<R: AsyncRead + Unpin>(
     let bytes = buf.get(proto::REQUEST_LEN..proto::REQUEST_LEN + payload_len)?;
     let mut payload = session.buffers.take(payload_len);
     payload.copy_from_slice(bytes);
-    std::pin::Pin::new(rd).consume(proto::REQUEST_LEN + payload_len);
+    rd.consume(proto::REQUEST_LEN + payload_len);
     Some((req, payload))
 }
 
-async fn transmission<R, W>(
+/// The transmission phase, on the connection's own thread; `early` holds
+/// bytes the handshake read past its end.
+fn transmission(
     session: Session,
-    mut rd: BufReader<R>,
-    wr: W,
-) -> Result<(), SessionError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+    socket: BlockingSocket,
+    early: Vec<u8>,
+    workers: &tokio::runtime::Handle,
+) -> Result<(), SessionError> {
     let session = Arc::new(session);
-    let wr = Arc::new(tokio::sync::Mutex::new(wr));
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT * 2);
-    let writer = {
-        let wr = wr.clone();
-        let session = session.clone();
-        tokio::spawn(async move {
-            while let Some(buf) = rx.recv().await {
-                let mut wr = wr.lock().await;
-                wr.write_all(&buf).await?;
-                session.buffers.give(buf);
-                // Coalesce replies that are already waiting, then send.
-                while let Ok(buf) = rx.try_recv() {
-                    wr.write_all(&buf).await?;
-                    session.buffers.give(buf);
-                }
-                wr.flush().await?;
-            }
-            wr.lock().await.shutdown().await
-        })
-    };
-    // Inline execution needs a runtime that can lend out the worker thread.
-    let can_inline = tokio::runtime::Handle::current().runtime_flavor()
-        == tokio::runtime::RuntimeFlavor::MultiThread;
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let result = async {
+    let replies = Arc::new(Replies(std::sync::Mutex::new(socket.try_clone()?)));
+    let mut rd: Reader = std::io::BufReader::with_capacity(
+        64 << 10,
+        io::Read::chain(io::Cursor::new(early), socket),
+    );
+    let in_flight = Arc::new(InFlight::default());
+    let mut batch_out: Vec<u8> = Vec::with_capacity(REPLY_BUFFER);
+    let mut pending: Vec<(Request, Vec<u8>)> = Vec::new();
+    let result = (|| -> Result<(), SessionError> {
         loop {
             let mut head = [0u8; proto::REQUEST_LEN];
-            rd.read_exact(&mut head).await?;
+            rd.read_exact(&mut head)?;
             let req = Request::parse(&head)
                 .map_err(|e| SessionError::Protocol(format!("request: {e}")))?;
             if req.kind == cmd::DISC {
@@ -789,86 +1105,107 @@ where
                     )));
                 }
                 payload = session.buffers.take(req.length as usize);
-                rd.read_exact(&mut payload).await?;
-            }
-            // A lone request (nothing in flight, nothing more buffered) runs
-            // on this task and answers directly: no hand-off to a blocking
-            // thread and back, which is most of a queue-depth-1 round trip.
-            // Quick ones take the batch path below: a cached read needs no
-            // blocking section at all.
-            let lone = can_inline
-                && rd.buffer().is_empty()
-                && permits.available_permits() == MAX_IN_FLIGHT
-                && !session.quick(&req);
-            if lone {
-                let reply = tokio::task::block_in_place(|| session.execute(req, payload));
-                let mut w = wr.lock().await;
-                w.write_all(&reply).await?;
-                session.buffers.give(reply);
-                w.flush().await?;
-                continue;
+                rd.read_exact(&mut payload)?;
             }
             // A run of quick requests the client already sent (reads, and
-            // writes with nothing to replicate) runs here as one batch:
-            // the page cache answers them in microseconds, far less than
-            // a hand-off to a blocking thread each, and the replies leave
-            // with one flush.
-            if can_inline && session.quick(&req) {
-                let mut batch = vec![(req, payload)];
+            // writes with nothing to replicate) runs right here, its
+            // replies gathered into one send. Reads the page cache cannot
+            // answer without waiting go to workers, so a miss never holds
+            // up the rest.
+            if session.quick(&req) {
+                let mut next = Some((req, payload));
                 let mut bytes = 0usize;
-                while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                    let Some((next, next_payload)) = take_buffered(&mut rd, &session) else {
-                        break;
-                    };
-                    bytes += next.length as usize;
-                    batch.push((next, next_payload));
-                }
-                // Reads the page cache holds are answered right here; only
-                // the rest (writes, reads that would wait) enter a blocking
-                // section, which hands this worker thread's runtime to
-                // another thread and costs a wake-up and switches.
-                let mut replies: Vec<Option<Vec<u8>>> = batch
-                    .iter()
-                    .map(|(req, _)| session.read_cached(req))
-                    .collect();
-                if replies.iter().any(Option::is_none) {
-                    tokio::task::block_in_place(|| {
-                        for ((req, payload), reply) in batch.into_iter().zip(&mut replies) {
-                            if reply.is_none() {
-                                *reply = Some(session.execute(req, payload));
-                            }
+                let mut count = 0usize;
+                while let Some((req, payload)) = next.take() {
+                    count += 1;
+                    bytes += req.length as usize;
+                    if req.kind == cmd::READ {
+                        if !session.read_cached_into(&req, &mut batch_out) {
+                            pending.push((req, payload));
                         }
-                    });
+                    } else {
+                        batch_out.extend_from_slice(&session.execute(req, payload));
+                    }
+                    if count < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                        next = take_buffered(&mut rd, &session);
+                    }
                 }
-                let mut w = wr.lock().await;
-                for reply in replies.into_iter().flatten() {
-                    w.write_all(&reply).await?;
-                    session.buffers.give(reply);
+                if !batch_out.is_empty() {
+                    replies.send(&batch_out)?;
+                    batch_out.clear();
+                    if batch_out.capacity() > 2 * REPLY_BUFFER {
+                        batch_out.shrink_to(REPLY_BUFFER);
+                    }
                 }
-                w.flush().await?;
+                let lone = pending.len() == 1 && rd.buffer().is_empty() && in_flight.is_idle();
+                for (req, payload) in pending.drain(..) {
+                    if lone {
+                        let reply = session.execute(req, payload);
+                        replies.send(&reply)?;
+                        session.buffers.give(reply);
+                    } else {
+                        hand_off(&session, &replies, &in_flight, workers, req, payload);
+                    }
+                }
                 continue;
             }
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| SessionError::Protocol("server shutting down".into()))?;
-            let session = session.clone();
-            let tx = tx.clone();
-            tokio::task::spawn_blocking(move || {
+            // A big read the page cache holds leaves straight from it (one
+            // copy, into the socket, instead of two).
+            if session.send_resident(&req, &replies)? {
+                session.buffers.give(payload);
+                continue;
+            }
+            // A lone request (nothing in flight, nothing more buffered)
+            // runs here: there is nothing to overlap it with, and a
+            // hand-off to a worker and back is most of a queue-depth-1
+            // round trip.
+            if rd.buffer().is_empty() && in_flight.is_idle() {
                 let reply = session.execute(req, payload);
-                let _ = tx.blocking_send(reply);
-                drop(permit);
-            });
+                replies.send(&reply)?;
+                session.buffers.give(reply);
+                continue;
+            }
+            hand_off(&session, &replies, &in_flight, workers, req, payload);
         }
-    }
-    .await;
+    })();
     // Every in-flight request answers before the socket closes.
-    drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| SessionError::Protocol(format!("reply writer failed: {e}")))?;
+    in_flight.wait_idle();
+    let closed = replies
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .shutdown_write();
     result?;
-    written?;
+    // A client that already closed its side may have taken the socket
+    // down with it: that is no error.
+    if let Err(e) = closed
+        && e.kind() != io::ErrorKind::NotConnected
+    {
+        return Err(e.into());
+    }
     Ok(())
+}
+
+/// Runs `req` on a blocking worker, which sends its reply itself; waits
+/// first while [`MAX_IN_FLIGHT`] requests are outstanding (backpressure:
+/// the connection reads nothing more meanwhile).
+fn hand_off(
+    session: &Arc<Session>,
+    replies: &Arc<Replies>,
+    in_flight: &Arc<InFlight>,
+    workers: &tokio::runtime::Handle,
+    req: Request,
+    payload: Vec<u8>,
+) {
+    let ticket = in_flight.enter();
+    let session = session.clone();
+    let replies = replies.clone();
+    workers.spawn_blocking(move || {
+        let reply = session.execute(req, payload);
+        // A failed send means the client is gone; the connection's
+        // thread sees that on its next read.
+        let _ = replies.send(&reply);
+        session.buffers.give(reply);
+        drop(ticket);
+    });
 }

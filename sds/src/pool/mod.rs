@@ -16,7 +16,13 @@
 //! - a chunk freed by a record is handed out again only once that record
 //!   is durable, so no crash can leave a chunk mapped twice;
 //! - when no chunk is free, writers that need one wait until one is (a
-//!   full pool suspends writers, it does not fail them).
+//!   full pool suspends writers, it does not fail them);
+//! - the page-cache memory [`Volume::read_resident`] hands out is used
+//!   only while the range's stripes are held (no trim can free one of its
+//!   chunks meanwhile) and only by the kernel (a send copies it), so no
+//!   chunk handed to another volume is ever read through it; a reader
+//!   holding several stripes at once takes them only if free right now,
+//!   so it never waits while holding one.
 //!
 //! Locking, outermost first: a volume's I/O lock (shared by I/O, exclusive
 //! for snapshot and delete), a stripe lock per virtual chunk (shared by
@@ -1135,6 +1141,9 @@ impl Volume {
         let _io = self.io.lock.read().unwrap_or_else(PoisonError::into_inner);
         let size = self.admit(offset, buf.len() as u64, false)?;
         let inner = &self.pool.inner;
+        if buf.len() as u64 > self.cs() && self.read_runs(offset, buf, size)? {
+            return Ok(());
+        }
         for seg in segments(offset, buf.len() as u64, self.cs(), size) {
             let _s = inner
                 .stripe(self.id, seg.vchunk)
@@ -1150,6 +1159,113 @@ impl Volume {
             }
         }
         Ok(())
+    }
+
+    /// The read guards of every stripe `segs` fall in, each taken once and
+    /// only if free right now (`None` when one is not): a reader holding
+    /// several stripes never waits for another, so it can never close a
+    /// cycle with writers that wait for space.
+    fn try_stripes(&self, segs: &[Segment]) -> Option<Vec<std::sync::RwLockReadGuard<'_, ()>>> {
+        let inner = &self.pool.inner;
+        let mut held: Vec<*const RwLock<()>> = Vec::with_capacity(segs.len());
+        let mut guards = Vec::with_capacity(segs.len());
+        for seg in segs {
+            let stripe = inner.stripe(self.id, seg.vchunk);
+            if held.contains(&std::ptr::from_ref(stripe)) {
+                continue;
+            }
+            held.push(stripe);
+            guards.push(stripe.try_read().ok()?);
+        }
+        Some(guards)
+    }
+
+    /// Where `segs` lie in the backend, chunks that lie next to each other
+    /// there merged into one run: `(backend offset, buffer offset, len)`,
+    /// `None` for a hole. Looked up under one metadata lock; the caller
+    /// holds the segments' stripes.
+    fn runs(&self, segs: &[Segment]) -> Vec<(Option<u64>, usize, usize)> {
+        let m = lock(&self.pool.inner.meta);
+        let mut runs: Vec<(Option<u64>, usize, usize)> = Vec::with_capacity(segs.len());
+        for seg in segs {
+            let at = match m.map.lookup(self.id, seg.vchunk) {
+                Lookup::Hole => None,
+                Lookup::Mapped { chunk, .. } => Some(self.chunk_offset(chunk) + seg.at as u64),
+            };
+            match (runs.last_mut(), at) {
+                (Some((Some(r_at), r_buf, r_len)), Some(at))
+                    if *r_at + *r_len as u64 == at && *r_buf + *r_len == seg.buf =>
+                {
+                    *r_len += seg.len;
+                }
+                _ => runs.push((at, seg.buf, seg.len)),
+            }
+        }
+        runs
+    }
+
+    /// [`Volume::read`] of several chunks with one backend read per run of
+    /// chunks that lie next to each other in the backend; `Ok(false)`
+    /// (nothing read) when a stripe is busy.
+    fn read_runs(&self, offset: u64, buf: &mut [u8], size: u64) -> Result<bool, PoolError> {
+        let segs: Vec<Segment> = segments(offset, buf.len() as u64, self.cs(), size).collect();
+        let Some(_guards) = self.try_stripes(&segs) else {
+            return Ok(false);
+        };
+        for (at, from, len) in self.runs(&segs) {
+            let out = &mut buf[from..from + len];
+            match at {
+                None => out.fill(0),
+                Some(at) => self
+                    .pool
+                    .inner
+                    .backend
+                    .read_at(out, at)
+                    .map_err(PoolError::io("reading data"))?,
+            }
+        }
+        Ok(true)
+    }
+
+    /// Hands `f` the `len` bytes at `offset` where they lie in memory (the
+    /// backend's mapping of the page cache, [`Backend::resident`]), as
+    /// I/O vectors, with every stripe of the range held, so no trim can
+    /// free and hand out one of its chunks while `f` runs: `f` must copy
+    /// the bytes out (a send does) before it returns, and only the kernel
+    /// may read them. `Ok(None)`, `f` not called, when that cannot be
+    /// done without waiting: a lock is busy, part of the range is a hole,
+    /// or a byte is not resident.
+    pub fn read_resident<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[libc::iovec]) -> R,
+    ) -> Result<Option<R>, PoolError> {
+        let Ok(_io) = self.io.lock.try_read() else {
+            return Ok(None);
+        };
+        let size = self.admit(offset, len, false)?;
+        let segs: Vec<Segment> = segments(offset, len, self.cs(), size).collect();
+        let Some(_guards) = self.try_stripes(&segs) else {
+            return Ok(None);
+        };
+        let mut iov = Vec::new();
+        for (at, _, len) in self.runs(&segs) {
+            let Some(at) = at else {
+                return Ok(None);
+            };
+            let Some(ptr) = self.pool.inner.backend.resident(at, len) else {
+                return Ok(None);
+            };
+            iov.push(libc::iovec {
+                iov_base: ptr.as_ptr().cast(),
+                iov_len: len,
+            });
+        }
+        if iov.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(f(&iov)))
     }
 
     /// Like [`Volume::read`], but only if nothing has to wait: no lock is
@@ -1222,14 +1338,60 @@ impl Volume {
         {
             let _io = self.io.lock.read().unwrap_or_else(PoisonError::into_inner);
             let size = self.admit(offset, data.len() as u64, true)?;
-            for seg in segments(offset, data.len() as u64, self.cs(), size) {
-                self.write_segment(seg, &data[seg.buf..seg.buf + seg.len], false)?;
+            let done = data.len() as u64 > self.cs() && self.write_runs(offset, data, size)?;
+            if !done {
+                for seg in segments(offset, data.len() as u64, self.cs(), size) {
+                    self.write_segment(seg, &data[seg.buf..seg.buf + seg.len], false)?;
+                }
             }
         }
         if fua {
             self.pool.flush()?;
         }
         Ok(())
+    }
+
+    /// [`Volume::write`] over several chunks that are all this volume's
+    /// alone, their ownership committed (what [`Volume::write_segment`]
+    /// writes in place), with one backend write per run of chunks that
+    /// lie next to each other in the backend. `Ok(false)`, nothing
+    /// written, when a stripe is busy or a chunk needs more than an
+    /// overwrite (the per-chunk path then does it all).
+    fn write_runs(&self, offset: u64, data: &[u8], size: u64) -> Result<bool, PoolError> {
+        let inner = &self.pool.inner;
+        let segs: Vec<Segment> = segments(offset, data.len() as u64, self.cs(), size).collect();
+        let Some(_guards) = self.try_stripes(&segs) else {
+            return Ok(false);
+        };
+        let mut runs: Vec<(u64, usize, usize)> = Vec::with_capacity(segs.len());
+        {
+            let m = lock(&inner.meta);
+            for seg in &segs {
+                let chunk = match m.map.lookup(self.id, seg.vchunk) {
+                    Lookup::Mapped {
+                        chunk,
+                        exclusive: true,
+                    } if !m.unshared.contains_key(&chunk) => chunk,
+                    _ => return Ok(false),
+                };
+                let at = self.chunk_offset(chunk) + seg.at as u64;
+                match runs.last_mut() {
+                    Some((r_at, r_buf, r_len))
+                        if *r_at + *r_len as u64 == at && *r_buf + *r_len == seg.buf =>
+                    {
+                        *r_len += seg.len;
+                    }
+                    _ => runs.push((at, seg.buf, seg.len)),
+                }
+            }
+        }
+        for (at, from, len) in runs {
+            inner
+                .backend
+                .write_at(&data[from..from + len], at)
+                .map_err(PoolError::io("writing data"))?;
+        }
+        Ok(true)
     }
 
     /// Writes one segment: in place when the chunk is this volume's alone,

@@ -75,7 +75,9 @@ pub struct CreateArgs {
     /// Memory: MiB, or a size with M or G (e.g. 512M, 2G).
     #[arg(long, default_value = "256M", value_parser = parse_memory_mib)]
     memory: u64,
-    /// A disk: `name=NAME,size=SIZE[,image=IMAGE][,replicas=N]` (repeat).
+    /// A disk: `name=NAME,size=SIZE[,image=IMAGE][,replicas=N]`, or
+    /// `name=NAME,volume=VOLUME[,size=SIZE][,replicas=N]` for a clone of a
+    /// volume or snapshot (its size when `size` is left out) (repeat).
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<Disk>,
     /// A NIC: `network=NET[,ip=ADDR][,mac=MAC]` (repeat).
@@ -513,10 +515,16 @@ fn parse_memory_mib(text: &str) -> Result<u64, String> {
 fn parse_disk(text: &str) -> Result<Disk, String> {
     let mut fields = fields(text)?;
     let name = fields.remove("name").ok_or("a disk needs name=")?;
-    let size = fields.remove("size").ok_or("a disk needs size=")?;
+    let source_volume = fields.remove("volume");
+    let size_bytes = match fields.remove("size") {
+        Some(size) => parse_bytes(&size)?,
+        // A clone of a volume takes the source's size.
+        None if source_volume.is_some() => 0,
+        None => return Err("a disk needs size= (or volume=)".into()),
+    };
     let disk = Disk {
         name,
-        size_bytes: parse_bytes(&size)?,
+        size_bytes,
         image: fields.remove("image"),
         replicas: match fields.remove("replicas") {
             Some(n) => n
@@ -524,10 +532,11 @@ fn parse_disk(text: &str) -> Result<Disk, String> {
                 .map_err(|_| format!("replicas={n:?} is not a number"))?,
             None => 1,
         },
+        source_volume,
     };
     if let Some(key) = fields.keys().next() {
         return Err(format!(
-            "unknown disk field {key:?} (name, size, image, replicas)"
+            "unknown disk field {key:?} (name, size, image, volume, replicas)"
         ));
     }
     Ok(disk)
@@ -580,6 +589,18 @@ mod tests {
         );
         assert_eq!(parse_disk("name=d,size=1M").unwrap().replicas, 1);
         assert!(parse_disk("size=1M").unwrap_err().contains("name="));
+        assert!(parse_disk("name=d").unwrap_err().contains("size="));
+        let clone = parse_disk("name=root,volume=golden-snap,replicas=2").unwrap();
+        assert_eq!(
+            (
+                clone.source_volume.as_deref(),
+                clone.size_bytes,
+                clone.replicas
+            ),
+            (Some("golden-snap"), 0, 2)
+        );
+        let bigger = parse_disk("name=root,volume=golden,size=1G").unwrap();
+        assert_eq!(bigger.size_bytes, 1 << 30);
         assert!(
             parse_disk("name=d,size=1M,color=red")
                 .unwrap_err()

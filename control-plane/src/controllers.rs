@@ -233,7 +233,7 @@ impl Controllers {
         let now = Instant::now();
         let ha_after = Duration::from_millis(self.tuning.ha_after_ms);
         let lease = self.lease();
-        let (nodes, vms, kept, moving, orphans, endpoints) = {
+        let (nodes, vms, kept, moving, orphans, endpoints, pins) = {
             let machine = self.admin.shared().read();
             let state = &machine.state;
             // The lost nodes are the table's (a few), not a scan of every
@@ -352,6 +352,14 @@ impl Controllers {
                 })
                 .map(|vm| scheduler::planning_view(vm))
                 .collect();
+            // First placements of VMs with disks cloned from volumes go
+            // where the sources are (decision 64).
+            let pins = crate::disk_sources::pins(
+                state,
+                vms.iter().filter(|vm| {
+                    !placed.contains(vm.meta.name.as_str()) && !moving.contains_key(&vm.meta.name)
+                }),
+            );
             // The active endpoints of the VMs that move, to fence with them.
             let mut endpoints: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
             for object in state.list(Kind::Endpoint) {
@@ -365,7 +373,7 @@ impl Controllers {
                     endpoints.entry(e.vm.clone()).or_default().push(e.clone());
                 }
             }
-            (nodes, vms, kept, moving, orphans, endpoints)
+            (nodes, vms, kept, moving, orphans, endpoints, pins)
         };
 
         for orphan in orphans {
@@ -392,8 +400,15 @@ impl Controllers {
             return;
         }
         let moves: Vec<Placement> = moving.values().cloned().collect();
-        let plan =
-            scheduler::plan_with_moves(&nodes, &vms, &kept, &moves, Overcommit::default(), term);
+        let plan = scheduler::plan_pinned(
+            &nodes,
+            &vms,
+            &kept,
+            &moves,
+            &pins,
+            Overcommit::default(),
+            term,
+        );
         let mut creates = Vec::new();
         for (vm, node) in &plan.placements {
             let result = match moving.get(vm) {

@@ -12,6 +12,7 @@
 //!   secrets; [`leases`]: the leader's in-memory node leases;
 //! - [`members`]: the membership reconciler;
 //! - [`scheduler`]: the placement planner and its executor;
+//!   [`disk_sources`]: VM disks cloned from volumes (their pins);
 //! - [`controllers`]: the leader's lease, HA and placement controllers;
 //!   [`migration`]: the live-migration controller;
 //!   [`ipam`]: the IPAM controller (a lease per VM NIC, as endpoints);
@@ -34,6 +35,7 @@ pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod controllers;
+pub mod disk_sources;
 pub mod history;
 pub mod ipam;
 pub mod leases;

@@ -20,6 +20,9 @@
 //!   by a node that holds no copy of the VM, is not lost, could hold a
 //!   first replica, and has published its replication address; the VM's
 //!   own node is never replaced;
+//! - a pinned VM ([`Pin`]: a disk cloned from a volume, decision 64) goes,
+//!   at its first placement, only to the node its pin names, or nowhere
+//!   with a reason that names that node;
 //! - the executor only creates placements: one that already exists (a
 //!   concurrent scheduler won) is left alone, so a VM is never placed twice.
 
@@ -57,6 +60,21 @@ pub struct Plan {
     /// VM name → why no node fits.
     pub unschedulable: Vec<(String, String)>,
 }
+
+/// The one node a VM may take at its first placement, and why: a disk
+/// made from a volume is cloned in the pool of the node holding that
+/// volume's primary copy (decision 64).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// The node; `None` while the source is on no node yet (the VM waits).
+    pub node: Option<String>,
+    /// Why, for the unschedulable reason: e.g. `disk "root" is a clone of
+    /// volume "golden", whose primary copy is on node "a"`.
+    pub why: String,
+}
+
+/// VM name → its [`Pin`].
+pub type Pins = BTreeMap<String, Pin>;
 
 /// What a node has promised so far while planning.
 #[derive(Debug, Clone, Default)]
@@ -135,6 +153,29 @@ pub fn plan_with_moves(
     overcommit: Overcommit,
     seed: u64,
 ) -> Plan {
+    plan_pinned(
+        nodes,
+        vms,
+        placements,
+        moving,
+        &Pins::new(),
+        overcommit,
+        seed,
+    )
+}
+
+/// [`plan_with_moves`], where the VMs named in `pins` that are placed for
+/// the first time may only go to their pin's node (a VM that moves keeps
+/// its own rules: its disks exist by then).
+pub fn plan_pinned(
+    nodes: &[Node],
+    vms: &[Vm],
+    placements: &[Placement],
+    moving: &[Placement],
+    pins: &Pins,
+    overcommit: Overcommit,
+    seed: u64,
+) -> Plan {
     let by_name: HashMap<&str, &Vm> = vms.iter().map(|vm| (vm.meta.name.as_str(), vm)).collect();
     let index: HashMap<&str, usize> = nodes
         .iter()
@@ -195,6 +236,16 @@ pub fn plan_with_moves(
         let vm_key = seeded_hash(seed, &vm.meta.name);
         let (shared, local_bytes) = disk_bytes(vm);
         let holders = holders.get(vm.meta.name.as_str()).copied();
+        let pin = pins
+            .get(&vm.meta.name)
+            .filter(|_| !moves.contains(vm.meta.name.as_str()));
+        if let Some(Pin { node: None, why }) = pin {
+            plan.unschedulable.push((vm.meta.name.clone(), why.clone()));
+            continue;
+        }
+        let pinned = pin.and_then(|p| p.node.as_deref());
+        // Why the pinned node refused the VM, when it did.
+        let mut pinned_refusal: Option<&'static str> = None;
         // A first placement of a VM with replicated disks: the nodes that
         // could hold a replica; the VM waits unless there are enough. A
         // VM that moves never gets new replica nodes.
@@ -237,6 +288,9 @@ pub fn plan_with_moves(
         let mut best: Option<(f64, u64, usize)> = None;
         let mut refusals: BTreeMap<&'static str, usize> = BTreeMap::new();
         for (i, node) in nodes.iter().enumerate() {
+            if pinned.is_some_and(|p| p != node.meta.name) {
+                continue;
+            }
             let local = match holders {
                 Some(holders) if !holders.contains(&node.meta.name) => {
                     Err("not holding a replica of its disks")
@@ -254,6 +308,7 @@ pub fn plan_with_moves(
             };
             if let Err(reason) = local.and_then(|()| fits(node, &facts[i], &load[i], vm)) {
                 *refusals.entry(reason).or_default() += 1;
+                pinned_refusal = Some(reason);
                 continue;
             }
             let score = score(&facts[i], &load[i], vm);
@@ -304,10 +359,13 @@ pub fn plan_with_moves(
                 plan.placements.push((vm.meta.name.clone(), node));
             }
             None => {
-                let reasons = if refusals.is_empty() {
-                    "no nodes".to_owned()
-                } else {
-                    summary(&refusals)
+                let reasons = match (pin, pinned_refusal) {
+                    (Some(pin), Some(reason)) => {
+                        format!("{}, which cannot take it: {reason}", pin.why)
+                    }
+                    (Some(pin), None) => format!("{}, which is not a known node", pin.why),
+                    (None, _) if refusals.is_empty() => "no nodes".to_owned(),
+                    (None, _) => summary(&refusals),
                 };
                 plan.unschedulable.push((vm.meta.name.clone(), reasons));
             }
@@ -864,6 +922,7 @@ mod tests {
             size_bytes,
             image: None,
             replicas,
+            source_volume: None,
         });
         v
     }
@@ -940,6 +999,93 @@ mod tests {
                 && reason.contains("1 not ready"),
             "{reason}"
         );
+    }
+
+    fn pin(node: Option<&str>) -> Pin {
+        Pin {
+            node: node.map(str::to_owned),
+            why: "disk \"root\" is a clone of volume \"golden\"".into(),
+        }
+    }
+
+    #[test]
+    fn a_pinned_vm_goes_only_to_its_node_or_nowhere_with_that_node_named() {
+        // The roomiest node would win; the pin overrides the score.
+        let nodes = [node("a", 2, 1024), node("b", 64, 65536)];
+        let pins = Pins::from([("web".to_owned(), pin(Some("a")))]);
+        let vms = [vm("web", 1, 512, None), vm("free", 1, 512, None)];
+        let plan = plan_pinned(&nodes, &vms, &[], &[], &pins, Overcommit::default(), 1);
+        assert!(
+            plan.placements
+                .contains(&("web".to_owned(), "a".to_owned())),
+            "{plan:?}"
+        );
+        assert!(
+            plan.placements
+                .contains(&("free".to_owned(), "b".to_owned()))
+        );
+
+        // The pinned node is full: pending, and the reason names it.
+        let plan = plan_pinned(
+            &nodes,
+            &[vm("web", 1, 4096, None)],
+            &[],
+            &[],
+            &pins,
+            Overcommit::default(),
+            1,
+        );
+        assert!(plan.placements.is_empty(), "{plan:?}");
+        let reason = &plan.unschedulable[0].1;
+        assert!(
+            reason.contains("volume \"golden\"") && reason.contains("cannot take it: "),
+            "{reason}"
+        );
+
+        // A replicated disk: the pinned node is the primary, the other
+        // copies go elsewhere as usual.
+        let nodes = [node("a", 8, 8192), node("b", 8, 8192), node("c", 8, 8192)];
+        let pins = Pins::from([("db".to_owned(), pin(Some("c")))]);
+        let plan = plan_pinned(
+            &nodes,
+            &[replicated("db", 2, 1 << 20)],
+            &[],
+            &[],
+            &pins,
+            Overcommit::default(),
+            7,
+        );
+        assert_eq!(plan.placements, [("db".to_owned(), "c".to_owned())]);
+        let copies = &plan.replica_nodes["db"];
+        assert_eq!((copies.len(), copies[0].as_str()), (2, "c"), "{copies:?}");
+
+        // The source is on no node yet: the VM waits.
+        let pins = Pins::from([("db".to_owned(), pin(None))]);
+        let plan = plan_pinned(
+            &nodes,
+            &[replicated("db", 2, 1 << 20)],
+            &[],
+            &[],
+            &pins,
+            Overcommit::default(),
+            7,
+        );
+        assert!(plan.placements.is_empty());
+        assert_eq!(plan.unschedulable[0].1, pin(None).why, "{plan:?}");
+
+        // A VM that moves (off c) is not held by the pin of its first
+        // placement.
+        let pins = Pins::from([("db".to_owned(), pin(Some("c")))]);
+        let plan = plan_pinned(
+            &nodes[..2],
+            &[replicated("db", 2, 1 << 20)],
+            &[],
+            &[moving("db", "c", &["b", "c"])],
+            &pins,
+            Overcommit::default(),
+            7,
+        );
+        assert_eq!(plan.placements, [("db".to_owned(), "b".to_owned())]);
     }
 
     fn moving(vm: &str, node: &str, replicas: &[&str]) -> Placement {

@@ -262,6 +262,7 @@ impl State {
                         name: object.name().to_owned(),
                     });
                 }
+                crate::disk_sources::complete(self, &mut object);
                 self.check_references(&object, None)?;
                 if let Object::Token(token) = &mut object {
                     token.secret = None;
@@ -643,7 +644,15 @@ impl State {
                 }
             }
             Object::Network(network) => self.check_network(network, current),
-            Object::Vm(_) | Object::Volume(_) => crate::volumes::check(self, object, current),
+            Object::Vm(vm) => {
+                let before = match current {
+                    Some(Object::Vm(before)) => Some(before),
+                    _ => None,
+                };
+                crate::disk_sources::check(self, vm, before)?;
+                crate::volumes::check(self, object, current)
+            }
+            Object::Volume(_) => crate::volumes::check(self, object, current),
             Object::Endpoint(endpoint) => {
                 if self.get(Kind::Network, &endpoint.network).is_none() {
                     return Err(Refusal::FailedPrecondition {

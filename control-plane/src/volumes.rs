@@ -210,6 +210,7 @@ fn stand_in(volume: &Volume) -> Vm {
         size_bytes: volume.spec.size_bytes,
         image: None,
         replicas: volume.spec.replicas,
+        source_volume: None,
     }];
     vm
 }
@@ -623,14 +624,30 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
                     ),
                 }),
             },
-            None if volume.spec.image.is_some() && volume.spec.source.is_none() => {
-                Err(Refusal::Invalid {
-                    field: "spec.image".into(),
-                    reason: "a standalone volume is made empty; one from an image is not made yet"
-                        .into(),
-                })
-            }
-            None => Ok(()),
+            // Filled from the image by its primary's agent (decision 64).
+            None => match volume
+                .spec
+                .image
+                .as_ref()
+                .map(|i| (i, state.get(Kind::Image, i)))
+            {
+                Some((image, None)) => Err(Refusal::FailedPrecondition {
+                    reason: format!("spec.image: image {image:?} does not exist"),
+                }),
+                // Its size is known once a node imported it.
+                Some((image, Some(Object::Image(known))))
+                    if known.status.size_bytes > volume.spec.size_bytes =>
+                {
+                    Err(Refusal::Invalid {
+                        field: "spec.size_bytes".into(),
+                        reason: format!(
+                            "image {image:?} is {} bytes; a volume made from it is at least as large (asked {})",
+                            known.status.size_bytes, volume.spec.size_bytes
+                        ),
+                    })
+                }
+                _ => Ok(()),
+            },
         },
         _ => Ok(()),
     }
@@ -780,6 +797,7 @@ mod tests {
                 size_bytes: *size,
                 image: None,
                 replicas: *replicas,
+                source_volume: None,
             })
             .collect();
         Object::Vm(vm)
@@ -1167,16 +1185,29 @@ mod tests {
         );
         run(&mut state, &mut index);
         assert!(place_standalone(&state, 1, 11).is_empty());
-        // A standalone volume from an image is refused.
+        // A standalone volume from an image needs the image (decision 64).
         let Object::Volume(mut imaged) = standalone("imaged", "u5", 4096, 1) else {
             panic!()
         };
         imaged.spec.image = Some("tiny".into());
         index += 1;
         assert!(matches!(
-            state.apply(index, Command::Create(Object::Volume(imaged))),
-            Err(Refusal::Invalid { field, .. }) if field == "spec.image"
+            state.apply(index, Command::Create(Object::Volume(imaged.clone()))),
+            Err(Refusal::FailedPrecondition { reason }) if reason.starts_with("spec.image: image \"tiny\"")
         ));
+        let mut tiny = basalt_api::Image {
+            meta: ObjectMeta::named("tiny"),
+            ..basalt_api::Image::default()
+        };
+        tiny.status.size_bytes = 8192;
+        create(&mut state, &mut index, Object::Image(tiny));
+        index += 1;
+        assert!(matches!(
+            state.apply(index, Command::Create(Object::Volume(imaged.clone()))),
+            Err(Refusal::Invalid { field, .. }) if field == "spec.size_bytes"
+        ));
+        imaged.spec.size_bytes = 8192;
+        create(&mut state, &mut index, Object::Volume(imaged));
     }
 
     #[test]

@@ -416,6 +416,7 @@ fn build(nodes: u8, net_routing: basalt_sdn::Routing) -> anyhow::Result<LabState
                 image: None,
                 // A copy on a second node: HA restarts the VM there.
                 replicas: 2,
+                source_volume: None,
             }],
             nics: vec![Nic {
                 network: "default".into(),

@@ -405,6 +405,7 @@ async fn a_vm_boots_with_its_cloud_init_seed_and_from_its_first_disk() {
                 size_bytes: 32 << 20,
                 image: Some("bootable".into()),
                 replicas: 1,
+                source_volume: None,
             }],
             nics: vec![Nic {
                 network: "default".into(),

@@ -64,6 +64,7 @@ fn disk(name: &str, size: u64, image: Option<&str>) -> Disk {
         size_bytes: size,
         image: image.map(Into::into),
         replicas: 1,
+        source_volume: None,
     }
 }
 

@@ -262,6 +262,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
                 size_bytes: DISK_BYTES,
                 image: None,
                 replicas: 2,
+                source_volume: None,
             }],
             kernel: Some(KernelBoot {
                 kernel: image.kernel().to_string_lossy().into_owned(),
@@ -594,6 +595,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
                 size_bytes: SINGLE_DISK_BYTES,
                 image: None,
                 replicas: 1,
+                source_volume: None,
             }],
             kernel: Some(KernelBoot {
                 kernel: image.kernel().to_string_lossy().into_owned(),

@@ -84,6 +84,7 @@ async fn a_node_is_drained_live_removed_and_nothing_is_left() {
                 size_bytes: DISK_BYTES,
                 image: None,
                 replicas: 3,
+                source_volume: None,
             }],
             kernel: Some(KernelBoot {
                 kernel: image.kernel().to_string_lossy().into_owned(),

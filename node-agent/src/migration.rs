@@ -1572,6 +1572,7 @@ mod tests {
             size_bytes: 1 << 20,
             image: None,
             replicas,
+            source_volume: None,
         };
         let mut vm = basalt_api::Vm::default();
         assert!(single_copy_disks(&vm).is_empty(), "no disk");

@@ -189,6 +189,7 @@ mod tests {
                     size_bytes: 1 << 30,
                     image: None,
                     replicas: 2,
+                    source_volume: None,
                 }],
                 nics: vec![
                     Nic {

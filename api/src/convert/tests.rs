@@ -120,17 +120,23 @@ fn disks() -> impl Strategy<Value = Vec<Disk>> {
             1..u64::MAX / 512,
             prop::option::of(name()),
             1..=MAX_DISK_REPLICAS,
+            any::<bool>(),
         ),
         0..4,
     )
     .prop_map(|disks| {
         disks
             .into_iter()
-            .map(|(name, (sectors, image, replicas))| Disk {
-                name,
-                size_bytes: sectors * DISK_SECTOR_BYTES,
-                image,
-                replicas,
+            .map(|(name, (sectors, from, replicas, cloned))| {
+                // An image or a source volume, never both.
+                let (image, source_volume) = if cloned { (None, from) } else { (from, None) };
+                Disk {
+                    name,
+                    size_bytes: sectors * DISK_SECTOR_BYTES,
+                    image,
+                    replicas,
+                    source_volume,
+                }
             })
             .collect()
     })

@@ -113,6 +113,7 @@ impl From<Disk> for pb::Disk {
             size_bytes: disk.size_bytes,
             image: disk.image,
             replicas: disk.replicas,
+            source_volume: disk.source_volume,
         }
     }
 }
@@ -124,6 +125,7 @@ impl From<pb::Disk> for Disk {
             size_bytes: disk.size_bytes,
             image: disk.image,
             replicas: disk.replicas,
+            source_volume: disk.source_volume,
         }
     }
 }

@@ -261,6 +261,13 @@ pub struct Disk {
     pub image: Option<String>,
     /// Number of replicas (1 to [`MAX_DISK_REPLICAS`]).
     pub replicas: u32,
+    /// The volume (standalone, snapshot or clone) the disk is a
+    /// copy-on-write clone of, made in the pool of the node holding that
+    /// volume's primary copy, where the VM is then placed. Exclusive with
+    /// `image`; a `size_bytes` of 0 takes the source's size. Only when the
+    /// VM is created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_volume: Option<String>,
 }
 
 /// A VM network interface.
@@ -418,7 +425,9 @@ impl VmSpec {
 impl Disk {
     fn validate(&self, field: &str) -> Result<(), ApiError> {
         validate::name(&format!("{field}.name"), &self.name)?;
-        if self.size_bytes == 0 || !self.size_bytes.is_multiple_of(DISK_SECTOR_BYTES) {
+        // A disk made from a volume may leave its size to the source's.
+        let sized = self.size_bytes > 0 || self.source_volume.is_some();
+        if !sized || !self.size_bytes.is_multiple_of(DISK_SECTOR_BYTES) {
             return Err(ApiError::invalid(
                 format!("{field}.size_bytes"),
                 format!("must be a positive multiple of {DISK_SECTOR_BYTES}"),
@@ -426,6 +435,15 @@ impl Disk {
         }
         if let Some(image) = &self.image {
             validate::name(&format!("{field}.image"), image)?;
+        }
+        if let Some(volume) = &self.source_volume {
+            validate::name(&format!("{field}.source_volume"), volume)?;
+            if self.image.is_some() {
+                return Err(ApiError::invalid(
+                    format!("{field}.source_volume"),
+                    "a disk is made from an image or from a volume, not both",
+                ));
+            }
         }
         if !(1..=MAX_DISK_REPLICAS).contains(&self.replicas) {
             return Err(ApiError::invalid(
@@ -528,6 +546,7 @@ mod tests {
                     size_bytes: 1 << 30,
                     image: Some("debian-12".into()),
                     replicas: 2,
+                    source_volume: None,
                 }],
                 nics: vec![Nic {
                     network: "default".into(),
@@ -610,6 +629,20 @@ mod tests {
         let mut v = vm();
         v.spec.disks.push(v.spec.disks[0].clone());
         assert_eq!(field_of(&v), "spec.disks[1].name");
+
+        // A disk from a volume: exclusive with an image, may leave its
+        // size to the source's, names a valid volume.
+        let mut v = vm();
+        v.spec.disks[0].source_volume = Some("golden".into());
+        assert_eq!(field_of(&v), "spec.disks[0].source_volume");
+        v.spec.disks[0].image = None;
+        v.spec.disks[0].size_bytes = 0;
+        v.validate().expect("a clone of a volume may take its size");
+        v.spec.disks[0].source_volume = Some("Golden!".into());
+        assert_eq!(field_of(&v), "spec.disks[0].source_volume");
+        let mut v = vm();
+        v.spec.disks[0].size_bytes = 0;
+        assert_eq!(field_of(&v), "spec.disks[0].size_bytes");
 
         let mut v = vm();
         v.spec.nics[0].mac = Some("53:54:00:12:34:56".into());

@@ -107,6 +107,7 @@ fn vm(i: usize) -> Vm {
             size_bytes: 20 * GIB,
             image: None,
             replicas: 2,
+            source_volume: None,
         });
     }
     vm

@@ -326,6 +326,7 @@ fn vm(stack: &Stack, name: &str, ip: Ipv4Addr) -> Vm {
                 size_bytes: DISK_BYTES,
                 image: None,
                 replicas: 1,
+                source_volume: None,
             }],
             // The guest takes `ip` from its kernel command line; the lease
             // is the network's choice (an address freed by a deleted VM

@@ -77,6 +77,7 @@ pub fn replicated_vm(name: &str, size_bytes: u64, replicas: u32) -> Vm {
                 size_bytes,
                 image: None,
                 replicas,
+                source_volume: None,
             }],
             kernel: Some(KernelBoot {
                 kernel: "/boot/vmlinuz".into(),

@@ -158,6 +158,7 @@ pub async fn create_db_on_a_and_b(admin: &AdminClient, kernel: KernelBoot) -> St
                 size_bytes: DISK_BYTES,
                 image: None,
                 replicas: 2,
+                source_volume: None,
             }],
             kernel: Some(kernel),
             ..VmSpec::default()

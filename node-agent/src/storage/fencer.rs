@@ -526,12 +526,14 @@ mod tests {
                         size_bytes: 1 << 20,
                         image: None,
                         replicas: 2,
+                        source_volume: None,
                     },
                     Disk {
                         name: "scratch".into(),
                         size_bytes: 1 << 20,
                         image: None,
                         replicas: 1,
+                        source_volume: None,
                     },
                 ],
                 ..VmSpec::default()

@@ -7,11 +7,13 @@
 //! the snapshot exists only once the whole image is in, so a crash mid-way
 //! (of the agent or of `qemu-img`) leaves only a staging volume, which the
 //! next attempt replaces. Progress goes to the image's status, one entry
-//! per node, written by compare-and-swap.
+//! per node, written by compare-and-swap. Every importer of a node shares
+//! which imports run there, so an image is imported once at a time per
+//! node whichever volume (a VM disk, a standalone volume) asks for it.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_api::{
@@ -68,7 +70,7 @@ pub struct Importer {
     node: String,
     storage: StorageClient,
     admin: AdminClient,
-    /// By image uid.
+    /// By image uid; shared by every importer of the node ([`imports_of`]).
     imports: Arc<Mutex<BTreeMap<String, ImportState>>>,
 }
 
@@ -76,14 +78,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Node `node`'s imports, shared by every [`Importer`] this process makes
+/// for it (the VM disks' reconciler, the migration target's, the
+/// standalone volumes' loop): one import of an image at a time per node.
+/// Two would share its staging volume, each deleting it under the other.
+fn imports_of(node: &str) -> Arc<Mutex<BTreeMap<String, ImportState>>> {
+    type Imports = Arc<Mutex<BTreeMap<String, ImportState>>>;
+    static BY_NODE: LazyLock<Mutex<BTreeMap<String, Imports>>> = LazyLock::new(Mutex::default);
+    lock(&BY_NODE).entry(node.to_owned()).or_default().clone()
+}
+
 impl Importer {
     /// Imports into the pool behind `storage`, reporting as `node`.
     pub fn new(node: String, storage: StorageClient, admin: AdminClient) -> Importer {
         Importer {
+            imports: imports_of(&node),
             node,
             storage,
             admin,
-            imports: Arc::default(),
         }
     }
 
@@ -354,6 +366,14 @@ fn parse_progress(line: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn importers_of_a_node_share_its_imports() {
+        let one = imports_of("node-x");
+        lock(&one).insert("u1".into(), ImportState::Running { done: 0, total: 0 });
+        assert!(lock(&imports_of("node-x")).contains_key("u1"));
+        assert!(!lock(&imports_of("node-y")).contains_key("u1"));
+    }
 
     #[test]
     fn names_and_parsers() {

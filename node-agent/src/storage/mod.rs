@@ -13,7 +13,9 @@
 //! under an old name never gets the old VM's data.
 //!
 //! A disk with `image: NAME` is a copy-on-write clone of the image's
-//! snapshot in this pool, which [`image::Importer`] makes once per node.
+//! snapshot in this pool, which [`image::Importer`] makes once per node;
+//! one with `source_volume: NAME` a clone of that volume's pool volume,
+//! whose primary copy is on this node (decision 64).
 //! A VM with a cloud-init section gets its NoCloud seed volume
 //! ([`seed`]) made here too.
 //!
@@ -38,6 +40,7 @@
 //!   touched.
 
 pub mod fencer;
+pub mod from_image;
 pub mod image;
 pub mod replicas;
 pub mod report;
@@ -283,8 +286,11 @@ impl Volumes {
                     epoch,
                 });
             }
-            let source = match &disk.image {
-                Some(image) if !exists => Some(self.image_source(&disk.name, image).await?),
+            let source = match (&disk.image, &disk.source_volume) {
+                (Some(image), _) if !exists => Some(self.image_source(&disk.name, image).await?),
+                (None, Some(volume)) if !exists => {
+                    Some(self.volume_source(&disk.name, volume).await?)
+                }
                 _ => None,
             };
             let request = EnsureVolume {
@@ -367,6 +373,46 @@ impl Volumes {
                 disk: disk.to_owned(),
                 reason,
             }),
+        }
+    }
+
+    /// The pool volume a disk made from volume `volume` clones (decision
+    /// 64): the source's, which must have its primary copy on this node
+    /// (the scheduler placed the VM here for it). An existing disk volume
+    /// never asks: the source may go once the clone is made.
+    async fn volume_source(&self, disk: &str, volume: &str) -> Result<String, VolumeError> {
+        let from = match self.admin.get(Kind::Volume, volume).await {
+            Ok(Object::Volume(from)) => Some(from),
+            Ok(_) => {
+                return Err(VolumeError::Failed {
+                    disk: disk.to_owned(),
+                    source: ApiError::Internal {
+                        reason: "the control plane returned another kind".into(),
+                    },
+                });
+            }
+            Err(ApiError::NotFound { .. }) => None,
+            Err(err @ ApiError::Unavailable { .. }) => return Err(VolumeError::Unavailable(err)),
+            Err(source) => {
+                return Err(VolumeError::Failed {
+                    disk: disk.to_owned(),
+                    source,
+                });
+            }
+        };
+        let failed = |reason: String| VolumeError::Failed {
+            disk: disk.to_owned(),
+            source: ApiError::FailedPrecondition { reason },
+        };
+        match snapshots::clone_source(&self.node, volume, from.as_ref()) {
+            snapshots::CloneSource::Here(pool_name) => Ok(pool_name),
+            snapshots::CloneSource::NotYet(reason) => Err(VolumeError::NotReady {
+                disk: disk.to_owned(),
+                reason,
+            }),
+            snapshots::CloneSource::Elsewhere(reason) | snapshots::CloneSource::Gone(reason) => {
+                Err(failed(reason))
+            }
         }
     }
 
@@ -454,6 +500,7 @@ mod tests {
                         size_bytes: 1 << 20,
                         image: None,
                         replicas: 1,
+                        source_volume: None,
                     })
                     .collect(),
                 ..VmSpec::default()

@@ -726,6 +726,7 @@ mod tests {
                         size_bytes: 1 << 20,
                         image: None,
                         replicas: *replicas,
+                        source_volume: None,
                     })
                     .collect(),
                 ..VmSpec::default()

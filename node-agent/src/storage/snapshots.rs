@@ -11,6 +11,10 @@
 //! [`make_and_drop`] does it. The volume watch loop
 //! ([`super::standalone::run`]) calls it when the volumes change.
 //!
+//! A VM disk made from a volume (decision 64) is cloned by the same
+//! storage call, by the VM's own volume reconciler ([`super::Volumes`]),
+//! from the pool volume [`clone_source`] names.
+//!
 //! Invariants:
 //! - a volume is made from its source only once: a pool volume already
 //!   under its name is recorded as it is;
@@ -87,6 +91,37 @@ pub fn plan(node: &str, volumes: &[Volume], pool: &[StorageVolume]) -> Work {
         .map(|v| v.name.clone())
         .collect();
     work
+}
+
+/// Where a VM disk made from volume `name` (decision 64) is cloned from
+/// on node `node`, given that volume's object (`None`: it does not
+/// exist): its pool name, when its primary copy is here and made.
+pub fn clone_source(node: &str, name: &str, from: Option<&Volume>) -> CloneSource {
+    match from {
+        None => CloneSource::Gone(format!("volume {name:?} does not exist")),
+        Some(v) if v.status.primary_node.is_empty() || v.status.storage_name.is_empty() => {
+            CloneSource::NotYet(format!("volume {name:?} is on no node yet"))
+        }
+        Some(v) if v.status.primary_node != node => CloneSource::Elsewhere(format!(
+            "volume {name:?} has its primary copy on node {:?}, not on {node:?}",
+            v.status.primary_node
+        )),
+        Some(v) => CloneSource::Here(v.status.storage_name.clone()),
+    }
+}
+
+/// What [`clone_source`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloneSource {
+    /// The source's pool volume in this node's pool.
+    Here(String),
+    /// The source is not made yet (a snapshot being taken): wait.
+    NotYet(String),
+    /// The source's primary copy is on another node: the clone cannot be
+    /// made here.
+    Elsewhere(String),
+    /// The source does not exist.
+    Gone(String),
 }
 
 fn now_unix_ms() -> u64 {
@@ -252,6 +287,28 @@ mod tests {
     const U1: &str = "0b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d11";
     const U2: &str = "1b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d12";
     const U3: &str = "2b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d13";
+
+    #[test]
+    fn a_disk_is_cloned_only_from_a_source_made_on_this_node() {
+        let here = volume("golden", "u1", None, "a", "vol-u1");
+        assert_eq!(
+            clone_source("a", "golden", Some(&here)),
+            CloneSource::Here("vol-u1".into())
+        );
+        assert!(matches!(
+            clone_source("b", "golden", Some(&here)),
+            CloneSource::Elsewhere(why) if why.contains("node \"a\"")
+        ));
+        let unmade = volume("snap", "u2", Some("golden"), "", "");
+        assert!(matches!(
+            clone_source("a", "snap", Some(&unmade)),
+            CloneSource::NotYet(_)
+        ));
+        assert!(matches!(
+            clone_source("a", "nope", None),
+            CloneSource::Gone(_)
+        ));
+    }
 
     #[test]
     fn snapshots_are_made_on_the_sources_primary_node_and_dropped_with_their_object() {

@@ -11,7 +11,8 @@
 //! primary's node, naming the other copies' nodes' replication addresses
 //! as peers) or secondary, at the volume's epoch, so the primary's full
 //! initial sync fills the secondaries — the same storage calls as a VM
-//! disk's copies ([`super::replicas`]).
+//! disk's copies ([`super::replicas`]). A volume made from an image has
+//! its primary copy cloned from the image first ([`super::from_image`]).
 //!
 //! [`run`] lists the volumes once, then follows the watch from the list's
 //! version (listing again when it breaks), and acts when what this node
@@ -168,6 +169,10 @@ struct Memory {
     failed: BTreeMap<String, String>,
     /// What failed in the last pass, by volume (logged once per error).
     failing: BTreeMap<String, String>,
+    /// Imports images for standalone volumes made from one (decision 64).
+    importer: Option<super::image::Importer>,
+    /// Why copies wait for their image, by pool name (logged once).
+    waiting: BTreeMap<String, String>,
 }
 
 /// One pass over the watched `volumes`: snapshots and clones to make
@@ -190,7 +195,30 @@ async fn pass(
     };
     let mut ok =
         snapshots::make_and_drop(node, storage, admin, &list, &pool, &mut memory.failed).await;
-    let held: Vec<Held> = list.iter().filter_map(|v| held(node, v)).collect();
+    // Copies made from an image are cloned from it before they are held.
+    let waiting = match &memory.importer {
+        Some(importer) => {
+            let names = pool.iter().map(|v| v.name.as_str()).collect();
+            let filled = super::from_image::fill(
+                node,
+                storage,
+                admin,
+                importer,
+                &list,
+                &names,
+                &mut memory.waiting,
+            )
+            .await;
+            filled.waiting
+        }
+        None => Default::default(),
+    };
+    ok &= waiting.is_empty();
+    let held: Vec<Held> = list
+        .iter()
+        .filter_map(|v| held(node, v))
+        .filter(|h| !waiting.contains(&h.storage_name))
+        .collect();
     let nodes: BTreeMap<String, Node> = if held.iter().any(|h| !h.peer_nodes.is_empty()) {
         match list_of(admin, Kind::Node, |o| match o {
             Object::Node(n) => Some((n.meta.name.clone(), n)),
@@ -290,7 +318,14 @@ pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
             return;
         }
     };
-    let mut memory = Memory::default();
+    let mut memory = Memory {
+        importer: Some(super::image::Importer::new(
+            node.clone(),
+            storage.clone(),
+            admin.clone(),
+        )),
+        ..Memory::default()
+    };
     loop {
         if let Err(err) = follow(&node, &storage, &admin, &mut memory).await {
             tracing::debug!(error = %err, "the volume watch broke; listing again");

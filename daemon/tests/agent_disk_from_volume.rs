@@ -1,0 +1,389 @@
+//! VM disks made from volumes (decision 64), with real storage processes
+//! (root, namespaces): a control plane on namespace node `cp`, and on
+//! nodes `a` and `b` `basaltd storage serve --replica-listen` and
+//! `basaltd agent --compute sim`.
+//!
+//! A standalone volume `golden` gets a pattern (qemu-io over NBD) and a
+//! snapshot `golden-snap`, then a second pattern. `basalt vm create web
+//! --disk name=root,volume=golden-snap,replicas=2` places the VM on the
+//! node holding the snapshot (whichever that is), its disk takes the
+//! snapshot's size, its volume there holds the first pattern and not the
+//! second (qemu-io read -P), and the disk's other copy, on the other
+//! node, gets it by the initial full sync. A write to the VM's disk leaves
+//! the snapshot as it was. Disks from a missing volume, smaller than
+//! their source, or from an image and a volume at once are refused,
+//! naming the field.
+//!
+//! A standalone volume made from an image (`basalt volume create --image`,
+//! two copies): its primary copy is cloned from the image's import on its
+//! node, its other copy filled by the full sync, and both equal the image
+//! (`qemu-img compare` over NBD, inside each node); a missing image is
+//! refused naming `spec.image`.
+
+mod common;
+// Its VM, pattern and peer-state helpers are not needed here.
+#[allow(dead_code)]
+mod replica_node;
+mod volume_cli;
+
+use std::time::Duration;
+
+use basalt_agent::storage::disk_volume;
+use basalt_api::{AdminClient, Kind, Object, Placement, ReplicaState, Volume};
+use basalt_testkit::{Fabric, Node, Prefix, Process, wait};
+
+use replica_node::{NBD, agent_spec, start_storage, wait_joined};
+use volume_cli::{basalt, cli_volume, states, text};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+const CONTROL_PORT: u16 = 7400;
+/// Short leases and controller rounds.
+const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
+/// Where the patterns go, and how long they are.
+const AT: &str = "1M";
+const LEN: &str = "256k";
+
+/// `qemu-io` on `export` of `node`'s NBD server, from inside the node:
+/// whether `command` succeeded, and its output.
+fn qemu_io(node: &Node, export: &str, read_only: bool, command: &str) -> (bool, String) {
+    let mut cmd = node.command("qemu-io");
+    if read_only {
+        cmd.arg("-r");
+    }
+    let out = cmd
+        .args(["-f", "raw", &format!("nbd://{NBD}/{export}"), "-c", command])
+        .output()
+        .expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // qemu-io answers a failed pattern check with status 0 and a message.
+    let ok = out.status.success() && !text.contains("Pattern verification failed");
+    (ok, text)
+}
+
+/// Asserts that `export` on `node` holds byte `byte` over the pattern's
+/// range.
+fn assert_holds(node: &Node, export: &str, byte: u8, what: &str) {
+    let (ok, out) = qemu_io(node, export, true, &format!("read -P {byte} {AT} {LEN}"));
+    assert!(
+        ok,
+        "{what}: {export} on {} does not hold {byte}: {out}",
+        node.name()
+    );
+}
+
+/// `qemu-io write -P byte` over the pattern's range of `export` on `node`.
+fn fill(node: &Node, export: &str, byte: u8) {
+    let (ok, out) = qemu_io(node, export, false, &format!("write -P {byte} {AT} {LEN}"));
+    assert!(ok, "writing {byte} to {export}: {out}");
+}
+
+/// Waits until volume `name` has a pool name and a primary node.
+async fn made(server: &str, name: &str, logs: &[&Process]) -> Volume {
+    wait::until(
+        &format!("volume {name} is made"),
+        DEADLINE,
+        logs,
+        || async {
+            cli_volume(server, name).await.is_some_and(|v| {
+                !v.status.storage_name.is_empty() && !v.status.primary_node.is_empty()
+            })
+        },
+    )
+    .await;
+    cli_volume(server, name).await.expect("the volume")
+}
+
+/// Two nodes `a` and `b`, each with a storage process and an agent
+/// (`--compute sim`), and a control plane on `cp`.
+/// Fields drop in order: the processes, then the nodes, then the test's
+/// directory.
+struct Cluster {
+    /// Control plane, agents a and b, storage a and b.
+    processes: [Process; 5],
+    server: String,
+    admin: AdminClient,
+    a: Node,
+    b: Node,
+    _fabric: Fabric,
+    prefix: Prefix,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let prefix = Prefix::for_test().expect("prefix");
+        let mut fabric = Fabric::new(&prefix).expect("fabric");
+        let a = fabric.add_node("a").expect("node a");
+        let b = fabric.add_node("b").expect("node b");
+        let cp = fabric.add_node("cp").expect("node cp");
+        let (storage_a, sock_a) = start_storage(&prefix, &a);
+        let (storage_b, sock_b) = start_storage(&prefix, &b);
+        let server = format!("{}:{CONTROL_PORT}", cp.addr());
+        let (control, admin) =
+            common::start_control(&prefix, &server, Some(&cp), DEADLINE, Some(CONFIG)).await;
+        let secret = common::join_token(&admin, "join", 2).await;
+        let agent = |node, socket| {
+            Process::start(
+                &prefix,
+                agent_spec(node, &server, &secret, socket).args(["--compute", "sim"]),
+            )
+            .expect("agent")
+        };
+        let agent_a = agent(&a, &sock_a);
+        let agent_b = agent(&b, &sock_b);
+        let processes = [control, agent_a, agent_b, storage_a, storage_b];
+        wait_joined(&admin, 2, DEADLINE, &processes.each_ref()).await;
+        Cluster {
+            prefix,
+            a,
+            b,
+            server,
+            admin,
+            processes,
+            _fabric: fabric,
+        }
+    }
+
+    fn logs(&self) -> [&Process; 5] {
+        self.processes.each_ref()
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        if name == "a" { &self.a } else { &self.b }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_disk_cloned_from_a_snapshot_holds_its_data_on_the_snapshots_node() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let (a, b, server, admin) = (
+        &cluster.a,
+        &cluster.b,
+        cluster.server.as_str(),
+        &cluster.admin,
+    );
+    let logs = cluster.logs();
+    let control = &cluster.processes[0];
+
+    // The source: a standalone volume with a pattern, and its snapshot.
+    let out = basalt(server, &["volume", "create", "golden", "--size", "16M"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let golden = made(server, "golden", &logs).await;
+    let p = cluster.node(&golden.status.primary_node);
+    fill(p, &golden.status.storage_name, 0x5a);
+    let out = basalt(server, &["volume", "snapshot", "golden", "golden-snap"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let snap = made(server, "golden-snap", &logs).await;
+    assert_eq!(snap.status.primary_node, golden.status.primary_node);
+    // Written after the snapshot: no clone of the snapshot may see it.
+    fill(p, &golden.status.storage_name, 0x6b);
+
+    // Refusals name what is wrong.
+    for (disk, says) in [
+        ("name=root,volume=nope", "spec.disks[0].source_volume"),
+        (
+            "name=root,volume=golden,size=8M",
+            "spec.disks[0].size_bytes",
+        ),
+        (
+            "name=root,volume=golden,image=debian",
+            "spec.disks[0].source_volume",
+        ),
+    ] {
+        let out = basalt(server, &["vm", "create", "bad", "--disk", disk]).await;
+        assert!(!out.status.success(), "{disk} accepted: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{disk}: {}",
+            text(&out)
+        );
+    }
+
+    // The VM: its disk a 2-copy clone of the snapshot, of its size.
+    let out = basalt(
+        server,
+        &[
+            "vm",
+            "create",
+            "web",
+            "--memory",
+            "128M",
+            "--disk",
+            "name=root,volume=golden-snap,replicas=2",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let Ok(Object::Vm(web)) = admin.get(Kind::Vm, "web").await else {
+        panic!("vm web");
+    };
+    assert_eq!(web.spec.disks[0].size_bytes, 16 << 20, "the source's size");
+    wait::until(
+        "the disk's volume has both copies up to date",
+        DEADLINE,
+        &logs,
+        || async {
+            cli_volume(server, "web-root").await.is_some_and(|v| {
+                v.status.replicas.len() == 2
+                    && v.status
+                        .replicas
+                        .iter()
+                        .all(|r| r.state == ReplicaState::UpToDate)
+            })
+        },
+    )
+    .await;
+    let Ok(Object::Placement(placement)) = admin.get(Kind::Placement, "web").await else {
+        panic!("web is placed");
+    };
+    let Placement { node, .. } = &placement;
+    assert_eq!(
+        node, &golden.status.primary_node,
+        "the VM goes where its disk's source is"
+    );
+    let disk = disk_volume(&web.meta.uid, "root");
+    let volume = cli_volume(server, "web-root").await.expect("web-root");
+    assert_eq!(volume.status.storage_name, disk);
+    assert_eq!(states(&volume).len(), 2, "copies on both nodes: {volume:?}");
+    let s = if p.name() == "a" { b } else { a };
+    assert_holds(p, &disk, 0x5a, "the clone");
+    assert_holds(s, &disk, 0x5a, "the disk's other copy, after its full sync");
+
+    // The VM's writes stay in its disk.
+    fill(p, &disk, 0x7c);
+    assert_holds(s, &disk, 0x7c, "the disk's other copy");
+    assert_holds(p, &snap.status.storage_name, 0x5a, "the snapshot");
+    assert_holds(p, &golden.status.storage_name, 0x6b, "the source volume");
+
+    // A VM its source's node cannot take waits, and the reason says why.
+    let out = basalt(
+        server,
+        &[
+            "vm",
+            "create",
+            "big",
+            "--memory",
+            "3G",
+            "--disk",
+            "name=root,volume=golden",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait::until(
+        "the control plane says where big must go and why it cannot",
+        DEADLINE,
+        &[control],
+        || async { control.logs().contains("whose primary copy is on node") },
+    )
+    .await;
+    let logs = control.logs();
+    assert!(logs.contains("which cannot take it"), "{logs}");
+    assert!(
+        admin.get(Kind::Placement, "big").await.is_err(),
+        "big was placed"
+    );
+}
+
+/// `qemu-img compare` of image file `image` (format `format`) with
+/// `export` of `node`'s NBD server, from inside the node.
+fn assert_same_as_image(node: &Node, image: &std::path::Path, format: &str, export: &str) {
+    let out = node
+        .command("qemu-img")
+        .args(["compare", "-f", format, "-F", "raw"])
+        .arg(image)
+        .arg(format!("nbd://{NBD}/{export}"))
+        .output()
+        .expect("run qemu-img compare");
+    assert!(
+        out.status.success(),
+        "{export} on {} differs from the image: {}{}",
+        node.name(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_volume_from_an_image_holds_the_image_on_every_copy() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let (server, logs) = (cluster.server.as_str(), cluster.logs());
+
+    // A qcow2 image with data at both ends and a hole between.
+    let image = cluster.prefix.dir().join("tiny.qcow2");
+    let run = |program: &str, args: &[&str]| {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .expect(program);
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+    };
+    let path = image.to_str().expect("a path");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", path, "16M"]);
+    for write in ["write -P 0x3c 0 1M", "write -P 0x9d 15M 512k"] {
+        run("qemu-io", &["-f", "qcow2", path, "-c", write]);
+    }
+    let out = basalt(
+        server,
+        &[
+            "image", "import", "tiny", "--source", path, "--format", "qcow2",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A missing image is refused, naming the field.
+    let out = basalt(
+        server,
+        &[
+            "volume", "create", "nothing", "--size", "16M", "--image", "nope",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.image"),
+        "{}",
+        text(&out)
+    );
+
+    let out = basalt(
+        server,
+        &[
+            "volume", "create", "base", "--size", "16M", "--copies", "2", "--image", "tiny",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait::until(
+        "both copies of the volume from the image are up to date",
+        DEADLINE,
+        &logs,
+        || async {
+            cli_volume(server, "base").await.is_some_and(|v| {
+                v.status.replicas.len() == 2
+                    && v.status
+                        .replicas
+                        .iter()
+                        .all(|r| r.state == ReplicaState::UpToDate)
+            })
+        },
+    )
+    .await;
+    let base = cli_volume(server, "base").await.expect("base");
+    assert_eq!(base.spec.image.as_deref(), Some("tiny"));
+    for node in [&cluster.a, &cluster.b] {
+        assert_same_as_image(node, &image, "qcow2", &base.status.storage_name);
+    }
+}

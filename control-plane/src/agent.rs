@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use basalt_api::{
     AgentApi, AgentClient, ApiError, Heartbeat, HeartbeatAck, Kind, Object, Placement, Registered,
-    Registration, ReplicaMark, StatusReport, VolumeReport, WatchEvent, WatchStream,
+    Registration, ReplicaMark, StatusReport, Volume, VolumeReport, WatchEvent, WatchStream,
 };
 use futures::StreamExt as _;
 use openraft::ServerState;
@@ -460,6 +460,18 @@ impl AgentApi for AgentService {
             std::future::ready(event)
         });
         Ok(Box::pin(futures::stream::iter(initial).chain(events)))
+    }
+
+    async fn watch_volumes(
+        &self,
+        node: String,
+        from_resource_version: u64,
+    ) -> Result<WatchStream<Volume>, ApiError> {
+        crate::volume_watch::watch(
+            Arc::clone(self.inner.admin.shared()),
+            node,
+            from_resource_version,
+        )
     }
 
     async fn report_status(&self, report: StatusReport) -> Result<(), ApiError> {

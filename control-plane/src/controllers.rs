@@ -55,6 +55,7 @@ use crate::leases::NodeView;
 use crate::migration::MigrationController;
 use crate::scheduler::{self, Overcommit};
 use crate::state::{Command, set_condition};
+use crate::volume_ha::StandaloneHa;
 use crate::volumes::VolumeController;
 
 /// The smallest pause between two rounds (so a burst of writes does not
@@ -75,6 +76,8 @@ pub struct Controllers {
     ipam: IpamController,
     migrations: MigrationController,
     volumes: VolumeController,
+    /// Standalone volumes on lost nodes (decision 65).
+    standalone_ha: StandaloneHa,
     /// VM → why it could not be placed, as last logged.
     unschedulable: HashMap<String, String>,
     /// Removed node → when this leader first saw placements still on it.
@@ -105,6 +108,7 @@ impl Controllers {
             ipam,
             migrations: MigrationController::new(),
             volumes: VolumeController::new(),
+            standalone_ha: StandaloneHa::new(),
             unschedulable: HashMap::new(),
             gone: HashMap::new(),
             gone_term: 0,
@@ -142,6 +146,9 @@ impl Controllers {
         self.ipam.round(&self.admin).await;
         self.migrations.round(&self.admin, term).await;
         self.volumes.round(&self.admin, term).await;
+        self.standalone_ha
+            .round(&self.admin, &self.leases, &self.tuning, term)
+            .await;
     }
 
     /// Marks each node whose lease ran out not ready; then its lease is

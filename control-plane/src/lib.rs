@@ -17,7 +17,9 @@
 //!   [`migration`]: the live-migration controller;
 //!   [`ipam`]: the IPAM controller (a lease per VM NIC, as endpoints);
 //!   [`volumes`]: a volume object per VM disk, and the replicas' states
-//!   the agents report;
+//!   the agents report; [`volume_ha`]: standalone volumes on lost nodes
+//!   (primary moved, lost copies replaced); [`volume_watch`]: each
+//!   node's volume watch;
 //! - [`config`], [`server`]: one member's configuration and its run loop;
 //! - [`recovery`]: backups, restoring one into a new cluster, and forcing
 //!   a new cluster from a survivor's data directory.
@@ -50,6 +52,8 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod tokens;
+pub mod volume_ha;
+pub mod volume_watch;
 pub mod volumes;
 
 pub use config::{ConfigError, ControlConfig, IpamTuning, NodeTuning, RaftTuning};

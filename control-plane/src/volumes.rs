@@ -200,7 +200,7 @@ fn unplaced_standalone(volume: &Volume) -> bool {
 /// The scheduler's stand-in for a volume that is not a VM disk: a VM of
 /// no CPU or memory with one disk of the volume's size and copies, named
 /// so no VM can be (`volume/NAME`).
-fn stand_in(volume: &Volume) -> Vm {
+pub(crate) fn stand_in(volume: &Volume) -> Vm {
     let mut vm = Vm {
         meta: ObjectMeta::named(format!("volume/{}", volume.meta.name)),
         ..Vm::default()
@@ -385,7 +385,7 @@ fn desired(
 }
 
 /// The volume's `Ready` condition: every copy up to date.
-fn ready(status: &VolumeStatus, now_unix_ms: u64) -> Condition {
+pub(crate) fn ready(status: &VolumeStatus, now_unix_ms: u64) -> Condition {
     let lagging: Vec<&VolumeReplica> = status
         .replicas
         .iter()
@@ -452,6 +452,7 @@ pub fn apply_report(
     now_unix_ms: u64,
 ) -> Volume {
     let from_primary = report.node == volume.status.primary_node;
+    let standalone = volume.spec.owner.is_none();
     let mut updated = volume.clone();
     for replica in &mut updated.status.replicas {
         let own = replica.node == report.node;
@@ -468,7 +469,14 @@ pub fn apply_report(
                     .iter()
                     .find(|p| addresses.get(&p.address) == Some(&replica.node))
             };
+            let in_sync = !own && seen.is_some_and(|s| s.state == ReplicaState::UpToDate);
             merge_primary_view(replica, seen, &report.node);
+            // A standalone volume's fence marks are the control plane's
+            // own (decision 65): a copy its primary reports in sync again
+            // is no longer outdated.
+            if standalone && in_sync {
+                replica.outdated = false;
+            }
         } else if own && report.local.state == ReplicaState::DiskFailed {
             replica.state = ReplicaState::DiskFailed;
             replica.last_error.clone_from(&report.local.last_error);

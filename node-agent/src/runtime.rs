@@ -203,6 +203,7 @@ pub async fn run<C: Compute + 'static>(
             config.node.clone(),
             storage,
             admin.clone(),
+            agent.clone(),
         ))
     });
     let reconcile = tokio::spawn(reconcile_loop(

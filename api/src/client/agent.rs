@@ -12,7 +12,7 @@ use crate::pb::agent_client::AgentClient as PbAgentClient;
 use crate::server::{MAX_MESSAGE_BYTES, WatchStream};
 use crate::{
     ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, ReplicaMark,
-    StatusReport, VolumeReport, WatchEvent,
+    StatusReport, Volume, VolumeReport, WatchEvent,
 };
 
 /// A client of the agent service. Cheap to clone; calls may run concurrently.
@@ -116,6 +116,54 @@ impl AgentClient {
             .await?;
         let events: WatchStream<Placement> =
             Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Placement>>(event?)));
+        Ok(resuming(
+            self.targets.clone(),
+            open,
+            serving,
+            (from_resource_version, Start::ListingThenBookmark),
+            events,
+        ))
+    }
+
+    /// Streams the changes to node `node`'s volumes (see
+    /// [`crate::AgentApi::watch_volumes`]) above `from_resource_version`
+    /// (from now on when 0: first the volumes as they are, then a
+    /// bookmark); a broken stream resumes on another member like
+    /// [`Self::watch_placements`]'s.
+    pub async fn watch_volumes(
+        &self,
+        node: &str,
+        from_resource_version: u64,
+    ) -> Result<WatchStream<Volume>, ApiError> {
+        let request = pb::WatchVolumesRequest {
+            node: node.to_owned(),
+            from_resource_version,
+        };
+        let targets = self.targets.clone();
+        let node = node.to_owned();
+        let open: Open<Volume> = Box::new(move |index, from| {
+            let mut client = targets.client(index);
+            let request = pb::WatchVolumesRequest {
+                node: node.clone(),
+                from_resource_version: from,
+            };
+            Box::pin(async move {
+                let events = client.watch_volumes(request).await?.into_inner();
+                Ok(
+                    Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Volume>>(event?)))
+                        as WatchStream<Volume>,
+                )
+            })
+        });
+        let (events, serving) = self
+            .targets
+            .call_indexed(Repeat::Safe, |mut client| {
+                let request = request.clone();
+                async move { Ok(client.watch_volumes(request).await?.into_inner()) }
+            })
+            .await?;
+        let events: WatchStream<Volume> =
+            Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Volume>>(event?)));
         Ok(resuming(
             self.targets.clone(),
             open,

@@ -1,8 +1,9 @@
-//! [`WatchEvent`] ⇄ protobuf, for objects (admin) and placements (agent).
+//! [`WatchEvent`] ⇄ protobuf, for objects (admin), and placements and
+//! volumes (agent).
 
 use super::{enum_value, required};
 use crate::pb;
-use crate::{ApiError, Object, Placement, WatchEvent};
+use crate::{ApiError, Object, Placement, Volume, WatchEvent};
 
 /// Splits an event into its wire parts: type, object, resource version.
 fn to_parts<T>(event: WatchEvent<T>) -> (pb::EventType, Option<T>, u64) {
@@ -83,6 +84,25 @@ impl From<WatchEvent<Placement>> for pb::PlacementEvent {
             placement: placement.map(Into::into),
             resource_version,
         }
+    }
+}
+
+impl From<WatchEvent<Volume>> for pb::VolumeEvent {
+    fn from(event: WatchEvent<Volume>) -> Self {
+        let (event_type, volume, resource_version) = to_parts(event);
+        Self {
+            r#type: event_type.into(),
+            volume: volume.map(Into::into),
+            resource_version,
+        }
+    }
+}
+
+impl TryFrom<pb::VolumeEvent> for WatchEvent<Volume> {
+    type Error = ApiError;
+
+    fn try_from(event: pb::VolumeEvent) -> Result<Self, ApiError> {
+        from_parts(event.r#type, event.volume, event.resource_version, "volume")
     }
 }
 

@@ -14,7 +14,7 @@ use crate::pb::agent_server::{Agent, AgentServer};
 use crate::types::validate;
 use crate::{
     ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, ReplicaMark,
-    StatusReport, VolumeReport,
+    StatusReport, Volume, VolumeReport,
 };
 
 /// The agent service: what a node agent asks of the control plane.
@@ -40,6 +40,17 @@ pub trait AgentApi: Send + Sync + 'static {
         node: String,
         from_resource_version: u64,
     ) -> impl Future<Output = Result<WatchStream<Placement>, ApiError>> + Send;
+
+    /// Streams the changes to the volumes that are `node`'s: those whose
+    /// status names it (the primary or a copy) and the snapshots and
+    /// clones not made yet of a volume whose primary it is; one that stops
+    /// being the node's arrives as deleted. From version 0: the node's
+    /// volumes as added, then a bookmark, then every later change.
+    fn watch_volumes(
+        &self,
+        node: String,
+        from_resource_version: u64,
+    ) -> impl Future<Output = Result<WatchStream<Volume>, ApiError>> + Send;
 
     /// Records what the node observed about one VM.
     fn report_status(
@@ -82,6 +93,14 @@ impl<T: AgentApi> AgentApi for Arc<T> {
         T::watch_placements(self, node, from_resource_version)
     }
 
+    fn watch_volumes(
+        &self,
+        node: String,
+        from_resource_version: u64,
+    ) -> impl Future<Output = Result<WatchStream<Volume>, ApiError>> + Send {
+        T::watch_volumes(self, node, from_resource_version)
+    }
+
     fn report_status(
         &self,
         report: StatusReport,
@@ -120,6 +139,7 @@ pub fn add_agent_routes<T: AgentApi>(routes: Routes, api: T) -> Routes {
 struct AgentAdapter<T>(Arc<T>);
 
 type PbPlacementStream = Pin<Box<dyn Stream<Item = Result<pb::PlacementEvent, Status>> + Send>>;
+type PbVolumeStream = Pin<Box<dyn Stream<Item = Result<pb::VolumeEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl<T: AgentApi> Agent for AgentAdapter<T> {
@@ -163,6 +183,27 @@ impl<T: AgentApi> Agent for AgentAdapter<T> {
         match result.await {
             Ok(events) => Ok(Response::new(Box::pin(events) as PbPlacementStream)),
             Err(err) => Err(refuse("WatchPlacements", err)),
+        }
+    }
+
+    type WatchVolumesStream = PbVolumeStream;
+
+    async fn watch_volumes(
+        &self,
+        request: Request<pb::WatchVolumesRequest>,
+    ) -> Result<Response<PbVolumeStream>, Status> {
+        let result = async {
+            let request = request.into_inner();
+            validate::name("node", &request.node)?;
+            let events = self
+                .0
+                .watch_volumes(request.node, request.from_resource_version)
+                .await?;
+            Ok(events.map(|event| event.map(pb::VolumeEvent::from).map_err(Status::from)))
+        };
+        match result.await {
+            Ok(events) => Ok(Response::new(Box::pin(events) as PbVolumeStream)),
+            Err(err) => Err(refuse("WatchVolumes", err)),
         }
     }
 

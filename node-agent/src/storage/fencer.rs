@@ -65,7 +65,7 @@ pub struct Fence {
 
 /// Whether a node's published replication address is `peer` (as the
 /// storage process names it: a resolved `ip:port`).
-fn same_address(published: &str, peer: &str) -> bool {
+pub(super) fn same_address(published: &str, peer: &str) -> bool {
     if published == peer {
         return true;
     }
@@ -240,6 +240,19 @@ async fn outdate(
     admin: &AdminClient,
     agent: &AgentClient,
 ) -> Result<Fence, String> {
+    // A standalone volume's copy is marked on the volume (decision 65).
+    if super::snapshots::is_made_volume(&request.volume) {
+        let replica_node = within(
+            super::standalone::outdate(node, request, admin),
+            "recording the copy outdated",
+        )
+        .await
+        .map_err(|e| format!("the control plane did not record it: {e}"))?;
+        return Ok(Fence {
+            vm: String::new(),
+            replica_node,
+        });
+    }
     let (vms, placements, nodes) = within(cluster(admin), "listing the cluster")
         .await
         .map_err(|e| format!("cannot read the cluster: {e}"))?;
@@ -270,7 +283,9 @@ async fn answer(
     let answer = match outdate(node, &request, admin, agent).await {
         Ok(fence) => {
             tracing::warn!(volume = %request.volume, vm = %fence.vm, replica_node = %fence.replica_node, epoch = request.epoch, "peer recorded outdated: its primary goes on without it");
-            marked = Some(fence.vm);
+            // A standalone volume's mark (no VM) is cleared by the
+            // control plane itself, from the primary's report.
+            marked = (!fence.vm.is_empty()).then_some(fence.vm);
             FenceAnswer {
                 id: request.id,
                 outdated: true,

@@ -14,26 +14,36 @@
 //! disk's copies ([`super::replicas`]). A volume made from an image has
 //! its primary copy cloned from the image first ([`super::from_image`]).
 //!
-//! [`run`] lists the volumes once, then follows the watch from the list's
-//! version (listing again when it breaks), and acts when what this node
-//! holds or makes changed ([`Held`]'s inputs, not the copies' reported
-//! states), when something failed (every [`RETRY`]) and every
-//! [`RESYNC`] (a storage process that lost an attachment).
+//! [`run`] follows this node's volume watch (`Agent.WatchVolumes`,
+//! decision 65: the control plane sends only the volumes whose status
+//! names this node, and the snapshots and clones to make of those whose
+//! primary is here; one that stops naming it arrives deleted), acts only
+//! once the stream's first listing is complete (its bookmark), and then
+//! when what this node holds or makes changed ([`Held`]'s inputs, not the
+//! copies' reported states), when something failed (every [`RETRY`]) and
+//! every [`RESYNC`] (a storage process that lost an attachment). A broken
+//! watch starts again with a fresh listing.
+//!
+//! A standalone primary that loses a peer goes on only once the control
+//! plane recorded that peer's copy outdated on the volume's status
+//! (`outdate`, asked by the storage fencer, decision 65): the control
+//! plane may make another copy primary when the primary's node is lost,
+//! and never one marked outdated.
 //!
 //! Invariants:
-//! - a standalone primary goes on when a peer is lost (`allow_outdate`):
-//!   nothing promotes a standalone volume's secondary, and the primary's
-//!   dirty bitmap resyncs the copy when it is back;
+//! - a copy is recorded outdated only by the volume's primary at its
+//!   epoch, by compare-and-swap on the volume: a mark and a move of the
+//!   primary never both succeed on the same version;
 //! - only pool volumes named `vol-` + a uid are ever dropped here: when
-//!   the complete, watched set of volumes has no object of that uid, or
-//!   the object's placed copies no longer name this node.
+//!   the complete, watched set of this node's volumes has no object of
+//!   that uid, or the object's placed copies no longer name this node.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use basalt_api::{
-    AdminClient, ApiError, AttachVolume, Kind, Node, Object, Placement, StorageClient, Volume,
-    VolumeRole, WatchEvent,
+    AdminClient, AgentClient, ApiError, AttachVolume, FenceRequest, Kind, Node, Object, Placement,
+    StorageClient, Volume, VolumeRole, WatchEvent,
 };
 use futures::StreamExt as _;
 
@@ -75,19 +85,15 @@ pub fn held(node: &str, volume: &Volume) -> Option<Held> {
     }
     let replicated = status.replicas.len() >= 2;
     let primary = status.primary_node == node;
-    let attach = replicated.then(|| {
-        let mut attach = AttachVolume {
-            name: status.storage_name.clone(),
-            role: if primary {
-                VolumeRole::Primary
-            } else {
-                VolumeRole::Secondary
-            },
-            epoch: status.epoch,
-            ..AttachVolume::default()
-        };
-        attach.allow_outdate = primary;
-        attach
+    let attach = replicated.then(|| AttachVolume {
+        name: status.storage_name.clone(),
+        role: if primary {
+            VolumeRole::Primary
+        } else {
+            VolumeRole::Secondary
+        },
+        epoch: status.epoch,
+        ..AttachVolume::default()
     });
     let peer_nodes = if primary && replicated {
         status
@@ -107,6 +113,81 @@ pub fn held(node: &str, volume: &Volume) -> Option<Held> {
         peer_nodes,
     })
 }
+
+/// Has the control plane record outdated the copy of standalone volume
+/// `request.volume` (its pool name) on the node publishing replication
+/// address `request.peer`, for this node `node` as the volume's primary at
+/// `request.epoch` (the storage fencer's question, decision 65): a
+/// compare-and-swap of the volume, retried on conflict. Returns that
+/// node; `FAILED_PRECONDITION` when this node is not the primary at that
+/// epoch or no other copy's node publishes the address.
+pub(super) async fn outdate(
+    node: &str,
+    request: &FenceRequest,
+    admin: &AdminClient,
+) -> Result<String, ApiError> {
+    let refuse = |reason: String| ApiError::FailedPrecondition { reason };
+    for _ in 0..OUTDATE_TRIES {
+        let list = admin.list(Kind::Volume).await?;
+        let mut volume = list
+            .objects
+            .into_iter()
+            .find_map(|o| match o {
+                Object::Volume(v) if v.status.storage_name == request.volume => Some(v),
+                _ => None,
+            })
+            .ok_or_else(|| refuse(format!("no volume has pool name {}", request.volume)))?;
+        let status = &volume.status;
+        if status.primary_node != node || status.epoch != request.epoch {
+            return Err(refuse(format!(
+                "volume {} has its primary on {} at epoch {}, not on {node} at epoch {}",
+                volume.meta.name, status.primary_node, status.epoch, request.epoch
+            )));
+        }
+        let nodes: BTreeMap<String, Node> = list_of(admin, Kind::Node, |o| match o {
+            Object::Node(n) => Some((n.meta.name.clone(), n)),
+            _ => None,
+        })
+        .await?;
+        let copy = status
+            .replicas
+            .iter()
+            .filter(|r| r.node != node)
+            .find(|r| {
+                nodes.get(&r.node).is_some_and(|n| {
+                    super::fencer::same_address(&n.status.replication_address, &request.peer)
+                })
+            })
+            .map(|r| r.node.clone())
+            .ok_or_else(|| {
+                refuse(format!(
+                    "no other copy's node of volume {} publishes replication address {}",
+                    volume.meta.name, request.peer
+                ))
+            })?;
+        let Some(replica) = volume.status.replicas.iter_mut().find(|r| r.node == copy) else {
+            continue;
+        };
+        if replica.outdated {
+            return Ok(copy);
+        }
+        replica.outdated = true;
+        match admin.update(Object::Volume(volume)).await {
+            Ok(_) => return Ok(copy),
+            Err(ApiError::Aborted { .. }) => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    Err(ApiError::Unavailable {
+        reason: format!(
+            "volume {} kept changing; its copy not recorded outdated after {OUTDATE_TRIES} tries",
+            request.volume
+        ),
+    })
+}
+
+/// How often [`outdate`] retries a compare-and-swap conflict.
+const OUTDATE_TRIES: usize = 8;
 
 /// What a pass acts on, for every volume that is not a VM disk: when it
 /// equals the last successful pass's, nothing is done.
@@ -256,26 +337,27 @@ async fn pass(
     ok
 }
 
-/// Lists the volumes, then follows their watch until it breaks, running
-/// a pass whenever what this node holds may have changed.
+/// Follows this node's volume watch until it breaks, running a pass
+/// (once the first listing is complete) whenever what this node holds may
+/// have changed.
 async fn follow(
     node: &str,
     storage: &StorageClient,
     admin: &AdminClient,
+    agent: &AgentClient,
     memory: &mut Memory,
 ) -> Result<(), ApiError> {
-    let list = admin.list(Kind::Volume).await?;
-    let mut volumes: BTreeMap<String, Volume> = list
-        .objects
-        .into_iter()
-        .filter_map(|o| match o {
-            Object::Volume(v) => Some((v.meta.name.clone(), v)),
-            _ => None,
-        })
-        .collect();
-    let mut events = admin
-        .watch(Some(Kind::Volume), list.resource_version)
-        .await?;
+    let mut events = agent.watch_volumes(node, 0).await?;
+    let mut volumes: BTreeMap<String, Volume> = BTreeMap::new();
+    // The listing, up to its bookmark: the drop logic needs every volume.
+    loop {
+        match events.next().await {
+            None => return Ok(()),
+            Some(Err(err)) => return Err(err),
+            Some(Ok(WatchEvent::Bookmark { .. })) => break,
+            Some(Ok(event)) => apply(&mut volumes, event),
+        }
+    }
     let mut resync = tokio::time::interval(RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await;
@@ -293,14 +375,7 @@ async fn follow(
             event = events.next() => match event {
                 None => return Ok(()),
                 Some(Err(err)) => return Err(err),
-                Some(Ok(WatchEvent::Added { object: Object::Volume(v), .. }
-                    | WatchEvent::Modified { object: Object::Volume(v), .. })) => {
-                    volumes.insert(v.meta.name.clone(), v);
-                }
-                Some(Ok(WatchEvent::Deleted { object: Object::Volume(v), .. })) => {
-                    volumes.remove(&v.meta.name);
-                }
-                Some(Ok(_)) => {}
+                Some(Ok(event)) => apply(&mut volumes, event),
             },
             _ = resync.tick() => memory.done = None,
             _ = retry.tick(), if memory.done.is_none() => {}
@@ -308,9 +383,22 @@ async fn follow(
     }
 }
 
+/// `event` of this node's volume watch applied to `volumes`.
+fn apply(volumes: &mut BTreeMap<String, Volume>, event: WatchEvent<Volume>) {
+    match event {
+        WatchEvent::Added { object, .. } | WatchEvent::Modified { object, .. } => {
+            volumes.insert(object.meta.name.clone(), object);
+        }
+        WatchEvent::Deleted { object, .. } => {
+            volumes.remove(&object.meta.name);
+        }
+        WatchEvent::Bookmark { .. } => {}
+    }
+}
+
 /// Holds this node's copies of standalone volumes and makes and drops its
 /// snapshots and clones until aborted (see the module's doc).
-pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
+pub async fn run(node: String, config: StorageConfig, admin: AdminClient, agent: AgentClient) {
     let storage = match StorageClient::connect_unix(&config.socket) {
         Ok(storage) => storage,
         Err(err) => {
@@ -327,7 +415,7 @@ pub async fn run(node: String, config: StorageConfig, admin: AdminClient) {
         ..Memory::default()
     };
     loop {
-        if let Err(err) = follow(&node, &storage, &admin, &mut memory).await {
+        if let Err(err) = follow(&node, &storage, &admin, &agent, &mut memory).await {
             tracing::debug!(error = %err, "the volume watch broke; listing again");
         }
         tokio::time::sleep(RETRY).await;
@@ -374,7 +462,7 @@ mod tests {
         let attach = on_a.attach.as_ref().unwrap();
         assert_eq!(attach.role, VolumeRole::Primary);
         assert_eq!(attach.epoch, 1);
-        assert!(attach.allow_outdate);
+        assert!(!attach.allow_outdate, "the fencer asks the control plane");
         assert_eq!(on_a.peer_nodes, ["b"]);
         let on_b = held("b", &volume).expect("b holds a copy");
         let attach = on_b.attach.as_ref().unwrap();

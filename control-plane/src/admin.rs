@@ -22,6 +22,7 @@ use basalt_api::{AdminApi, AdminClient, ApiError, Kind, Object, ObjectList, Watc
 use openraft::error::{CheckIsLeaderError, RaftError};
 
 use crate::history::Change;
+use crate::network::forward::Forwarder;
 use crate::proposer::{ProposeError, Proposer};
 use crate::raft_types::{NodeId, Raft};
 use crate::state::{Command, Outcome};
@@ -50,6 +51,8 @@ struct Inner {
     proposer: Proposer,
     shared: Arc<Shared>,
     peers: Mutex<HashMap<String, AdminClient>>,
+    /// Batches the writes this member forwards, per leader address.
+    forwarders: Mutex<HashMap<String, Forwarder>>,
 }
 
 impl std::fmt::Debug for AdminService {
@@ -89,6 +92,7 @@ impl AdminService {
                 raft,
                 shared,
                 peers: Mutex::new(HashMap::new()),
+                forwarders: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -267,6 +271,21 @@ impl AdminService {
         }
     }
 
+    /// The forwarder of writes to the member at `address`.
+    fn forwarder(&self, address: &str) -> Result<Forwarder, ApiError> {
+        let mut forwarders = self
+            .inner
+            .forwarders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(forwarder) = forwarders.get(address) {
+            return Ok(forwarder.clone());
+        }
+        let forwarder = Forwarder::start(address)?;
+        forwarders.insert(address.to_owned(), forwarder.clone());
+        Ok(forwarder)
+    }
+
     /// Sends `request` to the leader `seen` at `address`. Ends early when
     /// this member sees another leader (or none): the answer may never
     /// come.
@@ -290,25 +309,14 @@ impl AdminService {
         let is_read = !matches!(request, Request::Write(_));
         let call = async {
             match request {
-                Request::Write(Command::Create(object)) => {
-                    client.create(object).await.map(Reply::Object)
-                }
-                Request::Write(Command::Update(object)) => {
-                    client.update(object).await.map(Reply::Object)
-                }
-                Request::Write(Command::Delete {
-                    kind,
-                    name,
-                    expected_resource_version,
-                    force,
-                }) => if force {
-                    client
-                        .delete_forced(kind, &name, expected_resource_version)
-                        .await
-                } else {
-                    client.delete(kind, &name, expected_resource_version).await
-                }
-                .map(Reply::Object),
+                // Writes that queue share one call (decision 62).
+                Request::Write(
+                    command @ (Command::Create(_) | Command::Update(_) | Command::Delete { .. }),
+                ) => self
+                    .forwarder(address)?
+                    .write(command)
+                    .await
+                    .map(Reply::Object),
                 Request::Write(Command::Register(_)) => Err(ApiError::Unavailable {
                     reason: "leadership changed during a registration; retry".into(),
                 }),

@@ -1,6 +1,8 @@
 //! Raft traffic between members over gRPC (basalt-api's Raft service):
 //! [`Network`] sends openraft's requests, [`RaftService`] receives them.
-//! Payloads are openraft's own request and response types in JSON.
+//! Payloads are openraft's own request and response types in JSON. The
+//! same service carries the writes followers forward to the leader
+//! ([`forward`]).
 //!
 //! Invariants:
 //! - a payload a peer sends is decoded before openraft sees it; one that
@@ -12,6 +14,7 @@
 //!   a follower apply an entry that one copy holds (decision 57).
 
 use std::error::Error;
+use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_api::{ApiError, RaftApi, RaftClient};
@@ -27,8 +30,11 @@ use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::admin::AdminService;
 use crate::raft_types::{NodeId, Raft, TypeConfig};
-use crate::store::DurableLog;
+use crate::store::{DurableLog, ElectionGuard};
+
+pub mod forward;
 
 /// How much of an empty AppendEntries' time budget it may spend waiting
 /// for the leader's fsync to cover its whole commit index (a divisor of
@@ -189,6 +195,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,
+    /// Told of every AppendEntries from the current leader on arrival.
+    guard: Option<Arc<ElectionGuard>>,
+    /// Takes the writes followers forward ([`forward`]).
+    admin: Option<AdminService>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -200,7 +210,26 @@ impl std::fmt::Debug for RaftService {
 impl RaftService {
     /// Serves `raft`.
     pub fn new(raft: Raft) -> Self {
-        Self { raft }
+        Self {
+            raft,
+            guard: None,
+            admin: None,
+        }
+    }
+
+    /// Serves the writes followers forward (`Forward`) through `admin`,
+    /// each as a write through its admin API.
+    pub fn with_writes(mut self, admin: AdminService) -> Self {
+        self.admin = Some(admin);
+        self
+    }
+
+    /// Tells `guard` of each AppendEntries from a committed leader of
+    /// this member's term or a later one as it arrives, before openraft's
+    /// core takes it (which may be late: see [`ElectionGuard`]).
+    pub fn with_guard(mut self, guard: Arc<ElectionGuard>) -> Self {
+        self.guard = Some(guard);
+        self
     }
 }
 
@@ -218,7 +247,14 @@ fn encode<T: Serialize>(reply: &T) -> Result<Vec<u8>, ApiError> {
 impl RaftApi for RaftService {
     async fn append_entries(&self, payload: Vec<u8>) -> Result<Vec<u8>, ApiError> {
         let request: AppendEntriesRequest<TypeConfig> = decode(&payload, "append-entries request")?;
-        encode(&self.raft.append_entries(request).await)
+        if let Some(guard) = &self.guard
+            && request.vote.is_committed()
+            && request.vote.leader_id().term >= self.raft.metrics().borrow().current_term
+        {
+            guard.heard_leader();
+        }
+        let reply = self.raft.append_entries(request).await;
+        encode(&reply)
     }
 
     async fn vote(&self, payload: Vec<u8>) -> Result<Vec<u8>, ApiError> {
@@ -230,5 +266,14 @@ impl RaftApi for RaftService {
         let request: InstallSnapshotRequest<TypeConfig> =
             decode(&payload, "install-snapshot request")?;
         encode(&self.raft.install_snapshot(request).await)
+    }
+
+    async fn forward(&self, payload: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+        match &self.admin {
+            Some(admin) => forward::serve(admin, &payload).await,
+            None => Err(ApiError::FailedPrecondition {
+                reason: "this member does not take forwarded writes".into(),
+            }),
+        }
     }
 }

@@ -100,10 +100,10 @@ pub async fn run(
         config.nodes.clone(),
         IpamController::new(&config.ipam),
     );
-    let routes = add_agent_routes(
-        add_raft_routes(admin_routes(admin), RaftService::new(raft.clone())),
-        agent,
-    );
+    let raft_service = RaftService::new(raft.clone())
+        .with_guard(Arc::clone(&guard))
+        .with_writes(admin.clone());
+    let routes = add_agent_routes(add_raft_routes(admin_routes(admin), raft_service), agent);
     // Without TCP_NODELAY, a small Raft message or reply can wait for the
     // peer's delayed ACK (40 ms) behind the previous one.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

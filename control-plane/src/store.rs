@@ -29,9 +29,10 @@
 //!   beyond the recovered log;
 //! - a member whose own disk stalled longer than a heartbeat interval
 //!   (an append's fsync, a truncation) does not start an election for
-//!   an election timeout after it ([`ElectionGuard`]): openraft's core
-//!   takes its timer tick before the AppendEntries that queued meanwhile,
-//!   and would count the stall as the leader's silence;
+//!   an election timeout after it, nor while its leader's AppendEntries
+//!   keep arriving ([`ElectionGuard`]): openraft's core takes its timer
+//!   tick before the AppendEntries that queued meanwhile, and would count
+//!   a late core as the leader's silence;
 //! - nothing is applied to the state machine before every append holding
 //!   an entry up to the applied one is fsynced, so no client sees an
 //!   answer or a read that rests on an entry this member could lose:
@@ -427,48 +428,159 @@ impl FsyncHooks {
 /// its `hold`.
 pub const GUARD_HOLD_LIMIT: u32 = 5;
 
-/// Keeps a member whose own disk stalled from starting an election it
-/// has no grounds for. openraft's core runs a log append (and its
-/// inline fsync) to the end before it looks at anything else, then takes
-/// its timer tick before the AppendEntries that queued meanwhile: a stall
-/// longer than the election timeout reads as the leader's silence,
-/// although the leader's heartbeats are waiting in the queue. After a
-/// disk call longer than `stall_after`, elections are switched off
-/// (openraft's runtime switch, read by the tick) and on again `hold` or
-/// the stall's own length later, whichever is longer (at most
-/// [`GUARD_HOLD_LIMIT`] × `hold`: a long stall usually starved the whole
-/// process, so the queued AppendEntries need longer to reach the core),
-/// by when they have renewed the leader's lease; a later stall extends
-/// it. A leader that really died is replaced at most that much later
-/// than otherwise, and only when this member's own disk stalled.
+/// Keeps a member from starting an election it has no grounds for: while
+/// its own disk stalled, and while its leader's AppendEntries keep
+/// arriving.
+///
+/// openraft's core runs a log append (and its inline fsync) to the end
+/// before it looks at anything else, then takes its timer tick before
+/// the AppendEntries that queued meanwhile, and it counts the leader as
+/// heard only when its core takes an AppendEntries: a core that is late
+/// (a stalled disk, a starved CPU) reads as the leader's silence,
+/// although the leader's messages are waiting in the queue. Such an
+/// election deposes a working leader, and a member whose log is behind
+/// keeps electing without winning, deposing each new leader in turn
+/// (seen under a saturated CPU: hundreds of terms in two minutes).
+///
+/// So elections are switched off (openraft's runtime switch, read by the
+/// tick):
+/// - after a disk call longer than `stall_after`, for `hold` or the
+///   stall's own length, whichever is longer (at most
+///   [`GUARD_HOLD_LIMIT`] × `hold`: a long stall usually starved the
+///   whole process, so the queued AppendEntries need longer to reach the
+///   core); a later stall extends it;
+/// - for `hold` after an AppendEntries of the current term (or a later
+///   one) from a committed leader arrived at this member's Raft service
+///   ([`ElectionGuard::heard_leader`]), before the core takes it.
+///
+/// A ticker switches them on again once both holds ran out. A leader that
+/// really died is not replaced later than otherwise: its messages stop
+/// arriving, and `hold` (the election timeout's maximum, which openraft
+/// also grants as the leader lease) ends before openraft's own timer
+/// (that lease plus the election timeout) after the last one the core took.
 #[derive(Default)]
 pub struct ElectionGuard {
-    raft: Mutex<Option<Raft>>,
+    switch: Mutex<Option<ElectionSwitch>>,
     settings: Mutex<Option<(Duration, Duration)>>,
-    /// Bumped by every stall; a re-enable only acts if it is still its own.
-    generation: Arc<AtomicU64>,
+    holds: Mutex<GuardHolds>,
+}
+
+/// What turns a member's elections on (`true`) or off.
+type ElectionSwitch = Arc<dyn Fn(bool) + Send + Sync>;
+
+#[derive(Debug, Default)]
+struct GuardHolds {
+    /// A disk stall holds elections off until then.
+    stalled_until: Option<Instant>,
+    /// The leader was heard: elections are off until then.
+    heard_until: Option<Instant>,
+    /// Elections are switched off now.
+    off: bool,
 }
 
 impl std::fmt::Debug for ElectionGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ElectionGuard")
-            .field("generation", &self.generation)
+            .field("holds", &self.holds)
             .finish_non_exhaustive()
     }
 }
 
 impl ElectionGuard {
-    /// Starts guarding `raft`: a disk call longer than `stall_after`
-    /// switches its elections off for `hold` or the call's length,
-    /// whichever is longer (at most [`GUARD_HOLD_LIMIT`] × `hold`).
-    pub fn attach(&self, raft: Raft, stall_after: Duration, hold: Duration) {
-        *self.raft.lock().unwrap_or_else(|e| e.into_inner()) = Some(raft);
-        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = Some((stall_after, hold));
+    /// Starts guarding `raft` (see the type): a disk call longer than
+    /// `stall_after` switches its elections off for `hold` or the call's
+    /// length, whichever is longer (at most [`GUARD_HOLD_LIMIT`] × `hold`),
+    /// and an AppendEntries from its leader for `hold`. Runs a ticker on
+    /// the current tokio runtime until [`ElectionGuard::detach`].
+    pub fn attach(self: &Arc<Self>, raft: Raft, stall_after: Duration, hold: Duration) {
+        let switch = move |on: bool| raft.runtime_config().elect(on);
+        self.attach_switch(Arc::new(switch), stall_after, hold);
     }
 
-    /// Stops guarding (drops the Raft handle it keeps).
+    /// [`ElectionGuard::attach`] with any switch (tests).
+    fn attach_switch(
+        self: &Arc<Self>,
+        switch: ElectionSwitch,
+        stall_after: Duration,
+        hold: Duration,
+    ) {
+        *self.switch.lock().unwrap_or_else(|e| e.into_inner()) = Some(switch);
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = Some((stall_after, hold));
+        let guard = Arc::downgrade(self);
+        let tick = (stall_after / 2).max(Duration::from_millis(5));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(tick).await;
+                    let Some(guard) = guard.upgrade() else { return };
+                    if !guard.release_expired(Instant::now()) {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Stops guarding (drops the Raft handle it keeps; the ticker ends).
     pub fn detach(&self) {
-        *self.raft.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.switch.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GuardHolds> {
+        self.holds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Switches elections on or off; false when detached.
+    fn set_elect(&self, on: bool) -> bool {
+        match &*self.switch.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(switch) => {
+                switch(on);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Switches elections on again when every hold ran out by `now`;
+    /// false when detached.
+    fn release_expired(&self, now: Instant) -> bool {
+        let mut holds = self.lock();
+        let held = holds.stalled_until.is_some_and(|t| now < t)
+            || holds.heard_until.is_some_and(|t| now < t);
+        if holds.off && !held {
+            holds.off = false;
+            return self.set_elect(true);
+        }
+        self.switch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Holds elections off until `until` at least (`stall`: a disk stall,
+    /// else the leader heard).
+    fn hold_until(&self, until: Instant, stall: bool) {
+        let mut holds = self.lock();
+        let slot = if stall {
+            &mut holds.stalled_until
+        } else {
+            &mut holds.heard_until
+        };
+        *slot = Some(slot.map_or(until, |t| t.max(until)));
+        if !holds.off {
+            holds.off = true;
+            self.set_elect(false);
+        }
+    }
+
+    /// Records that an AppendEntries from a committed leader of the
+    /// current term (or a later one) arrived at this member: no election
+    /// for the hold, whatever the core is busy with.
+    pub fn heard_leader(&self) {
+        let Some((_, hold)) = *self.settings.lock().unwrap_or_else(|e| e.into_inner()) else {
+            return;
+        };
+        self.hold_until(Instant::now() + hold, false);
     }
 
     /// Records a disk call that started at `started` and just ended.
@@ -481,34 +593,15 @@ impl ElectionGuard {
         if took <= stall_after {
             return;
         }
-        let Some(raft) = self.raft.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return;
-        };
         let hold = took.clamp(hold, hold.saturating_mul(GUARD_HOLD_LIMIT));
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         // Switched off before the append returns to the core, so its
         // next tick already sees it.
-        raft.runtime_config().elect(false);
+        self.hold_until(Instant::now() + hold, true);
         tracing::info!(
             ?took,
             ?hold,
             "the log's disk stalled: this member starts no election for a while"
         );
-        let current = Arc::clone(&self.generation);
-        let enable = move || {
-            if current.load(Ordering::SeqCst) == generation {
-                raft.runtime_config().elect(true);
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    tokio::time::sleep(hold).await;
-                    enable();
-                });
-            }
-            Err(_) => enable(),
-        }
     }
 }
 
@@ -1748,6 +1841,50 @@ mod tests {
         let third = durability.appended(10);
         durability.flushed(third, Err("EIO".into()));
         assert_eq!(durable(10).await.unwrap(), Err("EIO".into()));
+    }
+
+    #[tokio::test]
+    async fn elections_stay_off_while_the_leader_is_heard_or_the_disk_stalled() {
+        let guard = Arc::new(ElectionGuard::default());
+        let switched = Arc::new(Mutex::new(Vec::<bool>::new()));
+        let record = Arc::clone(&switched);
+        let switch: ElectionSwitch = Arc::new(move |on| record.lock().unwrap().push(on));
+        let hold = Duration::from_millis(200);
+        guard.attach_switch(switch, Duration::from_millis(50), hold);
+        let on = || switched.lock().unwrap().last().copied().unwrap_or(true);
+        // The leader heard every 50 ms for a second: never on meanwhile.
+        for _ in 0..20 {
+            guard.heard_leader();
+            assert!(!on());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(*switched.lock().unwrap(), vec![false], "switched off once");
+        // Silence: on again within the hold (plus a tick), not before.
+        let silent = Instant::now();
+        while !on() {
+            assert!(
+                silent.elapsed() < Duration::from_secs(2),
+                "never switched on again"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            silent.elapsed() + Duration::from_millis(60) >= hold,
+            "on again early"
+        );
+        // A disk stall of 400 ms holds them off for its own length.
+        guard.disk_call_ended(Instant::now() - Duration::from_millis(400));
+        assert!(!on());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!on(), "still within the stall's length");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(on());
+        // A short disk call changes nothing; detached, nothing is switched.
+        guard.disk_call_ended(Instant::now());
+        assert!(on());
+        guard.detach();
+        guard.heard_leader();
+        assert!(on());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,11 +130,12 @@ async fn cluster() -> Vec<Member> {
             store::open(dir.path(), 1_000, id, config.raft.leader_parallel_fsync).unwrap();
         let hooks = log.fsync_hooks();
         let durable = log.durable_log();
+        let guard = log.election_guard();
         let raft = start_raft(&config, raft_config, log, sm).await.unwrap();
         let max_commit = Arc::new(AtomicU64::new(0));
         let starve = Arc::new(Starve::default());
         let routes = raft_routes(Recording {
-            inner: RaftService::new(raft.clone()),
+            inner: RaftService::new(raft.clone()).with_guard(guard),
             max_commit: Arc::clone(&max_commit),
             starve: Arc::clone(&starve),
         });

@@ -52,6 +52,16 @@ impl RaftClient {
         Ok(reply.into_inner().payload)
     }
 
+    /// Sends serialized forwarded writes; returns the serialized answers.
+    pub async fn forward(&self, payload: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+        let reply = self
+            .inner
+            .clone()
+            .forward(pb::RaftRequest { payload })
+            .await?;
+        Ok(reply.into_inner().payload)
+    }
+
     /// Sends a serialized install-snapshot request; returns the serialized reply.
     pub async fn install_snapshot(&self, payload: Vec<u8>) -> Result<Vec<u8>, ApiError> {
         let reply = self

@@ -29,6 +29,17 @@ pub trait RaftApi: Send + Sync + 'static {
         &self,
         payload: Vec<u8>,
     ) -> impl Future<Output = Result<Vec<u8>, ApiError>> + Send;
+
+    /// Handles serialized writes a follower forwards, many in one call.
+    /// By default refused, without effect, as not served here.
+    fn forward(&self, payload: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, ApiError>> + Send {
+        let _ = payload;
+        async {
+            Err(ApiError::FailedPrecondition {
+                reason: "this member does not take forwarded writes".into(),
+            })
+        }
+    }
 }
 
 impl<T: RaftApi> RaftApi for Arc<T> {
@@ -48,6 +59,10 @@ impl<T: RaftApi> RaftApi for Arc<T> {
         payload: Vec<u8>,
     ) -> impl Future<Output = Result<Vec<u8>, ApiError>> + Send {
         T::install_snapshot(self, payload)
+    }
+
+    fn forward(&self, payload: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, ApiError>> + Send {
+        T::forward(self, payload)
     }
 }
 
@@ -97,5 +112,13 @@ impl<T: RaftApi> Raft for RaftAdapter<T> {
     ) -> Result<Response<pb::RaftReply>, Status> {
         let result = self.0.install_snapshot(request.into_inner().payload).await;
         reply("InstallSnapshot", result.map(payload_reply))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let result = self.0.forward(request.into_inner().payload).await;
+        reply("Forward", result.map(payload_reply))
     }
 }

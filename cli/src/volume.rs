@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use basalt_api::{
-    DiskState, ReplicaPeer, ReplicaPeerState, StorageClient, StorageVolume, VerifyVolume,
+    DiskState, ReplicaPeer, ReplicaPeerState, ReplicationProtocol, StorageClient, StorageVolume,
+    VerifyVolume,
 };
 use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
@@ -63,6 +64,11 @@ pub enum VolumeCommand {
         /// An image to clone it from.
         #[arg(long)]
         image: Option<String>,
+        /// When its primary acknowledges a write: A (once sent to every
+        /// peer), B (once every peer received it) or C (once every peer
+        /// wrote it, the default).
+        #[arg(long, default_value = "C", value_parser = parse_protocol)]
+        protocol: ReplicationProtocol,
     },
     /// Delete a standalone volume. A VM disk's volume goes with its VM
     /// (or its disk); the control plane refuses to delete it alone.
@@ -127,6 +133,14 @@ struct VolumeView {
     #[serde(skip_serializing_if = "String::is_empty")]
     disk_error: String,
     peers: Vec<ReplicaPeer>,
+}
+
+/// Parses `--protocol` (A, B or C, either case); an error names the flag.
+pub fn parse_protocol(value: &str) -> Result<ReplicationProtocol, String> {
+    if value.is_empty() {
+        return Err("--protocol: give A, B or C".to_owned());
+    }
+    ReplicationProtocol::parse("--protocol", value).map_err(|e| e.to_string())
 }
 
 fn state_name(state: ReplicaPeerState) -> &'static str {

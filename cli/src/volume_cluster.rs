@@ -125,11 +125,12 @@ fn details(v: &Volume) -> String {
         .iter()
         .find(|c| c.kind == basalt_api::Condition::READY);
     let mut out = format!(
-        "name          {}\nsize          {} ({} bytes)\ncopies        {}\nowner         {owner}\nimage         {}\npool name     {}\nprimary       {}\nepoch         {}\n",
+        "name          {}\nsize          {} ({} bytes)\ncopies        {}\nprotocol      {}\nowner         {owner}\nimage         {}\npool name     {}\nprimary       {}\nepoch         {}\n",
         v.meta.name,
         size_text(v.spec.size_bytes),
         v.spec.size_bytes,
         v.spec.replicas,
+        v.spec.protocol,
         v.spec.image.as_deref().unwrap_or("-"),
         dash(&v.status.storage_name),
         dash(&v.status.primary_node),
@@ -278,6 +279,7 @@ async fn derive(
                 volume: source.to_owned(),
                 snapshot,
             }),
+            protocol: from.spec.protocol,
         },
         ..Volume::default()
     };
@@ -306,6 +308,7 @@ pub async fn run(server: &str, format: Format, command: VolumeCommand) -> anyhow
             size,
             replicas,
             image,
+            protocol,
         } => {
             let volume = Volume {
                 meta: ObjectMeta::named(name),
@@ -315,6 +318,7 @@ pub async fn run(server: &str, format: Format, command: VolumeCommand) -> anyhow
                     image,
                     owner: None,
                     source: None,
+                    protocol,
                 },
                 ..Volume::default()
             };

@@ -379,6 +379,8 @@ fn desired(
                 disk: disk.name.clone(),
             }),
             source: None,
+            // Until VM disks carry a protocol (C).
+            ..VolumeSpec::default()
         },
         status,
     }

@@ -279,6 +279,22 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
             },
         )
         .await;
+        // A new stream fully syncs a's copy, marked outdated meanwhile
+        // (decision 44); b's agent clears the mark a moment after its
+        // storage says the copy is in sync. Lost before that, b would
+        // leave the VM no up-to-date copy to come back on.
+        wait::until(
+            "a's copy is not marked outdated",
+            DEADLINE,
+            &logs,
+            || async {
+                matches!(
+                    admin.get(Kind::Vm, "db").await,
+                    Ok(Object::Vm(v)) if v.status.outdated_replicas.is_empty()
+                )
+            },
+        )
+        .await;
     }
     let block0 = read_export(&b, &volume, 0, 512).expect("read b");
     assert_eq!(
@@ -342,6 +358,7 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
             epoch: 2,
             peers: Vec::new(),
             allow_outdate: true,
+            protocol: None,
         })
         .await
     {
@@ -368,6 +385,7 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
             epoch: 2,
             peers: vec![a_address],
             allow_outdate: false,
+            protocol: None,
         })
         .await;
     match old_primary {

@@ -55,6 +55,7 @@ fn bad_volume(size_bytes: u64, owner: Option<VolumeOwner>) -> Object {
             image: None,
             owner,
             source: None,
+            ..VolumeSpec::default()
         },
         ..Volume::default()
     })

@@ -12,7 +12,10 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use basalt_api::{ApiError, AttachVolume, EnsureVolume, ReplicaPeer, ReplicaPeerState, VolumeRole};
+use basalt_api::{
+    ApiError, AttachVolume, EnsureVolume, ReplicaPeer, ReplicaPeerState, ReplicationProtocol,
+    VolumeRole,
+};
 use basalt_testkit::Prefix;
 use storage_cli::{LocalStorage as Node, have};
 
@@ -87,6 +90,7 @@ fn attach(role: VolumeRole, epoch: u64, peers: &[SocketAddr]) -> AttachVolume {
         epoch,
         peers: peers.iter().map(ToString::to_string).collect(),
         allow_outdate: false,
+        protocol: None,
     }
 }
 
@@ -162,9 +166,35 @@ fn replication_is_attached_promoted_demoted_and_dual_primary_through_the_local_a
         assert_eq!((attached.role, attached.epoch), (VolumeRole::Primary, 1));
         assert_eq!(attached.peers.len(), 1);
         assert_eq!(attached.peers[0].peer, b.repl.to_string());
+        assert_eq!(attached.protocol, ReplicationProtocol::C);
         wait_connected(&a, "vol").await;
         a.write("vol", 0xa1, 0, MIB);
         b.check("vol", 0xa1, 0, MIB);
+
+        // The protocol rides on AttachVolume: set, then kept by a later
+        // attach that leaves it unset, then set back to C.
+        for (asked, kept) in [
+            (Some(ReplicationProtocol::B), ReplicationProtocol::B),
+            (None, ReplicationProtocol::B),
+            (Some(ReplicationProtocol::C), ReplicationProtocol::C),
+        ] {
+            let attached = a
+                .api
+                .attach_volume(AttachVolume {
+                    protocol: asked,
+                    ..attach(VolumeRole::Primary, 1, &[b.repl])
+                })
+                .await
+                .expect("attach A primary with a protocol");
+            assert_eq!(attached.protocol, kept, "asked {asked:?}");
+            let file = std::fs::read_to_string(a.attachments_file()).expect("attachments");
+            assert_eq!(
+                file.contains("protocol=B"),
+                kept == ReplicationProtocol::B,
+                "{file}"
+            );
+        }
+        wait_connected(&a, "vol").await;
 
         // The secondary's export reads, but refuses writes.
         let (ok, text) = b.qemu_io("vol", "write -P 0xee 0 4096");

@@ -252,6 +252,7 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
             epoch: 2,
             peers: Vec::new(),
             allow_outdate: false,
+            protocol: None,
         })
         .await
         .expect("secondary");
@@ -285,6 +286,7 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
             epoch: 2,
             peers: vec![sx.repl.to_string()],
             allow_outdate: false,
+            protocol: None,
         })
         .await
         .expect("primary");

@@ -370,6 +370,10 @@ impl From<AttachVolume> for pb::AttachVolumeRequest {
             epoch: a.epoch,
             peers: a.peers,
             allow_outdate: a.allow_outdate,
+            protocol: a
+                .protocol
+                .map_or(pb::ReplicationProtocol::Unspecified, Into::into)
+                .into(),
         }
     }
 }
@@ -384,6 +388,12 @@ impl TryFrom<pb::AttachVolumeRequest> for AttachVolume {
             epoch: a.epoch,
             peers: a.peers,
             allow_outdate: a.allow_outdate,
+            protocol: match enum_value::<pb::ReplicationProtocol>(a.protocol, "protocol")? {
+                pb::ReplicationProtocol::Unspecified => None,
+                pb::ReplicationProtocol::A => Some(ReplicationProtocol::A),
+                pb::ReplicationProtocol::B => Some(ReplicationProtocol::B),
+                pb::ReplicationProtocol::C => Some(ReplicationProtocol::C),
+            },
         };
         a.validate()?;
         Ok(a)
@@ -397,6 +407,7 @@ impl From<VolumeAttachment> for pb::VolumeAttachment {
             role: pb::VolumeRole::from(a.role).into(),
             epoch: a.epoch,
             peers: a.peers.into_iter().map(Into::into).collect(),
+            protocol: pb::ReplicationProtocol::from(a.protocol).into(),
         }
     }
 }
@@ -415,6 +426,7 @@ impl TryFrom<pb::VolumeAttachment> for VolumeAttachment {
                 .into_iter()
                 .map(TryInto::try_into)
                 .collect::<Result<_, _>>()?,
+            protocol: replication_protocol(a.protocol, "attachment.protocol")?,
         })
     }
 }
@@ -487,11 +499,34 @@ mod tests {
             epoch: 4,
             peers: vec!["10.0.0.2:7800".into()],
             allow_outdate: true,
+            protocol: None,
         };
         assert_eq!(
             AttachVolume::try_from(pb::AttachVolumeRequest::from(attach.clone())).unwrap(),
             attach
         );
+        for p in [
+            ReplicationProtocol::A,
+            ReplicationProtocol::B,
+            ReplicationProtocol::C,
+        ] {
+            let with = AttachVolume {
+                protocol: Some(p),
+                ..attach.clone()
+            };
+            assert_eq!(
+                AttachVolume::try_from(pb::AttachVolumeRequest::from(with.clone())).unwrap(),
+                with
+            );
+        }
+        let unknown = pb::AttachVolumeRequest {
+            protocol: 9,
+            ..pb::AttachVolumeRequest::from(attach.clone())
+        };
+        assert!(matches!(
+            AttachVolume::try_from(unknown),
+            Err(ApiError::InvalidArgument { field, .. }) if field == "protocol"
+        ));
         for p in [
             ReplicationProtocol::A,
             ReplicationProtocol::B,
@@ -529,6 +564,7 @@ mod tests {
             role: VolumeRole::Secondary,
             epoch: 4,
             peers: status.replicas.clone(),
+            protocol: ReplicationProtocol::B,
         };
         assert_eq!(
             VolumeAttachment::try_from(pb::VolumeAttachment::from(attached.clone())).unwrap(),

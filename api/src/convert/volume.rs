@@ -3,8 +3,8 @@
 use super::{enum_value, required};
 use crate::pb;
 use crate::{
-    ApiError, ReplicaReport, ReplicaState, Volume, VolumeOwner, VolumeReplica, VolumeReport,
-    VolumeSource, VolumeSpec, VolumeStatus,
+    ApiError, ReplicaReport, ReplicaState, ReplicationProtocol, Volume, VolumeOwner, VolumeReplica,
+    VolumeReport, VolumeSource, VolumeSpec, VolumeStatus,
 };
 
 fn state_to_pb(state: ReplicaState) -> i32 {
@@ -51,6 +51,7 @@ impl From<Volume> for pb::Volume {
                     volume: s.volume,
                     snapshot: s.snapshot,
                 }),
+                protocol: spec.protocol.as_str().to_owned(),
             }),
             status: Some(pb::VolumeStatus {
                 storage_name: status.storage_name,
@@ -126,6 +127,7 @@ impl TryFrom<pb::Volume> for Volume {
                     volume: s.volume,
                     snapshot: s.snapshot,
                 }),
+                protocol: ReplicationProtocol::parse("spec.protocol", &spec.protocol)?,
             },
             status: VolumeStatus {
                 storage_name: status.storage_name,
@@ -212,6 +214,7 @@ mod tests {
                     disk: "root".into(),
                 }),
                 source: None,
+                protocol: ReplicationProtocol::A,
             },
             status: VolumeStatus {
                 storage_name: "x".into(),
@@ -245,6 +248,16 @@ mod tests {
             Volume::try_from(wire),
             Err(ApiError::InvalidArgument { field, .. }) if field == "status.replicas[1].state"
         ));
+        let mut wire = pb::Volume::from(back);
+        assert_eq!(wire.spec.as_ref().unwrap().protocol, "A");
+        wire.spec.as_mut().unwrap().protocol = "D".into();
+        assert!(matches!(
+            Volume::try_from(wire.clone()),
+            Err(ApiError::InvalidArgument { field, .. }) if field == "spec.protocol"
+        ));
+        wire.spec.as_mut().unwrap().protocol = String::new();
+        let unset = Volume::try_from(wire).unwrap();
+        assert_eq!(unset.spec.protocol, ReplicationProtocol::C);
     }
 
     #[test]

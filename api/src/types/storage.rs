@@ -172,6 +172,43 @@ pub enum ReplicationProtocol {
     C,
 }
 
+impl ReplicationProtocol {
+    /// Its letter: `A`, `B` or `C` (the cluster API's and the CLI's form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationProtocol::A => "A",
+            ReplicationProtocol::B => "B",
+            ReplicationProtocol::C => "C",
+        }
+    }
+
+    /// Whether it is C, the default (the cluster objects' JSON leaves it
+    /// out then).
+    pub fn is_c(&self) -> bool {
+        *self == ReplicationProtocol::C
+    }
+
+    /// Parses a cluster API `field`: `A`, `B` or `C` (either case); empty
+    /// is C; anything else is `INVALID_ARGUMENT` naming `field`.
+    pub fn parse(field: &str, value: &str) -> Result<Self, ApiError> {
+        match value {
+            "" | "C" | "c" => Ok(ReplicationProtocol::C),
+            "A" | "a" => Ok(ReplicationProtocol::A),
+            "B" | "b" => Ok(ReplicationProtocol::B),
+            other => Err(ApiError::invalid(
+                field,
+                format!("unknown replication protocol {other:?} (A, B or C)"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicationProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Sets a volume's replication role on this node (idempotent).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachVolume {
@@ -188,6 +225,9 @@ pub struct AttachVolume {
     /// Primary only (ignored otherwise): on losing a peer, go on and track
     /// the chunks it misses instead of suspending writes until it is back.
     pub allow_outdate: bool,
+    /// When a primary acknowledges writes, kept with the attachment;
+    /// `None` keeps the attachment's (C for a volume never attached).
+    pub protocol: Option<ReplicationProtocol>,
 }
 
 /// A volume's replication role as attached, with a primary's peers.
@@ -201,6 +241,8 @@ pub struct VolumeAttachment {
     pub epoch: u64,
     /// A primary's peers and how each stands.
     pub peers: Vec<ReplicaPeer>,
+    /// The attachment's replication protocol.
+    pub protocol: ReplicationProtocol,
 }
 
 /// Most out-of-sync chunk indexes one [`PeerVerify`] lists.
@@ -470,6 +512,29 @@ mod tests {
     }
 
     #[test]
+    fn protocols_parse_by_letter_and_name_their_field() {
+        for p in [
+            ReplicationProtocol::A,
+            ReplicationProtocol::B,
+            ReplicationProtocol::C,
+        ] {
+            assert_eq!(ReplicationProtocol::parse("f", p.as_str()).unwrap(), p);
+            let lower = p.as_str().to_ascii_lowercase();
+            assert_eq!(ReplicationProtocol::parse("f", &lower).unwrap(), p);
+        }
+        assert_eq!(
+            ReplicationProtocol::parse("f", "").unwrap(),
+            ReplicationProtocol::C
+        );
+        for bad in ["D", "AB", " A", "protocol-c"] {
+            match ReplicationProtocol::parse("spec.protocol", bad) {
+                Err(ApiError::InvalidArgument { field, .. }) => assert_eq!(field, "spec.protocol"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn attach_requests_name_their_bad_field() {
         let primary = AttachVolume {
             name: "vm-1.root".into(),
@@ -477,6 +542,7 @@ mod tests {
             epoch: 3,
             peers: vec!["10.0.0.2:7800".into(), "[fd00::2]:7800".into()],
             allow_outdate: false,
+            protocol: Some(ReplicationProtocol::A),
         };
         primary.validate().unwrap();
         AttachVolume {

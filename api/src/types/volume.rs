@@ -25,7 +25,7 @@ use super::{
     Condition, DISK_SECTOR_BYTES, MAX_DISK_REPLICAS, MAX_STORAGE_VOLUME_BYTES, MAX_VOLUME_NAME_LEN,
     ObjectMeta, validate,
 };
-use crate::ApiError;
+use crate::{ApiError, ReplicationProtocol};
 
 /// Longest error text a replica entry keeps.
 pub const MAX_REPLICA_ERROR_LEN: usize = 1024;
@@ -74,6 +74,10 @@ pub struct VolumeSpec {
     /// node holding the source's primary copy makes it there.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,
+    /// When its primary acknowledges a write (C by default). Passed by
+    /// each copy's agent when it attaches the copy.
+    #[serde(skip_serializing_if = "ReplicationProtocol::is_c")]
+    pub protocol: ReplicationProtocol,
 }
 
 /// What a snapshot or a clone is made from.
@@ -439,6 +443,7 @@ mod tests {
                     disk: "root".into(),
                 }),
                 source: None,
+                protocol: ReplicationProtocol::B,
             },
             status: VolumeStatus {
                 storage_name: "5f0c".into(),

@@ -43,7 +43,32 @@ pub fn ok(args: &[&str]) -> String {
 }
 
 /// A loopback address with a port nobody listens on.
+///
+/// The port is below the kernel's ephemeral range (32768 and up by
+/// default), so no outgoing connection's source port and no other
+/// `bind(0)` takes it between this check and the child process binding
+/// it (the "address already in use" seen when a port from `bind(0)` was
+/// handed to a child); it is picked at random and checked free.
 pub fn free_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mixed = seed
+            .wrapping_add(n.wrapping_mul(2_654_435_761))
+            .rotate_left(7);
+        let port = u16::try_from(LOW + mixed % SPAN).expect("below 32768");
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
     SocketAddr::from((Ipv4Addr::LOCALHOST, basalt_testkit::free_port()))
 }
 
@@ -208,6 +233,8 @@ pub struct LocalStorage {
     pub socket: PathBuf,
     /// A client of its local API.
     pub api: StorageClient,
+    /// Its pool's path.
+    pub pool: PathBuf,
 }
 
 impl LocalStorage {
@@ -244,8 +271,22 @@ impl LocalStorage {
             repl,
             socket,
             api,
+            pool,
         }
     }
+
+    /// Where the process keeps its volumes' attachments
+    /// (`POOL.attachments`).
+    pub fn attachments_file(&self) -> PathBuf {
+        attachments_file(&self.pool)
+    }
+}
+
+/// The attachments file of the pool at `pool` (`POOL.attachments`).
+pub fn attachments_file(pool: &Path) -> PathBuf {
+    let mut file = pool.as_os_str().to_owned();
+    file.push(".attachments");
+    PathBuf::from(file)
 }
 
 /// Waits up to 30 s for `process` to create its local socket.

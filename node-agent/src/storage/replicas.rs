@@ -258,6 +258,7 @@ fn copies(vm: &Vm, placement: &Placement, dual: Option<&Vec<String>>) -> Vec<Wan
                     epoch: placement.epoch,
                     peers: peers.clone(),
                     allow_outdate: false,
+                    protocol: None,
                 },
                 None => AttachVolume {
                     name,
@@ -265,6 +266,7 @@ fn copies(vm: &Vm, placement: &Placement, dual: Option<&Vec<String>>) -> Vec<Wan
                     epoch: placement.epoch,
                     peers: Vec::new(),
                     allow_outdate: false,
+                    protocol: None,
                 },
             };
             Wanted {
@@ -350,6 +352,7 @@ impl Volumes {
                 epoch: placement.epoch,
                 peers: peers.clone(),
                 allow_outdate: false,
+                protocol: None,
             };
             self.storage
                 .attach_volume(request)

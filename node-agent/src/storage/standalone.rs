@@ -93,6 +93,7 @@ pub fn held(node: &str, volume: &Volume) -> Option<Held> {
             VolumeRole::Secondary
         },
         epoch: status.epoch,
+        protocol: Some(volume.spec.protocol),
         ..AttachVolume::default()
     });
     let peer_nodes = if primary && replicated {

@@ -232,12 +232,26 @@ fn replica_peer(volume: &str, peer: &str, st: &ReplicationStatus) -> ReplicaPeer
     }
 }
 
+fn protocol_of(protocol: ReplicationProtocol) -> Protocol {
+    match protocol {
+        ReplicationProtocol::A => Protocol::A,
+        ReplicationProtocol::B => Protocol::B,
+        ReplicationProtocol::C => Protocol::C,
+    }
+}
+
 fn attachment(view: AttachmentView) -> VolumeAttachment {
     let (role, epoch) = view
         .spec
         .as_ref()
         .map_or((VolumeRole::Standalone, 0), |s| (role_of(s.role), s.epoch));
+    let protocol = match view.spec.as_ref().map(|s| s.protocol) {
+        Some(Protocol::A) => ReplicationProtocol::A,
+        Some(Protocol::B) => ReplicationProtocol::B,
+        Some(Protocol::C) | None => ReplicationProtocol::C,
+    };
     VolumeAttachment {
+        protocol,
         peers: view
             .peers
             .iter()
@@ -371,11 +385,7 @@ impl StorageApi for LocalService {
         protocol: ReplicationProtocol,
     ) -> Result<VolumeAttachment, ApiError> {
         let attachments = self.attachments.clone();
-        let protocol = match protocol {
-            ReplicationProtocol::A => Protocol::A,
-            ReplicationProtocol::B => Protocol::B,
-            ReplicationProtocol::C => Protocol::C,
-        };
+        let protocol = protocol_of(protocol);
         self.blocking(move |_| {
             attachments
                 .set_protocol(&name, protocol)
@@ -396,8 +406,12 @@ impl StorageApi for LocalService {
             epoch: request.epoch,
             peers: request.peers,
             allow_outdate: request.allow_outdate && request.role == VolumeRole::Primary,
-            // Kept from the attachment (SetReplicationProtocol sets it).
-            protocol: attachments.protocol(&request.name),
+            // Unset: kept from the attachment (as SetReplicationProtocol
+            // left it; C for a volume never attached).
+            protocol: match request.protocol {
+                Some(p) => protocol_of(p),
+                None => attachments.protocol(&request.name),
+            },
         };
         let name = request.name;
         self.blocking(move |_| {

@@ -1906,7 +1906,17 @@ impl Shared {
                 let grown = self.volume.size().is_ok_and(|s| s != peer_size);
                 if link.dirty.is_empty() && !grown {
                     // In sync: go live under the lock, so no write can
-                    // slip between the last batch and the state change.
+                    // slip between the last batch and the state change;
+                    // the counters first, so a status that says connected
+                    // counts this sync.
+                    if full {
+                        self.full_sync_bytes
+                            .fetch_add(full_bytes + bytes, Ordering::Relaxed);
+                        self.full_syncs.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.resync_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        self.resync_chunks.fetch_add(chunks, Ordering::Relaxed);
+                    }
                     let _ = rd.get_ref().set_read_timeout(None);
                     link.state = PeerState::Connected;
                     link.writer = Some(wr);
@@ -1949,9 +1959,6 @@ impl Shared {
             self.volume.flush().map_err(io::Error::other)?;
         }
         if full {
-            self.full_sync_bytes
-                .fetch_add(full_bytes + bytes, Ordering::Relaxed);
-            self.full_syncs.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 volume = %self.volume.name(),
                 peer = %self.cfg.peer,
@@ -1960,8 +1967,6 @@ impl Shared {
                 "peer in sync: full sync finished"
             );
         } else {
-            self.resync_bytes.fetch_add(bytes, Ordering::Relaxed);
-            self.resync_chunks.fetch_add(chunks, Ordering::Relaxed);
             tracing::info!(
                 volume = %self.volume.name(),
                 peer = %self.cfg.peer,

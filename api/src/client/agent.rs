@@ -1,6 +1,9 @@
 //! [`AgentClient`]: the agent service, in domain types, on one or several
 //! control-plane members (see [`super::targets`]).
 
+use std::future::Future;
+use std::pin::Pin;
+
 use futures::StreamExt;
 use tonic::transport::Channel;
 
@@ -14,6 +17,49 @@ use crate::{
     ApiError, Heartbeat, HeartbeatAck, Placement, Registered, Registration, ReplicaMark,
     StatusReport, Volume, VolumeReport, WatchEvent,
 };
+
+/// Opens one of a node's watches on one member: (client, node, from).
+type OpenOne<T> = fn(
+    PbAgentClient<Channel>,
+    String,
+    u64,
+) -> Pin<Box<dyn Future<Output = Result<WatchStream<T>, ApiError>> + Send>>;
+
+fn open_placements(
+    mut client: PbAgentClient<Channel>,
+    node: String,
+    from_resource_version: u64,
+) -> Pin<Box<dyn Future<Output = Result<WatchStream<Placement>, ApiError>> + Send>> {
+    Box::pin(async move {
+        let request = pb::WatchPlacementsRequest {
+            node,
+            from_resource_version,
+        };
+        let events = client.watch_placements(request).await?.into_inner();
+        Ok(
+            Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Placement>>(event?)))
+                as WatchStream<Placement>,
+        )
+    })
+}
+
+fn open_volumes(
+    mut client: PbAgentClient<Channel>,
+    node: String,
+    from_resource_version: u64,
+) -> Pin<Box<dyn Future<Output = Result<WatchStream<Volume>, ApiError>> + Send>> {
+    Box::pin(async move {
+        let request = pb::WatchVolumesRequest {
+            node,
+            from_resource_version,
+        };
+        let events = client.watch_volumes(request).await?.into_inner();
+        Ok(
+            Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Volume>>(event?)))
+                as WatchStream<Volume>,
+        )
+    })
+}
 
 /// A client of the agent service. Cheap to clone; calls may run concurrently.
 #[derive(Debug, Clone)]
@@ -87,42 +133,8 @@ impl AgentClient {
         node: &str,
         from_resource_version: u64,
     ) -> Result<WatchStream<Placement>, ApiError> {
-        let request = pb::WatchPlacementsRequest {
-            node: node.to_owned(),
-            from_resource_version,
-        };
-        let targets = self.targets.clone();
-        let node = node.to_owned();
-        let open: Open<Placement> = Box::new(move |index, from| {
-            let mut client = targets.client(index);
-            let request = pb::WatchPlacementsRequest {
-                node: node.clone(),
-                from_resource_version: from,
-            };
-            Box::pin(async move {
-                let events = client.watch_placements(request).await?.into_inner();
-                Ok(
-                    Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Placement>>(event?)))
-                        as WatchStream<Placement>,
-                )
-            })
-        });
-        let (events, serving) = self
-            .targets
-            .call_indexed(Repeat::Safe, |mut client| {
-                let request = request.clone();
-                async move { Ok(client.watch_placements(request).await?.into_inner()) }
-            })
-            .await?;
-        let events: WatchStream<Placement> =
-            Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Placement>>(event?)));
-        Ok(resuming(
-            self.targets.clone(),
-            open,
-            serving,
-            (from_resource_version, Start::ListingThenBookmark),
-            events,
-        ))
+        self.watch_node(node, from_resource_version, open_placements)
+            .await
     }
 
     /// Streams the changes to node `node`'s volumes (see
@@ -135,35 +147,29 @@ impl AgentClient {
         node: &str,
         from_resource_version: u64,
     ) -> Result<WatchStream<Volume>, ApiError> {
-        let request = pb::WatchVolumesRequest {
-            node: node.to_owned(),
-            from_resource_version,
-        };
+        self.watch_node(node, from_resource_version, open_volumes)
+            .await
+    }
+
+    /// One of node `node`'s watches above `from_resource_version`, opened
+    /// on the first member that answers by `open_one` and resumed on
+    /// another member by it when the stream breaks.
+    async fn watch_node<T: Send + 'static>(
+        &self,
+        node: &str,
+        from_resource_version: u64,
+        open_one: OpenOne<T>,
+    ) -> Result<WatchStream<T>, ApiError> {
         let targets = self.targets.clone();
-        let node = node.to_owned();
-        let open: Open<Volume> = Box::new(move |index, from| {
-            let mut client = targets.client(index);
-            let request = pb::WatchVolumesRequest {
-                node: node.clone(),
-                from_resource_version: from,
-            };
-            Box::pin(async move {
-                let events = client.watch_volumes(request).await?.into_inner();
-                Ok(
-                    Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Volume>>(event?)))
-                        as WatchStream<Volume>,
-                )
-            })
-        });
+        let owned = node.to_owned();
+        let open: Open<T> =
+            Box::new(move |index, from| open_one(targets.client(index), owned.clone(), from));
         let (events, serving) = self
             .targets
-            .call_indexed(Repeat::Safe, |mut client| {
-                let request = request.clone();
-                async move { Ok(client.watch_volumes(request).await?.into_inner()) }
+            .call_indexed(Repeat::Safe, |client| {
+                open_one(client, node.to_owned(), from_resource_version)
             })
             .await?;
-        let events: WatchStream<Volume> =
-            Box::pin(events.map(|event| decode_reply::<_, WatchEvent<Volume>>(event?)));
         Ok(resuming(
             self.targets.clone(),
             open,

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use basalt_api::{
-    AdminClient, ApiError, CloudInit, Disk, KernelBoot, Kind, Nic, Object, ObjectMeta, Vm, VmPhase,
+    AdminClient, ApiError, CloudInit, Disk, KernelBoot, Kind, Nic, Object, ObjectMeta,
+    ReplicationProtocol, Vm, VmPhase,
 };
 
 use crate::output::{self, Format};
@@ -75,9 +76,11 @@ pub struct CreateArgs {
     /// Memory: MiB, or a size with M or G (e.g. 512M, 2G).
     #[arg(long, default_value = "256M", value_parser = parse_memory_mib)]
     memory: u64,
-    /// A disk: `name=NAME,size=SIZE[,image=IMAGE][,replicas=N]`, or
-    /// `name=NAME,volume=VOLUME[,size=SIZE][,replicas=N]` for a clone of a
-    /// volume or snapshot (its size when `size` is left out) (repeat).
+    /// A disk: `name=NAME,size=SIZE[,image=IMAGE][,replicas=N][,protocol=P]`,
+    /// or `name=NAME,volume=VOLUME[,size=SIZE][,replicas=N][,protocol=P]`
+    /// for a clone of a volume or snapshot (its size when `size` is left
+    /// out); `protocol` is when the primary acknowledges a write, A, B or C
+    /// (the default) (repeat).
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<Disk>,
     /// A NIC: `network=NET[,ip=ADDR][,mac=MAC]` (repeat).
@@ -533,10 +536,15 @@ fn parse_disk(text: &str) -> Result<Disk, String> {
             None => 1,
         },
         source_volume,
+        protocol: match fields.remove("protocol") {
+            Some(p) => crate::volume::parse_protocol(&p)
+                .map_err(|_| format!("protocol={p:?}: give A, B or C"))?,
+            None => ReplicationProtocol::C,
+        },
     };
     if let Some(key) = fields.keys().next() {
         return Err(format!(
-            "unknown disk field {key:?} (name, size, image, volume, replicas)"
+            "unknown disk field {key:?} (name, size, image, volume, replicas, protocol)"
         ));
     }
     Ok(disk)
@@ -598,6 +606,21 @@ mod tests {
                 clone.replicas
             ),
             (Some("golden-snap"), 0, 2)
+        );
+        assert_eq!(
+            parse_disk("name=d,size=1M,replicas=2,protocol=b")
+                .unwrap()
+                .protocol,
+            ReplicationProtocol::B
+        );
+        assert_eq!(
+            parse_disk("name=d,size=1M").unwrap().protocol,
+            ReplicationProtocol::C
+        );
+        assert!(
+            parse_disk("name=d,size=1M,protocol=D")
+                .unwrap_err()
+                .contains("protocol=\"D\"")
         );
         let bigger = parse_disk("name=root,volume=golden,size=1G").unwrap();
         assert_eq!(bigger.size_bytes, 1 << 30);

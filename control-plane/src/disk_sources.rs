@@ -182,6 +182,7 @@ mod tests {
                 image: None,
                 replicas: 1,
                 source_volume: from.map(str::to_owned),
+                protocol: Default::default(),
             })
             .collect();
         vm

@@ -923,6 +923,7 @@ mod tests {
             image: None,
             replicas,
             source_volume: None,
+            protocol: Default::default(),
         });
         v
     }

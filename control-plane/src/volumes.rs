@@ -211,6 +211,7 @@ pub(crate) fn stand_in(volume: &Volume) -> Vm {
         image: None,
         replicas: volume.spec.replicas,
         source_volume: None,
+        protocol: Default::default(),
     }];
     vm
 }
@@ -379,8 +380,7 @@ fn desired(
                 disk: disk.name.clone(),
             }),
             source: None,
-            // Until VM disks carry a protocol (C).
-            ..VolumeSpec::default()
+            protocol: disk.protocol,
         },
         status,
     }
@@ -788,7 +788,7 @@ impl VolumeController {
 
 #[cfg(test)]
 mod tests {
-    use basalt_api::{Node, VmStatus};
+    use basalt_api::{Node, ReplicationProtocol, VmStatus};
 
     use super::*;
 
@@ -808,6 +808,7 @@ mod tests {
                 image: None,
                 replicas: *replicas,
                 source_volume: None,
+                protocol: Default::default(),
             })
             .collect();
         Object::Vm(vm)
@@ -941,6 +942,30 @@ mod tests {
             .unwrap();
         assert!(b.outdated);
         assert_eq!(b.state, ReplicaState::Outdated);
+
+        // A disk's protocol is its volume's: every copy's agent attaches
+        // with it.
+        assert_eq!(
+            volume(&state, "web-root").spec.protocol,
+            ReplicationProtocol::C
+        );
+        let Some(Object::Vm(mut web)) = state.get(Kind::Vm, "web").cloned() else {
+            panic!()
+        };
+        web.spec.disks[0].protocol = ReplicationProtocol::B;
+        index += 1;
+        state
+            .apply(index, Command::Update(Object::Vm(web)))
+            .unwrap();
+        run(&mut state, &mut index);
+        assert_eq!(
+            volume(&state, "web-root").spec.protocol,
+            ReplicationProtocol::B
+        );
+        assert_eq!(
+            volume(&state, "web-scratch").spec.protocol,
+            ReplicationProtocol::C
+        );
 
         delete_vm(&mut state, &mut index, "web");
         let plan = run(&mut state, &mut index);

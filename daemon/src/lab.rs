@@ -417,6 +417,7 @@ fn build(nodes: u8, net_routing: basalt_sdn::Routing) -> anyhow::Result<LabState
                 // A copy on a second node: HA restarts the VM there.
                 replicas: 2,
                 source_volume: None,
+                protocol: Default::default(),
             }],
             nics: vec![Nic {
                 network: "default".into(),

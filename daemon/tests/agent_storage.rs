@@ -65,6 +65,7 @@ fn disk(name: &str, size: u64, image: Option<&str>) -> Disk {
         image: image.map(Into::into),
         replicas: 1,
         source_volume: None,
+        protocol: Default::default(),
     }
 }
 

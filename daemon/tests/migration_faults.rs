@@ -263,6 +263,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
                 image: None,
                 replicas: 2,
                 source_volume: None,
+                protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {
                 kernel: image.kernel().to_string_lossy().into_owned(),
@@ -596,6 +597,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
                 image: None,
                 replicas: 1,
                 source_volume: None,
+                protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {
                 kernel: image.kernel().to_string_lossy().into_owned(),

@@ -85,6 +85,7 @@ async fn a_node_is_drained_live_removed_and_nothing_is_left() {
                 image: None,
                 replicas: 3,
                 source_volume: None,
+                protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {
                 kernel: image.kernel().to_string_lossy().into_owned(),

@@ -10,6 +10,11 @@
 //! volume attached primary with protocol A (its attachments file, which
 //! it writes before `AttachVolume` returns); a write through the primary
 //! reaches the secondary. `--protocol D` is refused naming the flag.
+//!
+//! A VM disk's protocol likewise: `basalt vm create web --disk
+//! name=root,size=16M,replicas=2,protocol=B` gives volume `web-root`
+//! protocol B and its primary's attachment protocol B; `protocol=D` is
+//! refused naming the field.
 
 mod common;
 // Its VM, peer-state and write-refusal helpers are not needed here.
@@ -149,4 +154,53 @@ async fn a_volume_created_with_protocol_a_is_attached_with_a_on_its_primary() {
         },
     )
     .await;
+
+    // A VM disk's protocol: a bad one is refused naming the field, a good
+    // one is its volume's and its primary's attachment's.
+    let out = basalt(
+        &server,
+        &[
+            "vm",
+            "create",
+            "bad",
+            "--disk",
+            "name=root,size=16M,replicas=2,protocol=D",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("protocol=\"D\""), "{}", text(&out));
+    let out = basalt(
+        &server,
+        &[
+            "vm",
+            "create",
+            "web",
+            "--memory",
+            "128M",
+            "--disk",
+            "name=root,size=16M,replicas=2,protocol=B",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait::until(
+        "both copies of web's disk up to date",
+        DEADLINE,
+        &logs,
+        || async {
+            cli_volume(&server, "web-root")
+                .await
+                .is_some_and(|v| states(&v) == up)
+        },
+    )
+    .await;
+    let disk = cli_volume(&server, "web-root").await.expect("web-root");
+    assert_eq!(disk.spec.protocol, ReplicationProtocol::B, "{disk:?}");
+    let (pool_name, primary) = (&disk.status.storage_name, &disk.status.primary_node);
+    let line = attachment_line(&prefix, primary, pool_name)
+        .unwrap_or_else(|| panic!("no attachment of {pool_name} on {primary}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words.get(1), Some(&"primary"), "{line}");
+    assert!(words.contains(&"protocol=B"), "{line}");
 }

@@ -1573,6 +1573,7 @@ mod tests {
             image: None,
             replicas,
             source_volume: None,
+            protocol: Default::default(),
         };
         let mut vm = basalt_api::Vm::default();
         assert!(single_copy_disks(&vm).is_empty(), "no disk");

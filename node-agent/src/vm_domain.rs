@@ -190,6 +190,7 @@ mod tests {
                     image: None,
                     replicas: 2,
                     source_volume: None,
+                    protocol: Default::default(),
                 }],
                 nics: vec![
                     Nic {

@@ -121,13 +121,18 @@ fn disks() -> impl Strategy<Value = Vec<Disk>> {
             prop::option::of(name()),
             1..=MAX_DISK_REPLICAS,
             any::<bool>(),
+            prop_oneof![
+                Just(ReplicationProtocol::A),
+                Just(ReplicationProtocol::B),
+                Just(ReplicationProtocol::C)
+            ],
         ),
         0..4,
     )
     .prop_map(|disks| {
         disks
             .into_iter()
-            .map(|(name, (sectors, from, replicas, cloned))| {
+            .map(|(name, (sectors, from, replicas, cloned, protocol))| {
                 // An image or a source volume, never both.
                 let (image, source_volume) = if cloned { (None, from) } else { (from, None) };
                 Disk {
@@ -136,6 +141,7 @@ fn disks() -> impl Strategy<Value = Vec<Disk>> {
                     image,
                     replicas,
                     source_volume,
+                    protocol,
                 }
             })
             .collect()
@@ -454,6 +460,31 @@ fn malformed_messages_name_their_field() {
     let mut vm = good_vm();
     vm.spec.as_mut().unwrap().nics[0].ip = Some("10.0.0.300".into());
     assert_eq!(field(Vm::try_from(vm)), "spec.nics[0].ip");
+
+    let mut vm = good_vm();
+    vm.spec.as_mut().unwrap().disks = vec![
+        pb::Disk {
+            name: "root".into(),
+            size_bytes: 1 << 20,
+            replicas: 2,
+            protocol: "b".into(),
+            ..pb::Disk::default()
+        },
+        pb::Disk {
+            name: "data".into(),
+            size_bytes: 1 << 20,
+            replicas: 2,
+            protocol: "D".into(),
+            ..pb::Disk::default()
+        },
+    ];
+    assert_eq!(field(Vm::try_from(vm.clone())), "spec.disks[1].protocol");
+    vm.spec.as_mut().unwrap().disks[1].protocol = String::new();
+    let disks = Vm::try_from(vm).unwrap().spec.disks;
+    assert_eq!(
+        (disks[0].protocol, disks[1].protocol),
+        (ReplicationProtocol::B, ReplicationProtocol::C)
+    );
 
     let mut vm = good_vm();
     vm.spec.as_mut().unwrap().memory_mib = 8;

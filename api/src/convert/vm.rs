@@ -3,8 +3,8 @@
 use super::{enum_value, parse_ip, required};
 use crate::pb;
 use crate::{
-    ApiError, CloudInit, Disk, KernelBoot, Nic, NicAddress, PlacementRules, Vm, VmPhase, VmSpec,
-    VmStatus,
+    ApiError, CloudInit, Disk, KernelBoot, Nic, NicAddress, PlacementRules, ReplicationProtocol,
+    Vm, VmPhase, VmSpec, VmStatus,
 };
 
 impl From<Vm> for pb::Vm {
@@ -75,7 +75,12 @@ impl TryFrom<pb::VmSpec> for VmSpec {
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             running: spec.running,
-            disks: spec.disks.into_iter().map(Into::into).collect(),
+            disks: spec
+                .disks
+                .into_iter()
+                .enumerate()
+                .map(|(i, disk)| disk_from_pb(i, disk))
+                .collect::<Result<_, ApiError>>()?,
             nics: spec
                 .nics
                 .into_iter()
@@ -114,20 +119,22 @@ impl From<Disk> for pb::Disk {
             image: disk.image,
             replicas: disk.replicas,
             source_volume: disk.source_volume,
+            protocol: disk.protocol.as_str().to_owned(),
         }
     }
 }
 
-impl From<pb::Disk> for Disk {
-    fn from(disk: pb::Disk) -> Self {
-        Self {
-            name: disk.name,
-            size_bytes: disk.size_bytes,
-            image: disk.image,
-            replicas: disk.replicas,
-            source_volume: disk.source_volume,
-        }
-    }
+/// `spec.disks[i]` from the wire; a protocol other than A, B, C or empty
+/// is `INVALID_ARGUMENT` naming `spec.disks[i].protocol`.
+fn disk_from_pb(i: usize, disk: pb::Disk) -> Result<Disk, ApiError> {
+    Ok(Disk {
+        name: disk.name,
+        size_bytes: disk.size_bytes,
+        image: disk.image,
+        replicas: disk.replicas,
+        source_volume: disk.source_volume,
+        protocol: ReplicationProtocol::parse(&format!("spec.disks[{i}].protocol"), &disk.protocol)?,
+    })
 }
 
 impl From<VmStatus> for pb::VmStatus {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::meta::{find_condition, validate_conditions};
 use super::{Condition, ObjectMeta, validate};
-use crate::ApiError;
+use crate::{ApiError, ReplicationProtocol};
 
 /// The smallest memory a VM may have, in MiB.
 pub const MIN_VM_MEMORY_MIB: u64 = 16;
@@ -268,6 +268,10 @@ pub struct Disk {
     /// VM is created.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_volume: Option<String>,
+    /// When the disk's primary acknowledges a write (C by default): copied
+    /// into the disk's volume, whose every copy's agent attaches with it.
+    #[serde(skip_serializing_if = "ReplicationProtocol::is_c")]
+    pub protocol: ReplicationProtocol,
 }
 
 /// A VM network interface.
@@ -547,6 +551,7 @@ mod tests {
                     image: Some("debian-12".into()),
                     replicas: 2,
                     source_volume: None,
+                    protocol: Default::default(),
                 }],
                 nics: vec![Nic {
                     network: "default".into(),

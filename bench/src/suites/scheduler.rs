@@ -108,6 +108,7 @@ fn vm(i: usize) -> Vm {
             image: None,
             replicas: 2,
             source_volume: None,
+            protocol: Default::default(),
         });
     }
     vm

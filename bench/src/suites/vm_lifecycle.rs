@@ -327,6 +327,7 @@ fn vm(stack: &Stack, name: &str, ip: Ipv4Addr) -> Vm {
                 image: None,
                 replicas: 1,
                 source_volume: None,
+                protocol: Default::default(),
             }],
             // The guest takes `ip` from its kernel command line; the lease
             // is the network's choice (an address freed by a deleted VM

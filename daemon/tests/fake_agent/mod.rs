@@ -78,6 +78,7 @@ pub fn replicated_vm(name: &str, size_bytes: u64, replicas: u32) -> Vm {
                 image: None,
                 replicas,
                 source_volume: None,
+                protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {
                 kernel: "/boot/vmlinuz".into(),

@@ -159,6 +159,7 @@ pub async fn create_db_on_a_and_b(admin: &AdminClient, kernel: KernelBoot) -> St
                 image: None,
                 replicas: 2,
                 source_volume: None,
+                protocol: Default::default(),
             }],
             kernel: Some(kernel),
             ..VmSpec::default()

@@ -542,6 +542,7 @@ mod tests {
                         image: None,
                         replicas: 2,
                         source_volume: None,
+                        protocol: Default::default(),
                     },
                     Disk {
                         name: "scratch".into(),
@@ -549,6 +550,7 @@ mod tests {
                         image: None,
                         replicas: 1,
                         source_volume: None,
+                        protocol: Default::default(),
                     },
                 ],
                 ..VmSpec::default()

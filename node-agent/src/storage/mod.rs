@@ -501,6 +501,7 @@ mod tests {
                         image: None,
                         replicas: 1,
                         source_volume: None,
+                        protocol: Default::default(),
                     })
                     .collect(),
                 ..VmSpec::default()

@@ -258,7 +258,7 @@ fn copies(vm: &Vm, placement: &Placement, dual: Option<&Vec<String>>) -> Vec<Wan
                     epoch: placement.epoch,
                     peers: peers.clone(),
                     allow_outdate: false,
-                    protocol: None,
+                    protocol: Some(disk.protocol),
                 },
                 None => AttachVolume {
                     name,
@@ -266,7 +266,7 @@ fn copies(vm: &Vm, placement: &Placement, dual: Option<&Vec<String>>) -> Vec<Wan
                     epoch: placement.epoch,
                     peers: Vec::new(),
                     allow_outdate: false,
-                    protocol: None,
+                    protocol: Some(disk.protocol),
                 },
             };
             Wanted {
@@ -352,7 +352,7 @@ impl Volumes {
                 epoch: placement.epoch,
                 peers: peers.clone(),
                 allow_outdate: false,
-                protocol: None,
+                protocol: Some(disk.protocol),
             };
             self.storage
                 .attach_volume(request)
@@ -730,6 +730,7 @@ mod tests {
                         image: None,
                         replicas: *replicas,
                         source_volume: None,
+                        protocol: Default::default(),
                     })
                     .collect(),
                 ..VmSpec::default()

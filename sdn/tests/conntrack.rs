@@ -217,6 +217,9 @@ fn a_map_of_the_older_layout_is_carried_over() {
     let prefix = Prefix::for_test().unwrap();
     let node = prefix.name().to_owned();
     let _ = loader::remove_pins(&node);
+    // The pin is made here before any loader runs: on a machine where no
+    // datapath has mounted bpffs yet, this test mounts it as they would.
+    loader::ensure_bpffs().unwrap();
     let dir = loader::pin_dir(&node).join("maps");
     std::fs::create_dir_all(&dir).unwrap();
     let pin = dir.join("conntrack");

@@ -177,28 +177,84 @@ fn fio_nbd_engine_with_crc32c_verify() {
         return;
     }
     let srv = TestServer::start(256 * MIB, &[("disk", 64 * MIB)]);
-    let uri = srv.uri("disk");
-    let out = run(
-        "fio",
-        &[
-            "--name=basalt",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=32M",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--output-format=terse",
-        ],
-    );
-    let text = stdout(&out);
+    fio_verify(&srv.uri("disk"), &["--bs=4k", "--size=32M", "--iodepth=16"]);
+    srv.pool.verify().expect("verify");
+}
+
+/// Runs fio's nbd engine on `uri`: random writes with a crc32c verify
+/// read back, with `args` added; fails the test on any verify problem.
+fn fio_verify(uri: &str, args: &[&str]) {
+    let uri = format!("--uri={uri}");
+    let mut all = vec![
+        "--name=basalt",
+        "--ioengine=nbd",
+        &uri,
+        "--rw=randwrite",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--output-format=terse",
+    ];
+    all.extend_from_slice(args);
+    let text = stdout(&run("fio", &all));
     assert!(
         !text.contains("verify"),
         "fio reported a verify problem: {text}"
+    );
+}
+
+/// Big reads and writes on many connections at once: one nbdcopy writes
+/// volume `b` from `a` (1 MiB reads and writes, 4 connections each side)
+/// while another reads `a` out, then fio writes and verifies 1 MiB blocks
+/// on two connections at queue depth 8; every byte is compared.
+#[test]
+fn big_reads_and_writes_at_once_on_many_connections() {
+    if !clients_present(&["nbdcopy", "fio"]) {
+        return;
+    }
+    let srv = TestServer::start(
+        512 * MIB,
+        &[("a", 64 * MIB), ("b", 64 * MIB), ("c", 64 * MIB)],
+    );
+    let src = srv.path("src.raw");
+    support::random_image(&src, 64 * MIB);
+    let src = src.to_str().expect("p").to_owned();
+    let big = ["--connections=4", "--requests=16", "--request-size=1048576"];
+    let copy = |from: &str, to: &str| {
+        let mut args = big.to_vec();
+        args.extend([from, to]);
+        run("nbdcopy", &args);
+    };
+    copy(&src, &srv.uri("a"));
+    let out_a = srv.path("a.raw");
+    let out_b = srv.path("b.raw");
+    let (out_a, out_b) = (
+        out_a.to_str().expect("p").to_owned(),
+        out_b.to_str().expect("p").to_owned(),
+    );
+    std::thread::scope(|s| {
+        let (a, b) = (srv.uri("a"), srv.uri("b"));
+        let copy = &copy;
+        let both = s.spawn(move || copy(&a, &b));
+        copy(&srv.unix_uri("a"), &out_a);
+        both.join().expect("nbdcopy a -> b");
+    });
+    copy(&srv.uri("b"), &out_b);
+    let want = std::fs::read(&src).expect("read src");
+    for out in [&out_a, &out_b] {
+        let got = std::fs::read(out).expect("read copy");
+        assert!(got == want, "{out} differs from the source");
+    }
+    fio_verify(
+        &srv.uri("c"),
+        &[
+            "--bs=1M",
+            "--size=32M",
+            "--numjobs=2",
+            "--offset_increment=32M",
+            "--iodepth=8",
+        ],
     );
     srv.pool.verify().expect("verify");
 }

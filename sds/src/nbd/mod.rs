@@ -15,13 +15,16 @@
 //! page cache holds is sent straight from the pool's mapping of it with
 //! one `sendmsg` ([`Volume::read_resident`]: one copy, into the socket,
 //! made while the range's stripes are held, so no trim can free and hand
-//! out one of its chunks before the bytes are copied). The rest (FUA,
-//! FLUSH, trims, replicated writes, big writes) runs on the connection's
-//! thread when nothing else is outstanding and nothing more is buffered
-//! (nothing to overlap with), else on a blocking worker of the runtime,
-//! at most [`MAX_IN_FLIGHT`] at a time (backpressure: the thread reads
-//! nothing more while that many are outstanding), which sends its reply
-//! itself. Big payload and reply buffers are reused per connection.
+//! out one of its chunks before the bytes are copied). Big writes always
+//! go to a blocking worker of the runtime, so one payload's copy into the
+//! pool overlaps the thread's copy of the next out of the socket (read
+//! straight into its buffer). The rest (FUA, FLUSH, trims, replicated
+//! writes) runs on the connection's thread when nothing else is
+//! outstanding and nothing more is buffered (nothing to overlap with),
+//! else on a worker too, at most [`MAX_IN_FLIGHT`] at a time
+//! (backpressure: the thread reads nothing more while that many are
+//! outstanding); a worker sends its reply itself. Big payload and reply
+//! buffers are reused per connection.
 //!
 //! Invariants:
 //! - nothing a client sends panics the server: malformed options get an
@@ -1045,6 +1048,22 @@ impl Replies {
 
 type Reader = std::io::BufReader<std::io::Chain<std::io::Cursor<Vec<u8>>, BlockingSocket>>;
 
+/// Fills `payload` from the connection: what `rd` already buffered, then
+/// the rest straight from the socket into `payload` (a big payload
+/// through `rd`'s buffer would be copied twice, and its last read would
+/// take the next requests' bytes along).
+fn read_payload(rd: &mut Reader, payload: &mut [u8]) -> io::Result<()> {
+    let buffered = rd.buffer().len().min(payload.len());
+    payload[..buffered].copy_from_slice(&rd.buffer()[..buffered]);
+    rd.consume(buffered);
+    let rest = &mut payload[buffered..];
+    if rest.len() < rd.capacity() {
+        rd.read_exact(rest)
+    } else {
+        rd.get_mut().read_exact(rest)
+    }
+}
+
 /// The next request if it is quick and whole (header and any payload) in
 /// `rd`'s buffer, consumed from it; anything else stays for the main loop
 /// (which also answers a malformed request).
@@ -1105,7 +1124,7 @@ fn transmission(
                     )));
                 }
                 payload = session.buffers.take(req.length as usize);
-                rd.read_exact(&mut payload)?;
+                read_payload(&mut rd, &mut payload)?;
             }
             // A run of quick requests the client already sent (reads, and
             // writes with nothing to replicate) runs right here, its
@@ -1158,8 +1177,14 @@ fn transmission(
             // A lone request (nothing in flight, nothing more buffered)
             // runs here: there is nothing to overlap it with, and a
             // hand-off to a worker and back is most of a queue-depth-1
-            // round trip.
-            if rd.buffer().is_empty() && in_flight.is_idle() {
+            // round trip. Never a big write: its payload was just read
+            // whole, so the next one is usually still arriving and nothing
+            // looks buffered; run here, its copy into the pool would hold
+            // up the reading of the next one, and every later big write
+            // would look lone too (the stream runs on one thread, one copy
+            // after the other).
+            let big_write = req.kind == cmd::WRITE && req.length > QUICK_MAX_LEN;
+            if !big_write && rd.buffer().is_empty() && in_flight.is_idle() {
                 let reply = session.execute(req, payload);
                 replies.send(&reply)?;
                 session.buffers.give(reply);

@@ -122,13 +122,7 @@ pub fn sample_image(path: &Path, size: u64) {
     let mut f = std::fs::File::create(path).expect("create image");
     f.set_len(size).expect("size image");
     let mut data = vec![0u8; (4 * MIB) as usize];
-    let mut x: u64 = 0x1234_5678_9abc_def1;
-    for b in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes());
-    }
+    fill_random(&mut data, 0x1234_5678_9abc_def1);
     f.write_all(&data).expect("write image");
     f.seek(SeekFrom::Start(8 * MIB)).expect("seek");
     f.write_all(&vec![0x5a; MIB as usize]).expect("write image");
@@ -143,4 +137,23 @@ pub fn clients_present(programs: &[&str]) -> bool {
     }
     eprintln!("skipping: {missing:?} not installed (scripts/install-deps installs them)");
     false
+}
+
+/// A raw file of `size` bytes of pseudo-random data (no zero blocks, so
+/// copies of it are all data writes).
+pub fn random_image(path: &Path, size: u64) {
+    let mut data = vec![0u8; size as usize];
+    fill_random(&mut data, 0x9e37_79b9_7f4a_7c15);
+    std::fs::write(path, data).expect("write image");
+}
+
+/// Fills `data` (a multiple of 8 bytes) with xorshift output from `seed`.
+fn fill_random(data: &mut [u8], seed: u64) {
+    let mut x = seed;
+    for b in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b.copy_from_slice(&x.to_le_bytes());
+    }
 }

@@ -24,7 +24,7 @@ use openraft::error::{CheckIsLeaderError, RaftError};
 use crate::history::Change;
 use crate::network::forward::Forwarder;
 use crate::proposer::{ProposeError, Proposer};
-use crate::raft_types::{NodeId, Raft};
+use crate::raft_types::{NodeId, Raft, ServerMetrics};
 use crate::state::{Command, Outcome};
 use crate::store::Shared;
 use crate::tokens;
@@ -246,27 +246,35 @@ impl AdminService {
                 ),
             },
         };
-        let metrics = inner
-            .raft
-            .wait(Some(wait))
-            .metrics(
-                |m| {
-                    m.current_leader
-                        .is_some_and(|leader| Some((leader, m.current_term)) != failed)
-                },
-                "a leader is known",
-            )
-            .await
-            .map_err(|_| unavailable())?;
-        let Some(leader) = metrics.current_leader else {
-            return Err(unavailable());
+        // The server metrics change only with the vote, the role, the
+        // leader or the membership: waiting on them wakes nobody per log
+        // entry (openraft sends its full metrics on every turn of its
+        // core, and each request waiting on those woke with each).
+        let mut server = inner.raft.server_metrics();
+        let known = |m: &ServerMetrics| {
+            m.current_leader
+                .is_some_and(|leader| Some((leader, m.vote.leader_id().term)) != failed)
         };
-        let seen = (leader, metrics.current_term);
+        let (leader, seen, address) = {
+            let metrics = match tokio::time::timeout(wait, server.wait_for(known)).await {
+                Ok(Ok(metrics)) => metrics,
+                Ok(Err(_)) | Err(_) => return Err(unavailable()),
+            };
+            let Some(leader) = metrics.current_leader else {
+                return Err(unavailable());
+            };
+            let address = metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|node| node.addr.clone());
+            (leader, (leader, metrics.vote.leader_id().term), address)
+        };
         if leader == inner.id {
             return Ok((Leader::Me, seen));
         }
-        match metrics.membership_config.membership().get_node(&leader) {
-            Some(node) => Ok((Leader::At(node.addr.clone()), seen)),
+        match address {
+            Some(address) => Ok((Leader::At(address), seen)),
             None => Err(ApiError::NotLeader { leader: None }),
         }
     }
@@ -331,17 +339,11 @@ impl AdminService {
                 Request::ListAll => client.list_all().await.map(Reply::List),
             }
         };
-        let mut metrics = self.inner.raft.metrics();
+        let mut server = self.inner.raft.server_metrics();
         let deposed = async move {
-            loop {
-                let still = {
-                    let m = metrics.borrow_and_update();
-                    m.current_leader == Some(seen.0) && m.current_term == seen.1
-                };
-                if !still || metrics.changed().await.is_err() {
-                    return;
-                }
-            }
+            let _ = server
+                .wait_for(|m| m.current_leader != Some(seen.0) || m.vote.leader_id().term != seen.1)
+                .await;
         };
         let result = tokio::select! {
             result = tokio::time::timeout(FORWARD_TIMEOUT, call) => match result {

@@ -152,11 +152,15 @@ impl AgentService {
                 Ok(Route::Forward(client))
             }
             Leader::Me => {
-                let metrics = self.inner.admin.raft().metrics().borrow().clone();
-                if metrics.state != ServerState::Leader {
+                let (state, term) = {
+                    let metrics = self.inner.admin.raft().server_metrics();
+                    let m = metrics.borrow();
+                    (m.state, m.vote.leader_id().term)
+                };
+                if state != ServerState::Leader {
                     return Err(ApiError::NotLeader { leader: None });
                 }
-                Ok(Route::Here(metrics.current_term))
+                Ok(Route::Here(term))
             }
         }
     }

@@ -126,9 +126,13 @@ impl Controllers {
         let mut applied = self.admin.shared().subscribe();
         let period = Duration::from_millis(self.tuning.controller_period_ms);
         loop {
-            let metrics = self.admin.raft().metrics().borrow().clone();
-            if metrics.state == ServerState::Leader {
-                self.round(metrics.current_term).await;
+            let (state, term) = {
+                let metrics = self.admin.raft().server_metrics();
+                let m = metrics.borrow();
+                (m.state, m.vote.leader_id().term)
+            };
+            if state == ServerState::Leader {
+                self.round(term).await;
             }
             tokio::time::sleep(MIN_GAP).await;
             tokio::select! {

@@ -59,7 +59,7 @@ pub async fn run(raft: Raft, shared: Arc<Shared>, me: Me) {
 
 /// One round: at most one change. Returns what it did.
 async fn reconcile_once(raft: &Raft, shared: &Shared, me: &Me) -> Result<Option<String>, String> {
-    let metrics = raft.metrics().borrow().clone();
+    let metrics = raft.server_metrics().borrow().clone();
     if metrics.state != ServerState::Leader {
         return Ok(None);
     }

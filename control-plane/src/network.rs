@@ -249,7 +249,8 @@ impl RaftApi for RaftService {
         let request: AppendEntriesRequest<TypeConfig> = decode(&payload, "append-entries request")?;
         if let Some(guard) = &self.guard
             && request.vote.is_committed()
-            && request.vote.leader_id().term >= self.raft.metrics().borrow().current_term
+            && request.vote.leader_id().term
+                >= self.raft.server_metrics().borrow().vote.leader_id().term
         {
             guard.heard_leader();
         }

@@ -31,3 +31,6 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNo
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 /// A storage failure, as openraft wants it.
 pub type StorageError = openraft::StorageError<NodeId>;
+/// The metrics openraft updates only when the vote, the role, the leader
+/// or the membership change (not on every log entry).
+pub type ServerMetrics = openraft::metrics::RaftServerMetrics<NodeId, openraft::BasicNode>;

@@ -185,12 +185,14 @@ pub async fn start_raft(
 
 /// Logs every change of leader, with the term (operators and tests read it).
 async fn log_leader_changes(raft: Raft) {
-    let mut metrics = raft.metrics();
+    // The server metrics, not the full ones: those change (and would wake
+    // this task) on every turn of openraft's core.
+    let mut metrics = raft.server_metrics();
     let mut seen = None;
     loop {
         let (leader, term) = {
             let m = metrics.borrow_and_update();
-            (m.current_leader, m.current_term)
+            (m.current_leader, m.vote.leader_id().term)
         };
         if leader.is_some() && seen != Some((leader, term)) {
             seen = Some((leader, term));

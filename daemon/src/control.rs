@@ -218,7 +218,16 @@ fn run_member(args: MemberArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = match config.worker_threads {
+        0 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+    .context("starting the async runtime")?;
     runtime.block_on(async move {
         let shutdown = async {
             let mut term =

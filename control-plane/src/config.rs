@@ -86,9 +86,9 @@ pub struct ControlConfig {
     /// Threads of the member's async runtime (its gRPC services, Raft and
     /// controllers). `0` runs them all on one thread (tokio's
     /// current-thread scheduler): no work stealing, no waking of a
-    /// parked second worker for each message a task hands another, which
-    /// measured cheaper per write (decision 67). The log's group-commit
-    /// fsync and snapshot builds have threads of their own either way.
+    /// parked second worker for a message one task hands another
+    /// (decision 67). The log's group-commit fsync and snapshot builds
+    /// have threads of their own either way.
     pub worker_threads: usize,
 }
 

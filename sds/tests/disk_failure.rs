@@ -4,6 +4,9 @@
 //! them, reads served by the peer; with no peer left, writes and reads
 //! fail), and a secondary whose disk fails is detached by its primary,
 //! which goes on without it; both show it in the storage-local status.
+//! A secondary's volume deleted while its primary still ships frames to
+//! it is not a disk failure: that session ends, the disk stays attached
+//! and the pool's other replicated volumes go on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,7 +74,9 @@ fn read(att: &Attachments, pool: &Pool, offset: u64) -> Result<Vec<u8>, String> 
     Ok(buf)
 }
 
-fn disk_state(att: &Arc<Attachments>) -> (DiskState, Vec<ReplicaPeerState>) {
+/// The storage-local API over `att`, as `basaltd storage serve` runs it,
+/// and a runtime to call it from a plain test.
+fn local(att: &Arc<Attachments>) -> (LocalService, tokio::runtime::Runtime) {
     let local = LocalService::new(
         att.clone(),
         ExportConfig {
@@ -81,18 +86,26 @@ fn disk_state(att: &Arc<Attachments>) -> (DiskState, Vec<ReplicaPeerState>) {
         },
         AgentFencer::default(),
     );
-    let st = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .build()
-        .expect("runtime")
-        .block_on(local.status())
-        .expect("status");
+        .expect("runtime");
+    (local, rt)
+}
+
+fn disk_state(att: &Arc<Attachments>) -> (DiskState, Vec<ReplicaPeerState>) {
+    let (local, rt) = local(att);
+    let st = rt.block_on(local.status()).expect("status");
     (st.disk_state, st.replicas.iter().map(|p| p.state).collect())
 }
 
 fn connected(att: &Attachments) {
+    volume_connected(att, "vol");
+}
+
+fn volume_connected(att: &Attachments, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while att.view("vol").peers[0].1.state != PeerState::Connected {
-        assert!(Instant::now() < deadline, "{:?}", att.view("vol"));
+    while att.view(name).peers[0].1.state != PeerState::Connected {
+        assert!(Instant::now() < deadline, "{:?}", att.view(name));
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -182,4 +195,77 @@ fn a_secondary_whose_disk_fails_is_detached_and_the_primary_goes_on() {
     assert_eq!(view.peers[0].1.state, PeerState::DiskFailed, "{view:?}");
     assert!(view.peers[0].1.dirty_chunks >= 9, "{view:?}");
     assert_eq!(read(&att_a, &pa, 9 * 65536), Ok(vec![10; 4096]));
+}
+
+#[test]
+fn a_secondary_deleted_under_its_primary_leaves_the_disk_attached() {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let ((pa, _), (pb, _)) = (pool(), pool());
+    for pool in [&pa, &pb] {
+        pool.create_volume("other", VOL).expect("second volume");
+    }
+    let (att_a, att_b) = (attachments(&pa), attachments(&pb));
+    let sb = ReplicaServer::serve(att_b.clone(), any).expect("replica server B");
+    for name in ["vol", "other"] {
+        att_b
+            .attach(name, spec(Role::Secondary, &[]))
+            .expect("B secondary");
+        att_a
+            .attach(name, spec(Role::Primary, &[sb.addr()]))
+            .expect("A primary");
+    }
+    for name in ["vol", "other"] {
+        volume_connected(&att_a, name);
+    }
+    write(&att_a, &pa, 0, 0x11).expect("write with both copies");
+
+    // B's copy of vol is deleted through its local API (as its agent
+    // does when the volume is deleted), while A still ships to it.
+    let (local_b, rt) = local(&att_b);
+    assert!(
+        rt.block_on(local_b.delete_volume("vol".into()))
+            .expect("delete B's copy")
+    );
+    for i in 1..10u64 {
+        write(&att_a, &pa, i * 65536, 0x22).expect("write after B's copy is gone");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while att_a.view("vol").peers[0].1.state == PeerState::Connected {
+        assert!(Instant::now() < deadline, "{:?}", att_a.view("vol"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_ne!(
+        att_a.view("vol").peers[0].1.state,
+        PeerState::DiskFailed,
+        "a deleted copy is not a failed disk"
+    );
+    assert_eq!(disk_state(&att_b).0, DiskState::Attached);
+
+    // The other volume still replicates to B.
+    let data = vec![0x33; 4096];
+    let other = pa.open_volume("other").expect("open");
+    att_a
+        .slot("other")
+        .submit(
+            Op::Write {
+                offset: 0,
+                data: &data,
+                fua: true,
+            },
+            || other.write(0, &data, true),
+        )
+        .expect("write the other volume");
+    assert_eq!(
+        att_a.view("other").peers[0].1.state,
+        PeerState::Connected,
+        "{:?}",
+        att_a.view("other")
+    );
+    let mut held = vec![0u8; 4096];
+    pb.open_volume("other")
+        .expect("B's other volume")
+        .read(0, &mut held)
+        .expect("read B's copy");
+    assert_eq!(held, data, "B's copy of the other volume missed the write");
+    assert_eq!(disk_state(&att_b).0, DiskState::Attached);
 }

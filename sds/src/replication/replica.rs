@@ -18,7 +18,11 @@
 //!   [`wire::FLAG_RECEIVE_ACK`] (protocol B) is also answered
 //!   [`Status::Received`] before that, once read and admitted;
 //! - nothing a peer sends panics the process: malformed input closes that
-//!   connection.
+//!   connection;
+//! - a volume deleted here while a primary's session feeds it answers
+//!   that session's next frame [`Status::UnknownVolume`] and ends it: a
+//!   deletion is not an I/O error, so the disk stays attached for the
+//!   pool's other volumes.
 
 use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -524,6 +528,11 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         };
         let mut w = lock(&wr);
         w.write_all(&ack.encode())?;
+        if status == Status::UnknownVolume {
+            // Deleted here: nothing more of this session can be applied.
+            w.flush()?;
+            return Ok(());
+        }
         if let Some(data) = payload {
             w.write_all(&data)?;
         }
@@ -550,6 +559,7 @@ fn read_range(volume: &Volume, f: &Frame) -> Result<Vec<u8>, Status> {
     match volume.read(f.offset, &mut buf) {
         Ok(()) => Ok(buf),
         Err(PoolError::OutOfRange { .. }) => Err(Status::Invalid),
+        Err(e) if is_deleted(&e) => Err(Status::UnknownVolume),
         Err(e) => {
             tracing::warn!(volume = %volume.name(), error = %e, "reading a range to verify failed");
             Err(Status::IoError)
@@ -607,9 +617,21 @@ fn apply(ctx: &Ctx, volume: &Volume, f: &Frame) -> Status {
             | PoolError::InvalidSize { .. }
             | PoolError::OverProvisioned { .. },
         ) => Status::Invalid,
+        Err(e) if is_deleted(&e) => {
+            tracing::info!(volume = %volume.name(), "the volume was deleted here: ending its primary's session");
+            Status::UnknownVolume
+        }
         Err(e) => {
             tracing::warn!(volume = %volume.name(), error = %e, "applying a replicated frame failed");
             Status::IoError
         }
     }
+}
+
+/// Whether `e` says the volume itself is gone from the pool (deleted by
+/// the local API while a primary's session still fed it), which says
+/// nothing about the backing store: the session ends and the primary
+/// loses this peer, but the disk stays attached for every other volume.
+fn is_deleted(e: &PoolError) -> bool {
+    matches!(e, PoolError::VolumeGone { .. } | PoolError::NoVolume { .. })
 }

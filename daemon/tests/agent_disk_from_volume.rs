@@ -21,24 +21,19 @@
 //! refused naming `spec.image`.
 
 mod common;
-// Its VM, pattern and peer-state helpers are not needed here.
-#[allow(dead_code)]
 mod replica_node;
 mod volume_cli;
 
 use std::time::Duration;
 
 use basalt_agent::storage::disk_volume;
-use basalt_api::{AdminClient, Kind, Object, Placement, ReplicaState, Volume};
-use basalt_testkit::{Fabric, Node, Prefix, Process, wait};
+use basalt_api::{Kind, Object, Placement, ReplicaState, Volume};
+use basalt_testkit::{Node, Process, wait};
 
-use replica_node::{NBD, agent_spec, start_storage, wait_joined};
+use replica_node::{NBD, SHORT_LEASES, SimCluster};
 use volume_cli::{basalt, cli_volume, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(90);
-const CONTROL_PORT: u16 = 7400;
-/// Short leases and controller rounds.
-const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
 /// Where the patterns go, and how long they are.
 const AT: &str = "1M";
 const LEN: &str = "256k";
@@ -97,86 +92,27 @@ async fn made(server: &str, name: &str, logs: &[&Process]) -> Volume {
     cli_volume(server, name).await.expect("the volume")
 }
 
-/// Two nodes `a` and `b`, each with a storage process and an agent
-/// (`--compute sim`), and a control plane on `cp`.
-/// Fields drop in order: the processes, then the nodes, then the test's
-/// directory.
-struct Cluster {
-    /// Control plane, agents a and b, storage a and b.
-    processes: [Process; 5],
-    server: String,
-    admin: AdminClient,
-    a: Node,
-    b: Node,
-    _fabric: Fabric,
-    prefix: Prefix,
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        let prefix = Prefix::for_test().expect("prefix");
-        let mut fabric = Fabric::new(&prefix).expect("fabric");
-        let a = fabric.add_node("a").expect("node a");
-        let b = fabric.add_node("b").expect("node b");
-        let cp = fabric.add_node("cp").expect("node cp");
-        let (storage_a, sock_a) = start_storage(&prefix, &a);
-        let (storage_b, sock_b) = start_storage(&prefix, &b);
-        let server = format!("{}:{CONTROL_PORT}", cp.addr());
-        let (control, admin) =
-            common::start_control(&prefix, &server, Some(&cp), DEADLINE, Some(CONFIG)).await;
-        let secret = common::join_token(&admin, "join", 2).await;
-        let agent = |node, socket| {
-            Process::start(
-                &prefix,
-                agent_spec(node, &server, &secret, socket).args(["--compute", "sim"]),
-            )
-            .expect("agent")
-        };
-        let agent_a = agent(&a, &sock_a);
-        let agent_b = agent(&b, &sock_b);
-        let processes = [control, agent_a, agent_b, storage_a, storage_b];
-        wait_joined(&admin, 2, DEADLINE, &processes.each_ref()).await;
-        Cluster {
-            prefix,
-            a,
-            b,
-            server,
-            admin,
-            processes,
-            _fabric: fabric,
-        }
-    }
-
-    fn logs(&self) -> [&Process; 5] {
-        self.processes.each_ref()
-    }
-
-    fn node(&self, name: &str) -> &Node {
-        if name == "a" { &self.a } else { &self.b }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_disk_cloned_from_a_snapshot_holds_its_data_on_the_snapshots_node() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root");
         return;
     }
-    let cluster = Cluster::start().await;
+    let cluster = SimCluster::start(&["a", "b"], SHORT_LEASES, DEADLINE).await;
     let (a, b, server, admin) = (
-        &cluster.a,
-        &cluster.b,
+        &cluster.member("a").node,
+        &cluster.member("b").node,
         cluster.server.as_str(),
         &cluster.admin,
     );
     let logs = cluster.logs();
-    let control = &cluster.processes[0];
+    let control = &cluster.control;
 
     // The source: a standalone volume with a pattern, and its snapshot.
     let out = basalt(server, &["volume", "create", "golden", "--size", "16M"]).await;
     assert!(out.status.success(), "{}", text(&out));
     let golden = made(server, "golden", &logs).await;
-    let p = cluster.node(&golden.status.primary_node);
+    let p = &cluster.member(&golden.status.primary_node).node;
     fill(p, &golden.status.storage_name, 0x5a);
     let out = basalt(server, &["volume", "snapshot", "golden", "golden-snap"]).await;
     assert!(out.status.success(), "{}", text(&out));
@@ -317,7 +253,7 @@ async fn a_standalone_volume_from_an_image_holds_the_image_on_every_copy() {
         eprintln!("skipped: needs root");
         return;
     }
-    let cluster = Cluster::start().await;
+    let cluster = SimCluster::start(&["a", "b"], SHORT_LEASES, DEADLINE).await;
     let (server, logs) = (cluster.server.as_str(), cluster.logs());
 
     // A qcow2 image with data at both ends and a hole between.
@@ -383,7 +319,7 @@ async fn a_standalone_volume_from_an_image_holds_the_image_on_every_copy() {
     .await;
     let base = cli_volume(server, "base").await.expect("base");
     assert_eq!(base.spec.image.as_deref(), Some("tiny"));
-    for node in [&cluster.a, &cluster.b] {
-        assert_same_as_image(node, &image, "qcow2", &base.status.storage_name);
+    for member in &cluster.members {
+        assert_same_as_image(&member.node, &image, "qcow2", &base.status.storage_name);
     }
 }

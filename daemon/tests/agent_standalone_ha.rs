@@ -24,33 +24,28 @@
 //!   deleted then.
 
 mod common;
-// Its VM and peer-state helpers are not needed here.
-#[allow(dead_code)]
 mod replica_node;
 // Its copy-state list is not needed here.
 #[allow(dead_code)]
 mod volume_cli;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use basalt_api::{
-    AdminClient, AgentClient, Kind, Object, ReplicaState, StorageClient, Volume, WatchEvent,
-    WatchStream,
+    AgentClient, Kind, Object, ReplicaState, StorageClient, Volume, WatchEvent, WatchStream,
 };
-use basalt_testkit::{Fabric, Node, Prefix, Process, wait};
+use basalt_testkit::{Process, wait};
 use futures::StreamExt as _;
 
 use replica_node::{
-    PATTERN_AT, agent_spec, pattern, read_export, refuses_writes, start_storage, wait_joined,
-    write_pattern,
+    Member, PATTERN_AT, SimCluster, pattern, read_export, refuses_writes, write_pattern,
 };
 use volume_cli::{basalt, cli_volume, text};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-const CONTROL_PORT: u16 = 7400;
 
 /// Whether `socket`'s pool holds a volume named `name`; `None` while its
 /// storage process cannot be asked.
@@ -68,56 +63,6 @@ fn all_up(v: &Volume) -> bool {
             && r.node_state == Some(ReplicaState::UpToDate)
             && !r.outdated
     })
-}
-
-/// One namespace node with its storage process and agent.
-struct Member {
-    node: Node,
-    socket: PathBuf,
-    storage: Process,
-    agent: Process,
-}
-
-/// A control plane on `cp` with `config`, and nodes `names` joined.
-async fn cluster(
-    prefix: &Prefix,
-    fabric: &mut Fabric,
-    names: &[&str],
-    config: &str,
-) -> (Process, AdminClient, String, Vec<Member>) {
-    let nodes: Vec<Node> = names
-        .iter()
-        .map(|n| fabric.add_node(n).expect("node"))
-        .collect();
-    let cp = fabric.add_node("cp").expect("node cp");
-    let server = format!("{}:{CONTROL_PORT}", cp.addr());
-    let (control, admin) =
-        common::start_control(prefix, &server, Some(&cp), DEADLINE, Some(config)).await;
-    // Twice the nodes: a node brought back registers again.
-    let secret = common::join_token(&admin, "join", 2 * names.len() as u32).await;
-    let members: Vec<Member> = nodes
-        .into_iter()
-        .map(|node| {
-            let (storage, socket) = start_storage(prefix, &node);
-            let agent = Process::start(
-                prefix,
-                agent_spec(&node, &server, &secret, &socket).args(["--compute", "sim"]),
-            )
-            .expect("agent");
-            Member {
-                node,
-                socket,
-                storage,
-                agent,
-            }
-        })
-        .collect();
-    {
-        let mut logs = vec![&control];
-        logs.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
-        wait_joined(&admin, names.len(), DEADLINE, &logs).await;
-    }
-    (control, admin, server, members)
 }
 
 /// Creates a 2-copy standalone volume `name` and waits until both copies
@@ -197,11 +142,9 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
         eprintln!("skipped: needs root");
         return;
     }
-    let prefix = Prefix::for_test().expect("prefix");
-    let mut fabric = Fabric::new(&prefix).expect("fabric");
     let config = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 5000\ncontroller_period_ms = 200\n";
-    let (control, admin, server, mut members) =
-        cluster(&prefix, &mut fabric, &["a", "b"], config).await;
+    let mut cluster = SimCluster::start(&["a", "b"], config, DEADLINE).await;
+    let (control, admin, server, members) = cluster.parts();
     let logs = |members: &[Member]| -> Vec<String> {
         members
             .iter()
@@ -209,9 +152,9 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
             .collect()
     };
     let volume = {
-        let mut all = vec![&control];
+        let mut all = vec![control];
         all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
-        two_copies(&server, "scratch", &all).await
+        two_copies(server, "scratch", &all).await
     };
     let pool_name = volume.status.storage_name.clone();
     assert_eq!(volume.status.epoch, 1);
@@ -280,7 +223,7 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
         .kill9()
         .expect("kill the primary's storage");
     {
-        let mut all = vec![&control];
+        let mut all = vec![control];
         all.push(&members[s].agent);
         all.push(&members[s].storage);
         wait::until(
@@ -288,7 +231,7 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
             DEADLINE,
             &all,
             || async {
-                cli_volume(&server, "scratch")
+                cli_volume(server, "scratch")
                     .await
                     .is_some_and(|v| v.status.primary_node == new && v.status.epoch == 2)
             },
@@ -302,7 +245,7 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
         "moved {:?} after the loss: before the lease and ha_after_ms ran out",
         killed.elapsed()
     );
-    let moved = cli_volume(&server, "scratch").await.expect("scratch");
+    let moved = cli_volume(server, "scratch").await.expect("scratch");
     let lost = moved
         .status
         .replica(&old)
@@ -314,7 +257,7 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
     wait::until(
         "the new primary's export serves the pattern",
         DEADLINE,
-        &[&control, &members[s].agent, &members[s].storage],
+        &[control, &members[s].agent, &members[s].storage],
         || async {
             read_export(node_s, &pool_name, PATTERN_AT, pattern(5).len())
                 .is_ok_and(|got| got == pattern(5))
@@ -327,14 +270,14 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
     members[p].storage.restart().expect("restart its storage");
     members[p].agent.restart().expect("restart its agent");
     {
-        let mut all = vec![&control];
+        let mut all = vec![control];
         all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
         wait::until(
             "the old copy is back in sync, its mark cleared",
             DEADLINE,
             &all,
             || async {
-                cli_volume(&server, "scratch").await.is_some_and(|v| {
+                cli_volume(server, "scratch").await.is_some_and(|v| {
                     v.status.primary_node == new && v.status.epoch == 2 && all_up(&v)
                 })
             },
@@ -355,7 +298,7 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
     let (versions, epochs) = watcher
         .await
         .expect("the watcher")
-        .unwrap_or_else(|err| panic!("{err}\n{}", logs(&members).join("\n")));
+        .unwrap_or_else(|err| panic!("{err}\n{}", logs(members).join("\n")));
     assert!(versions >= 2, "{versions} versions seen");
     assert_eq!(epochs.last(), Some(&2), "{epochs:?}");
 }
@@ -366,15 +309,13 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
         eprintln!("skipped: needs root");
         return;
     }
-    let prefix = Prefix::for_test().expect("prefix");
-    let mut fabric = Fabric::new(&prefix).expect("fabric");
     let config = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\nreplica_replace_after_ms = 6000\n";
-    let (control, admin, server, mut members) =
-        cluster(&prefix, &mut fabric, &["a", "b", "c"], config).await;
+    let mut cluster = SimCluster::start(&["a", "b", "c"], config, DEADLINE).await;
+    let (control, admin, server, members) = cluster.parts();
     let volume = {
-        let mut all = vec![&control];
+        let mut all = vec![control];
         all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
-        two_copies(&server, "scratch", &all).await
+        two_copies(server, "scratch", &all).await
     };
     let pool_name = volume.status.storage_name.clone();
     let primary = volume.status.primary_node.clone();
@@ -399,7 +340,7 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
 
     // The third node's and the lost node's volume watches, and every
     // volume change, from here on.
-    let agent = AgentClient::connect(&server).await.expect("agent client");
+    let agent = AgentClient::connect(server).await.expect("agent client");
     let mut third_watch = agent.watch_volumes(&third, 0).await.expect("watch");
     assert_eq!(
         next_event(&mut third_watch).await.map(|e| e.0),
@@ -436,7 +377,7 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
     write_pattern(&members[p].node, &pool_name, PATTERN_AT, 8);
     {
         let all = [
-            &control,
+            control,
             &members[p].agent,
             &members[p].storage,
             &members[t].agent,
@@ -447,7 +388,7 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
             DEADLINE,
             &all,
             || async {
-                cli_volume(&server, "scratch")
+                cli_volume(server, "scratch")
                     .await
                     .is_some_and(|v| v.status.replica(&third).is_some())
             },
@@ -459,7 +400,7 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
             "replaced {:?} after the loss: before replica_replace_after_ms",
             killed.elapsed()
         );
-        let replaced = cli_volume(&server, "scratch").await.expect("scratch");
+        let replaced = cli_volume(server, "scratch").await.expect("scratch");
         // The volume changed on the other nodes before it named the third
         // (the lost copy reported away): the third node's watch showed
         // none of it, only the volume added when it named the node; the
@@ -510,7 +451,7 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
             DEADLINE,
             &all,
             || async {
-                cli_volume(&server, "scratch")
+                cli_volume(server, "scratch")
                     .await
                     .is_some_and(|v| v.status.replicas.len() == 2 && all_up(&v))
             },
@@ -532,7 +473,7 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
     members[l].storage.restart().expect("restart its storage");
     members[l].agent.restart().expect("restart its agent");
     let socket = members[l].socket.clone();
-    let mut all = vec![&control];
+    let mut all = vec![control];
     all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
     wait::until(
         "the lost node's old copy is deleted",

@@ -15,8 +15,6 @@
 //! delete` removes both copies from both pools.
 
 mod common;
-// Its VM, peer-state and write-refusal helpers are not needed here.
-#[allow(dead_code)]
 mod replica_node;
 mod volume_cli;
 
@@ -24,17 +22,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use basalt_api::{ReplicaState, StorageClient, Volume};
-use basalt_testkit::{Fabric, Prefix, Process, wait};
+use basalt_testkit::wait;
 
-use replica_node::{
-    PATTERN_AT, agent_spec, pattern, read_export, start_storage, wait_joined, write_pattern,
-};
+use replica_node::{PATTERN_AT, SHORT_LEASES, SimCluster, pattern, read_export, write_pattern};
 use volume_cli::{basalt, cli_volume, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(90);
-const CONTROL_PORT: u16 = 7400;
-/// Short leases and controller rounds.
-const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
 
 /// Whether `socket`'s pool holds a volume named `name`; `None` while its
 /// storage process cannot be asked.
@@ -50,38 +43,11 @@ async fn a_standalone_volume_is_placed_on_its_nodes_reported_by_each_and_deleted
         eprintln!("skipped: needs root");
         return;
     }
-    let prefix = Prefix::for_test().expect("prefix");
-    let mut fabric = Fabric::new(&prefix).expect("fabric");
-    let a = fabric.add_node("a").expect("node a");
-    let b = fabric.add_node("b").expect("node b");
-    let cp = fabric.add_node("cp").expect("node cp");
-
-    let (storage_a, sock_a) = start_storage(&prefix, &a);
-    let (storage_b, sock_b) = start_storage(&prefix, &b);
-    let server = format!("{}:{CONTROL_PORT}", cp.addr());
-    let (control, admin) =
-        common::start_control(&prefix, &server, Some(&cp), DEADLINE, Some(CONFIG)).await;
-    let secret = common::join_token(&admin, "join", 2).await;
-    let agent = |node, socket| {
-        Process::start(
-            &prefix,
-            agent_spec(node, &server, &secret, socket).args(["--compute", "sim"]),
-        )
-        .expect("agent")
-    };
-    let agent_a = agent(&a, &sock_a);
-    let agent_b = agent(&b, &sock_b);
-    let mut storages = [storage_a, storage_b];
-    wait_joined(
-        &admin,
-        2,
-        DEADLINE,
-        &[&control, &agent_a, &agent_b, &storages[0], &storages[1]],
-    )
-    .await;
+    let mut cluster = SimCluster::start(&["a", "b"], SHORT_LEASES, DEADLINE).await;
+    let server = cluster.server.as_str();
 
     let out = basalt(
-        &server,
+        server,
         &[
             "volume", "create", "scratch", "--size", "16M", "--copies", "2",
         ],
@@ -100,20 +66,20 @@ async fn a_standalone_volume_is_placed_on_its_nodes_reported_by_each_and_deleted
                 .all(|r| r.node_state == Some(ReplicaState::UpToDate))
     };
     {
-        let logs = [&control, &agent_a, &agent_b, &storages[0], &storages[1]];
+        let logs = cluster.logs();
         wait::until(
             "both copies up to date, each reported by its own node",
             DEADLINE,
             &logs,
             || async {
-                cli_volume(&server, "scratch")
+                cli_volume(server, "scratch")
                     .await
                     .is_some_and(|v| reported_by_both(&v))
             },
         )
         .await;
     }
-    let volume = cli_volume(&server, "scratch").await.expect("scratch");
+    let volume = cli_volume(server, "scratch").await.expect("scratch");
     let pool_name = volume.status.storage_name.clone();
     assert_eq!(pool_name, format!("vol-{}", volume.meta.uid));
     assert_eq!(volume.status.epoch, 1);
@@ -127,7 +93,7 @@ async fn a_standalone_volume_is_placed_on_its_nodes_reported_by_each_and_deleted
         .collect();
     assert_eq!(primaries, [primary.as_str()]);
     assert!(volume.status.conditions[0].status, "{volume:?}");
-    for socket in [&sock_a, &sock_b] {
+    for socket in [&cluster.members[0].socket, &cluster.members[1].socket] {
         assert_eq!(
             in_pool(socket, &pool_name).await,
             Some(true),
@@ -135,11 +101,11 @@ async fn a_standalone_volume_is_placed_on_its_nodes_reported_by_each_and_deleted
             socket.display()
         );
     }
-    let (p, s, p_index) = if primary == "a" {
-        (&a, &b, 0)
-    } else {
-        (&b, &a, 1)
-    };
+    let (p_index, s_index) = if primary == "a" { (0, 1) } else { (1, 0) };
+    let (p, s) = (
+        &cluster.members[p_index].node,
+        &cluster.members[s_index].node,
+    );
     // Replicated: written through the primary, held by the secondary.
     write_pattern(p, &pool_name, PATTERN_AT, 5);
     assert_eq!(
@@ -149,42 +115,51 @@ async fn a_standalone_volume_is_placed_on_its_nodes_reported_by_each_and_deleted
     );
 
     // A snapshot of it is made on the primary's node, from the watch.
-    let out = basalt(&server, &["volume", "snapshot", "scratch", "scratch-snap"]).await;
+    let out = basalt(server, &["volume", "snapshot", "scratch", "scratch-snap"]).await;
     assert!(out.status.success(), "{}", text(&out));
     wait::until(
         "the snapshot is made on the primary's node",
         DEADLINE,
-        &[&control, &agent_a, &agent_b],
+        &[
+            &cluster.control,
+            &cluster.members[0].agent,
+            &cluster.members[1].agent,
+        ],
         || async {
-            cli_volume(&server, "scratch-snap").await.is_some_and(|v| {
+            cli_volume(server, "scratch-snap").await.is_some_and(|v| {
                 v.status.primary_node == primary && !v.status.storage_name.is_empty()
             })
         },
     )
     .await;
-    let out = basalt(&server, &["volume", "delete", "scratch-snap"]).await;
+    let out = basalt(server, &["volume", "delete", "scratch-snap"]).await;
     assert!(out.status.success(), "{}", text(&out));
 
     // The primary's storage process dies: the secondary's copy is still
     // known, reported by its own node.
-    storages[p_index]
+    cluster.members[p_index]
+        .storage
         .kill9()
         .expect("kill the primary's storage");
     {
-        let logs = [&control, &agent_a, &agent_b];
+        let logs = [
+            &cluster.control,
+            &cluster.members[0].agent,
+            &cluster.members[1].agent,
+        ];
         wait::until(
             "the primary's copy turns unknown",
             DEADLINE,
             &logs,
             || async {
-                cli_volume(&server, "scratch").await.is_some_and(|v| {
+                cli_volume(server, "scratch").await.is_some_and(|v| {
                     v.status.replica(&primary).map(|r| r.state) == Some(ReplicaState::Unknown)
                 })
             },
         )
         .await;
     }
-    let volume = cli_volume(&server, "scratch").await.expect("scratch");
+    let volume = cli_volume(server, "scratch").await.expect("scratch");
     let secondary = volume
         .status
         .replicas
@@ -201,16 +176,17 @@ async fn a_standalone_volume_is_placed_on_its_nodes_reported_by_each_and_deleted
     assert!(!volume.status.conditions[0].status, "{volume:?}");
 
     // Back, then deleted: both copies leave both pools.
-    storages[p_index]
+    cluster.members[p_index]
+        .storage
         .restart()
         .expect("restart the storage process");
-    let out = basalt(&server, &["volume", "delete", "scratch"]).await;
+    let out = basalt(server, &["volume", "delete", "scratch"]).await;
     assert!(out.status.success(), "{}", text(&out));
-    for socket in [&sock_a, &sock_b] {
+    for socket in [&cluster.members[0].socket, &cluster.members[1].socket] {
         wait::until(
             &format!("the copy leaves {}", socket.display()),
             DEADLINE,
-            &[&control, &agent_a, &agent_b, &storages[0], &storages[1]],
+            &cluster.logs(),
             || async { in_pool(socket, &pool_name).await == Some(false) },
         )
         .await;

@@ -22,8 +22,6 @@
 //! Degraded). Deleting the VM deletes the volume.
 
 mod common;
-// Its peer-state and write-refusal helpers are not needed here.
-#[allow(dead_code)]
 mod replica_node;
 mod volume_cli;
 
@@ -33,18 +31,15 @@ use basalt_api::{
     AdminClient, ApiError, KernelBoot, Kind, Object, ObjectMeta, ReplicaState, StorageClient,
     Volume, VolumeOwner, VolumeSpec,
 };
-use basalt_testkit::{Fabric, Prefix, Process, wait};
+use basalt_testkit::wait;
 
 use replica_node::{
-    DISK_BYTES, PATTERN_AT, agent_spec, create_db_on_a_and_b, pattern, read_export, start_storage,
-    wait_joined, write_pattern,
+    DISK_BYTES, PATTERN_AT, SHORT_LEASES, SimCluster, create_db_on_a_and_b, pattern, read_export,
+    write_pattern,
 };
 use volume_cli::{basalt, cli_volume, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-const CONTROL_PORT: u16 = 7400;
-/// Short leases and controller rounds.
-const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
 
 fn bad_volume(size_bytes: u64, owner: Option<VolumeOwner>) -> Object {
     Object::Volume(Volume {
@@ -74,34 +69,11 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
         eprintln!("skipped: needs root");
         return;
     }
-    let prefix = Prefix::for_test().expect("prefix");
-    let mut fabric = Fabric::new(&prefix).expect("fabric");
-    let a = fabric.add_node("a").expect("node a");
-    let b = fabric.add_node("b").expect("node b");
-    let cp = fabric.add_node("cp").expect("node cp");
-
-    let (storage_a, sock_a) = start_storage(&prefix, &a);
-    let (mut storage_b, sock_b) = start_storage(&prefix, &b);
-    let server = format!("{}:{CONTROL_PORT}", cp.addr());
-    let (control, admin) =
-        common::start_control(&prefix, &server, Some(&cp), DEADLINE, Some(CONFIG)).await;
-    let secret = common::join_token(&admin, "join", 2).await;
-    let agent = |node, socket| {
-        Process::start(
-            &prefix,
-            agent_spec(node, &server, &secret, socket).args(["--compute", "sim"]),
-        )
-        .expect("agent")
+    let mut cluster = SimCluster::start(&["a", "b"], SHORT_LEASES, DEADLINE).await;
+    let (control, admin, server, members) = cluster.parts();
+    let [a, b] = members else {
+        unreachable!("two nodes")
     };
-    let agent_a = agent(&a, &sock_a);
-    let agent_b = agent(&b, &sock_b);
-    wait_joined(
-        &admin,
-        2,
-        DEADLINE,
-        &[&control, &agent_a, &agent_b, &storage_a, &storage_b],
-    )
-    .await;
 
     // Bad volumes are refused, naming what is wrong.
     match admin.create(bad_volume(1000, None)).await {
@@ -122,7 +94,7 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
 
     // The VM, placed on a with replicas on a and b by the test.
     let pool_name = create_db_on_a_and_b(
-        &admin,
+        admin,
         KernelBoot {
             kernel: "/boot/vmlinuz".into(),
             initrd: String::new(),
@@ -135,20 +107,20 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
         ("b".to_owned(), ReplicaState::UpToDate),
     ];
     {
-        let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
+        let logs = [control, &a.agent, &b.agent, &a.storage, &b.storage];
         wait::until(
             "basalt volume get shows both copies up to date",
             DEADLINE,
             &logs,
             || async {
-                cli_volume(&server, "db-root")
+                cli_volume(server, "db-root")
                     .await
                     .is_some_and(|v| states(&v) == up)
             },
         )
         .await;
     }
-    let volume = cli_volume(&server, "db-root").await.expect("db-root");
+    let volume = cli_volume(server, "db-root").await.expect("db-root");
     assert_eq!(volume.status.storage_name, pool_name);
     assert_eq!(volume.status.primary_node, "a");
     assert_eq!(volume.status.epoch, 1);
@@ -164,14 +136,14 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
     assert_eq!(primaries, ["a"]);
     let ready = &volume.status.conditions[0];
     assert!(ready.status, "{ready:?}");
-    let listed = basalt(&server, &["volume", "list"]).await;
+    let listed = basalt(server, &["volume", "list"]).await;
     assert!(listed.status.success(), "{}", text(&listed));
     let table = String::from_utf8_lossy(&listed.stdout);
     assert!(
         table.contains("db-root") && table.contains("a* up-to-date, b up-to-date"),
         "{table}"
     );
-    let table = basalt(&server, &["volume", "get", "db-root"]).await;
+    let table = basalt(server, &["volume", "get", "db-root"]).await;
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(
         table.contains("primary") && table.contains("secondary"),
@@ -179,7 +151,7 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
     );
 
     // A VM disk's volume is not deleted on its own.
-    let out = basalt(&server, &["volume", "delete", "db-root"]).await;
+    let out = basalt(server, &["volume", "delete", "db-root"]).await;
     assert!(!out.status.success(), "deleted alone: {}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("disk \"root\" of vm \"db\""),
@@ -188,11 +160,11 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
     );
     // A snapshot and a clone of it, made in a's pool by a's agent: the
     // clone holds what the disk held when the snapshot was taken.
-    write_pattern(&a, &pool_name, PATTERN_AT, 1);
-    let out = basalt(&server, &["volume", "snapshot", "db-root", "db-snap"]).await;
+    write_pattern(&a.node, &pool_name, PATTERN_AT, 1);
+    let out = basalt(server, &["volume", "snapshot", "db-root", "db-snap"]).await;
     assert!(out.status.success(), "{}", text(&out));
     let made = |name: &'static str| {
-        let server = server.clone();
+        let server = server.to_owned();
         async move {
             cli_volume(&server, name)
                 .await
@@ -202,20 +174,20 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
     wait::until(
         "the snapshot is made on a",
         DEADLINE,
-        &[&control, &agent_a],
+        &[control, &a.agent],
         || {
             let made = made("db-snap");
             async move { made.await.is_some() }
         },
     )
     .await;
-    write_pattern(&a, &pool_name, PATTERN_AT, 2);
-    let out = basalt(&server, &["volume", "clone", "db-snap", "db-clone"]).await;
+    write_pattern(&a.node, &pool_name, PATTERN_AT, 2);
+    let out = basalt(server, &["volume", "clone", "db-snap", "db-clone"]).await;
     assert!(out.status.success(), "{}", text(&out));
     wait::until(
         "the clone is made on a",
         DEADLINE,
-        &[&control, &agent_a],
+        &[control, &a.agent],
         || {
             let made = made("db-clone");
             async move { made.await.is_some() }
@@ -224,7 +196,7 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
     .await;
     let snap = made("db-snap").await.expect("db-snap");
     let clone = made("db-clone").await.expect("db-clone");
-    let storage = StorageClient::connect_unix(&sock_a).expect("storage a client");
+    let storage = StorageClient::connect_unix(&a.socket).expect("storage a client");
     let pool = storage.list_volumes().await.expect("a's pool");
     let in_pool = |name: &str| pool.iter().find(|v| v.name == name).cloned();
     assert!(
@@ -238,19 +210,24 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
             .read_only
     );
     assert!(
-        read_export(&a, &clone.status.storage_name, PATTERN_AT, pattern(1).len())
-            .expect("read the clone")
+        read_export(
+            &a.node,
+            &clone.status.storage_name,
+            PATTERN_AT,
+            pattern(1).len()
+        )
+        .expect("read the clone")
             == pattern(1),
         "the clone does not hold what the disk held at the snapshot"
     );
     for name in ["db-clone", "db-snap"] {
-        let out = basalt(&server, &["volume", "delete", name]).await;
+        let out = basalt(server, &["volume", "delete", name]).await;
         assert!(out.status.success(), "{}", text(&out));
     }
     wait::until(
         "a's agent drops them from its pool",
         DEADLINE,
-        &[&agent_a],
+        &[&a.agent],
         || async {
             storage.list_volumes().await.is_ok_and(|pool| {
                 !pool.iter().any(|v| {
@@ -263,7 +240,7 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
 
     // A standalone volume is stored, listed and deleted.
     let out = basalt(
-        &server,
+        server,
         &[
             "volume",
             "create",
@@ -276,38 +253,38 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
     )
     .await;
     assert!(out.status.success(), "{}", text(&out));
-    let listed = basalt(&server, &["volume", "list", "-o", "yaml"]).await;
+    let listed = basalt(server, &["volume", "list", "-o", "yaml"]).await;
     assert!(
         String::from_utf8_lossy(&listed.stdout).contains("name: scratch"),
         "{}",
         text(&listed)
     );
-    let out = basalt(&server, &["volume", "delete", "scratch"]).await;
+    let out = basalt(server, &["volume", "delete", "scratch"]).await;
     assert!(out.status.success(), "{}", text(&out));
-    assert!(!volume_exists(&admin, "scratch").await);
+    assert!(!volume_exists(admin, "scratch").await);
 
     // Resize: the VM's disk grows, and the volume with it; never shrinks.
     let grown = DISK_BYTES * 2;
-    let out = basalt(&server, &["volume", "resize", "db-root", "--size", "32M"]).await;
+    let out = basalt(server, &["volume", "resize", "db-root", "--size", "32M"]).await;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(grown, 32 << 20);
     match admin.get(Kind::Vm, "db").await {
         Ok(Object::Vm(vm)) => assert_eq!(vm.spec.disks[0].size_bytes, grown),
         other => panic!("vm db: {other:?}"),
     }
-    wait::until("the volume is 32 MiB", DEADLINE, &[&control], || async {
-        cli_volume(&server, "db-root")
+    wait::until("the volume is 32 MiB", DEADLINE, &[control], || async {
+        cli_volume(server, "db-root")
             .await
             .is_some_and(|v| v.spec.size_bytes == grown)
     })
     .await;
     // Both copies grow: the primary's and the secondary's pool volumes.
-    for (node, socket) in [("a", &sock_a), ("b", &sock_b)] {
+    for (node, socket) in [("a", &a.socket), ("b", &b.socket)] {
         let storage = StorageClient::connect_unix(socket).expect("storage client");
         wait::until(
             &format!("{node}'s copy is 32 MiB"),
             DEADLINE,
-            &[&control, &agent_a, &agent_b],
+            &[control, &a.agent, &b.agent],
             || async {
                 storage.list_volumes().await.is_ok_and(|volumes| {
                     volumes
@@ -318,7 +295,7 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
         )
         .await;
     }
-    let out = basalt(&server, &["volume", "resize", "db-root", "--size", "8M"]).await;
+    let out = basalt(server, &["volume", "resize", "db-root", "--size", "8M"]).await;
     assert!(
         !out.status.success(),
         "a shrink went through: {}",
@@ -331,16 +308,16 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
     );
 
     // b's storage process dies: a's primary loses its peer.
-    storage_b.kill9().expect("kill b's storage");
-    write_pattern(&a, &pool_name, PATTERN_AT, 3);
+    b.storage.kill9().expect("kill b's storage");
+    write_pattern(&a.node, &pool_name, PATTERN_AT, 3);
     {
-        let logs = [&control, &agent_a, &agent_b, &storage_a];
+        let logs = [control, &a.agent, &b.agent, &a.storage];
         wait::until(
             "the volume shows b's copy outdated, fenced",
             DEADLINE,
             &logs,
             || async {
-                cli_volume(&server, "db-root").await.is_some_and(|v| {
+                cli_volume(server, "db-root").await.is_some_and(|v| {
                     v.status.replica("b").is_some_and(|r| {
                         r.state == ReplicaState::Outdated && r.outdated && !r.primary
                     }) && v.status.replica("a").map(|r| r.state) == Some(ReplicaState::UpToDate)
@@ -349,7 +326,7 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
         )
         .await;
     }
-    let volume = cli_volume(&server, "db-root").await.expect("db-root");
+    let volume = cli_volume(server, "db-root").await.expect("db-root");
     let ready = &volume.status.conditions[0];
     assert!(!ready.status && ready.reason == "Degraded", "{ready:?}");
 
@@ -361,8 +338,8 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
     wait::until(
         "the volume is deleted with its VM",
         DEADLINE,
-        &[&control],
-        || async { !volume_exists(&admin, "db-root").await },
+        &[control],
+        || async { !volume_exists(admin, "db-root").await },
     )
     .await;
 }

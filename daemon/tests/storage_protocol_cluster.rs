@@ -17,8 +17,6 @@
 //! refused naming the field.
 
 mod common;
-// Its VM, peer-state and write-refusal helpers are not needed here.
-#[allow(dead_code)]
 mod replica_node;
 mod storage_cli;
 mod volume_cli;
@@ -26,17 +24,12 @@ mod volume_cli;
 use std::time::Duration;
 
 use basalt_api::{ReplicaState, ReplicationProtocol};
-use basalt_testkit::{Fabric, Prefix, Process, wait};
+use basalt_testkit::{Prefix, wait};
 
-use replica_node::{
-    PATTERN_AT, agent_spec, pattern, read_export, start_storage, wait_joined, write_pattern,
-};
+use replica_node::{PATTERN_AT, SHORT_LEASES, SimCluster, pattern, read_export, write_pattern};
 use volume_cli::{basalt, cli_volume, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(90);
-const CONTROL_PORT: u16 = 7400;
-/// Short leases and controller rounds.
-const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
 
 /// The line of `storage_name` in node `node`'s attachments file, if any.
 fn attachment_line(prefix: &Prefix, node: &str, storage_name: &str) -> Option<String> {
@@ -53,33 +46,12 @@ async fn a_volume_created_with_protocol_a_is_attached_with_a_on_its_primary() {
         eprintln!("skipped: needs root");
         return;
     }
-    let prefix = Prefix::for_test().expect("prefix");
-    let mut fabric = Fabric::new(&prefix).expect("fabric");
-    let a = fabric.add_node("a").expect("node a");
-    let b = fabric.add_node("b").expect("node b");
-    let cp = fabric.add_node("cp").expect("node cp");
-
-    let (storage_a, sock_a) = start_storage(&prefix, &a);
-    let (storage_b, sock_b) = start_storage(&prefix, &b);
-    let server = format!("{}:{CONTROL_PORT}", cp.addr());
-    let (control, admin) =
-        common::start_control(&prefix, &server, Some(&cp), DEADLINE, Some(CONFIG)).await;
-    let secret = common::join_token(&admin, "join", 2).await;
-    let agent = |node, socket| {
-        Process::start(
-            &prefix,
-            agent_spec(node, &server, &secret, socket).args(["--compute", "sim"]),
-        )
-        .expect("agent")
-    };
-    let agent_a = agent(&a, &sock_a);
-    let agent_b = agent(&b, &sock_b);
-    let logs = [&control, &agent_a, &agent_b, &storage_a, &storage_b];
-    wait_joined(&admin, 2, DEADLINE, &logs).await;
+    let cluster = SimCluster::start(&["a", "b"], SHORT_LEASES, DEADLINE).await;
+    let (server, logs) = (cluster.server.as_str(), cluster.logs());
 
     // A bad protocol is refused before anything is stored.
     let out = basalt(
-        &server,
+        server,
         &[
             "volume",
             "create",
@@ -93,10 +65,10 @@ async fn a_volume_created_with_protocol_a_is_attached_with_a_on_its_primary() {
     .await;
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("--protocol"), "{}", text(&out));
-    assert!(cli_volume(&server, "bad").await.is_none());
+    assert!(cli_volume(server, "bad").await.is_none());
 
     let out = basalt(
-        &server,
+        server,
         &[
             "volume",
             "create",
@@ -116,14 +88,14 @@ async fn a_volume_created_with_protocol_a_is_attached_with_a_on_its_primary() {
         ("b".to_owned(), ReplicaState::UpToDate),
     ];
     wait::until("both copies up to date", DEADLINE, &logs, || async {
-        cli_volume(&server, "fast")
+        cli_volume(server, "fast")
             .await
             .is_some_and(|v| states(&v) == up)
     })
     .await;
-    let volume = cli_volume(&server, "fast").await.expect("fast");
+    let volume = cli_volume(server, "fast").await.expect("fast");
     assert_eq!(volume.spec.protocol, ReplicationProtocol::A, "{volume:?}");
-    let out = basalt(&server, &["volume", "get", "fast"]).await;
+    let out = basalt(server, &["volume", "get", "fast"]).await;
     assert!(out.status.success(), "{}", text(&out));
     let shown = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -136,14 +108,18 @@ async fn a_volume_created_with_protocol_a_is_attached_with_a_on_its_primary() {
     // The primary's storage process holds it primary under protocol A.
     let pool_name = volume.status.storage_name.clone();
     let primary = volume.status.primary_node.clone();
-    let line = attachment_line(&prefix, &primary, &pool_name)
+    let line = attachment_line(&cluster.prefix, &primary, &pool_name)
         .unwrap_or_else(|| panic!("no attachment of {pool_name} on {primary}"));
     let words: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(words.get(1), Some(&"primary"), "{line}");
     assert!(words.contains(&"protocol=A"), "{line}");
 
     // Replicated all the same.
-    let (p, s) = if primary == "a" { (&a, &b) } else { (&b, &a) };
+    let secondary = if primary == "a" { "b" } else { "a" };
+    let (p, s) = (
+        &cluster.member(&primary).node,
+        &cluster.member(secondary).node,
+    );
     write_pattern(p, &pool_name, PATTERN_AT, 3);
     wait::until(
         "the secondary holds the primary's write",

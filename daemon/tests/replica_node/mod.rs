@@ -2,7 +2,13 @@
 //! `basaltd storage serve` (NBD where QEMU looks, the storage-local API
 //! for the agent, replication on the node's address) and `basaltd agent`,
 //! a VM `db` placed on `a` with its 2-replica disk on `a` and `b`, and
-//! patterns written and read through a node's NBD export.
+//! patterns written and read through a node's NBD export; and the
+//! bring-up the cluster-level volume tests share ([`SimCluster`]): nodes
+//! with a storage process and a simulated-compute agent each, joined to a
+//! one-member control plane.
+//!
+//! Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -15,14 +21,19 @@ use basalt_api::{
     StorageClient, Vm, VmSpec,
 };
 use basalt_testkit::nbd_client::NbdClient;
-use basalt_testkit::{Node, Prefix, Process, ProcessSpec, wait};
+use basalt_testkit::{Fabric, Node, Prefix, Process, ProcessSpec, wait};
 
-use crate::common::BASALTD;
+use crate::common::{self, BASALTD};
 
 /// Where every node's storage process serves NBD, inside its namespace.
 pub const NBD: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10809);
 /// The replication port on each node's address.
 pub const REPLICA_PORT: u16 = 7789;
+/// The control plane's port on node `cp`'s address.
+pub const CONTROL_PORT: u16 = 7400;
+/// A control-plane configuration with short node leases and controller
+/// rounds, so a lost node or a new object is acted on within seconds.
+pub const SHORT_LEASES: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
 /// The size of `db`'s disk.
 pub const DISK_BYTES: u64 = 16 << 20;
 /// Where the tests' patterns go (past the test guest's two records).
@@ -195,4 +206,122 @@ pub async fn peer_state(
             .find(|r| r.volume == volume && peer.is_none_or(|p| r.peer == p))
             .map(|r| (r.state, r.dirty_chunks))
     })
+}
+
+/// One node of a [`SimCluster`]: its storage process (with the path of
+/// its storage-local socket) and its agent. Processes drop before the
+/// node.
+pub struct Member {
+    /// `basaltd storage serve` ([`start_storage`]).
+    pub storage: Process,
+    /// `basaltd agent --compute sim` ([`agent_spec`]).
+    pub agent: Process,
+    /// The storage process's storage-local socket.
+    pub socket: PathBuf,
+    /// The namespace node.
+    pub node: Node,
+}
+
+/// Namespace nodes, each running a storage process and `basaltd agent
+/// --compute sim` (the simulated hypervisor never opens a disk: tests
+/// write volumes over NBD as a guest would), joined to a one-member
+/// control plane on namespace node `cp` at [`CONTROL_PORT`]. Fields drop
+/// in order: the processes, then the fabric, then the test's directory.
+pub struct SimCluster {
+    /// The nodes, in the order they were named.
+    pub members: Vec<Member>,
+    /// `basaltd control`.
+    pub control: Process,
+    /// A client of the control plane.
+    pub admin: AdminClient,
+    /// The control plane's address.
+    pub server: String,
+    /// The fabric the nodes live on.
+    pub fabric: Fabric,
+    /// The test's prefix and directory.
+    pub prefix: Prefix,
+}
+
+impl SimCluster {
+    /// Nodes `names` (then `cp`), a storage process on each, the control
+    /// plane with `config` (TOML), then an agent on each with a join
+    /// token good for twice the nodes (a node brought back registers
+    /// again); returns once every node joined and published its
+    /// replication address, within `deadline` for each wait.
+    pub async fn start(names: &[&str], config: &str, deadline: Duration) -> SimCluster {
+        let prefix = Prefix::for_test().expect("prefix");
+        let mut fabric = Fabric::new(&prefix).expect("fabric");
+        let nodes: Vec<Node> = names
+            .iter()
+            .map(|n| fabric.add_node(n).expect("node"))
+            .collect();
+        let cp = fabric.add_node("cp").expect("node cp");
+        let storages: Vec<(Process, PathBuf)> = nodes
+            .iter()
+            .map(|node| start_storage(&prefix, node))
+            .collect();
+        let server = format!("{}:{CONTROL_PORT}", cp.addr());
+        let (control, admin) =
+            common::start_control(&prefix, &server, Some(&cp), deadline, Some(config)).await;
+        let uses = u32::try_from(2 * names.len()).expect("a few nodes");
+        let secret = common::join_token(&admin, "join", uses).await;
+        let members: Vec<Member> = nodes
+            .into_iter()
+            .zip(storages)
+            .map(|(node, (storage, socket))| {
+                let agent = Process::start(
+                    &prefix,
+                    agent_spec(&node, &server, &secret, &socket).args(["--compute", "sim"]),
+                )
+                .expect("agent");
+                Member {
+                    storage,
+                    agent,
+                    socket,
+                    node,
+                }
+            })
+            .collect();
+        let cluster = SimCluster {
+            members,
+            control,
+            admin,
+            server,
+            fabric,
+            prefix,
+        };
+        wait_joined(&cluster.admin, names.len(), deadline, &cluster.logs()).await;
+        cluster
+    }
+
+    /// The member on node `name`.
+    pub fn member(&self, name: &str) -> &Member {
+        self.members
+            .iter()
+            .find(|m| m.node.name() == name)
+            .unwrap_or_else(|| panic!("no node {name} in the cluster"))
+    }
+
+    /// The member on node `name`, to kill or restart its processes.
+    pub fn member_mut(&mut self, name: &str) -> &mut Member {
+        self.members
+            .iter_mut()
+            .find(|m| m.node.name() == name)
+            .unwrap_or_else(|| panic!("no node {name} in the cluster"))
+    }
+
+    /// The control plane, a client of it, its address and the nodes,
+    /// borrowed apart: a test kills and restarts one node's processes
+    /// while it reads the others'.
+    pub fn parts(&mut self) -> (&Process, &AdminClient, &str, &mut [Member]) {
+        (&self.control, &self.admin, &self.server, &mut self.members)
+    }
+
+    /// Every process, for the logs a failed wait shows: the control
+    /// plane, then each node's agent and storage process.
+    pub fn logs(&self) -> Vec<&Process> {
+        let mut logs = vec![&self.control];
+        logs.extend(self.members.iter().flat_map(|m| [&m.agent, &m.storage]));
+        logs
+    }
 }

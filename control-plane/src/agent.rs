@@ -256,20 +256,25 @@ pub(crate) fn names_node(placement: &Placement, node: &str) -> bool {
     placement.node == node || placement.holds_replica(node)
 }
 
-/// The event node `node`'s placement stream shows for `change`, if any: a
-/// placement that comes to name the node ([`names_node`]) is ADDED, one
-/// that no longer does is DELETED (carrying its new node); a placement
-/// that moves its VM away while keeping the node a replica node is
-/// MODIFIED.
-pub(crate) fn placement_event(node: &str, change: Change) -> Option<WatchEvent<Placement>> {
-    let here = |object: &Object| matches!(object, Object::Placement(p) if names_node(p, node));
-    let now_here = here(&change.object);
-    let was_here = change.previous.as_ref().is_some_and(here);
+/// The event a node's stream of `T` objects shows for `change`, if any,
+/// with `mine` telling whether an object is that node's: ADDED when the
+/// object comes to be the node's (created so, or changed so), MODIFIED
+/// while it stays the node's, DELETED when it stops being the node's
+/// (carrying the object as it is now) or is deleted while it was; nothing
+/// for an object that never was the node's, or of another kind. Both the
+/// placement ([`placement_event`]) and the volume
+/// ([`crate::volume_watch::volume_event`]) streams are this.
+pub(crate) fn node_event<T: TryFrom<Object>>(
+    change: Change,
+    mine: impl Fn(&T) -> bool,
+) -> Option<WatchEvent<T>> {
+    let was_mine = change
+        .previous
+        .and_then(|previous| T::try_from(previous).ok())
+        .is_some_and(|previous| mine(&previous));
+    let object = T::try_from(change.object).ok()?;
     let resource_version = change.index;
-    let Object::Placement(object) = change.object else {
-        return None;
-    };
-    match (change.change, now_here, was_here) {
+    match (change.change, mine(&object), was_mine) {
         (ChangeType::Added, true, _) | (ChangeType::Modified, true, false) => {
             Some(WatchEvent::Added {
                 object,
@@ -288,6 +293,15 @@ pub(crate) fn placement_event(node: &str, change: Change) -> Option<WatchEvent<P
         }
         _ => None,
     }
+}
+
+/// The event node `node`'s placement stream shows for `change`, if any
+/// ([`node_event`]): a placement that comes to name the node
+/// ([`names_node`]) is ADDED, one that no longer does is DELETED
+/// (carrying its new node); a placement that moves its VM away while
+/// keeping the node a replica node is MODIFIED.
+pub(crate) fn placement_event(node: &str, change: Change) -> Option<WatchEvent<Placement>> {
+    node_event(change, |p: &Placement| names_node(p, node))
 }
 
 /// Whether `mark` may be recorded against `placement`: asked by the VM's

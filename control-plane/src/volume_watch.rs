@@ -26,8 +26,9 @@ use basalt_api::{ApiError, Kind, Object, Volume, WatchEvent, WatchStream};
 use futures::StreamExt as _;
 
 use crate::admin::changes;
+use crate::agent::node_event;
 use crate::history::Change;
-use crate::state::{ChangeType, State};
+use crate::state::State;
 use crate::store::Shared;
 
 /// Whether `volume` is node `node`'s (see the module's doc), with `state`
@@ -47,34 +48,9 @@ pub fn is_nodes(node: &str, volume: &Volume, state: &State) -> bool {
 }
 
 /// The event node `node`'s volume stream shows for `change`, if any (see
-/// the module's doc).
+/// the module's doc; the agent service's `node_event` with [`is_nodes`]).
 pub fn volume_event(node: &str, change: Change, state: &State) -> Option<WatchEvent<Volume>> {
-    let here = |object: &Object| matches!(object, Object::Volume(v) if is_nodes(node, v, state));
-    let now_here = here(&change.object);
-    let was_here = change.previous.as_ref().is_some_and(here);
-    let resource_version = change.index;
-    let Object::Volume(object) = change.object else {
-        return None;
-    };
-    match (change.change, now_here, was_here) {
-        (ChangeType::Added, true, _) | (ChangeType::Modified, true, false) => {
-            Some(WatchEvent::Added {
-                object,
-                resource_version,
-            })
-        }
-        (ChangeType::Modified, true, true) => Some(WatchEvent::Modified {
-            object,
-            resource_version,
-        }),
-        (ChangeType::Modified, false, true) | (ChangeType::Deleted, true, _) => {
-            Some(WatchEvent::Deleted {
-                object,
-                resource_version,
-            })
-        }
-        _ => None,
-    }
+    node_event(change, |v: &Volume| is_nodes(node, v, state))
 }
 
 /// Node `node`'s volume stream from `from_resource_version` (0: its
@@ -127,7 +103,7 @@ mod tests {
     use basalt_api::{ObjectMeta, VolumeReplica, VolumeSource, VolumeSpec};
 
     use super::*;
-    use crate::state::Command;
+    use crate::state::{ChangeType, Command};
 
     fn placed(name: &str, primary: &str, copies: &[&str]) -> Volume {
         let mut volume = Volume {

@@ -171,11 +171,22 @@ pub async fn run(server: &str, format: Format, command: VmCommand) -> anyhow::Re
         }
         VmCommand::Get { name } => {
             let vm = client.get(Kind::Vm, &name).await?;
-            let outdated = match &vm {
-                Object::Vm(vm) => vm.status.outdated_replicas.clone(),
-                _ => Vec::new(),
+            let (outdated, conditions) = match &vm {
+                Object::Vm(vm) => (
+                    vm.status.outdated_replicas.clone(),
+                    vm.status.conditions.clone(),
+                ),
+                _ => (Vec::new(), Vec::new()),
             };
             output::print_objects(format, Kind::Vm, &[vm])?;
+            if format == output::Format::Table {
+                // Why it is not ready: its node's word, or the scheduler's
+                // while no node takes it.
+                for c in conditions {
+                    let holds = if c.status { "true" } else { "false" };
+                    println!("{} {holds} ({}): {}", c.kind, c.reason, c.message);
+                }
+            }
             if format == output::Format::Table
                 && let Ok(Object::Placement(p)) = client.get(Kind::Placement, &name).await
             {

@@ -35,7 +35,13 @@
 //!   compare-and-swap that keeps the node and epoch: the primary stays, so
 //!   the volumes' epoch stays; the VM's own node is never replaced here;
 //!   an outdated mark on the replaced node is dropped in the same entry;
-//! - a late heartbeat from a lost node renews nothing (see [`crate::leases`]).
+//! - a late heartbeat from a lost node renews nothing (see [`crate::leases`]);
+//! - a VM the scheduler holds off (no node fits, or the one node its
+//!   disk's source pins it to cannot take it) has `Ready` false,
+//!   `Unschedulable`, with the scheduler's reason in its status, written
+//!   by compare-and-swap only when the reason changes (at most once per
+//!   VM every 10 s), so a status its node reported meanwhile is never
+//!   overwritten with a stale one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -61,6 +67,11 @@ use crate::volumes::VolumeController;
 /// The smallest pause between two rounds (so a burst of writes does not
 /// make the controllers rescan the state after every one).
 const MIN_GAP: Duration = Duration::from_millis(50);
+/// The reason of a VM's `Ready` condition while no node can take it.
+const UNSCHEDULABLE: &str = "Unschedulable";
+/// How long a waiting VM's recorded reason stands before another one
+/// replaces it.
+const REASON_REFRESH: Duration = Duration::from_secs(10);
 /// New placements per Raft entry: a 10 000-VM plan is 40 entries.
 const PLACEMENT_BATCH: usize = 256;
 /// Entries of new placements proposed at once (group commit shares their
@@ -80,6 +91,9 @@ pub struct Controllers {
     standalone_ha: StandaloneHa,
     /// VM → why it could not be placed, as last logged.
     unschedulable: HashMap<String, String>,
+    /// VM → when this leader last wrote why it waits (kept for
+    /// [`REASON_REFRESH`]).
+    held: HashMap<String, Instant>,
     /// Removed node → when this leader first saw placements still on it.
     gone: HashMap<String, Instant>,
     /// The term `gone` belongs to (a new leader counts afresh).
@@ -110,6 +124,7 @@ impl Controllers {
             volumes: VolumeController::new(),
             standalone_ha: StandaloneHa::new(),
             unschedulable: HashMap::new(),
+            held: HashMap::new(),
             gone: HashMap::new(),
             gone_term: 0,
             unreplaced: HashMap::new(),
@@ -466,6 +481,21 @@ impl Controllers {
         for vm in create_placements(&self.admin, creates).await {
             self.unschedulable.remove(&vm);
         }
+        let now = Instant::now();
+        self.held
+            .retain(|_, at| now.duration_since(*at) < REASON_REFRESH);
+        let held = {
+            let machine = self.admin.shared().read();
+            held_off(
+                &machine.state,
+                &plan.unschedulable,
+                |vm| self.held.contains_key(vm),
+                now_unix_ms(),
+            )
+        };
+        for vm in write_statuses(&self.admin, held).await {
+            self.held.insert(vm, now);
+        }
         for (vm, reason) in plan.unschedulable {
             if self.unschedulable.get(&vm) != Some(&reason) {
                 tracing::warn!(%vm, %reason, "no node fits the VM");
@@ -695,6 +725,78 @@ async fn create_batch(admin: &AdminService, batch: Vec<Placement>) -> Vec<String
     placed
 }
 
+/// The VMs of `unschedulable` (the scheduler's VM → why no node fits)
+/// whose status does not say so yet, with `Ready` false, reason
+/// `Unschedulable` and that reason as the message, as a standalone volume
+/// no node can take shows it: what `basalt vm get` tells an operator
+/// while the VM waits. A VM whose status already says `Unschedulable`
+/// with another message (the scheduler's counts change as nodes come and
+/// go) gets the new one unless `recent` says its reason was written
+/// lately, so waiting VMs cost at most one write each per
+/// [`REASON_REFRESH`]. The VM's node replaces the condition with its own
+/// when it reports the VM.
+fn held_off(
+    state: &crate::state::State,
+    unschedulable: &[(String, String)],
+    recent: impl Fn(&str) -> bool,
+    now_unix_ms: u64,
+) -> Vec<Vm> {
+    unschedulable
+        .iter()
+        .filter_map(|(name, reason)| {
+            let Some(Object::Vm(vm)) = state.get(Kind::Vm, name) else {
+                return None;
+            };
+            let said = vm
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.kind == Condition::READY && !c.status && c.reason == UNSCHEDULABLE);
+            if said.is_some_and(|c| c.message == *reason || recent(name)) {
+                return None;
+            }
+            let mut held = vm.clone();
+            set_condition(
+                &mut held.status.conditions,
+                Condition {
+                    kind: Condition::READY.into(),
+                    status: false,
+                    reason: UNSCHEDULABLE.into(),
+                    message: reason.clone(),
+                    last_transition_unix_ms: now_unix_ms,
+                },
+            );
+            Some(held)
+        })
+        .collect()
+}
+
+/// Writes `vms` (their statuses changed) by compare-and-swap,
+/// [`PLACEMENT_BATCH`] to a Raft entry; returns the names of those
+/// written. A refused entry (a VM changed meanwhile) is decided again at
+/// the next round.
+async fn write_statuses(admin: &AdminService, vms: Vec<Vm>) -> Vec<String> {
+    let mut written = Vec::new();
+    for chunk in vms.chunks(PLACEMENT_BATCH) {
+        let mut batch: Vec<Command> = chunk
+            .iter()
+            .map(|vm| Command::Update(Object::Vm(vm.clone())))
+            .collect();
+        let command = if batch.len() == 1 {
+            batch.remove(0)
+        } else {
+            Command::Batch(batch)
+        };
+        match admin.write(command).await {
+            Ok(_) => written.extend(chunk.iter().map(|vm| vm.meta.name.clone())),
+            Err(err) => {
+                tracing::debug!(count = chunk.len(), error = %err, "recording why VMs wait failed; will retry");
+            }
+        }
+    }
+    written
+}
+
 /// What the state says about node `name` now, for the lease table
 /// (`None`: there is no such node).
 fn node_view(state: &crate::state::State, name: &str) -> Option<NodeView> {
@@ -723,5 +825,76 @@ fn stopped_on(state: &crate::state::State, p: &Placement) -> bool {
         VmPhase::Stopped | VmPhase::Failed => reported_here,
         VmPhase::Pending | VmPhase::Scheduled => vm.status.node.is_none() && !vm.spec.running,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::VmSpec;
+
+    use super::*;
+    use crate::state::State;
+
+    fn state_with(vm: &str) -> State {
+        let mut state = State::default();
+        let vm = Vm {
+            meta: ObjectMeta::named(vm),
+            spec: VmSpec {
+                cpus: 1,
+                memory_mib: 128,
+                running: true,
+                ..VmSpec::default()
+            },
+            ..Vm::default()
+        };
+        state
+            .apply(1, Command::Create(Object::Vm(vm)))
+            .expect("create the vm");
+        state
+    }
+
+    fn why(vm: &Vm) -> Option<(bool, &str, &str)> {
+        vm.status
+            .conditions
+            .iter()
+            .find(|c| c.kind == Condition::READY)
+            .map(|c| (c.status, c.reason.as_str(), c.message.as_str()))
+    }
+
+    #[test]
+    fn a_vm_no_node_takes_says_why_once_and_again_when_the_reason_changes_after_a_while() {
+        let mut state = state_with("big");
+        let full = [("big".to_owned(), "no node has 3072 MiB free".to_owned())];
+        let never = |_: &str| false;
+        let held = held_off(&state, &full, never, 1000);
+        assert_eq!(held.len(), 1);
+        assert_eq!(
+            why(&held[0]),
+            Some((false, "Unschedulable", "no node has 3072 MiB free"))
+        );
+        // Compare-and-swap on the version read: written as is.
+        let version = held[0].meta.resource_version;
+        assert_eq!(version, 1);
+        state
+            .apply(2, Command::Update(Object::Vm(held[0].clone())))
+            .expect("record it");
+        // Said already: nothing to write.
+        assert!(held_off(&state, &full, never, 2000).is_empty());
+        // Another reason: written again, the transition time kept.
+        let pinned = [(
+            "big".to_owned(),
+            "disk \"root\" is a clone of volume \"golden\", whose primary copy is on node \"a\", which cannot take it".to_owned(),
+        )];
+        // Written lately: the new reason waits for the refresh.
+        assert!(held_off(&state, &pinned, |vm: &str| vm == "big", 2500).is_empty());
+        let again = held_off(&state, &pinned, never, 3000);
+        assert_eq!(again.len(), 1);
+        let (status, reason, message) = why(&again[0]).expect("a Ready condition");
+        assert!(!status && reason == "Unschedulable" && message.contains("node \"a\""));
+        assert_eq!(again[0].status.conditions[0].last_transition_unix_ms, 1000);
+        // A VM that is gone, or not named, gets nothing.
+        let gone = [("ghost".to_owned(), "no node".to_owned())];
+        assert!(held_off(&state, &gone, never, 4000).is_empty());
+        assert!(held_off(&state, &[], never, 4000).is_empty());
     }
 }

@@ -12,7 +12,9 @@
 //! node, gets it by the initial full sync. A write to the VM's disk leaves
 //! the snapshot as it was. Disks from a missing volume, smaller than
 //! their source, or from an image and a volume at once are refused,
-//! naming the field.
+//! naming the field. A VM whose source's node cannot take it waits, and
+//! `basalt vm get` says why (its `Ready` condition: `Unschedulable`,
+//! naming that node).
 //!
 //! A standalone volume made from an image (`basalt volume create --image`,
 //! two copies): its primary copy is cloned from the image's import on its
@@ -222,6 +224,23 @@ async fn a_vm_disk_cloned_from_a_snapshot_holds_its_data_on_the_snapshots_node()
     .await;
     let logs = control.logs();
     assert!(logs.contains("which cannot take it"), "{logs}");
+    // And so does `basalt vm get`, from the VM's status.
+    wait::until(
+        "basalt vm get says why big waits",
+        DEADLINE,
+        &[control],
+        || async {
+            let out = basalt(server, &["vm", "get", "big"]).await;
+            let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+            out.status.success()
+                && shown.contains("Ready false (Unschedulable): ")
+                && shown.contains(&format!(
+                    "whose primary copy is on node \"{}\", which cannot take it",
+                    p.name()
+                ))
+        },
+    )
+    .await;
     assert!(
         admin.get(Kind::Placement, "big").await.is_err(),
         "big was placed"

@@ -134,7 +134,7 @@ async fn a_volume_created_with_protocol_a_is_attached_with_a_on_its_primary() {
     // A VM disk's protocol: a bad one is refused naming the field, a good
     // one is its volume's and its primary's attachment's.
     let out = basalt(
-        &server,
+        server,
         &[
             "vm",
             "create",
@@ -147,7 +147,7 @@ async fn a_volume_created_with_protocol_a_is_attached_with_a_on_its_primary() {
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("protocol=\"D\""), "{}", text(&out));
     let out = basalt(
-        &server,
+        server,
         &[
             "vm",
             "create",
@@ -165,16 +165,16 @@ async fn a_volume_created_with_protocol_a_is_attached_with_a_on_its_primary() {
         DEADLINE,
         &logs,
         || async {
-            cli_volume(&server, "web-root")
+            cli_volume(server, "web-root")
                 .await
                 .is_some_and(|v| states(&v) == up)
         },
     )
     .await;
-    let disk = cli_volume(&server, "web-root").await.expect("web-root");
+    let disk = cli_volume(server, "web-root").await.expect("web-root");
     assert_eq!(disk.spec.protocol, ReplicationProtocol::B, "{disk:?}");
     let (pool_name, primary) = (&disk.status.storage_name, &disk.status.primary_node);
-    let line = attachment_line(&prefix, primary, pool_name)
+    let line = attachment_line(&cluster.prefix, primary, pool_name)
         .unwrap_or_else(|| panic!("no attachment of {pool_name} on {primary}"));
     let words: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(words.get(1), Some(&"primary"), "{line}");

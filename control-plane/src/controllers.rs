@@ -41,7 +41,8 @@
 //!   `Unschedulable`, with the scheduler's reason in its status, written
 //!   by compare-and-swap only when the reason changes (at most once per
 //!   VM every 10 s), so a status its node reported meanwhile is never
-//!   overwritten with a stale one.
+//!   overwritten with a stale one; a held-off VM stopped while it waits
+//!   loses that condition.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -161,6 +162,7 @@ impl Controllers {
     pub async fn round(&mut self, term: u64) {
         self.expire_leases(term).await;
         self.place(term).await;
+        self.release_holds().await;
         self.replace_replicas(term).await;
         self.ipam.round(&self.admin).await;
         self.migrations.round(&self.admin, term).await;
@@ -168,6 +170,20 @@ impl Controllers {
         self.standalone_ha
             .round(&self.admin, &self.leases, &self.tuning, term)
             .await;
+    }
+
+    /// VMs that were held off but no longer ask to run (stopped while
+    /// they waited) lose their `Unschedulable` condition: nothing waits
+    /// for a node any more, and no node reports them to replace it.
+    async fn release_holds(&mut self) {
+        let released = {
+            let machine = self.admin.shared().read();
+            released_holds(&machine.state)
+        };
+        for vm in write_statuses(&self.admin, released).await {
+            tracing::info!(%vm, "a VM that was held off no longer asks to run");
+            self.held.remove(&vm);
+        }
     }
 
     /// Marks each node whose lease ran out not ready; then its lease is
@@ -771,6 +787,36 @@ fn held_off(
         .collect()
 }
 
+/// The VMs whose status says `Unschedulable` but which no longer ask to
+/// run and have no placement, without that condition (see
+/// [`Controllers::release_holds`]).
+fn released_holds(state: &crate::state::State) -> Vec<Vm> {
+    let held = |vm: &Vm| {
+        vm.status
+            .conditions
+            .iter()
+            .any(|c| c.kind == Condition::READY && !c.status && c.reason == UNSCHEDULABLE)
+    };
+    state
+        .list(Kind::Vm)
+        .filter_map(|o| match o {
+            Object::Vm(vm)
+                if !vm.spec.running
+                    && held(vm)
+                    && state.get(Kind::Placement, &vm.meta.name).is_none() =>
+            {
+                let mut released = vm.clone();
+                released
+                    .status
+                    .conditions
+                    .retain(|c| !(c.kind == Condition::READY && c.reason == UNSCHEDULABLE));
+                Some(released)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Writes `vms` (their statuses changed) by compare-and-swap,
 /// [`PLACEMENT_BATCH`] to a Raft entry; returns the names of those
 /// written. A refused entry (a VM changed meanwhile) is decided again at
@@ -896,5 +942,31 @@ mod tests {
         let gone = [("ghost".to_owned(), "no node".to_owned())];
         assert!(held_off(&state, &gone, never, 4000).is_empty());
         assert!(held_off(&state, &[], never, 4000).is_empty());
+    }
+
+    #[test]
+    fn a_held_off_vm_that_is_stopped_loses_its_unschedulable_condition() {
+        let mut state = state_with("big");
+        let full = [("big".to_owned(), "no node has 3072 MiB free".to_owned())];
+        let held = held_off(&state, &full, |_: &str| false, 1000);
+        state
+            .apply(2, Command::Update(Object::Vm(held[0].clone())))
+            .expect("record it");
+        // Still asking to run: the condition stands.
+        assert!(released_holds(&state).is_empty());
+        let Some(Object::Vm(mut vm)) = state.get(Kind::Vm, "big").cloned() else {
+            panic!("the vm")
+        };
+        vm.spec.running = false;
+        state
+            .apply(3, Command::Update(Object::Vm(vm)))
+            .expect("stop it");
+        let released = released_holds(&state);
+        assert_eq!(released.len(), 1);
+        assert_eq!(why(&released[0]), None, "the condition is gone");
+        state
+            .apply(4, Command::Update(Object::Vm(released[0].clone())))
+            .expect("write it");
+        assert!(released_holds(&state).is_empty(), "written once");
     }
 }

@@ -245,6 +245,19 @@ async fn a_vm_disk_cloned_from_a_snapshot_holds_its_data_on_the_snapshots_node()
         admin.get(Kind::Placement, "big").await.is_err(),
         "big was placed"
     );
+    // Stopped while it waits: nothing waits any more, and the reason goes.
+    let out = basalt(server, &["vm", "stop", "big"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait::until(
+        "basalt vm get no longer says big waits",
+        DEADLINE,
+        &[control],
+        || async {
+            let out = basalt(server, &["vm", "get", "big"]).await;
+            out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("Unschedulable")
+        },
+    )
+    .await;
 }
 
 /// `qemu-img compare` of image file `image` (format `format`) with

@@ -33,6 +33,7 @@
 //! `basalt` package's own tests make `cargo test` build it).
 
 mod common;
+mod datapath;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -429,10 +430,13 @@ impl World<'_> {
         assert_eq!(domain_state(to_libvirtd, self.domain), "running");
         // The policy holds on the new node: new connections are refused
         // (while the established one flows).
-        assert!(
-            !self.echoes().await,
-            "a new connection passed the policy on {to}"
-        );
+        if self.echoes().await {
+            panic!(
+                "a new connection passed the policy on {to}\n{}\n{}",
+                datapath::dump(to, self.guest_ip),
+                tails()
+            );
+        }
     }
 
     /// Whether the guest answers a new connection from the peer.

@@ -38,6 +38,7 @@
 //! wrote.
 
 mod common;
+mod datapath;
 mod live_cluster;
 
 use std::process::Command;
@@ -67,6 +68,9 @@ const MAX_PAUSE: Duration = Duration::from_secs(20);
 /// (MiB/s): the guest has tens of MiB of non-zero memory, and its dirtier
 /// rewrites 8 MiB many times a second.
 const SLOW_MIB_S: &str = "1";
+/// How soon after a move, once its endpoint has followed, the guest
+/// answers a new connection from `cp`.
+const NEW_CONNECTIONS_WITHIN: Duration = Duration::from_secs(20);
 /// The single-copy VM's disk: far larger than what is written on it.
 const SINGLE_DISK_BYTES: u64 = 1 << 30;
 /// Where the single-copy test writes beside the guest's own records.
@@ -560,7 +564,47 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         },
     )
     .await;
-    let record = cluster.write(ip, "after-restart").await.expect("write");
+    // The endpoint follows the outcome (moved on activation, or by the
+    // switchover when the restarted agent missed the activation).
+    wait::until(
+        "the endpoint names the VM's node at the placement's epoch",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            endpoint_of(&admin, "mover")
+                .await
+                .is_some_and(|e| e.node == placed.node && e.epoch == placed.epoch)
+        },
+    )
+    .await;
+    // New connections reach the guest there: within a few seconds (a SYN
+    // lost while cp's route changes over is resent after 1 s, then 3 s;
+    // one connect gives up after 2 s), never a lasting outage.
+    let answered = Instant::now();
+    let record = loop {
+        match cluster.write(ip, "after-restart").await {
+            Ok(record) => break record,
+            Err(err) if answered.elapsed() < NEW_CONNECTIONS_WITHIN => {
+                eprintln!("write after the restart: {err}; again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => panic!(
+                "write: {err:?} (no new connection for {NEW_CONNECTIONS_WITHIN:?})\n{}\n{}\n{}",
+                datapath::dump(cluster.nodes[here].netns(), ip),
+                datapath::dump(cluster.nodes[other].netns(), ip),
+                cluster
+                    .processes()
+                    .iter()
+                    .map(|p| format!("--- {} ---\n{}", p.name(), p.log_tail(40)))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        }
+    };
+    eprintln!(
+        "a new connection after the restart took {:?}",
+        answered.elapsed()
+    );
     assert_eq!(
         (record.boots, record.data.as_str()),
         (1, "after-restart"),

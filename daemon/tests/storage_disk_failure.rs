@@ -4,9 +4,11 @@
 //! detached (FAILED in the storage-local status), and the volume goes on
 //! diskless: `qemu-io` writes through the primary still succeed (the peer
 //! has them), and reads through the primary — of data written before and
-//! after the failure — are served by the peer. Once the device works
-//! again, `basaltd storage volume attach-disk` attaches it: the chunks
-//! written meanwhile are copied back from the peer while writes go on
+//! after the failure — are served by the peer; block status reports no
+//! hole where only the peer holds data (a `qemu-img convert` of the
+//! primary's export matches the peer's). Once the device works again,
+//! `basaltd storage volume attach-disk` attaches it: the chunks written
+//! meanwhile are copied back from the peer while writes go on
 //! (the copy-back held by the hidden `--hold-copy-back-when`: `qemu-io`
 //! writes into chunks not copied back yet, and reads of them, complete
 //! before `attach-disk` returns, and are never overwritten by the older
@@ -113,6 +115,34 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
         "{}",
         primary.log_tail(20)
     );
+    // Block status does not call a hole what only the peer holds: a
+    // client that skips holes (`qemu-img convert`) reads it, from the
+    // peer, and its copy matches the peer's.
+    let copy = prefix.dir().join("while-detached.raw");
+    run_tool(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-f".as_ref(),
+            "raw".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            format!("nbd://{nbd_a}/vol").as_ref(),
+            copy.as_os_str(),
+        ],
+    );
+    run_tool(
+        "qemu-img",
+        &[
+            "compare".as_ref(),
+            "-f".as_ref(),
+            "raw".as_ref(),
+            "-F".as_ref(),
+            "raw".as_ref(),
+            copy.as_os_str(),
+            format!("nbd://{nbd_b}/vol").as_ref(),
+        ],
+    );
 
     // Attached again by the operator: refused while the device still
     // fails; once it works, the chunks written while it was detached are
@@ -190,4 +220,19 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
         assert!(done, "read after the disk came back: {text}");
     }
     assert_same(nbd_a, nbd_b);
+}
+
+/// Runs `tool` with `args`; fails the test, with its output, unless it
+/// succeeds.
+fn run_tool(tool: &str, args: &[&std::ffi::OsStr]) {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("run {tool}: {err}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -55,7 +55,7 @@ use std::os::fd::AsRawFd as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::pool::{Pool, PoolError, Volume, ZeroFlags};
+use crate::pool::{Extent, Pool, PoolError, Volume, ZeroFlags};
 use crate::replication::attach::{AttachOptions, Attachments, Role, Slot};
 use crate::replication::book::ReplicaBook;
 use crate::replication::{Op, ReplicationError, Replicator};
@@ -779,9 +779,20 @@ impl Session {
         if !self.meta_context {
             return self.error_reply(cookie, errno::EINVAL, "no metadata context negotiated");
         }
-        let extents = match self.volume.allocation(req.offset, u64::from(req.length)) {
-            Ok(e) => e,
-            Err(e) => return self.error_reply(cookie, Self::errno(&e, false), &e.to_string()),
+        let extents = if self.slot.diskless() {
+            // Detached, or copying back: the local map does not know what
+            // only a peer holds, so a hole here may be data there. All of
+            // it is reported as data: a client that skips holes (qemu-img
+            // convert, compare) then reads it, from the peer.
+            vec![Extent {
+                len: u64::from(req.length),
+                allocated: true,
+            }]
+        } else {
+            match self.volume.allocation(req.offset, u64::from(req.length)) {
+                Ok(e) => e,
+                Err(e) => return self.error_reply(cookie, Self::errno(&e, false), &e.to_string()),
+            }
         };
         let one = req.flags & cflag::REQ_ONE != 0;
         let mut payload = proto::BASE_ALLOCATION_ID.to_be_bytes().to_vec();

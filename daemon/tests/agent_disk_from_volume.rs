@@ -33,7 +33,7 @@ use basalt_api::{Kind, Object, Placement, ReplicaState, Volume};
 use basalt_testkit::{Node, Process, wait};
 
 use replica_node::{NBD, SHORT_LEASES, SimCluster};
-use volume_cli::{basalt, cli_volume, states, text};
+use volume_cli::{basalt, cli_volume, create_vm, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 /// Where the patterns go, and how long they are.
@@ -145,20 +145,13 @@ async fn a_vm_disk_cloned_from_a_snapshot_holds_its_data_on_the_snapshots_node()
     }
 
     // The VM: its disk a 2-copy clone of the snapshot, of its size.
-    let out = basalt(
+    create_vm(
         server,
-        &[
-            "vm",
-            "create",
-            "web",
-            "--memory",
-            "128M",
-            "--disk",
-            "name=root,volume=golden-snap,replicas=2",
-        ],
+        "web",
+        "128M",
+        "name=root,volume=golden-snap,replicas=2",
     )
     .await;
-    assert!(out.status.success(), "{}", text(&out));
     let Ok(Object::Vm(web)) = admin.get(Kind::Vm, "web").await else {
         panic!("vm web");
     };
@@ -201,20 +194,7 @@ async fn a_vm_disk_cloned_from_a_snapshot_holds_its_data_on_the_snapshots_node()
     assert_holds(p, &golden.status.storage_name, 0x6b, "the source volume");
 
     // A VM its source's node cannot take waits, and the reason says why.
-    let out = basalt(
-        server,
-        &[
-            "vm",
-            "create",
-            "big",
-            "--memory",
-            "3G",
-            "--disk",
-            "name=root,volume=golden",
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
+    create_vm(server, "big", "3G", "name=root,volume=golden").await;
     wait::until(
         "the control plane says where big must go and why it cannot",
         DEADLINE,

@@ -27,7 +27,7 @@ use basalt_api::{ReplicaState, ReplicationProtocol};
 use basalt_testkit::{Prefix, wait};
 
 use replica_node::{PATTERN_AT, SHORT_LEASES, SimCluster, pattern, read_export, write_pattern};
-use volume_cli::{basalt, cli_volume, states, text};
+use volume_cli::{basalt, cli_volume, create_vm, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -146,20 +146,13 @@ async fn a_volume_created_with_protocol_a_is_attached_with_a_on_its_primary() {
     .await;
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("protocol=\"D\""), "{}", text(&out));
-    let out = basalt(
+    create_vm(
         server,
-        &[
-            "vm",
-            "create",
-            "web",
-            "--memory",
-            "128M",
-            "--disk",
-            "name=root,size=16M,replicas=2,protocol=B",
-        ],
+        "web",
+        "128M",
+        "name=root,size=16M,replicas=2,protocol=B",
     )
     .await;
-    assert!(out.status.success(), "{}", text(&out));
     wait::until(
         "both copies of web's disk up to date",
         DEADLINE,

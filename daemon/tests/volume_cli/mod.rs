@@ -64,3 +64,15 @@ pub fn states(v: &Volume) -> Vec<(String, ReplicaState)> {
         .map(|r| (r.node.clone(), r.state))
         .collect()
 }
+
+/// `basalt vm create NAME --memory MEMORY --disk DISK`, which must
+/// succeed.
+#[allow(dead_code)] // the tests of standalone volumes make no VM
+pub async fn create_vm(server: &str, name: &str, memory: &str, disk: &str) {
+    let out = basalt(
+        server,
+        &["vm", "create", name, "--memory", memory, "--disk", disk],
+    )
+    .await;
+    assert!(out.status.success(), "vm create {name}: {}", text(&out));
+}

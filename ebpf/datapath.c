@@ -421,20 +421,6 @@ static __always_inline struct ct_value *ct_find(const struct flow *f)
 	return v;
 }
 
-/*
- * Connection tracking: 1 if the packet belongs to a known flow (either
- * direction), 0 if it starts a new one.
- */
-static __always_inline int ct_known(const struct flow *f)
-{
-	struct ct_value *v = ct_find(f);
-
-	if (v) {
-		__sync_fetch_and_add(&v->packets, 1);
-		return 1;
-	}
-	return 0;
-}
 
 /*
  * A new entry for the packet's flow, opened by the packet's sender. A TCP
@@ -482,26 +468,44 @@ static __always_inline void ct_remember(const struct flow *f)
  * Connection tracking and policy for a packet between two endpoints: 1 if
  * it may pass. `egress` / `ingress` say which sides this hook enforces
  * (the source's egress on the sending node, the destination's ingress on
- * the node that holds it). Established flows pass without a policy check;
- * new ones need every enforcing side's policy, then get an entry.
+ * the node that holds it). Known flows pass without a policy check; new
+ * ones need every enforcing side's policy, then get an entry. A TCP SYN
+ * on a closing or closed flow's entry is a new connection that reuses the
+ * tuple (a client that binds its port, or one whose ports came round): it
+ * is judged as a new flow, as the kernel's conntrack takes it, and only
+ * once allowed restarts the entry; refused, it leaves the entry as it was.
  */
 static __always_inline int admit(const struct flow *f, const struct endpoint *src,
 				 const struct endpoint *dst, int egress, int ingress)
 {
+	struct ct_key k = {};
+	struct ct_value *v;
+	int high;
+
 	egress = egress && (src->flags & EP_SEL_EGRESS);
 	ingress = ingress && (dst->flags & EP_SEL_INGRESS);
 	if (!egress && !ingress) {
 		ct_remember(f);
 		return 1;
 	}
-	if (ct_known(f))
+	high = ct_key_of(f, &k);
+	v = bpf_map_lookup_elem(&conntrack, &k);
+	if (v && !((v->flags & CT_CLOSING) && tcp_opening(f))) {
+		ct_touch(v, f, high);
+		__sync_fetch_and_add(&v->packets, 1);
 		return 1;
+	}
 	if (egress && !policy_allows(src->identity, DIR_EGRESS, f->daddr, dst->identity,
 				     f->proto, f->dport))
 		return 0;
 	if (ingress && !policy_allows(dst->identity, DIR_INGRESS, f->saddr, src->identity,
 				      f->proto, f->dport))
 		return 0;
+	if (v) {
+		ct_touch(v, f, high);
+		__sync_fetch_and_add(&v->packets, 1);
+		return 1;
+	}
 	ct_create(f);
 	return 1;
 }

@@ -6,8 +6,9 @@
 //! policy that refuses new flows refuses it too; a closed TCP flow goes
 //! after the short closing timeout. TCP flows go through SYN_SENT,
 //! SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT and
-//! CLOSE, each aging by its own timeout. And a conntrack map pinned by the datapath before entries
-//! aged is carried over on load.
+//! CLOSE, each aging by its own timeout; a SYN from a closed flow's ports
+//! is a new connection that policy judges. And a conntrack map pinned by
+//! the datapath before entries aged is carried over on load.
 
 mod common;
 
@@ -289,6 +290,116 @@ fn tcp_state(dp: &mut NodeDatapath, client: Ipv4Addr, port: u16, server: Ipv4Add
     found.first().map(|(_, v)| v.tcp_state)
 }
 
+/// Closes `conn` with a RST (`SO_LINGER` with a zero timeout): the flow
+/// is CLOSE, and the client keeps no TIME_WAIT.
+fn reset(conn: std::net::TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&conn),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(conn);
+}
+
+/// A TCP connection from `vm`'s source port `port` to `to` (given up
+/// after 1.5 s).
+fn connect_from(vm: &Vm, port: u16, to: SocketAddr) -> Result<std::net::TcpStream, String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd as _;
+    let SocketAddr::V4(to) = to else {
+        return Err(format!("{to}: not IPv4"));
+    };
+    vm.run_in(|| {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+        // Linux bounds a blocking connect by the send timeout.
+        setsockopt(
+            &fd,
+            sockopt::SendTimeout,
+            &nix::sys::time::TimeVal::new(1, 500_000),
+        )
+        .map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+        bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))
+            .map_err(|e| format!("bind port {port}: {e}"))?;
+        connect(fd.as_raw_fd(), &SockaddrIn::from(to))
+            .map_err(|e| format!("connect {to} from port {port}: {e}"))?;
+        Ok(std::net::TcpStream::from(fd))
+    })
+}
+
+/// A SYN from the ports of a closed flow whose entry is still kept (a
+/// client that binds its port, or ports that came round) opens a new
+/// connection, and policy judges it as one: refused, the entry stays as
+/// it was; allowed, the SYN restarts the entry.
+#[test]
+fn a_new_connection_on_a_closed_flows_ports_is_judged_as_new() {
+    init_logs();
+    let prefix = Prefix::for_test().unwrap();
+    let mut fabric = Fabric::new(&prefix).unwrap();
+    let node = fabric.add_node("a").unwrap();
+    let (cip, sip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
+    let client = Vm::create(&prefix, &node, 1, cip);
+    let server = Vm::create(&prefix, &node, 2, sip);
+    let mut dp = NodeDatapath::start(&node, &[&client, &server], false);
+    let eps = [
+        client.endpoint(node.addr(), CLIENT),
+        server.endpoint(node.addr(), SERVER),
+    ];
+    server.start_echo(7000);
+    let srv = SocketAddr::from((sip, 7000));
+    dp.apply(&eps, &[]);
+    const PORT: u16 = 40_777;
+
+    let mut conn = connect_from(&client, PORT, srv).expect("no policy yet");
+    echo_on(&mut conn, 1_000).unwrap();
+    reset(conn);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tcp_state(&mut dp, cip, PORT, sip), Some(CT_TCP_CLOSE));
+
+    // Nothing may open a flow to the server now.
+    dp.apply(&eps, &[ingress(SERVER, Vec::new())]);
+    let again = connect_from(&client, PORT, srv);
+    assert!(
+        again.is_err(),
+        "a new connection on a closed flow's ports passed a policy that refuses new flows"
+    );
+    assert_eq!(
+        tcp_state(&mut dp, cip, PORT, sip),
+        Some(CT_TCP_CLOSE),
+        "the refused SYN left the entry as it was"
+    );
+
+    // Allowed from the client: the same ports open a flow again.
+    let allow = Rule {
+        action: Action::Allow,
+        peer: Peer::Identity(CLIENT),
+        protocol: Protocol::Tcp,
+        ports: (7000, 7000),
+    };
+    dp.apply(&eps, &[ingress(SERVER, vec![allow])]);
+    let mut conn = connect_from(&client, PORT, srv).expect("allowed");
+    echo_on(&mut conn, 1_000).unwrap();
+    assert_eq!(tcp_state(&mut dp, cip, PORT, sip), Some(CT_TCP_ESTABLISHED));
+}
+
 /// TCP flows go through the kernel's states, each with its timeout: an
 /// unanswered SYN is SYN_SENT (tcp-opening), a SYN+ACK not acknowledged
 /// SYN_RECV, a completed handshake ESTABLISHED, a close from both ends
@@ -331,23 +442,7 @@ fn tcp_flows_go_through_their_states() {
     let mut conn = client.tcp_connect(srv).unwrap();
     let reset_port = conn.local_addr().unwrap().port();
     echo_on(&mut conn, 1_000).unwrap();
-    // SO_LINGER with a zero timeout: close sends a RST.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&conn),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::from_ref(&linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
-    drop(conn);
+    reset(conn);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(tcp_state(&mut dp, cip, reset_port, sip), Some(CT_TCP_CLOSE));
     std::thread::sleep(Duration::from_millis(1_600));

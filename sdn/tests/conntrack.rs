@@ -56,6 +56,50 @@ fn entries(
         .collect()
 }
 
+/// The namespaces of a [`pair`], held only to be removed when dropped
+/// (the fabric's first).
+struct Namespaces {
+    _fabric: Fabric,
+    _prefix: Prefix,
+}
+
+/// A client VM (identity [`CLIENT`], address `cip`) and a server VM
+/// ([`SERVER`], `sip`) on one node's datapath, their endpoints, no
+/// policy: `(namespaces, client, server, endpoints, datapath, (cip,
+/// sip))`. Bound in that order, the datapath goes before the VMs and the
+/// namespaces last.
+fn pair() -> (
+    Namespaces,
+    Vm,
+    Vm,
+    [basalt_sdn::Endpoint; 2],
+    NodeDatapath,
+    (Ipv4Addr, Ipv4Addr),
+) {
+    let prefix = Prefix::for_test().unwrap();
+    let mut fabric = Fabric::new(&prefix).unwrap();
+    let node = fabric.add_node("a").unwrap();
+    let (cip, sip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
+    let client = Vm::create(&prefix, &node, 1, cip);
+    let server = Vm::create(&prefix, &node, 2, sip);
+    let dp = NodeDatapath::start(&node, &[&client, &server], false);
+    let eps = [
+        client.endpoint(node.addr(), CLIENT),
+        server.endpoint(node.addr(), SERVER),
+    ];
+    (
+        Namespaces {
+            _fabric: fabric,
+            _prefix: prefix,
+        },
+        client,
+        server,
+        eps,
+        dp,
+        (cip, sip),
+    )
+}
+
 fn ingress(subject: u32, rules: Vec<Rule>) -> Policy {
     Policy {
         name: "server-ingress".into(),
@@ -90,17 +134,7 @@ fn keep_sending(
 #[test]
 fn entries_expire_unless_their_flow_keeps_sending() {
     init_logs();
-    let prefix = Prefix::for_test().unwrap();
-    let mut fabric = Fabric::new(&prefix).unwrap();
-    let node = fabric.add_node("a").unwrap();
-    let (cip, sip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
-    let client = Vm::create(&prefix, &node, 1, cip);
-    let server = Vm::create(&prefix, &node, 2, sip);
-    let mut dp = NodeDatapath::start(&node, &[&client, &server], false);
-    let eps = [
-        client.endpoint(node.addr(), CLIENT),
-        server.endpoint(node.addr(), SERVER),
-    ];
+    let (_namespaces, client, server, eps, mut dp, (cip, sip)) = pair();
     server.start_echo(7000);
     let srv = SocketAddr::from((sip, 7000));
     let timeouts: Timeouts = TIMEOUTS.parse().unwrap();
@@ -352,17 +386,7 @@ fn connect_from(vm: &Vm, port: u16, to: SocketAddr) -> Result<std::net::TcpStrea
 #[test]
 fn a_new_connection_on_a_closed_flows_ports_is_judged_as_new() {
     init_logs();
-    let prefix = Prefix::for_test().unwrap();
-    let mut fabric = Fabric::new(&prefix).unwrap();
-    let node = fabric.add_node("a").unwrap();
-    let (cip, sip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
-    let client = Vm::create(&prefix, &node, 1, cip);
-    let server = Vm::create(&prefix, &node, 2, sip);
-    let mut dp = NodeDatapath::start(&node, &[&client, &server], false);
-    let eps = [
-        client.endpoint(node.addr(), CLIENT),
-        server.endpoint(node.addr(), SERVER),
-    ];
+    let (_namespaces, client, server, eps, mut dp, (cip, sip)) = pair();
     server.start_echo(7000);
     let srv = SocketAddr::from((sip, 7000));
     dp.apply(&eps, &[]);
@@ -408,17 +432,7 @@ fn a_new_connection_on_a_closed_flows_ports_is_judged_as_new() {
 #[test]
 fn tcp_flows_go_through_their_states() {
     init_logs();
-    let prefix = Prefix::for_test().unwrap();
-    let mut fabric = Fabric::new(&prefix).unwrap();
-    let node = fabric.add_node("a").unwrap();
-    let (cip, sip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
-    let client = Vm::create(&prefix, &node, 1, cip);
-    let server = Vm::create(&prefix, &node, 2, sip);
-    let mut dp = NodeDatapath::start(&node, &[&client, &server], false);
-    let eps = [
-        client.endpoint(node.addr(), CLIENT),
-        server.endpoint(node.addr(), SERVER),
-    ];
+    let (_namespaces, client, server, eps, mut dp, (cip, sip)) = pair();
     server.start_echo(7000);
     let srv = SocketAddr::from((sip, 7000));
     dp.apply(&eps, &[]);
@@ -537,17 +551,7 @@ fn drop_pure_acks(vm: &Vm, name: &str, dir: &str, port: u16) {
 #[test]
 fn a_tcp_close_goes_through_its_states() {
     init_logs();
-    let prefix = Prefix::for_test().unwrap();
-    let mut fabric = Fabric::new(&prefix).unwrap();
-    let node = fabric.add_node("a").unwrap();
-    let (cip, sip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
-    let client = Vm::create(&prefix, &node, 1, cip);
-    let server = Vm::create(&prefix, &node, 2, sip);
-    let mut dp = NodeDatapath::start(&node, &[&client, &server], false);
-    let eps = [
-        client.endpoint(node.addr(), CLIENT),
-        server.endpoint(node.addr(), SERVER),
-    ];
+    let (_namespaces, client, server, eps, mut dp, (cip, sip)) = pair();
     dp.apply(&eps, &[]);
     const PORT: u16 = 7100;
     // A server that closes only when told: the listener lives in the

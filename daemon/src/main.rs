@@ -46,6 +46,12 @@ enum Command {
     Storage(storage::StorageArgs),
 }
 
+/// Every role of the daemon allocates through mimalloc: the control
+/// plane's per-write encoding, decoding and state copies spent about a
+/// seventh of its CPU in glibc's malloc and free (decision 71).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);

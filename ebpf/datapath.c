@@ -421,7 +421,6 @@ static __always_inline struct ct_value *ct_find(const struct flow *f)
 	return v;
 }
 
-
 /*
  * A new entry for the packet's flow, opened by the packet's sender. A TCP
  * flow seen first by anything but its opening SYN (tracking picking it

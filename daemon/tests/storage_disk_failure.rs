@@ -22,7 +22,7 @@ use basalt_api::{DiskState, ReplicaPeerState, StorageClient, StorageStatus};
 use basalt_testkit::Prefix;
 
 /// `qemu-io` on the export at `nbd`: whether it succeeded, and its output.
-use storage_cli::{assert_same, free_addr, is_root, qemu_io, run, serve, two_pools};
+use storage_cli::{assert_same, free_addr, is_root, qemu_img, qemu_io, run, serve, two_pools};
 
 #[test]
 fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
@@ -119,29 +119,15 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
     // client that skips holes (`qemu-img convert`) reads it, from the
     // peer, and its copy matches the peer's.
     let copy = prefix.dir().join("while-detached.raw");
-    run_tool(
-        "qemu-img",
-        &[
-            "convert".as_ref(),
-            "-f".as_ref(),
-            "raw".as_ref(),
-            "-O".as_ref(),
-            "raw".as_ref(),
-            format!("nbd://{nbd_a}/vol").as_ref(),
-            copy.as_os_str(),
-        ],
+    let copy = copy.to_str().expect("copy path");
+    let (a, b) = (format!("nbd://{nbd_a}/vol"), format!("nbd://{nbd_b}/vol"));
+    qemu_img(
+        "convert the detached primary's export",
+        &["convert", "-f", "raw", "-O", "raw", &a, copy],
     );
-    run_tool(
-        "qemu-img",
-        &[
-            "compare".as_ref(),
-            "-f".as_ref(),
-            "raw".as_ref(),
-            "-F".as_ref(),
-            "raw".as_ref(),
-            copy.as_os_str(),
-            format!("nbd://{nbd_b}/vol").as_ref(),
-        ],
+    qemu_img(
+        "the converted copy differs from the peer's",
+        &["compare", "-f", "raw", "-F", "raw", copy, &b],
     );
 
     // Attached again by the operator: refused while the device still
@@ -220,19 +206,4 @@ fn a_primary_whose_disk_fails_serves_the_volume_from_its_peer() {
         assert!(done, "read after the disk came back: {text}");
     }
     assert_same(nbd_a, nbd_b);
-}
-
-/// Runs `tool` with `args`; fails the test, with its output, unless it
-/// succeeds.
-fn run_tool(tool: &str, args: &[&std::ffi::OsStr]) {
-    let out = std::process::Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("run {tool}: {err}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -175,19 +175,26 @@ pub fn field(line: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} in {line}"))
 }
 
-/// `qemu-img compare` of volume `vol` on two exports: identical contents.
-pub fn assert_same(a: SocketAddr, b: SocketAddr) {
+/// `qemu-img ARGS`, which must succeed (the message names `what`).
+pub fn qemu_img(what: &str, args: &[&str]) {
     let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(format!("nbd://{a}/vol"))
-        .arg(format!("nbd://{b}/vol"))
+        .args(args)
         .output()
-        .expect("run qemu-img compare");
+        .expect("run qemu-img");
     assert!(
         out.status.success(),
-        "the copies differ: {}{}",
+        "{what}: qemu-img {args:?}: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare` of volume `vol` on two exports: identical contents.
+pub fn assert_same(a: SocketAddr, b: SocketAddr) {
+    let (a, b) = (format!("nbd://{a}/vol"), format!("nbd://{b}/vol"));
+    qemu_img(
+        "the copies differ",
+        &["compare", "-f", "raw", "-F", "raw", &a, &b],
     );
 }
 

@@ -12,10 +12,12 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use crate::pipe::Pipe;
 
 /// A byte store a pool lives on.
 pub trait Backend: Send + Sync + fmt::Debug {
@@ -41,6 +43,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn resident(&self, offset: u64, len: usize) -> Option<std::ptr::NonNull<u8>> {
         let _ = (offset, len);
         None
+    }
+    /// Writes the next `len` bytes waiting in `pipe` at `offset`, as
+    /// [`Backend::write_at`] would write them from memory. The default
+    /// reads them out of the pipe first; a file splices them, one copy
+    /// fewer.
+    fn write_from_pipe(&self, pipe: &Pipe, len: usize, offset: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; len];
+        pipe.read_exact(&mut buf)?;
+        self.write_at(&buf, offset)
     }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
@@ -317,6 +328,10 @@ impl Backend for FileBackend {
 
     fn resident(&self, offset: u64, len: usize) -> Option<std::ptr::NonNull<u8>> {
         self.map.as_ref()?.resident(offset, len)
+    }
+
+    fn write_from_pipe(&self, pipe: &Pipe, len: usize, offset: u64) -> io::Result<()> {
+        pipe.drain_to(self.file.as_fd(), offset, len)
     }
 
     fn sync(&self) -> io::Result<()> {

@@ -9,6 +9,8 @@
 //!   (`sds/DESIGN.md` has the on-disk format and the crash argument);
 //! - [`nbd`]: the NBD server (fixed newstyle, structured replies,
 //!   `base:allocation`) over TCP and Unix sockets;
+//! - [`pipe`]: a kernel pipe that moves a big write's payload from the
+//!   socket to the pool's file without copying it through user memory;
 //! - [`replication`]: DRBD-style synchronous replication to one or two
 //!   peers (protocol C, epoch fencing, dirty-chunk resync, full sync of a
 //!   new replica), each volume's role set at run time;
@@ -24,5 +26,6 @@
 pub mod backend;
 pub mod local;
 pub mod nbd;
+pub mod pipe;
 pub mod pool;
 pub mod replication;

@@ -193,12 +193,25 @@ fn three_replicas_get_every_write_and_a_lost_one_is_tracked_alone() {
 fn a_secondary_refuses_writes_and_primaries_need_the_newest_epoch() {
     let p = pool();
     let att = attachments(&p);
+    // A change whose bytes are not at hand (a big write still in its
+    // pipe) runs where no peer needs them: a volume never attached...
+    let ran = std::cell::Cell::new(0);
+    let unreplicated = || {
+        att.slot("vol").submit_unreplicated(|| {
+            ran.set(ran.get() + 1);
+            Ok(())
+        })
+    };
+    assert!(matches!(unreplicated(), Some(Ok(()))));
     att.attach("vol", spec(Role::Secondary, 3, &[], false))
         .expect("secondary");
     assert!(matches!(
         write(&att, &p, 0, 1),
         Err(ReplicationError::NotPrimary { .. })
     ));
+    // ... but not a secondary (nor a primary, below): nothing runs.
+    assert!(unreplicated().is_none());
+    assert_eq!(ran.get(), 1);
     let vol = p.open_volume("vol").expect("open");
     att.slot("vol")
         .submit(Op::Flush, || vol.flush())
@@ -211,6 +224,8 @@ fn a_secondary_refuses_writes_and_primaries_need_the_newest_epoch() {
     att.attach("vol", spec(Role::Primary, 3, &[], false))
         .expect("primary");
     write(&att, &p, 0, 2).expect("a primary with no peers writes");
+    assert!(unreplicated().is_none());
+    assert_eq!(ran.get(), 1);
     // A newer epoch seen for the volume (a newer primary's frames) fences
     // this primary before it writes anything.
     att.book().admit("vol", 4).expect("newer epoch");

@@ -59,8 +59,8 @@ fn qemu_io_patterns_over_tcp_and_unix() {
     }
     let srv = TestServer::start(128 * MIB, &[("disk", 32 * MIB)]);
     for (uri, pat, at) in [
-        (srv.uri("disk"), "0xab", "0"),
-        (srv.unix_uri("disk"), "0xcd", "3M"),
+        (srv.uri("disk"), "0xab", 0),
+        (srv.unix_uri("disk"), "0xcd", 3 * MIB),
     ] {
         let write = format!("write -P {pat} {at} 1M");
         let read = format!("read -P {pat} {at} 1M");
@@ -68,6 +68,23 @@ fn qemu_io_patterns_over_tcp_and_unix() {
         let text = stdout(&out);
         assert!(!text.contains("verification failed"), "{text}");
         assert!(text.contains("read 1048576/1048576"), "{text}");
+        // Overwrites of allocated chunks (their payload goes through a
+        // pipe, see basalt_sds::pipe), off the chunk grid, around the
+        // first write's bytes.
+        let over = format!("write -P 0x5a {} 1000k", at + 4096);
+        let checks = [
+            format!("read -P {pat} {at} 4k"),
+            format!("read -P 0x5a {} 1000k", at + 4096),
+            format!("read -P {pat} {} 20480", at + 1_028_096),
+        ];
+        let mut args = vec!["-f", "raw", "-c", &over];
+        for c in &checks {
+            args.extend(["-c", c]);
+        }
+        args.push(&uri);
+        let text = stdout(&run("qemu-io", &args));
+        assert!(!text.contains("verification failed"), "{text}");
+        assert_eq!(text.matches("read ").count(), 3, "{text}");
     }
     // A wrong pattern is caught (the read really checks).
     let out = std::process::Command::new("qemu-io")
@@ -78,8 +95,10 @@ fn qemu_io_patterns_over_tcp_and_unix() {
     // The bytes are in the pool.
     let v = srv.pool.open_volume("disk").expect("open");
     let mut buf = vec![0u8; 4096];
-    v.read(3 * MIB + 4096, &mut buf).expect("read");
+    v.read(3 * MIB, &mut buf).expect("read");
     assert!(buf.iter().all(|&b| b == 0xcd));
+    v.read(3 * MIB + 4096, &mut buf).expect("read");
+    assert!(buf.iter().all(|&b| b == 0x5a));
     // FUA writes, write-zeroes and discard through qemu-io.
     let uri = srv.uri("disk");
     run(
@@ -178,6 +197,11 @@ fn fio_nbd_engine_with_crc32c_verify() {
     }
     let srv = TestServer::start(256 * MIB, &[("disk", 64 * MIB)]);
     fio_verify(&srv.uri("disk"), &["--bs=4k", "--size=32M", "--iodepth=16"]);
+    // Big writes over written chunks, several in flight, on TCP and Unix
+    // sockets: each pass after the first overwrites (through a pipe).
+    for uri in [srv.uri("disk"), srv.unix_uri("disk")] {
+        fio_verify(&uri, &["--bs=1M", "--size=16M", "--iodepth=8", "--loops=3"]);
+    }
     srv.pool.verify().expect("verify");
 }
 

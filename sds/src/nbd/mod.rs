@@ -50,11 +50,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use std::io::{BufRead as _, Read as _, Write as _};
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::pipe::{Fill, Pipe};
 use crate::pool::{Extent, Pool, PoolError, Volume, ZeroFlags};
 use crate::replication::attach::{AttachOptions, Attachments, Role, Slot};
 use crate::replication::book::ReplicaBook;
@@ -114,6 +115,51 @@ impl Buffers {
             let mut free = self.free();
             if free.len() < RECYCLE_KEEP {
                 free.push(b);
+            }
+        }
+    }
+}
+
+/// A connection's pipes for big writes ([`crate::pipe`]), kept for reuse;
+/// once the kernel refuses one, the connection buffers its writes.
+#[derive(Debug, Default)]
+struct Pipes {
+    free: std::sync::Mutex<Vec<Pipe>>,
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl Pipes {
+    fn free(&self) -> std::sync::MutexGuard<'_, Vec<Pipe>> {
+        self.free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An empty pipe that holds at least `len` bytes, if pipes work here.
+    fn take(&self, len: usize) -> Option<Pipe> {
+        use std::sync::atomic::Ordering;
+        if let Some(p) = self.free().pop() {
+            return (p.size() >= len).then_some(p);
+        }
+        if self.refused.load(Ordering::Relaxed) {
+            return None;
+        }
+        match Pipe::new() {
+            Ok(p) => (p.size() >= len).then_some(p),
+            Err(e) => {
+                tracing::debug!(error = %e, "no pipe for big writes: buffering them");
+                self.refused.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Keeps `p` for the next write if nothing is left in it.
+    fn give(&self, p: Pipe) {
+        if p.is_empty().unwrap_or(false) {
+            let mut free = self.free();
+            if free.len() < RECYCLE_KEEP {
+                free.push(p);
             }
         }
     }
@@ -505,6 +551,7 @@ struct Session {
     meta_context: bool,
     slot: Arc<Slot>,
     buffers: Buffers,
+    pipes: Pipes,
 }
 
 impl Session {
@@ -515,6 +562,7 @@ impl Session {
             meta_context: structured && meta_context,
             slot,
             buffers: Buffers::default(),
+            pipes: Pipes::default(),
         }
     }
 
@@ -552,6 +600,44 @@ impl Session {
                 req.flags == 0 && matches!(self.slot.role(), None | Some(Role::Standalone))
             }
             _ => false,
+        }
+    }
+
+    /// Whether `req`'s payload may wait in a pipe ([`crate::pipe`])
+    /// instead of a buffer: a big plain (or FUA) write while the volume
+    /// has no peer that needs its bytes. [`Session::write_piped`] checks
+    /// the role again when it runs.
+    fn pipeable(&self, req: &Request) -> bool {
+        req.kind == cmd::WRITE
+            && req.length > QUICK_MAX_LEN
+            && req.flags & !cflag::FUA == 0
+            && matches!(self.slot.role(), None | Some(Role::Standalone))
+    }
+
+    /// Runs a write whose payload waits, whole, in `pipe`, and returns the
+    /// reply bytes.
+    fn write_piped(&self, req: Request, pipe: &Pipe) -> Vec<u8> {
+        let fua = req.flags & cflag::FUA != 0;
+        let len = req.length as usize;
+        let written = self
+            .slot
+            .submit_unreplicated(|| self.volume.write_piped(req.offset, pipe, len, fua));
+        match written {
+            Some(Ok(())) => self.ok_reply(req.cookie),
+            Some(Err(e)) => self.error_reply(req.cookie, Self::errno(&e, true), &e.to_string()),
+            None => {
+                // The volume became a primary or a secondary since the
+                // payload arrived: its write goes the ordinary way.
+                let mut payload = self.buffers.take(len);
+                match pipe.read_exact(&mut payload) {
+                    Ok(()) => self.execute(req, payload),
+                    Err(e) => self.error_reply(
+                        req.cookie,
+                        errno::EIO,
+                        &format!("taking a write out of its pipe: {e}"),
+                    ),
+                }
+            }
         }
     }
 
@@ -875,16 +961,22 @@ impl BlockingSocket {
     }
 
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        match &self.0 {
-            Inner::Tcp(s) => s.as_raw_fd(),
-            Inner::Unix(s) => s.as_raw_fd(),
-        }
+        self.as_fd().as_raw_fd()
     }
 
     fn shutdown_write(&self) -> io::Result<()> {
         match &self.0 {
             Inner::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
             Inner::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for BlockingSocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.0 {
+            Inner::Tcp(s) => s.as_fd(),
+            Inner::Unix(s) => s.as_fd(),
         }
     }
 }
@@ -1075,6 +1167,26 @@ fn read_payload(rd: &mut Reader, payload: &mut [u8]) -> io::Result<()> {
     }
 }
 
+/// Moves a `len`-byte payload into `pipe`: what `rd` already buffered,
+/// then the rest straight from the socket. [`Fill::Full`] when the pipe
+/// fills first: it holds that many bytes and the rest is still unread.
+/// `None`, nothing taken, while bytes the handshake read ahead are still
+/// to come (they are not the socket's next bytes).
+fn fill_pipe(rd: &mut Reader, pipe: &Pipe, len: usize) -> io::Result<Option<Fill>> {
+    let early = rd.get_ref().get_ref().0;
+    if (early.position() as usize) < early.get_ref().len() {
+        return Ok(None);
+    }
+    let buffered = rd.buffer().len().min(len);
+    pipe.push(&rd.buffer()[..buffered])?;
+    rd.consume(buffered);
+    let socket = rd.get_ref().get_ref().1.as_fd();
+    Ok(Some(match pipe.fill_from(socket, len - buffered)? {
+        Fill::Done => Fill::Done,
+        Fill::Full(n) => Fill::Full(buffered + n),
+    }))
+}
+
 /// The next request if it is quick and whole (header and any payload) in
 /// `rd`'s buffer, consumed from it; anything else stays for the main loop
 /// (which also answers a malformed request).
@@ -1134,8 +1246,34 @@ fn transmission(
                         req.length
                     )));
                 }
-                payload = session.buffers.take(req.length as usize);
-                read_payload(&mut rd, &mut payload)?;
+                let len = req.length as usize;
+                // A big write's payload goes into a pipe, and from there
+                // into the pool's file, without a copy through this
+                // process (see crate::pipe).
+                let mut read = 0;
+                if session.pipeable(&req)
+                    && let Some(pipe) = session.pipes.take(len)
+                {
+                    match fill_pipe(&mut rd, &pipe, len)? {
+                        Some(Fill::Done) => {
+                            hand_off_piped(&session, &replies, &in_flight, workers, req, pipe);
+                            continue;
+                        }
+                        Some(Fill::Full(n)) => {
+                            // The socket's pages filled the pipe first:
+                            // take them out and buffer this one.
+                            payload = session.buffers.take(len);
+                            pipe.read_exact(&mut payload[..n])?;
+                            read = n;
+                        }
+                        None => {}
+                    }
+                    session.pipes.give(pipe);
+                }
+                if payload.is_empty() {
+                    payload = session.buffers.take(len);
+                }
+                read_payload(&mut rd, &mut payload[read..])?;
             }
             // A run of quick requests the client already sent (reads, and
             // writes with nothing to replicate) runs right here, its
@@ -1240,6 +1378,28 @@ fn hand_off(
         let reply = session.execute(req, payload);
         // A failed send means the client is gone; the connection's
         // thread sees that on its next read.
+        let _ = replies.send(&reply);
+        session.buffers.give(reply);
+        drop(ticket);
+    });
+}
+
+/// [`hand_off`] of a write whose payload waits in `pipe`; the pipe goes
+/// back to the connection's pool once empty.
+fn hand_off_piped(
+    session: &Arc<Session>,
+    replies: &Arc<Replies>,
+    in_flight: &Arc<InFlight>,
+    workers: &tokio::runtime::Handle,
+    req: Request,
+    pipe: Pipe,
+) {
+    let ticket = in_flight.enter();
+    let session = session.clone();
+    let replies = replies.clone();
+    workers.spawn_blocking(move || {
+        let reply = session.write_piped(req, &pipe);
+        session.pipes.give(pipe);
         let _ = replies.send(&reply);
         session.buffers.give(reply);
         drop(ticket);

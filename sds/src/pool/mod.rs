@@ -42,6 +42,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::backend::Backend;
+use crate::pipe::Pipe;
 use format::{LABEL_SIZE, Label, MAX_RECORD, Record, SLOT_HEADER_SIZE, SlotHeader, VolumeMeta};
 use mapping::{Lookup, Mapping};
 
@@ -1352,46 +1353,102 @@ impl Volume {
     }
 
     /// [`Volume::write`] over several chunks that are all this volume's
-    /// alone, their ownership committed (what [`Volume::write_segment`]
-    /// writes in place), with one backend write per run of chunks that
-    /// lie next to each other in the backend. `Ok(false)`, nothing
-    /// written, when a stripe is busy or a chunk needs more than an
-    /// overwrite (the per-chunk path then does it all).
+    /// alone, with one backend write per run of chunks that lie next to
+    /// each other in the backend. `Ok(false)`, nothing written, when a
+    /// stripe is busy or a chunk needs more than an overwrite (the
+    /// per-chunk path then does it all).
     fn write_runs(&self, offset: u64, data: &[u8], size: u64) -> Result<bool, PoolError> {
-        let inner = &self.pool.inner;
         let segs: Vec<Segment> = segments(offset, data.len() as u64, self.cs(), size).collect();
         let Some(_guards) = self.try_stripes(&segs) else {
             return Ok(false);
         };
-        let mut runs: Vec<(u64, usize, usize)> = Vec::with_capacity(segs.len());
-        {
-            let m = lock(&inner.meta);
-            for seg in &segs {
-                let chunk = match m.map.lookup(self.id, seg.vchunk) {
-                    Lookup::Mapped {
-                        chunk,
-                        exclusive: true,
-                    } if !m.unshared.contains_key(&chunk) => chunk,
-                    _ => return Ok(false),
-                };
-                let at = self.chunk_offset(chunk) + seg.at as u64;
-                match runs.last_mut() {
-                    Some((r_at, r_buf, r_len))
-                        if *r_at + *r_len as u64 == at && *r_buf + *r_len == seg.buf =>
-                    {
-                        *r_len += seg.len;
-                    }
-                    _ => runs.push((at, seg.buf, seg.len)),
-                }
-            }
-        }
+        let Some(runs) = self.overwrite_runs(&segs) else {
+            return Ok(false);
+        };
         for (at, from, len) in runs {
-            inner
+            self.pool
+                .inner
                 .backend
                 .write_at(&data[from..from + len], at)
                 .map_err(PoolError::io("writing data"))?;
         }
         Ok(true)
+    }
+
+    /// Where `segs` lie in the backend when every one of them is an
+    /// overwrite (what [`Volume::write_segment`] writes in place: a chunk
+    /// this volume owns alone, that ownership committed), runs of chunks
+    /// next to each other in the backend merged: `(backend offset, buffer
+    /// offset, len)`; `None` when one needs more. The caller holds the
+    /// segments' stripes.
+    fn overwrite_runs(&self, segs: &[Segment]) -> Option<Vec<(u64, usize, usize)>> {
+        let m = lock(&self.pool.inner.meta);
+        let mut runs: Vec<(u64, usize, usize)> = Vec::with_capacity(segs.len());
+        for seg in segs {
+            let chunk = match m.map.lookup(self.id, seg.vchunk) {
+                Lookup::Mapped {
+                    chunk,
+                    exclusive: true,
+                } if !m.unshared.contains_key(&chunk) => chunk,
+                _ => return None,
+            };
+            let at = self.chunk_offset(chunk) + seg.at as u64;
+            match runs.last_mut() {
+                Some((r_at, r_buf, r_len))
+                    if *r_at + *r_len as u64 == at && *r_buf + *r_len == seg.buf =>
+                {
+                    *r_len += seg.len;
+                }
+                _ => runs.push((at, seg.buf, seg.len)),
+            }
+        }
+        Some(runs)
+    }
+
+    /// [`Volume::write`] of `len` bytes waiting in `pipe`: an overwrite
+    /// goes from the pipe into the backend
+    /// ([`Backend::write_from_pipe`]: a file takes them without a copy
+    /// through memory); anything more takes them out first and writes
+    /// them the ordinary way. After an error the pipe may still hold
+    /// some of them.
+    pub fn write_piped(
+        &self,
+        offset: u64,
+        pipe: &Pipe,
+        len: usize,
+        fua: bool,
+    ) -> Result<(), PoolError> {
+        let done = {
+            let _io = self.io.lock.read().unwrap_or_else(PoisonError::into_inner);
+            let size = self.admit(offset, len as u64, true)?;
+            let segs: Vec<Segment> = segments(offset, len as u64, self.cs(), size).collect();
+            match self
+                .try_stripes(&segs)
+                .and_then(|guards| Some((guards, self.overwrite_runs(&segs)?)))
+            {
+                Some((_guards, runs)) => {
+                    for (at, _, n) in runs {
+                        self.pool
+                            .inner
+                            .backend
+                            .write_from_pipe(pipe, n, at)
+                            .map_err(PoolError::io("writing data"))?;
+                    }
+                    true
+                }
+                None => false,
+            }
+        };
+        if !done {
+            let mut data = vec![0u8; len];
+            pipe.read_exact(&mut data)
+                .map_err(PoolError::io("taking a write out of its pipe"))?;
+            return self.write(offset, &data, fua);
+        }
+        if fua {
+            self.pool.flush()?;
+        }
+        Ok(())
     }
 
     /// Writes one segment: in place when the chunk is this volume's alone,
@@ -1645,6 +1702,85 @@ mod tests {
         pool.delete("c").unwrap();
         pool.verify().unwrap();
         assert_eq!(pool.status().free_chunks, pool.status().data_chunks);
+    }
+
+    /// A pipe holding `data` (small enough to fit).
+    fn piped(data: &[u8]) -> Pipe {
+        let pipe = Pipe::new().unwrap();
+        pipe.push(data).unwrap();
+        pipe
+    }
+
+    #[test]
+    fn writes_from_a_pipe_allocate_overwrite_and_copy_on_write_like_buffered_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend =
+            crate::backend::FileBackend::create(&dir.path().join("pool"), 16 << 20).unwrap();
+        let opts = PoolOptions {
+            chunk_size: 64 << 10,
+            journal_size: Some(64 << 10),
+            ..PoolOptions::default()
+        };
+        let pool = Pool::create(Arc::new(backend), &opts).unwrap();
+        pool.create_volume("a", 4 * MIB).unwrap();
+        let a = pool.open_volume("a").unwrap();
+        let pattern = |seed: u8, len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect()
+        };
+        let check = |vol: &Volume, offset: u64, want: &[u8]| {
+            let mut got = vec![0u8; want.len()];
+            vol.read(offset, &mut got).unwrap();
+            assert!(got == want, "bytes at {offset} differ");
+        };
+        // Holes: the pipe is emptied into a buffer and chunks allocated.
+        let first = pattern(1, 200_000);
+        let pipe = piped(&first);
+        a.write_piped(10_000, &pipe, first.len(), false).unwrap();
+        assert!(pipe.is_empty().unwrap());
+        check(&a, 10_000, &first);
+        // Overwrites across chunk boundaries go from the pipe to the file.
+        let second = pattern(2, 150_000);
+        let pipe = piped(&second);
+        a.write_piped(30_000, &pipe, second.len(), true).unwrap();
+        assert!(pipe.is_empty().unwrap());
+        check(&a, 30_000, &second);
+        check(&a, 10_000, &first[..20_000]);
+        check(&a, 180_000, &first[170_000..]);
+        // Shared chunks are copied on write; the snapshot keeps its bytes.
+        pool.snapshot("a", "snap").unwrap();
+        let third = pattern(3, 100_000);
+        let pipe = piped(&third);
+        a.write_piped(50_000, &pipe, third.len(), false).unwrap();
+        check(&a, 50_000, &third);
+        check(&a, 30_000, &second[..20_000]);
+        check(&pool.open_volume("snap").unwrap(), 30_000, &second);
+        // Out of range: an error naming the range, the volume unchanged.
+        let pipe = piped(&third);
+        let err = a
+            .write_piped(4 * MIB - 1000, &pipe, third.len(), false)
+            .unwrap_err();
+        assert!(matches!(err, PoolError::OutOfRange { .. }), "{err}");
+        check(&a, 50_000, &third);
+        pool.verify().unwrap();
+    }
+
+    #[test]
+    fn a_write_from_a_pipe_on_a_memory_backend_reads_the_pipe() {
+        let (_b, pool) = small_pool(8 << 20);
+        pool.create_volume("a", 4 * MIB).unwrap();
+        let a = pool.open_volume("a").unwrap();
+        a.write(0, &[1; 300_000], false).unwrap();
+        let pipe = piped(&[9; 200_000]);
+        a.write_piped(4096, &pipe, 200_000, false).unwrap();
+        assert!(pipe.is_empty().unwrap());
+        let mut buf = vec![0u8; 300_000];
+        a.read(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 1));
+        assert!(buf[4096..204_096].iter().all(|&b| b == 9));
+        assert!(buf[204_096..].iter().all(|&b| b == 1));
+        pool.verify().unwrap();
     }
 
     #[test]

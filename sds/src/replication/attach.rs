@@ -440,22 +440,7 @@ impl Slot {
         local: impl FnOnce() -> Result<(), PoolError>,
     ) -> Result<(), ReplicationError> {
         let entered = self.enter();
-        // The local write, unless the disk is detached; an I/O error
-        // detaches it.
-        let disk = &self.disk;
-        let checked = || {
-            if let Some(why) = disk.failed() {
-                return Err(PoolError::Io {
-                    op: "writing",
-                    source: io::Error::other(format!("the disk is detached: {why}")),
-                });
-            }
-            local().inspect_err(|e| {
-                if matches!(e, PoolError::Io { .. }) {
-                    disk.fail(&error_chain(e));
-                }
-            })
-        };
+        let checked = || self.write_local(local);
         let Some(spec) = &entered.state.spec else {
             return checked().map_err(Into::into);
         };
@@ -529,6 +514,37 @@ impl Slot {
                 Ok(())
             }
         }
+    }
+
+    /// Runs `local` as [`Slot::submit`] runs a change that goes to no peer
+    /// (the volume is not attached, or standalone); `None`, `local` not
+    /// run, while its role needs the change's bytes (a primary ships
+    /// them, a secondary refuses them): the caller then submits it.
+    pub fn submit_unreplicated(
+        &self,
+        local: impl FnOnce() -> Result<(), PoolError>,
+    ) -> Option<Result<(), PoolError>> {
+        let entered = self.enter();
+        match entered.state.spec.as_ref().map(|s| s.role) {
+            None | Some(Role::Standalone) => Some(self.write_local(local)),
+            Some(_) => None,
+        }
+    }
+
+    /// The local write, unless the disk is detached; an I/O error
+    /// detaches it.
+    fn write_local(&self, local: impl FnOnce() -> Result<(), PoolError>) -> Result<(), PoolError> {
+        if let Some(why) = self.disk.failed() {
+            return Err(PoolError::Io {
+                op: "writing",
+                source: io::Error::other(format!("the disk is detached: {why}")),
+            });
+        }
+        local().inspect_err(|e| {
+            if matches!(e, PoolError::Io { .. }) {
+                self.disk.fail(&error_chain(e));
+            }
+        })
     }
 
     /// Reads `buf.len()` bytes at `offset` of the volume: with `local`

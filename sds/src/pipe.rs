@@ -42,6 +42,22 @@ fn cvt(n: isize) -> io::Result<usize> {
     }
 }
 
+/// The bytes a read or splice out of the pipe took: 0 when interrupted
+/// (try again). The pipe never blocks, so an empty one (nothing read, or
+/// `EAGAIN`) is `UnexpectedEof`: the bytes the caller counts on were
+/// never there.
+fn taken(n: isize) -> io::Result<usize> {
+    match cvt(n) {
+        Ok(0) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            Err(io::Error::from(io::ErrorKind::UnexpectedEof))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Waits until `fd` has one of `events`; `Ok(false)` when `timeout_ms`
 /// passed first.
 fn poll(fd: BorrowedFd<'_>, events: libc::c_short, timeout_ms: i32) -> io::Result<bool> {
@@ -225,16 +241,7 @@ impl Pipe {
                     libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
                 )
             };
-            match cvt(n) {
-                Ok(n) if n > 0 => left -= n,
-                Ok(_) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Non-blocking and empty: the bytes were never there.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-                }
-                Err(e) => return Err(e),
-            }
+            left -= taken(n)?;
         }
         Ok(())
     }
@@ -248,15 +255,7 @@ impl Pipe {
             // SAFETY: `rest` is valid for writes of its length.
             let n =
                 unsafe { libc::read(self.rd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
-            match cvt(n) {
-                Ok(n) if n > 0 => done += n,
-                Ok(_) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-                }
-                Err(e) => return Err(e),
-            }
+            done += taken(n)?;
         }
         Ok(())
     }

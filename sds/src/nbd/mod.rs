@@ -1256,7 +1256,13 @@ fn transmission(
                 {
                     match fill_pipe(&mut rd, &pipe, len)? {
                         Some(Fill::Done) => {
-                            hand_off_piped(&session, &replies, &in_flight, workers, req, pipe);
+                            // The pipe goes back to the connection's
+                            // pool once empty.
+                            hand_off(&session, &replies, &in_flight, workers, move |s| {
+                                let reply = s.write_piped(req, &pipe);
+                                s.pipes.give(pipe);
+                                reply
+                            });
                             continue;
                         }
                         Some(Fill::Full(n)) => {
@@ -1312,7 +1318,9 @@ fn transmission(
                         replies.send(&reply)?;
                         session.buffers.give(reply);
                     } else {
-                        hand_off(&session, &replies, &in_flight, workers, req, payload);
+                        hand_off(&session, &replies, &in_flight, workers, move |s| {
+                            s.execute(req, payload)
+                        });
                     }
                 }
                 continue;
@@ -1339,7 +1347,9 @@ fn transmission(
                 session.buffers.give(reply);
                 continue;
             }
-            hand_off(&session, &replies, &in_flight, workers, req, payload);
+            hand_off(&session, &replies, &in_flight, workers, move |s| {
+                s.execute(req, payload)
+            });
         }
     })();
     // Every in-flight request answers before the socket closes.
@@ -1360,46 +1370,24 @@ fn transmission(
     Ok(())
 }
 
-/// Runs `req` on a blocking worker, which sends its reply itself; waits
-/// first while [`MAX_IN_FLIGHT`] requests are outstanding (backpressure:
-/// the connection reads nothing more meanwhile).
+/// Runs a request on a blocking worker (`run` returns its reply bytes),
+/// which sends its reply itself; waits first while [`MAX_IN_FLIGHT`]
+/// requests are outstanding (backpressure: the connection reads nothing
+/// more meanwhile).
 fn hand_off(
     session: &Arc<Session>,
     replies: &Arc<Replies>,
     in_flight: &Arc<InFlight>,
     workers: &tokio::runtime::Handle,
-    req: Request,
-    payload: Vec<u8>,
+    run: impl FnOnce(&Session) -> Vec<u8> + Send + 'static,
 ) {
     let ticket = in_flight.enter();
     let session = session.clone();
     let replies = replies.clone();
     workers.spawn_blocking(move || {
-        let reply = session.execute(req, payload);
+        let reply = run(&session);
         // A failed send means the client is gone; the connection's
         // thread sees that on its next read.
-        let _ = replies.send(&reply);
-        session.buffers.give(reply);
-        drop(ticket);
-    });
-}
-
-/// [`hand_off`] of a write whose payload waits in `pipe`; the pipe goes
-/// back to the connection's pool once empty.
-fn hand_off_piped(
-    session: &Arc<Session>,
-    replies: &Arc<Replies>,
-    in_flight: &Arc<InFlight>,
-    workers: &tokio::runtime::Handle,
-    req: Request,
-    pipe: Pipe,
-) {
-    let ticket = in_flight.enter();
-    let session = session.clone();
-    let replies = replies.clone();
-    workers.spawn_blocking(move || {
-        let reply = session.write_piped(req, &pipe);
-        session.pipes.give(pipe);
         let _ = replies.send(&reply);
         session.buffers.give(reply);
         drop(ticket);

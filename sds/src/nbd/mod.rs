@@ -136,22 +136,28 @@ impl Pipes {
     }
 
     /// An empty pipe that holds at least `len` bytes, if pipes work here.
+    /// One too small for `len` stays in the pool: a payload bigger than
+    /// any pipe is buffered without making and closing one each time.
     fn take(&self, len: usize) -> Option<Pipe> {
         use std::sync::atomic::Ordering;
-        if let Some(p) = self.free().pop() {
-            return (p.size() >= len).then_some(p);
+        let popped = self.free().pop();
+        let pipe = match popped {
+            Some(p) => p,
+            None if self.refused.load(Ordering::Relaxed) => return None,
+            None => match Pipe::new() {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for big writes: buffering them");
+                    self.refused.store(true, Ordering::Relaxed);
+                    return None;
+                }
+            },
+        };
+        if pipe.size() >= len {
+            return Some(pipe);
         }
-        if self.refused.load(Ordering::Relaxed) {
-            return None;
-        }
-        match Pipe::new() {
-            Ok(p) => (p.size() >= len).then_some(p),
-            Err(e) => {
-                tracing::debug!(error = %e, "no pipe for big writes: buffering them");
-                self.refused.store(true, Ordering::Relaxed);
-                None
-            }
-        }
+        self.give(pipe);
+        None
     }
 
     /// Keeps `p` for the next write if nothing is left in it.

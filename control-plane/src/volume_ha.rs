@@ -128,6 +128,7 @@ pub fn plan_failovers(
             continue;
         };
         let mut moved = volume.clone();
+        let before = moved.meta.resource_version;
         let status = &mut moved.status;
         status.epoch += 1;
         status.primary_node.clone_from(&new);
@@ -135,6 +136,7 @@ pub fn plan_failovers(
             replica.primary = replica.node == new;
             if replica.node == *old {
                 replica.outdated = true;
+                replica.outdated_after_version = before;
             }
             // The new primary reports every copy afresh.
             replica.state = ReplicaState::Unknown.with_mark(replica.outdated);
@@ -457,11 +459,17 @@ mod tests {
     /// The primary's report: its copy and every peer up to date.
     fn all_up(state: &State) -> Volume {
         let v = volume(state, "scratch");
+        apply_report(&v, &primary_report(&v), &addresses(&v), 2)
+    }
+
+    /// `v`'s primary reporting every copy up to date, read after its agent
+    /// saw `v`.
+    fn primary_report(v: &Volume) -> VolumeReport {
         let up = ReplicaReport {
             state: ReplicaState::UpToDate,
             ..ReplicaReport::default()
         };
-        let report = VolumeReport {
+        VolumeReport {
             node: v.status.primary_node.clone(),
             storage_name: v.status.storage_name.clone(),
             local: up.clone(),
@@ -475,14 +483,18 @@ mod tests {
                     ..up.clone()
                 })
                 .collect(),
-        };
-        let addresses = v
-            .status
+            // Read after the agent saw the volume as it is now.
+            seen_version: v.meta.resource_version,
+        }
+    }
+
+    /// Replication address → node, for `v`'s copies.
+    fn addresses(v: &Volume) -> BTreeMap<String, String> {
+        v.status
             .replicas
             .iter()
             .map(|r| (format!("{}:7789", r.node), r.node.clone()))
-            .collect();
-        apply_report(&v, &report, &addresses, 2)
+            .collect()
     }
 
     fn set_ready(state: &mut State, index: &mut u64, name: &str, ready: bool) {
@@ -516,6 +528,7 @@ mod tests {
         assert!(plan_failovers(&state, &lost(&[]), 3).0.is_empty());
         let (writes, stuck) = plan_failovers(&state, &lost(&[&primary]), 3);
         assert!(stuck.is_empty(), "{stuck:?}");
+        let before_move = volume(&state, "scratch").meta.resource_version;
         for command in writes {
             apply(&mut state, &mut index, command);
         }
@@ -537,12 +550,27 @@ mod tests {
         // Moved once: the new primary is not lost, nothing more.
         assert_eq!(plan_failovers(&state, &lost(&[&primary]), 4).0.len(), 0);
 
-        // The old copy is back and the new primary reports it in sync:
-        // the mark goes.
+        // The mark records the version it was made over.
+        assert_eq!(old.outdated_after_version, before_move);
+        assert!(before_move < moved.meta.resource_version);
+        // The old copy is back. A report of the new primary read before the
+        // move (its agent had seen no later version) calls the old copy in
+        // sync: it clears nothing (decision 74).
         set_ready(&mut state, &mut index, &primary, true);
+        let v = volume(&state, "scratch");
+        let stale_report = VolumeReport {
+            seen_version: before_move,
+            ..primary_report(&v)
+        };
+        let stale = apply_report(&v, &stale_report, &addresses(&v), 2);
+        let old = stale.status.replica(&primary).unwrap();
+        assert!(old.outdated, "{stale:?}");
+        assert_eq!(old.outdated_after_version, before_move);
+        // One read after the move does: the mark goes.
         let synced = all_up(&state);
         let old = synced.status.replica(&primary).unwrap();
         assert!(!old.outdated, "{synced:?}");
+        assert_eq!(old.outdated_after_version, 0);
         assert_eq!(old.state, ReplicaState::UpToDate);
         assert!(synced.status.conditions[0].status);
         // ...but only in sync clears it: away keeps it.
@@ -559,6 +587,7 @@ mod tests {
                 state: ReplicaState::Away,
                 ..ReplicaReport::default()
             }],
+            seen_version: v.meta.resource_version,
         };
         let addresses = BTreeMap::from([(format!("{primary}:7789"), primary.clone())]);
         let away = apply_report(&v, &report, &addresses, 5);

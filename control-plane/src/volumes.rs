@@ -475,9 +475,12 @@ pub fn apply_report(
             merge_primary_view(replica, seen, &report.node);
             // A standalone volume's fence marks are the control plane's
             // own (decision 65): a copy its primary reports in sync again
-            // is no longer outdated.
-            if standalone && in_sync {
+            // is no longer outdated, if the report was read after the mark
+            // was made (decision 74): a report read before the link broke,
+            // recorded after the fence's mark, must not clear it.
+            if standalone && in_sync && report.seen_version > replica.outdated_after_version {
                 replica.outdated = false;
+                replica.outdated_after_version = 0;
             }
         } else if own && report.local.state == ReplicaState::DiskFailed {
             replica.state = ReplicaState::DiskFailed;
@@ -1064,6 +1067,7 @@ mod tests {
                     ..ReplicaReport::default()
                 },
             ],
+            seen_version: 0,
         };
         let merged = apply_report(&root, &report, &addresses, 5);
         let states: Vec<ReplicaState> = merged.status.replicas.iter().map(|r| r.state).collect();
@@ -1277,12 +1281,14 @@ mod tests {
                 address: "10.0.0.9:7789".into(),
                 ..up.clone()
             }],
+            seen_version: 0,
         };
         let from_secondary = VolumeReport {
             node: secondary.to_owned(),
             storage_name: "vol-u1".into(),
             local: up.clone(),
             peers: Vec::new(),
+            seen_version: 0,
         };
         let merged = apply_report(&placed, &from_primary, &addresses, 2);
         let merged = apply_report(&merged, &from_secondary, &addresses, 3);

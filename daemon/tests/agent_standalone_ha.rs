@@ -251,6 +251,13 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
         .replica(&old)
         .expect("the old copy stays listed");
     assert!(lost.outdated && !lost.primary, "{moved:?}");
+    // The mark names the version it was made over (decision 74): only a
+    // report read after it clears it.
+    assert!(
+        lost.outdated_after_version > 0
+            && lost.outdated_after_version < moved.meta.resource_version,
+        "{moved:?}"
+    );
     // The new primary serves what was written through the old one, and
     // takes writes.
     let node_s = &members[s].node;
@@ -419,7 +426,10 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
                 replaced_at = Some(version);
             } else {
                 changes_before += 1;
-                marked |= v.status.replica(&lost).is_some_and(|r| r.outdated);
+                // The fence's mark names the version it was made over.
+                marked |= v.status.replica(&lost).is_some_and(|r| {
+                    r.outdated && r.outdated_after_version > 0 && r.outdated_after_version < version
+                });
             }
         }
         // The primary went on without the lost copy only once the

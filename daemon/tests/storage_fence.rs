@@ -266,6 +266,7 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
         admin.clone(),
         agent.clone(),
         basalt_agent::storage::replicas::NodePlacements::new(&y),
+        basalt_agent::storage::seen::SeenVolumes::default(),
     ));
     wait::until(
         "y's storage has its fencer watching",

@@ -177,6 +177,9 @@ pub async fn run<C: Compute + 'static>(
     });
     // The storage fence: the storage process's primaries ask, through
     // this agent, the control plane to record a lost peer outdated.
+    // The volume versions this agent has seen (the watch, its own marks),
+    // which its reports carry (decision 74).
+    let seen = crate::storage::seen::SeenVolumes::default();
     let fencer = config.storage.clone().map(|storage| {
         tokio::spawn(crate::storage::fencer::run(
             config.node.clone(),
@@ -184,6 +187,7 @@ pub async fn run<C: Compute + 'static>(
             admin.clone(),
             agent.clone(),
             named.clone(),
+            seen.clone(),
         ))
     });
     // How the copies of this node's primaries stand, for the volumes'
@@ -194,6 +198,7 @@ pub async fn run<C: Compute + 'static>(
             storage,
             agent.clone(),
             named.clone(),
+            seen.clone(),
         ))
     });
     // Copies of standalone volumes placed here, and snapshots and clones
@@ -204,6 +209,7 @@ pub async fn run<C: Compute + 'static>(
             storage,
             admin.clone(),
             agent.clone(),
+            seen,
         ))
     });
     let reconcile = tokio::spawn(reconcile_loop(

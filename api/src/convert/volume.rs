@@ -73,6 +73,7 @@ impl From<Volume> for pb::Volume {
                             .node_state
                             .map_or(pb::ReplicaState::Unspecified.into(), state_to_pb),
                         node_error: r.node_error,
+                        outdated_after_version: r.outdated_after_version,
                     })
                     .collect(),
                 conditions: status.conditions.into_iter().map(Into::into).collect(),
@@ -109,6 +110,7 @@ impl TryFrom<pb::Volume> for Volume {
                         )?),
                     },
                     node_error: r.node_error,
+                    outdated_after_version: r.outdated_after_version,
                 })
             })
             .collect::<Result<_, ApiError>>()?;
@@ -171,6 +173,7 @@ impl From<VolumeReport> for pb::ReportVolumeRequest {
             storage_name: report.storage_name,
             local: Some(report_to_pb(report.local)),
             peers: report.peers.into_iter().map(report_to_pb).collect(),
+            seen_version: report.seen_version,
         }
     }
 }
@@ -189,6 +192,7 @@ impl TryFrom<pb::ReportVolumeRequest> for VolumeReport {
                 .enumerate()
                 .map(|(i, p)| report_from_pb(p, &format!("peers[{i}]")))
                 .collect::<Result<_, _>>()?,
+            seen_version: request.seen_version,
         };
         report.validate()?;
         Ok(report)
@@ -234,6 +238,7 @@ mod tests {
                         dirty_bytes: 4096,
                         last_error: "gone".into(),
                         node_state: Some(ReplicaState::UpToDate),
+                        outdated_after_version: 41,
                         ..VolumeReplica::default()
                     },
                 ],
@@ -276,6 +281,7 @@ mod tests {
                 sync_total_bytes: 2,
                 ..ReplicaReport::default()
             }],
+            seen_version: 17,
         };
         let back = VolumeReport::try_from(pb::ReportVolumeRequest::from(report.clone())).unwrap();
         assert_eq!(back, report);

@@ -176,6 +176,17 @@ pub struct VolumeReplica {
     /// What the copy's node last reported as wrong; empty when none.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub node_error: String,
+    /// The volume's resource version just before [`Self::outdated`] was
+    /// set (standalone volumes, decision 74): the primary's report clears
+    /// the mark only if its agent had seen a later version of the volume
+    /// before it read its storage process, so the in-sync state it reports
+    /// was read after the mark. 0 for marks from before that rule.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub outdated_after_version: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Where a volume's copies are and how each stands.
@@ -385,6 +396,11 @@ pub struct VolumeReport {
     pub local: ReplicaReport,
     /// The peers the primary replicates to, by replication address.
     pub peers: Vec<ReplicaReport>,
+    /// The newest resource version of the volume the reporting agent had
+    /// seen before it read its storage process (0: none). Only a report
+    /// newer than a standalone copy's [`VolumeReplica::outdated_after_version`]
+    /// clears its mark.
+    pub seen_version: u64,
 }
 
 impl VolumeReport {
@@ -571,6 +587,7 @@ mod tests {
                 state: ReplicaState::Away,
                 ..ReplicaReport::default()
             }],
+            seen_version: 0,
         };
         report.validate().unwrap();
         let mut bad = report.clone();

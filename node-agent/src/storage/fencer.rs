@@ -42,6 +42,7 @@ use basalt_api::{
 use futures::StreamExt as _;
 
 use super::replicas::{NodePlacements, is_replicated};
+use super::seen::SeenVolumes;
 use super::{StorageConfig, disk_volume};
 
 /// How often copies marked outdated are checked for being in sync again,
@@ -239,11 +240,12 @@ async fn outdate(
     request: &FenceRequest,
     admin: &AdminClient,
     agent: &AgentClient,
+    seen: &SeenVolumes,
 ) -> Result<Fence, String> {
     // A standalone volume's copy is marked on the volume (decision 65).
     if super::snapshots::is_made_volume(&request.volume) {
         let replica_node = within(
-            super::standalone::outdate(node, request, admin),
+            super::standalone::outdate(node, request, admin, seen),
             "recording the copy outdated",
         )
         .await
@@ -278,13 +280,15 @@ async fn answer(
     storage: &StorageClient,
     admin: &AdminClient,
     agent: &AgentClient,
+    seen: &SeenVolumes,
 ) -> Option<String> {
     let mut marked = None;
-    let answer = match outdate(node, &request, admin, agent).await {
+    let answer = match outdate(node, &request, admin, agent, seen).await {
         Ok(fence) => {
             tracing::warn!(volume = %request.volume, vm = %fence.vm, replica_node = %fence.replica_node, epoch = request.epoch, "peer recorded outdated: its primary goes on without it");
             // A standalone volume's mark (no VM) is cleared by the
-            // control plane itself, from the primary's report.
+            // control plane itself, from a report of the primary read
+            // after the mark (decision 74).
             marked = (!fence.vm.is_empty()).then_some(fence.vm);
             FenceAnswer {
                 id: request.id,
@@ -438,6 +442,7 @@ pub async fn run(
     admin: AdminClient,
     agent: AgentClient,
     placements: NodePlacements,
+    versions: SeenVolumes,
 ) {
     let storage = match StorageClient::connect_unix(&config.socket) {
         Ok(storage) => storage,
@@ -481,7 +486,7 @@ pub async fn run(
         tokio::select! {
             next = stream.next() => match next {
                 Some(Ok(request)) => {
-                    if let Some(vm) = answer(&node, request, &storage, &admin, &agent).await {
+                    if let Some(vm) = answer(&node, request, &storage, &admin, &agent, &versions).await {
                         marked.insert(vm);
                     }
                 }

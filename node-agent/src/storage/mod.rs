@@ -45,6 +45,7 @@ pub mod image;
 pub mod replicas;
 pub mod report;
 pub mod seed;
+pub mod seen;
 pub mod snapshots;
 pub mod standalone;
 

@@ -40,6 +40,7 @@ use basalt_api::{
 use super::StorageConfig;
 use super::is_disk_volume;
 use super::replicas::NodePlacements;
+use super::seen::{Seen, SeenVolumes};
 
 /// How often the storage process is asked.
 pub const REPORT_POLL: Duration = Duration::from_secs(1);
@@ -124,6 +125,7 @@ pub fn reports(
                 storage_name: v.name.clone(),
                 local: local.clone(),
                 peers: Vec::new(),
+                seen_version: 0,
             };
             (v.name.clone(), report)
         })
@@ -139,6 +141,7 @@ pub fn reports(
                 storage_name: peer.volume.clone(),
                 local: local.clone(),
                 peers: Vec::new(),
+                seen_version: 0,
             });
         report.peers.push(peer_report(peer, chunk_size, starts));
     }
@@ -163,11 +166,20 @@ fn unreachable(report: &VolumeReport, error: &str) -> VolumeReport {
         storage_name: report.storage_name.clone(),
         local: unknown(""),
         peers: report.peers.iter().map(|p| unknown(&p.address)).collect(),
+        seen_version: report.seen_version,
     }
 }
 
-/// `report` without its byte counts: what must be sent at once when it
-/// changes.
+/// `report` without the version it carries.
+fn unversioned(report: &VolumeReport) -> VolumeReport {
+    VolumeReport {
+        seen_version: 0,
+        ..report.clone()
+    }
+}
+
+/// `report` without its byte counts or version: what must be sent at once
+/// when it changes.
 fn shape(report: &VolumeReport) -> VolumeReport {
     let strip = |r: &ReplicaReport| ReplicaReport {
         sync_done_bytes: 0,
@@ -178,17 +190,21 @@ fn shape(report: &VolumeReport) -> VolumeReport {
     VolumeReport {
         local: strip(&report.local),
         peers: report.peers.iter().map(strip).collect(),
-        ..report.clone()
+        ..unversioned(report)
     }
 }
 
 /// Whether `now` must be sent, given the `last` one settled (accepted or
-/// refused) `since` ago.
-pub fn due(now: &VolumeReport, last: Option<&(VolumeReport, Instant)>) -> bool {
+/// refused) `since` ago and what is known of the volume: a volume with a
+/// copy marked outdated is reported again whenever a newer version of it
+/// was seen, so an in-sync report read before the mark (which cannot clear
+/// it) is followed by one that can (decision 74).
+pub fn due(now: &VolumeReport, last: Option<&(VolumeReport, Instant)>, seen: Seen) -> bool {
     match last {
         None => true,
         Some((last, _)) if shape(last) != shape(now) => true,
-        Some((last, at)) => last != now && at.elapsed() >= PROGRESS_EVERY,
+        Some((last, _)) if seen.marked && now.seen_version > last.seen_version => true,
+        Some((last, at)) => unversioned(last) != unversioned(now) && at.elapsed() >= PROGRESS_EVERY,
     }
 }
 
@@ -199,6 +215,7 @@ pub async fn run(
     config: StorageConfig,
     agent: AgentClient,
     placements: NodePlacements,
+    seen: SeenVolumes,
 ) {
     let storage = match StorageClient::connect_unix(&config.socket) {
         Ok(storage) => storage,
@@ -223,7 +240,10 @@ pub async fn run(
             settled.clear();
         }
         settled.retain(|name, (_, at)| !refused.contains(name) || at.elapsed() < REFUSED_RETRY);
-        let current = match (storage.status().await, storage.list_volumes().await) {
+        // Taken before the storage process is read (decision 74): each
+        // report's version is one seen before what it says was true.
+        let versions = seen.snapshot();
+        let mut current = match (storage.status().await, storage.list_volumes().await) {
             (Ok(status), Ok(volumes)) => reports(&node, &status, &volumes, &mut starts),
             (Err(err), _) | (_, Err(err)) => {
                 let error = format!("the node's storage process cannot be asked: {err}");
@@ -233,10 +253,14 @@ pub async fn run(
                     .collect()
             }
         };
+        for (name, report) in &mut current {
+            report.seen_version = versions.get(name).map_or(0, |s| s.version);
+        }
         settled.retain(|name, _| current.contains_key(name));
         refused.retain(|name| current.contains_key(name));
         for (name, report) in current {
-            if !due(&report, settled.get(&name)) {
+            let known = versions.get(&name).copied().unwrap_or_default();
+            if !due(&report, settled.get(&name), known) {
                 continue;
             }
             match agent.report_volume(report.clone()).await {
@@ -381,13 +405,14 @@ mod tests {
                 .clone()
         };
         let first = syncing(10);
-        assert!(due(&first, None));
+        let quiet = Seen::default();
+        assert!(due(&first, None, quiet));
         let just_now = (first.clone(), Instant::now());
-        assert!(!due(&first, Some(&just_now)));
+        assert!(!due(&first, Some(&just_now), quiet));
         // Progress only: not before PROGRESS_EVERY.
-        assert!(!due(&syncing(5), Some(&just_now)));
+        assert!(!due(&syncing(5), Some(&just_now), quiet));
         let long_ago = (first.clone(), Instant::now() - PROGRESS_EVERY);
-        assert!(due(&syncing(5), Some(&long_ago)));
+        assert!(due(&syncing(5), Some(&long_ago), quiet));
         // A new state: at once.
         let up = reports(
             "a",
@@ -396,7 +421,25 @@ mod tests {
             &mut starts,
         )[UID]
             .clone();
-        assert!(due(&up, Some(&just_now)));
+        assert!(due(&up, Some(&just_now), quiet));
+        // A newer version of the volume alone: sent again only while a copy
+        // carries a mark (the report read before the mark could not clear
+        // it; this one may), and never for an older or equal version.
+        let settled = (up.clone(), Instant::now());
+        let newer = VolumeReport {
+            seen_version: up.seen_version + 3,
+            ..up.clone()
+        };
+        assert!(!due(&newer, Some(&settled), quiet));
+        let marked = Seen {
+            version: newer.seen_version,
+            marked: true,
+        };
+        assert!(due(&newer, Some(&settled), marked));
+        assert!(!due(&up, Some(&settled), marked));
+        // Nor does a version alone count as progress.
+        let old = (up.clone(), Instant::now() - PROGRESS_EVERY);
+        assert!(!due(&newer, Some(&old), quiet));
         let gone = unreachable(&up, "down");
         assert_eq!(gone.local.state, ReplicaState::Unknown);
         assert_eq!(gone.peers[0].state, ReplicaState::Unknown);

@@ -34,6 +34,10 @@
 //! - a copy is recorded outdated only by the volume's primary at its
 //!   epoch, by compare-and-swap on the volume: a mark and a move of the
 //!   primary never both succeed on the same version;
+//! - every mark records the volume's version it was made over, and the
+//!   control plane clears it only on a report this agent read after
+//!   seeing a later version ([`super::seen`], decision 74): never on one
+//!   read before the link broke;
 //! - only pool volumes named `vol-` + a uid are ever dropped here: when
 //!   the complete, watched set of this node's volumes has no object of
 //!   that uid, or the object's placed copies no longer name this node.
@@ -49,6 +53,7 @@ use futures::StreamExt as _;
 
 use super::StorageConfig;
 use super::replicas::{ensure_copy, list_of, peers};
+use super::seen::SeenVolumes;
 use super::snapshots;
 
 /// How often everything held here is attached again, whatever changed.
@@ -126,6 +131,7 @@ pub(super) async fn outdate(
     node: &str,
     request: &FenceRequest,
     admin: &AdminClient,
+    seen: &SeenVolumes,
 ) -> Result<String, ApiError> {
     let refuse = |reason: String| ApiError::FailedPrecondition { reason };
     for _ in 0..OUTDATE_TRIES {
@@ -166,14 +172,21 @@ pub(super) async fn outdate(
                     volume.meta.name, request.peer
                 ))
             })?;
+        let before = volume.meta.resource_version;
         let Some(replica) = volume.status.replicas.iter_mut().find(|r| r.node == copy) else {
             continue;
         };
-        if replica.outdated {
-            return Ok(copy);
-        }
+        // Written even when already marked: only a report read after this
+        // answer may clear the mark (decision 74), and a report read before
+        // this link broke may be on its way.
         replica.outdated = true;
+        replica.outdated_after_version = before;
         match admin.update(Object::Volume(volume)).await {
+            Ok(Object::Volume(marked)) => {
+                // This agent's next reports carry the mark's version.
+                seen.record(&marked);
+                return Ok(copy);
+            }
             Ok(_) => return Ok(copy),
             Err(ApiError::Aborted { .. }) => continue,
             Err(err) => return Err(err),
@@ -347,6 +360,7 @@ async fn follow(
     admin: &AdminClient,
     agent: &AgentClient,
     memory: &mut Memory,
+    seen: &SeenVolumes,
 ) -> Result<(), ApiError> {
     let mut events = agent.watch_volumes(node, 0).await?;
     let mut volumes: BTreeMap<String, Volume> = BTreeMap::new();
@@ -356,7 +370,7 @@ async fn follow(
             None => return Ok(()),
             Some(Err(err)) => return Err(err),
             Some(Ok(WatchEvent::Bookmark { .. })) => break,
-            Some(Ok(event)) => apply(&mut volumes, event),
+            Some(Ok(event)) => apply(&mut volumes, event, seen),
         }
     }
     let mut resync = tokio::time::interval(RESYNC);
@@ -376,7 +390,7 @@ async fn follow(
             event = events.next() => match event {
                 None => return Ok(()),
                 Some(Err(err)) => return Err(err),
-                Some(Ok(event)) => apply(&mut volumes, event),
+                Some(Ok(event)) => apply(&mut volumes, event, seen),
             },
             _ = resync.tick() => memory.done = None,
             _ = retry.tick(), if memory.done.is_none() => {}
@@ -384,13 +398,16 @@ async fn follow(
     }
 }
 
-/// `event` of this node's volume watch applied to `volumes`.
-fn apply(volumes: &mut BTreeMap<String, Volume>, event: WatchEvent<Volume>) {
+/// `event` of this node's volume watch applied to `volumes`, and to what
+/// the agent has `seen`.
+fn apply(volumes: &mut BTreeMap<String, Volume>, event: WatchEvent<Volume>, seen: &SeenVolumes) {
     match event {
         WatchEvent::Added { object, .. } | WatchEvent::Modified { object, .. } => {
+            seen.record(&object);
             volumes.insert(object.meta.name.clone(), object);
         }
         WatchEvent::Deleted { object, .. } => {
+            seen.forget(&object.status.storage_name);
             volumes.remove(&object.meta.name);
         }
         WatchEvent::Bookmark { .. } => {}
@@ -399,7 +416,14 @@ fn apply(volumes: &mut BTreeMap<String, Volume>, event: WatchEvent<Volume>) {
 
 /// Holds this node's copies of standalone volumes and makes and drops its
 /// snapshots and clones until aborted (see the module's doc).
-pub async fn run(node: String, config: StorageConfig, admin: AdminClient, agent: AgentClient) {
+/// What the watch shows is recorded in `seen`, for the replica reports.
+pub async fn run(
+    node: String,
+    config: StorageConfig,
+    admin: AdminClient,
+    agent: AgentClient,
+    seen: SeenVolumes,
+) {
     let storage = match StorageClient::connect_unix(&config.socket) {
         Ok(storage) => storage,
         Err(err) => {
@@ -416,7 +440,7 @@ pub async fn run(node: String, config: StorageConfig, admin: AdminClient, agent:
         ..Memory::default()
     };
     loop {
-        if let Err(err) = follow(&node, &storage, &admin, &agent, &mut memory).await {
+        if let Err(err) = follow(&node, &storage, &admin, &agent, &mut memory, &seen).await {
             tracing::debug!(error = %err, "the volume watch broke; listing again");
         }
         tokio::time::sleep(RETRY).await;

@@ -49,8 +49,9 @@ pub enum VolumeCommand {
         /// The volume (its pool name with --storage-socket).
         name: String,
     },
-    /// Store a standalone volume (one that is no VM's disk). Nothing
-    /// places standalone volumes on nodes yet: the object is recorded.
+    /// Create a standalone volume (one that is no VM's disk): the control
+    /// plane places its copies on nodes, whose agents make them (empty, or
+    /// cloned from `--image`), and moves its primary if that node is lost.
     Create {
         /// The volume's name.
         name: String,

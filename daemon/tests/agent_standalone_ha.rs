@@ -22,6 +22,9 @@
 //!   stream stays silent while the volume changes on the other two, then
 //!   shows it added when the node gets its copy; the lost node's shows it
 //!   deleted then.
+//! - A secondary's storage process is killed and the primary written:
+//!   the copy is marked outdated, naming the volume's version before the
+//!   mark; restarted, it is resynced and the mark cleared (decision 74).
 
 mod common;
 mod replica_node;
@@ -492,4 +495,72 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
         || async { in_pool(&socket, &pool_name).await == Some(false) },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_copy_back_in_sync_has_its_mark_cleared() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // No replacement and no failover within the test: only the fence's
+    // mark and its clearing (decision 74).
+    let config =
+        "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\ncontroller_period_ms = 200\n";
+    let mut cluster = SimCluster::start(&["a", "b"], config, DEADLINE).await;
+    let (control, _, server, members) = cluster.parts();
+    let volume = {
+        let mut all = vec![control];
+        all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+        two_copies(server, "scratch", &all).await
+    };
+    let pool_name = volume.status.storage_name.clone();
+    let primary = volume.status.primary_node.clone();
+    let (p, s) = if primary == "a" { (0, 1) } else { (1, 0) };
+    let away = members[s].node.name().to_owned();
+
+    // The secondary's storage process goes away; a write through the
+    // primary goes on only once the copy is recorded outdated.
+    members[s]
+        .storage
+        .kill9()
+        .expect("kill the secondary's storage");
+    write_pattern(&members[p].node, &pool_name, PATTERN_AT, 9);
+    let marked = cli_volume(server, "scratch").await.expect("scratch");
+    let mark = marked.status.replica(&away).expect("the copy stays listed");
+    assert!(mark.outdated, "the write went on unrecorded: {marked:?}");
+    assert!(
+        mark.outdated_after_version > 0
+            && mark.outdated_after_version < marked.meta.resource_version,
+        "{marked:?}"
+    );
+    assert_eq!(marked.status.primary_node, primary, "{marked:?}");
+
+    // Back: the primary resyncs it and, reading its storage after the mark,
+    // has the control plane clear it.
+    members[s].storage.restart().expect("restart its storage");
+    {
+        let mut all = vec![control];
+        all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+        wait::until(
+            "the fenced copy is back in sync, its mark cleared",
+            DEADLINE,
+            &all,
+            || async {
+                cli_volume(server, "scratch")
+                    .await
+                    .is_some_and(|v| all_up(&v))
+            },
+        )
+        .await;
+    }
+    let cleared = cli_volume(server, "scratch").await.expect("scratch");
+    let copy = cleared.status.replica(&away).expect("the copy");
+    assert_eq!(copy.outdated_after_version, 0, "{cleared:?}");
+    assert_eq!(
+        read_export(&members[s].node, &pool_name, PATTERN_AT, pattern(9).len())
+            .expect("read the fenced copy"),
+        pattern(9),
+        "the fenced copy misses the write made without it"
+    );
 }

@@ -19,7 +19,9 @@
 //! comma-separated, default `1,16,64`; e.g. `64` alone for profiling),
 //! `BASALT_RAFT_KIND` (`image`, the default, or `node`),
 //! `BASALT_RAFT_SYSTEMS` (`basalt,etcd` by default; one of them alone for
-//! profiling), `BASALT_RAFT_CONFIG` (a config file every Basalt member
+//! profiling), `BASALT_RAFT_MEMBER` (1 to 3: every write to that member
+//! instead of spread over the three, to see what forwarding costs),
+//! `BASALT_RAFT_CONFIG` (a config file every Basalt member
 //! is started with, e.g. `[raft]` settings to compare).
 //!
 //! Images are plain stored data, as etcd's keys are: no controller on the
@@ -341,6 +343,22 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
         Ok("node") => true,
         Ok(other) => bail!("BASALT_RAFT_KIND: image or node, not {other:?}"),
     };
+    // BASALT_RAFT_MEMBER=N sends every write to member N (1 to 3) instead
+    // of spreading them, to see what forwarding costs (for profiling).
+    let only: Option<usize> = match std::env::var("BASALT_RAFT_MEMBER") {
+        Ok(n) => {
+            let n: usize = n.parse().context("BASALT_RAFT_MEMBER: 1, 2 or 3")?;
+            ensure!(
+                (1..=3).contains(&n),
+                "BASALT_RAFT_MEMBER: 1, 2 or 3, not {n}"
+            );
+            Some(n - 1)
+        }
+        Err(_) => None,
+    };
+    let pick = move |client: usize, seq: u64, members: usize| {
+        only.unwrap_or((client + seq as usize) % members)
+    };
     let systems = std::env::var("BASALT_RAFT_SYSTEMS").unwrap_or_else(|_| "basalt,etcd".into());
     let systems: Vec<&str> = systems.split(',').map(str::trim).collect();
     ensure!(
@@ -363,7 +381,7 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
             let admins = Arc::clone(&admins);
             let labels = labels();
             let measured = drive(clients, seconds, move |client, seq| {
-                let admin = admins[(client + seq as usize) % admins.len()].clone();
+                let admin = admins[pick(client, seq, admins.len())].clone();
                 let mut meta = ObjectMeta::named(format!("k{clients}-{client}-{seq}"));
                 meta.labels = labels.clone();
                 let object = if nodes {
@@ -405,7 +423,7 @@ pub fn run(_opts: &Options) -> anyhow::Result<Report> {
         for &clients in &counts {
             let channels = Arc::clone(&channels);
             let measured = drive(clients, seconds, move |client, seq| {
-                let channel = channels[(client + seq as usize) % channels.len()].clone();
+                let channel = channels[pick(client, seq, channels.len())].clone();
                 let key = format!("k{clients}-{client}-{seq}").into_bytes();
                 async move { etcd_put(&channel, key, vec![b'x'; VALUE_BYTES]).await }
             })

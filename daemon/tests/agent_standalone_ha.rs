@@ -139,6 +139,14 @@ async fn next_change(events: &mut WatchStream) -> Option<(&'static str, Volume, 
     }
 }
 
+/// The processes whose logs a wait prints: the control plane, then every
+/// member's agent and storage process.
+fn every<'a>(control: &'a Process, members: &'a [Member]) -> Vec<&'a Process> {
+    let mut all = vec![control];
+    all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+    all
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() {
     if !nix::unistd::geteuid().is_root() {
@@ -155,8 +163,7 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
             .collect()
     };
     let volume = {
-        let mut all = vec![control];
-        all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+        let all = every(control, members);
         two_copies(server, "scratch", &all).await
     };
     let pool_name = volume.status.storage_name.clone();
@@ -280,8 +287,7 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
     members[p].storage.restart().expect("restart its storage");
     members[p].agent.restart().expect("restart its agent");
     {
-        let mut all = vec![control];
-        all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+        let all = every(control, members);
         wait::until(
             "the old copy is back in sync, its mark cleared",
             DEADLINE,
@@ -323,8 +329,7 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
     let mut cluster = SimCluster::start(&["a", "b", "c"], config, DEADLINE).await;
     let (control, admin, server, members) = cluster.parts();
     let volume = {
-        let mut all = vec![control];
-        all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+        let all = every(control, members);
         two_copies(server, "scratch", &all).await
     };
     let pool_name = volume.status.storage_name.clone();
@@ -486,8 +491,7 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
     members[l].storage.restart().expect("restart its storage");
     members[l].agent.restart().expect("restart its agent");
     let socket = members[l].socket.clone();
-    let mut all = vec![control];
-    all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+    let all = every(control, members);
     wait::until(
         "the lost node's old copy is deleted",
         DEADLINE,
@@ -510,8 +514,7 @@ async fn a_fenced_copy_back_in_sync_has_its_mark_cleared() {
     let mut cluster = SimCluster::start(&["a", "b"], config, DEADLINE).await;
     let (control, _, server, members) = cluster.parts();
     let volume = {
-        let mut all = vec![control];
-        all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+        let all = every(control, members);
         two_copies(server, "scratch", &all).await
     };
     let pool_name = volume.status.storage_name.clone();
@@ -540,8 +543,7 @@ async fn a_fenced_copy_back_in_sync_has_its_mark_cleared() {
     // has the control plane clear it.
     members[s].storage.restart().expect("restart its storage");
     {
-        let mut all = vec![control];
-        all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+        let all = every(control, members);
         wait::until(
             "the fenced copy is back in sync, its mark cleared",
             DEADLINE,

@@ -79,8 +79,10 @@ pub struct CreateArgs {
     /// A disk: `name=NAME,size=SIZE[,image=IMAGE][,replicas=N][,protocol=P]`,
     /// or `name=NAME,volume=VOLUME[,size=SIZE][,replicas=N][,protocol=P]`
     /// for a clone of a volume or snapshot (its size when `size` is left
-    /// out); `protocol` is when the primary acknowledges a write, A, B or C
-    /// (the default) (repeat).
+    /// out), or `name=NAME,attach=VOLUME` for an existing volume that is
+    /// the disk itself (the VM goes where its copies are; the volume stays
+    /// when the VM is deleted); `protocol` is when the primary acknowledges
+    /// a write, A, B or C (the default) (repeat).
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<Disk>,
     /// A NIC: `network=NET[,ip=ADDR][,mac=MAC]` (repeat).
@@ -530,11 +532,12 @@ fn parse_disk(text: &str) -> Result<Disk, String> {
     let mut fields = fields(text)?;
     let name = fields.remove("name").ok_or("a disk needs name=")?;
     let source_volume = fields.remove("volume");
+    let attach = fields.remove("attach");
     let size_bytes = match fields.remove("size") {
         Some(size) => parse_bytes(&size)?,
-        // A clone of a volume takes the source's size.
-        None if source_volume.is_some() => 0,
-        None => return Err("a disk needs size= (or volume=)".into()),
+        // A clone of a volume, or an attached volume, takes its size.
+        None if source_volume.is_some() || attach.is_some() => 0,
+        None => return Err("a disk needs size= (or volume= or attach=)".into()),
     };
     let disk = Disk {
         name,
@@ -544,9 +547,13 @@ fn parse_disk(text: &str) -> Result<Disk, String> {
             Some(n) => n
                 .parse()
                 .map_err(|_| format!("replicas={n:?} is not a number"))?,
+            // An attached volume keeps its own copies.
+            None if attach.is_some() => 0,
             None => 1,
         },
         source_volume,
+        attach,
+        attached_storage_name: None,
         protocol: match fields.remove("protocol") {
             Some(p) => crate::volume::parse_protocol(&p)
                 .map_err(|_| format!("protocol={p:?}: give A, B or C"))?,
@@ -555,7 +562,7 @@ fn parse_disk(text: &str) -> Result<Disk, String> {
     };
     if let Some(key) = fields.keys().next() {
         return Err(format!(
-            "unknown disk field {key:?} (name, size, image, volume, replicas, protocol)"
+            "unknown disk field {key:?} (name, size, image, volume, attach, replicas, protocol)"
         ));
     }
     Ok(disk)
@@ -632,6 +639,17 @@ mod tests {
             parse_disk("name=d,size=1M,protocol=D")
                 .unwrap_err()
                 .contains("protocol=\"D\"")
+        );
+        let attached = parse_disk("name=data,attach=scratch").unwrap();
+        assert_eq!(
+            (
+                attached.attach.as_deref(),
+                attached.size_bytes,
+                attached.replicas,
+                attached.source_volume.as_deref()
+            ),
+            (Some("scratch"), 0, 0, None),
+            "an attached volume keeps its size and copies"
         );
         let bigger = parse_disk("name=root,volume=golden,size=1G").unwrap();
         assert_eq!(bigger.size_bytes, 1 << 30);

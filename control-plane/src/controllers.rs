@@ -394,8 +394,9 @@ impl Controllers {
                 })
                 .map(|vm| scheduler::planning_view(vm))
                 .collect();
-            // First placements of VMs with disks cloned from volumes go
-            // where the sources are (decision 64).
+            // First placements of VMs with disks cloned from volumes, or
+            // that are volumes, go where the volumes are (decisions 64
+            // and 76).
             let pins = crate::disk_sources::pins(
                 state,
                 vms.iter().filter(|vm| {
@@ -479,7 +480,8 @@ impl Controllers {
                         meta: ObjectMeta::named(vm.clone()),
                         vm: vm.clone(),
                         node: node.clone(),
-                        epoch: 1,
+                        // Past an attached volume's epoch (decision 76).
+                        epoch: pins.get(vm).map_or(1, |p| p.epoch.max(1)),
                         replica_nodes: plan.replica_nodes.get(vm).cloned().unwrap_or_default(),
                     });
                     continue;

@@ -1,22 +1,39 @@
-//! VM disks made from volumes (decision 64): a disk with `source_volume`
-//! is a copy-on-write clone of that volume (standalone, snapshot or
-//! clone), made by the agent of the node holding the source's primary
-//! copy, in that node's pool — the same storage clone `basalt volume
-//! clone` uses. This module holds the control plane's part:
+//! VM disks made from volumes (decision 64), and volumes attached as VM
+//! disks (decision 76).
+//!
+//! - A disk with `source_volume` is a copy-on-write clone of that volume
+//!   (standalone, snapshot or clone), made by the agent of the node
+//!   holding the source's primary copy, in that node's pool — the same
+//!   storage clone `basalt volume clone` uses.
+//! - A disk with `attach` *is* an existing volume (standalone or a clone,
+//!   not a snapshot): the VM's first placement goes to the volume's
+//!   primary node, its replica nodes are the volume's copies' nodes and its
+//!   epoch is past the volume's, and the nodes use the volume's pool name
+//!   for the disk (`attached_storage_name`, filled in here). The volume
+//!   controller then keeps the volume as the disk's, and releases it (a
+//!   standalone volume again) when the VM or the disk goes.
+//!
+//! This module holds the control plane's part:
 //!
 //! - [`complete`], on apply of a new VM: a disk of size 0 takes its
-//!   source's size;
+//!   source's or attached volume's size, an attached volume's disk of 0
+//!   replicas its copies, and `attached_storage_name` is set;
 //! - [`check`], on apply: a new VM's source volumes exist
 //!   (`FAILED_PRECONDITION` naming the disk's field) and are no larger
-//!   than their disks (`INVALID_ARGUMENT` on the size); an update neither
-//!   adds a disk from a volume nor changes a disk's source (the clone is
-//!   made once, at the VM's first placement);
-//! - [`pins`]: the node each VM placed for the first time must go to (the
+//!   than their disks (`INVALID_ARGUMENT` on the size); an attached volume
+//!   exists, is placed, is no snapshot, is no other VM's disk and matches
+//!   the disk's copies; an update neither adds a disk from or attaching a
+//!   volume nor changes either (the clone is made, the volume taken, once,
+//!   at the VM's first placement);
+//! - [`pins`]: where each VM placed for the first time must go (the
 //!   scheduler's hard filter, [`crate::scheduler::Pin`]).
 //!
 //! Invariants:
 //! - all three are pure functions of the state, so every member applies
 //!   the same VM;
+//! - a volume is attached to at most one VM: a VM attaching a volume that
+//!   a VM already owns or attaches is refused in the same apply that would
+//!   store it;
 //! - a VM already placed is never pinned: once its disk exists it moves
 //!   like any other VM, and deleting its source changes nothing for it.
 
@@ -35,30 +52,77 @@ fn source<'a>(state: &'a State, name: &str) -> Option<&'a Volume> {
     }
 }
 
-/// Fills in, for a VM being created, the size of each disk made from a
-/// volume that leaves it 0: the source's size. A missing source is left
-/// for [`check`] to refuse.
+/// The VM (other than `except`) one of whose disks attaches volume
+/// `name`, with that disk's name.
+pub fn attached_by<'a>(state: &'a State, name: &str, except: &str) -> Option<(&'a Vm, &'a str)> {
+    state.list(Kind::Vm).find_map(|o| match o {
+        Object::Vm(vm) if vm.meta.name != except => vm
+            .spec
+            .disks
+            .iter()
+            .find(|d| d.attach.as_deref() == Some(name))
+            .map(|d| (vm, d.name.as_str())),
+        _ => None,
+    })
+}
+
+/// Fills in, for a VM being created, what its disks leave to the volumes
+/// they are made from or are: a size of 0 takes the volume's size, an
+/// attached volume's disk of 0 replicas its copies, and an attached
+/// volume's pool name is recorded. A missing volume is left for [`check`]
+/// to refuse.
 pub fn complete(state: &State, object: &mut Object) {
     let Object::Vm(vm) = object else {
         return;
     };
     for disk in &mut vm.spec.disks {
-        if disk.size_bytes == 0
-            && let Some(from) = disk.source_volume.as_deref().and_then(|n| source(state, n))
-        {
+        let from = disk
+            .source_volume
+            .as_deref()
+            .or(disk.attach.as_deref())
+            .and_then(|n| source(state, n));
+        let Some(from) = from else {
+            continue;
+        };
+        if disk.size_bytes == 0 {
             disk.size_bytes = from.spec.size_bytes;
+        }
+        if disk.attach.is_some() {
+            if disk.replicas == 0 {
+                disk.replicas = from.spec.replicas;
+            }
+            disk.attached_storage_name =
+                Some(from.status.storage_name.clone()).filter(|n| !n.is_empty());
         }
     }
 }
 
-/// The rules for disks made from volumes, on apply of `vm` (`current`:
-/// the VM it replaces, for an update). See the module's doc.
+/// The rules for disks made from volumes or attaching them, on apply of
+/// `vm` (`current`: the VM it replaces, for an update). See the module's
+/// doc.
 pub fn check(state: &State, vm: &Vm, current: Option<&Vm>) -> Result<(), Refusal> {
     for (i, disk) in vm.spec.disks.iter().enumerate() {
+        let field = format!("spec.disks[{i}]");
+        if let Some(current) = current {
+            let before = current.spec.disks.iter().find(|d| d.name == disk.name);
+            if before.and_then(|d| d.attach.as_ref()) != disk.attach.as_ref()
+                || before.and_then(|d| d.attached_storage_name.as_ref())
+                    != disk.attached_storage_name.as_ref()
+            {
+                return Err(Refusal::Invalid {
+                    field: format!("{field}.attach"),
+                    reason: format!(
+                        "disk {:?}: a volume is attached (and kept) only when its VM is created",
+                        disk.name
+                    ),
+                });
+            }
+        } else if let Some(name) = &disk.attach {
+            check_attach(state, vm, i, disk, name)?;
+        }
         let Some(name) = &disk.source_volume else {
             continue;
         };
-        let field = format!("spec.disks[{i}]");
         if let Some(current) = current {
             let before = current.spec.disks.iter().find(|d| d.name == disk.name);
             if before.and_then(|d| d.source_volume.as_ref()) != Some(name) {
@@ -90,6 +154,91 @@ pub fn check(state: &State, vm: &Vm, current: Option<&Vm>) -> Result<(), Refusal
     Ok(())
 }
 
+/// The rules for disk `i` of new VM `vm`, which attaches volume `name`.
+fn check_attach(state: &State, vm: &Vm, i: usize, disk: &Disk, name: &str) -> Result<(), Refusal> {
+    let field = format!("spec.disks[{i}]");
+    let refuse = |why: String| Refusal::FailedPrecondition {
+        reason: format!("{field}.attach: volume {name:?} {why}"),
+    };
+    let Some(volume) = source(state, name) else {
+        return Err(refuse("does not exist".into()));
+    };
+    if volume.spec.source.as_ref().is_some_and(|s| s.snapshot) {
+        return Err(Refusal::Invalid {
+            field: format!("{field}.attach"),
+            reason: format!(
+                "volume {name:?} is a snapshot, which is read-only: attach a clone of it"
+            ),
+        });
+    }
+    if let Some((other, other_disk)) = attached_by(state, name, &vm.meta.name) {
+        return Err(refuse(format!(
+            "is attached as disk {other_disk:?} of vm {:?}",
+            other.meta.name
+        )));
+    }
+    if let Some(owner) = &volume.spec.owner {
+        return Err(refuse(format!(
+            "is disk {:?} of vm {:?}",
+            owner.disk, owner.vm
+        )));
+    }
+    if vm
+        .spec
+        .disks
+        .iter()
+        .filter(|d| d.attach.as_deref() == Some(name))
+        .count()
+        > 1
+    {
+        return Err(Refusal::Invalid {
+            field: format!("{field}.attach"),
+            reason: format!("volume {name:?} is attached by more than one disk of the VM"),
+        });
+    }
+    if volume.status.primary_node.is_empty() || volume.status.storage_name.is_empty() {
+        return Err(refuse("is on no node yet".into()));
+    }
+    if disk.size_bytes < volume.spec.size_bytes {
+        return Err(Refusal::Invalid {
+            field: format!("{field}.size_bytes"),
+            reason: format!(
+                "volume {name:?} is {} bytes; the disk it is is at least as large (asked {})",
+                volume.spec.size_bytes, disk.size_bytes
+            ),
+        });
+    }
+    let copies = volume.spec.replicas;
+    if disk.replicas != copies {
+        return Err(Refusal::Invalid {
+            field: format!("{field}.replicas"),
+            reason: format!(
+                "volume {name:?} has {copies} cop(ies); the disk it is has as many (asked {})",
+                disk.replicas
+            ),
+        });
+    }
+    // A VM's replicated disks share its replica nodes: the attached
+    // volume's copies.
+    if copies >= 2
+        && let Some((j, other)) = vm
+            .spec
+            .disks
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.replicas >= 2 && d.replicas != copies)
+    {
+        return Err(Refusal::Invalid {
+            field: format!("spec.disks[{j}].replicas"),
+            reason: format!(
+                "disk {:?} asks {} replicas; the VM's replicated disks share the nodes of attached volume {name:?}, which has {copies}",
+                other.name, other.replicas
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Why `disk` goes where its source's primary copy is.
 fn why(disk: &Disk, name: &str, from: Option<&Volume>) -> (Option<String>, String) {
     let clone = format!("disk {:?} is a clone of volume {name:?}", disk.name);
@@ -106,38 +255,118 @@ fn why(disk: &Disk, name: &str, from: Option<&Volume>) -> (Option<String>, Strin
     }
 }
 
+/// The pin of a disk attaching volume `name`: its primary copy's node,
+/// its copies' nodes when it has two or more, an epoch past its own.
+fn attach_pin(disk: &Disk, name: &str, volume: Option<&Volume>) -> Pin {
+    let attached = format!("disk {:?} is volume {name:?}", disk.name);
+    match volume {
+        None => Pin {
+            why: format!("{attached}, which does not exist"),
+            ..Pin::default()
+        },
+        Some(v) if v.status.primary_node.is_empty() || v.status.storage_name.is_empty() => Pin {
+            why: format!("{attached}, which is on no node yet"),
+            ..Pin::default()
+        },
+        // The VM's status would not carry the mark: it waits until the
+        // primary has the copy back in sync (decision 74).
+        Some(v) if v.status.replicas.iter().any(|r| r.outdated) => {
+            let outdated: Vec<&str> = v
+                .status
+                .replicas
+                .iter()
+                .filter(|r| r.outdated)
+                .map(|r| r.node.as_str())
+                .collect();
+            Pin {
+                why: format!(
+                    "{attached}, whose copy on node(s) {outdated:?} is outdated until its primary resyncs it"
+                ),
+                ..Pin::default()
+            }
+        }
+        Some(v) => {
+            let node = v.status.primary_node.clone();
+            let mut copies: Vec<String> = if v.spec.replicas >= 2 {
+                v.status.replicas.iter().map(|r| r.node.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            copies.sort();
+            Pin {
+                why: format!("{attached}, whose primary copy is on node {node:?}"),
+                node: Some(node),
+                replica_nodes: copies,
+                epoch: v.status.epoch + 1,
+            }
+        }
+    }
+}
+
 /// The pins of `vms` (VMs without a placement: their first one) that
-/// have disks made from volumes: the node holding the sources' primary
-/// copies. Sources on no node yet (a snapshot being made), gone, or on
+/// have disks made from volumes or attaching them: the node holding the
+/// volumes' primary copies (and an attached volume's copies' nodes and
+/// epoch). Volumes on no node yet (a snapshot being made), gone, or on
 /// different nodes leave the VM pinned nowhere, with the reason.
 pub fn pins<'a>(state: &State, vms: impl IntoIterator<Item = &'a Vm>) -> Pins {
     let mut pins = BTreeMap::new();
     for vm in vms {
         let mut pin: Option<Pin> = None;
         for disk in &vm.spec.disks {
-            let Some(name) = &disk.source_volume else {
-                continue;
+            let next = match (&disk.source_volume, &disk.attach) {
+                (Some(name), _) => {
+                    let (node, why) = why(disk, name, source(state, name));
+                    Pin {
+                        node,
+                        why,
+                        ..Pin::default()
+                    }
+                }
+                (None, Some(name)) => attach_pin(disk, name, source(state, name)),
+                (None, None) => continue,
             };
-            let (node, why) = why(disk, name, source(state, name));
-            pin = match pin {
-                None => Some(Pin { node, why }),
-                Some(first) if first.node.is_none() => Some(first),
-                Some(_) if node.is_none() => Some(Pin { node: None, why }),
-                Some(first) if node == first.node => Some(first),
-                Some(first) => Some(Pin {
-                    node: None,
-                    why: format!(
-                        "{}; {why}: one VM's disks are cloned on one node",
-                        first.why
-                    ),
-                }),
-            };
+            pin = Some(match pin {
+                None => next,
+                Some(first) => merge(first, next),
+            });
         }
         if let Some(pin) = pin {
             pins.insert(vm.meta.name.clone(), pin);
         }
     }
     pins
+}
+
+/// Two disks' pins as one: the same node, and the same copies' nodes where
+/// both name some; else pinned nowhere, saying why.
+fn merge(first: Pin, next: Pin) -> Pin {
+    if first.node.is_none() {
+        return first;
+    }
+    if next.node.is_none() {
+        return next;
+    }
+    let copies_agree = first.replica_nodes.is_empty()
+        || next.replica_nodes.is_empty()
+        || first.replica_nodes == next.replica_nodes;
+    if next.node != first.node || !copies_agree {
+        return Pin {
+            why: format!(
+                "{}; {}: one VM's disks from or of volumes are on one node",
+                first.why, next.why
+            ),
+            ..Pin::default()
+        };
+    }
+    Pin {
+        replica_nodes: if first.replica_nodes.is_empty() {
+            next.replica_nodes
+        } else {
+            first.replica_nodes
+        },
+        epoch: first.epoch.max(next.epoch),
+        ..first
+    }
 }
 
 #[cfg(test)]
@@ -182,6 +411,8 @@ mod tests {
                 image: None,
                 replicas: 1,
                 source_volume: from.map(str::to_owned),
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             })
             .collect();
@@ -296,10 +527,254 @@ mod tests {
         for (vm, says) in [
             ("wait", "on no node yet"),
             ("gone", "does not exist"),
-            ("split", "one VM's disks are cloned on one node"),
+            ("split", "one VM's disks from or of volumes are on one node"),
         ] {
             assert_eq!(pins[vm].node, None, "{vm}");
             assert!(pins[vm].why.contains(says), "{vm}: {:?}", pins[vm]);
         }
+    }
+
+    /// A standalone volume `name` of `copies` copies on `nodes` (the first
+    /// its primary) at epoch `epoch`.
+    fn placed(name: &str, copies: u32, nodes: &[&str], epoch: u64) -> Object {
+        let Object::Volume(mut v) = volume(name, 16 << 20, nodes[0]) else {
+            unreachable!()
+        };
+        v.spec.replicas = copies;
+        v.status.epoch = epoch;
+        v.status.replicas = nodes
+            .iter()
+            .map(|n| basalt_api::VolumeReplica {
+                node: (*n).into(),
+                primary: *n == nodes[0],
+                ..Default::default()
+            })
+            .collect();
+        Object::Volume(v)
+    }
+
+    /// VM `name` whose disk `data` attaches `volume` (size and replicas
+    /// left to it), beside the disks `others` (name, replicas).
+    fn attaching(name: &str, volume: &str, others: &[(&str, u32)]) -> Vm {
+        let mut vm = vm(name, &[]);
+        vm.spec.disks.push(Disk {
+            name: "data".into(),
+            attach: Some(volume.into()),
+            ..Disk::default()
+        });
+        for (disk, replicas) in others {
+            vm.spec.disks.push(Disk {
+                name: (*disk).into(),
+                size_bytes: 1 << 20,
+                replicas: *replicas,
+                ..Disk::default()
+            });
+        }
+        vm
+    }
+
+    fn attach_state() -> (State, u64) {
+        let (mut state, mut index) = state();
+        let Object::Volume(mut snap) = volume("snap", 16 << 20, "a") else {
+            unreachable!()
+        };
+        snap.spec.source = Some(basalt_api::VolumeSource {
+            volume: "golden".into(),
+            snapshot: true,
+        });
+        let Object::Volume(mut stale) = placed("stale", 2, &["a", "b"], 2) else {
+            unreachable!()
+        };
+        stale.status.replicas[1].outdated = true;
+        for object in [
+            placed("scratch", 2, &["b", "c"], 3),
+            placed("single", 1, &["a"], 1),
+            Object::Volume(snap),
+            Object::Volume(stale),
+        ] {
+            index += 1;
+            state.apply(index, Command::Create(object)).expect("volume");
+        }
+        (state, index)
+    }
+
+    #[test]
+    fn an_attached_volume_fills_in_the_disk_and_is_refused_when_it_cannot_be_the_disk() {
+        let (mut state, mut index) = attach_state();
+        index += 1;
+        let applied = state
+            .apply(
+                index,
+                Command::Create(Object::Vm(attaching("web", "scratch", &[]))),
+            )
+            .expect("created");
+        let Object::Vm(web) = &applied.changes[0].object else {
+            panic!("a vm");
+        };
+        let disk = &web.spec.disks[0];
+        assert_eq!(
+            (
+                disk.size_bytes,
+                disk.replicas,
+                disk.attached_storage_name.as_deref()
+            ),
+            (16 << 20, 2, Some("vol-scratch"))
+        );
+        assert_eq!(disk.storage_name(&web.meta.uid), "vol-scratch");
+
+        let invalid = |r: Refusal| match r {
+            Refusal::Invalid { field, reason } => format!("{field}: {reason}"),
+            other => panic!("{other:?}"),
+        };
+        let failed = |r: Refusal| match r {
+            Refusal::FailedPrecondition { reason } => reason,
+            other => panic!("{other:?}"),
+        };
+        let mut create = |vm: Vm| refusal(&mut state, index + 1, Command::Create(Object::Vm(vm)));
+        let says = failed(create(attaching("db", "scratch", &[])));
+        assert!(says.starts_with("spec.disks[0].attach: volume \"scratch\" is attached as disk \"data\" of vm \"web\""), "{says}");
+        let says = failed(create(attaching("db", "nope", &[])));
+        assert!(says.contains("\"nope\" does not exist"), "{says}");
+        let says = failed(create(attaching("db", "fresh", &[])));
+        assert!(says.contains("on no node yet"), "{says}");
+        let says = invalid(create(attaching("db", "snap", &[])));
+        assert!(
+            says.starts_with("spec.disks[0].attach: ") && says.contains("snapshot"),
+            "{says}"
+        );
+        let mut one = attaching("db", "single", &[]);
+        one.spec.disks[0].replicas = 2;
+        let says = invalid(create(one));
+        assert!(says.starts_with("spec.disks[0].replicas: "), "{says}");
+        let mut small = attaching("db", "single", &[]);
+        small.spec.disks[0].size_bytes = 1 << 20;
+        let says = invalid(create(small));
+        assert!(says.starts_with("spec.disks[0].size_bytes: "), "{says}");
+        // Replicated disks share the attached volume's nodes.
+        let three = attaching("db", "scratch", &[("root", 3)]);
+        let (mut fresh, at) = attach_state();
+        let says = invalid(refusal(
+            &mut fresh,
+            at + 1,
+            Command::Create(Object::Vm(three)),
+        ));
+        assert!(says.starts_with("spec.disks[1].replicas: "), "{says}");
+        let mut twice = attaching("db", "single", &[]);
+        twice.spec.disks.push(twice.spec.disks[0].clone());
+        twice.spec.disks[1].name = "again".into();
+        let says = invalid(refusal(
+            &mut fresh,
+            at + 1,
+            Command::Create(Object::Vm(twice)),
+        ));
+        assert!(says.contains("more than one disk"), "{says}");
+
+        // While attached, the volume is not deleted; an update keeps the
+        // attachment as created.
+        match refusal(
+            &mut state,
+            index + 1,
+            Command::Delete {
+                kind: Kind::Volume,
+                name: "scratch".into(),
+                expected_resource_version: None,
+                force: false,
+            },
+        ) {
+            Refusal::FailedPrecondition { reason } => {
+                assert!(
+                    reason.contains("attached as disk \"data\" of vm \"web\""),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut moved = web.clone();
+        moved.spec.disks[0].attach = Some("single".into());
+        let says = invalid(refusal(
+            &mut state,
+            index + 1,
+            Command::Update(Object::Vm(moved)),
+        ));
+        assert!(says.starts_with("spec.disks[0].attach: "), "{says}");
+        let mut added = web.clone();
+        added
+            .spec
+            .disks
+            .push(attaching("x", "single", &[]).spec.disks[0].clone());
+        added.spec.disks[1].name = "more".into();
+        let says = invalid(refusal(
+            &mut state,
+            index + 1,
+            Command::Update(Object::Vm(added)),
+        ));
+        assert!(says.starts_with("spec.disks[1].attach: "), "{says}");
+        let mut grown = web.clone();
+        grown.spec.disks[0].size_bytes = 32 << 20;
+        state
+            .apply(index + 1, Command::Update(Object::Vm(grown)))
+            .expect("an attached disk grows like any disk");
+    }
+
+    #[test]
+    fn an_attached_volume_pins_the_node_its_copies_and_an_epoch_past_its_own() {
+        let (state, _) = attach_state();
+        let vms = [
+            attaching("web", "scratch", &[]),
+            attaching("one", "single", &[("root", 1)]),
+            attaching("wait", "fresh", &[]),
+            attaching("fenced", "stale", &[]),
+            {
+                let mut both = attaching("both", "scratch", &[]);
+                both.spec
+                    .disks
+                    .push(vm("x", &[("root", 0, Some("other"))]).spec.disks[0].clone());
+                both
+            },
+            {
+                let mut split = attaching("split", "scratch", &[]);
+                split
+                    .spec
+                    .disks
+                    .push(vm("x", &[("root", 0, Some("golden"))]).spec.disks[0].clone());
+                split
+            },
+        ];
+        let pins = pins(&state, &vms);
+        assert_eq!(
+            pins["web"],
+            Pin {
+                node: Some("b".into()),
+                why: "disk \"data\" is volume \"scratch\", whose primary copy is on node \"b\""
+                    .into(),
+                replica_nodes: vec!["b".into(), "c".into()],
+                epoch: 4,
+            }
+        );
+        assert_eq!(pins["one"].node.as_deref(), Some("a"));
+        assert!(
+            pins["one"].replica_nodes.is_empty(),
+            "one copy: the scheduler's choice"
+        );
+        assert_eq!(pins["one"].epoch, 2);
+        assert_eq!(pins["wait"].node, None);
+        assert_eq!(pins["fenced"].node, None);
+        assert!(
+            pins["fenced"]
+                .why
+                .contains("copy on node(s) [\"b\"] is outdated"),
+            "{:?}",
+            pins["fenced"]
+        );
+        // A clone from a volume on the same node joins the attached pin.
+        assert_eq!(pins["both"].node.as_deref(), Some("b"));
+        assert_eq!(pins["both"].replica_nodes, ["b", "c"]);
+        assert_eq!(pins["both"].epoch, 4);
+        assert_eq!(pins["split"].node, None);
+        assert!(
+            pins["split"].why.contains("on one node"),
+            "{:?}",
+            pins["split"]
+        );
     }
 }

@@ -63,11 +63,18 @@ pub struct Plan {
 
 /// The one node a VM may take at its first placement, and why: a disk
 /// made from a volume is cloned in the pool of the node holding that
-/// volume's primary copy (decision 64).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// volume's primary copy (decision 64); a disk that is a volume goes where
+/// the volume is, its copies' nodes the VM's replica nodes (decision 76).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pin {
     /// The node; `None` while the source is on no node yet (the VM waits).
     pub node: Option<String>,
+    /// The replica nodes the placement must have (an attached volume's
+    /// copies' nodes); empty leaves them to the scheduler.
+    pub replica_nodes: Vec<String>,
+    /// The least epoch of the first placement (past an attached volume's,
+    /// whose copies refuse an older one); 0 or 1 is the usual 1.
+    pub epoch: u64,
     /// Why, for the unschedulable reason: e.g. `disk "root" is a clone of
     /// volume "golden", whose primary copy is on node "a"`.
     pub why: String,
@@ -235,21 +242,32 @@ pub fn plan_pinned(
     for vm in pending {
         let vm_key = seeded_hash(seed, &vm.meta.name);
         let (shared, local_bytes) = disk_bytes(vm);
-        let holders = holders.get(vm.meta.name.as_str()).copied();
         let pin = pins
             .get(&vm.meta.name)
             .filter(|_| !moves.contains(vm.meta.name.as_str()));
-        if let Some(Pin { node: None, why }) = pin {
+        if let Some(Pin {
+            node: None, why, ..
+        }) = pin
+        {
             plan.unschedulable.push((vm.meta.name.clone(), why.clone()));
             continue;
         }
         let pinned = pin.and_then(|p| p.node.as_deref());
+        // An attached volume's copies are the VM's replica nodes: the VM
+        // goes among them as a moving VM goes among its own.
+        let pinned_copies = pin
+            .map(|p| p.replica_nodes.as_slice())
+            .filter(|copies| !copies.is_empty());
+        let holders = holders
+            .get(vm.meta.name.as_str())
+            .copied()
+            .or(pinned_copies);
         // Why the pinned node refused the VM, when it did.
         let mut pinned_refusal: Option<&'static str> = None;
         // A first placement of a VM with replicated disks: the nodes that
         // could hold a replica; the VM waits unless there are enough. A
         // VM that moves never gets new replica nodes.
-        let wanted = if moves.contains(vm.meta.name.as_str()) {
+        let wanted = if moves.contains(vm.meta.name.as_str()) || pinned_copies.is_some() {
             0
         } else {
             replicas_wanted(vm)
@@ -353,6 +371,10 @@ pub fn plan_pinned(
                         chosen.iter().map(|&j| nodes[j].meta.name.clone()).collect();
                     add_storage(&mut load, &index, vm, &node, &replicas);
                     plan.replica_nodes.insert(vm.meta.name.clone(), replicas);
+                } else if let Some(copies) = pinned_copies {
+                    add_storage(&mut load, &index, vm, &node, copies);
+                    plan.replica_nodes
+                        .insert(vm.meta.name.clone(), copies.to_vec());
                 } else if holders.is_none() {
                     add_storage(&mut load, &index, vm, &node, &[]);
                 }
@@ -923,6 +945,8 @@ mod tests {
             image: None,
             replicas,
             source_volume: None,
+            attach: None,
+            attached_storage_name: None,
             protocol: Default::default(),
         });
         v
@@ -1006,7 +1030,57 @@ mod tests {
         Pin {
             node: node.map(str::to_owned),
             why: "disk \"root\" is a clone of volume \"golden\"".into(),
+            ..Pin::default()
         }
+    }
+
+    #[test]
+    fn a_vm_pinned_with_copies_takes_them_as_its_replica_nodes() {
+        // The roomiest nodes would win; an attached volume's copies hold.
+        let nodes = [
+            node("a", 64, 65536),
+            node("b", 8, 8192),
+            node("c", 8, 8192),
+            node("d", 64, 65536),
+        ];
+        let pins = Pins::from([(
+            "db".to_owned(),
+            Pin {
+                node: Some("b".into()),
+                why: "disk \"data\" is volume \"scratch\"".into(),
+                replica_nodes: vec!["b".into(), "c".into()],
+                epoch: 4,
+            },
+        )]);
+        let plan = plan_pinned(
+            &nodes,
+            &[replicated("db", 2, 1 << 20)],
+            &[],
+            &[],
+            &pins,
+            Overcommit::default(),
+            7,
+        );
+        assert_eq!(plan.placements, [("db".to_owned(), "b".to_owned())]);
+        assert_eq!(plan.replica_nodes["db"], ["b", "c"]);
+        // The pinned node cannot take it: pending, naming it.
+        let small = [node("a", 64, 65536), node("b", 1, 64), node("c", 8, 8192)];
+        let plan = plan_pinned(
+            &small,
+            &[replicated("db", 2, 1 << 20)],
+            &[],
+            &[],
+            &pins,
+            Overcommit::default(),
+            7,
+        );
+        assert!(plan.placements.is_empty(), "{plan:?}");
+        assert!(
+            plan.unschedulable[0]
+                .1
+                .contains("volume \"scratch\", which cannot take it"),
+            "{plan:?}"
+        );
     }
 
     #[test]

@@ -42,7 +42,6 @@ use std::time::{Duration, Instant};
 use basalt_api::{
     ApiError, Condition, Disk, Kind, Node, Object, ObjectMeta, Placement, ReplicaReport,
     ReplicaState, Vm, Volume, VolumeOwner, VolumeReplica, VolumeReport, VolumeSpec, VolumeStatus,
-    disk_storage_name,
 };
 use futures::StreamExt as _;
 
@@ -139,7 +138,18 @@ pub fn plan(state: &State, only: Option<&BTreeSet<String>>, now_unix_ms: u64) ->
             .get(Kind::Placement, &vm.meta.name)
             .and_then(as_placement);
         for disk in &vm.spec.disks {
-            let existing = owned.remove(&(vm.meta.uid.clone(), disk.name.clone()));
+            let mut existing = owned.remove(&(vm.meta.uid.clone(), disk.name.clone()));
+            // A volume the disk attaches becomes the disk's once the VM is
+            // placed (where the volume is, decision 76); until then it
+            // stays as it is, standalone.
+            if existing.is_none()
+                && let Some(name) = &disk.attach
+            {
+                match state.get(Kind::Volume, name).and_then(as_volume) {
+                    Some(v) if v.spec.owner.is_none() && placement.is_some() => existing = Some(v),
+                    _ => continue,
+                }
+            }
             wanted.push((
                 vm,
                 desired(vm, disk, placement, existing, now_unix_ms),
@@ -148,19 +158,30 @@ pub fn plan(state: &State, only: Option<&BTreeSet<String>>, now_unix_ms: u64) ->
         }
     }
     let mut plan = Plan::default();
-    // Whatever is left belongs to a VM that is gone (or was created again).
-    let freed: BTreeSet<&str> = owned.values().map(|v| v.meta.name.as_str()).collect();
+    // Whatever is left belongs to a VM that is gone (or was created again)
+    // or to a disk that left its VM: deleted, or, when it was attached,
+    // released (standalone again, where its copies are).
+    let attached = |v: &Volume| v.spec.owner.as_ref().is_some_and(|o| o.attached);
+    let freed: BTreeSet<&str> = owned
+        .values()
+        .filter(|v| !attached(v))
+        .map(|v| v.meta.name.as_str())
+        .collect();
     for volume in owned.values() {
         let vm = volume.spec.owner.as_ref().map(|o| o.vm.clone());
-        plan.writes.push((
-            vm.unwrap_or_default(),
+        let write = if attached(volume) {
+            let mut released = (*volume).clone();
+            released.spec.owner = None;
+            Command::Update(Object::Volume(released))
+        } else {
             Command::Delete {
                 kind: Kind::Volume,
                 name: volume.meta.name.clone(),
                 expected_resource_version: Some(volume.meta.resource_version),
                 force: false,
-            },
-        ));
+            }
+        };
+        plan.writes.push((vm.unwrap_or_default(), write));
     }
     for (vm, mut volume, existing) in wanted {
         match existing {
@@ -211,6 +232,8 @@ pub(crate) fn stand_in(volume: &Volume) -> Vm {
         image: None,
         replicas: volume.spec.replicas,
         source_volume: None,
+        attach: None,
+        attached_storage_name: None,
         protocol: Default::default(),
     }];
     vm
@@ -357,7 +380,7 @@ fn desired(
         })
         .collect();
     let mut status = VolumeStatus {
-        storage_name: disk_storage_name(&vm.meta.uid, &disk.name),
+        storage_name: disk.storage_name(&vm.meta.uid),
         epoch,
         primary_node: primary,
         replicas,
@@ -368,18 +391,26 @@ fn desired(
     let condition = ready(&status, now_unix_ms);
     set_condition(&mut status.conditions, condition);
     let size_bytes = existing.map_or(disk.size_bytes, |e| e.spec.size_bytes.max(disk.size_bytes));
+    // An attached volume keeps what it was made from, for when it is
+    // released.
+    let attached = disk.attach.is_some();
+    let (image, source) = match existing {
+        Some(e) if attached => (e.spec.image.clone(), e.spec.source.clone()),
+        _ => (disk.image.clone(), None),
+    };
     Volume {
         meta: existing.map(|e| e.meta.clone()).unwrap_or_default(),
         spec: VolumeSpec {
             size_bytes,
             replicas: disk.replicas,
-            image: disk.image.clone(),
+            image,
             owner: Some(VolumeOwner {
                 vm: vm.meta.name.clone(),
                 vm_uid: vm.meta.uid.clone(),
                 disk: disk.name.clone(),
+                attached,
             }),
-            source: None,
+            source,
             protocol: disk.protocol,
         },
         status,
@@ -670,6 +701,14 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
 /// existing VM (`FAILED_PRECONDITION` naming the VM and the disk): the
 /// controller would only make it again; it goes with the VM or the disk.
 pub fn check_delete(state: &State, name: &str) -> Result<(), Refusal> {
+    if let Some((vm, disk)) = crate::disk_sources::attached_by(state, name, "") {
+        return Err(Refusal::FailedPrecondition {
+            reason: format!(
+                "volume {name:?} is attached as disk {disk:?} of vm {:?}: it is released when the VM or the disk goes",
+                vm.meta.name
+            ),
+        });
+    }
     let Some(owner) = state
         .get(Kind::Volume, name)
         .and_then(as_volume)
@@ -791,7 +830,7 @@ impl VolumeController {
 
 #[cfg(test)]
 mod tests {
-    use basalt_api::{Node, ReplicationProtocol, VmStatus};
+    use basalt_api::{Node, ReplicationProtocol, VmStatus, disk_storage_name};
 
     use super::*;
 
@@ -811,6 +850,8 @@ mod tests {
                 image: None,
                 replicas: *replicas,
                 source_volume: None,
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             })
             .collect();
@@ -868,6 +909,92 @@ mod tests {
             force: false,
         };
         state.apply(*index, command).unwrap();
+    }
+
+    #[test]
+    fn an_attached_volume_becomes_the_disks_once_placed_and_is_released_with_its_vm() {
+        let Object::Volume(mut scratch) = standalone("scratch", "s1", 1 << 20, 2) else {
+            unreachable!()
+        };
+        scratch.status = VolumeStatus {
+            storage_name: "vol-s1".into(),
+            epoch: 2,
+            primary_node: "a".into(),
+            replicas: ["a", "b"]
+                .iter()
+                .map(|n| VolumeReplica {
+                    node: (*n).into(),
+                    primary: *n == "a",
+                    ..VolumeReplica::default()
+                })
+                .collect(),
+            ..VolumeStatus::default()
+        };
+        let (mut state, mut index) = state_with([
+            ready_node("a", 1 << 30),
+            ready_node("b", 1 << 30),
+            Object::Volume(scratch.clone()),
+        ]);
+        let Object::Vm(mut web) = vm("web", "u1", &[]) else {
+            unreachable!()
+        };
+        web.spec.disks.push(Disk {
+            name: "data".into(),
+            attach: Some("scratch".into()),
+            ..Disk::default()
+        });
+        create(&mut state, &mut index, Object::Vm(web));
+        // Not placed yet: the volume stays as it is (its status pins the VM).
+        assert!(run(&mut state, &mut index).writes.is_empty());
+        let waiting = volume(&state, "scratch");
+        assert_eq!(
+            (waiting.spec, waiting.status),
+            (scratch.spec, scratch.status)
+        );
+
+        create(
+            &mut state,
+            &mut index,
+            placement("web", "a", 3, &["a", "b"]),
+        );
+        assert_eq!(run(&mut state, &mut index).writes.len(), 1);
+        let adopted = volume(&state, "scratch");
+        assert_eq!(adopted.meta.uid, "s1", "the same volume");
+        assert_eq!(
+            adopted.spec.owner,
+            Some(VolumeOwner {
+                vm: "web".into(),
+                vm_uid: "u1".into(),
+                disk: "data".into(),
+                attached: true,
+            })
+        );
+        assert_eq!(adopted.status.storage_name, "vol-s1", "its own pool name");
+        assert_eq!(
+            (adopted.status.epoch, adopted.status.primary_node.as_str()),
+            (3, "a"),
+            "the placement's"
+        );
+        let nodes: Vec<&str> = adopted
+            .status
+            .replicas
+            .iter()
+            .map(|r| r.node.as_str())
+            .collect();
+        assert_eq!(nodes, ["a", "b"]);
+        assert!(run(&mut state, &mut index).writes.is_empty());
+
+        // The VM goes: the volume stays, standalone again, where it was.
+        delete_vm(&mut state, &mut index, "web");
+        let plan = run(&mut state, &mut index);
+        assert!(
+            matches!(&plan.writes[..], [(_, Command::Update(Object::Volume(_)))]),
+            "{plan:?}"
+        );
+        let released = volume(&state, "scratch");
+        assert_eq!(released.spec.owner, None);
+        assert_eq!(released.status, adopted.status);
+        assert!(run(&mut state, &mut index).writes.is_empty());
     }
 
     #[test]
@@ -1403,6 +1530,7 @@ mod tests {
                     vm: "nope".into(),
                     vm_uid: "u9".into(),
                     disk: "root".into(),
+                    attached: false,
                 }),
                 ..VolumeSpec::default()
             },

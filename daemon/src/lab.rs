@@ -417,6 +417,8 @@ fn build(nodes: u8, net_routing: basalt_sdn::Routing) -> anyhow::Result<LabState
                 // A copy on a second node: HA restarts the VM there.
                 replicas: 2,
                 source_volume: None,
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             }],
             nics: vec![Nic {

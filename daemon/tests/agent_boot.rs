@@ -406,6 +406,8 @@ async fn a_vm_boots_with_its_cloud_init_seed_and_from_its_first_disk() {
                 image: Some("bootable".into()),
                 replicas: 1,
                 source_volume: None,
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             }],
             nics: vec![Nic {

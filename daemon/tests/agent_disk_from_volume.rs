@@ -21,6 +21,16 @@
 //! node, its other copy filled by the full sync, and both equal the image
 //! (`qemu-img compare` over NBD, inside each node); a missing image is
 //! refused naming `spec.image`.
+//!
+//! A standalone volume attached as a VM's disk (decision 76): `basalt vm
+//! create web --disk name=data,attach=scratch` places the VM on the
+//! volume's primary node with its copies' nodes as replica nodes and an
+//! epoch past the volume's; the volume becomes the disk's (its owner
+//! says attached) and keeps its pool name, its data and both copies in
+//! sync; a missing volume, a snapshot, a second VM or a wrong copy count
+//! is refused naming the field, and deleting the volume while attached is
+//! refused. Deleting the VM releases the volume: standalone again, its
+//! copies in sync, and a later write still reaches both.
 
 mod common;
 mod replica_node;
@@ -29,10 +39,10 @@ mod volume_cli;
 use std::time::Duration;
 
 use basalt_agent::storage::disk_volume;
-use basalt_api::{Kind, Object, Placement, ReplicaState, Volume};
+use basalt_api::{Kind, Object, Placement, ReplicaState, VmPhase, Volume, VolumeOwner};
 use basalt_testkit::{Node, Process, wait};
 
-use replica_node::{NBD, SHORT_LEASES, SimCluster};
+use replica_node::{NBD, SHORT_LEASES, SimCluster, in_pool};
 use volume_cli::{basalt, cli_volume, create_vm, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -76,6 +86,26 @@ fn assert_holds(node: &Node, export: &str, byte: u8, what: &str) {
 fn fill(node: &Node, export: &str, byte: u8) {
     let (ok, out) = qemu_io(node, export, false, &format!("write -P {byte} {AT} {LEN}"));
     assert!(ok, "writing {byte} to {export}: {out}");
+}
+
+/// Whether every copy of `v` (and it has `copies`) is up to date.
+fn in_sync(v: &Volume, copies: usize) -> bool {
+    v.status.replicas.len() == copies
+        && v.status
+            .replicas
+            .iter()
+            .all(|r| r.state == ReplicaState::UpToDate)
+}
+
+/// Asserts that `basalt` with `args` fails, saying `says`.
+async fn refused(server: &str, args: &[&str], says: &str) {
+    let out = basalt(server, args).await;
+    assert!(!out.status.success(), "{args:?} accepted: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(says),
+        "{args:?} does not say {says:?}: {}",
+        text(&out)
+    );
 }
 
 /// Waits until volume `name` has a pool name and a primary node.
@@ -334,4 +364,214 @@ async fn a_standalone_volume_from_an_image_holds_the_image_on_every_copy() {
     for member in &cluster.members {
         assert_same_as_image(&member.node, &image, "qcow2", &base.status.storage_name);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_attached_as_a_disk_is_the_vms_and_is_released_with_its_data() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let cluster = SimCluster::start(&["a", "b"], SHORT_LEASES, DEADLINE).await;
+    let (server, admin, logs) = (cluster.server.as_str(), &cluster.admin, cluster.logs());
+
+    let out = basalt(
+        server,
+        &[
+            "volume", "create", "scratch", "--size", "16M", "--copies", "2",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait::until(
+        "both copies of scratch are up to date",
+        DEADLINE,
+        &logs,
+        || async {
+            cli_volume(server, "scratch")
+                .await
+                .is_some_and(|v| in_sync(&v, 2))
+        },
+    )
+    .await;
+    let scratch = cli_volume(server, "scratch").await.expect("scratch");
+    let pool_name = scratch.status.storage_name.clone();
+    let p = &cluster.member(&scratch.status.primary_node).node;
+    let s = &cluster
+        .members
+        .iter()
+        .find(|m| m.node.name() != p.name())
+        .expect("the other node")
+        .node;
+    fill(p, &pool_name, 0x5a);
+    assert_holds(s, &pool_name, 0x5a, "scratch's other copy");
+    let out = basalt(server, &["volume", "snapshot", "scratch", "scratch-snap"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    made(server, "scratch-snap", &logs).await;
+
+    // Refusals name what is wrong.
+    for (disk, says) in [
+        (
+            "name=data,attach=nope",
+            "spec.disks[0].attach: volume \"nope\" does not exist",
+        ),
+        ("name=data,attach=scratch-snap", "snapshot"),
+        (
+            "name=data,attach=scratch,replicas=1",
+            "spec.disks[0].replicas",
+        ),
+        (
+            "name=data,attach=scratch,image=debian",
+            "spec.disks[0].attach",
+        ),
+    ] {
+        refused(server, &["vm", "create", "bad", "--disk", disk], says).await;
+    }
+
+    create_vm(server, "web", "128M", "name=data,attach=scratch").await;
+    let Ok(Object::Vm(web)) = admin.get(Kind::Vm, "web").await else {
+        panic!("vm web");
+    };
+    let disk = &web.spec.disks[0];
+    assert_eq!(
+        (
+            disk.size_bytes,
+            disk.replicas,
+            disk.attached_storage_name.as_deref()
+        ),
+        (16 << 20, 2, Some(pool_name.as_str())),
+        "the disk takes the volume's size, copies and pool name"
+    );
+    // One volume, one VM.
+    refused(
+        server,
+        &[
+            "vm",
+            "create",
+            "other",
+            "--disk",
+            "name=data,attach=scratch",
+        ],
+        "is attached as disk \"data\" of vm \"web\"",
+    )
+    .await;
+
+    wait::until(
+        "scratch is web's disk, both copies up to date at the VM's epoch",
+        DEADLINE,
+        &logs,
+        || async {
+            let Ok(Object::Placement(placement)) = admin.get(Kind::Placement, "web").await else {
+                return false;
+            };
+            cli_volume(server, "scratch").await.is_some_and(|v| {
+                v.spec
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| o.attached && o.vm == "web")
+                    && v.status.epoch == placement.epoch
+                    && in_sync(&v, 2)
+            })
+        },
+    )
+    .await;
+    let Ok(Object::Placement(placement)) = admin.get(Kind::Placement, "web").await else {
+        panic!("web is placed");
+    };
+    let mut replica_nodes = placement.replica_nodes.clone();
+    replica_nodes.sort();
+    assert_eq!(
+        placement.node,
+        p.name(),
+        "the VM goes where the volume's primary is"
+    );
+    assert_eq!(
+        replica_nodes,
+        ["a", "b"],
+        "its replica nodes are the volume's copies'"
+    );
+    assert_eq!(
+        placement.epoch,
+        scratch.status.epoch + 1,
+        "its epoch is past the volume's"
+    );
+    let attached = cli_volume(server, "scratch").await.expect("scratch");
+    assert_eq!(
+        attached.status.storage_name, pool_name,
+        "the same pool volume"
+    );
+    assert_eq!(
+        attached.spec.owner,
+        Some(VolumeOwner {
+            vm: "web".into(),
+            vm_uid: web.meta.uid.clone(),
+            disk: "data".into(),
+            attached: true,
+        })
+    );
+    refused(server, &["volume", "delete", "scratch"], "attached as disk").await;
+    // The VM runs on the volume itself: no disk of the derived name.
+    wait::until("web runs", DEADLINE, &logs, || async {
+        matches!(
+            admin.get(Kind::Vm, "web").await,
+            Ok(Object::Vm(vm)) if vm.status.phase == VmPhase::Running
+        )
+    })
+    .await;
+    for member in &cluster.members {
+        assert_eq!(
+            in_pool(&member.socket, &disk_volume(&web.meta.uid, "data")).await,
+            Some(false),
+            "a volume of the derived name on {}",
+            member.node.name()
+        );
+        assert_eq!(in_pool(&member.socket, &pool_name).await, Some(true));
+    }
+
+    // The disk holds the volume's data, and the VM's writes reach the
+    // other copy at the VM's epoch.
+    assert_holds(p, &pool_name, 0x5a, "the attached disk");
+    fill(p, &pool_name, 0x7c);
+    assert_holds(s, &pool_name, 0x7c, "the attached disk's other copy");
+
+    // Deleting the VM releases the volume, with its data, still in sync.
+    let out = basalt(server, &["vm", "delete", "web"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait::until(
+        "scratch is standalone again, both copies up to date",
+        DEADLINE,
+        &logs,
+        || async {
+            cli_volume(server, "scratch")
+                .await
+                .is_some_and(|v| v.spec.owner.is_none() && in_sync(&v, 2))
+        },
+    )
+    .await;
+    let released = cli_volume(server, "scratch").await.expect("scratch");
+    assert_eq!(released.status.storage_name, pool_name);
+    let p = &cluster.member(&released.status.primary_node).node;
+    let s = &cluster
+        .members
+        .iter()
+        .find(|m| m.node.name() != p.name())
+        .expect("the other node")
+        .node;
+    assert_holds(p, &pool_name, 0x7c, "the released volume");
+    assert_holds(s, &pool_name, 0x7c, "the released volume's other copy");
+    // Replication goes on as a standalone volume's.
+    wait::until(
+        "a write to the released volume reaches its other copy",
+        DEADLINE,
+        &logs,
+        || async {
+            fill(p, &pool_name, 0x11);
+            qemu_io(s, &pool_name, true, &format!("read -P 17 {AT} {LEN}")).0
+        },
+    )
+    .await;
+    let out = basalt(server, &["volume", "delete", "scratch-snap"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = basalt(server, &["volume", "delete", "scratch"]).await;
+    assert!(out.status.success(), "{}", text(&out));
 }

@@ -44,19 +44,11 @@ use basalt_testkit::{Process, wait};
 use futures::StreamExt as _;
 
 use replica_node::{
-    Member, PATTERN_AT, SimCluster, pattern, read_export, refuses_writes, write_pattern,
+    Member, PATTERN_AT, SimCluster, in_pool, pattern, read_export, refuses_writes, write_pattern,
 };
 use volume_cli::{basalt, cli_volume, text};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// Whether `socket`'s pool holds a volume named `name`; `None` while its
-/// storage process cannot be asked.
-async fn in_pool(socket: &Path, name: &str) -> Option<bool> {
-    let storage = StorageClient::connect_unix(socket).ok()?;
-    let pool = storage.list_volumes().await.ok()?;
-    Some(pool.iter().any(|v| v.name == name))
-}
 
 /// Every copy up to date, as the primary sees it and as its own node
 /// does, none marked outdated.

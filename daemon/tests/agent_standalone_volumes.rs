@@ -24,18 +24,12 @@ use std::time::Duration;
 use basalt_api::{ReplicaState, StorageClient, Volume};
 use basalt_testkit::wait;
 
-use replica_node::{PATTERN_AT, SHORT_LEASES, SimCluster, pattern, read_export, write_pattern};
+use replica_node::{
+    PATTERN_AT, SHORT_LEASES, SimCluster, in_pool, pattern, read_export, write_pattern,
+};
 use volume_cli::{basalt, cli_volume, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// Whether `socket`'s pool holds a volume named `name`; `None` while its
-/// storage process cannot be asked.
-async fn in_pool(socket: &Path, name: &str) -> Option<bool> {
-    let storage = StorageClient::connect_unix(socket).ok()?;
-    let pool = storage.list_volumes().await.ok()?;
-    Some(pool.iter().any(|v| v.name == name))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_volume_is_placed_on_its_nodes_reported_by_each_and_deleted_from_both() {

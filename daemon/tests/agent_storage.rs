@@ -65,6 +65,8 @@ fn disk(name: &str, size: u64, image: Option<&str>) -> Disk {
         image: image.map(Into::into),
         replicas: 1,
         source_volume: None,
+        attach: None,
+        attached_storage_name: None,
         protocol: Default::default(),
     }
 }

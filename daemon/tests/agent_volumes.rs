@@ -84,6 +84,7 @@ async fn the_cluster_shows_each_copy_of_a_vm_disk_and_a_lost_one() {
         vm: "ghost".into(),
         vm_uid: "u-ghost".into(),
         disk: "root".into(),
+        attached: false,
     };
     match admin.create(bad_volume(4096, Some(ghost))).await {
         Err(ApiError::FailedPrecondition { reason }) => {

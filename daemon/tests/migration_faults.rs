@@ -267,6 +267,8 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
                 image: None,
                 replicas: 2,
                 source_volume: None,
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {
@@ -641,6 +643,8 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
                 image: None,
                 replicas: 1,
                 source_volume: None,
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {

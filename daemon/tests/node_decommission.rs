@@ -85,6 +85,8 @@ async fn a_node_is_drained_live_removed_and_nothing_is_left() {
                 image: None,
                 replicas: 3,
                 source_volume: None,
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {

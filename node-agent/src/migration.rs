@@ -736,7 +736,7 @@ pub fn single_copy_disks(vm: &basalt_api::Vm) -> Vec<(&basalt_api::Disk, String)
 async fn prepare_single_copies(volumes: &Volumes, vm: &basalt_api::Vm) -> Result<(), StorageStep> {
     let storage = volumes.storage();
     for (disk, _) in single_copy_disks(vm) {
-        let name = crate::storage::disk_volume(&vm.meta.uid, &disk.name);
+        let name = disk.storage_name(&vm.meta.uid);
         let failed = |step: &str, err: ApiError| {
             let reason = format!(
                 "{step} volume {name} for disk {:?}: {}",
@@ -793,7 +793,7 @@ async fn clean_single_copies(
     }
     let mut done = true;
     for (disk, _) in single_copy_disks(&vm) {
-        let name = crate::storage::disk_volume(&vm.meta.uid, &disk.name);
+        let name = disk.storage_name(&vm.meta.uid);
         match volumes.storage().delete_volume(&name).await {
             Ok(true) => {
                 tracing::info!(vm = %vm_name, volume = %name, "deleted this node's copy of a single-copy disk: the VM runs elsewhere");
@@ -1573,6 +1573,8 @@ mod tests {
             image: None,
             replicas,
             source_volume: None,
+            attach: None,
+            attached_storage_name: None,
             protocol: Default::default(),
         };
         let mut vm = basalt_api::Vm::default();

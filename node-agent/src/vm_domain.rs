@@ -92,7 +92,7 @@ pub fn domain_spec(
                 target_dev: disk_dev(i).ok_or_else(|| err("spec.disks", "at most 26 disks"))?,
                 host: NBD_HOST.to_owned(),
                 port: NBD_PORT,
-                export_name: crate::storage::disk_volume(&vm.meta.uid, &disk.name),
+                export_name: disk.storage_name(&vm.meta.uid),
             })
         })
         .collect::<Result<_, MappingError>>()?;
@@ -190,6 +190,8 @@ mod tests {
                     image: None,
                     replicas: 2,
                     source_volume: None,
+                    attach: None,
+                    attached_storage_name: None,
                     protocol: Default::default(),
                 }],
                 nics: vec![

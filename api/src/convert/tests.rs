@@ -133,14 +133,22 @@ fn disks() -> impl Strategy<Value = Vec<Disk>> {
         disks
             .into_iter()
             .map(|(name, (sectors, from, replicas, cloned, protocol))| {
-                // An image or a source volume, never both.
-                let (image, source_volume) = if cloned { (None, from) } else { (from, None) };
+                // An image, a source volume or an attached volume, never
+                // two.
+                let (image, source_volume, attach) = match (cloned, sectors % 2 == 0) {
+                    (true, _) => (None, from, None),
+                    (false, true) => (None, None, from),
+                    (false, false) => (from, None, None),
+                };
+                let attached_storage_name = attach.as_ref().map(|a| format!("vol-{a}"));
                 Disk {
                     name,
                     size_bytes: sectors * DISK_SECTOR_BYTES,
                     image,
                     replicas,
                     source_volume,
+                    attach,
+                    attached_storage_name,
                     protocol,
                 }
             })

@@ -120,6 +120,8 @@ impl From<Disk> for pb::Disk {
             replicas: disk.replicas,
             source_volume: disk.source_volume,
             protocol: disk.protocol.as_str().to_owned(),
+            attach: disk.attach,
+            attached_storage_name: disk.attached_storage_name,
         }
     }
 }
@@ -134,6 +136,8 @@ fn disk_from_pb(i: usize, disk: pb::Disk) -> Result<Disk, ApiError> {
         replicas: disk.replicas,
         source_volume: disk.source_volume,
         protocol: ReplicationProtocol::parse(&format!("spec.disks[{i}].protocol"), &disk.protocol)?,
+        attach: disk.attach,
+        attached_storage_name: disk.attached_storage_name,
     })
 }
 

@@ -46,6 +46,7 @@ impl From<Volume> for pb::Volume {
                     vm: o.vm,
                     vm_uid: o.vm_uid,
                     disk: o.disk,
+                    attached: o.attached,
                 }),
                 source: spec.source.map(|s| pb::VolumeSource {
                     volume: s.volume,
@@ -124,6 +125,7 @@ impl TryFrom<pb::Volume> for Volume {
                     vm: o.vm,
                     vm_uid: o.vm_uid,
                     disk: o.disk,
+                    attached: o.attached,
                 }),
                 source: spec.source.map(|s| VolumeSource {
                     volume: s.volume,
@@ -216,6 +218,7 @@ mod tests {
                     vm: "web".into(),
                     vm_uid: "u1".into(),
                     disk: "root".into(),
+                    attached: true,
                 }),
                 source: None,
                 protocol: ReplicationProtocol::A,

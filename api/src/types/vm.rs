@@ -272,6 +272,30 @@ pub struct Disk {
     /// into the disk's volume, whose every copy's agent attaches with it.
     #[serde(skip_serializing_if = "ReplicationProtocol::is_c")]
     pub protocol: ReplicationProtocol,
+    /// An existing volume (standalone or a clone, not a snapshot, on no
+    /// other VM) that *is* the disk: the VM is placed on its primary copy's
+    /// node with its copies' nodes as its replica nodes, and the volume
+    /// outlives the VM (released, not deleted). Exclusive with `image` and
+    /// `source_volume`; `size_bytes` and `replicas` of 0 take the volume's.
+    /// Only when the VM is created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attach: Option<String>,
+    /// Set by the control plane when the VM is created: the pool name of
+    /// the attached volume, which the nodes use for the disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attached_storage_name: Option<String>,
+}
+
+impl Disk {
+    /// The name of this disk's volume in the pools of the nodes holding
+    /// it: the attached volume's, or one derived from the VM's uid and the
+    /// disk's name ([`crate::disk_storage_name`]).
+    pub fn storage_name(&self, vm_uid: &str) -> String {
+        match &self.attached_storage_name {
+            Some(name) if !name.is_empty() => name.clone(),
+            _ => crate::disk_storage_name(vm_uid, &self.name),
+        }
+    }
 }
 
 /// A VM network interface.
@@ -429,8 +453,9 @@ impl VmSpec {
 impl Disk {
     fn validate(&self, field: &str) -> Result<(), ApiError> {
         validate::name(&format!("{field}.name"), &self.name)?;
-        // A disk made from a volume may leave its size to the source's.
-        let sized = self.size_bytes > 0 || self.source_volume.is_some();
+        // A disk made from a volume, or that is one, may leave its size to
+        // the volume's.
+        let sized = self.size_bytes > 0 || self.source_volume.is_some() || self.attach.is_some();
         if !sized || !self.size_bytes.is_multiple_of(DISK_SECTOR_BYTES) {
             return Err(ApiError::invalid(
                 format!("{field}.size_bytes"),
@@ -449,7 +474,23 @@ impl Disk {
                 ));
             }
         }
-        if !(1..=MAX_DISK_REPLICAS).contains(&self.replicas) {
+        if let Some(volume) = &self.attach {
+            validate::name(&format!("{field}.attach"), volume)?;
+            if self.image.is_some() || self.source_volume.is_some() {
+                return Err(ApiError::invalid(
+                    format!("{field}.attach"),
+                    "an attached volume is the disk: it is not made from an image or a volume",
+                ));
+            }
+        } else if self.attached_storage_name.is_some() {
+            return Err(ApiError::invalid(
+                format!("{field}.attached_storage_name"),
+                "set by the control plane, only for a disk that attaches a volume",
+            ));
+        }
+        // An attached volume's disk may leave its copies to the volume's.
+        let copies_left = self.attach.is_some() && self.replicas == 0;
+        if !copies_left && !(1..=MAX_DISK_REPLICAS).contains(&self.replicas) {
             return Err(ApiError::invalid(
                 format!("{field}.replicas"),
                 format!("must be 1 to {MAX_DISK_REPLICAS}"),
@@ -551,6 +592,8 @@ mod tests {
                     image: Some("debian-12".into()),
                     replicas: 2,
                     source_volume: None,
+                    attach: None,
+                    attached_storage_name: None,
                     protocol: Default::default(),
                 }],
                 nics: vec![Nic {
@@ -648,6 +691,26 @@ mod tests {
         let mut v = vm();
         v.spec.disks[0].size_bytes = 0;
         assert_eq!(field_of(&v), "spec.disks[0].size_bytes");
+
+        // An attached volume: exclusive with an image or a source, may
+        // leave size and copies to the volume, names a valid volume; its
+        // pool name is the control plane's to set.
+        let mut v = vm();
+        v.spec.disks[0].attach = Some("scratch".into());
+        assert_eq!(field_of(&v), "spec.disks[0].attach");
+        v.spec.disks[0].image = None;
+        v.spec.disks[0].size_bytes = 0;
+        v.spec.disks[0].replicas = 0;
+        v.validate()
+            .expect("an attached volume may take its size and copies");
+        v.spec.disks[0].source_volume = Some("golden".into());
+        assert_eq!(field_of(&v), "spec.disks[0].attach");
+        v.spec.disks[0].source_volume = None;
+        v.spec.disks[0].attach = Some("Scratch!".into());
+        assert_eq!(field_of(&v), "spec.disks[0].attach");
+        let mut v = vm();
+        v.spec.disks[0].attached_storage_name = Some("vol-x".into());
+        assert_eq!(field_of(&v), "spec.disks[0].attached_storage_name");
 
         let mut v = vm();
         v.spec.nics[0].mac = Some("53:54:00:12:34:56".into());

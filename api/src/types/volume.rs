@@ -53,6 +53,11 @@ pub struct VolumeOwner {
     pub vm_uid: String,
     /// The disk's name in the VM's spec.
     pub disk: String,
+    /// The volume existed before the VM and was attached as the disk
+    /// (`Disk::attach`): released, not deleted, when the VM or the disk
+    /// goes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub attached: bool,
 }
 
 /// What a volume should be.
@@ -457,6 +462,7 @@ mod tests {
                     vm: "web".into(),
                     vm_uid: "0b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d11".into(),
                     disk: "root".into(),
+                    attached: false,
                 }),
                 source: None,
                 protocol: ReplicationProtocol::B,

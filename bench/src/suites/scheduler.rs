@@ -108,6 +108,8 @@ fn vm(i: usize) -> Vm {
             image: None,
             replicas: 2,
             source_volume: None,
+            attach: None,
+            attached_storage_name: None,
             protocol: Default::default(),
         });
     }

@@ -327,6 +327,8 @@ fn vm(stack: &Stack, name: &str, ip: Ipv4Addr) -> Vm {
                 image: None,
                 replicas: 1,
                 source_volume: None,
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             }],
             // The guest takes `ip` from its kernel command line; the lease

@@ -78,6 +78,8 @@ pub fn replicated_vm(name: &str, size_bytes: u64, replicas: u32) -> Vm {
                 image: None,
                 replicas,
                 source_volume: None,
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {

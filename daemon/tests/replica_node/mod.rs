@@ -40,6 +40,14 @@ pub const DISK_BYTES: u64 = 16 << 20;
 pub const PATTERN_AT: u64 = 1 << 20;
 const PATTERN_BLOCKS: u64 = 64;
 
+/// Whether `socket`'s pool holds a volume named `name`; `None` while its
+/// storage process cannot be asked.
+pub async fn in_pool(socket: &Path, name: &str) -> Option<bool> {
+    let storage = StorageClient::connect_unix(socket).ok()?;
+    let pool = storage.list_volumes().await.ok()?;
+    Some(pool.iter().any(|v| v.name == name))
+}
+
 /// Pattern `seed`: 64 blocks of 4 KiB, each starting with its number and
 /// filled with a byte that depends on the number and the seed.
 pub fn pattern(seed: u8) -> Vec<u8> {
@@ -170,6 +178,8 @@ pub async fn create_db_on_a_and_b(admin: &AdminClient, kernel: KernelBoot) -> St
                 image: None,
                 replicas: 2,
                 source_volume: None,
+                attach: None,
+                attached_storage_name: None,
                 protocol: Default::default(),
             }],
             kernel: Some(kernel),

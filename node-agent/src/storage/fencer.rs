@@ -41,9 +41,9 @@ use basalt_api::{
 };
 use futures::StreamExt as _;
 
+use super::StorageConfig;
 use super::replicas::{NodePlacements, is_replicated};
 use super::seen::SeenVolumes;
-use super::{StorageConfig, disk_volume};
 
 /// How often copies marked outdated are checked for being in sync again,
 /// while the fencer knows of any.
@@ -90,14 +90,15 @@ pub fn resolve(
     placements: &[Placement],
     nodes: &BTreeMap<String, Node>,
 ) -> Result<Fence, String> {
-    let vm =
-        vms.iter()
-            .find(|vm| {
-                vm.spec.disks.iter().any(|d| {
-                    is_replicated(d) && disk_volume(&vm.meta.uid, &d.name) == request.volume
-                })
-            })
-            .ok_or_else(|| format!("volume {} is no VM's replicated disk", request.volume))?;
+    let vm = vms
+        .iter()
+        .find(|vm| {
+            vm.spec
+                .disks
+                .iter()
+                .any(|d| is_replicated(d) && d.storage_name(&vm.meta.uid) == request.volume)
+        })
+        .ok_or_else(|| format!("volume {} is no VM's replicated disk", request.volume))?;
     let name = &vm.meta.name;
     let placement = placements
         .iter()
@@ -157,7 +158,7 @@ pub fn in_sync(
             .disks
             .iter()
             .filter(|d| is_replicated(d))
-            .map(|d| disk_volume(&vm.meta.uid, &d.name))
+            .map(|d| d.storage_name(&vm.meta.uid))
             .collect();
         for outdated in &vm.status.outdated_replicas {
             let address = nodes
@@ -194,6 +195,22 @@ async fn list<T>(
         .into_iter()
         .filter_map(pick)
         .collect())
+}
+
+/// Whether a disk of some VM attaches the volume whose pool name is
+/// `pool_name`.
+async fn attached(admin: &AdminClient, pool_name: &str) -> Result<bool, ApiError> {
+    let vms = list(admin, Kind::Vm, |o| match o {
+        Object::Vm(v) => Some(v),
+        _ => None,
+    })
+    .await?;
+    Ok(vms.iter().any(|vm| {
+        vm.spec
+            .disks
+            .iter()
+            .any(|d| d.attached_storage_name.as_deref() == Some(pool_name))
+    }))
 }
 
 /// Every VM, placement and node.
@@ -242,8 +259,14 @@ async fn outdate(
     agent: &AgentClient,
     seen: &SeenVolumes,
 ) -> Result<Fence, String> {
-    // A standalone volume's copy is marked on the volume (decision 65).
-    if super::snapshots::is_made_volume(&request.volume) {
+    // A standalone volume's copy is marked on the volume (decision 65);
+    // one attached as a VM's disk goes through the VM like every VM disk
+    // (decision 76).
+    if super::snapshots::is_made_volume(&request.volume)
+        && !within(attached(admin, &request.volume), "listing the VMs")
+            .await
+            .map_err(|e| format!("cannot read the cluster: {e}"))?
+    {
         let replica_node = within(
             super::standalone::outdate(node, request, admin, seen),
             "recording the copy outdated",
@@ -530,6 +553,7 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    use super::super::disk_volume;
     use basalt_api::{Disk, ObjectMeta, VmSpec};
 
     use super::*;
@@ -547,6 +571,8 @@ mod tests {
                         image: None,
                         replicas: 2,
                         source_volume: None,
+                        attach: None,
+                        attached_storage_name: None,
                         protocol: Default::default(),
                     },
                     Disk {
@@ -555,6 +581,8 @@ mod tests {
                         image: None,
                         replicas: 1,
                         source_volume: None,
+                        attach: None,
+                        attached_storage_name: None,
                         protocol: Default::default(),
                     },
                 ],

@@ -168,12 +168,7 @@ pub fn garbage(
 ) -> Vec<String> {
     let mut wanted: BTreeSet<String> = vms
         .iter()
-        .flat_map(|vm| {
-            vm.spec
-                .disks
-                .iter()
-                .map(|d| disk_volume(&vm.meta.uid, &d.name))
-        })
+        .flat_map(|vm| vm.spec.disks.iter().map(|d| d.storage_name(&vm.meta.uid)))
         .collect();
     wanted.extend(vms.iter().filter_map(seed::seed_volume));
     wanted.extend(images.iter().map(|i| image_volume(&i.meta.uid)));
@@ -223,7 +218,7 @@ pub fn stale_copies(
                 .disks
                 .iter()
                 .filter(|d| replicas::is_replicated(d))
-                .map(|d| disk_volume(&vm.meta.uid, &d.name))
+                .map(|d| d.storage_name(&vm.meta.uid))
         })
         .collect()
 }
@@ -273,7 +268,7 @@ impl Volumes {
     /// is elsewhere) but refused with [`VolumeError::Elsewhere`].
     pub async fn ensure_vm_at(&self, vm: &Vm, epoch: u64) -> Result<(), VolumeError> {
         for disk in &vm.spec.disks {
-            let name = disk_volume(&vm.meta.uid, &disk.name);
+            let name = disk.storage_name(&vm.meta.uid);
             // An existing volume is kept as it is: its image is not even
             // looked up (a VM keeps running when its image is deleted).
             let exists = match self.storage.export_address(&name).await {
@@ -502,6 +497,8 @@ mod tests {
                         image: None,
                         replicas: 1,
                         source_volume: None,
+                        attach: None,
+                        attached_storage_name: None,
                         protocol: Default::default(),
                     })
                     .collect(),

@@ -4,7 +4,7 @@
 //!
 //! A VM whose placement names `replica_nodes` has each replicated disk
 //! (`replicas` ≥ 2) as a volume of the same derived name
-//! ([`super::disk_volume`]) in the pool of every one of those nodes:
+//! ([`super::disk_volume`], or an attached volume's own, decision 76) in the pool of every one of those nodes:
 //!
 //! - on the placement's node the volume is attached **primary** with the
 //!   placement's epoch and the other replica nodes' replication addresses
@@ -66,7 +66,7 @@ use basalt_api::{
 };
 use tokio::sync::watch;
 
-use super::{StorageConfig, VolumeError, Volumes, classify, disk_volume};
+use super::{StorageConfig, VolumeError, Volumes, classify};
 use crate::migration::MigrationAgent;
 
 /// How often the secondaries and the published address are reconciled
@@ -250,7 +250,7 @@ fn copies(vm: &Vm, placement: &Placement, dual: Option<&Vec<String>>) -> Vec<Wan
         .iter()
         .filter(|d| is_replicated(d))
         .map(|disk| {
-            let name = disk_volume(&vm.meta.uid, &disk.name);
+            let name = disk.storage_name(&vm.meta.uid);
             let attach = match dual {
                 Some(peers) => AttachVolume {
                     name,
@@ -347,7 +347,7 @@ impl Volumes {
             })?;
         for disk in replicated {
             let request = AttachVolume {
-                name: disk_volume(&vm.meta.uid, &disk.name),
+                name: disk.storage_name(&vm.meta.uid),
                 role: VolumeRole::Primary,
                 epoch: placement.epoch,
                 peers: peers.clone(),
@@ -712,6 +712,7 @@ async fn publish_address(
 
 #[cfg(test)]
 mod tests {
+    use super::super::disk_volume;
     use basalt_api::{Condition, ObjectMeta, VmSpec};
 
     use super::*;
@@ -730,6 +731,8 @@ mod tests {
                         image: None,
                         replicas: *replicas,
                         source_volume: None,
+                        attach: None,
+                        attached_storage_name: None,
                         protocol: Default::default(),
                     })
                     .collect(),

@@ -28,8 +28,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use basalt_api::{
-    AdminClient, ApiError, Condition, EnsureVolume, Object, ReplicaState, StorageClient,
-    StorageVolume, Volume, VolumeReplica,
+    AdminClient, ApiError, Condition, EnsureVolume, Kind, Object, ReplicaState, StorageClient,
+    StorageVolume, Vm, Volume, VolumeReplica,
 };
 use uuid::Uuid;
 
@@ -55,6 +55,21 @@ pub struct Work {
     pub make: Vec<(Volume, String)>,
     /// Pool volumes made here whose object is gone.
     pub drop: Vec<String>,
+}
+
+/// `drop` without the pool volumes a disk of one of `vms` attaches
+/// (decision 76): the VM's disk path keeps those wherever the volume's
+/// status places its copies (a live migration's target holds one before
+/// the volume names it). They are this loop's again once released.
+pub fn keep_attached(drop: Vec<String>, vms: &[Vm]) -> Vec<String> {
+    let attached: BTreeSet<&str> = vms
+        .iter()
+        .flat_map(|vm| &vm.spec.disks)
+        .filter_map(|d| d.attached_storage_name.as_deref())
+        .collect();
+    drop.into_iter()
+        .filter(|name| !attached.contains(name.as_str()))
+        .collect()
 }
 
 /// The work of node `node`, from a complete list of the cluster's
@@ -242,7 +257,28 @@ pub async fn make_and_drop(
             }
         }
     }
-    for name in work.drop {
+    let drop = if work.drop.is_empty() {
+        work.drop
+    } else {
+        match admin.list(Kind::Vm).await {
+            Ok(list) => {
+                let vms: Vec<Vm> = list
+                    .objects
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        Object::Vm(vm) => Some(vm),
+                        _ => None,
+                    })
+                    .collect();
+                keep_attached(work.drop, &vms)
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "listing VMs before dropping volumes failed; will retry");
+                return false;
+            }
+        }
+    };
+    for name in drop {
         match storage.delete_volume(&name).await {
             Ok(_) => {
                 tracing::info!(volume = %name, "dropped a volume copy whose object is gone or placed elsewhere")
@@ -258,9 +294,31 @@ pub async fn make_and_drop(
 
 #[cfg(test)]
 mod tests {
-    use basalt_api::{ObjectMeta, VolumeSource, VolumeSpec, VolumeStatus};
+    use basalt_api::{Disk, ObjectMeta, VolumeSource, VolumeSpec, VolumeStatus};
 
     use super::*;
+
+    #[test]
+    fn a_volume_a_vm_attaches_is_never_dropped_here() {
+        let attached = "vol-0b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d11";
+        let free = "vol-0b1c6f5e-34a4-4c55-9a0c-3f1d2f7e0d12";
+        let mut vm = Vm::default();
+        vm.spec.disks = vec![
+            Disk {
+                name: "root".into(),
+                ..Disk::default()
+            },
+            Disk {
+                name: "data".into(),
+                attach: Some("scratch".into()),
+                attached_storage_name: Some(attached.into()),
+                ..Disk::default()
+            },
+        ];
+        let drop = vec![attached.to_owned(), free.to_owned()];
+        assert_eq!(keep_attached(drop.clone(), &[vm]), [free]);
+        assert_eq!(keep_attached(drop.clone(), &[]), drop);
+    }
 
     fn volume(name: &str, uid: &str, source: Option<&str>, primary: &str, storage: &str) -> Volume {
         let mut meta = ObjectMeta::named(name);

@@ -144,6 +144,14 @@ pub(super) async fn outdate(
                 _ => None,
             })
             .ok_or_else(|| refuse(format!("no volume has pool name {}", request.volume)))?;
+        // A VM's disk's copies are marked in the VM's status, which the
+        // volume only mirrors (an attached volume, decision 76).
+        if let Some(owner) = &volume.spec.owner {
+            return Err(refuse(format!(
+                "volume {} is disk {} of vm {}: its copies are fenced through the VM",
+                volume.meta.name, owner.disk, owner.vm
+            )));
+        }
         let status = &volume.status;
         if status.primary_node != node || status.epoch != request.epoch {
             return Err(refuse(format!(

@@ -268,6 +268,16 @@ fn attach_pin(disk: &Disk, name: &str, volume: Option<&Volume>) -> Pin {
             why: format!("{attached}, which is on no node yet"),
             ..Pin::default()
         },
+        // A lost copy being replaced: the VM's replica nodes are all its
+        // copies' nodes.
+        Some(v) if v.status.replicas.len() != v.spec.replicas as usize => Pin {
+            why: format!(
+                "{attached}, which has {} of its {} copies",
+                v.status.replicas.len(),
+                v.spec.replicas
+            ),
+            ..Pin::default()
+        },
         // The VM's status would not carry the mark: it waits until the
         // primary has the copy back in sync (decision 74).
         Some(v) if v.status.replicas.iter().any(|r| r.outdated) => {
@@ -586,11 +596,16 @@ mod tests {
             unreachable!()
         };
         stale.status.replicas[1].outdated = true;
+        let Object::Volume(mut short) = placed("short", 2, &["a", "b"], 2) else {
+            unreachable!()
+        };
+        short.status.replicas.pop();
         for object in [
             placed("scratch", 2, &["b", "c"], 3),
             placed("single", 1, &["a"], 1),
             Object::Volume(snap),
             Object::Volume(stale),
+            Object::Volume(short),
         ] {
             index += 1;
             state.apply(index, Command::Create(object)).expect("volume");
@@ -724,6 +739,7 @@ mod tests {
             attaching("one", "single", &[("root", 1)]),
             attaching("wait", "fresh", &[]),
             attaching("fenced", "stale", &[]),
+            attaching("short", "short", &[]),
             {
                 let mut both = attaching("both", "scratch", &[]);
                 both.spec
@@ -758,6 +774,12 @@ mod tests {
         );
         assert_eq!(pins["one"].epoch, 2);
         assert_eq!(pins["wait"].node, None);
+        assert_eq!(pins["short"].node, None);
+        assert!(
+            pins["short"].why.contains("has 1 of its 2 copies"),
+            "{:?}",
+            pins["short"]
+        );
         assert_eq!(pins["fenced"].node, None);
         assert!(
             pins["fenced"]

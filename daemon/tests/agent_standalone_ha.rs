@@ -32,14 +32,11 @@ mod replica_node;
 #[allow(dead_code)]
 mod volume_cli;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use basalt_api::{
-    AgentClient, Kind, Object, ReplicaState, StorageClient, Volume, WatchEvent, WatchStream,
-};
+use basalt_api::{AgentClient, Kind, Object, ReplicaState, Volume, WatchEvent, WatchStream};
 use basalt_testkit::{Process, wait};
 use futures::StreamExt as _;
 

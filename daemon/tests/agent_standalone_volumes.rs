@@ -18,10 +18,9 @@ mod common;
 mod replica_node;
 mod volume_cli;
 
-use std::path::Path;
 use std::time::Duration;
 
-use basalt_api::{ReplicaState, StorageClient, Volume};
+use basalt_api::{ReplicaState, Volume};
 use basalt_testkit::wait;
 
 use replica_node::{

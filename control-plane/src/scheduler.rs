@@ -1026,6 +1026,11 @@ mod tests {
         );
     }
 
+    /// [`plan_pinned`] of `vm` alone, placed for the first time.
+    fn first_placement(nodes: &[Node], vm: Vm, pins: &Pins, seed: u64) -> Plan {
+        plan_pinned(nodes, &[vm], &[], &[], pins, Overcommit::default(), seed)
+    }
+
     fn pin(node: Option<&str>) -> Pin {
         Pin {
             node: node.map(str::to_owned),
@@ -1052,28 +1057,12 @@ mod tests {
                 epoch: 4,
             },
         )]);
-        let plan = plan_pinned(
-            &nodes,
-            &[replicated("db", 2, 1 << 20)],
-            &[],
-            &[],
-            &pins,
-            Overcommit::default(),
-            7,
-        );
+        let plan = first_placement(&nodes, replicated("db", 2, 1 << 20), &pins, 7);
         assert_eq!(plan.placements, [("db".to_owned(), "b".to_owned())]);
         assert_eq!(plan.replica_nodes["db"], ["b", "c"]);
         // The pinned node cannot take it: pending, naming it.
         let small = [node("a", 64, 65536), node("b", 1, 64), node("c", 8, 8192)];
-        let plan = plan_pinned(
-            &small,
-            &[replicated("db", 2, 1 << 20)],
-            &[],
-            &[],
-            &pins,
-            Overcommit::default(),
-            7,
-        );
+        let plan = first_placement(&small, replicated("db", 2, 1 << 20), &pins, 7);
         assert!(plan.placements.is_empty(), "{plan:?}");
         assert!(
             plan.unschedulable[0]
@@ -1101,15 +1090,7 @@ mod tests {
         );
 
         // The pinned node is full: pending, and the reason names it.
-        let plan = plan_pinned(
-            &nodes,
-            &[vm("web", 1, 4096, None)],
-            &[],
-            &[],
-            &pins,
-            Overcommit::default(),
-            1,
-        );
+        let plan = first_placement(&nodes, vm("web", 1, 4096, None), &pins, 1);
         assert!(plan.placements.is_empty(), "{plan:?}");
         let reason = &plan.unschedulable[0].1;
         assert!(
@@ -1121,30 +1102,14 @@ mod tests {
         // copies go elsewhere as usual.
         let nodes = [node("a", 8, 8192), node("b", 8, 8192), node("c", 8, 8192)];
         let pins = Pins::from([("db".to_owned(), pin(Some("c")))]);
-        let plan = plan_pinned(
-            &nodes,
-            &[replicated("db", 2, 1 << 20)],
-            &[],
-            &[],
-            &pins,
-            Overcommit::default(),
-            7,
-        );
+        let plan = first_placement(&nodes, replicated("db", 2, 1 << 20), &pins, 7);
         assert_eq!(plan.placements, [("db".to_owned(), "c".to_owned())]);
         let copies = &plan.replica_nodes["db"];
         assert_eq!((copies.len(), copies[0].as_str()), (2, "c"), "{copies:?}");
 
         // The source is on no node yet: the VM waits.
         let pins = Pins::from([("db".to_owned(), pin(None))]);
-        let plan = plan_pinned(
-            &nodes,
-            &[replicated("db", 2, 1 << 20)],
-            &[],
-            &[],
-            &pins,
-            Overcommit::default(),
-            7,
-        );
+        let plan = first_placement(&nodes, replicated("db", 2, 1 << 20), &pins, 7);
         assert!(plan.placements.is_empty());
         assert_eq!(plan.unschedulable[0].1, pin(None).why, "{plan:?}");
 

@@ -112,7 +112,14 @@ fn replicas_text(replicas: &[VolumeReplica]) -> String {
 fn details(v: &Volume) -> String {
     let owner = v.spec.owner.as_ref().map_or_else(
         || "- (standalone)".to_owned(),
-        |o| format!("vm {} disk {}", o.vm, o.disk),
+        |o| {
+            let attached = if o.attached {
+                " (attached: released when the VM goes)"
+            } else {
+                ""
+            };
+            format!("vm {} disk {}{attached}", o.vm, o.disk)
+        },
     );
     let owner = match &v.spec.source {
         Some(source) if source.snapshot => format!("{owner}, snapshot of {}", source.volume),

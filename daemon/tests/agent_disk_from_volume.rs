@@ -30,7 +30,11 @@
 //! sync; a missing volume, a snapshot, a second VM or a wrong copy count
 //! is refused naming the field, and deleting the volume while attached is
 //! refused. Deleting the VM releases the volume: standalone again, its
-//! copies in sync, and a later write still reaches both.
+//! copies in sync, and a later write still reaches both. When the VM's
+//! node is lost, the VM moves to the volume's other copy at a new epoch,
+//! the lost copy marked outdated in the VM's status; the volume follows
+//! (still the VM's, primary there), serves what was written and, when the
+//! node returns, has its copy resynced and the mark cleared.
 
 mod common;
 mod replica_node;
@@ -42,7 +46,9 @@ use basalt_agent::storage::disk_volume;
 use basalt_api::{Kind, Object, Placement, ReplicaState, VmPhase, Volume, VolumeOwner};
 use basalt_testkit::{Node, Process, wait};
 
-use replica_node::{NBD, SHORT_LEASES, SimCluster, in_pool};
+use replica_node::{
+    NBD, PATTERN_AT, SHORT_LEASES, SimCluster, every, in_pool, pattern, read_export, write_pattern,
+};
 use volume_cli::{basalt, cli_volume, create_vm, states, text};
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -509,6 +515,13 @@ async fn a_volume_attached_as_a_disk_is_the_vms_and_is_released_with_its_data() 
             attached: true,
         })
     );
+    let out = basalt(server, &["volume", "get", "scratch"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("vm web disk data (attached: released when the VM goes)"),
+        "{}",
+        text(&out)
+    );
     refused(server, &["volume", "delete", "scratch"], "attached as disk").await;
     // The VM runs on the volume itself: no disk of the derived name.
     wait::until("web runs", DEADLINE, &logs, || async {
@@ -574,4 +587,167 @@ async fn a_volume_attached_as_a_disk_is_the_vms_and_is_released_with_its_data() 
     assert!(out.status.success(), "{}", text(&out));
     let out = basalt(server, &["volume", "delete", "scratch"]).await;
     assert!(out.status.success(), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_on_an_attached_volume_moves_to_its_other_copy_when_its_node_is_lost() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut cluster = SimCluster::start(&["a", "b"], SHORT_LEASES, DEADLINE).await;
+    let (control, admin, server, members) = cluster.parts();
+    let out = basalt(
+        server,
+        &[
+            "volume", "create", "scratch", "--size", "16M", "--copies", "2",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait::until(
+        "both copies of scratch are up to date",
+        DEADLINE,
+        &every(control, members),
+        || async {
+            cli_volume(server, "scratch")
+                .await
+                .is_some_and(|v| in_sync(&v, 2))
+        },
+    )
+    .await;
+    let scratch = cli_volume(server, "scratch").await.expect("scratch");
+    let pool_name = scratch.status.storage_name.clone();
+    let (p, s) = if scratch.status.primary_node == "a" {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    let (lost, other) = (
+        members[p].node.name().to_owned(),
+        members[s].node.name().to_owned(),
+    );
+    write_pattern(&members[p].node, &pool_name, PATTERN_AT, 3);
+
+    create_vm(server, "web", "128M", "name=data,attach=scratch").await;
+    let running_on = |node: String| async move {
+        let placed = matches!(
+            admin.get(Kind::Placement, "web").await,
+            Ok(Object::Placement(p)) if p.node == node
+        );
+        placed
+            && matches!(
+                admin.get(Kind::Vm, "web").await,
+                Ok(Object::Vm(vm)) if vm.status.phase == VmPhase::Running && vm.status.node.as_deref() == Some(node.as_str())
+            )
+    };
+    wait::until(
+        "web runs on the volume's primary, the volume its disk",
+        DEADLINE,
+        &every(control, members),
+        || async {
+            running_on(lost.clone()).await
+                && cli_volume(server, "scratch")
+                    .await
+                    .is_some_and(|v| v.spec.owner.is_some() && in_sync(&v, 2))
+        },
+    )
+    .await;
+    let Ok(Object::Placement(first)) = admin.get(Kind::Placement, "web").await else {
+        panic!("web is placed");
+    };
+
+    // The VM's node is lost.
+    members[p].agent.kill9().expect("kill the agent");
+    members[p]
+        .storage
+        .kill9()
+        .expect("kill the storage process");
+    wait::until(
+        "web runs on the other copy's node at a new epoch",
+        DEADLINE,
+        &[control, &members[s].agent, &members[s].storage],
+        || async {
+            running_on(other.clone()).await
+                && matches!(
+                    admin.get(Kind::Placement, "web").await,
+                    Ok(Object::Placement(p)) if p.epoch == first.epoch + 1
+                )
+        },
+    )
+    .await;
+    wait::until(
+        "the volume follows: still web's, primary on the other node",
+        DEADLINE,
+        &[control, &members[s].agent, &members[s].storage],
+        || async {
+            cli_volume(server, "scratch").await.is_some_and(|v| {
+                v.spec
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| o.vm == "web" && o.attached)
+                    && v.status.primary_node == other
+                    && v.status.epoch == first.epoch + 1
+            })
+        },
+    )
+    .await;
+    let node_s = &members[s].node;
+    wait::until(
+        "the other copy serves what was written before the loss",
+        DEADLINE,
+        &[control, &members[s].agent, &members[s].storage],
+        || async {
+            read_export(node_s, &pool_name, PATTERN_AT, pattern(3).len())
+                .is_ok_and(|got| got == pattern(3))
+        },
+    )
+    .await;
+    // A write without the lost peer goes on once the fence recorded that
+    // copy outdated, through the VM as for any VM disk.
+    write_pattern(node_s, &pool_name, PATTERN_AT, 4);
+    let Ok(Object::Vm(web)) = admin.get(Kind::Vm, "web").await else {
+        panic!("vm web");
+    };
+    assert!(
+        web.status.is_outdated_on(&lost),
+        "the lost copy is fenced through the VM: {:?}",
+        web.status
+    );
+    wait::until(
+        "the volume mirrors the mark",
+        DEADLINE,
+        &[control, &members[s].agent, &members[s].storage],
+        || async {
+            cli_volume(server, "scratch")
+                .await
+                .is_some_and(|v| v.status.replica(&lost).is_some_and(|r| r.outdated))
+        },
+    )
+    .await;
+
+    // The node returns: its copy is resynced and the mark cleared.
+    members[p].storage.restart().expect("restart its storage");
+    members[p].agent.restart().expect("restart its agent");
+    wait::until(
+        "the returned copy is back in sync, its mark cleared",
+        DEADLINE,
+        &every(control, members),
+        || async {
+            let cleared = matches!(
+                admin.get(Kind::Vm, "web").await,
+                Ok(Object::Vm(vm)) if vm.status.outdated_replicas.is_empty()
+            );
+            cleared
+                && cli_volume(server, "scratch").await.is_some_and(|v| {
+                    in_sync(&v, 2) && v.status.replicas.iter().all(|r| !r.outdated)
+                })
+        },
+    )
+    .await;
+    assert_eq!(
+        read_export(&members[p].node, &pool_name, PATTERN_AT, pattern(4).len()).expect("read"),
+        pattern(4),
+        "the returned copy holds the write made while it was away"
+    );
 }

@@ -41,7 +41,8 @@ use basalt_testkit::{Process, wait};
 use futures::StreamExt as _;
 
 use replica_node::{
-    Member, PATTERN_AT, SimCluster, in_pool, pattern, read_export, refuses_writes, write_pattern,
+    Member, PATTERN_AT, SimCluster, every, in_pool, pattern, read_export, refuses_writes,
+    write_pattern,
 };
 use volume_cli::{basalt, cli_volume, text};
 
@@ -126,14 +127,6 @@ async fn next_change(events: &mut WatchStream) -> Option<(&'static str, Volume, 
             return Some((kind, v, version));
         }
     }
-}
-
-/// The processes whose logs a wait prints: the control plane, then every
-/// member's agent and storage process.
-fn every<'a>(control: &'a Process, members: &'a [Member]) -> Vec<&'a Process> {
-    let mut all = vec![control];
-    all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
-    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,14 @@ pub const DISK_BYTES: u64 = 16 << 20;
 pub const PATTERN_AT: u64 = 1 << 20;
 const PATTERN_BLOCKS: u64 = 64;
 
+/// The processes whose logs a wait prints: the control plane, then every
+/// member's agent and storage process.
+pub fn every<'a>(control: &'a Process, members: &'a [Member]) -> Vec<&'a Process> {
+    let mut all = vec![control];
+    all.extend(members.iter().flat_map(|m| [&m.agent, &m.storage]));
+    all
+}
+
 /// Whether `socket`'s pool holds a volume named `name`; `None` while its
 /// storage process cannot be asked.
 pub async fn in_pool(socket: &Path, name: &str) -> Option<bool> {
@@ -330,8 +338,6 @@ impl SimCluster {
     /// Every process, for the logs a failed wait shows: the control
     /// plane, then each node's agent and storage process.
     pub fn logs(&self) -> Vec<&Process> {
-        let mut logs = vec![&self.control];
-        logs.extend(self.members.iter().flat_map(|m| [&m.agent, &m.storage]));
-        logs
+        every(&self.control, &self.members)
     }
 }

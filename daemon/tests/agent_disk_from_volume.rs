@@ -49,7 +49,7 @@ use basalt_testkit::{Node, Process, wait};
 use replica_node::{
     NBD, PATTERN_AT, SHORT_LEASES, SimCluster, every, in_pool, pattern, read_export, write_pattern,
 };
-use volume_cli::{basalt, cli_volume, create_vm, states, text};
+use volume_cli::{basalt, cli_volume, create_vm, states, text, two_copies};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 /// Where the patterns go, and how long they are.
@@ -381,26 +381,7 @@ async fn a_volume_attached_as_a_disk_is_the_vms_and_is_released_with_its_data() 
     let cluster = SimCluster::start(&["a", "b"], SHORT_LEASES, DEADLINE).await;
     let (server, admin, logs) = (cluster.server.as_str(), &cluster.admin, cluster.logs());
 
-    let out = basalt(
-        server,
-        &[
-            "volume", "create", "scratch", "--size", "16M", "--copies", "2",
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
-    wait::until(
-        "both copies of scratch are up to date",
-        DEADLINE,
-        &logs,
-        || async {
-            cli_volume(server, "scratch")
-                .await
-                .is_some_and(|v| in_sync(&v, 2))
-        },
-    )
-    .await;
-    let scratch = cli_volume(server, "scratch").await.expect("scratch");
+    let scratch = two_copies(server, "scratch", &logs, DEADLINE).await;
     let pool_name = scratch.status.storage_name.clone();
     let p = &cluster.member(&scratch.status.primary_node).node;
     let s = &cluster
@@ -597,26 +578,7 @@ async fn a_vm_on_an_attached_volume_moves_to_its_other_copy_when_its_node_is_los
     }
     let mut cluster = SimCluster::start(&["a", "b"], SHORT_LEASES, DEADLINE).await;
     let (control, admin, server, members) = cluster.parts();
-    let out = basalt(
-        server,
-        &[
-            "volume", "create", "scratch", "--size", "16M", "--copies", "2",
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
-    wait::until(
-        "both copies of scratch are up to date",
-        DEADLINE,
-        &every(control, members),
-        || async {
-            cli_volume(server, "scratch")
-                .await
-                .is_some_and(|v| in_sync(&v, 2))
-        },
-    )
-    .await;
-    let scratch = cli_volume(server, "scratch").await.expect("scratch");
+    let scratch = two_copies(server, "scratch", &every(control, members), DEADLINE).await;
     let pool_name = scratch.status.storage_name.clone();
     let (p, s) = if scratch.status.primary_node == "a" {
         (0, 1)

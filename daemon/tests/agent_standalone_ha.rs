@@ -36,45 +36,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use basalt_api::{AgentClient, Kind, Object, ReplicaState, Volume, WatchEvent, WatchStream};
-use basalt_testkit::{Process, wait};
+use basalt_api::{AgentClient, Kind, Object, Volume, WatchEvent, WatchStream};
+use basalt_testkit::wait;
 use futures::StreamExt as _;
 
 use replica_node::{
     Member, PATTERN_AT, SimCluster, every, in_pool, pattern, read_export, refuses_writes,
     write_pattern,
 };
-use volume_cli::{basalt, cli_volume, text};
+use volume_cli::{all_up, cli_volume, two_copies};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// Every copy up to date, as the primary sees it and as its own node
-/// does, none marked outdated.
-fn all_up(v: &Volume) -> bool {
-    v.status.replicas.iter().all(|r| {
-        r.state == ReplicaState::UpToDate
-            && r.node_state == Some(ReplicaState::UpToDate)
-            && !r.outdated
-    })
-}
-
-/// Creates a 2-copy standalone volume `name` and waits until both copies
-/// are up to date; returns it.
-async fn two_copies(server: &str, name: &str, logs: &[&Process]) -> Volume {
-    let out = basalt(
-        server,
-        &["volume", "create", name, "--size", "16M", "--copies", "2"],
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
-    wait::until("both copies up to date", DEADLINE, logs, || async {
-        cli_volume(server, name)
-            .await
-            .is_some_and(|v| v.status.replicas.len() == 2 && all_up(&v))
-    })
-    .await;
-    cli_volume(server, name).await.expect("the volume")
-}
 
 /// The next event of a node's volume watch (within [`DEADLINE`]): its
 /// kind, the volume's name and the version (empty and 0 for a bookmark).
@@ -146,7 +118,7 @@ async fn a_lost_primary_moves_to_the_up_to_date_copy_and_comes_back_secondary() 
     };
     let volume = {
         let all = every(control, members);
-        two_copies(server, "scratch", &all).await
+        two_copies(server, "scratch", &all, DEADLINE).await
     };
     let pool_name = volume.status.storage_name.clone();
     assert_eq!(volume.status.epoch, 1);
@@ -312,7 +284,7 @@ async fn a_lost_copy_is_replaced_after_the_delay_filled_and_deleted_from_its_nod
     let (control, admin, server, members) = cluster.parts();
     let volume = {
         let all = every(control, members);
-        two_copies(server, "scratch", &all).await
+        two_copies(server, "scratch", &all, DEADLINE).await
     };
     let pool_name = volume.status.storage_name.clone();
     let primary = volume.status.primary_node.clone();
@@ -497,7 +469,7 @@ async fn a_fenced_copy_back_in_sync_has_its_mark_cleared() {
     let (control, _, server, members) = cluster.parts();
     let volume = {
         let all = every(control, members);
-        two_copies(server, "scratch", &all).await
+        two_copies(server, "scratch", &all, DEADLINE).await
     };
     let pool_name = volume.status.storage_name.clone();
     let primary = volume.status.primary_node.clone();

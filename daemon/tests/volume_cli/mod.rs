@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::Output;
+use std::time::Duration;
 
 use basalt_api::{Object, ReplicaState, Volume};
+use basalt_testkit::{Process, wait};
 
 use crate::common;
 
@@ -54,6 +56,36 @@ pub async fn cli_volume(server: &str, name: &str) -> Option<Volume> {
             text(&out)
         ),
     }
+}
+
+/// Every copy up to date, as the primary sees it and as its own node
+/// does, none marked outdated.
+#[allow(dead_code)] // not every test of volumes waits on copies
+pub fn all_up(v: &Volume) -> bool {
+    v.status.replicas.iter().all(|r| {
+        r.state == ReplicaState::UpToDate
+            && r.node_state == Some(ReplicaState::UpToDate)
+            && !r.outdated
+    })
+}
+
+/// Creates a 2-copy standalone volume `name` of 16 MiB and waits (up to
+/// `deadline`) until both copies are up to date; returns it.
+#[allow(dead_code)] // not every test of volumes makes one
+pub async fn two_copies(server: &str, name: &str, logs: &[&Process], deadline: Duration) -> Volume {
+    let out = basalt(
+        server,
+        &["volume", "create", name, "--size", "16M", "--copies", "2"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait::until("both copies up to date", deadline, logs, || async {
+        cli_volume(server, name)
+            .await
+            .is_some_and(|v| v.status.replicas.len() == 2 && all_up(&v))
+    })
+    .await;
+    cli_volume(server, name).await.expect("the volume")
 }
 
 /// Each copy's node and state, in the status's order.

@@ -205,12 +205,7 @@ async fn attached(admin: &AdminClient, pool_name: &str) -> Result<bool, ApiError
         _ => None,
     })
     .await?;
-    Ok(vms.iter().any(|vm| {
-        vm.spec
-            .disks
-            .iter()
-            .any(|d| d.attached_storage_name.as_deref() == Some(pool_name))
-    }))
+    Ok(super::snapshots::attached_pool_names(&vms).contains(pool_name))
 }
 
 /// Every VM, placement and node.

@@ -57,16 +57,20 @@ pub struct Work {
     pub drop: Vec<String>,
 }
 
+/// The pool names of the volumes the disks of `vms` attach (decision 76).
+pub fn attached_pool_names(vms: &[Vm]) -> BTreeSet<&str> {
+    vms.iter()
+        .flat_map(|vm| &vm.spec.disks)
+        .filter_map(|d| d.attached_storage_name.as_deref())
+        .collect()
+}
+
 /// `drop` without the pool volumes a disk of one of `vms` attaches
 /// (decision 76): the VM's disk path keeps those wherever the volume's
 /// status places its copies (a live migration's target holds one before
 /// the volume names it). They are this loop's again once released.
 pub fn keep_attached(drop: Vec<String>, vms: &[Vm]) -> Vec<String> {
-    let attached: BTreeSet<&str> = vms
-        .iter()
-        .flat_map(|vm| &vm.spec.disks)
-        .filter_map(|d| d.attached_storage_name.as_deref())
-        .collect();
+    let attached = attached_pool_names(vms);
     drop.into_iter()
         .filter(|name| !attached.contains(name.as_str()))
         .collect()
@@ -260,18 +264,14 @@ pub async fn make_and_drop(
     let drop = if work.drop.is_empty() {
         work.drop
     } else {
-        match admin.list(Kind::Vm).await {
-            Ok(list) => {
-                let vms: Vec<Vm> = list
-                    .objects
-                    .into_iter()
-                    .filter_map(|o| match o {
-                        Object::Vm(vm) => Some(vm),
-                        _ => None,
-                    })
-                    .collect();
-                keep_attached(work.drop, &vms)
-            }
+        let vms: Result<Vec<Vm>, ApiError> =
+            super::replicas::list_of(admin, Kind::Vm, |o| match o {
+                Object::Vm(vm) => Some(vm),
+                _ => None,
+            })
+            .await;
+        match vms {
+            Ok(vms) => keep_attached(work.drop, &vms),
             Err(err) => {
                 tracing::debug!(error = %err, "listing VMs before dropping volumes failed; will retry");
                 return false;

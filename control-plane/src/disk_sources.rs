@@ -25,6 +25,8 @@
 //!   the disk's copies; an update neither adds a disk from or attaching a
 //!   volume nor changes either (the clone is made, the volume taken, once,
 //!   at the VM's first placement);
+//! - [`keep_attached_names`], on apply of an update: the recorded pool
+//!   name of a disk that still attaches the same volume is kept;
 //! - [`pins`]: where each VM placed for the first time must go (the
 //!   scheduler's hard filter, [`crate::scheduler::Pin`]).
 //!
@@ -97,6 +99,25 @@ pub fn complete(state: &State, object: &mut Object) {
     }
 }
 
+/// Keeps, on an update of a VM, the pool name the control plane recorded
+/// for each disk that still attaches the same volume: the field is the
+/// control plane's, so a client that sends it empty (or different) leaves
+/// it as it is. A disk whose attachment changes keeps nothing; [`check`]
+/// refuses it.
+pub fn keep_attached_names(current: &Vm, update: &mut Vm) {
+    for disk in &mut update.spec.disks {
+        if let Some(before) = current
+            .spec
+            .disks
+            .iter()
+            .find(|d| d.name == disk.name && d.attach.is_some() && d.attach == disk.attach)
+        {
+            disk.attached_storage_name
+                .clone_from(&before.attached_storage_name);
+        }
+    }
+}
+
 /// The rules for disks made from volumes or attaching them, on apply of
 /// `vm` (`current`: the VM it replaces, for an update). See the module's
 /// doc.
@@ -105,10 +126,7 @@ pub fn check(state: &State, vm: &Vm, current: Option<&Vm>) -> Result<(), Refusal
         let field = format!("spec.disks[{i}]");
         if let Some(current) = current {
             let before = current.spec.disks.iter().find(|d| d.name == disk.name);
-            if before.and_then(|d| d.attach.as_ref()) != disk.attach.as_ref()
-                || before.and_then(|d| d.attached_storage_name.as_ref())
-                    != disk.attached_storage_name.as_ref()
-            {
+            if before.and_then(|d| d.attach.as_ref()) != disk.attach.as_ref() {
                 return Err(Refusal::Invalid {
                     field: format!("{field}.attach"),
                     reason: format!(
@@ -726,9 +744,32 @@ mod tests {
         assert!(says.starts_with("spec.disks[1].attach: "), "{says}");
         let mut grown = web.clone();
         grown.spec.disks[0].size_bytes = 32 << 20;
+        // The pool name is the control plane's: an update that leaves it
+        // out (or names another) keeps the recorded one.
+        grown.spec.disks[0].attached_storage_name = None;
         state
             .apply(index + 1, Command::Update(Object::Vm(grown)))
             .expect("an attached disk grows like any disk");
+        let mut renamed = match state.get(Kind::Vm, "web") {
+            Some(Object::Vm(vm)) => vm.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            renamed.spec.disks[0].attached_storage_name, web.spec.disks[0].attached_storage_name,
+            "kept through an update without it"
+        );
+        assert!(renamed.spec.disks[0].attached_storage_name.is_some());
+        renamed.spec.disks[0].attached_storage_name = Some("vol-elsewhere".into());
+        state
+            .apply(index + 2, Command::Update(Object::Vm(renamed)))
+            .expect("a different pool name is overwritten, not refused");
+        match state.get(Kind::Vm, "web") {
+            Some(Object::Vm(vm)) => assert_eq!(
+                vm.spec.disks[0].attached_storage_name,
+                web.spec.disks[0].attached_storage_name
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

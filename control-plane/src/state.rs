@@ -288,8 +288,8 @@ impl State {
                         actual: current_meta.resource_version,
                     });
                 }
-                self.check_references(&object, Some(current))?;
                 keep_protected(current, &mut object);
+                self.check_references(&object, Some(current))?;
                 let previous = current.clone();
                 self.replace(index, &previous, &mut object);
                 Ok(Applied::one(ChangeType::Modified, object, Some(previous)))
@@ -813,6 +813,9 @@ fn keep_protected(current: &Object, update: &mut Object) {
                 .status
                 .credential_sha256
                 .clone_from(&current.status.credential_sha256);
+        }
+        (Object::Vm(current), Object::Vm(update)) => {
+            crate::disk_sources::keep_attached_names(current, update);
         }
         _ => {}
     }

@@ -30,7 +30,15 @@
 //!   boot record (no second boot) and data written on the source, its
 //!   pool allocates about what the source's did (the holes stay holes:
 //!   the whole disk would not even fit the test's 512 MiB pools), and the
-//!   source keeps neither domain nor copy.
+//!   source keeps neither domain nor copy. Its second disk is an
+//!   attached volume (a one-copy clone of the first VM's disk): the VM
+//!   is placed where that copy is, at an epoch past the volume's, and the
+//!   volume moves the same way: its data on the target, no copy left on
+//!   the source, still the VM's, its status naming the target. That move
+//!   is slowed down and a volume created mid-copy, so every agent's
+//!   standalone loop looks for copies to drop while the target holds the
+//!   attached volume's new copy that the volume does not name yet: the
+//!   target keeps it.
 //!
 //! After each move the held connection is still the same one (no reset,
 //! every number one more than the last), the guest has not rebooted (its
@@ -48,7 +56,8 @@ use std::time::{Duration, Instant};
 
 use basalt_agent::storage::disk_volume;
 use basalt_api::{
-    Disk, KernelBoot, Kind, Migration, MigrationPhase, Nic, Object, ObjectMeta, Vm, VmPhase, VmSpec,
+    Disk, KernelBoot, Kind, Migration, MigrationPhase, Nic, Object, ObjectMeta, ReplicaState, Vm,
+    VmPhase, VmSpec, Volume,
 };
 use basalt_testkit::guest::{GuestClient, GuestImage};
 use basalt_testkit::nbd_client::NbdClient;
@@ -139,6 +148,14 @@ fn received(node: &basalt_testkit::Node) -> u64 {
         .filter_map(|l| l.split(':').nth(1))
         .filter_map(|counters| counters.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// The volume the single-copy VM attaches.
+async fn attached_volume(admin: &basalt_api::AdminClient) -> Option<Volume> {
+    match admin.get(Kind::Volume, "data").await {
+        Ok(Object::Volume(v)) => Some(v),
+        _ => None,
+    }
 }
 
 /// `volume`'s allocated bytes in a node's pool.
@@ -630,23 +647,53 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
 
     // 3. A disk with a single copy moves with the guest: the target makes
     // a fresh volume, the source's hypervisor copies the disk into it, and
-    // the source's copy goes once the VM is placed on the target.
+    // the source's copy goes once the VM is placed on the target. The VM
+    // also attaches a volume (decision 76), a one-copy clone of the
+    // mover's disk made where that disk's primary is: the VM is pinned
+    // there, and the volume's copy moves with it the same way.
+    let out = basalt(&server, &["volume", "clone", "mover-root", "data"]).await;
+    assert!(out.status.success(), "volume clone: {}", text(&out));
+    wait::until(
+        "the clone is made, one copy up to date",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            attached_volume(&admin).await.is_some_and(|v| {
+                v.status.replicas.len() == 1 && v.status.replicas[0].state == ReplicaState::UpToDate
+            })
+        },
+    )
+    .await;
+    let data = attached_volume(&admin).await.expect("the clone");
+    assert_eq!(data.status.primary_node, cluster.nodes[here].netns());
     let single = Vm {
         meta: ObjectMeta::named("single"),
         spec: VmSpec {
             cpus: 1,
             memory_mib: 96,
-            running: false,
-            disks: vec![Disk {
-                name: "root".into(),
-                size_bytes: SINGLE_DISK_BYTES,
-                image: None,
-                replicas: 1,
-                source_volume: None,
-                attach: None,
-                attached_storage_name: None,
-                protocol: Default::default(),
-            }],
+            running: true,
+            disks: vec![
+                Disk {
+                    name: "root".into(),
+                    size_bytes: SINGLE_DISK_BYTES,
+                    image: None,
+                    replicas: 1,
+                    source_volume: None,
+                    attach: None,
+                    attached_storage_name: None,
+                    protocol: Default::default(),
+                },
+                Disk {
+                    name: "data".into(),
+                    size_bytes: 0,
+                    image: None,
+                    replicas: 0,
+                    source_volume: None,
+                    attach: Some("data".into()),
+                    attached_storage_name: None,
+                    protocol: Default::default(),
+                },
+            ],
             kernel: Some(KernelBoot {
                 kernel: image.kernel().to_string_lossy().into_owned(),
                 initrd: image.initrd().to_string_lossy().into_owned(),
@@ -656,9 +703,14 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         },
         ..Vm::default()
     };
-    let single = cluster.create_vm(single, here, &[]).await;
+    // Placed by the scheduler, on the attached volume's pin.
+    let Object::Vm(single) = admin.create(Object::Vm(single)).await.expect("vm") else {
+        panic!("a vm")
+    };
     let single_domain = format!("{}single", cluster.domain_prefix);
     let single_volume = disk_volume(&single.meta.uid, "root");
+    let data_volume = single.spec.disks[1].storage_name(&single.meta.uid);
+    assert_eq!(data_volume, data.status.storage_name);
     // Booted: the guest has counted its boot on its disk.
     wait::until(
         "the single-copy VM runs and has counted its boot",
@@ -672,18 +724,22 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         },
     )
     .await;
-    // Data the guest never touches, written beside it through the export.
+    let pinned = placement(&admin, "single").await.expect("placed");
+    assert_eq!(
+        (pinned.node.as_str(), pinned.epoch),
+        (cluster.nodes[here].netns(), data.status.epoch + 1),
+        "pinned to the attached volume's node, past its epoch"
+    );
+    // Data the guest never touches, written beside it through the exports
+    // of both disks.
     let pattern: Vec<u8> = (0..PATTERN_BYTES).map(|i| (i % 251) as u8 + 1).collect();
-    {
-        let (node, export, pattern) = (
-            cluster.nodes[here].clone(),
-            single_volume.clone(),
-            pattern.clone(),
-        );
+    for (export, at) in [(&single_volume, PATTERN_AT), (&data_volume, 0)] {
+        let (node, export, pattern) =
+            (cluster.nodes[here].clone(), export.clone(), pattern.clone());
         tokio::task::spawn_blocking(move || {
             node.run_in(move || {
                 let mut client = NbdClient::connect(live_cluster::NBD, &export)?;
-                client.write(PATTERN_AT, &pattern)?;
+                client.write(at, &pattern)?;
                 client.flush()
             })
         })
@@ -701,19 +757,64 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
     );
     let received_before = received(&cluster.nodes[other]);
     let started = Instant::now();
-    let out = basalt(
-        &server,
-        &[
-            "vm",
-            "migrate",
-            "single",
-            "--to",
-            cluster.nodes[other].netns(),
-            "--wait",
-        ],
+    // Slowed down (libvirt counts the disk's holes against the cap: about
+    // 17 s for its 1 GiB), so the volume watch can be stirred mid-copy: every
+    // agent's standalone loop then looks for `vol-` copies to drop, and
+    // the target holds the attached volume's new copy while the volume
+    // still names the source.
+    let migrate = {
+        let (server, to) = (server.clone(), cluster.nodes[other].netns().to_owned());
+        tokio::spawn(async move {
+            basalt(
+                &server,
+                &[
+                    "vm",
+                    "migrate",
+                    "single",
+                    "--to",
+                    &to,
+                    "--bandwidth-mib",
+                    "64",
+                    "--wait",
+                ],
+            )
+            .await
+        })
+    };
+    wait::until(
+        "the target holds the attached volume's new copy mid-migration",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            migration(&admin, "single")
+                .await
+                .is_some_and(|m| m.status.phase == MigrationPhase::Migrating)
+                && live_cluster::volume_names(&cluster.clients[other])
+                    .await
+                    .is_some_and(|v| v.contains(&data_volume))
+        },
     )
     .await;
+    let out = basalt(&server, &["volume", "create", "poke", "--size", "1M"]).await;
+    assert!(out.status.success(), "volume create poke: {}", text(&out));
+    wait::until(
+        "the stirring volume is made",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            matches!(admin.get(Kind::Volume, "poke").await,
+                Ok(Object::Volume(v)) if v.status.replicas.iter().any(|r| r.state == ReplicaState::UpToDate))
+        },
+    )
+    .await;
+    let stirred_mid_copy = migration(&admin, "single")
+        .await
+        .is_some_and(|m| !m.status.phase.is_terminal());
+    let out = migrate.await.expect("join");
     assert!(out.status.success(), "migrate single: {}", text(&out));
+    eprintln!("the volume watch was stirred mid-copy: {stirred_mid_copy}");
+    let out = basalt(&server, &["volume", "delete", "poke"]).await;
+    assert!(out.status.success(), "volume delete poke: {}", text(&out));
     let m = migration(&admin, "single").await.expect("the migration");
     let crossed = received(&cluster.nodes[other]) - received_before;
     eprintln!(
@@ -730,7 +831,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
     assert_eq!(m.status.phase, MigrationPhase::Succeeded, "{m:?}");
     assert_eq!(
         placement(&admin, "single").await.map(|p| (p.node, p.epoch)),
-        Some((cluster.nodes[other].netns().to_owned(), 2)),
+        Some((cluster.nodes[other].netns().to_owned(), pinned.epoch + 1)),
     );
     assert_eq!(
         domain_state(&cluster.libvirtds[other], &single_domain),
@@ -757,6 +858,13 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         pattern,
         "the data written on the source is on the target"
     );
+    assert_eq!(
+        read_at(&cluster.nodes[other], &data_volume, 0, PATTERN_BYTES)
+            .await
+            .expect("the target's copy of the attached volume"),
+        pattern,
+        "the attached volume's data is on the target"
+    );
     // Only the allocated data travelled: the target's pool holds about as
     // much of the disk as the source's did, not the whole 1 GiB.
     let after = allocated(&cluster.clients[other], &single_volume)
@@ -776,7 +884,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         if state == "undefined"
             && volumes
                 .as_ref()
-                .is_some_and(|v| !v.contains(&single_volume))
+                .is_some_and(|v| !v.contains(&single_volume) && !v.contains(&data_volume))
         {
             break;
         }
@@ -790,6 +898,34 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         domain_state(&cluster.libvirtds[other], &single_domain),
         "running",
         "the moved guest runs on"
+    );
+    // The attached volume followed its VM: still its disk, its one copy on
+    // the target, at the placement's epoch; and the target's agent kept
+    // that copy although it was made before the volume named the node.
+    wait::until(
+        "the attached volume names the target",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            attached_volume(&admin).await.is_some_and(|v| {
+                v.status.primary_node == cluster.nodes[other].netns()
+                    && v.status.replicas.len() == 1
+            })
+        },
+    )
+    .await;
+    let data = attached_volume(&admin).await.expect("the volume");
+    let owner = data.spec.owner.as_ref().expect("still the VM's");
+    assert_eq!(
+        (owner.vm.as_str(), owner.disk.as_str(), owner.attached),
+        ("single", "data", true)
+    );
+    assert_eq!(data.status.epoch, pinned.epoch + 1);
+    assert!(
+        live_cluster::volume_names(&cluster.clients[other])
+            .await
+            .is_some_and(|v| v.contains(&data_volume)),
+        "the target keeps the attached volume's copy"
     );
 
     let nodes = cluster.nodes.clone();

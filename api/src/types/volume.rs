@@ -277,7 +277,8 @@ impl Volume {
                     "a volume is not made from itself",
                 ));
             }
-            if spec.owner.is_some() {
+            // A clone attached as a VM disk keeps its source (decision 76).
+            if spec.owner.as_ref().is_some_and(|o| !o.attached) {
                 return Err(ApiError::invalid(
                     "spec.source",
                     "a VM disk's volume is made by its VM, not from a source",
@@ -543,6 +544,15 @@ mod tests {
         snap.validate().unwrap();
         snap.spec.replicas = 2;
         assert_eq!(field(&snap), "spec.replicas");
+        // A clone is some VM's disk only when attached (then it keeps its
+        // source); a volume the VM made is made from no source.
+        let mut clone = snap.clone();
+        clone.spec.replicas = 1;
+        clone.spec.source.as_mut().unwrap().snapshot = false;
+        clone.spec.owner = volume().spec.owner;
+        assert_eq!(field(&clone), "spec.source");
+        clone.spec.owner.as_mut().unwrap().attached = true;
+        clone.validate().unwrap();
     }
 
     #[test]

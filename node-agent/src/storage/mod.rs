@@ -158,7 +158,10 @@ pub fn is_disk_volume(name: &str) -> bool {
 /// Pool volumes that Basalt made and that belong to no VM of `vms` nor to
 /// an image of `images` (complete lists of the cluster's) nor to an import
 /// running for an image uid in `importing`, plus the copies in `stale`
-/// (from [`stale_copies`]): the ones to delete.
+/// (from [`stale_copies`]): the ones to delete. A stale copy goes whatever
+/// its name, so an attached volume's (`vol-`, decision 76) goes too; an
+/// attached volume this node still holds, or one released, is never
+/// garbage here (the standalone loop drops those copies).
 pub fn garbage(
     pool: &[StorageVolume],
     vms: &[Vm],
@@ -179,7 +182,10 @@ pub fn garbage(
     wanted.retain(|name| !stale.contains(name));
     pool.iter()
         .filter(|v| {
-            (is_disk_volume(&v.name) || is_image_volume(&v.name) || seed::is_seed_volume(&v.name))
+            (is_disk_volume(&v.name)
+                || is_image_volume(&v.name)
+                || seed::is_seed_volume(&v.name)
+                || stale.contains(&v.name))
                 && !wanted.contains(&v.name)
         })
         .map(|v| v.name.clone())
@@ -639,5 +645,26 @@ mod tests {
         assert!(stale_copies("b", std::slice::from_ref(&db), &BTreeMap::new(), &[]).is_empty());
         let unreplicated = BTreeMap::from([placed("db", "a", &[])]);
         assert!(stale_copies("b", &[db], &unreplicated, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_stale_copy_of_an_attached_volume_goes_and_a_held_one_stays() {
+        let mut db = replicated("db", "uid-db");
+        db.spec.disks[0].attach = Some("scratch".into());
+        db.spec.disks[0].attached_storage_name = Some("vol-scratch".into());
+        let placements = BTreeMap::from([placed("db", "a", &["a", "c"])]);
+        let pool = [volume("vol-scratch"), volume("vol-other")];
+        // b's copy was replaced by c's: it goes, by its attached name.
+        let stale = stale_copies("b", std::slice::from_ref(&db), &placements, &[]);
+        assert_eq!(stale, BTreeSet::from(["vol-scratch".to_owned()]));
+        assert_eq!(
+            garbage(&pool, std::slice::from_ref(&db), &[], &[], &stale),
+            ["vol-scratch"]
+        );
+        // c holds one: kept, and so is every other standalone volume.
+        let held = stale_copies("c", std::slice::from_ref(&db), &placements, &[]);
+        assert!(garbage(&pool, std::slice::from_ref(&db), &[], &[], &held).is_empty());
+        // Released (the VM gone): not this collector's.
+        assert!(garbage(&pool, &[], &[], &[], &kept()).is_empty());
     }
 }

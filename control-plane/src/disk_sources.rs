@@ -118,10 +118,45 @@ pub fn keep_attached_names(current: &Vm, update: &mut Vm) {
     }
 }
 
+/// Refuses an update that removes an attached disk from a VM that may be
+/// running (told to run, or not yet seen stopped): the volume is released
+/// on removal and could be attached by another VM while this guest still
+/// writes it. Stop the VM, wait until it is `Stopped`, then remove the disk.
+fn check_detach(vm: &Vm, current: &Vm) -> Result<(), Refusal> {
+    use basalt_api::VmPhase;
+    let stopped = !current.spec.running
+        && matches!(
+            current.status.phase,
+            VmPhase::Pending | VmPhase::Scheduled | VmPhase::Stopped | VmPhase::Failed
+        );
+    if stopped {
+        return Ok(());
+    }
+    let removed = current
+        .spec
+        .disks
+        .iter()
+        .find(|d| d.attach.is_some() && !vm.spec.disks.iter().any(|kept| kept.name == d.name));
+    match removed {
+        Some(disk) => Err(Refusal::FailedPrecondition {
+            reason: format!(
+                "spec.disks: disk {:?} is volume {:?}, attached: stop the VM and wait until it is Stopped (now {}) before removing it, or the volume could be attached elsewhere while this guest still writes it",
+                disk.name,
+                disk.attach.as_deref().unwrap_or_default(),
+                current.status.phase
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The rules for disks made from volumes or attaching them, on apply of
 /// `vm` (`current`: the VM it replaces, for an update). See the module's
 /// doc.
 pub fn check(state: &State, vm: &Vm, current: Option<&Vm>) -> Result<(), Refusal> {
+    if let Some(current) = current {
+        check_detach(vm, current)?;
+    }
     for (i, disk) in vm.spec.disks.iter().enumerate() {
         let field = format!("spec.disks[{i}]");
         if let Some(current) = current {
@@ -399,7 +434,7 @@ fn merge(first: Pin, next: Pin) -> Pin {
 
 #[cfg(test)]
 mod tests {
-    use basalt_api::{ObjectMeta, VolumeSpec, VolumeStatus};
+    use basalt_api::{ObjectMeta, VmPhase, VolumeSpec, VolumeStatus};
 
     use super::*;
     use crate::state::Command;
@@ -770,6 +805,48 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+
+        // Removing the attached disk: refused while the VM may run (told
+        // to, or not seen stopped), allowed once it is stopped.
+        let current = |state: &State| match state.get(Kind::Vm, "web") {
+            Some(Object::Vm(vm)) => vm.clone(),
+            other => panic!("{other:?}"),
+        };
+        for (running, phase) in [
+            (true, VmPhase::Pending),
+            (false, VmPhase::Running),
+            (false, VmPhase::Stopping),
+            (false, VmPhase::Migrating),
+        ] {
+            let mut vm = current(&state);
+            vm.spec.running = running;
+            vm.status.phase = phase;
+            state
+                .apply(index + 3, Command::Update(Object::Vm(vm)))
+                .expect("running or not");
+            let mut removed = current(&state);
+            removed.spec.disks.retain(|d| d.name != "data");
+            match refusal(&mut state, index + 4, Command::Update(Object::Vm(removed))) {
+                Refusal::FailedPrecondition { reason } => assert!(
+                    reason.starts_with(
+                        "spec.disks: disk \"data\" is volume \"scratch\", attached: stop the VM"
+                    ),
+                    "{reason}"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut vm = current(&state);
+        vm.spec.running = false;
+        vm.status.phase = VmPhase::Stopped;
+        state
+            .apply(index + 5, Command::Update(Object::Vm(vm)))
+            .expect("stopped");
+        let mut removed = current(&state);
+        removed.spec.disks.retain(|d| d.name != "data");
+        state
+            .apply(index + 6, Command::Update(Object::Vm(removed)))
+            .expect("a stopped VM's attached disk is removed");
     }
 
     #[test]

@@ -51,6 +51,8 @@ struct State {
     never_converge: BTreeSet<String>,
     /// Guests whose every migration fails at once.
     refuse_migration: BTreeSet<String>,
+    /// The most domains that were ever active at once.
+    most_active: usize,
 }
 
 /// An in-memory hypervisor. See the module doc.
@@ -160,6 +162,12 @@ impl SimCompute {
         self.lock().domains.get(name).map_or(0, |d| d.starts)
     }
 
+    /// The most domains that were ever active at once (counted as each
+    /// starts).
+    pub fn most_active(&self) -> usize {
+        self.lock().most_active
+    }
+
     /// The definition of `name`, as last defined.
     pub fn spec(&self, name: &str) -> Option<DomainSpec> {
         self.lock().domains.get(name).map(|d| d.spec.clone())
@@ -232,12 +240,27 @@ impl Compute for SimCompute {
     }
 
     fn start(&self, name: &str) -> Result<(), ComputeError> {
-        self.with_domain("start", name, |d| {
-            if !d.state.is_active() {
-                d.state = PowerState::Running;
-                d.starts += 1;
-            }
-        })
+        let _call = self.call();
+        let mut state = self.lock();
+        Self::check_fault(&mut state, "start", name)?;
+        let domain = state
+            .domains
+            .get_mut(name)
+            .ok_or_else(|| ComputeError::NotDefined {
+                name: name.to_owned(),
+            })?;
+        if !domain.state.is_active() {
+            domain.state = PowerState::Running;
+            domain.starts += 1;
+        }
+        // Counted under the same lock as the start.
+        let active = state
+            .domains
+            .values()
+            .filter(|d| d.state.is_active())
+            .count();
+        state.most_active = state.most_active.max(active);
+        Ok(())
     }
 
     fn shutdown(&self, name: &str) -> Result<(), ComputeError> {

@@ -24,7 +24,11 @@
 //!   that); the actions on one domain run in the plan's order, one after
 //!   another, so a domain is defined before it starts and destroyed before
 //!   it is undefined. The plan names each domain in one group only, so two
-//!   threads never act on the same domain.
+//!   threads never act on the same domain;
+//! - the domains no longer wanted are stopped and removed before any
+//!   action on a wanted one: a guest never starts beside one that is
+//!   going (they may share a disk: an attached volume released by one VM
+//!   and attached by the next).
 
 pub mod plan;
 
@@ -122,7 +126,18 @@ impl<C: Compute> Reconciler<C> {
         });
         let mut pass = Pass::default();
         let mut errors: BTreeMap<String, String> = plan.conflicts.into_iter().collect();
-        for (action, result) in self.execute_all(plan.actions) {
+        // Unwanted domains go first, all of them, before anything starts:
+        // a VM deleted here and another created on the same disk (an
+        // attached volume released and attached again, decision 76) never
+        // run at once on this node.
+        let wanted: BTreeSet<&str> = desired.vms.iter().map(|vm| vm.spec.name.as_str()).collect();
+        let (removals, rest): (Vec<Action>, Vec<Action>) = plan
+            .actions
+            .into_iter()
+            .partition(|action| !wanted.contains(action.domain()));
+        let mut executed = self.execute_all(removals);
+        executed.extend(self.execute_all(rest));
+        for (action, result) in executed {
             if let Err(err) = &result {
                 tracing::warn!(domain = action.domain(), action = action.verb(), error = %err, "reconcile action failed");
                 errors

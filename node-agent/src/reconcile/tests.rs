@@ -55,6 +55,35 @@ fn a_placed_vm_is_defined_and_started_once() {
 }
 
 #[test]
+fn a_domain_no_longer_wanted_is_gone_before_another_starts() {
+    let mut r = reconciler();
+    let (a, stopped) = (vm("a", true), vm("b", false));
+    let running = DesiredVm {
+        running: true,
+        ..stopped.clone()
+    };
+    r.reconcile(&desired(&[&a, &stopped])).unwrap();
+    assert_eq!(r.compute().most_active(), 1);
+    for _ in 0..3 {
+        // a is deleted and b told to run in the same pass: were both
+        // groups run at once, b's start could land before a's destroy.
+        r.compute().set_call_latency(Duration::from_millis(30));
+        let pass = r.reconcile(&desired(&[&running])).unwrap();
+        assert_eq!(
+            verbs(&pass),
+            ["destroy basalt-a", "undefine basalt-a", "start basalt-b"]
+        );
+        assert!(pass.executed.iter().all(|(_, err)| err.is_none()));
+        assert_eq!(r.compute().most_active(), 1, "a and b ran at once");
+        // Again, from a running a and a stopped b (stopped first).
+        r.compute().set_call_latency(Duration::ZERO);
+        r.reconcile(&desired(&[&stopped])).unwrap();
+        r.reconcile(&desired(&[&a, &stopped])).unwrap();
+    }
+    assert_eq!(state(&r, "basalt-a"), Some(PowerState::Running));
+}
+
+#[test]
 fn a_changed_spec_is_redefined_without_a_restart() {
     let mut r = reconciler();
     let mut a = vm("a", true);

@@ -983,6 +983,17 @@ mod tests {
             .collect();
         assert_eq!(nodes, ["a", "b"]);
         assert!(run(&mut state, &mut index).writes.is_empty());
+        // What clients read back is valid; a clone keeps its source while
+        // attached (clients validate what they read).
+        adopted.validate().expect("an adopted volume validates");
+        let mut clone = adopted.clone();
+        clone.spec.replicas = 1;
+        clone.spec.source = Some(basalt_api::VolumeSource {
+            volume: "golden".into(),
+            snapshot: false,
+        });
+        clone.status.replicas.truncate(1);
+        clone.validate().expect("an attached clone validates");
 
         // The VM goes: the volume stays, standalone again, where it was.
         delete_vm(&mut state, &mut index, "web");
@@ -992,6 +1003,7 @@ mod tests {
             "{plan:?}"
         );
         let released = volume(&state, "scratch");
+        released.validate().expect("a released volume validates");
         assert_eq!(released.spec.owner, None);
         assert_eq!(released.status, adopted.status);
         assert!(run(&mut state, &mut index).writes.is_empty());

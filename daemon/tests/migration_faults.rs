@@ -676,22 +676,14 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
                 Disk {
                     name: "root".into(),
                     size_bytes: SINGLE_DISK_BYTES,
-                    image: None,
                     replicas: 1,
-                    source_volume: None,
-                    attach: None,
-                    attached_storage_name: None,
-                    protocol: Default::default(),
+                    ..Disk::default()
                 },
+                // Its size and copies are the volume's.
                 Disk {
                     name: "data".into(),
-                    size_bytes: 0,
-                    image: None,
-                    replicas: 0,
-                    source_volume: None,
                     attach: Some("data".into()),
-                    attached_storage_name: None,
-                    protocol: Default::default(),
+                    ..Disk::default()
                 },
             ],
             kernel: Some(KernelBoot {

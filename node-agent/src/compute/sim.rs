@@ -162,8 +162,8 @@ impl SimCompute {
         self.lock().domains.get(name).map_or(0, |d| d.starts)
     }
 
-    /// The most domains that were ever active at once (counted as each
-    /// starts).
+    /// The most domains that were ever active at once (counted after
+    /// each call on a domain).
     pub fn most_active(&self) -> usize {
         self.lock().most_active
     }
@@ -204,7 +204,15 @@ impl SimCompute {
             .ok_or_else(|| ComputeError::NotDefined {
                 name: name.to_owned(),
             })?;
-        Ok(f(domain))
+        let result = f(domain);
+        // Counted under the lock of the call that may have started one.
+        let active = state
+            .domains
+            .values()
+            .filter(|d| d.state.is_active())
+            .count();
+        state.most_active = state.most_active.max(active);
+        Ok(result)
     }
 }
 
@@ -240,27 +248,12 @@ impl Compute for SimCompute {
     }
 
     fn start(&self, name: &str) -> Result<(), ComputeError> {
-        let _call = self.call();
-        let mut state = self.lock();
-        Self::check_fault(&mut state, "start", name)?;
-        let domain = state
-            .domains
-            .get_mut(name)
-            .ok_or_else(|| ComputeError::NotDefined {
-                name: name.to_owned(),
-            })?;
-        if !domain.state.is_active() {
-            domain.state = PowerState::Running;
-            domain.starts += 1;
-        }
-        // Counted under the same lock as the start.
-        let active = state
-            .domains
-            .values()
-            .filter(|d| d.state.is_active())
-            .count();
-        state.most_active = state.most_active.max(active);
-        Ok(())
+        self.with_domain("start", name, |d| {
+            if !d.state.is_active() {
+                d.state = PowerState::Running;
+                d.starts += 1;
+            }
+        })
     }
 
     fn shutdown(&self, name: &str) -> Result<(), ComputeError> {

@@ -12,8 +12,11 @@ use basalt_installer::AnswerFile;
 use basalt_installer::disks::Disk;
 use basalt_installer::plan::{Inventory, NodeFile};
 
+/// The checkout, read when the test runs (cargo sets the package's
+/// folder): the one target folder serves every checkout, so a path built
+/// into the binary may name another checkout's.
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo test")).join("..")
 }
 
 fn basaltd() -> Command {

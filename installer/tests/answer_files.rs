@@ -22,8 +22,11 @@ fn files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     files
 }
 
+/// This package's folder, read when the test runs (cargo sets it): the
+/// one target folder serves every checkout, so a path built into the
+/// binary may name another checkout's.
 fn here() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo test"))
 }
 
 /// A machine with a small system disk, two SSDs and a DVD drive.

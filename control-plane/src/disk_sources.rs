@@ -159,50 +159,63 @@ pub fn check(state: &State, vm: &Vm, current: Option<&Vm>) -> Result<(), Refusal
     }
     for (i, disk) in vm.spec.disks.iter().enumerate() {
         let field = format!("spec.disks[{i}]");
-        if let Some(current) = current {
-            let before = current.spec.disks.iter().find(|d| d.name == disk.name);
-            if before.and_then(|d| d.attach.as_ref()) != disk.attach.as_ref() {
-                return Err(Refusal::Invalid {
-                    field: format!("{field}.attach"),
-                    reason: format!(
-                        "disk {:?}: a volume is attached (and kept) only when its VM is created",
-                        disk.name
-                    ),
-                });
-            }
-        } else if let Some(name) = &disk.attach {
-            check_attach(state, vm, i, disk, name)?;
+        match current {
+            Some(current) => check_unchanged(current, disk, &field)?,
+            None => check_new(state, vm, i, disk, &field)?,
         }
-        let Some(name) = &disk.source_volume else {
-            continue;
-        };
-        if let Some(current) = current {
-            let before = current.spec.disks.iter().find(|d| d.name == disk.name);
-            if before.and_then(|d| d.source_volume.as_ref()) != Some(name) {
-                return Err(Refusal::Invalid {
-                    field: format!("{field}.source_volume"),
-                    reason: format!(
-                        "disk {:?} cannot become a clone of volume {name:?}: a disk is made from a volume only when its VM is created",
-                        disk.name
-                    ),
-                });
-            }
-            continue;
-        }
-        let Some(from) = source(state, name) else {
-            return Err(Refusal::FailedPrecondition {
-                reason: format!("{field}.source_volume: volume {name:?} does not exist"),
-            });
-        };
-        if disk.size_bytes < from.spec.size_bytes {
-            return Err(Refusal::Invalid {
-                field: format!("{field}.size_bytes"),
+    }
+    Ok(())
+}
+
+/// On an update: disk `disk` (at `field`) attaches and is cloned from what
+/// it was when its VM was created.
+fn check_unchanged(current: &Vm, disk: &Disk, field: &str) -> Result<(), Refusal> {
+    let before = current.spec.disks.iter().find(|d| d.name == disk.name);
+    if before.and_then(|d| d.attach.as_ref()) != disk.attach.as_ref() {
+        return Err(Refusal::Invalid {
+            field: format!("{field}.attach"),
+            reason: format!(
+                "disk {:?}: a volume is attached (and kept) only when its VM is created",
+                disk.name
+            ),
+        });
+    }
+    match &disk.source_volume {
+        Some(name) if before.and_then(|d| d.source_volume.as_ref()) != Some(name) => {
+            Err(Refusal::Invalid {
+                field: format!("{field}.source_volume"),
                 reason: format!(
-                    "volume {name:?} is {} bytes; a disk made from it is at least as large (asked {})",
-                    from.spec.size_bytes, disk.size_bytes
+                    "disk {:?} cannot become a clone of volume {name:?}: a disk is made from a volume only when its VM is created",
+                    disk.name
                 ),
-            });
+            })
         }
+        _ => Ok(()),
+    }
+}
+
+/// On a create: disk `i` of `vm` (at `field`) attaches a volume that can
+/// be it, and is cloned from one that exists and is no larger.
+fn check_new(state: &State, vm: &Vm, i: usize, disk: &Disk, field: &str) -> Result<(), Refusal> {
+    if let Some(name) = &disk.attach {
+        check_attach(state, vm, i, disk, name)?;
+    }
+    let Some(name) = &disk.source_volume else {
+        return Ok(());
+    };
+    let Some(from) = source(state, name) else {
+        return Err(Refusal::FailedPrecondition {
+            reason: format!("{field}.source_volume: volume {name:?} does not exist"),
+        });
+    };
+    if disk.size_bytes < from.spec.size_bytes {
+        return Err(Refusal::Invalid {
+            field: format!("{field}.size_bytes"),
+            reason: format!(
+                "volume {name:?} is {} bytes; a disk made from it is at least as large (asked {})",
+                from.spec.size_bytes, disk.size_bytes
+            ),
+        });
     }
     Ok(())
 }
@@ -249,7 +262,7 @@ fn check_attach(state: &State, vm: &Vm, i: usize, disk: &Disk, name: &str) -> Re
             reason: format!("volume {name:?} is attached by more than one disk of the VM"),
         });
     }
-    if volume.status.primary_node.is_empty() || volume.status.storage_name.is_empty() {
+    if !on_a_node(volume) {
         return Err(refuse("is on no node yet".into()));
     }
     if disk.size_bytes < volume.spec.size_bytes {
@@ -292,19 +305,38 @@ fn check_attach(state: &State, vm: &Vm, i: usize, disk: &Disk, name: &str) -> Re
     Ok(())
 }
 
-/// Why `disk` goes where its source's primary copy is.
-fn why(disk: &Disk, name: &str, from: Option<&Volume>) -> (Option<String>, String) {
+/// Whether volume `v` has a primary copy on a node, under its pool name.
+fn on_a_node(v: &Volume) -> bool {
+    !v.status.primary_node.is_empty() && !v.status.storage_name.is_empty()
+}
+
+/// The volume `what` (a disk's clone source or attached volume) follows,
+/// or, when it is missing or on no node yet, a pin to nowhere saying so.
+fn placed<'a>(what: &str, volume: Option<&'a Volume>) -> Result<&'a Volume, Pin> {
+    let nowhere = |why: &str| Pin {
+        why: format!("{what}, which {why}"),
+        ..Pin::default()
+    };
+    match volume {
+        None => Err(nowhere("does not exist")),
+        Some(v) if !on_a_node(v) => Err(nowhere("is on no node yet")),
+        Some(v) => Ok(v),
+    }
+}
+
+/// The pin of a disk cloned from volume `name`: its primary copy's node.
+fn clone_pin(disk: &Disk, name: &str, from: Option<&Volume>) -> Pin {
     let clone = format!("disk {:?} is a clone of volume {name:?}", disk.name);
-    match from {
-        None => (None, format!("{clone}, which does not exist")),
-        Some(v) if v.status.primary_node.is_empty() || v.status.storage_name.is_empty() => {
-            (None, format!("{clone}, which is on no node yet"))
-        }
-        Some(v) => {
-            let node = v.status.primary_node.clone();
-            let why = format!("{clone}, whose primary copy is on node {node:?}");
-            (Some(node), why)
-        }
+    match placed(&clone, from) {
+        Err(nowhere) => nowhere,
+        Ok(v) => Pin {
+            why: format!(
+                "{clone}, whose primary copy is on node {:?}",
+                v.status.primary_node
+            ),
+            node: Some(v.status.primary_node.clone()),
+            ..Pin::default()
+        },
     }
 }
 
@@ -312,57 +344,49 @@ fn why(disk: &Disk, name: &str, from: Option<&Volume>) -> (Option<String>, Strin
 /// its copies' nodes when it has two or more, an epoch past its own.
 fn attach_pin(disk: &Disk, name: &str, volume: Option<&Volume>) -> Pin {
     let attached = format!("disk {:?} is volume {name:?}", disk.name);
-    match volume {
-        None => Pin {
-            why: format!("{attached}, which does not exist"),
-            ..Pin::default()
-        },
-        Some(v) if v.status.primary_node.is_empty() || v.status.storage_name.is_empty() => Pin {
-            why: format!("{attached}, which is on no node yet"),
-            ..Pin::default()
-        },
-        // A lost copy being replaced: the VM's replica nodes are all its
-        // copies' nodes.
-        Some(v) if v.status.replicas.len() != v.spec.replicas as usize => Pin {
-            why: format!(
-                "{attached}, which has {} of its {} copies",
-                v.status.replicas.len(),
-                v.spec.replicas
-            ),
-            ..Pin::default()
-        },
-        // The VM's status would not carry the mark: it waits until the
-        // primary has the copy back in sync (decision 74).
-        Some(v) if v.status.replicas.iter().any(|r| r.outdated) => {
-            let outdated: Vec<&str> = v
-                .status
-                .replicas
-                .iter()
-                .filter(|r| r.outdated)
-                .map(|r| r.node.as_str())
-                .collect();
-            Pin {
-                why: format!(
-                    "{attached}, whose copy on node(s) {outdated:?} is outdated until its primary resyncs it"
-                ),
-                ..Pin::default()
-            }
-        }
-        Some(v) => {
-            let node = v.status.primary_node.clone();
-            let mut copies: Vec<String> = if v.spec.replicas >= 2 {
-                v.status.replicas.iter().map(|r| r.node.clone()).collect()
-            } else {
-                Vec::new()
-            };
-            copies.sort();
-            Pin {
-                why: format!("{attached}, whose primary copy is on node {node:?}"),
-                node: Some(node),
-                replica_nodes: copies,
-                epoch: v.status.epoch + 1,
-            }
-        }
+    let v = match placed(&attached, volume) {
+        Err(nowhere) => return nowhere,
+        Ok(v) => v,
+    };
+    let nowhere = |why: String| Pin {
+        why: format!("{attached}, {why}"),
+        ..Pin::default()
+    };
+    // A lost copy being replaced: the VM's replica nodes are all its
+    // copies' nodes.
+    if v.status.replicas.len() != v.spec.replicas as usize {
+        return nowhere(format!(
+            "which has {} of its {} copies",
+            v.status.replicas.len(),
+            v.spec.replicas
+        ));
+    }
+    // The VM's status would not carry the mark: it waits until the primary
+    // has the copy back in sync (decision 74).
+    let outdated: Vec<&str> = v
+        .status
+        .replicas
+        .iter()
+        .filter(|r| r.outdated)
+        .map(|r| r.node.as_str())
+        .collect();
+    if !outdated.is_empty() {
+        return nowhere(format!(
+            "whose copy on node(s) {outdated:?} is outdated until its primary resyncs it"
+        ));
+    }
+    let node = v.status.primary_node.clone();
+    let mut copies: Vec<String> = if v.spec.replicas >= 2 {
+        v.status.replicas.iter().map(|r| r.node.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    copies.sort();
+    Pin {
+        why: format!("{attached}, whose primary copy is on node {node:?}"),
+        node: Some(node),
+        replica_nodes: copies,
+        epoch: v.status.epoch + 1,
     }
 }
 
@@ -377,14 +401,7 @@ pub fn pins<'a>(state: &State, vms: impl IntoIterator<Item = &'a Vm>) -> Pins {
         let mut pin: Option<Pin> = None;
         for disk in &vm.spec.disks {
             let next = match (&disk.source_volume, &disk.attach) {
-                (Some(name), _) => {
-                    let (node, why) = why(disk, name, source(state, name));
-                    Pin {
-                        node,
-                        why,
-                        ..Pin::default()
-                    }
-                }
+                (Some(name), _) => clone_pin(disk, name, source(state, name)),
                 (None, Some(name)) => attach_pin(disk, name, source(state, name)),
                 (None, None) => continue,
             };

@@ -286,18 +286,6 @@ pub struct Disk {
     pub attached_storage_name: Option<String>,
 }
 
-impl Disk {
-    /// The name of this disk's volume in the pools of the nodes holding
-    /// it: the attached volume's, or one derived from the VM's uid and the
-    /// disk's name ([`crate::disk_storage_name`]).
-    pub fn storage_name(&self, vm_uid: &str) -> String {
-        match &self.attached_storage_name {
-            Some(name) if !name.is_empty() => name.clone(),
-            _ => crate::disk_storage_name(vm_uid, &self.name),
-        }
-    }
-}
-
 /// A VM network interface.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -451,6 +439,16 @@ impl VmSpec {
 }
 
 impl Disk {
+    /// The name of this disk's volume in the pools of the nodes holding
+    /// it: the attached volume's, or one derived from the VM's uid and the
+    /// disk's name ([`crate::disk_storage_name`]).
+    pub fn storage_name(&self, vm_uid: &str) -> String {
+        match &self.attached_storage_name {
+            Some(name) if !name.is_empty() => name.clone(),
+            _ => crate::disk_storage_name(vm_uid, &self.name),
+        }
+    }
+
     fn validate(&self, field: &str) -> Result<(), ApiError> {
         validate::name(&format!("{field}.name"), &self.name)?;
         // A disk made from a volume, or that is one, may leave its size to

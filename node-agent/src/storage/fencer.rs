@@ -42,7 +42,7 @@ use basalt_api::{
 use futures::StreamExt as _;
 
 use super::StorageConfig;
-use super::replicas::{NodePlacements, is_replicated};
+use super::replicas::{NodePlacements, is_replicated, list_nodes, list_of, list_vms};
 use super::seen::SeenVolumes;
 
 /// How often copies marked outdated are checked for being in sync again,
@@ -182,54 +182,12 @@ pub fn in_sync(
     clear
 }
 
-/// The objects of `kind`, as `pick` types them.
-async fn list<T>(
+/// Every placement and node (the VMs are read first, on their own).
+async fn placements_and_nodes(
     admin: &AdminClient,
-    kind: Kind,
-    pick: impl FnMut(Object) -> Option<T>,
-) -> Result<Vec<T>, ApiError> {
-    Ok(admin
-        .list(kind)
-        .await?
-        .objects
-        .into_iter()
-        .filter_map(pick)
-        .collect())
-}
-
-/// Whether a disk of some VM attaches the volume whose pool name is
-/// `pool_name`.
-async fn attached(admin: &AdminClient, pool_name: &str) -> Result<bool, ApiError> {
-    let vms = list(admin, Kind::Vm, |o| match o {
-        Object::Vm(v) => Some(v),
-        _ => None,
-    })
-    .await?;
-    Ok(super::snapshots::attached_pool_names(&vms).contains(pool_name))
-}
-
-/// Every VM, placement and node.
-async fn cluster(
-    admin: &AdminClient,
-) -> Result<(Vec<Vm>, Vec<Placement>, BTreeMap<String, Node>), ApiError> {
-    let vms = list(admin, Kind::Vm, |o| match o {
-        Object::Vm(v) => Some(v),
-        _ => None,
-    })
-    .await?;
-    let placements = list(admin, Kind::Placement, |o| match o {
-        Object::Placement(p) => Some(p),
-        _ => None,
-    })
-    .await?;
-    let nodes = list(admin, Kind::Node, |o| match o {
-        Object::Node(n) => Some((n.meta.name.clone(), n)),
-        _ => None,
-    })
-    .await?
-    .into_iter()
-    .collect();
-    Ok((vms, placements, nodes))
+) -> Result<(Vec<Placement>, BTreeMap<String, Node>), ApiError> {
+    let placements = list_of(admin, Kind::Placement, |o| o.try_into().ok()).await?;
+    Ok((placements, list_nodes(admin).await?))
 }
 
 async fn within<T>(
@@ -254,13 +212,14 @@ async fn outdate(
     agent: &AgentClient,
     seen: &SeenVolumes,
 ) -> Result<Fence, String> {
+    let vms = within(list_vms(admin), "listing the VMs")
+        .await
+        .map_err(|e| format!("cannot read the cluster: {e}"))?;
     // A standalone volume's copy is marked on the volume (decision 65);
     // one attached as a VM's disk goes through the VM like every VM disk
     // (decision 76).
     if super::snapshots::is_made_volume(&request.volume)
-        && !within(attached(admin, &request.volume), "listing the VMs")
-            .await
-            .map_err(|e| format!("cannot read the cluster: {e}"))?
+        && !super::snapshots::attached_pool_names(&vms).contains(request.volume.as_str())
     {
         let replica_node = within(
             super::standalone::outdate(node, request, admin, seen),
@@ -273,7 +232,7 @@ async fn outdate(
             replica_node,
         });
     }
-    let (vms, placements, nodes) = within(cluster(admin), "listing the cluster")
+    let (placements, nodes) = within(placements_and_nodes(admin), "listing the cluster")
         .await
         .map_err(|e| format!("cannot read the cluster: {e}"))?;
     let fence = resolve(node, request, &vms, &placements, &nodes)?;
@@ -371,13 +330,7 @@ async fn clear_in_sync(
     if vms.is_empty() {
         return Ok(());
     }
-    let nodes = list(admin, Kind::Node, |o| match o {
-        Object::Node(n) => Some((n.meta.name.clone(), n)),
-        _ => None,
-    })
-    .await?
-    .into_iter()
-    .collect();
+    let nodes = list_nodes(admin).await?;
     // Read after the cluster: a link seen connected here was connected
     // after every answer already given.
     let links = storage.status().await?.replicas;
@@ -404,7 +357,8 @@ async fn clear_in_sync(
 /// The VMs placed on `node` whose copies carry marks, from a list of
 /// every VM and placement.
 async fn marked_by_list(node: &str, admin: &AdminClient) -> Result<BTreeSet<String>, ApiError> {
-    let (vms, placements, _) = cluster(admin).await?;
+    let vms = list_vms(admin).await?;
+    let placements: Vec<Placement> = list_of(admin, Kind::Placement, |o| o.try_into().ok()).await?;
     Ok(vms
         .into_iter()
         .filter(|vm| !vm.status.outdated_replicas.is_empty())

@@ -61,7 +61,7 @@ use basalt_api::{
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use crate::vm_domain::{NBD_PORT, vm_uuid};
+use crate::vm_domain::NBD_PORT;
 use image::{Importer, image_volume, is_image_volume};
 
 /// How often volumes of deleted VMs are looked for.
@@ -145,9 +145,10 @@ fn classify(disk: &str, err: ApiError) -> VolumeError {
 }
 
 /// The volume (and NBD export) name of disk `disk` of the VM whose uid is
-/// `vm_uid`: a UUID derived from both, the same on every node.
+/// `vm_uid`, unless the disk attaches a volume ([`basalt_api::Disk::storage_name`]
+/// covers both): a UUID derived from both, the same on every node.
 pub fn disk_volume(vm_uid: &str, disk: &str) -> String {
-    Uuid::new_v5(&vm_uuid(vm_uid), disk.as_bytes()).to_string()
+    basalt_api::disk_storage_name(vm_uid, disk)
 }
 
 /// Whether `name` is a name [`disk_volume`] makes.
@@ -441,8 +442,7 @@ impl Volumes {
                 .await?;
             let migrations: Vec<Migration> =
                 replicas::list_of(&self.admin, Kind::Migration, |o| o.try_into().ok()).await?;
-            let vms: Vec<Vm> =
-                replicas::list_of(&self.admin, Kind::Vm, |o| o.try_into().ok()).await?;
+            let vms = replicas::list_vms(&self.admin).await?;
             let images: Vec<Image> =
                 replicas::list_of(&self.admin, Kind::Image, |o| o.try_into().ok()).await?;
             Ok::<_, ApiError>((placements, migrations, vms, images))

@@ -437,12 +437,18 @@ pub(super) async fn list_of<T, C: FromIterator<T>>(
         .collect())
 }
 
-async fn list_nodes(admin: &AdminClient) -> Result<BTreeMap<String, Node>, ApiError> {
+/// Every node, by name.
+pub(super) async fn list_nodes(admin: &AdminClient) -> Result<BTreeMap<String, Node>, ApiError> {
     list_of(admin, Kind::Node, |o| match o {
         Object::Node(n) => Some((n.meta.name.clone(), n)),
         _ => None,
     })
     .await
+}
+
+/// Every VM.
+pub(super) async fn list_vms(admin: &AdminClient) -> Result<Vec<Vm>, ApiError> {
+    list_of(admin, Kind::Vm, |o| o.try_into().ok()).await
 }
 
 /// The copies wanted, with the migrations of their VMs (uid, target,
@@ -521,11 +527,7 @@ async fn listed(node: &str, admin: &AdminClient) -> Result<Vec<Wanted>, ApiError
         _ => None,
     })
     .await?;
-    let vms: Vec<_> = list_of(admin, Kind::Vm, |o| match o {
-        Object::Vm(v) => Some(v),
-        _ => None,
-    })
-    .await?;
+    let vms = list_vms(admin).await?;
     let migrations: Vec<_> = list_of(admin, Kind::Migration, |o| match o {
         Object::Migration(m) => Some(m),
         _ => None,

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use basalt_api::{
-    AdminClient, ApiError, Condition, EnsureVolume, Kind, Object, ReplicaState, StorageClient,
+    AdminClient, ApiError, Condition, EnsureVolume, Object, ReplicaState, StorageClient,
     StorageVolume, Vm, Volume, VolumeReplica,
 };
 use uuid::Uuid;
@@ -264,13 +264,7 @@ pub async fn make_and_drop(
     let drop = if work.drop.is_empty() {
         work.drop
     } else {
-        let vms: Result<Vec<Vm>, ApiError> =
-            super::replicas::list_of(admin, Kind::Vm, |o| match o {
-                Object::Vm(vm) => Some(vm),
-                _ => None,
-            })
-            .await;
-        match vms {
+        match super::replicas::list_vms(admin).await {
             Ok(vms) => keep_attached(work.drop, &vms),
             Err(err) => {
                 tracing::debug!(error = %err, "listing VMs before dropping volumes failed; will retry");

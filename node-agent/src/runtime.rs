@@ -15,7 +15,7 @@
 //! heartbeat task registers again — with the node credential the first
 //! registration returned, then with the join token — and keeps retrying.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use crate::compute::{Compute, PowerState};
 use crate::migration::MigrationAgent;
 use crate::reconcile::{Desired, DesiredVm, Reconciler, VmObservation};
-use crate::vm_domain::{DomainPolicy, domain_spec};
+use crate::vm_domain::{DomainPolicy, domain_name, domain_spec};
 
 /// What an agent needs to know.
 #[derive(Debug, Clone)]
@@ -498,6 +498,7 @@ async fn reconcile_loop<C: Compute + 'static>(
         let mut desired = Desired {
             vms: Vec::new(),
             fenced,
+            kept: BTreeSet::new(),
         };
         let mut generations = BTreeMap::new();
         let mut problems = BTreeMap::new();
@@ -528,6 +529,10 @@ async fn reconcile_loop<C: Compute + 'static>(
                     &mut problems
                 };
                 at.insert(name.clone(), (vm.meta.generation, err.to_string()));
+                // Whatever runs keeps running as it is: a disk being made
+                // (an image still importing) or one that failed is no
+                // reason to stop the guest, nor to start it.
+                desired.kept.insert(domain_name(&config.policy, &name));
                 continue;
             }
             match got {

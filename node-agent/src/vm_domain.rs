@@ -116,7 +116,7 @@ pub fn domain_spec(
         })
         .collect::<Result<_, MappingError>>()?;
     Ok(DomainSpec {
-        name: format!("{}{name}", policy.prefix),
+        name: domain_name(policy, name),
         uuid,
         accel: policy.accel,
         memory_mib: vm.spec.memory_mib,
@@ -138,6 +138,11 @@ pub fn domain_spec(
 /// plane's are), else one derived from it, stable everywhere.
 pub fn vm_uuid(uid: &str) -> Uuid {
     Uuid::parse_str(uid).unwrap_or_else(|_| Uuid::new_v5(&Uuid::NAMESPACE_OID, uid.as_bytes()))
+}
+
+/// The domain name of VM `vm` under `policy`.
+pub fn domain_name(policy: &DomainPolicy, vm: &str) -> String {
+    format!("{}{vm}", policy.prefix)
 }
 
 /// The guest device of the VM's disk number `index` (`vda`, `vdb`, …),

@@ -4,15 +4,18 @@
 //! same daemon finds (adopts) the running domain. Last, four domains are
 //! started and then destroyed and undefined from four threads at once
 //! through one backend (the reconciler's concurrent actions): every call
-//! succeeds and nothing is left. Needs root.
+//! succeeds and nothing is left. A second test plugs a disk into the
+//! running guest and unplugs another: the guest's kernel finds the new
+//! disk and lets go of the old one. Needs root.
 
 use std::time::Duration;
 
 use basalt_agent::compute::conformance;
 use basalt_agent::compute::domain::Boot;
+use basalt_agent::compute::domain::NbdDisk;
 use basalt_agent::compute::libvirt::LibvirtCompute;
 use basalt_agent::compute::{Compute, PowerState};
-use basalt_testkit::guest::GuestImage;
+use basalt_testkit::guest::{GuestImage, NbdServer, nbd};
 use basalt_testkit::{Fabric, Libvirtd, Prefix};
 
 #[test]
@@ -102,4 +105,74 @@ fn libvirt_passes_the_conformance_suite_and_is_adopted_after_restart() {
             s.name
         );
     }
+}
+
+#[test]
+fn libvirt_plugs_disks_into_a_running_guest() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let prefix = Prefix::for_test().expect("test prefix");
+    let mut fabric = Fabric::new(&prefix).expect("fabric");
+    let node = fabric.add_node("n1").expect("node");
+    let libvirtd = Libvirtd::start(&prefix, &node, &fabric.hosts()).expect("libvirtd");
+    let image = GuestImage::build().expect("guest image");
+    // Two disks, each served by its own qemu-nbd inside the node.
+    let servers: Vec<NbdServer> = ["root", "data"]
+        .iter()
+        .enumerate()
+        .map(|(i, export)| {
+            let file = prefix.dir().join(format!("{export}.raw"));
+            nbd::create_raw_disk(&file, 64 << 20).expect("disk file");
+            let port = nbd::NBD_PORT + u16::try_from(i).expect("port");
+            NbdServer::start_on_port(&prefix, &node, &file, export, port).expect("qemu-nbd")
+        })
+        .collect();
+    let disk = |s: &NbdServer| NbdDisk {
+        target_dev: "vda".to_owned(),
+        host: s.host().to_string(),
+        port: s.port(),
+        export_name: s.export().to_owned(),
+    };
+
+    let mut spec = conformance::spec(&format!("{}-plug", prefix.name()));
+    spec.boot = Boot::Kernel {
+        kernel: image.kernel().to_owned(),
+        initrd: image.initrd().to_owned(),
+        cmdline: "console=ttyS0".to_owned(),
+    };
+    // Enough memory for the kernel to boot (the suite's 64 MiB is not).
+    spec.memory_mib = 128;
+    let serial = prefix.log_dir().join("plug.serial.log");
+    spec.serial_log = serial.clone();
+    let console = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let wait_console = |text: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(240);
+        while !console().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest never printed {text:?}; its console:\n{}",
+                console()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+
+    let compute = LibvirtCompute::new(libvirtd.uri());
+    // The guest has booted (and counted its boot on its first disk) once
+    // it says so: its kernel then answers hot-plug events.
+    conformance::run_disk_plugging(
+        &compute,
+        spec,
+        [disk(&servers[0]), disk(&servers[1])],
+        &|| wait_console("basalt-guest: boot 1"),
+        Duration::from_secs(60),
+    );
+    // The guest's kernel found the disk plugged in while it ran.
+    assert!(
+        console().contains("[vdb]"),
+        "the guest's kernel never saw vdb; its console:\n{}",
+        console()
+    );
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::compute::domain::{Accel, Boot, DomainSpec};
+use crate::compute::domain::{Accel, Boot, DomainSpec, NbdDisk};
 use crate::compute::{
     Compute, ComputeError, MigrateRequest, MigrationControl, MigrationProgress, PowerState,
 };
@@ -244,4 +244,71 @@ pub fn run_migration(a: Peer<'_>, b: Peer<'_>, spec: DomainSpec) {
     a.compute.destroy(&name).expect("destroy");
     a.compute.undefine(&name).expect("undefine");
     assert_eq!(a.compute.status(&name).expect("status"), None);
+}
+
+/// Runs the disk-plugging suite: `spec` (startable, without disks) runs
+/// with `disks[0]` as `vda`; `ready` returns once the guest can take and
+/// give back devices (a real one has booted). A definition adding
+/// `disks[1]` plugs it in at once as `vdb`; defining it again changes
+/// nothing; one dropping `disks[0]` (so that `disks[1]` is first in the
+/// spec, `vda` there) unplugs it within `grace`, and `disks[1]` keeps the
+/// device it runs as. Once stopped, the domain shows its definition's
+/// disks. Both disks' exports must be served. Panics with what failed;
+/// removes the domain at the end.
+pub fn run_disk_plugging(
+    compute: &dyn Compute,
+    mut spec: DomainSpec,
+    disks: [NbdDisk; 2],
+    ready: &dyn Fn(),
+    grace: Duration,
+) {
+    let name = spec.name.clone();
+    let [first, second] = disks;
+    let at = |disk: &NbdDisk, dev: &str| NbdDisk {
+        target_dev: dev.to_owned(),
+        ..disk.clone()
+    };
+    let sorted = |mut disks: Vec<NbdDisk>| {
+        disks.sort_by(|a, b| a.target_dev.cmp(&b.target_dev));
+        disks
+    };
+    let now = || sorted(compute.disks(&name).expect("disks"));
+
+    spec.disks = vec![at(&first, "vda")];
+    compute.define(&spec).expect("define");
+    compute.start(&name).expect("start");
+    ready();
+    assert_eq!(now(), vec![at(&first, "vda")], "the running guest's disks");
+
+    spec.disks.push(at(&second, "vdb"));
+    compute.define(&spec).expect("a definition adding a disk");
+    let both = vec![at(&first, "vda"), at(&second, "vdb")];
+    assert_eq!(now(), both, "the added disk is plugged in at once");
+    compute.define(&spec).expect("the same definition again");
+    assert_eq!(now(), both, "defining the same disks changes nothing");
+
+    spec.disks = vec![at(&second, "vda")];
+    compute.define(&spec).expect("a definition dropping a disk");
+    let deadline = std::time::Instant::now() + grace;
+    while now() != vec![at(&second, "vdb")] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped disk is unplugged within {grace:?}: the guest has {:?}",
+            now()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        compute.status(&name).expect("status").map(|s| s.state),
+        Some(PowerState::Running),
+        "the guest runs on"
+    );
+
+    compute.destroy(&name).expect("destroy");
+    assert_eq!(
+        now(),
+        vec![at(&second, "vda")],
+        "a stopped domain shows its definition's disks"
+    );
+    compute.undefine(&name).expect("undefine");
 }

@@ -58,6 +58,13 @@ pub enum DomainError {
         #[source]
         source: quick_xml::SeError,
     },
+    /// The hypervisor's description of a domain could not be read.
+    #[error("could not read the domain XML the hypervisor gave")]
+    Parse {
+        /// The reader's error.
+        #[source]
+        source: quick_xml::DeError,
+    },
 }
 
 /// How QEMU runs the guest's CPUs.
@@ -338,6 +345,114 @@ impl DomainSpec {
         out.push('\n');
         Ok(out)
     }
+}
+
+/// The libvirt `<disk>` element of one writable virtio disk alone: what a
+/// live attach or detach sends.
+pub fn disk_xml(disk: &NbdDisk) -> Result<String, DomainError> {
+    if !is_virtio_disk_name(&disk.target_dev) {
+        return Err(invalid(
+            "target_dev",
+            format!(
+                "{:?} is not a virtio disk name (vda, vdb, ...)",
+                disk.target_dev
+            ),
+        ));
+    }
+    check_nbd(
+        "host",
+        "port",
+        "export_name",
+        &disk.host,
+        disk.port,
+        &disk.export_name,
+    )?;
+    let mut out = String::new();
+    let ser = quick_xml::se::Serializer::with_root(&mut out, Some("disk"))
+        .map_err(|source| DomainError::Serialize { source })?;
+    xml::Disk::virtio(disk)
+        .serialize(ser)
+        .map_err(|source| DomainError::Serialize { source })?;
+    Ok(out)
+}
+
+/// The writable NBD disks of a domain as the hypervisor describes it
+/// (libvirt's XML of a running domain), in its order. The seed CD-ROM and
+/// anything that is not an NBD disk are left out.
+pub fn live_disks(xml: &str) -> Result<Vec<NbdDisk>, DomainError> {
+    let domain: xml::LiveDomain =
+        quick_xml::de::from_str(xml).map_err(|source| DomainError::Parse { source })?;
+    Ok(domain
+        .devices
+        .disk
+        .into_iter()
+        .filter(|d| d.device == "disk")
+        .filter_map(|d| {
+            let source = d.source.filter(|s| s.protocol == "nbd")?;
+            let host = source.host?;
+            Some(NbdDisk {
+                target_dev: d.target?.dev,
+                host: host.name,
+                port: host.port,
+                export_name: source.name,
+            })
+        })
+        .collect())
+}
+
+/// What to change in a running domain so that its disks are the spec's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskChanges {
+    /// Disks to plug in, each under a device name no live disk holds.
+    pub attach: Vec<NbdDisk>,
+    /// Live disks to unplug.
+    pub detach: Vec<NbdDisk>,
+}
+
+impl DiskChanges {
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.attach.is_empty() && self.detach.is_empty()
+    }
+}
+
+/// The disks to plug into and out of a running domain whose disks are
+/// `live` so that it has `wanted`'s. A disk is known by its source (host,
+/// port, export), not its device name: names follow the disks' places in
+/// the spec, so removing one renames those after it at the next boot, but
+/// a running guest keeps the names it has. A new disk takes its spec's
+/// device name when no live disk holds it, otherwise the first free one.
+pub fn disk_changes(live: &[NbdDisk], wanted: &[NbdDisk]) -> DiskChanges {
+    let same = |a: &NbdDisk, b: &NbdDisk| {
+        (a.host.as_str(), a.port, a.export_name.as_str())
+            == (b.host.as_str(), b.port, b.export_name.as_str())
+    };
+    let detach: Vec<NbdDisk> = live
+        .iter()
+        .filter(|l| !wanted.iter().any(|w| same(l, w)))
+        .cloned()
+        .collect();
+    // Names held live stay taken until the guest lets go of them.
+    let mut taken: Vec<String> = live.iter().map(|l| l.target_dev.clone()).collect();
+    let mut attach = Vec::new();
+    for w in wanted.iter().filter(|w| !live.iter().any(|l| same(l, w))) {
+        let name = if taken.contains(&w.target_dev) {
+            (b'a'..=b'z')
+                .map(|c| format!("vd{}", char::from(c)))
+                .find(|n| !taken.contains(n))
+        } else {
+            Some(w.target_dev.clone())
+        };
+        let Some(name) = name else {
+            continue;
+        };
+        taken.push(name.clone());
+        attach.push(NbdDisk {
+            target_dev: name,
+            ..w.clone()
+        });
+    }
+    DiskChanges { attach, detach }
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> DomainError {
@@ -684,6 +799,92 @@ mod xml {
         p.to_string_lossy().into_owned()
     }
 
+    fn nbd_disk(device: &str, name: &str, host: &str, port: u16, dev: &str, bus: &str) -> Disk {
+        let read_only = device == "cdrom";
+        Disk {
+            kind: s("network"),
+            device: s(device),
+            driver: DiskDriver {
+                name: s("qemu"),
+                format: s("raw"),
+                cache: s("none"),
+                discard: (!read_only).then(|| s("unmap")),
+            },
+            source: NbdSource {
+                protocol: s("nbd"),
+                name: s(name),
+                host: NbdHost {
+                    name: s(host),
+                    port,
+                },
+            },
+            target: DiskTarget {
+                dev: s(dev),
+                bus: s(bus),
+            },
+            readonly: read_only.then_some(Empty {}),
+        }
+    }
+
+    impl Disk {
+        /// A guest's writable virtio disk.
+        pub(super) fn virtio(d: &super::NbdDisk) -> Disk {
+            nbd_disk(
+                "disk",
+                &d.export_name,
+                &d.host,
+                d.port,
+                &d.target_dev,
+                "virtio",
+            )
+        }
+    }
+
+    /// What [`super::live_disks`] reads of a running domain's XML: every
+    /// `<disk>`, with whatever libvirt added (aliases, addresses) ignored.
+    #[derive(Debug, serde::Deserialize)]
+    pub(super) struct LiveDomain {
+        #[serde(default)]
+        pub devices: LiveDevices,
+    }
+
+    #[derive(Debug, Default, serde::Deserialize)]
+    pub(super) struct LiveDevices {
+        #[serde(default)]
+        pub disk: Vec<LiveDisk>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    pub(super) struct LiveDisk {
+        #[serde(rename = "@device", default)]
+        pub device: String,
+        pub source: Option<LiveSource>,
+        pub target: Option<LiveTarget>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    pub(super) struct LiveSource {
+        #[serde(rename = "@protocol", default)]
+        pub protocol: String,
+        #[serde(rename = "@name", default)]
+        pub name: String,
+        pub host: Option<LiveHost>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    pub(super) struct LiveHost {
+        #[serde(rename = "@name", default)]
+        pub name: String,
+        #[serde(rename = "@port", default)]
+        pub port: u16,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    pub(super) struct LiveTarget {
+        #[serde(rename = "@dev", default)]
+        pub dev: String,
+    }
+
     impl Domain {
         /// Maps a spec that passed [`DomainSpec::validate`].
         pub(super) fn from_spec(spec: &DomainSpec) -> Domain {
@@ -712,47 +913,7 @@ mod xml {
                     boot: Some(BootDev { dev: s("hd") }),
                 },
             };
-            let nbd_disk =
-                |device: &str, name: &str, host: &str, port: u16, dev: &str, bus: &str| {
-                    let read_only = device == "cdrom";
-                    Disk {
-                        kind: s("network"),
-                        device: s(device),
-                        driver: DiskDriver {
-                            name: s("qemu"),
-                            format: s("raw"),
-                            cache: s("none"),
-                            discard: (!read_only).then(|| s("unmap")),
-                        },
-                        source: NbdSource {
-                            protocol: s("nbd"),
-                            name: s(name),
-                            host: NbdHost {
-                                name: s(host),
-                                port,
-                            },
-                        },
-                        target: DiskTarget {
-                            dev: s(dev),
-                            bus: s(bus),
-                        },
-                        readonly: read_only.then_some(Empty {}),
-                    }
-                };
-            let mut disks: Vec<Disk> = spec
-                .disks
-                .iter()
-                .map(|d| {
-                    nbd_disk(
-                        "disk",
-                        &d.export_name,
-                        &d.host,
-                        d.port,
-                        &d.target_dev,
-                        "virtio",
-                    )
-                })
-                .collect();
+            let mut disks: Vec<Disk> = spec.disks.iter().map(Disk::virtio).collect();
             if let Some(seed) = &spec.seed {
                 disks.push(nbd_disk(
                     "cdrom",
@@ -1149,5 +1310,131 @@ mod tests {
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} parsed");
         }
+    }
+
+    fn nbd(dev: &str, export: &str) -> NbdDisk {
+        NbdDisk {
+            target_dev: dev.to_owned(),
+            host: "127.0.0.1".to_owned(),
+            port: 10809,
+            export_name: export.to_owned(),
+        }
+    }
+
+    #[test]
+    fn live_disks_read_libvirts_description_and_skip_the_seed() {
+        // The shape libvirt gives for a running domain: aliases, addresses
+        // and driver attributes it adds, the seed CD-ROM, a non-NBD disk.
+        let xml = r#"<domain type='qemu' id='3'>
+  <name>b-vm</name>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw' cache='none' discard='unmap'/>
+      <source protocol='nbd' name='root' index='2'>
+        <host name='127.0.0.1' port='10809'/>
+      </source>
+      <target dev='vda' bus='virtio'/>
+      <alias name='virtio-disk0'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <source file='/var/lib/x.img'/>
+      <target dev='vdc' bus='virtio'/>
+    </disk>
+    <disk type='network' device='cdrom'>
+      <source protocol='nbd' name='seed'><host name='127.0.0.1' port='10809'/></source>
+      <target dev='hdc' bus='ide'/>
+      <readonly/>
+    </disk>
+    <controller type='usb' index='0'/>
+    <serial type='file'><source path='/dev/null'/><target port='0'/></serial>
+  </devices>
+</domain>"#;
+        assert_eq!(live_disks(xml).unwrap(), vec![nbd("vda", "root")]);
+        // What this module writes reads back the same.
+        let mut s = spec();
+        s.disks = vec![nbd("vda", "root"), nbd("vdb", "data")];
+        assert_eq!(live_disks(&s.to_xml().unwrap()).unwrap(), s.disks);
+        let err = live_disks("<domain><devices><disk>").unwrap_err();
+        assert!(matches!(err, DomainError::Parse { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_disk_alone_is_the_same_element_as_in_the_domain() {
+        let disk = nbd("vdb", "data");
+        let xml = disk_xml(&disk).unwrap();
+        assert!(
+            xml.starts_with("<disk type=\"network\" device=\"disk\">"),
+            "{xml}"
+        );
+        let wrapped = format!("<domain><devices>{xml}</devices></domain>");
+        assert_eq!(live_disks(&wrapped).unwrap(), vec![disk.clone()]);
+        let bad = NbdDisk {
+            target_dev: "sda".to_owned(),
+            ..disk.clone()
+        };
+        assert!(
+            disk_xml(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("target_dev")
+        );
+        let bad = NbdDisk {
+            export_name: String::new(),
+            ..disk
+        };
+        assert!(
+            disk_xml(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("export_name")
+        );
+    }
+
+    #[test]
+    fn disk_changes_follow_sources_not_device_names() {
+        let (root, data, logs) = (nbd("vda", "root"), nbd("vdb", "data"), nbd("vdc", "logs"));
+        let one = std::slice::from_ref(&root);
+        assert!(disk_changes(one, one).is_empty());
+        // Added: under its spec's name.
+        assert_eq!(
+            disk_changes(one, &[root.clone(), data.clone()]),
+            DiskChanges {
+                attach: vec![data.clone()],
+                detach: vec![]
+            }
+        );
+        // Dropped: the spec renames the one after it, which stays as it runs.
+        let changes = disk_changes(&[root.clone(), data.clone()], &[nbd("vda", "data")]);
+        assert_eq!(
+            changes,
+            DiskChanges {
+                attach: vec![],
+                detach: vec![root.clone()]
+            }
+        );
+        // Added under a name a live disk holds: the first free one.
+        let changes = disk_changes(
+            &[root.clone(), nbd("vdb", "logs")],
+            &[root.clone(), data.clone(), logs.clone()],
+        );
+        assert_eq!(changes.attach, vec![nbd("vdc", "data")]);
+        assert!(changes.detach.is_empty());
+        // Another server or port is another disk.
+        let moved = NbdDisk {
+            port: 10810,
+            ..root.clone()
+        };
+        assert_eq!(
+            disk_changes(one, std::slice::from_ref(&moved)),
+            DiskChanges {
+                attach: vec![NbdDisk {
+                    target_dev: "vdb".to_owned(),
+                    ..moved
+                }],
+                detach: vec![root]
+            }
+        );
     }
 }

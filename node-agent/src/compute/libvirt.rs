@@ -25,7 +25,7 @@ use virt::domain::Domain;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use crate::compute::domain::DomainSpec;
+use crate::compute::domain::{self, DomainSpec};
 use crate::compute::{
     Compute, ComputeError, DomainStatus, MigrateRequest, MigrationControl, MigrationProgress,
     PowerState,
@@ -148,6 +148,38 @@ impl LibvirtCompute {
 /// Another reference to `conn`, released by its own `close()`: the
 /// connection lives until every holder has closed it, so a thread that
 /// drops a failed connection never pulls it from under another's call.
+impl LibvirtCompute {
+    /// Plugs `spec`'s disks that the running domain (described by `live`)
+    /// lacks into it, and unplugs those it has that `spec` no longer
+    /// names ([`domain::disk_changes`]). Live only: the persistent
+    /// definition is `spec` already. An unplug asks the guest to let go
+    /// of the device; libvirt returns before the guest has.
+    fn plug_disks(&self, spec: &DomainSpec, live: &str) -> Result<(), ComputeError> {
+        let spec_error = |source| ComputeError::Spec {
+            name: spec.name.clone(),
+            source,
+        };
+        let live = domain::live_disks(live).map_err(spec_error)?;
+        let changes = domain::disk_changes(&live, &spec.disks);
+        let flags = sys::VIR_DOMAIN_AFFECT_LIVE;
+        for disk in &changes.detach {
+            let xml = domain::disk_xml(disk).map_err(spec_error)?;
+            tracing::info!(domain = %spec.name, dev = %disk.target_dev, export = %disk.export_name, "unplugging a disk");
+            self.domain_op("detach disk", &spec.name, |d| {
+                d.detach_device_flags(&xml, flags).map(drop)
+            })?;
+        }
+        for disk in &changes.attach {
+            let xml = domain::disk_xml(disk).map_err(spec_error)?;
+            tracing::info!(domain = %spec.name, dev = %disk.target_dev, export = %disk.export_name, "plugging in a disk");
+            self.domain_op("attach disk", &spec.name, |d| {
+                d.attach_device_flags(&xml, flags).map(drop)
+            })?;
+        }
+        Ok(())
+    }
+}
+
 fn share(conn: &Connect) -> Result<Connect, virt::error::Error> {
     // SAFETY: `conn` is an open connection (its holder has not closed
     // it), so its pointer is valid; virConnectRef only counts a reference.
@@ -255,10 +287,20 @@ impl Compute for LibvirtCompute {
             });
         }
         // Defining an existing domain with the same UUID updates it; a
-        // running domain keeps its live configuration until restarted.
-        self.with_conn("define", &spec.name, |conn| {
-            Domain::define_xml(conn, &xml).map(drop)
-        })
+        // running domain keeps its live configuration until restarted,
+        // but for its disks, plugged in and out below.
+        let live = self.with_conn("define", &spec.name, |conn| {
+            let domain = Domain::define_xml(conn, &xml)?;
+            if domain.is_active()? {
+                domain.get_xml_desc(0).map(Some)
+            } else {
+                Ok(None)
+            }
+        })?;
+        match live {
+            Some(live) => self.plug_disks(spec, &live),
+            None => Ok(()),
+        }
     }
 
     fn start(&self, name: &str) -> Result<(), ComputeError> {
@@ -324,6 +366,22 @@ impl Compute for LibvirtCompute {
                 .as_ref()
                 .map(status_of)
                 .transpose()
+        })
+    }
+
+    fn disks(&self, name: &str) -> Result<Vec<domain::NbdDisk>, ComputeError> {
+        let xml = self
+            .with_conn("disks", name, |conn| {
+                Self::lookup(conn, name)?
+                    .map(|d| d.get_xml_desc(0))
+                    .transpose()
+            })?
+            .ok_or_else(|| ComputeError::NotDefined {
+                name: name.to_owned(),
+            })?;
+        domain::live_disks(&xml).map_err(|source| ComputeError::Spec {
+            name: name.to_owned(),
+            source,
         })
     }
 

@@ -169,8 +169,13 @@ pub enum ComputeError {
 pub trait Compute: Send + Sync {
     /// Defines the domain, or redefines it if its definition differs.
     /// A running domain keeps running; the new definition applies at its
-    /// next start.
+    /// next start, but for its disks: those the spec adds are plugged in
+    /// at once and those it drops are unplugged (the guest is asked to let
+    /// go; [`domain::disk_changes`] says which).
     fn define(&self, spec: &DomainSpec) -> Result<(), ComputeError>;
+    /// The NBD disks domain `name` has: the running guest's, or its
+    /// definition's while it is stopped.
+    fn disks(&self, name: &str) -> Result<Vec<domain::NbdDisk>, ComputeError>;
     /// Starts a defined domain; starting a running one is not an error.
     fn start(&self, name: &str) -> Result<(), ComputeError>;
     /// Asks the guest to shut down (ACPI); returns at once.
@@ -246,6 +251,9 @@ impl<T: Compute + ?Sized> Compute for std::sync::Arc<T> {
     }
     fn status(&self, name: &str) -> Result<Option<DomainStatus>, ComputeError> {
         (**self).status(name)
+    }
+    fn disks(&self, name: &str) -> Result<Vec<domain::NbdDisk>, ComputeError> {
+        (**self).disks(name)
     }
     fn list(&self) -> Result<Vec<DomainStatus>, ComputeError> {
         (**self).list()

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use crate::compute::domain::DomainSpec;
+use crate::compute::domain::{self, DomainSpec, NbdDisk};
 use crate::compute::{
     Compute, ComputeError, DomainStatus, MigrateRequest, MigrationControl, MigrationProgress,
     PowerState,
@@ -38,6 +38,9 @@ struct SimDomain {
     state: PowerState,
     /// How many times it was started (boots).
     starts: u64,
+    /// The disks the running guest has: the spec's at its start, then
+    /// plugged in and out by definitions while it runs.
+    live_disks: Vec<NbdDisk>,
 }
 
 #[derive(Debug, Default)]
@@ -168,6 +171,16 @@ impl SimCompute {
         self.lock().most_active
     }
 
+    /// The disks the guest `name` has while it runs (empty when it is not
+    /// defined).
+    pub fn live_disks(&self, name: &str) -> Vec<NbdDisk> {
+        self.lock()
+            .domains
+            .get(name)
+            .map(|d| d.live_disks.clone())
+            .unwrap_or_default()
+    }
+
     /// The definition of `name`, as last defined.
     pub fn spec(&self, name: &str) -> Option<DomainSpec> {
         self.lock().domains.get(name).map(|d| d.spec.clone())
@@ -233,6 +246,11 @@ impl Compute for SimCompute {
             }),
             Some(existing) => {
                 existing.spec = spec.clone();
+                if existing.state.is_active() {
+                    let changes = domain::disk_changes(&existing.live_disks, &spec.disks);
+                    existing.live_disks.retain(|d| !changes.detach.contains(d));
+                    existing.live_disks.extend(changes.attach);
+                }
                 Ok(())
             }
             None => {
@@ -240,6 +258,7 @@ impl Compute for SimCompute {
                     spec: spec.clone(),
                     state: PowerState::ShutOff,
                     starts: 0,
+                    live_disks: Vec::new(),
                 };
                 state.domains.insert(spec.name.clone(), domain);
                 Ok(())
@@ -252,6 +271,7 @@ impl Compute for SimCompute {
             if !d.state.is_active() {
                 d.state = PowerState::Running;
                 d.starts += 1;
+                d.live_disks.clone_from(&d.spec.disks);
             }
         })
     }
@@ -295,6 +315,16 @@ impl Compute for SimCompute {
             uuid: d.spec.uuid,
             state: d.state,
         }))
+    }
+
+    fn disks(&self, name: &str) -> Result<Vec<NbdDisk>, ComputeError> {
+        match self.lock().domains.get(name) {
+            Some(d) if d.state.is_active() => Ok(d.live_disks.clone()),
+            Some(d) => Ok(d.spec.disks.clone()),
+            None => Err(ComputeError::NotDefined {
+                name: name.to_owned(),
+            }),
+        }
     }
 
     fn list(&self) -> Result<Vec<DomainStatus>, ComputeError> {
@@ -408,6 +438,23 @@ mod tests {
         // The simulated guest never answers ACPI by itself: the suite's
         // graceful stop must fall back to a forced one.
         conformance::run(&sim, conformance::spec("sim-a"), Duration::from_millis(300));
+    }
+
+    #[test]
+    fn passes_the_disk_plugging_suite() {
+        let disk = |export: &str| crate::compute::domain::NbdDisk {
+            target_dev: "vda".to_owned(),
+            host: "127.0.0.1".to_owned(),
+            port: 10809,
+            export_name: export.to_owned(),
+        };
+        conformance::run_disk_plugging(
+            &SimCompute::new(),
+            conformance::spec("sim-p"),
+            [disk("root"), disk("data")],
+            &|| {},
+            Duration::from_millis(300),
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! - a restarted agent adopts running domains: it never restarts a guest
 //!   that already runs as wanted;
 //! - domains in the hands-off set (VMs in the middle of a live migration,
-//!   see [`crate::migration`]) are neither started, stopped, defined nor
+//!   see [`crate::migration`]) and those the desired state keeps (VMs
+//!   whose disks are not ready) are neither started, stopped, defined nor
 //!   removed, unless the agent is fenced;
 //! - actions on different domains run concurrently, at most
 //!   [`CONCURRENT_DOMAINS`] domains at a time (a forced stop of a TCG guest
@@ -116,7 +117,7 @@ impl<C: Compute> Reconciler<C> {
         let hands_off = if desired.fenced {
             BTreeSet::new()
         } else {
-            self.hands_off.clone()
+            self.hands_off.union(&desired.kept).cloned().collect()
         };
         let mut desired = desired.clone();
         desired.vms.retain(|vm| !hands_off.contains(&vm.spec.name));

@@ -23,6 +23,11 @@ pub struct Desired {
     pub vms: Vec<DesiredVm>,
     /// The agent has lost its lease: stop everything, start nothing.
     pub fenced: bool,
+    /// Domains left as they are this pass, neither defined, started,
+    /// stopped nor removed: VMs placed here whose disks are not ready (a
+    /// disk added while the guest runs, still being made). Ignored while
+    /// fenced.
+    pub kept: BTreeSet<String>,
 }
 
 /// One step for the executor.

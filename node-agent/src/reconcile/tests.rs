@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::compute::conformance;
+use crate::compute::domain::NbdDisk;
 use crate::compute::sim::SimCompute;
 
 const PREFIX: &str = "basalt-";
@@ -23,6 +24,7 @@ fn desired(vms: &[&DesiredVm]) -> Desired {
     Desired {
         vms: vms.iter().map(|vm| (*vm).clone()).collect(),
         fenced: false,
+        kept: BTreeSet::new(),
     }
 }
 
@@ -93,6 +95,59 @@ fn a_changed_spec_is_redefined_without_a_restart() {
     assert_eq!(verbs(&pass), ["define basalt-a"]);
     assert_eq!(r.compute().spec("basalt-a").unwrap().memory_mib, 128);
     assert_eq!(r.compute().starts("basalt-a"), 1);
+}
+
+#[test]
+fn a_disk_added_to_a_running_guest_is_plugged_in_and_a_dropped_one_unplugged() {
+    let mut r = reconciler();
+    let disk = |dev: &str, export: &str| NbdDisk {
+        target_dev: dev.to_owned(),
+        host: "127.0.0.1".to_owned(),
+        port: 10809,
+        export_name: export.to_owned(),
+    };
+    let mut a = vm("a", true);
+    a.spec.disks = vec![disk("vda", "root")];
+    r.reconcile(&desired(&[&a])).unwrap();
+    a.spec.disks.push(disk("vdb", "data"));
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert_eq!(verbs(&pass), ["define basalt-a"]);
+    assert_eq!(r.compute().live_disks("basalt-a"), a.spec.disks);
+    a.spec.disks.remove(0);
+    r.reconcile(&desired(&[&a])).unwrap();
+    assert_eq!(r.compute().live_disks("basalt-a"), [disk("vdb", "data")]);
+    assert_eq!(r.compute().starts("basalt-a"), 1, "never restarted");
+}
+
+#[test]
+fn a_kept_domain_is_left_as_it_is_unless_fenced() {
+    let mut r = reconciler();
+    let (a, b) = (vm("a", true), vm("b", false));
+    r.reconcile(&desired(&[&a, &b])).unwrap();
+    // Neither is in the wanted list (their disks are not ready): kept,
+    // a runs on and b is not removed.
+    let keep = Desired {
+        kept: BTreeSet::from(["basalt-a".to_owned(), "basalt-b".to_owned()]),
+        ..desired(&[])
+    };
+    let pass = r.reconcile(&keep).unwrap();
+    assert!(pass.executed.is_empty(), "{:?}", verbs(&pass));
+    assert_eq!(state(&r, "basalt-a"), Some(PowerState::Running));
+    assert_eq!(state(&r, "basalt-b"), Some(PowerState::ShutOff));
+    // Unkept and unwanted: removed.
+    let pass = r.reconcile(&desired(&[])).unwrap();
+    assert_eq!(
+        verbs(&pass),
+        ["destroy basalt-a", "undefine basalt-a", "undefine basalt-b"]
+    );
+    // The fence overrides keeping.
+    r.reconcile(&desired(&[&a])).unwrap();
+    let fenced = Desired {
+        fenced: true,
+        ..keep
+    };
+    let pass = r.reconcile(&fenced).unwrap();
+    assert_eq!(verbs(&pass), ["destroy basalt-a"]);
 }
 
 #[test]
@@ -389,6 +444,7 @@ proptest! {
             let d = Desired {
                 vms: wanted.iter().map(|(vm, running)| DesiredVm { spec: specs[*vm as usize].clone(), running: *running }).collect(),
                 fenced,
+                kept: BTreeSet::new(),
             };
             r.reconcile(&d).unwrap();
             for (i, spec) in specs.iter().enumerate() {

@@ -60,6 +60,25 @@ pub enum VmCommand {
     /// Move a running VM live to another node (`--to`, or the scheduler's
     /// choice); `--wait` follows it to the end.
     Migrate(crate::migrate::MigrateArgs),
+    /// Add a disk to a VM, as `vm create --disk` describes one; a running
+    /// guest gets it at once. `attach=VOLUME` needs the volume where the
+    /// VM's disks are (its primary copy on the VM's node).
+    AddDisk {
+        /// The VM.
+        name: String,
+        /// The disk.
+        #[arg(long, value_parser = parse_disk)]
+        disk: Disk,
+    },
+    /// Remove a disk from a VM; a running guest is asked to let go of it.
+    /// A VM's own disk is deleted with its data; an attached volume is
+    /// released (the VM must be stopped first) and kept.
+    RemoveDisk {
+        /// The VM.
+        name: String,
+        /// The disk's name.
+        disk: String,
+    },
 }
 
 /// `basalt vm create` flags.
@@ -242,6 +261,32 @@ pub async fn run(server: &str, format: Format, command: VmCommand) -> anyhow::Re
             console_dir,
         } => console(&client, &name, follow, &console_dir).await,
         VmCommand::Migrate(args) => crate::migrate::run(server, format, args).await,
+        VmCommand::AddDisk { name, disk } => {
+            let added = disk.name.clone();
+            edit_vm(&client, &name, |vm| {
+                if vm.spec.disks.iter().any(|d| d.name == disk.name) {
+                    bail!("vm/{name} already has a disk {:?}", disk.name);
+                }
+                vm.spec.disks.push(disk.clone());
+                Ok(true)
+            })
+            .await?;
+            println!("vm/{name}: disk {added} added");
+            Ok(())
+        }
+        VmCommand::RemoveDisk { name, disk } => {
+            edit_vm(&client, &name, |vm| {
+                let before = vm.spec.disks.len();
+                vm.spec.disks.retain(|d| d.name != disk);
+                if vm.spec.disks.len() == before {
+                    bail!("vm/{name} has no disk {disk:?}");
+                }
+                Ok(true)
+            })
+            .await?;
+            println!("vm/{name}: disk {disk} removed");
+            Ok(())
+        }
     }
 }
 
@@ -347,6 +392,22 @@ async fn power(client: &AdminClient, args: &PowerArgs, running: bool) -> anyhow:
 /// Sets `spec.running` by compare-and-swap (retrying conflicts); returns
 /// whether it changed.
 async fn set_running(client: &AdminClient, name: &str, running: bool) -> anyhow::Result<bool> {
+    edit_vm(client, name, |vm| {
+        let changed = vm.spec.running != running;
+        vm.spec.running = running;
+        Ok(changed)
+    })
+    .await
+}
+
+/// Reads VM `name`, lets `edit` change it (it says whether it did, or
+/// why it cannot) and writes it back by compare-and-swap, from a fresh
+/// read after each conflict. Returns whether it changed.
+async fn edit_vm(
+    client: &AdminClient,
+    name: &str,
+    mut edit: impl FnMut(&mut Vm) -> anyhow::Result<bool>,
+) -> anyhow::Result<bool> {
     loop {
         let Object::Vm(mut vm) = client
             .get(Kind::Vm, name)
@@ -355,10 +416,12 @@ async fn set_running(client: &AdminClient, name: &str, running: bool) -> anyhow:
         else {
             bail!("vm/{name} is not a VM");
         };
-        if vm.spec.running == running {
+        if !edit(&mut vm)? {
             return Ok(false);
         }
-        vm.spec.running = running;
+        Object::Vm(vm.clone())
+            .validate()
+            .with_context(|| format!("vm/{name}"))?;
         match client.update(Object::Vm(vm)).await {
             Ok(_) => return Ok(true),
             Err(ApiError::Aborted { .. }) => continue,

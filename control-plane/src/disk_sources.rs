@@ -15,16 +15,19 @@
 //!
 //! This module holds the control plane's part:
 //!
-//! - [`complete`], on apply of a new VM: a disk of size 0 takes its
-//!   source's or attached volume's size, an attached volume's disk of 0
-//!   replicas its copies, and `attached_storage_name` is set;
+//! - [`complete`], on apply of a new VM or of the disks an update adds:
+//!   a disk of size 0 takes its source's or attached volume's size, an
+//!   attached volume's disk of 0 replicas its copies, and
+//!   `attached_storage_name` is set;
 //! - [`check`], on apply: a new VM's source volumes exist
 //!   (`FAILED_PRECONDITION` naming the disk's field) and are no larger
 //!   than their disks (`INVALID_ARGUMENT` on the size); an attached volume
 //!   exists, is placed, is no snapshot, is no other VM's disk and matches
-//!   the disk's copies; an update neither adds a disk from or attaching a
-//!   volume nor changes either (the clone is made, the volume taken, once,
-//!   at the VM's first placement);
+//!   the disk's copies; an update adds no clone and changes no disk's
+//!   source or attachment (the clone is made once, at the VM's first
+//!   placement), but may add a disk attaching a volume — to a VM already
+//!   placed only when the volume is where the VM's disks are, at an epoch
+//!   no later than the VM's (decision 78: the VM does not move for it);
 //! - [`keep_attached_names`], on apply of an update: the recorded pool
 //!   name of a disk that still attaches the same volume is kept;
 //! - [`pins`]: where each VM placed for the first time must go (the
@@ -68,16 +71,22 @@ pub fn attached_by<'a>(state: &'a State, name: &str, except: &str) -> Option<(&'
     })
 }
 
-/// Fills in, for a VM being created, what its disks leave to the volumes
-/// they are made from or are: a size of 0 takes the volume's size, an
-/// attached volume's disk of 0 replicas its copies, and an attached
-/// volume's pool name is recorded. A missing volume is left for [`check`]
-/// to refuse.
-pub fn complete(state: &State, object: &mut Object) {
+/// Fills in, for a VM being created (`current` `None`) or the disks an
+/// update adds to one, what those disks leave to the volumes they are
+/// made from or are: a size of 0 takes the volume's size, an attached
+/// volume's disk of 0 replicas its copies, and an attached volume's pool
+/// name is recorded. A missing volume is left for [`check`] to refuse.
+pub fn complete(state: &State, object: &mut Object, current: Option<&Object>) {
     let Object::Vm(vm) = object else {
         return;
     };
-    for disk in &mut vm.spec.disks {
+    let before = match current {
+        Some(Object::Vm(before)) => Some(before),
+        _ => None,
+    };
+    let is_new =
+        |disk: &Disk| before.is_none_or(|b| !b.spec.disks.iter().any(|d| d.name == disk.name));
+    for disk in vm.spec.disks.iter_mut().filter(|d| is_new(d)) {
         let from = disk
             .source_volume
             .as_deref()
@@ -160,25 +169,41 @@ pub fn check(state: &State, vm: &Vm, current: Option<&Vm>) -> Result<(), Refusal
     for (i, disk) in vm.spec.disks.iter().enumerate() {
         let field = format!("spec.disks[{i}]");
         match current {
-            Some(current) => check_unchanged(current, disk, &field)?,
+            Some(current) => check_unchanged(state, vm, current, i, disk, &field)?,
             None => check_new(state, vm, i, disk, &field)?,
         }
     }
     Ok(())
 }
 
-/// On an update: disk `disk` (at `field`) attaches and is cloned from what
-/// it was when its VM was created.
-fn check_unchanged(current: &Vm, disk: &Disk, field: &str) -> Result<(), Refusal> {
+/// On an update: disk `i` of `vm` (at `field`) is cloned from what it was
+/// when its VM was created, and attaches what it did; a disk the update
+/// adds may attach a volume ([`check_attach`], and where the VM is placed
+/// [`check_attach_placed`]).
+fn check_unchanged(
+    state: &State,
+    vm: &Vm,
+    current: &Vm,
+    i: usize,
+    disk: &Disk,
+    field: &str,
+) -> Result<(), Refusal> {
     let before = current.spec.disks.iter().find(|d| d.name == disk.name);
-    if before.and_then(|d| d.attach.as_ref()) != disk.attach.as_ref() {
-        return Err(Refusal::Invalid {
-            field: format!("{field}.attach"),
-            reason: format!(
-                "disk {:?}: a volume is attached (and kept) only when its VM is created",
-                disk.name
-            ),
-        });
+    match (before, &disk.attach) {
+        (None, Some(name)) => {
+            check_attach(state, vm, i, disk, name)?;
+            check_attach_placed(state, vm, field, name)?;
+        }
+        (Some(b), attach) if b.attach.as_ref() != attach.as_ref() => {
+            return Err(Refusal::Invalid {
+                field: format!("{field}.attach"),
+                reason: format!(
+                    "disk {:?}: what a disk attaches cannot change; remove the disk (with the VM stopped) and add another",
+                    disk.name
+                ),
+            });
+        }
+        _ => {}
     }
     match &disk.source_volume {
         Some(name) if before.and_then(|d| d.source_volume.as_ref()) != Some(name) => {
@@ -301,6 +326,75 @@ fn check_attach(state: &State, vm: &Vm, i: usize, disk: &Disk, name: &str) -> Re
                 other.name, other.replicas
             ),
         });
+    }
+    Ok(())
+}
+
+/// The rules for a volume `name` attached by a disk added to VM `vm`
+/// (at `field`) once the VM is placed: the VM does not move for it, so
+/// the volume must already be where the VM's disks are — its primary copy
+/// on the VM's node, its copies on the VM's replica nodes — at an epoch
+/// no later than the VM's (the copies refuse an older one), with every
+/// copy in place and none outdated, and the VM not moving. A VM not yet
+/// placed goes where the volume is at its first placement ([`pins`]).
+fn check_attach_placed(state: &State, vm: &Vm, field: &str, name: &str) -> Result<(), Refusal> {
+    let Some(Object::Placement(placement)) = state.get(Kind::Placement, &vm.meta.name) else {
+        return Ok(());
+    };
+    let Some(volume) = source(state, name) else {
+        return Ok(());
+    };
+    let refuse = |why: String| {
+        Err(Refusal::FailedPrecondition {
+            reason: format!("{field}.attach: volume {name:?} {why}"),
+        })
+    };
+    let moving = state.list(Kind::Migration).any(|o| {
+        matches!(o, Object::Migration(m) if m.spec.vm == vm.meta.name && !m.status.phase.is_terminal())
+    });
+    if moving {
+        return refuse(format!(
+            "cannot be attached while vm {:?} is migrating: attach it once the move is over",
+            vm.meta.name
+        ));
+    }
+    let v = &volume.status;
+    if v.primary_node != placement.node {
+        return refuse(format!(
+            "has its primary copy on node {:?} and vm {:?} runs on node {:?}: attach a volume whose primary copy is on the VM's node (a clone of one of its disks is)",
+            v.primary_node, vm.meta.name, placement.node
+        ));
+    }
+    if v.replicas.len() != volume.spec.replicas as usize {
+        return refuse(format!(
+            "has {} of its {} copies: attach it once the lost copy is replaced",
+            v.replicas.len(),
+            volume.spec.replicas
+        ));
+    }
+    let mut copies: Vec<&str> = v.replicas.iter().map(|r| r.node.as_str()).collect();
+    copies.sort_unstable();
+    if volume.spec.replicas >= 2 {
+        let mut wanted: Vec<&str> = placement.replica_nodes.iter().map(String::as_str).collect();
+        wanted.sort_unstable();
+        if copies != wanted {
+            return refuse(format!(
+                "has copies on nodes {copies:?} and vm {:?}'s replicated disks are on nodes {wanted:?}: they must be the same nodes",
+                vm.meta.name
+            ));
+        }
+    }
+    if let Some(r) = v.replicas.iter().find(|r| r.outdated) {
+        return refuse(format!(
+            "has an outdated copy on node {:?}: attach it once its primary has resynced it",
+            r.node
+        ));
+    }
+    if v.epoch > placement.epoch {
+        return refuse(format!(
+            "is at epoch {}, past vm {:?}'s {}: its copies would refuse the VM's writes",
+            v.epoch, vm.meta.name, placement.epoch
+        ));
     }
     Ok(())
 }
@@ -754,8 +848,8 @@ mod tests {
         ));
         assert!(says.contains("more than one disk"), "{says}");
 
-        // While attached, the volume is not deleted; an update keeps the
-        // attachment as created.
+        // While attached, the volume is not deleted; an update keeps what
+        // a disk attaches.
         match refusal(
             &mut state,
             index + 1,
@@ -782,18 +876,6 @@ mod tests {
             Command::Update(Object::Vm(moved)),
         ));
         assert!(says.starts_with("spec.disks[0].attach: "), "{says}");
-        let mut added = web.clone();
-        added
-            .spec
-            .disks
-            .push(attaching("x", "single", &[]).spec.disks[0].clone());
-        added.spec.disks[1].name = "more".into();
-        let says = invalid(refusal(
-            &mut state,
-            index + 1,
-            Command::Update(Object::Vm(added)),
-        ));
-        assert!(says.starts_with("spec.disks[1].attach: "), "{says}");
         let mut grown = web.clone();
         grown.spec.disks[0].size_bytes = 32 << 20;
         // The pool name is the control plane's: an update that leaves it
@@ -864,6 +946,138 @@ mod tests {
         state
             .apply(index + 6, Command::Update(Object::Vm(removed)))
             .expect("a stopped VM's attached disk is removed");
+    }
+
+    /// Applies `command` at the next index.
+    fn next(state: &mut State, index: &mut u64, command: Command) -> Result<Object, Refusal> {
+        *index += 1;
+        state
+            .apply(*index, command)
+            .map(|applied| applied.changes[0].object.clone())
+    }
+
+    /// VM `name` with disk `root` of `replicas` copies, placed on `node`
+    /// (replica nodes `copies`) at `epoch` unless `node` is empty.
+    fn running(
+        state: &mut State,
+        index: &mut u64,
+        (name, replicas): (&str, u32),
+        (node, copies, epoch): (&str, &[&str], u64),
+    ) -> Vm {
+        let mut vm = vm(name, &[("root", 1 << 20, None)]);
+        vm.spec.disks[0].replicas = replicas;
+        vm.spec.running = true;
+        let Ok(Object::Vm(vm)) = next(state, index, Command::Create(Object::Vm(vm))) else {
+            panic!("vm {name}");
+        };
+        if !node.is_empty() {
+            next(
+                state,
+                index,
+                Command::Create(placement(name, node, copies, epoch)),
+            )
+            .expect("placement");
+        }
+        vm
+    }
+
+    fn placement(vm: &str, node: &str, copies: &[&str], epoch: u64) -> Object {
+        Object::Placement(basalt_api::Placement {
+            meta: ObjectMeta::named(vm),
+            vm: vm.into(),
+            node: node.into(),
+            epoch,
+            replica_nodes: copies.iter().map(|n| (*n).to_owned()).collect(),
+        })
+    }
+
+    /// `vm` with a disk `data` attaching `volume` added.
+    fn with_attached(vm: &Vm, volume: &str) -> Command {
+        let mut vm = vm.clone();
+        vm.spec
+            .disks
+            .push(attaching("x", volume, &[]).spec.disks[0].clone());
+        Command::Update(Object::Vm(vm))
+    }
+
+    #[test]
+    fn a_disk_added_to_a_vm_attaches_a_volume_where_the_vm_is() {
+        let (mut state, mut index) = attach_state();
+        let i = &mut index;
+        for node in ["a", "b", "c"] {
+            let node = basalt_api::Node {
+                meta: ObjectMeta::named(node),
+                ..Default::default()
+            };
+            next(&mut state, i, Command::Create(Object::Node(node))).expect("node");
+        }
+        next(&mut state, i, Command::Create(placed("solo", 1, &["a"], 2))).expect("volume");
+        let failed = |r: Result<Object, Refusal>| match r {
+            Err(Refusal::FailedPrecondition { reason }) => reason,
+            other => panic!("{other:?}"),
+        };
+
+        // Not placed yet: it goes where the volume is at its first
+        // placement; the disk is filled in as at a create.
+        let web = running(&mut state, i, ("web", 1), ("", &[], 0));
+        let Ok(Object::Vm(web)) = next(&mut state, i, with_attached(&web, "single")) else {
+            panic!("attached to a VM not placed yet");
+        };
+        let disk = &web.spec.disks[1];
+        assert_eq!(
+            (
+                disk.size_bytes,
+                disk.replicas,
+                disk.attached_storage_name.as_deref()
+            ),
+            (16 << 20, 1, Some("vol-single"))
+        );
+
+        // Placed: the volume must be where the VM is.
+        let db = running(&mut state, i, ("db", 1), ("b", &[], 1));
+        let says = failed(next(&mut state, i, with_attached(&db, "solo")));
+        assert!(
+            says.starts_with("spec.disks[1].attach: volume \"solo\" has its primary copy on node \"a\" and vm \"db\" runs on node \"b\""),
+            "{says}"
+        );
+        let app = running(&mut state, i, ("app", 1), ("a", &[], 1));
+        let says = failed(next(&mut state, i, with_attached(&app, "solo")));
+        assert!(
+            says.contains("is at epoch 2, past vm \"app\"'s 1"),
+            "{says}"
+        );
+        let Some(Object::Placement(p)) = state.get(Kind::Placement, "app").cloned() else {
+            panic!("placement");
+        };
+        let mut moved = p.clone();
+        moved.epoch = 2;
+        next(&mut state, i, Command::Update(Object::Placement(moved))).expect("epoch 2");
+        let Ok(Object::Vm(app)) = next(&mut state, i, with_attached(&app, "solo")) else {
+            panic!("attached to a running VM on its node at its epoch");
+        };
+        assert_eq!(app.spec.disks[1].attach.as_deref(), Some("solo"));
+
+        // Replicated: the copies' nodes are the VM's replica nodes, all
+        // there, none outdated.
+        let rep = running(&mut state, i, ("rep", 2), ("b", &["c", "b"], 3));
+        next(&mut state, i, with_attached(&rep, "scratch")).expect("same nodes, same epoch");
+        let wide = running(&mut state, i, ("wide", 2), ("a", &["a", "c"], 5));
+        let says = failed(next(&mut state, i, with_attached(&wide, "stale")));
+        assert!(
+            says.contains("copies on nodes [\"a\", \"b\"] and vm \"wide\"'s replicated disks are on nodes [\"a\", \"c\"]"),
+            "{says}"
+        );
+        let old = running(&mut state, i, ("old", 2), ("a", &["a", "b"], 5));
+        let says = failed(next(&mut state, i, with_attached(&old, "stale")));
+        assert!(says.contains("outdated copy on node \"b\""), "{says}");
+        let says = failed(next(&mut state, i, with_attached(&old, "short")));
+        assert!(says.contains("has 1 of its 2 copies"), "{says}");
+        // Another VM's volume stays refused.
+        let says = failed(next(&mut state, i, with_attached(&old, "single")));
+        assert!(
+            says.contains("attached as disk \"data\" of vm \"web\""),
+            "{says}"
+        );
     }
 
     #[test]

@@ -262,7 +262,7 @@ impl State {
                         name: object.name().to_owned(),
                     });
                 }
-                crate::disk_sources::complete(self, &mut object);
+                crate::disk_sources::complete(self, &mut object, None);
                 self.check_references(&object, None)?;
                 if let Object::Token(token) = &mut object {
                     token.secret = None;
@@ -289,6 +289,7 @@ impl State {
                     });
                 }
                 keep_protected(current, &mut object);
+                crate::disk_sources::complete(self, &mut object, Some(current));
                 self.check_references(&object, Some(current))?;
                 let previous = current.clone();
                 self.replace(index, &previous, &mut object);

@@ -920,6 +920,83 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         "the target keeps the attached volume's copy"
     );
 
+    // 4. A disk plugged into the running guest: a one-copy clone of its
+    // attached disk, made where that disk's copy now is (the VM's node,
+    // at an epoch below the VM's), added with `basalt vm add-disk`. The
+    // guest's kernel finds a third disk without a reboot, and the volume
+    // becomes the VM's.
+    let out = basalt(&server, &["volume", "clone", "data", "extra"]).await;
+    assert!(out.status.success(), "volume clone: {}", text(&out));
+    let extra = || async {
+        match admin.get(Kind::Volume, "extra").await {
+            Ok(Object::Volume(v)) => Some(v),
+            _ => None,
+        }
+    };
+    wait::until(
+        "the second clone is made, one copy up to date",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            extra().await.is_some_and(|v| {
+                v.status.replicas.len() == 1 && v.status.replicas[0].state == ReplicaState::UpToDate
+            })
+        },
+    )
+    .await;
+    let out = basalt(
+        &server,
+        &[
+            "vm",
+            "add-disk",
+            "single",
+            "--disk",
+            "name=extra,attach=extra",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "vm add-disk: {}", text(&out));
+    let console = prefix.log_dir().join("single.log");
+    wait::until(
+        "the running guest finds the plugged disk",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            std::fs::read_to_string(&console)
+                .unwrap_or_default()
+                .contains("[vdc]")
+        },
+    )
+    .await;
+    assert_eq!(
+        domain_state(&cluster.libvirtds[other], &single_domain),
+        "running",
+        "plugged in without a restart"
+    );
+    assert!(
+        read_at(&cluster.nodes[other], &single_volume, 0, 512)
+            .await
+            .is_some_and(|b| b.starts_with(b"1\n")),
+        "the guest booted once"
+    );
+    wait::until(
+        "the plugged volume is the VM's",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            extra().await.is_some_and(|v| {
+                v.spec.owner.is_some_and(|o| {
+                    (o.vm.as_str(), o.disk.as_str(), o.attached) == ("single", "extra", true)
+                })
+            })
+        },
+    )
+    .await;
+    // A running VM's attached disk stays until the VM is stopped.
+    let out = basalt(&server, &["vm", "remove-disk", "single", "extra"]).await;
+    assert!(!out.status.success(), "removed from a running VM");
+    assert!(text(&out).contains("stop the VM"), "{}", text(&out));
+
     let nodes = cluster.nodes.clone();
     let volume_name = volume.clone();
     tokio::task::spawn_blocking(move || {

@@ -59,9 +59,14 @@ pub enum VolumeCommand {
         #[arg(long, value_parser = crate::vm::parse_bytes)]
         size: u64,
         /// Number of copies, each on its own node (placed by the control
-        /// plane).
-        #[arg(long, default_value_t = 1, visible_alias = "copies")]
-        replicas: u32,
+        /// plane); 1, or as many as `--nodes` names.
+        #[arg(long, visible_alias = "copies")]
+        replicas: Option<u32>,
+        /// The nodes its copies go on, comma-separated, the first its
+        /// primary (instead of the control plane's choice), e.g. those of
+        /// a VM it is to be attached to.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
         /// An image to clone it from.
         #[arg(long)]
         image: Option<String>,

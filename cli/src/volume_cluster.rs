@@ -287,6 +287,7 @@ async fn derive(
                 snapshot,
             }),
             protocol: from.spec.protocol,
+            nodes: Vec::new(),
         },
         ..Volume::default()
     };
@@ -314,9 +315,12 @@ pub async fn run(server: &str, format: Format, command: VolumeCommand) -> anyhow
             name,
             size,
             replicas,
+            nodes,
             image,
             protocol,
         } => {
+            let replicas =
+                replicas.unwrap_or_else(|| u32::try_from(nodes.len().max(1)).unwrap_or(u32::MAX));
             let volume = Volume {
                 meta: ObjectMeta::named(name),
                 spec: VolumeSpec {
@@ -326,6 +330,7 @@ pub async fn run(server: &str, format: Format, command: VolumeCommand) -> anyhow
                     owner: None,
                     source: None,
                     protocol,
+                    nodes,
                 },
                 ..Volume::default()
             };

@@ -212,6 +212,18 @@ pub fn plan(state: &State, only: Option<&BTreeSet<String>>, now_unix_ms: u64) ->
     plan
 }
 
+/// The first node `volume` asks for (`spec.nodes`) that does not exist,
+/// with its index.
+fn missing_node<'a>(state: &State, volume: &'a Volume) -> Option<(usize, &'a str)> {
+    volume
+        .spec
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| state.get(Kind::Node, n).is_none())
+        .map(|(i, n)| (i, n.as_str()))
+}
+
 /// Whether `volume` is a standalone volume (no VM disk, not made from a
 /// source) that no node holds yet: the controller places it.
 fn unplaced_standalone(volume: &Volume) -> bool {
@@ -243,7 +255,8 @@ pub(crate) fn stand_in(volume: &Volume) -> Vm {
 /// (decision 61): the scheduler's replica-node choice
 /// ([`scheduler::plan`]), fed the VMs, their placements and the volumes
 /// already placed (so their bytes count against each node's pool), picks
-/// the nodes; the first is the primary. Each placed volume gets its pool
+/// the nodes, unless the volume names them (`spec.nodes`, the operator's
+/// choice, taken as it is); the first is the primary. Each placed volume gets its pool
 /// name ([`Volume::made_storage_name`]), epoch 1, its primary and one entry per
 /// copy; one that no node can take gets `Ready` false, `Unschedulable`,
 /// with the scheduler's reason (written only when that changes).
@@ -289,18 +302,41 @@ pub fn place_standalone(state: &State, seed: u64, now_unix_ms: u64) -> Vec<Comma
             vms.push(vm);
         }
     }
-    vms.extend(pending.iter().map(|v| stand_in(v)));
+    // Volumes that name their nodes are not the scheduler's to place.
+    vms.extend(
+        pending
+            .iter()
+            .filter(|v| v.spec.nodes.is_empty())
+            .map(|v| stand_in(v)),
+    );
     let plan = scheduler::plan(&nodes, &vms, &placements, Overcommit::default(), seed);
     let mut writes = Vec::new();
     for volume in pending {
         let key = stand_in(volume).meta.name;
         let mut placed = volume.clone();
-        if let Some((_, node)) = plan.placements.iter().find(|(vm, _)| *vm == key) {
-            let mut copies = plan
-                .replica_nodes
-                .get(&key)
-                .cloned()
-                .unwrap_or_else(|| vec![node.clone()]);
+        let missing = volume
+            .spec
+            .nodes
+            .iter()
+            .find(|n| !nodes.iter().any(|node| node.meta.name == **n));
+        let chosen = match (volume.spec.nodes.first(), missing) {
+            (Some(node), None) => Some((node.clone(), volume.spec.nodes.clone())),
+            (Some(_), Some(_)) => None,
+            (None, _) => plan
+                .placements
+                .iter()
+                .find(|(vm, _)| *vm == key)
+                .map(|(_, node)| {
+                    let copies = plan
+                        .replica_nodes
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_else(|| vec![node.clone()]);
+                    (node.clone(), copies)
+                }),
+        };
+        if let Some((node, mut copies)) = chosen {
+            let node = &node;
             copies.sort();
             placed.status.storage_name = Volume::made_storage_name(&volume.meta.uid);
             placed.status.epoch = 1;
@@ -316,11 +352,14 @@ pub fn place_standalone(state: &State, seed: u64, now_unix_ms: u64) -> Vec<Comma
             let condition = ready(&placed.status, now_unix_ms);
             set_condition(&mut placed.status.conditions, condition);
         } else {
-            let reason = plan
-                .unschedulable
-                .iter()
-                .find(|(vm, _)| *vm == key)
-                .map_or_else(|| "no node fits".to_owned(), |(_, why)| why.clone());
+            let reason = match missing {
+                Some(node) => format!("node {node:?} named in spec.nodes does not exist"),
+                None => plan
+                    .unschedulable
+                    .iter()
+                    .find(|(vm, _)| *vm == key)
+                    .map_or_else(|| "no node fits".to_owned(), |(_, why)| why.clone()),
+            };
             let unchanged = volume.status.conditions.iter().any(|c| {
                 c.kind == Condition::READY && c.reason == "Unschedulable" && c.message == reason
             });
@@ -412,6 +451,8 @@ fn desired(
             }),
             source,
             protocol: disk.protocol,
+            // A VM's disk is where its VM is.
+            nodes: Vec::new(),
         },
         status,
     }
@@ -635,6 +676,16 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
             Ok(())
         }
         (Object::Volume(volume), Some(Object::Volume(current))) => {
+            // Cleared when a VM adopts the volume; never set or changed.
+            if !volume.spec.nodes.is_empty() && volume.spec.nodes != current.spec.nodes {
+                return Err(Refusal::Invalid {
+                    field: "spec.nodes".into(),
+                    reason: format!(
+                        "a volume's nodes are chosen when it is created (they were {:?})",
+                        current.spec.nodes
+                    ),
+                });
+            }
             if volume.spec.size_bytes < current.spec.size_bytes {
                 return Err(Refusal::Invalid {
                     field: "spec.size_bytes".into(),
@@ -645,6 +696,12 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
                 });
             }
             Ok(())
+        }
+        (Object::Volume(volume), None) if missing_node(state, volume).is_some() => {
+            let (i, node) = missing_node(state, volume).unwrap_or_default();
+            Err(Refusal::FailedPrecondition {
+                reason: format!("spec.nodes[{i}]: node {node:?} does not exist"),
+            })
         }
         (Object::Volume(volume), None) if volume.spec.source.is_some() => {
             let source = volume.spec.source.as_ref().map(|s| s.volume.as_str());
@@ -1286,6 +1343,75 @@ mod tests {
             *index += 1;
             state.apply(*index, command).unwrap();
         }
+    }
+
+    #[test]
+    fn a_standalone_volume_naming_its_nodes_is_placed_there() {
+        let (mut state, mut index) = state_with([]);
+        for (node, room) in [("a", 10 << 20), ("b", 10 << 20), ("c", 1 << 20)] {
+            create(&mut state, &mut index, ready_node(node, room));
+        }
+        let named = |name: &str, uid: &str, nodes: &[&str]| {
+            let Object::Volume(mut v) = standalone(name, uid, 2 << 20, 2) else {
+                unreachable!()
+            };
+            v.spec.nodes = nodes.iter().map(|n| (*n).to_owned()).collect();
+            Object::Volume(v)
+        };
+        // Taken as asked, the first the primary, even where the scheduler
+        // would not put it (c is too small for 2 MiB).
+        create(&mut state, &mut index, named("here", "u1", &["c", "a"]));
+        place(&mut state, &mut index, 5);
+        let here = volume(&state, "here");
+        let copies: Vec<&str> = here
+            .status
+            .replicas
+            .iter()
+            .map(|r| r.node.as_str())
+            .collect();
+        assert_eq!(copies, ["a", "c"]);
+        assert_eq!(
+            (here.status.primary_node.as_str(), here.status.epoch),
+            ("c", 1)
+        );
+        // A node that does not exist is refused when the volume is made...
+        index += 1;
+        assert!(matches!(
+            state.apply(index, Command::Create(named("nowhere", "u2", &["a", "z"]))),
+            Err(Refusal::FailedPrecondition { reason }) if reason == "spec.nodes[1]: node \"z\" does not exist"
+        ));
+        // ...and one gone since holds it, saying which.
+        create(&mut state, &mut index, named("later", "u3", &["b", "a"]));
+        index += 1;
+        state
+            .apply(
+                index,
+                Command::Delete {
+                    kind: Kind::Node,
+                    name: "b".into(),
+                    expected_resource_version: None,
+                    force: false,
+                },
+            )
+            .expect("node b removed");
+        place(&mut state, &mut index, 6);
+        let later = volume(&state, "later");
+        assert!(later.status.replicas.is_empty());
+        assert!(
+            later.status.conditions[0]
+                .message
+                .contains("node \"b\" named in spec.nodes does not exist"),
+            "{:?}",
+            later.status.conditions
+        );
+        // Chosen once: an update may not move them.
+        let mut moved = here.clone();
+        moved.spec.nodes = vec!["a".into(), "b".into()];
+        index += 1;
+        assert!(matches!(
+            state.apply(index, Command::Update(Object::Volume(moved))),
+            Err(Refusal::Invalid { field, .. }) if field == "spec.nodes"
+        ));
     }
 
     #[test]

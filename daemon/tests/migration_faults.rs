@@ -40,6 +40,12 @@
 //!   attached volume's new copy that the volume does not name yet: the
 //!   target keeps it.
 //!
+//! - **A disk plugged in**: after that move, a new one-copy volume made on
+//!   the VM's node (`basalt volume create --nodes`) is added to the
+//!   running VM (`basalt vm add-disk ... attach=`): the guest's kernel
+//!   finds a third disk without a reboot, the volume becomes the VM's, and
+//!   removing it from the running VM is refused.
+//!
 //! After each move the held connection is still the same one (no reset,
 //! every number one more than the last), the guest has not rebooted (its
 //! disk's boot counter stays 1), keeps its address and reads back what it
@@ -920,13 +926,24 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         "the target keeps the attached volume's copy"
     );
 
-    // 4. A disk plugged into the running guest: a one-copy clone of its
-    // attached disk, made where that disk's copy now is (the VM's node,
-    // at an epoch below the VM's), added with `basalt vm add-disk`. The
-    // guest's kernel finds a third disk without a reboot, and the volume
-    // becomes the VM's.
-    let out = basalt(&server, &["volume", "clone", "data", "extra"]).await;
-    assert!(out.status.success(), "volume clone: {}", text(&out));
+    // 4. A disk plugged into the running guest: a new one-copy volume made
+    // on the VM's node (`--nodes`, at epoch 1, below the VM's), added with
+    // `basalt vm add-disk`. The guest's kernel finds a third disk without
+    // a reboot, and the volume becomes the VM's.
+    let out = basalt(
+        &server,
+        &[
+            "volume",
+            "create",
+            "extra",
+            "--size",
+            "64M",
+            "--nodes",
+            cluster.nodes[other].netns(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "volume create: {}", text(&out));
     let extra = || async {
         match admin.get(Kind::Volume, "extra").await {
             Ok(Object::Volume(v)) => Some(v),
@@ -934,12 +951,14 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         }
     };
     wait::until(
-        "the second clone is made, one copy up to date",
+        "the new volume is made on the VM's node, one copy up to date",
         DEADLINE,
         &cluster.processes(),
         || async {
             extra().await.is_some_and(|v| {
-                v.status.replicas.len() == 1 && v.status.replicas[0].state == ReplicaState::UpToDate
+                v.status.replicas.len() == 1
+                    && v.status.replicas[0].node == cluster.nodes[other].netns()
+                    && v.status.replicas[0].state == ReplicaState::UpToDate
             })
         },
     )

@@ -53,6 +53,7 @@ impl From<Volume> for pb::Volume {
                     snapshot: s.snapshot,
                 }),
                 protocol: spec.protocol.as_str().to_owned(),
+                nodes: spec.nodes,
             }),
             status: Some(pb::VolumeStatus {
                 storage_name: status.storage_name,
@@ -132,6 +133,7 @@ impl TryFrom<pb::Volume> for Volume {
                     snapshot: s.snapshot,
                 }),
                 protocol: ReplicationProtocol::parse("spec.protocol", &spec.protocol)?,
+                nodes: spec.nodes,
             },
             status: VolumeStatus {
                 storage_name: status.storage_name,
@@ -222,6 +224,7 @@ mod tests {
                 }),
                 source: None,
                 protocol: ReplicationProtocol::A,
+                nodes: Vec::new(),
             },
             status: VolumeStatus {
                 storage_name: "x".into(),
@@ -250,6 +253,13 @@ mod tests {
         };
         let back = Volume::try_from(pb::Volume::from(volume.clone())).unwrap();
         assert_eq!(back, volume);
+        let mut named = volume.clone();
+        named.spec.owner = None;
+        named.spec.nodes = vec!["b".into(), "a".into()];
+        assert_eq!(
+            Volume::try_from(pb::Volume::from(named.clone())).unwrap(),
+            named
+        );
         let mut wire = pb::Volume::from(volume);
         wire.status.as_mut().unwrap().replicas[1].state = 99;
         assert!(matches!(

@@ -83,6 +83,11 @@ pub struct VolumeSpec {
     /// each copy's agent when it attaches the copy.
     #[serde(skip_serializing_if = "ReplicationProtocol::is_c")]
     pub protocol: ReplicationProtocol,
+    /// The nodes its copies are made on, one per copy, the first its
+    /// primary (a standalone volume only; empty: the scheduler chooses).
+    /// Read when the volume is first placed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 /// What a snapshot or a clone is made from.
@@ -291,6 +296,31 @@ impl Volume {
                 ));
             }
         }
+        for (i, node) in spec.nodes.iter().enumerate() {
+            let at = format!("spec.nodes[{i}]");
+            validate::name(&at, node)?;
+            if spec.nodes[..i].contains(node) {
+                return Err(ApiError::invalid(at, format!("{node:?} is listed twice")));
+            }
+        }
+        if !spec.nodes.is_empty() {
+            if spec.owner.is_some() || spec.source.is_some() {
+                return Err(ApiError::invalid(
+                    "spec.nodes",
+                    "only a standalone volume made empty or from an image chooses its nodes (a VM's disk is where its VM is, a snapshot or clone where its source is)",
+                ));
+            }
+            if spec.nodes.len() != spec.replicas as usize {
+                return Err(ApiError::invalid(
+                    "spec.nodes",
+                    format!(
+                        "names {} node(s) for {} cop(ies): one node per copy",
+                        spec.nodes.len(),
+                        spec.replicas
+                    ),
+                ));
+            }
+        }
         if let Some(owner) = &spec.owner {
             validate::name("spec.owner.vm", &owner.vm)?;
             validate::name("spec.owner.disk", &owner.disk)?;
@@ -467,6 +497,7 @@ mod tests {
                 }),
                 source: None,
                 protocol: ReplicationProtocol::B,
+                nodes: Vec::new(),
             },
             status: VolumeStatus {
                 storage_name: "5f0c".into(),
@@ -532,6 +563,19 @@ mod tests {
         let mut v = volume();
         v.status.storage_name = "a/b".into();
         assert_eq!(field(&v), "status.storage_name");
+        // Named nodes: a standalone volume's, one per copy, each once.
+        let mut v = volume();
+        v.spec.nodes = vec!["a".into(), "b".into(), "c".into()];
+        assert_eq!(field(&v), "spec.nodes", "a VM disk's volume");
+        v.spec.owner = None;
+        v.spec.replicas = 3;
+        v.validate().unwrap();
+        v.spec.nodes.pop();
+        assert_eq!(field(&v), "spec.nodes", "two nodes for three copies");
+        v.spec.nodes = vec!["a".into(), "B".into(), "c".into()];
+        assert_eq!(field(&v), "spec.nodes[1]");
+        v.spec.nodes = vec!["a".into(), "b".into(), "a".into()];
+        assert_eq!(field(&v), "spec.nodes[2]");
         let mut snap = volume();
         snap.spec.owner = None;
         snap.spec.replicas = 1;

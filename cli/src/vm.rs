@@ -72,7 +72,7 @@ pub enum VmCommand {
     },
     /// Remove a disk from a VM; a running guest is asked to let go of it.
     /// A VM's own disk is deleted with its data; an attached volume is
-    /// released (the VM must be stopped first) and kept.
+    /// kept, released (standalone again) once the guest has let go of it.
     RemoveDisk {
         /// The VM.
         name: String,

@@ -549,6 +549,9 @@ impl AgentApi for AgentService {
                 vm.status.node = report.status.node.clone();
                 vm.status.observed_generation = report.status.observed_generation;
                 vm.status.conditions = report.status.conditions.clone();
+                vm.status
+                    .plugged_volumes
+                    .clone_from(&report.status.plugged_volumes);
                 vm
             };
             match self

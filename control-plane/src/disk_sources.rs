@@ -11,7 +11,8 @@
 //!   epoch is past the volume's, and the nodes use the volume's pool name
 //!   for the disk (`attached_storage_name`, filled in here). The volume
 //!   controller then keeps the volume as the disk's, and releases it (a
-//!   standalone volume again) when the VM or the disk goes.
+//!   standalone volume again) when the VM goes, or the disk goes and the
+//!   guest has let go of it (decision 78).
 //!
 //! This module holds the control plane's part:
 //!
@@ -127,45 +128,10 @@ pub fn keep_attached_names(current: &Vm, update: &mut Vm) {
     }
 }
 
-/// Refuses an update that removes an attached disk from a VM that may be
-/// running (told to run, or not yet seen stopped): the volume is released
-/// on removal and could be attached by another VM while this guest still
-/// writes it. Stop the VM, wait until it is `Stopped`, then remove the disk.
-fn check_detach(vm: &Vm, current: &Vm) -> Result<(), Refusal> {
-    use basalt_api::VmPhase;
-    let stopped = !current.spec.running
-        && matches!(
-            current.status.phase,
-            VmPhase::Pending | VmPhase::Scheduled | VmPhase::Stopped | VmPhase::Failed
-        );
-    if stopped {
-        return Ok(());
-    }
-    let removed = current
-        .spec
-        .disks
-        .iter()
-        .find(|d| d.attach.is_some() && !vm.spec.disks.iter().any(|kept| kept.name == d.name));
-    match removed {
-        Some(disk) => Err(Refusal::FailedPrecondition {
-            reason: format!(
-                "spec.disks: disk {:?} is volume {:?}, attached: stop the VM and wait until it is Stopped (now {}) before removing it, or the volume could be attached elsewhere while this guest still writes it",
-                disk.name,
-                disk.attach.as_deref().unwrap_or_default(),
-                current.status.phase
-            ),
-        }),
-        None => Ok(()),
-    }
-}
-
 /// The rules for disks made from volumes or attaching them, on apply of
 /// `vm` (`current`: the VM it replaces, for an update). See the module's
 /// doc.
 pub fn check(state: &State, vm: &Vm, current: Option<&Vm>) -> Result<(), Refusal> {
-    if let Some(current) = current {
-        check_detach(vm, current)?;
-    }
     for (i, disk) in vm.spec.disks.iter().enumerate() {
         let field = format!("spec.disks[{i}]");
         match current {
@@ -198,7 +164,7 @@ fn check_unchanged(
             return Err(Refusal::Invalid {
                 field: format!("{field}.attach"),
                 reason: format!(
-                    "disk {:?}: what a disk attaches cannot change; remove the disk (with the VM stopped) and add another",
+                    "disk {:?}: what a disk attaches cannot change; remove the disk and add another",
                     disk.name
                 ),
             });
@@ -905,47 +871,19 @@ mod tests {
             other => panic!("{other:?}"),
         }
 
-        // Removing the attached disk: refused while the VM may run (told
-        // to, or not seen stopped), allowed once it is stopped.
-        let current = |state: &State| match state.get(Kind::Vm, "web") {
+        // Removing the attached disk is allowed whatever the VM does: the
+        // volume is released only once its guest let go of it (the volume
+        // controller's hold, decision 78).
+        let mut removed = match state.get(Kind::Vm, "web") {
             Some(Object::Vm(vm)) => vm.clone(),
             other => panic!("{other:?}"),
         };
-        for (running, phase) in [
-            (true, VmPhase::Pending),
-            (false, VmPhase::Running),
-            (false, VmPhase::Stopping),
-            (false, VmPhase::Migrating),
-        ] {
-            let mut vm = current(&state);
-            vm.spec.running = running;
-            vm.status.phase = phase;
-            state
-                .apply(index + 3, Command::Update(Object::Vm(vm)))
-                .expect("running or not");
-            let mut removed = current(&state);
-            removed.spec.disks.retain(|d| d.name != "data");
-            match refusal(&mut state, index + 4, Command::Update(Object::Vm(removed))) {
-                Refusal::FailedPrecondition { reason } => assert!(
-                    reason.starts_with(
-                        "spec.disks: disk \"data\" is volume \"scratch\", attached: stop the VM"
-                    ),
-                    "{reason}"
-                ),
-                other => panic!("{other:?}"),
-            }
-        }
-        let mut vm = current(&state);
-        vm.spec.running = false;
-        vm.status.phase = VmPhase::Stopped;
-        state
-            .apply(index + 5, Command::Update(Object::Vm(vm)))
-            .expect("stopped");
-        let mut removed = current(&state);
+        removed.spec.running = true;
+        removed.status.phase = VmPhase::Running;
         removed.spec.disks.retain(|d| d.name != "data");
         state
-            .apply(index + 6, Command::Update(Object::Vm(removed)))
-            .expect("a stopped VM's attached disk is removed");
+            .apply(index + 3, Command::Update(Object::Vm(removed)))
+            .expect("a running VM's attached disk is removed");
     }
 
     /// Applies `command` at the next index.

@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 
 use basalt_api::{
     ApiError, Condition, Disk, Kind, Node, Object, ObjectMeta, Placement, ReplicaReport,
-    ReplicaState, Vm, Volume, VolumeOwner, VolumeReplica, VolumeReport, VolumeSpec, VolumeStatus,
+    ReplicaState, Vm, VmPhase, Volume, VolumeOwner, VolumeReplica, VolumeReport, VolumeSpec,
+    VolumeStatus,
 };
 use futures::StreamExt as _;
 
@@ -169,6 +170,14 @@ pub fn plan(state: &State, only: Option<&BTreeSet<String>>, now_unix_ms: u64) ->
         .collect();
     for volume in owned.values() {
         let vm = volume.spec.owner.as_ref().map(|o| o.vm.clone());
+        // A disk removed from a VM that still runs: released only once
+        // its guest let go of it (decision 78).
+        if attached(volume)
+            && let Some(holder) = holding_vm(state, volume)
+        {
+            tracing::debug!(volume = %volume.meta.name, vm = %holder.meta.name, "attached volume waits for its guest to let go");
+            continue;
+        }
         let write = if attached(volume) {
             let mut released = (*volume).clone();
             released.spec.owner = None;
@@ -210,6 +219,27 @@ pub fn plan(state: &State, only: Option<&BTreeSet<String>>, now_unix_ms: u64) ->
         }
     }
     plan
+}
+
+/// The VM that may still have attached volume `volume` plugged in
+/// although its disk left the VM's spec: the VM (same uid) exists, is not
+/// stopped, and its node has not reported, for its current spec, a
+/// running guest without the volume (`status.plugged_volumes`).
+fn holding_vm<'a>(state: &'a State, volume: &Volume) -> Option<&'a Vm> {
+    let owner = volume.spec.owner.as_ref()?;
+    let vm = owner_vm(state, owner)?;
+    let stopped = !vm.spec.running
+        && matches!(
+            vm.status.phase,
+            VmPhase::Pending | VmPhase::Scheduled | VmPhase::Stopped | VmPhase::Failed
+        );
+    let let_go = vm.status.observed_generation >= vm.meta.generation
+        && vm.status.phase == VmPhase::Running
+        && !vm
+            .status
+            .plugged_volumes
+            .contains(&volume.status.storage_name);
+    (!stopped && !let_go).then_some(vm)
 }
 
 /// The first node `volume` asks for (`spec.nodes`) that does not exist,
@@ -1052,7 +1082,69 @@ mod tests {
         clone.status.replicas.truncate(1);
         clone.validate().expect("an attached clone validates");
 
-        // The VM goes: the volume stays, standalone again, where it was.
+        // The disk leaves the spec of the running VM: held until its node
+        // reports, for that spec, a running guest without it.
+        let get_web = |state: &State| match state.get(Kind::Vm, "web") {
+            Some(Object::Vm(vm)) => vm.clone(),
+            other => panic!("{other:?}"),
+        };
+        let report = |state: &mut State, index: &mut u64, generation: u64, plugged: &[&str]| {
+            let mut vm = get_web(state);
+            vm.spec.running = true;
+            vm.status.phase = VmPhase::Running;
+            vm.status.observed_generation = generation;
+            vm.status.plugged_volumes = plugged.iter().map(|p| (*p).to_owned()).collect();
+            *index += 1;
+            state
+                .apply(*index, Command::Update(Object::Vm(vm)))
+                .unwrap();
+        };
+        report(&mut state, &mut index, 1, &["vol-s1"]);
+        let mut without = get_web(&state);
+        without.spec.disks.clear();
+        index += 1;
+        state
+            .apply(index, Command::Update(Object::Vm(without)))
+            .expect("removed from a running VM");
+        let generation = get_web(&state).meta.generation;
+        assert!(run(&mut state, &mut index).writes.is_empty(), "held");
+        // A report of the spec before (without the disk gone) holds it...
+        report(&mut state, &mut index, generation - 1, &[]);
+        assert!(
+            run(&mut state, &mut index).writes.is_empty(),
+            "an older spec's report"
+        );
+        // ...as does the guest still having it.
+        report(&mut state, &mut index, generation, &["vol-s1"]);
+        assert!(
+            run(&mut state, &mut index).writes.is_empty(),
+            "still plugged in"
+        );
+        assert!(volume(&state, "scratch").spec.owner.is_some());
+        report(&mut state, &mut index, generation, &[]);
+        assert_eq!(
+            run(&mut state, &mut index).writes.len(),
+            1,
+            "let go: released"
+        );
+        let released = volume(&state, "scratch");
+        assert_eq!(released.spec.owner, None);
+        assert_eq!(released.status, adopted.status);
+
+        // Attached again, then the VM goes: the volume stays, standalone
+        // again, where it was.
+        let mut again = get_web(&state);
+        again.spec.disks.push(Disk {
+            name: "data".into(),
+            attach: Some("scratch".into()),
+            ..Disk::default()
+        });
+        index += 1;
+        state
+            .apply(index, Command::Update(Object::Vm(again)))
+            .expect("attached again");
+        assert_eq!(run(&mut state, &mut index).writes.len(), 1);
+        assert!(volume(&state, "scratch").spec.owner.is_some());
         delete_vm(&mut state, &mut index, "web");
         let plan = run(&mut state, &mut index);
         assert!(

@@ -43,8 +43,9 @@
 //! - **A disk plugged in**: after that move, a new one-copy volume made on
 //!   the VM's node (`basalt volume create --nodes`) is added to the
 //!   running VM (`basalt vm add-disk ... attach=`): the guest's kernel
-//!   finds a third disk without a reboot, the volume becomes the VM's, and
-//!   removing it from the running VM is refused.
+//!   finds a third disk without a reboot, the volume becomes the VM's;
+//!   removed again (`basalt vm remove-disk`), it is unplugged and only
+//!   then released, its copy kept.
 //!
 //! After each move the held connection is still the same one (no reset,
 //! every number one more than the last), the guest has not rebooted (its
@@ -998,6 +999,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
             .is_some_and(|b| b.starts_with(b"1\n")),
         "the guest booted once"
     );
+    let extra_volume = extra().await.expect("extra").status.storage_name;
     wait::until(
         "the plugged volume is the VM's",
         DEADLINE,
@@ -1011,10 +1013,35 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         },
     )
     .await;
-    // A running VM's attached disk stays until the VM is stopped.
+    // Removed from the running VM: unplugged, and released (standalone
+    // again, data kept) only once the guest let go of it.
     let out = basalt(&server, &["vm", "remove-disk", "single", "extra"]).await;
-    assert!(!out.status.success(), "removed from a running VM");
-    assert!(text(&out).contains("stop the VM"), "{}", text(&out));
+    assert!(out.status.success(), "vm remove-disk: {}", text(&out));
+    wait::until(
+        "the removed volume is released",
+        DEADLINE,
+        &cluster.processes(),
+        || async { extra().await.is_some_and(|v| v.spec.owner.is_none()) },
+    )
+    .await;
+    let blocks = cluster.libvirtds[other]
+        .virsh(&["domblklist", &single_domain])
+        .expect("virsh domblklist");
+    assert!(
+        !blocks.contains("vdc"),
+        "released while the guest still had it:\n{blocks}"
+    );
+    assert_eq!(
+        domain_state(&cluster.libvirtds[other], &single_domain),
+        "running",
+        "unplugged without a restart"
+    );
+    assert!(
+        live_cluster::volume_names(&cluster.clients[other])
+            .await
+            .is_some_and(|v| v.contains(&extra_volume)),
+        "the released volume's copy stays"
+    );
 
     let nodes = cluster.nodes.clone();
     let volume_name = volume.clone();

@@ -532,7 +532,11 @@ async fn reconcile_loop<C: Compute + 'static>(
                 // Whatever runs keeps running as it is: a disk being made
                 // (an image still importing) or one that failed is no
                 // reason to stop the guest, nor to start it.
-                desired.kept.insert(domain_name(&config.policy, &name));
+                // Only a guest told to run: one told to stop is stopped
+                // (and undefined until its disks are ready), as before.
+                if vm.spec.running {
+                    desired.kept.insert(domain_name(&config.policy, &name));
+                }
                 continue;
             }
             match got {
@@ -709,11 +713,14 @@ pub fn vm_status(node: &str, generation: u64, observation: &VmObservation) -> Vm
             &format!("the domain is {:?}", observation.state),
         ),
     };
+    let mut plugged = observation.disks.clone();
+    plugged.sort();
     VmStatus {
         phase,
         node: Some(node.to_owned()),
         observed_generation: generation,
         conditions: vec![condition],
+        plugged_volumes: plugged,
         ..VmStatus::default()
     }
 }

@@ -237,19 +237,25 @@ fn vm() -> impl Strategy<Value = Vm> {
             any::<u64>(),
             conditions(),
             addresses,
-            prop::collection::vec(name(), 0..3),
+            (
+                prop::collection::vec(name(), 0..3),
+                prop::collection::vec(name(), 0..3),
+            ),
         )
             .prop_map(
-                |(phase, node, observed_generation, conditions, addresses, outdated)| VmStatus {
-                    phase,
-                    node,
-                    observed_generation,
-                    conditions,
-                    nic_addresses: addresses
-                        .into_iter()
-                        .map(|(index, mac, ip)| NicAddress { index, mac, ip })
-                        .collect(),
-                    outdated_replicas: outdated,
+                |(phase, node, observed_generation, conditions, addresses, (outdated, plugged))| {
+                    VmStatus {
+                        phase,
+                        node,
+                        observed_generation,
+                        conditions,
+                        nic_addresses: addresses
+                            .into_iter()
+                            .map(|(index, mac, ip)| NicAddress { index, mac, ip })
+                            .collect(),
+                        outdated_replicas: outdated,
+                        plugged_volumes: plugged,
+                    }
                 },
             );
         (Just(meta), Just(spec), status).prop_map(|(meta, spec, status)| Vm { meta, spec, status })
@@ -409,6 +415,7 @@ fn every_other_type_survives_the_wire() {
             phase: VmPhase::Running,
             node: Some("node-1".into()),
             observed_generation: 2,
+            plugged_volumes: vec!["vol-u1".into()],
             ..VmStatus::default()
         },
     };

@@ -158,6 +158,7 @@ impl From<VmStatus> for pb::VmStatus {
                 })
                 .collect(),
             outdated_replicas: status.outdated_replicas,
+            plugged_volumes: status.plugged_volumes,
         }
     }
 }
@@ -186,6 +187,7 @@ impl TryFrom<pb::VmStatus> for VmStatus {
                 })
                 .collect::<Result<_, ApiError>>()?,
             outdated_replicas: status.outdated_replicas,
+            plugged_volumes: status.plugged_volumes,
         })
     }
 }

@@ -361,6 +361,12 @@ pub struct VmStatus {
     /// sync again. Written by the control plane only.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub outdated_replicas: Vec<String>,
+    /// The pool names of the disks the running guest has, as its node's
+    /// hypervisor shows them (empty while it is not running): a disk
+    /// removed from the spec stays listed until the guest let go of it.
+    /// Written by the VM's node.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugged_volumes: Vec<String>,
 }
 
 impl VmStatus {
@@ -543,6 +549,20 @@ impl VmStatus {
         }
         for (i, node) in self.outdated_replicas.iter().enumerate() {
             validate::name(&format!("status.outdated_replicas[{i}]"), node)?;
+        }
+        for (i, name) in self.plugged_volumes.iter().enumerate() {
+            if name.is_empty()
+                || name.len() > crate::MAX_VOLUME_NAME_LEN
+                || name.chars().any(|c| c.is_control() || c == '/')
+            {
+                return Err(ApiError::invalid(
+                    format!("status.plugged_volumes[{i}]"),
+                    format!(
+                        "1 to {} characters, no '/' or control characters",
+                        crate::MAX_VOLUME_NAME_LEN
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -56,6 +56,9 @@ pub struct VmObservation {
     pub state: Option<PowerState>,
     /// The first error of the pass for this VM, if any.
     pub error: Option<String>,
+    /// The NBD exports of the disks the running guest has (empty when it
+    /// is not running, or they could not be read).
+    pub disks: Vec<String>,
 }
 
 /// The outcome of one pass.
@@ -160,10 +163,24 @@ impl<C: Compute> Reconciler<C> {
         for vm in &desired.vms {
             let name = &vm.spec.name;
             let state = self.compute.status(name)?.map(|s| s.state);
+            // What the guest has, for the release of a disk it let go of.
+            let disks = match state {
+                Some(s) if s.is_active() => match self.compute.disks(name) {
+                    Ok(disks) => disks.into_iter().map(|d| d.export_name).collect(),
+                    Err(err) => {
+                        errors
+                            .entry(name.clone())
+                            .or_insert_with(|| err.to_string());
+                        Vec::new()
+                    }
+                },
+                _ => Vec::new(),
+            };
             pass.vms.push(VmObservation {
                 name: name.clone(),
                 state,
                 error: errors.get(name).cloned(),
+                disks,
             });
         }
         Ok(pass)

@@ -113,9 +113,14 @@ fn a_disk_added_to_a_running_guest_is_plugged_in_and_a_dropped_one_unplugged() {
     let pass = r.reconcile(&desired(&[&a])).unwrap();
     assert_eq!(verbs(&pass), ["define basalt-a"]);
     assert_eq!(r.compute().live_disks("basalt-a"), a.spec.disks);
+    assert_eq!(pass.vms[0].disks, ["root", "data"], "what the guest has");
     a.spec.disks.remove(0);
-    r.reconcile(&desired(&[&a])).unwrap();
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
     assert_eq!(r.compute().live_disks("basalt-a"), [disk("vdb", "data")]);
+    assert_eq!(pass.vms[0].disks, ["data"]);
+    a.running = false;
+    let pass = r.reconcile(&desired(&[&a])).unwrap();
+    assert!(pass.vms[0].disks.is_empty(), "a stopped guest has none");
     assert_eq!(r.compute().starts("basalt-a"), 1, "never restarted");
 }
 
@@ -284,7 +289,8 @@ fn a_failed_action_is_reported_and_retried_next_pass() {
         VmObservation {
             name: "basalt-a".into(),
             state: Some(PowerState::Running),
-            error: None
+            error: None,
+            disks: Vec::new(),
         }
     );
 }

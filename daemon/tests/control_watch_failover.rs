@@ -35,6 +35,18 @@ fn image(name: &str) -> Object {
     })
 }
 
+/// The names of the images the cluster holds (a linearizable list) whose
+/// version is past `from`.
+async fn images_after(client: &AdminClient, from: u64) -> BTreeSet<String> {
+    let listed = client.list(Kind::Image).await.expect("list images");
+    listed
+        .objects
+        .iter()
+        .filter(|o| o.meta().resource_version > from)
+        .map(|o| o.name().to_owned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_goes_on_from_another_member_when_its_member_dies() {
     let prefix = Prefix::for_test().expect("prefix");
@@ -144,13 +156,7 @@ async fn a_watch_goes_on_from_another_member_when_its_member_dies() {
     let _ = writer.await;
 
     // What the cluster holds (linearizable), after the start image.
-    let listed = all.list(Kind::Image).await.expect("list images");
-    let expected: BTreeSet<String> = listed
-        .objects
-        .iter()
-        .filter(|o| o.meta().resource_version > from)
-        .map(|o| o.name().to_owned())
-        .collect();
+    let expected = images_after(&all, from).await;
     assert!(expected.len() >= BEFORE + AFTER, "{expected:?}");
     wait::until("the watch gives every image", DEADLINE, &[], || async {
         failure.lock().unwrap().is_some() || seen.lock().unwrap().len() >= expected.len()
@@ -164,13 +170,7 @@ async fn a_watch_goes_on_from_another_member_when_its_member_dies() {
     reader.abort();
     // Listed again: a write in flight when the writer was stopped may have
     // been committed after the first list (its caller gone, not the call).
-    let listed = all.list(Kind::Image).await.expect("list images");
-    let expected: BTreeSet<String> = listed
-        .objects
-        .iter()
-        .filter(|o| o.meta().resource_version > from)
-        .map(|o| o.name().to_owned())
-        .collect();
+    let expected = images_after(&all, from).await;
     let seen = seen.lock().unwrap().clone();
     let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
     let unique: BTreeSet<String> = names.iter().map(|n| (*n).to_owned()).collect();

@@ -18,17 +18,48 @@ use basalt_agent::compute::{Compute, PowerState};
 use basalt_testkit::guest::{GuestImage, NbdServer, nbd};
 use basalt_testkit::{Fabric, Libvirtd, Prefix};
 
-#[test]
-fn libvirt_passes_the_conformance_suite_and_is_adopted_after_restart() {
+/// One namespace node with its own libvirtd, and the test guest.
+struct Node {
+    prefix: Prefix,
+    _fabric: Fabric,
+    node: basalt_testkit::Node,
+    libvirtd: Libvirtd,
+    image: GuestImage,
+}
+
+/// The node, or `None` (the test skipped) without root.
+fn node() -> Option<Node> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root");
-        return;
+        return None;
     }
     let prefix = Prefix::for_test().expect("test prefix");
     let mut fabric = Fabric::new(&prefix).expect("fabric");
     let node = fabric.add_node("n1").expect("node");
     let libvirtd = Libvirtd::start(&prefix, &node, &fabric.hosts()).expect("libvirtd");
     let image = GuestImage::build().expect("guest image");
+    Some(Node {
+        prefix,
+        _fabric: fabric,
+        node,
+        libvirtd,
+        image,
+    })
+}
+
+#[test]
+fn libvirt_passes_the_conformance_suite_and_is_adopted_after_restart() {
+    // Every part bound: the namespace and libvirtd live to the end.
+    let Some(Node {
+        prefix,
+        _fabric,
+        node: _node,
+        libvirtd,
+        image,
+    }) = node()
+    else {
+        return;
+    };
 
     let mut spec = conformance::spec(&format!("{}-vm", prefix.name()));
     spec.boot = Boot::Kernel {
@@ -109,15 +140,16 @@ fn libvirt_passes_the_conformance_suite_and_is_adopted_after_restart() {
 
 #[test]
 fn libvirt_plugs_disks_into_a_running_guest() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
+    let Some(Node {
+        prefix,
+        _fabric,
+        node,
+        libvirtd,
+        image,
+    }) = node()
+    else {
         return;
-    }
-    let prefix = Prefix::for_test().expect("test prefix");
-    let mut fabric = Fabric::new(&prefix).expect("fabric");
-    let node = fabric.add_node("n1").expect("node");
-    let libvirtd = Libvirtd::start(&prefix, &node, &fabric.hosts()).expect("libvirtd");
-    let image = GuestImage::build().expect("guest image");
+    };
     // Two disks, each served by its own qemu-nbd inside the node.
     let servers: Vec<NbdServer> = ["root", "data"]
         .iter()

@@ -510,6 +510,7 @@ impl Host {
                 .chain(&plan.standby)
                 .map(|n| n.tap.as_str())
                 .chain(requested.iter().map(String::as_str))
+                .chain(state.incoming_taps.values().flatten().map(String::as_str))
                 .collect();
             let names = netlink.link_names().map_err(|e| error_chain(&e))?;
             for name in names

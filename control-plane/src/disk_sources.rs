@@ -331,18 +331,13 @@ fn check_attach_placed(state: &State, vm: &Vm, field: &str, name: &str) -> Resul
             v.primary_node, vm.meta.name, placement.node
         ));
     }
-    if v.replicas.len() != volume.spec.replicas as usize {
-        return refuse(format!(
-            "has {} of its {} copies: attach it once the lost copy is replaced",
-            v.replicas.len(),
-            volume.spec.replicas
-        ));
+    if let Some(short) = short_of_copies(volume) {
+        return refuse(format!("{short}: attach it once the lost copy is replaced"));
     }
-    let mut copies: Vec<&str> = v.replicas.iter().map(|r| r.node.as_str()).collect();
-    copies.sort_unstable();
     if volume.spec.replicas >= 2 {
-        let mut wanted: Vec<&str> = placement.replica_nodes.iter().map(String::as_str).collect();
-        wanted.sort_unstable();
+        let copies = replica_nodes(volume);
+        let mut wanted = placement.replica_nodes.clone();
+        wanted.sort();
         if copies != wanted {
             return refuse(format!(
                 "has copies on nodes {copies:?} and vm {:?}'s replicated disks are on nodes {wanted:?}: they must be the same nodes",
@@ -350,10 +345,9 @@ fn check_attach_placed(state: &State, vm: &Vm, field: &str, name: &str) -> Resul
             ));
         }
     }
-    if let Some(r) = v.replicas.iter().find(|r| r.outdated) {
+    if let Some(node) = outdated_copies(volume).first() {
         return refuse(format!(
-            "has an outdated copy on node {:?}: attach it once its primary has resynced it",
-            r.node
+            "has an outdated copy on node {node:?}: attach it once its primary has resynced it"
         ));
     }
     if v.epoch > placement.epoch {
@@ -414,40 +408,58 @@ fn attach_pin(disk: &Disk, name: &str, volume: Option<&Volume>) -> Pin {
     };
     // A lost copy being replaced: the VM's replica nodes are all its
     // copies' nodes.
-    if v.status.replicas.len() != v.spec.replicas as usize {
-        return nowhere(format!(
-            "which has {} of its {} copies",
-            v.status.replicas.len(),
-            v.spec.replicas
-        ));
+    if let Some(short) = short_of_copies(v) {
+        return nowhere(format!("which {short}"));
     }
     // The VM's status would not carry the mark: it waits until the primary
     // has the copy back in sync (decision 74).
-    let outdated: Vec<&str> = v
-        .status
-        .replicas
-        .iter()
-        .filter(|r| r.outdated)
-        .map(|r| r.node.as_str())
-        .collect();
+    let outdated = outdated_copies(v);
     if !outdated.is_empty() {
         return nowhere(format!(
             "whose copy on node(s) {outdated:?} is outdated until its primary resyncs it"
         ));
     }
     let node = v.status.primary_node.clone();
-    let mut copies: Vec<String> = if v.spec.replicas >= 2 {
-        v.status.replicas.iter().map(|r| r.node.clone()).collect()
-    } else {
-        Vec::new()
-    };
-    copies.sort();
     Pin {
         why: format!("{attached}, whose primary copy is on node {node:?}"),
         node: Some(node),
-        replica_nodes: copies,
+        replica_nodes: if v.spec.replicas >= 2 {
+            replica_nodes(v)
+        } else {
+            Vec::new()
+        },
         epoch: v.status.epoch + 1,
     }
+}
+
+/// "has N of its M copies" when volume `v` lacks some (a lost one being
+/// replaced).
+fn short_of_copies(v: &Volume) -> Option<String> {
+    (v.status.replicas.len() != v.spec.replicas as usize).then(|| {
+        format!(
+            "has {} of its {} copies",
+            v.status.replicas.len(),
+            v.spec.replicas
+        )
+    })
+}
+
+/// The nodes of volume `v`'s copies marked outdated.
+fn outdated_copies(v: &Volume) -> Vec<&str> {
+    v.status
+        .replicas
+        .iter()
+        .filter(|r| r.outdated)
+        .map(|r| r.node.as_str())
+        .collect()
+}
+
+/// The nodes of volume `v`'s copies, sorted: a VM's replica nodes when it
+/// attaches `v`.
+fn replica_nodes(v: &Volume) -> Vec<String> {
+    let mut nodes: Vec<String> = v.status.replicas.iter().map(|r| r.node.clone()).collect();
+    nodes.sort();
+    nodes
 }
 
 /// The pins of `vms` (VMs without a placement: their first one) that
@@ -743,6 +755,15 @@ mod tests {
         (state, index)
     }
 
+    /// What an attached volume fills in of its disk: size, copies, pool name.
+    fn filled(disk: &Disk) -> (u64, u32, Option<&str>) {
+        (
+            disk.size_bytes,
+            disk.replicas,
+            disk.attached_storage_name.as_deref(),
+        )
+    }
+
     #[test]
     fn an_attached_volume_fills_in_the_disk_and_is_refused_when_it_cannot_be_the_disk() {
         let (mut state, mut index) = attach_state();
@@ -757,14 +778,7 @@ mod tests {
             panic!("a vm");
         };
         let disk = &web.spec.disks[0];
-        assert_eq!(
-            (
-                disk.size_bytes,
-                disk.replicas,
-                disk.attached_storage_name.as_deref()
-            ),
-            (16 << 20, 2, Some("vol-scratch"))
-        );
+        assert_eq!(filled(disk), (16 << 20, 2, Some("vol-scratch")));
         assert_eq!(disk.storage_name(&web.meta.uid), "vol-scratch");
 
         let invalid = |r: Refusal| match r {
@@ -961,13 +975,8 @@ mod tests {
         let Ok(Object::Vm(web)) = next(&mut state, i, with_attached(&web, "single")) else {
             panic!("attached to a VM not placed yet");
         };
-        let disk = &web.spec.disks[1];
         assert_eq!(
-            (
-                disk.size_bytes,
-                disk.replicas,
-                disk.attached_storage_name.as_deref()
-            ),
+            filled(&web.spec.disks[1]),
             (16 << 20, 1, Some("vol-single"))
         );
 

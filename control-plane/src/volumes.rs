@@ -344,11 +344,7 @@ pub fn place_standalone(state: &State, seed: u64, now_unix_ms: u64) -> Vec<Comma
     for volume in pending {
         let key = stand_in(volume).meta.name;
         let mut placed = volume.clone();
-        let missing = volume
-            .spec
-            .nodes
-            .iter()
-            .find(|n| !nodes.iter().any(|node| node.meta.name == **n));
+        let missing = missing_node(state, volume).map(|(_, node)| node);
         let chosen = match (volume.spec.nodes.first(), missing) {
             (Some(node), None) => Some((node.clone(), volume.spec.nodes.clone())),
             (Some(_), Some(_)) => None,
@@ -727,12 +723,6 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
             }
             Ok(())
         }
-        (Object::Volume(volume), None) if missing_node(state, volume).is_some() => {
-            let (i, node) = missing_node(state, volume).unwrap_or_default();
-            Err(Refusal::FailedPrecondition {
-                reason: format!("spec.nodes[{i}]: node {node:?} does not exist"),
-            })
-        }
         (Object::Volume(volume), None) if volume.spec.source.is_some() => {
             let source = volume.spec.source.as_ref().map(|s| s.volume.as_str());
             match source.and_then(|name| state.get(Kind::Volume, name)) {
@@ -755,30 +745,37 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
                     ),
                 }),
             },
-            // Filled from the image by its primary's agent (decision 64).
-            None => match volume
-                .spec
-                .image
-                .as_ref()
-                .map(|i| (i, state.get(Kind::Image, i)))
-            {
-                Some((image, None)) => Err(Refusal::FailedPrecondition {
-                    reason: format!("spec.image: image {image:?} does not exist"),
-                }),
-                // Its size is known once a node imported it.
-                Some((image, Some(Object::Image(known))))
-                    if known.status.size_bytes > volume.spec.size_bytes =>
-                {
-                    Err(Refusal::Invalid {
-                        field: "spec.size_bytes".into(),
-                        reason: format!(
-                            "image {image:?} is {} bytes; a volume made from it is at least as large (asked {})",
-                            known.status.size_bytes, volume.spec.size_bytes
-                        ),
-                    })
+            None => {
+                if let Some((i, node)) = missing_node(state, volume) {
+                    return Err(Refusal::FailedPrecondition {
+                        reason: format!("spec.nodes[{i}]: node {node:?} does not exist"),
+                    });
                 }
-                _ => Ok(()),
-            },
+                // Filled from the image by its primary's agent (decision 64).
+                match volume
+                    .spec
+                    .image
+                    .as_ref()
+                    .map(|i| (i, state.get(Kind::Image, i)))
+                {
+                    Some((image, None)) => Err(Refusal::FailedPrecondition {
+                        reason: format!("spec.image: image {image:?} does not exist"),
+                    }),
+                    // Its size is known once a node imported it.
+                    Some((image, Some(Object::Image(known))))
+                        if known.status.size_bytes > volume.spec.size_bytes =>
+                    {
+                        Err(Refusal::Invalid {
+                            field: "spec.size_bytes".into(),
+                            reason: format!(
+                                "image {image:?} is {} bytes; a volume made from it is at least as large (asked {})",
+                                known.status.size_bytes, volume.spec.size_bytes
+                            ),
+                        })
+                    }
+                    _ => Ok(()),
+                }
+            }
         },
         _ => Ok(()),
     }

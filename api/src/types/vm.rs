@@ -551,18 +551,10 @@ impl VmStatus {
             validate::name(&format!("status.outdated_replicas[{i}]"), node)?;
         }
         for (i, name) in self.plugged_volumes.iter().enumerate() {
-            if name.is_empty()
-                || name.len() > crate::MAX_VOLUME_NAME_LEN
-                || name.chars().any(|c| c.is_control() || c == '/')
-            {
-                return Err(ApiError::invalid(
-                    format!("status.plugged_volumes[{i}]"),
-                    format!(
-                        "1 to {} characters, no '/' or control characters",
-                        crate::MAX_VOLUME_NAME_LEN
-                    ),
-                ));
-            }
+            crate::types::storage::validate_volume_name(
+                &format!("status.plugged_volumes[{i}]"),
+                name,
+            )?;
         }
         Ok(())
     }

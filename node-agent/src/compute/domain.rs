@@ -283,15 +283,7 @@ impl DomainSpec {
         }
         for (i, disk) in self.disks.iter().enumerate() {
             let field = |f: &str| format!("disks[{i}].{f}");
-            if !is_virtio_disk_name(&disk.target_dev) {
-                return Err(invalid(
-                    &field("target_dev"),
-                    format!(
-                        "{:?} is not a virtio disk name (vda, vdb, ...)",
-                        disk.target_dev
-                    ),
-                ));
-            }
+            check_disk(disk, &field)?;
             if self.disks[..i]
                 .iter()
                 .any(|d| d.target_dev == disk.target_dev)
@@ -301,14 +293,6 @@ impl DomainSpec {
                     format!("{:?} is used by an earlier disk", disk.target_dev),
                 ));
             }
-            check_nbd(
-                &field("host"),
-                &field("port"),
-                &field("export_name"),
-                &disk.host,
-                disk.port,
-                &disk.export_name,
-            )?;
         }
         for (i, nic) in self.nics.iter().enumerate() {
             let field = |f: &str| format!("nics[{i}].{f}");
@@ -350,23 +334,7 @@ impl DomainSpec {
 /// The libvirt `<disk>` element of one writable virtio disk alone: what a
 /// live attach or detach sends.
 pub fn disk_xml(disk: &NbdDisk) -> Result<String, DomainError> {
-    if !is_virtio_disk_name(&disk.target_dev) {
-        return Err(invalid(
-            "target_dev",
-            format!(
-                "{:?} is not a virtio disk name (vda, vdb, ...)",
-                disk.target_dev
-            ),
-        ));
-    }
-    check_nbd(
-        "host",
-        "port",
-        "export_name",
-        &disk.host,
-        disk.port,
-        &disk.export_name,
-    )?;
+    check_disk(disk, &str::to_owned)?;
     let mut out = String::new();
     let ser = quick_xml::se::Serializer::with_root(&mut out, Some("disk"))
         .map_err(|source| DomainError::Serialize { source })?;
@@ -407,13 +375,6 @@ pub struct DiskChanges {
     pub attach: Vec<NbdDisk>,
     /// Live disks to unplug.
     pub detach: Vec<NbdDisk>,
-}
-
-impl DiskChanges {
-    /// Whether nothing changes.
-    pub fn is_empty(&self) -> bool {
-        self.attach.is_empty() && self.detach.is_empty()
-    }
 }
 
 /// The disks to plug into and out of a running domain whose disks are
@@ -472,6 +433,28 @@ fn check_text(field: &str, value: &str) -> Result<(), DomainError> {
         )),
         None => Ok(()),
     }
+}
+
+/// A disk: a virtio device name and an NBD source; `field` names a field
+/// of the disk.
+fn check_disk(disk: &NbdDisk, field: &dyn Fn(&str) -> String) -> Result<(), DomainError> {
+    if !is_virtio_disk_name(&disk.target_dev) {
+        return Err(invalid(
+            &field("target_dev"),
+            format!(
+                "{:?} is not a virtio disk name (vda, vdb, ...)",
+                disk.target_dev
+            ),
+        ));
+    }
+    check_nbd(
+        &field("host"),
+        &field("port"),
+        &field("export_name"),
+        &disk.host,
+        disk.port,
+        &disk.export_name,
+    )
 }
 
 /// An NBD source: a host, a port and an export name, all set.
@@ -1396,7 +1379,7 @@ mod tests {
     fn disk_changes_follow_sources_not_device_names() {
         let (root, data, logs) = (nbd("vda", "root"), nbd("vdb", "data"), nbd("vdc", "logs"));
         let one = std::slice::from_ref(&root);
-        assert!(disk_changes(one, one).is_empty());
+        assert_eq!(disk_changes(one, one), DiskChanges::default());
         // Added: under its spec's name.
         assert_eq!(
             disk_changes(one, &[root.clone(), data.clone()]),

@@ -265,7 +265,7 @@ impl Host {
                     .iter()
                     .map(|(name, (_, epoch))| (name.clone(), *epoch))
                     .collect();
-                (snapshot, state.incoming.clone(), claims)
+                (snapshot, state.incoming.keys().cloned().collect(), claims)
             };
             let plan = plan::plan(&snapshot, &self.config.node, &incoming, &claims);
             for (what, why) in &plan.problems {
@@ -510,7 +510,7 @@ impl Host {
                 .chain(&plan.standby)
                 .map(|n| n.tap.as_str())
                 .chain(requested.iter().map(String::as_str))
-                .chain(state.incoming_taps.values().flatten().map(String::as_str))
+                .chain(state.incoming.values().flatten().map(String::as_str))
                 .collect();
             let names = netlink.link_names().map_err(|e| error_chain(&e))?;
             for name in names

@@ -139,12 +139,11 @@ pub(crate) struct State {
     /// Taps of the VMs the compute reconciler runs here; `None` before its
     /// first pass.
     pub requested: Option<BTreeSet<String>>,
-    /// Uids of VMs this node prepares to receive.
-    pub incoming: BTreeSet<String>,
-    /// Their standby taps, by VM uid: never removed as unused while the
-    /// VM is incoming, whatever the watch has shown yet (a restarted
-    /// target's first passes may plan before its endpoints are listed).
-    pub incoming_taps: BTreeMap<String, Vec<String>>,
+    /// The VMs this node prepares to receive, by uid, with their standby
+    /// taps: never removed as unused while the VM is incoming, whatever
+    /// the watch has shown yet (a restarted target's first passes may
+    /// plan before its endpoints are listed).
+    pub incoming: BTreeMap<String, Vec<String>>,
     /// Endpoints this node has claimed on an activation: name → (VM uid,
     /// epoch). The plan treats such an endpoint as this node's while the
     /// watched object's epoch is below the claim's (the take-over has not
@@ -301,8 +300,7 @@ impl NetworkAgent {
                     });
                 }
             }
-            state.incoming_taps.insert(uid.clone(), taps.clone());
-            state.incoming.insert(uid);
+            state.incoming.insert(uid, taps.clone());
             if let Some(requested) = state.requested.as_mut() {
                 requested.extend(taps.iter().cloned());
             }
@@ -343,7 +341,6 @@ impl NetworkAgent {
     pub fn finish_incoming(&self, vm_uid: &str, failed: bool) {
         self.shared.poke(|state| {
             state.incoming.remove(vm_uid);
-            state.incoming_taps.remove(vm_uid);
             if failed {
                 state.claims.retain(|_, (uid, _)| uid != vm_uid);
             }

@@ -617,6 +617,7 @@ fn parse_disk(text: &str) -> Result<Disk, String> {
         source_volume,
         attach,
         attached_storage_name: None,
+        added_at_epoch: None,
         protocol: match fields.remove("protocol") {
             Some(p) => crate::volume::parse_protocol(&p)
                 .map_err(|_| format!("protocol={p:?}: give A, B or C"))?,

@@ -29,8 +29,9 @@
 //!   placement), but may add a disk attaching a volume — to a VM already
 //!   placed only when the volume is where the VM's disks are, at an epoch
 //!   no later than the VM's (decision 78: the VM does not move for it);
-//! - [`keep_attached_names`], on apply of an update: the recorded pool
-//!   name of a disk that still attaches the same volume is kept;
+//! - [`keep_recorded`], on apply of an update: the recorded pool name of
+//!   a disk that still attaches the same volume, and the epoch each disk
+//!   was added at, are kept;
 //! - [`pins`]: where each VM placed for the first time must go (the
 //!   scheduler's hard filter, [`crate::scheduler::Pin`]).
 //!
@@ -77,6 +78,8 @@ pub fn attached_by<'a>(state: &'a State, name: &str, except: &str) -> Option<(&'
 /// made from or are: a size of 0 takes the volume's size, an attached
 /// volume's disk of 0 replicas its copies, and an attached volume's pool
 /// name is recorded. A missing volume is left for [`check`] to refuse.
+/// Each disk an update adds to a placed VM records the placement's epoch
+/// (`added_at_epoch`): the epoch at which its node makes it.
 pub fn complete(state: &State, object: &mut Object, current: Option<&Object>) {
     let Object::Vm(vm) = object else {
         return;
@@ -85,9 +88,16 @@ pub fn complete(state: &State, object: &mut Object, current: Option<&Object>) {
         Some(Object::Vm(before)) => Some(before),
         _ => None,
     };
+    // A disk an update adds to a placed VM is made at the placement's
+    // epoch then; a new VM's disks at its first placement.
+    let added_at = match (before, state.get(Kind::Placement, &vm.meta.name)) {
+        (Some(_), Some(Object::Placement(p))) => Some(p.epoch),
+        _ => None,
+    };
     let is_new =
         |disk: &Disk| before.is_none_or(|b| !b.spec.disks.iter().any(|d| d.name == disk.name));
     for disk in vm.spec.disks.iter_mut().filter(|d| is_new(d)) {
+        disk.added_at_epoch = added_at;
         let from = disk
             .source_volume
             .as_deref()
@@ -109,19 +119,20 @@ pub fn complete(state: &State, object: &mut Object, current: Option<&Object>) {
     }
 }
 
-/// Keeps, on an update of a VM, the pool name the control plane recorded
-/// for each disk that still attaches the same volume: the field is the
-/// control plane's, so a client that sends it empty (or different) leaves
-/// it as it is. A disk whose attachment changes keeps nothing; [`check`]
-/// refuses it.
-pub fn keep_attached_names(current: &Vm, update: &mut Vm) {
+/// Keeps, on an update of a VM, what the control plane recorded on each
+/// disk the VM had: the epoch it was added at, and the pool name of a disk
+/// that still attaches the same volume. The fields are the control
+/// plane's, so a client that sends them empty (or different) leaves them
+/// as they are. A disk whose attachment changes keeps no pool name;
+/// [`check`] refuses it. A disk the update adds gets its fields from
+/// [`complete`].
+pub fn keep_recorded(current: &Vm, update: &mut Vm) {
     for disk in &mut update.spec.disks {
-        if let Some(before) = current
-            .spec
-            .disks
-            .iter()
-            .find(|d| d.name == disk.name && d.attach.is_some() && d.attach == disk.attach)
-        {
+        let Some(before) = current.spec.disks.iter().find(|d| d.name == disk.name) else {
+            continue;
+        };
+        disk.added_at_epoch = before.added_at_epoch;
+        if before.attach.is_some() && before.attach == disk.attach {
             disk.attached_storage_name
                 .clone_from(&before.attached_storage_name);
         }
@@ -160,6 +171,7 @@ fn check_unchanged(
             check_attach(state, vm, i, disk, name)?;
             check_attach_placed(state, vm, field, name)?;
         }
+        (None, None) => check_added_placed(state, vm, disk, field)?,
         (Some(b), attach) if b.attach.as_ref() != attach.as_ref() => {
             return Err(Refusal::Invalid {
                 field: format!("{field}.attach"),
@@ -315,10 +327,7 @@ fn check_attach_placed(state: &State, vm: &Vm, field: &str, name: &str) -> Resul
             reason: format!("{field}.attach: volume {name:?} {why}"),
         })
     };
-    let moving = state.list(Kind::Migration).any(|o| {
-        matches!(o, Object::Migration(m) if m.spec.vm == vm.meta.name && !m.status.phase.is_terminal())
-    });
-    if moving {
+    if migrating(state, vm) {
         return refuse(format!(
             "cannot be attached while vm {:?} is migrating: attach it once the move is over",
             vm.meta.name
@@ -355,6 +364,48 @@ fn check_attach_placed(state: &State, vm: &Vm, field: &str, name: &str) -> Resul
             "is at epoch {}, past vm {:?}'s {}: its copies would refuse the VM's writes",
             v.epoch, vm.meta.name, placement.epoch
         ));
+    }
+    Ok(())
+}
+
+/// Whether a migration of `vm` is under way.
+fn migrating(state: &State, vm: &Vm) -> bool {
+    state.list(Kind::Migration).any(|o| {
+        matches!(o, Object::Migration(m) if m.spec.vm == vm.meta.name && !m.status.phase.is_terminal())
+    })
+}
+
+/// The rules for a disk of the VM's own (not attaching a volume) that an
+/// update adds to `vm` (at `field`) once it is placed: its node makes it
+/// at the placement's epoch, so not while the VM moves (the target would
+/// wait at the next epoch for a volume its source holds); and a
+/// replicated one goes on the VM's replica nodes, so it asks as many
+/// copies as there are.
+fn check_added_placed(state: &State, vm: &Vm, disk: &Disk, field: &str) -> Result<(), Refusal> {
+    let Some(Object::Placement(placement)) = state.get(Kind::Placement, &vm.meta.name) else {
+        return Ok(());
+    };
+    if migrating(state, vm) {
+        return Err(Refusal::FailedPrecondition {
+            reason: format!(
+                "{field}: disk {:?} cannot be added while vm {:?} is migrating: add it once the move is over",
+                disk.name, vm.meta.name
+            ),
+        });
+    }
+    let nodes = placement.replica_nodes.len();
+    if disk.replicas >= 2 && nodes != disk.replicas as usize {
+        let has = if nodes == 0 {
+            "has no replica nodes (its disks have one copy each)".to_owned()
+        } else {
+            format!("has {nodes} replica nodes ({:?})", placement.replica_nodes)
+        };
+        return Err(Refusal::FailedPrecondition {
+            reason: format!(
+                "{field}.replicas: disk {:?} asks {} copies and vm {:?}, placed on node {:?}, {has}: a disk added to a placed VM has 1 copy or one on each of its replica nodes",
+                disk.name, disk.replicas, vm.meta.name, placement.node
+            ),
+        });
     }
     Ok(())
 }
@@ -565,6 +616,7 @@ mod tests {
                 source_volume: from.map(str::to_owned),
                 attach: None,
                 attached_storage_name: None,
+                added_at_epoch: None,
                 protocol: Default::default(),
             })
             .collect();
@@ -952,17 +1004,23 @@ mod tests {
         Command::Update(Object::Vm(vm))
     }
 
-    #[test]
-    fn a_disk_added_to_a_vm_attaches_a_volume_where_the_vm_is() {
+    /// [`attach_state`] with nodes a, b and c.
+    fn with_nodes() -> (State, u64) {
         let (mut state, mut index) = attach_state();
-        let i = &mut index;
         for node in ["a", "b", "c"] {
             let node = basalt_api::Node {
                 meta: ObjectMeta::named(node),
                 ..Default::default()
             };
-            next(&mut state, i, Command::Create(Object::Node(node))).expect("node");
+            next(&mut state, &mut index, Command::Create(Object::Node(node))).expect("node");
         }
+        (state, index)
+    }
+
+    #[test]
+    fn a_disk_added_to_a_vm_attaches_a_volume_where_the_vm_is() {
+        let (mut state, mut index) = with_nodes();
+        let i = &mut index;
         next(&mut state, i, Command::Create(placed("solo", 1, &["a"], 2))).expect("volume");
         let failed = |r: Result<Object, Refusal>| match r {
             Err(Refusal::FailedPrecondition { reason }) => reason,
@@ -1023,6 +1081,94 @@ mod tests {
         let says = failed(next(&mut state, i, with_attached(&old, "single")));
         assert!(
             says.contains("attached as disk \"data\" of vm \"web\""),
+            "{says}"
+        );
+    }
+
+    #[test]
+    fn a_disk_of_its_own_added_to_a_placed_vm_records_the_epoch_it_is_made_at() {
+        let (mut state, mut index) = with_nodes();
+        let i = &mut index;
+        let failed = |r: Result<Object, Refusal>| match r {
+            Err(Refusal::FailedPrecondition { reason }) => reason,
+            other => panic!("{other:?}"),
+        };
+        let with_own = |vm: &Vm, name: &str, replicas: u32| {
+            let mut vm = vm.clone();
+            let mut disk = super::tests::vm("x", &[(name, 1 << 20, None)]).spec.disks[0].clone();
+            disk.replicas = replicas;
+            // The client's value is not taken.
+            disk.added_at_epoch = Some(99);
+            vm.spec.disks.push(disk);
+            Command::Update(Object::Vm(vm))
+        };
+
+        // A new VM's disks, and one added before it is placed, are made at
+        // its first placement.
+        let mut fresh = vm("fresh", &[("root", 1 << 20, None)]);
+        fresh.spec.disks[0].added_at_epoch = Some(7);
+        let Ok(Object::Vm(fresh)) = next(&mut state, i, Command::Create(Object::Vm(fresh))) else {
+            panic!("created");
+        };
+        assert_eq!(fresh.spec.disks[0].added_at_epoch, None);
+        let Ok(Object::Vm(fresh)) = next(&mut state, i, with_own(&fresh, "data", 1)) else {
+            panic!("added before placement");
+        };
+        assert_eq!(fresh.spec.disks[1].added_at_epoch, None);
+
+        // Placed at epoch 3: the disk added records 3, and keeps it through
+        // later updates whatever the client sends.
+        let moved = running(&mut state, i, ("moved", 1), ("a", &[], 3));
+        let Ok(Object::Vm(moved)) = next(&mut state, i, with_own(&moved, "data", 1)) else {
+            panic!("added to a placed VM");
+        };
+        let epochs = |vm: &Vm| {
+            vm.spec
+                .disks
+                .iter()
+                .map(|d| d.added_at_epoch)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(epochs(&moved), [None, Some(3)]);
+        let mut edited = moved.clone();
+        edited.spec.disks[1].added_at_epoch = None;
+        edited.spec.disks[0].added_at_epoch = Some(5);
+        edited.spec.disks[1].size_bytes = 2 << 20;
+        let Ok(Object::Vm(edited)) = next(&mut state, i, Command::Update(Object::Vm(edited)))
+        else {
+            panic!("grown");
+        };
+        assert_eq!(epochs(&edited), [None, Some(3)]);
+
+        // A replicated disk goes on the VM's replica nodes: as many copies
+        // as there are nodes, and none on a VM without replica nodes.
+        let says = failed(next(&mut state, i, with_own(&edited, "more", 2)));
+        assert!(
+            says.starts_with("spec.disks[2].replicas: disk \"more\" asks 2 copies and vm \"moved\", placed on node \"a\", has no replica nodes"),
+            "{says}"
+        );
+        let rep = running(&mut state, i, ("rep", 2), ("b", &["b", "c"], 2));
+        let says = failed(next(&mut state, i, with_own(&rep, "more", 3)));
+        assert!(says.contains("has 2 replica nodes"), "{says}");
+        let Ok(Object::Vm(rep)) = next(&mut state, i, with_own(&rep, "more", 2)) else {
+            panic!("a replicated disk on the VM's replica nodes");
+        };
+        assert_eq!(epochs(&rep), [None, Some(2)]);
+
+        // Not while the VM moves: its target would wait for it at the next
+        // epoch.
+        let migration = basalt_api::Migration {
+            meta: ObjectMeta::named("rep"),
+            spec: basalt_api::MigrationSpec {
+                vm: "rep".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        next(&mut state, i, Command::Create(Object::Migration(migration))).expect("migration");
+        let says = failed(next(&mut state, i, with_own(&rep, "late", 1)));
+        assert!(
+            says.contains("disk \"late\" cannot be added while vm \"rep\" is migrating"),
             "{says}"
         );
     }

@@ -816,7 +816,7 @@ fn keep_protected(current: &Object, update: &mut Object) {
                 .clone_from(&current.status.credential_sha256);
         }
         (Object::Vm(current), Object::Vm(update)) => {
-            crate::disk_sources::keep_attached_names(current, update);
+            crate::disk_sources::keep_recorded(current, update);
         }
         _ => {}
     }

@@ -276,6 +276,7 @@ pub(crate) fn stand_in(volume: &Volume) -> Vm {
         source_volume: None,
         attach: None,
         attached_storage_name: None,
+        added_at_epoch: None,
         protocol: Default::default(),
     }];
     vm
@@ -936,6 +937,7 @@ mod tests {
                 source_volume: None,
                 attach: None,
                 attached_storage_name: None,
+                added_at_epoch: None,
                 protocol: Default::default(),
             })
             .collect();

@@ -419,6 +419,7 @@ fn build(nodes: u8, net_routing: basalt_sdn::Routing) -> anyhow::Result<LabState
                 source_volume: None,
                 attach: None,
                 attached_storage_name: None,
+                added_at_epoch: None,
                 protocol: Default::default(),
             }],
             nics: vec![Nic {

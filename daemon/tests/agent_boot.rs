@@ -408,6 +408,7 @@ async fn a_vm_boots_with_its_cloud_init_seed_and_from_its_first_disk() {
                 source_volume: None,
                 attach: None,
                 attached_storage_name: None,
+                added_at_epoch: None,
                 protocol: Default::default(),
             }],
             nics: vec![Nic {

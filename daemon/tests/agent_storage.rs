@@ -67,6 +67,7 @@ fn disk(name: &str, size: u64, image: Option<&str>) -> Disk {
         source_volume: None,
         attach: None,
         attached_storage_name: None,
+        added_at_epoch: None,
         protocol: Default::default(),
     }
 }
@@ -309,6 +310,22 @@ fn the_agent_makes_clones_and_removes_volumes() {
         })
         .await;
         let moved_root = disk_volume(&moved.meta.uid, "root");
+        assert!(!volume_names(&storage).await.contains(&moved_root));
+        // A disk added now, at epoch 2, is made here: this node is where
+        // the VM is when it is added. The missing root stays missing.
+        let Object::Vm(mut edited) = admin.get(Kind::Vm, "moved").await.expect("get") else {
+            panic!("a vm")
+        };
+        edited.spec.disks = vec![disk("added", 4 << 20, None)];
+        let Object::Vm(edited) = admin.update(Object::Vm(edited)).await.expect("add a disk") else {
+            panic!("a vm")
+        };
+        assert_eq!(edited.spec.disks[0].added_at_epoch, Some(2));
+        let added = disk_volume(&moved.meta.uid, "added");
+        wait::until("the added disk is made", DEADLINE, &[], || async {
+            volume_names(&storage).await.contains(&added)
+        })
+        .await;
         assert!(!volume_names(&storage).await.contains(&moved_root));
         admin
             .delete(Kind::Vm, "moved", None)

@@ -44,8 +44,10 @@
 //!   the VM's node (`basalt volume create --nodes`) is added to the
 //!   running VM (`basalt vm add-disk ... attach=`): the guest's kernel
 //!   finds a third disk without a reboot, the volume becomes the VM's;
-//!   removed again (`basalt vm remove-disk`), it is unplugged and only
-//!   then released, its copy kept.
+//!   a disk of its own added then (`basalt vm add-disk ... size=`) is
+//!   made on its node at the moved placement's epoch and found as a
+//!   fourth; the volume removed again (`basalt vm remove-disk`), it is
+//!   unplugged and only then released, its copy kept.
 //!
 //! After each move the held connection is still the same one (no reset,
 //! every number one more than the last), the guest has not rebooted (its
@@ -293,6 +295,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
                 source_volume: None,
                 attach: None,
                 attached_storage_name: None,
+                added_at_epoch: None,
                 protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {
@@ -1000,6 +1003,31 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         "the guest booted once"
     );
     let extra_volume = extra().await.expect("extra").status.storage_name;
+    // A disk of the VM's own added after its move (an epoch past its
+    // first): made on its node at that epoch, plugged in as a fourth disk.
+    let out = basalt(
+        &server,
+        &[
+            "vm",
+            "add-disk",
+            "single",
+            "--disk",
+            "name=scratch,size=32M",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "vm add-disk: {}", text(&out));
+    wait::until(
+        "the running guest finds its own new disk",
+        DEADLINE,
+        &cluster.processes(),
+        || async {
+            std::fs::read_to_string(&console)
+                .unwrap_or_default()
+                .contains("[vdd]")
+        },
+    )
+    .await;
     wait::until(
         "the plugged volume is the VM's",
         DEADLINE,

@@ -87,6 +87,7 @@ async fn a_node_is_drained_live_removed_and_nothing_is_left() {
                 source_volume: None,
                 attach: None,
                 attached_storage_name: None,
+                added_at_epoch: None,
                 protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {

@@ -1575,6 +1575,7 @@ mod tests {
             source_volume: None,
             attach: None,
             attached_storage_name: None,
+            added_at_epoch: None,
             protocol: Default::default(),
         };
         let mut vm = basalt_api::Vm::default();

@@ -197,6 +197,7 @@ mod tests {
                     source_volume: None,
                     attach: None,
                     attached_storage_name: None,
+                    added_at_epoch: None,
                     protocol: Default::default(),
                 }],
                 nics: vec![

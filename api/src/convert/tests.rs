@@ -149,6 +149,7 @@ fn disks() -> impl Strategy<Value = Vec<Disk>> {
                     source_volume,
                     attach,
                     attached_storage_name,
+                    added_at_epoch: (sectors % 3 == 0).then_some(sectors),
                     protocol,
                 }
             })

@@ -122,6 +122,7 @@ impl From<Disk> for pb::Disk {
             protocol: disk.protocol.as_str().to_owned(),
             attach: disk.attach,
             attached_storage_name: disk.attached_storage_name,
+            added_at_epoch: disk.added_at_epoch,
         }
     }
 }
@@ -138,6 +139,7 @@ fn disk_from_pb(i: usize, disk: pb::Disk) -> Result<Disk, ApiError> {
         protocol: ReplicationProtocol::parse(&format!("spec.disks[{i}].protocol"), &disk.protocol)?,
         attach: disk.attach,
         attached_storage_name: disk.attached_storage_name,
+        added_at_epoch: disk.added_at_epoch,
     })
 }
 

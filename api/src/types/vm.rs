@@ -284,6 +284,12 @@ pub struct Disk {
     /// the attached volume, which the nodes use for the disk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attached_storage_name: Option<String>,
+    /// Set by the control plane when an update adds the disk to a VM
+    /// already placed: the placement's epoch then. The VM's node makes the
+    /// disk's volume at that epoch (not only at the first); at a later one
+    /// a missing volume has its data elsewhere and is not made afresh.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub added_at_epoch: Option<u64>,
 }
 
 /// A VM network interface.
@@ -604,6 +610,7 @@ mod tests {
                     source_volume: None,
                     attach: None,
                     attached_storage_name: None,
+                    added_at_epoch: None,
                     protocol: Default::default(),
                 }],
                 nics: vec![Nic {

@@ -110,6 +110,7 @@ fn vm(i: usize) -> Vm {
             source_volume: None,
             attach: None,
             attached_storage_name: None,
+            added_at_epoch: None,
             protocol: Default::default(),
         });
     }

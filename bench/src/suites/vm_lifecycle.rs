@@ -329,6 +329,7 @@ fn vm(stack: &Stack, name: &str, ip: Ipv4Addr) -> Vm {
                 source_volume: None,
                 attach: None,
                 attached_storage_name: None,
+                added_at_epoch: None,
                 protocol: Default::default(),
             }],
             // The guest takes `ip` from its kernel command line; the lease

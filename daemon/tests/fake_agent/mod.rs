@@ -80,6 +80,7 @@ pub fn replicated_vm(name: &str, size_bytes: u64, replicas: u32) -> Vm {
                 source_volume: None,
                 attach: None,
                 attached_storage_name: None,
+                added_at_epoch: None,
                 protocol: Default::default(),
             }],
             kernel: Some(KernelBoot {

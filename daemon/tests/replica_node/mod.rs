@@ -188,6 +188,7 @@ pub async fn create_db_on_a_and_b(admin: &AdminClient, kernel: KernelBoot) -> St
                 source_volume: None,
                 attach: None,
                 attached_storage_name: None,
+                added_at_epoch: None,
                 protocol: Default::default(),
             }],
             kernel: Some(kernel),

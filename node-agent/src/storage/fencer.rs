@@ -522,6 +522,7 @@ mod tests {
                         source_volume: None,
                         attach: None,
                         attached_storage_name: None,
+                        added_at_epoch: None,
                         protocol: Default::default(),
                     },
                     Disk {
@@ -532,6 +533,7 @@ mod tests {
                         source_volume: None,
                         attach: None,
                         attached_storage_name: None,
+                        added_at_epoch: None,
                         protocol: Default::default(),
                     },
                 ],

@@ -272,7 +272,9 @@ impl Volumes {
     /// Makes every disk of `vm` a volume exported where its domain looks.
     /// `epoch` is the VM's placement epoch here: above 1 the VM ran on
     /// another node before, and a missing volume is not created (its data
-    /// is elsewhere) but refused with [`VolumeError::Elsewhere`].
+    /// is elsewhere) but refused with [`VolumeError::Elsewhere`] — unless
+    /// the disk was added at this epoch (`added_at_epoch`), when this node
+    /// is where it is made.
     pub async fn ensure_vm_at(&self, vm: &Vm, epoch: u64) -> Result<(), VolumeError> {
         for disk in &vm.spec.disks {
             let name = disk.storage_name(&vm.meta.uid);
@@ -283,7 +285,10 @@ impl Volumes {
                 Err(ApiError::FailedPrecondition { .. }) => false,
                 Err(e) => return Err(classify(&disk.name, e)),
             };
-            if !exists && epoch > 1 {
+            // A disk is made at the VM's first placement, or at the epoch
+            // an update added it at; missing later, its data is elsewhere.
+            let made_at = disk.added_at_epoch.unwrap_or(1).max(1);
+            if !exists && epoch > made_at {
                 return Err(VolumeError::Elsewhere {
                     disk: disk.name.clone(),
                     epoch,
@@ -505,6 +510,7 @@ mod tests {
                         source_volume: None,
                         attach: None,
                         attached_storage_name: None,
+                        added_at_epoch: None,
                         protocol: Default::default(),
                     })
                     .collect(),

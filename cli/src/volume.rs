@@ -112,6 +112,25 @@ pub enum VolumeCommand {
         #[arg(long, value_parser = crate::vm::parse_bytes)]
         size: u64,
     },
+    /// Move a standalone volume's copies to other nodes, e.g. to where a
+    /// VM it is to be attached to runs: the control plane adds a copy on
+    /// each named node that has none, the primary fills it, and once every
+    /// named copy is up to date the others are dropped and the first named
+    /// node's copy is the primary (one epoch later when that changes).
+    Move {
+        /// The volume.
+        name: String,
+        /// The nodes its copies go on, comma-separated, the first its
+        /// primary: one per copy.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// Wait until the copies are there and up to date.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits: a number with s, m or h.
+        #[arg(long, default_value = "10m", value_parser = crate::token::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Online verify of a primary volume against each connected peer,
     /// while it is in use: chunks that differ are listed and marked dirty
     /// (the next resync sends them). Fails when any differ (and were not
@@ -196,9 +215,10 @@ pub async fn run(server: &str, format: Format, args: VolumeArgs) -> anyhow::Resu
         | VolumeCommand::Create { .. }
         | VolumeCommand::Delete { .. }
         | VolumeCommand::Snapshot { .. }
-        | VolumeCommand::Clone { .. } => {
+        | VolumeCommand::Clone { .. }
+        | VolumeCommand::Move { .. } => {
             bail!(
-                "create, delete, resize, snapshot and clone go through the control plane: run them without --storage-socket"
+                "create, delete, resize, snapshot, clone and move go through the control plane: run them without --storage-socket"
             )
         }
         VolumeCommand::List => {

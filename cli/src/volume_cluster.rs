@@ -7,11 +7,13 @@
 //! VM's disk), which the control plane places on nodes and their agents
 //! make and drop (decision 61); `snapshot` and `clone` store a volume
 //! made from another, which the agent of the node holding the source's
-//! primary copy makes in its pool.
+//! primary copy makes in its pool; `move` names other nodes for a
+//! standalone volume's copies, which the control plane moves there
+//! (decision 80).
 //!
-//! Invariant: `list` and `get` only read; `resize` is one
-//! compare-and-swap update of the VM (or of a standalone volume), retried
-//! on a conflict.
+//! Invariant: `list` and `get` only read; `resize` and `move` are one
+//! compare-and-swap update each (of the VM, or of a standalone volume),
+//! retried on a conflict.
 
 use anyhow::{Context as _, bail};
 use basalt_api::{
@@ -21,6 +23,7 @@ use basalt_api::{
 
 use crate::output::{self, Format};
 use crate::volume::{VolumeCommand, print, table};
+use crate::wait::{Deadline, POLL};
 
 /// The table columns of `basalt volume list`.
 pub const HEADERS: &[&str] = &[
@@ -258,6 +261,89 @@ async fn resize(client: &AdminClient, name: &str, size: u64) -> anyhow::Result<S
     bail!("volume {name} kept changing; not resized after {RESIZE_RETRIES} tries")
 }
 
+/// Names `nodes` as where standalone volume `name`'s copies go (one
+/// compare-and-swap of its spec, retried on a conflict); the control plane
+/// moves them.
+async fn move_to(client: &AdminClient, name: &str, nodes: &[String]) -> anyhow::Result<String> {
+    for _ in 0..RESIZE_RETRIES {
+        let mut volume = get(client, name).await?;
+        if let Some(owner) = &volume.spec.owner {
+            bail!(
+                "volume {name} is disk {} of vm {}: it moves with its VM (`basalt vm migrate`)",
+                owner.disk,
+                owner.vm
+            );
+        }
+        if nodes.len() != volume.spec.replicas as usize {
+            bail!(
+                "volume {name} has {} cop(ies): name one node for each (got {})",
+                volume.spec.replicas,
+                nodes.len()
+            );
+        }
+        if moved(&volume, nodes) {
+            return Ok(format!("volume {name} is already on {}", nodes.join(", ")));
+        }
+        let from = copy_nodes(&volume).join(", ");
+        volume.spec.nodes = nodes.to_vec();
+        match client.update(Object::Volume(volume)).await {
+            Ok(_) => {
+                return Ok(format!(
+                    "volume {name}: moving from {from} to {}",
+                    nodes.join(", ")
+                ));
+            }
+            Err(ApiError::Aborted { .. }) => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    bail!("volume {name} kept changing; not moved after {RESIZE_RETRIES} tries")
+}
+
+/// `volume`'s copies' nodes, its primary first.
+fn copy_nodes(volume: &Volume) -> Vec<String> {
+    let mut nodes: Vec<String> = volume
+        .status
+        .replicas
+        .iter()
+        .map(|r| r.node.clone())
+        .collect();
+    nodes.sort_by_key(|n| (*n != volume.status.primary_node, n.clone()));
+    nodes
+}
+
+/// Whether `volume`'s copies are on `nodes` exactly, the first the
+/// primary, every one up to date.
+fn moved(volume: &Volume, nodes: &[String]) -> bool {
+    let status = &volume.status;
+    let mut wanted = nodes.to_vec();
+    if let Some(rest) = wanted.get_mut(1..) {
+        rest.sort();
+    }
+    wanted == copy_nodes(volume)
+        && status
+            .replicas
+            .iter()
+            .all(|r| r.state == ReplicaState::UpToDate)
+}
+
+/// Polls volume `name` until its copies are on `nodes`, up to date.
+async fn wait_moved(
+    client: &AdminClient,
+    name: &str,
+    nodes: &[String],
+    deadline: Deadline,
+) -> anyhow::Result<()> {
+    loop {
+        let volume = get(client, name).await?;
+        if moved(&volume, nodes) {
+            return Ok(());
+        }
+        deadline.check(|| format!("volume {name} is still moving:\n{}", details(&volume)))?;
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Stores volume `name` made from `source`: a snapshot, or a clone of
 /// `size` bytes (at least the source's).
 async fn derive(
@@ -309,6 +395,20 @@ pub async fn run(server: &str, format: Format, command: VolumeCommand) -> anyhow
         VolumeCommand::Resize { name, size } => {
             let done = resize(&client, &name, size).await?;
             println!("{done}");
+            Ok(())
+        }
+        VolumeCommand::Move {
+            name,
+            nodes,
+            wait,
+            timeout,
+        } => {
+            let done = move_to(&client, &name, &nodes).await?;
+            println!("{done}");
+            if wait {
+                wait_moved(&client, &name, &nodes, Deadline::after(timeout)).await?;
+                println!("volume {name}: copies on {}", nodes.join(", "));
+            }
             Ok(())
         }
         VolumeCommand::Create {

@@ -18,8 +18,9 @@
 //!   [`ipam`]: the IPAM controller (a lease per VM NIC, as endpoints);
 //!   [`volumes`]: a volume object per VM disk, and the replicas' states
 //!   the agents report; [`volume_ha`]: standalone volumes on lost nodes
-//!   (primary moved, lost copies replaced); [`volume_watch`]: each
-//!   node's volume watch;
+//!   (primary moved, lost copies replaced); [`volume_moves`]: standalone
+//!   volumes' copies moved to the nodes an operator names;
+//!   [`volume_watch`]: each node's volume watch;
 //! - [`config`], [`server`]: one member's configuration and its run loop;
 //! - [`recovery`]: backups, restoring one into a new cluster, and forcing
 //!   a new cluster from a survivor's data directory.
@@ -53,6 +54,7 @@ pub mod state;
 pub mod store;
 pub mod tokens;
 pub mod volume_ha;
+pub mod volume_moves;
 pub mod volume_watch;
 pub mod volumes;
 

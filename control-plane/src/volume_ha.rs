@@ -46,6 +46,7 @@ use crate::agent::{Leases, now_unix_ms};
 use crate::config::NodeTuning;
 use crate::scheduler;
 use crate::state::{Command, State, set_condition};
+use crate::volume_moves::follow_copies;
 use crate::volumes::{ready, stand_in};
 
 /// Whether `volume` is a placed standalone volume (no VM disk, not a
@@ -147,6 +148,7 @@ pub fn plan_failovers(
         }
         let condition = ready(status, now_unix_ms);
         set_condition(&mut status.conditions, condition);
+        follow_copies(&mut moved);
         writes.push(Command::Update(Object::Volume(moved)));
     }
     (writes, stuck)
@@ -249,6 +251,7 @@ pub fn plan_replacements(
         replaced.status.replicas = replicas;
         let condition = ready(&replaced.status, now_unix_ms);
         set_condition(&mut replaced.status.conditions, condition);
+        follow_copies(&mut replaced);
         writes.push(Command::Update(Object::Volume(replaced)));
     }
     let stuck = plan
@@ -518,7 +521,9 @@ mod tests {
         assert!(writes.is_empty());
         assert!(stuck[0].1.contains("no up-to-date copy"), "{stuck:?}");
         // Reported up to date: promoted, the old copy marked outdated.
-        let reported = all_up(&state);
+        let mut reported = all_up(&state);
+        // Its nodes named (decision 80): they follow the failover.
+        reported.spec.nodes = vec![primary.clone(), secondary.clone()];
         apply(
             &mut state,
             &mut index,
@@ -543,6 +548,11 @@ mod tests {
             .map(|r| r.node.as_str())
             .collect();
         assert_eq!(primaries, [secondary.as_str()]);
+        assert_eq!(moved.spec.nodes, [secondary.clone(), primary.clone()]);
+        assert!(
+            !crate::volume_moves::wants_move(&moved),
+            "no move back to the lost node"
+        );
         let old = moved.status.replica(&primary).unwrap();
         assert!(old.outdated);
         assert_eq!(old.state, ReplicaState::Outdated);

@@ -703,14 +703,14 @@ pub fn check(state: &State, object: &Object, current: Option<&Object>) -> Result
             Ok(())
         }
         (Object::Volume(volume), Some(Object::Volume(current))) => {
-            // Cleared when a VM adopts the volume; never set or changed.
-            if !volume.spec.nodes.is_empty() && volume.spec.nodes != current.spec.nodes {
-                return Err(Refusal::Invalid {
-                    field: "spec.nodes".into(),
-                    reason: format!(
-                        "a volume's nodes are chosen when it is created (they were {:?})",
-                        current.spec.nodes
-                    ),
+            // Cleared when a VM adopts the volume; set or changed, the
+            // volume's copies move there (decision 80; what may name its
+            // nodes is checked with the object's fields).
+            if volume.spec.nodes != current.spec.nodes
+                && let Some((i, node)) = missing_node(state, volume)
+            {
+                return Err(Refusal::FailedPrecondition {
+                    reason: format!("spec.nodes[{i}]: node {node:?} does not exist"),
                 });
             }
             if volume.spec.size_bytes < current.spec.size_bytes {
@@ -864,10 +864,12 @@ impl VolumeController {
                             Ok(changes) => {
                                 names
                                     .extend(changes.iter().filter_map(|c| concerned_vm(&c.object)));
-                                // A new standalone volume, or a node that
-                                // may take one now.
+                                // A new standalone volume, a node that may
+                                // take one now, or a volume to move.
                                 standalone |= changes.iter().any(|c| match &c.object {
-                                    Object::Volume(v) => unplaced_standalone(v),
+                                    Object::Volume(v) => {
+                                        unplaced_standalone(v) || crate::volume_moves::wants_move(v)
+                                    }
                                     Object::Node(_) => true,
                                     _ => false,
                                 });
@@ -888,8 +890,13 @@ impl VolumeController {
             let mut plan = plan(&machine.state, only.as_ref(), now);
             if standalone {
                 let placed = place_standalone(&machine.state, term, now);
-                plan.writes
-                    .extend(placed.into_iter().map(|command| (String::new(), command)));
+                let moved = crate::volume_moves::plan(&machine.state, now);
+                plan.writes.extend(
+                    placed
+                        .into_iter()
+                        .chain(moved)
+                        .map(|command| (String::new(), command)),
+                );
             }
             (plan, applied)
         };
@@ -1495,13 +1502,13 @@ mod tests {
             "{:?}",
             later.status.conditions
         );
-        // Chosen once: an update may not move them.
+        // An update may move them (decision 80), onto nodes that exist.
         let mut moved = here.clone();
         moved.spec.nodes = vec!["a".into(), "b".into()];
         index += 1;
         assert!(matches!(
             state.apply(index, Command::Update(Object::Volume(moved))),
-            Err(Refusal::Invalid { field, .. }) if field == "spec.nodes"
+            Err(Refusal::FailedPrecondition { reason }) if reason == "spec.nodes[1]: node \"b\" does not exist"
         ));
     }
 

@@ -6,11 +6,12 @@
 //! A standalone volume placed by the control plane lists its copies'
 //! nodes in its status, its primary among them, with an epoch and its
 //! pool name (`vol-` and its uid). The agent of each of those nodes makes
-//! its copy ([`held`]): an empty pool volume of the volume's size, and,
-//! when the volume has two or more copies, attached primary (on the
+//! its copy ([`held`]): an empty pool volume of the volume's size,
+//! attached, when the volume has two or more copies, primary (on the
 //! primary's node, naming the other copies' nodes' replication addresses
 //! as peers) or secondary, at the volume's epoch, so the primary's full
-//! initial sync fills the secondaries — the same storage calls as a VM
+//! initial sync fills the secondaries; with one copy, standalone (plain
+//! local writes) — the same storage calls as a VM
 //! disk's copies ([`super::replicas`]). A volume made from an image has
 //! its primary copy cloned from the image first ([`super::from_image`]).
 //!
@@ -70,9 +71,9 @@ pub struct Held {
     pub storage_name: String,
     /// Its size.
     pub size_bytes: u64,
-    /// Its replication role, with two or more copies: primary (peers
-    /// filled in from the nodes) or secondary.
-    pub attach: Option<AttachVolume>,
+    /// Its replication role: primary (peers filled in from the nodes) or
+    /// secondary with two or more copies, standalone with one.
+    pub attach: AttachVolume,
     /// The other copies' nodes, for a primary's peers.
     pub peer_nodes: Vec<String>,
 }
@@ -90,17 +91,20 @@ pub fn held(node: &str, volume: &Volume) -> Option<Held> {
     }
     let replicated = status.replicas.len() >= 2;
     let primary = status.primary_node == node;
-    let attach = replicated.then(|| AttachVolume {
+    // One copy: no replication role. Attached standalone all the same, so
+    // a copy that was a secondary (the target of a move, decision 80)
+    // takes writes once it is the only one.
+    let attach = AttachVolume {
         name: status.storage_name.clone(),
-        role: if primary {
-            VolumeRole::Primary
-        } else {
-            VolumeRole::Secondary
+        role: match (replicated, primary) {
+            (false, _) => VolumeRole::Standalone,
+            (true, true) => VolumeRole::Primary,
+            (true, false) => VolumeRole::Secondary,
         },
         epoch: status.epoch,
         protocol: Some(volume.spec.protocol),
         ..AttachVolume::default()
-    });
+    };
     let peer_nodes = if primary && replicated {
         status
             .replicas
@@ -242,7 +246,7 @@ async fn ensure_held(
     nodes: &BTreeMap<String, Node>,
 ) -> Result<(), String> {
     let mut attach = held.attach.clone();
-    if let Some(attach) = attach.as_mut().filter(|a| a.role == VolumeRole::Primary) {
+    if attach.role == VolumeRole::Primary {
         let mut replica_nodes = vec![node.to_owned()];
         replica_nodes.extend(held.peer_nodes.iter().cloned());
         let placement = Placement {
@@ -253,14 +257,9 @@ async fn ensure_held(
         };
         attach.peers = peers(node, &placement, nodes)?;
     }
-    ensure_copy(
-        storage,
-        &held.storage_name,
-        held.size_bytes,
-        attach.as_ref(),
-    )
-    .await
-    .map_err(|e| e.to_string())
+    ensure_copy(storage, &held.storage_name, held.size_bytes, Some(&attach))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// What the loop keeps between passes.
@@ -492,20 +491,22 @@ mod tests {
     fn each_copy_node_holds_its_copy_primary_or_secondary() {
         let volume = placed(&["a", "b"], "a");
         let on_a = held("a", &volume).expect("a holds a copy");
-        let attach = on_a.attach.as_ref().unwrap();
+        let attach = &on_a.attach;
         assert_eq!(attach.role, VolumeRole::Primary);
         assert_eq!(attach.epoch, 1);
         assert!(!attach.allow_outdate, "the fencer asks the control plane");
         assert_eq!(on_a.peer_nodes, ["b"]);
         let on_b = held("b", &volume).expect("b holds a copy");
-        let attach = on_b.attach.as_ref().unwrap();
+        let attach = &on_b.attach;
         assert_eq!(attach.role, VolumeRole::Secondary);
         assert!(!attach.allow_outdate);
         assert!(on_b.peer_nodes.is_empty());
         assert!(held("c", &volume).is_none());
         // One copy: a plain pool volume, no replication role.
         let single = held("a", &placed(&["a"], "a")).unwrap();
-        assert!(single.attach.is_none());
+        let attach = &single.attach;
+        assert_eq!((attach.role, attach.epoch), (VolumeRole::Standalone, 1));
+        assert!(single.peer_nodes.is_empty());
         // Not placed yet, or a VM disk: nothing.
         let mut unplaced = volume.clone();
         unplaced.status = VolumeStatus::default();

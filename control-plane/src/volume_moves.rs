@@ -1,0 +1,364 @@
+//! Moving a standalone volume's copies to the nodes its spec names
+//! (decision 80): `basalt volume move NAME --nodes b,c`.
+//!
+//! A placed standalone volume whose `spec.nodes` differs from where its
+//! copies are (the status's copies, its primary first) is moved the way
+//! DRBD's operators move a resource, without ever having fewer up-to-date
+//! copies than before:
+//!
+//! 1. **Add** ([`plan`]): each named node without a copy gets an empty
+//!    entry in the status, the epoch kept. Its agent makes an empty
+//!    secondary, and the primary (attached with every copy's node as a
+//!    peer) fills it with a full sync — the path a replaced copy takes
+//!    (decision 65).
+//! 2. **Switch**: once every named node's copy is up to date (the
+//!    primary's report says so, the copy's own node says it holds it, no
+//!    fence mark names it) and its node is ready, one compare-and-swap
+//!    leaves exactly the named copies, the first the primary. When the
+//!    primary changes, the epoch grows by one; the old primary's copy is
+//!    refused writes from then on. The copies' states stay (each was up
+//!    to date a moment ago) until the new primary reports. The copies dropped
+//!    are deleted by their nodes' agents (the `vol-` collection).
+//!
+//! Invariants:
+//! - a copy leaves the status only in the switch, when every named copy is
+//!   up to date: the move never lowers the number of up-to-date copies;
+//! - the epoch grows only when the primary moves;
+//! - VM disks' volumes, snapshots and clones are never moved here (a VM's
+//!   disks move with the VM);
+//! - when the control plane itself moves copies (a failover or a
+//!   replaced copy on a lost node, [`crate::volume_ha`]), the spec's nodes
+//!   follow the status ([`follow_copies`]): a move is only ever what an
+//!   operator asked.
+
+use basalt_api::{Kind, Object, ReplicaState, Volume, VolumeReplica};
+
+use crate::state::{Command, State, set_condition};
+use crate::volumes::ready;
+
+/// The nodes of `volume`'s copies, its primary first, then by name.
+fn copy_nodes(volume: &Volume) -> Vec<String> {
+    let status = &volume.status;
+    let mut nodes: Vec<String> = status.replicas.iter().map(|r| r.node.clone()).collect();
+    nodes.sort_by_key(|n| (*n != status.primary_node, n.clone()));
+    nodes
+}
+
+/// Whether `volume` is a placed standalone volume (not a VM's disk, not
+/// a snapshot or clone) whose spec names nodes other than where its
+/// copies are, or another primary.
+pub fn wants_move(volume: &Volume) -> bool {
+    let status = &volume.status;
+    volume.spec.owner.is_none()
+        && volume.spec.source.is_none()
+        && !volume.spec.nodes.is_empty()
+        && !status.storage_name.is_empty()
+        && !status.primary_node.is_empty()
+        && !same_copies(&volume.spec.nodes, volume)
+}
+
+/// Whether `nodes` names `volume`'s primary first and its other copies'
+/// nodes in any order.
+fn same_copies(nodes: &[String], volume: &Volume) -> bool {
+    let mut named = nodes.to_vec();
+    named[1..].sort();
+    named == copy_nodes(volume)
+}
+
+/// Sets `volume`'s `spec.nodes`, when it names any, to where its copies
+/// are now (primary first): called on the control plane's own moves of
+/// its copies, so they are not taken for an operator's move.
+pub fn follow_copies(volume: &mut Volume) {
+    if !volume.spec.nodes.is_empty() {
+        volume.spec.nodes = copy_nodes(volume);
+    }
+}
+
+/// Whether node `name` is ready in `state`.
+fn is_ready(state: &State, name: &str) -> bool {
+    matches!(state.get(Kind::Node, name), Some(Object::Node(n)) if n.status.is_ready())
+}
+
+/// Whether `copy` can be one of the copies left by the switch: up to date
+/// as the primary reports it and as its own node holds it, no fence mark.
+fn in_sync(copy: &VolumeReplica) -> bool {
+    copy.state == ReplicaState::UpToDate
+        && copy.node_state == Some(ReplicaState::UpToDate)
+        && !copy.outdated
+}
+
+/// The next step of every move (see the module's doc), one write per
+/// volume that can take one now.
+pub fn plan(state: &State, now_unix_ms: u64) -> Vec<Command> {
+    let mut writes = Vec::new();
+    for object in state.list(Kind::Volume) {
+        let Object::Volume(volume) = object else {
+            continue;
+        };
+        if !wants_move(volume) {
+            continue;
+        }
+        if let Some(moved) = step(state, volume, now_unix_ms) {
+            writes.push(Command::Update(Object::Volume(moved)));
+        }
+    }
+    writes
+}
+
+/// `volume` after the next step of its move, or `None` while it waits
+/// (a named copy still syncing, a node not ready, a node that is gone).
+fn step(state: &State, volume: &Volume, now_unix_ms: u64) -> Option<Volume> {
+    let wanted = &volume.spec.nodes;
+    // A named node removed since: nothing to move to until the spec
+    // changes.
+    if wanted.iter().any(|n| state.get(Kind::Node, n).is_none()) {
+        return None;
+    }
+    let mut moved = volume.clone();
+    let status = &mut moved.status;
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|n| status.replica(n).is_none())
+        .collect();
+    if !missing.is_empty() {
+        for node in missing {
+            status.replicas.push(VolumeReplica {
+                node: node.clone(),
+                ..VolumeReplica::default()
+            });
+        }
+        status.replicas.sort_by(|a, b| a.node.cmp(&b.node));
+    } else {
+        let primary = &wanted[0];
+        let all_in_sync = wanted.iter().all(|node| {
+            is_ready(state, node)
+                && status
+                    .replica(node)
+                    .is_some_and(|r| *node == status.primary_node || in_sync(r))
+        });
+        if !all_in_sync {
+            return None;
+        }
+        status.replicas.retain(|r| wanted.contains(&r.node));
+        // Every copy left is up to date as the old primary last reported;
+        // the states stay until the new primary reports (it sends only
+        // what differs from its last report: a copy that was alone and
+        // up to date before and after sends nothing new).
+        if *primary != status.primary_node {
+            status.epoch += 1;
+            status.primary_node.clone_from(primary);
+        }
+        for replica in &mut status.replicas {
+            replica.primary = replica.node == *primary;
+        }
+    }
+    let condition = ready(status, now_unix_ms);
+    set_condition(&mut status.conditions, condition);
+    Some(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::{Node, ObjectMeta, VolumeSpec, VolumeStatus};
+
+    use super::*;
+
+    fn ready_node(name: &str) -> Object {
+        let mut node = Node {
+            meta: ObjectMeta::named(name),
+            ..Node::default()
+        };
+        node.status.conditions.push(basalt_api::Condition {
+            kind: "Ready".into(),
+            status: true,
+            ..Default::default()
+        });
+        Object::Node(node)
+    }
+
+    /// Standalone volume `name` with copies on `nodes` (the first the
+    /// primary) at epoch 3, each up to date, its spec naming `wanted`.
+    fn volume(name: &str, nodes: &[&str], wanted: &[&str]) -> Volume {
+        Volume {
+            meta: ObjectMeta::named(name),
+            spec: VolumeSpec {
+                size_bytes: 1 << 20,
+                replicas: u32::try_from(wanted.len()).unwrap(),
+                nodes: wanted.iter().map(|n| (*n).to_owned()).collect(),
+                ..VolumeSpec::default()
+            },
+            status: VolumeStatus {
+                storage_name: format!("vol-{name}"),
+                epoch: 3,
+                primary_node: nodes[0].into(),
+                replicas: nodes
+                    .iter()
+                    .map(|n| VolumeReplica {
+                        node: (*n).into(),
+                        primary: *n == nodes[0],
+                        state: ReplicaState::UpToDate,
+                        node_state: Some(ReplicaState::UpToDate),
+                        ..VolumeReplica::default()
+                    })
+                    .collect(),
+                ..VolumeStatus::default()
+            },
+        }
+    }
+
+    fn state_with(volumes: &[&Volume]) -> State {
+        let mut state = State::default();
+        let mut index = 0;
+        for node in ["a", "b", "c", "d"] {
+            index += 1;
+            state
+                .apply(index, Command::Create(ready_node(node)))
+                .expect("node");
+        }
+        for v in volumes {
+            index += 1;
+            state
+                .apply(index, Command::Create(Object::Volume((*v).clone())))
+                .expect("volume");
+        }
+        state
+    }
+
+    fn moved(writes: &[Command], name: &str) -> Option<Volume> {
+        writes.iter().find_map(|c| match c {
+            Command::Update(Object::Volume(v)) if v.meta.name == name => Some(v.clone()),
+            _ => None,
+        })
+    }
+
+    fn copies(v: &Volume) -> Vec<(&str, bool)> {
+        v.status
+            .replicas
+            .iter()
+            .map(|r| (r.node.as_str(), r.primary))
+            .collect()
+    }
+
+    #[test]
+    fn a_one_copy_volume_gains_its_new_copy_then_switches_once_it_is_in_sync() {
+        let one = volume("one", &["a"], &["b"]);
+        let state = state_with(&[&one]);
+        assert!(wants_move(&one));
+
+        // 1. The new copy is added, the primary and epoch kept.
+        let added = moved(&plan(&state, 1), "one").expect("a write");
+        assert_eq!(copies(&added), [("a", true), ("b", false)]);
+        assert_eq!(
+            (added.status.primary_node.as_str(), added.status.epoch),
+            ("a", 3)
+        );
+        assert_eq!(added.status.replicas[1].state, ReplicaState::Unknown);
+
+        // Syncing, or held by its node but not reported in sync by the
+        // primary: it waits.
+        let mut syncing = added.clone();
+        syncing.status.replicas[1].state = ReplicaState::Syncing;
+        syncing.status.replicas[1].node_state = Some(ReplicaState::UpToDate);
+        assert!(step(&state_with(&[]), &syncing, 1).is_none());
+        let mut unheld = added.clone();
+        unheld.status.replicas[1].state = ReplicaState::UpToDate;
+        assert!(
+            step(&state_with(&[]), &unheld, 1).is_none(),
+            "its node must hold it"
+        );
+
+        // 2. In sync: the old copy goes, b is the primary one epoch later.
+        let mut synced = unheld.clone();
+        synced.status.replicas[1].node_state = Some(ReplicaState::UpToDate);
+        let done = step(&state_with(&[]), &synced, 1).expect("the switch");
+        assert_eq!(copies(&done), [("b", true)]);
+        assert_eq!(
+            (done.status.primary_node.as_str(), done.status.epoch),
+            ("b", 4)
+        );
+        assert_eq!(done.status.replicas[0].state, ReplicaState::UpToDate);
+        assert!(!wants_move(&done), "done");
+    }
+
+    #[test]
+    fn copies_move_without_a_new_epoch_when_the_primary_stays() {
+        let two = volume("two", &["a", "b"], &["a", "c"]);
+        let state = state_with(&[&two]);
+        let added = moved(&plan(&state, 1), "two").expect("a write");
+        assert_eq!(copies(&added), [("a", true), ("b", false), ("c", false)]);
+        let mut synced = added.clone();
+        synced.status.replicas[2].state = ReplicaState::UpToDate;
+        synced.status.replicas[2].node_state = Some(ReplicaState::UpToDate);
+        let done = step(&state, &synced, 1).expect("the switch");
+        assert_eq!(copies(&done), [("a", true), ("c", false)]);
+        assert_eq!(done.status.epoch, 3, "the primary stayed: same epoch");
+        assert_eq!(
+            done.status.replicas[1].state,
+            ReplicaState::UpToDate,
+            "states kept"
+        );
+
+        // Only the primary changes: one write, one epoch more.
+        let swap = volume("swap", &["a", "b"], &["b", "a"]);
+        let done = step(&state, &swap, 1).expect("the switch");
+        assert_eq!(copies(&done), [("a", false), ("b", true)]);
+        assert_eq!(done.status.epoch, 4);
+    }
+
+    #[test]
+    fn a_move_waits_for_a_marked_copy_or_a_node_not_ready_and_ignores_what_is_not_standalone() {
+        let mut marked = volume("marked", &["a", "b"], &["b", "a"]);
+        marked.status.replicas[1].outdated = true;
+        let state = state_with(&[]);
+        assert!(step(&state, &marked, 1).is_none(), "b is outdated");
+
+        let mut state = state_with(&[]);
+        let Some(Object::Node(mut c)) = state.get(Kind::Node, "c").cloned() else {
+            panic!("node c");
+        };
+        c.status.conditions.clear();
+        state
+            .apply(100, Command::Update(Object::Node(c)))
+            .expect("c not ready");
+        let mut to_c = volume("to-c", &["a"], &["c"]);
+        to_c.status.replicas.push(VolumeReplica {
+            node: "c".into(),
+            state: ReplicaState::UpToDate,
+            node_state: Some(ReplicaState::UpToDate),
+            ..VolumeReplica::default()
+        });
+        assert!(step(&state, &to_c, 1).is_none(), "c is not ready");
+        let gone = volume("gone", &["a"], &["z"]);
+        assert!(step(&state, &gone, 1).is_none(), "no node z");
+
+        let mut disk = volume("disk", &["a"], &["b"]);
+        disk.spec.owner = Some(basalt_api::VolumeOwner {
+            vm: "web".into(),
+            ..Default::default()
+        });
+        assert!(!wants_move(&disk));
+        let mut clone = volume("clone", &["a"], &["b"]);
+        clone.spec.source = Some(basalt_api::VolumeSource {
+            volume: "golden".into(),
+            snapshot: false,
+        });
+        assert!(!wants_move(&clone));
+        assert!(!wants_move(&volume("here", &["b", "a"], &["b", "a"])));
+        assert!(!wants_move(&volume(
+            "order",
+            &["b", "a", "c"],
+            &["b", "c", "a"]
+        )));
+        assert!(!wants_move(&volume("unnamed", &["a"], &[])));
+    }
+
+    #[test]
+    fn the_spec_follows_the_control_planes_own_moves() {
+        let mut failed_over = volume("v", &["b", "a"], &["a", "b"]);
+        follow_copies(&mut failed_over);
+        assert_eq!(failed_over.spec.nodes, ["b", "a"]);
+        let mut unnamed = volume("u", &["b"], &[]);
+        follow_copies(&mut unnamed);
+        assert!(unnamed.spec.nodes.is_empty());
+    }
+}

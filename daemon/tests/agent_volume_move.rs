@@ -176,7 +176,7 @@ async fn a_standalone_volume_moves_to_the_nodes_named_with_its_data() {
         );
     }
     // c is the primary and b its secondary: c's writes reach b.
-    let c_storage = StorageClient::connect_unix(&socket("c")).expect("c's storage");
+    let c_storage = StorageClient::connect_unix(socket("c")).expect("c's storage");
     wait::until("c replicates to b, in sync", DEADLINE, &logs, || async {
         replica_node::peer_state(&c_storage, &pair_pool, None).await
             == Some((ReplicaPeerState::Connected, 0))

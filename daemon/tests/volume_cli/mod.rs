@@ -89,6 +89,7 @@ pub async fn two_copies(server: &str, name: &str, logs: &[&Process], deadline: D
 }
 
 /// Each copy's node and state, in the status's order.
+#[allow(dead_code)] // not every test of volumes looks at each copy
 pub fn states(v: &Volume) -> Vec<(String, ReplicaState)> {
     v.status
         .replicas

@@ -13,7 +13,7 @@ mod drain;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use basalt_api::{AdminClient, ApiError, Kind, Object, Placement};
+use basalt_api::{AdminClient, ApiError, Kind, Node, Object, Placement};
 
 use crate::output::{self, Format};
 
@@ -36,8 +36,10 @@ pub enum NodeCommand {
     /// Cordon a node and move every VM off it: a running VM moves live (a
     /// migration; the control plane chooses the target), any other VM —
     /// and one whose migration fails — moves cold (stopped there, then
-    /// started on another node). Prints each VM's progress; run it again
-    /// to continue a drain cut short.
+    /// started on another node). The copies of its standalone volumes
+    /// move to other nodes too (a copy added and filled before this one
+    /// goes). Prints each VM's progress; run it again to continue a drain
+    /// cut short. Uncordon stops both.
     Drain {
         /// The node.
         name: String,
@@ -80,12 +82,12 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
             output::print_objects(format, Kind::Node, &list.objects)
         }
         NodeCommand::Cordon { name } => {
-            set_cordoned(&client, &name, true).await?;
+            set_cordoned(&client, &name, true, None).await?;
             println!("node/{name} cordoned");
             Ok(())
         }
         NodeCommand::Uncordon { name } => {
-            set_cordoned(&client, &name, false).await?;
+            set_cordoned(&client, &name, false, Some(false)).await?;
             let mut cancelled = 0;
             for placement in placements_on(&client, &name).await? {
                 if placement.is_evicting() && set_evicting(&client, &placement.vm, false).await? {
@@ -154,8 +156,15 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
     }
 }
 
-/// Sets `spec.cordoned` by compare-and-swap, retrying on a conflict.
-async fn set_cordoned(client: &AdminClient, name: &str, cordoned: bool) -> anyhow::Result<()> {
+/// Sets `spec.cordoned` and, when `evacuate` is given, sets or clears
+/// [`Node::EVACUATE_LABEL`] (its standalone volumes' copies move off), by
+/// compare-and-swap, retrying on a conflict.
+async fn set_cordoned(
+    client: &AdminClient,
+    name: &str,
+    cordoned: bool,
+    evacuate: Option<bool>,
+) -> anyhow::Result<()> {
     loop {
         let Object::Node(mut node) = client
             .get(Kind::Node, name)
@@ -164,10 +173,18 @@ async fn set_cordoned(client: &AdminClient, name: &str, cordoned: bool) -> anyho
         else {
             bail!("node/{name} is not a node");
         };
-        if node.spec.cordoned == cordoned {
+        let evacuate = evacuate.unwrap_or(node.is_evacuating());
+        if node.spec.cordoned == cordoned && node.is_evacuating() == evacuate {
             return Ok(());
         }
         node.spec.cordoned = cordoned;
+        if evacuate {
+            node.meta
+                .labels
+                .insert(Node::EVACUATE_LABEL.into(), "true".into());
+        } else {
+            node.meta.labels.remove(Node::EVACUATE_LABEL);
+        }
         match client.update(Object::Node(node)).await {
             Ok(_) => return Ok(()),
             Err(ApiError::Aborted { .. }) => continue,

@@ -172,64 +172,10 @@ pub fn plan_replacements(
                 && v.status.replicas.iter().any(|r| lost.contains(&r.node))
         })
         .collect();
-    if affected.is_empty() {
-        return (Vec::new(), Vec::new());
-    }
-    let nodes: Vec<Node> = state
-        .list(Kind::Node)
-        .filter_map(|o| match o {
-            Object::Node(n) => Some(n.clone()),
-            _ => None,
-        })
-        .collect();
-    let mut vms: Vec<basalt_api::Vm> = state
-        .list(Kind::Vm)
-        .filter_map(|o| match o {
-            Object::Vm(vm) => Some(scheduler::planning_view(vm)),
-            _ => None,
-        })
-        .collect();
-    let mut placements: Vec<Placement> = state
-        .list(Kind::Placement)
-        .filter_map(|o| match o {
-            Object::Placement(p) => Some(p.clone()),
-            _ => None,
-        })
-        .collect();
-    let mut by_key: HashMap<String, &Volume> = HashMap::new();
-    for volume in standalone(state) {
-        let vm = stand_in(volume);
-        let replicated = volume.status.replicas.len() >= 2;
-        placements.push(Placement {
-            meta: basalt_api::ObjectMeta::named(vm.meta.name.clone()),
-            vm: vm.meta.name.clone(),
-            node: volume.status.primary_node.clone(),
-            epoch: volume.status.epoch,
-            replica_nodes: if replicated {
-                volume
-                    .status
-                    .replicas
-                    .iter()
-                    .map(|r| r.node.clone())
-                    .collect()
-            } else {
-                Vec::new()
-            },
-        });
-        by_key.insert(vm.meta.name.clone(), volume);
-        vms.push(vm);
-    }
-    let wanted: BTreeSet<String> = affected.iter().map(|v| stand_in(v).meta.name).collect();
-    let plan = scheduler::plan_replacements(&nodes, &vms, &placements, lost, seed);
+    let (chosen, stuck) = choose_copies(state, &affected, lost, seed);
     let mut writes = Vec::new();
-    for (key, copies) in plan.replaced {
-        if !wanted.contains(&key) {
-            continue;
-        }
-        let Some(volume) = by_key.get(&key) else {
-            continue;
-        };
-        let mut replaced = (*volume).clone();
+    for (volume, copies) in chosen {
+        let mut replaced = volume.clone();
         let mut replicas: Vec<VolumeReplica> = copies
             .iter()
             .filter(|node| !lost.contains(*node))
@@ -254,13 +200,95 @@ pub fn plan_replacements(
         follow_copies(&mut replaced);
         writes.push(Command::Update(Object::Volume(replaced)));
     }
+    (writes, stuck)
+}
+
+/// A volume and the nodes chosen for its copies.
+pub(crate) type Chosen<'a> = (&'a Volume, Vec<String>);
+
+/// For each of the standalone volumes `affected`, its copies' nodes
+/// (primary first) with every node of `vacate` replaced by one the
+/// scheduler's replica choice picks (seeded by `seed`; room counted for
+/// every VM and placed standalone volume), the first copy not on a node
+/// of `vacate` kept in its place as the one the scheduler builds around;
+/// and, for each volume with a node that cannot be replaced now, why.
+/// Volumes with nothing to replace are left out.
+pub(crate) fn choose_copies<'a>(
+    state: &State,
+    affected: &[&'a Volume],
+    vacate: &BTreeSet<String>,
+    seed: u64,
+) -> (Vec<Chosen<'a>>, Vec<(String, String)>) {
+    if affected.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let nodes: Vec<Node> = state
+        .list(Kind::Node)
+        .filter_map(|o| match o {
+            Object::Node(n) => Some(n.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut vms: Vec<basalt_api::Vm> = state
+        .list(Kind::Vm)
+        .filter_map(|o| match o {
+            Object::Vm(vm) => Some(scheduler::planning_view(vm)),
+            _ => None,
+        })
+        .collect();
+    let mut placements: Vec<Placement> = state
+        .list(Kind::Placement)
+        .filter_map(|o| match o {
+            Object::Placement(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut by_key: HashMap<String, &'a Volume> = HashMap::new();
+    for volume in affected {
+        by_key.insert(stand_in(volume).meta.name, *volume);
+    }
+    for volume in standalone(state) {
+        let mut vm = stand_in(volume);
+        let copies = crate::volume_moves::copy_nodes(volume);
+        // An affected volume's copies are all counted where they go, one
+        // copy or more: its stand-in is a replicated one.
+        if by_key.contains_key(&vm.meta.name) {
+            for disk in &mut vm.spec.disks {
+                disk.replicas = disk.replicas.max(2);
+            }
+        }
+        // An affected volume stands for all its copies, around the first
+        // that stays (none: every copy is to be replaced); the others as
+        // they are, for the room they take.
+        let (node, replica_nodes) = if by_key.contains_key(&vm.meta.name) {
+            let stays = copies.iter().find(|n| !vacate.contains(*n)).cloned();
+            (stays.unwrap_or_default(), copies)
+        } else if copies.len() >= 2 {
+            (volume.status.primary_node.clone(), copies)
+        } else {
+            (volume.status.primary_node.clone(), Vec::new())
+        };
+        placements.push(Placement {
+            meta: basalt_api::ObjectMeta::named(vm.meta.name.clone()),
+            vm: vm.meta.name.clone(),
+            node,
+            epoch: volume.status.epoch,
+            replica_nodes,
+        });
+        vms.push(vm);
+    }
+    let plan = scheduler::plan_replacements(&nodes, &vms, &placements, vacate, seed);
+    let chosen = plan
+        .replaced
+        .into_iter()
+        .filter_map(|(key, copies)| by_key.get(&key).map(|v| (*v, copies)))
+        .collect();
     let stuck = plan
         .unschedulable
         .into_iter()
-        .filter(|(key, _)| wanted.contains(key))
         .filter_map(|(key, why)| by_key.get(&key).map(|v| (v.meta.name.clone(), why)))
         .collect();
-    (writes, stuck)
+    (chosen, stuck)
 }
 
 /// The leader's standalone-volume HA: see the module's doc. Keeps only

@@ -20,6 +20,12 @@
 //!    to date a moment ago) until the new primary reports. The copies dropped
 //!    are deleted by their nodes' agents (the `vol-` collection).
 //!
+//! A node labelled [`basalt_api::Node::EVACUATE_LABEL`] (`basalt node
+//! drain`) has its standalone volumes' copies moved off the same way
+//! ([`plan_evacuations`]): the leader names, for each volume with a copy
+//! there, a node the scheduler's replica choice picks instead, in the
+//! volume's `spec.nodes`, and the move above does the rest.
+//!
 //! Invariants:
 //! - a copy leaves the status only in the switch, when every named copy is
 //!   up to date: the move never lowers the number of up-to-date copies;
@@ -31,13 +37,15 @@
 //!   follow the status ([`follow_copies`]): a move is only ever what an
 //!   operator asked.
 
+use std::collections::BTreeSet;
+
 use basalt_api::{Kind, Object, ReplicaState, Volume, VolumeReplica};
 
 use crate::state::{Command, State, set_condition};
 use crate::volumes::ready;
 
 /// The nodes of `volume`'s copies, its primary first, then by name.
-fn copy_nodes(volume: &Volume) -> Vec<String> {
+pub(crate) fn copy_nodes(volume: &Volume) -> Vec<String> {
     let status = &volume.status;
     let mut nodes: Vec<String> = status.replicas.iter().map(|r| r.node.clone()).collect();
     nodes.sort_by_key(|n| (*n != status.primary_node, n.clone()));
@@ -48,13 +56,7 @@ fn copy_nodes(volume: &Volume) -> Vec<String> {
 /// a snapshot or clone) whose spec names nodes other than where its
 /// copies are, or another primary.
 pub fn wants_move(volume: &Volume) -> bool {
-    let status = &volume.status;
-    volume.spec.owner.is_none()
-        && volume.spec.source.is_none()
-        && !volume.spec.nodes.is_empty()
-        && !status.storage_name.is_empty()
-        && !status.primary_node.is_empty()
-        && !same_copies(&volume.spec.nodes, volume)
+    movable(volume) && !volume.spec.nodes.is_empty() && !same_copies(&volume.spec.nodes, volume)
 }
 
 /// Whether `nodes` names `volume`'s primary first and its other copies'
@@ -72,6 +74,67 @@ pub fn follow_copies(volume: &mut Volume) {
     if !volume.spec.nodes.is_empty() {
         volume.spec.nodes = copy_nodes(volume);
     }
+}
+
+/// Whether `volume` is a placed standalone volume (not a VM's disk, not
+/// a snapshot or clone).
+fn movable(volume: &Volume) -> bool {
+    volume.spec.owner.is_none()
+        && volume.spec.source.is_none()
+        && !volume.status.storage_name.is_empty()
+        && !volume.status.primary_node.is_empty()
+}
+
+/// The nodes that ask their standalone volumes' copies off them
+/// ([`basalt_api::Node::EVACUATE_LABEL`]).
+pub fn evacuating(state: &State) -> BTreeSet<String> {
+    state
+        .list(Kind::Node)
+        .filter_map(|o| match o {
+            Object::Node(n) if n.is_evacuating() => Some(n.meta.name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The writes that name new nodes (`spec.nodes`) for every placed
+/// standalone volume with a copy on an evacuating node (`evacuate`, see
+/// [`evacuating`]): each such copy replaced by a node the scheduler's
+/// replica choice picks (ready, not cordoned, with room), the copies that
+/// stay first (the first of them the primary), so [`plan`] moves it off;
+/// and, for each volume that cannot move now, why. A volume already moving
+/// to nodes that are not evacuating is left to that move.
+pub fn plan_evacuations(
+    state: &State,
+    evacuate: &BTreeSet<String>,
+    seed: u64,
+) -> (Vec<Command>, Vec<(String, String)>) {
+    if evacuate.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let affected: Vec<&Volume> = state
+        .list(Kind::Volume)
+        .filter_map(|o| match o {
+            Object::Volume(v) if movable(v) => Some(v),
+            _ => None,
+        })
+        .filter(|v| v.status.replicas.iter().any(|r| evacuate.contains(&r.node)))
+        .filter(|v| !wants_move(v) || v.spec.nodes.iter().any(|n| evacuate.contains(n)))
+        .collect();
+    let (chosen, stuck) = crate::volume_ha::choose_copies(state, &affected, evacuate, seed);
+    let writes = chosen
+        .into_iter()
+        .map(|(volume, mut copies)| {
+            let before = copy_nodes(volume);
+            // Stable: the copies that stay keep their order, the first of
+            // them (the primary, when it stays) first.
+            copies.sort_by_key(|n| !before.contains(n));
+            let mut moved = volume.clone();
+            moved.spec.nodes = copies;
+            Command::Update(Object::Volume(moved))
+        })
+        .collect();
+    (writes, stuck)
 }
 
 /// Whether node `name` is ready in `state`.
@@ -173,6 +236,8 @@ mod tests {
             status: true,
             ..Default::default()
         });
+        node.status.allocatable.storage_bytes = 64 << 20;
+        node.status.replication_address = format!("{name}:7789");
         Object::Node(node)
     }
 
@@ -350,6 +415,68 @@ mod tests {
             &["b", "c", "a"]
         )));
         assert!(!wants_move(&volume("unnamed", &["a"], &[])));
+    }
+
+    #[test]
+    fn an_evacuating_node_has_its_copies_named_elsewhere_the_staying_copy_first() {
+        let solo = volume("solo", &["a"], &[]);
+        let pair = volume("pair", &["a", "b"], &[]);
+        let elsewhere = volume("elsewhere", &["c"], &[]);
+        // Already moving off a (to b): left to its move.
+        let leaving = volume("leaving", &["a"], &["b"]);
+        let mut state = state_with(&[&solo, &pair, &elsewhere, &leaving]);
+        let mut index = 100;
+        let mut label = |state: &mut State, name: &str, cordoned: bool| {
+            let Some(Object::Node(mut n)) = state.get(Kind::Node, name).cloned() else {
+                panic!("node {name}");
+            };
+            n.meta
+                .labels
+                .insert(basalt_api::Node::EVACUATE_LABEL.into(), "true".into());
+            n.spec.cordoned = cordoned;
+            index += 1;
+            state
+                .apply(index, Command::Update(Object::Node(n)))
+                .expect("labelled");
+        };
+        assert!(
+            plan_evacuations(&state, &evacuating(&state), 1)
+                .0
+                .is_empty()
+        );
+        label(&mut state, "a", true);
+        // d is cordoned too: no target.
+        let Some(Object::Node(mut d)) = state.get(Kind::Node, "d").cloned() else {
+            panic!("node d");
+        };
+        d.spec.cordoned = true;
+        state
+            .apply(200, Command::Update(Object::Node(d)))
+            .expect("d cordoned");
+        let evacuate = evacuating(&state);
+        assert_eq!(evacuate, BTreeSet::from(["a".to_owned()]));
+        let (writes, stuck) = plan_evacuations(&state, &evacuate, 1);
+        assert!(stuck.is_empty(), "{stuck:?}");
+        let named = |name: &str| moved(&writes, name).map(|v| v.spec.nodes);
+        // One copy: to b or c, whichever has more room (c holds one).
+        assert_eq!(named("solo"), Some(vec!["b".to_owned()]));
+        // Two: b stays, the primary now, and c replaces a.
+        assert_eq!(named("pair"), Some(vec!["b".to_owned(), "c".to_owned()]));
+        assert_eq!(named("elsewhere"), None);
+        assert_eq!(named("leaving"), None);
+        assert_eq!(writes.len(), 2);
+
+        // Nowhere to go: stuck, saying why.
+        label(&mut state, "b", true);
+        label(&mut state, "c", false);
+        let (writes, stuck) = plan_evacuations(&state, &evacuating(&state), 1);
+        assert!(writes.is_empty(), "{writes:?}");
+        assert!(
+            stuck
+                .iter()
+                .any(|(v, why)| v == "solo" && why.contains("no node can take the copy")),
+            "{stuck:?}"
+        );
     }
 
     #[test]

@@ -890,10 +890,25 @@ impl VolumeController {
             let mut plan = plan(&machine.state, only.as_ref(), now);
             if standalone {
                 let placed = place_standalone(&machine.state, term, now);
-                let moved = crate::volume_moves::plan(&machine.state, now);
+                let evacuate = crate::volume_moves::evacuating(&machine.state);
+                let (evacuations, stuck) =
+                    crate::volume_moves::plan_evacuations(&machine.state, &evacuate, term);
+                for (volume, why) in stuck {
+                    tracing::debug!(%volume, %why, "a copy cannot leave an evacuating node yet");
+                }
+                // One write per volume a round: an evacuation first.
+                let name = |c: &Command| match c {
+                    Command::Update(o) => Some(o.name().to_owned()),
+                    _ => None,
+                };
+                let named: BTreeSet<Option<String>> = evacuations.iter().map(name).collect();
+                let moved = crate::volume_moves::plan(&machine.state, now)
+                    .into_iter()
+                    .filter(|c| !named.contains(&name(c)));
                 plan.writes.extend(
                     placed
                         .into_iter()
+                        .chain(evacuations)
                         .chain(moved)
                         .map(|command| (String::new(), command)),
                 );

@@ -10,6 +10,9 @@
 //!   stays a secondary that receives `c`'s writes, `a` lets its copy go.
 //! - Bad moves are refused naming what is wrong: a node that does not
 //!   exist, the wrong number of nodes, a snapshot.
+//! - `basalt node drain b --wait` moves both volumes' copies off `b`
+//!   (decision 81): each gets a copy elsewhere, `pair` keeps `c` as its
+//!   primary, `solo`'s data goes along, and `b`'s pool lets both go.
 
 mod common;
 mod replica_node;
@@ -225,4 +228,46 @@ async fn a_standalone_volume_moves_to_the_nodes_named_with_its_data() {
     .await;
     let still = cli_volume(server, "pair").await.expect("pair");
     assert_eq!(still.spec.nodes, ["c", "b"], "nothing changed");
+
+    // Drained, b gives up its copies: solo's (its only one) and pair's.
+    let out = basalt(
+        server,
+        &["node", "drain", "b", "--wait", "--timeout", &timeout],
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        said.contains("moving 0 VM(s) and 2 standalone volume cop(ies) off it")
+            && said.contains("volume/solo: its copy left b")
+            && said.contains("node/b drained"),
+        "{said}"
+    );
+    let solo = cli_volume(server, "solo").await.expect("solo");
+    let pair = cli_volume(server, "pair").await.expect("pair");
+    for v in [&solo, &pair] {
+        assert!(v.status.replica("b").is_none(), "{v:?}");
+        assert_eq!(v.status.replicas.len(), v.spec.replicas as usize, "{v:?}");
+    }
+    // pair kept c as its primary; solo's data moved with it.
+    assert_eq!(pair.status.primary_node, "c");
+    assert_eq!(
+        read_export(
+            node(&solo.status.primary_node),
+            &pool,
+            PATTERN_AT,
+            pattern(6).len()
+        )
+        .expect("read solo"),
+        pattern(6),
+        "solo's data left b with it"
+    );
+    let b_socket = socket("b");
+    wait::until("b lets its copies go", DEADLINE, &logs, || async {
+        in_pool(&b_socket, &pool).await == Some(false)
+            && in_pool(&b_socket, &pair_pool).await == Some(false)
+    })
+    .await;
+    let out = basalt(server, &["node", "uncordon", "b"]).await;
+    assert!(out.status.success(), "{}", text(&out));
 }

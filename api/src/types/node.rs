@@ -81,6 +81,21 @@ impl NodeStatus {
 }
 
 impl Node {
+    /// A label on a node asking the control plane to move the copies of
+    /// its standalone volumes to other nodes (`basalt node drain` sets it,
+    /// `basalt node uncordon` clears it): each is moved as `basalt volume
+    /// move` does, a copy added elsewhere and filled before this one goes.
+    pub const EVACUATE_LABEL: &str = "basalt.io/evacuate";
+
+    /// Whether the node asks its standalone volumes' copies off it
+    /// ([`Node::EVACUATE_LABEL`]).
+    pub fn is_evacuating(&self) -> bool {
+        self.meta
+            .labels
+            .get(Self::EVACUATE_LABEL)
+            .is_some_and(|v| v == "true")
+    }
+
     /// Checks every field; errors name the field's path, e.g. `spec.address`.
     pub fn validate(&self) -> Result<(), ApiError> {
         self.meta.validate()?;

@@ -9,6 +9,11 @@
 //! and the control plane starts it on another node (`docs/decisions.md`
 //! §30). Each VM's way out is printed.
 //!
+//! The node is also labelled [`basalt_api::Node::EVACUATE_LABEL`]: the
+//! control plane moves the copies of its standalone volumes to other
+//! nodes (decision 81), and `--wait` waits for those too. A VM with a one-copy
+//! disk is never moved cold: it only moves live.
+//!
 //! Idempotent, as `kubectl drain` is: run again, it follows the migrations
 //! already under way instead of asking again, leaves VMs already evicted
 //! alone, and asks again only for VMs still on the node. `--wait` then
@@ -20,7 +25,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use basalt_api::{
     AdminClient, ApiError, Kind, Migration, MigrationPhase, MigrationSpec, Object, ObjectMeta,
-    Placement, VmPhase,
+    Placement, Vm, VmPhase,
 };
 
 use super::{placements_on, set_cordoned, set_evicting};
@@ -54,10 +59,15 @@ pub async fn drain(client: &AdminClient, name: &str, options: DrainOptions) -> a
         .get(Kind::Node, name)
         .await
         .with_context(|| format!("reading node/{name}"))?;
-    set_cordoned(client, name, true).await?;
+    set_cordoned(client, name, true, Some(true)).await?;
     let deadline = Deadline::after(options.timeout);
     let placed = placements_on(client, name).await?;
-    println!("node/{name} cordoned; moving {} VM(s) off it", placed.len());
+    let volumes = volumes_on(client, name).await?;
+    println!(
+        "node/{name} cordoned; moving {} VM(s) and {} standalone volume cop(ies) off it",
+        placed.len(),
+        volumes.len()
+    );
 
     // First the cold moves (they start at once), then the live ones.
     let mut live: VecDeque<String> = VecDeque::new();
@@ -123,7 +133,31 @@ pub async fn drain(client: &AdminClient, name: &str, options: DrainOptions) -> a
     if !options.wait {
         return Ok(());
     }
-    wait_empty(client, name, deadline).await
+    wait_empty(client, name, deadline, volumes).await
+}
+
+/// The standalone volumes (not a VM's disk, not a snapshot or clone:
+/// those stay with their source) with a copy on node `name`: what a drain
+/// moves off it besides the VMs.
+async fn volumes_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<String>> {
+    let list = client
+        .list(Kind::Volume)
+        .await
+        .context("listing the volumes")?;
+    Ok(list
+        .objects
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Volume(v)
+                if v.spec.owner.is_none()
+                    && v.spec.source.is_none()
+                    && v.status.replica(name).is_some() =>
+            {
+                Some(v.meta.name)
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 /// The VM's migration, if any.
@@ -154,8 +188,30 @@ async fn runs_on(client: &AdminClient, vm: &str, node: &str) -> anyhow::Result<R
     }
 }
 
-/// Labels `vm`'s placement for a cold move, saying why.
+/// The first disk of `vm` with a single copy (only on the VM's node):
+/// such a VM moves only live.
+fn one_copy_disk(vm: &Vm) -> Option<&str> {
+    vm.spec
+        .disks
+        .iter()
+        .find(|d| d.replicas < 2)
+        .map(|d| d.name.as_str())
+}
+
+/// Labels `vm`'s placement for a cold move (unless a disk of it has one
+/// copy: then it stays, saying so), saying why.
 async fn evict(client: &AdminClient, vm: &str, why: &str) -> anyhow::Result<()> {
+    // A disk with one copy lives only here: a cold move would start the
+    // VM elsewhere without it (the agent there refuses a fresh disk for a
+    // VM that ran before). Only a live migration carries it along.
+    if let Ok(Object::Vm(v)) = client.get(Kind::Vm, vm).await
+        && let Some(disk) = one_copy_disk(&v)
+    {
+        println!(
+            "  vm/{vm}: {why}: stays: its disk {disk} has one copy, on this node, which a cold move would leave behind; start the VM and drain again (a running VM moves live with its disk)"
+        );
+        return Ok(());
+    }
     set_evicting(client, vm, true).await?;
     println!("  vm/{vm}: {why}: moving it cold (stopped here, started on another node)");
     Ok(())
@@ -313,10 +369,23 @@ async fn placement(client: &AdminClient, vm: &str) -> anyhow::Result<Option<Plac
     }
 }
 
-/// Follows the node until no placement names it (`--wait`).
-async fn wait_empty(client: &AdminClient, name: &str, deadline: Deadline) -> anyhow::Result<()> {
+/// Follows the node until no placement names it and no standalone
+/// volume has a copy on it (`--wait`); `volumes`: those that had one when
+/// the drain began, each reported when its copy leaves.
+async fn wait_empty(
+    client: &AdminClient,
+    name: &str,
+    deadline: Deadline,
+    volumes: Vec<String>,
+) -> anyhow::Result<()> {
     let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_volumes = volumes;
     loop {
+        let volumes = volumes_on(client, name).await?;
+        for volume in last_volumes.iter().filter(|v| !volumes.contains(v)) {
+            println!("  volume/{volume}: its copy left {name}");
+        }
+        last_volumes = volumes;
         let remaining = placements_on(client, name).await?;
         let mut now: BTreeMap<String, String> = BTreeMap::new();
         for placement in &remaining {
@@ -337,18 +406,43 @@ async fn wait_empty(client: &AdminClient, name: &str, deadline: Deadline) -> any
                 None => println!("  vm/{vm}: no longer placed"),
             }
         }
-        if remaining.is_empty() {
+        if remaining.is_empty() && last_volumes.is_empty() {
             println!("node/{name} drained");
             return Ok(());
         }
         last = now;
         deadline.check(|| {
             format!(
-                "node/{name} still holds {} VM(s): {}",
+                "node/{name} still holds {} VM(s) ({}) and copies of {} standalone volume(s) ({})",
                 last.len(),
-                last.keys().cloned().collect::<Vec<_>>().join(", ")
+                last.keys().cloned().collect::<Vec<_>>().join(", "),
+                last_volumes.len(),
+                last_volumes.join(", ")
             )
         })?;
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::Disk;
+
+    use super::*;
+
+    #[test]
+    fn a_vm_with_a_one_copy_disk_moves_only_live() {
+        let disk = |name: &str, replicas: u32| Disk {
+            name: name.into(),
+            size_bytes: 1 << 20,
+            replicas,
+            ..Disk::default()
+        };
+        let mut vm = Vm::default();
+        assert_eq!(one_copy_disk(&vm), None, "no disk");
+        vm.spec.disks = vec![disk("root", 2), disk("data", 3)];
+        assert_eq!(one_copy_disk(&vm), None, "every disk replicated");
+        vm.spec.disks.push(disk("scratch", 1));
+        assert_eq!(one_copy_disk(&vm), Some("scratch"));
     }
 }

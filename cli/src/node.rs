@@ -36,10 +36,10 @@ pub enum NodeCommand {
     /// Cordon a node and move every VM off it: a running VM moves live (a
     /// migration; the control plane chooses the target), any other VM —
     /// and one whose migration fails — moves cold (stopped there, then
-    /// started on another node). The copies of its standalone volumes
-    /// move to other nodes too (a copy added and filled before this one
-    /// goes). Prints each VM's progress; run it again to continue a drain
-    /// cut short. Uncordon stops both.
+    /// started on another node) — except a VM with a one-copy disk, which
+    /// only moves live. With `--storage`, the copies of volumes and disks
+    /// on it move to other nodes too. Prints each VM's progress; run it
+    /// again to continue a drain cut short. Uncordon stops both.
     Drain {
         /// The node.
         name: String,
@@ -56,6 +56,13 @@ pub enum NodeCommand {
         /// Move every VM cold, none live.
         #[arg(long)]
         cold: bool,
+        /// Also move the node's storage off it, as before a decommission:
+        /// the copies of its standalone volumes and of VMs' replicated
+        /// disks go to other nodes, each filled before the old one goes
+        /// (`--wait` waits for them too). Without it they stay, and
+        /// resync when the node is back.
+        #[arg(long)]
+        storage: bool,
         /// Cap each live migration's bandwidth, in MiB/s (0: no cap).
         #[arg(long = "bandwidth-mib", value_name = "MIB_S", default_value_t = 0)]
         bandwidth_mib_s: u32,
@@ -108,6 +115,7 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
             parallel,
             cold,
             bandwidth_mib_s,
+            storage,
         } => {
             let options = drain::DrainOptions {
                 wait,
@@ -115,6 +123,7 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
                 parallel: usize::from(parallel),
                 cold,
                 bandwidth_mib_s,
+                storage,
             };
             drain::drain(&client, &name, options).await
         }

@@ -102,6 +102,9 @@ pub struct Controllers {
     /// VM → why a lost replica node of it could not be replaced, as last
     /// logged.
     unreplaced: HashMap<String, String>,
+    /// VM → why a copy of it cannot leave an evacuating node yet, as last
+    /// logged.
+    unevacuated: HashMap<String, String>,
     /// The term and applied index the lease table was last brought in
     /// line with the state at; later rounds look only at the nodes that
     /// changed since (from the watch history).
@@ -129,6 +132,7 @@ impl Controllers {
             gone: HashMap::new(),
             gone_term: 0,
             unreplaced: HashMap::new(),
+            unevacuated: HashMap::new(),
             leases_synced: None,
         }
     }
@@ -164,6 +168,7 @@ impl Controllers {
         self.place(term).await;
         self.release_holds().await;
         self.replace_replicas(term).await;
+        self.evacuate_replicas(term).await;
         self.ipam.round(&self.admin).await;
         self.migrations.round(&self.admin, term).await;
         self.volumes.round(&self.admin, term).await;
@@ -626,53 +631,8 @@ impl Controllers {
             let Some(current) = by_vm.get(vm.as_str()) else {
                 continue;
             };
-            let updated = Placement {
-                replica_nodes: replicas.clone(),
-                ..(*current).clone()
-            };
-            let mut batch = vec![Command::Update(Object::Placement(updated))];
-            // An outdated mark on a replaced node goes with it (decision
-            // 44's marks name replica nodes; that one holds no copy any
-            // more), in the same entry, compare-and-swap on both.
-            let dropped: Vec<&String> = current
-                .replica_nodes
-                .iter()
-                .filter(|n| !replicas.contains(n))
-                .collect();
-            let marked = {
-                let machine = self.admin.shared().read();
-                match machine.state.get(Kind::Vm, &vm) {
-                    Some(Object::Vm(v))
-                        if v.status
-                            .outdated_replicas
-                            .iter()
-                            .any(|n| dropped.contains(&n)) =>
-                    {
-                        Some(v.clone())
-                    }
-                    _ => None,
-                }
-            };
-            if let Some(mut marked) = marked {
-                marked
-                    .status
-                    .outdated_replicas
-                    .retain(|n| !dropped.contains(&n));
-                batch.push(Command::Update(Object::Vm(marked)));
-            }
-            let command = if batch.len() == 1 {
-                batch.remove(0)
-            } else {
-                Command::Batch(batch)
-            };
-            match self.admin.write(command).await {
-                Ok(_) => {
-                    tracing::warn!(%vm, from = ?current.replica_nodes, to = ?replicas, epoch = current.epoch, "replaced lost replica nodes");
-                }
-                Err(err) => {
-                    tracing::info!(%vm, error = %err, "writing replacement replica nodes failed; will retry");
-                }
-            }
+            self.write_replica_nodes(current, replicas, "replaced lost replica nodes")
+                .await;
         }
         let reasons: HashMap<String, String> = plan.unschedulable.into_iter().collect();
         for (vm, reason) in &reasons {
@@ -681,6 +641,89 @@ impl Controllers {
             }
         }
         self.unreplaced = reasons;
+    }
+}
+
+impl Controllers {
+    /// Writes `replicas` as `current`'s replica nodes, by compare-and-swap
+    /// with the same node and epoch; an outdated mark (decision 44) on a
+    /// node that leaves goes with it, in the same entry (that node holds
+    /// no copy any more, so the primary's agent would never clear it).
+    /// Logs `what` once written; a failure is retried by the next round.
+    async fn write_replica_nodes(&self, current: &Placement, replicas: Vec<String>, what: &str) {
+        let vm = current.vm.as_str();
+        let updated = Placement {
+            replica_nodes: replicas.clone(),
+            ..current.clone()
+        };
+        let mut batch = vec![Command::Update(Object::Placement(updated))];
+        let dropped: Vec<&String> = current
+            .replica_nodes
+            .iter()
+            .filter(|n| !replicas.contains(n))
+            .collect();
+        let marked = {
+            let machine = self.admin.shared().read();
+            match machine.state.get(Kind::Vm, vm) {
+                Some(Object::Vm(v))
+                    if v.status
+                        .outdated_replicas
+                        .iter()
+                        .any(|n| dropped.contains(&n)) =>
+                {
+                    Some(v.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(mut marked) = marked {
+            marked
+                .status
+                .outdated_replicas
+                .retain(|n| !dropped.contains(&n));
+            batch.push(Command::Update(Object::Vm(marked)));
+        }
+        let command = if batch.len() == 1 {
+            batch.remove(0)
+        } else {
+            Command::Batch(batch)
+        };
+        match self.admin.write(command).await {
+            Ok(_) => {
+                tracing::warn!(%vm, from = ?current.replica_nodes, to = ?replicas, epoch = current.epoch, "{what}");
+            }
+            Err(err) => {
+                tracing::info!(%vm, error = %err, "writing replica nodes failed; will retry");
+            }
+        }
+    }
+
+    /// The copies of VMs' replicated disks on nodes labelled
+    /// [`Node::EVACUATE_LABEL`] (`basalt node drain`): a new node added,
+    /// then, once it is in sync, the evacuating node dropped
+    /// ([`crate::replica_moves`], decision 82).
+    async fn evacuate_replicas(&mut self, term: u64) {
+        let plan = {
+            let machine = self.admin.shared().read();
+            let evacuate = crate::volume_moves::evacuating(&machine.state);
+            crate::replica_moves::plan(&machine.state, &evacuate, term)
+        };
+        for (current, replicas) in &plan.moves {
+            let what = if replicas.len() > current.replica_nodes.len() {
+                "added a replica node in place of an evacuating one"
+            } else {
+                "dropped an evacuating replica node"
+            };
+            self.write_replica_nodes(current, replicas.clone(), what)
+                .await;
+        }
+        let reasons: HashMap<String, String> = plan.stuck.into_iter().collect();
+        for (vm, reason) in &reasons {
+            if self.unevacuated.get(vm) != Some(reason) {
+                tracing::info!(%vm, %reason, "a copy cannot leave an evacuating node yet");
+            }
+        }
+        self.unevacuated = reasons;
     }
 }
 

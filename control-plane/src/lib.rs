@@ -20,7 +20,8 @@
 //!   the agents report; [`volume_ha`]: standalone volumes on lost nodes
 //!   (primary moved, lost copies replaced); [`volume_moves`]: standalone
 //!   volumes' copies moved to the nodes an operator names;
-//!   [`volume_watch`]: each node's volume watch;
+//!   [`volume_watch`]: each node's volume watch; [`replica_moves`]: VM
+//!   disks' copies moved off an evacuating node;
 //! - [`config`], [`server`]: one member's configuration and its run loop;
 //! - [`recovery`]: backups, restoring one into a new cluster, and forcing
 //!   a new cluster from a survivor's data directory.
@@ -48,6 +49,7 @@ pub mod network;
 pub mod proposer;
 pub mod raft_types;
 pub mod recovery;
+pub mod replica_moves;
 pub mod scheduler;
 pub mod server;
 pub mod state;

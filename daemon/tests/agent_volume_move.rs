@@ -10,8 +10,8 @@
 //!   stays a secondary that receives `c`'s writes, `a` lets its copy go.
 //! - Bad moves are refused naming what is wrong: a node that does not
 //!   exist, the wrong number of nodes, a snapshot.
-//! - `basalt node drain b --wait` moves both volumes' copies off `b`
-//!   (decision 81): each gets a copy elsewhere, `pair` keeps `c` as its
+//! - `basalt node drain b --storage --wait` moves both volumes' copies
+//!   off `b` (decision 81): each gets a copy elsewhere, `pair` keeps `c` as its
 //!   primary, `solo`'s data goes along, and `b`'s pool lets both go.
 
 mod common;
@@ -232,14 +232,23 @@ async fn a_standalone_volume_moves_to_the_nodes_named_with_its_data() {
     // Drained, b gives up its copies: solo's (its only one) and pair's.
     let out = basalt(
         server,
-        &["node", "drain", "b", "--wait", "--timeout", &timeout],
+        &[
+            "node",
+            "drain",
+            "b",
+            "--storage",
+            "--wait",
+            "--timeout",
+            &timeout,
+        ],
     )
     .await;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        said.contains("moving 0 VM(s) and 2 standalone volume cop(ies) off it")
-            && said.contains("volume/solo: its copy left b")
+        said.contains(
+            "moving 0 VM(s), the disk copies of 0 more and 2 standalone volume cop(ies) off it"
+        ) && said.contains("volume/solo: its copy left b")
             && said.contains("node/b drained"),
         "{said}"
     );

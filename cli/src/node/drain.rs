@@ -9,9 +9,11 @@
 //! and the control plane starts it on another node (`docs/decisions.md`
 //! §30). Each VM's way out is printed.
 //!
-//! The node is also labelled [`basalt_api::Node::EVACUATE_LABEL`]: the
-//! control plane moves the copies of its standalone volumes to other
-//! nodes (decision 81), and `--wait` waits for those too. A VM with a one-copy
+//! With `--storage` the node is also labelled
+//! [`basalt_api::Node::EVACUATE_LABEL`]: the control plane moves the
+//! copies of its standalone volumes (decision 81) and, once their VMs are
+//! elsewhere, of VMs' replicated disks (decision 82) to other nodes, and
+//! `--wait` waits for those too. A VM with a one-copy
 //! disk is never moved cold: it only moves live.
 //!
 //! Idempotent, as `kubectl drain` is: run again, it follows the migrations
@@ -42,6 +44,8 @@ pub struct DrainOptions {
     pub parallel: usize,
     /// Move every VM cold, none live.
     pub cold: bool,
+    /// Also move the copies of volumes and disks off the node.
+    pub storage: bool,
     /// Each live migration's bandwidth cap, MiB/s (0: none).
     pub bandwidth_mib_s: u32,
 }
@@ -59,15 +63,25 @@ pub async fn drain(client: &AdminClient, name: &str, options: DrainOptions) -> a
         .get(Kind::Node, name)
         .await
         .with_context(|| format!("reading node/{name}"))?;
-    set_cordoned(client, name, true, Some(true)).await?;
+    set_cordoned(client, name, true, options.storage.then_some(true)).await?;
     let deadline = Deadline::after(options.timeout);
     let placed = placements_on(client, name).await?;
-    let volumes = volumes_on(client, name).await?;
-    println!(
-        "node/{name} cordoned; moving {} VM(s) and {} standalone volume cop(ies) off it",
-        placed.len(),
-        volumes.len()
-    );
+    let held = if options.storage {
+        let held = Held {
+            volumes: volumes_on(client, name).await?,
+            copies: copies_on(client, name).await?,
+        };
+        println!(
+            "node/{name} cordoned; moving {} VM(s), the disk copies of {} more and {} standalone volume cop(ies) off it",
+            placed.len(),
+            held.copies.len(),
+            held.volumes.len()
+        );
+        Some(held)
+    } else {
+        println!("node/{name} cordoned; moving {} VM(s) off it", placed.len());
+        None
+    };
 
     // First the cold moves (they start at once), then the live ones.
     let mut live: VecDeque<String> = VecDeque::new();
@@ -133,7 +147,15 @@ pub async fn drain(client: &AdminClient, name: &str, options: DrainOptions) -> a
     if !options.wait {
         return Ok(());
     }
-    wait_empty(client, name, deadline, volumes).await
+    wait_empty(client, name, deadline, held).await
+}
+
+/// What a node holds besides its VMs, that a drain moves off it.
+struct Held {
+    /// Standalone volumes with a copy there ([`volumes_on`]).
+    volumes: Vec<String>,
+    /// VMs elsewhere with a disk copy there ([`copies_on`]).
+    copies: Vec<String>,
 }
 
 /// The standalone volumes (not a VM's disk, not a snapshot or clone:
@@ -155,6 +177,24 @@ async fn volumes_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<Stri
             {
                 Some(v.meta.name)
             }
+            _ => None,
+        })
+        .collect())
+}
+
+/// The VMs placed on another node with a replicated disk's copy on node
+/// `name` (their replica nodes name it): what a drain moves off it once
+/// the VMs themselves have left.
+async fn copies_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<String>> {
+    let list = client
+        .list(Kind::Placement)
+        .await
+        .context("listing the placements")?;
+    Ok(list
+        .objects
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Placement(p) if p.node != name && p.holds_replica(name) => Some(p.vm),
             _ => None,
         })
         .collect())
@@ -369,23 +409,38 @@ async fn placement(client: &AdminClient, vm: &str) -> anyhow::Result<Option<Plac
     }
 }
 
-/// Follows the node until no placement names it and no standalone
-/// volume has a copy on it (`--wait`); `volumes`: those that had one when
-/// the drain began, each reported when its copy leaves.
+/// Follows the node until no placement names it (`--wait`) and, with
+/// `--storage` (`held`: what it held when the drain began), until no
+/// standalone volume and no other VM's disk has a copy on it, each
+/// reported when its copy leaves.
 async fn wait_empty(
     client: &AdminClient,
     name: &str,
     deadline: Deadline,
-    volumes: Vec<String>,
+    held: Option<Held>,
 ) -> anyhow::Result<()> {
     let mut last: BTreeMap<String, String> = BTreeMap::new();
-    let mut last_volumes = volumes;
+    let storage = held.is_some();
+    let Held {
+        volumes: mut last_volumes,
+        copies: mut last_copies,
+    } = held.unwrap_or(Held {
+        volumes: Vec::new(),
+        copies: Vec::new(),
+    });
     loop {
-        let volumes = volumes_on(client, name).await?;
-        for volume in last_volumes.iter().filter(|v| !volumes.contains(v)) {
-            println!("  volume/{volume}: its copy left {name}");
+        if storage {
+            let volumes = volumes_on(client, name).await?;
+            for volume in last_volumes.iter().filter(|v| !volumes.contains(v)) {
+                println!("  volume/{volume}: its copy left {name}");
+            }
+            last_volumes = volumes;
+            let copies = copies_on(client, name).await?;
+            for vm in last_copies.iter().filter(|v| !copies.contains(v)) {
+                println!("  vm/{vm}: its disk copies left {name}");
+            }
+            last_copies = copies;
         }
-        last_volumes = volumes;
         let remaining = placements_on(client, name).await?;
         let mut now: BTreeMap<String, String> = BTreeMap::new();
         for placement in &remaining {
@@ -406,16 +461,18 @@ async fn wait_empty(
                 None => println!("  vm/{vm}: no longer placed"),
             }
         }
-        if remaining.is_empty() && last_volumes.is_empty() {
+        if remaining.is_empty() && last_volumes.is_empty() && last_copies.is_empty() {
             println!("node/{name} drained");
             return Ok(());
         }
         last = now;
         deadline.check(|| {
             format!(
-                "node/{name} still holds {} VM(s) ({}) and copies of {} standalone volume(s) ({})",
+                "node/{name} still holds {} VM(s) ({}), disk copies of {} more ({}) and copies of {} standalone volume(s) ({})",
                 last.len(),
                 last.keys().cloned().collect::<Vec<_>>().join(", "),
+                last_copies.len(),
+                last_copies.join(", "),
                 last_volumes.len(),
                 last_volumes.join(", ")
             )

@@ -301,9 +301,21 @@ pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
             if !view.ready(&source) {
                 return fail(format!("the VM's node {source:?} is not ready"));
             }
+            // Replica nodes beyond what the disks ask were appended by a
+            // drain's evacuation (decision 82): their copies are still
+            // filling, so they take no guest until the old node is dropped.
+            let filling = placement
+                .replica_nodes
+                .get(scheduler::replicas_wanted(vm)..)
+                .unwrap_or_default();
             let candidates: Vec<Node> = match &migration.spec.target {
                 Some(target) if *target == source => {
                     return fail(format!("VM {vm_name:?} already runs on {target:?}"));
+                }
+                Some(target) if filling.contains(target) => {
+                    return fail(format!(
+                        "node {target:?}'s copy of VM {vm_name:?}'s disks is still filling (a drain moves a copy there); try again once it is in sync"
+                    ));
                 }
                 Some(target) => match view.nodes.iter().find(|n| n.meta.name == *target) {
                     Some(node) => vec![node.clone()],
@@ -312,7 +324,7 @@ pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
                 None => view
                     .nodes
                     .iter()
-                    .filter(|n| n.meta.name != source)
+                    .filter(|n| n.meta.name != source && !filling.contains(&n.meta.name))
                     .cloned()
                     .collect(),
             };
@@ -606,6 +618,32 @@ mod tests {
         failed_with(world.decide(&request(None)), "not running");
         world.vms.remove(0);
         failed_with(world.decide(&request(None)), "no VM");
+    }
+
+    #[test]
+    fn a_copy_a_drain_is_filling_takes_no_guest() {
+        let mut world = World::new();
+        world.vms[0].spec.disks = vec![basalt_api::Disk {
+            name: "root".into(),
+            size_bytes: 1 << 20,
+            replicas: 2,
+            ..basalt_api::Disk::default()
+        }];
+        // Copies on n1 and n3, and one being filled on n2 (appended by an
+        // evacuation of n3).
+        world.nodes[2] = node("n3", true);
+        world.vms[1].spec.memory_mib = 64;
+        world.placements[0].replica_nodes = vec!["n1".into(), "n3".into(), "n2".into()];
+        let m = updated(world.decide(&request(None)));
+        assert_eq!(
+            (m.status.phase, m.status.target.as_str()),
+            (MigrationPhase::Preparing, "n3")
+        );
+        failed_with(world.decide(&request(Some("n2"))), "still filling");
+        // Once n3 is dropped, n2 is an ordinary replica node.
+        world.placements[0].replica_nodes = vec!["n1".into(), "n2".into()];
+        let m = updated(world.decide(&request(Some("n2"))));
+        assert_eq!(m.status.phase, MigrationPhase::Preparing, "{m:?}");
     }
 
     fn in_phase(phase: MigrationPhase) -> Migration {

@@ -68,8 +68,10 @@ pub enum NodeCommand {
         bandwidth_mib_s: u32,
     },
     /// Remove (decommission) a node: deletes it and its lease. Refused
-    /// while VMs are placed on it, unless `--force` (then the control plane
-    /// moves them once the node's agent has had time to stop them).
+    /// while VMs are placed on it or it holds a volume's only copy, unless
+    /// `--force` (then the control plane moves the VMs once the node's
+    /// agent has had time to stop them, and replaces the copies it held
+    /// that have another copy elsewhere).
     #[command(visible_alias = "rm")]
     Remove {
         /// The node.
@@ -148,7 +150,7 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
             match deleted {
                 Ok(_) => {}
                 Err(ApiError::FailedPrecondition { reason }) => bail!(
-                    "{reason}\n(drain it first: `basalt node drain {name} --wait`, or remove it with --force)"
+                    "{reason}\n(drain it first: `basalt node drain {name} --wait`, with --storage to move its volumes' copies too; or remove it with --force)"
                 ),
                 Err(err) => return Err(err.into()),
             }

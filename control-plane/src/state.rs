@@ -752,6 +752,32 @@ impl State {
                     ),
                 });
             }
+            // A volume whose only copy is there would be lost with it.
+            let mut only: Vec<&str> = self
+                .list(Kind::Volume)
+                .filter_map(|o| match o {
+                    Object::Volume(v)
+                        if v.status.replicas.len() == 1 && v.status.replicas[0].node == name =>
+                    {
+                        Some(v.meta.name.as_str())
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !only.is_empty() {
+                let count = only.len();
+                let more = count.saturating_sub(MAX_NAMED);
+                only.truncate(MAX_NAMED);
+                let mut named = only.join(", ");
+                if more > 0 {
+                    named.push_str(&format!(" and {more} more"));
+                }
+                return Err(Refusal::FailedPrecondition {
+                    reason: format!(
+                        "node {name:?} holds the only copy of {count} volume(s): {named}; move them first (`basalt volume move`, or `basalt node drain {name} --storage`; a snapshot or clone stays with its source), or delete it with force (their data goes with the node)"
+                    ),
+                });
+            }
         }
         if kind == Kind::Volume {
             crate::volumes::check_delete(self, name)?;

@@ -480,6 +480,29 @@ mod tests {
     }
 
     #[test]
+    fn a_node_holding_a_volumes_only_copy_is_removed_only_by_force() {
+        let solo = volume("solo", &["a"], &[]);
+        let pair = volume("pair", &["b", "c"], &[]);
+        let mut state = state_with(&[&solo, &pair]);
+        let delete = |name: &str, force: bool| Command::Delete {
+            kind: Kind::Node,
+            name: name.into(),
+            expected_resource_version: None,
+            force,
+        };
+        match state.apply(50, delete("a", false)) {
+            Err(crate::state::Refusal::FailedPrecondition { reason }) => assert!(
+                reason.starts_with("node \"a\" holds the only copy of 1 volume(s): solo;"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Another copy elsewhere: removed (the copy is replaced later).
+        state.apply(51, delete("b", false)).expect("b removed");
+        state.apply(52, delete("a", true)).expect("forced");
+    }
+
+    #[test]
     fn the_spec_follows_the_control_planes_own_moves() {
         let mut failed_over = volume("v", &["b", "a"], &["a", "b"]);
         follow_copies(&mut failed_over);

@@ -604,24 +604,8 @@ impl Controllers {
                     _ => None,
                 })
                 .collect();
-            let placements: Vec<Placement> = state
-                .list(Kind::Placement)
-                .filter_map(|o| match o {
-                    Object::Placement(p) if !migrating.contains(p.vm.as_str()) => Some(p.clone()),
-                    _ => None,
-                })
-                .collect();
-            let nodes: Vec<Node> = state
-                .list(Kind::Node)
-                .filter_map(|o| Node::try_from(o.clone()).ok())
-                .collect();
-            let vms: Vec<Vm> = state
-                .list(Kind::Vm)
-                .filter_map(|o| match o {
-                    Object::Vm(vm) => Some(scheduler::planning_view(vm)),
-                    _ => None,
-                })
-                .collect();
+            let (nodes, vms, mut placements) = scheduler::replica_inputs(state);
+            placements.retain(|p| !migrating.contains(p.vm.as_str()));
             (nodes, vms, placements, lost)
         };
         let plan = scheduler::plan_replacements(&nodes, &vms, &placements, &lost, term);

@@ -731,7 +731,7 @@ impl State {
     /// A network may be deleted only when no endpoint holds an address in it.
     fn check_delete(&self, kind: Kind, name: &str, force: bool) -> Result<(), Refusal> {
         if kind == Kind::Node && !force {
-            let mut vms: Vec<&str> = self
+            let vms: Vec<&str> = self
                 .list(Kind::Placement)
                 .filter_map(|o| match o {
                     Object::Placement(p) if p.node == name => Some(p.vm.as_str()),
@@ -739,13 +739,7 @@ impl State {
                 })
                 .collect();
             if !vms.is_empty() {
-                let count = vms.len();
-                let more = count.saturating_sub(MAX_NAMED);
-                vms.truncate(MAX_NAMED);
-                let mut named = vms.join(", ");
-                if more > 0 {
-                    named.push_str(&format!(" and {more} more"));
-                }
+                let (count, named) = named_list(&vms);
                 return Err(Refusal::FailedPrecondition {
                     reason: format!(
                         "node {name:?} still has {count} VM(s) placed on it: {named}; drain it first, or delete it with force (its VMs then move to other nodes)"
@@ -753,7 +747,7 @@ impl State {
                 });
             }
             // A volume whose only copy is there would be lost with it.
-            let mut only: Vec<&str> = self
+            let only: Vec<&str> = self
                 .list(Kind::Volume)
                 .filter_map(|o| match o {
                     Object::Volume(v)
@@ -765,13 +759,7 @@ impl State {
                 })
                 .collect();
             if !only.is_empty() {
-                let count = only.len();
-                let more = count.saturating_sub(MAX_NAMED);
-                only.truncate(MAX_NAMED);
-                let mut named = only.join(", ");
-                if more > 0 {
-                    named.push_str(&format!(" and {more} more"));
-                }
+                let (count, named) = named_list(&only);
                 return Err(Refusal::FailedPrecondition {
                     reason: format!(
                         "node {name:?} holds the only copy of {count} volume(s): {named}; move them first (`basalt volume move`, or `basalt node drain {name} --storage`; a snapshot or clone stays with its source), or delete it with force (their data goes with the node)"
@@ -824,6 +812,17 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) 
         }
         None => conditions.push(condition),
     }
+}
+
+/// How many `names` there are, and the first [`MAX_NAMED`] of them joined
+/// ("a, b and 3 more"), for a refusal that names them.
+fn named_list(names: &[&str]) -> (usize, String) {
+    let more = names.len().saturating_sub(MAX_NAMED);
+    let mut named = names[..names.len() - more].join(", ");
+    if more > 0 {
+        named.push_str(&format!(" and {more} more"));
+    }
+    (names.len(), named)
 }
 
 /// What an update may not change: a join token's status (its uses, expiry

@@ -39,7 +39,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use basalt_api::{Kind, Node, Object, Placement, ReplicaState, Volume, VolumeReplica};
+use basalt_api::{Kind, Object, Placement, ReplicaState, Volume, VolumeReplica};
 
 use crate::admin::AdminService;
 use crate::agent::{Leases, now_unix_ms};
@@ -222,27 +222,7 @@ pub(crate) fn choose_copies<'a>(
     if affected.is_empty() {
         return (Vec::new(), Vec::new());
     }
-    let nodes: Vec<Node> = state
-        .list(Kind::Node)
-        .filter_map(|o| match o {
-            Object::Node(n) => Some(n.clone()),
-            _ => None,
-        })
-        .collect();
-    let mut vms: Vec<basalt_api::Vm> = state
-        .list(Kind::Vm)
-        .filter_map(|o| match o {
-            Object::Vm(vm) => Some(scheduler::planning_view(vm)),
-            _ => None,
-        })
-        .collect();
-    let mut placements: Vec<Placement> = state
-        .list(Kind::Placement)
-        .filter_map(|o| match o {
-            Object::Placement(p) => Some(p.clone()),
-            _ => None,
-        })
-        .collect();
+    let (nodes, mut vms, mut placements) = scheduler::replica_inputs(state);
     let mut by_key: HashMap<String, &'a Volume> = HashMap::new();
     for volume in affected {
         by_key.insert(stand_in(volume).meta.name, *volume);
@@ -413,7 +393,7 @@ impl StandaloneHa {
 
 #[cfg(test)]
 mod tests {
-    use basalt_api::{Condition, ObjectMeta, ReplicaReport, VolumeReport, VolumeSpec};
+    use basalt_api::{Condition, Node, ObjectMeta, ReplicaReport, VolumeReport, VolumeSpec};
 
     use super::*;
     use crate::volumes::{apply_report, place_standalone};

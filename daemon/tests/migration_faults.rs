@@ -967,30 +967,28 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
         },
     )
     .await;
-    let out = basalt(
-        &server,
-        &[
-            "vm",
-            "add-disk",
-            "single",
-            "--disk",
-            "name=extra,attach=extra",
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "vm add-disk: {}", text(&out));
     let console = prefix.log_dir().join("single.log");
-    wait::until(
-        "the running guest finds the plugged disk",
-        DEADLINE,
-        &cluster.processes(),
-        || async {
-            std::fs::read_to_string(&console)
-                .unwrap_or_default()
-                .contains("[vdc]")
-        },
-    )
-    .await;
+    // `basalt vm add-disk single --disk DISK`, then the running guest's
+    // kernel log names `device`.
+    let plug = |disk: &'static str, device: &'static str| {
+        let (server, console, processes) = (&server, &console, cluster.processes());
+        async move {
+            let out = basalt(server, &["vm", "add-disk", "single", "--disk", disk]).await;
+            assert!(out.status.success(), "vm add-disk: {}", text(&out));
+            wait::until(
+                &format!("the running guest finds {device}"),
+                DEADLINE,
+                &processes,
+                || async {
+                    std::fs::read_to_string(console)
+                        .unwrap_or_default()
+                        .contains(&format!("[{device}]"))
+                },
+            )
+            .await;
+        }
+    };
+    plug("name=extra,attach=extra", "vdc").await;
     assert_eq!(
         domain_state(&cluster.libvirtds[other], &single_domain),
         "running",
@@ -1005,29 +1003,7 @@ async fn post_copy_and_a_target_agent_killed_mid_copy_leave_one_running_copy() {
     let extra_volume = extra().await.expect("extra").status.storage_name;
     // A disk of the VM's own added after its move (an epoch past its
     // first): made on its node at that epoch, plugged in as a fourth disk.
-    let out = basalt(
-        &server,
-        &[
-            "vm",
-            "add-disk",
-            "single",
-            "--disk",
-            "name=scratch,size=32M",
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "vm add-disk: {}", text(&out));
-    wait::until(
-        "the running guest finds its own new disk",
-        DEADLINE,
-        &cluster.processes(),
-        || async {
-            std::fs::read_to_string(&console)
-                .unwrap_or_default()
-                .contains("[vdd]")
-        },
-    )
-    .await;
+    plug("name=scratch,size=32M", "vdd").await;
     wait::until(
         "the plugged volume is the VM's",
         DEADLINE,

@@ -27,7 +27,7 @@ use replica_node::{
     PATTERN_AT, REPLICA_PORT, SHORT_LEASES, SimCluster, create_db_on_a_and_b, in_pool, pattern,
     peer_state, read_export, refuses_writes, write_pattern,
 };
-use volume_cli::{basalt, text};
+use volume_cli::{basalt, drain_storage, text};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -65,22 +65,7 @@ async fn a_drained_nodes_disk_copy_is_replaced_before_it_goes() {
     .await;
     write_pattern(node("a"), &volume, PATTERN_AT, 3);
 
-    let timeout = format!("{}s", DEADLINE.as_secs());
-    let out = basalt(
-        server,
-        &[
-            "node",
-            "drain",
-            "b",
-            "--storage",
-            "--wait",
-            "--timeout",
-            &timeout,
-        ],
-    )
-    .await;
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{}", text(&out));
+    let said = drain_storage(server, "b", DEADLINE).await;
     assert!(
         said.contains("moving 0 VM(s), the disk copies of 1 more")
             && said.contains("vm/db: its disk copies left b")

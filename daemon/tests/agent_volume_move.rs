@@ -26,7 +26,7 @@ use basalt_testkit::wait;
 use replica_node::{
     PATTERN_AT, SHORT_LEASES, SimCluster, in_pool, pattern, read_export, write_pattern,
 };
-use volume_cli::{all_up, basalt, cli_volume, text};
+use volume_cli::{all_up, basalt, cli_volume, drain_storage, text};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -230,21 +230,7 @@ async fn a_standalone_volume_moves_to_the_nodes_named_with_its_data() {
     assert_eq!(still.spec.nodes, ["c", "b"], "nothing changed");
 
     // Drained, b gives up its copies: solo's (its only one) and pair's.
-    let out = basalt(
-        server,
-        &[
-            "node",
-            "drain",
-            "b",
-            "--storage",
-            "--wait",
-            "--timeout",
-            &timeout,
-        ],
-    )
-    .await;
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{}", text(&out));
+    let said = drain_storage(server, "b", DEADLINE).await;
     assert!(
         said.contains(
             "moving 0 VM(s), the disk copies of 0 more and 2 standalone volume cop(ies) off it"

@@ -109,3 +109,25 @@ pub async fn create_vm(server: &str, name: &str, memory: &str, disk: &str) {
     .await;
     assert!(out.status.success(), "vm create {name}: {}", text(&out));
 }
+
+/// `basalt node drain NODE --storage --wait --timeout TIMEOUT`, which
+/// must succeed; returns what it printed.
+#[allow(dead_code)] // only the tests of moving copies drain
+pub async fn drain_storage(server: &str, node: &str, timeout: std::time::Duration) -> String {
+    let timeout = format!("{}s", timeout.as_secs());
+    let out = basalt(
+        server,
+        &[
+            "node",
+            "drain",
+            node,
+            "--storage",
+            "--wait",
+            "--timeout",
+            &timeout,
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "node drain {node}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -39,7 +39,8 @@ pub enum NodeCommand {
     /// started on another node) — except a VM with a one-copy disk, which
     /// only moves live. With `--storage`, the copies of volumes and disks
     /// on it move to other nodes too. Prints each VM's progress; run it
-    /// again to continue a drain cut short. Uncordon stops both.
+    /// again to continue a drain cut short. Uncordon stops it (a copy
+    /// already on its way to another node finishes its move).
     Drain {
         /// The node.
         name: String,
@@ -168,7 +169,7 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
 }
 
 /// Sets `spec.cordoned` and, when `evacuate` is given, sets or clears
-/// [`Node::EVACUATE_LABEL`] (its standalone volumes' copies move off), by
+/// [`Node::EVACUATE_LABEL`] (the copies on it move off), by
 /// compare-and-swap, retrying on a conflict.
 async fn set_cordoned(
     client: &AdminClient,

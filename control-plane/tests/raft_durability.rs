@@ -102,6 +102,12 @@ impl Member {
     }
 }
 
+/// Held by each test for its whole run: the tests measure elections
+/// against timeouts of a few hundred milliseconds, and three clusters of
+/// three members at once on two cores starved one of them into an
+/// election once (a leader change mid-test, in a full gate).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Starts three members (ids 1–3) and initializes them as one cluster.
 async fn cluster() -> Vec<Member> {
     let mut listeners = Vec::new();
@@ -209,6 +215,7 @@ async fn shutdown(members: Vec<Member>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_member_learns_an_entry_committed_before_the_leaders_fsync() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let members = cluster().await;
     let l = leader(&members).await;
     let leader_raft = members[l].raft.clone();
@@ -291,6 +298,7 @@ async fn no_member_learns_an_entry_committed_before_the_leaders_fsync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_membership_entry_is_fsynced_in_its_append() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let members = cluster().await;
     let l = leader(&members).await;
     let leader_raft = members[l].raft.clone();
@@ -312,6 +320,7 @@ async fn a_membership_entry_is_fsynced_in_its_append() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_whose_fsync_stalls_past_the_election_timeout_starts_no_election() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let members = cluster().await;
     let l = leader(&members).await;
     let leader_raft = members[l].raft.clone();

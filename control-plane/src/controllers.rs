@@ -63,6 +63,7 @@ use crate::migration::MigrationController;
 use crate::scheduler::{self, Overcommit};
 use crate::state::{Command, set_condition};
 use crate::volume_ha::StandaloneHa;
+use crate::volume_moves::VolumeMoves;
 use crate::volumes::VolumeController;
 
 /// The smallest pause between two rounds (so a burst of writes does not
@@ -90,6 +91,9 @@ pub struct Controllers {
     volumes: VolumeController,
     /// Standalone volumes on lost nodes (decision 65).
     standalone_ha: StandaloneHa,
+    /// Standalone volumes' copies moved where their spec names, and off
+    /// evacuating nodes (decisions 80, 81).
+    volume_moves: VolumeMoves,
     /// VM → why it could not be placed, as last logged.
     unschedulable: HashMap<String, String>,
     /// VM → when this leader last wrote why it waits (kept for
@@ -127,6 +131,7 @@ impl Controllers {
             migrations: MigrationController::new(),
             volumes: VolumeController::new(),
             standalone_ha: StandaloneHa::new(),
+            volume_moves: VolumeMoves,
             unschedulable: HashMap::new(),
             held: HashMap::new(),
             gone: HashMap::new(),
@@ -175,6 +180,7 @@ impl Controllers {
         self.standalone_ha
             .round(&self.admin, &self.leases, &self.tuning, term)
             .await;
+        self.volume_moves.round(&self.admin, term).await;
     }
 
     /// VMs that were held off but no longer ask to run (stopped while
@@ -604,7 +610,7 @@ impl Controllers {
                     _ => None,
                 })
                 .collect();
-            let (nodes, vms, mut placements) = scheduler::replica_inputs(state);
+            let (nodes, vms, mut placements) = crate::replica_moves::replica_inputs(state);
             placements.retain(|p| !migrating.contains(p.vm.as_str()));
             (nodes, vms, placements, lost)
         };

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use basalt_api::{Kind, Object, Placement, ReplicaState, Vm, Volume, VolumeReplica};
+use basalt_api::{Kind, Node, Object, Placement, ReplicaState, Vm, Volume, VolumeReplica};
 
 use crate::scheduler;
 use crate::state::State;
@@ -105,7 +105,7 @@ pub fn plan(state: &State, evacuate: &BTreeSet<String>, seed: u64) -> Plan {
     if to_add.is_empty() {
         return out;
     }
-    let (nodes, vms, placements) = scheduler::replica_inputs(state);
+    let (nodes, vms, placements) = replica_inputs(state);
     let by_vm: BTreeMap<&str, &Placement> = placements.iter().map(|p| (p.vm.as_str(), p)).collect();
     let chosen = scheduler::plan_replacements(&nodes, &vms, &placements, evacuate, seed);
     for (vm, replicas) in chosen.replaced {
@@ -127,6 +127,30 @@ pub fn plan(state: &State, evacuate: &BTreeSet<String>, seed: u64) -> Plan {
             .filter(|(vm, _)| to_add.contains(vm)),
     );
     out
+}
+
+/// What a replica plan reads of `state`: every node, every VM as the
+/// planners read it ([`scheduler::planning_view`]) and every placement.
+pub fn replica_inputs(state: &State) -> (Vec<Node>, Vec<Vm>, Vec<Placement>) {
+    let nodes = state
+        .list(Kind::Node)
+        .filter_map(|o| Node::try_from(o.clone()).ok())
+        .collect();
+    let vms = state
+        .list(Kind::Vm)
+        .filter_map(|o| match o {
+            Object::Vm(vm) => Some(scheduler::planning_view(vm)),
+            _ => None,
+        })
+        .collect();
+    let placements = state
+        .list(Kind::Placement)
+        .filter_map(|o| match o {
+            Object::Placement(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    (nodes, vms, placements)
 }
 
 /// Why `vm`'s replicated disks are not all up to date on `nodes` yet
@@ -151,7 +175,7 @@ fn lagging(vm: &Vm, nodes: &[String], volumes: &HashMap<(&str, &str), &Volume>) 
 
 #[cfg(test)]
 mod tests {
-    use basalt_api::{Condition, Disk, Node, ObjectMeta, VolumeOwner, VolumeSpec, VolumeStatus};
+    use basalt_api::{Condition, Disk, ObjectMeta, VolumeOwner, VolumeSpec, VolumeStatus};
 
     use super::*;
     use crate::state::Command;

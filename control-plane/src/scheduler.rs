@@ -115,30 +115,6 @@ fn disk_bytes(vm: &Vm) -> (u64, u64) {
     })
 }
 
-/// What a replica plan reads of `state`: every node, every VM as the
-/// planners read it ([`planning_view`]) and every placement.
-pub fn replica_inputs(state: &crate::state::State) -> (Vec<Node>, Vec<Vm>, Vec<Placement>) {
-    let nodes = state
-        .list(basalt_api::Kind::Node)
-        .filter_map(|o| Node::try_from(o.clone()).ok())
-        .collect();
-    let vms = state
-        .list(basalt_api::Kind::Vm)
-        .filter_map(|o| match o {
-            Object::Vm(vm) => Some(planning_view(vm)),
-            _ => None,
-        })
-        .collect();
-    let placements = state
-        .list(basalt_api::Kind::Placement)
-        .filter_map(|o| match o {
-            Object::Placement(p) => Some(p.clone()),
-            _ => None,
-        })
-        .collect();
-    (nodes, vms, placements)
-}
-
 /// The part of `vm` the planners read — its name, CPUs, memory,
 /// placement rules, disks and outdated replicas — and nothing else (no
 /// cloud-init documents, NICs, labels or other status): callers that copy

@@ -21,7 +21,7 @@
 //!   the primary's: that one moves first) whose node is lost for
 //!   `nodes.replica_replace_after_ms` — the delay VM disks use — or whose
 //!   node object is gone, is dropped from the status and a node chosen by
-//!   the scheduler's replica choice ([`scheduler::plan_replacements`], fed
+//!   the scheduler's replica choice ([`crate::scheduler::plan_replacements`], fed
 //!   the VMs, their placements and every placed standalone volume as a
 //!   stand-in, so pool room counts them all) gets an empty entry in its
 //!   place; that node's agent makes an empty secondary and the primary's
@@ -36,35 +36,17 @@
 //!   date and no fence mark names it;
 //! - VM disks' volumes, snapshots and clones are never touched here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use basalt_api::{Kind, Object, Placement, ReplicaState, Volume, VolumeReplica};
+use basalt_api::{Kind, Object, ReplicaState, Volume, VolumeReplica};
 
 use crate::admin::AdminService;
 use crate::agent::{Leases, now_unix_ms};
 use crate::config::NodeTuning;
-use crate::scheduler;
 use crate::state::{Command, State, set_condition};
-use crate::volume_moves::follow_copies;
-use crate::volumes::{ready, stand_in};
-
-/// Whether `volume` is a placed standalone volume (no VM disk, not a
-/// snapshot or clone).
-fn placed_standalone(volume: &Volume) -> bool {
-    volume.spec.owner.is_none()
-        && volume.spec.source.is_none()
-        && !volume.status.storage_name.is_empty()
-        && !volume.status.primary_node.is_empty()
-}
-
-/// Every placed standalone volume in `state`.
-fn standalone(state: &State) -> impl Iterator<Item = &Volume> {
-    state.list(Kind::Volume).filter_map(|o| match o {
-        Object::Volume(v) if placed_standalone(v) => Some(v),
-        _ => None,
-    })
-}
+use crate::volume_moves::{self, follow_copies, standalone};
+use crate::volumes::ready;
 
 /// Whether node `name` is ready in `state`.
 fn is_ready(state: &State, name: &str) -> bool {
@@ -172,7 +154,7 @@ pub fn plan_replacements(
                 && v.status.replicas.iter().any(|r| lost.contains(&r.node))
         })
         .collect();
-    let (chosen, stuck) = choose_copies(state, &affected, lost, seed);
+    let (chosen, stuck) = volume_moves::choose_copies(state, &affected, lost, seed);
     let mut writes = Vec::new();
     for (volume, copies) in chosen {
         let mut replaced = volume.clone();
@@ -201,74 +183,6 @@ pub fn plan_replacements(
         writes.push(Command::Update(Object::Volume(replaced)));
     }
     (writes, stuck)
-}
-
-/// A volume and the nodes chosen for its copies.
-pub(crate) type Chosen<'a> = (&'a Volume, Vec<String>);
-
-/// For each of the standalone volumes `affected`, its copies' nodes
-/// (primary first) with every node of `vacate` replaced by one the
-/// scheduler's replica choice picks (seeded by `seed`; room counted for
-/// every VM and placed standalone volume), the first copy not on a node
-/// of `vacate` kept in its place as the one the scheduler builds around;
-/// and, for each volume with a node that cannot be replaced now, why.
-/// Volumes with nothing to replace are left out.
-pub(crate) fn choose_copies<'a>(
-    state: &State,
-    affected: &[&'a Volume],
-    vacate: &BTreeSet<String>,
-    seed: u64,
-) -> (Vec<Chosen<'a>>, Vec<(String, String)>) {
-    if affected.is_empty() {
-        return (Vec::new(), Vec::new());
-    }
-    let (nodes, mut vms, mut placements) = scheduler::replica_inputs(state);
-    let mut by_key: HashMap<String, &'a Volume> = HashMap::new();
-    for volume in affected {
-        by_key.insert(stand_in(volume).meta.name, *volume);
-    }
-    for volume in standalone(state) {
-        let mut vm = stand_in(volume);
-        let copies = crate::volume_moves::copy_nodes(volume);
-        // An affected volume's copies are all counted where they go, one
-        // copy or more: its stand-in is a replicated one.
-        if by_key.contains_key(&vm.meta.name) {
-            for disk in &mut vm.spec.disks {
-                disk.replicas = disk.replicas.max(2);
-            }
-        }
-        // An affected volume stands for all its copies, around the first
-        // that stays (none: every copy is to be replaced); the others as
-        // they are, for the room they take.
-        let (node, replica_nodes) = if by_key.contains_key(&vm.meta.name) {
-            let stays = copies.iter().find(|n| !vacate.contains(*n)).cloned();
-            (stays.unwrap_or_default(), copies)
-        } else if copies.len() >= 2 {
-            (volume.status.primary_node.clone(), copies)
-        } else {
-            (volume.status.primary_node.clone(), Vec::new())
-        };
-        placements.push(Placement {
-            meta: basalt_api::ObjectMeta::named(vm.meta.name.clone()),
-            vm: vm.meta.name.clone(),
-            node,
-            epoch: volume.status.epoch,
-            replica_nodes,
-        });
-        vms.push(vm);
-    }
-    let plan = scheduler::plan_replacements(&nodes, &vms, &placements, vacate, seed);
-    let chosen = plan
-        .replaced
-        .into_iter()
-        .filter_map(|(key, copies)| by_key.get(&key).map(|v| (*v, copies)))
-        .collect();
-    let stuck = plan
-        .unschedulable
-        .into_iter()
-        .filter_map(|(key, why)| by_key.get(&key).map(|v| (v.meta.name.clone(), why)))
-        .collect();
-    (chosen, stuck)
 }
 
 /// The leader's standalone-volume HA: see the module's doc. Keeps only

@@ -37,12 +37,14 @@
 //!   follow the status ([`follow_copies`]): a move is only ever what an
 //!   operator asked.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
-use basalt_api::{Kind, Object, ReplicaState, Volume, VolumeReplica};
+use basalt_api::{Kind, Object, Placement, ReplicaState, Volume, VolumeReplica};
 
+use crate::admin::AdminService;
+use crate::scheduler;
 use crate::state::{Command, State, set_condition};
-use crate::volumes::ready;
+use crate::volumes::{ready, stand_in};
 
 /// The nodes of `volume`'s copies, its primary first, then by name.
 pub(crate) fn copy_nodes(volume: &Volume) -> Vec<String> {
@@ -112,16 +114,11 @@ pub fn plan_evacuations(
     if evacuate.is_empty() {
         return (Vec::new(), Vec::new());
     }
-    let affected: Vec<&Volume> = state
-        .list(Kind::Volume)
-        .filter_map(|o| match o {
-            Object::Volume(v) if movable(v) => Some(v),
-            _ => None,
-        })
+    let affected: Vec<&Volume> = standalone(state)
         .filter(|v| v.status.replicas.iter().any(|r| evacuate.contains(&r.node)))
         .filter(|v| !wants_move(v) || v.spec.nodes.iter().any(|n| evacuate.contains(n)))
         .collect();
-    let (chosen, stuck) = crate::volume_ha::choose_copies(state, &affected, evacuate, seed);
+    let (chosen, stuck) = choose_copies(state, &affected, evacuate, seed);
     let writes = chosen
         .into_iter()
         .map(|(volume, mut copies)| {
@@ -135,6 +132,82 @@ pub fn plan_evacuations(
         })
         .collect();
     (writes, stuck)
+}
+
+/// Every placed standalone volume in `state` (see [`movable`]).
+pub(crate) fn standalone(state: &State) -> impl Iterator<Item = &Volume> {
+    state.list(Kind::Volume).filter_map(|o| match o {
+        Object::Volume(v) if movable(v) => Some(v),
+        _ => None,
+    })
+}
+
+/// A volume and the nodes chosen for its copies.
+pub(crate) type Chosen<'a> = (&'a Volume, Vec<String>);
+
+/// For each of the standalone volumes `affected`, its copies' nodes
+/// (primary first) with every node of `vacate` replaced by one the
+/// scheduler's replica choice picks (seeded by `seed`; room counted for
+/// every VM and placed standalone volume), the first copy not on a node
+/// of `vacate` kept in its place as the one the scheduler builds around;
+/// and, for each volume with a node that cannot be replaced now, why.
+/// Volumes with nothing to replace are left out.
+pub(crate) fn choose_copies<'a>(
+    state: &State,
+    affected: &[&'a Volume],
+    vacate: &BTreeSet<String>,
+    seed: u64,
+) -> (Vec<Chosen<'a>>, Vec<(String, String)>) {
+    if affected.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let (nodes, mut vms, mut placements) = crate::replica_moves::replica_inputs(state);
+    let mut by_key: HashMap<String, &'a Volume> = HashMap::new();
+    for volume in affected {
+        by_key.insert(stand_in(volume).meta.name, *volume);
+    }
+    for volume in standalone(state) {
+        let mut vm = stand_in(volume);
+        let copies = copy_nodes(volume);
+        // An affected volume's copies are all counted where they go, one
+        // copy or more: its stand-in is a replicated one.
+        if by_key.contains_key(&vm.meta.name) {
+            for disk in &mut vm.spec.disks {
+                disk.replicas = disk.replicas.max(2);
+            }
+        }
+        // An affected volume stands for all its copies, around the first
+        // that stays (none: every copy is to be replaced); the others as
+        // they are, for the room they take.
+        let (node, replica_nodes) = if by_key.contains_key(&vm.meta.name) {
+            let stays = copies.iter().find(|n| !vacate.contains(*n)).cloned();
+            (stays.unwrap_or_default(), copies)
+        } else if copies.len() >= 2 {
+            (volume.status.primary_node.clone(), copies)
+        } else {
+            (volume.status.primary_node.clone(), Vec::new())
+        };
+        placements.push(Placement {
+            meta: basalt_api::ObjectMeta::named(vm.meta.name.clone()),
+            vm: vm.meta.name.clone(),
+            node,
+            epoch: volume.status.epoch,
+            replica_nodes,
+        });
+        vms.push(vm);
+    }
+    let plan = scheduler::plan_replacements(&nodes, &vms, &placements, vacate, seed);
+    let chosen = plan
+        .replaced
+        .into_iter()
+        .filter_map(|(key, copies)| by_key.get(&key).map(|v| (*v, copies)))
+        .collect();
+    let stuck = plan
+        .unschedulable
+        .into_iter()
+        .filter_map(|(key, why)| by_key.get(&key).map(|v| (v.meta.name.clone(), why)))
+        .collect();
+    (chosen, stuck)
 }
 
 /// Whether node `name` is ready in `state`.
@@ -218,6 +291,41 @@ fn step(state: &State, volume: &Volume, now_unix_ms: u64) -> Option<Volume> {
     let condition = ready(status, now_unix_ms);
     set_condition(&mut status.conditions, condition);
     Some(moved)
+}
+
+/// The leader's volume moves: each round, the evacuations' new nodes
+/// first, then the next step of every move, one write per volume.
+#[derive(Debug, Default)]
+pub struct VolumeMoves;
+
+impl VolumeMoves {
+    /// One round, as the leader of `term`. Most rounds find no node
+    /// evacuating and no volume to move, after one look at each volume.
+    pub async fn round(&mut self, admin: &AdminService, term: u64) {
+        let writes = {
+            let machine = admin.shared().read();
+            let state = &machine.state;
+            let evacuate = evacuating(state);
+            let (evacuations, stuck) = plan_evacuations(state, &evacuate, term);
+            for (volume, why) in stuck {
+                tracing::debug!(%volume, %why, "a copy cannot leave an evacuating node yet");
+            }
+            let name = |c: &Command| match c {
+                Command::Update(o) => Some(o.name().to_owned()),
+                _ => None,
+            };
+            let named: BTreeSet<Option<String>> = evacuations.iter().map(name).collect();
+            let moves = plan(state, crate::agent::now_unix_ms())
+                .into_iter()
+                .filter(|c| !named.contains(&name(c)));
+            evacuations.into_iter().chain(moves).collect::<Vec<_>>()
+        };
+        for command in writes {
+            if let Err(err) = admin.write(command).await {
+                tracing::debug!(error = %err, "writing a volume move failed; the next round tries again");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -864,12 +864,10 @@ impl VolumeController {
                             Ok(changes) => {
                                 names
                                     .extend(changes.iter().filter_map(|c| concerned_vm(&c.object)));
-                                // A new standalone volume, a node that may
-                                // take one now, or a volume to move.
+                                // A new standalone volume, or a node that
+                                // may take one now.
                                 standalone |= changes.iter().any(|c| match &c.object {
-                                    Object::Volume(v) => {
-                                        unplaced_standalone(v) || crate::volume_moves::wants_move(v)
-                                    }
+                                    Object::Volume(v) => unplaced_standalone(v),
                                     Object::Node(_) => true,
                                     _ => false,
                                 });
@@ -890,28 +888,8 @@ impl VolumeController {
             let mut plan = plan(&machine.state, only.as_ref(), now);
             if standalone {
                 let placed = place_standalone(&machine.state, term, now);
-                let evacuate = crate::volume_moves::evacuating(&machine.state);
-                let (evacuations, stuck) =
-                    crate::volume_moves::plan_evacuations(&machine.state, &evacuate, term);
-                for (volume, why) in stuck {
-                    tracing::debug!(%volume, %why, "a copy cannot leave an evacuating node yet");
-                }
-                // One write per volume a round: an evacuation first.
-                let name = |c: &Command| match c {
-                    Command::Update(o) => Some(o.name().to_owned()),
-                    _ => None,
-                };
-                let named: BTreeSet<Option<String>> = evacuations.iter().map(name).collect();
-                let moved = crate::volume_moves::plan(&machine.state, now)
-                    .into_iter()
-                    .filter(|c| !named.contains(&name(c)));
-                plan.writes.extend(
-                    placed
-                        .into_iter()
-                        .chain(evacuations)
-                        .chain(moved)
-                        .map(|command| (String::new(), command)),
-                );
+                plan.writes
+                    .extend(placed.into_iter().map(|command| (String::new(), command)));
             }
             (plan, applied)
         };

@@ -284,7 +284,7 @@ async fn move_to(client: &AdminClient, name: &str, nodes: &[String]) -> anyhow::
         if moved(&volume, nodes) {
             return Ok(format!("volume {name} is already on {}", nodes.join(", ")));
         }
-        let from = copy_nodes(&volume).join(", ");
+        let from = volume.status.copy_nodes().join(", ");
         volume.spec.nodes = nodes.to_vec();
         match client.update(Object::Volume(volume)).await {
             Ok(_) => {
@@ -300,27 +300,11 @@ async fn move_to(client: &AdminClient, name: &str, nodes: &[String]) -> anyhow::
     bail!("volume {name} kept changing; not moved after {RESIZE_RETRIES} tries")
 }
 
-/// `volume`'s copies' nodes, its primary first.
-fn copy_nodes(volume: &Volume) -> Vec<String> {
-    let mut nodes: Vec<String> = volume
-        .status
-        .replicas
-        .iter()
-        .map(|r| r.node.clone())
-        .collect();
-    nodes.sort_by_key(|n| (*n != volume.status.primary_node, n.clone()));
-    nodes
-}
-
 /// Whether `volume`'s copies are on `nodes` exactly, the first the
 /// primary, every one up to date.
 fn moved(volume: &Volume, nodes: &[String]) -> bool {
     let status = &volume.status;
-    let mut wanted = nodes.to_vec();
-    if let Some(rest) = wanted.get_mut(1..) {
-        rest.sort();
-    }
-    wanted == copy_nodes(volume)
+    status.is_on(nodes)
         && status
             .replicas
             .iter()

@@ -46,27 +46,11 @@ use crate::scheduler;
 use crate::state::{Command, State, set_condition};
 use crate::volumes::{ready, stand_in};
 
-/// The nodes of `volume`'s copies, its primary first, then by name.
-pub(crate) fn copy_nodes(volume: &Volume) -> Vec<String> {
-    let status = &volume.status;
-    let mut nodes: Vec<String> = status.replicas.iter().map(|r| r.node.clone()).collect();
-    nodes.sort_by_key(|n| (*n != status.primary_node, n.clone()));
-    nodes
-}
-
 /// Whether `volume` is a placed standalone volume (not a VM's disk, not
 /// a snapshot or clone) whose spec names nodes other than where its
 /// copies are, or another primary.
 pub fn wants_move(volume: &Volume) -> bool {
-    movable(volume) && !volume.spec.nodes.is_empty() && !same_copies(&volume.spec.nodes, volume)
-}
-
-/// Whether `nodes` names `volume`'s primary first and its other copies'
-/// nodes in any order.
-fn same_copies(nodes: &[String], volume: &Volume) -> bool {
-    let mut named = nodes.to_vec();
-    named[1..].sort();
-    named == copy_nodes(volume)
+    movable(volume) && !volume.spec.nodes.is_empty() && !volume.status.is_on(&volume.spec.nodes)
 }
 
 /// Sets `volume`'s `spec.nodes`, when it names any, to where its copies
@@ -74,7 +58,7 @@ fn same_copies(nodes: &[String], volume: &Volume) -> bool {
 /// its copies, so they are not taken for an operator's move.
 pub fn follow_copies(volume: &mut Volume) {
     if !volume.spec.nodes.is_empty() {
-        volume.spec.nodes = copy_nodes(volume);
+        volume.spec.nodes = volume.status.copy_nodes();
     }
 }
 
@@ -122,7 +106,7 @@ pub fn plan_evacuations(
     let writes = chosen
         .into_iter()
         .map(|(volume, mut copies)| {
-            let before = copy_nodes(volume);
+            let before = volume.status.copy_nodes();
             // Stable: the copies that stay keep their order, the first of
             // them (the primary, when it stays) first.
             copies.sort_by_key(|n| !before.contains(n));
@@ -168,7 +152,7 @@ pub(crate) fn choose_copies<'a>(
     }
     for volume in standalone(state) {
         let mut vm = stand_in(volume);
-        let copies = copy_nodes(volume);
+        let copies = volume.status.copy_nodes();
         // An affected volume's copies are all counted where they go, one
         // copy or more: its stand-in is a replicated one.
         if by_key.contains_key(&vm.meta.name) {

@@ -221,6 +221,24 @@ impl VolumeStatus {
     pub fn replica(&self, node: &str) -> Option<&VolumeReplica> {
         self.replicas.iter().find(|r| r.node == node)
     }
+
+    /// The nodes of the copies, the primary's first, then by name.
+    pub fn copy_nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self.replicas.iter().map(|r| r.node.clone()).collect();
+        nodes.sort_by_key(|n| (*n != self.primary_node, n.clone()));
+        nodes
+    }
+
+    /// Whether the copies are on `nodes` exactly, the first of them the
+    /// primary (the others in any order): what a volume's `spec.nodes`
+    /// asks, done.
+    pub fn is_on(&self, nodes: &[String]) -> bool {
+        let mut named = nodes.to_vec();
+        if let Some(rest) = named.get_mut(1..) {
+            rest.sort();
+        }
+        named == self.copy_nodes()
+    }
 }
 
 /// The pool name of disk `disk` of the VM whose uid is `vm_uid`: a UUID

@@ -112,7 +112,7 @@ async fn follow(
     let uid = created.meta().uid.clone();
     let name = created.name().to_owned();
     let mut events = client.watch(Some(Kind::Migration), version).await?;
-    let mut last: Option<(MigrationPhase, u64)> = None;
+    let mut last: Option<(MigrationPhase, u64, String)> = None;
     // What happened between the create and the watch is in the current
     // object; later changes come from the watch.
     let mut next = Some(client.get(Kind::Migration, &name).await?);
@@ -137,8 +137,17 @@ async fn follow(
         if m.meta.name != name || m.meta.uid != uid {
             continue;
         }
-        let now = (m.status.phase, m.status.data_remaining >> 20);
-        if last != Some(now) {
+        let now = (
+            m.status.phase,
+            m.status.data_remaining >> 20,
+            // What a pending migration waits for.
+            if m.status.phase == MigrationPhase::Pending {
+                m.status.message.clone()
+            } else {
+                String::new()
+            },
+        );
+        if last.as_ref() != Some(&now) {
             last = Some(now);
             print_progress(format, &m)?;
         }
@@ -155,6 +164,7 @@ fn print_progress(format: Format, m: &Migration) -> anyhow::Result<()> {
         Format::Table => {
             let status = &m.status;
             let what = match status.phase {
+                MigrationPhase::Pending if !status.message.is_empty() => status.message.clone(),
                 MigrationPhase::Pending => "waiting for the control plane".to_owned(),
                 MigrationPhase::Preparing | MigrationPhase::TargetReady => {
                     format!("{} → {}: {}", status.source, status.target, status.message)

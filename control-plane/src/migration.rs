@@ -21,6 +21,12 @@
 //!   selector, anti-affinity, capacity). The status records the source,
 //!   the target and the placement's epoch *now*: every later step checks
 //!   that the placement is still exactly `(source, epoch)`.
+//!   A VM with replicated disks goes only to a node whose copies are in
+//!   sync ([`copy_lag`]): while the only possible target's copy is still
+//!   filling (an evacuation's new copy, a lost copy's replacement, a copy
+//!   back from being away) the migration stays pending and says so; a
+//!   copy that cannot catch up by itself (fenced outdated, failed disk,
+//!   split brain) fails it.
 //! - **Preparing → TargetReady** (target agent): it has made sure its
 //!   reconciler leaves the incoming domain alone, then says so.
 //! - **TargetReady → Migrating** (source agent): it has stopped
@@ -68,7 +74,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use basalt_api::{
-    ApiError, Endpoint, Kind, Migration, MigrationPhase, Node, Object, Placement, Vm,
+    ApiError, Endpoint, Kind, Migration, MigrationPhase, Node, Object, Placement, ReplicaState, Vm,
+    Volume,
 };
 
 use crate::admin::AdminService;
@@ -139,11 +146,19 @@ impl MigrationController {
                 .list(Kind::Endpoint)
                 .filter_map(|o| Endpoint::try_from(o.clone()).ok())
                 .collect();
+            let volumes: Vec<Volume> = state
+                .list(Kind::Volume)
+                .filter_map(|o| match o {
+                    Object::Volume(v) if v.spec.owner.is_some() => Some(v.clone()),
+                    _ => None,
+                })
+                .collect();
             let view = View {
                 nodes: &nodes,
                 vms: &vms,
                 placements: &placements,
                 endpoints: &endpoints,
+                volumes: &volumes,
                 now_unix_ms: now_unix_ms(),
                 seed,
             };
@@ -245,6 +260,8 @@ pub struct View<'a> {
     pub placements: &'a [Placement],
     /// Every endpoint.
     pub endpoints: &'a [Endpoint],
+    /// Every volume (the VM disks' copies and how each stands).
+    pub volumes: &'a [Volume],
     /// The leader's clock.
     pub now_unix_ms: u64,
     /// The scheduler's tie-break seed.
@@ -265,6 +282,83 @@ impl View<'_> {
             .iter()
             .any(|n| n.meta.name == node && n.status.is_ready())
     }
+
+    fn disk_volume(&self, vm_uid: &str, disk: &str) -> Option<&Volume> {
+        self.volumes.iter().find(|v| {
+            v.spec
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.vm_uid == vm_uid && o.disk == disk)
+        })
+    }
+}
+
+/// Why a node's copies of a VM's replicated disks cannot take the guest
+/// yet (see [`copy_lag`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lag {
+    /// Still filling or reconnecting: worth waiting for.
+    Filling(String),
+    /// Cannot catch up by itself.
+    Broken(String),
+}
+
+/// Whether `node`'s copies of `vm`'s replicated disks (placed as
+/// `placement`) hold the data, as far as the state tells; `None` when they
+/// do, or when `node` holds no copy (the scheduler then refuses it for
+/// such a VM anyway). Nothing reported yet at the placement's epoch (just
+/// after a move) says nothing either way and does not hold the guest back.
+pub fn copy_lag(vm: &Vm, placement: &Placement, node: &str, view: &View<'_>) -> Option<Lag> {
+    if !placement.replica_nodes.iter().any(|n| n == node) {
+        return None;
+    }
+    // Replica nodes beyond what the disks ask were appended by a drain's
+    // evacuation (decision 82): their copies fill until the old node is
+    // dropped.
+    let appended = placement
+        .replica_nodes
+        .get(scheduler::replicas_wanted(vm)..)
+        .unwrap_or_default();
+    if appended.iter().any(|n| n == node) {
+        return Some(Lag::Filling(format!(
+            "node {node:?}'s copies are still filling (a drain moves them there)"
+        )));
+    }
+    if vm.status.is_outdated_on(node) {
+        return Some(Lag::Broken(format!(
+            "the storage fence marked node {node:?}'s copies outdated"
+        )));
+    }
+    for disk in vm.spec.disks.iter().filter(|d| d.replicas >= 2) {
+        let Some(volume) = view.disk_volume(&vm.meta.uid, &disk.name) else {
+            continue;
+        };
+        if volume.status.epoch != placement.epoch || !volume.status.reported() {
+            continue;
+        }
+        let Some(copy) = volume.status.replica(node) else {
+            return Some(Lag::Filling(format!(
+                "disk {}'s copy on {node:?} is not reported yet",
+                disk.name
+            )));
+        };
+        if copy.in_sync() {
+            continue;
+        }
+        let state = copy.state.with_mark(copy.outdated);
+        let why = format!("disk {}'s copy on {node:?} is {state}", disk.name);
+        return Some(match state {
+            ReplicaState::Outdated | ReplicaState::DiskFailed | ReplicaState::SplitBrain => {
+                Lag::Broken(why)
+            }
+            _ if copy.sync_total_bytes > 0 => Lag::Filling(format!(
+                "{why} ({} of {} bytes sent)",
+                copy.sync_done_bytes, copy.sync_total_bytes
+            )),
+            _ => Lag::Filling(why),
+        });
+    }
+    None
 }
 
 /// The next step for `migration`, from the state alone (pure: every rule
@@ -301,30 +395,54 @@ pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
             if !view.ready(&source) {
                 return fail(format!("the VM's node {source:?} is not ready"));
             }
-            // Replica nodes beyond what the disks ask were appended by a
-            // drain's evacuation (decision 82): their copies are still
-            // filling, so they take no guest until the old node is dropped.
-            let filling = placement
-                .replica_nodes
-                .get(scheduler::replicas_wanted(vm)..)
-                .unwrap_or_default();
+            // Stays pending, saying why, while a copy fills.
+            let wait = |why: String| {
+                let message = format!("waiting for the target's copies: {why}");
+                if migration.status.message == message {
+                    return Step::Wait;
+                }
+                let mut waiting = migration.clone();
+                waiting.status.message = message;
+                Step::Update(waiting)
+            };
+            // The first filling copy among the nodes left out, on a ready
+            // node: what the migration waits for when nothing else fits.
+            let mut filling = None;
             let candidates: Vec<Node> = match &migration.spec.target {
                 Some(target) if *target == source => {
                     return fail(format!("VM {vm_name:?} already runs on {target:?}"));
                 }
-                Some(target) if filling.contains(target) => {
-                    return fail(format!(
-                        "node {target:?}'s copy of VM {vm_name:?}'s disks is still filling (a drain moves a copy there); try again once it is in sync"
-                    ));
-                }
                 Some(target) => match view.nodes.iter().find(|n| n.meta.name == *target) {
-                    Some(node) => vec![node.clone()],
+                    Some(node) => match copy_lag(vm, placement, target, view) {
+                        None => vec![node.clone()],
+                        Some(Lag::Broken(why)) => {
+                            return fail(format!(
+                                "node {target:?} cannot take VM {vm_name:?}: {why}"
+                            ));
+                        }
+                        Some(Lag::Filling(why)) if view.ready(target) => return wait(why),
+                        Some(Lag::Filling(why)) => {
+                            return fail(format!(
+                                "node {target:?} is not ready and cannot take VM {vm_name:?}: {why}"
+                            ));
+                        }
+                    },
                     None => return fail(format!("no node {target:?}")),
                 },
                 None => view
                     .nodes
                     .iter()
-                    .filter(|n| n.meta.name != source && !filling.contains(&n.meta.name))
+                    .filter(|n| n.meta.name != source)
+                    .filter(|n| match copy_lag(vm, placement, &n.meta.name, view) {
+                        None => true,
+                        Some(Lag::Filling(why)) => {
+                            if filling.is_none() && view.ready(&n.meta.name) {
+                                filling = Some(why);
+                            }
+                            false
+                        }
+                        Some(Lag::Broken(_)) => false,
+                    })
                     .cloned()
                     .collect(),
             };
@@ -353,6 +471,9 @@ pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
                 view.seed,
             );
             let Some((_, target)) = plan.placements.into_iter().next() else {
+                if let Some(why) = filling {
+                    return wait(why);
+                }
                 let reason = plan
                     .unschedulable
                     .into_iter()
@@ -540,6 +661,7 @@ mod tests {
         vms: Vec<Vm>,
         placements: Vec<Placement>,
         endpoints: Vec<Endpoint>,
+        volumes: Vec<Volume>,
         now: u64,
     }
 
@@ -555,6 +677,7 @@ mod tests {
                     endpoint("10-1-0-7", "web", "uid-web", 99),
                     endpoint("10-1-0-8", "big", "uid-big", 0),
                 ],
+                volumes: Vec::new(),
                 now: 1_000_000,
             }
         }
@@ -567,6 +690,7 @@ mod tests {
                     vms: &self.vms,
                     placements: &self.placements,
                     endpoints: &self.endpoints,
+                    volumes: &self.volumes,
                     now_unix_ms: self.now,
                     seed: 7,
                 },
@@ -639,11 +763,109 @@ mod tests {
             (m.status.phase, m.status.target.as_str()),
             (MigrationPhase::Preparing, "n3")
         );
-        failed_with(world.decide(&request(Some("n2"))), "still filling");
+        waits_for(world.decide(&request(Some("n2"))), "still filling");
         // Once n3 is dropped, n2 is an ordinary replica node.
         world.placements[0].replica_nodes = vec!["n1".into(), "n2".into()];
         let m = updated(world.decide(&request(Some("n2"))));
         assert_eq!(m.status.phase, MigrationPhase::Preparing, "{m:?}");
+    }
+
+    fn waits_for(step: Step, words: &str) {
+        let m = updated(step);
+        assert_eq!(m.status.phase, MigrationPhase::Pending, "{m:?}");
+        assert!(m.status.message.contains(words), "{:?}", m.status.message);
+    }
+
+    /// `web`'s disk `root` with copies on n1 (primary) and n2, as the
+    /// primary reported them at `epoch`.
+    fn root_volume(epoch: u64, n2: ReplicaState) -> Volume {
+        let copy = |node: &str, state: ReplicaState| basalt_api::VolumeReplica {
+            node: node.into(),
+            state,
+            primary: node == "n1",
+            node_state: Some(state),
+            ..basalt_api::VolumeReplica::default()
+        };
+        Volume {
+            meta: ObjectMeta::named("web-root"),
+            spec: basalt_api::VolumeSpec {
+                owner: Some(basalt_api::VolumeOwner {
+                    vm: "web".into(),
+                    vm_uid: "uid-web".into(),
+                    disk: "root".into(),
+                    ..basalt_api::VolumeOwner::default()
+                }),
+                ..basalt_api::VolumeSpec::default()
+            },
+            status: basalt_api::VolumeStatus {
+                epoch,
+                primary_node: "n1".into(),
+                replicas: vec![copy("n1", ReplicaState::UpToDate), copy("n2", n2)],
+                ..basalt_api::VolumeStatus::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_copy_that_is_not_in_sync_takes_no_guest_and_the_migration_waits_for_a_filling_one() {
+        let mut world = World::new();
+        world.vms[0].spec.disks = vec![basalt_api::Disk {
+            name: "root".into(),
+            size_bytes: 1 << 20,
+            replicas: 2,
+            ..basalt_api::Disk::default()
+        }];
+        world.vms[1].spec.memory_mib = 64;
+        // n2 took the copy of a lost node (decision 43): same epoch, its
+        // copy is being filled.
+        world.placements[0].replica_nodes = vec!["n1".into(), "n2".into()];
+        let mut filling = root_volume(4, ReplicaState::Syncing);
+        filling.status.replicas[1].sync_done_bytes = 1 << 19;
+        filling.status.replicas[1].sync_total_bytes = 1 << 20;
+        world.volumes = vec![filling];
+        let waiting = updated(world.decide(&request(None)));
+        waits_for(
+            Step::Update(waiting.clone()),
+            "disk root's copy on \"n2\" is syncing (524288 of 1048576 bytes sent)",
+        );
+        // Said once: the same decision again writes nothing.
+        assert_eq!(world.decide(&waiting), Step::Wait);
+        waits_for(world.decide(&request(Some("n2"))), "syncing");
+        // Primary says up to date, the copy's node has not confirmed yet.
+        world.volumes[0].status.replicas[1].state = ReplicaState::UpToDate;
+        world.volumes[0].status.replicas[1].node_state = None;
+        waits_for(world.decide(&request(None)), "up-to-date");
+        // In sync: the migration goes on, from the same waiting object.
+        world.volumes[0].status.replicas[1].node_state = Some(ReplicaState::UpToDate);
+        let m = updated(world.decide(&waiting));
+        assert_eq!(
+            (m.status.phase, m.status.target.as_str()),
+            (MigrationPhase::Preparing, "n2")
+        );
+        // Copies that cannot catch up by themselves fail the request.
+        for state in [ReplicaState::DiskFailed, ReplicaState::SplitBrain] {
+            world.volumes = vec![root_volume(4, state)];
+            failed_with(world.decide(&request(Some("n2"))), state.as_str());
+        }
+        world.volumes = vec![root_volume(4, ReplicaState::UpToDate)];
+        world.vms[0].status.outdated_replicas = vec!["n2".into()];
+        failed_with(world.decide(&request(Some("n2"))), "fence marked");
+        failed_with(world.decide(&request(None)), "no target");
+        world.vms[0].status.outdated_replicas.clear();
+        // Nothing reported at the placement's epoch yet (just moved), or a
+        // report of an older epoch: no hold.
+        world.volumes = vec![root_volume(3, ReplicaState::Away)];
+        let m = updated(world.decide(&request(None)));
+        assert_eq!(m.status.phase, MigrationPhase::Preparing, "{m:?}");
+        world.volumes = vec![root_volume(4, ReplicaState::Unknown)];
+        world.volumes[0].status.replicas[0].state = ReplicaState::Unknown;
+        let m = updated(world.decide(&request(None)));
+        assert_eq!(m.status.phase, MigrationPhase::Preparing, "{m:?}");
+        // A filling copy on a node that is not ready is not waited for.
+        world.volumes = vec![root_volume(4, ReplicaState::Syncing)];
+        world.nodes[1] = node("n2", false);
+        failed_with(world.decide(&request(Some("n2"))), "not ready");
+        failed_with(world.decide(&request(None)), "no target");
     }
 
     fn in_phase(phase: MigrationPhase) -> Migration {

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use basalt_api::{Kind, Node, Object, Placement, ReplicaState, Vm, Volume, VolumeReplica};
+use basalt_api::{Kind, Node, Object, Placement, Vm, Volume, VolumeReplica};
 
 use crate::scheduler;
 use crate::state::State;
@@ -38,16 +38,6 @@ pub struct Plan {
     pub moves: Vec<(Placement, Vec<String>)>,
     /// VM → why a copy of it cannot leave an evacuating node yet.
     pub stuck: Vec<(String, String)>,
-}
-
-/// Whether `copy` is up to date as its primary reports it and as its own
-/// node holds it, with no fence mark.
-fn in_sync(copy: Option<&VolumeReplica>) -> bool {
-    copy.is_some_and(|c| {
-        c.state == ReplicaState::UpToDate
-            && c.node_state == Some(ReplicaState::UpToDate)
-            && !c.outdated
-    })
 }
 
 /// The next step (see the module's doc) for every placement with a copy
@@ -162,7 +152,12 @@ fn lagging(vm: &Vm, nodes: &[String], volumes: &HashMap<(&str, &str), &Volume>) 
             return Some(format!("disk {}'s volume is not recorded yet", disk.name));
         };
         for node in nodes {
-            if !in_sync(volume.status.replica(node)) || vm.status.is_outdated_on(node) {
+            if !volume
+                .status
+                .replica(node)
+                .is_some_and(VolumeReplica::in_sync)
+                || vm.status.is_outdated_on(node)
+            {
                 return Some(format!(
                     "disk {}'s copy on {node} is not up to date yet",
                     disk.name
@@ -175,7 +170,9 @@ fn lagging(vm: &Vm, nodes: &[String], volumes: &HashMap<(&str, &str), &Volume>) 
 
 #[cfg(test)]
 mod tests {
-    use basalt_api::{Condition, Disk, ObjectMeta, VolumeOwner, VolumeSpec, VolumeStatus};
+    use basalt_api::{
+        Condition, Disk, ObjectMeta, ReplicaState, VolumeOwner, VolumeSpec, VolumeStatus,
+    };
 
     use super::*;
     use crate::state::Command;

@@ -39,7 +39,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use basalt_api::{Kind, Object, Placement, ReplicaState, Volume, VolumeReplica};
+use basalt_api::{Kind, Object, Placement, Volume, VolumeReplica};
 
 use crate::admin::AdminService;
 use crate::scheduler;
@@ -199,14 +199,6 @@ fn is_ready(state: &State, name: &str) -> bool {
     matches!(state.get(Kind::Node, name), Some(Object::Node(n)) if n.status.is_ready())
 }
 
-/// Whether `copy` can be one of the copies left by the switch: up to date
-/// as the primary reports it and as its own node holds it, no fence mark.
-fn in_sync(copy: &VolumeReplica) -> bool {
-    copy.state == ReplicaState::UpToDate
-        && copy.node_state == Some(ReplicaState::UpToDate)
-        && !copy.outdated
-}
-
 /// The next step of every move (see the module's doc), one write per
 /// volume that can take one now.
 pub fn plan(state: &State, now_unix_ms: u64) -> Vec<Command> {
@@ -254,7 +246,7 @@ fn step(state: &State, volume: &Volume, now_unix_ms: u64) -> Option<Volume> {
             is_ready(state, node)
                 && status
                     .replica(node)
-                    .is_some_and(|r| *node == status.primary_node || in_sync(r))
+                    .is_some_and(|r| *node == status.primary_node || r.in_sync())
         });
         if !all_in_sync {
             return None;
@@ -314,7 +306,7 @@ impl VolumeMoves {
 
 #[cfg(test)]
 mod tests {
-    use basalt_api::{Node, ObjectMeta, VolumeSpec, VolumeStatus};
+    use basalt_api::{Node, ObjectMeta, ReplicaState, VolumeSpec, VolumeStatus};
 
     use super::*;
 

@@ -195,6 +195,17 @@ pub struct VolumeReplica {
     pub outdated_after_version: u64,
 }
 
+impl VolumeReplica {
+    /// Whether it holds every acknowledged write: up to date as the
+    /// primary reports it and as its own node holds it, with no fence
+    /// mark.
+    pub fn in_sync(&self) -> bool {
+        self.state == ReplicaState::UpToDate
+            && self.node_state == Some(ReplicaState::UpToDate)
+            && !self.outdated
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
@@ -220,6 +231,14 @@ impl VolumeStatus {
     /// The entry of `node`, if it holds a copy.
     pub fn replica(&self, node: &str) -> Option<&VolumeReplica> {
         self.replicas.iter().find(|r| r.node == node)
+    }
+
+    /// Whether the primary reported any copy at this epoch: before that
+    /// every state is [`ReplicaState::Unknown`] and says nothing.
+    pub fn reported(&self) -> bool {
+        self.replicas
+            .iter()
+            .any(|r| r.state != ReplicaState::Unknown)
     }
 
     /// The nodes of the copies, the primary's first, then by name.

@@ -403,7 +403,20 @@ impl Controllers {
                         || moving.contains_key(&vm.meta.name)
                         || vm.spec.running
                 })
-                .map(|vm| scheduler::planning_view(vm))
+                .map(|vm| {
+                    let mut view = scheduler::planning_view(vm);
+                    if let Some(current) = moving.get(&vm.meta.name) {
+                        // A copy still filling (a lost copy's replacement,
+                        // a resync) would give the guest half a disk: the
+                        // planner reads it as outdated (decision 84).
+                        for node in unfinished_copies(state, vm, current) {
+                            if !view.status.is_outdated_on(&node) {
+                                view.status.outdated_replicas.push(node);
+                            }
+                        }
+                    }
+                    view
+                })
                 .collect();
             // First placements of VMs with disks cloned from volumes, or
             // that are volumes, go where the volumes are (decisions 64
@@ -907,6 +920,37 @@ fn stopped_on(state: &crate::state::State, p: &Placement) -> bool {
         VmPhase::Pending | VmPhase::Scheduled => vm.status.node.is_none() && !vm.spec.running,
         _ => false,
     }
+}
+
+/// The replica nodes of `placement` (of `vm`) whose copy of some
+/// replicated disk does not hold the data yet, by the disks' volumes as
+/// the primary last reported them ([`basalt_api::VolumeStatus::unfinished`]).
+fn unfinished_copies(state: &crate::state::State, vm: &Vm, placement: &Placement) -> Vec<String> {
+    let volumes: Vec<&basalt_api::Volume> = state
+        .list(Kind::Volume)
+        .filter_map(|o| match o {
+            Object::Volume(v)
+                if v.status.epoch == placement.epoch
+                    && v.spec.owner.as_ref().is_some_and(|owner| {
+                        owner.vm_uid == vm.meta.uid
+                            && vm
+                                .spec
+                                .disks
+                                .iter()
+                                .any(|d| d.replicas >= 2 && d.name == owner.disk)
+                    }) =>
+            {
+                Some(v)
+            }
+            _ => None,
+        })
+        .collect();
+    placement
+        .replica_nodes
+        .iter()
+        .filter(|node| volumes.iter().any(|v| v.status.unfinished(node).is_some()))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

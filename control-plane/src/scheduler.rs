@@ -313,9 +313,10 @@ pub fn plan_pinned(
                 Some(holders) if !holders.contains(&node.meta.name) => {
                     Err("not holding a replica of its disks")
                 }
-                // Its copy missed acknowledged writes (the storage fence).
+                // Its copy missed acknowledged writes (the storage fence),
+                // or is still filling (a planning view's mark).
                 Some(_) if vm.status.is_outdated_on(&node.meta.name) => {
-                    Err("holding an outdated replica of its disks")
+                    Err("holding an outdated or unfinished replica of its disks")
                 }
                 Some(_) => Ok(()),
                 None if wanted > 0 && !can_replicate[i] => Err("unable to hold a replica"),

@@ -8,7 +8,9 @@
 //! node and epoch, and the lost copy's outdated mark is gone with it.
 //! Then n3 is removed from the cluster (decommissioned): its copy goes to
 //! n4 at once, without waiting for the delay (decision 51). The VM never
-//! moves and is never placed twice.
+//! moves and is never placed twice. Last, the primary's node is lost
+//! while n4's copy is reported filling: the VM is not moved onto it
+//! (decision 84) and says why.
 
 mod common;
 mod fake_agent;
@@ -18,7 +20,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use basalt_api::{AgentClient, Kind, Object, ReplicaMark, TokenSecret};
+use basalt_api::{
+    AgentClient, Condition, Kind, Object, ReplicaMark, ReplicaReport, ReplicaState, TokenSecret,
+    Volume, VolumeReport,
+};
 use basalt_testkit::{Prefix, wait};
 use fake_agent::{placement, publish, ready, replicated_vm};
 
@@ -167,4 +172,75 @@ async fn a_lost_replica_node_is_replaced_after_the_delay_and_a_removed_one_at_on
     );
     let placements = admin.list(Kind::Placement).await.expect("list").objects;
     assert_eq!(placements.len(), 1, "{placements:?}");
+
+    // n4's copy is being filled when the primary's node is lost too: HA
+    // must not start the VM on half a disk (decision 84). The primary's
+    // agent reported its own copy up to date and n4's syncing.
+    let storage_name = volume_of(&admin, "db").await.status.storage_name;
+    let syncing = |done: u64| VolumeReport {
+        node: first.node.clone(),
+        storage_name: storage_name.clone(),
+        local: ReplicaReport {
+            state: ReplicaState::UpToDate,
+            ..ReplicaReport::default()
+        },
+        peers: vec![ReplicaReport {
+            address: "10.0.0.4:7789".into(),
+            state: ReplicaState::Syncing,
+            sync_done_bytes: done,
+            sync_total_bytes: 1 << 30,
+            ..ReplicaReport::default()
+        }],
+        seen_version: 0,
+    };
+    agent
+        .report_volume(syncing(1 << 20))
+        .await
+        .expect("report the fill");
+    let filling = volume_of(&admin, "db").await;
+    assert_eq!(
+        filling.status.replica("n4").map(|r| r.state),
+        Some(ReplicaState::Syncing),
+        "{filling:?}"
+    );
+    stops[&first.node].store(true, Ordering::Relaxed);
+    wait::until(
+        "db says why it does not move to n4",
+        DEADLINE,
+        &[&member],
+        || async {
+            let Ok(Object::Vm(db)) = admin.get(Kind::Vm, "db").await else {
+                return false;
+            };
+            db.status.conditions.iter().any(|c| {
+                c.kind == Condition::READY
+                    && !c.status
+                    && c.reason == "Unschedulable"
+                    && c.message.contains("outdated or unfinished replica")
+            })
+        },
+    )
+    .await;
+    let held = placement(&admin, "db").await.expect("still placed");
+    assert_eq!(
+        (held.node.as_str(), held.epoch),
+        (first.node.as_str(), first.epoch),
+        "moved onto a copy still filling: {held:?}"
+    );
+}
+
+async fn volume_of(admin: &basalt_api::AdminClient, vm: &str) -> Volume {
+    for object in admin
+        .list(Kind::Volume)
+        .await
+        .expect("list volumes")
+        .objects
+    {
+        if let Object::Volume(v) = object
+            && v.spec.owner.as_ref().is_some_and(|o| o.vm == vm)
+        {
+            return v;
+        }
+    }
+    panic!("no volume of {vm}")
 }

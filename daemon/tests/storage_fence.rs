@@ -394,7 +394,7 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
         || async {
             member
                 .logs()
-                .contains("holding an outdated replica of its disks")
+                .contains("holding an outdated or unfinished replica of its disks")
         },
     )
     .await;

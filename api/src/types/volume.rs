@@ -241,6 +241,28 @@ impl VolumeStatus {
             .any(|r| r.state != ReplicaState::Unknown)
     }
 
+    /// Why `node`'s copy does not hold the volume's data yet, as far as
+    /// the primary's report tells: it is receiving a sync, or it is new
+    /// (not reported while the other copies are). `None` when it is in
+    /// sync, away (the storage fence decides whether an away copy missed
+    /// writes), or when nothing was reported at this epoch.
+    pub fn unfinished(&self, node: &str) -> Option<String> {
+        if !self.reported() {
+            return None;
+        }
+        match self.replica(node) {
+            None => Some(format!("its copy on {node} is new")),
+            Some(c) if c.state == ReplicaState::Syncing => Some(format!(
+                "its copy on {node} is syncing ({} of {} bytes sent)",
+                c.sync_done_bytes, c.sync_total_bytes
+            )),
+            Some(c) if c.state == ReplicaState::Unknown => {
+                Some(format!("its copy on {node} is new"))
+            }
+            Some(_) => None,
+        }
+    }
+
     /// The nodes of the copies, the primary's first, then by name.
     pub fn copy_nodes(&self) -> Vec<String> {
         let mut nodes: Vec<String> = self.replicas.iter().map(|r| r.node.clone()).collect();
@@ -668,6 +690,42 @@ mod tests {
             ReplicaState::UpToDate.with_mark(false),
             ReplicaState::UpToDate
         );
+    }
+
+    #[test]
+    fn a_copy_is_unfinished_while_it_syncs_or_is_new_next_to_reported_ones() {
+        let copy = |node: &str, state: ReplicaState| VolumeReplica {
+            node: node.into(),
+            state,
+            node_state: Some(state),
+            ..VolumeReplica::default()
+        };
+        let mut status = VolumeStatus {
+            replicas: vec![
+                copy("a", ReplicaState::UpToDate),
+                copy("b", ReplicaState::Syncing),
+                copy("c", ReplicaState::Unknown),
+                copy("d", ReplicaState::Away),
+            ],
+            ..VolumeStatus::default()
+        };
+        assert!(status.replicas[0].in_sync());
+        assert!(!status.replicas[3].in_sync());
+        assert_eq!(status.unfinished("a"), None);
+        assert!(status.unfinished("b").unwrap().contains("syncing"));
+        assert!(status.unfinished("c").unwrap().contains("new"));
+        assert!(status.unfinished("e").unwrap().contains("new"));
+        // Away: the fence decides; nothing reported: nothing known.
+        assert_eq!(status.unfinished("d"), None);
+        for r in &mut status.replicas {
+            r.state = ReplicaState::Unknown;
+        }
+        assert!(!status.reported());
+        assert_eq!(status.unfinished("b"), None);
+        // Up to date by the primary, its node not heard: not in sync yet.
+        let mut half = copy("a", ReplicaState::UpToDate);
+        half.node_state = None;
+        assert!(!half.in_sync());
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub async fn run(server: &str, format: Format, command: Command) -> anyhow::Resu
             Ok(())
         }
         Command::Completion { .. } => bail!("`completion` is answered without a server"),
+        Command::Cluster(_) => bail!("`cluster` commands are run by the cluster module"),
         Command::Token(_) => bail!("`token` commands are run by the token module"),
         Command::Policy(_) => bail!("`policy` commands are run by the policy module"),
         Command::Network(_) => bail!("`network` commands are run by the network module"),

@@ -6,6 +6,7 @@
 //! server or an error from the server ends the command with a message that
 //! names the problem and a non-zero exit status, never a panic.
 
+mod cluster;
 mod commands;
 mod image;
 mod migrate;
@@ -52,7 +53,8 @@ struct Cli {
 enum Command {
     /// Print one object: `basalt get vm web-1`.
     Get {
-        /// Object kind: node, vm, placement or token.
+        /// Object kind: node, vm, placement, token, member, network,
+        /// endpoint, policy, image, migration or volume.
         kind: basalt_api::Kind,
         /// Object name.
         name: String,
@@ -60,7 +62,8 @@ enum Command {
     /// List the objects of a kind: `basalt list vms`.
     #[command(visible_alias = "ls")]
     List {
-        /// Object kind: node(s), vm(s), placement(s) or token(s).
+        /// Object kind, singular or plural: node, vm, placement, token,
+        /// member, network, endpoint, policy, image, migration or volume.
         kind: basalt_api::Kind,
     },
     /// Create the objects described in a YAML or JSON file (`-` for stdin).
@@ -97,6 +100,10 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// The cluster as a whole: `status` (members, quorum, and what needs
+    /// attention among nodes, VMs, volumes and migrations).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Join tokens for new nodes: create (prints the secret once), list, revoke.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -143,6 +150,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Cluster(command) => {
+            runtime.block_on(cluster::run(&cli.server, cli.output, command))
+        }
         Command::Token(command) => runtime.block_on(token::run(&cli.server, cli.output, command)),
         Command::Policy(command) => runtime.block_on(policy::run(&cli.server, cli.output, command)),
         Command::Network(command) => {

@@ -4,6 +4,8 @@
 //! bootstrap member, so usually the leader too), the CLI still reads and
 //! writes through the list, the typed clients move on to the next member
 //! and stay there, while a CLI given only the dead member fails naming it.
+//! `basalt cluster status` shows every member answering, then the dead
+//! one not answering and the quorum kept by the two others.
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -49,6 +51,21 @@ fn text(output: &Output) -> String {
     )
 }
 
+/// `basalt --server SERVERS cluster status -o json`, parsed.
+async fn cluster_status(servers: &str) -> serde_json::Value {
+    let output = cli(vec![
+        "--server".into(),
+        servers.into(),
+        "-o".into(),
+        "json".into(),
+        "cluster".into(),
+        "status".into(),
+    ])
+    .await;
+    assert!(output.status.success(), "{}", text(&output));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| panic!("{err}: {}", text(&output)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_given_every_member_survives_the_loss_of_one() {
     let prefix = Prefix::for_test().expect("prefix");
@@ -71,6 +88,16 @@ async fn a_client_given_every_member_survives_the_loss_of_one() {
     ])
     .await;
     assert!(listed.status.success(), "{}", text(&listed));
+    let before = cluster_status(&all).await;
+    assert_eq!(before["quorum"]["answering"], 3, "{before}");
+    assert_eq!(
+        before["members"]
+            .as_array()
+            .map(|m| m.iter().filter(|m| m["leader"] == true).count()),
+        Some(1),
+        "one leader: {before}"
+    );
+    assert_eq!(before["healthy"], true, "{before}");
 
     processes[0].kill9().expect("kill -9 the first member");
 
@@ -116,6 +143,22 @@ async fn a_client_given_every_member_survives_the_loss_of_one() {
         .await
         .expect("a second read through the client of every member");
     assert!(nodes.objects.is_empty());
+
+    // `cluster status` names the member that does not answer; the two
+    // others still make a quorum.
+    let after = cluster_status(&all).await;
+    assert_eq!(after["quorum"]["voters"], 3, "{after}");
+    assert_eq!(after["quorum"]["answering"], 2, "{after}");
+    assert_eq!(after["healthy"], false, "{after}");
+    let silent: Vec<&serde_json::Value> = after["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter(|m| m["answers"] == false)
+        .collect();
+    assert_eq!(silent.len(), 1, "{after}");
+    assert_eq!(silent[0]["address"], addresses[0].as_str(), "{after}");
+    assert!(silent[0]["error"].is_string(), "{after}");
 
     // The same CLI given only the dead member fails, and says which.
     let dead = cli(vec![

@@ -131,7 +131,7 @@ impl Controllers {
             migrations: MigrationController::new(),
             volumes: VolumeController::new(),
             standalone_ha: StandaloneHa::new(),
-            volume_moves: VolumeMoves,
+            volume_moves: VolumeMoves::default(),
             unschedulable: HashMap::new(),
             held: HashMap::new(),
             gone: HashMap::new(),

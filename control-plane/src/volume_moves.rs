@@ -38,10 +38,12 @@
 //!   operator asked.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
 
 use basalt_api::{Kind, Object, Placement, Volume, VolumeReplica};
 
 use crate::admin::AdminService;
+use crate::history::History;
 use crate::scheduler;
 use crate::state::{Command, State, set_condition};
 use crate::volumes::{ready, stand_in};
@@ -271,15 +273,51 @@ fn step(state: &State, volume: &Volume, now_unix_ms: u64) -> Option<Volume> {
 
 /// The leader's volume moves: each round, the evacuations' new nodes
 /// first, then the next step of every move, one write per volume.
+///
+/// A round looks at the volumes only when something a move depends on
+/// changed since the last look: a node, a volume (its spec or a copy's
+/// report), a placement or a VM (the scheduler's load), from the change
+/// history; also after a new term, when the history does not reach back,
+/// after a write failed, and every [`crate::volumes::FULL_RESYNC`].
 #[derive(Debug, Default)]
-pub struct VolumeMoves;
+pub struct VolumeMoves {
+    /// The term and applied index of the last look, when all its writes
+    /// succeeded.
+    synced: Option<(u64, u64)>,
+    /// When the last look was.
+    last_look: Option<Instant>,
+}
+
+/// What a move or an evacuation reads besides the clock.
+const INPUTS: [Kind; 4] = [Kind::Node, Kind::Volume, Kind::Placement, Kind::Vm];
+
+/// Whether nothing of [`INPUTS`] changed after `index` (`false` when the
+/// history does not reach back that far).
+fn unchanged_since(history: &History, index: u64) -> bool {
+    INPUTS.iter().all(|kind| {
+        history
+            .since(index, Some(*kind), 1)
+            .is_ok_and(|c| c.is_empty())
+    })
+}
 
 impl VolumeMoves {
-    /// One round, as the leader of `term`. Most rounds find no node
-    /// evacuating and no volume to move, after one look at each volume.
+    /// One round, as the leader of `term`.
     pub async fn round(&mut self, admin: &AdminService, term: u64) {
-        let writes = {
+        let (writes, applied) = {
             let machine = admin.shared().read();
+            let applied = machine.applied_index();
+            let due = self
+                .last_look
+                .is_none_or(|at| at.elapsed() >= crate::volumes::FULL_RESYNC);
+            if !due
+                && let Some((t, index)) = self.synced
+                && t == term
+                && (index == applied || unchanged_since(&machine.history, index))
+            {
+                self.synced = Some((term, applied));
+                return;
+            }
             let state = &machine.state;
             let evacuate = evacuating(state);
             let (evacuations, stuck) = plan_evacuations(state, &evacuate, term);
@@ -294,8 +332,15 @@ impl VolumeMoves {
             let moves = plan(state, crate::agent::now_unix_ms())
                 .into_iter()
                 .filter(|c| !named.contains(&name(c)));
-            evacuations.into_iter().chain(moves).collect::<Vec<_>>()
+            (
+                evacuations.into_iter().chain(moves).collect::<Vec<_>>(),
+                applied,
+            )
         };
+        self.last_look = Some(Instant::now());
+        // Our own writes change volumes: the next round looks again, and
+        // goes quiet once a look writes nothing.
+        self.synced = writes.is_empty().then_some((term, applied));
         for command in writes {
             if let Err(err) = admin.write(command).await {
                 tracing::debug!(error = %err, "writing a volume move failed; the next round tries again");
@@ -309,6 +354,43 @@ mod tests {
     use basalt_api::{Node, ObjectMeta, ReplicaState, VolumeSpec, VolumeStatus};
 
     use super::*;
+
+    #[test]
+    fn a_round_looks_again_only_after_a_change_to_what_moves_read() {
+        use basalt_api::{Image, ObjectMeta};
+
+        use crate::history::Change;
+        use crate::state::ChangeType;
+
+        let change = |index: u64, object: Object| Change {
+            index,
+            change: ChangeType::Modified,
+            object,
+            previous: None,
+        };
+        let mut history = History::new(8, 10);
+        history.push(change(
+            11,
+            Object::Image(Image {
+                meta: ObjectMeta::named("debian"),
+                ..Image::default()
+            }),
+        ));
+        // Writes of other kinds (the raft bench's images) wake nothing.
+        assert!(unchanged_since(&history, 10));
+        history.push(change(12, ready_node("a")));
+        assert!(!unchanged_since(&history, 10));
+        assert!(!unchanged_since(&history, 11));
+        assert!(unchanged_since(&history, 12));
+        history.push(change(13, Object::Volume(volume("data", &["a"], &["a"]))));
+        assert!(!unchanged_since(&history, 12));
+        // A history that does not reach back: look.
+        let mut short = History::new(1, 10);
+        for index in 11..14 {
+            short.push(change(index, ready_node("b")));
+        }
+        assert!(!unchanged_since(&short, 10));
+    }
 
     fn ready_node(name: &str) -> Object {
         let mut node = Node {

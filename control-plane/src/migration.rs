@@ -682,6 +682,19 @@ mod tests {
             }
         }
 
+        /// [`World::new`], `web` with a two-copy disk `root` (the copies'
+        /// nodes are the test's to set).
+        fn replicated() -> Self {
+            let mut world = World::new();
+            world.vms[0].spec.disks = vec![basalt_api::Disk {
+                name: "root".into(),
+                size_bytes: 1 << 20,
+                replicas: 2,
+                ..basalt_api::Disk::default()
+            }];
+            world
+        }
+
         fn decide(&self, migration: &Migration) -> Step {
             decide(
                 migration,
@@ -746,13 +759,7 @@ mod tests {
 
     #[test]
     fn a_copy_a_drain_is_filling_takes_no_guest() {
-        let mut world = World::new();
-        world.vms[0].spec.disks = vec![basalt_api::Disk {
-            name: "root".into(),
-            size_bytes: 1 << 20,
-            replicas: 2,
-            ..basalt_api::Disk::default()
-        }];
+        let mut world = World::replicated();
         // Copies on n1 and n3, and one being filled on n2 (appended by an
         // evacuation of n3).
         world.nodes[2] = node("n3", true);
@@ -808,13 +815,7 @@ mod tests {
 
     #[test]
     fn a_copy_that_is_not_in_sync_takes_no_guest_and_the_migration_waits_for_a_filling_one() {
-        let mut world = World::new();
-        world.vms[0].spec.disks = vec![basalt_api::Disk {
-            name: "root".into(),
-            size_bytes: 1 << 20,
-            replicas: 2,
-            ..basalt_api::Disk::default()
-        }];
+        let mut world = World::replicated();
         world.vms[1].spec.memory_mib = 64;
         // n2 took the copy of a lost node (decision 43): same epoch, its
         // copy is being filled.

@@ -5,7 +5,8 @@
 //! writes through the list, the typed clients move on to the next member
 //! and stay there, while a CLI given only the dead member fails naming it.
 //! `basalt cluster status` shows every member answering, then the dead
-//! one not answering and the quorum kept by the two others.
+//! one not answering and the quorum kept by the two others; with a
+//! second member killed it fails, naming what it could not read.
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -173,5 +174,26 @@ async fn a_client_given_every_member_survives_the_loss_of_one() {
         String::from_utf8_lossy(&dead.stderr).contains(&addresses[0]),
         "{}",
         text(&dead)
+    );
+
+    // A second member gone: no quorum, so `cluster status` fails, and in
+    // bounded time, instead of showing a state nobody can vouch for.
+    processes[1].kill9().expect("kill -9 the second member");
+    let lost = tokio::time::timeout(
+        DEADLINE,
+        cli(vec![
+            "--server".into(),
+            all.clone(),
+            "cluster".into(),
+            "status".into(),
+        ]),
+    )
+    .await
+    .expect("cluster status answers without a quorum too");
+    assert!(!lost.status.success(), "{}", text(&lost));
+    assert!(
+        String::from_utf8_lossy(&lost.stderr).contains("reading the cluster's"),
+        "{}",
+        text(&lost)
     );
 }

@@ -396,6 +396,20 @@ impl Controllers {
                 }
             }
             let placed: BTreeSet<&str> = kept.iter().map(|p| p.vm.as_str()).collect();
+            // The disks' volumes of the VMs that move, by VM uid.
+            let mut disk_volumes: HashMap<&str, Vec<&basalt_api::Volume>> = HashMap::new();
+            if !moving.is_empty() {
+                for object in state.list(Kind::Volume) {
+                    if let Object::Volume(v) = object
+                        && let Some(owner) = &v.spec.owner
+                    {
+                        disk_volumes
+                            .entry(owner.vm_uid.as_str())
+                            .or_default()
+                            .push(v);
+                    }
+                }
+            }
             let vms: Vec<Vm> = all_vms
                 .values()
                 .filter(|vm| {
@@ -409,7 +423,10 @@ impl Controllers {
                         // A copy still filling (a lost copy's replacement,
                         // a resync) would give the guest half a disk: the
                         // planner reads it as outdated (decision 84).
-                        for node in unfinished_copies(state, vm, current) {
+                        let volumes = disk_volumes.get(vm.meta.uid.as_str());
+                        for node in
+                            unfinished_copies(vm, current, volumes.map_or(&[], Vec::as_slice))
+                        {
                             if !view.status.is_outdated_on(&node) {
                                 view.status.outdated_replicas.push(node);
                             }
@@ -923,28 +940,24 @@ fn stopped_on(state: &crate::state::State, p: &Placement) -> bool {
 }
 
 /// The replica nodes of `placement` (of `vm`) whose copy of some
-/// replicated disk does not hold the data yet, by the disks' volumes as
-/// the primary last reported them ([`basalt_api::VolumeStatus::unfinished`]).
-fn unfinished_copies(state: &crate::state::State, vm: &Vm, placement: &Placement) -> Vec<String> {
-    let volumes: Vec<&basalt_api::Volume> = state
-        .list(Kind::Volume)
-        .filter_map(|o| match o {
-            Object::Volume(v)
-                if v.status.epoch == placement.epoch
-                    && v.spec.owner.as_ref().is_some_and(|owner| {
-                        owner.vm_uid == vm.meta.uid
-                            && vm
-                                .spec
-                                .disks
-                                .iter()
-                                .any(|d| d.replicas >= 2 && d.name == owner.disk)
-                    }) =>
-            {
-                Some(v)
-            }
-            _ => None,
-        })
-        .collect();
+/// replicated disk does not hold the data yet, by the disks' `volumes`
+/// (the VM's, any epoch) as the primary last reported them
+/// ([`basalt_api::VolumeStatus::unfinished`]).
+fn unfinished_copies(
+    vm: &Vm,
+    placement: &Placement,
+    volumes: &[&basalt_api::Volume],
+) -> Vec<String> {
+    let replicated = |v: &&&basalt_api::Volume| {
+        v.status.epoch == placement.epoch
+            && v.spec.owner.as_ref().is_some_and(|owner| {
+                vm.spec
+                    .disks
+                    .iter()
+                    .any(|d| d.replicas >= 2 && d.name == owner.disk)
+            })
+    };
+    let volumes: Vec<&&basalt_api::Volume> = volumes.iter().filter(replicated).collect();
     placement
         .replica_nodes
         .iter()

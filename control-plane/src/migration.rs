@@ -146,10 +146,10 @@ impl MigrationController {
                 .list(Kind::Endpoint)
                 .filter_map(|o| Endpoint::try_from(o.clone()).ok())
                 .collect();
-            let volumes: Vec<Volume> = state
+            let volumes: Vec<&Volume> = state
                 .list(Kind::Volume)
                 .filter_map(|o| match o {
-                    Object::Volume(v) if v.spec.owner.is_some() => Some(v.clone()),
+                    Object::Volume(v) if v.spec.owner.is_some() => Some(v),
                     _ => None,
                 })
                 .collect();
@@ -260,8 +260,8 @@ pub struct View<'a> {
     pub placements: &'a [Placement],
     /// Every endpoint.
     pub endpoints: &'a [Endpoint],
-    /// Every volume (the VM disks' copies and how each stands).
-    pub volumes: &'a [Volume],
+    /// The VM disks' volumes (their copies and how each stands).
+    pub volumes: &'a [&'a Volume],
     /// The leader's clock.
     pub now_unix_ms: u64,
     /// The scheduler's tie-break seed.
@@ -284,7 +284,7 @@ impl View<'_> {
     }
 
     fn disk_volume(&self, vm_uid: &str, disk: &str) -> Option<&Volume> {
-        self.volumes.iter().find(|v| {
+        self.volumes.iter().copied().find(|v| {
             v.spec
                 .owner
                 .as_ref()
@@ -703,7 +703,7 @@ mod tests {
                     vms: &self.vms,
                     placements: &self.placements,
                     endpoints: &self.endpoints,
-                    volumes: &self.volumes,
+                    volumes: &self.volumes.iter().collect::<Vec<_>>(),
                     now_unix_ms: self.now,
                     seed: 7,
                 },

@@ -112,7 +112,7 @@ async fn follow(
     let uid = created.meta().uid.clone();
     let name = created.name().to_owned();
     let mut events = client.watch(Some(Kind::Migration), version).await?;
-    let mut last: Option<(MigrationPhase, u64, String)> = None;
+    let mut last: Option<ProgressKey> = None;
     // What happened between the create and the watch is in the current
     // object; later changes come from the watch.
     let mut next = Some(client.get(Kind::Migration, &name).await?);
@@ -137,16 +137,7 @@ async fn follow(
         if m.meta.name != name || m.meta.uid != uid {
             continue;
         }
-        let now = (
-            m.status.phase,
-            m.status.data_remaining >> 20,
-            // What a pending migration waits for.
-            if m.status.phase == MigrationPhase::Pending {
-                m.status.message.clone()
-            } else {
-                String::new()
-            },
-        );
+        let now = progress_key(&m);
         if last.as_ref() != Some(&now) {
             last = Some(now);
             print_progress(format, &m)?;
@@ -159,31 +150,51 @@ async fn follow(
     }
 }
 
+/// What a progress line shows: the phase, the MiB left and what a
+/// pending migration waits for. A new line is printed when it changes.
+pub type ProgressKey = (MigrationPhase, u64, String);
+
+/// The [`ProgressKey`] of `m`.
+pub fn progress_key(m: &Migration) -> ProgressKey {
+    let status = &m.status;
+    (
+        status.phase,
+        status.data_remaining >> 20,
+        if status.phase == MigrationPhase::Pending {
+            status.message.clone()
+        } else {
+            String::new()
+        },
+    )
+}
+
+/// The words after the phase on a progress line of `m`.
+pub fn progress_text(m: &Migration) -> String {
+    let status = &m.status;
+    match status.phase {
+        MigrationPhase::Pending if !status.message.is_empty() => status.message.clone(),
+        MigrationPhase::Pending => "waiting for the control plane".to_owned(),
+        MigrationPhase::Migrating if status.data_total > 0 => format!(
+            "{} → {}: {} MiB of {} MiB left{}",
+            status.source,
+            status.target,
+            status.data_remaining >> 20,
+            status.data_total >> 20,
+            if status.post_copy_active {
+                " (post-copy)"
+            } else {
+                ""
+            }
+        ),
+        MigrationPhase::Succeeded | MigrationPhase::Failed => status.message.clone(),
+        _ => format!("{} → {}: {}", status.source, status.target, status.message),
+    }
+}
+
 fn print_progress(format: Format, m: &Migration) -> anyhow::Result<()> {
     match format {
         Format::Table => {
-            let status = &m.status;
-            let what = match status.phase {
-                MigrationPhase::Pending if !status.message.is_empty() => status.message.clone(),
-                MigrationPhase::Pending => "waiting for the control plane".to_owned(),
-                MigrationPhase::Preparing | MigrationPhase::TargetReady => {
-                    format!("{} → {}: {}", status.source, status.target, status.message)
-                }
-                MigrationPhase::Migrating if status.data_total > 0 => format!(
-                    "{} → {}: {} MiB of {} MiB left{}",
-                    status.source,
-                    status.target,
-                    status.data_remaining >> 20,
-                    status.data_total >> 20,
-                    if status.post_copy_active {
-                        " (post-copy)"
-                    } else {
-                        ""
-                    }
-                ),
-                _ => status.message.clone(),
-            };
-            println!("{:<12} {what}", status.phase.to_string());
+            println!("{:<12} {}", m.status.phase.to_string(), progress_text(m));
             Ok(())
         }
         Format::Json => output::print_json_line(m),
@@ -193,4 +204,36 @@ fn print_progress(format: Format, m: &Migration) -> anyhow::Result<()> {
 
 fn or_dash(text: &str) -> &str {
     if text.is_empty() { "-" } else { text }
+}
+
+#[cfg(test)]
+mod tests {
+    use basalt_api::MigrationStatus;
+
+    use super::*;
+
+    #[test]
+    fn a_pending_migration_says_what_it_waits_for_and_a_new_reason_is_a_new_line() {
+        let mut m = Migration::default();
+        assert_eq!(progress_text(&m), "waiting for the control plane");
+        let before = progress_key(&m);
+        m.status.message =
+            "waiting for the target's copies: disk root's copy on \"b\" is syncing".into();
+        assert!(progress_text(&m).contains("is syncing"));
+        assert_ne!(progress_key(&m), before);
+        m.status = MigrationStatus {
+            phase: MigrationPhase::Migrating,
+            source: "a".into(),
+            target: "b".into(),
+            data_total: 512 << 20,
+            data_remaining: 100 << 20,
+            message: "copying".into(),
+            ..MigrationStatus::default()
+        };
+        assert_eq!(progress_text(&m), "a → b: 100 MiB of 512 MiB left");
+        // Messages of other phases do not make lines by themselves.
+        let copying = progress_key(&m);
+        m.status.message = "still copying".into();
+        assert_eq!(progress_key(&m), copying);
+    }
 }

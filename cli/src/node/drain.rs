@@ -53,8 +53,8 @@ pub struct DrainOptions {
 /// One migration this drain follows.
 #[derive(Debug)]
 struct Following {
-    /// What was last printed: phase and MiB left.
-    last: Option<(MigrationPhase, u64)>,
+    /// What was last printed.
+    last: Option<crate::migrate::ProgressKey>,
 }
 
 /// Cordons `name` and moves every VM off it; see the module doc.
@@ -354,23 +354,15 @@ async fn follow_step(
         return fall_back(client, vm, node, "its migration was removed").await;
     };
     let status = &m.status;
-    let now = (status.phase, status.data_remaining >> 20);
-    if state.last != Some(now) {
+    let now = crate::migrate::progress_key(&m);
+    if state.last.as_ref() != Some(&now) {
         state.last = Some(now);
-        let what = match status.phase {
-            MigrationPhase::Pending => "waiting for the control plane".to_owned(),
-            MigrationPhase::Migrating if status.data_total > 0 => format!(
-                "{} → {}: {} MiB of {} MiB left",
-                status.source,
-                status.target,
-                status.data_remaining >> 20,
-                status.data_total >> 20
-            ),
-            MigrationPhase::Succeeded | MigrationPhase::Failed => String::new(),
-            _ => format!("{} → {}: {}", status.source, status.target, status.message),
-        };
-        if !what.is_empty() {
-            println!("  vm/{vm}: {:<11} {what}", status.phase.to_string());
+        if !status.phase.is_terminal() {
+            println!(
+                "  vm/{vm}: {:<11} {}",
+                status.phase.to_string(),
+                crate::migrate::progress_text(&m)
+            );
         }
     }
     match status.phase {

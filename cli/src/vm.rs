@@ -70,6 +70,17 @@ pub enum VmCommand {
         #[arg(long, value_parser = parse_disk)]
         disk: Disk,
     },
+    /// Let the control plane start a VM held off by a replica node's
+    /// unfinished disk copies (their primary's node was lost while they
+    /// filled) on that node's copies as they are: writes they missed are
+    /// lost. Good for the VM's current placement only.
+    AcceptCopy {
+        /// The VM.
+        name: String,
+        /// The replica node whose copies to accept.
+        #[arg(long)]
+        node: String,
+    },
     /// Remove a disk from a VM; a running guest is asked to let go of it.
     /// A VM's own disk is deleted with its data; an attached volume is
     /// kept, released (standalone again) once the guest has let go of it.
@@ -272,6 +283,37 @@ pub async fn run(server: &str, format: Format, command: VmCommand) -> anyhow::Re
             })
             .await?;
             println!("vm/{name}: disk {added} added");
+            Ok(())
+        }
+        VmCommand::AcceptCopy { name, node } => {
+            let placement = match client.get(Kind::Placement, &name).await {
+                Ok(Object::Placement(p)) => p,
+                Ok(other) => bail!("placement/{name} is a {}", other.kind()),
+                Err(ApiError::NotFound { .. }) => bail!("vm/{name} is not placed on any node"),
+                Err(err) => return Err(err).context(format!("reading vm/{name}'s placement")),
+            };
+            if placement.node == node {
+                bail!("vm/{name} is placed on {node} already: its copies there are the primary's");
+            }
+            if !placement.replica_nodes.contains(&node) {
+                bail!(
+                    "{node} holds no copy of vm/{name}'s disks (its replica nodes: {})",
+                    placement.replica_nodes.join(", ")
+                );
+            }
+            let value = format!("{}/{node}", placement.epoch);
+            edit_vm(&client, &name, |vm| {
+                let changed = vm.meta.labels.get(Vm::ACCEPT_COPY_LABEL) != Some(&value);
+                vm.meta
+                    .labels
+                    .insert(Vm::ACCEPT_COPY_LABEL.to_owned(), value.clone());
+                Ok(changed)
+            })
+            .await?;
+            println!(
+                "vm/{name}: may now start on {node}'s copies as they are (placement epoch {}); writes they missed are lost",
+                placement.epoch
+            );
             Ok(())
         }
         VmCommand::RemoveDisk { name, disk } => {

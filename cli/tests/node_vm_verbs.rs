@@ -147,6 +147,26 @@ async fn node_and_vm_verbs_against_a_real_cluster() {
     );
     assert!(out.contains("Linux version 6"), "{out}");
 
+    // accept-copy refuses what would accept nothing, naming why.
+    let (success, out) = cli(&server, &["vm", "accept-copy", "web", "--node", &web_node]);
+    assert!(
+        !success && out.contains("placed on") && out.contains("already"),
+        "{out}"
+    );
+    let (success, out) = cli(
+        &server,
+        &["vm", "accept-copy", "web", "--node", "elsewhere"],
+    );
+    assert!(!success && out.contains("holds no copy"), "{out}");
+    assert!(
+        !vm(&admin, "web")
+            .await
+            .expect("web")
+            .meta
+            .labels
+            .contains_key(basalt_api::Vm::ACCEPT_COPY_LABEL)
+    );
+
     // cordon: a new VM never lands on the cordoned node.
     let out = ok(&server, &["node", "cordon", &web_node]);
     assert!(out.contains("cordoned"), "{out}");

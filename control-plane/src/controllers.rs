@@ -958,9 +958,11 @@ fn unfinished_copies(
             })
     };
     let volumes: Vec<&&basalt_api::Volume> = volumes.iter().filter(replicated).collect();
+    let accepted = vm.accepted_copy(placement.epoch);
     placement
         .replica_nodes
         .iter()
+        .filter(|node| accepted != Some(node.as_str()))
         .filter(|node| volumes.iter().any(|v| v.status.unfinished(node).is_some()))
         .cloned()
         .collect()

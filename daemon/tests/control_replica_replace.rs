@@ -10,7 +10,8 @@
 //! n4 at once, without waiting for the delay (decision 51). The VM never
 //! moves and is never placed twice. Last, the primary's node is lost
 //! while n4's copy is reported filling: the VM is not moved onto it
-//! (decision 84) and says why.
+//! (decision 84) and says why, until the operator accepts n4's copy as
+//! it is: then it moves there.
 
 mod common;
 mod fake_agent;
@@ -227,6 +228,33 @@ async fn a_lost_replica_node_is_replaced_after_the_delay_and_a_removed_one_at_on
         (first.node.as_str(), first.epoch),
         "moved onto a copy still filling: {held:?}"
     );
+
+    // The operator accepts n4's copies as they are (`basalt vm
+    // accept-copy db --node n4`): the VM moves there, one epoch later.
+    let Ok(Object::Vm(mut db)) = admin.get(Kind::Vm, "db").await else {
+        panic!("db is gone")
+    };
+    db.meta.labels.insert(
+        basalt_api::Vm::ACCEPT_COPY_LABEL.into(),
+        format!("{}/n4", held.epoch),
+    );
+    admin
+        .update(Object::Vm(db))
+        .await
+        .expect("accept n4's copy");
+    wait::until(
+        "db moves onto n4's accepted copy",
+        DEADLINE,
+        &[&member],
+        || async {
+            placement(&admin, "db")
+                .await
+                .is_some_and(|p| p.node == "n4")
+        },
+    )
+    .await;
+    let forced = placement(&admin, "db").await.expect("placed");
+    assert_eq!(forced.epoch, held.epoch + 1, "{forced:?}");
 }
 
 async fn volume_of(admin: &basalt_api::AdminClient, vm: &str) -> Volume {

@@ -401,6 +401,22 @@ pub struct NicAddress {
 }
 
 impl Vm {
+    /// A label by which an operator lets the control plane start the VM
+    /// on one replica node's disk copies as they are, though the primary's
+    /// last report had them still filling (what DRBD's `primary --force`
+    /// does): `EPOCH/NODE`, good only while the VM's placement is at
+    /// `EPOCH`, so it is spent by the move it allows
+    /// (`basalt vm accept-copy`).
+    pub const ACCEPT_COPY_LABEL: &str = "basalt.io/accept-copy";
+
+    /// The node whose copies the operator accepted as they are, for the
+    /// placement at `epoch` ([`Vm::ACCEPT_COPY_LABEL`]).
+    pub fn accepted_copy(&self, epoch: u64) -> Option<&str> {
+        let value = self.meta.labels.get(Self::ACCEPT_COPY_LABEL)?;
+        let (at, node) = value.split_once('/')?;
+        (at.parse::<u64>().ok()? == epoch && !node.is_empty()).then_some(node)
+    }
+
     /// Checks every field; errors name the field's path, e.g. `spec.memory_mib`.
     pub fn validate(&self) -> Result<(), ApiError> {
         self.meta.validate()?;
@@ -594,6 +610,31 @@ fn validate_mac(field: &str, mac: &str) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_accepted_copy_holds_for_its_epoch_only() {
+        let mut vm = Vm {
+            meta: ObjectMeta::named("db"),
+            ..Vm::default()
+        };
+        assert_eq!(vm.accepted_copy(5), None);
+        for (value, at5) in [
+            ("5/n4", Some("n4")),
+            ("4/n4", None),
+            ("5/", None),
+            ("n4", None),
+            ("x/n4", None),
+        ] {
+            vm.meta
+                .labels
+                .insert(Vm::ACCEPT_COPY_LABEL.into(), value.into());
+            assert_eq!(vm.accepted_copy(5), at5, "{value}");
+        }
+        vm.meta
+            .labels
+            .insert(Vm::ACCEPT_COPY_LABEL.into(), "5/n4".into());
+        vm.meta.validate().unwrap();
+    }
 
     fn vm() -> Vm {
         Vm {

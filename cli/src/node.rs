@@ -143,6 +143,9 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
             } else {
                 Vec::new()
             };
+            // Copies that have another elsewhere: replaced once it is gone.
+            let disks = drain::copies_on(&client, &name).await?;
+            let volumes = drain::volumes_on(&client, &name).await?;
             let deleted = if force {
                 client.delete_forced(Kind::Node, &name, None).await
             } else {
@@ -161,6 +164,13 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
                 println!(
                     "node/{name} removed; its {} VM(s) move to other nodes once its agent has stopped them",
                     placed.len()
+                );
+            }
+            if !disks.is_empty() || !volumes.is_empty() {
+                println!(
+                    "its copies of {} VM(s)' disks and of {} volume(s) are made again on other nodes, one copy short until each is filled (`basalt node drain {name} --storage --wait` before a removal moves them first)",
+                    disks.len(),
+                    volumes.len()
                 );
             }
             Ok(())

@@ -125,9 +125,25 @@ async fn a_node_with_vms_is_removed_only_when_forced() {
         .await
         .expect("the node is still there after the CLI's refusal");
 
-    // A node without VMs goes with a plain delete.
+    // A node without VMs goes with a plain delete, even when it holds a
+    // copy of a VM's disks (web's second replica node): the CLI says the
+    // copy is made again elsewhere.
+    let Ok(Object::Placement(mut web)) = admin.get(Kind::Placement, "web").await else {
+        panic!("web is not placed")
+    };
+    web.replica_nodes = vec!["busy".into(), "idle".into()];
+    admin
+        .update(Object::Placement(web))
+        .await
+        .expect("give web a copy on idle");
     let removed = basalt(&server, &["node", "remove", "idle"]).await;
     assert!(removed.status.success(), "{}", text(&removed));
+    assert!(
+        String::from_utf8_lossy(&removed.stdout)
+            .contains("its copies of 1 VM(s)' disks and of 0 volume(s) are made again"),
+        "{}",
+        text(&removed)
+    );
     assert!(matches!(
         admin.get(Kind::Node, "idle").await,
         Err(ApiError::NotFound { .. })

@@ -161,7 +161,7 @@ struct Held {
 /// The standalone volumes (not a VM's disk, not a snapshot or clone:
 /// those stay with their source) with a copy on node `name`: what a drain
 /// moves off it besides the VMs.
-async fn volumes_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<String>> {
+pub(super) async fn volumes_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<String>> {
     let list = client
         .list(Kind::Volume)
         .await
@@ -185,7 +185,7 @@ async fn volumes_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<Stri
 /// The VMs placed on another node with a replicated disk's copy on node
 /// `name` (their replica nodes name it): what a drain moves off it once
 /// the VMs themselves have left.
-async fn copies_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<String>> {
+pub(super) async fn copies_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<String>> {
     let list = client
         .list(Kind::Placement)
         .await

@@ -66,8 +66,13 @@ pub async fn run(server: &str, format: Format, command: Command) -> anyhow::Resu
             kind,
             name,
             resource_version,
+            force,
         } => {
-            client.delete(kind, &name, resource_version).await?;
+            if force {
+                client.delete_forced(kind, &name, resource_version).await?;
+            } else {
+                client.delete(kind, &name, resource_version).await?;
+            }
             println!("{kind}/{name} deleted");
             Ok(())
         }

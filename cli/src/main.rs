@@ -88,6 +88,11 @@ enum Command {
         /// Delete only if the object is still at this resource version.
         #[arg(long)]
         resource_version: Option<u64>,
+        /// Delete even what the control plane refuses to delete for a
+        /// reason it names (a node with VMs or a volume's only copy, a
+        /// migration switching over).
+        #[arg(long)]
+        force: bool,
     },
     /// Stream changes as they happen (every kind unless one is named).
     Watch {

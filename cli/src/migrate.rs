@@ -7,6 +7,8 @@
 //! A request is a `migration` object named after the VM. A finished one
 //! (succeeded or failed) is replaced; one still under way is reported and
 //! left alone. With `--wait`, the command fails when the migration does.
+//! `--cancel` deletes one still under way (the agents abort its copy);
+//! the control plane refuses that once it is switching over.
 
 use anyhow::{Context as _, bail};
 use basalt_api::{
@@ -39,11 +41,19 @@ pub struct MigrateArgs {
     /// Cap the copy's bandwidth, in MiB/s (0: no cap).
     #[arg(long = "bandwidth-mib", value_name = "MIB_S", default_value_t = 0)]
     pub bandwidth_mib_s: u32,
+    /// Cancel the VM's migration under way instead: one still pending or
+    /// preparing is dropped, a copy in progress is aborted (the guest
+    /// stays where it runs). One switching over cannot be cancelled.
+    #[arg(long, conflicts_with_all = ["to", "wait", "post_copy", "timeout_seconds", "bandwidth_mib_s"])]
+    pub cancel: bool,
 }
 
 /// Runs `basalt vm migrate` against the server at `server`.
 pub async fn run(server: &str, format: Format, args: MigrateArgs) -> anyhow::Result<()> {
     let client = AdminClient::connect(server).await?;
+    if args.cancel {
+        return cancel(&client, &args.vm).await;
+    }
     let request = Migration {
         meta: ObjectMeta::named(args.vm.clone()),
         spec: MigrationSpec {
@@ -74,6 +84,44 @@ pub async fn run(server: &str, format: Format, args: MigrateArgs) -> anyhow::Res
         };
     }
     follow(&client, format, created, version).await
+}
+
+/// Deletes `vm`'s migration if it is still under way (by compare-and-swap,
+/// so a migration that ended meanwhile is left as it is).
+async fn cancel(client: &AdminClient, vm: &str) -> anyhow::Result<()> {
+    let m = match client.get(Kind::Migration, vm).await {
+        Ok(Object::Migration(m)) => m,
+        Ok(other) => bail!("{vm} is a {}, not a migration", other.kind()),
+        Err(ApiError::NotFound { .. }) => bail!("VM {vm} has no migration to cancel"),
+        Err(err) => return Err(err).context(format!("reading migration/{vm}")),
+    };
+    if m.status.phase.is_terminal() {
+        bail!(
+            "the migration of {vm} has ended ({}: {}); nothing to cancel",
+            m.status.phase,
+            m.status.message
+        );
+    }
+    match client
+        .delete(Kind::Migration, vm, Some(m.meta.resource_version))
+        .await
+    {
+        Ok(_) => {}
+        Err(ApiError::Aborted { .. }) => {
+            bail!(
+                "the migration of {vm} changed meanwhile; look at it again (`basalt get migration {vm}`)"
+            )
+        }
+        Err(err) => return Err(err).context(format!("cancelling the migration of {vm}")),
+    }
+    match m.status.phase {
+        MigrationPhase::Migrating => println!(
+            "migration of {vm} cancelled: the copy to {} is aborted, the guest stays on {}",
+            m.status.target, m.status.source
+        ),
+        phase => println!("migration of {vm} cancelled (it was {phase})"),
+    }
+    Ok(())
 }
 
 /// Replaces a finished migration of the same VM; refuses if one is still

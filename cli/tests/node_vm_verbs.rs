@@ -167,6 +167,34 @@ async fn node_and_vm_verbs_against_a_real_cluster() {
             .contains_key(basalt_api::Vm::ACCEPT_COPY_LABEL)
     );
 
+    // migrate --cancel: nothing to cancel yet; then a request (these
+    // simulated hypervisors cannot reach each other, so the copy fails
+    // soon) is cancelled while under way or found ended, either way said.
+    let (success, out) = cli(&server, &["vm", "migrate", "web", "--cancel"]);
+    assert!(
+        !success && out.contains("has no migration to cancel"),
+        "{out}"
+    );
+    ok(&server, &["vm", "migrate", "web"]);
+    let (success, out) = cli(&server, &["vm", "migrate", "web", "--cancel"]);
+    assert!(
+        (success && out.contains("migration of web cancelled"))
+            || (!success && out.contains("has ended; nothing to cancel")),
+        "{out}"
+    );
+    if success {
+        assert!(matches!(
+            admin.get(Kind::Migration, "web").await,
+            Err(basalt_api::ApiError::NotFound { .. })
+        ));
+    }
+    wait_until("web runs after its migration is gone or failed", || async {
+        vm(&admin, "web")
+            .await
+            .is_some_and(|v| v.status.phase == VmPhase::Running)
+    })
+    .await;
+
     // cordon: a new VM never lands on the cordoned node.
     let out = ok(&server, &["node", "cordon", &web_node]);
     assert!(out.contains("cordoned"), "{out}");

@@ -770,6 +770,20 @@ impl State {
         if kind == Kind::Volume {
             crate::volumes::check_delete(self, name)?;
         }
+        // libvirt has moved the guest: only the placement's move is left,
+        // and without the migration nobody would make it.
+        if kind == Kind::Migration
+            && !force
+            && let Some(Object::Migration(m)) = self.get(Kind::Migration, name)
+            && m.status.phase == basalt_api::MigrationPhase::Switching
+        {
+            return Err(Refusal::FailedPrecondition {
+                reason: format!(
+                    "migration {name:?} is switching over: the guest already runs on {:?} and the control plane is moving the placement there; it ends by itself (delete it with force only if that never happens)",
+                    m.status.target
+                ),
+            });
+        }
         if kind == Kind::Network {
             let leased = self
                 .list(Kind::Endpoint)
@@ -896,6 +910,62 @@ mod tests {
         vm.spec.cpus = 1;
         vm.spec.memory_mib = 256;
         Object::Vm(vm)
+    }
+
+    #[test]
+    fn a_migration_switching_over_is_deleted_only_by_force() {
+        use basalt_api::{Migration, MigrationPhase, MigrationSpec};
+
+        let mut state = State::default();
+        state.apply(1, Command::Create(vm("web"))).expect("vm");
+        let mut m = Migration {
+            meta: ObjectMeta::named("web"),
+            spec: MigrationSpec {
+                vm: "web".into(),
+                ..MigrationSpec::default()
+            },
+            ..Migration::default()
+        };
+        state
+            .apply(2, Command::Create(Object::Migration(m.clone())))
+            .expect("migration");
+        let delete = |force: bool| Command::Delete {
+            kind: Kind::Migration,
+            name: "web".into(),
+            expected_resource_version: None,
+            force,
+        };
+        for (index, phase) in [
+            (3, MigrationPhase::Migrating),
+            (5, MigrationPhase::Switching),
+        ] {
+            let Some(Object::Migration(stored)) = state.get(Kind::Migration, "web") else {
+                panic!("no migration")
+            };
+            m.meta = stored.meta.clone();
+            m.status.phase = phase;
+            m.status.target = "n2".into();
+            state
+                .apply(index, Command::Update(Object::Migration(m.clone())))
+                .expect("phase");
+        }
+        match state.apply(6, delete(false)) {
+            Err(Refusal::FailedPrecondition { reason }) => {
+                assert!(
+                    reason.contains("switching over") && reason.contains("\"n2\""),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        state.apply(7, delete(true)).expect("forced");
+        // Before the switch, a plain delete cancels it.
+        m.meta = ObjectMeta::named("web");
+        m.status.phase = MigrationPhase::Migrating;
+        state
+            .apply(8, Command::Create(Object::Migration(m)))
+            .expect("again");
+        state.apply(9, delete(false)).expect("cancelled");
     }
 
     fn member(name: &str, id: u64) -> Object {

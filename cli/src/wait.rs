@@ -25,6 +25,11 @@ impl Deadline {
         }
     }
 
+    /// Whether the deadline passed.
+    pub fn passed(&self) -> bool {
+        Instant::now() >= self.at
+    }
+
     /// Fails with `what()` (where things are) once the deadline passed.
     pub fn check(&self, what: impl FnOnce() -> String) -> anyhow::Result<()> {
         if Instant::now() >= self.at {

@@ -12,7 +12,8 @@
 //! (node and epoch kept), `a`'s primary fills `c`, and only then is `b`
 //! dropped: the placement ends on `a` and `c`, `c` holds the pattern and
 //! refuses writes as a secondary, `a` replicates to `c` alone, and `b`'s
-//! agent deletes its copy.
+//! agent deletes its copy. Then a drain of `c`, with `b` still drained,
+//! has no node to give its copy to: it runs out of time and says so.
 
 mod common;
 mod replica_node;
@@ -101,6 +102,29 @@ async fn a_drained_nodes_disk_copy_is_replaced_before_it_goes() {
         in_pool(&b_socket, &volume).await == Some(false)
     })
     .await;
-    let out = basalt(server, &["node", "uncordon", "b"]).await;
-    assert!(out.status.success(), "{}", text(&out));
+    // With b still drained, no node can take c's copy (a holds the
+    // other): a drain of c runs out of time and says why.
+    let out = basalt(
+        server,
+        &[
+            "node",
+            "drain",
+            "c",
+            "--storage",
+            "--wait",
+            "--timeout",
+            "3s",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vm/db: no node has been given its copy yet"),
+        "{}",
+        text(&out)
+    );
+    for node in ["c", "b"] {
+        let out = basalt(server, &["node", "uncordon", node]).await;
+        assert!(out.status.success(), "{}", text(&out));
+    }
 }

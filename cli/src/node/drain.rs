@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use basalt_api::{
     AdminClient, ApiError, Kind, Migration, MigrationPhase, MigrationSpec, Object, ObjectMeta,
-    Placement, Vm, VmPhase,
+    Placement, Vm, VmPhase, Volume,
 };
 
 use super::{placements_on, set_cordoned, set_evicting};
@@ -198,6 +198,91 @@ pub(super) async fn copies_on(client: &AdminClient, name: &str) -> anyhow::Resul
             _ => None,
         })
         .collect())
+}
+
+/// For each of `vms` (placed elsewhere, with a disk copy on `node`), why
+/// that copy is still there ([`copy_stays_because`]).
+async fn why_copies_stay(
+    client: &AdminClient,
+    node: &str,
+    vms: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let volumes: Vec<Volume> = client
+        .list(Kind::Volume)
+        .await
+        .context("listing the volumes")?
+        .objects
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Volume(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    let mut lines = Vec::new();
+    for name in vms {
+        let vm = match client.get(Kind::Vm, name).await {
+            Ok(Object::Vm(vm)) => vm,
+            _ => continue,
+        };
+        let Some(p) = placement(client, name).await? else {
+            continue;
+        };
+        lines.push(format!(
+            "vm/{name}: {}",
+            copy_stays_because(&vm, &p, &volumes, node)
+        ));
+    }
+    Ok(lines)
+}
+
+/// Why `vm` (placed as `p`) still has a disk copy on the drained `node`:
+/// the node taking its place is still being filled (with how far each
+/// disk got), or no node has been given the copy yet, which the control
+/// plane does as soon as one can take it.
+fn copy_stays_because(vm: &Vm, p: &Placement, volumes: &[Volume], node: &str) -> String {
+    let wanted = vm
+        .spec
+        .disks
+        .iter()
+        .map(|d| d.replicas)
+        .filter(|r| *r >= 2)
+        .max()
+        .map_or(0, |r| usize::try_from(r).unwrap_or(usize::MAX));
+    let added: Vec<&String> = p
+        .replica_nodes
+        .iter()
+        .skip(wanted)
+        .filter(|n| *n != node)
+        .collect();
+    if added.is_empty() {
+        return format!(
+            "no node has been given its copy yet: the control plane needs a ready, uncordoned node with room and a replication address that holds no copy of it ({} do)",
+            p.replica_nodes.join(", ")
+        );
+    }
+    let mut states = Vec::new();
+    for to in added {
+        for v in volumes.iter().filter(|v| {
+            v.spec
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.vm == vm.meta.name && o.vm_uid == vm.meta.uid)
+        }) {
+            let disk = v.spec.owner.as_ref().map_or("", |o| o.disk.as_str());
+            let state = match v.status.replica(to) {
+                Some(r) if r.sync_total_bytes > 0 => format!(
+                    "{} ({} of {} MiB sent)",
+                    r.state,
+                    r.sync_done_bytes >> 20,
+                    r.sync_total_bytes >> 20
+                ),
+                Some(r) => r.state.to_string(),
+                None => "not reported yet".into(),
+            };
+            states.push(format!("disk {disk} on {to}: {state}"));
+        }
+    }
+    format!("its new copy is being filled: {}", states.join("; "))
 }
 
 /// The VM's migration, if any.
@@ -458,8 +543,14 @@ async fn wait_empty(
             return Ok(());
         }
         last = now;
+        // Why each VM's disk copies are still there, for the message.
+        let stuck = if deadline.passed() && !last_copies.is_empty() {
+            why_copies_stay(client, name, &last_copies).await?
+        } else {
+            Vec::new()
+        };
         deadline.check(|| {
-            format!(
+            let mut message = format!(
                 "node/{name} still holds {} VM(s) ({}), disk copies of {} more ({}) and copies of {} standalone volume(s) ({})",
                 last.len(),
                 last.keys().cloned().collect::<Vec<_>>().join(", "),
@@ -467,7 +558,11 @@ async fn wait_empty(
                 last_copies.join(", "),
                 last_volumes.len(),
                 last_volumes.join(", ")
-            )
+            );
+            for line in &stuck {
+                message.push_str(&format!("\n  {line}"));
+            }
+            message
         })?;
         tokio::time::sleep(POLL).await;
     }
@@ -478,6 +573,64 @@ mod tests {
     use basalt_api::Disk;
 
     use super::*;
+
+    #[test]
+    fn a_copy_that_stays_says_whether_it_waits_for_a_node_or_for_its_fill() {
+        use basalt_api::{
+            ObjectMeta, ReplicaState, VolumeOwner, VolumeReplica, VolumeSpec, VolumeStatus,
+        };
+
+        let mut vm = Vm {
+            meta: ObjectMeta::named("db"),
+            ..Vm::default()
+        };
+        vm.meta.uid = "u1".into();
+        vm.spec.disks = vec![Disk {
+            name: "root".into(),
+            size_bytes: 1 << 30,
+            replicas: 2,
+            ..Disk::default()
+        }];
+        let mut p = Placement {
+            vm: "db".into(),
+            node: "a".into(),
+            replica_nodes: vec!["a".into(), "b".into()],
+            ..Placement::default()
+        };
+        let volume = Volume {
+            meta: ObjectMeta::named("db-root"),
+            spec: VolumeSpec {
+                owner: Some(VolumeOwner {
+                    vm: "db".into(),
+                    vm_uid: "u1".into(),
+                    disk: "root".into(),
+                    ..VolumeOwner::default()
+                }),
+                ..VolumeSpec::default()
+            },
+            status: VolumeStatus {
+                replicas: vec![VolumeReplica {
+                    node: "c".into(),
+                    state: ReplicaState::Syncing,
+                    sync_done_bytes: 300 << 20,
+                    sync_total_bytes: 1 << 30,
+                    ..VolumeReplica::default()
+                }],
+                ..VolumeStatus::default()
+            },
+        };
+        let volumes = [volume];
+        let why = copy_stays_because(&vm, &p, &volumes, "b");
+        assert!(
+            why.starts_with("no node has been given its copy yet"),
+            "{why}"
+        );
+        p.replica_nodes.push("c".into());
+        assert_eq!(
+            copy_stays_because(&vm, &p, &volumes, "b"),
+            "its new copy is being filled: disk root on c: syncing (300 of 1024 MiB sent)"
+        );
+    }
 
     #[test]
     fn a_vm_with_a_one_copy_disk_moves_only_live() {

@@ -396,20 +396,12 @@ impl Controllers {
                 }
             }
             let placed: BTreeSet<&str> = kept.iter().map(|p| p.vm.as_str()).collect();
-            // The disks' volumes of the VMs that move, by VM uid.
-            let mut disk_volumes: HashMap<&str, Vec<&basalt_api::Volume>> = HashMap::new();
-            if !moving.is_empty() {
-                for object in state.list(Kind::Volume) {
-                    if let Object::Volume(v) = object
-                        && let Some(owner) = &v.spec.owner
-                    {
-                        disk_volumes
-                            .entry(owner.vm_uid.as_str())
-                            .or_default()
-                            .push(v);
-                    }
-                }
-            }
+            // The disks' volumes, for the VMs that move.
+            let disk_volumes = if moving.is_empty() {
+                crate::volumes::DiskVolumes::new()
+            } else {
+                crate::volumes::disk_volumes(state)
+            };
             let vms: Vec<Vm> = all_vms
                 .values()
                 .filter(|vm| {
@@ -423,10 +415,7 @@ impl Controllers {
                         // A copy still filling (a lost copy's replacement,
                         // a resync) would give the guest half a disk: the
                         // planner reads it as outdated (decision 84).
-                        let volumes = disk_volumes.get(vm.meta.uid.as_str());
-                        for node in
-                            unfinished_copies(vm, current, volumes.map_or(&[], Vec::as_slice))
-                        {
+                        for node in unfinished_copies(vm, current, &disk_volumes) {
                             if !view.status.is_outdated_on(&node) {
                                 view.status.outdated_replicas.push(node);
                             }
@@ -940,24 +929,27 @@ fn stopped_on(state: &crate::state::State, p: &Placement) -> bool {
 }
 
 /// The replica nodes of `placement` (of `vm`) whose copy of some
-/// replicated disk does not hold the data yet, by the disks' `volumes`
-/// (the VM's, any epoch) as the primary last reported them
-/// ([`basalt_api::VolumeStatus::unfinished`]).
+/// replicated disk does not hold the data yet, by the disks' volumes as
+/// the primary last reported them at the placement's epoch
+/// ([`basalt_api::VolumeStatus::unfinished`]), but for the node whose
+/// copies the operator accepted as they are ([`Vm::accepted_copy`]).
 fn unfinished_copies(
     vm: &Vm,
     placement: &Placement,
-    volumes: &[&basalt_api::Volume],
+    volumes: &crate::volumes::DiskVolumes<'_>,
 ) -> Vec<String> {
-    let replicated = |v: &&&basalt_api::Volume| {
-        v.status.epoch == placement.epoch
-            && v.spec.owner.as_ref().is_some_and(|owner| {
-                vm.spec
-                    .disks
-                    .iter()
-                    .any(|d| d.replicas >= 2 && d.name == owner.disk)
-            })
-    };
-    let volumes: Vec<&&basalt_api::Volume> = volumes.iter().filter(replicated).collect();
+    let volumes: Vec<&basalt_api::Volume> = vm
+        .spec
+        .disks
+        .iter()
+        .filter(|d| d.replicas >= 2)
+        .filter_map(|d| {
+            volumes
+                .get(&(vm.meta.uid.as_str(), d.name.as_str()))
+                .copied()
+        })
+        .filter(|v| v.status.epoch == placement.epoch)
+        .collect();
     let accepted = vm.accepted_copy(placement.epoch);
     placement
         .replica_nodes

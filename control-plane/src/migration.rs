@@ -82,6 +82,7 @@ use crate::admin::AdminService;
 use crate::agent::now_unix_ms;
 use crate::scheduler::{self, Overcommit};
 use crate::state::Command;
+use crate::volumes::DiskVolumes;
 
 /// How long a target may take to prepare before the migration fails.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -146,13 +147,7 @@ impl MigrationController {
                 .list(Kind::Endpoint)
                 .filter_map(|o| Endpoint::try_from(o.clone()).ok())
                 .collect();
-            let volumes: Vec<&Volume> = state
-                .list(Kind::Volume)
-                .filter_map(|o| match o {
-                    Object::Volume(v) if v.spec.owner.is_some() => Some(v),
-                    _ => None,
-                })
-                .collect();
+            let volumes = crate::volumes::disk_volumes(state);
             let view = View {
                 nodes: &nodes,
                 vms: &vms,
@@ -261,7 +256,7 @@ pub struct View<'a> {
     /// Every endpoint.
     pub endpoints: &'a [Endpoint],
     /// The VM disks' volumes (their copies and how each stands).
-    pub volumes: &'a [&'a Volume],
+    pub volumes: &'a DiskVolumes<'a>,
     /// The leader's clock.
     pub now_unix_ms: u64,
     /// The scheduler's tie-break seed.
@@ -284,12 +279,7 @@ impl View<'_> {
     }
 
     fn disk_volume(&self, vm_uid: &str, disk: &str) -> Option<&Volume> {
-        self.volumes.iter().copied().find(|v| {
-            v.spec
-                .owner
-                .as_ref()
-                .is_some_and(|o| o.vm_uid == vm_uid && o.disk == disk)
-        })
+        self.volumes.get(&(vm_uid, disk)).copied()
     }
 }
 
@@ -703,7 +693,7 @@ mod tests {
                     vms: &self.vms,
                     placements: &self.placements,
                     endpoints: &self.endpoints,
-                    volumes: &self.volumes.iter().collect::<Vec<_>>(),
+                    volumes: &crate::volumes::by_disk(&self.volumes),
                     now_unix_ms: self.now,
                     seed: 7,
                 },

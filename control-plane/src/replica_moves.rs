@@ -23,12 +23,13 @@
 //! - a VM on an evacuating node, or migrating, is left alone;
 //! - the placement's node and epoch never change here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
-use basalt_api::{Kind, Node, Object, Placement, Vm, Volume, VolumeReplica};
+use basalt_api::{Kind, Node, Object, Placement, Vm, VolumeReplica};
 
 use crate::scheduler;
 use crate::state::State;
+use crate::volumes::DiskVolumes;
 
 /// What [`plan`] asks for: new `replica_nodes` for some placements, and
 /// why others cannot move yet.
@@ -54,15 +55,7 @@ pub fn plan(state: &State, evacuate: &BTreeSet<String>, seed: u64) -> Plan {
             _ => None,
         })
         .collect();
-    // Each VM disk's volume, by (VM uid, disk name).
-    let mut volumes: HashMap<(&str, &str), &Volume> = HashMap::new();
-    for object in state.list(Kind::Volume) {
-        if let Object::Volume(v) = object
-            && let Some(owner) = &v.spec.owner
-        {
-            volumes.insert((owner.vm_uid.as_str(), owner.disk.as_str()), v);
-        }
-    }
+    let volumes = crate::volumes::disk_volumes(state);
     let mut to_add: BTreeSet<String> = BTreeSet::new();
     for object in state.list(Kind::Placement) {
         let Object::Placement(p) = object else {
@@ -146,7 +139,7 @@ pub fn replica_inputs(state: &State) -> (Vec<Node>, Vec<Vm>, Vec<Placement>) {
 /// Why `vm`'s replicated disks are not all up to date on `nodes` yet
 /// (their volumes in `volumes`, by VM uid and disk name); `None` when
 /// they are.
-fn lagging(vm: &Vm, nodes: &[String], volumes: &HashMap<(&str, &str), &Volume>) -> Option<String> {
+fn lagging(vm: &Vm, nodes: &[String], volumes: &DiskVolumes<'_>) -> Option<String> {
     for disk in vm.spec.disks.iter().filter(|d| d.replicas >= 2) {
         let Some(volume) = volumes.get(&(vm.meta.uid.as_str(), disk.name.as_str())) else {
             return Some(format!("disk {}'s volume is not recorded yet", disk.name));
@@ -171,7 +164,7 @@ fn lagging(vm: &Vm, nodes: &[String], volumes: &HashMap<(&str, &str), &Volume>) 
 #[cfg(test)]
 mod tests {
     use basalt_api::{
-        Condition, Disk, ObjectMeta, ReplicaState, VolumeOwner, VolumeSpec, VolumeStatus,
+        Condition, Disk, ObjectMeta, ReplicaState, Volume, VolumeOwner, VolumeSpec, VolumeStatus,
     };
 
     use super::*;

@@ -36,7 +36,7 @@
 //! - a volume's size never shrinks; the name of a VM disk's volume is
 //!   `VM-DISK` (or, when that is taken or too long, its pool name).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use basalt_api::{
@@ -80,6 +80,26 @@ fn as_volume(object: &Object) -> Option<&Volume> {
 }
 
 /// The object as a VM, when it is one.
+/// VM disks' volumes, by (VM uid, disk name): how a VM's disk finds its
+/// volume. Volumes that are no VM's disk are left out.
+pub type DiskVolumes<'a> = HashMap<(&'a str, &'a str), &'a Volume>;
+
+/// [`DiskVolumes`] of `volumes`.
+pub fn by_disk<'a>(volumes: impl IntoIterator<Item = &'a Volume>) -> DiskVolumes<'a> {
+    volumes
+        .into_iter()
+        .filter_map(|v| {
+            let owner = v.spec.owner.as_ref()?;
+            Some(((owner.vm_uid.as_str(), owner.disk.as_str()), v))
+        })
+        .collect()
+}
+
+/// [`DiskVolumes`] of every volume in `state`.
+pub fn disk_volumes(state: &State) -> DiskVolumes<'_> {
+    by_disk(state.list(Kind::Volume).filter_map(as_volume))
+}
+
 fn as_vm(object: &Object) -> Option<&Vm> {
     match object {
         Object::Vm(vm) => Some(vm),

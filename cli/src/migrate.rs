@@ -86,42 +86,41 @@ pub async fn run(server: &str, format: Format, args: MigrateArgs) -> anyhow::Res
     follow(&client, format, created, version).await
 }
 
-/// Deletes `vm`'s migration if it is still under way (by compare-and-swap,
-/// so a migration that ended meanwhile is left as it is).
+/// Deletes `vm`'s migration if it is still under way, by compare-and-swap
+/// on the version just read: a migration that moved on meanwhile is read
+/// again (and left alone once it has ended).
 async fn cancel(client: &AdminClient, vm: &str) -> anyhow::Result<()> {
-    let m = match client.get(Kind::Migration, vm).await {
-        Ok(Object::Migration(m)) => m,
-        Ok(other) => bail!("{vm} is a {}, not a migration", other.kind()),
-        Err(ApiError::NotFound { .. }) => bail!("VM {vm} has no migration to cancel"),
-        Err(err) => return Err(err).context(format!("reading migration/{vm}")),
-    };
-    if m.status.phase.is_terminal() {
-        bail!(
-            "the migration of {vm} has ended ({}: {}); nothing to cancel",
-            m.status.phase,
-            m.status.message
-        );
-    }
-    match client
-        .delete(Kind::Migration, vm, Some(m.meta.resource_version))
-        .await
-    {
-        Ok(_) => {}
-        Err(ApiError::Aborted { .. }) => {
+    loop {
+        let m = match client.get(Kind::Migration, vm).await {
+            Ok(Object::Migration(m)) => m,
+            Ok(other) => bail!("{vm} is a {}, not a migration", other.kind()),
+            Err(ApiError::NotFound { .. }) => bail!("VM {vm} has no migration to cancel"),
+            Err(err) => return Err(err).context(format!("reading migration/{vm}")),
+        };
+        if m.status.phase.is_terminal() {
             bail!(
-                "the migration of {vm} changed meanwhile; look at it again (`basalt get migration {vm}`)"
-            )
+                "the migration of {vm} has ended ({}: {}); nothing to cancel",
+                m.status.phase,
+                m.status.message
+            );
         }
-        Err(err) => return Err(err).context(format!("cancelling the migration of {vm}")),
+        match client
+            .delete(Kind::Migration, vm, Some(m.meta.resource_version))
+            .await
+        {
+            Ok(_) => {}
+            Err(ApiError::Aborted { .. } | ApiError::NotFound { .. }) => continue,
+            Err(err) => return Err(err).context(format!("cancelling the migration of {vm}")),
+        }
+        match m.status.phase {
+            MigrationPhase::Migrating => println!(
+                "migration of {vm} cancelled: the copy to {} is aborted, the guest stays on {}",
+                m.status.target, m.status.source
+            ),
+            phase => println!("migration of {vm} cancelled (it was {phase})"),
+        }
+        return Ok(());
     }
-    match m.status.phase {
-        MigrationPhase::Migrating => println!(
-            "migration of {vm} cancelled: the copy to {} is aborted, the guest stays on {}",
-            m.status.target, m.status.source
-        ),
-        phase => println!("migration of {vm} cancelled (it was {phase})"),
-    }
-    Ok(())
 }
 
 /// Replaces a finished migration of the same VM; refuses if one is still

@@ -94,12 +94,10 @@ struct Load {
     groups: BTreeSet<String>,
 }
 
-/// How many copies of its replicated disks `vm` asks for: the largest
-/// `replicas` over its disks, or 0 when no disk asks for 2 or more (its
-/// disks are then local volumes of the node it runs on).
+/// How many copies of its replicated disks `vm` asks for
+/// ([`basalt_api::VmSpec::replicas_wanted`]).
 pub fn replicas_wanted(vm: &Vm) -> usize {
-    let most = vm.spec.disks.iter().map(|d| d.replicas).max().unwrap_or(0);
-    if most >= 2 { most as usize } else { 0 }
+    vm.spec.replicas_wanted()
 }
 
 /// Bytes of `vm`'s replicated disks (on every replica node) and of its

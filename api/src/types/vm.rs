@@ -426,6 +426,18 @@ impl Vm {
 }
 
 impl VmSpec {
+    /// How many copies of its replicated disks the VM asks for: the
+    /// largest `replicas` over its disks, or 0 when no disk asks for 2 or
+    /// more (its disks are then local volumes of the node it runs on).
+    pub fn replicas_wanted(&self) -> usize {
+        let most = self.disks.iter().map(|d| d.replicas).max().unwrap_or(0);
+        if most >= 2 {
+            usize::try_from(most).unwrap_or(usize::MAX)
+        } else {
+            0
+        }
+    }
+
     fn validate(&self) -> Result<(), ApiError> {
         if self.cpus < 1 {
             return Err(ApiError::invalid("spec.cpus", "must be at least 1"));

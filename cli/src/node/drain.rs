@@ -240,14 +240,7 @@ async fn why_copies_stay(
 /// disk got), or no node has been given the copy yet, which the control
 /// plane does as soon as one can take it.
 fn copy_stays_because(vm: &Vm, p: &Placement, volumes: &[Volume], node: &str) -> String {
-    let wanted = vm
-        .spec
-        .disks
-        .iter()
-        .map(|d| d.replicas)
-        .filter(|r| *r >= 2)
-        .max()
-        .map_or(0, |r| usize::try_from(r).unwrap_or(usize::MAX));
+    let wanted = vm.spec.replicas_wanted();
     let added: Vec<&String> = p
         .replica_nodes
         .iter()

@@ -156,8 +156,8 @@ pub struct RaftTuning {
     /// election starts between `max + min` and `2 × max` after its last
     /// heartbeat, and a member that lost an election to a longer log
     /// waits another `2 × max` before its next one (until it starts one).
-    /// The defaults (50 / 100–200 ms) suit loopback and a LAN: a dead
-    /// leader is replaced in 0.3–0.9 s (decision 42).
+    /// The defaults (40 / 60–120 ms) suit loopback and a LAN: a dead
+    /// leader is replaced in 0.2–0.7 s (decisions 42 and 90).
     pub election_timeout_min_ms: u64,
     /// See `election_timeout_min_ms`.
     pub election_timeout_max_ms: u64,
@@ -199,9 +199,9 @@ impl Default for ControlConfig {
 impl Default for RaftTuning {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 50,
-            election_timeout_min_ms: 100,
-            election_timeout_max_ms: 200,
+            heartbeat_ms: 40,
+            election_timeout_min_ms: 60,
+            election_timeout_max_ms: 120,
             snapshot_threshold: 10_000,
             logs_to_keep: 1_000,
             watch_history: 10_000,
@@ -434,7 +434,7 @@ mod tests {
             "join",
         );
         let mut bad = ok.clone();
-        bad.raft.election_timeout_max_ms = 100;
+        bad.raft.election_timeout_max_ms = bad.raft.election_timeout_min_ms;
         check(bad, "raft.election_timeout_max_ms");
         let mut bad = ok.clone();
         bad.nodes.ha_after_ms = 5_000;

@@ -329,8 +329,8 @@ async fn a_follower_whose_fsync_stalls_past_the_election_timeout_starts_no_elect
     let term = members[l].term();
     let leader_id = members[l].id;
     let f = (l + 1) % members.len();
-    // openraft's follower elects after 300-400 ms without a heartbeat
-    // (lease 200 ms plus 100-200 ms). The next fsync takes 800 ms, and
+    // openraft's follower elects after 180-240 ms without a heartbeat
+    // (lease 120 ms plus 60-120 ms). The next fsync takes 800 ms, and
     // the leader's AppendEntries reach the core only 30 ms after it.
     members[f]
         .hooks

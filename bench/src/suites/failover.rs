@@ -2,7 +2,7 @@
 //! again and again; the client-visible write outage each time.
 //!
 //! Three `basaltd control` members run on loopback with their default
-//! timing (heartbeat 50 ms, election timeout 100–200 ms) and real fsync.
+//! timing (heartbeat 40 ms, election timeout 60–120 ms) and real fsync.
 //! Eight clients write new objects without pause, each to the members in
 //! turn; a failed write is retried on the next member after 10 ms, as a
 //! client that knows every member does. Each run asks the cluster which

@@ -71,9 +71,11 @@ pub enum VmCommand {
         disk: Disk,
     },
     /// Let the control plane start a VM held off by a replica node's
-    /// unfinished disk copies (their primary's node was lost while they
-    /// filled) on that node's copies as they are: writes they missed are
-    /// lost. Good for the VM's current placement only.
+    /// unfinished or outdated disk copies (their primary's node was lost
+    /// while they filled, or while they were away) on that node's copies
+    /// as they are: writes they missed are lost. Good for the VM's
+    /// current placement only; that node's storage then takes its copies
+    /// as primaries with force.
     AcceptCopy {
         /// The VM.
         name: String,

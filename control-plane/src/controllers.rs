@@ -286,7 +286,7 @@ impl Controllers {
         let now = Instant::now();
         let ha_after = Duration::from_millis(self.tuning.ha_after_ms);
         let lease = self.lease();
-        let (nodes, vms, kept, moving, orphans, endpoints, pins) = {
+        let (nodes, vms, kept, moving, orphans, endpoints, pins, accepted) = {
             let machine = self.admin.shared().read();
             let state = &machine.state;
             // The lost nodes are the table's (a few), not a scan of every
@@ -396,6 +396,18 @@ impl Controllers {
                 }
             }
             let placed: BTreeSet<&str> = kept.iter().map(|p| p.vm.as_str()).collect();
+            // The node whose copies the operator accepted, per VM that
+            // moves, with the VM when the fence marked those copies
+            // outdated (the move clears the mark it overrides).
+            let accepted: BTreeMap<String, (String, Option<Vm>)> = moving
+                .values()
+                .filter_map(|p: &Placement| {
+                    let vm = all_vms.get(p.vm.as_str())?;
+                    let node = vm.accepted_copy(p.epoch)?;
+                    let marked = vm.status.is_outdated_on(node).then(|| (*vm).clone());
+                    Some((p.vm.clone(), (node.to_owned(), marked)))
+                })
+                .collect();
             // The disks' volumes, for the VMs that move.
             let disk_volumes = if moving.is_empty() {
                 crate::volumes::DiskVolumes::new()
@@ -419,6 +431,12 @@ impl Controllers {
                             if !view.status.is_outdated_on(&node) {
                                 view.status.outdated_replicas.push(node);
                             }
+                        }
+                        // Copies the operator accepted as they are count
+                        // as neither, even if the fence marked them
+                        // outdated (their fill marks them so, decision 91).
+                        if let Some((node, _)) = accepted.get(&vm.meta.name) {
+                            view.status.outdated_replicas.retain(|n| n != node);
                         }
                     }
                     view
@@ -446,7 +464,7 @@ impl Controllers {
                     endpoints.entry(e.vm.clone()).or_default().push(e.clone());
                 }
             }
-            (nodes, vms, kept, moving, orphans, endpoints, pins)
+            (nodes, vms, kept, moving, orphans, endpoints, pins, accepted)
         };
 
         for orphan in orphans {
@@ -492,7 +510,25 @@ impl Controllers {
                         ..current.clone()
                     };
                     moved.meta.labels.remove(Placement::EVICT_LABEL);
-                    let mut batch = vec![Command::Update(Object::Placement(moved))];
+                    moved.meta.labels.remove(Placement::FORCED_COPY_LABEL);
+                    let mut batch = Vec::new();
+                    if let Some((accepted_node, marked)) = accepted.get(vm)
+                        && accepted_node == node
+                    {
+                        // Onto the copies the operator accepted: their
+                        // node attaches them with force, and the fence's
+                        // mark on them goes with the move (decision 91).
+                        moved
+                            .meta
+                            .labels
+                            .insert(Placement::FORCED_COPY_LABEL.into(), moved.epoch.to_string());
+                        if let Some(marked) = marked {
+                            let mut cleared = marked.clone();
+                            cleared.status.outdated_replicas.retain(|n| n != node);
+                            batch.push(Command::Update(Object::Vm(cleared)));
+                        }
+                    }
+                    batch.push(Command::Update(Object::Placement(moved)));
                     for endpoint in endpoints.get(vm).into_iter().flatten() {
                         let mut fenced = endpoint.clone();
                         fenced.node = node.clone();

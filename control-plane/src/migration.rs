@@ -336,7 +336,16 @@ pub fn copy_lag(vm: &Vm, placement: &Placement, node: &str, view: &View<'_>) -> 
             continue;
         }
         let state = copy.state.with_mark(copy.outdated);
-        let why = format!("disk {}'s copy on {node:?} is {state}", disk.name);
+        let why = match copy.node_state {
+            // In sync by the primary, not by its own node: not heard
+            // yet, or incomplete (a full sync into it did not finish).
+            own if state == ReplicaState::UpToDate => format!(
+                "disk {}'s copy on {node:?} is up-to-date by the primary, {} by its own node",
+                disk.name,
+                own.map_or("not reported", ReplicaState::as_str)
+            ),
+            _ => format!("disk {}'s copy on {node:?} is {state}", disk.name),
+        };
         return Some(match state {
             ReplicaState::Outdated | ReplicaState::DiskFailed | ReplicaState::SplitBrain => {
                 Lag::Broken(why)
@@ -825,7 +834,16 @@ mod tests {
         // Primary says up to date, the copy's node has not confirmed yet.
         world.volumes[0].status.replicas[1].state = ReplicaState::UpToDate;
         world.volumes[0].status.replicas[1].node_state = None;
-        waits_for(world.decide(&request(None)), "up-to-date");
+        waits_for(
+            world.decide(&request(None)),
+            "up-to-date by the primary, not reported by its own node",
+        );
+        // Its own node holds it incomplete (decision 91): still filling.
+        world.volumes[0].status.replicas[1].node_state = Some(ReplicaState::Syncing);
+        waits_for(
+            world.decide(&request(None)),
+            "up-to-date by the primary, syncing by its own node",
+        );
         // In sync: the migration goes on, from the same waiting object.
         world.volumes[0].status.replicas[1].node_state = Some(ReplicaState::UpToDate);
         let m = updated(world.decide(&waiting));

@@ -232,6 +232,11 @@ struct ServeArgs {
     /// writes from any older one.
     #[arg(long, default_value_t = 1)]
     epoch: u64,
+    /// With `--peer`: make a copy whose full sync did not finish a
+    /// primary anyway, as it is (DRBD's `primary --force`); its peers are
+    /// then filled from it. Without it such a copy is refused.
+    #[arg(long)]
+    force_primary: bool,
     /// Who confirms a lost peer is outdated: `allow` goes on without it
     /// (its chunks are tracked and resynced), `deny` suspends writes until
     /// it is back.
@@ -713,7 +718,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         tracing::info!(volume = %name, ?peers, epoch = args.epoch, fencer = ?args.fencer, protocol = %args.protocol, "replicating");
         attachments
-            .attach_unchecked(&name, spec)
+            .attach_unchecked(&name, spec, args.force_primary)
             .with_context(|| format!("--peer {name}={}", peers.join(",")))?;
     }
     let local = args.local_socket.as_ref().map(|_| {

@@ -359,6 +359,7 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
             peers: Vec::new(),
             allow_outdate: true,
             protocol: None,
+            force: false,
         })
         .await
     {
@@ -386,6 +387,7 @@ async fn a_vm_on_a_two_replica_disk_comes_back_on_the_other_replica_with_its_dat
             peers: vec![a_address],
             allow_outdate: false,
             protocol: None,
+            force: false,
         })
         .await;
     match old_primary {

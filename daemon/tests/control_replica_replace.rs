@@ -255,6 +255,9 @@ async fn a_lost_replica_node_is_replaced_after_the_delay_and_a_removed_one_at_on
     .await;
     let forced = placement(&admin, "db").await.expect("placed");
     assert_eq!(forced.epoch, held.epoch + 1, "{forced:?}");
+    // n4's agent is told to attach its copies with force (a copy whose
+    // fill did not finish refuses to be a primary otherwise).
+    assert!(forced.forces_copy(), "{forced:?}");
 }
 
 async fn volume_of(admin: &basalt_api::AdminClient, vm: &str) -> Volume {

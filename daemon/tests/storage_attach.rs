@@ -91,6 +91,7 @@ fn attach(role: VolumeRole, epoch: u64, peers: &[SocketAddr]) -> AttachVolume {
         peers: peers.iter().map(ToString::to_string).collect(),
         allow_outdate: false,
         protocol: None,
+        force: false,
     }
 }
 

@@ -253,6 +253,7 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
             peers: Vec::new(),
             allow_outdate: false,
             protocol: None,
+            force: false,
         })
         .await
         .expect("secondary");
@@ -288,6 +289,7 @@ async fn a_primary_goes_on_without_its_peer_only_once_the_control_plane_recorded
             peers: vec![sx.repl.to_string()],
             allow_outdate: false,
             protocol: None,
+            force: false,
         })
         .await
         .expect("primary");

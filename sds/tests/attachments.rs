@@ -578,3 +578,104 @@ fn the_protocol_and_the_hot_set_size_are_kept_and_used() {
             .contains("protocol=A")
     );
 }
+
+#[test]
+fn a_copy_whose_full_sync_was_cut_serves_nothing_until_accepted_with_force() {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let r = pool();
+    let r_att = attachments(&r);
+    let server = ReplicaServer::serve(r_att.clone(), any).expect("replica");
+    let p = pool();
+    // 4 MiB of data at 1 MiB/s: the full sync is cut well before its end.
+    let att = Arc::new(Attachments::new(
+        p.clone(),
+        Arc::new(ReplicaBook::in_memory(0)),
+        AttachOptions {
+            sync_rate: 1 << 20,
+            ..opts()
+        },
+    ));
+    for c in 0..64u64 {
+        write(&att, &p, c * CHUNK, 0x10).expect("standalone write");
+    }
+    assert!(
+        !r_att.book().incomplete("vol"),
+        "a fresh copy is not incomplete"
+    );
+    r_att
+        .attach("vol", spec(Role::Secondary, 1, &[], false))
+        .expect("secondary");
+    att.attach("vol", spec(Role::Primary, 1, &[server.addr()], false))
+        .expect("attach");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(r_att.book().incomplete("vol") && read(&r, 0) == vec![0x10; 4096]) {
+        assert!(Instant::now() < deadline, "{:?}", att.view("vol"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The primary goes (its node is lost) in the middle of the fill.
+    server.stop();
+    att.attach("vol", spec(Role::Standalone, 1, &[], false))
+        .expect("the primary alone");
+    assert!(whole(&r) != whole(&p), "the fill was not cut");
+    assert!(r_att.book().incomplete("vol"));
+
+    // Neither a primary nor a standalone copy serves half a disk.
+    for role in [Role::Primary, Role::Standalone] {
+        let err = r_att
+            .attach("vol", spec(role, 2, &[], true))
+            .expect_err("an incomplete copy was attached to serve");
+        assert!(matches!(err, AttachError::Incomplete { .. }), "{err}");
+        assert!(err.to_string().contains("incomplete"), "{err}");
+    }
+    assert_eq!(
+        r_att.view("vol").spec.map(|s| s.role),
+        Some(Role::Secondary)
+    );
+    assert_eq!(
+        r_att.book().recorded_epoch("vol"),
+        1,
+        "a refused attach raised the epoch"
+    );
+    // The local API says so, and answers a refused attach with
+    // FAILED_PRECONDITION naming the reason.
+    let local = LocalService::new(
+        r_att.clone(),
+        ExportConfig {
+            tcp: any,
+            unix: None,
+            replication: Some(server.addr()),
+        },
+        AgentFencer::default(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let listed = rt.block_on(local.list_volumes()).expect("list");
+    assert!(
+        listed.iter().any(|v| v.name == "vol" && v.incomplete),
+        "{listed:?}"
+    );
+    let request = |force| basalt_api::AttachVolume {
+        name: "vol".into(),
+        role: basalt_api::VolumeRole::Primary,
+        epoch: 2,
+        peers: Vec::new(),
+        allow_outdate: true,
+        protocol: None,
+        force,
+    };
+    match rt.block_on(local.attach_volume(request(false))) {
+        Err(basalt_api::ApiError::FailedPrecondition { reason }) => {
+            assert!(reason.contains("incomplete"), "{reason}")
+        }
+        other => panic!("an incomplete copy attached as a primary: {other:?}"),
+    }
+    // With force it is taken as it is: the mark goes, and it writes.
+    rt.block_on(local.attach_volume(request(true)))
+        .expect("forced primary");
+    assert!(!r_att.book().incomplete("vol"));
+    let listed = rt.block_on(local.list_volumes()).expect("list");
+    assert!(listed.iter().all(|v| !v.incomplete), "{listed:?}");
+    write(&r_att, &r, 0, 0x50).expect("write on the forced primary");
+    assert_eq!(read(&r, 0), vec![0x50; 4096]);
+}

@@ -136,6 +136,7 @@ impl From<StorageVolume> for pb::StorageVolume {
             allocated_bytes: v.allocated_bytes,
             read_only: v.read_only,
             created_unix: v.created_unix,
+            incomplete: v.incomplete,
         }
     }
 }
@@ -152,6 +153,7 @@ impl TryFrom<pb::StorageVolume> for StorageVolume {
             allocated_bytes: v.allocated_bytes,
             read_only: v.read_only,
             created_unix: v.created_unix,
+            incomplete: v.incomplete,
         })
     }
 }
@@ -374,6 +376,7 @@ impl From<AttachVolume> for pb::AttachVolumeRequest {
                 .protocol
                 .map_or(pb::ReplicationProtocol::Unspecified, Into::into)
                 .into(),
+            force: a.force,
         }
     }
 }
@@ -394,6 +397,7 @@ impl TryFrom<pb::AttachVolumeRequest> for AttachVolume {
                 pb::ReplicationProtocol::B => Some(ReplicationProtocol::B),
                 pb::ReplicationProtocol::C => Some(ReplicationProtocol::C),
             },
+            force: a.force,
         };
         a.validate()?;
         Ok(a)
@@ -500,6 +504,7 @@ mod tests {
             peers: vec!["10.0.0.2:7800".into()],
             allow_outdate: true,
             protocol: None,
+            force: true,
         };
         assert_eq!(
             AttachVolume::try_from(pb::AttachVolumeRequest::from(attach.clone())).unwrap(),

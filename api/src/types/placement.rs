@@ -46,6 +46,23 @@ impl Placement {
             .is_some_and(|v| v == "true")
     }
 
+    /// A label the control plane sets on a placement it moved onto copies
+    /// an operator accepted as they are ([`crate::Vm::ACCEPT_COPY_LABEL`]):
+    /// the placement's new epoch. The node's agent then attaches those
+    /// copies as primaries with force, which a copy whose fill did not
+    /// finish needs. A later move leaves the old value behind, which no
+    /// longer matches the epoch.
+    pub const FORCED_COPY_LABEL: &str = "basalt.io/forced-copy";
+
+    /// Whether the node may start the VM on its copies as they are
+    /// ([`Placement::FORCED_COPY_LABEL`] at this placement's epoch).
+    pub fn forces_copy(&self) -> bool {
+        self.meta
+            .labels
+            .get(Self::FORCED_COPY_LABEL)
+            .is_some_and(|v| v.parse::<u64>().ok() == Some(self.epoch))
+    }
+
     /// Whether the VM's disks have replicas on `node` (as primary or
     /// secondary).
     pub fn holds_replica(&self, node: &str) -> bool {

@@ -25,6 +25,10 @@ pub struct StorageVolume {
     pub read_only: bool,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// A full sync into this copy did not finish: refused as a primary or
+    /// standalone unless attached with [`AttachVolume::force`].
+    #[serde(default)]
+    pub incomplete: bool,
 }
 
 /// Creates a volume unless it exists.
@@ -228,6 +232,9 @@ pub struct AttachVolume {
     /// When a primary acknowledges writes, kept with the attachment;
     /// `None` keeps the attachment's (C for a volume never attached).
     pub protocol: Option<ReplicationProtocol>,
+    /// Primary or standalone: accept an incomplete copy
+    /// ([`StorageVolume::incomplete`]) as it is.
+    pub force: bool,
 }
 
 /// A volume's replication role as attached, with a primary's peers.
@@ -543,6 +550,7 @@ mod tests {
             peers: vec!["10.0.0.2:7800".into(), "[fd00::2]:7800".into()],
             allow_outdate: false,
             protocol: Some(ReplicationProtocol::A),
+            force: false,
         };
         primary.validate().unwrap();
         AttachVolume {

@@ -648,6 +648,32 @@ mod tests {
         vm.meta.validate().unwrap();
     }
 
+    #[test]
+    fn a_forced_copy_holds_for_its_placement_epoch_only() {
+        let mut placement = crate::Placement {
+            meta: ObjectMeta::named("db"),
+            vm: "db".into(),
+            node: "n4".into(),
+            epoch: 6,
+            replica_nodes: vec!["n1".into(), "n4".into()],
+        };
+        assert!(!placement.forces_copy());
+        for (value, forces) in [("6", true), ("5", false), ("x", false), ("", false)] {
+            placement
+                .meta
+                .labels
+                .insert(crate::Placement::FORCED_COPY_LABEL.into(), value.into());
+            assert_eq!(placement.forces_copy(), forces, "{value}");
+        }
+        // Carried along by a later move, it no longer matches.
+        placement
+            .meta
+            .labels
+            .insert(crate::Placement::FORCED_COPY_LABEL.into(), "6".into());
+        placement.epoch = 7;
+        assert!(!placement.forces_copy());
+    }
+
     fn vm() -> Vm {
         Vm {
             meta: ObjectMeta::named("web-1"),

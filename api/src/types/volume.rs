@@ -178,9 +178,10 @@ pub struct VolumeReplica {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub last_error: String,
     /// How the copy's own node sees it (decision 61): `up-to-date` = in
-    /// its pool with the disk attached, `disk-failed`, or `unknown` = the
-    /// node's storage process cannot be asked; `None` until its node
-    /// reported. [`VolumeReplica::state`] stays the primary's view.
+    /// its pool with the disk attached, `syncing` = a full sync into it
+    /// started and did not finish (decision 91), `disk-failed`, or
+    /// `unknown` = the node's storage process cannot be asked; `None`
+    /// until its node reported. [`VolumeReplica::state`] stays the primary's view.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_state: Option<ReplicaState>,
     /// What the copy's node last reported as wrong; empty when none.
@@ -242,25 +243,34 @@ impl VolumeStatus {
     }
 
     /// Why `node`'s copy does not hold the volume's data yet, as far as
-    /// the primary's report tells: it is receiving a sync, or it is new
-    /// (not reported while the other copies are). `None` when it is in
-    /// sync, away (the storage fence decides whether an away copy missed
-    /// writes), or when nothing was reported at this epoch.
+    /// the reports tell: by the primary's report, it is receiving a sync
+    /// or it is new (not reported while the other copies are); or its own
+    /// node holds it incomplete (a full sync into it did not finish,
+    /// whatever the primary last said). `None` when it is in sync, away
+    /// (the storage fence decides whether an away copy missed writes), or
+    /// when nothing was reported at this epoch and its node does not hold
+    /// it incomplete.
     pub fn unfinished(&self, node: &str) -> Option<String> {
-        if !self.reported() {
-            return None;
-        }
-        match self.replica(node) {
-            None => Some(format!("its copy on {node} is new")),
-            Some(c) if c.state == ReplicaState::Syncing => Some(format!(
-                "its copy on {node} is syncing ({} of {} bytes sent)",
-                c.sync_done_bytes, c.sync_total_bytes
-            )),
-            Some(c) if c.state == ReplicaState::Unknown => {
-                Some(format!("its copy on {node} is new"))
+        let copy = self.replica(node);
+        if self.reported() {
+            match copy {
+                None => return Some(format!("its copy on {node} is new")),
+                Some(c) if c.state == ReplicaState::Syncing => {
+                    return Some(format!(
+                        "its copy on {node} is syncing ({} of {} bytes sent)",
+                        c.sync_done_bytes, c.sync_total_bytes
+                    ));
+                }
+                Some(c) if c.state == ReplicaState::Unknown => {
+                    return Some(format!("its copy on {node} is new"));
+                }
+                Some(_) => {}
             }
-            Some(_) => None,
         }
+        copy.filter(|c| c.node_state == Some(ReplicaState::Syncing))
+            .map(|_| {
+                format!("its copy on {node} is incomplete: a full sync into it did not finish")
+            })
     }
 
     /// The nodes of the copies, the primary's first, then by name.
@@ -719,9 +729,18 @@ mod tests {
         assert_eq!(status.unfinished("d"), None);
         for r in &mut status.replicas {
             r.state = ReplicaState::Unknown;
+            r.node_state = Some(ReplicaState::UpToDate);
         }
         assert!(!status.reported());
         assert_eq!(status.unfinished("b"), None);
+        // Its own node holds it incomplete (a full sync into it did not
+        // finish): unfinished whatever the primary last said, or if it
+        // said nothing (it is gone).
+        status.replicas[1].node_state = Some(ReplicaState::Syncing);
+        assert!(status.unfinished("b").unwrap().contains("incomplete"));
+        status.replicas[1].state = ReplicaState::UpToDate;
+        assert!(status.unfinished("b").unwrap().contains("incomplete"));
+        assert!(!status.replicas[1].in_sync());
         // Up to date by the primary, its node not heard: not in sync yet.
         let mut half = copy("a", ReplicaState::UpToDate);
         half.node_state = None;

@@ -108,6 +108,11 @@ pub fn refuses_writes(node: &Node, volume: &str) -> bool {
 /// replication on the node's address; returns it, listening, and the
 /// path of its storage-local socket.
 pub fn start_storage(prefix: &Prefix, node: &Node) -> (Process, PathBuf) {
+    start_storage_with(prefix, node, &[])
+}
+
+/// [`start_storage`] with `extra` flags for `basaltd storage serve`.
+pub fn start_storage_with(prefix: &Prefix, node: &Node, extra: &[&str]) -> (Process, PathBuf) {
     let pool = prefix.dir().join(format!("pool-{}.img", node.name()));
     let out = Command::new(BASALTD)
         .args(["storage", "pool", "create", "--size", "256M", "--path"])
@@ -125,6 +130,7 @@ pub fn start_storage(prefix: &Prefix, node: &Node) -> (Process, PathBuf) {
             "--replica-listen",
             &format!("{}:{REPLICA_PORT}", node.addr()),
         ])
+        .args(extra)
         .env("RUST_LOG", "info")
         .netns(node)
         .cwd(prefix.dir());

@@ -259,6 +259,7 @@ fn copies(vm: &Vm, placement: &Placement, dual: Option<&Vec<String>>) -> Vec<Wan
                     peers: peers.clone(),
                     allow_outdate: false,
                     protocol: Some(disk.protocol),
+                    force: false,
                 },
                 None => AttachVolume {
                     name,
@@ -267,6 +268,7 @@ fn copies(vm: &Vm, placement: &Placement, dual: Option<&Vec<String>>) -> Vec<Wan
                     peers: Vec::new(),
                     allow_outdate: false,
                     protocol: Some(disk.protocol),
+                    force: false,
                 },
             };
             Wanted {
@@ -353,6 +355,9 @@ impl Volumes {
                 peers: peers.clone(),
                 allow_outdate: false,
                 protocol: Some(disk.protocol),
+                // A copy whose fill did not finish is refused as a primary
+                // unless the operator accepted it (decision 91).
+                force: placement.forces_copy(),
             };
             self.storage
                 .attach_volume(request)

@@ -120,10 +120,16 @@ pub fn reports(
         .iter()
         .filter(|v| is_reported(&v.name))
         .map(|v| {
+            let mut own = local.clone();
+            if v.incomplete && own.state == ReplicaState::UpToDate {
+                // A full sync into it did not finish (yet): it holds
+                // part of a primary's data.
+                own.state = ReplicaState::Syncing;
+            }
             let report = VolumeReport {
                 node: node.to_owned(),
                 storage_name: v.name.clone(),
-                local: local.clone(),
+                local: own,
                 peers: Vec::new(),
                 seen_version: 0,
             };
@@ -390,6 +396,15 @@ mod tests {
         assert_eq!(lone[UID].local.state, ReplicaState::DiskFailed);
         assert_eq!(lone[UID].local.last_error, "EIO");
         assert!(lone[UID].peers.is_empty());
+
+        // A copy whose full sync did not finish is syncing by its own
+        // node's word; a failed disk still says failed.
+        let mut half = volumes();
+        half[0].incomplete = true;
+        let filling = reports("a", &status(Vec::new()), &half, &mut starts);
+        assert_eq!(filling[UID].local.state, ReplicaState::Syncing);
+        let lone = reports("a", &failed, &half, &mut starts);
+        assert_eq!(lone[UID].local.state, ReplicaState::DiskFailed);
     }
 
     #[test]

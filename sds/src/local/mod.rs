@@ -38,6 +38,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::pool::{Pool, PoolError, VolumeInfo};
 use crate::replication::attach::{AttachError, AttachSpec, AttachmentView, Attachments, Role};
+use crate::replication::book::ReplicaBook;
 use crate::replication::fence::{AgentFencer, FenceVerdict};
 use crate::replication::{PeerState, Protocol, ReplicationError, ReplicationStatus};
 
@@ -137,8 +138,11 @@ impl LocalService {
     }
 }
 
-fn volume(v: VolumeInfo) -> StorageVolume {
+/// `v` as the API's, with whether the replication book holds its copy
+/// incomplete.
+fn volume(book: &ReplicaBook, v: VolumeInfo) -> StorageVolume {
     StorageVolume {
+        incomplete: book.incomplete(&v.name),
         name: v.name,
         uid: v.uid.to_string(),
         size_bytes: v.size,
@@ -194,11 +198,11 @@ fn attach_error(err: AttachError) -> ApiError {
                 reason: error_chain(&err),
             },
         },
-        AttachError::StaleEpoch { .. } | AttachError::NotAttached { .. } => {
-            ApiError::FailedPrecondition {
-                reason: err.to_string(),
-            }
-        }
+        AttachError::StaleEpoch { .. }
+        | AttachError::NotAttached { .. }
+        | AttachError::Incomplete { .. } => ApiError::FailedPrecondition {
+            reason: err.to_string(),
+        },
         AttachError::Peer { .. } => ApiError::invalid("peers", error_chain(&err)),
         AttachError::Record { .. } | AttachError::Start { .. } => ApiError::Internal {
             reason: error_chain(&err),
@@ -307,8 +311,13 @@ fn ensure(pool: &Pool, request: &EnsureVolume) -> Result<VolumeInfo, PoolError> 
 
 impl StorageApi for LocalService {
     async fn ensure_volume(&self, request: EnsureVolume) -> Result<StorageVolume, ApiError> {
-        self.blocking(move |pool| ensure(pool, &request).map(volume).map_err(api_error))
-            .await
+        let book = self.attachments.book().clone();
+        self.blocking(move |pool| {
+            ensure(pool, &request)
+                .map(|v| volume(&book, v))
+                .map_err(api_error)
+        })
+        .await
     }
 
     async fn delete_volume(&self, name: String) -> Result<bool, ApiError> {
@@ -327,7 +336,8 @@ impl StorageApi for LocalService {
     }
 
     async fn list_volumes(&self) -> Result<Vec<StorageVolume>, ApiError> {
-        self.blocking(|pool| Ok(pool.list().into_iter().map(volume).collect()))
+        let book = self.attachments.book().clone();
+        self.blocking(move |pool| Ok(pool.list().into_iter().map(|v| volume(&book, v)).collect()))
             .await
     }
 
@@ -340,7 +350,7 @@ impl StorageApi for LocalService {
         self.blocking(move |_| {
             attachments
                 .resize(&name, size_bytes)
-                .map(volume)
+                .map(|v| volume(attachments.book(), v))
                 .map_err(replication_error)
         })
         .await
@@ -351,6 +361,7 @@ impl StorageApi for LocalService {
         source: String,
         name: String,
     ) -> Result<StorageVolume, ApiError> {
+        let book = self.attachments.book().clone();
         self.blocking(move |pool| {
             if let Ok(existing) = pool.volume_info(&name) {
                 if !existing.read_only {
@@ -358,9 +369,11 @@ impl StorageApi for LocalService {
                         reason: format!("volume {name} exists and is not a snapshot"),
                     });
                 }
-                return Ok(volume(existing));
+                return Ok(volume(&book, existing));
             }
-            pool.snapshot(&source, &name).map(volume).map_err(api_error)
+            pool.snapshot(&source, &name)
+                .map(|v| volume(&book, v))
+                .map_err(api_error)
         })
         .await
     }
@@ -413,12 +426,15 @@ impl StorageApi for LocalService {
                 None => attachments.protocol(&request.name),
             },
         };
-        let name = request.name;
+        let (name, force) = (request.name, request.force);
         self.blocking(move |_| {
-            attachments
-                .attach(&name, spec)
-                .map(attachment)
-                .map_err(attach_error)
+            if force {
+                attachments.attach_forced(&name, spec)
+            } else {
+                attachments.attach(&name, spec)
+            }
+            .map(attachment)
+            .map_err(attach_error)
         })
         .await
     }

@@ -196,6 +196,15 @@ pub enum AttachError {
         /// The volume.
         volume: String,
     },
+    /// A primary or standalone attachment of a copy whose full sync did
+    /// not finish (it would serve part of a disk), without force.
+    #[error(
+        "volume {volume}: this copy is incomplete (a full sync into it did not finish), so it would serve part of a disk; attach it as a primary with force to accept it as it is"
+    )]
+    Incomplete {
+        /// The volume.
+        volume: String,
+    },
 }
 
 /// The health of the pool's backing store, shared by every volume: an
@@ -708,7 +717,9 @@ impl Attachments {
         this.dirty_dir = Some(dirty_dir.clone());
         for (name, spec) in saved {
             let (role, epoch) = (spec.role, spec.epoch);
-            match this.attach_unchecked(&name, spec) {
+            // What was attached stays attached: a copy became a primary
+            // only once complete or accepted.
+            match this.attach_unchecked(&name, spec, true) {
                 Ok(view) => {
                     tracing::info!(volume = %name, spec = ?view.spec, "attachment restored")
                 }
@@ -726,7 +737,7 @@ impl Attachments {
                         allow_outdate: false,
                         protocol: Protocol::C,
                     };
-                    if let Err(e) = this.attach_unchecked(&name, fallback) {
+                    if let Err(e) = this.attach_unchecked(&name, fallback, false) {
                         tracing::warn!(volume = %name, error = %error_chain(&e), "attachment not restored");
                     }
                 }
@@ -1106,19 +1117,34 @@ impl Attachments {
 
     /// Sets volume `name`'s attachment (see the module's invariants); a
     /// primary's epoch must not be older than the newest seen.
+    /// A copy whose full sync did not finish ([`ReplicaBook::incomplete`])
+    /// is refused as a primary or standalone ([`AttachError::Incomplete`]).
     pub fn attach(&self, name: &str, spec: AttachSpec) -> Result<AttachmentView, AttachError> {
-        self.apply(name, spec, true)
+        self.apply(name, spec, true, false)
     }
 
-    /// Like [`Attachments::attach`] without refusing an old primary epoch
-    /// (operator flags at start: the peers depose such a primary, and
-    /// its writes are refused).
-    pub fn attach_unchecked(
+    /// Like [`Attachments::attach`], accepting an incomplete copy as it
+    /// is when it becomes a primary or standalone (DRBD's `primary
+    /// --force`): its mark goes, and its peers are filled from it.
+    pub fn attach_forced(
         &self,
         name: &str,
         spec: AttachSpec,
     ) -> Result<AttachmentView, AttachError> {
-        self.apply(name, spec, false)
+        self.apply(name, spec, true, true)
+    }
+
+    /// Like [`Attachments::attach`] (or [`Attachments::attach_forced`]
+    /// with `force`) without refusing an old primary epoch (operator
+    /// flags at start: the peers depose such a primary, and its writes
+    /// are refused).
+    pub fn attach_unchecked(
+        &self,
+        name: &str,
+        spec: AttachSpec,
+        force: bool,
+    ) -> Result<AttachmentView, AttachError> {
+        self.apply(name, spec, false, force)
     }
 
     fn apply(
@@ -1126,12 +1152,24 @@ impl Attachments {
         name: &str,
         spec: AttachSpec,
         check_epoch: bool,
+        force: bool,
     ) -> Result<AttachmentView, AttachError> {
         let slot = self.slot(name);
         let _one = lock(&slot.change);
         let old = lock(&slot.gate).state.clone();
         if old.spec.as_ref() == Some(&spec) {
             return Ok(self.view(name));
+        }
+        // Only a copy that starts serving is checked: one already a
+        // primary (or standalone) changing its peers or protocol keeps
+        // serving what it serves.
+        let starts_serving = matches!(spec.role, Role::Primary | Role::Standalone)
+            && old.spec.as_ref().is_none_or(|o| o.role != spec.role);
+        let incomplete = starts_serving && self.book.incomplete(name);
+        if incomplete && !force {
+            return Err(AttachError::Incomplete {
+                volume: name.to_owned(),
+            });
         }
         let volume = self
             .pool
@@ -1185,6 +1223,14 @@ impl Attachments {
                 self.admit(name, spec.epoch).map_err(record)?;
             }
             Role::Secondary | Role::Standalone => {}
+        }
+        if incomplete {
+            self.book.accept_incomplete(name).map_err(record)?;
+            tracing::warn!(
+                volume = name,
+                role = ?spec.role,
+                "an incomplete copy accepted as it is (forced): its peers are filled from it"
+            );
         }
 
         // Which replicators stay (a primary staying primary keeps the
@@ -1331,8 +1377,8 @@ impl Attachments {
             });
         };
         spec.protocol = protocol;
-        // The epoch was accepted when attached.
-        self.apply(name, spec, false)
+        // The epoch was accepted when attached; the role does not change.
+        self.apply(name, spec, false, false)
     }
 
     /// Online verify of primary `name` against each of its peers, one

@@ -3,10 +3,12 @@
 //! (whether a primary must send it the whole volume), kept beside the
 //! pool in `POOL.epochs`.
 //!
-//! File format: one line per volume, `VOLUME EPOCH [SYNCED [p]]`: the
-//! newest epoch, the generation of the last primary stream this volume
-//! fully received (0: none), and `p` when the volume was a primary. The
-//! file is replaced whole (write, fsync, rename, fsync of the directory).
+//! File format: one line per volume, `VOLUME EPOCH [SYNCED [FLAGS]]`:
+//! the newest epoch, the generation of the last primary stream this
+//! volume fully received (0: none), and flags: `p` when the volume was a
+//! primary, `f` while a full sync into it has not finished (the copy is
+//! incomplete: DRBD's Inconsistent). The file is replaced whole (write,
+//! fsync, rename, fsync of the directory).
 //!
 //! Invariants:
 //! - a volume's newest epoch only grows, and a raised epoch is on disk
@@ -18,7 +20,11 @@
 //! - a volume that was a primary when the process stopped comes back
 //!   with no synced generation: its writes since the last sync are not
 //!   known to be anywhere else, so nothing may skip a full sync because
-//!   of what it followed before (`sds/DESIGN.md`, "Initial full sync").
+//!   of what it followed before (`sds/DESIGN.md`, "Initial full sync");
+//! - a volume is marked incomplete on disk before a full sync into it
+//!   writes anything, and the mark goes only when the sync's last FLUSH
+//!   is applied, or when an operator accepts the copy as it is: a copy
+//!   cut in the middle of its fill says so across restarts.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -39,6 +45,7 @@ struct Entry {
     newest: u64,
     synced: u64,
     primary: bool,
+    filling: bool,
 }
 
 /// Epochs and sync generations of a pool's volumes.
@@ -189,12 +196,52 @@ impl ReplicaBook {
         self.update(volume, |e| e.primary = primary)
     }
 
+    /// Whether a full sync into `volume` started and has not finished:
+    /// the copy holds part of a primary's data and part of what it held
+    /// before.
+    pub fn incomplete(&self, volume: &str) -> bool {
+        lock(&self.entries).get(volume).is_some_and(|e| e.filling)
+    }
+
+    /// Records that a full sync into `volume` starts: in sync with no
+    /// generation, and incomplete until [`ReplicaBook::finish_fill`].
+    pub fn start_fill(&self, volume: &str) -> io::Result<()> {
+        self.update(volume, |e| {
+            e.synced = 0;
+            e.filling = true;
+        })
+    }
+
+    /// Records that the full sync into `volume` finished: in sync with
+    /// generation `synced`, complete.
+    pub fn finish_fill(&self, volume: &str, synced: u64) -> io::Result<()> {
+        self.update(volume, |e| {
+            e.synced = synced;
+            e.filling = false;
+        })
+    }
+
+    /// Takes `volume` as complete as it is (an operator's force): it
+    /// stays in sync with no generation, so any peer it meets is filled
+    /// from it or fills it whole. Returns whether it was incomplete.
+    pub fn accept_incomplete(&self, volume: &str) -> io::Result<bool> {
+        let was = self.incomplete(volume);
+        if was {
+            self.update(volume, |e| {
+                e.synced = 0;
+                e.filling = false;
+            })?;
+        }
+        Ok(was)
+    }
+
     /// Forgets what `volume` held (it was deleted); its epoch stays, so a
     /// volume of the same name still refuses older primaries.
     pub fn forget_content(&self, volume: &str) -> io::Result<()> {
         self.update(volume, |e| {
             e.synced = 0;
             e.primary = false;
+            e.filling = false;
         })
     }
 
@@ -223,8 +270,11 @@ impl ReplicaBook {
         for name in names {
             let e = entries[name];
             text.push_str(&format!("{name} {} {}", e.newest, e.synced));
-            if e.primary {
-                text.push_str(" p");
+            match (e.primary, e.filling) {
+                (false, false) => {}
+                (true, false) => text.push_str(" p"),
+                (false, true) => text.push_str(" f"),
+                (true, true) => text.push_str(" pf"),
             }
             text.push('\n');
         }
@@ -261,7 +311,7 @@ fn load(path: &Path) -> io::Result<HashMap<String, Entry>> {
     for (n, line) in text.lines().enumerate() {
         let bad = || {
             io::Error::other(format!(
-                "{} line {}: not `VOLUME EPOCH [SYNCED [p]]`",
+                "{} line {}: not `VOLUME EPOCH [SYNCED [FLAGS]]` (flags: p, f)",
                 path.display(),
                 n + 1
             ))
@@ -273,11 +323,11 @@ fn load(path: &Path) -> io::Result<HashMap<String, Entry>> {
             Some(w) => w.parse().map_err(|_| bad())?,
             None => 0,
         };
-        let primary = match words.next() {
-            Some("p") => true,
-            Some(_) => return Err(bad()),
-            None => false,
-        };
+        let flags = words.next().unwrap_or("");
+        if flags.chars().any(|c| c != 'p' && c != 'f') {
+            return Err(bad());
+        }
+        let (primary, filling) = (flags.contains('p'), flags.contains('f'));
         if words.next().is_some() {
             return Err(bad());
         }
@@ -287,6 +337,7 @@ fn load(path: &Path) -> io::Result<HashMap<String, Entry>> {
                 newest,
                 synced,
                 primary,
+                filling,
             },
         );
     }
@@ -326,5 +377,41 @@ mod tests {
         assert!(ReplicaBook::open(&file, 0).is_err());
         std::fs::write(&file, "a 5 6 q\n").expect("write");
         assert!(ReplicaBook::open(&file, 0).is_err());
+    }
+
+    #[test]
+    fn an_incomplete_copy_stays_incomplete_across_a_restart_until_filled_or_accepted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pool.epochs");
+        let book = ReplicaBook::open(&file, 0).expect("open");
+        book.admit("a", 2).expect("a");
+        book.set_synced("a", 9).expect("synced");
+        book.start_fill("a").expect("fill");
+        assert!(book.incomplete("a"));
+        assert_eq!(book.synced("a"), 0);
+        assert!(!book.incomplete("b"));
+        book.admit("b", 1).expect("b");
+        book.start_fill("b").expect("fill b");
+        book.finish_fill("b", 44).expect("filled");
+        drop(book);
+        let book = ReplicaBook::open(&file, 0).expect("reopen");
+        assert!(book.incomplete("a"), "the mark survives a restart");
+        assert_eq!((book.incomplete("b"), book.synced("b")), (false, 44));
+        assert_eq!(book.accept_incomplete("a").ok(), Some(true));
+        assert_eq!(book.accept_incomplete("a").ok(), Some(false));
+        assert!(!book.incomplete("a"));
+        book.start_fill("b").expect("fill b again");
+        book.set_primary("b", true).expect("primary");
+        assert!(
+            std::fs::read_to_string(&file)
+                .expect("read")
+                .contains("b 1 0 pf")
+        );
+        book.forget_content("b").expect("forget");
+        assert!(!book.incomplete("b"));
+        std::fs::write(&file, "a 5 6 fp\n").expect("write");
+        let book = ReplicaBook::open(&file, 0).expect("flags in any order");
+        // A volume that was a primary forgets its sync, not its mark.
+        assert!(book.incomplete("a"));
     }
 }

@@ -380,8 +380,10 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         reply(&mut wr, version, boot, Status::SplitBrain, newest, false)?;
         return Ok(());
     } else {
-        // Whatever this volume followed, it is about to be rewritten.
-        book.set_synced(name, 0)
+        // Whatever this volume followed, it is about to be rewritten: it
+        // is incomplete until the full sync's last FLUSH, even across a
+        // restart, and refuses to become a primary meanwhile.
+        book.start_fill(name)
     };
     if let Err(e) = recorded {
         tracing::error!(volume = %name, error = %e, "cannot record the volume's sync state: refusing the primary");
@@ -492,7 +494,7 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
             }
             let status = apply(ctx, &volume, &frame);
             if status == Status::Ok && frame.flags & FLAG_SYNCED != 0 {
-                match book.set_synced(name, hello.generation) {
+                match book.finish_fill(name, hello.generation) {
                     Ok(()) => {
                         filling = false;
                         tracing::info!(volume = %name, generation = hello.generation, "in sync with the primary: full sync received");

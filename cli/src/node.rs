@@ -13,7 +13,7 @@ mod drain;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use basalt_api::{AdminClient, ApiError, Kind, Node, Object, Placement};
+use basalt_api::{AdminClient, ApiError, Kind, MigrationPhase, Node, Object, Placement};
 
 use crate::output::{self, Format};
 
@@ -28,7 +28,9 @@ pub enum NodeCommand {
         /// The node.
         name: String,
     },
-    /// Let the scheduler use a node again; cancels a drain in progress.
+    /// Let the scheduler use a node again; cancels a drain in progress:
+    /// its cold moves not yet made and its live migrations not yet
+    /// started (one under way finishes).
     Uncordon {
         /// The node.
         name: String,
@@ -104,6 +106,7 @@ pub async fn run(server: &str, format: Format, command: NodeCommand) -> anyhow::
                     cancelled += 1;
                 }
             }
+            cancelled += cancel_drain_migrations(&client, &name).await?;
             if cancelled > 0 {
                 println!("node/{name} uncordoned ({cancelled} pending move(s) cancelled)");
             } else {
@@ -244,6 +247,38 @@ async fn set_evicting(client: &AdminClient, vm: &str, evicting: bool) -> anyhow:
 }
 
 /// The placements on node `name`.
+/// Deletes the migrations a drain of node `name` asked for that have not
+/// started (pending: waiting for a target's copies, or for a target); one
+/// under way finishes. Returns how many it deleted.
+async fn cancel_drain_migrations(client: &AdminClient, name: &str) -> anyhow::Result<usize> {
+    let migrations = client
+        .list(Kind::Migration)
+        .await
+        .context("listing migrations")?
+        .objects;
+    let mut cancelled = 0;
+    for object in migrations {
+        let Object::Migration(m) = object else {
+            continue;
+        };
+        if m.drained_node() != Some(name) || m.status.phase != MigrationPhase::Pending {
+            continue;
+        }
+        // At the version read: one that started meanwhile stays.
+        match client
+            .delete(Kind::Migration, &m.meta.name, Some(m.meta.resource_version))
+            .await
+        {
+            Ok(_) => cancelled += 1,
+            Err(ApiError::NotFound { .. } | ApiError::Aborted { .. }) => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("cancelling migration/{}", m.meta.name));
+            }
+        }
+    }
+    Ok(cancelled)
+}
+
 pub async fn placements_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<Placement>> {
     Ok(client
         .list(Kind::Placement)

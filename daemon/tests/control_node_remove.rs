@@ -5,46 +5,16 @@
 //! VMs' placements for the controllers to move. A node without VMs goes
 //! with a plain delete.
 
-use std::path::PathBuf;
-use std::process::Output;
 use std::time::Duration;
 
 use basalt_api::{AdminClient, ApiError, Kind, Node, Object, ObjectMeta, Placement, Vm, VmSpec};
 use basalt_testkit::Prefix;
 
-// This test needs no join token.
-#[allow(dead_code)]
 mod common;
 
+use common::{basalt, text};
+
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn basalt_cli() -> PathBuf {
-    let path = PathBuf::from(common::BASALTD).with_file_name("basalt");
-    assert!(
-        path.is_file(),
-        "the basalt CLI is not built at {} (cargo build -p basalt)",
-        path.display()
-    );
-    path
-}
-
-/// Runs `basalt --server SERVER ARGS...` (off the async threads).
-async fn basalt(server: &str, args: &[&str]) -> Output {
-    let mut command = std::process::Command::new(basalt_cli());
-    command.arg("--server").arg(server).args(args);
-    tokio::task::spawn_blocking(move || command.output().expect("run basalt"))
-        .await
-        .expect("the CLI task")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 async fn create_node(admin: &AdminClient, name: &str) {
     let mut node = Node {

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use basalt_api::{
-    AgentClient, Condition, Kind, Object, ReplicaMark, ReplicaReport, ReplicaState, TokenSecret,
-    Volume, VolumeReport,
+    AgentClient, ApiError, Condition, Kind, Migration, MigrationPhase, MigrationSpec, Object,
+    ObjectMeta, ReplicaMark, ReplicaReport, ReplicaState, TokenSecret, Volume, VolumeReport,
 };
 use basalt_testkit::{Prefix, wait};
 use fake_agent::{placement, publish, ready, replicated_vm};
@@ -204,6 +204,62 @@ async fn a_lost_replica_node_is_replaced_after_the_delay_and_a_removed_one_at_on
         Some(ReplicaState::Syncing),
         "{filling:?}"
     );
+
+    // A drain's migration to n4 waits in Pending for the fill; uncordon
+    // of the drained node cancels it. One asked without a drain stays.
+    let to_n4 = |drained: Option<&str>| {
+        let mut meta = ObjectMeta::named("db");
+        if let Some(node) = drained {
+            meta.labels
+                .insert(Migration::DRAIN_LABEL.into(), node.to_owned());
+        }
+        Migration {
+            meta,
+            spec: MigrationSpec {
+                vm: "db".into(),
+                target: Some("n4".into()),
+                ..MigrationSpec::default()
+            },
+            ..Migration::default()
+        }
+    };
+    for drained in [Some(first.node.as_str()), None] {
+        admin
+            .create(Object::Migration(to_n4(drained)))
+            .await
+            .expect("ask for a migration to n4");
+        wait::until(
+            "the migration waits for n4's copy",
+            DEADLINE,
+            &[&member],
+            || async {
+                matches!(admin.get(Kind::Migration, "db").await,
+                    Ok(Object::Migration(m)) if m.status.phase == MigrationPhase::Pending
+                        && m.status.message.contains("waiting for the target's copies"))
+            },
+        )
+        .await;
+        let out = common::basalt(&address, &["node", "uncordon", &first.node]).await;
+        assert!(out.status.success(), "{}", common::text(&out));
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        let left = admin.get(Kind::Migration, "db").await;
+        if drained.is_some() {
+            assert!(said.contains("1 pending move(s) cancelled"), "{said}");
+            assert!(
+                matches!(left, Err(ApiError::NotFound { .. })),
+                "a drain's pending migration outlived uncordon: {left:?}"
+            );
+        } else {
+            assert!(!said.contains("cancelled"), "{said}");
+            let Ok(Object::Migration(m)) = left else {
+                panic!("uncordon removed a migration no drain asked for: {left:?}")
+            };
+            admin
+                .delete(Kind::Migration, "db", Some(m.meta.resource_version))
+                .await
+                .expect("call the operator's migration off");
+        }
+    }
     stops[&first.node].store(true, Ordering::Relaxed);
     wait::until(
         "db says why it does not move to n4",

@@ -151,6 +151,16 @@ pub struct TrackedFlow {
 }
 
 impl Migration {
+    /// A label a drain sets on the migrations it asks for: the drained
+    /// node. `basalt node uncordon` cancels those that have not started.
+    pub const DRAIN_LABEL: &str = "basalt.io/drain";
+
+    /// The node whose drain asked for this migration
+    /// ([`Migration::DRAIN_LABEL`]).
+    pub fn drained_node(&self) -> Option<&str> {
+        self.meta.labels.get(Self::DRAIN_LABEL).map(String::as_str)
+    }
+
     /// Checks every field; errors name the field's path, e.g. `spec.vm`.
     pub fn validate(&self) -> Result<(), ApiError> {
         self.meta.validate()?;

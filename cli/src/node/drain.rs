@@ -389,8 +389,12 @@ async fn start_live(
             evict(client, vm, &why).await?;
             return Ok(false);
         }
+        let mut meta = ObjectMeta::named(vm);
+        // Uncordon cancels it while it has not started.
+        meta.labels
+            .insert(Migration::DRAIN_LABEL.into(), node.to_owned());
         let request = Migration {
-            meta: ObjectMeta::named(vm),
+            meta,
             spec: MigrationSpec {
                 vm: vm.to_owned(),
                 target: None,

@@ -1,6 +1,12 @@
 //! What the daemon's end-to-end tests share: a one-member control plane
-//! started and answering, and join tokens for their agents.
+//! started and answering, join tokens for their agents, and the `basalt`
+//! CLI run against it.
+//!
+//! Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
 
+use std::path::PathBuf;
+use std::process::Output;
 use std::time::Duration;
 
 use basalt_api::{AdminClient, JoinToken, JoinTokenSpec, Kind, Object, ObjectMeta};
@@ -72,4 +78,34 @@ pub async fn join_token(admin: &AdminClient, name: &str, uses: u32) -> String {
         .expect("the secret is returned on create")
         .expose()
         .to_owned()
+}
+
+/// The `basalt` CLI built beside `basaltd` (`cargo build -p basalt`).
+pub fn basalt_cli() -> PathBuf {
+    let path = PathBuf::from(BASALTD).with_file_name("basalt");
+    assert!(
+        path.is_file(),
+        "the basalt CLI is not built at {} (cargo build -p basalt)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `basalt --server SERVER ARGS...` (off the async threads).
+pub async fn basalt(server: &str, args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(basalt_cli());
+    command.arg("--server").arg(server).args(args);
+    tokio::task::spawn_blocking(move || command.output().expect("run basalt"))
+        .await
+        .expect("the CLI task")
+}
+
+/// A CLI run's status and output, for assertion messages.
+pub fn text(output: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }

@@ -37,7 +37,7 @@ mod datapath;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,15 +76,7 @@ bound|renew)
 esac
 ";
 
-fn basalt_cli() -> PathBuf {
-    let path = PathBuf::from(BASALTD).with_file_name("basalt");
-    assert!(
-        path.is_file(),
-        "the basalt CLI is not built at {} (cargo build -p basalt)",
-        path.display()
-    );
-    path
-}
+use common::basalt_cli;
 
 fn domain_state(libvirtd: &Libvirtd, domain: &str) -> String {
     libvirtd

@@ -333,15 +333,7 @@ async fn a_network_routed_natively_on_overlay_nodes() {
 }
 
 /// The basalt CLI beside basaltd.
-fn basalt_cli() -> PathBuf {
-    let path = PathBuf::from(BASALTD).with_file_name("basalt");
-    assert!(
-        path.is_file(),
-        "the basalt CLI is not built at {} (cargo build -p basalt)",
-        path.display()
-    );
-    path
-}
+use common::basalt_cli;
 
 /// `node_routing` is the agents' `--net-routing`; the network is created
 /// with `basalt network create`, with `--routing` when `network_routing`

@@ -31,6 +31,7 @@ use basalt_testkit::guest::client::NumberStream;
 use basalt_testkit::nbd_client::NbdClient;
 use basalt_testkit::{Fabric, Libvirtd, Node, Prefix, Process, ProcessSpec, wait};
 
+pub use crate::common::basalt;
 use crate::common::{self, BASALTD};
 
 /// A TCG guest on a loaded machine boots slowly: generous, not tight.
@@ -43,26 +44,6 @@ pub const REPLICA_PORT: u16 = 7789;
 pub const NBD: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10809);
 /// Quick controllers, and a released address held only briefly.
 pub const CONFIG: &str = "[nodes]\ncontroller_period_ms = 200\n[ipam]\nrelease_grace_ms = 1000\n";
-
-/// The workspace's `basalt` CLI, next to `basaltd`.
-pub fn basalt_cli() -> PathBuf {
-    let path = PathBuf::from(BASALTD).with_file_name("basalt");
-    assert!(
-        path.is_file(),
-        "the basalt CLI is not built at {} (cargo build -p basalt)",
-        path.display()
-    );
-    path
-}
-
-/// Runs the `basalt` CLI against `server` off the async threads.
-pub async fn basalt(server: &str, args: &[&str]) -> Output {
-    let mut command = Command::new(basalt_cli());
-    command.args(["--server", server]).args(args);
-    tokio::task::spawn_blocking(move || command.output().expect("run basalt"))
-        .await
-        .expect("join")
-}
 
 /// Exit status, stdout and stderr of a command, for assertions.
 pub fn text(out: &Output) -> String {

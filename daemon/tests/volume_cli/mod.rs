@@ -1,24 +1,14 @@
 //! What the cluster volume tests share: the `basalt` CLI run against a
 //! control plane, and volumes read back through it (`-o json`).
 
-use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
 use basalt_api::{Object, ReplicaState, Volume};
 use basalt_testkit::{Process, wait};
 
-use crate::common;
-
-fn basalt_cli() -> PathBuf {
-    let path = PathBuf::from(common::BASALTD).with_file_name("basalt");
-    assert!(
-        path.is_file(),
-        "the basalt CLI is not built at {} (cargo build -p basalt)",
-        path.display()
-    );
-    path
-}
+use crate::common::basalt_cli;
+pub use crate::common::text;
 
 /// Runs `basalt --server SERVER ARGS...` (off the async threads).
 pub async fn basalt(server: &str, args: &[&str]) -> Output {
@@ -31,16 +21,6 @@ pub async fn basalt(server: &str, args: &[&str]) -> Output {
     tokio::task::spawn_blocking(move || command.output().expect("run basalt"))
         .await
         .expect("the CLI task")
-}
-
-/// A CLI run's status and output, for assertion messages.
-pub fn text(output: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// `basalt volume get NAME -o json`, parsed; `None` while it fails.

@@ -364,6 +364,13 @@ fn open(path: &Path) -> anyhow::Result<Pool> {
     Pool::open(Arc::new(backend)).with_context(|| format!("opening pool {}", path.display()))
 }
 
+/// The replication book kept beside pool `pool` (`POOL.epochs`).
+fn book_path(pool: &Path) -> PathBuf {
+    let mut file = pool.as_os_str().to_owned();
+    file.push(".epochs");
+    PathBuf::from(file)
+}
+
 fn print_volume(v: &VolumeInfo) {
     println!(
         "{:<24} {:>14} {:>14} {:<3} {}",
@@ -464,15 +471,31 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
         }
         VolumeCommand::List { pool, json } => {
             let vols = open(&pool)?.list();
+            // Which copies a cut full sync left incomplete (decision 91).
+            let book_file = book_path(&pool);
+            let book = ReplicaBook::open(&book_file, 0)
+                .with_context(|| format!("reading {}", book_file.display()))?;
             if json {
-                let all: Vec<_> = vols.iter().map(volume_json).collect();
+                let all: Vec<_> = vols
+                    .iter()
+                    .map(|v| {
+                        let mut j = volume_json(v);
+                        j["incomplete"] = book.incomplete(&v.name).into();
+                        j
+                    })
+                    .collect();
                 println!("{}", serde_json::Value::Array(all));
             } else {
                 println!(
                     "{:<24} {:>14} {:>14} {:<3} UID",
                     "NAME", "SIZE", "MAPPED", "RW"
                 );
-                vols.iter().for_each(print_volume);
+                for v in &vols {
+                    print_volume(v);
+                    if book.incomplete(&v.name) {
+                        println!("  ^ incomplete: a full sync into this copy did not finish");
+                    }
+                }
             }
         }
         VolumeCommand::Snapshot { pool, source, name } => {
@@ -658,9 +681,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     // The newest epoch and the synced generation per volume, kept beside
     // the pool.
-    let mut book_file = args.pool.clone().into_os_string();
-    book_file.push(".epochs");
-    let book_file = PathBuf::from(book_file);
+    let book_file = book_path(&args.pool);
     let book = ReplicaBook::open(&book_file, args.min_epoch)
         .with_context(|| format!("reading {}", book_file.display()))?;
     // Every volume's role, kept beside the pool and restored before

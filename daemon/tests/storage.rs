@@ -66,6 +66,16 @@ fn operator_commands_and_their_errors() {
     assert_eq!(names, ["vm0", "vm0-snap", "vm1"]);
     assert_eq!(vols[2]["size"], 128 << 20);
     assert_eq!(vols[1]["read_only"], true);
+    assert_eq!(vols[0]["incomplete"], false);
+    // A copy whose full sync was cut (its mark in the replication book
+    // beside the pool) says so.
+    std::fs::write(format!("{p}.epochs"), "vm1 2 0 f\n").expect("write the book");
+    let list = ok(&["storage", "volume", "list", "--pool", p, "--json"]);
+    let vols: serde_json::Value = serde_json::from_str(&list).expect("json");
+    assert_eq!(vols[2]["incomplete"], true, "{vols}");
+    assert_eq!(vols[0]["incomplete"], false, "{vols}");
+    let table = ok(&["storage", "volume", "list", "--pool", p]);
+    assert!(table.contains("incomplete"), "{table}");
     ok(&["storage", "volume", "delete", "--pool", p, "vm0"]);
     ok(&["storage", "pool", "status", "--pool", p]);
 

@@ -31,12 +31,10 @@ use basalt_testkit::nbd_client::NbdClient;
 use basalt_testkit::{Fabric, Node, Prefix, Process, wait};
 
 use replica_node::{
-    NBD, REPLICA_PORT, agent_spec, create_db_on_a_and_b, peer_state, start_storage_with,
-    wait_joined,
+    NBD, REPLICA_PORT, ReplicaNodes, create_db_on_a_and_b, peer_state, start_replica_nodes,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
-const CONTROL_PORT: u16 = 7400;
 /// Short leases and a short delay so the replacement takes seconds.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\nreplica_replace_after_ms = 3000\n";
 /// What `a` holds, hence what `c`'s full sync must send.
@@ -84,32 +82,22 @@ async fn a_copy_cut_in_its_fill_is_made_primary_only_when_the_operator_accepts_i
     let c = fabric.add_node("c").expect("node c");
     let cp = fabric.add_node("cp").expect("node cp");
 
-    let mut storages = Vec::new();
-    let mut sockets = Vec::new();
-    for node in [&a, &b, &c] {
-        let (storage, socket) = start_storage_with(&prefix, node, &["--sync-rate", "1M"]);
-        storages.push(storage);
-        sockets.push(socket);
-    }
-    let server = format!("{}:{CONTROL_PORT}", cp.addr());
-    let (control, admin) =
-        common::start_control(&prefix, &server, Some(&cp), DEADLINE, Some(CONFIG)).await;
-    let secret = common::join_token(&admin, "join", 3).await;
-    let mut agents: Vec<Process> = [&a, &b, &c]
-        .into_iter()
-        .zip(&sockets)
-        .map(|(node, socket)| {
-            Process::start(
-                &prefix,
-                agent_spec(node, &server, &secret, socket).args(["--compute", "sim"]),
-            )
-            .expect("agent")
-        })
-        .collect();
-    {
-        let logs: Vec<&Process> = storages.iter().chain(&agents).chain([&control]).collect();
-        wait_joined(&admin, 3, DEADLINE, &logs).await;
-    }
+    let ReplicaNodes {
+        mut storages,
+        sockets,
+        control,
+        admin,
+        mut agents,
+        ..
+    } = start_replica_nodes(
+        &prefix,
+        &[&a, &b, &c],
+        &cp,
+        CONFIG,
+        &["--sync-rate", "1M"],
+        DEADLINE,
+    )
+    .await;
     let volume = create_db_on_a_and_b(
         &admin,
         KernelBoot {

@@ -29,12 +29,11 @@ use basalt_api::{
 use basalt_testkit::{Fabric, Prefix, Process, wait};
 
 use replica_node::{
-    PATTERN_AT, REPLICA_PORT, agent_spec, create_db_on_a_and_b, pattern, peer_state, read_export,
-    refuses_writes, start_storage, wait_joined, write_pattern,
+    PATTERN_AT, REPLICA_PORT, ReplicaNodes, agent_spec, create_db_on_a_and_b, pattern, peer_state,
+    read_export, refuses_writes, start_replica_nodes, write_pattern,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
-const CONTROL_PORT: u16 = 7400;
 /// Short leases and a short delay so the replacement takes seconds.
 const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\nreplica_replace_after_ms = 3000\n";
 
@@ -58,32 +57,14 @@ async fn a_lost_replica_is_replaced_on_a_third_node_and_fully_synced() {
     let c = fabric.add_node("c").expect("node c");
     let cp = fabric.add_node("cp").expect("node cp");
 
-    let mut storages = Vec::new();
-    let mut sockets = Vec::new();
-    for node in [&a, &b, &c] {
-        let (storage, socket) = start_storage(&prefix, node);
-        storages.push(storage);
-        sockets.push(socket);
-    }
-    let server = format!("{}:{CONTROL_PORT}", cp.addr());
-    let (control, admin) =
-        common::start_control(&prefix, &server, Some(&cp), DEADLINE, Some(CONFIG)).await;
-    let secret = common::join_token(&admin, "join", 3).await;
-    let mut agents: Vec<Process> = [&a, &b, &c]
-        .into_iter()
-        .zip(&sockets)
-        .map(|(node, socket)| {
-            Process::start(
-                &prefix,
-                agent_spec(node, &server, &secret, socket).args(["--compute", "sim"]),
-            )
-            .expect("agent")
-        })
-        .collect();
-    {
-        let logs: Vec<&Process> = storages.iter().chain(&agents).chain([&control]).collect();
-        wait_joined(&admin, 3, DEADLINE, &logs).await;
-    }
+    let ReplicaNodes {
+        mut storages,
+        sockets,
+        control,
+        admin,
+        mut agents,
+        server,
+    } = start_replica_nodes(&prefix, &[&a, &b, &c], &cp, CONFIG, &[], DEADLINE).await;
 
     // The VM, placed on a with replicas on a and b by the test. The
     // simulated hypervisor never opens its kernel.

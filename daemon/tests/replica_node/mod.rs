@@ -155,6 +155,69 @@ pub fn agent_spec(node: &Node, server: &str, secret: &str, socket: &Path) -> Pro
         .netns(node)
 }
 
+/// A one-member control plane and, on each replica node, a storage
+/// process and a simulated-compute agent joined to it
+/// ([`start_replica_nodes`]); per node in the order given.
+pub struct ReplicaNodes {
+    /// `basaltd storage serve` per node.
+    pub storages: Vec<Process>,
+    /// Their storage-local sockets.
+    pub sockets: Vec<PathBuf>,
+    /// `basaltd control`.
+    pub control: Process,
+    /// A client of it.
+    pub admin: AdminClient,
+    /// `basaltd agent --compute sim` per node.
+    pub agents: Vec<Process>,
+    /// The control plane's address.
+    pub server: String,
+}
+
+/// Starts a storage process (with `storage_flags`) on each of `nodes`, a
+/// control plane with `config` on `cp`, and a simulated-compute agent per
+/// node, and waits until every node joined and published its
+/// replication address.
+pub async fn start_replica_nodes(
+    prefix: &Prefix,
+    nodes: &[&Node],
+    cp: &Node,
+    config: &str,
+    storage_flags: &[&str],
+    deadline: Duration,
+) -> ReplicaNodes {
+    let (storages, sockets): (Vec<Process>, Vec<PathBuf>) = nodes
+        .iter()
+        .map(|node| start_storage_with(prefix, node, storage_flags))
+        .unzip();
+    let server = format!("{}:{CONTROL_PORT}", cp.addr());
+    let (control, admin) =
+        common::start_control(prefix, &server, Some(cp), deadline, Some(config)).await;
+    let secret = common::join_token(&admin, "join", nodes.len() as u32).await;
+    let agents: Vec<Process> = nodes
+        .iter()
+        .zip(&sockets)
+        .map(|(node, socket)| {
+            Process::start(
+                prefix,
+                agent_spec(node, &server, &secret, socket).args(["--compute", "sim"]),
+            )
+            .expect("agent")
+        })
+        .collect();
+    {
+        let logs: Vec<&Process> = storages.iter().chain(&agents).chain([&control]).collect();
+        wait_joined(&admin, nodes.len(), deadline, &logs).await;
+    }
+    ReplicaNodes {
+        storages,
+        sockets,
+        control,
+        admin,
+        agents,
+        server,
+    }
+}
+
 /// Waits until `nodes` nodes have joined and published their replication
 /// addresses.
 pub async fn wait_joined(admin: &AdminClient, nodes: usize, deadline: Duration, logs: &[&Process]) {

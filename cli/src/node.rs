@@ -246,7 +246,6 @@ async fn set_evicting(client: &AdminClient, vm: &str, evicting: bool) -> anyhow:
     }
 }
 
-/// The placements on node `name`.
 /// Deletes the migrations a drain of node `name` asked for that have not
 /// started (pending: waiting for a target's copies, or for a target); one
 /// under way finishes. Returns how many it deleted.
@@ -279,6 +278,7 @@ async fn cancel_drain_migrations(client: &AdminClient, name: &str) -> anyhow::Re
     Ok(cancelled)
 }
 
+/// The placements on node `name`.
 pub async fn placements_on(client: &AdminClient, name: &str) -> anyhow::Result<Vec<Placement>> {
     Ok(client
         .list(Kind::Placement)

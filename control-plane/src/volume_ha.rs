@@ -77,6 +77,9 @@ pub fn plan_failovers(
                 r.node != *old
                     && !r.outdated
                     && r.state == ReplicaState::UpToDate
+                    // Its own node holds it incomplete (decision 91): its
+                    // storage would refuse to make it the primary.
+                    && r.node_state != Some(ReplicaState::Syncing)
                     && !lost.contains(&r.node)
                     && is_ready(state, &r.node)
             })
@@ -446,6 +449,22 @@ mod tests {
         let mut reported = all_up(&state);
         // Its nodes named (decision 80): they follow the failover.
         reported.spec.nodes = vec![primary.clone(), secondary.clone()];
+        // Unless its own node holds it incomplete (a cut full sync).
+        let mut half = reported.clone();
+        for r in &mut half.status.replicas {
+            if r.node == secondary {
+                r.node_state = Some(ReplicaState::Syncing);
+            }
+        }
+        apply(
+            &mut state,
+            &mut index,
+            Command::Update(Object::Volume(half)),
+        );
+        let (writes, stuck) = plan_failovers(&state, &lost(&[&primary]), 3);
+        assert!(writes.is_empty(), "promoted an incomplete copy");
+        assert!(stuck[0].1.contains("no up-to-date copy"), "{stuck:?}");
+        reported.meta.resource_version = volume(&state, "scratch").meta.resource_version;
         apply(
             &mut state,
             &mut index,

@@ -433,8 +433,9 @@ impl Controllers {
                             }
                         }
                         // Copies the operator accepted as they are count
-                        // as neither, even if the fence marked them
-                        // outdated (their fill marks them so, decision 91).
+                        // as neither unfinished nor outdated, even if the
+                        // fence marked them (their fill marks them so,
+                        // decision 91).
                         if let Some((node, _)) = accepted.get(&vm.meta.name) {
                             view.status.outdated_replicas.retain(|n| n != node);
                         }
@@ -967,8 +968,8 @@ fn stopped_on(state: &crate::state::State, p: &Placement) -> bool {
 /// The replica nodes of `placement` (of `vm`) whose copy of some
 /// replicated disk does not hold the data yet, by the disks' volumes as
 /// the primary last reported them at the placement's epoch
-/// ([`basalt_api::VolumeStatus::unfinished`]), but for the node whose
-/// copies the operator accepted as they are ([`Vm::accepted_copy`]).
+/// ([`basalt_api::VolumeStatus::unfinished`]). The caller lets the copies
+/// an operator accepted ([`Vm::accepted_copy`]) count as finished.
 fn unfinished_copies(
     vm: &Vm,
     placement: &Placement,
@@ -986,11 +987,9 @@ fn unfinished_copies(
         })
         .filter(|v| v.status.epoch == placement.epoch)
         .collect();
-    let accepted = vm.accepted_copy(placement.epoch);
     placement
         .replica_nodes
         .iter()
-        .filter(|node| accepted != Some(node.as_str()))
         .filter(|node| volumes.iter().any(|v| v.status.unfinished(node).is_some()))
         .cloned()
         .collect()

@@ -307,7 +307,7 @@ pub fn copy_lag(vm: &Vm, placement: &Placement, node: &str, view: &View<'_>) -> 
     // dropped.
     let appended = placement
         .replica_nodes
-        .get(scheduler::replicas_wanted(vm)..)
+        .get(vm.spec.replicas_wanted()..)
         .unwrap_or_default();
     if appended.iter().any(|n| n == node) {
         return Some(Lag::Filling(format!(

@@ -76,7 +76,7 @@ pub fn plan(state: &State, evacuate: &BTreeSet<String>, seed: u64) -> Plan {
             .filter(|n| !evacuate.contains(*n))
             .cloned()
             .collect();
-        if staying.len() < scheduler::replicas_wanted(vm) {
+        if staying.len() < vm.spec.replicas_wanted() {
             to_add.insert(p.vm.clone());
             continue;
         }

@@ -94,16 +94,10 @@ struct Load {
     groups: BTreeSet<String>,
 }
 
-/// How many copies of its replicated disks `vm` asks for
-/// ([`basalt_api::VmSpec::replicas_wanted`]).
-pub fn replicas_wanted(vm: &Vm) -> usize {
-    vm.spec.replicas_wanted()
-}
-
 /// Bytes of `vm`'s replicated disks (on every replica node) and of its
 /// other disks (on its node only).
 fn disk_bytes(vm: &Vm) -> (u64, u64) {
-    let replicated = replicas_wanted(vm) > 0;
+    let replicated = vm.spec.replicas_wanted() > 0;
     vm.spec.disks.iter().fold((0, 0), |(shared, local), disk| {
         if replicated && disk.replicas >= 2 {
             (shared + disk.size_bytes, local)
@@ -268,7 +262,7 @@ pub fn plan_pinned(
         let wanted = if moves.contains(vm.meta.name.as_str()) || pinned_copies.is_some() {
             0
         } else {
-            replicas_wanted(vm)
+            vm.spec.replicas_wanted()
         };
         let mut replica_refusals: BTreeMap<&'static str, usize> = BTreeMap::new();
         let eligible: Vec<usize> = if wanted > 0 {
@@ -1418,7 +1412,7 @@ mod tests {
                             prop_assert!(!plan.replica_nodes.contains_key(vm));
                         }
                         None => {
-                            let wanted = replicas_wanted(spec);
+                            let wanted = spec.spec.replicas_wanted();
                             match plan.replica_nodes.get(vm) {
                                 None => prop_assert_eq!(wanted, 0),
                                 Some(replicas) => {

@@ -79,7 +79,6 @@ fn as_volume(object: &Object) -> Option<&Volume> {
     }
 }
 
-/// The object as a VM, when it is one.
 /// VM disks' volumes, by (VM uid, disk name): how a VM's disk finds its
 /// volume. Volumes that are no VM's disk are left out.
 pub type DiskVolumes<'a> = HashMap<(&'a str, &'a str), &'a Volume>;
@@ -100,6 +99,7 @@ pub fn disk_volumes(state: &State) -> DiskVolumes<'_> {
     by_disk(state.list(Kind::Volume).filter_map(as_volume))
 }
 
+/// The object as a VM, when it is one.
 fn as_vm(object: &Object) -> Option<&Vm> {
     match object {
         Object::Vm(vm) => Some(vm),

@@ -226,12 +226,13 @@ impl ReplicaBook {
     /// from it or fills it whole. Returns whether it was incomplete.
     pub fn accept_incomplete(&self, volume: &str) -> io::Result<bool> {
         let was = self.incomplete(volume);
-        if was {
-            self.update(volume, |e| {
+        // Unchanged (not incomplete): `update` writes nothing.
+        self.update(volume, |e| {
+            if e.filling {
                 e.synced = 0;
                 e.filling = false;
-            })?;
-        }
+            }
+        })?;
         Ok(was)
     }
 

@@ -8,27 +8,17 @@
 //! one not answering and the quorum kept by the two others; with a
 //! second member killed it fails, naming what it could not read.
 
-use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
 use basalt_api::{AdminClient, Kind};
 use basalt_testkit::{Prefix, wait};
 
+mod common;
 mod control_trio;
 
-const BASALTD: &str = env!("CARGO_BIN_EXE_basaltd");
+use common::basalt_cli;
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn basalt_cli() -> PathBuf {
-    let path = PathBuf::from(BASALTD).with_file_name("basalt");
-    assert!(
-        path.is_file(),
-        "the basalt CLI is not built at {} (cargo build -p basalt)",
-        path.display()
-    );
-    path
-}
 
 /// Runs the CLI with `args` (off the async threads).
 async fn cli(args: Vec<String>) -> Output {

@@ -335,7 +335,7 @@ async fn check_placements(admin: &AdminClient) -> anyhow::Result<usize> {
                 p.node
             );
         }
-        let wanted = scheduler::replicas_wanted(vm);
+        let wanted = vm.spec.replicas_wanted();
         let distinct: BTreeSet<&String> = p.replica_nodes.iter().collect();
         ensure!(
             p.replica_nodes.len() == wanted

@@ -338,7 +338,7 @@ pub fn copy_lag(vm: &Vm, placement: &Placement, node: &str, view: &View<'_>) -> 
         let state = copy.state.with_mark(copy.outdated);
         let why = match copy.node_state {
             // In sync by the primary, not by its own node: not heard
-            // yet, or incomplete (a full sync into it did not finish).
+            // yet, or incomplete (a full sync or resync into it did not finish).
             own if state == ReplicaState::UpToDate => format!(
                 "disk {}'s copy on {node:?} is up-to-date by the primary, {} by its own node",
                 disk.name,

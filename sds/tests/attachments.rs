@@ -679,3 +679,69 @@ fn a_copy_whose_full_sync_was_cut_serves_nothing_until_accepted_with_force() {
     write(&r_att, &r, 0, 0x50).expect("write on the forced primary");
     assert_eq!(read(&r, 0), vec![0x50; 4096]);
 }
+
+#[test]
+fn a_copy_whose_resync_was_cut_is_incomplete_until_the_resync_ends() {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let r = pool();
+    let r_att = attachments(&r);
+    let server = ReplicaServer::serve(r_att.clone(), any).expect("replica");
+    let addr = server.addr();
+    let p = pool();
+    // 4 MiB of dirty chunks at 1 MiB/s: the resync is cut well before
+    // its end.
+    let att = Arc::new(Attachments::new(
+        p.clone(),
+        Arc::new(ReplicaBook::in_memory(0)),
+        AttachOptions {
+            sync_rate: 1 << 20,
+            ..opts()
+        },
+    ));
+    r_att
+        .attach("vol", spec(Role::Secondary, 1, &[], false))
+        .expect("secondary");
+    att.attach("vol", spec(Role::Primary, 1, &[addr], true))
+        .expect("attach");
+    wait_peers(&att, all_connected);
+    write(&att, &p, 0, 0x01).expect("a write both copies get");
+    assert_eq!(read(&r, 0), vec![0x01; 4096]);
+
+    // The copy's node goes; the primary writes on without it.
+    server.stop();
+    drop(server);
+    for c in 0..64u64 {
+        write(&att, &p, c * CHUNK, 0x20).expect("write while the copy is away");
+    }
+    assert!(
+        !r_att.book().incomplete("vol"),
+        "an away copy is whole, only old"
+    );
+
+    // It comes back; the resync starts and is cut.
+    let server = ReplicaServer::serve(r_att.clone(), addr).expect("replica back");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(r_att.book().incomplete("vol") && read(&r, 0) == vec![0x20; 4096]) {
+        assert!(Instant::now() < deadline, "{:?}", att.view("vol"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.stop();
+    drop(server);
+    assert!(whole(&r) != whole(&p), "the resync was not cut");
+    assert!(r_att.book().incomplete("vol"));
+    let err = r_att
+        .attach("vol", spec(Role::Primary, 2, &[], true))
+        .expect_err("a half-resynced copy was attached as a primary");
+    assert!(matches!(err, AttachError::Incomplete { .. }), "{err}");
+    assert!(err.to_string().contains("resync"), "{err}");
+
+    // Back again: the resync goes on from the primary's dirty set (no
+    // full sync), and its end makes the copy whole.
+    let _server = ReplicaServer::serve(r_att.clone(), addr).expect("replica back again");
+    wait_peers(&att, all_connected);
+    assert!(!r_att.book().incomplete("vol"));
+    assert!(whole(&r) == whole(&p));
+    let (_, peer) = &att.view("vol").peers[0];
+    assert_eq!(peer.full_syncs, 1, "{peer:?}");
+    assert!(peer.resync_chunks > 0, "{peer:?}");
+}

@@ -157,6 +157,9 @@ fn verify_finds_a_corrupted_chunk_while_writes_go_on_and_repair_fixes_it() {
     eprintln!("{writes} writes during the three verifies");
     assert!(writes > 0);
     assert_eq!(whole(&pa), whole(&pb));
+    // A repaired chunk, rewritten in the live order, leaves the copy
+    // whole (a resync's chunk would mark it incomplete).
+    assert!(!att_b.book().incomplete("vol"));
 
     // A peer that is away is reported, not compared.
     drop(sb);

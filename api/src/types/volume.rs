@@ -178,8 +178,8 @@ pub struct VolumeReplica {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub last_error: String,
     /// How the copy's own node sees it (decision 61): `up-to-date` = in
-    /// its pool with the disk attached, `syncing` = a full sync into it
-    /// started and did not finish (decision 91), `disk-failed`, or
+    /// its pool with the disk attached, `syncing` = a full sync or resync into it
+    /// started and did not finish (decisions 91, 93), `disk-failed`, or
     /// `unknown` = the node's storage process cannot be asked; `None`
     /// until its node reported. [`VolumeReplica::state`] stays the primary's view.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -245,7 +245,7 @@ impl VolumeStatus {
     /// Why `node`'s copy does not hold the volume's data yet, as far as
     /// the reports tell: by the primary's report, it is receiving a sync
     /// or it is new (not reported while the other copies are); or its own
-    /// node holds it incomplete (a full sync into it did not finish,
+    /// node holds it incomplete (a full sync or resync into it did not finish,
     /// whatever the primary last said). `None` when it is in sync, away
     /// (the storage fence decides whether an away copy missed writes), or
     /// when nothing was reported at this epoch and its node does not hold
@@ -269,7 +269,9 @@ impl VolumeStatus {
         }
         copy.filter(|c| c.node_state == Some(ReplicaState::Syncing))
             .map(|_| {
-                format!("its copy on {node} is incomplete: a full sync into it did not finish")
+                format!(
+                    "its copy on {node} is incomplete: a full sync or resync into it did not finish"
+                )
             })
     }
 

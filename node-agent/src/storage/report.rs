@@ -122,7 +122,7 @@ pub fn reports(
         .map(|v| {
             let mut own = local.clone();
             if v.incomplete && own.state == ReplicaState::UpToDate {
-                // A full sync into it did not finish (yet): it holds
+                // A full sync or resync into it did not finish (yet): it holds
                 // part of a primary's data.
                 own.state = ReplicaState::Syncing;
             }

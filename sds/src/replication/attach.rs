@@ -196,10 +196,11 @@ pub enum AttachError {
         /// The volume.
         volume: String,
     },
-    /// A primary or standalone attachment of a copy whose full sync did
-    /// not finish (it would serve part of a disk), without force.
+    /// A primary or standalone attachment of a copy whose full sync or
+    /// resync did not finish (it would serve part of a disk), without
+    /// force.
     #[error(
-        "volume {volume}: this copy is incomplete (a full sync into it did not finish), so it would serve part of a disk; attach it as a primary with force to accept it as it is"
+        "volume {volume}: this copy is incomplete (a full sync or resync into it did not finish), so it would serve part of a disk; attach it as a primary with force to accept it as it is"
     )]
     Incomplete {
         /// The volume.

@@ -6,8 +6,8 @@
 //! File format: one line per volume, `VOLUME EPOCH [SYNCED [FLAGS]]`:
 //! the newest epoch, the generation of the last primary stream this
 //! volume fully received (0: none), and flags: `p` when the volume was a
-//! primary, `f` while a full sync into it has not finished (the copy is
-//! incomplete: DRBD's Inconsistent). The file is replaced whole (write,
+//! primary, `f` while a full sync or a resync into it has not finished
+//! (the copy is incomplete: DRBD's Inconsistent). The file is replaced whole (write,
 //! fsync, rename, fsync of the directory).
 //!
 //! Invariants:
@@ -21,9 +21,9 @@
 //!   with no synced generation: its writes since the last sync are not
 //!   known to be anywhere else, so nothing may skip a full sync because
 //!   of what it followed before (`sds/DESIGN.md`, "Initial full sync");
-//! - a volume is marked incomplete on disk before a full sync into it
-//!   writes anything, and the mark goes only when the sync's last FLUSH
-//!   is applied, or when an operator accepts the copy as it is: a copy
+//! - a volume is marked incomplete on disk before a full sync or a
+//!   resync into it writes anything, and the mark goes only when the
+//!   sync's SYNCED flush is applied, or when an operator accepts the copy as it is: a copy
 //!   cut in the middle of its fill says so across restarts.
 
 use std::collections::HashMap;
@@ -196,9 +196,9 @@ impl ReplicaBook {
         self.update(volume, |e| e.primary = primary)
     }
 
-    /// Whether a full sync into `volume` started and has not finished:
-    /// the copy holds part of a primary's data and part of what it held
-    /// before.
+    /// Whether a full sync or a resync into `volume` started and has not
+    /// finished: the copy holds part of a primary's data and part of what
+    /// it held before.
     pub fn incomplete(&self, volume: &str) -> bool {
         lock(&self.entries).get(volume).is_some_and(|e| e.filling)
     }
@@ -210,6 +210,13 @@ impl ReplicaBook {
             e.synced = 0;
             e.filling = true;
         })
+    }
+
+    /// Records that a resync of dirty chunks into `volume` starts: still
+    /// in sync with its stream (a cut resync goes on from the primary's
+    /// dirty set), but incomplete until [`ReplicaBook::finish_fill`].
+    pub fn start_resync(&self, volume: &str) -> io::Result<()> {
+        self.update(volume, |e| e.filling = true)
     }
 
     /// Records that the full sync into `volume` finished: in sync with
@@ -414,5 +421,27 @@ mod tests {
         let book = ReplicaBook::open(&file, 0).expect("flags in any order");
         // A volume that was a primary forgets its sync, not its mark.
         assert!(book.incomplete("a"));
+    }
+
+    #[test]
+    fn a_resync_marks_the_copy_incomplete_and_keeps_its_stream() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pool.epochs");
+        let book = ReplicaBook::open(&file, 0).expect("open");
+        book.admit("a", 3).expect("a");
+        book.set_synced("a", 17).expect("synced");
+        book.start_resync("a").expect("resync");
+        drop(book);
+        let book = ReplicaBook::open(&file, 0).expect("reopen");
+        // Cut and restarted: incomplete, and still in sync with the
+        // stream, whose dirty set finishes the resync.
+        assert_eq!((book.incomplete("a"), book.synced("a")), (true, 17));
+        assert!(
+            std::fs::read_to_string(&file)
+                .expect("read")
+                .contains("a 3 17 f")
+        );
+        book.finish_fill("a", 17).expect("resynced");
+        assert_eq!((book.incomplete("a"), book.synced("a")), (false, 17));
     }
 }

@@ -74,8 +74,8 @@ use std::time::{Duration, Instant};
 use crate::pool::{PoolError, Volume};
 use dirty_log::{DirtyLog, LogFile};
 use wire::{
-    FLAG_FUA, FLAG_NO_HOLE, FLAG_RECEIVE_ACK, FLAG_RESYNC, FLAG_SYNCED, Frame, FrameKind, Hello,
-    HelloReply, Status,
+    FLAG_FUA, FLAG_NO_HOLE, FLAG_RECEIVE_ACK, FLAG_REPAIR, FLAG_RESYNC, FLAG_SYNCED, Frame,
+    FrameKind, Hello, HelloReply, Status,
 };
 
 /// When a primary acknowledges a write to its client, as DRBD's
@@ -1179,7 +1179,7 @@ impl Replicator {
             lock(&s.pending).insert((conn, seq), Waiting::new(tx));
             let frame = Frame {
                 kind: FrameKind::Write,
-                flags: FLAG_RESYNC,
+                flags: FLAG_REPAIR,
                 epoch: s.epoch.load(Ordering::SeqCst),
                 seq,
                 offset,
@@ -1954,9 +1954,18 @@ impl Shared {
             }
             // Resynced chunks are durable on the peer before it counts as
             // in sync, and here (the dirty log forgets them once they are
-            // neither dirty nor written since).
-            self.send_flush(&mut rd, &mut wr, &mut sync, 0)?;
-            self.volume.flush().map_err(io::Error::other)?;
+            // neither dirty nor written since). SYNCED: the peer's copy,
+            // incomplete since the batch's first chunk, is whole again
+            // (a batch found meanwhile marks it again).
+            let flushed = self
+                .send_flush(&mut rd, &mut wr, &mut sync, FLAG_SYNCED)
+                .and_then(|()| self.volume.flush().map_err(io::Error::other));
+            if let Err(e) = flushed {
+                // Not confirmed durable on the peer (nor its copy whole):
+                // the whole batch is sent again.
+                lock(&self.link).dirty.extend(&batch);
+                return Err(e);
+            }
         }
         if full {
             tracing::info!(

@@ -35,8 +35,8 @@ use std::time::Duration;
 use super::attach::{AttachOptions, Attachments, Role};
 use super::book::{EpochWatch, ReplicaBook};
 use super::wire::{
-    self, Ack, FLAG_FUA, FLAG_NO_HOLE, FLAG_RECEIVE_ACK, FLAG_RESYNC, FLAG_SYNCED, Frame,
-    FrameKind, Hello, HelloReply, Status,
+    self, Ack, FLAG_FUA, FLAG_NO_HOLE, FLAG_RECEIVE_ACK, FLAG_REPAIR, FLAG_RESYNC, FLAG_SYNCED,
+    Frame, FrameKind, Hello, HelloReply, Status,
 };
 use crate::pool::{Pool, PoolError, Volume, ZeroFlags};
 
@@ -423,8 +423,8 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         full_sync = !in_sync,
         "primary connected"
     );
-    // A full sync in progress rewrites the volume: it must not reach a
-    // volume that became a primary meanwhile.
+    // A full sync or resync in progress rewrites the volume: it must not
+    // reach a volume that became a primary meanwhile.
     let mut filling = !in_sync;
     loop {
         let frame = Frame::read(&mut rd)?;
@@ -442,7 +442,7 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
         let (ok, newest) = ctx.admit(name, frame.epoch);
         let role = ctx.attachments.role(name);
         if filling && role == Some(Role::Primary) {
-            tracing::error!(volume = %name, "the volume became a primary during a full sync into it: cutting the sync");
+            tracing::error!(volume = %name, "the volume became a primary during a sync into it: cutting the sync");
             let ack = Ack {
                 seq: frame.seq,
                 status: Status::SplitBrain,
@@ -492,12 +492,35 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
             if ctx.stopped.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let status = apply(ctx, &volume, &frame);
-            if status == Status::Ok && frame.flags & FLAG_SYNCED != 0 {
+            // The first chunk of a resync makes the copy incomplete: it
+            // then holds some chunks newer than the others, not the
+            // volume as it was at any moment, until the SYNCED flush.
+            let marked = if !filling && rewrites(&frame) {
+                match book.start_resync(name) {
+                    Ok(()) => {
+                        filling = true;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = %name, error = %e, "cannot mark the copy incomplete before a resync: refusing it");
+                        Err(Status::IoError)
+                    }
+                }
+            } else {
+                Ok(())
+            };
+            let status = match marked {
+                Ok(()) => apply(ctx, &volume, &frame),
+                Err(status) => status,
+            };
+            if status == Status::Ok
+                && frame.kind == FrameKind::Flush
+                && frame.flags & FLAG_SYNCED != 0
+            {
                 match book.finish_fill(name, hello.generation) {
                     Ok(()) => {
                         filling = false;
-                        tracing::info!(volume = %name, generation = hello.generation, "in sync with the primary: full sync received");
+                        tracing::info!(volume = %name, generation = hello.generation, "in sync with the primary: sync received");
                         status
                     }
                     Err(e) => {
@@ -543,6 +566,16 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
             w.flush()?;
         }
     }
+}
+
+/// Whether `frame` is part of a resync or full sync that changes the
+/// copy's contents (not a flush, a resize, a read or a repair).
+fn rewrites(frame: &Frame) -> bool {
+    frame.flags & FLAG_REPAIR == FLAG_RESYNC
+        && matches!(
+            frame.kind,
+            FrameKind::Write | FrameKind::Trim | FrameKind::WriteZeroes
+        )
 }
 
 /// The digest of a VERIFY frame's range, read at this point of the

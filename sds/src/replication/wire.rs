@@ -339,11 +339,18 @@ impl FrameKind {
 pub const FLAG_FUA: u8 = 1;
 /// Frame flag: zero by writing, never by unmapping (NBD's NO_HOLE).
 pub const FLAG_NO_HOLE: u8 = 2;
-/// Frame flag: part of a resync, not a live write.
+/// Frame flag: part of a resync, not a live write. The first such WRITE,
+/// TRIM or WRITE_ZEROES makes the replica's copy incomplete until a
+/// FLUSH flagged [`FLAG_SYNCED`].
 pub const FLAG_RESYNC: u8 = 4;
-/// Frame flag, on a FLUSH: the full sync is complete; once durable, the
-/// replica is in sync with the hello's generation.
+/// Frame flag, on a FLUSH: the full sync or the resync batch is
+/// complete; once durable, the replica is in sync with the hello's
+/// generation and whole again.
 pub const FLAG_SYNCED: u8 = 8;
+/// Frame flags of a chunk sent again in the live frame order (online
+/// verify's repair): counted as resync, but the copy stays whole (one
+/// chunk rewritten in order, not part of a batch).
+pub const FLAG_REPAIR: u8 = FLAG_RESYNC | FLAG_SYNCED;
 /// Frame flag (version 6, protocol B): answer a [`Status::Received`] ack
 /// as soon as the frame is read and admitted, before applying it.
 pub const FLAG_RECEIVE_ACK: u8 = 16;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use basalt_sds::backend::FileBackend;
-use basalt_sds::local::{ExportConfig, LocalService};
+use basalt_sds::local::{ExportConfig, LocalService, made_from};
 use basalt_sds::nbd::Server;
 use basalt_sds::pool::{Pool, PoolOptions, VolumeInfo};
 use basalt_sds::replication::Protocol;
@@ -364,6 +364,13 @@ fn open(path: &Path) -> anyhow::Result<Pool> {
     Pool::open(Arc::new(backend)).with_context(|| format!("opening pool {}", path.display()))
 }
 
+/// The replication book of pool `pool`, as a command that changes no
+/// epoch reads it.
+fn open_book(pool: &Path) -> anyhow::Result<ReplicaBook> {
+    let file = book_path(pool);
+    ReplicaBook::open(&file, 0).with_context(|| format!("reading {}", file.display()))
+}
+
 /// The replication book kept beside pool `pool` (`POOL.epochs`).
 fn book_path(pool: &Path) -> PathBuf {
     let mut file = pool.as_os_str().to_owned();
@@ -472,9 +479,7 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::List { pool, json } => {
             let vols = open(&pool)?.list();
             // Which copies a cut full sync left incomplete (decision 91).
-            let book_file = book_path(&pool);
-            let book = ReplicaBook::open(&book_file, 0)
-                .with_context(|| format!("reading {}", book_file.display()))?;
+            let book = open_book(&pool)?;
             if json {
                 let all: Vec<_> = vols
                     .iter()
@@ -493,16 +498,22 @@ fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
                 for v in &vols {
                     print_volume(v);
                     if book.incomplete(&v.name) {
-                        println!("  ^ incomplete: a full sync into this copy did not finish");
+                        println!(
+                            "  ^ incomplete: a full sync or resync into this copy did not finish"
+                        );
                     }
                 }
             }
         }
         VolumeCommand::Snapshot { pool, source, name } => {
-            print_volume(&open(&pool)?.snapshot(&source, &name)?);
+            let (p, book) = (open(&pool)?, open_book(&pool)?);
+            let made = p.snapshot(&source, &name)?;
+            print_volume(&made_from(&p, &book, &source, made)?);
         }
         VolumeCommand::Clone { pool, source, name } => {
-            print_volume(&open(&pool)?.clone_volume(&source, &name)?);
+            let (p, book) = (open(&pool)?, open_book(&pool)?);
+            let made = p.clone_volume(&source, &name)?;
+            print_volume(&made_from(&p, &book, &source, made)?);
         }
         VolumeCommand::AttachDisk { local_socket } => attach_disk(&local_socket)?,
         VolumeCommand::Protocol {

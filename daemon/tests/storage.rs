@@ -76,6 +76,21 @@ fn operator_commands_and_their_errors() {
     assert_eq!(vols[0]["incomplete"], false, "{vols}");
     let table = ok(&["storage", "volume", "list", "--pool", p]);
     assert!(table.contains("incomplete"), "{table}");
+    // A snapshot of it, and a clone of that, hold the same torn data.
+    ok(&[
+        "storage", "volume", "snapshot", "--pool", p, "vm1", "vm1-snap",
+    ]);
+    ok(&["storage", "volume", "clone", "--pool", p, "vm1-snap", "vm2"]);
+    let list = ok(&["storage", "volume", "list", "--pool", p, "--json"]);
+    let vols: serde_json::Value = serde_json::from_str(&list).expect("json");
+    let incomplete: Vec<&str> = vols
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|v| v["incomplete"] == true)
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(incomplete, ["vm1", "vm1-snap", "vm2"], "{vols}");
     ok(&["storage", "volume", "delete", "--pool", p, "vm0"]);
     ok(&["storage", "pool", "status", "--pool", p]);
 

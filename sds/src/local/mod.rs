@@ -278,7 +278,36 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-fn ensure(pool: &Pool, request: &EnsureVolume) -> Result<VolumeInfo, PoolError> {
+/// `made`, just made as a snapshot or clone of `source`, marked
+/// incomplete in `book` when `source` is: it holds the same torn data, so
+/// it serves nothing until a fill or an operator's force (decision 93).
+/// A mark that cannot be recorded deletes `made` again.
+pub fn made_from(
+    pool: &Pool,
+    book: &ReplicaBook,
+    source: &str,
+    made: VolumeInfo,
+) -> Result<VolumeInfo, PoolError> {
+    if !book.incomplete(source) {
+        return Ok(made);
+    }
+    match book.start_fill(&made.name) {
+        Ok(()) => Ok(made),
+        Err(e) => {
+            let _ = pool.delete(&made.name);
+            Err(PoolError::Io {
+                op: "marking a copy of an incomplete volume incomplete",
+                source: e,
+            })
+        }
+    }
+}
+
+fn ensure(
+    pool: &Pool,
+    book: &ReplicaBook,
+    request: &EnsureVolume,
+) -> Result<VolumeInfo, PoolError> {
     if let Ok(existing) = pool.volume_info(&request.name) {
         return Ok(existing);
     }
@@ -293,13 +322,15 @@ fn ensure(pool: &Pool, request: &EnsureVolume) -> Result<VolumeInfo, PoolError> 
                     requested: request.size_bytes,
                 });
             }
-            pool.clone_volume(source, &request.name).and_then(|clone| {
-                if request.size_bytes > clone.size {
-                    pool.resize(&request.name, request.size_bytes)
-                } else {
-                    Ok(clone)
-                }
-            })
+            pool.clone_volume(source, &request.name)
+                .and_then(|clone| made_from(pool, book, source, clone))
+                .and_then(|clone| {
+                    if request.size_bytes > clone.size {
+                        pool.resize(&request.name, request.size_bytes)
+                    } else {
+                        Ok(clone)
+                    }
+                })
         }
     };
     match created {
@@ -313,7 +344,7 @@ impl StorageApi for LocalService {
     async fn ensure_volume(&self, request: EnsureVolume) -> Result<StorageVolume, ApiError> {
         let book = self.attachments.book().clone();
         self.blocking(move |pool| {
-            ensure(pool, &request)
+            ensure(pool, &book, &request)
                 .map(|v| volume(&book, v))
                 .map_err(api_error)
         })
@@ -372,6 +403,7 @@ impl StorageApi for LocalService {
                 return Ok(volume(&book, existing));
             }
             pool.snapshot(&source, &name)
+                .and_then(|made| made_from(pool, &book, &source, made))
                 .map(|v| volume(&book, v))
                 .map_err(api_error)
         })
@@ -629,6 +661,38 @@ mod tests {
         assert_eq!(export.uri(), "nbd://127.0.0.1:10809/a");
         assert_eq!(svc.status().await.unwrap().volumes, 2);
         self::assert_send(&svc);
+    }
+
+    #[tokio::test]
+    async fn snapshots_and_clones_of_an_incomplete_copy_are_incomplete() {
+        let svc = service();
+        for name in ["a", "b"] {
+            svc.ensure_volume(ensure_req(name, 1 << 20, None))
+                .await
+                .unwrap();
+        }
+        svc.attachments.book().start_fill("a").unwrap();
+        svc.snapshot_volume("a".into(), "a-snap".into())
+            .await
+            .unwrap();
+        svc.ensure_volume(ensure_req("a-clone", 0, Some("a-snap")))
+            .await
+            .unwrap();
+        svc.snapshot_volume("b".into(), "b-snap".into())
+            .await
+            .unwrap();
+        svc.ensure_volume(ensure_req("b-clone", 0, Some("b")))
+            .await
+            .unwrap();
+        let incomplete: Vec<_> = svc
+            .list_volumes()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|v| v.incomplete)
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(incomplete, ["a", "a-clone", "a-snap"]);
     }
 
     fn assert_send<T: Send + Sync>(_: &T) {}

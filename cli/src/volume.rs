@@ -131,6 +131,18 @@ pub enum VolumeCommand {
         #[arg(long, default_value = "10m", value_parser = crate::token::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Let the control plane make one copy of a standalone volume whose
+    /// primary's node is lost the new primary as it is, though it is
+    /// outdated or was still filling (DRBD's `primary --force`): writes
+    /// it missed are lost. Good only at the volume's current epoch. A VM
+    /// disk's volume is accepted through its VM (`basalt vm accept-copy`).
+    AcceptCopy {
+        /// The volume.
+        name: String,
+        /// The node whose copy to take.
+        #[arg(long)]
+        node: String,
+    },
     /// Online verify of a primary volume against each connected peer,
     /// while it is in use: chunks that differ are listed and marked dirty
     /// (the next resync sends them). Fails when any differ (and were not
@@ -216,9 +228,10 @@ pub async fn run(server: &str, format: Format, args: VolumeArgs) -> anyhow::Resu
         | VolumeCommand::Delete { .. }
         | VolumeCommand::Snapshot { .. }
         | VolumeCommand::Clone { .. }
-        | VolumeCommand::Move { .. } => {
+        | VolumeCommand::Move { .. }
+        | VolumeCommand::AcceptCopy { .. } => {
             bail!(
-                "create, delete, resize, snapshot, clone and move go through the control plane: run them without --storage-socket"
+                "create, delete, resize, snapshot, clone, move and accept-copy go through the control plane: run them without --storage-socket"
             )
         }
         VolumeCommand::List => {

@@ -300,6 +300,50 @@ async fn move_to(client: &AdminClient, name: &str, nodes: &[String]) -> anyhow::
     bail!("volume {name} kept changing; not moved after {RESIZE_RETRIES} tries")
 }
 
+/// Sets volume `name`'s accept-copy label to its epoch and `node`
+/// (decision 94), after checking that `node` holds one of its copies and
+/// not the primary's.
+async fn accept_copy(client: &AdminClient, name: &str, node: &str) -> anyhow::Result<String> {
+    for _ in 0..RESIZE_RETRIES {
+        let mut volume = get(client, name).await?;
+        if let Some(owner) = &volume.spec.owner {
+            bail!(
+                "volume {name} is disk {} of vm {}: accept its copy through the VM (`basalt vm accept-copy {} --node {node}`)",
+                owner.disk,
+                owner.vm,
+                owner.vm
+            );
+        }
+        let status = &volume.status;
+        if status.primary_node == node {
+            bail!("volume {name}'s primary is on {node} already");
+        }
+        if status.replica(node).is_none() {
+            bail!(
+                "{node} holds no copy of volume {name} (its copies: {})",
+                status.copy_nodes().join(", ")
+            );
+        }
+        let epoch = status.epoch;
+        let value = format!("{epoch}/{node}");
+        if volume.meta.labels.get(Volume::ACCEPT_COPY_LABEL) != Some(&value) {
+            volume
+                .meta
+                .labels
+                .insert(Volume::ACCEPT_COPY_LABEL.to_owned(), value);
+            match client.update(Object::Volume(volume)).await {
+                Ok(_) => {}
+                Err(ApiError::Aborted { .. }) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        return Ok(format!(
+            "volume {name}: {node}'s copy may now become the primary as it is (epoch {epoch}), once the primary's node is lost; writes it missed are lost"
+        ));
+    }
+    bail!("volume {name} kept changing; not accepted after {RESIZE_RETRIES} tries")
+}
+
 /// Whether `volume`'s copies are on `nodes` exactly, the first the
 /// primary, every one up to date.
 fn moved(volume: &Volume, nodes: &[String]) -> bool {
@@ -379,6 +423,10 @@ pub async fn run(server: &str, format: Format, command: VolumeCommand) -> anyhow
         VolumeCommand::Resize { name, size } => {
             let done = resize(&client, &name, size).await?;
             println!("{done}");
+            Ok(())
+        }
+        VolumeCommand::AcceptCopy { name, node } => {
+            println!("{}", accept_copy(&client, &name, &node).await?);
             Ok(())
         }
         VolumeCommand::Move {

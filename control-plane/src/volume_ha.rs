@@ -69,24 +69,37 @@ pub fn plan_failovers(
         if !lost.contains(old) {
             continue;
         }
+        let alive = |r: &&VolumeReplica| {
+            r.node != *old && !lost.contains(&r.node) && is_ready(state, &r.node)
+        };
         let mut candidates: Vec<&VolumeReplica> = volume
             .status
             .replicas
             .iter()
+            .filter(alive)
             .filter(|r| {
-                r.node != *old
-                    && !r.outdated
+                !r.outdated
                     && r.state == ReplicaState::UpToDate
                     // Its own node holds it incomplete (decision 91): its
                     // storage would refuse to make it the primary.
                     && r.node_state != Some(ReplicaState::Syncing)
-                    && !lost.contains(&r.node)
-                    && is_ready(state, &r.node)
             })
             .collect();
         // A copy its own node also says it holds comes first; then by name.
         candidates.sort_by_key(|r| (r.node_state != Some(ReplicaState::UpToDate), &r.node));
-        let Some(new) = candidates.first().map(|r| r.node.clone()) else {
+        // None: the copy an operator accepted as it is at this epoch, if
+        // it is alive (decision 94); its node attaches it with force.
+        let accepted = volume
+            .accepted_copy(volume.status.epoch)
+            .and_then(|node| volume.status.replica(node))
+            .filter(|r| alive(r));
+        let forced = candidates.is_empty() && accepted.is_some();
+        let Some(new) = candidates
+            .first()
+            .copied()
+            .or(accepted)
+            .map(|r| r.node.clone())
+        else {
             let why = if volume.status.replicas.len() < 2 {
                 "its only copy is on the lost node".to_owned()
             } else {
@@ -106,8 +119,9 @@ pub fn plan_failovers(
                     })
                     .collect();
                 format!(
-                    "no up-to-date copy on a ready node to promote ({})",
-                    others.join(", ")
+                    "no up-to-date copy on a ready node to promote ({}); `basalt volume accept-copy {} --node NODE` takes one as it is",
+                    others.join(", "),
+                    volume.meta.name
                 )
             };
             stuck.push((volume.meta.name.clone(), why));
@@ -118,11 +132,22 @@ pub fn plan_failovers(
         let status = &mut moved.status;
         status.epoch += 1;
         status.primary_node.clone_from(&new);
+        if forced {
+            moved.meta.labels.insert(
+                Volume::FORCED_COPY_LABEL.to_owned(),
+                status.epoch.to_string(),
+            );
+        }
         for replica in &mut status.replicas {
             replica.primary = replica.node == new;
             if replica.node == *old {
                 replica.outdated = true;
                 replica.outdated_after_version = before;
+            }
+            if forced && replica.node == new {
+                // Taken as it is: what it missed is lost, not owed to it.
+                replica.outdated = false;
+                replica.outdated_after_version = 0;
             }
             // The new primary reports every copy afresh.
             replica.state = ReplicaState::Unknown.with_mark(replica.outdated);
@@ -578,6 +603,73 @@ mod tests {
         set_ready(&mut state, &mut index, &secondary, false);
         let (writes, _) = plan_failovers(&state, &lost(&[&primary, &secondary]), 3);
         assert!(writes.is_empty());
+    }
+
+    #[test]
+    fn an_accepted_copy_is_promoted_as_it_is_at_its_epoch_only() {
+        let (mut state, mut index, primary, secondary) = placed(&["a", "b"]);
+        let mut reported = all_up(&state);
+        for r in &mut reported.status.replicas {
+            if r.node == secondary {
+                r.outdated = true;
+                r.outdated_after_version = 1;
+                r.node_state = Some(ReplicaState::Syncing);
+            }
+        }
+        apply(
+            &mut state,
+            &mut index,
+            Command::Update(Object::Volume(reported)),
+        );
+        set_ready(&mut state, &mut index, &primary, false);
+        let lost = lost(&[&primary]);
+        let (writes, stuck) = plan_failovers(&state, &lost, 3);
+        assert!(writes.is_empty());
+        assert!(stuck[0].1.contains("accept-copy scratch"), "{stuck:?}");
+        // Accepted at another epoch, or the lost node: nothing.
+        for value in [format!("0/{secondary}"), format!("1/{primary}")] {
+            let mut labelled = volume(&state, "scratch");
+            labelled
+                .meta
+                .labels
+                .insert(Volume::ACCEPT_COPY_LABEL.into(), value);
+            let mut tried = state.clone();
+            let mut at = index;
+            apply(
+                &mut tried,
+                &mut at,
+                Command::Update(Object::Volume(labelled)),
+            );
+            assert!(plan_failovers(&tried, &lost, 3).0.is_empty());
+        }
+        let mut labelled = volume(&state, "scratch");
+        labelled
+            .meta
+            .labels
+            .insert(Volume::ACCEPT_COPY_LABEL.into(), format!("1/{secondary}"));
+        apply(
+            &mut state,
+            &mut index,
+            Command::Update(Object::Volume(labelled)),
+        );
+        let (writes, stuck) = plan_failovers(&state, &lost, 3);
+        assert!(stuck.is_empty(), "{stuck:?}");
+        let [Command::Update(Object::Volume(moved))] = writes.as_slice() else {
+            panic!("{writes:?}")
+        };
+        assert_eq!(
+            (moved.status.epoch, moved.status.primary_node.as_str()),
+            (2, secondary.as_str())
+        );
+        assert!(moved.forces_copy(), "{:?}", moved.meta.labels);
+        assert_eq!(moved.accepted_copy(2), None, "the move spends the label");
+        let taken = moved.status.replica(&secondary).unwrap();
+        assert!(!taken.outdated && taken.outdated_after_version == 0);
+        assert!(moved.status.replica(&primary).unwrap().outdated);
+        // A later epoch does not force.
+        let mut later = moved.clone();
+        later.status.epoch = 3;
+        assert!(!later.forces_copy());
     }
 
     #[test]

@@ -27,11 +27,11 @@ use basalt_api::{
     AdminClient, ApiError, AttachVolume, Condition, KernelBoot, Kind, Object, Placement,
     ReplicaPeerState, ReplicaState, StorageClient, Vm, VolumeRole,
 };
-use basalt_testkit::nbd_client::NbdClient;
-use basalt_testkit::{Fabric, Node, Prefix, Process, wait};
+use basalt_testkit::{Fabric, Prefix, Process, wait};
 
 use replica_node::{
-    NBD, REPLICA_PORT, ReplicaNodes, create_db_on_a_and_b, peer_state, start_replica_nodes,
+    REPLICA_PORT, ReplicaNodes, create_db_on_a_and_b, fill, incomplete, peer_state,
+    start_replica_nodes,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -45,28 +45,6 @@ async fn placement(admin: &AdminClient) -> Option<Placement> {
         Ok(Object::Placement(p)) => Some(p),
         _ => None,
     }
-}
-
-async fn incomplete(storage: &StorageClient, volume: &str) -> Option<bool> {
-    let volumes = storage.list_volumes().await.ok()?;
-    volumes
-        .iter()
-        .find(|v| v.name == volume)
-        .map(|v| v.incomplete)
-}
-
-/// Writes `DATA_BYTES` through `node`'s export of `volume`, then flushes.
-fn fill(node: &Node, volume: &str) {
-    let export = volume.to_owned();
-    node.run_in(move || {
-        let mut client = NbdClient::connect(NBD, &export).expect("nbd");
-        let chunk = vec![0x5a_u8; 1 << 20];
-        for at in (0..DATA_BYTES).step_by(chunk.len()) {
-            client.write(at as u64, &chunk).expect("write");
-        }
-        client.flush().expect("flush");
-    })
-    .expect("run in the node");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +99,7 @@ async fn a_copy_cut_in_its_fill_is_made_primary_only_when_the_operator_accepts_i
         })
         .await;
     }
-    fill(&a, &volume);
+    fill(&a, &volume, DATA_BYTES);
 
     // b is lost and replaced by c; a's primary starts filling c.
     agents[1].kill9().expect("kill b's agent");

@@ -25,6 +25,12 @@
 //! - A secondary's storage process is killed and the primary written:
 //!   the copy is marked outdated, naming the volume's version before the
 //!   mark; restarted, it is resynced and the mark cleared (decision 74).
+//! - The primary's node is lost in the middle of such a resync: the copy
+//!   is incomplete in its storage (decision 93) and reported `syncing` by
+//!   its node, so the volume keeps its lost primary until the operator
+//!   runs `basalt volume accept-copy`; then that copy is the primary at
+//!   the next epoch with the forced-copy label, and its storage takes it
+//!   with force and serves writes (decision 94).
 
 mod common;
 mod replica_node;
@@ -36,15 +42,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use basalt_api::{AgentClient, Kind, Object, Volume, WatchEvent, WatchStream};
+use basalt_api::{
+    AgentClient, Kind, Object, ReplicaState, StorageClient, Volume, WatchEvent, WatchStream,
+};
 use basalt_testkit::wait;
 use futures::StreamExt as _;
 
 use replica_node::{
-    Member, PATTERN_AT, SimCluster, every, in_pool, pattern, read_export, refuses_writes,
-    write_pattern,
+    Member, PATTERN_AT, SimCluster, every, fill, in_pool, incomplete, pattern, read_export,
+    refuses_writes, write_pattern,
 };
-use volume_cli::{all_up, cli_volume, two_copies};
+use volume_cli::{all_up, basalt, cli_volume, text, two_copies};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -518,5 +526,138 @@ async fn a_fenced_copy_back_in_sync_has_its_mark_cleared() {
             .expect("read the fenced copy"),
         pattern(9),
         "the fenced copy misses the write made without it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_lost_mid_resync_moves_only_onto_the_copy_the_operator_accepts() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let config = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\n";
+    // Resyncs at 1 MiB/s: 12 MiB missed takes 12 s to send back.
+    let mut cluster =
+        SimCluster::start_with(&["a", "b"], config, DEADLINE, &["--sync-rate", "1M"]).await;
+    let (control, admin, server, members) = cluster.parts();
+    let volume = {
+        let all = every(control, members);
+        two_copies(server, "scratch", &all, DEADLINE).await
+    };
+    let pool_name = volume.status.storage_name.clone();
+    let old = volume.status.primary_node.clone();
+    let (p, s) = if old == "a" { (0, 1) } else { (1, 0) };
+    let new = members[s].node.name().to_owned();
+
+    // The secondary's storage goes and 12 MiB are written without it;
+    // back, the primary resyncs it slowly.
+    members[s]
+        .storage
+        .kill9()
+        .expect("kill the secondary's storage");
+    fill(&members[p].node, &pool_name, 12 << 20);
+    members[s].storage.restart().expect("restart its storage");
+    let storage = StorageClient::connect_unix(&members[s].socket).expect("storage client");
+    {
+        let all = every(control, members);
+        wait::until(
+            "the returning copy is incomplete in its storage, and its node says syncing",
+            DEADLINE,
+            &all,
+            || async {
+                incomplete(&storage, &pool_name).await == Some(true)
+                    && cli_volume(server, "scratch").await.is_some_and(|v| {
+                        v.status.replica(&new).and_then(|r| r.node_state)
+                            == Some(ReplicaState::Syncing)
+                    })
+            },
+        )
+        .await;
+    }
+
+    // The primary's node is lost in the middle of the resync.
+    members[p].agent.kill9().expect("kill the primary's agent");
+    members[p]
+        .storage
+        .kill9()
+        .expect("kill the primary's storage");
+    {
+        let all = vec![control, &members[s].agent, &members[s].storage];
+        wait::until(
+            "the primary's node is not ready",
+            DEADLINE,
+            &all,
+            || async {
+                matches!(admin.get(Kind::Node, &old).await,
+                Ok(Object::Node(n)) if !n.status.is_ready())
+            },
+        )
+        .await;
+    }
+    // Past `ha_after_ms`: still no move, the only other copy is torn.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let held = cli_volume(server, "scratch").await.expect("scratch");
+    assert_eq!(
+        (held.status.primary_node.as_str(), held.status.epoch),
+        (old.as_str(), 1),
+        "{held:?}"
+    );
+    assert_eq!(incomplete(&storage, &pool_name).await, Some(true));
+
+    // A copy that is not there, or the primary's, is refused by name.
+    let out = basalt(
+        server,
+        &["volume", "accept-copy", "scratch", "--node", &old],
+    )
+    .await;
+    assert!(
+        !out.status.success() && text(&out).contains("primary"),
+        "{}",
+        text(&out)
+    );
+    let out = basalt(
+        server,
+        &["volume", "accept-copy", "scratch", "--node", "zz"],
+    )
+    .await;
+    assert!(
+        !out.status.success() && text(&out).contains("holds no copy"),
+        "{}",
+        text(&out)
+    );
+    // The operator accepts it as it is.
+    let out = basalt(
+        server,
+        &["volume", "accept-copy", "scratch", "--node", &new],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("as it is"), "{}", text(&out));
+    {
+        let all = vec![control, &members[s].agent, &members[s].storage];
+        wait::until(
+            "the accepted copy is the primary at epoch 2, taken with force",
+            DEADLINE,
+            &all,
+            || async {
+                cli_volume(server, "scratch").await.is_some_and(|v| {
+                    v.status.primary_node == new && v.status.epoch == 2 && v.forces_copy()
+                }) && incomplete(&storage, &pool_name).await == Some(false)
+            },
+        )
+        .await;
+    }
+    let moved = cli_volume(server, "scratch").await.expect("scratch");
+    assert!(
+        !moved.status.replica(&new).expect("copy").outdated,
+        "{moved:?}"
+    );
+    assert!(
+        moved.status.replica(&old).expect("copy").outdated,
+        "{moved:?}"
+    );
+    assert!(
+        !refuses_writes(&members[s].node, &pool_name),
+        "the accepted primary refuses writes"
     );
 }

@@ -39,6 +39,22 @@ impl ObjectMeta {
         validate::name("meta.name", &self.name)?;
         validate::labels("meta.labels", &self.labels)
     }
+
+    /// The node an operator's label `key` (`EPOCH/NODE`, e.g.
+    /// [`crate::Vm::ACCEPT_COPY_LABEL`]) names, when its epoch is
+    /// `epoch`.
+    pub fn epoch_node_label(&self, key: &str, epoch: u64) -> Option<&str> {
+        let (at, node) = self.labels.get(key)?.split_once('/')?;
+        (at.parse::<u64>().ok()? == epoch && !node.is_empty()).then_some(node)
+    }
+
+    /// Whether label `key` (an epoch, e.g.
+    /// [`crate::Placement::FORCED_COPY_LABEL`]) holds `epoch`.
+    pub fn epoch_label_is(&self, key: &str, epoch: u64) -> bool {
+        self.labels
+            .get(key)
+            .is_some_and(|v| v.parse::<u64>().ok() == Some(epoch))
+    }
 }
 
 /// One observed aspect of an object's state, e.g. `Ready`.

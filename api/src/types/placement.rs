@@ -58,9 +58,7 @@ impl Placement {
     /// ([`Placement::FORCED_COPY_LABEL`] at this placement's epoch).
     pub fn forces_copy(&self) -> bool {
         self.meta
-            .labels
-            .get(Self::FORCED_COPY_LABEL)
-            .is_some_and(|v| v.parse::<u64>().ok() == Some(self.epoch))
+            .epoch_label_is(Self::FORCED_COPY_LABEL, self.epoch)
     }
 
     /// Whether the VM's disks have replicas on `node` (as primary or

@@ -412,9 +412,7 @@ impl Vm {
     /// The node whose copies the operator accepted as they are, for the
     /// placement at `epoch` ([`Vm::ACCEPT_COPY_LABEL`]).
     pub fn accepted_copy(&self, epoch: u64) -> Option<&str> {
-        let value = self.meta.labels.get(Self::ACCEPT_COPY_LABEL)?;
-        let (at, node) = value.split_once('/')?;
-        (at.parse::<u64>().ok()? == epoch && !node.is_empty()).then_some(node)
+        self.meta.epoch_node_label(Self::ACCEPT_COPY_LABEL, epoch)
     }
 
     /// Checks every field; errors name the field's path, e.g. `spec.memory_mib`.

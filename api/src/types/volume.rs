@@ -305,6 +305,33 @@ pub fn disk_storage_name(vm_uid: &str, disk: &str) -> String {
 }
 
 impl Volume {
+    /// A label by which an operator lets the control plane make one copy
+    /// of a standalone volume its primary as it is, though the last
+    /// primary's report had it outdated or filling, or its own node holds
+    /// it incomplete (`basalt volume accept-copy`): `EPOCH/NODE`, good
+    /// only while the volume is at `EPOCH`, so the move it allows spends
+    /// it. The key is the VM's ([`crate::Vm::ACCEPT_COPY_LABEL`]).
+    pub const ACCEPT_COPY_LABEL: &str = crate::Vm::ACCEPT_COPY_LABEL;
+
+    /// A label the control plane sets on a standalone volume it moved
+    /// onto an accepted copy: the volume's new epoch. The new primary's
+    /// agent attaches its copy with force while it matches. The key is
+    /// the placement's ([`crate::Placement::FORCED_COPY_LABEL`]).
+    pub const FORCED_COPY_LABEL: &str = crate::Placement::FORCED_COPY_LABEL;
+
+    /// The node whose copy the operator accepted as it is, while the
+    /// volume is at `epoch` ([`Volume::ACCEPT_COPY_LABEL`]).
+    pub fn accepted_copy(&self, epoch: u64) -> Option<&str> {
+        self.meta.epoch_node_label(Self::ACCEPT_COPY_LABEL, epoch)
+    }
+
+    /// Whether the primary's node attaches its copy with force
+    /// ([`Volume::FORCED_COPY_LABEL`] at the volume's epoch).
+    pub fn forces_copy(&self) -> bool {
+        self.meta
+            .epoch_label_is(Self::FORCED_COPY_LABEL, self.status.epoch)
+    }
+
     /// The pool name of a volume that is not a VM disk (a standalone
     /// volume, a snapshot, a clone) whose object's uid is `uid`: `vol-`
     /// and the uid, the same on every node holding a copy.

@@ -80,6 +80,31 @@ pub fn write_pattern(node: &Node, export: &str, at: u64, seed: u8) {
     .expect("run in the node");
 }
 
+/// Writes `bytes` of 0x5a through `node`'s export of `volume`, 1 MiB at
+/// a time, then flushes.
+pub fn fill(node: &Node, volume: &str, bytes: usize) {
+    let export = volume.to_owned();
+    node.run_in(move || {
+        let mut client = NbdClient::connect(NBD, &export).expect("nbd");
+        let chunk = vec![0x5a_u8; 1 << 20];
+        for at in (0..bytes).step_by(chunk.len()) {
+            client.write(at as u64, &chunk).expect("write");
+        }
+        client.flush().expect("flush");
+    })
+    .expect("run in the node");
+}
+
+/// Whether `storage`'s pool holds `volume` incomplete (decision 91);
+/// `None` while it cannot be asked or has no such volume.
+pub async fn incomplete(storage: &StorageClient, volume: &str) -> Option<bool> {
+    let volumes = storage.list_volumes().await.ok()?;
+    volumes
+        .iter()
+        .find(|v| v.name == volume)
+        .map(|v| v.incomplete)
+}
+
 /// Reads `len` bytes at `offset` of `export` from the NBD server inside
 /// `node`.
 pub fn read_export(node: &Node, export: &str, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
@@ -337,6 +362,17 @@ impl SimCluster {
     /// again); returns once every node joined and published its
     /// replication address, within `deadline` for each wait.
     pub async fn start(names: &[&str], config: &str, deadline: Duration) -> SimCluster {
+        Self::start_with(names, config, deadline, &[]).await
+    }
+
+    /// [`SimCluster::start`] with `extra` flags for every node's
+    /// `basaltd storage serve`.
+    pub async fn start_with(
+        names: &[&str],
+        config: &str,
+        deadline: Duration,
+        extra: &[&str],
+    ) -> SimCluster {
         let prefix = Prefix::for_test().expect("prefix");
         let mut fabric = Fabric::new(&prefix).expect("fabric");
         let nodes: Vec<Node> = names
@@ -346,7 +382,7 @@ impl SimCluster {
         let cp = fabric.add_node("cp").expect("node cp");
         let storages: Vec<(Process, PathBuf)> = nodes
             .iter()
-            .map(|node| start_storage(&prefix, node))
+            .map(|node| start_storage_with(&prefix, node, extra))
             .collect();
         let server = format!("{}:{CONTROL_PORT}", cp.addr());
         let (control, admin) =

@@ -103,6 +103,9 @@ pub fn held(node: &str, volume: &Volume) -> Option<Held> {
         },
         epoch: status.epoch,
         protocol: Some(volume.spec.protocol),
+        // Moved onto a copy an operator accepted as it is (decision 94):
+        // taken even if its storage holds it incomplete.
+        force: primary && volume.forces_copy(),
         ..AttachVolume::default()
     };
     let peer_nodes = if primary && replicated {
@@ -507,6 +510,19 @@ mod tests {
         let attach = &single.attach;
         assert_eq!((attach.role, attach.epoch), (VolumeRole::Standalone, 1));
         assert!(single.peer_nodes.is_empty());
+        assert!(!attach.force);
+        // Moved onto an accepted copy: its primary attaches with force,
+        // at that epoch only.
+        let mut forced = placed(&["a", "b"], "b");
+        forced.status.epoch = 2;
+        forced
+            .meta
+            .labels
+            .insert(Volume::FORCED_COPY_LABEL.into(), "2".into());
+        assert!(held("b", &forced).unwrap().attach.force);
+        assert!(!held("a", &forced).unwrap().attach.force);
+        forced.status.epoch = 3;
+        assert!(!held("b", &forced).unwrap().attach.force);
         // Not placed yet, or a VM disk: nothing.
         let mut unplaced = volume.clone();
         unplaced.status = VolumeStatus::default();

@@ -41,10 +41,15 @@ pub struct MigrateArgs {
     /// Cap the copy's bandwidth, in MiB/s (0: no cap).
     #[arg(long = "bandwidth-mib", value_name = "MIB_S", default_value_t = 0)]
     pub bandwidth_mib_s: u32,
+    /// How long the migration may wait to start (for the target's disk
+    /// copies to fill), in seconds from now; then it fails, saying what
+    /// it waited for (0: the control plane's default, an hour).
+    #[arg(long, default_value_t = 0)]
+    pub start_timeout_seconds: u32,
     /// Cancel the VM's migration under way instead: one still pending or
     /// preparing is dropped, a copy in progress is aborted (the guest
     /// stays where it runs). One switching over cannot be cancelled.
-    #[arg(long, conflicts_with_all = ["to", "wait", "post_copy", "timeout_seconds", "bandwidth_mib_s"])]
+    #[arg(long, conflicts_with_all = ["to", "wait", "post_copy", "timeout_seconds", "bandwidth_mib_s", "start_timeout_seconds"])]
     pub cancel: bool,
 }
 
@@ -62,6 +67,7 @@ pub async fn run(server: &str, format: Format, args: MigrateArgs) -> anyhow::Res
             post_copy: args.post_copy,
             timeout_seconds: args.timeout_seconds,
             bandwidth_mib_s: args.bandwidth_mib_s,
+            start_timeout_seconds: args.start_timeout_seconds,
         },
         ..Migration::default()
     };

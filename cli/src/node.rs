@@ -41,8 +41,10 @@ pub enum NodeCommand {
     /// started on another node) — except a VM with a one-copy disk, which
     /// only moves live. With `--storage`, the copies of volumes and disks
     /// on it move to other nodes too. Prints each VM's progress; run it
-    /// again to continue a drain cut short. Uncordon stops it (a copy
-    /// already on its way to another node finishes its move).
+    /// again to continue a drain cut short (its live migrations still
+    /// waiting to start fail by themselves a minute after `--timeout`).
+    /// Uncordon stops it (a copy already on its way to another node
+    /// finishes its move).
     Drain {
         /// The node.
         name: String,

@@ -261,12 +261,35 @@ async fn resize(client: &AdminClient, name: &str, size: u64) -> anyhow::Result<S
     bail!("volume {name} kept changing; not resized after {RESIZE_RETRIES} tries")
 }
 
+/// Reads volume `name`, lets `edit` change it, and writes it back by
+/// compare-and-swap, read again and retried on a conflict. `edit` answers
+/// whether it changed anything and what to print.
+async fn edit_volume(
+    client: &AdminClient,
+    name: &str,
+    verb: &str,
+    mut edit: impl FnMut(&mut Volume) -> anyhow::Result<(bool, String)>,
+) -> anyhow::Result<String> {
+    for _ in 0..RESIZE_RETRIES {
+        let mut volume = get(client, name).await?;
+        let (changed, done) = edit(&mut volume)?;
+        if !changed {
+            return Ok(done);
+        }
+        match client.update(Object::Volume(volume)).await {
+            Ok(_) => return Ok(done),
+            Err(ApiError::Aborted { .. }) => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    bail!("volume {name} kept changing; not {verb} after {RESIZE_RETRIES} tries")
+}
+
 /// Names `nodes` as where standalone volume `name`'s copies go (one
 /// compare-and-swap of its spec, retried on a conflict); the control plane
 /// moves them.
 async fn move_to(client: &AdminClient, name: &str, nodes: &[String]) -> anyhow::Result<String> {
-    for _ in 0..RESIZE_RETRIES {
-        let mut volume = get(client, name).await?;
+    edit_volume(client, name, "moved", |volume| {
         if let Some(owner) = &volume.spec.owner {
             bail!(
                 "volume {name} is disk {} of vm {}: it moves with its VM (`basalt vm migrate`)",
@@ -281,31 +304,27 @@ async fn move_to(client: &AdminClient, name: &str, nodes: &[String]) -> anyhow::
                 nodes.len()
             );
         }
-        if moved(&volume, nodes) {
-            return Ok(format!("volume {name} is already on {}", nodes.join(", ")));
+        if moved(volume, nodes) {
+            return Ok((
+                false,
+                format!("volume {name} is already on {}", nodes.join(", ")),
+            ));
         }
         let from = volume.status.copy_nodes().join(", ");
         volume.spec.nodes = nodes.to_vec();
-        match client.update(Object::Volume(volume)).await {
-            Ok(_) => {
-                return Ok(format!(
-                    "volume {name}: moving from {from} to {}",
-                    nodes.join(", ")
-                ));
-            }
-            Err(ApiError::Aborted { .. }) => continue,
-            Err(err) => return Err(err.into()),
-        }
-    }
-    bail!("volume {name} kept changing; not moved after {RESIZE_RETRIES} tries")
+        Ok((
+            true,
+            format!("volume {name}: moving from {from} to {}", nodes.join(", ")),
+        ))
+    })
+    .await
 }
 
 /// Sets volume `name`'s accept-copy label to its epoch and `node`
 /// (decision 94), after checking that `node` holds one of its copies and
 /// not the primary's.
 async fn accept_copy(client: &AdminClient, name: &str, node: &str) -> anyhow::Result<String> {
-    for _ in 0..RESIZE_RETRIES {
-        let mut volume = get(client, name).await?;
+    edit_volume(client, name, "accepted", |volume| {
         if let Some(owner) = &volume.spec.owner {
             bail!(
                 "volume {name} is disk {} of vm {}: accept its copy through the VM (`basalt vm accept-copy {} --node {node}`)",
@@ -326,22 +345,19 @@ async fn accept_copy(client: &AdminClient, name: &str, node: &str) -> anyhow::Re
         }
         let epoch = status.epoch;
         let value = format!("{epoch}/{node}");
-        if volume.meta.labels.get(Volume::ACCEPT_COPY_LABEL) != Some(&value) {
-            volume
-                .meta
-                .labels
-                .insert(Volume::ACCEPT_COPY_LABEL.to_owned(), value);
-            match client.update(Object::Volume(volume)).await {
-                Ok(_) => {}
-                Err(ApiError::Aborted { .. }) => continue,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        return Ok(format!(
-            "volume {name}: {node}'s copy may now become the primary as it is (epoch {epoch}), once the primary's node is lost; writes it missed are lost"
-        ));
-    }
-    bail!("volume {name} kept changing; not accepted after {RESIZE_RETRIES} tries")
+        let changed = volume.meta.labels.get(Volume::ACCEPT_COPY_LABEL) != Some(&value);
+        volume
+            .meta
+            .labels
+            .insert(Volume::ACCEPT_COPY_LABEL.to_owned(), value);
+        Ok((
+            changed,
+            format!(
+                "volume {name}: {node}'s copy may now become the primary as it is (epoch {epoch}), once the primary's node is lost; writes it missed are lost"
+            ),
+        ))
+    })
+    .await
 }
 
 /// Whether `volume`'s copies are on `nodes` exactly, the first the

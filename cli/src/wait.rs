@@ -30,6 +30,11 @@ impl Deadline {
         Instant::now() >= self.at
     }
 
+    /// The time left until the deadline (zero once it passed).
+    pub fn left(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
     /// Fails with `what()` (where things are) once the deadline passed.
     pub fn check(&self, what: impl FnOnce() -> String) -> anyhow::Result<()> {
         if Instant::now() >= self.at {

@@ -394,8 +394,19 @@ pub fn decide(migration: &Migration, view: &View<'_>) -> Step {
             if !view.ready(&source) {
                 return fail(format!("the VM's node {source:?} is not ready"));
             }
-            // Stays pending, saying why, while a copy fills.
+            // Stays pending, saying why, while a copy fills; until its
+            // time to start runs out (counted from its creation).
+            let started_by = migration.meta.created_at_unix_ms.saturating_add(
+                u64::try_from(migration.spec.start_timeout().as_millis()).unwrap_or(u64::MAX),
+            );
             let wait = |why: String| {
+                // (A creation time of 0: not known, no deadline.)
+                if migration.meta.created_at_unix_ms > 0 && view.now_unix_ms >= started_by {
+                    return fail(format!(
+                        "did not start within {} s of its request: still waiting for the target's copies: {why}",
+                        migration.spec.start_timeout().as_secs()
+                    ));
+                }
                 let message = format!("waiting for the target's copies: {why}");
                 if migration.status.message == message {
                     return Step::Wait;
@@ -875,6 +886,36 @@ mod tests {
         world.nodes[1] = node("n2", false);
         failed_with(world.decide(&request(Some("n2"))), "not ready");
         failed_with(world.decide(&request(None)), "no target");
+    }
+
+    #[test]
+    fn a_migration_pending_past_its_time_to_start_fails_saying_what_it_waited_for() {
+        let mut world = World::replicated();
+        world.vms[1].spec.memory_mib = 64;
+        world.placements[0].replica_nodes = vec!["n1".into(), "n2".into()];
+        world.volumes = vec![root_volume(4, ReplicaState::Syncing)];
+        let mut m = request(None);
+        m.meta.created_at_unix_ms = world.now - 5_000;
+        m.spec.start_timeout_seconds = 10;
+        let waiting = updated(world.decide(&m));
+        waits_for(Step::Update(waiting.clone()), "syncing");
+        world.now += 4_999;
+        assert_eq!(world.decide(&waiting), Step::Wait);
+        world.now += 1;
+        failed_with(
+            world.decide(&waiting),
+            "did not start within 10 s of its request: still waiting for the target's copies: disk root's copy on \"n2\" is syncing",
+        );
+        // The default: an hour.
+        m.spec.start_timeout_seconds = 0;
+        world.now = m.meta.created_at_unix_ms + 3_600_000 - 1;
+        waits_for(world.decide(&m), "syncing");
+        world.now += 1;
+        failed_with(world.decide(&m), "within 3600 s");
+        // Past its time but free to go: it goes.
+        world.volumes = vec![root_volume(4, ReplicaState::UpToDate)];
+        let m = updated(world.decide(&m));
+        assert_eq!(m.status.phase, MigrationPhase::Preparing, "{m:?}");
     }
 
     fn in_phase(phase: MigrationPhase) -> Migration {

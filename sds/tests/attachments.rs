@@ -48,6 +48,19 @@ fn attachments(pool: &Pool) -> Arc<Attachments> {
     ))
 }
 
+/// Attachments of `pool` whose resyncs and full syncs send at most
+/// `rate` bytes per second.
+fn paced(pool: &Pool, rate: u64) -> Arc<Attachments> {
+    Arc::new(Attachments::new(
+        pool.clone(),
+        Arc::new(ReplicaBook::in_memory(0)),
+        AttachOptions {
+            sync_rate: rate,
+            ..opts()
+        },
+    ))
+}
+
 fn spec(role: Role, epoch: u64, peers: &[SocketAddr], allow_outdate: bool) -> AttachSpec {
     AttachSpec {
         role,
@@ -406,14 +419,7 @@ fn writes_during_a_full_sync_end_on_the_replica_and_a_deposed_primary_revives() 
     let server = ReplicaServer::start(r.clone(), any, 0).expect("replica");
     let p = pool();
     // A slow full sync (2 MiB/s over 4 MiB of data) that writes overtake.
-    let att = Arc::new(Attachments::new(
-        p.clone(),
-        Arc::new(ReplicaBook::in_memory(0)),
-        AttachOptions {
-            sync_rate: 2 << 20,
-            ..opts()
-        },
-    ));
+    let att = paced(&p, 2 << 20);
     for c in 0..64u64 {
         write(&att, &p, c * CHUNK, 0x10).expect("standalone write");
     }
@@ -587,14 +593,7 @@ fn a_copy_whose_full_sync_was_cut_serves_nothing_until_accepted_with_force() {
     let server = ReplicaServer::serve(r_att.clone(), any).expect("replica");
     let p = pool();
     // 4 MiB of data at 1 MiB/s: the full sync is cut well before its end.
-    let att = Arc::new(Attachments::new(
-        p.clone(),
-        Arc::new(ReplicaBook::in_memory(0)),
-        AttachOptions {
-            sync_rate: 1 << 20,
-            ..opts()
-        },
-    ));
+    let att = paced(&p, 1 << 20);
     for c in 0..64u64 {
         write(&att, &p, c * CHUNK, 0x10).expect("standalone write");
     }
@@ -690,14 +689,7 @@ fn a_copy_whose_resync_was_cut_is_incomplete_until_the_resync_ends() {
     let p = pool();
     // 4 MiB of dirty chunks at 1 MiB/s: the resync is cut well before
     // its end.
-    let att = Arc::new(Attachments::new(
-        p.clone(),
-        Arc::new(ReplicaBook::in_memory(0)),
-        AttachOptions {
-            sync_rate: 1 << 20,
-            ..opts()
-        },
-    ));
+    let att = paced(&p, 1 << 20);
     r_att
         .attach("vol", spec(Role::Secondary, 1, &[], false))
         .expect("secondary");

@@ -17,6 +17,7 @@ impl From<Migration> for pb::Migration {
                 post_copy: spec.post_copy,
                 timeout_seconds: spec.timeout_seconds,
                 bandwidth_mib_s: spec.bandwidth_mib_s,
+                start_timeout_seconds: spec.start_timeout_seconds,
             }),
             status: Some(pb::MigrationStatus {
                 phase: pb::MigrationPhase::from(status.phase).into(),
@@ -87,6 +88,7 @@ impl TryFrom<pb::Migration> for Migration {
                 post_copy: spec.post_copy,
                 timeout_seconds: spec.timeout_seconds,
                 bandwidth_mib_s: spec.bandwidth_mib_s,
+                start_timeout_seconds: spec.start_timeout_seconds,
             },
             status: MigrationStatus {
                 phase: phase.into(),
@@ -158,6 +160,7 @@ mod tests {
                 post_copy: true,
                 timeout_seconds: 30,
                 bandwidth_mib_s: 64,
+                start_timeout_seconds: 600,
             },
             status: MigrationStatus {
                 phase: MigrationPhase::Migrating,

@@ -18,6 +18,10 @@ use crate::ApiError;
 pub const DEFAULT_MIGRATION_TIMEOUT_SECONDS: u32 = 120;
 /// The longest pre-copy timeout accepted (a day).
 pub const MAX_MIGRATION_TIMEOUT_SECONDS: u32 = 86_400;
+/// How long a migration may stay pending when the spec says 0 (an hour).
+pub const DEFAULT_MIGRATION_START_TIMEOUT_SECONDS: u32 = 3_600;
+/// The longest time to start accepted (a week).
+pub const MAX_MIGRATION_START_TIMEOUT_SECONDS: u32 = 7 * 86_400;
 /// The most tracked flows a migration's status carries.
 pub const MAX_MIGRATION_FLOWS: usize = 4096;
 
@@ -51,6 +55,10 @@ pub struct MigrationSpec {
     /// disk copied with it), passed to the hypervisor's migration; 0: no
     /// cap.
     pub bandwidth_mib_s: u32,
+    /// How long the migration may stay pending (waiting for a target's
+    /// disk copies to fill), in seconds from its creation, before it
+    /// fails (0: [`DEFAULT_MIGRATION_START_TIMEOUT_SECONDS`]).
+    pub start_timeout_seconds: u32,
 }
 
 impl MigrationSpec {
@@ -60,13 +68,22 @@ impl MigrationSpec {
 
     /// The pre-copy timeout with the default applied.
     pub fn timeout(&self) -> std::time::Duration {
-        let seconds = if self.timeout_seconds == 0 {
-            DEFAULT_MIGRATION_TIMEOUT_SECONDS
-        } else {
-            self.timeout_seconds
-        };
-        std::time::Duration::from_secs(u64::from(seconds))
+        seconds_or(self.timeout_seconds, DEFAULT_MIGRATION_TIMEOUT_SECONDS)
     }
+
+    /// How long the migration may stay pending, with the default applied.
+    pub fn start_timeout(&self) -> std::time::Duration {
+        seconds_or(
+            self.start_timeout_seconds,
+            DEFAULT_MIGRATION_START_TIMEOUT_SECONDS,
+        )
+    }
+}
+
+/// `seconds`, or `default` when it is 0.
+fn seconds_or(seconds: u32, default: u32) -> std::time::Duration {
+    let seconds = if seconds == 0 { default } else { seconds };
+    std::time::Duration::from_secs(u64::from(seconds))
 }
 
 /// Where a migration is. The order is the order of a successful one.
@@ -180,6 +197,12 @@ impl Migration {
                 format!("at most {MAX_MIGRATION_TIMEOUT_SECONDS}"),
             ));
         }
+        if self.spec.start_timeout_seconds > MAX_MIGRATION_START_TIMEOUT_SECONDS {
+            return Err(ApiError::invalid(
+                "spec.start_timeout_seconds",
+                format!("at most {MAX_MIGRATION_START_TIMEOUT_SECONDS} (0: the default)"),
+            ));
+        }
         if self.spec.bandwidth_mib_s > MigrationSpec::MAX_BANDWIDTH_MIB_S {
             return Err(ApiError::invalid(
                 "spec.bandwidth_mib_s",
@@ -220,6 +243,7 @@ mod tests {
                 post_copy: false,
                 timeout_seconds: 0,
                 bandwidth_mib_s: 0,
+                start_timeout_seconds: 0,
             },
             status: MigrationStatus::default(),
         }
@@ -244,6 +268,13 @@ mod tests {
         let mut m = migration();
         m.spec.bandwidth_mib_s = MigrationSpec::MAX_BANDWIDTH_MIB_S + 1;
         assert_eq!(field(m), "spec.bandwidth_mib_s");
+        let mut m = migration();
+        m.spec.start_timeout_seconds = MAX_MIGRATION_START_TIMEOUT_SECONDS + 1;
+        assert_eq!(field(m), "spec.start_timeout_seconds");
+        assert_eq!(
+            migration().spec.start_timeout(),
+            std::time::Duration::from_secs(DEFAULT_MIGRATION_START_TIMEOUT_SECONDS.into())
+        );
         let mut m = migration();
         m.spec.bandwidth_mib_s = 64;
         m.validate().unwrap();

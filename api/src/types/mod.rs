@@ -23,7 +23,8 @@ pub use image::{Image, ImageFormat, ImageNodeStatus, ImagePhase, ImageSpec, Imag
 pub use member::Member;
 pub use meta::{Condition, ObjectMeta};
 pub use migration::{
-    DEFAULT_MIGRATION_TIMEOUT_SECONDS, MAX_MIGRATION_FLOWS, MAX_MIGRATION_TIMEOUT_SECONDS,
+    DEFAULT_MIGRATION_START_TIMEOUT_SECONDS, DEFAULT_MIGRATION_TIMEOUT_SECONDS,
+    MAX_MIGRATION_FLOWS, MAX_MIGRATION_START_TIMEOUT_SECONDS, MAX_MIGRATION_TIMEOUT_SECONDS,
     Migration, MigrationPhase, MigrationSpec, MigrationStatus, TrackedFlow,
 };
 pub use network::{Endpoint, MAX_VNI, Network, NetworkRouting, NetworkSpec};

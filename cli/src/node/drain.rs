@@ -114,7 +114,15 @@ pub async fn drain(client: &AdminClient, name: &str, options: DrainOptions) -> a
         while following.len() < options.parallel.max(1)
             && let Some(vm) = live.pop_front()
         {
-            if start_live(client, &vm, name, options.bandwidth_mib_s).await? {
+            if start_live(
+                client,
+                &vm,
+                name,
+                options.bandwidth_mib_s,
+                start_timeout(&deadline),
+            )
+            .await?
+            {
                 following.insert(vm, Following { last: None });
             }
         }
@@ -335,6 +343,18 @@ async fn evict(client: &AdminClient, vm: &str, why: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// How long a migration this drain asks for may stay pending: the
+/// drain's time left and a minute more, so it ends by itself after a
+/// drain that timed out (which leaves it, as uncordon or a new drain
+/// would find it) but not before the drain stops following it (which
+/// would move its VM cold).
+fn start_timeout(deadline: &Deadline) -> u32 {
+    let seconds = (deadline.left() + Duration::from_secs(60)).as_secs();
+    u32::try_from(seconds)
+        .unwrap_or(u32::MAX)
+        .min(basalt_api::MAX_MIGRATION_START_TIMEOUT_SECONDS)
+}
+
 /// Asks for `vm`'s live migration off `node`, or finds the one under
 /// way. Returns whether there is one to follow; when there is none (the
 /// VM left or stopped meanwhile, or the request was refused) it has said
@@ -344,6 +364,7 @@ async fn start_live(
     vm: &str,
     node: &str,
     bandwidth_mib_s: u32,
+    start_timeout_seconds: u32,
 ) -> anyhow::Result<bool> {
     loop {
         // Still here? (Time passed while others moved.)
@@ -403,6 +424,7 @@ async fn start_live(
                 // `--bandwidth-mib`; by default no cap: a drain empties
                 // the node as fast as the link allows (decision 60).
                 bandwidth_mib_s,
+                start_timeout_seconds,
             },
             ..Migration::default()
         };
@@ -570,6 +592,17 @@ mod tests {
     use basalt_api::Disk;
 
     use super::*;
+
+    #[test]
+    fn a_drains_migrations_may_wait_a_minute_past_its_deadline() {
+        let seconds = start_timeout(&Deadline::after(Duration::from_secs(300)));
+        assert!((359..=360).contains(&seconds), "{seconds}");
+        assert_eq!(start_timeout(&Deadline::after(Duration::ZERO)), 60);
+        assert_eq!(
+            start_timeout(&Deadline::after(Duration::from_secs(30 * 86_400))),
+            basalt_api::MAX_MIGRATION_START_TIMEOUT_SECONDS
+        );
+    }
 
     #[test]
     fn a_copy_that_stays_says_whether_it_waits_for_a_node_or_for_its_fill() {

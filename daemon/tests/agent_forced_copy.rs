@@ -24,8 +24,8 @@ mod replica_node;
 use std::time::Duration;
 
 use basalt_api::{
-    AdminClient, ApiError, AttachVolume, Condition, KernelBoot, Kind, Object, Placement,
-    ReplicaPeerState, ReplicaState, StorageClient, Vm, VolumeRole,
+    ApiError, AttachVolume, Condition, KernelBoot, Kind, Object, ReplicaPeerState, ReplicaState,
+    StorageClient, Vm, VolumeRole,
 };
 use basalt_testkit::{Fabric, Prefix, Process, wait};
 
@@ -36,16 +36,9 @@ use replica_node::{
 
 const DEADLINE: Duration = Duration::from_secs(120);
 /// Short leases and a short delay so the replacement takes seconds.
-const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\nreplica_replace_after_ms = 3000\n";
+const CONFIG: &str = replica_node::SHORT_LEASES_QUICK_REPLACE;
 /// What `a` holds, hence what `c`'s full sync must send.
 const DATA_BYTES: usize = 12 << 20;
-
-async fn placement(admin: &AdminClient) -> Option<Placement> {
-    match admin.get(Kind::Placement, "db").await {
-        Ok(Object::Placement(p)) => Some(p),
-        _ => None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_cut_in_its_fill_is_made_primary_only_when_the_operator_accepts_it() {
@@ -168,7 +161,7 @@ async fn a_copy_cut_in_its_fill_is_made_primary_only_when_the_operator_accepts_i
         },
     )
     .await;
-    let held = placement(&admin).await.expect("placed");
+    let held = replica_node::db_placement(&admin).await.expect("placed");
     assert_eq!((held.node.as_str(), held.epoch), ("a", 1), "{held:?}");
 
     // The operator accepts c's copy as it is.
@@ -191,7 +184,7 @@ async fn a_copy_cut_in_its_fill_is_made_primary_only_when_the_operator_accepts_i
         },
     )
     .await;
-    let moved = placement(&admin).await.expect("placed");
+    let moved = replica_node::db_placement(&admin).await.expect("placed");
     assert_eq!((moved.node.as_str(), moved.epoch), ("c", 2), "{moved:?}");
     assert!(moved.forces_copy(), "{moved:?}");
     // The fill had the fence mark c's copy outdated; the move cleared the

@@ -23,9 +23,7 @@ mod replica_node;
 
 use std::time::Duration;
 
-use basalt_api::{
-    AdminClient, KernelBoot, Kind, Object, Placement, ReplicaPeerState, StorageClient,
-};
+use basalt_api::{KernelBoot, ReplicaPeerState, StorageClient};
 use basalt_testkit::{Fabric, Prefix, Process, wait};
 
 use replica_node::{
@@ -35,14 +33,7 @@ use replica_node::{
 
 const DEADLINE: Duration = Duration::from_secs(120);
 /// Short leases and a short delay so the replacement takes seconds.
-const CONFIG: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\nreplica_replace_after_ms = 3000\n";
-
-async fn placement(admin: &AdminClient) -> Option<Placement> {
-    match admin.get(Kind::Placement, "db").await {
-        Ok(Object::Placement(p)) => Some(p),
-        _ => None,
-    }
-}
+const CONFIG: &str = replica_node::SHORT_LEASES_QUICK_REPLACE;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_replica_is_replaced_on_a_third_node_and_fully_synced() {
@@ -113,13 +104,13 @@ async fn a_lost_replica_is_replaced_on_a_third_node_and_fully_synced() {
             DEADLINE,
             &logs,
             || async {
-                placement(&admin)
+                replica_node::db_placement(&admin)
                     .await
                     .is_some_and(|p| !p.holds_replica("b"))
             },
         )
         .await;
-        let replaced = placement(&admin).await.expect("placed");
+        let replaced = replica_node::db_placement(&admin).await.expect("placed");
         assert_eq!(replaced.replica_nodes, ["a", "c"], "{replaced:?}");
         assert_eq!((replaced.node.as_str(), replaced.epoch), ("a", 1));
 

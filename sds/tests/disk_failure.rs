@@ -8,62 +8,21 @@
 //! it is not a disk failure: that session ends, the disk stays attached
 //! and the pool's other replicated volumes go on.
 
+mod mem_node;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use basalt_api::{DiskState, ReplicaPeerState, StorageApi};
-use basalt_sds::backend::MemBackend;
 use basalt_sds::local::{ExportConfig, LocalService};
-use basalt_sds::pool::{Pool, PoolOptions};
-use basalt_sds::replication::attach::{AttachOptions, AttachSpec, Attachments, Role};
-use basalt_sds::replication::book::ReplicaBook;
+use basalt_sds::pool::Pool;
+use basalt_sds::replication::attach::{Attachments, Role};
 use basalt_sds::replication::fence::AgentFencer;
 use basalt_sds::replication::replica::ReplicaServer;
-use basalt_sds::replication::{Op, PeerState, ReplicationError};
+use basalt_sds::replication::{Op, PeerState};
 
-const VOL: u64 = 8 << 20;
-
-fn pool() -> (Pool, Arc<MemBackend>) {
-    let backend = Arc::new(MemBackend::new(64 << 20));
-    let pool = Pool::create(backend.clone(), &PoolOptions::default()).expect("pool");
-    pool.create_volume("vol", VOL).expect("volume");
-    (pool, backend)
-}
-
-fn attachments(pool: &Pool) -> Arc<Attachments> {
-    Arc::new(Attachments::new(
-        pool.clone(),
-        Arc::new(ReplicaBook::in_memory(0)),
-        AttachOptions {
-            retry: Duration::from_millis(50),
-            ..AttachOptions::default()
-        },
-    ))
-}
-
-fn spec(role: Role, peers: &[SocketAddr]) -> AttachSpec {
-    AttachSpec {
-        role,
-        epoch: 1,
-        peers: peers.iter().map(ToString::to_string).collect(),
-        allow_outdate: true,
-        protocol: Default::default(),
-    }
-}
-
-fn write(att: &Attachments, pool: &Pool, offset: u64, byte: u8) -> Result<(), ReplicationError> {
-    let vol = pool.open_volume("vol").expect("open");
-    let data = vec![byte; 4096];
-    att.slot("vol").submit(
-        Op::Write {
-            offset,
-            data: &data,
-            fua: false,
-        },
-        || vol.write(offset, &data, false),
-    )
-}
+use mem_node::{VOL, attachments, pool, spec, write};
 
 fn read(att: &Attachments, pool: &Pool, offset: u64) -> Result<Vec<u8>, String> {
     let vol = pool.open_volume("vol").expect("open");

@@ -9,69 +9,19 @@
 //! copied back (held by the test hook), a write to a chunk not copied
 //! back yet never overwritten by the older copy. The copies end equal.
 
+mod mem_node;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use basalt_sds::backend::MemBackend;
-use basalt_sds::pool::{Pool, PoolOptions};
-use basalt_sds::replication::attach::{
-    AttachDiskError, AttachOptions, AttachSpec, Attachments, Role,
-};
-use basalt_sds::replication::book::ReplicaBook;
+use basalt_sds::pool::Pool;
+use basalt_sds::replication::PeerState;
+use basalt_sds::replication::attach::{AttachDiskError, Attachments, Role};
 use basalt_sds::replication::replica::ReplicaServer;
-use basalt_sds::replication::{Op, PeerState, ReplicationError};
 
-const VOL: u64 = 8 << 20;
-
-fn pool() -> (Pool, Arc<MemBackend>) {
-    let backend = Arc::new(MemBackend::new(64 << 20));
-    let pool = Pool::create(backend.clone(), &PoolOptions::default()).expect("pool");
-    pool.create_volume("vol", VOL).expect("volume");
-    (pool, backend)
-}
-
-fn attachments(pool: &Pool) -> Arc<Attachments> {
-    Arc::new(Attachments::new(
-        pool.clone(),
-        Arc::new(ReplicaBook::in_memory(0)),
-        AttachOptions {
-            retry: Duration::from_millis(50),
-            ..AttachOptions::default()
-        },
-    ))
-}
-
-fn spec(role: Role, peers: &[SocketAddr]) -> AttachSpec {
-    AttachSpec {
-        role,
-        epoch: 1,
-        peers: peers.iter().map(ToString::to_string).collect(),
-        allow_outdate: true,
-        protocol: Default::default(),
-    }
-}
-
-fn write(att: &Attachments, pool: &Pool, offset: u64, byte: u8) -> Result<(), ReplicationError> {
-    write_bytes(att, pool, offset, &[byte; 4096])
-}
-
-fn write_bytes(
-    att: &Attachments,
-    pool: &Pool,
-    offset: u64,
-    data: &[u8],
-) -> Result<(), ReplicationError> {
-    let vol = pool.open_volume("vol").expect("open");
-    att.slot("vol").submit(
-        Op::Write {
-            offset,
-            data,
-            fua: false,
-        },
-        || vol.write(offset, data, false),
-    )
-}
+use mem_node::{VOL, attachments, pool, spec, write, write_bytes};
 
 fn wait_peer(att: &Attachments, want: PeerState) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -27,6 +27,17 @@ use crate::common::{self, BASALTD};
 
 /// Where every node's storage process serves NBD, inside its namespace.
 pub const NBD: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10809);
+/// [`SHORT_LEASES`], and a lost node's copies replaced after 3 s.
+pub const SHORT_LEASES_QUICK_REPLACE: &str = "[nodes]\nlease_seconds = 2\nheartbeat_interval_ms = 300\nha_after_ms = 3000\ncontroller_period_ms = 200\nreplica_replace_after_ms = 3000\n";
+
+/// VM `db`'s placement (`None` while it has none or it cannot be read).
+pub async fn db_placement(admin: &AdminClient) -> Option<Placement> {
+    match admin.get(Kind::Placement, "db").await {
+        Ok(Object::Placement(p)) => Some(p),
+        _ => None,
+    }
+}
+
 /// The replication port on each node's address.
 pub const REPLICA_PORT: u16 = 7789;
 /// The control plane's port on node `cp`'s address.

@@ -122,7 +122,7 @@ impl Holds {
 pub struct ReplicaServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
+    conns: Arc<Mutex<Vec<(u64, TcpStream)>>>,
     stats: Arc<ReplicaStats>,
     holds: Arc<Holds>,
     attachments: Arc<Attachments>,
@@ -215,7 +215,7 @@ impl ReplicaServer {
         if let Some(acceptor) = lock(&self.acceptor).take() {
             let _ = acceptor.join();
         }
-        for c in lock(&self.conns).drain(..) {
+        for (_, c) in lock(&self.conns).drain(..) {
             let _ = c.shutdown(Shutdown::Both);
         }
     }
@@ -258,29 +258,34 @@ impl Ctx {
 fn accept_loop(
     listener: &TcpListener,
     stop: &AtomicBool,
-    conns: &Mutex<Vec<TcpStream>>,
+    conns: &Arc<Mutex<Vec<(u64, TcpStream)>>>,
     ctx: &Ctx,
 ) {
+    let mut next_id = 0u64;
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, peer)) => {
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_nodelay(true);
+                next_id += 1;
+                let id = next_id;
+                // A clone, so `stop` can cut the session; dropped when the
+                // session ends, so the socket closes then.
                 if let Ok(clone) = stream.try_clone() {
-                    let mut all = lock(conns);
-                    all.retain(|c| c.peer_addr().is_ok());
-                    all.push(clone);
+                    lock(conns).push((id, clone));
                 }
-                let ctx = ctx.clone();
+                let (ctx, held) = (ctx.clone(), conns.clone());
                 let spawned = thread::Builder::new()
                     .name("replica-conn".into())
                     .spawn(move || {
                         if let Err(e) = session(&ctx, stream) {
                             tracing::info!(%peer, error = %e, "replication session ended");
                         }
+                        lock(&held).retain(|(c, _)| *c != id);
                     });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start a replication session");
+                    lock(conns).retain(|(c, _)| *c != id);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

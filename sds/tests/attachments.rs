@@ -443,7 +443,12 @@ fn writes_during_a_full_sync_end_on_the_replica_and_a_deposed_primary_revives() 
     let view = wait_peers(&att, all_connected);
     assert_eq!(view.peers[0].1.full_syncs, 1);
     assert!(whole(&r) == whole(&p), "the replica differs after the sync");
-    assert_eq!(server.synced_generation("vol"), view.peers[0].1.generation);
+    // Recorded by the SYNCED flush that goes first in the live order.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.synced_generation("vol") != view.peers[0].1.generation {
+        assert!(Instant::now() < deadline, "the stream was never recorded");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     // A newer epoch reaches the replica (a newer primary elsewhere): this
     // primary's next write is refused there and fails here.
@@ -728,10 +733,15 @@ fn a_copy_whose_resync_was_cut_is_incomplete_until_the_resync_ends() {
     assert!(err.to_string().contains("resync"), "{err}");
 
     // Back again: the resync goes on from the primary's dirty set (no
-    // full sync), and its end makes the copy whole.
+    // full sync), and its end (the SYNCED flush first in the live order)
+    // makes the copy whole.
     let _server = ReplicaServer::serve(r_att.clone(), addr).expect("replica back again");
     wait_peers(&att, all_connected);
-    assert!(!r_att.book().incomplete("vol"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r_att.book().incomplete("vol") {
+        assert!(Instant::now() < deadline, "the copy stayed incomplete");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert!(whole(&r) == whole(&p));
     let (_, peer) = &att.view("vol").peers[0];
     assert_eq!(peer.full_syncs, 1, "{peer:?}");

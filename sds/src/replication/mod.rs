@@ -1866,9 +1866,14 @@ impl Shared {
             chunks: 0,
             trimmed: 0,
         };
+        // From version 7 the peer's copy is whole only once nothing is
+        // left to resync: the SYNCED flush goes first in the live order
+        // (a full pass's last flush would have the peer record the stream
+        // while chunks written during the pass are still owed to it).
+        let live_synced = reply.version >= wire::SYNCED_LIVE_VERSION;
         if full {
             tracing::info!(volume = %self.volume.name(), peer = %self.cfg.peer, generation = self.cfg.generation, "full sync starting: the peer is not in sync with this stream");
-            self.full_pass(&mut rd, &mut wr, &mut sync)?;
+            self.full_pass(&mut rd, &mut wr, &mut sync, !live_synced)?;
             self.volume.flush().map_err(io::Error::other)?;
         }
         let cs = self.cfg.chunk_size.max(1);
@@ -1918,6 +1923,26 @@ impl Shared {
                         self.resync_chunks.fetch_add(chunks, Ordering::Relaxed);
                     }
                     let _ = rd.get_ref().set_read_timeout(None);
+                    if live_synced {
+                        // Nothing is left to send: once everything before
+                        // it is durable, the peer's copy is whole and in
+                        // sync with this stream. First in the live order,
+                        // so no write can come between; its ack is not
+                        // waited for (an unknown sequence number to the
+                        // ack loop), and a copy that could not record it
+                        // stays marked incomplete, which is safe.
+                        let synced = Frame {
+                            kind: FrameKind::Flush,
+                            flags: FLAG_RESYNC | FLAG_SYNCED,
+                            epoch: self.epoch.load(Ordering::SeqCst),
+                            seq: sync.seq,
+                            offset: 0,
+                            length: 0,
+                            data: Vec::new(),
+                        };
+                        synced.write_to(&mut wr)?;
+                        sync.seq += 1;
+                    }
                     link.state = PeerState::Connected;
                     link.writer = Some(wr);
                     link.next_seq = sync.seq;
@@ -1954,11 +1979,9 @@ impl Shared {
             }
             // Resynced chunks are durable on the peer before it counts as
             // in sync, and here (the dirty log forgets them once they are
-            // neither dirty nor written since). SYNCED: the peer's copy,
-            // incomplete since the batch's first chunk, is whole again
-            // (a batch found meanwhile marks it again).
+            // neither dirty nor written since).
             let flushed = self
-                .send_flush(&mut rd, &mut wr, &mut sync, FLAG_SYNCED)
+                .send_flush(&mut rd, &mut wr, &mut sync, 0)
                 .and_then(|()| self.volume.flush().map_err(io::Error::other));
             if let Err(e) = flushed {
                 // Not confirmed durable on the peer (nor its copy whole):
@@ -1992,13 +2015,14 @@ impl Shared {
     }
 
     /// Sends the whole volume: mapped chunks as data, unmapped ranges as
-    /// trims, then a FLUSH that tells the peer it is in sync with this
-    /// stream.
+    /// trims, then a FLUSH, which with `synced` tells the peer it is in
+    /// sync with this stream (before version 7).
     fn full_pass(
         &self,
         rd: &mut BufReader<TcpStream>,
         wr: &mut BufWriter<TcpStream>,
         sync: &mut SyncRun,
+        synced: bool,
     ) -> io::Result<()> {
         const WINDOW: u64 = 64 << 20;
         const MAX_TRIM: u64 = 1 << 30;
@@ -2042,7 +2066,7 @@ impl Shared {
             }
             off += len;
         }
-        self.send_flush(rd, wr, sync, FLAG_SYNCED)
+        self.send_flush(rd, wr, sync, if synced { FLAG_SYNCED } else { 0 })
     }
 
     fn send_resync(

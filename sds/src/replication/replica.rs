@@ -500,7 +500,7 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
             // The first chunk of a resync makes the copy incomplete: it
             // then holds some chunks newer than the others, not the
             // volume as it was at any moment, until the SYNCED flush.
-            let marked = if !filling && rewrites(&frame) {
+            let marked = if !filling && version >= wire::SYNCED_LIVE_VERSION && rewrites(&frame) {
                 match book.start_resync(name) {
                     Ok(()) => {
                         filling = true;

@@ -46,8 +46,10 @@ pub const ACK_MAGIC: u32 = 0x4b41_4c42;
 /// The protocol version this build speaks (3: VERIFY frames; 4: READ
 /// frames; 5: RESIZE frames, a replica grows its copy to the hello's
 /// size, and its hello reply carries its boot id; 6: receive acks for
-/// protocol B, [`FLAG_RECEIVE_ACK`]).
-pub const VERSION: u16 = 6;
+/// protocol B, [`FLAG_RECEIVE_ACK`]; 7: a resync marks the replica's copy
+/// incomplete until the FLUSH flagged [`FLAG_SYNCED`] that the primary
+/// sends first in the live order, [`SYNCED_LIVE_VERSION`]).
+pub const VERSION: u16 = 7;
 /// The oldest version this build still speaks (with a peer that answers
 /// it, volumes are not grown over the wire).
 pub const MIN_VERSION: u16 = 4;
@@ -55,6 +57,11 @@ pub const MIN_VERSION: u16 = 4;
 pub const RESIZE_VERSION: u16 = 5;
 /// The first version with receive acks ([`FLAG_RECEIVE_ACK`]).
 pub const RECEIVE_ACK_VERSION: u16 = 6;
+/// The first version in which a resync marks the replica's copy
+/// incomplete and the primary, as it goes live, sends a FLUSH flagged
+/// [`FLAG_SYNCED`] (also after a full sync, whose own last FLUSH then
+/// carries no SYNCED): only then is the copy whole.
+pub const SYNCED_LIVE_VERSION: u16 = 7;
 /// The largest payload a frame may carry.
 pub const MAX_FRAME_PAYLOAD: u32 = 64 << 20;
 /// The longest volume name a hello may carry.
@@ -339,13 +346,15 @@ impl FrameKind {
 pub const FLAG_FUA: u8 = 1;
 /// Frame flag: zero by writing, never by unmapping (NBD's NO_HOLE).
 pub const FLAG_NO_HOLE: u8 = 2;
-/// Frame flag: part of a resync, not a live write. The first such WRITE,
-/// TRIM or WRITE_ZEROES makes the replica's copy incomplete until a
-/// FLUSH flagged [`FLAG_SYNCED`].
+/// Frame flag: part of a resync, not a live write. From
+/// [`SYNCED_LIVE_VERSION`], the first such WRITE, TRIM or WRITE_ZEROES
+/// of a session makes the replica's copy incomplete until a FLUSH
+/// flagged [`FLAG_SYNCED`].
 pub const FLAG_RESYNC: u8 = 4;
-/// Frame flag, on a FLUSH: the full sync or the resync batch is
-/// complete; once durable, the replica is in sync with the hello's
-/// generation and whole again.
+/// Frame flag, on a FLUSH: once durable, the replica is in sync with the
+/// hello's generation and its copy whole (sent after a full sync's last
+/// chunk before [`SYNCED_LIVE_VERSION`]; from it, first in the live
+/// order, when nothing is left to resync).
 pub const FLAG_SYNCED: u8 = 8;
 /// Frame flags of a chunk sent again in the live frame order (online
 /// verify's repair): counted as resync, but the copy stays whole (one

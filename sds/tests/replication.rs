@@ -383,3 +383,112 @@ fn a_primary_deposed_while_connected_refuses_its_next_write_before_writing_it() 
     );
     assert_eq!(read(&rvol, 0, 4096), pattern(1));
 }
+
+/// What a fake replica saw of one connection: each frame's kind, flags
+/// and offset, in order.
+type Seen = Vec<(FrameKind, u8, u64)>;
+
+/// A fake replica listening on `addr`, speaking version 7: it answers
+/// every hello "in sync", and every frame ok after `delay`; each
+/// connection's frames go to the receiver when it ends.
+fn fake_replica(addr: SocketAddr, delay: Duration) -> mpsc::Receiver<Seen> {
+    let listener = std::net::TcpListener::bind(addr).expect("bind");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut w = conn.try_clone().expect("clone");
+            let mut rd = BufReader::new(conn);
+            let Ok(hello) = Hello::read(&mut rd) else {
+                continue;
+            };
+            let reply = HelloReply {
+                version: hello.version.min(wire::SYNCED_LIVE_VERSION),
+                status: Status::Ok,
+                newest_epoch: hello.epoch,
+                full_sync: false,
+                boot_id: [1; 16],
+            };
+            if w.write_all(&reply.encode()).is_err() {
+                continue;
+            }
+            let mut seen = Seen::new();
+            while let Ok(f) = Frame::read(&mut rd) {
+                seen.push((f.kind, f.flags, f.offset));
+                std::thread::sleep(delay);
+                let ack = Ack {
+                    seq: f.seq,
+                    status: Status::Ok,
+                    newest_epoch: hello.epoch,
+                };
+                if w.write_all(&ack.encode()).is_err() {
+                    break;
+                }
+            }
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn the_synced_flush_comes_only_after_the_last_resync_batch() {
+    // A port nobody listens on yet: the primary starts with its peer away.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let (_pool, vol) = pool_with_volume();
+    let r = replicator(&vol, addr, 1, true);
+    // Writes while the peer is away: 8 dirty chunks.
+    for c in 0..8u64 {
+        write(&r, &vol, c * CHUNK, &pattern(c)).expect("write while away");
+    }
+    assert_eq!(r.status().dirty_chunks, 8, "{:?}", r.status());
+    // The peer comes up and acks every 20 ms: the first resync batch
+    // takes long enough for writes meanwhile to make a second one.
+    let seen = fake_replica(addr, Duration::from_millis(20));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.status().state != PeerState::Resyncing {
+        assert!(Instant::now() < deadline, "{:?}", r.status());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for c in 20..24u64 {
+        write(&r, &vol, c * CHUNK, &pattern(c)).expect("write during the resync");
+    }
+    wait_state(&r, |s| s == PeerState::Connected);
+    write(&r, &vol, 40 * CHUNK, &pattern(40)).expect("live write");
+    r.shutdown();
+    drop(r);
+    let frames = seen.recv_timeout(Duration::from_secs(10)).expect("frames");
+    let synced = |&(kind, flags, _): &(FrameKind, u8, u64)| {
+        kind == FrameKind::Flush && flags & wire::FLAG_SYNCED != 0
+    };
+    let resynced = |&(kind, flags, _): &(FrameKind, u8, u64)| {
+        kind == FrameKind::Write && flags & wire::FLAG_RESYNC != 0
+    };
+    let last_resync = frames.iter().rposition(resynced).expect("resync writes");
+    let first_synced = frames.iter().position(synced).expect("a SYNCED flush");
+    let batch_flushes = frames[..last_resync]
+        .iter()
+        .filter(|f| f.0 == FrameKind::Flush)
+        .count();
+    assert!(
+        batch_flushes >= 1,
+        "the resync ran in one batch, so it tests nothing: {frames:?}"
+    );
+    assert!(
+        first_synced > last_resync,
+        "a SYNCED flush came before the last resync write: {frames:?}"
+    );
+    assert_eq!(frames.iter().filter(|f| synced(f)).count(), 1, "{frames:?}");
+    // It comes before the first live write.
+    let live = frames
+        .iter()
+        .position(|&(kind, flags, off)| {
+            kind == FrameKind::Write && flags & wire::FLAG_RESYNC == 0 && off == 40 * CHUNK
+        })
+        .expect("the live write");
+    assert!(first_synced < live, "{frames:?}");
+}

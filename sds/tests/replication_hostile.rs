@@ -6,6 +6,8 @@
 //! its own, and leave it serving: afterwards a real primary at a newer
 //! epoch still connects, fills it and ships a write to it.
 
+mod mem_node;
+
 use std::io::{Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -14,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use basalt_sds::backend::MemBackend;
 use basalt_sds::pool::{Pool, PoolOptions};
-use basalt_sds::replication::attach::{AttachOptions, AttachSpec, Attachments, Role};
-use basalt_sds::replication::book::ReplicaBook;
+use basalt_sds::replication::attach::{AttachSpec, Role};
 use basalt_sds::replication::replica::ReplicaServer;
 use basalt_sds::replication::wire::{FRAME_HEADER_LEN, Hello, MIN_VERSION, VERSION};
 use basalt_sds::replication::{Op, PeerState};
 use proptest::prelude::*;
+
+use mem_node::attachments;
 
 const VOL: u64 = 4 << 20;
 const FRAME_MAGIC: u32 = 0x5246_4c42;
@@ -152,17 +155,6 @@ fn pool() -> Pool {
     let pool = Pool::create(Arc::new(MemBackend::new(32 << 20)), &opts).expect("pool");
     pool.create_volume("vol", VOL).expect("volume");
     pool
-}
-
-fn attachments(pool: &Pool) -> Arc<Attachments> {
-    Arc::new(Attachments::new(
-        pool.clone(),
-        Arc::new(ReplicaBook::in_memory(0)),
-        AttachOptions {
-            retry: Duration::from_millis(50),
-            ..AttachOptions::default()
-        },
-    ))
 }
 
 /// Sends `hello` then `pieces` to the replica at `addr`, closes its side

@@ -4,6 +4,8 @@
 //! positive from the writes in flight), marks it dirty, and a repair
 //! sends it again so the copies are equal.
 
+mod mem_node;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use basalt_sds::backend::MemBackend;
 use basalt_sds::pool::{Pool, PoolOptions};
-use basalt_sds::replication::attach::{AttachOptions, AttachSpec, Attachments, Role};
-use basalt_sds::replication::book::ReplicaBook;
+use basalt_sds::replication::attach::{AttachSpec, Attachments, Role};
 use basalt_sds::replication::replica::ReplicaServer;
 use basalt_sds::replication::{Op, PeerState, VerifyError};
+
+use mem_node::attachments;
 
 const VOL: u64 = 16 << 20;
 const CHUNK: u64 = 64 << 10;
@@ -24,17 +27,6 @@ fn pool() -> Pool {
         Pool::create(Arc::new(MemBackend::new(64 << 20)), &PoolOptions::default()).expect("pool");
     pool.create_volume("vol", VOL).expect("volume");
     pool
-}
-
-fn attachments(pool: &Pool) -> Arc<Attachments> {
-    Arc::new(Attachments::new(
-        pool.clone(),
-        Arc::new(ReplicaBook::in_memory(0)),
-        AttachOptions {
-            retry: Duration::from_millis(50),
-            ..AttachOptions::default()
-        },
-    ))
 }
 
 fn write(att: &Attachments, pool: &Pool, offset: u64, data: &[u8]) {

@@ -93,13 +93,11 @@ pub fn plan_failovers(
             .accepted_copy(volume.status.epoch)
             .and_then(|node| volume.status.replica(node))
             .filter(|r| alive(r));
-        let forced = candidates.is_empty() && accepted.is_some();
-        let Some(new) = candidates
-            .first()
-            .copied()
-            .or(accepted)
-            .map(|r| r.node.clone())
-        else {
+        let chosen = match candidates.first() {
+            Some(r) => Some((r.node.clone(), false)),
+            None => accepted.map(|r| (r.node.clone(), true)),
+        };
+        let Some((new, forced)) = chosen else {
             let why = if volume.status.replicas.len() < 2 {
                 "its only copy is on the lost node".to_owned()
             } else {

@@ -500,23 +500,16 @@ fn session(ctx: &Ctx, stream: TcpStream) -> Result<(), wire::WireError> {
             // The first chunk of a resync makes the copy incomplete: it
             // then holds some chunks newer than the others, not the
             // volume as it was at any moment, until the SYNCED flush.
-            let marked = if !filling && version >= wire::SYNCED_LIVE_VERSION && rewrites(&frame) {
-                match book.start_resync(name) {
-                    Ok(()) => {
-                        filling = true;
-                        Ok(())
-                    }
-                    Err(e) => {
-                        tracing::error!(volume = %name, error = %e, "cannot mark the copy incomplete before a resync: refusing it");
-                        Err(Status::IoError)
-                    }
+            let must_mark = !filling && version >= wire::SYNCED_LIVE_VERSION && rewrites(&frame);
+            let status = match must_mark.then(|| book.start_resync(name)) {
+                Some(Err(e)) => {
+                    tracing::error!(volume = %name, error = %e, "cannot mark the copy incomplete before a resync: refusing it");
+                    Status::IoError
                 }
-            } else {
-                Ok(())
-            };
-            let status = match marked {
-                Ok(()) => apply(ctx, &volume, &frame),
-                Err(status) => status,
+                marked => {
+                    filling |= marked.is_some();
+                    apply(ctx, &volume, &frame)
+                }
             };
             if status == Status::Ok
                 && frame.kind == FrameKind::Flush
